@@ -1,0 +1,218 @@
+//! Framing (spec section 3): a `u32` big-endian length, then that many bytes.
+//!
+//! [`decode_frame`] follows the `tokio_util::codec::Decoder` contract: `Ok(None)`
+//! means more bytes are needed, `Err` means the stream is corrupt and the connection
+//! ends. The length is checked against the receiver's limit *before* any buffer grows
+//! for the body, so a lying prefix costs nothing. [`Reader`] reads the fields of one
+//! complete frame; short input and trailing bytes are both errors.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::error::FrameError;
+use super::LEN_PREFIX;
+
+/// Takes one whole frame (length prefix included) off the front of `buf`.
+///
+/// Returns `Ok(None)` if `buf` does not yet hold a whole frame; in that case at most
+/// the frame's size is reserved in `buf`, and only once its length passed the limit.
+pub fn decode_frame(buf: &mut BytesMut, limit: u32) -> Result<Option<Bytes>, FrameError> {
+    let Some(len) = peek_len(buf, limit)? else {
+        return Ok(None);
+    };
+    let total = LEN_PREFIX + len as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(buf.split_to(total).freeze()))
+}
+
+/// Reads and checks the length prefix without consuming anything.
+///
+/// Spec 3: a length of zero is an error; a length above `limit` is an error.
+pub fn peek_len(buf: &[u8], limit: u32) -> Result<Option<u32>, FrameError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes"));
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    Ok(Some(len))
+}
+
+/// Writes a frame header: the length prefix for `body_len` bytes after it, then `ty`.
+/// `body_len` counts the type byte.
+pub(crate) fn put_header(out: &mut BytesMut, body_len: usize, ty: u8) {
+    let len = u32::try_from(body_len).expect("frame length checked by the caller");
+    out.reserve(LEN_PREFIX + body_len);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[ty]);
+}
+
+/// Reads the fields of one complete frame (its bytes after the length prefix).
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    ty: u8,
+}
+
+impl<'a> Reader<'a> {
+    /// Starts reading `frame` (length prefix included) and consumes its type byte.
+    pub fn new(frame: &'a [u8]) -> Result<Self, FrameError> {
+        match frame.get(LEN_PREFIX..) {
+            Some([ty, rest @ ..]) => Ok(Reader { buf: rest, ty: *ty }),
+            _ => Err(FrameError::Empty),
+        }
+    }
+
+    /// The frame's type byte.
+    pub fn ty(&self) -> u8 {
+        self.ty
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn truncated(&self) -> FrameError {
+        FrameError::Truncated { ty: self.ty }
+    }
+
+    /// Reads exactly `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.buf.len() < n {
+            return Err(self.truncated());
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    /// Reads a fixed-size array.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().expect("length checked"))
+    }
+
+    /// Reads a `u8`.
+    pub fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    /// Reads a big-endian `u16`.
+    pub fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(self.take(2)?.get_u16())
+    }
+
+    /// Reads a big-endian `u64`.
+    pub fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(self.take(8)?.get_u64())
+    }
+
+    /// Splits off everything but the last `n` bytes (for "payload, then tag").
+    pub fn all_but(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        let keep = self
+            .buf
+            .len()
+            .checked_sub(n)
+            .ok_or_else(|| self.truncated())?;
+        self.take(keep)
+    }
+
+    /// Ends reading: any byte left over is an error.
+    pub fn finish(self) -> Result<(), FrameError> {
+        match self.buf.len() {
+            0 => Ok(()),
+            extra => Err(FrameError::Trailing { ty: self.ty, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn needs_prefix_then_body() {
+        let mut buf = BytesMut::from(&[0u8, 0][..]);
+        assert_eq!(decode_frame(&mut buf, 16), Ok(None));
+        buf.extend_from_slice(&[0, 3, 0x23, 1]);
+        assert_eq!(decode_frame(&mut buf, 16), Ok(None));
+        buf.extend_from_slice(&[2, 0xff]);
+        let frame = decode_frame(&mut buf, 16).unwrap().unwrap();
+        assert_eq!(&frame[..], &[0, 0, 0, 3, 0x23, 1, 2]);
+        assert_eq!(&buf[..], &[0xff]);
+    }
+
+    #[test]
+    fn zero_length_is_refused() {
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut buf, 16), Err(FrameError::Empty));
+    }
+
+    #[test]
+    fn lying_length_is_refused_before_allocation() {
+        let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
+        let before = buf.capacity();
+        assert_eq!(
+            decode_frame(&mut buf, 1024),
+            Err(FrameError::TooLarge {
+                len: u32::MAX,
+                limit: 1024
+            })
+        );
+        assert_eq!(buf.capacity(), before);
+    }
+
+    #[test]
+    fn limit_is_inclusive() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&4u32.to_be_bytes());
+        buf.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(decode_frame(&mut buf.clone(), 4).unwrap().is_some());
+        assert_eq!(
+            decode_frame(&mut buf, 3),
+            Err(FrameError::TooLarge { len: 4, limit: 3 })
+        );
+    }
+
+    #[test]
+    fn reader_rejects_short_and_trailing() {
+        let frame = [0, 0, 0, 3, 0x20, 1, 2];
+        let mut r = Reader::new(&frame).unwrap();
+        assert_eq!(r.ty(), 0x20);
+        assert_eq!(r.u16(), Ok(0x0102));
+        assert_eq!(r.u8(), Err(FrameError::Truncated { ty: 0x20 }));
+        let mut r = Reader::new(&frame).unwrap();
+        assert_eq!(r.u8().unwrap(), 1);
+        assert_eq!(r.finish(), Err(FrameError::Trailing { ty: 0x20, extra: 1 }));
+        let mut r = Reader::new(&frame).unwrap();
+        assert_eq!(r.u64(), Err(FrameError::Truncated { ty: 0x20 }));
+    }
+
+    proptest! {
+        /// Arbitrary bytes, fed in arbitrary chunks, never panic, never yield a frame
+        /// above the limit, and never grow the buffer beyond twice a maximal frame.
+        #[test]
+        fn arbitrary_stream_is_bounded(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       chunk in 1usize..300, limit in 1u32..512) {
+            let mut buf = BytesMut::new();
+            let max_cap = 2 * (LEN_PREFIX + limit as usize) + chunk;
+            for piece in data.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                loop {
+                    match decode_frame(&mut buf, limit) {
+                        Ok(Some(frame)) => prop_assert!(frame.len() <= LEN_PREFIX + limit as usize),
+                        Ok(None) => break,
+                        Err(_) => return Ok(()),
+                    }
+                }
+                prop_assert!(buf.capacity() <= max_cap, "capacity {} > {}", buf.capacity(), max_cap);
+            }
+        }
+    }
+}

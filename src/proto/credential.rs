@@ -1,0 +1,261 @@
+//! What an operator hands to a device, and what a device keeps (spec section 9).
+//!
+//! The *enrollment token* is one copy-pasteable line holding the enrollment credential
+//! and the server's static public key, which the device pins:
+//!
+//! ```text
+//! tally1-open-<64 hex: EK>-<64 hex: S>          open mode (fleet-wide key)
+//! tally1-token-<64 hex: token(id)>-<64 hex: S>  per-identity token
+//! ```
+//!
+//! The *credential* is the device's identity after enrollment, a small TOML file.
+
+use std::fmt;
+use zeroize::Zeroizing;
+
+use super::enroll::ClientParams;
+use super::frame::{EnrollMode, Id};
+use super::schedule::SecretKey;
+use super::KEY_LEN;
+
+/// A token or credential that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    /// The token does not have the `tally1-MODE-HEX-HEX` shape.
+    #[error("not an enrollment token: expected tally1-open-<64 hex>-<64 hex> or tally1-token-<64 hex>-<64 hex>")]
+    TokenShape,
+    /// A field is not 64 hexadecimal digits.
+    #[error("{0} is not 64 hexadecimal digits")]
+    Hex(&'static str),
+    /// The credential file is not valid TOML or misses a field.
+    #[error("invalid credential file: {0}")]
+    File(String),
+    /// The credential's format version is not 1.
+    #[error("credential format version {0} is not supported (expected 1)")]
+    Version(i64),
+    /// The id in the credential breaks spec 4.1.
+    #[error("invalid id in credential: {0}")]
+    Id(#[from] super::FrameError),
+}
+
+fn parse_hex32(s: &str, what: &'static str) -> Result<[u8; KEY_LEN], CredentialError> {
+    let mut out = [0u8; KEY_LEN];
+    hex::decode_to_slice(s, &mut out).map_err(|_| CredentialError::Hex(what))?;
+    Ok(out)
+}
+
+/// An enrollment token (spec 9.1).
+#[derive(Clone)]
+pub struct EnrollmentToken {
+    /// Open (the credential is EK) or per-identity token.
+    pub mode: EnrollMode,
+    /// The enrollment credential.
+    pub credential: SecretKey,
+    /// The server's static public key.
+    pub server_static: [u8; KEY_LEN],
+}
+
+impl EnrollmentToken {
+    /// The token as text. It is a secret: the result is zeroized on drop.
+    pub fn encode(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
+            "tally1-{}-{}-{}",
+            self.mode.as_str(),
+            hex::encode(self.credential.expose()),
+            hex::encode(self.server_static)
+        ))
+    }
+
+    /// Parses a token; surrounding whitespace is ignored.
+    pub fn parse(s: &str) -> Result<Self, CredentialError> {
+        let mut parts = s.trim().split('-');
+        let (Some("tally1"), Some(mode), Some(cred), Some(key), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(CredentialError::TokenShape);
+        };
+        let mode = match mode {
+            "open" => EnrollMode::Open,
+            "token" => EnrollMode::Token,
+            _ => return Err(CredentialError::TokenShape),
+        };
+        let mut secret = Zeroizing::new(parse_hex32(cred, "the credential")?);
+        let credential = SecretKey::from_bytes(*secret);
+        secret.iter_mut().for_each(|b| *b = 0);
+        Ok(EnrollmentToken {
+            mode,
+            credential,
+            server_static: parse_hex32(key, "the server key")?,
+        })
+    }
+
+    /// The parameters to enroll `id` with this token.
+    pub fn client_params(&self, id: Id) -> ClientParams {
+        ClientParams {
+            id,
+            mode: self.mode,
+            credential: self.credential.clone(),
+            server_static: self.server_static,
+        }
+    }
+}
+
+impl fmt::Debug for EnrollmentToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollmentToken")
+            .field("mode", &self.mode)
+            .field("server_static", &hex::encode(self.server_static))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A device's credential after enrollment (spec 9.2).
+#[derive(Clone)]
+pub struct Credential {
+    /// The enrolled identity.
+    pub id: Id,
+    /// The identity key `k`.
+    pub key: SecretKey,
+    /// Where the server listens (`host:port`), as given at enrollment.
+    pub server: String,
+}
+
+impl Credential {
+    /// The credential file's text. It is a secret: the result is zeroized on drop.
+    pub fn to_file(&self) -> Zeroizing<String> {
+        let server = toml::Value::String(self.server.clone());
+        Zeroizing::new(format!(
+            "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n\
+             tally-credential = 1\nid = \"{}\"\nkey = \"{}\"\nserver = {}\n",
+            self.id,
+            hex::encode(self.key.expose()),
+            server
+        ))
+    }
+
+    /// Parses a credential file.
+    pub fn from_file(text: &str) -> Result<Self, CredentialError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| CredentialError::File(e.message().to_owned()))?;
+        let field = |name: &str| {
+            table
+                .get(name)
+                .ok_or_else(|| CredentialError::File(format!("missing field `{name}`")))
+        };
+        let string = |name: &'static str| {
+            field(name)?
+                .as_str()
+                .ok_or_else(|| CredentialError::File(format!("field `{name}` must be a string")))
+        };
+        match field("tally-credential")?.as_integer() {
+            Some(1) => {}
+            Some(v) => return Err(CredentialError::Version(v)),
+            None => {
+                return Err(CredentialError::File(
+                    "field `tally-credential` must be an integer".into(),
+                ))
+            }
+        }
+        let key = Zeroizing::new(parse_hex32(string("key")?, "the key")?);
+        Ok(Credential {
+            id: Id::new(string("id")?)?,
+            key: SecretKey::from_bytes(*key),
+            server: string("server")?.to_owned(),
+        })
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("id", &self.id)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip() {
+        let t = EnrollmentToken {
+            mode: EnrollMode::Token,
+            credential: SecretKey::from_bytes([0xab; 32]),
+            server_static: [0xcd; 32],
+        };
+        let text = t.encode();
+        assert_eq!(&text[..13], "tally1-token-");
+        let back = EnrollmentToken::parse(&format!("  {}\n", *text)).unwrap();
+        assert_eq!(back.mode, EnrollMode::Token);
+        assert!(back.credential.ct_eq(&t.credential));
+        assert_eq!(back.server_static, [0xcd; 32]);
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_a_reason() {
+        let good = format!("tally1-open-{}-{}", "00".repeat(32), "11".repeat(32));
+        assert!(EnrollmentToken::parse(&good).is_ok());
+        assert_eq!(
+            EnrollmentToken::parse("tally1-open-00").err(),
+            Some(CredentialError::TokenShape)
+        );
+        assert_eq!(
+            EnrollmentToken::parse(&good.replace("open", "shut")).err(),
+            Some(CredentialError::TokenShape)
+        );
+        assert_eq!(
+            EnrollmentToken::parse(&format!("{good}-00")).err(),
+            Some(CredentialError::TokenShape)
+        );
+        let short = format!("tally1-open-{}-{}", "00".repeat(31), "11".repeat(32));
+        assert_eq!(
+            EnrollmentToken::parse(&short).err(),
+            Some(CredentialError::Hex("the credential"))
+        );
+    }
+
+    #[test]
+    fn token_debug_hides_the_credential() {
+        let t = EnrollmentToken {
+            mode: EnrollMode::Open,
+            credential: SecretKey::from_bytes([0xab; 32]),
+            server_static: [0; 32],
+        };
+        assert!(!format!("{t:?}").contains("abab"));
+    }
+
+    #[test]
+    fn credential_round_trip_and_errors() {
+        let c = Credential {
+            id: Id::new("dev-1").unwrap(),
+            key: SecretKey::from_bytes([7; 32]),
+            server: "127.0.0.1:7420".into(),
+        };
+        let text = c.to_file();
+        let back = Credential::from_file(&text).unwrap();
+        assert_eq!(back.id, c.id);
+        assert!(back.key.ct_eq(&c.key));
+        assert_eq!(back.server, c.server);
+        assert!(!format!("{back:?}").contains("0707"));
+        assert_eq!(
+            Credential::from_file(&text.replace("= 1", "= 2")).err(),
+            Some(CredentialError::Version(2))
+        );
+        assert!(matches!(
+            Credential::from_file("id = \"x\""),
+            Err(CredentialError::File(_))
+        ));
+        assert!(matches!(
+            Credential::from_file(&text.replace("dev-1", "dev 1")),
+            Err(CredentialError::Id(_))
+        ));
+    }
+}

@@ -1,0 +1,270 @@
+//! Errors of the protocol core, and the codes that go on the wire (spec section 10).
+//!
+//! Two enums: [`FrameError`] says a frame's bytes are malformed; [`ProtocolError`]
+//! says a well-formed frame broke a rule of a state machine. Both map to the terse
+//! code sent to the peer ([`ErrorCode`] before a session exists, [`CloseCode`] after);
+//! the precise text of the error is for the local log only.
+
+use std::fmt;
+
+/// A frame that cannot be parsed. Any of these ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix announced an empty frame (spec 3: length >= 1).
+    #[error("frame length is zero")]
+    Empty,
+    /// The length prefix is above the receiver's limit; nothing was buffered.
+    #[error("frame length {len} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: u32,
+        /// The receiver's limit.
+        limit: u32,
+    },
+    /// The frame ended before all its fields were read.
+    #[error("frame of type {ty:#04x} is truncated")]
+    Truncated {
+        /// Frame type byte.
+        ty: u8,
+    },
+    /// Bytes were left after the last field of a fixed-size frame.
+    #[error("frame of type {ty:#04x} has {extra} trailing bytes")]
+    Trailing {
+        /// Frame type byte.
+        ty: u8,
+        /// Number of unexpected bytes.
+        extra: usize,
+    },
+    /// The type byte is not one spec section 4 defines.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// A known frame type that is not allowed at this point of the exchange.
+    #[error("unexpected frame type {got:#04x} ({what})")]
+    UnexpectedType {
+        /// The type received.
+        got: u8,
+        /// What was expected instead.
+        what: &'static str,
+    },
+    /// HELLO or ENROLL_INIT carried a version this implementation does not speak.
+    #[error("unsupported protocol version {0} (this peer speaks version {v})", v = crate::proto::VERSION)]
+    UnsupportedVersion(u8),
+    /// The identity is empty, too long or has a byte outside the alphabet (spec 4.1).
+    #[error("invalid identity: {0}")]
+    BadId(&'static str),
+    /// The enrollment mode byte is neither 0 (open) nor 1 (token).
+    #[error("unknown enrollment mode {0}")]
+    BadMode(u8),
+    /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
+    #[error("invalid close reason")]
+    BadReason,
+}
+
+/// A rule of a state machine was broken, by the peer or (for `Misuse`) by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The frame itself was malformed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A tag did not verify. The frame was not sent by the peer in this session.
+    #[error("{0} tag did not verify")]
+    BadTag(TagKind),
+    /// ENROLL_INIT asked for open mode and this server accepts only per-identity tokens.
+    #[error("open enrollment is disabled on this server")]
+    OpenModeDisabled,
+    /// A session frame's sequence number is not the next one (replay, reorder, gap).
+    #[error("sequence number {got} where {expected} was expected")]
+    Sequence {
+        /// The only sequence number that would have been accepted.
+        expected: u64,
+        /// The one that was received.
+        got: u64,
+    },
+    /// A RESPONSE or PONG names a sequence number this side never sent.
+    #[error("{what} answers sequence number {got}, but the last frame sent was {last_sent}")]
+    UnsolicitedAnswer {
+        /// "RESPONSE" or "PONG".
+        what: &'static str,
+        /// The sequence number it claims to answer.
+        got: u64,
+        /// Our last sent sequence number.
+        last_sent: u64,
+    },
+    /// The sending counter reached 2^64-1; only CLOSE may use that last value.
+    #[error("sequence numbers are exhausted; the session must end")]
+    SequenceExhausted,
+    /// The peer sent an ERROR frame (unauthenticated) and the exchange is over.
+    #[error("peer refused: {0}")]
+    Refused(ErrorCode),
+    /// The peer sent CLOSE: nothing more will be received in this session.
+    #[error("session already closed by peer ({0})")]
+    PeerClosed(CloseCode),
+    /// This side already sent CLOSE: nothing more may be sent.
+    #[error("session already closed by this side")]
+    Closed,
+    /// An X25519 result was all zeros (peer sent a low-order point, spec 6).
+    #[error("peer's public key is of low order")]
+    WeakKey,
+    /// An earlier frame failed; the session accepts nothing more (spec 8.3).
+    #[error("session failed earlier and accepts no more frames")]
+    Poisoned,
+    /// The payload does not fit in one frame under the negotiated limit.
+    #[error("payload of {len} bytes exceeds the maximum of {max} bytes")]
+    PayloadTooLarge {
+        /// Payload length asked for.
+        len: usize,
+        /// Largest payload that fits.
+        max: usize,
+    },
+}
+
+/// Which tag failed to verify: each is computed under its own key or label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum TagKind {
+    EnrollInit,
+    EnrollReply,
+    EnrollConfirm,
+    EnrollDone,
+    ServerAuth,
+    ClientFinish,
+    SessionFrame,
+}
+
+impl fmt::Display for TagKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TagKind::EnrollInit => "ENROLL_INIT",
+            TagKind::EnrollReply => "ENROLL_REPLY",
+            TagKind::EnrollConfirm => "ENROLL_CONFIRM",
+            TagKind::EnrollDone => "ENROLL_DONE",
+            TagKind::ServerAuth => "SERVER_AUTH",
+            TagKind::ClientFinish => "CLIENT_FINISH",
+            TagKind::SessionFrame => "session frame",
+        })
+    }
+}
+
+impl ProtocolError {
+    /// The code to send in an ERROR frame when this error ends a handshake
+    /// (spec 10.1). Only a server sends ERROR.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::Frame(FrameError::UnsupportedVersion(_)) => {
+                ErrorCode::UNSUPPORTED_VERSION
+            }
+            ProtocolError::BadTag(TagKind::EnrollInit | TagKind::EnrollConfirm)
+            | ProtocolError::OpenModeDisabled
+            | ProtocolError::WeakKey => ErrorCode::ENROLL_REFUSED,
+            ProtocolError::BadTag(_) => ErrorCode::AUTH_FAILED,
+            _ => ErrorCode::MALFORMED,
+        }
+    }
+
+    /// The short, language-neutral name of this error that `spec/vectors/` use
+    /// (spec 12.2).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::Frame(FrameError::Empty) => "empty_frame",
+            ProtocolError::Frame(FrameError::TooLarge { .. }) => "frame_too_large",
+            ProtocolError::Frame(FrameError::UnsupportedVersion(_)) => "unsupported_version",
+            ProtocolError::Frame(FrameError::BadId(_)) => "bad_id",
+            ProtocolError::Frame(_) => "malformed",
+            ProtocolError::BadTag(_) => "bad_tag",
+            ProtocolError::OpenModeDisabled => "open_mode_disabled",
+            ProtocolError::Sequence { .. } => "bad_sequence",
+            ProtocolError::UnsolicitedAnswer { .. } => "unsolicited_answer",
+            ProtocolError::SequenceExhausted => "sequence_exhausted",
+            ProtocolError::Refused(_) => "refused",
+            ProtocolError::PeerClosed(_) => "peer_closed",
+            ProtocolError::Closed => "closed",
+            ProtocolError::WeakKey => "weak_key",
+            ProtocolError::Poisoned => "poisoned",
+            ProtocolError::PayloadTooLarge { .. } => "payload_too_large",
+        }
+    }
+
+    /// The code to send in a CLOSE frame when this error ends a session.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            ProtocolError::SequenceExhausted => CloseCode::SEQUENCE_EXHAUSTED,
+            ProtocolError::Frame(FrameError::TooLarge { .. }) => CloseCode::FRAME_TOO_LARGE,
+            _ => CloseCode::PROTOCOL_ERROR,
+        }
+    }
+}
+
+macro_rules! wire_codes {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $konst:ident = $val:expr, $text:expr;)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name(pub u16);
+        impl $name {
+            $($(#[$vmeta])* pub const $konst: $name = $name($val);)*
+            /// The name the spec gives this code, if it defines one.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 { $($val => Some($text),)* _ => None }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.name() {
+                    Some(n) => write!(f, "{n} ({:#06x})", self.0),
+                    None => write!(f, "code {:#06x}", self.0),
+                }
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { fmt::Display::fmt(self, f) }
+        }
+    };
+}
+
+wire_codes! {
+    /// Code of an ERROR frame: why a handshake or enrollment was refused (spec 10.1).
+    ErrorCode {
+        /// The HELLO or ENROLL_INIT version is not spoken here.
+        UNSUPPORTED_VERSION = 0x0001, "unsupported version";
+        /// A frame was malformed or not allowed at this point.
+        MALFORMED = 0x0002, "malformed";
+        /// Session handshake failed: unknown identity, revoked identity or wrong key,
+        /// deliberately indistinguishable.
+        AUTH_FAILED = 0x0003, "authentication failed";
+        /// Enrollment refused: the credential tag did not verify.
+        ENROLL_REFUSED = 0x0004, "enrollment refused";
+        /// Enrollment refused: the identity is already enrolled.
+        ID_TAKEN = 0x0005, "identity taken";
+        /// The server is at a connection limit; try again later.
+        BUSY = 0x0006, "busy";
+        /// The identity has a live session and the server keeps the first one.
+        TAKEOVER_REFUSED = 0x0007, "session takeover refused";
+        /// The handshake did not complete within the server's deadline.
+        TIMEOUT = 0x0008, "handshake timeout";
+        /// The server failed internally (for example, its store); try again later.
+        INTERNAL = 0x0009, "internal error";
+    }
+}
+
+wire_codes! {
+    /// Code of a CLOSE frame: why a session ended (spec 10.2).
+    CloseCode {
+        /// Orderly end requested by the application.
+        NORMAL = 0x0000, "normal";
+        /// The server is shutting down.
+        SHUTDOWN = 0x0001, "server shutdown";
+        /// A newer session for the same identity replaced this one.
+        TAKEN_OVER = 0x0002, "taken over";
+        /// The identity was revoked.
+        REVOKED = 0x0003, "revoked";
+        /// Nothing was received within the idle deadline.
+        IDLE_TIMEOUT = 0x0004, "idle timeout";
+        /// The sending counter reached 2^64-1.
+        SEQUENCE_EXHAUSTED = 0x0005, "sequence exhausted";
+        /// The peer sent a frame that broke a rule (bad tag, sequence, format).
+        PROTOCOL_ERROR = 0x0006, "protocol error";
+        /// The peer announced a frame above the receiver's limit.
+        FRAME_TOO_LARGE = 0x0007, "frame too large";
+    }
+}

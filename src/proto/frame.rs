@@ -1,0 +1,670 @@
+//! Frame types and their byte layouts (spec section 4).
+//!
+//! Every frame is `length (u32) | type (u8) | fields`. Handshake frames have fixed
+//! layouts; session frames are `type | seq | fields | payload | tag`, where the only
+//! variable-length field (the payload or close reason) is delimited by the frame's
+//! length prefix, which the tag covers. Tags are always the last 32 bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt;
+
+use super::codec::{put_header, Reader};
+use super::error::{CloseCode, ErrorCode, FrameError};
+use super::{KEY_LEN, LEN_PREFIX, NONCE_LEN, TAG_LEN};
+use crate::proto::schedule::Tag;
+
+/// The frame type byte (spec 4, table 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+#[allow(missing_docs)]
+pub enum FrameType {
+    EnrollInit = 0x01,
+    EnrollReply = 0x02,
+    EnrollConfirm = 0x03,
+    EnrollDone = 0x04,
+    Hello = 0x10,
+    ServerAuth = 0x11,
+    ClientFinish = 0x12,
+    Error = 0x1f,
+    Request = 0x20,
+    Response = 0x21,
+    Message = 0x22,
+    Ping = 0x23,
+    Pong = 0x24,
+    Close = 0x25,
+}
+
+impl FrameType {
+    /// Maps a type byte to a frame type.
+    pub fn from_u8(b: u8) -> Result<FrameType, FrameError> {
+        use FrameType::*;
+        Ok(match b {
+            0x01 => EnrollInit,
+            0x02 => EnrollReply,
+            0x03 => EnrollConfirm,
+            0x04 => EnrollDone,
+            0x10 => Hello,
+            0x11 => ServerAuth,
+            0x12 => ClientFinish,
+            0x1f => Error,
+            0x20 => Request,
+            0x21 => Response,
+            0x22 => Message,
+            0x23 => Ping,
+            0x24 => Pong,
+            0x25 => Close,
+            other => return Err(FrameError::UnknownType(other)),
+        })
+    }
+
+    /// The type of a whole frame (length prefix included).
+    pub fn of(frame: &[u8]) -> Result<FrameType, FrameError> {
+        FrameType::from_u8(Reader::new(frame)?.ty())
+    }
+}
+
+/// Largest identity length in bytes (spec 4.1).
+pub const ID_MAX_LEN: usize = 64;
+
+/// A device identity: 1 to 64 bytes of `A-Z a-z 0-9 . _ - : @` (spec 4.1).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(String);
+
+impl Id {
+    /// Checks `s` against spec 4.1.
+    pub fn new(s: &str) -> Result<Id, FrameError> {
+        Id::from_bytes(s.as_bytes())
+    }
+
+    fn from_bytes(b: &[u8]) -> Result<Id, FrameError> {
+        if b.is_empty() {
+            return Err(FrameError::BadId("empty"));
+        }
+        if b.len() > ID_MAX_LEN {
+            return Err(FrameError::BadId("longer than 64 bytes"));
+        }
+        let ok = |c: &u8| c.is_ascii_alphanumeric() || b"._-:@".contains(c);
+        if !b.iter().all(ok) {
+            return Err(FrameError::BadId("allowed bytes are A-Z a-z 0-9 . _ - : @"));
+        }
+        Ok(Id(String::from_utf8(b.to_vec()).expect("ASCII")))
+    }
+
+    /// The identity as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn put(&self, out: &mut BytesMut) {
+        out.put_u8(self.0.len() as u8);
+        out.put_slice(self.0.as_bytes());
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Id, FrameError> {
+        let n = r.u8()? as usize;
+        Id::from_bytes(r.take(n)?)
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::str::FromStr for Id {
+    type Err = FrameError;
+    fn from_str(s: &str) -> Result<Id, FrameError> {
+        Id::new(s)
+    }
+}
+
+/// Which credential authorises an enrollment (spec 6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollMode {
+    /// The fleet-wide enrollment key `EK` (a group key).
+    Open = 0,
+    /// A per-identity token `token(id)`.
+    Token = 1,
+}
+
+impl EnrollMode {
+    fn from_u8(b: u8) -> Result<EnrollMode, FrameError> {
+        match b {
+            0 => Ok(EnrollMode::Open),
+            1 => Ok(EnrollMode::Token),
+            other => Err(FrameError::BadMode(other)),
+        }
+    }
+
+    /// The name used in tokens, logs and the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrollMode::Open => "open",
+            EnrollMode::Token => "token",
+        }
+    }
+}
+
+/// The bytes of a tagged frame that its tag covers: everything but the last 32.
+pub fn signed_part(frame: &[u8]) -> &[u8] {
+    &frame[..frame.len().saturating_sub(TAG_LEN)]
+}
+
+/// Checks that `frame` is of type `want`, for handshake frames.
+fn expect(r: &Reader<'_>, want: FrameType, what: &'static str) -> Result<(), FrameError> {
+    match FrameType::from_u8(r.ty())? {
+        t if t == want => Ok(()),
+        _ => Err(FrameError::UnexpectedType { got: r.ty(), what }),
+    }
+}
+
+/// Reads the version byte that follows the type in HELLO and ENROLL_INIT. It is checked
+/// before any other field, so a later version may change everything after it (spec 11).
+fn read_version(r: &mut Reader<'_>) -> Result<u8, FrameError> {
+    match r.u8()? {
+        super::VERSION => Ok(super::VERSION),
+        other => Err(FrameError::UnsupportedVersion(other)),
+    }
+}
+
+/// ENROLL_INIT, client to server (spec 4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollInit {
+    /// Which credential keys `tag`.
+    pub mode: EnrollMode,
+    /// The identity to enroll.
+    pub id: Id,
+    /// Client ephemeral X25519 public key `X`.
+    pub ephemeral: [u8; KEY_LEN],
+    /// Tag under the enrollment credential.
+    pub tag: Tag,
+}
+
+impl EnrollInit {
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let len = 4 + self.id.0.len() + KEY_LEN + TAG_LEN;
+        put_header(out, len, FrameType::EnrollInit as u8);
+        out.put_u8(super::VERSION);
+        out.put_u8(self.mode as u8);
+        self.id.put(out);
+        out.put_slice(&self.ephemeral);
+        out.put_slice(&self.tag);
+    }
+
+    /// Parses a whole frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, FrameType::EnrollInit, "ENROLL_INIT")?;
+        read_version(&mut r)?;
+        let mode = EnrollMode::from_u8(r.u8()?)?;
+        let id = Id::read(&mut r)?;
+        let msg = EnrollInit {
+            mode,
+            id,
+            ephemeral: r.array()?,
+            tag: r.array()?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// A frame whose only field is a 32-byte key or nonce followed by a tag:
+/// ENROLL_REPLY (`Y`) and SERVER_AUTH (`ns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueAndTag {
+    /// `Y` in ENROLL_REPLY, `ns` in SERVER_AUTH.
+    pub value: [u8; 32],
+    /// The frame's tag.
+    pub tag: Tag,
+}
+
+impl ValueAndTag {
+    /// Appends the frame, of type `ty`, to `out`.
+    pub fn encode(&self, ty: FrameType, out: &mut BytesMut) {
+        put_header(out, 1 + 32 + TAG_LEN, ty as u8);
+        out.put_slice(&self.value);
+        out.put_slice(&self.tag);
+    }
+
+    /// Parses a whole frame that must be of type `ty`.
+    pub fn decode(frame: &[u8], ty: FrameType, what: &'static str) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, ty, what)?;
+        let msg = ValueAndTag {
+            value: r.array()?,
+            tag: r.array()?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// A frame that is only a tag: ENROLL_CONFIRM, ENROLL_DONE, CLIENT_FINISH (spec 4.2, 4.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagOnly(pub Tag);
+
+impl TagOnly {
+    /// Appends the frame, of type `ty`, to `out`.
+    pub fn encode(&self, ty: FrameType, out: &mut BytesMut) {
+        put_header(out, 1 + TAG_LEN, ty as u8);
+        out.put_slice(&self.0);
+    }
+
+    /// Parses a whole frame that must be of type `ty`.
+    pub fn decode(frame: &[u8], ty: FrameType, what: &'static str) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, ty, what)?;
+        let tag = TagOnly(r.array()?);
+        r.finish()?;
+        Ok(tag)
+    }
+}
+
+/// HELLO, client to server, opening a session handshake (spec 4.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The identity the client claims.
+    pub id: Id,
+    /// Client nonce `nc`.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Hello {
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        put_header(out, 3 + self.id.0.len() + NONCE_LEN, FrameType::Hello as u8);
+        out.put_u8(super::VERSION);
+        self.id.put(out);
+        out.put_slice(&self.nonce);
+    }
+
+    /// Parses a whole frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, FrameType::Hello, "HELLO")?;
+        read_version(&mut r)?;
+        let msg = Hello {
+            id: Id::read(&mut r)?,
+            nonce: r.array()?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// ERROR: the unauthenticated refusal that ends a handshake (spec 4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// Why.
+    pub code: ErrorCode,
+    /// The highest protocol version the sender speaks.
+    pub version: u8,
+}
+
+impl ErrorFrame {
+    /// An ERROR frame from this implementation.
+    pub fn new(code: ErrorCode) -> Self {
+        ErrorFrame {
+            code,
+            version: super::VERSION,
+        }
+    }
+
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        put_header(out, 4, FrameType::Error as u8);
+        out.put_u16(self.code.0);
+        out.put_u8(self.version);
+    }
+
+    /// Parses a whole frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, FrameType::Error, "ERROR")?;
+        let msg = ErrorFrame {
+            code: ErrorCode(r.u16()?),
+            version: r.u8()?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+
+    /// If `frame` is an ERROR frame, the code it carries (a malformed one reads as
+    /// MALFORMED: the connection ends either way).
+    pub fn code_if_error(frame: &[u8]) -> Option<ErrorCode> {
+        match FrameType::of(frame) {
+            Ok(FrameType::Error) => {
+                Some(Self::decode(frame).map_or(ErrorCode::MALFORMED, |e| e.code))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Status of a RESPONSE (spec 4.5): 0 is success, 1-255 are defined by Tally,
+/// 256-65535 are the application's.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Status(pub u16);
+
+impl Status {
+    /// The request succeeded.
+    pub const OK: Status = Status(0);
+    /// No backend could take the request (down, not configured, or overloaded).
+    pub const UNAVAILABLE: Status = Status(1);
+    /// The backend failed or answered with something invalid.
+    pub const BACKEND_ERROR: Status = Status(2);
+    /// The backend did not answer in time.
+    pub const TIMEOUT: Status = Status(3);
+    /// The request was refused by the receiving side's policy.
+    pub const REFUSED: Status = Status(4);
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match *self {
+            Status::OK => "ok",
+            Status::UNAVAILABLE => "unavailable",
+            Status::BACKEND_ERROR => "backend error",
+            Status::TIMEOUT => "timeout",
+            Status::REFUSED => "refused",
+            Status(n) if n >= 256 => return write!(f, "application status {n}"),
+            Status(n) => return write!(f, "status {n}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// Longest CLOSE reason in bytes (spec 4.5).
+pub const MAX_REASON_LEN: usize = 255;
+
+/// The content of an authenticated session frame (spec 4.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Expects a RESPONSE.
+    Request {
+        /// Opaque application bytes.
+        payload: Bytes,
+    },
+    /// Answers the REQUEST whose sequence number is `req_seq`.
+    Response {
+        /// Sequence number of the REQUEST this answers.
+        req_seq: u64,
+        /// Outcome.
+        status: Status,
+        /// Opaque application bytes.
+        payload: Bytes,
+    },
+    /// One-way.
+    Message {
+        /// Opaque application bytes.
+        payload: Bytes,
+    },
+    /// Expects a PONG.
+    Ping,
+    /// Answers the PING whose sequence number is `ping_seq`.
+    Pong {
+        /// Sequence number of the PING this answers.
+        ping_seq: u64,
+    },
+    /// Ends the session; nothing follows it in this direction.
+    Close {
+        /// Why.
+        code: CloseCode,
+        /// Human-readable detail, UTF-8, at most 255 bytes.
+        reason: String,
+    },
+}
+
+/// Bytes of a session frame before its variable part: length, type, sequence number.
+pub const SESSION_HEADER_LEN: usize = LEN_PREFIX + 1 + 8;
+
+impl Body {
+    /// The frame type of this body.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Body::Request { .. } => FrameType::Request,
+            Body::Response { .. } => FrameType::Response,
+            Body::Message { .. } => FrameType::Message,
+            Body::Ping => FrameType::Ping,
+            Body::Pong { .. } => FrameType::Pong,
+            Body::Close { .. } => FrameType::Close,
+        }
+    }
+
+    /// Bytes of the fields after the sequence number and before the tag.
+    fn fields_len(&self) -> usize {
+        match self {
+            Body::Request { payload } | Body::Message { payload } => payload.len(),
+            Body::Response { payload, .. } => 8 + 2 + payload.len(),
+            Body::Ping => 0,
+            Body::Pong { .. } => 8,
+            Body::Close { reason, .. } => 2 + reason.len(),
+        }
+    }
+
+    /// Size of the whole frame on the wire, length prefix and tag included.
+    pub fn wire_len(&self) -> usize {
+        SESSION_HEADER_LEN + self.fields_len() + TAG_LEN
+    }
+
+    /// Overhead of a frame type around its payload: the largest payload that fits in a
+    /// frame whose length field is at most `limit` is `limit - overhead`.
+    pub fn overhead(ty: FrameType) -> usize {
+        let fixed = match ty {
+            FrameType::Response => 10,
+            FrameType::Close => 2,
+            _ => 0,
+        };
+        SESSION_HEADER_LEN - LEN_PREFIX + fixed + TAG_LEN
+    }
+
+    /// Appends everything but the tag: length, type, `seq`, fields.
+    pub(crate) fn encode_unsigned(&self, seq: u64, out: &mut BytesMut) {
+        put_header(out, self.wire_len() - LEN_PREFIX, self.frame_type() as u8);
+        out.put_u64(seq);
+        match self {
+            Body::Request { payload } | Body::Message { payload } => out.put_slice(payload),
+            Body::Response {
+                req_seq,
+                status,
+                payload,
+            } => {
+                out.put_u64(*req_seq);
+                out.put_u16(status.0);
+                out.put_slice(payload);
+            }
+            Body::Ping => {}
+            Body::Pong { ping_seq } => out.put_u64(*ping_seq),
+            Body::Close { code, reason } => {
+                out.put_u16(code.0);
+                out.put_slice(reason.as_bytes());
+            }
+        }
+    }
+
+    /// Parses the fields of a session frame whose header and tag were already checked.
+    /// `frame` is the whole frame; payloads are zero-copy slices of it.
+    pub(crate) fn decode_fields(ty: FrameType, frame: &Bytes) -> Result<Body, FrameError> {
+        let mut r = Reader::new(frame)?;
+        r.take(8)?; // sequence number, read by the caller
+        let slice_rest = |r: &mut Reader<'_>| -> Result<Bytes, FrameError> {
+            let rest = r.all_but(TAG_LEN)?;
+            let from = frame.len() - r.remaining() - rest.len();
+            Ok(frame.slice(from..from + rest.len()))
+        };
+        let body = match ty {
+            FrameType::Request => Body::Request {
+                payload: slice_rest(&mut r)?,
+            },
+            FrameType::Message => Body::Message {
+                payload: slice_rest(&mut r)?,
+            },
+            FrameType::Response => {
+                let req_seq = r.u64()?;
+                let status = Status(r.u16()?);
+                Body::Response {
+                    req_seq,
+                    status,
+                    payload: slice_rest(&mut r)?,
+                }
+            }
+            FrameType::Ping => Body::Ping,
+            FrameType::Pong => Body::Pong { ping_seq: r.u64()? },
+            FrameType::Close => {
+                let code = CloseCode(r.u16()?);
+                let reason = r.all_but(TAG_LEN)?;
+                if reason.len() > MAX_REASON_LEN {
+                    return Err(FrameError::BadReason);
+                }
+                let reason = std::str::from_utf8(reason).map_err(|_| FrameError::BadReason)?;
+                Body::Close {
+                    code,
+                    reason: reason.to_owned(),
+                }
+            }
+            _ => {
+                return Err(FrameError::UnexpectedType {
+                    got: ty as u8,
+                    what: "a session frame",
+                })
+            }
+        };
+        r.take(TAG_LEN)?;
+        r.finish()?;
+        Ok(body)
+    }
+}
+
+/// A session frame as received: its sequence number and content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionFrame {
+    /// The sender's sequence number for this frame.
+    pub seq: u64,
+    /// What it carries.
+    pub body: Body,
+}
+
+/// Reads the type and sequence number of a session frame, checking it is long enough to
+/// hold them and a tag. Nothing else is looked at: this is the cheap check before the tag.
+pub(crate) fn session_header(frame: &[u8]) -> Result<(FrameType, u64), FrameError> {
+    let mut r = Reader::new(frame)?;
+    let ty = FrameType::from_u8(r.ty())?;
+    if (ty as u8) < FrameType::Request as u8 {
+        return Err(FrameError::UnexpectedType {
+            got: ty as u8,
+            what: "a session frame",
+        });
+    }
+    let seq = r.u64()?;
+    if r.remaining() < TAG_LEN {
+        return Err(FrameError::Truncated { ty: ty as u8 });
+    }
+    Ok((ty, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_alphabet_and_length() {
+        assert!(Id::new("sensor-42").is_ok());
+        assert!(Id::new("a.b_c-d:e@f").is_ok());
+        assert!(Id::new(&"x".repeat(64)).is_ok());
+        assert_eq!(Id::new(""), Err(FrameError::BadId("empty")));
+        assert!(matches!(
+            Id::new(&"x".repeat(65)),
+            Err(FrameError::BadId(_))
+        ));
+        for bad in ["a b", "a/b", "é", "a\0", "a\n"] {
+            assert!(matches!(Id::new(bad), Err(FrameError::BadId(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn handshake_frames_round_trip() {
+        let id = Id::new("dev").unwrap();
+        let init = EnrollInit {
+            mode: EnrollMode::Token,
+            id: id.clone(),
+            ephemeral: [7; 32],
+            tag: [9; 32],
+        };
+        let mut out = BytesMut::new();
+        init.encode(&mut out);
+        assert_eq!(out.len(), 4 + 4 + 3 + 32 + 32);
+        assert_eq!(EnrollInit::decode(&out).unwrap(), init);
+
+        let hello = Hello { id, nonce: [1; 32] };
+        let mut out = BytesMut::new();
+        hello.encode(&mut out);
+        assert_eq!(Hello::decode(&out).unwrap(), hello);
+    }
+
+    #[test]
+    fn version_is_checked_before_the_rest() {
+        // version 2 followed by garbage: the version is the error, not the garbage.
+        let frame = [0, 0, 0, 3, FrameType::Hello as u8, 2, 0xff];
+        assert_eq!(
+            Hello::decode(&frame),
+            Err(FrameError::UnsupportedVersion(2))
+        );
+        let frame = [0, 0, 0, 2, FrameType::EnrollInit as u8, 0];
+        assert_eq!(
+            EnrollInit::decode(&frame),
+            Err(FrameError::UnsupportedVersion(0))
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        let mut out = BytesMut::new();
+        TagOnly([0; 32]).encode(FrameType::EnrollConfirm, &mut out);
+        assert!(matches!(
+            TagOnly::decode(&out, FrameType::ClientFinish, "CLIENT_FINISH"),
+            Err(FrameError::UnexpectedType { got: 0x03, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_mode_and_trailing_bytes() {
+        let init = EnrollInit {
+            mode: EnrollMode::Open,
+            id: Id::new("d").unwrap(),
+            ephemeral: [0; 32],
+            tag: [0; 32],
+        };
+        let mut out = BytesMut::new();
+        init.encode(&mut out);
+        let mut bad = out.to_vec();
+        bad[6] = 7;
+        assert_eq!(EnrollInit::decode(&bad), Err(FrameError::BadMode(7)));
+        let mut long = out.to_vec();
+        long.push(0);
+        long[3] += 1;
+        assert!(matches!(
+            EnrollInit::decode(&long),
+            Err(FrameError::Trailing { extra: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn error_frame_layout() {
+        let mut out = BytesMut::new();
+        ErrorFrame::new(ErrorCode::AUTH_FAILED).encode(&mut out);
+        assert_eq!(&out[..], &[0, 0, 0, 4, 0x1f, 0, 3, 1]);
+        assert_eq!(
+            ErrorFrame::code_if_error(&out),
+            Some(ErrorCode::AUTH_FAILED)
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! The sans-IO protocol core: everything `spec/PROTOCOL.md` defines, and nothing else.
+//!
+//! No sockets, no async runtime, no store, no clock and no randomness: every random
+//! value (ephemeral keys, nonces) is passed in by the caller, and every output is
+//! written into a caller's buffer. That makes every exchange deterministic, which is
+//! how `spec/vectors/` are produced and checked.
+//!
+//! One file per section of the spec:
+//!
+//! | spec section | file |
+//! |---|---|
+//! | 3 Framing | [`codec`] |
+//! | 4 Frames | [`frame`] |
+//! | 5 Key schedule | [`schedule`] |
+//! | 6 Enrollment | [`enroll`] |
+//! | 7 Session handshake | [`handshake`] |
+//! | 8 Session | [`session`] |
+//! | 9 Token and credential formats | [`credential`] |
+//! | 10 Error and close codes | [`error`] |
+
+pub mod codec;
+pub mod credential;
+pub mod enroll;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod schedule;
+pub mod session;
+
+pub use codec::decode_frame;
+pub use error::{CloseCode, ErrorCode, FrameError, ProtocolError};
+pub use frame::{Body, FrameType, Id, SessionFrame, Status};
+pub use schedule::{SecretKey, Tag};
+pub use session::{Role, Session};
+
+/// The protocol version this implementation speaks (spec section 2).
+pub const VERSION: u8 = 1;
+/// Length of every tag: full HMAC-SHA256 output, never truncated (spec section 5).
+pub const TAG_LEN: usize = 32;
+/// Length of the handshake nonces `nc` and `ns` (spec section 7).
+pub const NONCE_LEN: usize = 32;
+/// Length of every secret key and of X25519 public keys.
+pub const KEY_LEN: usize = 32;
+/// Size of the length prefix in front of every frame (spec section 3).
+pub const LEN_PREFIX: usize = 4;
+/// Largest length field any v1 peer may accept (16 MiB). Receivers pick a lower limit.
+pub const MAX_FRAME_LEN_CEILING: u32 = 1 << 24;
+/// Default limit on a session frame's length field (64 KiB).
+pub const DEFAULT_MAX_FRAME_LEN: u32 = 64 * 1024;
+/// Limit on the length field of any frame before a session is established. The
+/// largest handshake frame (ENROLL_INIT with a 64-byte id) is 132 bytes.
+pub const HANDSHAKE_MAX_FRAME_LEN: u32 = 256;
