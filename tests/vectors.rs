@@ -1,0 +1,663 @@
+//! The spec's test vectors (`spec/vectors/*.json`, spec section 12), checked byte for byte.
+//!
+//! Every vector is rebuilt here from its fixed inputs: frames by the state machines of
+//! `tally::proto`, intermediate values (transcript hashes, DH outputs, keys, tags) by
+//! the formulas of the spec written out again with `sha2`, `hmac`, `hkdf` and
+//! `x25519-dalek` directly, and the frames' tags are checked against those formulas.
+//! The result must equal the JSON files exactly. Then every negative case in
+//! `negative.json` is fed to the receiver it names and must fail with the error it names.
+//!
+//! To rewrite the files after a deliberate change of the wire format:
+//! `TALLY_WRITE_VECTORS=1 cargo test --test vectors` (and bump the version if peers break).
+
+use bytes::{Bytes, BytesMut};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use tally::proto::enroll::{ClientAwaitReply, ServerAwaitConfirm, ServerParams};
+use tally::proto::frame::{EnrollMode, Id};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::{
+    credential::EnrollmentToken, decode_frame, Body, CloseCode, ProtocolError, SecretKey, Session,
+    Status,
+};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+const MAX: u32 = tally::proto::DEFAULT_MAX_FRAME_LEN;
+
+fn pattern(start: u8) -> [u8; 32] {
+    std::array::from_fn(|i| start.wrapping_add(i as u8))
+}
+
+fn h(parts: &[&[u8]]) -> [u8; 32] {
+    let mut d = Sha256::new();
+    parts.iter().for_each(|p| d.update(p));
+    d.finalize().into()
+}
+
+fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    parts.iter().for_each(|p| m.update(p));
+    m.finalize().into_bytes().into()
+}
+
+fn hkdf(salt: &[u8], ikm: &[u8], info: &[&[u8]]) -> [u8; 32] {
+    let mut okm = [0; 32];
+    Hkdf::<Sha256>::new(Some(salt), ikm)
+        .expand(&info.concat(), &mut okm)
+        .unwrap();
+    okm
+}
+
+fn x(b: &[u8]) -> String {
+    hex::encode(b)
+}
+
+fn tag_of(frame: &[u8]) -> &[u8] {
+    &frame[frame.len() - 32..]
+}
+
+fn unsigned(frame: &[u8]) -> &[u8] {
+    &frame[..frame.len() - 32]
+}
+
+fn vectors_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("spec/vectors")
+}
+
+const ID: &str = "sensor-42";
+
+struct Enrollment {
+    json: Value,
+    frames: [Vec<u8>; 4],
+    identity_key: [u8; 32],
+}
+
+fn server_params() -> ServerParams {
+    ServerParams {
+        enrollment_key: SecretKey::from_bytes(pattern(0x00)),
+        static_secret: StaticSecret::from(pattern(0x20)),
+        allow_open: true,
+    }
+}
+
+/// An enrollment with fixed keys, in `mode`.
+fn enrollment(mode: EnrollMode) -> Enrollment {
+    let (x_secret, y_secret) = (pattern(0x40), pattern(0x60));
+    let srv = server_params();
+    let id = Id::new(ID).unwrap();
+    let token = EnrollmentToken {
+        mode,
+        credential: srv.credential(mode, &id),
+        server_static: srv.static_public(),
+    };
+    let token_text = token.encode().to_string();
+
+    // The state machines produce the frames.
+    let mut init = BytesMut::new();
+    let client = ClientAwaitReply::start(
+        EnrollmentToken::parse(&token_text)
+            .unwrap()
+            .client_params(id.clone()),
+        x_secret,
+        &mut init,
+    );
+    let mut reply = BytesMut::new();
+    let server = ServerAwaitConfirm::handle_init(&srv, &init, y_secret, &mut reply).unwrap();
+    let mut confirm = BytesMut::new();
+    let client = client.handle_reply(&reply, &mut confirm).unwrap();
+    let pending = server.handle_confirm(&confirm).unwrap();
+    let mut done = BytesMut::new();
+    let server_k = *pending.identity_key().expose();
+    pending.committed(&mut done);
+    let (_, client_k) = client.handle_done(&done).unwrap();
+    assert_eq!(client_k.expose(), &server_k);
+
+    // The spec's formulas, written out again (spec 5.3, 5.4, 6).
+    let ek = pattern(0x00);
+    let c = match mode {
+        EnrollMode::Open => ek,
+        EnrollMode::Token => hkdf(
+            &[],
+            &ek,
+            &[b"tally/1 token", &[ID.len() as u8], ID.as_bytes()],
+        ),
+    };
+    let xs = StaticSecret::from(x_secret);
+    let ys = StaticSecret::from(y_secret);
+    let big_s = PublicKey::from(&StaticSecret::from(pattern(0x20)));
+    let big_x = PublicKey::from(&xs);
+    let big_y = PublicKey::from(&ys);
+    let th1 = h(&[unsigned(&init)]);
+    let init_tag = mac(&c, &[b"tally/1 enroll init", &th1]);
+    assert_eq!(tag_of(&init), init_tag);
+    let dh_ee = *xs.diffie_hellman(&big_y).as_bytes();
+    let dh_es = *xs.diffie_hellman(&big_s).as_bytes();
+    let th2 = h(&[&init, unsigned(&reply)]);
+    let ikm = [dh_ee, dh_es].concat();
+    let key = |label: &[u8]| hkdf(&c, &ikm, &[label, &th2]);
+    let (k_server, k_client, k_done, k_id) = (
+        key(b"tally/1 enroll key server"),
+        key(b"tally/1 enroll key client"),
+        key(b"tally/1 enroll key done"),
+        key(b"tally/1 enroll key identity"),
+    );
+    assert_eq!(tag_of(&reply), mac(&k_server, &[&th2]));
+    let th3 = h(&[&init, &reply, unsigned(&confirm)]);
+    assert_eq!(tag_of(&confirm), mac(&k_client, &[&th3]));
+    let th4 = h(&[&init, &reply, &confirm, unsigned(&done)]);
+    assert_eq!(tag_of(&done), mac(&k_done, &[&th4]));
+    assert_eq!(k_id, server_k);
+
+    let json = json!({
+        "description": format!("Enrollment of {ID:?} in {} mode (spec section 6).", mode.as_str()),
+        "protocol_version": 1,
+        "inputs": {
+            "enrollment_key": x(&ek),
+            "server_static_secret": x(&pattern(0x20)),
+            "client_ephemeral_secret": x(&x_secret),
+            "server_ephemeral_secret": x(&y_secret),
+            "id": ID,
+            "mode": mode.as_str(),
+        },
+        "derived": {
+            "server_static_public": x(big_s.as_bytes()),
+            "credential": x(&c),
+            "token": token_text,
+            "client_ephemeral_public": x(big_x.as_bytes()),
+            "server_ephemeral_public": x(big_y.as_bytes()),
+            "th1": x(&th1),
+            "init_tag": x(&init_tag),
+            "dh_ee": x(&dh_ee),
+            "dh_es": x(&dh_es),
+            "th2": x(&th2),
+            "key_server": x(&k_server),
+            "key_client": x(&k_client),
+            "key_done": x(&k_done),
+            "identity_key": x(&k_id),
+            "th3": x(&th3),
+            "th4": x(&th4),
+        },
+        "frames": [
+            {"name": "ENROLL_INIT", "direction": "c2s", "hex": x(&init)},
+            {"name": "ENROLL_REPLY", "direction": "s2c", "hex": x(&reply)},
+            {"name": "ENROLL_CONFIRM", "direction": "c2s", "hex": x(&confirm)},
+            {"name": "ENROLL_DONE", "direction": "s2c", "hex": x(&done)},
+        ],
+    });
+    Enrollment {
+        json,
+        frames: [
+            init.to_vec(),
+            reply.to_vec(),
+            confirm.to_vec(),
+            done.to_vec(),
+        ],
+        identity_key: k_id,
+    }
+}
+
+/// Session inputs: the identity key from the open-mode enrollment.
+fn session_inputs() -> (Id, [u8; 32], [u8; 32], [u8; 32]) {
+    (
+        Id::new(ID).unwrap(),
+        enrollment(EnrollMode::Open).identity_key,
+        pattern(0x80),
+        pattern(0xa0),
+    )
+}
+
+/// Runs the handshake; returns the three frames and both sessions.
+fn handshake() -> ([Vec<u8>; 3], Session, Session) {
+    let (id, k, nc, ns) = session_inputs();
+    let mut hello = BytesMut::new();
+    let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, &mut hello);
+    let received = HelloReceived::parse(&hello).unwrap();
+    let mut auth = BytesMut::new();
+    let server = received.respond(
+        Some(SecretKey::from_bytes(k)),
+        SecretKey::from_bytes([0; 32]),
+        ns,
+        &mut auth,
+    );
+    let mut finish = BytesMut::new();
+    let client_session = client.handle_server_auth(&auth, &mut finish, MAX).unwrap();
+    let est = server.handle_finish(&finish, MAX).unwrap();
+    (
+        [hello.to_vec(), auth.to_vec(), finish.to_vec()],
+        client_session,
+        est.session,
+    )
+}
+
+/// The session frames of `session.json`, in the order they are sent: (sender, body).
+fn script() -> Vec<(&'static str, Body)> {
+    let b = |s: &'static [u8]| Bytes::from_static(s);
+    vec![
+        (
+            "c2s",
+            Body::Request {
+                payload: b(b"temperature?"),
+            },
+        ),
+        (
+            "s2c",
+            Body::Response {
+                req_seq: 1,
+                status: Status::OK,
+                payload: b(b"21.5"),
+            },
+        ),
+        (
+            "s2c",
+            Body::Request {
+                payload: b(b"{\"interval\":60}"),
+            },
+        ),
+        (
+            "c2s",
+            Body::Response {
+                req_seq: 2,
+                status: Status(256),
+                payload: b(b""),
+            },
+        ),
+        (
+            "c2s",
+            Body::Message {
+                payload: b(b"boot ok"),
+            },
+        ),
+        ("s2c", Body::Message { payload: b(b"") }),
+        ("c2s", Body::Ping),
+        ("s2c", Body::Pong { ping_seq: 4 }),
+        ("s2c", Body::Ping),
+        ("c2s", Body::Pong { ping_seq: 5 }),
+        (
+            "c2s",
+            Body::Close {
+                code: CloseCode::NORMAL,
+                reason: "bye".into(),
+            },
+        ),
+        (
+            "s2c",
+            Body::Close {
+                code: CloseCode::SHUTDOWN,
+                reason: "maintenance".into(),
+            },
+        ),
+    ]
+}
+
+fn type_name(body: &Body) -> &'static str {
+    match body {
+        Body::Request { .. } => "REQUEST",
+        Body::Response { .. } => "RESPONSE",
+        Body::Message { .. } => "MESSAGE",
+        Body::Ping => "PING",
+        Body::Pong { .. } => "PONG",
+        Body::Close { .. } => "CLOSE",
+    }
+}
+
+fn body_fields(body: &Body) -> Value {
+    match body {
+        Body::Request { payload } | Body::Message { payload } => json!({"payload": x(payload)}),
+        Body::Response {
+            req_seq,
+            status,
+            payload,
+        } => json!({"req_seq": req_seq, "status": status.0, "payload": x(payload)}),
+        Body::Ping => json!({}),
+        Body::Pong { ping_seq } => json!({"ping_seq": ping_seq}),
+        Body::Close { code, reason } => json!({"code": code.0, "reason": reason}),
+    }
+}
+
+/// Seals the script's frames with the two sessions, checking each is accepted.
+fn sealed_script(
+    client: &mut Session,
+    server: &mut Session,
+) -> Vec<(&'static str, Body, u64, Vec<u8>)> {
+    script()
+        .into_iter()
+        .map(|(dir, body)| {
+            let (tx, rx) = if dir == "c2s" {
+                (&mut *client, &mut *server)
+            } else {
+                (&mut *server, &mut *client)
+            };
+            let mut out = BytesMut::new();
+            let seq = tx.seal(&body, &mut out).unwrap();
+            let got = rx.open(out.clone().freeze()).unwrap();
+            assert_eq!((got.seq, &got.body), (seq, &body));
+            (dir, body, seq, out.to_vec())
+        })
+        .collect()
+}
+
+fn session() -> Value {
+    let (id, k, nc, ns) = session_inputs();
+    let ([hello, auth, finish], mut client, mut server) = handshake();
+    let th2 = h(&[&hello, unsigned(&auth)]);
+    let salt = [nc, ns].concat();
+    let key = |label: &[u8]| hkdf(&salt, &k, &[label, &th2]);
+    let (c2s, s2c, sf, cf) = (
+        key(b"tally/1 session key c2s"),
+        key(b"tally/1 session key s2c"),
+        key(b"tally/1 session key server finish"),
+        key(b"tally/1 session key client finish"),
+    );
+    assert_eq!(tag_of(&auth), mac(&sf, &[&th2]));
+    let th3 = h(&[&hello, &auth, unsigned(&finish)]);
+    assert_eq!(tag_of(&finish), mac(&cf, &[&th3]));
+    let frames: Vec<Value> = sealed_script(&mut client, &mut server)
+        .into_iter()
+        .map(|(dir, body, seq, frame)| {
+            let key = if dir == "c2s" { &c2s } else { &s2c };
+            assert_eq!(tag_of(&frame), mac(key, &[unsigned(&frame)]));
+            let mut v =
+                json!({"direction": dir, "type": type_name(&body), "seq": seq, "hex": x(&frame)});
+            v.as_object_mut()
+                .unwrap()
+                .extend(body_fields(&body).as_object().unwrap().clone());
+            v
+        })
+        .collect();
+    json!({
+        "description": "A session handshake with the identity key of enroll-open.json, then frames of every type in both directions (spec sections 7 and 8).",
+        "protocol_version": 1,
+        "inputs": {"id": id.as_str(), "identity_key": x(&k), "client_nonce": x(&nc), "server_nonce": x(&ns)},
+        "derived": {
+            "th2": x(&th2),
+            "key_c2s": x(&c2s),
+            "key_s2c": x(&s2c),
+            "key_server_finish": x(&sf),
+            "key_client_finish": x(&cf),
+            "th3": x(&th3),
+        },
+        "handshake": [
+            {"name": "HELLO", "direction": "c2s", "hex": x(&hello)},
+            {"name": "SERVER_AUTH", "direction": "s2c", "hex": x(&auth)},
+            {"name": "CLIENT_FINISH", "direction": "c2s", "hex": x(&finish)},
+        ],
+        "frames": frames,
+    })
+}
+
+/// The negative cases: each names a receiver state, an input and the required error.
+fn negative() -> Value {
+    let ([hello, auth, _], mut client, mut server) = handshake();
+    let frames = sealed_script(&mut client, &mut server);
+    let enroll = enrollment(EnrollMode::Open);
+    let token = enrollment(EnrollMode::Token);
+    let (_, k, nc, ns) = session_inputs();
+    let first = frames[0].3.clone();
+    let flip = |f: &[u8], byte: usize, bit: u8| {
+        let mut v = f.to_vec();
+        v[byte] ^= bit;
+        x(&v)
+    };
+    // A REQUEST sealed with the wrong direction's key: a server frame key used by the client.
+    let th2 = h(&[&hello, unsigned(&auth)]);
+    let salt = [nc, ns].concat();
+    let s2c = hkdf(&salt, &k, &[b"tally/1 session key s2c", &th2]);
+    let cf = hkdf(&salt, &k, &[b"tally/1 session key client finish", &th2]);
+    let wrong_dir = [unsigned(&first), &mac(&s2c, &[unsigned(&first)])].concat();
+    // SERVER_AUTH whose tag uses the client-finish label instead of the server-finish label.
+    let wrong_label_auth = [unsigned(&auth), &mac(&cf, &[&th2])].concat();
+    // ENROLL_INIT tagged with a label other than "tally/1 enroll init".
+    let init = &enroll.frames[0];
+    let bad_label_init = [
+        unsigned(init),
+        &mac(
+            &pattern(0x00),
+            &[b"tally/1 enroll hello", &h(&[unsigned(init)])],
+        ),
+    ]
+    .concat();
+    // A token-mode ENROLL_INIT whose id was changed: the token is for "sensor-42" only.
+    let mut other_id = token.frames[0].clone();
+    let pos = other_id
+        .windows(ID.len())
+        .position(|w| w == ID.as_bytes())
+        .unwrap();
+    other_id[pos + ID.len() - 1] = b'3';
+    // HELLO with version 2.
+    let mut v2 = hello.clone();
+    v2[5] = 2;
+    let mut lying = first.clone();
+    lying[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+    let mut short_len = first.clone();
+    let n = u32::from_be_bytes(short_len[..4].try_into().unwrap()) - 1;
+    short_len[..4].copy_from_slice(&n.to_be_bytes());
+    short_len.pop();
+    let case = |name: &str,
+                description: &str,
+                receiver: Value,
+                input: String,
+                error: &str,
+                reply: Value| {
+        json!({"name": name, "description": description, "receiver": receiver, "input": input, "error": error, "reply": reply})
+    };
+    let session_rx =
+        |who: &str, after: usize| json!({"state": format!("{who}_session"), "after_frames": after});
+    let close = json!({"close_code": CloseCode::PROTOCOL_ERROR.0});
+    json!({
+        "description": "Inputs every receiver must refuse, with the error (spec 12.2) and what it sends back (spec 10).",
+        "protocol_version": 1,
+        "cases": [
+            case("flipped_tag_bit", "session.json frame 1 with the last bit of its tag flipped", session_rx("server", 0),
+                 flip(&first, first.len() - 1, 1), "bad_tag", close.clone()),
+            case("flipped_payload_bit", "session.json frame 1 with one payload bit flipped", session_rx("server", 0),
+                 flip(&first, 14, 0x80), "bad_tag", close.clone()),
+            case("shortened_length", "session.json frame 1 with its length prefix one less and the last byte cut: the tag covers the prefix", session_rx("server", 0),
+                 x(&short_len), "bad_tag", close.clone()),
+            case("replayed_frame", "session.json frame 1 again after it was accepted", session_rx("server", 1),
+                 x(&first), "bad_sequence", close.clone()),
+            case("skipped_frame", "session.json frame 5 (c2s seq 3) where seq 1 is expected", session_rx("server", 0),
+                 x(&frames[4].3), "bad_sequence", close.clone()),
+            case("reordered_frame", "session.json frame 5 (c2s seq 3) after frame 1 only (seq 2 expected)", session_rx("server", 1),
+                 x(&frames[4].3), "bad_sequence", close.clone()),
+            case("reflected_frame", "session.json frame 1, a client REQUEST, sent back to the client as if from the server", session_rx("client", 0),
+                 x(&first), "bad_tag", close.clone()),
+            case("wrong_direction_key", "frame 1 tagged with key_s2c instead of key_c2s", session_rx("server", 0),
+                 x(&wrong_dir), "bad_tag", close.clone()),
+            case("unsolicited_response", "session.json frame 2 (RESPONSE to seq 1) before the client sent anything", session_rx("client", 0),
+                 x(&frames[1].3), "unsolicited_answer", close.clone()),
+            case("lying_length", "frame 1 with length prefix 0xffffffff: refused from the 4 prefix bytes alone", session_rx("server", 0),
+                 x(&lying), "frame_too_large", json!({"close_code": CloseCode::FRAME_TOO_LARGE.0})),
+            case("zero_length", "a length prefix of 0", session_rx("server", 0),
+                 "00000000".into(), "empty_frame", close.clone()),
+            case("wrong_label_server_auth", "SERVER_AUTH tagged with key_client_finish instead of key_server_finish", json!({"state": "client_await_server_auth"}),
+                 x(&wrong_label_auth), "bad_tag", json!({"close": true})),
+            case("flipped_server_auth_bit", "session.json SERVER_AUTH with the first nonce bit flipped", json!({"state": "client_await_server_auth"}),
+                 flip(&auth, 5, 0x80), "bad_tag", json!({"close": true})),
+            case("unsupported_version", "session.json HELLO with version 2", json!({"state": "server_await_hello"}),
+                 x(&v2), "unsupported_version", json!({"error_frame": "000000041f000101"})),
+            case("wrong_label_enroll_init", "enroll-open.json ENROLL_INIT tagged with label \"tally/1 enroll hello\"", json!({"state": "server_await_enroll_init"}),
+                 x(&bad_label_init), "bad_tag", json!({"error_frame": "000000041f000401"})),
+            case("token_for_other_id", "enroll-token.json ENROLL_INIT with the id changed to \"sensor-43\"", json!({"state": "server_await_enroll_init"}),
+                 x(&other_id), "bad_tag", json!({"error_frame": "000000041f000401"})),
+            case("enroll_reply_bit_flipped", "enroll-open.json ENROLL_REPLY with one bit of Y flipped", json!({"state": "client_await_enroll_reply"}),
+                 flip(&enroll.frames[1], 5, 1), "bad_tag", json!({"close": true})),
+        ],
+    })
+}
+
+/// Feeds a negative case to the receiver it names; returns the error.
+fn run_negative(case: &Value) -> ProtocolError {
+    let input = hex::decode(case["input"].as_str().unwrap()).unwrap();
+    let state = case["receiver"]["state"].as_str().unwrap();
+    let fresh = || handshake();
+    match state {
+        "server_session" | "client_session" => {
+            let (_, mut client, mut server) = fresh();
+            let after = case["receiver"]["after_frames"].as_u64().unwrap() as usize;
+            for (dir, body) in script().into_iter().take(after) {
+                let (tx, rx) = if dir == "c2s" {
+                    (&mut client, &mut server)
+                } else {
+                    (&mut server, &mut client)
+                };
+                let mut out = BytesMut::new();
+                tx.seal(&body, &mut out).unwrap();
+                rx.open(out.freeze()).unwrap();
+            }
+            let rx = if state == "server_session" {
+                &mut server
+            } else {
+                &mut client
+            };
+            let mut buf = BytesMut::from(&input[..]);
+            match decode_frame(&mut buf, MAX) {
+                Ok(Some(frame)) => rx.open(frame).unwrap_err(),
+                Ok(None) => panic!("{}: input is not a whole frame", case["name"]),
+                Err(e) => e.into(),
+            }
+        }
+        "client_await_server_auth" => {
+            let (id, k, nc, _) = session_inputs();
+            let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, &mut BytesMut::new());
+            c.handle_server_auth(&input, &mut BytesMut::new(), MAX)
+                .unwrap_err()
+        }
+        "server_await_hello" => HelloReceived::parse(&input).err().unwrap(),
+        "server_await_enroll_init" => ServerAwaitConfirm::handle_init(
+            &server_params(),
+            &input,
+            pattern(0x60),
+            &mut BytesMut::new(),
+        )
+        .err()
+        .unwrap(),
+        "client_await_enroll_reply" => {
+            let srv = server_params();
+            let id = Id::new(ID).unwrap();
+            let token = EnrollmentToken {
+                mode: EnrollMode::Open,
+                credential: srv.credential(EnrollMode::Open, &id),
+                server_static: srv.static_public(),
+            };
+            let c = ClientAwaitReply::start(
+                token.client_params(id),
+                pattern(0x40),
+                &mut BytesMut::new(),
+            );
+            c.handle_reply(&input, &mut BytesMut::new()).err().unwrap()
+        }
+        other => panic!("unknown receiver state {other}"),
+    }
+}
+
+fn all_vectors() -> Vec<(&'static str, Value)> {
+    vec![
+        ("enroll-open.json", enrollment(EnrollMode::Open).json),
+        ("enroll-token.json", enrollment(EnrollMode::Token).json),
+        ("session.json", session()),
+        ("negative.json", negative()),
+    ]
+}
+
+#[test]
+fn vectors_match_the_spec_files_byte_for_byte() {
+    let write = std::env::var_os("TALLY_WRITE_VECTORS").is_some();
+    for (name, built) in all_vectors() {
+        let path = vectors_dir().join(name);
+        let text = serde_json::to_string_pretty(&built).unwrap() + "\n";
+        if write {
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let on_disk: Value = serde_json::from_str(&on_disk).unwrap();
+        assert_eq!(
+            on_disk, built,
+            "{name} differs from what the implementation produces"
+        );
+    }
+}
+
+#[test]
+fn every_negative_case_fails_as_specified() {
+    let text = std::fs::read_to_string(vectors_dir().join("negative.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let err = run_negative(case);
+        assert_eq!(
+            err.kind(),
+            case["error"].as_str().unwrap(),
+            "case {}: got {err}",
+            case["name"]
+        );
+        let reply = &case["reply"];
+        if let Some(code) = reply.get("close_code") {
+            assert_eq!(
+                err.close_code().0 as u64,
+                code.as_u64().unwrap(),
+                "case {}",
+                case["name"]
+            );
+        }
+        if let Some(frame) = reply.get("error_frame") {
+            let mut out = BytesMut::new();
+            tally::proto::frame::ErrorFrame::new(err.error_code()).encode(&mut out);
+            assert_eq!(x(&out), frame.as_str().unwrap(), "case {}", case["name"]);
+        }
+    }
+}
+
+fn body_from_json(f: &Value) -> Body {
+    let payload = || Bytes::from(hex::decode(f["payload"].as_str().unwrap()).unwrap());
+    let num = |k: &str| f[k].as_u64().unwrap();
+    match f["type"].as_str().unwrap() {
+        "REQUEST" => Body::Request { payload: payload() },
+        "MESSAGE" => Body::Message { payload: payload() },
+        "RESPONSE" => Body::Response {
+            req_seq: num("req_seq"),
+            status: Status(num("status") as u16),
+            payload: payload(),
+        },
+        "PING" => Body::Ping,
+        "PONG" => Body::Pong {
+            ping_seq: num("ping_seq"),
+        },
+        "CLOSE" => Body::Close {
+            code: CloseCode(num("code") as u16),
+            reason: f["reason"].as_str().unwrap().into(),
+        },
+        other => panic!("unknown type {other}"),
+    }
+}
+
+#[test]
+fn session_frames_encode_from_and_decode_to_their_listed_fields() {
+    // Reads session.json as a client in another language would: build each frame from
+    // its fields, compare the bytes, and have the other side accept it.
+    let text = std::fs::read_to_string(vectors_dir().join("session.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let (_, mut client, mut server) = handshake();
+    for f in v["frames"].as_array().unwrap() {
+        let (tx, rx) = if f["direction"] == "c2s" {
+            (&mut client, &mut server)
+        } else {
+            (&mut server, &mut client)
+        };
+        let mut out = BytesMut::new();
+        let seq = tx.seal(&body_from_json(f), &mut out).unwrap();
+        assert_eq!(x(&out), f["hex"].as_str().unwrap(), "{f}");
+        let got = rx.open(out.freeze()).unwrap();
+        assert_eq!(got.seq, seq);
+        assert_eq!(seq, f["seq"].as_u64().unwrap());
+        assert_eq!(type_name(&got.body), f["type"].as_str().unwrap());
+        for (k, want) in body_fields(&got.body).as_object().unwrap() {
+            assert_eq!(&f[k], want, "field {k} of {f}");
+        }
+    }
+}
