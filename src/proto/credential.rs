@@ -203,6 +203,11 @@ mod tests {
     fn bad_tokens_are_refused_with_a_reason() {
         let good = format!("tally1-open-{}-{}", "00".repeat(32), "11".repeat(32));
         assert!(EnrollmentToken::parse(&good).is_ok());
+        let upper = format!("tally1-open-{}-{}", "AB".repeat(32), "CD".repeat(32));
+        assert_eq!(
+            EnrollmentToken::parse(&upper).unwrap().server_static,
+            [0xcd; 32]
+        );
         assert_eq!(
             EnrollmentToken::parse("tally1-open-00").err(),
             Some(CredentialError::TokenShape)

@@ -462,6 +462,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn close_reason_is_bounded_and_utf8() {
+        let (mut c, mut s) = pair();
+        let long = Body::Close {
+            code: CloseCode::NORMAL,
+            reason: "x".repeat(256),
+        };
+        assert_eq!(
+            c.seal(&long, &mut BytesMut::new()),
+            Err(ProtocolError::Frame(FrameError::BadReason))
+        );
+        // A peer that ignores the rule: a valid tag over a 256-byte or non-UTF-8 reason.
+        for reason in [vec![b'x'; 256], vec![0xff, 0xfe]] {
+            let mut out = BytesMut::new();
+            Body::Close {
+                code: CloseCode::NORMAL,
+                reason: String::new(),
+            }
+            .encode_unsigned(1, &mut out);
+            out.extend_from_slice(&reason);
+            let len = (out.len() - LEN_PREFIX + TAG_LEN) as u32;
+            out[..4].copy_from_slice(&len.to_be_bytes());
+            let tag = c.send_mac.tag(&out);
+            out.extend_from_slice(&tag);
+            let mut s2 = clone_session(&s);
+            assert_eq!(
+                s2.open(out.freeze()),
+                Err(ProtocolError::Frame(FrameError::BadReason))
+            );
+        }
+        let ok = seal(
+            &mut c,
+            Body::Close {
+                code: CloseCode::NORMAL,
+                reason: "é".repeat(127),
+            },
+        );
+        assert!(s.open(ok).is_ok());
+    }
+
+    #[test]
     fn error_frame_is_reported_as_refusal() {
         let (mut c, _) = pair();
         let mut out = BytesMut::new();
