@@ -1,1 +1,27 @@
+//! Tally: authenticated requests and responses between devices and a server over TCP.
+//!
+//! # Layout
+//!
+//! - [`proto`]: the sans-IO protocol core, one file per section of `spec/PROTOCOL.md`.
+//! - [`secrets`]: the server's key files (enrollment key, static key, store key).
+//! - [`store`]: the SQLite identity store.
+//! - [`config`]: the daemon's typed configuration (TOML file and flags).
+//! - [`backend`]: what the daemon does with an authenticated REQUEST (the `Backend` trait, `echo`).
+//! - [`server`]: the daemon (tokio): accepting, enrollment, sessions, limits, takeover, shutdown.
+//! - [`control`]: the daemon's local control socket, used by admin commands.
+//! - [`client`]: the client library (tokio): enroll, connect, request, message, listen.
+//! - `src/bin/tallyd.rs`, `src/bin/tally.rs`: thin binaries over the above.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod control;
 pub mod proto;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod wire;

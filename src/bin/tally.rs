@@ -1,0 +1,200 @@
+//! `tally`: the Tally client. Enroll a device, send requests and messages, listen.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+
+use tally::client::{self, Client, ClientOptions, Incoming};
+use tally::proto::credential::{Credential, EnrollmentToken};
+use tally::proto::{Id, Status};
+
+/// Tally client: authenticated requests to a tallyd server.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this device with an enrollment token and write its credential file (mode 0600).
+    Enroll {
+        /// The enrollment token (from `tallyd token`).
+        #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The identity to enroll: 1-64 of A-Z a-z 0-9 . _ - : @
+        #[arg(long)]
+        id: String,
+        /// Server address.
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        server: String,
+        /// Where to write the credential.
+        #[arg(long, default_value = "tally.cred")]
+        out: PathBuf,
+        /// Overwrite an existing credential file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Send one REQUEST (DATA, or stdin if DATA is absent) and write the response payload to stdout.
+    Request {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The request payload; read from stdin when absent.
+        data: Option<String>,
+    },
+    /// Send one one-way MESSAGE (DATA, or stdin if DATA is absent).
+    Message {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The message payload; read from stdin when absent.
+        data: Option<String>,
+    },
+    /// Keep a session open and print what the server sends, one line each.
+    Listen {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Answer server requests with their own payload (otherwise: status REFUSED).
+        #[arg(long)]
+        echo: bool,
+    },
+}
+
+#[derive(Args)]
+struct ConnArgs {
+    /// The credential file written by `tally enroll`.
+    #[arg(long, default_value = "tally.cred")]
+    cred: PathBuf,
+    /// Keepalive interval in seconds (match the server's limits.keepalive).
+    #[arg(long, default_value_t = 30.0)]
+    keepalive: f64,
+}
+
+impl ConnArgs {
+    async fn connect(&self) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Incoming>)> {
+        let text = std::fs::read_to_string(&self.cred)
+            .with_context(|| format!("cannot read {}", self.cred.display()))?;
+        let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
+        let opts = ClientOptions {
+            keepalive: Duration::try_from_secs_f64(self.keepalive)?,
+            ..ClientOptions::default()
+        };
+        Client::connect(&cred, opts)
+            .await
+            .with_context(|| format!("session with {} as {}", cred.server, cred.id))
+    }
+}
+
+fn payload(data: Option<String>) -> anyhow::Result<Bytes> {
+    Ok(match data {
+        Some(d) => Bytes::from(d),
+        None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+            Bytes::from(buf)
+        }
+    })
+}
+
+fn write_credential(path: &Path, cred: &Credential, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        bail!(
+            "{} exists; use --force to overwrite it (its identity would be lost)",
+            path.display()
+        );
+    }
+    tally::secrets::write_secret_file(path, cred.to_file().as_bytes())?;
+    Ok(())
+}
+
+fn printable(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).escape_debug().to_string()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("tally: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll {
+            token,
+            id,
+            server,
+            out,
+            force,
+        } => {
+            let token = EnrollmentToken::parse(&token)?;
+            let id = Id::new(&id).context("--id")?;
+            if out.exists() && !force {
+                bail!(
+                    "{} exists; use --force to overwrite it (its identity would be lost)",
+                    out.display()
+                );
+            }
+            let cred = client::enroll(&server, &token, id, Duration::from_secs(10)).await?;
+            write_credential(&out, &cred, force)?;
+            eprintln!(
+                "enrolled {} at {}; credential written to {}",
+                cred.id,
+                cred.server,
+                out.display()
+            );
+        }
+        Command::Request { conn, data } => {
+            let payload = payload(data)?;
+            let (client, _incoming) = conn.connect().await?;
+            let result = client.request_with_status(payload).await;
+            let _ = client.close().await;
+            match result? {
+                (Status::OK, body) => std::io::stdout().write_all(&body)?,
+                (status, body) => {
+                    bail!("request failed with status {status}: {}", printable(&body))
+                }
+            }
+        }
+        Command::Message { conn, data } => {
+            let payload = payload(data)?;
+            let (client, _incoming) = conn.connect().await?;
+            client.message(payload).await?;
+            client.close().await?;
+        }
+        Command::Listen { conn, echo } => {
+            let (client, mut incoming) = conn.connect().await?;
+            eprintln!(
+                "connected as {}; waiting for the server (Ctrl-C to stop)",
+                client.id()
+            );
+            loop {
+                tokio::select! {
+                    item = incoming.recv() => match item {
+                        Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
+                        Some(Incoming::Request(req)) => {
+                            println!("request: {}", printable(&req.payload));
+                            let (status, body) = if echo {
+                                (Status::OK, req.payload.clone())
+                            } else {
+                                (Status::REFUSED, Bytes::from_static(b"tally listen has no handler (use --echo)"))
+                            };
+                            req.respond(status, body).await?;
+                        }
+                        None => return Err(client.closed().await.into()),
+                    },
+                    _ = tokio::signal::ctrl_c() => { client.close().await?; return Ok(()) }
+                    e = client.closed() => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}

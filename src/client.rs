@@ -1,0 +1,578 @@
+//! The client library (tokio): enroll with a token, connect with a credential, send
+//! requests and messages, and receive what the server sends.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tally::client::ClientError> {
+//! use tally::client::{Client, ClientOptions};
+//! use tally::proto::credential::Credential;
+//! let cred = Credential::from_file(&std::fs::read_to_string("device.cred").unwrap())?;
+//! let (client, mut incoming) = Client::connect(&cred, ClientOptions::default()).await?;
+//! let answer = client.request("temperature?").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! One task per connection owns the socket and the [`Session`]; [`Client`] is a cheap
+//! handle to it. Requests may be issued concurrently; each waits for its own RESPONSE.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, Instant};
+
+use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
+use crate::proto::enroll::ClientAwaitReply;
+use crate::proto::error::TagKind;
+use crate::proto::handshake::ClientAwaitAuth;
+use crate::proto::{
+    decode_frame, Body, CloseCode, ErrorCode, Id, ProtocolError, Session, Status,
+    DEFAULT_MAX_FRAME_LEN, HANDSHAKE_MAX_FRAME_LEN,
+};
+use crate::secrets::random_bytes;
+use crate::wire::{read_frame, ReadError};
+
+/// What went wrong, for a caller to match on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The server address.
+        addr: String,
+        /// The cause.
+        source: Arc<io::Error>,
+    },
+    /// The connection failed.
+    #[error("connection error: {0}")]
+    Io(Arc<io::Error>),
+    /// The server refused with an (unauthenticated) ERROR frame.
+    #[error("refused by the server: {0}")]
+    Refused(ErrorCode),
+    /// The server did not prove it holds this identity's key.
+    #[error("the server did not authenticate: the identity is unknown or revoked, the key is wrong, or this is not the right server")]
+    AuthFailed,
+    /// Enrollment: the server did not prove it holds the pinned static key.
+    #[error("the server did not prove it holds the key in the token: wrong server, or a man in the middle")]
+    ServerNotAuthentic,
+    /// The server broke the protocol (bad tag, sequence, format).
+    #[error("protocol violation: {0}")]
+    Protocol(ProtocolError),
+    /// The session ended with an authenticated CLOSE from the server.
+    #[error("session closed by the server: {code} {reason:?}")]
+    Closed {
+        /// Close code.
+        code: CloseCode,
+        /// Close reason.
+        reason: String,
+    },
+    /// The connection ended without CLOSE: the session was cut (spec 8.6).
+    #[error("connection ended without a CLOSE frame (truncated)")]
+    Truncated,
+    /// Something took too long.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The request got a RESPONSE with a status other than OK.
+    #[error("request failed with status {status}")]
+    Status {
+        /// The status.
+        status: Status,
+        /// The payload that came with it.
+        payload: Bytes,
+    },
+    /// A token or credential could not be read.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// The session was closed by this side.
+    #[error("session already closed")]
+    SessionClosed,
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Io(Arc::new(e))
+    }
+}
+
+impl From<ReadError> for ClientError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Eof | ReadError::Truncated => ClientError::Truncated,
+            ReadError::Frame(f) => ClientError::Protocol(f.into()),
+            ReadError::Io(e) => e.into(),
+        }
+    }
+}
+
+impl From<ProtocolError> for ClientError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Refused(code) => ClientError::Refused(code),
+            ProtocolError::BadTag(TagKind::ServerAuth) => ClientError::AuthFailed,
+            ProtocolError::BadTag(TagKind::EnrollReply) => ClientError::ServerNotAuthentic,
+            e => ClientError::Protocol(e),
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Send a PING after this long without sending anything. Match the server's.
+    pub keepalive: Duration,
+    /// Session frame limit (spec 3.2). Match the server's.
+    pub max_frame_len: u32,
+    /// Time for TCP connect plus handshake (or enrollment).
+    pub connect_timeout: Duration,
+    /// Capacity of the queue of server requests and messages not yet taken.
+    pub incoming_capacity: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            keepalive: Duration::from_secs(30),
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            connect_timeout: Duration::from_secs(10),
+            incoming_capacity: 64,
+        }
+    }
+}
+
+async fn dial(addr: &str) -> Result<TcpStream, ClientError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ClientError::Connect {
+            addr: addr.to_owned(),
+            source: Arc::new(e),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Enrolls `id` at `server` with an enrollment token (spec 6). Returns the credential
+/// once the server confirmed it stored the identity.
+pub async fn enroll(
+    server: &str,
+    token: &EnrollmentToken,
+    id: Id,
+    timeout: Duration,
+) -> Result<Credential, ClientError> {
+    let run = async {
+        let mut tcp = dial(server).await?;
+        let mut buf = BytesMut::new();
+        let mut out = BytesMut::new();
+        let wait = ClientAwaitReply::start(token.client_params(id), random_bytes(), &mut out);
+        tcp.write_all(&out).await?;
+        let reply = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+        out.clear();
+        let wait = wait.handle_reply(&reply, &mut out)?;
+        tcp.write_all(&out).await?;
+        let done = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+        let (id, key) = wait.handle_done(&done)?;
+        let _ = tcp.shutdown().await;
+        Ok(Credential {
+            id,
+            key,
+            server: server.to_owned(),
+        })
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or(Err(ClientError::Timeout("enrollment")))
+}
+
+/// Something the server sent on its own.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A REQUEST: answer it with [`IncomingRequest::respond`].
+    Request(IncomingRequest),
+    /// A one-way MESSAGE.
+    Message(Bytes),
+}
+
+/// A REQUEST from the server. Dropping it unanswered answers status UNAVAILABLE.
+#[derive(Debug)]
+pub struct IncomingRequest {
+    /// The request's payload.
+    pub payload: Bytes,
+    seq: u64,
+    tx: Option<mpsc::Sender<Cmd>>,
+}
+
+impl IncomingRequest {
+    /// Sends the RESPONSE.
+    pub async fn respond(mut self, status: Status, payload: Bytes) -> Result<(), ClientError> {
+        let tx = self.tx.take().expect("present until answered");
+        tx.send(Cmd::Respond {
+            req_seq: self.seq,
+            status,
+            payload,
+        })
+        .await
+        .map_err(|_| ClientError::SessionClosed)
+    }
+}
+
+impl Drop for IncomingRequest {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let payload = Bytes::from_static(b"no handler answered");
+            let _ = tx.try_send(Cmd::Respond {
+                req_seq: self.seq,
+                status: Status::UNAVAILABLE,
+                payload,
+            });
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Request {
+        payload: Bytes,
+        reply: oneshot::Sender<Result<(Status, Bytes), ClientError>>,
+    },
+    Message {
+        payload: Bytes,
+        sent: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Respond {
+        req_seq: u64,
+        status: Status,
+        payload: Bytes,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A live session with the server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    id: Id,
+    tx: mpsc::Sender<Cmd>,
+    ended: watch::Receiver<Option<ClientError>>,
+}
+
+impl Client {
+    /// Connects and runs the session handshake (spec 7) with `cred`.
+    pub async fn connect(
+        cred: &Credential,
+        opts: ClientOptions,
+    ) -> Result<(Client, mpsc::Receiver<Incoming>), ClientError> {
+        let open = async {
+            let mut tcp = dial(&cred.server).await?;
+            let mut buf = BytesMut::new();
+            let mut out = BytesMut::new();
+            let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
+            tcp.write_all(&out).await?;
+            let auth = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+            out.clear();
+            let session = wait.handle_server_auth(&auth, &mut out, opts.max_frame_len)?;
+            Ok::<_, ClientError>((tcp, buf, out, session))
+        };
+        let (tcp, buf, out, session) = tokio::time::timeout(opts.connect_timeout, open)
+            .await
+            .unwrap_or(Err(ClientError::Timeout("handshake")))?;
+        let (tx, rx) = mpsc::channel(64);
+        let (in_tx, in_rx) = mpsc::channel(opts.incoming_capacity);
+        let (end_tx, end_rx) = watch::channel(None);
+        let conn = Connection {
+            tcp,
+            buf,
+            out,
+            session,
+            opts,
+            pending: HashMap::new(),
+            incoming: in_tx,
+            tx: tx.downgrade(),
+            closing: None,
+        };
+        tokio::spawn(async move {
+            let end = conn.run(rx).await;
+            let _ = end_tx.send(Some(end));
+        });
+        Ok((
+            Client {
+                id: cred.id.clone(),
+                tx,
+                ended: end_rx,
+            },
+            in_rx,
+        ))
+    }
+
+    /// The identity of this session.
+    pub fn id(&self) -> &Id {
+        &self.id
+    }
+
+    /// Sends a REQUEST and waits for its RESPONSE: `Ok(payload)` if the status is OK,
+    /// [`ClientError::Status`] otherwise.
+    pub async fn request(&self, payload: impl Into<Bytes>) -> Result<Bytes, ClientError> {
+        match self.request_with_status(payload).await? {
+            (Status::OK, payload) => Ok(payload),
+            (status, payload) => Err(ClientError::Status { status, payload }),
+        }
+    }
+
+    /// Sends a REQUEST and returns the RESPONSE's status and payload.
+    pub async fn request_with_status(
+        &self,
+        payload: impl Into<Bytes>,
+    ) -> Result<(Status, Bytes), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Request {
+            payload: payload.into(),
+            reply,
+        })
+        .await?;
+        rx.await.unwrap_or_else(|_| Err(self.end_reason()))
+    }
+
+    /// Sends a one-way MESSAGE (returns once it is written to the connection buffer).
+    pub async fn message(&self, payload: impl Into<Bytes>) -> Result<(), ClientError> {
+        let (sent, rx) = oneshot::channel();
+        self.send(Cmd::Message {
+            payload: payload.into(),
+            sent,
+        })
+        .await?;
+        rx.await.unwrap_or_else(|_| Err(self.end_reason()))
+    }
+
+    /// Ends the session with CLOSE NORMAL and waits for the server's CLOSE.
+    pub async fn close(self) -> Result<(), ClientError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Cmd::Close { done }).await?;
+        let _ = rx.await;
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(Option::is_some).await;
+        match self.end_reason() {
+            ClientError::SessionClosed => Ok(()),
+            other => Err(other),
+        }
+    }
+
+    /// Waits until the session ends and returns why.
+    pub async fn closed(&self) -> ClientError {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(Option::is_some).await;
+        self.end_reason()
+    }
+
+    async fn send(&self, cmd: Cmd) -> Result<(), ClientError> {
+        self.tx.send(cmd).await.map_err(|_| self.end_reason())
+    }
+
+    fn end_reason(&self) -> ClientError {
+        self.ended
+            .borrow()
+            .clone()
+            .unwrap_or(ClientError::SessionClosed)
+    }
+}
+
+type Pending = oneshot::Sender<Result<(Status, Bytes), ClientError>>;
+
+struct Connection {
+    tcp: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    session: Session,
+    opts: ClientOptions,
+    pending: HashMap<u64, Pending>,
+    incoming: mpsc::Sender<Incoming>,
+    tx: mpsc::WeakSender<Cmd>,
+    /// Set once this side sent CLOSE: who to tell when the server's CLOSE arrives.
+    closing: Option<Option<oneshot::Sender<()>>>,
+}
+
+impl Connection {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> ClientError {
+        let end = self.serve(&mut rx).await;
+        for (_, p) in self.pending.drain() {
+            let _ = p.send(Err(end.clone()));
+        }
+        if let Some(Some(done)) = self.closing.take() {
+            let _ = done.send(());
+        }
+        end
+    }
+
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> ClientError {
+        let mut last_sent = Instant::now();
+        let mut last_recv = Instant::now();
+        let mut commands_open = true;
+        loop {
+            if let Err(e) = self.handle_buffered() {
+                return self.fail(e).await;
+            }
+            if !self.out.is_empty() {
+                if let Err(e) = self.tcp.write_all(&self.out).await {
+                    return e.into();
+                }
+                self.out.clear();
+                last_sent = Instant::now();
+            }
+            tokio::select! {
+                cmd = rx.recv(), if commands_open && self.closing.is_none() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    // Every handle was dropped: end the session politely.
+                    None => { commands_open = false; self.start_close(None); }
+                },
+                r = self.tcp.read_buf(&mut self.buf) => match r {
+                    Ok(0) => return ClientError::Truncated,
+                    Ok(_) => last_recv = Instant::now(),
+                    Err(e) => return e.into(),
+                },
+                _ = sleep_until(last_sent + self.opts.keepalive), if self.closing.is_none() => {
+                    let _ = self.session.seal(&Body::Ping, &mut self.out);
+                }
+                _ = sleep_until(last_recv + self.opts.keepalive * 2) => {
+                    return ClientError::Timeout("the server sent nothing for two keepalive intervals");
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Request { payload, reply } => {
+                match self.session.seal(&Body::Request { payload }, &mut self.out) {
+                    Ok(seq) => {
+                        self.pending.insert(seq, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Cmd::Message { payload, sent } => {
+                let r = self
+                    .session
+                    .seal(&Body::Message { payload }, &mut self.out)
+                    .map(drop)
+                    .map_err(Into::into);
+                let _ = sent.send(r);
+            }
+            Cmd::Respond {
+                req_seq,
+                status,
+                payload,
+            } => {
+                let _ = self.session.seal(
+                    &Body::Response {
+                        req_seq,
+                        status,
+                        payload,
+                    },
+                    &mut self.out,
+                );
+            }
+            Cmd::Close { done } => self.start_close(Some(done)),
+        }
+    }
+
+    fn start_close(&mut self, done: Option<oneshot::Sender<()>>) {
+        let _ = self.session.seal(
+            &Body::Close {
+                code: CloseCode::NORMAL,
+                reason: String::new(),
+            },
+            &mut self.out,
+        );
+        self.closing = Some(done);
+    }
+
+    /// Handles every complete frame in the buffer. `Err` ends the session.
+    fn handle_buffered(&mut self) -> Result<(), Ended> {
+        loop {
+            let frame = match decode_frame(&mut self.buf, self.opts.max_frame_len) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Ended::Violation(e.into())),
+            };
+            let frame = self.session.open(frame).map_err(Ended::Violation)?;
+            match frame.body {
+                Body::Response {
+                    req_seq,
+                    status,
+                    payload,
+                } => match self.pending.remove(&req_seq) {
+                    Some(p) => {
+                        let _ = p.send(Ok((status, payload)));
+                    }
+                    // Spec 8.4: a RESPONSE to nothing pending is a protocol error.
+                    None => {
+                        return Err(Ended::Violation(ProtocolError::UnsolicitedAnswer {
+                            what: "RESPONSE",
+                            got: req_seq,
+                            last_sent: self.session.last_sent(),
+                        }))
+                    }
+                },
+                Body::Request { payload } => {
+                    let req = IncomingRequest {
+                        payload,
+                        seq: frame.seq,
+                        tx: self.tx.upgrade(),
+                    };
+                    // Nobody listening, or a full queue: the request is answered UNAVAILABLE by Drop.
+                    let _ = self.incoming.try_send(Incoming::Request(req));
+                }
+                Body::Message { payload } => {
+                    let _ = self.incoming.try_send(Incoming::Message(payload));
+                }
+                Body::Ping => {
+                    let _ = self.session.seal(
+                        &Body::Pong {
+                            ping_seq: frame.seq,
+                        },
+                        &mut self.out,
+                    );
+                }
+                Body::Pong { .. } => {}
+                Body::Close { code, reason } => return Err(Ended::PeerClosed(code, reason)),
+            }
+        }
+    }
+
+    /// Ends the session: answers CLOSE (spec 8.6) or reports a violation with CLOSE.
+    async fn fail(&mut self, ended: Ended) -> ClientError {
+        let (reply, end) = match ended {
+            Ended::PeerClosed(code, reason) => {
+                let end = if self.closing.is_some() {
+                    ClientError::SessionClosed
+                } else {
+                    ClientError::Closed { code, reason }
+                };
+                (CloseCode::NORMAL, end)
+            }
+            Ended::Violation(e) => (e.close_code(), ClientError::from(e)),
+        };
+        if self.session.can_send() {
+            let _ = self.session.seal(
+                &Body::Close {
+                    code: reply,
+                    reason: String::new(),
+                },
+                &mut self.out,
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tcp.write_all(&self.out)).await;
+        let _ = self.tcp.shutdown().await;
+        end
+    }
+}
+
+enum Ended {
+    PeerClosed(CloseCode, String),
+    Violation(ProtocolError),
+}

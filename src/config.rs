@@ -1,0 +1,286 @@
+//! The daemon's configuration: a TOML file (`--config`), overridden by flags, validated
+//! once into a [`ServerConfig`]. Every field has a default; the defaults run a daemon
+//! on 127.0.0.1:7420 with its state in `./tally-state`.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7420"
+//! state_dir = "/var/lib/tally"
+//! open_enrollment = true      # accept the fleet-wide enrollment token (spec 6.1)
+//! takeover = "replace"        # or "reject" (spec 7.3)
+//! backend = "echo"
+//! log_level = "info"
+//!
+//! [limits]
+//! max_connections = 10000     # all TCP connections
+//! max_unauthenticated = 256   # connections still in enrollment or handshake
+//! handshake_timeout = 10.0    # seconds to finish enrollment or handshake
+//! keepalive = 30.0            # seconds; an idle session is closed after 1.5x this
+//! max_frame_len = 65536       # bytes, the session frame limit (spec 3.2)
+//! max_in_flight = 32          # requests per session before reading stops
+//! drain_timeout = 10.0        # seconds for in-flight requests at shutdown
+//! backend_timeout = 30.0      # seconds before a request gets status TIMEOUT
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::proto::MAX_FRAME_LEN_CEILING;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, from the TOML parser.
+        message: String,
+    },
+    /// A value is out of its range.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid {
+        /// The setting, as written in the file.
+        field: &'static str,
+        /// The allowed range.
+        reason: String,
+    },
+}
+
+/// What happens when an identity that has a live session authenticates again (spec 7.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TakeoverPolicy {
+    /// The new session replaces the old one (the old one gets CLOSE TAKEN_OVER).
+    #[default]
+    Replace,
+    /// The new session is refused (ERROR TAKEOVER_REFUSED); the old one stays.
+    Reject,
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Limits on everything a peer can make the daemon hold (see the module docs).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// All TCP connections at once.
+    pub max_connections: usize,
+    /// Connections not yet authenticated (enrolling or in the handshake).
+    pub max_unauthenticated: usize,
+    /// Time to complete an enrollment or a handshake.
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
+    /// Keepalive interval; sessions silent for 1.5x this are closed.
+    #[serde(with = "secs")]
+    pub keepalive: Duration,
+    /// Largest session frame length field accepted and sent.
+    pub max_frame_len: u32,
+    /// Requests in flight per session; at this number the daemon stops reading.
+    pub max_in_flight: usize,
+    /// Time given to in-flight requests at shutdown.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    /// Time a backend has to answer a request.
+    #[serde(with = "secs")]
+    pub backend_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_unauthenticated: 256,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(30),
+            max_frame_len: crate::proto::DEFAULT_MAX_FRAME_LEN,
+            max_in_flight: 32,
+            drain_timeout: Duration::from_secs(10),
+            backend_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// A session that received nothing for this long is closed (1.5x keepalive, as MQTT).
+    pub fn idle_timeout(&self) -> Duration {
+        self.keepalive * 3 / 2
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.max_unauthenticated == 0 {
+            return invalid("limits.max_unauthenticated", "must be at least 1");
+        }
+        if self.max_in_flight == 0 {
+            return invalid("limits.max_in_flight", "must be at least 1");
+        }
+        if !(1024..=MAX_FRAME_LEN_CEILING).contains(&self.max_frame_len) {
+            return invalid("limits.max_frame_len", "must be between 1024 and 16777216");
+        }
+        for (field, d) in [
+            ("limits.handshake_timeout", self.handshake_timeout),
+            ("limits.keepalive", self.keepalive),
+            ("limits.drain_timeout", self.drain_timeout),
+            ("limits.backend_timeout", self.backend_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(field, "must be more than 0 seconds");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's validated configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the keys and the identity store.
+    pub state_dir: PathBuf,
+    /// Whether the fleet-wide enrollment token is accepted (per-identity tokens always are).
+    pub open_enrollment: bool,
+    /// Policy when an identity with a live session authenticates again.
+    pub takeover: TakeoverPolicy,
+    /// Which backend answers requests: `echo`.
+    pub backend: String,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter).
+    pub log_level: String,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// The default state directory: `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`),
+/// else `./tally-state`.
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several, separated by ':'; the first is ours.
+        Some(v) if !v.is_empty() => {
+            PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or(""))
+        }
+        _ => PathBuf::from("tally-state"),
+    }
+}
+
+/// The default TCP address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid address"),
+            state_dir: default_state_dir(),
+            open_enrollment: true,
+            takeover: TakeoverPolicy::Replace,
+            backend: "echo".into(),
+            log_level: "info".into(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; fields it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: ServerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
+        crate::backend::check_spec(&self.backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = ServerConfig::from_toml("").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7420");
+        assert_eq!(c.limits.idle_timeout(), Duration::from_secs(45));
+    }
+
+    #[test]
+    fn fields_and_fractional_seconds_parse() {
+        let c = ServerConfig::from_toml(
+            "listen = \"0.0.0.0:9000\"\ntakeover = \"reject\"\n[limits]\nhandshake_timeout = 0.25\nmax_in_flight = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.takeover, TakeoverPolicy::Reject);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.limits.max_in_flight, 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_field_name() {
+        let e = ServerConfig::from_toml("listen_addr = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = ServerConfig::from_toml("[limits]\nmax_frame_len = 10")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_frame_len"), "{e}");
+        let e = ServerConfig::from_toml("[limits]\nkeepalive = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.keepalive"), "{e}");
+        let e = ServerConfig::from_toml("backend = \"carrier-pigeon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend"), "{e}");
+    }
+}

@@ -1,0 +1,187 @@
+//! The daemon's local control socket: `<state_dir>/tallyd.sock`, mode 0600.
+//!
+//! Admin commands (`tallyd identities`, `tallyd revoke`) run as separate processes; they
+//! change the store directly and use this socket to reach the running daemon (to list
+//! live sessions, or to close a revoked identity's session at once). The protocol is
+//! one JSON object per line in each direction, one request per connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::proto::{CloseCode, Id};
+use crate::server::registry::SessionInfo;
+use crate::server::ServerState;
+
+/// File name of the control socket in the state directory.
+pub const SOCKET: &str = "tallyd.sock";
+/// Longest request or response line.
+const MAX_LINE: u64 = 1 << 20;
+
+/// A request to the daemon.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// List live sessions.
+    Sessions,
+    /// Close an identity's live session with a code (REVOKED after `tallyd revoke`).
+    Close {
+        /// The identity.
+        id: String,
+        /// The CLOSE code.
+        code: u16,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ControlResponse {
+    /// Live sessions.
+    Sessions {
+        /// One per identity.
+        sessions: Vec<SessionInfo>,
+    },
+    /// Whether a live session was asked to close.
+    Closed {
+        /// There was one.
+        was_live: bool,
+    },
+    /// The request could not be served.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No daemon listens on the socket.
+    #[error("tallyd is not running (nothing listens on {0})")]
+    NotRunning(PathBuf),
+    /// The exchange failed.
+    #[error("control socket {path}: {message}")]
+    Failed {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Binds the control socket, refusing to steal it from a running daemon.
+pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
+    let path = state_dir.join(SOCKET);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "another tallyd is running with state directory {}",
+                    state_dir.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves control requests until `shutdown`, then removes the socket file.
+pub async fn serve(listener: UnixListener, state: Arc<ServerState>, shutdown: CancellationToken) {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => { tokio::spawn(handle(stream, state.clone())); }
+                Err(e) => { warn!(error = %e, "control socket accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }
+            }
+        }
+    }
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+async fn handle(stream: UnixStream, state: Arc<ServerState>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let mut rd = tokio::io::BufReader::new(rd.take(MAX_LINE));
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
+    let response = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(req) => answer(req, &state),
+            Err(e) => ControlResponse::Error {
+                message: format!("bad request: {e}"),
+            },
+        },
+        _ => return,
+    };
+    let mut text = serde_json::to_string(&response).expect("serializable");
+    text.push('\n');
+    let _ = wr.write_all(text.as_bytes()).await;
+}
+
+fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
+    match req {
+        ControlRequest::Sessions => ControlResponse::Sessions {
+            sessions: state.registry.list(),
+        },
+        ControlRequest::Close { id, code } => match Id::new(&id) {
+            Ok(id) => {
+                let code = CloseCode(code);
+                let reason = if code == CloseCode::REVOKED {
+                    "identity revoked"
+                } else {
+                    "closed by the operator"
+                };
+                let was_live = state.registry.close(&id, code, reason);
+                info!(id = %id, code = %code, was_live, "close requested on the control socket");
+                ControlResponse::Closed { was_live }
+            }
+            Err(e) => ControlResponse::Error {
+                message: e.to_string(),
+            },
+        },
+    }
+}
+
+/// Sends one request to the daemon of `state_dir` (blocking; for admin commands).
+pub fn call(state_dir: &Path, req: &ControlRequest) -> Result<ControlResponse, ControlError> {
+    let path = state_dir.join(SOCKET);
+    let failed = |message: String| ControlError::Failed {
+        path: path.clone(),
+        message,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|_| ControlError::NotRunning(path.clone()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| failed(e.to_string()))?;
+    let mut text = serde_json::to_string(req).expect("serializable");
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|e| failed(e.to_string()))?;
+    let mut line = String::new();
+    BufReader::new(std::io::Read::take(stream, MAX_LINE))
+        .read_line(&mut line)
+        .map_err(|e| failed(e.to_string()))?;
+    serde_json::from_str(&line).map_err(|e| failed(format!("bad response: {e}")))
+}

@@ -1,0 +1,276 @@
+//! The server's secrets on disk: the enrollment key, the static X25519 key and the
+//! store key, each a file of 64 hex digits, mode 0600, written atomically.
+//!
+//! A key is read from the systemd credentials directory (`$CREDENTIALS_DIRECTORY`,
+//! `LoadCredential=`) when it is there, else from the state directory, where it is
+//! created on first start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use x25519_dalek::StaticSecret;
+use zeroize::Zeroizing;
+
+use crate::proto::enroll::ServerParams;
+use crate::proto::SecretKey;
+
+/// File name of the enrollment key `EK`.
+pub const ENROLLMENT_KEY: &str = "enrollment.key";
+/// File name of the server's static X25519 secret `s`.
+pub const SERVER_KEY: &str = "server.key";
+/// File name of the key that wraps identity keys in the store.
+pub const STORE_KEY: &str = "store.key";
+
+/// A secret that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretsError {
+    /// Reading or writing a key file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A key file does not hold 64 hex digits.
+    #[error("{0}: not a key (expected 64 hexadecimal digits)")]
+    Format(PathBuf),
+    /// A key file is readable by others.
+    #[error("{0}: mode {1:o} lets other users read a secret; run `chmod 600` on it")]
+    Permissions(PathBuf, u32),
+    /// A key is missing and may not be created here.
+    #[error("{0} does not exist; run `tallyd init` first")]
+    Missing(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
+    move |source| SecretsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The directory holding `path`. `parent()` of a bare file name is "", which names no
+/// directory: that is the current one.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes `contents` to `path` atomically with mode 0600: a temporary file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), SecretsError> {
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(())
+}
+
+fn read_key(path: &Path) -> Result<SecretKey, SecretsError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretsError::Permissions(path.to_owned(), mode));
+    }
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(io_err(path))?);
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), bytes.as_mut())
+        .map_err(|_| SecretsError::Format(path.to_owned()))?;
+    Ok(SecretKey::from_bytes(*bytes))
+}
+
+/// 32 bytes from the operating system's secure random source.
+pub fn random_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).expect("the operating system's random source failed");
+    b
+}
+
+/// Where a key comes from: the credentials directory if it has the file, else the
+/// state directory.
+fn locate(state_dir: &Path, credentials_dir: Option<&Path>, name: &str) -> PathBuf {
+    if let Some(dir) = credentials_dir {
+        let p = dir.join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    state_dir.join(name)
+}
+
+/// Reads a key; creates it in the state directory if it does not exist and `create`.
+fn load_or_create(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    name: &str,
+    create: bool,
+) -> Result<(SecretKey, bool), SecretsError> {
+    let path = locate(state_dir, creds, name);
+    if path.exists() {
+        return Ok((read_key(&path)?, false));
+    }
+    if !create {
+        return Err(SecretsError::Missing(path));
+    }
+    let key = SecretKey::from_bytes(random_bytes());
+    write_secret_file(&path, hex::encode(key.expose()).as_bytes())?;
+    Ok((key, true))
+}
+
+/// The server's three secrets.
+pub struct ServerSecrets {
+    /// The enrollment key `EK`.
+    pub enrollment_key: SecretKey,
+    /// The static secret `s`.
+    pub static_secret: StaticSecret,
+    /// The key that wraps identity keys in the store.
+    pub store_key: SecretKey,
+    /// Whether any of them was created by this call (first start).
+    pub created: bool,
+}
+
+impl std::fmt::Debug for ServerSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSecrets")
+            .field("created", &self.created)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerSecrets {
+    /// Loads the secrets, creating the state directory (0700) and missing keys if `create`.
+    pub fn load(
+        state_dir: &Path,
+        credentials_dir: Option<&Path>,
+        create: bool,
+    ) -> Result<Self, SecretsError> {
+        if create && !state_dir.exists() {
+            fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+            fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(state_dir))?;
+        }
+        let (enrollment_key, a) =
+            load_or_create(state_dir, credentials_dir, ENROLLMENT_KEY, create)?;
+        let (server, b) = load_or_create(state_dir, credentials_dir, SERVER_KEY, create)?;
+        let (store_key, c) = load_or_create(state_dir, credentials_dir, STORE_KEY, create)?;
+        Ok(ServerSecrets {
+            enrollment_key,
+            static_secret: StaticSecret::from(*server.expose()),
+            store_key,
+            created: a || b || c,
+        })
+    }
+
+    /// The enrollment parameters of the protocol core.
+    pub fn enroll_params(&self, allow_open: bool) -> ServerParams {
+        ServerParams {
+            enrollment_key: self.enrollment_key.clone(),
+            static_secret: self.static_secret.clone(),
+            allow_open,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_reloaded_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let a = ServerSecrets::load(&state, None, true).unwrap();
+        assert!(a.created);
+        for name in [ENROLLMENT_KEY, SERVER_KEY, STORE_KEY] {
+            let mode = fs::metadata(state.join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let b = ServerSecrets::load(&state, None, false).unwrap();
+        assert!(!b.created);
+        assert!(a.enrollment_key.ct_eq(&b.enrollment_key));
+        assert_eq!(a.static_secret.to_bytes(), b.static_secret.to_bytes());
+        // no temporary files left behind
+        assert_eq!(fs::read_dir(&state).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn bare_file_name_lives_in_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("tally.cred")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/tally.cred")), Path::new("a"));
+        assert_eq!(parent_dir(Path::new("/tally.cred")), Path::new("/"));
+    }
+
+    #[test]
+    fn missing_key_without_create_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            ServerSecrets::load(dir.path(), None, false),
+            Err(SecretsError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn world_readable_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        ServerSecrets::load(dir.path(), None, true).unwrap();
+        fs::set_permissions(
+            dir.path().join(SERVER_KEY),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            ServerSecrets::load(dir.path(), None, false),
+            Err(SecretsError::Permissions(_, 0o644))
+        ));
+    }
+
+    #[test]
+    fn credentials_directory_takes_precedence() {
+        let state = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        write_secret_file(
+            &creds.path().join(ENROLLMENT_KEY),
+            "ab".repeat(32).as_bytes(),
+        )
+        .unwrap();
+        let s = ServerSecrets::load(state.path(), Some(creds.path()), true).unwrap();
+        assert_eq!(s.enrollment_key.expose(), &[0xab; 32]);
+        assert!(!state.path().join(ENROLLMENT_KEY).exists());
+    }
+
+    #[test]
+    fn garbage_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_secret_file(&dir.path().join(ENROLLMENT_KEY), b"not hex").unwrap();
+        assert!(matches!(
+            load_or_create(dir.path(), None, ENROLLMENT_KEY, false),
+            Err(SecretsError::Format(_))
+        ));
+    }
+}

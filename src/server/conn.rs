@@ -1,0 +1,290 @@
+//! One connection before it is a session: enrollment (spec 6) or the session handshake
+//! (spec 7), under the handshake deadline. Every failure is answered with an ERROR
+//! frame (spec 10.1), logged with its precise reason, and ends only this connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::registry::{Entry, Stats};
+use super::session::SessionTask;
+use super::ServerState;
+use crate::proto::enroll::ServerAwaitConfirm;
+use crate::proto::frame::{ErrorFrame, FrameType};
+use crate::proto::handshake::{Established, HelloReceived};
+use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
+use crate::secrets::random_bytes;
+use crate::store::StoreError;
+use crate::wire::{read_frame, ReadError};
+
+/// Why a connection ended before becoming a session.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("first frame is {0}, not ENROLL_INIT or HELLO")]
+    FirstFrame(String),
+    #[error("session handshake failed: unknown or revoked identity")]
+    UnknownIdentity,
+    #[error("identity {0} is already enrolled")]
+    Taken(crate::proto::Id),
+    #[error("identity store failed: {0}")]
+    Store(String),
+    #[error("handshake deadline of {0:?} passed (limits.handshake_timeout)")]
+    Deadline(Duration),
+}
+
+impl Refusal {
+    /// The ERROR code to send, or `None` when the peer is gone.
+    fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            Refusal::Read(ReadError::Eof | ReadError::Truncated | ReadError::Io(_)) => return None,
+            Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => ErrorCode::MALFORMED,
+            Refusal::Protocol(e) => e.error_code(),
+            Refusal::UnknownIdentity => ErrorCode::AUTH_FAILED,
+            Refusal::Taken(_) => ErrorCode::ID_TAKEN,
+            Refusal::Store(_) => ErrorCode::INTERNAL,
+            Refusal::Deadline(_) => ErrorCode::TIMEOUT,
+        })
+    }
+}
+
+/// The byte stream of one connection, with its read buffer.
+pub(super) struct Stream {
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    pub buf: BytesMut,
+    pub peer: SocketAddr,
+}
+
+impl Stream {
+    async fn read(&mut self) -> Result<Bytes, ReadError> {
+        read_frame(&mut self.rd, &mut self.buf, HANDSHAKE_MAX_FRAME_LEN).await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ReadError> {
+        Ok(self.wr.write_all(bytes).await?)
+    }
+
+    /// Ends the connection gently: FIN, then read (and drop) until the peer closes, so
+    /// the last frame sent is not destroyed by a reset. Bounded in time.
+    pub async fn linger(&mut self, max: Duration) {
+        let _ = self.wr.shutdown().await;
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(max, async {
+            while matches!(self.rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+}
+
+/// Answers a connection over a limit with ERROR BUSY and closes it.
+pub(super) async fn refuse_busy(mut stream: TcpStream) {
+    let mut out = BytesMut::new();
+    ErrorFrame::new(ErrorCode::BUSY).encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves one connection from accept to close.
+pub(super) async fn serve(
+    state: Arc<ServerState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    unauth_permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let (rd, wr) = tcp.into_split();
+    let mut stream = Stream {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(256),
+        peer,
+    };
+    let limits = state.limits();
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(limits.handshake_timeout, open(&state, &mut stream)) => {
+            r.unwrap_or(Err(Refusal::Deadline(limits.handshake_timeout)))
+        }
+    };
+    match outcome {
+        Ok(None) => {}
+        Ok(Some(est)) => {
+            drop(unauth_permit);
+            start_session(state, stream, est, shutdown).await;
+        }
+        Err(refusal) => {
+            match refusal {
+                Refusal::Read(ReadError::Eof) => {
+                    debug!(peer = %peer, "connection closed before a handshake")
+                }
+                ref r => warn!(peer = %peer, reason = %r, "refused"),
+            }
+            if let Some(code) = refusal.code() {
+                let mut out = BytesMut::new();
+                ErrorFrame::new(code).encode(&mut out);
+                if stream.write(&out).await.is_ok() {
+                    stream.linger(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the first frame and runs enrollment or the session handshake.
+/// Returns the established session, or `None` after a completed enrollment.
+async fn open(state: &ServerState, stream: &mut Stream) -> Result<Option<Established>, Refusal> {
+    let first = stream.read().await?;
+    match FrameType::of(&first) {
+        Ok(FrameType::EnrollInit) => enroll(state, stream, &first).await.map(|()| None),
+        Ok(FrameType::Hello) => handshake(state, stream, &first).await.map(Some),
+        Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
+        Err(e) => Err(Refusal::Protocol(e.into())),
+    }
+}
+
+/// Spec 6.3, the server side of enrollment.
+async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<(), Refusal> {
+    let mut out = BytesMut::new();
+    let wait = ServerAwaitConfirm::handle_init(&state.params, init, random_bytes(), &mut out)?;
+    stream.write(&out).await?;
+    let confirm = stream.read().await?;
+    let pending = wait.handle_confirm(&confirm)?;
+    let (id, key, mode) = (
+        pending.id.clone(),
+        pending.identity_key().clone(),
+        pending.mode,
+    );
+    let store = state.store.clone();
+    let insert_id = id.clone();
+    let stored = tokio::task::spawn_blocking(move || store.insert(&insert_id, &key, mode))
+        .await
+        .map_err(|e| Refusal::Store(e.to_string()))?;
+    match stored {
+        Ok(()) => {}
+        Err(StoreError::Taken(id)) => return Err(Refusal::Taken(id)),
+        Err(e) => return Err(Refusal::Store(e.to_string())),
+    }
+    // Spec 6.2 step 4: DONE only after the commit is durable (synchronous = FULL).
+    out.clear();
+    pending.committed(&mut out);
+    info!(id = %id, mode = mode.as_str(), peer = %stream.peer, "enrolled");
+    if stream.write(&out).await.is_ok() {
+        stream.linger(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+/// Spec 7.2, the server side of the session handshake.
+async fn handshake(
+    state: &ServerState,
+    stream: &mut Stream,
+    hello: &[u8],
+) -> Result<Established, Refusal> {
+    let hello = HelloReceived::parse(hello)?;
+    let id = hello.id().clone();
+    let store = state.store.clone();
+    let lookup = id.clone();
+    let key = tokio::task::spawn_blocking(move || store.key(&lookup))
+        .await
+        .map_err(|e| Refusal::Store(e.to_string()))?
+        .map_err(|e| Refusal::Store(e.to_string()))?;
+    let known = key.is_some();
+    let mut out = BytesMut::new();
+    // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
+    let wait = hello.respond(
+        key,
+        SecretKey::from_bytes(random_bytes()),
+        random_bytes(),
+        &mut out,
+    );
+    stream.write(&out).await?;
+    let finish = stream.read().await?;
+    match wait.handle_finish(&finish, state.limits().max_frame_len) {
+        Ok(est) => Ok(est),
+        Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn start_session(
+    state: Arc<ServerState>,
+    stream: Stream,
+    est: Established,
+    shutdown: CancellationToken,
+) {
+    let Established {
+        id,
+        session,
+        verified,
+    } = est;
+    let conn = state.registry.next_conn();
+    let (tx, rx) = mpsc::channel(16);
+    let stats = Arc::new(Stats::default());
+    let entry = Entry {
+        conn,
+        peer: stream.peer,
+        since: SystemTime::now(),
+        tx,
+        stats: stats.clone(),
+    };
+    let peer = stream.peer;
+    let mut stream = stream;
+    if state
+        .registry
+        .register(&verified, &id, entry, state.takeover)
+        .is_err()
+    {
+        warn!(id = %id, peer = %peer, "refused: identity has a live session and takeover = \"reject\"");
+        let mut out = BytesMut::new();
+        ErrorFrame::new(ErrorCode::TAKEOVER_REFUSED).encode(&mut out);
+        if stream.write(&out).await.is_ok() {
+            stream.linger(Duration::from_secs(1)).await;
+        }
+        return;
+    }
+    // A revocation that raced with this handshake (key looked up before it, session
+    // registered after its close command) is caught here: the store has the last word.
+    let store = state.store.clone();
+    let touch_id = id.clone();
+    let usable = tokio::task::spawn_blocking(move || store.touch_if_usable(&touch_id)).await;
+    let revoked = !matches!(usable, Ok(Ok(true)));
+    let started = Instant::now();
+    info!(id = %id, peer = %peer, "session started");
+    let task = SessionTask::new(
+        state.clone(),
+        id.clone(),
+        session,
+        stream,
+        rx,
+        stats.clone(),
+    );
+    let end = task.run(shutdown, revoked).await;
+    state.registry.remove(&id, conn);
+    info!(
+        id = %id, peer = %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        frames_in = stats.frames_in.load(std::sync::atomic::Ordering::Relaxed),
+        frames_out = stats.frames_out.load(std::sync::atomic::Ordering::Relaxed),
+        end = %end,
+        "session ended"
+    );
+}
+
+impl From<FrameError> for Refusal {
+    fn from(e: FrameError) -> Self {
+        Refusal::Protocol(e.into())
+    }
+}

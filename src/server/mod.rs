@@ -1,0 +1,204 @@
+//! The daemon: accepts TCP connections, runs enrollments and session handshakes, and
+//! serves sessions, within the configured limits.
+//!
+//! `run(listener, state, shutdown)` takes the shutdown signal as a future so tests can
+//! pass their own. On shutdown it stops accepting, lets every session finish its
+//! in-flight requests (up to `drain_timeout`), sends each an authenticated CLOSE
+//! SHUTDOWN, and returns once every connection task has ended.
+
+mod conn;
+pub mod registry;
+mod session;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::backend::Backend;
+use crate::config::{Limits, ServerConfig, TakeoverPolicy};
+use crate::proto::enroll::ServerParams;
+use crate::secrets::{SecretsError, ServerSecrets};
+use crate::store::{Store, StoreError, DB_FILE};
+pub use registry::Registry;
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A key file is missing, unreadable or malformed.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    /// The identity store failed to open.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Binding or accepting failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the connection tasks share.
+pub struct ServerState {
+    limits: RwLock<Limits>,
+    /// Enrollment keys and policy.
+    pub params: ServerParams,
+    /// The identity store.
+    pub store: Arc<Store>,
+    /// Live sessions.
+    pub registry: Registry,
+    /// Who answers requests.
+    pub backend: Arc<dyn Backend>,
+    /// Takeover policy.
+    pub takeover: TakeoverPolicy,
+    connections: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("sessions", &self.registry.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// Opens the state directory (creating keys on first start) and the store.
+    pub fn open(
+        config: &ServerConfig,
+        credentials_dir: Option<&Path>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<(Arc<ServerState>, ServerSecrets), ServerError> {
+        config.validate()?;
+        let secrets = ServerSecrets::load(&config.state_dir, credentials_dir, true)?;
+        let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
+        let state = ServerState {
+            limits: RwLock::new(config.limits.clone()),
+            params: secrets.enroll_params(config.open_enrollment),
+            store: Arc::new(store),
+            registry: Registry::default(),
+            backend,
+            takeover: config.takeover,
+            connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+            unauthenticated: Arc::new(Semaphore::new(config.limits.max_unauthenticated)),
+        };
+        Ok((Arc::new(state), secrets))
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the limits (configuration reload). Connection counts apply to new
+    /// connections; existing sessions keep running.
+    pub fn set_limits(&self, new: Limits) {
+        let mut cur = self.limits.write().unwrap_or_else(|e| e.into_inner());
+        resize(&self.connections, cur.max_connections, new.max_connections);
+        resize(
+            &self.unauthenticated,
+            cur.max_unauthenticated,
+            new.max_unauthenticated,
+        );
+        *cur = new;
+    }
+}
+
+fn resize(sem: &Semaphore, old: usize, new: usize) {
+    if new > old {
+        sem.add_permits(new - old);
+    } else {
+        // Permits held now are returned later and then stay removed.
+        let mut missing = old - new;
+        missing -= sem.forget_permits(missing);
+        for _ in 0..missing {
+            if let Ok(p) = sem.try_acquire() {
+                p.forget();
+            }
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    info!(addr = %listener.local_addr()?, backend = state.backend.name(), "listening");
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    // EMFILE and friends: wait instead of spinning (mini-redis does the same).
+                    error!(error = %e, "accept failed; retrying in {:?}", backoff);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        admit(&state, &tracker, &token, stream, peer);
+    }
+    let limits = state.limits();
+    info!(
+        sessions = state.registry.len(),
+        "shutting down: no longer accepting; draining sessions"
+    );
+    drop(listener);
+    token.cancel();
+    tracker.close();
+    let grace = limits.drain_timeout + Duration::from_secs(3);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            remaining = tracker.len(),
+            "connections still open after the drain deadline; dropping them"
+        );
+    }
+    info!("shut down");
+    Ok(())
+}
+
+/// Applies the connection limits to a new connection and starts its task.
+fn admit(
+    state: &Arc<ServerState>,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    let Ok(conn_permit) = state.connections.clone().try_acquire_owned() else {
+        warn!(peer = %peer, limit = state.limits().max_connections, "refused: connection limit reached (limits.max_connections)");
+        tracker.spawn(conn::refuse_busy(stream));
+        return;
+    };
+    let Ok(unauth_permit) = state.unauthenticated.clone().try_acquire_owned() else {
+        warn!(peer = %peer, limit = state.limits().max_unauthenticated, "refused: unauthenticated connection limit reached (limits.max_unauthenticated)");
+        tracker.spawn(conn::refuse_busy(stream));
+        return;
+    };
+    let state = state.clone();
+    let token = token.clone();
+    tracker.spawn(async move {
+        conn::serve(state, stream, peer, unauth_permit, token).await;
+        drop(conn_permit);
+    });
+}

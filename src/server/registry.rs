@@ -1,0 +1,204 @@
+//! Live sessions, one per identity (spec 7.3), and the commands other tasks send them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::backend::Reply;
+use crate::config::TakeoverPolicy;
+use crate::proto::handshake::FinishVerified;
+use crate::proto::{CloseCode, Id};
+
+/// Takeovers of one identity within [`PING_PONG_WINDOW`] that make it look shared.
+pub const PING_PONG_TAKEOVERS: usize = 3;
+/// Window for [`PING_PONG_TAKEOVERS`].
+pub const PING_PONG_WINDOW: Duration = Duration::from_secs(60);
+
+/// What can be asked of a live session.
+#[derive(Debug)]
+pub enum Command {
+    /// Send CLOSE with this code and reason, and end the session.
+    Close(CloseCode, &'static str),
+    /// Send a REQUEST to the device; the RESPONSE (or why none came) goes to `reply`.
+    Request {
+        /// Payload.
+        payload: Bytes,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Reply, String>>,
+    },
+    /// Send a one-way MESSAGE to the device.
+    Message(Bytes),
+}
+
+/// Frame counters of a session, shared with the registry for listings.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames accepted from the device.
+    pub frames_in: AtomicU64,
+    /// Frames sent to the device.
+    pub frames_out: AtomicU64,
+}
+
+/// One live session.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Unique number of the connection.
+    pub conn: u64,
+    /// The device's address.
+    pub peer: SocketAddr,
+    /// When the session was established.
+    pub since: SystemTime,
+    /// Commands to the session's task.
+    pub tx: mpsc::Sender<Command>,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+}
+
+/// A live session as listed for the operator.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Identity.
+    pub id: String,
+    /// Peer address.
+    pub peer: String,
+    /// Established at (seconds since the Unix epoch).
+    pub since: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+}
+
+/// The newcomer was refused because the identity has a live session (policy `reject`).
+#[derive(Debug)]
+pub struct TakeoverRefused;
+
+/// All live sessions.
+#[derive(Debug, Default)]
+pub struct Registry {
+    live: Mutex<HashMap<Id, Entry>>,
+    takeovers: Mutex<HashMap<Id, VecDeque<Instant>>>,
+    next_conn: AtomicU64,
+}
+
+impl Registry {
+    /// A number for a new connection.
+    pub fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Makes `entry` the live session of `id`. Requires proof that the newcomer's
+    /// CLIENT_FINISH verified (spec 7.3): a replayed HELLO can never get here.
+    pub fn register(
+        &self,
+        _verified: &FinishVerified,
+        id: &Id,
+        entry: Entry,
+        policy: TakeoverPolicy,
+    ) -> Result<(), TakeoverRefused> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = live.get(id) {
+            if policy == TakeoverPolicy::Reject {
+                return Err(TakeoverRefused);
+            }
+            // The old task may be busy; a full queue means it is closing anyway.
+            let _ = old.tx.try_send(Command::Close(
+                CloseCode::TAKEN_OVER,
+                "a newer session of this identity took over",
+            ));
+            self.note_takeover(id, old.peer, entry.peer);
+        }
+        live.insert(id.clone(), entry);
+        Ok(())
+    }
+
+    /// Logs identities that keep taking each other over: two devices sharing one id.
+    fn note_takeover(&self, id: &Id, old: SocketAddr, new: SocketAddr) {
+        let now = Instant::now();
+        let mut map = self.takeovers.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|t| now.duration_since(*t) < PING_PONG_WINDOW)
+        });
+        let times = map.entry(id.clone()).or_default();
+        times.push_back(now);
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= PING_PONG_WINDOW)
+        {
+            times.pop_front();
+        }
+        if times.len() >= PING_PONG_TAKEOVERS {
+            warn!(
+                id = %id, old_peer = %old, new_peer = %new, takeovers = times.len(),
+                "identity taken over repeatedly within {}s: two devices may share it; consider takeover = \"reject\"",
+                PING_PONG_WINDOW.as_secs()
+            );
+        }
+    }
+
+    /// Removes `id`'s session if it is still connection `conn`.
+    pub fn remove(&self, id: &Id, conn: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(id).is_some_and(|e| e.conn == conn) {
+            live.remove(id);
+        }
+    }
+
+    /// The command channel of `id`'s live session.
+    pub fn sender(&self, id: &Id) -> Option<mpsc::Sender<Command>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|e| e.tx.clone())
+    }
+
+    /// Asks `id`'s live session to close. Returns whether there was one.
+    pub fn close(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
+        match self.sender(id) {
+            Some(tx) => {
+                let _ = tx.try_send(Command::Close(code, reason));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether there are no live sessions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every live session, sorted by identity.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<SessionInfo> = live
+            .iter()
+            .map(|(id, e)| SessionInfo {
+                id: id.to_string(),
+                peer: e.peer.to_string(),
+                since: e
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                frames_in: e.stats.frames_in.load(Ordering::Relaxed),
+                frames_out: e.stats.frames_out.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}
