@@ -185,7 +185,7 @@ mod tests {
     fn dates_format_as_utc() {
         assert_eq!(time(Some(0)), "1970-01-01 00:00:00");
         assert_eq!(time(Some(951_782_400)), "2000-02-29 00:00:00");
-        assert_eq!(time(Some(1_795_000_000)), "2026-11-18 09:46:40");
+        assert_eq!(time(Some(1_795_000_000)), "2026-11-18 11:06:40");
         assert_eq!(time(None), "-");
     }
 
