@@ -428,8 +428,10 @@ impl Connection {
                     None => { commands_open = false; self.start_close(None); }
                 },
                 r = self.tcp.read_buf(&mut self.buf) => match r {
+                    // Spec 8.6: EOF or a reset before the server's CLOSE is truncation.
                     Ok(0) => return ClientError::Truncated,
                     Ok(_) => last_recv = Instant::now(),
+                    Err(e) if crate::wire::is_cut(&e) => return ClientError::Truncated,
                     Err(e) => return e.into(),
                 },
                 _ = sleep_until(last_sent + self.opts.keepalive), if self.closing.is_none() => {

@@ -27,6 +27,16 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
+/// Whether an I/O error means the peer cut the connection (reset, abort). Before the
+/// peer's CLOSE, such a cut is truncation (spec 8.6), not an orderly end.
+pub fn is_cut(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+    )
+}
+
 /// Reads the next whole frame, using `buf` for bytes already read.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -37,12 +47,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         if let Some(frame) = decode_frame(buf, limit)? {
             return Ok(frame);
         }
-        if rd.read_buf(buf).await? == 0 {
-            return Err(if buf.is_empty() {
-                ReadError::Eof
-            } else {
-                ReadError::Truncated
-            });
+        match rd.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Err(ReadError::Eof),
+            Ok(0) => return Err(ReadError::Truncated),
+            Ok(_) => {}
+            Err(e) if is_cut(&e) => return Err(ReadError::Truncated),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -1,0 +1,141 @@
+//! A daemon on 127.0.0.1:0 with its own state directory, for integration tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally::backend::{Backend, Echo};
+use tally::client::{self, Client, ClientOptions, Incoming};
+use tally::config::ServerConfig;
+use tally::proto::credential::{Credential, EnrollmentToken};
+use tally::proto::Id;
+use tally::server::{self, ServerState};
+use tally::{admin, control};
+use tempfile::TempDir;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<ServerState>,
+    pub config: ServerConfig,
+    pub dir: Arc<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    control_stop: CancellationToken,
+    control_task: Option<JoinHandle<()>>,
+    pub task: Option<JoinHandle<Result<(), server::ServerError>>>,
+}
+
+pub fn config(dir: &TempDir) -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.state_dir = dir.path().to_owned();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+impl TestServer {
+    /// Starts a daemon with the echo backend; `tune` adjusts the configuration.
+    pub async fn start(tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        Self::start_with(Arc::new(TempDir::new().unwrap()), Arc::new(Echo), tune).await
+    }
+
+    /// Starts a daemon on an existing state directory with a given backend.
+    pub async fn start_with(
+        dir: Arc<TempDir>,
+        backend: Arc<dyn Backend>,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
+        let mut cfg = config(&dir);
+        tune(&mut cfg);
+        let (state, _) = ServerState::open(&cfg, None, backend).unwrap();
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let control_stop = CancellationToken::new();
+        let ctl = control::bind(&cfg.state_dir).unwrap();
+        let control_task = Some(tokio::spawn(control::serve(
+            ctl,
+            state.clone(),
+            control_stop.clone(),
+        )));
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            state,
+            config: cfg,
+            dir,
+            stop: Some(stop),
+            control_stop,
+            control_task,
+            task: Some(task),
+        }
+    }
+
+    pub fn open_token(&self) -> EnrollmentToken {
+        EnrollmentToken::parse(&admin::token(self.dir.path(), None, None).unwrap()).unwrap()
+    }
+
+    pub fn id_token(&self, id: &str) -> EnrollmentToken {
+        EnrollmentToken::parse(&admin::token(self.dir.path(), None, Some(id)).unwrap()).unwrap()
+    }
+
+    pub async fn enroll(&self, id: &str) -> Credential {
+        client::enroll(
+            &self.addr.to_string(),
+            &self.open_token(),
+            Id::new(id).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn connect(&self, cred: &Credential) -> (Client, mpsc::Receiver<Incoming>) {
+        Client::connect(cred, ClientOptions::default())
+            .await
+            .unwrap()
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.control_stop.cancel();
+        self.control_task.take().unwrap().await.unwrap();
+    }
+
+    /// Triggers shutdown without waiting.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<Result<(), server::ServerError>> {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.control_stop.cancel();
+    }
+}
+
+/// Waits until `f` is true, polling, or panics after `secs`.
+pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

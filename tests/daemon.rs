@@ -1,0 +1,508 @@
+//! tallyd and the client library end to end, over real TCP on 127.0.0.1.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{eventually, TestServer};
+use tally::backend::{Backend, BoxFuture, Reply, Request};
+use tally::client::{self, Client, ClientError, ClientOptions};
+use tally::config::TakeoverPolicy;
+use tally::proto::{CloseCode, ErrorCode, Id};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn opts(keepalive_ms: u64) -> ClientOptions {
+    ClientOptions {
+        keepalive: Duration::from_millis(keepalive_ms),
+        ..ClientOptions::default()
+    }
+}
+
+/// Reads from a raw connection until EOF (or 5 s), returning every byte.
+async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+const BUSY: [u8; 8] = [0, 0, 0, 4, 0x1f, 0, 6, 1];
+
+#[tokio::test]
+async fn enroll_then_request_message_and_large_payloads() {
+    let srv = TestServer::start(|_| {}).await;
+    let cred = srv.enroll("sensor-1").await;
+    let (client, _) = srv.connect(&cred).await;
+    assert_eq!(
+        client.request("hello").await.unwrap(),
+        Bytes::from_static(b"hello")
+    );
+    assert_eq!(client.request(Bytes::new()).await.unwrap(), Bytes::new());
+    let big = Bytes::from(vec![0xa5; 60_000]);
+    assert_eq!(client.request(big.clone()).await.unwrap(), big);
+    client.message("one-way").await.unwrap();
+    assert_eq!(
+        client.request("after message").await.unwrap(),
+        Bytes::from_static(b"after message")
+    );
+    client.close().await.unwrap();
+    let rows = srv.state.store.list().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].id.as_str(), rows[0].mode.as_str()),
+        ("sensor-1", "open")
+    );
+    assert!(rows[0].last_seen.is_some());
+}
+
+#[tokio::test]
+async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
+    let srv = TestServer::start(|c| c.open_enrollment = false).await;
+    let addr = srv.addr.to_string();
+    let t = srv.id_token("dev-a");
+    let cred = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let other = client::enroll(&addr, &t, Id::new("dev-b").unwrap(), Duration::from_secs(5)).await;
+    assert!(
+        matches!(other, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
+        "{other:?}"
+    );
+    let open = client::enroll(
+        &addr,
+        &srv.open_token(),
+        Id::new("dev-c").unwrap(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(open, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
+        "{open:?}"
+    );
+    let again = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), Duration::from_secs(5)).await;
+    assert!(
+        matches!(again, Err(ClientError::Refused(ErrorCode::ID_TAKEN))),
+        "{again:?}"
+    );
+    let (c, _) = srv.connect(&cred).await;
+    assert_eq!(c.request("x").await.unwrap(), Bytes::from_static(b"x"));
+    assert_eq!(srv.state.store.count().unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_concurrently() {
+    let srv = Arc::new(TestServer::start(|_| {}).await);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let srv = srv.clone();
+        tasks.push(tokio::spawn(async move {
+            let cred = srv.enroll(&format!("dev-{i}")).await;
+            let (client, _) = srv.connect(&cred).await;
+            // Pipelined: 8 requests in flight at once, 5 rounds.
+            for round in 0..5 {
+                let reqs = (0..8).map(|j| {
+                    let c = client.clone();
+                    async move { (j, c.request(format!("{i}/{round}/{j}")).await.unwrap()) }
+                });
+                for (j, got) in futures_join(reqs).await {
+                    assert_eq!(got, Bytes::from(format!("{i}/{round}/{j}")));
+                }
+            }
+            client.close().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(srv.state.store.count().unwrap(), 40);
+}
+
+async fn futures_join<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn restart_keeps_identities() {
+    let dir = Arc::new(TempDir::new().unwrap());
+    let srv = TestServer::start_with(dir.clone(), Arc::new(tally::backend::Echo), |_| {}).await;
+    let mut cred = srv.enroll("persistent").await;
+    let token_before = srv.open_token().encode();
+    srv.shutdown().await;
+    let srv = TestServer::start_with(dir, Arc::new(tally::backend::Echo), |_| {}).await;
+    assert_eq!(
+        *srv.open_token().encode(),
+        *token_before,
+        "keys survive a restart"
+    );
+    cred.server = srv.addr.to_string();
+    let (client, _) = srv.connect(&cred).await;
+    assert_eq!(
+        client.request("still me").await.unwrap(),
+        Bytes::from_static(b"still me")
+    );
+}
+
+#[tokio::test]
+async fn revoke_closes_the_live_session_and_refuses_the_next() {
+    let srv = TestServer::start(|_| {}).await;
+    let cred = srv.enroll("doomed").await;
+    let bystander = srv.enroll("bystander").await;
+    let (client, _) = srv.connect(&cred).await;
+    let (other, _) = srv.connect(&bystander).await;
+    client.request("alive").await.unwrap();
+    let dir = srv.dir.path().to_owned();
+    let r = tokio::task::spawn_blocking(move || tally::admin::revoke(&dir, None, "doomed"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r,
+        tally::admin::Revoked {
+            newly: true,
+            session_closed: Some(true)
+        }
+    );
+    let end = tokio::time::timeout(Duration::from_secs(1), client.closed())
+        .await
+        .expect("closed within a second");
+    assert!(
+        matches!(
+            end,
+            ClientError::Closed {
+                code: CloseCode::REVOKED,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    let again = Client::connect(&cred, ClientOptions::default()).await;
+    assert!(matches!(again, Err(ClientError::AuthFailed)), "{again:?}");
+    assert_eq!(
+        other.request("unaffected").await.unwrap(),
+        Bytes::from_static(b"unaffected")
+    );
+}
+
+#[tokio::test]
+async fn takeover_replace_closes_the_old_session() {
+    let srv = TestServer::start(|_| {}).await;
+    let cred = srv.enroll("twin").await;
+    let (first, _) = srv.connect(&cred).await;
+    first.request("1").await.unwrap();
+    let (second, _) = srv.connect(&cred).await;
+    assert_eq!(second.request("2").await.unwrap(), Bytes::from_static(b"2"));
+    let end = tokio::time::timeout(Duration::from_secs(2), first.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            end,
+            ClientError::Closed {
+                code: CloseCode::TAKEN_OVER,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    assert_eq!(srv.state.registry.len(), 1);
+}
+
+#[tokio::test]
+async fn takeover_reject_keeps_the_first_session() {
+    let srv = TestServer::start(|c| c.takeover = TakeoverPolicy::Reject).await;
+    let cred = srv.enroll("twin").await;
+    let (first, _) = srv.connect(&cred).await;
+    first.request("1").await.unwrap();
+    // The newcomer finishes its handshake, then the server refuses it.
+    let (second, _) = srv.connect(&cred).await;
+    let err = second.request("2").await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ErrorCode::TAKEOVER_REFUSED)),
+        "{err:?}"
+    );
+    assert_eq!(
+        first.request("still first").await.unwrap(),
+        Bytes::from_static(b"still first")
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_with_busy_while_sessions_work() {
+    let srv = TestServer::start(|c| c.limits.max_connections = 2).await;
+    let cred = srv.enroll("a").await;
+    let (client, _) = srv.connect(&cred).await;
+    let _idle = TcpStream::connect(srv.addr).await.unwrap();
+    eventually(2, "second connection admitted", || {
+        srv.state.registry.len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = TcpStream::connect(srv.addr).await.unwrap();
+    assert_eq!(read_all(&mut third).await, BUSY);
+    assert_eq!(
+        client.request("ok").await.unwrap(),
+        Bytes::from_static(b"ok")
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_limit_refuses_with_busy_while_sessions_work() {
+    let srv = TestServer::start(|c| c.limits.max_unauthenticated = 2).await;
+    let cred = srv.enroll("a").await;
+    let (client, _) = srv.connect(&cred).await;
+    // Once a request is answered, the handshake is over and its permit returned; the
+    // enrollment connection returns its permit when its linger sees EOF.
+    client.request("warm up").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle: Vec<TcpStream> = vec![
+        TcpStream::connect(srv.addr).await.unwrap(),
+        TcpStream::connect(srv.addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(srv.addr).await.unwrap();
+    assert_eq!(read_all(&mut third).await, BUSY);
+    assert_eq!(
+        client.request("ok").await.unwrap(),
+        Bytes::from_static(b"ok")
+    );
+    drop(idle);
+    // Once the half-open connections are gone, new devices get in again.
+    let cred_b = srv.enroll("b").await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok((c, _)) = Client::connect(&cred_b, ClientOptions::default()).await {
+            ok = c.request("in").await.is_ok();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok);
+}
+
+#[tokio::test]
+async fn handshake_deadline_closes_silent_and_slow_connections() {
+    let srv = TestServer::start(|c| c.limits.handshake_timeout = Duration::from_millis(300)).await;
+    let cred = srv.enroll("a").await;
+    let (client, _) = srv.connect(&cred).await;
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(srv.addr).await.unwrap();
+    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(&[0, 0]).await.unwrap(); // half a length prefix, then nothing
+    let timeout_frame = [0, 0, 0, 4, 0x1f, 0, 8, 1];
+    assert_eq!(read_all(&mut silent).await, timeout_frame);
+    assert_eq!(read_all(&mut slow).await, timeout_frame);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        client.request("ok").await.unwrap(),
+        Bytes::from_static(b"ok")
+    );
+}
+
+#[tokio::test]
+async fn idle_deadline_closes_silent_sessions_but_not_keepalive_ones() {
+    let srv = TestServer::start(|c| c.limits.keepalive = Duration::from_millis(400)).await;
+    let quiet = srv.enroll("quiet").await;
+    let chatty = srv.enroll("chatty").await;
+    let (q, _) = Client::connect(&quiet, opts(60_000)).await.unwrap();
+    let (c, _) = Client::connect(&chatty, opts(150)).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(3), q.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            end,
+            ClientError::Closed {
+                code: CloseCode::IDLE_TIMEOUT,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        c.request("alive").await.unwrap(),
+        Bytes::from_static(b"alive")
+    );
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_only_that_session() {
+    let srv = TestServer::start(|c| c.limits.max_frame_len = 2048).await;
+    let big = srv.enroll("big").await;
+    let small = srv.enroll("small").await;
+    let (b, _) = srv.connect(&big).await;
+    let (s, _) = srv.connect(&small).await;
+    let err = b.request(vec![0u8; 4000]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Closed {
+                code: CloseCode::FRAME_TOO_LARGE,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // 1900 bytes fit a REQUEST and its echoed RESPONSE (51 bytes of overhead) under 2048.
+    assert_eq!(s.request(vec![1u8; 1900]).await.unwrap().len(), 1900);
+}
+
+/// A backend that holds every request until released, counting concurrency.
+struct Gate {
+    current: AtomicUsize,
+    max: AtomicUsize,
+    seen: AtomicUsize,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            current: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+            seen: AtomicUsize::new(0),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+struct GateBackend(Arc<Gate>);
+
+impl Backend for GateBackend {
+    fn name(&self) -> &str {
+        "gate"
+    }
+    fn request(&self, req: Request) -> BoxFuture<Reply> {
+        let g = self.0.clone();
+        Box::pin(async move {
+            g.seen.fetch_add(1, Ordering::SeqCst);
+            let now = g.current.fetch_add(1, Ordering::SeqCst) + 1;
+            g.max.fetch_max(now, Ordering::SeqCst);
+            g.release.acquire().await.unwrap().forget();
+            g.current.fetch_sub(1, Ordering::SeqCst);
+            Reply::ok(req.payload)
+        })
+    }
+}
+
+#[tokio::test]
+async fn in_flight_limit_stops_reading_until_the_backend_answers() {
+    let gate = Arc::new(Gate::default());
+    let srv = TestServer::start_with(
+        Arc::new(TempDir::new().unwrap()),
+        Arc::new(GateBackend(gate.clone())),
+        |c| c.limits.max_in_flight = 2,
+    )
+    .await;
+    let cred = srv.enroll("pipeliner").await;
+    let (client, _) = srv.connect(&cred).await;
+    let reqs: Vec<_> = (0..6)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.request(format!("r{i}")).await.unwrap() })
+        })
+        .collect();
+    eventually(2, "two requests at the backend", || {
+        gate.seen.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gate.seen.load(Ordering::SeqCst),
+        2,
+        "the daemon must not read past the in-flight limit"
+    );
+    gate.release.add_permits(6);
+    for (i, r) in reqs.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap(), Bytes::from(format!("r{i}")));
+    }
+    assert_eq!(gate.max.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_then_closes_every_session() {
+    let gate = Arc::new(Gate::default());
+    let mut srv = TestServer::start_with(
+        Arc::new(TempDir::new().unwrap()),
+        Arc::new(GateBackend(gate.clone())),
+        |_| {},
+    )
+    .await;
+    let (a, _) = srv.connect(&srv.enroll("a").await).await;
+    let (b, _) = srv.connect(&srv.enroll("b").await).await;
+    let slow = tokio::spawn({
+        let a = a.clone();
+        async move { a.request("in flight").await }
+    });
+    eventually(2, "request at the backend", || {
+        gate.seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let run = srv.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!run.is_finished(), "shutdown waits for in-flight requests");
+    gate.release.add_permits(1);
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        Bytes::from_static(b"in flight")
+    );
+    for c in [&a, &b] {
+        let end = tokio::time::timeout(Duration::from_secs(5), c.closed())
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                end,
+                ClientError::Closed {
+                    code: CloseCode::SHUTDOWN,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(srv.addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn client_reports_truncation_when_the_connection_is_cut() {
+    // A listener that completes nothing: accept, then close mid-handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut b = [0u8; 16];
+        let _ = s.read(&mut b).await;
+    });
+    let cred = tally::proto::credential::Credential {
+        id: Id::new("x").unwrap(),
+        key: tally::proto::SecretKey::from_bytes([1; 32]),
+        server: addr.to_string(),
+    };
+    let err = Client::connect(&cred, ClientOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Truncated), "{err:?}");
+}
