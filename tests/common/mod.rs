@@ -29,10 +29,7 @@ pub struct TestServer {
 }
 
 pub fn config(dir: &TempDir) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.state_dir = dir.path().to_owned();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c
+    ServerConfig { state_dir: dir.path().to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }
 }
 
 impl TestServer {
