@@ -17,6 +17,8 @@ use tally::{admin, backend, control, server};
 struct Cli {
     #[command(flatten)]
     global: Global,
+    #[command(flatten)]
+    serve: ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -33,8 +35,8 @@ struct Global {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon (the default).
-    Serve(ServeArgs),
+    /// Run the daemon (the default; `tallyd --listen ADDR` = `tallyd serve --listen ADDR`).
+    Serve,
     /// Create the state directory, the keys and the store, then exit.
     Init,
     /// Print an enrollment token on stdout: the open token, or with --id a per-identity token.
@@ -55,16 +57,16 @@ enum Command {
 #[derive(Args, Default)]
 struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7420].
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Option<std::net::SocketAddr>,
     /// Log filter: error, warn, info, debug, trace [default: info; RUST_LOG overrides].
-    #[arg(long)]
+    #[arg(long, global = true)]
     log_level: Option<String>,
     /// When an identity with a live session connects again: replace the old session, or reject the new one.
-    #[arg(long, value_enum)]
+    #[arg(long, global = true, value_enum)]
     takeover: Option<TakeoverPolicy>,
     /// Accept only per-identity tokens, not the open enrollment token.
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_open_enrollment: bool,
 }
 
@@ -99,20 +101,21 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
-    let serve_args = match command {
-        Command::Serve(args) => args,
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {}
         other => return admin_command(&cli.global, other),
-    };
-    let config = load_config(&cli.global, &serve_args)?;
+    }
+    let config = load_config(&cli.global, &cli.serve)?;
     init_logging(&config.log_level);
     tokio::runtime::Runtime::new()?.block_on(serve(config))
 }
@@ -149,7 +152,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             };
             println!("{id}: {state}; {session}");
         }
-        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Serve => unreachable!("handled by main"),
     }
     Ok(())
 }
@@ -163,7 +166,13 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let control_listener = control::bind(&config.state_dir).context("control socket")?;
-    if secrets.created {
+    if secrets.created && !config.open_enrollment {
+        println!(
+            "First start: created keys in {}.",
+            config.state_dir.display()
+        );
+        println!("Open enrollment is off: issue one token per device with `tallyd token --id <DEVICE-ID>`.");
+    } else if secrets.created {
         let token = admin::token(&config.state_dir, creds.as_deref(), None)?;
         let host = if addr.ip().is_unspecified() {
             format!("<this-host>:{}", addr.port())

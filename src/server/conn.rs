@@ -34,8 +34,10 @@ enum Refusal {
     Protocol(#[from] ProtocolError),
     #[error("first frame is {0}, not ENROLL_INIT or HELLO")]
     FirstFrame(String),
-    #[error("session handshake failed: unknown or revoked identity")]
-    UnknownIdentity,
+    #[error("session handshake failed: unknown or revoked identity {0}")]
+    UnknownIdentity(crate::proto::Id),
+    #[error("device {0} abandoned the handshake after SERVER_AUTH: its key does not match (re-enrolled elsewhere, or a stale credential?)")]
+    Abandoned(crate::proto::Id),
     #[error("identity {0} is already enrolled")]
     Taken(crate::proto::Id),
     #[error("identity store failed: {0}")]
@@ -51,7 +53,8 @@ impl Refusal {
             Refusal::Read(ReadError::Eof | ReadError::Truncated | ReadError::Io(_)) => return None,
             Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => ErrorCode::MALFORMED,
             Refusal::Protocol(e) => e.error_code(),
-            Refusal::UnknownIdentity => ErrorCode::AUTH_FAILED,
+            Refusal::UnknownIdentity(_) => ErrorCode::AUTH_FAILED,
+            Refusal::Abandoned(_) => return None,
             Refusal::Taken(_) => ErrorCode::ID_TAKEN,
             Refusal::Store(_) => ErrorCode::INTERNAL,
             Refusal::Deadline(_) => ErrorCode::TIMEOUT,
@@ -211,10 +214,18 @@ async fn handshake(
         &mut out,
     );
     stream.write(&out).await?;
-    let finish = stream.read().await?;
+    // A client that cannot verify SERVER_AUTH closes without a finish (spec 7.2).
+    let finish = match stream.read().await {
+        Ok(f) => f,
+        Err(ReadError::Eof | ReadError::Truncated) if !known => {
+            return Err(Refusal::UnknownIdentity(id))
+        }
+        Err(ReadError::Eof | ReadError::Truncated) => return Err(Refusal::Abandoned(id)),
+        Err(e) => return Err(e.into()),
+    };
     match wait.handle_finish(&finish, state.limits().max_frame_len) {
         Ok(est) => Ok(est),
-        Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity),
+        Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(e) => Err(e.into()),
     }
 }

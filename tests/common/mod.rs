@@ -29,7 +29,11 @@ pub struct TestServer {
 }
 
 pub fn config(dir: &TempDir) -> ServerConfig {
-    ServerConfig { state_dir: dir.path().to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() }
+    ServerConfig {
+        state_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    }
 }
 
 impl TestServer {

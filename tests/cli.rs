@@ -1,0 +1,247 @@
+//! The binaries as a user runs them, following the README: start tallyd, take the token,
+//! enroll with `tally`, send requests, list, revoke, stop with SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tallyd` on an ephemeral port; returns it and its first-start stdout.
+fn start(state: &std::path::Path) -> (Daemon, String) {
+    let mut child = Command::new(TALLYD)
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("tallyd logs its address");
+        assert!(
+            !line.contains('\x1b'),
+            "no colour codes when stderr is not a terminal: {line:?}"
+        );
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let mut out = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    while !out.contains("tally enroll") {
+        assert!(
+            stdout.read_line(&mut out).unwrap() > 0,
+            "stdout ended: {out}"
+        );
+    }
+    (Daemon { child, addr }, out)
+}
+
+fn run(
+    cmd: &str,
+    args: &[&str],
+    cwd: &std::path::Path,
+    stdin: Option<&str>,
+) -> (i32, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn readme_walkthrough_with_the_real_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tally-state");
+    let state_arg = state.to_str().unwrap();
+    let (mut daemon, first_start) = start(&state);
+    assert!(
+        first_start.contains("First start: created keys"),
+        "{first_start}"
+    );
+
+    let (code, token, _) = run(
+        TALLYD,
+        &["token", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code, 0);
+    let token = token.trim().to_owned();
+    assert!(
+        token.starts_with("tally1-open-") && first_start.contains(&token),
+        "the printed token is the open token"
+    );
+    assert!(first_start.contains(&format!(
+        "tally enroll --server {} --id <DEVICE-ID> --token {token}",
+        daemon.addr
+    )));
+
+    let enroll = [
+        "enroll",
+        "--token",
+        &token,
+        "--id",
+        "sensor-42",
+        "--server",
+        &daemon.addr,
+        "--out",
+        "sensor-42.cred",
+    ];
+    let (code, _, err) = run(TALLY, &enroll, dir.path(), None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("enrolled sensor-42"), "{err}");
+    let mode = std::fs::metadata(dir.path().join("sensor-42.cred")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let (code, _, err) = run(TALLY, &enroll, dir.path(), None);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("exists; use --force"),
+        "refuses to overwrite: {err}"
+    );
+
+    let (code, out, err) = run(
+        TALLY,
+        &["request", "--cred", "sensor-42.cred", "hello"],
+        dir.path(),
+        None,
+    );
+    assert_eq!((code, out.as_str()), (0, "hello"), "{err}");
+    let (code, out, _) = run(
+        TALLY,
+        &["request", "--cred", "sensor-42.cred"],
+        dir.path(),
+        Some("{\"temp\":21.5}\n"),
+    );
+    assert_eq!((code, out.as_str()), (0, "{\"temp\":21.5}\n"));
+
+    let (code, table, _) = run(
+        TALLYD,
+        &["identities", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code, 0);
+    assert!(table.lines().next().unwrap().starts_with("ID"), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("sensor-42"),
+        "{table}"
+    );
+
+    let (code, out, _) = run(
+        TALLYD,
+        &["revoke", "sensor-42", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "sensor-42: revoked; it had no live session")
+    );
+    let (code, out, err) = run(
+        TALLY,
+        &["request", "--cred", "sensor-42.cred", "hello"],
+        dir.path(),
+        None,
+    );
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(err.contains("the server did not authenticate"), "{err}");
+
+    // A per-identity token enrolls its own id only.
+    let (_, t43, _) = run(
+        TALLYD,
+        &["token", "--id", "sensor-43", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    let t43 = t43.trim();
+    let wrong = [
+        "enroll",
+        "--token",
+        t43,
+        "--id",
+        "sensor-44",
+        "--server",
+        &daemon.addr,
+        "--out",
+        "x.cred",
+    ];
+    let (code, _, err) = run(TALLY, &wrong, dir.path(), None);
+    assert_eq!(code, 1);
+    assert!(err.contains("enrollment refused"), "{err}");
+    let right = [
+        "enroll",
+        "--token",
+        t43,
+        "--id",
+        "sensor-43",
+        "--server",
+        &daemon.addr,
+        "--out",
+        "x.cred",
+    ];
+    assert_eq!(run(TALLY, &right, dir.path(), None).0, 0);
+
+    // SIGTERM: exit 0.
+    let pid = daemon.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            assert!(status.success(), "tallyd exits 0 on SIGTERM: {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "tallyd did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
