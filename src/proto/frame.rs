@@ -326,6 +326,13 @@ impl ErrorFrame {
         out.put_u8(self.version);
     }
 
+    /// The frame's bytes.
+    pub fn encoded(&self) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out.to_vec()
+    }
+
     /// Parses a whole frame.
     pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(frame)?;

@@ -36,6 +36,8 @@ enum Refusal {
     FirstFrame(String),
     #[error("session handshake failed: unknown or revoked identity {0}")]
     UnknownIdentity(crate::proto::Id),
+    #[error("CLIENT_FINISH for identity {0} did not verify: wrong key, or a replayed handshake")]
+    BadFinish(crate::proto::Id),
     #[error("device {0} abandoned the handshake after SERVER_AUTH: its key does not match (re-enrolled elsewhere, or a stale credential?)")]
     Abandoned(crate::proto::Id),
     #[error("identity {0} is already enrolled")]
@@ -55,6 +57,7 @@ impl Refusal {
             Refusal::Protocol(e) => e.error_code(),
             Refusal::UnknownIdentity(_) => ErrorCode::AUTH_FAILED,
             Refusal::Abandoned(_) => return None,
+            Refusal::BadFinish(_) => ErrorCode::AUTH_FAILED,
             Refusal::Taken(_) => ErrorCode::ID_TAKEN,
             Refusal::Store(_) => ErrorCode::INTERNAL,
             Refusal::Deadline(_) => ErrorCode::TIMEOUT,
@@ -226,6 +229,7 @@ async fn handshake(
     match wait.handle_finish(&finish, state.limits().max_frame_len) {
         Ok(est) => Ok(est),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
+        Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),
         Err(e) => Err(e.into()),
     }
 }
