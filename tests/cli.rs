@@ -1,65 +1,16 @@
 //! The binaries as a user runs them, following the README: start tallyd, take the token,
 //! enroll with `tally`, send requests, list, revoke, stop with SIGTERM.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::bin::start;
 
 const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
-
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `tallyd` on an ephemeral port; returns it and its first-start stdout.
-fn start(state: &std::path::Path) -> (Daemon, String) {
-    let mut child = Command::new(TALLYD)
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("tallyd logs its address");
-        assert!(
-            !line.contains('\x1b'),
-            "no colour codes when stderr is not a terminal: {line:?}"
-        );
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let mut out = String::new();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    while !out.contains("tally enroll") {
-        assert!(
-            stdout.read_line(&mut out).unwrap() > 0,
-            "stdout ended: {out}"
-        );
-    }
-    (Daemon { child, addr }, out)
-}
 
 fn run(
     cmd: &str,
@@ -97,7 +48,7 @@ fn readme_walkthrough_with_the_real_binaries() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("tally-state");
     let state_arg = state.to_str().unwrap();
-    let (mut daemon, first_start) = start(&state);
+    let (mut daemon, first_start) = start(&state, true);
     assert!(
         first_start.contains("First start: created keys"),
         "{first_start}"

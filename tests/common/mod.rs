@@ -1,6 +1,8 @@
 //! A daemon on 127.0.0.1:0 with its own state directory, for integration tests.
 #![allow(dead_code)]
 
+pub mod bin;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

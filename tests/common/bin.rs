@@ -1,0 +1,61 @@
+//! The real `tallyd` binary on an ephemeral port, for tests that need a separate process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tallyd` on an ephemeral port with `state` as its state directory. Returns it
+/// and, if `first_start`, the banner it prints on stdout when it creates its keys.
+pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("tallyd logs its address");
+        assert!(
+            !line.contains('\x1b'),
+            "no colour codes when stderr is not a terminal: {line:?}"
+        );
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let mut out = String::new();
+    if first_start {
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        while !out.contains("tally enroll") {
+            assert!(
+                stdout.read_line(&mut out).unwrap() > 0,
+                "stdout ended: {out}"
+            );
+        }
+    }
+    (Daemon { child, addr }, out)
+}
