@@ -9,6 +9,7 @@
 //! takeover = "replace"        # or "reject" (spec 7.3)
 //! backend = "echo"
 //! log_level = "info"
+//! log_format = "text"         # or "json"
 //!
 //! [limits]
 //! max_connections = 10000     # all TCP connections
@@ -176,6 +177,8 @@ pub struct ServerConfig {
     pub backend: String,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter).
     pub log_level: String,
+    /// `text` (journald style under systemd) or `json`.
+    pub log_format: crate::logging::LogFormat,
     /// Limits.
     pub limits: Limits,
 }
@@ -204,6 +207,7 @@ impl Default for ServerConfig {
             takeover: TakeoverPolicy::Replace,
             backend: "echo".into(),
             log_level: "info".into(),
+            log_format: crate::logging::LogFormat::Text,
             limits: Limits::default(),
         }
     }

@@ -10,9 +10,14 @@
 //! - [`server`]: the daemon (tokio): accepting, enrollment, sessions, limits, takeover, shutdown.
 //! - [`control`]: the daemon's local control socket, used by admin commands.
 //! - [`client`]: the client library (tokio): enroll, connect, request, message, listen.
+//! - [`systemd`]: readiness notification, watchdog, socket activation.
+//! - [`logging`]: text, journald and JSON log output with a reloadable level.
+//! - [`admin`]: operator commands that work while the daemon runs.
+//! - [`wire`]: reading whole frames from a byte stream.
 //! - `src/bin/tallyd.rs`, `src/bin/tally.rs`: thin binaries over the above.
 
-#![forbid(unsafe_code)]
+// One `unsafe` block in the crate: taking the socket systemd passes (src/systemd.rs).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -20,8 +25,11 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod daemon;
+pub mod logging;
 pub mod proto;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod wire;

@@ -1,15 +1,12 @@
 //! `tallyd`: the Tally daemon and its admin commands.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 use tally::config::{ServerConfig, TakeoverPolicy};
-use tally::{admin, backend, control, server};
+use tally::logging::{self, LogFormat};
+use tally::{admin, daemon};
 
 /// Tally daemon: authenticates every request and response between devices and this server.
 #[derive(Parser)]
@@ -23,9 +20,9 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Global {
-    /// TOML configuration file; flags override it.
+    /// TOML configuration file; flags override it. Re-read on SIGHUP.
     #[arg(long, short, global = true, env = "TALLYD_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for keys and the identity store [default: $STATE_DIRECTORY, else ./tally-state].
@@ -54,14 +51,17 @@ enum Command {
     },
 }
 
-#[derive(Args, Default)]
+#[derive(Args, Default, Clone)]
 struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:7420].
+    /// Address to listen on, unless systemd passes a socket [default: 127.0.0.1:7420].
     #[arg(long, global = true)]
     listen: Option<std::net::SocketAddr>,
     /// Log filter: error, warn, info, debug, trace [default: info; RUST_LOG overrides].
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Log output: text (journald style under systemd) or json [default: text].
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     /// When an identity with a live session connects again: replace the old session, or reject the new one.
     #[arg(long, global = true, value_enum)]
     takeover: Option<TakeoverPolicy>,
@@ -74,6 +74,7 @@ fn credentials_dir() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
 }
 
+/// The configuration file, then the flags over it.
 fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfig> {
     let mut config = match &global.config {
         Some(path) => ServerConfig::from_file(path)?,
@@ -88,6 +89,9 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     if let Some(level) = &serve.log_level {
         config.log_level = level.clone();
     }
+    if let Some(format) = serve.log_format {
+        config.log_format = format;
+    }
     if let Some(t) = serve.takeover {
         config.takeover = t;
     }
@@ -98,17 +102,6 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     Ok(config)
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
@@ -116,8 +109,10 @@ fn main() -> anyhow::Result<()> {
         other => return admin_command(&cli.global, other),
     }
     let config = load_config(&cli.global, &cli.serve)?;
-    init_logging(&config.log_level);
-    tokio::runtime::Runtime::new()?.block_on(serve(config))
+    let log = logging::init(&config.log_level, config.log_format);
+    let (global, serve) = (cli.global.clone(), cli.serve.clone());
+    let reload = move || load_config(&global, &serve);
+    tokio::runtime::Runtime::new()?.block_on(daemon::serve(config, reload, log))
 }
 
 fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
@@ -155,59 +150,4 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
         Command::Serve => unreachable!("handled by main"),
     }
     Ok(())
-}
-
-async fn serve(config: ServerConfig) -> anyhow::Result<()> {
-    let backend = backend::from_spec(&config.backend)?;
-    let creds = credentials_dir();
-    let (state, secrets) = server::ServerState::open(&config, creds.as_deref(), backend)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let control_listener = control::bind(&config.state_dir).context("control socket")?;
-    if secrets.created && !config.open_enrollment {
-        println!(
-            "First start: created keys in {}.",
-            config.state_dir.display()
-        );
-        println!("Open enrollment is off: issue one token per device with `tallyd token --id <DEVICE-ID>`.");
-    } else if secrets.created {
-        let token = admin::token(&config.state_dir, creds.as_deref(), None)?;
-        let host = if addr.ip().is_unspecified() {
-            format!("<this-host>:{}", addr.port())
-        } else {
-            addr.to_string()
-        };
-        println!(
-            "First start: created keys in {}.",
-            config.state_dir.display()
-        );
-        println!(
-            "Enrollment token (secret; print it again with `tallyd token`):\n\n  {}\n",
-            *token
-        );
-        println!(
-            "Enroll a device with:\n\n  tally enroll --server {host} --id <DEVICE-ID> --token {}\n",
-            *token
-        );
-    }
-    let stop = CancellationToken::new();
-    tokio::spawn(control::serve(
-        control_listener,
-        state.clone(),
-        stop.clone(),
-    ));
-    let shutdown = async {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    };
-    let result = server::run(listener, Arc::clone(&state), shutdown).await;
-    stop.cancel();
-    let _ = std::fs::remove_file(config.state_dir.join(control::SOCKET));
-    Ok(result?)
 }

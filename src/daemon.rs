@@ -1,0 +1,173 @@
+//! `tallyd serve` around [`crate::server::run`]: the listener (passed by systemd or
+//! bound), the control socket, readiness/status/watchdog notifications, and signals:
+//! SIGTERM and SIGINT drain and stop, SIGHUP reloads limits and the log level.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ServerConfig;
+use crate::logging::LogHandle;
+use crate::server::ServerState;
+use crate::{admin, backend, control, server, systemd};
+
+/// Runs the daemon until SIGTERM or SIGINT. `reload` re-reads the configuration for
+/// SIGHUP.
+pub async fn serve(
+    config: ServerConfig,
+    reload: impl Fn() -> anyhow::Result<ServerConfig> + Send + 'static,
+    log: LogHandle,
+) -> anyhow::Result<()> {
+    let backend = backend::from_spec(&config.backend)?;
+    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
+    let listener = match systemd::listener_from_env().context("socket activation")? {
+        Some(std) => {
+            info!("using the socket passed by systemd");
+            tokio::net::TcpListener::from_std(std)?
+        }
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
+    let addr = listener.local_addr()?;
+    let control_listener = control::bind(&config.state_dir).context("control socket")?;
+    if secrets.created {
+        print_first_start(&config, creds.as_deref(), addr)?;
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(control::serve(
+        control_listener,
+        state.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(report(state.clone(), stop.clone()));
+    let _ = systemd::notify("READY=1\nSTATUS=0 live sessions");
+    let socket = config.state_dir.join(control::SOCKET);
+    let shutdown = signals(state.clone(), config, reload, log);
+    let result = server::run(listener, Arc::clone(&state), shutdown).await;
+    stop.cancel();
+    let _ = std::fs::remove_file(socket);
+    Ok(result?)
+}
+
+fn print_first_start(
+    config: &ServerConfig,
+    creds: Option<&std::path::Path>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    println!(
+        "First start: created keys in {}.",
+        config.state_dir.display()
+    );
+    if !config.open_enrollment {
+        println!("Open enrollment is off: issue one token per device with `tallyd token --id <DEVICE-ID>`.");
+        return Ok(());
+    }
+    let token = admin::token(&config.state_dir, creds, None)?;
+    let host = if addr.ip().is_unspecified() {
+        format!("<this-host>:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    println!(
+        "Enrollment token (secret; print it again with `tallyd token`):\n\n  {}\n",
+        *token
+    );
+    println!(
+        "Enroll a device with:\n\n  tally enroll --server {host} --id <DEVICE-ID> --token {}\n",
+        *token
+    );
+    Ok(())
+}
+
+/// Sends STATUS= when the number of live sessions changes, and WATCHDOG=1 if enabled.
+async fn report(state: Arc<ServerState>, stop: CancellationToken) {
+    let watchdog = systemd::watchdog_interval();
+    let tick = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+    let mut last = 0;
+    let mut last_ping = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let n = state.registry.len();
+        if n != last {
+            last = n;
+            let _ = systemd::notify(&format!(
+                "STATUS={n} live session{}",
+                if n == 1 { "" } else { "s" }
+            ));
+        }
+        if let Some(w) = watchdog {
+            if last_ping.elapsed() >= w {
+                let _ = systemd::notify("WATCHDOG=1");
+                last_ping = tokio::time::Instant::now();
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (after STOPPING=1); handles SIGHUP meanwhile.
+async fn signals(
+    state: Arc<ServerState>,
+    mut current: ServerConfig,
+    reload: impl Fn() -> anyhow::Result<ServerConfig>,
+    log: LogHandle,
+) {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); break; }
+            _ = int.recv() => { info!("SIGINT received"); break; }
+            _ = hup.recv() => {
+                let _ = systemd::notify("RELOADING=1");
+                match reload() {
+                    Ok(new) => apply(&state, &mut current, new, &log),
+                    Err(e) => warn!("configuration not reloaded, keeping the running one: {e:#}"),
+                }
+                let _ = systemd::notify("READY=1");
+            }
+        }
+    }
+    let n = state.registry.len();
+    let _ = systemd::notify(&format!("STOPPING=1\nSTATUS=draining {n} live sessions"));
+}
+
+/// Applies what can change at run time; reports what needs a restart.
+fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log: &LogHandle) {
+    let restart_needed: Vec<&str> = [
+        ("listen", current.listen != new.listen),
+        ("state_dir", current.state_dir != new.state_dir),
+        ("backend", current.backend != new.backend),
+        ("takeover", current.takeover != new.takeover),
+        (
+            "open_enrollment",
+            current.open_enrollment != new.open_enrollment,
+        ),
+        ("log_format", current.log_format != new.log_format),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect();
+    if !restart_needed.is_empty() {
+        warn!(settings = ?restart_needed, "these changed settings take effect only after a restart");
+    }
+    if let Err(e) = log.set_level(&new.log_level) {
+        warn!("log_level {:?} not applied: {e}", new.log_level);
+    }
+    state.set_limits(new.limits.clone());
+    info!(limits = ?new.limits, log_level = %new.log_level, "configuration reloaded; limits apply to new connections and sessions");
+    *current = ServerConfig {
+        limits: new.limits,
+        log_level: new.log_level,
+        ..current.clone()
+    };
+}
