@@ -141,6 +141,77 @@ pub fn identities(state_dir: &Path, creds: Option<&Path>) -> Result<String, Admi
     Ok(out)
 }
 
+/// The live sessions table: id, peer, since, frames in and out.
+pub fn sessions(state_dir: &Path) -> Result<String, AdminError> {
+    let sessions = match control::call(state_dir, &ControlRequest::Sessions)? {
+        ControlResponse::Sessions { sessions } => sessions,
+        other => return Err(unexpected(state_dir, other)),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<22} {:<20} {:>10} {:>10}",
+        "ID", "PEER", "SINCE", "FRAMES IN", "FRAMES OUT"
+    );
+    for s in sessions {
+        let since = time(Some(s.since as i64));
+        let _ = writeln!(
+            out,
+            "{:<24} {:<22} {:<20} {:>10} {:>10}",
+            s.id, s.peer, since, s.frames_in, s.frames_out
+        );
+    }
+    Ok(out)
+}
+
+fn unexpected(state_dir: &Path, got: ControlResponse) -> AdminError {
+    let message = match got {
+        ControlResponse::Error { message } => message,
+        other => format!("unexpected answer {other:?}"),
+    };
+    ControlError::Failed {
+        path: state_dir.join(control::SOCKET),
+        message,
+    }
+    .into()
+}
+
+/// Sends a REQUEST (returning the device's status and payload) or a MESSAGE to a
+/// connected device through the running daemon.
+pub fn send(
+    state_dir: &Path,
+    id: &str,
+    request: bool,
+    payload: &[u8],
+    timeout: std::time::Duration,
+) -> Result<Option<(crate::proto::Status, Vec<u8>)>, AdminError> {
+    let id = Id::new(id)?;
+    let req = ControlRequest::Send {
+        id: id.to_string(),
+        request,
+        payload_hex: hex::encode(payload),
+        timeout_secs: timeout.as_secs_f64(),
+    };
+    match control::call(state_dir, &req)? {
+        ControlResponse::Answer {
+            status,
+            payload_hex,
+        } => {
+            let payload = hex::decode(payload_hex).map_err(|e| {
+                unexpected(
+                    state_dir,
+                    ControlResponse::Error {
+                        message: e.to_string(),
+                    },
+                )
+            })?;
+            Ok(Some((crate::proto::Status(status), payload)))
+        }
+        ControlResponse::Sent => Ok(None),
+        other => Err(unexpected(state_dir, other)),
+    }
+}
+
 /// What `revoke` did.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Revoked {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::proto::{CloseCode, Id};
-use crate::server::registry::SessionInfo;
+use crate::server::registry::{SendKind, SessionInfo};
 use crate::server::ServerState;
 
 /// File name of the control socket in the state directory.
@@ -27,7 +27,7 @@ pub const SOCKET: &str = "tallyd.sock";
 const MAX_LINE: u64 = 1 << 20;
 
 /// A request to the daemon.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     /// List live sessions.
@@ -38,6 +38,17 @@ pub enum ControlRequest {
         id: String,
         /// The CLOSE code.
         code: u16,
+    },
+    /// Send a REQUEST (and wait for the device's RESPONSE) or a MESSAGE to a device.
+    Send {
+        /// The identity.
+        id: String,
+        /// `true`: REQUEST; `false`: MESSAGE.
+        request: bool,
+        /// The payload, hex-encoded.
+        payload_hex: String,
+        /// How long to wait for the device, in seconds.
+        timeout_secs: f64,
     },
 }
 
@@ -55,6 +66,15 @@ pub enum ControlResponse {
         /// There was one.
         was_live: bool,
     },
+    /// The device answered a REQUEST.
+    Answer {
+        /// RESPONSE status.
+        status: u16,
+        /// RESPONSE payload, hex-encoded.
+        payload_hex: String,
+    },
+    /// A MESSAGE was written to the device's session.
+    Sent,
     /// The request could not be served.
     Error {
         /// Why.
@@ -126,7 +146,7 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) {
     let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
     let response = match read {
         Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(&line) {
-            Ok(req) => answer(req, &state),
+            Ok(req) => answer(req, &state).await,
             Err(e) => ControlResponse::Error {
                 message: format!("bad request: {e}"),
             },
@@ -138,8 +158,43 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) {
     let _ = wr.write_all(text.as_bytes()).await;
 }
 
-fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
+async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
     match req {
+        ControlRequest::Send {
+            id,
+            request,
+            payload_hex,
+            timeout_secs,
+        } => {
+            let (Ok(id), Ok(payload), Ok(timeout)) = (
+                Id::new(&id),
+                hex::decode(&payload_hex),
+                Duration::try_from_secs_f64(timeout_secs),
+            ) else {
+                return ControlResponse::Error {
+                    message: "invalid id, payload or timeout".into(),
+                };
+            };
+            let kind = if request {
+                SendKind::Request
+            } else {
+                SendKind::Message
+            };
+            match state
+                .registry
+                .send(&id, kind, payload.into(), timeout)
+                .await
+            {
+                Ok(Some(reply)) => ControlResponse::Answer {
+                    status: reply.status.0,
+                    payload_hex: hex::encode(&reply.payload),
+                },
+                Ok(None) => ControlResponse::Sent,
+                Err(e) => ControlResponse::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
         ControlRequest::Sessions => ControlResponse::Sessions {
             sessions: state.registry.list(),
         },

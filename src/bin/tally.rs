@@ -54,13 +54,19 @@ enum Command {
         /// The message payload; read from stdin when absent.
         data: Option<String>,
     },
-    /// Keep a session open and print what the server sends, one line each.
+    /// Keep a session open, print what the server sends (one line each) and answer its requests.
     Listen {
         #[command(flatten)]
         conn: ConnArgs,
-        /// Answer server requests with their own payload (otherwise: status REFUSED).
-        #[arg(long)]
+        /// Answer server requests with their own payload.
+        #[arg(long, conflicts_with = "exec")]
         echo: bool,
+        /// Answer each server request by running this shell command: the request payload on
+        /// its stdin, $TALLY_ID set; exit 0 answers OK with its stdout, another exit status
+        /// answers status 2 (BACKEND_ERROR) with its stderr. Without --echo or --exec,
+        /// requests are answered with status 4 (REFUSED).
+        #[arg(long, value_name = "COMMAND")]
+        exec: Option<String>,
     },
 }
 
@@ -117,6 +123,42 @@ fn printable(b: &[u8]) -> String {
     String::from_utf8_lossy(b).escape_debug().to_string()
 }
 
+/// Runs `cmd` with `payload` on stdin; its stdout (exit 0) or stderr (otherwise) answers.
+async fn run_handler(cmd: &str, id: &Id, payload: &[u8]) -> (Status, Bytes) {
+    use tokio::io::AsyncWriteExt;
+    let child = tokio::process::Command::new("sh")
+        .args(["-c", cmd])
+        .env("TALLY_ID", id.as_str())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Status::BACKEND_ERROR,
+                Bytes::from(format!("cannot run handler: {e}")),
+            )
+        }
+    };
+    let mut stdin = child.stdin.take().expect("piped");
+    let input = payload.to_vec();
+    let feed = tokio::spawn(async move {
+        let _ = stdin.write_all(&input).await;
+    });
+    let out = child.wait_with_output().await;
+    let _ = feed.await;
+    match out {
+        Ok(o) if o.status.success() => (Status::OK, Bytes::from(o.stdout)),
+        Ok(o) => (Status::BACKEND_ERROR, Bytes::from(o.stderr)),
+        Err(e) => (
+            Status::BACKEND_ERROR,
+            Bytes::from(format!("handler failed: {e}")),
+        ),
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     if let Err(e) = run(Cli::parse()).await {
@@ -169,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.message(payload).await?;
             client.close().await?;
         }
-        Command::Listen { conn, echo } => {
+        Command::Listen { conn, echo, exec } => {
             let (client, mut incoming) = conn.connect().await?;
             eprintln!(
                 "connected as {}; waiting for the server (Ctrl-C to stop)",
@@ -181,11 +223,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
                         Some(Incoming::Request(req)) => {
                             println!("request: {}", printable(&req.payload));
-                            let (status, body) = if echo {
-                                (Status::OK, req.payload.clone())
-                            } else {
-                                (Status::REFUSED, Bytes::from_static(b"tally listen has no handler (use --echo)"))
+                            let (status, body) = match (&exec, echo) {
+                                (Some(cmd), _) => run_handler(cmd, client.id(), &req.payload).await,
+                                (None, true) => (Status::OK, req.payload.clone()),
+                                (None, false) => (Status::REFUSED, Bytes::from_static(b"tally listen has no handler (use --echo or --exec)")),
                             };
+                            println!("answered: {status}");
                             req.respond(status, body).await?;
                         }
                         None => return Err(client.closed().await.into()),

@@ -49,6 +49,21 @@ enum Command {
         /// The identity.
         id: String,
     },
+    /// List live sessions: id, peer, since, frames in and out.
+    Sessions,
+    /// Send a MESSAGE (or with --request a REQUEST, printing the device's answer) to a connected device.
+    Send {
+        /// The identity.
+        id: String,
+        /// Send a REQUEST and print the device's response payload on stdout.
+        #[arg(long)]
+        request: bool,
+        /// Seconds to wait for the device's answer.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// The payload; read from stdin when absent.
+        data: Option<String>,
+    },
 }
 
 #[derive(Args, Default, Clone)]
@@ -146,6 +161,35 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                 None => "tallyd is not running",
             };
             println!("{id}: {state}; {session}");
+        }
+        Command::Sessions => print!("{}", admin::sessions(dir)?),
+        Command::Send {
+            id,
+            request,
+            timeout,
+            data,
+        } => {
+            let payload = match data {
+                Some(d) => d.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                    buf
+                }
+            };
+            let timeout = std::time::Duration::try_from_secs_f64(timeout)?;
+            match admin::send(dir, &id, request, &payload, timeout)? {
+                None => eprintln!("sent to {id}"),
+                Some((tally::proto::Status::OK, body)) => {
+                    std::io::Write::write_all(&mut std::io::stdout(), &body)?
+                }
+                Some((status, body)) => {
+                    anyhow::bail!(
+                        "{id} answered with status {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )
+                }
+            }
         }
         Command::Serve => unreachable!("handled by main"),
     }

@@ -54,7 +54,7 @@ pub struct ServerState {
     /// The identity store.
     pub store: Arc<Store>,
     /// Live sessions.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// Who answers requests.
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
@@ -81,11 +81,14 @@ impl ServerState {
         config.validate()?;
         let secrets = ServerSecrets::load(&config.state_dir, credentials_dir, true)?;
         let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
+        let registry = Arc::new(Registry::default());
+        // The backend may send to devices (server-initiated traffic) through the registry.
+        backend.attach(registry.clone());
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
             params: secrets.enroll_params(config.open_enrollment),
             store: Arc::new(store),
-            registry: Registry::default(),
+            registry,
             backend,
             takeover: config.takeover,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),

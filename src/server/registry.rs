@@ -32,8 +32,37 @@ pub enum Command {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Reply, String>>,
     },
-    /// Send a one-way MESSAGE to the device.
-    Message(Bytes),
+    /// Send a one-way MESSAGE to the device; `sent` learns whether it was written.
+    Message {
+        /// Payload.
+        payload: Bytes,
+        /// Whether it was sealed and queued (or why not).
+        sent: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What to send to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendKind {
+    /// A REQUEST: wait for the device's RESPONSE.
+    Request,
+    /// A one-way MESSAGE.
+    Message,
+}
+
+/// Why something could not be sent to a device, or got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The identity has no live session.
+    #[error("identity {0} is not connected")]
+    Offline(String),
+    /// The session ended, or refused the frame, before an answer.
+    #[error("{0}")]
+    Failed(String),
+    /// The device did not answer in time.
+    #[error("the device did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Frame counters of a session, shared with the registry for listings.
@@ -170,6 +199,48 @@ impl Registry {
             }
             None => false,
         }
+    }
+
+    /// Sends a REQUEST (returning the device's answer) or a MESSAGE (returning `None`
+    /// once written) to `id`'s live session.
+    pub async fn send(
+        &self,
+        id: &Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, SendError> {
+        let tx = self
+            .sender(id)
+            .ok_or_else(|| SendError::Offline(id.to_string()))?;
+        let gone = || SendError::Failed("the session ended".into());
+        let wait = async {
+            match kind {
+                SendKind::Request => {
+                    let (reply, rx) = oneshot::channel();
+                    tx.send(Command::Request { payload, reply })
+                        .await
+                        .map_err(|_| gone())?;
+                    rx.await
+                        .map_err(|_| gone())?
+                        .map(Some)
+                        .map_err(SendError::Failed)
+                }
+                SendKind::Message => {
+                    let (sent, rx) = oneshot::channel();
+                    tx.send(Command::Message { payload, sent })
+                        .await
+                        .map_err(|_| gone())?;
+                    rx.await
+                        .map_err(|_| gone())?
+                        .map(|()| None)
+                        .map_err(SendError::Failed)
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(SendError::Timeout(timeout)))
     }
 
     /// Number of live sessions.

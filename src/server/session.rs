@@ -140,7 +140,9 @@ impl SessionTask {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Close(code, reason)) => return self.close(code, reason).await,
                     Some(Command::Request { payload, reply }) => self.send_request(payload, reply),
-                    Some(Command::Message(payload)) => self.send(Body::Message { payload }),
+                    Some(Command::Message { payload, sent }) => {
+                        let _ = sent.send(self.seal(&Body::Message { payload }).map(drop).map_err(|e| e.to_string()));
+                    }
                     None => {}
                 },
                 Some(done) = self.inflight.join_next_with_id(), if !self.inflight.is_empty() => self.answer(done),

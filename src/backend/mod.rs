@@ -11,6 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::config::ConfigError;
+
+pub mod http;
+pub mod unix;
 use crate::proto::{Id, Status};
 
 /// A boxed future, as backends return.
@@ -62,6 +65,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Answers one request.
     fn request(&self, req: Request) -> BoxFuture<Reply>;
 
+    /// Called once when the daemon starts, with the registry of live sessions, through
+    /// which the backend can send requests and messages to devices. The default ignores it.
+    fn attach(&self, registry: Arc<crate::server::Registry>) {
+        let _ = registry;
+    }
+
     /// Takes a one-way MESSAGE. The default drops it.
     fn message(&self, id: Id, payload: Bytes) -> BoxFuture<()> {
         let _ = (id, payload);
@@ -88,13 +97,27 @@ pub fn check_spec(spec: &str) -> Result<(), ConfigError> {
     from_spec(spec).map(drop)
 }
 
-/// Builds the backend a `backend = "..."` setting names.
+/// Builds the backend a `backend = "..."` setting names: `echo`,
+/// `unix:/path/to/app.sock` or `http://host:port/path`.
 pub fn from_spec(spec: &str) -> Result<Arc<dyn Backend>, ConfigError> {
-    match spec {
-        "echo" => Ok(Arc::new(Echo)),
-        other => Err(ConfigError::Invalid {
-            field: "backend",
-            reason: format!("unknown backend {other:?} (available: echo)"),
-        }),
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "backend",
+        reason,
+    };
+    if spec == "echo" {
+        Ok(Arc::new(Echo))
+    } else if let Some(path) = spec.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(invalid(
+                "unix: needs a socket path, e.g. unix:/run/app.sock".into(),
+            ));
+        }
+        Ok(Arc::new(unix::UnixBackend::new(path.into())))
+    } else if spec.starts_with("http://") {
+        Ok(Arc::new(http::HttpBackend::new(spec).map_err(invalid)?))
+    } else {
+        Err(invalid(format!(
+            "unknown backend {spec:?} (use echo, unix:/path/to/socket, or http://host:port/path)"
+        )))
     }
 }
