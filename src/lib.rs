@@ -33,3 +33,4 @@ pub mod server;
 pub mod store;
 pub mod systemd;
 pub mod wire;
+pub mod bench;

@@ -54,6 +54,8 @@ enum Command {
         /// The message payload; read from stdin when absent.
         data: Option<String>,
     },
+    /// Load-test a running tallyd (echo backend), side by side with a baseline echo server.
+    Bench(BenchArgs),
     /// Keep a session open, print what the server sends (one line each) and answer its requests.
     Listen {
         #[command(flatten)]
@@ -68,6 +70,47 @@ enum Command {
         #[arg(long, value_name = "COMMAND")]
         exec: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "throughput")]
+    mode: tally::bench::Mode,
+    /// tallyd address.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    server: String,
+    /// Enrollment token, to enroll the bench identities missing from --cred-dir.
+    #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the bench identities' credentials are kept between runs.
+    #[arg(long, default_value = "tally-bench-creds")]
+    cred_dir: PathBuf,
+    /// Address of the baseline echo server (`cargo run --release --example bench_echo`),
+    /// measured in the same run; the summary gives Tally as a fraction of it.
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Connections (throughput, idle) or workers (reconnect).
+    #[arg(long, short = 'c', default_value_t = 64)]
+    connections: usize,
+    /// Request payload in bytes.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// Seconds per measurement (idle: seconds the sessions are held).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Measurements per target, alternating; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Idle mode: pid of the tallyd process whose memory is measured.
+    #[arg(long)]
+    daemon_pid: Option<u32>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -121,6 +164,67 @@ fn write_credential(path: &Path, cred: &Credential, force: bool) -> anyhow::Resu
 
 fn printable(b: &[u8]) -> String {
     String::from_utf8_lossy(b).escape_debug().to_string()
+}
+
+async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    use tally::bench::{self, Load, Measurement, Mode, Target};
+    let token = a.token.as_deref().map(EnrollmentToken::parse).transpose()?;
+    let creds = bench::credentials(&a.cred_dir, a.connections, &a.server, token.as_ref()).await?;
+    let load = Load {
+        mode: a.mode,
+        connections: a.connections,
+        payload: a.payload,
+        depth: a.depth,
+        duration: Duration::try_from_secs_f64(a.duration)?,
+        progress: !a.json,
+    };
+    let tally_target = Target::Tally(std::sync::Arc::new(creds));
+    let baseline = a.baseline.map(Target::Baseline).filter(|_| a.mode != Mode::Idle);
+    let (mut ours, mut theirs): (Vec<Measurement>, Vec<Measurement>) = (Vec::new(), Vec::new());
+    for _ in 0..a.rounds.max(1) {
+        if let Some(b) = &baseline {
+            theirs.push(bench::measure(b, &load, None).await?);
+        }
+        ours.push(bench::measure(&tally_target, &load, a.daemon_pid).await?);
+    }
+    let med = |ms: &[Measurement], f: fn(&Measurement) -> f64| bench::median(ms.iter().map(f).collect());
+    let row = |ms: &[Measurement]| {
+        serde_json::json!({
+            "per_sec": med(ms, |m| m.per_sec),
+            "p50_us": med(ms, |m| m.p50_us as f64),
+            "p99_us": med(ms, |m| m.p99_us as f64),
+            "p999_us": med(ms, |m| m.p999_us as f64),
+            "rss_per_session": ms.iter().filter_map(|m| m.rss_per_session).map(|v| v as f64).collect::<Vec<_>>().first().map(|_| med(ms, |m| m.rss_per_session.unwrap_or(0) as f64)),
+            "rounds": ms,
+        })
+    };
+    let ratio = (!theirs.is_empty()).then(|| med(&ours, |m| m.per_sec) / med(&theirs, |m| m.per_sec));
+    let summary = serde_json::json!({
+        "mode": a.mode, "connections": a.connections, "payload": a.payload, "depth": a.depth,
+        "duration_s": a.duration, "tally": row(&ours), "baseline": (!theirs.is_empty()).then(|| row(&theirs)),
+        "tally_over_baseline": ratio,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let unit = if a.mode == Mode::Reconnect { "handshakes/s" } else { "requests/s" };
+    println!("mode {:?}, {} connections, {} B payload, depth {}, {} s x {} rounds (medians)", a.mode, a.connections, a.payload, a.depth, a.duration, a.rounds);
+    if a.mode == Mode::Idle {
+        let per = summary["tally"]["rss_per_session"].as_f64().unwrap_or(0.0);
+        println!("daemon resident memory per idle session: {:.0} bytes ({:.1} KiB)", per, per / 1024.0);
+        return Ok(());
+    }
+    println!("{:<10} {:>14} {:>10} {:>10} {:>10}", "target", unit, "p50 us", "p99 us", "p99.9 us");
+    for (name, ms) in [("tally", &ours), ("baseline", &theirs)] {
+        if !ms.is_empty() {
+            println!("{:<10} {:>14.0} {:>10.0} {:>10.0} {:>10.0}", name, med(ms, |m| m.per_sec), med(ms, |m| m.p50_us as f64), med(ms, |m| m.p99_us as f64), med(ms, |m| m.p999_us as f64));
+        }
+    }
+    if let Some(r) = ratio {
+        println!("tally / baseline: {:.1}%", r * 100.0);
+    }
+    Ok(())
 }
 
 /// Runs `cmd` with `payload` on stdin; its stdout (exit 0) or stderr (otherwise) answers.
@@ -211,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.message(payload).await?;
             client.close().await?;
         }
+        Command::Bench(args) => bench(args).await?,
         Command::Listen { conn, echo, exec } => {
             let (client, mut incoming) = conn.connect().await?;
             eprintln!(

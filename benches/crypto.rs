@@ -1,0 +1,133 @@
+//! Criterion benchmarks of the protocol core, each beside the floor it is measured
+//! against in the same run (see benches/README.md for figures and ratios):
+//!
+//! - `frame/{tally,hmac}/N`: seal + open of a REQUEST with an N-byte payload, against
+//!   HMAC-SHA256 computed and verified over the same bytes with a precomputed key;
+//! - `handshake/tally`: a whole session handshake, both sides;
+//! - `enroll/{tally,x25519}`: a whole enrollment, both sides, against the six X25519
+//!   operations it needs (two key generations, four Diffie-Hellman).
+
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::hint::black_box;
+use tally::proto::enroll::{ClientAwaitReply, ClientParams, ServerAwaitConfirm, ServerParams};
+use tally::proto::frame::{EnrollMode, Id};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::{Body, SecretKey, Session};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+fn pair() -> (Session, Session) {
+    let id = Id::new("bench").unwrap();
+    let mut hello = BytesMut::new();
+    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
+    let mut auth = BytesMut::new();
+    let s = HelloReceived::parse(&hello).unwrap().respond(
+        Some(SecretKey::from_bytes([9; 32])),
+        SecretKey::from_bytes([0; 32]),
+        [2; 32],
+        &mut auth,
+    );
+    let mut fin = BytesMut::new();
+    let client = c.handle_server_auth(&auth, &mut fin, 1 << 20).unwrap();
+    (client, s.handle_finish(&fin, 1 << 20).unwrap().session)
+}
+
+fn frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    for size in [0usize, 64, 1024, 16 * 1024] {
+        g.throughput(Throughput::Bytes(size as u64));
+        let payload = Bytes::from(vec![0xab; size]);
+        let (mut client, mut server) = pair();
+        let mut out = BytesMut::with_capacity(size + 64);
+        g.bench_with_input(BenchmarkId::new("tally", size), &payload, |b, payload| {
+            b.iter(|| {
+                client.seal(&Body::Request { payload: payload.clone() }, &mut out).unwrap();
+                let frame = server.open(out.split().freeze()).unwrap();
+                black_box(frame);
+            })
+        });
+        // The floor: one HMAC to tag the frame's bytes, one to verify them.
+        let key = Hmac::<Sha256>::new_from_slice(&[7; 32]).unwrap();
+        let bytes = vec![0xabu8; size + 13];
+        g.bench_with_input(BenchmarkId::new("hmac", size), &bytes, |b, bytes| {
+            b.iter(|| {
+                let mut m = key.clone();
+                m.update(bytes);
+                let tag = m.finalize().into_bytes();
+                let mut v = key.clone();
+                v.update(black_box(bytes));
+                v.verify_slice(&tag).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn handshake(c: &mut Criterion) {
+    let id = Id::new("bench").unwrap();
+    c.bench_function("handshake/tally", |b| {
+        b.iter(|| {
+            let mut hello = BytesMut::new();
+            let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
+            let mut auth = BytesMut::new();
+            let server = HelloReceived::parse(&hello).unwrap().respond(
+                Some(SecretKey::from_bytes([9; 32])),
+                SecretKey::from_bytes([0; 32]),
+                [2; 32],
+                &mut auth,
+            );
+            let mut fin = BytesMut::new();
+            let s = client.handle_server_auth(&auth, &mut fin, 65536).unwrap();
+            black_box((s, server.handle_finish(&fin, 65536).unwrap()));
+        })
+    });
+}
+
+fn enroll(c: &mut Criterion) {
+    let srv = ServerParams {
+        enrollment_key: SecretKey::from_bytes([1; 32]),
+        static_secret: StaticSecret::from([2; 32]),
+        allow_open: true,
+    };
+    let id = Id::new("bench").unwrap();
+    let params = ClientParams {
+        id: id.clone(),
+        mode: EnrollMode::Token,
+        credential: srv.credential(EnrollMode::Token, &id),
+        server_static: srv.static_public(),
+    };
+    let mut g = c.benchmark_group("enroll");
+    g.bench_function("tally", |b| {
+        b.iter(|| {
+            let mut init = BytesMut::new();
+            let client = ClientAwaitReply::start(params.clone(), [3; 32], &mut init);
+            let mut reply = BytesMut::new();
+            let server = ServerAwaitConfirm::handle_init(&srv, &init, [4; 32], &mut reply).unwrap();
+            let mut confirm = BytesMut::new();
+            let client = client.handle_reply(&reply, &mut confirm).unwrap();
+            let pending = server.handle_confirm(&confirm).unwrap();
+            let mut done = BytesMut::new();
+            pending.committed(&mut done);
+            black_box(client.handle_done(&done).unwrap());
+        })
+    });
+    let s_pub = srv.static_public();
+    g.bench_function("x25519", |b| {
+        b.iter(|| {
+            let x = StaticSecret::from(black_box([3; 32]));
+            let y = StaticSecret::from(black_box([4; 32]));
+            let (xp, yp) = (PublicKey::from(&x), PublicKey::from(&y));
+            let a = x.diffie_hellman(&yp);
+            let b2 = x.diffie_hellman(&PublicKey::from(s_pub));
+            let c2 = y.diffie_hellman(&xp);
+            let d = srv.static_secret.diffie_hellman(&xp);
+            black_box((a, b2, c2, d));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frames, handshake, enroll);
+criterion_main!(benches);

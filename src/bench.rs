@@ -1,0 +1,397 @@
+//! The load tool behind `tally bench`: drives a running tallyd (echo backend) and, in
+//! the same run, an unauthenticated baseline echo server (`examples/bench_echo.rs`)
+//! through the same client loop, so the ratio between them is the cost of the protocol.
+//!
+//! Modes:
+//! - `throughput`: N connections, each keeping `depth` requests of `payload` bytes in
+//!   flight for `duration`; requests/s and latency percentiles (HdrHistogram).
+//! - `reconnect`: N workers each connecting, doing one request, and closing, in a loop;
+//!   handshakes/s (baseline: TCP connect plus one round trip).
+//! - `idle`: open N sessions and hold them; the daemon's resident memory per session.
+//!
+//! The baseline speaks `u32 length | u64 id | payload` and echoes it; the Tally side is a
+//! real session (HELLO, SERVER_AUTH, CLIENT_FINISH, then sealed REQUESTs). Each Tally
+//! connection needs its own identity: they are enrolled once with `--token` and kept in
+//! `--cred-dir`.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::proto::credential::{Credential, EnrollmentToken};
+use crate::proto::handshake::ClientAwaitAuth;
+use crate::proto::{decode_frame, Body, CloseCode, Id, Session, MAX_FRAME_LEN_CEILING};
+use crate::secrets::random_bytes;
+use crate::wire::read_frame;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Requests per second and latency.
+    Throughput,
+    /// Handshakes per second.
+    Reconnect,
+    /// Daemon memory per idle session.
+    Idle,
+}
+
+/// The load's shape.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// What to measure.
+    pub mode: Mode,
+    /// Connections (throughput, idle) or workers (reconnect).
+    pub connections: usize,
+    /// Request payload size in bytes.
+    pub payload: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// How long each measurement runs (idle: how long sessions are held).
+    pub duration: Duration,
+    /// Print a progress line to stderr.
+    pub progress: bool,
+}
+
+/// One measurement against one server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// `tally` or `baseline`.
+    pub target: &'static str,
+    /// Completed requests (throughput) or handshakes (reconnect).
+    pub count: u64,
+    /// Per second.
+    pub per_sec: f64,
+    /// Latency percentiles in microseconds: p50, p99, p99.9.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Idle mode: resident memory the daemon gained per session, in bytes.
+    pub rss_per_session: Option<u64>,
+}
+
+/// Which server a connection talks to, and how.
+#[derive(Clone)]
+pub enum Target {
+    /// tallyd, with one credential per connection.
+    Tally(Arc<Vec<Credential>>),
+    /// The baseline echo server.
+    Baseline(String),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Tally(_) => "tally",
+            Target::Baseline(_) => "baseline",
+        }
+    }
+}
+
+/// A connection that sends requests and matches responses to them.
+enum Conn {
+    Plain { tcp: TcpStream, next: u64 },
+    Tally { tcp: TcpStream, session: Session },
+}
+
+impl Conn {
+    async fn open(target: &Target, i: usize) -> anyhow::Result<Conn> {
+        match target {
+            Target::Baseline(addr) => {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                Ok(Conn::Plain { tcp, next: 1 })
+            }
+            Target::Tally(creds) => {
+                let cred = &creds[i % creds.len()];
+                let mut tcp = TcpStream::connect(&cred.server).await?;
+                tcp.set_nodelay(true)?;
+                let mut out = BytesMut::new();
+                let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
+                tcp.write_all(&out).await?;
+                let mut buf = BytesMut::new();
+                let auth = read_frame(&mut tcp, &mut buf, 256).await?;
+                out.clear();
+                let session = wait.handle_server_auth(&auth, &mut out, MAX_FRAME_LEN_CEILING)?;
+                tcp.write_all(&out).await?;
+                Ok(Conn::Tally { tcp, session })
+            }
+        }
+    }
+
+    /// Appends one request to `out`; returns the key its response will carry.
+    fn request(&mut self, payload: &Bytes, out: &mut BytesMut) -> anyhow::Result<u64> {
+        match self {
+            Conn::Plain { next, .. } => {
+                let id = *next;
+                *next += 1;
+                out.put_u32(8 + payload.len() as u32);
+                out.put_u64(id);
+                out.put_slice(payload);
+                Ok(id)
+            }
+            Conn::Tally { session, .. } => Ok(session.seal(&Body::Request { payload: payload.clone() }, out)?),
+        }
+    }
+
+    /// The key of a response frame (a baseline frame's id, a RESPONSE's `req_seq`).
+    fn response(&mut self, frame: Bytes) -> anyhow::Result<Option<u64>> {
+        match self {
+            Conn::Plain { .. } => Ok(Some(u64::from_be_bytes(frame[4..12].try_into()?))),
+            Conn::Tally { session, .. } => match session.open(frame)?.body {
+                Body::Response { req_seq, .. } => Ok(Some(req_seq)),
+                Body::Close { code, reason } => bail!("server closed the session: {code} {reason}"),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            Conn::Plain { tcp, .. } | Conn::Tally { tcp, .. } => tcp,
+        }
+    }
+
+    async fn close(mut self) {
+        if let Conn::Tally { tcp, session } = &mut self {
+            let mut out = BytesMut::new();
+            let _ = session.seal(&Body::Close { code: CloseCode::NORMAL, reason: String::new() }, &mut out);
+            let _ = tcp.write_all(&out).await;
+        }
+        let _ = self.tcp().shutdown().await;
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Keeps `depth` requests in flight on one connection until `until`.
+async fn pipeline(
+    mut conn: Conn,
+    payload: Bytes,
+    depth: usize,
+    until: Instant,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = histogram();
+    let mut sent: HashMap<u64, Instant> = HashMap::with_capacity(depth * 2);
+    let (mut buf, mut out) = (BytesMut::with_capacity(8192), BytesMut::with_capacity(8192));
+    for _ in 0..depth {
+        let key = conn.request(&payload, &mut out)?;
+        sent.insert(key, Instant::now());
+    }
+    while Instant::now() < until {
+        if !out.is_empty() {
+            conn.tcp().write_all(&out).await?;
+            out.clear();
+        }
+        if conn.tcp().read_buf(&mut buf).await? == 0 {
+            bail!("server closed the connection");
+        }
+        while let Some(frame) = decode_frame(&mut buf, MAX_FRAME_LEN_CEILING)? {
+            if let Some(key) = conn.response(frame)? {
+                let t0 = sent.remove(&key).context("response to nothing")?;
+                hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+                done.fetch_add(1, Ordering::Relaxed);
+                let key = conn.request(&payload, &mut out)?;
+                sent.insert(key, Instant::now());
+            }
+        }
+    }
+    conn.close().await;
+    Ok(hist)
+}
+
+/// Connect, one request, close, in a loop until `until`.
+async fn reconnects(target: Target, i: usize, payload: Bytes, until: Instant, done: Arc<AtomicU64>) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = histogram();
+    while Instant::now() < until {
+        let t0 = Instant::now();
+        let mut conn = Conn::open(&target, i).await?;
+        let mut out = BytesMut::new();
+        let key = conn.request(&payload, &mut out)?;
+        conn.tcp().write_all(&out).await?;
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = read_frame(conn.tcp(), &mut buf, MAX_FRAME_LEN_CEILING).await?;
+            if conn.response(frame)? == Some(key) {
+                break;
+            }
+        }
+        conn.close().await;
+        hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hist)
+}
+
+/// Prints `label: n done (n/s)` to stderr every second until dropped.
+fn progress(label: String, done: Arc<AtomicU64>, on: bool) -> Option<tokio::task::JoinHandle<()>> {
+    on.then(|| {
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = done.load(Ordering::Relaxed);
+                let s = t0.elapsed().as_secs_f64();
+                eprint!("\r{label}: {s:5.1} s, {n} done ({:.0}/s)    ", n as f64 / s);
+                let _ = std::io::stderr().flush();
+            }
+        })
+    })
+}
+
+/// Runs one measurement of `load` against `target`.
+pub async fn measure(target: &Target, load: &Load, daemon_pid: Option<u32>) -> anyhow::Result<Measurement> {
+    let payload = Bytes::from(vec![0x5a; load.payload]);
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = progress(format!("{:?} {}", load.mode, target.name()), done.clone(), load.progress);
+    let result = match load.mode {
+        Mode::Throughput | Mode::Reconnect => {
+            // Connections are opened first (at most 128 handshakes at a time), then timed.
+            let gate = Arc::new(Semaphore::new(128));
+            let mut conns = Vec::new();
+            if load.mode == Mode::Throughput {
+                let opens = (0..load.connections).map(|i| {
+                    let (target, gate) = (target.clone(), gate.clone());
+                    tokio::spawn(async move {
+                        let _p = gate.acquire().await;
+                        Conn::open(&target, i).await
+                    })
+                });
+                for h in opens.collect::<Vec<_>>() {
+                    conns.push(h.await??);
+                }
+            }
+            let t0 = Instant::now();
+            let until = t0 + load.duration;
+            let tasks: Vec<_> = if load.mode == Mode::Throughput {
+                conns
+                    .into_iter()
+                    .map(|c| tokio::spawn(pipeline(c, payload.clone(), load.depth, until, done.clone())))
+                    .collect()
+            } else {
+                (0..load.connections)
+                    .map(|i| tokio::spawn(reconnects(target.clone(), i, payload.clone(), until, done.clone())))
+                    .collect()
+            };
+            let mut hist = histogram();
+            for t in tasks {
+                hist.add(t.await??)?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            Measurement {
+                target: target.name(),
+                count: hist.len(),
+                per_sec: hist.len() as f64 / secs,
+                p50_us: hist.value_at_quantile(0.5),
+                p99_us: hist.value_at_quantile(0.99),
+                p999_us: hist.value_at_quantile(0.999),
+                rss_per_session: None,
+            }
+        }
+        Mode::Idle => idle(target, load, daemon_pid, done.clone()).await?,
+    };
+    if let Some(t) = ticker {
+        t.abort();
+        eprintln!();
+    }
+    Ok(result)
+}
+
+/// Resident memory of `pid` in bytes (Linux `/proc`).
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+async fn idle(target: &Target, load: &Load, pid: Option<u32>, done: Arc<AtomicU64>) -> anyhow::Result<Measurement> {
+    let pid = pid.context("idle mode needs --daemon-pid, the pid of the server process")?;
+    let before = rss(pid)?;
+    let gate = Arc::new(Semaphore::new(128));
+    let opens: Vec<_> = (0..load.connections)
+        .map(|i| {
+            let (target, gate, done) = (target.clone(), gate.clone(), done.clone());
+            tokio::spawn(async move {
+                let _p = gate.acquire().await;
+                let c = Conn::open(&target, i).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                c
+            })
+        })
+        .collect();
+    let mut conns = Vec::with_capacity(load.connections);
+    for h in opens {
+        conns.push(h.await??);
+    }
+    // Let the server finish registering every session, then hold them.
+    tokio::time::sleep(load.duration.max(Duration::from_secs(2))).await;
+    let after = rss(pid)?;
+    for c in conns {
+        c.close().await;
+    }
+    Ok(Measurement {
+        target: target.name(),
+        count: load.connections as u64,
+        per_sec: 0.0,
+        p50_us: 0,
+        p99_us: 0,
+        p999_us: 0,
+        rss_per_session: Some(after.saturating_sub(before) / load.connections.max(1) as u64),
+    })
+}
+
+/// Loads `bench-0 .. bench-(n-1)` from `dir`, enrolling (with `token`) those missing.
+pub async fn credentials(dir: &Path, n: usize, server: &str, token: Option<&EnrollmentToken>) -> anyhow::Result<Vec<Credential>> {
+    std::fs::create_dir_all(dir)?;
+    let gate = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let path: PathBuf = dir.join(format!("bench-{i}.cred"));
+        let (server, token, gate) = (server.to_owned(), token.cloned(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let mut cred = Credential::from_file(&text)?;
+                cred.server = server;
+                return Ok(cred);
+            }
+            let token = token.context("credentials missing in --cred-dir; give --token to enroll them")?;
+            let _p = gate.acquire().await;
+            let id = Id::new(&format!("bench-{i}"))?;
+            let cred = crate::client::enroll(&server, &token, id, Duration::from_secs(30)).await?;
+            crate::secrets::write_secret_file(&path, cred.to_file().as_bytes())?;
+            Ok::<_, anyhow::Error>(cred)
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// The median of `xs` (upper median for an even count).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
