@@ -43,7 +43,14 @@ fn frames(c: &mut Criterion) {
         let mut out = BytesMut::with_capacity(size + 64);
         g.bench_with_input(BenchmarkId::new("tally", size), &payload, |b, payload| {
             b.iter(|| {
-                client.seal(&Body::Request { payload: payload.clone() }, &mut out).unwrap();
+                client
+                    .seal(
+                        &Body::Request {
+                            payload: payload.clone(),
+                        },
+                        &mut out,
+                    )
+                    .unwrap();
                 let frame = server.open(out.split().freeze()).unwrap();
                 black_box(frame);
             })
@@ -70,7 +77,8 @@ fn handshake(c: &mut Criterion) {
     c.bench_function("handshake/tally", |b| {
         b.iter(|| {
             let mut hello = BytesMut::new();
-            let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
+            let client =
+                ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
             let mut auth = BytesMut::new();
             let server = HelloReceived::parse(&hello).unwrap().respond(
                 Some(SecretKey::from_bytes([9; 32])),

@@ -51,7 +51,9 @@ async fn serve(tcp: TcpStream) -> std::io::Result<()> {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7421".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7421".into());
     let listener = TcpListener::bind(&addr).await?;
     eprintln!("bench_echo listening on {}", listener.local_addr()?);
     loop {

@@ -104,7 +104,7 @@ impl Target {
 /// A connection that sends requests and matches responses to them.
 enum Conn {
     Plain { tcp: TcpStream, next: u64 },
-    Tally { tcp: TcpStream, session: Session },
+    Tally { tcp: TcpStream, session: Box<Session> },
 }
 
 impl Conn {
@@ -120,14 +120,15 @@ impl Conn {
                 let mut tcp = TcpStream::connect(&cred.server).await?;
                 tcp.set_nodelay(true)?;
                 let mut out = BytesMut::new();
-                let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
+                let wait =
+                    ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
                 tcp.write_all(&out).await?;
                 let mut buf = BytesMut::new();
                 let auth = read_frame(&mut tcp, &mut buf, 256).await?;
                 out.clear();
                 let session = wait.handle_server_auth(&auth, &mut out, MAX_FRAME_LEN_CEILING)?;
                 tcp.write_all(&out).await?;
-                Ok(Conn::Tally { tcp, session })
+                Ok(Conn::Tally { tcp, session: Box::new(session) })
             }
         }
     }
@@ -143,7 +144,12 @@ impl Conn {
                 out.put_slice(payload);
                 Ok(id)
             }
-            Conn::Tally { session, .. } => Ok(session.seal(&Body::Request { payload: payload.clone() }, out)?),
+            Conn::Tally { session, .. } => Ok(session.seal(
+                &Body::Request {
+                    payload: payload.clone(),
+                },
+                out,
+            )?),
         }
     }
 
@@ -168,7 +174,13 @@ impl Conn {
     async fn close(mut self) {
         if let Conn::Tally { tcp, session } = &mut self {
             let mut out = BytesMut::new();
-            let _ = session.seal(&Body::Close { code: CloseCode::NORMAL, reason: String::new() }, &mut out);
+            let _ = session.seal(
+                &Body::Close {
+                    code: CloseCode::NORMAL,
+                    reason: String::new(),
+                },
+                &mut out,
+            );
             let _ = tcp.write_all(&out).await;
         }
         let _ = self.tcp().shutdown().await;
@@ -217,7 +229,13 @@ async fn pipeline(
 }
 
 /// Connect, one request, close, in a loop until `until`.
-async fn reconnects(target: Target, i: usize, payload: Bytes, until: Instant, done: Arc<AtomicU64>) -> anyhow::Result<Histogram<u64>> {
+async fn reconnects(
+    target: Target,
+    i: usize,
+    payload: Bytes,
+    until: Instant,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<Histogram<u64>> {
     let mut hist = histogram();
     while Instant::now() < until {
         let t0 = Instant::now();
@@ -256,10 +274,18 @@ fn progress(label: String, done: Arc<AtomicU64>, on: bool) -> Option<tokio::task
 }
 
 /// Runs one measurement of `load` against `target`.
-pub async fn measure(target: &Target, load: &Load, daemon_pid: Option<u32>) -> anyhow::Result<Measurement> {
+pub async fn measure(
+    target: &Target,
+    load: &Load,
+    daemon_pid: Option<u32>,
+) -> anyhow::Result<Measurement> {
     let payload = Bytes::from(vec![0x5a; load.payload]);
     let done = Arc::new(AtomicU64::new(0));
-    let ticker = progress(format!("{:?} {}", load.mode, target.name()), done.clone(), load.progress);
+    let ticker = progress(
+        format!("{:?} {}", load.mode, target.name()),
+        done.clone(),
+        load.progress,
+    );
     let result = match load.mode {
         Mode::Throughput | Mode::Reconnect => {
             // Connections are opened first (at most 128 handshakes at a time), then timed.
@@ -282,11 +308,27 @@ pub async fn measure(target: &Target, load: &Load, daemon_pid: Option<u32>) -> a
             let tasks: Vec<_> = if load.mode == Mode::Throughput {
                 conns
                     .into_iter()
-                    .map(|c| tokio::spawn(pipeline(c, payload.clone(), load.depth, until, done.clone())))
+                    .map(|c| {
+                        tokio::spawn(pipeline(
+                            c,
+                            payload.clone(),
+                            load.depth,
+                            until,
+                            done.clone(),
+                        ))
+                    })
                     .collect()
             } else {
                 (0..load.connections)
-                    .map(|i| tokio::spawn(reconnects(target.clone(), i, payload.clone(), until, done.clone())))
+                    .map(|i| {
+                        tokio::spawn(reconnects(
+                            target.clone(),
+                            i,
+                            payload.clone(),
+                            until,
+                            done.clone(),
+                        ))
+                    })
                     .collect()
             };
             let mut hist = histogram();
@@ -315,7 +357,8 @@ pub async fn measure(target: &Target, load: &Load, daemon_pid: Option<u32>) -> a
 
 /// Resident memory of `pid` in bytes (Linux `/proc`).
 pub fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid}"))?;
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -325,7 +368,12 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-async fn idle(target: &Target, load: &Load, pid: Option<u32>, done: Arc<AtomicU64>) -> anyhow::Result<Measurement> {
+async fn idle(
+    target: &Target,
+    load: &Load,
+    pid: Option<u32>,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<Measurement> {
     let pid = pid.context("idle mode needs --daemon-pid, the pid of the server process")?;
     let before = rss(pid)?;
     let gate = Arc::new(Semaphore::new(128));
@@ -362,7 +410,12 @@ async fn idle(target: &Target, load: &Load, pid: Option<u32>, done: Arc<AtomicU6
 }
 
 /// Loads `bench-0 .. bench-(n-1)` from `dir`, enrolling (with `token`) those missing.
-pub async fn credentials(dir: &Path, n: usize, server: &str, token: Option<&EnrollmentToken>) -> anyhow::Result<Vec<Credential>> {
+pub async fn credentials(
+    dir: &Path,
+    n: usize,
+    server: &str,
+    token: Option<&EnrollmentToken>,
+) -> anyhow::Result<Vec<Credential>> {
     std::fs::create_dir_all(dir)?;
     let gate = Arc::new(Semaphore::new(32));
     let mut tasks = Vec::new();
@@ -375,7 +428,8 @@ pub async fn credentials(dir: &Path, n: usize, server: &str, token: Option<&Enro
                 cred.server = server;
                 return Ok(cred);
             }
-            let token = token.context("credentials missing in --cred-dir; give --token to enroll them")?;
+            let token =
+                token.context("credentials missing in --cred-dir; give --token to enroll them")?;
             let _p = gate.acquire().await;
             let id = Id::new(&format!("bench-{i}"))?;
             let cred = crate::client::enroll(&server, &token, id, Duration::from_secs(30)).await?;

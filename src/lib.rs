@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -33,4 +34,3 @@ pub mod server;
 pub mod store;
 pub mod systemd;
 pub mod wire;
-pub mod bench;

@@ -179,7 +179,10 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         progress: !a.json,
     };
     let tally_target = Target::Tally(std::sync::Arc::new(creds));
-    let baseline = a.baseline.map(Target::Baseline).filter(|_| a.mode != Mode::Idle);
+    let baseline = a
+        .baseline
+        .map(Target::Baseline)
+        .filter(|_| a.mode != Mode::Idle);
     let (mut ours, mut theirs): (Vec<Measurement>, Vec<Measurement>) = (Vec::new(), Vec::new());
     for _ in 0..a.rounds.max(1) {
         if let Some(b) = &baseline {
@@ -187,7 +190,8 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
         ours.push(bench::measure(&tally_target, &load, a.daemon_pid).await?);
     }
-    let med = |ms: &[Measurement], f: fn(&Measurement) -> f64| bench::median(ms.iter().map(f).collect());
+    let med =
+        |ms: &[Measurement], f: fn(&Measurement) -> f64| bench::median(ms.iter().map(f).collect());
     let row = |ms: &[Measurement]| {
         serde_json::json!({
             "per_sec": med(ms, |m| m.per_sec),
@@ -198,7 +202,8 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "rounds": ms,
         })
     };
-    let ratio = (!theirs.is_empty()).then(|| med(&ours, |m| m.per_sec) / med(&theirs, |m| m.per_sec));
+    let ratio =
+        (!theirs.is_empty()).then(|| med(&ours, |m| m.per_sec) / med(&theirs, |m| m.per_sec));
     let summary = serde_json::json!({
         "mode": a.mode, "connections": a.connections, "payload": a.payload, "depth": a.depth,
         "duration_s": a.duration, "tally": row(&ours), "baseline": (!theirs.is_empty()).then(|| row(&theirs)),
@@ -208,17 +213,38 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    let unit = if a.mode == Mode::Reconnect { "handshakes/s" } else { "requests/s" };
-    println!("mode {:?}, {} connections, {} B payload, depth {}, {} s x {} rounds (medians)", a.mode, a.connections, a.payload, a.depth, a.duration, a.rounds);
+    let unit = if a.mode == Mode::Reconnect {
+        "handshakes/s"
+    } else {
+        "requests/s"
+    };
+    println!(
+        "mode {:?}, {} connections, {} B payload, depth {}, {} s x {} rounds (medians)",
+        a.mode, a.connections, a.payload, a.depth, a.duration, a.rounds
+    );
     if a.mode == Mode::Idle {
         let per = summary["tally"]["rss_per_session"].as_f64().unwrap_or(0.0);
-        println!("daemon resident memory per idle session: {:.0} bytes ({:.1} KiB)", per, per / 1024.0);
+        println!(
+            "daemon resident memory per idle session: {:.0} bytes ({:.1} KiB)",
+            per,
+            per / 1024.0
+        );
         return Ok(());
     }
-    println!("{:<10} {:>14} {:>10} {:>10} {:>10}", "target", unit, "p50 us", "p99 us", "p99.9 us");
+    println!(
+        "{:<10} {:>14} {:>10} {:>10} {:>10}",
+        "target", unit, "p50 us", "p99 us", "p99.9 us"
+    );
     for (name, ms) in [("tally", &ours), ("baseline", &theirs)] {
         if !ms.is_empty() {
-            println!("{:<10} {:>14.0} {:>10.0} {:>10.0} {:>10.0}", name, med(ms, |m| m.per_sec), med(ms, |m| m.p50_us as f64), med(ms, |m| m.p99_us as f64), med(ms, |m| m.p999_us as f64));
+            println!(
+                "{:<10} {:>14.0} {:>10.0} {:>10.0} {:>10.0}",
+                name,
+                med(ms, |m| m.per_sec),
+                med(ms, |m| m.p50_us as f64),
+                med(ms, |m| m.p99_us as f64),
+                med(ms, |m| m.p999_us as f64)
+            );
         }
     }
     if let Some(r) = ratio {

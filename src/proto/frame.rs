@@ -67,8 +67,9 @@ impl FrameType {
 pub const ID_MAX_LEN: usize = 64;
 
 /// A device identity: 1 to 64 bytes of `A-Z a-z 0-9 . _ - : @` (spec 4.1).
+/// Shared, so a clone (one per request handed to a backend) does not allocate.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(String);
+pub struct Id(std::sync::Arc<str>);
 
 impl Id {
     /// Checks `s` against spec 4.1.
@@ -87,7 +88,7 @@ impl Id {
         if !b.iter().all(ok) {
             return Err(FrameError::BadId("allowed bytes are A-Z a-z 0-9 . _ - : @"));
         }
-        Ok(Id(String::from_utf8(b.to_vec()).expect("ASCII")))
+        Ok(Id(std::str::from_utf8(b).expect("ASCII").into()))
     }
 
     /// The identity as a string.

@@ -105,21 +105,26 @@ impl SessionTask {
         if revoked {
             return self.close(CloseCode::REVOKED, "identity revoked").await;
         }
-        let mut idle_deadline = Instant::now() + self.limits.idle_timeout();
-        let mut drain_deadline: Option<Instant> = None;
+        let idle_timeout = self.limits.idle_timeout();
+        // One timer for the idle deadline, moved only when it fires early: re-arming it
+        // for every frame would cost a timer-wheel update per request.
+        let mut last_frame = Instant::now();
+        let idle = sleep_until(last_frame + idle_timeout);
+        tokio::pin!(idle);
+        let mut drain: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             // Frames already buffered (pipelined) are handled before reading more.
-            if drain_deadline.is_none() {
+            if drain.is_none() {
                 match self.handle_buffered() {
                     Ok(0) => {}
-                    Ok(_) => idle_deadline = Instant::now() + self.limits.idle_timeout(),
+                    Ok(_) => last_frame = Instant::now(),
                     Err(end) => return self.finish(end).await,
                 }
             }
             if let Err(e) = self.flush().await {
                 return End::Io(e);
             }
-            if drain_deadline.is_some() && self.inflight.is_empty() {
+            if drain.is_some() && self.inflight.is_empty() {
                 return self
                     .close(CloseCode::SHUTDOWN, "server shutting down")
                     .await;
@@ -129,13 +134,11 @@ impl SessionTask {
                 info!(id = %self.id, limit = self.limits.max_in_flight, "in-flight request limit reached (limits.max_in_flight): reading paused until the backend answers");
                 self.paused_logged = true;
             }
-            let can_read = drain_deadline.is_none() && !full;
-            let drain_at =
-                drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let can_read = drain.is_none() && !full;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if drain_deadline.is_none() => {
-                    drain_deadline = Some(Instant::now() + self.limits.drain_timeout);
+                _ = shutdown.cancelled(), if drain.is_none() => {
+                    drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Close(code, reason)) => return self.close(code, reason).await,
@@ -152,11 +155,15 @@ impl SessionTask {
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 },
-                _ = sleep_until(idle_deadline), if drain_deadline.is_none() => {
-                    warn!(id = %self.id, idle = ?self.limits.idle_timeout(), "closing idle session (1.5x limits.keepalive without a frame)");
+                _ = &mut idle, if drain.is_none() => {
+                    if last_frame.elapsed() < idle_timeout {
+                        idle.as_mut().reset(last_frame + idle_timeout);
+                        continue;
+                    }
+                    warn!(id = %self.id, idle = ?idle_timeout, "closing idle session (1.5x limits.keepalive without a frame)");
                     return self.close(CloseCode::IDLE_TIMEOUT, "no frame within the idle deadline").await;
                 }
-                _ = sleep_until(drain_at), if drain_deadline.is_some() => {
+                _ = async { drain.as_mut().expect("draining").await }, if drain.is_some() => {
                     warn!(id = %self.id, abandoned = self.inflight.len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
                     return self.close(CloseCode::SHUTDOWN, "server shutting down").await;
                 }
