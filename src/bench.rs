@@ -103,8 +103,14 @@ impl Target {
 
 /// A connection that sends requests and matches responses to them.
 enum Conn {
-    Plain { tcp: TcpStream, next: u64 },
-    Tally { tcp: TcpStream, session: Box<Session> },
+    Plain {
+        tcp: TcpStream,
+        next: u64,
+    },
+    Tally {
+        tcp: TcpStream,
+        session: Box<Session>,
+    },
 }
 
 impl Conn {
@@ -128,7 +134,10 @@ impl Conn {
                 out.clear();
                 let session = wait.handle_server_auth(&auth, &mut out, MAX_FRAME_LEN_CEILING)?;
                 tcp.write_all(&out).await?;
-                Ok(Conn::Tally { tcp, session: Box::new(session) })
+                Ok(Conn::Tally {
+                    tcp,
+                    session: Box::new(session),
+                })
             }
         }
     }

@@ -77,6 +77,17 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (and creates, if needed) the database at `path`.
     pub fn open(path: &Path, store_key: SecretKey) -> Result<Store, StoreError> {
+        // Create the file 0600 before SQLite does: its -wal and -shm files copy the
+        // database's mode when they are created.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -96,9 +107,12 @@ impl Store {
              ) STRICT;",
         )?;
         #[cfg(unix)]
-        {
+        for suffix in ["", "-wal", "-shm"] {
+            // Databases made by earlier versions, or with a looser umask.
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
         }
         Ok(Store {
             conn: Mutex::new(conn),
@@ -152,14 +166,15 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(match row {
-            Some((wrapped, None)) if wrapped.len() == 32 => {
-                let wrapped = Zeroizing::new(wrapped);
-                let arr: [u8; 32] = wrapped[..].try_into().expect("32 bytes");
-                Some(SecretKey::from_bytes(*self.wrap(id.as_str(), &arr)))
-            }
-            _ => None,
-        })
+        // The unwrap runs for unknown and revoked identities too, on a filler, so that
+        // the work does not depend on whether the identity exists (spec 7.5).
+        let usable = matches!(&row, Some((w, None)) if w.len() == 32);
+        let wrapped: Zeroizing<[u8; 32]> = Zeroizing::new(match &row {
+            Some((w, _)) if w.len() == 32 => w[..].try_into().expect("32 bytes"),
+            _ => [0; 32],
+        });
+        let key = SecretKey::from_bytes(*self.wrap(id.as_str(), &wrapped));
+        Ok(usable.then_some(key))
     }
 
     /// Records a successful handshake, if the identity is still usable (not revoked
@@ -254,6 +269,31 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].mode, "token");
         assert!(rows[0].last_seen.is_some() && rows[0].revoked.is_some());
+    }
+
+    #[test]
+    fn database_and_its_wal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        s.insert(
+            &Id::new("dev").unwrap(),
+            &SecretKey::from_bytes([1; 32]),
+            EnrollMode::Open,
+        )
+        .unwrap();
+        for name in [
+            DB_FILE.to_owned(),
+            format!("{DB_FILE}-wal"),
+            format!("{DB_FILE}-shm"),
+        ] {
+            let mode = std::fs::metadata(dir.path().join(&name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
     }
 
     #[test]

@@ -1025,3 +1025,44 @@ async fn frame_at_the_last_sequence_number_is_refused_out_of_order() {
     .await;
     a.check(&["maxseq"]).await;
 }
+
+#[tokio::test]
+async fn unknown_protocol_version_is_answered_with_the_version_spoken() {
+    let a = Arena::new().await;
+    for first in [&[0u8, 0, 0, 3, 0x10, 2, 0][..], &[0, 0, 0, 3, 0x01, 9, 0]] {
+        let mut raw = TcpStream::connect(a.addr()).await.unwrap();
+        raw.write_all(first).await.unwrap();
+        // ERROR UNSUPPORTED_VERSION, whose last byte is the version this server speaks.
+        assert_eq!(read_to_eof(&mut raw, 5).await, [0, 0, 0, 4, 0x1f, 0, 1, 1]);
+    }
+    log_line(&["refused", "unsupported protocol version 2"]).await;
+    a.check(&[]).await;
+}
+
+#[tokio::test]
+async fn two_devices_sharing_an_identity_are_detected() {
+    // Takeover ping-pong (spec 7.3): the operator is told, by identity.
+    let a = Arena::new().await;
+    let cred = a.device("shared").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (c, _) = Client::connect(&cred, fast()).await.unwrap();
+        c.request("x").await.unwrap();
+        clients.push(c);
+    }
+    let line = log_line(&["identity taken over repeatedly", "id=shared"]).await;
+    assert!(
+        line.contains("takeover = \\\"reject\\\"") || line.contains("consider takeover"),
+        "{line}"
+    );
+    for c in &clients[..3] {
+        assert!(matches!(
+            end_of(c).await,
+            ClientError::Closed {
+                code: CloseCode::TAKEN_OVER,
+                ..
+            }
+        ));
+    }
+    a.check(&["shared"]).await;
+}

@@ -66,7 +66,7 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
     // sh puts the socket (its stdin) at fd 3 and execs tallyd, keeping its pid for LISTEN_PID.
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\" 3<&0 0</dev/null")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 WATCHDOG_PID=$$ exec \"$0\" \"$@\" 3<&0 0</dev/null")
         .arg(env!("CARGO_BIN_EXE_tallyd"))
         .args(["serve", "--listen", "127.0.0.1:1", "--config"])
         .arg(&config)
@@ -75,6 +75,7 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
         .env("NOTIFY_SOCKET", &notify_path)
         .env("CREDENTIALS_DIRECTORY", &creds)
         .env("JOURNAL_STREAM", "8:1234")
+        .env("WATCHDOG_USEC", "400000")
         .env_remove("RUST_LOG")
         .stdin(Stdio::from(fd))
         .stdout(Stdio::null())
@@ -89,6 +90,7 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
     });
 
     notes.expect("READY=1");
+    notes.expect("WATCHDOG=1");
     // The enrollment key came from the credentials directory, not the state directory.
     assert!(!state.join(tally::secrets::ENROLLMENT_KEY).exists());
     let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
