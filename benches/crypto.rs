@@ -19,19 +19,7 @@ use tally::proto::{Body, SecretKey, Session};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn pair() -> (Session, Session) {
-    let id = Id::new("bench").unwrap();
-    let mut hello = BytesMut::new();
-    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
-    let mut auth = BytesMut::new();
-    let s = HelloReceived::parse(&hello).unwrap().respond(
-        Some(SecretKey::from_bytes([9; 32])),
-        SecretKey::from_bytes([0; 32]),
-        [2; 32],
-        &mut auth,
-    );
-    let mut fin = BytesMut::new();
-    let client = c.handle_server_auth(&auth, &mut fin, 1 << 20).unwrap();
-    (client, s.handle_finish(&fin, 1 << 20).unwrap().session)
+    tally::proto::testing::session_pair(1 << 20)
 }
 
 fn frames(c: &mut Criterion) {

@@ -41,19 +41,7 @@ fn body() -> impl Strategy<Value = Body> {
 
 /// A fresh client/server session pair, through the real handshake.
 fn pair(max: u32) -> (Session, Session) {
-    let id = Id::new("p").unwrap();
-    let mut hello = BytesMut::new();
-    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
-    let mut auth = BytesMut::new();
-    let s = HelloReceived::parse(&hello).unwrap().respond(
-        Some(SecretKey::from_bytes([9; 32])),
-        SecretKey::from_bytes([0; 32]),
-        [2; 32],
-        &mut auth,
-    );
-    let mut fin = BytesMut::new();
-    let client = c.handle_server_auth(&auth, &mut fin, max).unwrap();
-    (client, s.handle_finish(&fin, max).unwrap().session)
+    tally::proto::testing::session_pair(max)
 }
 
 fn enroll_server() -> ServerParams {

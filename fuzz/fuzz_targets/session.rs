@@ -10,19 +10,7 @@ use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
 use tally::proto::{decode_frame, Body, SecretKey, Session, TAG_LEN};
 
 fn pair() -> (Session, Session) {
-    let id = Id::new("fuzz").unwrap();
-    let mut hello = BytesMut::new();
-    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
-    let mut auth = BytesMut::new();
-    let s = HelloReceived::parse(&hello).unwrap().respond(
-        Some(SecretKey::from_bytes([9; 32])),
-        SecretKey::from_bytes([0; 32]),
-        [2; 32],
-        &mut auth,
-    );
-    let mut fin = BytesMut::new();
-    let client = c.handle_server_auth(&auth, &mut fin, 4096).unwrap();
-    (client, s.handle_finish(&fin, 4096).unwrap().session)
+    tally::proto::testing::session_pair(4096)
 }
 
 fuzz_target!(|data: &[u8]| {

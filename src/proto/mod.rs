@@ -27,6 +27,9 @@ pub mod handshake;
 pub mod schedule;
 pub mod session;
 
+#[doc(hidden)]
+pub mod testing;
+
 pub use codec::decode_frame;
 pub use error::{CloseCode, ErrorCode, FrameError, ProtocolError};
 pub use frame::{Body, FrameType, Id, SessionFrame, Status};

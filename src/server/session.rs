@@ -325,7 +325,7 @@ impl SessionTask {
     /// Ends the session after `end`: answers CLOSE with CLOSE, reports a failure with
     /// CLOSE PROTOCOL_ERROR (spec 8.3, 8.6).
     async fn finish(mut self, end: End) -> End {
-        let (code, reason): (CloseCode, &str) = match &end {
+        let (code, reason) = match &end {
             End::PeerClosed(..) => (CloseCode::NORMAL, "closed"),
             End::Failed(e) => {
                 warn!(id = %self.id, peer = %self.stream.peer, reason = %e, "refused frame; closing session");
@@ -333,43 +333,30 @@ impl SessionTask {
             }
             End::Truncated | End::Io(_) | End::Closed(..) => return end,
         };
-        self.abandon();
-        if self
-            .session
-            .seal(
-                &Body::Close {
-                    code,
-                    reason: reason.into(),
-                },
-                &mut self.out,
-            )
-            .is_ok()
-        {
-            let _ = self.flush().await;
-        }
-        self.stream.linger(Duration::from_secs(2)).await;
+        self.send_close(code, reason).await;
         end
     }
 
     /// Sends CLOSE and ends the session.
     async fn close(mut self, code: CloseCode, reason: &'static str) -> End {
+        self.send_close(code, reason).await;
+        End::Closed(code, reason)
+    }
+
+    /// Abandons in-flight work, sends CLOSE (if this side still may), and lingers until
+    /// the device closes, so the CLOSE is not lost to a reset.
+    async fn send_close(&mut self, code: CloseCode, reason: &str) {
         self.abandon();
         if self
-            .session
-            .seal(
-                &Body::Close {
-                    code,
-                    reason: reason.into(),
-                },
-                &mut self.out,
-            )
+            .seal(&Body::Close {
+                code,
+                reason: reason.into(),
+            })
             .is_ok()
         {
-            self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
             let _ = self.flush().await;
         }
         self.stream.linger(Duration::from_secs(2)).await;
-        End::Closed(code, reason)
     }
 
     /// Drops in-flight backend work and fails server-initiated requests.
