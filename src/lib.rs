@@ -6,14 +6,17 @@
 //! - [`secrets`]: the server's key files (enrollment key, static key, store key).
 //! - [`store`]: the SQLite identity store.
 //! - [`config`]: the daemon's typed configuration (TOML file and flags).
-//! - [`backend`]: what the daemon does with an authenticated REQUEST (the `Backend` trait, `echo`).
+//! - [`backend`]: what the daemon does with an authenticated REQUEST: the `Backend` trait,
+//!   `echo`, the Unix socket backend (`spec/BACKEND.md`) and the HTTP backend.
 //! - [`server`]: the daemon (tokio): accepting, enrollment, sessions, limits, takeover, shutdown.
-//! - [`control`]: the daemon's local control socket, used by admin commands.
+//! - [`daemon`]: `tallyd serve` around the server: listener, notifications, signals, reload.
+//! - [`control`]: the daemon's local control socket, used by admin commands and applications.
 //! - [`client`]: the client library (tokio): enroll, connect, request, message, listen.
 //! - [`systemd`]: readiness notification, watchdog, socket activation.
 //! - [`logging`]: text, journald and JSON log output with a reloadable level.
 //! - [`admin`]: operator commands that work while the daemon runs.
 //! - [`wire`]: reading whole frames from a byte stream.
+//! - [`bench`]: the load tool behind `tally bench`.
 //! - `src/bin/tallyd.rs`, `src/bin/tally.rs`: thin binaries over the above.
 
 // One `unsafe` block in the crate: taking the socket systemd passes (src/systemd.rs).
