@@ -381,6 +381,9 @@ impl Client {
 
 type Pending = oneshot::Sender<Result<(Status, Bytes), ClientError>>;
 
+/// How long `close` waits for the server's CLOSE.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 struct Connection {
     tcp: TcpStream,
     buf: BytesMut,
@@ -407,9 +410,17 @@ impl Connection {
     }
 
     async fn serve(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> ClientError {
+        let keepalive = self.opts.keepalive;
+        let silence_limit = keepalive * 2;
         let mut last_sent = Instant::now();
         let mut last_recv = Instant::now();
+        // One timer each, moved only when it fires early (not re-armed per frame).
+        let ping = sleep_until(last_sent + keepalive);
+        let silence = sleep_until(last_recv + silence_limit);
+        let close_wait = sleep_until(last_recv + CLOSE_WAIT);
+        tokio::pin!(ping, silence, close_wait);
         let mut commands_open = true;
+        let mut close_armed = false;
         loop {
             if let Err(e) = self.handle_buffered() {
                 return self.fail(e).await;
@@ -434,12 +445,28 @@ impl Connection {
                     Err(e) if crate::wire::is_cut(&e) => return ClientError::Truncated,
                     Err(e) => return e.into(),
                 },
-                _ = sleep_until(last_sent + self.opts.keepalive), if self.closing.is_none() => {
-                    let _ = self.session.seal(&Body::Ping, &mut self.out);
+                _ = &mut ping, if self.closing.is_none() => {
+                    if last_sent.elapsed() >= keepalive {
+                        let _ = self.session.seal(&Body::Ping, &mut self.out);
+                        ping.as_mut().reset(Instant::now() + keepalive);
+                    } else {
+                        ping.as_mut().reset(last_sent + keepalive);
+                    }
                 }
-                _ = sleep_until(last_recv + self.opts.keepalive * 2) => {
-                    return ClientError::Timeout("the server sent nothing for two keepalive intervals");
+                _ = &mut silence => {
+                    if last_recv.elapsed() >= silence_limit {
+                        return ClientError::Timeout("the server sent nothing for two keepalive intervals");
+                    }
+                    silence.as_mut().reset(last_recv + silence_limit);
                 }
+                // Spec 8.6: after our CLOSE, wait a short while for the server's.
+                _ = &mut close_wait, if close_armed => {
+                    return ClientError::Timeout("the server did not answer CLOSE");
+                }
+            }
+            if self.closing.is_some() && !close_armed {
+                close_wait.as_mut().reset(Instant::now() + CLOSE_WAIT);
+                close_armed = true;
             }
         }
     }

@@ -506,3 +506,38 @@ async fn client_reports_truncation_when_the_connection_is_cut() {
         .unwrap_err();
     assert!(matches!(err, ClientError::Truncated), "{err:?}");
 }
+
+#[tokio::test]
+async fn close_gives_up_on_a_server_that_never_answers_close() {
+    // A "server" that completes nothing and never closes: close() must not hang forever.
+    let srv = TestServer::start(|_| {}).await;
+    let cred = srv.enroll("closer").await;
+    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = p.local_addr().unwrap();
+    let upstream = srv.addr;
+    // A relay that forwards the handshake, then swallows everything the device sends.
+    tokio::spawn(async move {
+        let (mut dev, _) = p.accept().await.unwrap();
+        let mut up = TcpStream::connect(upstream).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        // HELLO up, SERVER_AUTH down.
+        let n = dev.read(&mut buf).await.unwrap();
+        up.write_all(&buf[..n]).await.unwrap();
+        let n = up.read(&mut buf).await.unwrap();
+        dev.write_all(&buf[..n]).await.unwrap();
+        loop {
+            if dev.read(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+        }
+    });
+    let mut c = cred.clone();
+    c.server = paddr.to_string();
+    let (client, _) = Client::connect(&c, ClientOptions::default()).await.unwrap();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), client.close())
+        .await
+        .expect("close returns");
+    assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(9));
+}
