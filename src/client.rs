@@ -196,6 +196,43 @@ pub enum Incoming {
     Message(Bytes),
 }
 
+/// Serves what the server sends until the session ends: each REQUEST is answered with
+/// `handler(payload)`, run concurrently on its own task; each MESSAGE goes to `on_message`.
+///
+/// ```no_run
+/// # async fn demo(incoming: tokio::sync::mpsc::Receiver<tally::client::Incoming>) {
+/// use tally::proto::Status;
+/// tally::client::serve_incoming(
+///     incoming,
+///     |payload| async move { (Status::OK, payload) },   // answer server requests
+///     |message| println!("message: {message:?}"),
+/// )
+/// .await;
+/// # }
+/// ```
+pub async fn serve_incoming<H, F, M>(
+    mut incoming: mpsc::Receiver<Incoming>,
+    handler: H,
+    mut on_message: M,
+) where
+    H: Fn(Bytes) -> F,
+    F: std::future::Future<Output = (Status, Bytes)> + Send + 'static,
+    M: FnMut(Bytes),
+{
+    while let Some(item) = incoming.recv().await {
+        match item {
+            Incoming::Request(req) => {
+                let answer = handler(req.payload.clone());
+                tokio::spawn(async move {
+                    let (status, payload) = answer.await;
+                    let _ = req.respond(status, payload).await;
+                });
+            }
+            Incoming::Message(payload) => on_message(payload),
+        }
+    }
+}
+
 /// A REQUEST from the server. Dropping it unanswered answers status UNAVAILABLE.
 #[derive(Debug)]
 pub struct IncomingRequest {

@@ -16,7 +16,7 @@
 //! - [`logging`]: text, journald and JSON log output with a reloadable level.
 //! - [`admin`]: operator commands that work while the daemon runs.
 //! - [`wire`]: reading whole frames from a byte stream.
-//! - [`bench`]: the load tool behind `tally bench`.
+//! - [`bench`](mod@bench): the load tool behind `tally bench`.
 //! - `src/bin/tallyd.rs`, `src/bin/tally.rs`: thin binaries over the above.
 
 // One `unsafe` block in the crate: taking the socket systemd passes (src/systemd.rs).
