@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -247,12 +247,14 @@ async fn start_session(
     } = est;
     let conn = state.registry.next_conn();
     let (tx, rx) = mpsc::channel(16);
+    let (close, close_rx) = watch::channel(None);
     let stats = Arc::new(Stats::default());
     let entry = Entry {
         conn,
         peer: stream.peer,
         since: SystemTime::now(),
         tx,
+        close: Arc::new(close),
         stats: stats.clone(),
     };
     let peer = stream.peer;
@@ -284,6 +286,7 @@ async fn start_session(
         session,
         stream,
         rx,
+        close_rx,
         stats.clone(),
     );
     let end = task.run(shutdown, revoked).await;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
 use crate::backend::Reply;
@@ -20,11 +20,13 @@ pub const PING_PONG_TAKEOVERS: usize = 3;
 /// Window for [`PING_PONG_TAKEOVERS`].
 pub const PING_PONG_WINDOW: Duration = Duration::from_secs(60);
 
+/// Asks a live session to send CLOSE with this code and reason, and end. Kept apart
+/// from the command queue so that a full queue can never lose a takeover or revocation.
+pub type CloseSignal = watch::Sender<Option<(CloseCode, &'static str)>>;
+
 /// What can be asked of a live session.
 #[derive(Debug)]
 pub enum Command {
-    /// Send CLOSE with this code and reason, and end the session.
-    Close(CloseCode, &'static str),
     /// Send a REQUEST to the device; the RESPONSE (or why none came) goes to `reply`.
     Request {
         /// Payload.
@@ -85,6 +87,8 @@ pub struct Entry {
     pub since: SystemTime,
     /// Commands to the session's task.
     pub tx: mpsc::Sender<Command>,
+    /// Tells the session's task to close.
+    pub close: Arc<CloseSignal>,
     /// Its counters.
     pub stats: Arc<Stats>,
 }
@@ -136,11 +140,10 @@ impl Registry {
             if policy == TakeoverPolicy::Reject {
                 return Err(TakeoverRefused);
             }
-            // The old task may be busy; a full queue means it is closing anyway.
-            let _ = old.tx.try_send(Command::Close(
+            old.close.send_replace(Some((
                 CloseCode::TAKEN_OVER,
                 "a newer session of this identity took over",
-            ));
+            )));
             self.note_takeover(id, old.peer, entry.peer);
         }
         live.insert(id.clone(), entry);
@@ -192,9 +195,10 @@ impl Registry {
 
     /// Asks `id`'s live session to close. Returns whether there was one.
     pub fn close(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
-        match self.sender(id) {
-            Some(tx) => {
-                let _ = tx.try_send(Command::Close(code, reason));
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        match live.get(id) {
+            Some(e) => {
+                e.close.send_replace(Some((code, reason)));
                 true
             }
             None => false,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,7 @@ pub(super) struct SessionTask {
     stream: Stream,
     out: BytesMut,
     commands: mpsc::Receiver<Command>,
+    close_signal: watch::Receiver<Option<(CloseCode, &'static str)>>,
     stats: Arc<Stats>,
     /// Backend work: requests yield `Some((seq, reply))`, messages `None`.
     inflight: JoinSet<Option<(u64, Reply)>>,
@@ -81,6 +82,7 @@ impl SessionTask {
         session: Session,
         stream: Stream,
         commands: mpsc::Receiver<Command>,
+        close_signal: watch::Receiver<Option<(CloseCode, &'static str)>>,
         stats: Arc<Stats>,
     ) -> Self {
         let limits = state.limits();
@@ -91,6 +93,7 @@ impl SessionTask {
             stream,
             out: BytesMut::new(),
             commands,
+            close_signal,
             stats,
             inflight: JoinSet::new(),
             inflight_seq: HashMap::new(),
@@ -140,8 +143,13 @@ impl SessionTask {
                 _ = shutdown.cancelled(), if drain.is_none() => {
                     drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));
                 }
+                Ok(()) = self.close_signal.changed() => {
+                    let asked = *self.close_signal.borrow_and_update();
+                    if let Some((code, reason)) = asked {
+                        return self.close(code, reason).await;
+                    }
+                }
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Close(code, reason)) => return self.close(code, reason).await,
                     Some(Command::Request { payload, reply }) => self.send_request(payload, reply),
                     Some(Command::Message { payload, sent }) => {
                         let _ = sent.send(self.seal(&Body::Message { payload }).map(drop).map_err(|e| e.to_string()));
