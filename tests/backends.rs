@@ -87,6 +87,11 @@ fn sock_path(dir: &TempDir) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_app_answers_requests_pushes_config_and_survives_restarts() {
+    if !common::python3_or_skip(
+        "python_example_app_answers_requests_pushes_config_and_survives_restarts",
+    ) {
+        return;
+    }
     let dir = Arc::new(TempDir::new().unwrap());
     let sock = sock_path(&dir);
     let app = PythonApp::start(&sock);

@@ -142,3 +142,20 @@ pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Whether `python3` can run. Without it, tests that need it are skipped with a message,
+/// except under CI (`CI` set), where `.ci/run` installs it and they must run.
+pub fn python3_or_skip(test: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: python3 is required under CI"
+        );
+        eprintln!("SKIPPED {test}: python3 not found (install it to run this test)");
+    }
+    ok
+}
