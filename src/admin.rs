@@ -221,6 +221,35 @@ pub struct Revoked {
     pub session_closed: Option<bool>,
 }
 
+/// Deletes `id` from the store (it can then be enrolled again), then closes its live
+/// session through the daemon. Returns (whether it existed, whether a session was closed;
+/// `None` if the daemon is not running).
+pub fn remove(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    id: &str,
+) -> Result<(bool, Option<bool>), AdminError> {
+    let id = Id::new(id)?;
+    let s = secrets(state_dir, creds)?;
+    let existed =
+        Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?.remove(id.as_str())?;
+    Ok((existed, close_live(state_dir, &id)?))
+}
+
+/// Asks the running daemon to close `id`'s session with CLOSE REVOKED.
+fn close_live(state_dir: &Path, id: &Id) -> Result<Option<bool>, AdminError> {
+    let req = ControlRequest::Close {
+        id: id.to_string(),
+        code: CloseCode::REVOKED.0,
+    };
+    match control::call(state_dir, &req) {
+        Ok(ControlResponse::Closed { was_live }) => Ok(Some(was_live)),
+        Ok(other) => Err(unexpected(state_dir, other)),
+        Err(ControlError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Revokes `id` in the store, then closes its live session through the daemon.
 pub fn revoke(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<Revoked, AdminError> {
     let id = Id::new(id)?;

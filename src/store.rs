@@ -213,6 +213,15 @@ impl Store {
         }
     }
 
+    /// Deletes an identity, so that its id can be enrolled again. Returns false if there
+    /// was none.
+    pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM identities WHERE id = ?1", [id])?
+            == 1)
+    }
+
     /// Every identity, ordered by id.
     pub fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
         let conn = self.conn();
@@ -262,6 +271,17 @@ mod tests {
         assert!(s.touch_if_usable(&id).unwrap());
         assert!(s.revoke("dev").unwrap());
         assert!(!s.touch_if_usable(&id).unwrap());
+        assert!(s.key(&id).unwrap().is_none());
+        assert!(s.remove("dev").unwrap());
+        assert!(!s.remove("dev").unwrap());
+        s.insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Open)
+            .unwrap();
+        assert_eq!(
+            s.key(&id).unwrap().unwrap().expose(),
+            &[3; 32],
+            "a removed id can be enrolled again"
+        );
+        s.revoke("dev").unwrap();
         assert!(!s.revoke("dev").unwrap());
         assert!(matches!(s.revoke("nope"), Err(StoreError::NotFound(_))));
         assert!(s.key(&id).unwrap().is_none());

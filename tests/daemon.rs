@@ -541,3 +541,47 @@ async fn close_gives_up_on_a_server_that_never_answers_close() {
     assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(9));
 }
+
+#[tokio::test]
+async fn remove_frees_an_identity_for_a_new_enrollment() {
+    let srv = TestServer::start(|_| {}).await;
+    let old = srv.enroll("replaced").await;
+    let (client, _) = srv.connect(&old).await;
+    client.request("old device").await.unwrap();
+    let dir = srv.dir.path().to_owned();
+    let d2 = dir.clone();
+    let r = tokio::task::spawn_blocking(move || tally::admin::remove(&d2, None, "replaced"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r, (true, Some(true)));
+    let end = tokio::time::timeout(Duration::from_secs(1), client.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            end,
+            ClientError::Closed {
+                code: CloseCode::REVOKED,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    // The id is free again: the new device enrolls, the old credential is worthless.
+    let new = srv.enroll("replaced").await;
+    let (c, _) = srv.connect(&new).await;
+    assert_eq!(
+        c.request("new device").await.unwrap(),
+        Bytes::from_static(b"new device")
+    );
+    assert!(matches!(
+        Client::connect(&old, ClientOptions::default()).await,
+        Err(ClientError::AuthFailed)
+    ));
+    let missing = tokio::task::spawn_blocking(move || tally::admin::remove(&dir, None, "nobody"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!missing.0, "removing an unknown id reports it");
+}

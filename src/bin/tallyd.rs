@@ -49,6 +49,12 @@ enum Command {
         /// The identity.
         id: String,
     },
+    /// Delete an identity so its id can be enrolled again (a replaced device, or an
+    /// enrollment whose confirmation was lost), and close its live session.
+    Remove {
+        /// The identity.
+        id: String,
+    },
     /// List live sessions: id, peer, since, frames in and out.
     Sessions,
     /// Send a MESSAGE (or with --request a REQUEST, printing the device's answer) to a connected device.
@@ -161,6 +167,18 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                 None => "tallyd is not running",
             };
             println!("{id}: {state}; {session}");
+        }
+        Command::Remove { id } => {
+            let (existed, closed) = admin::remove(dir, creds.as_deref(), &id)?;
+            if !existed {
+                anyhow::bail!("no identity {id}");
+            }
+            let session = match closed {
+                Some(true) => "its live session was closed",
+                Some(false) => "it had no live session",
+                None => "tallyd is not running",
+            };
+            println!("{id}: removed, and can be enrolled again; {session}");
         }
         Command::Sessions => print!("{}", admin::sessions(dir)?),
         Command::Send {
