@@ -274,13 +274,14 @@ mod tests {
         assert!(s.key(&id).unwrap().is_none());
         assert!(s.remove("dev").unwrap());
         assert!(!s.remove("dev").unwrap());
-        s.insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Open)
+        s.insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Token)
             .unwrap();
         assert_eq!(
             s.key(&id).unwrap().unwrap().expose(),
             &[3; 32],
             "a removed id can be enrolled again"
         );
+        assert!(s.touch_if_usable(&id).unwrap());
         s.revoke("dev").unwrap();
         assert!(!s.revoke("dev").unwrap());
         assert!(matches!(s.revoke("nope"), Err(StoreError::NotFound(_))));
