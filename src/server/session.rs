@@ -115,6 +115,21 @@ impl SessionTask {
         let idle = sleep_until(last_frame + idle_timeout);
         tokio::pin!(idle);
         let mut drain: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        // Shutdown and close requests are waited on by futures made once per session, so
+        // that no waiter is registered and removed again on every loop iteration.
+        let shutting_down = shutdown.cancelled();
+        let mut close_rx = self.close_signal.clone();
+        let close_asked = async move {
+            loop {
+                if let Some(asked) = *close_rx.borrow_and_update() {
+                    return asked;
+                }
+                if close_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::pin!(shutting_down, close_asked);
         loop {
             // Frames already buffered (pipelined) are handled before reading more.
             if drain.is_none() {
@@ -140,15 +155,10 @@ impl SessionTask {
             let can_read = drain.is_none() && !full;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if drain.is_none() => {
+                _ = &mut shutting_down, if drain.is_none() => {
                     drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));
                 }
-                Ok(()) = self.close_signal.changed() => {
-                    let asked = *self.close_signal.borrow_and_update();
-                    if let Some((code, reason)) = asked {
-                        return self.close(code, reason).await;
-                    }
-                }
+                (code, reason) = &mut close_asked => return self.close(code, reason).await,
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Request { payload, reply }) => self.send_request(payload, reply),
                     Some(Command::Message { payload, sent }) => {
