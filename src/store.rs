@@ -177,18 +177,34 @@ impl Store {
         Ok(usable.then_some(key))
     }
 
-    /// Records a successful handshake, if the identity is still usable (not revoked
-    /// since its key was looked up). Returns whether it is.
-    pub fn touch_if_usable(&self, id: &Id) -> Result<bool, StoreError> {
-        let n = self
+    /// Whether the identity exists and is not revoked: the re-check after a handshake,
+    /// for a revocation that raced with it. A read; no write.
+    pub fn is_usable(&self, id: &Id) -> Result<bool, StoreError> {
+        Ok(self
             .relaxed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .execute(
-                "UPDATE identities SET last_seen = ?2 WHERE id = ?1 AND revoked IS NULL",
-                params![id.as_str(), now()],
-            )?;
-        Ok(n == 1)
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1 AND revoked IS NULL)",
+                [id.as_str()],
+                |r| r.get(0),
+            )?)
+    }
+
+    /// Records the last successful handshake of several identities in one transaction
+    /// (the daemon batches them; losing a batch in a crash loses only bookkeeping).
+    pub fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError> {
+        let mut conn = self.relaxed.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction()?;
+        {
+            let mut stmt =
+                tx.prepare_cached("UPDATE identities SET last_seen = ?2 WHERE id = ?1")?;
+            for (id, at) in seen {
+                stmt.execute(params![id.as_str(), at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Revokes an identity. Returns false if it was already revoked.
@@ -268,9 +284,10 @@ mod tests {
         ));
         assert_eq!(s.key(&id).unwrap().unwrap().expose(), &[1; 32]);
         assert!(s.key(&Id::new("nope").unwrap()).unwrap().is_none());
-        assert!(s.touch_if_usable(&id).unwrap());
+        assert!(s.is_usable(&id).unwrap());
+        s.touch_many(&[(id.clone(), 1_795_000_000)]).unwrap();
         assert!(s.revoke("dev").unwrap());
-        assert!(!s.touch_if_usable(&id).unwrap());
+        assert!(!s.is_usable(&id).unwrap());
         assert!(s.key(&id).unwrap().is_none());
         assert!(s.remove("dev").unwrap());
         assert!(!s.remove("dev").unwrap());
@@ -281,7 +298,8 @@ mod tests {
             &[3; 32],
             "a removed id can be enrolled again"
         );
-        assert!(s.touch_if_usable(&id).unwrap());
+        assert!(s.is_usable(&id).unwrap());
+        s.touch_many(&[(id.clone(), 1_795_000_001)]).unwrap();
         s.revoke("dev").unwrap();
         assert!(!s.revoke("dev").unwrap());
         assert!(matches!(s.revoke("nope"), Err(StoreError::NotFound(_))));
@@ -289,7 +307,9 @@ mod tests {
         let rows = s.list().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].mode, "token");
-        assert!(rows[0].last_seen.is_some() && rows[0].revoked.is_some());
+        assert_eq!(rows[0].last_seen, Some(1_795_000_001));
+        assert!(rows[0].revoked.is_some());
+        assert!(!s.is_usable(&Id::new("nope").unwrap()).unwrap());
     }
 
     #[test]

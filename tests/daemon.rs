@@ -56,7 +56,11 @@ async fn enroll_then_request_message_and_large_payloads() {
         (rows[0].id.as_str(), rows[0].mode.as_str()),
         ("sensor-1", "open")
     );
-    assert!(rows[0].last_seen.is_some());
+    // last_seen is written in batches, once a second.
+    eventually(5, "last_seen recorded", || {
+        srv.state.store.list().unwrap()[0].last_seen.is_some()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -154,6 +158,10 @@ async fn restart_keeps_identities() {
         client.request("still me").await.unwrap(),
         Bytes::from_static(b"still me")
     );
+    // Shutdown writes the handshakes not yet flushed to last_seen.
+    let store = srv.state.store.clone();
+    srv.shutdown().await;
+    assert!(store.list().unwrap()[0].last_seen.is_some());
 }
 
 #[tokio::test]

@@ -61,6 +61,8 @@ pub struct ServerState {
     pub takeover: TakeoverPolicy,
     connections: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
+    /// Successful handshakes not yet written to the store's `last_seen`.
+    seen: std::sync::Mutex<std::collections::HashMap<crate::proto::Id, i64>>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -93,8 +95,36 @@ impl ServerState {
             takeover: config.takeover,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             unauthenticated: Arc::new(Semaphore::new(config.limits.max_unauthenticated)),
+            seen: Default::default(),
         };
         Ok((Arc::new(state), secrets))
+    }
+
+    /// Notes a successful handshake; [`Self::flush_seen`] writes it to the store.
+    pub fn note_seen(&self, id: &crate::proto::Id) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), crate::store::now());
+    }
+
+    /// Writes the noted handshakes to the store's `last_seen`, in one transaction.
+    pub async fn flush_seen(&self) {
+        let batch: Vec<_> = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.touch_many(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not record last_seen"),
+            Err(e) => warn!(error = %e, "could not record last_seen"),
+        }
     }
 
     /// The limits in force.
@@ -134,6 +164,9 @@ fn resize(sem: &Semaphore, old: usize, new: usize) {
     }
 }
 
+/// How often handshakes are written to the store's `last_seen`.
+pub const SEEN_FLUSH: Duration = Duration::from_secs(1);
+
 /// Serves `listener` until `shutdown` completes, then drains and returns.
 pub async fn run(
     listener: TcpListener,
@@ -144,6 +177,18 @@ pub async fn run(
     let tracker = TaskTracker::new();
     info!(addr = %listener.local_addr()?, backend = state.backend.name(), "listening");
     tokio::pin!(shutdown);
+    // `last_seen` is written once a second for all sessions, not once per handshake.
+    let flusher = {
+        let (state, token) = (state.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(SEEN_FLUSH) => state.flush_seen().await,
+                }
+            }
+        })
+    };
     let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {
@@ -176,6 +221,8 @@ pub async fn run(
             "connections still open after the drain deadline; dropping them"
         );
     }
+    let _ = flusher.await;
+    state.flush_seen().await;
     info!("shut down");
     Ok(())
 }
