@@ -198,7 +198,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "p50_us": med(ms, |m| m.p50_us as f64),
             "p99_us": med(ms, |m| m.p99_us as f64),
             "p999_us": med(ms, |m| m.p999_us as f64),
-            "rss_per_session": ms.iter().filter_map(|m| m.rss_per_session).map(|v| v as f64).collect::<Vec<_>>().first().map(|_| med(ms, |m| m.rss_per_session.unwrap_or(0) as f64)),
+            "rss_per_session": ms.iter().any(|m| m.rss_per_session.is_some()).then(|| med(ms, |m| m.rss_per_session.unwrap_or(0) as f64)),
             "rounds": ms,
         })
     };

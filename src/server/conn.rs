@@ -275,8 +275,8 @@ async fn start_session(
     // A revocation that raced with this handshake (key looked up before it, session
     // registered after its close command) is caught here: the store has the last word.
     let store = state.store.clone();
-    let touch_id = id.clone();
-    let usable = tokio::task::spawn_blocking(move || store.is_usable(&touch_id)).await;
+    let check_id = id.clone();
+    let usable = tokio::task::spawn_blocking(move || store.is_usable(&check_id)).await;
     state.note_seen(&id);
     let revoked = !matches!(usable, Ok(Ok(true)));
     let started = Instant::now();

@@ -22,7 +22,10 @@ pub const PING_PONG_WINDOW: Duration = Duration::from_secs(60);
 
 /// Asks a live session to send CLOSE with this code and reason, and end. Kept apart
 /// from the command queue so that a full queue can never lose a takeover or revocation.
-pub type CloseSignal = watch::Sender<Option<(CloseCode, &'static str)>>;
+pub type CloseSignal = watch::Sender<CloseAsk>;
+
+/// What a [`CloseSignal`] carries: `None` until a close is asked for.
+pub type CloseAsk = Option<(CloseCode, &'static str)>;
 
 /// What can be asked of a live session.
 #[derive(Debug)]

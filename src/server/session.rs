@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::conn::Stream;
-use super::registry::{Command, Stats};
+use super::registry::{CloseAsk, Command, Stats};
 use super::ServerState;
 use crate::backend::{Reply, Request};
 use crate::config::Limits;
@@ -64,7 +64,7 @@ pub(super) struct SessionTask {
     stream: Stream,
     out: BytesMut,
     commands: mpsc::Receiver<Command>,
-    close_signal: watch::Receiver<Option<(CloseCode, &'static str)>>,
+    close_signal: watch::Receiver<CloseAsk>,
     stats: Arc<Stats>,
     /// Backend work: requests yield `Some((seq, reply))`, messages `None`.
     inflight: JoinSet<Option<(u64, Reply)>>,
@@ -82,7 +82,7 @@ impl SessionTask {
         session: Session,
         stream: Stream,
         commands: mpsc::Receiver<Command>,
-        close_signal: watch::Receiver<Option<(CloseCode, &'static str)>>,
+        close_signal: watch::Receiver<CloseAsk>,
         stats: Arc<Stats>,
     ) -> Self {
         let limits = state.limits();
