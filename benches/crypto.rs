@@ -9,7 +9,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::hint::black_box;
 use tally::proto::enroll::{ClientAwaitReply, ClientParams, ServerAwaitConfirm, ServerParams};
@@ -83,7 +83,6 @@ fn handshake(c: &mut Criterion) {
 
 fn enroll(c: &mut Criterion) {
     let srv = ServerParams {
-        enrollment_key: SecretKey::from_bytes([1; 32]),
         static_secret: StaticSecret::from([2; 32]),
         allow_open: true,
     };
@@ -91,7 +90,7 @@ fn enroll(c: &mut Criterion) {
     let params = ClientParams {
         id: id.clone(),
         mode: EnrollMode::Token,
-        credential: srv.credential(EnrollMode::Token, &id),
+        credential: SecretKey::from_bytes([1; 32]),
         server_static: srv.static_public(),
     };
     let mut g = c.benchmark_group("enroll");
@@ -100,7 +99,14 @@ fn enroll(c: &mut Criterion) {
             let mut init = BytesMut::new();
             let client = ClientAwaitReply::start(params.clone(), [3; 32], &mut init);
             let mut reply = BytesMut::new();
-            let server = ServerAwaitConfirm::handle_init(&srv, &init, [4; 32], &mut reply).unwrap();
+            let server = ServerAwaitConfirm::handle_init(
+                &srv,
+                &init,
+                |_, _| SecretKey::from_bytes([1; 32]),
+                [4; 32],
+                &mut reply,
+            )
+            .unwrap();
             let mut confirm = BytesMut::new();
             let client = client.handle_reply(&reply, &mut confirm).unwrap();
             let pending = server.handle_confirm(&confirm).unwrap();

@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
 use crate::control::{self, ControlError, ControlRequest, ControlResponse};
 use crate::proto::credential::EnrollmentToken;
 use crate::proto::frame::EnrollMode;
-use crate::proto::{schedule, CloseCode, Id};
+use crate::proto::Id;
 use crate::secrets::ServerSecrets;
 use crate::store::{Store, DB_FILE};
 
@@ -31,6 +32,9 @@ pub enum AdminError {
     /// The daemon could not be reached or answered an error.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// An argument is out of range.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Loads the keys of an initialised state directory.
@@ -45,30 +49,152 @@ pub fn init(state_dir: &Path, creds: Option<&Path>) -> Result<bool, AdminError> 
     Ok(s.created)
 }
 
-/// The open enrollment token, or the per-identity token of `id`.
-pub fn token(
+fn open_store(
     state_dir: &Path,
     creds: Option<&Path>,
-    id: Option<&str>,
-) -> Result<Zeroizing<String>, AdminError> {
+) -> Result<(ServerSecrets, Store), AdminError> {
     let s = secrets(state_dir, creds)?;
-    let server_static = s.enroll_params(true).static_public();
-    let token = match id {
-        None => EnrollmentToken {
-            mode: EnrollMode::Open,
-            credential: s.enrollment_key.clone(),
-            server_static,
-        },
-        Some(id) => {
-            let id = Id::new(id)?;
-            EnrollmentToken {
-                mode: EnrollMode::Token,
-                credential: schedule::token(&s.enrollment_key, &id),
-                server_static,
-            }
+    let store = Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?;
+    Ok((s, store))
+}
+
+fn server_static(s: &ServerSecrets) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&s.static_secret).to_bytes()
+}
+
+/// The open enrollment token (spec 9.1): the open key `EK` and the server's public key.
+/// With `rotate`, a new open key replaces the old one first, and every open token
+/// handed out before stops working.
+pub fn open_token(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    rotate: bool,
+) -> Result<Zeroizing<String>, AdminError> {
+    let (s, store) = open_store(state_dir, creds)?;
+    let credential = if rotate {
+        store.rotate_open_key()?
+    } else {
+        store.open_key()?
+    };
+    Ok(EnrollmentToken {
+        mode: EnrollMode::Open,
+        credential,
+        server_static: server_static(&s),
+    }
+    .encode())
+}
+
+/// Default lifetime of a per-identity token.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3 * 86_400);
+/// Longest lifetime of a per-identity token.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
+/// A per-identity token just issued.
+pub struct IssuedToken {
+    /// The token text (a secret).
+    pub token: Zeroizing<String>,
+    /// When it expires (seconds since the Unix epoch).
+    pub expires: i64,
+}
+
+/// Issues a single-use token that can enroll only `id`, valid for `lifetime`; a token
+/// issued for `id` before stops working.
+pub fn issue_token(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    id: &str,
+    lifetime: Duration,
+) -> Result<IssuedToken, AdminError> {
+    let id = Id::new(id)?;
+    if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
+        return Err(AdminError::Invalid(format!(
+            "a token's lifetime must be more than 0 and at most {} days",
+            MAX_TOKEN_LIFETIME.as_secs() / 86_400
+        )));
+    }
+    let (s, store) = open_store(state_dir, creds)?;
+    let expires = crate::store::now() + lifetime.as_secs() as i64;
+    let credential = match store.issue_token(&id, expires) {
+        Err(crate::store::StoreError::Taken(_)) => {
+            return Err(AdminError::Invalid(format!(
+                "{id} is enrolled; a token can only enroll a free id (`tallyd remove {id}` first, to replace the device)"
+            )))
+        }
+        r => r?,
+    };
+    Ok(IssuedToken {
+        token: EnrollmentToken {
+            mode: EnrollMode::Token,
+            credential,
+            server_static: server_static(&s),
+        }
+        .encode(),
+        expires,
+    })
+}
+
+/// Revokes the outstanding token of `id`. Returns whether there was one.
+pub fn revoke_token(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<bool, AdminError> {
+    let id = Id::new(id)?;
+    Ok(open_store(state_dir, creds)?.1.revoke_token(id.as_str())?)
+}
+
+/// The outstanding per-identity tokens.
+pub fn token_rows(
+    state_dir: &Path,
+    creds: Option<&Path>,
+) -> Result<Vec<crate::store::TokenRow>, AdminError> {
+    Ok(open_store(state_dir, creds)?.1.tokens()?)
+}
+
+/// The outstanding tokens as a table: id, issued, expires, state.
+pub fn tokens(state_dir: &Path, creds: Option<&Path>) -> Result<String, AdminError> {
+    let rows = token_rows(state_dir, creds)?;
+    let now = crate::store::now();
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<24} {:<20} {:<20} STATE", "ID", "ISSUED", "EXPIRES");
+    for r in rows {
+        let state = if r.expires <= now { "expired" } else { "valid" };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<20} {:<20} {state}",
+            r.id,
+            time(Some(r.issued)),
+            time(Some(r.expires))
+        );
+    }
+    Ok(out)
+}
+
+/// Parses a duration such as `90s`, `30m`, `12h`, `3d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 30m, 12h, 3d)"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h or d)"
+            ))
         }
     };
-    Ok(token.encode())
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// A time (seconds since the Unix epoch) as `YYYY-MM-DD HH:MM:SS` in UTC.
+pub fn format_time(t: i64) -> String {
+    time(Some(t))
 }
 
 fn time(t: Option<i64>) -> String {
@@ -221,8 +347,27 @@ pub struct Revoked {
     pub session_closed: Option<bool>,
 }
 
-/// Deletes `id` from the store (it can then be enrolled again), then closes its live
-/// session through the daemon. Returns (whether it existed, whether a session was closed;
+/// Asks the running daemon to do `req` (it changes the store, refuses handshakes in
+/// flight for the id, and closes its live session). `None` if no daemon runs.
+fn via_daemon(
+    state_dir: &Path,
+    req: &ControlRequest,
+) -> Result<Option<ControlResponse>, AdminError> {
+    match control::call(state_dir, req) {
+        Ok(ControlResponse::Error { message }) => Err(ControlError::Failed {
+            path: state_dir.join(control::SOCKET),
+            message,
+        }
+        .into()),
+        Ok(r) => Ok(Some(r)),
+        Err(ControlError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes `id` from the store, so that its id can be enrolled again. Through the
+/// running daemon if there is one (which also closes its live session and refuses its
+/// handshakes in flight). Returns (whether it existed, whether a session was closed;
 /// `None` if the daemon is not running).
 pub fn remove(
     state_dir: &Path,
@@ -230,51 +375,36 @@ pub fn remove(
     id: &str,
 ) -> Result<(bool, Option<bool>), AdminError> {
     let id = Id::new(id)?;
-    let s = secrets(state_dir, creds)?;
-    let existed =
-        Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?.remove(id.as_str())?;
-    Ok((existed, close_live(state_dir, &id)?))
-}
-
-/// Asks the running daemon to close `id`'s session with CLOSE REVOKED.
-fn close_live(state_dir: &Path, id: &Id) -> Result<Option<bool>, AdminError> {
-    let req = ControlRequest::Close {
-        id: id.to_string(),
-        code: CloseCode::REVOKED.0,
-    };
-    match control::call(state_dir, &req) {
-        Ok(ControlResponse::Closed { was_live }) => Ok(Some(was_live)),
-        Ok(other) => Err(unexpected(state_dir, other)),
-        Err(ControlError::NotRunning(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+    let req = ControlRequest::Remove { id: id.to_string() };
+    match via_daemon(state_dir, &req)? {
+        Some(ControlResponse::Removed { existed, was_live }) => Ok((existed, Some(was_live))),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => {
+            let (_, store) = open_store(state_dir, creds)?;
+            Ok((store.remove(id.as_str())?, None))
+        }
     }
 }
 
-/// Revokes `id` in the store, then closes its live session through the daemon.
+/// Revokes `id`: refused from now on, its key erased, its live session closed. Through
+/// the running daemon if there is one.
 pub fn revoke(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<Revoked, AdminError> {
     let id = Id::new(id)?;
-    let s = secrets(state_dir, creds)?;
-    let newly = Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?.revoke(id.as_str())?;
-    let req = ControlRequest::Close {
-        id: id.to_string(),
-        code: CloseCode::REVOKED.0,
-    };
-    let session_closed = match control::call(state_dir, &req) {
-        Ok(ControlResponse::Closed { was_live }) => Some(was_live),
-        Ok(other) => {
-            return Err(ControlError::Failed {
-                path: state_dir.join(control::SOCKET),
-                message: format!("{other:?}"),
-            }
-            .into())
+    let req = ControlRequest::Revoke { id: id.to_string() };
+    match via_daemon(state_dir, &req)? {
+        Some(ControlResponse::Revoked { newly, was_live }) => Ok(Revoked {
+            newly,
+            session_closed: Some(was_live),
+        }),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => {
+            let (_, store) = open_store(state_dir, creds)?;
+            Ok(Revoked {
+                newly: store.revoke(id.as_str())?,
+                session_closed: None,
+            })
         }
-        Err(ControlError::NotRunning(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Revoked {
-        newly,
-        session_closed,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -294,12 +424,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(init(dir.path(), None).unwrap());
         assert!(!init(dir.path(), None).unwrap());
-        let open = EnrollmentToken::parse(&token(dir.path(), None, None).unwrap()).unwrap();
-        let per = EnrollmentToken::parse(&token(dir.path(), None, Some("dev-1")).unwrap()).unwrap();
+        let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
+        let day = Duration::from_secs(86_400);
+        let per = issue_token(dir.path(), None, "dev-1", day).unwrap();
+        let per = EnrollmentToken::parse(&per.token).unwrap();
         assert_eq!(open.mode, EnrollMode::Open);
         assert_eq!(per.mode, EnrollMode::Token);
         assert_eq!(open.server_static, per.server_static);
         assert!(!open.credential.ct_eq(&per.credential));
-        assert!(token(dir.path(), None, Some("bad id")).is_err());
+        assert!(issue_token(dir.path(), None, "bad id", day).is_err());
+        assert!(issue_token(dir.path(), None, "dev-2", Duration::ZERO).is_err());
+        let rotated = EnrollmentToken::parse(&open_token(dir.path(), None, true).unwrap()).unwrap();
+        assert!(!rotated.credential.ct_eq(&open.credential));
+        let again = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
+        assert!(again.credential.ct_eq(&rotated.credential));
+        assert_eq!(token_rows(dir.path(), None).unwrap().len(), 1);
+        assert!(tokens(dir.path(), None).unwrap().contains("dev-1"));
+        assert!(revoke_token(dir.path(), None, "dev-1").unwrap());
+        assert!(token_rows(dir.path(), None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
+        assert_eq!(parse_duration("3d").unwrap(), Duration::from_secs(259_200));
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 }

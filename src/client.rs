@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
@@ -113,6 +114,8 @@ impl From<ProtocolError> for ClientError {
     fn from(e: ProtocolError) -> Self {
         match e {
             ProtocolError::Refused(code) => ClientError::Refused(code),
+            // Spec 8.3: an ERROR inside a session was injected; the session is cut.
+            ProtocolError::InjectedError(_) => ClientError::Truncated,
             ProtocolError::BadTag(TagKind::ServerAuth) => ClientError::AuthFailed,
             ProtocolError::BadTag(TagKind::EnrollReply) => ClientError::ServerNotAuthentic,
             e => ClientError::Protocol(e),
@@ -243,9 +246,10 @@ pub struct IncomingRequest {
 }
 
 impl IncomingRequest {
-    /// Sends the RESPONSE.
+    /// Sends the RESPONSE. Fails with [`ClientError::SessionClosed`] if the session is
+    /// gone (every [`Client`] handle was dropped, or it ended).
     pub async fn respond(mut self, status: Status, payload: Bytes) -> Result<(), ClientError> {
-        let tx = self.tx.take().expect("present until answered");
+        let tx = self.tx.take().ok_or(ClientError::SessionClosed)?;
         tx.send(Cmd::Respond {
             req_seq: self.seq,
             status,
@@ -320,8 +324,10 @@ impl Client {
         let (tx, rx) = mpsc::channel(64);
         let (in_tx, in_rx) = mpsc::channel(opts.incoming_capacity);
         let (end_tx, end_rx) = watch::channel(None);
+        let (rd, wr) = tcp.into_split();
         let conn = Connection {
-            tcp,
+            rd,
+            wr,
             buf,
             out,
             session,
@@ -422,7 +428,8 @@ type Pending = oneshot::Sender<Result<(Status, Bytes), ClientError>>;
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 struct Connection {
-    tcp: TcpStream,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
     buf: BytesMut,
     out: BytesMut,
     session: Session,
@@ -462,20 +469,25 @@ impl Connection {
             if let Err(e) = self.handle_buffered() {
                 return self.fail(e).await;
             }
-            if !self.out.is_empty() {
-                if let Err(e) = self.tcp.write_all(&self.out).await {
-                    return e.into();
-                }
-                self.out.clear();
-                last_sent = Instant::now();
-            }
+            // Writes happen inside the select, so that reading (and every deadline) goes
+            // on while the server is slow to read: a server that stops reading cannot
+            // hang the session past the silence deadline.
+            let writing = !self.out.is_empty();
             tokio::select! {
+                r = self.wr.write(&self.out), if writing => match r {
+                    Ok(n) => {
+                        let _ = self.out.split_to(n);
+                        last_sent = Instant::now();
+                    }
+                    Err(e) if crate::wire::is_cut(&e) => return ClientError::Truncated,
+                    Err(e) => return e.into(),
+                },
                 cmd = rx.recv(), if commands_open && self.closing.is_none() => match cmd {
                     Some(cmd) => self.command(cmd),
                     // Every handle was dropped: end the session politely.
                     None => { commands_open = false; self.start_close(None); }
                 },
-                r = self.tcp.read_buf(&mut self.buf) => match r {
+                r = self.rd.read_buf(&mut self.buf) => match r {
                     // Spec 8.6: EOF or a reset before the server's CLOSE is truncation.
                     Ok(0) => return ClientError::Truncated,
                     Ok(_) => last_recv = Instant::now(),
@@ -621,6 +633,12 @@ impl Connection {
                 };
                 (CloseCode::NORMAL, end)
             }
+            // Spec 8.3: an injected ERROR means the connection is not the server's any
+            // more; end it as a cut, without a CLOSE.
+            Ended::Violation(ProtocolError::InjectedError(_)) => {
+                let _ = self.wr.shutdown().await;
+                return ClientError::Truncated;
+            }
             Ended::Violation(e) => (e.close_code(), ClientError::from(e)),
         };
         if self.session.can_send() {
@@ -632,8 +650,8 @@ impl Connection {
                 &mut self.out,
             );
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.tcp.write_all(&self.out)).await;
-        let _ = self.tcp.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.wr.write_all(&self.out)).await;
+        let _ = self.wr.shutdown().await;
         end
     }
 }
@@ -641,4 +659,24 @@ impl Connection {
 enum Ended {
     PeerClosed(CloseCode, String),
     Violation(ProtocolError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server request that arrived after the last [`Client`] handle was dropped has
+    /// no way back to the session: answering it is an error, not a panic.
+    #[tokio::test]
+    async fn answering_without_a_session_is_an_error() {
+        let req = IncomingRequest {
+            payload: Bytes::from_static(b"q"),
+            seq: 1,
+            tx: None,
+        };
+        assert!(matches!(
+            req.respond(Status::OK, Bytes::new()).await,
+            Err(ClientError::SessionClosed)
+        ));
+    }
 }

@@ -135,26 +135,39 @@ impl Limits {
                 reason: reason.into(),
             })
         };
-        if self.max_connections == 0 {
-            return invalid("limits.max_connections", "must be at least 1");
-        }
-        if self.max_unauthenticated == 0 {
-            return invalid("limits.max_unauthenticated", "must be at least 1");
-        }
-        if self.max_in_flight == 0 {
-            return invalid("limits.max_in_flight", "must be at least 1");
+        // Every value has an upper bound too: a huge duration would overflow the
+        // deadline arithmetic of every session (1.5 x keepalive) and panic it.
+        for (field, value, max) in [
+            ("limits.max_connections", self.max_connections, 1_000_000),
+            (
+                "limits.max_unauthenticated",
+                self.max_unauthenticated,
+                1_000_000,
+            ),
+            ("limits.max_in_flight", self.max_in_flight, 65_536),
+        ] {
+            if !(1..=max).contains(&value) {
+                return invalid(field, &format!("must be between 1 and {max}"));
+            }
         }
         if !(1024..=MAX_FRAME_LEN_CEILING).contains(&self.max_frame_len) {
             return invalid("limits.max_frame_len", "must be between 1024 and 16777216");
         }
-        for (field, d) in [
-            ("limits.handshake_timeout", self.handshake_timeout),
-            ("limits.keepalive", self.keepalive),
-            ("limits.drain_timeout", self.drain_timeout),
-            ("limits.backend_timeout", self.backend_timeout),
+        const HOUR: u64 = 3600;
+        for (field, d, min_ms, max_secs) in [
+            ("limits.handshake_timeout", self.handshake_timeout, 1, 300),
+            ("limits.keepalive", self.keepalive, 100, 24 * HOUR),
+            ("limits.drain_timeout", self.drain_timeout, 1, HOUR),
+            ("limits.backend_timeout", self.backend_timeout, 1, HOUR),
         ] {
-            if d.is_zero() {
-                return invalid(field, "must be more than 0 seconds");
+            if d < Duration::from_millis(min_ms) || d > Duration::from_secs(max_secs) {
+                return invalid(
+                    field,
+                    &format!(
+                        "must be between {} and {max_secs} seconds",
+                        min_ms as f64 / 1000.0
+                    ),
+                );
             }
         }
         Ok(())
@@ -282,6 +295,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("limits.keepalive"), "{e}");
+        for huge in [
+            "keepalive = 7e18",
+            "handshake_timeout = 301",
+            "drain_timeout = 1e300",
+            "max_connections = 18446744073709551615",
+            "max_in_flight = 100000",
+        ] {
+            let e = ServerConfig::from_toml(&format!("[limits]\n{huge}"))
+                .unwrap_err()
+                .to_string();
+            let key = huge.split(' ').next().unwrap();
+            assert!(e.contains(key), "{huge}: {e}");
+        }
         let e = ServerConfig::from_toml("backend = \"carrier-pigeon\"")
             .unwrap_err()
             .to_string();

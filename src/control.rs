@@ -32,7 +32,17 @@ const MAX_LINE: u64 = 1 << 20;
 pub enum ControlRequest {
     /// List live sessions.
     Sessions,
-    /// Close an identity's live session with a code (REVOKED after `tallyd revoke`).
+    /// Revoke an identity in the store, refuse its handshakes in flight, close its session.
+    Revoke {
+        /// The identity.
+        id: String,
+    },
+    /// Delete an identity from the store, refuse its handshakes in flight, close its session.
+    Remove {
+        /// The identity.
+        id: String,
+    },
+    /// Close an identity's live session with a code.
     Close {
         /// The identity.
         id: String,
@@ -60,6 +70,20 @@ pub enum ControlResponse {
     Sessions {
         /// One per identity.
         sessions: Vec<SessionInfo>,
+    },
+    /// The identity was revoked.
+    Revoked {
+        /// False if it was revoked already.
+        newly: bool,
+        /// Whether a live session was asked to close.
+        was_live: bool,
+    },
+    /// The identity was removed.
+    Removed {
+        /// Whether there was one.
+        existed: bool,
+        /// Whether a live session was asked to close.
+        was_live: bool,
     },
     /// Whether a live session was asked to close.
     Closed {
@@ -100,6 +124,11 @@ pub enum ControlError {
 }
 
 /// Binds the control socket, refusing to steal it from a running daemon.
+///
+/// The socket is created under umask 077, so it is never reachable by other users,
+/// not even between bind and chmod; the state directory was checked not to be
+/// writable by others ([`crate::secrets::check_state_dir`]), so nobody else can put
+/// a socket of their own in its place. Peers are checked with `SO_PEERCRED` too.
 pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
     let path = state_dir.join(SOCKET);
     if path.exists() {
@@ -114,9 +143,29 @@ pub fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(&path)?;
     }
-    let listener = UnixListener::bind(&path)?;
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let listener = UnixListener::bind(&path);
+    rustix::process::umask(old);
+    let listener = listener?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// Whether a control-socket peer may talk to the daemon: root, or tallyd's own user.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let me = rustix::process::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {:?}) is neither root nor tallyd's user (uid {me})",
+            cred.uid(),
+            cred.pid()
+        ))
+    }
 }
 
 /// Serves control requests until `shutdown`, then removes the socket file.
@@ -129,7 +178,10 @@ pub async fn serve(listener: UnixListener, state: Arc<ServerState>, shutdown: Ca
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok((stream, _)) => { tokio::spawn(handle(stream, state.clone())); }
+                Ok((stream, _)) => match peer_allowed(&stream) {
+                    Ok(()) => { tokio::spawn(handle(stream, state.clone())); }
+                    Err(who) => warn!("control socket: refused a connection from {who}"),
+                },
                 Err(e) => { warn!(error = %e, "control socket accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }
             }
         }
@@ -195,6 +247,8 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 },
             }
         }
+        ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
+        ControlRequest::Remove { id } => invalidate(state, &id, false).await,
         ControlRequest::Sessions => ControlResponse::Sessions {
             sessions: state.registry.list(),
         },
@@ -214,6 +268,61 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 message: e.to_string(),
             },
         },
+    }
+}
+
+/// Revokes (`revoke`) or removes an identity: the store first, then the registry, so
+/// that a handshake whose key lookup raced with the store change is refused at
+/// registration (spec 7.3), and the live session gets CLOSE REVOKED.
+async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlResponse {
+    let id = match Id::new(id) {
+        Ok(id) => id,
+        Err(e) => {
+            return ControlResponse::Error {
+                message: e.to_string(),
+            }
+        }
+    };
+    let store = state.store.clone();
+    let name = id.to_string();
+    let done = tokio::task::spawn_blocking(move || {
+        if revoke {
+            store.revoke(&name)
+        } else {
+            store.remove(&name)
+        }
+    })
+    .await;
+    let changed = match done {
+        Ok(Ok(changed)) => changed,
+        Ok(Err(e)) => {
+            return ControlResponse::Error {
+                message: e.to_string(),
+            }
+        }
+        Err(e) => {
+            return ControlResponse::Error {
+                message: e.to_string(),
+            }
+        }
+    };
+    let reason = if revoke {
+        "identity revoked"
+    } else {
+        "identity removed"
+    };
+    let was_live = state.registry.invalidate(&id, CloseCode::REVOKED, reason);
+    info!(id = %id, was_live, "{reason} on the control socket");
+    if revoke {
+        ControlResponse::Revoked {
+            newly: changed,
+            was_live,
+        }
+    } else {
+        ControlResponse::Removed {
+            existed: changed,
+            was_live,
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::config::ServerConfig;
 use crate::logging::LogHandle;
 use crate::server::ServerState;
-use crate::{admin, backend, control, server, systemd};
+use crate::{backend, control, server, systemd};
 
 /// Runs the daemon until SIGTERM or SIGINT. `reload` re-reads the configuration for
 /// SIGHUP.
@@ -34,10 +34,9 @@ pub async fn serve(
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?,
     };
-    let addr = listener.local_addr()?;
     let control_listener = control::bind(&config.state_dir).context("control socket")?;
     if secrets.created {
-        print_first_start(&config, creds.as_deref(), addr)?;
+        print_first_start(&config);
     }
     let stop = CancellationToken::new();
     tokio::spawn(control::serve(
@@ -55,34 +54,24 @@ pub async fn serve(
     Ok(result?)
 }
 
-fn print_first_start(
-    config: &ServerConfig,
-    creds: Option<&std::path::Path>,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<()> {
+/// Says how to get an enrollment token, without printing one: stdout is the journal
+/// under systemd, and a token is a secret.
+fn print_first_start(config: &ServerConfig) {
     println!(
         "First start: created keys in {}.",
         config.state_dir.display()
     );
-    if !config.open_enrollment {
-        println!("Open enrollment is off: issue one token per device with `tallyd token --id <DEVICE-ID>`.");
-        return Ok(());
-    }
-    let token = admin::token(&config.state_dir, creds, None)?;
-    let host = if addr.ip().is_unspecified() {
-        format!("<this-host>:{}", addr.port())
+    let dir = config.state_dir.display();
+    if config.open_enrollment {
+        println!(
+            "Get the open enrollment token with `tallyd --state-dir {dir} token`, or issue one per device \
+             with `tallyd --state-dir {dir} token --id <DEVICE-ID>` (recommended in production; see README)."
+        );
     } else {
-        addr.to_string()
-    };
-    println!(
-        "Enrollment token (secret; print it again with `tallyd token`):\n\n  {}\n",
-        *token
-    );
-    println!(
-        "Enroll a device with:\n\n  tally enroll --server {host} --id <DEVICE-ID> --token {}\n",
-        *token
-    );
-    Ok(())
+        println!(
+            "Open enrollment is off: issue one token per device with `tallyd --state-dir {dir} token --id <DEVICE-ID>`."
+        );
+    }
 }
 
 /// Sends STATUS= when the number of live sessions changes, and WATCHDOG=1 if enabled.

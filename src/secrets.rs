@@ -1,5 +1,6 @@
-//! The server's secrets on disk: the enrollment key, the static X25519 key and the
-//! store key, each a file of 64 hex digits, mode 0600, written atomically.
+//! The server's key files: the static X25519 key and the store key, each a file of 64
+//! hex digits, mode 0600, written atomically. (The enrollment credentials, the open key
+//! and per-identity tokens, live in the store, sealed under the store key.)
 //!
 //! A key is read from the systemd credentials directory (`$CREDENTIALS_DIRECTORY`,
 //! `LoadCredential=`) when it is there, else from the state directory, where it is
@@ -16,8 +17,6 @@ use zeroize::Zeroizing;
 use crate::proto::enroll::ServerParams;
 use crate::proto::SecretKey;
 
-/// File name of the enrollment key `EK`.
-pub const ENROLLMENT_KEY: &str = "enrollment.key";
 /// File name of the server's static X25519 secret `s`.
 pub const SERVER_KEY: &str = "server.key";
 /// File name of the key that wraps identity keys in the store.
@@ -41,6 +40,11 @@ pub enum SecretsError {
     /// A key file is readable by others.
     #[error("{0}: mode {1:o} lets other users read a secret; run `chmod 600` on it")]
     Permissions(PathBuf, u32),
+    /// The state directory is writable by other users.
+    #[error(
+        "{0}: mode {1:o} lets other users write to the state directory; run `chmod 700` on it"
+    )]
+    OpenDirectory(PathBuf, u32),
     /// A key is missing and may not be created here.
     #[error("{0} does not exist; run `tallyd init` first")]
     Missing(PathBuf),
@@ -101,6 +105,16 @@ fn read_key(path: &Path) -> Result<SecretKey, SecretsError> {
     Ok(SecretKey::from_bytes(*bytes))
 }
 
+/// Refuses a state directory that other users can write to: they could replace the
+/// control socket, the database or a key file with their own.
+pub fn check_state_dir(dir: &Path) -> Result<(), SecretsError> {
+    let mode = fs::metadata(dir).map_err(io_err(dir))?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SecretsError::OpenDirectory(dir.to_owned(), mode & 0o777));
+    }
+    Ok(())
+}
+
 /// 32 bytes from the operating system's secure random source.
 pub fn random_bytes() -> [u8; 32] {
     let mut b = [0u8; 32];
@@ -139,10 +153,8 @@ fn load_or_create(
     Ok((key, true))
 }
 
-/// The server's three secrets.
+/// The server's two key files.
 pub struct ServerSecrets {
-    /// The enrollment key `EK`.
-    pub enrollment_key: SecretKey,
     /// The static secret `s`.
     pub static_secret: StaticSecret,
     /// The key that wraps identity keys in the store.
@@ -171,22 +183,18 @@ impl ServerSecrets {
             fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
                 .map_err(io_err(state_dir))?;
         }
-        let (enrollment_key, a) =
-            load_or_create(state_dir, credentials_dir, ENROLLMENT_KEY, create)?;
         let (server, b) = load_or_create(state_dir, credentials_dir, SERVER_KEY, create)?;
         let (store_key, c) = load_or_create(state_dir, credentials_dir, STORE_KEY, create)?;
         Ok(ServerSecrets {
-            enrollment_key,
             static_secret: StaticSecret::from(*server.expose()),
             store_key,
-            created: a || b || c,
+            created: b || c,
         })
     }
 
     /// The enrollment parameters of the protocol core.
     pub fn enroll_params(&self, allow_open: bool) -> ServerParams {
         ServerParams {
-            enrollment_key: self.enrollment_key.clone(),
             static_secret: self.static_secret.clone(),
             allow_open,
         }
@@ -203,7 +211,7 @@ mod tests {
         let state = dir.path().join("state");
         let a = ServerSecrets::load(&state, None, true).unwrap();
         assert!(a.created);
-        for name in [ENROLLMENT_KEY, SERVER_KEY, STORE_KEY] {
+        for name in [SERVER_KEY, STORE_KEY] {
             let mode = fs::metadata(state.join(name)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{name}");
         }
@@ -213,10 +221,10 @@ mod tests {
         );
         let b = ServerSecrets::load(&state, None, false).unwrap();
         assert!(!b.created);
-        assert!(a.enrollment_key.ct_eq(&b.enrollment_key));
+        assert!(a.store_key.ct_eq(&b.store_key));
         assert_eq!(a.static_secret.to_bytes(), b.static_secret.to_bytes());
         // no temporary files left behind
-        assert_eq!(fs::read_dir(&state).unwrap().count(), 3);
+        assert_eq!(fs::read_dir(&state).unwrap().count(), 2);
     }
 
     #[test]
@@ -254,22 +262,18 @@ mod tests {
     fn credentials_directory_takes_precedence() {
         let state = tempfile::tempdir().unwrap();
         let creds = tempfile::tempdir().unwrap();
-        write_secret_file(
-            &creds.path().join(ENROLLMENT_KEY),
-            "ab".repeat(32).as_bytes(),
-        )
-        .unwrap();
+        write_secret_file(&creds.path().join(STORE_KEY), "ab".repeat(32).as_bytes()).unwrap();
         let s = ServerSecrets::load(state.path(), Some(creds.path()), true).unwrap();
-        assert_eq!(s.enrollment_key.expose(), &[0xab; 32]);
-        assert!(!state.path().join(ENROLLMENT_KEY).exists());
+        assert_eq!(s.store_key.expose(), &[0xab; 32]);
+        assert!(!state.path().join(STORE_KEY).exists());
     }
 
     #[test]
     fn garbage_key_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        write_secret_file(&dir.path().join(ENROLLMENT_KEY), b"not hex").unwrap();
+        write_secret_file(&dir.path().join(STORE_KEY), b"not hex").unwrap();
         assert!(matches!(
-            load_or_create(dir.path(), None, ENROLLMENT_KEY, false),
+            load_or_create(dir.path(), None, STORE_KEY, false),
             Err(SecretsError::Format(_))
         ));
     }

@@ -1,19 +1,30 @@
-//! The identity store: SQLite (WAL, full durability), one row per identity.
+//! The identity store: SQLite (WAL, full durability, `secure_delete`), versioned schema.
 //!
-//! Identity keys are stored wrapped: `stored = k XOR HKDF(store_key, "tally store wrap" ‖ id)`,
-//! with the store key kept outside the database (spec 13.9), so a copy of the database
-//! alone reveals no key. Sequence state is never stored: it belongs to live sessions.
+//! It holds every secret the server keeps besides its two key files: identity keys, the
+//! outstanding per-identity enrollment tokens and the open enrollment key. Each is sealed
+//! with XChaCha20-Poly1305 under the *store key* (kept outside the database, spec 13.9),
+//! with a fresh random nonce per row and the row's identity (id, generation or expiry) as
+//! associated data: a copy of the database alone reveals no secret, a sealed value cannot
+//! be moved to another row, and two enrollments of one id share nothing.
+//!
+//! Every enrollment gets a *generation*, a number never used before in this database
+//! (`AUTOINCREMENT`): it names one key of one id, so a session can be tied to the key it
+//! was made with (spec 7.3, removal during a handshake).
+//!
+//! Deleted and overwritten secrets are zeroed in the file (`secure_delete`), and the WAL
+//! is checkpointed and truncated after a revocation or removal, so the old page images
+//! do not linger there either.
 //!
 //! Every method blocks; async callers run them on `spawn_blocking`. The database can be
 //! opened by the daemon and by admin commands at the same time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hkdf::Hkdf;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
-use sha2::Sha256;
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use zeroize::Zeroizing;
 
 use crate::proto::frame::{EnrollMode, Id};
@@ -21,6 +32,51 @@ use crate::proto::SecretKey;
 
 /// File name of the database in the state directory.
 pub const DB_FILE: &str = "identities.db";
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Length of a sealed 32-byte secret: 24-byte nonce, 32-byte ciphertext, 16-byte tag.
+const SEALED_LEN: usize = 24 + 32 + 16;
+
+/// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
+/// Version 0 is an empty database.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE identities (
+        generation INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT NOT NULL UNIQUE,
+        key        BLOB,               -- sealed k; NULL once revoked
+        created    INTEGER NOT NULL,
+        last_seen  INTEGER,
+        revoked    INTEGER,
+        mode       TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE tokens (
+        id      TEXT PRIMARY KEY NOT NULL,
+        secret  BLOB NOT NULL,         -- sealed token credential
+        issued  INTEGER NOT NULL,
+        expires INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE settings (
+        name    TEXT PRIMARY KEY NOT NULL,
+        value   BLOB NOT NULL,
+        updated INTEGER NOT NULL
+    ) STRICT;
+    -- One row shaped like an identity: unknown and revoked ids read and unseal it, so a
+    -- HELLO costs the same whether or not its id is enrolled (spec 7.5).
+    CREATE TABLE decoy (
+        generation INTEGER PRIMARY KEY,
+        key        BLOB NOT NULL
+    ) STRICT;
+"];
+
+/// Associated-data labels of the sealed values, one per kind of row.
+mod ad {
+    pub const IDENTITY: &[u8] = b"tally store identity key";
+    pub const TOKEN: &[u8] = b"tally store enrollment token";
+    pub const OPEN: &[u8] = b"tally store open enrollment key";
+    pub const DECOY: &[u8] = b"tally store decoy";
+}
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,16 +88,39 @@ pub enum StoreError {
     /// No such identity.
     #[error("no identity {0}")]
     NotFound(String),
+    /// The token that authorised an enrollment was revoked, replaced, consumed or
+    /// expired while the enrollment ran.
+    #[error("the enrollment token of {0} was revoked, replaced, used or expired meanwhile")]
+    TokenGone(Id),
+    /// The database was made by a tallyd older than schema versioning.
+    #[error("{0}: this identity database predates schema versioning (a development build of tallyd); it cannot be used. Move it aside and enroll the devices again")]
+    Unversioned(PathBuf),
+    /// The database was made by a newer tallyd.
+    #[error("{path}: schema version {found} is newer than this tallyd understands (up to {SCHEMA_VERSION}); run the newer tallyd, or restore a backup")]
+    TooNew {
+        /// The database.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: u32,
+    },
+    /// The store key does not open the database's sealed values.
+    #[error("the store key does not open this identity database: store.key was replaced, or belongs to another state directory")]
+    WrongStoreKey,
+    /// A sealed value is damaged.
+    #[error("identity store: damaged sealed value ({0})")]
+    Corrupt(&'static str),
     /// SQLite failed.
     #[error("identity store: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
 
 /// One identity, as listed for the operator (no key).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct IdentityRow {
     /// The identity.
     pub id: String,
+    /// Its enrollment generation.
+    pub generation: u64,
     /// Enrollment time (seconds since the Unix epoch).
     pub created: i64,
     /// Last successful session handshake, if any.
@@ -52,6 +131,46 @@ pub struct IdentityRow {
     pub mode: String,
 }
 
+/// An outstanding per-identity enrollment token, as listed for the operator (no secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TokenRow {
+    /// The identity it may enroll.
+    pub id: String,
+    /// When it was issued (seconds since the Unix epoch).
+    pub issued: i64,
+    /// When it stops working.
+    pub expires: i64,
+}
+
+/// Why the server holds no usable credential for an ENROLL_INIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoCredential {
+    /// No token was issued for the id (or it was consumed, revoked or replaced).
+    NoToken,
+    /// The id's token expired.
+    Expired,
+}
+
+/// What the server needs to answer an ENROLL_INIT.
+#[derive(Debug)]
+pub struct EnrollLookup {
+    /// The credential `c` for the mode and id, or why there is none.
+    pub credential: Result<SecretKey, NoCredential>,
+    /// The id is enrolled already (revoked or not).
+    pub enrolled: bool,
+    /// In token mode, the sealed token row: the enrollment consumes exactly this token.
+    pub token_ref: Option<Vec<u8>>,
+}
+
+/// The key of a usable identity, and the generation it belongs to.
+#[derive(Debug)]
+pub struct IdentityKey {
+    /// The identity key `k`.
+    pub key: SecretKey,
+    /// Its enrollment generation.
+    pub generation: u64,
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {
     SystemTime::now()
@@ -59,13 +178,62 @@ pub fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Associated data: `label ‖ u8 len(id) ‖ id ‖ u64 n`.
+fn assoc(label: &[u8], id: &str, n: i64) -> Vec<u8> {
+    let mut a = Vec::with_capacity(label.len() + 1 + id.len() + 8);
+    a.extend_from_slice(label);
+    a.push(id.len() as u8);
+    a.extend_from_slice(id.as_bytes());
+    a.extend_from_slice(&n.to_be_bytes());
+    a
+}
+
+/// XChaCha20-Poly1305 under the store key, with a random nonce per sealed value.
+struct Sealer(XChaCha20Poly1305);
+
+impl Sealer {
+    fn new(store_key: &SecretKey) -> Self {
+        Sealer(XChaCha20Poly1305::new(store_key.expose().into()))
+    }
+
+    fn seal(&self, ad: &[u8], secret: &[u8; 32]) -> Vec<u8> {
+        let mut nonce = [0u8; 24];
+        getrandom::getrandom(&mut nonce).expect("the operating system's random source failed");
+        let mut buf = Zeroizing::new(*secret);
+        let tag = self
+            .0
+            .encrypt_inout_detached(&XNonce::from(nonce), ad, (&mut buf[..]).into())
+            .expect("32 bytes is within the AEAD's limits");
+        let mut out = Vec::with_capacity(SEALED_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf[..]);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    fn open(&self, ad: &[u8], sealed: &[u8]) -> Result<SecretKey, StoreError> {
+        if sealed.len() != SEALED_LEN {
+            return Err(StoreError::Corrupt("wrong length"));
+        }
+        let nonce = XNonce::try_from(&sealed[..24]).expect("24 bytes");
+        let tag = chacha20poly1305::Tag::try_from(&sealed[56..]).expect("16 bytes");
+        let mut buf = Zeroizing::new([0u8; 32]);
+        buf.copy_from_slice(&sealed[24..56]);
+        self.0
+            .decrypt_inout_detached(&nonce, ad, (&mut buf[..]).into(), &tag)
+            .map_err(|_| StoreError::WrongStoreKey)?;
+        Ok(SecretKey::from_bytes(*buf))
+    }
+}
+
 /// The identity store.
 pub struct Store {
     /// Commits are durable before they return (enrollment, revocation).
     conn: Mutex<Connection>,
-    /// For bookkeeping that may be lost in a crash (`last_seen`): no fsync per commit.
+    /// For bookkeeping that may be lost in a crash (`last_seen`) and for reads on the
+    /// handshake path, so they never queue behind a durable write.
     relaxed: Mutex<Connection>,
-    store_key: SecretKey,
+    sealer: Sealer,
 }
 
 impl std::fmt::Debug for Store {
@@ -74,8 +242,45 @@ impl std::fmt::Debug for Store {
     }
 }
 
+fn connection(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Deleted and overwritten rows are zeroed in the file, not left in free space.
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    Ok(conn)
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], refusing databases this build cannot use.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
+        let tables: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables > 0 {
+            return Err(StoreError::Unversioned(path.to_owned()));
+        }
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", n as u32 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 impl Store {
-    /// Opens (and creates, if needed) the database at `path`.
+    /// Opens (and creates, or migrates, if needed) the database at `path`.
     pub fn open(path: &Path, store_key: SecretKey) -> Result<Store, StoreError> {
         // Create the file 0600 before SQLite does: its -wal and -shm files copy the
         // database's mode when they are created.
@@ -88,113 +293,292 @@ impl Store {
                 .mode(0o600)
                 .open(path);
         }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut conn = connection(path, "FULL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // An enrollment is confirmed only after its commit is durable (spec 6.2 step 4).
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let relaxed = Connection::open(path)?;
-        relaxed.busy_timeout(Duration::from_secs(5))?;
-        relaxed.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS identities (
-                 id        TEXT PRIMARY KEY NOT NULL,
-                 key       BLOB NOT NULL,
-                 created   INTEGER NOT NULL,
-                 last_seen INTEGER,
-                 revoked   INTEGER,
-                 mode      TEXT NOT NULL
-             ) STRICT;",
-        )?;
+        migrate(&mut conn, path)?;
+        let relaxed = connection(path, "NORMAL")?;
         #[cfg(unix)]
         for suffix in ["", "-wal", "-shm"] {
-            // Databases made by earlier versions, or with a looser umask.
+            // With a looser umask, or copied in by hand.
             use std::os::unix::fs::PermissionsExt;
             let mut p = path.as_os_str().to_owned();
             p.push(suffix);
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
         }
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             relaxed: Mutex::new(relaxed),
-            store_key,
-        })
-    }
-
-    fn wrap(&self, id: &str, key: &[u8; 32]) -> Zeroizing<[u8; 32]> {
-        let mut pad = Zeroizing::new([0u8; 32]);
-        Hkdf::<Sha256>::new(None, self.store_key.expose())
-            .expand_multi_info(&[b"tally store wrap", id.as_bytes()], pad.as_mut())
-            .expect("32 bytes is a valid length");
-        let mut out = Zeroizing::new([0u8; 32]);
-        for i in 0..32 {
-            out[i] = key[i] ^ pad[i];
-        }
-        out
+            sealer: Sealer::new(&store_key),
+        };
+        store.init_secrets()?;
+        Ok(store)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a new identity in one transaction that fails if it exists. Returns once
-    /// the commit is durable.
-    pub fn insert(&self, id: &Id, key: &SecretKey, mode: EnrollMode) -> Result<(), StoreError> {
-        let wrapped = self.wrap(id.as_str(), key.expose());
-        let res = self.conn().execute(
-            "INSERT INTO identities (id, key, created, mode) VALUES (?1, ?2, ?3, ?4)",
-            params![id.as_str(), &wrapped[..], now(), mode.as_str()],
-        );
-        match res {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == ErrorCode::ConstraintViolation =>
-            {
-                Err(StoreError::Taken(id.clone()))
-            }
-            Err(e) => Err(e.into()),
-        }
+    fn relaxed(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The key of a usable identity: `None` if it is unknown or revoked.
-    pub fn key(&self, id: &Id) -> Result<Option<SecretKey>, StoreError> {
-        let row: Option<(Vec<u8>, Option<i64>)> = self
-            .conn()
+    /// Creates the decoy row and the open enrollment key on first open, and checks that
+    /// the store key opens them afterwards.
+    fn init_secrets(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let decoy: Option<Vec<u8>> = tx
+            .query_row("SELECT key FROM decoy WHERE generation = 0", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match decoy {
+            Some(sealed) => {
+                self.sealer.open(&assoc(ad::DECOY, "", 0), &sealed)?;
+            }
+            None => {
+                let sealed = self
+                    .sealer
+                    .seal(&assoc(ad::DECOY, "", 0), &crate::secrets::random_bytes());
+                tx.execute(
+                    "INSERT INTO decoy (generation, key) VALUES (0, ?1)",
+                    [sealed],
+                )?;
+            }
+        }
+        let open: Option<(Vec<u8>, i64)> = tx
             .query_row(
-                "SELECT key, revoked FROM identities WHERE id = ?1",
-                [id.as_str()],
+                "SELECT value, updated FROM settings WHERE name = 'open_key'",
+                [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        // The unwrap runs for unknown and revoked identities too, on a filler, so that
-        // the work does not depend on whether the identity exists (spec 7.5).
-        let usable = matches!(&row, Some((w, None)) if w.len() == 32);
-        let wrapped: Zeroizing<[u8; 32]> = Zeroizing::new(match &row {
-            Some((w, _)) if w.len() == 32 => w[..].try_into().expect("32 bytes"),
-            _ => [0; 32],
-        });
-        let key = SecretKey::from_bytes(*self.wrap(id.as_str(), &wrapped));
-        Ok(usable.then_some(key))
+        match open {
+            Some((sealed, updated)) => {
+                self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed)?;
+            }
+            None => {
+                Self::put_open_key(&self.sealer, &tx)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
-    /// Whether the identity exists and is not revoked: the re-check after a handshake,
-    /// for a revocation that raced with it. A read; no write.
-    pub fn is_usable(&self, id: &Id) -> Result<bool, StoreError> {
-        Ok(self
-            .relaxed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1 AND revoked IS NULL)",
-                [id.as_str()],
-                |r| r.get(0),
-            )?)
+    fn put_open_key(sealer: &Sealer, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
+        let at = now();
+        let sealed = sealer.seal(&assoc(ad::OPEN, "", at), &crate::secrets::random_bytes());
+        tx.execute(
+            "INSERT OR REPLACE INTO settings (name, value, updated) VALUES ('open_key', ?1, ?2)",
+            params![sealed, at],
+        )?;
+        Ok(())
+    }
+
+    /// The open enrollment key `EK` (spec 6.1): what the open token carries.
+    pub fn open_key(&self) -> Result<SecretKey, StoreError> {
+        self.read_open_key(&self.relaxed())
+    }
+
+    fn read_open_key(&self, conn: &Connection) -> Result<SecretKey, StoreError> {
+        let (sealed, updated): (Vec<u8>, i64) = conn.query_row(
+            "SELECT value, updated FROM settings WHERE name = 'open_key'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed)
+    }
+
+    /// Replaces the open enrollment key with a fresh one: every open token issued before
+    /// stops working at once. Returns the new key.
+    pub fn rotate_open_key(&self) -> Result<SecretKey, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Self::put_open_key(&self.sealer, &tx)?;
+        let key = self.read_open_key(&tx)?;
+        tx.commit()?;
+        drop(conn);
+        self.scrub();
+        Ok(key)
+    }
+
+    /// Issues a per-identity enrollment token for `id`, valid until `expires`: a fresh
+    /// random credential, replacing any token issued for `id` before. Refused if `id` is
+    /// enrolled (remove it first).
+    pub fn issue_token(&self, id: &Id, expires: i64) -> Result<SecretKey, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let enrolled: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)",
+            [id.as_str()],
+            |r| r.get(0),
+        )?;
+        if enrolled {
+            return Err(StoreError::Taken(id.clone()));
+        }
+        let secret = SecretKey::from_bytes(crate::secrets::random_bytes());
+        let sealed = self
+            .sealer
+            .seal(&assoc(ad::TOKEN, id.as_str(), expires), secret.expose());
+        tx.execute(
+            "INSERT OR REPLACE INTO tokens (id, secret, issued, expires) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_str(), sealed, now(), expires],
+        )?;
+        tx.commit()?;
+        Ok(secret)
+    }
+
+    /// Revokes the outstanding token of `id`. Returns whether there was one.
+    pub fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM tokens WHERE id = ?1", [id])?;
+        self.scrub();
+        Ok(n == 1)
+    }
+
+    /// The outstanding tokens (expired ones included), ordered by id.
+    pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, issued, expires FROM tokens ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenRow {
+                id: r.get(0)?,
+                issued: r.get(1)?,
+                expires: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What an ENROLL_INIT for `mode` and `id` needs, at time `at`: the credential to
+    /// check its tag with, and whether the id is taken. One read.
+    pub fn enroll_lookup(
+        &self,
+        mode: EnrollMode,
+        id: &Id,
+        at: i64,
+    ) -> Result<EnrollLookup, StoreError> {
+        let conn = self.relaxed();
+        let enrolled: bool = conn
+            .prepare_cached("SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)")?
+            .query_row([id.as_str()], |r| r.get(0))?;
+        match mode {
+            EnrollMode::Open => Ok(EnrollLookup {
+                credential: Ok(self.read_open_key(&conn)?),
+                enrolled,
+                token_ref: None,
+            }),
+            EnrollMode::Token => {
+                let row: Option<(Vec<u8>, i64)> = conn
+                    .prepare_cached("SELECT secret, expires FROM tokens WHERE id = ?1")?
+                    .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let Some((sealed, expires)) = row else {
+                    return Ok(EnrollLookup {
+                        credential: Err(NoCredential::NoToken),
+                        enrolled,
+                        token_ref: None,
+                    });
+                };
+                let secret = self
+                    .sealer
+                    .open(&assoc(ad::TOKEN, id.as_str(), expires), &sealed)?;
+                let credential = if expires <= at {
+                    Err(NoCredential::Expired)
+                } else {
+                    Ok(secret)
+                };
+                Ok(EnrollLookup {
+                    credential,
+                    enrolled,
+                    token_ref: Some(sealed),
+                })
+            }
+        }
+    }
+
+    /// Stores a new identity in one transaction that fails if it exists and, in token
+    /// mode, consumes the token `token_ref` (which must still be outstanding and
+    /// unexpired). Returns the new generation once the commit is durable.
+    pub fn insert(
+        &self,
+        id: &Id,
+        key: &SecretKey,
+        mode: EnrollMode,
+        token_ref: Option<&[u8]>,
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let at = now();
+        if let Some(token) = token_ref {
+            let n = tx.execute(
+                "DELETE FROM tokens WHERE id = ?1 AND secret = ?2 AND expires > ?3",
+                params![id.as_str(), token, at],
+            )?;
+            if n != 1 {
+                return Err(StoreError::TokenGone(id.clone()));
+            }
+        } else {
+            // An id enrolled in open mode has no use for a token issued for it.
+            tx.execute("DELETE FROM tokens WHERE id = ?1", [id.as_str()])?;
+        }
+        let res = tx.execute(
+            "INSERT INTO identities (id, key, created, mode) VALUES (?1, NULL, ?2, ?3)",
+            params![id.as_str(), at, mode.as_str()],
+        );
+        match res {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::Taken(id.clone()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let generation = tx.last_insert_rowid();
+        let sealed = self
+            .sealer
+            .seal(&assoc(ad::IDENTITY, id.as_str(), generation), key.expose());
+        tx.execute(
+            "UPDATE identities SET key = ?2 WHERE generation = ?1",
+            params![generation, sealed],
+        )?;
+        tx.commit()?;
+        Ok(generation as u64)
+    }
+
+    /// The key of a usable identity: `None` if it is unknown or revoked.
+    ///
+    /// One statement that always yields exactly one row (the identity's, or the decoy's)
+    /// and one unseal, whichever the case, so that the work does not tell an enrolled id
+    /// from an unknown one (spec 7.5). A read on the relaxed connection: it never waits
+    /// for a durable write.
+    pub fn key(&self, id: &Id) -> Result<Option<IdentityKey>, StoreError> {
+        let conn = self.relaxed();
+        let (real, generation, sealed): (bool, i64, Vec<u8>) = conn
+            .prepare_cached(
+                "SELECT 1, generation, key FROM identities WHERE id = ?1 AND revoked IS NULL \
+                 UNION ALL SELECT 0, generation, key FROM decoy WHERE generation = 0 LIMIT 1",
+            )?
+            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        drop(conn);
+        let ad = if real {
+            assoc(ad::IDENTITY, id.as_str(), generation)
+        } else {
+            assoc(ad::DECOY, "", 0)
+        };
+        let key = self.sealer.open(&ad, &sealed)?;
+        Ok(real.then_some(IdentityKey {
+            key,
+            generation: generation as u64,
+        }))
     }
 
     /// Records the last successful handshake of several identities in one transaction
     /// (the daemon batches them; losing a batch in a crash loses only bookkeeping).
     pub fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError> {
-        let mut conn = self.relaxed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.relaxed();
         let tx = conn.transaction()?;
         {
             let mut stmt =
@@ -207,14 +591,16 @@ impl Store {
         Ok(())
     }
 
-    /// Revokes an identity. Returns false if it was already revoked.
+    /// Revokes an identity and erases its key. Returns false if it was already revoked.
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
         let conn = self.conn();
         let n = conn.execute(
-            "UPDATE identities SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL",
+            "UPDATE identities SET revoked = ?2, key = NULL WHERE id = ?1 AND revoked IS NULL",
             params![id, now()],
         )?;
         if n == 1 {
+            drop(conn);
+            self.scrub();
             return Ok(true);
         }
         let exists: bool = conn.query_row(
@@ -229,27 +615,50 @@ impl Store {
         }
     }
 
-    /// Deletes an identity, so that its id can be enrolled again. Returns false if there
-    /// was none.
+    /// Deletes an identity, so that its id can be enrolled again (with a new token, or
+    /// in open mode). Returns false if there was none.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM identities WHERE id = ?1", [id])?
-            == 1)
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        tx.commit()?;
+        drop(conn);
+        if n == 1 {
+            self.scrub();
+        }
+        Ok(n == 1)
+    }
+
+    /// Copies the WAL into the database and truncates it, so that page images holding
+    /// erased secrets do not stay in the `-wal` file. Best effort: with a reader active
+    /// the checkpoint may be partial, and the next one completes it.
+    fn scrub(&self) {
+        let conn = self.conn();
+        let r: Result<(i64, i64, i64), _> =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        match r {
+            Ok((0, _, _)) => {}
+            Ok(_) => tracing::debug!("WAL checkpoint incomplete: a reader was active"),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
     }
 
     /// Every identity, ordered by id.
     pub fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT id, created, last_seen, revoked, mode FROM identities ORDER BY id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, generation, created, last_seen, revoked, mode FROM identities ORDER BY id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok(IdentityRow {
                 id: r.get(0)?,
-                created: r.get(1)?,
-                last_seen: r.get(2)?,
-                revoked: r.get(3)?,
-                mode: r.get(4)?,
+                generation: r.get::<_, i64>(1)? as u64,
+                created: r.get(2)?,
+                last_seen: r.get(3)?,
+                revoked: r.get(4)?,
+                mode: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -271,45 +680,127 @@ mod tests {
         Store::open(&dir.join(DB_FILE), SecretKey::from_bytes([9; 32])).unwrap()
     }
 
+    fn raw(dir: &Path) -> Connection {
+        Connection::open(dir.join(DB_FILE)).unwrap()
+    }
+
     #[test]
-    fn insert_lookup_revoke() {
+    fn insert_lookup_revoke_remove() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let id = Id::new("dev").unwrap();
-        s.insert(&id, &SecretKey::from_bytes([1; 32]), EnrollMode::Token)
+        let g1 = s
+            .insert(&id, &SecretKey::from_bytes([1; 32]), EnrollMode::Open, None)
             .unwrap();
         assert!(matches!(
-            s.insert(&id, &SecretKey::from_bytes([2; 32]), EnrollMode::Open),
+            s.insert(&id, &SecretKey::from_bytes([2; 32]), EnrollMode::Open, None),
             Err(StoreError::Taken(_))
         ));
-        assert_eq!(s.key(&id).unwrap().unwrap().expose(), &[1; 32]);
+        let k = s.key(&id).unwrap().unwrap();
+        assert_eq!(k.key.expose(), &[1; 32]);
+        assert_eq!(k.generation, g1);
         assert!(s.key(&Id::new("nope").unwrap()).unwrap().is_none());
-        assert!(s.is_usable(&id).unwrap());
         s.touch_many(&[(id.clone(), 1_795_000_000)]).unwrap();
         assert!(s.revoke("dev").unwrap());
-        assert!(!s.is_usable(&id).unwrap());
-        assert!(s.key(&id).unwrap().is_none());
-        assert!(s.remove("dev").unwrap());
-        assert!(!s.remove("dev").unwrap());
-        s.insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Token)
-            .unwrap();
-        assert_eq!(
-            s.key(&id).unwrap().unwrap().expose(),
-            &[3; 32],
-            "a removed id can be enrolled again"
-        );
-        assert!(s.is_usable(&id).unwrap());
-        s.touch_many(&[(id.clone(), 1_795_000_001)]).unwrap();
-        s.revoke("dev").unwrap();
         assert!(!s.revoke("dev").unwrap());
         assert!(matches!(s.revoke("nope"), Err(StoreError::NotFound(_))));
         assert!(s.key(&id).unwrap().is_none());
+        let key: Option<Vec<u8>> = raw(dir.path())
+            .query_row("SELECT key FROM identities", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(key, None, "a revoked identity's key is erased");
         let rows = s.list().unwrap();
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].mode, "token");
-        assert_eq!(rows[0].last_seen, Some(1_795_000_001));
+        assert_eq!(rows[0].last_seen, Some(1_795_000_000));
         assert!(rows[0].revoked.is_some());
-        assert!(!s.is_usable(&Id::new("nope").unwrap()).unwrap());
+        assert!(s.remove("dev").unwrap());
+        assert!(!s.remove("dev").unwrap());
+        let g2 = s
+            .insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Open, None)
+            .unwrap();
+        assert!(g2 > g1, "generations are never reused");
+        assert_eq!(s.key(&id).unwrap().unwrap().expose_generation(), g2);
+        // AUTOINCREMENT: even removing the newest row does not free its generation.
+        assert!(s.remove("dev").unwrap());
+        let g3 = s
+            .insert(&id, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
+            .unwrap();
+        assert!(g3 > g2);
+    }
+
+    impl IdentityKey {
+        fn expose_generation(&self) -> u64 {
+            self.generation
+        }
+    }
+
+    #[test]
+    fn tokens_are_single_use_expire_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let id = Id::new("dev").unwrap();
+        let far = now() + 3600;
+        let first = s.issue_token(&id, far).unwrap();
+        let second = s.issue_token(&id, far).unwrap();
+        assert!(!first.ct_eq(&second));
+        let l = s.enroll_lookup(EnrollMode::Token, &id, now()).unwrap();
+        assert!(
+            l.credential.as_ref().unwrap().ct_eq(&second),
+            "the newest token replaces the first"
+        );
+        assert!(!l.enrolled);
+        // Expired at a later time.
+        let late = s.enroll_lookup(EnrollMode::Token, &id, far).unwrap();
+        assert_eq!(late.credential.err(), Some(NoCredential::Expired));
+        // Consumed by the enrollment.
+        s.insert(
+            &id,
+            &SecretKey::from_bytes([1; 32]),
+            EnrollMode::Token,
+            l.token_ref.as_deref(),
+        )
+        .unwrap();
+        let after = s.enroll_lookup(EnrollMode::Token, &id, now()).unwrap();
+        assert_eq!(after.credential.err(), Some(NoCredential::NoToken));
+        assert!(after.enrolled);
+        assert!(s.tokens().unwrap().is_empty());
+        // No token for an enrolled id.
+        assert!(matches!(s.issue_token(&id, far), Err(StoreError::Taken(_))));
+        // A revoked token cannot be used by an enrollment already past its INIT.
+        let other = Id::new("dev-2").unwrap();
+        s.issue_token(&other, far).unwrap();
+        let l = s.enroll_lookup(EnrollMode::Token, &other, now()).unwrap();
+        assert_eq!(s.tokens().unwrap().len(), 1);
+        assert!(s.revoke_token("dev-2").unwrap());
+        assert!(!s.revoke_token("dev-2").unwrap());
+        assert!(matches!(
+            s.insert(
+                &other,
+                &SecretKey::from_bytes([1; 32]),
+                EnrollMode::Token,
+                l.token_ref.as_deref()
+            ),
+            Err(StoreError::TokenGone(_))
+        ));
+        assert!(s.key(&other).unwrap().is_none());
+    }
+
+    #[test]
+    fn open_key_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = s.open_key().unwrap();
+        assert!(
+            a.ct_eq(&store(dir.path()).open_key().unwrap()),
+            "stable across opens"
+        );
+        let b = s.rotate_open_key().unwrap();
+        assert!(!a.ct_eq(&b));
+        assert!(b.ct_eq(&s.open_key().unwrap()));
+        let l = s
+            .enroll_lookup(EnrollMode::Open, &Id::new("x").unwrap(), now())
+            .unwrap();
+        assert!(l.credential.unwrap().ct_eq(&b));
     }
 
     #[test]
@@ -321,6 +812,7 @@ mod tests {
             &Id::new("dev").unwrap(),
             &SecretKey::from_bytes([1; 32]),
             EnrollMode::Open,
+            None,
         )
         .unwrap();
         for name in [
@@ -338,23 +830,79 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_not_stored_in_the_clear_and_survive_reopening() {
+    fn keys_are_sealed_per_row_and_the_wrong_store_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let id = Id::new("dev").unwrap();
-        store(dir.path())
-            .insert(&id, &SecretKey::from_bytes([0x5a; 32]), EnrollMode::Open)
-            .unwrap();
-        let raw: Vec<u8> = Connection::open(dir.path().join(DB_FILE))
-            .unwrap()
+        let s = store(dir.path());
+        s.insert(
+            &id,
+            &SecretKey::from_bytes([0x5a; 32]),
+            EnrollMode::Open,
+            None,
+        )
+        .unwrap();
+        let first: Vec<u8> = raw(dir.path())
             .query_row("SELECT key FROM identities", [], |r| r.get(0))
             .unwrap();
-        assert_ne!(raw, vec![0x5a; 32]);
+        assert_eq!(first.len(), SEALED_LEN);
+        assert!(!first.windows(32).any(|w| w == [0x5a; 32]));
+        // The same key enrolled again under the same id is sealed differently.
+        s.remove("dev").unwrap();
+        s.insert(
+            &id,
+            &SecretKey::from_bytes([0x5a; 32]),
+            EnrollMode::Open,
+            None,
+        )
+        .unwrap();
+        let second: Vec<u8> = raw(dir.path())
+            .query_row("SELECT key FROM identities", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(first[24..56], second[24..56], "no pad is reused");
         assert_eq!(
-            store(dir.path()).key(&id).unwrap().unwrap().expose(),
+            store(dir.path()).key(&id).unwrap().unwrap().key.expose(),
             &[0x5a; 32]
         );
-        // The wrong store key yields a different (useless) key, not the real one.
-        let other = Store::open(&dir.path().join(DB_FILE), SecretKey::from_bytes([8; 32])).unwrap();
-        assert_ne!(other.key(&id).unwrap().unwrap().expose(), &[0x5a; 32]);
+        // A sealed key moved to another row does not open there.
+        raw(dir.path())
+            .execute(
+                "INSERT INTO identities (id, key, created, mode) VALUES ('thief', ?1, 0, 'open')",
+                [&second],
+            )
+            .unwrap();
+        assert!(matches!(
+            s.key(&Id::new("thief").unwrap()),
+            Err(StoreError::WrongStoreKey)
+        ));
+        assert!(matches!(
+            Store::open(&dir.path().join(DB_FILE), SecretKey::from_bytes([8; 32])),
+            Err(StoreError::WrongStoreKey)
+        ));
+    }
+
+    #[test]
+    fn schema_versions_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path());
+        let v: u32 = raw(dir.path())
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        raw(dir.path())
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = Store::open(&dir.path().join(DB_FILE), SecretKey::from_bytes([9; 32])).unwrap_err();
+        assert!(matches!(e, StoreError::TooNew { found: 2, .. }), "{e}");
+        // The layout before versioning.
+        let old = tempfile::tempdir().unwrap();
+        raw(old.path())
+            .execute_batch(
+                "CREATE TABLE identities (id TEXT PRIMARY KEY NOT NULL, key BLOB NOT NULL,
+                 created INTEGER NOT NULL, last_seen INTEGER, revoked INTEGER, mode TEXT NOT NULL) STRICT;",
+            )
+            .unwrap();
+        let e = Store::open(&old.path().join(DB_FILE), SecretKey::from_bytes([9; 32])).unwrap_err();
+        assert!(matches!(e, StoreError::Unversioned(_)), "{e}");
+        assert!(e.to_string().contains("predates schema versioning"));
     }
 }

@@ -390,12 +390,11 @@ async fn cli_listen_exec_answers_tallyd_send() {
     let state = dir.path().join("state");
     let state_arg = state.to_str().unwrap().to_owned();
     let (daemon, _) = common::bin::start(&state, true);
-    let token = tally::admin::token(&state, None, None).unwrap();
+    let token = tally::admin::open_token(&state, None, false).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_TOKEN", &*token)
         .args([
             "enroll",
-            "--token",
-            &token,
             "--id",
             "cli-dev",
             "--server",

@@ -66,7 +66,7 @@ fn load_tool_runs_every_mode_against_tally_and_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (daemon, _) = common::bin::start(&state, true);
-    let token = tally::admin::token(&state, None, None).unwrap();
+    let token = tally::admin::open_token(&state, None, false).unwrap();
     let creds = dir.path().join("creds");
     let base = baseline();
     let common = [

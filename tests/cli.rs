@@ -62,19 +62,27 @@ fn readme_walkthrough_with_the_real_binaries() {
     );
     assert_eq!(code, 0);
     let token = token.trim().to_owned();
+    assert!(token.starts_with("tally1-open-"), "{token}");
+    // A token is a secret: never printed at start (stdout is the journal under systemd),
+    // only how to get one.
+    assert!(!first_start.contains("tally1-"), "{first_start}");
     assert!(
-        token.starts_with("tally1-open-") && first_start.contains(&token),
-        "the printed token is the open token"
+        first_start.contains(&format!("tallyd --state-dir {state_arg} token")),
+        "{first_start}"
     );
-    assert!(first_start.contains(&format!(
-        "tally enroll --server {} --id <DEVICE-ID> --token {token}",
-        daemon.addr
-    )));
+    std::fs::write(dir.path().join("enroll.token"), &token).unwrap();
+    // The token is read from a file, from $TALLY_TOKEN or from stdin, never from argv.
+    let (code, help, _) = run(TALLY, &["enroll", "--help"], dir.path(), None);
+    assert_eq!(code, 0);
+    assert!(
+        help.contains("--token-file") && !help.contains("--token <"),
+        "{help}"
+    );
 
     let enroll = [
         "enroll",
-        "--token",
-        &token,
+        "--token-file",
+        "enroll.token",
         "--id",
         "sensor-42",
         "--server",
@@ -154,8 +162,6 @@ fn readme_walkthrough_with_the_real_binaries() {
     let t43 = t43.trim();
     let wrong = [
         "enroll",
-        "--token",
-        t43,
         "--id",
         "sensor-44",
         "--server",
@@ -163,13 +169,14 @@ fn readme_walkthrough_with_the_real_binaries() {
         "--out",
         "x.cred",
     ];
-    let (code, _, err) = run(TALLY, &wrong, dir.path(), None);
+    // The token on stdin.
+    let (code, _, err) = run(TALLY, &wrong, dir.path(), Some(t43));
     assert_eq!(code, 1);
     assert!(err.contains("enrollment refused"), "{err}");
     let right = [
         "enroll",
-        "--token",
-        t43,
+        "--token-file",
+        "-",
         "--id",
         "sensor-43",
         "--server",
@@ -177,7 +184,20 @@ fn readme_walkthrough_with_the_real_binaries() {
         "--out",
         "x.cred",
     ];
-    assert_eq!(run(TALLY, &right, dir.path(), None).0, 0);
+    assert_eq!(run(TALLY, &right, dir.path(), Some(t43)).0, 0);
+    // The token was consumed: it enrolls nothing a second time.
+    let again = [
+        "enroll",
+        "--id",
+        "sensor-43",
+        "--server",
+        &daemon.addr,
+        "--out",
+        "y.cred",
+    ];
+    let (code, _, err) = run(TALLY, &again, dir.path(), Some(t43));
+    assert_eq!(code, 1);
+    assert!(err.contains("refused"), "{err}");
 
     // SIGTERM: exit 0.
     let pid = daemon.child.id().to_string();

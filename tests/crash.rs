@@ -19,7 +19,8 @@ async fn kill_9_during_enrollments_loses_no_confirmed_identity() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (mut daemon, _) = start(&state, true);
-    let token = EnrollmentToken::parse(&tally::admin::token(&state, None, None).unwrap()).unwrap();
+    let token =
+        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap()).unwrap();
     let addr = daemon.addr.clone();
 
     let confirmed = Arc::new(tokio::sync::Mutex::new(Vec::new()));

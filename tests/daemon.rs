@@ -87,9 +87,10 @@ async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
         matches!(open, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{open:?}"
     );
+    // The token was consumed by its enrollment.
     let again = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), Duration::from_secs(5)).await;
     assert!(
-        matches!(again, Err(ClientError::Refused(ErrorCode::ID_TAKEN))),
+        matches!(again, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{again:?}"
     );
     let (c, _) = srv.connect(&cred).await;

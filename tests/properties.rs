@@ -46,7 +46,6 @@ fn pair(max: u32) -> (Session, Session) {
 
 fn enroll_server() -> ServerParams {
     ServerParams {
-        enrollment_key: SecretKey::from_bytes([1; 32]),
         static_secret: StaticSecret::from([2; 32]),
         allow_open: true,
     }
@@ -122,7 +121,7 @@ proptest! {
         let _ = FrameType::of(&frame);
 
         let srv = enroll_server();
-        prop_assert!(ServerAwaitConfirm::handle_init(&srv, &frame, [3; 32], &mut BytesMut::new()).is_err());
+        prop_assert!(ServerAwaitConfirm::handle_init(&srv, &frame, |_, _| SecretKey::from_bytes([1; 32]), [3; 32], &mut BytesMut::new()).is_err());
         if let Ok(hello) = HelloReceived::parse(&frame) {
             let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), [5; 32], &mut BytesMut::new());
             prop_assert!(wait.handle_finish(&frame, 4096).is_err());

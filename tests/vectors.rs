@@ -12,7 +12,7 @@
 
 use bytes::{Bytes, BytesMut};
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -77,10 +77,24 @@ struct Enrollment {
 
 fn server_params() -> ServerParams {
     ServerParams {
-        enrollment_key: SecretKey::from_bytes(pattern(0x00)),
         static_secret: StaticSecret::from(pattern(0x20)),
         allow_open: true,
     }
+}
+
+/// The open enrollment key `EK` of the vectors.
+const EK: u8 = 0x00;
+/// The per-identity token credential issued for `sensor-42`.
+const TOKEN: u8 = 0xc0;
+
+/// What the vectors' server holds (spec 12): `EK`, and one token, for `sensor-42`. For
+/// any other id in token mode it has none and checks the tag against a filler.
+fn server_credential(mode: EnrollMode, id: &Id) -> SecretKey {
+    SecretKey::from_bytes(match mode {
+        EnrollMode::Open => pattern(EK),
+        EnrollMode::Token if id.as_str() == ID => pattern(TOKEN),
+        EnrollMode::Token => pattern(0xe0),
+    })
 }
 
 /// An enrollment with fixed keys, in `mode`.
@@ -90,7 +104,7 @@ fn enrollment(mode: EnrollMode) -> Enrollment {
     let id = Id::new(ID).unwrap();
     let token = EnrollmentToken {
         mode,
-        credential: srv.credential(mode, &id),
+        credential: server_credential(mode, &id),
         server_static: srv.static_public(),
     };
     let token_text = token.encode().to_string();
@@ -105,7 +119,9 @@ fn enrollment(mode: EnrollMode) -> Enrollment {
         &mut init,
     );
     let mut reply = BytesMut::new();
-    let server = ServerAwaitConfirm::handle_init(&srv, &init, y_secret, &mut reply).unwrap();
+    let server =
+        ServerAwaitConfirm::handle_init(&srv, &init, server_credential, y_secret, &mut reply)
+            .unwrap();
     let mut confirm = BytesMut::new();
     let client = client.handle_reply(&reply, &mut confirm).unwrap();
     let pending = server.handle_confirm(&confirm).unwrap();
@@ -115,15 +131,10 @@ fn enrollment(mode: EnrollMode) -> Enrollment {
     let (_, client_k) = client.handle_done(&done).unwrap();
     assert_eq!(client_k.expose(), &server_k);
 
-    // The spec's formulas, written out again (spec 5.3, 5.4, 6).
-    let ek = pattern(0x00);
+    // The spec's formulas, written out again (spec 5.3, 6).
     let c = match mode {
-        EnrollMode::Open => ek,
-        EnrollMode::Token => hkdf(
-            &[],
-            &ek,
-            &[b"tally/1 token", &[ID.len() as u8], ID.as_bytes()],
-        ),
+        EnrollMode::Open => pattern(EK),
+        EnrollMode::Token => pattern(TOKEN),
     };
     let xs = StaticSecret::from(x_secret);
     let ys = StaticSecret::from(y_secret);
@@ -155,7 +166,7 @@ fn enrollment(mode: EnrollMode) -> Enrollment {
         "description": format!("Enrollment of {ID:?} in {} mode (spec section 6).", mode.as_str()),
         "protocol_version": 1,
         "inputs": {
-            "enrollment_key": x(&ek),
+            "credential": x(&c),
             "server_static_secret": x(&pattern(0x20)),
             "client_ephemeral_secret": x(&x_secret),
             "server_ephemeral_secret": x(&y_secret),
@@ -164,7 +175,6 @@ fn enrollment(mode: EnrollMode) -> Enrollment {
         },
         "derived": {
             "server_static_public": x(big_s.as_bytes()),
-            "credential": x(&c),
             "token": token_text,
             "client_ephemeral_public": x(big_x.as_bytes()),
             "server_ephemeral_public": x(big_y.as_bytes()),
@@ -482,6 +492,12 @@ fn negative() -> Value {
                  x(&bad_label_init), "bad_tag", json!({"error_frame": "000000041f000401"})),
             case("token_for_other_id", "enroll-token.json ENROLL_INIT with the id changed to \"sensor-43\"", json!({"state": "server_await_enroll_init"}),
                  x(&other_id), "bad_tag", json!({"error_frame": "000000041f000401"})),
+            case("finish_refused", "an ERROR frame (AUTH_FAILED) before any session frame: the server refused CLIENT_FINISH", session_rx("client", 0),
+                 "000000041f000301".into(), "refused", json!({"close": true})),
+            case("error_in_session", "an ERROR frame after session.json frames 1 and 2 were exchanged: ERROR is never part of a session, so it was injected; the session is cut", session_rx("client", 2),
+                 "000000041f000301".into(), "truncated", json!({"close": true})),
+            case("error_to_server", "an ERROR frame sent to the server in a session: servers never receive ERROR", session_rx("server", 0),
+                 "000000041f000301".into(), "truncated", json!({"close": true})),
             case("enroll_reply_bit_flipped", "enroll-open.json ENROLL_REPLY with one bit of Y flipped", json!({"state": "client_await_enroll_reply"}),
                  flip(&enroll.frames[1], 5, 1), "bad_tag", json!({"close": true})),
         ],
@@ -529,6 +545,7 @@ fn run_negative(case: &Value) -> ProtocolError {
         "server_await_enroll_init" => ServerAwaitConfirm::handle_init(
             &server_params(),
             &input,
+            server_credential,
             pattern(0x60),
             &mut BytesMut::new(),
         )
@@ -539,7 +556,7 @@ fn run_negative(case: &Value) -> ProtocolError {
             let id = Id::new(ID).unwrap();
             let token = EnrollmentToken {
                 mode: EnrollMode::Open,
-                credential: srv.credential(EnrollMode::Open, &id),
+                credential: server_credential(EnrollMode::Open, &id),
                 server_static: srv.static_public(),
             };
             let c = ClientAwaitReply::start(

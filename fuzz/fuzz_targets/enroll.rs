@@ -20,13 +20,12 @@ fn frames(data: &[u8]) -> Vec<bytes::Bytes> {
 fuzz_target!(|data: &[u8]| {
     let fs = frames(data);
     let server = ServerParams {
-        enrollment_key: SecretKey::from_bytes([1; 32]),
         static_secret: StaticSecret::from([2; 32]),
         allow_open: data.first().is_some_and(|b| b & 1 == 0),
     };
     // Server: ENROLL_INIT, then ENROLL_CONFIRM.
     if let Some(init) = fs.first() {
-        if let Ok(wait) = ServerAwaitConfirm::handle_init(&server, init, [3; 32], &mut BytesMut::new()) {
+        if let Ok(wait) = ServerAwaitConfirm::handle_init(&server, init, |_, _| SecretKey::from_bytes([1; 32]), [3; 32], &mut BytesMut::new()) {
             if let Some(confirm) = fs.get(1) {
                 if let Ok(pending) = wait.handle_confirm(confirm) {
                     pending.committed(&mut BytesMut::new());

@@ -23,10 +23,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Enroll this device with an enrollment token and write its credential file (mode 0600).
+    ///
+    /// The token (from `tallyd token`) is a secret: it is read from --token-file, else
+    /// from $TALLY_TOKEN, else from stdin, never from the command line, where other local
+    /// users could read it in /proc.
     Enroll {
-        /// The enrollment token (from `tallyd token`).
-        #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]
-        token: String,
+        /// File holding the enrollment token ("-" for stdin).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The token itself. Visible to other local users in the process list: prefer
+        /// --token-file or $TALLY_TOKEN.
+        #[arg(long, hide = true, conflicts_with = "token_file")]
+        token: Option<String>,
         /// The identity to enroll: 1-64 of A-Z a-z 0-9 . _ - : @
         #[arg(long)]
         id: String,
@@ -297,16 +305,48 @@ async fn main() {
     }
 }
 
+/// The enrollment token: from `--token-file` (`-` is stdin), `--token`, `$TALLY_TOKEN`,
+/// or stdin, in that order.
+fn read_token(
+    file: Option<&Path>,
+    arg: Option<String>,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let from_stdin = || -> anyhow::Result<zeroize::Zeroizing<String>> {
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            eprintln!("paste the enrollment token, then press Enter:");
+        }
+        let mut line = zeroize::Zeroizing::new(String::new());
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the enrollment token from stdin")?;
+        Ok(line)
+    };
+    match (file, arg) {
+        (Some(p), _) if p == Path::new("-") => from_stdin(),
+        (Some(p), _) => Ok(zeroize::Zeroizing::new(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the enrollment token from {}", p.display()))?,
+        )),
+        (None, Some(t)) => Ok(zeroize::Zeroizing::new(t)),
+        (None, None) => match std::env::var("TALLY_TOKEN") {
+            Ok(t) => Ok(zeroize::Zeroizing::new(t)),
+            Err(_) => from_stdin(),
+        },
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Enroll {
+            token_file,
             token,
             id,
             server,
             out,
             force,
         } => {
-            let token = EnrollmentToken::parse(&token)?;
+            let text = read_token(token_file.as_deref(), token)?;
+            let token = EnrollmentToken::parse(&text).context("the enrollment token")?;
             let id = Id::new(&id).context("--id")?;
             if out.exists() && !force {
                 bail!(

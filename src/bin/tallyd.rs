@@ -36,12 +36,25 @@ enum Command {
     Serve,
     /// Create the state directory, the keys and the store, then exit.
     Init,
-    /// Print an enrollment token on stdout: the open token, or with --id a per-identity token.
+    /// Print an enrollment token on stdout: the open token, or with --id issue a
+    /// single-use token for one identity. --revoke ID withdraws an outstanding token;
+    /// --rotate-open replaces the open token (the old one stops working).
     Token {
-        /// Make a token that can enroll only this identity.
-        #[arg(long)]
+        /// Issue a token that can enroll only this identity (once; replaces an earlier one).
+        #[arg(long, conflicts_with_all = ["revoke", "rotate_open"])]
         id: Option<String>,
+        /// How long the token is valid: 90s, 30m, 12h, 3d [default: 3d].
+        #[arg(long, requires = "id", value_parser = parse_duration)]
+        expires: Option<std::time::Duration>,
+        /// Withdraw the outstanding token of this identity.
+        #[arg(long, value_name = "ID", conflicts_with = "rotate_open")]
+        revoke: Option<String>,
+        /// Make a new open token; the old one stops working at once.
+        #[arg(long)]
+        rotate_open: bool,
     },
+    /// List the outstanding per-identity tokens: id, issued, expires, state.
+    Tokens,
     /// List identities: id, mode, created, last seen, revoked, online.
     Identities,
     /// Revoke an identity: refuse it from now on and close its live session.
@@ -89,6 +102,10 @@ struct ServeArgs {
     /// Accept only per-identity tokens, not the open enrollment token.
     #[arg(long, global = true)]
     no_open_enrollment: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    admin::parse_duration(s)
 }
 
 fn credentials_dir() -> Option<PathBuf> {
@@ -150,9 +167,39 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             };
             eprintln!("{}: {what}", dir.display());
         }
-        Command::Token { id } => {
-            println!("{}", *admin::token(dir, creds.as_deref(), id.as_deref())?)
+        Command::Token {
+            id: Some(id),
+            expires,
+            ..
+        } => {
+            let lifetime = expires.unwrap_or(admin::DEFAULT_TOKEN_LIFETIME);
+            let issued = admin::issue_token(dir, creds.as_deref(), &id, lifetime)?;
+            println!("{}", *issued.token);
+            eprintln!(
+                "token for {id}: single use, valid until {} UTC; a token issued for {id} before no longer works",
+                admin::format_time(issued.expires)
+            );
         }
+        Command::Token {
+            revoke: Some(id), ..
+        } => {
+            if admin::revoke_token(dir, creds.as_deref(), &id)? {
+                eprintln!("{id}: token revoked");
+            } else {
+                anyhow::bail!("{id} has no outstanding token");
+            }
+        }
+        Command::Token { rotate_open, .. } => {
+            let token = admin::open_token(dir, creds.as_deref(), rotate_open)?;
+            println!("{}", *token);
+            if rotate_open {
+                eprintln!("open token rotated: the previous open token no longer enrolls anything");
+            }
+            if !config.open_enrollment {
+                eprintln!("note: open enrollment is off in this configuration (open_enrollment = false): this token is refused until it is turned on");
+            }
+        }
+        Command::Tokens => print!("{}", admin::tokens(dir, creds.as_deref())?),
         Command::Identities => print!("{}", admin::identities(dir, creds.as_deref())?),
         Command::Revoke { id } => {
             let r = admin::revoke(dir, creds.as_deref(), &id)?;

@@ -1,7 +1,7 @@
 //! Enrollment (spec section 6): a device and the server end with a fresh identity key.
 //!
 //! ```text
-//! client (c = EK or token(id), pins S)      server (EK, s)
+//! client (c = EK or its token, pins S)      server (s; EK and tokens in its store)
 //! ENROLL_INIT(mode, id, X, HMAC(c, ...))  ─▶ checks the tag before any DH
 //!                                         ◀─ ENROLL_REPLY(Y, HMAC(K_server, th2))
 //! ENROLL_CONFIRM(HMAC(K_client, th3))     ─▶ verifies; the caller commits (id, k)
@@ -20,7 +20,7 @@ use super::error::{ProtocolError, TagKind};
 use super::frame::{
     signed_part, EnrollInit, EnrollMode, ErrorFrame, FrameType, Id, TagOnly, ValueAndTag,
 };
-use super::schedule::{self, hmac, labels, verify, EnrollKeys, SecretKey, Transcript};
+use super::schedule::{hmac, labels, verify, EnrollKeys, SecretKey, Transcript};
 use super::{KEY_LEN, TAG_LEN};
 
 /// X25519, refusing a non-contributory (all-zero) result: the peer sent a low-order point.
@@ -171,13 +171,13 @@ impl ClientAwaitDone {
     }
 }
 
-/// The server's enrollment secrets and policy.
+/// The server's enrollment secret and policy. The credentials themselves (the open
+/// enrollment key, per-identity tokens) live in the server's store: the caller looks
+/// one up between [`InitReceived::parse`] and [`InitReceived::verify`].
 pub struct ServerParams {
-    /// The enrollment key `EK`.
-    pub enrollment_key: SecretKey,
     /// The static secret `s`.
     pub static_secret: StaticSecret,
-    /// Whether ENROLL_INIT in open mode (keyed by `EK` itself) is accepted.
+    /// Whether ENROLL_INIT in open mode is accepted at all.
     pub allow_open: bool,
 }
 
@@ -185,14 +185,6 @@ impl ServerParams {
     /// The static public key `S` that devices pin.
     pub fn static_public(&self) -> [u8; KEY_LEN] {
         PublicKey::from(&self.static_secret).to_bytes()
-    }
-
-    /// The credential `c` for `mode` and `id`.
-    pub fn credential(&self, mode: EnrollMode, id: &Id) -> SecretKey {
-        match mode {
-            EnrollMode::Open => self.enrollment_key.clone(),
-            EnrollMode::Token => schedule::token(&self.enrollment_key, id),
-        }
     }
 }
 
@@ -204,40 +196,101 @@ impl std::fmt::Debug for ServerParams {
     }
 }
 
-/// Server: ENROLL_REPLY was sent; waiting for ENROLL_CONFIRM.
-pub struct ServerAwaitConfirm {
-    id: Id,
-    mode: EnrollMode,
-    keys: EnrollKeys,
+/// Server: a parsed ENROLL_INIT whose tag is not checked yet.
+pub struct InitReceived {
+    init: EnrollInit,
+    /// `H(ENROLL_INIT without its tag)`, what the tag covers.
+    init_th: [u8; 32],
     transcript: Transcript,
 }
 
-impl ServerAwaitConfirm {
-    /// Handles ENROLL_INIT: checks the credential tag first (no DH for strangers),
-    /// then writes ENROLL_REPLY with the server ephemeral `y` (32 random bytes).
-    pub fn handle_init(
-        params: &ServerParams,
-        frame: &[u8],
-        ephemeral: [u8; KEY_LEN],
-        out: &mut BytesMut,
-    ) -> Result<Self, ProtocolError> {
+impl InitReceived {
+    /// Parses ENROLL_INIT (version first, spec 11) and applies the open-mode policy.
+    pub fn parse(params: &ServerParams, frame: &[u8]) -> Result<Self, ProtocolError> {
         let init = EnrollInit::decode(frame)?;
         if init.mode == EnrollMode::Open && !params.allow_open {
             return Err(ProtocolError::OpenModeDisabled);
         }
-        let credential = params.credential(init.mode, &init.id);
-        if !verify(
+        let mut transcript = Transcript::default();
+        transcript.update(frame);
+        Ok(InitReceived {
+            init,
+            init_th: init_th(frame),
+            transcript,
+        })
+    }
+
+    /// The identity the client asks for (not yet authenticated).
+    pub fn id(&self) -> &Id {
+        &self.init.id
+    }
+
+    /// The mode the client asks for.
+    pub fn mode(&self) -> EnrollMode {
+        self.init.mode
+    }
+
+    /// Checks the tag against the credential for this mode and id (spec 6.2 step 2),
+    /// before any X25519. `credential` is `None` when the server holds none (no token
+    /// issued, or it expired); `filler` (random, from the caller) then takes its place,
+    /// so that the refusal costs the same HMAC as a wrong credential.
+    pub fn verify(
+        self,
+        credential: Option<SecretKey>,
+        filler: SecretKey,
+    ) -> Result<InitVerified, ProtocolError> {
+        let known = credential.is_some();
+        let credential = credential.unwrap_or(filler);
+        let ok = verify(
             credential.expose(),
-            &[labels::ENROLL_INIT, &init_th(frame)],
-            &init.tag,
-        ) {
+            &[labels::ENROLL_INIT, &self.init_th],
+            &self.init.tag,
+        );
+        if !(ok && known) {
             return Err(ProtocolError::BadTag(TagKind::EnrollInit));
         }
+        Ok(InitVerified {
+            init: self.init,
+            credential,
+            transcript: self.transcript,
+        })
+    }
+}
+
+/// Server: ENROLL_INIT carries a valid credential tag; no X25519 was done yet.
+pub struct InitVerified {
+    init: EnrollInit,
+    credential: SecretKey,
+    transcript: Transcript,
+}
+
+impl InitVerified {
+    /// The identity being enrolled.
+    pub fn id(&self) -> &Id {
+        &self.init.id
+    }
+
+    /// The mode it is enrolled in.
+    pub fn mode(&self) -> EnrollMode {
+        self.init.mode
+    }
+
+    /// Does the two X25519 operations and writes ENROLL_REPLY with the server
+    /// ephemeral `y` (32 random bytes).
+    pub fn reply(
+        self,
+        params: &ServerParams,
+        ephemeral: [u8; KEY_LEN],
+        out: &mut BytesMut,
+    ) -> Result<ServerAwaitConfirm, ProtocolError> {
+        let InitVerified {
+            init,
+            credential,
+            mut transcript,
+        } = self;
         let y = StaticSecret::from(ephemeral);
         let dh_e = dh(&y, &init.ephemeral)?;
         let dh_s = dh(&params.static_secret, &init.ephemeral)?;
-        let mut transcript = Transcript::default();
-        transcript.update(frame);
         let start = out.len();
         put_header(out, 1 + KEY_LEN + TAG_LEN, FrameType::EnrollReply as u8);
         out.extend_from_slice(PublicKey::from(&y).as_bytes());
@@ -253,6 +306,33 @@ impl ServerAwaitConfirm {
             keys,
             transcript,
         })
+    }
+}
+
+/// Server: ENROLL_REPLY was sent; waiting for ENROLL_CONFIRM.
+pub struct ServerAwaitConfirm {
+    id: Id,
+    mode: EnrollMode,
+    keys: EnrollKeys,
+    transcript: Transcript,
+}
+
+impl ServerAwaitConfirm {
+    /// Parse, verify and reply in one call, for callers whose credentials are at hand
+    /// (tests, vectors, fuzzing): `credential(mode, id)` returns `c`, or a filler when
+    /// there is none. The daemon runs the three steps itself, with a store lookup and
+    /// the enrolled-id check between them.
+    pub fn handle_init(
+        params: &ServerParams,
+        frame: &[u8],
+        credential: impl FnOnce(EnrollMode, &Id) -> SecretKey,
+        ephemeral: [u8; KEY_LEN],
+        out: &mut BytesMut,
+    ) -> Result<Self, ProtocolError> {
+        let init = InitReceived::parse(params, frame)?;
+        let c = credential(init.mode(), init.id());
+        init.verify(Some(c.clone()), c)?
+            .reply(params, ephemeral, out)
     }
 
     /// The identity being enrolled (its credential tag verified).
@@ -321,16 +401,23 @@ mod tests {
 
     fn server(allow_open: bool) -> ServerParams {
         ServerParams {
-            enrollment_key: SecretKey::from_bytes([0x11; 32]),
             static_secret: StaticSecret::from([0x22; 32]),
             allow_open,
+        }
+    }
+
+    /// The server's credentials: an open key, and one token per id (independent keys).
+    fn credential(mode: EnrollMode, id: &Id) -> SecretKey {
+        match mode {
+            EnrollMode::Open => SecretKey::from_bytes([0x11; 32]),
+            EnrollMode::Token => SecretKey::from_bytes([id.as_str().len() as u8; 32]),
         }
     }
 
     fn client(srv: &ServerParams, mode: EnrollMode, id: &str) -> ClientParams {
         let id = Id::new(id).unwrap();
         ClientParams {
-            credential: srv.credential(mode, &id),
+            credential: credential(mode, &id),
             id,
             mode,
             server_static: srv.static_public(),
@@ -345,7 +432,7 @@ mod tests {
         let mut init = BytesMut::new();
         let c = ClientAwaitReply::start(params, [0x33; 32], &mut init);
         let mut reply = BytesMut::new();
-        let s = ServerAwaitConfirm::handle_init(srv, &init, [0x44; 32], &mut reply)?;
+        let s = ServerAwaitConfirm::handle_init(srv, &init, credential, [0x44; 32], &mut reply)?;
         let mut confirm = BytesMut::new();
         let c = c.handle_reply(&reply, &mut confirm)?;
         let pending = s.handle_confirm(&confirm)?;
@@ -379,9 +466,23 @@ mod tests {
     fn token_for_another_id_is_refused() {
         let srv = server(true);
         let mut p = client(&srv, EnrollMode::Token, "victim");
-        p.credential = srv.credential(EnrollMode::Token, &Id::new("attacker").unwrap());
+        p.credential = credential(EnrollMode::Token, &Id::new("attacker-1").unwrap());
         assert_eq!(
             run(&srv, p).err(),
+            Some(ProtocolError::BadTag(TagKind::EnrollInit))
+        );
+    }
+
+    #[test]
+    fn missing_credential_is_refused_like_a_wrong_one() {
+        let srv = server(true);
+        let mut init = BytesMut::new();
+        ClientAwaitReply::start(client(&srv, EnrollMode::Token, "dev"), [3; 32], &mut init);
+        let parsed = InitReceived::parse(&srv, &init).unwrap();
+        // The filler happens to be the right key: still refused, the server has no token.
+        let c = credential(EnrollMode::Token, parsed.id());
+        assert_eq!(
+            parsed.verify(None, c).err(),
             Some(ProtocolError::BadTag(TagKind::EnrollInit))
         );
     }

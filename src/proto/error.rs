@@ -98,6 +98,11 @@ pub enum ProtocolError {
     /// The peer sent an ERROR frame (unauthenticated) and the exchange is over.
     #[error("peer refused: {0}")]
     Refused(ErrorCode),
+    /// An ERROR frame inside a session, after a session frame was accepted (or sent to
+    /// a server at all). ERROR is never part of a session (spec 4.4): the connection
+    /// was tampered with, and is treated as cut (spec 8.3 step 2).
+    #[error("an unauthenticated ERROR frame ({0}) arrived inside the session: treated as a cut connection")]
+    InjectedError(ErrorCode),
     /// The peer sent CLOSE: nothing more will be received in this session.
     #[error("session already closed by peer ({0})")]
     PeerClosed(CloseCode),
@@ -174,6 +179,7 @@ impl ProtocolError {
             ProtocolError::Frame(_) => "malformed",
             ProtocolError::BadTag(_) => "bad_tag",
             ProtocolError::OpenModeDisabled => "open_mode_disabled",
+            ProtocolError::InjectedError(_) => "truncated",
             ProtocolError::Sequence { .. } => "bad_sequence",
             ProtocolError::UnsolicitedAnswer { .. } => "unsolicited_answer",
             ProtocolError::SequenceExhausted => "sequence_exhausted",

@@ -6,12 +6,11 @@
 //! label is a prefix of another, and each is used in exactly one place.
 
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use super::frame::Id;
 use super::KEY_LEN;
 
 /// A 32-byte tag: HMAC-SHA256, never truncated.
@@ -21,8 +20,6 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// The labels of spec 5.1, as bytes. All start with `tally/1 `.
 pub mod labels {
-    /// `info` prefix of a per-identity enrollment token.
-    pub const TOKEN: &[u8] = b"tally/1 token";
     /// MAC prefix of the ENROLL_INIT tag.
     pub const ENROLL_INIT: &[u8] = b"tally/1 enroll init";
     /// Enrollment: key of the ENROLL_REPLY tag.
@@ -44,7 +41,6 @@ pub mod labels {
 
     /// Every label, for the test that none is a prefix of another.
     pub const ALL: &[&[u8]] = &[
-        TOKEN,
         ENROLL_INIT,
         ENROLL_SERVER,
         ENROLL_CLIENT,
@@ -169,18 +165,6 @@ fn expand_all<const N: usize>(
     })
 }
 
-/// `token(id) = HKDF(salt = "", ikm = EK, info = "tally/1 token" ‖ u8(len(id)) ‖ id)` (spec 5.3).
-pub fn token(ek: &SecretKey, id: &Id) -> SecretKey {
-    let hk = Hkdf::<Sha256>::new(None, ek.expose());
-    let mut okm = [0u8; KEY_LEN];
-    let len = [id.as_str().len() as u8];
-    hk.expand_multi_info(&[labels::TOKEN, &len, id.as_str().as_bytes()], &mut okm)
-        .expect("32 bytes is a valid length");
-    let key = SecretKey::from_bytes(okm);
-    okm.zeroize();
-    key
-}
-
 /// The keys of an enrollment after ENROLL_REPLY (spec 5.4).
 pub struct EnrollKeys {
     /// Keys the ENROLL_REPLY tag.
@@ -299,15 +283,6 @@ mod tests {
         assert_eq!(mac.tag(b"abc"), hmac(&[0x42; 32], &[b"abc"]));
         assert!(mac.verify(b"abc", &mac.tag(b"abc")));
         assert!(!mac.verify(b"abd", &mac.tag(b"abc")));
-    }
-
-    #[test]
-    fn tokens_differ_per_identity_and_key() {
-        let ek = SecretKey::from_bytes([1; 32]);
-        let a = token(&ek, &Id::new("a").unwrap());
-        let b = token(&ek, &Id::new("b").unwrap());
-        let a2 = token(&SecretKey::from_bytes([2; 32]), &Id::new("a").unwrap());
-        assert!(!a.ct_eq(&b) && !a.ct_eq(&a2));
     }
 
     #[test]

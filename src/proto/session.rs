@@ -149,10 +149,16 @@ impl Session {
     }
 
     fn check(&mut self, frame: &Bytes) -> Result<SessionFrame, ProtocolError> {
-        // Spec 8.4: an ERROR frame ends the connection (the server refused the
-        // client's finish); it is unauthenticated and reported as such.
+        // Spec 8.3 step 2: ERROR ends the connection. Before the first session frame it
+        // is the server refusing the client's finish (spec 7.2); anywhere else it cannot
+        // have come from the peer (ERROR is never part of a session), so it is reported
+        // as a cut, never as something the server said.
         if let Some(code) = ErrorFrame::code_if_error(frame) {
-            return Err(ProtocolError::Refused(code));
+            return Err(if self.role == Role::Client && self.last_recv == 0 {
+                ProtocolError::Refused(code)
+            } else {
+                ProtocolError::InjectedError(code)
+            });
         }
         // Spec 8.3 step 1: type and sequence number, the cheap checks.
         let (ty, seq) = frame::session_header(frame)?;

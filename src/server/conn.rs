@@ -14,15 +14,15 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::registry::{Entry, Stats};
+use super::registry::{Entry, RegisterError, Stats};
 use super::session::SessionTask;
 use super::ServerState;
-use crate::proto::enroll::ServerAwaitConfirm;
-use crate::proto::frame::{ErrorFrame, FrameType};
+use crate::proto::enroll::InitReceived;
+use crate::proto::frame::{EnrollMode, ErrorFrame, FrameType};
 use crate::proto::handshake::{Established, HelloReceived};
 use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 use crate::secrets::random_bytes;
-use crate::store::StoreError;
+use crate::store::{now, NoCredential, StoreError};
 use crate::wire::{read_frame, ReadError};
 
 /// Why a connection ended before becoming a session.
@@ -36,10 +36,18 @@ enum Refusal {
     FirstFrame(String),
     #[error("session handshake failed: unknown or revoked identity {0}")]
     UnknownIdentity(crate::proto::Id),
+    #[error("peer closed after SERVER_AUTH for unknown or revoked identity {0}")]
+    UnknownAbandoned(crate::proto::Id),
     #[error("CLIENT_FINISH for identity {0} did not verify: wrong key, or a replayed handshake")]
     BadFinish(crate::proto::Id),
     #[error("device {0} abandoned the handshake after SERVER_AUTH: its key does not match (re-enrolled elsewhere, or a stale credential?)")]
     Abandoned(crate::proto::Id),
+    #[error("enrollment of {id} ({mode} mode) refused: {why}")]
+    EnrollRefused {
+        id: crate::proto::Id,
+        mode: &'static str,
+        why: &'static str,
+    },
     #[error("identity {0} is already enrolled")]
     Taken(crate::proto::Id),
     #[error("identity store failed: {0}")]
@@ -56,7 +64,10 @@ impl Refusal {
             Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => ErrorCode::MALFORMED,
             Refusal::Protocol(e) => e.error_code(),
             Refusal::UnknownIdentity(_) => ErrorCode::AUTH_FAILED,
-            Refusal::Abandoned(_) => return None,
+            // Spec 7.5: a peer that closes after SERVER_AUTH gets nothing, whether or not
+            // the id is known: the reply depends only on what the peer sent.
+            Refusal::UnknownAbandoned(_) | Refusal::Abandoned(_) => return None,
+            Refusal::EnrollRefused { .. } => ErrorCode::ENROLL_REFUSED,
             Refusal::BadFinish(_) => ErrorCode::AUTH_FAILED,
             Refusal::Taken(_) => ErrorCode::ID_TAKEN,
             Refusal::Store(_) => ErrorCode::INTERNAL,
@@ -127,9 +138,9 @@ pub(super) async fn serve(
     };
     match outcome {
         Ok(None) => {}
-        Ok(Some(est)) => {
+        Ok(Some((est, key_lookup))) => {
             drop(unauth_permit);
-            start_session(state, stream, est, shutdown).await;
+            start_session(state, stream, est, key_lookup, shutdown).await;
         }
         Err(refusal) => {
             match refusal {
@@ -150,8 +161,12 @@ pub(super) async fn serve(
 }
 
 /// Reads the first frame and runs enrollment or the session handshake.
-/// Returns the established session, or `None` after a completed enrollment.
-async fn open(state: &ServerState, stream: &mut Stream) -> Result<Option<Established>, Refusal> {
+/// Returns the established session (with the instant its key lookup started), or
+/// `None` after a completed enrollment.
+async fn open(
+    state: &ServerState,
+    stream: &mut Stream,
+) -> Result<Option<(Established, Instant)>, Refusal> {
     let first = stream.read().await?;
     match FrameType::of(&first) {
         Ok(FrameType::EnrollInit) => enroll(state, stream, &first).await.map(|()| None),
@@ -163,24 +178,64 @@ async fn open(state: &ServerState, stream: &mut Stream) -> Result<Option<Establi
 
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<(), Refusal> {
+    let init = InitReceived::parse(&state.params, init)?;
+    let (id, mode) = (init.id().clone(), init.mode());
+    let store = state.store.clone();
+    let lookup_id = id.clone();
+    let lookup = tokio::task::spawn_blocking(move || store.enroll_lookup(mode, &lookup_id, now()))
+        .await
+        .map_err(|e| Refusal::Store(e.to_string()))?
+        .map_err(|e| Refusal::Store(e.to_string()))?;
+    let refused = |why| Refusal::EnrollRefused {
+        id: id.clone(),
+        mode: mode.as_str(),
+        why,
+    };
+    // Spec 6.2 step 2: the tag is checked before any X25519, against a filler when the
+    // server holds no credential for this id, so every stranger costs one HMAC.
+    let missing = lookup.credential.as_ref().err().copied();
+    let verified = match init.verify(
+        lookup.credential.ok(),
+        SecretKey::from_bytes(random_bytes()),
+    ) {
+        Ok(v) => v,
+        Err(ProtocolError::BadTag(_)) => {
+            return Err(refused(match missing {
+                Some(NoCredential::NoToken) => "no token is outstanding for this id (never issued, already used, revoked or replaced by a newer one)",
+                Some(NoCredential::Expired) => "its token expired; issue a new one with `tallyd token --id`",
+                None if mode == EnrollMode::Open => "wrong open token (rotated, or from another server)",
+                None => "wrong token (made for another id, or replaced by a newer one)",
+            }))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Spec 6.2: an enrolled id is refused before any X25519, so a replayed ENROLL_INIT
+    // costs one HMAC, not two DH operations.
+    if lookup.enrolled {
+        return Err(Refusal::Taken(id));
+    }
     let mut out = BytesMut::new();
-    let wait = ServerAwaitConfirm::handle_init(&state.params, init, random_bytes(), &mut out)?;
+    let wait = verified.reply(&state.params, random_bytes(), &mut out)?;
     stream.write(&out).await?;
     let confirm = stream.read().await?;
     let pending = wait.handle_confirm(&confirm)?;
-    let (id, key, mode) = (
-        pending.id.clone(),
-        pending.identity_key().clone(),
-        pending.mode,
-    );
+    let key = pending.identity_key().clone();
     let store = state.store.clone();
     let insert_id = id.clone();
-    let stored = tokio::task::spawn_blocking(move || store.insert(&insert_id, &key, mode))
-        .await
-        .map_err(|e| Refusal::Store(e.to_string()))?;
+    let token_ref = lookup.token_ref;
+    let stored = tokio::task::spawn_blocking(move || {
+        store.insert(&insert_id, &key, mode, token_ref.as_deref())
+    })
+    .await
+    .map_err(|e| Refusal::Store(e.to_string()))?;
     match stored {
-        Ok(()) => {}
+        Ok(_generation) => {}
         Err(StoreError::Taken(id)) => return Err(Refusal::Taken(id)),
+        Err(StoreError::TokenGone(_)) => {
+            return Err(refused(
+                "its token was revoked, replaced or used by another enrollment meanwhile",
+            ))
+        }
         Err(e) => return Err(Refusal::Store(e.to_string())),
     }
     // Spec 6.2 step 4: DONE only after the commit is durable (synchronous = FULL).
@@ -198,11 +253,13 @@ async fn handshake(
     state: &ServerState,
     stream: &mut Stream,
     hello: &[u8],
-) -> Result<Established, Refusal> {
+) -> Result<(Established, Instant), Refusal> {
     let hello = HelloReceived::parse(hello)?;
     let id = hello.id().clone();
     let store = state.store.clone();
     let lookup = id.clone();
+    // A revocation or removal committed after this instant is caught at registration.
+    let key_lookup = Instant::now();
     let key = tokio::task::spawn_blocking(move || store.key(&lookup))
         .await
         .map_err(|e| Refusal::Store(e.to_string()))?
@@ -211,7 +268,7 @@ async fn handshake(
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
     let wait = hello.respond(
-        key,
+        key.map(|k| k.key),
         SecretKey::from_bytes(random_bytes()),
         random_bytes(),
         &mut out,
@@ -221,13 +278,13 @@ async fn handshake(
     let finish = match stream.read().await {
         Ok(f) => f,
         Err(ReadError::Eof | ReadError::Truncated) if !known => {
-            return Err(Refusal::UnknownIdentity(id))
+            return Err(Refusal::UnknownAbandoned(id))
         }
         Err(ReadError::Eof | ReadError::Truncated) => return Err(Refusal::Abandoned(id)),
         Err(e) => return Err(e.into()),
     };
     match wait.handle_finish(&finish, state.limits().max_frame_len) {
-        Ok(est) => Ok(est),
+        Ok(est) => Ok((est, key_lookup)),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),
         Err(e) => Err(e.into()),
@@ -238,6 +295,7 @@ async fn start_session(
     state: Arc<ServerState>,
     stream: Stream,
     est: Established,
+    key_lookup: Instant,
     shutdown: CancellationToken,
 ) {
     let Established {
@@ -259,26 +317,28 @@ async fn start_session(
     };
     let peer = stream.peer;
     let mut stream = stream;
-    if state
-        .registry
-        .register(&verified, &id, entry, state.takeover)
-        .is_err()
-    {
-        warn!(id = %id, peer = %peer, "refused: identity has a live session and takeover = \"reject\"");
-        let mut out = BytesMut::new();
-        ErrorFrame::new(ErrorCode::TAKEOVER_REFUSED).encode(&mut out);
-        if stream.write(&out).await.is_ok() {
-            stream.linger(Duration::from_secs(1)).await;
-        }
-        return;
-    }
-    // A revocation that raced with this handshake (key looked up before it, session
-    // registered after its close command) is caught here: the store has the last word.
-    let store = state.store.clone();
-    let check_id = id.clone();
-    let usable = tokio::task::spawn_blocking(move || store.is_usable(&check_id)).await;
+    let registration =
+        match state
+            .registry
+            .register(&verified, &id, entry, state.takeover, key_lookup)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let code = match e {
+                    RegisterError::TakeoverRefused => ErrorCode::TAKEOVER_REFUSED,
+                    // The same answer as for a revoked identity (spec 7.5).
+                    RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
+                };
+                warn!(id = %id, peer = %peer, "refused: {e}");
+                let mut out = BytesMut::new();
+                ErrorFrame::new(code).encode(&mut out);
+                if stream.write(&out).await.is_ok() {
+                    stream.linger(Duration::from_secs(1)).await;
+                }
+                return;
+            }
+        };
     state.note_seen(&id);
-    let revoked = !matches!(usable, Ok(Ok(true)));
     let started = Instant::now();
     info!(id = %id, peer = %peer, "session started");
     let task = SessionTask::new(
@@ -290,8 +350,8 @@ async fn start_session(
         close_rx,
         stats.clone(),
     );
-    let end = task.run(shutdown, revoked).await;
-    state.registry.remove(&id, conn);
+    let end = task.run(shutdown).await;
+    drop(registration);
     info!(
         id = %id, peer = %peer,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -82,8 +82,10 @@ impl ServerState {
     ) -> Result<(Arc<ServerState>, ServerSecrets), ServerError> {
         config.validate()?;
         let secrets = ServerSecrets::load(&config.state_dir, credentials_dir, true)?;
+        crate::secrets::check_state_dir(&config.state_dir)?;
         let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
         let registry = Arc::new(Registry::default());
+        registry.set_handshake_deadline(config.limits.handshake_timeout);
         // The backend may send to devices (server-initiated traffic) through the registry.
         backend.attach(registry.clone());
         let state = ServerState {
@@ -138,6 +140,7 @@ impl ServerState {
     /// Replaces the limits (configuration reload). Connection counts apply to new
     /// connections; existing sessions keep running.
     pub fn set_limits(&self, new: Limits) {
+        self.registry.set_handshake_deadline(new.handshake_timeout);
         let mut cur = self.limits.write().unwrap_or_else(|e| e.into_inner());
         resize(&self.connections, cur.max_connections, new.max_connections);
         resize(

@@ -111,16 +111,56 @@ pub struct SessionInfo {
     pub frames_out: u64,
 }
 
-/// The newcomer was refused because the identity has a live session (policy `reject`).
-#[derive(Debug)]
-pub struct TakeoverRefused;
+/// Why a session that completed its handshake was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// The identity has a live session and the policy is `reject` (spec 7.3).
+    #[error("identity has a live session and takeover = \"reject\"")]
+    TakeoverRefused,
+    /// The identity was revoked or removed after its key was looked up for this
+    /// handshake: the key the session was made with is no longer the identity's.
+    #[error("identity was revoked or removed during the handshake")]
+    Invalidated,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    sessions: HashMap<Id, Entry>,
+    /// When each recently revoked or removed identity was invalidated. A handshake whose
+    /// key lookup started before that instant may hold a key that is no longer valid.
+    /// Kept for `tombstone_ttl`: no handshake outlives its deadline.
+    tombstones: HashMap<Id, Instant>,
+    tombstone_ttl: Duration,
+}
 
 /// All live sessions.
 #[derive(Debug, Default)]
 pub struct Registry {
-    live: Mutex<HashMap<Id, Entry>>,
+    live: Mutex<Live>,
     takeovers: Mutex<HashMap<Id, VecDeque<Instant>>>,
     next_conn: AtomicU64,
+}
+
+/// A registered session: dropping it removes the session from the registry (if it is
+/// still the identity's live one), however the session task ends, panics included.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: Id,
+    conn: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut live = self.registry.lock();
+        if live
+            .sessions
+            .get(&self.id)
+            .is_some_and(|e| e.conn == self.conn)
+        {
+            live.sessions.remove(&self.id);
+        }
+    }
 }
 
 impl Registry {
@@ -129,19 +169,40 @@ impl Registry {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long a revocation or removal is remembered for handshakes in flight: at
+    /// least the longest handshake deadline in force. Only ever grows.
+    pub fn set_handshake_deadline(&self, deadline: Duration) {
+        let mut live = self.lock();
+        live.tombstone_ttl = live.tombstone_ttl.max(deadline + Duration::from_secs(1));
+    }
+
     /// Makes `entry` the live session of `id`. Requires proof that the newcomer's
     /// CLIENT_FINISH verified (spec 7.3): a replayed HELLO can never get here.
+    /// `key_lookup` is when the handshake started to look up the identity's key: if the
+    /// identity was revoked or removed since, the session is refused, before it can take
+    /// anything over.
     pub fn register(
-        &self,
+        self: &Arc<Self>,
         _verified: &FinishVerified,
         id: &Id,
         entry: Entry,
         policy: TakeoverPolicy,
-    ) -> Result<(), TakeoverRefused> {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = live.get(id) {
+        key_lookup: Instant,
+    ) -> Result<Registration, RegisterError> {
+        let conn = entry.conn;
+        let mut live = self.lock();
+        let ttl = live.tombstone_ttl;
+        live.tombstones.retain(|_, at| at.elapsed() < ttl);
+        if live.tombstones.get(id).is_some_and(|at| *at >= key_lookup) {
+            return Err(RegisterError::Invalidated);
+        }
+        if let Some(old) = live.sessions.get(id) {
             if policy == TakeoverPolicy::Reject {
-                return Err(TakeoverRefused);
+                return Err(RegisterError::TakeoverRefused);
             }
             old.close.send_replace(Some((
                 CloseCode::TAKEN_OVER,
@@ -149,8 +210,27 @@ impl Registry {
             )));
             self.note_takeover(id, old.peer, entry.peer);
         }
-        live.insert(id.clone(), entry);
-        Ok(())
+        live.sessions.insert(id.clone(), entry);
+        Ok(Registration {
+            registry: self.clone(),
+            id: id.clone(),
+            conn,
+        })
+    }
+
+    /// After `id` was revoked or removed in the store: refuses every handshake of `id`
+    /// whose key lookup started before now, and closes its live session with `code`.
+    /// Returns whether there was a live session.
+    pub fn invalidate(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
+        let mut live = self.lock();
+        live.tombstones.insert(id.clone(), Instant::now());
+        match live.sessions.get(id) {
+            Some(e) => {
+                e.close.send_replace(Some((code, reason)));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Logs identities that keep taking each other over: two devices sharing one id.
@@ -179,27 +259,15 @@ impl Registry {
         }
     }
 
-    /// Removes `id`'s session if it is still connection `conn`.
-    pub fn remove(&self, id: &Id, conn: u64) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if live.get(id).is_some_and(|e| e.conn == conn) {
-            live.remove(id);
-        }
-    }
-
     /// The command channel of `id`'s live session.
     pub fn sender(&self, id: &Id) -> Option<mpsc::Sender<Command>> {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .map(|e| e.tx.clone())
+        self.lock().sessions.get(id).map(|e| e.tx.clone())
     }
 
     /// Asks `id`'s live session to close. Returns whether there was one.
     pub fn close(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        match live.get(id) {
+        let live = self.lock();
+        match live.sessions.get(id) {
             Some(e) => {
                 e.close.send_replace(Some((code, reason)));
                 true
@@ -252,7 +320,7 @@ impl Registry {
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().sessions.len()
     }
 
     /// Whether there are no live sessions.
@@ -262,8 +330,9 @@ impl Registry {
 
     /// Every live session, sorted by identity.
     pub fn list(&self) -> Vec<SessionInfo> {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.lock();
         let mut out: Vec<SessionInfo> = live
+            .sessions
             .iter()
             .map(|(id, e)| SessionInfo {
                 id: id.to_string(),

@@ -103,11 +103,8 @@ impl SessionTask {
         }
     }
 
-    /// Runs the session to its end. `revoked`: close at once with REVOKED.
-    pub(super) async fn run(mut self, shutdown: CancellationToken, revoked: bool) -> End {
-        if revoked {
-            return self.close(CloseCode::REVOKED, "identity revoked").await;
-        }
+    /// Runs the session to its end.
+    pub(super) async fn run(mut self, shutdown: CancellationToken) -> End {
         let idle_timeout = self.limits.idle_timeout();
         // One timer for the idle deadline, moved only when it fires early: re-arming it
         // for every frame would cost a timer-wheel update per request.

@@ -50,7 +50,7 @@ pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
     let mut out = String::new();
     if first_start {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        while !out.contains("tally enroll") {
+        while !out.contains("token --id") {
             assert!(
                 stdout.read_line(&mut out).unwrap() > 0,
                 "stdout ended: {out}"

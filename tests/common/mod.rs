@@ -79,11 +79,14 @@ impl TestServer {
     }
 
     pub fn open_token(&self) -> EnrollmentToken {
-        EnrollmentToken::parse(&admin::token(self.dir.path(), None, None).unwrap()).unwrap()
+        EnrollmentToken::parse(&admin::open_token(self.dir.path(), None, false).unwrap()).unwrap()
     }
 
+    /// Issues a per-identity token (valid for a day), as `tallyd token --id` does.
     pub fn id_token(&self, id: &str) -> EnrollmentToken {
-        EnrollmentToken::parse(&admin::token(self.dir.path(), None, Some(id)).unwrap()).unwrap()
+        let issued =
+            admin::issue_token(self.dir.path(), None, id, Duration::from_secs(86_400)).unwrap();
+        EnrollmentToken::parse(&issued.token).unwrap()
     }
 
     pub async fn enroll(&self, id: &str) -> Credential {

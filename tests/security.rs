@@ -1,0 +1,583 @@
+//! Regression tests for the security review of the enrollment credentials, the identity
+//! store, the probing oracles and local secrets. Each performs its attack against a
+//! running daemon (in-process over TCP on 127.0.0.1, or the real `tallyd` binary where
+//! the attack is on the process) and asserts that it is refused.
+
+mod attack;
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attack::*;
+use bytes::{Bytes, BytesMut};
+use common::TestServer;
+use hkdf::Hkdf;
+use sha2::Sha256;
+use tally::client::{self, Client, ClientError, ClientOptions};
+use tally::proto::credential::{Credential, EnrollmentToken};
+use tally::proto::enroll::ClientAwaitReply;
+use tally::proto::frame::{EnrollMode, ErrorFrame};
+use tally::proto::handshake::ClientAwaitAuth;
+use tally::proto::{ErrorCode, Id, SecretKey};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+async fn start() -> TestServer {
+    capture_logs();
+    TestServer::start(|c| c.limits.handshake_timeout = Duration::from_secs(5)).await
+}
+
+async fn enroll(
+    srv: &TestServer,
+    token: &EnrollmentToken,
+    id: &str,
+) -> Result<Credential, ClientError> {
+    client::enroll(
+        &srv.addr.to_string(),
+        token,
+        Id::new(id).unwrap(),
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+fn refused(r: Result<Credential, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Refused(code)) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn echo_works(cred: &Credential) {
+    let (c, _) = Client::connect(cred, ClientOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.request("ping").await.unwrap(),
+        Bytes::from_static(b"ping")
+    );
+    let _ = c.close().await;
+}
+
+/// Item 1: the open token carried EK, and `token(id) = HKDF(EK, ...)` let its holder
+/// mint a per-identity token for any id, even with open enrollment off.
+#[tokio::test]
+async fn the_open_token_mints_no_per_identity_tokens() {
+    let srv = start().await;
+    let open = srv.open_token();
+    // The derivation of the old v1 draft, computed from the open token.
+    let id = "victim-1";
+    let mut minted = [0u8; 32];
+    Hkdf::<Sha256>::new(None, open.credential.expose())
+        .expand_multi_info(
+            &[b"tally/1 token", &[id.len() as u8], id.as_bytes()],
+            &mut minted,
+        )
+        .unwrap();
+    let forged = EnrollmentToken {
+        mode: EnrollMode::Token,
+        credential: SecretKey::from_bytes(minted),
+        server_static: open.server_static,
+    };
+    assert_eq!(
+        refused(enroll(&srv, &forged, id).await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    // Even with a token issued for the id, the minted one does not work.
+    let real = srv.id_token(id);
+    assert_eq!(
+        refused(enroll(&srv, &forged, id).await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    assert_eq!(srv.state.store.count().unwrap(), 0);
+    enroll(&srv, &real, id).await.unwrap();
+}
+
+/// Item 1: with open enrollment off the open token is useless; rotating the open
+/// credential invalidates the old open token.
+#[tokio::test]
+async fn open_mode_off_and_rotation_make_the_open_token_useless() {
+    capture_logs();
+    let off = TestServer::start(|c| c.open_enrollment = false).await;
+    let e = enroll(&off, &off.open_token(), "dev-off").await;
+    assert_eq!(refused(e), ErrorCode::ENROLL_REFUSED);
+    assert_eq!(off.state.store.count().unwrap(), 0);
+
+    let srv = start().await;
+    let old = srv.open_token();
+    let dir = srv.dir.path().to_owned();
+    let new = tokio::task::spawn_blocking(move || {
+        EnrollmentToken::parse(&tally::admin::open_token(&dir, None, true).unwrap()).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused(enroll(&srv, &old, "dev-a").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    log_line(&["enrollment of dev-a (open mode) refused: wrong open token"]).await;
+    enroll(&srv, &new, "dev-a").await.unwrap();
+}
+
+/// Item 2: a per-identity token is single-use, expires, can be revoked, is replaced by
+/// a newer one, and does not survive `tallyd remove`.
+#[tokio::test]
+async fn tokens_are_single_use_expiring_revocable_and_replaced() {
+    let srv = start().await;
+    let dir = srv.dir.path().to_owned();
+    // Single use, and not revived by `remove`: before the fix the old token re-enrolled
+    // the id after `remove`, and the operator's fresh token then got ID_TAKEN.
+    let t = srv.id_token("meter-1");
+    let first = enroll(&srv, &t, "meter-1").await.unwrap();
+    echo_works(&first).await;
+    // Consumed: the server holds no token for the id any more (refused before the
+    // enrolled-id check, like any unknown credential).
+    assert_eq!(
+        refused(enroll(&srv, &t, "meter-1").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || tally::admin::remove(&d, None, "meter-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(enroll(&srv, &t, "meter-1").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    log_line(&["enrollment of meter-1 (token mode) refused: no token is outstanding"]).await;
+    let fresh = srv.id_token("meter-1");
+    echo_works(&enroll(&srv, &fresh, "meter-1").await.unwrap()).await;
+
+    // A newer token replaces the older one.
+    let older = srv.id_token("meter-2");
+    let newer = srv.id_token("meter-2");
+    assert_eq!(
+        refused(enroll(&srv, &older, "meter-2").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    enroll(&srv, &newer, "meter-2").await.unwrap();
+
+    // Revoked.
+    let t3 = srv.id_token("meter-3");
+    let d = dir.clone();
+    assert!(tokio::task::spawn_blocking(
+        move || tally::admin::revoke_token(&d, None, "meter-3").unwrap()
+    )
+    .await
+    .unwrap());
+    assert_eq!(
+        refused(enroll(&srv, &t3, "meter-3").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+
+    // Expired (issued with an expiry in the past, as the clock would make it).
+    let id4 = Id::new("meter-4").unwrap();
+    let secret = srv
+        .state
+        .store
+        .issue_token(&id4, tally::store::now() - 1)
+        .unwrap();
+    let t4 = EnrollmentToken {
+        credential: secret,
+        ..t3.clone()
+    };
+    assert_eq!(
+        refused(enroll(&srv, &t4, "meter-4").await),
+        ErrorCode::ENROLL_REFUSED
+    );
+    log_line(&["enrollment of meter-4 (token mode) refused: its token expired"]).await;
+    let ids: Vec<String> = srv
+        .state
+        .store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["meter-1", "meter-2"]);
+}
+
+/// Runs an enrollment on a raw socket; returns the ENROLL_INIT it sent.
+async fn enroll_raw(srv: &TestServer, token: &EnrollmentToken, id: &str) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let mut out = BytesMut::new();
+    let wait = ClientAwaitReply::start(
+        token.client_params(Id::new(id).unwrap()),
+        tally::secrets::random_bytes(),
+        &mut out,
+    );
+    let init = out.to_vec();
+    tcp.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let reply = read_one(&mut tcp, &mut buf).await.unwrap();
+    out.clear();
+    let wait = wait.handle_reply(&reply, &mut out).unwrap();
+    tcp.write_all(&out).await.unwrap();
+    let done = read_one(&mut tcp, &mut buf).await.unwrap();
+    wait.handle_done(&done).unwrap();
+    init
+}
+
+/// Sends `frame` on a new connection; returns the first frame of the answer.
+async fn first_answer(srv: &TestServer, frame: &[u8]) -> Bytes {
+    let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+    tcp.write_all(frame).await.unwrap();
+    read_one(&mut tcp, &mut BytesMut::new()).await.unwrap()
+}
+
+/// Item 3: a captured ENROLL_INIT replayed on a new connection was answered with
+/// ENROLL_REPLY (two X25519 operations) forever. An enrolled id, or a consumed token,
+/// is now refused before any DH.
+#[tokio::test]
+async fn a_replayed_enroll_init_is_refused_before_any_dh() {
+    let srv = start().await;
+    let open_init = enroll_raw(&srv, &srv.open_token(), "replay-open").await;
+    let token_init = enroll_raw(&srv, &srv.id_token("replay-token"), "replay-token").await;
+    for _ in 0..3 {
+        let a = first_answer(&srv, &open_init).await;
+        assert_eq!(
+            ErrorFrame::code_if_error(&a),
+            Some(ErrorCode::ID_TAKEN),
+            "{a:x?}"
+        );
+        let b = first_answer(&srv, &token_init).await;
+        assert_eq!(
+            ErrorFrame::code_if_error(&b),
+            Some(ErrorCode::ENROLL_REFUSED),
+            "{b:x?}"
+        );
+    }
+    assert_eq!(srv.state.store.count().unwrap(), 2);
+}
+
+/// Sends HELLO for `cred` on a raw socket and reads SERVER_AUTH; returns the socket, the
+/// read buffer and the CLIENT_FINISH to send (valid for `cred`'s key).
+async fn hello(addr: std::net::SocketAddr, cred: &Credential) -> (TcpStream, BytesMut, BytesMut) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    let wait = ClientAwaitAuth::start(
+        &cred.id,
+        cred.key.clone(),
+        tally::secrets::random_bytes(),
+        &mut out,
+    );
+    tcp.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let auth = read_one(&mut tcp, &mut buf).await.unwrap();
+    let mut finish = BytesMut::new();
+    wait.handle_server_auth(&auth, &mut finish, 65536).unwrap();
+    (tcp, buf, finish)
+}
+
+/// Item 4: a removed device whose HELLO was answered before `tallyd remove` finished its
+/// handshake with its old key after the id was re-enrolled, and took the new device's
+/// session over. Now the session is refused: the key it used is no longer the id's.
+#[tokio::test]
+async fn a_removed_device_cannot_come_back_with_its_old_key() {
+    let srv = start().await;
+    let old = srv.enroll("pump-1").await;
+    let (mut tcp, _buf, finish) = hello(srv.addr, &old).await;
+    let dir = srv.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || tally::admin::remove(&dir, None, "pump-1").unwrap())
+        .await
+        .unwrap();
+    let new = srv.enroll("pump-1").await;
+    let (replacement, _) = Client::connect(&new, ClientOptions::default())
+        .await
+        .unwrap();
+    // The old device finishes its handshake with the old key.
+    tcp.write_all(&finish).await.unwrap();
+    let answer = read_to_eof(&mut tcp, 5).await;
+    assert_eq!(
+        ErrorFrame::code_if_error(&answer),
+        Some(ErrorCode::AUTH_FAILED),
+        "{answer:x?}"
+    );
+    log_line(&["pump-1", "revoked or removed during the handshake"]).await;
+    // The new device's session was not taken over.
+    assert_eq!(
+        replacement.request("still mine").await.unwrap(),
+        Bytes::from_static(b"still mine")
+    );
+    assert_eq!(srv.state.registry.list().len(), 1);
+
+    // Revocation during a handshake, likewise.
+    let dev = srv.enroll("pump-2").await;
+    let (mut tcp, _buf, finish) = hello(srv.addr, &dev).await;
+    let dir = srv.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || tally::admin::revoke(&dir, None, "pump-2").unwrap())
+        .await
+        .unwrap();
+    tcp.write_all(&finish).await.unwrap();
+    let answer = read_to_eof(&mut tcp, 5).await;
+    assert_eq!(
+        ErrorFrame::code_if_error(&answer),
+        Some(ErrorCode::AUTH_FAILED)
+    );
+    assert!(srv.state.registry.list().iter().all(|s| s.id != "pump-2"));
+}
+
+fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let db = tally::store::DB_FILE;
+    let mut all = Vec::new();
+    for name in [db.to_owned(), format!("{db}-wal")] {
+        if let Ok(b) = std::fs::read(dir.join(name)) {
+            all.extend_from_slice(&b);
+        }
+    }
+    all
+}
+
+/// Item 5: keys were stored as `k XOR HKDF(store_key, id)`, the same pad for every
+/// enrollment of an id, so the old key plus the database (whose stale rows stayed in the
+/// file and the WAL) gave the new key. Now each row is sealed with its own nonce, and a
+/// removed row's bytes are gone from the database file and its WAL.
+#[tokio::test]
+async fn a_removed_key_leaves_nothing_that_unlocks_the_next_one() {
+    let srv = start().await;
+    let dir = srv.dir.path().to_owned();
+    let old = srv.enroll("cam-1").await;
+    let sealed_old: Vec<u8> = rusqlite::Connection::open(dir.join(tally::store::DB_FILE))
+        .unwrap()
+        .query_row("SELECT key FROM identities WHERE id = 'cam-1'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || tally::admin::remove(&d, None, "cam-1").unwrap())
+        .await
+        .unwrap();
+    let new = srv.enroll("cam-1").await;
+    let sealed_new: Vec<u8> = rusqlite::Connection::open(dir.join(tally::store::DB_FILE))
+        .unwrap()
+        .query_row("SELECT key FROM identities WHERE id = 'cam-1'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let bytes = file_bytes(&dir);
+    assert!(
+        !bytes.windows(sealed_old.len()).any(|w| w == sealed_old),
+        "the removed row's sealed key is still in the database file or its WAL"
+    );
+    for k in [old.key.expose(), new.key.expose()] {
+        assert!(
+            !bytes.windows(32).any(|w| w == k),
+            "a key is stored in the clear"
+        );
+    }
+    // The pad-reuse attack: old key XOR old stored XOR new stored, for every alignment.
+    for a in 0..=sealed_old.len() - 32 {
+        for b in 0..=sealed_new.len() - 32 {
+            let guess: Vec<u8> = (0..32)
+                .map(|i| old.key.expose()[i] ^ sealed_old[a + i] ^ sealed_new[b + i])
+                .collect();
+            assert_ne!(&guess[..], new.key.expose());
+        }
+    }
+    echo_works(&new).await;
+}
+
+/// Item 7: HELLO, SERVER_AUTH, then EOF: an unknown id got ERROR AUTH_FAILED and an
+/// enrolled one got nothing. Now both get nothing.
+#[tokio::test]
+async fn hello_then_eof_does_not_tell_enrolled_ids_from_unknown_ones() {
+    let srv = start().await;
+    let known = srv.enroll("known-1").await;
+    let unknown = Credential {
+        id: Id::new("unknown-1").unwrap(),
+        key: SecretKey::from_bytes([7; 32]),
+        server: known.server.clone(),
+    };
+    let mut answers = Vec::new();
+    for cred in [&known, &unknown] {
+        let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+        let mut out = BytesMut::new();
+        ClientAwaitAuth::start(&cred.id, cred.key.clone(), [9; 32], &mut out);
+        tcp.write_all(&out).await.unwrap();
+        let auth = read_one(&mut tcp, &mut BytesMut::new()).await.unwrap();
+        assert_eq!(auth.len(), 69);
+        tcp.shutdown().await.unwrap();
+        answers.push(read_to_eof(&mut tcp, 5).await);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "the reply depends on whether the id exists"
+    );
+    assert!(answers[0].is_empty(), "{:x?}", answers[0]);
+    log_line(&["peer closed after SERVER_AUTH for unknown or revoked identity unknown-1"]).await;
+}
+
+/// Item 13: an ERROR injected into an established session was reported as "refused by
+/// the server: authentication failed". It is a cut connection.
+#[tokio::test]
+async fn an_error_frame_injected_mid_session_is_a_truncation() {
+    let srv = start().await;
+    let cred = srv.enroll("inj-1").await;
+    let inject = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = inject.clone();
+    let policy: Policy = Arc::new(move |dir, _n, frame| {
+        if matches!(dir, Dir::S2c) && flag.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut err = BytesMut::new();
+            ErrorFrame::new(ErrorCode::AUTH_FAILED).encode(&mut err);
+            return Verdict::pass(err.freeze());
+        }
+        Verdict::pass(frame)
+    });
+    let via = proxy(srv.addr, policy).await;
+    let cred = Credential {
+        server: via.to_string(),
+        ..cred
+    };
+    let (c, _) = Client::connect(&cred, ClientOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(c.request("one").await.unwrap(), Bytes::from_static(b"one"));
+    inject.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = c.request("two").await.unwrap_err();
+    assert!(matches!(e, ClientError::Truncated), "{e:?}");
+}
+
+// ---- the daemon process: start-up refusals and the control socket ------------------
+
+const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
+
+/// Runs `tallyd serve` and expects it to refuse to start: returns its stderr. A daemon
+/// that starts anyway (the bug) is killed after 10 s and the test fails.
+fn refuses_to_start(args: &[&str], state: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(TALLYD)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("tallyd started: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn init(state: &std::path::Path) {
+    let ok = std::process::Command::new(TALLYD)
+        .args(["init", "--state-dir"])
+        .arg(state)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Item 10: a state directory other users can write lets them replace the control
+/// socket (or the database) with their own.
+#[test]
+fn a_state_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    init(&state);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refuses_to_start(&[], &state);
+    assert!(
+        err.contains("lets other users write to the state directory"),
+        "{err}"
+    );
+}
+
+/// Item 6: a database of another schema was accepted, and every enrollment then failed
+/// with INTERNAL.
+#[test]
+fn a_database_of_an_unknown_schema_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    init(&state);
+    let db = state.join(tally::store::DB_FILE);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE identities (id TEXT PRIMARY KEY NOT NULL, key BLOB NOT NULL,
+             created INTEGER NOT NULL, last_seen INTEGER, revoked INTEGER, mode TEXT NOT NULL) STRICT;",
+        )
+        .unwrap();
+    let err = refuses_to_start(&[], &state);
+    assert!(err.contains("predates schema versioning"), "{err}");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = refuses_to_start(&[], &state);
+    assert!(err.contains("schema version 99 is newer"), "{err}");
+}
+
+/// Item 12: `keepalive = 7e18` passed validation and then panicked every session.
+#[test]
+fn huge_durations_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("tallyd.toml");
+    for bad in [
+        "keepalive = 7e18",
+        "handshake_timeout = 1e9",
+        "backend_timeout = 1e12",
+    ] {
+        std::fs::write(&config, format!("[limits]\n{bad}\n")).unwrap();
+        let err = refuses_to_start(&["--config", config.to_str().unwrap()], &state);
+        assert!(err.contains("limits."), "{bad}: {err}");
+    }
+}
+
+/// Item 10: the control socket answered any local user who could reach it. Even with
+/// the directory and socket opened up by mistake, another user gets no answer.
+#[test]
+fn the_control_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("SKIPPED the_control_socket_refuses_other_users: needs root to run a client as another user");
+        return;
+    }
+    if !common::python3_or_skip("the_control_socket_refuses_other_users") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_daemon, _) = common::bin::start(&state, true);
+    let socket = state.join(tally::control::SOCKET);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let ask = |uid: u32| {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket,sys\n\
+                 s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5)\n\
+                 s.sendall(b'{\"op\":\"sessions\"}\\n'); print(s.recv(4096).decode())",
+            )
+            .arg(&socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(ask(0).contains("sessions"), "tallyd's own user is answered");
+    let other = ask(65534);
+    assert!(
+        !other.contains("sessions"),
+        "another user was answered: {other}"
+    );
+}
