@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! tally1-open-<64 hex: EK>-<64 hex: S>          open mode (fleet-wide key)
-//! tally1-token-<64 hex: token(id)>-<64 hex: S>  per-identity token
+//! tally1-token-<64 hex: T(id)>-<64 hex: S>      per-identity token (random, single-use)
 //! ```
 //!
 //! The *credential* is the device's identity after enrollment, a small TOML file.

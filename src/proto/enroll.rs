@@ -75,7 +75,7 @@ fn check_tag_frame(
 pub struct ClientParams {
     /// The identity to enroll.
     pub id: Id,
-    /// Open (credential is EK) or token (credential is token(id)).
+    /// Open (credential is EK) or token (credential is the token T(id) issued for the id).
     pub mode: EnrollMode,
     /// The enrollment credential `c`.
     pub credential: SecretKey,

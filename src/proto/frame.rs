@@ -131,7 +131,7 @@ impl std::str::FromStr for Id {
 pub enum EnrollMode {
     /// The fleet-wide enrollment key `EK` (a group key).
     Open = 0,
-    /// A per-identity token `token(id)`.
+    /// A per-identity token `T(id)`: random, issued by the operator for one id.
     Token = 1,
 }
 
