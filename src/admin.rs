@@ -354,11 +354,7 @@ fn via_daemon(
     req: &ControlRequest,
 ) -> Result<Option<ControlResponse>, AdminError> {
     match control::call(state_dir, req) {
-        Ok(ControlResponse::Error { message }) => Err(ControlError::Failed {
-            path: state_dir.join(control::SOCKET),
-            message,
-        }
-        .into()),
+        Ok(r @ ControlResponse::Error { .. }) => Err(unexpected(state_dir, r)),
         Ok(r) => Ok(Some(r)),
         Err(ControlError::NotRunning(_)) => Ok(None),
         Err(e) => Err(e.into()),

@@ -293,18 +293,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
         }
     })
     .await;
-    let changed = match done {
-        Ok(Ok(changed)) => changed,
-        Ok(Err(e)) => {
-            return ControlResponse::Error {
-                message: e.to_string(),
-            }
-        }
-        Err(e) => {
-            return ControlResponse::Error {
-                message: e.to_string(),
-            }
-        }
+    let changed = match done
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        Ok(changed) => changed,
+        Err(message) => return ControlResponse::Error { message },
     };
     let reason = if revoke {
         "identity revoked"

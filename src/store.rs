@@ -251,6 +251,13 @@ fn connection(path: &Path, synchronous: &str) -> Result<Connection, StoreError> 
     Ok(conn)
 }
 
+/// Whether `id` has a row (revoked or not).
+fn is_enrolled(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)")?
+        .query_row([id], |r| r.get(0))?)
+}
+
 /// Brings the schema to [`SCHEMA_VERSION`], refusing databases this build cannot use.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -346,33 +353,23 @@ impl Store {
                 )?;
             }
         }
-        let open: Option<(Vec<u8>, i64)> = tx
-            .query_row(
-                "SELECT value, updated FROM settings WHERE name = 'open_key'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        match open {
-            Some((sealed, updated)) => {
-                self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed)?;
-            }
-            None => {
-                Self::put_open_key(&self.sealer, &tx)?;
-            }
+        if self.find_open_key(&tx)?.is_none() {
+            self.put_open_key(&tx)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn put_open_key(sealer: &Sealer, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
+    /// Seals a fresh open key into `settings`, replacing the one there; returns it.
+    fn put_open_key(&self, tx: &rusqlite::Transaction) -> Result<SecretKey, StoreError> {
         let at = now();
-        let sealed = sealer.seal(&assoc(ad::OPEN, "", at), &crate::secrets::random_bytes());
+        let key = SecretKey::from_bytes(crate::secrets::random_bytes());
+        let sealed = self.sealer.seal(&assoc(ad::OPEN, "", at), key.expose());
         tx.execute(
             "INSERT OR REPLACE INTO settings (name, value, updated) VALUES ('open_key', ?1, ?2)",
             params![sealed, at],
         )?;
-        Ok(())
+        Ok(key)
     }
 
     /// The open enrollment key `EK` (spec 6.1): what the open token carries.
@@ -381,12 +378,21 @@ impl Store {
     }
 
     fn read_open_key(&self, conn: &Connection) -> Result<SecretKey, StoreError> {
-        let (sealed, updated): (Vec<u8>, i64) = conn.query_row(
-            "SELECT value, updated FROM settings WHERE name = 'open_key'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed)
+        self.find_open_key(conn)?
+            .ok_or(StoreError::Corrupt("the open enrollment key is missing"))
+    }
+
+    /// The open key, unsealed (a wrong store key fails here), or `None` before it exists.
+    fn find_open_key(&self, conn: &Connection) -> Result<Option<SecretKey>, StoreError> {
+        let row: Option<(Vec<u8>, i64)> = conn
+            .query_row(
+                "SELECT value, updated FROM settings WHERE name = 'open_key'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(sealed, updated)| self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed))
+            .transpose()
     }
 
     /// Replaces the open enrollment key with a fresh one: every open token issued before
@@ -394,8 +400,7 @@ impl Store {
     pub fn rotate_open_key(&self) -> Result<SecretKey, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Self::put_open_key(&self.sealer, &tx)?;
-        let key = self.read_open_key(&tx)?;
+        let key = self.put_open_key(&tx)?;
         tx.commit()?;
         drop(conn);
         self.scrub();
@@ -408,12 +413,7 @@ impl Store {
     pub fn issue_token(&self, id: &Id, expires: i64) -> Result<SecretKey, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let enrolled: bool = tx.query_row(
-            "SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)",
-            [id.as_str()],
-            |r| r.get(0),
-        )?;
-        if enrolled {
+        if is_enrolled(&tx, id.as_str())? {
             return Err(StoreError::Taken(id.clone()));
         }
         let secret = SecretKey::from_bytes(crate::secrets::random_bytes());
@@ -460,9 +460,7 @@ impl Store {
         at: i64,
     ) -> Result<EnrollLookup, StoreError> {
         let conn = self.relaxed();
-        let enrolled: bool = conn
-            .prepare_cached("SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)")?
-            .query_row([id.as_str()], |r| r.get(0))?;
+        let enrolled = is_enrolled(&conn, id.as_str())?;
         match mode {
             EnrollMode::Open => Ok(EnrollLookup {
                 credential: Ok(self.read_open_key(&conn)?),
@@ -603,12 +601,7 @@ impl Store {
             self.scrub();
             return Ok(true);
         }
-        let exists: bool = conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)",
-            [id],
-            |r| r.get(0),
-        )?;
-        if exists {
+        if is_enrolled(&conn, id)? {
             Ok(false)
         } else {
             Err(StoreError::NotFound(id.to_owned()))
@@ -618,11 +611,9 @@ impl Store {
     /// Deletes an identity, so that its id can be enrolled again (with a new token, or
     /// in open mode). Returns false if there was none.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = tx.execute("DELETE FROM identities WHERE id = ?1", [id])?;
-        tx.commit()?;
-        drop(conn);
+        let n = self
+            .conn()
+            .execute("DELETE FROM identities WHERE id = ?1", [id])?;
         if n == 1 {
             self.scrub();
         }
@@ -719,19 +710,13 @@ mod tests {
             .insert(&id, &SecretKey::from_bytes([3; 32]), EnrollMode::Open, None)
             .unwrap();
         assert!(g2 > g1, "generations are never reused");
-        assert_eq!(s.key(&id).unwrap().unwrap().expose_generation(), g2);
+        assert_eq!(s.key(&id).unwrap().unwrap().generation, g2);
         // AUTOINCREMENT: even removing the newest row does not free its generation.
         assert!(s.remove("dev").unwrap());
         let g3 = s
             .insert(&id, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
             .unwrap();
         assert!(g3 > g2);
-    }
-
-    impl IdentityKey {
-        fn expose_generation(&self) -> u64 {
-            self.generation
-        }
     }
 
     #[test]
@@ -834,30 +819,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = Id::new("dev").unwrap();
         let s = store(dir.path());
-        s.insert(
-            &id,
-            &SecretKey::from_bytes([0x5a; 32]),
-            EnrollMode::Open,
-            None,
-        )
-        .unwrap();
-        let first: Vec<u8> = raw(dir.path())
-            .query_row("SELECT key FROM identities", [], |r| r.get(0))
-            .unwrap();
+        // Enrolls `dev` with the key 5a..5a; returns the sealed value stored.
+        let enroll = || -> Vec<u8> {
+            let key = SecretKey::from_bytes([0x5a; 32]);
+            s.insert(&id, &key, EnrollMode::Open, None).unwrap();
+            raw(dir.path())
+                .query_row("SELECT key FROM identities", [], |r| r.get(0))
+                .unwrap()
+        };
+        let first = enroll();
         assert_eq!(first.len(), SEALED_LEN);
         assert!(!first.windows(32).any(|w| w == [0x5a; 32]));
         // The same key enrolled again under the same id is sealed differently.
         s.remove("dev").unwrap();
-        s.insert(
-            &id,
-            &SecretKey::from_bytes([0x5a; 32]),
-            EnrollMode::Open,
-            None,
-        )
-        .unwrap();
-        let second: Vec<u8> = raw(dir.path())
-            .query_row("SELECT key FROM identities", [], |r| r.get(0))
-            .unwrap();
+        let second = enroll();
         assert_ne!(first[24..56], second[24..56], "no pad is reused");
         assert_eq!(
             store(dir.path()).key(&id).unwrap().unwrap().key.expose(),

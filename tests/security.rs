@@ -42,11 +42,22 @@ async fn enroll(
     .await
 }
 
-fn refused(r: Result<Credential, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Refused(code)) => code,
-        other => panic!("expected a refusal, got {other:?}"),
+/// Enrolls `id` with `token` and asserts the server refuses with `code`.
+async fn assert_refused(srv: &TestServer, token: &EnrollmentToken, id: &str, code: ErrorCode) {
+    match enroll(srv, token, id).await {
+        Err(ClientError::Refused(got)) => assert_eq!(got, code, "enrolling {id}"),
+        other => panic!("enrolling {id}: expected a refusal, got {other:?}"),
     }
+}
+
+/// Runs an admin command (blocking: it may call the daemon's control socket) on the
+/// server's state directory.
+async fn admin<T: Send + 'static>(
+    srv: &TestServer,
+    f: impl FnOnce(&std::path::Path) -> T + Send + 'static,
+) -> T {
+    let dir = srv.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || f(&dir)).await.unwrap()
 }
 
 async fn echo_works(cred: &Credential) {
@@ -80,16 +91,10 @@ async fn the_open_token_mints_no_per_identity_tokens() {
         credential: SecretKey::from_bytes(minted),
         server_static: open.server_static,
     };
-    assert_eq!(
-        refused(enroll(&srv, &forged, id).await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    assert_refused(&srv, &forged, id, ErrorCode::ENROLL_REFUSED).await;
     // Even with a token issued for the id, the minted one does not work.
     let real = srv.id_token(id);
-    assert_eq!(
-        refused(enroll(&srv, &forged, id).await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    assert_refused(&srv, &forged, id, ErrorCode::ENROLL_REFUSED).await;
     assert_eq!(srv.state.store.count().unwrap(), 0);
     enroll(&srv, &real, id).await.unwrap();
 }
@@ -100,22 +105,22 @@ async fn the_open_token_mints_no_per_identity_tokens() {
 async fn open_mode_off_and_rotation_make_the_open_token_useless() {
     capture_logs();
     let off = TestServer::start(|c| c.open_enrollment = false).await;
-    let e = enroll(&off, &off.open_token(), "dev-off").await;
-    assert_eq!(refused(e), ErrorCode::ENROLL_REFUSED);
+    assert_refused(
+        &off,
+        &off.open_token(),
+        "dev-off",
+        ErrorCode::ENROLL_REFUSED,
+    )
+    .await;
     assert_eq!(off.state.store.count().unwrap(), 0);
 
     let srv = start().await;
     let old = srv.open_token();
-    let dir = srv.dir.path().to_owned();
-    let new = tokio::task::spawn_blocking(move || {
-        EnrollmentToken::parse(&tally::admin::open_token(&dir, None, true).unwrap()).unwrap()
+    let new = admin(&srv, |dir| {
+        EnrollmentToken::parse(&tally::admin::open_token(dir, None, true).unwrap()).unwrap()
     })
-    .await
-    .unwrap();
-    assert_eq!(
-        refused(enroll(&srv, &old, "dev-a").await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    .await;
+    assert_refused(&srv, &old, "dev-a", ErrorCode::ENROLL_REFUSED).await;
     log_line(&["enrollment of dev-a (open mode) refused: wrong open token"]).await;
     enroll(&srv, &new, "dev-a").await.unwrap();
 }
@@ -125,7 +130,6 @@ async fn open_mode_off_and_rotation_make_the_open_token_useless() {
 #[tokio::test]
 async fn tokens_are_single_use_expiring_revocable_and_replaced() {
     let srv = start().await;
-    let dir = srv.dir.path().to_owned();
     // Single use, and not revived by `remove`: before the fix the old token re-enrolled
     // the id after `remove`, and the operator's fresh token then got ID_TAKEN.
     let t = srv.id_token("meter-1");
@@ -133,18 +137,12 @@ async fn tokens_are_single_use_expiring_revocable_and_replaced() {
     echo_works(&first).await;
     // Consumed: the server holds no token for the id any more (refused before the
     // enrolled-id check, like any unknown credential).
-    assert_eq!(
-        refused(enroll(&srv, &t, "meter-1").await),
-        ErrorCode::ENROLL_REFUSED
-    );
-    let d = dir.clone();
-    tokio::task::spawn_blocking(move || tally::admin::remove(&d, None, "meter-1").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        refused(enroll(&srv, &t, "meter-1").await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    assert_refused(&srv, &t, "meter-1", ErrorCode::ENROLL_REFUSED).await;
+    admin(&srv, |dir| {
+        tally::admin::remove(dir, None, "meter-1").unwrap()
+    })
+    .await;
+    assert_refused(&srv, &t, "meter-1", ErrorCode::ENROLL_REFUSED).await;
     log_line(&["enrollment of meter-1 (token mode) refused: no token is outstanding"]).await;
     let fresh = srv.id_token("meter-1");
     echo_works(&enroll(&srv, &fresh, "meter-1").await.unwrap()).await;
@@ -152,24 +150,17 @@ async fn tokens_are_single_use_expiring_revocable_and_replaced() {
     // A newer token replaces the older one.
     let older = srv.id_token("meter-2");
     let newer = srv.id_token("meter-2");
-    assert_eq!(
-        refused(enroll(&srv, &older, "meter-2").await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    assert_refused(&srv, &older, "meter-2", ErrorCode::ENROLL_REFUSED).await;
     enroll(&srv, &newer, "meter-2").await.unwrap();
 
     // Revoked.
     let t3 = srv.id_token("meter-3");
-    let d = dir.clone();
-    assert!(tokio::task::spawn_blocking(
-        move || tally::admin::revoke_token(&d, None, "meter-3").unwrap()
-    )
-    .await
-    .unwrap());
-    assert_eq!(
-        refused(enroll(&srv, &t3, "meter-3").await),
-        ErrorCode::ENROLL_REFUSED
+    assert!(
+        admin(&srv, |dir| tally::admin::revoke_token(dir, None, "meter-3")
+            .unwrap())
+        .await
     );
+    assert_refused(&srv, &t3, "meter-3", ErrorCode::ENROLL_REFUSED).await;
 
     // Expired (issued with an expiry in the past, as the clock would make it).
     let id4 = Id::new("meter-4").unwrap();
@@ -182,10 +173,7 @@ async fn tokens_are_single_use_expiring_revocable_and_replaced() {
         credential: secret,
         ..t3.clone()
     };
-    assert_eq!(
-        refused(enroll(&srv, &t4, "meter-4").await),
-        ErrorCode::ENROLL_REFUSED
-    );
+    assert_refused(&srv, &t4, "meter-4", ErrorCode::ENROLL_REFUSED).await;
     log_line(&["enrollment of meter-4 (token mode) refused: its token expired"]).await;
     let ids: Vec<String> = srv
         .state
@@ -278,10 +266,10 @@ async fn a_removed_device_cannot_come_back_with_its_old_key() {
     let srv = start().await;
     let old = srv.enroll("pump-1").await;
     let (mut tcp, _buf, finish) = hello(srv.addr, &old).await;
-    let dir = srv.dir.path().to_owned();
-    tokio::task::spawn_blocking(move || tally::admin::remove(&dir, None, "pump-1").unwrap())
-        .await
-        .unwrap();
+    admin(&srv, |dir| {
+        tally::admin::remove(dir, None, "pump-1").unwrap()
+    })
+    .await;
     let new = srv.enroll("pump-1").await;
     let (replacement, _) = Client::connect(&new, ClientOptions::default())
         .await
@@ -305,10 +293,10 @@ async fn a_removed_device_cannot_come_back_with_its_old_key() {
     // Revocation during a handshake, likewise.
     let dev = srv.enroll("pump-2").await;
     let (mut tcp, _buf, finish) = hello(srv.addr, &dev).await;
-    let dir = srv.dir.path().to_owned();
-    tokio::task::spawn_blocking(move || tally::admin::revoke(&dir, None, "pump-2").unwrap())
-        .await
-        .unwrap();
+    admin(&srv, |dir| {
+        tally::admin::revoke(dir, None, "pump-2").unwrap()
+    })
+    .await;
     tcp.write_all(&finish).await.unwrap();
     let answer = read_to_eof(&mut tcp, 5).await;
     assert_eq!(
@@ -338,23 +326,22 @@ async fn a_removed_key_leaves_nothing_that_unlocks_the_next_one() {
     let srv = start().await;
     let dir = srv.dir.path().to_owned();
     let old = srv.enroll("cam-1").await;
-    let sealed_old: Vec<u8> = rusqlite::Connection::open(dir.join(tally::store::DB_FILE))
-        .unwrap()
-        .query_row("SELECT key FROM identities WHERE id = 'cam-1'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let d = dir.clone();
-    tokio::task::spawn_blocking(move || tally::admin::remove(&d, None, "cam-1").unwrap())
-        .await
-        .unwrap();
+    // The sealed key of cam-1 as the database file holds it.
+    let sealed = || -> Vec<u8> {
+        rusqlite::Connection::open(dir.join(tally::store::DB_FILE))
+            .unwrap()
+            .query_row("SELECT key FROM identities WHERE id = 'cam-1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    let sealed_old = sealed();
+    admin(&srv, |dir| {
+        tally::admin::remove(dir, None, "cam-1").unwrap()
+    })
+    .await;
     let new = srv.enroll("cam-1").await;
-    let sealed_new: Vec<u8> = rusqlite::Connection::open(dir.join(tally::store::DB_FILE))
-        .unwrap()
-        .query_row("SELECT key FROM identities WHERE id = 'cam-1'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let sealed_new = sealed();
     let bytes = file_bytes(&dir);
     assert!(
         !bytes.windows(sealed_old.len()).any(|w| w == sealed_old),

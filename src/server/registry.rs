@@ -133,6 +133,19 @@ struct Live {
     tombstone_ttl: Duration,
 }
 
+impl Live {
+    /// Asks `id`'s live session to close. Returns whether there was one.
+    fn ask_close(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
+        match self.sessions.get(id) {
+            Some(e) => {
+                e.close.send_replace(Some((code, reason)));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// All live sessions.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -224,13 +237,7 @@ impl Registry {
     pub fn invalidate(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
         let mut live = self.lock();
         live.tombstones.insert(id.clone(), Instant::now());
-        match live.sessions.get(id) {
-            Some(e) => {
-                e.close.send_replace(Some((code, reason)));
-                true
-            }
-            None => false,
-        }
+        live.ask_close(id, code, reason)
     }
 
     /// Logs identities that keep taking each other over: two devices sharing one id.
@@ -266,14 +273,7 @@ impl Registry {
 
     /// Asks `id`'s live session to close. Returns whether there was one.
     pub fn close(&self, id: &Id, code: CloseCode, reason: &'static str) -> bool {
-        let live = self.lock();
-        match live.sessions.get(id) {
-            Some(e) => {
-                e.close.send_replace(Some((code, reason)));
-                true
-            }
-            None => false,
-        }
+        self.lock().ask_close(id, code, reason)
     }
 
     /// Sends a REQUEST (returning the device's answer) or a MESSAGE (returning `None`
