@@ -28,6 +28,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use zeroize::Zeroizing;
 
 use crate::proto::frame::{EnrollMode, Id};
+use crate::proto::schedule::scrubbed;
 use crate::proto::SecretKey;
 
 /// File name of the database in the state directory.
@@ -199,16 +200,19 @@ impl Sealer {
     fn seal(&self, ad: &[u8], secret: &[u8; 32]) -> Vec<u8> {
         let mut nonce = [0u8; 24];
         getrandom::getrandom(&mut nonce).expect("the operating system's random source failed");
-        let mut buf = Zeroizing::new(*secret);
-        let tag = self
-            .0
-            .encrypt_inout_detached(&XNonce::from(nonce), ad, (&mut buf[..]).into())
-            .expect("32 bytes is within the AEAD's limits");
-        let mut out = Vec::with_capacity(SEALED_LEN);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf[..]);
-        out.extend_from_slice(&tag);
-        out
+        // Scrubbed: the cipher's keystream and the plaintext's copy stay on the stack.
+        scrubbed(|| {
+            let mut buf = Zeroizing::new(*secret);
+            let tag = self
+                .0
+                .encrypt_inout_detached(&XNonce::from(nonce), ad, (&mut buf[..]).into())
+                .expect("32 bytes is within the AEAD's limits");
+            let mut out = Vec::with_capacity(SEALED_LEN);
+            out.extend_from_slice(&nonce);
+            out.extend_from_slice(&buf[..]);
+            out.extend_from_slice(&tag);
+            out
+        })
     }
 
     fn open(&self, ad: &[u8], sealed: &[u8]) -> Result<SecretKey, StoreError> {
@@ -217,12 +221,15 @@ impl Sealer {
         }
         let nonce = XNonce::try_from(&sealed[..24]).expect("24 bytes");
         let tag = chacha20poly1305::Tag::try_from(&sealed[56..]).expect("16 bytes");
-        let mut buf = Zeroizing::new([0u8; 32]);
-        buf.copy_from_slice(&sealed[24..56]);
-        self.0
-            .decrypt_inout_detached(&nonce, ad, (&mut buf[..]).into(), &tag)
-            .map_err(|_| StoreError::WrongStoreKey)?;
-        Ok(SecretKey::from_bytes(*buf))
+        // Decrypted in place, in the key's own heap buffer; the keystream is scrubbed.
+        scrubbed(|| {
+            SecretKey::fill(|key| {
+                key.copy_from_slice(&sealed[24..56]);
+                self.0
+                    .decrypt_inout_detached(&nonce, ad, (&mut key[..]).into(), &tag)
+                    .map_err(|_| StoreError::WrongStoreKey)
+            })
+        })
     }
 }
 

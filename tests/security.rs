@@ -568,3 +568,194 @@ fn the_control_socket_refuses_other_users() {
         "another user was answered: {other}"
     );
 }
+
+// ---- item 11: key material in the daemon's memory ----------------------------------
+
+/// Byte strings whose presence in the daemon's memory would let a reader of that memory
+/// (a core dump, a swap image, `/proc/PID/mem`) forge this session's frames or derive
+/// its keys: the identity key `k`, the HKDF PRK, each session key, and the HMAC-SHA256
+/// inner and outer states of each key used with HMAC (what `hmac`'s precomputed keys
+/// hold: SHA-256's state after one block of `key ⊕ ipad` or `key ⊕ opad`, as eight
+/// native-endian words).
+fn secret_patterns(
+    k: &SecretKey,
+    nc: &[u8; 32],
+    ns: &[u8; 32],
+    th2: &[u8; 32],
+) -> Vec<(String, Vec<u8>)> {
+    const IV: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let hmac_states = |name: &str, key: &[u8; 32], out: &mut Vec<(String, Vec<u8>)>| {
+        for (pad, which) in [(0x36u8, "inner"), (0x5c, "outer")] {
+            let mut block = [pad; 64];
+            block.iter_mut().zip(key).for_each(|(b, k)| *b ^= k);
+            let mut state = IV;
+            sha2::block_api::compress256(&mut state, &[block]);
+            let bytes = state.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            out.push((format!("{name} HMAC {which} state"), bytes));
+        }
+    };
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(nc);
+    salt[32..].copy_from_slice(ns);
+    let (prk, _) = Hkdf::<Sha256>::extract(Some(&salt), k.expose());
+    let prk: [u8; 32] = prk.as_slice().try_into().unwrap();
+    let keys = tally::proto::schedule::SessionKeys::derive(k, nc, ns, th2);
+    let mut out = vec![("k".to_owned(), k.expose().to_vec())];
+    for (name, key) in [
+        ("HKDF PRK", &prk),
+        ("c2s", keys.c2s.expose()),
+        ("s2c", keys.s2c.expose()),
+        ("server_finish", keys.server_finish.expose()),
+        ("client_finish", keys.client_finish.expose()),
+    ] {
+        out.push((name.to_owned(), key.to_vec()));
+        hmac_states(name, key, &mut out);
+    }
+    out
+}
+
+/// Which of `patterns` occur in `pid`'s writable memory, and in which mapping.
+fn find_in_memory(pid: u32, patterns: &[(String, Vec<u8>)]) -> Vec<String> {
+    use std::os::unix::fs::FileExt;
+    // A first filter on two bytes, so one pass over the memory checks all patterns.
+    let mut first = vec![false; 1 << 16];
+    for (_, p) in patterns {
+        first[u16::from_le_bytes([p[0], p[1]]) as usize] = true;
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut found = Vec::new();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if !fields[1].starts_with("rw") {
+            continue; // key material is only ever in writable memory
+        }
+        let (start, end) = fields[0].split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut hay = vec![0u8; (end - start) as usize];
+        if mem.read_exact_at(&mut hay, start).is_err() {
+            continue; // e.g. [vvar]
+        }
+        let region = fields.get(5).copied().unwrap_or("[anonymous]");
+        for i in 0..hay.len().saturating_sub(32) {
+            if !first[u16::from_le_bytes([hay[i], hay[i + 1]]) as usize] {
+                continue;
+            }
+            for (name, p) in patterns {
+                if hay[i..].starts_with(p) {
+                    found.push(format!("{name} at {:#x} in {region}", start + i as u64));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Item 11: after a session ended, a core dump of tallyd still held its HMAC states, the
+/// HKDF PRK and `k`. The test is tallyd's parent, so it may read `/proc/PID/mem`. While
+/// the session is live, the frame keys' HMAC states must be found (the scan works);
+/// once it has ended, nothing of it may be.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
+    use tally::proto::frame::signed_part;
+    use tally::proto::{Body, CloseCode};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (daemon, _) = common::bin::start(&state, true);
+    let pid = daemon.child.id();
+    let addr: std::net::SocketAddr = daemon.addr.parse().unwrap();
+    let token =
+        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap()).unwrap();
+    let cred = client::enroll(
+        &daemon.addr,
+        &token,
+        Id::new("meter-7").unwrap(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+
+    // A session driven by hand, so that the test knows every input of its key schedule.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let nc: [u8; 32] = tally::secrets::random_bytes();
+    let mut hello = BytesMut::new();
+    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), nc, &mut hello);
+    tcp.write_all(&hello).await.unwrap();
+    let mut buf = BytesMut::new();
+    let auth = read_one(&mut tcp, &mut buf).await.unwrap();
+    let ns: [u8; 32] = auth[5..37].try_into().unwrap();
+    let th2: [u8; 32] = {
+        use sha2::Digest;
+        Sha256::new()
+            .chain_update(&hello)
+            .chain_update(signed_part(&auth))
+            .finalize()
+            .into()
+    };
+    let mut out = BytesMut::new();
+    let mut session = wait.handle_server_auth(&auth, &mut out, 65536).unwrap();
+    session
+        .seal(
+            &Body::Request {
+                payload: Bytes::from_static(b"reading 42"),
+            },
+            &mut out,
+        )
+        .unwrap();
+    tcp.write_all(&out).await.unwrap();
+    out.clear();
+    let response = session
+        .open(read_one(&mut tcp, &mut buf).await.unwrap())
+        .unwrap();
+    assert!(
+        format!("{response:?}").contains("reading 42"),
+        "{response:?}"
+    );
+
+    let patterns = secret_patterns(&cred.key, &nc, &ns, &th2);
+    let live = tokio::task::spawn_blocking({
+        let patterns = patterns.clone();
+        move || find_in_memory(pid, &patterns)
+    })
+    .await
+    .unwrap();
+    for key in ["c2s", "s2c"] {
+        assert!(
+            live.iter()
+                .any(|f| f.starts_with(&format!("{key} HMAC inner state"))),
+            "the scan does not see the live session's {key} HMAC state: {live:#?}"
+        );
+    }
+
+    // The device ends the session; the daemon answers CLOSE and forgets it.
+    session
+        .seal(
+            &Body::Close {
+                code: CloseCode::NORMAL,
+                reason: String::new(),
+            },
+            &mut out,
+        )
+        .unwrap();
+    tcp.write_all(&out).await.unwrap();
+    read_to_eof(&mut tcp, 5).await;
+    let sessions =
+        || tally::control::call(&state, &tally::control::ControlRequest::Sessions).unwrap();
+    common::eventually(5, "the session to be gone", || {
+        matches!(sessions(), tally::control::ControlResponse::Sessions { sessions } if sessions.is_empty())
+    })
+    .await;
+    let left = tokio::task::spawn_blocking(move || find_in_memory(pid, &patterns))
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "key material left in tallyd's memory: {left:#?}"
+    );
+    drop(daemon);
+}

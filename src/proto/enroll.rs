@@ -20,16 +20,29 @@ use super::error::{ProtocolError, TagKind};
 use super::frame::{
     signed_part, EnrollInit, EnrollMode, ErrorFrame, FrameType, Id, TagOnly, ValueAndTag,
 };
-use super::schedule::{hmac, labels, verify, EnrollKeys, SecretKey, Transcript};
+use super::schedule::{hmac, labels, scrubbed, verify, EnrollKeys, SecretKey, Transcript};
 use super::{KEY_LEN, TAG_LEN};
+use zeroize::Zeroize;
 
 /// X25519, refusing a non-contributory (all-zero) result: the peer sent a low-order point.
-fn dh(secret: &StaticSecret, public: &[u8; KEY_LEN]) -> Result<[u8; 32], ProtocolError> {
-    let shared = secret.diffie_hellman(&PublicKey::from(*public));
-    if !shared.was_contributory() {
-        return Err(ProtocolError::WeakKey);
-    }
-    Ok(*shared.as_bytes())
+fn dh(secret: &StaticSecret, public: &[u8; KEY_LEN]) -> Result<SecretKey, ProtocolError> {
+    scrubbed(|| {
+        let shared = secret.diffie_hellman(&PublicKey::from(*public));
+        if !shared.was_contributory() {
+            return Err(ProtocolError::WeakKey);
+        }
+        SecretKey::fill(|out| {
+            out.copy_from_slice(shared.as_bytes());
+            Ok(())
+        })
+    })
+}
+
+/// The X25519 secret of 32 random bytes, wiping the caller's copy.
+fn secret_from(mut bytes: [u8; KEY_LEN]) -> StaticSecret {
+    let secret = scrubbed(|| StaticSecret::from(bytes));
+    bytes.zeroize();
+    secret
 }
 
 /// The ENROLL_INIT tag: `HMAC(c, "tally/1 enroll init" ‖ H(ENROLL_INIT without its tag))`.
@@ -93,7 +106,7 @@ pub struct ClientAwaitReply {
 impl ClientAwaitReply {
     /// Writes ENROLL_INIT to `out`. `ephemeral` is 32 random bytes, the secret `x`.
     pub fn start(params: ClientParams, ephemeral: [u8; KEY_LEN], out: &mut BytesMut) -> Self {
-        let ephemeral = StaticSecret::from(ephemeral);
+        let ephemeral = secret_from(ephemeral);
         let mut init = EnrollInit {
             mode: params.mode,
             id: params.id.clone(),
@@ -288,7 +301,7 @@ impl InitVerified {
             credential,
             mut transcript,
         } = self;
-        let y = StaticSecret::from(ephemeral);
+        let y = secret_from(ephemeral);
         let dh_e = dh(&y, &init.ephemeral)?;
         let dh_s = dh(&params.static_secret, &init.ephemeral)?;
         let start = out.len();
