@@ -2,6 +2,12 @@
 //! store, the probing oracles and local secrets. Each performs its attack against a
 //! running daemon (in-process over TCP on 127.0.0.1, or the real `tallyd` binary where
 //! the attack is on the process) and asserts that it is refused.
+//!
+//! All of them fail on 8b77d4e, the code the review attacked, each because its attack
+//! succeeds there. Checked by building this file against that commit with the APIs it
+//! lacked substituted: `admin::open_token` by its `admin::token(dir, None, None)` (there
+//! was no rotation, so the "rotated" token is the same one), `revoke_token` by nothing,
+//! the expired token by a fresh per-identity one, `sha2::compress256` for the 0.11 path.
 
 mod attack;
 mod common;
