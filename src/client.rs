@@ -89,6 +89,10 @@ pub enum ClientError {
     /// A token or credential could not be read.
     #[error(transparent)]
     Credential(#[from] CredentialError),
+    /// The enrollment was confirmed, but the server's answer did not arrive: the server
+    /// may have stored the identity. Not retried.
+    #[error("enrollment confirmed but not answered ({0}): the server may have stored the identity; if `tally request` fails with this credential, ask the operator to `tallyd remove` the id and issue a new token")]
+    Unconfirmed(Box<ClientError>),
     /// The session was closed by this side.
     #[error("session already closed")]
     SessionClosed,
@@ -97,6 +101,22 @@ pub enum ClientError {
 impl From<io::Error> for ClientError {
     fn from(e: io::Error) -> Self {
         ClientError::Io(Arc::new(e))
+    }
+}
+
+impl ClientError {
+    /// Whether a new attempt may succeed: the server was busy, or the connection failed
+    /// before the server answered (refused, reset, closed, timed out). Authentication
+    /// failures and protocol violations are not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused(ErrorCode::BUSY)
+                | ClientError::Connect { .. }
+                | ClientError::Io(_)
+                | ClientError::Truncated
+                | ClientError::Timeout(_)
+        )
     }
 }
 
@@ -134,6 +154,81 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Capacity of the queue of server requests and messages not yet taken.
     pub incoming_capacity: usize,
+    /// Retries of a connection attempt that failed for a reason that may pass.
+    pub retry: Retry,
+}
+
+/// Retries, with jittered exponential backoff, of an attempt that failed for a reason
+/// that may pass ([`ClientError::is_transient`]: ERROR BUSY, a connection refused,
+/// reset or closed before the server answered, a timeout). Each retry is logged
+/// (`tracing`, level WARN) with its reason and delay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// Attempts after the first; 0 never retries.
+    pub retries: u32,
+    /// The first delay; it doubles with each retry, up to `max_delay`. Each delay is
+    /// drawn uniformly between half of it and all of it, so that devices refused
+    /// together do not come back together.
+    pub initial_delay: Duration,
+    /// The longest delay.
+    pub max_delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            retries: 4,
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Retry {
+    /// No retries.
+    pub fn never() -> Self {
+        Retry {
+            retries: 0,
+            ..Retry::default()
+        }
+    }
+
+    /// The delay before retry number `n` (from 0), with `jitter` in [0, 1).
+    pub fn delay(&self, n: u32, jitter: f64) -> Duration {
+        let full = self
+            .initial_delay
+            .saturating_mul(1u32 << n.min(20))
+            .min(self.max_delay);
+        full.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retries are spent.
+    /// `what` names it in the log (e.g. "connect to 10.0.0.1:7420").
+    pub async fn run<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut n = 0;
+        loop {
+            match attempt().await {
+                Err(e) if e.is_transient() && n < self.retries => {
+                    let r = random_bytes();
+                    let jitter =
+                        f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]])) / 2f64.powi(32);
+                    let delay = self.delay(n, jitter);
+                    n += 1;
+                    tracing::warn!(
+                        "{what}: {e}; retrying in {} ms (retry {n} of {})",
+                        delay.as_millis(),
+                        self.retries
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                r => return r,
+            }
+        }
+    }
 }
 
 impl Default for ClientOptions {
@@ -143,6 +238,7 @@ impl Default for ClientOptions {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
             incoming_capacity: 64,
+            retry: Retry::default(),
         }
     }
 }
@@ -166,6 +262,30 @@ pub async fn enroll(
     id: Id,
     timeout: Duration,
 ) -> Result<Credential, ClientError> {
+    enroll_with(server, token, id, timeout, &Retry::default()).await
+}
+
+/// [`enroll`], retrying as `retry` says while nothing was stored: only failures before
+/// ENROLL_CONFIRM was sent are retried.
+pub async fn enroll_with(
+    server: &str,
+    token: &EnrollmentToken,
+    id: Id,
+    timeout: Duration,
+    retry: &Retry,
+) -> Result<Credential, ClientError> {
+    let what = format!("enrollment of {id} at {server}");
+    retry
+        .run(&what, || enroll_once(server, token, id.clone(), timeout))
+        .await
+}
+
+async fn enroll_once(
+    server: &str,
+    token: &EnrollmentToken,
+    id: Id,
+    timeout: Duration,
+) -> Result<Credential, ClientError> {
     let run = async {
         let mut tcp = dial(server).await?;
         let mut buf = BytesMut::new();
@@ -175,8 +295,14 @@ pub async fn enroll(
         let reply = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
         out.clear();
         let wait = wait.handle_reply(&reply, &mut out)?;
-        tcp.write_all(&out).await?;
-        let done = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+        // From here on the server may store the identity: no retry.
+        let unconfirmed = |e: ClientError| ClientError::Unconfirmed(Box::new(e));
+        tcp.write_all(&out)
+            .await
+            .map_err(|e| unconfirmed(e.into()))?;
+        let done = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN)
+            .await
+            .map_err(|e| unconfirmed(e.into()))?;
         let (id, key) = wait.handle_done(&done)?;
         let _ = tcp.shutdown().await;
         Ok(Credential {
@@ -302,8 +428,19 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and runs the session handshake (spec 7) with `cred`.
+    /// Connects and runs the session handshake (spec 7) with `cred`, retrying as
+    /// `opts.retry` says.
     pub async fn connect(
+        cred: &Credential,
+        opts: ClientOptions,
+    ) -> Result<(Client, mpsc::Receiver<Incoming>), ClientError> {
+        let what = format!("session with {} as {}", cred.server, cred.id);
+        opts.retry
+            .run(&what, || Self::connect_once(cred, opts.clone()))
+            .await
+    }
+
+    async fn connect_once(
         cred: &Credential,
         opts: ClientOptions,
     ) -> Result<(Client, mpsc::Receiver<Incoming>), ClientError> {
@@ -664,6 +801,58 @@ enum Ended {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_maximum_with_equal_jitter() {
+        let r = Retry::default();
+        assert_eq!(r.delay(0, 0.0), Duration::from_millis(100));
+        assert_eq!(r.delay(0, 1.0), Duration::from_millis(200));
+        assert_eq!(r.delay(2, 1.0), Duration::from_millis(800));
+        assert_eq!(r.delay(9, 1.0), r.max_delay);
+        assert_eq!(r.delay(40, 0.0), r.max_delay / 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_and_others_are_not() {
+        let r = Retry {
+            retries: 3,
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(40),
+        };
+        let mut calls = 0;
+        let busy = r
+            .run("test", || {
+                calls += 1;
+                async { Err::<(), _>(ClientError::Refused(ErrorCode::BUSY)) }
+            })
+            .await;
+        assert!(matches!(busy, Err(ClientError::Refused(ErrorCode::BUSY))));
+        assert_eq!(calls, 4, "the first attempt and three retries");
+        let mut calls = 0;
+        let auth = r
+            .run("test", || {
+                calls += 1;
+                async { Err::<(), _>(ClientError::AuthFailed) }
+            })
+            .await;
+        assert!(matches!(auth, Err(ClientError::AuthFailed)));
+        assert_eq!(calls, 1);
+        let mut calls = 0;
+        let ok = r
+            .run("test", || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        Err(ClientError::Truncated)
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(ok.unwrap(), 3);
+    }
 
     /// A server request that arrived after the last [`Client`] handle was dropped has
     /// no way back to the session: answering it is an error, not a panic.

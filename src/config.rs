@@ -13,8 +13,12 @@
 //!
 //! [limits]
 //! max_connections = 10000     # all TCP connections
-//! max_unauthenticated = 256   # connections still in enrollment or handshake
-//! handshake_timeout = 10.0    # seconds to finish enrollment or handshake
+//! max_unauthenticated = 1024  # connections still in enrollment or handshake
+//! max_unauthenticated_per_source = 64   # of those, from one IPv4 address or IPv6 /64
+//! new_connections_per_source = 500      # per second, from one source (bursts of 2x)
+//! max_enrollments_in_progress = 32
+//! first_frame_timeout = 2.0   # seconds for a new connection's first frame
+//! handshake_timeout = 10.0    # seconds to finish enrollment or handshake after it
 //! keepalive = 30.0            # seconds; an idle session is closed after 1.5x this
 //! max_frame_len = 65536       # bytes, the session frame limit (spec 3.2)
 //! max_in_flight = 32          # requests per session before reading stops
@@ -87,9 +91,19 @@ mod secs {
 pub struct Limits {
     /// All TCP connections at once.
     pub max_connections: usize,
-    /// Connections not yet authenticated (enrolling or in the handshake).
+    /// Connections not yet authenticated (enrolling or in the handshake). When full, the
+    /// oldest that has not sent a whole frame is closed to make room.
     pub max_unauthenticated: usize,
-    /// Time to complete an enrollment or a handshake.
+    /// Unauthenticated connections from one source (IPv4 address, IPv6 /64).
+    pub max_unauthenticated_per_source: usize,
+    /// New connections per second from one source (bursts of twice this).
+    pub new_connections_per_source: u32,
+    /// Enrollments in progress at once (each costs two X25519 and a durable write).
+    pub max_enrollments_in_progress: usize,
+    /// Time for a new connection's first frame (at most 132 bytes).
+    #[serde(with = "secs")]
+    pub first_frame_timeout: Duration,
+    /// Time to complete an enrollment or a handshake after the first frame.
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
     /// Keepalive interval; sessions silent for 1.5x this are closed.
@@ -111,7 +125,11 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
-            max_unauthenticated: 256,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_source: 64,
+            new_connections_per_source: 500,
+            max_enrollments_in_progress: 32,
+            first_frame_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(30),
             max_frame_len: crate::proto::DEFAULT_MAX_FRAME_LEN,
@@ -123,6 +141,15 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The admission limits of unauthenticated connections.
+    pub fn admission(&self) -> crate::server::admission::AdmissionLimits {
+        crate::server::admission::AdmissionLimits {
+            max_unauthenticated: self.max_unauthenticated,
+            per_source: self.max_unauthenticated_per_source,
+            rate: f64::from(self.new_connections_per_source),
+        }
+    }
+
     /// A session that received nothing for this long is closed (1.5x keepalive, as MQTT).
     pub fn idle_timeout(&self) -> Duration {
         self.keepalive * 3 / 2
@@ -145,6 +172,21 @@ impl Limits {
                 1_000_000,
             ),
             ("limits.max_in_flight", self.max_in_flight, 65_536),
+            (
+                "limits.max_unauthenticated_per_source",
+                self.max_unauthenticated_per_source,
+                1_000_000,
+            ),
+            (
+                "limits.new_connections_per_source",
+                self.new_connections_per_source as usize,
+                1_000_000,
+            ),
+            (
+                "limits.max_enrollments_in_progress",
+                self.max_enrollments_in_progress,
+                1_000_000,
+            ),
         ] {
             if !(1..=max).contains(&value) {
                 return invalid(field, &format!("must be between 1 and {max}"));
@@ -155,6 +197,12 @@ impl Limits {
         }
         const HOUR: u64 = 3600;
         for (field, d, min_ms, max_secs) in [
+            (
+                "limits.first_frame_timeout",
+                self.first_frame_timeout,
+                1,
+                300,
+            ),
             ("limits.handshake_timeout", self.handshake_timeout, 1, 300),
             ("limits.keepalive", self.keepalive, 100, 24 * HOUR),
             ("limits.drain_timeout", self.drain_timeout, 1, HOUR),

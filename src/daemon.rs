@@ -22,6 +22,8 @@ pub async fn serve(
     reload: impl Fn() -> anyhow::Result<ServerConfig> + Send + 'static,
     log: LogHandle,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    fit_fd_limit(&mut config.limits, true);
     let backend = backend::from_spec(&config.backend)?;
     let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
@@ -52,6 +54,51 @@ pub async fn serve(
     stop.cancel();
     let _ = std::fs::remove_file(socket);
     Ok(result?)
+}
+
+/// File descriptors the daemon needs besides its TCP connections: the listener, the
+/// control socket and its clients, SQLite's files on two connections, the journal,
+/// backend connections.
+const FD_HEADROOM: u64 = 128;
+
+/// Makes `max_connections` fit the open-file limit: raises the soft `RLIMIT_NOFILE` to
+/// the hard limit first (if `raise`), then clamps `max_connections` to what fits with
+/// [`FD_HEADROOM`], saying why. Past the limit `accept` fails and every new device
+/// times out; this way the excess gets ERROR BUSY instead.
+fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if raise && lim.current != lim.maximum {
+        // An unlimited hard limit cannot be the soft one for files: take the kernel's
+        // usual ceiling (fs.nr_open) instead.
+        let target = lim.maximum.unwrap_or(1 << 20);
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: lim.maximum,
+            },
+        ) {
+            Ok(()) => {
+                info!(from = ?lim.current, to = target, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+                lim = getrlimit(Resource::Nofile);
+            }
+            Err(e) => {
+                warn!(error = %e, soft = ?lim.current, hard = ?lim.maximum, "cannot raise the open-file limit (RLIMIT_NOFILE)")
+            }
+        }
+    }
+    let Some(soft) = lim.current else { return };
+    let fit = soft.saturating_sub(FD_HEADROOM).max(1);
+    if limits.max_connections as u64 > fit {
+        warn!(
+            configured = limits.max_connections,
+            clamped = fit,
+            open_file_limit = soft,
+            "limits.max_connections does not fit the open-file limit (RLIMIT_NOFILE) with {FD_HEADROOM} descriptors of headroom; clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
+        );
+        limits.max_connections = fit as usize;
+    }
 }
 
 /// Says how to get an enrollment token, without printing one: stdout is the journal
@@ -152,6 +199,8 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
     if let Err(e) = log.set_level(&new.log_level) {
         warn!("log_level {:?} not applied: {e}", new.log_level);
     }
+    let mut new = new;
+    fit_fd_limit(&mut new.limits, false);
     state.set_limits(new.limits.clone());
     info!(limits = ?new.limits, log_level = %new.log_level, "configuration reloaded; limits apply to new connections and sessions");
     *current = ServerConfig {

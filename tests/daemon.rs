@@ -268,38 +268,118 @@ async fn connection_limit_refuses_with_busy_while_sessions_work() {
     );
 }
 
+/// Connects as `cred` (a handshake) and sends one request.
+async fn device_gets_in(cred: &tally::proto::credential::Credential) -> Result<(), String> {
+    let (c, _) = Client::connect(cred, ClientOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    c.request("in").await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Whether the server closed `s` (EOF or reset) within `ms`.
+async fn closed_within(s: &mut TcpStream, ms: u64) -> bool {
+    let mut b = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(ms), s.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// Issue 11: 256 idle sockets used to lock every device out with BUSY. Now a full pool
+/// makes room: the oldest connection that has not sent a frame is closed, and the new
+/// device completes its handshake.
 #[tokio::test]
-async fn unauthenticated_limit_refuses_with_busy_while_sessions_work() {
-    let srv = TestServer::start(|c| c.limits.max_unauthenticated = 2).await;
-    let cred = srv.enroll("a").await;
-    let (client, _) = srv.connect(&cred).await;
-    // Once a request is answered, the handshake is over and its permit returned; the
-    // enrollment connection returns its permit when its linger sees EOF.
+async fn a_full_unauthenticated_pool_does_not_keep_a_new_device_out() {
+    let srv = TestServer::start(|c| {
+        c.limits.max_unauthenticated = 4;
+        c.limits.max_unauthenticated_per_source = 1000; // the global pool is under test
+    })
+    .await;
+    let (client, _) = srv.connect(&srv.enroll("a").await).await;
     client.request("warm up").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let idle: Vec<TcpStream> = vec![
-        TcpStream::connect(srv.addr).await.unwrap(),
-        TcpStream::connect(srv.addr).await.unwrap(),
-    ];
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = TcpStream::connect(srv.addr).await.unwrap();
-    assert_eq!(read_all(&mut third).await, BUSY);
+    let cred = srv.enroll("b").await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    common::eventually(5, "the idle sockets to fill the pool", || {
+        srv.state.admission.len() == 4
+    })
+    .await;
+    // Every reconnect of the device finds the pool full of idle sockets, and gets in.
+    for _ in 0..3 {
+        device_gets_in(&cred).await.unwrap();
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+        common::eventually(5, "the pool to be full again", || {
+            srv.state.admission.len() == 4
+        })
+        .await;
+    }
+    // The oldest idle sockets were the ones closed, one per newcomer.
+    let mut closed = Vec::new();
+    for s in idle.iter_mut() {
+        closed.push(closed_within(s, 200).await);
+    }
+    assert_eq!(closed.iter().filter(|c| **c).count(), 3, "{closed:?}");
+    assert!(closed[..3].iter().all(|c| *c), "oldest first: {closed:?}");
     assert_eq!(
         client.request("ok").await.unwrap(),
         Bytes::from_static(b"ok")
     );
-    drop(idle);
-    // Once the half-open connections are gone, new devices get in again.
-    let cred_b = srv.enroll("b").await;
-    let mut ok = false;
-    for _ in 0..50 {
-        if let Ok((c, _)) = Client::connect(&cred_b, ClientOptions::default()).await {
-            ok = c.request("in").await.is_ok();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Issue 11: one source may hold at most its cap of unauthenticated connections; its
+/// own oldest idle ones make room for its newer ones, and other sources are untouched.
+#[tokio::test]
+async fn one_source_cannot_hold_more_than_its_cap() {
+    let srv = TestServer::start(|c| {
+        c.limits.max_unauthenticated = 100;
+        c.limits.max_unauthenticated_per_source = 3;
+    })
+    .await;
+    let cred = srv.enroll("a").await;
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(srv.state.admission.len() <= 3);
     }
-    assert!(ok);
+    common::eventually(5, "the source's 3 slots to be held", || {
+        srv.state.admission.len() == 3
+    })
+    .await;
+    let mut closed = 0;
+    for s in idle.iter_mut() {
+        closed += closed_within(s, 200).await as usize;
+    }
+    assert_eq!(closed, 7, "all but the newest three were closed");
+    // A device from the same address still gets in.
+    device_gets_in(&cred).await.unwrap();
+}
+
+/// Issue 11: the per-source rate is a token bucket; a source over it is closed at once
+/// without a frame, and gets in again once the bucket refills.
+#[tokio::test]
+async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() {
+    // One per second, bursts of two: the enrollment and one idle socket empty it.
+    let srv = TestServer::start(|c| c.limits.new_connections_per_source = 1).await;
+    let cred = srv.enroll("a").await;
+    let held = TcpStream::connect(srv.addr).await.unwrap();
+    let mut over = TcpStream::connect(srv.addr).await.unwrap();
+    assert!(closed_within(&mut over, 2000).await);
+    let once = ClientOptions {
+        retry: client::Retry::never(),
+        ..ClientOptions::default()
+    };
+    assert!(matches!(
+        Client::connect(&cred, once).await.err(),
+        Some(ClientError::Truncated)
+    ));
+    // Issue 11 item 6: the client library retries with backoff (200, 400, 800 ms...);
+    // the bucket refills within its retries.
+    drop(held);
+    device_gets_in(&cred).await.unwrap();
 }
 
 #[tokio::test]
@@ -510,9 +590,11 @@ async fn client_reports_truncation_when_the_connection_is_cut() {
         key: tally::proto::SecretKey::from_bytes([1; 32]),
         server: addr.to_string(),
     };
-    let err = Client::connect(&cred, ClientOptions::default())
-        .await
-        .unwrap_err();
+    let once = ClientOptions {
+        retry: client::Retry::never(),
+        ..ClientOptions::default()
+    };
+    let err = Client::connect(&cred, once).await.unwrap_err();
     assert!(matches!(err, ClientError::Truncated), "{err:?}");
 }
 
@@ -593,4 +675,34 @@ async fn remove_frees_an_identity_for_a_new_enrollment() {
         .unwrap()
         .unwrap();
     assert!(!missing.0, "removing an unknown id reports it");
+}
+
+/// Issue 11: with the soft open-file limit at systemd's default, ~1000 sessions made
+/// `accept` fail. tallyd raises the soft limit to the hard one at start, and clamps
+/// `max_connections` to what fits, saying so.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_open_file_limit_is_raised_at_start_and_max_connections_fits_it() {
+    let dir = TempDir::new().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -Sn 256 && ulimit -Hn 512 && exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"));
+    let (daemon, _) = common::bin::start_cmd(cmd, true);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(files[3..5], ["512", "512"], "soft raised to hard: {limits}");
+    let log = daemon.startup_log.join("\n");
+    assert!(log.contains("raised the open-file limit"), "{log}");
+    assert!(
+        log.contains("configured=10000 clamped=384 open_file_limit=512"),
+        "{log}"
+    );
 }

@@ -129,6 +129,10 @@ struct ConnArgs {
     /// Keepalive interval in seconds (match the server's limits.keepalive).
     #[arg(long, default_value_t = 30.0)]
     keepalive: f64,
+    /// Retries when the server is busy or the connection fails before it answers
+    /// (jittered exponential backoff from 0.2 s up to 5 s; each retry is reported).
+    #[arg(long, default_value_t = 4)]
+    retries: u32,
 }
 
 impl ConnArgs {
@@ -138,6 +142,10 @@ impl ConnArgs {
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
         let opts = ClientOptions {
             keepalive: Duration::try_from_secs_f64(self.keepalive)?,
+            retry: client::Retry {
+                retries: self.retries,
+                ..client::Retry::default()
+            },
             ..ClientOptions::default()
         };
         Client::connect(&cred, opts)
@@ -299,6 +307,13 @@ async fn run_handler(cmd: &str, id: &Id, payload: &[u8]) -> (Status, Bytes) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // The library reports retries and other warnings through `tracing`: to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .without_time()
+        .init();
     if let Err(e) = run(Cli::parse()).await {
         eprintln!("tally: {e:#}");
         std::process::exit(1);

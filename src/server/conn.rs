@@ -10,10 +10,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::admission::Ticket;
 use super::registry::{Entry, RegisterError, Stats};
 use super::session::SessionTask;
 use super::ServerState;
@@ -52,8 +53,12 @@ enum Refusal {
     Taken(crate::proto::Id),
     #[error("identity store failed: {0}")]
     Store(String),
+    #[error("no complete first frame within {0:?} (limits.first_frame_timeout)")]
+    FirstFrameDeadline(Duration),
     #[error("handshake deadline of {0:?} passed (limits.handshake_timeout)")]
     Deadline(Duration),
+    #[error("{0} enrollments already in progress (limits.max_enrollments_in_progress)")]
+    EnrollBusy(usize),
 }
 
 impl Refusal {
@@ -71,9 +76,36 @@ impl Refusal {
             Refusal::BadFinish(_) => ErrorCode::AUTH_FAILED,
             Refusal::Taken(_) => ErrorCode::ID_TAKEN,
             Refusal::Store(_) => ErrorCode::INTERNAL,
-            Refusal::Deadline(_) => ErrorCode::TIMEOUT,
+            Refusal::Deadline(_) | Refusal::FirstFrameDeadline(_) => ErrorCode::TIMEOUT,
+            Refusal::EnrollBusy(_) => ErrorCode::BUSY,
         })
     }
+
+    /// A short name, for the refusal summaries.
+    fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Read(ReadError::Eof | ReadError::Truncated | ReadError::Io(_)) => {
+                "closed by the peer"
+            }
+            Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => "malformed",
+            Refusal::Protocol(_) => "protocol error",
+            Refusal::UnknownIdentity(_) | Refusal::UnknownAbandoned(_) => "unknown identity",
+            Refusal::BadFinish(_) | Refusal::Abandoned(_) => "wrong key",
+            Refusal::EnrollRefused { .. } | Refusal::Taken(_) => "enrollment refused",
+            Refusal::Store(_) => "store error",
+            Refusal::FirstFrameDeadline(_) => "first-frame deadline",
+            Refusal::Deadline(_) => "handshake deadline",
+            Refusal::EnrollBusy(_) => "enrollments busy",
+        }
+    }
+}
+
+/// How a connection that did not fail before becoming a session went.
+enum Opened {
+    /// A session, with the instant its key lookup started.
+    Session(Established, Instant),
+    /// An enrollment, whose ENROLL_DONE was sent.
+    Enrolled,
 }
 
 /// The byte stream of one connection, with its read buffer.
@@ -105,20 +137,21 @@ impl Stream {
     }
 }
 
-/// Answers a connection over a limit with ERROR BUSY and closes it.
-pub(super) async fn refuse_busy(mut stream: TcpStream) {
+/// Answers a connection over a limit with ERROR BUSY, if its socket takes it at once,
+/// and closes it: no task and no wait for a peer that may not read.
+pub(super) fn refuse_busy(stream: TcpStream) {
     let mut out = BytesMut::new();
     ErrorFrame::new(ErrorCode::BUSY).encode(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
-    let _ = stream.shutdown().await;
+    let _ = stream.try_write(&out);
 }
 
-/// Serves one connection from accept to close.
+/// Serves one connection from accept to close. `ticket` is its unauthenticated slot,
+/// returned as soon as the connection is a session or has failed (before any linger).
 pub(super) async fn serve(
     state: Arc<ServerState>,
     tcp: TcpStream,
     peer: SocketAddr,
-    unauth_permit: OwnedSemaphorePermit,
+    ticket: Ticket,
     shutdown: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -129,25 +162,26 @@ pub(super) async fn serve(
         buf: BytesMut::with_capacity(256),
         peer,
     };
-    let limits = state.limits();
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(limits.handshake_timeout, open(&state, &mut stream)) => {
-            r.unwrap_or(Err(Refusal::Deadline(limits.handshake_timeout)))
-        }
+        // Counted and logged when it was evicted; closed without a word.
+        _ = ticket.evicted() => return,
+        r = open(&state, &mut stream, &ticket) => r,
     };
+    drop(ticket);
     match outcome {
-        Ok(None) => {}
-        Ok(Some((est, key_lookup))) => {
-            drop(unauth_permit);
+        Ok(Opened::Enrolled) => stream.linger(Duration::from_secs(1)).await,
+        Ok(Opened::Session(est, key_lookup)) => {
             start_session(state, stream, est, key_lookup, shutdown).await;
         }
         Err(refusal) => {
+            let full = state.note_refusal(refusal.kind(), &peer);
             match refusal {
                 Refusal::Read(ReadError::Eof) => {
                     debug!(peer = %peer, "connection closed before a handshake")
                 }
-                ref r => warn!(peer = %peer, reason = %r, "refused"),
+                ref r if full => warn!(peer = %peer, reason = %r, "refused"),
+                ref r => debug!(peer = %peer, reason = %r, "refused"),
             }
             if let Some(code) = refusal.code() {
                 let mut out = BytesMut::new();
@@ -160,25 +194,41 @@ pub(super) async fn serve(
     }
 }
 
-/// Reads the first frame and runs enrollment or the session handshake.
-/// Returns the established session (with the instant its key lookup started), or
-/// `None` after a completed enrollment.
+/// Reads the first frame (under `limits.first_frame_timeout`) and runs enrollment or
+/// the session handshake (under `limits.handshake_timeout`).
 async fn open(
     state: &ServerState,
     stream: &mut Stream,
-) -> Result<Option<(Established, Instant)>, Refusal> {
-    let first = stream.read().await?;
-    match FrameType::of(&first) {
-        Ok(FrameType::EnrollInit) => enroll(state, stream, &first).await.map(|()| None),
-        Ok(FrameType::Hello) => handshake(state, stream, &first).await.map(Some),
-        Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
-        Err(e) => Err(Refusal::Protocol(e.into())),
-    }
+    ticket: &Ticket,
+) -> Result<Opened, Refusal> {
+    let limits = state.limits();
+    let first = tokio::time::timeout(limits.first_frame_timeout, stream.read())
+        .await
+        .map_err(|_| Refusal::FirstFrameDeadline(limits.first_frame_timeout))??;
+    ticket.framed();
+    let rest = async {
+        match FrameType::of(&first) {
+            Ok(FrameType::EnrollInit) => enroll(state, stream, &first)
+                .await
+                .map(|()| Opened::Enrolled),
+            Ok(FrameType::Hello) => handshake(state, stream, &first)
+                .await
+                .map(|(est, at)| Opened::Session(est, at)),
+            Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
+            Err(e) => Err(Refusal::Protocol(e.into())),
+        }
+    };
+    tokio::time::timeout(limits.handshake_timeout, rest)
+        .await
+        .unwrap_or(Err(Refusal::Deadline(limits.handshake_timeout)))
 }
 
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<(), Refusal> {
     let init = InitReceived::parse(&state.params, init)?;
+    let _enrolling = state.try_enroll().ok_or(Refusal::EnrollBusy(
+        state.limits().max_enrollments_in_progress,
+    ))?;
     let (id, mode) = (init.id().clone(), init.mode());
     let store = state.store.clone();
     let lookup_id = id.clone();
@@ -242,9 +292,8 @@ async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result
     out.clear();
     pending.committed(&mut out);
     info!(id = %id, mode = mode.as_str(), peer = %stream.peer, "enrolled");
-    if stream.write(&out).await.is_ok() {
-        stream.linger(Duration::from_secs(1)).await;
-    }
+    // Stored whether or not DONE arrives (spec 6.4: the device retries with a handshake).
+    let _ = stream.write(&out).await;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 //! in-flight requests (up to `drain_timeout`), sends each an authenticated CLOSE
 //! SHUTDOWN, and returns once every connection task has ended.
 
+pub mod admission;
 mod conn;
 pub mod registry;
 mod session;
@@ -13,13 +14,13 @@ mod session;
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backend::Backend;
 use crate::config::{Limits, ServerConfig, TakeoverPolicy};
@@ -60,7 +61,12 @@ pub struct ServerState {
     /// Takeover policy.
     pub takeover: TakeoverPolicy,
     connections: Arc<Semaphore>,
-    unauthenticated: Arc<Semaphore>,
+    /// The pool of unauthenticated slots (eviction, per-source caps and rates).
+    pub admission: Arc<admission::Admission>,
+    /// Refusals of unauthenticated connections, logged in full or summarised.
+    pub refusals: admission::RefusalLog,
+    /// Enrollments in progress.
+    enrolling: Arc<Semaphore>,
     /// Successful handshakes not yet written to the store's `last_seen`.
     seen: std::sync::Mutex<std::collections::HashMap<crate::proto::Id, i64>>,
 }
@@ -96,10 +102,23 @@ impl ServerState {
             backend,
             takeover: config.takeover,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            unauthenticated: Arc::new(Semaphore::new(config.limits.max_unauthenticated)),
+            admission: Arc::new(admission::Admission::new(config.limits.admission())),
+            refusals: admission::RefusalLog::new(),
+            enrolling: Arc::new(Semaphore::new(config.limits.max_enrollments_in_progress)),
             seen: Default::default(),
         };
         Ok((Arc::new(state), secrets))
+    }
+
+    /// Counts the refusal of an unauthenticated connection from `peer`; true if it is to
+    /// be logged in full (the rest are summarised every [`admission::RefusalLog::INTERVAL`]).
+    pub fn note_refusal(&self, kind: &'static str, peer: &std::net::SocketAddr) -> bool {
+        self.refusals.note(kind, admission::Source::of(peer))
+    }
+
+    /// A permit for one enrollment, if fewer than the limit are in progress.
+    pub(crate) fn try_enroll(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.enrolling.clone().try_acquire_owned().ok()
     }
 
     /// Notes a successful handshake; [`Self::flush_seen`] writes it to the store.
@@ -144,10 +163,11 @@ impl ServerState {
         let mut cur = self.limits.write().unwrap_or_else(|e| e.into_inner());
         resize(&self.connections, cur.max_connections, new.max_connections);
         resize(
-            &self.unauthenticated,
-            cur.max_unauthenticated,
-            new.max_unauthenticated,
+            &self.enrolling,
+            cur.max_enrollments_in_progress,
+            new.max_enrollments_in_progress,
         );
+        self.admission.set_limits(new.admission());
         *cur = new;
     }
 }
@@ -184,10 +204,22 @@ pub async fn run(
     let flusher = {
         let (state, token) = (state.clone(), token.clone());
         tokio::spawn(async move {
+            let mut summaries = tokio::time::interval(admission::RefusalLog::INTERVAL);
+            summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     _ = tokio::time::sleep(SEEN_FLUSH) => state.flush_seen().await,
+                    _ = summaries.tick() => {
+                        if let Some(s) = state.refusals.summary() {
+                            warn!(
+                                total = s.total,
+                                unlogged = s.unlogged,
+                                "in the last {:?}: {s}",
+                                admission::RefusalLog::INTERVAL
+                            );
+                        }
+                    }
                 }
             }
         })
@@ -239,19 +271,44 @@ fn admit(
     peer: std::net::SocketAddr,
 ) {
     let Ok(conn_permit) = state.connections.clone().try_acquire_owned() else {
-        warn!(peer = %peer, limit = state.limits().max_connections, "refused: connection limit reached (limits.max_connections)");
-        tracker.spawn(conn::refuse_busy(stream));
+        let limit = state.limits().max_connections;
+        if state.note_refusal("connection limit", &peer) {
+            warn!(peer = %peer, limit, "refused: connection limit reached (limits.max_connections)");
+        } else {
+            debug!(peer = %peer, limit, "refused: connection limit reached (limits.max_connections)");
+        }
+        conn::refuse_busy(stream);
         return;
     };
-    let Ok(unauth_permit) = state.unauthenticated.clone().try_acquire_owned() else {
-        warn!(peer = %peer, limit = state.limits().max_unauthenticated, "refused: unauthenticated connection limit reached (limits.max_unauthenticated)");
-        tracker.spawn(conn::refuse_busy(stream));
-        return;
+    let ticket = match state.admission.admit(&peer, Instant::now()) {
+        Ok((ticket, evicted)) => {
+            if let Some(source) = evicted {
+                const WHY: &str = "closed an unauthenticated connection to make room for a newer one (limits.max_unauthenticated or limits.max_unauthenticated_per_source)";
+                if state
+                    .refusals
+                    .note("evicted for a newer connection", source)
+                {
+                    info!(source = %source, "{WHY}");
+                } else {
+                    debug!(source = %source, "{WHY}");
+                }
+            }
+            ticket
+        }
+        Err(why) => {
+            if state.note_refusal(why.kind(), &peer) {
+                warn!(peer = %peer, "refused: {}", why.reason());
+            } else {
+                debug!(peer = %peer, "refused: {}", why.reason());
+            }
+            // Closed without a word: answering costs a write to a peer over its limits.
+            return;
+        }
     };
     let state = state.clone();
     let token = token.clone();
     tracker.spawn(async move {
-        conn::serve(state, stream, peer, unauth_permit, token).await;
+        conn::serve(state, stream, peer, ticket, token).await;
         drop(conn_permit);
     });
 }

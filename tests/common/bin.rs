@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
+    /// What it logged up to the line with its address.
+    pub startup_log: Vec<String>,
 }
 
 impl Drop for Daemon {
@@ -19,9 +21,16 @@ impl Drop for Daemon {
 /// Starts `tallyd` on an ephemeral port with `state` as its state directory. Returns it
 /// and, if `first_start`, the banner it prints on stdout when it creates its keys.
 pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state);
+    start_cmd(cmd, first_start)
+}
+
+/// Starts `cmd`, a command line that runs `tallyd` (possibly through a wrapper), as
+/// [`start`] does.
+pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
+    let mut child = cmd
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -35,6 +44,7 @@ pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut startup_log = Vec::new();
     let addr = loop {
         let line = rx
             .recv_timeout(deadline - Instant::now())
@@ -43,6 +53,7 @@ pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
             !line.contains('\x1b'),
             "no colour codes when stderr is not a terminal: {line:?}"
         );
+        startup_log.push(line.clone());
         if let Some(rest) = line.split("addr=").nth(1) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
@@ -57,5 +68,12 @@ pub fn start(state: &std::path::Path, first_start: bool) -> (Daemon, String) {
             );
         }
     }
-    (Daemon { child, addr }, out)
+    (
+        Daemon {
+            child,
+            addr,
+            startup_log,
+        },
+        out,
+    )
 }
