@@ -8,6 +8,7 @@
 //! - `reconnect`: N workers each connecting, doing one request, and closing, in a loop;
 //!   handshakes/s (baseline: TCP connect plus one round trip).
 //! - `idle`: open N sessions and hold them; the daemon's resident memory per session.
+//! - `flood`: N devices reconnecting, without and then with attackers ([`flood`]).
 //!
 //! The baseline speaks `u32 length | u64 id | payload` and echoes it; the Tally side is a
 //! real session (HELLO, SERVER_AUTH, CLIENT_FINISH, then sealed REQUESTs). Each Tally
@@ -16,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +37,8 @@ use crate::proto::{decode_frame, Body, CloseCode, Id, Session, MAX_FRAME_LEN_CEI
 use crate::secrets::random_bytes;
 use crate::wire::read_frame;
 
+pub mod flood;
+
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +49,8 @@ pub enum Mode {
     Reconnect,
     /// Daemon memory per idle session.
     Idle,
+    /// Devices reconnecting while attackers hold the port ([`flood`]).
+    Flood,
 }
 
 /// The load's shape.
@@ -115,6 +121,12 @@ enum Conn {
 
 impl Conn {
     async fn open(target: &Target, i: usize) -> anyhow::Result<Conn> {
+        Self::open_from(target, i, None).await
+    }
+
+    /// [`Self::open`] from a chosen local address (a loopback alias, to look like many
+    /// devices to the server's per-source limits).
+    async fn open_from(target: &Target, i: usize, source: Option<IpAddr>) -> anyhow::Result<Conn> {
         match target {
             Target::Baseline(addr) => {
                 let tcp = TcpStream::connect(addr).await?;
@@ -123,7 +135,18 @@ impl Conn {
             }
             Target::Tally(creds) => {
                 let cred = &creds[i % creds.len()];
-                let mut tcp = TcpStream::connect(&cred.server).await?;
+                let mut tcp = match source {
+                    None => TcpStream::connect(&cred.server).await?,
+                    Some(ip) => {
+                        let server = tokio::net::lookup_host(&cred.server)
+                            .await?
+                            .next()
+                            .context("server address")?;
+                        let socket = tokio::net::TcpSocket::new_v4()?;
+                        socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                        socket.connect(server).await?
+                    }
+                };
                 tcp.set_nodelay(true)?;
                 let mut out = BytesMut::new();
                 let wait =
@@ -237,6 +260,28 @@ async fn pipeline(
     Ok(hist)
 }
 
+/// Connects, sends one request, reads its response and closes.
+pub(crate) async fn reconnect_once(
+    target: &Target,
+    i: usize,
+    source: Option<IpAddr>,
+    payload: &Bytes,
+) -> anyhow::Result<()> {
+    let mut conn = Conn::open_from(target, i, source).await?;
+    let mut out = BytesMut::new();
+    let key = conn.request(payload, &mut out)?;
+    conn.tcp().write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = read_frame(conn.tcp(), &mut buf, MAX_FRAME_LEN_CEILING).await?;
+        if conn.response(frame)? == Some(key) {
+            break;
+        }
+    }
+    conn.close().await;
+    Ok(())
+}
+
 /// Connect, one request, close, in a loop until `until`.
 async fn reconnects(
     target: Target,
@@ -248,18 +293,7 @@ async fn reconnects(
     let mut hist = histogram();
     while Instant::now() < until {
         let t0 = Instant::now();
-        let mut conn = Conn::open(&target, i).await?;
-        let mut out = BytesMut::new();
-        let key = conn.request(&payload, &mut out)?;
-        conn.tcp().write_all(&out).await?;
-        let mut buf = BytesMut::new();
-        loop {
-            let frame = read_frame(conn.tcp(), &mut buf, MAX_FRAME_LEN_CEILING).await?;
-            if conn.response(frame)? == Some(key) {
-                break;
-            }
-        }
-        conn.close().await;
+        reconnect_once(&target, i, None, &payload).await?;
         hist.record(t0.elapsed().as_micros().max(1) as u64)?;
         done.fetch_add(1, Ordering::Relaxed);
     }
@@ -356,6 +390,7 @@ pub async fn measure(
             }
         }
         Mode::Idle => idle(target, load, daemon_pid, done.clone()).await?,
+        Mode::Flood => bail!("flood mode runs through flood::run"),
     };
     if let Some(t) = ticker {
         t.abort();

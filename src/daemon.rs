@@ -66,29 +66,12 @@ const FD_HEADROOM: u64 = 128;
 /// [`FD_HEADROOM`], saying why. Past the limit `accept` fails and every new device
 /// times out; this way the excess gets ERROR BUSY instead.
 fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    if raise && lim.current != lim.maximum {
-        // An unlimited hard limit cannot be the soft one for files: take the kernel's
-        // usual ceiling (fs.nr_open) instead.
-        let target = lim.maximum.unwrap_or(1 << 20);
-        match setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(target),
-                maximum: lim.maximum,
-            },
-        ) {
-            Ok(()) => {
-                info!(from = ?lim.current, to = target, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
-                lim = getrlimit(Resource::Nofile);
-            }
-            Err(e) => {
-                warn!(error = %e, soft = ?lim.current, hard = ?lim.maximum, "cannot raise the open-file limit (RLIMIT_NOFILE)")
-            }
-        }
-    }
-    let Some(soft) = lim.current else { return };
+    let soft = if raise {
+        raise_fd_limit()
+    } else {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    };
+    let Some(soft) = soft else { return };
     let fit = soft.saturating_sub(FD_HEADROOM).max(1);
     if limits.max_connections as u64 > fit {
         warn!(
@@ -99,6 +82,32 @@ fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
         );
         limits.max_connections = fit as usize;
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, logging what it did; returns the
+/// soft limit in force (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current == lim.maximum {
+        return lim.current;
+    }
+    // An unlimited hard limit cannot be the soft one for files: take the kernel's usual
+    // ceiling (fs.nr_open) instead.
+    let target = lim.maximum.unwrap_or(1 << 20);
+    let raised = Rlimit {
+        current: Some(target),
+        maximum: lim.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            info!(from = ?lim.current, to = target, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+        }
+        Err(e) => {
+            warn!(error = %e, soft = ?lim.current, hard = ?lim.maximum, "cannot raise the open-file limit (RLIMIT_NOFILE)")
+        }
+    }
+    getrlimit(Resource::Nofile).current
 }
 
 /// Says how to get an enrollment token, without printing one: stdout is the journal

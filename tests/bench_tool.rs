@@ -128,3 +128,58 @@ fn load_tool_runs_every_mode_against_tally_and_the_baseline() {
     );
     assert!(i["tally"]["rss_per_session"].is_number(), "{i}");
 }
+
+/// `tally bench --mode flood` runs each attack and reports the devices' fate (issue 11;
+/// the figures at scale are in benches/README.md). Small: 40 attackers, 2 devices.
+#[test]
+fn flood_mode_runs_every_attack_and_reports_the_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (daemon, _) = common::bin::start(&state, true);
+    let token = tally::admin::open_token(&state, None, false).unwrap();
+    let creds = dir.path().join("creds");
+    let pid = daemon.child.id().to_string();
+    for attack in [
+        "idle",
+        "slowloris",
+        "garbage",
+        "hello-unknown",
+        "enroll-replay",
+        "enroll-flood",
+    ] {
+        let f = bench(&[
+            "--mode",
+            "flood",
+            "--attack",
+            attack,
+            "--attackers",
+            "40",
+            "--sources",
+            "4",
+            "-c",
+            "2",
+            "--duration",
+            "0.3",
+            "--server",
+            &daemon.addr,
+            "--token",
+            &token,
+            "--cred-dir",
+            creds.to_str().unwrap(),
+            "--daemon-pid",
+            &pid,
+        ]);
+        assert_eq!(f["attack"], attack, "{f}");
+        assert!(
+            f["attack_conns_per_sec"].as_f64().unwrap() > 0.0,
+            "{attack}: {f}"
+        );
+        for phase in ["calm", "flood"] {
+            let d = &f[phase];
+            assert!(d["attempts"].as_u64().unwrap() > 0, "{attack}: {f}");
+            // 40 attackers do not reach any limit that could turn a device away.
+            assert_eq!(d["success_pct"].as_f64().unwrap(), 100.0, "{attack}: {f}");
+        }
+        assert!(f["recovery_ms"].is_u64(), "{attack}: {f}");
+    }
+}

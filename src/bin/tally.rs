@@ -113,9 +113,20 @@ struct BenchArgs {
     /// Measurements per target, alternating; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Idle mode: pid of the tallyd process whose memory is measured.
+    /// Idle mode: pid of the tallyd process whose memory is measured; flood mode: whose
+    /// CPU time is measured.
     #[arg(long)]
     daemon_pid: Option<u32>,
+    /// Flood mode: what the attackers do.
+    #[arg(long, value_enum, default_value = "idle")]
+    attack: tally::bench::flood::Attack,
+    /// Flood mode: attacker connections held at once (bounded by this process's open-file
+    /// limit, raised to its hard limit).
+    #[arg(long, default_value_t = 1000)]
+    attackers: usize,
+    /// Flood mode: loopback addresses the attackers come from (127.0.1.1 ...).
+    #[arg(long, default_value_t = 200)]
+    sources: u8,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -195,6 +206,45 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         progress: !a.json,
     };
     let tally_target = Target::Tally(std::sync::Arc::new(creds));
+    if a.mode == Mode::Flood {
+        let flood = bench::flood::Flood {
+            attack: a.attack,
+            attackers: a.attackers,
+            sources: a.sources,
+            duration: load.duration,
+            token,
+            daemon_pid: a.daemon_pid,
+        };
+        let r = bench::flood::run(&tally_target, a.connections, &flood).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "flood {:?}: {} attacker connections from {} addresses, {:.0} opened/s, daemon CPU {} per attacker connection",
+            r.attack,
+            r.attackers,
+            a.sources,
+            r.attack_conns_per_sec,
+            r.server_cpu_us_per_attack_conn
+                .map_or("(give --daemon-pid)".into(), |c| format!("{c:.1} us"))
+        );
+        println!(
+            "{:<8} {:>9} {:>9} {:>10} {:>10}",
+            "devices", "attempts", "success", "p50 us", "p99 us"
+        );
+        for (name, d) in [("calm", &r.calm), ("flood", &r.flood)] {
+            println!(
+                "{:<8} {:>9} {:>8.2}% {:>10} {:>10}",
+                name, d.attempts, d.success_pct, d.p50_us, d.p99_us
+            );
+        }
+        println!(
+            "p99 under flood / calm: {:.2}; recovery after the flood: {} ms",
+            r.p99_ratio, r.recovery_ms
+        );
+        return Ok(());
+    }
     let baseline = a
         .baseline
         .map(Target::Baseline)
