@@ -32,9 +32,9 @@ pub async fn serve(
             info!("using the socket passed by systemd");
             tokio::net::TcpListener::from_std(std)?
         }
-        None => tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?,
+        None => {
+            listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?
+        }
     };
     let control_listener = control::bind(&config.state_dir).context("control socket")?;
     if secrets.created {
@@ -54,6 +54,22 @@ pub async fn serve(
     stop.cancel();
     let _ = std::fs::remove_file(socket);
     Ok(result?)
+}
+
+/// The accept queue's length: a flood of connections fills a short one, and then the
+/// kernel drops devices' connection attempts, which retry only a second later. The
+/// kernel caps it at `net.core.somaxconn` (4096 on current kernels; the shipped
+/// `tallyd.socket` asks for the same with `Backlog=`).
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// File descriptors the daemon needs besides its TCP connections: the listener, the

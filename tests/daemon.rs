@@ -366,16 +366,16 @@ async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() 
     let srv = TestServer::start(|c| c.limits.new_connections_per_source = 1).await;
     let cred = srv.enroll("a").await;
     let held = TcpStream::connect(srv.addr).await.unwrap();
-    let mut over = TcpStream::connect(srv.addr).await.unwrap();
-    assert!(closed_within(&mut over, 2000).await);
+    // Reset at once: connecting itself may already see it.
+    if let Ok(mut over) = TcpStream::connect(srv.addr).await {
+        assert!(closed_within(&mut over, 2000).await);
+    }
     let once = ClientOptions {
         retry: client::Retry::never(),
         ..ClientOptions::default()
     };
-    assert!(matches!(
-        Client::connect(&cred, once).await.err(),
-        Some(ClientError::Truncated)
-    ));
+    let refused = Client::connect(&cred, once).await.err().unwrap();
+    assert!(refused.is_transient(), "{refused:?}");
     // Issue 11 item 6: the client library retries with backoff (200, 400, 800 ms...);
     // the bucket refills within its retries.
     drop(held);

@@ -117,18 +117,19 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-/// Device `i`'s address: one of 127.0.0.2 ... 127.0.0.201, as a fleet comes from many
-/// addresses (the attackers use 127.0.1.x).
-fn device_address(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 200) as u8))
+/// The address of the `n`th device connection: 127.0.0.2 ... 127.0.0.201 in turn, as
+/// a fleet's connections come from many addresses (the attackers use 127.0.1.x).
+fn device_address(n: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (n % 200) as u8))
 }
 
 /// Devices reconnecting in a loop on `workers` tasks until `until`.
 async fn devices(target: &Target, workers: usize, until: Instant) -> Devices {
     let payload = Bytes::from_static(b"ping");
+    let next = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..workers)
         .map(|i| {
-            let (target, payload) = (target.clone(), payload.clone());
+            let (target, payload, next) = (target.clone(), payload.clone(), next.clone());
             tokio::spawn(async move {
                 let mut hist = histogram();
                 let mut attempts = 0u64;
@@ -137,7 +138,12 @@ async fn devices(target: &Target, workers: usize, until: Instant) -> Devices {
                     let t0 = Instant::now();
                     let once = tokio::time::timeout(
                         Duration::from_secs(10),
-                        reconnect_once(&target, i, Some(device_address(i)), &payload),
+                        reconnect_once(
+                            &target,
+                            i,
+                            Some(device_address(next.fetch_add(1, Ordering::Relaxed))),
+                            &payload,
+                        ),
                     );
                     match once.await {
                         Ok(Ok(())) => {
@@ -287,8 +293,9 @@ async fn hold(tcp: &mut TcpStream) {
     while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
 }
 
-/// Holds `n` attacker connections until `stop`; counts those opened.
+/// Holds `n` attacker connections until `stop`, on `rt`; counts those opened.
 fn attack(
+    rt: &tokio::runtime::Handle,
     arsenal: Arc<Arsenal>,
     n: usize,
     sources: u8,
@@ -304,7 +311,7 @@ fn attack(
                 1,
                 1 + (i % sources.max(1) as usize) as u8,
             ));
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 while !stop.is_cancelled() {
                     opened.fetch_add(1, Ordering::Relaxed);
                     if arsenal.strike(source, &stop).await.is_err() {
@@ -315,6 +322,24 @@ fn attack(
             })
         })
         .collect()
+}
+
+/// A runtime shut down without waiting when dropped (dropping one inside another
+/// runtime's task would panic).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("until dropped").handle()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Runs the three phases of a flood against `target` with `workers` devices.
@@ -339,7 +364,16 @@ pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Resu
     let opened = Arc::new(AtomicU64::new(0));
     let cpu0 = flood.daemon_pid.map(cpu_seconds).transpose()?;
     let t0 = Instant::now();
+    // The attackers run on a runtime of their own (one thread), so that the devices'
+    // tasks do not queue behind ten thousand of theirs in this process.
+    let attackers = Background(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?,
+    ));
     let tasks = attack(
+        attackers.handle(),
         arsenal,
         flood.attackers,
         flood.sources,
@@ -365,7 +399,7 @@ pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Resu
     stop.cancel();
     let stopped = Instant::now();
     let payload = Bytes::from_static(b"ping");
-    while reconnect_once(target, 0, Some(device_address(0)), &payload)
+    while reconnect_once(target, 0, Some(device_address(u64::MAX)), &payload)
         .await
         .is_err()
     {
@@ -378,6 +412,7 @@ pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Resu
     for t in tasks {
         let _ = t.await;
     }
+    drop(attackers);
     Ok(FloodReport {
         attack: flood.attack,
         attackers: flood.attackers,

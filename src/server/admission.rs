@@ -6,11 +6,16 @@
 //! - **The newcomer is never the one refused when the pool is full.** Refusing newcomers
 //!   hands the port to whoever fills the pool first (a few hundred idle sockets locked
 //!   every device out). Instead the daemon evicts the *oldest connection that has not
-//!   completed a frame*, or, if every slot holds one that has, the oldest of all.
-//!   Oldest rather than random: a device sends its first frame one round trip after
-//!   connecting, so among frameless connections the old ones are the ones that are not
-//!   going to, and a legitimate handshake, young by nature, is the last to go. A random
-//!   choice would hit in-progress handshakes in proportion to their share of the pool.
+//!   completed a frame (else its oldest), from the source that holds the most slots*.
+//!   Oldest rather than random: a
+//!   device sends its first frame one round trip after connecting, so among frameless
+//!   connections the old ones are the ones that are not going to, and a legitimate
+//!   handshake, young by nature, is the last to go; a random choice would hit
+//!   in-progress handshakes in proportion to their share of the pool. The heaviest
+//!   source first: attackers that churn connections fast enough that even a young one
+//!   is the oldest frameless, or that send a HELLO and then hold the connection, still
+//!   do not get a device's connection (one slot from its address) closed while any
+//!   source holds more. Devices behind one NAT share a source, and so share its fate.
 //! - **Per-source caps**: one source (an IPv4 address, or an IPv6 /64, which one
 //!   subscriber typically holds whole) may hold at most `max_unauthenticated_per_source`
 //!   slots; beyond that its own oldest frameless connection makes room, or, if it has
@@ -130,6 +135,8 @@ struct Inner {
     /// Unauthenticated connections, oldest first (ids grow with admission).
     slots: BTreeMap<u64, Slot>,
     sources: HashMap<Source, SourceState>,
+    /// The sources that hold at least one slot (the candidates for eviction).
+    holding: std::collections::HashSet<Source>,
 }
 
 impl Inner {
@@ -143,13 +150,40 @@ impl Inner {
         let slot = self.slots.remove(&id)?;
         if let Some(s) = self.sources.get_mut(&slot.source) {
             s.slots.remove(&id);
+            if s.slots.is_empty() {
+                self.holding.remove(&slot.source);
+            }
         }
         Some(slot)
     }
 
-    /// The oldest of `ids` that has not completed a frame.
-    fn oldest_frameless(&self, ids: impl Iterator<Item = u64>) -> Option<u64> {
-        ids.into_iter().find(|id| !self.slots[id].framed)
+    /// The oldest connection of `source` that has not completed a frame.
+    fn oldest_frameless(&self, source: &Source) -> Option<u64> {
+        let s = self.sources.get(source)?;
+        s.slots.iter().copied().find(|id| !self.slots[id].framed)
+    }
+
+    /// The connection to close when the pool is full (see the module docs): from the
+    /// source holding the most slots, its oldest connection that has not completed a
+    /// frame, or else its oldest; among sources holding as many, a frameless candidate
+    /// before one past its first frame, then the oldest.
+    fn victim(&self) -> Option<u64> {
+        // (slots held, has a frameless candidate, Reverse(age order)): larger is chosen.
+        let mut best: Option<(usize, bool, std::cmp::Reverse<u64>)> = None;
+        for source in &self.holding {
+            let held = self.sources[source].slots.len();
+            let candidate = match self.oldest_frameless(source) {
+                Some(id) => (held, true, std::cmp::Reverse(id)),
+                None => {
+                    let oldest = *self.sources[source].slots.first()?;
+                    (held, false, std::cmp::Reverse(oldest))
+                }
+            };
+            if best.is_none_or(|b| candidate > b) {
+                best = Some(candidate);
+            }
+        }
+        best.map(|(_, _, std::cmp::Reverse(id))| id)
     }
 
     /// Forgets sources that hold nothing and whose bucket is full again, once there are
@@ -178,6 +212,7 @@ impl Admission {
                 next: 0,
                 slots: BTreeMap::new(),
                 sources: HashMap::new(),
+                holding: Default::default(),
             }),
         }
     }
@@ -226,18 +261,14 @@ impl Admission {
         }
         let mut evicted = None;
         if state.slots.len() >= limits.per_source {
-            let own: Vec<u64> = state.slots.iter().copied().collect();
             let victim = inner
-                .oldest_frameless(own.into_iter())
+                .oldest_frameless(&source)
                 .ok_or(NotAdmitted::SourceFull)?;
             inner.evict(victim);
             evicted = Some(source);
         }
         while inner.slots.len() >= limits.max_unauthenticated {
-            let ids: Vec<u64> = inner.slots.keys().copied().collect();
-            let victim = inner
-                .oldest_frameless(ids.iter().copied())
-                .unwrap_or(ids[0]);
+            let Some(victim) = inner.victim() else { break };
             let from = inner.slots[&victim].source;
             inner.evict(victim);
             evicted = Some(from);
@@ -256,6 +287,7 @@ impl Admission {
         let state = inner.sources.get_mut(&source).expect("inserted above");
         state.tokens -= 1.0;
         state.slots.insert(id);
+        inner.holding.insert(source);
         Ok((
             Ticket {
                 pool: self.clone(),
@@ -446,6 +478,23 @@ mod tests {
         let (_e, evicted) = pool.admit(&peer("10.0.0.5:1"), t).unwrap();
         assert_eq!(evicted, Some(Source::V4([10, 0, 0, 1])));
         assert!(a.evict.is_cancelled());
+    }
+
+    #[test]
+    fn the_heaviest_source_makes_room_first() {
+        let pool = Arc::new(Admission::new(limits(4, 10, 1000.0)));
+        let t = Instant::now();
+        let (device, _) = pool.admit(&peer("10.0.0.9:1"), t).unwrap(); // oldest
+        let attacker: Vec<_> = (0..3)
+            .map(|i| pool.admit(&peer(&format!("10.6.6.6:{i}")), t).unwrap().0)
+            .collect();
+        let (_new, evicted) = pool.admit(&peer("10.0.0.8:1"), t).unwrap();
+        assert_eq!(evicted, Some(Source::V4([10, 6, 6, 6])));
+        assert!(attacker[0].evict.is_cancelled(), "the attacker's oldest");
+        assert!(
+            !device.evict.is_cancelled(),
+            "not the older device, alone at its address"
+        );
     }
 
     #[test]

@@ -164,8 +164,12 @@ pub(super) async fn serve(
     };
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => return,
-        // Counted and logged when it was evicted; closed without a word.
-        _ = ticket.evicted() => return,
+        // Counted and logged when it was evicted; reset without a word (no FIN handshake
+        // and no TIME_WAIT for a stranger's connection).
+        _ = ticket.evicted() => {
+            let _ = stream.rd.as_ref().set_zero_linger();
+            return;
+        }
         r = open(&state, &mut stream, &ticket) => r,
     };
     drop(ticket);

@@ -301,7 +301,9 @@ fn admit(
             } else {
                 debug!(peer = %peer, "refused: {}", why.reason());
             }
-            // Closed without a word: answering costs a write to a peer over its limits.
+            // Reset without a word: an answer costs a write, and a FIN handshake and
+            // TIME_WAIT cost more, for a peer over its limits.
+            let _ = stream.set_zero_linger();
             return;
         }
     };
