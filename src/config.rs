@@ -17,6 +17,7 @@
 //! max_unauthenticated_per_source = 64   # of those, from one IPv4 address or IPv6 /64
 //! new_connections_per_source = 500      # per second, from one source (bursts of 2x)
 //! max_enrollments_in_progress = 32
+//! enrollments_per_second = 50 # all sources together (bursts of 2x)
 //! first_frame_timeout = 2.0   # seconds for a new connection's first frame
 //! handshake_timeout = 10.0    # seconds to finish enrollment or handshake after it
 //! keepalive = 30.0            # seconds; an idle session is closed after 1.5x this
@@ -100,6 +101,8 @@ pub struct Limits {
     pub new_connections_per_source: u32,
     /// Enrollments in progress at once (each costs two X25519 and a durable write).
     pub max_enrollments_in_progress: usize,
+    /// Enrollments started per second, all sources together (bursts of twice this).
+    pub enrollments_per_second: u32,
     /// Time for a new connection's first frame (at most 132 bytes).
     #[serde(with = "secs")]
     pub first_frame_timeout: Duration,
@@ -129,6 +132,7 @@ impl Default for Limits {
             max_unauthenticated_per_source: 64,
             new_connections_per_source: 500,
             max_enrollments_in_progress: 32,
+            enrollments_per_second: 50,
             first_frame_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(30),
@@ -185,6 +189,11 @@ impl Limits {
             (
                 "limits.max_enrollments_in_progress",
                 self.max_enrollments_in_progress,
+                1_000_000,
+            ),
+            (
+                "limits.enrollments_per_second",
+                self.enrollments_per_second as usize,
                 1_000_000,
             ),
         ] {

@@ -706,3 +706,33 @@ fn the_open_file_limit_is_raised_at_start_and_max_connections_fits_it() {
         "{log}"
     );
 }
+
+/// Issue 11: an open-token holder created 1,700 identities per second. Enrollments are
+/// now rate-limited (after the credential is proven): beyond the burst, ERROR BUSY, and
+/// the client library retries through it.
+#[tokio::test]
+async fn enrollments_beyond_the_rate_get_busy_and_the_client_retries() {
+    let srv = TestServer::start(|c| c.limits.enrollments_per_second = 1).await;
+    let token = srv.open_token();
+    let (addr, never) = (srv.addr.to_string(), client::Retry::never());
+    let once = |id: &str| {
+        client::enroll_with(
+            &addr,
+            &token,
+            Id::new(id).unwrap(),
+            Duration::from_secs(5),
+            &never,
+        )
+    };
+    // The bucket holds two.
+    once("e1").await.unwrap();
+    once("e2").await.unwrap();
+    assert!(matches!(
+        once("e3").await,
+        Err(ClientError::Refused(ErrorCode::BUSY))
+    ));
+    assert_eq!(srv.state.store.count().unwrap(), 2, "nothing stored for e3");
+    // With retries (0.2 s doubling), the next token comes within a second.
+    srv.enroll("e3").await;
+    assert_eq!(srv.state.store.count().unwrap(), 3);
+}

@@ -125,8 +125,45 @@ struct Slot {
 struct SourceState {
     /// Its unauthenticated connections, oldest first.
     slots: BTreeSet<u64>,
+    bucket: TokenBucket,
+}
+
+/// A token bucket: `rate` tokens per second, holding at most twice that (at least one).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
     tokens: f64,
     refilled: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(rate: f64, now: Instant) -> Self {
+        TokenBucket {
+            tokens: Self::capacity(rate),
+            refilled: now,
+        }
+    }
+
+    fn capacity(rate: f64) -> f64 {
+        (2.0 * rate).max(1.0)
+    }
+
+    /// Refills for the time since the last call, then takes a token if there is one.
+    pub fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(Self::capacity(rate));
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// Whether it has been untouched long enough to be full again.
+    fn full_by(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.refilled) >= Duration::from_secs(2)
+    }
 }
 
 struct Inner {
@@ -192,9 +229,8 @@ impl Inner {
         if self.sources.len() <= 4 * self.limits.max_unauthenticated + 1024 {
             return;
         }
-        let full_after = Duration::from_secs_f64(2.0);
         self.sources
-            .retain(|_, s| !s.slots.is_empty() || now.duration_since(s.refilled) < full_after);
+            .retain(|_, s| !s.slots.is_empty() || !s.bucket.full_by(now));
     }
 }
 
@@ -247,16 +283,11 @@ impl Admission {
         let mut inner = self.lock();
         inner.prune(now);
         let limits = inner.limits;
-        let burst = (2.0 * limits.rate).max(1.0);
         let state = inner.sources.entry(source).or_insert(SourceState {
             slots: BTreeSet::new(),
-            tokens: burst,
-            refilled: now,
+            bucket: TokenBucket::full(limits.rate, now),
         });
-        let elapsed = now.duration_since(state.refilled).as_secs_f64();
-        state.tokens = (state.tokens + elapsed * limits.rate).min(burst);
-        state.refilled = now;
-        if state.tokens < 1.0 {
+        if !state.bucket.take(limits.rate, now) {
             return Err(NotAdmitted::Rate);
         }
         let mut evicted = None;
@@ -285,7 +316,6 @@ impl Admission {
             },
         );
         let state = inner.sources.get_mut(&source).expect("inserted above");
-        state.tokens -= 1.0;
         state.slots.insert(id);
         inner.holding.insert(source);
         Ok((

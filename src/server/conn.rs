@@ -57,8 +57,8 @@ enum Refusal {
     FirstFrameDeadline(Duration),
     #[error("handshake deadline of {0:?} passed (limits.handshake_timeout)")]
     Deadline(Duration),
-    #[error("{0} enrollments already in progress (limits.max_enrollments_in_progress)")]
-    EnrollBusy(usize),
+    #[error("too many enrollments at once ({0})")]
+    EnrollBusy(&'static str),
 }
 
 impl Refusal {
@@ -230,9 +230,6 @@ async fn open(
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<(), Refusal> {
     let init = InitReceived::parse(&state.params, init)?;
-    let _enrolling = state.try_enroll().ok_or(Refusal::EnrollBusy(
-        state.limits().max_enrollments_in_progress,
-    ))?;
     let (id, mode) = (init.id().clone(), init.mode());
     let store = state.store.clone();
     let lookup_id = id.clone();
@@ -268,6 +265,9 @@ async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result
     if lookup.enrolled {
         return Err(Refusal::Taken(id));
     }
+    // Only a proven credential spends the enrollment budget: a stranger's ENROLL_INIT
+    // cannot keep devices from enrolling.
+    let _enrolling = state.try_enroll().map_err(Refusal::EnrollBusy)?;
     let mut out = BytesMut::new();
     let wait = verified.reply(&state.params, random_bytes(), &mut out)?;
     stream.write(&out).await?;

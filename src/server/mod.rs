@@ -67,6 +67,8 @@ pub struct ServerState {
     pub refusals: admission::RefusalLog,
     /// Enrollments in progress.
     enrolling: Arc<Semaphore>,
+    /// Enrollments started recently.
+    enroll_rate: std::sync::Mutex<admission::TokenBucket>,
     /// Successful handshakes not yet written to the store's `last_seen`.
     seen: std::sync::Mutex<std::collections::HashMap<crate::proto::Id, i64>>,
 }
@@ -105,6 +107,10 @@ impl ServerState {
             admission: Arc::new(admission::Admission::new(config.limits.admission())),
             refusals: admission::RefusalLog::new(),
             enrolling: Arc::new(Semaphore::new(config.limits.max_enrollments_in_progress)),
+            enroll_rate: std::sync::Mutex::new(admission::TokenBucket::full(
+                f64::from(config.limits.enrollments_per_second),
+                Instant::now(),
+            )),
             seen: Default::default(),
         };
         Ok((Arc::new(state), secrets))
@@ -116,9 +122,18 @@ impl ServerState {
         self.refusals.note(kind, admission::Source::of(peer))
     }
 
-    /// A permit for one enrollment, if fewer than the limit are in progress.
-    pub(crate) fn try_enroll(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.enrolling.clone().try_acquire_owned().ok()
+    /// A permit for one enrollment, if the enrollment rate and the number in progress
+    /// allow one; else which limit does not.
+    pub(crate) fn try_enroll(&self) -> Result<tokio::sync::OwnedSemaphorePermit, &'static str> {
+        let rate = f64::from(self.limits().enrollments_per_second);
+        let mut bucket = self.enroll_rate.lock().unwrap_or_else(|e| e.into_inner());
+        if !bucket.take(rate, Instant::now()) {
+            return Err("limits.enrollments_per_second");
+        }
+        self.enrolling
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "limits.max_enrollments_in_progress")
     }
 
     /// Notes a successful handshake; [`Self::flush_seen`] writes it to the store.
