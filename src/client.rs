@@ -286,6 +286,8 @@ async fn enroll_once(
     id: Id,
     timeout: Duration,
 ) -> Result<Credential, ClientError> {
+    // Set once ENROLL_CONFIRM is on its way: from then on, no failure is retried.
+    let confirmed = std::sync::atomic::AtomicBool::new(false);
     let run = async {
         let mut tcp = dial(server).await?;
         let mut buf = BytesMut::new();
@@ -296,6 +298,7 @@ async fn enroll_once(
         out.clear();
         let wait = wait.handle_reply(&reply, &mut out)?;
         // From here on the server may store the identity: no retry.
+        confirmed.store(true, std::sync::atomic::Ordering::Relaxed);
         let unconfirmed = |e: ClientError| ClientError::Unconfirmed(Box::new(e));
         tcp.write_all(&out)
             .await
@@ -311,9 +314,13 @@ async fn enroll_once(
             server: server.to_owned(),
         })
     };
-    tokio::time::timeout(timeout, run)
-        .await
-        .unwrap_or(Err(ClientError::Timeout("enrollment")))
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) if confirmed.load(std::sync::atomic::Ordering::Relaxed) => Err(
+            ClientError::Unconfirmed(Box::new(ClientError::Timeout("ENROLL_DONE"))),
+        ),
+        Err(_) => Err(ClientError::Timeout("enrollment")),
+    }
 }
 
 /// Something the server sent on its own.

@@ -736,3 +736,33 @@ async fn enrollments_beyond_the_rate_get_busy_and_the_client_retries() {
     srv.enroll("e3").await;
     assert_eq!(srv.state.store.count().unwrap(), 3);
 }
+
+/// Review of issue 11: a replayed ENROLL_INIT of an unfinished enrollment still verifies
+/// (spec 6.5). Without CONFIRM it holds an enrollment permit only for the short
+/// first-frame deadline, not the whole handshake deadline.
+#[tokio::test]
+async fn an_enrollment_without_confirm_lets_its_permit_go_quickly() {
+    let srv = TestServer::start(|c| {
+        c.limits.first_frame_timeout = Duration::from_millis(300);
+        c.limits.handshake_timeout = Duration::from_secs(30);
+        c.limits.max_enrollments_in_progress = 1;
+    })
+    .await;
+    let token = srv.open_token();
+    let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let mut init = bytes::BytesMut::new();
+    let _wait = tally::proto::enroll::ClientAwaitReply::start(
+        token.client_params(Id::new("stalled").unwrap()),
+        [9; 32],
+        &mut init,
+    );
+    tcp.write_all(&init).await.unwrap();
+    let started = std::time::Instant::now();
+    let got = read_all(&mut tcp).await;
+    // ENROLL_REPLY (4 + 1 + 32 + 32 bytes), then ERROR TIMEOUT.
+    assert_eq!(got.len(), 69 + 8, "{got:x?}");
+    assert_eq!(got[69..], [0, 0, 0, 4, 0x1f, 0, 8, 1], "ERROR TIMEOUT");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The single permit is free again.
+    srv.enroll("next").await;
+}

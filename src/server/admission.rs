@@ -5,9 +5,10 @@
 //!
 //! - **The newcomer is never the one refused when the pool is full.** Refusing newcomers
 //!   hands the port to whoever fills the pool first (a few hundred idle sockets locked
-//!   every device out). Instead the daemon evicts the *oldest connection that has not
-//!   completed a frame (else its oldest), from the source that holds the most slots*.
-//!   Oldest rather than random: a
+//!   every device out). Instead the daemon evicts from *the source that holds the most
+//!   slots its oldest connection that has not completed a frame (else its oldest)*;
+//!   among sources holding as many, the oldest such connection. Oldest rather than
+//!   random: a
 //!   device sends its first frame one round trip after connecting, so among frameless
 //!   connections the old ones are the ones that are not going to, and a legitimate
 //!   handshake, young by nature, is the last to go; a random choice would hit
@@ -152,7 +153,7 @@ impl TokenBucket {
     pub fn take(&mut self, rate: f64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(Self::capacity(rate));
-        self.refilled = now;
+        self.refilled = self.refilled.max(now);
         if self.tokens < 1.0 {
             return false;
         }
@@ -174,6 +175,8 @@ struct Inner {
     sources: HashMap<Source, SourceState>,
     /// The sources that hold at least one slot (the candidates for eviction).
     holding: std::collections::HashSet<Source>,
+    /// When the source table was last pruned.
+    pruned: Instant,
 }
 
 impl Inner {
@@ -202,33 +205,39 @@ impl Inner {
 
     /// The connection to close when the pool is full (see the module docs): from the
     /// source holding the most slots, its oldest connection that has not completed a
-    /// frame, or else its oldest; among sources holding as many, a frameless candidate
-    /// before one past its first frame, then the oldest.
+    /// frame, or else its oldest; among sources holding as many, the oldest candidate.
+    /// (Not "frameless first" across sources: attackers with one HELLO'd connection per
+    /// address would then make every device's young, frameless connection the victim.)
     fn victim(&self) -> Option<u64> {
-        // (slots held, has a frameless candidate, Reverse(age order)): larger is chosen.
-        let mut best: Option<(usize, bool, std::cmp::Reverse<u64>)> = None;
+        // (slots held, Reverse(age order)): the larger is chosen.
+        let mut best: Option<(usize, std::cmp::Reverse<u64>)> = None;
         for source in &self.holding {
-            let held = self.sources[source].slots.len();
-            let candidate = match self.oldest_frameless(source) {
-                Some(id) => (held, true, std::cmp::Reverse(id)),
-                None => {
-                    let oldest = *self.sources[source].slots.first()?;
-                    (held, false, std::cmp::Reverse(oldest))
-                }
+            let s = &self.sources[source];
+            let Some(id) = self
+                .oldest_frameless(source)
+                .or_else(|| s.slots.first().copied())
+            else {
+                continue;
             };
+            let candidate = (s.slots.len(), std::cmp::Reverse(id));
             if best.is_none_or(|b| candidate > b) {
                 best = Some(candidate);
             }
         }
-        best.map(|(_, _, std::cmp::Reverse(id))| id)
+        best.map(|(_, std::cmp::Reverse(id))| id)
     }
 
     /// Forgets sources that hold nothing and whose bucket is full again, once there are
-    /// many: the table stays bounded by the sources active in the last few seconds.
+    /// many, at most once a second (a scan per accept would cost the accept loop more
+    /// the more addresses attack): the table stays bounded by the sources active in the
+    /// last few seconds.
     fn prune(&mut self, now: Instant) {
-        if self.sources.len() <= 4 * self.limits.max_unauthenticated + 1024 {
+        if self.sources.len() <= 4 * self.limits.max_unauthenticated + 1024
+            || now.saturating_duration_since(self.pruned) < Duration::from_secs(1)
+        {
             return;
         }
+        self.pruned = now;
         self.sources
             .retain(|_, s| !s.slots.is_empty() || !s.bucket.full_by(now));
     }
@@ -249,6 +258,7 @@ impl Admission {
                 slots: BTreeMap::new(),
                 sources: HashMap::new(),
                 holding: Default::default(),
+                pruned: Instant::now(),
             }),
         }
     }
@@ -257,7 +267,8 @@ impl Admission {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// New limits (configuration reload); a smaller pool shrinks as connections end.
+    /// New limits (configuration reload). A smaller pool or cap is reached through
+    /// evictions as new connections arrive, one or more per admission.
     pub fn set_limits(&self, limits: AdmissionLimits) {
         self.lock().limits = limits;
     }
@@ -488,26 +499,31 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pool_evicts_the_oldest_frameless_connection_not_the_newcomer() {
+    fn a_full_pool_evicts_the_oldest_connection_not_the_newcomer() {
         let pool = Arc::new(Admission::new(limits(3, 10, 1000.0)));
         let t = Instant::now();
         let (a, _) = pool.admit(&peer("10.0.0.1:1"), t).unwrap();
         let (b, _) = pool.admit(&peer("10.0.0.2:1"), t).unwrap();
         let (c, _) = pool.admit(&peer("10.0.0.3:1"), t).unwrap();
-        a.framed(); // a is mid-handshake: b is the oldest frameless
-        let (_d, evicted) = pool.admit(&peer("10.0.0.4:1"), t).unwrap();
-        assert_eq!(evicted, Some(Source::V4([10, 0, 0, 2])));
-        assert!(b.evict.is_cancelled());
-        assert!(!a.evict.is_cancelled() && !c.evict.is_cancelled());
-        assert_eq!(pool.len(), 3);
-        drop(b); // the evicted connection's task ends: nothing more is removed
-        assert_eq!(pool.len(), 3);
-        // All framed: the oldest of all goes.
-        c.framed();
-        _d.framed();
-        let (_e, evicted) = pool.admit(&peer("10.0.0.5:1"), t).unwrap();
+        a.framed();
+        // One slot per source: the oldest goes, framed or not (a HELLO then silence
+        // holds a slot as well as silence does).
+        let (d, evicted) = pool.admit(&peer("10.0.0.4:1"), t).unwrap();
         assert_eq!(evicted, Some(Source::V4([10, 0, 0, 1])));
         assert!(a.evict.is_cancelled());
+        assert!(!b.evict.is_cancelled() && !c.evict.is_cancelled());
+        assert_eq!(pool.len(), 3);
+        drop(a); // the evicted connection's task ends: nothing more is removed
+        assert_eq!(pool.len(), 3);
+        // Within a source, a frameless connection goes before an older framed one.
+        let (x1, _) = pool.admit(&peer("10.0.0.9:1"), t).unwrap(); // evicts b
+        x1.framed();
+        let (x2, _) = pool.admit(&peer("10.0.0.9:2"), t).unwrap(); // evicts c
+        assert!(b.evict.is_cancelled() && c.evict.is_cancelled());
+        let (_y, evicted) = pool.admit(&peer("10.0.0.5:1"), t).unwrap();
+        assert_eq!(evicted, Some(Source::V4([10, 0, 0, 9])));
+        assert!(x2.evict.is_cancelled() && !x1.evict.is_cancelled());
+        assert!(!d.evict.is_cancelled());
     }
 
     #[test]

@@ -59,6 +59,8 @@ enum Refusal {
     Deadline(Duration),
     #[error("too many enrollments at once ({0})")]
     EnrollBusy(&'static str),
+    #[error("no ENROLL_CONFIRM within {0:?} of ENROLL_REPLY (limits.first_frame_timeout)")]
+    ConfirmDeadline(Duration),
 }
 
 impl Refusal {
@@ -76,7 +78,9 @@ impl Refusal {
             Refusal::BadFinish(_) => ErrorCode::AUTH_FAILED,
             Refusal::Taken(_) => ErrorCode::ID_TAKEN,
             Refusal::Store(_) => ErrorCode::INTERNAL,
-            Refusal::Deadline(_) | Refusal::FirstFrameDeadline(_) => ErrorCode::TIMEOUT,
+            Refusal::Deadline(_) | Refusal::FirstFrameDeadline(_) | Refusal::ConfirmDeadline(_) => {
+                ErrorCode::TIMEOUT
+            }
             Refusal::EnrollBusy(_) => ErrorCode::BUSY,
         })
     }
@@ -94,7 +98,7 @@ impl Refusal {
             Refusal::EnrollRefused { .. } | Refusal::Taken(_) => "enrollment refused",
             Refusal::Store(_) => "store error",
             Refusal::FirstFrameDeadline(_) => "first-frame deadline",
-            Refusal::Deadline(_) => "handshake deadline",
+            Refusal::Deadline(_) | Refusal::ConfirmDeadline(_) => "handshake deadline",
             Refusal::EnrollBusy(_) => "enrollments busy",
         }
     }
@@ -104,8 +108,19 @@ impl Refusal {
 enum Opened {
     /// A session, with the instant its key lookup started.
     Session(Established, Instant),
-    /// An enrollment, whose ENROLL_DONE was sent.
-    Enrolled,
+    /// An enrollment whose ENROLL_CONFIRM verified: to be stored, then answered.
+    Confirmed(Box<Commit>),
+}
+
+/// A verified enrollment not yet stored. Its commit runs outside the deadlines and the
+/// pool of unauthenticated slots: once the device has confirmed, cancelling the store
+/// midway would leave it unsure whether it is enrolled.
+struct Commit {
+    pending: crate::proto::enroll::PendingIdentity,
+    id: crate::proto::Id,
+    mode: EnrollMode,
+    token_ref: Option<Vec<u8>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The byte stream of one connection, with its read buffer.
@@ -174,26 +189,37 @@ pub(super) async fn serve(
     };
     drop(ticket);
     match outcome {
-        Ok(Opened::Enrolled) => stream.linger(Duration::from_secs(1)).await,
+        Ok(Opened::Confirmed(commit)) => {
+            match commit_enrollment(&state, &mut stream, *commit).await {
+                Ok(()) => stream.linger(Duration::from_secs(1)).await,
+                Err(refusal) => refuse(&state, &mut stream, refusal).await,
+            }
+        }
         Ok(Opened::Session(est, key_lookup)) => {
             start_session(state, stream, est, key_lookup, shutdown).await;
         }
-        Err(refusal) => {
-            let full = state.note_refusal(refusal.kind(), &peer);
-            match refusal {
-                Refusal::Read(ReadError::Eof) => {
-                    debug!(peer = %peer, "connection closed before a handshake")
-                }
-                ref r if full => warn!(peer = %peer, reason = %r, "refused"),
-                ref r => debug!(peer = %peer, reason = %r, "refused"),
-            }
-            if let Some(code) = refusal.code() {
-                let mut out = BytesMut::new();
-                ErrorFrame::new(code).encode(&mut out);
-                if stream.write(&out).await.is_ok() {
-                    stream.linger(Duration::from_secs(1)).await;
-                }
-            }
+        Err(refusal) => refuse(&state, &mut stream, refusal).await,
+    }
+}
+
+/// Logs (or counts) a refusal and answers it with its ERROR, if any. The write and the
+/// linger after it are short: the connection still holds a `max_connections` permit.
+async fn refuse(state: &ServerState, stream: &mut Stream, refusal: Refusal) {
+    let peer = stream.peer;
+    let full = state.note_refusal(refusal.kind(), &peer);
+    match refusal {
+        Refusal::Read(ReadError::Eof) => {
+            debug!(peer = %peer, "connection closed before a handshake")
+        }
+        ref r if full => warn!(peer = %peer, reason = %r, "refused"),
+        ref r => debug!(peer = %peer, reason = %r, "refused"),
+    }
+    if let Some(code) = refusal.code() {
+        let mut out = BytesMut::new();
+        ErrorFrame::new(code).encode(&mut out);
+        let sent = tokio::time::timeout(Duration::from_secs(1), stream.write(&out)).await;
+        if matches!(sent, Ok(Ok(()))) {
+            stream.linger(Duration::from_millis(250)).await;
         }
     }
 }
@@ -214,7 +240,7 @@ async fn open(
         match FrameType::of(&first) {
             Ok(FrameType::EnrollInit) => enroll(state, stream, &first)
                 .await
-                .map(|()| Opened::Enrolled),
+                .map(|c| Opened::Confirmed(Box::new(c))),
             Ok(FrameType::Hello) => handshake(state, stream, &first)
                 .await
                 .map(|(est, at)| Opened::Session(est, at)),
@@ -228,7 +254,7 @@ async fn open(
 }
 
 /// Spec 6.3, the server side of enrollment.
-async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<(), Refusal> {
+async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<Commit, Refusal> {
     let init = InitReceived::parse(&state.params, init)?;
     let (id, mode) = (init.id().clone(), init.mode());
     let store = state.store.clone();
@@ -265,18 +291,45 @@ async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result
     if lookup.enrolled {
         return Err(Refusal::Taken(id));
     }
-    // Only a proven credential spends the enrollment budget: a stranger's ENROLL_INIT
-    // cannot keep devices from enrolling.
-    let _enrolling = state.try_enroll().map_err(Refusal::EnrollBusy)?;
+    // Only a proven credential spends the enrollment budget.
+    let permit = state.try_enroll().map_err(Refusal::EnrollBusy)?;
     let mut out = BytesMut::new();
     let wait = verified.reply(&state.params, random_bytes(), &mut out)?;
     stream.write(&out).await?;
-    let confirm = stream.read().await?;
+    // ENROLL_CONFIRM follows one round trip later. A short deadline: a replayed
+    // ENROLL_INIT of an unfinished enrollment still verifies (spec 6.5), and must not
+    // hold one of the few enrollment permits for the whole handshake deadline.
+    let wait_confirm = state.limits().first_frame_timeout;
+    let confirm = tokio::time::timeout(wait_confirm, stream.read())
+        .await
+        .map_err(|_| Refusal::ConfirmDeadline(wait_confirm))??;
     let pending = wait.handle_confirm(&confirm)?;
+    Ok(Commit {
+        pending,
+        id,
+        mode,
+        token_ref: lookup.token_ref,
+        _permit: permit,
+    })
+}
+
+/// Stores a confirmed enrollment and, once the commit is durable, sends ENROLL_DONE
+/// (spec 6.2 step 4).
+async fn commit_enrollment(
+    state: &ServerState,
+    stream: &mut Stream,
+    commit: Commit,
+) -> Result<(), Refusal> {
+    let Commit {
+        pending,
+        id,
+        mode,
+        token_ref,
+        _permit,
+    } = commit;
     let key = pending.identity_key().clone();
     let store = state.store.clone();
     let insert_id = id.clone();
-    let token_ref = lookup.token_ref;
     let stored = tokio::task::spawn_blocking(move || {
         store.insert(&insert_id, &key, mode, token_ref.as_deref())
     })
@@ -286,14 +339,16 @@ async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result
         Ok(_generation) => {}
         Err(StoreError::Taken(id)) => return Err(Refusal::Taken(id)),
         Err(StoreError::TokenGone(_)) => {
-            return Err(refused(
-                "its token was revoked, replaced or used by another enrollment meanwhile",
-            ))
+            return Err(Refusal::EnrollRefused {
+                id,
+                mode: mode.as_str(),
+                why: "its token was revoked, replaced or used by another enrollment meanwhile",
+            })
         }
         Err(e) => return Err(Refusal::Store(e.to_string())),
     }
-    // Spec 6.2 step 4: DONE only after the commit is durable (synchronous = FULL).
-    out.clear();
+    // Durable now (synchronous = FULL).
+    let mut out = BytesMut::new();
     pending.committed(&mut out);
     info!(id = %id, mode = mode.as_str(), peer = %stream.peer, "enrolled");
     // Stored whether or not DONE arrives (spec 6.4: the device retries with a handshake).

@@ -125,15 +125,17 @@ impl ServerState {
     /// A permit for one enrollment, if the enrollment rate and the number in progress
     /// allow one; else which limit does not.
     pub(crate) fn try_enroll(&self) -> Result<tokio::sync::OwnedSemaphorePermit, &'static str> {
+        let permit = self
+            .enrolling
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "limits.max_enrollments_in_progress")?;
         let rate = f64::from(self.limits().enrollments_per_second);
         let mut bucket = self.enroll_rate.lock().unwrap_or_else(|e| e.into_inner());
         if !bucket.take(rate, Instant::now()) {
             return Err("limits.enrollments_per_second");
         }
-        self.enrolling
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "limits.max_enrollments_in_progress")
+        Ok(permit)
     }
 
     /// Notes a successful handshake; [`Self::flush_seen`] writes it to the store.
