@@ -809,6 +809,66 @@ enum Ended {
 mod tests {
     use super::*;
 
+    /// Spec 13.10: once ENROLL_CONFIRM is sent the server may have stored the identity;
+    /// a server that never answers DONE must not make the client enroll again.
+    #[tokio::test]
+    async fn an_enrollment_is_not_retried_after_confirm() {
+        use crate::proto::enroll::{ServerAwaitConfirm, ServerParams};
+        use x25519_dalek::{PublicKey, StaticSecret};
+        let params = ServerParams {
+            static_secret: StaticSecret::from([7; 32]),
+            allow_open: true,
+        };
+        let token = EnrollmentToken {
+            mode: crate::proto::frame::EnrollMode::Open,
+            credential: crate::proto::SecretKey::from_bytes([1; 32]),
+            server_static: PublicKey::from(&params.static_secret).to_bytes(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let credential = token.credential.clone();
+        tokio::spawn(async move {
+            // Answers every ENROLL_INIT with a valid ENROLL_REPLY, reads the CONFIRM,
+            // and then says nothing.
+            let mut held = Vec::new();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = BytesMut::new();
+                let init = read_frame(&mut tcp, &mut buf, 256).await.unwrap();
+                let mut out = BytesMut::new();
+                let _wait = ServerAwaitConfirm::handle_init(
+                    &params,
+                    &init,
+                    |_, _| credential.clone(),
+                    [5; 32],
+                    &mut out,
+                )
+                .unwrap();
+                tcp.write_all(&out).await.unwrap();
+                let _confirm = read_frame(&mut tcp, &mut buf, 256).await.unwrap();
+                held.push(tcp);
+            }
+        });
+        let err = enroll_with(
+            &addr,
+            &token,
+            Id::new("dev").unwrap(),
+            Duration::from_millis(500),
+            &Retry::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ClientError::Unconfirmed(_)), "{err:?}");
+        assert!(!err.is_transient());
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no retry"
+        );
+    }
+
     #[test]
     fn retry_delays_double_up_to_the_maximum_with_equal_jitter() {
         let r = Retry::default();
