@@ -223,15 +223,7 @@ impl Arsenal {
             match self.attack {
                 Attack::Idle => hold(&mut tcp).await,
                 Attack::Slowloris => {
-                    let mut hello = BytesMut::new();
-                    let id = Id::new(&format!("slow-{}", hex::encode(&random_bytes()[..6])))?;
-                    ClientAwaitAuth::start(
-                        &id,
-                        SecretKey::from_bytes([1; 32]),
-                        random_bytes(),
-                        &mut hello,
-                    );
-                    for b in hello.iter() {
+                    for b in stranger_hello("slow")?.iter() {
                         if tcp.write_all(&[*b]).await.is_err() {
                             break;
                         }
@@ -248,15 +240,7 @@ impl Arsenal {
                     hold(&mut tcp).await;
                 }
                 Attack::HelloUnknown => {
-                    let mut hello = BytesMut::new();
-                    let id = Id::new(&format!("nobody-{}", hex::encode(&random_bytes()[..6])))?;
-                    ClientAwaitAuth::start(
-                        &id,
-                        SecretKey::from_bytes([1; 32]),
-                        random_bytes(),
-                        &mut hello,
-                    );
-                    tcp.write_all(&hello).await?;
+                    tcp.write_all(&stranger_hello("nobody")?).await?;
                     hold(&mut tcp).await;
                 }
                 Attack::EnrollReplay => {
@@ -285,6 +269,19 @@ impl Arsenal {
             r = run => r,
         }
     }
+}
+
+/// A HELLO for a random id that is not enrolled (`prefix-` and 12 hex digits).
+fn stranger_hello(prefix: &str) -> anyhow::Result<BytesMut> {
+    let id = Id::new(&format!("{prefix}-{}", hex::encode(&random_bytes()[..6])))?;
+    let mut hello = BytesMut::new();
+    ClientAwaitAuth::start(
+        &id,
+        SecretKey::from_bytes([1; 32]),
+        random_bytes(),
+        &mut hello,
+    );
+    Ok(hello)
 }
 
 /// Reads (and drops) until the server closes the connection.

@@ -253,16 +253,29 @@ async fn open(
         .unwrap_or(Err(Refusal::Deadline(limits.handshake_timeout)))
 }
 
+/// Runs a store call on the blocking pool (every store method blocks).
+async fn on_store<T: Send + 'static>(
+    state: &ServerState,
+    call: impl FnOnce(&crate::store::Store) -> T + Send + 'static,
+) -> Result<T, Refusal> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || call(&store))
+        .await
+        .map_err(|e| Refusal::Store(e.to_string()))
+}
+
+fn store_failed(e: StoreError) -> Refusal {
+    Refusal::Store(e.to_string())
+}
+
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<Commit, Refusal> {
     let init = InitReceived::parse(&state.params, init)?;
     let (id, mode) = (init.id().clone(), init.mode());
-    let store = state.store.clone();
     let lookup_id = id.clone();
-    let lookup = tokio::task::spawn_blocking(move || store.enroll_lookup(mode, &lookup_id, now()))
-        .await
-        .map_err(|e| Refusal::Store(e.to_string()))?
-        .map_err(|e| Refusal::Store(e.to_string()))?;
+    let lookup = on_store(state, move |s| s.enroll_lookup(mode, &lookup_id, now()))
+        .await?
+        .map_err(store_failed)?;
     let refused = |why| Refusal::EnrollRefused {
         id: id.clone(),
         mode: mode.as_str(),
@@ -328,13 +341,11 @@ async fn commit_enrollment(
         _permit,
     } = commit;
     let key = pending.identity_key().clone();
-    let store = state.store.clone();
     let insert_id = id.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        store.insert(&insert_id, &key, mode, token_ref.as_deref())
+    let stored = on_store(state, move |s| {
+        s.insert(&insert_id, &key, mode, token_ref.as_deref())
     })
-    .await
-    .map_err(|e| Refusal::Store(e.to_string()))?;
+    .await?;
     match stored {
         Ok(_generation) => {}
         Err(StoreError::Taken(id)) => return Err(Refusal::Taken(id)),
@@ -345,7 +356,7 @@ async fn commit_enrollment(
                 why: "its token was revoked, replaced or used by another enrollment meanwhile",
             })
         }
-        Err(e) => return Err(Refusal::Store(e.to_string())),
+        Err(e) => return Err(store_failed(e)),
     }
     // Durable now (synchronous = FULL).
     let mut out = BytesMut::new();
@@ -364,14 +375,12 @@ async fn handshake(
 ) -> Result<(Established, Instant), Refusal> {
     let hello = HelloReceived::parse(hello)?;
     let id = hello.id().clone();
-    let store = state.store.clone();
     let lookup = id.clone();
     // A revocation or removal committed after this instant is caught at registration.
     let key_lookup = Instant::now();
-    let key = tokio::task::spawn_blocking(move || store.key(&lookup))
-        .await
-        .map_err(|e| Refusal::Store(e.to_string()))?
-        .map_err(|e| Refusal::Store(e.to_string()))?;
+    let key = on_store(state, move |s| s.key(&lookup))
+        .await?
+        .map_err(store_failed)?;
     let known = key.is_some();
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
