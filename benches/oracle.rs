@@ -2,8 +2,9 @@
 //! one? (Spec 7.5; security issue item 8.) Measured two ways, each case side by side in
 //! the same run (see benches/README.md for the figures):
 //!
-//! - `store_key/{known,unknown,revoked}`: `Store::key`, the lookup a HELLO triggers, on
-//!   a store of 1,000 identities;
+//! - `store_key/{known,unknown,revoked}`: `Store::key` from SQLite (admin commands), and
+//!   `store_key/indexed_{known,unknown,revoked}`: `Store::cached_key`, the in-memory
+//!   lookup a HELLO triggers in the daemon, on a store of 1,000 identities;
 //! - `hello`: the time from writing a HELLO to having read the whole SERVER_AUTH, over
 //!   loopback against an in-process daemon, the three cases alternating sample by sample
 //!   (10,000 samples each; `ORACLE_SAMPLES` to change), p10/p50/p90 printed. A fresh
@@ -11,7 +12,8 @@
 //!   no TIME_WAIT piles up.
 //!
 //! An unknown or revoked id must cost what a known one does: the same statement, which
-//! always yields one row (the identity's or the decoy's), and one AEAD unseal.
+//! always yields one row (the identity's or the decoy's), or one map lookup, and one
+//! AEAD unseal.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +67,15 @@ fn store_key(c: &mut Criterion) {
         let id = Id::new(id).unwrap();
         assert_eq!(store.key(&id).unwrap().is_some(), case == "known");
         g.bench_function(case, |b| b.iter(|| store.key(&id).unwrap()));
+    }
+    store.load_key_index().unwrap();
+    for (case, id) in CASES {
+        let id = Id::new(id).unwrap();
+        let found = store.cached_key(&id).expect("index loaded").unwrap();
+        assert_eq!(found.is_some(), case == "known");
+        g.bench_function(format!("indexed_{case}"), |b| {
+            b.iter(|| store.cached_key(&id).unwrap().unwrap())
+        });
     }
     g.finish();
 }

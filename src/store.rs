@@ -15,11 +15,13 @@
 //! is checkpointed and truncated after a revocation or removal, so the old page images
 //! do not linger there either.
 //!
-//! Every method blocks; async callers run them on `spawn_blocking`. The database can be
-//! opened by the daemon and by admin commands at the same time.
+//! Every method blocks; async callers run them on `spawn_blocking`, except
+//! [`Store::cached_key`] once [`Store::load_key_index`] has run (the daemon's handshake
+//! path). The database can be opened by the daemon and by admin commands at the same time.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::AeadInOut;
@@ -241,6 +243,37 @@ pub struct Store {
     /// handshake path, so they never queue behind a durable write.
     relaxed: Mutex<Connection>,
     sealer: Sealer,
+    /// The sealed keys in memory, once [`Store::load_key_index`] ran.
+    index: OnceLock<KeyIndex>,
+}
+
+/// The sealed key of every usable identity, and the decoy's, held in memory so that a
+/// handshake's key lookup is a map lookup and one unseal on the caller's thread: no
+/// SQLite, no hop to a blocking pool, whatever a flood of HELLOs asks for (issue 11).
+///
+/// The keys stay sealed here as in the database (spec 13.9): a plaintext identity key
+/// exists only for the handshake that unseals it. Every change to the identities goes
+/// through this `Store` and updates the index under the write connection's lock, after
+/// its commit; the daemon is the only writer while it runs (admin commands go through its
+/// control socket).
+struct KeyIndex {
+    keys: RwLock<SealedKeys>,
+    decoy: [u8; SEALED_LEN],
+}
+
+/// Id → (generation, sealed key).
+type SealedKeys = HashMap<Box<str>, (i64, [u8; SEALED_LEN])>;
+
+impl KeyIndex {
+    fn keys(&self) -> std::sync::RwLockWriteGuard<'_, SealedKeys> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn sealed_array(sealed: &[u8]) -> Result<[u8; SEALED_LEN], StoreError> {
+    sealed
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a sealed key has the wrong length"))
 }
 
 impl std::fmt::Debug for Store {
@@ -323,6 +356,7 @@ impl Store {
             conn: Mutex::new(conn),
             relaxed: Mutex::new(relaxed),
             sealer: Sealer::new(&store_key),
+            index: OnceLock::new(),
         };
         store.init_secrets()?;
         Ok(store)
@@ -550,6 +584,11 @@ impl Store {
             params![generation, sealed],
         )?;
         tx.commit()?;
+        let sealed = sealed_array(&sealed)?;
+        self.reindex(|keys| {
+            keys.insert(id.as_str().into(), (generation, sealed));
+        });
+        drop(conn);
         Ok(generation as u64)
     }
 
@@ -560,6 +599,9 @@ impl Store {
     /// from an unknown one (spec 7.5). A read on the relaxed connection: it never waits
     /// for a durable write.
     pub fn key(&self, id: &Id) -> Result<Option<IdentityKey>, StoreError> {
+        if let Some(found) = self.cached_key(id) {
+            return found;
+        }
         let conn = self.relaxed();
         let (real, generation, sealed): (bool, i64, Vec<u8>) = conn
             .prepare_cached(
@@ -568,16 +610,99 @@ impl Store {
             )?
             .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         drop(conn);
-        let ad = if real {
-            assoc(ad::IDENTITY, id.as_str(), generation)
-        } else {
-            assoc(ad::DECOY, "", 0)
+        self.unseal_key(id, real.then_some(generation), &sealed)
+    }
+
+    /// [`Store::key`] from memory, without blocking: `None` if the index is not loaded.
+    /// The same work for a known and an unknown id: one map lookup, one unseal.
+    pub fn cached_key(&self, id: &Id) -> Option<Result<Option<IdentityKey>, StoreError>> {
+        let index = self.index.get()?;
+        let found = index
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id.as_str())
+            .copied();
+        Some(match found {
+            Some((generation, sealed)) => self.unseal_key(id, Some(generation), &sealed),
+            None => self.unseal_key(id, None, &index.decoy),
+        })
+    }
+
+    /// Unseals an identity's key (`generation` given) or the decoy's (`None`).
+    fn unseal_key(
+        &self,
+        id: &Id,
+        generation: Option<i64>,
+        sealed: &[u8],
+    ) -> Result<Option<IdentityKey>, StoreError> {
+        let ad = match generation {
+            Some(g) => assoc(ad::IDENTITY, id.as_str(), g),
+            None => assoc(ad::DECOY, "", 0),
         };
-        let key = self.sealer.open(&ad, &sealed)?;
-        Ok(real.then_some(IdentityKey {
+        let key = self.sealer.open(&ad, sealed)?;
+        Ok(generation.map(|g| IdentityKey {
             key,
-            generation: generation as u64,
+            generation: g as u64,
         }))
+    }
+
+    /// Reads the sealed keys of every usable identity into memory, checking each opens
+    /// with the store key; from then on [`Store::cached_key`] answers and every change
+    /// to the identities updates the index. For the daemon (admin commands do not need
+    /// it). Returns the number of keys; loading twice is a no-op.
+    pub fn load_key_index(&self) -> Result<usize, StoreError> {
+        // Under the write lock: no insert, revocation or removal runs while it loads.
+        let conn = self.conn();
+        if let Some(index) = self.index.get() {
+            return Ok(index.keys().len());
+        }
+        let decoy: Vec<u8> =
+            conn.query_row("SELECT key FROM decoy WHERE generation = 0", [], |r| {
+                r.get(0)
+            })?;
+        let mut keys = HashMap::new();
+        let mut stmt = conn.prepare(
+            "SELECT id, generation, key FROM identities WHERE revoked IS NULL AND key IS NOT NULL",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: String = row.get(0)?;
+            let generation: i64 = row.get(1)?;
+            let sealed: Vec<u8> = row.get(2)?;
+            // The store key itself was checked at open (the decoy, the open key): a row
+            // that does not open was damaged or moved, and only its device is refused.
+            if let Err(e) = self
+                .sealer
+                .open(&assoc(ad::IDENTITY, &id, generation), &sealed)
+            {
+                tracing::error!(
+                    id,
+                    generation,
+                    "the stored key of this identity does not open ({e}); its handshakes \
+                     will be refused: remove the identity and enroll the device again"
+                );
+                continue;
+            }
+            keys.insert(id.into_boxed_str(), (generation, sealed_array(&sealed)?));
+        }
+        drop(rows);
+        drop(stmt);
+        let n = keys.len();
+        let _ = self.index.set(KeyIndex {
+            keys: RwLock::new(keys),
+            decoy: sealed_array(&decoy)?,
+        });
+        drop(conn);
+        Ok(n)
+    }
+
+    /// Applies `change` to the index, if loaded. Called with the write connection locked,
+    /// after the commit.
+    fn reindex(&self, change: impl FnOnce(&mut SealedKeys)) {
+        if let Some(index) = self.index.get() {
+            change(&mut index.keys());
+        }
     }
 
     /// Records the last successful handshake of several identities in one transaction
@@ -603,6 +728,9 @@ impl Store {
             "UPDATE identities SET revoked = ?2, key = NULL WHERE id = ?1 AND revoked IS NULL",
             params![id, now()],
         )?;
+        self.reindex(|keys| {
+            keys.remove(id);
+        });
         if n == 1 {
             drop(conn);
             self.scrub();
@@ -618,9 +746,12 @@ impl Store {
     /// Deletes an identity, so that its id can be enrolled again (with a new token, or
     /// in open mode). Returns false if there was none.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        let conn = self.conn();
+        let n = conn.execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        self.reindex(|keys| {
+            keys.remove(id);
+        });
+        drop(conn);
         if n == 1 {
             self.scrub();
         }
@@ -724,6 +855,87 @@ mod tests {
             .insert(&id, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
             .unwrap();
         assert!(g3 > g2);
+    }
+
+    /// What `cached_key` answers, as (generation, key bytes); `None` for unknown.
+    fn cached(s: &Store, id: &str) -> Option<(u64, [u8; 32])> {
+        s.cached_key(&Id::new(id).unwrap())
+            .expect("the index is loaded")
+            .unwrap()
+            .map(|k| (k.generation, *k.key.expose()))
+    }
+
+    #[test]
+    fn the_key_index_follows_every_change_to_the_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let (a, b) = (Id::new("a").unwrap(), Id::new("b").unwrap());
+        let ga = s.insert(&a, &SecretKey::from_bytes([1; 32]), EnrollMode::Open, None);
+        s.insert(&b, &SecretKey::from_bytes([2; 32]), EnrollMode::Open, None)
+            .unwrap();
+        s.revoke("b").unwrap();
+        assert!(s.cached_key(&a).is_none(), "no index before it is loaded");
+        assert_eq!(
+            s.load_key_index().unwrap(),
+            1,
+            "revoked keys are not loaded"
+        );
+        assert_eq!(s.load_key_index().unwrap(), 1, "loading twice is a no-op");
+        assert_eq!(cached(&s, "a"), Some((ga.unwrap(), [1; 32])));
+        assert_eq!(cached(&s, "b"), None, "revoked before the load");
+        assert_eq!(cached(&s, "nope"), None, "unknown: the decoy, unsealed");
+        // Changes after the load: insert, revoke, remove, insert again.
+        let c = Id::new("c").unwrap();
+        let gc = s
+            .insert(&c, &SecretKey::from_bytes([3; 32]), EnrollMode::Open, None)
+            .unwrap();
+        assert_eq!(cached(&s, "c"), Some((gc, [3; 32])));
+        assert!(s.revoke("c").unwrap());
+        assert_eq!(cached(&s, "c"), None);
+        assert!(s.remove("a").unwrap());
+        assert_eq!(cached(&s, "a"), None);
+        let ga2 = s
+            .insert(&a, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
+            .unwrap();
+        assert_eq!(cached(&s, "a"), Some((ga2, [4; 32])));
+        // A refused insert leaves the index alone.
+        assert!(s
+            .insert(&a, &SecretKey::from_bytes([5; 32]), EnrollMode::Open, None)
+            .is_err());
+        assert_eq!(cached(&s, "a"), Some((ga2, [4; 32])));
+        // Memory and SQLite agree, and `key` answers from memory.
+        for id in ["a", "b", "c", "nope"] {
+            let id = Id::new(id).unwrap();
+            let sql = Store::open(&dir.path().join(DB_FILE), SecretKey::from_bytes([9; 32]))
+                .unwrap()
+                .key(&id)
+                .unwrap()
+                .map(|k| (k.generation, *k.key.expose()));
+            assert_eq!(sql, cached(&s, id.as_str()), "{id}");
+            assert_eq!(
+                s.key(&id).unwrap().map(|k| k.generation),
+                sql.map(|(g, _)| g)
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_that_does_not_open_is_left_out_of_the_index_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let id = Id::new("dev").unwrap();
+        s.insert(&id, &SecretKey::from_bytes([1; 32]), EnrollMode::Open, None)
+            .unwrap();
+        // The sealed key moved to another row: its associated data no longer matches.
+        raw(dir.path())
+            .execute("UPDATE identities SET id = 'other'", [])
+            .unwrap();
+        let ok = Id::new("ok").unwrap();
+        s.insert(&ok, &SecretKey::from_bytes([2; 32]), EnrollMode::Open, None)
+            .unwrap();
+        assert_eq!(s.load_key_index().unwrap(), 1);
+        assert_eq!(cached(&s, "other"), None, "refused like an unknown id");
+        assert_eq!(cached(&s, "ok").map(|(_, k)| k), Some([2; 32]));
     }
 
     #[test]
