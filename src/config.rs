@@ -20,6 +20,8 @@
 //! enrollments_per_second = 50 # all sources together (bursts of 2x)
 //! first_frame_timeout = 2.0   # seconds for a new connection's first frame
 //! handshake_timeout = 10.0    # seconds to finish enrollment or handshake after it
+//! refusal_delay = 1.0         # seconds a refused stranger waits for its answer (0: none)
+//! max_delayed_refusals = 10000  # refused strangers waiting at once (0: none wait)
 //! keepalive = 30.0            # seconds; an idle session is closed after 1.5x this
 //! max_frame_len = 65536       # bytes, the session frame limit (spec 3.2)
 //! max_in_flight = 32          # requests per session before reading stops
@@ -109,6 +111,14 @@ pub struct Limits {
     /// Time to complete an enrollment or a handshake after the first frame.
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
+    /// Time a stranger the daemon drops (evicted, over its source's limits, or refused
+    /// before authenticating) waits, its socket parked, before its ERROR and close (up to
+    /// 1.5x this): a flood that reconnects whenever dropped turns this slowly. 0: at once.
+    #[serde(with = "secs")]
+    pub refusal_delay: Duration,
+    /// Refused strangers parked at once (a socket each, no task); when full, the one due
+    /// first is closed at once. Fitted into the open-file limit beside `max_connections`.
+    pub max_delayed_refusals: usize,
     /// Keepalive interval; sessions silent for 1.5x this are closed.
     #[serde(with = "secs")]
     pub keepalive: Duration,
@@ -135,6 +145,8 @@ impl Default for Limits {
             enrollments_per_second: 50,
             first_frame_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
+            refusal_delay: Duration::from_secs(1),
+            max_delayed_refusals: 10_000,
             keepalive: Duration::from_secs(30),
             max_frame_len: crate::proto::DEFAULT_MAX_FRAME_LEN,
             max_in_flight: 32,
@@ -200,6 +212,15 @@ impl Limits {
             if !(1..=max).contains(&value) {
                 return invalid(field, &format!("must be between 1 and {max}"));
             }
+        }
+        if self.max_delayed_refusals > 1_000_000 {
+            return invalid(
+                "limits.max_delayed_refusals",
+                "must be between 0 and 1000000",
+            );
+        }
+        if self.refusal_delay > Duration::from_secs(60) {
+            return invalid("limits.refusal_delay", "must be between 0 and 60 seconds");
         }
         if !(1024..=MAX_FRAME_LEN_CEILING).contains(&self.max_frame_len) {
             return invalid("limits.max_frame_len", "must be between 1024 and 16777216");

@@ -79,8 +79,9 @@ const FD_HEADROOM: u64 = 128;
 
 /// Makes `max_connections` fit the open-file limit: raises the soft `RLIMIT_NOFILE` to
 /// the hard limit first (if `raise`), then clamps `max_connections` to what fits with
-/// [`FD_HEADROOM`], saying why. Past the limit `accept` fails and every new device
-/// times out; this way the excess gets ERROR BUSY instead.
+/// [`FD_HEADROOM`], saying why, and `max_delayed_refusals` to what is left. Past the
+/// limit `accept` fails and every new device times out; this way the excess gets ERROR
+/// BUSY instead.
 fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
     let soft = if raise {
         raise_fd_limit()
@@ -97,6 +98,17 @@ fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
             "limits.max_connections does not fit the open-file limit (RLIMIT_NOFILE) with {FD_HEADROOM} descriptors of headroom; clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
         );
         limits.max_connections = fit as usize;
+    }
+    // Parked refusals take what is left; they yield to connections, not the reverse.
+    let spare = fit - limits.max_connections as u64;
+    if limits.max_delayed_refusals as u64 > spare {
+        info!(
+            configured = limits.max_delayed_refusals,
+            clamped = spare,
+            open_file_limit = soft,
+            "limits.max_delayed_refusals does not fit the open-file limit beside limits.max_connections; clamped"
+        );
+        limits.max_delayed_refusals = spare as usize;
     }
 }
 

@@ -294,6 +294,7 @@ async fn a_full_unauthenticated_pool_does_not_keep_a_new_device_out() {
     let srv = TestServer::start(|c| {
         c.limits.max_unauthenticated = 4;
         c.limits.max_unauthenticated_per_source = 1000; // the global pool is under test
+        c.limits.refusal_delay = Duration::from_millis(300);
     })
     .await;
     let (client, _) = srv.connect(&srv.enroll("a").await).await;
@@ -316,13 +317,16 @@ async fn a_full_unauthenticated_pool_does_not_keep_a_new_device_out() {
         })
         .await;
     }
-    // The oldest idle sockets were the ones closed, one per newcomer.
-    let mut closed = Vec::new();
-    for s in idle.iter_mut() {
-        closed.push(closed_within(s, 200).await);
+    // The oldest idle sockets were the ones evicted, one per newcomer: out of the pool
+    // at once, closed when their refusal delay is over (300 to 450 ms), the others not.
+    assert_eq!(srv.state.tarpit.len(), 3);
+    for s in &mut idle[..3] {
+        assert!(closed_within(s, 2000).await, "oldest first");
     }
-    assert_eq!(closed.iter().filter(|c| **c).count(), 3, "{closed:?}");
-    assert!(closed[..3].iter().all(|c| *c), "oldest first: {closed:?}");
+    for s in &mut idle[3..] {
+        assert!(!closed_within(s, 100).await);
+    }
+    assert!(srv.state.tarpit.is_empty());
     assert_eq!(
         client.request("ok").await.unwrap(),
         Bytes::from_static(b"ok")
@@ -336,6 +340,7 @@ async fn one_source_cannot_hold_more_than_its_cap() {
     let srv = TestServer::start(|c| {
         c.limits.max_unauthenticated = 100;
         c.limits.max_unauthenticated_per_source = 3;
+        c.limits.refusal_delay = Duration::from_millis(300);
     })
     .await;
     let cred = srv.enroll("a").await;
@@ -349,11 +354,15 @@ async fn one_source_cannot_hold_more_than_its_cap() {
         srv.state.admission.len() == 3
     })
     .await;
-    let mut closed = 0;
-    for s in idle.iter_mut() {
-        closed += closed_within(s, 200).await as usize;
+    for s in &mut idle[..7] {
+        assert!(
+            closed_within(s, 2000).await,
+            "all but the newest three are closed"
+        );
     }
-    assert_eq!(closed, 7, "all but the newest three were closed");
+    for s in &mut idle[7..] {
+        assert!(!closed_within(s, 100).await);
+    }
     // A device from the same address still gets in.
     device_gets_in(&cred).await.unwrap();
 }
@@ -363,10 +372,14 @@ async fn one_source_cannot_hold_more_than_its_cap() {
 #[tokio::test]
 async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() {
     // One per second, bursts of two: the enrollment and one idle socket empty it.
-    let srv = TestServer::start(|c| c.limits.new_connections_per_source = 1).await;
+    let srv = TestServer::start(|c| {
+        c.limits.new_connections_per_source = 1;
+        c.limits.refusal_delay = Duration::from_millis(100);
+    })
+    .await;
     let cred = srv.enroll("a").await;
     let held = TcpStream::connect(srv.addr).await.unwrap();
-    // Reset at once: connecting itself may already see it.
+    // Reset after its refusal delay: connecting itself may already see it.
     if let Ok(mut over) = TcpStream::connect(srv.addr).await {
         assert!(closed_within(&mut over, 2000).await);
     }
@@ -380,6 +393,91 @@ async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() 
     // the bucket refills within its retries.
     drop(held);
     device_gets_in(&cred).await.unwrap();
+}
+
+const MALFORMED: [u8; 8] = [0, 0, 0, 4, 0x1f, 0, 2, 1];
+
+/// Issue 11: an attacker that reconnects whenever refused made the daemon accept, read
+/// and refuse as fast as both could run (25,000 connections a second on two cores), and
+/// devices waited behind that loop. A refused stranger now gets its answer only after
+/// `limits.refusal_delay`, parked without a slot: four attacker loops sending garbage for
+/// 1.2 s complete at most three rounds each. (Before the tarpit: thousands.)
+#[tokio::test]
+async fn a_stranger_refused_over_and_over_cannot_set_the_pace() {
+    let srv = TestServer::start(|c| {
+        c.limits.refusal_delay = Duration::from_millis(500);
+        c.limits.max_unauthenticated = 4;
+    })
+    .await;
+    let cred = srv.enroll("a").await;
+    let until = std::time::Instant::now() + Duration::from_millis(1200);
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = srv.addr;
+            tokio::spawn(async move {
+                let mut rounds = 0;
+                while std::time::Instant::now() < until {
+                    let started = std::time::Instant::now();
+                    let mut s = TcpStream::connect(addr).await.unwrap();
+                    s.write_all(&[0, 0, 0, 4, 0x7f, 0, 0, 0]).await.unwrap();
+                    assert_eq!(read_all(&mut s).await, MALFORMED);
+                    assert!(started.elapsed() >= Duration::from_millis(500));
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    // Parked, they hold no slot: a device gets in meanwhile, at once.
+    common::eventually(5, "the garbage to be parked", || {
+        srv.state.tarpit.len() == 4
+    })
+    .await;
+    assert!(srv.state.admission.is_empty());
+    device_gets_in(&cred).await.unwrap();
+    let mut total = 0;
+    for l in loops {
+        total += l.await.unwrap();
+    }
+    assert!((4..=12).contains(&total), "{total} rounds");
+}
+
+/// What the peer reads within 2 s (until the close, if it comes).
+async fn answer(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut got)).await;
+    got
+}
+
+/// A full tarpit answers the refusal due first at once: parking never holds more
+/// sockets than `limits.max_delayed_refusals`.
+#[tokio::test]
+async fn a_full_tarpit_answers_one_at_once() {
+    let srv = TestServer::start(|c| {
+        c.limits.refusal_delay = Duration::from_secs(5);
+        c.limits.max_delayed_refusals = 2;
+    })
+    .await;
+    let garbage = || async {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(&[0, 0, 0, 4, 0x7f, 0, 0, 0]).await.unwrap();
+        s
+    };
+    let (mut a, mut b) = (garbage().await, garbage().await);
+    common::eventually(5, "two refusals to be parked", || {
+        srv.state.tarpit.len() == 2
+    })
+    .await;
+    let mut c = garbage().await;
+    // One of the first two (the one due first: the delays are spread) is answered now.
+    let (got_a, got_b) = tokio::join!(answer(&mut a), answer(&mut b));
+    let answered = [&got_a, &got_b]
+        .iter()
+        .filter(|g| g.as_slice() == MALFORMED)
+        .count();
+    assert_eq!(answered, 1, "{got_a:?} {got_b:?}");
+    assert_eq!(srv.state.tarpit.len(), 2);
+    assert!(!closed_within(&mut c, 100).await);
 }
 
 #[tokio::test]

@@ -51,7 +51,8 @@ static ALLOC: Counting = Counting;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_lengths_do_not_allocate() {
-    let srv = TestServer::start(|_| {}).await;
+    // Refusals at once: 30 of them are awaited one after the other.
+    let srv = TestServer::start(|c| c.limits.refusal_delay = Duration::ZERO).await;
     let cred = srv.enroll("liar").await;
     let (c, _) = srv.connect(&srv.enroll("bystander").await).await;
     // Warm up every path once, so first-use allocations are not counted.

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::admission::Ticket;
 use super::registry::{Entry, RegisterError, Stats};
 use super::session::SessionTask;
+use super::tarpit::Farewell;
 use super::ServerState;
 use crate::proto::enroll::InitReceived;
 use crate::proto::frame::{EnrollMode, ErrorFrame, FrameType};
@@ -132,6 +133,15 @@ pub(super) struct Stream {
 }
 
 impl Stream {
+    /// Hands a stranger's connection to the tarpit, to end with `farewell` when due. The
+    /// halves are put together first: dropping them would shut the write half down (a
+    /// FIN, a packet the daemon pays for, before the reset).
+    fn park(self, state: &ServerState, farewell: Farewell) {
+        if let Ok(tcp) = self.rd.reunite(self.wr) {
+            state.tarpit.park(tcp, farewell, Instant::now());
+        }
+    }
+
     async fn read(&mut self) -> Result<Bytes, ReadError> {
         read_frame(&mut self.rd, &mut self.buf, HANDSHAKE_MAX_FRAME_LEN).await
     }
@@ -181,10 +191,7 @@ pub(super) async fn serve(
         _ = shutdown.cancelled() => return,
         // Counted and logged when it was evicted; reset without a word (no FIN handshake
         // and no TIME_WAIT for a stranger's connection).
-        _ = ticket.evicted() => {
-            let _ = stream.rd.as_ref().set_zero_linger();
-            return;
-        }
+        _ = ticket.evicted() => return stream.park(&state, Farewell::Reset),
         r = open(&state, &mut stream, &ticket) => r,
     };
     drop(ticket);
@@ -192,19 +199,19 @@ pub(super) async fn serve(
         Ok(Opened::Confirmed(commit)) => {
             match commit_enrollment(&state, &mut stream, *commit).await {
                 Ok(()) => stream.linger(Duration::from_secs(1)).await,
-                Err(refusal) => refuse(&state, &mut stream, refusal).await,
+                Err(refusal) => refuse(&state, stream, refusal),
             }
         }
         Ok(Opened::Session(est, key_lookup)) => {
             start_session(state, stream, est, key_lookup, shutdown).await;
         }
-        Err(refusal) => refuse(&state, &mut stream, refusal).await,
+        Err(refusal) => refuse(&state, stream, refusal),
     }
 }
 
-/// Logs (or counts) a refusal and answers it with its ERROR, if any. The write and the
-/// linger after it are short: the connection still holds a `max_connections` permit.
-async fn refuse(state: &ServerState, stream: &mut Stream, refusal: Refusal) {
+/// Logs (or counts) a refusal and parks the connection to get its ERROR, if any, when
+/// due; its `max_connections` permit is returned now.
+fn refuse(state: &ServerState, stream: Stream, refusal: Refusal) {
     let peer = stream.peer;
     let full = state.note_refusal(refusal.kind(), &peer);
     match refusal {
@@ -214,13 +221,10 @@ async fn refuse(state: &ServerState, stream: &mut Stream, refusal: Refusal) {
         ref r if full => warn!(peer = %peer, reason = %r, "refused"),
         ref r => debug!(peer = %peer, reason = %r, "refused"),
     }
+    // Answered late, from the tarpit (limits.refusal_delay): a stranger that reconnects
+    // whenever refused must not set the pace of the daemon's work.
     if let Some(code) = refusal.code() {
-        let mut out = BytesMut::new();
-        ErrorFrame::new(code).encode(&mut out);
-        let sent = tokio::time::timeout(Duration::from_secs(1), stream.write(&out)).await;
-        if matches!(sent, Ok(Ok(()))) {
-            stream.linger(Duration::from_millis(250)).await;
-        }
+        stream.park(state, Farewell::Error(code));
     }
 }
 
@@ -271,6 +275,9 @@ fn store_failed(e: StoreError) -> Refusal {
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<Commit, Refusal> {
     let init = InitReceived::parse(&state.params, init)?;
+    if let Some(limit) = state.enroll_budget_spent() {
+        return Err(Refusal::EnrollBusy(limit));
+    }
     let (id, mode) = (init.id().clone(), init.mode());
     let lookup_id = id.clone();
     let lookup = on_store(state, move |s| s.enroll_lookup(mode, &lookup_id, now()))
@@ -375,12 +382,18 @@ async fn handshake(
 ) -> Result<(Established, Instant), Refusal> {
     let hello = HelloReceived::parse(hello)?;
     let id = hello.id().clone();
-    let lookup = id.clone();
     // A revocation or removal committed after this instant is caught at registration.
     let key_lookup = Instant::now();
-    let key = on_store(state, move |s| s.key(&lookup))
-        .await?
-        .map_err(store_failed)?;
+    // In memory (the daemon loads the index at start): a flood of HELLOs never queues
+    // devices' lookups behind its own on a blocking pool.
+    let key = match state.store.cached_key(&id) {
+        Some(found) => found,
+        None => {
+            let lookup = id.clone();
+            on_store(state, move |s| s.key(&lookup)).await?
+        }
+    }
+    .map_err(store_failed)?;
     let known = key.is_some();
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.

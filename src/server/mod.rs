@@ -10,6 +10,7 @@ pub mod admission;
 mod conn;
 pub mod registry;
 mod session;
+pub mod tarpit;
 
 use std::future::Future;
 use std::path::Path;
@@ -65,6 +66,8 @@ pub struct ServerState {
     pub admission: Arc<admission::Admission>,
     /// Refusals of unauthenticated connections, logged in full or summarised.
     pub refusals: admission::RefusalLog,
+    /// Refused strangers, parked until their answer is due.
+    pub tarpit: tarpit::Tarpit,
     /// Enrollments in progress.
     enrolling: Arc<Semaphore>,
     /// Enrollments started recently.
@@ -92,6 +95,9 @@ impl ServerState {
         let secrets = ServerSecrets::load(&config.state_dir, credentials_dir, true)?;
         crate::secrets::check_state_dir(&config.state_dir)?;
         let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
+        // Handshakes look keys up in memory (`Store::cached_key`), never on a blocking pool.
+        let keys = store.load_key_index()?;
+        tracing::debug!(keys, "identity keys indexed");
         let registry = Arc::new(Registry::default());
         registry.set_handshake_deadline(config.limits.handshake_timeout);
         // The backend may send to devices (server-initiated traffic) through the registry.
@@ -106,6 +112,10 @@ impl ServerState {
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             admission: Arc::new(admission::Admission::new(config.limits.admission())),
             refusals: admission::RefusalLog::new(),
+            tarpit: tarpit::Tarpit::new(
+                config.limits.max_delayed_refusals,
+                config.limits.refusal_delay,
+            ),
             enrolling: Arc::new(Semaphore::new(config.limits.max_enrollments_in_progress)),
             enroll_rate: std::sync::Mutex::new(admission::TokenBucket::full(
                 f64::from(config.limits.enrollments_per_second),
@@ -120,6 +130,19 @@ impl ServerState {
     /// be logged in full (the rest are summarised every [`admission::RefusalLog::INTERVAL`]).
     pub fn note_refusal(&self, kind: &'static str, peer: &std::net::SocketAddr) -> bool {
         self.refusals.note(kind, admission::Source::of(peer))
+    }
+
+    /// Which enrollment limit leaves no room now, if one does; nothing is taken. Checked
+    /// before an ENROLL_INIT costs a store read and an HMAC: in a flood, an attempt that
+    /// would get BUSY after its proof gets it before. (The budget itself is spent only by
+    /// a proven credential, [`Self::try_enroll`], so strangers cannot exhaust it.)
+    pub(crate) fn enroll_budget_spent(&self) -> Option<&'static str> {
+        if self.enrolling.available_permits() == 0 {
+            return Some("limits.max_enrollments_in_progress");
+        }
+        let rate = f64::from(self.limits().enrollments_per_second);
+        let mut bucket = self.enroll_rate.lock().unwrap_or_else(|e| e.into_inner());
+        (!bucket.has_token(rate, Instant::now())).then_some("limits.enrollments_per_second")
     }
 
     /// A permit for one enrollment, if the enrollment rate and the number in progress
@@ -185,6 +208,8 @@ impl ServerState {
             new.max_enrollments_in_progress,
         );
         self.admission.set_limits(new.admission());
+        self.tarpit
+            .set_limits(new.max_delayed_refusals, new.refusal_delay);
         *cur = new;
     }
 }
@@ -241,6 +266,10 @@ pub async fn run(
             }
         })
     };
+    let reaper = {
+        let (state, token) = (state.clone(), token.clone());
+        tokio::spawn(async move { state.tarpit.run(token).await })
+    };
     let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {
@@ -274,6 +303,7 @@ pub async fn run(
         );
     }
     let _ = flusher.await;
+    let _ = reaper.await;
     state.flush_seen().await;
     info!("shut down");
     Ok(())
@@ -318,9 +348,11 @@ fn admit(
             } else {
                 debug!(peer = %peer, "refused: {}", why.reason());
             }
-            // Reset without a word: an answer costs a write, and a FIN handshake and
-            // TIME_WAIT cost more, for a peer over its limits.
-            let _ = stream.set_zero_linger();
+            // Reset without a word (an answer costs a write, and a FIN handshake and
+            // TIME_WAIT cost more, for a peer over its limits), late: see `tarpit`.
+            state
+                .tarpit
+                .park(stream, tarpit::Farewell::Reset, Instant::now());
             return;
         }
     };
