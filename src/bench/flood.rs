@@ -215,6 +215,19 @@ impl Arsenal {
 
     /// One attacker connection from `source`, until the server drops it or `stop`.
     async fn strike(&self, source: IpAddr, stop: &CancellationToken) -> anyhow::Result<()> {
+        if self.attack == Attack::EnrollFlood {
+            // The client library connects (from the default address) and enrolls.
+            let token = self.token.as_ref().context("token")?;
+            let id = Id::new(&format!("flood-{}", hex::encode(&random_bytes()[..8])))?;
+            let (server, once) = (self.server.to_string(), crate::client::Retry::never());
+            let enroll =
+                crate::client::enroll_with(&server, token, id, Duration::from_secs(10), &once);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = enroll => { r?; }
+            }
+            return Ok(());
+        }
         let socket = TcpSocket::new_v4()?;
         socket.bind(SocketAddr::new(source, 0))?;
         let mut tcp = socket.connect(self.server).await?;
@@ -247,20 +260,7 @@ impl Arsenal {
                     tcp.write_all(&self.replay).await?;
                     hold(&mut tcp).await;
                 }
-                Attack::EnrollFlood => {
-                    drop(tcp);
-                    let token = self.token.as_ref().context("token")?;
-                    let id = Id::new(&format!("flood-{}", hex::encode(&random_bytes()[..8])))?;
-                    crate::client::enroll_with(
-                        &self.server.to_string(),
-                        token,
-                        id,
-                        Duration::from_secs(10),
-                        &crate::client::Retry::never(),
-                    )
-                    .await?;
-                    return Ok(());
-                }
+                Attack::EnrollFlood => unreachable!("enrolls through the client library"),
             }
             Ok::<_, anyhow::Error>(())
         };
