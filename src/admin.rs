@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -35,6 +35,9 @@ pub enum AdminError {
     /// An argument is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// A daemon holds the state directory but does not answer on its control socket.
+    #[error("a tallyd holds state directory {0} but does not answer on its control socket (starting, stopping, or its socket was removed): retry, or restart it. Identities are not changed behind a running daemon: its sessions and its key index would not see it")]
+    Unreachable(PathBuf),
 }
 
 /// Loads the keys of an initialised state directory.
@@ -356,6 +359,9 @@ fn via_daemon(
     match control::call(state_dir, req) {
         Ok(r @ ControlResponse::Error { .. }) => Err(unexpected(state_dir, r)),
         Ok(r) => Ok(Some(r)),
+        Err(ControlError::NotRunning(_)) if crate::secrets::state_dir_in_use(state_dir) => {
+            Err(AdminError::Unreachable(state_dir.to_owned()))
+        }
         Err(ControlError::NotRunning(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }

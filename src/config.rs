@@ -113,7 +113,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Time a stranger the daemon drops (evicted, over its source's limits, or refused
     /// before authenticating) waits, its socket parked, before its ERROR and close (up to
-    /// 1.5x this): a flood that reconnects whenever dropped turns this slowly. 0: at once.
+    /// 1.5x this): a flood that reconnects whenever dropped turns this slowly. 0: at once;
+    /// at most 5 s, so that the answer comes within a client's 10 s timeout.
     #[serde(with = "secs")]
     pub refusal_delay: Duration,
     /// Refused strangers parked at once (a socket each, no task); when full, the one due
@@ -219,8 +220,9 @@ impl Limits {
                 "must be between 0 and 1000000",
             );
         }
-        if self.refusal_delay > Duration::from_secs(60) {
-            return invalid("limits.refusal_delay", "must be between 0 and 60 seconds");
+        // Answers come up to 1.5x this late; clients wait 10 s for them (spec 13.10).
+        if self.refusal_delay > Duration::from_secs(5) {
+            return invalid("limits.refusal_delay", "must be between 0 and 5 seconds");
         }
         if !(1024..=MAX_FRAME_LEN_CEILING).contains(&self.max_frame_len) {
             return invalid("limits.max_frame_len", "must be between 1024 and 16777216");
@@ -379,6 +381,8 @@ mod tests {
             "drain_timeout = 1e300",
             "max_connections = 18446744073709551615",
             "max_in_flight = 100000",
+            "refusal_delay = 6",
+            "max_delayed_refusals = 1000001",
         ] {
             let e = ServerConfig::from_toml(&format!("[limits]\n{huge}"))
                 .unwrap_err()

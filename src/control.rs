@@ -1,9 +1,11 @@
 //! The daemon's local control socket: `<state_dir>/tallyd.sock`, mode 0600.
 //!
-//! Admin commands (`tallyd identities`, `tallyd revoke`) run as separate processes; they
-//! change the store directly and use this socket to reach the running daemon (to list
-//! live sessions, or to close a revoked identity's session at once). The protocol is
-//! one JSON object per line in each direction, one request per connection.
+//! Admin commands (`tallyd identities`, `tallyd revoke`) run as separate processes. While
+//! a daemon runs they change identities only through this socket (the daemon changes
+//! its store and its in-memory key index, and closes the live session at once); when it
+//! does not answer but holds the state directory's lock, they refuse; with no daemon,
+//! they change the store directly. Tokens are written directly either way. The protocol
+//! is one JSON object per line in each direction, one request per connection.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;

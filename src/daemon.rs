@@ -88,7 +88,13 @@ fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
     } else {
         rustix::process::getrlimit(rustix::process::Resource::Nofile).current
     };
-    let Some(soft) = soft else { return };
+    if let Some(soft) = soft {
+        fit_into(limits, soft);
+    }
+}
+
+/// [`fit_fd_limit`] for a soft limit of `soft` descriptors.
+fn fit_into(limits: &mut crate::config::Limits, soft: u64) {
     let fit = soft.saturating_sub(FD_HEADROOM).max(1);
     if limits.max_connections as u64 > fit {
         warn!(
@@ -102,11 +108,16 @@ fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
     // Parked refusals take what is left; they yield to connections, not the reverse.
     let spare = fit - limits.max_connections as u64;
     if limits.max_delayed_refusals as u64 > spare {
-        info!(
+        let why = if spare == 0 {
+            "refused strangers are answered at once (no refusal delay): limits.max_connections takes every descriptor the open-file limit (RLIMIT_NOFILE) leaves. Lower it, or raise LimitNOFILE= (systemd) or `ulimit -n`"
+        } else {
+            "limits.max_delayed_refusals does not fit the open-file limit (RLIMIT_NOFILE) beside limits.max_connections; clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
+        };
+        warn!(
             configured = limits.max_delayed_refusals,
             clamped = spare,
             open_file_limit = soft,
-            "limits.max_delayed_refusals does not fit the open-file limit beside limits.max_connections; clamped"
+            "{why}"
         );
         limits.max_delayed_refusals = spare as usize;
     }
@@ -245,4 +256,31 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
         log_level: new.log_level,
         ..current.clone()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+
+    fn fitted(max_connections: usize, max_delayed: usize, soft: u64) -> (usize, usize) {
+        let mut l = Limits {
+            max_connections,
+            max_delayed_refusals: max_delayed,
+            ..Limits::default()
+        };
+        fit_into(&mut l, soft);
+        (l.max_connections, l.max_delayed_refusals)
+    }
+
+    #[test]
+    fn connections_then_parked_refusals_fit_the_open_file_limit() {
+        // systemd's LimitNOFILE=65536 (the shipped unit): the defaults fit.
+        assert_eq!(fitted(10_000, 10_000, 65_536), (10_000, 10_000));
+        // A hard limit of 20,000: parked refusals get what connections leave.
+        assert_eq!(fitted(10_000, 10_000, 20_000), (10_000, 9_872));
+        // systemd's default 1024: connections first, no parking left.
+        assert_eq!(fitted(10_000, 10_000, 1024), (896, 0));
+        assert_eq!(fitted(500, 10_000, 1024), (500, 396));
+    }
 }

@@ -48,6 +48,53 @@ pub enum SecretsError {
     /// A key is missing and may not be created here.
     #[error("{0} does not exist; run `tallyd init` first")]
     Missing(PathBuf),
+    /// Another daemon runs with this state directory.
+    #[error("another tallyd runs with state directory {0} (it holds {0}/{LOCK_FILE}); stop it first, or give this one its own --state-dir")]
+    InUse(PathBuf),
+}
+
+/// The lock file a running daemon holds in its state directory.
+pub const LOCK_FILE: &str = "tallyd.lock";
+
+/// A running daemon's hold on its state directory (an exclusive `flock` on
+/// [`LOCK_FILE`], released by the kernel when the process ends, however it ends): no
+/// second daemon on the same store, and no admin command changing identities behind the
+/// daemon's back, which would miss its live sessions and its in-memory key index.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+/// Takes the state directory's lock, or says that another daemon holds it.
+pub fn lock_state_dir(dir: &Path) -> Result<StateLock, SecretsError> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(StateLock(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(SecretsError::InUse(dir.to_owned())),
+        Err(e) => Err(SecretsError::Io {
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+/// Whether a running daemon holds the state directory `dir`.
+pub fn state_dir_in_use(dir: &Path) -> bool {
+    use rustix::fs::{flock, FlockOperation};
+    let Ok(file) = File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    matches!(
+        flock(&file, FlockOperation::NonBlockingLockShared),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    )
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {

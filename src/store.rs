@@ -252,10 +252,11 @@ pub struct Store {
 /// SQLite, no hop to a blocking pool, whatever a flood of HELLOs asks for (issue 11).
 ///
 /// The keys stay sealed here as in the database (spec 13.9): a plaintext identity key
-/// exists only for the handshake that unseals it. Every change to the identities goes
-/// through this `Store` and updates the index under the write connection's lock, after
-/// its commit; the daemon is the only writer while it runs (admin commands go through its
-/// control socket).
+/// exists only while a handshake (or the check at load) unseals it. Every change to the
+/// identities goes through this `Store` and updates the index under the write
+/// connection's lock, after its commit; the daemon is the only writer while it runs: it
+/// holds the state directory's lock, and admin commands go through its control socket
+/// or, if it does not answer there, change nothing ([`crate::secrets::lock_state_dir`]).
 struct KeyIndex {
     keys: RwLock<SealedKeys>,
     decoy: [u8; SEALED_LEN],
@@ -583,8 +584,8 @@ impl Store {
             "UPDATE identities SET key = ?2 WHERE generation = ?1",
             params![generation, sealed],
         )?;
-        tx.commit()?;
         let sealed = sealed_array(&sealed)?;
+        tx.commit()?;
         self.reindex(|keys| {
             keys.insert(id.as_str().into(), (generation, sealed));
         });
@@ -594,10 +595,10 @@ impl Store {
 
     /// The key of a usable identity: `None` if it is unknown or revoked.
     ///
-    /// One statement that always yields exactly one row (the identity's, or the decoy's)
-    /// and one unseal, whichever the case, so that the work does not tell an enrolled id
-    /// from an unknown one (spec 7.5). A read on the relaxed connection: it never waits
-    /// for a durable write.
+    /// From the index when it is loaded ([`Store::cached_key`]); else one statement that
+    /// always yields exactly one row (the identity's, or the decoy's) and one unseal,
+    /// whichever the case, so that the work does not tell an enrolled id from an unknown
+    /// one (spec 7.5), on the relaxed connection: it never waits for a durable write.
     pub fn key(&self, id: &Id) -> Result<Option<IdentityKey>, StoreError> {
         if let Some(found) = self.cached_key(id) {
             return found;
@@ -661,7 +662,10 @@ impl Store {
             conn.query_row("SELECT key FROM decoy WHERE generation = 0", [], |r| {
                 r.get(0)
             })?;
-        let mut keys = HashMap::new();
+        let rows: usize = conn.query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))?;
+        // Room to double before a rehash, which would hold the write lock (and every
+        // handshake) for a pass over the whole map.
+        let mut keys = HashMap::with_capacity(2 * rows + 1024);
         let mut stmt = conn.prepare(
             "SELECT id, generation, key FROM identities WHERE revoked IS NULL AND key IS NOT NULL",
         )?;

@@ -150,6 +150,17 @@ impl Stream {
         Ok(self.wr.write_all(bytes).await?)
     }
 
+    /// Sends ERROR `code` now and ends the connection gently. Bounded in time: the
+    /// connection still holds a `max_connections` permit.
+    async fn answer(&mut self, code: ErrorCode) {
+        let mut out = BytesMut::new();
+        ErrorFrame::new(code).encode(&mut out);
+        let sent = tokio::time::timeout(Duration::from_secs(1), self.write(&out)).await;
+        if matches!(sent, Ok(Ok(()))) {
+            self.linger(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Ends the connection gently: FIN, then read (and drop) until the peer closes, so
     /// the last frame sent is not destroyed by a reset. Bounded in time.
     pub async fn linger(&mut self, max: Duration) {
@@ -199,19 +210,29 @@ pub(super) async fn serve(
         Ok(Opened::Confirmed(commit)) => {
             match commit_enrollment(&state, &mut stream, *commit).await {
                 Ok(()) => stream.linger(Duration::from_secs(1)).await,
-                Err(refusal) => refuse(&state, stream, refusal),
+                // After a valid ENROLL_CONFIRM: the device itself, answered at once.
+                Err(refusal) => {
+                    if let Some(code) = refuse(&state, &stream, refusal) {
+                        stream.answer(code).await;
+                    }
+                }
             }
         }
         Ok(Opened::Session(est, key_lookup)) => {
             start_session(state, stream, est, key_lookup, shutdown).await;
         }
-        Err(refusal) => refuse(&state, stream, refusal),
+        Err(refusal) => {
+            if let Some(code) = refuse(&state, &stream, refusal) {
+                // Answered late, from the tarpit (limits.refusal_delay): a stranger that
+                // reconnects whenever refused must not set the pace of the daemon's work.
+                stream.park(&state, Farewell::Error(code));
+            }
+        }
     }
 }
 
-/// Logs (or counts) a refusal and parks the connection to get its ERROR, if any, when
-/// due; its `max_connections` permit is returned now.
-fn refuse(state: &ServerState, stream: Stream, refusal: Refusal) {
+/// Logs (or counts) a refusal; returns the ERROR to answer it with, if any.
+fn refuse(state: &ServerState, stream: &Stream, refusal: Refusal) -> Option<ErrorCode> {
     let peer = stream.peer;
     let full = state.note_refusal(refusal.kind(), &peer);
     match refusal {
@@ -221,11 +242,7 @@ fn refuse(state: &ServerState, stream: Stream, refusal: Refusal) {
         ref r if full => warn!(peer = %peer, reason = %r, "refused"),
         ref r => debug!(peer = %peer, reason = %r, "refused"),
     }
-    // Answered late, from the tarpit (limits.refusal_delay): a stranger that reconnects
-    // whenever refused must not set the pace of the daemon's work.
-    if let Some(code) = refusal.code() {
-        stream.park(state, Farewell::Error(code));
-    }
+    refusal.code()
 }
 
 /// Reads the first frame (under `limits.first_frame_timeout`) and runs enrollment or

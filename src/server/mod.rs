@@ -74,6 +74,8 @@ pub struct ServerState {
     enroll_rate: std::sync::Mutex<admission::TokenBucket>,
     /// Successful handshakes not yet written to the store's `last_seen`.
     seen: std::sync::Mutex<std::collections::HashMap<crate::proto::Id, i64>>,
+    /// Held while the daemon runs.
+    _lock: crate::secrets::StateLock,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -94,6 +96,9 @@ impl ServerState {
         config.validate()?;
         let secrets = ServerSecrets::load(&config.state_dir, credentials_dir, true)?;
         crate::secrets::check_state_dir(&config.state_dir)?;
+        // Before the store and its key index: from here on, identities change only
+        // through this daemon (admin commands go through its control socket).
+        let lock = crate::secrets::lock_state_dir(&config.state_dir)?;
         let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
         // Handshakes look keys up in memory (`Store::cached_key`), never on a blocking pool.
         let keys = store.load_key_index()?;
@@ -122,6 +127,7 @@ impl ServerState {
                 Instant::now(),
             )),
             seen: Default::default(),
+            _lock: lock,
         };
         Ok((Arc::new(state), secrets))
     }

@@ -13,15 +13,22 @@
 //!
 //! Parked sockets are bounded by `limits.max_delayed_refusals` (the daemon fits it into
 //! the open-file limit beside `max_connections`): when full, the one due first is closed
-//! at once to make room, so parking never takes a descriptor a device needs.
+//! at once to make room, so parking never takes a descriptor a device needs. A parked
+//! socket is taken out of the reactor (a stranger's drip wakes nothing) and its receive
+//! buffer is shrunk to the kernel's minimum, so that 10,000 of them cannot pin a
+//! gigabyte of kernel memory with unread bytes.
+//!
+//! Which refusals are parked: all of those before authentication, except after a valid
+//! ENROLL_CONFIRM (only the device that made the key exchange can send one; its answer
+//! is not delayed).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::{Shutdown, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 
 use crate::proto::frame::ErrorFrame;
 use crate::proto::ErrorCode;
@@ -31,8 +38,9 @@ use crate::proto::ErrorCode;
 pub enum Farewell {
     /// A reset, without a word (no FIN handshake, no TIME_WAIT on the daemon's side).
     Reset,
-    /// This ERROR, if the socket takes it at once, then an orderly close (a reset could
-    /// destroy the ERROR before the peer reads it).
+    /// This ERROR, if the socket takes it at once, then an orderly close: what the peer
+    /// sent meanwhile is read and dropped first, since closing a socket with unread
+    /// bytes sends a reset, which can destroy the ERROR before the peer reads it.
     Error(ErrorCode),
 }
 
@@ -69,6 +77,8 @@ struct Inner {
     capacity: usize,
     delay: Duration,
     seq: u64,
+    /// Set at shutdown: whatever comes later is ended at once.
+    closed: bool,
     /// xorshift64 state, for the jitter (not a secret: knowing it gains nothing).
     rng: u64,
 }
@@ -91,6 +101,7 @@ impl Tarpit {
                 capacity,
                 delay,
                 seq: 0,
+                closed: false,
                 rng: seed,
             }),
             wake: tokio::sync::Notify::new(),
@@ -120,12 +131,14 @@ impl Tarpit {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// New limits (configuration reload); a smaller capacity is reached as sockets
-    /// leave.
+    /// New limits (configuration reload). Sockets over a smaller capacity are ended at
+    /// once (the descriptors they free may already be counted for connections).
     pub fn set_limits(&self, capacity: usize, delay: Duration) {
         let mut inner = self.lock();
         inner.capacity = capacity;
         inner.delay = delay;
+        drop(inner);
+        self.wake.notify_one();
     }
 
     /// Sockets parked now.
@@ -140,16 +153,20 @@ impl Tarpit {
 
     /// Parks `stream` until its delay has passed, to end it with `farewell` then. When
     /// the tarpit is full, the socket due first is ended now; with no capacity or no
-    /// delay, `stream` itself is.
-    pub fn park(&self, stream: TcpStream, farewell: Farewell, now: Instant) {
+    /// delay, or after shutdown, `stream` itself is.
+    pub fn park(&self, stream: tokio::net::TcpStream, farewell: Farewell, now: Instant) {
+        // Out of the reactor: a parked socket is never polled.
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
         let mut inner = self.lock();
-        if inner.capacity == 0 || inner.delay.is_zero() {
+        if inner.capacity == 0 || inner.delay.is_zero() || inner.closed {
             drop(inner);
             return end(stream, farewell);
         }
-        let mut evicted = None;
-        if inner.parked.len() >= inner.capacity {
-            evicted = inner.parked.pop().map(|Reverse(p)| p);
+        let mut full = Vec::new();
+        while inner.parked.len() >= inner.capacity {
+            full.extend(inner.parked.pop().map(|Reverse(p)| p));
         }
         inner.rng ^= inner.rng << 13;
         inner.rng ^= inner.rng >> 7;
@@ -160,6 +177,8 @@ impl Tarpit {
         inner.seq += 1;
         let seq = inner.seq;
         let sooner = inner.parked.peek().is_none_or(|Reverse(p)| until < p.until);
+        // The window it advertises from now on: the kernel's minimum.
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 1);
         inner.parked.push(Reverse(Parked {
             until,
             seq,
@@ -170,7 +189,7 @@ impl Tarpit {
         if sooner {
             self.wake.notify_one();
         }
-        if let Some(p) = evicted {
+        for p in full {
             end(p.stream, p.farewell);
         }
     }
@@ -196,9 +215,13 @@ impl Tarpit {
         (n, next)
     }
 
-    /// Ends every parked socket now (shutdown).
+    /// Ends every parked socket now, and any parked later at once (shutdown).
     pub fn release_all(&self) {
-        let parked = std::mem::take(&mut self.lock().parked);
+        let parked = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            std::mem::take(&mut inner.parked)
+        };
         for Reverse(p) in parked {
             end(p.stream, p.farewell);
         }
@@ -208,15 +231,24 @@ impl Tarpit {
 fn end(stream: TcpStream, farewell: Farewell) {
     match farewell {
         Farewell::Reset => {
-            let _ = stream.set_zero_linger();
+            let _ = rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO));
         }
         Farewell::Error(code) => {
+            // The socket is non-blocking (it came from tokio): read what is there, at most
+            // what a minimal receive buffer holds and then some.
+            let mut sink = [0u8; 4096];
+            for _ in 0..16 {
+                match rustix::io::read(&stream, &mut sink) {
+                    Ok(n) if n > 0 => continue,
+                    _ => break,
+                }
+            }
             let mut out = BytesMut::new();
             ErrorFrame::new(code).encode(&mut out);
-            // Straight to the socket (non-blocking): tokio's `try_write` would refuse until
-            // its reactor has seen the socket writable. A peer whose window is closed gets
-            // no ERROR, only the close.
-            let _ = rustix::io::write(&stream, &out);
+            // MSG_NOSIGNAL: a peer that reset must not raise SIGPIPE in a host process
+            // that did not ignore it. A peer whose window is closed gets no ERROR.
+            let _ = rustix::net::send(&stream, &out, rustix::net::SendFlags::NOSIGNAL);
+            let _ = stream.shutdown(Shutdown::Write);
         }
     }
 }
@@ -228,16 +260,16 @@ mod tests {
     use std::net::TcpListener;
 
     /// A connected pair: (the daemon's side, the peer's side, blocking).
-    fn pair() -> (TcpStream, std::net::TcpStream) {
+    fn pair() -> (tokio::net::TcpStream, std::net::TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (ours(&l), peer)
     }
 
-    fn ours(l: &TcpListener) -> TcpStream {
+    fn ours(l: &TcpListener) -> tokio::net::TcpStream {
         let (s, _) = l.accept().unwrap();
         s.set_nonblocking(true).unwrap();
-        TcpStream::from_std(s).unwrap()
+        tokio::net::TcpStream::from_std(s).unwrap()
     }
 
     /// What the peer reads until the connection ends, and how it ends.
@@ -291,6 +323,48 @@ mod tests {
             (error.to_vec(), std::io::ErrorKind::UnexpectedEof),
             "the ERROR, then an orderly close"
         );
+    }
+
+    #[tokio::test]
+    async fn the_error_survives_bytes_the_peer_sent_meanwhile() {
+        use std::io::Write;
+        let pit = Tarpit::new(10, Duration::from_secs(1));
+        let t = Instant::now();
+        let (a, mut pa) = pair();
+        pa.write_all(&[0x55; 3000]).unwrap();
+        pit.park(a, Farewell::Error(ErrorCode::TIMEOUT), t);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pit.release_due(t + Duration::from_secs(2)).0, 1);
+        let mut error = BytesMut::new();
+        ErrorFrame::new(ErrorCode::TIMEOUT).encode(&mut error);
+        assert_eq!(
+            outcome(pa),
+            (error.to_vec(), std::io::ErrorKind::UnexpectedEof),
+            "unread bytes would have turned the close into a reset"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_shutdown_and_over_a_lowered_capacity_sockets_end_at_once() {
+        let pit = Tarpit::new(3, Duration::from_secs(5));
+        let t = Instant::now();
+        let (a, pa) = pair();
+        let (b, pb) = pair();
+        let (c, pc) = pair();
+        pit.park(a, Farewell::Reset, t);
+        pit.park(b, Farewell::Reset, t + Duration::from_secs(3));
+        // Lowered to one: the next park makes room for itself and for the new limit.
+        pit.set_limits(1, Duration::from_secs(5));
+        pit.park(c, Farewell::Reset, t + Duration::from_secs(6));
+        assert_eq!(pit.len(), 1);
+        assert_eq!(outcome(pa).1, std::io::ErrorKind::ConnectionReset);
+        assert_eq!(outcome(pb).1, std::io::ErrorKind::ConnectionReset);
+        pit.release_all();
+        assert_eq!(outcome(pc).1, std::io::ErrorKind::ConnectionReset);
+        let (d, pd) = pair();
+        pit.park(d, Farewell::Reset, t);
+        assert!(pit.is_empty(), "after shutdown, nothing is parked");
+        assert_eq!(outcome(pd).1, std::io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]
