@@ -115,6 +115,10 @@ pub enum ProtocolError {
     /// An earlier frame failed; the session accepts nothing more (spec 8.3).
     #[error("session failed earlier and accepts no more frames")]
     Poisoned,
+    /// A RESPONSE for a sequence number that is not a REQUEST of the peer awaiting an
+    /// answer (never received, or answered already: spec 8.4 allows exactly one).
+    #[error("no request {0} of the peer awaits an answer")]
+    NotPending(u64),
     /// The payload does not fit in one frame under the negotiated limit.
     #[error("payload of {len} bytes exceeds the maximum of {max} bytes")]
     PayloadTooLarge {
@@ -189,6 +193,7 @@ impl ProtocolError {
             ProtocolError::WeakKey => "weak_key",
             ProtocolError::Poisoned => "poisoned",
             ProtocolError::PayloadTooLarge { .. } => "payload_too_large",
+            ProtocolError::NotPending(_) => "not_pending",
         }
     }
 

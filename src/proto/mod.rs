@@ -14,11 +14,13 @@
 //! | 5 Key schedule | [`schedule`] |
 //! | 6 Enrollment | [`enroll`] |
 //! | 7 Session handshake | [`handshake`] |
-//! | 8 Session | [`session`] |
+//! | 8 Session: frames | [`session`] |
+//! | 8 Session: requests, keepalive, closing | [`connection`] |
 //! | 9 Token and credential formats | [`credential`] |
 //! | 10 Error and close codes | [`error`] |
 
 pub mod codec;
+pub mod connection;
 pub mod credential;
 pub mod enroll;
 pub mod error;

@@ -1,0 +1,940 @@
+//! One established session, all of spec section 8 in one place, sans-IO.
+//!
+//! A [`Connection`] owns everything a session's two ends must agree on: the sequence
+//! numbers and tags ([`Session`]), the requests and pings awaiting an answer and the
+//! strict matching of answers to them (8.4), the requests of the peer this side still
+//! has to answer, the keepalive and idle deadlines (8.5), the close handshake and
+//! truncation (8.6), and the 2^64 − 1 rule (8.1). The same type serves the client and
+//! the server role.
+//!
+//! It does no I/O and reads no clock (after quinn-proto): the driver feeds it the bytes
+//! it read ([`Connection::handle_input`], [`Connection::handle_eof`]) and the time
+//! ([`Connection::handle_timeout`]), and takes from it the bytes to write
+//! ([`Connection::poll_transmit`]), what happened ([`Connection::poll_event`]) and when
+//! to call again ([`Connection::poll_timeout`]). Time is a [`Duration`] since an origin
+//! of the driver's choosing (a monotonic clock), so the same code runs on a
+//! microcontroller's tick counter.
+
+use core::time::Duration;
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use super::error::{CloseCode, ProtocolError};
+use super::frame::{Body, SessionFrame, Status};
+use super::session::{Role, Session};
+
+/// The timers and limits of one end of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Send a PING after this long without sending anything (spec 8.5); `None`: never.
+    pub keepalive: Option<Duration>,
+    /// Close with `IDLE_TIMEOUT` after this long without receiving a byte; `None`: never.
+    /// (A frame that is still arriving counts as receiving.)
+    pub idle_timeout: Option<Duration>,
+    /// After sending CLOSE, how long to wait for the peer's CLOSE (or EOF).
+    pub close_timeout: Duration,
+    /// Largest length field accepted from the peer (spec 3.2).
+    pub max_frame_len: u32,
+}
+
+impl Config {
+    /// A client's defaults: a PING after 30 s of silence, closed after 45 s of hearing
+    /// nothing, 5 s for the close handshake, 64 KiB frames.
+    pub fn client() -> Self {
+        Config {
+            keepalive: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(45)),
+            close_timeout: Duration::from_secs(5),
+            max_frame_len: super::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+
+    /// A server's defaults: no PINGs of its own, closed after 45 s of hearing nothing
+    /// (1.5 × the client's keepalive), 5 s for the close handshake, 64 KiB frames.
+    pub fn server() -> Self {
+        Config {
+            keepalive: None,
+            ..Config::client()
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum End {
+    /// The peer sent CLOSE; this side answered with its own.
+    PeerClosed {
+        /// The peer's code.
+        code: CloseCode,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// This side sent CLOSE (asked to, or because of a deadline or its sequence
+    /// numbers running out), then the peer answered, closed, or did not in time.
+    Closed {
+        /// This side's code.
+        code: CloseCode,
+        /// This side's reason.
+        reason: String,
+    },
+    /// The connection ended (EOF or reset) before the peer's CLOSE: not an orderly end
+    /// (spec 8.6); every pending request failed.
+    Truncated,
+    /// The peer broke a rule of 8.3 or 8.4; this side sent CLOSE with the error's code.
+    Failed(ProtocolError),
+}
+
+/// Something the application must know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The peer's REQUEST: answer it with [`Connection::respond`] and `seq`.
+    Request {
+        /// Its sequence number, to answer with.
+        seq: u64,
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// The answer to this side's REQUEST `req_seq`.
+    Response {
+        /// The request it answers.
+        req_seq: u64,
+        /// Its status.
+        status: Status,
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// A MESSAGE from the peer.
+    Message {
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// The answer to this side's PING `ping_seq`.
+    Pong {
+        /// The PING it answers.
+        ping_seq: u64,
+    },
+    /// The session is over: nothing more will be accepted or sent, and every request
+    /// still pending has failed ([`Connection::pending_requests`] names them). The
+    /// driver writes what [`Connection::poll_transmit`] still returns, then closes.
+    Closed(End),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    /// This side sent CLOSE; waiting for the peer's, until `deadline`. `receiving` is
+    /// false after a receive failure (nothing more is read).
+    Closing {
+        end: End,
+        deadline: Duration,
+        receiving: bool,
+    },
+    Closed,
+}
+
+/// One end of an established session. See the module docs.
+#[derive(Debug)]
+pub struct Connection {
+    session: Session,
+    config: Config,
+    state: State,
+    /// Bytes received and not yet a whole frame.
+    recv: BytesMut,
+    /// Bytes sealed and not yet taken by the driver.
+    send: BytesMut,
+    events: VecDeque<Event>,
+    /// This side's REQUESTs awaiting a RESPONSE.
+    requests: BTreeSet<u64>,
+    /// This side's PINGs awaiting a PONG.
+    pings: BTreeSet<u64>,
+    /// The peer's REQUESTs this side has not answered yet.
+    unanswered: BTreeSet<u64>,
+    last_received: Duration,
+    last_sent: Duration,
+}
+
+impl Connection {
+    /// Wraps a session that a handshake established at `now`.
+    pub fn new(session: Session, config: Config, now: Duration) -> Self {
+        Connection {
+            session,
+            config,
+            state: State::Open,
+            recv: BytesMut::new(),
+            send: BytesMut::new(),
+            events: VecDeque::new(),
+            requests: BTreeSet::new(),
+            pings: BTreeSet::new(),
+            unanswered: BTreeSet::new(),
+            last_received: now,
+            last_sent: now,
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.session.role()
+    }
+
+    /// Whether requests, messages and pings may still be sent.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether the session is over ([`Event::Closed`] was queued).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// This side's REQUESTs still awaiting a RESPONSE (after [`Event::Closed`]: those
+    /// that failed).
+    pub fn pending_requests(&self) -> impl Iterator<Item = u64> + '_ {
+        self.requests.iter().copied()
+    }
+
+    /// The peer's REQUESTs not answered yet.
+    pub fn unanswered_requests(&self) -> usize {
+        self.unanswered.len()
+    }
+
+    /// Bytes sealed and not yet taken by [`Connection::poll_transmit`].
+    pub fn pending_transmit(&self) -> usize {
+        self.send.len()
+    }
+
+    /// The bytes to write next, if any (all of them, in one buffer).
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        (!self.send.is_empty()).then(|| self.send.split().freeze())
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connection::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match &self.state {
+            State::Open => {
+                let idle = self.config.idle_timeout.map(|t| self.last_received + t);
+                let ping = self.config.keepalive.map(|t| self.last_sent + t);
+                match (idle, ping) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            State::Closing { deadline, .. } => Some(*deadline),
+            State::Closed => None,
+        }
+    }
+
+    /// Applies the deadlines due at `now`: the idle deadline closes the session with
+    /// `IDLE_TIMEOUT`, the keepalive sends a PING, the close deadline ends it.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        match &self.state {
+            State::Open => {
+                if self
+                    .config
+                    .idle_timeout
+                    .is_some_and(|t| now >= self.last_received + t)
+                {
+                    self.close(
+                        CloseCode::IDLE_TIMEOUT,
+                        "nothing received within the idle deadline",
+                        now,
+                    );
+                } else if self
+                    .config
+                    .keepalive
+                    .is_some_and(|t| now >= self.last_sent + t)
+                {
+                    let _ = self.ping(now);
+                }
+            }
+            State::Closing { deadline, end, .. } if now >= *deadline => {
+                let end = end.clone();
+                self.finish(end);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes bytes read from the connection at `now`, and handles every whole frame in
+    /// them.
+    pub fn handle_input(&mut self, bytes: &[u8], now: Duration) {
+        let receiving = match &self.state {
+            State::Open => true,
+            State::Closing { receiving, .. } => *receiving,
+            State::Closed => false,
+        };
+        if !receiving || bytes.is_empty() {
+            return;
+        }
+        self.last_received = now;
+        self.recv.extend_from_slice(bytes);
+        loop {
+            let frame = match super::decode_frame(&mut self.recv, self.config.max_frame_len) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => return self.fail(e.into(), now),
+            };
+            let frame = match self.session.open(frame) {
+                Ok(frame) => frame,
+                Err(e) => return self.fail(e, now),
+            };
+            if let Err(e) = self.accept(frame, now) {
+                return self.fail(e, now);
+            }
+            if !matches!(
+                self.state,
+                State::Open
+                    | State::Closing {
+                        receiving: true,
+                        ..
+                    }
+            ) {
+                return;
+            }
+        }
+    }
+
+    /// The connection's read side ended (EOF or reset).
+    pub fn handle_eof(&mut self, _now: Duration) {
+        match &self.state {
+            State::Open => self.finish(End::Truncated),
+            State::Closing { end, .. } => {
+                let end = end.clone();
+                self.finish(end);
+            }
+            State::Closed => {}
+        }
+    }
+
+    /// Sends a REQUEST; returns its sequence number, which its [`Event::Response`] names.
+    pub fn request(&mut self, payload: Bytes, now: Duration) -> Result<u64, ProtocolError> {
+        let seq = self.send_body(&Body::Request { payload }, now)?;
+        self.requests.insert(seq);
+        Ok(seq)
+    }
+
+    /// Answers the peer's REQUEST `req_seq` (once: spec 8.4).
+    pub fn respond(
+        &mut self,
+        req_seq: u64,
+        status: Status,
+        payload: Bytes,
+        now: Duration,
+    ) -> Result<(), ProtocolError> {
+        if !self.unanswered.contains(&req_seq) {
+            return Err(ProtocolError::NotPending(req_seq));
+        }
+        self.send_body(
+            &Body::Response {
+                req_seq,
+                status,
+                payload,
+            },
+            now,
+        )?;
+        self.unanswered.remove(&req_seq);
+        Ok(())
+    }
+
+    /// Sends a MESSAGE.
+    pub fn message(&mut self, payload: Bytes, now: Duration) -> Result<(), ProtocolError> {
+        self.send_body(&Body::Message { payload }, now).map(drop)
+    }
+
+    /// Sends a PING; returns its sequence number, which its [`Event::Pong`] names.
+    pub fn ping(&mut self, now: Duration) -> Result<u64, ProtocolError> {
+        let seq = self.send_body(&Body::Ping, now)?;
+        self.pings.insert(seq);
+        Ok(seq)
+    }
+
+    /// Ends the session: sends CLOSE `code` (once) and waits for the peer's CLOSE, its
+    /// EOF, or the close deadline. Requests still pending fail.
+    pub fn close(&mut self, code: CloseCode, reason: &str, now: Duration) {
+        if self.state != State::Open {
+            return;
+        }
+        self.send_close(code, reason);
+        self.state = State::Closing {
+            end: End::Closed {
+                code,
+                reason: reason.to_string(),
+            },
+            deadline: now + self.config.close_timeout,
+            receiving: true,
+        };
+    }
+
+    /// Seals `body` (spec 8.1: a sender whose next number would be 2^64 − 1 sends CLOSE
+    /// `SEQUENCE_EXHAUSTED` instead, and the session ends).
+    fn send_body(&mut self, body: &Body, now: Duration) -> Result<u64, ProtocolError> {
+        if self.state != State::Open {
+            return Err(ProtocolError::Closed);
+        }
+        match self.session.seal(body, &mut self.send) {
+            Ok(seq) => {
+                self.last_sent = now;
+                Ok(seq)
+            }
+            Err(ProtocolError::SequenceExhausted) => {
+                self.close(
+                    CloseCode::SEQUENCE_EXHAUSTED,
+                    "sequence numbers exhausted",
+                    now,
+                );
+                Err(ProtocolError::SequenceExhausted)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send_close(&mut self, code: CloseCode, reason: &str) {
+        let close = Body::Close {
+            code,
+            reason: reason.to_string(),
+        };
+        // Cannot fail: one CLOSE per session, 2^64 − 1 is CLOSE's, the reason is ours.
+        let _ = self.session.seal(&close, &mut self.send);
+    }
+
+    /// Spec 8.4 and 8.5: what an accepted frame means.
+    fn accept(&mut self, frame: SessionFrame, now: Duration) -> Result<(), ProtocolError> {
+        let closing = self.state != State::Open;
+        match frame.body {
+            Body::Close { code, reason } => {
+                if closing {
+                    let end = match &self.state {
+                        State::Closing { end, .. } => end.clone(),
+                        _ => unreachable!("closing"),
+                    };
+                    self.finish(end);
+                } else {
+                    self.send_close(CloseCode::NORMAL, "closed");
+                    self.finish(End::PeerClosed { code, reason });
+                }
+            }
+            // After this side's CLOSE the peer may still send what it sent before seeing
+            // it: checked (8.3 ran), and dropped.
+            _ if closing => {}
+            Body::Request { payload } => {
+                self.unanswered.insert(frame.seq);
+                self.events.push_back(Event::Request {
+                    seq: frame.seq,
+                    payload,
+                });
+            }
+            Body::Response {
+                req_seq,
+                status,
+                payload,
+            } => {
+                if !self.requests.remove(&req_seq) {
+                    return Err(ProtocolError::UnsolicitedAnswer {
+                        what: "RESPONSE",
+                        got: req_seq,
+                        last_sent: self.session.last_sent(),
+                    });
+                }
+                self.events.push_back(Event::Response {
+                    req_seq,
+                    status,
+                    payload,
+                });
+            }
+            Body::Message { payload } => self.events.push_back(Event::Message { payload }),
+            Body::Ping => {
+                // Answered at once; a PONG that cannot be sent (sequence numbers
+                // exhausted) has closed the session instead.
+                let _ = self.send_body(
+                    &Body::Pong {
+                        ping_seq: frame.seq,
+                    },
+                    now,
+                );
+            }
+            Body::Pong { ping_seq } => {
+                if !self.pings.remove(&ping_seq) {
+                    return Err(ProtocolError::UnsolicitedAnswer {
+                        what: "PONG",
+                        got: ping_seq,
+                        last_sent: self.session.last_sent(),
+                    });
+                }
+                self.events.push_back(Event::Pong { ping_seq });
+            }
+        }
+        Ok(())
+    }
+
+    /// A receive failure (spec 8.3): nothing more is accepted; CLOSE with the error's
+    /// code if this side may still send, then wait for the peer to go.
+    fn fail(&mut self, e: ProtocolError, now: Duration) {
+        self.recv.clear();
+        match self.state {
+            State::Open => {
+                // ERROR in a session, or the peer's refusal of the finish: no CLOSE (8.3
+                // step 2), the connection just ends.
+                if matches!(
+                    e,
+                    ProtocolError::Refused(_) | ProtocolError::InjectedError(_)
+                ) {
+                    return self.finish(End::Failed(e));
+                }
+                self.send_close(e.close_code(), &e.to_string());
+                self.state = State::Closing {
+                    end: End::Failed(e),
+                    deadline: now + self.config.close_timeout,
+                    receiving: false,
+                };
+            }
+            State::Closing {
+                ref mut receiving, ..
+            } => *receiving = false,
+            State::Closed => {}
+        }
+    }
+
+    fn finish(&mut self, end: End) {
+        self.state = State::Closed;
+        self.recv.clear();
+        self.pings.clear();
+        self.unanswered.clear();
+        self.events.push_back(Event::Closed(end));
+    }
+
+    /// The session underneath (counters), for tests and diagnostics.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Moves both counters (see [`Session::set_counters_for_testing`]).
+    #[doc(hidden)]
+    pub fn set_counters_for_testing(&mut self, next_send: u64, last_recv: u64) {
+        self.session.set_counters_for_testing(next_send, last_recv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::session::tests::pair as sessions;
+
+    const S: Duration = Duration::from_secs(1);
+
+    /// A client and a server joined in memory, with a fake clock: bytes move when
+    /// [`Pair::drive`] runs, time when [`Pair::advance`] does (quinn-proto's `Pair`).
+    struct Pair {
+        client: Connection,
+        server: Connection,
+        now: Duration,
+        /// Whether each side's EOF was delivered to the other.
+        client_gone: bool,
+        server_gone: bool,
+        /// Drops what the server writes, and its EOF (a peer that stopped answering).
+        server_mute: bool,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            Self::with(Config::client(), Config::server())
+        }
+
+        fn with(client: Config, server: Config) -> Pair {
+            let (c, s) = sessions();
+            Pair {
+                client: Connection::new(c, client, Duration::ZERO),
+                server: Connection::new(s, server, Duration::ZERO),
+                now: Duration::ZERO,
+                client_gone: false,
+                server_gone: false,
+                server_mute: false,
+            }
+        }
+
+        /// Moves bytes both ways until neither side has any to send; a side that is
+        /// closed and has written everything closes its socket (the other sees EOF).
+        fn drive(&mut self) {
+            loop {
+                let mut moved = false;
+                if let Some(b) = self.client.poll_transmit() {
+                    self.server.handle_input(&b, self.now);
+                    moved = true;
+                }
+                if let Some(b) = self.server.poll_transmit() {
+                    if !self.server_mute {
+                        self.client.handle_input(&b, self.now);
+                    }
+                    moved = true;
+                }
+                if self.client.is_closed() && !self.client_gone {
+                    self.client_gone = true;
+                    self.server.handle_eof(self.now);
+                    moved = true;
+                }
+                if self.server.is_closed() && !self.server_gone && !self.server_mute {
+                    self.server_gone = true;
+                    self.client.handle_eof(self.now);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        /// Lets `d` pass, firing every deadline on its way, in order.
+        fn advance(&mut self, d: Duration) {
+            let until = self.now + d;
+            loop {
+                let next = [self.client.poll_timeout(), self.server.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .filter(|&t| t <= until)
+                    .min();
+                let Some(t) = next else { break };
+                self.now = t.max(self.now);
+                self.client.handle_timeout(self.now);
+                self.server.handle_timeout(self.now);
+                self.drive();
+            }
+            self.now = until;
+        }
+    }
+
+    fn events(c: &mut Connection) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn closed(c: &mut Connection) -> End {
+        match events(c).pop() {
+            Some(Event::Closed(end)) => end,
+            other => panic!("expected Closed last, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_both_ways_answered_out_of_order() {
+        let mut p = Pair::new();
+        let now = p.now;
+        let r: Vec<u64> = ["a", "b", "c"]
+            .iter()
+            .map(|x| p.client.request(b(x), now).unwrap())
+            .collect();
+        p.drive();
+        let got = events(&mut p.server);
+        assert_eq!(got.len(), 3);
+        assert_eq!(p.server.unanswered_requests(), 3);
+        for (seq, answer) in [(r[2], "C"), (r[0], "A"), (r[1], "B")] {
+            p.server.respond(seq, Status::OK, b(answer), now).unwrap();
+        }
+        // The server asks too, in the same session.
+        let s1 = p.server.request(b("config?"), now).unwrap();
+        p.drive();
+        assert_eq!(
+            events(&mut p.client),
+            vec![
+                Event::Response {
+                    req_seq: r[2],
+                    status: Status::OK,
+                    payload: b("C")
+                },
+                Event::Response {
+                    req_seq: r[0],
+                    status: Status::OK,
+                    payload: b("A")
+                },
+                Event::Response {
+                    req_seq: r[1],
+                    status: Status::OK,
+                    payload: b("B")
+                },
+                Event::Request {
+                    seq: s1,
+                    payload: b("config?")
+                },
+            ]
+        );
+        assert_eq!(p.client.pending_requests().count(), 0);
+        p.client.respond(s1, Status(300), b("v2"), now).unwrap();
+        // Exactly one answer per request (8.4), and only to a request received.
+        assert_eq!(
+            p.client.respond(s1, Status::OK, b("again"), now),
+            Err(ProtocolError::NotPending(s1))
+        );
+        assert_eq!(
+            p.server.respond(99, Status::OK, b("?"), now),
+            Err(ProtocolError::NotPending(99))
+        );
+        p.drive();
+        assert_eq!(
+            events(&mut p.server),
+            vec![Event::Response {
+                req_seq: s1,
+                status: Status(300),
+                payload: b("v2")
+            }]
+        );
+    }
+
+    #[test]
+    fn keepalive_keeps_a_quiet_session_and_silence_closes_it() {
+        let mut p = Pair::new();
+        // Ten minutes without traffic: the client pings every 30 s, the server answers.
+        p.advance(600 * S);
+        assert!(p.client.is_open() && p.server.is_open());
+        let pongs = events(&mut p.client)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Pong { .. }))
+            .count();
+        assert_eq!(pongs, 20);
+        // A client that does not ping is closed by the server after 45 s.
+        let mut quiet = Config::client();
+        quiet.keepalive = None;
+        quiet.idle_timeout = None;
+        let mut p = Pair::with(quiet, Config::server());
+        p.advance(44 * S);
+        assert!(p.server.is_open());
+        p.advance(2 * S);
+        assert_eq!(
+            closed(&mut p.client),
+            End::PeerClosed {
+                code: CloseCode::IDLE_TIMEOUT,
+                reason: "nothing received within the idle deadline".into()
+            }
+        );
+        assert!(matches!(
+            closed(&mut p.server),
+            End::Closed {
+                code: CloseCode::IDLE_TIMEOUT,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_frame_still_arriving_is_not_silence() {
+        let mut quiet = Config::client();
+        quiet.keepalive = None;
+        quiet.idle_timeout = None;
+        let mut p = Pair::with(quiet, Config::server());
+        let now = p.now;
+        p.client.message(b("slow"), now).unwrap();
+        let frame = p.client.poll_transmit().unwrap();
+        // One byte every 40 s, under the 45 s idle deadline, for longer than it.
+        for byte in frame.iter() {
+            p.advance(40 * S);
+            p.server.handle_input(&[*byte], p.now);
+        }
+        assert!(p.server.is_open());
+        assert_eq!(
+            events(&mut p.server),
+            vec![Event::Message { payload: b("slow") }]
+        );
+    }
+
+    #[test]
+    fn close_handshake_fails_pending_requests() {
+        let mut p = Pair::new();
+        let now = p.now;
+        let pending = p.client.request(b("never answered"), now).unwrap();
+        p.drive();
+        p.server.close(CloseCode::SHUTDOWN, "bye", now);
+        assert!(p
+            .server
+            .respond(pending, Status::OK, b("late"), now)
+            .is_err());
+        p.drive();
+        assert_eq!(
+            closed(&mut p.client),
+            End::PeerClosed {
+                code: CloseCode::SHUTDOWN,
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(
+            p.client.pending_requests().collect::<Vec<_>>(),
+            vec![pending]
+        );
+        assert_eq!(
+            closed(&mut p.server),
+            End::Closed {
+                code: CloseCode::SHUTDOWN,
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(p.client.request(b("x"), now), Err(ProtocolError::Closed));
+    }
+
+    #[test]
+    fn frames_sent_before_the_peer_saw_our_close_are_checked_and_dropped() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.server.close(CloseCode::NORMAL, "done", now);
+        let close = p.server.poll_transmit().unwrap();
+        // The client's request crosses the server's CLOSE on the wire.
+        p.client.request(b("crossing"), now).unwrap();
+        p.drive();
+        assert!(events(&mut p.server)
+            .iter()
+            .all(|e| !matches!(e, Event::Request { .. })));
+        p.client.handle_input(&close, now);
+        p.drive();
+        assert!(matches!(closed(&mut p.client), End::PeerClosed { .. }));
+        assert!(p.server.is_closed());
+    }
+
+    #[test]
+    fn an_unanswered_close_ends_at_its_deadline() {
+        let mut p = Pair::new();
+        p.server_mute = true;
+        let now = p.now;
+        p.client.close(CloseCode::NORMAL, "bye", now);
+        p.drive();
+        p.advance(4 * S);
+        assert!(!p.client.is_closed());
+        p.advance(2 * S);
+        assert!(matches!(
+            closed(&mut p.client),
+            End::Closed {
+                code: CloseCode::NORMAL,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn eof_before_close_is_truncation() {
+        let mut p = Pair::new();
+        let now = p.now;
+        let r = p.client.request(b("lost"), now).unwrap();
+        p.drive();
+        p.client.handle_eof(now);
+        assert_eq!(closed(&mut p.client), End::Truncated);
+        assert_eq!(p.client.pending_requests().collect::<Vec<_>>(), vec![r]);
+        // After an orderly CLOSE, EOF is the expected end.
+        let mut p = Pair::new();
+        p.client.close(CloseCode::NORMAL, "bye", now);
+        p.client.poll_transmit();
+        p.client.handle_eof(now);
+        assert!(matches!(closed(&mut p.client), End::Closed { .. }));
+    }
+
+    #[test]
+    fn answers_must_name_a_pending_request_or_ping() {
+        // A PONG although no PING was sent, and a second RESPONSE to one request.
+        for case in ["pong", "response twice"] {
+            let mut p = Pair::new();
+            let now = p.now;
+            let r = p.client.request(b("once"), now).unwrap();
+            p.drive();
+            events(&mut p.server);
+            p.server.respond(r, Status::OK, b("1"), now).unwrap();
+            let forged = match case {
+                "pong" => Body::Pong { ping_seq: r },
+                _ => Body::Response {
+                    req_seq: r,
+                    status: Status::OK,
+                    payload: b("2"),
+                },
+            };
+            p.server.session.seal(&forged, &mut p.server.send).unwrap();
+            p.drive();
+            let end = closed(&mut p.client);
+            assert!(
+                matches!(end, End::Failed(ProtocolError::UnsolicitedAnswer { .. })),
+                "{case}: {end:?}"
+            );
+            assert!(matches!(
+                closed(&mut p.server),
+                End::PeerClosed {
+                    code: CloseCode::PROTOCOL_ERROR,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_bad_frame_after_an_accepted_request_ends_the_session() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.client.request(b("fine"), now).unwrap();
+        let mut bytes = p.client.poll_transmit().unwrap().to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 41, 0x12]);
+        bytes.extend_from_slice(&[0; 40]);
+        p.server.handle_input(&bytes, now);
+        let got = events(&mut p.server);
+        assert!(matches!(got[..], [Event::Request { .. }]), "{got:?}");
+        // The accepted request can no longer be answered: the session is over (the
+        // server sent CLOSE PROTOCOL_ERROR, so the client fails its request).
+        assert_eq!(
+            p.server.respond(1, Status::OK, b("x"), now),
+            Err(ProtocolError::Closed)
+        );
+        p.drive();
+        assert!(matches!(closed(&mut p.server), End::Failed(_)));
+        assert!(matches!(
+            closed(&mut p.client),
+            End::PeerClosed {
+                code: CloseCode::PROTOCOL_ERROR,
+                ..
+            }
+        ));
+        assert_eq!(p.client.pending_requests().count(), 1);
+    }
+
+    #[test]
+    fn the_last_sequence_number_is_for_close() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.client.set_counters_for_testing(u64::MAX - 1, 0);
+        p.server.set_counters_for_testing(1, u64::MAX - 2);
+        assert_eq!(p.client.request(b("last"), now), Ok(u64::MAX - 1));
+        assert_eq!(
+            p.client.request(b("one more"), now),
+            Err(ProtocolError::SequenceExhausted)
+        );
+        p.drive();
+        let got = events(&mut p.server);
+        assert!(matches!(got[0], Event::Request { seq, .. } if seq == u64::MAX - 1));
+        assert!(matches!(
+            got[1],
+            Event::Closed(End::PeerClosed {
+                code: CloseCode::SEQUENCE_EXHAUSTED,
+                ..
+            })
+        ));
+        assert!(matches!(
+            closed(&mut p.client),
+            End::Closed {
+                code: CloseCode::SEQUENCE_EXHAUSTED,
+                ..
+            }
+        ));
+        // A side that must answer a PING with its last number closes instead.
+        let mut p = Pair::new();
+        p.server.set_counters_for_testing(u64::MAX, 0);
+        p.client.set_counters_for_testing(1, u64::MAX - 1);
+        p.client.ping(now).unwrap();
+        p.drive();
+        assert!(matches!(
+            closed(&mut p.client),
+            End::PeerClosed {
+                code: CloseCode::SEQUENCE_EXHAUSTED,
+                ..
+            }
+        ));
+    }
+}
