@@ -20,19 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep_until, Instant};
+
+use crate::proto::connection::{Connection, End, Event};
 
 use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
 use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
 use crate::proto::handshake::ClientAwaitAuth;
 use crate::proto::{
-    decode_frame, Body, CloseCode, ErrorCode, Id, ProtocolError, Session, Status,
-    DEFAULT_MAX_FRAME_LEN, HANDSHAKE_MAX_FRAME_LEN,
+    CloseCode, ErrorCode, Id, ProtocolError, Session, Status, DEFAULT_MAX_FRAME_LEN,
+    HANDSHAKE_MAX_FRAME_LEN,
 };
 use crate::secrets::random_bytes;
 use crate::wire::{read_frame, ReadError};
@@ -468,21 +468,22 @@ impl Client {
         let (tx, rx) = mpsc::channel(64);
         let (in_tx, in_rx) = mpsc::channel(opts.incoming_capacity);
         let (end_tx, end_rx) = watch::channel(None);
-        let (rd, wr) = tcp.into_split();
-        let conn = Connection {
-            rd,
-            wr,
-            buf,
-            out,
-            session,
-            opts,
+        // CLIENT_FINISH first: the driver starts with an empty send buffer.
+        let mut tcp = tcp;
+        tokio::time::timeout(opts.connect_timeout, tcp.write_all(&out))
+            .await
+            .unwrap_or(Err(io::ErrorKind::TimedOut.into()))?;
+        let role = ClientRole {
+            rx,
+            commands_open: true,
             pending: HashMap::new(),
             incoming: in_tx,
             tx: tx.downgrade(),
             closing: None,
+            end: None,
         };
         tokio::spawn(async move {
-            let end = conn.run(rx).await;
+            let end = drive(session, tcp, buf, &opts, role).await;
             let _ = end_tx.send(Some(end));
         });
         Ok((
@@ -571,238 +572,164 @@ type Pending = oneshot::Sender<Result<(Status, Bytes), ClientError>>;
 /// How long `close` waits for the server's CLOSE.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-struct Connection {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
-    buf: BytesMut,
-    out: BytesMut,
-    session: Session,
-    opts: ClientOptions,
+/// The client's side of the session driver: commands from [`Client`] handles in,
+/// responses to their waiters and the server's requests and messages out.
+struct ClientRole {
+    rx: mpsc::Receiver<Cmd>,
+    /// False once every handle was dropped (the session is being closed).
+    commands_open: bool,
     pending: HashMap<u64, Pending>,
     incoming: mpsc::Sender<Incoming>,
     tx: mpsc::WeakSender<Cmd>,
-    /// Set once this side sent CLOSE: who to tell when the server's CLOSE arrives.
-    closing: Option<Option<oneshot::Sender<()>>>,
+    /// Who waits for [`Client::close`] to complete.
+    closing: Option<oneshot::Sender<()>>,
+    /// Why the session ended, once it did.
+    end: Option<ClientError>,
 }
 
-impl Connection {
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> ClientError {
-        let end = self.serve(&mut rx).await;
-        for (_, p) in self.pending.drain() {
-            let _ = p.send(Err(end.clone()));
+impl crate::driver::Role for ClientRole {
+    type Work = Option<Cmd>;
+
+    async fn work(&mut self) -> Option<Cmd> {
+        if !self.commands_open {
+            return std::future::pending().await;
         }
-        if let Some(Some(done)) = self.closing.take() {
-            let _ = done.send(());
-        }
-        end
+        self.rx.recv().await
     }
 
-    async fn serve(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> ClientError {
-        let keepalive = self.opts.keepalive;
-        let silence_limit = keepalive * 2;
-        let mut last_sent = Instant::now();
-        let mut last_recv = Instant::now();
-        // One timer each, moved only when it fires early (not re-armed per frame).
-        let ping = sleep_until(last_sent + keepalive);
-        let silence = sleep_until(last_recv + silence_limit);
-        let close_wait = sleep_until(last_recv + CLOSE_WAIT);
-        tokio::pin!(ping, silence, close_wait);
-        let mut commands_open = true;
-        let mut close_armed = false;
-        loop {
-            if let Err(e) = self.handle_buffered() {
-                return self.fail(e).await;
-            }
-            // Writes happen inside the select, so that reading (and every deadline) goes
-            // on while the server is slow to read: a server that stops reading cannot
-            // hang the session past the silence deadline.
-            let writing = !self.out.is_empty();
-            tokio::select! {
-                r = self.wr.write(&self.out), if writing => match r {
-                    Ok(n) => {
-                        let _ = self.out.split_to(n);
-                        last_sent = Instant::now();
-                    }
-                    Err(e) if crate::wire::is_cut(&e) => return ClientError::Truncated,
-                    Err(e) => return e.into(),
-                },
-                cmd = rx.recv(), if commands_open && self.closing.is_none() => match cmd {
-                    Some(cmd) => self.command(cmd),
-                    // Every handle was dropped: end the session politely.
-                    None => { commands_open = false; self.start_close(None); }
-                },
-                r = self.rd.read_buf(&mut self.buf) => match r {
-                    // Spec 8.6: EOF or a reset before the server's CLOSE is truncation.
-                    Ok(0) => return ClientError::Truncated,
-                    Ok(_) => last_recv = Instant::now(),
-                    Err(e) if crate::wire::is_cut(&e) => return ClientError::Truncated,
-                    Err(e) => return e.into(),
-                },
-                _ = &mut ping, if self.closing.is_none() => {
-                    if last_sent.elapsed() >= keepalive {
-                        let _ = self.session.seal(&Body::Ping, &mut self.out);
-                        ping.as_mut().reset(Instant::now() + keepalive);
-                    } else {
-                        ping.as_mut().reset(last_sent + keepalive);
-                    }
-                }
-                _ = &mut silence => {
-                    if last_recv.elapsed() >= silence_limit {
-                        return ClientError::Timeout("the server sent nothing for two keepalive intervals");
-                    }
-                    silence.as_mut().reset(last_recv + silence_limit);
-                }
-                // Spec 8.6: after our CLOSE, wait a short while for the server's.
-                _ = &mut close_wait, if close_armed => {
-                    return ClientError::Timeout("the server did not answer CLOSE");
-                }
-            }
-            if self.closing.is_some() && !close_armed {
-                close_wait.as_mut().reset(Instant::now() + CLOSE_WAIT);
-                close_armed = true;
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: Cmd) {
+    fn apply(&mut self, cmd: Option<Cmd>, conn: &mut Connection, now: Duration) {
         match cmd {
-            Cmd::Request { payload, reply } => {
-                match self.session.seal(&Body::Request { payload }, &mut self.out) {
-                    Ok(seq) => {
-                        self.pending.insert(seq, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
+            Some(Cmd::Request { payload, reply }) => match conn.request(payload, now) {
+                Ok(seq) => {
+                    self.pending.insert(seq, reply);
                 }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Some(Cmd::Message { payload, sent }) => {
+                let _ = sent.send(conn.message(payload, now).map_err(Into::into));
             }
-            Cmd::Message { payload, sent } => {
-                let r = self
-                    .session
-                    .seal(&Body::Message { payload }, &mut self.out)
-                    .map(drop)
-                    .map_err(Into::into);
-                let _ = sent.send(r);
+            Some(Cmd::Respond {
+                req_seq,
+                status,
+                payload,
+            }) => {
+                let _ = conn.respond(req_seq, status, payload, now);
             }
-            Cmd::Respond {
+            Some(Cmd::Close { done }) => {
+                self.closing = Some(done);
+                conn.close(CloseCode::NORMAL, "", now);
+            }
+            // Every handle was dropped: end the session politely.
+            None => {
+                self.commands_open = false;
+                conn.close(CloseCode::NORMAL, "", now);
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event, conn: &mut Connection, _now: Duration) {
+        match event {
+            Event::Response {
                 req_seq,
                 status,
                 payload,
             } => {
-                let _ = self.session.seal(
-                    &Body::Response {
-                        req_seq,
-                        status,
-                        payload,
-                    },
-                    &mut self.out,
-                );
+                if let Some(p) = self.pending.remove(&req_seq) {
+                    let _ = p.send(Ok((status, payload)));
+                }
             }
-            Cmd::Close { done } => self.start_close(Some(done)),
-        }
-    }
-
-    fn start_close(&mut self, done: Option<oneshot::Sender<()>>) {
-        let _ = self.session.seal(
-            &Body::Close {
-                code: CloseCode::NORMAL,
-                reason: String::new(),
-            },
-            &mut self.out,
-        );
-        self.closing = Some(done);
-    }
-
-    /// Handles every complete frame in the buffer. `Err` ends the session.
-    fn handle_buffered(&mut self) -> Result<(), Ended> {
-        loop {
-            let frame = match decode_frame(&mut self.buf, self.opts.max_frame_len) {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(Ended::Violation(e.into())),
-            };
-            let frame = self.session.open(frame).map_err(Ended::Violation)?;
-            match frame.body {
-                Body::Response {
-                    req_seq,
-                    status,
+            Event::Request { seq, payload } => {
+                let req = IncomingRequest {
                     payload,
-                } => match self.pending.remove(&req_seq) {
-                    Some(p) => {
-                        let _ = p.send(Ok((status, payload)));
-                    }
-                    // Spec 8.4: a RESPONSE to nothing pending is a protocol error.
-                    None => {
-                        return Err(Ended::Violation(ProtocolError::UnsolicitedAnswer {
-                            what: "RESPONSE",
-                            got: req_seq,
-                            last_sent: self.session.last_sent(),
-                        }))
-                    }
-                },
-                Body::Request { payload } => {
-                    let req = IncomingRequest {
-                        payload,
-                        seq: frame.seq,
-                        tx: self.tx.upgrade(),
-                    };
-                    // Nobody listening, or a full queue: the request is answered UNAVAILABLE by Drop.
-                    let _ = self.incoming.try_send(Incoming::Request(req));
-                }
-                Body::Message { payload } => {
-                    let _ = self.incoming.try_send(Incoming::Message(payload));
-                }
-                Body::Ping => {
-                    let _ = self.session.seal(
-                        &Body::Pong {
-                            ping_seq: frame.seq,
-                        },
-                        &mut self.out,
-                    );
-                }
-                Body::Pong { .. } => {}
-                Body::Close { code, reason } => return Err(Ended::PeerClosed(code, reason)),
-            }
-        }
-    }
-
-    /// Ends the session: answers CLOSE (spec 8.6) or reports a violation with CLOSE.
-    async fn fail(&mut self, ended: Ended) -> ClientError {
-        let (reply, end) = match ended {
-            Ended::PeerClosed(code, reason) => {
-                let end = if self.closing.is_some() {
-                    ClientError::SessionClosed
-                } else {
-                    ClientError::Closed { code, reason }
+                    seq,
+                    tx: self.tx.upgrade(),
                 };
-                (CloseCode::NORMAL, end)
+                // Nobody listening, or a full queue: answered UNAVAILABLE by Drop.
+                let _ = self.incoming.try_send(Incoming::Request(req));
             }
-            // Spec 8.3: an injected ERROR means the connection is not the server's any
-            // more; end it as a cut, without a CLOSE.
-            Ended::Violation(ProtocolError::InjectedError(_)) => {
-                let _ = self.wr.shutdown().await;
-                return ClientError::Truncated;
+            Event::Message { payload } => {
+                let _ = self.incoming.try_send(Incoming::Message(payload));
             }
-            Ended::Violation(e) => (e.close_code(), ClientError::from(e)),
-        };
-        if self.session.can_send() {
-            let _ = self.session.seal(
-                &Body::Close {
-                    code: reply,
-                    reason: String::new(),
-                },
-                &mut self.out,
-            );
+            Event::Closed(end) => {
+                let end = ended(end);
+                for seq in conn.pending_requests() {
+                    if let Some(p) = self.pending.remove(&seq) {
+                        let _ = p.send(Err(end.clone()));
+                    }
+                }
+                self.end = Some(end);
+            }
+            _ => {}
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.wr.write_all(&self.out)).await;
-        let _ = self.wr.shutdown().await;
-        end
     }
 }
 
-enum Ended {
-    PeerClosed(CloseCode, String),
-    Violation(ProtocolError),
+/// What a session's end means to the caller.
+fn ended(end: End) -> ClientError {
+    match end {
+        End::PeerClosed { code, reason } => ClientError::Closed { code, reason },
+        End::Closed {
+            answered: false,
+            code: CloseCode::NORMAL,
+            ..
+        } => ClientError::Timeout("the server did not answer CLOSE"),
+        End::Closed {
+            code: CloseCode::IDLE_TIMEOUT,
+            ..
+        } => ClientError::Timeout("the server sent nothing for two keepalive intervals"),
+        End::Closed {
+            code: CloseCode::SEQUENCE_EXHAUSTED,
+            ..
+        } => ClientError::Protocol(ProtocolError::SequenceExhausted),
+        End::Closed { .. } => ClientError::SessionClosed,
+        End::Truncated => ClientError::Truncated,
+        End::Failed(e) => ClientError::from(e),
+    }
+}
+
+/// Runs the session until it ends; returns why.
+async fn drive(
+    session: Session,
+    tcp: TcpStream,
+    leftover: BytesMut,
+    opts: &ClientOptions,
+    mut role: ClientRole,
+) -> ClientError {
+    let config = connection_config(opts);
+    let outcome = crate::driver::run(
+        session,
+        config,
+        tcp.into_split(),
+        &leftover,
+        &mut role,
+        opts.keepalive,
+    )
+    .await;
+    let end = match outcome {
+        crate::driver::Outcome::Ended(_) => role.end.take().unwrap_or(ClientError::SessionClosed),
+        crate::driver::Outcome::Io(e) if crate::wire::is_cut(&e) => ClientError::Truncated,
+        crate::driver::Outcome::Io(e) => e.into(),
+    };
+    for (_, p) in role.pending.drain() {
+        let _ = p.send(Err(end.clone()));
+    }
+    if let Some(done) = role.closing.take() {
+        let _ = done.send(());
+    }
+    end
+}
+
+/// The session rules for these options: a PING after `keepalive` of silence, the
+/// session given up after two keepalive intervals without a byte from the server.
+fn connection_config(opts: &ClientOptions) -> crate::proto::connection::Config {
+    let mut c = crate::proto::connection::Config::client();
+    c.keepalive = Some(opts.keepalive);
+    c.idle_timeout = Some(opts.keepalive * 2);
+    c.close_timeout = CLOSE_WAIT;
+    c.max_frame_len = opts.max_frame_len;
+    c
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+mod driver;
 pub mod logging;
 pub mod proto;
 pub mod secrets;

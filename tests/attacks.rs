@@ -953,7 +953,9 @@ async fn slow_drip_is_closed_by_the_deadlines() {
     );
     assert!(started.elapsed() >= Duration::from_millis(800));
     log_line(&["refused", "handshake deadline of 800ms passed"]).await;
-    // In a session: partial bytes do not count as activity; the idle deadline wins.
+    // In a session the peer is authenticated, and any byte is activity (spec 8.5): a
+    // frame dripping in keeps the session, the idle deadline closes it once the bytes
+    // stop.
     let mut s = RawSession::open(a.addr(), &cred).await;
     let f = s.seal(&Body::Request {
         payload: Bytes::from(vec![b'x'; 64]),
@@ -961,13 +963,15 @@ async fn slow_drip_is_closed_by_the_deadlines() {
     let drip = async {
         for b in f.iter() {
             if s.tcp.write_all(&[*b]).await.is_err() {
-                break;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        true
     };
-    let _ = tokio::time::timeout(Duration::from_secs(3), drip).await;
-    log_line(&["id=drip", "closing idle session"]).await;
+    let dripping = tokio::time::timeout(Duration::from_secs(3), drip).await;
+    assert!(dripping.is_err(), "still dripping after 3 s, not cut off");
+    log_line(&["id=drip", "closed idle session"]).await;
     assert!(a.rec.of("drip").is_empty());
     a.check(&["drip"]).await;
 }

@@ -645,13 +645,41 @@ async fn in_flight_limit_stops_reading_until_the_backend_answers() {
     assert_eq!(
         gate.seen.load(Ordering::SeqCst),
         2,
-        "the daemon must not read past the in-flight limit"
+        "the backend never gets more than the in-flight limit"
     );
     gate.release.add_permits(6);
     for (i, r) in reqs.into_iter().enumerate() {
         assert_eq!(r.await.unwrap(), Bytes::from(format!("r{i}")));
     }
     assert_eq!(gate.max.load(Ordering::SeqCst), 2);
+}
+
+/// Issue 12: both session loops wrote without reading; one client pushing 400
+/// requests of 60 kB (the server answering as hard) stalled both ends: 10 answers and
+/// 390 failures. With one driver that reads while it writes, all 400 are answered.
+#[tokio::test]
+async fn four_hundred_large_requests_at_once_are_all_answered() {
+    let srv = TestServer::start(|_| {}).await;
+    let (client, _) = srv.connect(&srv.enroll("pusher").await).await;
+    let reqs: Vec<_> = (0..400u32)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                let mut payload = vec![(i % 251) as u8; 60_000];
+                payload[..4].copy_from_slice(&i.to_be_bytes());
+                let got = c.request(payload.clone()).await;
+                got.map(|b| b == payload[..])
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for r in reqs {
+        if r.await.unwrap().unwrap() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 400);
+    assert_eq!(client.request("still here").await.unwrap(), "still here");
 }
 
 #[tokio::test]

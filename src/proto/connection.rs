@@ -73,12 +73,15 @@ pub enum End {
         reason: String,
     },
     /// This side sent CLOSE (asked to, or because of a deadline or its sequence
-    /// numbers running out), then the peer answered, closed, or did not in time.
+    /// numbers running out), then the peer answered or closed (`answered`), or did not
+    /// within the close deadline.
     Closed {
         /// This side's code.
         code: CloseCode,
         /// This side's reason.
         reason: String,
+        /// Whether the peer's CLOSE or EOF came before the close deadline.
+        answered: bool,
     },
     /// The connection ended (EOF or reset) before the peer's CLOSE: not an orderly end
     /// (spec 8.6); every pending request failed.
@@ -164,7 +167,7 @@ impl Connection {
             session,
             config,
             state: State::Open,
-            recv: BytesMut::new(),
+            recv: BytesMut::with_capacity(256),
             send: BytesMut::new(),
             events: VecDeque::new(),
             requests: BTreeSet::new(),
@@ -266,16 +269,32 @@ impl Connection {
     /// Takes bytes read from the connection at `now`, and handles every whole frame in
     /// them.
     pub fn handle_input(&mut self, bytes: &[u8], now: Duration) {
+        self.recv.extend_from_slice(bytes);
+        self.handle_read(bytes.len(), now);
+    }
+
+    /// Where a driver may read into directly (no copy): then it calls
+    /// [`Connection::handle_read`] with the number of bytes it appended.
+    pub fn input_buffer(&mut self) -> &mut BytesMut {
+        &mut self.recv
+    }
+
+    /// `n` bytes were appended to [`Connection::input_buffer`] at `now`: handles every
+    /// whole frame there.
+    pub fn handle_read(&mut self, n: usize, now: Duration) {
         let receiving = match &self.state {
             State::Open => true,
             State::Closing { receiving, .. } => *receiving,
             State::Closed => false,
         };
-        if !receiving || bytes.is_empty() {
+        if !receiving {
+            self.recv.clear();
+            return;
+        }
+        if n == 0 {
             return;
         }
         self.last_received = now;
-        self.recv.extend_from_slice(bytes);
         loop {
             let frame = match super::decode_frame(&mut self.recv, self.config.max_frame_len) {
                 Ok(Some(frame)) => frame,
@@ -306,11 +325,19 @@ impl Connection {
     pub fn handle_eof(&mut self, _now: Duration) {
         match &self.state {
             State::Open => self.finish(End::Truncated),
-            State::Closing { end, .. } => {
-                let end = end.clone();
-                self.finish(end);
-            }
+            State::Closing { .. } => self.finish_closing(),
             State::Closed => {}
+        }
+    }
+
+    /// The peer answered this side's CLOSE (with its own, or by closing).
+    fn finish_closing(&mut self) {
+        if let State::Closing { end, .. } = &self.state {
+            let mut end = end.clone();
+            if let End::Closed { answered, .. } = &mut end {
+                *answered = true;
+            }
+            self.finish(end);
         }
     }
 
@@ -367,6 +394,7 @@ impl Connection {
             end: End::Closed {
                 code,
                 reason: reason.to_string(),
+                answered: false,
             },
             deadline: now + self.config.close_timeout,
             receiving: true,
@@ -411,11 +439,7 @@ impl Connection {
         match frame.body {
             Body::Close { code, reason } => {
                 if closing {
-                    let end = match &self.state {
-                        State::Closing { end, .. } => end.clone(),
-                        _ => unreachable!("closing"),
-                    };
-                    self.finish(end);
+                    self.finish_closing();
                 } else {
                     self.send_close(CloseCode::NORMAL, "closed");
                     self.finish(End::PeerClosed { code, reason });
@@ -508,6 +532,11 @@ impl Connection {
         self.pings.clear();
         self.unanswered.clear();
         self.events.push_back(Event::Closed(end));
+    }
+
+    /// The largest payload a frame of type `ty` can carry under this side's limit.
+    pub fn max_payload(&self, ty: super::FrameType) -> usize {
+        self.session.max_payload(ty)
     }
 
     /// The session underneath (counters), for tests and diagnostics.
@@ -771,7 +800,8 @@ mod tests {
             closed(&mut p.server),
             End::Closed {
                 code: CloseCode::SHUTDOWN,
-                reason: "bye".into()
+                reason: "bye".into(),
+                answered: true,
             }
         );
         assert_eq!(p.client.request(b("x"), now), Err(ProtocolError::Closed));
@@ -809,6 +839,7 @@ mod tests {
             closed(&mut p.client),
             End::Closed {
                 code: CloseCode::NORMAL,
+                answered: false,
                 ..
             }
         ));
