@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
@@ -61,25 +61,35 @@ pub(crate) async fn run<R: Role>(
     write_stall: Duration,
 ) -> Outcome {
     let origin = Instant::now();
-    let now = || origin.elapsed();
+    // The clock is read once per wake-up (after the select), not per use.
+    let mut t = origin;
     let mut conn = Connection::new(session, config, Duration::ZERO);
-    conn.handle_input(leftover, now());
-    let mut out = Bytes::new();
+    conn.handle_input(leftover, Duration::ZERO);
+    // Swapped with the session's send buffer: two allocations for the whole session.
+    let mut out = BytesMut::new();
     let mut read_open = true;
-    let mut last_progress = Instant::now();
+    let mut last_progress = origin;
     let mut ended: Option<End> = None;
+    // Two timers made once and moved only when they must fire sooner: making or moving
+    // a timer on every loop iteration (every frame) costs a timer-wheel update each.
+    // When one fires early (its deadline moved later meanwhile), the session ignores it
+    // and it is armed again for the new deadline.
+    let far = origin + Duration::from_secs(86_400 * 365);
+    let timer = tokio::time::sleep_until(far);
+    let stall = tokio::time::sleep_until(far);
+    tokio::pin!(timer, stall);
+    let mut timer_at: Option<Instant> = None;
+    let mut stall_at: Option<Instant> = None;
     loop {
+        let now = t - origin;
         while let Some(event) = conn.poll_event() {
             if let Event::Closed(end) = &event {
                 ended = Some(end.clone());
             }
-            role.event(event, &mut conn, now());
+            role.event(event, &mut conn, now);
         }
-        if out.is_empty() {
-            if let Some(bytes) = conn.poll_transmit() {
-                out = bytes;
-                last_progress = Instant::now();
-            }
+        if out.is_empty() && conn.transmit_into(&mut out) {
+            last_progress = t;
         }
         if out.is_empty() {
             if let Some(end) = ended.take() {
@@ -89,16 +99,28 @@ pub(crate) async fn run<R: Role>(
         }
         let writing = !out.is_empty();
         let reading = read_open && !conn.is_closed() && role.may_read(&conn);
-        let timer = conn.poll_timeout().map(|t| origin + t);
-        tokio::select! {
+        if let Some(at) = conn.poll_timeout().map(|t| origin + t) {
+            if timer_at.is_none_or(|armed| at < armed) {
+                timer.as_mut().reset(at);
+                timer_at = Some(at);
+            }
+        }
+        if writing && stall_at.is_none() {
+            let at = last_progress + write_stall;
+            stall.as_mut().reset(at);
+            stall_at = Some(at);
+        }
+        let woke = tokio::select! {
             r = wr.write(&out), if writing => match r {
                 Ok(n) => {
+                    t = Instant::now();
                     out.advance(n);
-                    last_progress = Instant::now();
+                    last_progress = t;
+                    continue;
                 }
                 Err(e) if crate::wire::is_cut(&e) => {
                     out.clear();
-                    conn.handle_eof(now());
+                    Woke::Eof
                 }
                 Err(e) => return Outcome::Io(e),
             },
@@ -107,32 +129,51 @@ pub(crate) async fn run<R: Role>(
             r = rd.read_buf(conn.input_buffer()), if reading => match r {
                 Ok(0) => {
                     read_open = false;
-                    conn.handle_eof(now());
+                    Woke::Eof
                 }
-                Ok(n) => conn.handle_read(n, now()),
+                Ok(n) => Woke::Read(n),
                 Err(e) if crate::wire::is_cut(&e) => {
                     read_open = false;
-                    conn.handle_eof(now());
+                    Woke::Eof
                 }
                 Err(e) => return Outcome::Io(e),
             },
-            work = role.work(), if !conn.is_closed() => role.apply(work, &mut conn, now()),
-            _ = sleep_until(timer) => conn.handle_timeout(now()),
-            _ = tokio::time::sleep_until(last_progress + write_stall), if writing => {
-                return Outcome::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the peer read nothing for {write_stall:?}"),
-                ));
+            work = role.work(), if !conn.is_closed() => Woke::Work(work),
+            _ = &mut timer, if timer_at.is_some() => {
+                timer_at = None;
+                Woke::Timer
+            }
+            _ = &mut stall, if writing && stall_at.is_some() => {
+                stall_at = None;
+                Woke::Stall
+            }
+        };
+        t = Instant::now();
+        let now = t - origin;
+        match woke {
+            Woke::Eof => conn.handle_eof(now),
+            Woke::Read(n) => conn.handle_read(n, now),
+            Woke::Work(work) => role.apply(work, &mut conn, now),
+            Woke::Timer => conn.handle_timeout(now),
+            Woke::Stall => {
+                if t - last_progress >= write_stall {
+                    return Outcome::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer read nothing for {write_stall:?}"),
+                    ));
+                }
             }
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// What woke the driver.
+enum Woke<W> {
+    Read(usize),
+    Eof,
+    Work(W),
+    Timer,
+    Stall,
 }
 
 /// After the session: FIN, then read (and drop) until the peer closes or 2 s pass, so

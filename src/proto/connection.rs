@@ -214,6 +214,18 @@ impl Connection {
         (!self.send.is_empty()).then(|| self.send.split().freeze())
     }
 
+    /// [`Connection::poll_transmit`] without an allocation per call: swaps the bytes to
+    /// write into `buf`, which must be empty, and keeps `buf`'s buffer for the next
+    /// ones. Returns whether there were any.
+    pub fn transmit_into(&mut self, buf: &mut BytesMut) -> bool {
+        debug_assert!(buf.is_empty());
+        if self.send.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut self.send, buf);
+        true
+    }
+
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()

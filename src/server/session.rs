@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,12 +79,17 @@ struct ServerRole {
     id: Id,
     commands: mpsc::Receiver<Command>,
     commands_open: bool,
-    close_signal: watch::Receiver<CloseAsk>,
+    /// Completes when the registry asks to close the session (takeover, revocation):
+    /// made once, so that polling it does not register a waiter per loop iteration.
+    close_asked: Pin<Box<dyn Future<Output = (CloseCode, &'static str)> + Send>>,
     /// Whether a close may still be asked.
     close_open: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// When shutting down: the deadline for the in-flight requests.
-    drain: Option<tokio::time::Instant>,
+    /// When shutting down: the deadline for the in-flight requests (made then, not
+    /// per loop iteration).
+    drain: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Shutdown was asked (it is taken once).
+    stopping: bool,
     stats: Arc<Stats>,
     /// Backend work: requests yield `Some((seq, reply))`, messages `None`.
     inflight: JoinSet<Option<(u64, Reply)>>,
@@ -113,10 +119,11 @@ impl SessionTask {
             id,
             commands,
             commands_open: true,
-            close_signal,
+            close_asked: Box::pin(close_asked(close_signal)),
             close_open: true,
             shutdown: Box::pin(CancellationToken::new().cancelled_owned()),
             drain: None,
+            stopping: false,
             stats,
             inflight: JoinSet::new(),
             queued: std::collections::VecDeque::new(),
@@ -253,8 +260,20 @@ impl ServerRole {
 
     /// Shutting down and nothing in flight: close.
     fn drained(&self, conn: &mut Connection, now: Duration) {
-        if self.drain.is_some() && self.inflight.is_empty() && self.queued.is_empty() {
+        if self.stopping && self.inflight.is_empty() && self.queued.is_empty() {
             conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
+        }
+    }
+}
+
+/// Completes with the first close the registry asks for (never, if none is).
+async fn close_asked(mut rx: watch::Receiver<CloseAsk>) -> (CloseCode, &'static str) {
+    loop {
+        if let Some(asked) = *rx.borrow_and_update() {
+            return asked;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -263,29 +282,17 @@ impl Role for ServerRole {
     type Work = Work;
 
     async fn work(&mut self) -> Work {
-        loop {
-            if self.close_open {
-                // Asked once (takeover, revocation): the value stays, so it is taken once.
-                if let Some((code, reason)) = *self.close_signal.borrow_and_update() {
-                    self.close_open = false;
-                    return Work::CloseAsked(code, reason);
-                }
+        let draining = self.drain.is_some();
+        tokio::select! {
+            biased;
+            _ = self.shutdown.as_mut(), if !self.stopping => Work::Shutdown,
+            (code, reason) = self.close_asked.as_mut(), if self.close_open => {
+                self.close_open = false;
+                Work::CloseAsked(code, reason)
             }
-            let draining = self.drain.is_some();
-            let drain_at = self.drain.unwrap_or_else(tokio::time::Instant::now);
-            tokio::select! {
-                biased;
-                _ = self.shutdown.as_mut(), if !draining => return Work::Shutdown,
-                r = self.close_signal.changed(), if self.close_open => {
-                    // Gone: the registry entry was dropped; nothing will ask again.
-                    if r.is_err() {
-                        self.close_open = false;
-                    }
-                }
-                cmd = self.commands.recv(), if self.commands_open => return Work::Command(cmd),
-                Some(done) = self.inflight.join_next_with_id(), if !self.inflight.is_empty() => return Work::Backend(done),
-                _ = tokio::time::sleep_until(drain_at), if draining => return Work::DrainDeadline,
-            }
+            cmd = self.commands.recv(), if self.commands_open => Work::Command(cmd),
+            Some(done) = self.inflight.join_next_with_id(), if !self.inflight.is_empty() => Work::Backend(done),
+            _ = async { self.drain.as_mut().expect("draining").await }, if draining => Work::DrainDeadline,
         }
     }
 
@@ -314,10 +321,12 @@ impl Role for ServerRole {
             }
             Work::CloseAsked(code, reason) => conn.close(code, reason, now),
             Work::Shutdown => {
-                self.drain = Some(tokio::time::Instant::now() + self.limits.drain_timeout);
+                self.stopping = true;
+                self.drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));
                 self.drained(conn, now);
             }
             Work::DrainDeadline => {
+                self.drain = None;
                 warn!(id = %self.id, abandoned = self.inflight.len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
                 conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
             }
@@ -359,6 +368,6 @@ impl Role for ServerRole {
         if full && !self.paused_logged.replace(true) {
             info!(id = %self.id, limit = self.limits.max_in_flight, "in-flight request limit reached (limits.max_in_flight): reading paused until the backend answers");
         }
-        self.drain.is_none() && !full
+        !self.stopping && !full
     }
 }
