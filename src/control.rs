@@ -275,7 +275,7 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
 
 /// Revokes (`revoke`) or removes an identity: the store first, then the registry, so
 /// that a handshake whose key lookup raced with the store change is refused at
-/// registration (spec 7.3), and the live session gets CLOSE REVOKED.
+/// registration (spec 7.3), and the live session gets CLOSE `REVOKED` or `REMOVED`.
 async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlResponse {
     let id = match Id::new(id) {
         Ok(id) => id,
@@ -307,7 +307,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
     } else {
         "identity removed"
     };
-    let was_live = state.registry.invalidate(&id, CloseCode::REVOKED, reason);
+    let code = if revoke {
+        CloseCode::REVOKED
+    } else {
+        CloseCode::REMOVED
+    };
+    let was_live = state.registry.invalidate(&id, code, reason);
     info!(id = %id, was_live, "{reason} on the control socket");
     if revoke {
         ControlResponse::Revoked {

@@ -813,7 +813,7 @@ async fn remove_frees_an_identity_for_a_new_enrollment() {
         matches!(
             end,
             ClientError::Closed {
-                code: CloseCode::REVOKED,
+                code: CloseCode::REMOVED,
                 ..
             }
         ),

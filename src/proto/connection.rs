@@ -371,14 +371,29 @@ impl Connection {
         if !self.unanswered.contains(&req_seq) {
             return Err(ProtocolError::NotPending(req_seq));
         }
-        self.send_body(
+        let sent = self.send_body(
             &Body::Response {
                 req_seq,
                 status,
                 payload,
             },
             now,
-        )?;
+        );
+        // Spec 8.4: an answer too large for one frame is replaced by status
+        // BACKEND_ERROR, so that the request is still answered exactly once.
+        if let Err(too_large @ ProtocolError::PayloadTooLarge { .. }) = sent {
+            self.send_body(
+                &Body::Response {
+                    req_seq,
+                    status: Status::BACKEND_ERROR,
+                    payload: Bytes::from_static(b"response too large for one frame"),
+                },
+                now,
+            )?;
+            self.unanswered.remove(&req_seq);
+            return Err(too_large);
+        }
+        sent?;
         self.unanswered.remove(&req_seq);
         Ok(())
     }
@@ -725,6 +740,31 @@ mod tests {
                 req_seq: s1,
                 status: Status(300),
                 payload: b("v2")
+            }]
+        );
+    }
+
+    #[test]
+    fn an_answer_too_large_for_a_frame_becomes_backend_error() {
+        let mut p = Pair::new();
+        let now = p.now;
+        let r = p.client.request(b("big answer, please"), now).unwrap();
+        p.drive();
+        events(&mut p.server);
+        // The pair's sessions send frames of at most 1024 bytes.
+        let big = Bytes::from(vec![7u8; 2000]);
+        assert!(matches!(
+            p.server.respond(r, Status::OK, big, now),
+            Err(ProtocolError::PayloadTooLarge { .. })
+        ));
+        assert_eq!(p.server.unanswered_requests(), 0, "answered once");
+        p.drive();
+        assert_eq!(
+            events(&mut p.client),
+            vec![Event::Response {
+                req_seq: r,
+                status: Status::BACKEND_ERROR,
+                payload: b("response too large for one frame"),
             }]
         );
     }

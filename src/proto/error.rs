@@ -277,5 +277,8 @@ wire_codes! {
         PROTOCOL_ERROR = 0x0006, "protocol error";
         /// The peer announced a frame above the receiver's limit.
         FRAME_TOO_LARGE = 0x0007, "frame too large";
+        /// The identity was removed from the server (it may be enrolled again, with a
+        /// new token).
+        REMOVED = 0x0008, "removed";
     }
 }

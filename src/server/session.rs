@@ -28,7 +28,7 @@ use crate::backend::{Reply, Request};
 use crate::config::Limits;
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
-use crate::proto::{CloseCode, FrameType, Id, Session, Status};
+use crate::proto::{CloseCode, Id, Session, Status};
 
 /// How a session ended, for the log.
 #[derive(Debug)]
@@ -191,14 +191,12 @@ impl ServerRole {
                 None => return,
             },
         };
-        let max = conn.max_payload(FrameType::Response);
-        let reply = if reply.payload.len() > max {
-            warn!(id = %self.id, seq, len = reply.payload.len(), max, "backend reply too large for one frame");
-            Reply::error(Status::BACKEND_ERROR, "reply too large")
-        } else {
-            reply
-        };
-        let _ = conn.respond(seq, reply.status, reply.payload, now);
+        let len = reply.payload.len();
+        if let Err(e) = conn.respond(seq, reply.status, reply.payload, now) {
+            // Too large: answered BACKEND_ERROR instead (spec 8.4). Else the session
+            // is over.
+            warn!(id = %self.id, seq, len, "backend reply not sent as is: {e}");
+        }
     }
 
     /// Hands a REQUEST or MESSAGE to the backend, or queues it while `max_in_flight`
