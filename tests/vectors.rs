@@ -441,6 +441,29 @@ fn negative() -> Value {
     v2[5] = 2;
     let mut lying = first.clone();
     lying[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+    // Frame 1 with an unknown type byte: refused before its sequence number or tag.
+    let mut unknown_type = first.clone();
+    unknown_type[4] = 0x7f;
+    // HELLO whose id holds a space (spec 4.1: A-Z a-z 0-9 . _ - : @).
+    let mut bad_id = hello.clone();
+    let at = bad_id
+        .windows(ID.len())
+        .position(|w| w == ID.as_bytes())
+        .unwrap();
+    bad_id[at + 6] = b' ';
+    // A REQUEST numbered 2^64 - 1, tagged with key_c2s: only CLOSE may use that number.
+    let c2s = hkdf(&salt, &k, &[b"tally/1 session key c2s", &th2]);
+    let mut last = vec![0u8; 4];
+    last.push(0x20);
+    last.extend_from_slice(&u64::MAX.to_be_bytes());
+    last.extend_from_slice(b"one too many");
+    let len = (last.len() - 4 + 32) as u32;
+    last[..4].copy_from_slice(&len.to_be_bytes());
+    let tag = mac(&c2s, &[&last]);
+    last.extend_from_slice(&tag);
+    // ENROLL_REPLY whose Y is the all-zero (low-order) point.
+    let mut zero_y = enroll.frames[1].clone();
+    zero_y[5..37].fill(0);
     let mut short_len = first.clone();
     let n = u32::from_be_bytes(short_len[..4].try_into().unwrap()) - 1;
     short_len[..4].copy_from_slice(&n.to_be_bytes());
@@ -500,6 +523,17 @@ fn negative() -> Value {
                  "000000041f000301".into(), "truncated", json!({"close": true})),
             case("enroll_reply_bit_flipped", "enroll-open.json ENROLL_REPLY with one bit of Y flipped", json!({"state": "client_await_enroll_reply"}),
                  flip(&enroll.frames[1], 5, 1), "bad_tag", json!({"close": true})),
+            case("unknown_type", "session.json frame 1 with type 0x7f: refused before its sequence number and tag (8.3 step 2)", session_rx("server", 0),
+                 x(&unknown_type), "malformed", close.clone()),
+            case("bad_id", "session.json HELLO with a space in its id", json!({"state": "server_await_hello"}),
+                 x(&bad_id), "bad_id", json!({"error_frame": "000000041f000201"})),
+            case("sequence_exhausted", "a REQUEST numbered 2^64 - 1 (tagged with key_c2s) after the server accepted 2^64 - 2 frames: only CLOSE may use that number (8.1)",
+                 json!({"state": "server_session", "after_frames": 0, "last_received": (u64::MAX - 1).to_string()}),
+                 x(&last), "sequence_exhausted", close.clone()),
+            case("weak_key", "enroll-open.json ENROLL_REPLY with Y replaced by the all-zero point: the X25519 result is all zeros (6.2)", json!({"state": "client_await_enroll_reply"}),
+                 x(&zero_y), "weak_key", json!({"close": true})),
+            case("open_mode_disabled", "enroll-open.json ENROLL_INIT sent to a server that accepts only per-identity tokens", json!({"state": "server_await_enroll_init", "open_enrollment": false}),
+                 x(init), "open_mode_disabled", json!({"error_frame": "000000041f000401"})),
         ],
     })
 }
@@ -528,6 +562,11 @@ fn run_negative(case: &Value) -> ProtocolError {
             } else {
                 &mut client
             };
+            if let Some(last) = case["receiver"].get("last_received") {
+                // A decimal string: 2^64 - 2 is beyond what a JSON number holds exactly in
+                // many languages.
+                rx.set_counters_for_testing(1, last.as_str().unwrap().parse().unwrap());
+            }
             let mut buf = BytesMut::from(&input[..]);
             match decode_frame(&mut buf, MAX) {
                 Ok(Some(frame)) => rx.open(frame).unwrap_err(),
@@ -543,7 +582,10 @@ fn run_negative(case: &Value) -> ProtocolError {
         }
         "server_await_hello" => HelloReceived::parse(&input).err().unwrap(),
         "server_await_enroll_init" => ServerAwaitConfirm::handle_init(
-            &server_params(),
+            &ServerParams {
+                allow_open: case["receiver"]["open_enrollment"] != json!(false),
+                ..server_params()
+            },
             &input,
             server_credential,
             pattern(0x60),

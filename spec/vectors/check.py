@@ -240,6 +240,7 @@ def run_negative(case: dict) -> str:
         if state in ("server_session", "client_session"):
             side = "c2s" if state == "server_session" else "s2c"
             rx = Receiver(keys[side], client=state == "client_session")
+            rx.last = int(case["receiver"].get("last_received", 0))
             for f in sess["frames"][:case["receiver"]["after_frames"]]:
                 if f["direction"] == side:
                     rx.receive(bytes.fromhex(f["hex"]))
@@ -260,6 +261,11 @@ def run_negative(case: dict) -> str:
                 raise Refused("malformed")
             if data[5] != 1:
                 raise Refused("unsupported_version")
+            n = data[6]
+            ident = data[7:7 + n]
+            allowed = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@"
+            if not 1 <= n <= 64 or any(c not in allowed for c in ident):
+                raise Refused("bad_id")
         elif state == "server_await_enroll_init":
             # The server holds EK (enroll-open.json) and one token, for the id of
             # enroll-token.json; for any other id in token mode it has no credential.
@@ -268,6 +274,8 @@ def run_negative(case: dict) -> str:
                 raise Refused("unsupported_version")
             mode, n = data[6], data[7]
             ident = data[8:8 + n]
+            if mode == 0 and case["receiver"].get("open_enrollment") is False:
+                raise Refused("open_mode_disabled")
             if mode == 0:
                 c = bytes.fromhex(opn["credential"])
             elif ident == tok["id"].encode():
@@ -282,6 +290,8 @@ def run_negative(case: dict) -> str:
             x, s = bytes.fromhex(i["client_ephemeral_secret"]), bytes.fromhex(i["server_static_secret"])
             init = bytes.fromhex(enr["frames"][0]["hex"])
             Y = data[5:37]
+            if x25519(x, Y) == bytes(32):
+                raise Refused("weak_key")
             ikm = x25519(x, Y) + x25519(x, x25519(s, BASE))
             th = H(init, data[:37])
             ks = hkdf(bytes.fromhex(i["credential"]), ikm, b"tally/1 enroll key server" + th)

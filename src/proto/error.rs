@@ -199,8 +199,9 @@ impl ProtocolError {
 
     /// The code to send in a CLOSE frame when this error ends a session.
     pub fn close_code(&self) -> CloseCode {
+        // A peer's frame numbered 2^64 - 1 that is not CLOSE is a protocol error (8.3);
+        // this side's own exhaustion sends SEQUENCE_EXHAUSTED (proto::connection).
         match self {
-            ProtocolError::SequenceExhausted => CloseCode::SEQUENCE_EXHAUSTED,
             ProtocolError::Frame(FrameError::TooLarge { .. }) => CloseCode::FRAME_TOO_LARGE,
             _ => CloseCode::PROTOCOL_ERROR,
         }
