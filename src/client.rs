@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::proto::connection::{Connection, End, Event};
+use crate::proto::connection::{CloseAnswer, Connection, End, Event};
 
 use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
 use crate::proto::enroll::ClientAwaitReply;
@@ -460,19 +460,17 @@ impl Client {
             let auth = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
             out.clear();
             let session = wait.handle_server_auth(&auth, &mut out, opts.max_frame_len)?;
-            Ok::<_, ClientError>((tcp, buf, out, session))
+            // CLIENT_FINISH, under the same deadline: the driver starts with an empty
+            // send buffer.
+            tcp.write_all(&out).await?;
+            Ok::<_, ClientError>((tcp, buf, session))
         };
-        let (tcp, buf, out, session) = tokio::time::timeout(opts.connect_timeout, open)
+        let (tcp, buf, session) = tokio::time::timeout(opts.connect_timeout, open)
             .await
             .unwrap_or(Err(ClientError::Timeout("handshake")))?;
         let (tx, rx) = mpsc::channel(64);
         let (in_tx, in_rx) = mpsc::channel(opts.incoming_capacity);
         let (end_tx, end_rx) = watch::channel(None);
-        // CLIENT_FINISH first: the driver starts with an empty send buffer.
-        let mut tcp = tcp;
-        tokio::time::timeout(opts.connect_timeout, tcp.write_all(&out))
-            .await
-            .unwrap_or(Err(io::ErrorKind::TimedOut.into()))?;
         let role = ClientRole {
             rx,
             commands_open: true,
@@ -590,6 +588,10 @@ struct ClientRole {
 impl crate::driver::Role for ClientRole {
     type Work = Option<Cmd>;
 
+    // The client's backlog is mostly its own requests: it always reads (the server holds
+    // back instead), so that the two ends never both stop reading.
+    const HOLD_WHEN_BACKLOGGED: bool = false;
+
     async fn work(&mut self) -> Option<Cmd> {
         if !self.commands_open {
             return std::future::pending().await;
@@ -604,11 +606,11 @@ impl crate::driver::Role for ClientRole {
                     self.pending.insert(seq, reply);
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+                    let _ = reply.send(Err(not_sent(e)));
                 }
             },
             Some(Cmd::Message { payload, sent }) => {
-                let _ = sent.send(conn.message(payload, now).map_err(Into::into));
+                let _ = sent.send(conn.message(payload, now).map_err(not_sent));
             }
             Some(Cmd::Respond {
                 req_seq,
@@ -666,23 +668,32 @@ impl crate::driver::Role for ClientRole {
     }
 }
 
+/// Why a request or message could not be sent: the session is closing, or it does not
+/// fit.
+fn not_sent(e: ProtocolError) -> ClientError {
+    match e {
+        ProtocolError::Closed => ClientError::SessionClosed,
+        e => ClientError::from(e),
+    }
+}
+
 /// What a session's end means to the caller.
 fn ended(end: End) -> ClientError {
     match end {
         End::PeerClosed { code, reason } => ClientError::Closed { code, reason },
         End::Closed {
-            answered: false,
-            code: CloseCode::NORMAL,
+            answer: CloseAnswer::Nothing,
             ..
         } => ClientError::Timeout("the server did not answer CLOSE"),
+        // A cut after this side's CLOSE is still a cut, not an orderly end.
+        End::Closed {
+            answer: CloseAnswer::Eof,
+            ..
+        } => ClientError::Truncated,
         End::Closed {
             code: CloseCode::IDLE_TIMEOUT,
             ..
         } => ClientError::Timeout("the server sent nothing for two keepalive intervals"),
-        End::Closed {
-            code: CloseCode::SEQUENCE_EXHAUSTED,
-            ..
-        } => ClientError::Protocol(ProtocolError::SequenceExhausted),
         End::Closed { .. } => ClientError::SessionClosed,
         End::Truncated => ClientError::Truncated,
         End::Failed(e) => ClientError::from(e),

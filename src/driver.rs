@@ -5,7 +5,10 @@
 //! every rule of spec section 8. What differs between the server and the client — where
 //! requests come from and where their answers go — is a [`Role`]. The loop reads and
 //! writes at the same time (a peer pushing as hard as this side never stalls both), and
-//! every write is bounded: a peer that reads nothing for `write_stall` ends the session.
+//! every write is bounded: a send backlog that has not drained within `write_stall` ends
+//! the session, and (for the server) while the backlog is over two frames' worth the
+//! driver stops reading (a peer that sends PINGs and reads nothing cannot grow its
+//! memory; the other end always reads, so this cannot stall both).
 
 use std::future::Future;
 use std::io;
@@ -38,6 +41,12 @@ pub(crate) trait Role: Send {
     fn may_read(&self, _conn: &Connection) -> bool {
         true
     }
+
+    /// Whether to stop reading while the send backlog is over two frames' worth (a peer
+    /// that sends PINGs or requests and reads nothing cannot grow this side's memory).
+    /// Not for a side whose backlog is mostly its own requests: if both ends stopped
+    /// reading while each has a backlog, neither would ever drain.
+    const HOLD_WHEN_BACKLOGGED: bool = true;
 }
 
 /// How a driven session ended.
@@ -68,7 +77,9 @@ pub(crate) async fn run<R: Role>(
     // Swapped with the session's send buffer: two allocations for the whole session.
     let mut out = BytesMut::new();
     let mut read_open = true;
-    let mut last_progress = origin;
+    // Since when the send backlog has been non-empty.
+    let mut backlog_since = origin;
+    let backlog_cap = 2 * config.max_frame_len as usize + 64 * 1024;
     let mut ended: Option<End> = None;
     // Two timers made once and moved only when they must fire sooner: making or moving
     // a timer on every loop iteration (every frame) costs a timer-wheel update each.
@@ -88,17 +99,20 @@ pub(crate) async fn run<R: Role>(
             }
             role.event(event, &mut conn, now);
         }
-        if out.is_empty() && conn.transmit_into(&mut out) {
-            last_progress = t;
-        }
         if out.is_empty() {
-            if let Some(end) = ended.take() {
+            if conn.transmit_into(&mut out) {
+                backlog_since = t;
+            } else if let Some(end) = ended.take() {
                 finish(&mut rd, &mut wr, read_open).await;
                 return Outcome::Ended(end);
             }
         }
         let writing = !out.is_empty();
-        let reading = read_open && !conn.is_closed() && role.may_read(&conn);
+        let held = !role.may_read(&conn);
+        let reading = read_open
+            && !conn.is_closed()
+            && !held
+            && (!R::HOLD_WHEN_BACKLOGGED || out.len() + conn.pending_transmit() < backlog_cap);
         if let Some(at) = conn.poll_timeout().map(|t| origin + t) {
             if timer_at.is_none_or(|armed| at < armed) {
                 timer.as_mut().reset(at);
@@ -106,7 +120,7 @@ pub(crate) async fn run<R: Role>(
             }
         }
         if writing && stall_at.is_none() {
-            let at = last_progress + write_stall;
+            let at = backlog_since + write_stall;
             stall.as_mut().reset(at);
             stall_at = Some(at);
         }
@@ -115,14 +129,13 @@ pub(crate) async fn run<R: Role>(
                 Ok(n) => {
                     t = Instant::now();
                     out.advance(n);
-                    last_progress = t;
                     continue;
                 }
                 Err(e) if crate::wire::is_cut(&e) => {
                     out.clear();
                     Woke::Eof
                 }
-                Err(e) => return Outcome::Io(e),
+                Err(e) => return io_end(e, ended),
             },
             // Straight into the session's buffer: an idle session holds no read buffer
             // beyond it (256 bytes to start).
@@ -136,7 +149,7 @@ pub(crate) async fn run<R: Role>(
                     read_open = false;
                     Woke::Eof
                 }
-                Err(e) => return Outcome::Io(e),
+                Err(e) => return io_end(e, ended),
             },
             work = role.work(), if !conn.is_closed() => Woke::Work(work),
             _ = &mut timer, if timer_at.is_some() => {
@@ -154,16 +167,32 @@ pub(crate) async fn run<R: Role>(
             Woke::Eof => conn.handle_eof(now),
             Woke::Read(n) => conn.handle_read(n, now),
             Woke::Work(work) => role.apply(work, &mut conn, now),
-            Woke::Timer => conn.handle_timeout(now),
+            Woke::Timer => {
+                // Time this side held the peer back is not the peer's silence.
+                if held {
+                    conn.hold_idle(now);
+                }
+                conn.handle_timeout(now)
+            }
             Woke::Stall => {
-                if t - last_progress >= write_stall {
-                    return Outcome::Io(io::Error::new(
+                if !out.is_empty() && t - backlog_since >= write_stall {
+                    let e = io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("the peer read nothing for {write_stall:?}"),
-                    ));
+                        format!("the peer did not take what was sent within {write_stall:?}"),
+                    );
+                    return io_end(e, ended);
                 }
             }
         }
+    }
+}
+
+/// The socket failed: the session's own end if it had one already (the failure was
+/// only in delivering its last bytes).
+fn io_end(e: io::Error, ended: Option<End>) -> Outcome {
+    match ended {
+        Some(end) => Outcome::Ended(end),
+        None => Outcome::Io(e),
     }
 }
 
@@ -188,4 +217,85 @@ async fn finish(rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf, read_open: bool
         while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::session::tests::pair as sessions;
+    use crate::proto::Body;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A role with no work of its own, that never holds the peer back.
+    struct Quiet;
+
+    impl Role for Quiet {
+        type Work = ();
+        async fn work(&mut self) {
+            std::future::pending().await
+        }
+        fn apply(&mut self, _: (), _: &mut Connection, _: Duration) {}
+        fn event(&mut self, _: Event, _: &mut Connection, _: Duration) {}
+    }
+
+    /// A connected pair with 64 KiB socket buffers on both ends (autotuning off), so that
+    /// what piles up is the driver's, not the kernel's. (Much smaller buffers make the
+    /// kernel's own windows stall on loopback.)
+    async fn small_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        for s in [&a, &b] {
+            rustix::net::sockopt::set_socket_recv_buffer_size(s, 65536).unwrap();
+            rustix::net::sockopt::set_socket_send_buffer_size(s, 65536).unwrap();
+        }
+        (a, b)
+    }
+
+    /// Review of issue 12: the driver reads while it writes; a peer that sends PINGs and
+    /// reads nothing made it answer into a send buffer that grew without bound. Now it
+    /// stops reading once the backlog passes two frames' worth, so the peer's writes
+    /// block after a bounded amount (before the fix: all 4 MB went through).
+    #[tokio::test]
+    async fn a_peer_that_never_reads_cannot_grow_the_send_backlog() {
+        let (mut client, server) = sessions();
+        let (mine, mut peer) = small_pair().await;
+        let config = Config::server(); // 64 KiB frames: backlog cap 192 KiB
+        let driver = tokio::spawn(async move {
+            run(
+                server,
+                config,
+                mine.into_split(),
+                &[],
+                &mut Quiet,
+                Duration::from_secs(30),
+            )
+            .await
+        });
+        let mut written = 0usize;
+        let blocked = loop {
+            let mut batch = BytesMut::new();
+            for _ in 0..500 {
+                client.seal(&Body::Ping, &mut batch).unwrap();
+            }
+            match tokio::time::timeout(Duration::from_secs(2), peer.write_all(&batch)).await {
+                Ok(Ok(())) => written += batch.len(),
+                Ok(Err(e)) => panic!("the driver gave up instead of holding back: {e}"),
+                Err(_) => break true,
+            }
+            if written > 4 << 20 {
+                break false;
+            }
+        };
+        assert!(
+            blocked,
+            "{written} bytes of PINGs taken without reading a PONG"
+        );
+        assert!(
+            written < 1 << 20,
+            "{written} bytes before the driver stopped reading"
+        );
+        assert!(!driver.is_finished(), "the session is held, not ended");
+        driver.abort();
+    }
 }

@@ -169,10 +169,13 @@ async fn duplicated_frame_is_refused() {
         "sequence number 1 where 2 was expected",
     ])
     .await;
-    assert_eq!(
-        a.rec.of("dup"),
-        vec![Bytes::from_static(b"once")],
-        "the duplicate never reached the backend"
+    // The original may or may not have reached the backend (if it arrived in the same
+    // read as the duplicate, the session was over before it could be answered, and it
+    // was not handed on: spec 8.4); the duplicate never does.
+    let seen = a.rec.of("dup");
+    assert!(
+        seen.is_empty() || seen == vec![Bytes::from_static(b"once")],
+        "the duplicate never reached the backend: {seen:?}"
     );
     a.check(&["dup"]).await;
 }
@@ -970,8 +973,16 @@ async fn slow_drip_is_closed_by_the_deadlines() {
         true
     };
     let dripping = tokio::time::timeout(Duration::from_secs(3), drip).await;
-    assert!(dripping.is_err(), "still dripping after 3 s, not cut off");
+    assert!(dripping.is_err(), "still dripping after 3 s");
+    // Three idle deadlines (0.9 s each) passed while the bytes came: not closed.
+    assert!(!has_log_line(&["id=drip", "closed idle session"]));
+    assert!(a.srv.state.registry.list().iter().any(|s| s.id == "drip"));
+    let stopped = std::time::Instant::now();
     log_line(&["id=drip", "closed idle session"]).await;
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(500),
+        "closed for the silence after"
+    );
     assert!(a.rec.of("drip").is_empty());
     a.check(&["drip"]).await;
 }

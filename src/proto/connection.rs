@@ -73,21 +73,31 @@ pub enum End {
         reason: String,
     },
     /// This side sent CLOSE (asked to, or because of a deadline or its sequence
-    /// numbers running out), then the peer answered or closed (`answered`), or did not
-    /// within the close deadline.
+    /// numbers running out); then `answer` says what came back.
     Closed {
         /// This side's code.
         code: CloseCode,
         /// This side's reason.
         reason: String,
-        /// Whether the peer's CLOSE or EOF came before the close deadline.
-        answered: bool,
+        /// How the peer answered.
+        answer: CloseAnswer,
     },
     /// The connection ended (EOF or reset) before the peer's CLOSE: not an orderly end
     /// (spec 8.6); every pending request failed.
     Truncated,
     /// The peer broke a rule of 8.3 or 8.4; this side sent CLOSE with the error's code.
     Failed(ProtocolError),
+}
+
+/// What came back after this side's CLOSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAnswer {
+    /// The peer's CLOSE: an orderly end.
+    Close,
+    /// EOF or a reset without the peer's CLOSE (a cut cannot look like a close).
+    Eof,
+    /// Nothing within the close deadline.
+    Nothing,
 }
 
 /// Something the application must know.
@@ -337,20 +347,26 @@ impl Connection {
     pub fn handle_eof(&mut self, _now: Duration) {
         match &self.state {
             State::Open => self.finish(End::Truncated),
-            State::Closing { .. } => self.finish_closing(),
+            State::Closing { .. } => self.finish_closing(CloseAnswer::Eof),
             State::Closed => {}
         }
     }
 
     /// The peer answered this side's CLOSE (with its own, or by closing).
-    fn finish_closing(&mut self) {
+    fn finish_closing(&mut self, how: CloseAnswer) {
         if let State::Closing { end, .. } = &self.state {
             let mut end = end.clone();
-            if let End::Closed { answered, .. } = &mut end {
-                *answered = true;
+            if let End::Closed { answer, .. } = &mut end {
+                *answer = how;
             }
             self.finish(end);
         }
+    }
+
+    /// Counts the time until `now` as activity: a driver that holds the peer back (it
+    /// does not read) must not blame the peer's silence on it (spec 8.5).
+    pub fn hold_idle(&mut self, now: Duration) {
+        self.last_received = self.last_received.max(now);
     }
 
     /// Sends a REQUEST; returns its sequence number, which its [`Event::Response`] names.
@@ -421,7 +437,7 @@ impl Connection {
             end: End::Closed {
                 code,
                 reason: reason.to_string(),
-                answered: false,
+                answer: CloseAnswer::Nothing,
             },
             deadline: now + self.config.close_timeout,
             receiving: true,
@@ -452,9 +468,14 @@ impl Connection {
     }
 
     fn send_close(&mut self, code: CloseCode, reason: &str) {
+        // At most 255 bytes (spec 4.5), cut at a character boundary.
+        let mut end = reason.len().min(super::frame::MAX_REASON_LEN);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
         let close = Body::Close {
             code,
-            reason: reason.to_string(),
+            reason: reason[..end].to_string(),
         };
         // Cannot fail: one CLOSE per session, 2^64 − 1 is CLOSE's, the reason is ours.
         let _ = self.session.seal(&close, &mut self.send);
@@ -466,14 +487,33 @@ impl Connection {
         match frame.body {
             Body::Close { code, reason } => {
                 if closing {
-                    self.finish_closing();
+                    self.finish_closing(CloseAnswer::Close);
                 } else {
                     self.send_close(CloseCode::NORMAL, "closed");
                     self.finish(End::PeerClosed { code, reason });
                 }
             }
             // After this side's CLOSE the peer may still send what it sent before seeing
-            // it: checked (8.3 ran), and dropped.
+            // it: checked (8.3 ran); answers to this side's pending requests and pings are
+            // delivered, the rest dropped (spec 8.6).
+            Body::Response {
+                req_seq,
+                status,
+                payload,
+            } if closing => {
+                if self.requests.remove(&req_seq) {
+                    self.events.push_back(Event::Response {
+                        req_seq,
+                        status,
+                        payload,
+                    });
+                }
+            }
+            Body::Pong { ping_seq } if closing => {
+                if self.pings.remove(&ping_seq) {
+                    self.events.push_back(Event::Pong { ping_seq });
+                }
+            }
             _ if closing => {}
             Body::Request { payload } => {
                 self.unanswered.insert(frame.seq);
@@ -532,12 +572,11 @@ impl Connection {
         match self.state {
             State::Open => {
                 // ERROR in a session, or the peer's refusal of the finish: no CLOSE (8.3
-                // step 2), the connection just ends.
-                if matches!(
-                    e,
-                    ProtocolError::Refused(_) | ProtocolError::InjectedError(_)
-                ) {
-                    return self.finish(End::Failed(e));
+                // step 2), the connection just ends; an injected one is a cut.
+                match e {
+                    ProtocolError::Refused(_) => return self.finish(End::Failed(e)),
+                    ProtocolError::InjectedError(_) => return self.finish(End::Truncated),
+                    _ => {}
                 }
                 self.send_close(e.close_code(), &e.to_string());
                 self.state = State::Closing {
@@ -630,12 +669,20 @@ mod tests {
                     }
                     moved = true;
                 }
-                if self.client.is_closed() && !self.client_gone {
+                // EOF only after everything written before it.
+                if self.client.is_closed()
+                    && !self.client_gone
+                    && self.client.pending_transmit() == 0
+                {
                     self.client_gone = true;
                     self.server.handle_eof(self.now);
                     moved = true;
                 }
-                if self.server.is_closed() && !self.server_gone && !self.server_mute {
+                if self.server.is_closed()
+                    && !self.server_gone
+                    && !self.server_mute
+                    && self.server.pending_transmit() == 0
+                {
                     self.server_gone = true;
                     self.client.handle_eof(self.now);
                     moved = true;
@@ -853,7 +900,7 @@ mod tests {
             End::Closed {
                 code: CloseCode::SHUTDOWN,
                 reason: "bye".into(),
-                answered: true,
+                answer: CloseAnswer::Close,
             }
         );
         assert_eq!(p.client.request(b("x"), now), Err(ProtocolError::Closed));
@@ -878,6 +925,49 @@ mod tests {
     }
 
     #[test]
+    fn answers_that_cross_our_close_are_still_delivered() {
+        let mut p = Pair::new();
+        let now = p.now;
+        let r = p.client.request(b("question"), now).unwrap();
+        p.drive();
+        events(&mut p.server);
+        // The server answers while the client's CLOSE is on its way.
+        p.server.respond(r, Status::OK, b("answer"), now).unwrap();
+        let answer = p.server.poll_transmit().unwrap();
+        p.client.close(CloseCode::NORMAL, "done", now);
+        p.client.handle_input(&answer, now);
+        assert_eq!(
+            events(&mut p.client),
+            vec![Event::Response {
+                req_seq: r,
+                status: Status::OK,
+                payload: b("answer")
+            }]
+        );
+        p.drive();
+        assert!(matches!(
+            closed(&mut p.client),
+            End::Closed {
+                answer: CloseAnswer::Close,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_error_frame_in_a_session_is_a_cut() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.client.request(b("x"), now).unwrap();
+        p.drive();
+        // ERROR is never part of a session (8.3 step 2): injected, so the session is cut,
+        // and no CLOSE is sent.
+        p.server.handle_input(&[0, 0, 0, 4, 0x1f, 0, 3, 1], now);
+        assert_eq!(closed(&mut p.server), End::Truncated);
+        assert_eq!(p.server.pending_transmit(), 0);
+    }
+
+    #[test]
     fn an_unanswered_close_ends_at_its_deadline() {
         let mut p = Pair::new();
         p.server_mute = true;
@@ -891,7 +981,7 @@ mod tests {
             closed(&mut p.client),
             End::Closed {
                 code: CloseCode::NORMAL,
-                answered: false,
+                answer: CloseAnswer::Nothing,
                 ..
             }
         ));

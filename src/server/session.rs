@@ -93,8 +93,8 @@ struct ServerRole {
     stats: Arc<Stats>,
     /// Backend work: requests yield `Some((seq, reply))`, messages `None`.
     inflight: JoinSet<Option<(u64, Reply)>>,
-    /// Requests and messages read while `max_in_flight` were with the backend (as many
-    /// again at most: then reading pauses).
+    /// Requests and messages read while `max_in_flight` were with the backend: reading
+    /// pauses once as many again wait (plus what the read that crossed that brought).
     queued: std::collections::VecDeque<Event>,
     inflight_seq: HashMap<tokio::task::Id, u64>,
     /// Server-initiated requests waiting for the device's RESPONSE.
@@ -183,6 +183,11 @@ impl ServerRole {
                     None => return,
                 }
             }
+            // Aborted because the session is closing: nothing to answer.
+            Err(e) if e.is_cancelled() => {
+                self.inflight_seq.remove(&e.id());
+                return;
+            }
             Err(e) => match self.inflight_seq.remove(&e.id()) {
                 Some(seq) => {
                     warn!(id = %self.id, seq, "backend task failed: {e}");
@@ -201,7 +206,12 @@ impl ServerRole {
 
     /// Hands a REQUEST or MESSAGE to the backend, or queues it while `max_in_flight`
     /// are there.
-    fn dispatch(&mut self, event: Event) {
+    fn dispatch(&mut self, event: Event, conn: &Connection) {
+        // Once this side sent CLOSE (takeover, revocation, drain deadline, a refused
+        // frame), nothing more goes to the backend.
+        if !conn.is_open() {
+            return;
+        }
         if self.inflight.len() >= self.limits.max_in_flight {
             self.queued.push_back(event);
             return;
@@ -234,6 +244,16 @@ impl ServerRole {
                 });
             }
             _ => {}
+        }
+    }
+
+    /// Once this side sent CLOSE, in-flight and queued backend work is dropped (the old
+    /// loop did the same when it closed): a revoked device's requests must not reach the
+    /// backend after its revocation.
+    fn stop_if_closing(&mut self, conn: &Connection) {
+        if !(conn.is_open() || self.inflight.is_empty() && self.queued.is_empty()) {
+            self.queued.clear();
+            self.inflight.abort_all();
         }
     }
 
@@ -291,6 +311,8 @@ impl Role for ServerRole {
             cmd = self.commands.recv(), if self.commands_open => Work::Command(cmd),
             Some(done) = self.inflight.join_next_with_id(), if !self.inflight.is_empty() => Work::Backend(done),
             _ = async { self.drain.as_mut().expect("draining").await }, if draining => Work::DrainDeadline,
+            // Nothing left to wait for (the session is closing): only the socket matters.
+            else => std::future::pending().await,
         }
     }
 
@@ -313,7 +335,7 @@ impl Role for ServerRole {
             Work::Backend(done) => {
                 self.answer(done, conn, now);
                 if let Some(next) = self.queued.pop_front() {
-                    self.dispatch(next);
+                    self.dispatch(next, conn);
                 }
                 self.drained(conn, now);
             }
@@ -329,12 +351,13 @@ impl Role for ServerRole {
                 conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
             }
         }
+        self.stop_if_closing(conn);
         self.count(conn);
     }
 
     fn event(&mut self, event: Event, conn: &mut Connection, _now: Duration) {
         match event {
-            e @ (Event::Request { .. } | Event::Message { .. }) => self.dispatch(e),
+            e @ (Event::Request { .. } | Event::Message { .. }) => self.dispatch(e, conn),
             Event::Response {
                 req_seq,
                 status,
@@ -358,10 +381,15 @@ impl Role for ServerRole {
             Event::Closed(_) => self.abandon(),
             _ => {}
         }
+        self.stop_if_closing(conn);
         self.count(conn);
     }
 
-    fn may_read(&self, _conn: &Connection) -> bool {
+    fn may_read(&self, conn: &Connection) -> bool {
+        // Closing: read the device's CLOSE or EOF (frames in between are dropped).
+        if !conn.is_open() {
+            return true;
+        }
         let full = self.queued.len() >= self.limits.max_in_flight;
         if full && !self.paused_logged.replace(true) {
             info!(id = %self.id, limit = self.limits.max_in_flight, "in-flight request limit reached (limits.max_in_flight): reading paused until the backend answers");

@@ -46,6 +46,13 @@ pub fn capture_logs() {
     });
 }
 
+/// Whether a captured log line contains every one of `parts` now.
+pub fn has_log_line(parts: &[&str]) -> bool {
+    let text = String::from_utf8_lossy(&LOG.get().expect("capture_logs() first").lock().unwrap())
+        .into_owned();
+    text.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
 /// Waits until a captured log line contains every one of `parts`; returns it.
 pub async fn log_line(parts: &[&str]) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
