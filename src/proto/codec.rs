@@ -11,17 +11,23 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::error::FrameError;
 use super::LEN_PREFIX;
 
+/// The most [`decode_frame`] reserves ahead of the bytes received.
+pub const RESERVE_STEP: usize = 16 * 1024;
+
 /// Takes one whole frame (length prefix included) off the front of `buf`.
 ///
-/// Returns `Ok(None)` if `buf` does not yet hold a whole frame; in that case at most
-/// the frame's size is reserved in `buf`, and only once its length passed the limit.
+/// Returns `Ok(None)` if `buf` does not yet hold a whole frame; in that case room for
+/// at most [`RESERVE_STEP`] more bytes of it is reserved in `buf`, and only once its
+/// length passed the limit: the buffer grows with the bytes that arrive, not with what
+/// the prefix announces (a peer that announces a large frame and then drips it holds
+/// no more memory than it sent).
 pub fn decode_frame(buf: &mut BytesMut, limit: u32) -> Result<Option<Bytes>, FrameError> {
     let Some(len) = peek_len(buf, limit)? else {
         return Ok(None);
     };
     let total = LEN_PREFIX + len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        buf.reserve((total - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     Ok(Some(buf.split_to(total).freeze()))
@@ -146,6 +152,23 @@ mod tests {
         let frame = decode_frame(&mut buf, 16).unwrap().unwrap();
         assert_eq!(&frame[..], &[0, 0, 0, 3, 0x23, 1, 2]);
         assert_eq!(&buf[..], &[0xff]);
+    }
+
+    #[test]
+    fn an_announced_frame_is_reserved_as_it_arrives_not_all_at_once() {
+        // 16 MiB announced, within the limit: the buffer grows with what arrives.
+        let mut buf = BytesMut::from(&[0x01u8, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut buf, 1 << 24), Ok(None));
+        assert!(buf.capacity() <= 4 + RESERVE_STEP, "{}", buf.capacity());
+        for _ in 0..4 {
+            buf.extend_from_slice(&[7; 1000]);
+            assert_eq!(decode_frame(&mut buf, 1 << 24), Ok(None));
+        }
+        assert!(
+            buf.capacity() <= 4 + 4000 + 2 * RESERVE_STEP,
+            "{}",
+            buf.capacity()
+        );
     }
 
     #[test]
