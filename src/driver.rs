@@ -42,6 +42,10 @@ pub(crate) trait Role: Send {
         true
     }
 
+    /// Called after every input the session handled (bytes, a deadline, work): for
+    /// counters that follow the session (frames in and out).
+    fn after(&mut self, _conn: &Connection) {}
+
     /// Whether to stop reading while the send backlog is over two frames' worth (a peer
     /// that sends PINGs or requests and reads nothing cannot grow this side's memory).
     /// Not for a side whose backlog is mostly its own requests: if both ends stopped
@@ -184,6 +188,7 @@ pub(crate) async fn run<R: Role>(
                 }
             }
         }
+        role.after(&conn);
     }
 }
 

@@ -688,6 +688,31 @@ async fn four_hundred_large_requests_at_once_are_all_answered() {
     assert_eq!(client.request("still here").await.unwrap(), "still here");
 }
 
+/// The frame counters `tallyd sessions` shows follow the session: every frame in and
+/// out, PINGs and PONGs included, as they happen.
+#[tokio::test]
+async fn session_frame_counters_count_every_frame() {
+    let srv = TestServer::start(|_| {}).await;
+    let opts = ClientOptions {
+        keepalive: Duration::from_millis(100),
+        ..ClientOptions::default()
+    };
+    let (client, _) = Client::connect(&srv.enroll("counted").await, opts)
+        .await
+        .unwrap();
+    client.request("one").await.unwrap();
+    client.request("two").await.unwrap();
+    // Quiet for a while: the client pings every 100 ms, and the server's PONGs count.
+    eventually(5, "PINGs and PONGs counted", || {
+        srv.state
+            .registry
+            .list()
+            .iter()
+            .any(|s| s.id == "counted" && s.frames_in >= 5 && s.frames_out >= 5)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_then_closes_every_session() {
     let gate = Arc::new(Gate::default());

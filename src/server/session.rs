@@ -352,7 +352,6 @@ impl Role for ServerRole {
             }
         }
         self.stop_if_closing(conn);
-        self.count(conn);
     }
 
     fn event(&mut self, event: Event, conn: &mut Connection, _now: Duration) {
@@ -382,6 +381,9 @@ impl Role for ServerRole {
             _ => {}
         }
         self.stop_if_closing(conn);
+    }
+
+    fn after(&mut self, conn: &Connection) {
         self.count(conn);
     }
 
