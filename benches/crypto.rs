@@ -14,7 +14,7 @@ use sha2::Sha256;
 use std::hint::black_box;
 use tally::proto::enroll::{ClientAwaitReply, ClientParams, ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::{EnrollMode, Id};
-use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{Body, SecretKey, Session};
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -65,18 +65,27 @@ fn handshake(c: &mut Criterion) {
     c.bench_function("handshake/tally", |b| {
         b.iter(|| {
             let mut hello = BytesMut::new();
-            let client =
-                ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
+            let client = ClientAwaitAuth::start(
+                &id,
+                SecretKey::from_bytes([9; 32]),
+                [1; 32],
+                65536,
+                &mut hello,
+            );
             let mut auth = BytesMut::new();
             let server = HelloReceived::parse(&hello).unwrap().respond(
                 Some(SecretKey::from_bytes([9; 32])),
                 SecretKey::from_bytes([0; 32]),
                 [2; 32],
+                ServerLimits {
+                    max_frame_len: 65536,
+                    keepalive: std::time::Duration::from_secs(30),
+                },
                 &mut auth,
             );
             let mut fin = BytesMut::new();
-            let s = client.handle_server_auth(&auth, &mut fin, 65536).unwrap();
-            black_box((s, server.handle_finish(&fin, 65536).unwrap()));
+            let s = client.handle_server_auth(&auth, &mut fin).unwrap();
+            black_box((s, server.handle_finish(&fin).unwrap()));
         })
     });
 }

@@ -149,7 +149,7 @@ fn hello() {
                 let mut nc = [0u8; 32];
                 nc[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 nc[8] = n as u8;
-                let _wait = ClientAwaitAuth::start(id, key.clone(), nc, &mut out);
+                let _wait = ClientAwaitAuth::start(id, key.clone(), nc, 65536, &mut out);
                 let start = Instant::now();
                 tcp.write_all(&out).await.unwrap();
                 tcp.read_exact(&mut buf[..4]).await.unwrap();
@@ -157,7 +157,11 @@ fn hello() {
                 tcp.read_exact(&mut buf[4..4 + len]).await.unwrap();
                 times[n].push(start.elapsed());
                 // SERVER_AUTH, not ERROR, whatever the id (spec 7.5).
-                assert_eq!(len, 1 + 32 + 32, "{case}: not a SERVER_AUTH");
+                assert_eq!(
+                    len,
+                    tally::proto::frame::ServerAuth::LEN,
+                    "{case}: not a SERVER_AUTH"
+                );
             }
         }
     });

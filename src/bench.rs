@@ -149,13 +149,18 @@ impl Conn {
                 };
                 tcp.set_nodelay(true)?;
                 let mut out = BytesMut::new();
-                let wait =
-                    ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
+                let wait = ClientAwaitAuth::start(
+                    &cred.id,
+                    cred.key.clone(),
+                    random_bytes(),
+                    MAX_FRAME_LEN_CEILING,
+                    &mut out,
+                );
                 tcp.write_all(&out).await?;
                 let mut buf = BytesMut::new();
                 let auth = read_frame(&mut tcp, &mut buf, 256).await?;
                 out.clear();
-                let session = wait.handle_server_auth(&auth, &mut out, MAX_FRAME_LEN_CEILING)?;
+                let (session, _) = wait.handle_server_auth(&auth, &mut out)?;
                 tcp.write_all(&out).await?;
                 Ok(Conn::Tally {
                     tcp,

@@ -29,7 +29,7 @@ use crate::proto::connection::{CloseAnswer, Connection, End, Event};
 use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
 use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
-use crate::proto::handshake::ClientAwaitAuth;
+use crate::proto::handshake::{ClientAwaitAuth, ServerLimits};
 use crate::proto::{
     CloseCode, ErrorCode, Id, ProtocolError, Session, Status, DEFAULT_MAX_FRAME_LEN,
     HANDSHAKE_MAX_FRAME_LEN,
@@ -146,9 +146,13 @@ impl From<ProtocolError> for ClientError {
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Send a PING after this long without sending anything. Match the server's.
-    pub keepalive: Duration,
-    /// Session frame limit (spec 3.2). Match the server's.
+    /// Send a PING after this long without sending anything. `None` (the default):
+    /// the interval the server announces in the handshake (spec 8.5); a value longer
+    /// than the server's is shortened to it.
+    pub keepalive: Option<Duration>,
+    /// The largest session frame this client accepts (spec 3.2), announced to the
+    /// server in HELLO (256 bytes to 16 MiB). What the client sends is bounded by
+    /// the limit the server announces.
     pub max_frame_len: u32,
     /// Time for TCP connect plus handshake (or enrollment).
     pub connect_timeout: Duration,
@@ -234,7 +238,7 @@ impl Retry {
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            keepalive: Duration::from_secs(30),
+            keepalive: None,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
             incoming_capacity: 64,
@@ -455,17 +459,23 @@ impl Client {
             let mut tcp = dial(&cred.server).await?;
             let mut buf = BytesMut::new();
             let mut out = BytesMut::new();
-            let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random_bytes(), &mut out);
+            let wait = ClientAwaitAuth::start(
+                &cred.id,
+                cred.key.clone(),
+                random_bytes(),
+                opts.max_frame_len,
+                &mut out,
+            );
             tcp.write_all(&out).await?;
             let auth = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
             out.clear();
-            let session = wait.handle_server_auth(&auth, &mut out, opts.max_frame_len)?;
+            let established = wait.handle_server_auth(&auth, &mut out)?;
             // CLIENT_FINISH, under the same deadline: the driver starts with an empty
             // send buffer.
             tcp.write_all(&out).await?;
-            Ok::<_, ClientError>((tcp, buf, session))
+            Ok::<_, ClientError>((tcp, buf, established))
         };
-        let (tcp, buf, session) = tokio::time::timeout(opts.connect_timeout, open)
+        let (tcp, buf, (session, limits)) = tokio::time::timeout(opts.connect_timeout, open)
             .await
             .unwrap_or(Err(ClientError::Timeout("handshake")))?;
         let (tx, rx) = mpsc::channel(64);
@@ -481,7 +491,7 @@ impl Client {
             end: None,
         };
         tokio::spawn(async move {
-            let end = drive(session, tcp, buf, &opts, role).await;
+            let end = drive(session, limits, tcp, buf, &opts, role).await;
             let _ = end_tx.send(Some(end));
         });
         Ok((
@@ -703,19 +713,21 @@ fn ended(end: End) -> ClientError {
 /// Runs the session until it ends; returns why.
 async fn drive(
     session: Session,
+    limits: ServerLimits,
     tcp: TcpStream,
     leftover: BytesMut,
     opts: &ClientOptions,
     mut role: ClientRole,
 ) -> ClientError {
-    let config = connection_config(opts);
+    let config = connection_config(opts, limits);
+    let write_stall = config.keepalive.unwrap_or(limits.keepalive);
     let outcome = crate::driver::run(
         session,
         config,
         tcp.into_split(),
         &leftover,
         &mut role,
-        opts.keepalive,
+        write_stall,
     )
     .await;
     let end = match outcome {
@@ -732,12 +744,20 @@ async fn drive(
     end
 }
 
-/// The session rules for these options: a PING after `keepalive` of silence, the
-/// session given up after two keepalive intervals without a byte from the server.
-fn connection_config(opts: &ClientOptions) -> crate::proto::connection::Config {
+/// The session rules for these options and what the server announced (spec 8.5): a
+/// PING after the server's keepalive interval of silence (or the client's own, if
+/// shorter), the session given up after two such intervals without a byte from the
+/// server.
+fn connection_config(
+    opts: &ClientOptions,
+    limits: ServerLimits,
+) -> crate::proto::connection::Config {
+    let keepalive = opts
+        .keepalive
+        .map_or(limits.keepalive, |own| own.min(limits.keepalive));
     let mut c = crate::proto::connection::Config::client();
-    c.keepalive = Some(opts.keepalive);
-    c.idle_timeout = Some(opts.keepalive * 2);
+    c.keepalive = Some(keepalive);
+    c.idle_timeout = Some(keepalive * 2);
     c.close_timeout = CLOSE_WAIT;
     c.max_frame_len = opts.max_frame_len;
     c

@@ -83,7 +83,9 @@ pub(crate) async fn run<R: Role>(
     let mut read_open = true;
     // Since when the send backlog has been non-empty.
     let mut backlog_since = origin;
-    let backlog_cap = 2 * config.max_frame_len as usize + 64 * 1024;
+    // Room for two of the largest frames either side may send.
+    let largest = config.max_frame_len.max(conn.session().max_frame_len()) as usize;
+    let backlog_cap = 2 * largest + 64 * 1024;
     let mut ended: Option<End> = None;
     // Two timers made once and moved only when they must fire sooner: making or moving
     // a timer on every loop iteration (every frame) costs a timer-wheel update each.

@@ -51,11 +51,10 @@ impl Arena {
         )
         .await;
         let cred = srv.enroll("bystander").await;
-        let opts = ClientOptions {
-            keepalive: Duration::from_millis(200),
-            ..ClientOptions::default()
-        };
-        let (bystander, _) = Client::connect(&cred, opts).await.unwrap();
+        // The bystander adopts the server's 600 ms keepalive from the handshake.
+        let (bystander, _) = Client::connect(&cred, ClientOptions::default())
+            .await
+            .unwrap();
         let before = snapshot(srv.state.store.list().unwrap());
         Arena {
             srv,
@@ -116,7 +115,7 @@ fn via(cred: &Credential, addr: std::net::SocketAddr) -> Credential {
 
 fn fast() -> ClientOptions {
     ClientOptions {
-        keepalive: Duration::from_millis(200),
+        keepalive: Some(Duration::from_millis(200)),
         ..ClientOptions::default()
     }
 }
@@ -301,9 +300,9 @@ async fn whole_session_replayed_on_a_new_connection_is_refused() {
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     raw.write_all(&sent).await.unwrap();
     let got = read_to_eof(&mut raw, 5).await;
-    assert_eq!(&got[..5], &[0, 0, 0, 0x41, 0x11], "a fresh SERVER_AUTH");
+    assert_eq!(&got[..5], &[0, 0, 0, 0x49, 0x11], "a fresh SERVER_AUTH");
     assert_eq!(
-        &got[69..],
+        &got[77..],
         &[0, 0, 0, 4, 0x1f, 0, 3, 1],
         "then ERROR AUTH_FAILED and close"
     );
@@ -432,7 +431,7 @@ async fn client_finish_replayed_as_a_server_tag_is_refused() {
         let (mut s, _) = fake.accept().await.unwrap();
         let mut buf = BytesMut::new();
         read_one(&mut s, &mut buf).await.unwrap();
-        let mut forged = auth[..37].to_vec();
+        let mut forged = auth[..45].to_vec();
         forged.extend_from_slice(&finish[5..]);
         s.write_all(&forged).await.unwrap();
         let _ = read_to_eof(&mut s, 2).await;
@@ -763,13 +762,14 @@ async fn probe(addr: std::net::SocketAddr, id: &str, key: [u8; 32]) -> (Vec<u8>,
         &Id::new(id).unwrap(),
         SecretKey::from_bytes(key),
         [3; 32],
+        65536,
         &mut out,
     );
     tcp.write_all(&out).await.unwrap();
     let mut buf = BytesMut::new();
     let auth = read_one(&mut tcp, &mut buf).await.unwrap();
     let mut fin = BytesMut::new();
-    if wait.handle_server_auth(&auth, &mut fin, 65536).is_err() {
+    if wait.handle_server_auth(&auth, &mut fin).is_err() {
         fin = BytesMut::from(&[0, 0, 0, 33, 0x12][..]);
         fin.extend_from_slice(&[0x5a; 32]);
     }
@@ -794,7 +794,7 @@ async fn unknown_revoked_and_wrong_key_look_the_same_on_the_wire() {
     let wrong = probe(a.addr(), "real-one", [1; 32]).await;
     assert_eq!(
         unknown.0,
-        vec![0, 0, 0, 0x41, 0x11],
+        vec![0, 0, 0, 0x49, 0x11],
         "a full SERVER_AUTH even for an unknown id"
     );
     assert_eq!(unknown.1, ErrorFrame::new(ErrorCode::AUTH_FAILED).encoded());
@@ -902,7 +902,13 @@ async fn truncated_frames_and_eof_at_every_handshake_step_leave_nothing_behind()
     // HELLO, SERVER_AUTH read, then EOF instead of CLIENT_FINISH.
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     let mut out = BytesMut::new();
-    tally::proto::handshake::ClientAwaitAuth::start(&cred.id, cred.key.clone(), [1; 32], &mut out);
+    tally::proto::handshake::ClientAwaitAuth::start(
+        &cred.id,
+        cred.key.clone(),
+        [1; 32],
+        65536,
+        &mut out,
+    );
     raw.write_all(&out).await.unwrap();
     read_one(&mut raw, &mut BytesMut::new()).await.unwrap();
     drop(raw);
@@ -931,7 +937,7 @@ async fn slow_drip_is_closed_by_the_deadlines() {
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     let started = std::time::Instant::now();
     let mut hello = BytesMut::new();
-    let _ = ClientAwaitAuth::start(&cred.id, cred.key.clone(), [1; 32], &mut hello);
+    let _ = ClientAwaitAuth::start(&cred.id, cred.key.clone(), [1; 32], 65536, &mut hello);
     for b in hello.iter() {
         if raw.write_all(&[*b]).await.is_err() {
             break;

@@ -1,5 +1,6 @@
 //! tallyd and the client library end to end, over real TCP on 127.0.0.1.
 
+mod attack;
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,13 +16,6 @@ use tally::proto::{CloseCode, ErrorCode, Id};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn opts(keepalive_ms: u64) -> ClientOptions {
-    ClientOptions {
-        keepalive: Duration::from_millis(keepalive_ms),
-        ..ClientOptions::default()
-    }
-}
 
 /// Reads from a raw connection until EOF (or 5 s), returning every byte.
 async fn read_all(s: &mut TcpStream) -> Vec<u8> {
@@ -533,25 +527,32 @@ async fn handshake_deadline_closes_silent_and_slow_connections() {
     );
 }
 
+/// Spec 8.5: a session the server hears nothing from for 1.5 x its keepalive is closed;
+/// a client that adopted the keepalive the server announced stays up while idle.
 #[tokio::test]
 async fn idle_deadline_closes_silent_sessions_but_not_keepalive_ones() {
     let srv = TestServer::start(|c| c.limits.keepalive = Duration::from_millis(400)).await;
     let quiet = srv.enroll("quiet").await;
     let chatty = srv.enroll("chatty").await;
-    let (q, _) = Client::connect(&quiet, opts(60_000)).await.unwrap();
-    let (c, _) = Client::connect(&chatty, opts(150)).await.unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(3), q.closed())
+    // A device of its own making that never pings, whatever the server announced.
+    let mut q = attack::RawSession::open(srv.addr, &quiet).await;
+    // Default options: the keepalive is the one SERVER_AUTH announces.
+    let (c, _) = Client::connect(&chatty, ClientOptions::default())
         .await
+        .unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(3), q.recv())
+        .await
+        .unwrap()
         .unwrap();
     assert!(
         matches!(
-            end,
-            ClientError::Closed {
+            close.body,
+            tally::proto::Body::Close {
                 code: CloseCode::IDLE_TIMEOUT,
                 ..
             }
         ),
-        "{end:?}"
+        "{close:?}"
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
@@ -560,26 +561,102 @@ async fn idle_deadline_closes_silent_sessions_but_not_keepalive_ones() {
     );
 }
 
+/// Spec 3.2: a frame above the server's limit closes only the session that sent it
+/// (the bytes come from a raw socket: a client that follows the announced limit never
+/// sends one).
 #[tokio::test]
 async fn oversized_frame_closes_only_that_session() {
     let srv = TestServer::start(|c| c.limits.max_frame_len = 2048).await;
     let big = srv.enroll("big").await;
     let small = srv.enroll("small").await;
-    let (b, _) = srv.connect(&big).await;
+    let mut b = attack::RawSession::open(srv.addr, &big).await;
     let (s, _) = srv.connect(&small).await;
-    let err = b.request(vec![0u8; 4000]).await.unwrap_err();
+    use tokio::io::AsyncWriteExt;
+    b.tcp.write_all(&[0, 0, 0x0f, 0xa0, 0x20]).await.unwrap();
+    let close = b.recv().await.unwrap();
     assert!(
         matches!(
-            err,
-            ClientError::Closed {
+            close.body,
+            tally::proto::Body::Close {
                 code: CloseCode::FRAME_TOO_LARGE,
                 ..
             }
         ),
-        "{err:?}"
+        "{close:?}"
     );
     // 1900 bytes fit a REQUEST and its echoed RESPONSE (51 bytes of overhead) under 2048.
     assert_eq!(s.request(vec![1u8; 1900]).await.unwrap().len(), 1900);
+}
+
+/// Spec 4.3, 8.4: each side sends within the limit the other announced. The client
+/// learns the server's limit from SERVER_AUTH and refuses a larger request itself,
+/// keeping the session; the server learns the device's from HELLO: a request it would
+/// send above it is refused to its sender, and an answer above it becomes
+/// BACKEND_ERROR, so the device's request is still answered once.
+#[tokio::test]
+async fn both_ends_respect_the_limit_the_other_announced() {
+    let srv = TestServer::start(|c| c.limits.max_frame_len = 2048).await;
+    let cred = srv.enroll("small-device").await;
+    let opts = ClientOptions {
+        max_frame_len: 1024,
+        ..ClientOptions::default()
+    };
+    let (dev, mut incoming) = Client::connect(&cred, opts).await.unwrap();
+    // Above the server's 2048: refused on the device, before anything is sent.
+    let err = dev.request(vec![0u8; 4000]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol(tally::proto::ProtocolError::PayloadTooLarge { max: 2007, .. })
+        ),
+        "{err:?}"
+    );
+    // The echo's answer (1500 + 51 bytes) does not fit the device's 1024.
+    let err = dev.request(vec![2u8; 1500]).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Status { status, .. } if status == tally::proto::Status::BACKEND_ERROR),
+        "{err:?}"
+    );
+    // A server request above the device's limit is refused to the sender.
+    let id = Id::new("small-device").unwrap();
+    let sent = srv
+        .state
+        .registry
+        .send(
+            &id,
+            tally::server::registry::SendKind::Request,
+            Bytes::from(vec![3u8; 2000]),
+            Duration::from_secs(5),
+        )
+        .await;
+    let e = sent.unwrap_err().to_string();
+    assert!(e.contains("exceeds"), "{e}");
+    // The session is intact both ways.
+    assert_eq!(dev.request(vec![4u8; 900]).await.unwrap().len(), 900);
+    let asked = tokio::spawn({
+        let registry = srv.state.registry.clone();
+        async move {
+            registry
+                .send(
+                    &id,
+                    tally::server::registry::SendKind::Request,
+                    Bytes::from(vec![5u8; 900]),
+                    Duration::from_secs(5),
+                )
+                .await
+        }
+    });
+    match incoming.recv().await.unwrap() {
+        client::Incoming::Request(req) => {
+            assert_eq!(req.payload.len(), 900);
+            req.respond(tally::proto::Status::OK, Bytes::from_static(b"ok"))
+                .await
+                .unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    let reply = asked.await.unwrap().unwrap().unwrap();
+    assert_eq!(reply.payload, Bytes::from_static(b"ok"));
 }
 
 /// A backend that holds every request until released, counting concurrency.
@@ -694,7 +771,7 @@ async fn four_hundred_large_requests_at_once_are_all_answered() {
 async fn session_frame_counters_count_every_frame() {
     let srv = TestServer::start(|_| {}).await;
     let opts = ClientOptions {
-        keepalive: Duration::from_millis(100),
+        keepalive: Some(Duration::from_millis(100)),
         ..ClientOptions::default()
     };
     let (client, _) = Client::connect(&srv.enroll("counted").await, opts)

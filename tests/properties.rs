@@ -4,9 +4,9 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tally::proto::enroll::{ClientAwaitReply, ClientParams, ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::{
-    EnrollInit, EnrollMode, ErrorFrame, FrameType, Hello, Id, TagOnly, ValueAndTag,
+    EnrollInit, EnrollMode, ErrorFrame, FrameType, Hello, Id, ServerAuth, TagOnly, ValueAndTag,
 };
-use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{decode_frame, Body, CloseCode, ErrorCode, SecretKey, Session, Status};
 use tally::proto::{HANDSHAKE_MAX_FRAME_LEN, LEN_PREFIX};
 use x25519_dalek::StaticSecret;
@@ -80,22 +80,25 @@ proptest! {
     }
 
     #[test]
-    fn handshake_frames_round_trip(id in id(), a in any::<[u8; 32]>(), b in any::<[u8; 32]>(), open in any::<bool>(), code in any::<u16>()) {
+    fn handshake_frames_round_trip(id in id(), a in any::<[u8; 32]>(), b in any::<[u8; 32]>(), open in any::<bool>(), code in any::<u16>(),
+                                   limit in 256u32..=1 << 24, keepalive_ms in 100u32..=86_400_000) {
         let mode = if open { EnrollMode::Open } else { EnrollMode::Token };
         let init = EnrollInit { mode, id: id.clone(), ephemeral: a, tag: b };
         let mut out = BytesMut::new();
         init.encode(&mut out);
         prop_assert_eq!(EnrollInit::decode(&out).unwrap(), init);
-        let hello = Hello { id, nonce: a };
+        let hello = Hello { id, nonce: a, max_frame_len: limit };
         let mut out = BytesMut::new();
         hello.encode(&mut out);
         prop_assert_eq!(Hello::decode(&out).unwrap(), hello);
-        for ty in [FrameType::EnrollReply, FrameType::ServerAuth] {
-            let v = ValueAndTag { value: a, tag: b };
-            let mut out = BytesMut::new();
-            v.encode(ty, &mut out);
-            prop_assert_eq!(ValueAndTag::decode(&out, ty, "x").unwrap(), v);
-        }
+        let auth = ServerAuth { nonce: a, max_frame_len: limit, keepalive_ms, tag: b };
+        let mut out = BytesMut::new();
+        auth.encode(&mut out);
+        prop_assert_eq!(ServerAuth::decode(&out).unwrap(), auth);
+        let v = ValueAndTag { value: a, tag: b };
+        let mut out = BytesMut::new();
+        v.encode(FrameType::EnrollReply, &mut out);
+        prop_assert_eq!(ValueAndTag::decode(&out, FrameType::EnrollReply, "x").unwrap(), v);
         for ty in [FrameType::EnrollConfirm, FrameType::EnrollDone, FrameType::ClientFinish] {
             let mut out = BytesMut::new();
             TagOnly(b).encode(ty, &mut out);
@@ -116,19 +119,21 @@ proptest! {
         let _ = EnrollInit::decode(&frame);
         let _ = Hello::decode(&frame);
         let _ = ErrorFrame::decode(&frame);
-        let _ = ValueAndTag::decode(&frame, FrameType::ServerAuth, "x");
+        let _ = ValueAndTag::decode(&frame, FrameType::EnrollReply, "x");
+        let _ = ServerAuth::decode(&frame);
         let _ = TagOnly::decode(&frame, FrameType::ClientFinish, "x");
         let _ = FrameType::of(&frame);
 
         let srv = enroll_server();
         prop_assert!(ServerAwaitConfirm::handle_init(&srv, &frame, |_, _| SecretKey::from_bytes([1; 32]), [3; 32], &mut BytesMut::new()).is_err());
         if let Ok(hello) = HelloReceived::parse(&frame) {
-            let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), [5; 32], &mut BytesMut::new());
-            prop_assert!(wait.handle_finish(&frame, 4096).is_err());
+            let limits = ServerLimits { max_frame_len: 4096, keepalive: std::time::Duration::from_secs(30) };
+            let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), [5; 32], limits, &mut BytesMut::new());
+            prop_assert!(wait.handle_finish(&frame).is_err());
         }
         let id = Id::new("dev").unwrap();
-        let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut BytesMut::new());
-        prop_assert!(c.handle_server_auth(&frame, &mut BytesMut::new(), 4096).is_err());
+        let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], 4096, &mut BytesMut::new());
+        prop_assert!(c.handle_server_auth(&frame, &mut BytesMut::new()).is_err());
         let params = ClientParams { id, mode: EnrollMode::Open, credential: SecretKey::from_bytes([1; 32]), server_static: [7; 32] };
         let c = ClientAwaitReply::start(params, [3; 32], &mut BytesMut::new());
         prop_assert!(c.handle_reply(&frame, &mut BytesMut::new()).is_err());

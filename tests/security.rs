@@ -254,13 +254,14 @@ async fn hello(addr: std::net::SocketAddr, cred: &Credential) -> (TcpStream, Byt
         &cred.id,
         cred.key.clone(),
         tally::secrets::random_bytes(),
+        65536,
         &mut out,
     );
     tcp.write_all(&out).await.unwrap();
     let mut buf = BytesMut::new();
     let auth = read_one(&mut tcp, &mut buf).await.unwrap();
     let mut finish = BytesMut::new();
-    wait.handle_server_auth(&auth, &mut finish, 65536).unwrap();
+    wait.handle_server_auth(&auth, &mut finish).unwrap();
     (tcp, buf, finish)
 }
 
@@ -386,10 +387,10 @@ async fn hello_then_eof_does_not_tell_enrolled_ids_from_unknown_ones() {
     for cred in [&known, &unknown] {
         let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
         let mut out = BytesMut::new();
-        ClientAwaitAuth::start(&cred.id, cred.key.clone(), [9; 32], &mut out);
+        ClientAwaitAuth::start(&cred.id, cred.key.clone(), [9; 32], 65536, &mut out);
         tcp.write_all(&out).await.unwrap();
         let auth = read_one(&mut tcp, &mut BytesMut::new()).await.unwrap();
-        assert_eq!(auth.len(), 69);
+        assert_eq!(auth.len(), 77);
         tcp.shutdown().await.unwrap();
         answers.push(read_to_eof(&mut tcp, 5).await);
     }
@@ -690,7 +691,7 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let nc: [u8; 32] = tally::secrets::random_bytes();
     let mut hello = BytesMut::new();
-    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), nc, &mut hello);
+    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), nc, 65536, &mut hello);
     tcp.write_all(&hello).await.unwrap();
     let mut buf = BytesMut::new();
     let auth = read_one(&mut tcp, &mut buf).await.unwrap();
@@ -704,7 +705,7 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
             .into()
     };
     let mut out = BytesMut::new();
-    let mut session = wait.handle_server_auth(&auth, &mut out, 65536).unwrap();
+    let (mut session, _) = wait.handle_server_auth(&auth, &mut out).unwrap();
     session
         .seal(
             &Body::Request {

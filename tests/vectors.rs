@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use tally::proto::enroll::{ClientAwaitReply, ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::{EnrollMode, Id};
-use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{
     credential::EnrollmentToken, decode_frame, Body, CloseCode, ProtocolError, SecretKey, Session,
     Status,
@@ -26,6 +26,13 @@ use tally::proto::{
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const MAX: u32 = tally::proto::DEFAULT_MAX_FRAME_LEN;
+/// The session limits of session.json: the server announces 65,536 bytes and a 30 s
+/// keepalive in SERVER_AUTH; the client (a small device) announces 4,096 in HELLO.
+const SERVER_LIMITS: ServerLimits = ServerLimits {
+    max_frame_len: MAX,
+    keepalive: std::time::Duration::from_secs(30),
+};
+const CLIENT_MAX: u32 = 4096;
 
 fn pattern(start: u8) -> [u8; 32] {
     std::array::from_fn(|i| start.wrapping_add(i as u8))
@@ -223,18 +230,23 @@ fn session_inputs() -> (Id, [u8; 32], [u8; 32], [u8; 32]) {
 fn handshake() -> ([Vec<u8>; 3], Session, Session) {
     let (id, k, nc, ns) = session_inputs();
     let mut hello = BytesMut::new();
-    let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, &mut hello);
+    let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, CLIENT_MAX, &mut hello);
     let received = HelloReceived::parse(&hello).unwrap();
+    assert_eq!(received.client_max_frame_len(), CLIENT_MAX);
     let mut auth = BytesMut::new();
     let server = received.respond(
         Some(SecretKey::from_bytes(k)),
         SecretKey::from_bytes([0; 32]),
         ns,
+        SERVER_LIMITS,
         &mut auth,
     );
     let mut finish = BytesMut::new();
-    let client_session = client.handle_server_auth(&auth, &mut finish, MAX).unwrap();
-    let est = server.handle_finish(&finish, MAX).unwrap();
+    let (client_session, limits) = client.handle_server_auth(&auth, &mut finish).unwrap();
+    assert_eq!(limits, SERVER_LIMITS);
+    assert_eq!(client_session.max_frame_len(), MAX);
+    let est = server.handle_finish(&finish).unwrap();
+    assert_eq!(est.session.max_frame_len(), CLIENT_MAX);
     (
         [hello.to_vec(), auth.to_vec(), finish.to_vec()],
         client_session,
@@ -378,9 +390,11 @@ fn session() -> Value {
         })
         .collect();
     json!({
-        "description": "A session handshake with the identity key of enroll-open.json, then frames of every type in both directions (spec sections 7 and 8).",
+        "description": "A session handshake with the identity key of enroll-open.json (the client announces a 4,096-byte frame limit; the server 65,536 bytes and a 30 s keepalive), then frames of every type in both directions (spec sections 7 and 8).",
         "protocol_version": 1,
-        "inputs": {"id": id.as_str(), "identity_key": x(&k), "client_nonce": x(&nc), "server_nonce": x(&ns)},
+        "inputs": {"id": id.as_str(), "identity_key": x(&k), "client_nonce": x(&nc), "server_nonce": x(&ns),
+                   "client_max_frame_len": CLIENT_MAX, "server_max_frame_len": SERVER_LIMITS.max_frame_len,
+                   "server_keepalive_ms": SERVER_LIMITS.keepalive.as_millis() as u64},
         "derived": {
             "th2": x(&th2),
             "key_c2s": x(&c2s),
@@ -464,6 +478,18 @@ fn negative() -> Value {
     // ENROLL_REPLY whose Y is the all-zero (low-order) point.
     let mut zero_y = enroll.frames[1].clone();
     zero_y[5..37].fill(0);
+    // HELLO announcing a frame limit of 255, below the smallest allowed (256).
+    let mut small_limit = hello.clone();
+    let at = small_limit.len() - 4;
+    small_limit[at..].copy_from_slice(&255u32.to_be_bytes());
+    // SERVER_AUTH announcing a keepalive of 0 ms (its tag is left as it was: the range
+    // is checked when the fields are parsed, before the tag).
+    let mut zero_keepalive = auth.clone();
+    zero_keepalive[41..45].fill(0);
+    // A frame to the client one byte longer than the 4,096 it announced (its prefix
+    // and first header bytes: refused from the prefix alone).
+    let mut over_client_limit = (CLIENT_MAX + 1).to_be_bytes().to_vec();
+    over_client_limit.extend_from_slice(&[0x22, 0, 0, 0, 0, 0, 0, 0, 3]);
     let mut short_len = first.clone();
     let n = u32::from_be_bytes(short_len[..4].try_into().unwrap()) - 1;
     short_len[..4].copy_from_slice(&n.to_be_bytes());
@@ -532,6 +558,12 @@ fn negative() -> Value {
                  x(&last), "sequence_exhausted", close.clone()),
             case("weak_key", "enroll-open.json ENROLL_REPLY with Y replaced by the all-zero point: the X25519 result is all zeros (6.2)", json!({"state": "client_await_enroll_reply"}),
                  x(&zero_y), "weak_key", json!({"close": true})),
+            case("frame_limit_too_small", "session.json HELLO announcing a frame limit of 255 bytes (the least is 256)", json!({"state": "server_await_hello"}),
+                 x(&small_limit), "malformed", json!({"error_frame": "000000041f000201"})),
+            case("keepalive_zero", "session.json SERVER_AUTH announcing a keepalive of 0 ms (the least is 100), its tag unchanged: the fields are refused before the tag is checked", json!({"state": "client_await_server_auth"}),
+                 x(&zero_keepalive), "malformed", json!({"close": true})),
+            case("above_announced_limit", "a frame to the client whose length (4,097) is one above the limit the client announced in HELLO", session_rx("client", 0),
+                 x(&over_client_limit), "frame_too_large", json!({"close_code": CloseCode::FRAME_TOO_LARGE.0})),
             case("open_mode_disabled", "enroll-open.json ENROLL_INIT sent to a server that accepts only per-identity tokens", json!({"state": "server_await_enroll_init", "open_enrollment": false}),
                  x(init), "open_mode_disabled", json!({"error_frame": "000000041f000401"})),
         ],
@@ -567,8 +599,14 @@ fn run_negative(case: &Value) -> ProtocolError {
                 // many languages.
                 rx.set_counters_for_testing(1, last.as_str().unwrap().parse().unwrap());
             }
+            // Each side's limit is the one it announced.
+            let limit = if state == "server_session" {
+                MAX
+            } else {
+                CLIENT_MAX
+            };
             let mut buf = BytesMut::from(&input[..]);
-            match decode_frame(&mut buf, MAX) {
+            match decode_frame(&mut buf, limit) {
                 Ok(Some(frame)) => rx.open(frame).unwrap_err(),
                 Ok(None) => panic!("{}: input is not a whole frame", case["name"]),
                 Err(e) => e.into(),
@@ -576,8 +614,14 @@ fn run_negative(case: &Value) -> ProtocolError {
         }
         "client_await_server_auth" => {
             let (id, k, nc, _) = session_inputs();
-            let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, &mut BytesMut::new());
-            c.handle_server_auth(&input, &mut BytesMut::new(), MAX)
+            let c = ClientAwaitAuth::start(
+                &id,
+                SecretKey::from_bytes(k),
+                nc,
+                CLIENT_MAX,
+                &mut BytesMut::new(),
+            );
+            c.handle_server_auth(&input, &mut BytesMut::new())
                 .unwrap_err()
         }
         "server_await_hello" => HelloReceived::parse(&input).err().unwrap(),

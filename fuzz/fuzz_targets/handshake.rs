@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tally::proto::frame::Id;
-use tally::proto::handshake::{ClientAwaitAuth, HelloReceived};
+use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{decode_frame, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 
 fuzz_target!(|data: &[u8]| {
@@ -17,17 +17,21 @@ fuzz_target!(|data: &[u8]| {
     if let Some(hello) = fs.first() {
         for key in [Some(SecretKey::from_bytes([9; 32])), None] {
             if let Ok(h) = HelloReceived::parse(hello) {
-                let wait = h.respond(key, SecretKey::from_bytes([8; 32]), [7; 32], &mut BytesMut::new());
+                let limits = ServerLimits {
+                    max_frame_len: 65536,
+                    keepalive: std::time::Duration::from_secs(30),
+                };
+                let wait = h.respond(key, SecretKey::from_bytes([8; 32]), [7; 32], limits, &mut BytesMut::new());
                 if let Some(fin) = fs.get(1) {
-                    let _ = wait.handle_finish(fin, 65536);
+                    let _ = wait.handle_finish(fin);
                 }
             }
         }
     }
     // Client: SERVER_AUTH.
     let id = Id::new("fuzz").unwrap();
-    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut BytesMut::new());
+    let c = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], 4096, &mut BytesMut::new());
     if let Some(auth) = fs.first() {
-        let _ = c.handle_server_auth(auth, &mut BytesMut::new(), 65536);
+        let _ = c.handle_server_auth(auth, &mut BytesMut::new());
     }
 });

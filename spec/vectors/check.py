@@ -157,8 +157,9 @@ def session_keys(v: dict):
     i = v["inputs"]
     ident, k = i["id"].encode(), bytes.fromhex(i["identity_key"])
     nc, ns = bytes.fromhex(i["client_nonce"]), bytes.fromhex(i["server_nonce"])
-    hello = frame(0x10, bytes([1, len(ident)]) + ident + nc)
-    auth_u = frame(0x11, ns + bytes(32))[:-32]
+    limits = struct.pack(">II", i["server_max_frame_len"], i["server_keepalive_ms"])
+    hello = frame(0x10, bytes([1, len(ident)]) + ident + nc + struct.pack(">I", i["client_max_frame_len"]))
+    auth_u = frame(0x11, ns + limits + bytes(32))[:-32]
     th2 = H(hello, auth_u)
     salt = nc + ns
     keys = {n: hkdf(salt, k, b"tally/1 session key " + n.encode() + th2)
@@ -239,22 +240,28 @@ def run_negative(case: dict) -> str:
     try:
         if state in ("server_session", "client_session"):
             side = "c2s" if state == "server_session" else "s2c"
-            rx = Receiver(keys[side], client=state == "client_session")
+            client = state == "client_session"
+            rx = Receiver(keys[side], client=client)
+            # Each side's limit is the one it announced in the handshake (spec 3.2).
+            limit = sess["inputs"]["client_max_frame_len" if client else "server_max_frame_len"]
             rx.last = int(case["receiver"].get("last_received", 0))
             for f in sess["frames"][:case["receiver"]["after_frames"]]:
                 if f["direction"] == side:
                     rx.receive(bytes.fromhex(f["hex"]))
                 else:
                     rx.last_sent = f["seq"]
-            rx.receive(data)
+            rx.receive(data, limit)
         elif state == "client_await_server_auth":
-            if len(data) != 69 or data[4] != 0x11:
+            if len(data) != 77 or data[4] != 0x11:
                 raise Refused("malformed")
             nc, ns = bytes.fromhex(sess["inputs"]["client_nonce"]), data[5:37]
+            max_frame_len, keepalive_ms = struct.unpack(">II", data[37:45])
+            if not (256 <= max_frame_len <= 2**24 and 100 <= keepalive_ms <= 86_400_000):
+                raise Refused("malformed")
             k = bytes.fromhex(sess["inputs"]["identity_key"])
-            th = H(hello, data[:37])
+            th = H(hello, data[:45])
             ksf = hkdf(nc + ns, k, b"tally/1 session key server finish" + th)
-            if not hmac.compare_digest(mac(ksf, th), data[37:]):
+            if not hmac.compare_digest(mac(ksf, th), data[45:]):
                 raise Refused("bad_tag")
         elif state == "server_await_hello":
             if data[4] != 0x10:
@@ -266,6 +273,11 @@ def run_negative(case: dict) -> str:
             allowed = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@"
             if not 1 <= n <= 64 or any(c not in allowed for c in ident):
                 raise Refused("bad_id")
+            if len(data) != 4 + 39 + n:
+                raise Refused("malformed")
+            (max_frame_len,) = struct.unpack(">I", data[-4:])
+            if not 256 <= max_frame_len <= 2**24:
+                raise Refused("malformed")
         elif state == "server_await_enroll_init":
             # The server holds EK (enroll-open.json) and one token, for the id of
             # enroll-token.json; for any other id in token mode it has no credential.

@@ -279,6 +279,7 @@ fn stranger_hello(prefix: &str) -> anyhow::Result<BytesMut> {
         &id,
         SecretKey::from_bytes([1; 32]),
         random_bytes(),
+        crate::proto::DEFAULT_MAX_FRAME_LEN,
         &mut hello,
     );
     Ok(hello)

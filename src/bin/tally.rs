@@ -137,9 +137,15 @@ struct ConnArgs {
     /// The credential file written by `tally enroll`.
     #[arg(long, default_value = "tally.cred")]
     cred: PathBuf,
-    /// Keepalive interval in seconds (match the server's limits.keepalive).
-    #[arg(long, default_value_t = 30.0)]
-    keepalive: f64,
+    /// Keepalive interval in seconds. By default the interval the server announces in
+    /// the handshake; a longer value is shortened to the server's.
+    #[arg(long)]
+    keepalive: Option<f64>,
+    /// The largest session frame this device accepts, in bytes (256 to 16777216); the
+    /// server is told in the handshake and sends nothing longer.
+    #[arg(long, default_value_t = tally::proto::DEFAULT_MAX_FRAME_LEN,
+          value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    max_frame_len: u32,
     /// Retries when the server is busy or the connection fails before it answers
     /// (jittered exponential backoff from 0.2 s up to 5 s; each retry is reported).
     #[arg(long, default_value_t = 4)]
@@ -152,7 +158,12 @@ impl ConnArgs {
             .with_context(|| format!("cannot read {}", self.cred.display()))?;
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
         let opts = ClientOptions {
-            keepalive: Duration::try_from_secs_f64(self.keepalive)?,
+            keepalive: self
+                .keepalive
+                .map(Duration::try_from_secs_f64)
+                .transpose()
+                .context("--keepalive")?,
+            max_frame_len: self.max_frame_len,
             retry: client::Retry {
                 retries: self.retries,
                 ..client::Retry::default()

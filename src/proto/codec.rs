@@ -113,6 +113,11 @@ impl<'a> Reader<'a> {
         Ok(self.take(2)?.get_u16())
     }
 
+    /// Reads a big-endian `u32`.
+    pub fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(self.take(4)?.get_u32())
+    }
+
     /// Reads a big-endian `u64`.
     pub fn u64(&mut self) -> Result<u64, FrameError> {
         Ok(self.take(8)?.get_u64())

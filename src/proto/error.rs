@@ -59,6 +59,18 @@ pub enum FrameError {
     /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
     #[error("invalid close reason")]
     BadReason,
+    /// A limit announced in HELLO or SERVER_AUTH is outside its range (spec 4.3).
+    #[error("announced {what} of {value} is outside {min}..={max}")]
+    BadLimit {
+        /// Which limit.
+        what: &'static str,
+        /// The announced value.
+        value: u32,
+        /// The smallest value allowed.
+        min: u32,
+        /// The largest value allowed.
+        max: u32,
+    },
 }
 
 /// A rule of a state machine was broken, by the peer or (for `Misuse`) by the caller.

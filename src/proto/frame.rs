@@ -218,11 +218,10 @@ impl EnrollInit {
     }
 }
 
-/// A frame whose only field is a 32-byte key or nonce followed by a tag:
-/// ENROLL_REPLY (`Y`) and SERVER_AUTH (`ns`).
+/// A frame whose only field is a 32-byte key followed by a tag: ENROLL_REPLY (`Y`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueAndTag {
-    /// `Y` in ENROLL_REPLY, `ns` in SERVER_AUTH.
+    /// `Y` in ENROLL_REPLY.
     pub value: [u8; 32],
     /// The frame's tag.
     pub tag: Tag,
@@ -277,15 +276,22 @@ pub struct Hello {
     pub id: Id,
     /// Client nonce `nc`.
     pub nonce: [u8; NONCE_LEN],
+    /// The largest session frame `length` the client accepts (spec 3.2).
+    pub max_frame_len: u32,
 }
 
 impl Hello {
     /// Appends the frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        put_header(out, 3 + self.id.0.len() + NONCE_LEN, FrameType::Hello as u8);
+        put_header(
+            out,
+            3 + self.id.0.len() + NONCE_LEN + 4,
+            FrameType::Hello as u8,
+        );
         out.put_u8(super::VERSION);
         self.id.put(out);
         out.put_slice(&self.nonce);
+        out.put_u32(self.max_frame_len);
     }
 
     /// Parses a whole frame.
@@ -296,6 +302,82 @@ impl Hello {
         let msg = Hello {
             id: Id::read(&mut r)?,
             nonce: r.array()?,
+            max_frame_len: read_frame_limit(&mut r)?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Reads an announced session frame limit and checks its range (spec 4.3).
+fn read_frame_limit(r: &mut Reader<'_>) -> Result<u32, FrameError> {
+    in_range(
+        "frame limit",
+        r.u32()?,
+        super::MIN_SESSION_FRAME_LEN,
+        super::MAX_FRAME_LEN_CEILING,
+    )
+}
+
+fn in_range(what: &'static str, value: u32, min: u32, max: u32) -> Result<u32, FrameError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(FrameError::BadLimit {
+            what,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// SERVER_AUTH, server to client: the server's nonce, the limits the client must
+/// respect, and the tag proving the server holds the identity's key (spec 4.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAuth {
+    /// Server nonce `ns`.
+    pub nonce: [u8; NONCE_LEN],
+    /// The largest session frame `length` the server accepts (spec 3.2).
+    pub max_frame_len: u32,
+    /// The server's keepalive interval in milliseconds (spec 8.5).
+    pub keepalive_ms: u32,
+    /// `HMAC(K_sf, th2)`.
+    pub tag: Tag,
+}
+
+impl ServerAuth {
+    /// `length` of every SERVER_AUTH.
+    pub const LEN: usize = 1 + NONCE_LEN + 4 + 4 + TAG_LEN;
+
+    /// Appends the frame without its tag (what `th2` covers).
+    pub(crate) fn encode_unsigned(&self, out: &mut BytesMut) {
+        put_header(out, Self::LEN, FrameType::ServerAuth as u8);
+        out.put_slice(&self.nonce);
+        out.put_u32(self.max_frame_len);
+        out.put_u32(self.keepalive_ms);
+    }
+
+    /// Appends the whole frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_unsigned(out);
+        out.put_slice(&self.tag);
+    }
+
+    /// Parses a whole frame; the limits must be in range (spec 4.3).
+    pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, FrameType::ServerAuth, "SERVER_AUTH")?;
+        let msg = ServerAuth {
+            nonce: r.array()?,
+            max_frame_len: read_frame_limit(&mut r)?,
+            keepalive_ms: in_range(
+                "keepalive (ms)",
+                r.u32()?,
+                super::MIN_KEEPALIVE_MS,
+                super::MAX_KEEPALIVE_MS,
+            )?,
+            tag: r.array()?,
         };
         r.finish()?;
         Ok(msg)
@@ -612,10 +694,67 @@ mod tests {
         assert_eq!(out.len(), 4 + 4 + 3 + 32 + 32);
         assert_eq!(EnrollInit::decode(&out).unwrap(), init);
 
-        let hello = Hello { id, nonce: [1; 32] };
+        let hello = Hello {
+            id,
+            nonce: [1; 32],
+            max_frame_len: 4096,
+        };
         let mut out = BytesMut::new();
         hello.encode(&mut out);
+        assert_eq!(out.len(), 4 + 39 + 3);
         assert_eq!(Hello::decode(&out).unwrap(), hello);
+
+        let auth = ServerAuth {
+            nonce: [2; 32],
+            max_frame_len: 65536,
+            keepalive_ms: 30_000,
+            tag: [3; 32],
+        };
+        let mut out = BytesMut::new();
+        auth.encode(&mut out);
+        assert_eq!(out.len(), 4 + 73);
+        assert_eq!(ServerAuth::decode(&out).unwrap(), auth);
+    }
+
+    #[test]
+    fn announced_limits_out_of_range_are_malformed() {
+        let hello = |max_frame_len| {
+            let mut out = BytesMut::new();
+            Hello {
+                id: Id::new("dev").unwrap(),
+                nonce: [1; 32],
+                max_frame_len,
+            }
+            .encode(&mut out);
+            Hello::decode(&out)
+        };
+        assert!(hello(256).is_ok());
+        assert!(hello(1 << 24).is_ok());
+        for bad in [0, 255, (1 << 24) + 1, u32::MAX] {
+            assert!(
+                matches!(hello(bad), Err(FrameError::BadLimit { .. })),
+                "{bad}"
+            );
+        }
+        let auth = |keepalive_ms| {
+            let mut out = BytesMut::new();
+            ServerAuth {
+                nonce: [2; 32],
+                max_frame_len: 65536,
+                keepalive_ms,
+                tag: [3; 32],
+            }
+            .encode(&mut out);
+            ServerAuth::decode(&out)
+        };
+        assert!(auth(100).is_ok());
+        assert!(auth(86_400_000).is_ok());
+        for bad in [0, 99, 86_400_001] {
+            assert!(
+                matches!(auth(bad), Err(FrameError::BadLimit { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub const LEN_PREFIX: usize = 4;
 pub const MAX_FRAME_LEN_CEILING: u32 = 1 << 24;
 /// Default limit on a session frame's length field (64 KiB).
 pub const DEFAULT_MAX_FRAME_LEN: u32 = 64 * 1024;
+/// Smallest session frame limit a peer may announce (spec 4.3).
+pub const MIN_SESSION_FRAME_LEN: u32 = 256;
+/// Range of the keepalive interval SERVER_AUTH announces, in milliseconds (spec 4.3).
+pub const MIN_KEEPALIVE_MS: u32 = 100;
+/// Largest keepalive interval SERVER_AUTH may announce: 24 hours.
+pub const MAX_KEEPALIVE_MS: u32 = 24 * 60 * 60 * 1000;
 /// Limit on the length field of any frame before a session is established. The
 /// largest handshake frame (ENROLL_INIT with a 64-byte id) is 132 bytes.
 pub const HANDSHAKE_MAX_FRAME_LEN: u32 = 256;

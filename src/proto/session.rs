@@ -84,7 +84,12 @@ impl Session {
         !self.sent_close
     }
 
-    /// The largest payload a frame of type `ty` can carry under this side's limit.
+    /// The largest frame `length` this side sends: the limit its peer announced.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
+    /// The largest payload a frame of type `ty` can carry under the peer's limit.
     pub fn max_payload(&self, ty: FrameType) -> usize {
         (self.max_frame_len as usize).saturating_sub(Body::overhead(ty))
     }

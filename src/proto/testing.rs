@@ -1,31 +1,41 @@
 //! Helpers for tests, benchmarks and fuzz targets outside the crate. Not API.
 
+use core::time::Duration;
+
 use bytes::BytesMut;
 
 use super::frame::Id;
-use super::handshake::{ClientAwaitAuth, HelloReceived};
+use super::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use super::{SecretKey, Session};
 
 /// A client and a server session that completed a real handshake in memory, with a
-/// fixed key and nonces, each sending frames up to `max_frame_len`.
+/// fixed key and nonces, each sending frames up to `max_frame_len` (256..=16 MiB).
 pub fn session_pair(max_frame_len: u32) -> (Session, Session) {
     let id = Id::new("test").expect("valid id");
     let mut hello = BytesMut::new();
-    let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes([9; 32]), [1; 32], &mut hello);
+    let client = ClientAwaitAuth::start(
+        &id,
+        SecretKey::from_bytes([9; 32]),
+        [1; 32],
+        max_frame_len,
+        &mut hello,
+    );
+    let limits = ServerLimits {
+        max_frame_len,
+        keepalive: Duration::from_secs(30),
+    };
     let mut auth = BytesMut::new();
     let server = HelloReceived::parse(&hello).expect("valid HELLO").respond(
         Some(SecretKey::from_bytes([9; 32])),
         SecretKey::from_bytes([0; 32]),
         [2; 32],
+        limits,
         &mut auth,
     );
     let mut finish = BytesMut::new();
-    let client = client
-        .handle_server_auth(&auth, &mut finish, max_frame_len)
+    let (client, _) = client
+        .handle_server_auth(&auth, &mut finish)
         .expect("same key");
-    let server = server
-        .handle_finish(&finish, max_frame_len)
-        .expect("same key")
-        .session;
+    let server = server.handle_finish(&finish).expect("same key").session;
     (client, server)
 }

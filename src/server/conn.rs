@@ -21,7 +21,7 @@ use super::tarpit::Farewell;
 use super::ServerState;
 use crate::proto::enroll::InitReceived;
 use crate::proto::frame::{EnrollMode, ErrorFrame, FrameType};
-use crate::proto::handshake::{Established, HelloReceived};
+use crate::proto::handshake::{Established, HelloReceived, ServerLimits};
 use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 use crate::secrets::random_bytes;
 use crate::store::{now, NoCredential, StoreError};
@@ -414,10 +414,15 @@ async fn handshake(
     let known = key.is_some();
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
+    let limits = state.limits();
     let wait = hello.respond(
         key.map(|k| k.key),
         SecretKey::from_bytes(random_bytes()),
         random_bytes(),
+        ServerLimits {
+            max_frame_len: limits.max_frame_len,
+            keepalive: limits.keepalive,
+        },
         &mut out,
     );
     stream.write(&out).await?;
@@ -430,7 +435,7 @@ async fn handshake(
         Err(ReadError::Eof | ReadError::Truncated) => return Err(Refusal::Abandoned(id)),
         Err(e) => return Err(e.into()),
     };
-    match wait.handle_finish(&finish, state.limits().max_frame_len) {
+    match wait.handle_finish(&finish) {
         Ok(est) => Ok((est, key_lookup)),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),

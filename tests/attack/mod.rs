@@ -149,14 +149,18 @@ impl RawSession {
     pub async fn open(addr: SocketAddr, cred: &Credential) -> RawSession {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let mut out = BytesMut::new();
-        let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), [7; 32], &mut out);
+        let wait = ClientAwaitAuth::start(
+            &cred.id,
+            cred.key.clone(),
+            [7; 32],
+            MAX_FRAME_LEN_CEILING,
+            &mut out,
+        );
         tcp.write_all(&out).await.unwrap();
         let mut buf = BytesMut::new();
         let auth = read_one(&mut tcp, &mut buf).await.unwrap();
         let mut finish = BytesMut::new();
-        let session = wait
-            .handle_server_auth(&auth, &mut finish, MAX_FRAME_LEN_CEILING)
-            .unwrap();
+        let (session, _) = wait.handle_server_auth(&auth, &mut finish).unwrap();
         tcp.write_all(&finish).await.unwrap();
         RawSession { tcp, session, buf }
     }
