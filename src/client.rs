@@ -1,13 +1,42 @@
 //! The client library (tokio): enroll with a token, connect with a credential, send
 //! requests and messages, and receive what the server sends.
 //!
+//! A device depends on this with the crate's default feature (`client`): the protocol
+//! core and this module, without the daemon's SQLite, HTTP client or clap.
+//!
+//! **Enroll** once, with the token the operator gave (`tallyd token`), and keep the
+//! credential (it is a secret: mode 0600):
+//!
 //! ```no_run
-//! # async fn demo() -> Result<(), tally::client::ClientError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tally::client;
+//! use tally::proto::credential::EnrollmentToken;
+//! use tally::proto::Id;
+//! let token = EnrollmentToken::parse(&std::fs::read_to_string("enroll.token")?)?;
+//! let id = Id::new("sensor-42")?;
+//! let cred = client::enroll("server.example:7420", &token, id, Duration::from_secs(10)).await?;
+//! std::fs::write("sensor-42.cred", cred.to_file().as_bytes())?; // then chmod 600
+//! # Ok(()) }
+//! ```
+//!
+//! **Connect** on every start, then send requests (each gets the server's answer) and
+//! answer what the server asks:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use tally::client::{Client, ClientOptions};
 //! use tally::proto::credential::Credential;
-//! let cred = Credential::from_file(&std::fs::read_to_string("device.cred").unwrap())?;
-//! let (client, mut incoming) = Client::connect(&cred, ClientOptions::default()).await?;
+//! use tally::proto::Status;
+//! let cred = Credential::from_file(&std::fs::read_to_string("sensor-42.cred")?)?;
+//! let (client, incoming) = Client::connect(&cred, ClientOptions::default()).await?;
 //! let answer = client.request("temperature?").await?;
+//! println!("server said {answer:?}");
+//! tokio::spawn(tally::client::serve_incoming(
+//!     incoming,
+//!     |payload| async move { (Status::OK, payload) }, // the server's requests
+//!     |message| println!("message: {message:?}"),
+//! ));
 //! # Ok(()) }
 //! ```
 //!
@@ -34,7 +63,7 @@ use crate::proto::{
     CloseCode, ErrorCode, Id, ProtocolError, Session, Status, DEFAULT_MAX_FRAME_LEN,
     HANDSHAKE_MAX_FRAME_LEN,
 };
-use crate::secrets::random_bytes;
+use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
 
 /// What went wrong, for a caller to match on.
@@ -143,8 +172,19 @@ impl From<ProtocolError> for ClientError {
     }
 }
 
-/// Client settings.
+/// Client settings: start from [`ClientOptions::default`] and change what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// use tally::client::{ClientOptions, Retry};
+/// let opts = ClientOptions::default()
+///     .with_max_frame_len(4096) // a small device: the server sends nothing larger
+///     .with_connect_timeout(Duration::from_secs(5))
+///     .with_retry(Retry::never());
+/// assert_eq!(opts.keepalive, None); // the server's, announced in the handshake
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Send a PING after this long without sending anything. `None` (the default):
     /// the interval the server announces in the handshake (spec 8.5); a value longer
@@ -167,6 +207,7 @@ pub struct ClientOptions {
 /// reset or closed before the server answered, a timeout). Each retry is logged
 /// (`tracing`, level WARN) with its reason and delay.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Retry {
     /// Attempts after the first; 0 never retries.
     pub retries: u32,
@@ -189,6 +230,16 @@ impl Default for Retry {
 }
 
 impl Retry {
+    /// `retries` attempts after the first, the delay starting at `initial_delay` and
+    /// doubling up to `max_delay`.
+    pub fn new(retries: u32, initial_delay: Duration, max_delay: Duration) -> Self {
+        Retry {
+            retries,
+            initial_delay,
+            max_delay,
+        }
+    }
+
     /// No retries.
     pub fn never() -> Self {
         Retry {
@@ -244,6 +295,39 @@ impl Default for ClientOptions {
             incoming_capacity: 64,
             retry: Retry::default(),
         }
+    }
+}
+
+impl ClientOptions {
+    /// Sends a PING after `keepalive` without sending anything, if that is shorter than
+    /// the server's interval.
+    pub fn with_keepalive(mut self, keepalive: Duration) -> Self {
+        self.keepalive = Some(keepalive);
+        self
+    }
+
+    /// Announces `max_frame_len` (256 bytes to 16 MiB) as this client's frame limit.
+    pub fn with_max_frame_len(mut self, max_frame_len: u32) -> Self {
+        self.max_frame_len = max_frame_len;
+        self
+    }
+
+    /// Bounds TCP connect plus handshake (or enrollment) by `timeout`.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Holds up to `capacity` server requests and messages not yet taken.
+    pub fn with_incoming_capacity(mut self, capacity: usize) -> Self {
+        self.incoming_capacity = capacity;
+        self
+    }
+
+    /// Retries failed connection attempts as `retry` says.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
     }
 }
 
@@ -329,6 +413,7 @@ async fn enroll_once(
 
 /// Something the server sent on its own.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Incoming {
     /// A REQUEST: answer it with [`IncomingRequest::respond`].
     Request(IncomingRequest),

@@ -181,7 +181,7 @@ pub async fn serve(listener: UnixListener, state: Arc<ServerState>, shutdown: Ca
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => match peer_allowed(&stream) {
-                    Ok(()) => { tokio::spawn(handle(stream, state.clone())); }
+                    Ok(()) => { state.tasks.spawn(handle(stream, state.clone())); }
                     Err(who) => warn!("control socket: refused a connection from {who}"),
                 },
                 Err(e) => { warn!(error = %e, "control socket accept failed"); tokio::time::sleep(Duration::from_millis(100)).await; }

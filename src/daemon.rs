@@ -40,18 +40,18 @@ pub async fn serve(
     if secrets.created {
         print_first_start(&config);
     }
-    let stop = CancellationToken::new();
-    tokio::spawn(control::serve(
+    // Under the daemon's tracker: stopped and awaited by `server::run` once the sessions
+    // drained (admin commands keep working while they do).
+    state.tasks.spawn(control::serve(
         control_listener,
         state.clone(),
-        stop.clone(),
+        state.stop.clone(),
     ));
-    tokio::spawn(report(state.clone(), stop.clone()));
+    state.tasks.spawn(report(state.clone(), state.stop.clone()));
     let _ = systemd::notify("READY=1\nSTATUS=0 live sessions");
     let socket = config.state_dir.join(control::SOCKET);
     let shutdown = signals(state.clone(), config, reload, log);
     let result = server::run(listener, Arc::clone(&state), shutdown).await;
-    stop.cancel();
     let _ = std::fs::remove_file(socket);
     Ok(result?)
 }

@@ -56,8 +56,8 @@ pub(crate) trait Role: Send {
 /// How a driven session ended.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// As the session reports it.
-    Ended(End),
+    /// As the session reports it (the client keeps its own, finer account in its role).
+    Ended(#[cfg_attr(not(feature = "server"), allow(dead_code))] End),
     /// The socket failed (other than by the peer cutting it, which is truncation), or
     /// the peer read nothing for `write_stall`.
     Io(io::Error),

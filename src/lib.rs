@@ -1,40 +1,66 @@
 //! Tally: authenticated requests and responses between devices and a server over TCP.
 //!
-//! # Layout
+//! # What to use
 //!
-//! - [`proto`]: the sans-IO protocol core, one file per section of `spec/PROTOCOL.md`.
-//! - [`secrets`]: the server's key files (enrollment key, static key, store key).
-//! - [`store`]: the SQLite identity store.
-//! - [`config`]: the daemon's typed configuration (TOML file and flags).
-//! - [`backend`]: what the daemon does with an authenticated REQUEST: the `Backend` trait,
-//!   `echo`, the Unix socket backend (`spec/BACKEND.md`) and the HTTP backend.
-//! - [`server`]: the daemon (tokio): accepting, enrollment, sessions, limits, takeover, shutdown.
-//! - [`daemon`]: `tallyd serve` around the server: listener, notifications, signals, reload.
-//! - [`control`]: the daemon's local control socket, used by admin commands and applications.
-//! - [`client`]: the client library (tokio): enroll, connect, request, message, listen.
-//! - [`systemd`]: readiness notification, watchdog, socket activation.
-//! - [`logging`]: text, journald and JSON log output with a reloadable level.
-//! - [`admin`]: operator commands that work while the daemon runs.
-//! - [`wire`]: reading whole frames from a byte stream.
-//! - [`bench`](mod@bench): the load tool behind `tally bench`.
-//! - `src/bin/tallyd.rs`, `src/bin/tally.rs`: thin binaries over the above.
+//! - [`client`] (feature `client`, the default): what a device needs: enroll, connect,
+//!   request, message, answer the server's requests.
+//! - [`proto`] (always): the sans-IO protocol core, one file per section of
+//!   `spec/PROTOCOL.md`, for spec readers and other drivers. With
+//!   `default-features = false` it is all that is built.
+//! - `server` (feature `server`): the daemon as a library: `server::run` with a
+//!   `config::ServerConfig` and a `backend::Backend` of your own.
+//!
+//! The feature `cli` builds the binaries `tallyd` and `tally`. Modules hidden from these
+//! docs (store, control socket, admin commands, systemd, logging, the load tool) serve
+//! the binaries and the tests; they are not API and may change at any time.
 
 // One `unsafe` block in the crate: taking the socket systemd passes (src/systemd.rs).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod backend;
-pub mod bench;
-pub mod client;
-pub mod config;
-pub mod control;
-pub mod daemon;
-mod driver;
-pub mod logging;
 pub mod proto;
-pub mod secrets;
-pub mod server;
-pub mod store;
-pub mod systemd;
+
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "client")]
+mod credential_file;
+#[cfg(feature = "client")]
+mod driver;
+#[cfg(feature = "client")]
+mod random;
+#[cfg(feature = "client")]
+#[doc(hidden)]
 pub mod wire;
+
+#[cfg(feature = "server")]
+pub mod backend;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod server;
+
+// The daemon's and the binaries' parts: public for `src/bin/` and `tests/`, not API.
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod admin;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod bench;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod control;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod daemon;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod logging;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod secrets;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod store;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod systemd;

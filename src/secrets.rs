@@ -164,9 +164,7 @@ pub fn check_state_dir(dir: &Path) -> Result<(), SecretsError> {
 
 /// 32 bytes from the operating system's secure random source.
 pub fn random_bytes() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).expect("the operating system's random source failed");
-    b
+    crate::random::random_bytes()
 }
 
 /// Where a key comes from: the credentials directory if it has the file, else the

@@ -114,10 +114,7 @@ fn via(cred: &Credential, addr: std::net::SocketAddr) -> Credential {
 }
 
 fn fast() -> ClientOptions {
-    ClientOptions {
-        keepalive: Some(Duration::from_millis(200)),
-        ..ClientOptions::default()
-    }
+    ClientOptions::default().with_keepalive(Duration::from_millis(200))
 }
 
 /// The end of a client session, waiting at most 5 s.

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use common::{eventually, TestServer};
 use tally::backend;
 use tally::client::{ClientError, Incoming};
+use tally::config::BackendSpec;
 use tally::proto::Status;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -30,6 +31,7 @@ fn answer_requests(
                     let _ = req.respond(Status::OK, Bytes::from(body)).await;
                 }
                 Incoming::Message(m) => messages.lock().unwrap().push(m),
+                other => panic!("unexpected {other:?}"),
             }
         }
     });
@@ -95,7 +97,7 @@ async fn python_example_app_answers_requests_pushes_config_and_survives_restarts
     let dir = Arc::new(TempDir::new().unwrap());
     let sock = sock_path(&dir);
     let app = PythonApp::start(&sock);
-    let spec = format!("unix:{}", sock.display());
+    let spec: BackendSpec = format!("unix:{}", sock.display()).parse().unwrap();
     let srv = TestServer::start_with(dir.clone(), backend::from_spec(&spec).unwrap(), |c| {
         c.backend = spec.clone()
     })
@@ -198,7 +200,7 @@ async fn http_server(seen: Seen) -> std::net::SocketAddr {
 async fn http_backend_maps_requests_and_statuses() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let addr = http_server(seen.clone()).await;
-    let spec = format!("http://{addr}/tally");
+    let spec: BackendSpec = format!("http://{addr}/tally").parse().unwrap();
     let srv = TestServer::start_with(
         Arc::new(TempDir::new().unwrap()),
         backend::from_spec(&spec).unwrap(),
@@ -258,7 +260,9 @@ async fn http_backend_down_is_unavailable_not_a_hang() {
         .local_addr()
         .unwrap()
         .port();
-    let spec = format!("http://127.0.0.1:{port}/nothing-here");
+    let spec: BackendSpec = format!("http://127.0.0.1:{port}/nothing-here")
+        .parse()
+        .unwrap();
     let srv = TestServer::start_with(
         Arc::new(TempDir::new().unwrap()),
         backend::from_spec(&spec).unwrap(),
@@ -360,7 +364,7 @@ async fn backend_failures_become_error_statuses_and_sessions_go_on() {
         if behaviour != "down" {
             fake_app(sock.clone(), behaviour).await;
         }
-        let spec = format!("unix:{}", sock.display());
+        let spec: BackendSpec = format!("unix:{}", sock.display()).parse().unwrap();
         let srv = TestServer::start_with(dir.clone(), backend::from_spec(&spec).unwrap(), |c| {
             c.limits.backend_timeout = Duration::from_millis(300)
         })
@@ -449,4 +453,31 @@ async fn cli_listen_exec_answers_tallyd_send() {
         printed.contains("request: hello device") && printed.contains("answered: ok"),
         "{printed}"
     );
+}
+
+/// Issue 12: the backend's reconnect loop and its SEND tasks run under the daemon's
+/// tracker. Shutdown stops them after the sessions drained, and `run` returns only when
+/// they ended: nothing of the daemon is left running behind it.
+#[tokio::test]
+async fn shutdown_ends_the_backends_tasks_too() {
+    let dir = Arc::new(TempDir::new().unwrap());
+    // Nothing listens there: the backend keeps retrying until the daemon stops.
+    let spec: BackendSpec = format!("unix:{}", sock_path(&dir).display())
+        .parse()
+        .unwrap();
+    let mut srv = TestServer::start_with(dir.clone(), backend::from_spec(&spec).unwrap(), |c| {
+        c.backend = spec.clone()
+    })
+    .await;
+    let (c, _) = srv.connect(&srv.enroll("dev").await).await;
+    let err = c.request_with_status("anyone?").await.unwrap();
+    assert_eq!(err.0, Status::UNAVAILABLE, "{err:?}");
+    assert!(srv.state.daemon_tasks() >= 1, "the reconnect loop runs");
+    let state = srv.state.clone();
+    tokio::time::timeout(Duration::from_secs(10), srv.begin_shutdown())
+        .await
+        .expect("shutdown completes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.daemon_tasks(), 0, "every daemon task ended");
 }

@@ -333,7 +333,7 @@ async fn a_full_unauthenticated_pool_does_not_keep_a_new_device_out() {
         idle.push(TcpStream::connect(srv.addr).await.unwrap());
     }
     common::eventually(5, "the idle sockets to fill the pool", || {
-        srv.state.admission.len() == 4
+        srv.state.unauthenticated() == 4
     })
     .await;
     // Every reconnect of the device finds the pool full of idle sockets, and gets in.
@@ -341,7 +341,7 @@ async fn a_full_unauthenticated_pool_does_not_keep_a_new_device_out() {
         device_gets_in(&cred).await.unwrap();
         idle.push(TcpStream::connect(srv.addr).await.unwrap());
         common::eventually(5, "the pool to be full again", || {
-            srv.state.admission.len() == 4
+            srv.state.unauthenticated() == 4
         })
         .await;
     }
@@ -375,10 +375,10 @@ async fn one_source_cannot_hold_more_than_its_cap() {
     for _ in 0..10 {
         idle.push(TcpStream::connect(srv.addr).await.unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(srv.state.admission.len() <= 3);
+        assert!(srv.state.unauthenticated() <= 3);
     }
     common::eventually(5, "the source's 3 slots to be held", || {
-        srv.state.admission.len() == 3
+        srv.state.unauthenticated() == 3
     })
     .await;
     for s in &mut idle[..7] {
@@ -410,10 +410,7 @@ async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() 
     if let Ok(mut over) = TcpStream::connect(srv.addr).await {
         assert!(closed_within(&mut over, 2000).await);
     }
-    let once = ClientOptions {
-        retry: client::Retry::never(),
-        ..ClientOptions::default()
-    };
+    let once = ClientOptions::default().with_retry(client::Retry::never());
     let refused = Client::connect(&cred, once).await.err().unwrap();
     assert!(refused.is_transient(), "{refused:?}");
     // Issue 11 item 6: the client library retries with backoff (200, 400, 800 ms...);
@@ -459,7 +456,7 @@ async fn a_stranger_refused_over_and_over_cannot_set_the_pace() {
         .collect();
     // Parked, they hold no slot (the pool holds 4): a device gets in meanwhile.
     common::eventually(5, "the garbage to be parked", || {
-        srv.state.tarpit.len() == 4
+        srv.state.parked_refusals() == 4
     })
     .await;
     device_gets_in(&cred).await.unwrap();
@@ -493,7 +490,7 @@ async fn a_full_tarpit_answers_one_at_once() {
     };
     let (mut a, mut b) = (garbage().await, garbage().await);
     common::eventually(5, "two refusals to be parked", || {
-        srv.state.tarpit.len() == 2
+        srv.state.parked_refusals() == 2
     })
     .await;
     let mut c = garbage().await;
@@ -504,7 +501,7 @@ async fn a_full_tarpit_answers_one_at_once() {
         .filter(|g| g.as_slice() == MALFORMED)
         .count();
     assert_eq!(answered, 1, "{got_a:?} {got_b:?}");
-    assert_eq!(srv.state.tarpit.len(), 2);
+    assert_eq!(srv.state.parked_refusals(), 2);
     assert!(!closed_within(&mut c, 100).await);
 }
 
@@ -597,10 +594,7 @@ async fn oversized_frame_closes_only_that_session() {
 async fn both_ends_respect_the_limit_the_other_announced() {
     let srv = TestServer::start(|c| c.limits.max_frame_len = 2048).await;
     let cred = srv.enroll("small-device").await;
-    let opts = ClientOptions {
-        max_frame_len: 1024,
-        ..ClientOptions::default()
-    };
+    let opts = ClientOptions::default().with_max_frame_len(1024);
     let (dev, mut incoming) = Client::connect(&cred, opts).await.unwrap();
     // Above the server's 2048: refused on the device, before anything is sent.
     let err = dev.request(vec![0u8; 4000]).await.unwrap_err();
@@ -770,10 +764,7 @@ async fn four_hundred_large_requests_at_once_are_all_answered() {
 #[tokio::test]
 async fn session_frame_counters_count_every_frame() {
     let srv = TestServer::start(|_| {}).await;
-    let opts = ClientOptions {
-        keepalive: Some(Duration::from_millis(100)),
-        ..ClientOptions::default()
-    };
+    let opts = ClientOptions::default().with_keepalive(Duration::from_millis(100));
     let (client, _) = Client::connect(&srv.enroll("counted").await, opts)
         .await
         .unwrap();
@@ -858,10 +849,7 @@ async fn client_reports_truncation_when_the_connection_is_cut() {
         key: tally::proto::SecretKey::from_bytes([1; 32]),
         server: addr.to_string(),
     };
-    let once = ClientOptions {
-        retry: client::Retry::never(),
-        ..ClientOptions::default()
-    };
+    let once = ClientOptions::default().with_retry(client::Retry::never());
     let err = Client::connect(&cred, once).await.unwrap_err();
     assert!(matches!(err, ClientError::Truncated), "{err:?}");
 }

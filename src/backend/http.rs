@@ -36,14 +36,13 @@ pub struct HttpBackend {
 
 impl HttpBackend {
     /// A backend for `url` (`http://...`).
-    pub fn new(url: &str) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    pub fn new(url: reqwest::Url) -> Result<Self, super::BackendError> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .timeout(Duration::from_secs(600))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| super::BackendError::Http(e.to_string()))?;
         Ok(HttpBackend { client, url })
     }
 }

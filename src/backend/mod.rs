@@ -7,14 +7,17 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::ConfigError;
+use crate::config::BackendSpec;
+use crate::proto::{Id, ProtocolError, Status};
 
 pub mod http;
 pub mod unix;
-use crate::proto::{Id, Status};
 
 /// A boxed future, as backends return.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -65,10 +68,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Answers one request.
     fn request(&self, req: Request) -> BoxFuture<Reply>;
 
-    /// Called once when the daemon starts, with the registry of live sessions, through
-    /// which the backend can send requests and messages to devices. The default ignores it.
-    fn attach(&self, registry: Arc<crate::server::Registry>) {
-        let _ = registry;
+    /// Called once when the daemon starts, with what the backend may use of it: the
+    /// devices' live sessions (to send them requests and messages) and where to run
+    /// its tasks. The default ignores it.
+    fn attach(&self, daemon: Attachment) {
+        let _ = daemon;
     }
 
     /// Takes a one-way MESSAGE. The default drops it.
@@ -76,6 +80,68 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (id, payload);
         Box::pin(async {})
     }
+}
+
+/// What to send to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendKind {
+    /// A REQUEST: wait for the device's RESPONSE.
+    Request,
+    /// A one-way MESSAGE.
+    Message,
+}
+
+/// Why something could not be sent to a device, or got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The identity has no live session.
+    #[error("identity {0} is not connected")]
+    Offline(String),
+    /// The session would not send it: the payload is above the device's frame limit
+    /// (announced in its HELLO), or the session is closing.
+    #[error("the session refused it: {0}")]
+    Refused(#[source] ProtocolError),
+    /// The session ended before the device answered.
+    #[error("the session ended before the device answered")]
+    SessionEnded,
+    /// The device did not answer in time.
+    #[error("the device did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Server-initiated traffic: the daemon's live sessions, as a backend sees them.
+pub trait Devices: Send + Sync + 'static {
+    /// Sends a REQUEST (resolving to the device's answer) or a MESSAGE (resolving to
+    /// `None` once it is written) to `id`'s live session, waiting at most `timeout`.
+    fn send(
+        &self,
+        id: Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Option<Reply>, SendError>>;
+}
+
+/// What a backend gets of the daemon when it starts ([`Backend::attach`]).
+#[derive(Clone)]
+pub struct Attachment {
+    /// The live sessions, to send to devices.
+    pub devices: Arc<dyn Devices>,
+    /// Where the backend runs its tasks: the daemon waits for them when it stops.
+    pub tasks: TaskTracker,
+    /// Cancelled when the daemon stops, after the sessions drained (their last requests
+    /// still reach the backend); the backend's tasks end then.
+    pub stop: CancellationToken,
+}
+
+/// A `backend` setting the daemon could not set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The HTTP client could not be built.
+    #[error("cannot set up the HTTP backend: {0}")]
+    Http(String),
 }
 
 /// Answers every request with its own payload, status OK.
@@ -92,32 +158,12 @@ impl Backend for Echo {
     }
 }
 
-/// Checks a `backend = "..."` setting.
-pub fn check_spec(spec: &str) -> Result<(), ConfigError> {
-    from_spec(spec).map(drop)
-}
-
-/// Builds the backend a `backend = "..."` setting names: `echo`,
-/// `unix:/path/to/app.sock` or `http://host:port/path`.
-pub fn from_spec(spec: &str) -> Result<Arc<dyn Backend>, ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid {
-        field: "backend",
-        reason,
-    };
-    if spec == "echo" {
-        Ok(Arc::new(Echo))
-    } else if let Some(path) = spec.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err(invalid(
-                "unix: needs a socket path, e.g. unix:/run/app.sock".into(),
-            ));
-        }
-        Ok(Arc::new(unix::UnixBackend::new(path.into())))
-    } else if spec.starts_with("http://") {
-        Ok(Arc::new(http::HttpBackend::new(spec).map_err(invalid)?))
-    } else {
-        Err(invalid(format!(
-            "unknown backend {spec:?} (use echo, unix:/path/to/socket, or http://host:port/path)"
-        )))
-    }
+/// Builds the backend a `backend = "..."` setting names (checked when the
+/// configuration was read).
+pub fn from_spec(spec: &BackendSpec) -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(match spec {
+        BackendSpec::Echo => Arc::new(Echo),
+        BackendSpec::Unix(path) => Arc::new(unix::UnixBackend::new(path.clone())),
+        BackendSpec::Http(url) => Arc::new(http::HttpBackend::new(url.clone())?),
+    })
 }

@@ -13,11 +13,9 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Backend, BoxFuture, Reply, Request};
+use super::{Attachment, Backend, BoxFuture, Reply, Request, SendError, SendKind};
 use crate::proto::codec::Reader;
 use crate::proto::{FrameError, Id, Status};
-use crate::server::registry::{SendError, SendKind};
-use crate::server::Registry;
 use crate::wire::read_frame;
 
 /// Largest message on the backend socket (length field).
@@ -42,7 +40,7 @@ struct Inner {
     conn: Mutex<Option<mpsc::Sender<Bytes>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_call: AtomicU64,
-    registry: OnceLock<Arc<Registry>>,
+    daemon: OnceLock<Attachment>,
 }
 
 impl UnixBackend {
@@ -54,7 +52,7 @@ impl UnixBackend {
                 conn: Mutex::new(None),
                 pending: Mutex::new(HashMap::new()),
                 next_call: AtomicU64::new(1),
-                registry: OnceLock::new(),
+                daemon: OnceLock::new(),
             }),
         }
     }
@@ -92,8 +90,17 @@ impl Inner {
         }
     }
 
-    /// Connects, serves, reconnects, forever.
-    async fn run(self: Arc<Self>) {
+    /// Connects, serves, reconnects, until `stop`.
+    async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = self.clone().reconnect() => {}
+        }
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.fail_pending("the daemon is stopping");
+    }
+
+    async fn reconnect(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         let mut logged_down = false;
         loop {
@@ -175,10 +182,19 @@ impl Inner {
                     .and_then(|s| Id::new(s).ok());
                 let payload = frame.slice(frame.len() - r.remaining()..);
                 let tx = tx.clone();
-                let registry = self.registry.get().cloned();
-                tokio::spawn(async move {
-                    let result = send(registry, id, kind, payload).await;
-                    let _ = tx.send(result_frame(call, result)).await;
+                let Some(daemon) = self.daemon.get() else {
+                    let _ = tx.try_send(result_frame(call, Err((2, "daemon not ready".into()))));
+                    return Ok(());
+                };
+                let devices = daemon.devices.clone();
+                let stop = daemon.stop.clone();
+                daemon.tasks.spawn(async move {
+                    tokio::select! {
+                        result = send(&*devices, id, kind, payload) => {
+                            let _ = tx.send(result_frame(call, result)).await;
+                        }
+                        _ = stop.cancelled() => {}
+                    }
                 });
             }
             other => return Err(FrameError::UnknownType(other)),
@@ -188,7 +204,7 @@ impl Inner {
 }
 
 async fn send(
-    registry: Option<Arc<Registry>>,
+    devices: &dyn super::Devices,
     id: Option<Id>,
     kind: u8,
     payload: Bytes,
@@ -199,9 +215,8 @@ async fn send(
         k => return Err((4, format!("unknown kind {k}"))),
     };
     let id = id.ok_or((4, "invalid identity".to_owned()))?;
-    let registry = registry.ok_or((2, "daemon not ready".to_owned()))?;
-    registry
-        .send(&id, kind, payload, SEND_TIMEOUT)
+    devices
+        .send(id, kind, payload, SEND_TIMEOUT)
         .await
         .map_err(|e| {
             let outcome = match e {
@@ -253,12 +268,15 @@ impl Backend for UnixBackend {
         "unix"
     }
 
-    fn attach(&self, registry: Arc<Registry>) {
-        let _ = self.inner.registry.set(registry);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(self.inner.clone().run())),
-            Err(_) => warn!("unix backend attached outside a tokio runtime; it will not connect"),
+    fn attach(&self, daemon: Attachment) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            warn!("unix backend attached outside a tokio runtime; it will not connect");
+            return;
         }
+        daemon
+            .tasks
+            .spawn(self.inner.clone().run(daemon.stop.clone()));
+        let _ = self.inner.daemon.set(daemon);
     }
 
     fn request(&self, req: Request) -> BoxFuture<Reply> {

@@ -157,19 +157,17 @@ impl ConnArgs {
         let text = std::fs::read_to_string(&self.cred)
             .with_context(|| format!("cannot read {}", self.cred.display()))?;
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
-        let opts = ClientOptions {
-            keepalive: self
-                .keepalive
-                .map(Duration::try_from_secs_f64)
-                .transpose()
-                .context("--keepalive")?,
-            max_frame_len: self.max_frame_len,
-            retry: client::Retry {
-                retries: self.retries,
-                ..client::Retry::default()
-            },
-            ..ClientOptions::default()
-        };
+        let default = client::Retry::default();
+        let mut opts = ClientOptions::default()
+            .with_max_frame_len(self.max_frame_len)
+            .with_retry(client::Retry::new(
+                self.retries,
+                default.initial_delay,
+                default.max_delay,
+            ));
+        if let Some(secs) = self.keepalive {
+            opts = opts.with_keepalive(Duration::try_from_secs_f64(secs).context("--keepalive")?);
+        }
         Client::connect(&cred, opts)
             .await
             .with_context(|| format!("session with {} as {}", cred.server, cred.id))
@@ -478,6 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             println!("answered: {status}");
                             req.respond(status, body).await?;
                         }
+                        Some(other) => println!("unhandled: {other:?}"),
                         None => return Err(client.closed().await.into()),
                     },
                     _ = tokio::signal::ctrl_c() => { client.close().await?; return Ok(()) }

@@ -8,7 +8,8 @@
 //! tally1-token-<64 hex: T(id)>-<64 hex: S>      per-identity token (random, single-use)
 //! ```
 //!
-//! The *credential* is the device's identity after enrollment, a small TOML file.
+//! The *credential* is the device's identity after enrollment; its file format (a small
+//! TOML file, spec 9.2) is read and written by the client (`Credential::from_file`).
 
 use std::fmt;
 use zeroize::Zeroizing;
@@ -39,7 +40,7 @@ pub enum CredentialError {
     Id(#[from] super::FrameError),
 }
 
-fn parse_hex32(s: &str, what: &'static str) -> Result<[u8; KEY_LEN], CredentialError> {
+pub(crate) fn parse_hex32(s: &str, what: &'static str) -> Result<[u8; KEY_LEN], CredentialError> {
     let mut out = [0u8; KEY_LEN];
     hex::decode_to_slice(s, &mut out).map_err(|_| CredentialError::Hex(what))?;
     Ok(out)
@@ -125,52 +126,6 @@ pub struct Credential {
     pub server: String,
 }
 
-impl Credential {
-    /// The credential file's text. It is a secret: the result is zeroized on drop.
-    pub fn to_file(&self) -> Zeroizing<String> {
-        let server = toml::Value::String(self.server.clone());
-        Zeroizing::new(format!(
-            "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n\
-             tally-credential = 1\nid = \"{}\"\nkey = \"{}\"\nserver = {}\n",
-            self.id,
-            hex::encode(self.key.expose()),
-            server
-        ))
-    }
-
-    /// Parses a credential file.
-    pub fn from_file(text: &str) -> Result<Self, CredentialError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| CredentialError::File(e.message().to_owned()))?;
-        let field = |name: &str| {
-            table
-                .get(name)
-                .ok_or_else(|| CredentialError::File(format!("missing field `{name}`")))
-        };
-        let string = |name: &'static str| {
-            field(name)?
-                .as_str()
-                .ok_or_else(|| CredentialError::File(format!("field `{name}` must be a string")))
-        };
-        match field("tally-credential")?.as_integer() {
-            Some(1) => {}
-            Some(v) => return Err(CredentialError::Version(v)),
-            None => {
-                return Err(CredentialError::File(
-                    "field `tally-credential` must be an integer".into(),
-                ))
-            }
-        }
-        let key = Zeroizing::new(parse_hex32(string("key")?, "the key")?);
-        Ok(Credential {
-            id: Id::new(string("id")?)?,
-            key: SecretKey::from_bytes(*key),
-            server: string("server")?.to_owned(),
-        })
-    }
-}
-
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credential")
@@ -235,32 +190,5 @@ mod tests {
             server_static: [0; 32],
         };
         assert!(!format!("{t:?}").contains("abab"));
-    }
-
-    #[test]
-    fn credential_round_trip_and_errors() {
-        let c = Credential {
-            id: Id::new("dev-1").unwrap(),
-            key: SecretKey::from_bytes([7; 32]),
-            server: "127.0.0.1:7420".into(),
-        };
-        let text = c.to_file();
-        let back = Credential::from_file(&text).unwrap();
-        assert_eq!(back.id, c.id);
-        assert!(back.key.ct_eq(&c.key));
-        assert_eq!(back.server, c.server);
-        assert!(!format!("{back:?}").contains("0707"));
-        assert_eq!(
-            Credential::from_file(&text.replace("= 1", "= 2")).err(),
-            Some(CredentialError::Version(2))
-        );
-        assert!(matches!(
-            Credential::from_file("id = \"x\""),
-            Err(CredentialError::File(_))
-        ));
-        assert!(matches!(
-            Credential::from_file(&text.replace("dev-1", "dev 1")),
-            Err(CredentialError::Id(_))
-        ));
     }
 }

@@ -86,6 +86,16 @@ pub struct AdmissionLimits {
     pub rate: f64,
 }
 
+impl From<&crate::config::Limits> for AdmissionLimits {
+    fn from(l: &crate::config::Limits) -> Self {
+        AdmissionLimits {
+            max_unauthenticated: l.max_unauthenticated,
+            per_source: l.max_unauthenticated_per_source,
+            rate: f64::from(l.new_connections_per_source),
+        }
+    }
+}
+
 /// Why a new connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotAdmitted {
@@ -320,11 +330,6 @@ impl Admission {
         self.lock().slots.len()
     }
 
-    /// Whether no unauthenticated connection is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Admits a new connection from `peer` at `now`, evicting another if a pool is full.
     /// Returns the slot, and the source of the connection evicted to make room, if any.
     pub fn admit(
@@ -377,7 +382,6 @@ impl Admission {
                 pool: self.clone(),
                 id,
                 evict,
-                source,
             },
             evicted,
         ))
@@ -389,7 +393,6 @@ pub struct Ticket {
     pool: Arc<Admission>,
     id: u64,
     evict: CancellationToken,
-    source: Source,
 }
 
 impl Ticket {
@@ -401,11 +404,6 @@ impl Ticket {
     /// Completes when the slot was given to a newer connection.
     pub async fn evicted(&self) {
         self.evict.cancelled().await
-    }
-
-    /// Where the connection comes from.
-    pub fn source(&self) -> Source {
-        self.source
     }
 }
 

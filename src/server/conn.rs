@@ -237,10 +237,10 @@ fn refuse(state: &ServerState, stream: &Stream, refusal: Refusal) -> Option<Erro
     let full = state.note_refusal(refusal.kind(), &peer);
     match refusal {
         Refusal::Read(ReadError::Eof) => {
-            debug!(peer = %peer, "connection closed before a handshake")
+            debug!("connection closed before a handshake")
         }
-        ref r if full => warn!(peer = %peer, reason = %r, "refused"),
-        ref r => debug!(peer = %peer, reason = %r, "refused"),
+        ref r if full => warn!(reason = %r, "refused"),
+        ref r => debug!(reason = %r, "refused"),
     }
     refusal.code()
 }
@@ -385,7 +385,8 @@ async fn commit_enrollment(
     // Durable now (synchronous = FULL).
     let mut out = BytesMut::new();
     pending.committed(&mut out);
-    info!(id = %id, mode = mode.as_str(), peer = %stream.peer, "enrolled");
+    tracing::Span::current().record("id", tracing::field::display(&id));
+    info!(mode = mode.as_str(), "enrolled");
     // Stored whether or not DONE arrives (spec 6.4: the device retries with a handshake).
     let _ = stream.write(&out).await;
     Ok(())
@@ -455,6 +456,8 @@ async fn start_session(
         session,
         verified,
     } = est;
+    // Authenticated (CLIENT_FINISH verified): from here on every line names it.
+    tracing::Span::current().record("id", tracing::field::display(&id));
     let conn = state.registry.next_conn();
     let (tx, rx) = mpsc::channel(16);
     let (close, close_rx) = watch::channel(None);
@@ -467,7 +470,6 @@ async fn start_session(
         close: Arc::new(close),
         stats: stats.clone(),
     };
-    let peer = stream.peer;
     let mut stream = stream;
     let registration =
         match state
@@ -481,7 +483,7 @@ async fn start_session(
                     // The same answer as for a revoked identity (spec 7.5).
                     RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
                 };
-                warn!(id = %id, peer = %peer, "refused: {e}");
+                warn!("refused: {e}");
                 let mut out = BytesMut::new();
                 ErrorFrame::new(code).encode(&mut out);
                 if stream.write(&out).await.is_ok() {
@@ -492,12 +494,12 @@ async fn start_session(
         };
     state.note_seen(&id);
     let started = Instant::now();
-    info!(id = %id, peer = %peer, "session started");
+    info!("session started");
     let task = SessionTask::new(
         state.clone(),
         id.clone(),
         session,
-        stream,
+        (stream.rd, stream.wr, stream.buf),
         rx,
         close_rx,
         stats.clone(),
@@ -505,7 +507,6 @@ async fn start_session(
     let end = task.run(shutdown).await;
     drop(registration);
     info!(
-        id = %id, peer = %peer,
         duration_ms = started.elapsed().as_millis() as u64,
         frames_in = stats.frames_in.load(std::sync::atomic::Ordering::Relaxed),
         frames_out = stats.frames_out.load(std::sync::atomic::Ordering::Relaxed),

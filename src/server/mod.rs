@@ -6,11 +6,12 @@
 //! in-flight requests (up to `drain_timeout`), sends each an authenticated CLOSE
 //! SHUTDOWN, and returns once every connection task has ended.
 
-pub mod admission;
+pub(crate) mod admission;
 mod conn;
+#[doc(hidden)]
 pub mod registry;
 mod session;
-pub mod tarpit;
+mod tarpit;
 
 use std::future::Future;
 use std::path::Path;
@@ -21,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backend::Backend;
 use crate::config::{Limits, ServerConfig, TakeoverPolicy};
@@ -63,17 +64,23 @@ pub struct ServerState {
     pub takeover: TakeoverPolicy,
     connections: Arc<Semaphore>,
     /// The pool of unauthenticated slots (eviction, per-source caps and rates).
-    pub admission: Arc<admission::Admission>,
+    pub(crate) admission: Arc<admission::Admission>,
     /// Refusals of unauthenticated connections, logged in full or summarised.
-    pub refusals: admission::RefusalLog,
+    pub(crate) refusals: admission::RefusalLog,
     /// Refused strangers, parked until their answer is due.
-    pub tarpit: tarpit::Tarpit,
+    pub(crate) tarpit: tarpit::Tarpit,
     /// Enrollments in progress.
     enrolling: Arc<Semaphore>,
     /// Enrollments started recently.
     enroll_rate: std::sync::Mutex<admission::TokenBucket>,
     /// Successful handshakes not yet written to the store's `last_seen`.
     seen: std::sync::Mutex<std::collections::HashMap<crate::proto::Id, i64>>,
+    /// The daemon's own tasks besides connections (control socket, status reports, the
+    /// backend's): stopped (`stop`) and awaited after the sessions drained, so that the
+    /// sessions' last requests still reach the backend.
+    pub(crate) tasks: TaskTracker,
+    /// Cancelled when those tasks must end.
+    pub(crate) stop: CancellationToken,
     /// Held while the daemon runs.
     _lock: crate::secrets::StateLock,
 }
@@ -105,8 +112,14 @@ impl ServerState {
         tracing::debug!(keys, "identity keys indexed");
         let registry = Arc::new(Registry::default());
         registry.set_handshake_deadline(config.limits.handshake_timeout);
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         // The backend may send to devices (server-initiated traffic) through the registry.
-        backend.attach(registry.clone());
+        backend.attach(crate::backend::Attachment {
+            devices: Arc::new(registry::Sessions(registry.clone())),
+            tasks: tasks.clone(),
+            stop: stop.clone(),
+        });
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
             params: secrets.enroll_params(config.open_enrollment),
@@ -115,7 +128,9 @@ impl ServerState {
             backend,
             takeover: config.takeover,
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
-            admission: Arc::new(admission::Admission::new(config.limits.admission())),
+            admission: Arc::new(admission::Admission::new(admission::AdmissionLimits::from(
+                &config.limits,
+            ))),
             refusals: admission::RefusalLog::new(),
             tarpit: tarpit::Tarpit::new(
                 config.limits.max_delayed_refusals,
@@ -127,6 +142,8 @@ impl ServerState {
                 Instant::now(),
             )),
             seen: Default::default(),
+            tasks,
+            stop,
             _lock: lock,
         };
         Ok((Arc::new(state), secrets))
@@ -194,6 +211,25 @@ impl ServerState {
         }
     }
 
+    /// Unauthenticated connections holding a slot now.
+    #[doc(hidden)]
+    pub fn unauthenticated(&self) -> usize {
+        self.admission.len()
+    }
+
+    /// Refused connections parked until their answer is due (spec 13.10).
+    #[doc(hidden)]
+    pub fn parked_refusals(&self) -> usize {
+        self.tarpit.len()
+    }
+
+    /// The daemon's own tasks still running (control socket, status reports, the
+    /// backend's connection and SENDs): none once `run` returned.
+    #[doc(hidden)]
+    pub fn daemon_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// The limits in force.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -213,7 +249,8 @@ impl ServerState {
             cur.max_enrollments_in_progress,
             new.max_enrollments_in_progress,
         );
-        self.admission.set_limits(new.admission());
+        self.admission
+            .set_limits(admission::AdmissionLimits::from(&new));
         self.tarpit
             .set_limits(new.max_delayed_refusals, new.refusal_delay);
         *cur = new;
@@ -311,6 +348,18 @@ pub async fn run(
     let _ = flusher.await;
     let _ = reaper.await;
     state.flush_seen().await;
+    // Only now: the backend served the sessions' last requests.
+    state.stop.cancel();
+    state.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(3), state.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = state.tasks.len(),
+            "daemon tasks (control socket, backend) still running after 3 s; leaving them"
+        );
+    }
     info!("shut down");
     Ok(())
 }
@@ -364,8 +413,14 @@ fn admit(
     };
     let state = state.clone();
     let token = token.clone();
-    tracker.spawn(async move {
-        conn::serve(state, stream, peer, ticket, token).await;
-        drop(conn_permit);
-    });
+    // One span per connection: every line it logs names the peer, and the identity
+    // once authenticated (recorded by `conn`).
+    let span = tracing::info_span!("conn", %peer, id = tracing::field::Empty);
+    tracker.spawn(
+        async move {
+            conn::serve(state, stream, peer, ticket, token).await;
+            drop(conn_permit);
+        }
+        .instrument(span),
+    );
 }

@@ -35,39 +35,33 @@ pub enum Command {
         /// Payload.
         payload: Bytes,
         /// Where the answer goes.
-        reply: oneshot::Sender<Result<Reply, String>>,
+        reply: oneshot::Sender<Result<Reply, SendError>>,
     },
     /// Send a one-way MESSAGE to the device; `sent` learns whether it was written.
     Message {
         /// Payload.
         payload: Bytes,
         /// Whether it was sealed and queued (or why not).
-        sent: oneshot::Sender<Result<(), String>>,
+        sent: oneshot::Sender<Result<(), SendError>>,
     },
 }
 
-/// What to send to a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendKind {
-    /// A REQUEST: wait for the device's RESPONSE.
-    Request,
-    /// A one-way MESSAGE.
-    Message,
-}
+pub use crate::backend::{SendError, SendKind};
 
-/// Why something could not be sent to a device, or got no answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SendError {
-    /// The identity has no live session.
-    #[error("identity {0} is not connected")]
-    Offline(String),
-    /// The session ended, or refused the frame, before an answer.
-    #[error("{0}")]
-    Failed(String),
-    /// The device did not answer in time.
-    #[error("the device did not answer within {0:?}")]
-    Timeout(Duration),
+/// The registry as backends see it ([`crate::backend::Devices`]): sending only.
+pub(crate) struct Sessions(pub(crate) Arc<Registry>);
+
+impl crate::backend::Devices for Sessions {
+    fn send(
+        &self,
+        id: Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> crate::backend::BoxFuture<Result<Option<Reply>, SendError>> {
+        let registry = self.0.clone();
+        Box::pin(async move { registry.send(&id, kind, payload, timeout).await })
+    }
 }
 
 /// Frame counters of a session, shared with the registry for listings.
@@ -288,7 +282,7 @@ impl Registry {
         let tx = self
             .sender(id)
             .ok_or_else(|| SendError::Offline(id.to_string()))?;
-        let gone = || SendError::Failed("the session ended".into());
+        let gone = || SendError::SessionEnded;
         let wait = async {
             match kind {
                 SendKind::Request => {
@@ -296,20 +290,14 @@ impl Registry {
                     tx.send(Command::Request { payload, reply })
                         .await
                         .map_err(|_| gone())?;
-                    rx.await
-                        .map_err(|_| gone())?
-                        .map(Some)
-                        .map_err(SendError::Failed)
+                    rx.await.map_err(|_| gone())?.map(Some)
                 }
                 SendKind::Message => {
                     let (sent, rx) = oneshot::channel();
                     tx.send(Command::Message { payload, sent })
                         .await
                         .map_err(|_| gone())?;
-                    rx.await
-                        .map_err(|_| gone())?
-                        .map(|()| None)
-                        .map_err(SendError::Failed)
+                    rx.await.map_err(|_| gone())?.map(|()| None)
                 }
             }
         };

@@ -16,15 +16,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{info, warn};
 
-use super::conn::Stream;
 use super::registry::{CloseAsk, Command, Stats};
 use super::ServerState;
-use crate::backend::{Reply, Request};
+use crate::backend::{Reply, Request, SendError};
 use crate::config::Limits;
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
@@ -57,7 +58,7 @@ impl fmt::Display for End {
     }
 }
 
-type Answer = oneshot::Sender<Result<Reply, String>>;
+type Answer = oneshot::Sender<Result<Reply, SendError>>;
 
 /// What the server side waits for besides the socket.
 pub(crate) enum Work {
@@ -69,7 +70,8 @@ pub(crate) enum Work {
 }
 
 pub(super) struct SessionTask {
-    stream: Stream,
+    /// The connection's halves and the bytes read past CLIENT_FINISH.
+    stream: (OwnedReadHalf, OwnedWriteHalf, BytesMut),
     session: Session,
     role: ServerRole,
 }
@@ -108,7 +110,7 @@ impl SessionTask {
         state: Arc<ServerState>,
         id: Id,
         session: Session,
-        stream: Stream,
+        stream: (OwnedReadHalf, OwnedWriteHalf, BytesMut),
         commands: mpsc::Receiver<Command>,
         close_signal: watch::Receiver<CloseAsk>,
         stats: Arc<Stats>,
@@ -149,7 +151,7 @@ impl SessionTask {
         config.max_frame_len = limits.max_frame_len;
         // A device that reads nothing for a keepalive interval is cut off.
         let write_stall = limits.keepalive;
-        let Stream { rd, wr, buf, .. } = self.stream;
+        let (rd, wr, buf) = self.stream;
         let outcome = crate::driver::run(
             self.session,
             config,
@@ -190,7 +192,7 @@ impl ServerRole {
             }
             Err(e) => match self.inflight_seq.remove(&e.id()) {
                 Some(seq) => {
-                    warn!(id = %self.id, seq, "backend task failed: {e}");
+                    warn!(seq, "backend task failed: {e}");
                     (seq, Reply::error(Status::BACKEND_ERROR, "backend failed"))
                 }
                 None => return,
@@ -200,7 +202,7 @@ impl ServerRole {
         if let Err(e) = conn.respond(seq, reply.status, reply.payload, now) {
             // Too large: answered BACKEND_ERROR instead (spec 8.4). Else the session
             // is over.
-            warn!(id = %self.id, seq, len, "backend reply not sent as is: {e}");
+            warn!(seq, len, "backend reply not sent as is: {e}");
         }
     }
 
@@ -262,7 +264,7 @@ impl ServerRole {
         self.queued.clear();
         self.inflight.abort_all();
         for (_, answer) in self.pending.drain() {
-            let _ = answer.send(Err("session ended before the device answered".into()));
+            let _ = answer.send(Err(SendError::SessionEnded));
         }
     }
 
@@ -324,12 +326,12 @@ impl Role for ServerRole {
                         self.pending.insert(seq, reply);
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(SendError::Refused(e)));
                     }
                 }
             }
             Work::Command(Some(Command::Message { payload, sent })) => {
-                let _ = sent.send(conn.message(payload, now).map_err(|e| e.to_string()));
+                let _ = sent.send(conn.message(payload, now).map_err(SendError::Refused));
             }
             Work::Command(None) => self.commands_open = false,
             Work::Backend(done) => {
@@ -347,7 +349,7 @@ impl Role for ServerRole {
             }
             Work::DrainDeadline => {
                 self.drain = None;
-                warn!(id = %self.id, abandoned = self.inflight.len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
+                warn!(abandoned = self.inflight.len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
                 conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
             }
         }
@@ -367,14 +369,14 @@ impl Role for ServerRole {
                 }
             }
             Event::Closed(SessionEnd::Failed(e)) => {
-                warn!(id = %self.id, reason = %e, "refused frame; closing session");
+                warn!(reason = %e, "refused frame; closing session");
                 self.abandon();
             }
             Event::Closed(SessionEnd::Closed {
                 code: CloseCode::IDLE_TIMEOUT,
                 ..
             }) => {
-                warn!(id = %self.id, idle = ?self.limits.idle_timeout(), "closed idle session (1.5x limits.keepalive without a frame)");
+                warn!(idle = ?self.limits.idle_timeout(), "closed idle session (1.5x limits.keepalive without a frame)");
                 self.abandon();
             }
             Event::Closed(_) => self.abandon(),
@@ -394,7 +396,7 @@ impl Role for ServerRole {
         }
         let full = self.queued.len() >= self.limits.max_in_flight;
         if full && !self.paused_logged.replace(true) {
-            info!(id = %self.id, limit = self.limits.max_in_flight, "in-flight request limit reached (limits.max_in_flight): reading paused until the backend answers");
+            info!(limit = self.limits.max_in_flight, "in-flight request limit reached (limits.max_in_flight): reading paused until the backend answers");
         }
         !self.stopping && !full
     }

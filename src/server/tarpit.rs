@@ -146,11 +146,6 @@ impl Tarpit {
         self.lock().parked.len()
     }
 
-    /// Whether none is parked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Parks `stream` until its delay has passed, to end it with `farewell` then. When
     /// the tarpit is full, the socket due first is ended now; with no capacity or no
     /// delay, or after shutdown, `stream` itself is.
@@ -310,7 +305,7 @@ mod tests {
         assert!(next >= t + Duration::from_secs(2) && next < t + Duration::from_secs(3));
         assert!(still_open(&pa) && still_open(&pb));
         assert_eq!(pit.release_due(t + Duration::from_secs(3)).0, 2);
-        assert!(pit.is_empty());
+        assert_eq!(pit.len(), 0);
         assert_eq!(
             outcome(pa),
             (vec![], std::io::ErrorKind::ConnectionReset),
@@ -363,7 +358,7 @@ mod tests {
         assert_eq!(outcome(pc).1, std::io::ErrorKind::ConnectionReset);
         let (d, pd) = pair();
         pit.park(d, Farewell::Reset, t);
-        assert!(pit.is_empty(), "after shutdown, nothing is parked");
+        assert_eq!(pit.len(), 0, "after shutdown, nothing is parked");
         assert_eq!(outcome(pd).1, std::io::ErrorKind::ConnectionReset);
     }
 
@@ -396,7 +391,7 @@ mod tests {
             let pit = Tarpit::new(capacity, delay);
             let (a, pa) = pair();
             pit.park(a, Farewell::Reset, Instant::now());
-            assert!(pit.is_empty());
+            assert_eq!(pit.len(), 0);
             assert_eq!(outcome(pa).1, std::io::ErrorKind::ConnectionReset);
         }
     }

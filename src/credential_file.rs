@@ -1,0 +1,85 @@
+//! The credential file (spec 9.2): a small TOML file. Outside the protocol core, which
+//! needs no TOML parser (a device that stores its credential its own way never reads one).
+
+use zeroize::Zeroizing;
+
+use crate::proto::credential::{parse_hex32, Credential, CredentialError};
+use crate::proto::{Id, SecretKey};
+
+impl Credential {
+    /// The credential file's text. It is a secret: the result is zeroized on drop.
+    pub fn to_file(&self) -> Zeroizing<String> {
+        let server = toml::Value::String(self.server.clone());
+        Zeroizing::new(format!(
+            "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n\
+             tally-credential = 1\nid = \"{}\"\nkey = \"{}\"\nserver = {}\n",
+            self.id,
+            hex::encode(self.key.expose()),
+            server
+        ))
+    }
+
+    /// Parses a credential file.
+    pub fn from_file(text: &str) -> Result<Self, CredentialError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| CredentialError::File(e.message().to_owned()))?;
+        let field = |name: &str| {
+            table
+                .get(name)
+                .ok_or_else(|| CredentialError::File(format!("missing field `{name}`")))
+        };
+        let string = |name: &'static str| {
+            field(name)?
+                .as_str()
+                .ok_or_else(|| CredentialError::File(format!("field `{name}` must be a string")))
+        };
+        match field("tally-credential")?.as_integer() {
+            Some(1) => {}
+            Some(v) => return Err(CredentialError::Version(v)),
+            None => {
+                return Err(CredentialError::File(
+                    "field `tally-credential` must be an integer".into(),
+                ))
+            }
+        }
+        let key = Zeroizing::new(parse_hex32(string("key")?, "the key")?);
+        Ok(Credential {
+            id: Id::new(string("id")?)?,
+            key: SecretKey::from_bytes(*key),
+            server: string("server")?.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_round_trip_and_errors() {
+        let c = Credential {
+            id: Id::new("dev-1").unwrap(),
+            key: SecretKey::from_bytes([7; 32]),
+            server: "127.0.0.1:7420".into(),
+        };
+        let text = c.to_file();
+        let back = Credential::from_file(&text).unwrap();
+        assert_eq!(back.id, c.id);
+        assert!(back.key.ct_eq(&c.key));
+        assert_eq!(back.server, c.server);
+        assert!(!format!("{back:?}").contains("0707"));
+        assert_eq!(
+            Credential::from_file(&text.replace("= 1", "= 2")).err(),
+            Some(CredentialError::Version(2))
+        );
+        assert!(matches!(
+            Credential::from_file("id = \"x\""),
+            Err(CredentialError::File(_))
+        ));
+        assert!(matches!(
+            Credential::from_file(&text.replace("dev-1", "dev 1")),
+            Err(CredentialError::Id(_))
+        ));
+    }
+}
