@@ -42,9 +42,14 @@ impl ServerLimits {
     }
 
     fn frame_len(&self) -> u32 {
-        self.max_frame_len
-            .clamp(super::MIN_SESSION_FRAME_LEN, super::MAX_FRAME_LEN_CEILING)
+        announceable(self.max_frame_len)
     }
+}
+
+/// A session frame limit brought into the range HELLO and SERVER_AUTH may announce
+/// (spec 4.3): a peer refuses anything outside it as `malformed`.
+fn announceable(max_frame_len: u32) -> u32 {
+    max_frame_len.clamp(super::MIN_SESSION_FRAME_LEN, super::MAX_FRAME_LEN_CEILING)
 }
 
 /// Client: HELLO was sent; waiting for SERVER_AUTH.
@@ -70,8 +75,7 @@ impl ClientAwaitAuth {
         Hello {
             id: id.clone(),
             nonce: nc,
-            max_frame_len: max_frame_len
-                .clamp(super::MIN_SESSION_FRAME_LEN, super::MAX_FRAME_LEN_CEILING),
+            max_frame_len: announceable(max_frame_len),
         }
         .encode(out);
         let mut transcript = Transcript::default();
