@@ -38,6 +38,8 @@ use crate::secrets::random_bytes;
 use crate::wire::read_frame;
 
 pub mod flood;
+#[cfg(feature = "bench-tls")]
+pub mod tls;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -66,6 +68,8 @@ pub struct Load {
     pub depth: usize,
     /// How long each measurement runs (idle: how long sessions are held).
     pub duration: Duration,
+    /// Idle mode: loopback source addresses (127.0.0.2 ...); 1 = the default address.
+    pub sources: u8,
     /// Print a progress line to stderr.
     pub progress: bool,
 }
@@ -73,8 +77,8 @@ pub struct Load {
 /// One measurement against one server.
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
-    /// `tally` or `baseline`.
-    pub target: &'static str,
+    /// The target's name (`tally`, `plain`, `tls-psk`, a peer's).
+    pub target: String,
     /// Completed requests (throughput) or handshakes (reconnect).
     pub count: u64,
     /// Per second.
@@ -85,38 +89,74 @@ pub struct Measurement {
     pub p99_us: u64,
     /// 99.9th percentile.
     pub p999_us: u64,
+    /// The server's CPU time (user + system, every process of the target) per request
+    /// or reconnect, in microseconds; `None` when no process is known.
+    pub server_cpu_us: Option<f64>,
     /// Idle mode: resident memory the daemon gained per session, in bytes.
     pub rss_per_session: Option<u64>,
 }
 
-/// Which server a connection talks to, and how.
+/// How the load tool talks to a target.
 #[derive(Clone)]
-pub enum Target {
+pub enum Kind {
     /// tallyd, with one credential per connection.
     Tally(Arc<Vec<Credential>>),
-    /// The baseline echo server.
-    Baseline(String),
+    /// An echo of `u32 length | u64 id | payload` frames over plain TCP (`bench_plain`,
+    /// `bench_echo`, or a tunnel in front of one, such as spiped's client end).
+    Plain(String),
+    /// The same echo inside TLS 1.3 with a PSK ([`tls`]: `bench_tls_psk`, stunnel).
+    #[cfg(feature = "bench-tls")]
+    TlsPsk(String, openssl::ssl::SslContext),
+}
+
+/// A server to measure, and the processes whose CPU time it costs.
+#[derive(Clone)]
+pub struct Target {
+    /// Its name in the table.
+    pub name: String,
+    /// How to talk to it.
+    pub kind: Kind,
+    /// The server-side processes (a tunnel's: both its server end and the echo behind
+    /// it); their CPU time is summed.
+    pub pids: Vec<u32>,
 }
 
 impl Target {
-    fn name(&self) -> &'static str {
-        match self {
-            Target::Tally(_) => "tally",
-            Target::Baseline(_) => "baseline",
+    /// The address the load tool connects to.
+    fn addr(&self, i: usize) -> &str {
+        match &self.kind {
+            Kind::Tally(creds) => &creds[i % creds.len()].server,
+            Kind::Plain(addr) => addr,
+            #[cfg(feature = "bench-tls")]
+            Kind::TlsPsk(addr, _) => addr,
         }
+    }
+
+    /// The CPU seconds its processes used so far.
+    fn cpu(&self) -> Option<f64> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids.iter().map(|&p| flood::cpu_seconds(p).ok()).sum()
     }
 }
 
+/// The byte stream under a connection: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// What is spoken over it.
+enum Framing {
+    /// `u32 length | u64 id | payload`, echoed.
+    Plain { next: u64 },
+    /// A Tally session.
+    Tally { session: Box<Session> },
+}
+
 /// A connection that sends requests and matches responses to them.
-enum Conn {
-    Plain {
-        tcp: TcpStream,
-        next: u64,
-    },
-    Tally {
-        tcp: TcpStream,
-        session: Box<Session>,
-    },
+struct Conn {
+    io: Box<dyn Io>,
+    framing: Framing,
 }
 
 impl Conn {
@@ -125,29 +165,35 @@ impl Conn {
     }
 
     /// [`Self::open`] from a chosen local address (a loopback alias, to look like many
-    /// devices to the server's per-source limits).
+    /// devices to the server's per-source limits, or to have more than one address's
+    /// worth of ports).
     async fn open_from(target: &Target, i: usize, source: Option<IpAddr>) -> anyhow::Result<Conn> {
-        match target {
-            Target::Baseline(addr) => {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                Ok(Conn::Plain { tcp, next: 1 })
+        let addr = target.addr(i);
+        let mut tcp = match source {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let server = tokio::net::lookup_host(addr)
+                    .await?
+                    .next()
+                    .context("server address")?;
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                socket.connect(server).await?
             }
-            Target::Tally(creds) => {
+        };
+        tcp.set_nodelay(true)?;
+        match &target.kind {
+            Kind::Plain(_) => Ok(Conn {
+                io: Box::new(tcp),
+                framing: Framing::Plain { next: 1 },
+            }),
+            #[cfg(feature = "bench-tls")]
+            Kind::TlsPsk(_, ctx) => Ok(Conn {
+                io: Box::new(tls::connect(ctx, tcp).await?),
+                framing: Framing::Plain { next: 1 },
+            }),
+            Kind::Tally(creds) => {
                 let cred = &creds[i % creds.len()];
-                let mut tcp = match source {
-                    None => TcpStream::connect(&cred.server).await?,
-                    Some(ip) => {
-                        let server = tokio::net::lookup_host(&cred.server)
-                            .await?
-                            .next()
-                            .context("server address")?;
-                        let socket = tokio::net::TcpSocket::new_v4()?;
-                        socket.bind(std::net::SocketAddr::new(ip, 0))?;
-                        socket.connect(server).await?
-                    }
-                };
-                tcp.set_nodelay(true)?;
                 let mut out = BytesMut::new();
                 let wait = ClientAwaitAuth::start(
                     &cred.id,
@@ -162,9 +208,11 @@ impl Conn {
                 out.clear();
                 let (session, _) = wait.handle_server_auth(&auth, &mut out)?;
                 tcp.write_all(&out).await?;
-                Ok(Conn::Tally {
-                    tcp,
-                    session: Box::new(session),
+                Ok(Conn {
+                    io: Box::new(tcp),
+                    framing: Framing::Tally {
+                        session: Box::new(session),
+                    },
                 })
             }
         }
@@ -172,8 +220,8 @@ impl Conn {
 
     /// Appends one request to `out`; returns the key its response will carry.
     fn request(&mut self, payload: &Bytes, out: &mut BytesMut) -> anyhow::Result<u64> {
-        match self {
-            Conn::Plain { next, .. } => {
+        match &mut self.framing {
+            Framing::Plain { next } => {
                 let id = *next;
                 *next += 1;
                 out.put_u32(8 + payload.len() as u32);
@@ -181,7 +229,7 @@ impl Conn {
                 out.put_slice(payload);
                 Ok(id)
             }
-            Conn::Tally { session, .. } => Ok(session.seal(
+            Framing::Tally { session } => Ok(session.seal(
                 &Body::Request {
                     payload: payload.clone(),
                 },
@@ -190,11 +238,13 @@ impl Conn {
         }
     }
 
-    /// The key of a response frame (a baseline frame's id, a RESPONSE's `req_seq`).
+    /// The key of a response frame (a plain frame's id, a RESPONSE's `req_seq`).
     fn response(&mut self, frame: Bytes) -> anyhow::Result<Option<u64>> {
-        match self {
-            Conn::Plain { .. } => Ok(Some(u64::from_be_bytes(frame[4..12].try_into()?))),
-            Conn::Tally { session, .. } => match session.open(frame)?.body {
+        match &mut self.framing {
+            Framing::Plain { .. } => Ok(Some(u64::from_be_bytes(
+                frame.get(4..12).context("short echo frame")?.try_into()?,
+            ))),
+            Framing::Tally { session } => match session.open(frame)?.body {
                 Body::Response { req_seq, .. } => Ok(Some(req_seq)),
                 Body::Close { code, reason } => bail!("server closed the session: {code} {reason}"),
                 _ => Ok(None),
@@ -202,14 +252,8 @@ impl Conn {
         }
     }
 
-    fn tcp(&mut self) -> &mut TcpStream {
-        match self {
-            Conn::Plain { tcp, .. } | Conn::Tally { tcp, .. } => tcp,
-        }
-    }
-
     async fn close(mut self) {
-        if let Conn::Tally { tcp, session } = &mut self {
+        if let Framing::Tally { session } = &mut self.framing {
             let mut out = BytesMut::new();
             let _ = session.seal(
                 &Body::Close {
@@ -218,9 +262,9 @@ impl Conn {
                 },
                 &mut out,
             );
-            let _ = tcp.write_all(&out).await;
+            let _ = self.io.write_all(&out).await;
         }
-        let _ = self.tcp().shutdown().await;
+        let _ = self.io.shutdown().await;
     }
 }
 
@@ -245,10 +289,10 @@ async fn pipeline(
     }
     while Instant::now() < until {
         if !out.is_empty() {
-            conn.tcp().write_all(&out).await?;
+            conn.io.write_all(&out).await?;
             out.clear();
         }
-        if conn.tcp().read_buf(&mut buf).await? == 0 {
+        if conn.io.read_buf(&mut buf).await? == 0 {
             bail!("server closed the connection");
         }
         while let Some(frame) = decode_frame(&mut buf, MAX_FRAME_LEN_CEILING)? {
@@ -275,10 +319,10 @@ pub(crate) async fn reconnect_once(
     let mut conn = Conn::open_from(target, i, source).await?;
     let mut out = BytesMut::new();
     let key = conn.request(payload, &mut out)?;
-    conn.tcp().write_all(&out).await?;
+    conn.io.write_all(&out).await?;
     let mut buf = BytesMut::new();
     loop {
-        let frame = read_frame(conn.tcp(), &mut buf, MAX_FRAME_LEN_CEILING).await?;
+        let frame = read_frame(&mut conn.io, &mut buf, MAX_FRAME_LEN_CEILING).await?;
         if conn.response(frame)? == Some(key) {
             break;
         }
@@ -322,15 +366,11 @@ fn progress(label: String, done: Arc<AtomicU64>, on: bool) -> Option<tokio::task
 }
 
 /// Runs one measurement of `load` against `target`.
-pub async fn measure(
-    target: &Target,
-    load: &Load,
-    daemon_pid: Option<u32>,
-) -> anyhow::Result<Measurement> {
+pub async fn measure(target: &Target, load: &Load) -> anyhow::Result<Measurement> {
     let payload = Bytes::from(vec![0x5a; load.payload]);
     let done = Arc::new(AtomicU64::new(0));
     let ticker = progress(
-        format!("{:?} {}", load.mode, target.name()),
+        format!("{:?} {}", load.mode, target.name),
         done.clone(),
         load.progress,
     );
@@ -351,6 +391,7 @@ pub async fn measure(
                     conns.push(h.await??);
                 }
             }
+            let cpu0 = target.cpu();
             let t0 = Instant::now();
             let until = t0 + load.duration;
             let tasks: Vec<_> = if load.mode == Mode::Throughput {
@@ -384,8 +425,13 @@ pub async fn measure(
                 hist.add(t.await??)?;
             }
             let secs = t0.elapsed().as_secs_f64();
+            let server_cpu_us = match (cpu0, target.cpu()) {
+                (Some(a), Some(b)) if !hist.is_empty() => Some((b - a) * 1e6 / hist.len() as f64),
+                _ => None,
+            };
             Measurement {
-                target: target.name(),
+                target: target.name.clone(),
+                server_cpu_us,
                 count: hist.len(),
                 per_sec: hist.len() as f64 / secs,
                 p50_us: hist.value_at_quantile(0.5),
@@ -394,7 +440,7 @@ pub async fn measure(
                 rss_per_session: None,
             }
         }
-        Mode::Idle => idle(target, load, daemon_pid, done.clone()).await?,
+        Mode::Idle => idle(target, load, done.clone()).await?,
         Mode::Flood => bail!("flood mode runs through flood::run"),
     };
     if let Some(t) = ticker {
@@ -417,21 +463,30 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-async fn idle(
-    target: &Target,
-    load: &Load,
-    pid: Option<u32>,
-    done: Arc<AtomicU64>,
-) -> anyhow::Result<Measurement> {
-    let pid = pid.context("idle mode needs --daemon-pid, the pid of the server process")?;
+async fn idle(target: &Target, load: &Load, done: Arc<AtomicU64>) -> anyhow::Result<Measurement> {
+    let pid = *target.pids.first().context(
+        "idle mode needs the daemon's pid (--daemon-pid, or a daemon listening on --server here)",
+    )?;
+    crate::daemon::raise_fd_limit();
     let before = rss(pid)?;
     let gate = Arc::new(Semaphore::new(128));
+    let sources = load.sources;
     let opens: Vec<_> = (0..load.connections)
         .map(|i| {
             let (target, gate, done) = (target.clone(), gate.clone(), done.clone());
+            // More than one source address: 127.0.0.2, 127.0.0.3, ... in turn (each
+            // address has about 28,000 ephemeral ports towards one server port).
+            let source = (sources > 1).then(|| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    127,
+                    0,
+                    0,
+                    2 + (i % sources as usize) as u8,
+                ))
+            });
             tokio::spawn(async move {
                 let _p = gate.acquire().await;
-                let c = Conn::open(&target, i).await;
+                let c = Conn::open_from(&target, i, source).await;
                 done.fetch_add(1, Ordering::Relaxed);
                 c
             })
@@ -448,14 +503,62 @@ async fn idle(
         c.close().await;
     }
     Ok(Measurement {
-        target: target.name(),
+        target: target.name.clone(),
         count: load.connections as u64,
         per_sec: 0.0,
         p50_us: 0,
         p99_us: 0,
         p999_us: 0,
+        server_cpu_us: None,
         rss_per_session: Some(after.saturating_sub(before) / load.connections.max(1) as u64),
     })
+}
+
+/// The pid of the process listening on `addr`'s TCP port on this machine (Linux
+/// `/proc`: the listening socket's inode, then the process holding it), if any.
+pub fn listener_pid(addr: &str) -> Option<u32> {
+    let port: u16 = addr.rsplit_once(':')?.1.parse().ok()?;
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 the inode.
+            let listening = f.get(3) == Some(&"0A");
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if listening && local_port == Some(port) {
+                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Loads `bench-0 .. bench-(n-1)` from `dir`, enrolling (with `token`) those missing.

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{histogram, reconnect_once, Target};
+use super::{histogram, reconnect_once, Kind, Target};
 use crate::proto::credential::EnrollmentToken;
 use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::handshake::ClientAwaitAuth;
@@ -342,7 +342,7 @@ impl Drop for Background {
 
 /// Runs the three phases of a flood against `target` with `workers` devices.
 pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Result<FloodReport> {
-    let Target::Tally(creds) = target else {
+    let Kind::Tally(creds) = &target.kind else {
         anyhow::bail!("flood mode measures tallyd only");
     };
     let server: SocketAddr = tokio::net::lookup_host(&creds[0].server)

@@ -94,10 +94,25 @@ struct BenchArgs {
     /// Where the bench identities' credentials are kept between runs.
     #[arg(long, default_value = "tally-bench-creds")]
     cred_dir: PathBuf,
-    /// Address of the baseline echo server (`cargo run --release --example bench_echo`),
-    /// measured in the same run; the summary gives Tally as a fraction of it.
+    /// Address of the plain TCP echo server (`cargo run --release --features cli --example
+    /// bench_plain`), measured in the same run: the summary gives every target's rate as
+    /// a fraction of its rate, and its CPU per request as a multiple of its CPU.
     #[arg(long)]
-    baseline: Option<String>,
+    plain: Option<String>,
+    /// Address of the structural twin (`--example bench_echo`: tallyd's old structure,
+    /// a task per request, without the protocol), measured in the same run.
+    #[arg(long)]
+    twin: Option<String>,
+    /// Address of the in-process TLS 1.3 PSK echo server (`--features bench-tls
+    /// --example bench_tls_psk`), measured in the same run.
+    #[cfg(feature = "bench-tls")]
+    #[arg(long)]
+    tls_psk: Option<String>,
+    /// Another target: `NAME=plain:ADDR` (an echo, or a tunnel to one such as spiped's
+    /// client end) or `NAME=tls-psk:ADDR` (stunnel), then `@PID,PID...` for the server
+    /// processes whose CPU counts (else the one listening on ADDR's port). Repeatable.
+    #[arg(long, value_name = "NAME=KIND:ADDR[@PIDS]")]
+    peer: Vec<String>,
     /// Connections (throughput, idle) or workers (reconnect).
     #[arg(long, short = 'c', default_value_t = 64)]
     connections: usize,
@@ -113,8 +128,9 @@ struct BenchArgs {
     /// Measurements per target, alternating; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Idle mode: pid of the tallyd process whose memory is measured; flood mode: whose
-    /// CPU time is measured.
+    /// The tallyd process: its CPU time per request (throughput, reconnect, flood) and
+    /// its memory per session (idle). By default the process listening on --server's
+    /// port, if it is on this machine.
     #[arg(long)]
     daemon_pid: Option<u32>,
     /// Flood mode: what the attackers do.
@@ -124,9 +140,11 @@ struct BenchArgs {
     /// limit, raised to its hard limit).
     #[arg(long, default_value_t = 1000)]
     attackers: usize,
-    /// Flood mode: loopback addresses the attackers come from (127.0.1.1 ...).
-    #[arg(long, default_value_t = 200)]
-    sources: u8,
+    /// Flood mode: loopback addresses the attackers come from (127.0.1.1 ..., default
+    /// 200); idle mode: the addresses the sessions come from (127.0.0.2 ..., default 1:
+    /// the default address; more when one address's ports are not enough).
+    #[arg(long)]
+    sources: Option<u8>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -203,7 +221,7 @@ fn printable(b: &[u8]) -> String {
 }
 
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    use tally::bench::{self, Load, Measurement, Mode, Target};
+    use tally::bench::{self, Kind, Load, Measurement, Mode, Target};
     let token = a.token.as_deref().map(EnrollmentToken::parse).transpose()?;
     let creds = bench::credentials(&a.cred_dir, a.connections, &a.server, token.as_ref()).await?;
     let load = Load {
@@ -212,17 +230,23 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         payload: a.payload,
         depth: a.depth,
         duration: Duration::try_from_secs_f64(a.duration)?,
+        sources: a.sources.unwrap_or(1),
         progress: !a.json,
     };
-    let tally_target = Target::Tally(std::sync::Arc::new(creds));
+    let daemon_pid = a.daemon_pid.or_else(|| bench::listener_pid(&a.server));
+    let tally_target = Target {
+        name: "tally".into(),
+        kind: Kind::Tally(std::sync::Arc::new(creds)),
+        pids: daemon_pid.into_iter().collect(),
+    };
     if a.mode == Mode::Flood {
         let flood = bench::flood::Flood {
             attack: a.attack,
             attackers: a.attackers,
-            sources: a.sources,
+            sources: a.sources.unwrap_or(200),
             duration: load.duration,
             token,
-            daemon_pid: a.daemon_pid,
+            daemon_pid,
         };
         let r = bench::flood::run(&tally_target, a.connections, &flood).await?;
         if a.json {
@@ -233,7 +257,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "flood {:?}: {} attacker connections from {} addresses, {:.0} opened/s, daemon CPU {} per attacker connection",
             r.attack,
             r.attackers,
-            a.sources,
+            a.sources.unwrap_or(200),
             r.attack_conns_per_sec,
             r.server_cpu_us_per_attack_conn
                 .map_or("(give --daemon-pid)".into(), |c| format!("{c:.1} us"))
@@ -254,78 +278,148 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let baseline = a
-        .baseline
-        .map(Target::Baseline)
-        .filter(|_| a.mode != Mode::Idle);
-    let (mut ours, mut theirs): (Vec<Measurement>, Vec<Measurement>) = (Vec::new(), Vec::new());
-    for _ in 0..a.rounds.max(1) {
-        if let Some(b) = &baseline {
-            theirs.push(bench::measure(b, &load, None).await?);
+    let mut targets = vec![tally_target];
+    if a.mode != Mode::Idle {
+        let found = |name: &str, addr: String, kind: Kind| Target {
+            name: name.into(),
+            pids: bench::listener_pid(&addr).into_iter().collect(),
+            kind,
+        };
+        if let Some(addr) = a.plain {
+            targets.insert(0, found("plain", addr.clone(), Kind::Plain(addr)));
         }
-        ours.push(bench::measure(&tally_target, &load, a.daemon_pid).await?);
+        if let Some(addr) = a.twin {
+            targets.push(found("twin", addr.clone(), Kind::Plain(addr)));
+        }
+        #[cfg(feature = "bench-tls")]
+        if let Some(addr) = a.tls_psk {
+            let ctx = bench::tls::client_context()?;
+            targets.push(found("tls-psk", addr.clone(), Kind::TlsPsk(addr, ctx)));
+        }
+        for p in &a.peer {
+            targets.push(peer(p)?);
+        }
     }
-    let med =
-        |ms: &[Measurement], f: fn(&Measurement) -> f64| bench::median(ms.iter().map(f).collect());
-    let row = |ms: &[Measurement]| {
-        serde_json::json!({
-            "per_sec": med(ms, |m| m.per_sec),
-            "p50_us": med(ms, |m| m.p50_us as f64),
-            "p99_us": med(ms, |m| m.p99_us as f64),
-            "p999_us": med(ms, |m| m.p999_us as f64),
-            "rss_per_session": ms.iter().any(|m| m.rss_per_session.is_some()).then(|| med(ms, |m| m.rss_per_session.unwrap_or(0) as f64)),
-            "rounds": ms,
-        })
+    let mut runs: Vec<Vec<Measurement>> = vec![Vec::new(); targets.len()];
+    for _ in 0..a.rounds.max(1) {
+        for (t, ms) in targets.iter().zip(runs.iter_mut()) {
+            ms.push(bench::measure(t, &load).await?);
+        }
+    }
+    let med = |ms: &[Measurement], f: &dyn Fn(&Measurement) -> Option<f64>| -> Option<f64> {
+        let xs: Vec<f64> = ms.iter().filter_map(f).collect();
+        (!xs.is_empty()).then(|| bench::median(xs))
     };
-    let ratio =
-        (!theirs.is_empty()).then(|| med(&ours, |m| m.per_sec) / med(&theirs, |m| m.per_sec));
+    let plain = targets.iter().position(|t| t.name == "plain");
+    let plain_rate = plain.and_then(|i| med(&runs[i], &|m| Some(m.per_sec)));
+    let plain_cpu = plain.and_then(|i| med(&runs[i], &|m| m.server_cpu_us));
+    let rows: Vec<serde_json::Value> = targets
+        .iter()
+        .zip(&runs)
+        .map(|(t, ms)| {
+            let rate = med(ms, &|m| Some(m.per_sec));
+            let cpu = med(ms, &|m| m.server_cpu_us);
+            serde_json::json!({
+                "target": t.name,
+                "pids": t.pids,
+                "per_sec": rate,
+                "p50_us": med(ms, &|m| Some(m.p50_us as f64)),
+                "p99_us": med(ms, &|m| Some(m.p99_us as f64)),
+                "p999_us": med(ms, &|m| Some(m.p999_us as f64)),
+                "server_cpu_us": cpu,
+                "rate_over_plain": rate.zip(plain_rate).map(|(a, b)| a / b),
+                "cpu_over_plain": cpu.zip(plain_cpu).map(|(a, b)| a / b),
+                "rss_per_session": med(ms, &|m| m.rss_per_session.map(|r| r as f64)),
+                "rounds": ms,
+            })
+        })
+        .collect();
     let summary = serde_json::json!({
         "mode": a.mode, "connections": a.connections, "payload": a.payload, "depth": a.depth,
-        "duration_s": a.duration, "tally": row(&ours), "baseline": (!theirs.is_empty()).then(|| row(&theirs)),
-        "tally_over_baseline": ratio,
+        "duration_s": a.duration, "rounds": a.rounds, "targets": rows,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     let unit = if a.mode == Mode::Reconnect {
-        "handshakes/s"
+        "reconnects/s"
     } else {
         "requests/s"
     };
     println!(
-        "mode {:?}, {} connections, {} B payload, depth {}, {} s x {} rounds (medians)",
+        "mode {:?}, {} connections, {} B payload, depth {}, {} s x {} rounds, interleaved (medians)",
         a.mode, a.connections, a.payload, a.depth, a.duration, a.rounds
     );
     if a.mode == Mode::Idle {
-        let per = summary["tally"]["rss_per_session"].as_f64().unwrap_or(0.0);
+        let per = rows[0]["rss_per_session"].as_f64().unwrap_or(0.0);
         println!(
-            "daemon resident memory per idle session: {:.0} bytes ({:.1} KiB)",
+            "daemon resident memory per idle session: {:.0} bytes ({:.2} KiB) at {} sessions",
             per,
-            per / 1024.0
+            per / 1024.0,
+            a.connections
         );
         return Ok(());
     }
     println!(
-        "{:<10} {:>14} {:>10} {:>10} {:>10}",
-        "target", unit, "p50 us", "p99 us", "p99.9 us"
+        "{:<10} {:>13} {:>8} {:>8} {:>9} {:>12} {:>8} {:>8}",
+        "target", unit, "p50 us", "p99 us", "p99.9 us", "CPU us/op", "x rate", "x CPU"
     );
-    for (name, ms) in [("tally", &ours), ("baseline", &theirs)] {
-        if !ms.is_empty() {
-            println!(
-                "{:<10} {:>14.0} {:>10.0} {:>10.0} {:>10.0}",
-                name,
-                med(ms, |m| m.per_sec),
-                med(ms, |m| m.p50_us as f64),
-                med(ms, |m| m.p99_us as f64),
-                med(ms, |m| m.p999_us as f64)
-            );
-        }
+    let num = |v: &serde_json::Value, f: &dyn Fn(f64) -> String| v.as_f64().map_or("-".into(), f);
+    for r in &rows {
+        println!(
+            "{:<10} {:>13} {:>8} {:>8} {:>9} {:>12} {:>8} {:>8}",
+            r["target"].as_str().unwrap_or(""),
+            num(&r["per_sec"], &|x| format!("{x:.0}")),
+            num(&r["p50_us"], &|x| format!("{x:.0}")),
+            num(&r["p99_us"], &|x| format!("{x:.0}")),
+            num(&r["p999_us"], &|x| format!("{x:.0}")),
+            num(&r["server_cpu_us"], &|x| format!("{x:.2}")),
+            num(&r["rate_over_plain"], &|x| format!("{x:.3}")),
+            num(&r["cpu_over_plain"], &|x| format!("{x:.3}")),
+        );
     }
-    if let Some(r) = ratio {
-        println!("tally / baseline: {:.1}%", r * 100.0);
+    if plain.is_none() {
+        println!("(give --plain ADDR for the ratios against a plain TCP echo)");
     }
     Ok(())
+}
+
+/// `NAME=KIND:ADDR[@PID,PID...]`.
+fn peer(spec: &str) -> anyhow::Result<tally::bench::Target> {
+    use tally::bench::{Kind, Target};
+    let bad = || {
+        anyhow::anyhow!("--peer {spec:?}: expected NAME=plain:ADDR or NAME=tls-psk:ADDR, then optionally @PID,PID...")
+    };
+    let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
+    let (kind, rest) = rest.split_once(':').ok_or_else(bad)?;
+    let (addr, pids) = match rest.split_once('@') {
+        Some((addr, pids)) => (
+            addr.to_string(),
+            pids.split(',')
+                .map(|p| p.trim().parse::<u32>().map_err(|_| bad()))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => (
+            rest.to_string(),
+            tally::bench::listener_pid(rest).into_iter().collect(),
+        ),
+    };
+    let kind = match kind {
+        "plain" => Kind::Plain(addr),
+        #[cfg(feature = "bench-tls")]
+        "tls-psk" => Kind::TlsPsk(addr, tally::bench::tls::client_context()?),
+        #[cfg(not(feature = "bench-tls"))]
+        "tls-psk" => {
+            anyhow::bail!("--peer {spec:?}: TLS-PSK needs a build with --features bench-tls")
+        }
+        _ => return Err(bad()),
+    };
+    Ok(Target {
+        name: name.to_string(),
+        kind,
+        pids,
+    })
 }
 
 /// Runs `cmd` with `payload` on stdin; its stdout (exit 0) or stderr (otherwise) answers.
