@@ -810,7 +810,7 @@ async fn drive(
         session,
         config,
         tcp.into_split(),
-        &leftover,
+        leftover,
         &mut role,
         write_stall,
     )

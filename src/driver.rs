@@ -69,7 +69,7 @@ pub(crate) async fn run<R: Role>(
     session: Session,
     config: Config,
     (mut rd, mut wr): (OwnedReadHalf, OwnedWriteHalf),
-    leftover: &[u8],
+    leftover: BytesMut,
     role: &mut R,
     write_stall: Duration,
 ) -> Outcome {
@@ -77,7 +77,10 @@ pub(crate) async fn run<R: Role>(
     // The clock is read once per wake-up (after the select), not per use.
     let mut t = origin;
     let mut conn = Connection::new(session, config, Duration::ZERO);
-    conn.handle_input(leftover, Duration::ZERO);
+    if !leftover.is_empty() {
+        conn.handle_input(&leftover, Duration::ZERO);
+    }
+    drop(leftover);
     // Swapped with the session's send buffer: two allocations for the whole session.
     let mut out = BytesMut::new();
     let mut read_open = true;
@@ -113,6 +116,26 @@ pub(crate) async fn run<R: Role>(
                 return Outcome::Ended(end);
             }
         }
+        // Write at once what the socket takes (no wake-up and no select round for the
+        // common case: the answer fits in the socket's buffer).
+        // Once all is written, back to the top: more may be due, or the session over.
+        if !out.is_empty() {
+            match wr.try_write(&out) {
+                Ok(n) => {
+                    out.advance(n);
+                    if out.is_empty() {
+                        continue;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if crate::wire::is_cut(&e) => {
+                    out.clear();
+                    conn.handle_eof(t - origin);
+                    continue;
+                }
+                Err(e) => return io_end(e, ended),
+            }
+        }
         let writing = !out.is_empty();
         let held = !role.may_read(&conn);
         let reading = read_open
@@ -133,7 +156,6 @@ pub(crate) async fn run<R: Role>(
         let woke = tokio::select! {
             r = wr.write(&out), if writing => match r {
                 Ok(n) => {
-                    t = Instant::now();
                     out.advance(n);
                     continue;
                 }
@@ -143,9 +165,9 @@ pub(crate) async fn run<R: Role>(
                 }
                 Err(e) => return io_end(e, ended),
             },
-            // Straight into the session's buffer: an idle session holds no read buffer
-            // beyond it (256 bytes to start).
-            r = rd.read_buf(conn.input_buffer()), if reading => match r {
+            // Straight into the session's buffer, given room only once the socket is
+            // readable: an idle session holds no read buffer.
+            r = read_some(&mut rd, conn.input_buffer()), if reading => match r {
                 Ok(0) => {
                     read_open = false;
                     Woke::Eof
@@ -178,7 +200,13 @@ pub(crate) async fn run<R: Role>(
                 if held {
                     conn.hold_idle(now);
                 }
-                conn.handle_timeout(now)
+                conn.handle_timeout(now);
+                // Quiet for a keepalive interval or more: give the buffers back (a
+                // session that goes idle costs what a new one does).
+                if out.is_empty() {
+                    out = BytesMut::new();
+                    conn.release_buffers();
+                }
             }
             Woke::Stall => {
                 if !out.is_empty() && t - backlog_since >= write_stall {
@@ -192,6 +220,26 @@ pub(crate) async fn run<R: Role>(
         }
         role.after(&conn);
     }
+}
+
+/// Room made in the read buffer when it has less than half of this spare: several
+/// frames of a busy session per read (one `recv` per burst), and no more than a read
+/// into a fresh buffer needs.
+const READ_CHUNK: usize = 4096;
+
+/// Reads what arrived into `buf`, making room in it only once the socket is readable.
+/// Cancel-safe (nothing is read unless it completes).
+async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        std::task::ready!(rd.as_ref().poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = rd.read_buf(buf);
+        tokio::pin!(read);
+        read.poll(cx)
+    })
+    .await
 }
 
 /// The socket failed: the session's own end if it had one already (the failure was
@@ -219,7 +267,8 @@ async fn finish(rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf, read_open: bool
     if !read_open {
         return;
     }
-    let mut sink = [0u8; 1024];
+    // On the heap: an array here would sit in every session's future for its whole life.
+    let mut sink = vec![0u8; 1024];
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
     })
@@ -273,7 +322,7 @@ mod tests {
                 server,
                 config,
                 mine.into_split(),
-                &[],
+                BytesMut::new(),
                 &mut Quiet,
                 Duration::from_secs(30),
             )

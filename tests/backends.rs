@@ -481,3 +481,62 @@ async fn shutdown_ends_the_backends_tasks_too() {
         .unwrap();
     assert_eq!(state.daemon_tasks(), 0, "every daemon task ended");
 }
+
+/// A backend whose answer panics: at once ("now"), or after it waited ("later").
+struct Panicking;
+
+impl backend::Backend for Panicking {
+    fn name(&self) -> &str {
+        "panicking"
+    }
+
+    fn request(&self, req: backend::Request) -> backend::BoxFuture<backend::Reply> {
+        Box::pin(async move {
+            match &req.payload[..] {
+                b"now" => panic!("backend bug, at once"),
+                b"later" => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    panic!("backend bug, after a wait")
+                }
+                b"slow" => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    backend::Reply::ok(req.payload)
+                }
+                _ => backend::Reply::ok(req.payload),
+            }
+        })
+    }
+}
+
+/// Backend futures run on the session's own task (issue 13: no task per request): one
+/// that panics, whether on its first poll or later, answers that request
+/// BACKEND_ERROR, and the session and the daemon go on; answers that are ready at once
+/// and answers that wait both arrive.
+#[tokio::test]
+async fn a_panicking_backend_fails_one_request_not_the_session() {
+    let srv = TestServer::start_with(
+        Arc::new(TempDir::new().unwrap()),
+        Arc::new(Panicking),
+        |_| {},
+    )
+    .await;
+    let (c, _) = srv.connect(&srv.enroll("p").await).await;
+    for (payload, want) in [
+        ("now", Status::BACKEND_ERROR),
+        ("fine", Status::OK),
+        ("later", Status::BACKEND_ERROR),
+        ("slow", Status::OK),
+        ("now", Status::BACKEND_ERROR),
+    ] {
+        let (status, body) =
+            tokio::time::timeout(Duration::from_secs(5), c.request_with_status(payload))
+                .await
+                .unwrap_or_else(|_| panic!("{payload}: request hung"))
+                .unwrap();
+        assert_eq!(status, want, "{payload}");
+        if want == Status::OK {
+            assert_eq!(&body[..], payload.as_bytes());
+        }
+    }
+    assert_eq!(srv.state.registry.len(), 1, "the session is still live");
+}

@@ -177,7 +177,7 @@ impl Connection {
             session,
             config,
             state: State::Open,
-            recv: BytesMut::with_capacity(256),
+            recv: BytesMut::new(),
             send: BytesMut::new(),
             events: VecDeque::new(),
             requests: BTreeSet::new(),
@@ -299,6 +299,17 @@ impl Connection {
     /// [`Connection::handle_read`] with the number of bytes it appended.
     pub fn input_buffer(&mut self) -> &mut BytesMut {
         &mut self.recv
+    }
+
+    /// Frees the receive and send buffers if they hold nothing (a driver calls this when
+    /// the session has been quiet: an idle session then costs no buffer memory).
+    pub fn release_buffers(&mut self) {
+        if self.recv.is_empty() {
+            self.recv = BytesMut::new();
+        }
+        if self.send.is_empty() {
+            self.send = BytesMut::new();
+        }
     }
 
     /// `n` bytes were appended to [`Connection::input_buffer`] at `now`: handles every

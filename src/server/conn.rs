@@ -165,7 +165,9 @@ impl Stream {
     /// the last frame sent is not destroyed by a reset. Bounded in time.
     pub async fn linger(&mut self, max: Duration) {
         let _ = self.wr.shutdown().await;
-        let mut sink = [0u8; 1024];
+        // On the heap: an array here would sit in every connection task's state for its
+        // whole life.
+        let mut sink = vec![0u8; 1024];
         let _ = tokio::time::timeout(max, async {
             while matches!(self.rd.read(&mut sink).await, Ok(n) if n > 0) {}
         })
@@ -203,12 +205,12 @@ pub(super) async fn serve(
         // Counted and logged when it was evicted; reset without a word (no FIN handshake
         // and no TIME_WAIT for a stranger's connection).
         _ = ticket.evicted() => return stream.park(&state, Farewell::Reset),
-        r = open(&state, &mut stream, &ticket) => r,
+        r = Box::pin(open(&state, &mut stream, &ticket)) => r,
     };
     drop(ticket);
     match outcome {
         Ok(Opened::Confirmed(commit)) => {
-            match commit_enrollment(&state, &mut stream, *commit).await {
+            match Box::pin(commit_enrollment(&state, &mut stream, *commit)).await {
                 Ok(()) => stream.linger(Duration::from_secs(1)).await,
                 // After a valid ENROLL_CONFIRM: the device itself, answered at once.
                 Err(refusal) => {
@@ -494,7 +496,10 @@ async fn start_session(
         };
     state.note_seen(&id);
     let started = Instant::now();
-    info!("session started");
+    // Per-session lines are debug: at the default level a line per session would cost
+    // the daemon more than the handshake does (a write to the journal each). Sessions
+    // that end abnormally are logged at info below.
+    debug!("session started");
     let task = SessionTask::new(
         state.clone(),
         id.clone(),
@@ -504,15 +509,20 @@ async fn start_session(
         close_rx,
         stats.clone(),
     );
-    let end = task.run(shutdown).await;
+    // On the heap at its own size: the connection's task then holds only a pointer to it
+    // (and the handshake's larger state is gone).
+    let end = Box::pin(task.run(shutdown)).await;
     drop(registration);
-    info!(
-        duration_ms = started.elapsed().as_millis() as u64,
-        frames_in = stats.frames_in.load(std::sync::atomic::Ordering::Relaxed),
-        frames_out = stats.frames_out.load(std::sync::atomic::Ordering::Relaxed),
-        end = %end,
-        "session ended"
+    let (duration_ms, frames_in, frames_out) = (
+        started.elapsed().as_millis() as u64,
+        stats.frames_in.load(std::sync::atomic::Ordering::Relaxed),
+        stats.frames_out.load(std::sync::atomic::Ordering::Relaxed),
     );
+    if end.is_clean() {
+        debug!(duration_ms, frames_in, frames_out, end = %end, "session ended");
+    } else {
+        info!(duration_ms, frames_in, frames_out, end = %end, "session ended");
+    }
 }
 
 impl From<FrameError> for Refusal {

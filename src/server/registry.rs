@@ -82,8 +82,9 @@ pub struct Entry {
     pub peer: SocketAddr,
     /// When the session was established.
     pub since: SystemTime,
-    /// Commands to the session's task.
-    pub tx: mpsc::Sender<Command>,
+    /// Commands to the session's task (boxed: the channel allocates room for 32 at
+    /// once, and every live session has one).
+    pub tx: mpsc::Sender<Box<Command>>,
     /// Tells the session's task to close.
     pub close: Arc<CloseSignal>,
     /// Its counters.
@@ -261,7 +262,7 @@ impl Registry {
     }
 
     /// The command channel of `id`'s live session.
-    pub fn sender(&self, id: &Id) -> Option<mpsc::Sender<Command>> {
+    pub fn sender(&self, id: &Id) -> Option<mpsc::Sender<Box<Command>>> {
         self.lock().sessions.get(id).map(|e| e.tx.clone())
     }
 
@@ -287,14 +288,14 @@ impl Registry {
             match kind {
                 SendKind::Request => {
                     let (reply, rx) = oneshot::channel();
-                    tx.send(Command::Request { payload, reply })
+                    tx.send(Box::new(Command::Request { payload, reply }))
                         .await
                         .map_err(|_| gone())?;
                     rx.await.map_err(|_| gone())?.map(Some)
                 }
                 SendKind::Message => {
                     let (sent, rx) = oneshot::channel();
-                    tx.send(Command::Message { payload, sent })
+                    tx.send(Box::new(Command::Message { payload, sent }))
                         .await
                         .map_err(|_| gone())?;
                     rx.await.map_err(|_| gone())?.map(|()| None)

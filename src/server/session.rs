@@ -1,8 +1,11 @@
 //! A server-side session: the server's [`Role`] in the session driver.
 //!
 //! The rules of spec section 8 are [`Connection`]'s; the loop is [`crate::driver`]'s.
-//! What is the server's: REQUESTs and MESSAGEs go to the backend, each on its own task,
-//! and their answers come back as work; at most `max_in_flight` are with the backend,
+//! What is the server's: REQUESTs and MESSAGEs go to the backend, whose futures the
+//! session polls on its own task (no task, timer or channel hop per request: an answer
+//! that is ready at once, as the echo backend's is, is sealed in the same wake-up as its
+//! request); answers that take longer come back as work, under `backend_timeout`; at
+//! most `max_in_flight` are with the backend,
 //! as many more wait in a queue, and only then does reading pause (so PINGs and CLOSE
 //! are read while the backend is busy); commands from the registry send
 //! server-initiated requests and messages; a close signal (takeover, revocation) or shutdown (after the in-flight
@@ -11,21 +14,24 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{info, warn};
 
 use super::registry::{CloseAsk, Command, Stats};
 use super::ServerState;
-use crate::backend::{Reply, Request, SendError};
+use crate::backend::{BoxFuture, Reply, Request, SendError};
 use crate::config::Limits;
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
@@ -38,6 +44,24 @@ pub(super) enum End {
     Session(SessionEnd),
     /// The socket failed, or the device stopped reading.
     Io(std::io::Error),
+}
+
+impl End {
+    /// Closed by either side with CLOSE `NORMAL`, or by the server shutting down.
+    pub(super) fn is_clean(&self) -> bool {
+        matches!(
+            self,
+            End::Session(
+                SessionEnd::PeerClosed {
+                    code: CloseCode::NORMAL,
+                    ..
+                } | SessionEnd::Closed {
+                    code: CloseCode::NORMAL | CloseCode::SHUTDOWN,
+                    ..
+                }
+            )
+        )
+    }
 }
 
 impl fmt::Display for End {
@@ -62,8 +86,9 @@ type Answer = oneshot::Sender<Result<Reply, SendError>>;
 
 /// What the server side waits for besides the socket.
 pub(crate) enum Work {
-    Command(Option<Command>),
-    Backend(Result<(tokio::task::Id, Option<(u64, Reply)>), tokio::task::JoinError>),
+    Command(Option<Box<Command>>),
+    /// A request's answer (a message's completion is `None`).
+    Backend(Option<(u64, Reply)>),
     CloseAsked(CloseCode, &'static str),
     Shutdown,
     DrainDeadline,
@@ -79,7 +104,7 @@ pub(super) struct SessionTask {
 struct ServerRole {
     state: Arc<ServerState>,
     id: Id,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Box<Command>>,
     commands_open: bool,
     /// Completes when the registry asks to close the session (takeover, revocation):
     /// made once, so that polling it does not register a waiter per loop iteration.
@@ -93,12 +118,12 @@ struct ServerRole {
     /// Shutdown was asked (it is taken once).
     stopping: bool,
     stats: Arc<Stats>,
-    /// Backend work: requests yield `Some((seq, reply))`, messages `None`.
-    inflight: JoinSet<Option<(u64, Reply)>>,
+    /// Backend work that was not done when first polled: requests yield
+    /// `Some((seq, reply))`, messages `None`.
+    inflight: FuturesUnordered<BoxFuture<Option<(u64, Reply)>>>,
     /// Requests and messages read while `max_in_flight` were with the backend: reading
     /// pauses once as many again wait (plus what the read that crossed that brought).
     queued: std::collections::VecDeque<Event>,
-    inflight_seq: HashMap<tokio::task::Id, u64>,
     /// Server-initiated requests waiting for the device's RESPONSE.
     pending: HashMap<u64, Answer>,
     limits: Limits,
@@ -111,7 +136,7 @@ impl SessionTask {
         id: Id,
         session: Session,
         stream: (OwnedReadHalf, OwnedWriteHalf, BytesMut),
-        commands: mpsc::Receiver<Command>,
+        commands: mpsc::Receiver<Box<Command>>,
         close_signal: watch::Receiver<CloseAsk>,
         stats: Arc<Stats>,
     ) -> Self {
@@ -127,9 +152,8 @@ impl SessionTask {
             drain: None,
             stopping: false,
             stats,
-            inflight: JoinSet::new(),
+            inflight: FuturesUnordered::new(),
             queued: std::collections::VecDeque::new(),
-            inflight_seq: HashMap::new(),
             pending: HashMap::new(),
             limits,
             paused_logged: std::cell::Cell::new(false),
@@ -156,7 +180,7 @@ impl SessionTask {
             self.session,
             config,
             (rd, wr),
-            &buf,
+            buf,
             &mut self.role,
             write_stall,
         )
@@ -170,34 +194,8 @@ impl SessionTask {
 }
 
 impl ServerRole {
-    /// A backend task finished: send its RESPONSE.
-    fn answer(
-        &mut self,
-        done: Result<(tokio::task::Id, Option<(u64, Reply)>), tokio::task::JoinError>,
-        conn: &mut Connection,
-        now: Duration,
-    ) {
-        let (seq, reply) = match done {
-            Ok((task, result)) => {
-                self.inflight_seq.remove(&task);
-                match result {
-                    Some(r) => r,
-                    None => return,
-                }
-            }
-            // Aborted because the session is closing: nothing to answer.
-            Err(e) if e.is_cancelled() => {
-                self.inflight_seq.remove(&e.id());
-                return;
-            }
-            Err(e) => match self.inflight_seq.remove(&e.id()) {
-                Some(seq) => {
-                    warn!(seq, "backend task failed: {e}");
-                    (seq, Reply::error(Status::BACKEND_ERROR, "backend failed"))
-                }
-                None => return,
-            },
-        };
+    /// Sends the RESPONSE to request `seq`.
+    fn answer(&mut self, seq: u64, reply: Reply, conn: &mut Connection, now: Duration) {
         let len = reply.payload.len();
         if let Err(e) = conn.respond(seq, reply.status, reply.payload, now) {
             // Too large: answered BACKEND_ERROR instead (spec 8.4). Else the session
@@ -207,8 +205,9 @@ impl ServerRole {
     }
 
     /// Hands a REQUEST or MESSAGE to the backend, or queues it while `max_in_flight`
-    /// are there.
-    fn dispatch(&mut self, event: Event, conn: &Connection) {
+    /// are there. The backend's future is polled once at once: if it is ready, the
+    /// request is answered now; else it waits among `inflight`, under the timeout.
+    fn dispatch(&mut self, event: Event, conn: &mut Connection, now: Duration) {
         // Once this side sent CLOSE (takeover, revocation, drain deadline, a refused
         // frame), nothing more goes to the backend.
         if !conn.is_open() {
@@ -218,6 +217,7 @@ impl ServerRole {
             self.queued.push_back(event);
             return;
         }
+        let timeout = self.limits.backend_timeout;
         match event {
             Event::Request { seq, payload } => {
                 let req = Request {
@@ -225,25 +225,36 @@ impl ServerRole {
                     seq,
                     payload,
                 };
-                let fut = self.state.backend.request(req);
-                let timeout = self.limits.backend_timeout;
-                let handle = self.inflight.spawn(async move {
-                    let reply = tokio::time::timeout(timeout, fut)
+                let mut fut = self.state.backend.request(req);
+                match poll_once(&mut fut) {
+                    Poll::Ready(Ok(reply)) => self.answer(seq, reply, conn, now),
+                    Poll::Ready(Err(())) => self.answer(seq, panicked(seq), conn, now),
+                    Poll::Pending => self.inflight.push(Box::pin(async move {
+                        let reply = match tokio::time::timeout(
+                            timeout,
+                            AssertUnwindSafe(fut).catch_unwind(),
+                        )
                         .await
-                        .unwrap_or_else(|_| {
-                            Reply::error(Status::TIMEOUT, "backend did not answer in time")
-                        });
-                    Some((seq, reply))
-                });
-                self.inflight_seq.insert(handle.id(), seq);
+                        {
+                            Ok(Ok(reply)) => reply,
+                            Ok(Err(_)) => panicked(seq),
+                            Err(_) => {
+                                Reply::error(Status::TIMEOUT, "backend did not answer in time")
+                            }
+                        };
+                        Some((seq, reply))
+                    })),
+                }
             }
             Event::Message { payload } => {
-                let fut = self.state.backend.message(self.id.clone(), payload);
-                let timeout = self.limits.backend_timeout;
-                self.inflight.spawn(async move {
-                    let _ = tokio::time::timeout(timeout, fut).await;
-                    None
-                });
+                let mut fut = self.state.backend.message(self.id.clone(), payload);
+                if poll_once(&mut fut).is_pending() {
+                    self.inflight.push(Box::pin(async move {
+                        let _ = tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind())
+                            .await;
+                        None
+                    }));
+                }
             }
             _ => {}
         }
@@ -255,14 +266,14 @@ impl ServerRole {
     fn stop_if_closing(&mut self, conn: &Connection) {
         if !(conn.is_open() || self.inflight.is_empty() && self.queued.is_empty()) {
             self.queued.clear();
-            self.inflight.abort_all();
+            self.inflight.clear();
         }
     }
 
     /// Drops in-flight backend work and fails server-initiated requests.
     fn abandon(&mut self) {
         self.queued.clear();
-        self.inflight.abort_all();
+        self.inflight.clear();
         for (_, answer) in self.pending.drain() {
             let _ = answer.send(Err(SendError::SessionEnded));
         }
@@ -284,6 +295,23 @@ impl ServerRole {
             conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
         }
     }
+}
+
+/// Polls a backend's future once, without a waker (it is polled again, with the
+/// session's, if it is not ready); a panic in the backend is `Err`.
+fn poll_once<T>(fut: &mut BoxFuture<T>) -> Poll<Result<T, ()>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+        Ok(Poll::Pending) => Poll::Pending,
+        Err(_) => Poll::Ready(Err(())),
+    }
+}
+
+/// The answer to a request whose backend future panicked.
+fn panicked(seq: u64) -> Reply {
+    warn!(seq, "backend panicked while answering");
+    Reply::error(Status::BACKEND_ERROR, "backend failed")
 }
 
 /// Completes with the first close the registry asks for (never, if none is).
@@ -311,7 +339,7 @@ impl Role for ServerRole {
                 Work::CloseAsked(code, reason)
             }
             cmd = self.commands.recv(), if self.commands_open => Work::Command(cmd),
-            Some(done) = self.inflight.join_next_with_id(), if !self.inflight.is_empty() => Work::Backend(done),
+            Some(done) = self.inflight.next(), if !self.inflight.is_empty() => Work::Backend(done),
             _ = async { self.drain.as_mut().expect("draining").await }, if draining => Work::DrainDeadline,
             // Nothing left to wait for (the session is closing): only the socket matters.
             else => std::future::pending().await,
@@ -320,24 +348,31 @@ impl Role for ServerRole {
 
     fn apply(&mut self, work: Work, conn: &mut Connection, now: Duration) {
         match work {
-            Work::Command(Some(Command::Request { payload, reply })) => {
-                match conn.request(payload, now) {
+            Work::Command(Some(cmd)) => match *cmd {
+                Command::Request { payload, reply } => match conn.request(payload, now) {
                     Ok(seq) => {
                         self.pending.insert(seq, reply);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(SendError::Refused(e)));
                     }
+                },
+                Command::Message { payload, sent } => {
+                    let _ = sent.send(conn.message(payload, now).map_err(SendError::Refused));
                 }
-            }
-            Work::Command(Some(Command::Message { payload, sent })) => {
-                let _ = sent.send(conn.message(payload, now).map_err(SendError::Refused));
-            }
+            },
             Work::Command(None) => self.commands_open = false,
             Work::Backend(done) => {
-                self.answer(done, conn, now);
-                if let Some(next) = self.queued.pop_front() {
-                    self.dispatch(next, conn);
+                if let Some((seq, reply)) = done {
+                    self.answer(seq, reply, conn, now);
+                }
+                // Those queued meanwhile, while there is room (each may be answered at
+                // once).
+                while self.inflight.len() < self.limits.max_in_flight {
+                    match self.queued.pop_front() {
+                        Some(next) => self.dispatch(next, conn, now),
+                        None => break,
+                    }
                 }
                 self.drained(conn, now);
             }
@@ -356,9 +391,9 @@ impl Role for ServerRole {
         self.stop_if_closing(conn);
     }
 
-    fn event(&mut self, event: Event, conn: &mut Connection, _now: Duration) {
+    fn event(&mut self, event: Event, conn: &mut Connection, now: Duration) {
         match event {
-            e @ (Event::Request { .. } | Event::Message { .. }) => self.dispatch(e, conn),
+            e @ (Event::Request { .. } | Event::Message { .. }) => self.dispatch(e, conn, now),
             Event::Response {
                 req_seq,
                 status,
