@@ -110,7 +110,9 @@ pub(crate) async fn run<R: Role>(
         }
         if out.is_empty() {
             if conn.transmit_into(&mut out) {
-                backlog_since = t;
+                // Read now: writes do not refresh `t`, and a backlog that follows a
+                // written one is measured from when it was handed over.
+                backlog_since = Instant::now();
             } else if let Some(end) = ended.take() {
                 finish(&mut rd, &mut wr, read_open).await;
                 return Outcome::Ended(end);
@@ -124,6 +126,8 @@ pub(crate) async fn run<R: Role>(
                 Ok(n) => {
                     out.advance(n);
                     if out.is_empty() {
+                        // What was sealed on the way (answers ready at once) is counted.
+                        role.after(&conn);
                         continue;
                     }
                 }
