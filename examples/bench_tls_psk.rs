@@ -1,44 +1,18 @@
 //! The peer a Rust developer would write instead of Tally: a TLS 1.3 PSK echo server of
 //! the same build as tallyd (tokio's multi-threaded runtime, one task per connection,
 //! OpenSSL in process; see `tally::bench::tls` for the key and settings). Inside TLS it
-//! echoes `u32 length | u64 id | payload` frames as `bench_plain` does: each read's
-//! whole frames in one write.
+//! runs the same echo as `bench_plain` (`tally::bench::echo_frames`).
 //!
 //!     cargo run --release --features bench-tls --example bench_tls_psk -- 127.0.0.1:7422
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const MAX_FRAME: usize = 16 << 20;
 
 async fn serve(ctx: Arc<openssl::ssl::SslContext>, tcp: TcpStream) -> anyhow::Result<()> {
     tcp.set_nodelay(true)?;
     let mut tls = tally::bench::tls::accept(&ctx, tcp).await?;
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        if tls.read_buf(&mut buf).await? == 0 {
-            return Ok(());
-        }
-        let mut whole = 0;
-        while buf.len() - whole >= 4 {
-            let len = u32::from_be_bytes(buf[whole..whole + 4].try_into()?) as usize;
-            if len > MAX_FRAME {
-                return Ok(());
-            }
-            if buf.len() - whole < 4 + len {
-                buf.reserve(4 + len);
-                break;
-            }
-            whole += 4 + len;
-        }
-        if whole > 0 {
-            tls.write_all(&buf[..whole]).await?;
-            buf.advance(whole);
-        }
-    }
+    Ok(tally::bench::echo_frames(&mut tls).await?)
 }
 
 #[tokio::main]

@@ -561,6 +561,43 @@ pub fn listener_pid(addr: &str) -> Option<u32> {
     None
 }
 
+/// Frames longer than this end an echo connection (as tallyd's largest limit does).
+const ECHO_MAX_FRAME: usize = MAX_FRAME_LEN_CEILING as usize;
+
+/// The echo the load tool's plain and TLS-PSK targets serve (`bench_plain`,
+/// `bench_tls_psk`): reads what arrived, writes back every whole `u32 length | u64 id |
+/// payload` frame in it with one write, and reads again. No per-request task, timer or
+/// channel: the least a server can do per request. Returns when the peer closes, or at
+/// an oversized length.
+pub async fn echo_frames<S>(io: &mut S) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+        // The whole frames at the front of `buf`, echoed in one write.
+        let mut whole = 0;
+        while let Some(head) = buf.get(whole..whole + 4) {
+            let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+            if len > ECHO_MAX_FRAME {
+                return Ok(());
+            }
+            if buf.len() - whole < 4 + len {
+                buf.reserve(4 + len);
+                break;
+            }
+            whole += 4 + len;
+        }
+        if whole > 0 {
+            io.write_all(&buf[..whole]).await?;
+            bytes::Buf::advance(&mut buf, whole);
+        }
+    }
+}
+
 /// Loads `bench-0 .. bench-(n-1)` from `dir`, enrolling (with `token`) those missing.
 pub async fn credentials(
     dir: &Path,
