@@ -687,11 +687,11 @@ impl crate::driver::Role for ClientRole {
     // back instead), so that the two ends never both stop reading.
     const HOLD_WHEN_BACKLOGGED: bool = false;
 
-    async fn work(&mut self) -> Option<Cmd> {
+    fn poll_work(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Cmd>> {
         if !self.commands_open {
-            return std::future::pending().await;
+            return std::task::Poll::Pending;
         }
-        self.rx.recv().await
+        self.rx.poll_recv(cx)
     }
 
     fn apply(&mut self, cmd: Option<Cmd>, conn: &mut Connection, now: Duration) {

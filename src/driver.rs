@@ -12,12 +12,14 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::proto::connection::{Config, Connection, End, Event};
 use crate::proto::Session;
@@ -27,9 +29,10 @@ pub(crate) trait Role: Send {
     /// Work from the application (commands, answers ready to send).
     type Work: Send;
 
-    /// Waits for the next piece of work. Must be cancel-safe (it is raced against the
-    /// socket); a role with nothing more to give returns a future that never completes.
-    fn work(&mut self) -> impl Future<Output = Self::Work> + Send;
+    /// Polls for the next piece of work, registering `cx`'s waker when there is none. A
+    /// role with nothing more to give returns `Pending` (the socket and the timer are
+    /// polled beside it).
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Self::Work>;
 
     /// Applies `work` to the session (sends a request, a response, closes...).
     fn apply(&mut self, work: Self::Work, conn: &mut Connection, now: Duration);
@@ -42,8 +45,8 @@ pub(crate) trait Role: Send {
         true
     }
 
-    /// Called after every input the session handled (bytes, a deadline, work): for
-    /// counters that follow the session (frames in and out).
+    /// Called after every input the session handled (bytes, a deadline, work) and every
+    /// backlog written out: for counters that follow the session (frames in and out).
     fn after(&mut self, _conn: &Connection) {}
 
     /// Whether to stop reading while the send backlog is over two frames' worth (a peer
@@ -65,218 +68,287 @@ pub(crate) enum Outcome {
 
 /// Drives `session` over the connection until it ends. `leftover` holds bytes read with
 /// the handshake's last frame that belong to the session.
-pub(crate) async fn run<R: Role>(
+pub(crate) fn run<R: Role>(
     session: Session,
     config: Config,
-    (mut rd, mut wr): (OwnedReadHalf, OwnedWriteHalf),
+    (rd, wr): (OwnedReadHalf, OwnedWriteHalf),
     leftover: BytesMut,
     role: &mut R,
     write_stall: Duration,
-) -> Outcome {
+) -> Driver<'_, R> {
     let origin = Instant::now();
-    // The clock is read once per wake-up (after the select), not per use.
-    let mut t = origin;
     let mut conn = Connection::new(session, config, Duration::ZERO);
     if !leftover.is_empty() {
         conn.handle_input(&leftover, Duration::ZERO);
     }
-    drop(leftover);
-    // Swapped with the session's send buffer: two allocations for the whole session.
-    let mut out = BytesMut::new();
-    let mut read_open = true;
-    // Since when the send backlog has been non-empty.
-    let mut backlog_since = origin;
     // Room for two of the largest frames either side may send.
     let largest = config.max_frame_len.max(conn.session().max_frame_len()) as usize;
-    let backlog_cap = 2 * largest + 64 * 1024;
-    let mut ended: Option<End> = None;
-    // Two timers made once and moved only when they must fire sooner: making or moving
-    // a timer on every loop iteration (every frame) costs a timer-wheel update each.
-    // When one fires early (its deadline moved later meanwhile), the session ignores it
-    // and it is armed again for the new deadline.
-    let far = origin + Duration::from_secs(86_400 * 365);
-    let timer = tokio::time::sleep_until(far);
-    let stall = tokio::time::sleep_until(far);
-    tokio::pin!(timer, stall);
-    let mut timer_at: Option<Instant> = None;
-    let mut stall_at: Option<Instant> = None;
-    loop {
-        let now = t - origin;
-        while let Some(event) = conn.poll_event() {
-            if let Event::Closed(end) = &event {
-                ended = Some(end.clone());
-            }
-            role.event(event, &mut conn, now);
-        }
-        if out.is_empty() {
-            if conn.transmit_into(&mut out) {
-                // Read now: writes do not refresh `t`, and a backlog that follows a
-                // written one is measured from when it was handed over.
-                backlog_since = Instant::now();
-            } else if let Some(end) = ended.take() {
-                finish(&mut rd, &mut wr, read_open).await;
-                return Outcome::Ended(end);
-            }
-        }
-        // Write at once what the socket takes (no wake-up and no select round for the
-        // common case: the answer fits in the socket's buffer).
-        // Once all is written, back to the top: more may be due, or the session over.
-        if !out.is_empty() {
-            match wr.try_write(&out) {
-                Ok(n) => {
-                    out.advance(n);
-                    if out.is_empty() {
-                        // What was sealed on the way (answers ready at once) is counted.
-                        role.after(&conn);
-                        continue;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if crate::wire::is_cut(&e) => {
-                    out.clear();
-                    conn.handle_eof(t - origin);
-                    continue;
-                }
-                Err(e) => return io_end(e, ended),
-            }
-        }
-        let writing = !out.is_empty();
-        let held = !role.may_read(&conn);
-        let reading = read_open
-            && !conn.is_closed()
-            && !held
-            && (!R::HOLD_WHEN_BACKLOGGED || out.len() + conn.pending_transmit() < backlog_cap);
-        if let Some(at) = conn.poll_timeout().map(|t| origin + t) {
-            if timer_at.is_none_or(|armed| at < armed) {
-                timer.as_mut().reset(at);
-                timer_at = Some(at);
-            }
-        }
-        if writing && stall_at.is_none() {
-            let at = backlog_since + write_stall;
-            stall.as_mut().reset(at);
-            stall_at = Some(at);
-        }
-        let woke = tokio::select! {
-            r = wr.write(&out), if writing => match r {
-                Ok(n) => {
-                    out.advance(n);
-                    continue;
-                }
-                Err(e) if crate::wire::is_cut(&e) => {
-                    out.clear();
-                    Woke::Eof
-                }
-                Err(e) => return io_end(e, ended),
-            },
-            // Straight into the session's buffer, given room only once the socket is
-            // readable: an idle session holds no read buffer.
-            r = read_some(&mut rd, conn.input_buffer()), if reading => match r {
-                Ok(0) => {
-                    read_open = false;
-                    Woke::Eof
-                }
-                Ok(n) => Woke::Read(n),
-                Err(e) if crate::wire::is_cut(&e) => {
-                    read_open = false;
-                    Woke::Eof
-                }
-                Err(e) => return io_end(e, ended),
-            },
-            work = role.work(), if !conn.is_closed() => Woke::Work(work),
-            _ = &mut timer, if timer_at.is_some() => {
-                timer_at = None;
-                Woke::Timer
-            }
-            _ = &mut stall, if writing && stall_at.is_some() => {
-                stall_at = None;
-                Woke::Stall
-            }
-        };
-        t = Instant::now();
-        let now = t - origin;
-        match woke {
-            Woke::Eof => conn.handle_eof(now),
-            Woke::Read(n) => conn.handle_read(n, now),
-            Woke::Work(work) => role.apply(work, &mut conn, now),
-            Woke::Timer => {
-                // Time this side held the peer back is not the peer's silence.
-                if held {
-                    conn.hold_idle(now);
-                }
-                conn.handle_timeout(now);
-                // Quiet for a keepalive interval or more: give the buffers back (a
-                // session that goes idle costs what a new one does).
-                if out.is_empty() {
-                    out = BytesMut::new();
-                    conn.release_buffers();
-                }
-            }
-            Woke::Stall => {
-                if !out.is_empty() && t - backlog_since >= write_stall {
-                    let e = io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the peer did not take what was sent within {write_stall:?}"),
-                    );
-                    return io_end(e, ended);
-                }
-            }
-        }
-        role.after(&conn);
+    Driver {
+        conn,
+        role,
+        rd,
+        wr,
+        out: BytesMut::new(),
+        origin,
+        read_open: true,
+        backlog_since: origin,
+        backlog_cap: 2 * largest + 64 * 1024,
+        write_stall,
+        ended: None,
+        sink: None,
+        timer: tokio::time::sleep_until(origin),
+        armed: None,
+        timer_at: None,
+        stall_at: None,
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The future [`run`] returns: the session loop, written out as a state machine of
+    /// its own (struct and `poll`) rather than nested `select!`s, so that an idle
+    /// session costs exactly these fields (one timer, no futures kept for branches that
+    /// are not waiting) and every source is polled once per pass (none can starve
+    /// another).
+    pub(crate) struct Driver<'a, R> {
+        conn: Connection,
+        role: &'a mut R,
+        rd: OwnedReadHalf,
+        wr: OwnedWriteHalf,
+        // Swapped with the session's send buffer: two allocations for a busy session,
+        // none for an idle one.
+        out: BytesMut,
+        origin: Instant,
+        read_open: bool,
+        // Since when the send backlog has been non-empty.
+        backlog_since: Instant,
+        backlog_cap: usize,
+        write_stall: Duration,
+        // The session's end, kept until its last bytes are written.
+        ended: Option<End>,
+        // After the end: where what the peer still sends is read and dropped.
+        sink: Option<Vec<u8>>,
+        // One timer for the session's deadline, the write stall and the last read.
+        // It is moved only when it must fire sooner: moving a timer on every frame costs
+        // a timer-wheel update each. When it fires early (the deadline moved later
+        // meanwhile), the session ignores it and it is armed again.
+        #[pin]
+        timer: Sleep,
+        // The timer's deadline, while it is to be polled.
+        armed: Option<Instant>,
+        // The session's next deadline, as last armed.
+        timer_at: Option<Instant>,
+        // When the current backlog stalls.
+        stall_at: Option<Instant>,
+    }
+}
+
+impl<R: Role> Future for Driver<'_, R> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut me = self.project();
+        // The clock is read once per wake-up, not per use.
+        let mut t = Instant::now();
+        if me.sink.is_some() {
+            return poll_linger(me.rd, me.sink, me.ended, me.timer, cx);
+        }
+        loop {
+            let now = t - *me.origin;
+            while let Some(event) = me.conn.poll_event() {
+                if let Event::Closed(end) = &event {
+                    *me.ended = Some(end.clone());
+                }
+                me.role.event(event, me.conn, now);
+            }
+            if me.out.is_empty() {
+                if me.conn.transmit_into(me.out) {
+                    *me.backlog_since = t;
+                } else if me.ended.is_some() {
+                    // FIN, then read (and drop) until the peer closes or 2 s pass, so
+                    // that unread bytes do not turn the close into a reset that
+                    // destroys the last CLOSE.
+                    let _ = Pin::new(&mut *me.wr).poll_shutdown(cx);
+                    if !*me.read_open {
+                        return Poll::Ready(Outcome::Ended(me.ended.take().expect("ended")));
+                    }
+                    // On the heap, and only now: an array in the struct would sit in
+                    // every session for its whole life.
+                    *me.sink = Some(vec![0u8; 1024]);
+                    me.timer.as_mut().reset(t + Duration::from_secs(2));
+                    return poll_linger(me.rd, me.sink, me.ended, me.timer, cx);
+                }
+            }
+            // Write at once what the socket takes (the common case: the answer fits in
+            // its buffer); once all is written, back to the top: more may be due, or the
+            // session over.
+            if !me.out.is_empty() {
+                match Pin::new(&mut *me.wr).poll_write(cx, me.out) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = io::Error::from(io::ErrorKind::WriteZero);
+                        return Poll::Ready(io_end(e, me.ended));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        me.out.advance(n);
+                        if me.out.is_empty() {
+                            // What was sealed on the way (answers ready at once) is
+                            // counted.
+                            me.role.after(me.conn);
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) if crate::wire::is_cut(&e) => {
+                        me.out.clear();
+                        me.conn.handle_eof(now);
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(io_end(e, me.ended)),
+                    Poll::Pending => {}
+                }
+            }
+            let writing = !me.out.is_empty();
+            if !writing {
+                *me.stall_at = None;
+            }
+            let held = !me.role.may_read(me.conn);
+            let reading = *me.read_open
+                && !me.conn.is_closed()
+                && !held
+                && (!R::HOLD_WHEN_BACKLOGGED
+                    || me.out.len() + me.conn.pending_transmit() < *me.backlog_cap);
+            // Each source once per pass, in turn; another pass if any had something.
+            let mut progress = false;
+            if reading {
+                // Straight into the session's buffer, given room only once the socket is
+                // readable: an idle session holds no read buffer.
+                if let Poll::Ready(r) = poll_read_some(me.rd, me.conn.input_buffer(), cx) {
+                    progress = true;
+                    match r {
+                        Ok(n) if n > 0 => me.conn.handle_read(n, now),
+                        Err(e) if !crate::wire::is_cut(&e) => {
+                            return Poll::Ready(io_end(e, me.ended))
+                        }
+                        // EOF, or cut by the peer.
+                        _ => {
+                            *me.read_open = false;
+                            me.conn.handle_eof(now);
+                        }
+                    }
+                }
+            }
+            if !me.conn.is_closed() {
+                if let Poll::Ready(work) = me.role.poll_work(cx) {
+                    me.role.apply(work, me.conn, now);
+                    progress = true;
+                }
+            }
+            if let Some(at) = me.conn.poll_timeout().map(|d| *me.origin + d) {
+                if me.timer_at.is_none_or(|armed| at < armed) {
+                    *me.timer_at = Some(at);
+                }
+            }
+            if writing && me.stall_at.is_none() {
+                *me.stall_at = Some(*me.backlog_since + *me.write_stall);
+            }
+            let due = match (*me.timer_at, *me.stall_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(due) = due {
+                if me.armed.is_none_or(|armed| due < armed) {
+                    me.timer.as_mut().reset(due);
+                    *me.armed = Some(due);
+                }
+            }
+            if me.armed.is_some() && me.timer.as_mut().poll(cx).is_ready() {
+                *me.armed = None;
+                // Armed again on the next pass, for whatever is still ahead.
+                progress = true;
+                t = Instant::now();
+                let now = t - *me.origin;
+                if me.timer_at.is_some_and(|at| at <= t) {
+                    *me.timer_at = None;
+                    // Time this side held the peer back is not the peer's silence.
+                    if held {
+                        me.conn.hold_idle(now);
+                    }
+                    me.conn.handle_timeout(now);
+                    // Quiet for a keepalive interval or more: give the buffers back (a
+                    // session that goes idle costs what a new one does).
+                    if me.out.is_empty() {
+                        *me.out = BytesMut::new();
+                        me.conn.release_buffers();
+                    }
+                }
+                if me.stall_at.is_some_and(|at| at <= t) {
+                    *me.stall_at = None;
+                    if !me.out.is_empty() && t - *me.backlog_since >= *me.write_stall {
+                        let e = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the peer did not take what was sent within {:?}",
+                                me.write_stall
+                            ),
+                        );
+                        return Poll::Ready(io_end(e, me.ended));
+                    }
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+            me.role.after(me.conn);
+        }
+    }
+}
 /// Room made in the read buffer when it has less than half of this spare: several
 /// frames of a busy session per read (one `recv` per burst), and no more than a read
 /// into a fresh buffer needs.
 const READ_CHUNK: usize = 4096;
 
 /// Reads what arrived into `buf`, making room in it only once the socket is readable.
-/// Cancel-safe (nothing is read unless it completes).
-async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        std::task::ready!(rd.as_ref().poll_read_ready(cx))?;
-        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-            buf.reserve(READ_CHUNK);
+fn poll_read_some(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    ready!(rd.as_ref().poll_read_ready(cx))?;
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    let read = rd.read_buf(buf);
+    std::pin::pin!(read).poll(cx)
+}
+
+/// After the session's end: reads and drops until the peer closes, the socket fails or
+/// the timer (2 s) fires; then the session's end.
+fn poll_linger(
+    rd: &mut OwnedReadHalf,
+    sink: &mut Option<Vec<u8>>,
+    ended: &mut Option<End>,
+    mut timer: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+) -> Poll<Outcome> {
+    let buf = sink.as_mut().expect("lingering");
+    loop {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
+            Poll::Ready(_) => break,
+            Poll::Pending if timer.as_mut().poll(cx).is_ready() => break,
+            Poll::Pending => return Poll::Pending,
         }
-        let read = rd.read_buf(buf);
-        tokio::pin!(read);
-        read.poll(cx)
-    })
-    .await
+    }
+    *sink = None;
+    Poll::Ready(Outcome::Ended(ended.take().expect("ended")))
 }
 
 /// The socket failed: the session's own end if it had one already (the failure was
 /// only in delivering its last bytes).
-fn io_end(e: io::Error, ended: Option<End>) -> Outcome {
-    match ended {
+fn io_end(e: io::Error, ended: &mut Option<End>) -> Outcome {
+    match ended.take() {
         Some(end) => Outcome::Ended(end),
         None => Outcome::Io(e),
     }
-}
-
-/// What woke the driver.
-enum Woke<W> {
-    Read(usize),
-    Eof,
-    Work(W),
-    Timer,
-    Stall,
-}
-
-/// After the session: FIN, then read (and drop) until the peer closes or 2 s pass, so
-/// that unread bytes do not turn the close into a reset that destroys the last CLOSE.
-async fn finish(rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf, read_open: bool) {
-    let _ = wr.shutdown().await;
-    if !read_open {
-        return;
-    }
-    // On the heap: an array here would sit in every session's future for its whole life.
-    let mut sink = vec![0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
 }
 
 #[cfg(test)]
@@ -284,6 +356,7 @@ mod tests {
     use super::*;
     use crate::proto::session::tests::pair as sessions;
     use crate::proto::Body;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
     /// A role with no work of its own, that never holds the peer back.
@@ -291,8 +364,8 @@ mod tests {
 
     impl Role for Quiet {
         type Work = ();
-        async fn work(&mut self) {
-            std::future::pending().await
+        fn poll_work(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
         }
         fn apply(&mut self, _: (), _: &mut Connection, _: Duration) {}
         fn event(&mut self, _: Event, _: &mut Connection, _: Duration) {}

@@ -109,7 +109,9 @@ struct BenchArgs {
     #[arg(long)]
     tls_psk: Option<String>,
     /// Another target: `NAME=plain:ADDR` (an echo, or a tunnel to one such as spiped's
-    /// client end) or `NAME=tls-psk:ADDR` (stunnel), then `@PID,PID...` for the server
+    /// client end), `NAME=tls-psk:ADDR` (stunnel) or `NAME=tally:ADDR` (another tallyd
+    /// serving the same identities, such as an older build started on the same
+    /// `--state-dir`: before and after in one run), then `@PID,PID...` for the server
     /// processes whose CPU counts (else the one listening on ADDR's port). Repeatable.
     #[arg(long, value_name = "NAME=KIND:ADDR[@PIDS]")]
     peer: Vec<String>,
@@ -278,7 +280,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut targets = vec![tally_target];
+    let mut targets = vec![tally_target.clone()];
     if a.mode != Mode::Idle {
         let found = |name: &str, addr: String, kind: Kind| Target {
             name: name.into(),
@@ -297,7 +299,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             targets.push(found("tls-psk", addr.clone(), Kind::TlsPsk(addr, ctx)));
         }
         for p in &a.peer {
-            targets.push(peer(p)?);
+            targets.push(peer(p, &tally_target)?);
         }
     }
     let mut runs: Vec<Vec<Measurement>> = vec![Vec::new(); targets.len()];
@@ -385,11 +387,11 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `NAME=KIND:ADDR[@PID,PID...]`.
-fn peer(spec: &str) -> anyhow::Result<tally::bench::Target> {
+/// `NAME=KIND:ADDR[@PID,PID...]`; a `tally` peer uses the credentials of `tally`.
+fn peer(spec: &str, tally: &tally::bench::Target) -> anyhow::Result<tally::bench::Target> {
     use tally::bench::{Kind, Target};
     let bad = || {
-        anyhow::anyhow!("--peer {spec:?}: expected NAME=plain:ADDR or NAME=tls-psk:ADDR, then optionally @PID,PID...")
+        anyhow::anyhow!("--peer {spec:?}: expected NAME=plain:ADDR, NAME=tls-psk:ADDR or NAME=tally:ADDR, then optionally @PID,PID...")
     };
     let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
     let (kind, rest) = rest.split_once(':').ok_or_else(bad)?;
@@ -405,12 +407,19 @@ fn peer(spec: &str) -> anyhow::Result<tally::bench::Target> {
             tally::bench::listener_pid(rest).into_iter().collect(),
         ),
     };
-    let kind = match kind {
-        "plain" => Kind::Plain(addr),
+    let kind = match (kind, &tally.kind) {
+        ("tally", Kind::Tally(creds)) => {
+            let mut creds = creds.as_ref().clone();
+            for c in &mut creds {
+                c.server = addr.clone();
+            }
+            Kind::Tally(std::sync::Arc::new(creds))
+        }
+        ("plain", _) => Kind::Plain(addr),
         #[cfg(feature = "bench-tls")]
-        "tls-psk" => Kind::TlsPsk(addr, tally::bench::tls::client_context()?),
+        ("tls-psk", _) => Kind::TlsPsk(addr, tally::bench::tls::client_context()?),
         #[cfg(not(feature = "bench-tls"))]
-        "tls-psk" => {
+        ("tls-psk", _) => {
             anyhow::bail!("--peer {spec:?}: TLS-PSK needs a build with --features bench-tls")
         }
         _ => return Err(bad()),

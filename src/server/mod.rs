@@ -418,7 +418,12 @@ fn admit(
     let span = tracing::info_span!("conn", %peer, id = tracing::field::Empty);
     tracker.spawn(
         async move {
-            conn::serve(state, stream, peer, ticket, token).await;
+            // The handshake's future is dropped before the session runs: the task then
+            // holds only the session's own (see `conn::serve`).
+            let session = Box::pin(conn::serve(state, stream, peer, ticket, token)).await;
+            if let Some(session) = session {
+                session.await;
+            }
             drop(conn_permit);
         }
         .instrument(span),

@@ -19,20 +19,19 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::registry::{CloseAsk, Command, Stats};
+use super::registry::{Command, Mail, Mailbox, Registration};
 use super::ServerState;
 use crate::backend::{BoxFuture, Reply, Request, SendError};
-use crate::config::Limits;
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
 use crate::proto::{CloseCode, Id, Session, Status};
@@ -86,7 +85,7 @@ type Answer = oneshot::Sender<Result<Reply, SendError>>;
 
 /// What the server side waits for besides the socket.
 pub(crate) enum Work {
-    Command(Option<Box<Command>>),
+    Command(Box<Command>),
     /// A request's answer (a message's completion is `None`).
     Backend(Option<(u64, Reply)>),
     CloseAsked(CloseCode, &'static str),
@@ -94,102 +93,102 @@ pub(crate) enum Work {
     DrainDeadline,
 }
 
-pub(super) struct SessionTask {
-    /// The connection's halves and the bytes read past CLIENT_FINISH.
-    stream: (OwnedReadHalf, OwnedWriteHalf, BytesMut),
-    session: Session,
-    role: ServerRole,
+/// The limits a session reads on every request: a copy of these, not of all of
+/// [`crate::config::Limits`] (every idle session holds it).
+struct SessionLimits {
+    max_in_flight: usize,
+    backend_timeout: Duration,
+    drain_timeout: Duration,
+    idle_timeout: Duration,
 }
+
+/// Backend work that was not done when first polled: requests yield `Some((seq,
+/// reply))`, messages `None`.
+type Inflight = FuturesUnordered<BoxFuture<Option<(u64, Reply)>>>;
 
 struct ServerRole {
     state: Arc<ServerState>,
     id: Id,
-    commands: mpsc::Receiver<Box<Command>>,
-    commands_open: bool,
-    /// Completes when the registry asks to close the session (takeover, revocation):
-    /// made once, so that polling it does not register a waiter per loop iteration.
-    close_asked: Pin<Box<dyn Future<Output = (CloseCode, &'static str)> + Send>>,
-    /// Whether a close may still be asked.
-    close_open: bool,
+    /// Commands and close requests from the registry, and the counters it lists.
+    mailbox: Arc<Mailbox>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When shutting down: the deadline for the in-flight requests (made then, not
     /// per loop iteration).
     drain: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Shutdown was asked (it is taken once).
     stopping: bool,
-    stats: Arc<Stats>,
-    /// Backend work that was not done when first polled: requests yield
-    /// `Some((seq, reply))`, messages `None`.
-    inflight: FuturesUnordered<BoxFuture<Option<(u64, Reply)>>>,
+    /// Made when a backend first answers late (it allocates): most sessions never need
+    /// it.
+    inflight: Option<Inflight>,
     /// Requests and messages read while `max_in_flight` were with the backend: reading
     /// pauses once as many again wait (plus what the read that crossed that brought).
     queued: std::collections::VecDeque<Event>,
     /// Server-initiated requests waiting for the device's RESPONSE.
     pending: HashMap<u64, Answer>,
-    limits: Limits,
+    limits: SessionLimits,
     paused_logged: std::cell::Cell<bool>,
 }
 
-impl SessionTask {
-    pub(super) fn new(
-        state: Arc<ServerState>,
-        id: Id,
-        session: Session,
-        stream: (OwnedReadHalf, OwnedWriteHalf, BytesMut),
-        commands: mpsc::Receiver<Box<Command>>,
-        close_signal: watch::Receiver<CloseAsk>,
-        stats: Arc<Stats>,
-    ) -> Self {
+/// Runs an authenticated connection's session to its end, then unregisters it
+/// (`registration`) and logs how it ended. The connection's task holds this future on
+/// the heap, at its own size, for the session's whole life.
+pub(super) async fn run(
+    state: Arc<ServerState>,
+    id: Id,
+    session: Session,
+    (rd, wr, leftover): (OwnedReadHalf, OwnedWriteHalf, BytesMut),
+    mailbox: Arc<Mailbox>,
+    registration: Registration,
+    shutdown: CancellationToken,
+) {
+    let started = Instant::now();
+    // In a block: the whole `Limits` is not kept in this future across the session.
+    let (config, write_stall, limits) = {
         let limits = state.limits();
-        let role = ServerRole {
-            state,
-            id,
-            commands,
-            commands_open: true,
-            close_asked: Box::pin(close_asked(close_signal)),
-            close_open: true,
-            shutdown: Box::pin(CancellationToken::new().cancelled_owned()),
-            drain: None,
-            stopping: false,
-            stats,
-            inflight: FuturesUnordered::new(),
-            queued: std::collections::VecDeque::new(),
-            pending: HashMap::new(),
-            limits,
-            paused_logged: std::cell::Cell::new(false),
-        };
-        SessionTask {
-            stream,
-            session,
-            role,
-        }
-    }
-
-    /// Runs the session to its end.
-    pub(super) async fn run(mut self, shutdown: CancellationToken) -> End {
-        self.role.shutdown = Box::pin(shutdown.cancelled_owned());
-        let limits = &self.role.limits;
         let mut config = Config::server();
         config.idle_timeout = Some(limits.idle_timeout());
         config.close_timeout = Duration::from_secs(2);
         config.max_frame_len = limits.max_frame_len;
         // A device that reads nothing for a keepalive interval is cut off.
         let write_stall = limits.keepalive;
-        let (rd, wr, buf) = self.stream;
-        let outcome = crate::driver::run(
-            self.session,
-            config,
-            (rd, wr),
-            buf,
-            &mut self.role,
-            write_stall,
-        )
-        .await;
-        self.role.abandon();
-        match outcome {
-            Outcome::Ended(end) => End::Session(end),
-            Outcome::Io(e) => End::Io(e),
-        }
+        let mine = SessionLimits {
+            max_in_flight: limits.max_in_flight,
+            backend_timeout: limits.backend_timeout,
+            drain_timeout: limits.drain_timeout,
+            idle_timeout: limits.idle_timeout(),
+        };
+        (config, write_stall, mine)
+    };
+    let mut role = ServerRole {
+        state,
+        id,
+        mailbox,
+        shutdown: Box::pin(shutdown.cancelled_owned()),
+        drain: None,
+        stopping: false,
+        inflight: None,
+        queued: std::collections::VecDeque::new(),
+        pending: HashMap::new(),
+        limits,
+        paused_logged: std::cell::Cell::new(false),
+    };
+    let outcome =
+        crate::driver::run(session, config, (rd, wr), leftover, &mut role, write_stall).await;
+    role.abandon();
+    drop(registration);
+    let end = match outcome {
+        Outcome::Ended(end) => End::Session(end),
+        Outcome::Io(e) => End::Io(e),
+    };
+    let (duration_ms, frames_in, frames_out) = (
+        started.elapsed().as_millis() as u64,
+        role.mailbox.frames_in.load(Ordering::Relaxed),
+        role.mailbox.frames_out.load(Ordering::Relaxed),
+    );
+    if end.is_clean() {
+        debug!(duration_ms, frames_in, frames_out, end = %end, "session ended");
+    } else {
+        info!(duration_ms, frames_in, frames_out, end = %end, "session ended");
     }
 }
 
@@ -213,7 +212,7 @@ impl ServerRole {
         if !conn.is_open() {
             return;
         }
-        if self.inflight.len() >= self.limits.max_in_flight {
+        if self.inflight_len() >= self.limits.max_in_flight {
             self.queued.push_back(event);
             return;
         }
@@ -229,7 +228,7 @@ impl ServerRole {
                 match poll_once(&mut fut) {
                     Poll::Ready(Ok(reply)) => self.answer(seq, reply, conn, now),
                     Poll::Ready(Err(())) => self.answer(seq, panicked(seq), conn, now),
-                    Poll::Pending => self.inflight.push(Box::pin(async move {
+                    Poll::Pending => self.late(Box::pin(async move {
                         let reply = match tokio::time::timeout(
                             timeout,
                             AssertUnwindSafe(fut).catch_unwind(),
@@ -249,7 +248,7 @@ impl ServerRole {
             Event::Message { payload } => {
                 let mut fut = self.state.backend.message(self.id.clone(), payload);
                 if poll_once(&mut fut).is_pending() {
-                    self.inflight.push(Box::pin(async move {
+                    self.late(Box::pin(async move {
                         let _ = tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind())
                             .await;
                         None
@@ -264,16 +263,30 @@ impl ServerRole {
     /// loop did the same when it closed): a revoked device's requests must not reach the
     /// backend after its revocation.
     fn stop_if_closing(&mut self, conn: &Connection) {
-        if !(conn.is_open() || self.inflight.is_empty() && self.queued.is_empty()) {
+        if !(conn.is_open() || self.inflight_len() == 0 && self.queued.is_empty()) {
             self.queued.clear();
-            self.inflight.clear();
+            self.inflight = None;
         }
     }
 
-    /// Drops in-flight backend work and fails server-initiated requests.
+    /// Backend futures not done when first polled.
+    fn inflight_len(&self) -> usize {
+        self.inflight.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    /// Waits for a backend future that was not done when first polled.
+    fn late(&mut self, fut: BoxFuture<Option<(u64, Reply)>>) {
+        self.inflight
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(fut);
+    }
+
+    /// Drops in-flight backend work, fails server-initiated requests and commands still
+    /// queued, and takes no more.
     fn abandon(&mut self) {
         self.queued.clear();
-        self.inflight.clear();
+        self.inflight = None;
+        self.mailbox.end();
         for (_, answer) in self.pending.drain() {
             let _ = answer.send(Err(SendError::SessionEnded));
         }
@@ -281,17 +294,14 @@ impl ServerRole {
 
     fn count(&self, conn: &Connection) {
         let s = conn.session();
-        self.stats
-            .frames_in
-            .store(s.last_received(), Ordering::Relaxed);
-        self.stats
-            .frames_out
-            .store(s.last_sent(), Ordering::Relaxed);
+        let m = &self.mailbox;
+        m.frames_in.store(s.last_received(), Ordering::Relaxed);
+        m.frames_out.store(s.last_sent(), Ordering::Relaxed);
     }
 
     /// Shutting down and nothing in flight: close.
     fn drained(&self, conn: &mut Connection, now: Duration) {
-        if self.stopping && self.inflight.is_empty() && self.queued.is_empty() {
+        if self.stopping && self.inflight_len() == 0 && self.queued.is_empty() {
             conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
         }
     }
@@ -314,41 +324,37 @@ fn panicked(seq: u64) -> Reply {
     Reply::error(Status::BACKEND_ERROR, "backend failed")
 }
 
-/// Completes with the first close the registry asks for (never, if none is).
-async fn close_asked(mut rx: watch::Receiver<CloseAsk>) -> (CloseCode, &'static str) {
-    loop {
-        if let Some(asked) = *rx.borrow_and_update() {
-            return asked;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 impl Role for ServerRole {
     type Work = Work;
 
-    async fn work(&mut self) -> Work {
-        let draining = self.drain.is_some();
-        tokio::select! {
-            biased;
-            _ = self.shutdown.as_mut(), if !self.stopping => Work::Shutdown,
-            (code, reason) = self.close_asked.as_mut(), if self.close_open => {
-                self.close_open = false;
-                Work::CloseAsked(code, reason)
-            }
-            cmd = self.commands.recv(), if self.commands_open => Work::Command(cmd),
-            Some(done) = self.inflight.next(), if !self.inflight.is_empty() => Work::Backend(done),
-            _ = async { self.drain.as_mut().expect("draining").await }, if draining => Work::DrainDeadline,
-            // Nothing left to wait for (the session is closing): only the socket matters.
-            else => std::future::pending().await,
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Work> {
+        // In this order: shutdown, a close asked for, commands, the backend's answers,
+        // the drain deadline.
+        if !self.stopping && self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Work::Shutdown);
         }
+        if let Poll::Ready(mail) = self.mailbox.poll_mail(cx) {
+            return Poll::Ready(match mail {
+                Mail::Close(code, reason) => Work::CloseAsked(code, reason),
+                Mail::Command(cmd) => Work::Command(cmd),
+            });
+        }
+        if let Some(inflight) = self.inflight.as_mut().filter(|f| !f.is_empty()) {
+            if let Poll::Ready(Some(done)) = inflight.poll_next_unpin(cx) {
+                return Poll::Ready(Work::Backend(done));
+            }
+        }
+        if let Some(drain) = &mut self.drain {
+            if drain.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Work::DrainDeadline);
+            }
+        }
+        Poll::Pending
     }
 
     fn apply(&mut self, work: Work, conn: &mut Connection, now: Duration) {
         match work {
-            Work::Command(Some(cmd)) => match *cmd {
+            Work::Command(cmd) => match *cmd {
                 Command::Request { payload, reply } => match conn.request(payload, now) {
                     Ok(seq) => {
                         self.pending.insert(seq, reply);
@@ -361,14 +367,13 @@ impl Role for ServerRole {
                     let _ = sent.send(conn.message(payload, now).map_err(SendError::Refused));
                 }
             },
-            Work::Command(None) => self.commands_open = false,
             Work::Backend(done) => {
                 if let Some((seq, reply)) = done {
                     self.answer(seq, reply, conn, now);
                 }
                 // Those queued meanwhile, while there is room (each may be answered at
                 // once).
-                while self.inflight.len() < self.limits.max_in_flight {
+                while self.inflight_len() < self.limits.max_in_flight {
                     match self.queued.pop_front() {
                         Some(next) => self.dispatch(next, conn, now),
                         None => break,
@@ -384,7 +389,7 @@ impl Role for ServerRole {
             }
             Work::DrainDeadline => {
                 self.drain = None;
-                warn!(abandoned = self.inflight.len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
+                warn!(abandoned = self.inflight_len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
                 conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
             }
         }
@@ -411,7 +416,7 @@ impl Role for ServerRole {
                 code: CloseCode::IDLE_TIMEOUT,
                 ..
             }) => {
-                warn!(idle = ?self.limits.idle_timeout(), "closed idle session (1.5x limits.keepalive without a frame)");
+                warn!(idle = ?self.limits.idle_timeout, "closed idle session (1.5x limits.keepalive without a frame)");
                 self.abandon();
             }
             Event::Closed(_) => self.abandon(),
