@@ -5,7 +5,8 @@
 //! variable-length field (the payload or close reason) is delimited by the frame's
 //! length prefix, which the tag covers. Tags are always the last 32 bytes.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use core::ops::Range;
 use std::fmt;
 
 use super::codec::{put_header, Reader};
@@ -583,32 +584,32 @@ impl Body {
 
     /// Parses the fields of a session frame whose header and tag were already checked.
     /// `frame` is the whole frame; payloads are zero-copy slices of it.
-    pub(crate) fn decode_fields(ty: FrameType, frame: &Bytes) -> Result<Body, FrameError> {
-        let mut r = Reader::new(frame)?;
+    pub(crate) fn decode_fields(ty: FrameType, frame: Bytes) -> Result<Body, FrameError> {
+        /// What the fields say; a payload as where it lies in the frame.
+        enum Fields {
+            Request(Range<usize>),
+            Message(Range<usize>),
+            Response(u64, Status, Range<usize>),
+            Other(Body),
+        }
+        let mut r = Reader::new(&frame)?;
         r.take(8)?; // sequence number, read by the caller
-        let slice_rest = |r: &mut Reader<'_>| -> Result<Bytes, FrameError> {
-            let rest = r.all_but(TAG_LEN)?;
-            let from = frame.len() - r.remaining() - rest.len();
-            Ok(frame.slice(from..from + rest.len()))
+        let len = frame.len();
+        let rest = |r: &mut Reader<'_>| -> Result<Range<usize>, FrameError> {
+            let rest = r.all_but(TAG_LEN)?.len();
+            let from = len - r.remaining() - rest;
+            Ok(from..from + rest)
         };
-        let body = match ty {
-            FrameType::Request => Body::Request {
-                payload: slice_rest(&mut r)?,
-            },
-            FrameType::Message => Body::Message {
-                payload: slice_rest(&mut r)?,
-            },
+        let fields = match ty {
+            FrameType::Request => Fields::Request(rest(&mut r)?),
+            FrameType::Message => Fields::Message(rest(&mut r)?),
             FrameType::Response => {
                 let req_seq = r.u64()?;
                 let status = Status(r.u16()?);
-                Body::Response {
-                    req_seq,
-                    status,
-                    payload: slice_rest(&mut r)?,
-                }
+                Fields::Response(req_seq, status, rest(&mut r)?)
             }
-            FrameType::Ping => Body::Ping,
-            FrameType::Pong => Body::Pong { ping_seq: r.u64()? },
+            FrameType::Ping => Fields::Other(Body::Ping),
+            FrameType::Pong => Fields::Other(Body::Pong { ping_seq: r.u64()? }),
             FrameType::Close => {
                 let code = CloseCode(r.u16()?);
                 let reason = r.all_but(TAG_LEN)?;
@@ -616,10 +617,10 @@ impl Body {
                     return Err(FrameError::BadReason);
                 }
                 let reason = std::str::from_utf8(reason).map_err(|_| FrameError::BadReason)?;
-                Body::Close {
+                Fields::Other(Body::Close {
                     code,
                     reason: reason.to_owned(),
-                }
+                })
             }
             _ => {
                 return Err(FrameError::UnexpectedType {
@@ -630,7 +631,27 @@ impl Body {
         };
         r.take(TAG_LEN)?;
         r.finish()?;
-        Ok(body)
+        // The payload is the frame itself, cut down to it: no reference taken or dropped.
+        let payload = |range: Range<usize>| {
+            let mut payload = frame;
+            payload.truncate(range.end);
+            payload.advance(range.start);
+            payload
+        };
+        Ok(match fields {
+            Fields::Request(range) => Body::Request {
+                payload: payload(range),
+            },
+            Fields::Message(range) => Body::Message {
+                payload: payload(range),
+            },
+            Fields::Response(req_seq, status, range) => Body::Response {
+                req_seq,
+                status,
+                payload: payload(range),
+            },
+            Fields::Other(body) => body,
+        })
     }
 }
 

@@ -141,7 +141,7 @@ impl Session {
             Receiving::PeerClosed(code) => return Err(ProtocolError::PeerClosed(code)),
             Receiving::Failed => return Err(ProtocolError::Poisoned),
         }
-        let result = self.check(&frame);
+        let result = self.check(frame);
         match &result {
             Ok(SessionFrame {
                 body: Body::Close { code, .. },
@@ -153,12 +153,12 @@ impl Session {
         result
     }
 
-    fn check(&mut self, frame: &Bytes) -> Result<SessionFrame, ProtocolError> {
+    fn check(&mut self, frame: Bytes) -> Result<SessionFrame, ProtocolError> {
         // Spec 8.3 step 2: ERROR ends the connection. Before the first session frame it
         // is the server refusing the client's finish (spec 7.2); anywhere else it cannot
         // have come from the peer (ERROR is never part of a session), so it is reported
         // as a cut, never as something the server said.
-        if let Some(code) = ErrorFrame::code_if_error(frame) {
+        if let Some(code) = ErrorFrame::code_if_error(&frame) {
             return Err(if self.role == Role::Client && self.last_recv == 0 {
                 ProtocolError::Refused(code)
             } else {
@@ -166,7 +166,7 @@ impl Session {
             });
         }
         // Spec 8.3 step 1: type and sequence number, the cheap checks.
-        let (ty, seq) = frame::session_header(frame)?;
+        let (ty, seq) = frame::session_header(&frame)?;
         let expected = self.last_recv + 1;
         if seq != expected {
             return Err(ProtocolError::Sequence { expected, got: seq });
