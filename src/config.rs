@@ -370,6 +370,10 @@ impl ServerConfig {
 
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::logging::check_level(&self.log_level).map_err(|reason| ConfigError::Invalid {
+            field: "log_level",
+            reason,
+        })?;
         self.limits.validate()
     }
 }

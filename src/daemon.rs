@@ -30,6 +30,9 @@ pub async fn serve(
     let listener = match systemd::listener_from_env().context("socket activation")? {
         Some(std) => {
             info!("using the socket passed by systemd");
+            if config.listen != ServerConfig::default().listen {
+                warn!(listen = %config.listen, "listen is ignored: systemd passed the socket (set the address in the socket unit's ListenStream=)");
+            }
             tokio::net::TcpListener::from_std(std)?
         }
         None => {
@@ -47,10 +50,16 @@ pub async fn serve(
         state.clone(),
         state.stop.clone(),
     ));
-    state.tasks.spawn(report(state.clone(), state.stop.clone()));
-    let _ = systemd::notify("READY=1\nSTATUS=0 live sessions");
+    // Why the last SIGHUP did not reload, until one does: kept in STATUS=.
+    let reload_failed = Arc::new(std::sync::Mutex::new(None));
+    state.tasks.spawn(report(
+        state.clone(),
+        state.stop.clone(),
+        reload_failed.clone(),
+    ));
+    let _ = systemd::notify(&format!("READY=1\nSTATUS={}", status(0, None)));
     let socket = config.state_dir.join(control::SOCKET);
-    let shutdown = signals(state.clone(), config, reload, log);
+    let shutdown = signals(state.clone(), config, reload, log, reload_failed);
     let result = server::run(listener, Arc::clone(&state), shutdown).await;
     let _ = std::fs::remove_file(socket);
     Ok(result?)
@@ -169,8 +178,22 @@ fn print_first_start(config: &ServerConfig) {
     }
 }
 
+/// Why the last reload failed, if it did.
+type ReloadFailed = Arc<std::sync::Mutex<Option<String>>>;
+
+/// The STATUS= line: live sessions, and a failed reload until one succeeds.
+fn status(sessions: usize, reload_failed: Option<&str>) -> String {
+    let s = if sessions == 1 { "" } else { "s" };
+    match reload_failed {
+        None => format!("{sessions} live session{s}"),
+        Some(why) => format!(
+            "{sessions} live session{s}; configuration NOT reloaded ({why}); running on the previous one"
+        ),
+    }
+}
+
 /// Sends STATUS= when the number of live sessions changes, and WATCHDOG=1 if enabled.
-async fn report(state: Arc<ServerState>, stop: CancellationToken) {
+async fn report(state: Arc<ServerState>, stop: CancellationToken, reload_failed: ReloadFailed) {
     let watchdog = systemd::watchdog_interval();
     let tick = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
     let mut last = 0;
@@ -183,10 +206,11 @@ async fn report(state: Arc<ServerState>, stop: CancellationToken) {
         let n = state.registry.len();
         if n != last {
             last = n;
-            let _ = systemd::notify(&format!(
-                "STATUS={n} live session{}",
-                if n == 1 { "" } else { "s" }
-            ));
+            let note = reload_failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let _ = systemd::notify(&format!("STATUS={}", status(n, note.as_deref())));
         }
         if let Some(w) = watchdog {
             if last_ping.elapsed() >= w {
@@ -203,6 +227,7 @@ async fn signals(
     mut current: ServerConfig,
     reload: impl Fn() -> anyhow::Result<ServerConfig>,
     log: LogHandle,
+    reload_failed: ReloadFailed,
 ) {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -213,11 +238,22 @@ async fn signals(
             _ = int.recv() => { info!("SIGINT received"); break; }
             _ = hup.recv() => {
                 let _ = systemd::notify("RELOADING=1");
-                match reload() {
-                    Ok(new) => apply(&state, &mut current, new, &log),
-                    Err(e) => warn!("configuration not reloaded, keeping the running one: {e:#}"),
-                }
-                let _ = systemd::notify("READY=1");
+                // READY=1 ends the reload either way (systemd waits for it); STATUS= says
+                // whether it took, and keeps saying so until a reload does.
+                let why = match reload() {
+                    Ok(new) => {
+                        apply(&state, &mut current, new, &log);
+                        None
+                    }
+                    Err(e) => {
+                        warn!("configuration not reloaded, keeping the running one: {e:#}");
+                        Some(format!("{e:#}"))
+                    }
+                };
+                let n = state.registry.len();
+                let line = status(n, why.as_deref());
+                *reload_failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                let _ = systemd::notify(&format!("READY=1\nSTATUS={line}"));
             }
         }
     }

@@ -30,9 +30,41 @@ pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
 impl LogHandle {
     /// Replaces the filter (`info`, `debug`, `tally=trace,warn`, ...).
     pub fn set_level(&self, level: &str) -> Result<(), String> {
+        check_level(level)?;
         let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         self.0.reload(filter).map_err(|e| e.to_string())
     }
+}
+
+/// The levels a log filter may name.
+pub const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter (`log_level`, `--log-level`): a level, or comma-separated
+/// `TARGET=LEVEL` directives (`info,tally::server=debug`), LEVEL one of [`LEVELS`]. A bare
+/// word that is not a level is refused: `tracing` would take it for a target's name
+/// (`warning`, `verbose`) and log nothing else at all.
+pub fn check_level(filter: &str) -> Result<(), String> {
+    let valid = || {
+        format!(
+            "use one of {}, or TARGET=LEVEL directives separated by commas (e.g. \"info,tally::server=debug\")",
+            LEVELS.join(", ")
+        )
+    };
+    let is_level = |l: &str| LEVELS.iter().any(|v| v.eq_ignore_ascii_case(l.trim()));
+    for directive in filter.split(',') {
+        let directive = directive.trim();
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(format!("{directive:?} names no target; {}", valid())),
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(format!("{level:?} is not a log level; {}", valid()));
+        }
+    }
+    EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("{e}; {}", valid()))
 }
 
 /// A journald line: `<priority>target: message fields`.
@@ -89,4 +121,29 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
         .with(output)
         .init();
     LogHandle(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_level;
+
+    #[test]
+    fn levels_and_directives_pass_and_words_that_are_no_level_do_not() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,tally::server=debug",
+            "tally=trace, warn",
+        ] {
+            assert_eq!(check_level(ok), Ok(()), "{ok}");
+        }
+        for bad in ["warning", "verbose", "", "info,", "=debug", "tally=loud"] {
+            let e = check_level(bad).unwrap_err();
+            assert!(
+                e.contains("off, error, warn, info, debug, trace"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

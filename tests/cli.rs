@@ -216,3 +216,59 @@ fn readme_walkthrough_with_the_real_binaries() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Issue 14, item 3: a log level that is no level (`warning`, `verbose`) turned logging
+/// off silently (tracing took it for a target's name); daemon-only flags given to an admin
+/// command were accepted and ignored. Both are refused now, with what to do instead.
+#[test]
+fn bad_log_levels_and_daemon_flags_on_admin_commands_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let (code, _, err) = run(
+        TALLYD,
+        &["--log-level", "warning", "--listen", "127.0.0.1:0"],
+        cwd,
+        None,
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("\"warning\" is not a log level"), "{err}");
+    assert!(
+        err.contains("off, error, warn, info, debug, trace"),
+        "{err}"
+    );
+    assert!(
+        !cwd.join("tally-state").exists(),
+        "nothing created before refusing"
+    );
+
+    std::fs::write(cwd.join("t.toml"), "log_level = \"verbose\"\n").unwrap();
+    let (code, _, err) = run(
+        TALLYD,
+        &["--config", "t.toml", "--listen", "127.0.0.1:0"],
+        cwd,
+        None,
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("log_level") && err.contains("\"verbose\" is not a log level"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(
+        TALLYD,
+        &[
+            "identities",
+            "--listen",
+            "127.0.0.1:9",
+            "--takeover",
+            "reject",
+        ],
+        cwd,
+        None,
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("--listen, --takeover applies to the daemon (`tallyd serve`), not to `tallyd identities`"),
+        "{err}"
+    );
+}

@@ -138,6 +138,22 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
         Bytes::from_static(b"still here")
     );
 
+    // SIGHUP with an invalid configuration: the reload ends (READY=1, or systemd would
+    // wait), but STATUS= says it did not take, and the running configuration stays.
+    std::fs::write(&config, "log_level = \"verbose\"\n").unwrap();
+    kill(&child, "-HUP");
+    notes.expect("RELOADING=1");
+    let status = notes.expect("READY=1");
+    assert!(
+        status.contains("STATUS=1 live session; configuration NOT reloaded")
+            && status.contains("\"verbose\" is not a log level"),
+        "{status}"
+    );
+    assert_eq!(
+        c.request("still served").await.unwrap(),
+        Bytes::from_static(b"still served")
+    );
+
     // SIGTERM: STOPPING=1, the session gets CLOSE SHUTDOWN, exit 0.
     kill(&child, "-TERM");
     notes.expect("STOPPING=1");
@@ -162,6 +178,14 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
         "journald priority prefix, no timestamp:\n{log}"
     );
     assert!(log.contains("using the socket passed by systemd"), "{log}");
+    assert!(
+        log.contains("listen is ignored: systemd passed the socket") && log.contains("127.0.0.1:1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("configuration not reloaded, keeping the running one"),
+        "{log}"
+    );
     assert!(log.contains("configuration reloaded"), "{log}");
     assert!(
         log.contains("<4>tally::server: refused: connection limit reached"),

@@ -104,6 +104,39 @@ struct ServeArgs {
     no_open_enrollment: bool,
 }
 
+impl ServeArgs {
+    /// The daemon-only flags given.
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("--listen", self.listen.is_some()),
+            ("--log-level", self.log_level.is_some()),
+            ("--log-format", self.log_format.is_some()),
+            ("--takeover", self.takeover.is_some()),
+            ("--no-open-enrollment", self.no_open_enrollment),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+}
+
+impl Command {
+    /// The subcommand as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Serve => "serve",
+            Command::Init => "init",
+            Command::Token { .. } => "token",
+            Command::Tokens => "tokens",
+            Command::Identities => "identities",
+            Command::Revoke { .. } => "revoke",
+            Command::Remove { .. } => "remove",
+            Command::Sessions => "sessions",
+            Command::Send { .. } => "send",
+        }
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     admin::parse_duration(s)
 }
@@ -144,7 +177,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {}
-        other => return admin_command(&cli.global, other),
+        other => {
+            let given = cli.serve.given();
+            if !given.is_empty() {
+                anyhow::bail!(
+                    "{} applies to the daemon (`tallyd serve`), not to `tallyd {}`: leave it out, or give it to the daemon (flags or its configuration file)",
+                    given.join(", "),
+                    other.name()
+                );
+            }
+            return admin_command(&cli.global, other);
+        }
     }
     let config = load_config(&cli.global, &cli.serve)?;
     let log = logging::init(&config.log_level, config.log_format);
