@@ -150,20 +150,64 @@ pub fn token_rows(
     Ok(open_store(state_dir, creds)?.1.tokens()?)
 }
 
-/// The outstanding tokens as a table: id, issued, expires, state.
-pub fn tokens(state_dir: &Path, creds: Option<&Path>) -> Result<String, AdminError> {
+/// How a listing is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Aligned columns for a person.
+    #[default]
+    Table,
+    /// One JSON array of objects, for scripts: the keys are stable (documented in the
+    /// README) and times are seconds since the Unix epoch (`null` for never).
+    Json,
+}
+
+fn to_json<T: serde::Serialize>(rows: &[T]) -> String {
+    let mut out = serde_json::to_string_pretty(rows).expect("rows serialize");
+    out.push('\n');
+    out
+}
+
+/// A token in `tallyd tokens --json`.
+#[derive(serde::Serialize)]
+struct TokenJson<'a> {
+    id: &'a str,
+    issued: i64,
+    expires: i64,
+    /// `valid` or `expired`.
+    state: &'a str,
+}
+
+/// The outstanding tokens: id, issued, expires, state.
+pub fn tokens(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    format: Format,
+) -> Result<String, AdminError> {
     let rows = token_rows(state_dir, creds)?;
     let now = crate::store::now();
+    let state = |r: &crate::store::TokenRow| if r.expires <= now { "expired" } else { "valid" };
+    if format == Format::Json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| TokenJson {
+                id: &r.id,
+                issued: r.issued,
+                expires: r.expires,
+                state: state(r),
+            })
+            .collect();
+        return Ok(to_json(&rows));
+    }
     let mut out = String::new();
     let _ = writeln!(out, "{:<24} {:<20} {:<20} STATE", "ID", "ISSUED", "EXPIRES");
-    for r in rows {
-        let state = if r.expires <= now { "expired" } else { "valid" };
+    for r in &rows {
         let _ = writeln!(
             out,
-            "{:<24} {:<20} {:<20} {state}",
+            "{:<24} {:<20} {:<20} {}",
             r.id,
             time(Some(r.issued)),
-            time(Some(r.expires))
+            time(Some(r.expires)),
+            state(r)
         );
     }
     Ok(out)
@@ -231,7 +275,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// The identity table: id, mode, created, last seen, revoked, online (UTC times).
-pub fn identities(state_dir: &Path, creds: Option<&Path>) -> Result<String, AdminError> {
+pub fn identities(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    format: Format,
+) -> Result<String, AdminError> {
     let s = secrets(state_dir, creds)?;
     let rows = Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?.list()?;
     let online: Option<HashMap<String, String>> =
@@ -241,6 +289,24 @@ pub fn identities(state_dir: &Path, creds: Option<&Path>) -> Result<String, Admi
             }
             _ => None,
         };
+    if format == Format::Json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let peer = online.as_ref().and_then(|m| m.get(&r.id));
+                IdentityJson {
+                    id: &r.id,
+                    mode: &r.mode,
+                    created: r.created,
+                    last_seen: r.last_seen,
+                    revoked: r.revoked,
+                    online: online.as_ref().map(|_| peer.is_some()),
+                    peer: peer.map(String::as_str),
+                }
+            })
+            .collect();
+        return Ok(to_json(&rows));
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -270,12 +336,30 @@ pub fn identities(state_dir: &Path, creds: Option<&Path>) -> Result<String, Admi
     Ok(out)
 }
 
-/// The live sessions table: id, peer, since, frames in and out.
-pub fn sessions(state_dir: &Path) -> Result<String, AdminError> {
+/// An identity in `tallyd identities --json`.
+#[derive(serde::Serialize)]
+struct IdentityJson<'a> {
+    id: &'a str,
+    /// `open` or `token`: how it enrolled.
+    mode: &'a str,
+    created: i64,
+    last_seen: Option<i64>,
+    revoked: Option<i64>,
+    /// `null` when tallyd is not running (not known).
+    online: Option<bool>,
+    /// The live session's address, if online.
+    peer: Option<&'a str>,
+}
+
+/// The live sessions: id, peer, since, frames in and out.
+pub fn sessions(state_dir: &Path, format: Format) -> Result<String, AdminError> {
     let sessions = match control::call(state_dir, &ControlRequest::Sessions)? {
         ControlResponse::Sessions { sessions } => sessions,
         other => return Err(unexpected(state_dir, other)),
     };
+    if format == Format::Json {
+        return Ok(to_json(&sessions));
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,

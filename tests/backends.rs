@@ -316,10 +316,12 @@ async fn operator_sends_requests_and_messages_to_a_connected_device() {
             .contains("identity nobody is not connected"),
         "{offline}"
     );
-    let table = tokio::task::spawn_blocking(move || tally::admin::sessions(&dir))
-        .await
-        .unwrap()
-        .unwrap();
+    let table = tokio::task::spawn_blocking(move || {
+        tally::admin::sessions(&dir, tally::admin::Format::Table)
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let row = table
         .lines()
         .find(|l| l.starts_with("field-unit"))

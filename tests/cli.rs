@@ -132,6 +132,58 @@ fn readme_walkthrough_with_the_real_binaries() {
         table.lines().nth(1).unwrap().starts_with("sensor-42"),
         "{table}"
     );
+    // The same for scripts (issue 14, item 4): stable keys, times in Unix seconds.
+    let (code, json, err) = run(
+        TALLYD,
+        &["identities", "--json", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["id"], "sensor-42", "{json}");
+    assert_eq!(row["mode"], "open", "{json}");
+    assert!(row["created"].as_i64().unwrap() > 1_700_000_000, "{json}");
+    // last_seen is written in batches: present, a time or null.
+    let keys: Vec<&str> = row
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys, // sorted
+        [
+            "created",
+            "id",
+            "last_seen",
+            "mode",
+            "online",
+            "peer",
+            "revoked"
+        ],
+        "{json}"
+    );
+    assert!(row["revoked"].is_null(), "{json}");
+    assert_eq!(
+        row["online"], false,
+        "tallyd runs, the device is not connected: {json}"
+    );
+    let (code, json, err) = run(
+        TALLYD,
+        &["sessions", "--json", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!((code, json.trim()), (0, "[]"), "{err}");
+    let (code, json, err) = run(
+        TALLYD,
+        &["tokens", "--json", "--state-dir", state_arg],
+        dir.path(),
+        None,
+    );
+    assert_eq!((code, json.trim()), (0, "[]"), "{err}");
 
     let (code, out, _) = run(
         TALLYD,

@@ -54,9 +54,17 @@ enum Command {
         rotate_open: bool,
     },
     /// List the outstanding per-identity tokens: id, issued, expires, state.
-    Tokens,
+    Tokens {
+        /// Print a JSON array (keys: id, issued, expires, state; times in Unix seconds).
+        #[arg(long)]
+        json: bool,
+    },
     /// List identities: id, mode, created, last seen, revoked, online.
-    Identities,
+    Identities {
+        /// Print a JSON array (keys: id, mode, created, last_seen, revoked, online, peer).
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke an identity: refuse it from now on and close its live session.
     Revoke {
         /// The identity.
@@ -69,7 +77,11 @@ enum Command {
         id: String,
     },
     /// List live sessions: id, peer, since, frames in and out.
-    Sessions,
+    Sessions {
+        /// Print a JSON array (keys: id, peer, since, frames_in, frames_out).
+        #[arg(long)]
+        json: bool,
+    },
     /// Send a MESSAGE (or with --request a REQUEST, printing the device's answer) to a connected device.
     Send {
         /// The identity.
@@ -127,13 +139,21 @@ impl Command {
             Command::Serve => "serve",
             Command::Init => "init",
             Command::Token { .. } => "token",
-            Command::Tokens => "tokens",
-            Command::Identities => "identities",
+            Command::Tokens { .. } => "tokens",
+            Command::Identities { .. } => "identities",
             Command::Revoke { .. } => "revoke",
             Command::Remove { .. } => "remove",
-            Command::Sessions => "sessions",
+            Command::Sessions { .. } => "sessions",
             Command::Send { .. } => "send",
         }
+    }
+}
+
+fn format(json: bool) -> admin::Format {
+    if json {
+        admin::Format::Json
+    } else {
+        admin::Format::Table
     }
 }
 
@@ -242,8 +262,13 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                 eprintln!("note: open enrollment is off in this configuration (open_enrollment = false): this token is refused until it is turned on");
             }
         }
-        Command::Tokens => print!("{}", admin::tokens(dir, creds.as_deref())?),
-        Command::Identities => print!("{}", admin::identities(dir, creds.as_deref())?),
+        Command::Tokens { json } => {
+            print!("{}", admin::tokens(dir, creds.as_deref(), format(json))?)
+        }
+        Command::Identities { json } => print!(
+            "{}",
+            admin::identities(dir, creds.as_deref(), format(json))?
+        ),
         Command::Revoke { id } => {
             let r = admin::revoke(dir, creds.as_deref(), &id)?;
             let state = if r.newly {
@@ -270,7 +295,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             };
             println!("{id}: removed, and can be enrolled again; {session}");
         }
-        Command::Sessions => print!("{}", admin::sessions(dir)?),
+        Command::Sessions { json } => print!("{}", admin::sessions(dir, format(json))?),
         Command::Send {
             id,
             request,
