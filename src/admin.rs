@@ -525,7 +525,9 @@ mod tests {
         let again = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
         assert!(again.credential.ct_eq(&rotated.credential));
         assert_eq!(token_rows(dir.path(), None).unwrap().len(), 1);
-        assert!(tokens(dir.path(), None, Format::Table).unwrap().contains("dev-1"));
+        assert!(tokens(dir.path(), None, Format::Table)
+            .unwrap()
+            .contains("dev-1"));
         assert!(revoke_token(dir.path(), None, "dev-1").unwrap());
         assert!(token_rows(dir.path(), None).unwrap().is_empty());
     }

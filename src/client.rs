@@ -125,6 +125,43 @@ pub enum ClientError {
     /// The session was closed by this side.
     #[error("session already closed")]
     SessionClosed,
+    /// The server's first bytes cannot start a Tally frame: another protocol answered.
+    #[error("this does not look like a Tally server (it answered with {0})")]
+    NotTally(String),
+}
+
+/// Reads the server's first frame of a handshake or enrollment. Bytes that cannot start
+/// one (an HTTP status line, an SSH banner, a TLS alert) are named: pointing a device at
+/// the wrong port is common, and "frame length 1213486160" says nothing.
+async fn read_first_frame(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, ClientError> {
+    match read_frame(tcp, buf, HANDSHAKE_MAX_FRAME_LEN).await {
+        Err(ReadError::Frame(e)) => Err(other_protocol(buf)
+            .map(ClientError::NotTally)
+            .unwrap_or_else(|| ReadError::Frame(e).into())),
+        r => Ok(r?),
+    }
+}
+
+/// What a reply that is not a Tally frame looks like, if it looks like something.
+fn other_protocol(bytes: &[u8]) -> Option<String> {
+    if bytes.starts_with(b"HTTP/") {
+        return Some("HTTP".into());
+    }
+    if bytes.starts_with(b"SSH-") {
+        return Some("an SSH banner".into());
+    }
+    if matches!(bytes, [0x15 | 0x16, 0x03, ..]) {
+        return Some("TLS".into());
+    }
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let text = line.len() >= 4
+        && line
+            .iter()
+            .all(|&b| b == b'\r' || b == b'\t' || (0x20..0x7f).contains(&b));
+    text.then(|| {
+        let shown = String::from_utf8_lossy(&line[..line.len().min(40)]);
+        format!("text: {:?}", shown.trim_end())
+    })
 }
 
 impl From<io::Error> for ClientError {
@@ -382,7 +419,7 @@ async fn enroll_once(
         let mut out = BytesMut::new();
         let wait = ClientAwaitReply::start(token.client_params(id), random_bytes(), &mut out);
         tcp.write_all(&out).await?;
-        let reply = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+        let reply = read_first_frame(&mut tcp, &mut buf).await?;
         out.clear();
         let wait = wait.handle_reply(&reply, &mut out)?;
         // From here on the server may store the identity: no retry.
@@ -552,7 +589,7 @@ impl Client {
                 &mut out,
             );
             tcp.write_all(&out).await?;
-            let auth = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN).await?;
+            let auth = read_first_frame(&mut tcp, &mut buf).await?;
             out.clear();
             let established = wait.handle_server_auth(&auth, &mut out)?;
             // CLIENT_FINISH, under the same deadline: the driver starts with an empty

@@ -6,6 +6,10 @@ use zeroize::Zeroizing;
 use crate::proto::credential::{parse_hex32, Credential, CredentialError};
 use crate::proto::{Id, SecretKey};
 
+/// What a credential file holds, for error messages.
+const SHAPE: &str = "a credential file has the lines `tally-credential = 1`, \
+                     `id = \"...\"`, `key = \"<64 hex digits>\"` and `server = \"HOST:PORT\"`";
+
 impl Credential {
     /// The credential file's text. It is a secret: the result is zeroized on drop.
     pub fn to_file(&self) -> Zeroizing<String> {
@@ -21,13 +25,28 @@ impl Credential {
 
     /// Parses a credential file.
     pub fn from_file(text: &str) -> Result<Self, CredentialError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| CredentialError::File(e.message().to_owned()))?;
+        // What people hand over instead: the token the credential was enrolled with.
+        if text.trim_start().starts_with("tally1-") {
+            return Err(CredentialError::File(
+                "this is an enrollment token, not a device credential: enroll with it \
+                 (`tally enroll --token-file FILE --id ID`), which writes the credential file"
+                    .into(),
+            ));
+        }
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let before = e.span().and_then(|span| text.get(..span.start));
+            let line = before.map_or(1, |b| b.matches('\n').count() + 1);
+            CredentialError::File(format!(
+                "line {line}: {}; it does not look like a Tally credential ({SHAPE})",
+                e.message()
+            ))
+        })?;
         let field = |name: &str| {
-            table
-                .get(name)
-                .ok_or_else(|| CredentialError::File(format!("missing field `{name}`")))
+            table.get(name).ok_or_else(|| {
+                CredentialError::File(format!(
+                    "missing field `{name}` (a truncated file? {SHAPE})"
+                ))
+            })
         };
         let string = |name: &'static str| {
             field(name)?

@@ -152,7 +152,15 @@ impl<R: Role> Future for Driver<'_, R> {
         if me.sink.is_some() {
             return poll_linger(me.rd, me.sink, me.ended, me.timer, cx);
         }
+        let mut passes = 0;
         loop {
+            // Busy for this many passes: yield (woken again at once), so that one session
+            // that always has something to do cannot hold its worker thread.
+            passes += 1;
+            if passes > MAX_PASSES {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let now = t - *me.origin;
             while let Some(event) = me.conn.poll_event() {
                 if let Event::Closed(end) = &event {
@@ -300,6 +308,11 @@ impl<R: Role> Future for Driver<'_, R> {
         }
     }
 }
+/// Passes of the session loop in one `poll` before the driver yields to other tasks. Each
+/// pass handles a read, a write, a piece of work and the timer; tokio's budget usually
+/// makes the socket yield sooner, this bounds what does not take that budget.
+const MAX_PASSES: usize = 64;
+
 /// Room made in the read buffer when it has less than half of this spare: several
 /// frames of a busy session per read (one `recv` per burst), and no more than a read
 /// into a fresh buffer needs.
@@ -329,6 +342,12 @@ fn poll_linger(
     cx: &mut Context<'_>,
 ) -> Poll<Outcome> {
     let buf = sink.as_mut().expect("lingering");
+    // The deadline first, while this poll still has tokio's budget: reads that use it all
+    // up (a peer that keeps sending) must not keep the timer from ever being seen.
+    if timer.as_mut().poll(cx).is_ready() {
+        *sink = None;
+        return Poll::Ready(Outcome::Ended(ended.take().expect("ended")));
+    }
     loop {
         let mut rb = ReadBuf::new(buf);
         match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
@@ -356,7 +375,7 @@ mod tests {
     use super::*;
     use crate::proto::session::tests::pair as sessions;
     use crate::proto::Body;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
     /// A role with no work of its own, that never holds the peer back.
@@ -430,5 +449,105 @@ mod tests {
         );
         assert!(!driver.is_finished(), "the session is held, not ended");
         driver.abort();
+    }
+
+    /// Review of 444780b: after the session's end the driver lingers (reads and drops)
+    /// for 2 s at most. Its timer was polled only when a read found nothing, and reads
+    /// that use up tokio's budget make the timer's poll return Pending too: a peer that
+    /// kept the socket readable kept the session (its task, socket and permit) for as long
+    /// as it liked. Here 1 MiB waits to be drained when the deadline passes: the driver
+    /// must end at its next poll, not after draining it all (before the fix: 8 more polls).
+    #[tokio::test(start_paused = true)]
+    async fn the_linger_after_close_ends_at_its_deadline_while_the_peer_keeps_sending() {
+        let (mut client, server) = sessions();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mine, _) = l.accept().await.unwrap();
+        rustix::net::sockopt::set_socket_recv_buffer_size(&mine, 4 << 20).unwrap();
+        let driver = tokio::spawn(async move {
+            let config = Config::server();
+            run(
+                server,
+                config,
+                mine.into_split(),
+                BytesMut::new(),
+                &mut Quiet,
+                Duration::from_secs(30),
+            )
+            .await
+        });
+        let (mut prd, mut pwr) = peer.into_split();
+        let mut close = BytesMut::new();
+        let bye = Body::Close {
+            code: crate::proto::CloseCode::NORMAL,
+            reason: "bye".into(),
+        };
+        client.seal(&bye, &mut close).unwrap();
+        pwr.write_all(&close).await.unwrap();
+        // The driver's CLOSE: it has answered and is lingering.
+        let mut answer = [0u8; 256];
+        assert!(prd.read(&mut answer).await.unwrap() > 0);
+        pwr.write_all(&vec![0u8; 1 << 20]).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            if driver.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(driver.is_finished(), "still lingering after its deadline");
+        assert!(matches!(
+            driver.await.unwrap(),
+            Outcome::Ended(End::PeerClosed { .. })
+        ));
+    }
+
+    /// Review of 444780b: the driver loops while any source makes progress, and work
+    /// from the role does not always take tokio's budget: a role that always has work
+    /// kept `poll` from ever returning (its worker thread held, its writes and timer
+    /// never polled with budget). Now a `poll` makes at most `MAX_PASSES` passes, then
+    /// yields, waking itself.
+    #[tokio::test]
+    async fn a_session_with_endless_work_still_yields() {
+        struct Endless(usize);
+        impl Role for Endless {
+            type Work = ();
+            fn poll_work(&mut self, _: &mut Context<'_>) -> Poll<()> {
+                self.0 += 1;
+                Poll::Ready(())
+            }
+            fn apply(&mut self, _: (), _: &mut Connection, _: Duration) {}
+            fn event(&mut self, _: Event, _: &mut Connection, _: Duration) {}
+        }
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let (_client, server) = sessions();
+        let (mine, _peer) = small_pair().await;
+        let mut role = Endless(0);
+        let flag = std::sync::Arc::new(Flag(false.into()));
+        let waker = std::task::Waker::from(flag.clone());
+        {
+            let config = Config::server();
+            let io = mine.into_split();
+            let stall = Duration::from_secs(30);
+            let mut d = std::pin::pin!(run(server, config, io, BytesMut::new(), &mut role, stall));
+            assert!(d
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+        }
+        assert!(
+            flag.0.load(std::sync::atomic::Ordering::SeqCst),
+            "yielded without asking to be polled again"
+        );
+        assert!(
+            role.0 <= MAX_PASSES,
+            "{} pieces of work in one poll",
+            role.0
+        );
     }
 }

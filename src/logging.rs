@@ -36,6 +36,24 @@ impl LogHandle {
     }
 }
 
+/// An error as a command prints it: each cause once (a message that already ends with
+/// its cause's text does not get it again), on one line, and never a backtrace (errors a
+/// user caused are not crashes; `RUST_BACKTRACE=1` is for panics).
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// The levels a log filter may name.
 pub const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -125,7 +143,14 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
 
 #[cfg(test)]
 mod tests {
-    use super::check_level;
+    use super::{check_level, error_report};
+
+    #[test]
+    fn an_error_report_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = anyhow::Error::new(crate::wire::ReadError::Io(io)).context("cannot connect");
+        assert_eq!(error_report(&e), "cannot connect: connection refused");
+    }
 
     #[test]
     fn levels_and_directives_pass_and_words_that_are_no_level_do_not() {

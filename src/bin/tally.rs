@@ -174,8 +174,7 @@ struct ConnArgs {
 
 impl ConnArgs {
     async fn connect(&self) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Incoming>)> {
-        let text = std::fs::read_to_string(&self.cred)
-            .with_context(|| format!("cannot read {}", self.cred.display()))?;
+        let text = read_credential(&self.cred)?;
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
         let default = client::Retry::default();
         let mut opts = ClientOptions::default()
@@ -477,9 +476,35 @@ async fn main() {
         .without_time()
         .init();
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("tally: {e:#}");
+        eprintln!("tally: {}", tally::logging::error_report(&e));
         std::process::exit(1);
     }
+}
+
+/// Reads a credential file, refusing one that other users can read or write (as ssh
+/// refuses such a private key): its key lets anyone act as the device.
+fn read_credential(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {shown}"))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        anyhow::bail!(
+            "{shown} is accessible to every user of this machine (mode {:04o}), and its key \
+             lets anyone act as the device: `chmod 600 {shown}`, then try again",
+            mode & 0o7777
+        );
+    }
+    if mode & 0o060 != 0 {
+        tracing::warn!(
+            "{shown} is accessible to its group (mode {:04o}); `chmod 600 {shown}` unless that group is meant to hold the device's key",
+            mode & 0o7777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {shown}"))?;
+    Ok(zeroize::Zeroizing::new(text))
 }
 
 /// The enrollment token: from `--token-file` (`-` is stdin), `--token`, `$TALLY_TOKEN`,

@@ -193,8 +193,14 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     Ok(config)
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("tallyd: {}", logging::error_report(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {}
         other => {

@@ -145,15 +145,21 @@ impl Mailbox {
     /// For the session: a close asked for first, else the next command; registers the
     /// task's waker when there is neither.
     pub fn poll_mail(&self, cx: &mut Context<'_>) -> Poll<Mail> {
+        // A command is work done: it takes tokio's budget, as a channel's receive does, so
+        // that senders that keep the mailbox full cannot keep the session's task from
+        // ever yielding.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         self.waker.register(cx.waker());
         let mut inbox = self.lock();
         if let Some((code, reason)) = inbox.close.take() {
+            coop.made_progress();
             return Poll::Ready(Mail::Close(code, reason));
         }
         match inbox.commands.pop_front() {
             Some(cmd) => {
                 drop(inbox);
                 self.room.add_permits(1);
+                coop.made_progress();
                 Poll::Ready(Mail::Command(cmd))
             }
             None => Poll::Pending,

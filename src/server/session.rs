@@ -192,6 +192,15 @@ pub(super) async fn run(
     }
 }
 
+impl Drop for ServerRole {
+    /// However the session ends (a panic, or its task dropped at shutdown): commands still
+    /// queued and senders waiting for room learn at once that it ended, not after their
+    /// timeout.
+    fn drop(&mut self) {
+        self.mailbox.end();
+    }
+}
+
 impl ServerRole {
     /// Sends the RESPONSE to request `seq`.
     fn answer(&mut self, seq: u64, reply: Reply, conn: &mut Connection, now: Duration) {
