@@ -375,7 +375,7 @@ mod tests {
     use super::*;
     use crate::proto::session::tests::pair as sessions;
     use crate::proto::Body;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
     /// A role with no work of its own, that never holds the peer back.
