@@ -45,9 +45,20 @@ pub enum SecretsError {
         "{0}: mode {1:o} lets other users write to the state directory; run `chmod 700` on it"
     )]
     OpenDirectory(PathBuf, u32),
-    /// A key is missing and may not be created here.
-    #[error("{0} does not exist; run `tallyd init` first")]
+    /// A key is missing (its state directory exists) and may not be created here.
+    #[error("{0} does not exist: this state directory has no keys yet (run `tallyd init`, or start tallyd once); if the daemon gets its keys from systemd credentials (LoadCredential=), give this command the same directory in $CREDENTIALS_DIRECTORY")]
     Missing(PathBuf),
+    /// The state directory itself does not exist.
+    #[error("no state directory at {0}: give the --state-dir the daemon uses (the systemd unit's is /var/lib/tally), or start tallyd once to create this one")]
+    NoStateDir(PathBuf),
+    /// A key exists but this user may not read it (or reach it).
+    #[error("{path}: permission denied for user {user}: run this as the daemon's user or as root (e.g. `sudo tallyd ...`)")]
+    Denied {
+        /// The file.
+        path: PathBuf,
+        /// Who tried (name and uid).
+        user: String,
+    },
     /// Another daemon runs with this state directory.
     #[error("another tallyd runs with state directory {0} (it holds {0}/{LOCK_FILE}); stop it first, or give this one its own --state-dir")]
     InUse(PathBuf),
@@ -95,6 +106,25 @@ pub fn state_dir_in_use(dir: &Path) -> bool {
         flock(&file, FlockOperation::NonBlockingLockShared),
         Err(rustix::io::Errno::WOULDBLOCK)
     )
+}
+
+/// Permission denied on `path`, naming this process's user.
+fn denied(path: &Path) -> SecretsError {
+    let uid = rustix::process::getuid().as_raw();
+    let name = fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
+        passwd.lines().find_map(|line| {
+            let mut f = line.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid.to_string()).then(|| name.to_owned())
+        })
+    });
+    SecretsError::Denied {
+        path: path.to_owned(),
+        user: match name {
+            Some(name) => format!("{name} (uid {uid})"),
+            None => format!("uid {uid}"),
+        },
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
@@ -145,7 +175,11 @@ fn read_key(path: &Path) -> Result<SecretKey, SecretsError> {
     if mode & 0o077 != 0 {
         return Err(SecretsError::Permissions(path.to_owned(), mode));
     }
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(io_err(path))?);
+    let text = match fs::read_to_string(path) {
+        Ok(text) => Zeroizing::new(text),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(denied(path)),
+        Err(e) => return Err(io_err(path)(e)),
+    };
     let mut bytes = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(text.trim(), bytes.as_mut())
         .map_err(|_| SecretsError::Format(path.to_owned()))?;
@@ -187,11 +221,21 @@ fn load_or_create(
     create: bool,
 ) -> Result<(SecretKey, bool), SecretsError> {
     let path = locate(state_dir, creds, name);
-    if path.exists() {
-        return Ok((read_key(&path)?, false));
-    }
-    if !create {
-        return Err(SecretsError::Missing(path));
+    // Not `exists()`: it says "no" for a file this user may not reach, and the advice
+    // for a missing key (create one) is wrong for a key that is there.
+    match fs::metadata(&path) {
+        Ok(_) => return Ok((read_key(&path)?, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(denied(&path));
+        }
+        Err(_) if create => {}
+        Err(_) => {
+            return Err(match fs::metadata(state_dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied(&path),
+                Err(_) => SecretsError::NoStateDir(state_dir.to_owned()),
+                Ok(_) => SecretsError::Missing(path),
+            })
+        }
     }
     let key = SecretKey::from_bytes(random_bytes());
     write_secret_file(&path, hex::encode(key.expose()).as_bytes())?;

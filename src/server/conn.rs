@@ -21,7 +21,7 @@ use super::session;
 use super::tarpit::Farewell;
 use super::ServerState;
 use crate::proto::enroll::InitReceived;
-use crate::proto::frame::{EnrollMode, ErrorFrame, FrameType};
+use crate::proto::frame::{EnrollInit, EnrollMode, ErrorFrame, FrameType};
 use crate::proto::handshake::{Established, HelloReceived, ServerLimits};
 use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 use crate::secrets::random_bytes;
@@ -305,7 +305,19 @@ fn store_failed(e: StoreError) -> Refusal {
 
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<Commit, Refusal> {
-    let init = InitReceived::parse(&state.params, init)?;
+    let init = match InitReceived::parse(&state.params, init) {
+        // Named with the id it claimed: the operator can tell which device still uses
+        // the open token.
+        Err(ProtocolError::OpenModeDisabled) => {
+            let id = EnrollInit::decode(init).map(|i| i.id)?;
+            return Err(Refusal::EnrollRefused {
+                id,
+                mode: EnrollMode::Open.as_str(),
+                why: "open enrollment is off (open_enrollment = false): issue this device a per-identity token with `tallyd token --id`",
+            });
+        }
+        r => r?,
+    };
     if let Some(limit) = state.enroll_budget_spent() {
         return Err(Refusal::EnrollBusy(limit));
     }

@@ -9,6 +9,24 @@ pub struct Daemon {
     pub addr: String,
     /// What it logged up to the line with its address.
     pub startup_log: Vec<String>,
+    /// What it logs after that, line by line.
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Waits (up to 20 s) for a log line containing every one of `parts`; returns it.
+    #[allow(dead_code)]
+    pub fn expect_log(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {parts:?}"),
+            }
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -73,6 +91,7 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
             child,
             addr,
             startup_log,
+            log: rx,
         },
         out,
     )
