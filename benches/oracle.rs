@@ -102,8 +102,10 @@ fn hello() {
         tokio::spawn(server::run(listener, state.clone(), std::future::pending()));
         addr
     });
-    let token =
-        EnrollmentToken::parse(&admin::open_token(dir.path(), None, false).unwrap()).unwrap();
+    // On the store: this in-process daemon holds the state directory but serves no
+    // control socket for `admin::open_token` to ask.
+    let open = admin::open_token_in(&state.store, state.params.static_public(), false);
+    let token = EnrollmentToken::parse(&open.unwrap()).unwrap();
     let enroll = |id: &str| {
         rt.block_on(client::enroll(
             &addr.to_string(),

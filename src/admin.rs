@@ -35,6 +35,9 @@ pub enum AdminError {
     /// An argument is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// `init` beside a running daemon.
+    #[error("a tallyd runs with state directory {0} and has its keys already: `tallyd init` would make other keys beside them, whose tokens it would refuse. Admin commands (`tallyd token`, `identities`, ...) work through the running daemon without key files")]
+    Running(PathBuf),
     /// A daemon holds the state directory but does not answer on its control socket.
     #[error("a tallyd holds state directory {0} but does not answer on its control socket (starting, stopping, or its socket was removed): retry, or restart it. Identities are not changed behind a running daemon: its sessions and its key index would not see it")]
     Unreachable(PathBuf),
@@ -47,6 +50,11 @@ fn secrets(state_dir: &Path, creds: Option<&Path>) -> Result<ServerSecrets, Admi
 
 /// Creates the state directory, keys and store if missing. Returns whether keys were created.
 pub fn init(state_dir: &Path, creds: Option<&Path>) -> Result<bool, AdminError> {
+    // A daemon that runs has its keys (perhaps from systemd credentials, out of this
+    // shell's sight): keys made here would be others, and tokens made with them refused.
+    if crate::secrets::state_dir_in_use(state_dir) {
+        return Err(AdminError::Running(state_dir.to_owned()));
+    }
     let s = ServerSecrets::load(state_dir, creds, true)?;
     Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?;
     Ok(s.created)
@@ -67,13 +75,30 @@ fn server_static(s: &ServerSecrets) -> [u8; 32] {
 
 /// The open enrollment token (spec 9.1): the open key `EK` and the server's public key.
 /// With `rotate`, a new open key replaces the old one first, and every open token
-/// handed out before stops working.
+/// handed out before stops working. Through the running daemon if there is one (an
+/// operator's shell need not hold the daemon's keys), else in the state directory.
 pub fn open_token(
     state_dir: &Path,
     creds: Option<&Path>,
     rotate: bool,
 ) -> Result<Zeroizing<String>, AdminError> {
-    let (s, store) = open_store(state_dir, creds)?;
+    match via_daemon(state_dir, &ControlRequest::OpenToken { rotate })? {
+        Some(ControlResponse::Token { token, .. }) => Ok(Zeroizing::new(token)),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => {
+            let (s, store) = open_store(state_dir, creds)?;
+            open_token_in(&store, server_static(&s), rotate)
+        }
+    }
+}
+
+/// [`open_token`] on an open store, with the server's public key (what the daemon does
+/// when asked on its control socket; in-process tests use it too).
+pub fn open_token_in(
+    store: &Store,
+    server_static: [u8; 32],
+    rotate: bool,
+) -> Result<Zeroizing<String>, AdminError> {
     let credential = if rotate {
         store.rotate_open_key()?
     } else {
@@ -82,7 +107,7 @@ pub fn open_token(
     Ok(EnrollmentToken {
         mode: EnrollMode::Open,
         credential,
-        server_static: server_static(&s),
+        server_static,
     }
     .encode())
 }
@@ -101,21 +126,53 @@ pub struct IssuedToken {
 }
 
 /// Issues a single-use token that can enroll only `id`, valid for `lifetime`; a token
-/// issued for `id` before stops working.
+/// issued for `id` before stops working. Through the running daemon if there is one.
 pub fn issue_token(
     state_dir: &Path,
     creds: Option<&Path>,
     id: &str,
     lifetime: Duration,
 ) -> Result<IssuedToken, AdminError> {
-    let id = Id::new(id)?;
-    if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
+    check_lifetime(lifetime)?;
+    let req = ControlRequest::IssueToken {
+        id: Id::new(id)?.to_string(),
+        lifetime_secs: lifetime.as_secs(),
+    };
+    match via_daemon(state_dir, &req)? {
+        Some(ControlResponse::Token {
+            token,
+            expires: Some(expires),
+        }) => Ok(IssuedToken {
+            token: Zeroizing::new(token),
+            expires,
+        }),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => {
+            let (s, store) = open_store(state_dir, creds)?;
+            issue_token_in(&store, server_static(&s), id, lifetime)
+        }
+    }
+}
+
+fn check_lifetime(lifetime: Duration) -> Result<(), AdminError> {
+    if lifetime.as_secs() == 0 || lifetime > MAX_TOKEN_LIFETIME {
         return Err(AdminError::Invalid(format!(
-            "a token's lifetime must be more than 0 and at most {} days",
+            "a token's lifetime must be at least 1 s and at most {} days",
             MAX_TOKEN_LIFETIME.as_secs() / 86_400
         )));
     }
-    let (s, store) = open_store(state_dir, creds)?;
+    Ok(())
+}
+
+/// [`issue_token`] on an open store, with the server's public key.
+pub fn issue_token_in(
+    store: &Store,
+    server_static: [u8; 32],
+    id: &str,
+    lifetime: Duration,
+) -> Result<IssuedToken, AdminError> {
+    let id = Id::new(id)?;
+    check_lifetime(lifetime)?;
     let expires = crate::store::now() + lifetime.as_secs() as i64;
     let credential = match store.issue_token(&id, expires) {
         Err(crate::store::StoreError::Taken(_)) => {
@@ -129,25 +186,35 @@ pub fn issue_token(
         token: EnrollmentToken {
             mode: EnrollMode::Token,
             credential,
-            server_static: server_static(&s),
+            server_static,
         }
         .encode(),
         expires,
     })
 }
 
-/// Revokes the outstanding token of `id`. Returns whether there was one.
+/// Revokes the outstanding token of `id`. Returns whether there was one. Through the
+/// running daemon if there is one.
 pub fn revoke_token(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<bool, AdminError> {
     let id = Id::new(id)?;
-    Ok(open_store(state_dir, creds)?.1.revoke_token(id.as_str())?)
+    let req = ControlRequest::RevokeToken { id: id.to_string() };
+    match via_daemon(state_dir, &req)? {
+        Some(ControlResponse::TokenRevoked { existed }) => Ok(existed),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => Ok(open_store(state_dir, creds)?.1.revoke_token(id.as_str())?),
+    }
 }
 
-/// The outstanding per-identity tokens.
+/// The outstanding per-identity tokens. Through the running daemon if there is one.
 pub fn token_rows(
     state_dir: &Path,
     creds: Option<&Path>,
 ) -> Result<Vec<crate::store::TokenRow>, AdminError> {
-    Ok(open_store(state_dir, creds)?.1.tokens()?)
+    match via_daemon(state_dir, &ControlRequest::Tokens)? {
+        Some(ControlResponse::Tokens { tokens }) => Ok(tokens),
+        Some(other) => Err(unexpected(state_dir, other)),
+        None => Ok(open_store(state_dir, creds)?.1.tokens()?),
+    }
 }
 
 /// How a listing is printed.
@@ -280,14 +347,18 @@ pub fn identities(
     creds: Option<&Path>,
     format: Format,
 ) -> Result<String, AdminError> {
-    let s = secrets(state_dir, creds)?;
-    let rows = Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?.list()?;
-    let online: Option<HashMap<String, String>> =
-        match control::call(state_dir, &ControlRequest::Sessions) {
-            Ok(ControlResponse::Sessions { sessions }) => {
-                Some(sessions.into_iter().map(|s| (s.id, s.peer)).collect())
-            }
-            _ => None,
+    // Through the running daemon if there is one (with who is online), else the store.
+    let (rows, online): (_, Option<HashMap<String, String>>) =
+        match via_daemon(state_dir, &ControlRequest::Identities)? {
+            Some(ControlResponse::Identities {
+                identities,
+                sessions,
+            }) => (
+                identities,
+                Some(sessions.into_iter().map(|s| (s.id, s.peer)).collect()),
+            ),
+            Some(other) => return Err(unexpected(state_dir, other)),
+            None => (open_store(state_dir, creds)?.1.list()?, None),
         };
     if format == Format::Json {
         let rows: Vec<_> = rows

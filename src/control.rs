@@ -1,11 +1,12 @@
 //! The daemon's local control socket: `<state_dir>/tallyd.sock`, mode 0600.
 //!
-//! Admin commands (`tallyd identities`, `tallyd revoke`) run as separate processes. While
-//! a daemon runs they change identities only through this socket (the daemon changes
-//! its store and its in-memory key index, and closes the live session at once); when it
-//! does not answer but holds the state directory's lock, they refuse; with no daemon,
-//! they change the store directly. Tokens are written directly either way. The protocol
-//! is one JSON object per line in each direction, one request per connection.
+//! Admin commands (`tallyd identities`, `tallyd token`, `tallyd revoke`) run as separate
+//! processes. While a daemon runs they do everything through this socket: the daemon
+//! changes its store and its in-memory key index, closes live sessions at once, and makes
+//! tokens with its own keys (which the operator's shell may not have: systemd
+//! credentials). When it does not answer but holds the state directory's lock, they
+//! refuse; with no daemon, they use the store directly. The protocol is one JSON object
+//! per line in each direction, one request per connection.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -51,6 +52,27 @@ pub enum ControlRequest {
         /// The CLOSE code.
         code: u16,
     },
+    /// The open enrollment token; with `rotate`, a new open key first.
+    OpenToken {
+        /// Replace the open key (every open token handed out before stops working).
+        rotate: bool,
+    },
+    /// Issue a single-use token for one identity.
+    IssueToken {
+        /// The identity it may enroll.
+        id: String,
+        /// How long it is valid, in seconds.
+        lifetime_secs: u64,
+    },
+    /// Withdraw an identity's outstanding token.
+    RevokeToken {
+        /// The identity.
+        id: String,
+    },
+    /// List the outstanding per-identity tokens.
+    Tokens,
+    /// List the identities, and the live sessions.
+    Identities,
     /// Send a REQUEST (and wait for the device's RESPONSE) or a MESSAGE to a device.
     Send {
         /// The identity.
@@ -101,6 +123,30 @@ pub enum ControlResponse {
     },
     /// A MESSAGE was written to the device's session.
     Sent,
+    /// An enrollment token (a secret: the socket is only the daemon's user's and root's).
+    Token {
+        /// The token text.
+        token: String,
+        /// When it expires (seconds since the Unix epoch); `None` for the open token.
+        expires: Option<i64>,
+    },
+    /// Whether an outstanding token was withdrawn.
+    TokenRevoked {
+        /// There was one.
+        existed: bool,
+    },
+    /// The outstanding per-identity tokens.
+    Tokens {
+        /// One per identity.
+        tokens: Vec<crate::store::TokenRow>,
+    },
+    /// The identities, and the live sessions.
+    Identities {
+        /// One per identity.
+        identities: Vec<crate::store::IdentityRow>,
+        /// The live sessions.
+        sessions: Vec<SessionInfo>,
+    },
     /// The request could not be served.
     Error {
         /// Why.
@@ -249,6 +295,28 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 },
             }
         }
+        ControlRequest::OpenToken { .. }
+        | ControlRequest::IssueToken { .. }
+        | ControlRequest::RevokeToken { .. }
+        | ControlRequest::Tokens
+        | ControlRequest::Identities => {
+            let store = state.store.clone();
+            let server_static = state.params.static_public();
+            let registry = state.registry.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                store_request(req, &store, server_static, &registry)
+            })
+            .await;
+            match done {
+                Ok(Ok(response)) => response,
+                Ok(Err(e)) => ControlResponse::Error {
+                    message: e.to_string(),
+                },
+                Err(e) => ControlResponse::Error {
+                    message: format!("failed: {e}"),
+                },
+            }
+        }
         ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
         ControlRequest::Remove { id } => invalidate(state, &id, false).await,
         ControlRequest::Sessions => ControlResponse::Sessions {
@@ -271,6 +339,52 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
             },
         },
     }
+}
+
+/// The requests that read or change the store's tokens and identities, with the same
+/// rules as an admin command on a stopped daemon's directory (`crate::admin`).
+fn store_request(
+    req: ControlRequest,
+    store: &crate::store::Store,
+    server_static: [u8; 32],
+    registry: &crate::server::registry::Registry,
+) -> Result<ControlResponse, crate::admin::AdminError> {
+    use crate::admin;
+    Ok(match req {
+        ControlRequest::OpenToken { rotate } => {
+            let token = admin::open_token_in(store, server_static, rotate)?;
+            if rotate {
+                info!("open enrollment key rotated on the control socket: earlier open tokens no longer enroll");
+            }
+            ControlResponse::Token {
+                token: token.to_string(),
+                expires: None,
+            }
+        }
+        ControlRequest::IssueToken { id, lifetime_secs } => {
+            let lifetime = Duration::from_secs(lifetime_secs);
+            let issued = admin::issue_token_in(store, server_static, &id, lifetime)?;
+            info!(id = %id, expires = issued.expires, "token issued on the control socket");
+            ControlResponse::Token {
+                token: issued.token.to_string(),
+                expires: Some(issued.expires),
+            }
+        }
+        ControlRequest::RevokeToken { id } => {
+            let id = Id::new(&id)?;
+            let existed = store.revoke_token(id.as_str())?;
+            info!(id = %id, existed, "token revoked on the control socket");
+            ControlResponse::TokenRevoked { existed }
+        }
+        ControlRequest::Tokens => ControlResponse::Tokens {
+            tokens: store.tokens()?,
+        },
+        ControlRequest::Identities => ControlResponse::Identities {
+            identities: store.list()?,
+            sessions: registry.list(),
+        },
+        other => unreachable!("not a store request: {other:?}"),
+    })
 }
 
 /// Revokes (`revoke`) or removes an identity: the store first, then the registry, so

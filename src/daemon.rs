@@ -15,17 +15,18 @@ use crate::logging::LogHandle;
 use crate::server::ServerState;
 use crate::{backend, control, server, systemd};
 
-/// Runs the daemon until SIGTERM or SIGINT. `reload` re-reads the configuration for
-/// SIGHUP.
+/// Runs the daemon until SIGTERM or SIGINT. `creds` holds the key files if they are not in
+/// the state directory (systemd's `$CREDENTIALS_DIRECTORY`). `reload` re-reads the
+/// configuration for SIGHUP.
 pub async fn serve(
     config: ServerConfig,
+    creds: Option<std::path::PathBuf>,
     reload: impl Fn() -> anyhow::Result<ServerConfig> + Send + 'static,
     log: LogHandle,
 ) -> anyhow::Result<()> {
     let mut config = config;
     fit_fd_limit(&mut config.limits, true);
     let backend = backend::from_spec(&config.backend)?;
-    let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
     let listener = match systemd::listener_from_env().context("socket activation")? {
         Some(std) => {

@@ -118,7 +118,7 @@ pub enum StoreError {
 }
 
 /// One identity, as listed for the operator (no key).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IdentityRow {
     /// The identity.
     pub id: String,
@@ -135,7 +135,7 @@ pub struct IdentityRow {
 }
 
 /// An outstanding per-identity enrollment token, as listed for the operator (no secret).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenRow {
     /// The identity it may enroll.
     pub id: String,

@@ -28,6 +28,11 @@ struct Global {
     /// Directory for keys and the identity store [default: $STATE_DIRECTORY, else ./tally-state].
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
+    /// Directory holding the daemon's key files when they are not in the state
+    /// directory (systemd's LoadCredential=). Admin commands need it only when the
+    /// daemon is stopped: a running daemon answers them on its control socket.
+    #[arg(long, global = true, env = "CREDENTIALS_DIRECTORY", value_name = "DIR")]
+    credentials_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -161,10 +166,6 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     admin::parse_duration(s)
 }
 
-fn credentials_dir() -> Option<PathBuf> {
-    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
-}
-
 /// The configuration file, then the flags over it.
 fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfig> {
     let mut config = match &global.config {
@@ -219,13 +220,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let log = logging::init(&config.log_level, config.log_format);
     let (global, serve) = (cli.global.clone(), cli.serve.clone());
     let reload = move || load_config(&global, &serve);
-    tokio::runtime::Runtime::new()?.block_on(daemon::serve(config, reload, log))
+    let creds = cli.global.credentials_dir.clone();
+    tokio::runtime::Runtime::new()?.block_on(daemon::serve(config, creds, reload, log))
 }
 
 fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
     let config = load_config(global, &ServeArgs::default())?;
     let dir = &config.state_dir;
-    let creds = credentials_dir();
+    let creds = global.credentials_dir.clone();
     match command {
         Command::Init => {
             let created = admin::init(dir, creds.as_deref())?;

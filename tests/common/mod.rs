@@ -78,14 +78,19 @@ impl TestServer {
         }
     }
 
+    /// The open token, as the daemon makes it when `tallyd token` asks (directly on its
+    /// store: a blocking control-socket call from this runtime's only thread would wait
+    /// for the control server that thread runs).
     pub fn open_token(&self) -> EnrollmentToken {
-        EnrollmentToken::parse(&admin::open_token(self.dir.path(), None, false).unwrap()).unwrap()
+        let (store, key) = (&self.state.store, self.state.params.static_public());
+        EnrollmentToken::parse(&admin::open_token_in(store, key, false).unwrap()).unwrap()
     }
 
     /// Issues a per-identity token (valid for a day), as `tallyd token --id` does.
     pub fn id_token(&self, id: &str) -> EnrollmentToken {
-        let issued =
-            admin::issue_token(self.dir.path(), None, id, Duration::from_secs(86_400)).unwrap();
+        let (store, key) = (&self.state.store, self.state.params.static_public());
+        let day = Duration::from_secs(86_400);
+        let issued = admin::issue_token_in(store, key, id, day).unwrap();
         EnrollmentToken::parse(&issued.token).unwrap()
     }
 
