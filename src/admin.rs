@@ -460,6 +460,43 @@ fn unexpected(state_dir: &Path, got: ControlResponse) -> AdminError {
     .into()
 }
 
+/// The running daemon's metrics (`tallyd status`): for a person, one figure per line,
+/// without the `tally_` prefix and the format's comments; with `Json`, an array of
+/// `{"metric": ..., "value": ...}`.
+pub fn status(state_dir: &Path, format: Format) -> Result<String, AdminError> {
+    let text = match control::call(state_dir, &ControlRequest::Status)? {
+        ControlResponse::Status { metrics } => metrics,
+        other => return Err(unexpected(state_dir, other)),
+    };
+    let figures: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(name, value)| (name.strip_prefix("tally_").unwrap_or(name), value))
+        .collect();
+    if format == Format::Json {
+        #[derive(serde::Serialize)]
+        struct Figure<'a> {
+            metric: &'a str,
+            value: f64,
+        }
+        let rows: Vec<_> = figures
+            .iter()
+            .map(|(metric, value)| Figure {
+                metric,
+                value: value.parse().unwrap_or(f64::NAN),
+            })
+            .collect();
+        return Ok(to_json(&rows));
+    }
+    let width = figures.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (name, value) in figures {
+        let _ = writeln!(out, "{name:<width$}  {value}");
+    }
+    Ok(out)
+}
+
 /// Sends a REQUEST (returning the device's status and payload) or a MESSAGE to a
 /// connected device through the running daemon.
 pub fn send(

@@ -308,6 +308,8 @@ pub struct ServerConfig {
     pub log_level: String,
     /// `text` (journald style under systemd) or `json`.
     pub log_format: crate::logging::LogFormat,
+    /// Where to serve `GET /metrics` (Prometheus / OpenMetrics text); off if unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Limits.
     pub limits: Limits,
 }
@@ -337,6 +339,7 @@ impl Default for ServerConfig {
             backend: BackendSpec::Echo,
             log_level: "info".into(),
             log_format: crate::logging::LogFormat::Text,
+            metrics_listen: None,
             limits: Limits::default(),
         }
     }

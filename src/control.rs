@@ -73,6 +73,8 @@ pub enum ControlRequest {
     Tokens,
     /// List the identities, and the live sessions.
     Identities,
+    /// The daemon's metrics (`tallyd status`).
+    Status,
     /// Send a REQUEST (and wait for the device's RESPONSE) or a MESSAGE to a device.
     Send {
         /// The identity.
@@ -139,6 +141,11 @@ pub enum ControlResponse {
     Tokens {
         /// One per identity.
         tokens: Vec<crate::store::TokenRow>,
+    },
+    /// The daemon's metrics, in the OpenMetrics text format (as `metrics_listen` serves).
+    Status {
+        /// The text.
+        metrics: String,
     },
     /// The identities, and the live sessions.
     Identities {
@@ -319,6 +326,9 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
         }
         ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
         ControlRequest::Remove { id } => invalidate(state, &id, false).await,
+        ControlRequest::Status => ControlResponse::Status {
+            metrics: state.metrics.encode(state),
+        },
         ControlRequest::Sessions => ControlResponse::Sessions {
             sessions: state.registry.list(),
         },

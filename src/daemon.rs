@@ -41,6 +41,14 @@ pub async fn serve(
         }
     };
     let control_listener = control::bind(&config.state_dir).context("control socket")?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
     if secrets.created {
         print_first_start(&config);
     }
@@ -53,6 +61,13 @@ pub async fn serve(
     ));
     // Why the last SIGHUP did not reload, until one does: kept in STATUS=.
     let reload_failed = Arc::new(std::sync::Mutex::new(None));
+    if let Some(listener) = metrics_listener {
+        state.tasks.spawn(crate::server::metrics::serve(
+            listener,
+            state.clone(),
+            state.stop.clone(),
+        ));
+    }
     state.tasks.spawn(report(
         state.clone(),
         state.stop.clone(),
@@ -274,6 +289,10 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
             current.open_enrollment != new.open_enrollment,
         ),
         ("log_format", current.log_format != new.log_format),
+        (
+            "metrics_listen",
+            current.metrics_listen != new.metrics_listen,
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

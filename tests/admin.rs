@@ -118,3 +118,122 @@ fn admin_commands_work_through_the_daemon_when_its_keys_come_from_systemd_creden
     assert!(table.contains("tallyd is not running"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("dev-1 ")), "{table}");
 }
+
+/// Issue 14, item 5: the metrics endpoint and `tallyd status` show the same figures, and
+/// each moves with what it counts.
+#[test]
+fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut cmd = Command::new(TALLYD);
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(&state);
+    let (daemon, _) = common::bin::start_cmd(cmd, false);
+    let line = match daemon
+        .startup_log
+        .iter()
+        .find(|l| l.contains("metrics_addr="))
+    {
+        Some(l) => l.clone(),
+        None => daemon.expect_log(&["metrics_addr="]),
+    };
+    let metrics_addr = line
+        .split("metrics_addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("application/openmetrics-text"), "{text}");
+        text
+    };
+    let value = |text: &str, metric: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
+    };
+    let before = scrape();
+    assert_eq!(
+        value(&before, "tally_enrollments_total{outcome=\"ok\"}"),
+        0.0
+    );
+
+    let (ok, token, err) = admin(&state, &["token"]);
+    assert!(ok, "{err}");
+    std::fs::write(dir.path().join("open.token"), token.trim()).unwrap();
+    let tally = |args: &[&str]| {
+        Command::new(TALLY)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let enroll = [
+        "enroll",
+        "--server",
+        &daemon.addr,
+        "--token-file",
+        "open.token",
+    ];
+    assert!(tally(&[&enroll[..], &["--id", "m-1"]].concat())
+        .status
+        .success());
+    let out = tally(&["request", "--cred", "tally.cred", "ping"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ping");
+    // A second enrollment of the same id is refused.
+    let again = [&enroll[..], &["--id", "m-1", "--out", "again.cred"]].concat();
+    assert!(!tally(&again).status.success());
+
+    let after = scrape();
+    assert_eq!(
+        value(&after, "tally_enrollments_total{outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(value(&after, "tally_handshakes_total{outcome=\"ok\"}"), 1.0);
+    assert_eq!(
+        value(&after, "tally_backend_requests_total{outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&after, "tally_backend_request_duration_seconds_count"),
+        1.0
+    );
+    assert!(
+        value(&after, "tally_frames_total{direction=\"in\"}") >= 2.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "tally_frames_total{direction=\"out\"}") >= 2.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "tally_bytes_total{direction=\"in\"}") > 64.0,
+        "{after}"
+    );
+    assert!(
+        value(
+            &after,
+            "tally_refusals_total{reason=\"enrollment refused\"}"
+        ) >= 1.0,
+        "{after}"
+    );
+
+    let (ok, status, err) = admin(&state, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("handshakes_total{outcome=\"ok\"}") && l.ends_with(" 1")),
+        "{status}"
+    );
+}

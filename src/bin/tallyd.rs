@@ -81,6 +81,13 @@ enum Command {
         /// The identity.
         id: String,
     },
+    /// Print the running daemon's figures: sessions, handshakes, refusals, frames and
+    /// bytes, backend requests (the metrics `metrics_listen` serves).
+    Status {
+        /// Print a JSON array of {metric, value}.
+        #[arg(long)]
+        json: bool,
+    },
     /// List live sessions: id, peer, since, frames in and out.
     Sessions {
         /// Print a JSON array (keys: id, peer, since, frames_in, frames_out).
@@ -119,6 +126,9 @@ struct ServeArgs {
     /// Accept only per-identity tokens, not the open enrollment token.
     #[arg(long, global = true)]
     no_open_enrollment: bool,
+    /// Serve `GET /metrics` (Prometheus) on this address [default: off].
+    #[arg(long, global = true)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -130,6 +140,7 @@ impl ServeArgs {
             ("--log-format", self.log_format.is_some()),
             ("--takeover", self.takeover.is_some()),
             ("--no-open-enrollment", self.no_open_enrollment),
+            ("--metrics-listen", self.metrics_listen.is_some()),
         ]
         .into_iter()
         .filter_map(|(flag, given)| given.then_some(flag))
@@ -149,6 +160,7 @@ impl Command {
             Command::Revoke { .. } => "revoke",
             Command::Remove { .. } => "remove",
             Command::Sessions { .. } => "sessions",
+            Command::Status { .. } => "status",
             Command::Send { .. } => "send",
         }
     }
@@ -189,6 +201,9 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     }
     if serve.no_open_enrollment {
         config.open_enrollment = false;
+    }
+    if let Some(addr) = serve.metrics_listen {
+        config.metrics_listen = Some(addr);
     }
     config.validate()?;
     Ok(config)
@@ -304,6 +319,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             println!("{id}: removed, and can be enrolled again; {session}");
         }
         Command::Sessions { json } => print!("{}", admin::sessions(dir, format(json))?),
+        Command::Status { json } => print!("{}", admin::status(dir, format(json))?),
         Command::Send {
             id,
             request,

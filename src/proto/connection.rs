@@ -168,6 +168,9 @@ pub struct Connection {
     unanswered: BTreeSet<u64>,
     last_received: Duration,
     last_sent: Duration,
+    /// Bytes handed in ([`Connection::handle_read`]) and out ([`Connection::transmit_into`]).
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 impl Connection {
@@ -185,6 +188,8 @@ impl Connection {
             unanswered: BTreeSet::new(),
             last_received: now,
             last_sent: now,
+            bytes_in: 0,
+            bytes_out: 0,
         }
     }
 
@@ -233,7 +238,18 @@ impl Connection {
             return false;
         }
         std::mem::swap(&mut self.send, buf);
+        self.bytes_out += buf.len() as u64;
         true
+    }
+
+    /// Bytes received so far (as given to [`Connection::handle_read`]).
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_in
+    }
+
+    /// Bytes handed out to send so far ([`Connection::transmit_into`]).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_out
     }
 
     /// The next event, if any.
@@ -315,6 +331,7 @@ impl Connection {
     /// `n` bytes were appended to [`Connection::input_buffer`] at `now`: handles every
     /// whole frame there.
     pub fn handle_read(&mut self, n: usize, now: Duration) {
+        self.bytes_in += n as u64;
         let receiving = match &self.state {
             State::Open => true,
             State::Closing { receiving, .. } => *receiving,

@@ -412,6 +412,7 @@ async fn commit_enrollment(
     let mut out = BytesMut::new();
     pending.committed(&mut out);
     tracing::Span::current().record("id", tracing::field::display(&id));
+    state.metrics.enrollment();
     info!(mode = mode.as_str(), "enrolled");
     // Stored whether or not DONE arrives (spec 6.4: the device retries with a handshake).
     let _ = stream.write(&out).await;
@@ -517,6 +518,7 @@ async fn start_session(
             }
         };
     state.note_seen(&id);
+    state.metrics.handshake();
     // Per-session lines are debug: at the default level a line per session would cost
     // the daemon more than the handshake does (a write to the journal each). Sessions
     // that end abnormally are logged at info when they end.

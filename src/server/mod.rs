@@ -9,6 +9,7 @@
 pub(crate) mod admission;
 mod conn;
 #[doc(hidden)]
+pub mod metrics;
 pub mod registry;
 mod session;
 mod tarpit;
@@ -62,6 +63,8 @@ pub struct ServerState {
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
     pub takeover: TakeoverPolicy,
+    /// What `metrics_listen` serves and `tallyd status` prints.
+    pub metrics: metrics::Metrics,
     connections: Arc<Semaphore>,
     /// The pool of unauthenticated slots (eviction, per-source caps and rates).
     pub(crate) admission: Arc<admission::Admission>,
@@ -127,6 +130,7 @@ impl ServerState {
             registry,
             backend,
             takeover: config.takeover,
+            metrics: metrics::Metrics::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             admission: Arc::new(admission::Admission::new(admission::AdmissionLimits::from(
                 &config.limits,
@@ -152,6 +156,7 @@ impl ServerState {
     /// Counts the refusal of an unauthenticated connection from `peer`; true if it is to
     /// be logged in full (the rest are summarised every [`admission::RefusalLog::INTERVAL`]).
     pub fn note_refusal(&self, kind: &'static str, peer: &std::net::SocketAddr) -> bool {
+        self.metrics.refusal(kind);
         self.refusals.note(kind, admission::Source::of(peer))
     }
 
@@ -385,6 +390,7 @@ fn admit(
     let ticket = match state.admission.admit(&peer, Instant::now()) {
         Ok((ticket, evicted)) => {
             if let Some(source) = evicted {
+                state.metrics.eviction();
                 const WHY: &str = "closed an unauthenticated connection to make room for a newer one (limits.max_unauthenticated or limits.max_unauthenticated_per_source)";
                 if state
                     .refusals

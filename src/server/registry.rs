@@ -83,6 +83,10 @@ pub struct Mailbox {
     pub frames_in: AtomicU64,
     /// Frames sent to the device.
     pub frames_out: AtomicU64,
+    /// Bytes received from the device.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to the device.
+    pub bytes_out: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +115,8 @@ impl Default for Mailbox {
             waker: AtomicWaker::new(),
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
         }
     }
 }
@@ -134,6 +140,17 @@ impl Mailbox {
         drop(inbox);
         self.waker.wake();
         Ok(())
+    }
+
+    /// Frames in, out, bytes in, out, so far.
+    pub fn totals(&self) -> [u64; 4] {
+        [
+            &self.frames_in,
+            &self.frames_out,
+            &self.bytes_in,
+            &self.bytes_out,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Asks the session to send CLOSE with `code` and `reason`, and end.
@@ -408,6 +425,12 @@ impl Registry {
         tokio::time::timeout(timeout, wait)
             .await
             .unwrap_or(Err(SendError::Timeout(timeout)))
+    }
+
+    /// Each live session's [`Mailbox::totals`].
+    pub fn totals(&self) -> Vec<[u64; 4]> {
+        let live = self.lock();
+        live.sessions.values().map(|e| e.mailbox.totals()).collect()
     }
 
     /// Number of live sessions.

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
+use super::metrics::BackendOutcome;
 use super::registry::{Command, Mail, Mailbox, Registration};
 use super::ServerState;
 use crate::backend::{BoxFuture, Reply, Request, SendError};
@@ -176,6 +177,8 @@ pub(super) async fn run(
         crate::driver::run(session, config, (rd, wr), leftover, &mut role, write_stall).await;
     role.abandon();
     drop(registration);
+    // After it left the registry: a scrape in between counts it low, never twice.
+    role.state.metrics.session_ended(role.mailbox.totals());
     let end = match outcome {
         Outcome::Ended(end) => End::Session(end),
         Outcome::Io(e) => End::Io(e),
@@ -233,25 +236,43 @@ impl ServerRole {
                     seq,
                     payload,
                 };
+                let started = Instant::now();
                 let mut fut = self.state.backend.request(req);
                 match poll_once(&mut fut) {
-                    Poll::Ready(Ok(reply)) => self.answer(seq, reply, conn, now),
-                    Poll::Ready(Err(())) => self.answer(seq, panicked(seq), conn, now),
-                    Poll::Pending => self.late(Box::pin(async move {
-                        let reply = match tokio::time::timeout(
-                            timeout,
-                            AssertUnwindSafe(fut).catch_unwind(),
-                        )
-                        .await
-                        {
-                            Ok(Ok(reply)) => reply,
-                            Ok(Err(_)) => panicked(seq),
-                            Err(_) => {
-                                Reply::error(Status::TIMEOUT, "backend did not answer in time")
-                            }
-                        };
-                        Some((seq, reply))
-                    })),
+                    Poll::Ready(Ok(reply)) => {
+                        self.state
+                            .metrics
+                            .backend(outcome(&reply), started.elapsed());
+                        self.answer(seq, reply, conn, now)
+                    }
+                    Poll::Ready(Err(())) => {
+                        let took = started.elapsed();
+                        self.state.metrics.backend(BackendOutcome::Panic, took);
+                        self.answer(seq, panicked(seq), conn, now)
+                    }
+                    Poll::Pending => {
+                        let state = self.state.clone();
+                        self.late(Box::pin(async move {
+                            let (reply, how) = match tokio::time::timeout(
+                                timeout,
+                                AssertUnwindSafe(fut).catch_unwind(),
+                            )
+                            .await
+                            {
+                                Ok(Ok(reply)) => {
+                                    let how = outcome(&reply);
+                                    (reply, how)
+                                }
+                                Ok(Err(_)) => (panicked(seq), BackendOutcome::Panic),
+                                Err(_) => (
+                                    Reply::error(Status::TIMEOUT, "backend did not answer in time"),
+                                    BackendOutcome::Timeout,
+                                ),
+                            };
+                            state.metrics.backend(how, started.elapsed());
+                            Some((seq, reply))
+                        }))
+                    }
                 }
             }
             Event::Message { payload } => {
@@ -306,6 +327,8 @@ impl ServerRole {
         let m = &self.mailbox;
         m.frames_in.store(s.last_received(), Ordering::Relaxed);
         m.frames_out.store(s.last_sent(), Ordering::Relaxed);
+        m.bytes_in.store(conn.bytes_received(), Ordering::Relaxed);
+        m.bytes_out.store(conn.bytes_sent(), Ordering::Relaxed);
     }
 
     /// Shutting down and nothing in flight: close.
@@ -324,6 +347,15 @@ fn poll_once<T>(fut: &mut BoxFuture<T>) -> Poll<Result<T, ()>> {
         Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
         Ok(Poll::Pending) => Poll::Pending,
         Err(_) => Poll::Ready(Err(())),
+    }
+}
+
+/// A backend's answer, for the metrics.
+fn outcome(reply: &Reply) -> BackendOutcome {
+    if reply.status == Status::OK {
+        BackendOutcome::Ok
+    } else {
+        BackendOutcome::Error
     }
 }
 

@@ -1,0 +1,292 @@
+//! The daemon's metrics: what `metrics_listen` serves to Prometheus (OpenMetrics text)
+//! and `tallyd status` prints. The names are documented in the README; a test checks that
+//! each one moves.
+//!
+//! Counters on the per-frame path are not touched per frame: sessions keep their own
+//! counts (in their mailbox, as `tallyd sessions` lists them) and the totals are summed
+//! when scraped, from the live sessions and those that ended.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::ServerState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Direction {
+    direction: &'static str,
+}
+
+/// How a backend request ended, for `tally_backend_requests_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackendOutcome {
+    /// Answered with status OK.
+    Ok,
+    /// Answered with another status.
+    Error,
+    /// Not answered within `limits.backend_timeout`.
+    Timeout,
+    /// The backend's future panicked.
+    Panic,
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    sessions: Gauge,
+    unauthenticated: Gauge,
+    handshakes_ok: Counter,
+    enrollments_ok: Counter,
+    refusals: Family<Reason, Counter>,
+    evictions: Counter,
+    /// Frames in, out, bytes in, out.
+    traffic: [Counter; 4],
+    backend: [Counter; 4],
+    backend_latency: Histogram,
+    /// Frames and bytes of the sessions that ended: in, out, bytes in, bytes out.
+    ended: [AtomicU64; 4],
+    /// What the frame and byte counters were last moved to.
+    reported: std::sync::Mutex<[u64; 4]>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics(..)")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tally");
+        let sessions = Gauge::default();
+        registry.register(
+            "sessions",
+            "Live (authenticated) sessions",
+            sessions.clone(),
+        );
+        let unauthenticated = Gauge::default();
+        registry.register(
+            "unauthenticated_connections",
+            "Connections not yet authenticated (in a handshake or enrollment)",
+            unauthenticated.clone(),
+        );
+        let handshakes = Family::<Outcome, Counter>::default();
+        registry.register(
+            "handshakes",
+            "Session handshakes completed (refused ones are in tally_refusals_total)",
+            handshakes.clone(),
+        );
+        let enrollments = Family::<Outcome, Counter>::default();
+        registry.register(
+            "enrollments",
+            "Enrollments stored (refused ones are in tally_refusals_total)",
+            enrollments.clone(),
+        );
+        let refusals = Family::<Reason, Counter>::default();
+        registry.register(
+            "refusals",
+            "Connections refused, by reason or limit",
+            refusals.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "evictions",
+            "Unauthenticated connections closed to make room for newer ones",
+            evictions.clone(),
+        );
+        let frames = Family::<Direction, Counter>::default();
+        registry.register("frames", "Session frames, in and out", frames.clone());
+        let bytes = Family::<Direction, Counter>::default();
+        registry.register("bytes", "Session bytes, in and out", bytes.clone());
+        let backend_requests = Family::<Outcome, Counter>::default();
+        registry.register(
+            "backend_requests",
+            "Requests handed to the backend, by outcome",
+            backend_requests.clone(),
+        );
+        // 50 µs .. ~6.5 s.
+        let backend_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 4.0, 9),
+        );
+        registry.register(
+            "backend_request_duration_seconds",
+            "Time from a REQUEST read to its answer from the backend",
+            backend_latency.clone(),
+        );
+        let outcome = |o| handshakes_like(&backend_requests, o);
+        let backend = [
+            outcome("ok"),
+            outcome("error"),
+            outcome("timeout"),
+            outcome("panic"),
+        ];
+        // Each made alone: a family's guard held while another is made would deadlock.
+        let way = |family: &Family<Direction, Counter>, direction| {
+            family.get_or_create(&Direction { direction }).clone()
+        };
+        let traffic = [
+            way(&frames, "in"),
+            way(&frames, "out"),
+            way(&bytes, "in"),
+            way(&bytes, "out"),
+        ];
+        Metrics {
+            handshakes_ok: handshakes_like(&handshakes, "ok"),
+            enrollments_ok: handshakes_like(&enrollments, "ok"),
+            registry,
+            sessions,
+            unauthenticated,
+            refusals,
+            evictions,
+            traffic,
+            backend,
+            backend_latency,
+            ended: Default::default(),
+            reported: Default::default(),
+        }
+    }
+}
+
+/// The counter of `outcome` in `family`, made now (listed from the start, at 0) and kept:
+/// no lookup when it moves.
+fn handshakes_like(family: &Family<Outcome, Counter>, outcome: &'static str) -> Counter {
+    family.get_or_create(&Outcome { outcome }).clone()
+}
+
+impl Metrics {
+    pub(crate) fn handshake(&self) {
+        self.handshakes_ok.inc();
+    }
+
+    pub(crate) fn enrollment(&self) {
+        self.enrollments_ok.inc();
+    }
+
+    pub(crate) fn refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub(crate) fn eviction(&self) {
+        self.evictions.inc();
+    }
+
+    pub(crate) fn backend(&self, outcome: BackendOutcome, took: Duration) {
+        self.backend[outcome as usize].inc();
+        self.backend_latency.observe(took.as_secs_f64());
+    }
+
+    /// A session ended with these totals (frames in, out, bytes in, out).
+    pub(crate) fn session_ended(&self, totals: [u64; 4]) {
+        for (sum, n) in self.ended.iter().zip(totals) {
+            sum.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Every metric, in the OpenMetrics text format.
+    pub fn encode(&self, state: &ServerState) -> String {
+        self.sessions.set(state.registry.len() as i64);
+        self.unauthenticated.set(state.admission.len() as i64);
+        // Ended sessions are added after they leave the registry: a sum taken between the
+        // two is low, never high, and the counters only move up.
+        let mut now: [u64; 4] = std::array::from_fn(|i| self.ended[i].load(Ordering::Relaxed));
+        for live in state.registry.totals() {
+            for (sum, n) in now.iter_mut().zip(live) {
+                *sum += n;
+            }
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for ((counter, last), n) in self.traffic.iter().zip(reported.iter_mut()).zip(now) {
+            if n > *last {
+                counter.inc_by(n - *last);
+                *last = n;
+            }
+        }
+        drop(reported);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+/// The content type of the OpenMetrics text format.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves `GET /metrics` on `listener` until `stop`. A minimal HTTP/1.1 responder, one
+/// request per connection: the scraper is the operator's Prometheus on a trusted
+/// address (`metrics_listen` is off by default, and 127.0.0.1 in the example).
+pub(crate) async fn serve(listener: TcpListener, state: Arc<ServerState>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(metrics_addr = %addr, "metrics on http://{addr}/metrics");
+    }
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            // The request head, up to 8 KiB, within 5 s.
+            let mut head = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+            let (status, content_type, body) =
+                if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
+                    ("200 OK", CONTENT_TYPE, state.metrics.encode(&state))
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain; charset=utf-8",
+                        "only GET /metrics here\n".to_owned(),
+                    )
+                };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
