@@ -72,7 +72,8 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
             "no colour codes when stderr is not a terminal: {line:?}"
         );
         startup_log.push(line.clone());
-        if let Some(rest) = line.split("addr=").nth(1) {
+        // " addr=": not the metrics line's "metrics_addr=".
+        if let Some(rest) = line.split(" addr=").nth(1) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
