@@ -343,17 +343,15 @@ fn poll_linger(
 ) -> Poll<Outcome> {
     let buf = sink.as_mut().expect("lingering");
     // The deadline first, while this poll still has tokio's budget: reads that use it all
-    // up (a peer that keeps sending) must not keep the timer from ever being seen.
-    if timer.as_mut().poll(cx).is_ready() {
-        *sink = None;
-        return Poll::Ready(Outcome::Ended(ended.take().expect("ended")));
-    }
-    loop {
+    // up (a peer that keeps sending) must not keep the timer from ever being seen. Polled
+    // here, it is registered for a wake-up too, whatever the reads below find.
+    let mut done = timer.as_mut().poll(cx).is_ready();
+    while !done {
         let mut rb = ReadBuf::new(buf);
         match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
-            Poll::Ready(_) => break,
-            Poll::Pending if timer.as_mut().poll(cx).is_ready() => break,
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
+            // EOF or an error: the peer is done.
+            Poll::Ready(_) => done = true,
             Poll::Pending => return Poll::Pending,
         }
     }
@@ -390,6 +388,18 @@ mod tests {
         fn event(&mut self, _: Event, _: &mut Connection, _: Duration) {}
     }
 
+    /// Drives `session` over `tcp` with the [`Quiet`] role, on a task of its own.
+    fn spawn_quiet(
+        session: Session,
+        config: Config,
+        tcp: TcpStream,
+    ) -> tokio::task::JoinHandle<Outcome> {
+        tokio::spawn(async move {
+            let (io, stall) = (tcp.into_split(), Duration::from_secs(30));
+            run(session, config, io, BytesMut::new(), &mut Quiet, stall).await
+        })
+    }
+
     /// A connected pair with 64 KiB socket buffers on both ends (autotuning off), so that
     /// what piles up is the driver's, not the kernel's. (Much smaller buffers make the
     /// kernel's own windows stall on loopback.)
@@ -413,17 +423,7 @@ mod tests {
         let (mut client, server) = sessions();
         let (mine, mut peer) = small_pair().await;
         let config = Config::server(); // 64 KiB frames: backlog cap 192 KiB
-        let driver = tokio::spawn(async move {
-            run(
-                server,
-                config,
-                mine.into_split(),
-                BytesMut::new(),
-                &mut Quiet,
-                Duration::from_secs(30),
-            )
-            .await
-        });
+        let driver = spawn_quiet(server, config, mine);
         let mut written = 0usize;
         let blocked = loop {
             let mut batch = BytesMut::new();
@@ -464,18 +464,7 @@ mod tests {
         let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mine, _) = l.accept().await.unwrap();
         rustix::net::sockopt::set_socket_recv_buffer_size(&mine, 4 << 20).unwrap();
-        let driver = tokio::spawn(async move {
-            let config = Config::server();
-            run(
-                server,
-                config,
-                mine.into_split(),
-                BytesMut::new(),
-                &mut Quiet,
-                Duration::from_secs(30),
-            )
-            .await
-        });
+        let driver = spawn_quiet(server, Config::server(), mine);
         let (mut prd, mut pwr) = peer.into_split();
         let mut close = BytesMut::new();
         let bye = Body::Close {

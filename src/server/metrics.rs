@@ -134,7 +134,7 @@ impl Default for Metrics {
             "Time from a REQUEST read to its answer from the backend",
             backend_latency.clone(),
         );
-        let outcome = |o| handshakes_like(&backend_requests, o);
+        let outcome = |o| counter_of(&backend_requests, o);
         let backend = [
             outcome("ok"),
             outcome("error"),
@@ -152,8 +152,8 @@ impl Default for Metrics {
             way(&bytes, "out"),
         ];
         Metrics {
-            handshakes_ok: handshakes_like(&handshakes, "ok"),
-            enrollments_ok: handshakes_like(&enrollments, "ok"),
+            handshakes_ok: counter_of(&handshakes, "ok"),
+            enrollments_ok: counter_of(&enrollments, "ok"),
             registry,
             sessions,
             unauthenticated,
@@ -170,7 +170,7 @@ impl Default for Metrics {
 
 /// The counter of `outcome` in `family`, made now (listed from the start, at 0) and kept:
 /// no lookup when it moves.
-fn handshakes_like(family: &Family<Outcome, Counter>, outcome: &'static str) -> Counter {
+fn counter_of(family: &Family<Outcome, Counter>, outcome: &'static str) -> Counter {
     family.get_or_create(&Outcome { outcome }).clone()
 }
 
