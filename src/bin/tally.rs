@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 
-use tally::client::{self, Client, ClientOptions, Incoming};
+use tally::client::{self, Client, ClientOptions, Incoming, LinkEvent};
 use tally::proto::credential::{Credential, EnrollmentToken};
 use tally::proto::{Id, Status};
 
@@ -77,6 +77,13 @@ enum Command {
         /// requests are answered with status 4 (REFUSED).
         #[arg(long, value_name = "COMMAND")]
         exec: Option<String>,
+        /// Exit when the session ends. By default a lost session is made again (the
+        /// server restarted, the network was cut) after a jittered, growing delay: from
+        /// about 1 s up to 60 s, and from 10 s up to 10 min after a takeover by another
+        /// connection of this identity or a refusal; it stops only when the identity is
+        /// revoked or removed.
+        #[arg(long)]
+        no_reconnect: bool,
     },
 }
 
@@ -174,6 +181,14 @@ struct ConnArgs {
 
 impl ConnArgs {
     async fn connect(&self) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Incoming>)> {
+        let (cred, opts) = self.credential_and_options()?;
+        Client::connect(&cred, opts)
+            .await
+            .with_context(|| format!("session with {} as {}", cred.server, cred.id))
+    }
+
+    /// The credential file, read and checked, and the client options of these flags.
+    fn credential_and_options(&self) -> anyhow::Result<(Credential, ClientOptions)> {
         let text = read_credential(&self.cred)?;
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
         let default = client::Retry::default();
@@ -187,9 +202,7 @@ impl ConnArgs {
         if let Some(secs) = self.keepalive {
             opts = opts.with_keepalive(Duration::try_from_secs_f64(secs).context("--keepalive")?);
         }
-        Client::connect(&cred, opts)
-            .await
-            .with_context(|| format!("session with {} as {}", cred.server, cred.id))
+        Ok((cred, opts))
     }
 }
 
@@ -567,7 +580,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Request { conn, data } => {
             let payload = payload(data)?;
-            let (client, _incoming) = conn.connect().await?;
+            // Not kept: a server request arriving meanwhile is answered UNAVAILABLE at once
+            // (`tally listen` answers them), not left waiting for the backend's timeout.
+            let (client, _) = conn.connect().await?;
             let result = client.request_with_status(payload).await;
             let _ = client.close().await;
             match result? {
@@ -579,36 +594,93 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Message { conn, data } => {
             let payload = payload(data)?;
-            let (client, _incoming) = conn.connect().await?;
+            let (client, _) = conn.connect().await?;
             client.message(payload).await?;
             client.close().await?;
         }
         Command::Bench(args) => bench(args).await?,
-        Command::Listen { conn, echo, exec } => {
-            let (client, mut incoming) = conn.connect().await?;
-            eprintln!(
-                "connected as {}; waiting for the server (Ctrl-C to stop)",
-                client.id()
-            );
+        Command::Listen {
+            conn,
+            echo,
+            exec,
+            no_reconnect,
+        } => {
+            let answer = |id: Id, req: client::IncomingRequest| {
+                let exec = exec.clone();
+                async move {
+                    println!("request: {}", printable(&req.payload));
+                    let (status, body) = match (&exec, echo) {
+                        (Some(cmd), _) => run_handler(cmd, &id, &req.payload).await,
+                        (None, true) => (Status::OK, req.payload.clone()),
+                        (None, false) => (
+                            Status::REFUSED,
+                            Bytes::from_static(
+                                b"tally listen has no handler (use --echo or --exec)",
+                            ),
+                        ),
+                    };
+                    println!("answered: {status}");
+                    req.respond(status, body).await
+                }
+            };
+            if no_reconnect {
+                let (client, mut incoming) = conn.connect().await?;
+                eprintln!(
+                    "connected as {}; waiting for the server (Ctrl-C to stop)",
+                    client.id()
+                );
+                loop {
+                    tokio::select! {
+                        item = incoming.recv() => match item {
+                            Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
+                            Some(Incoming::Request(req)) => answer(client.id().clone(), req).await?,
+                            Some(other) => println!("unhandled: {other:?}"),
+                            None => return Err(client.closed().await.into()),
+                        },
+                        _ = tokio::signal::ctrl_c() => { client.close().await?; return Ok(()) }
+                        e = client.closed() => return Err(e.into()),
+                    }
+                }
+            }
+            let (cred, opts) = conn.credential_and_options()?;
+            let what = format!("session with {} as {}", cred.server, cred.id);
+            let id = cred.id.clone();
+            let (link, mut events) = client::Link::start(cred, opts, client::Reconnect::default());
+            let mut ever_up = false;
             loop {
                 tokio::select! {
-                    item = incoming.recv() => match item {
-                        Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
-                        Some(Incoming::Request(req)) => {
-                            println!("request: {}", printable(&req.payload));
-                            let (status, body) = match (&exec, echo) {
-                                (Some(cmd), _) => run_handler(cmd, client.id(), &req.payload).await,
-                                (None, true) => (Status::OK, req.payload.clone()),
-                                (None, false) => (Status::REFUSED, Bytes::from_static(b"tally listen has no handler (use --echo or --exec)")),
-                            };
-                            println!("answered: {status}");
-                            req.respond(status, body).await?;
+                    event = events.recv() => match event {
+                        Some(LinkEvent::Up(_)) => {
+                            let again = if ever_up { "reconnected" } else { "connected" };
+                            eprintln!("{again} as {id}; waiting for the server (Ctrl-C to stop)");
+                            ever_up = true;
+                        }
+                        Some(LinkEvent::Down { error, retry_in, was_up }) => {
+                            // A first attempt that fails for a reason that will not pass
+                            // (wrong credential, not a Tally server) is the user's to fix.
+                            if !ever_up && !error.is_transient() {
+                                link.close().await;
+                                return Err(anyhow::Error::new(error).context(what));
+                            }
+                            let lost = if was_up { "session lost" } else { "cannot connect" };
+                            eprintln!(
+                                "{lost}: {}; reconnecting in {:.1} s",
+                                tally::logging::error_report(&anyhow::Error::new(error)),
+                                retry_in.as_secs_f64()
+                            );
+                        }
+                        Some(LinkEvent::Incoming(Incoming::Message(p))) => println!("message: {}", printable(&p)),
+                        Some(LinkEvent::Incoming(Incoming::Request(req))) => {
+                            // A session lost while answering is the link's to report.
+                            let _ = answer(id.clone(), req).await;
+                        }
+                        Some(LinkEvent::Stopped(error)) => {
+                            return Err(anyhow::Error::new(error).context(what))
                         }
                         Some(other) => println!("unhandled: {other:?}"),
-                        None => return Err(client.closed().await.into()),
+                        None => anyhow::bail!("{what}: the link ended"),
                     },
-                    _ = tokio::signal::ctrl_c() => { client.close().await?; return Ok(()) }
-                    e = client.closed() => return Err(e.into()),
+                    _ = tokio::signal::ctrl_c() => { link.close().await; return Ok(()) }
                 }
             }
         }

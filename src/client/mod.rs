@@ -66,6 +66,9 @@ use crate::proto::{
 use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
 
+mod link;
+pub use link::{Link, LinkEvent, Reconnect};
+
 /// What went wrong, for a caller to match on.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -305,10 +308,7 @@ impl Retry {
         loop {
             match attempt().await {
                 Err(e) if e.is_transient() && n < self.retries => {
-                    let r = random_bytes();
-                    let jitter =
-                        f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]])) / 2f64.powi(32);
-                    let delay = self.delay(n, jitter);
+                    let delay = self.delay(n, jitter());
                     n += 1;
                     tracing::warn!(
                         "{what}: {e}; retrying in {} ms (retry {n} of {})",
@@ -321,6 +321,12 @@ impl Retry {
             }
         }
     }
+}
+
+/// A uniform random number in [0, 1), for backoff jitter.
+fn jitter() -> f64 {
+    let r = random_bytes();
+    f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]])) / 2f64.powi(32)
 }
 
 impl Default for ClientOptions {
