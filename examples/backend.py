@@ -5,8 +5,9 @@
     tallyd --config tallyd.toml      # with backend = "unix:/tmp/app.sock"
 
 It answers each device request with a greeting. A device that sends the request
-"push-config" gets its configuration pushed back to it as a server-initiated REQUEST,
-and the answer to its own request says what the device replied. Device MESSAGEs are
+"push-config ID" has a configuration pushed to device ID ("push-config" alone: to
+itself) as a server-initiated REQUEST, and the answer to its own request says what that
+device replied. Device MESSAGEs are
 printed. Requests are handled on worker threads, so answers may go out in any order.
 """
 import os
@@ -72,12 +73,16 @@ def parse_id(body, at):
 
 
 def handle_request(t, call, device, seq, payload):
-    if payload == b"push-config":
-        outcome, status, answer = t.send(device, KIND_REQUEST, b'{"interval":60}')
+    # "push-config" pushes to the asking device itself, "push-config ID" to device ID.
+    if payload == b"push-config" or payload.startswith(b"push-config "):
+        target = payload[len(b"push-config "):].decode(errors="replace") or device
+        outcome, status, answer = t.send(target, KIND_REQUEST, b'{"interval":60}')
         if outcome != 0:
-            t.respond(call, 1, f"could not reach you: {OUTCOMES.get(outcome)}".encode())
+            t.respond(call, 1, f"could not reach {target}: {OUTCOMES.get(outcome)}".encode())
+        elif status != 0:
+            t.respond(call, 0, f"{target} answered with status {status}: ".encode() + answer)
         else:
-            t.respond(call, 0, b"device answered: " + answer)
+            t.respond(call, 0, f"{target} answered: ".encode() + answer)
         return
     t.respond(call, 0, f"hello {device}, you said: ".encode() + payload)
 

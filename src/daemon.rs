@@ -49,8 +49,11 @@ pub async fn serve(
         ),
         None => None,
     };
-    if secrets.created {
-        print_first_start(&config);
+    // Until a device is enrolled, every start says how to get a token: a first start
+    // that failed after creating the keys (a port in use) must not lose the hint.
+    let enrolled = state.store.count().context("identity store")?;
+    if secrets.created || enrolled == 0 {
+        print_enrollment_hint(&config, secrets.created);
     }
     // Under the daemon's tracker: stopped and awaited by `server::run` once the sessions
     // drained (admin commands keep working while they do).
@@ -176,11 +179,15 @@ pub fn raise_fd_limit() -> Option<u64> {
 
 /// Says how to get an enrollment token, without printing one: stdout is the journal
 /// under systemd, and a token is a secret.
-fn print_first_start(config: &ServerConfig) {
-    println!(
-        "First start: created keys in {}.",
-        config.state_dir.display()
-    );
+fn print_enrollment_hint(config: &ServerConfig, created: bool) {
+    if created {
+        println!(
+            "First start: created keys in {}.",
+            config.state_dir.display()
+        );
+    } else {
+        println!("No device is enrolled yet.");
+    }
     let dir = config.state_dir.display();
     if config.open_enrollment {
         println!(

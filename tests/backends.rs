@@ -112,7 +112,17 @@ async fn python_example_app_answers_requests_pushes_config_and_survives_restarts
     // and reports the device's answer.
     assert_eq!(
         c.request("push-config").await.unwrap(),
-        Bytes::from_static(b"device answered: ack:{\"interval\":60}")
+        Bytes::from_static(b"dev-py answered: ack:{\"interval\":60}")
+    );
+    // Or to another device, which answers.
+    assert_eq!(
+        other.request("push-config dev-py").await.unwrap(),
+        Bytes::from_static(b"dev-py answered: ack:{\"interval\":60}")
+    );
+    // A device that does not answer server requests (`other` drops them: UNAVAILABLE).
+    assert_eq!(
+        c.request("push-config other").await.unwrap(),
+        Bytes::from_static(b"other answered with status 1: no handler answered")
     );
 
     // The application goes down: requests get UNAVAILABLE at once; the session stays.

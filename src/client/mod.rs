@@ -40,6 +40,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! **Stay connected**: a device on a persistent connection runs a [`Link`], which makes
+//! the session again whenever it is lost (a daemon restart, a network cut, a takeover),
+//! with jittered backoff, and reports [`LinkEvent`]s: up, down, server requests, stopped.
+//!
 //! One task per connection owns the socket and the [`Session`]; [`Client`] is a cheap
 //! handle to it. Requests may be issued concurrently; each waits for its own RESPONSE.
 
