@@ -52,6 +52,9 @@ pub mod control;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod daemon;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod generate;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod logging;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use tally::client::{self, Client, ClientOptions, Incoming, LinkEvent};
 use tally::proto::credential::{Credential, EnrollmentToken};
@@ -14,7 +14,7 @@ use tally::proto::{Id, Status};
 
 /// Tally client: authenticated requests to a tallyd server.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -481,6 +481,8 @@ async fn run_handler(cmd: &str, id: &Id, payload: &[u8]) -> (Status, Bytes) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // `tally generate man DIR` / `tally generate completions SHELL` (hidden).
+    tally::generate::intercept(Cli::command);
     // The library reports retries and other warnings through `tracing`: to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use tally::config::{ServerConfig, TakeoverPolicy};
 use tally::logging::{self, LogFormat};
@@ -10,7 +10,7 @@ use tally::{admin, daemon};
 
 /// Tally daemon: authenticates every request and response between devices and this server.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "tallyd", version, long_about = None)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -209,7 +209,25 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     Ok(config)
 }
 
+/// The command as the man pages and completions (`tallyd generate`) show it: the daemon's
+/// flags are global (`tallyd serve --listen` works) but refused by the admin commands,
+/// so their pages leave them out (a hidden copy in each stops clap's propagation).
+fn documented_command() -> clap::Command {
+    let daemon_flags: Vec<clap::Arg> = ServeArgs::augment_args(clap::Command::new("tallyd"))
+        .get_arguments()
+        .map(|a| a.clone().hide(true))
+        .collect();
+    Cli::command().mut_subcommands(|sub| {
+        if sub.get_name() == "serve" {
+            sub
+        } else {
+            sub.args(daemon_flags.iter().cloned())
+        }
+    })
+}
+
 fn main() {
+    tally::generate::intercept(documented_command);
     if let Err(e) = run(Cli::parse()) {
         eprintln!("tallyd: {}", logging::error_report(&e));
         std::process::exit(1);

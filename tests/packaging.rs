@@ -1,0 +1,289 @@
+//! The man pages and shell completions the binaries generate from their own clap
+//! definitions (the hidden `tallyd generate` and `tally generate`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+
+const TALLYD_SUBCOMMANDS: &[&str] = &[
+    "serve",
+    "init",
+    "token",
+    "tokens",
+    "identities",
+    "revoke",
+    "remove",
+    "status",
+    "sessions",
+    "send",
+];
+const TALLY_SUBCOMMANDS: &[&str] = &["enroll", "request", "message", "bench", "listen"];
+
+fn output(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env_remove("TALLYD_CONFIG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap()
+}
+
+/// stdout of a command that must succeed.
+fn run(bin: &str, args: &[&str]) -> String {
+    let out = output(bin, args);
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `BIN generate man DIR`: each page's file name and text.
+fn man_pages(bin: &str) -> BTreeMap<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("man1");
+    run(bin, &["generate", "man", out.to_str().unwrap()]);
+    std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            (name, std::fs::read_to_string(e.path()).unwrap())
+        })
+        .collect()
+}
+
+/// How roff writes a flag or a name: every '-' escaped.
+fn roff(s: &str) -> String {
+    s.replace('-', "\\-")
+}
+
+/// The page documents this option (`.TP` then `\fB--flag\fR`).
+fn documents(page: &str, flag: &str) -> bool {
+    page.contains(&format!("\\fB{}\\fR", roff(flag)))
+}
+
+#[test]
+fn tallyd_has_a_man_page_and_one_per_subcommand() {
+    let pages = man_pages(TALLYD);
+    let mut expected: Vec<String> = TALLYD_SUBCOMMANDS
+        .iter()
+        .map(|s| format!("tallyd-{s}.1"))
+        .collect();
+    expected.push("tallyd.1".into());
+    expected.sort();
+    assert_eq!(pages.keys().cloned().collect::<Vec<_>>(), expected);
+
+    let main = &pages["tallyd.1"];
+    assert!(main.contains("\n.TH TALLYD 1 "), "{main}");
+    assert!(main.contains("\n.SH NAME\ntallyd \\- "), "{main}");
+    assert!(main.contains("\n.SH SUBCOMMANDS\n"), "{main}");
+    for sub in TALLYD_SUBCOMMANDS {
+        assert!(
+            main.contains(&format!("\n{}(1)\n", roff(&format!("tallyd-{sub}")))),
+            "tallyd.1 does not name tallyd-{sub}(1):\n{main}"
+        );
+    }
+    for flag in [
+        "--config",
+        "--state-dir",
+        "--credentials-dir",
+        "--listen",
+        "--log-level",
+        "--no-open-enrollment",
+        "--metrics-listen",
+        "--version",
+    ] {
+        assert!(documents(main, flag), "tallyd.1 lacks {flag}:\n{main}");
+    }
+
+    for sub in TALLYD_SUBCOMMANDS {
+        let page = &pages[&format!("tallyd-{sub}.1")];
+        let title = format!("tallyd-{sub}").to_uppercase();
+        assert!(page.contains(&format!("\n.TH {title} 1 ")), "{page}");
+        assert!(
+            page.contains(&format!(
+                "\n.SH NAME\n{} \\- ",
+                roff(&format!("tallyd-{sub}"))
+            )),
+            "{page}"
+        );
+        // Every command takes the state directory and the configuration file.
+        assert!(documents(page, "--state-dir"), "tallyd-{sub}.1:\n{page}");
+        assert!(documents(page, "--config"), "tallyd-{sub}.1:\n{page}");
+        // The daemon's flags only where they apply (the admin commands refuse them).
+        assert_eq!(
+            documents(page, "--listen"),
+            *sub == "serve",
+            "tallyd-{sub}.1:\n{page}"
+        );
+    }
+    let serve = &pages["tallyd-serve.1"];
+    for flag in ["--log-format", "--takeover", "--no-open-enrollment"] {
+        assert!(documents(serve, flag), "tallyd-serve.1 lacks {flag}");
+    }
+    let token = &pages["tallyd-token.1"];
+    for flag in ["--id", "--expires", "--revoke", "--rotate-open"] {
+        assert!(documents(token, flag), "tallyd-token.1 lacks {flag}");
+    }
+    assert!(token.contains("single\\-use token"), "{token}");
+    for sub in ["identities", "tokens", "sessions", "status"] {
+        assert!(documents(&pages[&format!("tallyd-{sub}.1")], "--json"));
+    }
+    let send = &pages["tallyd-send.1"];
+    assert!(documents(send, "--request") && documents(send, "--timeout"));
+    assert!(
+        send.contains("<\\fIID\\fR>") && send.contains("[\\fIDATA\\fR]"),
+        "{send}"
+    );
+}
+
+#[test]
+fn tally_has_a_man_page_and_one_per_subcommand() {
+    let pages = man_pages(TALLY);
+    let mut expected: Vec<String> = TALLY_SUBCOMMANDS
+        .iter()
+        .map(|s| format!("tally-{s}.1"))
+        .collect();
+    expected.push("tally.1".into());
+    expected.sort();
+    assert_eq!(pages.keys().cloned().collect::<Vec<_>>(), expected);
+
+    let main = &pages["tally.1"];
+    assert!(main.contains("\n.TH TALLY 1 "), "{main}");
+    for sub in TALLY_SUBCOMMANDS {
+        assert!(
+            main.contains(&format!("\n{}(1)\n", roff(&format!("tally-{sub}")))),
+            "tally.1 does not name tally-{sub}(1):\n{main}"
+        );
+        let page = &pages[&format!("tally-{sub}.1")];
+        let title = format!("tally-{sub}").to_uppercase();
+        assert!(page.contains(&format!("\n.TH {title} 1 ")), "{page}");
+    }
+    let enroll = &pages["tally-enroll.1"];
+    for flag in ["--token-file", "--id", "--server", "--out", "--force"] {
+        assert!(documents(enroll, flag), "tally-enroll.1 lacks {flag}");
+    }
+    // The token on the command line is hidden: other users can read it in /proc.
+    assert!(!documents(enroll, "--token"), "{enroll}");
+    for sub in ["request", "message", "listen"] {
+        let page = &pages[&format!("tally-{sub}.1")];
+        assert!(documents(page, "--cred"), "tally-{sub}.1 lacks --cred");
+        assert!(
+            documents(page, "--retries"),
+            "tally-{sub}.1 lacks --retries"
+        );
+    }
+    assert!(documents(&pages["tally-listen.1"], "--exec"));
+    assert!(documents(&pages["tally-bench.1"], "--connections"));
+}
+
+#[test]
+fn man_pages_are_the_same_every_time() {
+    // The package is reproducible: no date, no path, no order that changes.
+    assert_eq!(man_pages(TALLYD), man_pages(TALLYD));
+}
+
+#[test]
+fn completions_know_every_subcommand_and_flag() {
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            TALLYD,
+            TALLYD_SUBCOMMANDS,
+            &[
+                "--state-dir",
+                "--config",
+                "--listen",
+                "--rotate-open",
+                "--json",
+            ],
+        ),
+        (
+            TALLY,
+            TALLY_SUBCOMMANDS,
+            &["--token-file", "--cred", "--retries", "--exec", "--server"],
+        ),
+    ];
+    for (bin, subcommands, flags) in cases {
+        let name = Path::new(bin).file_name().unwrap().to_str().unwrap();
+        for shell in ["bash", "zsh", "fish"] {
+            let script = run(bin, &["generate", "completions", shell]);
+            for sub in subcommands {
+                assert!(
+                    script.contains(sub),
+                    "{shell} completion of {name} lacks {sub}"
+                );
+            }
+            for flag in flags {
+                // fish names long flags without their dashes (`-l state-dir`).
+                let flag = if shell == "fish" {
+                    format!("-l {}", &flag[2..])
+                } else {
+                    flag.to_string()
+                };
+                assert!(
+                    script.contains(&flag),
+                    "{shell} completion of {name} lacks {flag}"
+                );
+            }
+            assert!(
+                !script.contains("generate"),
+                "{shell} completion of {name} offers the hidden `generate`"
+            );
+        }
+        let bash = run(bin, &["generate", "completions", "bash"]);
+        assert!(bash.contains(&format!("complete -F _{name} ")), "{bash}");
+        let zsh = run(bin, &["generate", "completions", "zsh"]);
+        assert!(zsh.starts_with(&format!("#compdef {name}\n")), "{zsh}");
+        let fish = run(bin, &["generate", "completions", "fish"]);
+        assert!(fish.contains(&format!("complete -c {name} ")), "{fish}");
+        // The bash script is valid bash.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &bash).unwrap();
+        let check = Command::new("bash").arg("-n").arg(file.path()).output();
+        if let Ok(check) = check {
+            assert!(
+                check.status.success(),
+                "bash -n: {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn generate_is_hidden_and_checks_its_arguments() {
+    for bin in [TALLYD, TALLY] {
+        let help = run(bin, &["--help"]);
+        assert!(help.contains("Usage:"), "{help}");
+        assert!(!help.contains("generate"), "{help}");
+        for bad in [
+            &["generate"][..],
+            &["generate", "completions", "no-such-shell"],
+            &["generate", "pdf"],
+        ] {
+            let out = output(bin, bad);
+            assert!(!out.status.success(), "{bin} {bad:?} succeeded");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("error: ") || stderr.contains("Usage: "),
+                "{bin} {bad:?}: {stderr}"
+            );
+            assert!(out.stdout.is_empty(), "{bin} {bad:?} printed on stdout");
+        }
+    }
+    // A man directory that cannot be made is an error that names it.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let inside = file.path().join("man1");
+    let out = output(TALLYD, &["generate", "man", inside.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(inside.to_str().unwrap()),
+        "the error does not name the directory: {stderr}"
+    );
+}
