@@ -1,9 +1,14 @@
-//! The man pages and shell completions the binaries generate from their own clap
-//! definitions (the hidden `tallyd generate` and `tally generate`).
+//! What the Debian package ships besides the binaries (`packaging/build-deb`): the man
+//! pages and shell completions the binaries generate from their own clap definitions
+//! (the hidden `tallyd generate` and `tally generate`), and the default
+//! /etc/tally/tallyd.toml (`packaging/tallyd.toml`). `.ci/deb-check` builds, installs
+//! and checks the package itself.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
+
+use tally::config::ServerConfig;
 
 const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
@@ -286,4 +291,103 @@ fn generate_is_hidden_and_checks_its_arguments() {
         stderr.contains(inside.to_str().unwrap()),
         "the error does not name the directory: {stderr}"
     );
+}
+
+const PACKAGED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/tallyd.toml");
+
+/// `[section.]key` -> value of each `key = value` line, commented (`#key = value`,
+/// `# key = value`) or not, with a trailing `# comment` cut.
+fn keys(toml: &str, commented: bool) -> BTreeMap<String, String> {
+    let mut section = String::new();
+    let mut keys = BTreeMap::new();
+    for line in toml.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = format!("{name}.");
+            continue;
+        }
+        let line = match line.strip_prefix('#') {
+            Some(rest) if commented => rest.trim_start(),
+            Some(_) => continue,
+            None if commented => continue,
+            None => line,
+        };
+        let Some((key, value)) = line.split_once(" = ") else {
+            continue;
+        };
+        if !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        let value = match value.find(" #") {
+            Some(i) => &value[..i],
+            None => value,
+        };
+        keys.insert(format!("{section}{key}"), value.trim().to_string());
+    }
+    keys
+}
+
+/// The configuration as tallyd reads it, with the state directory (which depends on
+/// $STATE_DIRECTORY) set aside.
+fn parsed(toml: &str) -> ServerConfig {
+    let mut config = ServerConfig::from_toml(toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    config.state_dir = "-".into();
+    config
+}
+
+fn production_defaults() -> ServerConfig {
+    ServerConfig {
+        state_dir: "-".into(),
+        open_enrollment: false,
+        ..ServerConfig::default()
+    }
+}
+
+#[test]
+fn the_packaged_configuration_is_the_defaults_with_open_enrollment_off() {
+    let text = std::fs::read_to_string(PACKAGED_CONFIG).unwrap();
+    // As shipped: only open_enrollment is set.
+    assert_eq!(
+        keys(&text, false),
+        BTreeMap::from([("open_enrollment".to_string(), "false".to_string())])
+    );
+    assert_eq!(parsed(&text), production_defaults());
+    assert!(text.contains("sudo tallyd token --id ID --state-dir /var/lib/tally"));
+    assert!(
+        text.contains("tallyd.socket"),
+        "listen under socket activation"
+    );
+
+    // Every commented key is its default: uncommenting them all changes nothing.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.split_once(" = ").is_some() && !rest.starts_with(' ') => {
+                format!("{rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(uncommented, text);
+    assert_eq!(keys(&uncommented, true), BTreeMap::new());
+    // (but for metrics_listen, off by default, where the example address turns it on)
+    let mut expected = production_defaults();
+    expected.metrics_listen = Some("127.0.0.1:9420".parse().unwrap());
+    assert_eq!(parsed(&uncommented), expected);
+
+    // And it has every key the README's "Configuration" lists, with the same default.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("\n## Configuration\n")
+        .expect("README: Configuration")..];
+    let start = section.find("```toml\n").expect("README: the defaults") + 8;
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let mut documented = keys(block, false);
+    documented.extend(keys(block, true));
+    let mut packaged = keys(&text, true);
+    packaged.extend(keys(&text, false));
+    assert!(documented.len() > 20, "{documented:?}");
+    documented.insert("open_enrollment".into(), "false".into());
+    assert_eq!(packaged, documented);
 }
