@@ -46,11 +46,11 @@ pub enum SecretsError {
     )]
     OpenDirectory(PathBuf, u32),
     /// A key is missing (its state directory exists) and may not be created here.
-    #[error("{0} does not exist: this state directory has no keys yet (run `tallyd init`, or start tallyd once); if the daemon gets its keys from systemd credentials (LoadCredential=), give this command the same directory in $CREDENTIALS_DIRECTORY")]
-    Missing(PathBuf),
+    #[error("{0} does not exist: this state directory has no keys yet (run `tallyd init`, or start tallyd once); if the daemon gets its keys from systemd credentials (LoadCredential=), give this command the same directory in $CREDENTIALS_DIRECTORY{1}")]
+    Missing(PathBuf, RunningDaemons),
     /// The state directory itself does not exist.
-    #[error("no state directory at {0}: give the --state-dir the daemon uses (the systemd unit's is /var/lib/tally), or start tallyd once to create this one")]
-    NoStateDir(PathBuf),
+    #[error("no state directory at {0}: give the --state-dir the daemon uses (the systemd unit's is /var/lib/tally), or start tallyd once to create this one{1}")]
+    NoStateDir(PathBuf, RunningDaemons),
     /// A key exists but this user may not read it (or reach it).
     #[error("{path}: permission denied for user {user}: run this as the daemon's user or as root (e.g. `sudo tallyd ...`)")]
     Denied {
@@ -106,6 +106,65 @@ pub fn state_dir_in_use(dir: &Path) -> bool {
         flock(&file, FlockOperation::NonBlockingLockShared),
         Err(rustix::io::Errno::WOULDBLOCK)
     )
+}
+
+/// The tallyd processes running on this machine, each with the state directory it holds
+/// (from the lock file among its open files, when this user may see them): the advice
+/// for an admin command given a directory that is not the daemon's.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunningDaemons(pub Vec<(u32, Option<PathBuf>)>);
+
+impl std::fmt::Display for RunningDaemons {
+    /// Nothing if none runs; else `; the running tallyd (pid N) uses DIR: ...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (pid, dir)) in self.0.iter().enumerate() {
+            f.write_str(if i == 0 { "; " } else { ", and " })?;
+            match dir {
+                Some(dir) => write!(
+                    f,
+                    "the running tallyd (pid {pid}) uses {}: add `--state-dir {0}`",
+                    dir.display()
+                )?,
+                None => write!(
+                    f,
+                    "a tallyd runs (pid {pid}) as another user: run this as root (`sudo`) to see which state directory it uses"
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the running daemons: processes named `tallyd` (other than this one) that hold
+/// a [`LOCK_FILE`] open. Linux only (`/proc`); elsewhere, or if `/proc` cannot be read,
+/// none.
+pub fn running_daemons() -> RunningDaemons {
+    let me = std::process::id();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return RunningDaemons::default();
+    };
+    let mut found: Vec<(u32, Option<PathBuf>)> = procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "tallyd")
+        })
+        .filter_map(|pid| {
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+                // Another user's process: it runs, but its files are not ours to see.
+                return Some((pid, None));
+            };
+            let held = fds.filter_map(Result::ok).find_map(|fd| {
+                let target = fs::read_link(fd.path()).ok()?;
+                (target.file_name()? == LOCK_FILE).then(|| target.parent().map(Path::to_owned))?
+            });
+            // A tallyd holding no lock is an admin command, not a daemon.
+            held.map(|dir| (pid, Some(dir)))
+        })
+        .collect();
+    found.sort();
+    RunningDaemons(found)
 }
 
 /// Permission denied on `path`, naming this process's user.
@@ -232,8 +291,8 @@ fn load_or_create(
         Err(_) => {
             return Err(match fs::metadata(state_dir) {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied(&path),
-                Err(_) => SecretsError::NoStateDir(state_dir.to_owned()),
-                Ok(_) => SecretsError::Missing(path),
+                Err(_) => SecretsError::NoStateDir(state_dir.to_owned(), running_daemons()),
+                Ok(_) => SecretsError::Missing(path, running_daemons()),
             })
         }
     }
@@ -328,7 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             ServerSecrets::load(dir.path(), None, false),
-            Err(SecretsError::Missing(_))
+            Err(SecretsError::Missing(..))
         ));
     }
 

@@ -271,3 +271,41 @@ fn an_open_enrollment_refused_because_open_mode_is_off_names_the_id() {
         "tallyd token --id",
     ]);
 }
+
+/// Issue 14, item 2: an admin command given a state directory that is not the running
+/// daemon's (the default `./tally-state` in root's shell, while the unit's daemon uses
+/// /var/lib/tally) said only that there is none; it now names the one the daemon uses.
+#[test]
+fn an_admin_command_in_the_wrong_state_directory_names_the_running_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("daemon-state");
+    let (daemon, _) = common::bin::start(&state, true);
+    let pid = daemon.child.id();
+    let cwd = dir.path();
+    // No --state-dir: ./tally-state, which does not exist here.
+    let (code, err) = run(TALLYD, &["identities"], cwd);
+    assert_ne!(code, 0);
+    let want = format!(
+        "the running tallyd (pid {pid}) uses {}: add `--state-dir {0}`",
+        state.display()
+    );
+    assert!(err.contains("no state directory at tally-state"), "{err}");
+    assert!(err.contains(&want), "{err}");
+    // A directory that exists but has no keys: the same advice.
+    std::fs::create_dir(cwd.join("empty")).unwrap();
+    std::fs::set_permissions(cwd.join("empty"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, err) = run(TALLYD, &["revoke", "x", "--state-dir", "empty"], cwd);
+    assert_ne!(code, 0);
+    assert!(err.contains("has no keys yet"), "{err}");
+    assert!(err.contains(&want), "{err}");
+    // With the daemon's directory it works.
+    let (code, err) = run(
+        TALLYD,
+        &["identities", "--state-dir", state.to_str().unwrap()],
+        cwd,
+    );
+    assert_eq!(code, 0, "{err}");
+    drop(daemon);
+    let (_, err) = run(TALLYD, &["identities"], cwd);
+    assert!(!err.contains(&format!("pid {pid}")), "stopped: {err}");
+}
