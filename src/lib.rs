@@ -6,7 +6,8 @@
 //!   request, message, answer the server's requests.
 //! - [`proto`] (always): the sans-IO protocol core, one file per section of
 //!   `spec/PROTOCOL.md`, for spec readers and other drivers. With
-//!   `default-features = false` it is all that is built.
+//!   `default-features = false` it is all that is built, and the crate is `#![no_std]`
+//!   (it needs `alloc`): for firmware.
 //! - `server` (feature `server`): the daemon as a library: `server::run` with a
 //!   `config::ServerConfig` and a `backend::Backend` of your own.
 //!
@@ -17,6 +18,10 @@
 // One `unsafe` block in the crate: taking the socket systemd passes (src/systemd.rs).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+// Without the `std` feature: the protocol core alone, on `core` + `alloc`.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
 
 pub mod proto;
 

@@ -15,8 +15,9 @@
 //! of the driver's choosing (a monotonic clock), so the same code runs on a
 //! microcontroller's tick counter.
 
+use alloc::string::{String, ToString};
 use core::time::Duration;
-use std::collections::{BTreeSet, VecDeque};
+use alloc::collections::{BTreeSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 
@@ -237,7 +238,7 @@ impl Connection {
         if self.send.is_empty() {
             return false;
         }
-        std::mem::swap(&mut self.send, buf);
+        core::mem::swap(&mut self.send, buf);
         self.bytes_out += buf.len() as u64;
         true
     }
@@ -741,7 +742,7 @@ mod tests {
     }
 
     fn events(c: &mut Connection) -> Vec<Event> {
-        std::iter::from_fn(|| c.poll_event()).collect()
+        core::iter::from_fn(|| c.poll_event()).collect()
     }
 
     fn b(s: &'static str) -> Bytes {

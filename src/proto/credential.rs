@@ -11,7 +11,8 @@
 //! The *credential* is the device's identity after enrollment; its file format (a small
 //! TOML file, spec 9.2) is read and written by the client (`Credential::from_file`).
 
-use std::fmt;
+use alloc::{format, string::String};
+use core::fmt;
 use zeroize::Zeroizing;
 
 use super::enroll::ClientParams;

@@ -201,8 +201,8 @@ impl ServerParams {
     }
 }
 
-impl std::fmt::Debug for ServerParams {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ServerParams {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ServerParams")
             .field("allow_open", &self.allow_open)
             .finish_non_exhaustive()

@@ -5,7 +5,7 @@
 //! code sent to the peer ([`ErrorCode`] before a session exists, [`CloseCode`] after);
 //! the precise text of the error is for the local log only.
 
-use std::fmt;
+use core::fmt;
 
 /// A frame that cannot be parsed. Any of these ends the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,9 +5,10 @@
 //! variable-length field (the payload or close reason) is delimited by the frame's
 //! length prefix, which the tag covers. Tags are always the last 32 bytes.
 
+use alloc::{borrow::ToOwned, string::String, vec::Vec};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use core::ops::Range;
-use std::fmt;
+use core::fmt;
 
 use super::codec::{put_header, Reader};
 use super::error::{CloseCode, ErrorCode, FrameError};
@@ -70,7 +71,7 @@ pub const ID_MAX_LEN: usize = 64;
 /// A device identity: 1 to 64 bytes of `A-Z a-z 0-9 . _ - : @` (spec 4.1).
 /// Shared, so a clone (one per request handed to a backend) does not allocate.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(std::sync::Arc<str>);
+pub struct Id(alloc::sync::Arc<str>);
 
 impl Id {
     /// Checks `s` against spec 4.1.
@@ -89,7 +90,7 @@ impl Id {
         if !b.iter().all(ok) {
             return Err(FrameError::BadId("allowed bytes are A-Z a-z 0-9 . _ - : @"));
         }
-        Ok(Id(std::str::from_utf8(b).expect("ASCII").into()))
+        Ok(Id(core::str::from_utf8(b).expect("ASCII").into()))
     }
 
     /// The identity as a string.
@@ -120,7 +121,7 @@ impl fmt::Debug for Id {
     }
 }
 
-impl std::str::FromStr for Id {
+impl core::str::FromStr for Id {
     type Err = FrameError;
     fn from_str(s: &str) -> Result<Id, FrameError> {
         Id::new(s)
@@ -616,7 +617,7 @@ impl Body {
                 if reason.len() > MAX_REASON_LEN {
                     return Err(FrameError::BadReason);
                 }
-                let reason = std::str::from_utf8(reason).map_err(|_| FrameError::BadReason)?;
+                let reason = core::str::from_utf8(reason).map_err(|_| FrameError::BadReason)?;
                 Fields::Other(Body::Close {
                     code,
                     reason: reason.to_owned(),

@@ -5,10 +5,11 @@
 //! Every MAC input and every HKDF `info` starts with a label from [`labels`]; no
 //! label is a prefix of another, and each is used in exactly one place.
 
+use alloc::boxed::Box;
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
-use std::fmt;
+use core::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::KEY_LEN;
@@ -100,7 +101,7 @@ fn run_apart<R>(f: impl FnOnce() -> R) -> R {
 fn scrub_stack<const N: usize>() {
     let mut wipe = [0u8; N];
     // The optimiser must assume the zeros are read: they are written.
-    std::hint::black_box(&mut wipe);
+    core::hint::black_box(&mut wipe);
 }
 
 /// 32 bytes of secret key material: zeroed on drop, never printed.
