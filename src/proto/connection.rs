@@ -15,9 +15,9 @@
 //! of the driver's choosing (a monotonic clock), so the same code runs on a
 //! microcontroller's tick counter.
 
+use alloc::collections::{BTreeSet, VecDeque};
 use alloc::string::{String, ToString};
 use core::time::Duration;
-use alloc::collections::{BTreeSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 

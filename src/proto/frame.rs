@@ -7,8 +7,8 @@
 
 use alloc::{borrow::ToOwned, string::String, vec::Vec};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use core::ops::Range;
 use core::fmt;
+use core::ops::Range;
 
 use super::codec::{put_header, Reader};
 use super::error::{CloseCode, ErrorCode, FrameError};

@@ -6,10 +6,10 @@
 //! label is a prefix of another, and each is used in exactly one place.
 
 use alloc::boxed::Box;
+use core::fmt;
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
-use core::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::KEY_LEN;

@@ -1,0 +1,91 @@
+/* Sends one request to tallyd and prints the response payload on stdout.
+ *
+ *     request CREDENTIAL-FILE PAYLOAD
+ *
+ * Connects to the server named in the credential, runs the handshake, sends PAYLOAD as
+ * a REQUEST, prints the RESPONSE's payload, closes the session with CLOSE NORMAL.
+ * Exit status 0 for a response with status OK; 1 otherwise, with the reason on stderr.
+ * Server requests that arrive meanwhile are answered with status 4 (REFUSED). */
+#include "common.h"
+#include "tally.h"
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s CREDENTIAL-FILE PAYLOAD\n", argv[0]);
+        return 2;
+    }
+    struct credential cred;
+    if (read_credential(argv[1], &cred) != 0) return 1;
+    int fd = dial(cred.server);
+    if (fd < 0) { fprintf(stderr, "cannot connect to %s\n", cred.server); return 1; }
+
+    uint8_t nonce[32];
+    if (random_bytes(nonce) != 0) { fprintf(stderr, "no random bytes\n"); return 1; }
+    /* 64 KiB: the largest frame this device accepts; the server sends nothing longer. */
+    TallyClient *c = tally_client_new(cred.id, &cred.key, &nonce, 65536, now_ms());
+    memset(&cred.key, 0, sizeof cred.key);
+    if (!c) { fprintf(stderr, "invalid credential\n"); return 1; }
+
+    const char *payload = argv[2];
+    uint64_t seq = 0;
+    int status = -1, exit_code = 1;
+    uint8_t buf[4096];
+    for (;;) {
+        /* 1. What the engine has to say. */
+        TallyEvent ev;
+        while (tally_client_poll_event(c, &ev)) {
+            uint64_t now = now_ms();
+            switch (ev.kind) {
+            case TALLY_EVENT_ESTABLISHED:
+                if (tally_client_request(c, (const uint8_t *)payload, strlen(payload), now, &seq) != TALLY_OK)
+                    tally_client_close(c, 0, now);
+                break;
+            case TALLY_EVENT_RESPONSE:
+                if (ev.seq == seq) {
+                    status = ev.status;
+                    fwrite(ev.payload, 1, ev.payload_len, status == 0 ? stdout : stderr);
+                    if (status != 0) fprintf(stderr, "\nrequest failed with status %d\n", status);
+                    tally_client_close(c, 0, now);
+                }
+                break;
+            case TALLY_EVENT_REQUEST:
+                tally_client_respond(c, ev.seq, 4, (const uint8_t *)"no handler", 10, now);
+                break;
+            case TALLY_EVENT_CLOSED:
+                if (ev.result != TALLY_OK && status < 0) {
+                    fprintf(stderr, "session with %s as %s: %s", cred.server, cred.id,
+                            tally_result_string(ev.result));
+                    if (ev.code) fprintf(stderr, " (code 0x%04x)", ev.code);
+                    fprintf(stderr, "\n");
+                } else if (status == 0) {
+                    exit_code = 0;
+                }
+                break;
+            default:
+                break;
+            }
+        }
+        /* 2. What it has to send. */
+        size_t n;
+        while ((n = tally_client_transmit(c, buf, sizeof buf)) > 0) {
+            if (send_all(fd, buf, n) != 0) { tally_client_receive_eof(c, now_ms()); break; }
+        }
+        if (tally_client_is_finished(c)) break;
+        /* 3. Wait for bytes, or for its next deadline. */
+        int64_t at = tally_client_next_timeout(c);
+        int64_t wait = at < 0 ? -1 : at - (int64_t)now_ms();
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int ready = poll(&p, 1, wait < 0 ? (at < 0 ? -1 : 0) : (int)wait);
+        if (ready < 0 && errno != EINTR) break;
+        if (ready > 0) {
+            ssize_t got = recv(fd, buf, sizeof buf, 0);
+            if (got > 0) tally_client_receive(c, buf, (size_t)got, now_ms());
+            else if (got == 0 || errno != EINTR) tally_client_receive_eof(c, now_ms());
+        } else if (ready == 0) {
+            tally_client_handle_timeout(c, now_ms());
+        }
+    }
+    tally_client_free(c);
+    close(fd);
+    return exit_code;
+}

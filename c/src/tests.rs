@@ -1,0 +1,416 @@
+//! The C API driven as a C caller would, against the core's server side in memory.
+
+use super::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use tally::proto::enroll::{ServerAwaitConfirm, ServerParams};
+use tally::proto::frame::EnrollMode;
+use tally::proto::handshake::{HelloReceived, ServerLimits};
+
+/// Counts the bytes live on the heap, to measure what a session costs.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+/// One test at a time: the heap figures count every thread's allocations.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const KEY: [u8; 32] = [7; 32];
+
+/// Everything the client has to send.
+fn take(c: *mut TallyClient) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 100]; // small on purpose: transmit hands out what fits
+    loop {
+        let n = unsafe { tally_client_transmit(c, buf.as_mut_ptr(), buf.len()) };
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn events(c: *mut TallyClient) -> Vec<(TallyEventKind, u64, u16, u16, TallyResult, Vec<u8>)> {
+    let mut all = Vec::new();
+    loop {
+        let mut e = TallyEvent {
+            kind: TallyEventKind::TALLY_EVENT_NONE,
+            seq: 0,
+            status: 0,
+            code: 0,
+            result: TALLY_OK,
+            payload: core::ptr::null(),
+            payload_len: 0,
+        };
+        if unsafe { tally_client_poll_event(c, &mut e) } == 0 {
+            assert_eq!(e.kind, TallyEventKind::TALLY_EVENT_NONE);
+            return all;
+        }
+        let payload = if e.payload_len == 0 {
+            Vec::new()
+        } else {
+            unsafe { core::slice::from_raw_parts(e.payload, e.payload_len) }.to_vec()
+        };
+        all.push((e.kind, e.seq, e.status, e.code, e.result, payload));
+    }
+}
+
+fn feed(c: *mut TallyClient, bytes: &[u8], now: u64) {
+    // Byte by byte: a socket may hand over any split.
+    for b in bytes {
+        assert_eq!(unsafe { tally_client_receive(c, b, 1, now) }, TALLY_OK);
+    }
+}
+
+/// A client through the handshake with the core's server side; returns both ends.
+fn established(server_key: [u8; 32]) -> (*mut TallyClient, Option<Connection>) {
+    let id = c"sensor-1";
+    let c = unsafe { tally_client_new(id.as_ptr(), &KEY, &[1; 32], 4096, 1_000) };
+    assert!(!c.is_null());
+    let hello = take(c);
+    let limits = ServerLimits {
+        max_frame_len: 65536,
+        keepalive: Duration::from_secs(30),
+    };
+    let mut auth = BytesMut::new();
+    let wait = HelloReceived::parse(&hello).unwrap().respond(
+        Some(SecretKey::from_bytes(server_key)),
+        SecretKey::from_bytes([9; 32]),
+        [2; 32],
+        limits,
+        &mut auth,
+    );
+    feed(c, &auth, 1_001);
+    let finish = take(c);
+    let server = wait
+        .handle_finish(&finish)
+        .ok()
+        .map(|e| Connection::new(e.session, Config::server(), Duration::from_millis(1_002)));
+    (c, server)
+}
+
+fn server_out(server: &mut Connection) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    server.transmit_into(&mut out);
+    out.to_vec()
+}
+
+#[test]
+fn a_session_through_the_c_api() {
+    let _serial = serial();
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].0, TallyEventKind::TALLY_EVENT_ESTABLISHED);
+
+    // A request and its answer.
+    let mut seq = 0;
+    let r = unsafe { tally_client_request(c, b"temp?".as_ptr(), 5, 1_010, &mut seq) };
+    assert_eq!((r, seq), (TALLY_OK, 1));
+    server.handle_input(&take(c), Duration::from_millis(1_011));
+    let Some(Event::Request { seq: got, payload }) = server.poll_event() else {
+        panic!("the server got no request")
+    };
+    assert_eq!((got, &payload[..]), (1, &b"temp?"[..]));
+    server
+        .respond(
+            got,
+            Status::OK,
+            Bytes::from_static(b"21.5"),
+            Duration::from_millis(1_012),
+        )
+        .unwrap();
+    feed(c, &server_out(&mut server), 1_013);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (ev[0].0, ev[0].1, ev[0].2, &ev[0].5[..]),
+        (TallyEventKind::TALLY_EVENT_RESPONSE, 1, 0, &b"21.5"[..])
+    );
+
+    // The server's request, answered; its message.
+    let sseq = server
+        .request(Bytes::from_static(b"reboot?"), Duration::from_millis(1_020))
+        .unwrap();
+    server
+        .message(Bytes::from_static(b"hi"), Duration::from_millis(1_020))
+        .unwrap();
+    feed(c, &server_out(&mut server), 1_021);
+    let ev = events(c);
+    assert_eq!(ev[0].0, TallyEventKind::TALLY_EVENT_REQUEST);
+    assert_eq!((ev[0].1, &ev[0].5[..]), (sseq, &b"reboot?"[..]));
+    assert_eq!(
+        (ev[1].0, &ev[1].5[..]),
+        (TallyEventKind::TALLY_EVENT_MESSAGE, &b"hi"[..])
+    );
+    assert_eq!(
+        unsafe { tally_client_respond(c, sseq, 4, b"no".as_ptr(), 2, 1_022) },
+        TALLY_OK
+    );
+    assert_eq!(
+        unsafe { tally_client_respond(c, sseq, 0, core::ptr::null(), 0, 1_022) },
+        TALLY_ERR_NOT_PENDING,
+        "exactly one answer"
+    );
+    server.handle_input(&take(c), Duration::from_millis(1_023));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Response {
+            status: Status(4),
+            ..
+        })
+    ));
+
+    // Keepalive: a PING after 30 s of silence, the deadline given by next_timeout.
+    let next = unsafe { tally_client_next_timeout(c) };
+    assert_eq!(next, 1_022 + 30_000);
+    unsafe { tally_client_handle_timeout(c, next as u64) };
+    server.handle_input(&take(c), Duration::from_millis(next as u64));
+    assert!(
+        server.pending_transmit() > 0,
+        "the server answers the PING with a PONG"
+    );
+
+    // CLOSE from the client, answered by the server.
+    unsafe { tally_client_close(c, 0, 40_000) };
+    server.handle_input(&take(c), Duration::from_millis(40_001));
+    feed(c, &server_out(&mut server), 40_002);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].0, ev[0].4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_OK)
+    );
+    assert_eq!(unsafe { tally_client_is_finished(c) }, 1);
+    assert_eq!(
+        unsafe { tally_client_message(c, b"x".as_ptr(), 1, 40_003) },
+        TALLY_ERR_NOT_OPEN
+    );
+    unsafe { tally_client_free(c) };
+}
+
+#[test]
+fn a_wrong_key_and_a_forged_frame_are_reported() {
+    let _serial = serial();
+    let (c, _) = established([8; 32]);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (ev[0].0, ev[0].4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_AUTH_FAILED)
+    );
+    assert!(
+        take(c).is_empty(),
+        "no CLIENT_FINISH to a server that did not authenticate"
+    );
+    assert_eq!(unsafe { tally_client_is_finished(c) }, 1);
+    unsafe { tally_client_free(c) };
+
+    // A bit flipped in a server frame: the session ends with PROTOCOL_ERROR.
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    events(c);
+    server
+        .message(Bytes::from_static(b"hello"), Duration::from_millis(1_010))
+        .unwrap();
+    let mut frame = server_out(&mut server);
+    assert!(!frame.is_empty());
+    let last = frame.len() - 1;
+    frame[last] ^= 1;
+    feed(c, &frame, 1_011);
+    assert!(events(c).is_empty(), "the message is not delivered");
+    // The client sent CLOSE PROTOCOL_ERROR; the session ends with the server's answer.
+    server.handle_input(&take(c), Duration::from_millis(1_012));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Closed(End::PeerClosed {
+            code: CloseCode::PROTOCOL_ERROR,
+            ..
+        }))
+    ));
+    // After a receive failure nothing more is read: the end comes with the server's EOF
+    // (it closes after answering CLOSE), or the close deadline.
+    feed(c, &server_out(&mut server), 1_013);
+    unsafe { tally_client_receive_eof(c, 1_014) };
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].0, ev[0].4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_PROTOCOL)
+    );
+    assert_eq!(ev[0].3, CloseCode::PROTOCOL_ERROR.0);
+    unsafe { tally_client_free(c) };
+
+    // EOF mid-session: truncation, never a clean end.
+    let (c, _server) = established(KEY);
+    events(c);
+    unsafe { tally_client_receive_eof(c, 1_020) };
+    let ev = events(c);
+    assert_eq!(
+        (ev[0].0, ev[0].4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_TRUNCATED)
+    );
+    unsafe { tally_client_free(c) };
+}
+
+#[test]
+fn invalid_arguments_are_refused_not_crashed_on() {
+    let _serial = serial();
+    unsafe {
+        assert!(tally_client_new(core::ptr::null(), &KEY, &[1; 32], 4096, 0).is_null());
+        assert!(tally_client_new(c"bad id!".as_ptr(), &KEY, &[1; 32], 4096, 0).is_null());
+        assert!(tally_client_new(c"ok".as_ptr(), &KEY, &[1; 32], 100, 0).is_null());
+        assert!(tally_client_new(c"ok".as_ptr(), core::ptr::null(), &[1; 32], 4096, 0).is_null());
+        assert_eq!(
+            tally_client_receive(core::ptr::null_mut(), core::ptr::null(), 0, 0),
+            TALLY_ERR_INVALID_ARGUMENT
+        );
+        let c = tally_client_new(c"ok".as_ptr(), &KEY, &[1; 32], 4096, 0);
+        assert_eq!(
+            tally_client_request(c, b"x".as_ptr(), 1, 0, core::ptr::null_mut()),
+            TALLY_ERR_NOT_OPEN,
+            "before the handshake"
+        );
+        // The handshake deadline.
+        assert_eq!(tally_client_next_timeout(c), 10_000);
+        tally_client_handle_timeout(c, 10_000);
+        let ev = events(c);
+        assert_eq!(ev[0].4, TALLY_ERR_TIMEOUT);
+        tally_client_free(c);
+        assert!(tally_enroll_new(c"tally1-nope".as_ptr(), c"x".as_ptr(), &[3; 32]).is_null());
+        tally_client_free(core::ptr::null_mut());
+        tally_enroll_free(core::ptr::null_mut());
+    }
+}
+
+#[test]
+fn enrollment_through_the_c_api() {
+    let _serial = serial();
+    let params = ServerParams {
+        static_secret: x25519_static(),
+        allow_open: true,
+    };
+    let ek = SecretKey::from_bytes([4; 32]);
+    let token = EnrollmentToken {
+        mode: EnrollMode::Open,
+        credential: ek.clone(),
+        server_static: params.static_public(),
+    };
+    let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
+    let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+    assert!(!e.is_null());
+    let mut buf = [0u8; 256];
+    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+    let mut reply = BytesMut::new();
+    let wait =
+        ServerAwaitConfirm::handle_init(&params, &buf[..n], |_, _| ek.clone(), [6; 32], &mut reply)
+            .unwrap();
+    assert_eq!(
+        unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) },
+        TALLY_OK
+    );
+    assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 1);
+    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+    let pending = wait.handle_confirm(&buf[..n]).unwrap();
+    let expected = pending.identity_key().clone();
+    let mut done = BytesMut::new();
+    pending.committed(&mut done);
+    let mut key = [0u8; 32];
+    assert_eq!(
+        unsafe { tally_enroll_key(e, &mut key) },
+        TALLY_ERR_NOT_OPEN,
+        "no key before ENROLL_DONE"
+    );
+    assert_eq!(
+        unsafe { tally_enroll_receive(e, done.as_ptr(), done.len()) },
+        TALLY_OK
+    );
+    assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 0);
+    assert_eq!(unsafe { tally_enroll_key(e, &mut key) }, TALLY_OK);
+    assert_eq!(&key, expected.expose());
+    unsafe { tally_enroll_free(e) };
+
+    // A token pinned to another server's key: the reply does not verify.
+    let other = EnrollmentToken {
+        server_static: [0x55; 32],
+        ..token
+    };
+    let text = std::ffi::CString::new(other.encode().as_str()).unwrap();
+    let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+    let mut reply = BytesMut::new();
+    ServerAwaitConfirm::handle_init(&params, &buf[..n], |_, _| ek.clone(), [6; 32], &mut reply)
+        .unwrap();
+    unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) };
+    assert_eq!(
+        unsafe { tally_enroll_result(e, core::ptr::null_mut()) },
+        TALLY_ERR_SERVER_NOT_AUTHENTIC as i32
+    );
+    assert_eq!(
+        unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) },
+        0,
+        "no CONFIRM"
+    );
+    unsafe { tally_enroll_free(e) };
+}
+
+fn x25519_static() -> x25519_dalek::StaticSecret {
+    x25519_dalek::StaticSecret::from([3; 32])
+}
+
+/// The heap a session holds between calls, as `c/README.md` states it
+/// (`cargo test -p tally-c heap -- --nocapture` prints the figures).
+#[test]
+fn heap_use_of_one_session() {
+    let _serial = serial();
+    let mut idle = isize::MAX;
+    let mut after_request = isize::MAX;
+    for _ in 0..5 {
+        let before = LIVE.load(Ordering::SeqCst);
+        let (c, server) = established(KEY);
+        let mut server = server.unwrap();
+        events(c);
+        let with_both = LIVE.load(Ordering::SeqCst) - before;
+        let mut seq = 0;
+        unsafe { tally_client_request(c, [0u8; 64].as_ptr(), 64, 1_010, &mut seq) };
+        server.handle_input(&take(c), Duration::from_millis(1_011));
+        let Some(Event::Request { seq: s, payload }) = server.poll_event() else {
+            panic!()
+        };
+        server
+            .respond(s, Status::OK, payload, Duration::from_millis(1_012))
+            .unwrap();
+        feed(c, &server_out(&mut server), 1_013);
+        events(c);
+        let with_both_after = LIVE.load(Ordering::SeqCst) - before;
+        let before_drop = LIVE.load(Ordering::SeqCst);
+        drop(server);
+        let server_alone = before_drop - LIVE.load(Ordering::SeqCst);
+        idle = idle.min(with_both - server_alone);
+        after_request = after_request.min(with_both_after - server_alone);
+        unsafe { tally_client_free(c) };
+    }
+    eprintln!("heap per client session: {idle} bytes established, {after_request} after a 64-byte request");
+    assert!(idle > 0 && idle < 4096, "{idle}");
+    assert!(after_request < 8192, "{after_request}");
+}

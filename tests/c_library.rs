@@ -1,0 +1,141 @@
+//! Issue 15, item 2: the C library's examples (`c/examples/`, built by `.ci/run` with
+//! `make -C c` into `target/c/`) against a real tallyd: enrollment in both modes, a
+//! request, credentials that the C and Rust clients share, a revoked identity, a wrong
+//! token. Skipped with a message when the examples are not built, except under CI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn example(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/c")
+        .join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: .ci/run builds it (cargo build -p tally-c; make -C c)",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} not built (run `cargo build -p tally-c && make -C c`)",
+        path.display()
+    );
+    None
+}
+
+fn run(cmd: &Path, args: &[&str], cwd: &Path, stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("TALLY_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn the_c_examples_enroll_and_request_against_tallyd() {
+    let (Some(enroll), Some(request)) = (example("enroll"), example("request")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let state = cwd.join("state");
+    let (daemon, _) = common::bin::start(&state, true);
+    let tallyd = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let tally = Path::new(env!("CARGO_BIN_EXE_tally"));
+
+    // Open mode.
+    let open = tallyd(&["token"]);
+    let out = run(&enroll, &[&daemon.addr, "c-dev", "c-dev.cred"], cwd, &open);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("enrolled c-dev"));
+    let mode = std::fs::metadata(cwd.join("c-dev.cred")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let out = run(&request, &["c-dev.cred", "hello from C"], cwd, "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from C");
+
+    // The Rust client reads the credential C wrote, and the other way round.
+    let out = run(tally, &["request", "--cred", "c-dev.cred", "rust"], cwd, "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "rust");
+    let token = tallyd(&["token", "--id", "rust-dev"]);
+    let out = run(
+        tally,
+        &[
+            "enroll",
+            "--id",
+            "rust-dev",
+            "--server",
+            &daemon.addr,
+            "--out",
+            "rust-dev.cred",
+        ],
+        cwd,
+        &token,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        &request,
+        &["rust-dev.cred", "C with a Rust credential"],
+        cwd,
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "C with a Rust credential");
+
+    // Per-identity token, used once; used again it is refused, with the code.
+    let token = tallyd(&["token", "--id", "c-two"]);
+    let out = run(&enroll, &[&daemon.addr, "c-two", "c-two.cred"], cwd, &token);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(&enroll, &[&daemon.addr, "c-two", "again.cred"], cwd, &token);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("refused by the server (ERROR)"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!cwd.join("again.cred").exists(), "nothing written");
+
+    // Revoked: the handshake fails like a wrong key (spec 7.5).
+    tallyd(&["revoke", "c-dev"]);
+    let out = run(&request, &["c-dev.cred", "x"], cwd, "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("the server did not authenticate"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+}
