@@ -51,6 +51,9 @@ pub mod admin;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod bench;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod conformance;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod control;

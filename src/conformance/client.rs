@@ -1,0 +1,669 @@
+//! `tally conformance client --listen ADDR --exec CMD`: plays a server that misbehaves
+//! in each way a client must refuse, runs the client under test once per scenario, and
+//! reports which misbehaviour it accepted.
+//!
+//! The command is run with `sh -c`, `{cred}` replaced by a credential file (spec 9.2)
+//! for this tool's address and `{payload}` by the request payload (also in
+//! `$TALLY_CRED` and `$TALLY_PAYLOAD`). It must send that one REQUEST and print the
+//! RESPONSE's payload on stdout, exiting 0 only if it got one: `tally request --retries
+//! 0 --cred {cred} {payload}`, `target/c/request {cred} {payload}`. A client that
+//! accepted a forged answer prints it (every forged payload starts with `forged`) or
+//! exits 0. The enrollment command (`--enroll-exec`) gets `{server}`, `{id}` and `{out}`,
+//! and the token on stdin.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use x25519_dalek::StaticSecret;
+
+use super::{
+    forge, fresh_id, open, outcome, random32, response_fields, seal, Check, Conn, Outcome,
+};
+use crate::proto::credential::{Credential, EnrollmentToken};
+use crate::proto::enroll::{ServerAwaitConfirm, ServerParams};
+use crate::proto::frame::{EnrollMode, ErrorFrame};
+use crate::proto::handshake::{HelloReceived, ServerLimits};
+use crate::proto::{
+    Body, CloseCode, ErrorCode, FrameType, SecretKey, Session, Status, HANDSHAKE_MAX_FRAME_LEN,
+};
+
+/// The client under test and where this tool listens for it.
+pub struct Target {
+    /// Bound by the caller (`--listen`).
+    pub listener: TcpListener,
+    /// The request command (see the module docs).
+    pub exec: String,
+    /// The enrollment command, if the client enrolls too.
+    pub enroll_exec: Option<String>,
+    /// A directory for the credential files.
+    pub dir: PathBuf,
+    /// How long one scenario may take.
+    pub timeout: Duration,
+}
+
+/// What the tool does with one connection, as the server.
+type Behaviour<'a> = &'a dyn Fn(&mut Conn, &Ctx) -> Result<(), String>;
+
+/// What a behaviour knows.
+struct Ctx {
+    cred: Credential,
+    payload: String,
+    timeout: Duration,
+    /// Frames recorded from the honest scenario, to replay later.
+    recorded: std::cell::RefCell<Recorded>,
+}
+
+#[derive(Default)]
+struct Recorded {
+    server_auth: Option<Vec<u8>>,
+    response: Option<Vec<u8>>,
+}
+
+/// Runs every scenario, in order.
+pub fn run(t: &Target) -> Vec<Check> {
+    let addr = t.listener.local_addr().expect("bound").to_string();
+    let cred = Credential {
+        id: fresh_id("conformance-client"),
+        key: SecretKey::from_bytes(random32()),
+        server: addr.clone(),
+    };
+    let path = t.dir.join("conformance.cred");
+    let written = crate::secrets::write_secret_file(&path, cred.to_file().as_bytes());
+    let mut checks = Vec::new();
+    if let Err(e) = written {
+        checks.push(Check {
+            section: "9.2",
+            rule: "the credential file for the client",
+            outcome: Outcome::Fail(e.to_string()),
+            took: Duration::ZERO,
+        });
+        return checks;
+    }
+    let ctx = Ctx {
+        cred,
+        payload: format!("conformance-{}", hex::encode(&random32()[..4])),
+        timeout: t.timeout,
+        recorded: Default::default(),
+    };
+    let scenarios: [(&'static str, &'static str, bool, Behaviour); 12] = [
+        (
+            "7.1",
+            "an honest server: the client gets its answer (control)",
+            true,
+            &honest,
+        ),
+        (
+            "7.2",
+            "SERVER_AUTH with a bad tag is refused",
+            false,
+            &|c, x| {
+                let (mut auth, _) = server_auth(c, x)?;
+                let last = auth.len() - 1;
+                auth[last] ^= 1;
+                c.send(&auth)?;
+                hold(c, x)
+            },
+        ),
+        (
+            "7.6",
+            "a SERVER_AUTH replayed from an earlier connection is refused",
+            false,
+            &|c, x| {
+                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+                HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+                let old = x
+                    .recorded
+                    .borrow()
+                    .server_auth
+                    .clone()
+                    .ok_or("no recorded SERVER_AUTH")?;
+                c.send(&old)?;
+                hold(c, x)
+            },
+        ),
+        (
+            "7.2",
+            "an ERROR in place of SERVER_AUTH is a refusal, not a session",
+            false,
+            &|c, x| {
+                c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+                c.send(&ErrorFrame::new(ErrorCode::BUSY).encoded())?;
+                Ok(())
+            },
+        ),
+        (
+            "8.3",
+            "a RESPONSE with a bad tag is refused",
+            false,
+            &|c, x| {
+                let (mut s, req) = established(c, x)?;
+                let mut f = seal(&mut s, &forged_response(req, x));
+                let last = f.len() - 1;
+                f[last] ^= 1;
+                c.send(&f)?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.3",
+            "a duplicated sequence number is refused",
+            false,
+            &|c, x| {
+                let (mut s, req) = established(c, x)?;
+                c.send(&seal(&mut s, &Body::Ping))?;
+                let fields = response_fields(req, 0, format!("forged-{}", x.payload).as_bytes());
+                c.send(&forge(&s, FrameType::Response as u8, 1, &fields))?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.3",
+            "a gap in sequence numbers is refused",
+            false,
+            &|c, x| {
+                let (s, req) = established(c, x)?;
+                let fields = response_fields(req, 0, format!("forged-{}", x.payload).as_bytes());
+                c.send(&forge(&s, FrameType::Response as u8, 2, &fields))?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.3",
+            "a RESPONSE to a request never sent (unsolicited) is refused",
+            false,
+            &|c, x| {
+                let (mut s, req) = established(c, x)?;
+                let body = Body::Response {
+                    req_seq: req + 6,
+                    status: Status::OK,
+                    payload: Bytes::from(format!("forged-{}", x.payload)),
+                };
+                c.send(&seal(&mut s, &body))?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.3",
+            "a RESPONSE replayed from an earlier session is refused",
+            false,
+            &|c, x| {
+                let (_s, _req) = established(c, x)?;
+                let old = x
+                    .recorded
+                    .borrow()
+                    .response
+                    .clone()
+                    .ok_or("no recorded RESPONSE")?;
+                c.send(&old)?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.3",
+            "an ERROR injected mid-session ends it (truncated), no answer taken",
+            false,
+            &|c, x| {
+                let (_s, _req) = established(c, x)?;
+                c.send(&ErrorFrame::new(ErrorCode::INTERNAL).encoded())?;
+                hold(c, x)
+            },
+        ),
+        (
+            "8.6",
+            "EOF before the answer is a truncation, not an answer",
+            false,
+            &|c, x| {
+                let (_s, _req) = established(c, x)?;
+                let _ = c.tcp.shutdown(std::net::Shutdown::Both);
+                Ok(())
+            },
+        ),
+        (
+            "3.2",
+            "a frame above the limit the client announced is refused",
+            false,
+            &|c, x| {
+                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+                let limit = HelloReceived::parse(&hello)
+                    .map_err(|e| e.to_string())?
+                    .client_max_frame_len();
+                let (s, req) = finish_handshake(c, x, hello)?;
+                let mut f = (limit + 1).to_be_bytes().to_vec();
+                f.push(FrameType::Response as u8);
+                f.extend_from_slice(&1u64.to_be_bytes());
+                f.extend_from_slice(&response_fields(req, 0, b"forged"));
+                let _ = s;
+                c.send(&f)?;
+                hold(c, x)
+            },
+        ),
+    ];
+    for (section, rule, accept, behaviour) in scenarios {
+        let start = Instant::now();
+        let o = scenario(t, &ctx, &path, accept, behaviour);
+        checks.push(Check {
+            section,
+            rule,
+            outcome: outcome(o),
+            took: start.elapsed(),
+        });
+    }
+    if let Some(cmd) = &t.enroll_exec {
+        for (section, rule, how) in [
+            (
+                "6.2",
+                "an honest enrollment: the client stores the key the server derived (control)",
+                Enroll::Honest,
+            ),
+            (
+                "6.4",
+                "an ENROLL_REPLY from a server without the pinned key is refused",
+                Enroll::WrongKey,
+            ),
+            (
+                "6.4",
+                "an ENROLL_DONE with a bad tag is refused (nothing stored)",
+                Enroll::BadDone,
+            ),
+        ] {
+            let start = Instant::now();
+            let o = outcome(enrollment(t, cmd, how));
+            checks.push(Check {
+                section,
+                rule,
+                outcome: o,
+                took: start.elapsed(),
+            });
+        }
+    }
+    checks
+}
+
+/// Runs the client once against `behaviour`; judges what it did.
+fn scenario(
+    t: &Target,
+    ctx: &Ctx,
+    cred: &Path,
+    accept: bool,
+    behaviour: Behaviour,
+) -> Result<Outcome, String> {
+    let cmd = t
+        .exec
+        .replace("{cred}", &shell_quote(&cred.display().to_string()))
+        .replace("{payload}", &shell_quote(&ctx.payload));
+    let mut child = spawn(
+        &cmd,
+        &[
+            ("TALLY_CRED", &cred.display().to_string()),
+            ("TALLY_PAYLOAD", &ctx.payload),
+        ],
+        None,
+    )?;
+    let served = match accept_one(&t.listener, &mut child, t.timeout) {
+        Ok(tcp) => {
+            let mut conn = Conn::new(tcp);
+            let r = behaviour(&mut conn, ctx);
+            drop(conn);
+            r
+        }
+        Err(e) => Err(e),
+    };
+    let (code, stdout, stderr) = finish(child, t.timeout);
+    let said = || {
+        format!(
+            "exit {code:?}, stdout {stdout:?}, stderr {:?}",
+            last_line(&stderr)
+        )
+    };
+    if accept {
+        served.map_err(|e| {
+            format!(
+                "this tool, as the honest server: {e}; the client: {}",
+                said()
+            )
+        })?;
+        return if code == Some(0) && stdout == ctx.payload {
+            Ok(Outcome::Pass)
+        } else {
+            Err(format!(
+                "the client did not get its answer from an honest server: {}",
+                said()
+            ))
+        };
+    }
+    if code == Some(0) || stdout.contains("forged") {
+        return Err(format!("accepted: {}", said()));
+    }
+    if let Err(e) = served {
+        return Ok(Outcome::Skip(format!(
+            "the scenario could not be played: {e}"
+        )));
+    }
+    if code.is_none() {
+        return Err(format!(
+            "the client hung (killed after {} s)",
+            t.timeout.as_secs()
+        ));
+    }
+    Ok(Outcome::Pass)
+}
+
+/// The honest server: answers the request with its payload, records frames to replay.
+fn honest(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let mut auth = BytesMut::new();
+    let wait = wait.respond(
+        Some(x.cred.key.clone()),
+        SecretKey::from_bytes(random32()),
+        random32(),
+        limits(),
+        &mut auth,
+    );
+    x.recorded.borrow_mut().server_auth = Some(auth.to_vec());
+    c.send(&auth)?;
+    let finish = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "CLIENT_FINISH")?;
+    let mut s = wait
+        .handle_finish(&finish)
+        .map_err(|e| e.to_string())?
+        .session;
+    loop {
+        let f = c.frame(65536, x.timeout, "the client's REQUEST")?;
+        match open(&mut s, f)?.body {
+            Body::Request { payload } => {
+                let seq = s.last_received();
+                let answer = seal(
+                    &mut s,
+                    &Body::Response {
+                        req_seq: seq,
+                        status: Status::OK,
+                        payload,
+                    },
+                );
+                x.recorded.borrow_mut().response = Some(answer.clone());
+                c.send(&answer)?;
+            }
+            Body::Ping => {
+                let seq = s.last_received();
+                c.send(&seal(&mut s, &Body::Pong { ping_seq: seq }))?;
+            }
+            Body::Close { .. } => {
+                c.send(&seal(
+                    &mut s,
+                    &Body::Close {
+                        code: CloseCode::NORMAL,
+                        reason: String::new(),
+                    },
+                ))?;
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn limits() -> ServerLimits {
+    ServerLimits {
+        max_frame_len: 65536,
+        keepalive: Duration::from_secs(30),
+    }
+}
+
+/// Reads HELLO and builds a valid SERVER_AUTH (not sent); returns it and what follows.
+fn server_auth(
+    c: &mut Conn,
+    x: &Ctx,
+) -> Result<(Vec<u8>, crate::proto::handshake::ServerAwaitFinish), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let mut auth = BytesMut::new();
+    let wait = wait.respond(
+        Some(x.cred.key.clone()),
+        SecretKey::from_bytes(random32()),
+        random32(),
+        limits(),
+        &mut auth,
+    );
+    Ok((auth.to_vec(), wait))
+}
+
+/// The rest of an honest handshake after `hello`, and the client's REQUEST.
+fn finish_handshake(c: &mut Conn, x: &Ctx, hello: Bytes) -> Result<(Session, u64), String> {
+    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let mut auth = BytesMut::new();
+    let wait = wait.respond(
+        Some(x.cred.key.clone()),
+        SecretKey::from_bytes(random32()),
+        random32(),
+        limits(),
+        &mut auth,
+    );
+    c.send(&auth)?;
+    let finish = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "CLIENT_FINISH")?;
+    let mut s = wait
+        .handle_finish(&finish)
+        .map_err(|e| e.to_string())?
+        .session;
+    let f = c.frame(65536, x.timeout, "the client's REQUEST")?;
+    match open(&mut s, f)?.body {
+        Body::Request { .. } => {
+            let seq = s.last_received();
+            Ok((s, seq))
+        }
+        other => Err(format!("expected the client's REQUEST, got {other:?}")),
+    }
+}
+
+/// An honest handshake, then the client's REQUEST: returns the session and its seq.
+fn established(c: &mut Conn, x: &Ctx) -> Result<(Session, u64), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    finish_handshake(c, x, hello)
+}
+
+fn forged_response(req_seq: u64, x: &Ctx) -> Body {
+    Body::Response {
+        req_seq,
+        status: Status::OK,
+        payload: Bytes::from(format!("forged-{}", x.payload)),
+    }
+}
+
+/// Keeps the connection open a moment (a client that accepted would answer or exit),
+/// then closes it.
+fn hold(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let _ = c.read(65536, x.timeout.min(Duration::from_secs(2)))?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Enroll {
+    Honest,
+    WrongKey,
+    BadDone,
+}
+
+/// Runs the enrollment command once against this tool's enrollment server.
+fn enrollment(t: &Target, cmd: &str, how: Enroll) -> Result<Outcome, String> {
+    let pinned = ServerParams {
+        static_secret: StaticSecret::from(random32()),
+        allow_open: true,
+    };
+    let other = ServerParams {
+        static_secret: StaticSecret::from(random32()),
+        allow_open: true,
+    };
+    let ek = SecretKey::from_bytes(random32());
+    let token = EnrollmentToken {
+        mode: EnrollMode::Open,
+        credential: ek.clone(),
+        server_static: pinned.static_public(),
+    };
+    let id = fresh_id("conformance-enroll");
+    let out = t.dir.join(format!("{id}.cred"));
+    let addr = t.listener.local_addr().expect("bound").to_string();
+    let cmd = cmd
+        .replace("{server}", &shell_quote(&addr))
+        .replace("{id}", &shell_quote(id.as_str()))
+        .replace("{out}", &shell_quote(&out.display().to_string()));
+    let mut child = spawn(&cmd, &[], Some(&token.encode()))?;
+    let served = accept_one(&t.listener, &mut child, t.timeout).and_then(|tcp| {
+        let mut c = Conn::new(tcp);
+        let init = c.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ENROLL_INIT")?;
+        let params = if matches!(how, Enroll::WrongKey) {
+            &other
+        } else {
+            &pinned
+        };
+        let mut reply = BytesMut::new();
+        let wait = ServerAwaitConfirm::handle_init(
+            params,
+            &init,
+            |_, _| ek.clone(),
+            random32(),
+            &mut reply,
+        )
+        .map_err(|e| format!("ENROLL_INIT: {e}"))?;
+        c.send(&reply)?;
+        if matches!(how, Enroll::WrongKey) {
+            let _ = c.read(HANDSHAKE_MAX_FRAME_LEN, Duration::from_secs(2));
+            return Ok(None);
+        }
+        let confirm = c.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ENROLL_CONFIRM")?;
+        let pending = wait
+            .handle_confirm(&confirm)
+            .map_err(|e| format!("ENROLL_CONFIRM: {e}"))?;
+        let key = pending.identity_key().clone();
+        let mut done = BytesMut::new();
+        pending.committed(&mut done);
+        if matches!(how, Enroll::BadDone) {
+            let last = done.len() - 1;
+            done[last] ^= 1;
+        }
+        c.send(&done)?;
+        let _ = c.read(HANDSHAKE_MAX_FRAME_LEN, Duration::from_secs(2));
+        Ok(Some(key))
+    });
+    let (code, _stdout, stderr) = finish(child, t.timeout);
+    let stored = std::fs::read_to_string(&out).ok();
+    let said = || format!("exit {code:?}, stderr {:?}", last_line(&stderr));
+    match how {
+        Enroll::Honest => {
+            let key = served.map_err(|e| {
+                format!(
+                    "this tool, as the honest server: {e}; the client: {}",
+                    said()
+                )
+            })?;
+            let text = stored
+                .ok_or_else(|| format!("no credential written to {}: {}", out.display(), said()))?;
+            let cred =
+                Credential::from_file(&text).map_err(|e| format!("the credential written: {e}"))?;
+            let key = key.expect("the honest enrollment derives a key");
+            if code != Some(0) {
+                Err(format!("the client failed: {}", said()))
+            } else if cred.id != id || !cred.key.ct_eq(&key) {
+                Err("the credential's id or key is not the one the server derived".into())
+            } else {
+                Ok(Outcome::Pass)
+            }
+        }
+        Enroll::WrongKey | Enroll::BadDone => {
+            if let Err(e) = served {
+                return Ok(Outcome::Skip(format!(
+                    "the scenario could not be played: {e}"
+                )));
+            }
+            if code.is_none() {
+                Err("the client hung".into())
+            } else if code == Some(0) || stored.is_some() {
+                Err(format!(
+                    "accepted: a credential was stored or the client succeeded ({})",
+                    said()
+                ))
+            } else {
+                Ok(Outcome::Pass)
+            }
+        }
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+fn spawn(cmd: &str, env: &[(&str, &str)], stdin: Option<&str>) -> Result<Child, String> {
+    let mut c = Command::new("sh");
+    c.args(["-c", cmd])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
+    let mut input = child.stdin.take().expect("piped");
+    if let Some(text) = stdin {
+        let _ = input.write_all(text.as_bytes());
+    }
+    drop(input);
+    Ok(child)
+}
+
+/// The client's connection, unless it exits first or `timeout` passes.
+fn accept_one(
+    listener: &TcpListener,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<std::net::TcpStream, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((tcp, _)) => {
+                tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok(tcp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the client exited ({status}) without connecting"));
+        }
+        if Instant::now() > deadline {
+            return Err("the client did not connect".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for the client (killing it after `timeout`): exit code (None if killed),
+/// stdout, stderr.
+fn finish(mut child: Child, timeout: Duration) -> (Option<i32>, String, String) {
+    let deadline = Instant::now() + timeout;
+    let mut killed = false;
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output();
+    match out {
+        Ok(o) => (
+            if killed { None } else { o.status.code() },
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => (None, String::new(), e.to_string()),
+    }
+}

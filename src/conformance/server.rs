@@ -1,0 +1,553 @@
+//! `tally conformance server ADDR`: every rule a client can observe of a server.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{fresh_id, open, outcome, random32, seal, Check, Conn, Outcome, Read2};
+use crate::proto::credential::{Credential, EnrollmentToken};
+use crate::proto::enroll::ClientAwaitReply;
+use crate::proto::frame::{EnrollMode, ErrorFrame};
+use crate::proto::handshake::{ClientAwaitAuth, ServerLimits};
+use crate::proto::{
+    Body, CloseCode, ErrorCode, FrameType, Id, SecretKey, Session, Status, HANDSHAKE_MAX_FRAME_LEN,
+};
+
+/// What the checks need: the server, an open enrollment token, and how long a refusal
+/// may take (spec 13.10 allows a server to delay refusals up to 7.5 s).
+pub struct Target {
+    /// `host:port`.
+    pub addr: String,
+    /// An open-mode token (`tallyd token`): the checks enroll ids of their own.
+    pub token: EnrollmentToken,
+    /// How long to wait for each answer.
+    pub timeout: Duration,
+    /// The credential of an identity the operator revoked, for 7.5 (optional).
+    pub revoked: Option<Credential>,
+}
+
+/// The session frame limit these checks announce in HELLO.
+const OUR_LIMIT: u32 = 65536;
+
+/// Runs every check, in order, and returns them.
+pub fn run(t: &Target) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut add = |section, rule, o: Result<Outcome, String>| {
+        let now = std::time::Instant::now();
+        checks.push(Check {
+            section,
+            rule,
+            outcome: outcome(o),
+            took: now - last,
+        });
+        last = now;
+    };
+    if t.token.mode != EnrollMode::Open {
+        add(
+            "6.1",
+            "the token is an open-mode token (the checks enroll ids of their own)",
+            Err("give the open token (`tallyd token`), not a per-identity one".into()),
+        );
+        return checks;
+    }
+    let cred = enroll(t, &fresh_id("conformance"));
+    let cred = match cred {
+        Ok(c) => {
+            add(
+                "6.2",
+                "enrollment with the open token stores the identity (ENROLL_DONE)",
+                Ok(Outcome::Pass),
+            );
+            c
+        }
+        Err(e) => {
+            add(
+                "6.2",
+                "enrollment with the open token stores the identity (ENROLL_DONE)",
+                Err(e),
+            );
+            return checks;
+        }
+    };
+    add(
+        "6.3",
+        "enrolling an id that is taken is refused with ID_TAKEN",
+        {
+            match enroll(t, &cred.id) {
+                Ok(_) => Err("the id was enrolled a second time".into()),
+                Err(e) if e.contains(&ErrorCode::ID_TAKEN.to_string()) => Ok(Outcome::Pass),
+                Err(e) => Err(format!("expected ERROR id taken, got: {e}")),
+            }
+        },
+    );
+    add(
+        "6.3",
+        "an ENROLL_INIT with a wrong credential tag is refused with ENROLL_REFUSED",
+        {
+            let wrong = EnrollmentToken {
+                credential: SecretKey::from_bytes(random32()),
+                ..t.token.clone()
+            };
+            let t2 = Target {
+                token: wrong,
+                addr: t.addr.clone(),
+                timeout: t.timeout,
+                revoked: None,
+            };
+            match enroll(&t2, &fresh_id("conformance")) {
+                Ok(_) => Err("a wrong credential enrolled an identity".into()),
+                Err(e) if e.contains(&ErrorCode::ENROLL_REFUSED.to_string()) => Ok(Outcome::Pass),
+                Err(e) => Err(format!("expected ERROR enrollment refused, got: {e}")),
+            }
+        },
+    );
+    add(
+        "11",
+        "an ENROLL_INIT of another version is answered UNSUPPORTED_VERSION naming version 1",
+        {
+            let mut out = BytesMut::new();
+            let _ = ClientAwaitReply::start(
+                t.token.client_params(fresh_id("conformance")),
+                random32(),
+                &mut out,
+            );
+            out[5] = 2; // the version byte
+            expect_error(t, &out, ErrorCode::UNSUPPORTED_VERSION)
+        },
+    );
+    add(
+        "7.1",
+        "the handshake completes and a REQUEST gets exactly one RESPONSE",
+        {
+            session(t, &cred).and_then(|(mut conn, mut s, limits)| {
+                if limits.keepalive < Duration::from_millis(100) {
+                    return Err(format!(
+                        "keepalive {:?} below the range of 4.3",
+                        limits.keepalive
+                    ));
+                }
+                conn.send(&seal(
+                    &mut s,
+                    &Body::Request {
+                        payload: Bytes::from_static(b"conformance"),
+                    },
+                ))?;
+                match open(&mut s, conn.frame(OUR_LIMIT, t.timeout, "the RESPONSE")?)?.body {
+                    Body::Response { req_seq: 1, .. } => {}
+                    other => return Err(format!("expected RESPONSE to 1, got {other:?}")),
+                }
+                close_politely(&mut conn, &mut s, t.timeout)
+            })
+        },
+    );
+    add("8.5", "a PING is answered with a PONG naming it", {
+        session(t, &cred).and_then(|(mut conn, mut s, _)| {
+            conn.send(&seal(&mut s, &Body::Ping))?;
+            match open(&mut s, conn.frame(OUR_LIMIT, t.timeout, "the PONG")?)?.body {
+                Body::Pong { ping_seq: 1 } => close_politely(&mut conn, &mut s, t.timeout),
+                other => Err(format!("expected PONG to 1, got {other:?}")),
+            }
+        })
+    });
+    add(
+        "8.6",
+        "CLOSE NORMAL is answered with CLOSE, then the connection closes",
+        {
+            session(t, &cred)
+                .and_then(|(mut conn, mut s, _)| close_politely(&mut conn, &mut s, t.timeout))
+        },
+    );
+    add(
+        "7.5",
+        "unknown id and wrong key: the same SERVER_AUTH size, the same ERROR, then close",
+        {
+            let unknown = Credential {
+                id: fresh_id("conformance-unknown"),
+                key: SecretKey::from_bytes(random32()),
+                server: t.addr.clone(),
+            };
+            let wrong = Credential {
+                key: SecretKey::from_bytes(random32()),
+                ..cred.clone()
+            };
+            let a = refused_handshake(t, &unknown);
+            let b = refused_handshake(t, &wrong);
+            match (a, b) {
+                (Ok(a), Ok(b)) if a == b => match &t.revoked {
+                    Some(r) => match refused_handshake(t, r) {
+                        Ok(c) if c == a => Ok(Outcome::Pass),
+                        Ok(c) => Err(format!("revoked {c:?} differs from unknown {a:?}")),
+                        Err(e) => Err(format!("the revoked identity: {e}")),
+                    },
+                    None => Ok(Outcome::Pass),
+                },
+                (Ok(a), Ok(b)) => Err(format!("unknown {a:?} differs from wrong key {b:?}")),
+                (Err(e), _) => Err(format!("unknown id: {e}")),
+                (_, Err(e)) => Err(format!("wrong key: {e}")),
+            }
+        },
+    );
+    add(
+        "7.5",
+        "HELLO then EOF: the server sends nothing more, whatever the id",
+        (|| {
+            let mut conn = Conn::connect(&t.addr)?;
+            let mut out = BytesMut::new();
+            let _ =
+                ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
+            conn.send(&out)?;
+            let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
+            if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
+                return Err(format!("expected SERVER_AUTH, got {auth:02x?}"));
+            }
+            let _ = conn.tcp.shutdown(std::net::Shutdown::Write);
+            match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
+                Read2::Eof => Ok(Outcome::Pass),
+                Read2::Frame(f) => Err(format!("it sent {} more bytes", f.len())),
+                Read2::Timeout => Err("the connection stayed open".into()),
+            }
+        })(),
+    );
+    add(
+        "11",
+        "a HELLO of another version is answered UNSUPPORTED_VERSION naming version 1",
+        {
+            let mut hello = hello_bytes(&cred.id, OUR_LIMIT);
+            hello[5] = 2;
+            expect_error(t, &hello, ErrorCode::UNSUPPORTED_VERSION)
+        },
+    );
+    add(
+        "4.3",
+        "a HELLO announcing a frame limit below 256 is refused with MALFORMED",
+        expect_error(t, &hello_bytes(&cred.id, 255), ErrorCode::MALFORMED),
+    );
+    add(
+        "3.2",
+        "a length prefix of 4 GiB before the handshake is refused with MALFORMED",
+        expect_error(t, &[0xff, 0xff, 0xff, 0xff, 0x10], ErrorCode::MALFORMED),
+    );
+    add("3.2", "a zero-length frame is refused with MALFORMED", {
+        expect_error(t, &[0, 0, 0, 0], ErrorCode::MALFORMED)
+    });
+    add("4.1", "an unknown frame type is refused with MALFORMED", {
+        expect_error(t, &[0, 0, 0, 2, 0x7e, 0], ErrorCode::MALFORMED)
+    });
+    add(
+        "8.3",
+        "a REQUEST with a bad tag is not answered; CLOSE PROTOCOL_ERROR, closed",
+        {
+            violation(t, &cred, 0, |s| {
+                let mut f = seal(
+                    s,
+                    &Body::Request {
+                        payload: Bytes::from_static(b"x"),
+                    },
+                );
+                let last = f.len() - 1;
+                f[last] ^= 1;
+                vec![f]
+            })
+        },
+    );
+    add(
+        "8.3",
+        "a duplicated frame is refused (one RESPONSE only); CLOSE PROTOCOL_ERROR",
+        {
+            violation(t, &cred, 1, |s| {
+                let f = seal(
+                    s,
+                    &Body::Request {
+                        payload: Bytes::from_static(b"once"),
+                    },
+                );
+                vec![f.clone(), f]
+            })
+        },
+    );
+    add(
+        "8.3",
+        "a gap in sequence numbers is refused; CLOSE PROTOCOL_ERROR",
+        {
+            violation(t, &cred, 0, |s| {
+                vec![super::forge(s, FrameType::Request as u8, 2, b"skipped one")]
+            })
+        },
+    );
+    add(
+        "8.3",
+        "a RESPONSE to a request the server never sent is refused; CLOSE PROTOCOL_ERROR",
+        {
+            violation(t, &cred, 0, |s| {
+                vec![seal(
+                    s,
+                    &Body::Response {
+                        req_seq: 5,
+                        status: Status::OK,
+                        payload: Bytes::new(),
+                    },
+                )]
+            })
+        },
+    );
+    add(
+        "8.3",
+        "a frame above the server's announced limit is refused; CLOSE FRAME_TOO_LARGE",
+        {
+            session(t, &cred).and_then(|(mut conn, mut s, limits)| {
+                let len = limits.max_frame_len + 1;
+                let mut f = len.to_be_bytes().to_vec();
+                f.push(FrameType::Message as u8);
+                conn.send(&f)?;
+                expect_close(
+                    &mut conn,
+                    &mut s,
+                    t.timeout,
+                    &[CloseCode::FRAME_TOO_LARGE, CloseCode::PROTOCOL_ERROR],
+                    0,
+                )
+            })
+        },
+    );
+    add(
+        "8.3",
+        "an ERROR frame injected into a session is a cut: closed, and no CLOSE sent",
+        {
+            session(t, &cred).and_then(|(mut conn, mut s, _)| {
+                conn.send(&ErrorFrame::new(ErrorCode::BUSY).encoded())?;
+                match conn.read(OUR_LIMIT, t.timeout)? {
+                    Read2::Eof => Ok(Outcome::Pass),
+                    Read2::Frame(f) => match open(&mut s, f)?.body {
+                        Body::Close { code, .. } => {
+                            Err(format!("it sent CLOSE {code} (8.3: no CLOSE)"))
+                        }
+                        other => Err(format!("it went on: {other:?}")),
+                    },
+                    Read2::Timeout => Err("the connection stayed open".into()),
+                }
+            })
+        },
+    );
+    add(
+        "7.3",
+        "a second session of the id takes over (CLOSE TAKEN_OVER) or is refused (TAKEOVER_REFUSED)",
+        {
+            session(t, &cred).and_then(|(mut first, mut s1, _)| {
+                let mut conn = Conn::connect(&t.addr)?;
+                match handshake(&mut conn, &cred, t.timeout) {
+                    Ok((mut s2, _)) => {
+                        let f = first.frame(
+                            OUR_LIMIT,
+                            t.timeout,
+                            "CLOSE TAKEN_OVER on the first session",
+                        )?;
+                        match open(&mut s1, f)?.body {
+                            Body::Close { code, .. } if code == CloseCode::TAKEN_OVER => {
+                                close_politely(&mut conn, &mut s2, t.timeout)
+                            }
+                            other => Err(format!("the first session got {other:?}")),
+                        }
+                    }
+                    Err(e) if e.contains(&ErrorCode::TAKEOVER_REFUSED.to_string()) => {
+                        close_politely(&mut first, &mut s1, t.timeout)
+                    }
+                    Err(e) => Err(format!("the second handshake: {e}")),
+                }
+            })
+        },
+    );
+    checks
+}
+
+/// HELLO (spec 4.3) with a fresh nonce.
+fn hello_bytes(id: &Id, limit: u32) -> Vec<u8> {
+    let n = id.as_str().len();
+    let mut h = ((39 + n) as u32).to_be_bytes().to_vec();
+    h.extend_from_slice(&[FrameType::Hello as u8, 1, n as u8]);
+    h.extend_from_slice(id.as_str().as_bytes());
+    h.extend_from_slice(&random32());
+    h.extend_from_slice(&limit.to_be_bytes());
+    h
+}
+
+/// Enrolls `id` with the target's token (spec 6.2).
+fn enroll(t: &Target, id: &Id) -> Result<Credential, String> {
+    let mut conn = Conn::connect(&t.addr)?;
+    let mut out = BytesMut::new();
+    let wait = ClientAwaitReply::start(t.token.client_params(id.clone()), random32(), &mut out);
+    conn.send(&out)?;
+    let reply = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ENROLL_REPLY")?;
+    out.clear();
+    let done = wait
+        .handle_reply(&reply, &mut out)
+        .map_err(|e| e.to_string())?;
+    conn.send(&out)?;
+    let frame = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ENROLL_DONE")?;
+    let (id, key) = done.handle_done(&frame).map_err(|e| e.to_string())?;
+    Ok(Credential {
+        id,
+        key,
+        server: t.addr.clone(),
+    })
+}
+
+/// The handshake (spec 7.1) on `conn`.
+fn handshake(
+    conn: &mut Conn,
+    cred: &Credential,
+    timeout: Duration,
+) -> Result<(Session, ServerLimits), String> {
+    let mut out = BytesMut::new();
+    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
+    conn.send(&out)?;
+    let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, timeout, "SERVER_AUTH")?;
+    out.clear();
+    let (session, limits) = wait
+        .handle_server_auth(&auth, &mut out)
+        .map_err(|e| e.to_string())?;
+    conn.send(&out)?;
+    Ok((session, limits))
+}
+
+fn session(t: &Target, cred: &Credential) -> Result<(Conn, Session, ServerLimits), String> {
+    let mut conn = Conn::connect(&t.addr)?;
+    let (s, l) = handshake(&mut conn, cred, t.timeout)?;
+    Ok((conn, s, l))
+}
+
+/// Sends CLOSE NORMAL; the server must answer CLOSE and close.
+fn close_politely(conn: &mut Conn, s: &mut Session, timeout: Duration) -> Result<Outcome, String> {
+    conn.send(&seal(
+        s,
+        &Body::Close {
+            code: CloseCode::NORMAL,
+            reason: String::new(),
+        },
+    ))?;
+    loop {
+        match conn.read(OUR_LIMIT, timeout)? {
+            Read2::Frame(f) => match open(s, f)?.body {
+                Body::Close { .. } => break,
+                // Sent before the server saw our CLOSE (8.6).
+                _ => continue,
+            },
+            Read2::Eof => return Err("EOF without the server's CLOSE".into()),
+            Read2::Timeout => return Err("no CLOSE in answer to ours".into()),
+        }
+    }
+    match conn.read(OUR_LIMIT, timeout)? {
+        Read2::Eof => Ok(Outcome::Pass),
+        Read2::Frame(_) => Err("a frame after the server's CLOSE".into()),
+        Read2::Timeout => Err("the connection stayed open after CLOSE".into()),
+    }
+}
+
+/// After a violation: maybe answers to frames before it, then CLOSE with one of
+/// `codes` (SHOULD) or just EOF, and nothing answered after it.
+fn expect_close(
+    conn: &mut Conn,
+    s: &mut Session,
+    timeout: Duration,
+    codes: &[CloseCode],
+    mut answers: u64,
+) -> Result<Outcome, String> {
+    loop {
+        match conn.read(OUR_LIMIT, timeout)? {
+            Read2::Frame(f) => match open(s, f)?.body {
+                Body::Close { code, .. } if codes.contains(&code) => {}
+                Body::Close { code, .. } => {
+                    return Err(format!("closed with {code}, expected {}", codes[0]))
+                }
+                // The answer to a valid REQUEST before the violation.
+                Body::Response { .. } if answers > 0 => {
+                    answers -= 1;
+                    continue;
+                }
+                other => return Err(format!("it answered the offending frame: {other:?}")),
+            },
+            Read2::Eof => return Ok(Outcome::Pass),
+            Read2::Timeout => return Err("the connection stayed open".into()),
+        }
+        // Its CLOSE came: we end our side too (the server may linger for it).
+        let _ = conn.tcp.shutdown(std::net::Shutdown::Write);
+        return match conn.read(OUR_LIMIT, timeout)? {
+            Read2::Eof => Ok(Outcome::Pass),
+            Read2::Frame(_) => Err("a frame after its CLOSE".into()),
+            Read2::Timeout => Err("the connection stayed open after its CLOSE".into()),
+        };
+    }
+}
+
+/// A session in which `frames` (built with the session) break a rule of 8.3.
+/// `answers`: RESPONSEs allowed first, to valid REQUESTs before the violation.
+fn violation(
+    t: &Target,
+    cred: &Credential,
+    answers: u64,
+    frames: impl FnOnce(&mut Session) -> Vec<Vec<u8>>,
+) -> Result<Outcome, String> {
+    let (mut conn, mut s, _) = session(t, cred)?;
+    for f in frames(&mut s) {
+        conn.send(&f)?;
+    }
+    expect_close(
+        &mut conn,
+        &mut s,
+        t.timeout,
+        &[CloseCode::PROTOCOL_ERROR],
+        answers,
+    )
+}
+
+/// Sends `bytes` on a new connection and expects ERROR `code`, then the close.
+fn expect_error(t: &Target, bytes: &[u8], code: ErrorCode) -> Result<Outcome, String> {
+    let mut conn = Conn::connect(&t.addr)?;
+    conn.send(bytes)?;
+    let f = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, &format!("ERROR {code}"))?;
+    let e = ErrorFrame::decode(&f).map_err(|e| format!("expected ERROR {code}: {e}"))?;
+    if e.code != code {
+        return Err(format!("ERROR {} instead of {code}", e.code));
+    }
+    if e.version != 1 {
+        return Err(format!("the ERROR names version {}, not 1", e.version));
+    }
+    match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
+        Read2::Eof => Ok(Outcome::Pass),
+        _ => Err("the connection stayed open after ERROR".into()),
+    }
+}
+
+/// A handshake that must fail: what the server sent (SERVER_AUTH length, then the
+/// ERROR's bytes after our CLIENT_FINISH), to compare between cases.
+fn refused_handshake(t: &Target, cred: &Credential) -> Result<(usize, Vec<u8>), String> {
+    let mut conn = Conn::connect(&t.addr)?;
+    let mut out = BytesMut::new();
+    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
+    conn.send(&out)?;
+    let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
+    if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
+        return Err(format!("expected SERVER_AUTH, got {auth:02x?}"));
+    }
+    if wait.handle_server_auth(&auth, &mut BytesMut::new()).is_ok() {
+        return Err("SERVER_AUTH verified with a key the server should not have".into());
+    }
+    // CLIENT_FINISH anyway (7.5): any 32 bytes.
+    let mut finish = vec![0, 0, 0, 33, FrameType::ClientFinish as u8];
+    finish.extend_from_slice(&random32());
+    conn.send(&finish)?;
+    let err = conn.frame(
+        HANDSHAKE_MAX_FRAME_LEN,
+        t.timeout,
+        "ERROR authentication failed",
+    )?;
+    if ErrorFrame::code_if_error(&err) != Some(ErrorCode::AUTH_FAILED) {
+        return Err(format!(
+            "expected ERROR authentication failed, got {err:02x?}"
+        ));
+    }
+    match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
+        Read2::Eof => Ok((auth.len(), err.to_vec())),
+        _ => Err("the connection stayed open after ERROR".into()),
+    }
+}

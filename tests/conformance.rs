@@ -1,0 +1,164 @@
+//! Issue 15, item 4: `tally conformance` against the implementations of this
+//! repository: tallyd as the server; `tally` and the C library's examples as clients.
+//! And against implementations that break the rules, to show the checks can fail.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn conformance(args: &[&str], token: Option<&str>) -> Output {
+    let mut cmd = Command::new(TALLY);
+    cmd.arg("conformance").args(args);
+    if let Some(t) = token {
+        cmd.env("TALLY_TOKEN", t);
+    }
+    cmd.output().unwrap()
+}
+
+/// Every line of a passing run, and the summary: nothing failed or skipped.
+fn assert_all_passed(out: &Output, at_least: usize) {
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let summary = stdout.lines().last().unwrap();
+    assert!(
+        summary.ends_with(" passed, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
+    let passed: usize = summary.split(' ').next().unwrap().parse().unwrap();
+    assert!(passed >= at_least, "{stdout}");
+    assert!(stdout.lines().filter(|l| l.starts_with("ok  ")).count() == passed);
+}
+
+#[test]
+fn tallyd_passes_every_server_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Refusals answered at once (spec 13.10 lets a server delay them up to 7.5 s).
+    std::fs::write(dir.path().join("t.toml"), "[limits]\nrefusal_delay = 0\n").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("t.toml"))
+        .arg("--state-dir")
+        .arg(&state);
+    let (daemon, _) = common::bin::start_cmd(cmd, true);
+    let token = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["token", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let token = text(&token.stdout);
+    let out = conformance(
+        &["server", &daemon.addr, "--timeout", "5"],
+        Some(token.trim()),
+    );
+    assert_all_passed(&out, 21);
+    // The ids it enrolled are real ones in the store.
+    let ids = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["identities", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(text(&ids.stdout).contains("conformance-"));
+
+    // A per-identity token cannot drive the checks: said, and a failure.
+    let id_token = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["token", "--id", "x", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let out = conformance(
+        &["server", &daemon.addr],
+        Some(text(&id_token.stdout).trim()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("give the open token"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn tally_passes_every_client_check() {
+    let out = conformance(
+        &[
+            "client",
+            "--exec",
+            &format!("{TALLY} request --retries 0 --cred {{cred}} {{payload}}"),
+            "--enroll-exec",
+            &format!("{TALLY} enroll --token-file - --server {{server}} --id {{id}} --out {{out}}"),
+        ],
+        None,
+    );
+    assert_all_passed(&out, 15);
+}
+
+#[test]
+fn the_c_library_passes_every_client_check() {
+    let c = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/c");
+    if !c.join("request").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "target/c/request is missing: .ci/run builds it"
+        );
+        eprintln!("SKIPPED: the C examples are not built (cargo build -p tally-c && make -C c)");
+        return;
+    }
+    let out = conformance(
+        &[
+            "client",
+            "--exec",
+            &format!("{}/request {{cred}} {{payload}}", c.display()),
+            "--enroll-exec",
+            &format!("{}/enroll {{server}} {{id}} {{out}}", c.display()),
+        ],
+        None,
+    );
+    assert_all_passed(&out, 15);
+}
+
+/// A "client" that connects, then prints a forged answer and exits 0 without checking
+/// anything: every check must fail, the control included.
+#[test]
+fn a_client_that_accepts_anything_fails_the_checks() {
+    let lax = r#"bash -c 'a=$(sed -n "s/^server = \"\(.*\)\"$/\1/p" "$TALLY_CRED"); exec 3<>/dev/tcp/${a%:*}/${a##*:}; sleep 0.2; echo forged-$TALLY_PAYLOAD'"#;
+    let out = conformance(&["client", "--exec", lax, "--timeout", "5"], None);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let fails = stdout.lines().filter(|l| l.starts_with("FAIL")).count();
+    assert_eq!(fails, 12, "{stdout}");
+    assert!(stdout.contains("accepted: exit Some(0)"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("0 passed, 12 failed"),
+        "{stdout}"
+    );
+}
+
+/// A "server" that is not Tally (it closes every connection): the first check fails,
+/// and the rest are not run on top of it.
+#[test]
+fn a_server_that_is_not_tally_fails_the_checks() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+    let token = format!("tally1-open-{}-{}", "00".repeat(32), "11".repeat(32));
+    let out = conformance(&["server", &addr, "--timeout", "2"], Some(&token));
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("FAIL  §6.2"), "{stdout}");
+}
