@@ -25,7 +25,16 @@ const TALLYD_SUBCOMMANDS: &[&str] = &[
     "sessions",
     "send",
 ];
-const TALLY_SUBCOMMANDS: &[&str] = &["enroll", "request", "message", "bench", "listen"];
+const TALLY_SUBCOMMANDS: &[&str] = &[
+    "enroll",
+    "request",
+    "message",
+    "bench",
+    "listen",
+    "conformance",
+];
+/// Subcommands of subcommands, with pages of their own.
+const TALLY_NESTED: &[&str] = &["conformance-server", "conformance-client"];
 
 fn output(bin: &str, args: &[&str]) -> Output {
     Command::new(bin)
@@ -152,6 +161,7 @@ fn tally_has_a_man_page_and_one_per_subcommand() {
     let pages = man_pages(TALLY);
     let mut expected: Vec<String> = TALLY_SUBCOMMANDS
         .iter()
+        .chain(TALLY_NESTED)
         .map(|s| format!("tally-{s}.1"))
         .collect();
     expected.push("tally.1".into());
@@ -175,6 +185,11 @@ fn tally_has_a_man_page_and_one_per_subcommand() {
     }
     // The token on the command line is hidden: other users can read it in /proc.
     assert!(!documents(enroll, "--token"), "{enroll}");
+    let client = &pages["tally-conformance-client.1"];
+    assert!(
+        documents(client, "--exec") && documents(client, "--enroll-exec"),
+        "{client}"
+    );
     for sub in ["request", "message", "listen"] {
         let page = &pages[&format!("tally-{sub}.1")];
         assert!(documents(page, "--cred"), "tally-{sub}.1 lacks --cred");
