@@ -1,0 +1,288 @@
+"""Framing (spec 3.2) and the frames of spec section 4, as pure functions on bytes.
+
+Every frame here is the whole frame as on the wire, its 4-byte length prefix included
+(transcripts and tags need it).
+"""
+import struct
+from typing import Iterator, NamedTuple, Optional
+
+from .codes import SESSION_TYPES, FrameType
+from .errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION", "HANDSHAKE_LIMIT", "MIN_FRAME_LIMIT", "MAX_FRAME_LIMIT",
+    "DEFAULT_FRAME_LIMIT", "MIN_KEEPALIVE_MS", "MAX_KEEPALIVE_MS", "MAX_SEQ", "TAG_LEN",
+    "check_id", "check_length", "FrameDecoder", "frame", "error_frame", "parse_error",
+    "ErrorFrame", "hello_frame", "parse_hello", "Hello", "parse_server_auth", "ServerAuth",
+    "enroll_init_unsigned", "parse_enroll_init", "EnrollInit", "SessionFrame",
+    "session_frame_unsigned", "parse_session_fields",
+]
+
+PROTOCOL_VERSION = 1
+HANDSHAKE_LIMIT = 256            # the limit on `length` before a session (3.2)
+MIN_FRAME_LIMIT = 256            # announced session limits (4.3)
+MAX_FRAME_LIMIT = 16_777_216
+DEFAULT_FRAME_LIMIT = 65_536
+MIN_KEEPALIVE_MS = 100
+MAX_KEEPALIVE_MS = 86_400_000
+MAX_SEQ = 2**64 - 1
+TAG_LEN = 32
+
+_ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@")
+
+
+def check_id(ident) -> bytes:
+    """Check an identity against spec 4.1 (1 to 64 bytes of ``A-Za-z0-9._-:@``).
+
+    Takes ``str`` or ``bytes``; returns the bytes. Raises ``ProtocolError("bad_id")``.
+    """
+    if isinstance(ident, str):
+        try:
+            raw = ident.encode("ascii")
+        except UnicodeEncodeError:
+            raise ProtocolError("bad_id", f"identity {ident!r} is not ASCII") from None
+    else:
+        raw = bytes(ident)
+    if not 1 <= len(raw) <= 64 or any(b not in _ID_BYTES for b in raw):
+        raise ProtocolError("bad_id", f"identity {raw!r}: 1 to 64 of A-Z a-z 0-9 . _ - : @")
+    return raw
+
+
+def check_length(length: int, limit: int) -> None:
+    """The receiver's length checks of spec 3.2 rules 1 and 2, on the prefix alone."""
+    if length == 0:
+        raise ProtocolError("empty_frame", "a frame length of 0")
+    if length > limit:
+        raise ProtocolError("frame_too_large", f"frame length {length} is above the limit {limit}")
+
+
+class FrameDecoder:
+    """Splits a byte stream into whole frames (spec 3.2).
+
+    The length prefix is checked against ``limit`` as soon as its 4 bytes are in, before
+    any byte of the body is kept, so a lying length costs nothing. ``limit`` may be changed
+    between calls.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._buf = bytearray()
+        self._need: Optional[int] = None
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Add received bytes; iterate over the frames now complete (prefix included), in
+        order. Each length prefix is checked when the iteration reaches it, so the frames
+        before a bad prefix are still delivered; then ``ProtocolError`` (``empty_frame``,
+        ``frame_too_large``) is raised and the decoder is unusable."""
+        self._buf += data
+        return self._frames()
+
+    def _frames(self) -> Iterator[bytes]:
+        while True:
+            if self._need is None:
+                if len(self._buf) < 4:
+                    return
+                (length,) = struct.unpack_from(">I", self._buf)
+                check_length(length, self.limit)
+                self._need = 4 + length
+            if len(self._buf) < self._need:
+                return
+            f = bytes(self._buf[:self._need])
+            del self._buf[:self._need]
+            self._need = None
+            yield f
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that are not yet part of a whole frame."""
+        return len(self._buf)
+
+
+def frame(ty: int, body: bytes) -> bytes:
+    """``u32(1 + len(body)) || ty || body``."""
+    return struct.pack(">IB", 1 + len(body), ty) + body
+
+
+# --- ERROR (4.4) ----------------------------------------------------------------------
+
+class ErrorFrame(NamedTuple):
+    code: int
+    version: int
+
+
+def error_frame(code: int, version: int = PROTOCOL_VERSION) -> bytes:
+    """An ERROR frame: ``00000004 1f || u16 code || u8 version``."""
+    return frame(FrameType.ERROR, struct.pack(">HB", code, version))
+
+
+def parse_error(f: bytes) -> ErrorFrame:
+    """Parse an ERROR frame (length exactly 4), else ``malformed``."""
+    if len(f) != 8 or f[4] != FrameType.ERROR:
+        raise ProtocolError("malformed", "an ERROR frame has length 4")
+    code, version = struct.unpack_from(">HB", f, 5)
+    return ErrorFrame(code, version)
+
+
+# --- Handshake frames (4.3) -------------------------------------------------------------
+
+class Hello(NamedTuple):
+    version: int
+    id: bytes
+    nonce: bytes
+    max_frame_len: int
+
+
+def hello_frame(ident: bytes, nonce: bytes, max_frame_len: int) -> bytes:
+    """HELLO: ``u32(39+n) 10 01 u8(n) id nc u32(max_frame_len)``."""
+    ident = check_id(ident)
+    if len(nonce) != 32:
+        raise ValueError("the client nonce is 32 bytes")
+    if not MIN_FRAME_LIMIT <= max_frame_len <= MAX_FRAME_LIMIT:
+        raise ValueError(f"max_frame_len must be {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT}")
+    return frame(FrameType.HELLO, bytes([PROTOCOL_VERSION, len(ident)]) + ident + nonce
+                 + struct.pack(">I", max_frame_len))
+
+
+def parse_hello(f: bytes) -> Hello:
+    """Parse HELLO as a server would: type, then the version before anything else (4.1),
+    then the id (``bad_id``), the exact length and the announced limit (``malformed``)."""
+    if len(f) < 5 or f[4] != FrameType.HELLO:
+        raise ProtocolError("malformed", "expected HELLO")
+    if len(f) < 6:
+        raise ProtocolError("malformed", "HELLO too short")
+    if f[5] != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"HELLO version {f[5]}")
+    if len(f) < 7:
+        raise ProtocolError("malformed", "HELLO too short")
+    n = f[6]
+    if len(f) < 7 + n:
+        raise ProtocolError("malformed", "HELLO too short for its id")
+    ident = check_id(f[7:7 + n])
+    if len(f) != 4 + 39 + n:
+        raise ProtocolError("malformed", f"HELLO length must be {39 + n}")
+    (limit,) = struct.unpack_from(">I", f, 7 + n + 32)
+    if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
+        raise ProtocolError("malformed", f"HELLO max_frame_len {limit} out of range")
+    return Hello(f[5], ident, f[7 + n:7 + n + 32], limit)
+
+
+class ServerAuth(NamedTuple):
+    nonce: bytes
+    max_frame_len: int
+    keepalive_ms: int
+    tag: bytes
+
+
+def parse_server_auth(f: bytes) -> ServerAuth:
+    """Parse SERVER_AUTH (length 73); the announced limits are range-checked here, before
+    any tag (4.3). ERROR frames are the caller's business."""
+    if len(f) != 77 or f[4] != FrameType.SERVER_AUTH:
+        raise ProtocolError("malformed", "expected SERVER_AUTH (length 73)")
+    limit, keepalive = struct.unpack_from(">II", f, 37)
+    if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
+        raise ProtocolError("malformed", f"SERVER_AUTH max_frame_len {limit} out of range")
+    if not MIN_KEEPALIVE_MS <= keepalive <= MAX_KEEPALIVE_MS:
+        raise ProtocolError("malformed", f"SERVER_AUTH keepalive {keepalive} ms out of range")
+    return ServerAuth(f[5:37], limit, keepalive, f[45:77])
+
+
+# --- Enrollment frames (4.2) --------------------------------------------------------------
+
+class EnrollInit(NamedTuple):
+    version: int
+    mode: int
+    id: bytes
+    ephemeral: bytes
+    tag: bytes
+
+
+def enroll_init_unsigned(mode: int, ident: bytes, ephemeral: bytes) -> bytes:
+    """ENROLL_INIT without its tag: ``u32(68+n) 01 01 mode u8(n) id X``."""
+    ident = check_id(ident)
+    if mode not in (0, 1):
+        raise ValueError("mode is 0 (open) or 1 (token)")
+    if len(ephemeral) != 32:
+        raise ValueError("X is 32 bytes")
+    return struct.pack(">IBBBB", 68 + len(ident), FrameType.ENROLL_INIT, PROTOCOL_VERSION,
+                       mode, len(ident)) + ident + ephemeral
+
+
+def parse_enroll_init(f: bytes) -> EnrollInit:
+    """Parse ENROLL_INIT as a server would: type, version first (4.1), mode, id, length."""
+    if len(f) < 5 or f[4] != FrameType.ENROLL_INIT:
+        raise ProtocolError("malformed", "expected ENROLL_INIT")
+    if len(f) < 6:
+        raise ProtocolError("malformed", "ENROLL_INIT too short")
+    if f[5] != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"ENROLL_INIT version {f[5]}")
+    if len(f) < 8:
+        raise ProtocolError("malformed", "ENROLL_INIT too short")
+    mode, n = f[6], f[7]
+    if mode not in (0, 1):
+        raise ProtocolError("malformed", f"ENROLL_INIT mode {mode}")
+    if len(f) < 8 + n:
+        raise ProtocolError("malformed", "ENROLL_INIT too short for its id")
+    ident = check_id(f[8:8 + n])
+    if len(f) != 4 + 68 + n:
+        raise ProtocolError("malformed", f"ENROLL_INIT length must be {68 + n}")
+    return EnrollInit(f[5], mode, ident, f[8 + n:40 + n], f[40 + n:72 + n])
+
+
+# --- Session frames (4.5) ------------------------------------------------------------------
+
+class SessionFrame(NamedTuple):
+    """A session frame that passed every check of spec 8.3.
+
+    ``payload`` for REQUEST, RESPONSE and MESSAGE; ``req_seq`` and ``status`` for
+    RESPONSE; ``ping_seq`` for PONG; ``code`` and ``reason`` for CLOSE.
+    """
+
+    type: int
+    seq: int
+    payload: bytes = b""
+    req_seq: Optional[int] = None
+    status: Optional[int] = None
+    ping_seq: Optional[int] = None
+    code: Optional[int] = None
+    reason: Optional[str] = None
+
+
+def session_frame_unsigned(ty: int, seq: int, fields: bytes) -> bytes:
+    """``length || type || seq || fields`` (the bytes the tag covers, 8.2)."""
+    return struct.pack(">IBQ", 1 + 8 + len(fields) + TAG_LEN, ty, seq) + fields
+
+
+def parse_session_fields(ty: int, seq: int, fields: bytes) -> SessionFrame:
+    """Parse the type-specific fields (between ``seq`` and the tag) exactly (8.3 step 5)."""
+    if ty in (FrameType.REQUEST, FrameType.MESSAGE):
+        return SessionFrame(ty, seq, payload=fields)
+    if ty == FrameType.RESPONSE:
+        if len(fields) < 10:
+            raise ProtocolError("malformed", "RESPONSE shorter than req_seq and status")
+        req_seq, status = struct.unpack_from(">QH", fields)
+        return SessionFrame(ty, seq, payload=fields[10:], req_seq=req_seq, status=status)
+    if ty == FrameType.PING:
+        if fields:
+            raise ProtocolError("malformed", "PING has no fields")
+        return SessionFrame(ty, seq)
+    if ty == FrameType.PONG:
+        if len(fields) != 8:
+            raise ProtocolError("malformed", "PONG has exactly ping_seq")
+        return SessionFrame(ty, seq, ping_seq=struct.unpack(">Q", fields)[0])
+    if ty == FrameType.CLOSE:
+        if len(fields) < 2:
+            raise ProtocolError("malformed", "CLOSE shorter than its code")
+        (code,) = struct.unpack_from(">H", fields)
+        raw = fields[2:]
+        if len(raw) > 255:
+            raise ProtocolError("malformed", "CLOSE reason above 255 bytes")
+        try:
+            reason = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("malformed", "CLOSE reason is not UTF-8") from None
+        return SessionFrame(ty, seq, code=code, reason=reason)
+    raise ProtocolError("malformed", f"type {ty:#04x} is not a session frame")
+
+
+def is_session_type(ty: int) -> bool:
+    return ty in SESSION_TYPES

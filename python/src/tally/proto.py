@@ -1,0 +1,356 @@
+"""The protocol's state machines without any I/O (spec sections 5 to 8).
+
+These classes take and return frames as bytes; :mod:`tally.client` moves them over TCP.
+Every random value can be passed in, so that the test vectors of spec section 12 can be
+reproduced byte for byte.
+"""
+import struct
+from typing import NamedTuple, Optional, Set, Tuple
+
+from ._primitives import H, hkdf, mac, random_bytes, tags_equal, x25519, x25519_base
+from .codes import CloseCode, ErrorCode, FrameType, Status
+from .errors import (AuthFailed, PayloadTooLarge, ProtocolError, Refused, SequenceExhausted,
+                     Truncated)
+from .formats import EnrollmentToken
+from .frames import (MAX_FRAME_LIMIT, MAX_SEQ, MIN_FRAME_LIMIT, TAG_LEN, SessionFrame, check_id,
+                     check_length, enroll_init_unsigned, hello_frame, is_session_type,
+                     parse_error, parse_server_auth, parse_session_fields,
+                     session_frame_unsigned)
+
+__all__ = ["LABELS", "EnrollKeys", "SessionKeys", "enroll_keys", "session_keys",
+           "enroll_init_tag", "ClientEnrollment", "ClientHandshake", "SessionState",
+           "refusal_from_error"]
+
+LABELS = {
+    "enroll init": b"tally/1 enroll init",
+    "enroll key server": b"tally/1 enroll key server",
+    "enroll key client": b"tally/1 enroll key client",
+    "enroll key done": b"tally/1 enroll key done",
+    "enroll key identity": b"tally/1 enroll key identity",
+    "session key c2s": b"tally/1 session key c2s",
+    "session key s2c": b"tally/1 session key s2c",
+    "session key server finish": b"tally/1 session key server finish",
+    "session key client finish": b"tally/1 session key client finish",
+}
+
+
+# --- Key schedule (5.4, 5.5) -----------------------------------------------------------------
+
+class EnrollKeys(NamedTuple):
+    server: bytes    # K_server: ENROLL_REPLY tag
+    client: bytes    # K_client: ENROLL_CONFIRM tag
+    done: bytes      # K_done: ENROLL_DONE tag
+    identity: bytes  # k
+
+
+def enroll_keys(c: bytes, dh_ee: bytes, dh_es: bytes, th2: bytes) -> EnrollKeys:
+    """Spec 5.4: the four HKDFs with salt ``c`` and ikm ``dh_ee || dh_es``."""
+    ikm = dh_ee + dh_es
+    return EnrollKeys(*(hkdf(c, ikm, LABELS["enroll key " + n] + th2)
+                        for n in ("server", "client", "done", "identity")))
+
+
+class SessionKeys(NamedTuple):
+    c2s: bytes
+    s2c: bytes
+    server_finish: bytes
+    client_finish: bytes
+
+
+def session_keys(nc: bytes, ns: bytes, k: bytes, th2: bytes) -> SessionKeys:
+    """Spec 5.5: the four HKDFs with salt ``nc || ns`` and ikm ``k``."""
+    salt = nc + ns
+    return SessionKeys(*(hkdf(salt, k, LABELS["session key " + n] + th2)
+                         for n in ("c2s", "s2c", "server finish", "client finish")))
+
+
+def enroll_init_tag(c: bytes, unsigned: bytes) -> bytes:
+    """Spec 6.2 step 1: ``HMAC(c, "tally/1 enroll init" || H(ENROLL_INIT without tag))``."""
+    return mac(c, LABELS["enroll init"], H(unsigned))
+
+
+def refusal_from_error(f: bytes, context: str = "") -> Exception:
+    """The exception for an ERROR frame received before a session: :class:`AuthFailed` for
+    ``AUTH_FAILED``, else :class:`Refused`. (ERROR is unauthenticated: it only means the
+    connection ended, spec 4.4.)"""
+    err = parse_error(f)
+    if err.code == ErrorCode.AUTH_FAILED:
+        return AuthFailed((context + ": " if context else "")
+                          + "the server refused the handshake (AUTH_FAILED): the identity is "
+                          "unknown or revoked, or the key is wrong", code=err.code)
+    return Refused(err.code, err.version, context)
+
+
+# --- Enrollment, client side (6.2, 6.4) ----------------------------------------------------------
+
+class ClientEnrollment:
+    """The client of an enrollment (spec 6.4), one per attempt.
+
+    ``init_frame`` is the ENROLL_INIT to send; :meth:`handle_reply` takes ENROLL_REPLY and
+    returns ENROLL_CONFIRM; :meth:`handle_done` takes ENROLL_DONE and returns ``k``. Any
+    failure raises, and the object is then finished. The derived values (``th1``, ``th2``,
+    ``th3``, ``th4``, ``keys``, ``dh_ee``, ``dh_es``) are kept for the test vectors.
+    """
+
+    def __init__(self, token: EnrollmentToken, ident, *, ephemeral_secret: Optional[bytes] = None):
+        self.token = token
+        self.id = check_id(ident)
+        self._x = ephemeral_secret if ephemeral_secret is not None else random_bytes(32)
+        self.ephemeral_public = x25519_base(self._x)
+        unsigned = enroll_init_unsigned(token.mode_byte, self.id, self.ephemeral_public)
+        self.th1 = H(unsigned)
+        self.init_frame = unsigned + mac(token.credential, LABELS["enroll init"], self.th1)
+        self._transcript = self.init_frame
+        self.state = "await_reply"
+        self.keys: Optional[EnrollKeys] = None
+        self.identity_key: Optional[bytes] = None
+
+    def handle_reply(self, f: bytes) -> bytes:
+        """ENROLL_REPLY in, ENROLL_CONFIRM out (6.2 step 3)."""
+        self._expect("await_reply")
+        self.state = "failed"
+        if len(f) >= 5 and f[4] == FrameType.ERROR:
+            raise refusal_from_error(f, "enrollment")
+        if len(f) != 69 or f[4] != FrameType.ENROLL_REPLY:
+            raise ProtocolError("malformed", "expected ENROLL_REPLY (length 65)")
+        y_pub = f[5:37]
+        self.dh_ee = x25519(self._x, y_pub)
+        self.dh_es = x25519(self._x, self.token.server_key)
+        self.th2 = H(self._transcript, f[:37])
+        self.keys = enroll_keys(self.token.credential, self.dh_ee, self.dh_es, self.th2)
+        if not tags_equal(mac(self.keys.server, self.th2), f[37:]):
+            raise AuthFailed("the enrollment server did not prove it holds the server key "
+                             "pinned in the token (wrong server, wrong token, or a man in the "
+                             "middle)")
+        self._transcript += f
+        confirm_u = struct.pack(">IB", 33, FrameType.ENROLL_CONFIRM)
+        self.th3 = H(self._transcript, confirm_u)
+        confirm = confirm_u + mac(self.keys.client, self.th3)
+        self._transcript += confirm
+        self.state = "await_done"
+        return confirm
+
+    def handle_done(self, f: bytes) -> bytes:
+        """ENROLL_DONE in; returns the identity key ``k`` (6.2 step 5)."""
+        self._expect("await_done")
+        self.state = "failed"
+        if len(f) >= 5 and f[4] == FrameType.ERROR:
+            raise refusal_from_error(f, "enrollment")
+        if len(f) != 37 or f[4] != FrameType.ENROLL_DONE:
+            raise ProtocolError("malformed", "expected ENROLL_DONE (length 33)")
+        self.th4 = H(self._transcript, f[:5])
+        if not tags_equal(mac(self.keys.done, self.th4), f[5:]):
+            raise AuthFailed("the ENROLL_DONE tag did not verify")
+        self.identity_key = self.keys.identity
+        self.state = "enrolled"
+        return self.identity_key
+
+    def _expect(self, state: str) -> None:
+        if self.state != state:
+            raise RuntimeError(f"enrollment is {self.state}, not {state}")
+
+
+# --- Handshake, client side (7) ----------------------------------------------------------------
+
+class ClientHandshake:
+    """The client of a session handshake (spec 7), one per connection.
+
+    ``hello`` is the HELLO to send; :meth:`handle_server_auth` takes SERVER_AUTH (or an
+    ERROR) and returns CLIENT_FINISH, after which :attr:`session` is the established
+    :class:`SessionState`.
+    """
+
+    def __init__(self, ident, key: bytes, max_frame_len: int = 65536, *,
+                 nonce: Optional[bytes] = None):
+        if len(key) != 32:
+            raise ValueError("the identity key is 32 bytes")
+        if not MIN_FRAME_LIMIT <= max_frame_len <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame_len must be {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT}")
+        self.id = check_id(ident)
+        self._k = key
+        self.max_frame_len = max_frame_len
+        self.nonce = nonce if nonce is not None else random_bytes(32)
+        self.hello = hello_frame(self.id, self.nonce, max_frame_len)
+        self.session: Optional[SessionState] = None
+        self.keys: Optional[SessionKeys] = None
+        self.state = "await_auth"
+
+    def handle_server_auth(self, f: bytes) -> bytes:
+        """SERVER_AUTH in, CLIENT_FINISH out (7.1 step 3)."""
+        if self.state != "await_auth":
+            raise RuntimeError(f"handshake is {self.state}")
+        self.state = "failed"
+        if len(f) >= 5 and f[4] == FrameType.ERROR:
+            raise refusal_from_error(f, "handshake")
+        auth = parse_server_auth(f)
+        self.th2 = H(self.hello, f[:45])
+        self.keys = session_keys(self.nonce, auth.nonce, self._k, self.th2)
+        if not tags_equal(mac(self.keys.server_finish, self.th2), auth.tag):
+            raise AuthFailed("the server did not authenticate: the identity is unknown or "
+                             "revoked, the key is wrong, or this is not the right server")
+        finish_u = struct.pack(">IB", 33, FrameType.CLIENT_FINISH)
+        self.th3 = H(self.hello, f, finish_u)
+        finish = finish_u + mac(self.keys.client_finish, self.th3)
+        self.server_max_frame_len = auth.max_frame_len
+        self.keepalive_ms = auth.keepalive_ms
+        self.session = SessionState(self.keys.c2s, self.keys.s2c,
+                                    send_limit=auth.max_frame_len,
+                                    recv_limit=self.max_frame_len, client=True)
+        self.state = "established"
+        return finish
+
+
+# --- Session (8) ---------------------------------------------------------------------------------
+
+class SessionState:
+    """One side of an established session (spec 8): counters, keys, pending answers.
+
+    Sending methods return whole frames (tagged, numbered); :meth:`receive` applies every
+    check of spec 8.3 in order and only then moves the counter. ``client`` selects the
+    ERROR rule of 8.3 step 2. Not thread-safe: the caller serialises.
+    """
+
+    def __init__(self, send_key: bytes, recv_key: bytes, *, send_limit: int, recv_limit: int,
+                 client: bool = True):
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self.send_limit = send_limit
+        self.recv_limit = recv_limit
+        self.client = client
+        self.next_seq = 1          # the next sequence number this side sends
+        self.last_received = 0     # `last` of 8.3
+        self.pending_requests: Set[int] = set()   # our REQUESTs not answered yet
+        self.pending_pings: Set[int] = set()      # our PINGs not answered yet
+        self.unanswered: Set[int] = set()         # peer REQUESTs we accepted and owe a RESPONSE
+        self.close_sent = False
+        self.close_received = False
+
+    # Sending (8.1, 8.2) ---------------------------------------------------------------
+
+    @property
+    def last_sent(self) -> int:
+        return self.next_seq - 1
+
+    def _seal(self, ty: int, fields: bytes) -> Tuple[int, bytes]:
+        if self.close_sent:
+            raise RuntimeError("this side sent CLOSE: it sends nothing more (8.6)")
+        length = 1 + 8 + len(fields) + TAG_LEN
+        if length > self.send_limit:
+            raise PayloadTooLarge(f"a frame of length {length} is above the peer's limit "
+                                  f"{self.send_limit}")
+        seq = self.next_seq
+        if seq > MAX_SEQ or (seq == MAX_SEQ and ty != FrameType.CLOSE):
+            raise SequenceExhausted("sequence numbers exhausted: only CLOSE may be sent")
+        unsigned = session_frame_unsigned(ty, seq, fields)
+        self.next_seq = seq + 1
+        return seq, unsigned + mac(self._send_key, unsigned)
+
+    def max_payload(self, ty: int = FrameType.REQUEST) -> int:
+        """The largest payload a REQUEST/MESSAGE (or RESPONSE) may carry to this peer."""
+        fixed = 51 if ty == FrameType.RESPONSE else 41
+        return self.send_limit - fixed
+
+    def request(self, payload: bytes) -> Tuple[int, bytes]:
+        """A REQUEST; returns ``(seq, frame)``. ``seq`` is now pending."""
+        seq, f = self._seal(FrameType.REQUEST, bytes(payload))
+        self.pending_requests.add(seq)
+        return seq, f
+
+    def response(self, req_seq: int, status: int, payload: bytes) -> bytes:
+        """The one RESPONSE to the peer's REQUEST ``req_seq``. An answer that does not fit
+        the peer's limit is replaced by status BACKEND_ERROR and a short payload (8.4)."""
+        if req_seq not in self.unanswered:
+            raise ValueError(f"request {req_seq} is not waiting for an answer (answered already, "
+                             "or never received)")
+        if not 0 <= status <= 0xFFFF:
+            raise ValueError("a status is a u16")
+        payload = bytes(payload)
+        if 51 + len(payload) > self.send_limit:
+            status, payload = Status.BACKEND_ERROR, b"response too large for the peer's frame limit"
+        _, f = self._seal(FrameType.RESPONSE, struct.pack(">QH", req_seq, status) + payload)
+        self.unanswered.discard(req_seq)
+        return f
+
+    def message(self, payload: bytes) -> bytes:
+        """A one-way MESSAGE."""
+        return self._seal(FrameType.MESSAGE, bytes(payload))[1]
+
+    def ping(self) -> Tuple[int, bytes]:
+        """A PING; returns ``(seq, frame)``; ``seq`` is pending until its PONG."""
+        seq, f = self._seal(FrameType.PING, b"")
+        self.pending_pings.add(seq)
+        return seq, f
+
+    def pong(self, ping_seq: int) -> bytes:
+        """The PONG to the peer's PING ``ping_seq``."""
+        return self._seal(FrameType.PONG, struct.pack(">Q", ping_seq))[1]
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> bytes:
+        """A CLOSE; after it this side sends nothing more. The reason is cut to 255 bytes.
+        At the last sequence number the code is SEQUENCE_EXHAUSTED (8.1)."""
+        raw = reason.encode("utf-8")[:255]
+        raw = raw.decode("utf-8", "ignore").encode("utf-8")
+        if self.next_seq == MAX_SEQ:
+            code = CloseCode.SEQUENCE_EXHAUSTED
+        _, f = self._seal(FrameType.CLOSE, struct.pack(">H", code) + raw)
+        self.close_sent = True
+        # Requests and PINGs stay pending: their answers may still arrive before the peer's
+        # CLOSE and are checked (8.6). What the peer asked can no longer be answered.
+        self.unanswered.clear()
+        return f
+
+    # Receiving (8.3) --------------------------------------------------------------------
+
+    def check_length(self, length: int) -> None:
+        """8.3 step 1 on the length prefix alone (``empty_frame``, ``frame_too_large``)."""
+        check_length(length, self.recv_limit)
+
+    def receive(self, f: bytes) -> SessionFrame:
+        """Check one whole frame (prefix included) against every rule of spec 8.3, in order.
+
+        Raises :class:`ProtocolError` (send CLOSE ``e.close_code``, then disconnect);
+        for an ERROR frame, :class:`Refused`/:class:`AuthFailed` (a client that has accepted
+        no session frame yet: the server refused CLIENT_FINISH) or :class:`Truncated`
+        (anything else: it was injected); then send no CLOSE. The counter moves only when
+        every check passed.
+        """
+        if len(f) < 4:
+            raise ProtocolError("malformed", "shorter than a length prefix")
+        (length,) = struct.unpack_from(">I", f)
+        self.check_length(length)                                     # step 1
+        if len(f) != 4 + length:
+            raise ProtocolError("malformed", "not one whole frame")
+        ty = f[4]
+        if ty == FrameType.ERROR:                                      # step 2
+            if self.client and self.last_received == 0:
+                if len(f) == 8:
+                    raise refusal_from_error(f, "session")
+                raise Refused(ErrorCode.MALFORMED, None, "session")
+            raise Truncated("an ERROR frame arrived in the session: it is not authenticated "
+                            "and can only have been injected; the connection is treated as cut")
+        if not is_session_type(ty) or length < 1 + 8 + TAG_LEN:
+            raise ProtocolError("malformed", f"type {ty:#04x}, length {length}: not a session frame")
+        (seq,) = struct.unpack_from(">Q", f, 5)
+        if seq != self.last_received + 1:                             # step 3
+            raise ProtocolError("bad_sequence", f"seq {seq}, expected {self.last_received + 1}")
+        if seq == MAX_SEQ and ty != FrameType.CLOSE:
+            raise ProtocolError("sequence_exhausted", "only CLOSE may use seq 2^64-1")
+        if not tags_equal(mac(self._recv_key, f[:-TAG_LEN]), f[-TAG_LEN:]):   # step 4
+            raise ProtocolError("bad_tag", f"frame {seq}")
+        parsed = parse_session_fields(ty, seq, f[13:-TAG_LEN])         # step 5
+        if ty == FrameType.RESPONSE:
+            if parsed.req_seq not in self.pending_requests:
+                raise ProtocolError("unsolicited_answer",
+                                    f"RESPONSE to {parsed.req_seq}, which is not pending")
+            self.pending_requests.discard(parsed.req_seq)
+        elif ty == FrameType.PONG:
+            if parsed.ping_seq not in self.pending_pings:
+                raise ProtocolError("unsolicited_answer",
+                                    f"PONG to {parsed.ping_seq}, which is not a pending PING")
+            self.pending_pings.discard(parsed.ping_seq)
+        elif ty == FrameType.REQUEST and not self.close_sent:
+            self.unanswered.add(seq)
+        elif ty == FrameType.CLOSE:
+            self.close_received = True
+        self.last_received = seq                                      # step 6
+        return parsed

@@ -1,0 +1,469 @@
+"""The TCP client against a scripted server in this process: retries and backoff (13.10),
+no retry after ENROLL_CONFIRM (6.4), the CLOSE a failure sends (8.3), keepalive (8.5),
+closing and truncation (8.6). The scripted server is built from the package's own frame
+functions and SessionState, playing the server's role."""
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import tally
+import tally.client
+from tally import CloseCode, ErrorCode, FrameType, Status
+from tally._primitives import H, mac, tags_equal, x25519, x25519_base
+from tally.frames import HANDSHAKE_LIMIT, FrameDecoder, error_frame, parse_enroll_init, parse_hello
+from tally.proto import SessionState, enroll_init_tag, enroll_keys, session_keys
+
+
+def before_tag(ty, fields):
+    return struct.pack(">IB", 1 + len(fields) + 32, ty) + fields
+
+
+class Conn:
+    """The server's end of one accepted connection."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        sock.settimeout(5)
+        self.dec = FrameDecoder(HANDSHAKE_LIMIT)
+        self.buf = []
+        self.st = None
+
+    def read_frame(self):
+        while not self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.buf.extend(self.dec.feed(data))
+        return self.buf.pop(0)
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def handshake(self, key, keepalive_ms=30000, max_frame_len=65536, finish=True):
+        hello_f = self.read_frame()
+        hello = parse_hello(hello_f)
+        ns = os.urandom(32)
+        auth_u = before_tag(FrameType.SERVER_AUTH, ns + struct.pack(">II", max_frame_len, keepalive_ms))
+        th2 = H(hello_f, auth_u)
+        keys = session_keys(hello.nonce, ns, key, th2)
+        auth = auth_u + mac(keys.server_finish, th2)
+        self.send(auth)
+        if not finish:
+            return
+        fin = self.read_frame()
+        assert tags_equal(mac(keys.client_finish, H(hello_f, auth, fin[:5])), fin[5:])
+        self.st = SessionState(keys.s2c, keys.c2s, send_limit=hello.max_frame_len,
+                               recv_limit=max_frame_len, client=False)
+        self.dec.limit = max_frame_len
+
+    def recv(self):
+        """The next session frame, checked; None at EOF."""
+        f = self.read_frame()
+        return None if f is None else self.st.receive(f)
+
+    def close(self):
+        self.sock.close()
+
+
+class Server:
+    """Accepts connections and runs ``script(conn, n)`` for the n-th one, in a thread."""
+
+    def __init__(self, script):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.addr = "127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.script = script
+        self.accepted = 0
+        self.errors = []
+        self.results = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                sock, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            n = self.accepted
+            threading.Thread(target=self._one, args=(sock, n), daemon=True).start()
+
+    def _one(self, sock, n):
+        conn = Conn(sock)
+        try:
+            self.results[n] = self.script(conn, n)
+        except Exception as e:
+            self.errors.append(e)
+        finally:
+            conn.close()
+            self.done.set()
+
+    def stop(self):
+        self.lsock.close()
+        assert not self.errors, self.errors
+
+
+KEY = bytes(range(32))
+
+
+def cred(server):
+    return tally.Credential("dev-1", KEY, server.addr)
+
+
+def echo_one_request_then_close(conn):
+    """Handshake, answer one REQUEST, then wait for the client's CLOSE and answer it."""
+    conn.handshake(KEY)
+    fr = conn.recv()
+    assert fr.type == FrameType.REQUEST
+    conn.send(conn.st.response(fr.seq, 0, fr.payload))
+    fr = conn.recv()
+    assert fr.type == FrameType.CLOSE
+    conn.send(conn.st.close(0, ""))
+    return fr.code
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def make(script):
+        s = Server(script)
+        servers.append(s)
+        return s
+    yield make
+    for s in servers:
+        s.stop()
+
+
+# --- Retries (13.10) ----------------------------------------------------------------------
+
+def test_busy_is_retried_with_jittered_backoff(server):
+    def script(conn, n):
+        if n <= 2:
+            conn.read_frame()
+            conn.send(error_frame(ErrorCode.BUSY))
+            return None
+        return echo_one_request_then_close(conn)
+    srv = server(script)
+    t0 = time.monotonic()
+    with tally.connect(cred(srv), retries=4) as s:
+        elapsed = time.monotonic() - t0
+        assert s.request(b"hi") == b"hi"
+    assert srv.accepted == 3
+    # Waits of U(0.1, 0.2) then U(0.2, 0.4) s.
+    assert 0.3 <= elapsed < 1.5
+
+
+def test_busy_gives_up_after_the_retries(server):
+    def script(conn, n):
+        conn.read_frame()
+        conn.send(error_frame(ErrorCode.BUSY))
+    srv = server(script)
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred(srv), retries=1)
+    assert e.value.busy and e.value.code == ErrorCode.BUSY
+    assert srv.accepted == 2
+
+
+def test_a_connection_ended_before_the_first_frame_is_retried(server):
+    def script(conn, n):
+        if n == 1:
+            conn.read_frame()
+            return None  # closed without a frame
+        return echo_one_request_then_close(conn)
+    srv = server(script)
+    with tally.connect(cred(srv)) as s:
+        assert s.request(b"x") == b"x"
+    assert srv.accepted == 2
+
+
+def test_other_refusals_are_not_retried(server):
+    def script(conn, n):
+        conn.read_frame()
+        conn.send(error_frame(ErrorCode.MALFORMED))
+    srv = server(script)
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred(srv))
+    assert e.value.code == ErrorCode.MALFORMED
+    assert srv.accepted == 1
+
+
+def test_unsupported_version_names_the_servers_version(server):
+    def script(conn, n):
+        conn.read_frame()
+        conn.send(error_frame(ErrorCode.UNSUPPORTED_VERSION, 3))
+    srv = server(script)
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred(srv))
+    assert e.value.server_version == 3 and "version 3" in str(e.value)
+
+
+def test_connection_refused_is_unreachable():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(tally.Unreachable):
+        tally.connect(tally.Credential("dev-1", KEY, f"127.0.0.1:{port}"), retries=0)
+
+
+# --- Enrollment: nothing is retried after ENROLL_CONFIRM (6.4) -------------------------------
+
+def enrollment_server(server, after_confirm):
+    s_secret, c = os.urandom(32), os.urandom(32)
+    token = tally.EnrollmentToken("open", c, x25519_base(s_secret))
+    derived = {}
+
+    def script(conn, n):
+        init = conn.read_frame()
+        p = parse_enroll_init(init)
+        assert tags_equal(enroll_init_tag(c, init[:-32]), p.tag)
+        y = os.urandom(32)
+        reply_u = before_tag(FrameType.ENROLL_REPLY, x25519_base(y))
+        th2 = H(init, reply_u)
+        keys = enroll_keys(c, x25519(y, p.ephemeral), x25519(s_secret, p.ephemeral), th2)
+        reply = reply_u + mac(keys.server, th2)
+        conn.send(reply)
+        confirm = conn.read_frame()
+        assert tags_equal(mac(keys.client, H(init, reply, confirm[:5])), confirm[5:])
+        derived["k"] = keys.identity
+        after_confirm(conn, keys, H(init, reply, confirm, struct.pack(">IB", 33, 4)))
+    return server(script), token, derived
+
+
+def test_enrollment_against_a_scripted_server(server):
+    def done(conn, keys, th4):
+        conn.send(struct.pack(">IB", 33, 4) + mac(keys.done, th4))
+    srv, token, derived = enrollment_server(server, done)
+    c = tally.enroll(srv.addr, token, "dev-7")
+    assert c.key == derived["k"] and c.id == "dev-7" and c.server == srv.addr
+
+
+def test_eof_after_confirm_is_uncertain_and_not_retried(server):
+    srv, token, derived = enrollment_server(server, lambda conn, keys, th4: None)
+    with pytest.raises(tally.EnrollUncertain) as e:
+        tally.enroll(srv.addr, token, "dev-8", retries=4)
+    assert e.value.credential.key == derived["k"]
+    time.sleep(0.3)
+    assert srv.accepted == 1
+
+
+def test_busy_after_confirm_is_not_retried(server):
+    srv, token, _ = enrollment_server(
+        server, lambda conn, keys, th4: conn.send(error_frame(ErrorCode.BUSY)))
+    with pytest.raises(tally.Refused) as e:
+        tally.enroll(srv.addr, token, "dev-9", retries=4)
+    assert e.value.code == ErrorCode.BUSY
+    time.sleep(0.3)
+    assert srv.accepted == 1
+
+
+# --- Failures in a session (8.3) ----------------------------------------------------------
+
+def test_a_bad_tag_is_answered_with_close_protocol_error(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        fr = conn.recv()
+        bad = bytearray(conn.st.response(fr.seq, 0, b"forged"))
+        bad[-1] ^= 1
+        conn.send(bytes(bad))
+        return conn.recv()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.ProtocolError) as e:
+        s.request(b"q")
+    assert e.value.error == "bad_tag"
+    srv.done.wait(5)
+    close = srv.results[1]
+    assert close.type == FrameType.CLOSE and close.code == CloseCode.PROTOCOL_ERROR
+    assert isinstance(s.wait(5), tally.ProtocolError)
+
+
+def test_a_lying_length_is_answered_with_close_frame_too_large(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.send(b"\x7f\xff\xff\xff")
+        return conn.recv()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    err = s.wait(5)
+    assert isinstance(err, tally.ProtocolError) and err.error == "frame_too_large"
+    srv.done.wait(5)
+    assert srv.results[1].code == CloseCode.FRAME_TOO_LARGE
+
+
+def test_error_after_finish_is_the_refusal_of_the_finish(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.send(error_frame(ErrorCode.AUTH_FAILED))
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.AuthFailed) as e:
+        s.request(b"q")
+    assert e.value.code == ErrorCode.AUTH_FAILED
+
+
+def test_error_after_a_session_frame_is_truncation(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.send(conn.st.message(b"hello"))
+        conn.send(error_frame(ErrorCode.INTERNAL))
+        return conn.read_frame()  # nothing: no CLOSE after an ERROR (8.3 step 2)
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    item = s.receive(5)
+    assert isinstance(item, tally.IncomingMessage) and item.payload == b"hello"
+    with pytest.raises(tally.Truncated):
+        s.receive(5)
+    srv.done.wait(5)
+    assert srv.results[1] is None
+
+
+def test_eof_without_close_fails_pending_requests_as_truncated(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.recv()  # the request, never answered
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.Truncated):
+        s.request(b"q")
+    with pytest.raises(tally.Truncated):
+        s.message(b"after")
+
+
+# --- Keepalive (8.5) --------------------------------------------------------------------
+
+def test_pings_are_answered_and_sent_when_idle(server):
+    def script(conn, n):
+        conn.handshake(KEY, keepalive_ms=200)
+        seq, ping = conn.st.ping()
+        conn.send(ping)
+        got = []
+        while True:
+            fr = conn.recv()
+            got.append(fr.type)
+            if fr.type == FrameType.PING:
+                conn.send(conn.st.pong(fr.seq))
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return got
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    assert s.server_keepalive == 0.2 and s.ping_interval == 0.1
+    time.sleep(0.45)
+    assert not s.closed
+    s.close()
+    srv.done.wait(5)
+    got = srv.results[1]
+    # Our PONG, then a PING every 0.1 s of silence (about 4 in 0.45 s), then CLOSE.
+    assert got[0] == FrameType.PONG and got[-1] == FrameType.CLOSE
+    assert set(got[1:-1]) == {FrameType.PING} and 2 <= len(got[1:-1]) <= 6, got
+
+
+def test_a_silent_server_is_given_up(server):
+    def script(conn, n):
+        conn.handshake(KEY, keepalive_ms=200)
+        while True:
+            fr = conn.recv()  # PINGs, never answered
+            if fr is None or fr.type == FrameType.CLOSE:
+                return fr
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    err = s.wait(3)
+    assert isinstance(err, tally.Timeout), err
+    srv.done.wait(5)
+    assert srv.results[1].code == CloseCode.IDLE_TIMEOUT
+
+
+# --- Closing (8.6) ---------------------------------------------------------------------
+
+def test_the_servers_close_is_answered_and_fails_pending_requests(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.recv()  # a request, not answered
+        conn.send(conn.st.close(CloseCode.SHUTDOWN, "maintenance"))
+        return conn.recv()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.Closed) as e:
+        s.request(b"q")
+    assert e.value.code == CloseCode.SHUTDOWN and e.value.reason == "maintenance" and e.value.by_peer
+    srv.done.wait(5)
+    assert srv.results[1].type == FrameType.CLOSE and srv.results[1].code == CloseCode.NORMAL
+
+
+def test_frames_after_our_close_are_checked_and_dropped(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        fr = conn.recv()
+        assert fr.type == FrameType.CLOSE
+        conn.send(conn.st.request(b"too late")[1])
+        conn.send(conn.st.close(0, ""))
+        return conn.read_frame()  # EOF: the request is not answered
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    s.close()
+    srv.done.wait(5)
+    assert srv.results[1] is None
+    assert isinstance(s.wait(1), tally.Closed)
+
+
+def test_close_waits_only_briefly_for_a_server_that_does_not_answer(server, monkeypatch):
+    monkeypatch.setattr(tally.client, "_LINGER", 0.3)
+    release = threading.Event()
+
+    def script(conn, n):
+        conn.handshake(KEY)
+        fr = conn.recv()
+        release.wait(5)
+        return fr
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    t0 = time.monotonic()
+    s.close(CloseCode.NORMAL, "bye")
+    assert time.monotonic() - t0 < 1.5
+    release.set()
+    srv.done.wait(5)
+    assert srv.results[1].code == CloseCode.NORMAL and srv.results[1].reason == "bye"
+
+
+def test_a_timed_out_request_leaves_the_session_usable(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        first = conn.recv()
+        second = conn.recv()
+        conn.send(conn.st.response(first.seq, 0, b"late"))
+        conn.send(conn.st.response(second.seq, Status.OK, b"second"))
+        fr = conn.recv()
+        conn.send(conn.st.close(0, ""))
+        return fr
+    srv = server(script)
+    with tally.connect(cred(srv)) as s:
+        with pytest.raises(tally.Timeout):
+            s.request(b"first", timeout=0.1)
+        assert s.request(b"second", timeout=5) == b"second"
+
+
+def test_exhausted_sequence_numbers_end_with_close(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        f = conn.read_frame()
+        conn.send(conn.st.close(0, ""))
+        return f
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    s._state.next_seq = 2**64 - 1  # as if 2^64 - 2 frames had been sent
+    with pytest.raises(tally.Closed) as e:
+        s.request(b"one too many")
+    assert e.value.code == CloseCode.SEQUENCE_EXHAUSTED and not e.value.by_peer
+    srv.done.wait(5)
+    f = srv.results[1]
+    assert f[4] == FrameType.CLOSE
+    assert struct.unpack(">QH", f[5:15]) == (2**64 - 1, CloseCode.SEQUENCE_EXHAUSTED)

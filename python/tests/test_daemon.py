@@ -1,0 +1,349 @@
+"""The Python client against a real tallyd (see conftest.py for the daemon fixture)."""
+import os
+import shlex
+import subprocess
+import threading
+import time
+
+import pytest
+
+import tally
+from tally import CloseCode, ErrorCode, Status
+
+from conftest import KEEPALIVE, TALLYD_BIN, python_cli
+
+
+def wait_until(cond, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# --- Enrollment -------------------------------------------------------------------------
+
+def test_enroll_open_then_connect_and_request(daemon, new_id, tmp_path):
+    ident = new_id()
+    # The five-line script of python/README.md.
+    cred = tally.enroll(daemon.addr, daemon.token(), ident)
+    cred.save(tmp_path / "dev.cred")
+    with tally.connect(str(tmp_path / "dev.cred")) as session:
+        assert session.request(b"hello") == b"hello"
+    assert os.stat(tmp_path / "dev.cred").st_mode & 0o777 == 0o600
+    assert cred.id == ident and cred.server == daemon.addr and len(cred.key) == 32
+    assert daemon.identities()[ident]["mode"] == "open"
+
+
+def test_enroll_with_a_per_identity_token(daemon, new_id):
+    ident = new_id()
+    token = daemon.token(ident)
+    assert token.startswith("tally1-token-")
+    cred = tally.enroll(daemon.addr, token, ident)
+    assert daemon.identities()[ident]["mode"] == "token"
+    with tally.connect(cred) as s:
+        assert s.request("per-identity") == b"per-identity"
+    # The token was consumed by the enrollment: it enrolls nothing again.
+    with pytest.raises(tally.Refused) as e:
+        tally.enroll(daemon.addr, token, ident)
+    assert e.value.code == ErrorCode.ENROLL_REFUSED
+
+
+def test_refused_enrollments(daemon, new_id):
+    good = tally.EnrollmentToken.parse(daemon.token())
+    wrong = tally.EnrollmentToken("open", os.urandom(32), good.server_key)
+    ident = new_id()
+    with pytest.raises(tally.Refused) as e:
+        tally.enroll(daemon.addr, wrong, ident)
+    assert e.value.code == ErrorCode.ENROLL_REFUSED and e.value.error == "refused"
+    # A per-identity token works only for its own id.
+    other = daemon.token(new_id())
+    with pytest.raises(tally.Refused) as e:
+        tally.enroll(daemon.addr, other, ident)
+    assert e.value.code == ErrorCode.ENROLL_REFUSED
+    assert ident not in daemon.identities()
+    # An enrolled id is taken.
+    tally.enroll(daemon.addr, good, ident)
+    with pytest.raises(tally.Refused) as e:
+        tally.enroll(daemon.addr, good, ident)
+    assert e.value.code == ErrorCode.ID_TAKEN
+
+
+def test_enrollment_refuses_a_server_without_the_pinned_key(daemon, new_id):
+    good = tally.EnrollmentToken.parse(daemon.token())
+    pinned_elsewhere = tally.EnrollmentToken("open", good.credential, os.urandom(32))
+    ident = new_id()
+    with pytest.raises(tally.AuthFailed) as e:
+        tally.enroll(daemon.addr, pinned_elsewhere, ident)
+    assert e.value.error == "bad_tag"
+    # The client never confirmed: nothing was stored, and the id is still free.
+    assert ident not in daemon.identities()
+    tally.enroll(daemon.addr, good, ident)
+
+
+# --- Sessions ---------------------------------------------------------------------------
+
+def test_requests_and_messages(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        assert s.server_max_frame_len == 65536 and s.server_keepalive == KEEPALIVE
+        assert s.request(b"") == b""
+        binary = bytes(range(256)) * 4
+        assert s.request(binary) == binary
+        # The largest echo that fits both ways (a RESPONSE has 10 more bytes than a REQUEST).
+        big = os.urandom(min(s.server_max_frame_len - 41, s.max_frame_len - 51))
+        assert s.request(big) == big
+        # A REQUEST at the server's limit is taken; its echo cannot fit our limit, so the
+        # server answers BACKEND_ERROR instead (spec 8.4).
+        r = s.request_status(os.urandom(s.server_max_frame_len - 41))
+        assert r.status == Status.BACKEND_ERROR
+        r = s.request_status(b"status")
+        assert r == (Status.OK, b"status") and r.ok
+        s.message(b"one-way")
+        # Too large for the server's announced limit: refused here, the session goes on.
+        with pytest.raises(tally.PayloadTooLarge):
+            s.request(b"x" * (s.server_max_frame_len - 40))
+        assert s.request("still here") == b"still here"
+
+
+def test_concurrent_requests_from_threads(daemon, enrolled):
+    cred = enrolled()
+    results, errors = {}, []
+    with tally.connect(cred) as s:
+        def worker(n):
+            try:
+                for j in range(20):
+                    p = f"{n}-{j}".encode()
+                    results[p] = s.request(p)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert len(results) == 160 and all(k == v for k, v in results.items())
+
+
+def test_an_answer_above_our_limit_is_replaced_by_backend_error(daemon, enrolled):
+    # We accept 256-byte frames; the echo of a 300-byte payload cannot fit, so the server
+    # must answer BACKEND_ERROR with a short payload instead (spec 8.4).
+    cred = enrolled()
+    with tally.connect(cred, max_frame_len=256) as s:
+        r = s.request_status(b"y" * 300)
+        assert r.status == Status.BACKEND_ERROR
+        assert len(r.payload) <= 256 - 51
+        with pytest.raises(tally.StatusError) as e:
+            s.request(b"y" * 300)
+        assert e.value.status == Status.BACKEND_ERROR
+        assert s.request(b"small") == b"small"
+
+
+def test_keepalive_keeps_an_idle_session(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        assert s.ping_interval <= s.server_keepalive
+        # The server closes a session silent for 1.5 x its keepalive: our PINGs prevent it.
+        time.sleep(1.6 * s.server_keepalive)
+        assert not s.closed
+        assert s.request(b"after idle") == b"after idle"
+
+
+def test_unknown_identity_and_wrong_key_fail_authentication(daemon, enrolled, new_id):
+    cred = enrolled()
+    for bad in [tally.Credential(cred.id, os.urandom(32), cred.server),
+                tally.Credential(new_id("unknown"), os.urandom(32), cred.server)]:
+        with pytest.raises(tally.AuthFailed) as e:
+            tally.connect(bad)
+        assert e.value.error == "bad_tag"
+    with tally.connect(cred) as s:
+        assert s.request(b"ok") == b"ok"
+
+
+def test_server_request_answered_and_server_message_taken(daemon, enrolled):
+    cred = enrolled()
+    messages = []
+    with tally.connect(cred) as s:
+        def handler(payload):
+            return b"answer to " + payload
+        t = threading.Thread(target=s.serve, args=(handler, messages.append), daemon=True)
+        t.start()
+        wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
+        out = daemon.admin("send", cred.id, "--request", "status?")
+        assert out.rstrip("\n") == "answer to status?"
+        daemon.admin("send", cred.id, "config changed")
+        wait_until(lambda: messages == [b"config changed"], what="the message")
+        # Several server requests, answered while our own requests go on.
+        for n in range(3):
+            assert daemon.admin("send", cred.id, "--request", f"r{n}").rstrip("\n") == f"answer to r{n}"
+            assert s.request(f"mine {n}") == f"mine {n}".encode()
+    t.join(5)
+    assert not t.is_alive()  # serve() returns after our close()
+
+
+def test_server_request_with_status_and_handler_failure(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        def handler(payload):
+            if payload == b"fail":
+                raise RuntimeError("boom")
+            return Status.REFUSED, b"no"
+        t = threading.Thread(target=s.serve, args=(handler,), daemon=True)
+        t.start()
+        wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
+        for payload, status in [("fail", "backend error"), ("other", "refused")]:
+            p = subprocess.run([daemon.binary, "--state-dir", daemon.state_dir, "send", cred.id,
+                                "--request", payload], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=20)
+            # A non-OK answer is a failure of `tallyd send`, which names the status.
+            assert p.returncode != 0
+            assert status in p.stderr.decode().lower(), p.stderr
+        assert s.request(b"alive") == b"alive"
+    t.join(5)
+
+
+def test_receive_loop(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
+        with pytest.raises(tally.Timeout):
+            s.receive(timeout=0.05)
+        sender = threading.Thread(target=lambda: daemon.admin("send", cred.id, "--request", "q"))
+        sender.start()
+        item = s.receive(timeout=10)
+        assert isinstance(item, tally.IncomingRequest) and item.payload == b"q"
+        item.respond(b"a")
+        with pytest.raises(ValueError):
+            item.respond(b"twice")
+        sender.join(10)
+
+
+def test_revocation_closes_the_session_and_refuses_reconnection(daemon, enrolled):
+    cred = enrolled()
+    s = tally.connect(cred)
+    assert s.request(b"before") == b"before"
+    out = daemon.admin("revoke", cred.id)
+    assert "revoked" in out
+    err = s.wait(5)
+    assert isinstance(err, tally.Closed), err
+    assert err.code == CloseCode.REVOKED and err.by_peer
+    with pytest.raises(tally.Closed) as e:
+        s.request(b"after")
+    assert e.value.code == CloseCode.REVOKED
+    with pytest.raises(tally.AuthFailed):
+        tally.connect(cred)
+    s.close()  # idempotent after the end
+
+
+def test_revocation_ends_serve_with_the_reason(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        assert s.request(b"x") == b"x"
+        ended = []
+
+        def run():
+            try:
+                s.serve(lambda p: p)
+            except tally.Closed as e:
+                ended.append(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        daemon.admin("revoke", cred.id)
+        t.join(5)
+        assert ended and ended[0].code == CloseCode.REVOKED
+
+
+def test_takeover(daemon, enrolled):
+    cred = enrolled()
+    first = tally.connect(cred)
+    assert first.request(b"1") == b"1"
+    with tally.connect(cred) as second:
+        assert second.request(b"2") == b"2"
+        err = first.wait(5)
+        assert isinstance(err, tally.Closed) and err.code == CloseCode.TAKEN_OVER, err
+        with pytest.raises(tally.Closed):
+            first.request(b"late")
+        assert second.request(b"3") == b"3"
+    first.close()
+
+
+def test_close(daemon, enrolled):
+    cred = enrolled()
+    s = tally.connect(cred)
+    assert s.request(b"x") == b"x"
+    wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
+    t0 = time.monotonic()
+    s.close(CloseCode.NORMAL, "bye")
+    assert time.monotonic() - t0 < 1.5, "the server answers CLOSE with CLOSE at once"
+    err = s.wait(0)
+    assert isinstance(err, tally.Closed) and not err.by_peer
+    with pytest.raises(tally.Closed):
+        s.request(b"after close")
+    s.close()
+    wait_until(lambda: cred.id not in daemon.sessions(), what="the session to end")
+    # The identity is still good.
+    with tally.connect(cred) as again:
+        assert again.request(b"again") == b"again"
+
+
+# --- The CLI, and interoperation with the Rust client's files -------------------------------
+
+def test_python_cli(daemon, new_id, tmp_path):
+    ident = new_id()
+    token_file = tmp_path / "enroll.token"
+    token_file.write_text(daemon.token() + "\n")
+    out = tmp_path / "dev.cred"
+    run = lambda *a, **kw: subprocess.run(python_cli() + list(a), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, timeout=30, **kw)
+    p = run("enroll", "--token-file", str(token_file), "--id", ident, "--server", daemon.addr,
+            "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode() == f"enrolled {ident} at {daemon.addr}; credential written to {out}\n"
+    p = run("request", "--cred", str(out), "hello")
+    assert (p.returncode, p.stdout) == (0, b"hello"), p.stderr
+    p = run("request", "--cred", str(out), input=b"from stdin")
+    assert (p.returncode, p.stdout) == (0, b"from stdin"), p.stderr
+    p = run("message", "--cred", str(out), "note")
+    assert p.returncode == 0, p.stderr
+    p = run("request", "--cred", str(tmp_path / "missing.cred"), "x")
+    assert p.returncode == 1 and p.stderr.startswith(b"tally: ")
+
+
+RUST_TALLY = os.path.join(os.path.dirname(TALLYD_BIN), "tally")
+needs_rust_cli = pytest.mark.skipif(not os.access(RUST_TALLY, os.X_OK),
+                                    reason=f"no Rust client at {RUST_TALLY}")
+
+
+@needs_rust_cli
+def test_credential_files_interoperate_with_the_rust_client(daemon, new_id, tmp_path):
+    token_file = tmp_path / "enroll.token"
+    token_file.write_text(daemon.token())
+    # Written by the Rust client, read by this package.
+    rust_id = new_id("rust")
+    p = subprocess.run([RUST_TALLY, "enroll", "--token-file", str(token_file), "--id", rust_id,
+                        "--server", daemon.addr, "--out", str(tmp_path / "rust.cred")],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert p.returncode == 0, p.stderr
+    with tally.connect(tally.Credential.load(tmp_path / "rust.cred")) as s:
+        assert s.request(b"py on a rust cred") == b"py on a rust cred"
+    # Written by this package, read by the Rust client.
+    cred = tally.enroll(daemon.addr, token_file.read_text(), new_id())
+    cred.save(tmp_path / "py.cred")
+    p = subprocess.run([RUST_TALLY, "request", "--cred", str(tmp_path / "py.cred"), "rust on a py cred"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert (p.returncode, p.stdout) == (0, b"rust on a py cred"), p.stderr
+
+
+@needs_rust_cli
+def test_rust_conformance_suite_for_clients(tmp_path):
+    """`tally conformance client` plays a misbehaving server against our CLI, case by case."""
+    py = shlex.join(python_cli())
+    p = subprocess.run(
+        [RUST_TALLY, "conformance", "client",
+         "--exec", f"{py} request --retries 0 --cred {{cred}} {{payload}}",
+         "--enroll-exec", f"{py} enroll --token-file - --server {{server}} --id {{id}} --out {{out}}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out
+    assert " 0 failed" in out, out

@@ -1,0 +1,456 @@
+"""Every value of spec/vectors/*.json reproduced by the package's own functions (spec 12).
+
+Positive vectors: the key schedule, every frame of both enrollments and of the session,
+byte for byte, with the fixed inputs in place of randomness. The client side runs the
+package's state machines (ClientEnrollment, ClientHandshake, SessionState) and is fed the
+server's frames from the vectors; the server's side of each value is recomputed with the
+package's primitives and frame builders. Negative vectors: every case is fed to the
+package's receiver for its state (the same FrameDecoder and SessionState the TCP client
+uses; the parsers of HELLO and ENROLL_INIT for the server states), and both the error
+and the reply (CLOSE code, ERROR frame, or nothing) are checked.
+"""
+import json
+import os
+import struct
+
+import pytest
+
+from tally import AuthFailed, ProtocolError, Refused, Truncated
+from tally._primitives import H, hkdf, mac, tags_equal, x25519, x25519_base
+from tally.codes import CloseCode, ErrorCode, FrameType
+from tally.formats import EnrollmentToken
+from tally.frames import (HANDSHAKE_LIMIT, FrameDecoder, error_frame, parse_enroll_init,
+                          parse_hello, session_frame_unsigned)
+from tally.proto import (ClientEnrollment, ClientHandshake, SessionState, enroll_init_tag,
+                         enroll_keys, session_keys)
+
+VECTORS = os.environ.get("TALLY_VECTORS") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "spec", "vectors")
+
+
+def load(name):
+    with open(os.path.join(VECTORS, name)) as fh:
+        return json.load(fh)
+
+
+def hx(s):
+    return bytes.fromhex(s)
+
+
+def before_tag(ty, fields):
+    """A tagged frame up to its tag: the length counts the 32 tag bytes still to come."""
+    return struct.pack(">IB", 1 + len(fields) + 32, ty) + fields
+
+
+ENROLL_FILES = ["enroll-open.json", "enroll-token.json"]
+
+
+def test_rfc7748_x25519():
+    # RFC 7748 section 5.2, first vector: the X25519 in use is the real one.
+    out = x25519(hx("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
+                 hx("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"))
+    assert out.hex() == "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"
+
+
+def test_hkdf_rfc5869_case1_first_block():
+    # RFC 5869 test case 1, first 32 bytes of OKM (info || 0x01 is the first block).
+    ikm = bytes([0x0B] * 22)
+    salt = hx("000102030405060708090a0b0c")
+    info = hx("f0f1f2f3f4f5f6f7f8f9")
+    assert hkdf(salt, ikm, info).hex() == \
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+
+
+# --- Enrollment (5.4, 6, 9.1) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ENROLL_FILES)
+def test_enrollment_vector(name):
+    v = load(name)
+    i, d = v["inputs"], v["derived"]
+    frames = {f["name"]: f for f in v["frames"]}
+    assert [f["name"] for f in v["frames"]] == ["ENROLL_INIT", "ENROLL_REPLY", "ENROLL_CONFIRM",
+                                              "ENROLL_DONE"]
+    assert [f["direction"] for f in v["frames"]] == ["c2s", "s2c", "c2s", "s2c"]
+    c, s = hx(i["credential"]), hx(i["server_static_secret"])
+    x, y = hx(i["client_ephemeral_secret"]), hx(i["server_ephemeral_secret"])
+    S, Y = x25519_base(s), x25519_base(y)
+    assert S.hex() == d["server_static_public"]
+    assert Y.hex() == d["server_ephemeral_public"]
+
+    # The token (9.1), formatted and parsed.
+    token = EnrollmentToken(i["mode"], c, S)
+    assert token.format() == d["token"]
+    assert EnrollmentToken.parse(d["token"]) == token
+
+    # The client, with x fixed, fed the server's frames of the vector.
+    enr = ClientEnrollment(EnrollmentToken.parse(d["token"]), i["id"], ephemeral_secret=x)
+    assert enr.ephemeral_public.hex() == d["client_ephemeral_public"]
+    assert enr.th1.hex() == d["th1"]
+    assert enr.init_frame[-32:].hex() == d["init_tag"]
+    assert enr.init_frame.hex() == frames["ENROLL_INIT"]["hex"]
+    confirm = enr.handle_reply(hx(frames["ENROLL_REPLY"]["hex"]))
+    assert enr.dh_ee.hex() == d["dh_ee"] and enr.dh_es.hex() == d["dh_es"]
+    assert enr.th2.hex() == d["th2"]
+    assert enr.keys.server.hex() == d["key_server"]
+    assert enr.keys.client.hex() == d["key_client"]
+    assert enr.keys.done.hex() == d["key_done"]
+    assert enr.th3.hex() == d["th3"]
+    assert confirm.hex() == frames["ENROLL_CONFIRM"]["hex"]
+    k = enr.handle_done(hx(frames["ENROLL_DONE"]["hex"]))
+    assert enr.th4.hex() == d["th4"]
+    assert k.hex() == d["identity_key"]
+    assert enr.state == "enrolled"
+
+    # The server's side of the same exchange, from the package's primitives and builders.
+    init = hx(frames["ENROLL_INIT"]["hex"])
+    parsed = parse_enroll_init(init)
+    assert parsed.id == i["id"].encode() and parsed.mode == token.mode_byte
+    assert tags_equal(enroll_init_tag(c, init[:-32]), parsed.tag)
+    X = parsed.ephemeral
+    assert x25519(y, X).hex() == d["dh_ee"]
+    assert x25519(s, X).hex() == d["dh_es"]
+    reply_u = before_tag(FrameType.ENROLL_REPLY, Y)
+    th2 = H(init, reply_u)
+    keys = enroll_keys(c, x25519(y, X), x25519(s, X), th2)
+    reply = reply_u + mac(keys.server, th2)
+    assert reply.hex() == frames["ENROLL_REPLY"]["hex"]
+    done_u = struct.pack(">IB", 33, FrameType.ENROLL_DONE)
+    th4 = H(init, reply, confirm, done_u)
+    assert (done_u + mac(keys.done, th4)).hex() == frames["ENROLL_DONE"]["hex"]
+    assert th4.hex() == d["th4"]
+    assert tags_equal(mac(keys.client, H(init, reply, confirm[:5])), confirm[5:])
+
+
+# --- Session (5.5, 7, 8) -------------------------------------------------------------------
+
+def _client_handshake(v):
+    i = v["inputs"]
+    return ClientHandshake(i["id"], hx(i["identity_key"]), i["client_max_frame_len"],
+                           nonce=hx(i["client_nonce"]))
+
+
+def test_session_identity_key_is_the_enrolled_one():
+    assert load("session.json")["inputs"]["identity_key"] == \
+        load("enroll-open.json")["derived"]["identity_key"]
+
+
+def test_session_handshake_vector():
+    v = load("session.json")
+    i, d = v["inputs"], v["derived"]
+    hs_frames = {f["name"]: f for f in v["handshake"]}
+    assert [f["name"] for f in v["handshake"]] == ["HELLO", "SERVER_AUTH", "CLIENT_FINISH"]
+    hs = _client_handshake(v)
+    assert hs.hello.hex() == hs_frames["HELLO"]["hex"]
+    finish = hs.handle_server_auth(hx(hs_frames["SERVER_AUTH"]["hex"]))
+    assert hs.th2.hex() == d["th2"]
+    assert hs.th3.hex() == d["th3"]
+    assert hs.keys.c2s.hex() == d["key_c2s"]
+    assert hs.keys.s2c.hex() == d["key_s2c"]
+    assert hs.keys.server_finish.hex() == d["key_server_finish"]
+    assert hs.keys.client_finish.hex() == d["key_client_finish"]
+    assert finish.hex() == hs_frames["CLIENT_FINISH"]["hex"]
+    assert hs.server_max_frame_len == i["server_max_frame_len"]
+    assert hs.keepalive_ms == i["server_keepalive_ms"]
+    assert hs.session.send_limit == i["server_max_frame_len"]
+    assert hs.session.recv_limit == i["client_max_frame_len"]
+
+    # The server's side: HELLO parsed, SERVER_AUTH built from the package's functions.
+    hello = parse_hello(hx(hs_frames["HELLO"]["hex"]))
+    assert hello.id == i["id"].encode() and hello.max_frame_len == i["client_max_frame_len"]
+    ns = hx(i["server_nonce"])
+    auth_u = before_tag(FrameType.SERVER_AUTH, ns + struct.pack(
+        ">II", i["server_max_frame_len"], i["server_keepalive_ms"]))
+    th2 = H(hx(hs_frames["HELLO"]["hex"]), auth_u)
+    keys = session_keys(hello.nonce, ns, hx(i["identity_key"]), th2)
+    assert (auth_u + mac(keys.server_finish, th2)).hex() == hs_frames["SERVER_AUTH"]["hex"]
+    th3 = H(hx(hs_frames["HELLO"]["hex"]), hx(hs_frames["SERVER_AUTH"]["hex"]), finish[:5])
+    assert tags_equal(mac(keys.client_finish, th3), finish[5:])
+
+
+def _session_pair(v):
+    """The client's SessionState from the handshake, and the server's with the same keys."""
+    i = v["inputs"]
+    hs = _client_handshake(v)
+    hs.handle_server_auth(hx(v["handshake"][1]["hex"]))
+    client = hs.session
+    server = SessionState(hs.keys.s2c, hs.keys.c2s, send_limit=i["client_max_frame_len"],
+                          recv_limit=i["server_max_frame_len"], client=False)
+    return client, server
+
+
+def _send(side, f):
+    """Build the vector frame ``f`` with the sender's own SessionState."""
+    t = f["type"]
+    if t == "REQUEST":
+        seq, out = side.request(hx(f["payload"]))
+    elif t == "RESPONSE":
+        out = side.response(f["req_seq"], f["status"], hx(f["payload"]))
+    elif t == "MESSAGE":
+        out = side.message(hx(f["payload"]))
+    elif t == "PING":
+        seq, out = side.ping()
+    elif t == "PONG":
+        out = side.pong(f["ping_seq"])
+    elif t == "CLOSE":
+        out = side.close(f["code"], f["reason"])
+    else:
+        raise AssertionError(t)
+    return out
+
+
+def _feed(side, data):
+    """Receive bytes the way the TCP client does: the decoder, then SessionState.receive."""
+    dec = FrameDecoder(side.recv_limit)
+    return [side.receive(f) for f in dec.feed(data)]
+
+
+def test_session_frames_vector():
+    v = load("session.json")
+    client, server = _session_pair(v)
+    assert {f["type"] for f in v["frames"]} == {"REQUEST", "RESPONSE", "MESSAGE", "PING", "PONG",
+                                               "CLOSE"}
+    for n, f in enumerate(v["frames"], 1):
+        sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
+        out = _send(sender, f)
+        assert out.hex() == f["hex"], f"frame {n} ({f['direction']} {f['type']})"
+        (got,) = _feed(receiver, out)
+        assert got.seq == f["seq"]
+        assert got.type == FrameType[f["type"]]
+        if "payload" in f:
+            assert got.payload.hex() == f["payload"]
+        for field in ("req_seq", "status", "ping_seq", "code", "reason"):
+            if field in f:
+                assert getattr(got, field) == f[field], (n, field)
+    assert client.close_sent and client.close_received
+    assert server.close_sent and server.close_received
+    assert not client.pending_requests and not server.pending_requests
+    assert not client.pending_pings and not server.pending_pings
+
+
+def test_session_frames_vector_built_from_layout():
+    # The same frames from the layout of 4.5 alone (length || type || seq || fields || tag).
+    v = load("session.json")
+    client, _ = _session_pair(v)
+    keys = {"c2s": client._send_key, "s2c": client._recv_key}
+    for f in v["frames"]:
+        t = f["type"]
+        fields = {
+            "REQUEST": lambda: hx(f["payload"]), "MESSAGE": lambda: hx(f["payload"]),
+            "RESPONSE": lambda: struct.pack(">QH", f["req_seq"], f["status"]) + hx(f["payload"]),
+            "PING": lambda: b"", "PONG": lambda: struct.pack(">Q", f["ping_seq"]),
+            "CLOSE": lambda: struct.pack(">H", f["code"]) + f["reason"].encode(),
+        }[t]()
+        unsigned = session_frame_unsigned(FrameType[t], f["seq"], fields)
+        assert (unsigned + mac(keys[f["direction"]], unsigned)).hex() == f["hex"]
+
+
+# --- Tokens and credentials (9) --------------------------------------------------------------
+
+def test_token_reader_rules():
+    d = load("enroll-token.json")["derived"]["token"]
+    tok = EnrollmentToken.parse(d)
+    assert EnrollmentToken.parse("  \n" + d.upper().replace("TALLY1-TOKEN-", "tally1-token-") +
+                                 "\r\n ") == tok
+    from tally import FormatError
+    for bad in [d.upper(), d[:-1], d + "0", d.replace("-token-", "-open2-"), d.replace("-", "_"),
+                "x" + d, d[:-2] + "g0", d + " extra"]:
+        with pytest.raises(FormatError):
+            EnrollmentToken.parse(bad)
+
+
+def test_credential_round_trip_and_reader_rules(tmp_path):
+    from tally import Credential, FormatError
+    k = hx(load("enroll-open.json")["derived"]["identity_key"])
+    cred = Credential("sensor-42", k, "127.0.0.1:7420")
+    text = cred.format()
+    assert text == (
+        "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n"
+        "tally-credential = 1\n"
+        'id = "sensor-42"\n'
+        f'key = "{k.hex()}"\n'
+        'server = "127.0.0.1:7420"\n')
+    assert Credential.parse(text) == cred
+    assert k.hex() not in repr(cred) and k.hex() not in str(cred)
+    path = tmp_path / "c.cred"
+    old = os.umask(0)
+    try:
+        cred.save(path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert Credential.load(path) == cred
+    cred.save(path)  # replaced atomically
+    assert sorted(os.listdir(tmp_path)) == ["c.cred"]
+    # Upper-case hex, other TOML spellings, unknown keys.
+    assert Credential.parse(text.replace(k.hex(), k.hex().upper())) == cred
+    assert Credential.parse("tally-credential=1\nid='sensor-42'  # x\n"
+                            f'key = "{k.hex()}"\nserver = "127.0.0.1:7420"\nextra = 5\n') == cred
+    for bad in [text.replace("= 1", "= 2"), text.replace("= 1", '= "1"'),
+                text.replace("sensor-42", "sensor 42"), text.replace("sensor-42", ""),
+                text.replace("sensor-42", "s" * 65), text.replace(k.hex(), k.hex()[:-1]),
+                text.replace(k.hex(), k.hex()[:-1] + "g"), text.replace("server", "#"),
+                text + "[table]\n", text + 'id = "again"\n', "garbage"]:
+        with pytest.raises(FormatError):
+            Credential.parse(bad)
+
+
+# --- Negative vectors (12.2) ------------------------------------------------------------------
+
+NEGATIVE = load("negative.json")["cases"]
+
+
+def _error_name(e):
+    assert isinstance(e, (ProtocolError, AuthFailed, Refused, Truncated)), repr(e)
+    return e.error
+
+
+def _session_receiver(case):
+    """A SessionState after the case's ``after_frames`` frames of session.json."""
+    v = load("session.json")
+    client, server = _session_pair(v)
+    side = client if case["receiver"]["state"] == "client_session" else server
+    for f in v["frames"][:case["receiver"]["after_frames"]]:
+        sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
+        out = _send(sender, f)
+        assert out.hex() == f["hex"]
+        _feed(receiver, out)
+    if "last_received" in case["receiver"]:
+        side.last_received = int(case["receiver"]["last_received"])
+    return side
+
+
+def _server_enroll_init(case, data):
+    """A server holding EK of enroll-open.json and T of enroll-token.json for sensor-42."""
+    opn, tok = load("enroll-open.json")["inputs"], load("enroll-token.json")["inputs"]
+    open_ok = case["receiver"].get("open_enrollment", True)
+    dec = FrameDecoder(HANDSHAKE_LIMIT)
+    (f,) = list(dec.feed(data))
+    init = parse_enroll_init(f)
+    if init.mode == 0 and not open_ok:
+        raise ProtocolError("open_mode_disabled", "open mode refused")
+    if init.mode == 0:
+        c = hx(opn["credential"])
+    elif init.id == tok["id"].encode():
+        c = hx(tok["credential"])
+    else:
+        c = os.urandom(32)  # no token for this id: a random filler key (6.1)
+    if not tags_equal(enroll_init_tag(c, f[:-32]), init.tag):
+        raise ProtocolError("bad_tag", "ENROLL_INIT tag")
+
+
+# The ERROR a server sends for each refusal before a session (6.3, 7.2, 10.1).
+SERVER_ERROR_CODE = {"unsupported_version": ErrorCode.UNSUPPORTED_VERSION,
+                     "bad_id": ErrorCode.MALFORMED, "malformed": ErrorCode.MALFORMED,
+                     "bad_tag": ErrorCode.ENROLL_REFUSED,
+                     "open_mode_disabled": ErrorCode.ENROLL_REFUSED}
+
+
+def run_case(case):
+    """Returns (error name, reply) where reply is like the vector's ``reply``."""
+    state = case["receiver"]["state"]
+    data = hx(case["input"])
+    try:
+        if state in ("server_session", "client_session"):
+            side = _session_receiver(case)
+            _feed(side, data)
+        elif state == "client_await_server_auth":
+            hs = _client_handshake(load("session.json"))
+            (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
+            hs.handle_server_auth(f)
+        elif state == "server_await_hello":
+            (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
+            parse_hello(f)
+        elif state == "server_await_enroll_init":
+            _server_enroll_init(case, data)
+        elif state == "client_await_enroll_reply":
+            enr_v = load("enroll-open.json")
+            enr = ClientEnrollment(EnrollmentToken.parse(enr_v["derived"]["token"]),
+                                   enr_v["inputs"]["id"],
+                                   ephemeral_secret=hx(enr_v["inputs"]["client_ephemeral_secret"]))
+            assert enr.init_frame.hex() == enr_v["frames"][0]["hex"]
+            (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
+            enr.handle_reply(f)
+        else:
+            raise AssertionError(f"unknown receiver state {state}")
+    except (ProtocolError, AuthFailed, Refused, Truncated) as e:
+        name = _error_name(e)
+        if state in ("server_session", "client_session"):
+            # 8.3: CLOSE after a failed check; nothing after an ERROR frame.
+            reply = {"close": True} if isinstance(e, (Refused, AuthFailed, Truncated)) \
+                else {"close_code": int(e.close_code)}
+        elif state.startswith("server_"):
+            reply = {"error_frame": error_frame(SERVER_ERROR_CODE[name]).hex()}
+        else:
+            reply = {"close": True}  # a client before a session just closes (7.4)
+        return name, reply
+    return "accepted", None
+
+
+def test_every_error_name_has_a_case():
+    names = {c["error"] for c in NEGATIVE}
+    assert names == {"empty_frame", "frame_too_large", "malformed", "bad_id",
+                     "unsupported_version", "bad_tag", "bad_sequence", "unsolicited_answer",
+                     "sequence_exhausted", "weak_key", "open_mode_disabled", "refused",
+                     "truncated"}
+
+
+@pytest.mark.parametrize("case", NEGATIVE, ids=[c["name"] for c in NEGATIVE])
+def test_negative_vector(case):
+    error, reply = run_case(case)
+    assert error == case["error"], case["description"]
+    assert reply == case["reply"], case["description"]
+
+
+@pytest.mark.parametrize("case", [c for c in NEGATIVE if c["receiver"]["state"].endswith("_session")],
+                         ids=[c["name"] for c in NEGATIVE if c["receiver"]["state"].endswith("_session")])
+def test_negative_session_case_leaves_the_counter(case):
+    # 8.3: the counter does not move on any failure.
+    side = _session_receiver(case)
+    before = side.last_received
+    with pytest.raises((ProtocolError, Refused, AuthFailed, Truncated)):
+        _feed(side, hx(case["input"]))
+    assert side.last_received == before
+
+
+def test_refused_finish_names_the_code():
+    case = next(c for c in NEGATIVE if c["name"] == "finish_refused")
+    side = _session_receiver(case)
+    with pytest.raises(AuthFailed) as e:
+        _feed(side, hx(case["input"]))
+    assert e.value.code == ErrorCode.AUTH_FAILED
+
+
+def test_lying_length_is_refused_from_the_prefix_alone():
+    dec = FrameDecoder(65536)
+    with pytest.raises(ProtocolError) as e:
+        list(dec.feed(b"\xff\xff\xff\xff"))
+    assert e.value.error == "frame_too_large" and dec.pending == 4
+
+
+def test_sender_refuses_frames_above_the_peer_limit():
+    from tally import PayloadTooLarge
+    v = load("session.json")
+    client, server = _session_pair(v)
+    limit = v["inputs"]["client_max_frame_len"]
+    _feed(client, server.message(b"x" * (limit - 41)))  # exactly at the client's limit
+    with pytest.raises(PayloadTooLarge):
+        server.message(b"x" * (limit - 40))
+    # An answer that does not fit becomes BACKEND_ERROR (8.4), exactly once.
+    seq, f = client.request(b"q")
+    _feed(server, f)
+    out = server.response(seq, 0, b"y" * limit)
+    (got,) = _feed(client, out)
+    assert got.status == 2 and got.req_seq == seq
+    with pytest.raises(ValueError):
+        server.response(seq, 0, b"again")
+
+
+def test_only_close_at_the_last_sequence_number():
+    from tally import SequenceExhausted
+    v = load("session.json")
+    client, _ = _session_pair(v)
+    client.next_seq = 2**64 - 1
+    with pytest.raises(SequenceExhausted):
+        client.message(b"m")
+    f = client.close(CloseCode.NORMAL, "")
+    assert struct.unpack(">QH", f[5:15]) == (2**64 - 1, CloseCode.SEQUENCE_EXHAUSTED)
