@@ -441,7 +441,9 @@ async fn enroll_once(
         let done = read_frame(&mut tcp, &mut buf, HANDSHAKE_MAX_FRAME_LEN)
             .await
             .map_err(|e| unconfirmed(e.into()))?;
-        let (id, key) = wait.handle_done(&done)?;
+        // Spec 6.4: any failure after CONFIRM (a bad or injected ENROLL_DONE too) leaves
+        // the enrollment uncertain, never refused.
+        let (id, key) = wait.handle_done(&done).map_err(|e| unconfirmed(e.into()))?;
         let _ = tcp.shutdown().await;
         Ok(Credential {
             id,
@@ -899,10 +901,10 @@ fn connection_config(
 mod tests {
     use super::*;
 
-    /// Spec 13.10: once ENROLL_CONFIRM is sent the server may have stored the identity;
-    /// a server that never answers DONE must not make the client enroll again.
-    #[tokio::test]
-    async fn an_enrollment_is_not_retried_after_confirm() {
+    /// A server that answers every ENROLL_INIT with a valid ENROLL_REPLY, reads the
+    /// CONFIRM, then does `after` (nothing, an ERROR, a bad ENROLL_DONE). Returns the
+    /// enrollment's result and how many connections the client made.
+    async fn enroll_against(after: Vec<u8>) -> (ClientError, usize) {
         use crate::proto::enroll::{ServerAwaitConfirm, ServerParams};
         use x25519_dalek::{PublicKey, StaticSecret};
         let params = ServerParams {
@@ -920,8 +922,6 @@ mod tests {
         let count = accepted.clone();
         let credential = token.credential.clone();
         tokio::spawn(async move {
-            // Answers every ENROLL_INIT with a valid ENROLL_REPLY, reads the CONFIRM,
-            // and then says nothing.
             let mut held = Vec::new();
             while let Ok((mut tcp, _)) = listener.accept().await {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -938,6 +938,7 @@ mod tests {
                 .unwrap();
                 tcp.write_all(&out).await.unwrap();
                 let _confirm = read_frame(&mut tcp, &mut buf, 256).await.unwrap();
+                tcp.write_all(&after).await.unwrap();
                 held.push(tcp);
             }
         });
@@ -950,13 +951,26 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(matches!(err, ClientError::Unconfirmed(_)), "{err:?}");
-        assert!(!err.is_transient());
-        assert_eq!(
-            accepted.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "no retry"
-        );
+        (err, accepted.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Spec 13.10 and 6.4: once ENROLL_CONFIRM is sent the server may have stored the
+    /// identity; whatever happens then (silence, an ERROR, a bad ENROLL_DONE: either could
+    /// be injected) the enrollment is uncertain, and the client does not enroll again.
+    #[tokio::test]
+    async fn an_enrollment_is_not_retried_after_confirm() {
+        let busy = vec![0, 0, 0, 4, 0x1f, 0, 6, 1];
+        let mut bad_done = vec![0u8; 37];
+        bad_done[..5].copy_from_slice(&[0, 0, 0, 33, 0x04]);
+        for after in [Vec::new(), busy, bad_done] {
+            let (err, connections) = enroll_against(after.clone()).await;
+            assert!(
+                matches!(err, ClientError::Unconfirmed(_)),
+                "{after:?}: {err:?}"
+            );
+            assert!(!err.is_transient());
+            assert_eq!(connections, 1, "no retry after {after:?}");
+        }
     }
 
     #[test]

@@ -172,8 +172,9 @@ def enroll(server: Union[str, tuple], token: Union[str, bytes, EnrollmentToken],
     :class:`AuthFailed` is raised. ``timeout`` bounds the wait for each server frame (keep
     it at 10 s or more: a refusal may come 7.5 s late). ERROR ``BUSY`` and connections that
     end before the server's first frame are retried ``retries`` times with jittered
-    exponential backoff; nothing is retried once ENROLL_CONFIRM was sent. If the connection
-    breaks after it, :class:`EnrollUncertain` carries the unconfirmed credential (spec 6.4).
+    exponential backoff; nothing is retried once ENROLL_CONFIRM was sent. If anything fails
+    after it (a break, a timeout, a bad ENROLL_DONE), :class:`EnrollUncertain` carries the
+    unconfirmed credential (spec 6.4).
     Refusals raise :class:`Refused` (``e.code``: ``ErrorCode.ENROLL_REFUSED`` for a wrong
     or used token, ``ID_TAKEN`` for an enrolled id, ...).
 
@@ -192,15 +193,17 @@ def enroll(server: Union[str, tuple], token: Union[str, bytes, EnrollmentToken],
             _sendall(sock, enr.init_frame, timeout, what)
             confirm = enr.handle_reply(_read_first_frame(sock, timeout, what))
             unconfirmed = Credential(id, enr.keys.identity, address)
-            uncertain = (f"{what}: the connection broke after ENROLL_CONFIRM was sent; the "
-                         "server may have stored the identity (try a session with "
+            uncertain = (f"{what}: ENROLL_CONFIRM was sent but no valid ENROLL_DONE came back; "
+                         "the server may have stored the identity (try a session with "
                          "e.credential; else `tallyd remove` the id and enroll again)")
+            # Spec 6.4: any failure after CONFIRM (a bad, malformed or injected ENROLL_DONE
+            # too) leaves the enrollment uncertain, never refused.
             try:
                 _sendall(sock, confirm, timeout, what)
                 done = _read_handshake_frame(sock, timeout, what)
-            except (_EOF, Truncated, Timeout, OSError):
+                enr.handle_done(done)
+            except (_EOF, OSError, TallyError):
                 raise EnrollUncertain(uncertain, unconfirmed) from None
-            enr.handle_done(done)
             return unconfirmed
         finally:
             sock.close()
