@@ -128,6 +128,36 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
     );
     assert!(!cwd.join("again.cred").exists(), "nothing written");
 
+    // A credential file of another version is refused (spec 9.2), not half-read.
+    let original = std::fs::read_to_string(cwd.join("c-two.cred")).unwrap();
+    let v10 = original.replace("tally-credential = 1", "tally-credential = 10");
+    std::fs::write(cwd.join("v10.cred"), v10).unwrap();
+    let out = run(&request, &["v10.cred", "x"], cwd, "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a Tally credential"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An existing credential file is not overwritten, and nothing is enrolled for it.
+    let token = tallyd(&["token", "--id", "c-three"]);
+    let out = run(
+        &enroll,
+        &[&daemon.addr, "c-three", "c-two.cred"],
+        cwd,
+        &token,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("exists"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(cwd.join("c-two.cred")).unwrap(),
+        original
+    );
+
     // Revoked: the handshake fails like a wrong key (spec 7.5).
     tallyd(&["revoke", "c-dev"]);
     let out = run(&request, &["c-dev.cred", "x"], cwd, "");

@@ -6,6 +6,7 @@
 #define TALLY_EXAMPLE_COMMON_H
 
 #define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -75,6 +76,12 @@ static inline int send_all(int fd, const uint8_t *buf, size_t len) {
     return 0;
 }
 
+/* Overwrites a secret so that the compiler cannot skip it (explicit_bzero is not C11). */
+static inline void wipe(void *p, size_t n) {
+    volatile unsigned char *v = (volatile unsigned char *)p;
+    while (n--) *v++ = 0;
+}
+
 /* The device's credential: id, key, server. */
 struct credential {
     char id[65];
@@ -105,32 +112,51 @@ static inline int string_field(const char *line, const char *name, char *out, si
     return 1;
 }
 
-/* Reads the file `tally enroll` (or examples/enroll.c) writes. Returns 0, or -1 with a
- * message on stderr. */
+/* Whether `line` is `tally-credential = 1` (the whole value: not 10, not 1x). */
+static inline int version_one(const char *line) {
+    const char *p = line;
+    if (strncmp(p, "tally-credential", 16) != 0) return 0;
+    p += 16;
+    while (*p == ' ') p++;
+    if (*p++ != '=') return 0;
+    while (*p == ' ') p++;
+    if (*p++ != '1') return 0;
+    while (*p == ' ' || *p == '\r') p++;
+    return *p == '\n' || *p == '\0' || *p == '#';
+}
+
+/* Reads the file `tally enroll` (or examples/enroll.c) writes (spec 9.2: unknown keys
+ * are ignored). Returns 0, or -1 with a message on stderr. Every buffer that held the
+ * key is wiped; the file is read unbuffered, so that stdio keeps no copy. */
 static inline int read_credential(const char *path, struct credential *cred) {
     FILE *f = fopen(path, "r");
     if (!f) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); return -1; }
+    setvbuf(f, NULL, _IONBF, 0);
     char line[512], key_hex[65] = "";
-    int version = 0, r;
+    int version = -1, bad = 0, r;
     memset(cred, 0, sizeof *cred);
     while (fgets(line, sizeof line, f)) {
         if (line[0] == '#' || line[0] == '\n') continue;
-        if (strncmp(line, "tally-credential = 1", 20) == 0) { version = 1; continue; }
+        if (strncmp(line, "tally-credential", 16) == 0) { version = version_one(line); continue; }
         if ((r = string_field(line, "id", cred->id, sizeof cred->id)) ||
             (r = string_field(line, "key", key_hex, sizeof key_hex)) ||
             (r = string_field(line, "server", cred->server, sizeof cred->server))) {
-            if (r < 0) break;
+            if (r < 0) { bad = 1; break; }
         }
     }
+    wipe(line, sizeof line);
     fclose(f);
-    if (version != 1 || !cred->id[0] || !cred->server[0] || strlen(key_hex) != 64) {
-        fprintf(stderr, "%s: not a Tally credential (spec 9.2)\n", path);
-        return -1;
-    }
-    for (int i = 0; i < 32; i++) {
+    int ok = !bad && version == 1 && cred->id[0] && cred->server[0] && strlen(key_hex) == 64;
+    for (int i = 0; ok && i < 32; i++) {
         int hi = hex_value(key_hex[2 * i]), lo = hex_value(key_hex[2 * i + 1]);
-        if (hi < 0 || lo < 0) { fprintf(stderr, "%s: the key is not hex\n", path); return -1; }
-        cred->key[i] = (uint8_t)(hi << 4 | lo);
+        if (hi < 0 || lo < 0) ok = 0;
+        else cred->key[i] = (uint8_t)(hi << 4 | lo);
+    }
+    wipe(key_hex, sizeof key_hex);
+    if (!ok) {
+        wipe(cred, sizeof *cred);
+        fprintf(stderr, "%s: not a Tally credential (spec 9.2: tally-credential = 1, id, key, server)\n", path);
+        return -1;
     }
     return 0;
 }

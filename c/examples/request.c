@@ -16,14 +16,16 @@ int main(int argc, char **argv) {
     }
     struct credential cred;
     if (read_credential(argv[1], &cred) != 0) return 1;
-    int fd = dial(cred.server);
-    if (fd < 0) { fprintf(stderr, "cannot connect to %s\n", cred.server); return 1; }
-
     uint8_t nonce[32];
-    if (random_bytes(nonce) != 0) { fprintf(stderr, "no random bytes\n"); return 1; }
+    int fd = dial(cred.server);
+    if (fd < 0 || random_bytes(nonce) != 0) {
+        fprintf(stderr, fd < 0 ? "cannot connect to %s\n" : "no random bytes (%s)\n", cred.server);
+        wipe(cred.key, sizeof cred.key);
+        return 1;
+    }
     /* 64 KiB: the largest frame this device accepts; the server sends nothing longer. */
     TallyClient *c = tally_client_new(cred.id, &cred.key, &nonce, 65536, now_ms());
-    memset(&cred.key, 0, sizeof cred.key);
+    wipe(cred.key, sizeof cred.key);
     if (!c) { fprintf(stderr, "invalid credential\n"); return 1; }
 
     const char *payload = argv[2];

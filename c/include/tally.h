@@ -72,8 +72,9 @@ typedef enum TallyResult {
    */
   TALLY_ERR_REFUSED = -5,
   /**
-   * The peer broke a rule of the protocol (bad tag, sequence, format); the session
-   * was closed with CLOSE `PROTOCOL_ERROR` (or `FRAME_TOO_LARGE`).
+   * The peer broke a rule of the protocol (bad tag, sequence, format). In a session,
+   * the client sent CLOSE `PROTOCOL_ERROR` (or `FRAME_TOO_LARGE`, in `code`); during
+   * the handshake it just ends.
    */
   TALLY_ERR_PROTOCOL = -6,
   /**
@@ -232,7 +233,8 @@ void tally_client_handle_timeout(struct TallyClient *client, uint64_t now_ms);
 /**
  * Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it).
  * `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after the end;
- * `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit.
+ * `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing sent; the
+ * session goes on).
  */
 enum TallyResult tally_client_request(struct TallyClient *client,
                                       const uint8_t *payload,
@@ -252,6 +254,8 @@ enum TallyResult tally_client_message(struct TallyClient *client,
  * Answers the server's REQUEST `seq` (from its `TALLY_EVENT_REQUEST`) with `status`
  * (spec 10.3: 0 OK, 1 UNAVAILABLE, 2 BACKEND_ERROR, 3 TIMEOUT, 4 REFUSED, 256-65535 the
  * application's) and a payload. Every server request must be answered exactly once.
+ * `TALLY_ERR_TOO_LARGE`: the payload does not fit in one frame under the server's
+ * limit; the request was answered with status 2 (BACKEND_ERROR) instead (spec 8.4).
  */
 enum TallyResult tally_client_respond(struct TallyClient *client,
                                       uint64_t seq,
@@ -301,6 +305,20 @@ enum TallyResult tally_enroll_receive(struct TallyEnrollment *enrollment,
  * The server closed the connection before the enrollment ended.
  */
 void tally_enroll_receive_eof(struct TallyEnrollment *enrollment);
+
+/**
+ * Your deadline for the server's answer passed (give each answer at least 10 s: a
+ * server may delay a refusal, spec 13.10). Before ENROLL_CONFIRM was sent the result
+ * becomes `TALLY_ERR_TIMEOUT`; after it, `TALLY_ERR_UNCONFIRMED` (spec 6.4: the server
+ * may have stored the identity).
+ */
+void tally_enroll_timeout(struct TallyEnrollment *enrollment);
+
+/**
+ * Whether ENROLL_CONFIRM was sent (from then on the server may store the identity):
+ * 1 or 0.
+ */
+int32_t tally_enroll_confirmed(struct TallyEnrollment *enrollment);
 
 /**
  * Copies up to `cap` bytes to send into `buf`; returns how many.

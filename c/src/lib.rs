@@ -51,8 +51,9 @@ pub enum TallyResult {
     TALLY_ERR_AUTH_FAILED = -4,
     /// The server answered with an ERROR frame; its code (spec 10.1) is in `code`.
     TALLY_ERR_REFUSED = -5,
-    /// The peer broke a rule of the protocol (bad tag, sequence, format); the session
-    /// was closed with CLOSE `PROTOCOL_ERROR` (or `FRAME_TOO_LARGE`).
+    /// The peer broke a rule of the protocol (bad tag, sequence, format). In a session,
+    /// the client sent CLOSE `PROTOCOL_ERROR` (or `FRAME_TOO_LARGE`, in `code`); during
+    /// the handshake it just ends.
     TALLY_ERR_PROTOCOL = -6,
     /// The connection ended without CLOSE (EOF, or an ERROR injected mid-session):
     /// truncated, not an orderly end (spec 8.6).
@@ -229,6 +230,12 @@ fn end_event(end: End) -> PendingEvent {
             PendingEvent::closed(result, code.0, reason(r))
         }
         End::Truncated => PendingEvent::closed(TALLY_ERR_TRUNCATED, 0, Bytes::new()),
+        // An ERROR before any session frame: the server refused our CLIENT_FINISH
+        // (spec 7.2: revoked meanwhile, takeover refused...).
+        End::Failed(e @ ProtocolError::Refused(_)) => {
+            let (result, code) = failure(&e);
+            PendingEvent::closed(result, code, Bytes::new())
+        }
         End::Failed(e) => PendingEvent::closed(TALLY_ERR_PROTOCOL, e.close_code().0, Bytes::new()),
         // A way to end that this library does not know yet: not an orderly one.
         _ => PendingEvent::closed(TALLY_ERR_PROTOCOL, 0, Bytes::new()),
@@ -345,6 +352,18 @@ unsafe fn id_from(id: *const c_char) -> Option<Id> {
     Id::new(s).ok()
 }
 
+/// The caller's key, copied straight into its zeroizing home (no stack copy left:
+/// spec 13.9), the stack scrubbed after.
+fn key_from(key: &[u8; 32]) -> SecretKey {
+    tally::proto::schedule::scrubbed(|| {
+        SecretKey::fill(|k| {
+            k.copy_from_slice(key);
+            Ok::<(), core::convert::Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {})
+    })
+}
+
 unsafe fn bytes_from(data: *const u8, len: usize) -> Option<Bytes> {
     if len == 0 {
         return Some(Bytes::new());
@@ -380,13 +399,7 @@ pub unsafe extern "C" fn tally_client_new(
         return core::ptr::null_mut();
     }
     let mut output = BytesMut::new();
-    let wait = ClientAwaitAuth::start(
-        &id,
-        SecretKey::from_bytes(*key),
-        *nonce,
-        max_frame_len,
-        &mut output,
-    );
+    let wait = ClientAwaitAuth::start(&id, key_from(&*key), *nonce, max_frame_len, &mut output);
     Box::into_raw(Box::new(TallyClient {
         phase: Phase::Handshake(wait),
         max_frame_len,
@@ -557,7 +570,7 @@ fn sent(r: Result<(), ProtocolError>) -> TallyResult {
         Ok(()) => TALLY_OK,
         Err(ProtocolError::Closed) => TALLY_ERR_NOT_OPEN,
         Err(ProtocolError::NotPending(_)) => TALLY_ERR_NOT_PENDING,
-        Err(ProtocolError::Frame(_)) => TALLY_ERR_TOO_LARGE,
+        Err(ProtocolError::PayloadTooLarge { .. } | ProtocolError::Frame(_)) => TALLY_ERR_TOO_LARGE,
         Err(_) => TALLY_ERR_NOT_OPEN,
     }
 }
@@ -572,7 +585,8 @@ unsafe fn open_client<'a>(client: *mut TallyClient) -> Result<&'a mut TallyClien
 
 /// Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it).
 /// `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after the end;
-/// `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit.
+/// `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing sent; the
+/// session goes on).
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_request(
     client: *mut TallyClient,
@@ -626,6 +640,8 @@ pub unsafe extern "C" fn tally_client_message(
 /// Answers the server's REQUEST `seq` (from its `TALLY_EVENT_REQUEST`) with `status`
 /// (spec 10.3: 0 OK, 1 UNAVAILABLE, 2 BACKEND_ERROR, 3 TIMEOUT, 4 REFUSED, 256-65535 the
 /// application's) and a payload. Every server request must be answered exactly once.
+/// `TALLY_ERR_TOO_LARGE`: the payload does not fit in one frame under the server's
+/// limit; the request was answered with status 2 (BACKEND_ERROR) instead (spec 8.4).
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_respond(
     client: *mut TallyClient,
@@ -713,7 +729,10 @@ pub unsafe extern "C" fn tally_enroll_new(
         return core::ptr::null_mut();
     };
     let mut output = BytesMut::new();
-    let wait = ClientAwaitReply::start(token.client_params(id), *ephemeral, &mut output);
+    // The X25519 secret passes by value: scrub the stack it crossed.
+    let wait = tally::proto::schedule::scrubbed(|| {
+        ClientAwaitReply::start(token.client_params(id), *ephemeral, &mut output)
+    });
     Box::into_raw(Box::new(TallyEnrollment {
         phase: EnrollPhase::AwaitReply(wait),
         input: BytesMut::new(),
@@ -742,6 +761,10 @@ pub unsafe extern "C" fn tally_enroll_receive(
     };
     if data.is_null() && len > 0 {
         return TALLY_ERR_INVALID_ARGUMENT;
+    }
+    if matches!(e.phase, EnrollPhase::Done(_) | EnrollPhase::Failed(..)) {
+        // Over: what follows cannot change the result (nor wipe the key).
+        return TALLY_OK;
     }
     if len > 0 {
         e.input
@@ -794,6 +817,35 @@ pub unsafe extern "C" fn tally_enroll_receive_eof(enrollment: *mut TallyEnrollme
         EnrollPhase::AwaitDone(_) => EnrollPhase::Failed(TALLY_ERR_UNCONFIRMED, 0),
         other => other,
     };
+}
+
+/// Your deadline for the server's answer passed (give each answer at least 10 s: a
+/// server may delay a refusal, spec 13.10). Before ENROLL_CONFIRM was sent the result
+/// becomes `TALLY_ERR_TIMEOUT`; after it, `TALLY_ERR_UNCONFIRMED` (spec 6.4: the server
+/// may have stored the identity).
+#[no_mangle]
+pub unsafe extern "C" fn tally_enroll_timeout(enrollment: *mut TallyEnrollment) {
+    let Some(e) = enrollment.as_mut() else { return };
+    e.phase = match core::mem::replace(&mut e.phase, EnrollPhase::Failed(TALLY_ERR_TIMEOUT, 0)) {
+        EnrollPhase::AwaitReply(_) => EnrollPhase::Failed(TALLY_ERR_TIMEOUT, 0),
+        EnrollPhase::AwaitDone(_) => EnrollPhase::Failed(TALLY_ERR_UNCONFIRMED, 0),
+        other => other,
+    };
+}
+
+/// Whether ENROLL_CONFIRM was sent (from then on the server may store the identity):
+/// 1 or 0.
+#[no_mangle]
+pub unsafe extern "C" fn tally_enroll_confirmed(enrollment: *mut TallyEnrollment) -> i32 {
+    let Some(e) = enrollment.as_mut() else {
+        return 0;
+    };
+    i32::from(matches!(
+        e.phase,
+        EnrollPhase::AwaitDone(_)
+            | EnrollPhase::Done(_)
+            | EnrollPhase::Failed(TALLY_ERR_UNCONFIRMED, _)
+    ))
 }
 
 /// Copies up to `cap` bytes to send into `buf`; returns how many.

@@ -414,3 +414,119 @@ fn heap_use_of_one_session() {
     assert!(idle > 0 && idle < 4096, "{idle}");
     assert!(after_request < 8192, "{after_request}");
 }
+
+/// Review findings: an ERROR after CLIENT_FINISH is the server's refusal (with its
+/// code), not a protocol error; a payload over the server's limit is TOO_LARGE, and the
+/// session goes on.
+#[test]
+fn a_refused_finish_and_an_oversized_payload_are_reported_as_such() {
+    let _serial = serial();
+    let (c, _server) = established(KEY);
+    events(c);
+    let error = tally::proto::frame::ErrorFrame::new(tally::proto::ErrorCode::TAKEOVER_REFUSED);
+    feed(c, &error.encoded(), 1_010);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].0, ev[0].4, ev[0].3),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_REFUSED, 7)
+    );
+    unsafe { tally_client_free(c) };
+
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    events(c);
+    let big = vec![0u8; 70_000]; // the server announced 65536
+    let mut seq = 0;
+    assert_eq!(
+        unsafe { tally_client_request(c, big.as_ptr(), big.len(), 1_010, &mut seq) },
+        TALLY_ERR_TOO_LARGE
+    );
+    assert!(take(c).is_empty(), "nothing sent");
+    assert_eq!(
+        unsafe { tally_client_request(c, b"small".as_ptr(), 5, 1_011, &mut seq) },
+        TALLY_OK,
+        "the session goes on"
+    );
+    assert_eq!(seq, 1);
+    // An answer too large is replaced by BACKEND_ERROR (spec 8.4) and reported.
+    let sseq = server
+        .request(Bytes::from_static(b"q"), Duration::from_millis(1_012))
+        .unwrap();
+    feed(c, &server_out(&mut server), 1_013);
+    events(c);
+    assert_eq!(
+        unsafe { tally_client_respond(c, sseq, 0, big.as_ptr(), big.len(), 1_014) },
+        TALLY_ERR_TOO_LARGE
+    );
+    server.handle_input(&take(c), Duration::from_millis(1_015));
+    let answers: Vec<_> = std::iter::from_fn(|| server.poll_event()).collect();
+    assert!(
+        answers.iter().any(|e| matches!(
+            e,
+            Event::Response {
+                status: Status(2),
+                ..
+            }
+        )),
+        "{answers:?}"
+    );
+    unsafe { tally_client_free(c) };
+}
+
+/// Review finding: bytes after the enrollment ended (four zero bytes injected after
+/// ENROLL_DONE) turned a success into a failure and wiped the key.
+#[test]
+fn nothing_after_the_end_of_an_enrollment_changes_its_result() {
+    let _serial = serial();
+    let params = ServerParams {
+        static_secret: x25519_static(),
+        allow_open: true,
+    };
+    let ek = SecretKey::from_bytes([4; 32]);
+    let token = EnrollmentToken {
+        mode: EnrollMode::Open,
+        credential: ek.clone(),
+        server_static: params.static_public(),
+    };
+    let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
+    let start = || {
+        let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+        let mut buf = [0u8; 256];
+        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+        let mut reply = BytesMut::new();
+        let wait = ServerAwaitConfirm::handle_init(
+            &params,
+            &buf[..n],
+            |_, _| ek.clone(),
+            [6; 32],
+            &mut reply,
+        )
+        .unwrap();
+        unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) };
+        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+        (e, wait.handle_confirm(&buf[..n]).unwrap())
+    };
+    let (e, pending) = start();
+    assert_eq!(unsafe { tally_enroll_confirmed(e) }, 1);
+    let mut done = BytesMut::new();
+    pending.committed(&mut done);
+    done.extend_from_slice(&[0, 0, 0, 0]);
+    unsafe { tally_enroll_receive(e, done.as_ptr(), done.len()) };
+    unsafe { tally_enroll_receive(e, [0u8; 4].as_ptr(), 4) };
+    unsafe { tally_enroll_receive_eof(e) };
+    unsafe { tally_enroll_timeout(e) };
+    assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 0);
+    let mut key = [0u8; 32];
+    assert_eq!(unsafe { tally_enroll_key(e, &mut key) }, TALLY_OK);
+    unsafe { tally_enroll_free(e) };
+
+    // A deadline after CONFIRM: uncertain, not a plain timeout (spec 6.4).
+    let (e, _pending) = start();
+    unsafe { tally_enroll_timeout(e) };
+    assert_eq!(
+        unsafe { tally_enroll_result(e, core::ptr::null_mut()) },
+        TALLY_ERR_UNCONFIRMED as i32
+    );
+    unsafe { tally_enroll_free(e) };
+}
