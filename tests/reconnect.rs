@@ -266,3 +266,47 @@ fn tally_listen_survives_a_daemon_restart() {
     let _ = listen.kill();
     let _ = listen.wait();
 }
+
+/// Review finding: `tally listen` exited for good when its first attempt failed in a way
+/// someone on the path can forge (a SERVER_AUTH that does not verify, an ERROR). It
+/// keeps trying, slowly (at least the 10 s refusal delay), and says why.
+#[test]
+fn tally_listen_does_not_give_up_on_an_unauthenticated_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = common::bin::start(&dir.path().join("state"), true);
+    let cred = tally::proto::credential::Credential {
+        id: tally::proto::Id::new("never-enrolled").unwrap(),
+        key: tally::proto::SecretKey::from_bytes([9; 32]),
+        server: daemon.addr.clone(),
+    };
+    let path = dir.path().join("x.cred");
+    std::fs::write(&path, cred.to_file().as_bytes()).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["listen", "--cred"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(listen.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("cannot connect") && line.contains("did not authenticate"),
+        "{line}"
+    );
+    assert!(!line.contains('\x1b'), "no colour codes into a pipe: {line:?}");
+    let secs: f64 = line
+        .split("reconnecting in ")
+        .nth(1)
+        .and_then(|r| r.trim_end().strip_suffix(" s"))
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    assert!((10.0..=15.0).contains(&secs), "{line}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(listen.try_wait().unwrap().is_none(), "still running");
+    let _ = listen.kill();
+    let _ = listen.wait();
+}

@@ -601,6 +601,7 @@ async fn main() {
         .with_max_level(tracing::Level::WARN)
         .with_target(false)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Cli::parse()).await {
         eprintln!("tally: {}", tally::logging::error_report(&e));
@@ -775,15 +776,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             ever_up = true;
                         }
                         Some(LinkEvent::Down { error, retry_in, was_up }) => {
-                            // A first attempt that fails for a reason that will not pass
-                            // (wrong credential, not a Tally server) is the user's to fix.
-                            if !ever_up && !error.is_transient() {
-                                link.close().await;
-                                return Err(anyhow::Error::new(error).context(what));
-                            }
+                            // Not even a first failure ends it: a refusal before the
+                            // session (a bad tag, an ERROR, garbage) is unauthenticated,
+                            // someone on the path can forge it (the Link slows down).
                             let lost = if was_up { "session lost" } else { "cannot connect" };
+                            let hint = match &error {
+                                client::ClientError::Closed { code, .. }
+                                    if *code == tally::proto::CloseCode::TAKEN_OVER =>
+                                {
+                                    " (another connection of this identity replaced the session: is it used by two devices?)"
+                                }
+                                _ => "",
+                            };
                             eprintln!(
-                                "{lost}: {}; reconnecting in {:.1} s",
+                                "{lost}: {}; reconnecting in {:.1} s{hint}",
                                 tally::logging::error_report(&anyhow::Error::new(error)),
                                 retry_in.as_secs_f64()
                             );
@@ -797,7 +803,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             return Err(anyhow::Error::new(error).context(what))
                         }
                         Some(other) => println!("unhandled: {other:?}"),
-                        None => anyhow::bail!("{what}: the link ended"),
+                        // The last word did not fit in a full queue: ask the link.
+                        None => match link.session().await {
+                            Err(e) => return Err(anyhow::Error::new(e).context(what)),
+                            Ok(_) => anyhow::bail!("{what}: the link ended"),
+                        },
                     },
                     _ = tokio::signal::ctrl_c() => { link.close().await; return Ok(()) }
                 }

@@ -141,8 +141,14 @@ impl Backoff {
         lasted: Option<Duration>,
         jitter: f64,
     ) -> Option<Duration> {
+        // A session that stayed up starts the delays over, but a takeover after it
+        // does not forget the takeovers before (two devices sharing an identity take
+        // turns in sessions that may last long: their delays must keep growing).
         if lasted.is_some_and(|d| d >= r.stable_after) {
-            *self = Backoff::default();
+            self.failures = 0;
+            if kind(error) != Kind::Refused {
+                self.refusals = 0;
+            }
         }
         let jitter = jitter.clamp(0.0, 1.0);
         let doubled = |base: Duration, n: &mut u32, max: Duration| {
@@ -228,7 +234,8 @@ enum State {
 /// ```
 ///
 /// Dropping the `Link` closes the session and stops reconnecting, as [`Link::close`]
-/// does without waiting. The link runs its own backoff: `ClientOptions::retry` is not
+/// does without waiting; so does closing the [`Client`] of an [`LinkEvent::Up`]
+/// (`Client::close`). The link runs its own backoff: `ClientOptions::retry` is not
 /// used. Events wait in a queue of `ClientOptions::incoming_capacity`; while it is full,
 /// server requests are answered `UNAVAILABLE`.
 #[derive(Debug)]
@@ -372,17 +379,10 @@ async fn run(
         let Some(retry_in) = backoff.after(&reconnect, &error, lasted, jitter()) else {
             break error;
         };
+        // Reported to the application in the Down event (spec 7.3: "report it"); the
+        // log has it for those that do not look.
         if kind(&error) == Kind::Refused {
-            tracing::warn!(
-                id = %cred.id,
-                "{error}; trying again in {:.1} s{}",
-                retry_in.as_secs_f64(),
-                if matches!(error, ClientError::Closed { code, .. } if code == CloseCode::TAKEN_OVER) {
-                    " (another connection of this identity replaced this session: is it used by two devices?)"
-                } else {
-                    ""
-                }
-            );
+            tracing::info!(id = %cred.id, "{error}; trying again in {:.1} s", retry_in.as_secs_f64());
         } else {
             tracing::info!(id = %cred.id, "session down: {error}; trying again in {} ms", retry_in.as_millis());
         }
@@ -484,6 +484,29 @@ mod tests {
         assert_eq!(
             b.after(&r, &ClientError::Truncated, None, 0.0),
             Some(Duration::from_millis(50))
+        );
+    }
+
+    /// Review finding: two devices sharing an identity whose sessions last long (past
+    /// `stable_after`) came back at the first takeover delay every time.
+    #[test]
+    fn a_long_session_that_is_taken_over_does_not_reset_the_takeover_delays() {
+        let r = reconnect();
+        let mut b = Backoff::default();
+        let taken = closed(CloseCode::TAKEN_OVER);
+        let long = Some(Duration::from_secs(300));
+        let delays: Vec<_> = (0..3)
+            .map(|_| b.after(&r, &taken, long, 0.0).unwrap())
+            .collect();
+        assert_eq!(delays, [10, 20, 40].map(Duration::from_secs));
+        // Another kind of end after a long session does start over.
+        assert_eq!(
+            b.after(&r, &closed(CloseCode::SHUTDOWN), long, 0.0),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(
+            b.after(&r, &taken, Some(Duration::ZERO), 0.0),
+            Some(Duration::from_secs(10))
         );
     }
 
