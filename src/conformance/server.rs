@@ -192,21 +192,22 @@ pub fn run(t: &Target) -> Vec<Check> {
         "7.5",
         "HELLO then EOF: the server sends nothing more, whatever the id",
         (|| {
-            let mut conn = Conn::connect(&t.addr)?;
-            let mut out = BytesMut::new();
-            let _ =
-                ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
-            conn.send(&out)?;
-            let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
-            if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
-                return Err(format!("expected SERVER_AUTH, got {auth:02x?}"));
+            let unknown = fresh_id("conformance-unknown");
+            for id in [&cred.id, &unknown] {
+                let mut conn = Conn::connect(&t.addr)?;
+                conn.send(&hello_bytes(id, OUR_LIMIT))?;
+                let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
+                if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
+                    return Err(format!("{id}: expected SERVER_AUTH, got {auth:02x?}"));
+                }
+                let _ = conn.tcp.shutdown(std::net::Shutdown::Write);
+                match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
+                    Read2::Eof => {}
+                    Read2::Frame(f) => return Err(format!("{id}: it sent {} more bytes", f.len())),
+                    Read2::Timeout => return Err(format!("{id}: the connection stayed open")),
+                }
             }
-            let _ = conn.tcp.shutdown(std::net::Shutdown::Write);
-            match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
-                Read2::Eof => Ok(Outcome::Pass),
-                Read2::Frame(f) => Err(format!("it sent {} more bytes", f.len())),
-                Read2::Timeout => Err("the connection stayed open".into()),
-            }
+            Ok(Outcome::Pass)
         })(),
     );
     add(
@@ -227,6 +228,15 @@ pub fn run(t: &Target) -> Vec<Check> {
         "3.2",
         "a length prefix of 4 GiB before the handshake is refused with MALFORMED",
         expect_error(t, &[0xff, 0xff, 0xff, 0xff, 0x10], ErrorCode::MALFORMED),
+    );
+    add(
+        "3.2",
+        "a handshake frame of 257 bytes (over 256) is refused with MALFORMED",
+        {
+            let mut f = 257u32.to_be_bytes().to_vec();
+            f.push(FrameType::Hello as u8);
+            expect_error(t, &f, ErrorCode::MALFORMED)
+        },
     );
     add("3.2", "a zero-length frame is refused with MALFORMED", {
         expect_error(t, &[0, 0, 0, 0], ErrorCode::MALFORMED)
@@ -304,7 +314,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                     &mut conn,
                     &mut s,
                     t.timeout,
-                    &[CloseCode::FRAME_TOO_LARGE, CloseCode::PROTOCOL_ERROR],
+                    &[CloseCode::FRAME_TOO_LARGE],
                     0,
                 )
             })
@@ -335,24 +345,36 @@ pub fn run(t: &Target) -> Vec<Check> {
         {
             session(t, &cred).and_then(|(mut first, mut s1, _)| {
                 let mut conn = Conn::connect(&t.addr)?;
-                match handshake(&mut conn, &cred, t.timeout) {
-                    Ok((mut s2, _)) => {
-                        let f = first.frame(
-                            OUR_LIMIT,
-                            t.timeout,
-                            "CLOSE TAKEN_OVER on the first session",
-                        )?;
-                        match open(&mut s1, f)?.body {
-                            Body::Close { code, .. } if code == CloseCode::TAKEN_OVER => {
-                                close_politely(&mut conn, &mut s2, t.timeout)
-                            }
-                            other => Err(format!("the first session got {other:?}")),
-                        }
+                let (mut s2, _) = handshake(&mut conn, &cred, t.timeout)?;
+                // The handshake gives no answer to CLIENT_FINISH: a PING tells which way it went.
+                conn.send(&seal(&mut s2, &Body::Ping))?;
+                let f = conn.frame(OUR_LIMIT, t.timeout, "a PONG, or ERROR TAKEOVER_REFUSED")?;
+                if let Some(code) = ErrorFrame::code_if_error(&f) {
+                    if code != ErrorCode::TAKEOVER_REFUSED {
+                        return Err(format!("the second session was refused with {code}"));
                     }
-                    Err(e) if e.contains(&ErrorCode::TAKEOVER_REFUSED.to_string()) => {
-                        close_politely(&mut first, &mut s1, t.timeout)
+                    // Reject policy: the first session goes on.
+                    first.send(&seal(&mut s1, &Body::Ping))?;
+                    return match open(&mut s1, first.frame(OUR_LIMIT, t.timeout, "the PONG")?)?.body
+                    {
+                        Body::Pong { .. } => close_politely(&mut first, &mut s1, t.timeout),
+                        other => Err(format!("the first session, after the refusal: {other:?}")),
+                    };
+                }
+                match open(&mut s2, f)?.body {
+                    Body::Pong { ping_seq: 1 } => {}
+                    other => return Err(format!("the second session answered {other:?}")),
+                }
+                let f = first.frame(
+                    OUR_LIMIT,
+                    t.timeout,
+                    "CLOSE TAKEN_OVER on the first session",
+                )?;
+                match open(&mut s1, f)?.body {
+                    Body::Close { code, .. } if code == CloseCode::TAKEN_OVER => {
+                        close_politely(&mut conn, &mut s2, t.timeout)
                     }
-                    Err(e) => Err(format!("the second handshake: {e}")),
+                    other => Err(format!("the first session got {other:?}")),
                 }
             })
         },
@@ -429,6 +451,13 @@ fn close_politely(conn: &mut Conn, s: &mut Session, timeout: Duration) -> Result
         match conn.read(OUR_LIMIT, timeout)? {
             Read2::Frame(f) => match open(s, f)?.body {
                 Body::Close { .. } => break,
+                // Every request of ours was answered before we close: an answer now is
+                // a second one (8.4: exactly one), or one to nothing asked.
+                Body::Response { req_seq, .. } => {
+                    return Err(format!(
+                        "a RESPONSE to {req_seq} nobody was waiting for (a second answer?)"
+                    ))
+                }
                 // Sent before the server saw our CLOSE (8.6).
                 _ => continue,
             },
