@@ -114,6 +114,14 @@ pub fn state_dir_in_use(dir: &Path) -> bool {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RunningDaemons(pub Vec<(u32, Option<PathBuf>)>);
 
+/// Whether a daemon run by `uid` is one whose state directory may be suggested to
+/// `me`: our own, or, for root, a system or systemd dynamic user's. Any user can start
+/// a process named `tallyd` holding a file named `tallyd.lock`: root must not be sent
+/// to another user's directory (its control socket would answer root's admin commands).
+fn trusted_owner(uid: u32, me: u32) -> bool {
+    uid == me || (me == 0 && (uid < 1000 || (61184..=65519).contains(&uid)))
+}
+
 impl std::fmt::Display for RunningDaemons {
     /// Nothing if none runs; else `; the running tallyd (pid N) uses DIR: ...`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,7 +135,7 @@ impl std::fmt::Display for RunningDaemons {
                 )?,
                 None => write!(
                     f,
-                    "a tallyd runs (pid {pid}) as another user: run this as root (`sudo`) to see which state directory it uses"
+                    "a tallyd runs (pid {pid}) as another user: run this as root (`sudo`), or as the daemon's user, to see which state directory it uses"
                 )?,
             }
         }
@@ -151,6 +159,11 @@ pub fn running_daemons() -> RunningDaemons {
             fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "tallyd")
         })
         .filter_map(|pid| {
+            use std::os::unix::fs::MetadataExt;
+            let uid = fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+            if !trusted_owner(uid, rustix::process::getuid().as_raw()) {
+                return Some((pid, None));
+            }
             let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
                 // Another user's process: it runs, but its files are not ours to see.
                 return Some((pid, None));
@@ -165,6 +178,20 @@ pub fn running_daemons() -> RunningDaemons {
         .collect();
     found.sort();
     RunningDaemons(found)
+}
+
+#[cfg(test)]
+mod running_tests {
+    /// Review finding: any user could make root's hint name their directory.
+    #[test]
+    fn only_our_own_or_system_daemons_are_suggested() {
+        use super::trusted_owner;
+        assert!(trusted_owner(1000, 1000), "our own");
+        assert!(!trusted_owner(1001, 1000), "another user's, to a user");
+        assert!(trusted_owner(0, 0) && trusted_owner(998, 0) && trusted_owner(61200, 0));
+        assert!(!trusted_owner(1000, 0), "a user's daemon is not suggested to root");
+        assert!(!trusted_owner(0, 1000), "nor root's to a user (it cannot see it anyway)");
+    }
 }
 
 /// Permission denied on `path`, naming this process's user.

@@ -296,7 +296,10 @@ fn tally_listen_does_not_give_up_on_an_unauthenticated_refusal() {
         line.contains("cannot connect") && line.contains("did not authenticate"),
         "{line}"
     );
-    assert!(!line.contains('\x1b'), "no colour codes into a pipe: {line:?}");
+    assert!(
+        !line.contains('\x1b'),
+        "no colour codes into a pipe: {line:?}"
+    );
     let secs: f64 = line
         .split("reconnecting in ")
         .nth(1)
