@@ -234,3 +234,33 @@ fn a_server_that_is_not_tally_fails_the_checks() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.starts_with("FAIL  §6.2"), "{stdout}");
 }
+
+/// Review finding: a client that hangs, with a child of its own holding the pipes, kept
+/// the tool waiting after it killed the shell. The whole process group goes now.
+#[test]
+fn a_hanging_client_and_its_children_are_killed() {
+    let mut child = Command::new(TALLY)
+        .args([
+            "conformance",
+            "client",
+            "--exec",
+            "sleep 300 & sleep 300",
+            "--timeout",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tally conformance client hung on a client's child process");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("FAIL  §7.1"), "{stdout}");
+    assert!(stdout.contains("did not connect"), "{stdout}");
+}

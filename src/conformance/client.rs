@@ -673,8 +673,12 @@ fn last_line(s: &str) -> &str {
 }
 
 fn spawn(cmd: &str, env: &[(&str, &str)], stdin: Option<&str>) -> Result<Child, String> {
+    use std::os::unix::process::CommandExt;
     let mut c = Command::new("sh");
+    // Its own process group: a client killed for hanging takes its children with it
+    // (a grandchild holding the pipes would keep `wait_with_output` waiting).
     c.args(["-c", cmd])
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -724,6 +728,9 @@ fn finish(mut child: Child, timeout: Duration) -> (Option<i32>, String, String) 
     let mut killed = false;
     while child.try_wait().ok().flatten().is_none() {
         if Instant::now() > deadline {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             let _ = child.kill();
             killed = true;
             break;
