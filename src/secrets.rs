@@ -189,8 +189,14 @@ mod running_tests {
         assert!(trusted_owner(1000, 1000), "our own");
         assert!(!trusted_owner(1001, 1000), "another user's, to a user");
         assert!(trusted_owner(0, 0) && trusted_owner(998, 0) && trusted_owner(61200, 0));
-        assert!(!trusted_owner(1000, 0), "a user's daemon is not suggested to root");
-        assert!(!trusted_owner(0, 1000), "nor root's to a user (it cannot see it anyway)");
+        assert!(
+            !trusted_owner(1000, 0),
+            "a user's daemon is not suggested to root"
+        );
+        assert!(
+            !trusted_owner(0, 1000),
+            "nor root's to a user (it cannot see it anyway)"
+        );
     }
 }
 

@@ -313,3 +313,70 @@ fn tally_listen_does_not_give_up_on_an_unauthenticated_refusal() {
     let _ = listen.kill();
     let _ = listen.wait();
 }
+
+/// Review finding: `tally listen` ran each `--exec` handler inline, so one slow request
+/// held up every other (and Ctrl-C). A fast request is answered while a slow one waits.
+#[test]
+fn tally_listen_answers_requests_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (daemon, _) = common::bin::start(&state, true);
+    let tallyd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let token = String::from_utf8(tallyd(&["token"]).stdout).unwrap();
+    let cred = dir.path().join("dev.cred");
+    let enrolled = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_TOKEN", token.trim())
+        .args(["enroll", "--id", "dev", "--server", &daemon.addr, "--out"])
+        .arg(&cred)
+        .output()
+        .unwrap();
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    let (go, started) = (dir.path().join("go"), dir.path().join("started"));
+    let handler = format!(
+        "read p; if [ \"$p\" = slow ]; then touch {}; while [ ! -f {} ]; do sleep 0.05; done; fi; printf %s \"$p\"",
+        started.display(),
+        go.display()
+    );
+    let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["listen", "--exec", &handler, "--cred"])
+        .arg(&cred)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(listen.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("connected as dev"), "{line}");
+    let state2 = state.clone();
+    let slow = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["send", "dev", "--request", "--timeout", "60", "slow\n", "--state-dir"])
+            .arg(&state2)
+            .output()
+            .unwrap()
+    });
+    // The slow one's handler runs, waiting for `go`; the fast one must not wait behind it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "the slow handler never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fast = tallyd(&["send", "dev", "--request", "--timeout", "30", "fast\n"]);
+    assert!(fast.status.success(), "{fast:?}");
+    assert_eq!(String::from_utf8_lossy(&fast.stdout), "fast");
+    assert!(!slow.is_finished(), "the slow request is still waiting");
+    std::fs::write(&go, b"").unwrap();
+    let slow = slow.join().unwrap();
+    assert!(slow.status.success(), "{slow:?}");
+    assert_eq!(String::from_utf8_lossy(&slow.stdout), "slow");
+    let _ = listen.kill();
+    let _ = listen.wait();
+}

@@ -796,8 +796,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         Some(LinkEvent::Incoming(Incoming::Message(p))) => println!("message: {}", printable(&p)),
                         Some(LinkEvent::Incoming(Incoming::Request(req))) => {
-                            // A session lost while answering is the link's to report.
-                            let _ = answer(id.clone(), req).await;
+                            // Each on its own task: a slow --exec holds up neither the
+                            // other requests nor Ctrl-C. A session lost while answering is
+                            // the link's to report.
+                            tokio::spawn(answer(id.clone(), req));
                         }
                         Some(LinkEvent::Stopped(error)) => {
                             return Err(anyhow::Error::new(error).context(what))
