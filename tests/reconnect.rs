@@ -358,7 +358,15 @@ fn tally_listen_answers_requests_concurrently() {
     let state2 = state.clone();
     let slow = std::thread::spawn(move || {
         Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(["send", "dev", "--request", "--timeout", "60", "slow\n", "--state-dir"])
+            .args([
+                "send",
+                "dev",
+                "--request",
+                "--timeout",
+                "60",
+                "slow\n",
+                "--state-dir",
+            ])
             .arg(&state2)
             .output()
             .unwrap()
@@ -366,7 +374,10 @@ fn tally_listen_answers_requests_concurrently() {
     // The slow one's handler runs, waiting for `go`; the fast one must not wait behind it.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !started.exists() {
-        assert!(std::time::Instant::now() < deadline, "the slow handler never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow handler never ran"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let fast = tallyd(&["send", "dev", "--request", "--timeout", "30", "fast\n"]);
