@@ -460,8 +460,18 @@ pub fn call(state_dir: &Path, req: &ControlRequest) -> Result<ControlResponse, C
     };
     let mut stream = std::os::unix::net::UnixStream::connect(&path)
         .map_err(|_| ControlError::NotRunning(path.clone()))?;
+    // The daemon answers at once, except a REQUEST sent to a device: that waits for the
+    // device up to its own timeout (the daemon's answer comes then, at the latest).
+    let wait = match req {
+        ControlRequest::Send {
+            request: true,
+            timeout_secs,
+            ..
+        } => Duration::try_from_secs_f64(*timeout_secs).unwrap_or(Duration::ZERO),
+        _ => Duration::ZERO,
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(5).saturating_add(wait)))
         .map_err(|e| failed(e.to_string()))?;
     let mut text = serde_json::to_string(req).expect("serializable");
     text.push('\n');

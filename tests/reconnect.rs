@@ -384,6 +384,9 @@ fn tally_listen_answers_requests_concurrently() {
     assert!(fast.status.success(), "{fast:?}");
     assert_eq!(String::from_utf8_lossy(&fast.stdout), "fast");
     assert!(!slow.is_finished(), "the slow request is still waiting");
+    // Longer than the control socket's 5 s for quick answers: `tallyd send --request`
+    // waited 5 s whatever its --timeout, then failed with EAGAIN (found by this test).
+    std::thread::sleep(Duration::from_secs(6));
     std::fs::write(&go, b"").unwrap();
     let slow = slow.join().unwrap();
     assert!(slow.status.success(), "{slow:?}");
