@@ -73,7 +73,7 @@ fn server_checks(config: &str) {
         &["server", &daemon.addr, "--timeout", "5"],
         Some(token.trim()),
     );
-    assert_all_passed(&out, 22);
+    assert_all_passed(&out, 24);
     // The ids it enrolled are real ones in the store.
     let ids = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .args(["identities", "--state-dir"])

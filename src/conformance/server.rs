@@ -341,9 +341,62 @@ pub fn run(t: &Target) -> Vec<Check> {
     );
     add(
         "7.3",
+        "a HELLO for the id with a CLIENT_FINISH that does not verify leaves its live session alone",
+        session(t, &cred).and_then(|(mut live, mut s, _)| {
+            let forged = Credential {
+                key: SecretKey::from_bytes(random32()),
+                ..cred.clone()
+            };
+            refused_handshake(t, &forged)?;
+            live.send(&seal(&mut s, &Body::Ping))?;
+            match open(&mut s, live.frame(OUR_LIMIT, t.timeout, "the PONG")?)?.body {
+                Body::Pong { .. } => close_politely(&mut live, &mut s, t.timeout),
+                other => Err(format!("the live session got {other:?}")),
+            }
+        }),
+    );
+    add(
+        "6.3",
+        "an ENROLL_CONFIRM with a bad tag is refused and stores nothing (the id stays free)",
+        (|| {
+            let id = fresh_id("conformance");
+            let mut conn = Conn::connect(&t.addr)?;
+            let mut out = BytesMut::new();
+            let wait =
+                ClientAwaitReply::start(t.token.client_params(id.clone()), random32(), &mut out);
+            conn.send(&out)?;
+            let reply = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ENROLL_REPLY")?;
+            out.clear();
+            wait.handle_reply(&reply, &mut out)
+                .map_err(|e| e.to_string())?;
+            let last = out.len() - 1;
+            out[last] ^= 1;
+            conn.send(&out)?;
+            let f = conn.frame(
+                HANDSHAKE_MAX_FRAME_LEN,
+                t.timeout,
+                "ERROR enrollment refused",
+            )?;
+            match ErrorFrame::code_if_error(&f) {
+                Some(code) if code == ErrorCode::ENROLL_REFUSED => {}
+                other => return Err(format!("expected ERROR enrollment refused, got {other:?}")),
+            }
+            enroll(t, &id).map_err(|e| format!("the id was not left free: {e}"))?;
+            Ok(Outcome::Pass)
+        })(),
+    );
+    add(
+        "7.3",
         "a second session of the id takes over (CLOSE TAKEN_OVER) or is refused (TAKEOVER_REFUSED)",
         {
             session(t, &cred).and_then(|(mut first, mut s1, _)| {
+                // The first session established on the server (its PONG) before the second:
+                // else the second may be registered first and the roles swap.
+                first.send(&seal(&mut s1, &Body::Ping))?;
+                match open(&mut s1, first.frame(OUR_LIMIT, t.timeout, "the PONG")?)?.body {
+                    Body::Pong { .. } => {}
+                    other => return Err(format!("the first session answered {other:?}")),
+                }
                 let mut conn = Conn::connect(&t.addr)?;
                 let (mut s2, _) = handshake(&mut conn, &cred, t.timeout)?;
                 // The handshake gives no answer to CLIENT_FINISH: a PING tells which way it went.
