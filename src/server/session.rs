@@ -128,6 +128,11 @@ struct ServerRole {
     pending: HashMap<u64, Answer>,
     limits: SessionLimits,
     paused_logged: std::cell::Cell<bool>,
+    /// The session's place in the registry: given up as soon as the session is over,
+    /// before the last bytes are written and the socket closed, so that a device that
+    /// saw the end and reconnects at once is never refused as a duplicate (`takeover =
+    /// "reject"`).
+    registration: Option<Registration>,
 }
 
 /// Runs an authenticated connection's session to its end, then unregisters it
@@ -172,11 +177,11 @@ pub(super) async fn run(
         pending: HashMap::new(),
         limits,
         paused_logged: std::cell::Cell::new(false),
+        registration: Some(registration),
     };
     let outcome =
         crate::driver::run(session, config, (rd, wr), leftover, &mut role, write_stall).await;
     role.abandon();
-    drop(registration);
     // After it left the registry: a scrape in between counts it low, never twice.
     role.state.metrics.session_ended(role.mailbox.totals());
     let end = match outcome {
@@ -314,6 +319,8 @@ impl ServerRole {
     /// Drops in-flight backend work, fails server-initiated requests and commands still
     /// queued, and takes no more.
     fn abandon(&mut self) {
+        // Out of the registry first (see `registration`).
+        self.registration.take();
         self.queued.clear();
         self.inflight = None;
         self.mailbox.end();
