@@ -204,9 +204,11 @@ fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
         value(&after, "tally_backend_requests_total{outcome=\"ok\"}"),
         1.0
     );
+    // The echo backend answers at once: counted above (by the session, summed at
+    // scrape), not timed (no clock read on that path); the histogram holds late answers.
     assert_eq!(
         value(&after, "tally_backend_request_duration_seconds_count"),
-        1.0
+        0.0
     );
     assert!(
         value(&after, "tally_frames_total{direction=\"in\"}") >= 2.0,

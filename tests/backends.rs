@@ -551,4 +551,27 @@ async fn a_panicking_backend_fails_one_request_not_the_session() {
         }
     }
     assert_eq!(srv.state.registry.len(), 1, "the session is still live");
+    // Metrics: every request counted by outcome, whether answered at once (counted by
+    // the session, summed at scrape) or late; only the late ones timed.
+    let text = srv.state.metrics.encode(&srv.state);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(
+        value("tally_backend_requests_total{outcome=\"ok\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("tally_backend_requests_total{outcome=\"panic\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("tally_backend_request_duration_seconds_count"),
+        2.0,
+        "{text}"
+    );
 }

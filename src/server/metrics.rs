@@ -16,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use super::registry::TOTALS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -64,10 +66,11 @@ pub struct Metrics {
     traffic: [Counter; 4],
     backend: [Counter; 4],
     backend_latency: Histogram,
-    /// Frames and bytes of the sessions that ended: in, out, bytes in, bytes out.
-    ended: [AtomicU64; 4],
-    /// What the frame and byte counters were last moved to.
-    reported: std::sync::Mutex<[u64; 4]>,
+    /// What the sessions that ended counted ([`Mailbox::totals`](super::registry::Mailbox::totals)):
+    /// frames in, out, bytes in, out, requests answered at once OK and not.
+    ended: [AtomicU64; TOTALS],
+    /// What those counters were last moved to.
+    reported: std::sync::Mutex<[u64; TOTALS]>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -131,7 +134,7 @@ impl Default for Metrics {
         );
         registry.register(
             "backend_request_duration_seconds",
-            "Time from a REQUEST read to its answer from the backend",
+            "Time from a REQUEST read to its answer, for requests the backend did not answer at once",
             backend_latency.clone(),
         );
         let outcome = |o| counter_of(&backend_requests, o);
@@ -191,13 +194,20 @@ impl Metrics {
         self.evictions.inc();
     }
 
+    /// A request the backend answered late (or not at all): counted and timed.
     pub(crate) fn backend(&self, outcome: BackendOutcome, took: Duration) {
         self.backend[outcome as usize].inc();
         self.backend_latency.observe(took.as_secs_f64());
     }
 
+    /// A request whose backend panicked at once: counted, not timed. (Answers ready at
+    /// once are counted by their session: `Mailbox::answered_ok`.)
+    pub(crate) fn backend_panicked_at_once(&self) {
+        self.backend[BackendOutcome::Panic as usize].inc();
+    }
+
     /// A session ended with these totals (frames in, out, bytes in, out).
-    pub(crate) fn session_ended(&self, totals: [u64; 4]) {
+    pub(crate) fn session_ended(&self, totals: [u64; TOTALS]) {
         for (sum, n) in self.ended.iter().zip(totals) {
             sum.fetch_add(n, Ordering::Relaxed);
         }
@@ -209,14 +219,18 @@ impl Metrics {
         self.unauthenticated.set(state.admission.len() as i64);
         // Ended sessions are added after they leave the registry: a sum taken between the
         // two is low, never high, and the counters only move up.
-        let mut now: [u64; 4] = std::array::from_fn(|i| self.ended[i].load(Ordering::Relaxed));
+        let mut now: [u64; TOTALS] = std::array::from_fn(|i| self.ended[i].load(Ordering::Relaxed));
         for live in state.registry.totals() {
             for (sum, n) in now.iter_mut().zip(live) {
                 *sum += n;
             }
         }
         let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-        for ((counter, last), n) in self.traffic.iter().zip(reported.iter_mut()).zip(now) {
+        let counters = self.traffic.iter().chain([
+            &self.backend[BackendOutcome::Ok as usize],
+            &self.backend[BackendOutcome::Error as usize],
+        ]);
+        for ((counter, last), n) in counters.zip(reported.iter_mut()).zip(now) {
             if n > *last {
                 counter.inc_by(n - *last);
                 *last = n;

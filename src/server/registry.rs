@@ -62,6 +62,9 @@ impl crate::backend::Devices for Sessions {
     }
 }
 
+/// How many counters [`Mailbox::totals`] gives.
+pub const TOTALS: usize = 6;
+
 /// What the registry (and `tallyd send`, backends, revocation) can ask of one live
 /// session, and its counters: one allocation of about 200 bytes per session, shared by
 /// its registry entry and its task. (The tokio mpsc and watch channels it replaces cost
@@ -87,6 +90,12 @@ pub struct Mailbox {
     pub bytes_in: AtomicU64,
     /// Bytes sent to the device.
     pub bytes_out: AtomicU64,
+    /// REQUESTs the backend answered at once (ready when polled first), with OK and with
+    /// another status: counted here, by the session alone, and summed at scrape, so that
+    /// the request path touches no shared counter and reads no clock (`metrics`).
+    pub answered_ok: AtomicU64,
+    /// See `answered_ok`.
+    pub answered_error: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +126,8 @@ impl Default for Mailbox {
             frames_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            answered_ok: AtomicU64::new(0),
+            answered_error: AtomicU64::new(0),
         }
     }
 }
@@ -142,13 +153,16 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Frames in, out, bytes in, out, so far.
-    pub fn totals(&self) -> [u64; 4] {
+    /// Frames in, out, bytes in, out, and requests answered at once with OK and not,
+    /// so far.
+    pub fn totals(&self) -> [u64; TOTALS] {
         [
             &self.frames_in,
             &self.frames_out,
             &self.bytes_in,
             &self.bytes_out,
+            &self.answered_ok,
+            &self.answered_error,
         ]
         .map(|c| c.load(Ordering::Relaxed))
     }
@@ -428,7 +442,7 @@ impl Registry {
     }
 
     /// Each live session's [`Mailbox::totals`].
-    pub fn totals(&self) -> Vec<[u64; 4]> {
+    pub fn totals(&self) -> Vec<[u64; TOTALS]> {
         let live = self.lock();
         live.sessions.values().map(|e| e.mailbox.totals()).collect()
     }

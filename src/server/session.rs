@@ -241,21 +241,27 @@ impl ServerRole {
                     seq,
                     payload,
                 };
-                let started = Instant::now();
                 let mut fut = self.state.backend.request(req);
                 match poll_once(&mut fut) {
+                    // Answered at once: counted by this session alone (summed at scrape),
+                    // no clock read, no shared counter or histogram touched: on the echo
+                    // backend at 8 in flight those cost 11% of the CPU per request.
                     Poll::Ready(Ok(reply)) => {
-                        self.state
-                            .metrics
-                            .backend(outcome(&reply), started.elapsed());
+                        let m = &self.mailbox;
+                        let n = match outcome(&reply) {
+                            BackendOutcome::Ok => &m.answered_ok,
+                            _ => &m.answered_error,
+                        };
+                        // One writer (this session): no read-modify-write needed.
+                        n.store(n.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                         self.answer(seq, reply, conn, now)
                     }
                     Poll::Ready(Err(())) => {
-                        let took = started.elapsed();
-                        self.state.metrics.backend(BackendOutcome::Panic, took);
+                        self.state.metrics.backend_panicked_at_once();
                         self.answer(seq, panicked(seq), conn, now)
                     }
                     Poll::Pending => {
+                        let started = Instant::now();
                         let state = self.state.clone();
                         self.late(Box::pin(async move {
                             let (reply, how) = match tokio::time::timeout(
