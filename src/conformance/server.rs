@@ -120,13 +120,8 @@ pub fn run(t: &Target) -> Vec<Check> {
         "7.1",
         "the handshake completes and a REQUEST gets exactly one RESPONSE",
         {
-            session(t, &cred).and_then(|(mut conn, mut s, limits)| {
-                if limits.keepalive < Duration::from_millis(100) {
-                    return Err(format!(
-                        "keepalive {:?} below the range of 4.3",
-                        limits.keepalive
-                    ));
-                }
+            session(t, &cred).and_then(|(mut conn, mut s, _)| {
+                // (SERVER_AUTH's limits were checked against 4.3 by the decoder.)
                 conn.send(&seal(
                     &mut s,
                     &Body::Request {
