@@ -168,6 +168,14 @@ pub enum ControlError {
     /// No daemon listens on the socket.
     #[error("tallyd is not running (nothing listens on {0})")]
     NotRunning(PathBuf),
+    /// The process answering on the socket runs as a user this one must not trust.
+    #[error("the tallyd answering on {path} runs as uid {uid}, not as root, a system user or you: refusing to send it an admin command (is this the state directory you meant?)")]
+    Untrusted {
+        /// The socket.
+        path: PathBuf,
+        /// Its daemon's user.
+        uid: u32,
+    },
     /// The exchange failed.
     #[error("control socket {path}: {message}")]
     Failed {
@@ -460,6 +468,21 @@ pub fn call(state_dir: &Path, req: &ControlRequest) -> Result<ControlResponse, C
     };
     let mut stream = std::os::unix::net::UnixStream::connect(&path)
         .map_err(|_| ControlError::NotRunning(path.clone()))?;
+    // Who answers there: our own daemon, or, for root, root's or a system or systemd
+    // dynamic user's. Root must not hand its admin commands (a token it would print, a
+    // revocation it would believe done) to a daemon another user runs in a directory of
+    // theirs.
+    let daemon = rustix::net::sockopt::socket_peercred(&stream)
+        .map_err(|e| failed(format!("cannot read the daemon's credentials: {e}")))?
+        .uid
+        .as_raw();
+    let me = rustix::process::geteuid().as_raw();
+    if daemon != 0 && !crate::secrets::trusted_owner(daemon, me) {
+        return Err(ControlError::Untrusted {
+            path: path.clone(),
+            uid: daemon,
+        });
+    }
     // The daemon answers at once, except a REQUEST sent to a device: that waits for the
     // device up to its own timeout (the daemon's answer comes then, at the latest).
     let wait = match req {

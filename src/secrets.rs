@@ -118,7 +118,7 @@ pub struct RunningDaemons(pub Vec<(u32, Option<PathBuf>)>);
 /// `me`: our own, or, for root, a system or systemd dynamic user's. Any user can start
 /// a process named `tallyd` holding a file named `tallyd.lock`: root must not be sent
 /// to another user's directory (its control socket would answer root's admin commands).
-fn trusted_owner(uid: u32, me: u32) -> bool {
+pub(crate) fn trusted_owner(uid: u32, me: u32) -> bool {
     uid == me || (me == 0 && (uid < 1000 || (61184..=65519).contains(&uid)))
 }
 

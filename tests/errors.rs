@@ -309,3 +309,76 @@ fn an_admin_command_in_the_wrong_state_directory_names_the_running_daemons() {
     let (_, err) = run(TALLYD, &["identities"], cwd);
     assert!(!err.contains(&format!("pid {pid}")), "stopped: {err}");
 }
+
+/// Review finding (a local attack on root): another user runs a process answering on a
+/// `tallyd.sock` in a directory of theirs; root, sent there (by a hint, or by mistake),
+/// handed it its admin commands: a token it would print, a revocation it would believe
+/// done. Admin commands now check who answers (`SO_PEERCRED`) and refuse, sending
+/// nothing. Needs root (to act as the other user); skipped otherwise.
+#[test]
+fn root_does_not_send_admin_commands_to_another_users_daemon() {
+    // The other user needs a python3 it can run (not one under root's home).
+    let python = std::path::Path::new("/usr/bin/python3");
+    if !rustix::process::getuid().is_root() || !python.exists() {
+        eprintln!("skipped: needs root and /usr/bin/python3");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let state = dir.path().join("mallory-state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    rustix::fs::chown(
+        &state,
+        Some(rustix::process::Uid::from_raw(12345)),
+        Some(rustix::process::Gid::from_raw(12345)),
+    )
+    .unwrap();
+    // The impostor: answers every request with a token of its own, and records it.
+    let sock = state.join("tallyd.sock");
+    let got = state.join("received");
+    let script = format!(
+        r#"
+import os, socket
+s = socket.socket(socket.AF_UNIX); s.bind({sock:?}); os.chmod({sock:?}, 0o666); s.listen(1)
+c, _ = s.accept(); data = c.recv(65536)
+open({got:?}, "wb").write(data)
+c.sendall(b'{{"type":"Token","token":"tally1-open-{zeros}-{ones}"}}\n')
+"#,
+        sock = sock.display().to_string(),
+        got = got.display().to_string(),
+        zeros = "00".repeat(32),
+        ones = "11".repeat(32),
+    );
+    let mut impostor = Command::new("setpriv")
+        .args(["--reuid=12345", "--regid=12345", "--clear-groups"])
+        .arg(python)
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the impostor did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (code, err) = run(
+        TALLYD,
+        &["token", "--state-dir", state.to_str().unwrap()],
+        dir.path(),
+    );
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("runs as uid 12345"), "{err}");
+    assert!(
+        err.contains("refusing to send it an admin command"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&got).map_or(true, |d| d.is_empty()),
+        "nothing was sent to the impostor"
+    );
+}
