@@ -120,6 +120,21 @@ pub struct TallyEvent {
     pub payload_len: usize,
 }
 
+impl TallyEvent {
+    /// What `tally_client_poll_event` writes when there is no event.
+    fn none() -> Self {
+        TallyEvent {
+            kind: TallyEventKind::TALLY_EVENT_NONE,
+            seq: 0,
+            status: 0,
+            code: 0,
+            result: TALLY_OK,
+            payload: core::ptr::null(),
+            payload_len: 0,
+        }
+    }
+}
+
 /// How long the handshake may take before `TALLY_ERR_TIMEOUT`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -364,16 +379,39 @@ fn key_from(key: &[u8; 32]) -> SecretKey {
     })
 }
 
+/// The caller's `len` bytes at `data` (NULL allowed when `len` is 0); `None` for NULL
+/// with a length.
+unsafe fn slice_from<'a>(data: *const u8, len: usize) -> Option<&'a [u8]> {
+    match (len, data.is_null()) {
+        (0, _) => Some(&[]),
+        (_, true) => None,
+        _ => Some(core::slice::from_raw_parts(data, len)),
+    }
+}
+
 unsafe fn bytes_from(data: *const u8, len: usize) -> Option<Bytes> {
-    if len == 0 {
-        return Some(Bytes::new());
+    slice_from(data, len).map(|d| {
+        if d.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(d)
+        }
+    })
+}
+
+/// Copies up to `cap` bytes of `output` to `buf` and drops them from `output` (whose
+/// buffer is given back once drained); returns how many. NULL `buf`: 0.
+unsafe fn hand_out(output: &mut BytesMut, buf: *mut u8, cap: usize) -> usize {
+    if buf.is_null() {
+        return 0;
     }
-    if data.is_null() {
-        return None;
+    let n = output.len().min(cap);
+    core::ptr::copy_nonoverlapping(output.as_ptr(), buf, n);
+    let _ = output.split_to(n);
+    if output.is_empty() {
+        *output = BytesMut::new();
     }
-    Some(Bytes::copy_from_slice(core::slice::from_raw_parts(
-        data, len,
-    )))
+    n
 }
 
 /// Starts a session for identity `id` (a NUL-terminated string, spec 4.1) with its
@@ -430,16 +468,8 @@ pub unsafe extern "C" fn tally_client_receive(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    let Some(c) = client.as_mut() else {
+    let (Some(c), Some(data)) = (client.as_mut(), slice_from(data, len)) else {
         return TALLY_ERR_INVALID_ARGUMENT;
-    };
-    if data.is_null() && len > 0 {
-        return TALLY_ERR_INVALID_ARGUMENT;
-    }
-    let data = if len == 0 {
-        &[][..]
-    } else {
-        core::slice::from_raw_parts(data, len)
     };
     c.receive(data, ms(now_ms));
     TALLY_OK
@@ -469,20 +499,10 @@ pub unsafe extern "C" fn tally_client_transmit(
     cap: usize,
 ) -> usize {
     let Some(c) = client.as_mut() else { return 0 };
-    if buf.is_null() {
-        return 0;
-    }
     if let Phase::Open(conn) = &mut c.phase {
         pull(conn, &mut c.output);
     }
-    let n = c.output.len().min(cap);
-    core::ptr::copy_nonoverlapping(c.output.as_ptr(), buf, n);
-    let _ = c.output.split_to(n);
-    if c.output.is_empty() {
-        // Give back a large buffer once it is drained.
-        c.output = BytesMut::new();
-    }
-    n
+    hand_out(&mut c.output, buf, cap)
 }
 
 /// How many bytes are waiting to be sent.
@@ -507,15 +527,7 @@ pub unsafe extern "C" fn tally_client_poll_event(
         return 0;
     };
     let Some(e) = c.events.pop_front() else {
-        *out = TallyEvent {
-            kind: TallyEventKind::TALLY_EVENT_NONE,
-            seq: 0,
-            status: 0,
-            code: 0,
-            result: TALLY_OK,
-            payload: core::ptr::null(),
-            payload_len: 0,
-        };
+        *out = TallyEvent::none();
         return 0;
     };
     c.current = e.payload;
@@ -756,20 +768,14 @@ pub unsafe extern "C" fn tally_enroll_receive(
     data: *const u8,
     len: usize,
 ) -> TallyResult {
-    let Some(e) = enrollment.as_mut() else {
+    let (Some(e), Some(data)) = (enrollment.as_mut(), slice_from(data, len)) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    if data.is_null() && len > 0 {
-        return TALLY_ERR_INVALID_ARGUMENT;
-    }
     if matches!(e.phase, EnrollPhase::Done(_) | EnrollPhase::Failed(..)) {
         // Over: what follows cannot change the result (nor wipe the key).
         return TALLY_OK;
     }
-    if len > 0 {
-        e.input
-            .extend_from_slice(core::slice::from_raw_parts(data, len));
-    }
+    e.input.extend_from_slice(data);
     loop {
         let frame = match decode_frame(&mut e.input, HANDSHAKE_MAX_FRAME_LEN) {
             Ok(Some(f)) => f,
@@ -858,13 +864,7 @@ pub unsafe extern "C" fn tally_enroll_transmit(
     let Some(e) = enrollment.as_mut() else {
         return 0;
     };
-    if buf.is_null() {
-        return 0;
-    }
-    let n = e.output.len().min(cap);
-    core::ptr::copy_nonoverlapping(e.output.as_ptr(), buf, n);
-    let _ = e.output.split_to(n);
-    n
+    hand_out(&mut e.output, buf, cap)
 }
 
 /// Where the enrollment is: 1 still running (keep sending and receiving), `TALLY_OK`

@@ -52,15 +52,7 @@ fn take(c: *mut TallyClient) -> Vec<u8> {
 fn events(c: *mut TallyClient) -> Vec<(TallyEventKind, u64, u16, u16, TallyResult, Vec<u8>)> {
     let mut all = Vec::new();
     loop {
-        let mut e = TallyEvent {
-            kind: TallyEventKind::TALLY_EVENT_NONE,
-            seq: 0,
-            status: 0,
-            code: 0,
-            result: TALLY_OK,
-            payload: core::ptr::null(),
-            payload_len: 0,
-        };
+        let mut e = TallyEvent::none();
         if unsafe { tally_client_poll_event(c, &mut e) } == 0 {
             assert_eq!(e.kind, TallyEventKind::TALLY_EVENT_NONE);
             return all;
@@ -306,29 +298,9 @@ fn invalid_arguments_are_refused_not_crashed_on() {
 #[test]
 fn enrollment_through_the_c_api() {
     let _serial = serial();
-    let params = ServerParams {
-        static_secret: x25519_static(),
-        allow_open: true,
-    };
-    let ek = SecretKey::from_bytes([4; 32]);
-    let token = EnrollmentToken {
-        mode: EnrollMode::Open,
-        credential: ek.clone(),
-        server_static: params.static_public(),
-    };
-    let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
-    let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
-    assert!(!e.is_null());
+    let server = Enroller::new();
+    let (e, wait) = server.reply_to(&server.token());
     let mut buf = [0u8; 256];
-    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
-    let mut reply = BytesMut::new();
-    let wait =
-        ServerAwaitConfirm::handle_init(&params, &buf[..n], |_, _| ek.clone(), [6; 32], &mut reply)
-            .unwrap();
-    assert_eq!(
-        unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) },
-        TALLY_OK
-    );
     assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 1);
     let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
     let pending = wait.handle_confirm(&buf[..n]).unwrap();
@@ -353,15 +325,9 @@ fn enrollment_through_the_c_api() {
     // A token pinned to another server's key: the reply does not verify.
     let other = EnrollmentToken {
         server_static: [0x55; 32],
-        ..token
+        ..server.token()
     };
-    let text = std::ffi::CString::new(other.encode().as_str()).unwrap();
-    let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
-    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
-    let mut reply = BytesMut::new();
-    ServerAwaitConfirm::handle_init(&params, &buf[..n], |_, _| ek.clone(), [6; 32], &mut reply)
-        .unwrap();
-    unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) };
+    let (e, _) = server.reply_to(&other);
     assert_eq!(
         unsafe { tally_enroll_result(e, core::ptr::null_mut()) },
         TALLY_ERR_SERVER_NOT_AUTHENTIC as i32
@@ -374,8 +340,56 @@ fn enrollment_through_the_c_api() {
     unsafe { tally_enroll_free(e) };
 }
 
-fn x25519_static() -> x25519_dalek::StaticSecret {
-    x25519_dalek::StaticSecret::from([3; 32])
+/// The core's enrollment server, in memory, in open mode.
+struct Enroller {
+    params: ServerParams,
+    ek: SecretKey,
+}
+
+impl Enroller {
+    fn new() -> Self {
+        Enroller {
+            params: ServerParams {
+                static_secret: x25519_dalek::StaticSecret::from([3; 32]),
+                allow_open: true,
+            },
+            ek: SecretKey::from_bytes([4; 32]),
+        }
+    }
+
+    /// The open token for this server.
+    fn token(&self) -> EnrollmentToken {
+        EnrollmentToken {
+            mode: EnrollMode::Open,
+            credential: self.ek.clone(),
+            server_static: self.params.static_public(),
+        }
+    }
+
+    /// A C enrollment of `dev-9` with `token`, its ENROLL_INIT answered and the reply
+    /// handed to it.
+    fn reply_to(&self, token: &EnrollmentToken) -> (*mut TallyEnrollment, ServerAwaitConfirm) {
+        let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
+        let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+        assert!(!e.is_null());
+        let mut buf = [0u8; 256];
+        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+        let mut reply = BytesMut::new();
+        let ek = self.ek.clone();
+        let wait = ServerAwaitConfirm::handle_init(
+            &self.params,
+            &buf[..n],
+            |_, _| ek,
+            [6; 32],
+            &mut reply,
+        )
+        .unwrap();
+        assert_eq!(
+            unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) },
+            TALLY_OK
+        );
+        (e, wait)
+    }
 }
 
 /// The heap a session holds between calls, as `c/README.md` states it
@@ -479,31 +493,10 @@ fn a_refused_finish_and_an_oversized_payload_are_reported_as_such() {
 #[test]
 fn nothing_after_the_end_of_an_enrollment_changes_its_result() {
     let _serial = serial();
-    let params = ServerParams {
-        static_secret: x25519_static(),
-        allow_open: true,
-    };
-    let ek = SecretKey::from_bytes([4; 32]);
-    let token = EnrollmentToken {
-        mode: EnrollMode::Open,
-        credential: ek.clone(),
-        server_static: params.static_public(),
-    };
-    let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
+    let server = Enroller::new();
     let start = || {
-        let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+        let (e, wait) = server.reply_to(&server.token());
         let mut buf = [0u8; 256];
-        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
-        let mut reply = BytesMut::new();
-        let wait = ServerAwaitConfirm::handle_init(
-            &params,
-            &buf[..n],
-            |_, _| ek.clone(),
-            [6; 32],
-            &mut reply,
-        )
-        .unwrap();
-        unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) };
         let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
         (e, wait.handle_confirm(&buf[..n]).unwrap())
     };
