@@ -57,6 +57,13 @@ struct Ctx {
     recorded: std::cell::RefCell<Recorded>,
 }
 
+impl Ctx {
+    /// The payload of every forged answer: a client that prints it accepted one.
+    fn forged(&self) -> String {
+        format!("forged-{}", self.payload)
+    }
+}
+
 #[derive(Default)]
 struct Recorded {
     server_auth: Option<Vec<u8>>,
@@ -109,7 +116,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                 // server's proof takes whatever comes: a RESPONSE with any tag.
                 let went_on = matches!(c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD), Ok(Read2::Frame(_)));
                 if went_on && matches!(c.read(65536, HOLD), Ok(Read2::Frame(_))) {
-                    let payload = format!("forged-{}", x.payload);
+                    let payload = x.forged();
                     let mut f = ((1 + 8 + 10 + payload.len() + 32) as u32)
                         .to_be_bytes()
                         .to_vec();
@@ -154,16 +161,15 @@ pub fn run(t: &Target) -> Vec<Check> {
             "a RESPONSE with a bad tag is refused",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                let mut f = seal(&mut s, &forged_response(req, x));
-                let last = f.len() - 1;
-                f[last] ^= 1;
-                c.send(&f)?;
-                // 8.3: after a failure the client accepts nothing more, this neither.
-                let mut again = s;
-                again.set_counters_for_testing(1, 1);
-                answer(c, &mut again, req, x);
-                hold(c, x)
+                in_session(c, x, |c, mut s, req| {
+                    let mut f = seal(&mut s, &forged_response(req, x));
+                    let last = f.len() - 1;
+                    f[last] ^= 1;
+                    c.send(&f)?;
+                    // The honest answer where a client that dropped the bad frame expects it.
+                    s.set_counters_for_testing(1, 1);
+                    Ok(s)
+                })
             },
         ),
         (
@@ -171,12 +177,12 @@ pub fn run(t: &Target) -> Vec<Check> {
             "a duplicated sequence number is refused",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                c.send(&seal(&mut s, &Body::Ping))?;
-                let fields = response_fields(req, 0, format!("forged-{}", x.payload).as_bytes());
-                c.send(&forge(&s, FrameType::Response as u8, 1, &fields))?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
+                in_session(c, x, |c, mut s, req| {
+                    c.send(&seal(&mut s, &Body::Ping))?;
+                    let fields = response_fields(req, 0, x.forged().as_bytes());
+                    c.send(&forge(&s, FrameType::Response as u8, 1, &fields))?;
+                    Ok(s)
+                })
             },
         ),
         (
@@ -184,11 +190,11 @@ pub fn run(t: &Target) -> Vec<Check> {
             "a gap in sequence numbers is refused",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                let fields = response_fields(req, 0, format!("forged-{}", x.payload).as_bytes());
-                c.send(&forge(&s, FrameType::Response as u8, 2, &fields))?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
+                in_session(c, x, |c, s, req| {
+                    let fields = response_fields(req, 0, x.forged().as_bytes());
+                    c.send(&forge(&s, FrameType::Response as u8, 2, &fields))?;
+                    Ok(s)
+                })
             },
         ),
         (
@@ -196,15 +202,10 @@ pub fn run(t: &Target) -> Vec<Check> {
             "a RESPONSE to a request never sent (unsolicited) is refused",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                let body = Body::Response {
-                    req_seq: req + 6,
-                    status: Status::OK,
-                    payload: Bytes::from(format!("forged-{}", x.payload)),
-                };
-                c.send(&seal(&mut s, &body))?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
+                in_session(c, x, |c, mut s, req| {
+                    c.send(&seal(&mut s, &forged_response(req + 6, x)))?;
+                    Ok(s)
+                })
             },
         ),
         (
@@ -212,16 +213,11 @@ pub fn run(t: &Target) -> Vec<Check> {
             "a RESPONSE replayed from an earlier session is refused",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                let old = x
-                    .recorded
-                    .borrow()
-                    .response
-                    .clone()
-                    .ok_or("no recorded RESPONSE")?;
-                c.send(&old)?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
+                in_session(c, x, |c, s, _| {
+                    let old = x.recorded.borrow().response.clone();
+                    c.send(&old.ok_or("no recorded RESPONSE")?)?;
+                    Ok(s)
+                })
             },
         ),
         (
@@ -229,12 +225,12 @@ pub fn run(t: &Target) -> Vec<Check> {
             "an ERROR injected after a session frame ends the session (truncated)",
             false,
             &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                // A frame the client accepts first: then an ERROR is a cut, not a refusal.
-                c.send(&seal(&mut s, &Body::Ping))?;
-                c.send(&ErrorFrame::new(ErrorCode::INTERNAL).encoded())?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
+                in_session(c, x, |c, mut s, _| {
+                    // A frame the client accepts first: then an ERROR is a cut, not a refusal.
+                    c.send(&seal(&mut s, &Body::Ping))?;
+                    c.send(&ErrorFrame::new(ErrorCode::INTERNAL).encoded())?;
+                    Ok(s)
+                })
             },
         ),
         (
@@ -260,7 +256,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                 // A whole, validly tagged RESPONSE one byte over the limit: a client that
                 // does not check the length reads and accepts it.
                 let overhead = 1 + 8 + 8 + 2 + crate::proto::TAG_LEN as u32;
-                let mut payload = format!("forged-{}", x.payload).into_bytes();
+                let mut payload = x.forged().into_bytes();
                 payload.resize((limit + 1 - overhead) as usize, b'.');
                 let fields = response_fields(req, 0, &payload);
                 let _ = c.send(&forge(&s, FrameType::Response as u8, 1, &fields));
@@ -516,8 +512,22 @@ fn forged_response(req_seq: u64, x: &Ctx) -> Body {
     Body::Response {
         req_seq,
         status: Status::OK,
-        payload: Bytes::from(format!("forged-{}", x.payload)),
+        payload: Bytes::from(x.forged()),
     }
+}
+
+/// An honest session up to the client's REQUEST; then `violate` sends what breaks the
+/// rule and returns the session to seal the honest answer with, which follows (a client
+/// that kept the session despite the violation prints it); then a moment's wait.
+fn in_session(
+    c: &mut Conn,
+    x: &Ctx,
+    violate: impl FnOnce(&mut Conn, Session, u64) -> Result<Session, String>,
+) -> Result<(), String> {
+    let (s, req) = established(c, x)?;
+    let mut s = violate(c, s, req)?;
+    answer(c, &mut s, req, x);
+    hold(c, x)
 }
 
 /// How long a misbehaving server waits for what a lax client would send.
