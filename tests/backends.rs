@@ -404,7 +404,6 @@ async fn backend_failures_become_error_statuses_and_sessions_go_on() {
 async fn cli_listen_exec_answers_tallyd_send() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let state_arg = state.to_str().unwrap().to_owned();
     let (daemon, _) = common::bin::start(&state, true);
     let token = tally::admin::open_token(&state, None, false).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -436,13 +435,7 @@ async fn cli_listen_exec_answers_tallyd_send() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
     assert!(line.contains("connected as cli-dev"), "{line}");
-    let tallyd = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(args)
-            .args(["--state-dir", &state_arg])
-            .output()
-            .unwrap()
-    };
+    let tallyd = |args: &[&str]| common::bin::admin(&state, args);
     let sent = tallyd(&["send", "cli-dev", "--request", "hello device"]);
     assert!(
         sent.status.success(),

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::bin::{admin, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -47,10 +49,6 @@ fn run(cmd: &Path, args: &[&str], cwd: &Path, stdin: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 #[test]
 fn the_c_examples_enroll_and_request_against_tallyd() {
     let (Some(enroll), Some(request)) = (example("enroll"), example("request")) else {
@@ -61,12 +59,7 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
     let state = cwd.join("state");
     let (daemon, _) = common::bin::start(&state, true);
     let tallyd = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap();
+        let out = admin(&state, args);
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout)
     };

@@ -4,14 +4,12 @@
 
 mod common;
 
+use common::bin::{admin, text};
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn conformance(args: &[&str], token: Option<&str>) -> Output {
     let mut cmd = Command::new(TALLY);
@@ -63,31 +61,18 @@ fn server_checks(config: &str) {
         .arg("--state-dir")
         .arg(&state);
     let (daemon, _) = common::bin::start_cmd(cmd, true);
-    let token = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args(["token", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let token = text(&token.stdout);
+    let token = text(&admin(&state, &["token"]).stdout);
     let out = conformance(
         &["server", &daemon.addr, "--timeout", "5"],
         Some(token.trim()),
     );
     assert_all_passed(&out, 24);
     // The ids it enrolled are real ones in the store.
-    let ids = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args(["identities", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
+    let ids = admin(&state, &["identities"]);
     assert!(text(&ids.stdout).contains("conformance-"));
 
     // A per-identity token cannot drive the checks: said, and a failure.
-    let id_token = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args(["token", "--id", "x", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
+    let id_token = admin(&state, &["token", "--id", "x"]);
     let out = conformance(
         &["server", &daemon.addr],
         Some(text(&id_token.stdout).trim()),

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::bin::{admin, enroll, expect_line, listen, text};
 use common::TestServer;
 use tally::client::{ClientError, ClientOptions, Link, LinkEvent, Reconnect};
 use tally::proto::CloseCode;
@@ -189,52 +189,12 @@ fn tally_listen_survives_a_daemon_restart() {
     let (daemon, _) = common::bin::start(&state, true);
     let addr = daemon.addr.clone();
     let tallyd = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out = admin(&state, args);
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
     };
-    let (ok, token, err) = tallyd(&["token"]);
-    assert!(ok, "{err}");
-    let cred = dir.path().join("dev.cred");
-    let enrolled = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("TALLY_TOKEN", token.trim())
-        .args(["enroll", "--id", "dev", "--server", &addr, "--out"])
-        .arg(&cred)
-        .output()
-        .unwrap();
-    assert!(enrolled.status.success(), "{enrolled:?}");
-    let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["listen", "--echo", "--cred"])
-        .arg(&cred)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(listen.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let expect = |part: &str| -> String {
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(20))
-                .unwrap_or_else(|_| panic!("tally listen said no line with {part:?}"));
-            if line.contains(part) {
-                return line;
-            }
-        }
-    };
+    let cred = enroll(&daemon, &state, "dev", dir.path());
+    let (mut listen, lines) = listen(&["--echo"], &cred);
+    let expect = |part: &str| expect_line(&lines, part);
     expect("connected as dev");
     let (ok, answer, err) = tallyd(&["send", "dev", "--request", "first"]);
     assert!(ok && answer == "first", "{answer:?} {err}");
@@ -282,16 +242,8 @@ fn tally_listen_does_not_give_up_on_an_unauthenticated_refusal() {
     let path = dir.path().join("x.cred");
     std::fs::write(&path, cred.to_file().as_bytes()).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["listen", "--cred"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(listen.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let (mut listen, lines) = listen(&[], &path);
+    let line = expect_line(&lines, "");
     assert!(
         line.contains("cannot connect") && line.contains("did not authenticate"),
         "{line}"
@@ -321,55 +273,22 @@ fn tally_listen_answers_requests_concurrently() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (daemon, _) = common::bin::start(&state, true);
-    let tallyd = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-    };
-    let token = String::from_utf8(tallyd(&["token"]).stdout).unwrap();
-    let cred = dir.path().join("dev.cred");
-    let enrolled = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("TALLY_TOKEN", token.trim())
-        .args(["enroll", "--id", "dev", "--server", &daemon.addr, "--out"])
-        .arg(&cred)
-        .output()
-        .unwrap();
-    assert!(enrolled.status.success(), "{enrolled:?}");
+    let tallyd = |args: &[&str]| admin(&state, args);
+    let cred = enroll(&daemon, &state, "dev", dir.path());
     let (go, started) = (dir.path().join("go"), dir.path().join("started"));
     let handler = format!(
         "read p; if [ \"$p\" = slow ]; then touch {}; while [ ! -f {} ]; do sleep 0.05; done; fi; printf %s \"$p\"",
         started.display(),
         go.display()
     );
-    let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["listen", "--exec", &handler, "--cred"])
-        .arg(&cred)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(listen.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.contains("connected as dev"), "{line}");
+    let (mut listen, lines) = listen(&["--exec", &handler], &cred);
+    expect_line(&lines, "connected as dev");
     let state2 = state.clone();
     let slow = std::thread::spawn(move || {
-        Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args([
-                "send",
-                "dev",
-                "--request",
-                "--timeout",
-                "60",
-                "slow\n",
-                "--state-dir",
-            ])
-            .arg(&state2)
-            .output()
-            .unwrap()
+        admin(
+            &state2,
+            &["send", "dev", "--request", "--timeout", "60", "slow\n"],
+        )
     });
     // The slow one's handler runs, waiting for `go`; the fast one must not wait behind it.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

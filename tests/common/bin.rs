@@ -97,3 +97,78 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
         out,
     )
 }
+
+/// `tallyd ARGS --state-dir STATE` (an admin command), run to its end.
+#[allow(dead_code)]
+pub fn admin(state: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
+/// A command's output as text.
+#[allow(dead_code)]
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Enrolls `id` with the real binaries, as a user does: the open token from `tallyd
+/// token`, then `tally enroll` (the token in `$TALLY_TOKEN`). Returns the credential
+/// file, `ID.cred` in `dir`.
+#[allow(dead_code)]
+pub fn enroll(
+    daemon: &Daemon,
+    state: &std::path::Path,
+    id: &str,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let token = admin(state, &["token"]);
+    assert!(token.status.success(), "{}", text(&token.stderr));
+    let cred = dir.join(format!("{id}.cred"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_TOKEN", text(&token.stdout).trim())
+        .args(["enroll", "--id", id, "--server", &daemon.addr, "--out"])
+        .arg(&cred)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    cred
+}
+
+/// `tally listen ARGS --cred CRED`, its stdout discarded; its stderr, line by line.
+#[allow(dead_code)]
+pub fn listen(args: &[&str], cred: &std::path::Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("listen")
+        .args(args)
+        .arg("--cred")
+        .arg(cred)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// The next line of `lines` containing `part` (within 20 s); panics naming it.
+#[allow(dead_code)]
+pub fn expect_line(lines: &std::sync::mpsc::Receiver<String>, part: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line with {part:?}"));
+        if line.contains(part) {
+            return line;
+        }
+    }
+}
