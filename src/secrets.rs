@@ -148,6 +148,7 @@ impl std::fmt::Display for RunningDaemons {
 /// none.
 pub fn running_daemons() -> RunningDaemons {
     let me = std::process::id();
+    let my_uid = rustix::process::getuid().as_raw();
     let Ok(procs) = fs::read_dir("/proc") else {
         return RunningDaemons::default();
     };
@@ -161,7 +162,7 @@ pub fn running_daemons() -> RunningDaemons {
         .filter_map(|pid| {
             use std::os::unix::fs::MetadataExt;
             let uid = fs::metadata(format!("/proc/{pid}")).ok()?.uid();
-            if !trusted_owner(uid, rustix::process::getuid().as_raw()) {
+            if !trusted_owner(uid, my_uid) {
                 return Some((pid, None));
             }
             let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {

@@ -16,13 +16,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use super::registry::TOTALS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::registry::TOTALS;
 use super::ServerState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,7 +205,7 @@ impl Metrics {
         self.backend[BackendOutcome::Panic as usize].inc();
     }
 
-    /// A session ended with these totals (frames in, out, bytes in, out).
+    /// A session ended with these totals ([`Mailbox::totals`](super::registry::Mailbox::totals)).
     pub(crate) fn session_ended(&self, totals: [u64; TOTALS]) {
         for (sum, n) in self.ended.iter().zip(totals) {
             sum.fetch_add(n, Ordering::Relaxed);
