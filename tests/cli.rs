@@ -523,18 +523,10 @@ fn is_daemon_start(line: &str) -> bool {
         Some(i) => &words[i + 1..],
         None => &[][..],
     };
-    let admin = [
-        "init",
-        "token",
-        "tokens",
-        "identities",
-        "revoke",
-        "remove",
-        "status",
-        "sessions",
-        "send",
-    ];
-    !args.iter().any(|a| admin.contains(a))
+    // Any admin subcommand (everything but `serve`) makes it not the daemon.
+    !args
+        .iter()
+        .any(|a| *a != "serve" && common::bin::TALLYD_SUBCOMMANDS.contains(a))
 }
 
 /// Whether `got` is the line the README shows as `want`: the same words, where a date

@@ -4,27 +4,18 @@
 //! /etc/tally/tallyd.toml (`packaging/tallyd.toml`). `.ci/deb-check` builds, installs
 //! and checks the package itself.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::bin::TALLYD_SUBCOMMANDS;
 use tally::config::ServerConfig;
 
 const TALLYD: &str = env!("CARGO_BIN_EXE_tallyd");
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 
-const TALLYD_SUBCOMMANDS: &[&str] = &[
-    "serve",
-    "init",
-    "token",
-    "tokens",
-    "identities",
-    "revoke",
-    "remove",
-    "status",
-    "sessions",
-    "send",
-];
 const TALLY_SUBCOMMANDS: &[&str] = &[
     "enroll",
     "request",

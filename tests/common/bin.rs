@@ -4,6 +4,21 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Every subcommand of `tallyd`: `serve` (the daemon) and its admin commands.
+#[allow(dead_code)]
+pub const TALLYD_SUBCOMMANDS: &[&str] = &[
+    "serve",
+    "init",
+    "token",
+    "tokens",
+    "identities",
+    "revoke",
+    "remove",
+    "status",
+    "sessions",
+    "send",
+];
+
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
