@@ -610,7 +610,6 @@ struct Background(Vec<BackgroundProcess>);
 
 impl BackgroundProcess {
     fn spawn(line: &str, cwd: &std::path::Path, path: &str) -> BackgroundProcess {
-        use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut child = Command::new("bash")
             .args(["-c", &format!("exec {line}")])
@@ -623,17 +622,8 @@ impl BackgroundProcess {
             .process_group(0)
             .spawn()
             .unwrap();
-        let lines = |r: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-            rx
-        };
-        let stdout = lines(Box::new(child.stdout.take().unwrap()));
-        let stderr = lines(Box::new(child.stderr.take().unwrap()));
+        let stdout = common::bin::lines(child.stdout.take().unwrap());
+        let stderr = common::bin::lines(child.stderr.take().unwrap());
         BackgroundProcess {
             child,
             line: line.to_owned(),

@@ -69,13 +69,7 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines(child.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut startup_log = Vec::new();
     let addr = loop {
@@ -111,6 +105,17 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
         },
         out,
     )
+}
+
+/// The lines `r` gives (a child's stdout or stderr), read on a thread of their own.
+pub fn lines(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }
 
 /// `tallyd ARGS --state-dir STATE` (an admin command), run to its end.
@@ -165,13 +170,7 @@ pub fn listen(args: &[&str], cred: &std::path::Path) -> (Child, std::sync::mpsc:
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines(child.stderr.take().unwrap());
     (child, rx)
 }
 
