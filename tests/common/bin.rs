@@ -158,9 +158,35 @@ pub fn enroll(
     cred
 }
 
+/// A child process killed when dropped: a test that fails leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `tally listen ARGS --cred CRED`, its stdout discarded; its stderr, line by line.
 #[allow(dead_code)]
-pub fn listen(args: &[&str], cred: &std::path::Path) -> (Child, std::sync::mpsc::Receiver<String>) {
+pub fn listen(
+    args: &[&str],
+    cred: &std::path::Path,
+) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .arg("listen")
         .args(args)
@@ -171,7 +197,7 @@ pub fn listen(args: &[&str], cred: &std::path::Path) -> (Child, std::sync::mpsc:
         .spawn()
         .unwrap();
     let rx = lines(child.stderr.take().unwrap());
-    (child, rx)
+    (KillOnDrop(child), rx)
 }
 
 /// The next line of `lines` containing `part` (within 20 s); panics naming it.
