@@ -48,15 +48,20 @@ fn secrets(state_dir: &Path, creds: Option<&Path>) -> Result<ServerSecrets, Admi
     Ok(ServerSecrets::load(state_dir, creds, false)?)
 }
 
-/// Creates the state directory, keys and store if missing. Returns whether keys were created.
-pub fn init(state_dir: &Path, creds: Option<&Path>) -> Result<bool, AdminError> {
+/// Creates the state directory, keys and store (at `store`) if missing. Returns whether
+/// keys were created.
+pub fn init(
+    state_dir: &Path,
+    creds: Option<&Path>,
+    store: &crate::store::Location,
+) -> Result<bool, AdminError> {
     // A daemon that runs has its keys (perhaps from systemd credentials, out of this
     // shell's sight): keys made here would be others, and tokens made with them refused.
     if crate::secrets::state_dir_in_use(state_dir) {
         return Err(AdminError::Running(state_dir.to_owned()));
     }
     let s = ServerSecrets::load(state_dir, creds, true)?;
-    Store::open(&state_dir.join(DB_FILE), s.store_key.clone())?;
+    Store::open_at(store, s.store_key.clone())?;
     Ok(s.created)
 }
 
@@ -432,18 +437,33 @@ pub fn sessions(state_dir: &Path, format: Format) -> Result<String, AdminError> 
         return Ok(to_json(&sessions));
     }
     let mut out = String::new();
-    let _ = writeln!(
+    // In a fleet, the node holding each session; frames are counted by that node (shown
+    // for this one's sessions only).
+    let fleet = sessions.iter().any(|s| s.node.is_some());
+    let _ = write!(
         out,
         "{:<24} {:<22} {:<20} {:>10} {:>10}",
         "ID", "PEER", "SINCE", "FRAMES IN", "FRAMES OUT"
     );
+    out.push_str(if fleet { "  NODE\n" } else { "\n" });
     for s in sessions {
         let since = time(Some(s.since as i64));
-        let _ = writeln!(
+        let (fin, fout) = if s.elsewhere {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (s.frames_in.to_string(), s.frames_out.to_string())
+        };
+        let _ = write!(
             out,
             "{:<24} {:<22} {:<20} {:>10} {:>10}",
-            s.id, s.peer, since, s.frames_in, s.frames_out
+            s.id, s.peer, since, fin, fout
         );
+        match &s.node {
+            Some(node) => {
+                let _ = writeln!(out, "  {node}");
+            }
+            None => out.push('\n'),
+        }
     }
     Ok(out)
 }
@@ -616,8 +636,9 @@ mod tests {
     #[test]
     fn tokens_from_the_state_directory() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(init(dir.path(), None).unwrap());
-        assert!(!init(dir.path(), None).unwrap());
+        let store = crate::store::Location::Sqlite(dir.path().join(DB_FILE));
+        assert!(init(dir.path(), None, &store).unwrap());
+        assert!(!init(dir.path(), None, &store).unwrap());
         let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
         let day = Duration::from_secs(86_400);
         let per = issue_token(dir.path(), None, "dev-1", day).unwrap();

@@ -310,6 +310,10 @@ pub struct ServerConfig {
     pub log_format: crate::logging::LogFormat,
     /// Where to serve `GET /metrics` (Prometheus / OpenMetrics text); off if unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the identities are kept: unset for SQLite in the state directory (one
+    /// daemon), a `postgres://` URL for a database shared by several daemons (a fleet,
+    /// docs/CLUSTER.md).
+    pub store: Option<String>,
     /// Limits.
     pub limits: Limits,
 }
@@ -340,6 +344,7 @@ impl Default for ServerConfig {
             log_level: "info".into(),
             log_format: crate::logging::LogFormat::Text,
             metrics_listen: None,
+            store: None,
             limits: Limits::default(),
         }
     }
@@ -377,7 +382,18 @@ impl ServerConfig {
             field: "log_level",
             reason,
         })?;
+        self.store_location()?;
         self.limits.validate()
+    }
+
+    /// Where the identities are kept ([`ServerConfig::store`]).
+    pub fn store_location(&self) -> Result<crate::store::Location, ConfigError> {
+        crate::store::Location::from_setting(self.store.as_deref(), &self.state_dir).map_err(|e| {
+            ConfigError::Invalid {
+                field: "store",
+                reason: e.to_string(),
+            }
+        })
     }
 }
 

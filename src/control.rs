@@ -337,8 +337,16 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
         ControlRequest::Status => ControlResponse::Status {
             metrics: state.metrics.encode(state),
         },
-        ControlRequest::Sessions => ControlResponse::Sessions {
-            sessions: state.registry.list(),
+        ControlRequest::Sessions => match &state.fleet {
+            None => ControlResponse::Sessions {
+                sessions: state.registry.list(),
+            },
+            Some(fleet) => match fleet.sessions().await {
+                Ok(sessions) => ControlResponse::Sessions { sessions },
+                Err(e) => ControlResponse::Error {
+                    message: e.to_string(),
+                },
+            },
         },
         ControlRequest::Close { id, code } => match Id::new(&id) {
             Ok(id) => {
@@ -417,6 +425,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
             }
         }
     };
+    // In a fleet the session may be on another node: it is closed there when that node
+    // hears of the change (`tally_identity`), within a second.
+    let live_elsewhere = match &state.fleet {
+        Some(fleet) => fleet.is_live(&id).await.unwrap_or(false),
+        None => false,
+    };
     let store = state.store.clone();
     let name = id.to_string();
     let done = tokio::task::spawn_blocking(move || {
@@ -444,7 +458,7 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
     } else {
         CloseCode::REMOVED
     };
-    let was_live = state.registry.invalidate(&id, code, reason);
+    let was_live = state.registry.invalidate(&id, code, reason) || live_elsewhere;
     info!(id = %id, was_live, "{reason} on the control socket");
     if revoke {
         ControlResponse::Revoked {

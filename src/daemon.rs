@@ -40,6 +40,9 @@ pub async fn serve(
             listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?
         }
     };
+    if let Some(fleet) = &state.fleet {
+        fleet.advertise(listener.local_addr()?).await;
+    }
     let control_listener = control::bind(&config.state_dir).context("control socket")?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(

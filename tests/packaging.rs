@@ -379,6 +379,7 @@ fn the_packaged_configuration_is_the_defaults_with_open_enrollment_off() {
     // (but for metrics_listen, off by default, where the example address turns it on)
     let mut expected = production_defaults();
     expected.metrics_listen = Some("127.0.0.1:9420".parse().unwrap());
+    expected.store = Some("postgres://tally@db.example/tally".into());
     assert_eq!(parsed(&uncommented), expected);
 
     // And it has every key the README's "Configuration" lists, with the same default.

@@ -108,6 +108,10 @@ pub enum SendError {
     /// The device did not answer in time.
     #[error("the device did not answer within {0:?}")]
     Timeout(Duration),
+    /// In a fleet: the node holding the session could not send it, or could not be
+    /// reached.
+    #[error("the node holding the session: {0}")]
+    Elsewhere(String),
 }
 
 /// Server-initiated traffic: the daemon's live sessions, as a backend sees them.

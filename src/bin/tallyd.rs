@@ -261,9 +261,23 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
     let config = load_config(global, &ServeArgs::default())?;
     let dir = &config.state_dir;
     let creds = global.credentials_dir.clone();
+    let store = config.store_location()?;
+    // The admin commands that work without a daemon open the SQLite file of the state
+    // directory; a fleet's identities are changed through one of its daemons, which
+    // tells the others.
+    let offline = !matches!(
+        command,
+        Command::Init | Command::Sessions { .. } | Command::Status { .. } | Command::Send { .. }
+    );
+    if store.is_shared() && offline && !tally::secrets::state_dir_in_use(dir) {
+        anyhow::bail!(
+            "store = {store} is a fleet's database: admin commands go through a running tallyd of the fleet, and none runs with state directory {}. Start one (`tallyd --config ...`), or give the --state-dir (or --config) of one that runs",
+            dir.display()
+        );
+    }
     match command {
         Command::Init => {
-            let created = admin::init(dir, creds.as_deref())?;
+            let created = admin::init(dir, creds.as_deref(), &store)?;
             let what = if created {
                 "initialised"
             } else {

@@ -25,6 +25,7 @@ use crate::proto::frame::{EnrollInit, EnrollMode, ErrorFrame, FrameType};
 use crate::proto::handshake::{Established, HelloReceived, ServerLimits};
 use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 use crate::secrets::random_bytes;
+use crate::server::fleet::ClaimError;
 use crate::store::{now, NoCredential, StoreError};
 use crate::wire::{read_frame, ReadError};
 
@@ -487,15 +488,32 @@ async fn start_session(
     } = est;
     // Authenticated (CLIENT_FINISH verified): from here on every line names it.
     tracing::Span::current().record("id", tracing::field::display(&id));
+    let mut stream = stream;
+    // In a fleet, the identity is claimed across the nodes first (spec 7.3 fleet-wide).
+    let epoch = match &state.fleet {
+        None => 0,
+        Some(fleet) => match fleet.claim(&id, stream.peer, state.takeover).await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                let code = match e {
+                    ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
+                    ClaimError::Unavailable(_) => ErrorCode::BUSY,
+                };
+                warn!("refused: {e}");
+                answer_refused(&mut stream, code).await;
+                return None;
+            }
+        },
+    };
     let conn = state.registry.next_conn();
     let mailbox = Arc::new(Mailbox::default());
     let entry = Entry {
         conn,
+        epoch,
         peer: stream.peer,
         since: SystemTime::now(),
         mailbox: mailbox.clone(),
     };
-    let mut stream = stream;
     let registration =
         match state
             .registry
@@ -509,11 +527,10 @@ async fn start_session(
                     RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
                 };
                 warn!("refused: {e}");
-                let mut out = BytesMut::new();
-                ErrorFrame::new(code).encode(&mut out);
-                if stream.write(&out).await.is_ok() {
-                    stream.linger(Duration::from_secs(1)).await;
+                if let Some(fleet) = &state.fleet {
+                    fleet.release(&id, epoch);
                 }
+                answer_refused(&mut stream, code).await;
                 return None;
             }
         };
@@ -532,6 +549,15 @@ async fn start_session(
         registration,
         shutdown,
     )))
+}
+
+/// Answers an authenticated connection that gets no session with ERROR `code`.
+async fn answer_refused(stream: &mut Stream, code: ErrorCode) {
+    let mut out = BytesMut::new();
+    ErrorFrame::new(code).encode(&mut out);
+    if stream.write(&out).await.is_ok() {
+        stream.linger(Duration::from_secs(1)).await;
+    }
 }
 
 impl From<FrameError> for Refusal {

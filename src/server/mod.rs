@@ -8,6 +8,7 @@
 
 pub(crate) mod admission;
 mod conn;
+pub mod fleet;
 #[doc(hidden)]
 pub mod metrics;
 pub mod registry;
@@ -29,7 +30,7 @@ use crate::backend::Backend;
 use crate::config::{Limits, ServerConfig, TakeoverPolicy};
 use crate::proto::enroll::ServerParams;
 use crate::secrets::{SecretsError, ServerSecrets};
-use crate::store::{Store, StoreError, DB_FILE};
+use crate::store::{Store, StoreError};
 pub use registry::Registry;
 
 /// The daemon could not start.
@@ -59,6 +60,8 @@ pub struct ServerState {
     pub store: Arc<Store>,
     /// Live sessions.
     pub registry: Arc<Registry>,
+    /// The fleet this daemon is a node of, with a shared PostgreSQL store.
+    pub fleet: Option<Arc<fleet::Fleet>>,
     /// Who answers requests.
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
@@ -109,14 +112,29 @@ impl ServerState {
         // Before the store and its key index: from here on, identities change only
         // through this daemon (admin commands go through its control socket).
         let lock = crate::secrets::lock_state_dir(&config.state_dir)?;
-        let store = Store::open(&config.state_dir.join(DB_FILE), secrets.store_key.clone())?;
-        // Handshakes look keys up in memory (`Store::cached_key`), never on a blocking pool.
-        let keys = store.load_key_index()?;
-        tracing::debug!(keys, "identity keys indexed");
+        let location = config.store_location()?;
+        let store = Arc::new(Store::open_at(&location, secrets.store_key.clone())?);
         let registry = Arc::new(Registry::default());
         registry.set_handshake_deadline(config.limits.handshake_timeout);
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
+        // A shared store: this daemon is a node of a fleet. It listens for the others'
+        // changes before it loads the key index, so that it misses none.
+        let fleet = if location.is_shared() {
+            let (fleet, tasks) =
+                fleet::Fleet::join(store.clone(), registry.clone(), config.listen)?;
+            Some((fleet, tasks))
+        } else {
+            None
+        };
+        // Handshakes look keys up in memory (`Store::cached_key`), never on a blocking pool.
+        let keys = store.load_key_index()?;
+        tracing::debug!(keys, "identity keys indexed");
+        let fleet = fleet.map(|(fleet, tasks)| {
+            // Stopped once the sessions drained (`run`), with the daemon's other tasks.
+            tasks.run(stop.clone());
+            fleet
+        });
         // The backend may send to devices (server-initiated traffic) through the registry.
         backend.attach(crate::backend::Attachment {
             devices: Arc::new(registry::Sessions(registry.clone())),
@@ -126,8 +144,9 @@ impl ServerState {
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
             params: secrets.enroll_params(config.open_enrollment),
-            store: Arc::new(store),
+            store,
             registry,
+            fleet,
             backend,
             takeover: config.takeover,
             metrics: metrics::Metrics::default(),
@@ -353,6 +372,9 @@ pub async fn run(
     let _ = flusher.await;
     let _ = reaper.await;
     state.flush_seen().await;
+    if let Some(fleet) = &state.fleet {
+        fleet.leave().await;
+    }
     // Only now: the backend served the sessions' last requests.
     state.stop.cancel();
     state.tasks.close();

@@ -215,6 +215,8 @@ impl Mailbox {
 pub struct Entry {
     /// Unique number of the connection.
     pub conn: u64,
+    /// The epoch of its fleet-wide claim (0 without a fleet).
+    pub epoch: u64,
     /// The device's address.
     pub peer: SocketAddr,
     /// When the session was established.
@@ -236,6 +238,28 @@ pub struct SessionInfo {
     pub frames_in: u64,
     /// Frames sent.
     pub frames_out: u64,
+    /// In a fleet: the listening address of the node holding the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// In a fleet: held by another node (whose frame counts this one does not know).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub elsewhere: bool,
+}
+
+/// What the registry asks of the fleet, when the daemons share a PostgreSQL store
+/// (`crate::server::fleet`): the claim of a session that ended is released, and a send
+/// to a device without a session here goes to the node holding it.
+pub trait Fleetwide: Send + Sync {
+    /// `id`'s session with claim `epoch` ended.
+    fn released(&self, id: &Id, epoch: u64);
+    /// Sends to `id`, whose session is not on this node.
+    fn send_elsewhere(
+        &self,
+        id: Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> crate::backend::BoxFuture<Result<Option<Reply>, SendError>>;
 }
 
 /// Why a session that completed its handshake was not registered.
@@ -274,11 +298,22 @@ impl Live {
 }
 
 /// All live sessions.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     live: Mutex<Live>,
     takeovers: Mutex<HashMap<Id, VecDeque<Instant>>>,
     next_conn: AtomicU64,
+    /// The fleet, if this daemon is one of several.
+    fleet: std::sync::OnceLock<Arc<dyn Fleetwide>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("live", &self.len())
+            .field("fleet", &self.fleet.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A registered session: dropping it removes the session from the registry (if it is
@@ -288,6 +323,7 @@ pub struct Registration {
     registry: Arc<Registry>,
     id: Id,
     conn: u64,
+    epoch: u64,
 }
 
 impl Drop for Registration {
@@ -299,11 +335,27 @@ impl Drop for Registration {
             .is_some_and(|e| e.conn == self.conn)
         {
             live.sessions.remove(&self.id);
+            drop(live);
+            if let Some(fleet) = self.registry.fleet.get() {
+                fleet.released(&self.id, self.epoch);
+            }
         }
     }
 }
 
 impl Registry {
+    /// Makes this registry one node's of a fleet: ended sessions release their claims,
+    /// sends reach other nodes, and takeovers are counted by the fleet's claims (the
+    /// registry no longer counts its own).
+    pub fn join_fleet(&self, fleet: Arc<dyn Fleetwide>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Whether this daemon is one of a fleet.
+    pub fn in_fleet(&self) -> bool {
+        self.fleet.get().is_some()
+    }
+
     /// A number for a new connection.
     pub fn next_conn(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
@@ -333,7 +385,7 @@ impl Registry {
         policy: TakeoverPolicy,
         key_lookup: Instant,
     ) -> Result<Registration, RegisterError> {
-        let conn = entry.conn;
+        let (conn, epoch) = (entry.conn, entry.epoch);
         let mut live = self.lock();
         let ttl = live.tombstone_ttl;
         live.tombstones.retain(|_, at| at.elapsed() < ttl);
@@ -348,13 +400,16 @@ impl Registry {
                 CloseCode::TAKEN_OVER,
                 "a newer session of this identity took over",
             );
-            self.note_takeover(id, old.peer, entry.peer);
+            if !self.in_fleet() {
+                self.note_takeover(id, old.peer, entry.peer);
+            }
         }
         live.sessions.insert(id.clone(), entry);
         Ok(Registration {
             registry: self.clone(),
             id: id.clone(),
             conn,
+            epoch,
         })
     }
 
@@ -365,6 +420,42 @@ impl Registry {
         let mut live = self.lock();
         live.tombstones.insert(id.clone(), Instant::now());
         live.ask_close(id, code, reason)
+    }
+
+    /// Asks `id`'s live session to close if its claim has `epoch` (another node took
+    /// the identity over from that claim; a newer session here is left alone).
+    pub fn close_epoch(&self, id: &Id, epoch: u64, code: CloseCode, reason: &'static str) -> bool {
+        let live = self.lock();
+        match live.sessions.get(id) {
+            Some(e) if e.epoch == epoch => {
+                e.mailbox.ask_close(code, reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks every live session to close (a node of a fleet that lost its claims).
+    pub fn close_all(&self, code: CloseCode, reason: &'static str) -> usize {
+        let live = self.lock();
+        for e in live.sessions.values() {
+            e.mailbox.ask_close(code, reason);
+        }
+        live.sessions.len()
+    }
+
+    /// Every live session's identity and claim epoch.
+    pub fn epochs(&self) -> Vec<(Id, u64)> {
+        let live = self.lock();
+        live.sessions
+            .iter()
+            .map(|(id, e)| (id.clone(), e.epoch))
+            .collect()
+    }
+
+    /// Whether `id` has a live session here.
+    pub fn is_live(&self, id: &Id) -> bool {
+        self.lock().sessions.contains_key(id)
     }
 
     /// Logs identities that keep taking each other over: two devices sharing one id.
@@ -404,8 +495,26 @@ impl Registry {
     }
 
     /// Sends a REQUEST (returning the device's answer) or a MESSAGE (returning `None`
-    /// once written) to `id`'s live session.
+    /// once written) to `id`'s live session: here, or in a fleet on the node holding it.
     pub async fn send(
+        &self,
+        id: &Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, SendError> {
+        match (self.mailbox(id), self.fleet.get()) {
+            (None, Some(fleet)) => {
+                fleet
+                    .send_elsewhere(id.clone(), kind, payload, timeout)
+                    .await
+            }
+            _ => self.send_here(id, kind, payload, timeout).await,
+        }
+    }
+
+    /// [`Registry::send`] to a session of this daemon only.
+    pub async fn send_here(
         &self,
         id: &Id,
         kind: SendKind,
@@ -472,6 +581,8 @@ impl Registry {
                     .map_or(0, |d| d.as_secs()),
                 frames_in: e.mailbox.frames_in.load(Ordering::Relaxed),
                 frames_out: e.mailbox.frames_out.load(Ordering::Relaxed),
+                node: None,
+                elsewhere: false,
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod postgres;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

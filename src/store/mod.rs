@@ -1,4 +1,4 @@
-//! The identity store: SQLite (WAL, full durability, `secure_delete`), versioned schema.
+//! The identity store: identities, their keys, enrollment tokens and the open key.
 //!
 //! It holds every secret the server keeps besides its two key files: identity keys, the
 //! outstanding per-identity enrollment tokens and the open enrollment key. Each is sealed
@@ -7,71 +7,45 @@
 //! associated data: a copy of the database alone reveals no secret, a sealed value cannot
 //! be moved to another row, and two enrollments of one id share nothing.
 //!
-//! Every enrollment gets a *generation*, a number never used before in this database
-//! (`AUTOINCREMENT`): it names one key of one id, so a session can be tied to the key it
-//! was made with (spec 7.3, removal during a handshake).
+//! Every enrollment gets a *generation*, a number never used before in this database:
+//! it names one key of one id, so a session can be tied to the key it was made with
+//! (spec 7.3, removal during a handshake).
 //!
-//! Deleted and overwritten secrets are zeroed in the file (`secure_delete`), and the WAL
-//! is checkpointed and truncated after a revocation or removal, so the old page images
-//! do not linger there either.
+//! Two databases hold it, behind one interface ([`Engine`]): SQLite, the embedded
+//! default (one daemon, one file in its state directory, [`sqlite`]), and PostgreSQL, the
+//! shared store of several daemons serving one fleet (`store = "postgres://..."`,
+//! [`postgres`], docs/CLUSTER.md). Above the engine, and the same for both, [`Store`]
+//! seals and unseals, and keeps the in-memory index of sealed keys that handshakes read.
 //!
 //! Every method blocks; async callers run them on `spawn_blocking`, except
 //! [`Store::cached_key`] once [`Store::load_key_index`] has run (the daemon's handshake
-//! path). The database can be opened by the daemon and by admin commands at the same time.
+//! path).
+
+pub mod postgres;
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use zeroize::Zeroizing;
 
 use crate::proto::frame::{EnrollMode, Id};
 use crate::proto::schedule::scrubbed;
 use crate::proto::SecretKey;
 
-/// File name of the database in the state directory.
+/// File name of the SQLite database in the state directory.
 pub const DB_FILE: &str = "identities.db";
 
-/// The schema version this build writes (`PRAGMA user_version`).
+/// The schema version this build writes (SQLite's `user_version`, PostgreSQL's
+/// `tally_schema` table).
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Length of a sealed 32-byte secret: 24-byte nonce, 32-byte ciphertext, 16-byte tag.
-const SEALED_LEN: usize = 24 + 32 + 16;
-
-/// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
-/// Version 0 is an empty database.
-const MIGRATIONS: &[&str] = &["
-    CREATE TABLE identities (
-        generation INTEGER PRIMARY KEY AUTOINCREMENT,
-        id         TEXT NOT NULL UNIQUE,
-        key        BLOB,               -- sealed k; NULL once revoked
-        created    INTEGER NOT NULL,
-        last_seen  INTEGER,
-        revoked    INTEGER,
-        mode       TEXT NOT NULL
-    ) STRICT;
-    CREATE TABLE tokens (
-        id      TEXT PRIMARY KEY NOT NULL,
-        secret  BLOB NOT NULL,         -- sealed token credential
-        issued  INTEGER NOT NULL,
-        expires INTEGER NOT NULL
-    ) STRICT;
-    CREATE TABLE settings (
-        name    TEXT PRIMARY KEY NOT NULL,
-        value   BLOB NOT NULL,
-        updated INTEGER NOT NULL
-    ) STRICT;
-    -- One row shaped like an identity: unknown and revoked ids read and unseal it, so a
-    -- HELLO costs the same whether or not its id is enrolled (spec 7.5).
-    CREATE TABLE decoy (
-        generation INTEGER PRIMARY KEY,
-        key        BLOB NOT NULL
-    ) STRICT;
-"];
+pub const SEALED_LEN: usize = 24 + 32 + 16;
 
 /// Associated-data labels of the sealed values, one per kind of row.
 mod ad {
@@ -99,15 +73,15 @@ pub enum StoreError {
     #[error("{0}: this identity database predates schema versioning (a development build of tallyd); it cannot be used. Move it aside and enroll the devices again")]
     Unversioned(PathBuf),
     /// The database was made by a newer tallyd.
-    #[error("{path}: schema version {found} is newer than this tallyd understands (up to {SCHEMA_VERSION}); run the newer tallyd, or restore a backup")]
+    #[error("{place}: schema version {found} is newer than this tallyd understands (up to {SCHEMA_VERSION}); run the newer tallyd, or restore a backup")]
     TooNew {
-        /// The database.
-        path: PathBuf,
-        /// Its `user_version`.
+        /// The database (a file, or a PostgreSQL address without its password).
+        place: String,
+        /// Its schema version.
         found: u32,
     },
     /// The store key does not open the database's sealed values.
-    #[error("the store key does not open this identity database: store.key was replaced, or belongs to another state directory")]
+    #[error("the store key does not open this identity database: store.key was replaced, or belongs to another state directory (every daemon of a fleet needs the same store.key)")]
     WrongStoreKey,
     /// A sealed value is damaged.
     #[error("identity store: damaged sealed value ({0})")]
@@ -115,6 +89,79 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("identity store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed, or could not be reached.
+    #[error("identity store (PostgreSQL {place}): {message}")]
+    Postgres {
+        /// The server, without its password.
+        place: String,
+        /// What failed.
+        message: String,
+    },
+    /// The `store` setting is not a database this build knows.
+    #[error("store = {0:?}: not a PostgreSQL URL (postgres://user@host/database); leave `store` out for the embedded SQLite database in the state directory")]
+    BadLocation(String),
+}
+
+/// Where the identities are kept.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite file (the embedded default: `identities.db` in the state directory).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, shared by the daemons of a fleet (a `postgres://` URL or a
+    /// libpq `key=value` string).
+    Postgres(String),
+}
+
+impl Location {
+    /// The `store` setting of the configuration: `None` is SQLite in `state_dir`.
+    pub fn from_setting(setting: Option<&str>, state_dir: &Path) -> Result<Self, StoreError> {
+        match setting {
+            None => Ok(Location::Sqlite(state_dir.join(DB_FILE))),
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                s.parse::<tokio_postgres::Config>()
+                    .map_err(|e| StoreError::Postgres {
+                        place: redacted(s),
+                        message: format!("not a valid connection URL: {e}"),
+                    })?;
+                Ok(Location::Postgres(s.to_owned()))
+            }
+            Some(s) => Err(StoreError::BadLocation(redacted(s))),
+        }
+    }
+
+    /// Whether several daemons can share it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Location::Postgres(_))
+    }
+}
+
+/// A connection string without its password, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => "(connection string)".to_owned(),
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => f.write_str(&redacted(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({self})")
+    }
 }
 
 /// One identity, as listed for the operator (no key).
@@ -235,31 +282,106 @@ impl Sealer {
     }
 }
 
+/// A sealed value as a database holds it, with what its associated data names (the
+/// token's expiry, the open key's update time).
+pub type SealedRow = (Vec<u8>, i64);
+
+/// An identity's sealed key row: id, generation, sealed key.
+pub type KeyRow = (String, i64, Vec<u8>);
+
+/// What a database does for the [`Store`]: rows in, rows out, each method one
+/// transaction. The engine never sees a plaintext secret: sealing and unsealing happen
+/// above it, the same for every engine.
+pub trait Engine: Send + Sync {
+    /// Creates the decoy (`decoy()`) and the open key (`open(at)`, sealed for its update
+    /// time `at`) if missing, in one transaction; returns both as stored.
+    fn init(
+        &self,
+        decoy: &dyn Fn() -> Vec<u8>,
+        open: &dyn Fn(i64) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, SealedRow), StoreError>;
+    /// The sealed open key and its update time.
+    fn open_key(&self) -> Result<Option<SealedRow>, StoreError>;
+    /// Replaces the open key.
+    fn put_open_key(&self, sealed: &[u8], updated: i64) -> Result<(), StoreError>;
+    /// Stores a token for `id`, replacing any; [`StoreError::Taken`] if `id` is enrolled.
+    fn issue_token(
+        &self,
+        id: &Id,
+        sealed: &[u8],
+        issued: i64,
+        expires: i64,
+    ) -> Result<(), StoreError>;
+    /// Deletes `id`'s token; whether there was one.
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every outstanding token, ordered by id.
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError>;
+    /// Whether `id` is enrolled (revoked or not), and its sealed token and expiry.
+    fn enroll_lookup(&self, id: &str) -> Result<(bool, Option<SealedRow>), StoreError>;
+    /// Stores a new identity with a fresh generation `g` and the key `seal(g)`, in one
+    /// transaction that fails with [`StoreError::Taken`] if `id` exists and, given a
+    /// token, consumes it (which must be outstanding and unexpired at `at`, else
+    /// [`StoreError::TokenGone`]); else deletes any token of `id`. Durable on return.
+    /// Returns the generation and the sealed key.
+    fn insert(
+        &self,
+        id: &Id,
+        mode: EnrollMode,
+        token: Option<&[u8]>,
+        at: i64,
+        seal: &dyn Fn(i64) -> Vec<u8>,
+    ) -> Result<(i64, Vec<u8>), StoreError>;
+    /// The generation and sealed key of a usable (enrolled, not revoked) identity.
+    fn key(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError>;
+    /// Every usable identity's key row.
+    fn keys(&self) -> Result<Vec<KeyRow>, StoreError>;
+    /// Records last handshakes (bookkeeping: may be lost in a crash).
+    fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError>;
+    /// Revokes `id` at `at` and erases its key: `Some(false)` if it was revoked already,
+    /// `None` if there is no such identity.
+    fn revoke(&self, id: &str, at: i64) -> Result<Option<bool>, StoreError>;
+    /// Deletes `id`; whether there was one.
+    fn remove(&self, id: &str) -> Result<bool, StoreError>;
+    /// Every identity, ordered by id.
+    fn list(&self) -> Result<Vec<IdentityRow>, StoreError>;
+    /// Number of identities.
+    fn count(&self) -> Result<u64, StoreError>;
+    /// After a secret was erased: make sure no copy of it lingers (SQLite's WAL).
+    fn scrub(&self) {}
+    /// The PostgreSQL engine, for the fleet's coordination (`crate::server::fleet`).
+    fn postgres(&self) -> Option<&postgres::Postgres> {
+        None
+    }
+}
+
 /// The identity store.
 pub struct Store {
-    /// Commits are durable before they return (enrollment, revocation).
-    conn: Mutex<Connection>,
-    /// For bookkeeping that may be lost in a crash (`last_seen`) and for reads on the
-    /// handshake path, so they never queue behind a durable write.
-    relaxed: Mutex<Connection>,
+    engine: Box<dyn Engine>,
     sealer: Sealer,
     /// The sealed keys in memory, once [`Store::load_key_index`] ran.
     index: OnceLock<KeyIndex>,
+    /// Held by this process's changes to the identities from their commit to the update
+    /// of the index, and by refreshes of the index from the database (other daemons'
+    /// changes, announced by PostgreSQL): the index never applies an older state of an
+    /// identity after a newer one.
+    changes: Mutex<()>,
+    /// What an unknown or revoked id's lookup unseals (spec 7.5).
+    decoy: [u8; SEALED_LEN],
 }
 
 /// The sealed key of every usable identity, and the decoy's, held in memory so that a
 /// handshake's key lookup is a map lookup and one unseal on the caller's thread: no
-/// SQLite, no hop to a blocking pool, whatever a flood of HELLOs asks for (issue 11).
+/// database, no hop to a blocking pool, whatever a flood of HELLOs asks for (issue 11).
 ///
 /// The keys stay sealed here as in the database (spec 13.9): a plaintext identity key
-/// exists only while a handshake (or the check at load) unseals it. Every change to the
-/// identities goes through this `Store` and updates the index under the write
-/// connection's lock, after its commit; the daemon is the only writer while it runs: it
-/// holds the state directory's lock, and admin commands go through its control socket
-/// or, if it does not answer there, change nothing ([`crate::secrets::lock_state_dir`]).
+/// exists only while a handshake (or the check at load) unseals it. Every change this
+/// process makes to the identities updates the index after its commit. With SQLite the
+/// daemon is the only writer while it runs: it holds the state directory's lock, and
+/// admin commands go through its control socket or, if it does not answer there, change
+/// nothing ([`crate::secrets::lock_state_dir`]). With PostgreSQL the other daemons of the
+/// fleet write too, and announce each change ([`Store::refresh`]).
 struct KeyIndex {
     keys: RwLock<SealedKeys>,
-    decoy: [u8; SEALED_LEN],
 }
 
 /// Id → (generation, sealed key).
@@ -283,169 +405,67 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn connection(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    // Deleted and overwritten rows are zeroed in the file, not left in free space.
-    conn.pragma_update(None, "secure_delete", "ON")?;
-    conn.pragma_update(None, "synchronous", synchronous)?;
-    Ok(conn)
-}
-
-/// Whether `id` has a row (revoked or not).
-fn is_enrolled(conn: &Connection, id: &str) -> Result<bool, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT EXISTS(SELECT 1 FROM identities WHERE id = ?1)")?
-        .query_row([id], |r| r.get(0))?)
-}
-
-/// Brings the schema to [`SCHEMA_VERSION`], refusing databases this build cannot use.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version == 0 {
-        let tables: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table'",
-            [],
-            |r| r.get(0),
-        )?;
-        if tables > 0 {
-            return Err(StoreError::Unversioned(path.to_owned()));
-        }
-    }
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            path: path.to_owned(),
-            found: version,
-        });
-    }
-    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", n as u32 + 1)?;
-    }
-    tx.commit()?;
-    Ok(())
-}
-
 impl Store {
-    /// Opens (and creates, or migrates, if needed) the database at `path`.
+    /// Opens (and creates, or migrates, if needed) the SQLite database at `path`.
     pub fn open(path: &Path, store_key: SecretKey) -> Result<Store, StoreError> {
-        // Create the file 0600 before SQLite does: its -wal and -shm files copy the
-        // database's mode when they are created.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path);
-        }
-        let mut conn = connection(path, "FULL")?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        migrate(&mut conn, path)?;
-        let relaxed = connection(path, "NORMAL")?;
-        #[cfg(unix)]
-        for suffix in ["", "-wal", "-shm"] {
-            // With a looser umask, or copied in by hand.
-            use std::os::unix::fs::PermissionsExt;
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
-        }
-        let store = Store {
-            conn: Mutex::new(conn),
-            relaxed: Mutex::new(relaxed),
-            sealer: Sealer::new(&store_key),
-            index: OnceLock::new(),
-        };
-        store.init_secrets()?;
-        Ok(store)
+        Store::with_engine(Box::new(sqlite::Sqlite::open(path)?), store_key)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn relaxed(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.relaxed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Creates the decoy row and the open enrollment key on first open, and checks that
-    /// the store key opens them afterwards.
-    fn init_secrets(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let decoy: Option<Vec<u8>> = tx
-            .query_row("SELECT key FROM decoy WHERE generation = 0", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match decoy {
-            Some(sealed) => {
-                self.sealer.open(&assoc(ad::DECOY, "", 0), &sealed)?;
-            }
-            None => {
-                let sealed = self
-                    .sealer
-                    .seal(&assoc(ad::DECOY, "", 0), &crate::secrets::random_bytes());
-                tx.execute(
-                    "INSERT INTO decoy (generation, key) VALUES (0, ?1)",
-                    [sealed],
-                )?;
+    /// Opens the store at `location` (creating or migrating its schema if needed).
+    pub fn open_at(location: &Location, store_key: SecretKey) -> Result<Store, StoreError> {
+        match location {
+            Location::Sqlite(path) => Store::open(path, store_key),
+            Location::Postgres(url) => {
+                Store::with_engine(Box::new(postgres::Postgres::connect(url)?), store_key)
             }
         }
-        if self.find_open_key(&tx)?.is_none() {
-            self.put_open_key(&tx)?;
-        }
-        tx.commit()?;
-        Ok(())
     }
 
-    /// Seals a fresh open key into `settings`, replacing the one there; returns it.
-    fn put_open_key(&self, tx: &rusqlite::Transaction) -> Result<SecretKey, StoreError> {
-        let at = now();
-        let key = SecretKey::from_bytes(crate::secrets::random_bytes());
-        let sealed = self.sealer.seal(&assoc(ad::OPEN, "", at), key.expose());
-        tx.execute(
-            "INSERT OR REPLACE INTO settings (name, value, updated) VALUES ('open_key', ?1, ?2)",
-            params![sealed, at],
+    /// A store on `engine`: creates the decoy and the open key on first open, and
+    /// checks that the store key opens them afterwards.
+    pub fn with_engine(engine: Box<dyn Engine>, store_key: SecretKey) -> Result<Store, StoreError> {
+        let sealer = Sealer::new(&store_key);
+        let (decoy, (open, updated)) = engine.init(
+            &|| sealer.seal(&assoc(ad::DECOY, "", 0), &crate::secrets::random_bytes()),
+            &|at| sealer.seal(&assoc(ad::OPEN, "", at), &crate::secrets::random_bytes()),
         )?;
-        Ok(key)
+        sealer.open(&assoc(ad::DECOY, "", 0), &decoy)?;
+        sealer.open(&assoc(ad::OPEN, "", updated), &open)?;
+        Ok(Store {
+            engine,
+            sealer,
+            index: OnceLock::new(),
+            changes: Mutex::new(()),
+            decoy: sealed_array(&decoy)?,
+        })
+    }
+
+    /// The database engine (the fleet coordinates through PostgreSQL's).
+    pub fn engine(&self) -> &dyn Engine {
+        &*self.engine
+    }
+
+    fn changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The open enrollment key `EK` (spec 6.1): what the open token carries.
     pub fn open_key(&self) -> Result<SecretKey, StoreError> {
-        self.read_open_key(&self.relaxed())
-    }
-
-    fn read_open_key(&self, conn: &Connection) -> Result<SecretKey, StoreError> {
-        self.find_open_key(conn)?
-            .ok_or(StoreError::Corrupt("the open enrollment key is missing"))
-    }
-
-    /// The open key, unsealed (a wrong store key fails here), or `None` before it exists.
-    fn find_open_key(&self, conn: &Connection) -> Result<Option<SecretKey>, StoreError> {
-        let row: Option<(Vec<u8>, i64)> = conn
-            .query_row(
-                "SELECT value, updated FROM settings WHERE name = 'open_key'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        row.map(|(sealed, updated)| self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed))
-            .transpose()
+        let (sealed, updated) = self
+            .engine
+            .open_key()?
+            .ok_or(StoreError::Corrupt("the open enrollment key is missing"))?;
+        self.sealer.open(&assoc(ad::OPEN, "", updated), &sealed)
     }
 
     /// Replaces the open enrollment key with a fresh one: every open token issued before
     /// stops working at once. Returns the new key.
     pub fn rotate_open_key(&self) -> Result<SecretKey, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let key = self.put_open_key(&tx)?;
-        tx.commit()?;
-        drop(conn);
-        self.scrub();
+        let at = now();
+        let key = SecretKey::from_bytes(crate::secrets::random_bytes());
+        let sealed = self.sealer.seal(&assoc(ad::OPEN, "", at), key.expose());
+        self.engine.put_open_key(&sealed, at)?;
+        self.engine.scrub();
         Ok(key)
     }
 
@@ -453,68 +473,43 @@ impl Store {
     /// random credential, replacing any token issued for `id` before. Refused if `id` is
     /// enrolled (remove it first).
     pub fn issue_token(&self, id: &Id, expires: i64) -> Result<SecretKey, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if is_enrolled(&tx, id.as_str())? {
-            return Err(StoreError::Taken(id.clone()));
-        }
         let secret = SecretKey::from_bytes(crate::secrets::random_bytes());
         let sealed = self
             .sealer
             .seal(&assoc(ad::TOKEN, id.as_str(), expires), secret.expose());
-        tx.execute(
-            "INSERT OR REPLACE INTO tokens (id, secret, issued, expires) VALUES (?1, ?2, ?3, ?4)",
-            params![id.as_str(), sealed, now(), expires],
-        )?;
-        tx.commit()?;
+        self.engine.issue_token(id, &sealed, now(), expires)?;
         Ok(secret)
     }
 
     /// Revokes the outstanding token of `id`. Returns whether there was one.
     pub fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM tokens WHERE id = ?1", [id])?;
-        self.scrub();
-        Ok(n == 1)
+        let existed = self.engine.revoke_token(id)?;
+        self.engine.scrub();
+        Ok(existed)
     }
 
     /// The outstanding tokens (expired ones included), ordered by id.
     pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, issued, expires FROM tokens ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(TokenRow {
-                id: r.get(0)?,
-                issued: r.get(1)?,
-                expires: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.engine.tokens()
     }
 
     /// What an ENROLL_INIT for `mode` and `id` needs, at time `at`: the credential to
-    /// check its tag with, and whether the id is taken. One read.
+    /// check its tag with, and whether the id is taken.
     pub fn enroll_lookup(
         &self,
         mode: EnrollMode,
         id: &Id,
         at: i64,
     ) -> Result<EnrollLookup, StoreError> {
-        let conn = self.relaxed();
-        let enrolled = is_enrolled(&conn, id.as_str())?;
+        let (enrolled, token) = self.engine.enroll_lookup(id.as_str())?;
         match mode {
             EnrollMode::Open => Ok(EnrollLookup {
-                credential: Ok(self.read_open_key(&conn)?),
+                credential: Ok(self.open_key()?),
                 enrolled,
                 token_ref: None,
             }),
             EnrollMode::Token => {
-                let row: Option<(Vec<u8>, i64)> = conn
-                    .prepare_cached("SELECT secret, expires FROM tokens WHERE id = ?1")?
-                    .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                let Some((sealed, expires)) = row else {
+                let Some((sealed, expires)) = token else {
                     return Ok(EnrollLookup {
                         credential: Err(NoCredential::NoToken),
                         enrolled,
@@ -548,70 +543,32 @@ impl Store {
         mode: EnrollMode,
         token_ref: Option<&[u8]>,
     ) -> Result<u64, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let at = now();
-        if let Some(token) = token_ref {
-            let n = tx.execute(
-                "DELETE FROM tokens WHERE id = ?1 AND secret = ?2 AND expires > ?3",
-                params![id.as_str(), token, at],
-            )?;
-            if n != 1 {
-                return Err(StoreError::TokenGone(id.clone()));
-            }
-        } else {
-            // An id enrolled in open mode has no use for a token issued for it.
-            tx.execute("DELETE FROM tokens WHERE id = ?1", [id.as_str()])?;
-        }
-        let res = tx.execute(
-            "INSERT INTO identities (id, key, created, mode) VALUES (?1, NULL, ?2, ?3)",
-            params![id.as_str(), at, mode.as_str()],
-        );
-        match res {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == ErrorCode::ConstraintViolation =>
-            {
-                return Err(StoreError::Taken(id.clone()))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let generation = tx.last_insert_rowid();
-        let sealed = self
-            .sealer
-            .seal(&assoc(ad::IDENTITY, id.as_str(), generation), key.expose());
-        tx.execute(
-            "UPDATE identities SET key = ?2 WHERE generation = ?1",
-            params![generation, sealed],
-        )?;
+        let changes = self.changes();
+        let seal = |generation| {
+            self.sealer
+                .seal(&assoc(ad::IDENTITY, id.as_str(), generation), key.expose())
+        };
+        let (generation, sealed) = self.engine.insert(id, mode, token_ref, now(), &seal)?;
         let sealed = sealed_array(&sealed)?;
-        tx.commit()?;
         self.reindex(|keys| {
             keys.insert(id.as_str().into(), (generation, sealed));
         });
-        drop(conn);
+        drop(changes);
         Ok(generation as u64)
     }
 
     /// The key of a usable identity: `None` if it is unknown or revoked.
     ///
-    /// From the index when it is loaded ([`Store::cached_key`]); else one statement that
-    /// always yields exactly one row (the identity's, or the decoy's) and one unseal,
-    /// whichever the case, so that the work does not tell an enrolled id from an unknown
-    /// one (spec 7.5), on the relaxed connection: it never waits for a durable write.
+    /// From the index when it is loaded ([`Store::cached_key`]); else one read and one
+    /// unseal, of the identity's key or of the decoy, whichever the case.
     pub fn key(&self, id: &Id) -> Result<Option<IdentityKey>, StoreError> {
         if let Some(found) = self.cached_key(id) {
             return found;
         }
-        let conn = self.relaxed();
-        let (real, generation, sealed): (bool, i64, Vec<u8>) = conn
-            .prepare_cached(
-                "SELECT 1, generation, key FROM identities WHERE id = ?1 AND revoked IS NULL \
-                 UNION ALL SELECT 0, generation, key FROM decoy WHERE generation = 0 LIMIT 1",
-            )?
-            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        drop(conn);
-        self.unseal_key(id, real.then_some(generation), &sealed)
+        match self.engine.key(id.as_str())? {
+            Some((generation, sealed)) => self.unseal_key(id, Some(generation), &sealed),
+            None => self.unseal_key(id, None, &self.decoy),
+        }
     }
 
     /// [`Store::key`] from memory, without blocking: `None` if the index is not loaded.
@@ -626,7 +583,7 @@ impl Store {
             .copied();
         Some(match found {
             Some((generation, sealed)) => self.unseal_key(id, Some(generation), &sealed),
-            None => self.unseal_key(id, None, &index.decoy),
+            None => self.unseal_key(id, None, &self.decoy),
         })
     }
 
@@ -648,61 +605,101 @@ impl Store {
         }))
     }
 
-    /// Reads the sealed keys of every usable identity into memory, checking each opens
-    /// with the store key; from then on [`Store::cached_key`] answers and every change
-    /// to the identities updates the index. For the daemon (admin commands do not need
-    /// it). Returns the number of keys; loading twice is a no-op.
-    pub fn load_key_index(&self) -> Result<usize, StoreError> {
-        // Under the write lock: no insert, revocation or removal runs while it loads.
-        let conn = self.conn();
-        if let Some(index) = self.index.get() {
-            return Ok(index.keys().len());
-        }
-        let decoy: Vec<u8> =
-            conn.query_row("SELECT key FROM decoy WHERE generation = 0", [], |r| {
-                r.get(0)
-            })?;
-        let rows: usize = conn.query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))?;
-        // Room to double before a rehash, which would hold the write lock (and every
-        // handshake) for a pass over the whole map.
-        let mut keys = HashMap::with_capacity(2 * rows + 1024);
-        let mut stmt = conn.prepare(
-            "SELECT id, generation, key FROM identities WHERE revoked IS NULL AND key IS NOT NULL",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let id: String = row.get(0)?;
-            let generation: i64 = row.get(1)?;
-            let sealed: Vec<u8> = row.get(2)?;
-            // The store key itself was checked at open (the decoy, the open key): a row
-            // that does not open was damaged or moved, and only its device is refused.
-            if let Err(e) = self
-                .sealer
-                .open(&assoc(ad::IDENTITY, &id, generation), &sealed)
-            {
+    /// Whether the sealed key row opens with the store key; logs the identity if not.
+    fn key_opens(&self, id: &str, generation: i64, sealed: &[u8]) -> bool {
+        match self
+            .sealer
+            .open(&assoc(ad::IDENTITY, id, generation), sealed)
+        {
+            Ok(_) => true,
+            Err(e) => {
+                // The store key itself was checked at open (the decoy, the open key): a
+                // row that does not open was damaged or moved, and only its device is
+                // refused.
                 tracing::error!(
                     id,
                     generation,
                     "the stored key of this identity does not open ({e}); its handshakes \
                      will be refused: remove the identity and enroll the device again"
                 );
-                continue;
+                false
             }
-            keys.insert(id.into_boxed_str(), (generation, sealed_array(&sealed)?));
         }
-        drop(rows);
-        drop(stmt);
+    }
+
+    /// Reads the sealed keys of every usable identity into memory, checking each opens
+    /// with the store key; from then on [`Store::cached_key`] answers and every change
+    /// to the identities updates the index. For the daemon (admin commands do not need
+    /// it). Returns the number of keys; loading twice is a no-op.
+    pub fn load_key_index(&self) -> Result<usize, StoreError> {
+        let changes = self.changes();
+        if let Some(index) = self.index.get() {
+            return Ok(index.keys().len());
+        }
+        let keys = self.read_keys()?;
         let n = keys.len();
         let _ = self.index.set(KeyIndex {
             keys: RwLock::new(keys),
-            decoy: sealed_array(&decoy)?,
         });
-        drop(conn);
+        drop(changes);
         Ok(n)
     }
 
-    /// Applies `change` to the index, if loaded. Called with the write connection locked,
-    /// after the commit.
+    fn read_keys(&self) -> Result<SealedKeys, StoreError> {
+        let rows = self.engine.keys()?;
+        // Room to double before a rehash, which would hold the write lock (and every
+        // handshake) for a pass over the whole map.
+        let mut keys = HashMap::with_capacity(2 * rows.len() + 1024);
+        for (id, generation, sealed) in rows {
+            if self.key_opens(&id, generation, &sealed) {
+                keys.insert(id.into_boxed_str(), (generation, sealed_array(&sealed)?));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Reads every key again into the loaded index (a daemon of a fleet that may have
+    /// missed changes announced while its notification connection was down). Returns
+    /// the number of keys.
+    pub fn reload_key_index(&self) -> Result<usize, StoreError> {
+        let changes = self.changes();
+        let Some(index) = self.index.get() else {
+            drop(changes);
+            return self.load_key_index();
+        };
+        let keys = self.read_keys()?;
+        let n = keys.len();
+        *index.keys() = keys;
+        drop(changes);
+        Ok(n)
+    }
+
+    /// Reads `id`'s row again into the loaded index: another daemon of the fleet enrolled,
+    /// revoked or removed it. Returns whether the id is usable now.
+    pub fn refresh(&self, id: &str) -> Result<bool, StoreError> {
+        let changes = self.changes();
+        let row = self.engine.key(id)?;
+        let usable = match &row {
+            Some((generation, sealed)) => self.key_opens(id, *generation, sealed),
+            None => false,
+        };
+        let entry = match row {
+            Some((generation, sealed)) if usable => Some((generation, sealed_array(&sealed)?)),
+            _ => None,
+        };
+        self.reindex(|keys| match entry {
+            Some(e) => {
+                keys.insert(id.into(), e);
+            }
+            None => {
+                keys.remove(id);
+            }
+        });
+        drop(changes);
+        Ok(usable)
+    }
+
+    /// Applies `change` to the index, if loaded. Called with `changes` held.
     fn reindex(&self, change: impl FnOnce(&mut SealedKeys)) {
         if let Some(index) = self.index.get() {
             change(&mut index.keys());
@@ -712,102 +709,59 @@ impl Store {
     /// Records the last successful handshake of several identities in one transaction
     /// (the daemon batches them; losing a batch in a crash loses only bookkeeping).
     pub fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError> {
-        let mut conn = self.relaxed();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt =
-                tx.prepare_cached("UPDATE identities SET last_seen = ?2 WHERE id = ?1")?;
-            for (id, at) in seen {
-                stmt.execute(params![id.as_str(), at])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.engine.touch_many(seen)
     }
 
     /// Revokes an identity and erases its key. Returns false if it was already revoked.
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE identities SET revoked = ?2, key = NULL WHERE id = ?1 AND revoked IS NULL",
-            params![id, now()],
-        )?;
-        self.reindex(|keys| {
-            keys.remove(id);
-        });
-        if n == 1 {
-            drop(conn);
-            self.scrub();
-            return Ok(true);
+        let changes = self.changes();
+        let revoked = self.engine.revoke(id, now());
+        if revoked.is_ok() {
+            self.reindex(|keys| {
+                keys.remove(id);
+            });
         }
-        if is_enrolled(&conn, id)? {
-            Ok(false)
-        } else {
-            Err(StoreError::NotFound(id.to_owned()))
+        drop(changes);
+        match revoked? {
+            Some(true) => {
+                self.engine.scrub();
+                Ok(true)
+            }
+            Some(false) => Ok(false),
+            None => Err(StoreError::NotFound(id.to_owned())),
         }
     }
 
     /// Deletes an identity, so that its id can be enrolled again (with a new token, or
     /// in open mode). Returns false if there was none.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let n = conn.execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        let changes = self.changes();
+        let existed = self.engine.remove(id)?;
         self.reindex(|keys| {
             keys.remove(id);
         });
-        drop(conn);
-        if n == 1 {
-            self.scrub();
+        drop(changes);
+        if existed {
+            self.engine.scrub();
         }
-        Ok(n == 1)
-    }
-
-    /// Copies the WAL into the database and truncates it, so that page images holding
-    /// erased secrets do not stay in the `-wal` file. Best effort: with a reader active
-    /// the checkpoint may be partial, and the next one completes it.
-    fn scrub(&self) {
-        let conn = self.conn();
-        let r: Result<(i64, i64, i64), _> =
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
-        match r {
-            Ok((0, _, _)) => {}
-            Ok(_) => tracing::debug!("WAL checkpoint incomplete: a reader was active"),
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-        }
+        Ok(existed)
     }
 
     /// Every identity, ordered by id.
     pub fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, generation, created, last_seen, revoked, mode FROM identities ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(IdentityRow {
-                id: r.get(0)?,
-                generation: r.get::<_, i64>(1)? as u64,
-                created: r.get(2)?,
-                last_seen: r.get(3)?,
-                revoked: r.get(4)?,
-                mode: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.engine.list()
     }
 
     /// Number of identities.
     pub fn count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))?)
+        self.engine.count()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
 
     fn store(dir: &Path) -> Store {
         Store::open(&dir.join(DB_FILE), SecretKey::from_bytes([9; 32])).unwrap()

@@ -1,0 +1,667 @@
+//! Several daemons, one fleet: the rules of spec 7.3 across daemons that share a
+//! PostgreSQL store (docs/CLUSTER.md is the design, with its failure cases).
+//!
+//! - Each daemon is a *node*: a row in `nodes` with a heartbeat renewed every
+//!   [`HEARTBEAT`]. A node whose heartbeat is older than [`STALE`] is dead: any node
+//!   deletes it, and its claims with it.
+//! - A session is established only once its node *claims* the identity
+//!   (`tally_claim`, one statement): free, held by a dead node, or taken over from a
+//!   live one (whose node is told on `tally_close`, with the claim's epoch: a late
+//!   notice never closes a newer session), or refused under `takeover = "reject"`.
+//! - A node that cannot renew its heartbeat for [`FENCE_AFTER`] *fences* itself: it
+//!   closes every session and refuses handshakes with BUSY until it can, so that when
+//!   the others declare it dead and serve its devices, it no longer does.
+//! - Every change to an identity is announced on `tally_identity`: each node refreshes
+//!   that identity in its key index and closes its session if it was revoked or
+//!   removed. A node whose notification connection drops reloads its whole index and
+//!   checks its claims when it is back (it may have missed notices).
+//! - A send to a device whose session is on another node goes through `sends` and
+//!   `tally_send`; the answer comes back through the same row and `tally_result`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::{BoxFuture, Reply, SendError, SendKind};
+use crate::config::TakeoverPolicy;
+use crate::proto::{CloseCode, Id, Status};
+use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
+use crate::store::postgres::{channel, PendingSend, Postgres, SendOutcome};
+use crate::store::{Store, StoreError};
+
+/// How often a node renews its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose heartbeat has not been renewed for this long fences itself.
+pub const FENCE_AFTER: Duration = Duration::from_secs(3);
+/// A node whose heartbeat is older than this is dead: its claims are free.
+pub const STALE: Duration = Duration::from_secs(5);
+
+/// Why a session could not claim its identity.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// A live session on another node holds it and `takeover = "reject"`.
+    #[error("identity has a live session on node {node} and takeover = \"reject\"")]
+    Held {
+        /// That node's address.
+        node: String,
+    },
+    /// The database cannot be reached, or this node is fenced.
+    #[error("the fleet's database is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// This daemon's part in the fleet.
+pub struct Fleet {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    /// This node's name in `nodes`: random, new at every start.
+    node: String,
+    /// Its listening address, as `tallyd sessions` shows it.
+    addr: Mutex<String>,
+    /// Cut off from the database: every session closed, handshakes refused.
+    fenced: AtomicBool,
+    /// Sends of this node waiting for their answer, by call number.
+    waiting: Mutex<HashMap<i64, oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("node", &self.node)
+            .field("addr", &self.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The notification connection: its messages, and the client that keeps it open.
+struct Listening {
+    _client: tokio_postgres::Client,
+    notices: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+}
+
+fn pg(store: &Store) -> &Postgres {
+    store
+        .engine()
+        .postgres()
+        .expect("a fleet runs on the PostgreSQL store")
+}
+
+/// Opens the notification connection and listens on every channel.
+async fn listen(pg: &Postgres) -> Result<Listening, StoreError> {
+    let (client, mut connection) = pg
+        .config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| pg.error(e))?;
+    let (tx, notices) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    warn!(error = %e, "fleet: the notification connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let sql: String = [
+        channel::IDENTITY,
+        channel::CLOSE,
+        channel::SEND,
+        channel::RESULT,
+    ]
+    .iter()
+    .map(|c| format!("LISTEN {c};"))
+    .collect();
+    client.batch_execute(&sql).await.map_err(|e| pg.error(e))?;
+    Ok(Listening {
+        _client: client,
+        notices,
+    })
+}
+
+impl Fleet {
+    /// Joins the fleet as a new node listening on `addr`, and starts listening for
+    /// notices: before the key index is loaded (`Store::load_key_index`), so that no
+    /// change committed after the load goes unseen. Call [`Fleet::run`] next.
+    pub fn join(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        addr: SocketAddr,
+    ) -> Result<(Arc<Fleet>, FleetTasks), StoreError> {
+        let node = hex::encode(&crate::secrets::random_bytes()[..6]);
+        let pg = pg(&store);
+        let listening = pg.block_on(async {
+            let listening = listen(pg).await?;
+            pg.join(&node, &addr.to_string()).await?;
+            Ok::<_, StoreError>(listening)
+        })?;
+        info!(node, store = pg.place(), "joined the fleet");
+        let fleet = Arc::new(Fleet {
+            store,
+            registry: registry.clone(),
+            node,
+            addr: Mutex::new(addr.to_string()),
+            fenced: AtomicBool::new(false),
+            waiting: Mutex::default(),
+        });
+        registry.join_fleet(Arc::new(Handle(Arc::downgrade(&fleet))));
+        Ok((fleet.clone(), FleetTasks { fleet, listening }))
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// This node's listening address.
+    pub fn addr(&self) -> String {
+        self.addr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The address this node listens on, once bound (the configured one may be port 0,
+    /// or replaced by systemd's socket), as the fleet's `tallyd sessions` shows it.
+    pub async fn advertise(self: &Arc<Self>, addr: SocketAddr) {
+        *self.addr.lock().unwrap_or_else(|e| e.into_inner()) = addr.to_string();
+        let this = self.clone();
+        let done = self
+            .pg()
+            .spawn(async move { this.pg().join(&this.node, &this.addr()).await })
+            .await;
+        if let Ok(Err(e)) = done {
+            warn!(error = %e, "fleet: could not record this node's address");
+        }
+    }
+
+    fn pg(&self) -> &Postgres {
+        pg(&self.store)
+    }
+
+    /// Whether this node is fenced (cut off from the database).
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Claims `id` for a new session from `peer`: its epoch, or why not.
+    pub async fn claim(
+        self: &Arc<Self>,
+        id: &Id,
+        peer: SocketAddr,
+        policy: TakeoverPolicy,
+    ) -> Result<u64, ClaimError> {
+        if self.fenced() {
+            return Err(ClaimError::Unavailable(
+                "this node is fenced: it could not renew its heartbeat".into(),
+            ));
+        }
+        let this = self.clone();
+        let (name, self_live) = (id.to_string(), self.registry.is_live(id));
+        let claim = self
+            .pg()
+            .spawn(async move {
+                this.pg()
+                    .claim(
+                        &name,
+                        &this.node,
+                        &peer.to_string(),
+                        policy == TakeoverPolicy::Reject,
+                        self_live,
+                        STALE,
+                    )
+                    .await
+            })
+            .await
+            .map_err(|e| ClaimError::Unavailable(e.to_string()))?
+            .map_err(|e| ClaimError::Unavailable(e.to_string()))?;
+        let old = claim.old_node.unwrap_or_default();
+        match claim.outcome.as_str() {
+            "refused" => Err(ClaimError::Held { node: old }),
+            outcome => {
+                if outcome == "took_over" && old != self.node {
+                    debug!(old_node = old, "took the identity over from another node");
+                }
+                if claim.in_a_row as usize >= registry::PING_PONG_TAKEOVERS {
+                    warn!(
+                        id = %id, old_peer = claim.old_peer.as_deref().unwrap_or(""),
+                        new_peer = %peer, takeovers = claim.in_a_row,
+                        "identity taken over repeatedly, each within {}s of the last, across the fleet: two devices may share it; consider takeover = \"reject\"",
+                        registry::PING_PONG_WINDOW.as_secs()
+                    );
+                }
+                Ok(claim.epoch)
+            }
+        }
+    }
+
+    /// Releases a claim (a session refused after its claim, or ended).
+    pub fn release(self: &Arc<Self>, id: &Id, epoch: u64) {
+        let this = self.clone();
+        let id = id.to_string();
+        self.pg().spawn(async move {
+            if let Err(e) = this.pg().release(&id, &this.node, epoch).await {
+                // The claim stays until this node's next session of the id, or its death.
+                debug!(id, error = %e, "fleet: could not release a claim");
+            }
+        });
+    }
+
+    /// Whether `id` has a live session on any node.
+    pub async fn is_live(self: &Arc<Self>, id: &Id) -> Result<bool, StoreError> {
+        if self.registry.is_live(id) {
+            return Ok(true);
+        }
+        let this = self.clone();
+        let id = id.to_string();
+        self.pg()
+            .spawn(async move { this.pg().holder(&id, STALE).await })
+            .await
+            .map_err(|e| self.pg().error(e))?
+            .map(|h| h.is_some())
+    }
+
+    /// Every session of the fleet, sorted by identity: this node's with their frame
+    /// counts, the others' as their claims show them.
+    pub async fn sessions(self: &Arc<Self>) -> Result<Vec<SessionInfo>, StoreError> {
+        let this = self.clone();
+        let claims = self
+            .pg()
+            .spawn(async move { this.pg().fleet_sessions(STALE).await })
+            .await
+            .map_err(|e| self.pg().error(e))??;
+        let mut here: HashMap<String, SessionInfo> = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let mut out = Vec::with_capacity(claims.len().max(here.len()));
+        for c in claims {
+            match here.remove(&c.id) {
+                Some(mut s) if c.node == self.node => {
+                    s.node = Some(self.addr());
+                    out.push(s);
+                }
+                _ => out.push(SessionInfo {
+                    id: c.id,
+                    peer: c.peer,
+                    since: c.since.max(0) as u64,
+                    frames_in: 0,
+                    frames_out: 0,
+                    node: Some(c.addr),
+                    elsewhere: c.node != self.node,
+                }),
+            }
+        }
+        // Sessions whose claim is not written yet (or was lost: they are being closed).
+        for (_, mut s) in here {
+            s.node = Some(self.addr());
+            out.push(s);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// A send to a device whose session is on another node.
+    async fn send_elsewhere(
+        self: Arc<Self>,
+        id: Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, SendError> {
+        let this = self.clone();
+        let run = async move {
+            let pg = this.pg();
+            let failed = |e: StoreError| SendError::Elsewhere(e.to_string());
+            let holder = pg.holder(id.as_str(), STALE).await.map_err(failed)?;
+            let Some(node) = holder.filter(|n| *n != this.node) else {
+                return Err(SendError::Offline(id.to_string()));
+            };
+            let bytes = crate::secrets::random_bytes();
+            let call = i64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) & i64::MAX;
+            let (tx, rx) = oneshot::channel();
+            this.lock_waiting().insert(call, tx);
+            let send = PendingSend {
+                origin: this.node.clone(),
+                id: id.to_string(),
+                request: kind == SendKind::Request,
+                payload: payload.to_vec(),
+                timeout,
+            };
+            let asked = pg.put_send(call, &node, &this.node, &send).await;
+            // The holder gives up at `timeout`, and says so: a little longer here.
+            let answered = match asked {
+                Ok(()) => tokio::time::timeout(timeout + Duration::from_secs(1), rx)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            this.lock_waiting().remove(&call);
+            let outcome = pg.finish_send(call).await;
+            asked.map_err(failed)?;
+            match outcome.map_err(failed)? {
+                Some(SendOutcome::Answer(status, body)) => Ok(Some(Reply {
+                    status: Status(status),
+                    payload: body.into(),
+                })),
+                Some(SendOutcome::Sent) => Ok(None),
+                Some(SendOutcome::Failed(kind, why)) => Err(match kind.as_str() {
+                    "offline" => SendError::Offline(id.to_string()),
+                    "ended" => SendError::SessionEnded,
+                    "timeout" => SendError::Timeout(timeout),
+                    _ => SendError::Elsewhere(why),
+                }),
+                None if answered => Err(SendError::Elsewhere("the answer was lost".into())),
+                None => Err(SendError::Timeout(timeout)),
+            }
+        };
+        self.pg()
+            .spawn(run)
+            .await
+            .unwrap_or_else(|e| Err(SendError::Elsewhere(e.to_string())))
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, oneshot::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves a send another node handed to this one.
+    async fn serve_send(self: Arc<Self>, call: i64) {
+        let pg = self.pg();
+        let send = match pg.take_send(call).await {
+            Ok(Some(send)) => send,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(call, error = %e, "fleet: could not read a send");
+                return;
+            }
+        };
+        let kind = if send.request {
+            SendKind::Request
+        } else {
+            SendKind::Message
+        };
+        let outcome = match Id::new(&send.id) {
+            Err(e) => SendOutcome::Failed("refused".into(), e.to_string()),
+            Ok(id) => match self
+                .registry
+                .send_here(&id, kind, send.payload.into(), send.timeout)
+                .await
+            {
+                Ok(Some(reply)) => SendOutcome::Answer(reply.status.0, reply.payload.to_vec()),
+                Ok(None) => SendOutcome::Sent,
+                Err(e) => {
+                    let kind = match e {
+                        SendError::Offline(_) => "offline",
+                        SendError::SessionEnded => "ended",
+                        SendError::Timeout(_) => "timeout",
+                        _ => "refused",
+                    };
+                    SendOutcome::Failed(kind.into(), e.to_string())
+                }
+            },
+        };
+        if let Err(e) = pg.answer_send(call, &send.origin, &outcome).await {
+            warn!(call, error = %e, "fleet: could not write a send's answer");
+        }
+    }
+
+    /// Leaves the fleet (a daemon shutting down): its claims go with its row.
+    pub async fn leave(self: &Arc<Self>) {
+        let this = self.clone();
+        let left = self
+            .pg()
+            .spawn(async move { this.pg().leave(&this.node).await })
+            .await;
+        match left {
+            Ok(Ok(())) => info!(node = self.node, "left the fleet"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not leave the fleet (the others will see this node die)")
+            }
+            Err(e) => {
+                warn!(error = %e, "could not leave the fleet (the others will see this node die)")
+            }
+        }
+    }
+
+    /// Closes every session: this node lost its claims, or may have.
+    fn drop_sessions(&self, why: &'static str) {
+        let n = self.registry.close_all(CloseCode::SHUTDOWN, why);
+        if n > 0 {
+            warn!(
+                sessions = n,
+                "fleet: {why}: closing every session of this node"
+            );
+        }
+    }
+
+    /// After the notification connection was down: reloads the key index and closes
+    /// the sessions whose claims are no longer this node's.
+    async fn catch_up(self: &Arc<Self>) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.reload_key_index()).await {
+            Ok(Ok(keys)) => info!(keys, "fleet: key index reloaded"),
+            Ok(Err(e)) => warn!(error = %e, "fleet: could not reload the key index"),
+            Err(e) => warn!(error = %e, "fleet: could not reload the key index"),
+        }
+        match self.pg().claims_of(&self.node).await {
+            Ok(claims) => {
+                let claims: HashMap<String, u64> = claims.into_iter().collect();
+                for (id, epoch) in self.registry.epochs() {
+                    if claims.get(id.as_str()) != Some(&epoch) {
+                        self.registry.close_epoch(
+                            &id,
+                            epoch,
+                            CloseCode::TAKEN_OVER,
+                            "a newer session of this identity took over on another node",
+                        );
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "fleet: could not check this node's claims"),
+        }
+    }
+
+    /// Acts on one notice.
+    async fn notice(self: &Arc<Self>, channel: &str, payload: &str) {
+        let mut words = payload.split(' ');
+        match channel {
+            channel::IDENTITY => {
+                let (Some(op), Some(id)) = (words.next(), words.next()) else {
+                    return;
+                };
+                let store = self.store.clone();
+                let name = id.to_owned();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.refresh(&name)).await
+                {
+                    warn!(id, error = %e, "fleet: could not refresh an identity's key");
+                }
+                let Ok(id) = Id::new(id) else { return };
+                let close = match op {
+                    "revoked" => Some((CloseCode::REVOKED, "identity revoked")),
+                    "removed" => Some((CloseCode::REMOVED, "identity removed")),
+                    _ => None,
+                };
+                if let Some((code, reason)) = close {
+                    if self.registry.invalidate(&id, code, reason) {
+                        info!(id = %id, "{reason} on another node: session closed");
+                    }
+                }
+            }
+            channel::CLOSE => {
+                let (Some(node), Some(epoch), Some(id)) =
+                    (words.next(), words.next(), words.next())
+                else {
+                    return;
+                };
+                let (Ok(epoch), Ok(id)) = (epoch.parse(), Id::new(id)) else {
+                    return;
+                };
+                if node == self.node {
+                    self.registry.close_epoch(
+                        &id,
+                        epoch,
+                        CloseCode::TAKEN_OVER,
+                        "a newer session of this identity took over on another node",
+                    );
+                }
+            }
+            channel::SEND => {
+                if let (Some(node), Some(Ok(call))) = (words.next(), words.next().map(str::parse)) {
+                    if node == self.node {
+                        tokio::spawn(self.clone().serve_send(call));
+                    }
+                }
+            }
+            channel::RESULT => {
+                if let (Some(node), Some(Ok(call))) =
+                    (words.next(), words.next().map(str::parse::<i64>))
+                {
+                    if node == self.node {
+                        if let Some(tx) = self.lock_waiting().remove(&call) {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The fleet's tasks, to start with [`FleetTasks::run`] once the daemon serves.
+pub struct FleetTasks {
+    fleet: Arc<Fleet>,
+    listening: Listening,
+}
+
+impl FleetTasks {
+    /// Runs the heartbeat and the notices until `stop`, on the store's runtime.
+    pub fn run(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let FleetTasks { fleet, listening } = self;
+        let store = fleet.store.clone();
+        let pg = pg(&store);
+        let beat = {
+            let (fleet, stop) = (fleet.clone(), stop.clone());
+            pg.spawn(async move { heartbeat(fleet, stop).await })
+        };
+        pg.spawn(async move {
+            notices(fleet, listening, stop).await;
+            let _ = beat.await;
+        })
+    }
+}
+
+async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
+    let mut last_ok = Instant::now();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pg = fleet.pg();
+        let beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE)).await;
+        match beat {
+            Ok(Ok(true)) => {
+                last_ok = Instant::now();
+                if fleet.fenced.swap(false, Ordering::Relaxed) {
+                    info!("fleet: the database is back: serving again");
+                }
+            }
+            Ok(Ok(false)) => {
+                // Declared dead by another node: its claims are gone, and others may
+                // serve its devices already.
+                warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
+                fleet.drop_sessions("this node was declared dead by the fleet");
+                if pg.join(&fleet.node, &fleet.addr()).await.is_ok() {
+                    last_ok = Instant::now();
+                }
+            }
+            Ok(Err(e)) if last_ok.elapsed() >= FENCE_AFTER => fence(&fleet, &e.to_string()),
+            Err(_) if last_ok.elapsed() >= FENCE_AFTER => fence(&fleet, "heartbeat timed out"),
+            Ok(Err(e)) => debug!(error = %e, "fleet: heartbeat failed"),
+            Err(_) => debug!("fleet: heartbeat timed out"),
+        }
+    }
+}
+
+fn fence(fleet: &Fleet, why: &str) {
+    if !fleet.fenced.swap(true, Ordering::Relaxed) {
+        warn!(
+            error = why,
+            "fleet: no heartbeat for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
+        );
+        fleet.drop_sessions("this node is cut off from the fleet's database");
+    }
+}
+
+async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: CancellationToken) {
+    loop {
+        let notice = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = listening.notices.recv() => n,
+        };
+        match notice {
+            Some(n) => fleet.notice(n.channel(), n.payload()).await,
+            None => {
+                // The connection dropped: notices may have been missed meanwhile.
+                listening = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                    }
+                    match listen(fleet.pg()).await {
+                        Ok(l) => break l,
+                        Err(e) => debug!(error = %e, "fleet: cannot listen for notices yet"),
+                    }
+                };
+                info!("fleet: listening for notices again");
+                fleet.catch_up().await;
+            }
+        }
+    }
+}
+
+/// The registry's view of the fleet: a weak reference (the fleet holds the registry).
+struct Handle(std::sync::Weak<Fleet>);
+
+impl Fleetwide for Handle {
+    fn released(&self, id: &Id, epoch: u64) {
+        if let Some(fleet) = self.0.upgrade() {
+            fleet.release(id, epoch);
+        }
+    }
+
+    fn send_elsewhere(
+        &self,
+        id: Id,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Option<Reply>, SendError>> {
+        let fleet = self.0.upgrade();
+        Box::pin(async move {
+            match fleet {
+                Some(f) => f.send_elsewhere(id, kind, payload, timeout).await,
+                None => Err(SendError::Offline(id.to_string())),
+            }
+        })
+    }
+}

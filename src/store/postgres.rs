@@ -1,0 +1,987 @@
+//! The shared store: PostgreSQL, for several daemons serving one fleet (docs/CLUSTER.md).
+//!
+//! The same identities, tokens and sealed values as the SQLite store, plus the fleet's
+//! tables (`nodes`, `sessions`, `sends`, unlogged: they describe live connections, which
+//! do not outlive a crash of the database either) and the claim function that keeps one
+//! live session per identity across daemons. Every change to an identity is announced
+//! with `NOTIFY tally_identity` in its own transaction, so that every daemon's key index
+//! follows it once it commits.
+//!
+//! The driver is `tokio-postgres`, pooled by `deadpool-postgres`, on a runtime of its own
+//! (one worker thread): [`Engine`]'s blocking methods wait for it from any thread, and
+//! the fleet's async calls ([`Postgres::spawn`]) run there, whichever runtime asks.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::{
+    redacted, Engine, IdentityRow, KeyRow, SealedRow, StoreError, TokenRow, SCHEMA_VERSION,
+};
+use crate::proto::frame::{EnrollMode, Id};
+
+/// Connections in the pool of one daemon.
+pub const POOL_SIZE: usize = 16;
+
+/// How long a pool waits for a connection to the database before an operation fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Channels the daemons `LISTEN` on.
+pub mod channel {
+    /// `enrolled <id>`, `revoked <id>`, `removed <id>`.
+    pub const IDENTITY: &str = "tally_identity";
+    /// `<node> <epoch> <id>`: the node's session of `id` with that epoch was taken over.
+    pub const CLOSE: &str = "tally_close";
+    /// `<node> <call>`: a send for a device whose session the node holds.
+    pub const SEND: &str = "tally_send";
+    /// `<node> <call>`: the answer to the node's send is in `sends`.
+    pub const RESULT: &str = "tally_result";
+}
+
+/// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE identities (
+        generation bigint PRIMARY KEY,
+        id         text NOT NULL UNIQUE,
+        key        bytea,              -- sealed k; NULL once revoked
+        created    bigint NOT NULL,
+        last_seen  bigint,
+        revoked    bigint,
+        mode       text NOT NULL
+    );
+    -- Generations are never reused, removed rows' included.
+    CREATE SEQUENCE generations;
+    CREATE TABLE tokens (
+        id      text PRIMARY KEY,
+        secret  bytea NOT NULL,
+        issued  bigint NOT NULL,
+        expires bigint NOT NULL
+    );
+    CREATE TABLE settings (
+        name    text PRIMARY KEY,
+        value   bytea NOT NULL,
+        updated bigint NOT NULL
+    );
+    CREATE TABLE decoy (
+        generation bigint PRIMARY KEY,
+        key        bytea NOT NULL
+    );
+    -- The daemons of the fleet, alive while their heartbeat is fresh.
+    CREATE UNLOGGED TABLE nodes (
+        node      text PRIMARY KEY,
+        addr      text NOT NULL,
+        started   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        heartbeat timestamptz NOT NULL DEFAULT clock_timestamp()
+    );
+    -- One claim per identity: the node holding its live session, and the claim's epoch.
+    CREATE UNLOGGED TABLE sessions (
+        id            text PRIMARY KEY,
+        node          text NOT NULL REFERENCES nodes ON DELETE CASCADE,
+        epoch         bigint NOT NULL,
+        since         timestamptz NOT NULL,
+        peer          text NOT NULL,
+        takeovers     integer NOT NULL DEFAULT 0,
+        last_takeover timestamptz
+    );
+    CREATE INDEX sessions_node ON sessions (node);
+    -- Server-initiated requests and messages on their way to another node, and back.
+    CREATE UNLOGGED TABLE sends (
+        call       bigint PRIMARY KEY,
+        node       text NOT NULL,
+        origin     text NOT NULL,
+        id         text NOT NULL,
+        request    boolean NOT NULL,
+        payload    bytea NOT NULL,
+        timeout_ms bigint NOT NULL,
+        created    timestamptz NOT NULL DEFAULT clock_timestamp(),
+        done       boolean NOT NULL DEFAULT false,
+        status     integer,
+        answer     bytea,
+        error      text
+    );
+    -- Claims `p_id` for `p_node`'s new session (spec 7.3 across the fleet). The holder,
+    -- if any, is live if its node's heartbeat is younger than `p_stale_ms` (or, for
+    -- `p_node` itself, if `p_self_live`). A live holder refuses with `p_reject`; else it
+    -- is taken over: the epoch grows and its node is told on tally_close. A dead
+    -- holder's claim is taken without a word. Returns the outcome (claimed, took_over,
+    -- refused), the new epoch, the takeovers in a row (each within 60 s of the last),
+    -- and the old holder.
+    CREATE FUNCTION tally_claim(p_id text, p_node text, p_peer text, p_reject boolean,
+                                p_self_live boolean, p_stale_ms bigint)
+    RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
+                   old_peer text)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        cur sessions%ROWTYPE;
+        live boolean;
+        n integer;
+    BEGIN
+        LOOP
+            SELECT * INTO cur FROM sessions s WHERE s.id = p_id FOR UPDATE;
+            EXIT WHEN FOUND;
+            INSERT INTO sessions (id, node, epoch, since, peer)
+                VALUES (p_id, p_node, 1, now(), p_peer) ON CONFLICT (id) DO NOTHING;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'claimed'::text, 1::bigint, 0, NULL::text, NULL::text;
+                RETURN;
+            END IF;
+        END LOOP;
+        IF cur.node = p_node THEN
+            live := p_self_live;
+        ELSE
+            SELECT x.heartbeat > clock_timestamp() - p_stale_ms * interval '1 millisecond'
+              INTO live FROM nodes x WHERE x.node = cur.node;
+            live := coalesce(live, false);
+        END IF;
+        IF live AND p_reject THEN
+            RETURN QUERY SELECT 'refused'::text, cur.epoch, cur.takeovers, cur.node, cur.peer;
+            RETURN;
+        END IF;
+        n := CASE WHEN NOT live THEN 0
+                  WHEN cur.last_takeover > clock_timestamp() - interval '60 seconds'
+                      THEN cur.takeovers + 1
+                  ELSE 1 END;
+        UPDATE sessions s SET node = p_node, epoch = cur.epoch + 1, since = now(),
+            peer = p_peer, takeovers = n,
+            last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
+          WHERE s.id = p_id;
+        IF live AND cur.node <> p_node THEN
+            PERFORM pg_notify('tally_close', cur.node || ' ' || cur.epoch || ' ' || p_id);
+        END IF;
+        RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
+            cur.epoch + 1, n, cur.node, cur.peer;
+    END $$;
+"#];
+
+/// Runs `body` in one transaction on a pooled connection, from any thread: `$tx` is the
+/// transaction, `$e` maps a driver error to a [`StoreError`]. An early `return` in
+/// `body` still commits (what ran before it is kept; after a failed statement the
+/// database rolls it all back).
+macro_rules! transaction {
+    ($pg:expr, |$tx:ident, $e:ident| $body:block) => {{
+        let pg = $pg;
+        pg.block_on(async {
+            let $e = |e: tokio_postgres::Error| pg.error(e);
+            let mut client = pg.client().await?;
+            let $tx = client.transaction().await.map_err($e)?;
+            let out: Result<_, StoreError> = async $body.await;
+            let out = out?;
+            $tx.commit().await.map_err($e)?;
+            Ok::<_, StoreError>(out)
+        })
+    }};
+}
+
+/// The PostgreSQL engine.
+pub struct Postgres {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    /// Its own runtime; shut down in the background when the store is dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    place: String,
+    /// Statements sent to the database, for the benchmarks' "queries per handshake".
+    queries: AtomicU64,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Postgres({})", self.place)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// What a claim found ([`Postgres::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// `claimed` (free, or held by a dead node), `took_over` or `refused`.
+    pub outcome: String,
+    /// The claim's epoch (the holder's, when refused).
+    pub epoch: u64,
+    /// Takeovers in a row, each within 60 s of the one before.
+    pub in_a_row: u32,
+    /// The node that held it.
+    pub old_node: Option<String>,
+    /// Its peer address.
+    pub old_peer: Option<String>,
+}
+
+/// A session of the fleet, as `tallyd sessions` lists it.
+#[derive(Debug, Clone)]
+pub struct FleetSession {
+    /// Identity.
+    pub id: String,
+    /// Node holding it.
+    pub node: String,
+    /// That node's listening address.
+    pub addr: String,
+    /// Device address as that node sees it.
+    pub peer: String,
+    /// Since (seconds since the Unix epoch).
+    pub since: i64,
+}
+
+/// A send waiting in `sends` for the node holding the session.
+#[derive(Debug)]
+pub struct PendingSend {
+    /// The node that asked.
+    pub origin: String,
+    /// The device.
+    pub id: String,
+    /// REQUEST (else MESSAGE).
+    pub request: bool,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// How long the origin waits.
+    pub timeout: Duration,
+}
+
+/// The outcome of a send, as the holding node writes it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// The device answered (REQUEST) with this status and payload.
+    Answer(u16, Vec<u8>),
+    /// The MESSAGE was written.
+    Sent,
+    /// It failed: the kind (`offline`, `ended`, `timeout`, `refused`) and why.
+    Failed(String, String),
+}
+
+impl Postgres {
+    /// Connects to the database at `url` and brings its schema to [`SCHEMA_VERSION`].
+    pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+        let place = redacted(url);
+        let fail = |message: String| StoreError::Postgres {
+            place: place.clone(),
+            message,
+        };
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| fail(format!("not a valid connection URL: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("tallyd");
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tally-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("cannot start its runtime: {e}")))?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let pg = Postgres {
+            pool,
+            config,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+            place,
+            queries: AtomicU64::new(0),
+        };
+        pg.block_on(pg.migrate())?;
+        Ok(pg)
+    }
+
+    /// The database, without its password.
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// The connection settings (for the fleet's `LISTEN` connection).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// Statements sent so far.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` statements.
+    pub fn count_queries(&self, n: u64) {
+        self.queries.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// An error of this database.
+    pub fn error(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Postgres {
+            place: self.place.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Runs `f` on the store's runtime (for async callers on any runtime).
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
+    }
+
+    /// Waits for `f`, from any thread: a runtime's worker thread gives itself up to the
+    /// runtime's other workers meanwhile (`block_in_place`, the daemon's multi-threaded
+    /// runtime), a blocking-pool thread or a plain thread just waits.
+    pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(f)),
+            Err(_) => self.handle.block_on(f),
+        }
+    }
+
+    /// A pooled connection.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.error(e))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(|e| self.error(e))?;
+        let e = |e| self.error(e);
+        // Daemons starting together migrate one at a time.
+        tx.execute("SELECT pg_advisory_xact_lock(7420)", &[])
+            .await
+            .map_err(e)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS tally_schema (version integer NOT NULL)")
+            .await
+            .map_err(e)?;
+        let version: i32 = match tx
+            .query_opt("SELECT version FROM tally_schema", &[])
+            .await
+            .map_err(e)?
+        {
+            Some(row) => row.get(0),
+            None => {
+                tx.execute("INSERT INTO tally_schema (version) VALUES (0)", &[])
+                    .await
+                    .map_err(e)?;
+                0
+            }
+        };
+        if version as u32 > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                place: self.place.clone(),
+                found: version as u32,
+            });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql).await.map_err(e)?;
+            tx.execute("UPDATE tally_schema SET version = $1", &[&(n as i32 + 1)])
+                .await
+                .map_err(e)?;
+        }
+        tx.commit().await.map_err(e)?;
+        Ok(())
+    }
+
+    /// Registers this daemon as `node`, listening on `addr`.
+    pub async fn join(&self, node: &str, addr: &str) -> Result<(), StoreError> {
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO nodes (node, addr) VALUES ($1, $2) ON CONFLICT (node) \
+                 DO UPDATE SET addr = excluded.addr, heartbeat = clock_timestamp()",
+                &[&node, &addr],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Renews `node`'s heartbeat and deletes the nodes (and so their claims) whose
+    /// heartbeat is older than `stale`, and sends nobody picked up. Returns false if
+    /// `node` itself was gone (declared dead by another node: its claims are gone).
+    pub async fn heartbeat(&self, node: &str, stale: Duration) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let e = |e| self.error(e);
+        self.count_queries(3);
+        let n = c
+            .execute(
+                "UPDATE nodes SET heartbeat = clock_timestamp() WHERE node = $1",
+                &[&node],
+            )
+            .await
+            .map_err(e)?;
+        let ms = stale.as_millis() as i64;
+        c.execute(
+            "DELETE FROM nodes WHERE heartbeat < clock_timestamp() - $1::bigint * interval '1 millisecond'",
+            &[&ms],
+        )
+        .await
+        .map_err(e)?;
+        c.execute(
+            "DELETE FROM sends WHERE created < clock_timestamp() - interval '1 millisecond' * \
+             (timeout_ms + 60000)",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+        Ok(n == 1)
+    }
+
+    /// Deletes `node` and its claims (a daemon shutting down).
+    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute("DELETE FROM nodes WHERE node = $1", &[&node])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Claims `id` for `node`'s new session from `peer` (`tally_claim`): one statement.
+    pub async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        peer: &str,
+        reject: bool,
+        self_live: bool,
+        stale: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.count_queries(1);
+        let ms = stale.as_millis() as i64;
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT * FROM tally_claim($1, $2, $3, $4, $5, $6)",
+                &[&id, &node, &peer, &reject, &self_live, &ms],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(Claim {
+            outcome: row.get(0),
+            epoch: row.get::<_, i64>(1) as u64,
+            in_a_row: row.get::<_, i32>(2) as u32,
+            old_node: row.get(3),
+            old_peer: row.get(4),
+        })
+    }
+
+    /// Releases `node`'s claim of `id` with `epoch`, if it still holds it.
+    pub async fn release(&self, id: &str, node: &str, epoch: u64) -> Result<(), StoreError> {
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM sessions WHERE id = $1 AND node = $2 AND epoch = $3",
+                &[&id, &node, &(epoch as i64)],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The claims `node` holds: id and epoch.
+    pub async fn claims_of(&self, node: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.count_queries(1);
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT id, epoch FROM sessions WHERE node = $1", &[&node])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    /// The live node holding `id`'s session, if any.
+    pub async fn holder(&self, id: &str, stale: Duration) -> Result<Option<String>, StoreError> {
+        self.count_queries(1);
+        let ms = stale.as_millis() as i64;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT s.node FROM sessions s JOIN nodes n ON n.node = s.node WHERE s.id = $1 \
+                 AND n.heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
+                &[&id, &ms],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Every claim of a live node, ordered by id.
+    pub async fn fleet_sessions(&self, stale: Duration) -> Result<Vec<FleetSession>, StoreError> {
+        self.count_queries(1);
+        let ms = stale.as_millis() as i64;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT s.id, s.node, n.addr, s.peer, extract(epoch FROM s.since)::bigint \
+                 FROM sessions s JOIN nodes n ON n.node = s.node \
+                 WHERE n.heartbeat > clock_timestamp() - $1::bigint * interval '1 millisecond' \
+                 ORDER BY s.id",
+                &[&ms],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| FleetSession {
+                id: r.get(0),
+                node: r.get(1),
+                addr: r.get(2),
+                peer: r.get(3),
+                since: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Hands a send to `node` (it is told on tally_send), as call number `call`.
+    pub async fn put_send(
+        &self,
+        call: i64,
+        node: &str,
+        origin: &str,
+        send: &PendingSend,
+    ) -> Result<(), StoreError> {
+        self.count_queries(1);
+        let ms = send.timeout.as_millis().min(i64::MAX as u128) as i64;
+        self.client()
+            .await?
+            .execute(
+                "WITH ins AS (INSERT INTO sends (call, node, origin, id, request, payload, \
+                 timeout_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING call) \
+                 SELECT pg_notify('tally_send', $2 || ' ' || call) FROM ins",
+                &[
+                    &call,
+                    &node,
+                    &origin,
+                    &send.id,
+                    &send.request,
+                    &send.payload,
+                    &ms,
+                ],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The send `call`, for the node that holds its device's session.
+    pub async fn take_send(&self, call: i64) -> Result<Option<PendingSend>, StoreError> {
+        self.count_queries(1);
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT origin, id, request, payload, timeout_ms FROM sends \
+                 WHERE call = $1 AND NOT done",
+                &[&call],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(row.map(|r| PendingSend {
+            origin: r.get(0),
+            id: r.get(1),
+            request: r.get(2),
+            payload: r.get(3),
+            timeout: Duration::from_millis(r.get::<_, i64>(4).max(0) as u64),
+        }))
+    }
+
+    /// Writes the outcome of `call` and tells `origin` (tally_result).
+    pub async fn answer_send(
+        &self,
+        call: i64,
+        origin: &str,
+        outcome: &SendOutcome,
+    ) -> Result<(), StoreError> {
+        let (status, answer, error): (Option<i32>, Option<&[u8]>, Option<String>) = match outcome {
+            SendOutcome::Answer(s, p) => (Some(i32::from(*s)), Some(p), None),
+            SendOutcome::Sent => (None, None, None),
+            SendOutcome::Failed(kind, why) => (None, None, Some(format!("{kind} {why}"))),
+        };
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute(
+                "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4 \
+                 WHERE call = $1 RETURNING call) \
+                 SELECT pg_notify('tally_result', $5 || ' ' || call) FROM up",
+                &[&call, &status, &answer, &error, &origin],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Deletes `call`, returning its outcome if it was answered.
+    pub async fn finish_send(&self, call: i64) -> Result<Option<SendOutcome>, StoreError> {
+        self.count_queries(1);
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "DELETE FROM sends WHERE call = $1 RETURNING done, status, answer, error",
+                &[&call],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(r) = row else { return Ok(None) };
+        if !r.get::<_, bool>(0) {
+            return Ok(None);
+        }
+        let status: Option<i32> = r.get(1);
+        let answer: Option<Vec<u8>> = r.get(2);
+        let error: Option<String> = r.get(3);
+        Ok(Some(match (status, error) {
+            (_, Some(e)) => {
+                let (kind, why) = e.split_once(' ').unwrap_or((&e, ""));
+                SendOutcome::Failed(kind.to_owned(), why.to_owned())
+            }
+            (Some(s), None) => SendOutcome::Answer(s as u16, answer.unwrap_or_default()),
+            (None, None) => SendOutcome::Sent,
+        }))
+    }
+
+    /// One query of the identity store, outside a transaction.
+    fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.count_queries(1);
+        self.block_on(async {
+            self.client()
+                .await?
+                .query(sql, params)
+                .await
+                .map_err(|e| self.error(e))
+        })
+    }
+}
+
+/// Whether a database error is the violation of a unique constraint.
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+impl Engine for Postgres {
+    fn init(
+        &self,
+        decoy: &dyn Fn() -> Vec<u8>,
+        open: &dyn Fn(i64) -> Vec<u8>,
+    ) -> Result<(Vec<u8>, SealedRow), StoreError> {
+        // Sealed before the transaction: the closures are not `Send`.
+        let new_decoy = decoy();
+        let at = super::now();
+        let new_open = open(at);
+        self.count_queries(4);
+        transaction!(self, |tx, e| {
+            tx.execute(
+                "INSERT INTO decoy (generation, key) VALUES (0, $1) ON CONFLICT DO NOTHING",
+                &[&new_decoy],
+            )
+            .await
+            .map_err(e)?;
+            tx.execute(
+                "INSERT INTO settings (name, value, updated) VALUES ('open_key', $1, $2) \
+                     ON CONFLICT DO NOTHING",
+                &[&new_open, &at],
+            )
+            .await
+            .map_err(e)?;
+            let d = tx
+                .query_one("SELECT key FROM decoy WHERE generation = 0", &[])
+                .await
+                .map_err(e)?;
+            let o = tx
+                .query_one(
+                    "SELECT value, updated FROM settings WHERE name = 'open_key'",
+                    &[],
+                )
+                .await
+                .map_err(e)?;
+            Ok((d.get(0), (o.get(0), o.get(1))))
+        })
+    }
+
+    fn open_key(&self) -> Result<Option<SealedRow>, StoreError> {
+        let rows = self.query(
+            "SELECT value, updated FROM settings WHERE name = 'open_key'",
+            &[],
+        )?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn put_open_key(&self, sealed: &[u8], updated: i64) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO settings (name, value, updated) VALUES ('open_key', $1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+            &[&sealed, &updated],
+        )?;
+        Ok(())
+    }
+
+    fn issue_token(
+        &self,
+        id: &Id,
+        sealed: &[u8],
+        issued: i64,
+        expires: i64,
+    ) -> Result<(), StoreError> {
+        self.count_queries(2);
+        let taken = transaction!(self, |tx, e| {
+            // Serialises with an enrollment of the same id (its INSERT's lock).
+            let enrolled = tx
+                .query_opt(
+                    "SELECT 1 FROM identities WHERE id = $1 FOR SHARE",
+                    &[&id.as_str()],
+                )
+                .await
+                .map_err(e)?
+                .is_some();
+            if enrolled {
+                return Ok(true);
+            }
+            tx.execute(
+                "INSERT INTO tokens (id, secret, issued, expires) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (id) DO UPDATE SET secret = excluded.secret, \
+                     issued = excluded.issued, expires = excluded.expires",
+                &[&id.as_str(), &sealed, &issued, &expires],
+            )
+            .await
+            .map_err(e)?;
+            Ok(false)
+        })?;
+        if taken {
+            return Err(StoreError::Taken(id.clone()));
+        }
+        Ok(())
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(!self
+            .query("DELETE FROM tokens WHERE id = $1 RETURNING 1", &[&id])?
+            .is_empty())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        Ok(self
+            .query("SELECT id, issued, expires FROM tokens ORDER BY id", &[])?
+            .iter()
+            .map(|r| TokenRow {
+                id: r.get(0),
+                issued: r.get(1),
+                expires: r.get(2),
+            })
+            .collect())
+    }
+
+    fn enroll_lookup(&self, id: &str) -> Result<(bool, Option<SealedRow>), StoreError> {
+        let rows = self.query(
+            "SELECT EXISTS(SELECT 1 FROM identities WHERE id = $1), \
+             (SELECT secret FROM tokens WHERE id = $1), (SELECT expires FROM tokens WHERE id = $1)",
+            &[&id],
+        )?;
+        let r = &rows[0];
+        let secret: Option<Vec<u8>> = r.get(1);
+        let expires: Option<i64> = r.get(2);
+        Ok((r.get(0), secret.zip(expires)))
+    }
+
+    fn insert(
+        &self,
+        id: &Id,
+        mode: EnrollMode,
+        token: Option<&[u8]>,
+        at: i64,
+        seal: &dyn Fn(i64) -> Vec<u8>,
+    ) -> Result<(i64, Vec<u8>), StoreError> {
+        // The generation first (a sequence value is never handed out twice, whatever
+        // happens to this transaction), so that the key is sealed for it before the
+        // transaction, which must not hold `seal` (not `Send`).
+        let generation: i64 = self.query("SELECT nextval('generations')", &[])?[0].get(0);
+        let sealed = seal(generation);
+        self.count_queries(3);
+        enum Out {
+            Stored,
+            Taken,
+            TokenGone,
+        }
+        let out = transaction!(self, |tx, e| {
+            let consumed = match token {
+                Some(token) => tx
+                    .execute(
+                        "DELETE FROM tokens WHERE id = $1 AND secret = $2 AND expires > $3",
+                        &[&id.as_str(), &token, &at],
+                    )
+                    .await
+                    .map_err(e)?,
+                None => {
+                    tx.execute("DELETE FROM tokens WHERE id = $1", &[&id.as_str()])
+                        .await
+                        .map_err(e)?;
+                    1
+                }
+            };
+            if consumed != 1 {
+                return Ok(Out::TokenGone);
+            }
+            let inserted = tx
+                .execute(
+                    "INSERT INTO identities (generation, id, key, created, mode) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    &[&generation, &id.as_str(), &sealed, &at, &mode.as_str()],
+                )
+                .await;
+            match inserted {
+                Ok(_) => {}
+                Err(err) if is_unique_violation(&err) => return Ok(Out::Taken),
+                Err(err) => return Err(e(err)),
+            }
+            tx.execute(
+                "SELECT pg_notify('tally_identity', 'enrolled ' || $1)",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(e)?;
+            Ok(Out::Stored)
+        })?;
+        match out {
+            Out::Stored => Ok((generation, sealed)),
+            Out::Taken => Err(StoreError::Taken(id.clone())),
+            Out::TokenGone => Err(StoreError::TokenGone(id.clone())),
+        }
+    }
+
+    fn key(&self, id: &str) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        let rows = self.query(
+            "SELECT generation, key FROM identities \
+             WHERE id = $1 AND revoked IS NULL AND key IS NOT NULL",
+            &[&id],
+        )?;
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT id, generation, key FROM identities \
+                 WHERE revoked IS NULL AND key IS NOT NULL",
+                &[],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError> {
+        let ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
+        let ats: Vec<i64> = seen.iter().map(|(_, at)| *at).collect();
+        self.query(
+            "UPDATE identities i SET last_seen = v.at \
+             FROM unnest($1::text[], $2::bigint[]) AS v(id, at) WHERE i.id = v.id",
+            &[&ids, &ats],
+        )?;
+        Ok(())
+    }
+
+    fn revoke(&self, id: &str, at: i64) -> Result<Option<bool>, StoreError> {
+        self.count_queries(3);
+        transaction!(self, |tx, e| {
+            let n = tx
+                .execute(
+                    "UPDATE identities SET revoked = $2, key = NULL \
+                         WHERE id = $1 AND revoked IS NULL",
+                    &[&id, &at],
+                )
+                .await
+                .map_err(e)?;
+            if n == 1 {
+                tx.execute(
+                    "SELECT pg_notify('tally_identity', 'revoked ' || $1)",
+                    &[&id],
+                )
+                .await
+                .map_err(e)?;
+                return Ok(Some(true));
+            }
+            let exists = tx
+                .query_opt("SELECT 1 FROM identities WHERE id = $1", &[&id])
+                .await
+                .map_err(e)?
+                .is_some();
+            Ok(exists.then_some(false))
+        })
+    }
+
+    fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        self.count_queries(2);
+        transaction!(self, |tx, e| {
+            let n = tx
+                .execute("DELETE FROM identities WHERE id = $1", &[&id])
+                .await
+                .map_err(e)?;
+            if n == 1 {
+                tx.execute(
+                    "SELECT pg_notify('tally_identity', 'removed ' || $1)",
+                    &[&id],
+                )
+                .await
+                .map_err(e)?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
+        Ok(self
+            .query(
+                "SELECT id, generation, created, last_seen, revoked, mode FROM identities \
+                 ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| IdentityRow {
+                id: r.get(0),
+                generation: r.get::<_, i64>(1) as u64,
+                created: r.get(2),
+                last_seen: r.get(3),
+                revoked: r.get(4),
+                mode: r.get(5),
+            })
+            .collect())
+    }
+
+    fn count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.query("SELECT COUNT(*) FROM identities", &[])?[0].get(0);
+        Ok(n as u64)
+    }
+
+    fn postgres(&self) -> Option<&Postgres> {
+        Some(self)
+    }
+}

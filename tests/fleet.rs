@@ -1,0 +1,467 @@
+//! Several daemons, one fleet (issue 16, docs/CLUSTER.md): two or three real `tallyd`
+//! processes on one throwaway PostgreSQL cluster, and real devices (`tally listen`,
+//! `tally request`, the client library). Each test starts its own cluster; without
+//! PostgreSQL installed they are skipped with a message (never under CI).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::bin::{self, expect_line, text, Daemon};
+use common::postgres::Cluster;
+use common::proxy::Proxy;
+use tempfile::TempDir;
+
+struct Node {
+    daemon: Daemon,
+    dir: PathBuf,
+}
+
+impl Node {
+    /// `tallyd ARGS` against this node (an admin command through its control socket).
+    fn admin(&self, args: &[&str]) -> std::process::Output {
+        bin::admin(&self.dir, args)
+    }
+
+    /// An admin command that must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "tallyd {args:?} on {}: {}",
+            self.daemon.addr,
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+struct Fleet {
+    cluster: Cluster,
+    root: TempDir,
+    nodes: Vec<Node>,
+    takeover: &'static str,
+}
+
+/// The configuration of node `n`.
+fn config(fleet_root: &Path, cluster: &Cluster, n: usize, takeover: &str) -> PathBuf {
+    let dir = fleet_root.join(format!("node{n}"));
+    let path = fleet_root.join(format!("node{n}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\ntakeover = \"{takeover}\"\n",
+            dir.display(),
+            cluster.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+impl Fleet {
+    /// `n` nodes on a new cluster, sharing one pair of key files; `None` if PostgreSQL
+    /// is not installed (outside CI).
+    fn start(test: &str, n: usize, takeover: &'static str) -> Option<Fleet> {
+        let cluster = Cluster::start(test)?;
+        let root = tempfile::tempdir().unwrap();
+        // The first node's keys, copied to the others: one fleet, one server key and
+        // one store key (distributed as systemd credentials in production).
+        let first = config(root.path(), &cluster, 0, takeover);
+        let init = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .arg("--config")
+            .arg(&first)
+            .arg("init")
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{}", text(&init.stderr));
+        let keys = root.path().join("node0");
+        for i in 1..n {
+            let dir = root.path().join(format!("node{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .unwrap();
+            for key in ["server.key", "store.key"] {
+                std::fs::copy(keys.join(key), dir.join(key)).unwrap();
+            }
+        }
+        let mut fleet = Fleet {
+            cluster,
+            root,
+            nodes: Vec::new(),
+            takeover,
+        };
+        for i in 0..n {
+            fleet.nodes.push(fleet.start_node(i));
+        }
+        Some(fleet)
+    }
+
+    fn start_node(&self, i: usize) -> Node {
+        let path = config(self.root.path(), &self.cluster, i, self.takeover);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+        cmd.arg("--config").arg(&path);
+        let (daemon, _) = bin::start_cmd(cmd, false);
+        Node {
+            daemon,
+            dir: self.root.path().join(format!("node{i}")),
+        }
+    }
+
+    /// Enrolls `id` through node `n`; returns its credential file.
+    fn enroll(&self, n: usize, id: &str) -> PathBuf {
+        let node = &self.nodes[n];
+        bin::enroll(&node.daemon, &node.dir, id, self.root.path())
+    }
+
+    /// A copy of `cred` pointing at `server`.
+    fn cred_for(&self, cred: &Path, server: &str, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(cred).unwrap();
+        let out: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("server") {
+                    format!("server = \"{server}\"\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        let path = self.root.path().join(name);
+        std::fs::write(&path, out).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        path
+    }
+
+    /// `cred` pointed at node `n`.
+    fn at(&self, cred: &Path, n: usize) -> PathBuf {
+        let name = format!(
+            "{}-at-{n}.cred",
+            cred.file_stem().unwrap().to_string_lossy()
+        );
+        self.cred_for(cred, &self.nodes[n].daemon.addr, &name)
+    }
+
+    /// The sessions `tallyd sessions --json` on node `n` lists: (id, node address).
+    fn sessions(&self, n: usize) -> Vec<(String, String)> {
+        let json = self.nodes[n].ok(&["sessions", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_owned(),
+                    s["node"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (up to `secs`) until node `n` lists exactly `want`.
+    fn await_sessions(&self, n: usize, want: &[(&str, usize)], secs: u64) {
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(id, node)| (id.to_string(), self.nodes[*node].daemon.addr.clone()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.sessions(n);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {n} lists {got:?}, not {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `tally request --cred CRED PAYLOAD`: its output.
+fn request(cred: &Path, payload: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["request", "--cred"])
+        .arg(cred)
+        .arg(payload)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_device_enrolled_on_one_node_is_served_by_every_node() {
+    let Some(f) = Fleet::start("fleet: enrolled on one node", 3, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "meter-1");
+    // The other nodes heard of the enrollment (tally_identity) and hold its key in
+    // their index: a handshake there costs no query for the key.
+    for n in 0..3 {
+        let out = request(&f.at(&cred, n), &format!("hello {n}"));
+        assert!(out.status.success(), "node {n}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), format!("hello {n}"));
+    }
+    // The identities are the fleet's: listed the same by every node.
+    for n in 0..3 {
+        let ids = f.nodes[n].ok(&["identities"]);
+        assert!(ids.contains("meter-1"), "node {n}: {ids}");
+    }
+    // A token issued on one node enrolls on another.
+    let token = f.nodes[1].ok(&["token", "--id", "meter-2"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_TOKEN", token.trim())
+        .args([
+            "enroll",
+            "--id",
+            "meter-2",
+            "--server",
+            &f.nodes[2].daemon.addr,
+            "--out",
+        ])
+        .arg(f.root.path().join("meter-2.cred"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        f.nodes[0].ok(&["tokens"]).lines().count() <= 1,
+        "the token was used up"
+    );
+    let out = request(&f.at(&f.root.path().join("meter-2.cred"), 0), "ping");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn one_live_session_per_identity_across_nodes_replace() {
+    let Some(f) = Fleet::start("fleet: takeover across nodes", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "pump-1");
+    let (_a, a_lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&a_lines, "connected as pump-1");
+    f.await_sessions(1, &[("pump-1", 0)], 10);
+    // The same identity reconnects to the other node: it takes the session over there,
+    // and the first node closes its own with TAKEN_OVER.
+    let (_b, b_lines) = bin::listen(&["--echo", "--no-reconnect"], &f.at(&cred, 1));
+    expect_line(&b_lines, "connected as pump-1");
+    let lost = expect_line(&a_lines, "session lost");
+    assert!(
+        lost.contains("TAKEN_OVER") || lost.contains("taken over"),
+        "{lost}"
+    );
+    // One session in the fleet, on node 1, whichever node is asked.
+    f.await_sessions(0, &[("pump-1", 1)], 10);
+    f.await_sessions(1, &[("pump-1", 1)], 10);
+}
+
+#[test]
+fn one_live_session_per_identity_across_nodes_reject() {
+    let Some(f) = Fleet::start("fleet: reject across nodes", 2, "reject") else {
+        return;
+    };
+    let cred = f.enroll(0, "valve-1");
+    let (_a, a_lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&a_lines, "connected as valve-1");
+    // Another node refuses a second session while the first lives.
+    let out = request(&f.at(&cred, 1), "second");
+    assert!(!out.status.success(), "a second session was accepted");
+    assert!(
+        text(&out.stderr).contains("session takeover refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    f.nodes[1]
+        .daemon
+        .expect_log(&["refused", "live session on node", "reject"]);
+    // The first session is untouched.
+    f.await_sessions(1, &[("valve-1", 0)], 10);
+    // Once it ends, the claim is released and another node serves the identity.
+    drop(_a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = request(&f.at(&cred, 1), "after");
+        if out.status.success() {
+            assert_eq!(text(&out.stdout).trim(), "after");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn revoke_and_remove_close_the_session_on_whichever_node_holds_it() {
+    let Some(f) = Fleet::start("fleet: revoke across nodes", 2, "replace") else {
+        return;
+    };
+    let doomed = f.enroll(0, "doomed");
+    let removed = f.enroll(0, "removed");
+    let (_a, a_lines) = bin::listen(&["--echo"], &f.at(&doomed, 0));
+    expect_line(&a_lines, "connected as doomed");
+    let (_b, b_lines) = bin::listen(&["--echo"], &f.at(&removed, 1));
+    expect_line(&b_lines, "connected as removed");
+    f.await_sessions(1, &[("doomed", 0), ("removed", 1)], 10);
+    // Revoked through node 1; the session is on node 0.
+    let out = f.nodes[1].ok(&["revoke", "doomed"]);
+    let revoked = Instant::now();
+    assert!(out.contains("its live session was closed"), "{out}");
+    let line = expect_line(&a_lines, "revoked");
+    let took = revoked.elapsed();
+    eprintln!("revocation on node 1 closed the session on node 0 in {took:?}: {line}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Removed through node 0; the session is on node 1.
+    let out = f.nodes[0].ok(&["remove", "removed"]);
+    let at = Instant::now();
+    assert!(out.contains("its live session was closed"), "{out}");
+    expect_line(&b_lines, "removed");
+    assert!(
+        at.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        at.elapsed()
+    );
+    // Neither identity gets a session on any node now.
+    for n in 0..2 {
+        for cred in [&doomed, &removed] {
+            let out = request(&f.at(cred, n), "x");
+            assert!(
+                !out.status.success(),
+                "node {n} served a revoked or removed identity"
+            );
+        }
+    }
+    f.await_sessions(0, &[], 10);
+}
+
+#[test]
+fn server_initiated_traffic_is_routed_to_the_node_holding_the_session() {
+    let Some(f) = Fleet::start("fleet: sends across nodes", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "field-unit");
+    let (_a, a_lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&a_lines, "connected as field-unit");
+    f.await_sessions(1, &[("field-unit", 0)], 10);
+    // A REQUEST through node 1 reaches the device on node 0; its answer comes back.
+    let out = f.nodes[1].admin(&["send", "field-unit", "--request", "reboot?"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "reboot?");
+    // A MESSAGE too.
+    let out = f.nodes[1].admin(&["send", "field-unit", "fyi"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sent to field-unit"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A big payload goes through the database, not in a notification (8000 bytes at most).
+    let big = "x".repeat(20_000);
+    let out = f.nodes[1].admin(&["send", "field-unit", "--request", &big]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).len(), 20_000);
+    // A device with no session anywhere is offline, from either node.
+    for n in 0..2 {
+        let out = f.nodes[n].admin(&["send", "nobody", "--request", "x"]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("not connected"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // Nothing is left in the database's mailbox.
+    assert_eq!(f.cluster.psql("SELECT count(*) FROM sends"), "0");
+}
+
+#[test]
+fn sessions_lists_the_fleet() {
+    let Some(f) = Fleet::start("fleet: sessions", 3, "replace") else {
+        return;
+    };
+    let mut listeners = Vec::new();
+    for n in 0..3 {
+        let id = format!("dev-{n}");
+        let cred = f.enroll(n, &id);
+        let (child, lines) = bin::listen(&["--echo"], &f.at(&cred, n));
+        expect_line(&lines, &format!("connected as {id}"));
+        listeners.push(child);
+    }
+    for n in 0..3 {
+        f.await_sessions(n, &[("dev-0", 0), ("dev-1", 1), ("dev-2", 2)], 10);
+    }
+    // The table names the node of each session.
+    let table = f.nodes[0].ok(&["sessions"]);
+    assert!(table.contains("NODE"), "{table}");
+    assert!(table.contains(&f.nodes[2].daemon.addr), "{table}");
+    // Sessions that end release their claims: gone from every node's list.
+    drop(listeners);
+    f.await_sessions(1, &[], 10);
+}
+
+#[test]
+fn a_node_killed_releases_its_claims_and_its_devices_reconnect_elsewhere() {
+    let Some(mut f) = Fleet::start("fleet: kill -9", 2, "reject") else {
+        return;
+    };
+    let a = f.nodes[0].daemon.addr.clone();
+    let b = f.nodes[1].daemon.addr.clone();
+    // Devices reach the fleet through a TCP pass-through balancer, node 0 first.
+    let lb = Proxy::start(&[&a, &b]);
+    let cred = f.enroll(0, "sensor-9");
+    let cred = f.cred_for(&cred, &lb.addr.to_string(), "sensor-9-lb.cred");
+    let (_dev, lines) = bin::listen(&["--echo"], &cred);
+    expect_line(&lines, "connected as sensor-9");
+    f.await_sessions(1, &[("sensor-9", 0)], 10);
+    // kill -9: no CLOSE, no release, no goodbye to the database.
+    let killed = Instant::now();
+    f.nodes[0].daemon.child.kill().unwrap();
+    f.nodes[0].daemon.child.wait().unwrap();
+    // The device sees its connection drop and reconnects through the balancer to node
+    // 1, which refuses it (takeover = "reject") while node 0's claim looks live...
+    expect_line(&lines, "session lost");
+    let refused = expect_line(&lines, "session takeover refused");
+    eprintln!("{refused}");
+    // ...and takes the claim once node 0's heartbeat is stale (5 s): the device is
+    // served at its next attempt (the link waits 10 s or more after that refusal).
+    f.await_sessions(1, &[("sensor-9", 1)], 40);
+    eprintln!(
+        "sensor-9 served by node 1 {:?} after the kill",
+        killed.elapsed()
+    );
+    // The dead node is gone from the fleet's tables.
+    assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "1");
+    let out = f.nodes[1].admin(&["send", "sensor-9", "--request", "still there?"]);
+    assert_eq!(text(&out.stdout), "still there?", "{}", text(&out.stderr));
+    // A restarted node 0 joins the fleet again (a new node) and serves.
+    f.nodes[0] = f.start_node(0);
+    let other = f.enroll(0, "sensor-10");
+    let out = request(&f.at(&other, 0), "hi");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_node_cut_off_from_the_database_fences_itself_and_serves_again_after() {
+    let Some(f) = Fleet::start("fleet: fencing", 1, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "cut-1");
+    let (_dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as cut-1");
+    // The database goes away: within FENCE_AFTER (3 s) the node closes its sessions,
+    // since it can no longer hold their claims.
+    let stopped = Instant::now();
+    f.cluster.stop();
+    let lost = expect_line(&lines, "session lost");
+    eprintln!(
+        "fenced {:?} after the database stopped: {lost}",
+        stopped.elapsed()
+    );
+    assert!(lost.contains("SHUTDOWN") || lost.contains("shut"), "{lost}");
+    f.nodes[0].daemon.expect_log(&["fencing this node"]);
+    // Back: the node serves again and the device's link reconnects.
+    f.cluster.restart();
+    f.nodes[0].daemon.expect_log(&["the database is back"]);
+    expect_line(&lines, "reconnected as cut-1");
+}
