@@ -103,16 +103,7 @@ impl Cluster {
                  -c synchronous_commit=on -c max_connections=200 -c shared_buffers=32MB",
                 cluster.dir.path().display()
             );
-            let out = cluster
-                .command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(cluster.dir.path().join("log"))
-                .args(["-w", "-t", "30", "-o", &opts, "start"])
-                .output()
-                .unwrap();
-            if out.status.success() {
+            if cluster.pg_ctl_start(&opts).status.success() {
                 cluster.port = port;
                 cluster.opts = opts;
                 return Some(cluster);
@@ -142,20 +133,25 @@ impl Cluster {
 
     /// Starts the stopped server again, on the same port.
     pub fn restart(&self) {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .args(["-w", "-t", "30", "-o", &self.opts, "start"])
-            .output()
-            .unwrap();
+        let out = self.pg_ctl_start(&self.opts);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// `pg_ctl start` with the server options `opts`, waiting until it accepts
+    /// connections (its log in the cluster's directory).
+    fn pg_ctl_start(&self, opts: &str) -> std::process::Output {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-t", "30", "-o", opts, "start"])
+            .output()
+            .unwrap()
     }
 
     fn data(&self) -> PathBuf {
