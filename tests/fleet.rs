@@ -449,6 +449,9 @@ fn a_node_cut_off_from_the_database_fences_itself_and_serves_again_after() {
     let cred = f.enroll(0, "cut-1");
     let (_dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
     expect_line(&lines, "connected as cut-1");
+    // "connected" is printed once CLIENT_FINISH is sent (spec 7.2: one round trip);
+    // the node's claim may still be on its way to the database.
+    f.await_sessions(0, &[("cut-1", 0)], 10);
     // The database goes away: within FENCE_AFTER (3 s) the node closes its sessions,
     // since it can no longer hold their claims.
     let stopped = Instant::now();
