@@ -43,16 +43,21 @@ struct Fleet {
     root: TempDir,
     nodes: Vec<Node>,
     takeover: &'static str,
+    /// Environment of particular nodes (node, variable, value): the debug builds' test
+    /// hooks.
+    env: Vec<(usize, &'static str, &'static str)>,
+    /// More configuration for every node.
+    extra: &'static str,
 }
 
 /// The configuration of node `n`.
-fn config(fleet_root: &Path, cluster: &Cluster, n: usize, takeover: &str) -> PathBuf {
+fn config(fleet_root: &Path, cluster: &Cluster, n: usize, takeover: &str, extra: &str) -> PathBuf {
     let dir = fleet_root.join(format!("node{n}"));
     let path = fleet_root.join(format!("node{n}.toml"));
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\ntakeover = \"{takeover}\"\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\ntakeover = \"{takeover}\"\n{extra}",
             dir.display(),
             cluster.url()
         ),
@@ -65,11 +70,22 @@ impl Fleet {
     /// `n` nodes on a new cluster, sharing one pair of key files; `None` if PostgreSQL
     /// is not installed (outside CI).
     fn start(test: &str, n: usize, takeover: &'static str) -> Option<Fleet> {
+        Fleet::start_with(test, n, takeover, &[], "")
+    }
+
+    /// [`Fleet::start`], with `env` for some nodes and `extra` configuration for all.
+    fn start_with(
+        test: &str,
+        n: usize,
+        takeover: &'static str,
+        env: &[(usize, &'static str, &'static str)],
+        extra: &'static str,
+    ) -> Option<Fleet> {
         let cluster = Cluster::start(test)?;
         let root = tempfile::tempdir().unwrap();
         // The first node's keys, copied to the others: one fleet, one server key and
         // one store key (distributed as systemd credentials in production).
-        let first = config(root.path(), &cluster, 0, takeover);
+        let first = config(root.path(), &cluster, 0, takeover, extra);
         let init = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .arg("--config")
             .arg(&first)
@@ -92,6 +108,8 @@ impl Fleet {
             root,
             nodes: Vec::new(),
             takeover,
+            env: env.to_vec(),
+            extra,
         };
         for i in 0..n {
             fleet.nodes.push(fleet.start_node(i));
@@ -100,9 +118,18 @@ impl Fleet {
     }
 
     fn start_node(&self, i: usize) -> Node {
-        let path = config(self.root.path(), &self.cluster, i, self.takeover);
+        let path = config(
+            self.root.path(),
+            &self.cluster,
+            i,
+            self.takeover,
+            self.extra,
+        );
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
         cmd.arg("--config").arg(&path);
+        for (_, var, value) in self.env.iter().filter(|(n, _, _)| *n == i) {
+            cmd.env(var, value);
+        }
         let (daemon, _) = bin::start_cmd(cmd, false);
         Node {
             daemon,
@@ -255,6 +282,13 @@ fn one_live_session_per_identity_across_nodes_replace() {
     // One session in the fleet, on node 1, whichever node is asked.
     f.await_sessions(0, &[("pump-1", 1)], 10);
     f.await_sessions(1, &[("pump-1", 1)], 10);
+    // Both devices stop; the claim is deleted. Node 0 remembers that its claim was
+    // superseded: the identity's next claim there must have a greater epoch (epochs
+    // are fleet-wide, they do not start again at 1 with a new row), or it is refused.
+    drop((_a, _b));
+    f.await_sessions(0, &[], 10);
+    let out = request(&f.at(&cred, 0), "back on node 0");
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -467,4 +501,268 @@ fn a_node_cut_off_from_the_database_fences_itself_and_serves_again_after() {
     f.cluster.restart();
     f.nodes[0].daemon.expect_log(&["the database is back"]);
     expect_line(&lines, "reconnected as cut-1");
+}
+
+// The races below hold a handshake of node 0 between its claim and its registration
+// (a hook of debug builds: TALLYD_TEST_PAUSE_AFTER_CLAIM_MS) and race the fleet against
+// it. Each let two nodes serve one identity, or a revoked one, before it was fixed.
+
+const PAUSE: &str = "TALLYD_TEST_PAUSE_AFTER_CLAIM_MS";
+
+/// Starts `tally listen --echo` with `cred` at node `n`, and waits until node `n` holds
+/// its handshake between claim and registration.
+fn paused_listen(
+    f: &Fleet,
+    cred: &Path,
+    n: usize,
+) -> (bin::KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let (dev, lines) = bin::listen(&["--echo"], &f.at(cred, n));
+    f.nodes[n].daemon.expect_log(&[PAUSE]);
+    (dev, lines)
+}
+
+#[test]
+fn a_takeover_on_another_node_before_the_session_is_registered_wins() {
+    let Some(f) = Fleet::start_with(
+        "fleet: takeover before registration",
+        2,
+        "replace",
+        &[(0, PAUSE, "2000")],
+        "",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(1, "race-1");
+    // Node 0 has claimed race-1 for device A and waits before registering it...
+    let (_a, a_lines) = paused_listen(&f, &cred, 0);
+    // ...when the device reconnects to node 1 (B): a takeover from node 0's claim. Its
+    // notice reaches node 0 before node 0 has a session to close.
+    let (_b, b_lines) = bin::listen(&["--echo"], &f.at(&cred, 1));
+    expect_line(&b_lines, "connected as race-1");
+    f.await_sessions(1, &[("race-1", 1)], 10);
+    // Node 0 must not register the session it claimed: node 1's claim is newer.
+    let refused = expect_line(&a_lines, "session lost");
+    assert!(refused.contains("takeover"), "{refused}");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["a newer session of this identity took over"]);
+    // One session, on node 1: a request sent from node 0 is routed there.
+    let out = f.nodes[0].admin(&["send", "race-1", "--request", "who?"]);
+    assert_eq!(text(&out.stdout), "who?", "{}", text(&out.stderr));
+    f.await_sessions(0, &[("race-1", 1)], 10);
+}
+
+#[test]
+fn a_second_handshake_on_the_same_node_does_not_release_the_first_ones_claim() {
+    let Some(f) = Fleet::start_with(
+        "fleet: two handshakes on one node",
+        2,
+        "reject",
+        &[(0, PAUSE, "1000")],
+        "",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(0, "race-2");
+    let (_a, a_lines) = paused_listen(&f, &cred, 0);
+    // A second connection of race-2 to node 0 while the first is between claim and
+    // registration: refused (reject), and its refusal must not delete the claim the
+    // first session holds.
+    let second = request(&f.at(&cred, 0), "second");
+    assert!(!second.status.success(), "a second live session was served");
+    assert!(
+        text(&second.stderr).contains("takeover"),
+        "{}",
+        text(&second.stderr)
+    );
+    expect_line(&a_lines, "connected as race-2");
+    f.await_sessions(0, &[("race-2", 0)], 10);
+    assert_eq!(
+        f.cluster
+            .psql("SELECT n.addr FROM sessions s JOIN nodes n USING (node) WHERE s.id = 'race-2'"),
+        f.nodes[0].daemon.addr,
+        "node 0 lost its claim of its live session"
+    );
+    // And node 1 refuses it: node 0's session is live (takeover = "reject").
+    let third = request(&f.at(&cred, 1), "third");
+    assert!(
+        !third.status.success(),
+        "node 1 served a second live session"
+    );
+    assert!(
+        text(&third.stderr).contains("takeover"),
+        "{}",
+        text(&third.stderr)
+    );
+}
+
+#[test]
+fn a_node_fenced_before_a_session_is_registered_does_not_serve_it() {
+    let Some(f) = Fleet::start_with(
+        "fleet: fenced before registration",
+        1,
+        "replace",
+        &[(0, PAUSE, "4500")],
+        "",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(0, "race-3");
+    let (_a, a_lines) = paused_listen(&f, &cred, 0);
+    // The database goes away while the handshake waits: the node fences itself (3 s)
+    // before it registers the session it had claimed...
+    f.cluster.stop();
+    f.nodes[0].daemon.expect_log(&["fencing this node"]);
+    // ...and then refuses it: its claim may be gone, others may serve the device.
+    let lost = expect_line(&a_lines, "session lost");
+    assert!(lost.contains("busy"), "{lost}");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["refused: this node is cut off"]);
+}
+
+#[test]
+fn a_revocation_during_a_long_claim_is_not_forgotten() {
+    let Some(f) = Fleet::start_with(
+        "fleet: revoked during a long claim",
+        2,
+        "replace",
+        &[(0, PAUSE, "3000")],
+        // Revocations are remembered for handshakes in flight for the deadline and a
+        // second: 2 s here, less than the handshake is held.
+        "[limits]\nhandshake_timeout = 1.0\n",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(0, "race-4");
+    let (_a, a_lines) = paused_listen(&f, &cred, 0);
+    // Revoked on node 1 while node 0 holds the handshake (whose key it looked up
+    // before): node 0 must not register it, however late it gets to.
+    f.nodes[1].ok(&["revoke", "race-4"]);
+    let lost = expect_line(&a_lines, "session lost");
+    assert!(lost.contains("busy") || lost.contains("auth"), "{lost}");
+    let out = f.nodes[1].admin(&["send", "race-4", "--request", "still there?"]);
+    assert!(
+        !out.status.success(),
+        "the revoked device answered: {}",
+        text(&out.stdout)
+    );
+    f.await_sessions(0, &[], 10);
+}
+
+/// A request at node `n` with `cred`, tried again (a claim or an index being caught
+/// up with) until it is answered or `secs` pass: whether it was.
+fn served_within(f: &Fleet, cred: &Path, n: usize, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if request(&f.at(cred, n), "anyone?").status.success() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_revocation_missed_while_not_listening_closes_the_session_when_back() {
+    let Some(f) = Fleet::start_with(
+        "fleet: revocation missed",
+        2,
+        "replace",
+        &[(0, "TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS", "3000")],
+        "",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(0, "missed-1");
+    let (_dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as missed-1");
+    f.await_sessions(0, &[("missed-1", 0)], 10);
+    // Node 0's notification connection is cut (the others' are not)...
+    let addr = &f.nodes[0].daemon.addr;
+    let node = f
+        .cluster
+        .psql(&format!("SELECT node FROM nodes WHERE addr = '{addr}'"));
+    let cut = f.cluster.psql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'tallyd notices {node}'"
+    ));
+    assert_eq!(cut, "t", "node 0's notification connection not found");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["the notification connection failed"]);
+    // ...and the device is revoked on node 1 before node 0 listens again: node 0 never
+    // hears of it, and must close the session when it catches up.
+    f.nodes[1].ok(&["revoke", "missed-1"]);
+    let line = expect_line(&lines, "revoked");
+    eprintln!("{line}");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["while this node was not listening"]);
+    assert!(
+        !served_within(&f, &cred, 0, 0),
+        "node 0 served a revoked device"
+    );
+}
+
+#[test]
+fn a_revocation_whose_key_cannot_be_read_again_fails_closed() {
+    let pause = "TALLYD_TEST_PAUSE_BEFORE_REFRESH_MS";
+    let Some(f) = Fleet::start_with(
+        "fleet: refresh fails closed",
+        2,
+        "replace",
+        &[(0, pause, "1500")],
+        "",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(1, "stale-1");
+    // Node 0 reads the new identity's key (after the hook's pause) and serves it.
+    assert!(
+        served_within(&f, &cred, 0, 10),
+        "node 0 never served stale-1"
+    );
+    // Revoked on node 1; node 0's read of the identity fails (the table is gone for a
+    // moment): the key it held must not stay usable.
+    f.nodes[1].ok(&["revoke", "stale-1"]);
+    f.nodes[0].daemon.expect_log(&[pause]);
+    f.cluster
+        .psql("ALTER TABLE identities RENAME TO identities_away");
+    f.nodes[0].daemon.expect_log(&["identity's key"]);
+    let out = request(&f.at(&cred, 0), "still me?");
+    f.cluster
+        .psql("ALTER TABLE identities_away RENAME TO identities");
+    assert!(
+        !out.status.success(),
+        "node 0 served a revoked device: {}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn a_claim_whose_release_failed_is_released_once_the_database_answers() {
+    let Some(f) = Fleet::start("fleet: release retried", 2, "reject") else {
+        return;
+    };
+    let cred = f.enroll(0, "held-1");
+    let (dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as held-1");
+    f.await_sessions(0, &[("held-1", 0)], 10);
+    // The session ends while its claim cannot be deleted (the table is away)...
+    f.cluster
+        .psql("ALTER TABLE sessions RENAME TO sessions_away");
+    drop(dev);
+    std::thread::sleep(Duration::from_secs(1));
+    f.cluster
+        .psql("ALTER TABLE sessions_away RENAME TO sessions");
+    // ...and is released later: with takeover = "reject", a claim left behind would
+    // refuse the device everywhere else for as long as node 0 lives.
+    assert!(
+        served_within(&f, &cred, 1, 10),
+        "node 1 still refuses held-1: node 0's claim was never released"
+    );
+    f.nodes[0].daemon.expect_log(&["could not release a claim"]);
 }

@@ -489,11 +489,14 @@ async fn start_session(
     // Authenticated (CLIENT_FINISH verified): from here on every line names it.
     tracing::Span::current().record("id", tracing::field::display(&id));
     let mut stream = stream;
-    // In a fleet, the identity is claimed across the nodes first (spec 7.3 fleet-wide).
-    let epoch = match &state.fleet {
-        None => 0,
+    // In a fleet, the identity is claimed across the nodes first (spec 7.3 fleet-wide),
+    // one handshake of an identity at a time on this node, so that this node's claims
+    // and registrations of it come in one order.
+    let claimed_in = state.registry.claims_generation();
+    let (epoch, _claiming) = match &state.fleet {
+        None => (0, None),
         Some(fleet) => match fleet.claim(&id, stream.peer, state.takeover).await {
-            Ok(epoch) => epoch,
+            Ok((epoch, claiming)) => (epoch, Some(claiming)),
             Err(e) => {
                 let code = match e {
                     ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
@@ -505,11 +508,14 @@ async fn start_session(
             }
         },
     };
+    #[cfg(debug_assertions)]
+    super::fleet::test_pause("TALLYD_TEST_PAUSE_AFTER_CLAIM_MS").await;
     let conn = state.registry.next_conn();
     let mailbox = Arc::new(Mailbox::default());
     let entry = Entry {
         conn,
         epoch,
+        claimed_in,
         peer: stream.peer,
         since: SystemTime::now(),
         mailbox: mailbox.clone(),
@@ -522,18 +528,22 @@ async fn start_session(
             Ok(r) => r,
             Err(e) => {
                 let code = match e {
-                    RegisterError::TakeoverRefused => ErrorCode::TAKEOVER_REFUSED,
+                    RegisterError::TakeoverRefused | RegisterError::Superseded => {
+                        ErrorCode::TAKEOVER_REFUSED
+                    }
                     // The same answer as for a revoked identity (spec 7.5).
                     RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
+                    RegisterError::TooLate | RegisterError::Fenced => ErrorCode::BUSY,
                 };
                 warn!("refused: {e}");
                 if let Some(fleet) = &state.fleet {
-                    fleet.release(&id, epoch);
+                    fleet.unclaim(&id, epoch);
                 }
                 answer_refused(&mut stream, code).await;
                 return None;
             }
         };
+    drop(_claiming);
     state.note_seen(&id);
     state.metrics.handshake();
     // Per-session lines are debug: at the default level a line per session would cost

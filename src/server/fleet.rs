@@ -43,6 +43,13 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const FENCE_AFTER: Duration = Duration::from_secs(3);
 /// A node whose heartbeat is older than this is dead: its claims are free.
 pub const STALE: Duration = Duration::from_secs(5);
+/// How long a handshake waits for its claim (the database's answer, and another
+/// handshake of the same identity on this node) before it is refused BUSY.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the notification connection may take to answer a ping (sent every
+/// [`HEARTBEAT`]) before it is taken for dead, reopened, and the missed notices caught
+/// up with.
+pub const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a session could not claim its identity.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +77,40 @@ pub struct Fleet {
     fenced: AtomicBool,
     /// Sends of this node waiting for their answer, by call number.
     waiting: Mutex<HashMap<i64, oneshot::Sender<()>>>,
+    /// One lock per identity being claimed on this node: its handshakes claim and
+    /// register it one at a time.
+    claiming: Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
+    /// Claims whose release failed (the database did not answer): tried again after
+    /// each heartbeat, so that none is left behind to refuse the device elsewhere.
+    releasing: Mutex<Vec<(String, u64)>>,
+    /// Identity notices, for the task that applies them in order.
+    identities: mpsc::UnboundedSender<(String, String)>,
+}
+
+/// A handshake's hold on its identity's claim lock on this node, from its claim to its
+/// registration (dropped after either).
+pub struct Claiming {
+    fleet: Arc<Fleet>,
+    id: Id,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        let mut locks = lock(&self.fleet.claiming);
+        // The map's reference and this guard's: nobody else waits for it.
+        if locks
+            .get(&self.id)
+            .is_some_and(|m| Arc::strong_count(m) <= 2)
+        {
+            locks.remove(&self.id);
+        }
+        self.guard.take();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for Fleet {
@@ -81,9 +122,10 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
-/// The notification connection: its messages, and the client that keeps it open.
+/// The notification connection: its messages, and the client that keeps it open (and
+/// pings it).
 struct Listening {
-    _client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
     notices: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
 }
 
@@ -94,10 +136,13 @@ fn pg(store: &Store) -> &Postgres {
         .expect("a fleet runs on the PostgreSQL store")
 }
 
-/// Opens the notification connection and listens on every channel.
-async fn listen(pg: &Postgres) -> Result<Listening, StoreError> {
-    let (client, mut connection) = pg
-        .config()
+/// Opens `node`'s notification connection and listens on every channel. Its
+/// `application_name` says what it is (`tallyd notices <node>` in `pg_stat_activity`).
+async fn listen(pg: &Postgres, node: &str) -> Result<Listening, StoreError> {
+    let mut config = pg.config().clone();
+    let app = config.get_application_name().unwrap_or("tallyd").to_owned();
+    config.application_name(format!("{app} notices {node}"));
+    let (client, mut connection) = config
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| pg.error(e))?;
@@ -129,10 +174,7 @@ async fn listen(pg: &Postgres) -> Result<Listening, StoreError> {
     .map(|c| format!("LISTEN {c};"))
     .collect();
     client.batch_execute(&sql).await.map_err(|e| pg.error(e))?;
-    Ok(Listening {
-        _client: client,
-        notices,
-    })
+    Ok(Listening { client, notices })
 }
 
 impl Fleet {
@@ -147,11 +189,12 @@ impl Fleet {
         let node = hex::encode(&crate::secrets::random_bytes()[..6]);
         let pg = pg(&store);
         let listening = pg.block_on(async {
-            let listening = listen(pg).await?;
+            let listening = listen(pg, &node).await?;
             pg.join(&node, &addr.to_string()).await?;
             Ok::<_, StoreError>(listening)
         })?;
         info!(node, store = pg.place(), "joined the fleet");
+        let (identities, identity_notices) = mpsc::unbounded_channel();
         let fleet = Arc::new(Fleet {
             store,
             registry: registry.clone(),
@@ -159,9 +202,19 @@ impl Fleet {
             addr: Mutex::new(addr.to_string()),
             fenced: AtomicBool::new(false),
             waiting: Mutex::default(),
+            claiming: Mutex::default(),
+            releasing: Mutex::default(),
+            identities,
         });
         registry.join_fleet(Arc::new(Handle(Arc::downgrade(&fleet))));
-        Ok((fleet.clone(), FleetTasks { fleet, listening }))
+        Ok((
+            fleet.clone(),
+            FleetTasks {
+                fleet,
+                listening,
+                identity_notices,
+            },
+        ))
     }
 
     /// This node's name.
@@ -171,13 +224,13 @@ impl Fleet {
 
     /// This node's listening address.
     pub fn addr(&self) -> String {
-        self.addr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.addr).clone()
     }
 
     /// The address this node listens on, once bound (the configured one may be port 0,
     /// or replaced by systemd's socket), as the fleet's `tallyd sessions` shows it.
     pub async fn advertise(self: &Arc<Self>, addr: SocketAddr) {
-        *self.addr.lock().unwrap_or_else(|e| e.into_inner()) = addr.to_string();
+        *lock(&self.addr) = addr.to_string();
         let this = self.clone();
         let done = self
             .pg()
@@ -197,36 +250,76 @@ impl Fleet {
         self.fenced.load(Ordering::Relaxed)
     }
 
-    /// Claims `id` for a new session from `peer`: its epoch, or why not.
+    /// Claims `id` for a new session from `peer`: its epoch, and the hold on the
+    /// identity's claim lock on this node to keep until the session is registered (or
+    /// refused), or why not. Waits at most [`CLAIM_TIMEOUT`].
     pub async fn claim(
         self: &Arc<Self>,
         id: &Id,
         peer: SocketAddr,
         policy: TakeoverPolicy,
-    ) -> Result<u64, ClaimError> {
+    ) -> Result<(u64, Claiming), ClaimError> {
         if self.fenced() {
             return Err(ClaimError::Unavailable(
                 "this node is fenced: it could not renew its heartbeat".into(),
             ));
         }
-        let this = self.clone();
-        let (name, self_live) = (id.to_string(), self.registry.is_live(id));
+        let mutex = {
+            let mut locks = lock(&self.claiming);
+            if locks.len() >= 1024 {
+                // Locks left by handshakes that gave up waiting.
+                locks.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            locks.entry(id.clone()).or_default().clone()
+        };
+        let (tx, rx) = oneshot::channel();
+        let (this, id2) = (self.clone(), id.clone());
+        // On the store's runtime, to the end even if this handshake stops waiting: a
+        // claim made too late is released, and the lock is held until then, so that the
+        // next handshake's claim comes after it.
+        self.pg().spawn(async move {
+            let guard = mutex.lock_owned().await;
+            if tx.is_closed() {
+                return;
+            }
+            let claiming = Claiming {
+                fleet: this.clone(),
+                id: id2.clone(),
+                guard: Some(guard),
+            };
+            let outcome = this.claim_now(&id2, peer, policy).await;
+            if let Err(Ok((epoch, claiming))) = tx.send(outcome.map(|e| (e, claiming))) {
+                this.release_now(id2.as_str(), epoch).await;
+                drop(claiming);
+            }
+        });
+        match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(ClaimError::Unavailable("the claim was dropped".into())),
+            Err(_) => Err(ClaimError::Unavailable(format!(
+                "no claim within {CLAIM_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// [`Fleet::claim`]'s statement, with the identity's claim lock held.
+    async fn claim_now(
+        &self,
+        id: &Id,
+        peer: SocketAddr,
+        policy: TakeoverPolicy,
+    ) -> Result<u64, ClaimError> {
         let claim = self
             .pg()
-            .spawn(async move {
-                this.pg()
-                    .claim(
-                        &name,
-                        &this.node,
-                        &peer.to_string(),
-                        policy == TakeoverPolicy::Reject,
-                        self_live,
-                        STALE,
-                    )
-                    .await
-            })
+            .claim(
+                id.as_str(),
+                &self.node,
+                &peer.to_string(),
+                policy == TakeoverPolicy::Reject,
+                self.registry.is_live(id),
+                STALE,
+            )
             .await
-            .map_err(|e| ClaimError::Unavailable(e.to_string()))?
             .map_err(|e| ClaimError::Unavailable(e.to_string()))?;
         let old = claim.old_node.unwrap_or_default();
         match claim.outcome.as_str() {
@@ -248,16 +341,40 @@ impl Fleet {
         }
     }
 
+    /// A claim of `id` with `epoch` that was not registered (its session was refused):
+    /// it superseded any older session of `id` here, which is closed, and is released.
+    pub fn unclaim(self: &Arc<Self>, id: &Id, epoch: u64) {
+        self.registry.close_epoch(
+            id,
+            epoch.saturating_sub(1),
+            CloseCode::TAKEN_OVER,
+            "a newer session of this identity took over",
+        );
+        self.release(id, epoch);
+    }
+
     /// Releases a claim (a session refused after its claim, or ended).
     pub fn release(self: &Arc<Self>, id: &Id, epoch: u64) {
         let this = self.clone();
         let id = id.to_string();
-        self.pg().spawn(async move {
-            if let Err(e) = this.pg().release(&id, &this.node, epoch).await {
-                // The claim stays until this node's next session of the id, or its death.
-                debug!(id, error = %e, "fleet: could not release a claim");
-            }
-        });
+        self.pg()
+            .spawn(async move { this.release_now(&id, epoch).await });
+    }
+
+    /// Releases a claim now, or queues it for after the next heartbeat.
+    async fn release_now(&self, id: &str, epoch: u64) {
+        if let Err(e) = self.pg().release(id, &self.node, epoch).await {
+            info!(id, error = %e, "fleet: could not release a claim; trying again after the next heartbeat");
+            lock(&self.releasing).push((id.to_owned(), epoch));
+        }
+    }
+
+    /// Tries the releases that failed again.
+    async fn retry_releases(&self) {
+        let queued = std::mem::take(&mut *lock(&self.releasing));
+        for (id, epoch) in queued {
+            self.release_now(&id, epoch).await;
+        }
     }
 
     /// Whether `id` has a live session on any node.
@@ -377,7 +494,7 @@ impl Fleet {
     }
 
     fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, oneshot::Sender<()>>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.waiting)
     }
 
     /// Serves a send another node handed to this one.
@@ -439,9 +556,10 @@ impl Fleet {
         }
     }
 
-    /// Closes every session: this node lost its claims, or may have.
-    fn drop_sessions(&self, why: &'static str) {
-        let n = self.registry.close_all(CloseCode::SHUTDOWN, why);
+    /// Closes every session: this node lost its claims, or may have (`fenced`: and
+    /// registers none until it is unfenced).
+    fn drop_sessions(&self, fenced: bool, why: &'static str) {
+        let n = self.registry.lose_claims(fenced, CloseCode::SHUTDOWN, why);
         if n > 0 {
             warn!(
                 sessions = n,
@@ -450,19 +568,34 @@ impl Fleet {
         }
     }
 
-    /// After the notification connection was down: reloads the key index and closes
-    /// the sessions whose claims are no longer this node's.
+    /// After the notification connection was down: reloads the key index, closes the
+    /// sessions of identities revoked, removed or enrolled again meanwhile, and those
+    /// whose claims are no longer this node's.
     async fn catch_up(self: &Arc<Self>) {
+        // The sessions registered by now: their claims were written before the query
+        // below (a session registered after it is not judged by it).
+        let epochs = self.registry.epochs();
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.reload_key_index()).await {
-            Ok(Ok(keys)) => info!(keys, "fleet: key index reloaded"),
+            Ok(Ok((keys, gone))) => {
+                info!(keys, changed = gone.len(), "fleet: key index reloaded");
+                for id in gone.iter().filter_map(|id| Id::new(id).ok()) {
+                    if self.registry.invalidate(
+                        &id,
+                        CloseCode::REVOKED,
+                        "identity revoked or removed on another node",
+                    ) {
+                        info!(id = %id, "identity revoked or removed on another node while this node was not listening: session closed");
+                    }
+                }
+            }
             Ok(Err(e)) => warn!(error = %e, "fleet: could not reload the key index"),
             Err(e) => warn!(error = %e, "fleet: could not reload the key index"),
         }
         match self.pg().claims_of(&self.node).await {
             Ok(claims) => {
                 let claims: HashMap<String, u64> = claims.into_iter().collect();
-                for (id, epoch) in self.registry.epochs() {
+                for (id, epoch) in epochs {
                     if claims.get(id.as_str()) != Some(&epoch) {
                         self.registry.close_epoch(
                             &id,
@@ -477,30 +610,43 @@ impl Fleet {
         }
     }
 
-    /// Acts on one notice.
-    async fn notice(self: &Arc<Self>, channel: &str, payload: &str) {
+    /// Applies one identity notice: refreshes the identity's key in the index (it
+    /// leaves the index if it cannot be read), then closes its session if it was
+    /// revoked or removed. In this order: a handshake that read the old key from the
+    /// index did so before the session is invalidated, and is refused.
+    async fn identity_changed(self: &Arc<Self>, op: &str, name: &str) -> Result<(), StoreError> {
+        #[cfg(debug_assertions)]
+        test_pause("TALLYD_TEST_PAUSE_BEFORE_REFRESH_MS").await;
+        let store = self.store.clone();
+        let owned = name.to_owned();
+        let refreshed = tokio::task::spawn_blocking(move || store.refresh(&owned))
+            .await
+            .map_err(|e| self.pg().error(e))
+            .and_then(|r| r);
+        let Ok(id) = Id::new(name) else {
+            return Ok(());
+        };
+        let close = match op {
+            "revoked" => Some((CloseCode::REVOKED, "identity revoked")),
+            "removed" => Some((CloseCode::REMOVED, "identity removed")),
+            _ => None,
+        };
+        if let Some((code, reason)) = close {
+            if self.registry.invalidate(&id, code, reason) {
+                info!(id = %id, "{reason} on another node: session closed");
+            }
+        }
+        refreshed.map(|_| ())
+    }
+
+    /// Acts on one notice (identity notices go to their own task, in order: a slow
+    /// read of an identity holds up no takeover and no send).
+    fn notice(self: &Arc<Self>, channel: &str, payload: &str) {
         let mut words = payload.split(' ');
         match channel {
             channel::IDENTITY => {
-                let (Some(op), Some(id)) = (words.next(), words.next()) else {
-                    return;
-                };
-                let store = self.store.clone();
-                let name = id.to_owned();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.refresh(&name)).await
-                {
-                    warn!(id, error = %e, "fleet: could not refresh an identity's key");
-                }
-                let Ok(id) = Id::new(id) else { return };
-                let close = match op {
-                    "revoked" => Some((CloseCode::REVOKED, "identity revoked")),
-                    "removed" => Some((CloseCode::REMOVED, "identity removed")),
-                    _ => None,
-                };
-                if let Some((code, reason)) = close {
-                    if self.registry.invalidate(&id, code, reason) {
-                        info!(id = %id, "{reason} on another node: session closed");
-                    }
+                if let (Some(op), Some(id)) = (words.next(), words.next()) {
+                    let _ = self.identities.send((op.to_owned(), id.to_owned()));
                 }
             }
             channel::CLOSE => {
@@ -548,54 +694,81 @@ impl Fleet {
 pub struct FleetTasks {
     fleet: Arc<Fleet>,
     listening: Listening,
+    identity_notices: mpsc::UnboundedReceiver<(String, String)>,
 }
 
 impl FleetTasks {
     /// Runs the heartbeat and the notices until `stop`, on the store's runtime.
     pub fn run(self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let FleetTasks { fleet, listening } = self;
+        let FleetTasks {
+            fleet,
+            listening,
+            identity_notices,
+        } = self;
         let store = fleet.store.clone();
         let pg = pg(&store);
         let beat = {
             let (fleet, stop) = (fleet.clone(), stop.clone());
             pg.spawn(async move { heartbeat(fleet, stop).await })
         };
+        let identities = {
+            let (fleet, stop) = (fleet.clone(), stop.clone());
+            pg.spawn(async move { identities(fleet, identity_notices, stop).await })
+        };
         pg.spawn(async move {
             notices(fleet, listening, stop).await;
             let _ = beat.await;
+            let _ = identities.await;
         })
     }
 }
 
 async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
+    // When the last heartbeat that was renewed was sent: the database's timestamp of
+    // it is later, so this node fences itself before the others can see it stale.
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let fence_at = tokio::time::Instant::from_std(last_ok + FENCE_AFTER);
+        let fenced = fleet.fenced();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(fence_at), if !fenced => {
+                fence(&fleet, "no heartbeat renewed");
+                continue;
+            }
         }
         let pg = fleet.pg();
-        let beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE)).await;
+        let sent = Instant::now();
+        let beat = tokio::select! {
+            beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE)) => beat,
+            _ = tokio::time::sleep_until(fence_at), if !fenced => {
+                fence(&fleet, "the heartbeat is not answered");
+                continue;
+            }
+        };
         match beat {
             Ok(Ok(true)) => {
-                last_ok = Instant::now();
+                last_ok = sent;
                 if fleet.fenced.swap(false, Ordering::Relaxed) {
+                    fleet.registry.unfence();
                     info!("fleet: the database is back: serving again");
                 }
+                fleet.retry_releases().await;
             }
             Ok(Ok(false)) => {
                 // Declared dead by another node: its claims are gone, and others may
                 // serve its devices already.
                 warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
-                fleet.drop_sessions("this node was declared dead by the fleet");
+                fleet.drop_sessions(false, "this node was declared dead by the fleet");
+                // Its claims went with its row: nothing is left to release.
+                lock(&fleet.releasing).clear();
                 if pg.join(&fleet.node, &fleet.addr()).await.is_ok() {
-                    last_ok = Instant::now();
+                    last_ok = sent;
                 }
             }
-            Ok(Err(e)) if last_ok.elapsed() >= FENCE_AFTER => fence(&fleet, &e.to_string()),
-            Err(_) if last_ok.elapsed() >= FENCE_AFTER => fence(&fleet, "heartbeat timed out"),
             Ok(Err(e)) => debug!(error = %e, "fleet: heartbeat failed"),
             Err(_) => debug!("fleet: heartbeat timed out"),
         }
@@ -608,34 +781,90 @@ fn fence(fleet: &Fleet, why: &str) {
             error = why,
             "fleet: no heartbeat for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
         );
-        fleet.drop_sessions("this node is cut off from the fleet's database");
+        fleet.drop_sessions(true, "this node is cut off from the fleet's database");
+    }
+}
+
+/// Applies identity notices in the order they came; one that cannot be read is tried
+/// again a second later (meanwhile the identity is out of the index).
+async fn identities(
+    fleet: Arc<Fleet>,
+    mut notices: mpsc::UnboundedReceiver<(String, String)>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (op, id) = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = notices.recv() => match n {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        if let Err(e) = fleet.identity_changed(&op, &id).await {
+            warn!(id, error = %e, "fleet: could not read an identity's key (its handshakes fail until it is read); trying again");
+            let again = fleet.identities.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(HEARTBEAT).await;
+                // Read again: the identity's state now, whatever the notice said.
+                let _ = again.send(("changed".into(), id));
+            });
+        }
     }
 }
 
 async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: CancellationToken) {
+    let mut ping = tokio::time::interval(HEARTBEAT);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let notice = tokio::select! {
+        let alive = tokio::select! {
             _ = stop.cancelled() => return,
-            n = listening.notices.recv() => n,
-        };
-        match notice {
-            Some(n) => fleet.notice(n.channel(), n.payload()).await,
-            None => {
-                // The connection dropped: notices may have been missed meanwhile.
-                listening = loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(HEARTBEAT) => {}
-                    }
-                    match listen(fleet.pg()).await {
-                        Ok(l) => break l,
-                        Err(e) => debug!(error = %e, "fleet: cannot listen for notices yet"),
-                    }
-                };
-                info!("fleet: listening for notices again");
-                fleet.catch_up().await;
+            n = listening.notices.recv() => match n {
+                Some(n) => {
+                    fleet.notice(n.channel(), n.payload());
+                    true
+                }
+                None => false,
+            },
+            // A connection that died without a word (a host or a network gone) is
+            // noticed by its ping, not hours later by TCP.
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(
+                    LISTEN_PING_TIMEOUT,
+                    listening.client.batch_execute(""),
+                );
+                matches!(pong.await, Ok(Ok(())))
             }
+        };
+        if alive {
+            continue;
         }
+        // The connection dropped: notices may have been missed meanwhile.
+        warn!("fleet: the notification connection is lost; opening it again");
+        #[cfg(debug_assertions)]
+        test_pause("TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS").await;
+        listening = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+            match listen(fleet.pg(), &fleet.node).await {
+                Ok(l) => break l,
+                Err(e) => debug!(error = %e, "fleet: cannot listen for notices yet"),
+            }
+        };
+        info!("fleet: listening for notices again");
+        fleet.catch_up().await;
+    }
+}
+
+/// Test builds only: waits the milliseconds in the environment variable `var`, to let
+/// tests/fleet.rs hold a handshake between two of its steps and race another node
+/// against it.
+#[cfg(debug_assertions)]
+pub async fn test_pause(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        warn!("{var}: pausing {ms} ms (a test hook of debug builds)");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

@@ -217,6 +217,9 @@ pub struct Entry {
     pub conn: u64,
     /// The epoch of its fleet-wide claim (0 without a fleet).
     pub epoch: u64,
+    /// The registry's [`Registry::claims_generation`] when the claim was made: if this
+    /// node may have lost its claims since, the session is refused.
+    pub claimed_in: u64,
     /// The device's address.
     pub peer: SocketAddr,
     /// When the session was established.
@@ -272,6 +275,18 @@ pub enum RegisterError {
     /// handshake: the key the session was made with is no longer the identity's.
     #[error("identity was revoked or removed during the handshake")]
     Invalidated,
+    /// The handshake's key was looked up longer ago than revocations are remembered
+    /// (the handshake deadline and a second): whether it is still valid is not known.
+    #[error("handshake took longer than its deadline to be registered")]
+    TooLate,
+    /// In a fleet: a newer claim of the identity (on another node, or a later handshake
+    /// here) took over this one before it was registered.
+    #[error("a newer session of this identity took over before this one was registered")]
+    Superseded,
+    /// In a fleet: this node is fenced, or may have lost its claims since this one was
+    /// made (it was declared dead by the fleet).
+    #[error("this node is cut off from the fleet's database")]
+    Fenced,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +297,16 @@ struct Live {
     /// Kept for `tombstone_ttl`: no handshake outlives its deadline.
     tombstones: HashMap<Id, Instant>,
     tombstone_ttl: Duration,
+    /// In a fleet: the highest claim epoch of each identity known to be superseded
+    /// (taken over on another node), and since when. A handshake whose claim has an
+    /// epoch up to it is refused: the notice may come before the session is registered.
+    /// Kept for `tombstone_ttl` too (a registration later than that is refused anyway).
+    superseded: HashMap<Id, (u64, Instant)>,
+    /// Bumped each time this node may have lost its claims (fenced, declared dead):
+    /// claims made before are no longer trusted.
+    claims_generation: u64,
+    /// Fenced: no session is registered.
+    fenced: bool,
 }
 
 impl Live {
@@ -389,8 +414,23 @@ impl Registry {
         let mut live = self.lock();
         let ttl = live.tombstone_ttl;
         live.tombstones.retain(|_, at| at.elapsed() < ttl);
+        live.superseded.retain(|_, (_, at)| at.elapsed() < ttl);
         if live.tombstones.get(id).is_some_and(|at| *at >= key_lookup) {
             return Err(RegisterError::Invalidated);
+        }
+        // A revocation older than `ttl` is forgotten: a handshake that looked its key up
+        // before that cannot be told apart from one that did not.
+        if !ttl.is_zero() && key_lookup.elapsed() >= ttl {
+            return Err(RegisterError::TooLate);
+        }
+        if self.in_fleet() {
+            if live.fenced || entry.claimed_in != live.claims_generation {
+                return Err(RegisterError::Fenced);
+            }
+            let newer_here = live.sessions.get(id).is_some_and(|e| e.epoch > epoch);
+            if newer_here || live.superseded.get(id).is_some_and(|(e, _)| epoch <= *e) {
+                return Err(RegisterError::Superseded);
+            }
         }
         if let Some(old) = live.sessions.get(id) {
             if policy == TakeoverPolicy::Reject {
@@ -422,12 +462,22 @@ impl Registry {
         live.ask_close(id, code, reason)
     }
 
-    /// Asks `id`'s live session to close if its claim has `epoch` (another node took
-    /// the identity over from that claim; a newer session here is left alone).
+    /// In a fleet: `id`'s claims up to `epoch` were superseded (another node took the
+    /// identity over from that claim; claim epochs only grow, fleet-wide). Asks the
+    /// live session to close if its claim is one of them (a newer session here is left
+    /// alone), and refuses the registration of any of them still on its way
+    /// ([`RegisterError::Superseded`]). Returns whether a session was asked to close.
     pub fn close_epoch(&self, id: &Id, epoch: u64, code: CloseCode, reason: &'static str) -> bool {
-        let live = self.lock();
+        let mut live = self.lock();
+        let mark = live
+            .superseded
+            .entry(id.clone())
+            .or_insert((epoch, Instant::now()));
+        if mark.0 <= epoch {
+            *mark = (epoch, Instant::now());
+        }
         match live.sessions.get(id) {
-            Some(e) if e.epoch == epoch => {
+            Some(e) if e.epoch <= epoch => {
                 e.mailbox.ask_close(code, reason);
                 true
             }
@@ -435,13 +485,28 @@ impl Registry {
         }
     }
 
-    /// Asks every live session to close (a node of a fleet that lost its claims).
-    pub fn close_all(&self, code: CloseCode, reason: &'static str) -> usize {
-        let live = self.lock();
+    /// The current [`Entry::claimed_in`]: read before a claim is made.
+    pub fn claims_generation(&self) -> u64 {
+        self.lock().claims_generation
+    }
+
+    /// In a fleet: this node may have lost every claim (`fenced`: it is cut off from
+    /// the database and registers nothing until [`Registry::unfence`]; else it was
+    /// declared dead). Every live session is asked to close, and claims made before
+    /// now are refused at registration. Returns how many sessions there were.
+    pub fn lose_claims(&self, fenced: bool, code: CloseCode, reason: &'static str) -> usize {
+        let mut live = self.lock();
+        live.claims_generation += 1;
+        live.fenced |= fenced;
         for e in live.sessions.values() {
             e.mailbox.ask_close(code, reason);
         }
         live.sessions.len()
+    }
+
+    /// The fleet's database answers again: sessions can be registered.
+    pub fn unfence(&self) {
+        self.lock().fenced = false;
     }
 
     /// Every live session's identity and claim epoch.

@@ -135,18 +135,43 @@ impl Location {
     }
 }
 
-/// A connection string without its password, for messages and logs.
+/// A connection string without its password, for messages and logs: rebuilt from
+/// what the driver parses (user, hosts and ports, database), nothing else of it, so that
+/// no form of password (`user:pw@`, `?password=`, `password=` in key=value form) and no
+/// other parameter gets through.
 pub fn redacted(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((user, host)) => {
-                let user = user.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}@{host}")
+    let Ok(c) = url.parse::<tokio_postgres::Config>() else {
+        return match url.split_once("://") {
+            Some((scheme, _)) if scheme.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                format!("{scheme}://(not shown)")
             }
-            None => url.to_owned(),
-        },
-        None => "(connection string)".to_owned(),
+            _ => "(a connection string that does not parse)".to_owned(),
+        };
+    };
+    let mut out = String::from("postgres://");
+    if let Some(user) = c.get_user() {
+        out.push_str(user);
+        out.push('@');
     }
+    let ports = c.get_ports();
+    for (i, host) in c.get_hosts().iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match host {
+            tokio_postgres::config::Host::Tcp(name) => out.push_str(name),
+            tokio_postgres::config::Host::Unix(path) => out.push_str(&path.display().to_string()),
+        }
+        // One port for every host, or one each.
+        if let Some(port) = ports.get(i).or(ports.first().filter(|_| ports.len() == 1)) {
+            out.push_str(&format!(":{port}"));
+        }
+    }
+    if let Some(db) = c.get_dbname() {
+        out.push('/');
+        out.push_str(db);
+    }
+    out
 }
 
 impl std::fmt::Display for Location {
@@ -660,31 +685,52 @@ impl Store {
 
     /// Reads every key again into the loaded index (a daemon of a fleet that may have
     /// missed changes announced while its notification connection was down). Returns
-    /// the number of keys.
-    pub fn reload_key_index(&self) -> Result<usize, StoreError> {
+    /// the number of keys, and the identities whose key the index held and no longer
+    /// does, or holds from another enrollment now (revoked, removed or enrolled again
+    /// meanwhile: their sessions were made with a key that is no longer theirs).
+    pub fn reload_key_index(&self) -> Result<(usize, Vec<String>), StoreError> {
         let changes = self.changes();
         let Some(index) = self.index.get() else {
             drop(changes);
-            return self.load_key_index();
+            return Ok((self.load_key_index()?, Vec::new()));
         };
         let keys = self.read_keys()?;
         let n = keys.len();
-        *index.keys() = keys;
+        let mut old = index.keys();
+        let gone = old
+            .iter()
+            .filter(|(id, (generation, _))| keys.get(*id).map(|k| k.0) != Some(*generation))
+            .map(|(id, _)| id.to_string())
+            .collect();
+        *old = keys;
+        drop(old);
         drop(changes);
-        Ok(n)
+        Ok((n, gone))
     }
 
     /// Reads `id`'s row again into the loaded index: another daemon of the fleet enrolled,
-    /// revoked or removed it. Returns whether the id is usable now.
+    /// revoked or removed it. Returns whether the id is usable now. If the row cannot be
+    /// read, the id leaves the index (its handshakes fail until a refresh succeeds):
+    /// a key that may be revoked is never kept.
     pub fn refresh(&self, id: &str) -> Result<bool, StoreError> {
         let changes = self.changes();
-        let row = self.engine.key(id)?;
+        let row = match self.engine.key(id) {
+            Ok(row) => row,
+            Err(e) => {
+                self.reindex(|keys| {
+                    keys.remove(id);
+                });
+                return Err(e);
+            }
+        };
         let usable = match &row {
             Some((generation, sealed)) => self.key_opens(id, *generation, sealed),
             None => false,
         };
         let entry = match row {
-            Some((generation, sealed)) if usable => Some((generation, sealed_array(&sealed)?)),
+            Some((generation, sealed)) if usable => {
+                sealed_array(&sealed).ok().map(|s| (generation, s))
+            }
             _ => None,
         };
         self.reindex(|keys| match entry {
@@ -760,6 +806,38 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_connection_string_is_shown_without_any_password() {
+        for (url, shown) in [
+            (
+                "postgres://tally:s3cret@db.example:5433/tally",
+                "postgres://tally@db.example:5433/tally",
+            ),
+            // An '@' in the password, percent-encoded; and one in the query string.
+            (
+                "postgres://tally:p%40ss@db/tally?password=other&application_name=x",
+                "postgres://tally@db:5432/tally",
+            ),
+            (
+                "postgresql://tally@a:1,b:2/tally?sslmode=disable",
+                "postgres://tally@a:1,b:2/tally",
+            ),
+            (
+                "host=db user=tally password=kv-secret dbname=tally",
+                "postgres://tally@db/tally",
+            ),
+            (
+                "postgres://tally:s3cret@db:notaport/x",
+                "postgres://(not shown)",
+            ),
+            ("sqlite:///var/lib/tally/pw", "sqlite://(not shown)"),
+        ] {
+            assert_eq!(super::redacted(url), shown, "{url}");
+        }
+        let e = super::Location::from_setting(Some("postgress://u:s3cret@h/db"), Path::new("."));
+        assert!(!format!("{e:?}").contains("s3cret"), "{e:?}");
+    }
+
     use super::*;
     use rusqlite::Connection;
 

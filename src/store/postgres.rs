@@ -29,6 +29,20 @@ pub const POOL_SIZE: usize = 16;
 /// How long a pool waits for a connection to the database before an operation fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest any statement may run (`statement_timeout`, set on every connection
+/// unless the URL's `options` set one): a database that hangs fails the operation, it
+/// does not hold a handshake, a notice or a lock for ever. Reading every key (a start,
+/// a reload) and migrations are allowed [`LONG_STATEMENT_TIMEOUT`].
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// See [`STATEMENT_TIMEOUT`].
+pub const LONG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// TCP keepalives on every connection: a database host that is gone without a word is
+/// noticed in about [`KEEPALIVE_IDLE`] + 3 × [`KEEPALIVE_INTERVAL`], not hours later.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// See [`KEEPALIVE_IDLE`].
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Channels the daemons `LISTEN` on.
 pub mod channel {
     /// `enrolled <id>`, `revoked <id>`, `removed <id>`.
@@ -76,6 +90,10 @@ const MIGRATIONS: &[&str] = &[r#"
         started   timestamptz NOT NULL DEFAULT clock_timestamp(),
         heartbeat timestamptz NOT NULL DEFAULT clock_timestamp()
     );
+    -- Claim epochs, fleet-wide: a claim's epoch is greater than every earlier claim's of
+    -- any identity, even after its row was deleted (a late tally_close names an epoch
+    -- no later session can have).
+    CREATE SEQUENCE tally_epochs;
     -- One claim per identity: the node holding its live session, and the claim's epoch.
     CREATE UNLOGGED TABLE sessions (
         id            text PRIMARY KEY,
@@ -119,14 +137,16 @@ const MIGRATIONS: &[&str] = &[r#"
         cur sessions%ROWTYPE;
         live boolean;
         n integer;
+        e bigint;
     BEGIN
         LOOP
             SELECT * INTO cur FROM sessions s WHERE s.id = p_id FOR UPDATE;
             EXIT WHEN FOUND;
             INSERT INTO sessions (id, node, epoch, since, peer)
-                VALUES (p_id, p_node, 1, now(), p_peer) ON CONFLICT (id) DO NOTHING;
+                VALUES (p_id, p_node, nextval('tally_epochs'), now(), p_peer)
+                ON CONFLICT (id) DO NOTHING RETURNING epoch INTO e;
             IF FOUND THEN
-                RETURN QUERY SELECT 'claimed'::text, 1::bigint, 0, NULL::text, NULL::text;
+                RETURN QUERY SELECT 'claimed'::text, e, 0, NULL::text, NULL::text;
                 RETURN;
             END IF;
         END LOOP;
@@ -145,15 +165,15 @@ const MIGRATIONS: &[&str] = &[r#"
                   WHEN cur.last_takeover > clock_timestamp() - interval '60 seconds'
                       THEN cur.takeovers + 1
                   ELSE 1 END;
-        UPDATE sessions s SET node = p_node, epoch = cur.epoch + 1, since = now(),
+        UPDATE sessions s SET node = p_node, epoch = nextval('tally_epochs'), since = now(),
             peer = p_peer, takeovers = n,
             last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
-          WHERE s.id = p_id;
+          WHERE s.id = p_id RETURNING s.epoch INTO e;
         IF live AND cur.node <> p_node THEN
             PERFORM pg_notify('tally_close', cur.node || ' ' || cur.epoch || ' ' || p_id);
         END IF;
         RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
-            cur.epoch + 1, n, cur.node, cur.peer;
+            e, n, cur.node, cur.peer;
     END $$;
 "#];
 
@@ -272,7 +292,21 @@ impl Postgres {
         if config.get_application_name().is_none() {
             config.application_name("tallyd");
         }
-        config.connect_timeout(CONNECT_TIMEOUT);
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(3)
+            .tcp_user_timeout(KEEPALIVE_IDLE + 3 * KEEPALIVE_INTERVAL);
+        let options = config.get_options().unwrap_or_default();
+        if !options.contains("statement_timeout") {
+            let options = format!(
+                "{options} -c statement_timeout={}",
+                STATEMENT_TIMEOUT.as_millis()
+            );
+            config.options(options.trim_start());
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tally-postgres")
@@ -361,6 +395,12 @@ impl Postgres {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(|e| self.error(e))?;
         let e = |e| self.error(e);
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            LONG_STATEMENT_TIMEOUT.as_millis()
+        ))
+        .await
+        .map_err(e)?;
         // Daemons starting together migrate one at a time.
         tx.execute("SELECT pg_advisory_xact_lock(7420)", &[])
             .await
@@ -887,12 +927,23 @@ impl Engine for Postgres {
     }
 
     fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        Ok(self
-            .query(
+        self.count_queries(2);
+        let rows = transaction!(self, |tx, e| {
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                LONG_STATEMENT_TIMEOUT.as_millis()
+            ))
+            .await
+            .map_err(e)?;
+            tx.query(
                 "SELECT id, generation, key FROM identities \
                  WHERE revoked IS NULL AND key IS NOT NULL",
                 &[],
-            )?
+            )
+            .await
+            .map_err(e)
+        })?;
+        Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
