@@ -631,10 +631,12 @@ pub async fn credentials(
 ) -> anyhow::Result<Vec<Credential>> {
     std::fs::create_dir_all(dir)?;
     let gate = Arc::new(Semaphore::new(32));
+    let enrolled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..n {
         let path: PathBuf = dir.join(format!("bench-{i}.cred"));
         let (server, token, gate) = (server.to_owned(), token.cloned(), gate.clone());
+        let enrolled = enrolled.clone();
         tasks.push(tokio::spawn(async move {
             if let Ok(text) = std::fs::read_to_string(&path) {
                 let mut cred = Credential::from_file(&text)?;
@@ -647,12 +649,22 @@ pub async fn credentials(
             let id = Id::new(&format!("bench-{i}"))?;
             let cred = crate::client::enroll(&server, &token, id, Duration::from_secs(30)).await?;
             crate::secrets::write_secret_file(&path, cred.to_file().as_bytes())?;
+            enrolled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok::<_, anyhow::Error>(cred)
         }));
     }
+    let started = std::time::Instant::now();
     let mut out = Vec::with_capacity(n);
     for t in tasks {
         out.push(t.await??);
+    }
+    let enrolled = enrolled.load(std::sync::atomic::Ordering::Relaxed);
+    if enrolled > 0 {
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "enrolled {enrolled} identities in {secs:.2} s ({:.0}/s, 32 at a time)",
+            enrolled as f64 / secs
+        );
     }
     Ok(out)
 }

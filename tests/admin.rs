@@ -123,7 +123,6 @@ fn admin_commands_work_through_the_daemon_when_its_keys_come_from_systemd_creden
 /// each moves with what it counts.
 #[test]
 fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut cmd = Command::new(TALLYD);
@@ -131,37 +130,9 @@ fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
         .arg("--state-dir")
         .arg(&state);
     let (daemon, _) = common::bin::start_cmd(cmd, false);
-    let line = match daemon
-        .startup_log
-        .iter()
-        .find(|l| l.contains("metrics_addr="))
-    {
-        Some(l) => l.clone(),
-        None => daemon.expect_log(&["metrics_addr="]),
-    };
-    let metrics_addr = line
-        .split("metrics_addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    let scrape = || {
-        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.contains("application/openmetrics-text"), "{text}");
-        text
-    };
-    let value = |text: &str, metric: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
-    };
+    let metrics_addr = common::bin::metrics_addr(&daemon);
+    let scrape = || common::bin::scrape(&metrics_addr);
+    let value = common::bin::metric;
     let before = scrape();
     assert_eq!(
         value(&before, "tally_enrollments_total{outcome=\"ok\"}"),
@@ -200,6 +171,8 @@ fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
         1.0
     );
     assert_eq!(value(&after, "tally_handshakes_total{outcome=\"ok\"}"), 1.0);
+    // The embedded SQLite store sends no statement anywhere.
+    assert_eq!(value(&after, "tally_store_queries_total"), 0.0);
     assert_eq!(
         value(&after, "tally_backend_requests_total{outcome=\"ok\"}"),
         1.0

@@ -766,3 +766,43 @@ fn a_claim_whose_release_failed_is_released_once_the_database_answers() {
     );
     f.nodes[0].daemon.expect_log(&["could not release a claim"]);
 }
+
+#[test]
+fn a_handshake_costs_the_database_one_claim_and_one_release() {
+    let Some(f) = Fleet::start_with(
+        "fleet: statements per handshake",
+        1,
+        "replace",
+        &[],
+        "metrics_listen = \"127.0.0.1:0\"\n",
+    ) else {
+        return;
+    };
+    let cred = f.at(&f.enroll(0, "counted-1"), 0);
+    let addr = bin::metrics_addr(&f.nodes[0].daemon);
+    let handshakes = "tally_handshakes_total{outcome=\"ok\"}";
+    let before = bin::scrape(&addr);
+    let started = Instant::now();
+    const N: f64 = 20.0;
+    for _ in 0..N as usize {
+        assert!(request(&cred, "x").status.success());
+    }
+    f.await_sessions(0, &[], 10);
+    let after = bin::scrape(&addr);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        bin::metric(&after, handshakes) - bin::metric(&before, handshakes),
+        N
+    );
+    // The key comes from the index (no statement); each session's claim and its
+    // release are one statement each. Besides them only the node's own rhythm: three
+    // statements per heartbeat and the notification connection's ping, each second,
+    // and the last-seen times, written in batches (spec-free bookkeeping).
+    let queries = bin::metric(&after, "tally_store_queries_total")
+        - bin::metric(&before, "tally_store_queries_total");
+    let rhythm = 4.0 * (secs.ceil() + 1.0) + 2.0;
+    assert!(
+        queries >= 2.0 * N && queries <= 2.0 * N + rhythm,
+        "{queries} statements for {N} handshakes in {secs:.1} s"
+    );
+}

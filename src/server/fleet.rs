@@ -828,6 +828,7 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
             // A connection that died without a word (a host or a network gone) is
             // noticed by its ping, not hours later by TCP.
             _ = ping.tick() => {
+                fleet.pg().count_queries(1);
                 let pong = tokio::time::timeout(
                     LISTEN_PING_TIMEOUT,
                     listening.client.batch_execute(""),

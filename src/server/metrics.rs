@@ -70,6 +70,10 @@ pub struct Metrics {
     ended: [AtomicU64; TOTALS],
     /// What those counters were last moved to.
     reported: std::sync::Mutex<[u64; TOTALS]>,
+    /// Statements sent to a PostgreSQL store (its engine counts them).
+    store_queries: Counter,
+    /// What `store_queries` was last moved to.
+    reported_queries: std::sync::Mutex<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -136,6 +140,12 @@ impl Default for Metrics {
             "Time from a REQUEST read to its answer, for requests the backend did not answer at once",
             backend_latency.clone(),
         );
+        let store_queries = Counter::default();
+        registry.register(
+            "store_queries",
+            "Statements sent to the PostgreSQL store of a fleet (none with SQLite)",
+            store_queries.clone(),
+        );
         let outcome = |o| counter_of(&backend_requests, o);
         let backend = [
             outcome("ok"),
@@ -166,6 +176,8 @@ impl Default for Metrics {
             backend_latency,
             ended: Default::default(),
             reported: Default::default(),
+            store_queries,
+            reported_queries: Default::default(),
         }
     }
 }
@@ -236,6 +248,17 @@ impl Metrics {
             }
         }
         drop(reported);
+        if let Some(pg) = state.store.engine().postgres() {
+            let mut last = self
+                .reported_queries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = pg.queries();
+            if n > *last {
+                self.store_queries.inc_by(n - *last);
+                *last = n;
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");

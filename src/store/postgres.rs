@@ -506,15 +506,17 @@ impl Postgres {
     ) -> Result<Claim, StoreError> {
         self.count_queries(1);
         let ms = stale.as_millis() as i64;
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "SELECT * FROM tally_claim($1, $2, $3, $4, $5, $6)",
-                &[&id, &node, &peer, &reject, &self_live, &ms],
-            )
+        let e = |e| self.error(e);
+        // Prepared once per pooled connection: one round trip per claim.
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT * FROM tally_claim($1, $2, $3, $4, $5, $6)")
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(e)?;
+        let row = client
+            .query_one(&statement, &[&id, &node, &peer, &reject, &self_live, &ms])
+            .await
+            .map_err(e)?;
         Ok(Claim {
             outcome: row.get(0),
             epoch: row.get::<_, i64>(1) as u64,
@@ -527,14 +529,16 @@ impl Postgres {
     /// Releases `node`'s claim of `id` with `epoch`, if it still holds it.
     pub async fn release(&self, id: &str, node: &str, epoch: u64) -> Result<(), StoreError> {
         self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM sessions WHERE id = $1 AND node = $2 AND epoch = $3",
-                &[&id, &node, &(epoch as i64)],
-            )
+        let e = |e| self.error(e);
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM sessions WHERE id = $1 AND node = $2 AND epoch = $3")
             .await
-            .map_err(|e| self.error(e))?;
+            .map_err(e)?;
+        client
+            .execute(&statement, &[&id, &node, &(epoch as i64)])
+            .await
+            .map_err(e)?;
         Ok(())
     }
 

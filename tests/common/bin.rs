@@ -212,3 +212,45 @@ pub fn expect_line(lines: &std::sync::mpsc::Receiver<String>, part: &str) -> Str
         }
     }
 }
+
+/// The address a daemon started with `metrics_listen` serves its metrics on.
+#[allow(dead_code)]
+pub fn metrics_addr(daemon: &Daemon) -> String {
+    let line = match daemon
+        .startup_log
+        .iter()
+        .find(|l| l.contains("metrics_addr="))
+    {
+        Some(l) => l.clone(),
+        None => daemon.expect_log(&["metrics_addr="]),
+    };
+    line.split("metrics_addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// `GET /metrics` at `addr`: the whole answer, checked to be OpenMetrics.
+#[allow(dead_code)]
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("application/openmetrics-text"), "{text}");
+    text
+}
+
+/// The value of `metric` (with its labels, as written) in a scrape.
+#[allow(dead_code)]
+pub fn metric(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
+}
