@@ -323,6 +323,19 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
             })
             .await;
             match done {
+                // In a fleet, who is online is the fleet's: a session on another node too.
+                Ok(Ok(ControlResponse::Identities { identities, .. })) if state.fleet.is_some() => {
+                    let fleet = state.fleet.as_ref().expect("a fleet");
+                    match fleet.sessions().await {
+                        Ok(sessions) => ControlResponse::Identities {
+                            identities,
+                            sessions,
+                        },
+                        Err(e) => ControlResponse::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => ControlResponse::Error {
                     message: e.to_string(),

@@ -429,6 +429,13 @@ fn sessions_lists_the_fleet() {
     let table = f.nodes[0].ok(&["sessions"]);
     assert!(table.contains("NODE"), "{table}");
     assert!(table.contains(&f.nodes[2].daemon.addr), "{table}");
+    // `tallyd identities` on any node shows every device of the fleet online.
+    let json = f.nodes[0].ok(&["identities", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["online"], serde_json::Value::Bool(true), "{json}");
+    }
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{json}");
     // Sessions that end release their claims: gone from every node's list.
     drop(listeners);
     f.await_sessions(1, &[], 10);
