@@ -550,9 +550,9 @@ fn a_takeover_on_another_node_before_the_session_is_registered_wins() {
     // Node 0 must not register the session it claimed: node 1's claim is newer.
     let refused = expect_line(&a_lines, "session lost");
     assert!(refused.contains("takeover"), "{refused}");
-    f.nodes[0]
-        .daemon
-        .expect_log(&["a newer session of this identity took over"]);
+    f.nodes[0].daemon.expect_log(&[
+        "refused: a newer session of this identity took over before this one was registered",
+    ]);
     // One session, on node 1: a request sent from node 0 is routed there.
     let out = f.nodes[0].admin(&["send", "race-1", "--request", "who?"]);
     assert_eq!(text(&out.stdout), "who?", "{}", text(&out.stderr));
@@ -678,12 +678,13 @@ fn a_revocation_missed_while_not_listening_closes_the_session_when_back() {
         "fleet: revocation missed",
         2,
         "replace",
-        &[(0, "TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS", "3000")],
+        &[(0, "TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS", "5000")],
         "",
     ) else {
         return;
     };
     let cred = f.enroll(0, "missed-1");
+    let other = f.at(&f.enroll(0, "missed-2"), 0);
     let (_dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
     expect_line(&lines, "connected as missed-1");
     f.await_sessions(0, &[("missed-1", 0)], 10);
@@ -700,6 +701,14 @@ fn a_revocation_missed_while_not_listening_closes_the_session_when_back() {
     f.nodes[0]
         .daemon
         .expect_log(&["the notification connection failed"]);
+    // Deaf to the fleet, node 0 registers no new session meanwhile (a takeover or a
+    // revocation elsewhere would go unheard): another device is refused BUSY.
+    let out = request(&other, "while deaf");
+    assert!(
+        !out.status.success(),
+        "node 0 registered a session while deaf"
+    );
+    assert!(text(&out.stderr).contains("busy"), "{}", text(&out.stderr));
     // ...and the device is revoked on node 1 before node 0 listens again: node 0 never
     // hears of it, and must close the session when it catches up.
     f.nodes[1].ok(&["revoke", "missed-1"]);
@@ -711,6 +720,11 @@ fn a_revocation_missed_while_not_listening_closes_the_session_when_back() {
     assert!(
         !served_within(&f, &cred, 0, 0),
         "node 0 served a revoked device"
+    );
+    // Caught up: node 0 serves again.
+    assert!(
+        served_within(&f, &other, 0, 10),
+        "node 0 did not serve again"
     );
 }
 
@@ -728,6 +742,7 @@ fn a_revocation_whose_key_cannot_be_read_again_fails_closed() {
     };
     let cred = f.enroll(1, "stale-1");
     // Node 0 reads the new identity's key (after the hook's pause) and serves it.
+    f.nodes[0].daemon.expect_log(&[pause]);
     assert!(
         served_within(&f, &cred, 0, 10),
         "node 0 never served stale-1"
@@ -812,4 +827,41 @@ fn a_handshake_costs_the_database_one_claim_and_one_release() {
         queries >= 2.0 * N && queries <= 2.0 * N + rhythm,
         "{queries} statements for {N} handshakes in {secs:.1} s"
     );
+}
+
+#[test]
+fn a_claim_answered_after_its_handshake_gave_up_still_covers_the_live_session() {
+    let Some(f) = Fleet::start("fleet: a late claim", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "late-1");
+    let (_s1, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as late-1");
+    f.await_sessions(1, &[("late-1", 0)], 10);
+    std::thread::scope(|scope| {
+        // late-1's claim is locked for 3 s: a second connection of it to node 0 waits
+        // for its claim longer than a handshake does (2 s), and is refused BUSY...
+        let locker = scope.spawn(|| {
+            f.cluster.psql(
+                "BEGIN; SELECT 1 FROM sessions WHERE id = 'late-1' FOR UPDATE; \
+                 SELECT pg_sleep(3); COMMIT",
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let second = request(&f.at(&cred, 0), "second");
+        assert!(!second.status.success(), "{}", text(&second.stdout));
+        assert!(
+            text(&second.stderr).contains("busy"),
+            "{}",
+            text(&second.stderr)
+        );
+        locker.join().unwrap();
+    });
+    // ...and its claim, made once the lock is gone, names node 0 with a newer epoch.
+    // It must not be released while the first session lives: that session would be
+    // left without a claim, and another node could serve late-1 without closing it.
+    std::thread::sleep(Duration::from_secs(2));
+    f.await_sessions(1, &[("late-1", 0)], 1);
+    let out = f.nodes[1].admin(&["send", "late-1", "--request", "still yours?"]);
+    assert_eq!(text(&out.stdout), "still yours?", "{}", text(&out.stderr));
 }

@@ -539,6 +539,8 @@ async fn start_session(
                 if let Some(fleet) = &state.fleet {
                     fleet.unclaim(&id, epoch);
                 }
+                // The next handshake of the id need not wait for this one's farewell.
+                drop(_claiming);
                 answer_refused(&mut stream, code).await;
                 return None;
             }

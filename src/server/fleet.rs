@@ -80,11 +80,28 @@ pub struct Fleet {
     /// One lock per identity being claimed on this node: its handshakes claim and
     /// register it one at a time.
     claiming: Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
-    /// Claims whose release failed (the database did not answer): tried again after
-    /// each heartbeat, so that none is left behind to refuse the device elsewhere.
-    releasing: Mutex<Vec<(String, u64)>>,
+    /// Releases still to do (one failed, or must wait): tried every [`HEARTBEAT`] by
+    /// their own task, so that no claim is left behind to refuse the device elsewhere.
+    releasing: Mutex<Vec<Release>>,
+    /// When this node joined (its first heartbeat was sent no earlier).
+    joined: Instant,
+    /// Bumped each time the notification connection is lost: a catch-up that finishes
+    /// lets the node register sessions again only if none was lost since it began.
+    deafness: std::sync::atomic::AtomicU64,
     /// Identity notices, for the task that applies them in order.
     identities: mpsc::UnboundedSender<(String, String)>,
+}
+
+/// A release still to do.
+#[derive(Debug)]
+enum Release {
+    /// This node's claim of the id with this epoch.
+    Claim(String, u64),
+    /// Every claim of this node of the id, once no session of it is live here: a claim
+    /// whose epoch is not known (its statement's answer was lost), or one that must stay
+    /// while an older session of the id is live here (the claim's row, naming this node
+    /// with a newer epoch, still covers that session: a takeover elsewhere closes it).
+    Idle(String),
 }
 
 /// A handshake's hold on its identity's claim lock on this node, from its claim to its
@@ -187,6 +204,7 @@ impl Fleet {
         addr: SocketAddr,
     ) -> Result<(Arc<Fleet>, FleetTasks), StoreError> {
         let node = hex::encode(&crate::secrets::random_bytes()[..6]);
+        let joined = Instant::now();
         let pg = pg(&store);
         let listening = pg.block_on(async {
             let listening = listen(pg, &node).await?;
@@ -204,6 +222,8 @@ impl Fleet {
             waiting: Mutex::default(),
             claiming: Mutex::default(),
             releasing: Mutex::default(),
+            joined,
+            deafness: Default::default(),
             identities,
         });
         registry.join_fleet(Arc::new(Handle(Arc::downgrade(&fleet))));
@@ -264,15 +284,8 @@ impl Fleet {
                 "this node is fenced: it could not renew its heartbeat".into(),
             ));
         }
-        let mutex = {
-            let mut locks = lock(&self.claiming);
-            if locks.len() >= 1024 {
-                // Locks left by handshakes that gave up waiting.
-                locks.retain(|_, m| Arc::strong_count(m) > 1);
-            }
-            locks.entry(id.clone()).or_default().clone()
-        };
-        let (tx, rx) = oneshot::channel();
+        let mutex = self.claim_lock(id);
+        let (tx, mut rx) = oneshot::channel();
         let (this, id2) = (self.clone(), id.clone());
         // On the store's runtime, to the end even if this handshake stops waiting: a
         // claim made too late is released, and the lock is held until then, so that the
@@ -288,18 +301,42 @@ impl Fleet {
                 guard: Some(guard),
             };
             let outcome = this.claim_now(&id2, peer, policy).await;
+            if let Err(ClaimError::Unavailable(_)) = &outcome {
+                // The statement may have run and its answer been lost: this node may
+                // hold a claim it does not know the epoch of.
+                lock(&this.releasing).push(Release::Idle(id2.to_string()));
+            }
             if let Err(Ok((epoch, claiming))) = tx.send(outcome.map(|e| (e, claiming))) {
-                this.release_now(id2.as_str(), epoch).await;
+                // Claimed after the handshake stopped waiting.
+                this.unclaim(&id2, epoch);
                 drop(claiming);
             }
         });
-        match tokio::time::timeout(CLAIM_TIMEOUT, rx).await {
+        match tokio::time::timeout(CLAIM_TIMEOUT, &mut rx).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(ClaimError::Unavailable("the claim was dropped".into())),
-            Err(_) => Err(ClaimError::Unavailable(format!(
-                "no claim within {CLAIM_TIMEOUT:?}"
-            ))),
+            Err(_) => {
+                // The claim may have been sent just now: it is not left behind.
+                rx.close();
+                if let Ok(Ok((epoch, claiming))) = rx.try_recv() {
+                    self.unclaim(id, epoch);
+                    drop(claiming);
+                }
+                Err(ClaimError::Unavailable(format!(
+                    "no claim within {CLAIM_TIMEOUT:?}"
+                )))
+            }
         }
+    }
+
+    /// The claim lock of `id` on this node.
+    fn claim_lock(&self, id: &Id) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.claiming);
+        if locks.len() >= 1024 {
+            // Locks left by handshakes that gave up waiting.
+            locks.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        locks.entry(id.clone()).or_default().clone()
     }
 
     /// [`Fleet::claim`]'s statement, with the identity's claim lock held.
@@ -341,16 +378,18 @@ impl Fleet {
         }
     }
 
-    /// A claim of `id` with `epoch` that was not registered (its session was refused):
-    /// it superseded any older session of `id` here, which is closed, and is released.
+    /// A claim of `id` with `epoch` that was not registered (its session was refused,
+    /// or its handshake gave up), with the id's claim lock held: released, unless an
+    /// older session of `id` is live here. Its row now names this node with the newer
+    /// epoch, which still covers that session (a takeover elsewhere closes every session
+    /// of the id here up to that epoch); it is released once no session of the id is
+    /// live here ([`Release::Idle`]).
     pub fn unclaim(self: &Arc<Self>, id: &Id, epoch: u64) {
-        self.registry.close_epoch(
-            id,
-            epoch.saturating_sub(1),
-            CloseCode::TAKEN_OVER,
-            "a newer session of this identity took over",
-        );
-        self.release(id, epoch);
+        if self.registry.is_live(id) {
+            lock(&self.releasing).push(Release::Idle(id.to_string()));
+        } else {
+            self.release(id, epoch);
+        }
     }
 
     /// Releases a claim (a session refused after its claim, or ended).
@@ -361,19 +400,47 @@ impl Fleet {
             .spawn(async move { this.release_now(&id, epoch).await });
     }
 
-    /// Releases a claim now, or queues it for after the next heartbeat.
+    /// Releases a claim now, or queues it to be tried again.
     async fn release_now(&self, id: &str, epoch: u64) {
         if let Err(e) = self.pg().release(id, &self.node, epoch).await {
-            info!(id, error = %e, "fleet: could not release a claim; trying again after the next heartbeat");
-            lock(&self.releasing).push((id.to_owned(), epoch));
+            info!(id, error = %e, "fleet: could not release a claim; trying again in a second");
+            lock(&self.releasing).push(Release::Claim(id.to_owned(), epoch));
         }
     }
 
-    /// Tries the releases that failed again.
-    async fn retry_releases(&self) {
-        let queued = std::mem::take(&mut *lock(&self.releasing));
-        for (id, epoch) in queued {
-            self.release_now(&id, epoch).await;
+    /// [`Release::Idle`]: with the id's claim lock held (no claim of it is on its way
+    /// here), if no session of it is live here, deletes every claim of it this node
+    /// holds. Queued again otherwise.
+    async fn release_idle(self: &Arc<Self>, id: String) {
+        let Ok(key) = Id::new(&id) else { return };
+        let _claiming = Claiming {
+            fleet: self.clone(),
+            id: key.clone(),
+            guard: Some(self.claim_lock(&key).lock_owned().await),
+        };
+        if self.registry.is_live(&key) {
+            lock(&self.releasing).push(Release::Idle(id));
+            return;
+        }
+        if let Err(e) = self.pg().release_all(&id, &self.node).await {
+            debug!(id, error = %e, "fleet: could not release a claim; trying again in a second");
+            lock(&self.releasing).push(Release::Idle(id));
+        }
+    }
+
+    /// Does the releases queued, once (those that fail or must wait are queued again).
+    async fn releases(self: &Arc<Self>) {
+        let mut queued = std::mem::take(&mut *lock(&self.releasing));
+        let mut idle = std::collections::HashSet::new();
+        queued.retain(|r| match r {
+            Release::Idle(id) => idle.insert(id.clone()),
+            Release::Claim(..) => true,
+        });
+        for release in queued {
+            match release {
+                Release::Claim(id, epoch) => self.release_now(&id, epoch).await,
+                Release::Idle(id) => self.release_idle(id).await,
+            }
         }
     }
 
@@ -568,46 +635,63 @@ impl Fleet {
         }
     }
 
-    /// After the notification connection was down: reloads the key index, closes the
-    /// sessions of identities revoked, removed or enrolled again meanwhile, and those
-    /// whose claims are no longer this node's.
-    async fn catch_up(self: &Arc<Self>) {
-        // The sessions registered by now: their claims were written before the query
-        // below (a session registered after it is not judged by it).
+    /// After the notification connection was down (registrations are refused until
+    /// this is done): reloads the key index, closes the sessions of identities revoked,
+    /// removed or enrolled again meanwhile, and those whose claims are no longer this
+    /// node's. Tried again every [`HEARTBEAT`] until it succeeds, unless the connection
+    /// is lost again meanwhile (`deafness` moved on: that loss's catch-up takes over).
+    async fn catch_up(self: Arc<Self>, deafness: u64) {
+        loop {
+            match self.try_catch_up().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "fleet: could not catch up with the notices missed (no session is registered meanwhile); trying again")
+                }
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+            if self.deafness.load(Ordering::SeqCst) != deafness {
+                return;
+            }
+        }
+        if self.deafness.load(Ordering::SeqCst) == deafness {
+            self.registry.set_deaf(false);
+            info!("fleet: caught up with the notices missed: serving again");
+        }
+    }
+
+    async fn try_catch_up(self: &Arc<Self>) -> Result<(), StoreError> {
+        // Every session registered (none is, until this is done): their claims were
+        // written before the query below.
         let epochs = self.registry.epochs();
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.reload_key_index()).await {
-            Ok(Ok((keys, gone))) => {
-                info!(keys, changed = gone.len(), "fleet: key index reloaded");
-                for id in gone.iter().filter_map(|id| Id::new(id).ok()) {
-                    if self.registry.invalidate(
-                        &id,
-                        CloseCode::REVOKED,
-                        "identity revoked or removed on another node",
-                    ) {
-                        info!(id = %id, "identity revoked or removed on another node while this node was not listening: session closed");
-                    }
-                }
+        let (keys, gone) = tokio::task::spawn_blocking(move || store.reload_key_index())
+            .await
+            .map_err(|e| self.pg().error(e))??;
+        info!(keys, changed = gone.len(), "fleet: key index reloaded");
+        for id in gone.iter().filter_map(|id| Id::new(id).ok()) {
+            if self.registry.invalidate(
+                &id,
+                CloseCode::REVOKED,
+                "identity revoked or removed on another node",
+            ) {
+                info!(id = %id, "identity revoked or removed on another node while this node was not listening: session closed");
             }
-            Ok(Err(e)) => warn!(error = %e, "fleet: could not reload the key index"),
-            Err(e) => warn!(error = %e, "fleet: could not reload the key index"),
         }
-        match self.pg().claims_of(&self.node).await {
-            Ok(claims) => {
-                let claims: HashMap<String, u64> = claims.into_iter().collect();
-                for (id, epoch) in epochs {
-                    if claims.get(id.as_str()) != Some(&epoch) {
-                        self.registry.close_epoch(
-                            &id,
-                            epoch,
-                            CloseCode::TAKEN_OVER,
-                            "a newer session of this identity took over on another node",
-                        );
-                    }
-                }
+        // A session whose claim is gone, or another node's, was taken over unheard. (A
+        // claim of this node with a newer epoch covers an older session: `unclaim`.)
+        let claims: HashMap<String, u64> =
+            self.pg().claims_of(&self.node).await?.into_iter().collect();
+        for (id, epoch) in epochs {
+            if claims.get(id.as_str()).is_none_or(|e| *e < epoch) {
+                self.registry.close_epoch(
+                    &id,
+                    epoch,
+                    CloseCode::TAKEN_OVER,
+                    "a newer session of this identity took over on another node",
+                );
             }
-            Err(e) => warn!(error = %e, "fleet: could not check this node's claims"),
         }
+        Ok(())
     }
 
     /// Applies one identity notice: refreshes the identity's key in the index (it
@@ -715,10 +799,25 @@ impl FleetTasks {
             let (fleet, stop) = (fleet.clone(), stop.clone());
             pg.spawn(async move { identities(fleet, identity_notices, stop).await })
         };
+        let releases = {
+            let (fleet, stop) = (fleet.clone(), stop.clone());
+            pg.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                    }
+                    if !fleet.fenced() {
+                        fleet.releases().await;
+                    }
+                }
+            })
+        };
         pg.spawn(async move {
             notices(fleet, listening, stop).await;
             let _ = beat.await;
             let _ = identities.await;
+            let _ = releases.await;
         })
     }
 }
@@ -726,7 +825,7 @@ impl FleetTasks {
 async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
     // When the last heartbeat that was renewed was sent: the database's timestamp of
     // it is later, so this node fences itself before the others can see it stale.
-    let mut last_ok = Instant::now();
+    let mut last_ok = fleet.joined;
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -756,7 +855,6 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
                     fleet.registry.unfence();
                     info!("fleet: the database is back: serving again");
                 }
-                fleet.retry_releases().await;
             }
             Ok(Ok(false)) => {
                 // Declared dead by another node: its claims are gone, and others may
@@ -765,7 +863,9 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
                 fleet.drop_sessions(false, "this node was declared dead by the fleet");
                 // Its claims went with its row: nothing is left to release.
                 lock(&fleet.releasing).clear();
-                if pg.join(&fleet.node, &fleet.addr()).await.is_ok() {
+                let addr = fleet.addr();
+                let join = tokio::time::timeout(HEARTBEAT, pg.join(&fleet.node, &addr));
+                if let Ok(Ok(())) = join.await {
                     last_ok = sent;
                 }
             }
@@ -839,8 +939,11 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
         if alive {
             continue;
         }
-        // The connection dropped: notices may have been missed meanwhile.
-        warn!("fleet: the notification connection is lost; opening it again");
+        // The connection dropped: notices may have been missed meanwhile, and until the
+        // node has caught up with them it registers no session.
+        let deafness = fleet.deafness.fetch_add(1, Ordering::SeqCst) + 1;
+        fleet.registry.set_deaf(true);
+        warn!("fleet: the notification connection is lost (no session is registered until it is back); opening it again");
         #[cfg(debug_assertions)]
         test_pause("TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS").await;
         listening = loop {
@@ -854,7 +957,8 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
             }
         };
         info!("fleet: listening for notices again");
-        fleet.catch_up().await;
+        // On its own task: the notices that come meanwhile are acted on.
+        tokio::spawn(fleet.clone().catch_up(deafness));
     }
 }
 

@@ -283,8 +283,8 @@ pub enum RegisterError {
     /// here) took over this one before it was registered.
     #[error("a newer session of this identity took over before this one was registered")]
     Superseded,
-    /// In a fleet: this node is fenced, or may have lost its claims since this one was
-    /// made (it was declared dead by the fleet).
+    /// In a fleet: this node is fenced, may have lost its claims since this one was
+    /// made (it was declared dead by the fleet), or is not hearing the fleet's notices.
     #[error("this node is cut off from the fleet's database")]
     Fenced,
 }
@@ -307,6 +307,11 @@ struct Live {
     claims_generation: u64,
     /// Fenced: no session is registered.
     fenced: bool,
+    /// Not listening for the fleet's notices, or catching up with the ones missed: no
+    /// session is registered (a takeover or a revocation elsewhere would go unheard).
+    deaf: bool,
+    /// When `tombstones` and `superseded` were last pruned.
+    pruned: Option<Instant>,
 }
 
 impl Live {
@@ -413,9 +418,21 @@ impl Registry {
         let (conn, epoch) = (entry.conn, entry.epoch);
         let mut live = self.lock();
         let ttl = live.tombstone_ttl;
-        live.tombstones.retain(|_, at| at.elapsed() < ttl);
-        live.superseded.retain(|_, (_, at)| at.elapsed() < ttl);
-        if live.tombstones.get(id).is_some_and(|at| *at >= key_lookup) {
+        // Pruned at most once a second (a pass over both maps per handshake would cost a
+        // storm of revocations or takeovers dear); an entry older than `ttl` is ignored.
+        if live
+            .pruned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            live.tombstones.retain(|_, at| at.elapsed() < ttl);
+            live.superseded.retain(|_, (_, at)| at.elapsed() < ttl);
+            live.pruned = Some(Instant::now());
+        }
+        if live
+            .tombstones
+            .get(id)
+            .is_some_and(|at| *at >= key_lookup && at.elapsed() < ttl)
+        {
             return Err(RegisterError::Invalidated);
         }
         // A revocation older than `ttl` is forgotten: a handshake that looked its key up
@@ -424,11 +441,15 @@ impl Registry {
             return Err(RegisterError::TooLate);
         }
         if self.in_fleet() {
-            if live.fenced || entry.claimed_in != live.claims_generation {
+            if live.fenced || live.deaf || entry.claimed_in != live.claims_generation {
                 return Err(RegisterError::Fenced);
             }
             let newer_here = live.sessions.get(id).is_some_and(|e| e.epoch > epoch);
-            if newer_here || live.superseded.get(id).is_some_and(|(e, _)| epoch <= *e) {
+            let superseded = live
+                .superseded
+                .get(id)
+                .is_some_and(|(e, at)| epoch <= *e && at.elapsed() < ttl);
+            if newer_here || superseded {
                 return Err(RegisterError::Superseded);
             }
         }
@@ -507,6 +528,14 @@ impl Registry {
     /// The fleet's database answers again: sessions can be registered.
     pub fn unfence(&self) {
         self.lock().fenced = false;
+    }
+
+    /// In a fleet: whether this node may be missing notices (its notification
+    /// connection is down, or it is catching up with what it missed). Meanwhile no
+    /// session is registered ([`RegisterError::Fenced`]); those already live are judged
+    /// when the node has caught up.
+    pub fn set_deaf(&self, deaf: bool) {
+        self.lock().deaf = deaf;
     }
 
     /// Every live session's identity and claim epoch.

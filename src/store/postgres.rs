@@ -542,6 +542,20 @@ impl Postgres {
         Ok(())
     }
 
+    /// Deletes every claim of `id` that `node` holds.
+    pub async fn release_all(&self, id: &str, node: &str) -> Result<(), StoreError> {
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM sessions WHERE id = $1 AND node = $2",
+                &[&id, &node],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
     /// The claims `node` holds: id and epoch.
     pub async fn claims_of(&self, node: &str) -> Result<Vec<(String, u64)>, StoreError> {
         self.count_queries(1);
