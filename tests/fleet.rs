@@ -865,3 +865,40 @@ fn a_claim_answered_after_its_handshake_gave_up_still_covers_the_live_session() 
     let out = f.nodes[1].admin(&["send", "late-1", "--request", "still yours?"]);
     assert_eq!(text(&out.stdout), "still yours?", "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_node_frozen_past_the_stale_limit_drops_its_sessions_when_it_wakes() {
+    let Some(f) = Fleet::start("fleet: frozen node", 2, "reject") else {
+        return;
+    };
+    let cred = f.enroll(0, "frozen-1");
+    let (_dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as frozen-1");
+    f.await_sessions(1, &[("frozen-1", 0)], 10);
+    // Node 0 stops for 7 s (a VM paused, a stop-the-world): node 1 declares it dead
+    // after 5 s, and its claims go with it.
+    let pid = f.nodes[0].daemon.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let frozen = Instant::now();
+    f.await_sessions(1, &[], 10);
+    assert!(
+        frozen.elapsed() >= Duration::from_secs(4),
+        "declared dead too soon"
+    );
+    assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "1");
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(frozen.elapsed()));
+    signal("-CONT");
+    // Awake, it must not go on serving what the fleet gave away: it closes its
+    // sessions, joins again, and serves the device afresh.
+    let lost = expect_line(&lines, "session lost");
+    assert!(lost.contains("SHUTDOWN") || lost.contains("shut"), "{lost}");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["this node was declared dead"]);
+    expect_line(&lines, "reconnected as frozen-1");
+    f.await_sessions(1, &[("frozen-1", 0)], 20);
+}
