@@ -838,25 +838,7 @@ fn a_claim_answered_after_its_handshake_gave_up_still_covers_the_live_session() 
     let (_s1, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
     expect_line(&lines, "connected as late-1");
     f.await_sessions(1, &[("late-1", 0)], 10);
-    std::thread::scope(|scope| {
-        // late-1's claim is locked for 3 s: a second connection of it to node 0 waits
-        // for its claim longer than a handshake does (2 s), and is refused BUSY...
-        let locker = scope.spawn(|| {
-            f.cluster.psql(
-                "BEGIN; SELECT 1 FROM sessions WHERE id = 'late-1' FOR UPDATE; \
-                 SELECT pg_sleep(3); COMMIT",
-            )
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        let second = request(&f.at(&cred, 0), "second");
-        assert!(!second.status.success(), "{}", text(&second.stdout));
-        assert!(
-            text(&second.stderr).contains("busy"),
-            "{}",
-            text(&second.stderr)
-        );
-        locker.join().unwrap();
-    });
+    late_claim(&f, &cred, "late-1");
     // ...and its claim, made once the lock is gone, names node 0 with a newer epoch.
     // It must not be released while the first session lives: that session would be
     // left without a claim, and another node could serve late-1 without closing it.
@@ -864,6 +846,25 @@ fn a_claim_answered_after_its_handshake_gave_up_still_covers_the_live_session() 
     f.await_sessions(1, &[("late-1", 0)], 1);
     let out = f.nodes[1].admin(&["send", "late-1", "--request", "still yours?"]);
     assert_eq!(text(&out.stdout), "still yours?", "{}", text(&out.stderr));
+    // The covering claim does what it is kept for: a takeover on node 1 names its
+    // (newer) epoch, and node 0 closes the older session with it.
+    let (b, b_lines) = bin::listen(&["--echo", "--no-reconnect"], &f.at(&cred, 1));
+    expect_line(&b_lines, "connected as late-1");
+    let lost = expect_line(&lines, "session lost");
+    assert!(
+        lost.contains("TAKEN_OVER") || lost.contains("taken over"),
+        "{lost}"
+    );
+    drop(_s1);
+    f.await_sessions(0, &[("late-1", 1)], 10);
+    // And nothing is left behind once the sessions end.
+    drop(b);
+    f.await_sessions(0, &[], 10);
+    assert_eq!(
+        f.cluster
+            .psql("SELECT count(*) FROM sessions WHERE id = 'late-1'"),
+        "0"
+    );
 }
 
 #[test]
@@ -901,4 +902,48 @@ fn a_node_frozen_past_the_stale_limit_drops_its_sessions_when_it_wakes() {
         .expect_log(&["this node was declared dead"]);
     expect_line(&lines, "reconnected as frozen-1");
     f.await_sessions(1, &[("frozen-1", 0)], 20);
+}
+
+/// Locks `id`'s claim row for 3 s while a second connection of it asks node 0 for a
+/// session: the handshake gives up on its claim (2 s) and is refused BUSY; the claim
+/// goes through once the lock is gone, after the handshake stopped waiting.
+fn late_claim(f: &Fleet, cred: &Path, id: &str) {
+    let cluster = &f.cluster;
+    std::thread::scope(|scope| {
+        let locker = scope.spawn(|| {
+            cluster.psql(&format!(
+                "BEGIN; SELECT 1 FROM sessions WHERE id = '{id}' FOR UPDATE; \
+                 SELECT pg_sleep(3); COMMIT"
+            ))
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let second = request(&f.at(cred, 0), "second");
+        assert!(!second.status.success(), "{}", text(&second.stdout));
+        assert!(
+            text(&second.stderr).contains("busy"),
+            "{}",
+            text(&second.stderr)
+        );
+        locker.join().unwrap();
+    });
+}
+
+#[test]
+fn a_late_claim_kept_for_a_live_session_is_released_when_that_session_ends() {
+    let Some(f) = Fleet::start("fleet: a late claim released", 2, "reject") else {
+        return;
+    };
+    let cred = f.enroll(0, "late-2");
+    let (s1, lines) = bin::listen(&["--echo", "--no-reconnect"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as late-2");
+    f.await_sessions(1, &[("late-2", 0)], 10);
+    late_claim(&f, &cred, "late-2");
+    std::thread::sleep(Duration::from_secs(1));
+    // The first session ends: its own release names the older epoch, the kept claim
+    // goes too, or node 1 would refuse late-2 (takeover = "reject") while node 0 lives.
+    drop(s1);
+    assert!(
+        served_within(&f, &cred, 1, 5),
+        "node 1 still refuses late-2: node 0's kept claim was left behind"
+    );
 }

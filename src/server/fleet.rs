@@ -101,7 +101,7 @@ enum Release {
     /// whose epoch is not known (its statement's answer was lost), or one that must stay
     /// while an older session of the id is live here (the claim's row, naming this node
     /// with a newer epoch, still covers that session: a takeover elsewhere closes it).
-    Idle(String),
+    Idle(String, Instant),
 }
 
 /// A handshake's hold on its identity's claim lock on this node, from its claim to its
@@ -284,6 +284,13 @@ impl Fleet {
                 "this node is fenced: it could not renew its heartbeat".into(),
             ));
         }
+        // A claim now could take the id from a live session elsewhere, for a session
+        // this node would refuse anyway.
+        if self.registry.is_deaf() {
+            return Err(ClaimError::Unavailable(
+                "this node is catching up with the fleet's notices".into(),
+            ));
+        }
         let mutex = self.claim_lock(id);
         let (tx, mut rx) = oneshot::channel();
         let (this, id2) = (self.clone(), id.clone());
@@ -304,7 +311,7 @@ impl Fleet {
             if let Err(ClaimError::Unavailable(_)) = &outcome {
                 // The statement may have run and its answer been lost: this node may
                 // hold a claim it does not know the epoch of.
-                lock(&this.releasing).push(Release::Idle(id2.to_string()));
+                lock(&this.releasing).push(Release::Idle(id2.to_string(), Instant::now()));
             }
             if let Err(Ok((epoch, claiming))) = tx.send(outcome.map(|e| (e, claiming))) {
                 // Claimed after the handshake stopped waiting.
@@ -386,18 +393,34 @@ impl Fleet {
     /// live here ([`Release::Idle`]).
     pub fn unclaim(self: &Arc<Self>, id: &Id, epoch: u64) {
         if self.registry.is_live(id) {
-            lock(&self.releasing).push(Release::Idle(id.to_string()));
+            lock(&self.releasing).push(Release::Idle(id.to_string(), Instant::now()));
         } else {
             self.release(id, epoch);
         }
     }
 
-    /// Releases a claim (a session refused after its claim, or ended).
+    /// Releases a claim (a session refused after its claim, or ended), and a claim of
+    /// the id waiting for no session of it to be live here ([`Release::Idle`]).
     pub fn release(self: &Arc<Self>, id: &Id, epoch: u64) {
         let this = self.clone();
         let id = id.to_string();
-        self.pg()
-            .spawn(async move { this.release_now(&id, epoch).await });
+        self.pg().spawn(async move {
+            this.release_now(&id, epoch).await;
+            let waiting = {
+                let mut since: Option<Instant> = None;
+                lock(&this.releasing).retain(|r| match r {
+                    Release::Idle(i, at) if *i == id => {
+                        since = Some(since.map_or(*at, |s| s.min(*at)));
+                        false
+                    }
+                    _ => true,
+                });
+                since
+            };
+            if let Some(since) = waiting {
+                this.release_idle(id, since).await;
+            }
+        });
     }
 
     /// Releases a claim now, or queues it to be tried again.
@@ -410,8 +433,9 @@ impl Fleet {
 
     /// [`Release::Idle`]: with the id's claim lock held (no claim of it is on its way
     /// here), if no session of it is live here, deletes every claim of it this node
-    /// holds. Queued again otherwise.
-    async fn release_idle(self: &Arc<Self>, id: String) {
+    /// holds. Queued again otherwise, and for as long as a statement whose answer was
+    /// lost may still commit (the statement timeout and a second after it was queued).
+    async fn release_idle(self: &Arc<Self>, id: String, since: Instant) {
         let Ok(key) = Id::new(&id) else { return };
         let _claiming = Claiming {
             fleet: self.clone(),
@@ -419,27 +443,41 @@ impl Fleet {
             guard: Some(self.claim_lock(&key).lock_owned().await),
         };
         if self.registry.is_live(&key) {
-            lock(&self.releasing).push(Release::Idle(id));
+            lock(&self.releasing).push(Release::Idle(id, since));
             return;
         }
-        if let Err(e) = self.pg().release_all(&id, &self.node).await {
+        let done = self.pg().release_all(&id, &self.node).await;
+        if let Err(e) = &done {
             debug!(id, error = %e, "fleet: could not release a claim; trying again in a second");
-            lock(&self.releasing).push(Release::Idle(id));
+        }
+        let settled =
+            since.elapsed() > crate::store::postgres::STATEMENT_TIMEOUT + Duration::from_secs(1);
+        if done.is_err() || !settled {
+            lock(&self.releasing).push(Release::Idle(id, since));
         }
     }
 
     /// Does the releases queued, once (those that fail or must wait are queued again).
     async fn releases(self: &Arc<Self>) {
         let mut queued = std::mem::take(&mut *lock(&self.releasing));
-        let mut idle = std::collections::HashSet::new();
+        // One pass per id, from its oldest entry.
+        let mut oldest: HashMap<String, Instant> = HashMap::new();
         queued.retain(|r| match r {
-            Release::Idle(id) => idle.insert(id.clone()),
+            Release::Idle(id, at) => {
+                let first = !oldest.contains_key(id);
+                let e = oldest.entry(id.clone()).or_insert(*at);
+                *e = (*e).min(*at);
+                first
+            }
             Release::Claim(..) => true,
         });
         for release in queued {
             match release {
                 Release::Claim(id, epoch) => self.release_now(&id, epoch).await,
-                Release::Idle(id) => self.release_idle(id).await,
+                Release::Idle(id, _) => {
+                    let since = oldest[&id];
+                    self.release_idle(id, since).await
+                }
             }
         }
     }
@@ -640,7 +678,7 @@ impl Fleet {
     /// removed or enrolled again meanwhile, and those whose claims are no longer this
     /// node's. Tried again every [`HEARTBEAT`] until it succeeds, unless the connection
     /// is lost again meanwhile (`deafness` moved on: that loss's catch-up takes over).
-    async fn catch_up(self: Arc<Self>, deafness: u64) {
+    async fn catch_up(self: Arc<Self>, deafness: u64, stop: CancellationToken) {
         loop {
             match self.try_catch_up().await {
                 Ok(()) => break,
@@ -648,13 +686,15 @@ impl Fleet {
                     warn!(error = %e, "fleet: could not catch up with the notices missed (no session is registered meanwhile); trying again")
                 }
             }
-            tokio::time::sleep(HEARTBEAT).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
             if self.deafness.load(Ordering::SeqCst) != deafness {
                 return;
             }
         }
-        if self.deafness.load(Ordering::SeqCst) == deafness {
-            self.registry.set_deaf(false);
+        if self.registry.hear_again(deafness) {
             info!("fleet: caught up with the notices missed: serving again");
         }
     }
@@ -861,8 +901,9 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
                 // serve its devices already.
                 warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
                 fleet.drop_sessions(false, "this node was declared dead by the fleet");
-                // Its claims went with its row: nothing is left to release.
-                lock(&fleet.releasing).clear();
+                // Its claims went with its row; not a claim whose answer was lost (its
+                // statement may still commit, after the node joins again).
+                lock(&fleet.releasing).retain(|r| matches!(r, Release::Idle(..)));
                 let addr = fleet.addr();
                 let join = tokio::time::timeout(HEARTBEAT, pg.join(&fleet.node, &addr));
                 if let Ok(Ok(())) = join.await {
@@ -915,9 +956,26 @@ async fn identities(
 async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: CancellationToken) {
     let mut ping = tokio::time::interval(HEARTBEAT);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The catch-up under way, if any (the loss it is for, and its task).
+    let mut catching_up: Option<(u64, tokio::task::JoinHandle<()>)> = None;
     loop {
         let alive = tokio::select! {
             _ = stop.cancelled() => return,
+            // A catch-up that ended: done (or superseded), or it panicked, and is
+            // started again (else the node would stay deaf).
+            ended = async { (&mut catching_up.as_mut().expect("checked").1).await },
+                if catching_up.is_some() =>
+            {
+                let (loss, _) = catching_up.take().expect("checked");
+                if ended.is_err() {
+                    warn!("fleet: the catch-up with missed notices failed; starting it again");
+                    catching_up = Some((
+                        loss,
+                        tokio::spawn(fleet.clone().catch_up(loss, stop.clone())),
+                    ));
+                }
+                true
+            }
             n = listening.notices.recv() => match n {
                 Some(n) => {
                     fleet.notice(n.channel(), n.payload());
@@ -942,7 +1000,7 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
         // The connection dropped: notices may have been missed meanwhile, and until the
         // node has caught up with them it registers no session.
         let deafness = fleet.deafness.fetch_add(1, Ordering::SeqCst) + 1;
-        fleet.registry.set_deaf(true);
+        fleet.registry.deafen(deafness);
         warn!("fleet: the notification connection is lost (no session is registered until it is back); opening it again");
         #[cfg(debug_assertions)]
         test_pause("TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS").await;
@@ -958,7 +1016,10 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
         };
         info!("fleet: listening for notices again");
         // On its own task: the notices that come meanwhile are acted on.
-        tokio::spawn(fleet.clone().catch_up(deafness));
+        catching_up = Some((
+            deafness,
+            tokio::spawn(fleet.clone().catch_up(deafness, stop.clone())),
+        ));
     }
 }
 

@@ -307,9 +307,10 @@ struct Live {
     claims_generation: u64,
     /// Fenced: no session is registered.
     fenced: bool,
-    /// Not listening for the fleet's notices, or catching up with the ones missed: no
-    /// session is registered (a takeover or a revocation elsewhere would go unheard).
-    deaf: bool,
+    /// Not listening for the fleet's notices, or catching up with the ones missed (the
+    /// number of that loss of the notification connection): no session is registered
+    /// (a takeover or a revocation elsewhere would go unheard).
+    deaf: Option<u64>,
     /// When `tombstones` and `superseded` were last pruned.
     pruned: Option<Instant>,
 }
@@ -441,7 +442,7 @@ impl Registry {
             return Err(RegisterError::TooLate);
         }
         if self.in_fleet() {
-            if live.fenced || live.deaf || entry.claimed_in != live.claims_generation {
+            if live.fenced || live.deaf.is_some() || entry.claimed_in != live.claims_generation {
                 return Err(RegisterError::Fenced);
             }
             let newer_here = live.sessions.get(id).is_some_and(|e| e.epoch > epoch);
@@ -530,12 +531,31 @@ impl Registry {
         self.lock().fenced = false;
     }
 
-    /// In a fleet: whether this node may be missing notices (its notification
-    /// connection is down, or it is catching up with what it missed). Meanwhile no
-    /// session is registered ([`RegisterError::Fenced`]); those already live are judged
-    /// when the node has caught up.
-    pub fn set_deaf(&self, deaf: bool) {
-        self.lock().deaf = deaf;
+    /// In a fleet: this node may be missing notices since loss number `loss` of its
+    /// notification connection. Until [`Registry::hear_again`] for the same loss, no
+    /// session is registered ([`RegisterError::Fenced`]), nor any claimed before now;
+    /// those already live are judged when the node has caught up.
+    pub fn deafen(&self, loss: u64) {
+        let mut live = self.lock();
+        live.deaf = Some(loss);
+        live.claims_generation += 1;
+    }
+
+    /// The node caught up with what it missed since loss `loss`: sessions can be
+    /// registered again, unless the connection was lost again since.
+    pub fn hear_again(&self, loss: u64) -> bool {
+        let mut live = self.lock();
+        if live.deaf == Some(loss) {
+            live.deaf = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether this node is missing notices ([`Registry::deafen`]).
+    pub fn is_deaf(&self) -> bool {
+        self.lock().deaf.is_some()
     }
 
     /// Every live session's identity and claim epoch.
