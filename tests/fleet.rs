@@ -947,3 +947,54 @@ fn a_late_claim_kept_for_a_live_session_is_released_when_that_session_ends() {
         "node 1 still refuses late-2: node 0's kept claim was left behind"
     );
 }
+
+#[test]
+fn the_readme_fleet_configuration_runs_as_written() {
+    let Some(f) = Fleet::start("fleet: the README's configuration", 1, "replace") else {
+        return;
+    };
+    // The node configuration of README "Running several daemons", with this machine's
+    // address, directory and database in place of the example's.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("## Running several daemons")
+        .expect("README: Running several daemons")..];
+    let open = "<<'TOML'\n";
+    let start = section.find(open).expect("README: the node's config") + open.len();
+    let toml = &section[start..start + section[start..].find("TOML\n").unwrap()];
+    let dir = f.root.path().join("readme-node");
+    let mut replaced = 0;
+    let config: String = toml
+        .lines()
+        .map(|l| {
+            let (key, _) = l.split_once(" = ").expect("key = value");
+            let value = match key {
+                "listen" => "127.0.0.1:0".to_owned(),
+                "state_dir" => dir.display().to_string(),
+                "store" => f.cluster.url(),
+                _ => return format!("{l}\n"),
+            };
+            replaced += 1;
+            format!("{key} = \"{value}\"\n")
+        })
+        .collect();
+    assert_eq!(replaced, 3, "README's node config changed: {toml}");
+    let path = f.root.path().join("readme-node.toml");
+    std::fs::write(&path, &config).unwrap();
+    // As "every other node": the fleet's keys copied in, then `tallyd --config` with
+    // that file: it joins the fleet and serves.
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for key in ["server.key", "store.key"] {
+        std::fs::copy(f.nodes[0].dir.join(key), dir.join(key)).unwrap();
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.arg("--config").arg(&path);
+    let (daemon, _) = bin::start_cmd(cmd, false);
+    let cred = f.enroll(0, "readme-1");
+    let cred = f.cred_for(&cred, &daemon.addr, "readme-1-at-readme.cred");
+    let out = request(&cred, "as written");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "2");
+}
