@@ -998,3 +998,32 @@ fn the_readme_fleet_configuration_runs_as_written() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "2");
 }
+
+#[test]
+fn an_identity_taken_over_back_and_forth_across_nodes_is_reported() {
+    let Some(f) = Fleet::start("fleet: ping-pong", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "twin-1");
+    // Two devices sharing one identity, each reconnecting to its own node: every
+    // connection takes the session over from the other, across the fleet.
+    let mut previous: Option<(bin::KillOnDrop, std::sync::mpsc::Receiver<String>)> = None;
+    for n in [0, 1, 0, 1] {
+        // (A device taken over waits 10 s or more before it tries again: spec 7.3.)
+        let (dev, lines) = bin::listen(&["--echo"], &f.at(&cred, n));
+        expect_line(&lines, "connected as twin-1");
+        if let Some((_old, old_lines)) = previous.take() {
+            let lost = expect_line(&old_lines, "session lost");
+            assert!(
+                lost.contains("taken over") || lost.contains("TAKEN_OVER"),
+                "{lost}"
+            );
+        }
+        f.await_sessions(0, &[("twin-1", n)], 10);
+        previous = Some((dev, lines));
+    }
+    // The third takeover within 60 s is the one reported, by the node that made it.
+    f.nodes[1]
+        .daemon
+        .expect_log(&["twin-1", "taken over repeatedly", "across the fleet"]);
+}
