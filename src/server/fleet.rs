@@ -298,15 +298,14 @@ impl Fleet {
         // claim made too late is released, and the lock is held until then, so that the
         // next handshake's claim comes after it.
         self.pg().spawn(async move {
-            let guard = mutex.lock_owned().await;
-            if tx.is_closed() {
-                return;
-            }
             let claiming = Claiming {
                 fleet: this.clone(),
                 id: id2.clone(),
-                guard: Some(guard),
+                guard: Some(mutex.lock_owned().await),
             };
+            if tx.is_closed() {
+                return;
+            }
             let outcome = this.claim_now(&id2, peer, policy).await;
             if let Err(ClaimError::Unavailable(_)) = &outcome {
                 // The statement may have run and its answer been lost: this node may
