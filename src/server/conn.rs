@@ -492,24 +492,29 @@ async fn start_session(
     // In a fleet, the identity is claimed across the nodes first (spec 7.3 fleet-wide),
     // one handshake of an identity at a time on this node, so that this node's claims
     // and registrations of it come in one order.
-    let claimed_in = state.registry.claims_generation();
-    let (epoch, _claiming) = match &state.fleet {
-        None => (0, None),
-        Some(fleet) => match fleet.claim(&id, stream.peer, state.takeover).await {
-            Ok((epoch, claiming)) => (epoch, Some(claiming)),
-            Err(e) => {
-                let code = match e {
-                    ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
-                    ClaimError::Unavailable(_) => ErrorCode::BUSY,
-                };
-                warn!("refused: {e}");
-                answer_refused(&mut stream, code).await;
-                return None;
+    let (epoch, claimed_in, _claiming) = match &state.fleet {
+        // Without a fleet, nothing of this is read by the registry, nor takes its lock.
+        None => (0, 0, None),
+        Some(fleet) => {
+            let claimed_in = state.registry.claims_generation();
+            match fleet.claim(&id, stream.peer, state.takeover).await {
+                Ok((epoch, claiming)) => {
+                    #[cfg(debug_assertions)]
+                    super::fleet::test_pause("TALLYD_TEST_PAUSE_AFTER_CLAIM_MS").await;
+                    (epoch, claimed_in, Some(claiming))
+                }
+                Err(e) => {
+                    let code = match e {
+                        ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
+                        ClaimError::Unavailable(_) => ErrorCode::BUSY,
+                    };
+                    warn!("refused: {e}");
+                    answer_refused(&mut stream, code).await;
+                    return None;
+                }
             }
-        },
+        }
     };
-    #[cfg(debug_assertions)]
-    super::fleet::test_pause("TALLYD_TEST_PAUSE_AFTER_CLAIM_MS").await;
     let conn = state.registry.next_conn();
     let mailbox = Arc::new(Mailbox::default());
     let entry = Entry {

@@ -419,26 +419,29 @@ impl Registry {
         let (conn, epoch) = (entry.conn, entry.epoch);
         let mut live = self.lock();
         let ttl = live.tombstone_ttl;
+        // One clock read for every age below.
+        let now = Instant::now();
+        let age = |at: Instant| now.saturating_duration_since(at);
         // Pruned at most once a second (a pass over both maps per handshake would cost a
         // storm of revocations or takeovers dear); an entry older than `ttl` is ignored.
         if live
             .pruned
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            .is_none_or(|at| age(at) >= Duration::from_secs(1))
         {
-            live.tombstones.retain(|_, at| at.elapsed() < ttl);
-            live.superseded.retain(|_, (_, at)| at.elapsed() < ttl);
-            live.pruned = Some(Instant::now());
+            live.tombstones.retain(|_, at| age(*at) < ttl);
+            live.superseded.retain(|_, (_, at)| age(*at) < ttl);
+            live.pruned = Some(now);
         }
         if live
             .tombstones
             .get(id)
-            .is_some_and(|at| *at >= key_lookup && at.elapsed() < ttl)
+            .is_some_and(|at| *at >= key_lookup && age(*at) < ttl)
         {
             return Err(RegisterError::Invalidated);
         }
         // A revocation older than `ttl` is forgotten: a handshake that looked its key up
         // before that cannot be told apart from one that did not.
-        if !ttl.is_zero() && key_lookup.elapsed() >= ttl {
+        if !ttl.is_zero() && age(key_lookup) >= ttl {
             return Err(RegisterError::TooLate);
         }
         if self.in_fleet() {
@@ -449,7 +452,7 @@ impl Registry {
             let superseded = live
                 .superseded
                 .get(id)
-                .is_some_and(|(e, at)| epoch <= *e && at.elapsed() < ttl);
+                .is_some_and(|(e, at)| epoch <= *e && age(*at) < ttl);
             if newer_here || superseded {
                 return Err(RegisterError::Superseded);
             }
