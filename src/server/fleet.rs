@@ -104,6 +104,21 @@ enum Release {
     Idle(String, Instant),
 }
 
+/// Takes the [`Release::Idle`] entries of the ids `which` picks out of `queue`: each
+/// id once, with the time of its oldest entry.
+fn take_idle(queue: &mut Vec<Release>, which: impl Fn(&str) -> bool) -> HashMap<String, Instant> {
+    let mut oldest: HashMap<String, Instant> = HashMap::new();
+    queue.retain(|r| match r {
+        Release::Idle(id, at) if which(id) => {
+            let e = oldest.entry(id.clone()).or_insert(*at);
+            *e = (*e).min(*at);
+            false
+        }
+        _ => true,
+    });
+    oldest
+}
+
 /// A handshake's hold on its identity's claim lock on this node, from its claim to its
 /// registration (dropped after either).
 pub struct Claiming {
@@ -405,17 +420,7 @@ impl Fleet {
         let id = id.to_string();
         self.pg().spawn(async move {
             this.release_now(&id, epoch).await;
-            let waiting = {
-                let mut since: Option<Instant> = None;
-                lock(&this.releasing).retain(|r| match r {
-                    Release::Idle(i, at) if *i == id => {
-                        since = Some(since.map_or(*at, |s| s.min(*at)));
-                        false
-                    }
-                    _ => true,
-                });
-                since
-            };
+            let waiting = take_idle(&mut lock(&this.releasing), |i| i == id).remove(&id);
             if let Some(since) = waiting {
                 this.release_idle(id, since).await;
             }
@@ -459,25 +464,14 @@ impl Fleet {
     /// Does the releases queued, once (those that fail or must wait are queued again).
     async fn releases(self: &Arc<Self>) {
         let mut queued = std::mem::take(&mut *lock(&self.releasing));
-        // One pass per id, from its oldest entry.
-        let mut oldest: HashMap<String, Instant> = HashMap::new();
-        queued.retain(|r| match r {
-            Release::Idle(id, at) => {
-                let first = !oldest.contains_key(id);
-                let e = oldest.entry(id.clone()).or_insert(*at);
-                *e = (*e).min(*at);
-                first
-            }
-            Release::Claim(..) => true,
-        });
+        let idle = take_idle(&mut queued, |_| true);
         for release in queued {
-            match release {
-                Release::Claim(id, epoch) => self.release_now(&id, epoch).await,
-                Release::Idle(id, _) => {
-                    let since = oldest[&id];
-                    self.release_idle(id, since).await
-                }
+            if let Release::Claim(id, epoch) = release {
+                self.release_now(&id, epoch).await;
             }
+        }
+        for (id, since) in idle {
+            self.release_idle(id, since).await;
         }
     }
 
