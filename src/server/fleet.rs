@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,8 +73,6 @@ pub struct Fleet {
     node: String,
     /// Its listening address, as `tallyd sessions` shows it.
     addr: Mutex<String>,
-    /// Cut off from the database: every session closed, handshakes refused.
-    fenced: AtomicBool,
     /// Sends of this node waiting for their answer, by call number.
     waiting: Mutex<HashMap<i64, oneshot::Sender<()>>>,
     /// One lock per identity being claimed on this node: its handshakes claim and
@@ -233,7 +231,6 @@ impl Fleet {
             registry: registry.clone(),
             node,
             addr: Mutex::new(addr.to_string()),
-            fenced: AtomicBool::new(false),
             waiting: Mutex::default(),
             claiming: Mutex::default(),
             releasing: Mutex::default(),
@@ -282,7 +279,7 @@ impl Fleet {
 
     /// Whether this node is fenced (cut off from the database).
     pub fn fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
+        self.registry.is_fenced()
     }
 
     /// Claims `id` for a new session from `peer`: its epoch, and the hold on the
@@ -655,15 +652,18 @@ impl Fleet {
     }
 
     /// Closes every session: this node lost its claims, or may have (`fenced`: and
-    /// registers none until it is unfenced).
-    fn drop_sessions(&self, fenced: bool, why: &'static str) {
-        let n = self.registry.lose_claims(fenced, CloseCode::SHUTDOWN, why);
+    /// registers none until it is unfenced). Returns false if it was fenced already.
+    fn drop_sessions(&self, fenced: bool, why: &'static str) -> bool {
+        let Some(n) = self.registry.lose_claims(fenced, CloseCode::SHUTDOWN, why) else {
+            return false;
+        };
         if n > 0 {
             warn!(
                 sessions = n,
                 "fleet: {why}: closing every session of this node"
             );
         }
+        true
     }
 
     /// After the notification connection was down (registrations are refused until
@@ -884,8 +884,7 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
         match beat {
             Ok(Ok(true)) => {
                 last_ok = sent;
-                if fleet.fenced.swap(false, Ordering::Relaxed) {
-                    fleet.registry.unfence();
+                if fleet.registry.unfence() {
                     info!("fleet: the database is back: serving again");
                 }
             }
@@ -910,12 +909,11 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
 }
 
 fn fence(fleet: &Fleet, why: &str) {
-    if !fleet.fenced.swap(true, Ordering::Relaxed) {
+    if fleet.drop_sessions(true, "this node is cut off from the fleet's database") {
         warn!(
             error = why,
             "fleet: no heartbeat for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
         );
-        fleet.drop_sessions(true, "this node is cut off from the fleet's database");
     }
 }
 

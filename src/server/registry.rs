@@ -518,20 +518,35 @@ impl Registry {
     /// In a fleet: this node may have lost every claim (`fenced`: it is cut off from
     /// the database and registers nothing until [`Registry::unfence`]; else it was
     /// declared dead). Every live session is asked to close, and claims made before
-    /// now are refused at registration. Returns how many sessions there were.
-    pub fn lose_claims(&self, fenced: bool, code: CloseCode, reason: &'static str) -> usize {
+    /// now are refused at registration. Returns how many sessions there were, or `None`
+    /// if fencing a node already fenced (nothing done).
+    pub fn lose_claims(
+        &self,
+        fenced: bool,
+        code: CloseCode,
+        reason: &'static str,
+    ) -> Option<usize> {
         let mut live = self.lock();
+        if fenced && live.fenced {
+            return None;
+        }
         live.claims_generation += 1;
         live.fenced |= fenced;
         for e in live.sessions.values() {
             e.mailbox.ask_close(code, reason);
         }
-        live.sessions.len()
+        Some(live.sessions.len())
     }
 
-    /// The fleet's database answers again: sessions can be registered.
-    pub fn unfence(&self) {
-        self.lock().fenced = false;
+    /// The fleet's database answers again: sessions can be registered. Returns whether
+    /// the node was fenced.
+    pub fn unfence(&self) -> bool {
+        std::mem::take(&mut self.lock().fenced)
+    }
+
+    /// Whether this node is fenced ([`Registry::lose_claims`]).
+    pub fn is_fenced(&self) -> bool {
+        self.lock().fenced
     }
 
     /// In a fleet: this node may be missing notices since loss number `loss` of its
