@@ -48,12 +48,13 @@ fn secrets(state_dir: &Path, creds: Option<&Path>) -> Result<ServerSecrets, Admi
     Ok(ServerSecrets::load(state_dir, creds, false)?)
 }
 
-/// Creates the state directory, keys and store (at `store`) if missing. Returns whether
-/// keys were created.
+/// Creates the state directory, keys and store (at `store`, its password perhaps in
+/// `password_file`: `store_password_file`) if missing. Returns whether keys were created.
 pub fn init(
     state_dir: &Path,
     creds: Option<&Path>,
     store: &crate::store::Location,
+    password_file: Option<&Path>,
 ) -> Result<bool, AdminError> {
     // A daemon that runs has its keys (perhaps from systemd credentials, out of this
     // shell's sight): keys made here would be others, and tokens made with them refused.
@@ -61,7 +62,11 @@ pub fn init(
         return Err(AdminError::Running(state_dir.to_owned()));
     }
     let s = ServerSecrets::load(state_dir, creds, true)?;
-    Store::open_at(store, s.store_key.clone())?;
+    let passwords = crate::store::pgconf::PasswordSources {
+        credentials_dir: creds,
+        password_file,
+    };
+    Store::open_at(store, s.store_key.clone(), passwords)?;
     Ok(s.created)
 }
 
@@ -637,8 +642,8 @@ mod tests {
     fn tokens_from_the_state_directory() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Location::Sqlite(dir.path().join(DB_FILE));
-        assert!(init(dir.path(), None, &store).unwrap());
-        assert!(!init(dir.path(), None, &store).unwrap());
+        assert!(init(dir.path(), None, &store, None).unwrap());
+        assert!(!init(dir.path(), None, &store, None).unwrap());
         let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
         let day = Duration::from_secs(86_400);
         let per = issue_token(dir.path(), None, "dev-1", day).unwrap();

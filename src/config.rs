@@ -49,6 +49,14 @@ pub enum ConfigError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The file holds the database password and every user may read it.
+    #[error("{path}: mode {mode:o} lets every user on this machine read the database password in `store`: run `chmod 640 {path}` (readable by its owner and group only; the package's is root:tally), or move the password out of it (store_password_file, the systemd credential db-password, PGPASSWORD or .pgpass: README, \"Running several daemons\")")]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
     /// The file is not valid TOML or has an unknown key or a wrong type.
     #[error("{path}: {message}")]
     Parse {
@@ -314,6 +322,9 @@ pub struct ServerConfig {
     /// daemon), a `postgres://` URL for a database shared by several daemons (a fleet,
     /// docs/CLUSTER.md).
     pub store: Option<String>,
+    /// A file holding the password of the `store` database (mode 0600), when the URL has
+    /// none and no systemd credential `db-password` is given.
+    pub store_password_file: Option<PathBuf>,
     /// Limits.
     pub limits: Limits,
 }
@@ -345,25 +356,59 @@ impl Default for ServerConfig {
             log_format: crate::logging::LogFormat::Text,
             metrics_listen: None,
             store: None,
+            store_password_file: None,
             limits: Limits::default(),
         }
     }
 }
 
 impl ServerConfig {
-    /// Reads a TOML file; fields it does not set keep their defaults.
+    /// Reads a TOML file; fields it does not set keep their defaults. A file holding a
+    /// database password (in `store`) that every user may read is refused.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let read = |source| ConfigError::Read {
             path: path.into(),
             source,
-        })?;
-        Self::from_toml(&text).map_err(|e| match e {
+        };
+        let mut file = std::fs::File::open(path).map_err(read)?;
+        let mode = file.metadata().map_err(read)?.permissions().mode() & 0o7777;
+        let mut text = zeroize::Zeroizing::new(String::new());
+        file.read_to_string(&mut text).map_err(read)?;
+        let config = Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.into(),
                 message,
             },
             other => other,
-        })
+        })?;
+        if mode & 0o004 != 0 && config.store_has_password() {
+            return Err(ConfigError::Exposed {
+                path: path.into(),
+                mode,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Whether the `store` URL holds a password.
+    pub fn store_has_password(&self) -> bool {
+        self.store
+            .as_deref()
+            .and_then(|url| crate::store::pgconf::Settings::parse(url).ok())
+            .is_some_and(|s| s.has_password())
+    }
+
+    /// Where a fleet's database password may come from besides the URL ([`crate::store::pgconf`]).
+    pub fn store_passwords<'a>(
+        &'a self,
+        credentials_dir: Option<&'a Path>,
+    ) -> crate::store::pgconf::PasswordSources<'a> {
+        crate::store::pgconf::PasswordSources {
+            credentials_dir,
+            password_file: self.store_password_file.as_deref(),
+        }
     }
 
     /// Parses TOML text.
@@ -400,6 +445,35 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_a_file_every_user_reads_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tallyd.toml");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let with_pw = "store = \"postgres://tally:s3cret@db.example/tally\"\n";
+        write(with_pw, 0o644);
+        let e = ServerConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("tallyd.toml") && e.contains("mode 644"), "{e}");
+        assert!(e.contains("chmod 640"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        // In the query string too.
+        write(
+            "store = \"postgres://tally@db/tally?password=s3cret\"\n",
+            0o604,
+        );
+        let e = ServerConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("mode 604") && !e.contains("s3cret"), "{e}");
+        // Its owner and group only, or no password in it: fine.
+        write(with_pw, 0o640);
+        assert!(ServerConfig::from_file(&path).unwrap().store_has_password());
+        write("store = \"postgres://tally@db.example/tally\"\n", 0o644);
+        assert!(!ServerConfig::from_file(&path).unwrap().store_has_password());
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -277,7 +277,12 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
     }
     match command {
         Command::Init => {
-            let created = admin::init(dir, creds.as_deref(), &store)?;
+            let created = admin::init(
+                dir,
+                creds.as_deref(),
+                &store,
+                config.store_password_file.as_deref(),
+            )?;
             let what = if created {
                 "initialised"
             } else {

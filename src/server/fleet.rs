@@ -173,9 +173,9 @@ async fn listen(pg: &Postgres, node: &str) -> Result<Listening, StoreError> {
     let app = config.get_application_name().unwrap_or("tallyd").to_owned();
     config.application_name(format!("{app} notices {node}"));
     let (client, mut connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(pg.tls())
         .await
-        .map_err(|e| pg.error(e))?;
+        .map_err(|e| pg.error_chain(&e))?;
     let (tx, notices) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {

@@ -113,7 +113,11 @@ impl ServerState {
         // through this daemon (admin commands go through its control socket).
         let lock = crate::secrets::lock_state_dir(&config.state_dir)?;
         let location = config.store_location()?;
-        let store = Arc::new(Store::open_at(&location, secrets.store_key.clone())?);
+        let store = Arc::new(Store::open_at(
+            &location,
+            secrets.store_key.clone(),
+            config.store_passwords(credentials_dir),
+        )?);
         let registry = Arc::new(Registry::default());
         registry.set_handshake_deadline(config.limits.handshake_timeout);
         let tasks = TaskTracker::new();

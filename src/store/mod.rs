@@ -21,6 +21,7 @@
 //! [`Store::cached_key`] once [`Store::load_key_index`] has run (the daemon's handshake
 //! path).
 
+pub mod pgconf;
 pub mod postgres;
 pub mod sqlite;
 
@@ -118,11 +119,10 @@ impl Location {
         match setting {
             None => Ok(Location::Sqlite(state_dir.join(DB_FILE))),
             Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
-                s.parse::<tokio_postgres::Config>()
-                    .map_err(|e| StoreError::Postgres {
-                        place: redacted(s),
-                        message: format!("not a valid connection URL: {e}"),
-                    })?;
+                pgconf::Settings::parse(s).map_err(|e| StoreError::Postgres {
+                    place: redacted(s),
+                    message: e.to_string(),
+                })?;
                 Ok(Location::Postgres(s.to_owned()))
             }
             Some(s) => Err(StoreError::BadLocation(redacted(s))),
@@ -138,9 +138,10 @@ impl Location {
 /// A connection string without its password, for messages and logs: rebuilt from
 /// what the driver parses (user, hosts and ports, database), nothing else of it, so that
 /// no form of password (`user:pw@`, `?password=`, `password=` in key=value form) and no
-/// other parameter gets through.
+/// other parameter gets through. The TLS parameters the driver does not know
+/// (`sslmode=verify-full`, `sslrootcert`...) are set aside first ([`pgconf`]).
 pub fn redacted(url: &str) -> String {
-    let Ok(c) = url.parse::<tokio_postgres::Config>() else {
+    let Ok(c) = pgconf::without_tls_params(url).parse::<tokio_postgres::Config>() else {
         return match url.split_once("://") {
             Some((scheme, _)) if scheme.chars().all(|c| c.is_ascii_alphanumeric()) => {
                 format!("{scheme}://(not shown)")
@@ -436,13 +437,20 @@ impl Store {
         Store::with_engine(Box::new(sqlite::Sqlite::open(path)?), store_key)
     }
 
-    /// Opens the store at `location` (creating or migrating its schema if needed).
-    pub fn open_at(location: &Location, store_key: SecretKey) -> Result<Store, StoreError> {
+    /// Opens the store at `location` (creating or migrating its schema if needed); a
+    /// PostgreSQL store's password may come from `passwords` (or the environment, as
+    /// libpq: [`pgconf`]).
+    pub fn open_at(
+        location: &Location,
+        store_key: SecretKey,
+        passwords: pgconf::PasswordSources<'_>,
+    ) -> Result<Store, StoreError> {
         match location {
             Location::Sqlite(path) => Store::open(path, store_key),
-            Location::Postgres(url) => {
-                Store::with_engine(Box::new(postgres::Postgres::connect(url)?), store_key)
-            }
+            Location::Postgres(url) => Store::with_engine(
+                Box::new(postgres::Postgres::connect(url, passwords)?),
+                store_key,
+            ),
         }
     }
 
@@ -829,6 +837,11 @@ mod tests {
             (
                 "postgres://tally:s3cret@db:notaport/x",
                 "postgres://(not shown)",
+            ),
+            // TLS parameters the driver does not know do not make it unparsable.
+            (
+                "postgres://tally:s3cret@db/tally?sslmode=verify-full&sslrootcert=/etc/tally/ca.crt",
+                "postgres://tally@db:5432/tally",
             ),
             ("sqlite:///var/lib/tally/pw", "sqlite://(not shown)"),
         ] {

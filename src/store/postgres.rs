@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use postgres_openssl::MakeTlsConnector;
 
+use super::pgconf::{self, PasswordSources, TlsSettings};
 use super::{
     redacted, Engine, IdentityRow, KeyRow, SealedRow, StoreError, TokenRow, SCHEMA_VERSION,
 };
@@ -206,6 +207,9 @@ pub struct Postgres {
     place: String,
     /// Statements sent to the database, for the benchmarks' "queries per handshake".
     queries: AtomicU64,
+    /// The TLS of every connection (`sslmode`...), and its settings for error messages.
+    tls: MakeTlsConnector,
+    tls_settings: TlsSettings,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -280,15 +284,25 @@ pub enum SendOutcome {
 
 impl Postgres {
     /// Connects to the database at `url` and brings its schema to [`SCHEMA_VERSION`].
-    pub fn connect(url: &str) -> Result<Postgres, StoreError> {
+    /// TLS as its `sslmode` says, the password from the URL or `passwords` ([`pgconf`]).
+    pub fn connect(url: &str, passwords: PasswordSources<'_>) -> Result<Postgres, StoreError> {
         let place = redacted(url);
         let fail = |message: String| StoreError::Postgres {
             place: place.clone(),
             message,
         };
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| fail(format!("not a valid connection URL: {e}")))?;
+        let settings = pgconf::Settings::parse(url).map_err(|e| fail(e.to_string()))?;
+        let tls_settings = settings.tls;
+        let mut config = settings.config;
+        let source = pgconf::resolve_password(
+            &mut config,
+            passwords,
+            &|name| std::env::var_os(name),
+            &|warning| tracing::warn!("{warning}"),
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(store = %place, password = %source, sslmode = %tls_settings.mode, "connecting to the fleet's database");
+        let tls = tls_settings.connector().map_err(|e| fail(e.to_string()))?;
         if config.get_application_name().is_none() {
             config.application_name("tallyd");
         }
@@ -315,7 +329,7 @@ impl Postgres {
             .map_err(|e| fail(format!("cannot start its runtime: {e}")))?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -334,6 +348,8 @@ impl Postgres {
             runtime: Some(runtime),
             place,
             queries: AtomicU64::new(0),
+            tls,
+            tls_settings,
         };
         pg.block_on(pg.migrate())?;
         Ok(pg)
@@ -347,6 +363,11 @@ impl Postgres {
     /// The connection settings (for the fleet's `LISTEN` connection).
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS connector of every connection (for the fleet's `LISTEN` connection).
+    pub fn tls(&self) -> MakeTlsConnector {
+        self.tls.clone()
     }
 
     /// Statements sent so far.
@@ -363,8 +384,24 @@ impl Postgres {
     pub fn error(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Postgres {
             place: self.place.clone(),
-            message: e.to_string(),
+            message: self.tls_settings.explain(e.to_string()),
         }
+    }
+
+    /// An error of this database with its causes, which the driver's own message leaves
+    /// out ("error performing TLS handshake", "db error"): for connecting.
+    pub fn error_chain(&self, e: &(dyn std::error::Error + 'static)) -> StoreError {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        self.error(message)
     }
 
     /// Runs `f` on the store's runtime (for async callers on any runtime).
@@ -388,7 +425,7 @@ impl Postgres {
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| self.error(e))
+        self.pool.get().await.map_err(|e| self.error_chain(&e))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

@@ -1,6 +1,9 @@
 //! A throwaway PostgreSQL cluster for one test: `initdb` and `pg_ctl` in a temporary
 //! directory, on a free port of 127.0.0.1, trust authentication, stopped when dropped.
 //! As root, the cluster runs as the `postgres` user (PostgreSQL refuses to run as root).
+//! [`Options`]: TLS (`ssl=on`, a server certificate for 127.0.0.1 and localhost signed
+//! by a CA made for the test with the `openssl` command) and a password (scram-sha-256
+//! for TCP connections).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +17,48 @@ pub struct Cluster {
     pub port: u16,
     /// The server's options (`pg_ctl -o`).
     opts: String,
+    /// The password of the `postgres` role, if TCP connections need one.
+    password: Option<String>,
+    /// The CA that signed the server's certificate, if it has TLS.
+    ca: Option<PathBuf>,
+}
+
+/// How [`Cluster::start_with`] sets the cluster up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `ssl=on` with a certificate signed by a test CA ([`Cluster::ca`]).
+    pub tls: bool,
+    /// TCP connections authenticate with scram-sha-256 and this password for the
+    /// `postgres` role (psql of [`Cluster::psql`] is given it).
+    pub password: Option<&'static str>,
+}
+
+/// Runs `openssl ARGS` in `dir` (`args` split at spaces).
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args.split_whitespace())
+        .output()
+        .expect("the openssl command line tool");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a CA in `dir`: `NAME.crt` (its certificate) and `NAME.key`. Returns the
+/// certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    openssl(
+        dir,
+        &format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+             -subj /CN=tally-test-CA-{name} -keyout {key} -out {crt}"
+        ),
+    );
+    dir.join(crt)
 }
 
 /// Where `initdb` and `pg_ctl` are: on `PATH`, or Debian's `/usr/lib/postgresql/N/bin`.
@@ -53,6 +98,11 @@ impl Cluster {
     /// Starts a cluster, or returns `None` (after saying why) if PostgreSQL is not
     /// installed here. Under CI (`CI` set) a missing PostgreSQL fails the test instead.
     pub fn start(test: &str) -> Option<Cluster> {
+        Cluster::start_with(test, Options::default())
+    }
+
+    /// [`Cluster::start`] with TLS or a password ([`Options`]).
+    pub fn start_with(test: &str, options: Options) -> Option<Cluster> {
         let Some(bin) = bin_dir() else {
             if std::env::var_os("CI").is_some() {
                 panic!("{test}: PostgreSQL (initdb, pg_ctl) is not installed, and CI must run the fleet tests: .ci/run installs Debian's postgresql");
@@ -81,26 +131,47 @@ impl Cluster {
             as_user,
             port: 0,
             opts: String::new(),
+            password: options.password.map(str::to_owned),
+            ca: None,
         };
         let data = cluster.data();
-        let out = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .unwrap();
+        let mut initdb = cluster.command("initdb");
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        if let Some(pw) = options.password {
+            let file = cluster.dir.path().join("pwfile");
+            std::fs::write(&file, pw).unwrap();
+            cluster.chown(&file);
+            initdb
+                .args(["--auth-host=scram-sha-256", "--pwfile"])
+                .arg(&file);
+        }
+        let out = initdb.output().unwrap();
         assert!(
             out.status.success(),
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut tls_opts = String::new();
+        if options.tls {
+            cluster.ca = Some(cluster.make_server_certificate());
+            let d = cluster.dir.path().display();
+            tls_opts = format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+            );
+        }
         // A port found free may be taken before the server binds it: try a few.
         for _ in 0..5 {
             let port = free_port();
             let opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=on -c max_connections=200 -c shared_buffers=32MB",
+                 -c synchronous_commit=on -c max_connections=200 -c shared_buffers=32MB{tls_opts}",
                 cluster.dir.path().display()
             );
             if cluster.pg_ctl_start(&opts).status.success() {
@@ -113,6 +184,60 @@ impl Cluster {
             "pg_ctl start failed: {}",
             std::fs::read_to_string(cluster.dir.path().join("log")).unwrap_or_default()
         );
+    }
+
+    /// A test CA (`ca.crt`) and the server's certificate and key (`server.crt`,
+    /// `server.key`: for 127.0.0.1 and localhost, the key 0600 and the server's user's) in
+    /// the cluster's directory. Returns the CA's certificate.
+    fn make_server_certificate(&self) -> PathBuf {
+        let dir = self.dir.path();
+        let ca = make_ca(dir, "ca");
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            "req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -subj /CN=localhost -keyout server.key -out server.csr",
+        );
+        openssl(
+            dir,
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+             -extfile server.ext -out server.crt",
+        );
+        let key = dir.join("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        self.chown(&key);
+        self.chown(&dir.join("server.crt"));
+        ca
+    }
+
+    /// Gives `path` to the server's user (when the tests run as root).
+    fn chown(&self, path: &Path) {
+        if let Some(user) = self.as_user {
+            let ok = Command::new("chown")
+                .arg(format!("{user}:{user}"))
+                .arg(path)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown {}", path.display());
+        }
+    }
+
+    /// The CA that signed the server's certificate ([`Options::tls`]).
+    pub fn ca(&self) -> &Path {
+        self.ca.as_deref().expect("a cluster started with TLS")
+    }
+
+    /// The password of the `postgres` role ([`Options::password`]).
+    pub fn password(&self) -> &str {
+        self.password
+            .as_deref()
+            .expect("a cluster started with a password")
     }
 
     /// Stops the server (its clients' connections are cut), keeping its data.
@@ -181,7 +306,11 @@ impl Cluster {
         let psql = Some(self.bin.join("psql"))
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("psql"));
-        let out = Command::new(psql)
+        let mut cmd = Command::new(psql);
+        if let Some(pw) = &self.password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let out = cmd
             .args([
                 "-X",
                 "-A",

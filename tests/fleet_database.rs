@@ -1,0 +1,321 @@
+//! The link to a fleet's database (issue 26, items 4 and 5): TLS as `sslmode` says, and
+//! the password kept out of files other users read. Real `tallyd` processes against
+//! throwaway PostgreSQL clusters (tests/common/postgres.rs) with TLS or scram-sha-256;
+//! skipped without PostgreSQL (never under CI).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bin::{self, text, Daemon};
+use common::postgres::{make_ca, Cluster, Options};
+use tempfile::TempDir;
+
+/// A place for the nodes of one test: one pair of keys (`keys/`), copied into each
+/// node's state directory.
+struct Nodes {
+    root: TempDir,
+    made: usize,
+}
+
+impl Nodes {
+    fn new() -> Nodes {
+        let root = tempfile::tempdir().unwrap();
+        let keys = root.path().join("keys");
+        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .arg("--state-dir")
+            .arg(&keys)
+            .arg("init")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        Nodes { root, made: 0 }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// A file of this test with `text` and `mode`.
+    fn file(&self, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    /// A new node: its state directory (the fleet's keys) and its configuration file
+    /// (`store`, then `extra`; mode `mode`). Returns `tallyd --config FILE`, its
+    /// environment cleared of libpq's password variables.
+    fn node(&mut self, store: &str, extra: &str, mode: u32) -> (Command, PathBuf) {
+        self.made += 1;
+        let dir = self.path(&format!("node{}", self.made));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for key in ["server.key", "store.key"] {
+            std::fs::copy(self.path("keys").join(key), dir.join(key)).unwrap();
+        }
+        let config = self.file(
+            &format!("node{}.toml", self.made),
+            &format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{store}\"\n{extra}",
+                dir.display()
+            ),
+            mode,
+        );
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env_remove("PGPASSWORD")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env("PGPASSFILE", self.path("no-pgpass"));
+        (cmd, config)
+    }
+}
+
+/// Runs `cmd`, a daemon that must refuse to start: its stderr. (It gets 60 s to exit;
+/// one still running then is a failure, not a hang.)
+fn refused(mut cmd: Command) -> String {
+    let mut child = cmd
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = bin::lines(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log: Vec<String> = stderr.try_iter().collect();
+            panic!("tallyd did not refuse to start: {log:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The reader thread sees the pipe's end once the process is gone.
+    let log: Vec<String> = stderr.iter().collect();
+    assert!(!status.success(), "tallyd exited 0: {log:#?}");
+    log.join("\n")
+}
+
+/// Starts `cmd`, a daemon that must start (it opened the store and listens).
+fn started(cmd: Command) -> Daemon {
+    bin::start_cmd(cmd, false).0
+}
+
+#[test]
+fn verify_full_against_a_database_without_tls_refuses_to_start() {
+    let Some(cluster) = Cluster::start("fleet database: verify-full, no TLS") else {
+        return;
+    };
+    let mut nodes = Nodes::new();
+    let ca = make_ca(nodes.root.path(), "ca");
+    // Before the fix: the node connected in plaintext (sslmode=require failed to parse).
+    let store = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        cluster.url(),
+        ca.display()
+    );
+    let (cmd, _) = nodes.node(&store, "", 0o600);
+    let err = refused(cmd);
+    assert!(
+        err.contains("the server does not offer TLS and sslmode=verify-full requires it"),
+        "{err}"
+    );
+    // verify-full without a CA says what to add.
+    let (cmd, _) = nodes.node(&format!("{}?sslmode=verify-full", cluster.url()), "", 0o600);
+    let err = refused(cmd);
+    assert!(
+        err.contains("sslmode=verify-full needs sslrootcert=FILE"),
+        "{err}"
+    );
+    assert_eq!(
+        cluster.psql("SELECT count(*) FROM pg_tables WHERE tablename = 'nodes'"),
+        "0",
+        "no node got as far as the schema"
+    );
+}
+
+#[test]
+fn verify_full_serves_with_the_database_ca_and_refuses_another_ca() {
+    let options = Options {
+        tls: true,
+        ..Options::default()
+    };
+    let Some(cluster) = Cluster::start_with("fleet database: verify-full", options) else {
+        return;
+    };
+    let mut nodes = Nodes::new();
+    let wrong = make_ca(nodes.root.path(), "other-ca");
+    let with_ca = |ca: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            cluster.url(),
+            ca.display()
+        )
+    };
+    let (cmd, _) = nodes.node(&with_ca(&wrong), "", 0o600);
+    let err = refused(cmd);
+    assert!(
+        err.contains(&format!(
+            "does not verify against sslrootcert={}",
+            wrong.display()
+        )),
+        "{err}"
+    );
+    // The right CA: the pool's connections and the notification connection are all
+    // encrypted.
+    let (cmd, _) = nodes.node(&with_ca(cluster.ca()), "", 0o600);
+    let node = started(cmd);
+    let ssl = cluster.psql(
+        "SELECT string_agg(DISTINCT s.ssl::text, ',') || ' ' || count(*) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name LIKE 'tallyd%'",
+    );
+    let (encrypted, count) = ssl.split_once(' ').unwrap();
+    assert_eq!(encrypted, "true", "{ssl}");
+    assert!(count.parse::<u32>().unwrap() >= 2, "{ssl}");
+    // require with the CA verifies too (as libpq: verify-ca), and so refuses the wrong one.
+    let (cmd, _) = nodes.node(
+        &format!(
+            "{}?sslmode=require&sslrootcert={}",
+            cluster.url(),
+            wrong.display()
+        ),
+        "",
+        0o600,
+    );
+    let err = refused(cmd);
+    assert!(err.contains("does not verify against"), "{err}");
+    drop(node);
+}
+
+const PASSWORD: &str = "correct horse: battery\\staple";
+
+fn password_cluster(test: &str) -> Option<Cluster> {
+    Cluster::start_with(
+        test,
+        Options {
+            password: Some(PASSWORD),
+            ..Options::default()
+        },
+    )
+}
+
+/// `PASSWORD` in a URL (percent-encoded).
+fn encoded(pw: &str) -> String {
+    pw.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_configuration_holding_the_password_must_not_be_readable_by_every_user() {
+    let Some(cluster) = password_cluster("fleet database: password in the config") else {
+        return;
+    };
+    let mut nodes = Nodes::new();
+    let store = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres",
+        encoded(PASSWORD),
+        cluster.port
+    );
+    // Before the fix: it started, the password readable by any local user.
+    let (cmd, config) = nodes.node(&store, "", 0o644);
+    let err = refused(cmd);
+    assert!(
+        err.contains(&config.display().to_string()) && err.contains("mode 644"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("chmod 640 {}", config.display())),
+        "{err}"
+    );
+    assert!(!err.contains("horse"), "the password is not shown: {err}");
+    // Readable by its owner and group only: accepted, and the password works.
+    let (cmd, _) = nodes.node(&store, "", 0o640);
+    drop(started(cmd));
+}
+
+#[test]
+fn the_password_comes_from_a_file_a_credential_pgpassword_or_pgpass() {
+    let Some(cluster) = password_cluster("fleet database: password sources") else {
+        return;
+    };
+    let mut nodes = Nodes::new();
+    let store = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    // Without a password the database refuses the node.
+    let (cmd, _) = nodes.node(&store, "", 0o644);
+    let err = refused(cmd);
+    assert!(err.contains("password missing"), "{err}");
+
+    // store_password_file, 0600. Before the fix: an unknown setting.
+    let file = nodes.file("db-password", &format!("{PASSWORD}\n"), 0o600);
+    let extra = format!("store_password_file = \"{}\"\n", file.display());
+    let (cmd, _) = nodes.node(&store, &extra, 0o644);
+    let node = started(cmd);
+    assert!(
+        node.startup_log
+            .iter()
+            .any(|l| l.contains("password=store_password_file")),
+        "{:#?}",
+        node.startup_log
+    );
+    drop(node);
+    // ... refused if others may read it.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (cmd, _) = nodes.node(&store, &extra, 0o644);
+    let err = refused(cmd);
+    assert!(
+        err.contains(&format!("chmod 600 {}", file.display())) && !err.contains("horse"),
+        "{err}"
+    );
+
+    // The systemd credential db-password (LoadCredential=db-password:FILE).
+    let creds = nodes.path("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let cred = creds.join("db-password");
+    std::fs::write(&cred, PASSWORD).unwrap();
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let (mut cmd, _) = nodes.node(&store, "", 0o644);
+    cmd.env("CREDENTIALS_DIRECTORY", &creds);
+    drop(started(cmd));
+
+    // $PGPASSWORD, as libpq. Before the fix: "password missing".
+    let (mut cmd, _) = nodes.node(&store, "", 0o644);
+    cmd.env("PGPASSWORD", PASSWORD);
+    drop(started(cmd));
+
+    // libpq's password file ($PGPASSFILE), with its escapes.
+    let escaped = PASSWORD.replace('\\', "\\\\").replace(':', "\\:");
+    let pgpass = nodes.file(
+        "pgpass",
+        &format!(
+            "# tally\nother:*:*:*:wrong\n127.0.0.1:{}:postgres:postgres:{escaped}\n",
+            cluster.port
+        ),
+        0o600,
+    );
+    let (mut cmd, _) = nodes.node(&store, "", 0o644);
+    cmd.env("PGPASSFILE", &pgpass);
+    drop(started(cmd));
+    // ... ignored, with a warning, if others may read it (as libpq).
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (mut cmd, _) = nodes.node(&store, "", 0o644);
+    cmd.env("PGPASSFILE", &pgpass);
+    let err = refused(cmd);
+    assert!(
+        err.contains("group or world access") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
