@@ -82,6 +82,17 @@ impl Fleet {
         extra: &'static str,
     ) -> Option<Fleet> {
         let cluster = Cluster::start(test)?;
+        Some(Fleet::start_on(cluster, n, takeover, env, extra))
+    }
+
+    /// [`Fleet::start_with`] on `cluster`.
+    fn start_on(
+        cluster: Cluster,
+        n: usize,
+        takeover: &'static str,
+        env: &[(usize, &'static str, &'static str)],
+        extra: &'static str,
+    ) -> Fleet {
         let root = tempfile::tempdir().unwrap();
         // The first node's keys, copied to the others: one fleet, one server key and
         // one store key (distributed as systemd credentials in production).
@@ -114,7 +125,7 @@ impl Fleet {
         for i in 0..n {
             fleet.nodes.push(fleet.start_node(i));
         }
-        Some(fleet)
+        fleet
     }
 
     fn start_node(&self, i: usize) -> Node {
@@ -950,11 +961,18 @@ fn a_late_claim_kept_for_a_live_session_is_released_when_that_session_ends() {
 
 #[test]
 fn the_readme_fleet_configuration_runs_as_written() {
-    let Some(f) = Fleet::start("fleet: the README's configuration", 1, "replace") else {
+    // A database with TLS, its server certificate signed by a CA of the test's.
+    let tls = common::postgres::Options {
+        tls: true,
+        ..Default::default()
+    };
+    let Some(cluster) = Cluster::start_with("fleet: the README's configuration", tls) else {
         return;
     };
+    let f = Fleet::start_on(cluster, 1, "replace", &[], "");
     // The node configuration of README "Running several daemons", with this machine's
-    // address, directory and database in place of the example's.
+    // address, directory, database and CA in place of the example's; its TLS settings
+    // (sslmode=verify-full) as written.
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let section = &readme[readme
@@ -972,7 +990,17 @@ fn the_readme_fleet_configuration_runs_as_written() {
             let value = match key {
                 "listen" => "127.0.0.1:0".to_owned(),
                 "state_dir" => dir.display().to_string(),
-                "store" => f.cluster.url(),
+                "store" => {
+                    let url = l.split('"').nth(1).expect("store = \"URL\"");
+                    let (_, query) = url.split_once('?').expect("README: the store URL's TLS");
+                    assert!(query.contains("sslmode=verify-full"), "{query}");
+                    let ca = query
+                        .split('&')
+                        .find_map(|p| p.strip_prefix("sslrootcert="))
+                        .expect("README: sslrootcert");
+                    let query = query.replace(ca, &f.cluster.ca().display().to_string());
+                    format!("{}?{query}", f.cluster.url())
+                }
                 _ => return format!("{l}\n"),
             };
             replaced += 1;

@@ -380,6 +380,7 @@ fn the_packaged_configuration_is_the_defaults_with_open_enrollment_off() {
     let mut expected = production_defaults();
     expected.metrics_listen = Some("127.0.0.1:9420".parse().unwrap());
     expected.store = Some("postgres://tally@db.example/tally".into());
+    expected.store_password_file = Some("/etc/tally/db-password".into());
     assert_eq!(parsed(&uncommented), expected);
 
     // And it has every key the README's "Configuration" lists, with the same default.
