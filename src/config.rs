@@ -25,6 +25,7 @@
 //! keepalive = 30.0            # seconds; an idle session is closed after 1.5x this
 //! max_frame_len = 65536       # bytes, the session frame limit (spec 3.2)
 //! max_in_flight = 32          # requests per session before reading stops
+//! server_requests_in_flight = 32  # requests to one device awaiting its answer
 //! drain_timeout = 10.0        # seconds for in-flight requests at shutdown
 //! backend_timeout = 30.0      # seconds before a request gets status TIMEOUT
 //! ```
@@ -136,6 +137,11 @@ pub struct Limits {
     pub max_frame_len: u32,
     /// Requests in flight per session; at this number the daemon stops reading.
     pub max_in_flight: usize,
+    /// Server-initiated REQUESTs (`tallyd send --request`, a backend's SEND, a send from
+    /// another node of a fleet) in flight to one device: sent and not answered yet. One
+    /// counts until the device answers it or the session ends, even after its sender
+    /// stopped waiting. Beyond this a sender is refused at once, and told so.
+    pub server_requests_in_flight: usize,
     /// Time given to in-flight requests at shutdown.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
@@ -160,6 +166,7 @@ impl Default for Limits {
             keepalive: Duration::from_secs(30),
             max_frame_len: crate::proto::DEFAULT_MAX_FRAME_LEN,
             max_in_flight: 32,
+            server_requests_in_flight: 32,
             drain_timeout: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(30),
         }
@@ -189,6 +196,11 @@ impl Limits {
                 1_000_000,
             ),
             ("limits.max_in_flight", self.max_in_flight, 65_536),
+            (
+                "limits.server_requests_in_flight",
+                self.server_requests_in_flight,
+                65_536,
+            ),
             (
                 "limits.max_unauthenticated_per_source",
                 self.max_unauthenticated_per_source,
@@ -513,6 +525,8 @@ mod tests {
             "drain_timeout = 1e300",
             "max_connections = 18446744073709551615",
             "max_in_flight = 100000",
+            "server_requests_in_flight = 0",
+            "server_requests_in_flight = 65537",
             "refusal_delay = 6",
             "max_delayed_refusals = 1000001",
         ] {

@@ -25,7 +25,8 @@ pub async fn serve(
     log: LogHandle,
 ) -> anyhow::Result<()> {
     let mut config = config;
-    fit_fd_limit(&mut config.limits, true);
+    let reserved = metrics_fds(&config);
+    fit_fd_limit(&mut config.limits, reserved, true);
     let backend = backend::from_spec(&config.backend)?;
     let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
     let listener = match systemd::listener_from_env().context("socket activation")? {
@@ -108,31 +109,42 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
 /// backend connections.
 const FD_HEADROOM: u64 = 128;
 
+/// Descriptors the metrics port takes at most: its connections
+/// ([`server::metrics::MAX_METRICS_CONNECTIONS`]), if `metrics_listen` is set.
+fn metrics_fds(config: &ServerConfig) -> u64 {
+    match config.metrics_listen {
+        Some(_) => server::metrics::MAX_METRICS_CONNECTIONS as u64,
+        None => 0,
+    }
+}
+
 /// Makes `max_connections` fit the open-file limit: raises the soft `RLIMIT_NOFILE` to
 /// the hard limit first (if `raise`), then clamps `max_connections` to what fits with
-/// [`FD_HEADROOM`], saying why, and `max_delayed_refusals` to what is left. Past the
-/// limit `accept` fails and every new device times out; this way the excess gets ERROR
-/// BUSY instead.
-fn fit_fd_limit(limits: &mut crate::config::Limits, raise: bool) {
+/// [`FD_HEADROOM`] and `reserved` more (the metrics port's connections), saying why,
+/// and `max_delayed_refusals` to what is left. Past the limit `accept` fails and every
+/// new device times out; this way the excess gets ERROR BUSY instead.
+fn fit_fd_limit(limits: &mut crate::config::Limits, reserved: u64, raise: bool) {
     let soft = if raise {
         raise_fd_limit()
     } else {
         rustix::process::getrlimit(rustix::process::Resource::Nofile).current
     };
     if let Some(soft) = soft {
-        fit_into(limits, soft);
+        fit_into(limits, soft, reserved);
     }
 }
 
-/// [`fit_fd_limit`] for a soft limit of `soft` descriptors.
-fn fit_into(limits: &mut crate::config::Limits, soft: u64) {
-    let fit = soft.saturating_sub(FD_HEADROOM).max(1);
+/// [`fit_fd_limit`] for a soft limit of `soft` descriptors, `reserved` of them for the
+/// metrics port.
+fn fit_into(limits: &mut crate::config::Limits, soft: u64, reserved: u64) {
+    let fit = soft.saturating_sub(FD_HEADROOM + reserved).max(1);
     if limits.max_connections as u64 > fit {
         warn!(
             configured = limits.max_connections,
             clamped = fit,
             open_file_limit = soft,
-            "limits.max_connections does not fit the open-file limit (RLIMIT_NOFILE) with {FD_HEADROOM} descriptors of headroom; clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
+            reserved_for_metrics = reserved,
+            "limits.max_connections does not fit the open-file limit (RLIMIT_NOFILE) with {FD_HEADROOM} descriptors of headroom (and those reserved for metrics_listen's connections); clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
         );
         limits.max_connections = fit as usize;
     }
@@ -314,7 +326,9 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
         warn!("log_level {:?} not applied: {e}", new.log_level);
     }
     let mut new = new;
-    fit_fd_limit(&mut new.limits, false);
+    // The metrics port is the one bound at start (metrics_listen needs a restart).
+    let reserved = metrics_fds(current);
+    fit_fd_limit(&mut new.limits, reserved, false);
     state.set_limits(new.limits.clone());
     info!(limits = ?new.limits, log_level = %new.log_level, "configuration reloaded; limits apply to new connections and sessions");
     *current = ServerConfig {
@@ -335,7 +349,7 @@ mod tests {
             max_delayed_refusals: max_delayed,
             ..Limits::default()
         };
-        fit_into(&mut l, soft);
+        fit_into(&mut l, soft, 0);
         (l.max_connections, l.max_delayed_refusals)
     }
 
@@ -348,5 +362,20 @@ mod tests {
         // systemd's default 1024: connections first, no parking left.
         assert_eq!(fitted(10_000, 10_000, 1024), (896, 0));
         assert_eq!(fitted(500, 10_000, 1024), (500, 396));
+    }
+
+    #[test]
+    fn metrics_connections_are_counted_in_the_open_file_limit() {
+        let mut l = Limits::default();
+        let reserved = crate::server::metrics::MAX_METRICS_CONNECTIONS as u64;
+        fit_into(&mut l, 1024, reserved);
+        assert_eq!(l.max_connections as u64, 1024 - FD_HEADROOM - reserved);
+        assert_eq!(l.max_delayed_refusals, 0);
+        let with = ServerConfig {
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..ServerConfig::default()
+        };
+        assert_eq!(metrics_fds(&with), reserved);
+        assert_eq!(metrics_fds(&ServerConfig::default()), 0);
     }
 }

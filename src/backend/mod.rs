@@ -108,6 +108,15 @@ pub enum SendError {
     /// The device did not answer in time.
     #[error("the device did not answer within {0:?}")]
     Timeout(Duration),
+    /// The device has as many server REQUESTs in flight (sent, not answered) as
+    /// `limits.server_requests_in_flight` allows: this one was not sent.
+    #[error("identity {id} has {limit} server requests in flight (limits.server_requests_in_flight); nothing was sent: try again when it answers them")]
+    Busy {
+        /// The identity.
+        id: String,
+        /// The limit in force for its session.
+        limit: usize,
+    },
     /// In a fleet: the node holding the session could not send it, or could not be
     /// reached.
     #[error("the node holding the session: {0}")]

@@ -81,6 +81,14 @@ enum Command {
         /// requests are answered with status 4 (REFUSED).
         #[arg(long, value_name = "COMMAND")]
         exec: Option<String>,
+        /// At most N handlers (--exec commands) run at once. Server requests beyond them
+        /// wait, in order of arrival, for one to finish; when 64 already wait, a request
+        /// is answered at once with status 1 (UNAVAILABLE) and a reason, and the sender
+        /// may try again. (tallyd holds at most limits.server_requests_in_flight, 32 by
+        /// default, unanswered requests per device itself.)
+        #[arg(long, value_name = "N", default_value_t = 4,
+              value_parser = clap::value_parser!(u16).range(1..=1024))]
+        max_handlers: u16,
         /// Exit when the session ends. By default a lost session is made again (the
         /// server restarted, the network was cut) after a jittered, growing delay: from
         /// about 1 s up to 60 s, and from 10 s up to 10 min after a takeover by another
@@ -555,6 +563,65 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Server requests `tally listen` keeps waiting for a free handler (`--max-handlers`);
+/// beyond, they are answered UNAVAILABLE at once.
+const WAITING_REQUESTS: usize = 64;
+
+/// `tally listen`'s bound on its handlers: a slot to run, and a ticket to wait for one.
+#[derive(Clone)]
+struct Handlers {
+    /// One permit per handler that may run (`--max-handlers`).
+    running: std::sync::Arc<tokio::sync::Semaphore>,
+    /// One permit per request running or waiting: `--max-handlers` + [`WAITING_REQUESTS`].
+    admitted: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl Handlers {
+    fn new(max: usize) -> Self {
+        Handlers {
+            running: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            admitted: std::sync::Arc::new(tokio::sync::Semaphore::new(max + WAITING_REQUESTS)),
+            max,
+        }
+    }
+
+    /// Takes `req` in (printed as it arrives) and answers it on a task of its own: with
+    /// `answer` once a handler is free, or UNAVAILABLE at once if too many wait already.
+    /// A slow handler holds up neither the other requests nor Ctrl-C; a session lost
+    /// while answering is the caller's to report.
+    fn take<F>(&self, req: client::IncomingRequest, answer: impl FnOnce(Bytes) -> F)
+    where
+        F: std::future::Future<Output = (Status, Bytes)> + Send + 'static,
+    {
+        println!("request: {}", printable(&req.payload));
+        let Ok(ticket) = self.admitted.clone().try_acquire_owned() else {
+            let why = format!(
+                "tally listen is busy: {} handlers running and {WAITING_REQUESTS} requests waiting (--max-handlers)",
+                self.max
+            );
+            tokio::spawn(async move {
+                println!("answered: {}", Status::UNAVAILABLE);
+                let _ = req.respond(Status::UNAVAILABLE, Bytes::from(why)).await;
+            });
+            return;
+        };
+        let running = self.running.clone();
+        // Lazy: the handler starts when awaited, once it has a slot.
+        let handler = answer(req.payload.clone());
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            // Never closed: acquiring fails only if it were.
+            let Ok(_slot) = running.acquire_owned().await else {
+                return;
+            };
+            let (status, body) = handler.await;
+            println!("answered: {status}");
+            let _ = req.respond(status, body).await;
+        });
+    }
+}
+
 /// Runs `cmd` with `payload` on stdin; its stdout (exit 0) or stderr (otherwise) answers.
 async fn run_handler(cmd: &str, id: &Id, payload: &[u8]) -> (Status, Bytes) {
     use tokio::io::AsyncWriteExt;
@@ -723,24 +790,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn,
             echo,
             exec,
+            max_handlers,
             no_reconnect,
         } => {
-            let answer = |id: Id, req: client::IncomingRequest| {
+            let handlers = Handlers::new(usize::from(max_handlers));
+            let answer = |id: Id| {
                 let exec = exec.clone();
-                async move {
-                    println!("request: {}", printable(&req.payload));
-                    let (status, body) = match (&exec, echo) {
-                        (Some(cmd), _) => run_handler(cmd, &id, &req.payload).await,
-                        (None, true) => (Status::OK, req.payload.clone()),
+                move |payload: Bytes| async move {
+                    match (&exec, echo) {
+                        (Some(cmd), _) => run_handler(cmd, &id, &payload).await,
+                        (None, true) => (Status::OK, payload),
                         (None, false) => (
                             Status::REFUSED,
                             Bytes::from_static(
                                 b"tally listen has no handler (use --echo or --exec)",
                             ),
                         ),
-                    };
-                    println!("answered: {status}");
-                    req.respond(status, body).await
+                    }
                 }
             };
             if no_reconnect {
@@ -753,7 +819,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     tokio::select! {
                         item = incoming.recv() => match item {
                             Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
-                            Some(Incoming::Request(req)) => answer(client.id().clone(), req).await?,
+                            Some(Incoming::Request(req)) => handlers.take(req, answer(client.id().clone())),
                             Some(other) => println!("unhandled: {other:?}"),
                             None => return Err(client.closed().await.into()),
                         },
@@ -796,10 +862,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         Some(LinkEvent::Incoming(Incoming::Message(p))) => println!("message: {}", printable(&p)),
                         Some(LinkEvent::Incoming(Incoming::Request(req))) => {
-                            // Each on its own task: a slow --exec holds up neither the
-                            // other requests nor Ctrl-C. A session lost while answering is
-                            // the link's to report.
-                            tokio::spawn(answer(id.clone(), req));
+                            handlers.take(req, answer(id.clone()));
                         }
                         Some(LinkEvent::Stopped(error)) => {
                             return Err(anyhow::Error::new(error).context(what))

@@ -269,15 +269,32 @@ impl Metrics {
 /// The content type of the OpenMetrics text format.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Connections to `metrics_listen` served at once. Each holds a file descriptor: the
+/// daemon counts them in its open-file budget (`daemon::fit_fd_limit`), so that idle
+/// connections to this port can never take the descriptors devices need. Beyond it a
+/// connection is answered `503 Service Unavailable` and closed at once.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+
+/// Time a metrics connection has to send its request head; then it is closed.
+pub const METRICS_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a connection beyond [`MAX_METRICS_CONNECTIONS`] gets, written without waiting.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 41\r\nConnection: close\r\n\r\ntoo many connections to the metrics port\n";
+
 /// Serves `GET /metrics` on `listener` until `stop`. A minimal HTTP/1.1 responder, one
 /// request per connection: the scraper is the operator's Prometheus on a trusted
-/// address (`metrics_listen` is off by default, and 127.0.0.1 in the example).
+/// address (`metrics_listen` is off by default, and 127.0.0.1 in the example). At most
+/// [`MAX_METRICS_CONNECTIONS`] at once, each closed after [`METRICS_READ_TIMEOUT`]
+/// without a whole request head.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<ServerState>, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(metrics_addr = %addr, "metrics on http://{addr}/metrics");
     }
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    // When a refusal for want of room was last logged (at most once a minute).
+    let mut refused_logged: Option<std::time::Instant> = None;
     loop {
-        let (mut stream, _) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -288,11 +305,31 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<ServerState>, stop: 
                 }
             },
         };
+        let Ok(permit) = room.clone().try_acquire_owned() else {
+            // Answered without waiting (a full socket buffer loses the answer, not the
+            // daemon's time) and closed: its descriptor is given back at once. What
+            // already came is read first, so that the close is not a reset that could
+            // discard the answer.
+            let mut sink = [0u8; 1024];
+            for _ in 0..8 {
+                if !matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+            let _ = stream.try_write(BUSY);
+            drop(stream);
+            if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                refused_logged = Some(std::time::Instant::now());
+                warn!(%peer, limit = MAX_METRICS_CONNECTIONS, "metrics connections at their limit: refusing more (503) for now; is something holding connections to metrics_listen open?");
+            }
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            // The request head, up to 8 KiB, within 5 s.
+            let _permit = permit;
+            // The request head, up to 8 KiB, within the read timeout.
             let mut head = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(METRICS_READ_TIMEOUT, async {
                 let mut buf = [0u8; 1024];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
                     match stream.read(&mut buf).await {

@@ -8,8 +8,10 @@
 //! most `max_in_flight` are with the backend,
 //! as many more wait in a queue, and only then does reading pause (so PINGs and CLOSE
 //! are read while the backend is busy); commands from the registry send
-//! server-initiated requests and messages; a close signal (takeover, revocation) or shutdown (after the in-flight
-//! requests are answered, up to `drain_timeout`) ends the session.
+//! server-initiated requests (at most `server_requests_in_flight` awaiting the
+//! device's answer: beyond, the sender is refused at once) and messages; a close
+//! signal (takeover, revocation) or shutdown (after the in-flight requests are
+//! answered, up to `drain_timeout`) ends the session.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -98,6 +100,8 @@ pub(crate) enum Work {
 /// [`crate::config::Limits`] (every idle session holds it).
 struct SessionLimits {
     max_in_flight: usize,
+    /// Server-initiated requests awaiting the device's answer, at most.
+    server_requests_in_flight: usize,
     backend_timeout: Duration,
     drain_timeout: Duration,
     idle_timeout: Duration,
@@ -124,7 +128,9 @@ struct ServerRole {
     /// Requests and messages read while `max_in_flight` were with the backend: reading
     /// pauses once as many again wait (plus what the read that crossed that brought).
     queued: std::collections::VecDeque<Event>,
-    /// Server-initiated requests waiting for the device's RESPONSE.
+    /// Server-initiated requests waiting for the device's RESPONSE (a sender that gave
+    /// up leaves its request here until the device answers): at most
+    /// `limits.server_requests_in_flight`.
     pending: HashMap<u64, Answer>,
     limits: SessionLimits,
     paused_logged: std::cell::Cell<bool>,
@@ -159,6 +165,7 @@ pub(super) async fn run(
         let write_stall = limits.keepalive;
         let mine = SessionLimits {
             max_in_flight: limits.max_in_flight,
+            server_requests_in_flight: limits.server_requests_in_flight,
             backend_timeout: limits.backend_timeout,
             drain_timeout: limits.drain_timeout,
             idle_timeout: limits.idle_timeout(),
@@ -409,6 +416,16 @@ impl Role for ServerRole {
     fn apply(&mut self, work: Work, conn: &mut Connection, now: Duration) {
         match work {
             Work::Command(cmd) => match *cmd {
+                // At the limit, refused at once: the sender learns why, the device is
+                // not asked (a burst of sends ran as many handlers on it at once).
+                Command::Request { reply, .. }
+                    if self.pending.len() >= self.limits.server_requests_in_flight =>
+                {
+                    let _ = reply.send(Err(SendError::Busy {
+                        id: self.id.to_string(),
+                        limit: self.limits.server_requests_in_flight,
+                    }));
+                }
                 Command::Request { payload, reply } => match conn.request(payload, now) {
                     Ok(seq) => {
                         self.pending.insert(seq, reply);
