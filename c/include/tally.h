@@ -9,6 +9,31 @@
 #include <stddef.h>
 
 /**
+ * Server REQUESTs a client holds unanswered at most: handed out by
+ * `tally_client_poll_event` (or waiting there) and not yet answered with
+ * `tally_client_respond`. The server can send any number; a REQUEST beyond this one is
+ * answered at once by the library with status 1 (UNAVAILABLE) and the reason "device
+ * busy", without an event, and the session goes on: the sender learns the device is
+ * busy and may try again, and the device's memory stays bounded. (tallyd sends at most
+ * `limits.server_requests_in_flight`, 32 by default, to one device.)
+ */
+#define TALLY_MAX_UNANSWERED_REQUESTS 64
+
+/**
+ * Events a client holds at most for `tally_client_poll_event`, as the Rust client's
+ * queue (`ClientOptions::incoming_capacity`): their payloads are at most this many
+ * times the `max_frame_len` you chose. While this many wait, a server REQUEST is
+ * answered at once with status 1 (UNAVAILABLE), as beyond
+ * [`TALLY_MAX_UNANSWERED_REQUESTS`], and a server MESSAGE (which cannot be refused, and
+ * is never dropped silently) ends the session: the client sends CLOSE and the
+ * session's `TALLY_EVENT_CLOSED` has `result` `TALLY_ERR_OVERLOADED`. RESPONSEs to your
+ * own requests are always queued (they are as many as the requests you sent), as are
+ * `TALLY_EVENT_ESTABLISHED` and `TALLY_EVENT_CLOSED`. Poll every event after each
+ * receive, and receive a few KiB at a time: an honest server then never reaches it.
+ */
+#define TALLY_MAX_EVENTS 64
+
+/**
  * What [`tally_client_poll_event`] returns.
  */
 typedef enum TallyEventKind {
@@ -25,7 +50,9 @@ typedef enum TallyEventKind {
    */
   TALLY_EVENT_RESPONSE = 2,
   /**
-   * A REQUEST from the server: answer it with `tally_client_respond(seq, ...)`.
+   * A REQUEST from the server: answer it with `tally_client_respond(seq, ...)`. At
+   * most `TALLY_MAX_UNANSWERED_REQUESTS` are unanswered at once: the library answers
+   * those beyond with status 1 (UNAVAILABLE) itself, without an event.
    */
   TALLY_EVENT_REQUEST = 3,
   /**
@@ -106,6 +133,13 @@ typedef enum TallyResult {
    * The request is not one the server is waiting for an answer to.
    */
   TALLY_ERR_NOT_PENDING = -12,
+  /**
+   * The session was ended by this client because [`TALLY_MAX_EVENTS`] events were
+   * waiting to be polled when the server sent a MESSAGE: the server sends faster
+   * than you take events (poll them all after every receive), or it is hostile.
+   * The client sent CLOSE `NORMAL` with the reason "device overloaded".
+   */
+  TALLY_ERR_OVERLOADED = -13,
 } TallyResult;
 
 /**

@@ -8,7 +8,9 @@
 //! Memory: each object is one allocation (`tally_client_new`, `tally_enroll_new`) plus
 //! the buffers it holds, all through the Rust global allocator (the C library's
 //! `malloc` on POSIX); `c/README.md` gives the figures, measured by
-//! `tests::heap_use_of_one_session`. Nothing is allocated between calls.
+//! `tests::heap_use_of_one_session`. Nothing is allocated between calls. What a server
+//! can make a client hold is bounded: [`TALLY_MAX_UNANSWERED_REQUESTS`] requests,
+//! [`TALLY_MAX_EVENTS`] events (`c/README.md`, "Bounds").
 
 // The C boundary: raw pointers from the caller, checked for null, never kept.
 #![allow(unsafe_code)]
@@ -72,6 +74,11 @@ pub enum TallyResult {
     TALLY_ERR_UNCONFIRMED = -11,
     /// The request is not one the server is waiting for an answer to.
     TALLY_ERR_NOT_PENDING = -12,
+    /// The session was ended by this client because [`TALLY_MAX_EVENTS`] events were
+    /// waiting to be polled when the server sent a MESSAGE: the server sends faster
+    /// than you take events (poll them all after every receive), or it is hostile.
+    /// The client sent CLOSE `NORMAL` with the reason "device overloaded".
+    TALLY_ERR_OVERLOADED = -13,
 }
 
 use TallyResult::*;
@@ -86,7 +93,9 @@ pub enum TallyEventKind {
     TALLY_EVENT_ESTABLISHED = 1,
     /// The answer to our REQUEST `seq`, with `status` and a payload.
     TALLY_EVENT_RESPONSE = 2,
-    /// A REQUEST from the server: answer it with `tally_client_respond(seq, ...)`.
+    /// A REQUEST from the server: answer it with `tally_client_respond(seq, ...)`. At
+    /// most `TALLY_MAX_UNANSWERED_REQUESTS` are unanswered at once: the library answers
+    /// those beyond with status 1 (UNAVAILABLE) itself, without an event.
     TALLY_EVENT_REQUEST = 3,
     /// A one-way MESSAGE from the server.
     TALLY_EVENT_MESSAGE = 4,
@@ -138,6 +147,35 @@ impl TallyEvent {
 /// How long the handshake may take before `TALLY_ERR_TIMEOUT`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Server REQUESTs a client holds unanswered at most: handed out by
+/// `tally_client_poll_event` (or waiting there) and not yet answered with
+/// `tally_client_respond`. The server can send any number; a REQUEST beyond this one is
+/// answered at once by the library with status 1 (UNAVAILABLE) and the reason "device
+/// busy", without an event, and the session goes on: the sender learns the device is
+/// busy and may try again, and the device's memory stays bounded. (tallyd sends at most
+/// `limits.server_requests_in_flight`, 32 by default, to one device.)
+pub const TALLY_MAX_UNANSWERED_REQUESTS: usize = 64;
+
+/// Events a client holds at most for `tally_client_poll_event`, as the Rust client's
+/// queue (`ClientOptions::incoming_capacity`): their payloads are at most this many
+/// times the `max_frame_len` you chose. While this many wait, a server REQUEST is
+/// answered at once with status 1 (UNAVAILABLE), as beyond
+/// [`TALLY_MAX_UNANSWERED_REQUESTS`], and a server MESSAGE (which cannot be refused, and
+/// is never dropped silently) ends the session: the client sends CLOSE and the
+/// session's `TALLY_EVENT_CLOSED` has `result` `TALLY_ERR_OVERLOADED`. RESPONSEs to your
+/// own requests are always queued (they are as many as the requests you sent), as are
+/// `TALLY_EVENT_ESTABLISHED` and `TALLY_EVENT_CLOSED`. Poll every event after each
+/// receive, and receive a few KiB at a time: an honest server then never reaches it.
+pub const TALLY_MAX_EVENTS: usize = 64;
+
+/// The reason a REQUEST refused by [`TALLY_MAX_UNANSWERED_REQUESTS`] gets.
+const BUSY_UNANSWERED: &[u8] =
+    b"device busy: 64 server requests unanswered (TALLY_MAX_UNANSWERED_REQUESTS); try again";
+/// The reason a REQUEST refused by [`TALLY_MAX_EVENTS`] gets.
+const BUSY_EVENTS: &[u8] = b"device busy: 64 events waiting (TALLY_MAX_EVENTS); try again";
+/// The reason of the CLOSE sent when a MESSAGE finds [`TALLY_MAX_EVENTS`] waiting.
+const OVERLOADED: &str = "device overloaded: 64 events waiting (TALLY_MAX_EVENTS)";
+
 // One allocation per client (the Box of `tally_client_new`): the connection inline.
 #[allow(clippy::large_enum_variant)]
 enum Phase {
@@ -158,9 +196,16 @@ pub struct TallyClient {
     input: BytesMut,
     /// Bytes to send, not yet taken.
     output: BytesMut,
+    /// At most [`TALLY_MAX_EVENTS`], but for RESPONSEs, ESTABLISHED and CLOSED.
     events: VecDeque<PendingEvent>,
     /// The payload of the event last returned, kept alive for the caller.
     current: Bytes,
+    /// Server REQUESTs queued or handed out and not answered, as of the end of the last
+    /// `drain` (the connection's count then): at most
+    /// [`TALLY_MAX_UNANSWERED_REQUESTS`].
+    unanswered: usize,
+    /// This client closed the session because [`TALLY_MAX_EVENTS`] were waiting.
+    overloaded: bool,
 }
 
 /// An event as it waits in the queue.
@@ -265,20 +310,47 @@ impl TallyClient {
             .push_back(PendingEvent::closed(result, code, Bytes::new()));
     }
 
-    /// Moves the connection's output and events into ours.
-    fn drain(&mut self) {
+    /// Moves the connection's output and events into ours, within the bounds
+    /// ([`TALLY_MAX_UNANSWERED_REQUESTS`], [`TALLY_MAX_EVENTS`]).
+    fn drain(&mut self, now: Duration) {
         let Phase::Open(conn) = &mut self.phase else {
             return;
         };
-        pull(conn, &mut self.output);
         let mut over = false;
+        // The requests this drain hands out are counted on top of those before it (the
+        // connection counts those of this batch already, refused or not).
+        let mut unanswered = self.unanswered;
         while let Some(event) = conn.poll_event() {
+            let full = self.events.len() >= TALLY_MAX_EVENTS;
             let e = match event {
-                Event::Request { seq, payload } => PendingEvent {
-                    seq,
-                    payload,
-                    ..PendingEvent::new(TallyEventKind::TALLY_EVENT_REQUEST)
-                },
+                // Once overloaded, the session is closing: what the server sent before
+                // it saw our CLOSE is dropped (spec 8.6), its requests failed.
+                Event::Request { .. } | Event::Message { .. } if self.overloaded => continue,
+                Event::Request { seq, .. }
+                    if full || unanswered >= TALLY_MAX_UNANSWERED_REQUESTS =>
+                {
+                    let why = if unanswered >= TALLY_MAX_UNANSWERED_REQUESTS {
+                        BUSY_UNANSWERED
+                    } else {
+                        BUSY_EVENTS
+                    };
+                    // Only fails if the session is closing: then it fails anyway.
+                    let _ = conn.respond(seq, Status::UNAVAILABLE, Bytes::from_static(why), now);
+                    continue;
+                }
+                Event::Message { .. } if full => {
+                    self.overloaded = true;
+                    conn.close(CloseCode::NORMAL, OVERLOADED, now);
+                    continue;
+                }
+                Event::Request { seq, payload } => {
+                    unanswered += 1;
+                    PendingEvent {
+                        seq,
+                        payload,
+                        ..PendingEvent::new(TallyEventKind::TALLY_EVENT_REQUEST)
+                    }
+                }
                 Event::Response {
                     req_seq,
                     status,
@@ -295,15 +367,20 @@ impl TallyClient {
                 },
                 Event::Closed(end) => {
                     over = true;
-                    end_event(end)
+                    let mut e = end_event(end);
+                    if self.overloaded {
+                        e.result = TALLY_ERR_OVERLOADED;
+                    }
+                    e
                 }
                 // PONGs are the engine's own business.
                 _ => continue,
             };
             self.events.push_back(e);
         }
+        self.unanswered = conn.unanswered_requests();
+        pull(conn, &mut self.output);
         if over {
-            pull(conn, &mut self.output);
             self.phase = Phase::Done;
         } else {
             // Between calls an idle session holds no buffer memory.
@@ -315,7 +392,7 @@ impl TallyClient {
         match &mut self.phase {
             Phase::Open(conn) => {
                 conn.handle_input(data, now);
-                self.drain();
+                self.drain(now);
             }
             Phase::Done => {}
             Phase::Handshake(_) => {
@@ -350,7 +427,7 @@ impl TallyClient {
                             conn.handle_input(&rest, now);
                         }
                         self.phase = Phase::Open(conn);
-                        self.drain();
+                        self.drain(now);
                     }
                 }
             }
@@ -446,6 +523,8 @@ pub unsafe extern "C" fn tally_client_new(
         output,
         events: VecDeque::new(),
         current: Bytes::new(),
+        unanswered: 0,
+        overloaded: false,
     }))
 }
 
@@ -482,7 +561,7 @@ pub unsafe extern "C" fn tally_client_receive_eof(client: *mut TallyClient, now_
     match &mut c.phase {
         Phase::Open(conn) => {
             conn.handle_eof(ms(now_ms));
-            c.drain();
+            c.drain(ms(now_ms));
         }
         Phase::Handshake(_) => c.fail(TALLY_ERR_TRUNCATED, 0),
         Phase::Done => {}
@@ -571,7 +650,7 @@ pub unsafe extern "C" fn tally_client_handle_timeout(client: *mut TallyClient, n
         Phase::Handshake(_) if now >= c.started + HANDSHAKE_TIMEOUT => c.fail(TALLY_ERR_TIMEOUT, 0),
         Phase::Open(conn) => {
             conn.handle_timeout(now);
-            c.drain();
+            c.drain(now);
         }
         _ => {}
     }
@@ -622,7 +701,7 @@ pub unsafe extern "C" fn tally_client_request(
             *out = s;
         }
     });
-    c.drain();
+    c.drain(ms(now_ms));
     sent(r)
 }
 
@@ -645,7 +724,7 @@ pub unsafe extern "C" fn tally_client_message(
         return TALLY_ERR_NOT_OPEN;
     };
     let r = conn.message(payload, ms(now_ms));
-    c.drain();
+    c.drain(ms(now_ms));
     sent(r)
 }
 
@@ -674,7 +753,7 @@ pub unsafe extern "C" fn tally_client_respond(
         return TALLY_ERR_NOT_OPEN;
     };
     let r = conn.respond(seq, Status(status), payload, ms(now_ms));
-    c.drain();
+    c.drain(ms(now_ms));
     sent(r)
 }
 
@@ -688,7 +767,7 @@ pub unsafe extern "C" fn tally_client_close(client: *mut TallyClient, code: u16,
     match &mut c.phase {
         Phase::Open(conn) => {
             conn.close(CloseCode(code), "", ms(now_ms));
-            c.drain();
+            c.drain(ms(now_ms));
         }
         Phase::Handshake(_) => c.fail(TALLY_OK, code),
         Phase::Done => {}
@@ -927,6 +1006,7 @@ pub extern "C" fn tally_result_string(result: i32) -> *const c_char {
         -10 => b"the server did not prove it holds the key in the token: wrong server, or a man in the middle\0",
         -11 => b"enrollment confirmed but not answered: the server may have stored the identity\0",
         -12 => b"no such server request is waiting for an answer\0",
+        -13 => b"the session was closed: too many events were waiting to be polled (TALLY_MAX_EVENTS)\0",
         1 => b"in progress\0",
         _ => b"unknown result\0",
     };

@@ -523,3 +523,187 @@ fn nothing_after_the_end_of_an_enrollment_changes_its_result() {
     );
     unsafe { tally_enroll_free(e) };
 }
+
+/// Issue 26: a hostile (authenticated) server sent any number of REQUESTs and the client
+/// kept every one unanswered. Beyond `TALLY_MAX_UNANSWERED_REQUESTS` the library answers
+/// them itself with UNAVAILABLE, at once, whether or not the caller polls in between;
+/// the session goes on, and an answer makes room again.
+#[test]
+fn server_requests_beyond_the_unanswered_bound_are_answered_busy() {
+    let _serial = serial();
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    events(c);
+    const SENT: usize = 200;
+    let mut now = 1_010;
+    for batch in 0..4 {
+        for _ in 0..SENT / 4 {
+            server
+                .request(Bytes::from_static(b"run"), Duration::from_millis(now))
+                .unwrap();
+        }
+        // Not polled in between: what waits counts too.
+        let out = server_out(&mut server);
+        if batch % 2 == 0 {
+            assert_eq!(
+                unsafe { tally_client_receive(c, out.as_ptr(), out.len(), now) },
+                TALLY_OK
+            );
+        } else {
+            feed(c, &out, now);
+        }
+        now += 1;
+    }
+    let ev = events(c);
+    assert_eq!(ev.len(), TALLY_MAX_UNANSWERED_REQUESTS, "{}", ev.len());
+    assert!(ev
+        .iter()
+        .all(|e| e.0 == TallyEventKind::TALLY_EVENT_REQUEST));
+    let firsts: Vec<u64> = ev.iter().map(|e| e.1).collect();
+    assert_eq!(
+        firsts,
+        (1..=TALLY_MAX_UNANSWERED_REQUESTS as u64).collect::<Vec<_>>()
+    );
+    // The others were answered UNAVAILABLE, with the reason.
+    server.handle_input(&take(c), Duration::from_millis(now));
+    let mut busy = 0;
+    while let Some(e) = server.poll_event() {
+        let Event::Response {
+            req_seq,
+            status,
+            payload,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert!(req_seq > TALLY_MAX_UNANSWERED_REQUESTS as u64);
+        assert_eq!(status, Status::UNAVAILABLE);
+        assert_eq!(&payload[..], BUSY_UNANSWERED);
+        busy += 1;
+    }
+    assert_eq!(busy, SENT - TALLY_MAX_UNANSWERED_REQUESTS);
+    assert_eq!(server.unanswered_requests(), 0);
+    assert_eq!(
+        server.pending_requests().count(),
+        TALLY_MAX_UNANSWERED_REQUESTS
+    );
+    // Still the bound: one more is refused...
+    let more = server
+        .request(Bytes::from_static(b"more"), Duration::from_millis(now))
+        .unwrap();
+    feed(c, &server_out(&mut server), now);
+    assert!(events(c).is_empty());
+    server.handle_input(&take(c), Duration::from_millis(now));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Response { req_seq, status: Status::UNAVAILABLE, .. }) if req_seq == more
+    ));
+    // ...until the device answers one: then the next is its.
+    assert_eq!(
+        unsafe { tally_client_respond(c, firsts[0], 0, b"ok".as_ptr(), 2, now) },
+        TALLY_OK
+    );
+    let next = server
+        .request(Bytes::from_static(b"next"), Duration::from_millis(now))
+        .unwrap();
+    server.handle_input(&take(c), Duration::from_millis(now));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Response {
+            status: Status::OK,
+            ..
+        })
+    ));
+    feed(c, &server_out(&mut server), now);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].0, ev[0].1),
+        (TallyEventKind::TALLY_EVENT_REQUEST, next)
+    );
+    assert_eq!(
+        unsafe { tally_client_is_finished(c) },
+        0,
+        "the session goes on"
+    );
+    unsafe { tally_client_free(c) };
+}
+
+/// Issue 26: a server that sends MESSAGEs faster than the caller polls grew the event
+/// queue without bound. At `TALLY_MAX_EVENTS` waiting, a REQUEST is answered UNAVAILABLE
+/// and a MESSAGE (which cannot be refused, and is not dropped silently) ends the
+/// session: CLOSE to the server, `TALLY_ERR_OVERLOADED` to the caller. RESPONSEs to the
+/// caller's own requests still get in.
+#[test]
+fn a_flood_of_events_not_polled_ends_the_session_as_overloaded() {
+    let _serial = serial();
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    events(c);
+    let now = 1_010;
+    let at = Duration::from_millis(now);
+    // One request of the caller's, answered after the queue is full.
+    let mut own = 0;
+    assert_eq!(
+        unsafe { tally_client_request(c, b"mine".as_ptr(), 4, now, &mut own) },
+        TALLY_OK
+    );
+    server.handle_input(&take(c), at);
+    let Some(Event::Request { seq: theirs, .. }) = server.poll_event() else {
+        panic!()
+    };
+    for _ in 0..TALLY_MAX_EVENTS {
+        server.message(Bytes::from_static(b"m"), at).unwrap();
+    }
+    let refused = server.request(Bytes::from_static(b"r"), at).unwrap();
+    server
+        .respond(theirs, Status::OK, Bytes::from_static(b"yours"), at)
+        .unwrap();
+    feed(c, &server_out(&mut server), now);
+    server.handle_input(&take(c), at);
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Response { req_seq, status: Status::UNAVAILABLE, ref payload })
+            if req_seq == refused && &payload[..] == BUSY_EVENTS
+    ));
+    assert_eq!(unsafe { tally_client_is_finished(c) }, 0);
+    // One more message: over.
+    server.message(Bytes::from_static(b"last"), at).unwrap();
+    server.message(Bytes::from_static(b"after"), at).unwrap();
+    feed(c, &server_out(&mut server), now);
+    server.handle_input(&take(c), at);
+    let Some(Event::Closed(tally::proto::connection::End::PeerClosed { code, reason })) =
+        server.poll_event()
+    else {
+        panic!("the client closed the session")
+    };
+    assert_eq!((code, reason.as_str()), (CloseCode::NORMAL, OVERLOADED));
+    feed(c, &server_out(&mut server), now);
+    let ev = events(c);
+    assert_eq!(
+        ev.len(),
+        TALLY_MAX_EVENTS + 2,
+        "the messages, the response, the end"
+    );
+    assert!(ev[..TALLY_MAX_EVENTS]
+        .iter()
+        .all(|e| e.0 == TallyEventKind::TALLY_EVENT_MESSAGE && e.5 == b"m"));
+    assert_eq!(
+        (
+            ev[TALLY_MAX_EVENTS].0,
+            ev[TALLY_MAX_EVENTS].1,
+            &ev[TALLY_MAX_EVENTS].5[..]
+        ),
+        (TallyEventKind::TALLY_EVENT_RESPONSE, own, &b"yours"[..])
+    );
+    let end = &ev[TALLY_MAX_EVENTS + 1];
+    assert_eq!(
+        (end.0, end.4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_OVERLOADED)
+    );
+    assert_eq!(unsafe { tally_client_is_finished(c) }, 1);
+    let text =
+        unsafe { core::ffi::CStr::from_ptr(tally_result_string(TALLY_ERR_OVERLOADED as i32)) };
+    assert!(text.to_str().unwrap().contains("TALLY_MAX_EVENTS"));
+    unsafe { tally_client_free(c) };
+}
