@@ -214,6 +214,82 @@ fn tally_listen_runs_at_most_max_handlers_at_once() {
     assert_eq!(seen.iter().max(), Some(&HANDLERS), "{seen:?}");
 }
 
+/// Beyond `--max-handlers` running and 64 waiting, `tally listen` answers a request
+/// UNAVAILABLE at once, saying why (a hostile or misconfigured server cannot make it
+/// hold any number): with one handler and a daemon that allows 100 server requests in
+/// flight, the 66th of 66 is refused while the others wait, then all of those are
+/// answered.
+#[test]
+fn tally_listen_answers_busy_beyond_the_handlers_and_the_waiting_room() {
+    const WAITING: usize = 64;
+    const REQUESTS: usize = 1 + WAITING + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tallyd.toml");
+    std::fs::write(&config, "[limits]\nserver_requests_in_flight = 100\n").unwrap();
+    let state = dir.path().join("state");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state);
+    let (daemon, _) = common::bin::start_cmd(cmd, true);
+    let cred = enroll(&daemon, &state, "dev", dir.path());
+    let go = dir.path().join("go");
+    let handler = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; echo done",
+        go = go.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "listen",
+            "--max-handlers",
+            "1",
+            "--exec",
+            &handler,
+            "--cred",
+        ])
+        .arg(&cred)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(child.stderr.take().unwrap());
+    let _listen = KillOnDrop(child);
+    expect_line(&err, "connected as dev");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    for i in 0..REQUESTS {
+        let (state, done_tx) = (state.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let out = admin(
+                &state,
+                &[
+                    "send",
+                    "dev",
+                    "--request",
+                    "--timeout",
+                    "60",
+                    &format!("{i}"),
+                ],
+            );
+            let _ = done_tx.send(out);
+        });
+    }
+    // Nothing is answered before `go` but the one beyond the waiting room.
+    let refused = done.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("dev answered with status unavailable: tally listen is busy: --max-handlers 1 running and 64 requests waiting; try again later"),
+        "{stderr}"
+    );
+    std::fs::write(&go, b"").unwrap();
+    for _ in 1..REQUESTS {
+        let out = done.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "done\n");
+    }
+}
+
 /// `metrics_listen`'s connections at most (`server::metrics::MAX_METRICS_CONNECTIONS`).
 const METRICS_CAP: usize = 16;
 

@@ -597,7 +597,7 @@ impl Handlers {
         println!("request: {}", printable(&req.payload));
         let Ok(ticket) = self.admitted.clone().try_acquire_owned() else {
             let why = format!(
-                "tally listen is busy: {} handlers running and {WAITING_REQUESTS} requests waiting (--max-handlers)",
+                "tally listen is busy: --max-handlers {} running and {WAITING_REQUESTS} requests waiting; try again later",
                 self.max
             );
             tokio::spawn(async move {
