@@ -584,6 +584,15 @@ fn via_daemon(
     }
 }
 
+/// Whether open enrollment is on (and whether a fleet decides it); with `set`, turns it
+/// on or off for the whole fleet first. Through the running daemon only.
+pub fn open_enrollment(state_dir: &Path, set: Option<bool>) -> Result<(bool, bool), AdminError> {
+    match control::call(state_dir, &ControlRequest::OpenEnrollment { set })? {
+        ControlResponse::OpenEnrollment { open, fleet } => Ok((open, fleet)),
+        other => Err(unexpected(state_dir, other)),
+    }
+}
+
 /// Deletes `id` from the store, so that its id can be enrolled again. Through the
 /// running daemon if there is one (which also closes its live session and refuses its
 /// handshakes in flight). Returns (whether it existed, whether a session was closed;

@@ -75,6 +75,12 @@ pub enum ControlRequest {
     Identities,
     /// The daemon's metrics (`tallyd status`).
     Status,
+    /// Whether open enrollment is on; with `set`, turn it on or off for the whole fleet
+    /// first (a fleet-wide setting, in the fleet's log).
+    OpenEnrollment {
+        /// On or off, for the fleet.
+        set: Option<bool>,
+    },
     /// Send a REQUEST (and wait for the device's RESPONSE) or a MESSAGE to a device.
     Send {
         /// The identity.
@@ -153,6 +159,13 @@ pub enum ControlResponse {
         identities: Vec<crate::store::IdentityRow>,
         /// The live sessions.
         sessions: Vec<SessionInfo>,
+    },
+    /// Whether open enrollment is on.
+    OpenEnrollment {
+        /// On.
+        open: bool,
+        /// Decided by the fleet (else by this daemon's configuration).
+        fleet: bool,
     },
     /// The request could not be served.
     Error {
@@ -345,6 +358,7 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 },
             }
         }
+        ControlRequest::OpenEnrollment { set } => open_enrollment(state, set).await,
         ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
         ControlRequest::Remove { id } => invalidate(state, &id, false).await,
         ControlRequest::Status => ControlResponse::Status {
@@ -377,6 +391,45 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 message: e.to_string(),
             },
         },
+    }
+}
+
+/// `tallyd open-enrollment`: a fleet-wide setting, in the fleet's log.
+async fn open_enrollment(state: &ServerState, set: Option<bool>) -> ControlResponse {
+    let fleet = state.fleet.is_some();
+    if let Some(open) = set {
+        if !fleet {
+            return ControlResponse::Error {
+                message: "this tallyd is not one of a fleet: its open enrollment is `open_enrollment` in its configuration file (restart it to apply a change)".into(),
+            };
+        }
+        let store = state.store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            store.set_fleet_setting(crate::server::OPEN_ENROLLMENT, i64::from(open))
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                info!(
+                    open,
+                    "open enrollment set for the whole fleet on the control socket"
+                )
+            }
+            Ok(Err(e)) => {
+                return ControlResponse::Error {
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => {
+                return ControlResponse::Error {
+                    message: format!("failed: {e}"),
+                }
+            }
+        }
+    }
+    ControlResponse::OpenEnrollment {
+        open: state.open_enrollment(),
+        fleet,
     }
 }
 

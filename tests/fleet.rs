@@ -483,7 +483,13 @@ fn a_node_killed_releases_its_claims_and_its_devices_reconnect_elsewhere() {
         killed.elapsed()
     );
     // The dead node is gone from the fleet's tables.
-    assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "1");
+    // The listing leaves a stale node out at once; its row goes at node 1's next
+    // heartbeat (within a second).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while f.cluster.psql("SELECT count(*) FROM nodes") != "1" {
+        assert!(Instant::now() < deadline, "node 0 was not declared dead");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = f.nodes[1].admin(&["send", "sensor-9", "--request", "still there?"]);
     assert_eq!(text(&out.stdout), "still there?", "{}", text(&out.stderr));
     // A restarted node 0 joins the fleet again (a new node) and serves.
@@ -725,9 +731,10 @@ fn a_revocation_missed_while_not_listening_closes_the_session_when_back() {
     f.nodes[1].ok(&["revoke", "missed-1"]);
     let line = expect_line(&lines, "revoked");
     eprintln!("{line}");
-    f.nodes[0]
-        .daemon
-        .expect_log(&["while this node was not listening"]);
+    f.nodes[0].daemon.expect_log(&[
+        "a revocation verified under the fleet key",
+        "session closed",
+    ]);
     assert!(
         !served_within(&f, &cred, 0, 0),
         "node 0 served a revoked device"
@@ -901,7 +908,13 @@ fn a_node_frozen_past_the_stale_limit_drops_its_sessions_when_it_wakes() {
         frozen.elapsed() >= Duration::from_secs(4),
         "declared dead too soon"
     );
-    assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "1");
+    assert_eq!(
+        f.cluster.psql("SELECT count(*) FROM nodes"),
+        "1",
+        "{}",
+        f.cluster
+            .psql("SELECT node, addr, heartbeat, clock_timestamp() FROM nodes")
+    );
     std::thread::sleep(Duration::from_secs(7).saturating_sub(frozen.elapsed()));
     signal("-CONT");
     // Awake, it must not go on serving what the fleet gave away: it closes its
@@ -1054,4 +1067,314 @@ fn an_identity_taken_over_back_and_forth_across_nodes_is_reported() {
     f.nodes[1]
         .daemon
         .expect_log(&["twin-1", "taken over repeatedly", "across the fleet"]);
+}
+
+// What the database can and cannot do to the fleet (issue 26, docs/CLUSTER.md): a
+// database role is storage and transport, never an authority.
+
+/// Runs `sql` with psql as `user` (a role of the test cluster, trust authentication).
+fn psql_as(f: &Fleet, user: &str, sql: &str) -> std::process::Output {
+    let url = f
+        .cluster
+        .url()
+        .replacen("postgres@", &format!("{user}@"), 1);
+    Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap()
+}
+
+/// The name of node `n` in the `nodes` table.
+fn node_name(f: &Fleet, n: usize) -> String {
+    let name = f.cluster.psql(&format!(
+        "SELECT node FROM nodes WHERE addr = '{}'",
+        f.nodes[n].daemon.addr
+    ));
+    assert!(!name.is_empty(), "node {n} is not in the nodes table");
+    name
+}
+
+/// Enrolls `id` on node `from` and waits until node `to` serves it: node `to` has
+/// applied every identity notice sent before that enrollment's (they come in order).
+fn barrier(f: &Fleet, from: usize, to: usize, id: &str) {
+    let cred = f.enroll(from, id);
+    assert!(
+        served_within(f, &cred, to, 20),
+        "node {to} never heard of {id}, enrolled on node {from}"
+    );
+}
+
+/// No line of `lines` says the session was lost (so far).
+fn still_connected(lines: &std::sync::mpsc::Receiver<String>) {
+    while let Ok(line) = lines.try_recv() {
+        assert!(
+            !line.contains("session lost") && !line.contains("closed by the server"),
+            "the device's session ended: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_database_role_without_grants_cannot_close_a_session_by_notice() {
+    // Fails on the code before issue 26: the forged `revoked` notice closed the session
+    // with CLOSE REVOKED (and `tally listen` exited for good), the forged `tally_close`
+    // with TAKEN_OVER.
+    let Some(f) = Fleet::start("fleet: forged notices", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "forge-1");
+    let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as forge-1");
+    f.await_sessions(1, &[("forge-1", 0)], 10);
+    let node = node_name(&f, 0);
+    let epoch = f
+        .cluster
+        .psql("SELECT epoch FROM sessions WHERE id = 'forge-1'");
+    // A role with no grant on any table: PUBLIC may connect, LISTEN and NOTIFY.
+    f.cluster.psql("CREATE ROLE intruder LOGIN");
+    let denied = psql_as(&f, "intruder", "SELECT count(*) FROM identities");
+    assert!(
+        !denied.status.success(),
+        "the intruder role can read identities"
+    );
+    let forged = format!(
+        "NOTIFY tally_identity, 'revoked forge-1'; \
+         NOTIFY tally_identity, 'removed forge-1'; \
+         NOTIFY tally_close, '{node} 9000000000 forge-1'; \
+         NOTIFY tally_close, '{node} {epoch} other 9000000000 {} forge-1'",
+        "00".repeat(32)
+    );
+    let out = psql_as(&f, "intruder", &forged);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Node 0 has applied the forged notices once it serves an identity enrolled after.
+    barrier(&f, 1, 0, "forge-barrier");
+    f.nodes[0]
+        .daemon
+        .expect_log(&["ignored (forged or replayed"]);
+    still_connected(&lines);
+    f.await_sessions(0, &[("forge-1", 0)], 1);
+    let out = f.nodes[1].admin(&["send", "forge-1", "--request", "still here?"]);
+    assert_eq!(text(&out.stdout), "still here?", "{}", text(&out.stderr));
+    still_connected(&lines);
+}
+
+#[test]
+fn a_send_written_into_the_database_is_not_delivered() {
+    // Fails on the code before issue 26: a `sends` row and a `tally_send` notice written
+    // by any role that can write the database reached the device as an authenticated
+    // server REQUEST, and its --exec handler ran the payload.
+    let Some(f) = Fleet::start("fleet: injected sends", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "cmd-1");
+    let ran = f.root.path().join("ran");
+    let exec = format!("cat >> {0}; echo >> {0}; printf done", ran.display());
+    let (_device, lines) = bin::listen(&["--exec", &exec], &f.at(&cred, 0));
+    expect_line(&lines, "connected as cmd-1");
+    f.await_sessions(1, &[("cmd-1", 0)], 10);
+    // Every send row is captured as it is written, to be replayed later.
+    f.cluster.psql(
+        "CREATE TABLE captured (LIKE sends); \
+         CREATE FUNCTION capture() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO captured SELECT NEW.*; RETURN NEW; END $$; \
+         CREATE TRIGGER capture AFTER INSERT ON sends FOR EACH ROW EXECUTE FUNCTION capture()",
+    );
+    let out = f.nodes[1].admin(&["send", "cmd-1", "--request", "genuine"]);
+    assert_eq!(text(&out.stdout), "done", "{}", text(&out.stderr));
+    // A forged send (no valid tag, whatever the rest says), and the genuine one again.
+    let node = node_name(&f, 0);
+    f.cluster.psql(&format!(
+        "INSERT INTO sends (call, node, origin, id, epoch, request, payload, timeout_ms, \
+           stamp, tag) \
+         SELECT 4242, '{node}', 'nobody', 'cmd-1', epoch, true, 'forged', 5000, \
+           (extract(epoch FROM clock_timestamp()) * 1000)::bigint, \
+           decode(repeat('ab', 32), 'hex') FROM sessions WHERE id = 'cmd-1'; \
+         SELECT pg_notify('tally_send', '{node} 4242'); \
+         DELETE FROM sends WHERE call IN (SELECT call FROM captured); \
+         INSERT INTO sends SELECT * FROM captured; \
+         SELECT pg_notify('tally_send', node || ' ' || call) FROM captured"
+    ));
+    // Both are refused, each logged (the order they are taken in is the node's).
+    let first = f.nodes[0]
+        .daemon
+        .expect_log(&["ignored (forged or replayed"]);
+    let other = if first.contains("served before") {
+        "a send whose tag does not verify"
+    } else {
+        "a send served before (replayed)"
+    };
+    f.nodes[0].daemon.expect_log(&[other]);
+    // A genuine send after them goes through (so node 0 has taken the ones before).
+    let out = f.nodes[1].admin(&["send", "cmd-1", "--request", "after"]);
+    assert_eq!(text(&out.stdout), "done", "{}", text(&out.stderr));
+    let handled = std::fs::read_to_string(&ran).unwrap();
+    assert_eq!(handled, "genuine\nafter\n", "the device ran: {handled:?}");
+    still_connected(&lines);
+}
+
+#[test]
+fn a_revocation_survives_a_rollback_of_its_row() {
+    // Fails on the code before issue 26: a key row copied before `tallyd revoke` and
+    // written back (revoked = NULL) with a `NOTIFY ... enrolled` was served again.
+    let Some(mut f) = Fleet::start("fleet: rollback", 2, "replace") else {
+        return;
+    };
+    let revoked = f.enroll(0, "roll-1");
+    let removed = f.enroll(0, "roll-2");
+    assert!(served_within(&f, &revoked, 1, 20));
+    f.cluster
+        .psql("CREATE TABLE saved AS SELECT * FROM identities WHERE id LIKE 'roll-%'");
+    f.nodes[0].ok(&["revoke", "roll-1"]);
+    f.nodes[0].ok(&["remove", "roll-2"]);
+    // A writer puts the old rows back, and tells the nodes.
+    f.cluster.psql(
+        "UPDATE identities i SET key = s.key, revoked = NULL FROM saved s \
+           WHERE i.id = s.id AND i.id = 'roll-1'; \
+         INSERT INTO identities SELECT * FROM saved WHERE id = 'roll-2'; \
+         NOTIFY tally_identity, 'enrolled roll-1'; NOTIFY tally_identity, 'enrolled roll-2'",
+    );
+    barrier(&f, 0, 1, "roll-barrier");
+    for n in 0..2 {
+        for cred in [&revoked, &removed] {
+            let out = request(&f.at(cred, n), "back?");
+            assert!(
+                !out.status.success(),
+                "node {n} served {} after its rollback",
+                cred.display()
+            );
+        }
+    }
+    // A node that starts afresh reads the log too.
+    f.nodes.pop();
+    f.nodes.push(f.start_node(1));
+    for cred in [&revoked, &removed] {
+        assert!(!request(&f.at(cred, 1), "back?").status.success());
+    }
+    // Deleting from the log itself is noticed: node 1 has verified three entries (the
+    // fleet's open enrollment setting, two revocations), the database now holds one,
+    // and it refuses to start.
+    f.nodes.pop();
+    f.cluster
+        .psql("DELETE FROM fleet_log WHERE kind <> 'setting'");
+    let path = f.root.path().join("node1.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("node 1 started on a database whose revocation log was deleted");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("holds 1 verified entries") && err.contains("has verified 3"),
+        "{err}"
+    );
+}
+
+/// `tally enroll` of `id` with the open token at node `n`: its output.
+fn enroll_open(f: &Fleet, n: usize, id: &str) -> std::process::Output {
+    let token = f.nodes[0].ok(&["token"]);
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_TOKEN", token.trim())
+        .args([
+            "enroll",
+            "--id",
+            id,
+            "--server",
+            &f.nodes[n].daemon.addr,
+            "--out",
+        ])
+        .arg(f.root.path().join(format!("{id}.cred")))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn open_enrollment_is_decided_once_for_the_fleet() {
+    // Before issue 26 `open_enrollment` was each node's: one node left at the default
+    // accepted the open token for the whole fleet.
+    let Some(mut f) = Fleet::start_with(
+        "fleet: open enrollment",
+        1,
+        "replace",
+        &[],
+        "open_enrollment = false",
+    ) else {
+        return;
+    };
+    // A node whose configuration says otherwise joins: the fleet's setting applies,
+    // and it says so.
+    let path = f.root.path().join("node1.toml");
+    let dir = f.root.path().join("node1");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for key in ["server.key", "store.key"] {
+        std::fs::copy(f.root.path().join("node0").join(key), dir.join(key)).unwrap();
+    }
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\nopen_enrollment = true\n",
+            dir.display(),
+            f.cluster.url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.arg("--config").arg(&path);
+    let (daemon, _) = bin::start_cmd(cmd, false);
+    let log = daemon.startup_log.join("\n");
+    assert!(
+        log.contains("open_enrollment = true, but open enrollment is off for the whole fleet"),
+        "{log}"
+    );
+    f.nodes.push(Node { daemon, dir });
+    let out = enroll_open(&f, 1, "open-1");
+    assert!(!out.status.success(), "node 1 accepted the open token");
+    assert_eq!(
+        f.nodes[1].ok(&["open-enrollment"]).trim(),
+        "open enrollment is off for the whole fleet"
+    );
+    // Turned on once, through any node, for every node.
+    assert!(f.nodes[0]
+        .ok(&["open-enrollment", "on"])
+        .contains("on for the whole fleet"));
+    f.nodes[1]
+        .daemon
+        .expect_log(&["open enrollment is on for the whole fleet now"]);
+    let out = enroll_open(&f, 1, "open-2");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A setting a database writer adds without the fleet key changes nothing.
+    f.cluster.psql(
+        "INSERT INTO fleet_log (seq, id, generation, kind, at, tag) \
+         SELECT max(seq) + 1, 'open_enrollment', 0, 'setting', 0, decode(repeat('00', 32), 'hex') \
+           FROM fleet_log; \
+         NOTIFY tally_identity, 'setting open_enrollment'",
+    );
+    f.nodes[1].daemon.expect_log(&["does not verify"]);
+    let out = enroll_open(&f, 1, "open-3");
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -107,6 +107,20 @@ enum Command {
         /// The payload; read from stdin when absent.
         data: Option<String>,
     },
+    /// Print whether open enrollment is on; with on or off, turn it on or off for a whole
+    /// fleet (one decision for every node, kept in the fleet's log). A single daemon's is
+    /// `open_enrollment` in its configuration file.
+    OpenEnrollment {
+        /// on or off.
+        set: Option<OnOff>,
+    },
+}
+
+/// `on` or `off`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Args, Default, Clone)]
@@ -162,6 +176,7 @@ impl Command {
             Command::Sessions { .. } => "sessions",
             Command::Status { .. } => "status",
             Command::Send { .. } => "send",
+            Command::OpenEnrollment { .. } => "open-enrollment",
         }
     }
 }
@@ -267,7 +282,11 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
     // tells the others.
     let offline = !matches!(
         command,
-        Command::Init | Command::Sessions { .. } | Command::Status { .. } | Command::Send { .. }
+        Command::Init
+            | Command::Sessions { .. }
+            | Command::Status { .. }
+            | Command::Send { .. }
+            | Command::OpenEnrollment { .. }
     );
     if store.is_shared() && offline && !tally::secrets::state_dir_in_use(dir) {
         anyhow::bail!(
@@ -356,6 +375,20 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             println!("{id}: removed, and can be enrolled again; {session}");
         }
         Command::Sessions { json } => print!("{}", admin::sessions(dir, format(json))?),
+        Command::OpenEnrollment { set } => {
+            let set = set.map(|s| s == OnOff::On);
+            let (open, fleet) = admin::open_enrollment(dir, set)?;
+            let state = if open { "on" } else { "off" };
+            match (fleet, set) {
+                (true, Some(_)) => println!(
+                    "open enrollment is {state} for the whole fleet (every node applies it as it hears of it)"
+                ),
+                (true, None) => println!("open enrollment is {state} for the whole fleet"),
+                (false, _) => println!(
+                    "open enrollment is {state} (open_enrollment in this daemon's configuration)"
+                ),
+            }
+        }
         Command::Status { json } => print!("{}", admin::status(dir, format(json))?),
         Command::Send {
             id,

@@ -109,8 +109,9 @@ impl Refusal {
 
 /// How a connection that did not fail before becoming a session went.
 enum Opened {
-    /// A session, with the instant its key lookup started.
-    Session(Established, Instant),
+    /// A session, with the instant its key lookup started and the generation of the
+    /// key it was made with.
+    Session(Established, Instant, u64),
     /// An enrollment whose ENROLL_CONFIRM verified: to be stored, then answered.
     Confirmed(Box<Commit>),
 }
@@ -232,8 +233,8 @@ pub(super) async fn serve(
                 }
             }
         }
-        Ok(Opened::Session(est, key_lookup)) => {
-            return start_session(state, stream, est, key_lookup, shutdown).await;
+        Ok(Opened::Session(est, key_lookup, generation)) => {
+            return start_session(state, stream, est, (key_lookup, generation), shutdown).await;
         }
         Err(refusal) => {
             if let Some(code) = refuse(&state, &stream, refusal) {
@@ -279,7 +280,7 @@ async fn open(
                 .map(|c| Opened::Confirmed(Box::new(c))),
             Ok(FrameType::Hello) => handshake(state, stream, &first)
                 .await
-                .map(|(est, at)| Opened::Session(est, at)),
+                .map(|(est, at, generation)| Opened::Session(est, at, generation)),
             Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
             Err(e) => Err(Refusal::Protocol(e.into())),
         }
@@ -306,7 +307,19 @@ fn store_failed(e: StoreError) -> Refusal {
 
 /// Spec 6.3, the server side of enrollment.
 async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result<Commit, Refusal> {
-    let init = match InitReceived::parse(&state.params, init) {
+    // In a fleet, open enrollment is the fleet's decision (its log), not this node's.
+    let open = state.open_enrollment();
+    let decided;
+    let params = if open == state.params.allow_open {
+        &state.params
+    } else {
+        decided = crate::proto::enroll::ServerParams {
+            static_secret: state.params.static_secret.clone(),
+            allow_open: open,
+        };
+        &decided
+    };
+    let init = match InitReceived::parse(params, init) {
         // Named with the id it claimed: the operator can tell which device still uses
         // the open token.
         Err(ProtocolError::OpenModeDisabled) => {
@@ -314,7 +327,11 @@ async fn enroll(state: &ServerState, stream: &mut Stream, init: &[u8]) -> Result
             return Err(Refusal::EnrollRefused {
                 id,
                 mode: EnrollMode::Open.as_str(),
-                why: "open enrollment is off (open_enrollment = false): issue this device a per-identity token with `tallyd token --id`",
+                why: if state.fleet.is_some() {
+                    "open enrollment is off for the fleet (`tallyd open-enrollment on` turns it on): issue this device a per-identity token with `tallyd token --id`"
+                } else {
+                    "open enrollment is off (open_enrollment = false): issue this device a per-identity token with `tallyd token --id`"
+                },
             });
         }
         r => r?,
@@ -425,7 +442,7 @@ async fn handshake(
     state: &ServerState,
     stream: &mut Stream,
     hello: &[u8],
-) -> Result<(Established, Instant), Refusal> {
+) -> Result<(Established, Instant, u64), Refusal> {
     let hello = HelloReceived::parse(hello)?;
     let id = hello.id().clone();
     // A revocation or removal committed after this instant is caught at registration.
@@ -441,6 +458,7 @@ async fn handshake(
     }
     .map_err(store_failed)?;
     let known = key.is_some();
+    let generation = key.as_ref().map_or(0, |k| k.generation);
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
     let limits = state.limits();
@@ -465,7 +483,7 @@ async fn handshake(
         Err(e) => return Err(e.into()),
     };
     match wait.handle_finish(&finish) {
-        Ok(est) => Ok((est, key_lookup)),
+        Ok(est) => Ok((est, key_lookup, generation)),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),
         Err(e) => Err(e.into()),
@@ -478,7 +496,7 @@ async fn start_session(
     state: Arc<ServerState>,
     stream: Stream,
     est: Established,
-    key_lookup: Instant,
+    (key_lookup, generation): (Instant, u64),
     shutdown: CancellationToken,
 ) -> Option<LiveSession> {
     let Established {
@@ -520,6 +538,7 @@ async fn start_session(
     let entry = Entry {
         conn,
         epoch,
+        generation,
         claimed_in,
         peer: stream.peer,
         since: SystemTime::now(),

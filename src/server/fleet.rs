@@ -34,6 +34,7 @@ use crate::backend::{BoxFuture, Reply, SendError, SendKind};
 use crate::config::TakeoverPolicy;
 use crate::proto::{CloseCode, Id, Status};
 use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
+use crate::store::fleet_key::{self, FleetKey, Statement};
 use crate::store::postgres::{channel, PendingSend, Postgres, SendOutcome};
 use crate::store::{Store, StoreError};
 
@@ -46,6 +47,16 @@ pub const STALE: Duration = Duration::from_secs(5);
 /// How long a handshake waits for its claim (the database's answer, and another
 /// handshake of the same identity on this node) before it is refused BUSY.
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How far a send's stamp (its origin's clock) may be from the clock of the node that
+/// serves it: a send is served only within this window, and remembered for as long, so
+/// that none is served twice (the nodes' clocks must agree within it: NTP).
+pub const SEND_SKEW: Duration = Duration::from_secs(60);
+/// Sends served within [`SEND_SKEW`] that a node remembers; beyond, a send is refused.
+pub const SERVED_SENDS: usize = 100_000;
+/// The file in the state directory that keeps how much of the fleet's revocation log
+/// this node has verified: a database whose log is shorter was rolled back.
+pub const REVOCATIONS_FILE: &str = "fleet-log";
+
 /// How long the notification connection may take to answer a ping (sent every
 /// [`HEARTBEAT`]) before it is taken for dead, reopened, and the missed notices caught
 /// up with.
@@ -73,8 +84,9 @@ pub struct Fleet {
     node: String,
     /// Its listening address, as `tallyd sessions` shows it.
     addr: Mutex<String>,
-    /// Sends of this node waiting for their answer, by call number.
-    waiting: Mutex<HashMap<i64, oneshot::Sender<()>>>,
+    /// Sends of this node waiting for their answer, by call number (woken by each
+    /// `tally_result` notice for them: a hint to read the answer).
+    waiting: Mutex<HashMap<i64, mpsc::UnboundedSender<()>>>,
     /// One lock per identity being claimed on this node: its handshakes claim and
     /// register it one at a time.
     claiming: Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
@@ -88,6 +100,14 @@ pub struct Fleet {
     deafness: std::sync::atomic::AtomicU64,
     /// Identity notices, for the task that applies them in order.
     identities: mpsc::UnboundedSender<(String, String)>,
+    /// Where this node keeps how much of the revocation log it has verified, and that
+    /// count as last written.
+    revocations_file: std::path::PathBuf,
+    revocations_written: std::sync::atomic::AtomicU64,
+    /// Sends served lately: call → stamp (no send is served twice).
+    served: Mutex<HashMap<i64, i64>>,
+    /// Notices and rows that did not verify.
+    rejected: Rejected,
 }
 
 /// A release still to do.
@@ -115,6 +135,165 @@ fn take_idle(queue: &mut Vec<Release>, which: impl Fn(&str) -> bool) -> HashMap<
         _ => true,
     });
     oldest
+}
+
+/// A takeover across nodes, as `tally_close` carries it: `new_node`'s claim of `id`
+/// with `new_epoch` superseded `old_node`'s with `old_epoch`. Tagged under the fleet key
+/// by the node that took over; the old node acts on nothing else. (A replayed notice
+/// closes nothing: claim epochs only grow, so the epoch it names was superseded already.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// The identity.
+    pub id: Id,
+    /// The node whose session was taken over, and its claim's epoch.
+    pub old_node: String,
+    /// See `old_node`.
+    pub old_epoch: u64,
+    /// The node that took it over, and its claim's epoch.
+    pub new_node: String,
+    /// See `new_node`.
+    pub new_epoch: u64,
+}
+
+impl Takeover {
+    fn tag(&self, key: &FleetKey) -> [u8; fleet_key::TAG_LEN] {
+        key.tag(
+            Statement::Takeover,
+            &[
+                self.id.as_str().as_bytes(),
+                self.old_node.as_bytes(),
+                &self.old_epoch.to_be_bytes(),
+                self.new_node.as_bytes(),
+                &self.new_epoch.to_be_bytes(),
+            ],
+        )
+    }
+
+    /// The notice's payload: `old_node old_epoch new_node new_epoch tag id`.
+    pub fn encode(&self, key: &FleetKey) -> String {
+        format!(
+            "{} {} {} {} {} {}",
+            self.old_node,
+            self.old_epoch,
+            self.new_node,
+            self.new_epoch,
+            hex::encode(self.tag(key)),
+            self.id
+        )
+    }
+
+    /// A notice's payload, if it is well formed and its tag verifies.
+    pub fn verified(payload: &str, key: &FleetKey) -> Option<Takeover> {
+        let mut words = payload.splitn(6, ' ');
+        let old_node = words.next()?.to_owned();
+        let old_epoch = words.next()?.parse().ok()?;
+        let new_node = words.next()?.to_owned();
+        let new_epoch = words.next()?.parse().ok()?;
+        let tag = hex::decode(words.next()?).ok()?;
+        let id = Id::new(words.next()?).ok()?;
+        let t = Takeover {
+            id,
+            old_node,
+            old_epoch,
+            new_node,
+            new_epoch,
+        };
+        let fields: [&[u8]; 5] = [
+            t.id.as_str().as_bytes(),
+            t.old_node.as_bytes(),
+            &t.old_epoch.to_be_bytes(),
+            t.new_node.as_bytes(),
+            &t.new_epoch.to_be_bytes(),
+        ];
+        key.verify(Statement::Takeover, &fields, &tag).then_some(t)
+    }
+}
+
+/// The fields a send's tag covers.
+fn send_fields(send: &PendingSend) -> [Vec<u8>; 9] {
+    [
+        send.call.to_be_bytes().to_vec(),
+        send.origin.as_bytes().to_vec(),
+        send.node.as_bytes().to_vec(),
+        send.id.as_bytes().to_vec(),
+        send.epoch.to_be_bytes().to_vec(),
+        vec![u8::from(send.request)],
+        (send.timeout.as_millis().min(u128::from(u64::MAX)) as u64)
+            .to_be_bytes()
+            .to_vec(),
+        send.stamp.to_be_bytes().to_vec(),
+        send.payload.clone(),
+    ]
+}
+
+fn send_tag(key: &FleetKey, send: &PendingSend) -> Vec<u8> {
+    let fields = send_fields(send);
+    let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+    key.tag(Statement::Send, &fields).to_vec()
+}
+
+fn send_verifies(key: &FleetKey, send: &PendingSend) -> bool {
+    let fields = send_fields(send);
+    let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+    key.verify(Statement::Send, &fields, &send.tag)
+}
+
+/// The fields an answer's tag covers: the send it answers, and the outcome.
+fn answer_fields(send: &PendingSend, outcome: &SendOutcome) -> [Vec<u8>; 6] {
+    [
+        send.call.to_be_bytes().to_vec(),
+        send.origin.as_bytes().to_vec(),
+        send.node.as_bytes().to_vec(),
+        send.id.as_bytes().to_vec(),
+        send.epoch.to_be_bytes().to_vec(),
+        outcome.encode(),
+    ]
+}
+
+fn answer_tag(key: &FleetKey, send: &PendingSend, outcome: &SendOutcome) -> Vec<u8> {
+    let fields = answer_fields(send, outcome);
+    let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+    key.tag(Statement::Answer, &fields).to_vec()
+}
+
+fn answer_verifies(key: &FleetKey, send: &PendingSend, outcome: &SendOutcome, tag: &[u8]) -> bool {
+    let fields = answer_fields(send, outcome);
+    let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+    key.verify(Statement::Answer, &fields, tag)
+}
+
+/// Milliseconds since the Unix epoch, by this node's clock.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Logs what did not verify, each kind at most once every [`REJECTED_LOG_EVERY`] (a
+/// database role that floods the channels must not flood the log too), with how many
+/// of that kind since.
+#[derive(Debug, Default)]
+struct Rejected(Mutex<HashMap<&'static str, (Option<Instant>, u64)>>);
+
+/// See [`Rejected`].
+const REJECTED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Rejected {
+    fn note(&self, what: &'static str) {
+        let mut kinds = lock(&self.0);
+        let now = Instant::now();
+        let (at, count) = kinds.entry(what).or_insert((None, 0));
+        *count += 1;
+        if at.is_none_or(|t| now.duration_since(t) >= REJECTED_LOG_EVERY) {
+            warn!(
+                ignored = *count,
+                "fleet: {what}: ignored (forged or replayed through the database, or written by a node with another store.key); more are counted, not logged, for {}s",
+                REJECTED_LOG_EVERY.as_secs()
+            );
+            *at = Some(now);
+            *count = 0;
+        }
+    }
 }
 
 /// A handshake's hold on its identity's claim lock on this node, from its claim to its
@@ -215,6 +394,7 @@ impl Fleet {
         store: Arc<Store>,
         registry: Arc<Registry>,
         addr: SocketAddr,
+        state_dir: &std::path::Path,
     ) -> Result<(Arc<Fleet>, FleetTasks), StoreError> {
         let node = hex::encode(&crate::secrets::random_bytes()[..6]);
         let joined = Instant::now();
@@ -237,6 +417,10 @@ impl Fleet {
             joined,
             deafness: Default::default(),
             identities,
+            revocations_file: state_dir.join(REVOCATIONS_FILE),
+            revocations_written: Default::default(),
+            served: Mutex::default(),
+            rejected: Rejected::default(),
         });
         registry.join_fleet(Arc::new(Handle(Arc::downgrade(&fleet))));
         Ok((
@@ -359,7 +543,7 @@ impl Fleet {
 
     /// [`Fleet::claim`]'s statement, with the identity's claim lock held.
     async fn claim_now(
-        &self,
+        self: &Arc<Self>,
         id: &Id,
         peer: SocketAddr,
         policy: TakeoverPolicy,
@@ -382,6 +566,15 @@ impl Fleet {
             outcome => {
                 if outcome == "took_over" && old != self.node {
                     debug!(old_node = old, "took the identity over from another node");
+                    if let Some(old_epoch) = claim.old_epoch {
+                        self.announce(Takeover {
+                            id: id.clone(),
+                            old_node: old.clone(),
+                            old_epoch,
+                            new_node: self.node.clone(),
+                            new_epoch: claim.epoch,
+                        });
+                    }
                 }
                 if claim.in_a_row as usize >= registry::PING_PONG_TAKEOVERS {
                     warn!(
@@ -393,6 +586,119 @@ impl Fleet {
                 }
                 Ok(claim.epoch)
             }
+        }
+    }
+
+    /// Tells the node whose session was taken over (`tally_close`, tagged), on its own
+    /// task: tried again every [`HEARTBEAT`] for [`STALE`] if the database fails.
+    fn announce(self: &Arc<Self>, takeover: Takeover) {
+        let this = self.clone();
+        self.pg().spawn(async move {
+            let payload = takeover.encode(this.store.fleet_key());
+            let started = Instant::now();
+            loop {
+                match this.pg().notify_takeover(&payload).await {
+                    Ok(()) => return,
+                    Err(e) if started.elapsed() < STALE => {
+                        debug!(error = %e, "fleet: could not announce a takeover; trying again");
+                        tokio::time::sleep(HEARTBEAT).await;
+                    }
+                    Err(e) => {
+                        warn!(id = %takeover.id, error = %e, "fleet: could not tell the node whose session was taken over; it closes that session when it next catches up, or when the device's connection ends");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// At start, once the key index is loaded (the revocation log is read with it):
+    /// refuses a database whose log holds fewer verified entries than this node has
+    /// seen before (rolled back: a revoked identity could be served again), then
+    /// records how far it is verified.
+    pub fn check_revocations(&self) -> Result<(), StoreError> {
+        let file = self.revocations_file.display().to_string();
+        let seen = match std::fs::read_to_string(&self.revocations_file) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| StoreError::LocalFile {
+                file: file.clone(),
+                message: "not a count of revocations: damaged; compare it with the revocations table of the database and write the count there, or delete it to trust the database".into(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                return Err(StoreError::LocalFile {
+                    file,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let found = self.store.revocations_seen();
+        if seen > found {
+            return Err(StoreError::RevocationsRolledBack { file, seen, found });
+        }
+        self.revocations_written.store(seen, Ordering::SeqCst);
+        self.store.take_revocations();
+        self.record_revocations()
+    }
+
+    /// At start: open enrollment is decided once for the fleet, in its log. The first
+    /// node of a fleet writes its own `open_enrollment` there; a node whose
+    /// configuration disagrees with the fleet's says so (the fleet's applies).
+    pub fn settle_open_enrollment(&self, configured: bool) -> Result<(), StoreError> {
+        let word = |on: bool| if on { "on" } else { "off" };
+        match self.store.fleet_setting(super::OPEN_ENROLLMENT) {
+            None => {
+                self.store
+                    .set_fleet_setting(super::OPEN_ENROLLMENT, i64::from(configured))?;
+                info!(
+                    "fleet: open enrollment is {} for the whole fleet (this node's open_enrollment, the first in the fleet's log; `tallyd open-enrollment on|off` changes it)",
+                    word(configured)
+                );
+            }
+            Some(v) if (v != 0) != configured => warn!(
+                "fleet: this node's configuration says open_enrollment = {configured}, but open enrollment is {} for the whole fleet, and the fleet's setting applies (`tallyd open-enrollment on|off` changes it for every node)",
+                word(v != 0)
+            ),
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Writes how far the revocation log is verified, if further than last written.
+    fn record_revocations(&self) -> Result<(), StoreError> {
+        let n = self.store.revocations_seen();
+        if n <= self.revocations_written.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        crate::secrets::write_secret_file(&self.revocations_file, format!("{n}\n").as_bytes())
+            .map_err(|e| StoreError::LocalFile {
+                file: self.revocations_file.display().to_string(),
+                message: e.to_string(),
+            })?;
+        self.revocations_written.fetch_max(n, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Closes the sessions made with a key that a newly verified revocation ended, and
+    /// records how far the log is verified.
+    async fn apply_revocations(self: &Arc<Self>) {
+        for r in self.store.take_revocations() {
+            let Ok(id) = Id::new(&r.id) else { continue };
+            let (code, reason) = if r.removed {
+                (CloseCode::REMOVED, "identity removed")
+            } else {
+                (CloseCode::REVOKED, "identity revoked")
+            };
+            if self
+                .registry
+                .invalidate_generation(&id, r.generation, code, reason)
+            {
+                info!(id = %id, "{reason} (a revocation verified under the fleet key): session closed");
+            }
+        }
+        let this = self.clone();
+        let recorded = tokio::task::spawn_blocking(move || this.record_revocations()).await;
+        if let Ok(Err(e)) = recorded {
+            warn!(error = %e, "fleet: could not record how much of the revocation log this node has verified");
         }
     }
 
@@ -528,7 +834,9 @@ impl Fleet {
         Ok(out)
     }
 
-    /// A send to a device whose session is on another node.
+    /// A send to a device whose session is on another node: tagged under the fleet key
+    /// and bound to that session's claim epoch; its answer is used only if its tag
+    /// verifies.
     async fn send_elsewhere(
         self: Arc<Self>,
         id: Id,
@@ -541,32 +849,59 @@ impl Fleet {
             let pg = this.pg();
             let failed = |e: StoreError| SendError::Elsewhere(e.to_string());
             let holder = pg.holder(id.as_str(), STALE).await.map_err(failed)?;
-            let Some(node) = holder.filter(|n| *n != this.node) else {
+            let Some((node, epoch)) = holder.filter(|(n, _)| *n != this.node) else {
                 return Err(SendError::Offline(id.to_string()));
             };
             let bytes = crate::secrets::random_bytes();
             let call = i64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) & i64::MAX;
-            let (tx, rx) = oneshot::channel();
+            let (tx, mut rx) = mpsc::unbounded_channel();
             this.lock_waiting().insert(call, tx);
-            let send = PendingSend {
+            let mut send = PendingSend {
+                call,
+                node,
                 origin: this.node.clone(),
                 id: id.to_string(),
+                epoch,
                 request: kind == SendKind::Request,
                 payload: payload.to_vec(),
                 timeout,
+                stamp: unix_ms(),
+                tag: Vec::new(),
             };
-            let asked = pg.put_send(call, &node, &this.node, &send).await;
-            // The holder gives up at `timeout`, and says so: a little longer here.
-            let answered = match asked {
-                Ok(()) => tokio::time::timeout(timeout + Duration::from_secs(1), rx)
+            send.tag = send_tag(this.store.fleet_key(), &send);
+            let asked = pg.put_send(&send).await;
+            // The holder gives up at `timeout`, and says so: a little longer here. A
+            // notice is a hint: the answer is read and verified at each, and waited
+            // for again if there is none that verifies.
+            let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(1);
+            let mut answer = None;
+            if asked.is_ok() {
+                while tokio::time::timeout_at(deadline, rx.recv())
                     .await
-                    .is_ok(),
-                Err(_) => false,
-            };
+                    .is_ok_and(|n| n.is_some())
+                {
+                    if let Ok(Some((outcome, tag))) = pg.send_outcome(call, false).await {
+                        if answer_verifies(this.store.fleet_key(), &send, &outcome, &tag) {
+                            answer = Some(outcome);
+                            break;
+                        }
+                        this.rejected
+                            .note("the answer to a send whose tag does not verify");
+                    }
+                }
+            }
             this.lock_waiting().remove(&call);
-            let outcome = pg.finish_send(call).await;
+            let last = pg.send_outcome(call, true).await;
             asked.map_err(failed)?;
-            match outcome.map_err(failed)? {
+            if answer.is_none() {
+                // Answered just as the wait ended.
+                if let Some((outcome, tag)) = last.map_err(failed)? {
+                    if answer_verifies(this.store.fleet_key(), &send, &outcome, &tag) {
+                        answer = Some(outcome);
+                    }
+                }
+            }
+            match answer {
                 Some(SendOutcome::Answer(status, body)) => Ok(Some(Reply {
                     status: Status(status),
                     payload: body.into(),
@@ -578,7 +913,6 @@ impl Fleet {
                     "timeout" => SendError::Timeout(timeout),
                     _ => SendError::Elsewhere(why),
                 }),
-                None if answered => Err(SendError::Elsewhere("the answer was lost".into())),
                 None => Err(SendError::Timeout(timeout)),
             }
         };
@@ -588,11 +922,40 @@ impl Fleet {
             .unwrap_or_else(|e| Err(SendError::Elsewhere(e.to_string())))
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, oneshot::Sender<()>>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, mpsc::UnboundedSender<()>>> {
         lock(&self.waiting)
     }
 
-    /// Serves a send another node handed to this one.
+    /// Whether a send may be served: addressed to this node, tagged by a node of the
+    /// fleet, stamped within [`SEND_SKEW`] of this node's clock, and not served before.
+    /// Remembers it as served.
+    fn admit_send(&self, call: i64, send: &PendingSend) -> Result<(), &'static str> {
+        if send.call != call || send.node != self.node {
+            return Err("a send row that is not the one its notice names, or not for this node");
+        }
+        if !send_verifies(self.store.fleet_key(), send) {
+            return Err("a send whose tag does not verify");
+        }
+        let now = unix_ms();
+        let skew = SEND_SKEW.as_millis() as i64;
+        if (now - send.stamp).abs() > skew {
+            return Err("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute)");
+        }
+        let mut served = lock(&self.served);
+        if served.len() >= SERVED_SENDS / 2 {
+            served.retain(|_, stamp| now - *stamp <= skew);
+        }
+        if served.contains_key(&call) {
+            return Err("a send served before (replayed)");
+        }
+        if served.len() >= SERVED_SENDS {
+            return Err("a send beyond the number this node remembers within a minute");
+        }
+        served.insert(call, send.stamp);
+        Ok(())
+    }
+
+    /// Serves a send another node handed to this one, if it verifies.
     async fn serve_send(self: Arc<Self>, call: i64) {
         let pg = self.pg();
         let send = match pg.take_send(call).await {
@@ -603,6 +966,12 @@ impl Fleet {
                 return;
             }
         };
+        if let Err(what) = self.admit_send(call, &send) {
+            // Nothing is delivered, and nothing is answered: the origin of a real send
+            // that fails here times out.
+            self.rejected.note(what);
+            return;
+        }
         let kind = if send.request {
             SendKind::Request
         } else {
@@ -612,7 +981,13 @@ impl Fleet {
             Err(e) => SendOutcome::Failed("refused".into(), e.to_string()),
             Ok(id) => match self
                 .registry
-                .send_here(&id, kind, send.payload.into(), send.timeout)
+                .send_here_at(
+                    &id,
+                    send.epoch,
+                    kind,
+                    send.payload.clone().into(),
+                    send.timeout,
+                )
                 .await
             {
                 Ok(Some(reply)) => SendOutcome::Answer(reply.status.0, reply.payload.to_vec()),
@@ -628,7 +1003,8 @@ impl Fleet {
                 }
             },
         };
-        if let Err(e) = pg.answer_send(call, &send.origin, &outcome).await {
+        let tag = answer_tag(self.store.fleet_key(), &send, &outcome);
+        if let Err(e) = pg.answer_send(call, &send.origin, &outcome, &tag).await {
             warn!(call, error = %e, "fleet: could not write a send's answer");
         }
     }
@@ -701,13 +1077,13 @@ impl Fleet {
             .await
             .map_err(|e| self.pg().error(e))??;
         info!(keys, changed = gone.len(), "fleet: key index reloaded");
-        for id in gone.iter().filter_map(|id| Id::new(id).ok()) {
-            if self.registry.invalidate(
-                &id,
-                CloseCode::REVOKED,
-                "identity revoked or removed on another node",
-            ) {
-                info!(id = %id, "identity revoked or removed on another node while this node was not listening: session closed");
+        // Sessions made with a key that a verified revocation ended are closed; a key
+        // that is just gone from the database (no revocation says why) leaves its
+        // session alone: the database cannot end a session on its own word.
+        self.apply_revocations().await;
+        for id in gone.iter().filter(|id| !self.store.was_revoked(id)) {
+            if Id::new(id).is_ok_and(|id| self.registry.is_live(&id)) {
+                warn!(id, "fleet: the key of this identity is no longer in the database, and no revocation in the fleet's log says why: its live session is kept, its new handshakes fail (a database writer?)");
             }
         }
         // A session whose claim is gone, or another node's, was taken over unheard. (A
@@ -736,22 +1112,39 @@ impl Fleet {
         test_pause("TALLYD_TEST_PAUSE_BEFORE_REFRESH_MS").await;
         let store = self.store.clone();
         let owned = name.to_owned();
-        let refreshed = tokio::task::spawn_blocking(move || store.refresh(&owned))
-            .await
-            .map_err(|e| self.pg().error(e))
-            .and_then(|r| r);
-        let Ok(id) = Id::new(name) else {
-            return Ok(());
-        };
-        let close = match op {
-            "revoked" => Some((CloseCode::REVOKED, "identity revoked")),
-            "removed" => Some((CloseCode::REMOVED, "identity removed")),
-            _ => None,
-        };
-        if let Some((code, reason)) = close {
-            if self.registry.invalidate(&id, code, reason) {
-                info!(id = %id, "{reason} on another node: session closed");
+        // The revocation log first (a key row it ends is refused by the refresh), then
+        // the row; the row is read even if the log cannot be (it leaves the index if
+        // it cannot be read either).
+        let setting = op == "setting";
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let synced = store.sync_revocations();
+            if setting {
+                return synced.map(|_| true);
             }
+            let refreshed = store.refresh(&owned);
+            synced.and(refreshed)
+        })
+        .await
+        .map_err(|e| self.pg().error(e))
+        .and_then(|r| r);
+        // A notice is a hint: only a revocation verified under the fleet key closes a
+        // session, and only one made with the key it ends.
+        self.apply_revocations().await;
+        if setting {
+            if name == super::OPEN_ENROLLMENT && refreshed.is_ok() {
+                let open = self.store.fleet_setting(super::OPEN_ENROLLMENT) == Some(1);
+                info!(
+                    "fleet: open enrollment is {} for the whole fleet now",
+                    if open { "on" } else { "off" }
+                );
+            }
+            return refreshed.map(|_| ());
+        }
+        if refreshed.is_ok() && matches!(op, "revoked" | "removed") && !self.store.was_revoked(name)
+        {
+            self.rejected.note(
+                "a notice that an identity was revoked or removed, with no revocation of it in the fleet's log that verifies",
+            );
         }
         refreshed.map(|_| ())
     }
@@ -766,24 +1159,21 @@ impl Fleet {
                     let _ = self.identities.send((op.to_owned(), id.to_owned()));
                 }
             }
-            channel::CLOSE => {
-                let (Some(node), Some(epoch), Some(id)) =
-                    (words.next(), words.next(), words.next())
-                else {
-                    return;
-                };
-                let (Ok(epoch), Ok(id)) = (epoch.parse(), Id::new(id)) else {
-                    return;
-                };
-                if node == self.node {
-                    self.registry.close_epoch(
-                        &id,
-                        epoch,
-                        CloseCode::TAKEN_OVER,
-                        "a newer session of this identity took over on another node",
-                    );
+            channel::CLOSE => match Takeover::verified(payload, self.store.fleet_key()) {
+                Some(t) => {
+                    if t.old_node == self.node {
+                        self.registry.close_epoch(
+                            &t.id,
+                            t.old_epoch,
+                            CloseCode::TAKEN_OVER,
+                            "a newer session of this identity took over on another node",
+                        );
+                    }
                 }
-            }
+                None => self
+                    .rejected
+                    .note("a tally_close notice whose tag does not verify"),
+            },
             channel::SEND => {
                 if let (Some(node), Some(Ok(call))) = (words.next(), words.next().map(str::parse)) {
                     if node == self.node {
@@ -796,7 +1186,7 @@ impl Fleet {
                     (words.next(), words.next().map(str::parse::<i64>))
                 {
                     if node == self.node {
-                        if let Some(tx) = self.lock_waiting().remove(&call) {
+                        if let Some(tx) = self.lock_waiting().get(&call) {
                             let _ = tx.send(());
                         }
                     }

@@ -99,7 +99,23 @@ impl std::fmt::Debug for ServerState {
     }
 }
 
+/// The fleet-wide setting of open enrollment, in the fleet's log.
+pub const OPEN_ENROLLMENT: &str = "open_enrollment";
+
 impl ServerState {
+    /// Whether open enrollment is on: in a fleet the fleet's setting (its log: one
+    /// decision for every node, `tallyd open-enrollment`), else this daemon's
+    /// configuration (`open_enrollment`).
+    pub fn open_enrollment(&self) -> bool {
+        match &self.fleet {
+            Some(_) => self
+                .store
+                .fleet_setting(OPEN_ENROLLMENT)
+                .map_or(self.params.allow_open, |v| v != 0),
+            None => self.params.allow_open,
+        }
+    }
+
     /// Opens the state directory (creating keys on first start) and the store.
     pub fn open(
         config: &ServerConfig,
@@ -125,8 +141,12 @@ impl ServerState {
         // A shared store: this daemon is a node of a fleet. It listens for the others'
         // changes before it loads the key index, so that it misses none.
         let fleet = if location.is_shared() {
-            let (fleet, tasks) =
-                fleet::Fleet::join(store.clone(), registry.clone(), config.listen)?;
+            let (fleet, tasks) = fleet::Fleet::join(
+                store.clone(),
+                registry.clone(),
+                config.listen,
+                &config.state_dir,
+            )?;
             Some((fleet, tasks))
         } else {
             None
@@ -134,6 +154,10 @@ impl ServerState {
         // Handshakes look keys up in memory (`Store::cached_key`), never on a blocking pool.
         let keys = store.load_key_index()?;
         tracing::debug!(keys, "identity keys indexed");
+        if let Some((fleet, _)) = &fleet {
+            fleet.check_revocations()?;
+            fleet.settle_open_enrollment(config.open_enrollment)?;
+        }
         let fleet = fleet.map(|(fleet, tasks)| {
             // Stopped once the sessions drained (`run`), with the daemon's other tasks.
             tasks.run(stop.clone());

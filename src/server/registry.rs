@@ -217,6 +217,9 @@ pub struct Entry {
     pub conn: u64,
     /// The epoch of its fleet-wide claim (0 without a fleet).
     pub epoch: u64,
+    /// The generation of the identity key the session was made with (the store's
+    /// enrollment number): a revocation names the generation it ends.
+    pub generation: u64,
     /// The registry's [`Registry::claims_generation`] when the claim was made: if this
     /// node may have lost its claims since, the session is refused.
     pub claimed_in: u64,
@@ -487,6 +490,35 @@ impl Registry {
         live.ask_close(id, code, reason)
     }
 
+    /// In a fleet: the enrollment `generation` of `id` was revoked or removed (a
+    /// revocation the node verified): as [`Registry::invalidate`], but the live session
+    /// is closed only if it was made with that generation's key. Returns whether it was.
+    pub fn invalidate_generation(
+        &self,
+        id: &Id,
+        generation: u64,
+        code: CloseCode,
+        reason: &'static str,
+    ) -> bool {
+        let mut live = self.lock();
+        live.tombstones.insert(id.clone(), Instant::now());
+        match live.sessions.get(id) {
+            Some(e) if e.generation == generation => {
+                e.mailbox.ask_close(code, reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The claim epoch and key generation of `id`'s live session here, if any.
+    pub fn epoch_of(&self, id: &Id) -> Option<(u64, u64)> {
+        self.lock()
+            .sessions
+            .get(id)
+            .map(|e| (e.epoch, e.generation))
+    }
+
     /// In a fleet: `id`'s claims up to `epoch` were superseded (another node took the
     /// identity over from that claim; claim epochs only grow, fleet-wide). Asks the
     /// live session to close if its claim is one of them (a newer session here is left
@@ -656,6 +688,36 @@ impl Registry {
         let mailbox = self
             .mailbox(id)
             .ok_or_else(|| SendError::Offline(id.to_string()))?;
+        Self::send_to(mailbox, kind, payload, timeout).await
+    }
+
+    /// [`Registry::send_here`] to `id`'s session if its claim epoch is `epoch` or older
+    /// (the claim the origin read may be a newer claim of this node that still covers
+    /// the session): a fleet send is bound to the session its origin addressed, never
+    /// to a later one.
+    pub async fn send_here_at(
+        &self,
+        id: &Id,
+        epoch: u64,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, SendError> {
+        let mailbox = match self.lock().sessions.get(id) {
+            Some(e) if e.epoch <= epoch => e.mailbox.clone(),
+            Some(_) => return Err(SendError::SessionEnded),
+            None => return Err(SendError::Offline(id.to_string())),
+        };
+        Self::send_to(mailbox, kind, payload, timeout).await
+    }
+
+    /// Sends to one session's mailbox and waits for the outcome, up to `timeout`.
+    async fn send_to(
+        mailbox: Arc<Mailbox>,
+        kind: SendKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, SendError> {
         let gone = || SendError::SessionEnded;
         let wait = async {
             match kind {

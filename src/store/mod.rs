@@ -21,11 +21,12 @@
 //! [`Store::cached_key`] once [`Store::load_key_index`] has run (the daemon's handshake
 //! path).
 
+pub mod fleet_key;
 pub mod pgconf;
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -95,6 +96,27 @@ pub enum StoreError {
     Postgres {
         /// The server, without its password.
         place: String,
+        /// What failed.
+        message: String,
+    },
+    /// The fleet's log is shorter than a node has seen: rolled back.
+    #[error("the fleet's log (its revocations and settings) holds {found} verified entries without a gap, but this node has verified {seen} (recorded in {file}): entries were deleted, or the database was restored from an older backup, so an identity revoked since could be served again. Restore the lost entries (a newer backup); or, if the restore was deliberate and every identity revoked since that backup has been revoked again (and the fleet's settings set again), delete {file} to accept the database as it is")]
+    RevocationsRolledBack {
+        /// The node's record.
+        file: String,
+        /// What it has verified.
+        seen: u64,
+        /// What the database holds.
+        found: u64,
+    },
+    /// A fleet-wide setting asked of a daemon that is not one of a fleet.
+    #[error("{0} is a setting of a fleet (a PostgreSQL store); this daemon's own is in its configuration file")]
+    NotFleet(String),
+    /// A file of the state directory could not be read or written.
+    #[error("{file}: {message}")]
+    LocalFile {
+        /// The file.
+        file: String,
         /// What failed.
         message: String,
     },
@@ -315,6 +337,93 @@ pub type SealedRow = (Vec<u8>, i64);
 /// An identity's sealed key row: id, generation, sealed key.
 pub type KeyRow = (String, i64, Vec<u8>);
 
+/// An entry of a fleet's revocation log (PostgreSQL): the enrollment `generation` of
+/// `id` was revoked (`kind` `revoked`) or removed (`removed`) at `at`, as the `seq`th
+/// revocation of the fleet; `tag` is its [`fleet_key::Statement::LogEntry`] tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetLogRow {
+    /// Its place in the log: 1, 2, 3, ... without a gap.
+    pub seq: i64,
+    /// The identity.
+    pub id: String,
+    /// The enrollment it ends.
+    pub generation: i64,
+    /// `revoked` or `removed`.
+    pub kind: String,
+    /// When (seconds since the Unix epoch).
+    pub at: i64,
+    /// The fleet key's tag over all of the above.
+    pub tag: Vec<u8>,
+}
+
+impl FleetLogRow {
+    /// A new entry, tagged.
+    pub fn new(
+        key: &fleet_key::FleetKey,
+        seq: i64,
+        id: &str,
+        generation: i64,
+        kind: &str,
+        at: i64,
+    ) -> FleetLogRow {
+        let mut row = FleetLogRow {
+            seq,
+            id: id.to_owned(),
+            generation,
+            kind: kind.to_owned(),
+            at,
+            tag: Vec::new(),
+        };
+        let fields = row.fields();
+        let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+        row.tag = key.tag(fleet_key::Statement::LogEntry, &fields).to_vec();
+        row
+    }
+
+    fn fields(&self) -> [Vec<u8>; 5] {
+        [
+            self.seq.to_be_bytes().to_vec(),
+            self.id.as_bytes().to_vec(),
+            self.generation.to_be_bytes().to_vec(),
+            self.kind.as_bytes().to_vec(),
+            self.at.to_be_bytes().to_vec(),
+        ]
+    }
+
+    /// Whether its tag is the fleet key's.
+    pub fn verifies(&self, key: &fleet_key::FleetKey) -> bool {
+        let fields = self.fields();
+        let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+        key.verify(fleet_key::Statement::LogEntry, &fields, &self.tag)
+    }
+}
+
+/// A verified revocation ([`Store::sync_revocations`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The identity.
+    pub id: String,
+    /// The enrollment it ends.
+    pub generation: u64,
+    /// Removed (else revoked).
+    pub removed: bool,
+}
+
+/// The revocations this process has verified.
+#[derive(Debug, Default)]
+struct Revoked {
+    /// The log is verified without a gap up to this entry.
+    seq: u64,
+    /// Every revoked or removed generation verified (gaps included).
+    generations: HashSet<i64>,
+    /// Revocations verified and not yet taken by the fleet ([`Store::take_revocations`]).
+    unacted: Vec<Revocation>,
+    /// The identities with a verified revocation.
+    ids: HashSet<Box<str>>,
+    /// The fleet-wide settings: name → (the entry that set it, value).
+    settings: HashMap<Box<str>, (i64, i64)>,
+}
+
 /// What a database does for the [`Store`]: rows in, rows out, each method one
 /// transaction. The engine never sees a plaintext secret: sealing and unsealing happen
 /// above it, the same for every engine.
@@ -375,6 +484,17 @@ pub trait Engine: Send + Sync {
     /// After a secret was erased: make sure no copy of it lingers (SQLite's WAL).
     fn scrub(&self) {}
     /// The PostgreSQL engine, for the fleet's coordination (`crate::server::fleet`).
+    /// The entries of the fleet's log after `after`, in order (none for an engine of
+    /// one daemon: it is the only writer of its database).
+    fn fleet_log(&self, _after: u64) -> Result<Vec<FleetLogRow>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Appends a change of a fleet-wide setting to the fleet's log.
+    fn set_fleet_setting(&self, name: &str, _value: i64) -> Result<(), StoreError> {
+        Err(StoreError::NotFleet(name.to_owned()))
+    }
+
     fn postgres(&self) -> Option<&postgres::Postgres> {
         None
     }
@@ -393,6 +513,11 @@ pub struct Store {
     changes: Mutex<()>,
     /// What an unknown or revoked id's lookup unseals (spec 7.5).
     decoy: [u8; SEALED_LEN],
+    /// Authenticates what the nodes of a fleet write for each other.
+    fleet_key: fleet_key::FleetKey,
+    /// The revocations verified: a key row of a revoked generation is never used, even
+    /// if a database writer restores it (docs/CLUSTER.md).
+    revoked: Mutex<Revoked>,
 }
 
 /// The sealed key of every usable identity, and the decoy's, held in memory so that a
@@ -447,10 +572,13 @@ impl Store {
     ) -> Result<Store, StoreError> {
         match location {
             Location::Sqlite(path) => Store::open(path, store_key),
-            Location::Postgres(url) => Store::with_engine(
-                Box::new(postgres::Postgres::connect(url, passwords)?),
-                store_key,
-            ),
+            Location::Postgres(url) => {
+                let fleet_key = fleet_key::FleetKey::derive(&store_key);
+                Store::with_engine(
+                    Box::new(postgres::Postgres::connect(url, fleet_key, passwords)?),
+                    store_key,
+                )
+            }
         }
     }
 
@@ -470,7 +598,124 @@ impl Store {
             index: OnceLock::new(),
             changes: Mutex::new(()),
             decoy: sealed_array(&decoy)?,
+            fleet_key: fleet_key::FleetKey::derive(&store_key),
+            revoked: Mutex::default(),
         })
+    }
+
+    /// The fleet key (derived from the store key).
+    pub fn fleet_key(&self) -> &fleet_key::FleetKey {
+        &self.fleet_key
+    }
+
+    fn revoked(&self) -> std::sync::MutexGuard<'_, Revoked> {
+        self.revoked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a verified revocation ended this generation.
+    fn is_revoked(&self, generation: i64) -> bool {
+        self.revoked().generations.contains(&generation)
+    }
+
+    /// Whether a verified revocation of `id` (of any of its enrollments) is known.
+    pub fn was_revoked(&self, id: &str) -> bool {
+        self.revoked().ids.contains(id)
+    }
+
+    /// How far the revocation log is verified without a gap.
+    pub fn revocations_seen(&self) -> u64 {
+        self.revoked().seq
+    }
+
+    /// Reads the entries of the fleet's revocation log not yet verified, verifies each,
+    /// and remembers the revoked generations: from then on a key row of one of them is
+    /// never used, whatever the database says of it; the new ones wait for
+    /// [`Store::take_revocations`]. Entries that verify are applied even past a gap (a
+    /// revocation is never ignored); a gap, or an entry that does not verify, is
+    /// returned (and logged), and read again next time.
+    pub fn sync_revocations(&self) -> Result<Vec<String>, StoreError> {
+        let after = self.revocations_seen();
+        let rows = self.engine.fleet_log(after)?;
+        let mut tampered = Vec::new();
+        let mut revoked = self.revoked();
+        let mut contiguous = true;
+        for row in rows {
+            if !row.verifies(&self.fleet_key) {
+                tampered.push(format!(
+                    "entry {} (identity {:?}) does not verify: forged or damaged",
+                    row.seq, row.id
+                ));
+                contiguous = false;
+                continue;
+            }
+            if contiguous && row.seq as u64 == revoked.seq + 1 {
+                revoked.seq += 1;
+            } else if contiguous {
+                tampered.push(format!(
+                    "entries {} to {} are missing (deleted)",
+                    revoked.seq + 1,
+                    row.seq - 1
+                ));
+                contiguous = false;
+            }
+            match row.kind.as_str() {
+                "revoked" | "removed" => {
+                    revoked.ids.insert(row.id.as_str().into());
+                    if row.generation >= 0 && revoked.generations.insert(row.generation) {
+                        revoked.unacted.push(Revocation {
+                            id: row.id,
+                            generation: row.generation as u64,
+                            removed: row.kind == "removed",
+                        });
+                    }
+                }
+                // The latest of each setting (entries past a gap are read again).
+                "setting" => {
+                    let newer = revoked
+                        .settings
+                        .get(row.id.as_str())
+                        .is_none_or(|(seq, _)| *seq < row.seq);
+                    if newer {
+                        revoked
+                            .settings
+                            .insert(row.id.into_boxed_str(), (row.seq, row.generation));
+                    }
+                }
+                other => tampered.push(format!(
+                    "entry {} is of a kind this tallyd does not know ({other:?}): a newer \
+                     tallyd wrote it; upgrade this node",
+                    row.seq
+                )),
+            }
+        }
+        drop(revoked);
+        for t in &tampered {
+            tracing::error!(
+                "the fleet's log (revocations and settings) is not as written: {t}; the \
+                 entries that verify are applied, and a restored key row of a revoked \
+                 identity stays refused if this node saw its revocation (docs/CLUSTER.md)"
+            );
+        }
+        Ok(tampered)
+    }
+
+    /// A fleet-wide setting, as the fleet's log last set it (verified), if it did.
+    pub fn fleet_setting(&self, name: &str) -> Option<i64> {
+        self.revoked().settings.get(name).map(|(_, v)| *v)
+    }
+
+    /// Sets a fleet-wide setting: an entry of the fleet's log, tagged under the fleet
+    /// key (every node applies it when it hears of it). Refused without a fleet.
+    pub fn set_fleet_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
+        self.engine.set_fleet_setting(name, value)?;
+        self.sync_revocations()?;
+        Ok(())
+    }
+
+    /// The revocations verified since the last call, for the fleet to close the
+    /// sessions made with their keys.
+    pub fn take_revocations(&self) -> Vec<Revocation> {
+        std::mem::take(&mut self.revoked().unacted)
     }
 
     /// The database engine (the fleet coordinates through PostgreSQL's).
@@ -599,8 +844,10 @@ impl Store {
             return found;
         }
         match self.engine.key(id.as_str())? {
-            Some((generation, sealed)) => self.unseal_key(id, Some(generation), &sealed),
-            None => self.unseal_key(id, None, &self.decoy),
+            Some((generation, sealed)) if !self.is_revoked(generation) => {
+                self.unseal_key(id, Some(generation), &sealed)
+            }
+            _ => self.unseal_key(id, None, &self.decoy),
         }
     }
 
@@ -636,6 +883,21 @@ impl Store {
             key,
             generation: g as u64,
         }))
+    }
+
+    /// Whether a key row may be used: no verified revocation ended its generation (a
+    /// row restored after its revocation is refused), and it opens with the store key.
+    fn usable(&self, id: &str, generation: i64, sealed: &[u8]) -> bool {
+        if self.is_revoked(generation) {
+            tracing::error!(
+                id,
+                generation,
+                "the database holds a key of this identity that was revoked or removed: \
+                 the row was restored (a rollback, or a database writer); it is not used"
+            );
+            return false;
+        }
+        self.key_opens(id, generation, sealed)
     }
 
     /// Whether the sealed key row opens with the store key; logs the identity if not.
@@ -679,12 +941,15 @@ impl Store {
     }
 
     fn read_keys(&self) -> Result<SealedKeys, StoreError> {
+        // The revocations first: a key row they end is left out even if the database
+        // says it is usable.
+        self.sync_revocations()?;
         let rows = self.engine.keys()?;
         // Room to double before a rehash, which would hold the write lock (and every
         // handshake) for a pass over the whole map.
         let mut keys = HashMap::with_capacity(2 * rows.len() + 1024);
         for (id, generation, sealed) in rows {
-            if self.key_opens(&id, generation, &sealed) {
+            if self.usable(&id, generation, &sealed) {
                 keys.insert(id.into_boxed_str(), (generation, sealed_array(&sealed)?));
             }
         }
@@ -732,7 +997,7 @@ impl Store {
             }
         };
         let usable = match &row {
-            Some((generation, sealed)) => self.key_opens(id, *generation, sealed),
+            Some((generation, sealed)) => self.usable(id, *generation, sealed),
             None => false,
         };
         let entry = match row {

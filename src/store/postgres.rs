@@ -18,9 +18,11 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use postgres_openssl::MakeTlsConnector;
 
+use super::fleet_key::FleetKey;
 use super::pgconf::{self, PasswordSources, TlsSettings};
 use super::{
-    redacted, Engine, IdentityRow, KeyRow, SealedRow, StoreError, TokenRow, SCHEMA_VERSION,
+    redacted, Engine, FleetLogRow, IdentityRow, KeyRow, SealedRow, StoreError, TokenRow,
+    SCHEMA_VERSION,
 };
 use crate::proto::frame::{EnrollMode, Id};
 
@@ -84,6 +86,19 @@ const MIGRATIONS: &[&str] = &[r#"
         generation bigint PRIMARY KEY,
         key        bytea NOT NULL
     );
+    -- The fleet's log: every revocation and removal, and every change of a fleet-wide
+    -- setting, in order, each tagged under the fleet key (which the database never
+    -- sees). A node never uses a key row of a generation this log ends, even if a writer
+    -- restores the row, and notices a deleted entry (a gap, or a log shorter than the
+    -- node has seen: its state directory keeps the count).
+    CREATE TABLE fleet_log (
+        seq        bigint PRIMARY KEY,
+        id         text NOT NULL,
+        generation bigint NOT NULL,
+        kind       text NOT NULL,
+        at         bigint NOT NULL,
+        tag        bytea NOT NULL
+    );
     -- The daemons of the fleet, alive while their heartbeat is fresh.
     CREATE UNLOGGED TABLE nodes (
         node      text PRIMARY KEY,
@@ -107,31 +122,37 @@ const MIGRATIONS: &[&str] = &[r#"
     );
     CREATE INDEX sessions_node ON sessions (node);
     -- Server-initiated requests and messages on their way to another node, and back.
+    -- Each send is tagged under the fleet key by its origin, bound to the session (the
+    -- claim's epoch) it is for; each answer by the node that served it.
     CREATE UNLOGGED TABLE sends (
         call       bigint PRIMARY KEY,
         node       text NOT NULL,
         origin     text NOT NULL,
         id         text NOT NULL,
+        epoch      bigint NOT NULL,
         request    boolean NOT NULL,
         payload    bytea NOT NULL,
         timeout_ms bigint NOT NULL,
+        stamp      bigint NOT NULL,
+        tag        bytea NOT NULL,
         created    timestamptz NOT NULL DEFAULT clock_timestamp(),
         done       boolean NOT NULL DEFAULT false,
         status     integer,
         answer     bytea,
-        error      text
+        error      text,
+        answer_tag bytea
     );
     -- Claims `p_id` for `p_node`'s new session (spec 7.3 across the fleet). The holder,
     -- if any, is live if its node's heartbeat is younger than `p_stale_ms` (or, for
     -- `p_node` itself, if `p_self_live`). A live holder refuses with `p_reject`; else it
-    -- is taken over: the epoch grows and its node is told on tally_close. A dead
-    -- holder's claim is taken without a word. Returns the outcome (claimed, took_over,
-    -- refused), the new epoch, the takeovers in a row (each within 60 s of the last),
-    -- and the old holder.
+    -- is taken over: the epoch grows (the taking node tells the old one on tally_close,
+    -- with a tag under the fleet key). A dead holder's claim is taken without a word.
+    -- Returns the outcome (claimed, took_over, refused), the new epoch, the takeovers in
+    -- a row (each within 60 s of the last), and the old holder and its epoch.
     CREATE FUNCTION tally_claim(p_id text, p_node text, p_peer text, p_reject boolean,
                                 p_self_live boolean, p_stale_ms bigint)
     RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
-                   old_peer text)
+                   old_peer text, old_epoch bigint)
     LANGUAGE plpgsql AS $$
     #variable_conflict use_column
     DECLARE
@@ -147,7 +168,7 @@ const MIGRATIONS: &[&str] = &[r#"
                 VALUES (p_id, p_node, nextval('tally_epochs'), now(), p_peer)
                 ON CONFLICT (id) DO NOTHING RETURNING epoch INTO e;
             IF FOUND THEN
-                RETURN QUERY SELECT 'claimed'::text, e, 0, NULL::text, NULL::text;
+                RETURN QUERY SELECT 'claimed'::text, e, 0, NULL::text, NULL::text, NULL::bigint;
                 RETURN;
             END IF;
         END LOOP;
@@ -159,7 +180,8 @@ const MIGRATIONS: &[&str] = &[r#"
             live := coalesce(live, false);
         END IF;
         IF live AND p_reject THEN
-            RETURN QUERY SELECT 'refused'::text, cur.epoch, cur.takeovers, cur.node, cur.peer;
+            RETURN QUERY SELECT 'refused'::text, cur.epoch, cur.takeovers, cur.node, cur.peer,
+                cur.epoch;
             RETURN;
         END IF;
         n := CASE WHEN NOT live THEN 0
@@ -170,11 +192,8 @@ const MIGRATIONS: &[&str] = &[r#"
             peer = p_peer, takeovers = n,
             last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
           WHERE s.id = p_id RETURNING s.epoch INTO e;
-        IF live AND cur.node <> p_node THEN
-            PERFORM pg_notify('tally_close', cur.node || ' ' || cur.epoch || ' ' || p_id);
-        END IF;
         RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
-            e, n, cur.node, cur.peer;
+            e, n, cur.node, cur.peer, cur.epoch;
     END $$;
 "#];
 
@@ -207,6 +226,8 @@ pub struct Postgres {
     place: String,
     /// Statements sent to the database, for the benchmarks' "queries per handshake".
     queries: AtomicU64,
+    /// Tags the revocation log's entries.
+    fleet_key: FleetKey,
     /// The TLS of every connection (`sslmode`...), and its settings for error messages.
     tls: MakeTlsConnector,
     tls_settings: TlsSettings,
@@ -239,6 +260,8 @@ pub struct Claim {
     pub old_node: Option<String>,
     /// Its peer address.
     pub old_peer: Option<String>,
+    /// Its epoch.
+    pub old_epoch: Option<u64>,
 }
 
 /// A session of the fleet, as `tallyd sessions` lists it.
@@ -259,16 +282,26 @@ pub struct FleetSession {
 /// A send waiting in `sends` for the node holding the session.
 #[derive(Debug)]
 pub struct PendingSend {
+    /// Its number: random, chosen by the origin.
+    pub call: i64,
+    /// The node it is for.
+    pub node: String,
     /// The node that asked.
     pub origin: String,
     /// The device.
     pub id: String,
+    /// The claim epoch of the session it is for.
+    pub epoch: u64,
     /// REQUEST (else MESSAGE).
     pub request: bool,
     /// Payload.
     pub payload: Vec<u8>,
     /// How long the origin waits.
     pub timeout: Duration,
+    /// When the origin sent it (its clock, milliseconds since the Unix epoch).
+    pub stamp: i64,
+    /// The origin's tag under the fleet key.
+    pub tag: Vec<u8>,
 }
 
 /// The outcome of a send, as the holding node writes it back.
@@ -282,10 +315,75 @@ pub enum SendOutcome {
     Failed(String, String),
 }
 
+impl SendOutcome {
+    /// Its bytes, as its tag covers them: `0 ‖ u16 status ‖ payload`, `1`, or
+    /// `2 ‖ kind ‖ 0 ‖ why`.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            SendOutcome::Answer(status, payload) => {
+                let mut out = vec![0];
+                out.extend_from_slice(&status.to_be_bytes());
+                out.extend_from_slice(payload);
+                out
+            }
+            SendOutcome::Sent => vec![1],
+            SendOutcome::Failed(kind, why) => {
+                let mut out = vec![2];
+                out.extend_from_slice(kind.as_bytes());
+                out.push(0);
+                out.extend_from_slice(why.as_bytes());
+                out
+            }
+        }
+    }
+}
+
+/// Appends an entry to the fleet's log, in `tx`, after `LOCK TABLE fleet_log` (so that
+/// entries commit in the order of their numbers, with no gap), and announces it on
+/// `tally_identity` (`kind id`): the revocation or removal of `id`'s enrollment
+/// `generation`, or (`setting`) the fleet-wide setting `id` set to `generation`.
+async fn log_entry(
+    tx: &tokio_postgres::Transaction<'_>,
+    key: &FleetKey,
+    id: &str,
+    generation: i64,
+    kind: &str,
+    at: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let seq: i64 = tx
+        .query_one("SELECT coalesce(max(seq), 0) + 1 FROM fleet_log", &[])
+        .await?
+        .get(0);
+    let row = FleetLogRow::new(key, seq, id, generation, kind, at);
+    tx.execute(
+        "INSERT INTO fleet_log (seq, id, generation, kind, at, tag) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &row.seq,
+            &row.id,
+            &row.generation,
+            &row.kind,
+            &row.at,
+            &row.tag,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "SELECT pg_notify('tally_identity', $1 || ' ' || $2)",
+        &[&kind, &id],
+    )
+    .await?;
+    Ok(())
+}
+
 impl Postgres {
     /// Connects to the database at `url` and brings its schema to [`SCHEMA_VERSION`].
     /// TLS as its `sslmode` says, the password from the URL or `passwords` ([`pgconf`]).
-    pub fn connect(url: &str, passwords: PasswordSources<'_>) -> Result<Postgres, StoreError> {
+    pub fn connect(
+        url: &str,
+        fleet_key: FleetKey,
+        passwords: PasswordSources<'_>,
+    ) -> Result<Postgres, StoreError> {
         let place = redacted(url);
         let fail = |message: String| StoreError::Postgres {
             place: place.clone(),
@@ -348,6 +446,7 @@ impl Postgres {
             runtime: Some(runtime),
             place,
             queries: AtomicU64::new(0),
+            fleet_key,
             tls,
             tls_settings,
         };
@@ -560,7 +659,19 @@ impl Postgres {
             in_a_row: row.get::<_, i32>(2) as u32,
             old_node: row.get(3),
             old_peer: row.get(4),
+            old_epoch: row.get::<_, Option<i64>>(5).map(|e| e as u64),
         })
+    }
+
+    /// Tells the other nodes of a takeover (`tally_close`): `payload` carries its tag.
+    pub async fn notify_takeover(&self, payload: &str) -> Result<(), StoreError> {
+        self.count_queries(1);
+        self.client()
+            .await?
+            .execute("SELECT pg_notify('tally_close', $1)", &[&payload])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
     }
 
     /// Releases `node`'s claim of `id` with `epoch`, if it still holds it.
@@ -608,21 +719,25 @@ impl Postgres {
             .collect())
     }
 
-    /// The live node holding `id`'s session, if any.
-    pub async fn holder(&self, id: &str, stale: Duration) -> Result<Option<String>, StoreError> {
+    /// The live node holding `id`'s session, if any, and its claim's epoch.
+    pub async fn holder(
+        &self,
+        id: &str,
+        stale: Duration,
+    ) -> Result<Option<(String, u64)>, StoreError> {
         self.count_queries(1);
         let ms = stale.as_millis() as i64;
         let row = self
             .client()
             .await?
             .query_opt(
-                "SELECT s.node FROM sessions s JOIN nodes n ON n.node = s.node WHERE s.id = $1 \
+                "SELECT s.node, s.epoch FROM sessions s JOIN nodes n ON n.node = s.node WHERE s.id = $1 \
                  AND n.heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
                 &[&id, &ms],
             )
             .await
             .map_err(|e| self.error(e))?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
     }
 
     /// Every claim of a live node, ordered by id.
@@ -653,30 +768,29 @@ impl Postgres {
             .collect())
     }
 
-    /// Hands a send to `node` (it is told on tally_send), as call number `call`.
-    pub async fn put_send(
-        &self,
-        call: i64,
-        node: &str,
-        origin: &str,
-        send: &PendingSend,
-    ) -> Result<(), StoreError> {
+    /// Hands a send to its node (it is told on tally_send).
+    pub async fn put_send(&self, send: &PendingSend) -> Result<(), StoreError> {
         self.count_queries(1);
         let ms = send.timeout.as_millis().min(i64::MAX as u128) as i64;
+        let epoch = send.epoch as i64;
         self.client()
             .await?
             .execute(
-                "WITH ins AS (INSERT INTO sends (call, node, origin, id, request, payload, \
-                 timeout_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING call) \
+                "WITH ins AS (INSERT INTO sends (call, node, origin, id, epoch, request, \
+                 payload, timeout_ms, stamp, tag) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING call) \
                  SELECT pg_notify('tally_send', $2 || ' ' || call) FROM ins",
                 &[
-                    &call,
-                    &node,
-                    &origin,
+                    &send.call,
+                    &send.node,
+                    &send.origin,
                     &send.id,
+                    &epoch,
                     &send.request,
                     &send.payload,
                     &ms,
+                    &send.stamp,
+                    &send.tag,
                 ],
             )
             .await
@@ -684,34 +798,41 @@ impl Postgres {
         Ok(())
     }
 
-    /// The send `call`, for the node that holds its device's session.
+    /// The send `call`, for the node that holds its device's session (which verifies
+    /// it before anything else).
     pub async fn take_send(&self, call: i64) -> Result<Option<PendingSend>, StoreError> {
         self.count_queries(1);
         let row = self
             .client()
             .await?
             .query_opt(
-                "SELECT origin, id, request, payload, timeout_ms FROM sends \
-                 WHERE call = $1 AND NOT done",
+                "SELECT call, node, origin, id, epoch, request, payload, timeout_ms, stamp, tag \
+                 FROM sends WHERE call = $1 AND NOT done",
                 &[&call],
             )
             .await
             .map_err(|e| self.error(e))?;
         Ok(row.map(|r| PendingSend {
-            origin: r.get(0),
-            id: r.get(1),
-            request: r.get(2),
-            payload: r.get(3),
-            timeout: Duration::from_millis(r.get::<_, i64>(4).max(0) as u64),
+            call: r.get(0),
+            node: r.get(1),
+            origin: r.get(2),
+            id: r.get(3),
+            epoch: r.get::<_, i64>(4) as u64,
+            request: r.get(5),
+            payload: r.get(6),
+            timeout: Duration::from_millis(r.get::<_, i64>(7).max(0) as u64),
+            stamp: r.get(8),
+            tag: r.get(9),
         }))
     }
 
-    /// Writes the outcome of `call` and tells `origin` (tally_result).
+    /// Writes the outcome of `call`, with its tag, and tells `origin` (tally_result).
     pub async fn answer_send(
         &self,
         call: i64,
         origin: &str,
         outcome: &SendOutcome,
+        tag: &[u8],
     ) -> Result<(), StoreError> {
         let (status, answer, error): (Option<i32>, Option<&[u8]>, Option<String>) = match outcome {
             SendOutcome::Answer(s, p) => (Some(i32::from(*s)), Some(p), None),
@@ -722,26 +843,33 @@ impl Postgres {
         self.client()
             .await?
             .execute(
-                "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4 \
-                 WHERE call = $1 RETURNING call) \
+                "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4, \
+                 answer_tag = $6 WHERE call = $1 RETURNING call) \
                  SELECT pg_notify('tally_result', $5 || ' ' || call) FROM up",
-                &[&call, &status, &answer, &error, &origin],
+                &[&call, &status, &answer, &error, &origin, &tag],
             )
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
     }
 
-    /// Deletes `call`, returning its outcome if it was answered.
-    pub async fn finish_send(&self, call: i64) -> Result<Option<SendOutcome>, StoreError> {
+    /// The outcome of `call` and its tag, if it was answered (`delete`: and the row is
+    /// deleted, answered or not).
+    pub async fn send_outcome(
+        &self,
+        call: i64,
+        delete: bool,
+    ) -> Result<Option<(SendOutcome, Vec<u8>)>, StoreError> {
         self.count_queries(1);
+        let sql = if delete {
+            "DELETE FROM sends WHERE call = $1 RETURNING done, status, answer, error, answer_tag"
+        } else {
+            "SELECT done, status, answer, error, answer_tag FROM sends WHERE call = $1"
+        };
         let row = self
             .client()
             .await?
-            .query_opt(
-                "DELETE FROM sends WHERE call = $1 RETURNING done, status, answer, error",
-                &[&call],
-            )
+            .query_opt(sql, &[&call])
             .await
             .map_err(|e| self.error(e))?;
         let Some(r) = row else { return Ok(None) };
@@ -751,14 +879,19 @@ impl Postgres {
         let status: Option<i32> = r.get(1);
         let answer: Option<Vec<u8>> = r.get(2);
         let error: Option<String> = r.get(3);
-        Ok(Some(match (status, error) {
+        let tag: Option<Vec<u8>> = r.get(4);
+        let outcome = match (status, error) {
             (_, Some(e)) => {
                 let (kind, why) = e.split_once(' ').unwrap_or((&e, ""));
                 SendOutcome::Failed(kind.to_owned(), why.to_owned())
             }
-            (Some(s), None) => SendOutcome::Answer(s as u16, answer.unwrap_or_default()),
+            (Some(s), None) => SendOutcome::Answer(
+                u16::try_from(s).unwrap_or(u16::MAX),
+                answer.unwrap_or_default(),
+            ),
             (None, None) => SendOutcome::Sent,
-        }))
+        };
+        Ok(Some((outcome, tag.unwrap_or_default())))
     }
 
     /// One query of the identity store, outside a transaction.
@@ -1016,23 +1149,24 @@ impl Engine for Postgres {
     }
 
     fn revoke(&self, id: &str, at: i64) -> Result<Option<bool>, StoreError> {
-        self.count_queries(3);
+        self.count_queries(6);
+        let key = &self.fleet_key;
         transaction!(self, |tx, e| {
-            let n = tx
-                .execute(
+            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
+                .await
+                .map_err(e)?;
+            let revoked = tx
+                .query_opt(
                     "UPDATE identities SET revoked = $2, key = NULL \
-                         WHERE id = $1 AND revoked IS NULL",
+                         WHERE id = $1 AND revoked IS NULL RETURNING generation",
                     &[&id, &at],
                 )
                 .await
                 .map_err(e)?;
-            if n == 1 {
-                tx.execute(
-                    "SELECT pg_notify('tally_identity', 'revoked ' || $1)",
-                    &[&id],
-                )
-                .await
-                .map_err(e)?;
+            if let Some(row) = revoked {
+                log_entry(&tx, key, id, row.get(0), "revoked", at)
+                    .await
+                    .map_err(e)?;
                 return Ok(Some(true));
             }
             let exists = tx
@@ -1045,22 +1179,62 @@ impl Engine for Postgres {
     }
 
     fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        self.count_queries(2);
+        self.count_queries(5);
+        let key = &self.fleet_key;
+        let at = super::now();
         transaction!(self, |tx, e| {
-            let n = tx
-                .execute("DELETE FROM identities WHERE id = $1", &[&id])
+            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
                 .await
                 .map_err(e)?;
-            if n == 1 {
-                tx.execute(
-                    "SELECT pg_notify('tally_identity', 'removed ' || $1)",
+            let removed = tx
+                .query_opt(
+                    "DELETE FROM identities WHERE id = $1 RETURNING generation",
                     &[&id],
                 )
                 .await
                 .map_err(e)?;
+            if let Some(row) = &removed {
+                log_entry(&tx, key, id, row.get(0), "removed", at)
+                    .await
+                    .map_err(e)?;
             }
-            Ok(n == 1)
+            Ok(removed.is_some())
         })
+    }
+
+    fn set_fleet_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
+        self.count_queries(4);
+        let key = &self.fleet_key;
+        let at = super::now();
+        transaction!(self, |tx, e| {
+            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
+                .await
+                .map_err(e)?;
+            log_entry(&tx, key, name, value, "setting", at)
+                .await
+                .map_err(e)?;
+            Ok(())
+        })
+    }
+
+    fn fleet_log(&self, after: u64) -> Result<Vec<FleetLogRow>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        Ok(self
+            .query(
+                "SELECT seq, id, generation, kind, at, tag FROM fleet_log WHERE seq > $1 \
+                 ORDER BY seq",
+                &[&after],
+            )?
+            .iter()
+            .map(|r| FleetLogRow {
+                seq: r.get(0),
+                id: r.get(1),
+                generation: r.get(2),
+                kind: r.get(3),
+                at: r.get(4),
+                tag: r.get(5),
+            })
+            .collect())
     }
 
     fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {

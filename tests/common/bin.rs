@@ -17,6 +17,7 @@ pub const TALLYD_SUBCOMMANDS: &[&str] = &[
     "status",
     "sessions",
     "send",
+    "open-enrollment",
 ];
 
 pub struct Daemon {
