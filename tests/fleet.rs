@@ -1378,3 +1378,63 @@ fn open_enrollment_is_decided_once_for_the_fleet() {
     let out = enroll_open(&f, 1, "open-3");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_burst_of_sends_through_another_node_is_capped_at_the_device() {
+    // Issue 26: 120 sends injected into the database ran 120 handlers at once under
+    // `tally listen --exec`. Through the fleet (authenticated sends from node 1 to a
+    // device on node 0), the session still holds at most
+    // limits.server_requests_in_flight (here 8) unanswered, and the others are refused
+    // at once, saying why, back through the database.
+    let Some(f) = Fleet::start_with(
+        "fleet: send burst",
+        2,
+        "replace",
+        &[],
+        "[limits]\nserver_requests_in_flight = 8\n",
+    ) else {
+        return;
+    };
+    let cred = f.enroll(0, "burst-1");
+    let started = f.root.path().join("started");
+    // The handler never answers while the test runs.
+    let exec = format!("echo >> {}; sleep 600", started.display());
+    let (_device, lines) = bin::listen(&["--exec", &exec, "--max-handlers", "64"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as burst-1");
+    f.await_sessions(1, &[("burst-1", 0)], 10);
+    const BURST: usize = 20;
+    let sends: Vec<_> = (0..BURST)
+        .map(|i| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+            cmd.arg("--state-dir")
+                .arg(&f.nodes[1].dir)
+                .args(["send", "burst-1", "--request", "--timeout", "5"])
+                .arg(format!("burst {i}"));
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = sends
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let refused = outs
+        .iter()
+        .filter(|o| text(&o.stderr).contains("limits.server_requests_in_flight"))
+        .count();
+    assert!(outs.iter().all(|o| !o.status.success()));
+    assert_eq!(
+        refused,
+        BURST - 8,
+        "{:?}",
+        outs.iter().map(|o| text(&o.stderr)).collect::<Vec<_>>()
+    );
+    let handlers = std::fs::read_to_string(&started).unwrap_or_default();
+    assert_eq!(
+        handlers.lines().count(),
+        8,
+        "handlers started at the device"
+    );
+}
