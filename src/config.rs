@@ -353,13 +353,24 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// The address to listen on when neither the configuration file nor `--listen` says:
+/// `$TALLYD_LISTEN` if set (containers, and running two daemons side by side), else
+/// [`DEFAULT_LISTEN`]. A value that is not an address is refused by
+/// [`ServerConfig::validate`].
+pub fn default_listen() -> SocketAddr {
+    std::env::var("TALLYD_LISTEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid address"))
+}
+
 /// The default TCP address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: DEFAULT_LISTEN.parse().expect("valid address"),
+            listen: default_listen(),
             state_dir: default_state_dir(),
             open_enrollment: true,
             takeover: TakeoverPolicy::Replace,
@@ -435,6 +446,14 @@ impl ServerConfig {
 
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Ok(v) = std::env::var("TALLYD_LISTEN") {
+            if v.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "TALLYD_LISTEN",
+                    reason: format!("{v:?} is not an address to listen on (e.g. 127.0.0.1:7420)"),
+                });
+            }
+        }
         crate::logging::check_level(&self.log_level).map_err(|reason| ConfigError::Invalid {
             field: "log_level",
             reason,

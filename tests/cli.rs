@@ -342,7 +342,20 @@ fn the_readme_walkthrough_runs_top_to_bottom_as_written() {
         return;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    // Not the README's 127.0.0.1:7420: the daemon of the README's first command may be
+    // running there (issue 27). Its commands name no address but in their output, and
+    // the stand-in cargo below points both binaries' defaults at this one.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let readme = std::fs::read_to_string(root.join("README.md"))
+        .unwrap()
+        .replace("127.0.0.1:7420", &addr);
+    // The README's own address is held meanwhile (when free): a step that still used it
+    // fails here as it would beside a reader's running daemon.
+    let _default_port = std::net::TcpListener::bind(tally::config::DEFAULT_LISTEN).ok();
     let steps = walkthrough(&readme);
     assert!(
         steps.len() >= 10,
@@ -361,6 +374,7 @@ fn the_readme_walkthrough_runs_top_to_bottom_as_written() {
         format!(
             r#"#!/bin/sh
 # Stands in for `cargo run [-q] --features cli --bin NAME [-- ARGS]` (tests/cli.rs).
+export TALLYD_LISTEN={addr} TALLY_SERVER={addr}
 [ "$1" = run ] || {{ echo "stand-in cargo: only 'cargo run', not: $*" >&2; exit 2; }}
 shift; bin=
 while [ $# -gt 0 ]; do
@@ -374,7 +388,7 @@ while [ $# -gt 0 ]; do
 done
 exec "{}/$bin" "$@"
 "#,
-            exe_dir.display()
+            exe_dir.display(),
         ),
     )
     .unwrap();
@@ -634,13 +648,18 @@ impl BackgroundProcess {
 
     fn wait_for_stderr(&mut self, part: &str, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = String::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
                 Ok(l) if l.contains(part) => return,
-                Ok(_) => {}
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                }
+                // Its stderr ended (it exited), or the time is up: say what it said.
                 Err(_) => panic!(
-                    "`{what}` did not log {part:?} within 20 s (exit: {:?})",
+                    "`{what}` did not log {part:?} within 20 s (exit: {:?}); its stderr:\n{seen}",
                     self.child.try_wait()
                 ),
             }

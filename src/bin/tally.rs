@@ -39,7 +39,7 @@ enum Command {
         #[arg(long)]
         id: String,
         /// Server address.
-        #[arg(long, default_value = "127.0.0.1:7420")]
+        #[arg(long, env = "TALLY_SERVER", default_value = "127.0.0.1:7420")]
         server: String,
         /// Where to write the credential.
         #[arg(long, default_value = "tally.cred")]
@@ -150,7 +150,7 @@ struct BenchArgs {
     #[arg(long, value_enum, default_value = "throughput")]
     mode: tally::bench::Mode,
     /// tallyd address.
-    #[arg(long, default_value = "127.0.0.1:7420")]
+    #[arg(long, env = "TALLY_SERVER", default_value = "127.0.0.1:7420")]
     server: String,
     /// Enrollment token, to enroll the bench identities missing from --cred-dir.
     #[arg(long, env = "TALLY_TOKEN", hide_env_values = true)]

@@ -125,7 +125,8 @@ enum OnOff {
 
 #[derive(Args, Default, Clone)]
 struct ServeArgs {
-    /// Address to listen on, unless systemd passes a socket [default: 127.0.0.1:7420].
+    /// Address to listen on, unless systemd passes a socket [default: $TALLYD_LISTEN, else
+    /// 127.0.0.1:7420].
     #[arg(long, global = true)]
     listen: Option<std::net::SocketAddr>,
     /// Log filter: error, warn, info, debug, trace [default: info; RUST_LOG overrides].

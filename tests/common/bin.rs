@@ -74,9 +74,15 @@ pub fn start_cmd(mut cmd: Command, first_start: bool) -> (Daemon, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut startup_log = Vec::new();
     let addr = loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("tallyd logs its address");
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            // It exited (its stderr ended) or hangs: what it said is the reason.
+            let status = child.try_wait();
+            let _ = child.kill();
+            panic!(
+                "tallyd did not log its address within 20 s (exit: {status:?}); its stderr:\n{}",
+                startup_log.join("\n")
+            );
+        };
         assert!(
             !line.contains('\x1b'),
             "no colour codes when stderr is not a terminal: {line:?}"
