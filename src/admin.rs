@@ -91,15 +91,31 @@ pub fn open_token(
     state_dir: &Path,
     creds: Option<&Path>,
     rotate: bool,
-) -> Result<Zeroizing<String>, AdminError> {
+) -> Result<OpenToken, AdminError> {
     match via_daemon(state_dir, &ControlRequest::OpenToken { rotate })? {
-        Some(ControlResponse::Token { token, .. }) => Ok(Zeroizing::new(token)),
+        Some(ControlResponse::Token { token, open, .. }) => Ok(OpenToken {
+            token: Zeroizing::new(token),
+            open,
+        }),
         Some(other) => Err(unexpected(state_dir, other)),
         None => {
             let (s, store) = open_store(state_dir, creds)?;
-            open_token_in(&store, server_static(&s), rotate)
+            Ok(OpenToken {
+                token: open_token_in(&store, server_static(&s), rotate)?,
+                open: None,
+            })
         }
     }
+}
+
+/// The open token, and whether the running daemon accepts it (`None`: no daemon
+/// answered, its configuration decides).
+#[derive(Debug)]
+pub struct OpenToken {
+    /// The token text (a secret).
+    pub token: Zeroizing<String>,
+    /// Whether open enrollment is on in the running daemon (or its fleet).
+    pub open: Option<bool>,
 }
 
 /// [`open_token`] on an open store, with the server's public key (what the daemon does
@@ -133,6 +149,8 @@ pub struct IssuedToken {
     pub token: Zeroizing<String>,
     /// When it expires (seconds since the Unix epoch).
     pub expires: i64,
+    /// It replaced a token issued for the id before (which no longer works).
+    pub replaced: bool,
 }
 
 /// Issues a single-use token that can enroll only `id`, valid for `lifetime`; a token
@@ -152,9 +170,12 @@ pub fn issue_token(
         Some(ControlResponse::Token {
             token,
             expires: Some(expires),
+            replaced,
+            ..
         }) => Ok(IssuedToken {
             token: Zeroizing::new(token),
             expires,
+            replaced,
         }),
         Some(other) => Err(unexpected(state_dir, other)),
         None => {
@@ -184,6 +205,7 @@ pub fn issue_token_in(
     let id = Id::new(id)?;
     check_lifetime(lifetime)?;
     let expires = crate::store::now() + lifetime.as_secs() as i64;
+    let replaced = store.tokens()?.iter().any(|t| t.id == id.as_str());
     let credential = match store.issue_token(&id, expires) {
         Err(crate::store::StoreError::Taken(_)) => {
             return Err(AdminError::Invalid(format!(
@@ -200,6 +222,7 @@ pub fn issue_token_in(
         }
         .encode(),
         expires,
+        replaced,
     })
 }
 
@@ -653,7 +676,7 @@ mod tests {
         let store = crate::store::Location::Sqlite(dir.path().join(DB_FILE));
         assert!(init(dir.path(), None, &store, None).unwrap());
         assert!(!init(dir.path(), None, &store, None).unwrap());
-        let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
+        let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
         let day = Duration::from_secs(86_400);
         let per = issue_token(dir.path(), None, "dev-1", day).unwrap();
         let per = EnrollmentToken::parse(&per.token).unwrap();
@@ -663,9 +686,9 @@ mod tests {
         assert!(!open.credential.ct_eq(&per.credential));
         assert!(issue_token(dir.path(), None, "bad id", day).is_err());
         assert!(issue_token(dir.path(), None, "dev-2", Duration::ZERO).is_err());
-        let rotated = EnrollmentToken::parse(&open_token(dir.path(), None, true).unwrap()).unwrap();
+        let rotated = EnrollmentToken::parse(&open_token(dir.path(), None, true).unwrap().token).unwrap();
         assert!(!rotated.credential.ct_eq(&open.credential));
-        let again = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap()).unwrap();
+        let again = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
         assert!(again.credential.ct_eq(&rotated.credential));
         assert_eq!(token_rows(dir.path(), None).unwrap().len(), 1);
         assert!(tokens(dir.path(), None, Format::Table)

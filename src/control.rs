@@ -137,6 +137,12 @@ pub enum ControlResponse {
         token: String,
         /// When it expires (seconds since the Unix epoch); `None` for the open token.
         expires: Option<i64>,
+        /// A per-identity token: it replaced one issued for the id before.
+        #[serde(default)]
+        replaced: bool,
+        /// The open token: whether open enrollment is on (the token enrolls).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        open: Option<bool>,
     },
     /// Whether an outstanding token was withdrawn.
     TokenRevoked {
@@ -349,6 +355,17 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                         },
                     }
                 }
+                // The open token: and whether it enrolls here now.
+                Ok(Ok(ControlResponse::Token {
+                    token,
+                    expires: None,
+                    ..
+                })) => ControlResponse::Token {
+                    token,
+                    expires: None,
+                    replaced: false,
+                    open: Some(state.open_enrollment()),
+                },
                 Ok(Ok(response)) => response,
                 Ok(Err(e)) => ControlResponse::Error {
                     message: e.to_string(),
@@ -451,6 +468,8 @@ fn store_request(
             ControlResponse::Token {
                 token: token.to_string(),
                 expires: None,
+                replaced: false,
+                open: None,
             }
         }
         ControlRequest::IssueToken { id, lifetime_secs } => {
@@ -460,6 +479,8 @@ fn store_request(
             ControlResponse::Token {
                 token: issued.token.to_string(),
                 expires: Some(issued.expires),
+                replaced: issued.replaced,
+                open: None,
             }
         }
         ControlRequest::RevokeToken { id } => {

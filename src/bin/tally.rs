@@ -10,7 +10,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use tally::client::{self, Client, ClientOptions, Incoming, LinkEvent};
 use tally::proto::credential::{Credential, EnrollmentToken};
-use tally::proto::{Id, Status};
+use tally::proto::frame::EnrollMode;
+use tally::proto::{ErrorCode, Id, Status};
 
 /// Tally client: authenticated requests to a tallyd server.
 #[derive(Parser)]
@@ -751,7 +752,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.display()
                 );
             }
-            let cred = client::enroll(&server, &token, id, Duration::from_secs(10)).await?;
+            let what = format!("enrollment of {id} at {server}");
+            let mode = token.mode;
+            let cred = match client::enroll(&server, &token, id, Duration::from_secs(10)).await {
+                Ok(cred) => cred,
+                // The server says no more than "refused" (spec 7.5); what kind of token
+                // this was narrows down why.
+                Err(client::ClientError::Refused(code)) if code == ErrorCode::ENROLL_REFUSED => {
+                    let why = match mode {
+                        EnrollMode::Open => "this open token does not enroll here: this server does not accept open enrollment (open_enrollment = false, or `tallyd open-enrollment off` in a fleet: ask for a token of your own, `tallyd token --id`), or the open token was replaced since (`tallyd token --rotate-open`), or it is another server's token (check --server)",
+                        EnrollMode::Token => "this per-identity token does not enroll this id here: it is single use (already used?), it expires (3 days by default), it may have been withdrawn or replaced by a newer one, it enrolls only the id it was issued for (check --id), or it is another server's (check --server); `tallyd tokens` on the server lists the tokens outstanding",
+                    };
+                    bail!("{what}: refused by the server ({code}): {why}");
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(what)),
+            };
             write_credential(&out, &cred, force)?;
             eprintln!(
                 "enrolled {} at {}; credential written to {}",

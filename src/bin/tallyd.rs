@@ -318,8 +318,13 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             let lifetime = expires.unwrap_or(admin::DEFAULT_TOKEN_LIFETIME);
             let issued = admin::issue_token(dir, creds.as_deref(), &id, lifetime)?;
             println!("{}", *issued.token);
+            let replaced = if issued.replaced {
+                format!("; the token issued for {id} before no longer works")
+            } else {
+                String::new()
+            };
             eprintln!(
-                "token for {id}: single use, valid until {} UTC; a token issued for {id} before no longer works",
+                "token for {id}: single use, valid until {} UTC{replaced}",
                 admin::format_time(issued.expires)
             );
         }
@@ -333,13 +338,16 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Token { rotate_open, .. } => {
-            let token = admin::open_token(dir, creds.as_deref(), rotate_open)?;
-            println!("{}", *token);
+            let open = admin::open_token(dir, creds.as_deref(), rotate_open)?;
+            println!("{}", *open.token);
             if rotate_open {
                 eprintln!("open token rotated: the previous open token no longer enrolls anything");
             }
-            if !config.open_enrollment {
-                eprintln!("note: open enrollment is off in this configuration (open_enrollment = false): this token is refused until it is turned on");
+            match open.open {
+                Some(false) if store.is_shared() => eprintln!("warning: open enrollment is off for this fleet: devices are refused with this token until `tallyd open-enrollment on`; issue per-identity tokens instead (`tallyd token --id DEVICE-ID`)"),
+                Some(false) => eprintln!("warning: open enrollment is off in the running tallyd (open_enrollment = false, or --no-open-enrollment): devices are refused with this token; issue per-identity tokens instead (`tallyd token --id DEVICE-ID`)"),
+                None if !config.open_enrollment => eprintln!("warning: open enrollment is off in this configuration (open_enrollment = false): devices are refused with this token; issue per-identity tokens instead (`tallyd token --id DEVICE-ID`)"),
+                _ => {}
             }
         }
         Command::Tokens { json } => {

@@ -88,8 +88,9 @@ pub enum ClientError {
     /// The connection failed.
     #[error("connection error: {0}")]
     Io(Arc<io::Error>),
-    /// The server refused with an (unauthenticated) ERROR frame.
-    #[error("refused by the server: {0}")]
+    /// The server refused with an (unauthenticated) ERROR frame. Its message says what
+    /// the code can mean and what to check ([`refusal_hint`]).
+    #[error("refused by the server: {0}: {hint}", hint = refusal_hint(*.0))]
     Refused(ErrorCode),
     /// The server did not prove it holds this identity's key.
     #[error("the server did not authenticate: the identity is unknown or revoked, the key is wrong, or this is not the right server")]
@@ -174,6 +175,23 @@ fn other_protocol(bytes: &[u8]) -> Option<String> {
 impl From<io::Error> for ClientError {
     fn from(e: io::Error) -> Self {
         ClientError::Io(Arc::new(e))
+    }
+}
+
+/// What a refusal can mean, and what to check: every possible cause, since the server
+/// does not say which (spec 7.5 and 13.10: a stranger learns nothing from a refusal).
+pub fn refusal_hint(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::ENROLL_REFUSED => "the enrollment token did not verify here: it is mistyped, already used, expired or withdrawn (a per-identity token enrolls one id, once: check --id), or it is the open token and this server does not accept open enrollment, or it was issued by another server (check --server); the operator's `tallyd tokens` lists the tokens outstanding, and its log says which",
+        ErrorCode::ID_TAKEN => "this id is enrolled already: enroll with another id, or ask the operator to `tallyd remove` it first (to replace a device)",
+        ErrorCode::AUTH_FAILED => "the identity is unknown or revoked, the key is wrong, or this is not the right server",
+        ErrorCode::BUSY => "the server is at one of its limits (connections, handshakes or enrollments in progress, or it is cut off from its fleet's database): try again later",
+        ErrorCode::TAKEOVER_REFUSED => "this identity has a live session already and the server keeps the first one (takeover = \"reject\"): another device or process is using this credential",
+        ErrorCode::TIMEOUT => "the handshake took longer than the server allows: a slow or lossy link",
+        ErrorCode::INTERNAL => "the server failed (its store): try again later; its log says why",
+        ErrorCode::UNSUPPORTED_VERSION => "the server speaks another version of the protocol: upgrade the older side",
+        ErrorCode::MALFORMED => "the server could not read what this client sent: another protocol, or a bug on one side",
+        _ => "a code this client does not know (a newer server)",
     }
 }
 
