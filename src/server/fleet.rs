@@ -1271,7 +1271,21 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
                 continue;
             }
         };
-        match beat {
+        if let Ok(Ok(beat)) = &beat {
+            for dead in &beat.dead {
+                warn!(
+                    node = dead.node,
+                    addr = dead.addr,
+                    claims_freed = dead.claims,
+                    "fleet: declared node {} ({}) dead: no heartbeat for {:.1} s; session claims it held, now free: {} (their devices are served by whichever node they reach)",
+                    dead.node,
+                    dead.addr,
+                    dead.silent.as_secs_f64(),
+                    dead.claims
+                );
+            }
+        }
+        match beat.map(|b| b.map(|b| b.alive)) {
             Ok(Ok(true)) => {
                 last_ok = sent;
                 if fleet.registry.unfence() {

@@ -264,6 +264,28 @@ pub struct Claim {
     pub old_epoch: Option<u64>,
 }
 
+/// What a heartbeat found.
+#[derive(Debug)]
+pub struct Heartbeat {
+    /// This node's row was there (else another node declared it dead).
+    pub alive: bool,
+    /// The nodes this heartbeat declared dead (their heartbeat was stale).
+    pub dead: Vec<DeadNode>,
+}
+
+/// A node declared dead.
+#[derive(Debug)]
+pub struct DeadNode {
+    /// Its name.
+    pub node: String,
+    /// Its listening address.
+    pub addr: String,
+    /// How long since its last heartbeat.
+    pub silent: Duration,
+    /// The claims (sessions) it held, freed with it.
+    pub claims: u64,
+}
+
 /// A session of the fleet, as `tallyd sessions` lists it.
 #[derive(Debug, Clone)]
 pub struct FleetSession {
@@ -591,7 +613,7 @@ impl Postgres {
     /// Renews `node`'s heartbeat and deletes the nodes (and so their claims) whose
     /// heartbeat is older than `stale`, and sends nobody picked up. Returns false if
     /// `node` itself was gone (declared dead by another node: its claims are gone).
-    pub async fn heartbeat(&self, node: &str, stale: Duration) -> Result<bool, StoreError> {
+    pub async fn heartbeat(&self, node: &str, stale: Duration) -> Result<Heartbeat, StoreError> {
         let c = self.client().await?;
         let e = |e| self.error(e);
         self.count_queries(3);
@@ -603,12 +625,26 @@ impl Postgres {
             .await
             .map_err(e)?;
         let ms = stale.as_millis() as i64;
-        c.execute(
-            "DELETE FROM nodes WHERE heartbeat < clock_timestamp() - $1::bigint * interval '1 millisecond'",
-            &[&ms],
-        )
-        .await
-        .map_err(e)?;
+        // The claims are counted before they go with their node (the cascade runs at
+        // the end of the statement).
+        let dead = c
+            .query(
+                "DELETE FROM nodes n WHERE heartbeat < clock_timestamp() - $1::bigint * interval '1 millisecond' \
+                 RETURNING node, addr, \
+                   (extract(epoch FROM clock_timestamp() - heartbeat) * 1000)::bigint, \
+                   (SELECT count(*) FROM sessions s WHERE s.node = n.node)",
+                &[&ms],
+            )
+            .await
+            .map_err(e)?
+            .iter()
+            .map(|r| DeadNode {
+                node: r.get(0),
+                addr: r.get(1),
+                silent: Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
+                claims: r.get::<_, i64>(3).max(0) as u64,
+            })
+            .collect();
         c.execute(
             "DELETE FROM sends WHERE created < clock_timestamp() - interval '1 millisecond' * \
              (timeout_ms + 60000)",
@@ -616,7 +652,10 @@ impl Postgres {
         )
         .await
         .map_err(e)?;
-        Ok(n == 1)
+        Ok(Heartbeat {
+            alive: n == 1,
+            dead,
+        })
     }
 
     /// Deletes `node` and its claims (a daemon shutting down).
