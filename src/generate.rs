@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
+mod manual;
+
 /// What to generate.
 #[derive(Parser)]
 enum Generate {
@@ -62,18 +64,25 @@ fn run(mut cmd: clap::Command, what: Generate) -> std::io::Result<()> {
     }
 }
 
-/// BIN.1 and one page per visible subcommand (BIN-SUB.1, and so on down) in `dir`.
+/// BIN.1 and one page per visible subcommand (BIN-SUB.1, and so on down) in `dir`; the
+/// binary's own page gets the sections of [`manual`] (FILES, ENVIRONMENT, EXIT STATUS),
+/// and its other pages are written beside (for `tallyd`: tallyd.toml.5).
 fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
-    fn write(cmd: &clap::Command, source: &str, dir: &Path) -> std::io::Result<()> {
+    fn write(cmd: &clap::Command, source: &str, dir: &Path, top: bool) -> std::io::Result<()> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-            write(sub, source, dir)?;
+            write(sub, source, dir, false)?;
         }
         let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name());
-        clap_mangen::Man::new(cmd.clone())
+        let man = clap_mangen::Man::new(cmd.clone())
             .title(name.to_uppercase())
-            .source(source)
-            .generate_to(dir)?;
-        Ok(())
+            .source(source);
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        let mut page = String::from_utf8(page).expect("roff is UTF-8");
+        if top {
+            page = with_sections(&page, &manual::sections(cmd.get_name()));
+        }
+        std::fs::write(dir.join(man.get_filename()), page)
     }
     // Every page documents --help: clap's `help` subcommand gets none of its own.
     let mut cmd = cmd.disable_help_subcommand(true);
@@ -84,6 +93,21 @@ fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
         cmd.get_version().unwrap_or_default()
     );
     std::fs::create_dir_all(dir)
-        .and_then(|()| write(&cmd, &source, dir))
+        .and_then(|()| write(&cmd, &source, dir, true))
+        .and_then(|()| {
+            for (file, text) in manual::pages(cmd.get_name(), &source) {
+                std::fs::write(dir.join(file), text)?;
+            }
+            Ok(())
+        })
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+}
+
+/// `page` (roff, as clap_mangen renders it) with `sections` (roff) before its VERSION
+/// section, the conventional place (man-pages(7)), or at its end if it has none.
+fn with_sections(page: &str, sections: &str) -> String {
+    match page.find("\n.SH VERSION\n") {
+        Some(at) => format!("{}\n{sections}{}", &page[..at], &page[at + 1..]),
+        None => format!("{page}{sections}"),
+    }
 }

@@ -42,6 +42,9 @@ pub mod backend;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod config_keys;
+#[cfg(feature = "server")]
 pub mod server;
 
 // The daemon's and the binaries' parts: public for `src/bin/` and `tests/`, not API.

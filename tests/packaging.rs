@@ -80,6 +80,7 @@ fn tallyd_has_a_man_page_and_one_per_subcommand() {
         .map(|s| format!("tallyd-{s}.1"))
         .collect();
     expected.push("tallyd.1".into());
+    expected.push("tallyd.toml.5".into());
     expected.sort();
     assert_eq!(pages.keys().cloned().collect::<Vec<_>>(), expected);
 
@@ -191,6 +192,209 @@ fn tally_has_a_man_page_and_one_per_subcommand() {
     }
     assert!(documents(&pages["tally-listen.1"], "--exec"));
     assert!(documents(&pages["tally-bench.1"], "--connections"));
+}
+
+/// The text of section `title` of a page: from its `.SH` line to the next.
+fn section<'a>(page: &'a str, title: &str) -> Option<&'a str> {
+    let head = format!("\n.SH {title}\n");
+    let start = page.find(&head)? + head.len();
+    let end = page[start..]
+        .find("\n.SH ")
+        .map_or(page.len(), |i| start + i + 1);
+    Some(&page[start..end])
+}
+
+/// The entry of `tag` in a section (`.TP`, the tag in bold, then its text up to the next
+/// entry).
+fn entry<'a>(section: &'a str, tag: &str) -> Option<&'a str> {
+    let head = format!(".TP\n\\fB{}\\fR\n", roff(tag));
+    let start = section.find(&head)? + head.len();
+    let end = section[start..]
+        .find(".TP\n")
+        .map_or(section.len(), |i| start + i);
+    Some(&section[start..end])
+}
+
+/// The environment variables the options of `bin` and of its subcommands read or name,
+/// as their `--help` shows them: `[env: NAME=...]`, and `$NAME` in a description.
+fn option_env_vars(bin: &str, subcommands: &[&str]) -> Vec<String> {
+    let mut help = run(bin, &["--help"]);
+    for sub in subcommands {
+        help += &run(bin, &[sub, "--help"]);
+    }
+    let name = |rest: &str| -> String {
+        rest.chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+            .collect()
+    };
+    let mut vars: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .chain(help.split('$').skip(1))
+        .map(name)
+        .filter(|v| v.len() > 1)
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
+}
+
+/// Issue 27, item 4: the binaries' own pages say where their files are, what in the
+/// environment they read and what their exit status means; every variable an option
+/// reads is among them.
+#[test]
+fn the_main_pages_have_files_environment_and_exit_status() {
+    for (bin, subcommands, files, vars) in [
+        (
+            TALLYD,
+            TALLYD_SUBCOMMANDS,
+            &[
+                "/etc/tally/tallyd.toml",
+                "/var/lib/tally",
+                "server.key",
+                "store.key",
+                "identities.db, identities.db-wal, identities.db-shm",
+                "tallyd.lock",
+                "tallyd.sock",
+                "fleet-log",
+            ][..],
+            &[
+                "TALLYD_CONFIG",
+                "STATE_DIRECTORY",
+                "CREDENTIALS_DIRECTORY",
+                "RUST_LOG",
+                "LISTEN_PID, LISTEN_FDS",
+                "NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID",
+                "PGPASSWORD, PGPASSFILE, HOME",
+            ][..],
+        ),
+        (
+            TALLY,
+            TALLY_SUBCOMMANDS,
+            &["tally.cred", "tally-bench-creds/"][..],
+            &["TALLY_SERVER", "TALLY_TOKEN", "TALLY_ID"][..],
+        ),
+    ] {
+        let pages = man_pages(bin);
+        let name = Path::new(bin).file_name().unwrap().to_str().unwrap();
+        let main = &pages[&format!("{name}.1")];
+        let titles: Vec<&str> = main
+            .lines()
+            .filter_map(|l| l.strip_prefix(".SH "))
+            .collect();
+        // In the order of man-pages(7), before VERSION.
+        let at = |t: &str| titles.iter().position(|x| *x == t);
+        let (Some(exit), Some(env), Some(files_at), Some(version)) = (
+            at("\"EXIT STATUS\""),
+            at("ENVIRONMENT"),
+            at("FILES"),
+            at("VERSION"),
+        ) else {
+            panic!("{name}.1 lacks a section: {titles:?}");
+        };
+        assert!(
+            exit < env && env < files_at && files_at < version,
+            "{titles:?}"
+        );
+        let files_section = section(main, "FILES").unwrap();
+        for f in files {
+            assert!(
+                entry(files_section, f).is_some(),
+                "{name}.1: FILES lacks {f}:\n{files_section}"
+            );
+        }
+        let env_section = section(main, "ENVIRONMENT").unwrap();
+        for v in vars {
+            assert!(
+                entry(env_section, v).is_some(),
+                "{name}.1: ENVIRONMENT lacks {v}:\n{env_section}"
+            );
+        }
+        let option_vars = option_env_vars(bin, subcommands);
+        assert!(!option_vars.is_empty());
+        for v in option_vars {
+            assert!(
+                env_section.contains(&roff(&v)),
+                "{name}.1: an option reads ${v}, which ENVIRONMENT does not name:\n{env_section}"
+            );
+        }
+        let exit_section = section(main, "\"EXIT STATUS\"").unwrap();
+        for status in ["0", "1", "2"] {
+            assert!(
+                entry(exit_section, status).is_some(),
+                "{name}.1: exit status {status}"
+            );
+        }
+        assert!(section(main, "\"SEE ALSO\"")
+            .unwrap()
+            .contains("tallyd.toml"));
+    }
+    let tallyd = &man_pages(TALLYD)["tallyd.1"];
+    let signals = section(tallyd, "SIGNALS").expect("tallyd.1: SIGNALS");
+    assert!(entry(signals, "SIGTERM, SIGINT").unwrap().contains("drain"));
+    assert!(entry(signals, "SIGHUP").unwrap().contains("configuration"));
+}
+
+/// Issue 27, item 4: tallyd.toml(5) has every key of the configuration, each with its
+/// type and default: the README's list of defaults (an independent copy) and the
+/// parser's own table agree with it.
+#[test]
+fn the_configuration_page_lists_every_key_with_its_default() {
+    let pages = man_pages(TALLYD);
+    let page = &pages["tallyd.toml.5"];
+    assert!(page.contains("\n.TH TALLYD.TOML 5 "), "{page}");
+    assert!(page.contains("\n.SH NAME\ntallyd.toml \\- "), "{page}");
+    let top = section(page, "KEYS").expect("KEYS");
+    let limits = section(page, "[limits]").expect("[limits]");
+    let find = |key: &str| match key.strip_prefix("limits.") {
+        Some(short) => entry(limits, short),
+        None => entry(top, key),
+    };
+    for key in tally::config_keys::KEYS {
+        let text = find(key.name).unwrap_or_else(|| panic!("tallyd.toml.5 lacks {}", key.name));
+        assert!(
+            text.contains("Type: ") && text.contains("Default: "),
+            "{}: {text}",
+            key.name
+        );
+    }
+
+    // The README's defaults (uncommented) and examples (commented: unset by default).
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section_start = readme
+        .find("\n## Configuration\n")
+        .expect("README: Configuration");
+    let rest = &readme[section_start..];
+    let start = rest.find("```toml\n").unwrap() + 8;
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let (set, unset) = (keys(block, false), keys(block, true));
+    assert!(set.len() > 20, "{set:?}");
+    for (key, value) in &set {
+        let text = find(key).unwrap_or_else(|| panic!("tallyd.toml.5 lacks {key}"));
+        assert!(
+            text.contains(&roff(value)),
+            "tallyd.toml.5: {key}'s default is not the README's {value}:\n{text}"
+        );
+    }
+    for key in unset.keys() {
+        let text = find(key).unwrap_or_else(|| panic!("tallyd.toml.5 lacks {key}"));
+        assert!(text.contains("Default: unset"), "{key}: {text}");
+    }
+    let mut readme_keys: Vec<&String> = set.keys().chain(unset.keys()).collect();
+    readme_keys.sort();
+    let mut table: Vec<String> = tally::config_keys::KEYS
+        .iter()
+        .map(|k| k.name.to_owned())
+        .collect();
+    table.sort();
+    assert_eq!(readme_keys, table.iter().collect::<Vec<_>>());
+    // Ranges, where the parser has one.
+    let keepalive = find("limits.keepalive").unwrap();
+    assert!(
+        keepalive.contains("Range: 0.1 to 86400 seconds"),
+        "{keepalive}"
+    );
 }
 
 #[test]
