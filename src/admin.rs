@@ -26,8 +26,8 @@ pub enum AdminError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    /// The id is invalid.
-    #[error("invalid identity: {0}")]
+    /// The id is invalid (the message says so: "invalid identity: ...").
+    #[error(transparent)]
     Id(#[from] crate::proto::FrameError),
     /// The daemon could not be reached or answered an error.
     #[error(transparent)]

@@ -183,13 +183,48 @@ pub fn raise_fd_limit() -> Option<u64> {
     };
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => {
-            info!(from = ?lim.current, to = target, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
+            info!(from = %shown(lim.current), to = target, "raised the open-file limit (RLIMIT_NOFILE) to its hard limit");
         }
         Err(e) => {
-            warn!(error = %e, soft = ?lim.current, hard = ?lim.maximum, "cannot raise the open-file limit (RLIMIT_NOFILE)")
+            warn!(error = %e, soft = %shown(lim.current), hard = %shown(lim.maximum), "cannot raise the open-file limit (RLIMIT_NOFILE)")
         }
     }
     getrlimit(Resource::Nofile).current
+}
+
+/// A resource limit as the log shows it.
+fn shown(limit: Option<u64>) -> String {
+    limit.map_or_else(|| "unlimited".into(), |n| n.to_string())
+}
+
+/// The limits that differ, as `name old -> new`, comma-separated (times in seconds).
+fn changed_limits(old: &crate::config::Limits, new: &crate::config::Limits) -> String {
+    let mut out = Vec::new();
+    macro_rules! compare {
+        (count: $($f:ident),*; seconds: $($d:ident),*) => {
+            // Every field, or this does not compile: a new limit is not left out.
+            let crate::config::Limits { $($f: _,)* $($d: _,)* } = new;
+            $(if old.$f != new.$f {
+                out.push(format!("{} {} -> {}", stringify!($f), old.$f, new.$f));
+            })*
+            $(if old.$d != new.$d {
+                out.push(format!(
+                    "{} {}s -> {}s",
+                    stringify!($d),
+                    old.$d.as_secs_f64(),
+                    new.$d.as_secs_f64()
+                ));
+            })*
+        };
+    }
+    compare!(
+        count: max_connections, max_unauthenticated, max_unauthenticated_per_source,
+            new_connections_per_source, max_enrollments_in_progress, enrollments_per_second,
+            max_delayed_refusals, max_frame_len, max_in_flight, server_requests_in_flight;
+        seconds: first_frame_timeout, handshake_timeout, refusal_delay, keepalive,
+            drain_timeout, backend_timeout
+    );
+    out.join(", ")
 }
 
 /// Says how to get an enrollment token, without printing one: stdout is the journal
@@ -320,7 +355,7 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
     .filter_map(|(name, changed)| changed.then_some(name))
     .collect();
     if !restart_needed.is_empty() {
-        warn!(settings = ?restart_needed, "these changed settings take effect only after a restart");
+        warn!(settings = %restart_needed.join(", "), "these changed settings take effect only after a restart");
     }
     if let Err(e) = log.set_level(&new.log_level) {
         warn!("log_level {:?} not applied: {e}", new.log_level);
@@ -330,7 +365,12 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
     let reserved = metrics_fds(current);
     fit_fd_limit(&mut new.limits, reserved, false);
     state.set_limits(new.limits.clone());
-    info!(limits = ?new.limits, log_level = %new.log_level, "configuration reloaded; limits apply to new connections and sessions");
+    let changed = changed_limits(&current.limits, &new.limits);
+    info!(
+        limits = if changed.is_empty() { "unchanged" } else { changed.as_str() },
+        log_level = %new.log_level,
+        "configuration reloaded; limits apply to new connections and sessions"
+    );
     *current = ServerConfig {
         limits: new.limits,
         log_level: new.log_level,

@@ -468,8 +468,10 @@ impl fmt::Display for Status {
             Status::BACKEND_ERROR => "backend error",
             Status::TIMEOUT => "timeout",
             Status::REFUSED => "refused",
-            Status(n) if n >= 256 => return write!(f, "application status {n}"),
-            Status(n) => return write!(f, "status {n}"),
+            // After "status" in every message that shows one ("with status 404
+            // (application-defined)").
+            Status(n) if n >= 256 => return write!(f, "{n} (application-defined)"),
+            Status(n) => return write!(f, "{n} (reserved)"),
         };
         f.write_str(name)
     }
