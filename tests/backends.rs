@@ -425,6 +425,7 @@ async fn cli_listen_exec_answers_tallyd_send() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut listen = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("XDG_RUNTIME_DIR", dir.path())
         .args(["listen", "--exec", "tr a-z A-Z", "--cred"])
         .arg(dir.path().join("cli-dev.cred"))
         .stdout(Stdio::piped())

@@ -164,6 +164,7 @@ fn tally_listen_runs_at_most_max_handlers_at_once() {
         go = go.display(),
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("XDG_RUNTIME_DIR", dir.path())
         .args(["listen", "--exec", &handler, "--cred"])
         .arg(&cred)
         .stdout(Stdio::piped())
@@ -240,6 +241,7 @@ fn tally_listen_answers_busy_beyond_the_handlers_and_the_waiting_room() {
         go = go.display()
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("XDG_RUNTIME_DIR", dir.path())
         .args([
             "listen",
             "--max-handlers",

@@ -367,6 +367,8 @@ fn the_readme_walkthrough_runs_top_to_bottom_as_written() {
     std::os::unix::fs::symlink(root.join("examples"), cwd.join("examples")).unwrap();
     let bin_dir = cwd.join(".bin");
     std::fs::create_dir(&bin_dir).unwrap();
+    // `tally listen`'s socket for `tally request` (not this user's runtime directory).
+    let runtime = tempfile::tempdir().unwrap();
     let exe_dir = std::path::Path::new(TALLYD).parent().unwrap();
     let shim = bin_dir.join("cargo");
     std::fs::write(
@@ -374,7 +376,7 @@ fn the_readme_walkthrough_runs_top_to_bottom_as_written() {
         format!(
             r#"#!/bin/sh
 # Stands in for `cargo run [-q] --features cli --bin NAME [-- ARGS]` (tests/cli.rs).
-export TALLYD_LISTEN={addr} TALLY_SERVER={addr}
+export TALLYD_LISTEN={addr} TALLY_SERVER={addr} XDG_RUNTIME_DIR={runtime}
 [ "$1" = run ] || {{ echo "stand-in cargo: only 'cargo run', not: $*" >&2; exit 2; }}
 shift; bin=
 while [ $# -gt 0 ]; do
@@ -389,6 +391,7 @@ done
 exec "{}/$bin" "$@"
 "#,
             exe_dir.display(),
+            runtime = runtime.path().display(),
         ),
     )
     .unwrap();

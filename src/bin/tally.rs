@@ -50,16 +50,31 @@ enum Command {
         force: bool,
     },
     /// Send one REQUEST (DATA, or stdin if DATA is absent) and write the response payload to stdout.
+    ///
+    /// If a `tally listen` of the same identity runs (this user's, same server and key),
+    /// the request goes through its session instead of taking it over; otherwise it
+    /// makes a session of its own.
     Request {
         #[command(flatten)]
         conn: ConnArgs,
+        /// Make a session of its own even if a `tally listen` of this identity runs (that
+        /// listener's session is taken over: it reconnects 10 s to 10 min later).
+        #[arg(long)]
+        direct: bool,
         /// The request payload; read from stdin when absent.
         data: Option<String>,
     },
     /// Send one one-way MESSAGE (DATA, or stdin if DATA is absent).
+    ///
+    /// Through the session of a running `tally listen` of the same identity, as `tally
+    /// request`.
     Message {
         #[command(flatten)]
         conn: ConnArgs,
+        /// Make a session of its own even if a `tally listen` of this identity runs (that
+        /// listener's session is taken over).
+        #[arg(long)]
+        direct: bool,
         /// The message payload; read from stdin when absent.
         data: Option<String>,
     },
@@ -97,6 +112,12 @@ enum Command {
         /// revoked or removed.
         #[arg(long)]
         no_reconnect: bool,
+        /// Do not offer this session to `tally request` and `tally message`. By default
+        /// they send through it (a Unix socket of mode 0600 in $XDG_RUNTIME_DIR/tally/,
+        /// else /tmp/tally-UID/, removed at exit) instead of taking it over, and a second
+        /// `tally listen` of the identity is refused while this one runs.
+        #[arg(long)]
+        no_share: bool,
     },
 }
 
@@ -238,13 +259,6 @@ struct ConnArgs {
 }
 
 impl ConnArgs {
-    async fn connect(&self) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Incoming>)> {
-        let (cred, opts) = self.credential_and_options()?;
-        Client::connect(&cred, opts)
-            .await
-            .with_context(|| format!("session with {} as {}", cred.server, cred.id))
-    }
-
     /// The credential file, read and checked, and the client options of these flags.
     fn credential_and_options(&self) -> anyhow::Result<(Credential, ClientOptions)> {
         let text = read_credential(&self.cred)?;
@@ -261,6 +275,46 @@ impl ConnArgs {
             opts = opts.with_keepalive(Duration::try_from_secs_f64(secs).context("--keepalive")?);
         }
         Ok((cred, opts))
+    }
+}
+
+/// A session of our own.
+async fn connect(
+    cred: &Credential,
+    opts: ClientOptions,
+) -> anyhow::Result<(Client, tokio::sync::mpsc::Receiver<Incoming>)> {
+    Client::connect(cred, opts)
+        .await
+        .with_context(|| format!("session with {} as {}", cred.server, cred.id))
+}
+
+/// `tally listen`'s socket for `tally request` and `tally message`: refused if another
+/// listener of the identity runs; without it (a runtime directory that cannot be used),
+/// the listener runs and says so.
+fn offer_session(cred: &Credential) -> anyhow::Result<Option<client::share::ShareSocket>> {
+    match client::share::ShareSocket::bind(cred) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(e) if e.is_in_use() => Err(e.into()),
+        Err(e) => {
+            tracing::warn!("not offering this session to `tally request` and `tally message` (they will take it over): {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -775,13 +829,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Request { conn, data } => {
+        Command::Request { conn, direct, data } => {
             let payload = payload(data)?;
-            // Not kept: a server request arriving meanwhile is answered UNAVAILABLE at once
-            // (`tally listen` answers them), not left waiting for the backend's timeout.
-            let (client, _) = conn.connect().await?;
-            let result = client.request_with_status(payload).await;
-            let _ = client.close().await;
+            let (cred, opts) = conn.credential_and_options()?;
+            let shared = match direct {
+                false => client::share::request(&cred, &payload).await,
+                true => None,
+            };
+            let result = match shared {
+                Some(result) => result,
+                None => {
+                    // Not kept: a server request arriving meanwhile is answered UNAVAILABLE
+                    // at once (`tally listen` answers them), not left waiting for the
+                    // backend's timeout.
+                    let (client, _) = connect(&cred, opts).await?;
+                    let result = client.request_with_status(payload).await;
+                    let _ = client.close().await;
+                    result
+                }
+            };
             match result? {
                 (Status::OK, body) => std::io::stdout().write_all(&body)?,
                 (status, body) => {
@@ -789,11 +855,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Message { conn, data } => {
+        Command::Message { conn, direct, data } => {
             let payload = payload(data)?;
-            let (client, _) = conn.connect().await?;
-            client.message(payload).await?;
-            client.close().await?;
+            let (cred, opts) = conn.credential_and_options()?;
+            let shared = match direct {
+                false => client::share::message(&cred, &payload).await,
+                true => None,
+            };
+            match shared {
+                Some(result) => result?,
+                None => {
+                    let (client, _) = connect(&cred, opts).await?;
+                    client.message(payload).await?;
+                    client.close().await?;
+                }
+            }
         }
         Command::Bench(args) => bench(args).await?,
         Command::Conformance(what) => {
@@ -807,7 +883,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             exec,
             max_handlers,
             no_reconnect,
+            no_share,
         } => {
+            let (cred, opts) = conn.credential_and_options()?;
+            // Before connecting: a second listener of the identity is refused before it
+            // takes the first one's session.
+            let share = if no_share {
+                None
+            } else {
+                offer_session(&cred)?
+            };
+            // Ctrl-C or SIGTERM close the session and remove the socket (dropped on return).
+            let stop = stop_signal();
+            tokio::pin!(stop);
             let handlers = Handlers::new(usize::from(max_handlers));
             let answer = |id: Id| {
                 let exec = exec.clone();
@@ -825,7 +913,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             if no_reconnect {
-                let (client, mut incoming) = conn.connect().await?;
+                let (client, mut incoming) = connect(&cred, opts).await?;
+                let _sharing = share.map(|s| s.serve_client(&client));
                 eprintln!(
                     "connected as {}; waiting for the server (Ctrl-C to stop)",
                     client.id()
@@ -838,15 +927,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             Some(other) => println!("unhandled: {other:?}"),
                             None => return Err(client.closed().await.into()),
                         },
-                        _ = tokio::signal::ctrl_c() => { client.close().await?; return Ok(()) }
+                        _ = &mut stop => { client.close().await?; return Ok(()) }
                         e = client.closed() => return Err(e.into()),
                     }
                 }
             }
-            let (cred, opts) = conn.credential_and_options()?;
             let what = format!("session with {} as {}", cred.server, cred.id);
             let id = cred.id.clone();
             let (link, mut events) = client::Link::start(cred, opts, client::Reconnect::default());
+            let _sharing = share.map(|s| s.serve_link(&link));
             let mut ever_up = false;
             loop {
                 tokio::select! {
@@ -889,7 +978,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             Ok(_) => anyhow::bail!("{what}: the link ended"),
                         },
                     },
-                    _ = tokio::signal::ctrl_c() => { link.close().await; return Ok(()) }
+                    _ = &mut stop => { link.close().await; return Ok(()) }
                 }
             }
         }

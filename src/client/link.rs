@@ -200,7 +200,7 @@ pub enum LinkEvent {
 
 /// Where the link is.
 #[derive(Debug, Clone)]
-enum State {
+pub(super) enum State {
     Connecting,
     Up(Client),
     Stopped(ClientError),
@@ -270,6 +270,11 @@ impl Link {
             State::Up(c) => Some(c.clone()),
             _ => None,
         }
+    }
+
+    /// Where the link is, as it changes (for [`super::share`]).
+    pub(super) fn watch_state(&self) -> watch::Receiver<State> {
+        self.state.clone()
     }
 
     /// Waits for a session to be up and returns it; fails once the link stopped. Bound

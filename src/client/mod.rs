@@ -72,6 +72,7 @@ use crate::wire::{read_frame, ReadError};
 
 mod link;
 pub use link::{Link, LinkEvent, Reconnect};
+pub mod share;
 
 /// What went wrong, for a caller to match on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -136,6 +137,10 @@ pub enum ClientError {
     /// The server's first bytes cannot start a Tally frame: another protocol answered.
     #[error("this does not look like a Tally server (it answered with {0})")]
     NotTally(String),
+    /// Sent through the running `tally listen` of the identity ([`share`]): the error
+    /// its session gave, as it would have been printed, or what went wrong on the way.
+    #[error("{0}")]
+    Relayed(String),
 }
 
 /// Reads the server's first frame of a handshake or enrollment. Bytes that cannot start

@@ -188,13 +188,19 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// `tally listen ARGS --cred CRED`, its stdout discarded; its stderr, line by line.
+/// `tally listen ARGS --cred CRED`, its stdout discarded; its stderr, line by line. Its
+/// shared-session socket is in CRED's directory (`$XDG_RUNTIME_DIR` there), never in
+/// this user's runtime directory.
 #[allow(dead_code)]
 pub fn listen(
     args: &[&str],
     cred: &std::path::Path,
 ) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env(
+            "XDG_RUNTIME_DIR",
+            std::path::absolute(cred.parent().unwrap()).unwrap(),
+        )
         .arg("listen")
         .args(args)
         .arg("--cred")
