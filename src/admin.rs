@@ -508,41 +508,161 @@ fn unexpected(state_dir: &Path, got: ControlResponse) -> AdminError {
     .into()
 }
 
-/// The running daemon's metrics (`tallyd status`): for a person, one figure per line,
-/// without the `tally_` prefix and the format's comments; with `Json`, an array of
-/// `{"metric": ..., "value": ...}`.
+/// The running daemon's status (`tallyd status`): for a person, aligned `key: value`
+/// lines; with `Json`, one object of typed fields ([`crate::server::status::Status`],
+/// documented in the README). The raw metrics are `metrics_listen`'s.
 pub fn status(state_dir: &Path, format: Format) -> Result<String, AdminError> {
-    let text = match control::call(state_dir, &ControlRequest::Status)? {
-        ControlResponse::Status { metrics } => metrics,
+    let status = match control::call(state_dir, &ControlRequest::Status)? {
+        ControlResponse::Status { status } => status,
         other => return Err(unexpected(state_dir, other)),
     };
-    let figures: Vec<(&str, &str)> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.rsplit_once(' '))
-        .map(|(name, value)| (name.strip_prefix("tally_").unwrap_or(name), value))
-        .collect();
     if format == Format::Json {
-        #[derive(serde::Serialize)]
-        struct Figure<'a> {
-            metric: &'a str,
-            value: f64,
+        let mut out = serde_json::to_string_pretty(&status).expect("status serializes");
+        out.push('\n');
+        return Ok(out);
+    }
+    Ok(status_lines(&status))
+}
+
+/// A duration in seconds as `3d 4h 5m 6s` (leading zero units left out).
+fn span(secs: u64) -> String {
+    let units = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
+    let mut out = Vec::new();
+    let mut rest = secs;
+    for (size, unit) in units {
+        let n = rest / size;
+        rest %= size;
+        if n > 0 || !out.is_empty() || size == 1 {
+            out.push(format!("{n}{unit}"));
         }
-        let rows: Vec<_> = figures
-            .iter()
-            .map(|(metric, value)| Figure {
-                metric,
-                value: value.parse().unwrap_or(f64::NAN),
-            })
-            .collect();
-        return Ok(to_json(&rows));
     }
-    let width = figures.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    out.join(" ")
+}
+
+/// `tallyd status` for a person.
+fn status_lines(s: &crate::server::status::Status) -> String {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("version", format!("{} (pid {})", s.version, s.pid)),
+        (
+            "uptime",
+            format!(
+                "{} (since {} UTC)",
+                span(s.uptime_seconds),
+                time(Some(s.started))
+            ),
+        ),
+        (
+            "listen",
+            if s.listen.is_empty() {
+                "-".to_owned()
+            } else {
+                s.listen.join(", ")
+            },
+        ),
+        (
+            "metrics",
+            s.metrics_listen
+                .as_ref()
+                .map_or("off (metrics_listen)".to_owned(), |a| {
+                    format!("http://{a}/metrics")
+                }),
+        ),
+        ("state directory", s.state_dir.clone()),
+        ("store", format!("{} {}", s.store.kind, s.store.location)),
+    ];
+    if let Some(fleet) = &s.fleet {
+        let fenced = if fleet.fenced {
+            " (FENCED: it cannot renew its heartbeat, and serves no handshake)"
+        } else {
+            ""
+        };
+        lines.push(("fleet node", format!("{}{fenced}", fleet.node)));
+    }
+    let on = if s.open_enrollment.on { "on" } else { "off" };
+    let by = if s.open_enrollment.decided_by == "fleet" {
+        "the fleet's setting: tallyd open-enrollment"
+    } else {
+        "open_enrollment in the configuration"
+    };
+    lines.extend([
+        ("open enrollment", format!("{on} ({by})")),
+        ("backend", s.backend.clone()),
+        ("takeover", s.takeover.clone()),
+        (
+            "identities",
+            s.identities
+                .map_or("? (the store did not answer)".to_owned(), |n| n.to_string()),
+        ),
+        ("sessions", s.sessions.to_string()),
+        (
+            "connections",
+            format!(
+                "{} (of limits.max_connections {})",
+                s.connections.open, s.connections.max
+            ),
+        ),
+        ("unauthenticated", s.connections.unauthenticated.to_string()),
+        (
+            "enrolling now",
+            s.connections.enrollments_in_progress.to_string(),
+        ),
+        (
+            "delayed refusals",
+            s.connections.delayed_refusals.to_string(),
+        ),
+        ("enrollments", s.enrollments.to_string()),
+        ("handshakes", s.handshakes.to_string()),
+    ]);
+    let total: u64 = s.refusals.values().sum();
+    let by_kind: Vec<String> = s.refusals.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    lines.push((
+        "refusals",
+        if by_kind.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{total} ({})", by_kind.join(", "))
+        },
+    ));
+    let r = &s.requests;
+    let sr = &s.server_requests;
+    lines.extend([
+        ("evictions", s.evictions.to_string()),
+        (
+            "requests",
+            format!(
+                "{} (ok {}, error {}, timeout {}, panic {})",
+                r.ok + r.error + r.timeout + r.panic,
+                r.ok,
+                r.error,
+                r.timeout,
+                r.panic
+            ),
+        ),
+        (
+            "server requests",
+            format!(
+                "{} sent, {} answered, {} waiting; {} messages",
+                sr.sent, sr.answered, sr.waiting, sr.messages
+            ),
+        ),
+        (
+            "frames",
+            format!("{} in, {} out", s.frames.received, s.frames.sent),
+        ),
+        (
+            "bytes",
+            format!("{} in, {} out", s.bytes.received, s.bytes.sent),
+        ),
+    ]);
+    if s.store.kind == "postgres" {
+        lines.push(("store queries", s.store_queries.to_string()));
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
-    for (name, value) in figures {
-        let _ = writeln!(out, "{name:<width$}  {value}");
+    for (key, value) in lines {
+        let _ = writeln!(out, "{:<width$} {value}", format!("{key}:"));
     }
-    Ok(out)
+    out
 }
 
 /// Sends a REQUEST (returning the device's status and payload) or a MESSAGE to a
@@ -676,7 +796,8 @@ mod tests {
         let store = crate::store::Location::Sqlite(dir.path().join(DB_FILE));
         assert!(init(dir.path(), None, &store, None).unwrap());
         assert!(!init(dir.path(), None, &store, None).unwrap());
-        let open = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
+        let open =
+            EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
         let day = Duration::from_secs(86_400);
         let per = issue_token(dir.path(), None, "dev-1", day).unwrap();
         let per = EnrollmentToken::parse(&per.token).unwrap();
@@ -686,9 +807,11 @@ mod tests {
         assert!(!open.credential.ct_eq(&per.credential));
         assert!(issue_token(dir.path(), None, "bad id", day).is_err());
         assert!(issue_token(dir.path(), None, "dev-2", Duration::ZERO).is_err());
-        let rotated = EnrollmentToken::parse(&open_token(dir.path(), None, true).unwrap().token).unwrap();
+        let rotated =
+            EnrollmentToken::parse(&open_token(dir.path(), None, true).unwrap().token).unwrap();
         assert!(!rotated.credential.ct_eq(&open.credential));
-        let again = EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
+        let again =
+            EnrollmentToken::parse(&open_token(dir.path(), None, false).unwrap().token).unwrap();
         assert!(again.credential.ct_eq(&rotated.credential));
         assert_eq!(token_rows(dir.path(), None).unwrap().len(), 1);
         assert!(tokens(dir.path(), None, Format::Table)

@@ -73,7 +73,7 @@ pub enum ControlRequest {
     Tokens,
     /// List the identities, and the live sessions.
     Identities,
-    /// The daemon's metrics (`tallyd status`).
+    /// What the daemon is and what it counted (`tallyd status`).
     Status,
     /// Whether open enrollment is on; with `set`, turn it on or off for the whole fleet
     /// first (a fleet-wide setting, in the fleet's log).
@@ -154,10 +154,10 @@ pub enum ControlResponse {
         /// One per identity.
         tokens: Vec<crate::store::TokenRow>,
     },
-    /// The daemon's metrics, in the OpenMetrics text format (as `metrics_listen` serves).
+    /// What the daemon is and what it counted (the raw metrics are `metrics_listen`'s).
     Status {
-        /// The text.
-        metrics: String,
+        /// Its fields.
+        status: crate::server::status::Status,
     },
     /// The identities, and the live sessions.
     Identities {
@@ -379,7 +379,7 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
         ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
         ControlRequest::Remove { id } => invalidate(state, &id, false).await,
         ControlRequest::Status => ControlResponse::Status {
-            metrics: state.metrics.encode(state),
+            status: crate::server::status::status(state).await,
         },
         ControlRequest::Sessions => match &state.fleet {
             None => ControlResponse::Sessions {

@@ -203,12 +203,182 @@ fn metrics_move_with_handshakes_enrollments_refusals_and_traffic() {
         "{after}"
     );
 
+    // Issue 27, item 5: `tallyd status` is a summary of the same figures, for a person.
     let (ok, status, err) = admin(&state, &["status"]);
     assert!(ok, "{err}");
-    assert!(
-        status
+    let line = |key: &str| -> String {
+        let prefix = format!("{key}:");
+        let l = status
             .lines()
-            .any(|l| l.starts_with("handshakes_total{outcome=\"ok\"}") && l.ends_with(" 1")),
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {key}: line in\n{status}"));
+        l[prefix.len()..].trim().to_owned()
+    };
+    assert_eq!(line("handshakes"), "1", "{status}");
+    assert_eq!(line("enrollments"), "1", "{status}");
+    assert_eq!(line("listen"), daemon.addr, "{status}");
+    assert_eq!(line("metrics"), format!("http://{metrics_addr}/metrics"));
+    assert_eq!(line("backend"), "echo");
+    assert_eq!(line("identities"), "1");
+    assert!(
+        line("version").starts_with(env!("CARGO_PKG_VERSION")),
         "{status}"
     );
+    assert!(line("store").starts_with("sqlite ") && line("store").ends_with("identities.db"));
+    assert!(
+        line("refusals").contains("enrollment_refused 1"),
+        "{status}"
+    );
+    assert!(line("requests").starts_with("1 (ok 1,"), "{status}");
+    // Aligned: every value starts in the same column.
+    let columns: std::collections::BTreeSet<usize> = status
+        .lines()
+        .map(|l| {
+            let colon = l
+                .find(": ")
+                .unwrap_or_else(|| panic!("not key: value: {l}"));
+            colon + 1 + l[colon + 1..].find(|c| c != ' ').unwrap()
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "{status}");
+    // No histogram bucket, no metric name: those are the metrics endpoint's.
+    assert!(
+        !status.contains("bucket") && !status.contains("_total"),
+        "{status}"
+    );
+
+    let (ok, json, err) = admin(&state, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    check_status_schema(&v);
+    assert_eq!(v["handshakes"], 1);
+    assert_eq!(v["enrollments"], 1);
+    assert_eq!(v["identities"], 1);
+    assert_eq!(v["listen"][0], daemon.addr.as_str());
+    assert_eq!(v["metrics_listen"], metrics_addr.as_str());
+    assert_eq!(v["store"]["kind"], "sqlite");
+    assert_eq!(v["fleet"], serde_json::Value::Null);
+    assert_eq!(v["open_enrollment"]["on"], true);
+    assert_eq!(v["open_enrollment"]["decided_by"], "configuration");
+    assert_eq!(v["requests"]["ok"], 1);
+    assert_eq!(v["refusals"]["enrollment_refused"], 1, "{json}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["frames"]["in"].as_u64().unwrap() >= 2, "{json}");
+}
+
+/// What `tallyd status --json` must be: every key (no more, no fewer) with its type, as
+/// the README's table documents it. `refusals` maps reasons to numbers.
+fn check_status_schema(v: &serde_json::Value) {
+    use serde_json::Value;
+    #[derive(Clone, Copy)]
+    enum T {
+        Str,
+        Num,
+        Bool,
+        StrList,
+        OptStr,
+        OptNum,
+        Counts,
+        Obj(&'static [(&'static str, T)]),
+        OptObj(&'static [(&'static str, T)]),
+    }
+    const IN_OUT: &[(&str, T)] = &[("in", T::Num), ("out", T::Num)];
+    const SCHEMA: &[(&str, T)] = &[
+        ("version", T::Str),
+        ("pid", T::Num),
+        ("started", T::Num),
+        ("uptime_seconds", T::Num),
+        ("listen", T::StrList),
+        ("metrics_listen", T::OptStr),
+        ("state_dir", T::Str),
+        ("store", T::Obj(&[("kind", T::Str), ("location", T::Str)])),
+        ("fleet", T::OptObj(&[("node", T::Str), ("fenced", T::Bool)])),
+        (
+            "open_enrollment",
+            T::Obj(&[("on", T::Bool), ("decided_by", T::Str)]),
+        ),
+        ("backend", T::Str),
+        ("takeover", T::Str),
+        ("identities", T::OptNum),
+        ("sessions", T::Num),
+        (
+            "connections",
+            T::Obj(&[
+                ("open", T::Num),
+                ("max", T::Num),
+                ("unauthenticated", T::Num),
+                ("enrollments_in_progress", T::Num),
+                ("delayed_refusals", T::Num),
+            ]),
+        ),
+        ("enrollments", T::Num),
+        ("handshakes", T::Num),
+        ("refusals", T::Counts),
+        ("evictions", T::Num),
+        (
+            "requests",
+            T::Obj(&[
+                ("ok", T::Num),
+                ("error", T::Num),
+                ("timeout", T::Num),
+                ("panic", T::Num),
+            ]),
+        ),
+        (
+            "server_requests",
+            T::Obj(&[
+                ("sent", T::Num),
+                ("answered", T::Num),
+                ("waiting", T::Num),
+                ("messages", T::Num),
+            ]),
+        ),
+        ("frames", T::Obj(IN_OUT)),
+        ("bytes", T::Obj(IN_OUT)),
+        ("store_queries", T::Num),
+    ];
+    fn check(path: &str, v: &Value, t: T) {
+        let whole = |v: &Value| v.as_u64().is_some() || v.as_i64().is_some();
+        let ok = match t {
+            T::Str => v.is_string(),
+            // Counters and times are whole numbers, never floats.
+            T::Num => whole(v),
+            T::Bool => v.is_boolean(),
+            T::StrList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            T::OptStr => v.is_null() || v.is_string(),
+            T::OptNum => v.is_null() || whole(v),
+            T::Counts => v.as_object().is_some_and(|o| {
+                o.iter().all(|(k, n)| {
+                    n.as_u64().is_some()
+                        && !k.is_empty()
+                        && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+            }),
+            T::Obj(fields) => {
+                object(path, v, fields);
+                true
+            }
+            T::OptObj(fields) => {
+                if !v.is_null() {
+                    object(path, v, fields);
+                }
+                true
+            }
+        };
+        assert!(ok, "{path} has the wrong type: {v}");
+    }
+    fn object(path: &str, v: &Value, fields: &[(&str, T)]) {
+        let o = v
+            .as_object()
+            .unwrap_or_else(|| panic!("{path} is not an object: {v}"));
+        let mut got: Vec<&str> = o.keys().map(String::as_str).collect();
+        let mut want: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "the keys of {path}");
+        for (k, t) in fields {
+            check(&format!("{path}.{k}"), &o[*k], *t);
+        }
+    }
+    object("status", v, SCHEMA);
 }

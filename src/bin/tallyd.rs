@@ -81,10 +81,12 @@ enum Command {
         /// The identity.
         id: String,
     },
-    /// Print the running daemon's figures: sessions, handshakes, refusals, frames and
-    /// bytes, backend requests (the metrics `metrics_listen` serves).
+    /// Print what the running daemon is and what it counted: version, uptime, listen
+    /// address, store, backend, sessions, connections and what waits, enrollments,
+    /// handshakes, refusals by reason, requests (the raw metrics: `metrics_listen`).
     Status {
-        /// Print a JSON array of {metric, value}.
+        /// Print one JSON object of typed fields (numbers as numbers; refusals, requests,
+        /// frames... as objects; keys in README, "Manage identities").
         #[arg(long)]
         json: bool,
     },

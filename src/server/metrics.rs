@@ -60,6 +60,9 @@ pub struct Metrics {
     handshakes_ok: Counter,
     enrollments_ok: Counter,
     refusals: Family<Reason, Counter>,
+    /// The reasons `refusals` has a counter for (a family lists none of its own): added
+    /// to at a reason's first refusal only.
+    refusal_reasons: std::sync::Mutex<Vec<&'static str>>,
     evictions: Counter,
     /// Frames in, out, bytes in, out.
     traffic: [Counter; 4],
@@ -170,6 +173,7 @@ impl Default for Metrics {
             sessions,
             unauthenticated,
             refusals,
+            refusal_reasons: Default::default(),
             evictions,
             traffic,
             backend,
@@ -198,7 +202,21 @@ impl Metrics {
     }
 
     pub(crate) fn refusal(&self, reason: &'static str) {
-        self.refusals.get_or_create(&Reason { reason }).inc();
+        let label = Reason { reason };
+        if let Some(counter) = self.refusals.get(&label) {
+            counter.inc();
+            return;
+        }
+        // A reason's first refusal (or one of the first, racing): noted for `snapshot`.
+        let mut reasons = self
+            .refusal_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !reasons.contains(&reason) {
+            reasons.push(reason);
+        }
+        drop(reasons);
+        self.refusals.get_or_create(&label).inc();
     }
 
     pub(crate) fn eviction(&self) {
@@ -226,6 +244,45 @@ impl Metrics {
 
     /// Every metric, in the OpenMetrics text format.
     pub fn encode(&self, state: &ServerState) -> String {
+        self.catch_up(state);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// The counters as numbers, for `tallyd status`: the figures [`Self::encode`] shows.
+    pub fn snapshot(&self, state: &ServerState) -> Snapshot {
+        self.catch_up(state);
+        let reasons = self
+            .refusal_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let refusals = reasons
+            .into_iter()
+            .map(|reason| {
+                let n = self.refusals.get(&Reason { reason }).map_or(0, |c| c.get());
+                (reason, n)
+            })
+            .collect();
+        let [frames_in, frames_out, bytes_in, bytes_out] =
+            self.traffic.each_ref().map(Counter::get);
+        Snapshot {
+            handshakes: self.handshakes_ok.get(),
+            enrollments: self.enrollments_ok.get(),
+            refusals,
+            evictions: self.evictions.get(),
+            frames: [frames_in, frames_out],
+            bytes: [bytes_in, bytes_out],
+            requests: self.backend.each_ref().map(Counter::get),
+            store_queries: self.store_queries.get(),
+        }
+    }
+
+    /// Brings the gauges and the counters summed from the sessions (and the store's
+    /// statement count) up to now.
+    fn catch_up(&self, state: &ServerState) {
         self.sessions.set(state.registry.len() as i64);
         self.unauthenticated.set(state.admission.len() as i64);
         // Ended sessions are added after they leave the registry: a sum taken between the
@@ -259,11 +316,30 @@ impl Metrics {
                 *last = n;
             }
         }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
-        out
     }
+}
+
+/// The counters of [`Metrics`] at one moment ([`Metrics::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Session handshakes completed.
+    pub handshakes: u64,
+    /// Enrollments stored.
+    pub enrollments: u64,
+    /// Connections refused, by reason (`tally_refusals_total{reason}`), in the order the
+    /// reasons first occurred.
+    pub refusals: Vec<(&'static str, u64)>,
+    /// Unauthenticated connections closed to make room for newer ones.
+    pub evictions: u64,
+    /// Session frames in, out.
+    pub frames: [u64; 2],
+    /// Session bytes in, out.
+    pub bytes: [u64; 2],
+    /// Requests handed to the backend: answered OK, with another status, not in time,
+    /// panicked ([`BackendOutcome`]'s order).
+    pub requests: [u64; 4],
+    /// Statements sent to a PostgreSQL store.
+    pub store_queries: u64,
 }
 
 /// The content type of the OpenMetrics text format.
@@ -288,6 +364,7 @@ const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/pla
 /// without a whole request head.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<ServerState>, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
+        let _ = state.info.metrics.set(addr);
         info!(metrics_addr = %addr, "metrics on http://{addr}/metrics");
     }
     let room = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod registry;
 mod session;
+pub mod status;
 mod tarpit;
 
 use std::future::Future;
@@ -87,6 +88,8 @@ pub struct ServerState {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when those tasks must end.
     pub(crate) stop: CancellationToken,
+    /// What the daemon is (version, start, addresses, store, backend): `tallyd status`.
+    pub info: status::Info,
     /// Held while the daemon runs.
     _lock: crate::secrets::StateLock,
 }
@@ -195,6 +198,7 @@ impl ServerState {
             seen: Default::default(),
             tasks,
             stop,
+            info: status::Info::new(config, &location),
             _lock: lock,
         };
         Ok((Arc::new(state), secrets))
@@ -335,7 +339,9 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    info!(addr = %listener.local_addr()?, backend = state.backend.name(), "listening");
+    let addr = listener.local_addr()?;
+    let _ = state.info.listen.set(addr);
+    info!(addr = %addr, backend = state.backend.name(), "listening");
     tokio::pin!(shutdown);
     // `last_seen` is written once a second for all sessions, not once per handshake.
     let flusher = {

@@ -339,6 +339,38 @@ pub struct Registry {
     next_conn: AtomicU64,
     /// The fleet, if this daemon is one of several.
     fleet: std::sync::OnceLock<Arc<dyn Fleetwide>>,
+    /// Server-initiated sends to this daemon's sessions (`tallyd status`).
+    pub sends: SendCounts,
+}
+
+/// Server-initiated REQUESTs and MESSAGEs handed to this daemon's sessions (from
+/// `tallyd send`, the backend, or another node of a fleet), as `tallyd status` shows them.
+#[derive(Debug, Default)]
+pub struct SendCounts {
+    /// REQUESTs handed to a session.
+    pub requests: AtomicU64,
+    /// Of those, answered by the device in time.
+    pub answered: AtomicU64,
+    /// REQUESTs whose sender waits for the device's answer now.
+    pub waiting: AtomicU64,
+    /// MESSAGEs written to a session.
+    pub messages: AtomicU64,
+}
+
+/// Counts one waiting sender while it lives.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -688,7 +720,7 @@ impl Registry {
         let mailbox = self
             .mailbox(id)
             .ok_or_else(|| SendError::Offline(id.to_string()))?;
-        Self::send_to(mailbox, kind, payload, timeout).await
+        Self::send_to(&self.sends, mailbox, kind, payload, timeout).await
     }
 
     /// [`Registry::send_here`] to `id`'s session if its claim epoch is `epoch` or older
@@ -708,11 +740,12 @@ impl Registry {
             Some(_) => return Err(SendError::SessionEnded),
             None => return Err(SendError::Offline(id.to_string())),
         };
-        Self::send_to(mailbox, kind, payload, timeout).await
+        Self::send_to(&self.sends, mailbox, kind, payload, timeout).await
     }
 
     /// Sends to one session's mailbox and waits for the outcome, up to `timeout`.
     async fn send_to(
+        counts: &SendCounts,
         mailbox: Arc<Mailbox>,
         kind: SendKind,
         payload: Bytes,
@@ -723,11 +756,17 @@ impl Registry {
             match kind {
                 SendKind::Request => {
                     let (reply, rx) = oneshot::channel();
+                    let _waiting = Waiting::new(&counts.waiting);
                     mailbox
                         .send(Box::new(Command::Request { payload, reply }))
                         .await
                         .map_err(|_| gone())?;
-                    rx.await.map_err(|_| gone())?.map(Some)
+                    counts.requests.fetch_add(1, Ordering::Relaxed);
+                    let answer = rx.await.map_err(|_| gone())?;
+                    if answer.is_ok() {
+                        counts.answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answer.map(Some)
                 }
                 SendKind::Message => {
                     let (sent, rx) = oneshot::channel();
@@ -735,7 +774,11 @@ impl Registry {
                         .send(Box::new(Command::Message { payload, sent }))
                         .await
                         .map_err(|_| gone())?;
-                    rx.await.map_err(|_| gone())?.map(|()| None)
+                    let written = rx.await.map_err(|_| gone())?;
+                    if written.is_ok() {
+                        counts.messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    written.map(|()| None)
                 }
             }
         };

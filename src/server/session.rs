@@ -487,7 +487,10 @@ impl Role for ServerRole {
                 code: CloseCode::IDLE_TIMEOUT,
                 ..
             }) => {
-                warn!(idle_secs = self.limits.idle_timeout.as_secs_f64(), "closed idle session (1.5x limits.keepalive without a frame)");
+                warn!(
+                    idle_secs = self.limits.idle_timeout.as_secs_f64(),
+                    "closed idle session (1.5x limits.keepalive without a frame)"
+                );
                 self.abandon();
             }
             Event::Closed(_) => self.abandon(),
