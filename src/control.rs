@@ -156,8 +156,8 @@ pub enum ControlResponse {
     },
     /// What the daemon is and what it counted (the raw metrics are `metrics_listen`'s).
     Status {
-        /// Its fields.
-        status: crate::server::status::Status,
+        /// Its fields (boxed: the other answers are small).
+        status: Box<crate::server::status::Status>,
     },
     /// The identities, and the live sessions.
     Identities {
@@ -379,7 +379,7 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
         ControlRequest::Revoke { id } => invalidate(state, &id, true).await,
         ControlRequest::Remove { id } => invalidate(state, &id, false).await,
         ControlRequest::Status => ControlResponse::Status {
-            status: crate::server::status::status(state).await,
+            status: Box::new(crate::server::status::status(state).await),
         },
         ControlRequest::Sessions => match &state.fleet {
             None => ControlResponse::Sessions {

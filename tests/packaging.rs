@@ -603,3 +603,62 @@ fn the_packaged_configuration_is_the_defaults_with_open_enrollment_off() {
     documented.insert("open_enrollment".into(), "false".into());
     assert_eq!(packaged, documented);
 }
+
+const OPERATING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATING.md");
+
+/// Issue 27, item 4: the package installs the operator's page, not the developer README,
+/// and every tallyd command it shows is one tallyd takes: its subcommand exists and each
+/// flag is in that subcommand's --help.
+#[test]
+fn the_operators_page_is_installed_and_its_commands_exist() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(r#"["docs/OPERATING.md", "usr/share/doc/tally/README.md", "644"]"#),
+        "Cargo.toml does not install docs/OPERATING.md as the package's README"
+    );
+    assert!(!manifest.contains(r#"["README.md", "usr/share/doc/tally/README.md""#));
+    let page = std::fs::read_to_string(OPERATING).unwrap();
+    assert!(page.starts_with("# Operating tallyd\n"));
+    assert!(!page.contains("cargo run"), "an operator has no cargo");
+    // The message root gets from a daemon run as nobody is the code's.
+    let control =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/control.rs")).unwrap();
+    let rule = "not as root, a system user or you: refusing to send it an admin command";
+    assert!(control.contains(rule) && page.contains(&format!("runs as uid 65534, {rule}")));
+
+    let mut checked = 0;
+    let mut in_sh = false;
+    for line in page.lines() {
+        // Blocks inside list items are indented.
+        match line.trim() {
+            "```sh" => in_sh = true,
+            "```" => in_sh = false,
+            l if in_sh => {
+                let words: Vec<&str> = l.split('#').next().unwrap().split_whitespace().collect();
+                let Some(at) = words.iter().position(|w| *w == "tallyd") else {
+                    continue;
+                };
+                let args = &words[at + 1..];
+                let sub = args
+                    .iter()
+                    .find(|a| TALLYD_SUBCOMMANDS.contains(a))
+                    .copied();
+                let help = match sub {
+                    Some(sub) => run(TALLYD, &[sub, "--help"]),
+                    None => run(TALLYD, &["--help"]),
+                };
+                for flag in args.iter().filter(|a| a.starts_with("--")) {
+                    assert!(
+                        help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+                        "docs/OPERATING.md: `{l}`: tallyd {} has no {flag}",
+                        sub.unwrap_or("")
+                    );
+                }
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked >= 7, "only {checked} tallyd commands found");
+}
