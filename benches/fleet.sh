@@ -70,6 +70,8 @@ mkdir -m 700 node1 && cp node0/server.key node0/store.key node1/
 "$BIN/tallyd" --config node1.toml >node1.log 2>&1 & pids+=($!)
 sleep 2
 TOKEN_SQLITE=$("$BIN/tallyd" --config sqlite.toml token)
+# Open enrollment is the fleet's, off until turned on (README, "Running several daemons").
+"$BIN/tallyd" --config node0.toml open-enrollment on >/dev/null
 TOKEN_PG=$("$BIN/tallyd" --config node0.toml token)
 
 # CPU ticks (utime + stime) of the cluster's processes, and one metric of node 0.

@@ -405,7 +405,7 @@ async fn cli_listen_exec_answers_tallyd_send() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (daemon, _) = common::bin::start(&state, true);
-    let token = tally::admin::open_token(&state, None, false).unwrap();
+    let token = tally::admin::open_token(&state, None, false).unwrap().token;
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .env("TALLY_TOKEN", &*token)
         .args([

@@ -68,7 +68,7 @@ fn load_tool_runs_every_mode_against_tally_and_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (daemon, _) = common::bin::start(&state, true);
-    let token = tally::admin::open_token(&state, None, false).unwrap();
+    let token = tally::admin::open_token(&state, None, false).unwrap().token;
     let creds = dir.path().join("creds");
     let plain = baseline("bench_plain");
     let twin = baseline("bench_echo");
@@ -171,7 +171,7 @@ fn flood_mode_runs_every_attack_and_reports_the_devices() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (daemon, _) = common::bin::start(&state, true);
-    let token = tally::admin::open_token(&state, None, false).unwrap();
+    let token = tally::admin::open_token(&state, None, false).unwrap().token;
     let creds = dir.path().join("creds");
     let pid = daemon.child.id().to_string();
     for attack in [

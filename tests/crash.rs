@@ -20,7 +20,8 @@ async fn kill_9_during_enrollments_loses_no_confirmed_identity() {
     let state = dir.path().join("state");
     let (mut daemon, _) = start(&state, true);
     let token =
-        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap()).unwrap();
+        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap().token)
+            .unwrap();
     let addr = daemon.addr.clone();
 
     let confirmed = Arc::new(tokio::sync::Mutex::new(Vec::new()));

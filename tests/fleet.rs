@@ -125,7 +125,26 @@ impl Fleet {
         for i in 0..n {
             fleet.nodes.push(fleet.start_node(i));
         }
+        // Open enrollment is the fleet's, off until turned on: the tests enroll their
+        // devices with the open token (unless a test's configuration says otherwise).
+        if !extra.contains("open_enrollment = false") {
+            fleet.open_enrollment(true);
+        }
         fleet
+    }
+
+    /// `tallyd open-enrollment on|off` through node 0; waits until every node applies it.
+    fn open_enrollment(&self, on: bool) {
+        let word = if on { "on" } else { "off" };
+        self.nodes[0].ok(&["open-enrollment", word]);
+        let want = format!("open enrollment is {word} for the whole fleet");
+        for node in &self.nodes {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !node.ok(&["open-enrollment"]).contains(&want) {
+                assert!(Instant::now() < deadline, "a node never applied: {want}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     fn start_node(&self, i: usize) -> Node {
@@ -1273,10 +1292,19 @@ fn a_revocation_survives_a_rollback_of_its_row() {
     f.nodes.pop();
     f.cluster
         .psql("DELETE FROM fleet_log WHERE kind <> 'setting'");
-    let path = f.root.path().join("node1.toml");
+    let err = refused_start(&f.root.path().join("node1.toml"));
+    assert!(
+        err.contains("it holds 1 verified entries, fewer than this node verified")
+            && err.contains("3 entries"),
+        "{err}"
+    );
+}
+
+/// Starts `tallyd --config CONFIG`, which must refuse to start: its stderr.
+fn refused_start(config: &Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .arg("--config")
-        .arg(&path)
+        .arg(config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1288,17 +1316,14 @@ fn a_revocation_survives_a_rollback_of_its_row() {
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            panic!("node 1 started on a database whose revocation log was deleted");
+            panic!("{} started", config.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(
-        err.contains("holds 1 verified entries") && err.contains("has verified 3"),
-        "{err}"
-    );
+    assert!(!status.success(), "{err}");
+    err
 }
 
 /// `tally enroll` of `id` with the open token at node `n`: its output.
@@ -1332,8 +1357,8 @@ fn open_enrollment_is_decided_once_for_the_fleet() {
     ) else {
         return;
     };
-    // A node whose configuration says otherwise joins: the fleet's setting applies,
-    // and it says so.
+    // A node whose configuration says otherwise (here the default: on) joins: the
+    // fleet's setting applies (off: nobody turned it on), and it says so.
     let path = f.root.path().join("node1.toml");
     let dir = f.root.path().join("node1");
     std::fs::create_dir(&dir).unwrap();
@@ -1344,7 +1369,7 @@ fn open_enrollment_is_decided_once_for_the_fleet() {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\nopen_enrollment = true\n",
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n",
             dir.display(),
             f.cluster.url()
         ),
@@ -1366,24 +1391,32 @@ fn open_enrollment_is_decided_once_for_the_fleet() {
         "open enrollment is off for the whole fleet"
     );
     // Turned on once, through any node, for every node.
-    assert!(f.nodes[0]
-        .ok(&["open-enrollment", "on"])
-        .contains("on for the whole fleet"));
+    f.open_enrollment(true);
     f.nodes[1]
         .daemon
         .expect_log(&["open enrollment is on for the whole fleet now"]);
     let out = enroll_open(&f, 1, "open-2");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // A setting a database writer adds without the fleet key changes nothing.
+    // A setting a database writer adds without the fleet key changes nothing, and
+    // stops the log there (nothing past it is applied; no setting can be made).
     f.cluster.psql(
-        "INSERT INTO fleet_log (seq, id, generation, kind, at, tag) \
+        "INSERT INTO fleet_log (seq, id, value, kind, at, tag) \
          SELECT max(seq) + 1, 'open_enrollment', 0, 'setting', 0, decode(repeat('00', 32), 'hex') \
            FROM fleet_log; \
          NOTIFY tally_identity, 'setting open_enrollment'",
     );
-    f.nodes[1].daemon.expect_log(&["does not verify"]);
+    f.nodes[1]
+        .daemon
+        .expect_log(&["does not verify under the fleet key"]);
     let out = enroll_open(&f, 1, "open-3");
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = f.nodes[0].admin(&["open-enrollment", "off"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("the fleet's log is damaged"),
+        "{}",
+        text(&refused.stderr)
+    );
 }
 
 #[test]
@@ -1444,4 +1477,162 @@ fn a_burst_of_sends_through_another_node_is_capped_at_the_device() {
         8,
         "handlers started at the device"
     );
+}
+
+// The second review of issue 26 (a database writer against the fleet's log), each attack
+// performed; each passed on 48bf6df (the revocation was undone, or open enrollment
+// turned on) and fails there.
+
+#[test]
+fn a_revocation_is_logged_whatever_a_writer_made_the_row_say() {
+    let Some(f) = Fleet::start("fleet: premarked row", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "premark-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 1));
+    expect_line(&lines, "connected as premark-1");
+    // The writer marks the row revoked: the operator's revoke found nothing to do, and
+    // wrote nothing the other nodes would act on.
+    f.cluster
+        .psql("UPDATE identities SET revoked = 0 WHERE id = 'premark-1'");
+    let said = f.nodes[0].ok(&["revoke", "premark-1"]);
+    assert!(said.contains("premark-1: revoked"), "{said}");
+    let lost = expect_line(&lines, "closed by the server");
+    assert!(lost.contains("revoked"), "{lost}");
+    // Unmarked again: still refused everywhere.
+    f.cluster.psql(
+        "UPDATE identities SET revoked = NULL WHERE id = 'premark-1'; \
+         NOTIFY tally_identity, 'enrolled premark-1'",
+    );
+    barrier(&f, 1, 0, "premark-barrier");
+    for n in 0..2 {
+        assert!(
+            !request(&f.at(&cred, n), "back?").status.success(),
+            "node {n} serves it"
+        );
+    }
+}
+
+#[test]
+fn a_generation_changed_by_a_writer_does_not_escape_a_revocation() {
+    let Some(f) = Fleet::start("fleet: generation swap", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "swap-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 1));
+    expect_line(&lines, "connected as swap-1");
+    // The writer moves the row to another generation before the revocation (which
+    // named the database's generation, and so missed the live one), and back after.
+    f.cluster.psql(
+        "CREATE TABLE saved AS SELECT * FROM identities WHERE id = 'swap-1'; \
+         UPDATE identities SET generation = generation + 1000000 WHERE id = 'swap-1'",
+    );
+    f.nodes[0].ok(&["revoke", "swap-1"]);
+    let lost = expect_line(&lines, "closed by the server");
+    assert!(lost.contains("revoked"), "{lost}");
+    let out = f.nodes[0].admin(&["send", "swap-1", "--request", "still here?"]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    f.cluster.psql(
+        "UPDATE identities i SET generation = s.generation, key = s.key, revoked = NULL \
+           FROM saved s WHERE i.id = s.id; NOTIFY tally_identity, 'enrolled swap-1'",
+    );
+    barrier(&f, 1, 0, "swap-barrier");
+    barrier(&f, 0, 1, "swap-barrier2");
+    for n in 0..2 {
+        assert!(
+            !request(&f.at(&cred, n), "back?").status.success(),
+            "node {n} serves it"
+        );
+    }
+}
+
+#[test]
+fn a_log_entry_deleted_and_its_number_reused_hides_no_revocation() {
+    let Some(mut f) = Fleet::start("fleet: reused number", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "reuse-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    // The writer deletes the newest entry (the fleet's setting): the next revocation
+    // would have taken its number, and no running node would have read it.
+    f.cluster
+        .psql("DELETE FROM fleet_log WHERE seq = (SELECT max(seq) FROM fleet_log)");
+    let out = f.nodes[0].admin(&["revoke", "reuse-1"]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("the fleet's log is damaged")
+            && text(&out.stderr).contains("this node verified 1 entries"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A node that saw the deleted entry does not start on the database without it.
+    f.nodes.pop();
+    let err = refused_start(&f.root.path().join("node1.toml"));
+    assert!(err.contains("fewer than this node verified"), "{err}");
+}
+
+#[test]
+fn a_writer_and_a_fresh_node_cannot_turn_open_enrollment_on() {
+    let Some(f) = Fleet::start("fleet: open enrollment flip", 1, "replace") else {
+        return;
+    };
+    f.open_enrollment(false);
+    assert!(!enroll_open(&f, 0, "flip-0").status.success());
+    // The writer spoils the setting's entry; a node with an empty state directory and
+    // the default configuration (open_enrollment = true) starts: it writes nothing, and
+    // it does not start on a log that does not verify.
+    f.cluster
+        .psql("UPDATE fleet_log SET tag = decode(repeat('00', 32), 'hex') WHERE kind = 'setting'");
+    let path = f.root.path().join("fresh.toml");
+    let dir = f.root.path().join("fresh");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for key in ["server.key", "store.key"] {
+        std::fs::copy(f.root.path().join("node0").join(key), dir.join(key)).unwrap();
+    }
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n",
+            dir.display(),
+            f.cluster.url()
+        ),
+    )
+    .unwrap();
+    let err = refused_start(&path);
+    assert!(err.contains("does not verify under the fleet key"), "{err}");
+    assert!(!enroll_open(&f, 0, "flip-1").status.success());
+}
+
+#[test]
+fn a_flood_of_notices_costs_the_node_reads_not_memory() {
+    // The second review of issue 26: every notice was queued without a bound, so a role
+    // that may only connect could grow a node's memory at will. Beyond 4096 waiting, the
+    // node drops the queue and reads everything again, as after a lost connection.
+    let Some(f) = Fleet::start("fleet: notice flood", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "flood-1");
+    let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as flood-1");
+    f.await_sessions(1, &[("flood-1", 0)], 10);
+    f.cluster.psql("CREATE ROLE intruder LOGIN");
+    let out = psql_as(
+        &f,
+        "intruder",
+        "SELECT count(pg_notify('tally_identity', 'enrolled flood-' || g)) \
+         FROM generate_series(1, 20000) g",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    f.nodes[0]
+        .daemon
+        .expect_log(&["notices wait to be", "reading everything again"]);
+    f.nodes[0]
+        .daemon
+        .expect_log(&["caught up with the notices missed"]);
+    still_connected(&lines);
+    let out = f.nodes[1].admin(&["send", "flood-1", "--request", "still here?"]);
+    assert_eq!(text(&out.stdout), "still here?", "{}", text(&out.stderr));
 }

@@ -123,7 +123,7 @@ async fn open_mode_off_and_rotation_make_the_open_token_useless() {
     let srv = start().await;
     let old = srv.open_token();
     let new = admin(&srv, |dir| {
-        EnrollmentToken::parse(&tally::admin::open_token(dir, None, true).unwrap()).unwrap()
+        EnrollmentToken::parse(&tally::admin::open_token(dir, None, true).unwrap().token).unwrap()
     })
     .await;
     assert_refused(&srv, &old, "dev-a", ErrorCode::ENROLL_REFUSED).await;
@@ -677,7 +677,8 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
     let pid = daemon.child.id();
     let addr: std::net::SocketAddr = daemon.addr.parse().unwrap();
     let token =
-        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap()).unwrap();
+        EnrollmentToken::parse(&tally::admin::open_token(&state, None, false).unwrap().token)
+            .unwrap();
     let cred = client::enroll(
         &daemon.addr,
         &token,

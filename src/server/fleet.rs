@@ -53,6 +53,13 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 pub const SEND_SKEW: Duration = Duration::from_secs(60);
 /// Sends served within [`SEND_SKEW`] that a node remembers; beyond, a send is refused.
 pub const SERVED_SENDS: usize = 100_000;
+/// Notices waiting for the node to act on them. Beyond, the node reads everything again
+/// (as after a lost notification connection): a flood of notices costs it reads, never
+/// unbounded memory.
+pub const NOTICE_QUEUE: usize = 4096;
+/// Sends from other nodes this node serves at once; beyond, a send is not served (its
+/// origin times out).
+pub const SERVING_SENDS: usize = 1024;
 /// The file in the state directory that keeps how much of the fleet's revocation log
 /// this node has verified: a database whose log is shorter was rolled back.
 pub const REVOCATIONS_FILE: &str = "fleet-log";
@@ -86,7 +93,7 @@ pub struct Fleet {
     addr: Mutex<String>,
     /// Sends of this node waiting for their answer, by call number (woken by each
     /// `tally_result` notice for them: a hint to read the answer).
-    waiting: Mutex<HashMap<i64, mpsc::UnboundedSender<()>>>,
+    waiting: Mutex<HashMap<i64, Arc<tokio::sync::Notify>>>,
     /// One lock per identity being claimed on this node: its handshakes claim and
     /// register it one at a time.
     claiming: Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
@@ -99,13 +106,20 @@ pub struct Fleet {
     /// lets the node register sessions again only if none was lost since it began.
     deafness: std::sync::atomic::AtomicU64,
     /// Identity notices, for the task that applies them in order.
-    identities: mpsc::UnboundedSender<(String, String)>,
+    identities: mpsc::Sender<(String, String)>,
     /// Where this node keeps how much of the revocation log it has verified, and that
     /// count as last written.
     revocations_file: std::path::PathBuf,
     revocations_written: std::sync::atomic::AtomicU64,
-    /// Sends served lately: call → stamp (no send is served twice).
-    served: Mutex<HashMap<i64, i64>>,
+    /// Held while that record is written.
+    recording: Mutex<()>,
+    /// Sends served lately: call → when (no send is served twice).
+    served: Mutex<HashMap<i64, Instant>>,
+    /// Room for serving sends of other nodes ([`SERVING_SENDS`]).
+    serving: Arc<tokio::sync::Semaphore>,
+    /// The newest claim epoch this node made for each identity it holds: a send bound to
+    /// a newer one (a writer's number) is not served.
+    claimed: Mutex<HashMap<Id, u64>>,
     /// Notices and rows that did not verify.
     rejected: Rejected,
 }
@@ -335,7 +349,7 @@ impl std::fmt::Debug for Fleet {
 /// pings it).
 struct Listening {
     client: tokio_postgres::Client,
-    notices: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    notices: mpsc::Receiver<tokio_postgres::Notification>,
 }
 
 fn pg(store: &Store) -> &Postgres {
@@ -355,15 +369,20 @@ async fn listen(pg: &Postgres, node: &str) -> Result<Listening, StoreError> {
         .connect(pg.tls())
         .await
         .map_err(|e| pg.error_chain(&e))?;
-    let (tx, notices) = mpsc::unbounded_channel();
+    let (tx, notices) = mpsc::channel(NOTICE_QUEUE);
     tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n).is_err() {
+                Some(Ok(AsyncMessage::Notification(n))) => match tx.try_send(n) {
+                    Ok(()) => {}
+                    // Too many waiting: this connection ends, and the node reads
+                    // everything again, as when it is lost.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        warn!("fleet: more than {NOTICE_QUEUE} notices wait to be acted on (a flood on the fleet's channels?): reading everything again instead");
                         return;
                     }
-                }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                },
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     warn!(error = %e, "fleet: the notification connection failed");
@@ -405,7 +424,7 @@ impl Fleet {
             Ok::<_, StoreError>(listening)
         })?;
         info!(node, store = pg.place(), "joined the fleet");
-        let (identities, identity_notices) = mpsc::unbounded_channel();
+        let (identities, identity_notices) = mpsc::channel(NOTICE_QUEUE);
         let fleet = Arc::new(Fleet {
             store,
             registry: registry.clone(),
@@ -419,9 +438,17 @@ impl Fleet {
             identities,
             revocations_file: state_dir.join(REVOCATIONS_FILE),
             revocations_written: Default::default(),
+            recording: Mutex::default(),
             served: Mutex::default(),
+            serving: Arc::new(tokio::sync::Semaphore::new(SERVING_SENDS)),
+            claimed: Mutex::default(),
             rejected: Rejected::default(),
         });
+        // What this node verified of the fleet's log before: the log must still hold it
+        // (checked once the index, and the log with it, is loaded: `check_revocations`).
+        if let Some((seq, tag)) = fleet.recorded_log()? {
+            fleet.store.set_fleet_log_anchor(seq, tag);
+        }
         registry.join_fleet(Arc::new(Handle(Arc::downgrade(&fleet))));
         Ok((
             fleet.clone(),
@@ -584,6 +611,9 @@ impl Fleet {
                         registry::PING_PONG_WINDOW.as_secs()
                     );
                 }
+                let mut claimed = lock(&self.claimed);
+                let newest = claimed.entry(id.clone()).or_insert(claim.epoch);
+                *newest = (*newest).max(claim.epoch);
                 Ok(claim.epoch)
             }
         }
@@ -612,18 +642,13 @@ impl Fleet {
         });
     }
 
-    /// At start, once the key index is loaded (the revocation log is read with it):
-    /// refuses a database whose log holds fewer verified entries than this node has
-    /// seen before (rolled back: a revoked identity could be served again), then
-    /// records how far it is verified.
-    pub fn check_revocations(&self) -> Result<(), StoreError> {
+    /// The count and last tag of the fleet's log this node recorded in its state
+    /// directory (`None`: nothing recorded, a new node).
+    fn recorded_log(&self) -> Result<Option<(u64, [u8; fleet_key::TAG_LEN])>, StoreError> {
         let file = self.revocations_file.display().to_string();
-        let seen = match std::fs::read_to_string(&self.revocations_file) {
-            Ok(text) => text.trim().parse::<u64>().map_err(|_| StoreError::LocalFile {
-                file: file.clone(),
-                message: "not a count of revocations: damaged; compare it with the revocations table of the database and write the count there, or delete it to trust the database".into(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        let text = match std::fs::read_to_string(&self.revocations_file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
                 return Err(StoreError::LocalFile {
                     file,
@@ -631,50 +656,75 @@ impl Fleet {
                 })
             }
         };
-        let found = self.store.revocations_seen();
-        if seen > found {
-            return Err(StoreError::RevocationsRolledBack { file, seen, found });
+        let mut words = text.split_whitespace();
+        let seq = words.next().and_then(|w| w.parse::<u64>().ok());
+        let mut tag = [0u8; fleet_key::TAG_LEN];
+        let tag_ok = words
+            .next()
+            .is_some_and(|w| hex::decode_to_slice(w, &mut tag).is_ok());
+        match (seq, tag_ok, words.next()) {
+            (Some(seq), true, None) => Ok(Some((seq, tag))),
+            _ => Err(StoreError::LocalFile {
+                file,
+                message: "not a record of the fleet's log (its number of entries and the last one's tag, in hex): damaged; delete it on this node only if the database is known to be intact".into(),
+            }),
         }
-        self.revocations_written.store(seen, Ordering::SeqCst);
+    }
+
+    /// At start, once the key index is loaded (the fleet's log is read with it):
+    /// refuses a database whose log does not hold what this node verified before (rolled
+    /// back or changed: a revoked identity could be served again), or that does not
+    /// verify; then records how far it is verified.
+    pub fn check_revocations(&self) -> Result<(), StoreError> {
+        let recorded = self.recorded_log()?;
+        if let Err(why) = self.store.fleet_log_check() {
+            return Err(StoreError::RevocationsRolledBack {
+                file: self.revocations_file.display().to_string(),
+                seen: recorded.map_or(0, |r| r.0),
+                why,
+            });
+        }
+        self.revocations_written
+            .store(recorded.map_or(0, |r| r.0), Ordering::SeqCst);
         self.store.take_revocations();
         self.record_revocations()
     }
 
-    /// At start: open enrollment is decided once for the fleet, in its log. The first
-    /// node of a fleet writes its own `open_enrollment` there; a node whose
-    /// configuration disagrees with the fleet's says so (the fleet's applies).
+    /// At start: open enrollment is decided once for the fleet, in its log, by
+    /// `tallyd open-enrollment on|off` only; without a verified setting it is off. A
+    /// node whose configuration disagrees says so (the fleet's setting applies).
     pub fn settle_open_enrollment(&self, configured: bool) -> Result<(), StoreError> {
         let word = |on: bool| if on { "on" } else { "off" };
-        match self.store.fleet_setting(super::OPEN_ENROLLMENT) {
-            None => {
-                self.store
-                    .set_fleet_setting(super::OPEN_ENROLLMENT, i64::from(configured))?;
-                info!(
-                    "fleet: open enrollment is {} for the whole fleet (this node's open_enrollment, the first in the fleet's log; `tallyd open-enrollment on|off` changes it)",
-                    word(configured)
-                );
-            }
-            Some(v) if (v != 0) != configured => warn!(
-                "fleet: this node's configuration says open_enrollment = {configured}, but open enrollment is {} for the whole fleet, and the fleet's setting applies (`tallyd open-enrollment on|off` changes it for every node)",
-                word(v != 0)
-            ),
-            Some(_) => {}
+        let fleet = self
+            .store
+            .fleet_setting(super::OPEN_ENROLLMENT)
+            .is_some_and(|v| v != 0);
+        if fleet != configured {
+            warn!(
+                "fleet: this node's configuration says open_enrollment = {configured}, but open enrollment is {} for the whole fleet, and the fleet's setting applies (`tallyd open-enrollment on|off` changes it for every node; it is off until that is run once)",
+                word(fleet)
+            );
         }
         Ok(())
     }
 
-    /// Writes how far the revocation log is verified, if further than last written.
+    /// Writes how far the fleet's log is verified (its number of entries and the last
+    /// one's tag), if further than last written. One writer at a time.
     fn record_revocations(&self) -> Result<(), StoreError> {
-        let n = self.store.revocations_seen();
+        let _one = lock(&self.recording);
+        let (n, tag) = self.store.fleet_log_seen();
         if n <= self.revocations_written.load(Ordering::SeqCst) {
             return Ok(());
         }
-        crate::secrets::write_secret_file(&self.revocations_file, format!("{n}\n").as_bytes())
-            .map_err(|e| StoreError::LocalFile {
-                file: self.revocations_file.display().to_string(),
-                message: e.to_string(),
-            })?;
-        self.revocations_written.fetch_max(n, Ordering::SeqCst);
+        crate::secrets::write_secret_file(
+            &self.revocations_file,
+            format!("{n} {}\n", hex::encode(tag)).as_bytes(),
+        )
+        .map_err(|e| StoreError::LocalFile {
+            file: self.revocations_file.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.revocations_written.store(n, Ordering::SeqCst);
         Ok(())
     }
 
@@ -688,10 +738,7 @@ impl Fleet {
             } else {
                 (CloseCode::REVOKED, "identity revoked")
             };
-            if self
-                .registry
-                .invalidate_generation(&id, r.generation, code, reason)
-            {
+            if self.registry.invalidate_upto(&id, r.upto, code, reason) {
                 info!(id = %id, "{reason} (a revocation verified under the fleet key): session closed");
             }
         }
@@ -719,6 +766,12 @@ impl Fleet {
     /// Releases a claim (a session refused after its claim, or ended), and a claim of
     /// the id waiting for no session of it to be live here ([`Release::Idle`]).
     pub fn release(self: &Arc<Self>, id: &Id, epoch: u64) {
+        {
+            let mut claimed = lock(&self.claimed);
+            if claimed.get(id) == Some(&epoch) {
+                claimed.remove(id);
+            }
+        }
         let this = self.clone();
         let id = id.to_string();
         self.pg().spawn(async move {
@@ -754,6 +807,9 @@ impl Fleet {
             return;
         }
         let done = self.pg().release_all(&id, &self.node).await;
+        if done.is_ok() {
+            lock(&self.claimed).remove(&key);
+        }
         if let Err(e) = &done {
             debug!(id, error = %e, "fleet: could not release a claim; trying again in a second");
         }
@@ -854,8 +910,8 @@ impl Fleet {
             };
             let bytes = crate::secrets::random_bytes();
             let call = i64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) & i64::MAX;
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            this.lock_waiting().insert(call, tx);
+            let woken = Arc::new(tokio::sync::Notify::new());
+            this.lock_waiting().insert(call, woken.clone());
             let mut send = PendingSend {
                 call,
                 node,
@@ -876,9 +932,9 @@ impl Fleet {
             let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(1);
             let mut answer = None;
             if asked.is_ok() {
-                while tokio::time::timeout_at(deadline, rx.recv())
+                while tokio::time::timeout_at(deadline, woken.notified())
                     .await
-                    .is_ok_and(|n| n.is_some())
+                    .is_ok()
                 {
                     if let Ok(Some((outcome, tag))) = pg.send_outcome(call, false).await {
                         if answer_verifies(this.store.fleet_key(), &send, &outcome, &tag) {
@@ -922,7 +978,7 @@ impl Fleet {
             .unwrap_or_else(|e| Err(SendError::Elsewhere(e.to_string())))
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, mpsc::UnboundedSender<()>>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<tokio::sync::Notify>>> {
         lock(&self.waiting)
     }
 
@@ -938,12 +994,24 @@ impl Fleet {
         }
         let now = unix_ms();
         let skew = SEND_SKEW.as_millis() as i64;
+        let timeout = send.timeout.as_millis().min(i64::MAX as u128) as i64;
         if (now - send.stamp).abs() > skew {
             return Err("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute)");
         }
+        if now > send.stamp.saturating_add(timeout).saturating_add(2000) {
+            return Err("a send older than its timeout (held back: its origin has given up)");
+        }
+        let newest = Id::new(&send.id)
+            .ok()
+            .and_then(|id| lock(&self.claimed).get(&id).copied());
+        if newest.is_none_or(|newest| send.epoch > newest) {
+            return Err("a send bound to a claim this node did not make");
+        }
         let mut served = lock(&self.served);
+        // Remembered by this node's monotonic clock: a step of the wall clock does not
+        // forget a send that may still pass the stamp check.
         if served.len() >= SERVED_SENDS / 2 {
-            served.retain(|_, stamp| now - *stamp <= skew);
+            served.retain(|_, at| at.elapsed() <= 2 * SEND_SKEW);
         }
         if served.contains_key(&call) {
             return Err("a send served before (replayed)");
@@ -951,7 +1019,7 @@ impl Fleet {
         if served.len() >= SERVED_SENDS {
             return Err("a send beyond the number this node remembers within a minute");
         }
-        served.insert(call, send.stamp);
+        served.insert(call, Instant::now());
         Ok(())
     }
 
@@ -1151,12 +1219,19 @@ impl Fleet {
 
     /// Acts on one notice (identity notices go to their own task, in order: a slow
     /// read of an identity holds up no takeover and no send).
-    fn notice(self: &Arc<Self>, channel: &str, payload: &str) {
+    /// Returns false if the node cannot keep up (its identity notices' queue is full):
+    /// it then reads everything again, as after a lost notification connection.
+    fn notice(self: &Arc<Self>, channel: &str, payload: &str) -> bool {
         let mut words = payload.split(' ');
         match channel {
             channel::IDENTITY => {
                 if let (Some(op), Some(id)) = (words.next(), words.next()) {
-                    let _ = self.identities.send((op.to_owned(), id.to_owned()));
+                    if let Err(mpsc::error::TrySendError::Full(_)) =
+                        self.identities.try_send((op.to_owned(), id.to_owned()))
+                    {
+                        warn!("fleet: more than {NOTICE_QUEUE} identity notices wait to be applied (a flood on tally_identity?): reading everything again instead");
+                        return false;
+                    }
                 }
             }
             channel::CLOSE => match Takeover::verified(payload, self.store.fleet_key()) {
@@ -1177,7 +1252,18 @@ impl Fleet {
             channel::SEND => {
                 if let (Some(node), Some(Ok(call))) = (words.next(), words.next().map(str::parse)) {
                     if node == self.node {
-                        tokio::spawn(self.clone().serve_send(call));
+                        match self.serving.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let this = self.clone();
+                                tokio::spawn(async move {
+                                    this.serve_send(call).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => self
+                                .rejected
+                                .note("a send beyond those this node serves at once"),
+                        }
                     }
                 }
             }
@@ -1186,14 +1272,16 @@ impl Fleet {
                     (words.next(), words.next().map(str::parse::<i64>))
                 {
                     if node == self.node {
-                        if let Some(tx) = self.lock_waiting().get(&call) {
-                            let _ = tx.send(());
+                        // A hint, coalesced: the answer is read and verified.
+                        if let Some(woken) = self.lock_waiting().get(&call) {
+                            woken.notify_one();
                         }
                     }
                 }
             }
             _ => {}
         }
+        true
     }
 }
 
@@ -1201,7 +1289,7 @@ impl Fleet {
 pub struct FleetTasks {
     fleet: Arc<Fleet>,
     listening: Listening,
-    identity_notices: mpsc::UnboundedReceiver<(String, String)>,
+    identity_notices: mpsc::Receiver<(String, String)>,
 }
 
 impl FleetTasks {
@@ -1325,7 +1413,7 @@ fn fence(fleet: &Fleet, why: &str) {
 /// again a second later (meanwhile the identity is out of the index).
 async fn identities(
     fleet: Arc<Fleet>,
-    mut notices: mpsc::UnboundedReceiver<(String, String)>,
+    mut notices: mpsc::Receiver<(String, String)>,
     stop: CancellationToken,
 ) {
     loop {
@@ -1342,7 +1430,7 @@ async fn identities(
             tokio::spawn(async move {
                 tokio::time::sleep(HEARTBEAT).await;
                 // Read again: the identity's state now, whatever the notice said.
-                let _ = again.send(("changed".into(), id));
+                let _ = again.send(("changed".into(), id)).await;
             });
         }
     }
@@ -1372,10 +1460,7 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
                 true
             }
             n = listening.notices.recv() => match n {
-                Some(n) => {
-                    fleet.notice(n.channel(), n.payload());
-                    true
-                }
+                Some(n) => fleet.notice(n.channel(), n.payload()),
                 None => false,
             },
             // A connection that died without a word (a host or a network gone) is

@@ -111,10 +111,11 @@ impl ServerState {
     /// configuration (`open_enrollment`).
     pub fn open_enrollment(&self) -> bool {
         match &self.fleet {
+            // Off until `tallyd open-enrollment on` (a verified entry of the log).
             Some(_) => self
                 .store
                 .fleet_setting(OPEN_ENROLLMENT)
-                .map_or(self.params.allow_open, |v| v != 0),
+                .is_some_and(|v| v != 0),
             None => self.params.allow_open,
         }
     }

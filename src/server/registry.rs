@@ -522,20 +522,21 @@ impl Registry {
         live.ask_close(id, code, reason)
     }
 
-    /// In a fleet: the enrollment `generation` of `id` was revoked or removed (a
-    /// revocation the node verified): as [`Registry::invalidate`], but the live session
-    /// is closed only if it was made with that generation's key. Returns whether it was.
-    pub fn invalidate_generation(
+    /// In a fleet: the enrollments of `id` up to generation `upto` were revoked or
+    /// removed (an entry of the fleet's log the node verified): as
+    /// [`Registry::invalidate`], but the live session is closed only if it was made
+    /// with the key of one of them. Returns whether it was.
+    pub fn invalidate_upto(
         &self,
         id: &Id,
-        generation: u64,
+        upto: u64,
         code: CloseCode,
         reason: &'static str,
     ) -> bool {
         let mut live = self.lock();
         live.tombstones.insert(id.clone(), Instant::now());
         match live.sessions.get(id) {
-            Some(e) if e.generation == generation => {
+            Some(e) if e.generation <= upto => {
                 e.mailbox.ask_close(code, reason);
                 true
             }

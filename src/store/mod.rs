@@ -22,11 +22,12 @@
 //! path).
 
 pub mod fleet_key;
+pub mod fleet_log;
 pub mod pgconf;
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -99,16 +100,22 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
-    /// The fleet's log is shorter than a node has seen: rolled back.
-    #[error("the fleet's log (its revocations and settings) holds {found} verified entries without a gap, but this node has verified {seen} (recorded in {file}): entries were deleted, or the database was restored from an older backup, so an identity revoked since could be served again. Restore the lost entries (a newer backup); or, if the restore was deliberate and every identity revoked since that backup has been revoked again (and the fleet's settings set again), delete {file} to accept the database as it is")]
+    /// The fleet's log is not the one a node verified before: rolled back or changed.
+    #[error("the fleet's log (its revocations and settings) is not what this node verified before (recorded in {file}: {seen} entries): {why}. Entries were deleted or changed, or the database was restored from an older backup, so an identity revoked since could be served again. Restore the lost entries (a newer backup); or, if the restore was deliberate and every identity revoked since that backup has been revoked again (and the fleet's settings set again), delete {file} on every node to accept the database as it is")]
     RevocationsRolledBack {
         /// The node's record.
         file: String,
-        /// What it has verified.
+        /// How many entries it had verified.
         seen: u64,
-        /// What the database holds.
-        found: u64,
+        /// What is wrong.
+        why: String,
     },
+    /// The fleet's log does not verify past some entry: nothing can be appended.
+    #[error("the fleet's log is damaged ({0}): no revocation, removal or fleet setting can be made until it is repaired. Compare the table fleet_log with a backup, or delete its entries from the damaged one on, then revoke (or set) again what they held (docs/CLUSTER.md)")]
+    FleetLogDamaged(String),
+    /// Other nodes kept appending to the fleet's log.
+    #[error("the fleet's log kept changing while this node appended to it: try again")]
+    FleetLogBusy,
     /// A fleet-wide setting asked of a daemon that is not one of a fleet.
     #[error("{0} is a setting of a fleet (a PostgreSQL store); this daemon's own is in its configuration file")]
     NotFleet(String),
@@ -337,91 +344,16 @@ pub type SealedRow = (Vec<u8>, i64);
 /// An identity's sealed key row: id, generation, sealed key.
 pub type KeyRow = (String, i64, Vec<u8>);
 
-/// An entry of a fleet's revocation log (PostgreSQL): the enrollment `generation` of
-/// `id` was revoked (`kind` `revoked`) or removed (`removed`) at `at`, as the `seq`th
-/// revocation of the fleet; `tag` is its [`fleet_key::Statement::LogEntry`] tag.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetLogRow {
-    /// Its place in the log: 1, 2, 3, ... without a gap.
-    pub seq: i64,
-    /// The identity.
-    pub id: String,
-    /// The enrollment it ends.
-    pub generation: i64,
-    /// `revoked` or `removed`.
-    pub kind: String,
-    /// When (seconds since the Unix epoch).
-    pub at: i64,
-    /// The fleet key's tag over all of the above.
-    pub tag: Vec<u8>,
-}
+pub use fleet_log::{FleetLogRow, Revocation};
 
-impl FleetLogRow {
-    /// A new entry, tagged.
-    pub fn new(
-        key: &fleet_key::FleetKey,
-        seq: i64,
-        id: &str,
-        generation: i64,
-        kind: &str,
-        at: i64,
-    ) -> FleetLogRow {
-        let mut row = FleetLogRow {
-            seq,
-            id: id.to_owned(),
-            generation,
-            kind: kind.to_owned(),
-            at,
-            tag: Vec::new(),
-        };
-        let fields = row.fields();
-        let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
-        row.tag = key.tag(fleet_key::Statement::LogEntry, &fields).to_vec();
-        row
-    }
-
-    fn fields(&self) -> [Vec<u8>; 5] {
-        [
-            self.seq.to_be_bytes().to_vec(),
-            self.id.as_bytes().to_vec(),
-            self.generation.to_be_bytes().to_vec(),
-            self.kind.as_bytes().to_vec(),
-            self.at.to_be_bytes().to_vec(),
-        ]
-    }
-
-    /// Whether its tag is the fleet key's.
-    pub fn verifies(&self, key: &fleet_key::FleetKey) -> bool {
-        let fields = self.fields();
-        let fields: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
-        key.verify(fleet_key::Statement::LogEntry, &fields, &self.tag)
-    }
-}
-
-/// A verified revocation ([`Store::sync_revocations`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revocation {
-    /// The identity.
-    pub id: String,
-    /// The enrollment it ends.
-    pub generation: u64,
-    /// Removed (else revoked).
-    pub removed: bool,
-}
-
-/// The revocations this process has verified.
-#[derive(Debug, Default)]
-struct Revoked {
-    /// The log is verified without a gap up to this entry.
-    seq: u64,
-    /// Every revoked or removed generation verified (gaps included).
-    generations: HashSet<i64>,
-    /// Revocations verified and not yet taken by the fleet ([`Store::take_revocations`]).
-    unacted: Vec<Revocation>,
-    /// The identities with a verified revocation.
-    ids: HashSet<Box<str>>,
-    /// The fleet-wide settings: name → (the entry that set it, value).
-    settings: HashMap<Box<str>, (i64, i64)>,
+/// What an append to the fleet's log found ([`Engine::revoke_logged`] and its kin).
+#[derive(Debug)]
+pub enum Logged<T> {
+    /// Appended, in the same transaction as the change it records.
+    Appended(T),
+    /// The log holds entries this node has not verified yet: nothing was changed; read
+    /// them, and try again.
+    Moved,
 }
 
 /// What a database does for the [`Store`]: rows in, rows out, each method one
@@ -484,15 +416,38 @@ pub trait Engine: Send + Sync {
     /// After a secret was erased: make sure no copy of it lingers (SQLite's WAL).
     fn scrub(&self) {}
     /// The PostgreSQL engine, for the fleet's coordination (`crate::server::fleet`).
-    /// The entries of the fleet's log after `after`, in order (none for an engine of
-    /// one daemon: it is the only writer of its database).
-    fn fleet_log(&self, _after: u64) -> Result<Vec<FleetLogRow>, StoreError> {
+    /// Whether this engine keeps a fleet's log (PostgreSQL). An engine of one daemon
+    /// does not: its daemon is the only writer of its database.
+    fn has_fleet_log(&self) -> bool {
+        false
+    }
+
+    /// At most `limit` entries of the fleet's log after `after`, in order.
+    fn fleet_log(&self, _after: u64, _limit: usize) -> Result<Vec<FleetLogRow>, StoreError> {
         Ok(Vec::new())
     }
 
-    /// Appends a change of a fleet-wide setting to the fleet's log.
-    fn set_fleet_setting(&self, name: &str, _value: i64) -> Result<(), StoreError> {
-        Err(StoreError::NotFleet(name.to_owned()))
+    /// [`Engine::revoke`], appending `entry` to the fleet's log in the same transaction,
+    /// if the log's last entry is the one before it (else [`Logged::Moved`], or an error
+    /// if the log holds fewer entries than that: rolled back). Returns whether the
+    /// identity's row existed and was not marked revoked.
+    fn revoke_logged(
+        &self,
+        id: &str,
+        _at: i64,
+        _entry: &FleetLogRow,
+    ) -> Result<Logged<Option<bool>>, StoreError> {
+        Err(StoreError::NotFleet(id.to_owned()))
+    }
+
+    /// [`Engine::remove`], appending `entry` as [`Engine::revoke_logged`] does.
+    fn remove_logged(&self, id: &str, _entry: &FleetLogRow) -> Result<Logged<bool>, StoreError> {
+        Err(StoreError::NotFleet(id.to_owned()))
+    }
+
+    /// Appends `entry` (a setting) as [`Engine::revoke_logged`] does.
+    fn append_log(&self, entry: &FleetLogRow) -> Result<Logged<()>, StoreError> {
+        Err(StoreError::NotFleet(entry.id.clone()))
     }
 
     fn postgres(&self) -> Option<&postgres::Postgres> {
@@ -515,9 +470,11 @@ pub struct Store {
     decoy: [u8; SEALED_LEN],
     /// Authenticates what the nodes of a fleet write for each other.
     fleet_key: fleet_key::FleetKey,
-    /// The revocations verified: a key row of a revoked generation is never used, even
-    /// if a database writer restores it (docs/CLUSTER.md).
-    revoked: Mutex<Revoked>,
+    /// What this node verified of the fleet's log: a key row of an ended enrollment is
+    /// never used, even if a database writer restores it (docs/CLUSTER.md).
+    log: Mutex<fleet_log::LogState>,
+    /// Held while the log is read and applied: one reader at a time.
+    log_reading: Mutex<()>,
 }
 
 /// The sealed key of every usable identity, and the decoy's, held in memory so that a
@@ -572,13 +529,10 @@ impl Store {
     ) -> Result<Store, StoreError> {
         match location {
             Location::Sqlite(path) => Store::open(path, store_key),
-            Location::Postgres(url) => {
-                let fleet_key = fleet_key::FleetKey::derive(&store_key);
-                Store::with_engine(
-                    Box::new(postgres::Postgres::connect(url, fleet_key, passwords)?),
-                    store_key,
-                )
-            }
+            Location::Postgres(url) => Store::with_engine(
+                Box::new(postgres::Postgres::connect(url, passwords)?),
+                store_key,
+            ),
         }
     }
 
@@ -599,7 +553,8 @@ impl Store {
             changes: Mutex::new(()),
             decoy: sealed_array(&decoy)?,
             fleet_key: fleet_key::FleetKey::derive(&store_key),
-            revoked: Mutex::default(),
+            log: Mutex::default(),
+            log_reading: Mutex::new(()),
         })
     }
 
@@ -608,114 +563,196 @@ impl Store {
         &self.fleet_key
     }
 
-    fn revoked(&self) -> std::sync::MutexGuard<'_, Revoked> {
-        self.revoked.lock().unwrap_or_else(|e| e.into_inner())
+    fn log(&self) -> std::sync::MutexGuard<'_, fleet_log::LogState> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a verified revocation ended this generation.
-    fn is_revoked(&self, generation: i64) -> bool {
-        self.revoked().generations.contains(&generation)
+    /// Whether a verified revocation ended `id`'s enrollment `generation`.
+    fn is_revoked(&self, id: &str, generation: i64) -> bool {
+        self.log().is_dead(id, generation)
     }
 
-    /// Whether a verified revocation of `id` (of any of its enrollments) is known.
+    /// Whether a verified revocation or removal of `id` (of any of its enrollments) is
+    /// known.
     pub fn was_revoked(&self, id: &str) -> bool {
-        self.revoked().ids.contains(id)
+        self.log().was_revoked(id)
     }
 
-    /// How far the revocation log is verified without a gap.
-    pub fn revocations_seen(&self) -> u64 {
-        self.revoked().seq
+    /// How much of the fleet's log is verified: its entries, and the last one's tag.
+    pub fn fleet_log_seen(&self) -> (u64, [u8; fleet_key::TAG_LEN]) {
+        self.log().seen()
     }
 
-    /// Reads the entries of the fleet's revocation log not yet verified, verifies each,
-    /// and remembers the revoked generations: from then on a key row of one of them is
-    /// never used, whatever the database says of it; the new ones wait for
-    /// [`Store::take_revocations`]. Entries that verify are applied even past a gap (a
-    /// revocation is never ignored); a gap, or an entry that does not verify, is
-    /// returned (and logged), and read again next time.
-    pub fn sync_revocations(&self) -> Result<Vec<String>, StoreError> {
-        let after = self.revocations_seen();
-        let rows = self.engine.fleet_log(after)?;
-        let mut tampered = Vec::new();
-        let mut revoked = self.revoked();
-        let mut contiguous = true;
-        for row in rows {
-            if !row.verifies(&self.fleet_key) {
-                tampered.push(format!(
-                    "entry {} (identity {:?}) does not verify: forged or damaged",
-                    row.seq, row.id
-                ));
-                contiguous = false;
-                continue;
-            }
-            if contiguous && row.seq as u64 == revoked.seq + 1 {
-                revoked.seq += 1;
-            } else if contiguous {
-                tampered.push(format!(
-                    "entries {} to {} are missing (deleted)",
-                    revoked.seq + 1,
-                    row.seq - 1
-                ));
-                contiguous = false;
-            }
-            match row.kind.as_str() {
-                "revoked" | "removed" => {
-                    revoked.ids.insert(row.id.as_str().into());
-                    if row.generation >= 0 && revoked.generations.insert(row.generation) {
-                        revoked.unacted.push(Revocation {
-                            id: row.id,
-                            generation: row.generation as u64,
-                            removed: row.kind == "removed",
-                        });
+    /// What this node recorded of the log before (its state directory): the log must
+    /// hold that very entry ([`Store::fleet_log_check`], after the index is loaded).
+    pub fn set_fleet_log_anchor(&self, seq: u64, tag: [u8; fleet_key::TAG_LEN]) {
+        self.log().set_anchor(seq, tag);
+    }
+
+    /// Whether the fleet's log holds what this node recorded before, and verifies
+    /// without a break: `Err` says what is wrong.
+    pub fn fleet_log_check(&self) -> Result<(), String> {
+        let log = self.log();
+        if let Some(b) = log.broken() {
+            return Err(b.to_owned());
+        }
+        match log.anchor_holds() {
+            Some(true) => Ok(()),
+            Some(false) => Err("its entries differ from those this node verified".into()),
+            None => Err(format!(
+                "it holds {} verified entries, fewer than this node verified",
+                log.seen().0
+            )),
+        }
+    }
+
+    /// Reads the entries of the fleet's log not yet verified and applies those that
+    /// verify, in order, up to the first that does not (logged once; nothing past it is
+    /// applied): from then on a key row of an enrollment a revocation ended is never
+    /// used, whatever the database says of it; the revocations wait for
+    /// [`Store::take_revocations`], and leave the key index.
+    pub fn sync_revocations(&self) -> Result<(), StoreError> {
+        let changes = self.changes();
+        self.sync_locked()?;
+        drop(changes);
+        Ok(())
+    }
+
+    /// [`Store::sync_revocations`], with `changes` held.
+    fn sync_locked(&self) -> Result<(), StoreError> {
+        if !self.engine.has_fleet_log() {
+            return Ok(());
+        }
+        let _reading = self.log_reading.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (after, _) = self.log().seen();
+            let rows = self.engine.fleet_log(after, fleet_log::READ_BATCH)?;
+            let full = rows.len() >= fleet_log::READ_BATCH;
+            // The generation this node holds for each identity named (a revocation
+            // ends it too), read before the log's lock.
+            let held: HashMap<&str, i64> = match self.index.get() {
+                Some(index) => {
+                    let keys = index.keys.read().unwrap_or_else(|e| e.into_inner());
+                    rows.iter()
+                        .filter_map(|r| keys.get(r.id.as_str()).map(|(g, _)| (r.id.as_str(), *g)))
+                        .collect()
+                }
+                None => HashMap::new(),
+            };
+            let mut log = self.log();
+            let before = log.seen().0;
+            let problem = log.apply(&self.fleet_key, &rows, |id| held.get(id).copied());
+            let progressed = log.seen().0 > before;
+            let dead: Vec<(String, u64)> = log
+                .peek_revocations()
+                .map(|r| (r.id.clone(), r.upto))
+                .collect();
+            drop(log);
+            // Ended enrollments leave the index at once.
+            self.reindex(|keys| {
+                for (id, upto) in &dead {
+                    if keys
+                        .get(id.as_str())
+                        .is_some_and(|(g, _)| *g as u64 <= *upto)
+                    {
+                        keys.remove(id.as_str());
                     }
                 }
-                // The latest of each setting (entries past a gap are read again).
-                "setting" => {
-                    let newer = revoked
-                        .settings
-                        .get(row.id.as_str())
-                        .is_none_or(|(seq, _)| *seq < row.seq);
-                    if newer {
-                        revoked
-                            .settings
-                            .insert(row.id.into_boxed_str(), (row.seq, row.generation));
-                    }
-                }
-                other => tampered.push(format!(
-                    "entry {} is of a kind this tallyd does not know ({other:?}): a newer \
-                     tallyd wrote it; upgrade this node",
-                    row.seq
-                )),
+            });
+            if let Some(p) = problem {
+                tracing::error!(
+                    "the fleet's log is not as the nodes wrote it: {p}. Nothing past it is \
+                     applied, and no revocation or fleet setting can be made until it is \
+                     repaired (docs/CLUSTER.md, \"What the database can and cannot do to the \
+                     fleet\")"
+                );
+            }
+            if !(full && progressed) {
+                return Ok(());
             }
         }
-        drop(revoked);
-        for t in &tampered {
-            tracing::error!(
-                "the fleet's log (revocations and settings) is not as written: {t}; the \
-                 entries that verify are applied, and a restored key row of a revoked \
-                 identity stays refused if this node saw its revocation (docs/CLUSTER.md)"
-            );
-        }
-        Ok(tampered)
     }
 
     /// A fleet-wide setting, as the fleet's log last set it (verified), if it did.
     pub fn fleet_setting(&self, name: &str) -> Option<i64> {
-        self.revoked().settings.get(name).map(|(_, v)| *v)
+        self.log().setting(name)
     }
 
     /// Sets a fleet-wide setting: an entry of the fleet's log, tagged under the fleet
     /// key (every node applies it when it hears of it). Refused without a fleet.
     pub fn set_fleet_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
-        self.engine.set_fleet_setting(name, value)?;
-        self.sync_revocations()?;
-        Ok(())
+        let _changes = self.changes();
+        self.append(
+            |entry| self.engine.append_log(entry),
+            name,
+            value,
+            fleet_log::kind::SETTING,
+        )
+    }
+
+    /// Appends an entry to the fleet's log with `write` (which makes the change it
+    /// records in the same transaction): after reading the log to its end, chained to
+    /// its last entry; again if another node appended meanwhile.
+    fn append<T>(
+        &self,
+        write: impl Fn(&FleetLogRow) -> Result<Logged<T>, StoreError>,
+        id: &str,
+        value: i64,
+        kind: &str,
+    ) -> Result<T, StoreError> {
+        if !self.engine.has_fleet_log() {
+            return Err(StoreError::NotFleet(id.to_owned()));
+        }
+        for _ in 0..16 {
+            self.sync_locked()?;
+            let entry = {
+                let log = self.log();
+                if let Some(b) = log.broken() {
+                    return Err(StoreError::FleetLogDamaged(b.to_owned()));
+                }
+                log.next_entry(&self.fleet_key, id, value, kind, now())
+            };
+            match write(&entry)? {
+                Logged::Appended(out) => {
+                    self.sync_locked()?;
+                    return Ok(out);
+                }
+                Logged::Moved => continue,
+            }
+        }
+        Err(StoreError::FleetLogBusy)
+    }
+
+    /// The bound of a revocation of `id` written now: every enrollment of it this node
+    /// can know of (the highest generation it has verified of any identity, the one its
+    /// index holds for `id`, and the database's row if its sealed key opens).
+    fn revocation_bound(&self, id: &str) -> Result<i64, StoreError> {
+        let mut bound = self.log().max_generation();
+        if let Some((g, _)) = self.index.get().and_then(|i| {
+            i.keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id)
+                .copied()
+        }) {
+            bound = bound.max(g);
+        }
+        if let Some((g, sealed)) = self.engine.key(id)? {
+            if self
+                .sealer
+                .open(&assoc(ad::IDENTITY, id, g), &sealed)
+                .is_ok()
+            {
+                bound = bound.max(g);
+            }
+        }
+        Ok(bound)
     }
 
     /// The revocations verified since the last call, for the fleet to close the
     /// sessions made with their keys.
     pub fn take_revocations(&self) -> Vec<Revocation> {
-        std::mem::take(&mut self.revoked().unacted)
+        self.log().take_revocations()
     }
 
     /// The database engine (the fleet coordinates through PostgreSQL's).
@@ -780,6 +817,15 @@ impl Store {
         at: i64,
     ) -> Result<EnrollLookup, StoreError> {
         let (enrolled, token) = self.engine.enroll_lookup(id.as_str())?;
+        // An id whose key this node holds (verified) is enrolled, whatever the database
+        // says: a writer that deletes its row does not free it for someone else.
+        let enrolled = enrolled
+            || self.index.get().is_some_and(|i| {
+                i.keys
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(id.as_str())
+            });
         match mode {
             EnrollMode::Open => Ok(EnrollLookup {
                 credential: Ok(self.open_key()?),
@@ -822,11 +868,22 @@ impl Store {
         token_ref: Option<&[u8]>,
     ) -> Result<u64, StoreError> {
         let changes = self.changes();
+        // In a fleet, the log first: a removal of this id by another node, read after
+        // this enrollment, would end it too.
+        self.sync_locked()?;
         let seal = |generation| {
             self.sealer
                 .seal(&assoc(ad::IDENTITY, id.as_str(), generation), key.expose())
         };
         let (generation, sealed) = self.engine.insert(id, mode, token_ref, now(), &seal)?;
+        if self.is_revoked(id.as_str(), generation) {
+            // The database handed out a generation a revocation already ended (its
+            // sequence was set back): this enrollment could never be used.
+            return Err(StoreError::Corrupt(
+                "the database's generations went back (a revoked enrollment's number was handed out again)",
+            ));
+        }
+        self.log().saw_generation(generation);
         let sealed = sealed_array(&sealed)?;
         self.reindex(|keys| {
             keys.insert(id.as_str().into(), (generation, sealed));
@@ -844,7 +901,7 @@ impl Store {
             return found;
         }
         match self.engine.key(id.as_str())? {
-            Some((generation, sealed)) if !self.is_revoked(generation) => {
+            Some((generation, sealed)) if !self.is_revoked(id.as_str(), generation) => {
                 self.unseal_key(id, Some(generation), &sealed)
             }
             _ => self.unseal_key(id, None, &self.decoy),
@@ -888,7 +945,7 @@ impl Store {
     /// Whether a key row may be used: no verified revocation ended its generation (a
     /// row restored after its revocation is refused), and it opens with the store key.
     fn usable(&self, id: &str, generation: i64, sealed: &[u8]) -> bool {
-        if self.is_revoked(generation) {
+        if self.is_revoked(id, generation) {
             tracing::error!(
                 id,
                 generation,
@@ -906,7 +963,12 @@ impl Store {
             .sealer
             .open(&assoc(ad::IDENTITY, id, generation), sealed)
         {
-            Ok(_) => true,
+            Ok(_) => {
+                // A generation the database cannot make up: the bound of the
+                // revocations this node writes.
+                self.log().saw_generation(generation);
+                true
+            }
             Err(e) => {
                 // The store key itself was checked at open (the decoy, the open key): a
                 // row that does not open was damaged or moved, and only its device is
@@ -942,8 +1004,8 @@ impl Store {
 
     fn read_keys(&self) -> Result<SealedKeys, StoreError> {
         // The revocations first: a key row they end is left out even if the database
-        // says it is usable.
-        self.sync_revocations()?;
+        // says it is usable. (Callers hold `changes`.)
+        self.sync_locked()?;
         let rows = self.engine.keys()?;
         // Room to double before a rehash, which would hold the write lock (and every
         // handshake) for a pass over the whole map.
@@ -1033,6 +1095,9 @@ impl Store {
 
     /// Revokes an identity and erases its key. Returns false if it was already revoked.
     pub fn revoke(&self, id: &str) -> Result<bool, StoreError> {
+        if self.engine.has_fleet_log() {
+            return self.revoke_logged(id, false);
+        }
         let changes = self.changes();
         let revoked = self.engine.revoke(id, now());
         if revoked.is_ok() {
@@ -1054,6 +1119,9 @@ impl Store {
     /// Deletes an identity, so that its id can be enrolled again (with a new token, or
     /// in open mode). Returns false if there was none.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        if self.engine.has_fleet_log() {
+            return self.revoke_logged(id, true);
+        }
         let changes = self.changes();
         let existed = self.engine.remove(id)?;
         self.reindex(|keys| {
@@ -1064,6 +1132,60 @@ impl Store {
             self.engine.scrub();
         }
         Ok(existed)
+    }
+
+    /// [`Store::revoke`] or [`Store::remove`] in a fleet: an entry of the fleet's log
+    /// ends every enrollment of `id` this node can know of, whatever its row says (the
+    /// entry is written even if the row is gone, or already marked revoked: a database
+    /// writer may have put it so). Refused for an id neither the database nor this
+    /// node knows.
+    fn revoke_logged(&self, id: &str, remove: bool) -> Result<bool, StoreError> {
+        let changes = self.changes();
+        let held = self.index.get().is_some_and(|i| {
+            i.keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id)
+        });
+        let listed = self.engine.enroll_lookup(id)?.0;
+        if !held && !listed && !self.was_revoked(id) {
+            drop(changes);
+            return match remove {
+                true => Ok(false),
+                false => Err(StoreError::NotFound(id.to_owned())),
+            };
+        }
+        let bound = self.revocation_bound(id)?;
+        let at = now();
+        let kind = if remove {
+            fleet_log::kind::REMOVED
+        } else {
+            fleet_log::kind::REVOKED
+        };
+        let newly = self.append(
+            |entry| match remove {
+                true => self.engine.remove_logged(id, entry).map(|l| match l {
+                    Logged::Appended(existed) => Logged::Appended(existed),
+                    Logged::Moved => Logged::Moved,
+                }),
+                false => self.engine.revoke_logged(id, at, entry).map(|l| match l {
+                    Logged::Appended(row) => Logged::Appended(row != Some(false)),
+                    Logged::Moved => Logged::Moved,
+                }),
+            },
+            id,
+            bound,
+            kind,
+        );
+        if newly.is_ok() {
+            self.reindex(|keys| {
+                keys.remove(id);
+            });
+        }
+        drop(changes);
+        let newly = newly?;
+        self.engine.scrub();
+        Ok(newly || held)
     }
 
     /// Every identity, ordered by id.

@@ -18,10 +18,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use postgres_openssl::MakeTlsConnector;
 
-use super::fleet_key::FleetKey;
 use super::pgconf::{self, PasswordSources, TlsSettings};
 use super::{
-    redacted, Engine, FleetLogRow, IdentityRow, KeyRow, SealedRow, StoreError, TokenRow,
+    redacted, Engine, FleetLogRow, IdentityRow, KeyRow, Logged, SealedRow, StoreError, TokenRow,
     SCHEMA_VERSION,
 };
 use crate::proto::frame::{EnrollMode, Id};
@@ -48,9 +47,11 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Channels the daemons `LISTEN` on.
 pub mod channel {
-    /// `enrolled <id>`, `revoked <id>`, `removed <id>`.
+    /// `enrolled <id>`, `revoked <id>`, `removed <id>`, `setting <name>`: a hint to read
+    /// the fleet's log and the identity's row again.
     pub const IDENTITY: &str = "tally_identity";
-    /// `<node> <epoch> <id>`: the node's session of `id` with that epoch was taken over.
+    /// `<old node> <old epoch> <new node> <new epoch> <tag> <id>`: a takeover, tagged by
+    /// the node that took over (`server::fleet::Takeover`).
     pub const CLOSE: &str = "tally_close";
     /// `<node> <call>`: a send for a device whose session the node holds.
     pub const SEND: &str = "tally_send";
@@ -94,7 +95,7 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE fleet_log (
         seq        bigint PRIMARY KEY,
         id         text NOT NULL,
-        generation bigint NOT NULL,
+        value      bigint NOT NULL,
         kind       text NOT NULL,
         at         bigint NOT NULL,
         tag        bytea NOT NULL
@@ -226,8 +227,6 @@ pub struct Postgres {
     place: String,
     /// Statements sent to the database, for the benchmarks' "queries per handshake".
     queries: AtomicU64,
-    /// Tags the revocation log's entries.
-    fleet_key: FleetKey,
     /// The TLS of every connection (`sslmode`...), and its settings for error messages.
     tls: MakeTlsConnector,
     tls_settings: TlsSettings,
@@ -360,52 +359,63 @@ impl SendOutcome {
     }
 }
 
-/// Appends an entry to the fleet's log, in `tx`, after `LOCK TABLE fleet_log` (so that
-/// entries commit in the order of their numbers, with no gap), and announces it on
-/// `tally_identity` (`kind id`): the revocation or removal of `id`'s enrollment
-/// `generation`, or (`setting`) the fleet-wide setting `id` set to `generation`.
+/// Appends `entry` to the fleet's log in `tx`, if the log's last entry is the one
+/// before it: the table is locked first (entries commit in the order of their numbers),
+/// and the entry is announced on `tally_identity` (`kind id`) at the commit.
+/// [`Logged::Moved`] if the log holds more (another node appended: read, try again); an
+/// error if it holds fewer than the node verified (rolled back).
 async fn log_entry(
     tx: &tokio_postgres::Transaction<'_>,
-    key: &FleetKey,
-    id: &str,
-    generation: i64,
-    kind: &str,
-    at: i64,
-) -> Result<(), tokio_postgres::Error> {
-    let seq: i64 = tx
-        .query_one("SELECT coalesce(max(seq), 0) + 1 FROM fleet_log", &[])
-        .await?
+    entry: &FleetLogRow,
+    place: &str,
+) -> Result<Logged<()>, StoreError> {
+    let e = |e: tokio_postgres::Error| StoreError::Postgres {
+        place: place.to_owned(),
+        message: e.to_string(),
+    };
+    tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
+        .await
+        .map_err(e)?;
+    let last: i64 = tx
+        .query_one("SELECT coalesce(max(seq), 0) FROM fleet_log", &[])
+        .await
+        .map_err(e)?
         .get(0);
-    let row = FleetLogRow::new(key, seq, id, generation, kind, at);
+    if last >= entry.seq {
+        return Ok(Logged::Moved);
+    }
+    if last < entry.seq - 1 {
+        return Err(StoreError::FleetLogDamaged(format!(
+            "it ends at entry {last}, but this node verified {} entries: deleted, or rolled back",
+            entry.seq - 1
+        )));
+    }
     tx.execute(
-        "INSERT INTO fleet_log (seq, id, generation, kind, at, tag) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO fleet_log (seq, id, value, kind, at, tag) VALUES ($1, $2, $3, $4, $5, $6)",
         &[
-            &row.seq,
-            &row.id,
-            &row.generation,
-            &row.kind,
-            &row.at,
-            &row.tag,
+            &entry.seq,
+            &entry.id,
+            &entry.value,
+            &entry.kind,
+            &entry.at,
+            &entry.tag,
         ],
     )
-    .await?;
+    .await
+    .map_err(e)?;
     tx.execute(
         "SELECT pg_notify('tally_identity', $1 || ' ' || $2)",
-        &[&kind, &id],
+        &[&entry.kind, &entry.id],
     )
-    .await?;
-    Ok(())
+    .await
+    .map_err(e)?;
+    Ok(Logged::Appended(()))
 }
 
 impl Postgres {
     /// Connects to the database at `url` and brings its schema to [`SCHEMA_VERSION`].
     /// TLS as its `sslmode` says, the password from the URL or `passwords` ([`pgconf`]).
-    pub fn connect(
-        url: &str,
-        fleet_key: FleetKey,
-        passwords: PasswordSources<'_>,
-    ) -> Result<Postgres, StoreError> {
+    pub fn connect(url: &str, passwords: PasswordSources<'_>) -> Result<Postgres, StoreError> {
         let place = redacted(url);
         let fail = |message: String| StoreError::Postgres {
             place: place.clone(),
@@ -468,7 +478,6 @@ impl Postgres {
             runtime: Some(runtime),
             place,
             queries: AtomicU64::new(0),
-            fleet_key,
             tls,
             tls_settings,
         };
@@ -1187,88 +1196,94 @@ impl Engine for Postgres {
         Ok(())
     }
 
-    fn revoke(&self, id: &str, at: i64) -> Result<Option<bool>, StoreError> {
+    /// Not used by the store of a fleet, which revokes through its log
+    /// ([`Engine::revoke_logged`]): refused.
+    fn revoke(&self, id: &str, _at: i64) -> Result<Option<bool>, StoreError> {
+        Err(StoreError::NotFleet(format!(
+            "revoking {id} without the fleet's log"
+        )))
+    }
+
+    /// See [`Postgres::revoke`].
+    fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        Err(StoreError::NotFleet(format!(
+            "removing {id} without the fleet's log"
+        )))
+    }
+
+    fn has_fleet_log(&self) -> bool {
+        true
+    }
+
+    fn revoke_logged(
+        &self,
+        id: &str,
+        at: i64,
+        entry: &FleetLogRow,
+    ) -> Result<Logged<Option<bool>>, StoreError> {
         self.count_queries(6);
-        let key = &self.fleet_key;
+        let place = self.place.clone();
         transaction!(self, |tx, e| {
-            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
-                .await
-                .map_err(e)?;
-            let revoked = tx
-                .query_opt(
+            if let Logged::Moved = log_entry(&tx, entry, &place).await? {
+                return Ok(Logged::Moved);
+            }
+            let n = tx
+                .execute(
                     "UPDATE identities SET revoked = $2, key = NULL \
-                         WHERE id = $1 AND revoked IS NULL RETURNING generation",
+                         WHERE id = $1 AND revoked IS NULL",
                     &[&id, &at],
                 )
                 .await
                 .map_err(e)?;
-            if let Some(row) = revoked {
-                log_entry(&tx, key, id, row.get(0), "revoked", at)
-                    .await
-                    .map_err(e)?;
-                return Ok(Some(true));
+            if n == 1 {
+                return Ok(Logged::Appended(Some(true)));
             }
             let exists = tx
                 .query_opt("SELECT 1 FROM identities WHERE id = $1", &[&id])
                 .await
                 .map_err(e)?
                 .is_some();
-            Ok(exists.then_some(false))
+            Ok(Logged::Appended(exists.then_some(false)))
         })
     }
 
-    fn remove(&self, id: &str) -> Result<bool, StoreError> {
+    fn remove_logged(&self, id: &str, entry: &FleetLogRow) -> Result<Logged<bool>, StoreError> {
         self.count_queries(5);
-        let key = &self.fleet_key;
-        let at = super::now();
+        let place = self.place.clone();
         transaction!(self, |tx, e| {
-            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
-                .await
-                .map_err(e)?;
-            let removed = tx
-                .query_opt(
-                    "DELETE FROM identities WHERE id = $1 RETURNING generation",
-                    &[&id],
-                )
-                .await
-                .map_err(e)?;
-            if let Some(row) = &removed {
-                log_entry(&tx, key, id, row.get(0), "removed", at)
-                    .await
-                    .map_err(e)?;
+            if let Logged::Moved = log_entry(&tx, entry, &place).await? {
+                return Ok(Logged::Moved);
             }
-            Ok(removed.is_some())
+            let n = tx
+                .execute("DELETE FROM identities WHERE id = $1", &[&id])
+                .await
+                .map_err(e)?;
+            Ok(Logged::Appended(n == 1))
         })
     }
 
-    fn set_fleet_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
+    fn append_log(&self, entry: &FleetLogRow) -> Result<Logged<()>, StoreError> {
         self.count_queries(4);
-        let key = &self.fleet_key;
-        let at = super::now();
-        transaction!(self, |tx, e| {
-            tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
-                .await
-                .map_err(e)?;
-            log_entry(&tx, key, name, value, "setting", at)
-                .await
-                .map_err(e)?;
-            Ok(())
-        })
+        let place = self.place.clone();
+        transaction!(self, |tx, _e| { log_entry(&tx, entry, &place).await })
     }
 
-    fn fleet_log(&self, after: u64) -> Result<Vec<FleetLogRow>, StoreError> {
+    fn fleet_log(&self, after: u64, limit: usize) -> Result<Vec<FleetLogRow>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Rows of a size no node writes are left out: a gap, which stops the log.
         Ok(self
             .query(
-                "SELECT seq, id, generation, kind, at, tag FROM fleet_log WHERE seq > $1 \
-                 ORDER BY seq",
-                &[&after],
+                "SELECT seq, id, value, kind, at, tag FROM fleet_log WHERE seq > $1 \
+                 AND octet_length(id) <= 255 AND octet_length(kind) <= 32 \
+                 AND octet_length(tag) = 32 ORDER BY seq LIMIT $2",
+                &[&after, &limit],
             )?
             .iter()
             .map(|r| FleetLogRow {
                 seq: r.get(0),
                 id: r.get(1),
-                generation: r.get(2),
+                value: r.get(2),
                 kind: r.get(3),
                 at: r.get(4),
                 tag: r.get(5),
