@@ -28,7 +28,8 @@ pub async fn serve(
     let reserved = metrics_fds(&config);
     fit_fd_limit(&mut config.limits, reserved, true);
     let backend = backend::from_spec(&config.backend)?;
-    let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
+    // The port first: a start that cannot have it (in use) creates nothing, no keys in
+    // a new state directory among them.
     let listener = match systemd::listener_from_env().context("socket activation")? {
         Some(std) => {
             info!("using the socket passed by systemd");
@@ -41,6 +42,7 @@ pub async fn serve(
             listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?
         }
     };
+    let (state, secrets) = ServerState::open(&config, creds.as_deref(), backend)?;
     if let Some(fleet) = &state.fleet {
         fleet.advertise(listener.local_addr()?).await;
     }
@@ -156,12 +158,23 @@ fn fit_into(limits: &mut crate::config::Limits, soft: u64, reserved: u64) {
         } else {
             "limits.max_delayed_refusals does not fit the open-file limit (RLIMIT_NOFILE) beside limits.max_connections; clamped. Raise LimitNOFILE= (systemd) or `ulimit -n`"
         };
-        warn!(
-            configured = limits.max_delayed_refusals,
-            clamped = spare,
-            open_file_limit = soft,
-            "{why}"
-        );
+        if spare > 0
+            && limits.max_delayed_refusals == crate::config::Limits::default().max_delayed_refusals
+        {
+            // The default, not the operator's number: sized to what there is, quietly.
+            info!(
+                max_delayed_refusals = spare,
+                open_file_limit = soft,
+                "limits.max_delayed_refusals sized to the open-file limit (RLIMIT_NOFILE)"
+            );
+        } else {
+            warn!(
+                configured = limits.max_delayed_refusals,
+                clamped = spare,
+                open_file_limit = soft,
+                "{why}"
+            );
+        }
         limits.max_delayed_refusals = spare as usize;
     }
 }

@@ -69,6 +69,9 @@ pub mod generate;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod logging;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod output;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod secrets;

@@ -75,6 +75,23 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
     let out = run(&request, &["c-dev.cred", "hello from C"], cwd, "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello from C");
+    // Issue 27: one every user may read is refused, as the Rust CLI refuses it.
+    let set_mode = |mode| {
+        std::fs::set_permissions(
+            cwd.join("c-dev.cred"),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap()
+    };
+    set_mode(0o644);
+    let out = run(&request, &["c-dev.cred", "x"], cwd, "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("chmod 600 c-dev.cred"),
+        "{}",
+        text(&out.stderr)
+    );
+    set_mode(0o600);
 
     // The Rust client reads the credential C wrote, and the other way round.
     let out = run(tally, &["request", "--cred", "c-dev.cred", "rust"], cwd, "");
@@ -122,6 +139,11 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
     let original = std::fs::read_to_string(cwd.join("c-two.cred")).unwrap();
     let v10 = original.replace("tally-credential = 1", "tally-credential = 10");
     std::fs::write(cwd.join("v10.cred"), v10).unwrap();
+    std::fs::set_permissions(
+        cwd.join("v10.cred"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let out = run(&request, &["v10.cred", "x"], cwd, "");
     assert!(!out.status.success());
     assert!(

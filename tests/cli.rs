@@ -752,7 +752,8 @@ fn the_walkthrough_reader_understands_the_readme_conventions() {
 
 /// Issue 14, item 11: a first start that failed after creating the keys (here: the port
 /// is taken) printed the token hint once, to no one; the next start said nothing. Until
-/// a device is enrolled, every start says how to get a token.
+/// a device is enrolled, every start says how to get a token. Issue 27: a start that
+/// cannot have its port creates nothing (the next one is the first start).
 #[test]
 fn the_token_hint_comes_back_until_a_device_is_enrolled() {
     let dir = tempfile::tempdir().unwrap();
@@ -767,9 +768,12 @@ fn the_token_hint_comes_back_until_a_device_is_enrolled() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
-    assert!(state.join("server.key").exists(), "the keys were created");
+    assert!(!state.join("server.key").exists(), "keys were created");
     drop(taken);
 
+    let (daemon, hint) = start(&state, true);
+    assert!(hint.contains("First start: created keys"), "{hint}");
+    drop(daemon);
     let (daemon, hint) = start(&state, true);
     assert!(hint.contains("No device is enrolled yet."), "{hint}");
     assert!(hint.contains("token --id <DEVICE-ID>"), "{hint}");
@@ -804,4 +808,47 @@ fn the_token_hint_comes_back_until_a_device_is_enrolled() {
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut daemon.child.stdout.take().unwrap(), &mut stdout).unwrap();
     assert!(!stdout.contains("token"), "{stdout}");
+}
+
+/// Issue 27: `tally listen` printed a JSON payload escaped (`{\"interval\":60}`); it
+/// prints its text, only control characters escaped (one line per event).
+#[test]
+fn tally_listen_prints_payloads_as_their_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (daemon, _) = start(&state, true);
+    let cred = common::bin::enroll(&daemon, &state, "printer-1", dir.path());
+    let mut child = Command::new(TALLY)
+        .args(["listen", "--echo", "--cred"])
+        .arg(&cred)
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::bin::lines(child.stdout.take().unwrap());
+    let err = common::bin::lines(child.stderr.take().unwrap());
+    let _listener = common::bin::KillOnDrop(child);
+    common::bin::expect_line(&err, "connected as printer-1");
+    for payload in [r#"{"interval":60}"#, "two\nlines"] {
+        let sent = common::bin::admin(&state, &["send", "printer-1", payload]);
+        assert!(sent.status.success(), "{}", common::bin::text(&sent.stderr));
+    }
+    common::bin::expect_line(&out, r#"message: {"interval":60}"#);
+    common::bin::expect_line(&out, r"message: two\nlines");
+}
+
+/// Issue 27: every start opened with a WARN (the default limits.max_delayed_refusals
+/// "clamped" to the open-file limit): a default start warns about nothing.
+#[test]
+fn a_default_start_warns_about_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (daemon, _) = start(&state, true);
+    let warned: Vec<&String> = daemon
+        .startup_log
+        .iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warned.is_empty(), "{warned:#?}");
 }

@@ -450,6 +450,17 @@ fn completions_know_every_subcommand_and_flag() {
                 "{shell} completion of {name} offers the hidden `generate`"
             );
         }
+        // Issue 27: the daemon's flags are offered to the daemon, not to the admin
+        // commands (which refuse them).
+        let fish = run(bin, &["generate", "completions", "fish"]);
+        let daemon_flag = |l: &&str| l.contains("-l listen ") && l.contains("__fish_tallyd");
+        for line in fish.lines().filter(daemon_flag) {
+            assert!(
+                line.contains("__fish_tallyd_needs_command")
+                    || line.contains("__fish_tallyd_using_subcommand serve"),
+                "{line}"
+            );
+        }
         let bash = run(bin, &["generate", "completions", "bash"]);
         assert!(bash.contains(&format!("complete -F _{name} ")), "{bash}");
         let zsh = run(bin, &["generate", "completions", "zsh"]);

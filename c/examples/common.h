@@ -131,6 +131,16 @@ static inline int version_one(const char *line) {
 static inline int read_credential(const char *path, struct credential *cred) {
     FILE *f = fopen(path, "r");
     if (!f) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); return -1; }
+    /* Its key lets anyone act as the device: refused if every user may read or write it,
+     * as the tally CLI (and ssh, for a private key) refuses it. */
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || (st.st_mode & 0006)) {
+        fprintf(stderr, "%s is accessible to every user of this machine (mode %04o), and its "
+                        "key lets anyone act as the device: `chmod 600 %s`, then try again\n",
+                path, (unsigned)(st.st_mode & 07777), path);
+        fclose(f);
+        return -1;
+    }
     setvbuf(f, NULL, _IONBF, 0);
     char line[512], key_hex[65] = "";
     int version = -1, bad = 0, r;

@@ -279,6 +279,13 @@ def test_credential_round_trip_and_reader_rules(tmp_path):
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert Credential.load(path) == cred
+    # One every user may read is refused, as the tally CLI refuses it (issue 27).
+    from tally import InsecureCredential
+    os.chmod(path, 0o644)
+    with pytest.raises(InsecureCredential, match="chmod 600"):
+        Credential.load(path)
+    os.chmod(path, 0o640)
+    assert Credential.load(path) == cred
     cred.save(path)  # replaced atomically
     assert sorted(os.listdir(tmp_path)) == ["c.cred"]
     # Upper-case hex, other TOML spellings, unknown keys.

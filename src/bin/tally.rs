@@ -1,6 +1,6 @@
 //! `tally`: the Tally client. Enroll a device, send requests and messages, listen.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -343,7 +343,7 @@ fn write_credential(path: &Path, cred: &Credential, force: bool) -> anyhow::Resu
 }
 
 fn printable(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).escape_debug().to_string()
+    tally::output::one_line(b)
 }
 
 async fn bench(a: BenchArgs) -> anyhow::Result<()> {
@@ -849,7 +849,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             match result? {
-                (Status::OK, body) => std::io::stdout().write_all(&body)?,
+                (Status::OK, body) => tally::output::payload_to_stdout(&body)?,
                 (status, body) => {
                     bail!("request failed with status {status}: {}", printable(&body))
                 }

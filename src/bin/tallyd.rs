@@ -229,19 +229,17 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
 
 /// The command as the man pages and completions (`tallyd generate`) show it: the daemon's
 /// flags are global (`tallyd serve --listen` works) but refused by the admin commands,
-/// so their pages leave them out (a hidden copy in each stops clap's propagation).
+/// so they are shown on `tallyd` and `tallyd serve` only (not propagated: a hidden copy
+/// would still be offered by the completions).
 fn documented_command() -> clap::Command {
     let daemon_flags: Vec<clap::Arg> = ServeArgs::augment_args(clap::Command::new("tallyd"))
         .get_arguments()
-        .map(|a| a.clone().hide(true))
+        .map(|a| a.clone().global(false))
         .collect();
-    Cli::command().mut_subcommands(|sub| {
-        if sub.get_name() == "serve" {
-            sub
-        } else {
-            sub.args(daemon_flags.iter().cloned())
-        }
-    })
+    let root = daemon_flags.iter().fold(Cli::command(), |cmd, flag| {
+        cmd.mut_arg(flag.get_id().clone(), |a| a.global(false))
+    });
+    root.mut_subcommand("serve", |sub| sub.args(daemon_flags.iter().cloned()))
 }
 
 fn main() {
@@ -418,9 +416,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             let timeout = std::time::Duration::try_from_secs_f64(timeout)?;
             match admin::send(dir, &id, request, &payload, timeout)? {
                 None => eprintln!("sent to {id}"),
-                Some((tally::proto::Status::OK, body)) => {
-                    std::io::Write::write_all(&mut std::io::stdout(), &body)?
-                }
+                Some((tally::proto::Status::OK, body)) => tally::output::payload_to_stdout(&body)?,
                 Some((status, body)) => {
                     anyhow::bail!(
                         "{id} answered with status {status}: {}",

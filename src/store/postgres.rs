@@ -568,6 +568,11 @@ impl Postgres {
         ))
         .await
         .map_err(e)?;
+        // `CREATE TABLE IF NOT EXISTS` of an existing table says so with a NOTICE, which
+        // the driver logs at every start: not news.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await
+            .map_err(e)?;
         // Daemons starting together migrate one at a time.
         tx.execute("SELECT pg_advisory_xact_lock(7420)", &[])
             .await

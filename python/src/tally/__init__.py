@@ -17,9 +17,9 @@ frame layouts), :mod:`tally.formats` (token and credential), :mod:`tally.errors`
 from .client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT, IncomingMessage, IncomingRequest,
                      Response, Session, connect, enroll)
 from .codes import CloseCode, ErrorCode, FrameType, Status
-from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, PayloadTooLarge,
-                     ProtocolError, Refused, SequenceExhausted, StatusError, TallyError, Timeout,
-                     Truncated, Unreachable)
+from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, InsecureCredential,
+                     PayloadTooLarge, ProtocolError, Refused, SequenceExhausted, StatusError,
+                     TallyError, Timeout, Truncated, Unreachable)
 from .formats import Credential, EnrollmentToken
 
 __version__ = "0.1.0"
@@ -30,5 +30,5 @@ __all__ = [
     "Credential", "EnrollmentToken", "CloseCode", "ErrorCode", "FrameType", "Status",
     "TallyError", "ProtocolError", "AuthFailed", "Refused", "Closed", "Truncated", "Timeout",
     "StatusError", "PayloadTooLarge", "EnrollUncertain", "Unreachable", "FormatError",
-    "SequenceExhausted", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES", "PROTOCOL_VERSION",
+    "SequenceExhausted", "InsecureCredential", "DEFAULT_TIMEOUT", "DEFAULT_RETRIES", "PROTOCOL_VERSION",
 ]

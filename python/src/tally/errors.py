@@ -177,5 +177,10 @@ class FormatError(TallyError, ValueError):
     """An enrollment token (spec 9.1) or a credential file (spec 9.2) is invalid."""
 
 
+class InsecureCredential(TallyError, PermissionError):
+    """A credential file that every user of the machine may read or write: its key lets
+    anyone act as the device (``chmod 600`` it), as the ``tally`` CLI refuses it."""
+
+
 class SequenceExhausted(TallyError):
     """This side's sequence numbers ran out (spec 8.1): only CLOSE may still be sent."""

@@ -5,7 +5,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Dict, Union
 
-from .errors import FormatError, ProtocolError
+from .errors import FormatError, InsecureCredential, ProtocolError
 from .frames import check_id
 
 __all__ = ["EnrollmentToken", "Credential", "parse_server_address", "format_server_address"]
@@ -243,8 +243,15 @@ class Credential:
 
     @classmethod
     def load(cls, path: PathLike) -> "Credential":
-        """Read and parse a credential file."""
+        """Read and parse a credential file. One that every user of the machine may read
+        or write is refused (:class:`InsecureCredential`), as the ``tally`` CLI does."""
         with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode & 0o7777
+            if os.name == "posix" and mode & 0o006:
+                raise InsecureCredential(
+                    f"{os.fspath(path)} is accessible to every user of this machine "
+                    f"(mode {mode:04o}), and its key lets anyone act as the device: "
+                    f"`chmod 600 {os.fspath(path)}`, then try again")
             return cls.parse(fh.read())
 
     def format(self) -> str:
