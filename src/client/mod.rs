@@ -924,6 +924,34 @@ fn connection_config(
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_refusal_says_what_it_can_mean() {
+        let codes = [
+            (ErrorCode::UNSUPPORTED_VERSION, "version"),
+            (ErrorCode::MALFORMED, "could not read"),
+            (ErrorCode::AUTH_FAILED, "unknown or revoked"),
+            (ErrorCode::ENROLL_REFUSED, "token"),
+            (ErrorCode::ID_TAKEN, "enrolled already"),
+            (ErrorCode::BUSY, "try again later"),
+            (ErrorCode::TAKEOVER_REFUSED, "live session"),
+            (ErrorCode::TIMEOUT, "longer than the server allows"),
+            (ErrorCode::INTERNAL, "its log says why"),
+            (ErrorCode(0x7777), "does not know"),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for (code, words) in codes {
+            let shown = ClientError::Refused(code).to_string();
+            assert!(
+                shown.contains(&code.to_string()) && shown.contains(words),
+                "{shown}"
+            );
+            assert!(
+                seen.insert(refusal_hint(code)),
+                "{code}: the same words as another"
+            );
+        }
+    }
+
     /// A server that answers every ENROLL_INIT with a valid ENROLL_REPLY, reads the
     /// CONFIRM, then does `after` (nothing, an ERROR, a bad ENROLL_DONE). Returns the
     /// enrollment's result and how many connections the client made.
