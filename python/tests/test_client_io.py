@@ -368,6 +368,35 @@ def test_pings_are_answered_and_sent_when_idle(server):
     assert set(got[1:-1]) == {FrameType.PING} and 2 <= len(got[1:-1]) <= 6, got
 
 
+def test_a_client_that_only_sends_still_pings_a_live_server(server):
+    """Spec 8.5: MESSAGEs bring nothing back; without a PING when nothing was received for
+    an interval, the client would take a live server for gone after two intervals."""
+    def script(conn, n):
+        conn.handshake(KEY, keepalive_ms=200)
+        pings = 0
+        while True:
+            fr = conn.recv()
+            if fr is None:
+                return pings
+            if fr.type == FrameType.PING:
+                pings += 1
+                conn.send(conn.st.pong(fr.seq))
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return pings
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    assert s.ping_interval == 0.1
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        s.message(b"reading")
+        time.sleep(0.02)
+    assert not s.closed, s.wait(0)
+    s.close()
+    srv.done.wait(5)
+    assert 2 <= srv.results[1] <= 9, srv.results[1]
+
+
 def test_a_silent_server_is_given_up(server):
     def script(conn, n):
         conn.handshake(KEY, keepalive_ms=200)

@@ -29,7 +29,8 @@ use super::session::{Role, Session};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
-    /// Send a PING after this long without sending anything (spec 8.5); `None`: never.
+    /// Send a PING after this long without sending anything, or without receiving
+    /// anything (at most one such PING per interval: spec 8.5); `None`: never.
     pub keepalive: Option<Duration>,
     /// Close with `IDLE_TIMEOUT` after this long without receiving a byte; `None`: never.
     /// (A frame that is still arriving counts as receiving.)
@@ -169,6 +170,9 @@ pub struct Connection {
     unanswered: BTreeSet<u64>,
     last_received: Duration,
     last_sent: Duration,
+    /// When this side last sent a PING (spec 8.5: one PING per interval while nothing
+    /// comes back).
+    last_ping: Duration,
     /// Bytes handed in ([`Connection::handle_read`]) and out ([`Connection::transmit_into`]).
     bytes_in: u64,
     bytes_out: u64,
@@ -189,6 +193,7 @@ impl Connection {
             unanswered: BTreeSet::new(),
             last_received: now,
             last_sent: now,
+            last_ping: now,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -263,7 +268,7 @@ impl Connection {
         match &self.state {
             State::Open => {
                 let idle = self.config.idle_timeout.map(|t| self.last_received + t);
-                let ping = self.config.keepalive.map(|t| self.last_sent + t);
+                let ping = self.ping_due();
                 match (idle, ping) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -272,6 +277,17 @@ impl Connection {
             State::Closing { deadline, .. } => Some(*deadline),
             State::Closed => None,
         }
+    }
+
+    /// When the keepalive PING is due (spec 8.5): after an interval without sending
+    /// anything (the peer's idle deadline), or after an interval without receiving
+    /// anything and without a PING (the peer may be gone: a side that only sends
+    /// MESSAGEs gets nothing back otherwise).
+    fn ping_due(&self) -> Option<Duration> {
+        self.config.keepalive.map(|t| {
+            let quiet_peer = self.last_received.max(self.last_ping) + t;
+            (self.last_sent + t).min(quiet_peer)
+        })
     }
 
     /// Applies the deadlines due at `now`: the idle deadline closes the session with
@@ -289,11 +305,7 @@ impl Connection {
                         "nothing received within the idle deadline",
                         now,
                     );
-                } else if self
-                    .config
-                    .keepalive
-                    .is_some_and(|t| now >= self.last_sent + t)
-                {
+                } else if self.ping_due().is_some_and(|due| now >= due) {
                     let _ = self.ping(now);
                 }
             }
@@ -452,6 +464,7 @@ impl Connection {
     pub fn ping(&mut self, now: Duration) -> Result<u64, ProtocolError> {
         let seq = self.send_body(&Body::Ping, now)?;
         self.pings.insert(seq);
+        self.last_ping = now;
         Ok(seq)
     }
 
@@ -878,6 +891,43 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Spec 8.5: a client that only sends (MESSAGEs) hears nothing back unless it pings;
+    /// it pings when it has received nothing for an interval, so a live server is not
+    /// taken for gone, and a dead one still is.
+    #[test]
+    fn a_client_that_only_sends_still_pings_and_keeps_a_live_server() {
+        let mut p = Pair::new();
+        for _ in 0..36 {
+            p.advance(5 * S);
+            let now = p.now;
+            p.client.message(b("reading"), now).unwrap();
+            p.drive();
+        }
+        assert!(
+            p.client.is_open() && p.server.is_open(),
+            "{:?}",
+            events(&mut p.client)
+        );
+        let pongs = events(&mut p.client)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Pong { .. }))
+            .count();
+        assert!((5..=7).contains(&pongs), "{pongs} PONGs in 180 s");
+        // A server that stopped answering: one PING per interval, then gone.
+        p.server_mute = true;
+        for _ in 0..12 {
+            p.advance(5 * S);
+            let now = p.now;
+            if p.client.is_open() {
+                p.client.message(b("reading"), now).unwrap();
+            }
+            p.drive();
+        }
+        assert!(!p.client.is_open());
+        let pings = p.client.session().last_sent();
+        assert!(pings < 36 + 7 + 12 + 3, "a PING storm: {pings} frames sent");
     }
 
     #[test]

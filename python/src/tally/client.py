@@ -361,6 +361,7 @@ class Session:
         now = time.monotonic()
         self._last_send = now
         self._last_recv = now
+        self._last_ping = now                  # one PING per interval while nothing comes back
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -626,8 +627,14 @@ class Session:
                                        f"{2 * self.ping_interval:.1f} s: it is gone"),
                                CloseCode.IDLE_TIMEOUT)
                     return
-                ping_due = self._last_send + self.ping_interval
+                # Spec 8.5: a PING after an interval without sending (the server's idle
+                # deadline), or without receiving and without a PING (a session that only
+                # sends MESSAGEs gets nothing back otherwise, and would take a live server
+                # for gone).
+                ping_due = min(self._last_send,
+                               max(self._last_recv, self._last_ping)) + self.ping_interval
                 if now >= ping_due:
+                    self._last_ping = now
                     try:
                         self._send(lambda st: st.ping()[1])
                     except TallyError:
