@@ -253,7 +253,9 @@ def test_token_reader_rules():
                                  "\r\n ") == tok
     from tally import FormatError
     for bad in [d.upper(), d[:-1], d + "0", d.replace("-token-", "-open2-"), d.replace("-", "_"),
-                "x" + d, d[:-2] + "g0", d + " extra"]:
+                "x" + d, d[:-2] + "g0", d + " extra",
+                # Whitespace is space, tab, LF and CR only (spec 9.1).
+                "\u00a0" + d, d + "\u2003", "\x0b" + d, d + "\x0c"]:
         with pytest.raises(FormatError):
             EnrollmentToken.parse(bad)
 

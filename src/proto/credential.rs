@@ -69,9 +69,12 @@ impl EnrollmentToken {
         ))
     }
 
-    /// Parses a token; surrounding whitespace is ignored.
+    /// Parses a token; surrounding whitespace (spec 9.1: space, tab, LF and CR, nothing
+    /// else) is ignored.
     pub fn parse(s: &str) -> Result<Self, CredentialError> {
-        let mut parts = s.trim().split('-');
+        let mut parts = s
+            .trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+            .split('-');
         let (Some("tally1"), Some(mode), Some(cred), Some(key), None) = (
             parts.next(),
             parts.next(),
@@ -176,6 +179,18 @@ mod tests {
             EnrollmentToken::parse(&format!("{good}-00")).err(),
             Some(CredentialError::TokenShape)
         );
+        // Whitespace is space, tab, LF and CR only (spec 9.1).
+        assert!(EnrollmentToken::parse(&format!(" \t\r\n{good}\r\n\t ")).is_ok());
+        for odd in ["\u{a0}", "\u{2003}", "\u{b}", "\u{c}", "\u{feff}"] {
+            assert!(
+                EnrollmentToken::parse(&format!("{odd}{good}")).is_err(),
+                "{odd:?}"
+            );
+            assert!(
+                EnrollmentToken::parse(&format!("{good}{odd}")).is_err(),
+                "{odd:?}"
+            );
+        }
         let short = format!("tally1-open-{}-{}", "00".repeat(31), "11".repeat(32));
         assert_eq!(
             EnrollmentToken::parse(&short).err(),

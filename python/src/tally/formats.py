@@ -14,6 +14,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _TOKEN = re.compile(r"tally1-(open|token)-([0-9a-fA-F]{64})-([0-9a-fA-F]{64})")
 _MODES = {"open": 0, "token": 1}
+#: What a token reader ignores around a token (spec 9.1): nothing else is whitespace.
+_WHITESPACE = " \t\r\n"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class EnrollmentToken:
                 text = bytes(text).decode("ascii")
             except UnicodeDecodeError:
                 raise FormatError("an enrollment token is ASCII") from None
-        m = _TOKEN.fullmatch(text.strip())
+        m = _TOKEN.fullmatch(text.strip(_WHITESPACE))
         if not m:
             raise FormatError("not an enrollment token: expected "
                               "tally1-open-<64 hex>-<64 hex> or tally1-token-<64 hex>-<64 hex>")
