@@ -244,6 +244,22 @@ def test_session_frames_vector_built_from_layout():
         assert (unsigned + mac(keys[f["direction"]], unsigned)).hex() == f["hex"]
 
 
+def test_an_error_of_any_length_is_a_refusal_before_the_session():
+    """Spec 4.4: ERROR is recognised by its type byte alone; one that is not 4 bytes long
+    reads as code MALFORMED and is `refused`, not `malformed` (9 bytes here)."""
+    from tally import Refused
+    odd = bytes.fromhex("000000051f00030100")
+    hs = ClientHandshake("sensor-42", bytes(32))
+    with pytest.raises(Refused) as e:
+        hs.handle_server_auth(odd)
+    assert e.value.code == ErrorCode.MALFORMED
+    enr = ClientEnrollment(EnrollmentToken.parse(load("enroll-open.json")["derived"]["token"]),
+                           "sensor-42")
+    with pytest.raises(Refused) as e:
+        enr.handle_reply(odd)
+    assert e.value.code == ErrorCode.MALFORMED
+
+
 # --- Tokens and credentials (9) --------------------------------------------------------------
 
 def test_token_reader_rules():

@@ -264,10 +264,17 @@ def run_negative(case: dict) -> str:
             if not hmac.compare_digest(mac(ksf, th), data[45:]):
                 raise Refused("bad_tag")
         elif state == "server_await_hello":
-            if data[4] != 0x10:
+            # Spec 7.2, rows 1 to 5, in order: length, type, version, then each field
+            # read whole before it is checked.
+            (length,) = struct.unpack(">I", data[:4])
+            if length == 0 or length > 256 or len(data) != 4 + length:
+                raise Refused("malformed")
+            if data[4] != 0x10 or len(data) < 6:
                 raise Refused("malformed")
             if data[5] != 1:
                 raise Refused("unsupported_version")
+            if len(data) < 7 or len(data) < 7 + data[6]:
+                raise Refused("malformed")
             n = data[6]
             ident = data[7:7 + n]
             allowed = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@"

@@ -72,7 +72,10 @@ def enroll_init_tag(c: bytes, unsigned: bytes) -> bytes:
 def refusal_from_error(f: bytes, context: str = "") -> Exception:
     """The exception for an ERROR frame received before a session: :class:`AuthFailed` for
     ``AUTH_FAILED``, else :class:`Refused`. (ERROR is unauthenticated: it only means the
-    connection ended, spec 4.4.)"""
+    connection ended, spec 4.4.) An ERROR is recognised by its type byte alone: one whose
+    length is not 4 reads as code ``MALFORMED`` and is a refusal all the same (4.4)."""
+    if len(f) != 8:
+        return Refused(ErrorCode.MALFORMED, None, context)
     err = parse_error(f)
     if err.code == ErrorCode.AUTH_FAILED:
         return AuthFailed((context + ": " if context else "")
