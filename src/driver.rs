@@ -68,6 +68,7 @@ pub(crate) enum Outcome {
 
 /// Drives `session` over the connection until it ends. `leftover` holds bytes read with
 /// the handshake's last frame that belong to the session.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn run<R: Role>(
     session: Session,
     config: Config,
@@ -76,13 +77,28 @@ pub(crate) fn run<R: Role>(
     role: &mut R,
     write_stall: Duration,
 ) -> Driver<'_, R> {
-    let origin = Instant::now();
     let mut conn = Connection::new(session, config, Duration::ZERO);
     if !leftover.is_empty() {
         conn.handle_input(&leftover, Duration::ZERO);
     }
+    run_connection(conn, Instant::now(), (rd, wr), role, write_stall)
+}
+
+/// Drives a session already under way (a device's, after its handshake: spec 7 and the
+/// session's first frames ran in [`crate::proto::device::Device`]) until it ends. Its
+/// times are counted from `origin`.
+pub(crate) fn run_connection<R: Role>(
+    conn: Connection,
+    origin: Instant,
+    (rd, wr): (OwnedReadHalf, OwnedWriteHalf),
+    role: &mut R,
+    write_stall: Duration,
+) -> Driver<'_, R> {
     // Room for two of the largest frames either side may send.
-    let largest = config.max_frame_len.max(conn.session().max_frame_len()) as usize;
+    let largest = conn
+        .config()
+        .max_frame_len
+        .max(conn.session().max_frame_len()) as usize;
     Driver {
         conn,
         role,

@@ -26,11 +26,13 @@ use core::time::Duration;
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
-use tally::proto::connection::{CloseAnswer, Config, Connection, End, Event};
+use tally::proto::connection::{CloseAnswer, End, Event};
 use tally::proto::credential::EnrollmentToken;
+use tally::proto::device::{
+    Config as DeviceConfig, Device, Event as DeviceEvent, HandshakeFailure,
+};
 use tally::proto::enroll::{ClientAwaitDone, ClientAwaitReply};
 use tally::proto::error::TagKind;
-use tally::proto::handshake::ClientAwaitAuth;
 use tally::proto::{
     decode_frame, CloseCode, Id, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
 };
@@ -144,9 +146,6 @@ impl TallyEvent {
     }
 }
 
-/// How long the handshake may take before `TALLY_ERR_TIMEOUT`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Server REQUESTs a client holds unanswered at most: handed out by
 /// `tally_client_poll_event` (or waiting there) and not yet answered with
 /// `tally_client_respond`. The server can send any number; a REQUEST beyond this one is
@@ -176,24 +175,12 @@ const BUSY_EVENTS: &[u8] = b"device busy: 64 events waiting (TALLY_MAX_EVENTS); 
 /// The reason of the CLOSE sent when a MESSAGE finds [`TALLY_MAX_EVENTS`] waiting.
 const OVERLOADED: &str = "device overloaded: 64 events waiting (TALLY_MAX_EVENTS)";
 
-// One allocation per client (the Box of `tally_client_new`): the connection inline.
-#[allow(clippy::large_enum_variant)]
-enum Phase {
-    /// HELLO is queued; waiting for SERVER_AUTH.
-    Handshake(ClientAwaitAuth),
-    Open(Connection),
-    /// Over before a session existed (or after it).
-    Done,
-}
-
 /// A device's session with a server: the handshake (spec 7) and then the session (spec
-/// 8), driven by the caller.
+/// 8), driven by the caller. Both are `tally::proto::device::Device`'s (one allocation
+/// per client, the Box of `tally_client_new`: the device inline); this adds the C
+/// events and their bounds.
 pub struct TallyClient {
-    phase: Phase,
-    max_frame_len: u32,
-    started: Duration,
-    /// Received bytes not yet a whole handshake frame.
-    input: BytesMut,
+    device: Device,
     /// Bytes to send, not yet taken.
     output: BytesMut,
     /// At most [`TALLY_MAX_EVENTS`], but for RESPONSEs, ESTABLISHED and CLOSED.
@@ -240,11 +227,11 @@ impl PendingEvent {
     }
 }
 
-/// Appends what the connection has to send to `output`.
-fn pull(conn: &mut Connection, output: &mut BytesMut) {
+/// Appends what the device has to send to `output`.
+fn pull(device: &mut Device, output: &mut BytesMut) {
     if output.is_empty() {
-        conn.transmit_into(output);
-    } else if let Some(more) = conn.poll_transmit() {
+        device.transmit_into(output);
+    } else if let Some(more) = device.poll_transmit() {
         output.extend_from_slice(&more);
     }
 }
@@ -254,7 +241,7 @@ fn ms(now_ms: u64) -> Duration {
 }
 
 /// The failure of a handshake or enrollment step, as a result and an ERROR code.
-fn failure(e: &ProtocolError) -> (TallyResult, u16) {
+fn failure_of(e: &ProtocolError) -> (TallyResult, u16) {
     match e {
         ProtocolError::Refused(code) if *code == tally::proto::ErrorCode::AUTH_FAILED => {
             (TALLY_ERR_AUTH_FAILED, code.0)
@@ -293,7 +280,7 @@ fn end_event(end: End) -> PendingEvent {
         // An ERROR before any session frame: the server refused our CLIENT_FINISH
         // (spec 7.2: revoked meanwhile, takeover refused...).
         End::Failed(e @ ProtocolError::Refused(_)) => {
-            let (result, code) = failure(&e);
+            let (result, code) = failure_of(&e);
             PendingEvent::closed(result, code, Bytes::new())
         }
         End::Failed(e) => PendingEvent::closed(TALLY_ERR_PROTOCOL, e.close_code().0, Bytes::new()),
@@ -302,25 +289,42 @@ fn end_event(end: End) -> PendingEvent {
     }
 }
 
-impl TallyClient {
-    fn fail(&mut self, result: TallyResult, code: u16) {
-        self.phase = Phase::Done;
-        self.input.clear();
-        self.events
-            .push_back(PendingEvent::closed(result, code, Bytes::new()));
-    }
+/// How a handshake that failed reads in C.
+fn handshake_event(failure: HandshakeFailure) -> PendingEvent {
+    let (result, code) = match failure {
+        HandshakeFailure::Failed(e) => failure_of(&e),
+        HandshakeFailure::Truncated => (TALLY_ERR_TRUNCATED, 0),
+        HandshakeFailure::TimedOut => (TALLY_ERR_TIMEOUT, 0),
+        // `tally_client_close` before the session was established.
+        HandshakeFailure::Abandoned(code) => (TALLY_OK, code.0),
+        // A way to fail that this library does not know yet.
+        _ => (TALLY_ERR_PROTOCOL, 0),
+    };
+    PendingEvent::closed(result, code, Bytes::new())
+}
 
-    /// Moves the connection's output and events into ours, within the bounds
+impl TallyClient {
+    /// Moves the device's output and events into ours, within the bounds
     /// ([`TALLY_MAX_UNANSWERED_REQUESTS`], [`TALLY_MAX_EVENTS`]).
     fn drain(&mut self, now: Duration) {
-        let Phase::Open(conn) = &mut self.phase else {
-            return;
-        };
-        let mut over = false;
         // The requests this drain hands out are counted on top of those before it (the
         // connection counts those of this batch already, refused or not).
         let mut unanswered = self.unanswered;
-        while let Some(event) = conn.poll_event() {
+        while let Some(event) = self.device.poll_event() {
+            let event = match event {
+                DeviceEvent::Established(_) => {
+                    self.events
+                        .push_back(PendingEvent::new(TallyEventKind::TALLY_EVENT_ESTABLISHED));
+                    continue;
+                }
+                DeviceEvent::HandshakeFailed(f) => {
+                    self.events.push_back(handshake_event(f));
+                    continue;
+                }
+                DeviceEvent::Session(event) => event,
+                // A kind of event this library does not know yet.
+                _ => continue,
+            };
             let full = self.events.len() >= TALLY_MAX_EVENTS;
             let e = match event {
                 // Once overloaded, the session is closing: what the server sent before
@@ -335,12 +339,14 @@ impl TallyClient {
                         BUSY_EVENTS
                     };
                     // Only fails if the session is closing: then it fails anyway.
-                    let _ = conn.respond(seq, Status::UNAVAILABLE, Bytes::from_static(why), now);
+                    let _ =
+                        self.device
+                            .respond(seq, Status::UNAVAILABLE, Bytes::from_static(why), now);
                     continue;
                 }
                 Event::Message { .. } if full => {
                     self.overloaded = true;
-                    conn.close(CloseCode::NORMAL, OVERLOADED, now);
+                    self.device.close(CloseCode::NORMAL, OVERLOADED, now);
                     continue;
                 }
                 Event::Request { seq, payload } => {
@@ -366,7 +372,6 @@ impl TallyClient {
                     ..PendingEvent::new(TallyEventKind::TALLY_EVENT_MESSAGE)
                 },
                 Event::Closed(end) => {
-                    over = true;
                     let mut e = end_event(end);
                     if self.overloaded {
                         e.result = TALLY_ERR_OVERLOADED;
@@ -378,59 +383,11 @@ impl TallyClient {
             };
             self.events.push_back(e);
         }
-        self.unanswered = conn.unanswered_requests();
-        pull(conn, &mut self.output);
-        if over {
-            self.phase = Phase::Done;
-        } else {
+        self.unanswered = self.device.unanswered_requests();
+        pull(&mut self.device, &mut self.output);
+        if self.device.is_established() {
             // Between calls an idle session holds no buffer memory.
-            conn.release_buffers();
-        }
-    }
-
-    fn receive(&mut self, data: &[u8], now: Duration) {
-        match &mut self.phase {
-            Phase::Open(conn) => {
-                conn.handle_input(data, now);
-                self.drain(now);
-            }
-            Phase::Done => {}
-            Phase::Handshake(_) => {
-                self.input.extend_from_slice(data);
-                let frame = match decode_frame(&mut self.input, HANDSHAKE_MAX_FRAME_LEN) {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => return,
-                    Err(_) => return self.fail(TALLY_ERR_PROTOCOL, 0),
-                };
-                let Phase::Handshake(wait) = core::mem::replace(&mut self.phase, Phase::Done)
-                else {
-                    unreachable!("matched above")
-                };
-                match wait.handle_server_auth(&frame, &mut self.output) {
-                    Err(e) => {
-                        let (result, code) = failure(&e);
-                        self.fail(result, code);
-                    }
-                    Ok((session, limits)) => {
-                        // Spec 8.5: a PING after the server's keepalive of silence; the
-                        // session given up after two such intervals of hearing nothing.
-                        let mut config = Config::client();
-                        config.keepalive = Some(limits.keepalive);
-                        config.idle_timeout = Some(limits.keepalive * 2);
-                        config.max_frame_len = self.max_frame_len;
-                        let mut conn = Connection::new(session, config, now);
-                        let rest = core::mem::take(&mut self.input);
-                        self.input = BytesMut::new();
-                        self.events
-                            .push_back(PendingEvent::new(TallyEventKind::TALLY_EVENT_ESTABLISHED));
-                        if !rest.is_empty() {
-                            conn.handle_input(&rest, now);
-                        }
-                        self.phase = Phase::Open(conn);
-                        self.drain(now);
-                    }
-                }
-            }
+            self.device.release_buffers();
         }
     }
 }
@@ -513,13 +470,13 @@ pub unsafe extern "C" fn tally_client_new(
     if !(256..=16_777_216).contains(&max_frame_len) {
         return core::ptr::null_mut();
     }
+    let mut config = DeviceConfig::default();
+    config.max_frame_len = max_frame_len;
+    let mut device = Device::new(&id, key_from(&*key), *nonce, config, ms(now_ms));
     let mut output = BytesMut::new();
-    let wait = ClientAwaitAuth::start(&id, key_from(&*key), *nonce, max_frame_len, &mut output);
+    pull(&mut device, &mut output);
     Box::into_raw(Box::new(TallyClient {
-        phase: Phase::Handshake(wait),
-        max_frame_len,
-        started: ms(now_ms),
-        input: BytesMut::new(),
+        device,
         output,
         events: VecDeque::new(),
         current: Bytes::new(),
@@ -550,7 +507,8 @@ pub unsafe extern "C" fn tally_client_receive(
     let (Some(c), Some(data)) = (client.as_mut(), slice_from(data, len)) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    c.receive(data, ms(now_ms));
+    c.device.handle_input(data, ms(now_ms));
+    c.drain(ms(now_ms));
     TALLY_OK
 }
 
@@ -558,14 +516,8 @@ pub unsafe extern "C" fn tally_client_receive(
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_receive_eof(client: *mut TallyClient, now_ms: u64) {
     let Some(c) = client.as_mut() else { return };
-    match &mut c.phase {
-        Phase::Open(conn) => {
-            conn.handle_eof(ms(now_ms));
-            c.drain(ms(now_ms));
-        }
-        Phase::Handshake(_) => c.fail(TALLY_ERR_TRUNCATED, 0),
-        Phase::Done => {}
-    }
+    c.device.handle_eof(ms(now_ms));
+    c.drain(ms(now_ms));
 }
 
 /// Copies up to `cap` bytes that must be sent to the server into `buf`; returns how
@@ -578,9 +530,7 @@ pub unsafe extern "C" fn tally_client_transmit(
     cap: usize,
 ) -> usize {
     let Some(c) = client.as_mut() else { return 0 };
-    if let Phase::Open(conn) = &mut c.phase {
-        pull(conn, &mut c.output);
-    }
+    pull(&mut c.device, &mut c.output);
     hand_out(&mut c.output, buf, cap)
 }
 
@@ -588,9 +538,7 @@ pub unsafe extern "C" fn tally_client_transmit(
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_pending_transmit(client: *mut TallyClient) -> usize {
     let Some(c) = client.as_mut() else { return 0 };
-    if let Phase::Open(conn) = &mut c.phase {
-        pull(conn, &mut c.output);
-    }
+    pull(&mut c.device, &mut c.output);
     c.output.len()
 }
 
@@ -632,12 +580,9 @@ pub unsafe extern "C" fn tally_client_poll_event(
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_next_timeout(client: *mut TallyClient) -> i64 {
     let Some(c) = client.as_mut() else { return -1 };
-    let at = match &c.phase {
-        Phase::Handshake(_) => Some(c.started + HANDSHAKE_TIMEOUT),
-        Phase::Open(conn) => conn.poll_timeout(),
-        Phase::Done => None,
-    };
-    at.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    c.device
+        .poll_timeout()
+        .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Tells the client the time: sends a PING when due, closes a silent session, ends a
@@ -645,15 +590,8 @@ pub unsafe extern "C" fn tally_client_next_timeout(client: *mut TallyClient) -> 
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_handle_timeout(client: *mut TallyClient, now_ms: u64) {
     let Some(c) = client.as_mut() else { return };
-    let now = ms(now_ms);
-    match &mut c.phase {
-        Phase::Handshake(_) if now >= c.started + HANDSHAKE_TIMEOUT => c.fail(TALLY_ERR_TIMEOUT, 0),
-        Phase::Open(conn) => {
-            conn.handle_timeout(now);
-            c.drain(now);
-        }
-        _ => {}
-    }
+    c.device.handle_timeout(ms(now_ms));
+    c.drain(ms(now_ms));
 }
 
 fn sent(r: Result<(), ProtocolError>) -> TallyResult {
@@ -668,9 +606,10 @@ fn sent(r: Result<(), ProtocolError>) -> TallyResult {
 
 unsafe fn open_client<'a>(client: *mut TallyClient) -> Result<&'a mut TallyClient, TallyResult> {
     let c = client.as_mut().ok_or(TALLY_ERR_INVALID_ARGUMENT)?;
-    match c.phase {
-        Phase::Open(_) => Ok(c),
-        _ => Err(TALLY_ERR_NOT_OPEN),
+    if c.device.is_established() {
+        Ok(c)
+    } else {
+        Err(TALLY_ERR_NOT_OPEN)
     }
 }
 
@@ -693,10 +632,7 @@ pub unsafe extern "C" fn tally_client_request(
     let Some(payload) = bytes_from(payload, len) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    let Phase::Open(conn) = &mut c.phase else {
-        return TALLY_ERR_NOT_OPEN;
-    };
-    let r = conn.request(payload, ms(now_ms)).map(|s| {
+    let r = c.device.request(payload, ms(now_ms)).map(|s| {
         if let Some(out) = seq.as_mut() {
             *out = s;
         }
@@ -720,10 +656,7 @@ pub unsafe extern "C" fn tally_client_message(
     let Some(payload) = bytes_from(payload, len) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    let Phase::Open(conn) = &mut c.phase else {
-        return TALLY_ERR_NOT_OPEN;
-    };
-    let r = conn.message(payload, ms(now_ms));
+    let r = c.device.message(payload, ms(now_ms));
     c.drain(ms(now_ms));
     sent(r)
 }
@@ -749,10 +682,7 @@ pub unsafe extern "C" fn tally_client_respond(
     let Some(payload) = bytes_from(payload, len) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    let Phase::Open(conn) = &mut c.phase else {
-        return TALLY_ERR_NOT_OPEN;
-    };
-    let r = conn.respond(seq, Status(status), payload, ms(now_ms));
+    let r = c.device.respond(seq, Status(status), payload, ms(now_ms));
     c.drain(ms(now_ms));
     sent(r)
 }
@@ -764,14 +694,8 @@ pub unsafe extern "C" fn tally_client_respond(
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_close(client: *mut TallyClient, code: u16, now_ms: u64) {
     let Some(c) = client.as_mut() else { return };
-    match &mut c.phase {
-        Phase::Open(conn) => {
-            conn.close(CloseCode(code), "", ms(now_ms));
-            c.drain(ms(now_ms));
-        }
-        Phase::Handshake(_) => c.fail(TALLY_OK, code),
-        Phase::Done => {}
-    }
+    c.device.close(CloseCode(code), "", ms(now_ms));
+    c.drain(ms(now_ms));
 }
 
 /// 1 once the session is over and everything it had to send was taken: close the
@@ -779,7 +703,7 @@ pub unsafe extern "C" fn tally_client_close(client: *mut TallyClient, code: u16,
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_is_finished(client: *mut TallyClient) -> i32 {
     let Some(c) = client.as_mut() else { return 1 };
-    i32::from(matches!(c.phase, Phase::Done) && c.output.is_empty())
+    i32::from(c.device.is_over() && c.output.is_empty() && c.device.pending_transmit() == 0)
 }
 
 enum EnrollPhase {
@@ -872,7 +796,7 @@ pub unsafe extern "C" fn tally_enroll_receive(
             EnrollPhase::AwaitReply(wait) => match wait.handle_reply(&frame, &mut e.output) {
                 Ok(done) => EnrollPhase::AwaitDone(done),
                 Err(err) => {
-                    let (r, code) = failure(&err);
+                    let (r, code) = failure_of(&err);
                     EnrollPhase::Failed(r, code)
                 }
             },

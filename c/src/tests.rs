@@ -4,6 +4,7 @@ use super::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
+use tally::proto::connection::{Config, Connection};
 use tally::proto::enroll::{ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::EnrollMode;
 use tally::proto::handshake::{HelloReceived, ServerLimits};

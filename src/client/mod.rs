@@ -53,19 +53,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::proto::connection::{CloseAnswer, Connection, End, Event};
 
 use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
+use crate::proto::device::{self, Device, HandshakeFailure};
 use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
-use crate::proto::handshake::{ClientAwaitAuth, ServerLimits};
+use crate::proto::handshake::ServerLimits;
 use crate::proto::{
-    CloseCode, ErrorCode, Id, ProtocolError, Session, Status, DEFAULT_MAX_FRAME_LEN,
-    HANDSHAKE_MAX_FRAME_LEN,
+    CloseCode, ErrorCode, Id, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN, HANDSHAKE_MAX_FRAME_LEN,
 };
 use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
@@ -613,26 +614,10 @@ impl Client {
         opts: ClientOptions,
     ) -> Result<(Client, mpsc::Receiver<Incoming>), ClientError> {
         let open = async {
-            let mut tcp = dial(&cred.server).await?;
-            let mut buf = BytesMut::new();
-            let mut out = BytesMut::new();
-            let wait = ClientAwaitAuth::start(
-                &cred.id,
-                cred.key.clone(),
-                random_bytes(),
-                opts.max_frame_len,
-                &mut out,
-            );
-            tcp.write_all(&out).await?;
-            let auth = read_first_frame(&mut tcp, &mut buf).await?;
-            out.clear();
-            let established = wait.handle_server_auth(&auth, &mut out)?;
-            // CLIENT_FINISH, under the same deadline: the driver starts with an empty
-            // send buffer.
-            tcp.write_all(&out).await?;
-            Ok::<_, ClientError>((tcp, buf, established))
+            let tcp = dial(&cred.server).await?;
+            handshake(tcp, cred, &opts).await
         };
-        let (tcp, buf, (session, limits)) = tokio::time::timeout(opts.connect_timeout, open)
+        let (tcp, session) = tokio::time::timeout(opts.connect_timeout, open)
             .await
             .unwrap_or(Err(ClientError::Timeout("handshake")))?;
         let (tx, rx) = mpsc::channel(64);
@@ -648,7 +633,7 @@ impl Client {
             end: None,
         };
         tokio::spawn(async move {
-            let end = drive(session, limits, tcp, buf, &opts, role).await;
+            let end = drive(session, tcp, role).await;
             let _ = end_tx.send(Some(end));
         });
         Ok((
@@ -733,9 +718,6 @@ impl Client {
 }
 
 type Pending = oneshot::Sender<Result<(Status, Bytes), ClientError>>;
-
-/// How long `close` waits for the server's CLOSE.
-const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The client's side of the session driver: commands from [`Client`] handles in,
 /// responses to their waiters and the server's requests and messages out.
@@ -867,26 +849,93 @@ fn ended(end: End) -> ClientError {
     }
 }
 
+/// Runs the session handshake (spec 7) over `tcp` with the device's state machine;
+/// returns the session once CLIENT_FINISH is written, and the origin of its clock.
+async fn handshake(
+    mut tcp: TcpStream,
+    cred: &Credential,
+    opts: &ClientOptions,
+) -> Result<(TcpStream, (Connection, ServerLimits, Instant)), ClientError> {
+    let origin = Instant::now();
+    let mut config = device::Config::default();
+    config.max_frame_len = opts.max_frame_len;
+    config.keepalive = opts.keepalive;
+    config.handshake_timeout = opts.connect_timeout;
+    let mut device = Device::new(
+        &cred.id,
+        cred.key.clone(),
+        random_bytes(),
+        config,
+        origin.elapsed(),
+    );
+    // The server's first bytes, to name another protocol that answered instead.
+    let mut first = Vec::new();
+    let mut buf = BytesMut::new();
+    let limits = loop {
+        // HELLO, then CLIENT_FINISH, under the handshake's deadline: the driver starts
+        // with an empty send buffer.
+        if let Some(out) = device.poll_transmit() {
+            tcp.write_all(&out).await?;
+        }
+        match device.poll_event() {
+            Some(device::Event::Established(limits)) => break limits,
+            Some(device::Event::HandshakeFailed(f)) => return Err(refused(f, &first)),
+            Some(_) => continue,
+            None => {}
+        }
+        let deadline = device.poll_timeout().map(|t| origin + t);
+        let read = tcp.read_buf(&mut buf);
+        let read = match deadline {
+            Some(at) => tokio::time::timeout_at(at, read).await.ok(),
+            None => Some(read.await),
+        };
+        let now = origin.elapsed();
+        match read {
+            None => device.handle_timeout(now),
+            Some(Ok(0)) => device.handle_eof(now),
+            Some(Ok(_)) => {
+                if first.len() < 256 {
+                    first.extend_from_slice(&buf[..buf.len().min(256 - first.len())]);
+                }
+                device.handle_input(&buf, now);
+                buf.clear();
+            }
+            Some(Err(e)) if crate::wire::is_cut(&e) => device.handle_eof(now),
+            Some(Err(e)) => return Err(e.into()),
+        }
+    };
+    if let Some(out) = device.poll_transmit() {
+        tcp.write_all(&out).await?;
+    }
+    let conn = device
+        .into_connection()
+        .expect("established, everything taken");
+    Ok((tcp, (conn, limits, origin)))
+}
+
+/// What a failed handshake means to the caller. `first`: the server's first bytes.
+fn refused(failure: HandshakeFailure, first: &[u8]) -> ClientError {
+    match failure {
+        HandshakeFailure::Failed(ProtocolError::Frame(e)) => other_protocol(first)
+            .map(ClientError::NotTally)
+            .unwrap_or(ClientError::Protocol(e.into())),
+        HandshakeFailure::Failed(e) => e.into(),
+        HandshakeFailure::TimedOut => ClientError::Timeout("handshake"),
+        HandshakeFailure::Truncated => ClientError::Truncated,
+        _ => ClientError::SessionClosed,
+    }
+}
+
 /// Runs the session until it ends; returns why.
 async fn drive(
-    session: Session,
-    limits: ServerLimits,
+    (conn, limits, origin): (Connection, ServerLimits, Instant),
     tcp: TcpStream,
-    leftover: BytesMut,
-    opts: &ClientOptions,
     mut role: ClientRole,
 ) -> ClientError {
-    let config = connection_config(opts, limits);
-    let write_stall = config.keepalive.unwrap_or(limits.keepalive);
-    let outcome = crate::driver::run(
-        session,
-        config,
-        tcp.into_split(),
-        leftover,
-        &mut role,
-        write_stall,
-    )
-    .await;
+    // A backlog that has not drained within a keepalive interval ends the session.
+    let write_stall = conn.config().keepalive.unwrap_or(limits.keepalive);
+    let outcome =
+        crate::driver::run_connection(conn, origin, tcp.into_split(), &mut role, write_stall).await;
     let end = match outcome {
         crate::driver::Outcome::Ended(_) => role.end.take().unwrap_or(ClientError::SessionClosed),
         crate::driver::Outcome::Io(e) if crate::wire::is_cut(&e) => ClientError::Truncated,
@@ -899,25 +948,6 @@ async fn drive(
         let _ = done.send(());
     }
     end
-}
-
-/// The session rules for these options and what the server announced (spec 8.5): a
-/// PING after the server's keepalive interval of silence (or the client's own, if
-/// shorter), the session given up after two such intervals without a byte from the
-/// server.
-fn connection_config(
-    opts: &ClientOptions,
-    limits: ServerLimits,
-) -> crate::proto::connection::Config {
-    let keepalive = opts
-        .keepalive
-        .map_or(limits.keepalive, |own| own.min(limits.keepalive));
-    let mut c = crate::proto::connection::Config::client();
-    c.keepalive = Some(keepalive);
-    c.idle_timeout = Some(keepalive * 2);
-    c.close_timeout = CLOSE_WAIT;
-    c.max_frame_len = opts.max_frame_len;
-    c
 }
 
 #[cfg(test)]

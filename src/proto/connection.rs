@@ -647,6 +647,11 @@ impl Connection {
         self.session.max_payload(ty)
     }
 
+    /// This end's timers and limits.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The session underneath (counters), for tests and diagnostics.
     pub fn session(&self) -> &Session {
         &self.session

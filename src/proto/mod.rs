@@ -16,12 +16,14 @@
 //! | 7 Session handshake | [`handshake`] |
 //! | 8 Session: frames | [`session`] |
 //! | 8 Session: requests, keepalive, closing | [`connection`] |
+//! | 7 and 8, a device's side: HELLO through the session | [`device`] |
 //! | 9 Token and credential formats | [`credential`] |
 //! | 10 Error and close codes | [`error`] |
 
 pub mod codec;
 pub mod connection;
 pub mod credential;
+pub mod device;
 pub mod enroll;
 pub mod error;
 pub mod frame;
