@@ -175,10 +175,11 @@ const BUSY_EVENTS: &[u8] = b"device busy: 64 events waiting (TALLY_MAX_EVENTS); 
 /// The reason of the CLOSE sent when a MESSAGE finds [`TALLY_MAX_EVENTS`] waiting.
 const OVERLOADED: &str = "device overloaded: 64 events waiting (TALLY_MAX_EVENTS)";
 
+// Both the handshake and the session are `tally::proto::device::Device`'s (one
+// allocation per client, the Box of `tally_client_new`: the device inline); this adds
+// the C events and their bounds.
 /// A device's session with a server: the handshake (spec 7) and then the session (spec
-/// 8), driven by the caller. Both are `tally::proto::device::Device`'s (one allocation
-/// per client, the Box of `tally_client_new`: the device inline); this adds the C
-/// events and their bounds.
+/// 8), driven by the caller.
 pub struct TallyClient {
     device: Device,
     /// Bytes to send, not yet taken.

@@ -857,10 +857,12 @@ async fn handshake(
     opts: &ClientOptions,
 ) -> Result<(TcpStream, (Connection, ServerLimits, Instant)), ClientError> {
     let origin = Instant::now();
-    let mut config = device::Config::default();
-    config.max_frame_len = opts.max_frame_len;
-    config.keepalive = opts.keepalive;
-    config.handshake_timeout = opts.connect_timeout;
+    let config = device::Config {
+        max_frame_len: opts.max_frame_len,
+        keepalive: opts.keepalive,
+        handshake_timeout: opts.connect_timeout,
+        ..device::Config::default()
+    };
     let mut device = Device::new(
         &cred.id,
         cred.key.clone(),

@@ -658,7 +658,7 @@ mod tests {
             handshake_timeout: 3 * S,
             ..Config::default()
         };
-        let (mut d, _, _) = start(config, 7, LIMITS);
+        let (d, _, _) = start(config, 7, LIMITS);
         assert_eq!(d.poll_timeout(), Some(3 * S));
     }
 
