@@ -373,14 +373,17 @@ impl Device {
         self.connection().map_or(0, Connection::unanswered_requests)
     }
 
-    /// Frees the session's buffers if they hold nothing (see
-    /// [`Connection::release_buffers`]).
+    /// Frees the buffers and queues that hold nothing (see
+    /// [`Connection::release_buffers`]): an idle session then costs no buffer memory.
     pub fn release_buffers(&mut self) {
         if self.input.is_empty() {
             self.input = BytesMut::new();
         }
         if self.send.is_empty() {
             self.send = BytesMut::new();
+        }
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
         }
         if let State::Open(conn) = &mut self.state {
             conn.release_buffers();
