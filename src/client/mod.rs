@@ -44,8 +44,9 @@
 //! the session again whenever it is lost (a daemon restart, a network cut, a takeover),
 //! with jittered backoff, and reports [`LinkEvent`]s: up, down, server requests, stopped.
 //!
-//! One task per connection owns the socket and the [`Session`]; [`Client`] is a cheap
-//! handle to it. Requests may be issued concurrently; each waits for its own RESPONSE.
+//! Each connection runs the device's state machine, [`Device`]: the handshake, then the
+//! session, which one task owns with the socket; [`Client`] is a cheap handle to it.
+//! Requests may be issued concurrently; each waits for its own RESPONSE.
 
 use std::collections::HashMap;
 use std::io;
