@@ -535,6 +535,18 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
         Ok(changed) => changed,
         Err(message) => return ControlResponse::Error { message },
     };
+    // In a fleet, this node's record of the log (its state directory) includes the
+    // entry before the operator hears "revoked": a restart cannot forget it.
+    if let Some(fleet) = &state.fleet {
+        if let Err(e) = fleet.record_log().await {
+            return ControlResponse::Error {
+                message: format!(
+                    "{reason_word} in the fleet's log, but {e}",
+                    reason_word = if revoke { "revoked" } else { "removed" }
+                ),
+            };
+        }
+    }
     let reason = if revoke {
         "identity revoked"
     } else {

@@ -1563,7 +1563,7 @@ fn a_log_entry_deleted_and_its_number_reused_hides_no_revocation() {
     assert!(!out.status.success(), "{}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains("the fleet's log is damaged")
-            && text(&out.stderr).contains("this node verified 1 entries"),
+            && text(&out.stderr).contains("entry 1, which this node verified, is gone"),
         "{}",
         text(&out.stderr)
     );
@@ -1608,13 +1608,15 @@ fn a_writer_and_a_fresh_node_cannot_turn_open_enrollment_on() {
 
 #[test]
 fn a_flood_of_notices_costs_the_node_reads_not_memory() {
-    // The second review of issue 26: every notice was queued without a bound, so a role
-    // that may only connect could grow a node's memory at will. Beyond 4096 waiting, the
-    // node drops the queue and reads everything again, as after a lost connection.
+    // The reviews of issue 26: every notice was queued without a bound, so a role that
+    // may only connect could grow a node's memory at will; then a full queue made the
+    // node deaf (BUSY to every handshake) while it caught up. Beyond 4096 identity
+    // notices waiting, the node reads every key again, and goes on serving.
     let Some(f) = Fleet::start("fleet: notice flood", 2, "replace") else {
         return;
     };
     let cred = f.enroll(0, "flood-1");
+    let other = f.enroll(0, "flood-2");
     let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
     expect_line(&lines, "connected as flood-1");
     f.await_sessions(1, &[("flood-1", 0)], 10);
@@ -1626,13 +1628,73 @@ fn a_flood_of_notices_costs_the_node_reads_not_memory() {
          FROM generate_series(1, 20000) g",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // Read again, without refusing anyone meanwhile (the second review: each node
+    // stopped registering sessions, BUSY, while it caught up).
     f.nodes[0]
         .daemon
-        .expect_log(&["notices wait to be", "reading everything again"]);
-    f.nodes[0]
-        .daemon
-        .expect_log(&["caught up with the notices missed"]);
+        .expect_log(&["every key read again after a flood of identity notices"]);
     still_connected(&lines);
+    assert!(request(&f.at(&other, 0), "a new session").status.success());
     let out = f.nodes[1].admin(&["send", "flood-1", "--request", "still here?"]);
     assert_eq!(text(&out.stdout), "still here?", "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_log_entry_a_writer_keeps_out_of_the_table_fails_the_revocation() {
+    // The third review of issue 26: an append was never confirmed, so a rule that
+    // swallowed the INSERT let `tallyd revoke` report "revoked" while no node would
+    // ever hear of it. It is read back now, and refused when it is not there.
+    let Some(f) = Fleet::start("fleet: swallowed entry", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "swallow-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    f.cluster
+        .psql("CREATE RULE hide AS ON INSERT TO fleet_log DO INSTEAD NOTHING");
+    let out = f.nodes[0].admin(&["revoke", "swallow-1"]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("did not take the entry"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = f.nodes[0].admin(&["open-enrollment", "off"]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_revocation_by_a_node_that_never_held_the_key_holds_after_restarts() {
+    // The third review of issue 26: a revocation ended the generations its node knew of,
+    // and each reader's own, which a restart forgot. Each enrollment is sealed with its
+    // place in the log now: a later revocation ends it on every node, restarted or not.
+    let Some(mut f) = Fleet::start("fleet: revoked unseen", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "unseen-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    f.cluster
+        .psql("CREATE TABLE saved AS SELECT * FROM identities WHERE id = 'unseen-1'");
+    // Node 0 restarts while a writer has taken the key out of the row: it never holds
+    // it, and revokes the identity on the row's word.
+    let n0 = f.nodes.remove(0);
+    drop(n0);
+    f.cluster
+        .psql("UPDATE identities SET key = NULL WHERE id = 'unseen-1'");
+    f.nodes.insert(0, f.start_node(0));
+    f.nodes[0].ok(&["revoke", "unseen-1"]);
+    // Node 1 restarts (whatever it held is gone from memory), and the writer puts the
+    // key back, unrevoked.
+    f.nodes.pop();
+    f.nodes.push(f.start_node(1));
+    f.cluster.psql(
+        "UPDATE identities i SET key = s.key, revoked = NULL FROM saved s WHERE i.id = s.id; \
+         NOTIFY tally_identity, 'enrolled unseen-1'",
+    );
+    barrier(&f, 0, 1, "unseen-barrier");
+    for n in 0..2 {
+        assert!(
+            !request(&f.at(&cred, n), "back?").status.success(),
+            "node {n} serves it"
+        );
+    }
 }

@@ -109,7 +109,7 @@ impl Refusal {
 
 /// How a connection that did not fail before becoming a session went.
 enum Opened {
-    /// A session, with the instant its key lookup started and the generation of the
+    /// A session, with the instant its key lookup started and the position of the
     /// key it was made with.
     Session(Established, Instant, u64),
     /// An enrollment whose ENROLL_CONFIRM verified: to be stored, then answered.
@@ -233,8 +233,8 @@ pub(super) async fn serve(
                 }
             }
         }
-        Ok(Opened::Session(est, key_lookup, generation)) => {
-            return start_session(state, stream, est, (key_lookup, generation), shutdown).await;
+        Ok(Opened::Session(est, key_lookup, log_pos)) => {
+            return start_session(state, stream, est, (key_lookup, log_pos), shutdown).await;
         }
         Err(refusal) => {
             if let Some(code) = refuse(&state, &stream, refusal) {
@@ -280,7 +280,7 @@ async fn open(
                 .map(|c| Opened::Confirmed(Box::new(c))),
             Ok(FrameType::Hello) => handshake(state, stream, &first)
                 .await
-                .map(|(est, at, generation)| Opened::Session(est, at, generation)),
+                .map(|(est, at, log_pos)| Opened::Session(est, at, log_pos)),
             Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
             Err(e) => Err(Refusal::Protocol(e.into())),
         }
@@ -458,7 +458,7 @@ async fn handshake(
     }
     .map_err(store_failed)?;
     let known = key.is_some();
-    let generation = key.as_ref().map_or(0, |k| k.generation);
+    let log_pos = key.as_ref().map_or(0, |k| k.log_pos);
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
     let limits = state.limits();
@@ -483,7 +483,7 @@ async fn handshake(
         Err(e) => return Err(e.into()),
     };
     match wait.handle_finish(&finish) {
-        Ok(est) => Ok((est, key_lookup, generation)),
+        Ok(est) => Ok((est, key_lookup, log_pos)),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),
         Err(e) => Err(e.into()),
@@ -496,7 +496,7 @@ async fn start_session(
     state: Arc<ServerState>,
     stream: Stream,
     est: Established,
-    (key_lookup, generation): (Instant, u64),
+    (key_lookup, log_pos): (Instant, u64),
     shutdown: CancellationToken,
 ) -> Option<LiveSession> {
     let Established {
@@ -538,7 +538,7 @@ async fn start_session(
     let entry = Entry {
         conn,
         epoch,
-        generation,
+        log_pos,
         claimed_in,
         peer: stream.peer,
         since: SystemTime::now(),

@@ -53,10 +53,13 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 pub const SEND_SKEW: Duration = Duration::from_secs(60);
 /// Sends served within [`SEND_SKEW`] that a node remembers; beyond, a send is refused.
 pub const SERVED_SENDS: usize = 100_000;
-/// Notices waiting for the node to act on them. Beyond, the node reads everything again
-/// (as after a lost notification connection): a flood of notices costs it reads, never
-/// unbounded memory.
-pub const NOTICE_QUEUE: usize = 4096;
+/// Notices waiting to be dispatched. Beyond, the node reads everything again as after a
+/// lost notification connection (registering no session meanwhile: a takeover notice may
+/// have been lost): a flood of notices costs it reads and a pause, never unbounded memory.
+pub const NOTICE_QUEUE: usize = 65_536;
+/// Identity notices waiting to be applied. Beyond, the node reads every key again once,
+/// without pausing anything (they are hints to read, and all is read).
+pub const IDENTITY_QUEUE: usize = 4096;
 /// Sends from other nodes this node serves at once; beyond, a send is not served (its
 /// origin times out).
 pub const SERVING_SENDS: usize = 1024;
@@ -122,6 +125,8 @@ pub struct Fleet {
     claimed: Mutex<HashMap<Id, u64>>,
     /// Notices and rows that did not verify.
     rejected: Rejected,
+    /// Set when identity notices overflowed their queue: every key is read again.
+    resync: tokio::sync::Notify,
 }
 
 /// A release still to do.
@@ -424,7 +429,7 @@ impl Fleet {
             Ok::<_, StoreError>(listening)
         })?;
         info!(node, store = pg.place(), "joined the fleet");
-        let (identities, identity_notices) = mpsc::channel(NOTICE_QUEUE);
+        let (identities, identity_notices) = mpsc::channel(IDENTITY_QUEUE);
         let fleet = Arc::new(Fleet {
             store,
             registry: registry.clone(),
@@ -443,6 +448,7 @@ impl Fleet {
             serving: Arc::new(tokio::sync::Semaphore::new(SERVING_SENDS)),
             claimed: Mutex::default(),
             rejected: Rejected::default(),
+            resync: tokio::sync::Notify::new(),
         });
         // What this node verified of the fleet's log before: the log must still hold it
         // (checked once the index, and the log with it, is loaded: `check_revocations`).
@@ -728,6 +734,14 @@ impl Fleet {
         Ok(())
     }
 
+    /// Writes this node's record of the fleet's log now (after an entry it appended).
+    pub async fn record_log(self: &Arc<Self>) -> Result<(), StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.record_revocations())
+            .await
+            .map_err(|e| self.pg().error(e))?
+    }
+
     /// Closes the sessions made with a key that a newly verified revocation ended, and
     /// records how far the log is verified.
     async fn apply_revocations(self: &Arc<Self>) {
@@ -738,7 +752,7 @@ impl Fleet {
             } else {
                 (CloseCode::REVOKED, "identity revoked")
             };
-            if self.registry.invalidate_upto(&id, r.upto, code, reason) {
+            if self.registry.invalidate_before(&id, r.before, code, reason) {
                 info!(id = %id, "{reason} (a revocation verified under the fleet key): session closed");
             }
         }
@@ -1225,13 +1239,22 @@ impl Fleet {
         let mut words = payload.split(' ');
         match channel {
             channel::IDENTITY => {
-                if let (Some(op), Some(id)) = (words.next(), words.next()) {
-                    if let Err(mpsc::error::TrySendError::Full(_)) =
-                        self.identities.try_send((op.to_owned(), id.to_owned()))
-                    {
-                        warn!("fleet: more than {NOTICE_QUEUE} identity notices wait to be applied (a flood on tally_identity?): reading everything again instead");
-                        return false;
-                    }
+                let (Some(op), Some(id)) = (words.next(), words.next()) else {
+                    return true;
+                };
+                if !matches!(op, "enrolled" | "revoked" | "removed" | "setting")
+                    || Id::new(id).is_err()
+                {
+                    self.rejected.note("an identity notice that no node sends");
+                    return true;
+                }
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    self.identities.try_send((op.to_owned(), id.to_owned()))
+                {
+                    self.rejected.note(
+                        "identity notices beyond the queue (a flood on tally_identity?): every key is read again instead",
+                    );
+                    self.resync.notify_one();
                 }
             }
             channel::CLOSE => match Takeover::verified(payload, self.store.fleet_key()) {
@@ -1419,6 +1442,23 @@ async fn identities(
     loop {
         let (op, id) = tokio::select! {
             _ = stop.cancelled() => return,
+            // Notices were dropped: read the log and every key again (what they would
+            // have made the node read).
+            _ = fleet.resync.notified() => {
+                let store = fleet.store.clone();
+                match tokio::task::spawn_blocking(move || store.reload_key_index()).await {
+                    Ok(Ok((keys, _))) => {
+                        fleet.apply_revocations().await;
+                        info!(keys, "fleet: every key read again after a flood of identity notices");
+                    }
+                    _ => {
+                        warn!("fleet: could not read every key again after a flood of identity notices; trying again");
+                        fleet.resync.notify_one();
+                        tokio::time::sleep(HEARTBEAT).await;
+                    }
+                }
+                continue;
+            }
             n = notices.recv() => match n {
                 Some(n) => n,
                 None => return,

@@ -217,9 +217,10 @@ pub struct Entry {
     pub conn: u64,
     /// The epoch of its fleet-wide claim (0 without a fleet).
     pub epoch: u64,
-    /// The generation of the identity key the session was made with (the store's
-    /// enrollment number): a revocation names the generation it ends.
-    pub generation: u64,
+    /// In a fleet, the position of the enrollment whose key the session was made with
+    /// (the entries of the fleet's log before it): a revocation ends the enrollments
+    /// before it. 0 without a fleet.
+    pub log_pos: u64,
     /// The registry's [`Registry::claims_generation`] when the claim was made: if this
     /// node may have lost its claims since, the session is refused.
     pub claimed_in: u64,
@@ -522,34 +523,26 @@ impl Registry {
         live.ask_close(id, code, reason)
     }
 
-    /// In a fleet: the enrollments of `id` up to generation `upto` were revoked or
-    /// removed (an entry of the fleet's log the node verified): as
+    /// In a fleet: the enrollments of `id` made before entry `before` of the fleet's
+    /// log were revoked or removed (an entry the node verified): as
     /// [`Registry::invalidate`], but the live session is closed only if it was made
     /// with the key of one of them. Returns whether it was.
-    pub fn invalidate_upto(
+    pub fn invalidate_before(
         &self,
         id: &Id,
-        upto: u64,
+        before: u64,
         code: CloseCode,
         reason: &'static str,
     ) -> bool {
         let mut live = self.lock();
         live.tombstones.insert(id.clone(), Instant::now());
         match live.sessions.get(id) {
-            Some(e) if e.generation <= upto => {
+            Some(e) if e.log_pos < before => {
                 e.mailbox.ask_close(code, reason);
                 true
             }
             _ => false,
         }
-    }
-
-    /// The claim epoch and key generation of `id`'s live session here, if any.
-    pub fn epoch_of(&self, id: &Id) -> Option<(u64, u64)> {
-        self.lock()
-            .sessions
-            .get(id)
-            .map(|e| (e.epoch, e.generation))
     }
 
     /// In a fleet: `id`'s claims up to `epoch` were superseded (another node took the

@@ -5,11 +5,12 @@
 //! node notices an entry deleted, changed, reordered or reused (docs/CLUSTER.md, "What
 //! the database can and cannot do to the fleet").
 //!
-//! An entry `revoked`/`removed` of an identity ends *every* enrollment of it up to a
-//! bound: the highest generation the writing node knew of (of any identity, generations
-//! being unique and growing), and on each reader the generation it holds for that
-//! identity, whatever the database says of its rows. A key row of an ended generation is
-//! never used, restored or not. An entry `setting` sets a fleet-wide setting.
+//! Every enrollment is sealed with the number of entries the log held when it was made
+//! (its *position*: part of the sealed key's associated data, so no writer can change
+//! it). An entry `revoked`/`removed` of an identity, number `s`, ends *every* enrollment
+//! of it made before: every one of position below `s`, whatever the database says of its
+//! rows, on every node and across restarts. An enrollment made after the entry (its node
+//! read the log first) is not ended. An entry `setting` sets a fleet-wide setting.
 //!
 //! This module is the state and its rules, without a database: [`LogState::apply`] takes
 //! the rows read after [`LogState::seen`], [`LogState::next_entry`] makes the entry to
@@ -39,7 +40,7 @@ pub struct FleetLogRow {
     pub seq: i64,
     /// The identity (or the setting's name).
     pub id: String,
-    /// The bound (revocations: generations up to it are ended) or the setting's value.
+    /// The setting's value (0 for a revocation or removal).
     pub value: i64,
     /// [`kind`].
     pub kind: String,
@@ -82,8 +83,8 @@ impl FleetLogRow {
 pub struct Revocation {
     /// The identity.
     pub id: String,
-    /// Its enrollments (generations) up to this one are ended.
-    pub upto: u64,
+    /// Its enrollments of a position below this (the entry's number) are ended.
+    pub before: u64,
     /// Removed (else revoked).
     pub removed: bool,
 }
@@ -95,22 +96,24 @@ pub struct LogState {
     seen: u64,
     /// The tag of entry `seen` (zeros before the first).
     head: [u8; TAG_LEN],
-    /// Identity → its generations up to this one are ended.
-    dead: HashMap<Box<str>, i64>,
+    /// Identity → its enrollments of a position below this are ended.
+    dead: HashMap<Box<str>, u64>,
     /// Setting → value, as the last entry setting it says.
     settings: HashMap<Box<str>, i64>,
     /// Revocations verified and not yet taken ([`LogState::take_revocations`]).
     unacted: Vec<Revocation>,
-    /// The highest generation this node has verified (a sealed key row that opened, or
-    /// its own enrollment): the bound of the revocations it writes.
-    max_generation: i64,
     /// What is wrong with the log past `seen`, if anything: nothing past it is applied.
     broken: Option<String>,
     /// What this node recorded before (its state directory): entry `.0` has tag `.1`.
     anchor: Option<(u64, [u8; TAG_LEN])>,
     /// The log's entry at the anchor was not the one recorded.
     anchor_differs: bool,
+    /// The tags of the last entries verified (an appender checks its own among them).
+    recent: std::collections::VecDeque<(u64, [u8; TAG_LEN])>,
 }
+
+/// Entries whose tags [`LogState::tag_of`] remembers.
+const RECENT: usize = 256;
 
 /// What [`LogState::apply`] found wrong, newly.
 pub type Problem = String;
@@ -143,17 +146,21 @@ impl LogState {
         self.broken.as_deref()
     }
 
+    /// Notes what is wrong with the log from here on (nothing more is applied, and no
+    /// entry can be appended). Returns whether it is news.
+    pub fn break_at(&mut self, problem: Problem) -> bool {
+        let newly = self.broken.is_none();
+        if newly {
+            self.broken = Some(problem);
+        }
+        newly
+    }
+
     /// Applies `rows`, read after [`LogState::seen`] in order of `seq`: each that is the
     /// next one and verifies after the one before. Stops at the first that is not (a
     /// gap, a reused number, a tag that does not verify, an entry changed): nothing past
-    /// it is applied, and the problem is returned once. `held(id)` is the generation
-    /// the caller holds for an identity: a revocation ends it too.
-    pub fn apply(
-        &mut self,
-        key: &FleetKey,
-        rows: &[FleetLogRow],
-        held: impl Fn(&str) -> Option<i64>,
-    ) -> Option<Problem> {
+    /// it is applied, and the problem is returned once.
+    pub fn apply(&mut self, key: &FleetKey, rows: &[FleetLogRow]) -> Option<Problem> {
         for row in rows {
             if self.broken.is_some() {
                 break;
@@ -178,6 +185,10 @@ impl LogState {
             }
             self.seen = next;
             self.head = row.tag_array();
+            if self.recent.len() == RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((next, self.head));
             if let Some((seq, tag)) = self.anchor {
                 if seq == next && tag != self.head {
                     self.anchor_differs = true;
@@ -185,12 +196,11 @@ impl LogState {
             }
             match row.kind.as_str() {
                 kind::REVOKED | kind::REMOVED => {
-                    let bound = row.value.max(held(&row.id).unwrap_or(0)).max(0);
                     let dead = self.dead.entry(row.id.as_str().into()).or_insert(0);
-                    *dead = (*dead).max(bound);
+                    *dead = (*dead).max(next);
                     self.unacted.push(Revocation {
                         id: row.id.clone(),
-                        upto: bound as u64,
+                        before: next,
                         removed: row.kind == kind::REMOVED,
                     });
                 }
@@ -227,9 +237,16 @@ impl LogState {
         row
     }
 
-    /// Whether a verified revocation ended `id`'s enrollment `generation`.
-    pub fn is_dead(&self, id: &str, generation: i64) -> bool {
-        self.dead.get(id).is_some_and(|upto| generation <= *upto)
+    /// The tag of verified entry `seq`, if it is one of the last few verified.
+    pub fn tag_of(&self, seq: u64) -> Option<[u8; TAG_LEN]> {
+        self.recent.iter().find(|(s, _)| *s == seq).map(|(_, t)| *t)
+    }
+
+    /// Whether a verified revocation ended `id`'s enrollment of position `pos`.
+    pub fn is_dead(&self, id: &str, pos: i64) -> bool {
+        self.dead
+            .get(id)
+            .is_some_and(|before| pos < 0 || (pos as u64) < *before)
     }
 
     /// Whether any enrollment of `id` was revoked or removed.
@@ -240,16 +257,6 @@ impl LogState {
     /// A setting, as the log last set it.
     pub fn setting(&self, name: &str) -> Option<i64> {
         self.settings.get(name).copied()
-    }
-
-    /// Notes a generation this node verified.
-    pub fn saw_generation(&mut self, generation: i64) {
-        self.max_generation = self.max_generation.max(generation);
-    }
-
-    /// The highest generation this node has verified.
-    pub fn max_generation(&self) -> i64 {
-        self.max_generation
     }
 
     /// The revocations verified and not yet taken.
@@ -272,41 +279,48 @@ mod tests {
         FleetKey::derive(&SecretKey::from_bytes([3; 32]))
     }
 
-    /// A log of `n` entries as a node of the fleet writes them.
+    /// A log as a node of the fleet writes it.
     fn written(entries: &[(&str, i64, &str)]) -> Vec<FleetLogRow> {
         let k = key();
         let mut writer = LogState::default();
         let mut rows = Vec::new();
         for (id, value, kind) in entries {
             let row = writer.next_entry(&k, id, *value, kind, 1000);
-            assert_eq!(writer.apply(&k, std::slice::from_ref(&row), |_| None), None);
+            assert_eq!(writer.apply(&k, std::slice::from_ref(&row)), None);
             rows.push(row);
         }
         rows
     }
 
     #[test]
-    fn a_revocation_ends_every_enrollment_up_to_its_bound_and_the_one_held() {
-        let rows = written(&[("a", 10, kind::REVOKED), ("b", 10, kind::REMOVED)]);
+    fn a_revocation_ends_every_enrollment_made_before_it() {
+        let rows = written(&[
+            ("open_enrollment", 1, kind::SETTING),
+            ("a", 0, kind::REVOKED),
+            ("b", 0, kind::REMOVED),
+        ]);
         let mut s = LogState::default();
-        // This node holds b's enrollment 12, which the writer did not know of.
-        assert_eq!(s.apply(&key(), &rows, |id| (id == "b").then_some(12)), None);
-        assert_eq!(s.seen().0, 2);
-        assert!(s.is_dead("a", 10) && s.is_dead("a", 1) && !s.is_dead("a", 11));
-        assert!(s.is_dead("b", 12) && !s.is_dead("b", 13));
-        assert!(!s.is_dead("c", 1));
+        assert_eq!(s.apply(&key(), &rows), None);
+        assert_eq!(s.seen().0, 3);
+        // a's entry is number 2: enrollments after 0 or 1 entries are ended, one made
+        // after it (position 2) is not.
+        assert!(s.is_dead("a", 0) && s.is_dead("a", 1) && !s.is_dead("a", 2));
+        assert!(s.is_dead("b", 2) && !s.is_dead("b", 3));
+        assert!(!s.is_dead("c", 0));
+        // A position no enrollment has (a writer's negative number) is ended too.
+        assert!(s.is_dead("a", -1));
         let r = s.take_revocations();
         assert_eq!(
             r,
             vec![
                 Revocation {
                     id: "a".into(),
-                    upto: 10,
+                    before: 2,
                     removed: false
                 },
                 Revocation {
                     id: "b".into(),
-                    upto: 12,
+                    before: 3,
                     removed: true
                 },
             ]
@@ -317,70 +331,73 @@ mod tests {
     #[test]
     fn a_deleted_reused_reordered_or_forged_entry_stops_the_log() {
         let rows = written(&[
-            ("a", 1, kind::REVOKED),
-            ("b", 2, kind::REVOKED),
-            ("c", 3, kind::REVOKED),
+            ("a", 0, kind::REVOKED),
+            ("b", 0, kind::REVOKED),
+            ("c", 0, kind::REVOKED),
         ]);
         // Deleted: entry 2 missing.
         let mut s = LogState::default();
-        let p = s.apply(&key(), &[rows[0].clone(), rows[2].clone()], |_| None);
+        let p = s.apply(&key(), &[rows[0].clone(), rows[2].clone()]);
         assert!(p.unwrap().contains("entry 2 is missing"));
         assert_eq!(s.seen().0, 1);
-        assert!(!s.is_dead("c", 3), "nothing past a gap is applied");
+        assert!(!s.is_dead("c", 0), "nothing past a gap is applied");
         // Reported once; nothing more applied after.
-        assert_eq!(s.apply(&key(), &rows[1..], |_| None), None);
+        assert_eq!(s.apply(&key(), &rows[1..]), None);
         assert_eq!(s.seen().0, 1);
-        // Reused: entry 2 deleted and another written with its number by a node that
-        // had not seen it cannot chain to entry 1's successor...
+        // Reused: a node that had not seen entry 2 writes another in its place...
         let mut other = LogState::default();
-        other.apply(&key(), &rows[..1], |_| None);
+        other.apply(&key(), &rows[..1]);
         let reused = other.next_entry(&key(), "x", 9, kind::SETTING, 1);
         let mut s = LogState::default();
-        s.apply(&key(), &rows[..2], |_| None);
+        s.apply(&key(), &rows[..2]);
         // ...for a node that saw the original entry 2, the next one must be 3.
-        let p = s
-            .apply(&key(), std::slice::from_ref(&reused), |_| None)
-            .unwrap();
+        let p = s.apply(&key(), std::slice::from_ref(&reused)).unwrap();
         assert!(p.contains("entry 3 is missing"), "{p}");
-        // Changed: a field altered, or a tag from elsewhere.
+        // Changed: a field altered.
         let mut changed = rows[1].clone();
-        changed.value = 99;
+        changed.id = "z".into();
         let mut s = LogState::default();
-        let p = s
-            .apply(&key(), &[rows[0].clone(), changed], |_| None)
-            .unwrap();
+        let p = s.apply(&key(), &[rows[0].clone(), changed]).unwrap();
         assert!(p.contains("entry 2 does not verify"), "{p}");
         // Forged under another key.
         let forged = LogState::default().next_entry(
             &FleetKey::derive(&SecretKey::from_bytes([4; 32])),
             "a",
-            1,
+            0,
             kind::REVOKED,
             1,
         );
         let mut s = LogState::default();
-        assert!(s.apply(&key(), &[forged], |_| None).is_some());
+        assert!(s.apply(&key(), &[forged]).is_some());
         assert_eq!(s.seen().0, 0);
+        // Broken from outside (the last verified entry gone): nothing more applied.
+        let mut s = LogState::default();
+        s.apply(&key(), &rows[..1]);
+        assert!(s.break_at("gone".into()));
+        assert!(!s.break_at("again".into()));
+        assert_eq!(s.apply(&key(), &rows[1..]), None);
+        assert_eq!(s.seen().0, 1);
+        assert_eq!(s.broken(), Some("gone"));
     }
 
     #[test]
     fn the_recorded_anchor_must_be_in_the_log() {
-        let rows = written(&[("a", 1, kind::REVOKED), ("b", 2, kind::REVOKED)]);
+        let rows = written(&[("a", 0, kind::REVOKED), ("b", 0, kind::REVOKED)]);
         let mut s = LogState::default();
         s.set_anchor(2, rows[1].tag_array());
         assert_eq!(s.anchor_holds(), None);
-        s.apply(&key(), &rows, |_| None);
+        s.apply(&key(), &rows);
         assert_eq!(s.anchor_holds(), Some(true));
         // Another log with the same number of entries is not the one recorded.
-        let others = written(&[("a", 1, kind::REVOKED), ("z", 5, kind::REMOVED)]);
+        let others = written(&[("a", 0, kind::REVOKED), ("z", 0, kind::REMOVED)]);
         let mut s = LogState::default();
         s.set_anchor(2, rows[1].tag_array());
-        s.apply(&key(), &others, |_| None);
+        s.apply(&key(), &others);
         assert_eq!(s.anchor_holds(), Some(false));
         // A shorter log never reaches it.
         let mut s = LogState::default();
         s.set_anchor(2, rows[1].tag_array());
-        s.apply(&key(), &rows[..1], |_| None);
+        s.apply(&key(), &rows[..1]);
         assert_eq!(s.anchor_holds(), None);
     }
 
@@ -391,7 +408,7 @@ mod tests {
             ("open_enrollment", 0, kind::SETTING),
         ]);
         let mut s = LogState::default();
-        s.apply(&key(), &rows, |_| None);
+        s.apply(&key(), &rows);
         assert_eq!(s.setting("open_enrollment"), Some(0));
         assert_eq!(s.setting("other"), None);
         assert!(s.take_revocations().is_empty());

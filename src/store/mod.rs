@@ -274,6 +274,9 @@ pub struct IdentityKey {
     pub key: SecretKey,
     /// Its enrollment generation.
     pub generation: u64,
+    /// In a fleet, the entries of the fleet's log before its enrollment (a revocation
+    /// written later ends it); 0 otherwise.
+    pub log_pos: u64,
 }
 
 /// Seconds since the Unix epoch.
@@ -281,6 +284,41 @@ pub fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The associated data of an identity's sealed key: its id and generation and, in a
+/// fleet, the number of entries of the fleet's log its enrollment was made after (when
+/// not 0): a revocation written later ends it, and no writer can change that number.
+fn identity_ad(id: &str, generation: i64, pos: i64) -> Vec<u8> {
+    let mut a = assoc(ad::IDENTITY, id, generation);
+    if pos != 0 {
+        a.extend_from_slice(&pos.to_be_bytes());
+    }
+    a
+}
+
+/// A sealed key as the database holds it: the sealed value, after the log position
+/// (8 bytes) when not 0.
+fn stored_key(pos: i64, sealed: Vec<u8>) -> Vec<u8> {
+    if pos == 0 {
+        return sealed;
+    }
+    let mut out = Vec::with_capacity(8 + sealed.len());
+    out.extend_from_slice(&pos.to_be_bytes());
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// [`stored_key`] read back: the log position and the sealed value.
+fn split_key(stored: &[u8]) -> Result<(i64, &[u8]), StoreError> {
+    match stored.len() {
+        SEALED_LEN => Ok((0, stored)),
+        n if n == 8 + SEALED_LEN => {
+            let pos = i64::from_be_bytes(stored[..8].try_into().expect("8 bytes"));
+            Ok((pos, &stored[8..]))
+        }
+        _ => Err(StoreError::Corrupt("a sealed key has the wrong length")),
+    }
 }
 
 /// Associated data: `label ‖ u8 len(id) ‖ id ‖ u64 n`.
@@ -492,8 +530,8 @@ struct KeyIndex {
     keys: RwLock<SealedKeys>,
 }
 
-/// Id → (generation, sealed key).
-type SealedKeys = HashMap<Box<str>, (i64, [u8; SEALED_LEN])>;
+/// Id → (generation, log position of its enrollment, sealed key).
+type SealedKeys = HashMap<Box<str>, (i64, i64, [u8; SEALED_LEN])>;
 
 impl KeyIndex {
     fn keys(&self) -> std::sync::RwLockWriteGuard<'_, SealedKeys> {
@@ -567,9 +605,10 @@ impl Store {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a verified revocation ended `id`'s enrollment `generation`.
-    fn is_revoked(&self, id: &str, generation: i64) -> bool {
-        self.log().is_dead(id, generation)
+    /// Whether a verified revocation ended `id`'s enrollment made after `pos` entries
+    /// of the fleet's log.
+    fn is_revoked(&self, id: &str, pos: i64) -> bool {
+        self.log().is_dead(id, pos)
     }
 
     /// Whether a verified revocation or removal of `id` (of any of its enrollments) is
@@ -625,35 +664,49 @@ impl Store {
         }
         let _reading = self.log_reading.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let (after, _) = self.log().seen();
-            let rows = self.engine.fleet_log(after, fleet_log::READ_BATCH)?;
-            let full = rows.len() >= fleet_log::READ_BATCH;
-            // The generation this node holds for each identity named (a revocation
-            // ends it too), read before the log's lock.
-            let held: HashMap<&str, i64> = match self.index.get() {
-                Some(index) => {
-                    let keys = index.keys.read().unwrap_or_else(|e| e.into_inner());
-                    rows.iter()
-                        .filter_map(|r| keys.get(r.id.as_str()).map(|(g, _)| (r.id.as_str(), *g)))
-                        .collect()
+            let (after, head) = self.log().seen();
+            // From the last entry this node verified, which must still be there as it
+            // was (a writer that deletes or changes it while no one appends is noticed
+            // here, not only at the next append).
+            let mut rows = self
+                .engine
+                .fleet_log(after.saturating_sub(1), fleet_log::READ_BATCH + 1)?;
+            if after > 0 {
+                let kept = rows
+                    .first()
+                    .is_some_and(|r| r.seq as u64 == after && r.tag[..] == head[..]);
+                if !kept {
+                    let problem =
+                        format!("entry {after}, which this node verified, is gone or changed");
+                    let newly = self.log().break_at(problem.clone());
+                    if newly {
+                        tracing::error!(
+                            "the fleet's log is not as the nodes wrote it: {problem}. No \
+                             revocation or fleet setting can be made until it is repaired \
+                             (docs/CLUSTER.md, \"What the database can and cannot do to the \
+                             fleet\")"
+                        );
+                    }
+                    return Ok(());
                 }
-                None => HashMap::new(),
-            };
+                rows.remove(0);
+            }
+            let full = rows.len() >= fleet_log::READ_BATCH;
             let mut log = self.log();
             let before = log.seen().0;
-            let problem = log.apply(&self.fleet_key, &rows, |id| held.get(id).copied());
+            let problem = log.apply(&self.fleet_key, &rows);
             let progressed = log.seen().0 > before;
             let dead: Vec<(String, u64)> = log
                 .peek_revocations()
-                .map(|r| (r.id.clone(), r.upto))
+                .map(|r| (r.id.clone(), r.before))
                 .collect();
             drop(log);
             // Ended enrollments leave the index at once.
             self.reindex(|keys| {
-                for (id, upto) in &dead {
+                for (id, before) in &dead {
                     if keys
                         .get(id.as_str())
-                        .is_some_and(|(g, _)| *g as u64 <= *upto)
+                        .is_some_and(|(_, pos, _)| (*pos.max(&0) as u64) < *before)
                     {
                         keys.remove(id.as_str());
                     }
@@ -714,39 +767,29 @@ impl Store {
             };
             match write(&entry)? {
                 Logged::Appended(out) => {
+                    // Read back: the entry must be in the log as written, and verified
+                    // here, before anyone is told it is done.
                     self.sync_locked()?;
+                    let kept = {
+                        let log = self.log();
+                        let seq = entry.seq as u64;
+                        log.seen().0 >= seq
+                            && log.broken().is_none()
+                            && log.tag_of(seq).is_none_or(|t| t[..] == entry.tag[..])
+                    };
+                    if !kept {
+                        return Err(StoreError::FleetLogDamaged(format!(
+                            "entry {}, just written, is not in it as written (a rule, a \
+                             trigger or a writer removed or changed it)",
+                            entry.seq
+                        )));
+                    }
                     return Ok(out);
                 }
                 Logged::Moved => continue,
             }
         }
         Err(StoreError::FleetLogBusy)
-    }
-
-    /// The bound of a revocation of `id` written now: every enrollment of it this node
-    /// can know of (the highest generation it has verified of any identity, the one its
-    /// index holds for `id`, and the database's row if its sealed key opens).
-    fn revocation_bound(&self, id: &str) -> Result<i64, StoreError> {
-        let mut bound = self.log().max_generation();
-        if let Some((g, _)) = self.index.get().and_then(|i| {
-            i.keys
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(id)
-                .copied()
-        }) {
-            bound = bound.max(g);
-        }
-        if let Some((g, sealed)) = self.engine.key(id)? {
-            if self
-                .sealer
-                .open(&assoc(ad::IDENTITY, id, g), &sealed)
-                .is_ok()
-            {
-                bound = bound.max(g);
-            }
-        }
-        Ok(bound)
     }
 
     /// The revocations verified since the last call, for the fleet to close the
@@ -868,25 +911,21 @@ impl Store {
         token_ref: Option<&[u8]>,
     ) -> Result<u64, StoreError> {
         let changes = self.changes();
-        // In a fleet, the log first: a removal of this id by another node, read after
-        // this enrollment, would end it too.
+        // In a fleet, the log first: the enrollment is sealed with the number of log
+        // entries before it, and ended only by a revocation or removal written after.
         self.sync_locked()?;
+        let pos = self.log().seen().0 as i64;
         let seal = |generation| {
-            self.sealer
-                .seal(&assoc(ad::IDENTITY, id.as_str(), generation), key.expose())
+            let sealed = self
+                .sealer
+                .seal(&identity_ad(id.as_str(), generation, pos), key.expose());
+            stored_key(pos, sealed)
         };
-        let (generation, sealed) = self.engine.insert(id, mode, token_ref, now(), &seal)?;
-        if self.is_revoked(id.as_str(), generation) {
-            // The database handed out a generation a revocation already ended (its
-            // sequence was set back): this enrollment could never be used.
-            return Err(StoreError::Corrupt(
-                "the database's generations went back (a revoked enrollment's number was handed out again)",
-            ));
-        }
-        self.log().saw_generation(generation);
-        let sealed = sealed_array(&sealed)?;
+        let (generation, stored) = self.engine.insert(id, mode, token_ref, now(), &seal)?;
+        let (pos, sealed) = split_key(&stored)?;
+        let sealed = sealed_array(sealed)?;
         self.reindex(|keys| {
-            keys.insert(id.as_str().into(), (generation, sealed));
+            keys.insert(id.as_str().into(), (generation, pos, sealed));
         });
         drop(changes);
         Ok(generation as u64)
@@ -900,9 +939,14 @@ impl Store {
         if let Some(found) = self.cached_key(id) {
             return found;
         }
-        match self.engine.key(id.as_str())? {
-            Some((generation, sealed)) if !self.is_revoked(id.as_str(), generation) => {
-                self.unseal_key(id, Some(generation), &sealed)
+        let row = self.engine.key(id.as_str())?;
+        let row = match &row {
+            Some((generation, stored)) => Some((*generation, split_key(stored)?)),
+            None => None,
+        };
+        match row {
+            Some((generation, (pos, sealed))) if !self.is_revoked(id.as_str(), pos) => {
+                self.unseal_key(id, Some((generation, pos)), sealed)
             }
             _ => self.unseal_key(id, None, &self.decoy),
         }
@@ -919,33 +963,38 @@ impl Store {
             .get(id.as_str())
             .copied();
         Some(match found {
-            Some((generation, sealed)) => self.unseal_key(id, Some(generation), &sealed),
+            Some((generation, pos, sealed)) => {
+                self.unseal_key(id, Some((generation, pos)), &sealed)
+            }
             None => self.unseal_key(id, None, &self.decoy),
         })
     }
 
-    /// Unseals an identity's key (`generation` given) or the decoy's (`None`).
+    /// Unseals an identity's key (its generation and log position given) or the decoy's
+    /// (`None`).
     fn unseal_key(
         &self,
         id: &Id,
-        generation: Option<i64>,
+        enrollment: Option<(i64, i64)>,
         sealed: &[u8],
     ) -> Result<Option<IdentityKey>, StoreError> {
-        let ad = match generation {
-            Some(g) => assoc(ad::IDENTITY, id.as_str(), g),
+        let ad = match enrollment {
+            Some((g, pos)) => identity_ad(id.as_str(), g, pos),
             None => assoc(ad::DECOY, "", 0),
         };
         let key = self.sealer.open(&ad, sealed)?;
-        Ok(generation.map(|g| IdentityKey {
+        Ok(enrollment.map(|(g, pos)| IdentityKey {
             key,
             generation: g as u64,
+            log_pos: pos.max(0) as u64,
         }))
     }
 
-    /// Whether a key row may be used: no verified revocation ended its generation (a
-    /// row restored after its revocation is refused), and it opens with the store key.
-    fn usable(&self, id: &str, generation: i64, sealed: &[u8]) -> bool {
-        if self.is_revoked(id, generation) {
+    /// Whether a key row may be used: no verified revocation written after its
+    /// enrollment ended it (a row restored after its revocation is refused), and it
+    /// opens with the store key.
+    fn usable(&self, id: &str, generation: i64, pos: i64, sealed: &[u8]) -> bool {
+        if self.is_revoked(id, pos) {
             tracing::error!(
                 id,
                 generation,
@@ -954,21 +1003,13 @@ impl Store {
             );
             return false;
         }
-        self.key_opens(id, generation, sealed)
+        self.key_opens(id, generation, pos, sealed)
     }
 
     /// Whether the sealed key row opens with the store key; logs the identity if not.
-    fn key_opens(&self, id: &str, generation: i64, sealed: &[u8]) -> bool {
-        match self
-            .sealer
-            .open(&assoc(ad::IDENTITY, id, generation), sealed)
-        {
-            Ok(_) => {
-                // A generation the database cannot make up: the bound of the
-                // revocations this node writes.
-                self.log().saw_generation(generation);
-                true
-            }
+    fn key_opens(&self, id: &str, generation: i64, pos: i64, sealed: &[u8]) -> bool {
+        match self.sealer.open(&identity_ad(id, generation, pos), sealed) {
+            Ok(_) => true,
             Err(e) => {
                 // The store key itself was checked at open (the decoy, the open key): a
                 // row that does not open was damaged or moved, and only its device is
@@ -1010,9 +1051,16 @@ impl Store {
         // Room to double before a rehash, which would hold the write lock (and every
         // handshake) for a pass over the whole map.
         let mut keys = HashMap::with_capacity(2 * rows.len() + 1024);
-        for (id, generation, sealed) in rows {
-            if self.usable(&id, generation, &sealed) {
-                keys.insert(id.into_boxed_str(), (generation, sealed_array(&sealed)?));
+        for (id, generation, stored) in rows {
+            let Ok((pos, sealed)) = split_key(&stored) else {
+                tracing::error!(id, generation, "the stored key of this identity has the wrong length; its handshakes will be refused");
+                continue;
+            };
+            if self.usable(&id, generation, pos, sealed) {
+                keys.insert(
+                    id.into_boxed_str(),
+                    (generation, pos, sealed_array(sealed)?),
+                );
             }
         }
         Ok(keys)
@@ -1034,7 +1082,7 @@ impl Store {
         let mut old = index.keys();
         let gone = old
             .iter()
-            .filter(|(id, (generation, _))| keys.get(*id).map(|k| k.0) != Some(*generation))
+            .filter(|(id, (generation, _, _))| keys.get(*id).map(|k| k.0) != Some(*generation))
             .map(|(id, _)| id.to_string())
             .collect();
         *old = keys;
@@ -1043,13 +1091,15 @@ impl Store {
         Ok((n, gone))
     }
 
-    /// Reads `id`'s row again into the loaded index: another daemon of the fleet enrolled,
-    /// revoked or removed it. Returns whether the id is usable now. If the row cannot be
-    /// read, the id leaves the index (its handshakes fail until a refresh succeeds):
-    /// a key that may be revoked is never kept.
+    /// Reads the fleet's log and then `id`'s row again into the loaded index, under one
+    /// lock: another daemon of the fleet enrolled, revoked or removed it. Returns
+    /// whether the id is usable now. If the log or the row cannot be read, the id leaves
+    /// the index (its handshakes fail until a refresh succeeds): a key that may be
+    /// revoked is never kept, nor one read without the log.
     pub fn refresh(&self, id: &str) -> Result<bool, StoreError> {
         let changes = self.changes();
-        let row = match self.engine.key(id) {
+        let row = self.sync_locked().and_then(|()| self.engine.key(id));
+        let row = match row {
             Ok(row) => row,
             Err(e) => {
                 self.reindex(|keys| {
@@ -1058,16 +1108,16 @@ impl Store {
                 return Err(e);
             }
         };
-        let usable = match &row {
-            Some((generation, sealed)) => self.usable(id, *generation, sealed),
-            None => false,
+        let entry = match &row {
+            Some((generation, stored)) => match split_key(stored) {
+                Ok((pos, sealed)) if self.usable(id, *generation, pos, sealed) => {
+                    sealed_array(sealed).ok().map(|s| (*generation, pos, s))
+                }
+                _ => None,
+            },
+            None => None,
         };
-        let entry = match row {
-            Some((generation, sealed)) if usable => {
-                sealed_array(&sealed).ok().map(|s| (generation, s))
-            }
-            _ => None,
-        };
+        let usable = entry.is_some();
         self.reindex(|keys| match entry {
             Some(e) => {
                 keys.insert(id.into(), e);
@@ -1155,7 +1205,6 @@ impl Store {
                 false => Err(StoreError::NotFound(id.to_owned())),
             };
         }
-        let bound = self.revocation_bound(id)?;
         let at = now();
         let kind = if remove {
             fleet_log::kind::REMOVED
@@ -1174,7 +1223,7 @@ impl Store {
                 }),
             },
             id,
-            bound,
+            0,
             kind,
         );
         if newly.is_ok() {

@@ -376,11 +376,17 @@ async fn log_entry(
     tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
         .await
         .map_err(e)?;
+    // The rows the readers read (a row of a size no node writes is not one).
     let last: i64 = tx
-        .query_one("SELECT coalesce(max(seq), 0) FROM fleet_log", &[])
+        .query_one(
+            "SELECT coalesce(max(seq), 0) FROM fleet_log WHERE octet_length(id) <= 255 \
+             AND octet_length(kind) <= 32 AND octet_length(tag) = 32",
+            &[],
+        )
         .await
         .map_err(e)?
-        .get(0);
+        .try_get(0)
+        .map_err(e)?;
     if last >= entry.seq {
         return Ok(Logged::Moved);
     }
@@ -390,19 +396,26 @@ async fn log_entry(
             entry.seq - 1
         )));
     }
-    tx.execute(
-        "INSERT INTO fleet_log (seq, id, value, kind, at, tag) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &entry.seq,
-            &entry.id,
-            &entry.value,
-            &entry.kind,
-            &entry.at,
-            &entry.tag,
-        ],
-    )
-    .await
-    .map_err(e)?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO fleet_log (seq, id, value, kind, at, tag) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &entry.seq,
+                &entry.id,
+                &entry.value,
+                &entry.kind,
+                &entry.at,
+                &entry.tag,
+            ],
+        )
+        .await
+        .map_err(e)?;
+    if inserted != 1 {
+        return Err(StoreError::FleetLogDamaged(
+            "the table did not take the entry written (a rule or a trigger of a database writer?)"
+                .into(),
+        ));
+    }
     tx.execute(
         "SELECT pg_notify('tally_identity', $1 || ' ' || $2)",
         &[&entry.kind, &entry.id],
@@ -652,11 +665,13 @@ impl Postgres {
             .await
             .map_err(e)?
             .iter()
+            // Read without a panic whatever a writer made of the table's columns: the
+            // heartbeat's task holds the fence.
             .map(|r| DeadNode {
-                node: r.get(0),
-                addr: r.get(1),
-                silent: Duration::from_millis(r.get::<_, i64>(2).max(0) as u64),
-                claims: r.get::<_, i64>(3).max(0) as u64,
+                node: r.try_get(0).unwrap_or_default(),
+                addr: r.try_get(1).unwrap_or_default(),
+                silent: Duration::from_millis(r.try_get::<_, i64>(2).unwrap_or(0).max(0) as u64),
+                claims: r.try_get::<_, i64>(3).unwrap_or(0).max(0) as u64,
             })
             .collect();
         c.execute(
