@@ -746,6 +746,14 @@ impl Fleet {
     /// records how far the log is verified.
     async fn apply_revocations(self: &Arc<Self>) {
         for r in self.store.take_revocations() {
+            // The journal keeps what the log said (an operator repairing a damaged log
+            // reads it there).
+            info!(
+                id = r.id,
+                entry = r.before,
+                "fleet: the fleet's log says this identity was {}",
+                if r.removed { "removed" } else { "revoked" }
+            );
             let Ok(id) = Id::new(&r.id) else { continue };
             let (code, reason) = if r.removed {
                 (CloseCode::REMOVED, "identity removed")

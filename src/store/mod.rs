@@ -111,7 +111,7 @@ pub enum StoreError {
         why: String,
     },
     /// The fleet's log does not verify past some entry: nothing can be appended.
-    #[error("the fleet's log is damaged ({0}): no revocation, removal or fleet setting can be made until it is repaired. Compare the table fleet_log with a backup, or delete its entries from the damaged one on, then revoke (or set) again what they held (docs/CLUSTER.md)")]
+    #[error("the fleet's log is damaged ({0}): no revocation, removal or fleet setting can be made until it is repaired. Compare the table fleet_log with a backup; or delete its entries from the damaged one on, then revoke (or set) again what they held: each node's journal has a line per entry it verified ('the fleet's log says ...'), and every node must then have its fleet-log file deleted (docs/CLUSTER.md)")]
     FleetLogDamaged(String),
     /// Other nodes kept appending to the fleet's log.
     #[error("the fleet's log kept changing while this node appended to it: try again")]
