@@ -914,7 +914,15 @@ impl Store {
         // In a fleet, the log first: the enrollment is sealed with the number of log
         // entries before it, and ended only by a revocation or removal written after.
         self.sync_locked()?;
-        let pos = self.log().seen().0 as i64;
+        let pos = {
+            let log = self.log();
+            // Past a break, removals other nodes applied are unknown here: an enrollment
+            // sealed before them would be ended on those nodes.
+            if let Some(b) = log.broken() {
+                return Err(StoreError::FleetLogDamaged(b.to_owned()));
+            }
+            log.seen().0 as i64
+        };
         let seal = |generation| {
             let sealed = self
                 .sealer
