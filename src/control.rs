@@ -430,7 +430,15 @@ async fn open_enrollment(state: &ServerState, set: Option<bool>) -> ControlRespo
                 info!(
                     open,
                     "open enrollment set for the whole fleet on the control socket"
-                )
+                );
+                // This node's record of the log includes the entry before it answers.
+                if let Some(fleet) = &state.fleet {
+                    if let Err(e) = fleet.record_log().await {
+                        return ControlResponse::Error {
+                            message: format!("set in the fleet's log, but {e}"),
+                        };
+                    }
+                }
             }
             Ok(Err(e)) => {
                 return ControlResponse::Error {

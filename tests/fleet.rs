@@ -1703,3 +1703,90 @@ fn a_revocation_by_a_node_that_never_held_the_key_holds_after_restarts() {
         );
     }
 }
+
+#[test]
+fn a_node_that_cannot_read_what_another_verified_fences_itself() {
+    // The fourth review of issue 26: a database writer can show each node its own
+    // fleet_log (row security, a view), hiding a revocation from all but the node that
+    // wrote it. Each node acknowledges in its heartbeat (tagged) how far it verified the
+    // log; one that sees another ahead of what it can read fences itself until it can.
+    // Here a node of the fleet that verified three entries more is played with the fleet
+    // key (the test holds store.key, as every node does).
+    let Some(f) = Fleet::start("fleet: hidden entries", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "hidden-1");
+    let (_device, lines) = bin::listen(&["--echo", "--no-reconnect"], &f.at(&cred, 1));
+    expect_line(&lines, "connected as hidden-1");
+    let store_key = std::fs::read_to_string(f.nodes[0].dir.join("store.key")).unwrap();
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(store_key.trim(), &mut bytes).unwrap();
+    let key =
+        tally::store::fleet_key::FleetKey::derive(&tally::proto::SecretKey::from_bytes(bytes));
+    let seen: i64 = f
+        .cluster
+        .psql("SELECT coalesce(max(seq), 0) FROM fleet_log")
+        .parse()
+        .unwrap();
+    let ahead = seen + 3;
+    let head = [7u8; 32];
+    let tag = key.tag(
+        tally::store::fleet_key::Statement::LogAck,
+        &[b"ghost", &ahead.to_be_bytes(), &head],
+    );
+    f.cluster.psql(&format!(
+        "INSERT INTO nodes (node, addr, log_seen, log_head, log_tag) \
+         VALUES ('ghost', '127.0.0.1:9', {ahead}, decode('{}', 'hex'), decode('{}', 'hex'))",
+        hex::encode(head),
+        hex::encode(tag)
+    ));
+    f.nodes[1]
+        .daemon
+        .expect_log(&["has verified entries of the fleet's log that this node cannot read"]);
+    let lost = expect_line(&lines, "session");
+    assert!(lost.contains("shut") || lost.contains("SHUTDOWN"), "{lost}");
+    assert!(!request(&f.at(&cred, 0), "now?").status.success());
+    // The same acknowledgement without the fleet key's tag changes nothing.
+    f.cluster.psql(&format!(
+        "DELETE FROM nodes WHERE node = 'ghost'; \
+         INSERT INTO nodes (node, addr, log_seen, log_head, log_tag) \
+         VALUES ('forged', '127.0.0.1:9', {ahead}, decode('{}', 'hex'), decode(repeat('00', 32), 'hex'))",
+        hex::encode(head)
+    ));
+    f.nodes[0]
+        .daemon
+        .expect_log(&["reads every entry of the fleet's log the others verified again"]);
+    assert!(served_within(&f, &cred, 0, 20));
+}
+
+#[test]
+fn a_revoked_id_stays_taken_when_a_writer_deletes_its_row() {
+    // The fourth review of issue 26: after `tallyd revoke X`, a writer deleting X's row
+    // freed X for anyone holding the open token, who then received X's requests. A
+    // revoked id stays taken, as its row keeps it with one daemon; a removal frees it.
+    let Some(f) = Fleet::start("fleet: revoked id re-claimed", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "claimed-1");
+    assert!(served_within(&f, &cred, 1, 20));
+    f.nodes[0].ok(&["revoke", "claimed-1"]);
+    f.cluster
+        .psql("DELETE FROM identities WHERE id = 'claimed-1'");
+    std::fs::remove_file(&cred).unwrap();
+    for n in 0..2 {
+        let out = enroll_open(&f, n, "claimed-1");
+        assert!(
+            !out.status.success(),
+            "node {n} enrolled the revoked id again"
+        );
+        assert!(
+            text(&out.stderr).contains("identity taken"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // Removed, it is free again (a replaced device).
+    f.nodes[0].ok(&["remove", "claimed-1"]);
+    let out = enroll_open(&f, 1, "claimed-1");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -35,7 +35,7 @@ use crate::config::TakeoverPolicy;
 use crate::proto::{CloseCode, Id, Status};
 use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
 use crate::store::fleet_key::{self, FleetKey, Statement};
-use crate::store::postgres::{channel, PendingSend, Postgres, SendOutcome};
+use crate::store::postgres::{channel, LogAck, PendingSend, Postgres, SendOutcome};
 use crate::store::{Store, StoreError};
 
 /// How often a node renews its heartbeat.
@@ -127,6 +127,9 @@ pub struct Fleet {
     rejected: Rejected,
     /// Set when identity notices overflowed their queue: every key is read again.
     resync: tokio::sync::Notify,
+    /// Another node has verified entries of the fleet's log this node cannot read: it
+    /// stays fenced (its view of revocations is incomplete) until it can.
+    hidden: std::sync::atomic::AtomicBool,
 }
 
 /// A release still to do.
@@ -449,6 +452,7 @@ impl Fleet {
             claimed: Mutex::default(),
             rejected: Rejected::default(),
             resync: tokio::sync::Notify::new(),
+            hidden: Default::default(),
         });
         // What this node verified of the fleet's log before: the log must still hold it
         // (checked once the index, and the log with it, is loaded: `check_revocations`).
@@ -732,6 +736,64 @@ impl Fleet {
         })?;
         self.revocations_written.store(n, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// This node's acknowledgement of the fleet's log, for its heartbeat.
+    fn log_ack(&self) -> LogAck {
+        let (seen, head) = self.store.fleet_log_seen();
+        let seen = seen as i64;
+        let tag = self.store.fleet_key().tag(
+            Statement::LogAck,
+            &[self.node.as_bytes(), &seen.to_be_bytes(), &head],
+        );
+        LogAck {
+            seen,
+            head: head.to_vec(),
+            tag: tag.to_vec(),
+        }
+    }
+
+    /// Compares this node's view of the fleet's log with the other nodes'
+    /// acknowledgements (verified): one ahead of what this node can read, after reading
+    /// again, means entries are hidden from it (a database writer showing each node its
+    /// own table): it fences itself until it can read them.
+    async fn check_peers(self: &Arc<Self>, peers: &[(String, LogAck)]) {
+        let key = self.store.fleet_key();
+        let ahead = |seen: u64| {
+            peers.iter().find(|(node, a)| {
+                a.seen > seen as i64
+                    && key.verify(
+                        Statement::LogAck,
+                        &[node.as_bytes(), &a.seen.to_be_bytes(), &a.head],
+                        &a.tag,
+                    )
+            })
+        };
+        if ahead(self.store.fleet_log_seen().0).is_none() {
+            if self.hidden.swap(false, Ordering::SeqCst) {
+                info!("fleet: this node reads every entry of the fleet's log the others verified again");
+            }
+            return;
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.sync_revocations()).await;
+        self.apply_revocations().await;
+        let (seen, _) = self.store.fleet_log_seen();
+        if let Some((node, a)) = ahead(seen) {
+            if !self.hidden.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    peer = node,
+                    peer_entries = a.seen,
+                    entries = seen,
+                    "fleet: another node has verified entries of the fleet's log that this node cannot read (hidden from it by the database, or damaged): fencing this node (sessions closed, handshakes refused BUSY) until it can; docs/CLUSTER.md"
+                );
+            }
+            self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
+        } else if self.hidden.swap(false, Ordering::SeqCst) {
+            info!(
+                "fleet: this node reads every entry of the fleet's log the others verified again"
+            );
+        }
     }
 
     /// Writes this node's record of the fleet's log now (after an entry it appended).
@@ -1383,14 +1445,16 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
         }
         let pg = fleet.pg();
         let sent = Instant::now();
+        let ack = fleet.log_ack();
         let beat = tokio::select! {
-            beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE)) => beat,
+            beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE, &ack)) => beat,
             _ = tokio::time::sleep_until(fence_at), if !fenced => {
                 fence(&fleet, "the heartbeat is not answered");
                 continue;
             }
         };
         if let Ok(Ok(beat)) = &beat {
+            fleet.check_peers(&beat.peers).await;
             for dead in &beat.dead {
                 warn!(
                     node = dead.node,
@@ -1407,7 +1471,7 @@ async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
         match beat.map(|b| b.map(|b| b.alive)) {
             Ok(Ok(true)) => {
                 last_ok = sent;
-                if fleet.registry.unfence() {
+                if !fleet.hidden.load(Ordering::SeqCst) && fleet.registry.unfence() {
                     info!("fleet: the database is back: serving again");
                 }
             }

@@ -31,6 +31,8 @@ pub enum Statement {
     /// The outcome of a send, written back by the node holding the session: `call,
     /// origin, node, id, epoch, outcome`.
     Answer,
+    /// A node's acknowledgement of the fleet's log: `node, entries verified, last tag`.
+    LogAck,
 }
 
 impl Statement {
@@ -40,6 +42,7 @@ impl Statement {
             Statement::Takeover => b"tally fleet v1 takeover",
             Statement::Send => b"tally fleet v1 send",
             Statement::Answer => b"tally fleet v1 answer",
+            Statement::LogAck => b"tally fleet v1 log acknowledgement",
         }
     }
 }

@@ -96,8 +96,9 @@ pub struct LogState {
     seen: u64,
     /// The tag of entry `seen` (zeros before the first).
     head: [u8; TAG_LEN],
-    /// Identity → its enrollments of a position below this are ended.
-    dead: HashMap<Box<str>, u64>,
+    /// Identity → its enrollments of a position below this are ended, and whether the
+    /// last entry of it was a revocation (the id stays taken) or a removal (free).
+    dead: HashMap<Box<str>, (u64, bool)>,
     /// Setting → value, as the last entry setting it says.
     settings: HashMap<Box<str>, i64>,
     /// Revocations verified and not yet taken ([`LogState::take_revocations`]).
@@ -196,8 +197,8 @@ impl LogState {
             }
             match row.kind.as_str() {
                 kind::REVOKED | kind::REMOVED => {
-                    let dead = self.dead.entry(row.id.as_str().into()).or_insert(0);
-                    *dead = (*dead).max(next);
+                    self.dead
+                        .insert(row.id.as_str().into(), (next, row.kind == kind::REVOKED));
                     self.unacted.push(Revocation {
                         id: row.id.clone(),
                         before: next,
@@ -246,12 +247,17 @@ impl LogState {
     pub fn is_dead(&self, id: &str, pos: i64) -> bool {
         self.dead
             .get(id)
-            .is_some_and(|before| pos < 0 || (pos as u64) < *before)
+            .is_some_and(|(before, _)| pos < 0 || (pos as u64) < *before)
     }
 
     /// Whether any enrollment of `id` was revoked or removed.
     pub fn was_revoked(&self, id: &str) -> bool {
         self.dead.contains_key(id)
+    }
+
+    /// Whether the last entry of `id` revoked it (it stays taken until removed).
+    pub fn is_revoked_now(&self, id: &str) -> bool {
+        self.dead.get(id).is_some_and(|(_, revoked)| *revoked)
     }
 
     /// A setting, as the log last set it.

@@ -113,6 +113,10 @@ pub enum StoreError {
     /// The fleet's log does not verify past some entry: nothing can be appended.
     #[error("the fleet's log is damaged ({0}): no revocation, removal or fleet setting can be made until it is repaired. Compare the table fleet_log with a backup; or delete its entries from the damaged one on, then revoke (or set) again what they held: each node's journal has a line per entry it verified ('the fleet's log says ...'), and every node must then have its fleet-log file deleted (docs/CLUSTER.md)")]
     FleetLogDamaged(String),
+    /// An entry was appended to the fleet's log while this node enrolled (read it, and
+    /// enroll again).
+    #[error("the fleet's log changed while this node enrolled: try again")]
+    FleetLogMoved,
     /// Other nodes kept appending to the fleet's log.
     #[error("the fleet's log kept changing while this node appended to it: try again")]
     FleetLogBusy,
@@ -863,6 +867,7 @@ impl Store {
         // An id whose key this node holds (verified) is enrolled, whatever the database
         // says: a writer that deletes its row does not free it for someone else.
         let enrolled = enrolled
+            || self.log().is_revoked_now(id.as_str())
             || self.index.get().is_some_and(|i| {
                 i.keys
                     .read()
@@ -911,6 +916,26 @@ impl Store {
         token_ref: Option<&[u8]>,
     ) -> Result<u64, StoreError> {
         let changes = self.changes();
+        for _ in 0..16 {
+            match self.insert_once(id, key, mode, token_ref) {
+                Err(StoreError::FleetLogMoved) => continue,
+                done => {
+                    drop(changes);
+                    return done;
+                }
+            }
+        }
+        Err(StoreError::FleetLogBusy)
+    }
+
+    /// [`Store::insert`] once, with `changes` held.
+    fn insert_once(
+        &self,
+        id: &Id,
+        key: &SecretKey,
+        mode: EnrollMode,
+        token_ref: Option<&[u8]>,
+    ) -> Result<u64, StoreError> {
         // In a fleet, the log first: the enrollment is sealed with the number of log
         // entries before it, and ended only by a revocation or removal written after.
         self.sync_locked()?;
@@ -920,6 +945,11 @@ impl Store {
             // sealed before them would be ended on those nodes.
             if let Some(b) = log.broken() {
                 return Err(StoreError::FleetLogDamaged(b.to_owned()));
+            }
+            // A revoked id stays taken (as its row does with one daemon), even if a
+            // writer deleted the row: only a removal frees it.
+            if log.is_revoked_now(id.as_str()) {
+                return Err(StoreError::Taken(id.clone()));
             }
             log.seen().0 as i64
         };
@@ -935,7 +965,6 @@ impl Store {
         self.reindex(|keys| {
             keys.insert(id.as_str().into(), (generation, pos, sealed));
         });
-        drop(changes);
         Ok(generation as u64)
     }
 
@@ -1206,6 +1235,9 @@ impl Store {
                 .contains_key(id)
         });
         let listed = self.engine.enroll_lookup(id)?.0;
+        // Revoked and not removed since: still enrolled for the fleet, row or not.
+        let revoked = self.log().is_revoked_now(id);
+        let held = held || revoked;
         if !held && !listed && !self.was_revoked(id) {
             drop(changes);
             return match remove {

@@ -101,11 +101,17 @@ const MIGRATIONS: &[&str] = &[r#"
         tag        bytea NOT NULL
     );
     -- The daemons of the fleet, alive while their heartbeat is fresh.
+    -- Each node's acknowledgement of the fleet's log (the entries it verified, the last
+    -- one's tag), tagged under the fleet key: a node that sees another ahead of what it
+    -- can read knows entries are hidden from it.
     CREATE UNLOGGED TABLE nodes (
         node      text PRIMARY KEY,
         addr      text NOT NULL,
         started   timestamptz NOT NULL DEFAULT clock_timestamp(),
-        heartbeat timestamptz NOT NULL DEFAULT clock_timestamp()
+        heartbeat timestamptz NOT NULL DEFAULT clock_timestamp(),
+        log_seen  bigint NOT NULL DEFAULT 0,
+        log_head  bytea,
+        log_tag   bytea
     );
     -- Claim epochs, fleet-wide: a claim's epoch is greater than every earlier claim's of
     -- any identity, even after its row was deleted (a late tally_close names an epoch
@@ -270,6 +276,19 @@ pub struct Heartbeat {
     pub alive: bool,
     /// The nodes this heartbeat declared dead (their heartbeat was stale).
     pub dead: Vec<DeadNode>,
+    /// The other live nodes' acknowledgements of the fleet's log (unverified).
+    pub peers: Vec<(String, LogAck)>,
+}
+
+/// A node's acknowledgement of the fleet's log, as its heartbeat writes it.
+#[derive(Debug, Clone)]
+pub struct LogAck {
+    /// Entries verified.
+    pub seen: i64,
+    /// The last one's tag.
+    pub head: Vec<u8>,
+    /// The fleet key's tag over the node's name, `seen` and `head`.
+    pub tag: Vec<u8>,
 }
 
 /// A node declared dead.
@@ -640,18 +659,44 @@ impl Postgres {
     /// Renews `node`'s heartbeat and deletes the nodes (and so their claims) whose
     /// heartbeat is older than `stale`, and sends nobody picked up. Returns false if
     /// `node` itself was gone (declared dead by another node: its claims are gone).
-    pub async fn heartbeat(&self, node: &str, stale: Duration) -> Result<Heartbeat, StoreError> {
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        stale: Duration,
+        ack: &LogAck,
+    ) -> Result<Heartbeat, StoreError> {
         let c = self.client().await?;
         let e = |e| self.error(e);
-        self.count_queries(3);
+        self.count_queries(4);
         let n = c
             .execute(
-                "UPDATE nodes SET heartbeat = clock_timestamp() WHERE node = $1",
-                &[&node],
+                "UPDATE nodes SET heartbeat = clock_timestamp(), log_seen = $2, log_head = $3, \
+                 log_tag = $4 WHERE node = $1",
+                &[&node, &ack.seen, &ack.head, &ack.tag],
             )
             .await
             .map_err(e)?;
         let ms = stale.as_millis() as i64;
+        let peers = c
+            .query(
+                "SELECT node, log_seen, log_head, log_tag FROM nodes WHERE node <> $1 \
+                 AND heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
+                &[&node, &ms],
+            )
+            .await
+            .map_err(e)?
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.try_get::<_, String>(0).ok()?,
+                    LogAck {
+                        seen: r.try_get(1).ok()?,
+                        head: r.try_get::<_, Option<Vec<u8>>>(2).ok()??,
+                        tag: r.try_get::<_, Option<Vec<u8>>>(3).ok()??,
+                    },
+                ))
+            })
+            .collect();
         // The claims are counted before they go with their node (the cascade runs at
         // the end of the statement).
         let dead = c
@@ -684,6 +729,7 @@ impl Postgres {
         Ok(Heartbeat {
             alive: n == 1,
             dead,
+            peers,
         })
     }
 
@@ -1121,13 +1167,33 @@ impl Engine for Postgres {
         // transaction, which must not hold `seal` (not `Send`).
         let generation: i64 = self.query("SELECT nextval('generations')", &[])?[0].get(0);
         let sealed = seal(generation);
-        self.count_queries(3);
+        // The enrollment is sealed with the log's length as the node read it: no entry
+        // may be appended meanwhile (a removal of this id written now would end it).
+        let pos = super::split_key(&sealed)?.0;
+        self.count_queries(5);
         enum Out {
             Stored,
             Taken,
             TokenGone,
+            Moved,
         }
         let out = transaction!(self, |tx, e| {
+            tx.batch_execute("LOCK TABLE fleet_log IN SHARE MODE")
+                .await
+                .map_err(e)?;
+            let last: i64 = tx
+                .query_one(
+                    "SELECT coalesce(max(seq), 0) FROM fleet_log WHERE octet_length(id) <= 255 \
+                     AND octet_length(kind) <= 32 AND octet_length(tag) = 32",
+                    &[],
+                )
+                .await
+                .map_err(e)?
+                .try_get(0)
+                .map_err(e)?;
+            if last != pos {
+                return Ok(Out::Moved);
+            }
             let consumed = match token {
                 Some(token) => tx
                     .execute(
@@ -1170,6 +1236,7 @@ impl Engine for Postgres {
             Out::Stored => Ok((generation, sealed)),
             Out::Taken => Err(StoreError::Taken(id.clone())),
             Out::TokenGone => Err(StoreError::TokenGone(id.clone())),
+            Out::Moved => Err(StoreError::FleetLogMoved),
         }
     }
 
