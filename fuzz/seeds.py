@@ -37,6 +37,10 @@ def main(out):
         for i, item in enumerate(items):
             with open(os.path.join(d, f"vector-{i:03}"), "wb") as f:
                 f.write(item)
+        # Seeds of vectors that are gone.
+        for name in os.listdir(d):
+            if name.startswith("vector-") and int(name[7:]) >= len(items):
+                os.remove(os.path.join(d, name))
         print(f"{target}: {len(items)} seeds")
 
 
