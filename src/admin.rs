@@ -708,6 +708,8 @@ pub struct Revoked {
     pub newly: bool,
     /// Whether a live session was closed; `None` if the daemon is not running.
     pub session_closed: Option<bool>,
+    /// In a fleet: which nodes confirmed the revocation.
+    pub fleet: Option<control::FleetConfirmation>,
 }
 
 /// Asks the running daemon to do `req` (it changes the store, refuses handshakes in
@@ -739,20 +741,24 @@ pub fn open_enrollment(state_dir: &Path, set: Option<bool>) -> Result<(bool, boo
 /// Deletes `id` from the store, so that its id can be enrolled again. Through the
 /// running daemon if there is one (which also closes its live session and refuses its
 /// handshakes in flight). Returns (whether it existed, whether a session was closed;
-/// `None` if the daemon is not running).
+/// `None` if the daemon is not running; in a fleet, which nodes confirmed it).
 pub fn remove(
     state_dir: &Path,
     creds: Option<&Path>,
     id: &str,
-) -> Result<(bool, Option<bool>), AdminError> {
+) -> Result<(bool, Option<bool>, Option<control::FleetConfirmation>), AdminError> {
     let id = Id::new(id)?;
     let req = ControlRequest::Remove { id: id.to_string() };
     match via_daemon(state_dir, &req)? {
-        Some(ControlResponse::Removed { existed, was_live }) => Ok((existed, Some(was_live))),
+        Some(ControlResponse::Removed {
+            existed,
+            was_live,
+            fleet,
+        }) => Ok((existed, Some(was_live), fleet)),
         Some(other) => Err(unexpected(state_dir, other)),
         None => {
             let (_, store) = open_store(state_dir, creds)?;
-            Ok((store.remove(id.as_str())?, None))
+            Ok((store.remove(id.as_str())?, None, None))
         }
     }
 }
@@ -763,9 +769,14 @@ pub fn revoke(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<Revoke
     let id = Id::new(id)?;
     let req = ControlRequest::Revoke { id: id.to_string() };
     match via_daemon(state_dir, &req)? {
-        Some(ControlResponse::Revoked { newly, was_live }) => Ok(Revoked {
+        Some(ControlResponse::Revoked {
+            newly,
+            was_live,
+            fleet,
+        }) => Ok(Revoked {
             newly,
             session_closed: Some(was_live),
+            fleet,
         }),
         Some(other) => Err(unexpected(state_dir, other)),
         None => {
@@ -773,6 +784,7 @@ pub fn revoke(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<Revoke
             Ok(Revoked {
                 newly: store.revoke(id.as_str())?,
                 session_closed: None,
+                fleet: None,
             })
         }
     }

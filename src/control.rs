@@ -109,6 +109,9 @@ pub enum ControlResponse {
         newly: bool,
         /// Whether a live session was asked to close.
         was_live: bool,
+        /// In a fleet: its nodes, and those that have not confirmed the entry yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fleet: Option<FleetConfirmation>,
     },
     /// The identity was removed.
     Removed {
@@ -116,6 +119,9 @@ pub enum ControlResponse {
         existed: bool,
         /// Whether a live session was asked to close.
         was_live: bool,
+        /// In a fleet: its nodes, and those that have not confirmed the entry yet.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fleet: Option<FleetConfirmation>,
     },
     /// Whether a live session was asked to close.
     Closed {
@@ -178,6 +184,15 @@ pub enum ControlResponse {
         /// Why.
         message: String,
     },
+}
+
+/// Which nodes of a fleet confirmed an entry of its log (a revocation, a removal).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetConfirmation {
+    /// The nodes of the fleet, the one that answered included.
+    pub nodes: usize,
+    /// The addresses of those that did not confirm it (yet).
+    pub missing: Vec<String>,
 }
 
 /// Talking to the daemon failed.
@@ -567,15 +582,30 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
     };
     let was_live = state.registry.invalidate(&id, code, reason) || live_elsewhere;
     info!(id = %id, was_live, "{reason} on the control socket");
+    // In a fleet, every node must have read the entry: they say so in their heartbeats
+    // (within a second or two). One that cannot read it fences itself.
+    let fleet = match &state.fleet {
+        Some(fleet) => {
+            let seq = state.store.fleet_log_seen().0;
+            let (nodes, missing) = fleet.confirmations(seq, Duration::from_secs(4)).await;
+            if !missing.is_empty() {
+                warn!(id = %id, missing = %missing.join(", "), "{reason}: not confirmed by every node of the fleet yet");
+            }
+            Some(FleetConfirmation { nodes, missing })
+        }
+        None => None,
+    };
     if revoke {
         ControlResponse::Revoked {
             newly: changed,
             was_live,
+            fleet,
         }
     } else {
         ControlResponse::Removed {
             existed: changed,
             was_live,
+            fleet,
         }
     }
 }

@@ -209,7 +209,8 @@ async fn revoke_closes_the_live_session_and_refuses_the_next() {
         r,
         tally::admin::Revoked {
             newly: true,
-            session_closed: Some(true)
+            session_closed: Some(true),
+            fleet: None,
         }
     );
     let end = tokio::time::timeout(Duration::from_secs(1), client.closed())
@@ -901,7 +902,7 @@ async fn remove_frees_an_identity_for_a_new_enrollment() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r, (true, Some(true)));
+    assert_eq!(r, (true, Some(true), None));
     let end = tokio::time::timeout(Duration::from_secs(1), client.closed())
         .await
         .unwrap();

@@ -793,7 +793,10 @@ fn a_revocation_whose_key_cannot_be_read_again_fails_closed() {
     );
     // Revoked on node 1; node 0's read of the identity fails (the table is gone for a
     // moment): the key it held must not stay usable.
-    f.nodes[1].ok(&["revoke", "stale-1"]);
+    // (In the background: `tallyd revoke` waits for every node's confirmation, and
+    // node 0's read is held by the hook meanwhile.)
+    let dir = f.nodes[1].dir.clone();
+    let revoking = std::thread::spawn(move || bin::admin(&dir, &["revoke", "stale-1"]));
     f.nodes[0].daemon.expect_log(&[pause]);
     f.cluster
         .psql("ALTER TABLE identities RENAME TO identities_away");
@@ -806,6 +809,8 @@ fn a_revocation_whose_key_cannot_be_read_again_fails_closed() {
         "node 0 served a revoked device: {}",
         text(&out.stdout)
     );
+    let revoked = revoking.join().unwrap();
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
 }
 
 #[test]
@@ -1260,7 +1265,12 @@ fn a_revocation_survives_a_rollback_of_its_row() {
     assert!(served_within(&f, &revoked, 1, 20));
     f.cluster
         .psql("CREATE TABLE saved AS SELECT * FROM identities WHERE id LIKE 'roll-%'");
-    f.nodes[0].ok(&["revoke", "roll-1"]);
+    // Every node confirms it read the entry (its heartbeat's acknowledgement).
+    let said = f.nodes[0].ok(&["revoke", "roll-1"]);
+    assert!(
+        said.contains("confirmed by every node of the fleet (2)"),
+        "{said}"
+    );
     f.nodes[0].ok(&["remove", "roll-2"]);
     // A writer puts the old rows back, and tells the nodes.
     f.cluster.psql(

@@ -184,6 +184,21 @@ impl Command {
     }
 }
 
+/// Says which nodes of a fleet confirmed a revocation or removal.
+fn confirmed(fleet: &Option<tally::control::FleetConfirmation>) {
+    let Some(f) = fleet else { return };
+    if f.missing.is_empty() {
+        println!("confirmed by every node of the fleet ({})", f.nodes);
+    } else {
+        eprintln!(
+            "warning: not confirmed yet by {} of the fleet's {} nodes: {} (a node that cannot read it fences itself; `tallyd status` on it says why)",
+            f.missing.len(),
+            f.nodes,
+            f.missing.join(", ")
+        );
+    }
+}
+
 fn format(json: bool) -> admin::Format {
     if json {
         admin::Format::Json
@@ -370,9 +385,10 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                 None => "tallyd is not running",
             };
             println!("{id}: {state}; {session}");
+            confirmed(&r.fleet);
         }
         Command::Remove { id } => {
-            let (existed, closed) = admin::remove(dir, creds.as_deref(), &id)?;
+            let (existed, closed, fleet) = admin::remove(dir, creds.as_deref(), &id)?;
             if !existed {
                 anyhow::bail!("no identity {id}");
             }
@@ -382,6 +398,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                 None => "tallyd is not running",
             };
             println!("{id}: removed, and can be enrolled again; {session}");
+            confirmed(&fleet);
         }
         Command::Sessions { json } => print!("{}", admin::sessions(dir, format(json))?),
         Command::OpenEnrollment { set } => {

@@ -796,6 +796,43 @@ impl Fleet {
         }
     }
 
+    /// Waits (at most `wait`) until every other live node acknowledges (tagged, in its
+    /// heartbeat) that it verified the fleet's log up to entry `seq`. Returns the
+    /// number of nodes of the fleet (this one included) and the addresses of those
+    /// that did not.
+    pub async fn confirmations(self: &Arc<Self>, seq: u64, wait: Duration) -> (usize, Vec<String>) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let this = self.clone();
+            let acks = self
+                .pg()
+                .spawn(async move { this.pg().log_acks(&this.node, STALE).await })
+                .await;
+            let Ok(Ok(acks)) = acks else {
+                return (1, vec!["(the fleet's nodes could not be read)".into()]);
+            };
+            let key = self.store.fleet_key();
+            let missing: Vec<String> = acks
+                .iter()
+                .filter(|(node, _, ack)| {
+                    !ack.as_ref().is_some_and(|a| {
+                        a.seen >= seq as i64
+                            && key.verify(
+                                Statement::LogAck,
+                                &[node.as_bytes(), &a.seen.to_be_bytes(), &a.head],
+                                &a.tag,
+                            )
+                    })
+                })
+                .map(|(_, addr, _)| addr.clone())
+                .collect();
+            if missing.is_empty() || Instant::now() >= deadline {
+                return (acks.len() + 1, missing);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Writes this node's record of the fleet's log now (after an entry it appended).
     pub async fn record_log(self: &Arc<Self>) -> Result<(), StoreError> {
         let this = self.clone();

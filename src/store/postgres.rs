@@ -733,6 +733,41 @@ impl Postgres {
         })
     }
 
+    /// The other live nodes and their acknowledgements of the fleet's log (unverified;
+    /// `None`: the node wrote none yet).
+    pub async fn log_acks(
+        &self,
+        node: &str,
+        stale: Duration,
+    ) -> Result<Vec<(String, String, Option<LogAck>)>, StoreError> {
+        self.count_queries(1);
+        let ms = stale.as_millis() as i64;
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT node, addr, log_seen, log_head, log_tag FROM nodes WHERE node <> $1 \
+                 AND heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond' \
+                 ORDER BY node",
+                &[&node, &ms],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let ack = (|| {
+                    Some(LogAck {
+                        seen: r.try_get(2).ok()?,
+                        head: r.try_get::<_, Option<Vec<u8>>>(3).ok()??,
+                        tag: r.try_get::<_, Option<Vec<u8>>>(4).ok()??,
+                    })
+                })();
+                Some((r.try_get(0).ok()?, r.try_get(1).ok()?, ack))
+            })
+            .collect())
+    }
+
     /// Deletes `node` and its claims (a daemon shutting down).
     pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
         self.count_queries(1);
