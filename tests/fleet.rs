@@ -50,10 +50,17 @@ struct Fleet {
     extra: &'static str,
 }
 
-/// The configuration of node `n`.
-fn config(fleet_root: &Path, cluster: &Cluster, n: usize, takeover: &str, extra: &str) -> PathBuf {
-    let dir = fleet_root.join(format!("node{n}"));
-    let path = fleet_root.join(format!("node{n}.toml"));
+/// The configuration of the node named `name` (`node0`, `node1`, ...): its file
+/// `NAME.toml` beside its state directory `NAME`.
+fn config(
+    fleet_root: &Path,
+    cluster: &Cluster,
+    name: &str,
+    takeover: &str,
+    extra: &str,
+) -> PathBuf {
+    let dir = fleet_root.join(name);
+    let path = fleet_root.join(format!("{name}.toml"));
     std::fs::write(
         &path,
         format!(
@@ -64,6 +71,18 @@ fn config(fleet_root: &Path, cluster: &Cluster, n: usize, takeover: &str, extra:
     )
     .unwrap();
     path
+}
+
+/// A new state directory `name` under the fleet's root (0700), holding the fleet's
+/// keys (those of node 0: one fleet, one server key and one store key).
+fn keyed_dir(fleet_root: &Path, name: &str) -> PathBuf {
+    let dir = fleet_root.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for key in ["server.key", "store.key"] {
+        std::fs::copy(fleet_root.join("node0").join(key), dir.join(key)).unwrap();
+    }
+    dir
 }
 
 impl Fleet {
@@ -96,7 +115,7 @@ impl Fleet {
         let root = tempfile::tempdir().unwrap();
         // The first node's keys, copied to the others: one fleet, one server key and
         // one store key (distributed as systemd credentials in production).
-        let first = config(root.path(), &cluster, 0, takeover, extra);
+        let first = config(root.path(), &cluster, "node0", takeover, extra);
         let init = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .arg("--config")
             .arg(&first)
@@ -104,15 +123,8 @@ impl Fleet {
             .output()
             .unwrap();
         assert!(init.status.success(), "{}", text(&init.stderr));
-        let keys = root.path().join("node0");
         for i in 1..n {
-            let dir = root.path().join(format!("node{i}"));
-            std::fs::create_dir(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .unwrap();
-            for key in ["server.key", "store.key"] {
-                std::fs::copy(keys.join(key), dir.join(key)).unwrap();
-            }
+            keyed_dir(root.path(), &format!("node{i}"));
         }
         let mut fleet = Fleet {
             cluster,
@@ -151,7 +163,7 @@ impl Fleet {
         let path = config(
             self.root.path(),
             &self.cluster,
-            i,
+            &format!("node{i}"),
             self.takeover,
             self.extra,
         );
@@ -1056,11 +1068,7 @@ fn the_readme_fleet_configuration_runs_as_written() {
     std::fs::write(&path, &config).unwrap();
     // As "every other node": the fleet's keys copied in, then `tallyd --config` with
     // that file: it joins the fleet and serves.
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    for key in ["server.key", "store.key"] {
-        std::fs::copy(f.nodes[0].dir.join(key), dir.join(key)).unwrap();
-    }
+    keyed_dir(f.root.path(), "readme-node");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
     cmd.arg("--config").arg(&path);
     let (daemon, _) = bin::start_cmd(cmd, false);
@@ -1369,22 +1377,8 @@ fn open_enrollment_is_decided_once_for_the_fleet() {
     };
     // A node whose configuration says otherwise (here the default: on) joins: the
     // fleet's setting applies (off: nobody turned it on), and it says so.
-    let path = f.root.path().join("node1.toml");
-    let dir = f.root.path().join("node1");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    for key in ["server.key", "store.key"] {
-        std::fs::copy(f.root.path().join("node0").join(key), dir.join(key)).unwrap();
-    }
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n",
-            dir.display(),
-            f.cluster.url()
-        ),
-    )
-    .unwrap();
+    let dir = keyed_dir(f.root.path(), "node1");
+    let path = config(f.root.path(), &f.cluster, "node1", "replace", "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
     cmd.arg("--config").arg(&path);
     let (daemon, _) = bin::start_cmd(cmd, false);
@@ -1600,22 +1594,8 @@ fn a_writer_and_a_fresh_node_cannot_turn_open_enrollment_on() {
     // it does not start on a log that does not verify.
     f.cluster
         .psql("UPDATE fleet_log SET tag = decode(repeat('00', 32), 'hex') WHERE kind = 'setting'");
-    let path = f.root.path().join("fresh.toml");
-    let dir = f.root.path().join("fresh");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    for key in ["server.key", "store.key"] {
-        std::fs::copy(f.root.path().join("node0").join(key), dir.join(key)).unwrap();
-    }
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nstore = \"{}\"\n",
-            dir.display(),
-            f.cluster.url()
-        ),
-    )
-    .unwrap();
+    keyed_dir(f.root.path(), "fresh");
+    let path = config(f.root.path(), &f.cluster, "fresh", "replace", "");
     let err = refused_start(&path);
     assert!(err.contains("does not verify under the fleet key"), "{err}");
     assert!(!enroll_open(&f, 0, "flip-1").status.success());
