@@ -378,6 +378,27 @@ impl SendOutcome {
     }
 }
 
+/// The rows of `fleet_log` its readers read: a row of a size no node writes is not one
+/// (a gap, which stops the log), and is not counted by the appenders either.
+const LOG_ROW: &str =
+    "octet_length(id) <= 255 AND octet_length(kind) <= 32 AND octet_length(tag) = 32";
+
+/// Locks `fleet_log` in `mode` (`EXCLUSIVE` to append, `SHARE` to enroll: no append
+/// meanwhile) and returns the number of its last entry (0: none).
+async fn lock_log_end(
+    tx: &tokio_postgres::Transaction<'_>,
+    mode: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    tx.batch_execute(&format!("LOCK TABLE fleet_log IN {mode} MODE"))
+        .await?;
+    tx.query_one(
+        &format!("SELECT coalesce(max(seq), 0) FROM fleet_log WHERE {LOG_ROW}"),
+        &[],
+    )
+    .await?
+    .try_get(0)
+}
+
 /// Appends `entry` to the fleet's log in `tx`, if the log's last entry is the one
 /// before it: the table is locked first (entries commit in the order of their numbers),
 /// and the entry is announced on `tally_identity` (`kind id`) at the commit.
@@ -392,20 +413,7 @@ async fn log_entry(
         place: place.to_owned(),
         message: e.to_string(),
     };
-    tx.batch_execute("LOCK TABLE fleet_log IN EXCLUSIVE MODE")
-        .await
-        .map_err(e)?;
-    // The rows the readers read (a row of a size no node writes is not one).
-    let last: i64 = tx
-        .query_one(
-            "SELECT coalesce(max(seq), 0) FROM fleet_log WHERE octet_length(id) <= 255 \
-             AND octet_length(kind) <= 32 AND octet_length(tag) = 32",
-            &[],
-        )
-        .await
-        .map_err(e)?
-        .try_get(0)
-        .map_err(e)?;
+    let last = lock_log_end(tx, "EXCLUSIVE").await.map_err(e)?;
     if last >= entry.seq {
         return Ok(Logged::Moved);
     }
@@ -1213,19 +1221,7 @@ impl Engine for Postgres {
             Moved,
         }
         let out = transaction!(self, |tx, e| {
-            tx.batch_execute("LOCK TABLE fleet_log IN SHARE MODE")
-                .await
-                .map_err(e)?;
-            let last: i64 = tx
-                .query_one(
-                    "SELECT coalesce(max(seq), 0) FROM fleet_log WHERE octet_length(id) <= 255 \
-                     AND octet_length(kind) <= 32 AND octet_length(tag) = 32",
-                    &[],
-                )
-                .await
-                .map_err(e)?
-                .try_get(0)
-                .map_err(e)?;
+            let last = lock_log_end(&tx, "SHARE").await.map_err(e)?;
             if last != pos {
                 return Ok(Out::Moved);
             }
@@ -1393,12 +1389,12 @@ impl Engine for Postgres {
     fn fleet_log(&self, after: u64, limit: usize) -> Result<Vec<FleetLogRow>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // Rows of a size no node writes are left out: a gap, which stops the log.
         Ok(self
             .query(
-                "SELECT seq, id, value, kind, at, tag FROM fleet_log WHERE seq > $1 \
-                 AND octet_length(id) <= 255 AND octet_length(kind) <= 32 \
-                 AND octet_length(tag) = 32 ORDER BY seq LIMIT $2",
+                &format!(
+                    "SELECT seq, id, value, kind, at, tag FROM fleet_log WHERE seq > $1 \
+                     AND {LOG_ROW} ORDER BY seq LIMIT $2"
+                ),
                 &[&after, &limit],
             )?
             .iter()
