@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc::Receiver;
 
-use common::bin::{self, admin, enroll, expect_line, lines, text, KillOnDrop};
+use common::bin::{self, admin, enroll, expect_line, text};
 
 /// A fresh `XDG_RUNTIME_DIR` (0700) in `dir`.
 fn runtime(dir: &Path) -> PathBuf {
@@ -20,23 +20,6 @@ fn runtime(dir: &Path) -> PathBuf {
     std::fs::create_dir(&run).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
     run
-}
-
-/// `tally listen ARGS --cred CRED` with `XDG_RUNTIME_DIR=RUN`; its stderr, line by line.
-fn listen(args: &[&str], cred: &Path, run: &Path) -> (KillOnDrop, Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("XDG_RUNTIME_DIR", run)
-        .arg("listen")
-        .args(args)
-        .arg("--cred")
-        .arg(cred)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    (KillOnDrop(child), rx)
 }
 
 /// `tally ARGS` with `XDG_RUNTIME_DIR=RUN`, run to its end.
@@ -98,7 +81,7 @@ fn request_and_message_go_through_a_running_listener() {
     let (daemon, _) = bin::start(&state, true);
     let cred = enroll(&daemon, &state, "dev", dir.path());
     let cred_arg = cred.to_str().unwrap();
-    let (_listener, lines) = listen(&["--echo"], &cred, &run);
+    let (_listener, lines) = bin::listen_in(&["--echo"], &cred, &run);
     expect_line(&lines, "connected as dev");
     let before = session(&state, "dev");
 
@@ -161,7 +144,7 @@ fn a_killed_listeners_socket_changes_nothing() {
     let (daemon, _) = bin::start(&state, true);
     let cred = enroll(&daemon, &state, "dev", dir.path());
     let cred_arg = cred.to_str().unwrap();
-    let (mut listener, lines) = listen(&["--echo"], &cred, &run);
+    let (mut listener, lines) = bin::listen_in(&["--echo"], &cred, &run);
     expect_line(&lines, "connected as dev");
     let sock = socket(&run);
     listener.kill().unwrap();
@@ -175,7 +158,7 @@ fn a_killed_listeners_socket_changes_nothing() {
     let out = tally(&["message", "--cred", cred_arg, "alone"], &run);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let (_listener, lines) = listen(&["--echo"], &cred, &run);
+    let (_listener, lines) = bin::listen_in(&["--echo"], &cred, &run);
     expect_line(&lines, "connected as dev");
     let before = session(&state, "dev");
     let out = tally(&["request", "--cred", cred_arg, "shared again"], &run);
@@ -197,13 +180,13 @@ fn a_second_listener_is_refused_and_the_first_cleans_up() {
     let cred_arg = cred.to_str().unwrap();
     // Another identity's listener has a socket of its own.
     let other = enroll(&daemon, &state, "other", dir.path());
-    let (_other, other_lines) = listen(&["--echo"], &other, &run);
+    let (_other, other_lines) = bin::listen_in(&["--echo"], &other, &run);
     expect_line(&other_lines, "connected as other");
-    let (mut first, lines) = listen(&["--echo"], &cred, &run);
+    let (mut first, lines) = bin::listen_in(&["--echo"], &cred, &run);
     expect_line(&lines, "connected as dev");
     let before = session(&state, "dev");
 
-    let (mut second, second_lines) = listen(&["--echo"], &cred, &run);
+    let (mut second, second_lines) = bin::listen_in(&["--echo"], &cred, &run);
     let err = expect_line(&second_lines, "another `tally listen` runs for dev");
     assert!(err.contains("stop that one first"), "{err}");
     assert!(!second.wait().unwrap().success());
@@ -225,7 +208,7 @@ fn a_second_listener_is_refused_and_the_first_cleans_up() {
     );
 
     // --no-share: no socket; a one-shot request takes the session over.
-    let (_third, lines) = listen(&["--echo", "--no-share"], &cred, &run);
+    let (_third, lines) = bin::listen_in(&["--echo", "--no-share"], &cred, &run);
     expect_line(&lines, "connected as dev");
     assert_eq!(files(&run).len(), 2, "{:?}", files(&run));
     let out = tally(&["request", "--cred", cred_arg, "mine"], &run);
@@ -245,7 +228,7 @@ fn a_listener_survives_bad_local_peers() {
     let (daemon, _) = bin::start(&state, true);
     let cred = enroll(&daemon, &state, "dev", dir.path());
     let cred_arg = cred.to_str().unwrap();
-    let (mut listener, lines) = listen(&["--echo"], &cred, &run);
+    let (mut listener, lines) = bin::listen_in(&["--echo"], &cred, &run);
     expect_line(&lines, "connected as dev");
     let before = session(&state, "dev");
     let sock = socket(&run);

@@ -196,15 +196,24 @@ pub fn listen(
     args: &[&str],
     cred: &std::path::Path,
 ) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let run = std::path::absolute(cred.parent().unwrap()).unwrap();
+    listen_in(args, cred, &run)
+}
+
+/// [`listen`] with `$XDG_RUNTIME_DIR` = `run` (where its shared-session socket goes).
+#[allow(dead_code)]
+pub fn listen_in(
+    args: &[&str],
+    cred: &std::path::Path,
+    run: &std::path::Path,
+) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env(
-            "XDG_RUNTIME_DIR",
-            std::path::absolute(cred.parent().unwrap()).unwrap(),
-        )
+        .env("XDG_RUNTIME_DIR", run)
         .arg("listen")
         .args(args)
         .arg("--cred")
         .arg(cred)
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
