@@ -1301,17 +1301,14 @@ impl Fleet {
         test_pause("TALLYD_TEST_PAUSE_BEFORE_REFRESH_MS").await;
         let store = self.store.clone();
         let owned = name.to_owned();
-        // The revocation log first (a key row it ends is refused by the refresh), then
-        // the row; the row is read even if the log cannot be (it leaves the index if
-        // it cannot be read either).
+        // A setting: the log. An identity: the log, then its row, under one lock
+        // (`Store::refresh`: it leaves the index if either cannot be read).
         let setting = op == "setting";
         let refreshed = tokio::task::spawn_blocking(move || {
-            let synced = store.sync_revocations();
             if setting {
-                return synced.map(|_| true);
+                return store.sync_revocations().map(|()| true);
             }
-            let refreshed = store.refresh(&owned);
-            synced.and(refreshed)
+            store.refresh(&owned)
         })
         .await
         .map_err(|e| self.pg().error(e))
@@ -1340,20 +1337,19 @@ impl Fleet {
 
     /// Acts on one notice (identity notices go to their own task, in order: a slow
     /// read of an identity holds up no takeover and no send).
-    /// Returns false if the node cannot keep up (its identity notices' queue is full):
-    /// it then reads everything again, as after a lost notification connection.
-    fn notice(self: &Arc<Self>, channel: &str, payload: &str) -> bool {
+    /// When identity notices overflow their queue, every key is read again instead.
+    fn notice(self: &Arc<Self>, channel: &str, payload: &str) {
         let mut words = payload.split(' ');
         match channel {
             channel::IDENTITY => {
                 let (Some(op), Some(id)) = (words.next(), words.next()) else {
-                    return true;
+                    return;
                 };
                 if !matches!(op, "enrolled" | "revoked" | "removed" | "setting")
                     || Id::new(id).is_err()
                 {
                     self.rejected.note("an identity notice that no node sends");
-                    return true;
+                    return;
                 }
                 if let Err(mpsc::error::TrySendError::Full(_)) =
                     self.identities.try_send((op.to_owned(), id.to_owned()))
@@ -1411,7 +1407,6 @@ impl Fleet {
             }
             _ => {}
         }
-        true
     }
 }
 
@@ -1609,7 +1604,10 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
                 true
             }
             n = listening.notices.recv() => match n {
-                Some(n) => fleet.notice(n.channel(), n.payload()),
+                Some(n) => {
+                    fleet.notice(n.channel(), n.payload());
+                    true
+                }
                 None => false,
             },
             // A connection that died without a word (a host or a network gone) is
