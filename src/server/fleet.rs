@@ -284,6 +284,16 @@ fn answer_verifies(key: &FleetKey, send: &PendingSend, outcome: &SendOutcome, ta
     key.verify(Statement::Answer, &fields, tag)
 }
 
+/// Whether `ack` is `node`'s acknowledgement of the fleet's log, tagged under the fleet
+/// key (the tag [`Fleet::log_ack`] makes).
+fn ack_verifies(key: &FleetKey, node: &str, ack: &LogAck) -> bool {
+    key.verify(
+        Statement::LogAck,
+        &[node.as_bytes(), &ack.seen.to_be_bytes(), &ack.head],
+        &ack.tag,
+    )
+}
+
 /// Milliseconds since the Unix epoch, by this node's clock.
 fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -760,39 +770,34 @@ impl Fleet {
     async fn check_peers(self: &Arc<Self>, peers: &[(String, LogAck)]) {
         let key = self.store.fleet_key();
         let ahead = |seen: u64| {
-            peers.iter().find(|(node, a)| {
-                a.seen > seen as i64
-                    && key.verify(
-                        Statement::LogAck,
-                        &[node.as_bytes(), &a.seen.to_be_bytes(), &a.head],
-                        &a.tag,
-                    )
-            })
+            peers
+                .iter()
+                .find(|(node, a)| a.seen > seen as i64 && ack_verifies(key, node, a))
         };
-        if ahead(self.store.fleet_log_seen().0).is_none() {
-            if self.hidden.swap(false, Ordering::SeqCst) {
-                info!("fleet: this node reads every entry of the fleet's log the others verified again");
-            }
-            return;
+        let mut seen = self.store.fleet_log_seen().0;
+        if ahead(seen).is_some() {
+            // Perhaps only not read yet: read, then compare again.
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.sync_revocations()).await;
+            self.apply_revocations().await;
+            seen = self.store.fleet_log_seen().0;
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.sync_revocations()).await;
-        self.apply_revocations().await;
-        let (seen, _) = self.store.fleet_log_seen();
-        if let Some((node, a)) = ahead(seen) {
-            if !self.hidden.swap(true, Ordering::SeqCst) {
-                tracing::error!(
-                    peer = node,
-                    peer_entries = a.seen,
-                    entries = seen,
-                    "fleet: another node has verified entries of the fleet's log that this node cannot read (hidden from it by the database, or damaged): fencing this node (sessions closed, handshakes refused BUSY) until it can; docs/CLUSTER.md"
-                );
+        match ahead(seen) {
+            Some((node, a)) => {
+                if !self.hidden.swap(true, Ordering::SeqCst) {
+                    tracing::error!(
+                        peer = node,
+                        peer_entries = a.seen,
+                        entries = seen,
+                        "fleet: another node has verified entries of the fleet's log that this node cannot read (hidden from it by the database, or damaged): fencing this node (sessions closed, handshakes refused BUSY) until it can; docs/CLUSTER.md"
+                    );
+                }
+                self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
             }
-            self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
-        } else if self.hidden.swap(false, Ordering::SeqCst) {
-            info!(
+            None if self.hidden.swap(false, Ordering::SeqCst) => info!(
                 "fleet: this node reads every entry of the fleet's log the others verified again"
-            );
+            ),
+            None => {}
         }
     }
 
@@ -815,14 +820,8 @@ impl Fleet {
             let missing: Vec<String> = acks
                 .iter()
                 .filter(|(node, _, ack)| {
-                    !ack.as_ref().is_some_and(|a| {
-                        a.seen >= seq as i64
-                            && key.verify(
-                                Statement::LogAck,
-                                &[node.as_bytes(), &a.seen.to_be_bytes(), &a.head],
-                                &a.tag,
-                            )
-                    })
+                    !ack.as_ref()
+                        .is_some_and(|a| a.seen >= seq as i64 && ack_verifies(key, node, a))
                 })
                 .map(|(_, addr, _)| addr.clone())
                 .collect();
