@@ -1,7 +1,9 @@
 """The TCP client against a scripted server in this process: retries and backoff (13.10),
 no retry after ENROLL_CONFIRM (6.4), the CLOSE a failure sends (8.3), keepalive (8.5),
-closing and truncation (8.6). The scripted server is built from the package's own frame
-functions and SessionState, playing the server's role."""
+closing and truncation (8.6), the encrypted mode (7.7, 8.2), no downgrade (7.8) and key
+update (8.7). The scripted server is built from the package's own frame functions and
+SessionState, playing the server's role; it answers either mode (the client's default is
+the encrypted one, so most tests here run it)."""
 import os
 import socket
 import struct
@@ -14,12 +16,14 @@ import tally
 import tally.client
 from tally import CloseCode, ErrorCode, FrameType, Status
 from tally._primitives import H, mac, tags_equal, x25519, x25519_base
-from tally.frames import HANDSHAKE_LIMIT, FrameDecoder, error_frame, parse_enroll_init, parse_hello
-from tally.proto import SessionState, enroll_init_tag, enroll_keys, session_keys
+from tally.frames import HANDSHAKE_LIMIT, FrameDecoder, error_frame, parse_enroll_init
+from tally.proto import SessionState, enroll_init_tag, enroll_keys
 
+from scripted import before_tag, finish_verifies, open_sealed_hello, sealed_auth, server_auth
 
-def before_tag(ty, fields):
-    return struct.pack(">IB", 1 + len(fields) + 32, ty) + fields
+#: The scripted server's static key pair (s, S): credentials here pin S.
+SERVER_SECRET = bytes(range(0x20, 0x40))
+SERVER_KEY = x25519_base(SERVER_SECRET)
 
 
 class Conn:
@@ -43,21 +47,33 @@ class Conn:
     def send(self, data):
         self.sock.sendall(data)
 
-    def handshake(self, key, keepalive_ms=30000, max_frame_len=65536, finish=True):
+    def handshake(self, key, keepalive_ms=30000, max_frame_len=65536, finish=True,
+                  expect_encrypted=None):
+        """Answer HELLO (authenticated mode) or SEALED_HELLO (encrypted mode), whichever
+        comes, as a server with both modes allowed; then check CLIENT_FINISH."""
         hello_f = self.read_frame()
-        hello = parse_hello(hello_f)
-        ns = os.urandom(32)
-        auth_u = before_tag(FrameType.SERVER_AUTH, ns + struct.pack(">II", max_frame_len, keepalive_ms))
-        th2 = H(hello_f, auth_u)
-        keys = session_keys(hello.nonce, ns, key, th2)
-        auth = auth_u + mac(keys.server_finish, th2)
+        self.first_frame = hello_f
+        encrypted = hello_f[4] == FrameType.SEALED_HELLO
+        if expect_encrypted is not None:
+            assert encrypted == expect_encrypted, hello_f[:5].hex()
+        if encrypted:
+            hello, ident, dh_es = open_sealed_hello(hello_f, SERVER_SECRET)
+            self.ident = ident
+            auth, keys = sealed_auth(hello_f, hello.ephemeral, key, dh_es, max_frame_len,
+                                     keepalive_ms)
+        else:
+            from tally.frames import parse_hello
+            hello = parse_hello(hello_f)
+            self.ident = hello.id
+            auth, keys = server_auth(hello_f, key, max_frame_len, keepalive_ms)
         self.send(auth)
+        self.keys = keys
         if not finish:
             return
         fin = self.read_frame()
-        assert tags_equal(mac(keys.client_finish, H(hello_f, auth, fin[:5])), fin[5:])
+        assert finish_verifies(keys, hello_f, auth, fin)
         self.st = SessionState(keys.s2c, keys.c2s, send_limit=hello.max_frame_len,
-                               recv_limit=max_frame_len, client=False)
+                               recv_limit=max_frame_len, client=False, encrypted=encrypted)
         self.dec.limit = max_frame_len
 
     def recv(self):
@@ -114,7 +130,7 @@ KEY = bytes(range(32))
 
 
 def cred(server):
-    return tally.Credential("dev-1", KEY, server.addr)
+    return tally.Credential("dev-1", KEY, server.addr, SERVER_KEY)
 
 
 def echo_one_request_then_close(conn):
@@ -211,7 +227,7 @@ def test_connection_refused_is_unreachable():
     port = s.getsockname()[1]
     s.close()
     with pytest.raises(tally.Unreachable):
-        tally.connect(tally.Credential("dev-1", KEY, f"127.0.0.1:{port}"), retries=0)
+        tally.connect(tally.Credential("dev-1", KEY, f"127.0.0.1:{port}", SERVER_KEY), retries=0)
 
 
 # --- Enrollment: nothing is retried after ENROLL_CONFIRM (6.4) -------------------------------
@@ -484,9 +500,10 @@ def test_a_timed_out_request_leaves_the_session_usable(server):
 def test_exhausted_sequence_numbers_end_with_close(server):
     def script(conn, n):
         conn.handshake(KEY)
-        f = conn.read_frame()
+        conn.st.last_received = 2**64 - 2   # the client's numbers are set forward below
+        fr = conn.recv()
         conn.send(conn.st.close(0, ""))
-        return f
+        return fr
     srv = server(script)
     s = tally.connect(cred(srv))
     s._state.next_seq = 2**64 - 1  # as if 2^64 - 2 frames had been sent
@@ -494,6 +511,271 @@ def test_exhausted_sequence_numbers_end_with_close(server):
         s.request(b"one too many")
     assert e.value.code == CloseCode.SEQUENCE_EXHAUSTED and not e.value.by_peer
     srv.done.wait(5)
-    f = srv.results[1]
-    assert f[4] == FrameType.CLOSE
-    assert struct.unpack(">QH", f[5:15]) == (2**64 - 1, CloseCode.SEQUENCE_EXHAUSTED)
+    fr = srv.results[1]
+    assert fr.type == FrameType.CLOSE
+    assert (fr.seq, fr.code) == (2**64 - 1, CloseCode.SEQUENCE_EXHAUSTED)
+
+
+# --- The encrypted mode (7.7), no downgrade (7.8), key update (8.7) ---------------------------
+
+def test_the_default_is_the_encrypted_mode_and_the_id_is_sealed(server):
+    def script(conn, n):
+        r = echo_one_request_then_close(conn)
+        return conn.first_frame, conn.ident, r
+    srv = server(script)
+    with tally.connect(cred(srv)) as s:
+        assert s.encrypted
+        assert s.request(b"secret payload") == b"secret payload"
+    srv.done.wait(5)
+    first, ident, _ = srv.results[1]
+    assert first[4] == FrameType.SEALED_HELLO and len(first) == 123
+    assert ident == b"dev-1" and b"dev-1" not in first
+
+
+def test_the_authenticated_mode_on_request(server):
+    def script(conn, n):
+        conn.handshake(KEY, expect_encrypted=False)
+        fr = conn.recv()
+        conn.send(conn.st.response(fr.seq, 0, fr.payload))
+        fr = conn.recv()
+        conn.send(conn.st.close(0, ""))
+        return conn.first_frame
+    srv = server(script)
+    # A credential without S runs the authenticated mode only (nothing to seal the id to).
+    with tally.connect(tally.Credential("dev-1", KEY, srv.addr), encryption=False) as s:
+        assert not s.encrypted
+        assert s.request(b"clear") == b"clear"
+    srv.done.wait(5)
+    assert srv.results[1][4] == FrameType.HELLO
+
+
+def test_the_encrypted_mode_needs_the_server_key():
+    with pytest.raises(tally.FormatError, match="server-key"):
+        tally.connect(tally.Credential("dev-1", KEY, "127.0.0.1:1"))
+
+
+def test_server_auth_in_answer_to_sealed_hello_is_refused(server):
+    """A downgrade: someone answers SEALED_HELLO with a SERVER_AUTH (7.2 client row 4,
+    7.8). It is malformed; the client sends nothing more and does not retry."""
+    def script(conn, n):
+        first = conn.read_frame()
+        assert first[4] == FrameType.SEALED_HELLO
+        fake = before_tag(FrameType.SERVER_AUTH, os.urandom(32) + struct.pack(">II", 65536, 30000))
+        conn.send(fake + os.urandom(32))
+        return conn.read_frame()   # nothing: no CLIENT_FINISH, the client closes
+    srv = server(script)
+    with pytest.raises(tally.ProtocolError) as e:
+        tally.connect(cred(srv), retries=4)
+    assert e.value.error == "malformed"
+    srv.done.wait(5)
+    time.sleep(0.3)
+    assert srv.accepted == 1 and srv.results[1] is None
+
+
+def test_mode_refused_is_never_answered_with_hello(server):
+    """7.8: ERROR MODE_REFUSED (unauthenticated: anyone can inject it) must not make the
+    client retry with HELLO, nor retry at all."""
+    firsts = []
+
+    def script(conn, n):
+        firsts.append(conn.read_frame())
+        conn.send(error_frame(ErrorCode.MODE_REFUSED))
+    srv = server(script)
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred(srv), retries=4)
+    assert e.value.code == ErrorCode.MODE_REFUSED and e.value.mode_refused
+    assert e.value.error == "refused" and "MODE_REFUSED" in str(e.value)
+    time.sleep(0.5)
+    assert srv.accepted == 1
+    assert [f[4] for f in firsts] == [FrameType.SEALED_HELLO]
+
+
+def test_mode_refused_in_place_of_the_first_session_frame(server):
+    """7.8: a server may refuse a mode per identity after CLIENT_FINISH verified; the ERROR
+    comes in place of the first session frame (8.3 step 2.1): a refusal, no CLOSE."""
+    def script(conn, n):
+        conn.handshake(KEY)
+        conn.send(error_frame(ErrorCode.MODE_REFUSED))
+        return conn.read_frame()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.Refused) as e:
+        s.request(b"q")
+    assert e.value.code == ErrorCode.MODE_REFUSED
+    srv.done.wait(5)
+    time.sleep(0.2)
+    assert srv.accepted == 1
+
+
+def test_a_low_order_server_ephemeral_is_weak_key(server):
+    def script(conn, n):
+        first = conn.read_frame()
+        hello, ident, dh_es = open_sealed_hello(first, SERVER_SECRET)
+        # F = 0 (a low-order point): X25519(e, F) is all zero.
+        auth_u = before_tag(FrameType.SEALED_AUTH, bytes(32) + struct.pack(">II", 65536, 30000))
+        conn.send(auth_u + os.urandom(32))
+        return conn.read_frame()
+    srv = server(script)
+    with pytest.raises(tally.ProtocolError) as e:
+        tally.connect(cred(srv), retries=4)
+    assert e.value.error == "weak_key"
+    srv.done.wait(5)
+    assert srv.accepted == 1 and srv.results[1] is None
+
+
+def test_a_sealed_auth_for_another_server_key_fails(server):
+    """The client pins S: a server whose static key is another one opens nothing, and
+    answers as for an unknown id (7.5); its SEALED_AUTH does not verify."""
+    def script(conn, n):
+        first = conn.read_frame()
+        other = os.urandom(32)
+        hello, ident, dh_es = open_sealed_hello(first, other)
+        assert ident is None  # sealed to another key: it does not open
+        auth, _ = sealed_auth(first, hello.ephemeral, os.urandom(32), dh_es)
+        conn.send(auth)
+        return conn.read_frame()
+    srv = server(script)
+    with pytest.raises(tally.AuthFailed) as e:
+        tally.connect(cred(srv))
+    assert e.value.error == "bad_tag"
+
+
+def _sealed_with(key, from_client, ty, seq, fields):
+    from tally._primitives import aead_seal
+    from tally.frames import session_header
+    from tally.proto import session_nonce
+    header = session_header(ty, seq, len(fields), 16)
+    return header + aead_seal(key, session_nonce(from_client, seq), header, fields)
+
+
+def test_a_frame_sealed_with_the_wrong_directions_nonce_is_refused(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        fr = conn.recv()
+        # The server's own key, but the client's direction (0) in the nonce: a reflection.
+        bad = _sealed_with(conn.keys.s2c, True, FrameType.RESPONSE, 1,
+                           struct.pack(">QH", fr.seq, 0) + b"x")
+        conn.send(bad)
+        return conn.recv()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.ProtocolError) as e:
+        s.request(b"q")
+    assert e.value.error == "bad_tag"
+    srv.done.wait(5)
+    close = srv.results[1]
+    assert close.type == FrameType.CLOSE and close.code == CloseCode.PROTOCOL_ERROR
+
+
+def test_a_frame_after_key_update_sealed_with_the_old_key_is_refused(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        fr = conn.recv()
+        old = conn.keys.s2c
+        conn.send(conn.st.key_update())                      # seq 1, then the next key
+        bad = _sealed_with(old, False, FrameType.RESPONSE, 2,  # the old key: refused
+                           struct.pack(">QH", fr.seq, 0) + b"x")
+        conn.send(bad)
+        return conn.recv()
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    with pytest.raises(tally.ProtocolError) as e:
+        s.request(b"q")
+    assert e.value.error == "bad_tag"
+    srv.done.wait(5)
+    assert srv.results[1].code == CloseCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("encryption", [True, False], ids=["encrypted", "authenticated"])
+def test_the_servers_key_updates_are_followed_in_both_modes(server, encryption):
+    def script(conn, n):
+        conn.handshake(KEY, expect_encrypted=encryption)
+        for _ in range(3):
+            fr = conn.recv()
+            conn.send(conn.st.key_update())
+            conn.send(conn.st.response(fr.seq, 0, fr.payload))
+        fr = conn.recv()
+        conn.send(conn.st.close(0, ""))
+        return conn.st.key_updates_sent
+    srv = server(script)
+    with tally.connect(cred(srv), encryption=encryption) as s:
+        for p in (b"a", b"b", b"c"):
+            assert s.request(p) == p
+        assert s._state.key_updates_received == 3
+        # 8.7: only the encrypted mode sends key updates by itself.
+        assert s._state.auto_key_update == encryption
+    srv.done.wait(5)
+    assert srv.results[1] == 3
+
+
+def test_the_client_updates_its_key_after_its_frame_budget(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        types = []
+        while True:
+            fr = conn.recv()
+            types.append(fr.type)
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return types
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    s._state.key_update_frames = 3     # 2^20 in the field (8.7)
+    for n in range(7):
+        s.message(b"m%d" % n)
+    s.close()
+    srv.done.wait(5)
+    M, K, C = FrameType.MESSAGE, FrameType.KEY_UPDATE, FrameType.CLOSE
+    # Each key seals 3 frames, then the KEY_UPDATE (sealed with it) before the next frame.
+    assert srv.results[1] == [M, M, M, K, M, M, M, K, M, C]
+
+
+def test_the_client_updates_its_key_after_its_time_budget(server):
+    def script(conn, n):
+        conn.handshake(KEY)
+        types = []
+        while True:
+            fr = conn.recv()
+            types.append(fr.type)
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return types
+    srv = server(script)
+    s = tally.connect(cred(srv))
+    s._state.key_update_seconds = 0.2  # 10 minutes in the field (8.7)
+    s.message(b"first")                # the key's first use starts its clock
+    s.message(b"second")
+    time.sleep(0.3)
+    s.message(b"third")
+    s.message(b"fourth")
+    s.close()
+    srv.done.wait(5)
+    M, K, C = FrameType.MESSAGE, FrameType.KEY_UPDATE, FrameType.CLOSE
+    assert srv.results[1] == [M, M, K, M, M, C]
+
+
+def test_the_cli_flag_chooses_the_authenticated_mode(server, tmp_path):
+    from tally.__main__ import main
+
+    def script(conn, n):
+        r = echo_one_request_then_close(conn)
+        return conn.first_frame[4]
+    srv = server(script)
+    path = tmp_path / "dev.cred"
+    cred(srv).save(path)
+    assert main(["request", "--cred", str(path), "--authenticated-only", "hi"]) == 0
+    assert main(["request", "--cred", str(path), "hi"]) == 0
+    srv.done.wait(5)
+    time.sleep(0.2)
+    assert [srv.results[1], srv.results[2]] == [FrameType.HELLO, FrameType.SEALED_HELLO]
+
+
+def test_enrollment_keeps_the_server_key(server, tmp_path):
+    def done(conn, keys, th4):
+        conn.send(struct.pack(">IB", 33, 4) + mac(keys.done, th4))
+    srv, token, derived = enrollment_server(server, done)
+    c = tally.enroll(srv.addr, token, "dev-10")
+    assert c.server_key == token.server_key
+    c.save(tmp_path / "c.cred")
+    assert f'server-key = "{token.server_key.hex()}"' in (tmp_path / "c.cred").read_text()
+    assert tally.Credential.load(tmp_path / "c.cred") == c

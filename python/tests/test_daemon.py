@@ -28,7 +28,7 @@ def test_enroll_open_then_connect_and_request(daemon, new_id, tmp_path):
     # The five-line script of python/README.md.
     cred = tally.enroll(daemon.addr, daemon.token(), ident)
     cred.save(tmp_path / "dev.cred")
-    with tally.connect(str(tmp_path / "dev.cred")) as session:
+    with daemon.connect(str(tmp_path / "dev.cred")) as session:
         assert session.request(b"hello") == b"hello"
     assert os.stat(tmp_path / "dev.cred").st_mode & 0o777 == 0o600
     assert cred.id == ident and cred.server == daemon.addr and len(cred.key) == 32
@@ -41,7 +41,7 @@ def test_enroll_with_a_per_identity_token(daemon, new_id):
     assert token.startswith("tally1-token-")
     cred = tally.enroll(daemon.addr, token, ident)
     assert daemon.identities()[ident]["mode"] == "token"
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         assert s.request("per-identity") == b"per-identity"
     # The token was consumed by the enrollment: it enrolls nothing again.
     with pytest.raises(tally.Refused) as e:
@@ -85,31 +85,35 @@ def test_enrollment_refuses_a_server_without_the_pinned_key(daemon, new_id):
 
 def test_requests_and_messages(daemon, enrolled):
     cred = enrolled()
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         assert s.server_max_frame_len == 65536 and s.server_keepalive == KEEPALIVE
         assert s.request(b"") == b""
         binary = bytes(range(256)) * 4
         assert s.request(binary) == binary
+        # Each frame's overhead: 41 bytes of `length` besides its fields in the
+        # authenticated mode, 25 in the encrypted mode (4.5).
+        o = s.frame_overhead
+        assert o == (25 if s.encrypted else 41)
         # The largest echo that fits both ways (a RESPONSE has 10 more bytes than a REQUEST).
-        big = os.urandom(min(s.server_max_frame_len - 41, s.max_frame_len - 51))
+        big = os.urandom(min(s.server_max_frame_len - o, s.max_frame_len - o - 10))
         assert s.request(big) == big
         # A REQUEST at the server's limit is taken; its echo cannot fit our limit, so the
         # server answers BACKEND_ERROR instead (spec 8.4).
-        r = s.request_status(os.urandom(s.server_max_frame_len - 41))
+        r = s.request_status(os.urandom(s.server_max_frame_len - o))
         assert r.status == Status.BACKEND_ERROR
         r = s.request_status(b"status")
         assert r == (Status.OK, b"status") and r.ok
         s.message(b"one-way")
         # Too large for the server's announced limit: refused here, the session goes on.
         with pytest.raises(tally.PayloadTooLarge):
-            s.request(b"x" * (s.server_max_frame_len - 40))
+            s.request(b"x" * (s.server_max_frame_len - o + 1))
         assert s.request("still here") == b"still here"
 
 
 def test_concurrent_requests_from_threads(daemon, enrolled):
     cred = enrolled()
     results, errors = {}, []
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         def worker(n):
             try:
                 for j in range(20):
@@ -130,10 +134,10 @@ def test_an_answer_above_our_limit_is_replaced_by_backend_error(daemon, enrolled
     # We accept 256-byte frames; the echo of a 300-byte payload cannot fit, so the server
     # must answer BACKEND_ERROR with a short payload instead (spec 8.4).
     cred = enrolled()
-    with tally.connect(cred, max_frame_len=256) as s:
+    with daemon.connect(cred, max_frame_len=256) as s:
         r = s.request_status(b"y" * 300)
         assert r.status == Status.BACKEND_ERROR
-        assert len(r.payload) <= 256 - 51
+        assert len(r.payload) <= 256 - s.frame_overhead - 10
         with pytest.raises(tally.StatusError) as e:
             s.request(b"y" * 300)
         assert e.value.status == Status.BACKEND_ERROR
@@ -142,7 +146,7 @@ def test_an_answer_above_our_limit_is_replaced_by_backend_error(daemon, enrolled
 
 def test_keepalive_keeps_an_idle_session(daemon, enrolled):
     cred = enrolled()
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         assert s.ping_interval <= s.server_keepalive
         # The server closes a session silent for 1.5 x its keepalive: our PINGs prevent it.
         time.sleep(1.6 * s.server_keepalive)
@@ -152,19 +156,19 @@ def test_keepalive_keeps_an_idle_session(daemon, enrolled):
 
 def test_unknown_identity_and_wrong_key_fail_authentication(daemon, enrolled, new_id):
     cred = enrolled()
-    for bad in [tally.Credential(cred.id, os.urandom(32), cred.server),
-                tally.Credential(new_id("unknown"), os.urandom(32), cred.server)]:
+    for bad in [tally.Credential(cred.id, os.urandom(32), cred.server, cred.server_key),
+                tally.Credential(new_id("unknown"), os.urandom(32), cred.server, cred.server_key)]:
         with pytest.raises(tally.AuthFailed) as e:
-            tally.connect(bad)
+            daemon.connect(bad)
         assert e.value.error == "bad_tag"
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         assert s.request(b"ok") == b"ok"
 
 
 def test_server_request_answered_and_server_message_taken(daemon, enrolled):
     cred = enrolled()
     messages = []
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         def handler(payload):
             return b"answer to " + payload
         t = threading.Thread(target=s.serve, args=(handler, messages.append), daemon=True)
@@ -184,7 +188,7 @@ def test_server_request_answered_and_server_message_taken(daemon, enrolled):
 
 def test_server_request_with_status_and_handler_failure(daemon, enrolled):
     cred = enrolled()
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         def handler(payload):
             if payload == b"fail":
                 raise RuntimeError("boom")
@@ -205,7 +209,7 @@ def test_server_request_with_status_and_handler_failure(daemon, enrolled):
 
 def test_receive_loop(daemon, enrolled):
     cred = enrolled()
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
         with pytest.raises(tally.Timeout):
             s.receive(timeout=0.05)
@@ -221,7 +225,7 @@ def test_receive_loop(daemon, enrolled):
 
 def test_revocation_closes_the_session_and_refuses_reconnection(daemon, enrolled):
     cred = enrolled()
-    s = tally.connect(cred)
+    s = daemon.connect(cred)
     assert s.request(b"before") == b"before"
     out = daemon.admin("revoke", cred.id)
     assert "revoked" in out
@@ -232,13 +236,13 @@ def test_revocation_closes_the_session_and_refuses_reconnection(daemon, enrolled
         s.request(b"after")
     assert e.value.code == CloseCode.REVOKED
     with pytest.raises(tally.AuthFailed):
-        tally.connect(cred)
+        daemon.connect(cred)
     s.close()  # idempotent after the end
 
 
 def test_revocation_ends_serve_with_the_reason(daemon, enrolled):
     cred = enrolled()
-    with tally.connect(cred) as s:
+    with daemon.connect(cred) as s:
         assert s.request(b"x") == b"x"
         ended = []
 
@@ -256,9 +260,9 @@ def test_revocation_ends_serve_with_the_reason(daemon, enrolled):
 
 def test_takeover(daemon, enrolled):
     cred = enrolled()
-    first = tally.connect(cred)
+    first = daemon.connect(cred)
     assert first.request(b"1") == b"1"
-    with tally.connect(cred) as second:
+    with daemon.connect(cred) as second:
         assert second.request(b"2") == b"2"
         err = first.wait(5)
         assert isinstance(err, tally.Closed) and err.code == CloseCode.TAKEN_OVER, err
@@ -270,7 +274,7 @@ def test_takeover(daemon, enrolled):
 
 def test_close(daemon, enrolled):
     cred = enrolled()
-    s = tally.connect(cred)
+    s = daemon.connect(cred)
     assert s.request(b"x") == b"x"
     wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
     t0 = time.monotonic()
@@ -283,7 +287,7 @@ def test_close(daemon, enrolled):
     s.close()
     wait_until(lambda: cred.id not in daemon.sessions(), what="the session to end")
     # The identity is still good.
-    with tally.connect(cred) as again:
+    with daemon.connect(cred) as again:
         assert again.request(b"again") == b"again"
 
 
@@ -300,11 +304,12 @@ def test_python_cli(daemon, new_id, tmp_path):
             "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert p.stdout.decode() == f"enrolled {ident} at {daemon.addr}; credential written to {out}\n"
-    p = run("request", "--cred", str(out), "hello")
+    mode = daemon.cli_mode()
+    p = run("request", "--cred", str(out), *mode, "hello")
     assert (p.returncode, p.stdout) == (0, b"hello"), p.stderr
-    p = run("request", "--cred", str(out), input=b"from stdin")
+    p = run("request", "--cred", str(out), *mode, input=b"from stdin")
     assert (p.returncode, p.stdout) == (0, b"from stdin"), p.stderr
-    p = run("message", "--cred", str(out), "note")
+    p = run("message", "--cred", str(out), *mode, "note")
     assert p.returncode == 0, p.stderr
     p = run("request", "--cred", str(tmp_path / "missing.cred"), "x")
     assert p.returncode == 1 and p.stderr.startswith(b"tally: ")
@@ -319,31 +324,141 @@ needs_rust_cli = pytest.mark.skipif(not os.access(RUST_TALLY, os.X_OK),
 def test_credential_files_interoperate_with_the_rust_client(daemon, new_id, tmp_path):
     token_file = tmp_path / "enroll.token"
     token_file.write_text(daemon.token())
+    # Written by this package (server-key included, 9.2), read by the Rust client.
+    cred = tally.enroll(daemon.addr, token_file.read_text(), new_id())
+    cred.save(tmp_path / "py.cred")
+    p = subprocess.run([RUST_TALLY, "request", "--cred", str(tmp_path / "py.cred"), "rust on a py cred"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert (p.returncode, p.stdout) == (0, b"rust on a py cred"), p.stderr
     # Written by the Rust client, read by this package.
     rust_id = new_id("rust")
     p = subprocess.run([RUST_TALLY, "enroll", "--token-file", str(token_file), "--id", rust_id,
                         "--server", daemon.addr, "--out", str(tmp_path / "rust.cred")],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
     assert p.returncode == 0, p.stderr
-    with tally.connect(tally.Credential.load(tmp_path / "rust.cred")) as s:
+    if "server-key" not in (tmp_path / "rust.cred").read_text() and not daemon.encryption:
+        pytest.skip("this Rust client predates the encrypted mode: its credential has no "
+                    "server-key, which spec 9.2 now requires")
+    rust_cred = tally.Credential.load(tmp_path / "rust.cred")
+    assert rust_cred.server_key == tally.EnrollmentToken.parse(token_file.read_text()).server_key
+    with daemon.connect(rust_cred) as s:
         assert s.request(b"py on a rust cred") == b"py on a rust cred"
-    # Written by this package, read by the Rust client.
-    cred = tally.enroll(daemon.addr, token_file.read_text(), new_id())
-    cred.save(tmp_path / "py.cred")
-    p = subprocess.run([RUST_TALLY, "request", "--cred", str(tmp_path / "py.cred"), "rust on a py cred"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-    assert (p.returncode, p.stdout) == (0, b"rust on a py cred"), p.stderr
 
 
 @needs_rust_cli
-def test_rust_conformance_suite_for_clients(tmp_path):
-    """`tally conformance client` plays a misbehaving server against our CLI, case by case."""
+def test_rust_conformance_suite_for_clients(daemon, tmp_path):
+    """`tally conformance client` plays a misbehaving server against our CLI, case by case.
+    (A build whose tallyd predates the encrypted mode has a conformance tool that speaks
+    the authenticated mode only: the CLI is then run with --authenticated-only.)"""
     py = shlex.join(python_cli())
+    mode = " ".join(daemon.cli_mode())
     p = subprocess.run(
         [RUST_TALLY, "conformance", "client",
-         "--exec", f"{py} request --retries 0 --cred {{cred}} {{payload}}",
+         "--exec", f"{py} request --retries 0 {mode} --cred {{cred}} {{payload}}",
          "--enroll-exec", f"{py} enroll --token-file - --server {{server}} --id {{id}} --out {{out}}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, cwd=tmp_path)
     out = p.stdout.decode(errors="replace")
     assert p.returncode == 0, out
     assert " 0 failed" in out, out
+
+
+# --- The encrypted mode (7.7, 7.8, 8.7) -----------------------------------------------------
+
+needs_encryption = pytest.mark.usefixtures("_needs_encryption")
+
+
+@pytest.fixture
+def _needs_encryption(daemon):
+    if not daemon.encryption:
+        pytest.skip("this tallyd refuses the `encryption` configuration key (no encrypted mode)")
+
+
+@needs_encryption
+def test_encrypted_session(daemon, enrolled):
+    cred = enrolled()
+    assert cred.server_key == tally.EnrollmentToken.parse(daemon.token()).server_key
+    with tally.connect(cred) as s:               # the default: encrypted
+        assert s.encrypted
+        assert s.request(b"sealed") == b"sealed"
+        # 25 bytes of overhead per frame in this mode (4.5): the largest REQUEST that fits.
+        big = os.urandom(s.server_max_frame_len - 25)
+        r = s.request_status(big)
+        assert r.status in (Status.OK, Status.BACKEND_ERROR)   # its echo may not fit ours
+        with pytest.raises(tally.PayloadTooLarge):
+            s.request(b"x" * (s.server_max_frame_len - 24))
+        s.message(b"one-way")
+        # The server's requests, answered in this mode too.
+        t = threading.Thread(target=s.serve, args=(lambda p: b"sealed " + p,), daemon=True)
+        t.start()
+        wait_until(lambda: cred.id in daemon.sessions(), what="the session to be listed")
+        assert daemon.admin("send", cred.id, "--request", "q").rstrip("\n") == "sealed q"
+        assert s.request(b"still") == b"still"
+    t.join(5)
+
+
+@needs_encryption
+def test_encrypted_key_updates_both_ways(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred) as s:
+        s._state.key_update_frames = 2   # 2^20 in the field: a KEY_UPDATE every 2 frames
+        for n in range(7):
+            assert s.request(b"r%d" % n) == b"r%d" % n
+        assert s._state.key_updates_sent >= 3
+        assert not s.closed
+    assert isinstance(s.wait(1), tally.Closed)
+
+
+@needs_encryption
+def test_both_modes_under_the_allowed_policy(daemon, enrolled):
+    cred = enrolled()
+    with tally.connect(cred, encryption=False) as s:
+        assert not s.encrypted and s.request(b"clear") == b"clear"
+    with tally.connect(cred, encryption=True) as s:
+        assert s.encrypted and s.request(b"sealed") == b"sealed"
+
+
+@needs_encryption
+def test_encrypted_unknown_id_wrong_key_and_wrong_server_key_fail_alike(daemon, enrolled, new_id):
+    cred = enrolled()
+    for bad in [tally.Credential(cred.id, os.urandom(32), cred.server, cred.server_key),
+                tally.Credential(new_id("unknown"), os.urandom(32), cred.server, cred.server_key),
+                # Sealed to another key: the server cannot open the id (7.5).
+                tally.Credential(cred.id, cred.key, cred.server, os.urandom(32))]:
+        with pytest.raises(tally.AuthFailed) as e:
+            tally.connect(bad)
+        assert e.value.error == "bad_tag"
+
+
+def test_policy_off_refuses_sealed_hello_and_the_client_does_not_fall_back(policy_daemon):
+    d = policy_daemon("off")
+    cred = tally.enroll(d.addr, d.token(), "py-policy-off")
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred, retries=4)
+    assert e.value.code == ErrorCode.MODE_REFUSED and e.value.mode_refused
+    # No session was made behind our back in the other mode.
+    assert "py-policy-off" not in d.sessions()
+    with tally.connect(cred, encryption=False) as s:   # the user's choice, explicitly
+        assert s.request(b"clear") == b"clear"
+
+
+def test_policy_required_refuses_hello(policy_daemon):
+    d = policy_daemon("required")
+    cred = tally.enroll(d.addr, d.token(), "py-policy-required")
+    with pytest.raises(tally.Refused) as e:
+        tally.connect(cred, encryption=False, retries=4)
+    assert e.value.code == ErrorCode.MODE_REFUSED
+    with tally.connect(cred) as s:
+        assert s.encrypted and s.request(b"sealed") == b"sealed"
+
+
+def test_cli_reports_mode_refused(policy_daemon, tmp_path):
+    d = policy_daemon("required")
+    cred = tally.enroll(d.addr, d.token(), "py-policy-cli")
+    cred.save(tmp_path / "c.cred")
+    p = subprocess.run(python_cli() + ["request", "--cred", str(tmp_path / "c.cred"),
+                                       "--authenticated-only", "x"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert p.returncode == 1 and b"MODE_REFUSED" in p.stderr, p.stderr
+    p = subprocess.run(python_cli() + ["request", "--cred", str(tmp_path / "c.cred"), "x"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert (p.returncode, p.stdout) == (0, b"x"), p.stderr

@@ -8,6 +8,11 @@ package's primitives and frame builders. Negative vectors: every case is fed to 
 package's receiver for its state (the same FrameDecoder and SessionState the TCP client
 uses; the parsers of HELLO and ENROLL_INIT for the server states), and both the error
 and the reply (CLOSE code, ERROR frame, or nothing) are checked.
+
+The encrypted mode (session-encrypted.json, spec 5.6, 5.7, 5.8, 7.7, 8.2): the client runs
+ClientSealedHandshake with the fixed ephemeral secret, both sides' SessionStates seal and
+open every frame (KEY_UPDATE included) byte for byte, and the server's side is recomputed
+from the package's primitives (tests/scripted.py).
 """
 import json
 import os
@@ -16,13 +21,17 @@ import struct
 import pytest
 
 from tally import AuthFailed, ProtocolError, Refused, Truncated
-from tally._primitives import H, hkdf, mac, tags_equal, x25519, x25519_base
+from tally._primitives import (H, aead_open, aead_seal, hkdf, mac, tags_equal, x25519,
+                               x25519_base)
 from tally.codes import CloseCode, ErrorCode, FrameType
 from tally.formats import EnrollmentToken
 from tally.frames import (HANDSHAKE_LIMIT, FrameDecoder, error_frame, parse_enroll_init,
-                          parse_hello, session_frame_unsigned)
-from tally.proto import (ClientEnrollment, ClientHandshake, SessionState, enroll_init_tag,
-                         enroll_keys, session_keys)
+                          parse_hello, session_frame_unsigned, session_header)
+from tally.proto import (ClientEnrollment, ClientHandshake, ClientSealedHandshake, SessionState,
+                         enroll_init_tag, enroll_keys, next_key, sealed_session_keys,
+                         session_keys, session_nonce)
+
+from scripted import open_sealed_hello, sealed_auth
 
 VECTORS = os.environ.get("TALLY_VECTORS") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "spec", "vectors")
@@ -31,6 +40,11 @@ VECTORS = os.environ.get("TALLY_VECTORS") or os.path.join(
 def load(name):
     with open(os.path.join(VECTORS, name)) as fh:
         return json.load(fh)
+
+
+HAVE_ENCRYPTED = os.path.exists(os.path.join(VECTORS, "session-encrypted.json"))
+needs_encrypted = pytest.mark.skipif(not HAVE_ENCRYPTED,
+                                     reason="spec/vectors/session-encrypted.json not generated yet")
 
 
 def hx(s):
@@ -50,6 +64,21 @@ def test_rfc7748_x25519():
     out = x25519(hx("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"),
                  hx("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"))
     assert out.hex() == "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"
+
+
+def test_rfc8439_chacha20_poly1305():
+    # RFC 8439 section 2.8.2: the AEAD in use is ChaCha20-Poly1305 with 96-bit nonces.
+    pt = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
+          b"the future, sunscreen would be it.")
+    key, nonce = bytes(range(0x80, 0xA0)), hx("070000004041424344454647")
+    ad = hx("50515253c0c1c2c3c4c5c6c7")
+    out = aead_seal(key, nonce, ad, pt)
+    assert out[-16:].hex() == "1ae10b594f09e26a7e902ecbd0600691"
+    assert out[:16].hex() == "d31a8d34648e60db7b86afbc53ef7ec2" and len(out) == len(pt) + 16
+    assert aead_open(key, nonce, ad, out) == pt
+    with pytest.raises(ProtocolError) as e:
+        aead_open(key, nonce, ad + b"x", out)
+    assert e.value.error == "bad_tag"
 
 
 def test_hkdf_rfc5869_case1_first_block():
@@ -193,6 +222,8 @@ def _send(side, f):
         out = side.pong(f["ping_seq"])
     elif t == "CLOSE":
         out = side.close(f["code"], f["reason"])
+    elif t == "KEY_UPDATE":
+        out = side.key_update()
     else:
         raise AssertionError(t)
     return out
@@ -244,6 +275,156 @@ def test_session_frames_vector_built_from_layout():
         assert (unsigned + mac(keys[f["direction"]], unsigned)).hex() == f["hex"]
 
 
+# --- Session, encrypted mode (5.6, 5.7, 5.8, 7.7, 8.2, 8.7) ------------------------------------
+
+def _sealed_client_handshake(v):
+    i = v["inputs"]
+    S = x25519_base(hx(i["server_static_secret"]))
+    return ClientSealedHandshake(i["id"], hx(i["identity_key"]), S, i["client_max_frame_len"],
+                                 ephemeral_secret=hx(i["client_ephemeral_secret"]))
+
+
+def _sealed_session_pair(v):
+    i = v["inputs"]
+    hs = _sealed_client_handshake(v)
+    hs.handle_server_auth(hx(v["handshake"][1]["hex"]))
+    client = hs.session
+    server = SessionState(hs.keys.s2c, hs.keys.c2s, send_limit=i["client_max_frame_len"],
+                          recv_limit=i["server_max_frame_len"], client=False, encrypted=True)
+    return client, server
+
+
+@needs_encrypted
+def test_encrypted_inputs_are_the_fixed_ones():
+    v, plain = load("session-encrypted.json"), load("session.json")
+    i = v["inputs"]
+    # Spec 12: s = 20..3f, e = 90..af, f = b0..cf; identity key and limits as session.json.
+    assert i["server_static_secret"] == bytes(range(0x20, 0x40)).hex()
+    assert i["client_ephemeral_secret"] == bytes(range(0x90, 0xB0)).hex()
+    assert i["server_ephemeral_secret"] == bytes(range(0xB0, 0xD0)).hex()
+    for n in ("id", "identity_key", "client_max_frame_len", "server_max_frame_len",
+              "server_keepalive_ms"):
+        assert i[n] == plain["inputs"][n], n
+
+
+@needs_encrypted
+def test_encrypted_handshake_vector():
+    v = load("session-encrypted.json")
+    i, d = v["inputs"], v["derived"]
+    assert [f["name"] for f in v["handshake"]] == ["SEALED_HELLO", "SEALED_AUTH", "CLIENT_FINISH"]
+    assert [f["direction"] for f in v["handshake"]] == ["c2s", "s2c", "c2s"]
+    hello_hex, auth_hex, finish_hex = (f["hex"] for f in v["handshake"])
+    hs = _sealed_client_handshake(v)
+    assert hs.server_key.hex() == d["server_static_public"]
+    assert hs.ephemeral_public.hex() == d["client_ephemeral_public"]
+    assert hs.dh_es.hex() == d["dh_es"]
+    assert hs.key_id.hex() == d["key_id"]
+    assert hs.sealed_id_plaintext.hex() == d["sealed_id_plaintext"]
+    assert len(hs.hello) == 123
+    assert hs.hello.hex() == hello_hex
+    finish = hs.handle_server_auth(hx(auth_hex))
+    assert hs.dh_ee.hex() == d["dh_ee"]
+    assert hs.th2.hex() == d["th2"] and hs.th3.hex() == d["th3"]
+    assert hs.keys.c2s.hex() == d["key_c2s"]
+    assert hs.keys.s2c.hex() == d["key_s2c"]
+    assert hs.keys.server_finish.hex() == d["key_server_finish"]
+    assert hs.keys.client_finish.hex() == d["key_client_finish"]
+    assert next_key(hs.keys.c2s).hex() == d["key_c2s_updated"]
+    assert next_key(hs.keys.s2c).hex() == d["key_s2c_updated"]
+    assert finish.hex() == finish_hex
+    assert hs._e is None  # e erased (7.7 step 3)
+    assert hs.session.encrypted and hs.session.send_limit == i["server_max_frame_len"]
+
+    # The server's side: the id opened with s, SEALED_AUTH rebuilt with f.
+    s_secret = hx(i["server_static_secret"])
+    hello, ident, dh_es = open_sealed_hello(hx(hello_hex), s_secret)
+    assert ident == i["id"].encode() and dh_es.hex() == d["dh_es"]
+    assert hello.max_frame_len == i["client_max_frame_len"]
+    assert x25519_base(hx(i["server_ephemeral_secret"])).hex() == d["server_ephemeral_public"]
+    auth, keys = sealed_auth(hx(hello_hex), hello.ephemeral, hx(i["identity_key"]), dh_es,
+                             i["server_max_frame_len"], i["server_keepalive_ms"],
+                             f_secret=hx(i["server_ephemeral_secret"]))
+    assert auth.hex() == auth_hex
+    assert keys == hs.keys
+    assert tags_equal(mac(keys.client_finish, H(hx(hello_hex), auth, finish[:5])), finish[5:])
+
+
+@needs_encrypted
+def test_encrypted_session_frames_vector():
+    v = load("session-encrypted.json")
+    client, server = _sealed_session_pair(v)
+    types = {f["type"] for f in v["frames"]}
+    assert types == {"REQUEST", "RESPONSE", "MESSAGE", "PING", "PONG", "CLOSE", "KEY_UPDATE"}
+    updates = {"c2s": 0, "s2c": 0}
+    for n, f in enumerate(v["frames"], 1):
+        sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
+        out = _send(sender, f)
+        assert out.hex() == f["hex"], f"frame {n} ({f['direction']} {f['type']})"
+        assert session_nonce(f["direction"] == "c2s", f["seq"]).hex() == f["nonce"]
+        (got,) = _feed(receiver, out)
+        assert got.seq == f["seq"] and got.type == FrameType[f["type"]]
+        if "payload" in f:
+            assert got.payload.hex() == f["payload"]
+        for field in ("req_seq", "status", "ping_seq", "code", "reason"):
+            if field in f:
+                assert getattr(got, field) == f[field], (n, field)
+        if f["type"] == "KEY_UPDATE":
+            updates[f["direction"]] += 1
+    assert updates["c2s"] >= 1 and updates["s2c"] >= 1
+    assert client.key_updates_sent == updates["c2s"] == server.key_updates_received
+    assert server.key_updates_sent == updates["s2c"] == client.key_updates_received
+    assert client.close_sent and client.close_received
+
+
+@needs_encrypted
+def test_encrypted_session_frames_built_from_layout():
+    # 8.2 alone: header || AEAD(K, u32 direction || u64 seq, header, fields); 5.8 after
+    # each KEY_UPDATE of that direction.
+    v = load("session-encrypted.json")
+    d = v["derived"]
+    keys = {"c2s": hx(d["key_c2s"]), "s2c": hx(d["key_s2c"])}
+    for f in v["frames"]:
+        t = f["type"]
+        fields = {
+            "REQUEST": lambda: hx(f["payload"]), "MESSAGE": lambda: hx(f["payload"]),
+            "RESPONSE": lambda: struct.pack(">QH", f["req_seq"], f["status"]) + hx(f["payload"]),
+            "PING": lambda: b"", "KEY_UPDATE": lambda: b"",
+            "PONG": lambda: struct.pack(">Q", f["ping_seq"]),
+            "CLOSE": lambda: struct.pack(">H", f["code"]) + f["reason"].encode(),
+        }[t]()
+        nonce = struct.pack(">IQ", 0 if f["direction"] == "c2s" else 1, f["seq"])
+        assert nonce.hex() == f["nonce"]
+        header = struct.pack(">IBQ", 9 + len(fields) + 16, FrameType[t], f["seq"])
+        assert (header + aead_seal(keys[f["direction"]], nonce, header, fields)).hex() == f["hex"]
+        if t == "KEY_UPDATE":
+            keys[f["direction"]] = hkdf(b"", keys[f["direction"]], b"tally/1 key update")
+
+
+def test_key_update_in_the_authenticated_mode():
+    # 8.7: valid in both modes; in the authenticated mode it moves the HMAC key.
+    v = load("session.json")
+    client, server = _session_pair(v)
+    k0 = client._send_key
+    ku = client.key_update()
+    assert len(ku) == 4 + 41 and ku[4] == FrameType.KEY_UPDATE
+    assert client._send_key == next_key(k0)
+    (got,) = _feed(server, ku)
+    assert got.type == FrameType.KEY_UPDATE and server.key_updates_received == 1
+    m = client.message(b"after")
+    assert tags_equal(mac(next_key(k0), m[:-32]), m[-32:])
+    assert _feed(server, m)[0].payload == b"after"
+    # The next frame tagged with the old key is refused (8.3: a key left behind).
+    old = session_frame_unsigned(FrameType.MESSAGE, server.last_received + 1, b"old")
+    with pytest.raises(ProtocolError) as e:
+        _feed(server, old + mac(k0, old))
+    assert e.value.error == "bad_tag"
+    # And a KEY_UPDATE with fields is malformed (4.5: it has none).
+    ku = session_frame_unsigned(FrameType.KEY_UPDATE, server.last_received + 1, b"x")
+    with pytest.raises(ProtocolError) as e:
+        _feed(server, ku + mac(server._recv_key, ku))
+    assert e.value.error == "malformed"
+
+
 def test_an_error_of_any_length_is_a_refusal_before_the_session():
     """Spec 4.4: ERROR is recognised by its type byte alone; one that is not 4 bytes long
     reads as code MALFORMED and is `refused`, not `malformed` (9 bytes here)."""
@@ -279,14 +460,16 @@ def test_token_reader_rules():
 def test_credential_round_trip_and_reader_rules(tmp_path):
     from tally import Credential, FormatError
     k = hx(load("enroll-open.json")["derived"]["identity_key"])
-    cred = Credential("sensor-42", k, "127.0.0.1:7420")
+    S = hx(load("enroll-open.json")["derived"]["server_static_public"])
+    cred = Credential("sensor-42", k, "127.0.0.1:7420", S)
     text = cred.format()
     assert text == (
         "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n"
         "tally-credential = 1\n"
         'id = "sensor-42"\n'
         f'key = "{k.hex()}"\n'
-        'server = "127.0.0.1:7420"\n')
+        'server = "127.0.0.1:7420"\n'
+        f'server-key = "{S.hex()}"\n')
     assert Credential.parse(text) == cred
     assert k.hex() not in repr(cred) and k.hex() not in str(cred)
     path = tmp_path / "c.cred"
@@ -308,12 +491,22 @@ def test_credential_round_trip_and_reader_rules(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["c.cred"]
     # Upper-case hex, other TOML spellings, unknown keys.
     assert Credential.parse(text.replace(k.hex(), k.hex().upper())) == cred
+    assert Credential.parse(text.replace(S.hex(), S.hex().upper())) == cred
     assert Credential.parse("tally-credential=1\nid='sensor-42'  # x\n"
-                            f'key = "{k.hex()}"\nserver = "127.0.0.1:7420"\nextra = 5\n') == cred
+                            f'key = "{k.hex()}"\nserver = "127.0.0.1:7420"\nextra = 5\n'
+                            f'server-key = "{S.hex()}"\n') == cred
+    # 9.2: all five entries are required; a credential without S cannot be written.
+    no_s = "".join(l + "\n" for l in text.splitlines() if not l.startswith("server-key"))
+    with pytest.raises(FormatError, match="server-key"):
+        Credential.parse(no_s)
+    with pytest.raises(FormatError):
+        Credential("sensor-42", k, "127.0.0.1:7420").format()
     for bad in [text.replace("= 1", "= 2"), text.replace("= 1", '= "1"'),
                 text.replace("sensor-42", "sensor 42"), text.replace("sensor-42", ""),
                 text.replace("sensor-42", "s" * 65), text.replace(k.hex(), k.hex()[:-1]),
                 text.replace(k.hex(), k.hex()[:-1] + "g"), text.replace("server", "#"),
+                text.replace(S.hex(), S.hex()[:-1]), text.replace(S.hex(), S.hex()[:-1] + "g"),
+                text.replace("server-key", "server_key"),
                 text + "[table]\n", text + 'id = "again"\n', "garbage"]:
         with pytest.raises(FormatError):
             Credential.parse(bad)
@@ -330,10 +523,16 @@ def _error_name(e):
 
 
 def _session_receiver(case):
-    """A SessionState after the case's ``after_frames`` frames of session.json."""
-    v = load("session.json")
-    client, server = _session_pair(v)
-    side = client if case["receiver"]["state"] == "client_session" else server
+    """A SessionState after the case's ``after_frames`` frames of session.json (or of
+    session-encrypted.json for the ``*_encrypted`` states)."""
+    state = case["receiver"]["state"]
+    if state.endswith("_encrypted"):
+        v = load("session-encrypted.json")
+        client, server = _sealed_session_pair(v)
+    else:
+        v = load("session.json")
+        client, server = _session_pair(v)
+    side = client if state.startswith("client_") else server
     for f in v["frames"][:case["receiver"]["after_frames"]]:
         sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
         out = _send(sender, f)
@@ -342,6 +541,26 @@ def _session_receiver(case):
     if "last_received" in case["receiver"]:
         side.last_received = int(case["receiver"]["last_received"])
     return side
+
+
+def _server_await_hello(case, data):
+    """The server of both session files (12.2): rows 1 to 7 of 7.2, with its policy (7.8)."""
+    policy = case["receiver"].get("policy", "allowed")
+    assert policy in ("required", "allowed", "off")
+    (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
+    ty = f[4]
+    if ty not in (FrameType.HELLO, FrameType.SEALED_HELLO) or len(f) < 6:
+        raise ProtocolError("malformed", "not a HELLO or SEALED_HELLO with a version byte")
+    if f[5] != 1:
+        raise ProtocolError("unsupported_version", f"version {f[5]}")
+    sealed = ty == FrameType.SEALED_HELLO
+    if (sealed and policy == "off") or (not sealed and policy == "required"):
+        raise ProtocolError("mode_refused", f"policy {policy}")            # row 4a
+    if not sealed:
+        parse_hello(f)
+        return
+    s_secret = hx(load("session-encrypted.json")["inputs"]["server_static_secret"])
+    open_sealed_hello(f, s_secret)   # rows 5, 5a, 5b; a sealed_id that does not open is row 7
 
 
 def _server_enroll_init(case, data):
@@ -366,8 +585,14 @@ def _server_enroll_init(case, data):
 # The ERROR a server sends for each refusal before a session (6.3, 7.2, 10.1).
 SERVER_ERROR_CODE = {"unsupported_version": ErrorCode.UNSUPPORTED_VERSION,
                      "bad_id": ErrorCode.MALFORMED, "malformed": ErrorCode.MALFORMED,
+                     "empty_frame": ErrorCode.MALFORMED, "frame_too_large": ErrorCode.MALFORMED,
+                     "weak_key": ErrorCode.MALFORMED,   # 7.2 row 5a
+                     "mode_refused": ErrorCode.MODE_REFUSED,
                      "bad_tag": ErrorCode.ENROLL_REFUSED,
                      "open_mode_disabled": ErrorCode.ENROLL_REFUSED}
+
+SESSION_STATES = ("server_session", "client_session", "server_session_encrypted",
+                  "client_session_encrypted")
 
 
 def run_case(case):
@@ -375,16 +600,20 @@ def run_case(case):
     state = case["receiver"]["state"]
     data = hx(case["input"])
     try:
-        if state in ("server_session", "client_session"):
+        if state in SESSION_STATES:
             side = _session_receiver(case)
             _feed(side, data)
         elif state == "client_await_server_auth":
             hs = _client_handshake(load("session.json"))
             (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
             hs.handle_server_auth(f)
-        elif state == "server_await_hello":
+        elif state == "client_await_sealed_auth":
+            hs = _sealed_client_handshake(load("session-encrypted.json"))
+            assert hs.hello.hex() == load("session-encrypted.json")["handshake"][0]["hex"]
             (f,) = list(FrameDecoder(HANDSHAKE_LIMIT).feed(data))
-            parse_hello(f)
+            hs.handle_server_auth(f)
+        elif state == "server_await_hello":
+            _server_await_hello(case, data)
         elif state == "server_await_enroll_init":
             _server_enroll_init(case, data)
         elif state == "client_await_enroll_reply":
@@ -399,7 +628,7 @@ def run_case(case):
             raise AssertionError(f"unknown receiver state {state}")
     except (ProtocolError, AuthFailed, Refused, Truncated) as e:
         name = _error_name(e)
-        if state in ("server_session", "client_session"):
+        if state in SESSION_STATES:
             # 8.3: CLOSE after a failed check; nothing after an ERROR frame.
             reply = {"close": True} if isinstance(e, (Refused, AuthFailed, Truncated)) \
                 else {"close_code": int(e.close_code)}
@@ -413,10 +642,19 @@ def run_case(case):
 
 def test_every_error_name_has_a_case():
     names = {c["error"] for c in NEGATIVE}
-    assert names == {"empty_frame", "frame_too_large", "malformed", "bad_id",
-                     "unsupported_version", "bad_tag", "bad_sequence", "unsolicited_answer",
-                     "sequence_exhausted", "weak_key", "open_mode_disabled", "refused",
-                     "truncated"}
+    want = {"empty_frame", "frame_too_large", "malformed", "bad_id",
+            "unsupported_version", "bad_tag", "bad_sequence", "unsolicited_answer",
+            "sequence_exhausted", "weak_key", "open_mode_disabled", "refused", "truncated"}
+    if HAVE_ENCRYPTED:
+        want.add("mode_refused")
+    assert names == want
+
+
+@needs_encrypted
+def test_every_new_receiver_state_has_a_case():
+    states = {c["receiver"]["state"] for c in NEGATIVE}
+    assert {"client_await_sealed_auth", "server_session_encrypted",
+            "client_session_encrypted"} <= states
 
 
 @pytest.mark.parametrize("case", NEGATIVE, ids=[c["name"] for c in NEGATIVE])
@@ -426,8 +664,8 @@ def test_negative_vector(case):
     assert reply == case["reply"], case["description"]
 
 
-@pytest.mark.parametrize("case", [c for c in NEGATIVE if c["receiver"]["state"].endswith("_session")],
-                         ids=[c["name"] for c in NEGATIVE if c["receiver"]["state"].endswith("_session")])
+@pytest.mark.parametrize("case", [c for c in NEGATIVE if c["receiver"]["state"] in SESSION_STATES],
+                         ids=[c["name"] for c in NEGATIVE if c["receiver"]["state"] in SESSION_STATES])
 def test_negative_session_case_leaves_the_counter(case):
     # 8.3: the counter does not move on any failure.
     side = _session_receiver(case)

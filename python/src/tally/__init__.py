@@ -1,4 +1,5 @@
-"""Tally client: enroll a device, then run authenticated sessions with a Tally server.
+"""Tally client: enroll a device, then run encrypted (or authenticated-only) sessions with a
+Tally server.
 
 A second, independent implementation of ``spec/PROTOCOL.md`` (protocol version 1),
 written from the spec and its test vectors alone::
@@ -6,8 +7,9 @@ written from the spec and its test vectors alone::
     import tally
     cred = tally.enroll("127.0.0.1:7420", open("enroll.token").read(), "sensor-42")
     cred.save("sensor-42.cred")                       # once; mode 0600
-    with tally.connect("sensor-42.cred") as session:  # every time
+    with tally.connect("sensor-42.cred") as session:  # every time; encrypted mode
         print(session.request(b"temperature?"))
+    # tally.connect(cred, encryption=False): the authenticated mode (HMAC, in the clear)
 
 Modules: :mod:`tally.client` (TCP: :func:`enroll`, :func:`connect`, :class:`Session`),
 :mod:`tally.proto` (the state machines, without I/O), :mod:`tally.frames` (framing and

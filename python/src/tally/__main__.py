@@ -4,6 +4,11 @@
     python -m tally request --cred sensor-42.cred hello
     python -m tally message --cred sensor-42.cred 'boot ok'
     python -m tally listen --cred sensor-42.cred --echo
+    python -m tally request --cred sensor-42.cred --authenticated-only hello
+
+Sessions run the encrypted mode (spec 7.7) unless ``--authenticated-only`` is given; the
+client never switches modes by itself (a server that refuses the mode answers
+MODE_REFUSED, and the command fails).
 
 The token is read from ``--token-file`` (``-`` for stdin), else ``$TALLY_TOKEN``, else
 stdin: never from the command line, where other local users could read it (spec 9.1).
@@ -34,7 +39,7 @@ def _payload(args) -> bytes:
 
 def _connect(args):
     return connect(args.cred, timeout=args.timeout, retries=args.retries,
-                   max_frame_len=args.max_frame_len)
+                   max_frame_len=args.max_frame_len, encryption=not args.authenticated_only)
 
 
 def cmd_enroll(args) -> int:
@@ -118,6 +123,10 @@ def main(argv=None) -> int:
         sp.add_argument("--cred", default="tally.cred", help="credential file (default tally.cred)")
         sp.add_argument("--max-frame-len", type=int, default=65536,
                         help="largest session frame accepted (default 65536)")
+        sp.add_argument("--authenticated-only", "--no-encryption", dest="authenticated_only",
+                        action="store_true",
+                        help="run the authenticated mode (HELLO: payloads and id in the clear, "
+                             "HMAC per frame) instead of the default encrypted mode (spec 7.7)")
         if name == "listen":
             sp.add_argument("--echo", action="store_true", help="answer requests with their payload")
         else:

@@ -1,16 +1,24 @@
-"""Cryptographic primitives of spec section 3.1: SHA-256, HMAC-SHA256, HKDF-SHA256, X25519.
+"""Cryptographic primitives of spec section 3.1: SHA-256, HMAC-SHA256, HKDF-SHA256, X25519,
+ChaCha20-Poly1305.
 
-Everything but X25519 is the standard library; X25519 is the ``cryptography`` package.
+Everything but X25519 and the AEAD is the standard library; those two are the
+``cryptography`` package.
 """
 import hashlib
 import hmac
 import secrets
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .errors import ProtocolError
 
-__all__ = ["H", "mac", "hkdf", "x25519", "x25519_base", "random_bytes", "tags_equal"]
+__all__ = ["H", "mac", "hkdf", "x25519", "x25519_base", "random_bytes", "tags_equal",
+           "aead_seal", "aead_open", "AEAD_TAG_LEN"]
+
+#: The Poly1305 tag that ends every AEAD output (spec 3.1).
+AEAD_TAG_LEN = 16
 
 
 def H(*parts: bytes) -> bytes:
@@ -75,3 +83,24 @@ def x25519_base(secret: bytes) -> bytes:
 def random_bytes(n: int = 32) -> bytes:
     """``n`` bytes from the operating system's secure generator (``secrets``)."""
     return secrets.token_bytes(n)
+
+
+def aead_seal(key: bytes, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+    """``AEAD(K, n, ad, m)`` of spec 3.1: ChaCha20-Poly1305 (RFC 8439 section 2.8); the
+    ciphertext (as long as ``m``) followed by the 16-byte tag."""
+    if len(key) != 32 or len(nonce) != 12:
+        raise ValueError("ChaCha20-Poly1305 takes a 32-byte key and a 12-byte nonce")
+    return ChaCha20Poly1305(bytes(key)).encrypt(bytes(nonce), bytes(plaintext), bytes(ad))
+
+
+def aead_open(key: bytes, nonce: bytes, ad: bytes, sealed: bytes) -> bytes:
+    """Open ``ciphertext || tag``; the tag is checked (in constant time) before any plaintext
+    is released. Raises ``ProtocolError("bad_tag")`` if it does not verify."""
+    if len(key) != 32 or len(nonce) != 12:
+        raise ValueError("ChaCha20-Poly1305 takes a 32-byte key and a 12-byte nonce")
+    if len(sealed) < AEAD_TAG_LEN:
+        raise ProtocolError("bad_tag", "shorter than a Poly1305 tag")
+    try:
+        return ChaCha20Poly1305(bytes(key)).decrypt(bytes(nonce), bytes(sealed), bytes(ad))
+    except InvalidTag:
+        raise ProtocolError("bad_tag", "the AEAD tag does not verify") from None

@@ -23,11 +23,11 @@ import time
 from typing import Callable, NamedTuple, Optional, Union
 
 from .codes import CloseCode, ErrorCode, FrameType, Status
-from .errors import (AuthFailed, Closed, EnrollUncertain, ProtocolError, Refused,
+from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, ProtocolError, Refused,
                      SequenceExhausted, StatusError, TallyError, Timeout, Truncated, Unreachable)
 from .formats import Credential, EnrollmentToken, format_server_address, parse_server_address
 from .frames import DEFAULT_FRAME_LIMIT, HANDSHAKE_LIMIT, FrameDecoder, check_length
-from .proto import ClientEnrollment, ClientHandshake, SessionState
+from .proto import ClientEnrollment, ClientHandshake, ClientSealedHandshake, SessionState
 
 __all__ = ["enroll", "connect", "Session", "Response", "IncomingRequest", "IncomingMessage",
            "DEFAULT_TIMEOUT", "DEFAULT_RETRIES"]
@@ -192,7 +192,7 @@ def enroll(server: Union[str, tuple], token: Union[str, bytes, EnrollmentToken],
         try:
             _sendall(sock, enr.init_frame, timeout, what)
             confirm = enr.handle_reply(_read_first_frame(sock, timeout, what))
-            unconfirmed = Credential(id, enr.keys.identity, address)
+            unconfirmed = Credential(id, enr.keys.identity, address, tok.server_key)
             uncertain = (f"{what}: ENROLL_CONFIRM was sent but no valid ENROLL_DONE came back; "
                          "the server may have stored the identity (try a session with "
                          "e.credential; else `tallyd remove` the id and enroll again)")
@@ -274,8 +274,16 @@ _DEFAULT = object()
 def connect(credential: Union[Credential, str], *, server: Optional[str] = None,
             max_frame_len: int = DEFAULT_FRAME_LIMIT, timeout: float = DEFAULT_TIMEOUT,
             keepalive: Optional[float] = None, request_timeout: Optional[float] = 60.0,
-            retries: int = DEFAULT_RETRIES) -> "Session":
+            retries: int = DEFAULT_RETRIES, encryption: bool = True) -> "Session":
     """Run the handshake (spec 7) and return an established :class:`Session`.
+
+    ``encryption`` chooses the mode (spec 7.7, 7.8): ``True`` (the default) runs the
+    encrypted mode (SEALED_HELLO: the id sealed to the credential's server key, frames
+    sealed with ChaCha20-Poly1305, forward secrecy); ``False`` runs the authenticated mode
+    (HELLO: everything in the clear, each frame with an HMAC tag). The session never
+    switches modes on its own: a server whose policy refuses the mode answers ERROR
+    ``MODE_REFUSED``, raised as :class:`Refused` (``e.mode_refused``), and nothing is
+    retried in the other mode (7.8, 13.12).
 
     ``credential`` is a :class:`Credential` or the path of a credential file; ``server``
     overrides its address. ``max_frame_len`` is the largest session frame this side accepts
@@ -293,10 +301,19 @@ def connect(credential: Union[Credential, str], *, server: Optional[str] = None,
     """
     cred = credential if isinstance(credential, Credential) else Credential.load(credential)
     address = server or cred.server
-    what = f"session with {address} as {cred.id}"
+    if encryption and cred.server_key is None:
+        raise FormatError(f"{cred.id}: the encrypted mode needs the server's key S (the "
+                          "credential's server-key, from the enrollment token); this "
+                          "credential has none (connect with encryption=False only if the "
+                          "authenticated mode is what you want)")
+    mode = "encrypted" if encryption else "authenticated"
+    what = f"session with {address} as {cred.id} ({mode} mode)"
 
     def attempt() -> Session:
-        hs = ClientHandshake(cred.id, cred.key, max_frame_len)
+        if encryption:
+            hs = ClientSealedHandshake(cred.id, cred.key, cred.server_key, max_frame_len)
+        else:
+            hs = ClientHandshake(cred.id, cred.key, max_frame_len)
         sock = _open(address, timeout)
         try:
             _sendall(sock, hs.hello, timeout, what)
@@ -328,8 +345,12 @@ class Session:
     ``PROTOCOL_ERROR``), :class:`Timeout` (the server went silent), or the server's
     refusal of CLIENT_FINISH (:class:`AuthFailed`, :class:`Refused`).
 
-    Attributes: ``id``, ``server``, ``max_frame_len`` (ours), ``server_max_frame_len`` and
-    ``server_keepalive`` (seconds) as the server announced them, ``ping_interval``.
+    Attributes: ``id``, ``server``, ``encrypted`` (the mode), ``frame_overhead`` (41 or 25
+    bytes of a frame's ``length`` besides its fields, spec 4.5), ``max_frame_len`` (ours),
+    ``server_max_frame_len`` and ``server_keepalive`` (seconds) as the server announced
+    them, ``ping_interval``. In the encrypted mode the session updates its sending key
+    (KEY_UPDATE, spec 8.7) every 10 minutes or 2^20 frames; it follows the server's key
+    updates in either mode.
     """
 
     def __init__(self, sock: socket.socket, hs: ClientHandshake, credential: Credential,
@@ -337,8 +358,11 @@ class Session:
                  request_timeout: Optional[float]):
         self.id = credential.id
         self.server = address
+        self.encrypted = hs.encrypted
         self.max_frame_len = hs.max_frame_len
         self.server_max_frame_len = hs.server_max_frame_len
+        #: Bytes of a frame's `length` besides its fields: 41 (authenticated), 25 (encrypted).
+        self.frame_overhead = hs.session.overhead
         self.server_keepalive = hs.keepalive_ms / 1000.0
         interval = self.server_keepalive / 2 if keepalive is None else keepalive
         self.ping_interval = max(0.05, min(interval, self.server_keepalive))

@@ -15,6 +15,8 @@ class FrameType(enum.IntEnum):
     HELLO = 0x10
     SERVER_AUTH = 0x11
     CLIENT_FINISH = 0x12
+    SEALED_HELLO = 0x13
+    SEALED_AUTH = 0x14
     ERROR = 0x1F
     REQUEST = 0x20
     RESPONSE = 0x21
@@ -22,9 +24,10 @@ class FrameType(enum.IntEnum):
     PING = 0x23
     PONG = 0x24
     CLOSE = 0x25
+    KEY_UPDATE = 0x26
 
 
-SESSION_TYPES = frozenset(range(0x20, 0x26))
+SESSION_TYPES = frozenset(range(0x20, 0x27))
 
 
 class ErrorCode(enum.IntEnum):
@@ -39,6 +42,7 @@ class ErrorCode(enum.IntEnum):
     TAKEOVER_REFUSED = 0x0007
     TIMEOUT = 0x0008
     INTERNAL = 0x0009
+    MODE_REFUSED = 0x000A
 
 
 class CloseCode(enum.IntEnum):

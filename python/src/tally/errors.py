@@ -97,7 +97,16 @@ class Refused(TallyError):
         msg = f"refused by the server: {self.name}"
         if code == ErrorCode.UNSUPPORTED_VERSION and server_version is not None:
             msg += f" (it speaks version {server_version} at most)"
+        if code == ErrorCode.MODE_REFUSED:
+            msg += (" (its policy does not accept this mode; the client does not switch modes "
+                    "on its own, spec 7.8: choose the other mode only if you trust the path)")
         super().__init__(f"{context}: {msg}" if context else msg)
+
+    @property
+    def mode_refused(self) -> bool:
+        """True for ``MODE_REFUSED``: the server's policy does not accept the mode of the
+        first frame (spec 7.8). Never retried, and never answered by switching modes."""
+        return self.code == ErrorCode.MODE_REFUSED
 
     @property
     def busy(self) -> bool:

@@ -3,7 +3,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 from .errors import FormatError, InsecureCredential, ProtocolError
 from .frames import check_id
@@ -133,7 +133,12 @@ def _toml_string(s: str, i: int, lineno: int):
                 digits = s[i + 2:i + 2 + n]
                 if len(digits) != n or not all(c in "0123456789abcdefABCDEF" for c in digits):
                     raise FormatError(f"line {lineno}: bad \\{esc} escape")
-                out.append(chr(int(digits, 16)))
+                code = int(digits, 16)
+                # TOML: a Unicode scalar value (chr() would raise ValueError past
+                # 0x10FFFF, and a surrogate is no character the writer could encode).
+                if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                    raise FormatError(f"line {lineno}: \\{esc}{digits} is not a Unicode scalar value")
+                out.append(chr(code))
                 i += 2 + n
                 continue
             raise FormatError(f"line {lineno}: bad escape in a string")
@@ -176,7 +181,11 @@ def _parse_toml(text: str) -> Dict[str, object]:
             m = _INT.match(rest)
             if not m:
                 raise FormatError(f"line {lineno}: only strings and integers are understood")
-            value, j = int(m.group(0).replace("_", "")), m.end()
+            digits = m.group(0).replace("_", "")
+            # TOML integers are 64-bit (and int() refuses over 4300 digits with ValueError).
+            if len(digits.lstrip("+-")) > 19 or not -2**63 <= int(digits) < 2**63:
+                raise FormatError(f"line {lineno}: integer out of range")
+            value, j = int(digits), m.end()
         tail = rest[j:].strip()
         if tail and not tail.startswith("#"):
             raise FormatError(f"line {lineno}: unexpected text after the value")
@@ -201,12 +210,18 @@ def _toml_quote(s: str) -> str:
 @dataclass(frozen=True)
 class Credential:
     """What a device keeps after enrollment (spec 9.2): its ``id``, its identity ``key``
-    ``k`` (32 bytes, secret: hidden from ``repr``) and the ``server`` (``host:port``) it
-    enrolled with."""
+    ``k`` (32 bytes, secret: hidden from ``repr``), the ``server`` (``host:port``) it
+    enrolled with, and ``server_key``, the server's static public key ``S`` from the
+    enrollment token (the encrypted mode seals the id to it, 7.7).
+
+    A credential file always holds ``server_key`` (9.2: all five entries are required);
+    a ``Credential`` built in code may leave it ``None``, and then runs only the
+    authenticated mode (``connect(..., encryption=False)``) and cannot be saved."""
 
     id: str
     key: bytes = field(repr=False)
     server: str
+    server_key: Optional[bytes] = None
 
     def __post_init__(self):
         try:
@@ -218,12 +233,15 @@ class Credential:
             raise FormatError("a credential key is 32 bytes")
         if not self.server:
             raise FormatError("a credential names its server")
+        if self.server_key is not None and len(self.server_key) != 32:
+            raise FormatError("a credential's server key is 32 bytes")
 
     @classmethod
     def parse(cls, text: Union[str, bytes]) -> "Credential":
         """Parse a credential file's text. Refuses a version other than 1, an id that breaks
-        spec 4.1, a key that is not 64 hex digits, and a missing id, key or server.
-        Unknown keys are ignored."""
+        spec 4.1, a key or server key that is not 64 hex digits, and a missing id, key,
+        server or server-key (9.2: all five entries are required). Unknown keys are
+        ignored."""
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = bytes(text).decode("utf-8")
@@ -235,13 +253,19 @@ class Credential:
             raise FormatError(f"tally-credential must be 1 (got {version!r}): not a version-1 "
                               "credential file")
         ident, key, server = v.get("id"), v.get("key"), v.get("server")
+        server_key = v.get("server-key")
         if not isinstance(ident, str):
             raise FormatError("the credential has no id string")
         if not isinstance(key, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", key):
             raise FormatError("the credential key is not 64 hex digits")
         if not isinstance(server, str) or not server:
             raise FormatError("the credential has no server")
-        return cls(ident, bytes.fromhex(key), server)
+        if server_key is None:
+            raise FormatError("the credential has no server-key (spec 9.2 requires it: the "
+                              "server's static key S, from the enrollment token)")
+        if not isinstance(server_key, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", server_key):
+            raise FormatError("the credential's server-key is not 64 hex digits")
+        return cls(ident, bytes.fromhex(key), server, bytes.fromhex(server_key))
 
     @classmethod
     def load(cls, path: PathLike) -> "Credential":
@@ -257,12 +281,17 @@ class Credential:
             return cls.parse(fh.read())
 
     def format(self) -> str:
-        """The file's text, exactly in the layout of spec 9.2."""
+        """The file's text, exactly in the layout of spec 9.2. A credential without its
+        server key cannot be written (the file requires it): :class:`FormatError`."""
+        if self.server_key is None:
+            raise FormatError("a credential file holds the server key S (spec 9.2), and this "
+                              "credential has none")
         return ("# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n"
                 "tally-credential = 1\n"
                 f"id = {_toml_quote(self.id)}\n"
                 f'key = "{self.key.hex()}"\n'
-                f"server = {_toml_quote(self.server)}\n")
+                f"server = {_toml_quote(self.server)}\n"
+                f'server-key = "{self.server_key.hex()}"\n')
 
     def save(self, path: PathLike) -> None:
         """Write the file atomically with mode 0600: a new file in the same directory,

@@ -12,6 +12,9 @@ from .errors import ProtocolError
 __all__ = [
     "PROTOCOL_VERSION", "HANDSHAKE_LIMIT", "MIN_FRAME_LIMIT", "MAX_FRAME_LIMIT",
     "DEFAULT_FRAME_LIMIT", "MIN_KEEPALIVE_MS", "MAX_KEEPALIVE_MS", "MAX_SEQ", "TAG_LEN",
+    "AEAD_TAG_LEN", "SEALED_HELLO_LEN", "SEALED_ID_PLAINTEXT_LEN", "sealed_hello_head",
+    "parse_sealed_hello", "SealedHello", "parse_sealed_auth", "sealed_id_plaintext",
+    "parse_sealed_id_plaintext", "session_header",
     "check_id", "check_length", "FrameDecoder", "frame", "error_frame", "parse_error",
     "ErrorFrame", "hello_frame", "parse_hello", "Hello", "parse_server_auth", "ServerAuth",
     "enroll_init_unsigned", "parse_enroll_init", "EnrollInit", "SessionFrame",
@@ -26,7 +29,10 @@ DEFAULT_FRAME_LIMIT = 65_536
 MIN_KEEPALIVE_MS = 100
 MAX_KEEPALIVE_MS = 86_400_000
 MAX_SEQ = 2**64 - 1
-TAG_LEN = 32
+TAG_LEN = 32                     # HMAC tags (handshake, authenticated-mode session frames)
+AEAD_TAG_LEN = 16                # the Poly1305 tag of encrypted-mode session frames (4.5)
+SEALED_HELLO_LEN = 119           # SEALED_HELLO's `length`, whatever the id (4.3)
+SEALED_ID_PLAINTEXT_LEN = 65     # u8 n || id || zeros to 64 bytes
 
 _ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@")
 
@@ -173,17 +179,86 @@ class ServerAuth(NamedTuple):
     tag: bytes
 
 
-def parse_server_auth(f: bytes) -> ServerAuth:
+def parse_server_auth(f: bytes, ty: int = FrameType.SERVER_AUTH) -> ServerAuth:
     """Parse SERVER_AUTH (length 73); the announced limits are range-checked here, before
-    any tag (4.3). ERROR frames are the caller's business."""
-    if len(f) != 77 or f[4] != FrameType.SERVER_AUTH:
-        raise ProtocolError("malformed", "expected SERVER_AUTH (length 73)")
+    any tag (4.3). ERROR frames are the caller's business. With ``ty`` SEALED_AUTH, the
+    same layout with ``F`` in place of ``ns`` (``nonce`` holds ``F``); the other type is
+    ``malformed`` (7.2, client row 4)."""
+    name = FrameType(ty).name
+    if len(f) != 77 or f[4] != ty:
+        raise ProtocolError("malformed", f"expected {name} (length 73)")
     limit, keepalive = struct.unpack_from(">II", f, 37)
     if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
-        raise ProtocolError("malformed", f"SERVER_AUTH max_frame_len {limit} out of range")
+        raise ProtocolError("malformed", f"{name} max_frame_len {limit} out of range")
     if not MIN_KEEPALIVE_MS <= keepalive <= MAX_KEEPALIVE_MS:
-        raise ProtocolError("malformed", f"SERVER_AUTH keepalive {keepalive} ms out of range")
+        raise ProtocolError("malformed", f"{name} keepalive {keepalive} ms out of range")
     return ServerAuth(f[5:37], limit, keepalive, f[45:77])
+
+
+def parse_sealed_auth(f: bytes) -> ServerAuth:
+    """Parse SEALED_AUTH (length 73): ``F`` (as ``nonce``), the limits (range-checked), tag.
+    A SERVER_AUTH here is ``malformed``: it answers HELLO, never SEALED_HELLO (7.2, 7.8)."""
+    return parse_server_auth(f, FrameType.SEALED_AUTH)
+
+
+# --- The encrypted mode's first frame (4.3, 5.6) ------------------------------------------
+
+def sealed_hello_head(max_frame_len: int, ephemeral: bytes) -> bytes:
+    """SEALED_HELLO's first 42 bytes, the associated data of ``sealed_id``:
+    ``00000077 13 01 u32(max_frame_len) E``."""
+    if len(ephemeral) != 32:
+        raise ValueError("E is 32 bytes")
+    if not MIN_FRAME_LIMIT <= max_frame_len <= MAX_FRAME_LIMIT:
+        raise ValueError(f"max_frame_len must be {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT}")
+    return struct.pack(">IBBI", SEALED_HELLO_LEN, FrameType.SEALED_HELLO, PROTOCOL_VERSION,
+                       max_frame_len) + ephemeral
+
+
+def sealed_id_plaintext(ident) -> bytes:
+    """``u8 n || id || 0^(64-n)``: 65 bytes whatever the id (4.3)."""
+    ident = check_id(ident)
+    return bytes([len(ident)]) + ident + bytes(64 - len(ident))
+
+
+def parse_sealed_id_plaintext(pt: bytes) -> bytes:
+    """The id of an opened ``sealed_id``: ``1 <= n <= 64``, an id that keeps 4.1, zeros
+    after it; else ``malformed`` (4.3 says ``malformed`` for all three)."""
+    if len(pt) != SEALED_ID_PLAINTEXT_LEN:
+        raise ProtocolError("malformed", "sealed_id plaintext is 65 bytes")
+    n = pt[0]
+    if not 1 <= n <= 64:
+        raise ProtocolError("malformed", f"sealed id length {n}")
+    try:
+        ident = check_id(pt[1:1 + n])
+    except ProtocolError:
+        raise ProtocolError("malformed", "the sealed id breaks 4.1") from None
+    if any(pt[1 + n:]):
+        raise ProtocolError("malformed", "the sealed id's padding is not zero")
+    return ident
+
+
+class SealedHello(NamedTuple):
+    version: int
+    max_frame_len: int
+    ephemeral: bytes      # E
+    sealed_id: bytes      # 81 bytes: AEAD(K_id, 0^12, head, plaintext)
+
+
+def parse_sealed_hello(f: bytes) -> SealedHello:
+    """Parse SEALED_HELLO as a server would (7.2 rows 3 to 5): version first, then
+    ``length`` 119 and the announced limit. Opening ``sealed_id`` is the caller's."""
+    if len(f) < 5 or f[4] != FrameType.SEALED_HELLO:
+        raise ProtocolError("malformed", "expected SEALED_HELLO")
+    if len(f) < 6:
+        raise ProtocolError("malformed", "SEALED_HELLO too short")
+    if f[5] != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"SEALED_HELLO version {f[5]}")
+    if len(f) != 4 + SEALED_HELLO_LEN:
+        raise ProtocolError("malformed", f"SEALED_HELLO length must be {SEALED_HELLO_LEN}")
+    (limit,) = struct.unpack_from(">I", f, 6)
+    if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
+        raise ProtocolError("malformed", f"SEALED_HELLO max_frame_len {limit} out of range")
+    return SealedHello(f[5], limit, f[10:42], f[42:])
 
 
 # --- Enrollment frames (4.2) --------------------------------------------------------------
@@ -231,7 +306,7 @@ def parse_enroll_init(f: bytes) -> EnrollInit:
 # --- Session frames (4.5) ------------------------------------------------------------------
 
 class SessionFrame(NamedTuple):
-    """A session frame that passed every check of spec 8.3.
+    """A session frame that passed every check of spec 8.3 (KEY_UPDATE included).
 
     ``payload`` for REQUEST, RESPONSE and MESSAGE; ``req_seq`` and ``status`` for
     RESPONSE; ``ping_seq`` for PONG; ``code`` and ``reason`` for CLOSE.
@@ -247,9 +322,15 @@ class SessionFrame(NamedTuple):
     reason: Optional[str] = None
 
 
+def session_header(ty: int, seq: int, fields_len: int, tag_len: int = TAG_LEN) -> bytes:
+    """The 13-byte header ``length || type || seq`` (4.5); ``length`` counts the tag
+    (32 bytes in the authenticated mode, 16 in the encrypted mode)."""
+    return struct.pack(">IBQ", 1 + 8 + fields_len + tag_len, ty, seq)
+
+
 def session_frame_unsigned(ty: int, seq: int, fields: bytes) -> bytes:
-    """``length || type || seq || fields`` (the bytes the tag covers, 8.2)."""
-    return struct.pack(">IBQ", 1 + 8 + len(fields) + TAG_LEN, ty, seq) + fields
+    """``length || type || seq || fields`` (the bytes the HMAC tag covers, 8.2)."""
+    return session_header(ty, seq, len(fields)) + fields
 
 
 def parse_session_fields(ty: int, seq: int, fields: bytes) -> SessionFrame:
@@ -261,9 +342,9 @@ def parse_session_fields(ty: int, seq: int, fields: bytes) -> SessionFrame:
             raise ProtocolError("malformed", "RESPONSE shorter than req_seq and status")
         req_seq, status = struct.unpack_from(">QH", fields)
         return SessionFrame(ty, seq, payload=fields[10:], req_seq=req_seq, status=status)
-    if ty == FrameType.PING:
+    if ty in (FrameType.PING, FrameType.KEY_UPDATE):
         if fields:
-            raise ProtocolError("malformed", "PING has no fields")
+            raise ProtocolError("malformed", f"{FrameType(ty).name} has no fields")
         return SessionFrame(ty, seq)
     if ty == FrameType.PONG:
         if len(fields) != 8:

@@ -5,21 +5,29 @@ Every random value can be passed in, so that the test vectors of spec section 12
 reproduced byte for byte.
 """
 import struct
-from typing import NamedTuple, Optional, Set, Tuple
+import time
+from typing import Callable, NamedTuple, Optional, Set, Tuple
 
-from ._primitives import H, hkdf, mac, random_bytes, tags_equal, x25519, x25519_base
+from ._primitives import (AEAD_TAG_LEN, H, aead_open, aead_seal, hkdf, mac, random_bytes,
+                          tags_equal, x25519, x25519_base)
 from .codes import CloseCode, ErrorCode, FrameType, Status
 from .errors import (AuthFailed, PayloadTooLarge, ProtocolError, Refused, SequenceExhausted,
                      Truncated)
 from .formats import EnrollmentToken
 from .frames import (MAX_FRAME_LIMIT, MAX_SEQ, MIN_FRAME_LIMIT, TAG_LEN, SessionFrame, check_id,
                      check_length, enroll_init_unsigned, hello_frame, is_session_type,
-                     parse_error, parse_server_auth, parse_session_fields,
-                     session_frame_unsigned)
+                     parse_error, parse_sealed_auth, parse_server_auth, parse_session_fields,
+                     sealed_hello_head, sealed_id_plaintext, session_header)
 
 __all__ = ["LABELS", "EnrollKeys", "SessionKeys", "enroll_keys", "session_keys",
-           "enroll_init_tag", "ClientEnrollment", "ClientHandshake", "SessionState",
-           "refusal_from_error"]
+           "sealed_id_key", "sealed_session_keys", "next_key", "session_nonce",
+           "enroll_init_tag", "ClientEnrollment", "ClientHandshake", "ClientSealedHandshake",
+           "SessionState", "refusal_from_error", "KEY_UPDATE_FRAMES", "KEY_UPDATE_SECONDS"]
+
+#: Spec 8.7: a side in the encrypted mode updates its sending key once it sealed this many
+#: frames, or was first used more than KEY_UPDATE_SECONDS ago.
+KEY_UPDATE_FRAMES = 2**20
+KEY_UPDATE_SECONDS = 600.0
 
 LABELS = {
     "enroll init": b"tally/1 enroll init",
@@ -31,6 +39,12 @@ LABELS = {
     "session key s2c": b"tally/1 session key s2c",
     "session key server finish": b"tally/1 session key server finish",
     "session key client finish": b"tally/1 session key client finish",
+    "sealed hello id": b"tally/1 sealed hello id",
+    "sealed key c2s": b"tally/1 sealed key c2s",
+    "sealed key s2c": b"tally/1 sealed key s2c",
+    "sealed key server finish": b"tally/1 sealed key server finish",
+    "sealed key client finish": b"tally/1 sealed key client finish",
+    "key update": b"tally/1 key update",
 }
 
 
@@ -62,6 +76,29 @@ def session_keys(nc: bytes, ns: bytes, k: bytes, th2: bytes) -> SessionKeys:
     salt = nc + ns
     return SessionKeys(*(hkdf(salt, k, LABELS["session key " + n] + th2)
                          for n in ("c2s", "s2c", "server finish", "client finish")))
+
+
+def sealed_id_key(E: bytes, S: bytes, dh_es: bytes) -> bytes:
+    """Spec 5.6: ``K_id = HKDF(E || S, dh_es, "tally/1 sealed hello id")``."""
+    return hkdf(E + S, dh_es, LABELS["sealed hello id"])
+
+
+def sealed_session_keys(E: bytes, F: bytes, k: bytes, dh_ee: bytes, dh_es: bytes,
+                        th2: bytes) -> SessionKeys:
+    """Spec 5.7: the four HKDFs with salt ``E || F`` and ikm ``k || dh_ee || dh_es``."""
+    salt, ikm = E + F, k + dh_ee + dh_es
+    return SessionKeys(*(hkdf(salt, ikm, LABELS["sealed key " + n] + th2)
+                         for n in ("c2s", "s2c", "server finish", "client finish")))
+
+
+def next_key(key: bytes) -> bytes:
+    """Spec 5.8: ``HKDF(empty, K_current, "tally/1 key update")``, either mode."""
+    return hkdf(b"", key, LABELS["key update"])
+
+
+def session_nonce(from_client: bool, seq: int) -> bytes:
+    """Spec 8.2: ``u32 direction || u64 seq``; direction 0 client to server, 1 back."""
+    return struct.pack(">IQ", 0 if from_client else 1, seq)
 
 
 def enroll_init_tag(c: bytes, unsigned: bytes) -> bytes:
@@ -178,6 +215,8 @@ class ClientHandshake:
         self.keys: Optional[SessionKeys] = None
         self.state = "await_auth"
 
+    encrypted = False
+
     def handle_server_auth(self, f: bytes) -> bytes:
         """SERVER_AUTH in, CLIENT_FINISH out (7.1 step 3)."""
         if self.state != "await_auth":
@@ -203,6 +242,75 @@ class ClientHandshake:
         return finish
 
 
+class ClientSealedHandshake:
+    """The client of an encrypted-mode handshake (spec 7.7, 5.6, 5.7), one per connection.
+
+    ``hello`` is the SEALED_HELLO to send (the id sealed to the server's static key
+    ``server_key``, S); :meth:`handle_server_auth` takes SEALED_AUTH (or an ERROR) and
+    returns CLIENT_FINISH, after which :attr:`session` is the established, encrypted
+    :class:`SessionState`. A SERVER_AUTH in answer is ``malformed`` (no downgrade, 7.8).
+    """
+
+    encrypted = True
+
+    def __init__(self, ident, key: bytes, server_key: bytes, max_frame_len: int = 65536, *,
+                 ephemeral_secret: Optional[bytes] = None):
+        if len(key) != 32:
+            raise ValueError("the identity key is 32 bytes")
+        if server_key is None or len(server_key) != 32:
+            raise ValueError("the encrypted mode needs the server's 32-byte static key S "
+                             "(the credential's server-key)")
+        if not MIN_FRAME_LIMIT <= max_frame_len <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame_len must be {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT}")
+        self.id = check_id(ident)
+        self._k = key
+        self.server_key = bytes(server_key)
+        self.max_frame_len = max_frame_len
+        self._e = ephemeral_secret if ephemeral_secret is not None else random_bytes(32)
+        self.ephemeral_public = x25519_base(self._e)
+        # 5.6: a low-order S (a bad credential) is weak_key before anything is sent.
+        self.dh_es = x25519(self._e, self.server_key)
+        self.key_id = sealed_id_key(self.ephemeral_public, self.server_key, self.dh_es)
+        head = sealed_hello_head(max_frame_len, self.ephemeral_public)
+        self.sealed_id_plaintext = sealed_id_plaintext(self.id)
+        self.hello = head + aead_seal(self.key_id, bytes(12), head, self.sealed_id_plaintext)
+        self.session: Optional[SessionState] = None
+        self.keys: Optional[SessionKeys] = None
+        self.state = "await_auth"
+
+    def handle_server_auth(self, f: bytes) -> bytes:
+        """SEALED_AUTH in, CLIENT_FINISH out (7.7 step 3). Checks in the order of 7.2's
+        client table: ERROR, type and length, limits, ``dh_ee`` (weak_key), tag."""
+        if self.state != "await_auth":
+            raise RuntimeError(f"handshake is {self.state}")
+        self.state = "failed"
+        try:
+            if len(f) >= 5 and f[4] == FrameType.ERROR:
+                raise refusal_from_error(f, "handshake")
+            auth = parse_sealed_auth(f)
+            F = auth.nonce
+            self.dh_ee = x25519(self._e, F)
+            self.th2 = H(self.hello, f[:45])
+            self.keys = sealed_session_keys(self.ephemeral_public, F, self._k, self.dh_ee,
+                                            self.dh_es, self.th2)
+        finally:
+            self._e = None  # erase e (7.7 step 3); this object is finished either way
+        if not tags_equal(mac(self.keys.server_finish, self.th2), auth.tag):
+            raise AuthFailed("the server did not authenticate: the identity is unknown or "
+                             "revoked, the key is wrong, the server key S is not this "
+                             "server's, or this is not the right server")
+        finish_u = struct.pack(">IB", 33, FrameType.CLIENT_FINISH)
+        self.th3 = H(self.hello, f, finish_u)
+        finish = finish_u + mac(self.keys.client_finish, self.th3)
+        self.server_max_frame_len = auth.max_frame_len
+        self.keepalive_ms = auth.keepalive_ms
+        self.session = SessionState(self.keys.c2s, self.keys.s2c,
+                                    send_limit=auth.max_frame_len,
+                                    recv_limit=self.max_frame_len, client=True, encrypted=True)
+        self.state = "established"
+        return finish
+
+
 # --- Session (8) ---------------------------------------------------------------------------------
 
 class SessionState:
@@ -210,13 +318,35 @@ class SessionState:
 
     Sending methods return whole frames (tagged, numbered); :meth:`receive` applies every
     check of spec 8.3 in order and only then moves the counter. ``client`` selects the
-    ERROR rule of 8.3 step 2. Not thread-safe: the caller serialises.
+    ERROR rule of 8.3 step 2 and, in the encrypted mode, the ``direction`` of the nonces
+    (8.2). ``encrypted`` selects the encrypted mode (ChaCha20-Poly1305 frames) over the
+    authenticated mode (HMAC tags). Not thread-safe: the caller serialises.
+
+    Key update (8.7): :meth:`key_update` sends KEY_UPDATE in either mode; a received one
+    moves the receiving key. In the encrypted mode, with ``auto_key_update`` (the
+    default), any sending method whose frame finds the sending key due (it sealed
+    ``key_update_frames`` frames, or was first used more than ``key_update_seconds`` ago,
+    on ``clock``) returns KEY_UPDATE followed by its own frame, as one byte string.
     """
 
     def __init__(self, send_key: bytes, recv_key: bytes, *, send_limit: int, recv_limit: int,
-                 client: bool = True):
+                 client: bool = True, encrypted: bool = False,
+                 auto_key_update: Optional[bool] = None,
+                 key_update_frames: int = KEY_UPDATE_FRAMES,
+                 key_update_seconds: float = KEY_UPDATE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self._send_key = send_key
         self._recv_key = recv_key
+        self.encrypted = encrypted
+        self.tag_len = AEAD_TAG_LEN if encrypted else TAG_LEN
+        self.auto_key_update = encrypted if auto_key_update is None else auto_key_update
+        self.key_update_frames = key_update_frames
+        self.key_update_seconds = key_update_seconds
+        self._clock = clock
+        self._sealed_with_key = 0        # frames sealed with the current sending key
+        self._key_first_used = None      # when the current sending key sealed its first frame
+        self.key_updates_sent = 0
+        self.key_updates_received = 0
         self.send_limit = send_limit
         self.recv_limit = recv_limit
         self.client = client
@@ -234,23 +364,72 @@ class SessionState:
     def last_sent(self) -> int:
         return self.next_seq - 1
 
+    def _seal_one(self, ty: int, seq: int, fields: bytes) -> bytes:
+        """One frame with the current sending key (8.2), counted against it (8.7)."""
+        header = session_header(ty, seq, len(fields), self.tag_len)
+        if self.encrypted:
+            out = header + aead_seal(self._send_key, session_nonce(self.client, seq), header,
+                                     fields)
+        else:
+            out = header + fields + mac(self._send_key, header + fields)
+        if self._key_first_used is None:
+            self._key_first_used = self._clock()
+        self._sealed_with_key += 1
+        return out
+
+    def _advance_send_key(self) -> None:
+        self._send_key = next_key(self._send_key)   # the old one is dropped (5.8, 8.7)
+        self._sealed_with_key = 0
+        self._key_first_used = None
+        self.key_updates_sent += 1
+
+    def key_update_due(self) -> bool:
+        """8.7: the sending key sealed ``key_update_frames`` frames, or was first used more
+        than ``key_update_seconds`` ago (on this side's own clock)."""
+        if self._sealed_with_key >= self.key_update_frames:
+            return True
+        return (self._key_first_used is not None
+                and self._clock() - self._key_first_used > self.key_update_seconds)
+
     def _seal(self, ty: int, fields: bytes) -> Tuple[int, bytes]:
         if self.close_sent:
             raise RuntimeError("this side sent CLOSE: it sends nothing more (8.6)")
-        length = 1 + 8 + len(fields) + TAG_LEN
+        length = 1 + 8 + len(fields) + self.tag_len
         if length > self.send_limit:
             raise PayloadTooLarge(f"a frame of length {length} is above the peer's limit "
                                   f"{self.send_limit}")
         seq = self.next_seq
         if seq > MAX_SEQ or (seq == MAX_SEQ and ty != FrameType.CLOSE):
             raise SequenceExhausted("sequence numbers exhausted: only CLOSE may be sent")
-        unsigned = session_frame_unsigned(ty, seq, fields)
+        prefix = b""
+        # 8.7: KEY_UPDATE right before the next frame once the key is due. Not when it would
+        # take the last number a non-CLOSE frame may use (8.1: 2^64-1 is CLOSE's only).
+        if (self.auto_key_update and ty != FrameType.KEY_UPDATE and seq < MAX_SEQ - 1
+                and self.key_update_due()):
+            prefix = self._seal_one(FrameType.KEY_UPDATE, seq, b"")
+            self._advance_send_key()
+            seq += 1
+        out = self._seal_one(ty, seq, fields)
         self.next_seq = seq + 1
-        return seq, unsigned + mac(self._send_key, unsigned)
+        if ty == FrameType.KEY_UPDATE:
+            self._advance_send_key()
+        return seq, prefix + out
+
+    def key_update(self) -> bytes:
+        """A KEY_UPDATE (8.7), sealed with the current sending key; every later frame is
+        sealed with the next key (5.8). Valid in both modes."""
+        if self.next_seq >= MAX_SEQ:
+            raise SequenceExhausted("sequence numbers exhausted: only CLOSE may be sent")
+        return self._seal(FrameType.KEY_UPDATE, b"")[1]
+
+    @property
+    def overhead(self) -> int:
+        """Bytes of ``length`` besides the fields: 9 + the tag (41 or 25, 4.5)."""
+        return 1 + 8 + self.tag_len
 
     def max_payload(self, ty: int = FrameType.REQUEST) -> int:
         """The largest payload a REQUEST/MESSAGE (or RESPONSE) may carry to this peer."""
-        fixed = 51 if ty == FrameType.RESPONSE else 41
+        fixed = self.overhead + (10 if ty == FrameType.RESPONSE else 0)
         return self.send_limit - fixed
 
     def request(self, payload: bytes) -> Tuple[int, bytes]:
@@ -268,7 +447,7 @@ class SessionState:
         if not 0 <= status <= 0xFFFF:
             raise ValueError("a status is a u16")
         payload = bytes(payload)
-        if 51 + len(payload) > self.send_limit:
+        if self.overhead + 10 + len(payload) > self.send_limit:
             status, payload = Status.BACKEND_ERROR, b"response too large for the peer's frame limit"
         _, f = self._seal(FrameType.RESPONSE, struct.pack(">QH", req_seq, status) + payload)
         self.unanswered.discard(req_seq)
@@ -331,16 +510,24 @@ class SessionState:
                 raise Refused(ErrorCode.MALFORMED, None, "session")
             raise Truncated("an ERROR frame arrived in the session: it is not authenticated "
                             "and can only have been injected; the connection is treated as cut")
-        if not is_session_type(ty) or length < 1 + 8 + TAG_LEN:
+        if not is_session_type(ty) or length < self.overhead:
             raise ProtocolError("malformed", f"type {ty:#04x}, length {length}: not a session frame")
         (seq,) = struct.unpack_from(">Q", f, 5)
         if seq != self.last_received + 1:                             # step 3
             raise ProtocolError("bad_sequence", f"seq {seq}, expected {self.last_received + 1}")
         if seq == MAX_SEQ and ty != FrameType.CLOSE:
             raise ProtocolError("sequence_exhausted", "only CLOSE may use seq 2^64-1")
-        if not tags_equal(mac(self._recv_key, f[:-TAG_LEN]), f[-TAG_LEN:]):   # step 4
-            raise ProtocolError("bad_tag", f"frame {seq}")
-        parsed = parse_session_fields(ty, seq, f[13:-TAG_LEN])         # step 5
+        if self.encrypted:                                            # step 4
+            try:
+                fields = aead_open(self._recv_key, session_nonce(not self.client, seq), f[:13],
+                                   f[13:])
+            except ProtocolError:
+                raise ProtocolError("bad_tag", f"frame {seq}") from None
+        else:
+            if not tags_equal(mac(self._recv_key, f[:-TAG_LEN]), f[-TAG_LEN:]):
+                raise ProtocolError("bad_tag", f"frame {seq}")
+            fields = f[13:-TAG_LEN]
+        parsed = parse_session_fields(ty, seq, fields)                # step 5
         if ty == FrameType.RESPONSE:
             if parsed.req_seq not in self.pending_requests:
                 raise ProtocolError("unsolicited_answer",
@@ -356,4 +543,7 @@ class SessionState:
         elif ty == FrameType.CLOSE:
             self.close_received = True
         self.last_received = seq                                      # step 6
+        if ty == FrameType.KEY_UPDATE:                                # 8.7, 5.8
+            self._recv_key = next_key(self._recv_key)
+            self.key_updates_received += 1
         return parsed
