@@ -779,3 +779,27 @@ def test_enrollment_keeps_the_server_key(server, tmp_path):
     c.save(tmp_path / "c.cred")
     assert f'server-key = "{token.server_key.hex()}"' in (tmp_path / "c.cred").read_text()
     assert tally.Credential.load(tmp_path / "c.cred") == c
+
+
+@pytest.mark.parametrize("encryption", [True, False], ids=["encrypted", "authenticated"])
+def test_update_key_on_demand(server, encryption):
+    def script(conn, n):
+        conn.handshake(KEY, expect_encrypted=encryption)
+        types = []
+        while True:
+            fr = conn.recv()
+            types.append(fr.type)
+            if fr.type == FrameType.REQUEST:
+                conn.send(conn.st.response(fr.seq, 0, fr.payload))
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return types, conn.st.key_updates_received
+    srv = server(script)
+    with tally.connect(cred(srv), encryption=encryption) as s:
+        assert s.request(b"1") == b"1"
+        s.update_key()
+        assert s.request(b"2") == b"2"
+    srv.done.wait(5)
+    types, received = srv.results[1]
+    assert types == [FrameType.REQUEST, FrameType.KEY_UPDATE, FrameType.REQUEST, FrameType.CLOSE]
+    assert received == 1

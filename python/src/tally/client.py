@@ -432,6 +432,12 @@ class Session:
         data = _as_bytes(payload)
         self._send(lambda st: st.message(data))
 
+    def update_key(self) -> None:
+        """Send KEY_UPDATE now and seal every later frame with the next key (spec 8.7).
+        The encrypted mode does this by itself every 10 minutes or 2^20 frames; this is
+        for doing it more often (MAY), in either mode."""
+        self._send(lambda st: st.key_update())
+
     def receive(self, timeout: Optional[float] = None):
         """The next thing the server sent: an :class:`IncomingRequest` (answer it with
         ``respond``) or an :class:`IncomingMessage`. Raises :class:`Timeout` if nothing came
