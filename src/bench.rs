@@ -99,8 +99,8 @@ pub struct Measurement {
 /// How the load tool talks to a target.
 #[derive(Clone)]
 pub enum Kind {
-    /// tallyd, with one credential per connection.
-    Tally(Arc<Vec<Credential>>),
+    /// tallyd, with one credential per connection, in a session mode (spec 7.7).
+    Tally(Arc<Vec<Credential>>, crate::proto::Mode),
     /// An echo of `u32 length | u64 id | payload` frames over plain TCP (`bench_plain`,
     /// `bench_echo`, or a tunnel in front of one, such as spiped's client end).
     Plain(String),
@@ -125,7 +125,7 @@ impl Target {
     /// The address the load tool connects to.
     fn addr(&self, i: usize) -> &str {
         match &self.kind {
-            Kind::Tally(creds) => &creds[i % creds.len()].server,
+            Kind::Tally(creds, _) => &creds[i % creds.len()].server,
             Kind::Plain(addr) => addr,
             #[cfg(feature = "bench-tls")]
             Kind::TlsPsk(addr, _) => addr,
@@ -192,16 +192,26 @@ impl Conn {
                 io: Box::new(tls::connect(ctx, tcp).await?),
                 framing: Framing::Plain { next: 1 },
             }),
-            Kind::Tally(creds) => {
+            Kind::Tally(creds, mode) => {
                 let cred = &creds[i % creds.len()];
                 let mut out = BytesMut::new();
-                let wait = ClientAwaitAuth::start(
-                    &cred.id,
-                    cred.key.clone(),
-                    random_bytes(),
-                    MAX_FRAME_LEN_CEILING,
-                    &mut out,
-                );
+                let wait = match mode {
+                    crate::proto::Mode::Authenticated => ClientAwaitAuth::start(
+                        &cred.id,
+                        cred.key.clone(),
+                        random_bytes(),
+                        MAX_FRAME_LEN_CEILING,
+                        &mut out,
+                    ),
+                    crate::proto::Mode::Encrypted => ClientAwaitAuth::start_sealed(
+                        &cred.id,
+                        cred.key.clone(),
+                        &cred.server_key,
+                        random_bytes(),
+                        MAX_FRAME_LEN_CEILING,
+                        &mut out,
+                    )?,
+                };
                 tcp.write_all(&out).await?;
                 let mut buf = BytesMut::new();
                 let auth = read_frame(&mut tcp, &mut buf, 256).await?;

@@ -7,6 +7,7 @@
 //! state_dir = "/var/lib/tally"
 //! open_enrollment = true      # accept the fleet-wide enrollment token (spec 6.1)
 //! takeover = "replace"        # or "reject" (spec 7.3)
+//! encryption = "required"     # or "allowed", "off" (spec 7.8)
 //! backend = "echo"
 //! log_level = "info"
 //! log_format = "text"         # or "json"
@@ -74,6 +75,42 @@ pub enum ConfigError {
         /// The allowed range.
         reason: String,
     },
+}
+
+/// Which session modes the daemon accepts (spec 7.8): the policy is applied to each
+/// connection's first frame, before any other work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionPolicy {
+    /// SEALED_HELLO only: every session is encrypted (the default).
+    #[default]
+    Required,
+    /// Both modes; each device's configuration decides.
+    Allowed,
+    /// HELLO only: every session is authenticated, in the clear.
+    Off,
+}
+
+impl EncryptionPolicy {
+    /// Whether a session in `mode` is accepted.
+    pub fn accepts(self, mode: crate::proto::Mode) -> bool {
+        use crate::proto::Mode;
+        match self {
+            EncryptionPolicy::Required => mode == Mode::Encrypted,
+            EncryptionPolicy::Allowed => true,
+            EncryptionPolicy::Off => mode == Mode::Authenticated,
+        }
+    }
+
+    /// The name in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncryptionPolicy::Required => "required",
+            EncryptionPolicy::Allowed => "allowed",
+            EncryptionPolicy::Off => "off",
+        }
+    }
 }
 
 /// What happens when an identity that has a live session authenticates again (spec 7.3).
@@ -322,6 +359,8 @@ pub struct ServerConfig {
     pub open_enrollment: bool,
     /// Policy when an identity with a live session authenticates again.
     pub takeover: TakeoverPolicy,
+    /// Which session modes are accepted (spec 7.8).
+    pub encryption: EncryptionPolicy,
     /// Which backend answers requests.
     pub backend: BackendSpec,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter).
@@ -374,6 +413,7 @@ impl Default for ServerConfig {
             state_dir: default_state_dir(),
             open_enrollment: true,
             takeover: TakeoverPolicy::Replace,
+            encryption: EncryptionPolicy::Required,
             backend: BackendSpec::Echo,
             log_level: "info".into(),
             log_format: crate::logging::LogFormat::Text,

@@ -134,6 +134,16 @@ pub const KEYS: &[Key] = &[
         meaning: "When an identity that has a live session authenticates again: \"replace\" closes the old session (CLOSE TAKEN_OVER), \"reject\" refuses the new one (ERROR TAKEOVER_REFUSED). The --takeover flag overrides it.",
     },
     Key {
+        name: "encryption",
+        ty: Type::Choice(&["required", "allowed", "off"]),
+        default: Some("\"required\""),
+        default_env: None,
+        range: None,
+        example: "\"allowed\"",
+        applies: Restart,
+        meaning: "Which session modes devices may use (spec 7.8): \"required\" accepts only the encrypted mode (SEALED_HELLO: payloads and ids hidden, forward secrecy), \"off\" only the authenticated mode (HELLO: payloads in the clear, each frame tagged), \"allowed\" both, each device's own setting deciding. A device whose mode is refused gets ERROR MODE_REFUSED and does not fall back on its own. Choose \"off\" or \"allowed\" only where something on the path must read the payloads. The --encryption flag overrides it.",
+    },
+    Key {
         name: "backend",
         ty: Type::Text,
         default: Some("\"echo\""),

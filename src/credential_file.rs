@@ -8,7 +8,8 @@ use crate::proto::{Id, SecretKey};
 
 /// What a credential file holds, for error messages.
 const SHAPE: &str = "a credential file has the lines `tally-credential = 1`, \
-                     `id = \"...\"`, `key = \"<64 hex digits>\"` and `server = \"HOST:PORT\"`";
+                     `id = \"...\"`, `key = \"<64 hex digits>\"`, `server = \"HOST:PORT\"` \
+                     and `server-key = \"<64 hex digits>\"`";
 
 impl Credential {
     /// The credential file's text. It is a secret: the result is zeroized on drop.
@@ -16,24 +17,26 @@ impl Credential {
         let server = toml::Value::String(self.server.clone());
         Zeroizing::new(format!(
             "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n\
-             tally-credential = 1\nid = \"{}\"\nkey = \"{}\"\nserver = {}\n",
+             tally-credential = 1\nid = \"{}\"\nkey = \"{}\"\nserver = {}\nserver-key = \"{}\"\n",
             self.id,
             hex::encode(self.key.expose()),
-            server
+            server,
+            hex::encode(self.server_key),
         ))
     }
 
     /// Parses a credential file.
     pub fn from_file(text: &str) -> Result<Self, CredentialError> {
-        // What people hand over instead: the token the credential was enrolled with.
-        if text.trim_start().starts_with("tally1-") {
-            return Err(CredentialError::File(
-                "this is an enrollment token, not a device credential: enroll with it \
-                 (`tally enroll --token-file FILE --id ID`), which writes the credential file"
-                    .into(),
-            ));
-        }
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            // What people hand over instead: the token the credential was enrolled with
+            // (not TOML; a file whose first entry is named `tally1-...` is).
+            if text.trim_start().starts_with("tally1-") {
+                return CredentialError::File(
+                    "this is an enrollment token, not a device credential: enroll with it \
+                     (`tally enroll --token-file FILE --id ID`), which writes the credential file"
+                        .into(),
+                );
+            }
             let before = e.span().and_then(|span| text.get(..span.start));
             let line = before.map_or(1, |b| b.matches('\n').count() + 1);
             CredentialError::File(format!(
@@ -67,6 +70,7 @@ impl Credential {
             id: Id::new(string("id")?)?,
             key: SecretKey::from_bytes(*key),
             server: string("server")?.to_owned(),
+            server_key: parse_hex32(string("server-key")?, "the server key")?,
         })
     }
 }
@@ -81,12 +85,33 @@ mod tests {
             id: Id::new("dev-1").unwrap(),
             key: SecretKey::from_bytes([7; 32]),
             server: "127.0.0.1:7420".into(),
+            server_key: [0xa5; 32],
         };
         let text = c.to_file();
         let back = Credential::from_file(&text).unwrap();
         assert_eq!(back.id, c.id);
         assert!(back.key.ct_eq(&c.key));
         assert_eq!(back.server, c.server);
+        assert_eq!(back.server_key, c.server_key);
+        // Spec 9.2: upper-case hex digits read; the server key is required.
+        let upper = text.replace(&"a5".repeat(32), &"A5".repeat(32));
+        assert_eq!(
+            Credential::from_file(&upper).unwrap().server_key,
+            [0xa5; 32]
+        );
+        let without: String = text
+            .lines()
+            .filter(|l| !l.starts_with("server-key"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(matches!(
+            Credential::from_file(&without),
+            Err(CredentialError::File(e)) if e.contains("server-key")
+        ));
+        assert_eq!(
+            Credential::from_file(&text.replace(&"a5".repeat(32), &"a5".repeat(31))).err(),
+            Some(CredentialError::Hex("the server key"))
+        );
         assert!(!format!("{back:?}").contains("0707"));
         assert_eq!(
             Credential::from_file(&text.replace("= 1", "= 2")).err(),
@@ -99,6 +124,24 @@ mod tests {
         assert!(matches!(
             Credential::from_file(&text.replace("dev-1", "dev 1")),
             Err(CredentialError::Id(_))
+        ));
+    }
+
+    #[test]
+    fn an_entry_named_like_a_token_is_an_entry() {
+        // Found with the `credential` fuzz target's model: unknown entries are ignored
+        // (spec 9.2), `tally1-note` first in the file too; only what is not TOML is taken
+        // for a token.
+        let k = "07".repeat(32);
+        let text = format!(
+            "tally1-note = \"x\"\ntally-credential = 1\nid = \"dev-1\"\nkey = \"{k}\"\n\
+             server = \"h:1\"\nserver-key = \"{k}\"\n"
+        );
+        assert_eq!(Credential::from_file(&text).unwrap().id.as_str(), "dev-1");
+        let token = format!("tally1-open-{}-{}\n", "00".repeat(32), "11".repeat(32));
+        assert!(matches!(
+            Credential::from_file(&token),
+            Err(CredentialError::File(e)) if e.contains("enrollment token")
         ));
     }
 }

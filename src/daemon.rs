@@ -354,6 +354,7 @@ fn apply(state: &ServerState, current: &mut ServerConfig, new: ServerConfig, log
         ("state_dir", current.state_dir != new.state_dir),
         ("backend", current.backend != new.backend),
         ("takeover", current.takeover != new.takeover),
+        ("encryption", current.encryption != new.encryption),
         (
             "open_enrollment",
             current.open_enrollment != new.open_enrollment,

@@ -16,8 +16,7 @@ use tally::client::{self, Client, ClientError, ClientOptions};
 use tally::proto::credential::{Credential, EnrollmentToken};
 use tally::proto::enroll::{ClientAwaitReply, ClientParams};
 use tally::proto::frame::{EnrollMode, ErrorFrame};
-use tally::proto::handshake::ClientAwaitAuth;
-use tally::proto::{Body, CloseCode, ErrorCode, Id, ProtocolError, SecretKey};
+use tally::proto::{Body, CloseCode, ErrorCode, Id, Mode, ProtocolError, SecretKey};
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -51,10 +50,13 @@ impl Arena {
         )
         .await;
         let cred = srv.enroll("bystander").await;
-        // The bystander adopts the server's 600 ms keepalive from the handshake.
-        let (bystander, _) = Client::connect(&cred, ClientOptions::default())
-            .await
-            .unwrap();
+        // The bystander adopts the server's 600 ms keepalive from the handshake, in a mode
+        // the daemon accepts.
+        let mut opts = ClientOptions::default();
+        if srv.state.encryption == tally::config::EncryptionPolicy::Off {
+            opts.mode = Mode::Authenticated;
+        }
+        let (bystander, _) = Client::connect(&cred, opts).await.unwrap();
         let before = snapshot(srv.state.store.list().unwrap());
         Arena {
             srv,
@@ -110,6 +112,7 @@ fn via(cred: &Credential, addr: std::net::SocketAddr) -> Credential {
         id: cred.id.clone(),
         key: cred.key.clone(),
         server: addr.to_string(),
+        server_key: cred.server_key,
     }
 }
 
@@ -297,7 +300,7 @@ async fn whole_session_replayed_on_a_new_connection_is_refused() {
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     raw.write_all(&sent).await.unwrap();
     let got = read_to_eof(&mut raw, 5).await;
-    assert_eq!(&got[..5], &[0, 0, 0, 0x49, 0x11], "a fresh SERVER_AUTH");
+    assert_eq!(&got[..5], &[0, 0, 0, 0x49, 0x14], "a fresh SEALED_AUTH");
     assert_eq!(
         &got[77..],
         &[0, 0, 0, 4, 0x1f, 0, 3, 1],
@@ -318,14 +321,25 @@ async fn whole_session_replayed_on_a_new_connection_is_refused() {
 
 // ---- modification ----------------------------------------------------------------
 
-/// Flips one bit in each byte of the `index`-th frame in `dir`, one connection per byte.
-async fn flip_every_byte(a: &Arena, id: &str, dir: Dir, index: usize, frame_len: usize) {
+/// Flips one bit in each byte of the `index`-th frame in `dir`, one connection per byte,
+/// in a session of `mode` (`frame_len` is that frame's length in that mode).
+async fn flip_every_byte(
+    a: &Arena,
+    id: &str,
+    dir: Dir,
+    index: usize,
+    frame_len: usize,
+    mode: Mode,
+) {
     let cred = a.device(id).await;
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for pos in 0..frame_len {
+        let seen_here = seen.clone();
         let p = proxy(
             a.addr(),
             Arc::new(move |d, i, f: Bytes| {
                 if d == dir && i == index {
+                    seen_here.store(f.len(), std::sync::atomic::Ordering::SeqCst);
                     let mut v = f.to_vec();
                     v[pos] ^= 1 << (pos % 8);
                     return Verdict::pass(Bytes::from(v));
@@ -334,8 +348,15 @@ async fn flip_every_byte(a: &Arena, id: &str, dir: Dir, index: usize, frame_len:
             }),
         )
         .await;
-        let (c, _) = Client::connect(&via(&cred, p), fast()).await.unwrap();
+        let mut opts = fast();
+        opts.mode = mode;
+        let (c, _) = Client::connect(&via(&cred, p), opts).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(3), c.request("flip-me")).await;
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            frame_len,
+            "the frame flipped is the one meant"
+        );
         assert!(
             !matches!(r, Ok(Ok(_))),
             "{dir:?} frame with byte {pos} flipped was accepted"
@@ -353,8 +374,9 @@ async fn flip_every_byte(a: &Arena, id: &str, dir: Dir, index: usize, frame_len:
 #[tokio::test]
 async fn a_bit_flipped_in_any_byte_of_a_request_is_refused() {
     let a = Arena::new().await;
-    // REQUEST with payload "flip-me": 4 + 1 + 8 + 7 + 32 bytes.
-    flip_every_byte(&a, "flip-req", Dir::C2s, FIRST_C2S, 52).await;
+    // REQUEST with payload "flip-me": 4 + 1 + 8 + 7 + 16 bytes encrypted, + 32
+    // authenticated.
+    flip_every_byte(&a, "flip-req", Dir::C2s, FIRST_C2S, 36, Mode::Encrypted).await;
     assert!(
         a.rec.of("flip-req").is_empty(),
         "no modified request reached the backend"
@@ -371,9 +393,34 @@ async fn a_bit_flipped_in_any_byte_of_a_request_is_refused() {
 #[tokio::test]
 async fn a_bit_flipped_in_any_byte_of_a_response_is_refused() {
     let a = Arena::new().await;
-    // RESPONSE echoing "flip-me": 4 + 1 + 8 + 8 + 2 + 7 + 32 bytes.
-    flip_every_byte(&a, "flip-resp", Dir::S2c, FIRST_S2C, 62).await;
+    // RESPONSE echoing "flip-me": 4 + 1 + 8 + 8 + 2 + 7 + 16 bytes.
+    flip_every_byte(&a, "flip-resp", Dir::S2c, FIRST_S2C, 46, Mode::Encrypted).await;
     a.check(&["flip-resp"]).await;
+}
+
+#[tokio::test]
+async fn a_bit_flipped_in_any_byte_of_an_authenticated_frame_is_refused() {
+    let a = Arena::with(|c| c.encryption = tally::config::EncryptionPolicy::Allowed).await;
+    flip_every_byte(
+        &a,
+        "flip-auth-req",
+        Dir::C2s,
+        FIRST_C2S,
+        52,
+        Mode::Authenticated,
+    )
+    .await;
+    flip_every_byte(
+        &a,
+        "flip-auth-resp",
+        Dir::S2c,
+        FIRST_S2C,
+        62,
+        Mode::Authenticated,
+    )
+    .await;
+    assert!(a.rec.of("flip-auth-req").is_empty());
+    a.check(&["flip-auth-req", "flip-auth-resp"]).await;
 }
 
 #[tokio::test]
@@ -713,6 +760,7 @@ async fn open_mode_lets_a_key_holder_claim_a_free_id_and_nothing_more() {
         id: Id::new("bystander").unwrap(),
         key: a.srv.open_token().credential,
         server: a.addr().to_string(),
+        server_key: a.srv.open_token().server_static,
     };
     assert!(matches!(
         Client::connect(&guess, fast()).await,
@@ -751,17 +799,28 @@ async fn device_pinned_to_another_server_key_refuses_to_finish() {
 // ---- identity probing --------------------------------------------------------------
 
 /// Runs a handshake for `id` with `key` on a raw socket, sending a CLIENT_FINISH even if
-/// SERVER_AUTH does not verify. Returns (SERVER_AUTH header, everything after SERVER_AUTH).
-async fn probe(addr: std::net::SocketAddr, id: &str, key: [u8; 32]) -> (Vec<u8>, Vec<u8>) {
+/// SERVER_AUTH does not verify: a SEALED_HELLO sealed to `server_key` (or a HELLO, with
+/// `None`). Returns (SERVER_AUTH header, everything after SERVER_AUTH).
+async fn probe(
+    addr: std::net::SocketAddr,
+    id: &str,
+    key: [u8; 32],
+    server_key: Option<[u8; 32]>,
+) -> (Vec<u8>, Vec<u8>) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
-    let wait = tally::proto::handshake::ClientAwaitAuth::start(
-        &Id::new(id).unwrap(),
-        SecretKey::from_bytes(key),
-        [3; 32],
-        65536,
-        &mut out,
-    );
+    let cred = Credential {
+        id: Id::new(id).unwrap(),
+        key: SecretKey::from_bytes(key),
+        server: addr.to_string(),
+        server_key: server_key.unwrap_or([9; 32]),
+    };
+    let mode = if server_key.is_some() {
+        Mode::Encrypted
+    } else {
+        Mode::Authenticated
+    };
+    let wait = attack::hello(&cred, mode, [3; 32], &mut out);
     tcp.write_all(&out).await.unwrap();
     let mut buf = BytesMut::new();
     let auth = read_one(&mut tcp, &mut buf).await.unwrap();
@@ -786,17 +845,28 @@ async fn unknown_revoked_and_wrong_key_look_the_same_on_the_wire() {
         .await
         .unwrap()
         .unwrap();
-    let unknown = probe(a.addr(), "never-enrolled", [1; 32]).await;
-    let revoked = probe(a.addr(), "revoked-one", [1; 32]).await;
-    let wrong = probe(a.addr(), "real-one", [1; 32]).await;
+    let s = Some(a.srv.open_token().server_static);
+    let unknown = probe(a.addr(), "never-enrolled", [1; 32], s).await;
+    let revoked = probe(a.addr(), "revoked-one", [1; 32], s).await;
+    let wrong = probe(a.addr(), "real-one", [1; 32], s).await;
+    // Hidden ids (spec 7.5): a SEALED_HELLO that does not open, sealed to another
+    // server's key, gets the same answer.
+    let other_server = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x42; 32]));
+    let unopened = probe(a.addr(), "real-one", [1; 32], Some(other_server.to_bytes())).await;
     assert_eq!(
         unknown.0,
-        vec![0, 0, 0, 0x49, 0x11],
-        "a full SERVER_AUTH even for an unknown id"
+        vec![0, 0, 0, 0x49, 0x14],
+        "a full SEALED_AUTH even for an unknown id"
     );
     assert_eq!(unknown.1, ErrorFrame::new(ErrorCode::AUTH_FAILED).encoded());
     assert_eq!(unknown, revoked);
     assert_eq!(unknown, wrong);
+    assert_eq!(unknown, unopened);
+    log_line(&[
+        "refused",
+        "a sealed id that does not open with this daemon's key",
+    ])
+    .await;
     log_line(&["refused", "unknown or revoked identity never-enrolled"]).await;
     log_line(&[
         "refused",
@@ -899,13 +969,7 @@ async fn truncated_frames_and_eof_at_every_handshake_step_leave_nothing_behind()
     // HELLO, SERVER_AUTH read, then EOF instead of CLIENT_FINISH.
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     let mut out = BytesMut::new();
-    tally::proto::handshake::ClientAwaitAuth::start(
-        &cred.id,
-        cred.key.clone(),
-        [1; 32],
-        65536,
-        &mut out,
-    );
+    attack::hello(&cred, Mode::Encrypted, [1; 32], &mut out);
     raw.write_all(&out).await.unwrap();
     read_one(&mut raw, &mut BytesMut::new()).await.unwrap();
     drop(raw);
@@ -934,7 +998,7 @@ async fn slow_drip_is_closed_by_the_deadlines() {
     let mut raw = TcpStream::connect(a.addr()).await.unwrap();
     let started = std::time::Instant::now();
     let mut hello = BytesMut::new();
-    let _ = ClientAwaitAuth::start(&cred.id, cred.key.clone(), [1; 32], 65536, &mut hello);
+    let _ = attack::hello(&cred, Mode::Encrypted, [1; 32], &mut hello);
     for b in hello.iter() {
         if raw.write_all(&[*b]).await.is_err() {
             break;
@@ -1116,4 +1180,160 @@ async fn two_devices_sharing_an_identity_are_detected() {
         ));
     }
     a.check(&["shared"]).await;
+}
+
+// ---- downgrade (spec 7.8, 13.12) -------------------------------------------------------
+
+/// A man in the middle who knows the device's id replaces its SEALED_HELLO with a HELLO
+/// (the authenticated mode) at a daemon that allows both: the daemon answers SERVER_AUTH,
+/// the device refuses it as the other mode's answer and sends nothing more. No session,
+/// no request, no plaintext frame from the device.
+#[tokio::test]
+async fn a_sealed_hello_rewritten_to_hello_is_refused_by_the_device() {
+    let a = Arena::with(|c| c.encryption = tally::config::EncryptionPolicy::Allowed).await;
+    let cred = a.device("downgraded").await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (attacker_cred, seen) = (cred.clone(), log.clone());
+    let p = proxy(
+        a.addr(),
+        Arc::new(move |d, i, f: Bytes| {
+            seen.lock().unwrap().push((d, i, f.clone()));
+            if d == Dir::C2s && i == 0 && f[4] == 0x13 {
+                let mut hello = BytesMut::new();
+                attack::hello(&attacker_cred, Mode::Authenticated, [5; 32], &mut hello);
+                return Verdict::pass(hello.freeze());
+            }
+            Verdict::pass(f)
+        }),
+    )
+    .await;
+    let once = fast().with_retry(client::Retry::never());
+    let e = Client::connect(&via(&cred, p), once).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Protocol(ProtocolError::Frame(_))),
+        "the device refused the downgraded answer: {e:?}"
+    );
+    let frames = log.lock().unwrap().clone();
+    let from_device: Vec<u8> = frames
+        .iter()
+        .filter(|(d, _, _)| *d == Dir::C2s)
+        .map(|(_, _, f)| f[4])
+        .collect();
+    assert_eq!(
+        from_device,
+        [0x13],
+        "the device sent its SEALED_HELLO and nothing else"
+    );
+    assert!(frames
+        .iter()
+        .any(|(d, _, f)| *d == Dir::S2c && f[4] == 0x11));
+    assert!(a.rec.of("downgraded").is_empty());
+    a.check(&["downgraded"]).await;
+}
+
+/// A man in the middle answers the device's SEALED_HELLO with a forged ERROR
+/// MODE_REFUSED: the device reports it and never tries the authenticated mode on its own,
+/// not on the connection's retries and not on a reconnecting link.
+#[tokio::test]
+async fn a_forged_mode_refused_never_makes_the_device_fall_back() {
+    let a = Arena::new().await;
+    let cred = a.device("no-fallback").await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = log.clone();
+    let p = proxy(
+        a.addr(),
+        Arc::new(move |d, i, f: Bytes| {
+            seen.lock().unwrap().push((d, i, f.clone()));
+            if d == Dir::C2s && i == 0 {
+                return Verdict {
+                    back: vec![Bytes::from(
+                        ErrorFrame::new(ErrorCode::MODE_REFUSED).encoded(),
+                    )],
+                    cut: true,
+                    ..Verdict::default()
+                };
+            }
+            Verdict::pass(f)
+        }),
+    )
+    .await;
+    let e = Client::connect(&via(&cred, p), fast()).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Refused(ErrorCode::MODE_REFUSED)),
+        "{e:?}"
+    );
+    let firsts: Vec<u8> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, i, _)| *d == Dir::C2s && *i == 0)
+        .map(|(_, _, f)| f[4])
+        .collect();
+    assert!(!firsts.is_empty());
+    assert!(
+        firsts.iter().all(|&t| t == 0x13),
+        "only SEALED_HELLOs, never a HELLO: {firsts:x?}"
+    );
+    a.check(&["no-fallback"]).await;
+}
+
+/// The daemon's default policy refuses a device that asks for the authenticated mode,
+/// before any key work, with MODE_REFUSED and a log line that names the setting.
+#[tokio::test]
+async fn the_default_policy_refuses_the_authenticated_mode() {
+    let a = Arena::new().await;
+    let cred = a.device("plain-device").await;
+    let mut opts = fast().with_retry(client::Retry::never());
+    opts.mode = Mode::Authenticated;
+    let e = Client::connect(&cred, opts).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Refused(ErrorCode::MODE_REFUSED)),
+        "{e:?}"
+    );
+    log_line(&[
+        "refused",
+        "authenticated mode refused",
+        "encryption = \"required\"",
+    ])
+    .await;
+    // And a policy "off" refuses the encrypted mode the same way.
+    let b = Arena::with(|c| c.encryption = tally::config::EncryptionPolicy::Off).await;
+    let cred = b.device("sealed-device").await;
+    let e = Client::connect(&cred, fast().with_retry(client::Retry::never()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Refused(ErrorCode::MODE_REFUSED)),
+        "{e:?}"
+    );
+    a.check(&["plain-device"]).await;
+}
+
+/// A device's frames are not readable on the wire in the encrypted mode (P9): a payload
+/// and the device's id appear in no byte the proxy sees, in either direction.
+#[tokio::test]
+async fn payloads_and_ids_do_not_cross_the_wire_in_the_clear() {
+    let a = Arena::new().await;
+    let cred = a.device("secret-keeper-7").await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let p = proxy(a.addr(), recorder(log.clone())).await;
+    let (c, _) = Client::connect(&via(&cred, p), fast()).await.unwrap();
+    let secret = "wifi-psk=correct-horse-battery-staple";
+    assert_eq!(c.request(secret).await.unwrap(), Bytes::from(secret));
+    c.close().await.unwrap();
+    let wire: Vec<u8> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|(_, _, f)| f.to_vec())
+        .collect();
+    assert!(wire.len() > 200, "the session went through the proxy");
+    for needle in [secret.as_bytes(), b"secret-keeper-7"] {
+        assert!(
+            !wire.windows(needle.len()).any(|w| w == needle),
+            "{} found on the wire",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    a.check(&["secret-keeper-7"]).await;
 }

@@ -38,6 +38,7 @@ fn credential(dir: &Path, name: &str, server: &str, mode: u32) {
         id: Id::new("dev-1").unwrap(),
         key: SecretKey::from_bytes([7; 32]),
         server: server.into(),
+        server_key: [9; 32],
     };
     let path = dir.join(name);
     std::fs::write(&path, cred.to_file().as_bytes()).unwrap();

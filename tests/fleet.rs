@@ -191,7 +191,7 @@ impl Fleet {
         let out: String = text
             .lines()
             .map(|l| {
-                if l.starts_with("server") {
+                if l.starts_with("server =") {
                     format!("server = \"{server}\"\n")
                 } else {
                     format!("{l}\n")

@@ -7,7 +7,7 @@ use tally::proto::frame::{
     EnrollInit, EnrollMode, ErrorFrame, FrameType, Hello, Id, ServerAuth, TagOnly, ValueAndTag,
 };
 use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
-use tally::proto::{decode_frame, Body, CloseCode, ErrorCode, SecretKey, Session, Status};
+use tally::proto::{decode_frame, Body, CloseCode, ErrorCode, Mode, SecretKey, Session, Status};
 use tally::proto::{HANDSHAKE_MAX_FRAME_LEN, LEN_PREFIX};
 use x25519_dalek::StaticSecret;
 
@@ -29,6 +29,7 @@ fn body() -> impl Strategy<Value = Body> {
         }),
         bytes(2048).prop_map(|payload| Body::Message { payload }),
         Just(Body::Ping),
+        Just(Body::KeyUpdate),
         Just(Body::Pong { ping_seq: 1 }),
         (any::<u16>(), "\\PC{0,60}").prop_filter_map("reason fits", |(c, r)| {
             (r.len() <= 255).then(|| Body::Close {
@@ -39,9 +40,13 @@ fn body() -> impl Strategy<Value = Body> {
     ]
 }
 
-/// A fresh client/server session pair, through the real handshake.
-fn pair(max: u32) -> (Session, Session) {
-    tally::proto::testing::session_pair(max)
+/// A fresh client/server session pair, through the real handshake, in `mode`.
+fn pair_in(mode: Mode, max: u32) -> (Session, Session) {
+    tally::proto::testing::session_pair_in(mode, max)
+}
+
+fn mode() -> impl Strategy<Value = Mode> {
+    prop_oneof![Just(Mode::Authenticated), Just(Mode::Encrypted)]
 }
 
 fn enroll_server() -> ServerParams {
@@ -55,8 +60,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn session_frames_round_trip_both_ways(bodies in proptest::collection::vec(body(), 1..8)) {
-        let (mut client, mut server) = pair(4096);
+    fn session_frames_round_trip_both_ways(mode in mode(), bodies in proptest::collection::vec(body(), 1..8)) {
+        let (mut client, mut server) = pair_in(mode, 4096);
         // An answer must name a frame already sent (spec 8.3): each side first sends
         // one frame, so RESPONSE and PONG with sequence number 1 are valid both ways.
         let mut out = BytesMut::new();
@@ -68,7 +73,17 @@ proptest! {
             let (tx, rx) = if i % 2 == 0 { (&mut client, &mut server) } else { (&mut server, &mut client) };
             let mut out = BytesMut::new();
             let seq = tx.seal(body, &mut out).unwrap();
-            prop_assert_eq!(out.len(), body.wire_len());
+            prop_assert_eq!(out.len(), body.wire_len(mode));
+            // Spec 4.5: 45 bytes around the fields when authenticated, 29 when encrypted.
+            let overhead = match mode { Mode::Authenticated => 45, Mode::Encrypted => 29 };
+            let fields = match body {
+                Body::Request { payload } | Body::Message { payload } => payload.len(),
+                Body::Response { payload, .. } => 10 + payload.len(),
+                Body::Pong { .. } => 8,
+                Body::Close { reason, .. } => 2 + reason.len(),
+                _ => 0,
+            };
+            prop_assert_eq!(out.len(), overhead + fields);
             let mut stream = out.clone();
             let frame = decode_frame(&mut stream, 4096).unwrap().unwrap();
             prop_assert!(stream.is_empty());
@@ -126,7 +141,7 @@ proptest! {
 
         let srv = enroll_server();
         prop_assert!(ServerAwaitConfirm::handle_init(&srv, &frame, |_, _| SecretKey::from_bytes([1; 32]), [3; 32], &mut BytesMut::new()).is_err());
-        if let Ok(hello) = HelloReceived::parse(&frame) {
+        if let Ok(hello) = HelloReceived::parse(&frame, &x25519_dalek::StaticSecret::from([0x20; 32])) {
             let limits = ServerLimits { max_frame_len: 4096, keepalive: std::time::Duration::from_secs(30) };
             let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), [5; 32], limits, &mut BytesMut::new());
             prop_assert!(wait.handle_finish(&frame).is_err());
@@ -137,17 +152,19 @@ proptest! {
         let params = ClientParams { id, mode: EnrollMode::Open, credential: SecretKey::from_bytes([1; 32]), server_static: [7; 32] };
         let c = ClientAwaitReply::start(params, [3; 32], &mut BytesMut::new());
         prop_assert!(c.handle_reply(&frame, &mut BytesMut::new()).is_err());
-        let (mut client, mut server) = pair(4096);
-        prop_assert!(server.open(Bytes::from(frame.clone())).is_err());
-        prop_assert!(client.open(Bytes::from(frame)).is_err());
+        for mode in [Mode::Authenticated, Mode::Encrypted] {
+            let (mut client, mut server) = pair_in(mode, 4096);
+            prop_assert!(server.open(Bytes::from(frame.clone())).is_err());
+            prop_assert!(client.open(Bytes::from(frame.clone())).is_err());
+        }
     }
 
     /// Arbitrary byte streams through the framing into a session: no panic, and the
     /// buffer never holds more than a maximal frame (plus the chunk just read).
     #[test]
-    fn arbitrary_streams_into_a_session(data in proptest::collection::vec(any::<u8>(), 0..4096), chunk in 1usize..512) {
+    fn arbitrary_streams_into_a_session(mode in mode(), data in proptest::collection::vec(any::<u8>(), 0..4096), chunk in 1usize..512) {
         let limit = 1024u32;
-        let (_, mut server) = pair(limit);
+        let (_, mut server) = pair_in(mode, limit);
         let mut buf = BytesMut::new();
         'outer: for piece in data.chunks(chunk) {
             buf.extend_from_slice(piece);
@@ -172,5 +189,33 @@ proptest! {
         let mut buf = BytesMut::from(&len.to_be_bytes()[..]);
         prop_assert!(decode_frame(&mut buf, HANDSHAKE_MAX_FRAME_LEN).is_err());
         prop_assert!(buf.capacity() < 64);
+    }
+
+    /// Spec 8.3 step 4 in the encrypted mode: any change to a sealed frame (header,
+    /// ciphertext or tag) is refused, and the counter does not move.
+    #[test]
+    fn any_flipped_bit_of_an_encrypted_frame_is_refused(body in body(), bit in any::<prop::sample::Index>()) {
+        let (mut client, server) = pair_in(Mode::Encrypted, 4096);
+        let mut out = BytesMut::new();
+        client.seal(&body, &mut out).unwrap();
+        let i = bit.index(out.len() * 8);
+        prop_assume!(i >= 32); // the length prefix is framing, checked by decode_frame
+        let mut bad = out.to_vec();
+        bad[i / 8] ^= 1 << (i % 8);
+        let mut server = server;
+        prop_assert!(server.open(Bytes::from(bad)).is_err());
+        prop_assert_eq!(server.last_received(), 0);
+    }
+
+    /// KEY_UPDATE anywhere in a stream keeps both sides in step, in both modes.
+    #[test]
+    fn key_updates_anywhere_keep_sides_in_step(mode in mode(), updates in proptest::collection::vec(any::<bool>(), 1..40)) {
+        let (mut client, mut server) = pair_in(mode, 4096);
+        for (i, update) in updates.iter().enumerate() {
+            let body = if *update { Body::KeyUpdate } else { Body::Message { payload: Bytes::from(vec![i as u8; i]) } };
+            let mut out = BytesMut::new();
+            client.seal(&body, &mut out).unwrap();
+            prop_assert_eq!(server.open(out.freeze()).unwrap().body, body);
+        }
     }
 }

@@ -236,6 +236,7 @@ fn tally_listen_does_not_give_up_on_an_unauthenticated_refusal() {
         id: tally::proto::Id::new("never-enrolled").unwrap(),
         key: tally::proto::SecretKey::from_bytes([9; 32]),
         server: daemon.addr.clone(),
+        server_key: [9; 32],
     };
     let path = dir.path().join("x.cred");
     std::fs::write(&path, cred.to_file().as_bytes()).unwrap();

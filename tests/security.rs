@@ -24,8 +24,7 @@ use tally::client::{self, Client, ClientError, ClientOptions};
 use tally::proto::credential::{Credential, EnrollmentToken};
 use tally::proto::enroll::ClientAwaitReply;
 use tally::proto::frame::{EnrollMode, ErrorFrame};
-use tally::proto::handshake::ClientAwaitAuth;
-use tally::proto::{ErrorCode, Id, SecretKey};
+use tally::proto::{ErrorCode, Id, Mode, SecretKey};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -250,11 +249,10 @@ async fn a_replayed_enroll_init_is_refused_before_any_dh() {
 async fn hello(addr: std::net::SocketAddr, cred: &Credential) -> (TcpStream, BytesMut, BytesMut) {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
-    let wait = ClientAwaitAuth::start(
-        &cred.id,
-        cred.key.clone(),
+    let wait = attack::hello(
+        cred,
+        Mode::Encrypted,
         tally::secrets::random_bytes(),
-        65536,
         &mut out,
     );
     tcp.write_all(&out).await.unwrap();
@@ -382,12 +380,13 @@ async fn hello_then_eof_does_not_tell_enrolled_ids_from_unknown_ones() {
         id: Id::new("unknown-1").unwrap(),
         key: SecretKey::from_bytes([7; 32]),
         server: known.server.clone(),
+        server_key: known.server_key,
     };
     let mut answers = Vec::new();
     for cred in [&known, &unknown] {
         let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
         let mut out = BytesMut::new();
-        ClientAwaitAuth::start(&cred.id, cred.key.clone(), [9; 32], 65536, &mut out);
+        attack::hello(cred, Mode::Encrypted, [9; 32], &mut out);
         tcp.write_all(&out).await.unwrap();
         let auth = read_one(&mut tcp, &mut BytesMut::new()).await.unwrap();
         assert_eq!(auth.len(), 77);
@@ -624,6 +623,46 @@ fn secret_patterns(
     out
 }
 
+/// The secrets of an encrypted session (spec 5.6, 5.7) whose client ephemeral secret is
+/// `e`, to the server `s_pub`, answered with `f_pub`: `k`, both X25519 results, the
+/// sealed id's key, the HKDF PRKs, the four session keys (and the HMAC states of the
+/// finish keys).
+fn sealed_secret_patterns(
+    k: &SecretKey,
+    e: &[u8; 32],
+    s_pub: &[u8; 32],
+    f_pub: &[u8; 32],
+    th2: &[u8; 32],
+) -> Vec<(String, Vec<u8>)> {
+    use x25519_dalek::{PublicKey, StaticSecret};
+    let secret = StaticSecret::from(*e);
+    let e_pub = PublicKey::from(&secret).to_bytes();
+    let dh_es = secret.diffie_hellman(&PublicKey::from(*s_pub)).to_bytes();
+    let dh_ee = secret.diffie_hellman(&PublicKey::from(*f_pub)).to_bytes();
+    let (dh_ee_key, dh_es_key) = (SecretKey::from_bytes(dh_ee), SecretKey::from_bytes(dh_es));
+    let keys = tally::proto::schedule::SessionKeys::derive_sealed(
+        k, &e_pub, f_pub, &dh_ee_key, &dh_es_key, th2,
+    );
+    let id_key = tally::proto::schedule::sealed_id_key(&e_pub, s_pub, &dh_es_key);
+    let ikm = [&k.expose()[..], &dh_ee, &dh_es].concat();
+    let (prk, _) = Hkdf::<Sha256>::extract(Some(&[e_pub, *f_pub].concat()), &ikm);
+    let prk: [u8; 32] = prk.as_slice().try_into().unwrap();
+    let mut out = vec![("k".to_owned(), k.expose().to_vec())];
+    for (name, key) in [
+        ("dh_ee", &dh_ee),
+        ("dh_es", &dh_es),
+        ("sealed id key", id_key.expose()),
+        ("HKDF PRK", &prk),
+        ("c2s", keys.c2s.expose()),
+        ("s2c", keys.s2c.expose()),
+        ("server_finish", keys.server_finish.expose()),
+        ("client_finish", keys.client_finish.expose()),
+    ] {
+        out.push((name.to_owned(), key.to_vec()));
+    }
+    out
+}
+
 /// Which of `patterns` occur in `pid`'s writable memory, and in which mapping.
 fn find_in_memory(pid: u32, patterns: &[(String, Vec<u8>)]) -> Vec<String> {
     use std::os::unix::fs::FileExt;
@@ -669,11 +708,32 @@ fn find_in_memory(pid: u32, patterns: &[(String, Vec<u8>)]) -> Vec<String> {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
+    memory_scan(Mode::Encrypted).await;
+}
+
+/// The same in the authenticated mode (a daemon whose policy allows it).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn no_key_material_of_an_ended_authenticated_session_stays_in_memory() {
+    memory_scan(Mode::Authenticated).await;
+}
+
+#[cfg(target_os = "linux")]
+async fn memory_scan(mode: Mode) {
     use tally::proto::frame::signed_part;
     use tally::proto::{Body, CloseCode};
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (daemon, _) = common::bin::start(&state, true);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--encryption",
+        "allowed",
+        "--state-dir",
+    ])
+    .arg(&state);
+    let (daemon, _) = common::bin::start_cmd(cmd, true);
     let pid = daemon.child.id();
     let addr: std::net::SocketAddr = daemon.addr.parse().unwrap();
     let token =
@@ -692,7 +752,7 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let nc: [u8; 32] = tally::secrets::random_bytes();
     let mut hello = BytesMut::new();
-    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), nc, 65536, &mut hello);
+    let wait = attack::hello(&cred, mode, nc, &mut hello);
     tcp.write_all(&hello).await.unwrap();
     let mut buf = BytesMut::new();
     let auth = read_one(&mut tcp, &mut buf).await.unwrap();
@@ -725,7 +785,11 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
         "{response:?}"
     );
 
-    let patterns = secret_patterns(&cred.key, &nc, &ns, &th2);
+    let patterns = match mode {
+        Mode::Authenticated => secret_patterns(&cred.key, &nc, &ns, &th2),
+        // `nc` is the ephemeral secret `e`, `ns` the server's `F`.
+        Mode::Encrypted => sealed_secret_patterns(&cred.key, &nc, &cred.server_key, &ns, &th2),
+    };
     let live = tokio::task::spawn_blocking({
         let patterns = patterns.clone();
         move || find_in_memory(pid, &patterns)
@@ -733,10 +797,14 @@ async fn no_key_material_of_an_ended_session_stays_in_the_daemons_memory() {
     .await
     .unwrap();
     for key in ["c2s", "s2c"] {
+        let live_form = match mode {
+            Mode::Authenticated => format!("{key} HMAC inner state"),
+            // The AEAD's key schedule is the key itself.
+            Mode::Encrypted => format!("{key} at"),
+        };
         assert!(
-            live.iter()
-                .any(|f| f.starts_with(&format!("{key} HMAC inner state"))),
-            "the scan does not see the live session's {key} HMAC state: {live:#?}"
+            live.iter().any(|f| f.starts_with(&live_form)),
+            "the scan does not see the live session's {key} key: {live:#?}"
         );
     }
 

@@ -20,8 +20,8 @@ use tally::proto::enroll::{ClientAwaitReply, ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::{EnrollMode, Id};
 use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{
-    credential::EnrollmentToken, decode_frame, Body, CloseCode, ProtocolError, SecretKey, Session,
-    Status,
+    credential::EnrollmentToken, decode_frame, Body, CloseCode, Mode, ProtocolError, SecretKey,
+    Session, Status,
 };
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -231,7 +231,7 @@ fn handshake() -> ([Vec<u8>; 3], Session, Session) {
     let (id, k, nc, ns) = session_inputs();
     let mut hello = BytesMut::new();
     let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, CLIENT_MAX, &mut hello);
-    let received = HelloReceived::parse(&hello).unwrap();
+    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
     assert_eq!(received.client_max_frame_len(), CLIENT_MAX);
     let mut auth = BytesMut::new();
     let server = received.respond(
@@ -322,6 +322,7 @@ fn type_name(body: &Body) -> &'static str {
         Body::Ping => "PING",
         Body::Pong { .. } => "PONG",
         Body::Close { .. } => "CLOSE",
+        Body::KeyUpdate => "KEY_UPDATE",
     }
 }
 
@@ -333,7 +334,7 @@ fn body_fields(body: &Body) -> Value {
             status,
             payload,
         } => json!({"req_seq": req_seq, "status": status.0, "payload": x(payload)}),
-        Body::Ping => json!({}),
+        Body::Ping | Body::KeyUpdate => json!({}),
         Body::Pong { ping_seq } => json!({"ping_seq": ping_seq}),
         Body::Close { code, reason } => json!({"code": code.0, "reason": reason}),
     }
@@ -505,7 +506,8 @@ fn negative() -> Value {
     let session_rx =
         |who: &str, after: usize| json!({"state": format!("{who}_session"), "after_frames": after});
     let close = json!({"close_code": CloseCode::PROTOCOL_ERROR.0});
-    json!({
+    let encrypted = encrypted_negative_cases(&hello, &auth);
+    let mut all = json!({
         "description": "Inputs every receiver must refuse, with the error (spec 12.2) and what it sends back (spec 10).",
         "protocol_version": 1,
         "cases": [
@@ -567,7 +569,9 @@ fn negative() -> Value {
             case("open_mode_disabled", "enroll-open.json ENROLL_INIT sent to a server that accepts only per-identity tokens", json!({"state": "server_await_enroll_init", "open_enrollment": false}),
                  x(init), "open_mode_disabled", json!({"error_frame": "000000041f000401"})),
         ],
-    })
+    });
+    all["cases"].as_array_mut().unwrap().extend(encrypted);
+    all
 }
 
 /// Feeds a negative case to the receiver it names; returns the error.
@@ -576,10 +580,23 @@ fn run_negative(case: &Value) -> ProtocolError {
     let state = case["receiver"]["state"].as_str().unwrap();
     let fresh = || handshake();
     match state {
-        "server_session" | "client_session" => {
-            let (_, mut client, mut server) = fresh();
+        "server_session"
+        | "client_session"
+        | "server_session_encrypted"
+        | "client_session_encrypted" => {
+            let encrypted = state.ends_with("_encrypted");
+            let (_, mut client, mut server) = if encrypted {
+                sealed_handshake()
+            } else {
+                fresh()
+            };
+            let script = if encrypted {
+                encrypted_script()
+            } else {
+                script()
+            };
             let after = case["receiver"]["after_frames"].as_u64().unwrap() as usize;
-            for (dir, body) in script().into_iter().take(after) {
+            for (dir, body) in script.into_iter().take(after) {
                 let (tx, rx) = if dir == "c2s" {
                     (&mut client, &mut server)
                 } else {
@@ -589,7 +606,7 @@ fn run_negative(case: &Value) -> ProtocolError {
                 tx.seal(&body, &mut out).unwrap();
                 rx.open(out.freeze()).unwrap();
             }
-            let rx = if state == "server_session" {
+            let rx = if state.starts_with("server") {
                 &mut server
             } else {
                 &mut client
@@ -600,7 +617,7 @@ fn run_negative(case: &Value) -> ProtocolError {
                 rx.set_counters_for_testing(1, last.as_str().unwrap().parse().unwrap());
             }
             // Each side's limit is the one it announced.
-            let limit = if state == "server_session" {
+            let limit = if state.starts_with("server") {
                 MAX
             } else {
                 CLIENT_MAX
@@ -624,7 +641,34 @@ fn run_negative(case: &Value) -> ProtocolError {
             c.handle_server_auth(&input, &mut BytesMut::new())
                 .unwrap_err()
         }
-        "server_await_hello" => HelloReceived::parse(&input).err().unwrap(),
+        "server_await_hello" => {
+            // Spec 7.8: the policy decides on the first frame before anything else.
+            let policy = case["receiver"]["policy"].as_str().unwrap_or("allowed");
+            let accepts = |mode: Mode| match policy {
+                "required" => mode == Mode::Encrypted,
+                "off" => mode == Mode::Authenticated,
+                "allowed" => true,
+                other => panic!("unknown policy {other}"),
+            };
+            HelloReceived::check_mode(&input, accepts)
+                .and_then(|_| HelloReceived::parse(&input, &server_static()))
+                .err()
+                .unwrap()
+        }
+        "client_await_sealed_auth" => {
+            let (id, k, _, _) = session_inputs();
+            let c = ClientAwaitAuth::start_sealed(
+                &id,
+                SecretKey::from_bytes(k),
+                &public_of(pattern(SERVER_STATIC)),
+                pattern(CLIENT_EPHEMERAL),
+                CLIENT_MAX,
+                &mut BytesMut::new(),
+            )
+            .unwrap();
+            c.handle_server_auth(&input, &mut BytesMut::new())
+                .unwrap_err()
+        }
         "server_await_enroll_init" => ServerAwaitConfirm::handle_init(
             &ServerParams {
                 allow_open: case["receiver"]["open_enrollment"] != json!(false),
@@ -661,6 +705,7 @@ fn all_vectors() -> Vec<(&'static str, Value)> {
         ("enroll-open.json", enrollment(EnrollMode::Open).json),
         ("enroll-token.json", enrollment(EnrollMode::Token).json),
         ("session.json", session()),
+        ("session-encrypted.json", session_encrypted()),
         ("negative.json", negative()),
     ]
 }
@@ -763,4 +808,365 @@ fn session_frames_encode_from_and_decode_to_their_listed_fields() {
             assert_eq!(&f[k], want, "field {k} of {f}");
         }
     }
+}
+
+// --- The encrypted mode (spec 4.3, 5.6, 5.7, 7.7, 8.2, 8.7) -------------------------
+
+/// The encrypted session's fixed inputs: `s`, `e`, `f` (spec 12).
+const SERVER_STATIC: u8 = 0x20;
+const CLIENT_EPHEMERAL: u8 = 0x90;
+const SERVER_EPHEMERAL: u8 = 0xb0;
+
+fn x25519(secret: [u8; 32], public: [u8; 32]) -> [u8; 32] {
+    StaticSecret::from(secret)
+        .diffie_hellman(&PublicKey::from(public))
+        .to_bytes()
+}
+
+fn public_of(secret: [u8; 32]) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(secret)).to_bytes()
+}
+
+fn server_static() -> StaticSecret {
+    StaticSecret::from(pattern(SERVER_STATIC))
+}
+
+/// ChaCha20-Poly1305 (RFC 8439) of the `chacha20poly1305` crate, for checking.
+fn aead_seal(key: &[u8; 32], nonce: &[u8; 12], ad: &[u8], plain: &[u8]) -> Vec<u8> {
+    use chacha20poly1305::aead::AeadInOut;
+    use chacha20poly1305::{ChaCha20Poly1305, KeyInit as _};
+    let mut out = plain.to_vec();
+    let tag = ChaCha20Poly1305::new(key.into())
+        .encrypt_inout_detached(nonce.into(), ad, (&mut out[..]).into())
+        .unwrap();
+    out.extend_from_slice(&tag);
+    out
+}
+
+fn frame_nonce(dir: &str, seq: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[3] = if dir == "c2s" { 0 } else { 1 };
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    n
+}
+
+/// A body's fields as they are in the clear (spec 4.5).
+fn fields_bytes(body: &Body) -> Vec<u8> {
+    match body {
+        Body::Request { payload } | Body::Message { payload } => payload.to_vec(),
+        Body::Response {
+            req_seq,
+            status,
+            payload,
+        } => [&req_seq.to_be_bytes()[..], &status.0.to_be_bytes(), payload].concat(),
+        Body::Pong { ping_seq } => ping_seq.to_be_bytes().to_vec(),
+        Body::Close { code, reason } => [&code.0.to_be_bytes()[..], reason.as_bytes()].concat(),
+        _ => Vec::new(),
+    }
+}
+
+/// The encrypted handshake with the fixed inputs: frames and both sessions.
+fn sealed_handshake() -> ([Vec<u8>; 3], Session, Session) {
+    let (id, k, _, _) = session_inputs();
+    let mut hello = BytesMut::new();
+    let client = ClientAwaitAuth::start_sealed(
+        &id,
+        SecretKey::from_bytes(k),
+        &public_of(pattern(SERVER_STATIC)),
+        pattern(CLIENT_EPHEMERAL),
+        CLIENT_MAX,
+        &mut hello,
+    )
+    .unwrap();
+    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+    assert_eq!(received.id(), Some(&id));
+    let mut auth = BytesMut::new();
+    let server = received.respond(
+        Some(SecretKey::from_bytes(k)),
+        SecretKey::from_bytes([0; 32]),
+        pattern(SERVER_EPHEMERAL),
+        SERVER_LIMITS,
+        &mut auth,
+    );
+    let mut finish = BytesMut::new();
+    let (client_session, limits) = client.handle_server_auth(&auth, &mut finish).unwrap();
+    assert_eq!(limits, SERVER_LIMITS);
+    assert_eq!(client_session.mode(), Mode::Encrypted);
+    let est = server.handle_finish(&finish).unwrap();
+    assert_eq!(est.session.max_frame_len(), CLIENT_MAX);
+    (
+        [hello.to_vec(), auth.to_vec(), finish.to_vec()],
+        client_session,
+        est.session,
+    )
+}
+
+/// The frames of `session-encrypted.json`: `session.json`'s, with a KEY_UPDATE in each
+/// direction after the MESSAGEs (the PONGs name the PINGs' new numbers).
+fn encrypted_script() -> Vec<(&'static str, Body)> {
+    let mut s = script();
+    s.insert(5, ("c2s", Body::KeyUpdate));
+    s.insert(7, ("s2c", Body::KeyUpdate));
+    for (_, body) in s.iter_mut() {
+        if let Body::Pong { ping_seq } = body {
+            *ping_seq += 1;
+        }
+    }
+    s
+}
+
+fn run_script(
+    script: Vec<(&'static str, Body)>,
+    client: &mut Session,
+    server: &mut Session,
+) -> Vec<(&'static str, Body, u64, Vec<u8>)> {
+    script
+        .into_iter()
+        .map(|(dir, body)| {
+            let (tx, rx) = if dir == "c2s" {
+                (&mut *client, &mut *server)
+            } else {
+                (&mut *server, &mut *client)
+            };
+            let mut out = BytesMut::new();
+            let seq = tx.seal(&body, &mut out).unwrap();
+            let got = rx.open(out.clone().freeze()).unwrap();
+            assert_eq!((got.seq, &got.body), (seq, &body));
+            (dir, body, seq, out.to_vec())
+        })
+        .collect()
+}
+
+/// Every value of the encrypted session, computed from the formulas of the spec.
+struct SealedValues {
+    e_pub: [u8; 32],
+    f_pub: [u8; 32],
+    s_pub: [u8; 32],
+    dh_es: [u8; 32],
+    key_id: [u8; 32],
+    id_plain: Vec<u8>,
+    dh_ee: [u8; 32],
+    th2: [u8; 32],
+    th3: [u8; 32],
+    c2s: [u8; 32],
+    s2c: [u8; 32],
+    sf: [u8; 32],
+    cf: [u8; 32],
+}
+
+fn sealed_values(frames: &[Vec<u8>; 3]) -> SealedValues {
+    let (id, k, _, _) = session_inputs();
+    let [hello, auth, finish] = frames;
+    let (e, f) = (pattern(CLIENT_EPHEMERAL), pattern(SERVER_EPHEMERAL));
+    let s_pub = public_of(pattern(SERVER_STATIC));
+    let (e_pub, f_pub) = (public_of(e), public_of(f));
+    assert_eq!(&hello[10..42], &e_pub);
+    assert_eq!(&auth[5..37], &f_pub);
+    let dh_es = x25519(e, s_pub);
+    assert_eq!(dh_es, x25519(pattern(SERVER_STATIC), e_pub));
+    let key_id = hkdf(
+        &[e_pub, s_pub].concat(),
+        &dh_es,
+        &[b"tally/1 sealed hello id"],
+    );
+    let mut id_plain = vec![id.as_str().len() as u8];
+    id_plain.extend_from_slice(id.as_str().as_bytes());
+    id_plain.resize(65, 0);
+    assert_eq!(
+        &hello[42..],
+        &aead_seal(&key_id, &[0; 12], &hello[..42], &id_plain)[..],
+        "sealed_id"
+    );
+    let dh_ee = x25519(e, f_pub);
+    assert_eq!(dh_ee, x25519(f, e_pub));
+    let th2 = h(&[hello, unsigned(auth)]);
+    let salt = [e_pub, f_pub].concat();
+    let ikm = [&k[..], &dh_ee, &dh_es].concat();
+    let key = |label: &[u8]| hkdf(&salt, &ikm, &[label, &th2]);
+    let v = SealedValues {
+        c2s: key(b"tally/1 sealed key c2s"),
+        s2c: key(b"tally/1 sealed key s2c"),
+        sf: key(b"tally/1 sealed key server finish"),
+        cf: key(b"tally/1 sealed key client finish"),
+        th3: h(&[hello, auth, unsigned(finish)]),
+        e_pub,
+        f_pub,
+        s_pub,
+        dh_es,
+        key_id,
+        id_plain,
+        dh_ee,
+        th2,
+    };
+    assert_eq!(tag_of(auth), mac(&v.sf, &[&th2]));
+    assert_eq!(tag_of(finish), mac(&v.cf, &[&v.th3]));
+    v
+}
+
+fn next_key(key: &[u8; 32]) -> [u8; 32] {
+    hkdf(&[], key, &[b"tally/1 key update"])
+}
+
+fn session_encrypted() -> Value {
+    let (id, k, _, _) = session_inputs();
+    let (hs, mut client, mut server) = sealed_handshake();
+    let v = sealed_values(&hs);
+    let [hello, auth, finish] = &hs;
+    let (mut c2s, mut s2c) = (v.c2s, v.s2c);
+    let frames: Vec<Value> = run_script(encrypted_script(), &mut client, &mut server)
+        .into_iter()
+        .map(|(dir, body, seq, frame)| {
+            // Spec 8.2: header ‖ AEAD(K_send, direction ‖ seq, header, fields).
+            let key = if dir == "c2s" { &mut c2s } else { &mut s2c };
+            let nonce = frame_nonce(dir, seq);
+            let sealed = aead_seal(key, &nonce, &frame[..13], &fields_bytes(&body));
+            assert_eq!(&frame[13..], &sealed[..], "{dir} {seq}");
+            assert_eq!(frame.len(), 29 + fields_bytes(&body).len());
+            if body == Body::KeyUpdate {
+                *key = next_key(key);
+            }
+            let mut j = json!({"direction": dir, "type": type_name(&body), "seq": seq,
+                               "nonce": x(&nonce), "hex": x(&frame)});
+            j.as_object_mut()
+                .unwrap()
+                .extend(body_fields(&body).as_object().unwrap().clone());
+            j
+        })
+        .collect();
+    assert_eq!(c2s, next_key(&v.c2s));
+    assert_eq!(s2c, next_key(&v.s2c));
+    json!({
+        "description": "The session of session.json in the encrypted mode: SEALED_HELLO (the id sealed to S), SEALED_AUTH (the server's ephemeral key), CLIENT_FINISH, then frames sealed with ChaCha20-Poly1305, with a KEY_UPDATE in each direction (spec sections 4.3, 5.6 to 5.8, 7.7, 8.2, 8.7).",
+        "protocol_version": 1,
+        "inputs": {"id": id.as_str(), "identity_key": x(&k),
+                   "server_static_secret": x(&pattern(SERVER_STATIC)),
+                   "client_ephemeral_secret": x(&pattern(CLIENT_EPHEMERAL)),
+                   "server_ephemeral_secret": x(&pattern(SERVER_EPHEMERAL)),
+                   "client_max_frame_len": CLIENT_MAX, "server_max_frame_len": SERVER_LIMITS.max_frame_len,
+                   "server_keepalive_ms": SERVER_LIMITS.keepalive.as_millis() as u64},
+        "derived": {
+            "server_static_public": x(&v.s_pub),
+            "client_ephemeral_public": x(&v.e_pub),
+            "server_ephemeral_public": x(&v.f_pub),
+            "dh_es": x(&v.dh_es),
+            "key_id": x(&v.key_id),
+            "sealed_id_plaintext": x(&v.id_plain),
+            "dh_ee": x(&v.dh_ee),
+            "th2": x(&v.th2),
+            "key_c2s": x(&v.c2s),
+            "key_s2c": x(&v.s2c),
+            "key_server_finish": x(&v.sf),
+            "key_client_finish": x(&v.cf),
+            "th3": x(&v.th3),
+            "key_c2s_updated": x(&next_key(&v.c2s)),
+            "key_s2c_updated": x(&next_key(&v.s2c)),
+        },
+        "handshake": [
+            {"name": "SEALED_HELLO", "direction": "c2s", "hex": x(hello)},
+            {"name": "SEALED_AUTH", "direction": "s2c", "hex": x(auth)},
+            {"name": "CLIENT_FINISH", "direction": "c2s", "hex": x(finish)},
+        ],
+        "frames": frames,
+    })
+}
+
+/// The encrypted mode's negative cases (spec 12.2).
+fn encrypted_negative_cases(plain_hello: &[u8], plain_auth: &[u8]) -> Vec<Value> {
+    let (hs, mut client, mut server) = sealed_handshake();
+    let v = sealed_values(&hs);
+    let [hello, auth, _] = &hs;
+    let frames = run_script(encrypted_script(), &mut client, &mut server);
+    let first = &frames[0].3;
+    let flip = |f: &[u8], byte: usize, bit: u8| {
+        let mut w = f.to_vec();
+        w[byte] ^= bit;
+        x(&w)
+    };
+    let case = |name: &str,
+                description: &str,
+                receiver: Value,
+                input: String,
+                error: &str,
+                reply: Value| {
+        json!({"name": name, "description": description, "receiver": receiver, "input": input, "error": error, "reply": reply})
+    };
+    let rx = |who: &str, after: usize| json!({"state": format!("{who}_session_encrypted"), "after_frames": after});
+    let close = json!({"close_code": CloseCode::PROTOCOL_ERROR.0});
+    let malformed = json!({"error_frame": "000000041f000201"});
+    // SEALED_HELLO one byte short (its length prefix says 118).
+    let mut short = hello[..hello.len() - 1].to_vec();
+    short[..4].copy_from_slice(&118u32.to_be_bytes());
+    // SEALED_HELLO with E the all-zero (low-order) point.
+    let mut zero_e = hello.clone();
+    zero_e[10..42].fill(0);
+    // SEALED_HELLO whose sealed id opens, with a non-zero byte after the id.
+    let mut padded = v.id_plain.clone();
+    padded[64] = 1;
+    let bad_padding = [
+        &hello[..42],
+        &aead_seal(&v.key_id, &[0; 12], &hello[..42], &padded)[..],
+    ]
+    .concat();
+    // SEALED_AUTH with F the all-zero point.
+    let mut zero_f = auth.clone();
+    zero_f[5..37].fill(0);
+    // The server's RESPONSE (s2c seq 1) sealed with the right key but direction 0.
+    let (_, response, seq, _) = &frames[1];
+    let head = &frames[1].3[..13];
+    let wrong_nonce = [
+        head,
+        &aead_seal(
+            &v.s2c,
+            &frame_nonce("c2s", *seq),
+            head,
+            &fields_bytes(response),
+        )[..],
+    ]
+    .concat();
+    // After the client's KEY_UPDATE (frame 6), its PING sealed with the old key.
+    let (_, ping, ping_seq, ping_frame) = &frames[8];
+    assert_eq!((ping, *ping_seq), (&Body::Ping, 5));
+    let stale = [
+        &ping_frame[..13],
+        &aead_seal(&v.c2s, &frame_nonce("c2s", 5), &ping_frame[..13], &[])[..],
+    ]
+    .concat();
+    // A REQUEST too short to hold its 16-byte tag (length 24).
+    let mut too_short = first[..28].to_vec();
+    too_short[..4].copy_from_slice(&24u32.to_be_bytes());
+    let mode_refused = json!({"error_frame": "000000041f000a01"});
+    vec![
+        case("hello_mode_refused", "session.json HELLO at a server whose policy requires the encrypted mode (7.8)", json!({"state": "server_await_hello", "policy": "required"}),
+             x(plain_hello), "mode_refused", mode_refused.clone()),
+        case("sealed_hello_mode_refused", "session-encrypted.json SEALED_HELLO at a server whose policy is off (7.8)", json!({"state": "server_await_hello", "policy": "off"}),
+             x(hello), "mode_refused", mode_refused),
+        case("sealed_hello_short", "session-encrypted.json SEALED_HELLO without its last byte (length 118)", json!({"state": "server_await_hello"}),
+             x(&short), "malformed", malformed.clone()),
+        case("sealed_hello_weak_key", "session-encrypted.json SEALED_HELLO with E replaced by the all-zero point: dh_es is all zeros (7.2 row 5a)", json!({"state": "server_await_hello"}),
+             x(&zero_e), "weak_key", malformed.clone()),
+        case("sealed_hello_bad_padding", "a SEALED_HELLO whose sealed id verifies but has a non-zero byte after the id (7.2 row 5b)", json!({"state": "server_await_hello"}),
+             x(&bad_padding), "malformed", malformed),
+        case("downgraded_server_auth", "session.json SERVER_AUTH in answer to session-encrypted.json SEALED_HELLO: the other mode's answer (7.2 client row 4)", json!({"state": "client_await_sealed_auth"}),
+             x(plain_auth), "malformed", json!({"close": true})),
+        case("sealed_auth_to_hello", "session-encrypted.json SEALED_AUTH in answer to session.json HELLO", json!({"state": "client_await_server_auth"}),
+             x(auth), "malformed", json!({"close": true})),
+        case("sealed_auth_weak_key", "session-encrypted.json SEALED_AUTH with F replaced by the all-zero point (7.2 client row 4a)", json!({"state": "client_await_sealed_auth"}),
+             x(&zero_f), "weak_key", json!({"close": true})),
+        case("sealed_auth_flipped_bit", "session-encrypted.json SEALED_AUTH with one bit of F flipped", json!({"state": "client_await_sealed_auth"}),
+             flip(auth, 5, 0x02), "bad_tag", json!({"close": true})),
+        case("encrypted_flipped_ciphertext_bit", "session-encrypted.json frame 1 with one ciphertext bit flipped", rx("server", 0),
+             flip(first, 14, 0x80), "bad_tag", close.clone()),
+        case("encrypted_flipped_header_bit", "session-encrypted.json frame 1 with its type changed to MESSAGE: the header is the associated data", rx("server", 0),
+             flip(first, 4, 0x02), "bad_tag", close.clone()),
+        case("encrypted_reflected_frame", "session-encrypted.json frame 1, a client REQUEST, sent back to the client", rx("client", 0),
+             x(first), "bad_tag", close.clone()),
+        case("encrypted_wrong_direction_nonce", "session-encrypted.json frame 2 (s2c seq 1) sealed with key_s2c under the c2s nonce (direction 0)", rx("client", 1),
+             x(&wrong_nonce), "bad_tag", close.clone()),
+        case("encrypted_replayed_frame", "session-encrypted.json frame 1 again after it was accepted", rx("server", 1),
+             x(first), "bad_sequence", close.clone()),
+        case("stale_key_after_update", "after the client's KEY_UPDATE (frame 6), its PING (seq 5) sealed with key_c2s instead of key_c2s_updated", rx("server", 8),
+             x(&stale), "bad_tag", close.clone()),
+        case("encrypted_too_short", "a REQUEST of length 24: too short for seq and a 16-byte tag", rx("server", 0),
+             x(&too_short), "malformed", close),
+    ]
 }

@@ -179,11 +179,20 @@ struct Arsenal {
     server: SocketAddr,
     /// A valid ENROLL_INIT of an enrolled id (EnrollReplay).
     replay: Bytes,
+    /// The mode of the strangers' HELLOs: a SEALED_HELLO costs the server two X25519.
+    mode: crate::proto::Mode,
+    /// `S`, which a stranger's SEALED_HELLO seals its made-up id to.
+    server_key: [u8; 32],
     token: Option<EnrollmentToken>,
 }
 
 impl Arsenal {
-    async fn new(flood: &Flood, server: SocketAddr) -> anyhow::Result<Arsenal> {
+    async fn new(
+        flood: &Flood,
+        server: SocketAddr,
+        mode: crate::proto::Mode,
+        server_key: [u8; 32],
+    ) -> anyhow::Result<Arsenal> {
         let mut replay = Bytes::new();
         if matches!(flood.attack, Attack::EnrollReplay | Attack::EnrollFlood) {
             let token = flood
@@ -208,6 +217,8 @@ impl Arsenal {
         Ok(Arsenal {
             attack: flood.attack,
             server,
+            mode,
+            server_key,
             replay,
             token: flood.token.clone(),
         })
@@ -236,7 +247,7 @@ impl Arsenal {
             match self.attack {
                 Attack::Idle => hold(&mut tcp).await,
                 Attack::Slowloris => {
-                    for b in stranger_hello("slow")?.iter() {
+                    for b in self.stranger_hello("slow")?.iter() {
                         if tcp.write_all(&[*b]).await.is_err() {
                             break;
                         }
@@ -253,7 +264,7 @@ impl Arsenal {
                     hold(&mut tcp).await;
                 }
                 Attack::HelloUnknown => {
-                    tcp.write_all(&stranger_hello("nobody")?).await?;
+                    tcp.write_all(&self.stranger_hello("nobody")?).await?;
                     hold(&mut tcp).await;
                 }
                 Attack::EnrollReplay => {
@@ -271,18 +282,31 @@ impl Arsenal {
     }
 }
 
-/// A HELLO for a random id that is not enrolled (`prefix-` and 12 hex digits).
-fn stranger_hello(prefix: &str) -> anyhow::Result<BytesMut> {
-    let id = Id::new(&format!("{prefix}-{}", hex::encode(&random_bytes()[..6])))?;
-    let mut hello = BytesMut::new();
-    ClientAwaitAuth::start(
-        &id,
-        SecretKey::from_bytes([1; 32]),
-        random_bytes(),
-        crate::proto::DEFAULT_MAX_FRAME_LEN,
-        &mut hello,
-    );
-    Ok(hello)
+impl Arsenal {
+    /// A HELLO (or, in the encrypted mode, a SEALED_HELLO: what costs the server its two
+    /// X25519) for a random id that is not enrolled (`prefix-` and 12 hex digits).
+    fn stranger_hello(&self, prefix: &str) -> anyhow::Result<BytesMut> {
+        let id = Id::new(&format!("{prefix}-{}", hex::encode(&random_bytes()[..6])))?;
+        let mut hello = BytesMut::new();
+        let key = SecretKey::from_bytes([1; 32]);
+        let limit = crate::proto::DEFAULT_MAX_FRAME_LEN;
+        match self.mode {
+            crate::proto::Mode::Authenticated => {
+                ClientAwaitAuth::start(&id, key, random_bytes(), limit, &mut hello);
+            }
+            crate::proto::Mode::Encrypted => {
+                ClientAwaitAuth::start_sealed(
+                    &id,
+                    key,
+                    &self.server_key,
+                    random_bytes(),
+                    limit,
+                    &mut hello,
+                )?;
+            }
+        }
+        Ok(hello)
+    }
 }
 
 /// Reads (and drops) until the server closes the connection.
@@ -342,7 +366,7 @@ impl Drop for Background {
 
 /// Runs the three phases of a flood against `target` with `workers` devices.
 pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Result<FloodReport> {
-    let Kind::Tally(creds) = &target.kind else {
+    let Kind::Tally(creds, mode) = &target.kind else {
         anyhow::bail!("flood mode measures tallyd only");
     };
     let server: SocketAddr = tokio::net::lookup_host(&creds[0].server)
@@ -350,7 +374,7 @@ pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Resu
         .next()
         .context("server address")?;
     crate::daemon::raise_fd_limit();
-    let arsenal = Arc::new(Arsenal::new(flood, server).await?);
+    let arsenal = Arc::new(Arsenal::new(flood, server, *mode, creds[0].server_key).await?);
     eprintln!("calm: {workers} devices for {:?}", flood.duration);
     let calm = devices(target, workers, Instant::now() + flood.duration).await;
 

@@ -140,6 +140,10 @@ enum Conformance {
         /// Seconds to wait for each answer (a server may delay refusals, spec 13.10).
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        /// Run the checks' sessions in the authenticated mode (HELLO) instead of the
+        /// encrypted mode (SEALED_HELLO), for a server whose policy is "off".
+        #[arg(long)]
+        authenticated: bool,
     },
     /// Play a server that misbehaves in each way a client must refuse, run the client
     /// under test once per case, and report what it accepted.
@@ -166,6 +170,14 @@ enum Conformance {
     },
 }
 
+/// The session mode(s) `tally bench` measures tallyd in.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SessionArg {
+    Encrypted,
+    Authenticated,
+    Both,
+}
+
 #[derive(Args)]
 struct BenchArgs {
     /// What to measure.
@@ -180,6 +192,11 @@ struct BenchArgs {
     /// Where the bench identities' credentials are kept between runs.
     #[arg(long, default_value = "tally-bench-creds")]
     cred_dir: PathBuf,
+    /// tallyd's session mode: encrypted (SEALED_HELLO), authenticated (HELLO), or both,
+    /// measured side by side in one run as `tally` and `tally-auth` (the daemon's policy
+    /// must be "allowed" for both).
+    #[arg(long, value_enum, default_value = "encrypted")]
+    session: SessionArg,
     /// Address of the plain TCP echo server (`cargo run --release --features cli --example
     /// bench_plain`), measured in the same run: the summary gives every target's rate as
     /// a fraction of its rate, and its CPU per request as a multiple of its CPU.
@@ -256,6 +273,11 @@ struct ConnArgs {
     /// (jittered exponential backoff from 0.2 s up to 5 s; each retry is reported).
     #[arg(long, default_value_t = 4)]
     retries: u32,
+    /// Run the session in the authenticated mode: payloads in the clear, each frame
+    /// tagged (HELLO). By default it is encrypted (SEALED_HELLO); a server that refuses
+    /// the mode says MODE_REFUSED, and tally never switches on its own (spec 7.8).
+    #[arg(long, env = "TALLY_AUTHENTICATE_ONLY")]
+    authenticate_only: bool,
 }
 
 impl ConnArgs {
@@ -273,6 +295,9 @@ impl ConnArgs {
             ));
         if let Some(secs) = self.keepalive {
             opts = opts.with_keepalive(Duration::try_from_secs_f64(secs).context("--keepalive")?);
+        }
+        if self.authenticate_only {
+            opts.mode = tally::proto::Mode::Authenticated;
         }
         Ok((cred, opts))
     }
@@ -360,9 +385,17 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         progress: !a.json,
     };
     let daemon_pid = a.daemon_pid.or_else(|| bench::listener_pid(&a.server));
+    let first_mode = match a.session {
+        SessionArg::Authenticated => tally::proto::Mode::Authenticated,
+        SessionArg::Encrypted | SessionArg::Both => tally::proto::Mode::Encrypted,
+    };
+    let creds = std::sync::Arc::new(creds);
     let tally_target = Target {
-        name: "tally".into(),
-        kind: Kind::Tally(std::sync::Arc::new(creds)),
+        name: match a.session {
+            SessionArg::Authenticated => "tally-auth".into(),
+            _ => "tally".into(),
+        },
+        kind: Kind::Tally(creds.clone(), first_mode),
         pids: daemon_pid.into_iter().collect(),
     };
     if a.mode == Mode::Flood {
@@ -405,6 +438,13 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut targets = vec![tally_target.clone()];
+    if a.session == SessionArg::Both {
+        targets.push(Target {
+            name: "tally-auth".into(),
+            kind: Kind::Tally(creds, tally::proto::Mode::Authenticated),
+            pids: tally_target.pids.clone(),
+        });
+    }
     if a.mode != Mode::Idle {
         let found = |name: &str, addr: String, kind: Kind| Target {
             name: name.into(),
@@ -532,12 +572,12 @@ fn peer(spec: &str, tally: &tally::bench::Target) -> anyhow::Result<tally::bench
         ),
     };
     let kind = match (kind, &tally.kind) {
-        ("tally", Kind::Tally(creds)) => {
+        ("tally", Kind::Tally(creds, mode)) => {
             let mut creds = creds.as_ref().clone();
             for c in &mut creds {
                 c.server = addr.clone();
             }
-            Kind::Tally(std::sync::Arc::new(creds))
+            Kind::Tally(std::sync::Arc::new(creds), *mode)
         }
         ("plain", _) => Kind::Plain(addr),
         #[cfg(feature = "bench-tls")]
@@ -565,6 +605,7 @@ fn conformance(what: Conformance) -> anyhow::Result<bool> {
             token_file,
             revoked_cred,
             timeout,
+            authenticated,
         } => {
             let text = read_token(token_file.as_deref(), None)?;
             let token = EnrollmentToken::parse(&text).context("the enrollment token")?;
@@ -580,6 +621,11 @@ fn conformance(what: Conformance) -> anyhow::Result<bool> {
                 token,
                 timeout: secs(timeout)?,
                 revoked,
+                mode: if authenticated {
+                    tally::proto::Mode::Authenticated
+                } else {
+                    tally::proto::Mode::Encrypted
+                },
             };
             conformance::server::run(&target)
         }

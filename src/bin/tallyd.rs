@@ -140,6 +140,9 @@ struct ServeArgs {
     /// When an identity with a live session connects again: replace the old session, or reject the new one.
     #[arg(long, global = true, value_enum)]
     takeover: Option<TakeoverPolicy>,
+    /// Which session modes devices may use: required (encrypted only), allowed (both), off (authenticated only) [default: required].
+    #[arg(long, global = true, value_enum)]
+    encryption: Option<tally::config::EncryptionPolicy>,
     /// Accept only per-identity tokens, not the open enrollment token.
     #[arg(long, global = true)]
     no_open_enrollment: bool,
@@ -156,6 +159,7 @@ impl ServeArgs {
             ("--log-level", self.log_level.is_some()),
             ("--log-format", self.log_format.is_some()),
             ("--takeover", self.takeover.is_some()),
+            ("--encryption", self.encryption.is_some()),
             ("--no-open-enrollment", self.no_open_enrollment),
             ("--metrics-listen", self.metrics_listen.is_some()),
         ]
@@ -231,6 +235,9 @@ fn load_config(global: &Global, serve: &ServeArgs) -> anyhow::Result<ServerConfi
     }
     if let Some(t) = serve.takeover {
         config.takeover = t;
+    }
+    if let Some(e) = serve.encryption {
+        config.encryption = e;
     }
     if serve.no_open_enrollment {
         config.open_enrollment = false;

@@ -67,7 +67,8 @@ use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
 use crate::proto::handshake::ServerLimits;
 use crate::proto::{
-    CloseCode, ErrorCode, Id, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN, HANDSHAKE_MAX_FRAME_LEN,
+    CloseCode, ErrorCode, Id, Mode, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN,
+    HANDSHAKE_MAX_FRAME_LEN,
 };
 use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
@@ -197,6 +198,7 @@ pub fn refusal_hint(code: ErrorCode) -> &'static str {
         ErrorCode::TIMEOUT => "the handshake took longer than the server allows: a slow or lossy link",
         ErrorCode::INTERNAL => "the server failed (its store): try again later; its log says why",
         ErrorCode::UNSUPPORTED_VERSION => "the server speaks another version of the protocol: upgrade the older side",
+        ErrorCode::MODE_REFUSED => "the server's policy does not accept this session mode (its `encryption` setting): a device sending the authenticated mode to a server that requires encryption must drop --authenticate-only; the reverse needs the operator to allow it. This client never switches mode on its own (spec 7.8)",
         ErrorCode::MALFORMED => "the server could not read what this client sent: another protocol, or a bug on one side",
         _ => "a code this client does not know (a newer server)",
     }
@@ -269,6 +271,10 @@ pub struct ClientOptions {
     pub incoming_capacity: usize,
     /// Retries of a connection attempt that failed for a reason that may pass.
     pub retry: Retry,
+    /// The session mode (spec 7.7): [`Mode::Encrypted`] by default; the authenticated
+    /// mode only where something on the path must read the payloads. A refusal of the
+    /// mode (`MODE_REFUSED`) is never answered by trying the other one (spec 7.8).
+    pub mode: Mode,
 }
 
 /// Retries, with jittered exponential backoff, of an attempt that failed for a reason
@@ -366,6 +372,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             incoming_capacity: 64,
             retry: Retry::default(),
+            mode: Mode::Encrypted,
         }
     }
 }
@@ -474,6 +481,7 @@ async fn enroll_once(
             id,
             key,
             server: server.to_owned(),
+            server_key: token.server_static,
         })
     };
     match tokio::time::timeout(timeout, run).await {
@@ -862,11 +870,13 @@ async fn handshake(
         max_frame_len: opts.max_frame_len,
         keepalive: opts.keepalive,
         handshake_timeout: opts.connect_timeout,
+        mode: opts.mode,
         ..device::Config::default()
     };
     let mut device = Device::new(
         &cred.id,
         cred.key.clone(),
+        &cred.server_key,
         random_bytes(),
         config,
         origin.elapsed(),
@@ -969,6 +979,7 @@ mod tests {
             (ErrorCode::TAKEOVER_REFUSED, "live session"),
             (ErrorCode::TIMEOUT, "longer than the server allows"),
             (ErrorCode::INTERNAL, "its log says why"),
+            (ErrorCode::MODE_REFUSED, "never switches mode"),
             (ErrorCode(0x7777), "does not know"),
         ];
         let mut seen = std::collections::HashSet::new();

@@ -771,6 +771,7 @@ mod tests {
             id: Id::new(id).unwrap(),
             key: SecretKey::from_bytes([key; 32]),
             server: server.into(),
+            server_key: [9; 32],
         }
     }
 

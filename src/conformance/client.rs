@@ -25,7 +25,7 @@ use super::{
 };
 use crate::proto::credential::{Credential, EnrollmentToken};
 use crate::proto::enroll::{ServerAwaitConfirm, ServerParams};
-use crate::proto::frame::{EnrollMode, ErrorFrame};
+use crate::proto::frame::{EnrollMode, ErrorFrame, Mode};
 use crate::proto::handshake::{HelloReceived, ServerLimits};
 use crate::proto::{
     Body, CloseCode, ErrorCode, FrameType, SecretKey, Session, Status, HANDSHAKE_MAX_FRAME_LEN,
@@ -51,6 +51,11 @@ type Behaviour<'a> = &'a dyn Fn(&mut Conn, &Ctx) -> Result<(), String>;
 /// What a behaviour knows.
 struct Ctx {
     cred: Credential,
+    /// The static secret `s` of the server this tool plays: `S` is in the client's
+    /// credential, and opens its SEALED_HELLO.
+    server_static: x25519_dalek::StaticSecret,
+    /// The tool's listener, for the client's next connection.
+    listener: std::net::TcpListener,
     payload: String,
     timeout: Duration,
     /// Frames recorded from the honest scenario, to replay later.
@@ -73,10 +78,12 @@ struct Recorded {
 /// Runs every scenario, in order.
 pub fn run(t: &Target) -> Vec<Check> {
     let addr = t.listener.local_addr().expect("bound").to_string();
+    let server_static = x25519_dalek::StaticSecret::from(random32());
     let cred = Credential {
         id: fresh_id("conformance-client"),
         key: SecretKey::from_bytes(random32()),
         server: addr.clone(),
+        server_key: x25519_dalek::PublicKey::from(&server_static).to_bytes(),
     };
     let path = t.dir.join("conformance.cred");
     let written = crate::secrets::write_secret_file(&path, cred.to_file().as_bytes());
@@ -90,13 +97,27 @@ pub fn run(t: &Target) -> Vec<Check> {
         });
         return checks;
     }
+    let listener = match t.listener.try_clone() {
+        Ok(l) => l,
+        Err(e) => {
+            checks.push(Check {
+                section: "7.1",
+                rule: "the listener",
+                outcome: Outcome::Fail(e.to_string()),
+                took: Duration::ZERO,
+            });
+            return checks;
+        }
+    };
     let ctx = Ctx {
         cred,
+        server_static,
+        listener,
         payload: format!("conformance-{}", hex::encode(&random32()[..4])),
         timeout: t.timeout,
         recorded: Default::default(),
     };
-    let scenarios: [(&'static str, &'static str, bool, Behaviour); 12] = [
+    let scenarios: [(&'static str, &'static str, bool, Behaviour); 17] = [
         (
             "7.1",
             "an honest server: the client gets its answer (control)",
@@ -135,7 +156,7 @@ pub fn run(t: &Target) -> Vec<Check> {
             false,
             &|c, x| {
                 let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+                HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
                 let old = x
                     .recorded
                     .borrow()
@@ -249,13 +270,13 @@ pub fn run(t: &Target) -> Vec<Check> {
             false,
             &|c, x| {
                 let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                let limit = HelloReceived::parse(&hello)
-                    .map_err(|e| e.to_string())?
-                    .client_max_frame_len();
+                let received =
+                    HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                let (limit, mode) = (received.client_max_frame_len(), received.mode());
                 let (s, req) = finish_handshake(c, x, hello)?;
                 // A whole, validly tagged RESPONSE one byte over the limit: a client that
                 // does not check the length reads and accepts it.
-                let overhead = 1 + 8 + 8 + 2 + crate::proto::TAG_LEN as u32;
+                let overhead = crate::proto::Body::overhead(crate::proto::FrameType::Response, mode) as u32;
                 let mut payload = x.forged().into_bytes();
                 payload.resize((limit + 1 - overhead) as usize, b'.');
                 let fields = response_fields(req, 0, &payload);
@@ -263,11 +284,121 @@ pub fn run(t: &Target) -> Vec<Check> {
                 hold(c, x)
             },
         ),
+        (
+            "7.8",
+            "SEALED_HELLO answered with a validly tagged SERVER_AUTH (the other mode's type) is refused",
+            false,
+            &|c, x| {
+                let hello = sealed_hello(c, x)?;
+                let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                let mut auth = BytesMut::new();
+                let wait = wait.respond_with_type_for_testing(
+                    Some(x.cred.key.clone()),
+                    SecretKey::from_bytes(random32()),
+                    random32(),
+                    limits(),
+                    FrameType::ServerAuth,
+                    &mut auth,
+                );
+                c.send(&auth)?;
+                // A client that took it goes on: its finish verifies, and its request gets
+                // the honest answer.
+                let Ok(Read2::Frame(finish)) = c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD) else {
+                    return hold(c, x);
+                };
+                let Ok(est) = wait.handle_finish(&finish) else {
+                    return hold(c, x);
+                };
+                let mut s = est.session;
+                if let Ok(Read2::Frame(f)) = c.read(65536, HOLD) {
+                    if open(&mut s, f).is_ok() {
+                        let req = s.last_received();
+                        answer(c, &mut s, req, x);
+                    }
+                }
+                hold(c, x)
+            },
+        ),
+        (
+            "7.8",
+            "after ERROR MODE_REFUSED the client does not come back with HELLO (no fallback)",
+            false,
+            &|c, x| {
+                sealed_hello(c, x)?;
+                c.send(&ErrorFrame::new(ErrorCode::MODE_REFUSED).encoded())?;
+                let _ = c.tcp.shutdown(std::net::Shutdown::Both);
+                // Any connection the client opens next, within the hold: its first frame.
+                let until = Instant::now() + HOLD;
+                x.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let seen = loop {
+                    match x.listener.accept() {
+                        Ok((tcp, _)) => {
+                            tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
+                            let mut again = Conn::new(tcp);
+                            break again.frame(HANDSHAKE_MAX_FRAME_LEN, HOLD, "a first frame").ok();
+                        }
+                        Err(_) if Instant::now() < until => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        Err(_) => break None,
+                    }
+                };
+                x.listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+                match seen {
+                    Some(f) if FrameType::of(&f) == Ok(FrameType::Hello) => Err(
+                        "violation: after MODE_REFUSED the client came back with HELLO: a forged ERROR switches its encryption off".into(),
+                    ),
+                    _ => Ok(()),
+                }
+            },
+        ),
+        (
+            "8.2",
+            "a RESPONSE sealed under the client's nonce direction (0) is refused",
+            false,
+            &|c, x| {
+                in_session(c, x, |c, s, req| {
+                    if s.mode() != Mode::Encrypted {
+                        return Err("the client runs the authenticated mode: no nonce".into());
+                    }
+                    let fields = response_fields(req, 0, x.forged().as_bytes());
+                    let next = s.last_sent() + 1;
+                    c.send(&s.forge_with_nonce_for_testing(FrameType::Response as u8, next, 0, &fields))?;
+                    Ok(s)
+                })
+            },
+        ),
+        (
+            "8.7",
+            "a RESPONSE sealed with the key before the server's KEY_UPDATE is refused",
+            false,
+            &|c, x| {
+                in_session(c, x, |c, mut s, req| {
+                    let fields = response_fields(req, 0, x.forged().as_bytes());
+                    // Sealed with the current key, numbered as the frame after the update.
+                    let stale = s.forge_for_testing(FrameType::Response as u8, s.last_sent() + 2, &fields);
+                    c.send(&seal(&mut s, &Body::KeyUpdate))?;
+                    c.send(&stale)?;
+                    Ok(s)
+                })
+            },
+        ),
+        (
+            "8.7",
+            "an honest server that sends KEY_UPDATE before its answer: the client gets it (control)",
+            true,
+            &|c, x| {
+                let (mut s, req) = established(c, x)?;
+                c.send(&seal(&mut s, &Body::KeyUpdate))?;
+                answer(c, &mut s, req, x);
+                hold(c, x)
+            },
+        ),
     ];
     let mut control_ok = true;
-    for (section, rule, accept, behaviour) in scenarios {
+    for (i, (section, rule, accept, behaviour)) in scenarios.into_iter().enumerate() {
         let start = Instant::now();
-        let o = if !accept && !control_ok {
+        let o = if i > 0 && !control_ok {
             // A client that cannot talk to an honest server refuses everything.
             Ok(Outcome::Skip(
                 "the control failed: fix --exec first (the client must get an honest answer)"
@@ -276,7 +407,8 @@ pub fn run(t: &Target) -> Vec<Check> {
         } else {
             scenario(t, &ctx, &path, accept, behaviour)
         };
-        if accept {
+        // The first scenario is the control: the others are judged only if it passed.
+        if i == 0 {
             control_ok = matches!(o, Ok(Outcome::Pass));
         }
         checks.push(Check {
@@ -375,6 +507,10 @@ fn scenario(
         return Err(format!("accepted: {}", said()));
     }
     if let Err(e) = served {
+        // What this tool saw the client do against the rule.
+        if let Some(seen) = e.strip_prefix("violation: ") {
+            return Err(seen.to_owned());
+        }
         return Ok(Outcome::Skip(format!(
             "the scenario could not be played: {e}"
         )));
@@ -391,7 +527,7 @@ fn scenario(
 /// The honest server: answers the request with its payload, records frames to replay.
 fn honest(c: &mut Conn, x: &Ctx) -> Result<(), String> {
     let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),
@@ -457,13 +593,23 @@ fn limits() -> ServerLimits {
     }
 }
 
+/// Reads the client's first frame: it must be SEALED_HELLO (the scenario is skipped for
+/// a client in the authenticated mode).
+fn sealed_hello(c: &mut Conn, x: &Ctx) -> Result<Bytes, String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "SEALED_HELLO")?;
+    if FrameType::of(&hello) != Ok(FrameType::SealedHello) {
+        return Err("the client runs the authenticated mode (it sent HELLO)".into());
+    }
+    Ok(hello)
+}
+
 /// Reads HELLO and builds a valid SERVER_AUTH (not sent); returns it and what follows.
 fn server_auth(
     c: &mut Conn,
     x: &Ctx,
 ) -> Result<(Vec<u8>, crate::proto::handshake::ServerAwaitFinish), String> {
     let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),
@@ -477,7 +623,7 @@ fn server_auth(
 
 /// The rest of an honest handshake after `hello`, and the client's REQUEST.
 fn finish_handshake(c: &mut Conn, x: &Ctx, hello: Bytes) -> Result<(Session, u64), String> {
-    let wait = HelloReceived::parse(&hello).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),

@@ -168,15 +168,7 @@ pub(crate) fn seal(session: &mut Session, body: &Body) -> Vec<u8> {
 /// A session frame with any sequence number and fields, tagged with `session`'s send
 /// key: what a peer that breaks the sequence rules would send.
 pub(crate) fn forge(session: &Session, ty: u8, seq: u64, fields: &[u8]) -> Vec<u8> {
-    let len = 1 + 8 + fields.len() + crate::proto::TAG_LEN;
-    let mut out = Vec::with_capacity(4 + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(ty);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(fields);
-    let tag = session.tag_for_testing(&out);
-    out.extend_from_slice(&tag);
-    out
+    session.forge_for_testing(ty, seq, fields)
 }
 
 /// RESPONSE fields: `req_seq`, `status`, payload.

@@ -10,7 +10,8 @@ use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::frame::{EnrollMode, ErrorFrame};
 use crate::proto::handshake::{ClientAwaitAuth, ServerLimits};
 use crate::proto::{
-    Body, CloseCode, ErrorCode, FrameType, Id, SecretKey, Session, Status, HANDSHAKE_MAX_FRAME_LEN,
+    Body, CloseCode, ErrorCode, FrameType, Id, Mode, SecretKey, Session, Status,
+    HANDSHAKE_MAX_FRAME_LEN,
 };
 
 /// What the checks need: the server, an open enrollment token, and how long a refusal
@@ -24,6 +25,8 @@ pub struct Target {
     pub timeout: Duration,
     /// The credential of an identity the operator revoked, for 7.5 (optional).
     pub revoked: Option<Credential>,
+    /// The mode the checks' sessions use (spec 7.7): the server's policy must accept it.
+    pub mode: Mode,
 }
 
 /// The session frame limit these checks announce in HELLO.
@@ -94,6 +97,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                 addr: t.addr.clone(),
                 timeout: t.timeout,
                 revoked: None,
+                mode: t.mode,
             };
             match enroll(&t2, &fresh_id("conformance")) {
                 Ok(_) => Err("a wrong credential enrolled an identity".into()),
@@ -161,6 +165,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                 id: fresh_id("conformance-unknown"),
                 key: SecretKey::from_bytes(random32()),
                 server: t.addr.clone(),
+                server_key: t.token.server_static,
             };
             let wrong = Credential {
                 key: SecretKey::from_bytes(random32()),
@@ -190,10 +195,11 @@ pub fn run(t: &Target) -> Vec<Check> {
             let unknown = fresh_id("conformance-unknown");
             for id in [&cred.id, &unknown] {
                 let mut conn = Conn::connect(&t.addr)?;
-                conn.send(&hello_bytes(id, OUR_LIMIT))?;
+                conn.send(&hello_bytes(t, id, OUR_LIMIT))?;
                 let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
-                if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
-                    return Err(format!("{id}: expected SERVER_AUTH, got {auth:02x?}"));
+                let answer = crate::proto::frame::ServerAuth::frame_type(t.mode);
+                if FrameType::of(&auth) != Ok(answer) {
+                    return Err(format!("{id}: expected {answer:?}, got {auth:02x?}"));
                 }
                 let _ = conn.tcp.shutdown(std::net::Shutdown::Write);
                 match conn.read(HANDSHAKE_MAX_FRAME_LEN, t.timeout)? {
@@ -205,11 +211,14 @@ pub fn run(t: &Target) -> Vec<Check> {
             Ok(Outcome::Pass)
         })(),
     );
+    if t.mode == Mode::Encrypted {
+        encrypted_checks(t, &cred, &mut add);
+    }
     add(
         "11",
         "a HELLO of another version is answered UNSUPPORTED_VERSION naming version 1",
         {
-            let mut hello = hello_bytes(&cred.id, OUR_LIMIT);
+            let mut hello = hello_bytes(t, &cred.id, OUR_LIMIT);
             hello[5] = 2;
             expect_error(t, &hello, ErrorCode::UNSUPPORTED_VERSION)
         },
@@ -217,7 +226,7 @@ pub fn run(t: &Target) -> Vec<Check> {
     add(
         "4.3",
         "a HELLO announcing a frame limit below 256 is refused with MALFORMED",
-        expect_error(t, &hello_bytes(&cred.id, 255), ErrorCode::MALFORMED),
+        expect_error(t, &hello_bytes(t, &cred.id, 255), ErrorCode::MALFORMED),
     );
     add(
         "3.2",
@@ -393,7 +402,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                     other => return Err(format!("the first session answered {other:?}")),
                 }
                 let mut conn = Conn::connect(&t.addr)?;
-                let (mut s2, _) = handshake(&mut conn, &cred, t.timeout)?;
+                let (mut s2, _) = handshake(&mut conn, &cred, t.mode, t.timeout)?;
                 // The handshake gives no answer to CLIENT_FINISH: a PING tells which way it went.
                 conn.send(&seal(&mut s2, &Body::Ping))?;
                 let f = conn.frame(OUR_LIMIT, t.timeout, "a PONG, or ERROR TAKEOVER_REFUSED")?;
@@ -430,15 +439,137 @@ pub fn run(t: &Target) -> Vec<Check> {
     checks
 }
 
-/// HELLO (spec 4.3) with a fresh nonce.
-fn hello_bytes(id: &Id, limit: u32) -> Vec<u8> {
-    let n = id.as_str().len();
-    let mut h = ((39 + n) as u32).to_be_bytes().to_vec();
-    h.extend_from_slice(&[FrameType::Hello as u8, 1, n as u8]);
-    h.extend_from_slice(id.as_str().as_bytes());
-    h.extend_from_slice(&random32());
-    h.extend_from_slice(&limit.to_be_bytes());
-    h
+/// The checks of the encrypted mode alone (spec 7.7, 8.2, 8.7).
+fn encrypted_checks(
+    t: &Target,
+    cred: &Credential,
+    add: &mut impl FnMut(&'static str, &'static str, Result<Outcome, String>),
+) {
+    add(
+        "7.5",
+        "a SEALED_HELLO sealed to another server key is answered like an unknown id",
+        (|| {
+            let unknown = Credential {
+                id: fresh_id("conformance-unknown"),
+                key: SecretKey::from_bytes(random32()),
+                ..cred.clone()
+            };
+            let other = x25519_dalek::StaticSecret::from(random32());
+            let unopened = Credential {
+                server_key: x25519_dalek::PublicKey::from(&other).to_bytes(),
+                ..cred.clone()
+            };
+            let a = refused_handshake(t, &unknown)?;
+            let b = refused_handshake(t, &unopened)?;
+            if a == b {
+                Ok(Outcome::Pass)
+            } else {
+                Err(format!(
+                    "unknown {a:?} differs from a sealed id that does not open {b:?}"
+                ))
+            }
+        })(),
+    );
+    add(
+        "7.2",
+        "a SEALED_HELLO whose ephemeral key is of low order is refused with MALFORMED",
+        {
+            let mut h = hello_bytes(t, &cred.id, OUR_LIMIT);
+            h[10..42].fill(0);
+            expect_error(t, &h, ErrorCode::MALFORMED)
+        },
+    );
+    add(
+        "7.7",
+        "a recorded SEALED_HELLO and CLIENT_FINISH replayed get a new SEALED_AUTH, then AUTH_FAILED",
+        (|| {
+            let mut conn = Conn::connect(&t.addr)?;
+            let mut hello = BytesMut::new();
+            let wait = start(cred, Mode::Encrypted, &mut hello)?;
+            conn.send(&hello)?;
+            let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SEALED_AUTH")?;
+            let mut finish = BytesMut::new();
+            let (mut s, _) = wait
+                .handle_server_auth(&auth, &mut finish)
+                .map_err(|e| e.to_string())?;
+            conn.send(&finish)?;
+            close_politely(&mut conn, &mut s, t.timeout)?;
+            let mut again = Conn::connect(&t.addr)?;
+            again.send(&hello)?;
+            let auth2 = again.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SEALED_AUTH")?;
+            if auth2 == auth {
+                return Err("the same SEALED_AUTH twice: the server's key is not fresh".into());
+            }
+            again.send(&finish)?;
+            let f = again.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "ERROR authentication failed")?;
+            match ErrorFrame::code_if_error(&f) {
+                Some(code) if code == ErrorCode::AUTH_FAILED => Ok(Outcome::Pass),
+                other => Err(format!("expected ERROR authentication failed, got {other:?}")),
+            }
+        })(),
+    );
+    add(
+        "8.7",
+        "after the client's KEY_UPDATE the server opens frames sealed with the next key",
+        session(t, cred).and_then(|(mut conn, mut s, _)| {
+            conn.send(&seal(&mut s, &Body::KeyUpdate))?;
+            conn.send(&seal(
+                &mut s,
+                &Body::Request {
+                    payload: Bytes::from_static(b"after the update"),
+                },
+            ))?;
+            match open(&mut s, conn.frame(OUR_LIMIT, t.timeout, "the RESPONSE")?)?.body {
+                Body::Response { req_seq: 2, .. } => close_politely(&mut conn, &mut s, t.timeout),
+                other => Err(format!("expected the RESPONSE to 2, got {other:?}")),
+            }
+        }),
+    );
+    add(
+        "8.7",
+        "a frame sealed with the key before the client's KEY_UPDATE is refused; CLOSE PROTOCOL_ERROR",
+        violation(t, cred, 0, |s| {
+            let stale = s.forge_for_testing(FrameType::Request as u8, 2, b"old key");
+            vec![seal(s, &Body::KeyUpdate), stale]
+        }),
+    );
+    add(
+        "8.2",
+        "a frame sealed under the server's nonce (direction 1) is refused; CLOSE PROTOCOL_ERROR",
+        violation(t, cred, 0, |s| {
+            vec![s.forge_with_nonce_for_testing(FrameType::Request as u8, 1, 1, b"wrong nonce")]
+        }),
+    );
+}
+
+/// The first frame of the target's mode (spec 4.3) for `id`, with a fresh nonce (or
+/// ephemeral key) and any `limit`, even one out of range: HELLO, or SEALED_HELLO sealed
+/// to the token's `S` (its limit is not in the sealed part: it is set afterwards).
+fn hello_bytes(t: &Target, id: &Id, limit: u32) -> Vec<u8> {
+    match t.mode {
+        Mode::Authenticated => {
+            let n = id.as_str().len();
+            let mut h = ((39 + n) as u32).to_be_bytes().to_vec();
+            h.extend_from_slice(&[FrameType::Hello as u8, 1, n as u8]);
+            h.extend_from_slice(id.as_str().as_bytes());
+            h.extend_from_slice(&random32());
+            h.extend_from_slice(&limit.to_be_bytes());
+            h
+        }
+        Mode::Encrypted => {
+            let mut h = BytesMut::new();
+            let _ = ClientAwaitAuth::start_sealed(
+                id,
+                SecretKey::from_bytes(random32()),
+                &t.token.server_static,
+                random32(),
+                OUR_LIMIT,
+                &mut h,
+            );
+            h[6..10].copy_from_slice(&limit.to_be_bytes());
+            h.to_vec()
+        }
+    }
 }
 
 /// Enrolls `id` with the target's token (spec 6.2).
@@ -459,17 +590,41 @@ fn enroll(t: &Target, id: &Id) -> Result<Credential, String> {
         id,
         key,
         server: t.addr.clone(),
+        server_key: t.token.server_static,
     })
+}
+
+/// The client's first frame in `mode`: HELLO, or SEALED_HELLO (spec 7.7).
+fn start(cred: &Credential, mode: Mode, out: &mut BytesMut) -> Result<ClientAwaitAuth, String> {
+    match mode {
+        Mode::Authenticated => Ok(ClientAwaitAuth::start(
+            &cred.id,
+            cred.key.clone(),
+            random32(),
+            OUR_LIMIT,
+            out,
+        )),
+        Mode::Encrypted => ClientAwaitAuth::start_sealed(
+            &cred.id,
+            cred.key.clone(),
+            &cred.server_key,
+            random32(),
+            OUR_LIMIT,
+            out,
+        )
+        .map_err(|e| format!("the server key in the token: {e}")),
+    }
 }
 
 /// The handshake (spec 7.1) on `conn`.
 fn handshake(
     conn: &mut Conn,
     cred: &Credential,
+    mode: Mode,
     timeout: Duration,
 ) -> Result<(Session, ServerLimits), String> {
     let mut out = BytesMut::new();
-    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
+    let wait = start(cred, mode, &mut out)?;
     conn.send(&out)?;
     let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, timeout, "SERVER_AUTH")?;
     out.clear();
@@ -482,7 +637,7 @@ fn handshake(
 
 fn session(t: &Target, cred: &Credential) -> Result<(Conn, Session, ServerLimits), String> {
     let mut conn = Conn::connect(&t.addr)?;
-    let (s, l) = handshake(&mut conn, cred, t.timeout)?;
+    let (s, l) = handshake(&mut conn, cred, t.mode, t.timeout)?;
     Ok((conn, s, l))
 }
 
@@ -600,11 +755,12 @@ fn expect_error(t: &Target, bytes: &[u8], code: ErrorCode) -> Result<Outcome, St
 fn refused_handshake(t: &Target, cred: &Credential) -> Result<(usize, Vec<u8>), String> {
     let mut conn = Conn::connect(&t.addr)?;
     let mut out = BytesMut::new();
-    let wait = ClientAwaitAuth::start(&cred.id, cred.key.clone(), random32(), OUR_LIMIT, &mut out);
+    let wait = start(cred, t.mode, &mut out)?;
     conn.send(&out)?;
     let auth = conn.frame(HANDSHAKE_MAX_FRAME_LEN, t.timeout, "SERVER_AUTH")?;
-    if FrameType::of(&auth) != Ok(FrameType::ServerAuth) {
-        return Err(format!("expected SERVER_AUTH, got {auth:02x?}"));
+    let answer = crate::proto::frame::ServerAuth::frame_type(t.mode);
+    if FrameType::of(&auth) != Ok(answer) {
+        return Err(format!("expected {answer:?}, got {auth:02x?}"));
     }
     if wait.handle_server_auth(&auth, &mut BytesMut::new()).is_ok() {
         return Err("SERVER_AUTH verified with a key the server should not have".into());

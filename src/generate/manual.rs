@@ -207,6 +207,11 @@ fn tally(r: &mut Roff) {
     );
     entry(
         r,
+        "TALLY_AUTHENTICATE_ONLY",
+        &["Set to true: the session runs in the authenticated mode, payloads in the clear (--authenticate-only of tally request, message, listen). By default it is encrypted. tally never switches mode on its own when a server refuses one."],
+    );
+    entry(
+        r,
         "TALLY_TOKEN",
         &["The enrollment token, when no --token-file is given (tally enroll, tally bench, tally conformance server): safer than the command line, which other local users can read."],
     );
@@ -298,7 +303,7 @@ fn tallyd_toml(source: &str) -> String {
     r.text([bold("tallyd --config "), italic("FILE")]);
     section(&mut r, "DESCRIPTION");
     r.text([roman(
-        "The configuration of tallyd, in TOML. Every key is optional and has a default; a key that tallyd does not know, a value of the wrong type or out of its range is refused at start (and on SIGHUP, which then keeps the running configuration), with the key's name. The command line flags (--listen, --state-dir, --log-level, --log-format, --takeover, --no-open-enrollment, --metrics-listen) override the file.",
+        "The configuration of tallyd, in TOML. Every key is optional and has a default; a key that tallyd does not know, a value of the wrong type or out of its range is refused at start (and on SIGHUP, which then keeps the running configuration), with the key's name. The command line flags (--listen, --state-dir, --log-level, --log-format, --takeover, --encryption, --no-open-enrollment, --metrics-listen) override the file.",
     )]);
     r.control("PP", []);
     r.text([roman(

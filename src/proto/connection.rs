@@ -39,6 +39,26 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Largest length field accepted from the peer (spec 3.2).
     pub max_frame_len: u32,
+    /// When this side replaces its sending key (spec 8.7); `None`: never.
+    pub key_update: Option<KeyUpdate>,
+}
+
+/// When a side sends KEY_UPDATE (spec 8.7): right before the next frame, once its
+/// sending key has sealed `frames` frames or was first used `after` ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUpdate {
+    /// Age of the sending key, from the first frame it sealed.
+    pub after: Duration,
+    /// Frames sealed with one key.
+    pub frames: u64,
+}
+
+impl KeyUpdate {
+    /// The spec's bound (8.7): 10 minutes or 2^20 frames.
+    pub const SPEC: KeyUpdate = KeyUpdate {
+        after: Duration::from_secs(600),
+        frames: 1 << 20,
+    };
 }
 
 impl Config {
@@ -50,6 +70,7 @@ impl Config {
             idle_timeout: Some(Duration::from_secs(45)),
             close_timeout: Duration::from_secs(5),
             max_frame_len: super::DEFAULT_MAX_FRAME_LEN,
+            key_update: Some(KeyUpdate::SPEC),
         }
     }
 
@@ -173,6 +194,8 @@ pub struct Connection {
     /// When this side last sent a PING (spec 8.5: one PING per interval while nothing
     /// comes back).
     last_ping: Duration,
+    /// When the current sending key sealed its first frame (spec 8.7); `None` before.
+    key_since: Option<Duration>,
     /// Bytes handed in ([`Connection::handle_read`]) and out ([`Connection::transmit_into`]).
     bytes_in: u64,
     bytes_out: u64,
@@ -194,6 +217,7 @@ impl Connection {
             last_received: now,
             last_sent: now,
             last_ping: now,
+            key_since: None,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -492,9 +516,13 @@ impl Connection {
         if self.state != State::Open {
             return Err(ProtocolError::Closed);
         }
+        if self.key_update_due(now) && self.session.seal(&Body::KeyUpdate, &mut self.send).is_ok() {
+            self.key_since = None;
+        }
         match self.session.seal(body, &mut self.send) {
             Ok(seq) => {
                 self.last_sent = now;
+                self.key_since.get_or_insert(now);
                 Ok(seq)
             }
             Err(ProtocolError::SequenceExhausted) => {
@@ -507,6 +535,19 @@ impl Connection {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Spec 8.7: whether the sending key has sealed enough frames, or lived long enough,
+    /// to be replaced before the next frame.
+    fn key_update_due(&self, now: Duration) -> bool {
+        // The last two numbers are the frame's own and CLOSE's (spec 8.7, 8.1).
+        self.session.last_sent() < u64::MAX - 3
+            && self.config.key_update.is_some_and(|rule| {
+                self.session.sealed_on_key() >= rule.frames
+                    || self
+                        .key_since
+                        .is_some_and(|since| now >= since + rule.after)
+            })
     }
 
     fn send_close(&mut self, code: CloseCode, reason: &str) {
@@ -583,6 +624,8 @@ impl Connection {
                 });
             }
             Body::Message { payload } => self.events.push_back(Event::Message { payload }),
+            // The session already moved to the peer's next key (spec 8.7).
+            Body::KeyUpdate => {}
             Body::Ping => {
                 // Answered at once; a PONG that cannot be sent (sequence numbers
                 // exhausted) has closed the session instead.

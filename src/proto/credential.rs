@@ -128,6 +128,9 @@ pub struct Credential {
     pub key: SecretKey,
     /// Where the server listens (`host:port`), as given at enrollment.
     pub server: String,
+    /// The server's static public key `S`, from the enrollment token: the encrypted
+    /// mode seals the id to it (spec 7.7, 9.2).
+    pub server_key: [u8; 32],
 }
 
 impl fmt::Debug for Credential {

@@ -28,10 +28,11 @@ use core::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::connection::{self, Connection};
+use super::frame::Mode;
 use super::handshake::{ClientAwaitAuth, ServerLimits};
 use super::{
     decode_frame, CloseCode, Id, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
-    NONCE_LEN,
+    KEY_LEN, NONCE_LEN,
 };
 
 /// How long a client waits for the server's answer to HELLO by default: at least 10 s,
@@ -52,6 +53,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// After sending CLOSE, how long to wait for the server's CLOSE (or EOF).
     pub close_timeout: Duration,
+    /// The mode: [`Mode::Encrypted`] (SEALED_HELLO) unless the device's user chose the
+    /// authenticated mode. Never changed on a refusal (spec 7.8).
+    pub mode: Mode,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             keepalive: None,
             handshake_timeout: HANDSHAKE_WAIT,
             close_timeout: connection::Config::client().close_timeout,
+            mode: Mode::Encrypted,
         }
     }
 }
@@ -152,27 +157,54 @@ impl core::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Starts a connection for `id` with its `key` at `now`: HELLO, with the client
-    /// nonce `nc` (32 random bytes, new for every connection), is queued to send.
+    /// Starts a connection for `id` with its `key` at `now`, to the server whose static
+    /// key is `server` (the credential's `server-key`): SEALED_HELLO (or HELLO, in the
+    /// authenticated mode) is queued to send. `random` is 32 random bytes, new for every
+    /// connection: the ephemeral secret `e` (or the nonce `nc`).
     pub fn new(
         id: &Id,
         key: SecretKey,
-        nc: [u8; NONCE_LEN],
+        server: &[u8; KEY_LEN],
+        random: [u8; NONCE_LEN],
         config: Config,
         now: Duration,
     ) -> Self {
         let mut send = BytesMut::new();
-        let wait = ClientAwaitAuth::start(id, key, nc, config.max_frame_len, &mut send);
-        Device {
-            state: State::AwaitAuth {
-                wait,
-                deadline: now + config.handshake_timeout,
-            },
+        let wait = match config.mode {
+            Mode::Authenticated => Ok(ClientAwaitAuth::start(
+                id,
+                key,
+                random,
+                config.max_frame_len,
+                &mut send,
+            )),
+            Mode::Encrypted => ClientAwaitAuth::start_sealed(
+                id,
+                key,
+                server,
+                random,
+                config.max_frame_len,
+                &mut send,
+            ),
+        };
+        let mut device = Device {
+            state: State::Failed,
             config,
             input: BytesMut::new(),
             send,
             events: VecDeque::new(),
+        };
+        match wait {
+            Ok(wait) => {
+                device.state = State::AwaitAuth {
+                    wait,
+                    deadline: now + config.handshake_timeout,
+                }
+            }
+            // A server key of low order: nothing is sent.
+            Err(e) => device.fail(HandshakeFailure::Failed(e)),
         }
+        device
     }
 
     /// This device's settings.
@@ -440,11 +472,21 @@ mod tests {
         server_key: u8,
         limits: ServerLimits,
     ) -> (Device, Bytes, ServerAwaitFinish) {
-        let mut d = Device::new(&id(), key(7), [1; 32], config, Duration::ZERO);
+        let server_static = x25519_dalek::StaticSecret::from([0x20; 32]);
+        let server_public = x25519_dalek::PublicKey::from(&server_static).to_bytes();
+        let mut d = Device::new(
+            &id(),
+            key(7),
+            &server_public,
+            [1; 32],
+            config,
+            Duration::ZERO,
+        );
         let hello = d.poll_transmit().expect("HELLO");
         assert!(d.poll_transmit().is_none());
-        let received = HelloReceived::parse(&hello).unwrap();
-        assert_eq!(received.id(), &id());
+        let received = HelloReceived::parse(&hello, &server_static).unwrap();
+        assert_eq!(received.id(), Some(&id()));
+        assert_eq!(received.mode(), config.mode);
         let mut auth = BytesMut::new();
         let server = received.respond(Some(key(server_key)), key(0), [2; 32], limits, &mut auth);
         (d, auth.freeze(), server)
@@ -526,6 +568,44 @@ mod tests {
                 answer: CloseAnswer::Close
             })))
         );
+    }
+
+    #[test]
+    fn each_mode_sends_its_hello_and_runs_the_same_session() {
+        for mode in [Mode::Encrypted, Mode::Authenticated] {
+            let config = Config {
+                mode,
+                ..Config::default()
+            };
+            let (d, _, _) = start(config, 7, LIMITS);
+            assert!(matches!(d.state, State::AwaitAuth { .. }));
+            let (mut d, mut s) = established(config, LIMITS);
+            assert_eq!(d.connection().unwrap().session().mode(), mode);
+            let r = d.request(Bytes::from_static(b"q"), S).unwrap();
+            drive(&mut d, &mut s, S);
+            let got: Vec<_> = core::iter::from_fn(|| s.poll_event()).collect();
+            assert!(matches!(&got[..], [SessionEvent::Request { seq, .. }] if *seq == r));
+        }
+    }
+
+    #[test]
+    fn a_server_key_of_low_order_fails_before_anything_is_sent() {
+        let mut d = Device::new(
+            &id(),
+            key(7),
+            &[0; 32],
+            [1; 32],
+            Config::default(),
+            Duration::ZERO,
+        );
+        assert!(d.poll_transmit().is_none());
+        assert_eq!(
+            events(&mut d),
+            [Event::HandshakeFailed(HandshakeFailure::Failed(
+                ProtocolError::WeakKey
+            ))]
+        );
+        assert!(d.is_over());
     }
 
     #[test]

@@ -25,7 +25,10 @@ use super::{KEY_LEN, TAG_LEN};
 use zeroize::Zeroize;
 
 /// X25519, refusing a non-contributory (all-zero) result: the peer sent a low-order point.
-fn dh(secret: &StaticSecret, public: &[u8; KEY_LEN]) -> Result<SecretKey, ProtocolError> {
+pub(crate) fn dh(
+    secret: &StaticSecret,
+    public: &[u8; KEY_LEN],
+) -> Result<SecretKey, ProtocolError> {
     scrubbed(|| {
         let shared = secret.diffie_hellman(&PublicKey::from(*public));
         if !shared.was_contributory() {
@@ -39,7 +42,7 @@ fn dh(secret: &StaticSecret, public: &[u8; KEY_LEN]) -> Result<SecretKey, Protoc
 }
 
 /// The X25519 secret of 32 random bytes, wiping the caller's copy.
-fn secret_from(mut bytes: [u8; KEY_LEN]) -> StaticSecret {
+pub(crate) fn secret_from(mut bytes: [u8; KEY_LEN]) -> StaticSecret {
     let secret = scrubbed(|| StaticSecret::from(bytes));
     bytes.zeroize();
     secret

@@ -56,6 +56,9 @@ pub enum FrameError {
     /// The enrollment mode byte is neither 0 (open) nor 1 (token).
     #[error("unknown enrollment mode {0}")]
     BadMode(u8),
+    /// SEALED_HELLO's opened id has non-zero bytes after the id (spec 4.3).
+    #[error("the sealed id's padding is not zero")]
+    BadPadding,
     /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
     #[error("invalid close reason")]
     BadReason,
@@ -124,6 +127,13 @@ pub enum ProtocolError {
     /// An X25519 result was all zeros (peer sent a low-order point, spec 6).
     #[error("peer's public key is of low order")]
     WeakKey,
+    /// SEALED_HELLO's ephemeral key is of low order (spec 7.2 row 5a): refused like a
+    /// malformed HELLO, not like a refused enrollment.
+    #[error("the client's ephemeral key is of low order")]
+    WeakHelloKey,
+    /// The server's policy does not accept the mode the first frame starts (spec 7.8).
+    #[error("the {0} mode is refused by this server's policy")]
+    ModeRefused(super::frame::Mode),
     /// An earlier frame failed; the session accepts nothing more (spec 8.3).
     #[error("session failed earlier and accepts no more frames")]
     Poisoned,
@@ -179,6 +189,7 @@ impl ProtocolError {
             ProtocolError::BadTag(TagKind::EnrollInit | TagKind::EnrollConfirm)
             | ProtocolError::OpenModeDisabled
             | ProtocolError::WeakKey => ErrorCode::ENROLL_REFUSED,
+            ProtocolError::ModeRefused(_) => ErrorCode::MODE_REFUSED,
             ProtocolError::BadTag(_) => ErrorCode::AUTH_FAILED,
             _ => ErrorCode::MALFORMED,
         }
@@ -202,7 +213,8 @@ impl ProtocolError {
             ProtocolError::Refused(_) => "refused",
             ProtocolError::PeerClosed(_) => "peer_closed",
             ProtocolError::Closed => "closed",
-            ProtocolError::WeakKey => "weak_key",
+            ProtocolError::WeakKey | ProtocolError::WeakHelloKey => "weak_key",
+            ProtocolError::ModeRefused(_) => "mode_refused",
             ProtocolError::Poisoned => "poisoned",
             ProtocolError::PayloadTooLarge { .. } => "payload_too_large",
             ProtocolError::NotPending(_) => "not_pending",
@@ -268,6 +280,9 @@ wire_codes! {
         TIMEOUT = 0x0008, "handshake timeout";
         /// The server failed internally (for example, its store); try again later.
         INTERNAL = 0x0009, "internal error";
+        /// The server's policy does not accept this mode (HELLO where encryption is
+        /// required, SEALED_HELLO where it is off): the client must not fall back.
+        MODE_REFUSED = 0x000a, "mode refused";
     }
 }
 

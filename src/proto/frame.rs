@@ -27,6 +27,8 @@ pub enum FrameType {
     Hello = 0x10,
     ServerAuth = 0x11,
     ClientFinish = 0x12,
+    SealedHello = 0x13,
+    SealedAuth = 0x14,
     Error = 0x1f,
     Request = 0x20,
     Response = 0x21,
@@ -34,6 +36,7 @@ pub enum FrameType {
     Ping = 0x23,
     Pong = 0x24,
     Close = 0x25,
+    KeyUpdate = 0x26,
 }
 
 impl FrameType {
@@ -48,6 +51,8 @@ impl FrameType {
             0x10 => Hello,
             0x11 => ServerAuth,
             0x12 => ClientFinish,
+            0x13 => SealedHello,
+            0x14 => SealedAuth,
             0x1f => Error,
             0x20 => Request,
             0x21 => Response,
@@ -55,6 +60,7 @@ impl FrameType {
             0x23 => Ping,
             0x24 => Pong,
             0x25 => Close,
+            0x26 => KeyUpdate,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -64,6 +70,62 @@ impl FrameType {
         FrameType::from_u8(Reader::new(frame)?.ty())
     }
 }
+
+/// How a session's frames are protected, fixed by the client's first frame (spec 7.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// HELLO, SERVER_AUTH: fields in the clear, each frame with an HMAC-SHA256 tag.
+    Authenticated,
+    /// SEALED_HELLO, SEALED_AUTH: an ephemeral X25519 exchange, the id sealed to the
+    /// server's key, fields sealed with ChaCha20-Poly1305.
+    Encrypted,
+}
+
+impl Mode {
+    /// Length of a session frame's tag in this mode (spec 4.5).
+    pub const fn tag_len(self) -> usize {
+        match self {
+            Mode::Authenticated => TAG_LEN,
+            Mode::Encrypted => AEAD_TAG_LEN,
+        }
+    }
+
+    /// The mode a connection's first frame starts, after its type and version were
+    /// checked (spec 7.2 rows 2 to 4): what a server's policy decides on (row 4a),
+    /// before any other work.
+    pub fn of_hello(frame: &[u8]) -> Result<Mode, FrameError> {
+        let mut r = Reader::new(frame)?;
+        let mode = match FrameType::from_u8(r.ty())? {
+            FrameType::Hello => Mode::Authenticated,
+            FrameType::SealedHello => Mode::Encrypted,
+            _ => {
+                return Err(FrameError::UnexpectedType {
+                    got: r.ty(),
+                    what: "HELLO or SEALED_HELLO",
+                })
+            }
+        };
+        read_version(&mut r)?;
+        Ok(mode)
+    }
+
+    /// The name operators and configuration files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Authenticated => "authenticated",
+            Mode::Encrypted => "encrypted",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Length of the ChaCha20-Poly1305 tag of an encrypted session frame (spec 3.1).
+pub const AEAD_TAG_LEN: usize = 16;
 
 /// Largest identity length in bytes (spec 4.1).
 pub const ID_MAX_LEN: usize = 64;
@@ -311,6 +373,73 @@ impl Hello {
     }
 }
 
+/// SEALED_HELLO, client to server: the encrypted mode's first frame (spec 4.3, 7.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedHello {
+    /// The largest session frame `length` the client accepts (spec 3.2).
+    pub max_frame_len: u32,
+    /// `E`, the client's ephemeral X25519 public key.
+    pub ephemeral: [u8; KEY_LEN],
+    /// The id, its length and padding, sealed to the server's key (spec 5.6).
+    pub sealed_id: [u8; SealedHello::SEALED_ID_LEN],
+}
+
+impl SealedHello {
+    /// `length` of every SEALED_HELLO.
+    pub const LEN: usize = 1 + 1 + 4 + KEY_LEN + Self::SEALED_ID_LEN;
+    /// Bytes of the frame before `sealed_id` (its associated data), prefix included.
+    pub const AD_LEN: usize = LEN_PREFIX + 1 + 1 + 4 + KEY_LEN;
+    /// The sealed id's plaintext: `u8 n ‖ id ‖ zeros` (spec 4.3).
+    pub const ID_PLAINTEXT_LEN: usize = 1 + ID_MAX_LEN;
+    /// `sealed_id`: the plaintext and the AEAD's tag.
+    pub const SEALED_ID_LEN: usize = Self::ID_PLAINTEXT_LEN + AEAD_TAG_LEN;
+
+    /// Appends the frame up to `sealed_id` (its associated data).
+    pub(crate) fn encode_head(max_frame_len: u32, ephemeral: &[u8; KEY_LEN], out: &mut BytesMut) {
+        put_header(out, Self::LEN, FrameType::SealedHello as u8);
+        out.put_u8(super::VERSION);
+        out.put_u32(max_frame_len);
+        out.put_slice(ephemeral);
+    }
+
+    /// Parses a whole frame: version, length and limit (spec 7.2 rows 3 to 5). The
+    /// sealed id is opened by the handshake.
+    pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(frame)?;
+        expect(&r, FrameType::SealedHello, "SEALED_HELLO")?;
+        read_version(&mut r)?;
+        let msg = SealedHello {
+            max_frame_len: read_frame_limit(&mut r)?,
+            ephemeral: r.array()?,
+            sealed_id: r.array()?,
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+
+    /// The sealed id's plaintext for `id` (spec 4.3).
+    pub(crate) fn id_plaintext(id: &Id) -> [u8; Self::ID_PLAINTEXT_LEN] {
+        let mut plain = [0; Self::ID_PLAINTEXT_LEN];
+        plain[0] = id.0.len() as u8;
+        plain[1..1 + id.0.len()].copy_from_slice(id.0.as_bytes());
+        plain
+    }
+
+    /// The id in an opened plaintext: `1 ≤ n ≤ 64`, an id that keeps 4.1, zeros after.
+    pub(crate) fn id_from_plaintext(
+        plain: &[u8; Self::ID_PLAINTEXT_LEN],
+    ) -> Result<Id, FrameError> {
+        let n = plain[0] as usize;
+        if n == 0 || n > ID_MAX_LEN {
+            return Err(FrameError::BadId("sealed id length is not 1..=64"));
+        }
+        if plain[1 + n..].iter().any(|&b| b != 0) {
+            return Err(FrameError::BadPadding);
+        }
+        Id::from_bytes(&plain[1..1 + n])
+    }
+}
+
 /// Reads an announced session frame limit and checks its range (spec 4.3).
 fn read_frame_limit(r: &mut Reader<'_>) -> Result<u32, FrameError> {
     in_range(
@@ -352,9 +481,10 @@ impl ServerAuth {
     /// `length` of every SERVER_AUTH.
     pub const LEN: usize = 1 + NONCE_LEN + 4 + 4 + TAG_LEN;
 
-    /// Appends the frame without its tag (what `th2` covers).
-    pub(crate) fn encode_unsigned(&self, out: &mut BytesMut) {
-        put_header(out, Self::LEN, FrameType::ServerAuth as u8);
+    /// Appends the frame without its tag (what `th2` covers), as SERVER_AUTH or, in the
+    /// encrypted mode, SEALED_AUTH (`nonce` is then `F`, the server's ephemeral key).
+    pub(crate) fn encode_unsigned_as(&self, mode: Mode, out: &mut BytesMut) {
+        put_header(out, Self::LEN, Self::frame_type(mode) as u8);
         out.put_slice(&self.nonce);
         out.put_u32(self.max_frame_len);
         out.put_u32(self.keepalive_ms);
@@ -362,14 +492,36 @@ impl ServerAuth {
 
     /// Appends the whole frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        self.encode_unsigned(out);
+        self.encode_as(Mode::Authenticated, out)
+    }
+
+    /// Appends the whole frame to `out` as the answer of `mode`'s handshake.
+    pub fn encode_as(&self, mode: Mode, out: &mut BytesMut) {
+        self.encode_unsigned_as(mode, out);
         out.put_slice(&self.tag);
     }
 
-    /// Parses a whole frame; the limits must be in range (spec 4.3).
+    /// SERVER_AUTH in the authenticated mode, SEALED_AUTH in the encrypted mode.
+    pub fn frame_type(mode: Mode) -> FrameType {
+        match mode {
+            Mode::Authenticated => FrameType::ServerAuth,
+            Mode::Encrypted => FrameType::SealedAuth,
+        }
+    }
+
+    /// Parses a whole SERVER_AUTH; the limits must be in range (spec 4.3).
     pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
+        Self::decode_as(Mode::Authenticated, frame)
+    }
+
+    /// Parses the answer of `mode`'s handshake: SERVER_AUTH, or SEALED_AUTH (the
+    /// other type is `malformed`, spec 7.2 client row 4).
+    pub fn decode_as(mode: Mode, frame: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(frame)?;
-        expect(&r, FrameType::ServerAuth, "SERVER_AUTH")?;
+        match mode {
+            Mode::Authenticated => expect(&r, FrameType::ServerAuth, "SERVER_AUTH")?,
+            Mode::Encrypted => expect(&r, FrameType::SealedAuth, "SEALED_AUTH")?,
+        }
         let msg = ServerAuth {
             nonce: r.array()?,
             max_frame_len: read_frame_limit(&mut r)?,
@@ -516,6 +668,8 @@ pub enum Body {
         /// Human-readable detail, UTF-8, at most 255 bytes.
         reason: String,
     },
+    /// The sender's next frames use its next key (spec 8.7).
+    KeyUpdate,
 }
 
 /// Bytes of a session frame before its variable part: length, type, sequence number.
@@ -531,6 +685,7 @@ impl Body {
             Body::Ping => FrameType::Ping,
             Body::Pong { .. } => FrameType::Pong,
             Body::Close { .. } => FrameType::Close,
+            Body::KeyUpdate => FrameType::KeyUpdate,
         }
     }
 
@@ -539,31 +694,36 @@ impl Body {
         match self {
             Body::Request { payload } | Body::Message { payload } => payload.len(),
             Body::Response { payload, .. } => 8 + 2 + payload.len(),
-            Body::Ping => 0,
+            Body::Ping | Body::KeyUpdate => 0,
             Body::Pong { .. } => 8,
             Body::Close { reason, .. } => 2 + reason.len(),
         }
     }
 
-    /// Size of the whole frame on the wire, length prefix and tag included.
-    pub fn wire_len(&self) -> usize {
-        SESSION_HEADER_LEN + self.fields_len() + TAG_LEN
+    /// Size of the whole frame on the wire in `mode`, length prefix and tag included.
+    pub fn wire_len(&self, mode: Mode) -> usize {
+        SESSION_HEADER_LEN + self.fields_len() + mode.tag_len()
     }
 
-    /// Overhead of a frame type around its payload: the largest payload that fits in a
-    /// frame whose length field is at most `limit` is `limit - overhead`.
-    pub fn overhead(ty: FrameType) -> usize {
+    /// Overhead of a frame type around its payload in `mode`: the largest payload that
+    /// fits in a frame whose length field is at most `limit` is `limit - overhead`.
+    pub fn overhead(ty: FrameType, mode: Mode) -> usize {
         let fixed = match ty {
             FrameType::Response => 10,
             FrameType::Close => 2,
             _ => 0,
         };
-        SESSION_HEADER_LEN - LEN_PREFIX + fixed + TAG_LEN
+        SESSION_HEADER_LEN - LEN_PREFIX + fixed + mode.tag_len()
     }
 
-    /// Appends everything but the tag: length, type, `seq`, fields.
-    pub(crate) fn encode_unsigned(&self, seq: u64, out: &mut BytesMut) {
-        put_header(out, self.wire_len() - LEN_PREFIX, self.frame_type() as u8);
+    /// Appends everything but the tag: length (counting `mode`'s tag), type, `seq`,
+    /// fields in the clear.
+    pub(crate) fn encode_unsigned(&self, seq: u64, mode: Mode, out: &mut BytesMut) {
+        put_header(
+            out,
+            self.wire_len(mode) - LEN_PREFIX,
+            self.frame_type() as u8,
+        );
         out.put_u64(seq);
         match self {
             Body::Request { payload } | Body::Message { payload } => out.put_slice(payload),
@@ -576,7 +736,7 @@ impl Body {
                 out.put_u16(status.0);
                 out.put_slice(payload);
             }
-            Body::Ping => {}
+            Body::Ping | Body::KeyUpdate => {}
             Body::Pong { ping_seq } => out.put_u64(*ping_seq),
             Body::Close { code, reason } => {
                 out.put_u16(code.0);
@@ -585,9 +745,15 @@ impl Body {
         }
     }
 
-    /// Parses the fields of a session frame whose header and tag were already checked.
-    /// `frame` is the whole frame; payloads are zero-copy slices of it.
-    pub(crate) fn decode_fields(ty: FrameType, frame: Bytes) -> Result<Body, FrameError> {
+    /// Parses the fields of a session frame whose header and tag were already checked
+    /// (and which was decrypted in place, in the encrypted mode). `frame` is the whole
+    /// frame; payloads are zero-copy slices of it.
+    pub(crate) fn decode_fields(
+        ty: FrameType,
+        frame: Bytes,
+        mode: Mode,
+    ) -> Result<Body, FrameError> {
+        let tag_len = mode.tag_len();
         /// What the fields say; a payload as where it lies in the frame.
         enum Fields {
             Request(Range<usize>),
@@ -599,7 +765,7 @@ impl Body {
         r.take(8)?; // sequence number, read by the caller
         let len = frame.len();
         let rest = |r: &mut Reader<'_>| -> Result<Range<usize>, FrameError> {
-            let rest = r.all_but(TAG_LEN)?.len();
+            let rest = r.all_but(tag_len)?.len();
             let from = len - r.remaining() - rest;
             Ok(from..from + rest)
         };
@@ -612,10 +778,11 @@ impl Body {
                 Fields::Response(req_seq, status, rest(&mut r)?)
             }
             FrameType::Ping => Fields::Other(Body::Ping),
+            FrameType::KeyUpdate => Fields::Other(Body::KeyUpdate),
             FrameType::Pong => Fields::Other(Body::Pong { ping_seq: r.u64()? }),
             FrameType::Close => {
                 let code = CloseCode(r.u16()?);
-                let reason = r.all_but(TAG_LEN)?;
+                let reason = r.all_but(tag_len)?;
                 if reason.len() > MAX_REASON_LEN {
                     return Err(FrameError::BadReason);
                 }
@@ -632,7 +799,7 @@ impl Body {
                 })
             }
         };
-        r.take(TAG_LEN)?;
+        r.take(tag_len)?;
         r.finish()?;
         // The payload is the frame itself, cut down to it: no reference taken or dropped.
         let payload = |range: Range<usize>| {
@@ -668,8 +835,9 @@ pub struct SessionFrame {
 }
 
 /// Reads the type and sequence number of a session frame, checking it is long enough to
-/// hold them and a tag. Nothing else is looked at: this is the cheap check before the tag.
-pub(crate) fn session_header(frame: &[u8]) -> Result<(FrameType, u64), FrameError> {
+/// hold them and `mode`'s tag. Nothing else is looked at: this is the cheap check before
+/// the tag.
+pub(crate) fn session_header(frame: &[u8], mode: Mode) -> Result<(FrameType, u64), FrameError> {
     let mut r = Reader::new(frame)?;
     let ty = FrameType::from_u8(r.ty())?;
     if (ty as u8) < FrameType::Request as u8 {
@@ -679,7 +847,7 @@ pub(crate) fn session_header(frame: &[u8]) -> Result<(FrameType, u64), FrameErro
         });
     }
     let seq = r.u64()?;
-    if r.remaining() < TAG_LEN {
+    if r.remaining() < mode.tag_len() {
         return Err(FrameError::Truncated { ty: ty as u8 });
     }
     Ok((ty, seq))

@@ -17,12 +17,18 @@ use core::time::Duration;
 
 use bytes::BytesMut;
 
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
 use super::codec::put_header;
+use super::enroll::{dh, secret_from};
 use super::error::{ProtocolError, TagKind};
-use super::frame::{signed_part, ErrorFrame, FrameType, Hello, Id, ServerAuth, TagOnly};
-use super::schedule::{hmac, verify, SecretKey, SessionKeys, Transcript};
+use super::frame::{
+    signed_part, ErrorFrame, FrameType, Hello, Id, Mode, SealedHello, ServerAuth, TagOnly,
+};
+use super::schedule::{hmac, sealed_id_key, verify, Aead, SecretKey, SessionKeys, Transcript};
 use super::session::{Role, Session};
-use super::{NONCE_LEN, TAG_LEN};
+use super::{KEY_LEN, LEN_PREFIX, NONCE_LEN, TAG_LEN};
 
 /// What the server announces in SERVER_AUTH (spec 4.3, 8.5): the client sends no
 /// session frame longer than `max_frame_len` and sends something at least every
@@ -52,15 +58,28 @@ fn announceable(max_frame_len: u32) -> u32 {
     max_frame_len.clamp(super::MIN_SESSION_FRAME_LEN, super::MAX_FRAME_LEN_CEILING)
 }
 
-/// Client: HELLO was sent; waiting for SERVER_AUTH.
+/// Client: HELLO or SEALED_HELLO was sent; waiting for SERVER_AUTH or SEALED_AUTH.
 pub struct ClientAwaitAuth {
     key: SecretKey,
-    nonce: [u8; NONCE_LEN],
+    sent: ClientHello,
     transcript: Transcript,
 }
 
+/// What the client's first frame committed it to.
+enum ClientHello {
+    /// HELLO, with the client nonce `nc`.
+    Plain { nonce: [u8; NONCE_LEN] },
+    /// SEALED_HELLO: the ephemeral pair `e, E` and `dh_es` (spec 5.6, 5.7).
+    Sealed {
+        ephemeral: StaticSecret,
+        ephemeral_public: [u8; KEY_LEN],
+        dh_es: SecretKey,
+    },
+}
+
 impl ClientAwaitAuth {
-    /// Writes HELLO for `id` with the client nonce `nc` (32 random bytes) to `out`.
+    /// Writes HELLO for `id` with the client nonce `nc` (32 random bytes) to `out`: the
+    /// authenticated mode (spec 7.1).
     ///
     /// `max_frame_len` is the largest session frame `length` this client accepts; HELLO
     /// announces it (clamped to 256..=16 MiB) and the server sends nothing longer.
@@ -82,14 +101,58 @@ impl ClientAwaitAuth {
         transcript.update(&out[start..]);
         ClientAwaitAuth {
             key,
-            nonce: nc,
+            sent: ClientHello::Plain { nonce: nc },
             transcript,
         }
     }
 
-    /// Checks SERVER_AUTH, writes CLIENT_FINISH to `out` and returns the session with
-    /// the limits the server announced. The session sends no frame longer than the
-    /// server's limit; the caller adopts the server's keepalive (spec 8.5).
+    /// Writes SEALED_HELLO for `id` to `out`: the encrypted mode (spec 7.7). `server` is
+    /// the server's static key `S` (from the credential), `ephemeral` 32 random bytes,
+    /// new for every connection (the secret `e`). Fails only if `S` is of low order.
+    pub fn start_sealed(
+        id: &Id,
+        key: SecretKey,
+        server: &[u8; KEY_LEN],
+        ephemeral: [u8; KEY_LEN],
+        max_frame_len: u32,
+        out: &mut BytesMut,
+    ) -> Result<Self, ProtocolError> {
+        let ephemeral = secret_from(ephemeral);
+        let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
+        let dh_es = dh(&ephemeral, server)?;
+        let id_key = sealed_id_key(&ephemeral_public, server, &dh_es);
+        let mut frame = BytesMut::with_capacity(LEN_PREFIX + SealedHello::LEN);
+        SealedHello::encode_head(announceable(max_frame_len), &ephemeral_public, &mut frame);
+        let mut sealed = SealedHello::id_plaintext(id);
+        let tag = Aead::new(&id_key).seal(&[0; 12], &frame, &mut sealed);
+        frame.extend_from_slice(&sealed);
+        frame.extend_from_slice(&tag);
+        let mut transcript = Transcript::default();
+        transcript.update(&frame);
+        out.extend_from_slice(&frame);
+        Ok(ClientAwaitAuth {
+            key,
+            sent: ClientHello::Sealed {
+                ephemeral,
+                ephemeral_public,
+                dh_es,
+            },
+            transcript,
+        })
+    }
+
+    /// The mode the first frame chose.
+    pub fn mode(&self) -> Mode {
+        match self.sent {
+            ClientHello::Plain { .. } => Mode::Authenticated,
+            ClientHello::Sealed { .. } => Mode::Encrypted,
+        }
+    }
+
+    /// Checks SERVER_AUTH (or SEALED_AUTH), writes CLIENT_FINISH to `out` and returns
+    /// the session with the limits the server announced. The session sends no frame
+    /// longer than the server's limit; the caller adopts the server's keepalive (spec
+    /// 8.5).
     pub fn handle_server_auth(
         mut self,
         frame: &[u8],
@@ -98,10 +161,30 @@ impl ClientAwaitAuth {
         if let Some(code) = ErrorFrame::code_if_error(frame) {
             return Err(ProtocolError::Refused(code));
         }
-        let auth = ServerAuth::decode(frame)?;
+        // Spec 7.2 client row 4: the answer of the other mode is malformed (a downgrade).
+        let auth = ServerAuth::decode_as(self.mode(), frame)?;
         self.transcript.update(signed_part(frame));
         let th2 = self.transcript.hash();
-        let keys = SessionKeys::derive(&self.key, &self.nonce, &auth.nonce, &th2);
+        let keys = match &self.sent {
+            ClientHello::Plain { nonce } => {
+                SessionKeys::derive(&self.key, nonce, &auth.nonce, &th2)
+            }
+            ClientHello::Sealed {
+                ephemeral,
+                ephemeral_public,
+                dh_es,
+            } => {
+                let dh_ee = dh(ephemeral, &auth.nonce)?;
+                SessionKeys::derive_sealed(
+                    &self.key,
+                    ephemeral_public,
+                    &auth.nonce,
+                    &dh_ee,
+                    dh_es,
+                    &th2,
+                )
+            }
+        };
         // Spec 7.1: the server proves it holds k; the tag covers the limits too.
         if !verify(keys.server_finish.expose(), &[&th2], &auth.tag) {
             return Err(ProtocolError::BadTag(TagKind::ServerAuth));
@@ -116,6 +199,7 @@ impl ClientAwaitAuth {
             max_frame_len: auth.max_frame_len,
             keepalive: Duration::from_millis(auth.keepalive_ms.into()),
         };
+        // `self` (the ephemeral secret `e` with it) is dropped, and wiped, here.
         Ok((
             Session::new(Role::Client, &keys, auth.max_frame_len),
             limits,
@@ -123,70 +207,212 @@ impl ClientAwaitAuth {
     }
 }
 
-/// Server: a parsed HELLO, waiting for the caller to look up the identity's key.
+/// Server: a parsed HELLO or SEALED_HELLO, waiting for the caller to look up the
+/// identity's key.
 pub struct HelloReceived {
-    hello: Hello,
+    id: Option<Id>,
+    client_max_frame_len: u32,
+    received: ServerHello,
     transcript: Transcript,
 }
 
+enum ServerHello {
+    Plain {
+        nonce: [u8; NONCE_LEN],
+    },
+    Sealed {
+        ephemeral_public: [u8; KEY_LEN],
+        dh_es: SecretKey,
+    },
+}
+
 impl HelloReceived {
-    /// Parses HELLO, the first frame of a session handshake.
-    pub fn parse(frame: &[u8]) -> Result<Self, ProtocolError> {
-        let hello = Hello::decode(frame)?;
-        let mut transcript = Transcript::default();
-        transcript.update(frame);
-        Ok(HelloReceived { hello, transcript })
+    /// Spec 7.2 rows 2 to 4a: the mode a first frame starts (its type and version
+    /// checked), refused with [`ProtocolError::ModeRefused`] unless `accepts` it: the
+    /// server's policy (7.8), decided before any other work.
+    pub fn check_mode(frame: &[u8], accepts: impl Fn(Mode) -> bool) -> Result<Mode, ProtocolError> {
+        let mode = Mode::of_hello(frame)?;
+        if accepts(mode) {
+            Ok(mode)
+        } else {
+            Err(ProtocolError::ModeRefused(mode))
+        }
     }
 
-    /// The identity the client claims (not yet authenticated).
-    pub fn id(&self) -> &Id {
-        &self.hello.id
+    /// Parses HELLO or SEALED_HELLO, the first frame of a session handshake, in the
+    /// order of spec 7.2 (rows 3 to 5b). `server` is the static secret `s`, which opens
+    /// a SEALED_HELLO's id (spec 5.6); a sealed id that does not open is no error: it is
+    /// answered as an unknown id (spec 7.5, [`HelloReceived::id`] is `None`).
+    ///
+    /// The caller checks its mode policy first, on [`Mode::of_hello`] (row 4a), so that
+    /// a refused mode costs no X25519.
+    pub fn parse(frame: &[u8], server: &StaticSecret) -> Result<Self, ProtocolError> {
+        let mut transcript = Transcript::default();
+        transcript.update(frame);
+        if Mode::of_hello(frame)? == Mode::Authenticated {
+            let hello = Hello::decode(frame)?;
+            return Ok(HelloReceived {
+                id: Some(hello.id),
+                client_max_frame_len: hello.max_frame_len,
+                received: ServerHello::Plain { nonce: hello.nonce },
+                transcript,
+            });
+        }
+        let hello = SealedHello::decode(frame)?;
+        let dh_es = dh(server, &hello.ephemeral).map_err(|_| ProtocolError::WeakHelloKey)?;
+        let server_public = PublicKey::from(server).to_bytes();
+        let id_key = sealed_id_key(&hello.ephemeral, &server_public, &dh_es);
+        let mut plain = Zeroizing::new([0u8; SealedHello::ID_PLAINTEXT_LEN]);
+        plain.copy_from_slice(&hello.sealed_id[..SealedHello::ID_PLAINTEXT_LEN]);
+        let opened = Aead::new(&id_key).open(
+            &[0; 12],
+            &frame[..SealedHello::AD_LEN],
+            &mut plain[..],
+            &hello.sealed_id[SealedHello::ID_PLAINTEXT_LEN..],
+        );
+        // Spec 7.5: a sealed id that does not open is answered as an unknown id; one that
+        // opens but breaks 4.3 was made by the holder of `e`: malformed (row 5b).
+        let id = if opened {
+            Some(SealedHello::id_from_plaintext(&plain)?)
+        } else {
+            None
+        };
+        Ok(HelloReceived {
+            id,
+            client_max_frame_len: hello.max_frame_len,
+            received: ServerHello::Sealed {
+                ephemeral_public: hello.ephemeral,
+                dh_es,
+            },
+            transcript,
+        })
+    }
+
+    /// The identity the client claims (not yet authenticated), or `None` for a sealed id
+    /// that did not open: the caller answers it as an unknown id.
+    pub fn id(&self) -> Option<&Id> {
+        self.id.as_ref()
+    }
+
+    /// The mode of this handshake.
+    pub fn mode(&self) -> Mode {
+        match self.received {
+            ServerHello::Plain { .. } => Mode::Authenticated,
+            ServerHello::Sealed { .. } => Mode::Encrypted,
+        }
     }
 
     /// The largest session frame the client accepts (not yet authenticated: it is
     /// covered by both tags, so it is known to be the client's only after
     /// CLIENT_FINISH verified).
     pub fn client_max_frame_len(&self) -> u32 {
-        self.hello.max_frame_len
+        self.client_max_frame_len
     }
 
-    /// Writes SERVER_AUTH with the server nonce `ns` and the server's `limits`.
+    /// Writes SERVER_AUTH (or SEALED_AUTH) with the server's `limits`. `random` is 32
+    /// random bytes, new for every connection: the server nonce `ns` in the
+    /// authenticated mode, the ephemeral secret `f` in the encrypted mode.
     ///
-    /// `key` is the identity's key, or `None` if the identity is unknown or revoked. In
-    /// that case `filler` (a random key from the caller) takes its place, so the reply
-    /// and the work are the same as for a known identity, and the handshake fails at
-    /// CLIENT_FINISH exactly as it does for a wrong key (spec 7.5).
+    /// `key` is the identity's key, or `None` if the identity is unknown or revoked (or
+    /// its sealed id did not open). In that case `filler` (a random key from the caller)
+    /// takes its place, so the reply and the work are the same as for a known identity,
+    /// and the handshake fails at CLIENT_FINISH exactly as it does for a wrong key (spec
+    /// 7.5).
     pub fn respond(
         self,
         key: Option<SecretKey>,
         filler: SecretKey,
-        ns: [u8; NONCE_LEN],
+        random: [u8; NONCE_LEN],
         limits: ServerLimits,
         out: &mut BytesMut,
     ) -> ServerAwaitFinish {
-        let known = key.is_some();
+        self.respond_as(key, filler, random, limits, None, out)
+    }
+
+    /// [`HelloReceived::respond`] with the answer's type byte replaced by `ty` before its
+    /// tag is computed: a server that answers SEALED_HELLO with a validly tagged
+    /// SERVER_AUTH, what a client that does not check the answer's type accepts (the
+    /// conformance tool's downgrade check).
+    #[doc(hidden)]
+    pub fn respond_with_type_for_testing(
+        self,
+        key: Option<SecretKey>,
+        filler: SecretKey,
+        random: [u8; NONCE_LEN],
+        limits: ServerLimits,
+        ty: FrameType,
+        out: &mut BytesMut,
+    ) -> ServerAwaitFinish {
+        self.respond_as(key, filler, random, limits, Some(ty), out)
+    }
+
+    fn respond_as(
+        self,
+        key: Option<SecretKey>,
+        filler: SecretKey,
+        random: [u8; NONCE_LEN],
+        limits: ServerLimits,
+        ty: Option<FrameType>,
+        out: &mut BytesMut,
+    ) -> ServerAwaitFinish {
+        let mut known = key.is_some() && self.id.is_some();
         let key = key.unwrap_or(filler);
         let HelloReceived {
-            hello,
+            id,
+            client_max_frame_len,
+            received,
             mut transcript,
         } = self;
+        let mode = match received {
+            ServerHello::Plain { .. } => Mode::Authenticated,
+            ServerHello::Sealed { .. } => Mode::Encrypted,
+        };
         let start = out.len();
         let mut auth = ServerAuth {
-            nonce: ns,
+            nonce: random,
             max_frame_len: limits.frame_len(),
             keepalive_ms: limits.keepalive_ms(),
             tag: [0; TAG_LEN],
         };
-        auth.encode_unsigned(out);
+        let ephemeral = match mode {
+            Mode::Authenticated => None,
+            Mode::Encrypted => {
+                let f = secret_from(random);
+                auth.nonce = PublicKey::from(&f).to_bytes();
+                Some(f)
+            }
+        };
+        auth.encode_unsigned_as(mode, out);
+        if let Some(ty) = ty {
+            out[start + LEN_PREFIX] = ty as u8;
+        }
         transcript.update(&out[start..]);
         let th2 = transcript.hash();
-        let keys = SessionKeys::derive(&key, &hello.nonce, &ns, &th2);
+        let keys = match (&received, ephemeral) {
+            (ServerHello::Plain { nonce }, _) => SessionKeys::derive(&key, nonce, &random, &th2),
+            (
+                ServerHello::Sealed {
+                    ephemeral_public,
+                    dh_es,
+                },
+                Some(f),
+            ) => {
+                // `E` gave a non-zero `dh_es`, so it is not of low order and neither is
+                // `dh_ee`; should it be, the handshake fails like a wrong key.
+                let dh_ee = dh(&f, ephemeral_public).unwrap_or_else(|_| {
+                    known = false;
+                    filler_dh()
+                });
+                SessionKeys::derive_sealed(&key, ephemeral_public, &auth.nonce, &dh_ee, dh_es, &th2)
+            }
+            (ServerHello::Sealed { .. }, None) => unreachable!("the encrypted mode made `f`"),
+        };
         auth.tag = hmac(keys.server_finish.expose(), &[&th2]);
         out.extend_from_slice(&auth.tag);
         transcript.update(&auth.tag);
         ServerAwaitFinish {
-            id: hello.id,
-            client_max_frame_len: hello.max_frame_len,
+            id,
+            client_max_frame_len,
             known,
             keys,
             transcript,
@@ -194,9 +420,14 @@ impl HelloReceived {
     }
 }
 
+/// A stand-in for a `dh_ee` that cannot occur (see [`HelloReceived::respond`]).
+fn filler_dh() -> SecretKey {
+    SecretKey::from_bytes([0; KEY_LEN])
+}
+
 /// Server: SERVER_AUTH was sent; waiting for CLIENT_FINISH.
 pub struct ServerAwaitFinish {
-    id: Id,
+    id: Option<Id>,
     client_max_frame_len: u32,
     known: bool,
     keys: SessionKeys,
@@ -221,13 +452,19 @@ pub struct Established {
 }
 
 impl ServerAwaitFinish {
-    /// The identity the client claims (not yet authenticated).
-    pub fn id(&self) -> &Id {
-        &self.id
+    /// The identity the client claims (not yet authenticated), `None` for a sealed id
+    /// that did not open.
+    pub fn id(&self) -> Option<&Id> {
+        self.id.as_ref()
     }
 
-    /// Verifies CLIENT_FINISH. Unknown identity, revoked identity and wrong key all
-    /// fail here, with the same error, after the same work.
+    /// The mode of this handshake.
+    pub fn mode(&self) -> Mode {
+        self.keys.mode
+    }
+
+    /// Verifies CLIENT_FINISH. Unknown identity, revoked identity, a sealed id that did
+    /// not open and a wrong key all fail here, with the same error, after the same work.
     pub fn handle_finish(mut self, frame: &[u8]) -> Result<Established, ProtocolError> {
         let finish = TagOnly::decode(frame, FrameType::ClientFinish, "CLIENT_FINISH")?;
         self.transcript.update(signed_part(frame));
@@ -236,14 +473,14 @@ impl ServerAwaitFinish {
             &[&self.transcript.hash()],
             &finish.0,
         );
-        if !(ok & self.known) {
-            return Err(ProtocolError::BadTag(TagKind::ClientFinish));
+        match self.id {
+            Some(id) if ok & self.known => Ok(Established {
+                id,
+                session: Session::new(Role::Server, &self.keys, self.client_max_frame_len),
+                verified: FinishVerified(()),
+            }),
+            _ => Err(ProtocolError::BadTag(TagKind::ClientFinish)),
         }
-        Ok(Established {
-            id: self.id,
-            session: Session::new(Role::Server, &self.keys, self.client_max_frame_len),
-            verified: FinishVerified(()),
-        })
     }
 }
 
@@ -266,8 +503,35 @@ mod tests {
         SecretKey::from_bytes([b; 32])
     }
 
+    fn server_static() -> StaticSecret {
+        StaticSecret::from([0x20; 32])
+    }
+
+    fn server_public() -> [u8; 32] {
+        PublicKey::from(&server_static()).to_bytes()
+    }
+
+    /// The client's first frame in `mode`.
+    fn start(mode: Mode, client_key: u8, out: &mut BytesMut) -> ClientAwaitAuth {
+        match mode {
+            Mode::Authenticated => {
+                ClientAwaitAuth::start(&id(), key(client_key), [1; 32], 4096, out)
+            }
+            Mode::Encrypted => ClientAwaitAuth::start_sealed(
+                &id(),
+                key(client_key),
+                &server_public(),
+                [1; 32],
+                4096,
+                out,
+            )
+            .unwrap(),
+        }
+    }
+
     /// Runs a handshake; returns the outcome at the server and the client's session.
     fn run(
+        mode: Mode,
         client_key: u8,
         server_key: Option<u8>,
     ) -> (
@@ -275,9 +539,10 @@ mod tests {
         Result<Session, ProtocolError>,
     ) {
         let mut hello = BytesMut::new();
-        let client = ClientAwaitAuth::start(&id(), key(client_key), [1; 32], 4096, &mut hello);
-        let received = HelloReceived::parse(&hello).unwrap();
-        assert_eq!(received.id(), &id());
+        let client = start(mode, client_key, &mut hello);
+        let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+        assert_eq!(received.id(), Some(&id()));
+        assert_eq!(received.mode(), mode);
         let mut auth = BytesMut::new();
         let server = received.respond(server_key.map(key), key(0xee), [2; 32], LIMITS, &mut auth);
         let mut finish = BytesMut::new();
@@ -295,11 +560,11 @@ mod tests {
         (server.handle_finish(&finish), session)
     }
 
-    #[test]
-    fn both_sides_agree_and_exchange_frames() {
-        let (server, client) = run(7, Some(7));
+    fn both_sides_agree_and_exchange_frames(mode: Mode) {
+        let (server, client) = run(mode, 7, Some(7));
         let mut server = server.unwrap().session;
         let mut client = client.unwrap();
+        assert_eq!((client.mode(), server.mode()), (mode, mode));
         let mut out = BytesMut::new();
         client
             .seal(
@@ -314,9 +579,8 @@ mod tests {
         assert_eq!(client.open(out.split().freeze()).unwrap().body, Body::Ping);
     }
 
-    #[test]
-    fn wrong_key_fails_at_client_and_server() {
-        let (server, client) = run(7, Some(8));
+    fn wrong_key_fails_at_client_and_server(mode: Mode) {
+        let (server, client) = run(mode, 7, Some(8));
         assert_eq!(
             client.err(),
             Some(ProtocolError::BadTag(TagKind::ServerAuth))
@@ -327,14 +591,198 @@ mod tests {
         );
     }
 
-    #[test]
-    fn unknown_identity_fails_like_a_wrong_key() {
-        let (server, client) = run(7, None);
+    fn unknown_identity_fails_like_a_wrong_key(mode: Mode) {
+        let (server, client) = run(mode, 7, None);
         assert_eq!(
             client.err(),
             Some(ProtocolError::BadTag(TagKind::ServerAuth))
         );
         assert_eq!(server.err().unwrap().error_code(), ErrorCode::AUTH_FAILED);
+    }
+
+    #[test]
+    fn each_test_in_both_modes() {
+        for mode in [Mode::Authenticated, Mode::Encrypted] {
+            both_sides_agree_and_exchange_frames(mode);
+            wrong_key_fails_at_client_and_server(mode);
+            unknown_identity_fails_like_a_wrong_key(mode);
+        }
+    }
+
+    #[test]
+    fn sealed_hello_hides_the_id_and_has_one_length() {
+        let mut short = BytesMut::new();
+        ClientAwaitAuth::start_sealed(
+            &Id::new("a").unwrap(),
+            key(7),
+            &server_public(),
+            [1; 32],
+            4096,
+            &mut short,
+        )
+        .unwrap();
+        let mut long = BytesMut::new();
+        ClientAwaitAuth::start_sealed(
+            &Id::new(&"b".repeat(64)).unwrap(),
+            key(7),
+            &server_public(),
+            [1; 32],
+            4096,
+            &mut long,
+        )
+        .unwrap();
+        assert_eq!(short.len(), 4 + SealedHello::LEN);
+        assert_eq!(long.len(), short.len());
+        assert!(!long.windows(64).any(|w| w == "b".repeat(64).as_bytes()));
+    }
+
+    #[test]
+    fn sealed_id_for_another_server_is_answered_like_an_unknown_id() {
+        // Sealed to another key: the server cannot open it, answers SEALED_AUTH all the
+        // same (spec 7.5), and refuses the finish like a wrong key.
+        let other = PublicKey::from(&StaticSecret::from([0x33; 32])).to_bytes();
+        let mut hello = BytesMut::new();
+        let client =
+            ClientAwaitAuth::start_sealed(&id(), key(7), &other, [1; 32], 4096, &mut hello)
+                .unwrap();
+        let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+        assert_eq!(received.id(), None);
+        let mut auth = BytesMut::new();
+        let server = received.respond(Some(key(7)), key(0xee), [2; 32], LIMITS, &mut auth);
+        assert_eq!(auth.len(), 4 + ServerAuth::LEN);
+        let mut finish = BytesMut::new();
+        assert_eq!(
+            client.handle_server_auth(&auth, &mut finish).err(),
+            Some(ProtocolError::BadTag(TagKind::ServerAuth))
+        );
+        let mut forged = BytesMut::from(&[0, 0, 0, 33, 0x12][..]);
+        forged.extend_from_slice(&[0; 32]);
+        assert_eq!(
+            server.handle_finish(&forged).err(),
+            Some(ProtocolError::BadTag(TagKind::ClientFinish))
+        );
+    }
+
+    #[test]
+    fn downgraded_answer_is_refused() {
+        // SEALED_HELLO answered with SERVER_AUTH (a man in the middle that replaced the
+        // client's frame with a HELLO): malformed, nothing sent (spec 7.2 client row 4).
+        let mut hello = BytesMut::new();
+        let client = start(Mode::Encrypted, 7, &mut hello);
+        let mut plain = BytesMut::new();
+        ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut plain);
+        let mut auth = BytesMut::new();
+        HelloReceived::parse(&plain, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            client.handle_server_auth(&auth, &mut out),
+            Err(ProtocolError::Frame(FrameError::UnexpectedType {
+                got: 0x11,
+                ..
+            }))
+        ));
+        assert!(out.is_empty());
+        // And the reverse: a SEALED_AUTH for a client that sent HELLO.
+        let client = start(Mode::Authenticated, 7, &mut BytesMut::new());
+        let mut sealed = BytesMut::new();
+        HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut sealed);
+        assert!(client
+            .handle_server_auth(&sealed, &mut BytesMut::new())
+            .is_err());
+    }
+
+    #[test]
+    fn low_order_ephemeral_keys_are_refused() {
+        let mut hello = BytesMut::new();
+        let client = start(Mode::Encrypted, 7, &mut hello);
+        // E = 0 (a low-order point) in SEALED_HELLO: weak_key, before any AEAD.
+        let mut weak = hello.clone();
+        weak[10..42].fill(0);
+        assert_eq!(
+            HelloReceived::parse(&weak, &server_static()).err(),
+            Some(ProtocolError::WeakHelloKey)
+        );
+        assert_eq!(
+            ProtocolError::WeakHelloKey.error_code(),
+            ErrorCode::MALFORMED
+        );
+        // F = 0 in SEALED_AUTH: the client refuses before checking the tag.
+        let mut auth = BytesMut::new();
+        HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+        auth[5..37].fill(0);
+        assert_eq!(
+            client.handle_server_auth(&auth, &mut BytesMut::new()).err(),
+            Some(ProtocolError::WeakKey)
+        );
+        // A server key of low order in the credential: nothing is sent.
+        assert_eq!(
+            ClientAwaitAuth::start_sealed(
+                &id(),
+                key(7),
+                &[0; 32],
+                [1; 32],
+                4096,
+                &mut BytesMut::new()
+            )
+            .err(),
+            Some(ProtocolError::WeakKey)
+        );
+    }
+
+    #[test]
+    fn replayed_sealed_hello_gets_new_keys() {
+        // A recorded SEALED_HELLO and CLIENT_FINISH replayed: the server's fresh `F`
+        // makes new keys, and the old finish does not verify.
+        let mut hello = BytesMut::new();
+        let client = start(Mode::Encrypted, 7, &mut hello);
+        let mut auth = BytesMut::new();
+        let first = HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+        let mut finish = BytesMut::new();
+        client.handle_server_auth(&auth, &mut finish).unwrap();
+        first.handle_finish(&finish).unwrap();
+        let replay = HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [3; 32], LIMITS, &mut BytesMut::new());
+        assert_eq!(
+            replay.handle_finish(&finish).err(),
+            Some(ProtocolError::BadTag(TagKind::ClientFinish))
+        );
+    }
+
+    #[test]
+    fn sealed_id_plaintext_rules() {
+        let mut p = SealedHello::id_plaintext(&id());
+        assert_eq!(SealedHello::id_from_plaintext(&p).unwrap(), id());
+        p[40] = 1;
+        assert_eq!(
+            SealedHello::id_from_plaintext(&p).err(),
+            Some(FrameError::BadPadding)
+        );
+        let mut p = SealedHello::id_plaintext(&id());
+        p[0] = 0;
+        assert!(matches!(
+            SealedHello::id_from_plaintext(&p),
+            Err(FrameError::BadId(_))
+        ));
+        p[0] = 65;
+        assert!(matches!(
+            SealedHello::id_from_plaintext(&p),
+            Err(FrameError::BadId(_))
+        ));
+        let mut p = SealedHello::id_plaintext(&id());
+        p[1] = b' ';
+        assert!(matches!(
+            SealedHello::id_from_plaintext(&p),
+            Err(FrameError::BadId(_))
+        ));
     }
 
     #[test]
@@ -344,13 +792,9 @@ mod tests {
         let mut hello = BytesMut::new();
         let client = ClientAwaitAuth::start(&id(), key(0xee), [1; 32], 4096, &mut hello);
         let mut auth = BytesMut::new();
-        let server = HelloReceived::parse(&hello).unwrap().respond(
-            None,
-            key(0xee),
-            [2; 32],
-            LIMITS,
-            &mut auth,
-        );
+        let server = HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(None, key(0xee), [2; 32], LIMITS, &mut auth);
         let mut finish = BytesMut::new();
         client.handle_server_auth(&auth, &mut finish).unwrap();
         assert_eq!(
@@ -366,13 +810,9 @@ mod tests {
         let mut hello = BytesMut::new();
         let client = ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut hello);
         let mut auth = BytesMut::new();
-        let server = HelloReceived::parse(&hello).unwrap().respond(
-            Some(key(7)),
-            key(0),
-            [2; 32],
-            LIMITS,
-            &mut auth,
-        );
+        let server = HelloReceived::parse(&hello, &server_static())
+            .unwrap()
+            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
         let mut forged = BytesMut::from(&[0, 0, 0, 33, 0x12][..]);
         forged.extend_from_slice(&auth[auth.len() - 32..]);
         assert!(server.handle_finish(&forged).is_err());
@@ -396,7 +836,9 @@ mod tests {
         let mut hello = BytesMut::new();
         ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut hello);
         hello[5] = 2;
-        let err = HelloReceived::parse(&hello).err().unwrap();
+        let err = HelloReceived::parse(&hello, &server_static())
+            .err()
+            .unwrap();
         assert_eq!(err, ProtocolError::Frame(FrameError::UnsupportedVersion(2)));
         assert_eq!(err.error_code(), ErrorCode::UNSUPPORTED_VERSION);
     }

@@ -12,7 +12,10 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use super::frame::{Mode, SESSION_HEADER_LEN};
 use super::KEY_LEN;
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::ChaCha20Poly1305;
 
 /// A 32-byte tag: HMAC-SHA256, never truncated.
 pub type Tag = [u8; 32];
@@ -39,6 +42,18 @@ pub mod labels {
     pub const SESSION_SERVER_FINISH: &[u8] = b"tally/1 session key server finish";
     /// Session: key of the CLIENT_FINISH tag.
     pub const SESSION_CLIENT_FINISH: &[u8] = b"tally/1 session key client finish";
+    /// Encrypted mode: the key that seals SEALED_HELLO's id (spec 5.6).
+    pub const SEALED_HELLO_ID: &[u8] = b"tally/1 sealed hello id";
+    /// Encrypted mode: client-to-server frame key.
+    pub const SEALED_C2S: &[u8] = b"tally/1 sealed key c2s";
+    /// Encrypted mode: server-to-client frame key.
+    pub const SEALED_S2C: &[u8] = b"tally/1 sealed key s2c";
+    /// Encrypted mode: key of the SEALED_AUTH tag.
+    pub const SEALED_SERVER_FINISH: &[u8] = b"tally/1 sealed key server finish";
+    /// Encrypted mode: key of the CLIENT_FINISH tag.
+    pub const SEALED_CLIENT_FINISH: &[u8] = b"tally/1 sealed key client finish";
+    /// Both modes: a direction's next frame key (spec 5.8).
+    pub const KEY_UPDATE: &[u8] = b"tally/1 key update";
 
     /// Every label, for the test that none is a prefix of another.
     pub const ALL: &[&[u8]] = &[
@@ -51,6 +66,12 @@ pub mod labels {
         SESSION_S2C,
         SESSION_SERVER_FINISH,
         SESSION_CLIENT_FINISH,
+        SEALED_HELLO_ID,
+        SEALED_C2S,
+        SEALED_S2C,
+        SEALED_SERVER_FINISH,
+        SEALED_CLIENT_FINISH,
+        KEY_UPDATE,
     ];
 }
 
@@ -242,7 +263,7 @@ impl Transcript {
 fn expand_all<const N: usize>(
     salt: &[u8],
     ikm: &[u8],
-    th: &[u8; 32],
+    th: &[u8],
     labels: [&[u8]; N],
 ) -> [SecretKey; N] {
     scrubbed(|| {
@@ -299,8 +320,10 @@ impl EnrollKeys {
     }
 }
 
-/// The keys of a session after SERVER_AUTH (spec 5.5).
+/// The keys of a session after SERVER_AUTH (spec 5.5) or SEALED_AUTH (spec 5.7).
 pub struct SessionKeys {
+    /// Which mode they are for: how `c2s` and `s2c` protect frames.
+    pub mode: Mode,
     /// Keys every client-to-server session frame.
     pub c2s: SecretKey,
     /// Keys every server-to-client session frame.
@@ -329,11 +352,198 @@ impl SessionKeys {
             ],
         );
         SessionKeys {
+            mode: Mode::Authenticated,
             c2s,
             s2c,
             server_finish,
             client_finish,
         }
+    }
+
+    /// The encrypted mode's keys (spec 5.7): `HKDF(salt = E ‖ F,
+    /// ikm = k ‖ dh_ee ‖ dh_es, info = label ‖ th2)` for each key.
+    pub fn derive_sealed(
+        k: &SecretKey,
+        client_ephemeral: &[u8; 32],
+        server_ephemeral: &[u8; 32],
+        dh_ee: &SecretKey,
+        dh_es: &SecretKey,
+        th2: &[u8; 32],
+    ) -> Self {
+        let mut salt = [0u8; 64];
+        salt[..32].copy_from_slice(client_ephemeral);
+        salt[32..].copy_from_slice(server_ephemeral);
+        let mut ikm = zeroize::Zeroizing::new([0u8; 96]);
+        ikm[..32].copy_from_slice(k.expose());
+        ikm[32..64].copy_from_slice(dh_ee.expose());
+        ikm[64..].copy_from_slice(dh_es.expose());
+        let [c2s, s2c, server_finish, client_finish] = expand_all(
+            &salt,
+            &ikm[..],
+            th2,
+            [
+                labels::SEALED_C2S,
+                labels::SEALED_S2C,
+                labels::SEALED_SERVER_FINISH,
+                labels::SEALED_CLIENT_FINISH,
+            ],
+        );
+        SessionKeys {
+            mode: Mode::Encrypted,
+            c2s,
+            s2c,
+            server_finish,
+            client_finish,
+        }
+    }
+}
+
+/// `K_id = HKDF(salt = E ‖ S, ikm = dh_es, info = "tally/1 sealed hello id")` (spec 5.6).
+pub fn sealed_id_key(
+    client_ephemeral: &[u8; 32],
+    server_static: &[u8; 32],
+    dh_es: &SecretKey,
+) -> SecretKey {
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(client_ephemeral);
+    salt[32..].copy_from_slice(server_static);
+    let [key] = expand_all(&salt, dh_es.expose(), &[], [labels::SEALED_HELLO_ID]);
+    key
+}
+
+/// `K_next = HKDF(salt = empty, ikm = K_current, info = "tally/1 key update")` (spec 5.8).
+pub fn next_key(current: &SecretKey) -> SecretKey {
+    let [key] = expand_all(&[], current.expose(), &[], [labels::KEY_UPDATE]);
+    key
+}
+
+/// The AEAD of the encrypted mode (spec 3.1): ChaCha20-Poly1305, on the heap in one
+/// place (its key schedule is the key itself), wiped on drop.
+#[derive(Clone)]
+pub struct Aead(Box<ChaCha20Poly1305>);
+
+/// ChaCha20-Poly1305's nonce: `u32 direction ‖ u64 seq` for session frames (spec 8.2),
+/// zero for the sealed id (spec 5.6).
+pub type AeadNonce = [u8; 12];
+
+impl Aead {
+    /// Prepares `key`.
+    pub fn new(key: &SecretKey) -> Self {
+        scrubbed(|| Aead(Box::new(ChaCha20Poly1305::new(key.expose().into()))))
+    }
+
+    /// Encrypts `buf` in place and returns the 16-byte tag.
+    pub fn seal(&self, nonce: &AeadNonce, ad: &[u8], buf: &mut [u8]) -> [u8; 16] {
+        scrubbed_by::<FRAME_SCRUB_LEN, _>(|| {
+            self.0
+                .encrypt_inout_detached(nonce.into(), ad, buf.into())
+                .expect("a session frame is within ChaCha20-Poly1305's limits")
+                .into()
+        })
+    }
+
+    /// Checks `tag` (in constant time) and only then decrypts `buf` in place; on a bad
+    /// tag `buf` is left as it was and `false` is returned.
+    #[must_use]
+    pub fn open(&self, nonce: &AeadNonce, ad: &[u8], buf: &mut [u8], tag: &[u8]) -> bool {
+        let Ok(tag) = chacha20poly1305::Tag::try_from(tag) else {
+            return false;
+        };
+        scrubbed_by::<FRAME_SCRUB_LEN, _>(|| {
+            self.0
+                .decrypt_inout_detached(nonce.into(), ad, buf.into(), &tag)
+                .is_ok()
+        })
+    }
+}
+
+impl fmt::Debug for Aead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Aead(..)")
+    }
+}
+
+/// One direction's frame key in a session, in either mode, with what it needs to move
+/// forward (spec 8.7): the key itself and its prepared form.
+#[derive(Clone)]
+pub struct FrameKey {
+    key: SecretKey,
+    protect: Protect,
+}
+
+#[derive(Clone)]
+enum Protect {
+    Mac(FrameMac),
+    Aead(Aead),
+}
+
+impl FrameKey {
+    /// Prepares `key` for `mode`.
+    pub fn new(key: &SecretKey, mode: Mode) -> Self {
+        FrameKey {
+            protect: Self::prepare(key, mode),
+            key: key.clone(),
+        }
+    }
+
+    fn prepare(key: &SecretKey, mode: Mode) -> Protect {
+        match mode {
+            Mode::Authenticated => Protect::Mac(FrameMac::new(key)),
+            Mode::Encrypted => Protect::Aead(Aead::new(key)),
+        }
+    }
+
+    /// The mode this key protects frames in.
+    pub fn mode(&self) -> Mode {
+        match self.protect {
+            Protect::Mac(_) => Mode::Authenticated,
+            Protect::Aead(_) => Mode::Encrypted,
+        }
+    }
+
+    /// Replaces the key with the next one (spec 5.8); the current one is wiped.
+    pub fn update(&mut self) {
+        let mode = self.mode();
+        self.key = next_key(&self.key);
+        self.protect = Self::prepare(&self.key, mode);
+    }
+
+    /// Protects the frame in `frame` (header and fields in the clear, nothing after):
+    /// appends the HMAC tag, or encrypts the fields in place and appends the AEAD tag
+    /// (spec 8.2).
+    pub fn seal(&self, nonce: &AeadNonce, frame: &mut bytes::BytesMut) {
+        match &self.protect {
+            Protect::Mac(mac) => {
+                let tag = mac.tag(frame);
+                frame.extend_from_slice(&tag);
+            }
+            Protect::Aead(aead) => {
+                let (header, fields) = frame.split_at_mut(SESSION_HEADER_LEN);
+                let tag = aead.seal(nonce, header, fields);
+                frame.extend_from_slice(&tag);
+            }
+        }
+    }
+
+    /// Checks a whole frame's tag in constant time (spec 8.3 step 4); in the encrypted
+    /// mode decrypts its fields in place once the tag verified.
+    #[must_use]
+    pub fn open(&self, nonce: &AeadNonce, frame: &mut [u8]) -> bool {
+        let split = frame.len() - self.mode().tag_len();
+        let (body, tag) = frame.split_at_mut(split);
+        match &self.protect {
+            Protect::Mac(mac) => mac.verify(body, tag),
+            Protect::Aead(aead) => {
+                let (header, fields) = body.split_at_mut(SESSION_HEADER_LEN);
+                aead.open(nonce, header, fields, tag)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for FrameKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FrameKey({}, ..)", self.mode())
     }
 }
 

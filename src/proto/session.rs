@@ -7,12 +7,13 @@
 //! fields; the counter moves only after all of them passed. Any failure poisons the
 //! receiving side: the session accepts nothing more and must be closed.
 
+use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
 
 use super::error::{CloseCode, FrameError, ProtocolError, TagKind};
-use super::frame::{self, Body, ErrorFrame, FrameType, SessionFrame};
-use super::schedule::{FrameMac, SessionKeys};
-use super::{LEN_PREFIX, MAX_FRAME_LEN_CEILING, TAG_LEN};
+use super::frame::{self, Body, ErrorFrame, FrameType, Mode, SessionFrame};
+use super::schedule::{AeadNonce, FrameKey, SessionKeys};
+use super::{LEN_PREFIX, MAX_FRAME_LEN_CEILING};
 
 /// Which end of the session this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,32 @@ pub enum Role {
     Client,
     /// The server: sends with the s2c key.
     Server,
+}
+
+impl Role {
+    /// The `direction` of the frames this role sends, in the encrypted mode's nonce
+    /// (spec 8.2): 0 client to server, 1 server to client.
+    fn direction(self) -> u32 {
+        match self {
+            Role::Client => 0,
+            Role::Server => 1,
+        }
+    }
+
+    fn peer(self) -> Role {
+        match self {
+            Role::Client => Role::Server,
+            Role::Server => Role::Client,
+        }
+    }
+}
+
+/// The encrypted mode's nonce of the frame numbered `seq` sent by `sender` (spec 8.2).
+fn nonce(sender: Role, seq: u64) -> AeadNonce {
+    let mut n = [0; 12];
+    n[..4].copy_from_slice(&sender.direction().to_be_bytes());
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    n
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +61,13 @@ enum Receiving {
 #[derive(Debug)]
 pub struct Session {
     role: Role,
-    send_mac: FrameMac,
-    recv_mac: FrameMac,
+    mode: Mode,
+    send_key: FrameKey,
+    recv_key: FrameKey,
     /// Sequence number the next sealed frame gets (spec 8.1: starts at 1).
     next_send: u64,
+    /// Frames sealed with the current sending key (spec 8.7).
+    sealed_on_key: u64,
     /// Last sequence number accepted (0: none yet).
     last_recv: u64,
     /// Largest length field this side will send.
@@ -54,9 +84,11 @@ impl Session {
         };
         Session {
             role,
-            send_mac: FrameMac::new(send),
-            recv_mac: FrameMac::new(recv),
+            mode: keys.mode,
+            send_key: FrameKey::new(send, keys.mode),
+            recv_key: FrameKey::new(recv, keys.mode),
             next_send: 1,
+            sealed_on_key: 0,
             last_recv: 0,
             max_frame_len: max_frame_len.min(MAX_FRAME_LEN_CEILING),
             sent_close: false,
@@ -69,9 +101,20 @@ impl Session {
         self.role
     }
 
+    /// How this session's frames are protected (spec 7.7).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Sequence number of the last frame sealed (0 if none).
     pub fn last_sent(&self) -> u64 {
         self.next_send - 1
+    }
+
+    /// Frames sealed with the current sending key, since the session began or the last
+    /// KEY_UPDATE this side sent (spec 8.7).
+    pub fn sealed_on_key(&self) -> u64 {
+        self.sealed_on_key
     }
 
     /// Sequence number of the last frame accepted (0 if none).
@@ -91,7 +134,7 @@ impl Session {
 
     /// The largest payload a frame of type `ty` can carry under the peer's limit.
     pub fn max_payload(&self, ty: FrameType) -> usize {
-        (self.max_frame_len as usize).saturating_sub(Body::overhead(ty))
+        (self.max_frame_len as usize).saturating_sub(Body::overhead(ty, self.mode))
     }
 
     /// Appends `body` as the next authenticated frame to `out` and returns its
@@ -108,10 +151,11 @@ impl Session {
         if self.next_send == u64::MAX && !is_close {
             return Err(ProtocolError::SequenceExhausted);
         }
-        if body.wire_len() - LEN_PREFIX > self.max_frame_len as usize {
+        let wire_len = body.wire_len(self.mode);
+        if wire_len - LEN_PREFIX > self.max_frame_len as usize {
             let ty = body.frame_type();
             return Err(ProtocolError::PayloadTooLarge {
-                len: body.wire_len() - LEN_PREFIX - Body::overhead(ty),
+                len: wire_len - LEN_PREFIX - Body::overhead(ty, self.mode),
                 max: self.max_payload(ty),
             });
         }
@@ -121,13 +165,22 @@ impl Session {
             }
         }
         let seq = self.next_send;
-        let start = out.len();
-        body.encode_unsigned(seq, out);
-        let tag = self.send_mac.tag(&out[start..]);
-        out.extend_from_slice(&tag);
+        // Sealed in a buffer of its own at the end of `out`, so that the AEAD encrypts
+        // exactly this frame's fields in place.
+        let mut frame = out.split_off(out.len());
+        frame.reserve(wire_len);
+        body.encode_unsigned(seq, self.mode, &mut frame);
+        self.send_key.seal(&nonce(self.role, seq), &mut frame);
+        out.unsplit(frame);
         // Saturates at u64::MAX: only a CLOSE can have been sent with that value.
         self.next_send = self.next_send.saturating_add(1);
         self.sent_close = is_close;
+        self.sealed_on_key += 1;
+        if matches!(body, Body::KeyUpdate) {
+            // Spec 8.7: every later frame is sealed with the next key.
+            self.send_key.update();
+            self.sealed_on_key = 0;
+        }
         Ok(seq)
     }
 
@@ -166,7 +219,7 @@ impl Session {
             });
         }
         // Spec 8.3 step 1: type and sequence number, the cheap checks.
-        let (ty, seq) = frame::session_header(&frame)?;
+        let (ty, seq) = frame::session_header(&frame, self.mode)?;
         let expected = self.last_recv + 1;
         if seq != expected {
             return Err(ProtocolError::Sequence { expected, got: seq });
@@ -174,13 +227,20 @@ impl Session {
         if seq == u64::MAX && ty != FrameType::Close {
             return Err(ProtocolError::SequenceExhausted);
         }
-        // Step 2: the tag over every byte before it, in constant time.
-        let split = frame.len() - TAG_LEN;
-        if !self.recv_mac.verify(&frame[..split], &frame[split..]) {
+        // Step 2: the tag over every byte before it, in constant time; in the encrypted
+        // mode the fields are decrypted in place once it verified. A frame whose buffer
+        // is shared (never the case for what the codec returns) is copied first.
+        let mut frame = frame
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        if !self
+            .recv_key
+            .open(&nonce(self.role.peer(), seq), &mut frame)
+        {
             return Err(ProtocolError::BadTag(TagKind::SessionFrame));
         }
         // Step 3: the fields, and what they refer to.
-        let body = Body::decode_fields(ty, frame)?;
+        let body = Body::decode_fields(ty, frame.freeze(), self.mode)?;
         match body {
             Body::Response { req_seq, .. } => self.check_answer("RESPONSE", req_seq)?,
             Body::Pong { ping_seq } => self.check_answer("PONG", ping_seq)?,
@@ -188,6 +248,10 @@ impl Session {
         }
         // Step 4: only now does the counter move.
         self.last_recv = seq;
+        if body == Body::KeyUpdate {
+            // Spec 8.7: the peer seals every later frame with its next key.
+            self.recv_key.update();
+        }
         Ok(SessionFrame { seq, body })
     }
 
@@ -204,12 +268,36 @@ impl Session {
         Ok(())
     }
 
-    /// The tag this side's sending key gives `data`: lets fuzzers and attack tests build
-    /// frames with valid tags around arbitrary fields. The holder of a session can seal
-    /// anything anyway; this only skips the encoder.
+    /// A frame of any type byte, sequence number and fields, protected with this side's
+    /// current sending key and the nonce of `seq` (spec 8.2), without moving any
+    /// counter: lets fuzzers and attack tests build frames with valid tags around
+    /// arbitrary fields. The holder of a session can seal anything anyway; this only
+    /// skips the encoder and its rules.
     #[doc(hidden)]
-    pub fn tag_for_testing(&self, data: &[u8]) -> super::Tag {
-        self.send_mac.tag(data)
+    pub fn forge_for_testing(&self, ty: u8, seq: u64, fields: &[u8]) -> Vec<u8> {
+        self.forge_with_nonce_for_testing(ty, seq, self.role.direction(), fields)
+    }
+
+    /// [`Session::forge_for_testing`] with the encrypted mode's nonce naming `direction`
+    /// (spec 8.2): a sender that reuses the other direction's nonces.
+    #[doc(hidden)]
+    pub fn forge_with_nonce_for_testing(
+        &self,
+        ty: u8,
+        seq: u64,
+        direction: u32,
+        fields: &[u8],
+    ) -> Vec<u8> {
+        let len = 1 + 8 + fields.len() + self.mode.tag_len();
+        let mut out = BytesMut::with_capacity(LEN_PREFIX + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&[ty]);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(fields);
+        let mut n = nonce(self.role, seq);
+        n[..4].copy_from_slice(&direction.to_be_bytes());
+        self.send_key.seal(&n, &mut out);
+        out.to_vec()
     }
 
     /// Moves both counters, to test behaviour near 2^64-1 without sending 2^64 frames.
@@ -227,17 +315,58 @@ pub(crate) mod tests {
     use crate::proto::Status;
 
     pub(crate) fn pair() -> (Session, Session) {
-        let keys = SessionKeys::derive(
-            &SecretKey::from_bytes([5; 32]),
-            &[1; 32],
-            &[2; 32],
-            &[3; 32],
-        );
+        pair_in(Mode::Authenticated)
+    }
+
+    /// A client and a server session of one handshake's keys, in `mode`.
+    pub(crate) fn pair_in(mode: Mode) -> (Session, Session) {
+        let k = SecretKey::from_bytes([5; 32]);
+        let keys = match mode {
+            Mode::Authenticated => SessionKeys::derive(&k, &[1; 32], &[2; 32], &[3; 32]),
+            Mode::Encrypted => SessionKeys::derive_sealed(
+                &k,
+                &[1; 32],
+                &[2; 32],
+                &SecretKey::from_bytes([6; 32]),
+                &SecretKey::from_bytes([7; 32]),
+                &[3; 32],
+            ),
+        };
         (
             Session::new(Role::Client, &keys, 1024),
             Session::new(Role::Server, &keys, 1024),
         )
     }
+
+    /// Every rule of 8.3 holds alike in both modes: each test below runs in each.
+    macro_rules! in_both_modes {
+        ($($name:ident),* $(,)?) => {
+            mod authenticated {
+                $(#[test] fn $name() { super::$name(super::Mode::Authenticated) })*
+            }
+            mod encrypted {
+                $(#[test] fn $name() { super::$name(super::Mode::Encrypted) })*
+            }
+        };
+    }
+
+    in_both_modes!(
+        request_response_round_trip,
+        replay_is_refused_and_poisons,
+        gap_and_reorder_are_refused,
+        counter_moves_only_after_tag_verifies,
+        every_flipped_bit_is_refused,
+        reflected_frame_is_refused,
+        unsolicited_response_is_refused,
+        pong_must_answer_a_sent_ping,
+        close_ends_both_directions,
+        last_sequence_number_is_reserved_for_close,
+        receiver_refuses_non_close_at_last_sequence_number,
+        payload_limit_is_enforced_when_sealing,
+        close_reason_is_bounded_and_utf8,
+        error_frame_is_reported_as_refusal,
+        key_update_moves_each_direction_forward,
+    );
 
     fn seal(s: &mut Session, body: Body) -> Bytes {
         let mut out = BytesMut::new();
@@ -251,9 +380,8 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn request_response_round_trip() {
-        let (mut c, mut s) = pair();
+    fn request_response_round_trip(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let f = seal(&mut c, req(b"hi"));
         let got = s.open(f).unwrap();
         assert_eq!(
@@ -273,9 +401,8 @@ pub(crate) mod tests {
         assert_eq!((c.last_sent(), c.last_received()), (1, 1));
     }
 
-    #[test]
-    fn replay_is_refused_and_poisons() {
-        let (mut c, mut s) = pair();
+    fn replay_is_refused_and_poisons(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let f = seal(&mut c, req(b"a"));
         s.open(f.clone()).unwrap();
         assert_eq!(
@@ -289,9 +416,8 @@ pub(crate) mod tests {
         assert_eq!(s.open(next), Err(ProtocolError::Poisoned));
     }
 
-    #[test]
-    fn gap_and_reorder_are_refused() {
-        let (mut c, mut s) = pair();
+    fn gap_and_reorder_are_refused(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let _dropped = seal(&mut c, req(b"1"));
         let second = seal(&mut c, req(b"2"));
         assert_eq!(
@@ -303,9 +429,8 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn counter_moves_only_after_tag_verifies() {
-        let (mut c, mut s) = pair();
+    fn counter_moves_only_after_tag_verifies(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let f = seal(&mut c, req(b"x"));
         let mut bad = f.to_vec();
         *bad.last_mut().unwrap() ^= 1;
@@ -316,9 +441,8 @@ pub(crate) mod tests {
         assert_eq!(s.last_received(), 0);
     }
 
-    #[test]
-    fn every_flipped_bit_is_refused() {
-        let (mut c, mut s) = pair();
+    fn every_flipped_bit_is_refused(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         seal(&mut c, req(b"ask"));
         let resp = Body::Response {
             req_seq: 1,
@@ -343,9 +467,11 @@ pub(crate) mod tests {
     fn clone_session(s: &Session) -> Session {
         Session {
             role: s.role,
-            send_mac: s.send_mac.clone(),
-            recv_mac: s.recv_mac.clone(),
+            mode: s.mode,
+            send_key: s.send_key.clone(),
+            recv_key: s.recv_key.clone(),
             next_send: s.next_send,
+            sealed_on_key: s.sealed_on_key,
             last_recv: s.last_recv,
             max_frame_len: s.max_frame_len,
             sent_close: s.sent_close,
@@ -353,17 +479,15 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn reflected_frame_is_refused() {
+    fn reflected_frame_is_refused(mode: Mode) {
         // A client's own request sent back to it as if from the server.
-        let (mut c, _s) = pair();
+        let (mut c, _s) = pair_in(mode);
         let f = seal(&mut c, req(b"reflect me"));
         assert_eq!(c.open(f), Err(ProtocolError::BadTag(TagKind::SessionFrame)));
     }
 
-    #[test]
-    fn unsolicited_response_is_refused() {
-        let (mut c, mut s) = pair();
+    fn unsolicited_response_is_refused(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let resp = Body::Response {
             req_seq: 1,
             status: Status::OK,
@@ -380,9 +504,8 @@ pub(crate) mod tests {
         ));
     }
 
-    #[test]
-    fn pong_must_answer_a_sent_ping() {
-        let (mut c, mut s) = pair();
+    fn pong_must_answer_a_sent_ping(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let ping = seal(&mut c, Body::Ping);
         assert_eq!(s.open(ping).unwrap().body, Body::Ping);
         assert_eq!(
@@ -397,9 +520,8 @@ pub(crate) mod tests {
         ));
     }
 
-    #[test]
-    fn close_ends_both_directions() {
-        let (mut c, mut s) = pair();
+    fn close_ends_both_directions(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let close = Body::Close {
             code: CloseCode::NORMAL,
             reason: "bye".into(),
@@ -419,9 +541,8 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn last_sequence_number_is_reserved_for_close() {
-        let (mut c, mut s) = pair();
+    fn last_sequence_number_is_reserved_for_close(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         c.set_counters_for_testing(u64::MAX - 1, 0);
         s.set_counters_for_testing(1, u64::MAX - 2);
         let f = seal(&mut c, req(b"last request"));
@@ -448,24 +569,22 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn receiver_refuses_non_close_at_last_sequence_number() {
+    fn receiver_refuses_non_close_at_last_sequence_number(mode: Mode) {
         // A peer that ignores the rule: its frame at 2^64-1 is refused even with a valid tag.
-        let (mut c, mut s) = pair();
+        let (mut c, mut s) = pair_in(mode);
         c.set_counters_for_testing(u64::MAX, 0);
         s.set_counters_for_testing(1, u64::MAX - 1);
-        let mut out = BytesMut::new();
-        req(b"x").encode_unsigned(u64::MAX, &mut out);
-        let tag = c.send_mac.tag(&out);
-        out.extend_from_slice(&tag);
-        assert_eq!(s.open(out.freeze()), Err(ProtocolError::SequenceExhausted));
+        let forged = c.forge_for_testing(FrameType::Request as u8, u64::MAX, b"x");
+        assert_eq!(
+            s.open(Bytes::from(forged)),
+            Err(ProtocolError::SequenceExhausted)
+        );
     }
 
-    #[test]
-    fn payload_limit_is_enforced_when_sealing() {
-        let (mut c, _) = pair();
+    fn payload_limit_is_enforced_when_sealing(mode: Mode) {
+        let (mut c, _) = pair_in(mode);
         let max = c.max_payload(FrameType::Request);
-        assert_eq!(max, 1024 - 41);
+        assert_eq!(max, 1024 - 9 - mode.tag_len());
         let ok = Body::Request {
             payload: Bytes::from(vec![0; max]),
         };
@@ -480,9 +599,8 @@ pub(crate) mod tests {
         assert_eq!(c.last_sent(), 1);
     }
 
-    #[test]
-    fn close_reason_is_bounded_and_utf8() {
-        let (mut c, mut s) = pair();
+    fn close_reason_is_bounded_and_utf8(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
         let long = Body::Close {
             code: CloseCode::NORMAL,
             reason: "x".repeat(256),
@@ -493,20 +611,12 @@ pub(crate) mod tests {
         );
         // A peer that ignores the rule: a valid tag over a 256-byte or non-UTF-8 reason.
         for reason in [vec![b'x'; 256], vec![0xff, 0xfe]] {
-            let mut out = BytesMut::new();
-            Body::Close {
-                code: CloseCode::NORMAL,
-                reason: String::new(),
-            }
-            .encode_unsigned(1, &mut out);
-            out.extend_from_slice(&reason);
-            let len = (out.len() - LEN_PREFIX + TAG_LEN) as u32;
-            out[..4].copy_from_slice(&len.to_be_bytes());
-            let tag = c.send_mac.tag(&out);
-            out.extend_from_slice(&tag);
+            let mut fields = CloseCode::NORMAL.0.to_be_bytes().to_vec();
+            fields.extend_from_slice(&reason);
+            let forged = c.forge_for_testing(FrameType::Close as u8, 1, &fields);
             let mut s2 = clone_session(&s);
             assert_eq!(
-                s2.open(out.freeze()),
+                s2.open(Bytes::from(forged)),
                 Err(ProtocolError::Frame(FrameError::BadReason))
             );
         }
@@ -520,14 +630,90 @@ pub(crate) mod tests {
         assert!(s.open(ok).is_ok());
     }
 
-    #[test]
-    fn error_frame_is_reported_as_refusal() {
-        let (mut c, _) = pair();
+    fn error_frame_is_reported_as_refusal(mode: Mode) {
+        let (mut c, _) = pair_in(mode);
         let mut out = BytesMut::new();
         ErrorFrame::new(crate::proto::ErrorCode::AUTH_FAILED).encode(&mut out);
         assert_eq!(
             c.open(out.freeze()),
             Err(ProtocolError::Refused(crate::proto::ErrorCode::AUTH_FAILED))
         );
+    }
+
+    fn key_update_moves_each_direction_forward(mode: Mode) {
+        let (mut c, mut s) = pair_in(mode);
+        let before = seal(&mut c, req(b"a"));
+        let update = seal(&mut c, Body::KeyUpdate);
+        let after = seal(&mut c, req(b"b"));
+        assert_eq!(
+            c.sealed_on_key(),
+            1,
+            "the count starts again after KEY_UPDATE"
+        );
+        // A frame sealed with the old key at the next number: what a receiver that
+        // missed the update, or an attacker holding the old key, would send.
+        let stale = c_before_update(&c, mode).forge_for_testing(FrameType::Request as u8, 3, b"b");
+        let mut s_stale = clone_session(&s);
+        s_stale.open(before.clone()).unwrap();
+        s_stale.open(update.clone()).unwrap();
+        assert_eq!(
+            s_stale.open(Bytes::from(stale)),
+            Err(ProtocolError::BadTag(TagKind::SessionFrame))
+        );
+        // In order, the receiver follows.
+        assert_eq!(s.open(before).unwrap().seq, 1);
+        assert_eq!(s.open(update).unwrap().body, Body::KeyUpdate);
+        assert_eq!(s.open(after).unwrap().body, req(b"b"));
+        // The other direction is untouched until its own KEY_UPDATE.
+        let pong = seal(&mut s, Body::Ping);
+        assert_eq!(c.open(pong).unwrap().body, Body::Ping);
+    }
+
+    /// The client of `pair_in(mode)` before any KEY_UPDATE (same keys, fresh counters).
+    fn c_before_update(c: &Session, mode: Mode) -> Session {
+        let (fresh, _) = pair_in(mode);
+        assert_eq!(fresh.role(), c.role());
+        fresh
+    }
+
+    #[test]
+    fn encrypted_fields_are_not_in_the_clear() {
+        let (mut c, mut s) = pair_in(Mode::Encrypted);
+        let secret = b"wifi-password=hunter2";
+        let f = seal(&mut c, req(secret));
+        assert_eq!(
+            f.len(),
+            4 + 1 + 8 + secret.len() + 16,
+            "29 bytes of overhead"
+        );
+        assert!(!f.windows(secret.len()).any(|w| w == secret));
+        assert_eq!(s.open(f).unwrap().body, req(secret));
+    }
+
+    #[test]
+    fn encrypted_nonce_names_the_direction() {
+        // A frame sealed with the right key but the other direction's nonce (a sender
+        // that reused the peer's nonce space) does not open.
+        let (c, mut s) = pair_in(Mode::Encrypted);
+        let mut f = BytesMut::new();
+        Body::Ping.encode_unsigned(1, Mode::Encrypted, &mut f);
+        c.send_key.seal(&nonce(Role::Server, 1), &mut f);
+        assert_eq!(
+            s.open(f.freeze()),
+            Err(ProtocolError::BadTag(TagKind::SessionFrame))
+        );
+    }
+
+    #[test]
+    fn encrypted_frame_too_short_for_its_tag_is_malformed() {
+        let (_, mut s) = pair_in(Mode::Encrypted);
+        let mut f = BytesMut::new();
+        Body::Ping.encode_unsigned(1, Mode::Encrypted, &mut f);
+        f.extend_from_slice(&[0; 15]);
+        f[..4].copy_from_slice(&(24u32).to_be_bytes());
+        assert!(matches!(
+            s.open(f.freeze()),
+            Err(ProtocolError::Frame(FrameError::Truncated { .. }))
+        ));
     }
 }

@@ -21,7 +21,7 @@ use super::session;
 use super::tarpit::Farewell;
 use super::ServerState;
 use crate::proto::enroll::InitReceived;
-use crate::proto::frame::{EnrollInit, EnrollMode, ErrorFrame, FrameType};
+use crate::proto::frame::{EnrollInit, EnrollMode, ErrorFrame, FrameType, Mode};
 use crate::proto::handshake::{Established, HelloReceived, ServerLimits};
 use crate::proto::{ErrorCode, FrameError, ProtocolError, SecretKey, HANDSHAKE_MAX_FRAME_LEN};
 use crate::secrets::random_bytes;
@@ -36,16 +36,18 @@ enum Refusal {
     Read(#[from] ReadError),
     #[error("{0}")]
     Protocol(#[from] ProtocolError),
-    #[error("first frame is {0}, not ENROLL_INIT or HELLO")]
+    #[error("first frame is {0}, not ENROLL_INIT, HELLO or SEALED_HELLO")]
     FirstFrame(String),
+    #[error("{0} mode refused by this daemon's policy (encryption = \"{1}\" in its configuration); the device must be configured for the other mode")]
+    ModeRefused(Mode, &'static str),
     #[error("session handshake failed: unknown or revoked identity {0}")]
-    UnknownIdentity(crate::proto::Id),
+    UnknownIdentity(Claimed),
     #[error("peer closed after SERVER_AUTH for unknown or revoked identity {0}")]
-    UnknownAbandoned(crate::proto::Id),
+    UnknownAbandoned(Claimed),
     #[error("CLIENT_FINISH for identity {0} did not verify: wrong key, or a replayed handshake")]
-    BadFinish(crate::proto::Id),
+    BadFinish(Claimed),
     #[error("device {0} abandoned the handshake after SERVER_AUTH: its key does not match (re-enrolled elsewhere, or a stale credential?)")]
-    Abandoned(crate::proto::Id),
+    Abandoned(Claimed),
     #[error("enrollment of {id} ({mode} mode) refused: {why}")]
     EnrollRefused {
         id: crate::proto::Id,
@@ -66,6 +68,20 @@ enum Refusal {
     ConfirmDeadline(Duration),
 }
 
+/// The identity a handshake claimed: `None` for a SEALED_HELLO whose id did not open
+/// (sealed to another server key, or forged), answered as an unknown id (spec 7.5).
+#[derive(Debug)]
+struct Claimed(Option<crate::proto::Id>);
+
+impl std::fmt::Display for Claimed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(id) => id.fmt(f),
+            None => f.write_str("(a sealed id that does not open with this daemon's key: a device enrolled with another server, or a forgery)"),
+        }
+    }
+}
+
 impl Refusal {
     /// The ERROR code to send, or `None` when the peer is gone.
     fn code(&self) -> Option<ErrorCode> {
@@ -73,6 +89,7 @@ impl Refusal {
             Refusal::Read(ReadError::Eof | ReadError::Truncated | ReadError::Io(_)) => return None,
             Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => ErrorCode::MALFORMED,
             Refusal::Protocol(e) => e.error_code(),
+            Refusal::ModeRefused(..) => ErrorCode::MODE_REFUSED,
             Refusal::UnknownIdentity(_) => ErrorCode::AUTH_FAILED,
             // Spec 7.5: a peer that closes after SERVER_AUTH gets nothing, whether or not
             // the id is known: the reply depends only on what the peer sent.
@@ -96,6 +113,7 @@ impl Refusal {
             }
             Refusal::Read(ReadError::Frame(_)) | Refusal::FirstFrame(_) => "malformed",
             Refusal::Protocol(_) => "protocol error",
+            Refusal::ModeRefused(..) => "mode refused",
             Refusal::UnknownIdentity(_) | Refusal::UnknownAbandoned(_) => "unknown identity",
             Refusal::BadFinish(_) | Refusal::Abandoned(_) => "wrong key",
             Refusal::EnrollRefused { .. } | Refusal::Taken(_) => "enrollment refused",
@@ -278,7 +296,7 @@ async fn open(
             Ok(FrameType::EnrollInit) => enroll(state, stream, &first)
                 .await
                 .map(|c| Opened::Confirmed(Box::new(c))),
-            Ok(FrameType::Hello) => handshake(state, stream, &first)
+            Ok(FrameType::Hello | FrameType::SealedHello) => handshake(state, stream, &first)
                 .await
                 .map(|(est, at, log_pos)| Opened::Session(est, at, log_pos)),
             Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
@@ -443,20 +461,35 @@ async fn handshake(
     stream: &mut Stream,
     hello: &[u8],
 ) -> Result<(Established, Instant, u64), Refusal> {
-    let hello = HelloReceived::parse(hello)?;
-    let id = hello.id().clone();
+    // Spec 7.2 row 4a: the policy decides on the first frame's type alone, before the
+    // X25519 work of a SEALED_HELLO.
+    let policy = state.encryption;
+    match HelloReceived::check_mode(hello, |mode| policy.accepts(mode)) {
+        Err(ProtocolError::ModeRefused(mode)) => {
+            return Err(Refusal::ModeRefused(mode, policy.as_str()))
+        }
+        other => other?,
+    };
+    let hello = HelloReceived::parse(hello, &state.params.static_secret)?;
+    let id = hello.id().cloned();
     // A revocation or removal committed after this instant is caught at registration.
     let key_lookup = Instant::now();
     // In memory (the daemon loads the index at start): a flood of HELLOs never queues
     // devices' lookups behind its own on a blocking pool.
-    let key = match state.store.cached_key(&id) {
-        Some(found) => found,
-        None => {
-            let lookup = id.clone();
-            on_store(state, move |s| s.key(&lookup)).await?
+    let key = match &id {
+        Some(id) => match state.store.cached_key(id) {
+            Some(found) => found,
+            None => {
+                let lookup = id.clone();
+                on_store(state, move |s| s.key(&lookup)).await?
+            }
         }
-    }
-    .map_err(store_failed)?;
+        .map_err(store_failed)?,
+        // Spec 7.5: a sealed id that did not open is answered as an unknown id, from a
+        // decoy key unsealed like any other, so that the work is the same.
+        None => state.store.decoy_key().map_err(store_failed)?,
+    };
+    let id = Claimed(id);
     let known = key.is_some();
     let log_pos = key.as_ref().map_or(0, |k| k.log_pos);
     let mut out = BytesMut::new();

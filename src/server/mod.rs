@@ -67,6 +67,8 @@ pub struct ServerState {
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
     pub takeover: TakeoverPolicy,
+    /// Which session modes are accepted (spec 7.8).
+    pub encryption: crate::config::EncryptionPolicy,
     /// What `metrics_listen` serves and `tallyd status` prints.
     pub metrics: metrics::Metrics,
     connections: Arc<Semaphore>,
@@ -181,6 +183,7 @@ impl ServerState {
             fleet,
             backend,
             takeover: config.takeover,
+            encryption: config.encryption,
             metrics: metrics::Metrics::default(),
             connections: Arc::new(Semaphore::new(config.limits.max_connections)),
             admission: Arc::new(admission::Admission::new(admission::AdmissionLimits::from(

@@ -1007,6 +1007,15 @@ impl Store {
         })
     }
 
+    /// The work of an unknown id without an id (spec 7.5): the decoy unsealed, for a
+    /// handshake whose sealed id did not open. Always `Ok(None)` unless the store is
+    /// damaged.
+    pub fn decoy_key(&self) -> Result<Option<IdentityKey>, StoreError> {
+        self.sealer
+            .open(&assoc(ad::DECOY, "", 0), &self.decoy)
+            .map(|_decoy| None)
+    }
+
     /// Unseals an identity's key (its generation and log position given) or the decoy's
     /// (`None`).
     fn unseal_key(

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use tally::backend::{Backend, BoxFuture, Reply, Request};
 use tally::proto::credential::Credential;
 use tally::proto::handshake::ClientAwaitAuth;
-use tally::proto::{decode_frame, Session, HANDSHAKE_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
+use tally::proto::{decode_frame, Mode, Session, HANDSHAKE_MAX_FRAME_LEN, MAX_FRAME_LEN_CEILING};
 use tally::store::IdentityRow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -138,6 +138,34 @@ pub async fn read_one(s: &mut TcpStream, buf: &mut BytesMut) -> Option<Bytes> {
     }
 }
 
+/// The first frame of a handshake for `cred` in `mode`, with `random` as its nonce or
+/// ephemeral secret.
+pub fn hello(
+    cred: &Credential,
+    mode: Mode,
+    random: [u8; 32],
+    out: &mut BytesMut,
+) -> ClientAwaitAuth {
+    match mode {
+        Mode::Authenticated => ClientAwaitAuth::start(
+            &cred.id,
+            cred.key.clone(),
+            random,
+            MAX_FRAME_LEN_CEILING,
+            out,
+        ),
+        Mode::Encrypted => ClientAwaitAuth::start_sealed(
+            &cred.id,
+            cred.key.clone(),
+            &cred.server_key,
+            random,
+            MAX_FRAME_LEN_CEILING,
+            out,
+        )
+        .unwrap(),
+    }
+}
+
 /// An attacker who holds the identity key: a session driven by hand over a raw socket.
 pub struct RawSession {
     pub tcp: TcpStream,
@@ -146,16 +174,16 @@ pub struct RawSession {
 }
 
 impl RawSession {
+    /// A session in the encrypted mode (the daemon's default policy).
     pub async fn open(addr: SocketAddr, cred: &Credential) -> RawSession {
+        Self::open_in(addr, cred, Mode::Encrypted).await
+    }
+
+    /// A session in `mode`.
+    pub async fn open_in(addr: SocketAddr, cred: &Credential, mode: Mode) -> RawSession {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let mut out = BytesMut::new();
-        let wait = ClientAwaitAuth::start(
-            &cred.id,
-            cred.key.clone(),
-            [7; 32],
-            MAX_FRAME_LEN_CEILING,
-            &mut out,
-        );
+        let wait = hello(cred, mode, [7; 32], &mut out);
         tcp.write_all(&out).await.unwrap();
         let mut buf = BytesMut::new();
         let auth = read_one(&mut tcp, &mut buf).await.unwrap();
