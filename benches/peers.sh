@@ -2,16 +2,20 @@
 # Tally beside the limit and its peers, in one interleaved run of one load tool:
 #
 #   plain    examples/bench_plain.rs: a minimal TCP echo (the limit)
-#   tally    tallyd with the echo backend
+#   tally    tallyd with the echo backend, encrypted sessions (the default mode)
+#   tally-auth  the same daemon, authenticated-only sessions (its policy allows both)
 #   tls-psk  examples/bench_tls_psk.rs: a TLS 1.3 PSK echo of the same build (tokio, OpenSSL)
 #   spiped   spiped's server end in front of the plain echo; the load tool speaks plain TCP
 #            to spiped's client end (CPU counted: spiped server + echo)
 #   stunnel  stunnel (TLS 1.3 PSK) in front of the plain echo; the load tool speaks TLS-PSK
 #            to it directly (CPU counted: stunnel + echo)
 #
-# Usage: benches/peers.sh [LOAD...]     LOAD: 64 | 1k | depth8 | reconnect | idle (default: all)
+# Usage: benches/peers.sh [LOAD...]     LOAD: 64 | 1k | 16k | depth8 | reconnect | idle
+#                                      (default: all)
 # Environment: ROUNDS (5), DURATION (3 s), WORK (/tmp/tally-peers), PEERS=0 to skip
-# spiped and stunnel, IDLE_COUNTS ("1000 19000").
+# spiped and stunnel, IDLE_COUNTS ("1000 19000"), SESSION (both | encrypted |
+# authenticated: which tally targets), BEFORE=path/to/an/older/tallyd to measure it too
+# (as `before`, authenticated sessions, on a copy of the state directory).
 # Installs spiped and stunnel4 with apt-get when missing (root). Not part of `cargo test`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,8 +24,10 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-3}
 PEERS=${PEERS:-1}
 IDLE_COUNTS=${IDLE_COUNTS:-"1000 19000"}
+SESSION=${SESSION:-both}
+BEFORE=${BEFORE:-}
 LOADS=("$@")
-[ ${#LOADS[@]} -gt 0 ] || LOADS=(64 1k depth8 reconnect idle)
+[ ${#LOADS[@]} -gt 0 ] || LOADS=(64 1k 16k depth8 reconnect idle)
 
 if [ "$PEERS" = 1 ] && ! { command -v spiped && command -v stunnel4; } >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq spiped stunnel4
@@ -39,6 +45,7 @@ ulimit -n "$(ulimit -Hn)"
 # tallyd at its defaults (log level info, logging to a file), the per-source limits
 # lifted: every load comes from one address.
 cat > tallyd.toml <<'EOF'
+encryption = "allowed"
 [limits]
 max_connections = 30000
 max_unauthenticated = 1024
@@ -74,8 +81,20 @@ EOF
 fi
 sleep 1
 TOKEN=$("$BIN/tallyd" token --state-dir state)
+if [ -n "$BEFORE" ]; then
+  # The bench identities enrolled first, then the state copied for the older daemon.
+  "$BIN/tally" bench --server 127.0.0.1:7420 --token "$TOKEN" --cred-dir creds \
+    --mode idle -c 64 --rounds 1 --duration 1 >/dev/null
+  sleep 1
+  rm -rf state-before; cp -a state state-before; rm -f state-before/tallyd.lock state-before/tallyd.sock
+  grep -v '^encryption' tallyd.toml > tallyd-before.toml   # a build without the key refuses it
+  "$BEFORE" --config tallyd-before.toml --state-dir state-before --listen 127.0.0.1:7425 >before.log 2>&1 &
+  pids+=($!); OLD=$!
+  sleep 1
+  peer_args+=(--peer "before=tally-auth:127.0.0.1:7425@$OLD")
+fi
 T=("$BIN/tally" bench --server 127.0.0.1:7420 --token "$TOKEN" --cred-dir creds
-   --daemon-pid "$TALLYD")
+   --daemon-pid "$TALLYD" --session "$SESSION")
 R=(--rounds "$ROUNDS" --duration "$DURATION")
 ALL=(--plain 127.0.0.1:7421 --tls-psk 127.0.0.1:7422 "${peer_args[@]}")
 
@@ -84,6 +103,7 @@ for load in "${LOADS[@]}"; do
   case $load in
     64) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 1 ;;
     1k) run "${ALL[@]}" "${R[@]}" -c 64 --payload 1024 --depth 1 ;;
+    16k) run "${ALL[@]}" "${R[@]}" -c 64 --payload 16384 --depth 1 ;;
     depth8) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 8 ;;
     # Each reconnect leaves a TIME_WAIT socket: 2-second rounds stay within the
     # ephemeral ports of one address.

@@ -1,7 +1,10 @@
 //! Issue 15, item 2: the C library's examples (`c/examples/`, built by `.ci/run` with
 //! `make -C c` into `target/c/`) against a real tallyd: enrollment in both modes, a
 //! request, credentials that the C and Rust clients share, a revoked identity, a wrong
-//! token. Skipped with a message when the examples are not built, except under CI.
+//! token. The session modes (spec 7.7, 7.8): the examples' default, encrypted, against
+//! tallyd's default policy ("required"), which refuses the authenticated mode with
+//! MODE_REFUSED; the authenticated mode against a daemon started with `--encryption
+//! allowed`. Skipped with a message when the examples are not built, except under CI.
 
 mod common;
 
@@ -72,9 +75,45 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
+    // The credential holds the server's key (spec 9.2), the one the token pinned.
+    let cred = std::fs::read_to_string(cwd.join("c-dev.cred")).unwrap();
+    let server_key = open.trim().rsplit('-').next().unwrap();
+    assert!(
+        cred.contains(&format!("server-key = \"{server_key}\"\n")),
+        "{cred}"
+    );
+    // The encrypted mode, the default of both.
     let out = run(&request, &["c-dev.cred", "hello from C"], cwd, "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello from C");
+    // The authenticated mode is refused by the default policy ("required"), with its
+    // code, and the example does not try the encrypted mode instead (spec 7.8): one
+    // refusal, no handshake.
+    let handshakes = |state: &Path| -> (u64, u64) {
+        let out = admin(state, &["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["handshakes"].as_u64().unwrap(),
+            v["refusals"]["mode_refused"].as_u64().unwrap_or(0),
+        )
+    };
+    assert_eq!(handshakes(&state), (1, 0));
+    let out = run(
+        &request,
+        &["--authenticate-only", "c-dev.cred", "x"],
+        cwd,
+        "",
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("MODE_REFUSED") && err.contains("(code 0x000a)"),
+        "{err}"
+    );
+    assert!(err.contains("not retried in the other one"), "{err}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(handshakes(&state), (1, 1), "no second attempt");
     // Issue 27: one every user may read is refused, as the Rust CLI refuses it.
     let set_mode = |mode| {
         std::fs::set_permissions(
@@ -180,4 +219,47 @@ fn the_c_examples_enroll_and_request_against_tallyd() {
         text(&out.stderr)
     );
     assert!(out.stdout.is_empty());
+}
+
+/// A daemon started with `--encryption allowed` accepts both modes: the C example in the
+/// authenticated mode (HELLO), and in the encrypted mode.
+#[test]
+fn the_c_example_in_the_authenticated_mode_against_a_daemon_that_allows_it() {
+    let (Some(enroll), Some(request)) = (example("enroll"), example("request")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let state = cwd.join("state");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--encryption",
+        "allowed",
+        "--state-dir",
+    ])
+    .arg(&state);
+    let (daemon, _) = common::bin::start_cmd(cmd, true);
+    let out = admin(&state, &["token", "--id", "c-auth"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout);
+    let out = run(
+        &enroll,
+        &[&daemon.addr, "c-auth", "c-auth.cred"],
+        cwd,
+        &token,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        &request,
+        &["--authenticate-only", "c-auth.cred", "in the clear, tagged"],
+        cwd,
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "in the clear, tagged");
+    let out = run(&request, &["c-auth.cred", "sealed"], cwd, "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sealed");
 }

@@ -82,11 +82,13 @@ static inline void wipe(void *p, size_t n) {
     while (n--) *v++ = 0;
 }
 
-/* The device's credential: id, key, server. */
+/* The device's credential: id, key, server, and the server's static public key S (the
+ * encrypted mode seals the id to it; spec 9.2 `server-key`). */
 struct credential {
     char id[65];
     uint8_t key[32];
     char server[256];
+    uint8_t server_key[32];
 };
 
 static inline int hex_value(char c) {
@@ -94,6 +96,17 @@ static inline int hex_value(char c) {
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
+}
+
+/* 64 hex digits (either case) to 32 bytes: 0, or -1 (then `out` may be half written). */
+static inline int hex32(const char *hex, uint8_t out[32]) {
+    if (strlen(hex) != 64) return -1;
+    for (int i = 0; i < 32; i++) {
+        int hi = hex_value(hex[2 * i]), lo = hex_value(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) return -1;
+        out[i] = (uint8_t)(hi << 4 | lo);
+    }
+    return 0;
 }
 
 /* The value of `name = "value"` on `line`, copied to out (at most cap - 1 bytes). */
@@ -142,7 +155,7 @@ static inline int read_credential(const char *path, struct credential *cred) {
         return -1;
     }
     setvbuf(f, NULL, _IONBF, 0);
-    char line[512], key_hex[65] = "";
+    char line[512], key_hex[65] = "", server_key_hex[65] = "";
     int version = -1, bad = 0, r;
     memset(cred, 0, sizeof *cred);
     while (fgets(line, sizeof line, f)) {
@@ -150,22 +163,20 @@ static inline int read_credential(const char *path, struct credential *cred) {
         if (strncmp(line, "tally-credential", 16) == 0) { version = version_one(line); continue; }
         if ((r = string_field(line, "id", cred->id, sizeof cred->id)) ||
             (r = string_field(line, "key", key_hex, sizeof key_hex)) ||
-            (r = string_field(line, "server", cred->server, sizeof cred->server))) {
+            (r = string_field(line, "server", cred->server, sizeof cred->server)) ||
+            (r = string_field(line, "server-key", server_key_hex, sizeof server_key_hex))) {
             if (r < 0) { bad = 1; break; }
         }
     }
     wipe(line, sizeof line);
     fclose(f);
-    int ok = !bad && version == 1 && cred->id[0] && cred->server[0] && strlen(key_hex) == 64;
-    for (int i = 0; ok && i < 32; i++) {
-        int hi = hex_value(key_hex[2 * i]), lo = hex_value(key_hex[2 * i + 1]);
-        if (hi < 0 || lo < 0) ok = 0;
-        else cred->key[i] = (uint8_t)(hi << 4 | lo);
-    }
+    /* Spec 9.2: all five entries required; hex digits in either case. */
+    int ok = !bad && version == 1 && cred->id[0] && cred->server[0] &&
+             hex32(key_hex, cred->key) == 0 && hex32(server_key_hex, cred->server_key) == 0;
     wipe(key_hex, sizeof key_hex);
     if (!ok) {
         wipe(cred, sizeof *cred);
-        fprintf(stderr, "%s: not a Tally credential (spec 9.2: tally-credential = 1, id, key, server)\n", path);
+        fprintf(stderr, "%s: not a Tally credential (spec 9.2: tally-credential = 1, id, key, server, server-key)\n", path);
         return -1;
     }
     return 0;

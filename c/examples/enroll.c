@@ -91,8 +91,9 @@ int main(int argc, char **argv) {
         unlink(tmp);
         return 1;
     }
-    uint8_t key[32];
+    uint8_t key[32], server_key[32];
     tally_enroll_key(e, &key);
+    tally_enroll_server_key(e, &server_key); /* S, pinned by the token: the encrypted mode needs it */
     tally_enroll_free(e);
 
     FILE *f = fdopen(cf, "w");
@@ -102,7 +103,9 @@ int main(int argc, char **argv) {
         fprintf(f, "# Tally device credential (spec/PROTOCOL.md section 9.2). Secret: keep it mode 0600.\n");
         fprintf(f, "tally-credential = 1\nid = \"%s\"\nkey = \"", id);
         for (int i = 0; i < 32; i++) fprintf(f, "%02x", key[i]);
-        fprintf(f, "\"\nserver = \"%s\"\n", server);
+        fprintf(f, "\"\nserver = \"%s\"\nserver-key = \"", server);
+        for (int i = 0; i < 32; i++) fprintf(f, "%02x", server_key[i]);
+        fprintf(f, "\"\n");
     }
     wipe(key, sizeof key);
     /* Written, flushed to disk, renamed into place, and the rename made durable. */

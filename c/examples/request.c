@@ -1,21 +1,34 @@
 /* Sends one request to tallyd and prints the response payload on stdout.
  *
- *     request CREDENTIAL-FILE PAYLOAD
+ *     request [--authenticate-only] CREDENTIAL-FILE PAYLOAD
  *
  * Connects to the server named in the credential, runs the handshake, sends PAYLOAD as
  * a REQUEST, prints the RESPONSE's payload, closes the session with CLOSE NORMAL.
+ * The session is encrypted (spec 7.7) unless --authenticate-only is given, as with
+ * `tally request` (payloads in the clear, each frame tagged: only with a server whose
+ * policy allows it). A server that refuses the mode ends it with MODE_REFUSED, and this
+ * program does not try the other mode (spec 7.8): the choice is the device's
+ * configuration, not the network's.
  * Exit status 0 for a response with status OK; 1 otherwise, with the reason on stderr.
  * Server requests that arrive meanwhile are answered with status 4 (REFUSED). */
 #include "common.h"
 #include "tally.h"
 
 int main(int argc, char **argv) {
+    TallyMode mode = TALLY_MODE_ENCRYPTED;
+    if (argc == 4 && strcmp(argv[1], "--authenticate-only") == 0) {
+        mode = TALLY_MODE_AUTHENTICATED;
+        argv++;
+        argc--;
+    }
     if (argc != 3) {
-        fprintf(stderr, "usage: %s CREDENTIAL-FILE PAYLOAD\n", argv[0]);
+        fprintf(stderr, "usage: %s [--authenticate-only] CREDENTIAL-FILE PAYLOAD\n", argv[0]);
         return 2;
     }
     struct credential cred;
     if (read_credential(argv[1], &cred) != 0) return 1;
+    /* 32 random bytes, new for this connection: the ephemeral X25519 secret (the client
+     * nonce in the authenticated mode). */
     uint8_t nonce[32];
     int fd = dial(cred.server);
     if (fd < 0 || random_bytes(nonce) != 0) {
@@ -24,8 +37,9 @@ int main(int argc, char **argv) {
         return 1;
     }
     /* 64 KiB: the largest frame this device accepts; the server sends nothing longer. */
-    TallyClient *c = tally_client_new(cred.id, &cred.key, &nonce, 65536, now_ms());
+    TallyClient *c = tally_client_new(cred.id, &cred.key, &cred.server_key, &nonce, mode, 65536, now_ms());
     wipe(cred.key, sizeof cred.key);
+    wipe(nonce, sizeof nonce);
     if (!c) { fprintf(stderr, "invalid credential\n"); return 1; }
 
     const char *payload = argv[2];
@@ -58,6 +72,9 @@ int main(int argc, char **argv) {
                     fprintf(stderr, "session with %s as %s: %s", cred.server, cred.id,
                             tally_result_string(ev.result));
                     if (ev.code) fprintf(stderr, " (code 0x%04x)", ev.code);
+                    if (ev.result == TALLY_ERR_MODE_REFUSED)
+                        fprintf(stderr, "; the server does not accept the %s mode: not retried in the other one",
+                                mode == TALLY_MODE_ENCRYPTED ? "encrypted" : "authenticated");
                     fprintf(stderr, "\n");
                 } else if (status == 0) {
                     exit_code = 0;

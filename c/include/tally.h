@@ -9,6 +9,12 @@
 #include <stddef.h>
 
 /**
+ * The ERROR code of a refused mode (spec 10.1), in the `code` of the
+ * `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
+ */
+#define TALLY_ERROR_MODE_REFUSED 10
+
+/**
  * Server REQUESTs a client holds unanswered at most: handed out by
  * `tally_client_poll_event` (or waiting there) and not yet answered with
  * `tally_client_respond`. The server can send any number; a REQUEST beyond this one is
@@ -90,8 +96,9 @@ typedef enum TallyResult {
   TALLY_ERR_TOO_LARGE = -3,
   /**
    * The server did not prove it holds the identity's key: unknown or revoked
-   * identity, wrong key, or not the right server (spec 7.5). Or it refused our
-   * CLIENT_FINISH with ERROR `AUTH_FAILED`.
+   * identity, wrong key, not the right server, or (encrypted mode) a `server_key`
+   * that is not this server's, so that it could not open the sealed id (spec 7.5).
+   * Or it refused our CLIENT_FINISH with ERROR `AUTH_FAILED`.
    */
   TALLY_ERR_AUTH_FAILED = -4,
   /**
@@ -140,6 +147,15 @@ typedef enum TallyResult {
    * The client sent CLOSE `NORMAL` with the reason "device overloaded".
    */
   TALLY_ERR_OVERLOADED = -13,
+  /**
+   * The server's policy does not accept the mode this client chose (ERROR
+   * `MODE_REFUSED`, 0x000a, in `code`; spec 7.8): the authenticated mode where
+   * encryption is required, or the encrypted mode where it is off. A configuration
+   * matter, not a transient failure: never retry in the other mode on your own
+   * (that would let anyone who can inject an ERROR downgrade the device, spec 13.12);
+   * report it, and let whoever configures the device choose its mode.
+   */
+  TALLY_ERR_MODE_REFUSED = -14,
 } TallyResult;
 
 /**
@@ -153,6 +169,13 @@ typedef struct TallyClient TallyClient;
  * an enrollment token, ending with the identity's key.
  */
 typedef struct TallyEnrollment TallyEnrollment;
+
+/**
+ * The mode of a session (spec 7.7), chosen by the device for each connection and never
+ * changed by a refusal: [`TALLY_MODE_ENCRYPTED`] (the default: 0) or
+ * [`TALLY_MODE_AUTHENTICATED`]. Any other value makes `tally_client_new` return NULL.
+ */
+typedef uint32_t TallyMode;
 
 /**
  * One event. `payload` points into the client and stays valid until the next call on
@@ -191,23 +214,48 @@ typedef struct TallyEvent {
   uintptr_t payload_len;
 } TallyEvent;
 
+/**
+ * The encrypted mode (SEALED_HELLO): an ephemeral X25519 exchange per connection, the
+ * id sealed to the server's key, every session frame sealed with ChaCha20-Poly1305
+ * (spec 7.7, 8.2). The default: 0.
+ */
+#define TALLY_MODE_ENCRYPTED 0
+
+/**
+ * The authenticated mode (HELLO): frames in the clear, each with an HMAC-SHA256 tag.
+ * Only where something on the path must read the payloads, and only with a server
+ * whose `encryption` policy is "allowed" or "off" (spec 2.4, 7.8).
+ */
+#define TALLY_MODE_AUTHENTICATED 1
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
 
 /**
  * Starts a session for identity `id` (a NUL-terminated string, spec 4.1) with its
- * 32-byte `key`. `nonce` must be 32 bytes from a cryptographically secure random
- * source, new for every connection. `max_frame_len` is the largest frame this device
- * accepts (256 to 16777216; the server sends nothing longer): what your receive
- * buffers allow. `now_ms`: your monotonic clock.
+ * 32-byte `key`, with the server whose static public key is `server_key` (32 bytes: the
+ * credential's `server-key`, spec 9.2, which the enrollment token pinned), in `mode`
+ * ([`TALLY_MODE_ENCRYPTED`] unless you chose otherwise).
  *
- * HELLO is then waiting in `tally_client_transmit`. Returns NULL if an argument is
- * invalid. Free with `tally_client_free`.
+ * `nonce` must be 32 random bytes from a cryptographically secure source, new for
+ * every connection and never reused: in the encrypted mode it is the connection's
+ * ephemeral X25519 secret (keep it secret; wipe your copy after this call), in the
+ * authenticated mode the client nonce. `max_frame_len` is the largest frame this device
+ * accepts (256 to 16777216; the server sends nothing longer): what your receive buffers
+ * allow. `now_ms`: your monotonic clock.
+ *
+ * SEALED_HELLO (or HELLO) is then waiting in `tally_client_transmit`. Returns NULL if
+ * an argument is invalid (a null pointer, an id outside spec 4.1, a frame limit out of
+ * range, an unknown mode, or in the encrypted mode a server key of low order). Free
+ * with `tally_client_free`. If the server refuses the mode, the session ends with
+ * `TALLY_ERR_MODE_REFUSED`: do not retry in the other mode on your own (spec 7.8).
  */
 struct TallyClient *tally_client_new(const char *id,
                                      const uint8_t (*key)[32],
+                                     const uint8_t (*server_key)[32],
                                      const uint8_t (*nonce)[32],
+                                     TallyMode mode,
                                      uint32_t max_frame_len,
                                      uint64_t now_ms);
 
@@ -373,6 +421,15 @@ int32_t tally_enroll_result(struct TallyEnrollment *enrollment, uint16_t *code);
  * Keep it secret: it is the device's identity.
  */
 enum TallyResult tally_enroll_key(struct TallyEnrollment *enrollment, uint8_t (*key)[32]);
+
+/**
+ * Copies the server's 32-byte static public key (`S`, which the token pinned and the
+ * server proved it holds) to `server_key` once the enrollment is done: store it with
+ * the key (the credential's `server-key`, spec 9.2); `tally_client_new` needs it. It
+ * is public, not a secret.
+ */
+enum TallyResult tally_enroll_server_key(struct TallyEnrollment *enrollment,
+                                         uint8_t (*server_key)[32]);
 
 /**
  * What a result means, in English (a static string).

@@ -5,6 +5,10 @@
 //! feeds the bytes it received, takes the bytes to send, gives the time (milliseconds
 //! on any monotonic clock) and supplies every random value. See `c/README.md`.
 //!
+//! Sessions run in the encrypted mode ([`TALLY_MODE_ENCRYPTED`], spec 7.7) unless the
+//! caller chooses the authenticated one; a refused mode is reported
+//! ([`TallyResult::TALLY_ERR_MODE_REFUSED`]) and never retried in the other (spec 7.8).
+//!
 //! Memory: each object is one allocation (`tally_client_new`, `tally_enroll_new`) plus
 //! the buffers it holds, all through the Rust global allocator (the C library's
 //! `malloc` on POSIX); `c/README.md` gives the figures, measured by
@@ -34,7 +38,7 @@ use tally::proto::device::{
 use tally::proto::enroll::{ClientAwaitDone, ClientAwaitReply};
 use tally::proto::error::TagKind;
 use tally::proto::{
-    decode_frame, CloseCode, Id, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
+    decode_frame, CloseCode, Id, Mode, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
 };
 
 /// Results and failure reasons. 0 is success; every failure is negative.
@@ -50,8 +54,9 @@ pub enum TallyResult {
     /// The payload does not fit in one frame within the peer's announced limit.
     TALLY_ERR_TOO_LARGE = -3,
     /// The server did not prove it holds the identity's key: unknown or revoked
-    /// identity, wrong key, or not the right server (spec 7.5). Or it refused our
-    /// CLIENT_FINISH with ERROR `AUTH_FAILED`.
+    /// identity, wrong key, not the right server, or (encrypted mode) a `server_key`
+    /// that is not this server's, so that it could not open the sealed id (spec 7.5).
+    /// Or it refused our CLIENT_FINISH with ERROR `AUTH_FAILED`.
     TALLY_ERR_AUTH_FAILED = -4,
     /// The server answered with an ERROR frame; its code (spec 10.1) is in `code`.
     TALLY_ERR_REFUSED = -5,
@@ -81,9 +86,37 @@ pub enum TallyResult {
     /// than you take events (poll them all after every receive), or it is hostile.
     /// The client sent CLOSE `NORMAL` with the reason "device overloaded".
     TALLY_ERR_OVERLOADED = -13,
+    /// The server's policy does not accept the mode this client chose (ERROR
+    /// `MODE_REFUSED`, 0x000a, in `code`; spec 7.8): the authenticated mode where
+    /// encryption is required, or the encrypted mode where it is off. A configuration
+    /// matter, not a transient failure: never retry in the other mode on your own
+    /// (that would let anyone who can inject an ERROR downgrade the device, spec 13.12);
+    /// report it, and let whoever configures the device choose its mode.
+    TALLY_ERR_MODE_REFUSED = -14,
 }
 
 use TallyResult::*;
+
+/// The mode of a session (spec 7.7), chosen by the device for each connection and never
+/// changed by a refusal: [`TALLY_MODE_ENCRYPTED`] (the default: 0) or
+/// [`TALLY_MODE_AUTHENTICATED`]. Any other value makes `tally_client_new` return NULL.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TallyMode(pub u32);
+
+/// The encrypted mode (SEALED_HELLO): an ephemeral X25519 exchange per connection, the
+/// id sealed to the server's key, every session frame sealed with ChaCha20-Poly1305
+/// (spec 7.7, 8.2). The default: 0.
+pub const TALLY_MODE_ENCRYPTED: TallyMode = TallyMode(0);
+
+/// The authenticated mode (HELLO): frames in the clear, each with an HMAC-SHA256 tag.
+/// Only where something on the path must read the payloads, and only with a server
+/// whose `encryption` policy is "allowed" or "off" (spec 2.4, 7.8).
+pub const TALLY_MODE_AUTHENTICATED: TallyMode = TallyMode(1);
+
+/// The ERROR code of a refused mode (spec 10.1), in the `code` of the
+/// `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
+pub const TALLY_ERROR_MODE_REFUSED: u16 = 0x000a;
 
 /// What [`tally_client_poll_event`] returns.
 #[repr(C)]
@@ -246,6 +279,9 @@ fn failure_of(e: &ProtocolError) -> (TallyResult, u16) {
     match e {
         ProtocolError::Refused(code) if *code == tally::proto::ErrorCode::AUTH_FAILED => {
             (TALLY_ERR_AUTH_FAILED, code.0)
+        }
+        ProtocolError::Refused(code) if *code == tally::proto::ErrorCode::MODE_REFUSED => {
+            (TALLY_ERR_MODE_REFUSED, code.0)
         }
         ProtocolError::Refused(code) => (TALLY_ERR_REFUSED, code.0),
         ProtocolError::BadTag(TagKind::ServerAuth) => (TALLY_ERR_AUTH_FAILED, 0),
@@ -450,30 +486,66 @@ unsafe fn hand_out(output: &mut BytesMut, buf: *mut u8, cap: usize) -> usize {
 }
 
 /// Starts a session for identity `id` (a NUL-terminated string, spec 4.1) with its
-/// 32-byte `key`. `nonce` must be 32 bytes from a cryptographically secure random
-/// source, new for every connection. `max_frame_len` is the largest frame this device
-/// accepts (256 to 16777216; the server sends nothing longer): what your receive
-/// buffers allow. `now_ms`: your monotonic clock.
+/// 32-byte `key`, with the server whose static public key is `server_key` (32 bytes: the
+/// credential's `server-key`, spec 9.2, which the enrollment token pinned), in `mode`
+/// ([`TALLY_MODE_ENCRYPTED`] unless you chose otherwise).
 ///
-/// HELLO is then waiting in `tally_client_transmit`. Returns NULL if an argument is
-/// invalid. Free with `tally_client_free`.
+/// `nonce` must be 32 random bytes from a cryptographically secure source, new for
+/// every connection and never reused: in the encrypted mode it is the connection's
+/// ephemeral X25519 secret (keep it secret; wipe your copy after this call), in the
+/// authenticated mode the client nonce. `max_frame_len` is the largest frame this device
+/// accepts (256 to 16777216; the server sends nothing longer): what your receive buffers
+/// allow. `now_ms`: your monotonic clock.
+///
+/// SEALED_HELLO (or HELLO) is then waiting in `tally_client_transmit`. Returns NULL if
+/// an argument is invalid (a null pointer, an id outside spec 4.1, a frame limit out of
+/// range, an unknown mode, or in the encrypted mode a server key of low order). Free
+/// with `tally_client_free`. If the server refuses the mode, the session ends with
+/// `TALLY_ERR_MODE_REFUSED`: do not retry in the other mode on your own (spec 7.8).
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_new(
     id: *const c_char,
     key: *const [u8; 32],
+    server_key: *const [u8; 32],
     nonce: *const [u8; 32],
+    mode: TallyMode,
     max_frame_len: u32,
     now_ms: u64,
 ) -> *mut TallyClient {
-    let (Some(id), false, false) = (id_from(id), key.is_null(), nonce.is_null()) else {
+    let (Some(id), false, false, false) = (
+        id_from(id),
+        key.is_null(),
+        server_key.is_null(),
+        nonce.is_null(),
+    ) else {
         return core::ptr::null_mut();
     };
     if !(256..=16_777_216).contains(&max_frame_len) {
         return core::ptr::null_mut();
     }
+    let mode = match mode {
+        TALLY_MODE_ENCRYPTED => Mode::Encrypted,
+        TALLY_MODE_AUTHENTICATED => Mode::Authenticated,
+        _ => return core::ptr::null_mut(),
+    };
     let mut config = DeviceConfig::default();
     config.max_frame_len = max_frame_len;
-    let mut device = Device::new(&id, key_from(&*key), *nonce, config, ms(now_ms));
+    config.mode = mode;
+    // The ephemeral secret passes by value: scrub the stack it crossed.
+    let mut device = tally::proto::schedule::scrubbed(|| {
+        Device::new(
+            &id,
+            key_from(&*key),
+            &*server_key,
+            *nonce,
+            config,
+            ms(now_ms),
+        )
+    });
+    if device.is_over() {
+        // A server key of low order (spec 3: the exchange is aborted): nothing was sent.
+        return core::ptr::null_mut();
+    }
     let mut output = BytesMut::new();
     pull(&mut device, &mut output);
     Box::into_raw(Box::new(TallyClient {
@@ -718,6 +790,8 @@ enum EnrollPhase {
 /// an enrollment token, ending with the identity's key.
 pub struct TallyEnrollment {
     phase: EnrollPhase,
+    /// The server's static public key `S`, pinned by the token.
+    server_key: [u8; 32],
     input: BytesMut,
     output: BytesMut,
 }
@@ -745,12 +819,14 @@ pub unsafe extern "C" fn tally_enroll_new(
         return core::ptr::null_mut();
     };
     let mut output = BytesMut::new();
+    let server_key = token.server_static;
     // The X25519 secret passes by value: scrub the stack it crossed.
     let wait = tally::proto::schedule::scrubbed(|| {
         ClientAwaitReply::start(token.client_params(id), *ephemeral, &mut output)
     });
     Box::into_raw(Box::new(TallyEnrollment {
         phase: EnrollPhase::AwaitReply(wait),
+        server_key,
         input: BytesMut::new(),
         output,
     }))
@@ -914,6 +990,27 @@ pub unsafe extern "C" fn tally_enroll_key(
     }
 }
 
+/// Copies the server's 32-byte static public key (`S`, which the token pinned and the
+/// server proved it holds) to `server_key` once the enrollment is done: store it with
+/// the key (the credential's `server-key`, spec 9.2); `tally_client_new` needs it. It
+/// is public, not a secret.
+#[no_mangle]
+pub unsafe extern "C" fn tally_enroll_server_key(
+    enrollment: *mut TallyEnrollment,
+    server_key: *mut [u8; 32],
+) -> TallyResult {
+    let (Some(e), Some(out)) = (enrollment.as_mut(), server_key.as_mut()) else {
+        return TALLY_ERR_INVALID_ARGUMENT;
+    };
+    match &e.phase {
+        EnrollPhase::Done(_) => {
+            *out = e.server_key;
+            TALLY_OK
+        }
+        _ => TALLY_ERR_NOT_OPEN,
+    }
+}
+
 /// What a result means, in English (a static string).
 #[no_mangle]
 pub extern "C" fn tally_result_string(result: i32) -> *const c_char {
@@ -932,6 +1029,7 @@ pub extern "C" fn tally_result_string(result: i32) -> *const c_char {
         -11 => b"enrollment confirmed but not answered: the server may have stored the identity\0",
         -12 => b"no such server request is waiting for an answer\0",
         -13 => b"the session was closed: too many events were waiting to be polled (TALLY_MAX_EVENTS)\0",
+        -14 => b"the server refuses this mode (MODE_REFUSED): its encryption policy does not accept it; change the device's configuration, do not fall back\0",
         1 => b"in progress\0",
         _ => b"unknown result\0",
     };

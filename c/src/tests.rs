@@ -74,24 +74,57 @@ fn feed(c: *mut TallyClient, bytes: &[u8], now: u64) {
     }
 }
 
-/// A client through the handshake with the core's server side; returns both ends.
-fn established(server_key: [u8; 32]) -> (*mut TallyClient, Option<Connection>) {
-    let id = c"sensor-1";
-    let c = unsafe { tally_client_new(id.as_ptr(), &KEY, &[1; 32], 4096, 1_000) };
+/// The server's static secret `s` in these tests, and its public key `S` (what the
+/// credential's `server-key` holds).
+fn server_static() -> x25519_dalek::StaticSecret {
+    x25519_dalek::StaticSecret::from([0x20; 32])
+}
+
+fn server_public() -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&server_static()).to_bytes()
+}
+
+/// A new client of `sensor-1` in `mode`, pinned to `server_key`.
+fn client_to(mode: TallyMode, server_key: &[u8; 32]) -> *mut TallyClient {
+    let c = unsafe {
+        tally_client_new(
+            c"sensor-1".as_ptr(),
+            &KEY,
+            server_key,
+            &[1; 32],
+            mode,
+            4096,
+            1_000,
+        )
+    };
     assert!(!c.is_null());
-    let hello = take(c);
+    c
+}
+
+/// The core's server side answering a client's first frame: parses it with the
+/// server's static secret (a sealed id opens only with it), answers with the identity
+/// key `identity_key` if the id opened, and returns its wait for CLIENT_FINISH.
+fn answer_hello(
+    hello: &[u8],
+    identity_key: [u8; 32],
+    auth: &mut BytesMut,
+) -> tally::proto::handshake::ServerAwaitFinish {
     let limits = ServerLimits {
         max_frame_len: 65536,
         keepalive: Duration::from_secs(30),
     };
+    let received = HelloReceived::parse(hello, &server_static()).unwrap();
+    let key = received.id().map(|_| SecretKey::from_bytes(identity_key));
+    received.respond(key, SecretKey::from_bytes([9; 32]), [2; 32], limits, auth)
+}
+
+/// A client through the handshake in `mode` with the core's server side, which holds
+/// `server_key` as the identity's key; returns both ends.
+fn established_in(mode: TallyMode, server_key: [u8; 32]) -> (*mut TallyClient, Option<Connection>) {
+    let c = client_to(mode, &server_public());
+    let hello = take(c);
     let mut auth = BytesMut::new();
-    let wait = HelloReceived::parse(&hello).unwrap().respond(
-        Some(SecretKey::from_bytes(server_key)),
-        SecretKey::from_bytes([9; 32]),
-        [2; 32],
-        limits,
-        &mut auth,
-    );
+    let wait = answer_hello(&hello, server_key, &mut auth);
     feed(c, &auth, 1_001);
     let finish = take(c);
     let server = wait
@@ -99,6 +132,11 @@ fn established(server_key: [u8; 32]) -> (*mut TallyClient, Option<Connection>) {
         .ok()
         .map(|e| Connection::new(e.session, Config::server(), Duration::from_millis(1_002)));
     (c, server)
+}
+
+/// A client through the handshake in the default (encrypted) mode.
+fn established(server_key: [u8; 32]) -> (*mut TallyClient, Option<Connection>) {
+    established_in(TALLY_MODE_ENCRYPTED, server_key)
 }
 
 fn server_out(server: &mut Connection) -> Vec<u8> {
@@ -272,15 +310,39 @@ fn a_wrong_key_and_a_forged_frame_are_reported() {
 fn invalid_arguments_are_refused_not_crashed_on() {
     let _serial = serial();
     unsafe {
-        assert!(tally_client_new(core::ptr::null(), &KEY, &[1; 32], 4096, 0).is_null());
-        assert!(tally_client_new(c"bad id!".as_ptr(), &KEY, &[1; 32], 4096, 0).is_null());
-        assert!(tally_client_new(c"ok".as_ptr(), &KEY, &[1; 32], 100, 0).is_null());
-        assert!(tally_client_new(c"ok".as_ptr(), core::ptr::null(), &[1; 32], 4096, 0).is_null());
+        let s = &server_public();
+        let enc = TALLY_MODE_ENCRYPTED;
+        let new = |id: &core::ffi::CStr, key, server, nonce, mode, len| {
+            tally_client_new(id.as_ptr(), key, server, nonce, mode, len, 0)
+        };
+        assert!(tally_client_new(core::ptr::null(), &KEY, s, &[1; 32], enc, 4096, 0).is_null());
+        assert!(new(c"bad id!", &KEY, s, &[1; 32], enc, 4096).is_null());
+        assert!(new(c"ok", &KEY, s, &[1; 32], enc, 100).is_null());
+        assert!(new(c"ok", core::ptr::null(), s, &[1; 32], enc, 4096).is_null());
+        assert!(new(c"ok", &KEY, core::ptr::null(), &[1; 32], enc, 4096).is_null());
+        assert!(new(c"ok", &KEY, s, core::ptr::null(), enc, 4096).is_null());
+        // A mode this library does not know: refused, not guessed.
+        assert!(new(c"ok", &KEY, s, &[1; 32], TallyMode(2), 4096).is_null());
+        // A server key of low order (spec 3: X25519 gives zeros): nothing to talk to.
+        assert!(new(c"ok", &KEY, &[0; 32], &[1; 32], enc, 4096).is_null());
+        let authenticated = new(
+            c"ok",
+            &KEY,
+            &[0; 32],
+            &[1; 32],
+            TALLY_MODE_AUTHENTICATED,
+            4096,
+        );
+        assert!(
+            !authenticated.is_null(),
+            "the authenticated mode does not use the server key"
+        );
+        tally_client_free(authenticated);
         assert_eq!(
             tally_client_receive(core::ptr::null_mut(), core::ptr::null(), 0, 0),
             TALLY_ERR_INVALID_ARGUMENT
         );
-        let c = tally_client_new(c"ok".as_ptr(), &KEY, &[1; 32], 4096, 0);
+        let c = new(c"ok", &KEY, s, &[1; 32], enc, 4096);
         assert_eq!(
             tally_client_request(c, b"x".as_ptr(), 1, 0, core::ptr::null_mut()),
             TALLY_ERR_NOT_OPEN,
@@ -311,10 +373,16 @@ fn enrollment_through_the_c_api() {
     let mut done = BytesMut::new();
     pending.committed(&mut done);
     let mut key = [0u8; 32];
+    let mut server_key = [0u8; 32];
     assert_eq!(
         unsafe { tally_enroll_key(e, &mut key) },
         TALLY_ERR_NOT_OPEN,
         "no key before ENROLL_DONE"
+    );
+    assert_eq!(
+        unsafe { tally_enroll_server_key(e, &mut server_key) },
+        TALLY_ERR_NOT_OPEN,
+        "no server key before the server proved it holds it"
     );
     assert_eq!(
         unsafe { tally_enroll_receive(e, done.as_ptr(), done.len()) },
@@ -323,6 +391,16 @@ fn enrollment_through_the_c_api() {
     assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 0);
     assert_eq!(unsafe { tally_enroll_key(e, &mut key) }, TALLY_OK);
     assert_eq!(&key, expected.expose());
+    // The credential's `server-key` (spec 9.2): the token's S.
+    assert_eq!(
+        unsafe { tally_enroll_server_key(e, &mut server_key) },
+        TALLY_OK
+    );
+    assert_eq!(server_key, server.params.static_public());
+    assert_eq!(
+        unsafe { tally_enroll_server_key(e, core::ptr::null_mut()) },
+        TALLY_ERR_INVALID_ARGUMENT
+    );
     unsafe { tally_enroll_free(e) };
 
     // A token pinned to another server's key: the reply does not verify.
@@ -395,41 +473,49 @@ impl Enroller {
     }
 }
 
-/// The heap a session holds between calls, as `c/README.md` states it
+/// The heap a session holds between calls, in each mode, as `c/README.md` states it
 /// (`cargo test -p tally-c heap -- --nocapture` prints the figures).
 #[test]
 fn heap_use_of_one_session() {
     let _serial = serial();
-    let mut idle = isize::MAX;
-    let mut after_request = isize::MAX;
-    for _ in 0..5 {
-        let before = LIVE.load(Ordering::SeqCst);
-        let (c, server) = established(KEY);
-        let mut server = server.unwrap();
-        events(c);
-        let with_both = LIVE.load(Ordering::SeqCst) - before;
-        let mut seq = 0;
-        unsafe { tally_client_request(c, [0u8; 64].as_ptr(), 64, 1_010, &mut seq) };
-        server.handle_input(&take(c), Duration::from_millis(1_011));
-        let Some(Event::Request { seq: s, payload }) = server.poll_event() else {
-            panic!()
-        };
-        server
-            .respond(s, Status::OK, payload, Duration::from_millis(1_012))
-            .unwrap();
-        feed(c, &server_out(&mut server), 1_013);
-        events(c);
-        let with_both_after = LIVE.load(Ordering::SeqCst) - before;
-        let before_drop = LIVE.load(Ordering::SeqCst);
-        drop(server);
-        let server_alone = before_drop - LIVE.load(Ordering::SeqCst);
-        idle = idle.min(with_both - server_alone);
-        after_request = after_request.min(with_both_after - server_alone);
-        unsafe { tally_client_free(c) };
+    for (name, mode) in [
+        ("encrypted", TALLY_MODE_ENCRYPTED),
+        ("authenticated", TALLY_MODE_AUTHENTICATED),
+    ] {
+        let mut idle = isize::MAX;
+        let mut after_request = isize::MAX;
+        for _ in 0..5 {
+            let before = LIVE.load(Ordering::SeqCst);
+            let (c, server) = established_in(mode, KEY);
+            let mut server = server.unwrap();
+            events(c);
+            let with_both = LIVE.load(Ordering::SeqCst) - before;
+            let mut seq = 0;
+            unsafe { tally_client_request(c, [0u8; 64].as_ptr(), 64, 1_010, &mut seq) };
+            server.handle_input(&take(c), Duration::from_millis(1_011));
+            let Some(Event::Request { seq: s, payload }) = server.poll_event() else {
+                panic!()
+            };
+            server
+                .respond(s, Status::OK, payload, Duration::from_millis(1_012))
+                .unwrap();
+            feed(c, &server_out(&mut server), 1_013);
+            events(c);
+            let with_both_after = LIVE.load(Ordering::SeqCst) - before;
+            let before_drop = LIVE.load(Ordering::SeqCst);
+            drop(server);
+            let server_alone = before_drop - LIVE.load(Ordering::SeqCst);
+            idle = idle.min(with_both - server_alone);
+            after_request = after_request.min(with_both_after - server_alone);
+            unsafe { tally_client_free(c) };
+        }
+        eprintln!(
+            "heap per client session, {name} mode: {idle} bytes established, \
+             {after_request} after a 64-byte request"
+        );
+        assert!(idle > 0 && idle < 4096, "{name}: {idle}");
+        assert!(after_request < 8192, "{name}: {after_request}");
     }
-    eprintln!("heap per client session: {idle} bytes established, {after_request} after a 64-byte request");
-    assert!(idle > 0 && idle < 4096, "{idle}");
-    assert!(after_request < 8192, "{after_request}");
 }
 
 /// Review findings: an ERROR after CLIENT_FINISH is the server's refusal (with its
@@ -709,4 +795,207 @@ fn a_flood_of_events_not_polled_ends_the_session_as_overloaded() {
         unsafe { core::ffi::CStr::from_ptr(tally_result_string(TALLY_ERR_OVERLOADED as i32)) };
     assert!(text.to_str().unwrap().contains("TALLY_MAX_EVENTS"));
     unsafe { tally_client_free(c) };
+}
+
+/// The encrypted mode end to end (spec 7.7, 8.2): SEALED_HELLO with the id sealed to
+/// the server's key, opened by the core's server with its static secret; the session's
+/// frames sealed in both directions.
+#[test]
+fn an_encrypted_session_end_to_end() {
+    let _serial = serial();
+    let c = client_to(TALLY_MODE_ENCRYPTED, &server_public());
+    let hello = take(c);
+    // SEALED_HELLO: type 0x13, always 123 bytes, the id nowhere in the clear.
+    assert_eq!((hello.len(), hello[4]), (123, 0x13));
+    assert!(!hello.windows(8).any(|w| w == b"sensor-1"));
+    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+    assert_eq!(received.mode(), Mode::Encrypted);
+    assert_eq!(received.id().map(Id::as_str), Some("sensor-1"));
+    let mut auth = BytesMut::new();
+    let wait = answer_hello(&hello, KEY, &mut auth);
+    assert_eq!(auth[4], 0x14, "SEALED_AUTH");
+    assert!(events(c).is_empty());
+    feed(c, &auth, 1_001);
+    let ev = events(c);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].0, TallyEventKind::TALLY_EVENT_ESTABLISHED);
+    let finish = take(c);
+    assert_eq!((finish.len(), finish[4]), (37, 0x12), "CLIENT_FINISH");
+    let established = wait.handle_finish(&finish).unwrap();
+    let mut server = Connection::new(
+        established.session,
+        Config::server(),
+        Duration::from_millis(1_002),
+    );
+
+    // A request and its answer, neither readable on the wire.
+    let mut seq = 0;
+    let secret = b"the door code is 4711";
+    let r = unsafe { tally_client_request(c, secret.as_ptr(), secret.len(), 1_010, &mut seq) };
+    assert_eq!((r, seq), (TALLY_OK, 1));
+    let wire = take(c);
+    assert!(!wire.windows(4).any(|w| w == b"door"), "sealed");
+    // Header (13 bytes), payload's fields sealed, a 16-byte Poly1305 tag (spec 4.5).
+    server.handle_input(&wire, Duration::from_millis(1_011));
+    let Some(Event::Request { seq: got, payload }) = server.poll_event() else {
+        panic!("the server got no request")
+    };
+    assert_eq!((got, &payload[..]), (1, &secret[..]));
+    server
+        .respond(
+            got,
+            Status::OK,
+            Bytes::from_static(b"opened the door"),
+            Duration::from_millis(1_012),
+        )
+        .unwrap();
+    let wire = server_out(&mut server);
+    assert!(!wire.windows(4).any(|w| w == b"door"), "sealed");
+    feed(c, &wire, 1_013);
+    let ev = events(c);
+    assert_eq!(
+        (ev[0].0, ev[0].1, &ev[0].5[..]),
+        (
+            TallyEventKind::TALLY_EVENT_RESPONSE,
+            1,
+            &b"opened the door"[..]
+        )
+    );
+
+    // A bit flipped in a sealed frame: the AEAD does not open, CLOSE PROTOCOL_ERROR.
+    server
+        .message(Bytes::from_static(b"hello"), Duration::from_millis(1_020))
+        .unwrap();
+    let mut frame = server_out(&mut server);
+    frame[14] ^= 1;
+    feed(c, &frame, 1_021);
+    assert!(events(c).is_empty(), "the message is not delivered");
+    server.handle_input(&take(c), Duration::from_millis(1_022));
+    assert!(matches!(
+        server.poll_event(),
+        Some(Event::Closed(End::PeerClosed {
+            code: CloseCode::PROTOCOL_ERROR,
+            ..
+        }))
+    ));
+    unsafe { tally_client_free(c) };
+
+    // A credential pinned to another server's key: the id does not open, the server
+    // answers as for an unknown id, and the client sees the handshake fail (spec 7.5).
+    let other = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x21; 32]));
+    let c = client_to(TALLY_MODE_ENCRYPTED, other.as_bytes());
+    let hello = take(c);
+    assert!(HelloReceived::parse(&hello, &server_static())
+        .unwrap()
+        .id()
+        .is_none());
+    let mut auth = BytesMut::new();
+    answer_hello(&hello, KEY, &mut auth);
+    feed(c, &auth, 1_001);
+    let ev = events(c);
+    assert_eq!(
+        (ev[0].0, ev[0].4),
+        (TallyEventKind::TALLY_EVENT_CLOSED, TALLY_ERR_AUTH_FAILED)
+    );
+    assert!(take(c).is_empty(), "no CLIENT_FINISH");
+    unsafe { tally_client_free(c) };
+}
+
+/// The authenticated mode, chosen explicitly, still works (HELLO, frames in the clear
+/// with their HMAC tags).
+#[test]
+fn the_authenticated_mode_still_works() {
+    let _serial = serial();
+    let c = client_to(TALLY_MODE_AUTHENTICATED, &server_public());
+    let hello = take(c);
+    assert_eq!(hello[4], 0x10, "HELLO");
+    assert!(
+        hello.windows(8).any(|w| w == b"sensor-1"),
+        "the id in the clear"
+    );
+    unsafe { tally_client_free(c) };
+
+    let (c, server) = established_in(TALLY_MODE_AUTHENTICATED, KEY);
+    let mut server = server.unwrap();
+    assert_eq!(events(c)[0].0, TallyEventKind::TALLY_EVENT_ESTABLISHED);
+    let mut seq = 0;
+    assert_eq!(
+        unsafe { tally_client_request(c, b"temp?".as_ptr(), 5, 1_010, &mut seq) },
+        TALLY_OK
+    );
+    let wire = take(c);
+    assert!(wire.windows(5).any(|w| w == b"temp?"), "in the clear");
+    assert_eq!(wire.len(), 13 + 5 + 32, "an HMAC-SHA256 tag");
+    server.handle_input(&wire, Duration::from_millis(1_011));
+    let Some(Event::Request { seq: got, .. }) = server.poll_event() else {
+        panic!("the server got no request")
+    };
+    server
+        .respond(
+            got,
+            Status::OK,
+            Bytes::from_static(b"21.5"),
+            Duration::from_millis(1_012),
+        )
+        .unwrap();
+    feed(c, &server_out(&mut server), 1_013);
+    let ev = events(c);
+    assert_eq!(
+        (ev[0].0, ev[0].1, &ev[0].5[..]),
+        (TallyEventKind::TALLY_EVENT_RESPONSE, 1, &b"21.5"[..])
+    );
+    unsafe { tally_client_close(c, 0, 1_020) };
+    server.handle_input(&take(c), Duration::from_millis(1_021));
+    feed(c, &server_out(&mut server), 1_022);
+    assert_eq!(events(c)[0].4, TALLY_OK);
+    assert_eq!(unsafe { tally_client_is_finished(c) }, 1);
+    unsafe { tally_client_free(c) };
+}
+
+/// Spec 7.8, 13.12: a server whose policy refuses the mode answers ERROR MODE_REFUSED;
+/// the client reports it as such and sends nothing more: no HELLO in the other mode,
+/// now or later.
+#[test]
+fn a_refused_mode_is_reported_and_never_retried_in_the_other() {
+    let _serial = serial();
+    for (mode, server_accepts) in [
+        // tallyd's `encryption = "off"` refusing SEALED_HELLO...
+        (TALLY_MODE_ENCRYPTED, Mode::Authenticated),
+        // ...and its default "required" refusing HELLO.
+        (TALLY_MODE_AUTHENTICATED, Mode::Encrypted),
+    ] {
+        let c = client_to(mode, &server_public());
+        let hello = take(c);
+        let refused = HelloReceived::check_mode(&hello, |m| m == server_accepts).unwrap_err();
+        assert!(matches!(refused, ProtocolError::ModeRefused(_)));
+        let error = tally::proto::frame::ErrorFrame::new(refused.error_code());
+        feed(c, &error.encoded(), 1_001);
+        let ev = events(c);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].0, ev[0].4, ev[0].3),
+            (
+                TallyEventKind::TALLY_EVENT_CLOSED,
+                TALLY_ERR_MODE_REFUSED,
+                TALLY_ERROR_MODE_REFUSED
+            )
+        );
+        assert_eq!(ev[0].3, 0x000a);
+        // Nothing more to send, no deadline to wake up for, nothing after a while.
+        assert!(take(c).is_empty(), "no second attempt");
+        assert_eq!(unsafe { tally_client_is_finished(c) }, 1);
+        assert_eq!(unsafe { tally_client_next_timeout(c) }, -1);
+        unsafe { tally_client_handle_timeout(c, 60_000) };
+        unsafe { tally_client_receive_eof(c, 60_001) };
+        assert!(take(c).is_empty(), "no second attempt, ever");
+        assert!(events(c).is_empty());
+        assert_eq!(
+            unsafe { tally_client_request(c, b"x".as_ptr(), 1, 60_002, core::ptr::null_mut()) },
+            TALLY_ERR_NOT_OPEN
+        );
+        unsafe { tally_client_free(c) };
+    }
+    let text =
+        unsafe { core::ffi::CStr::from_ptr(tally_result_string(TALLY_ERR_MODE_REFUSED as i32)) };
+    assert!(text.to_str().unwrap().contains("do not fall back"));
 }

@@ -214,7 +214,8 @@ struct BenchArgs {
     /// Another target: `NAME=plain:ADDR` (an echo, or a tunnel to one such as spiped's
     /// client end), `NAME=tls-psk:ADDR` (stunnel) or `NAME=tally:ADDR` (another tallyd
     /// serving the same identities, such as an older build started on the same
-    /// `--state-dir`: before and after in one run), then `@PID,PID...` for the server
+    /// `--state-dir`: before and after in one run; `tally-auth:` for its authenticated
+    /// mode, the only one a build before the encrypted mode speaks), then `@PID,PID...` for the server
     /// processes whose CPU counts (else the one listening on ADDR's port). Repeatable.
     #[arg(long, value_name = "NAME=KIND:ADDR[@PIDS]")]
     peer: Vec<String>,
@@ -555,7 +556,7 @@ async fn bench(a: BenchArgs) -> anyhow::Result<()> {
 fn peer(spec: &str, tally: &tally::bench::Target) -> anyhow::Result<tally::bench::Target> {
     use tally::bench::{Kind, Target};
     let bad = || {
-        anyhow::anyhow!("--peer {spec:?}: expected NAME=plain:ADDR, NAME=tls-psk:ADDR or NAME=tally:ADDR, then optionally @PID,PID...")
+        anyhow::anyhow!("--peer {spec:?}: expected NAME=plain:ADDR, NAME=tls-psk:ADDR, NAME=tally:ADDR or NAME=tally-auth:ADDR, then optionally @PID,PID...")
     };
     let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
     let (kind, rest) = rest.split_once(':').ok_or_else(bad)?;
@@ -572,12 +573,16 @@ fn peer(spec: &str, tally: &tally::bench::Target) -> anyhow::Result<tally::bench
         ),
     };
     let kind = match (kind, &tally.kind) {
-        ("tally", Kind::Tally(creds, mode)) => {
+        ("tally" | "tally-auth", Kind::Tally(creds, mode)) => {
             let mut creds = creds.as_ref().clone();
             for c in &mut creds {
                 c.server = addr.clone();
             }
-            Kind::Tally(std::sync::Arc::new(creds), *mode)
+            let mode = match kind {
+                "tally-auth" => tally::proto::Mode::Authenticated,
+                _ => *mode,
+            };
+            Kind::Tally(std::sync::Arc::new(creds), mode)
         }
         ("plain", _) => Kind::Plain(addr),
         #[cfg(feature = "bench-tls")]

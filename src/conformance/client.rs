@@ -117,7 +117,7 @@ pub fn run(t: &Target) -> Vec<Check> {
         timeout: t.timeout,
         recorded: Default::default(),
     };
-    let scenarios: [(&'static str, &'static str, bool, Behaviour); 17] = [
+    let scenarios: [(&'static str, &'static str, bool, Behaviour); 18] = [
         (
             "7.1",
             "an honest server: the client gets its answer (control)",
@@ -381,6 +381,46 @@ pub fn run(t: &Target) -> Vec<Check> {
                     c.send(&stale)?;
                     Ok(s)
                 })
+            },
+        ),
+        (
+            "8.5",
+            "a server that announced a 1 s keepalive and then says nothing gets a PING within 2 s",
+            false,
+            &|c, x| {
+                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+                let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                let mut auth = BytesMut::new();
+                let quick = ServerLimits {
+                    keepalive: Duration::from_secs(1),
+                    ..limits()
+                };
+                let wait = wait.respond(
+                    Some(x.cred.key.clone()),
+                    SecretKey::from_bytes(random32()),
+                    random32(),
+                    quick,
+                    &mut auth,
+                );
+                c.send(&auth)?;
+                let finish = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "CLIENT_FINISH")?;
+                let mut s = wait.handle_finish(&finish).map_err(|e| e.to_string())?.session;
+                // The REQUEST (and anything else) is read and never answered.
+                let until = Instant::now() + Duration::from_secs(2) + Duration::from_millis(300);
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err("violation: no PING within 2 s of silence from a server whose keepalive is 1 s (8.5: the client pings when it has sent or received nothing for its interval, at most the server's)".into());
+                    }
+                    match c.read(65536, left)? {
+                        Read2::Frame(f) => match open(&mut s, f)?.body {
+                            Body::Ping => return Ok(()),
+                            _ => continue,
+                        },
+                        Read2::Eof => return Err("violation: the client hung up instead of pinging".into()),
+                        Read2::Timeout => continue,
+                    }
+                }
             },
         ),
         (
