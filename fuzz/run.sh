@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time on the stable toolchain.
 #   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default: 120 seconds, all targets)
-# Seeds come from spec/vectors/ (fuzz/seeds.py). Crashes land in fuzz/artifacts/TARGET/.
+# Seeds: spec/vectors/ (fuzz/seeds.py) for the protocol targets, hand-written for the others
+# (fuzz/seeds/TARGET/). Crashes land in fuzz/artifacts/TARGET/.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-120}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder enroll handshake session)
+[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder enroll handshake session credential c_credential c_api config control)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 python3 seeds.py seeds >/dev/null
 for t in "${targets[@]}"; do

@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of every fuzz target from spec/vectors/ (run by run.sh)."""
+"""Writes the seed corpus of the protocol fuzz targets from spec/vectors/ (run by run.sh).
+
+Only its own files (`vector-NNN` in the directories of the four protocol targets) are
+written and removed: the hand-written seeds of the other targets (credential,
+c_credential, c_api, config, control) are left alone, and .ci/run compares only the
+directories this script writes."""
 import json
 import os
 import sys

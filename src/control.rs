@@ -294,17 +294,23 @@ async fn handle(stream: UnixStream, state: Arc<ServerState>) {
     let mut rd = tokio::io::BufReader::new(rd.take(MAX_LINE));
     let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
     let response = match read {
-        Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(Ok(_)) => match parse_request(&line) {
             Ok(req) => answer(req, &state).await,
-            Err(e) => ControlResponse::Error {
-                message: format!("bad request: {e}"),
-            },
+            Err(refusal) => refusal,
         },
         _ => return,
     };
     let mut text = serde_json::to_string(&response).expect("serializable");
     text.push('\n');
     let _ = wr.write_all(text.as_bytes()).await;
+}
+
+/// Reads one request line (JSON, the newline included or not); what cannot be read gets
+/// the answer `Error` (for the `control` fuzz target too).
+pub fn parse_request(line: &str) -> Result<ControlRequest, ControlResponse> {
+    serde_json::from_str(line).map_err(|e| ControlResponse::Error {
+        message: format!("bad request: {e}"),
+    })
 }
 
 async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
