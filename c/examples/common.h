@@ -109,38 +109,102 @@ static inline int hex32(const char *hex, uint8_t out[32]) {
     return 0;
 }
 
-/* The value of `name = "value"` on `line`, copied to out (at most cap - 1 bytes). */
-static inline int string_field(const char *line, const char *name, char *out, size_t cap) {
+static inline const char *skip_blanks(const char *p) {
+    while (*p == ' ' || *p == '\t') p++;
+    return p;
+}
+
+/* After the name `name` at the start of `line` and the '=' that follows it: the value;
+ * NULL if the line sets another entry (`id2 = ...` is not `id`). */
+static inline const char *value_of(const char *line, const char *name) {
     size_t nl = strlen(name);
-    if (strncmp(line, name, nl) != 0) return 0;
-    const char *p = line + nl;
-    while (*p == ' ') p++;
-    if (*p++ != '=') return 0;
-    while (*p == ' ') p++;
+    if (strncmp(line, name, nl) != 0) return NULL;
+    const char *p = skip_blanks(line + nl);
+    return *p == '=' ? skip_blanks(p + 1) : NULL;
+}
+
+/* Whether only blanks and a comment follow a value. */
+static inline int value_ends(const char *p) {
+    p = skip_blanks(p);
+    return *p == '\0' || *p == '#';
+}
+
+/* The value of `name = "value"` on `line`, copied to out (at most cap - 1 bytes): 1, or
+ * 0 if the line sets another entry, or -1 if the value is not a basic string without
+ * escapes and control characters (spec 9.2: ids and addresses need none; this reader
+ * refuses what it would misread). */
+static inline int string_field(const char *line, const char *name, char *out, size_t cap) {
+    const char *p = value_of(line, name);
+    if (!p) return 0;
     if (*p++ != '"') return -1;
     const char *end = strchr(p, '"');
-    if (!end || (size_t)(end - p) >= cap) return -1;
+    if (!end || (size_t)(end - p) >= cap || !value_ends(end + 1)) return -1;
+    for (const char *q = p; q < end; q++)
+        if (*q == '\\' || *q == 0x7f || ((unsigned char)*q < 0x20 && *q != '\t')) return -1;
     memcpy(out, p, (size_t)(end - p));
     out[end - p] = '\0';
     return 1;
 }
 
-/* Whether `line` is `tally-credential = 1` (the whole value: not 10, not 1x). */
+/* Whether `line` is `tally-credential = 1` (the whole value: not 10, not 1x): 1, 0 for
+ * another version, -1 if the line sets another entry. */
 static inline int version_one(const char *line) {
-    const char *p = line;
-    if (strncmp(p, "tally-credential", 16) != 0) return 0;
-    p += 16;
-    while (*p == ' ') p++;
-    if (*p++ != '=') return 0;
-    while (*p == ' ') p++;
-    if (*p++ != '1') return 0;
-    while (*p == ' ' || *p == '\r') p++;
-    return *p == '\n' || *p == '\0' || *p == '#';
+    const char *p = value_of(line, "tally-credential");
+    if (!p) return -1;
+    return p[0] == '1' && value_ends(p + 1);
 }
 
-/* Reads the file `tally enroll` (or examples/enroll.c) writes (spec 9.2: unknown keys
- * are ignored). Returns 0, or -1 with a message on stderr. Every buffer that held the
- * key is wiped; the file is read unbuffered, so that stdio keeps no copy. */
+/* Whether a line could start a table or a multi-line string: what TOML could hide or
+ * move an entry with. `name = "value"  # comment` cannot (not even with """ in the
+ * comment); a line that is not `name = value`, or an array or inline table that holds
+ * """ or ''', can. */
+static inline int may_hide_lines(const char *s) {
+    if (*s == '[') return 1;
+    const char *p = s;
+    while ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+           *p == '_' || *p == '-')
+        p++;
+    if (p > s && *(p = skip_blanks(p)) == '=') {
+        p = skip_blanks(p + 1);
+        if (*p == '"' || *p == '\'') return p[1] == *p && p[2] == *p;
+        if (*p != '[' && *p != '{') return 0;
+    }
+    return strstr(s, "\"\"\"") || strstr(s, "\'\'\'");
+}
+
+/* One line of `f` in `buf` (at most cap - 1 bytes, without its LF or CRLF): its length,
+ * -1 at the end of the file, -2 for a line too long or holding a NUL byte (read in two
+ * parts, its end could set an entry). */
+static inline long next_line(FILE *f, char *buf, size_t cap) {
+    size_t n = 0;
+    int c;
+    while ((c = getc(f)) != EOF && c != '\n') {
+        if (c == '\0' || n + 1 >= cap) return -2;
+        buf[n++] = (char)c;
+    }
+    if (c == EOF && n == 0) return -1;
+    if (n > 0 && buf[n - 1] == '\r') n--;
+    buf[n] = '\0';
+    return (long)n;
+}
+
+/* Whether `id` is an id of spec 4.1: 1 to 64 of A-Z a-z 0-9 . _ - : @ */
+static inline int valid_id(const char *id) {
+    size_t n = strlen(id);
+    if (n < 1 || n > 64) return 0;
+    for (; *id; id++)
+        if (!((*id >= 'a' && *id <= 'z') || (*id >= 'A' && *id <= 'Z') ||
+              (*id >= '0' && *id <= '9') || strchr("._-:@", *id)))
+            return 0;
+    return 1;
+}
+
+/* Reads the file `tally enroll` (or examples/enroll.c) writes: the form of spec 9.2, one
+ * `name = value` per line, unknown entries ignored. The TOML it does not read (tables,
+ * multi-line strings, escapes, lines over 511 bytes) and duplicate entries are refused,
+ * not guessed at: they could hide or move an entry, and this reader never reads values
+ * other than a TOML parser's. Returns 0, or -1 with a message on stderr. Every buffer
+ * that held the key is wiped; the file is read unbuffered, so that stdio keeps no copy. */
 static inline int read_credential(const char *path, struct credential *cred) {
     FILE *f = fopen(path, "r");
     if (!f) { fprintf(stderr, "%s: %s\n", path, strerror(errno)); return -1; }
@@ -156,22 +220,32 @@ static inline int read_credential(const char *path, struct credential *cred) {
     }
     setvbuf(f, NULL, _IONBF, 0);
     char line[512], key_hex[65] = "", server_key_hex[65] = "";
-    int version = -1, bad = 0, r;
+    int version = -1, bad = 0, seen = 0, r;
+    long n;
     memset(cred, 0, sizeof *cred);
-    while (fgets(line, sizeof line, f)) {
-        if (line[0] == '#' || line[0] == '\n') continue;
-        if (strncmp(line, "tally-credential", 16) == 0) { version = version_one(line); continue; }
-        if ((r = string_field(line, "id", cred->id, sizeof cred->id)) ||
-            (r = string_field(line, "key", key_hex, sizeof key_hex)) ||
-            (r = string_field(line, "server", cred->server, sizeof cred->server)) ||
-            (r = string_field(line, "server-key", server_key_hex, sizeof server_key_hex))) {
-            if (r < 0) { bad = 1; break; }
+    while (!bad && (n = next_line(f, line, sizeof line)) != -1) {
+        const char *s = skip_blanks(line);
+        if (n < 0) { bad = 1; break; }
+        if (*s == '\0' || *s == '#') continue;
+        if (may_hide_lines(s)) { bad = 1; break; }
+        int bit = 1;
+        if ((r = version_one(s)) >= 0) {
+            version = r;
+        } else if ((bit = 2, r = string_field(s, "id", cred->id, sizeof cred->id)) ||
+                   (bit = 4, r = string_field(s, "key", key_hex, sizeof key_hex)) ||
+                   (bit = 8, r = string_field(s, "server", cred->server, sizeof cred->server)) ||
+                   (bit = 16, r = string_field(s, "server-key", server_key_hex, sizeof server_key_hex))) {
+            if (r < 0) bad = 1;
+        } else {
+            continue;
         }
+        if (seen & bit) bad = 1;
+        seen |= bit;
     }
     wipe(line, sizeof line);
     fclose(f);
     /* Spec 9.2: all five entries required; hex digits in either case. */
-    int ok = !bad && version == 1 && cred->id[0] && cred->server[0] &&
+    int ok = !bad && version == 1 && valid_id(cred->id) && cred->server[0] &&
              hex32(key_hex, cred->key) == 0 && hex32(server_key_hex, cred->server_key) == 0;
     wipe(key_hex, sizeof key_hex);
     if (!ok) {
