@@ -151,26 +151,30 @@ fn handshake(c: &mut Criterion) {
                         &id,
                         SecretKey::from_bytes([9; 32]),
                         &s_pub,
-                        [1; 32],
+                        &mut [1; 32],
                         65536,
                         &mut hello,
                     )
                     .unwrap(),
                 };
                 let mut auth = BytesMut::new();
-                let server =
-                    HelloReceived::parse(&hello, &x25519_dalek::StaticSecret::from([0x20; 32]))
-                        .unwrap()
-                        .respond(
-                            Some(SecretKey::from_bytes([9; 32])),
-                            SecretKey::from_bytes([0; 32]),
-                            [2; 32],
-                            ServerLimits {
-                                max_frame_len: 65536,
-                                keepalive: std::time::Duration::from_secs(30),
-                            },
-                            &mut auth,
-                        );
+                let server = HelloReceived::parse(
+                    &hello,
+                    &tally::proto::handshake::ServerKey::from(&x25519_dalek::StaticSecret::from(
+                        [0x20; 32],
+                    )),
+                )
+                .unwrap()
+                .respond(
+                    Some(SecretKey::from_bytes([9; 32])),
+                    SecretKey::from_bytes([0; 32]),
+                    &mut [2; 32],
+                    ServerLimits {
+                        max_frame_len: 65536,
+                        keepalive: std::time::Duration::from_secs(30),
+                    },
+                    &mut auth,
+                );
                 let mut fin = BytesMut::new();
                 let s = client.handle_server_auth(&auth, &mut fin).unwrap();
                 black_box((s, server.handle_finish(&fin).unwrap()));

@@ -207,7 +207,7 @@ impl Conn {
                         &cred.id,
                         cred.key.clone(),
                         &cred.server_key,
-                        random_bytes(),
+                        &mut random_bytes(),
                         MAX_FRAME_LEN_CEILING,
                         &mut out,
                     )?,

@@ -3,7 +3,7 @@
 
 use zeroize::Zeroizing;
 
-use crate::proto::credential::{parse_hex32, Credential, CredentialError};
+use crate::proto::credential::{parse_hex32, parse_server_key, Credential, CredentialError};
 use crate::proto::{Id, SecretKey};
 
 /// What a credential file holds, for error messages.
@@ -70,7 +70,7 @@ impl Credential {
             id: Id::new(string("id")?)?,
             key: SecretKey::from_bytes(*key),
             server: string("server")?.to_owned(),
-            server_key: parse_hex32(string("server-key")?, "the server key")?,
+            server_key: parse_server_key(string("server-key")?)?,
         })
     }
 }
@@ -79,26 +79,38 @@ impl Credential {
 mod tests {
     use super::*;
 
+    /// A server key in canonical form (its top bit clear).
+    fn s_key() -> [u8; 32] {
+        let mut s = [0xa5; 32];
+        s[31] = 0x25;
+        s
+    }
+
     #[test]
     fn credential_round_trip_and_errors() {
         let c = Credential {
             id: Id::new("dev-1").unwrap(),
             key: SecretKey::from_bytes([7; 32]),
             server: "127.0.0.1:7420".into(),
-            server_key: [0xa5; 32],
+            server_key: s_key(),
         };
         let text = c.to_file();
+        let s_hex = hex::encode(s_key());
+        assert!(
+            text.contains(&format!("server-key = \"{s_hex}\"")),
+            "{}",
+            *text
+        );
         let back = Credential::from_file(&text).unwrap();
         assert_eq!(back.id, c.id);
         assert!(back.key.ct_eq(&c.key));
         assert_eq!(back.server, c.server);
         assert_eq!(back.server_key, c.server_key);
-        // Spec 9.2: upper-case hex digits read; the server key is required.
-        let upper = text.replace(&"a5".repeat(32), &"A5".repeat(32));
-        assert_eq!(
-            Credential::from_file(&upper).unwrap().server_key,
-            [0xa5; 32]
-        );
+        assert!(!format!("{back:?}").contains("0707"));
+        // Spec 9.2: upper-case hex digits read; the server key is required, 64 digits,
+        // in canonical form (top bit clear).
+        let upper = text.replace(&s_hex, &s_hex.to_uppercase());
+        assert_eq!(Credential::from_file(&upper).unwrap().server_key, s_key());
         let without: String = text
             .lines()
             .filter(|l| !l.starts_with("server-key"))
@@ -109,10 +121,14 @@ mod tests {
             Err(CredentialError::File(e)) if e.contains("server-key")
         ));
         assert_eq!(
-            Credential::from_file(&text.replace(&"a5".repeat(32), &"a5".repeat(31))).err(),
+            Credential::from_file(&text.replace(&s_hex, &s_hex[2..])).err(),
             Some(CredentialError::Hex("the server key"))
         );
-        assert!(!format!("{back:?}").contains("0707"));
+        let high = text.replace(&s_hex, &format!("{}a5", &s_hex[..62]));
+        assert_eq!(
+            Credential::from_file(&high).err(),
+            Some(CredentialError::ServerKeyNotCanonical)
+        );
         assert_eq!(
             Credential::from_file(&text.replace("= 1", "= 2")).err(),
             Some(CredentialError::Version(2))

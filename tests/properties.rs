@@ -141,9 +141,9 @@ proptest! {
 
         let srv = enroll_server();
         prop_assert!(ServerAwaitConfirm::handle_init(&srv, &frame, |_, _| SecretKey::from_bytes([1; 32]), [3; 32], &mut BytesMut::new()).is_err());
-        if let Ok(hello) = HelloReceived::parse(&frame, &x25519_dalek::StaticSecret::from([0x20; 32])) {
+        if let Ok(hello) = HelloReceived::parse(&frame, &tally::proto::handshake::ServerKey::from(&x25519_dalek::StaticSecret::from([0x20; 32]))) {
             let limits = ServerLimits { max_frame_len: 4096, keepalive: std::time::Duration::from_secs(30) };
-            let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), [5; 32], limits, &mut BytesMut::new());
+            let wait = hello.respond(None, SecretKey::from_bytes([4; 32]), &mut [5; 32], limits, &mut BytesMut::new());
             prop_assert!(wait.handle_finish(&frame).is_err());
         }
         let id = Id::new("dev").unwrap();

@@ -231,13 +231,17 @@ fn handshake() -> ([Vec<u8>; 3], Session, Session) {
     let (id, k, nc, ns) = session_inputs();
     let mut hello = BytesMut::new();
     let client = ClientAwaitAuth::start(&id, SecretKey::from_bytes(k), nc, CLIENT_MAX, &mut hello);
-    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+    let received = HelloReceived::parse(
+        &hello,
+        &tally::proto::handshake::ServerKey::from(&server_static()),
+    )
+    .unwrap();
     assert_eq!(received.client_max_frame_len(), CLIENT_MAX);
     let mut auth = BytesMut::new();
     let server = received.respond(
         Some(SecretKey::from_bytes(k)),
         SecretKey::from_bytes([0; 32]),
-        ns,
+        &mut ns.clone(),
         SERVER_LIMITS,
         &mut auth,
     );
@@ -651,7 +655,12 @@ fn run_negative(case: &Value) -> ProtocolError {
                 other => panic!("unknown policy {other}"),
             };
             HelloReceived::check_mode(&input, accepts)
-                .and_then(|_| HelloReceived::parse(&input, &server_static()))
+                .and_then(|_| {
+                    HelloReceived::parse(
+                        &input,
+                        &tally::proto::handshake::ServerKey::from(&server_static()),
+                    )
+                })
                 .err()
                 .unwrap()
         }
@@ -661,7 +670,7 @@ fn run_negative(case: &Value) -> ProtocolError {
                 &id,
                 SecretKey::from_bytes(k),
                 &public_of(pattern(SERVER_STATIC)),
-                pattern(CLIENT_EPHEMERAL),
+                &mut pattern(CLIENT_EPHEMERAL),
                 CLIENT_MAX,
                 &mut BytesMut::new(),
             )
@@ -873,18 +882,22 @@ fn sealed_handshake() -> ([Vec<u8>; 3], Session, Session) {
         &id,
         SecretKey::from_bytes(k),
         &public_of(pattern(SERVER_STATIC)),
-        pattern(CLIENT_EPHEMERAL),
+        &mut pattern(CLIENT_EPHEMERAL),
         CLIENT_MAX,
         &mut hello,
     )
     .unwrap();
-    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+    let received = HelloReceived::parse(
+        &hello,
+        &tally::proto::handshake::ServerKey::from(&server_static()),
+    )
+    .unwrap();
     assert_eq!(received.id(), Some(&id));
     let mut auth = BytesMut::new();
     let server = received.respond(
         Some(SecretKey::from_bytes(k)),
         SecretKey::from_bytes([0; 32]),
-        pattern(SERVER_EPHEMERAL),
+        &mut pattern(SERVER_EPHEMERAL),
         SERVER_LIMITS,
         &mut auth,
     );
@@ -960,7 +973,7 @@ fn sealed_values(frames: &[Vec<u8>; 3]) -> SealedValues {
     let (e, f) = (pattern(CLIENT_EPHEMERAL), pattern(SERVER_EPHEMERAL));
     let s_pub = public_of(pattern(SERVER_STATIC));
     let (e_pub, f_pub) = (public_of(e), public_of(f));
-    assert_eq!(&hello[10..42], &e_pub);
+    assert_eq!(&hello[6..38], &e_pub);
     assert_eq!(&auth[5..37], &f_pub);
     let dh_es = x25519(e, s_pub);
     assert_eq!(dh_es, x25519(pattern(SERVER_STATIC), e_pub));
@@ -972,9 +985,10 @@ fn sealed_values(frames: &[Vec<u8>; 3]) -> SealedValues {
     let mut id_plain = vec![id.as_str().len() as u8];
     id_plain.extend_from_slice(id.as_str().as_bytes());
     id_plain.resize(65, 0);
+    id_plain.extend_from_slice(&CLIENT_MAX.to_be_bytes());
     assert_eq!(
-        &hello[42..],
-        &aead_seal(&key_id, &[0; 12], &hello[..42], &id_plain)[..],
+        &hello[38..],
+        &aead_seal(&key_id, &[0; 12], &hello[..38], &id_plain)[..],
         "sealed_id"
     );
     let dh_ee = x25519(e, f_pub);
@@ -1050,7 +1064,7 @@ fn session_encrypted() -> Value {
             "server_ephemeral_public": x(&v.f_pub),
             "dh_es": x(&v.dh_es),
             "key_id": x(&v.key_id),
-            "sealed_id_plaintext": x(&v.id_plain),
+            "sealed_plaintext": x(&v.id_plain),
             "dh_ee": x(&v.dh_ee),
             "th2": x(&v.th2),
             "key_c2s": x(&v.c2s),
@@ -1098,13 +1112,21 @@ fn encrypted_negative_cases(plain_hello: &[u8], plain_auth: &[u8]) -> Vec<Value>
     short[..4].copy_from_slice(&118u32.to_be_bytes());
     // SEALED_HELLO with E the all-zero (low-order) point.
     let mut zero_e = hello.clone();
-    zero_e[10..42].fill(0);
+    zero_e[6..38].fill(0);
     // SEALED_HELLO whose sealed id opens, with a non-zero byte after the id.
     let mut padded = v.id_plain.clone();
     padded[64] = 1;
+    // The same, with a limit of 255 sealed in it (the least is 256).
+    let mut small = v.id_plain.clone();
+    small[65..].copy_from_slice(&255u32.to_be_bytes());
+    let small_limit = [
+        &hello[..38],
+        &aead_seal(&v.key_id, &[0; 12], &hello[..38], &small)[..],
+    ]
+    .concat();
     let bad_padding = [
-        &hello[..42],
-        &aead_seal(&v.key_id, &[0; 12], &hello[..42], &padded)[..],
+        &hello[..38],
+        &aead_seal(&v.key_id, &[0; 12], &hello[..38], &padded)[..],
     ]
     .concat();
     // SEALED_AUTH with F the all-zero point.
@@ -1144,8 +1166,10 @@ fn encrypted_negative_cases(plain_hello: &[u8], plain_auth: &[u8]) -> Vec<Value>
              x(&short), "malformed", malformed.clone()),
         case("sealed_hello_weak_key", "session-encrypted.json SEALED_HELLO with E replaced by the all-zero point: dh_es is all zeros (7.2 row 5a)", json!({"state": "server_await_hello"}),
              x(&zero_e), "weak_key", malformed.clone()),
-        case("sealed_hello_bad_padding", "a SEALED_HELLO whose sealed id verifies but has a non-zero byte after the id (7.2 row 5b)", json!({"state": "server_await_hello"}),
-             x(&bad_padding), "malformed", malformed),
+        case("sealed_hello_bad_padding", "a SEALED_HELLO whose sealed part verifies but has a non-zero byte after the id (7.2 row 5b)", json!({"state": "server_await_hello"}),
+             x(&bad_padding), "malformed", malformed.clone()),
+        case("sealed_hello_limit_too_small", "a SEALED_HELLO whose sealed part verifies but announces a frame limit of 255 (7.2 row 5b)", json!({"state": "server_await_hello"}),
+             x(&small_limit), "malformed", malformed),
         case("downgraded_server_auth", "session.json SERVER_AUTH in answer to session-encrypted.json SEALED_HELLO: the other mode's answer (7.2 client row 4)", json!({"state": "client_await_sealed_auth"}),
              x(plain_auth), "malformed", json!({"close": true})),
         case("sealed_auth_to_hello", "session-encrypted.json SEALED_AUTH in answer to session.json HELLO", json!({"state": "client_await_server_auth"}),

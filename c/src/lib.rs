@@ -537,7 +537,7 @@ pub unsafe extern "C" fn tally_client_new(
             &id,
             key_from(&*key),
             &*server_key,
-            *nonce,
+            &mut { *nonce },
             config,
             ms(now_ms),
         )

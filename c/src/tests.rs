@@ -113,9 +113,19 @@ fn answer_hello(
         max_frame_len: 65536,
         keepalive: Duration::from_secs(30),
     };
-    let received = HelloReceived::parse(hello, &server_static()).unwrap();
+    let received = HelloReceived::parse(
+        hello,
+        &tally::proto::handshake::ServerKey::from(&server_static()),
+    )
+    .unwrap();
     let key = received.id().map(|_| SecretKey::from_bytes(identity_key));
-    received.respond(key, SecretKey::from_bytes([9; 32]), [2; 32], limits, auth)
+    received.respond(
+        key,
+        SecretKey::from_bytes([9; 32]),
+        &mut [2; 32],
+        limits,
+        auth,
+    )
 }
 
 /// A client through the handshake in `mode` with the core's server side, which holds
@@ -808,7 +818,11 @@ fn an_encrypted_session_end_to_end() {
     // SEALED_HELLO: type 0x13, always 123 bytes, the id nowhere in the clear.
     assert_eq!((hello.len(), hello[4]), (123, 0x13));
     assert!(!hello.windows(8).any(|w| w == b"sensor-1"));
-    let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+    let received = HelloReceived::parse(
+        &hello,
+        &tally::proto::handshake::ServerKey::from(&server_static()),
+    )
+    .unwrap();
     assert_eq!(received.mode(), Mode::Encrypted);
     assert_eq!(received.id().map(Id::as_str), Some("sensor-1"));
     let mut auth = BytesMut::new();
@@ -885,10 +899,13 @@ fn an_encrypted_session_end_to_end() {
     let other = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x21; 32]));
     let c = client_to(TALLY_MODE_ENCRYPTED, other.as_bytes());
     let hello = take(c);
-    assert!(HelloReceived::parse(&hello, &server_static())
-        .unwrap()
-        .id()
-        .is_none());
+    assert!(HelloReceived::parse(
+        &hello,
+        &tally::proto::handshake::ServerKey::from(&server_static())
+    )
+    .unwrap()
+    .id()
+    .is_none());
     let mut auth = BytesMut::new();
     answer_hello(&hello, KEY, &mut auth);
     feed(c, &auth, 1_001);

@@ -299,7 +299,7 @@ impl Arsenal {
                     &id,
                     key,
                     &self.server_key,
-                    random_bytes(),
+                    &mut random_bytes(),
                     limit,
                     &mut hello,
                 )?;

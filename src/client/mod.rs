@@ -877,7 +877,7 @@ async fn handshake(
         &cred.id,
         cred.key.clone(),
         &cred.server_key,
-        random_bytes(),
+        &mut random_bytes(),
         config,
         origin.elapsed(),
     );

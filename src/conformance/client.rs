@@ -156,7 +156,7 @@ pub fn run(t: &Target) -> Vec<Check> {
             false,
             &|c, x| {
                 let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
                 let old = x
                     .recorded
                     .borrow()
@@ -271,7 +271,7 @@ pub fn run(t: &Target) -> Vec<Check> {
             &|c, x| {
                 let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
                 let received =
-                    HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                    HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
                 let (limit, mode) = (received.client_max_frame_len(), received.mode());
                 let (s, req) = finish_handshake(c, x, hello)?;
                 // A whole, validly tagged RESPONSE one byte over the limit: a client that
@@ -290,12 +290,12 @@ pub fn run(t: &Target) -> Vec<Check> {
             false,
             &|c, x| {
                 let hello = sealed_hello(c, x)?;
-                let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                let wait = HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
                 let mut auth = BytesMut::new();
                 let wait = wait.respond_with_type_for_testing(
                     Some(x.cred.key.clone()),
                     SecretKey::from_bytes(random32()),
-                    random32(),
+                    &mut random32(),
                     limits(),
                     FrameType::ServerAuth,
                     &mut auth,
@@ -389,7 +389,7 @@ pub fn run(t: &Target) -> Vec<Check> {
             false,
             &|c, x| {
                 let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+                let wait = HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
                 let mut auth = BytesMut::new();
                 let quick = ServerLimits {
                     keepalive: Duration::from_secs(1),
@@ -398,7 +398,7 @@ pub fn run(t: &Target) -> Vec<Check> {
                 let wait = wait.respond(
                     Some(x.cred.key.clone()),
                     SecretKey::from_bytes(random32()),
-                    random32(),
+                    &mut random32(),
                     quick,
                     &mut auth,
                 );
@@ -567,12 +567,16 @@ fn scenario(
 /// The honest server: answers the request with its payload, records frames to replay.
 fn honest(c: &mut Conn, x: &Ctx) -> Result<(), String> {
     let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),
         SecretKey::from_bytes(random32()),
-        random32(),
+        &mut random32(),
         limits(),
         &mut auth,
     );
@@ -649,12 +653,16 @@ fn server_auth(
     x: &Ctx,
 ) -> Result<(Vec<u8>, crate::proto::handshake::ServerAwaitFinish), String> {
     let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),
         SecretKey::from_bytes(random32()),
-        random32(),
+        &mut random32(),
         limits(),
         &mut auth,
     );
@@ -663,12 +671,16 @@ fn server_auth(
 
 /// The rest of an honest handshake after `hello`, and the client's REQUEST.
 fn finish_handshake(c: &mut Conn, x: &Ctx, hello: Bytes) -> Result<(Session, u64), String> {
-    let wait = HelloReceived::parse(&hello, &x.server_static).map_err(|e| e.to_string())?;
+    let wait = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
     let mut auth = BytesMut::new();
     let wait = wait.respond(
         Some(x.cred.key.clone()),
         SecretKey::from_bytes(random32()),
-        random32(),
+        &mut random32(),
         limits(),
         &mut auth,
     );

@@ -22,6 +22,13 @@ pub const RESERVE_STEP: usize = 16 * 1024;
 /// the prefix announces (a peer that announces a large frame and then drips it holds
 /// no more memory than it sent).
 pub fn decode_frame(buf: &mut BytesMut, limit: u32) -> Result<Option<Bytes>, FrameError> {
+    Ok(decode_frame_owned(buf, limit)?.map(BytesMut::freeze))
+}
+
+/// [`decode_frame`], the frame handed out as a buffer of its own (split off `buf`
+/// without a copy), which a session can decrypt in place
+/// ([`super::Session::open_owned`]).
+pub fn decode_frame_owned(buf: &mut BytesMut, limit: u32) -> Result<Option<BytesMut>, FrameError> {
     let Some(len) = peek_len(buf, limit)? else {
         return Ok(None);
     };
@@ -30,7 +37,7 @@ pub fn decode_frame(buf: &mut BytesMut, limit: u32) -> Result<Option<Bytes>, Fra
         buf.reserve((total - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
-    Ok(Some(buf.split_to(total).freeze()))
+    Ok(Some(buf.split_to(total)))
 }
 
 /// Reads and checks the length prefix without consuming anything.

@@ -290,14 +290,14 @@ impl Connection {
     /// When [`Connection::handle_timeout`] must be called next, if ever.
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.state {
-            State::Open => {
-                let idle = self.config.idle_timeout.map(|t| self.last_received + t);
-                let ping = self.ping_due();
-                match (idle, ping) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
-            }
+            State::Open => [
+                self.config.idle_timeout.map(|t| self.last_received + t),
+                self.ping_due(),
+                self.key_update_at(),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             State::Closing { deadline, .. } => Some(*deadline),
             State::Closed => None,
         }
@@ -331,6 +331,10 @@ impl Connection {
                     );
                 } else if self.ping_due().is_some_and(|due| now >= due) {
                     let _ = self.ping(now);
+                } else if self.key_update_at().is_some_and(|due| now >= due) {
+                    // Spec 8.7: a key is replaced when due even if nothing else is to be
+                    // sent, so that it never outlives its bound on a quiet session.
+                    self.update_key_now(now);
                 }
             }
             State::Closing { deadline, end, .. } if now >= *deadline => {
@@ -383,12 +387,13 @@ impl Connection {
         }
         self.last_received = now;
         loop {
-            let frame = match super::decode_frame(&mut self.recv, self.config.max_frame_len) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return,
-                Err(e) => return self.fail(e.into(), now),
-            };
-            let frame = match self.session.open(frame) {
+            let frame =
+                match super::codec::decode_frame_owned(&mut self.recv, self.config.max_frame_len) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return,
+                    Err(e) => return self.fail(e.into(), now),
+                };
+            let frame = match self.session.open_owned(frame) {
                 Ok(frame) => frame,
                 Err(e) => return self.fail(e, now),
             };
@@ -516,8 +521,8 @@ impl Connection {
         if self.state != State::Open {
             return Err(ProtocolError::Closed);
         }
-        if self.key_update_due(now) && self.session.seal(&Body::KeyUpdate, &mut self.send).is_ok() {
-            self.key_since = None;
+        if self.key_update_due(now) {
+            self.update_key_now(now);
         }
         match self.session.seal(body, &mut self.send) {
             Ok(seq) => {
@@ -537,11 +542,30 @@ impl Connection {
         }
     }
 
+    /// When the sending key reaches its age limit (spec 8.7): `None` before it sealed
+    /// anything, or without a rule.
+    fn key_update_at(&self) -> Option<Duration> {
+        let rule = self.config.key_update?;
+        self.key_since.map(|since| since + rule.after)
+    }
+
+    /// Seals KEY_UPDATE (the session moves to its next sending key), unless the
+    /// sequence numbers left are the frame's own and CLOSE's.
+    fn update_key_now(&mut self, now: Duration) {
+        if self.session.last_sent() < u64::MAX - 2
+            && self.session.seal(&Body::KeyUpdate, &mut self.send).is_ok()
+        {
+            self.key_since = None;
+            self.last_sent = now;
+        }
+    }
+
     /// Spec 8.7: whether the sending key has sealed enough frames, or lived long enough,
     /// to be replaced before the next frame.
     fn key_update_due(&self, now: Duration) -> bool {
-        // The last two numbers are the frame's own and CLOSE's (spec 8.7, 8.1).
-        self.session.last_sent() < u64::MAX - 3
+        // The last two numbers are the frame's own and CLOSE's (spec 8.7, 8.1): a
+        // KEY_UPDATE may take 2^64 - 3 at the latest.
+        self.session.last_sent() < u64::MAX - 2
             && self.config.key_update.is_some_and(|rule| {
                 self.session.sealed_on_key() >= rule.frames
                     || self
@@ -983,6 +1007,9 @@ mod tests {
         let mut quiet = Config::client();
         quiet.keepalive = None;
         quiet.idle_timeout = None;
+        // This test hands the frame's bytes over one by one itself: no other frame may
+        // be queued behind it meanwhile (a KEY_UPDATE after 10 minutes would be).
+        quiet.key_update = None;
         let mut p = Pair::with(quiet, Config::server());
         let now = p.now;
         p.client.message(b("slow"), now).unwrap();
@@ -1236,5 +1263,102 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Spec 8.7: a side replaces its sending key after `frames` frames, before the next
+    /// one; the peer follows, and the session goes on in both directions.
+    #[test]
+    fn key_update_after_a_number_of_frames() {
+        let mut rule = Config::client();
+        rule.key_update = Some(KeyUpdate {
+            after: Duration::from_secs(3600),
+            frames: 2,
+        });
+        let mut p = Pair::with(rule, Config::server());
+        for i in 0..5u8 {
+            p.client.message(Bytes::from(vec![i]), p.now).unwrap();
+            p.drive();
+        }
+        // Frames 1, 2, KEY_UPDATE (3), 4, 5, KEY_UPDATE (6), 7: five messages.
+        assert_eq!(p.client.session().last_sent(), 7);
+        assert_eq!(p.server.session().last_received(), 7);
+        let got = core::iter::from_fn(|| p.server.poll_event())
+            .filter(|e| matches!(e, Event::Message { .. }))
+            .count();
+        assert_eq!(got, 5, "KEY_UPDATE is not delivered as a message");
+        let r = p
+            .server
+            .request(Bytes::from_static(b"still?"), p.now)
+            .unwrap();
+        p.drive();
+        assert!(
+            p.client.poll_event().is_some(),
+            "the other direction works: {r}"
+        );
+    }
+
+    /// Spec 8.7: a key that sealed a frame is replaced once it is `after` old, by a timer,
+    /// even if nothing else is to be sent (a quiet session keeps no old key).
+    #[test]
+    fn key_update_by_age_on_a_quiet_session() {
+        let mut rule = Config::server();
+        rule.key_update = Some(KeyUpdate {
+            after: Duration::from_secs(600),
+            frames: 1 << 20,
+        });
+        rule.idle_timeout = None;
+        let mut client = Config::client();
+        client.keepalive = None;
+        client.idle_timeout = None;
+        let mut p = Pair::with(client, rule);
+        p.server.message(Bytes::from_static(b"one"), p.now).unwrap();
+        p.drive();
+        assert_eq!(p.server.poll_timeout(), Some(Duration::from_secs(600)));
+        p.advance(Duration::from_secs(599));
+        assert_eq!(p.server.session().last_sent(), 1);
+        p.advance(Duration::from_secs(1));
+        assert_eq!(
+            p.server.session().last_sent(),
+            2,
+            "KEY_UPDATE sent by the timer"
+        );
+        assert_eq!(p.client.session().last_received(), 2);
+        // The new key has sealed nothing: it does not age, and no timer is set for it.
+        assert_eq!(p.server.poll_timeout(), None);
+        p.server.message(Bytes::from_static(b"two"), p.now).unwrap();
+        p.drive();
+        assert_eq!(p.client.session().last_received(), 3);
+    }
+
+    /// Spec 8.7, 8.1: no KEY_UPDATE where its number is needed by the frame itself and
+    /// CLOSE; 2^64 - 3 is the last number one may take.
+    #[test]
+    fn no_key_update_at_the_end_of_the_sequence_numbers() {
+        let mut rule = Config::client();
+        rule.key_update = Some(KeyUpdate {
+            after: Duration::from_secs(3600),
+            frames: 1,
+        });
+        let mut p = Pair::with(rule, Config::server());
+        p.client.set_counters_for_testing(u64::MAX - 3, 0);
+        p.server.set_counters_for_testing(1, u64::MAX - 4);
+        p.client.message(b("a"), p.now).unwrap();
+        assert_eq!(p.client.session().last_sent(), u64::MAX - 3);
+        // Due after one frame: KEY_UPDATE takes 2^64 - 3, the last number it may take.
+        p.client.message(b("b"), p.now).unwrap();
+        assert_eq!(p.client.session().last_sent(), u64::MAX - 1);
+        // Due again, but only CLOSE's number is left: no KEY_UPDATE, and the message is
+        // refused for CLOSE SEQUENCE_EXHAUSTED (spec 8.1).
+        assert_eq!(
+            p.client.message(b("c"), p.now),
+            Err(ProtocolError::SequenceExhausted)
+        );
+        p.drive();
+        assert_eq!(p.server.session().last_received(), u64::MAX);
+        let got = events(&mut p.server);
+        assert!(
+            got.iter().any(|e| matches!(e, Event::Closed(End::PeerClosed { code, .. }) if *code == CloseCode::SEQUENCE_EXHAUSTED)),
+            "{got:?}"
+        );
     }
 }

@@ -39,6 +39,21 @@ pub enum CredentialError {
     /// The id in the credential breaks spec 4.1.
     #[error("invalid id in credential: {0}")]
     Id(#[from] super::FrameError),
+    /// A server key whose top bit is set: not the canonical form of a key (spec 9.1).
+    #[error("the server key is not in canonical form (its last byte is 0x80 or more): a copy error? Take it from the enrollment token")]
+    ServerKeyNotCanonical,
+}
+
+/// The server's static public key `S` from a token or a credential (spec 9.1, 9.2): 64
+/// hex digits, its top bit clear. A key with the bit set would make the same `dh_es` but
+/// another `K_id` salt than the server's own `S`: every sealed id would fail to open,
+/// silently, as an unknown id would.
+pub(crate) fn parse_server_key(s: &str) -> Result<[u8; KEY_LEN], CredentialError> {
+    let key = parse_hex32(s, "the server key")?;
+    if key[KEY_LEN - 1] & 0x80 != 0 {
+        return Err(CredentialError::ServerKeyNotCanonical);
+    }
+    Ok(key)
 }
 
 pub(crate) fn parse_hex32(s: &str, what: &'static str) -> Result<[u8; KEY_LEN], CredentialError> {
@@ -95,7 +110,7 @@ impl EnrollmentToken {
         Ok(EnrollmentToken {
             mode,
             credential,
-            server_static: parse_hex32(key, "the server key")?,
+            server_static: parse_server_key(key)?,
         })
     }
 
@@ -151,24 +166,30 @@ mod tests {
         let t = EnrollmentToken {
             mode: EnrollMode::Token,
             credential: SecretKey::from_bytes([0xab; 32]),
-            server_static: [0xcd; 32],
+            server_static: [0x4d; 32],
         };
         let text = t.encode();
         assert_eq!(&text[..13], "tally1-token-");
         let back = EnrollmentToken::parse(&format!("  {}\n", *text)).unwrap();
         assert_eq!(back.mode, EnrollMode::Token);
         assert!(back.credential.ct_eq(&t.credential));
-        assert_eq!(back.server_static, [0xcd; 32]);
+        assert_eq!(back.server_static, [0x4d; 32]);
     }
 
     #[test]
     fn bad_tokens_are_refused_with_a_reason() {
         let good = format!("tally1-open-{}-{}", "00".repeat(32), "11".repeat(32));
         assert!(EnrollmentToken::parse(&good).is_ok());
-        let upper = format!("tally1-open-{}-{}", "AB".repeat(32), "CD".repeat(32));
+        let upper = format!("tally1-open-{}-{}", "AB".repeat(32), "4D".repeat(32));
         assert_eq!(
             EnrollmentToken::parse(&upper).unwrap().server_static,
-            [0xcd; 32]
+            [0x4d; 32]
+        );
+        // Spec 9.1: S with its top bit set is not a key in canonical form.
+        let high = format!("tally1-open-{}-{}", "00".repeat(32), "cd".repeat(32));
+        assert_eq!(
+            EnrollmentToken::parse(&high).err(),
+            Some(CredentialError::ServerKeyNotCanonical)
         );
         assert_eq!(
             EnrollmentToken::parse("tally1-open-00").err(),

@@ -160,12 +160,13 @@ impl Device {
     /// Starts a connection for `id` with its `key` at `now`, to the server whose static
     /// key is `server` (the credential's `server-key`): SEALED_HELLO (or HELLO, in the
     /// authenticated mode) is queued to send. `random` is 32 random bytes, new for every
-    /// connection: the ephemeral secret `e` (or the nonce `nc`).
+    /// connection: the ephemeral secret `e` (or the nonce `nc`), taken and wiped where
+    /// they were.
     pub fn new(
         id: &Id,
         key: SecretKey,
         server: &[u8; KEY_LEN],
-        random: [u8; NONCE_LEN],
+        random: &mut [u8; NONCE_LEN],
         config: Config,
         now: Duration,
     ) -> Self {
@@ -174,7 +175,7 @@ impl Device {
             Mode::Authenticated => Ok(ClientAwaitAuth::start(
                 id,
                 key,
-                random,
+                *random,
                 config.max_frame_len,
                 &mut send,
             )),
@@ -182,7 +183,7 @@ impl Device {
                 id,
                 key,
                 server,
-                random,
+                &mut random.clone(),
                 config.max_frame_len,
                 &mut send,
             ),
@@ -478,17 +479,27 @@ mod tests {
             &id(),
             key(7),
             &server_public,
-            [1; 32],
+            &mut [1; 32],
             config,
             Duration::ZERO,
         );
         let hello = d.poll_transmit().expect("HELLO");
         assert!(d.poll_transmit().is_none());
-        let received = HelloReceived::parse(&hello, &server_static).unwrap();
+        let received = HelloReceived::parse(
+            &hello,
+            &crate::proto::handshake::ServerKey::from(&server_static),
+        )
+        .unwrap();
         assert_eq!(received.id(), Some(&id()));
         assert_eq!(received.mode(), config.mode);
         let mut auth = BytesMut::new();
-        let server = received.respond(Some(key(server_key)), key(0), [2; 32], limits, &mut auth);
+        let server = received.respond(
+            Some(key(server_key)),
+            key(0),
+            &mut [2; 32],
+            limits,
+            &mut auth,
+        );
         (d, auth.freeze(), server)
     }
 
@@ -594,7 +605,7 @@ mod tests {
             &id(),
             key(7),
             &[0; 32],
-            [1; 32],
+            &mut [1; 32],
             Config::default(),
             Duration::ZERO,
         );

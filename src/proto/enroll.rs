@@ -41,7 +41,16 @@ pub(crate) fn dh(
     })
 }
 
-/// The X25519 secret of 32 random bytes, wiping the caller's copy.
+/// The X25519 secret of 32 random bytes `bytes`, on the heap (moving it moves a
+/// pointer), the caller's bytes wiped: no copy of an ephemeral secret outlives its use.
+pub(crate) fn secret_taken(bytes: &mut [u8; KEY_LEN]) -> alloc::boxed::Box<StaticSecret> {
+    let secret = scrubbed(|| alloc::boxed::Box::new(StaticSecret::from(*bytes)));
+    bytes.zeroize();
+    secret
+}
+
+/// The X25519 secret of 32 random bytes; the copy passed in is wiped (the caller's own,
+/// if it kept one, is not).
 pub(crate) fn secret_from(mut bytes: [u8; KEY_LEN]) -> StaticSecret {
     let secret = scrubbed(|| StaticSecret::from(bytes));
     bytes.zeroize();

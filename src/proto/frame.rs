@@ -376,67 +376,77 @@ impl Hello {
 /// SEALED_HELLO, client to server: the encrypted mode's first frame (spec 4.3, 7.7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedHello {
-    /// The largest session frame `length` the client accepts (spec 3.2).
-    pub max_frame_len: u32,
     /// `E`, the client's ephemeral X25519 public key.
     pub ephemeral: [u8; KEY_LEN],
-    /// The id, its length and padding, sealed to the server's key (spec 5.6).
-    pub sealed_id: [u8; SealedHello::SEALED_ID_LEN],
+    /// The id, its length and padding, and the client's frame limit, sealed to the
+    /// server's key (spec 5.6).
+    pub sealed: [u8; SealedHello::SEALED_LEN],
 }
 
 impl SealedHello {
     /// `length` of every SEALED_HELLO.
-    pub const LEN: usize = 1 + 1 + 4 + KEY_LEN + Self::SEALED_ID_LEN;
-    /// Bytes of the frame before `sealed_id` (its associated data), prefix included.
-    pub const AD_LEN: usize = LEN_PREFIX + 1 + 1 + 4 + KEY_LEN;
-    /// The sealed id's plaintext: `u8 n ‖ id ‖ zeros` (spec 4.3).
-    pub const ID_PLAINTEXT_LEN: usize = 1 + ID_MAX_LEN;
-    /// `sealed_id`: the plaintext and the AEAD's tag.
-    pub const SEALED_ID_LEN: usize = Self::ID_PLAINTEXT_LEN + AEAD_TAG_LEN;
+    pub const LEN: usize = 1 + 1 + KEY_LEN + Self::SEALED_LEN;
+    /// Bytes of the frame before the sealed part (its associated data), prefix included.
+    pub const AD_LEN: usize = LEN_PREFIX + 1 + 1 + KEY_LEN;
+    /// The sealed part's plaintext: `u8 n ‖ id ‖ zeros to 64 bytes ‖ u32 max_frame_len`
+    /// (spec 4.3).
+    pub const PLAINTEXT_LEN: usize = 1 + ID_MAX_LEN + 4;
+    /// The sealed part: the plaintext and the AEAD's tag.
+    pub const SEALED_LEN: usize = Self::PLAINTEXT_LEN + AEAD_TAG_LEN;
 
-    /// Appends the frame up to `sealed_id` (its associated data).
-    pub(crate) fn encode_head(max_frame_len: u32, ephemeral: &[u8; KEY_LEN], out: &mut BytesMut) {
+    /// Appends the frame up to the sealed part (its associated data).
+    pub(crate) fn encode_head(ephemeral: &[u8; KEY_LEN], out: &mut BytesMut) {
         put_header(out, Self::LEN, FrameType::SealedHello as u8);
         out.put_u8(super::VERSION);
-        out.put_u32(max_frame_len);
         out.put_slice(ephemeral);
     }
 
-    /// Parses a whole frame: version, length and limit (spec 7.2 rows 3 to 5). The
-    /// sealed id is opened by the handshake.
+    /// Parses a whole frame: version and length (spec 7.2 rows 3 to 5). The sealed part
+    /// is opened by the handshake.
     pub fn decode(frame: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(frame)?;
         expect(&r, FrameType::SealedHello, "SEALED_HELLO")?;
         read_version(&mut r)?;
         let msg = SealedHello {
-            max_frame_len: read_frame_limit(&mut r)?,
             ephemeral: r.array()?,
-            sealed_id: r.array()?,
+            sealed: r.array()?,
         };
         r.finish()?;
         Ok(msg)
     }
 
-    /// The sealed id's plaintext for `id` (spec 4.3).
-    pub(crate) fn id_plaintext(id: &Id) -> [u8; Self::ID_PLAINTEXT_LEN] {
-        let mut plain = [0; Self::ID_PLAINTEXT_LEN];
+    /// The sealed part's plaintext for `id` and the limit `max_frame_len` (spec 4.3).
+    pub(crate) fn plaintext(id: &Id, max_frame_len: u32) -> [u8; Self::PLAINTEXT_LEN] {
+        let mut plain = [0; Self::PLAINTEXT_LEN];
         plain[0] = id.0.len() as u8;
         plain[1..1 + id.0.len()].copy_from_slice(id.0.as_bytes());
+        plain[1 + ID_MAX_LEN..].copy_from_slice(&max_frame_len.to_be_bytes());
         plain
     }
 
-    /// The id in an opened plaintext: `1 ≤ n ≤ 64`, an id that keeps 4.1, zeros after.
-    pub(crate) fn id_from_plaintext(
-        plain: &[u8; Self::ID_PLAINTEXT_LEN],
-    ) -> Result<Id, FrameError> {
+    /// The id and the limit of an opened plaintext, checked in the order of spec 4.3:
+    /// `1 ≤ n ≤ 64` and an id that keeps 4.1 (`bad_id`), zeros after the id, and a limit
+    /// in range (`malformed`).
+    pub(crate) fn from_plaintext(
+        plain: &[u8; Self::PLAINTEXT_LEN],
+    ) -> Result<(Id, u32), FrameError> {
         let n = plain[0] as usize;
         if n == 0 || n > ID_MAX_LEN {
             return Err(FrameError::BadId("sealed id length is not 1..=64"));
         }
-        if plain[1 + n..].iter().any(|&b| b != 0) {
+        let id = Id::from_bytes(&plain[1..1 + n])?;
+        if plain[1 + n..1 + ID_MAX_LEN].iter().any(|&b| b != 0) {
             return Err(FrameError::BadPadding);
         }
-        Id::from_bytes(&plain[1..1 + n])
+        let mut limit = [0; 4];
+        limit.copy_from_slice(&plain[1 + ID_MAX_LEN..]);
+        let limit = in_range(
+            "frame limit",
+            u32::from_be_bytes(limit),
+            super::MIN_SESSION_FRAME_LEN,
+            super::MAX_FRAME_LEN_CEILING,
+        )?;
+        Ok((id, limit))
     }
 }
 

@@ -21,7 +21,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use super::codec::put_header;
-use super::enroll::{dh, secret_from};
+use super::enroll::{dh, secret_taken};
 use super::error::{ProtocolError, TagKind};
 use super::frame::{
     signed_part, ErrorFrame, FrameType, Hello, Id, Mode, SealedHello, ServerAuth, TagOnly,
@@ -71,7 +71,7 @@ enum ClientHello {
     Plain { nonce: [u8; NONCE_LEN] },
     /// SEALED_HELLO: the ephemeral pair `e, E` and `dh_es` (spec 5.6, 5.7).
     Sealed {
-        ephemeral: StaticSecret,
+        ephemeral: alloc::boxed::Box<StaticSecret>,
         ephemeral_public: [u8; KEY_LEN],
         dh_es: SecretKey,
     },
@@ -108,22 +108,23 @@ impl ClientAwaitAuth {
 
     /// Writes SEALED_HELLO for `id` to `out`: the encrypted mode (spec 7.7). `server` is
     /// the server's static key `S` (from the credential), `ephemeral` 32 random bytes,
-    /// new for every connection (the secret `e`). Fails only if `S` is of low order.
+    /// new for every connection (the secret `e`): they are taken, and wiped where they
+    /// were. Fails only if `S` is of low order.
     pub fn start_sealed(
         id: &Id,
         key: SecretKey,
         server: &[u8; KEY_LEN],
-        ephemeral: [u8; KEY_LEN],
+        ephemeral: &mut [u8; KEY_LEN],
         max_frame_len: u32,
         out: &mut BytesMut,
     ) -> Result<Self, ProtocolError> {
-        let ephemeral = secret_from(ephemeral);
-        let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
+        let ephemeral = secret_taken(ephemeral);
+        let ephemeral_public = PublicKey::from(&*ephemeral).to_bytes();
         let dh_es = dh(&ephemeral, server)?;
         let id_key = sealed_id_key(&ephemeral_public, server, &dh_es);
         let mut frame = BytesMut::with_capacity(LEN_PREFIX + SealedHello::LEN);
-        SealedHello::encode_head(announceable(max_frame_len), &ephemeral_public, &mut frame);
-        let mut sealed = SealedHello::id_plaintext(id);
+        SealedHello::encode_head(&ephemeral_public, &mut frame);
+        let mut sealed = SealedHello::plaintext(id, announceable(max_frame_len));
         let tag = Aead::new(&id_key).seal(&[0; 12], &frame, &mut sealed);
         frame.extend_from_slice(&sealed);
         frame.extend_from_slice(&tag);
@@ -139,6 +140,29 @@ impl ClientAwaitAuth {
             },
             transcript,
         })
+    }
+
+    /// A SEALED_HELLO for `id` announcing `max_frame_len` as given, even out of range:
+    /// what a client that breaks 4.3 sends (the conformance tool's check). `None` for a
+    /// low-order `server`.
+    #[doc(hidden)]
+    pub fn sealed_hello_for_testing(
+        id: &Id,
+        server: &[u8; KEY_LEN],
+        ephemeral: &mut [u8; KEY_LEN],
+        max_frame_len: u32,
+    ) -> Option<BytesMut> {
+        let ephemeral = secret_taken(ephemeral);
+        let ephemeral_public = PublicKey::from(&*ephemeral).to_bytes();
+        let dh_es = dh(&ephemeral, server).ok()?;
+        let id_key = sealed_id_key(&ephemeral_public, server, &dh_es);
+        let mut frame = BytesMut::new();
+        SealedHello::encode_head(&ephemeral_public, &mut frame);
+        let mut sealed = SealedHello::plaintext(id, max_frame_len);
+        let tag = Aead::new(&id_key).seal(&[0; 12], &frame, &mut sealed);
+        frame.extend_from_slice(&sealed);
+        frame.extend_from_slice(&tag);
+        Some(frame)
     }
 
     /// The mode the first frame chose.
@@ -207,6 +231,38 @@ impl ClientAwaitAuth {
     }
 }
 
+/// The server's static key pair `s, S` (spec 5.6): what opens a SEALED_HELLO's id, its
+/// public half computed once.
+pub struct ServerKey {
+    secret: StaticSecret,
+    public: [u8; KEY_LEN],
+}
+
+impl ServerKey {
+    /// The pair of `secret`.
+    pub fn new(secret: StaticSecret) -> Self {
+        let public = PublicKey::from(&secret).to_bytes();
+        ServerKey { secret, public }
+    }
+
+    /// `S`, which devices pin.
+    pub fn public(&self) -> &[u8; KEY_LEN] {
+        &self.public
+    }
+}
+
+impl From<&StaticSecret> for ServerKey {
+    fn from(secret: &StaticSecret) -> Self {
+        ServerKey::new(secret.clone())
+    }
+}
+
+impl core::fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "ServerKey(public {:02x?}..)", &self.public[..4])
+    }
+}
+
 /// Server: a parsed HELLO or SEALED_HELLO, waiting for the caller to look up the
 /// identity's key.
 pub struct HelloReceived {
@@ -246,7 +302,7 @@ impl HelloReceived {
     ///
     /// The caller checks its mode policy first, on [`Mode::of_hello`] (row 4a), so that
     /// a refused mode costs no X25519.
-    pub fn parse(frame: &[u8], server: &StaticSecret) -> Result<Self, ProtocolError> {
+    pub fn parse(frame: &[u8], server: &ServerKey) -> Result<Self, ProtocolError> {
         let mut transcript = Transcript::default();
         transcript.update(frame);
         if Mode::of_hello(frame)? == Mode::Authenticated {
@@ -259,27 +315,29 @@ impl HelloReceived {
             });
         }
         let hello = SealedHello::decode(frame)?;
-        let dh_es = dh(server, &hello.ephemeral).map_err(|_| ProtocolError::WeakHelloKey)?;
-        let server_public = PublicKey::from(server).to_bytes();
-        let id_key = sealed_id_key(&hello.ephemeral, &server_public, &dh_es);
-        let mut plain = Zeroizing::new([0u8; SealedHello::ID_PLAINTEXT_LEN]);
-        plain.copy_from_slice(&hello.sealed_id[..SealedHello::ID_PLAINTEXT_LEN]);
+        let dh_es =
+            dh(&server.secret, &hello.ephemeral).map_err(|_| ProtocolError::WeakHelloKey)?;
+        let id_key = sealed_id_key(&hello.ephemeral, &server.public, &dh_es);
+        let mut plain = Zeroizing::new([0u8; SealedHello::PLAINTEXT_LEN]);
+        plain.copy_from_slice(&hello.sealed[..SealedHello::PLAINTEXT_LEN]);
         let opened = Aead::new(&id_key).open(
             &[0; 12],
             &frame[..SealedHello::AD_LEN],
             &mut plain[..],
-            &hello.sealed_id[SealedHello::ID_PLAINTEXT_LEN..],
+            &hello.sealed[SealedHello::PLAINTEXT_LEN..],
         );
-        // Spec 7.5: a sealed id that does not open is answered as an unknown id; one that
-        // opens but breaks 4.3 was made by the holder of `e`: malformed (row 5b).
-        let id = if opened {
-            Some(SealedHello::id_from_plaintext(&plain)?)
+        // Spec 7.5: a sealed part that does not open is answered as an unknown id (its
+        // limit unknown: nothing is ever sent with it); one that opens but breaks 4.3 was
+        // made by the holder of `e`: malformed (row 5b).
+        let (id, client_max_frame_len) = if opened {
+            let (id, limit) = SealedHello::from_plaintext(&plain)?;
+            (Some(id), limit)
         } else {
-            None
+            (None, super::MIN_SESSION_FRAME_LEN)
         };
         Ok(HelloReceived {
             id,
-            client_max_frame_len: hello.max_frame_len,
+            client_max_frame_len,
             received: ServerHello::Sealed {
                 ephemeral_public: hello.ephemeral,
                 dh_es,
@@ -311,7 +369,8 @@ impl HelloReceived {
 
     /// Writes SERVER_AUTH (or SEALED_AUTH) with the server's `limits`. `random` is 32
     /// random bytes, new for every connection: the server nonce `ns` in the
-    /// authenticated mode, the ephemeral secret `f` in the encrypted mode.
+    /// authenticated mode, the ephemeral secret `f` in the encrypted mode (taken, and
+    /// wiped where it was).
     ///
     /// `key` is the identity's key, or `None` if the identity is unknown or revoked (or
     /// its sealed id did not open). In that case `filler` (a random key from the caller)
@@ -322,7 +381,7 @@ impl HelloReceived {
         self,
         key: Option<SecretKey>,
         filler: SecretKey,
-        random: [u8; NONCE_LEN],
+        random: &mut [u8; NONCE_LEN],
         limits: ServerLimits,
         out: &mut BytesMut,
     ) -> ServerAwaitFinish {
@@ -338,7 +397,7 @@ impl HelloReceived {
         self,
         key: Option<SecretKey>,
         filler: SecretKey,
-        random: [u8; NONCE_LEN],
+        random: &mut [u8; NONCE_LEN],
         limits: ServerLimits,
         ty: FrameType,
         out: &mut BytesMut,
@@ -350,7 +409,7 @@ impl HelloReceived {
         self,
         key: Option<SecretKey>,
         filler: SecretKey,
-        random: [u8; NONCE_LEN],
+        random: &mut [u8; NONCE_LEN],
         limits: ServerLimits,
         ty: Option<FrameType>,
         out: &mut BytesMut,
@@ -368,19 +427,19 @@ impl HelloReceived {
             ServerHello::Sealed { .. } => Mode::Encrypted,
         };
         let start = out.len();
+        // `random` is the nonce `ns` (public), or the secret `f`, taken and wiped.
+        let (nonce, ephemeral) = match mode {
+            Mode::Authenticated => (*random, None),
+            Mode::Encrypted => {
+                let f = secret_taken(random);
+                (PublicKey::from(&*f).to_bytes(), Some(f))
+            }
+        };
         let mut auth = ServerAuth {
-            nonce: random,
+            nonce,
             max_frame_len: limits.frame_len(),
             keepalive_ms: limits.keepalive_ms(),
             tag: [0; TAG_LEN],
-        };
-        let ephemeral = match mode {
-            Mode::Authenticated => None,
-            Mode::Encrypted => {
-                let f = secret_from(random);
-                auth.nonce = PublicKey::from(&f).to_bytes();
-                Some(f)
-            }
         };
         auth.encode_unsigned_as(mode, out);
         if let Some(ty) = ty {
@@ -389,7 +448,7 @@ impl HelloReceived {
         transcript.update(&out[start..]);
         let th2 = transcript.hash();
         let keys = match (&received, ephemeral) {
-            (ServerHello::Plain { nonce }, _) => SessionKeys::derive(&key, nonce, &random, &th2),
+            (ServerHello::Plain { nonce: nc }, _) => SessionKeys::derive(&key, nc, &nonce, &th2),
             (
                 ServerHello::Sealed {
                     ephemeral_public,
@@ -521,7 +580,7 @@ mod tests {
                 &id(),
                 key(client_key),
                 &server_public(),
-                [1; 32],
+                &mut [1; 32],
                 4096,
                 out,
             )
@@ -540,11 +599,17 @@ mod tests {
     ) {
         let mut hello = BytesMut::new();
         let client = start(mode, client_key, &mut hello);
-        let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+        let received = HelloReceived::parse(&hello, &ServerKey::from(&server_static())).unwrap();
         assert_eq!(received.id(), Some(&id()));
         assert_eq!(received.mode(), mode);
         let mut auth = BytesMut::new();
-        let server = received.respond(server_key.map(key), key(0xee), [2; 32], LIMITS, &mut auth);
+        let server = received.respond(
+            server_key.map(key),
+            key(0xee),
+            &mut [2; 32],
+            LIMITS,
+            &mut auth,
+        );
         let mut finish = BytesMut::new();
         let session = client
             .handle_server_auth(&auth, &mut finish)
@@ -616,7 +681,7 @@ mod tests {
             &Id::new("a").unwrap(),
             key(7),
             &server_public(),
-            [1; 32],
+            &mut [1; 32],
             4096,
             &mut short,
         )
@@ -626,7 +691,7 @@ mod tests {
             &Id::new(&"b".repeat(64)).unwrap(),
             key(7),
             &server_public(),
-            [1; 32],
+            &mut [1; 32],
             4096,
             &mut long,
         )
@@ -643,12 +708,12 @@ mod tests {
         let other = PublicKey::from(&StaticSecret::from([0x33; 32])).to_bytes();
         let mut hello = BytesMut::new();
         let client =
-            ClientAwaitAuth::start_sealed(&id(), key(7), &other, [1; 32], 4096, &mut hello)
+            ClientAwaitAuth::start_sealed(&id(), key(7), &other, &mut [1; 32], 4096, &mut hello)
                 .unwrap();
-        let received = HelloReceived::parse(&hello, &server_static()).unwrap();
+        let received = HelloReceived::parse(&hello, &ServerKey::from(&server_static())).unwrap();
         assert_eq!(received.id(), None);
         let mut auth = BytesMut::new();
-        let server = received.respond(Some(key(7)), key(0xee), [2; 32], LIMITS, &mut auth);
+        let server = received.respond(Some(key(7)), key(0xee), &mut [2; 32], LIMITS, &mut auth);
         assert_eq!(auth.len(), 4 + ServerAuth::LEN);
         let mut finish = BytesMut::new();
         assert_eq!(
@@ -672,9 +737,9 @@ mod tests {
         let mut plain = BytesMut::new();
         ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut plain);
         let mut auth = BytesMut::new();
-        HelloReceived::parse(&plain, &server_static())
+        HelloReceived::parse(&plain, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+            .respond(Some(key(7)), key(0), &mut [2; 32], LIMITS, &mut auth);
         let mut out = BytesMut::new();
         assert!(matches!(
             client.handle_server_auth(&auth, &mut out),
@@ -687,9 +752,9 @@ mod tests {
         // And the reverse: a SEALED_AUTH for a client that sent HELLO.
         let client = start(Mode::Authenticated, 7, &mut BytesMut::new());
         let mut sealed = BytesMut::new();
-        HelloReceived::parse(&hello, &server_static())
+        HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut sealed);
+            .respond(Some(key(7)), key(0), &mut [2; 32], LIMITS, &mut sealed);
         assert!(client
             .handle_server_auth(&sealed, &mut BytesMut::new())
             .is_err());
@@ -701,9 +766,9 @@ mod tests {
         let client = start(Mode::Encrypted, 7, &mut hello);
         // E = 0 (a low-order point) in SEALED_HELLO: weak_key, before any AEAD.
         let mut weak = hello.clone();
-        weak[10..42].fill(0);
+        weak[6..38].fill(0);
         assert_eq!(
-            HelloReceived::parse(&weak, &server_static()).err(),
+            HelloReceived::parse(&weak, &ServerKey::from(&server_static())).err(),
             Some(ProtocolError::WeakHelloKey)
         );
         assert_eq!(
@@ -712,9 +777,9 @@ mod tests {
         );
         // F = 0 in SEALED_AUTH: the client refuses before checking the tag.
         let mut auth = BytesMut::new();
-        HelloReceived::parse(&hello, &server_static())
+        HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+            .respond(Some(key(7)), key(0), &mut [2; 32], LIMITS, &mut auth);
         auth[5..37].fill(0);
         assert_eq!(
             client.handle_server_auth(&auth, &mut BytesMut::new()).err(),
@@ -726,7 +791,7 @@ mod tests {
                 &id(),
                 key(7),
                 &[0; 32],
-                [1; 32],
+                &mut [1; 32],
                 4096,
                 &mut BytesMut::new()
             )
@@ -742,15 +807,21 @@ mod tests {
         let mut hello = BytesMut::new();
         let client = start(Mode::Encrypted, 7, &mut hello);
         let mut auth = BytesMut::new();
-        let first = HelloReceived::parse(&hello, &server_static())
+        let first = HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+            .respond(Some(key(7)), key(0), &mut [2; 32], LIMITS, &mut auth);
         let mut finish = BytesMut::new();
         client.handle_server_auth(&auth, &mut finish).unwrap();
         first.handle_finish(&finish).unwrap();
-        let replay = HelloReceived::parse(&hello, &server_static())
+        let replay = HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [3; 32], LIMITS, &mut BytesMut::new());
+            .respond(
+                Some(key(7)),
+                key(0),
+                &mut [3; 32],
+                LIMITS,
+                &mut BytesMut::new(),
+            );
         assert_eq!(
             replay.handle_finish(&finish).err(),
             Some(ProtocolError::BadTag(TagKind::ClientFinish))
@@ -759,29 +830,37 @@ mod tests {
 
     #[test]
     fn sealed_id_plaintext_rules() {
-        let mut p = SealedHello::id_plaintext(&id());
-        assert_eq!(SealedHello::id_from_plaintext(&p).unwrap(), id());
+        let mut p = SealedHello::plaintext(&id(), 4096);
+        assert_eq!(SealedHello::from_plaintext(&p).unwrap(), (id(), 4096));
         p[40] = 1;
         assert_eq!(
-            SealedHello::id_from_plaintext(&p).err(),
+            SealedHello::from_plaintext(&p).err(),
             Some(FrameError::BadPadding)
         );
-        let mut p = SealedHello::id_plaintext(&id());
+        let mut p = SealedHello::plaintext(&id(), 4096);
         p[0] = 0;
         assert!(matches!(
-            SealedHello::id_from_plaintext(&p),
+            SealedHello::from_plaintext(&p),
             Err(FrameError::BadId(_))
         ));
         p[0] = 65;
         assert!(matches!(
-            SealedHello::id_from_plaintext(&p),
+            SealedHello::from_plaintext(&p),
             Err(FrameError::BadId(_))
         ));
-        let mut p = SealedHello::id_plaintext(&id());
+        // The id is checked before the padding (spec 4.3): both broken is bad_id.
+        let mut p = SealedHello::plaintext(&id(), 4096);
         p[1] = b' ';
+        p[40] = 1;
         assert!(matches!(
-            SealedHello::id_from_plaintext(&p),
+            SealedHello::from_plaintext(&p),
             Err(FrameError::BadId(_))
+        ));
+        // The limit is sealed too, and checked last.
+        let p = SealedHello::plaintext(&id(), 255);
+        assert!(matches!(
+            SealedHello::from_plaintext(&p),
+            Err(FrameError::BadLimit { .. })
         ));
     }
 
@@ -792,9 +871,9 @@ mod tests {
         let mut hello = BytesMut::new();
         let client = ClientAwaitAuth::start(&id(), key(0xee), [1; 32], 4096, &mut hello);
         let mut auth = BytesMut::new();
-        let server = HelloReceived::parse(&hello, &server_static())
+        let server = HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(None, key(0xee), [2; 32], LIMITS, &mut auth);
+            .respond(None, key(0xee), &mut [2; 32], LIMITS, &mut auth);
         let mut finish = BytesMut::new();
         client.handle_server_auth(&auth, &mut finish).unwrap();
         assert_eq!(
@@ -810,9 +889,9 @@ mod tests {
         let mut hello = BytesMut::new();
         let client = ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut hello);
         let mut auth = BytesMut::new();
-        let server = HelloReceived::parse(&hello, &server_static())
+        let server = HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .unwrap()
-            .respond(Some(key(7)), key(0), [2; 32], LIMITS, &mut auth);
+            .respond(Some(key(7)), key(0), &mut [2; 32], LIMITS, &mut auth);
         let mut forged = BytesMut::from(&[0, 0, 0, 33, 0x12][..]);
         forged.extend_from_slice(&auth[auth.len() - 32..]);
         assert!(server.handle_finish(&forged).is_err());
@@ -836,7 +915,7 @@ mod tests {
         let mut hello = BytesMut::new();
         ClientAwaitAuth::start(&id(), key(7), [1; 32], 4096, &mut hello);
         hello[5] = 2;
-        let err = HelloReceived::parse(&hello, &server_static())
+        let err = HelloReceived::parse(&hello, &ServerKey::from(&server_static()))
             .err()
             .unwrap();
         assert_eq!(err, ProtocolError::Frame(FrameError::UnsupportedVersion(2)));

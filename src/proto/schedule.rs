@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::frame::{Mode, SESSION_HEADER_LEN};
-use super::KEY_LEN;
+use super::{KEY_LEN, TAG_LEN};
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::ChaCha20Poly1305;
 
@@ -522,6 +522,20 @@ impl FrameKey {
                 let tag = aead.seal(nonce, header, fields);
                 frame.extend_from_slice(&tag);
             }
+        }
+    }
+
+    /// Checks a whole authenticated-mode frame's HMAC tag in constant time, without
+    /// touching it (spec 8.3 step 4); `false` for an encrypted-mode key, which must
+    /// [`FrameKey::open`].
+    #[must_use]
+    pub fn verify(&self, frame: &[u8]) -> bool {
+        match &self.protect {
+            Protect::Mac(mac) => {
+                let (body, tag) = frame.split_at(frame.len() - TAG_LEN);
+                mac.verify(body, tag)
+            }
+            Protect::Aead(_) => false,
         }
     }
 

@@ -28,7 +28,7 @@ pub fn session_pair_in(mode: Mode, max_frame_len: u32) -> (Session, Session) {
             &id,
             key,
             &server_public,
-            [1; 32],
+            &mut [1; 32],
             max_frame_len,
             &mut hello,
         )
@@ -39,15 +39,18 @@ pub fn session_pair_in(mode: Mode, max_frame_len: u32) -> (Session, Session) {
         keepalive: Duration::from_secs(30),
     };
     let mut auth = BytesMut::new();
-    let server = HelloReceived::parse(&hello, &server_static)
-        .expect("valid HELLO")
-        .respond(
-            Some(SecretKey::from_bytes([9; 32])),
-            SecretKey::from_bytes([0; 32]),
-            [2; 32],
-            limits,
-            &mut auth,
-        );
+    let server = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&server_static),
+    )
+    .expect("valid HELLO")
+    .respond(
+        Some(SecretKey::from_bytes([9; 32])),
+        SecretKey::from_bytes([0; 32]),
+        &mut [2; 32],
+        limits,
+        &mut auth,
+    );
     let mut finish = BytesMut::new();
     let (client, _) = client
         .handle_server_auth(&auth, &mut finish)

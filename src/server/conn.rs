@@ -470,7 +470,7 @@ async fn handshake(
         }
         other => other?,
     };
-    let hello = HelloReceived::parse(hello, &state.params.static_secret)?;
+    let hello = HelloReceived::parse(hello, &state.server_key)?;
     let id = hello.id().cloned();
     // A revocation or removal committed after this instant is caught at registration.
     let key_lookup = Instant::now();
@@ -498,7 +498,7 @@ async fn handshake(
     let wait = hello.respond(
         key.map(|k| k.key),
         SecretKey::from_bytes(random_bytes()),
-        random_bytes(),
+        &mut random_bytes(),
         ServerLimits {
             max_frame_len: limits.max_frame_len,
             keepalive: limits.keepalive,

@@ -69,6 +69,8 @@ pub struct ServerState {
     pub takeover: TakeoverPolicy,
     /// Which session modes are accepted (spec 7.8).
     pub encryption: crate::config::EncryptionPolicy,
+    /// The static key pair, for SEALED_HELLO (its public half computed once).
+    pub server_key: crate::proto::handshake::ServerKey,
     /// What `metrics_listen` serves and `tallyd status` prints.
     pub metrics: metrics::Metrics,
     connections: Arc<Semaphore>,
@@ -177,6 +179,7 @@ impl ServerState {
         });
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
+            server_key: crate::proto::handshake::ServerKey::from(&secrets.static_secret),
             params: secrets.enroll_params(config.open_enrollment),
             store,
             registry,

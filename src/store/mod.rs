@@ -1011,6 +1011,16 @@ impl Store {
     /// handshake whose sealed id did not open. Always `Ok(None)` unless the store is
     /// damaged.
     pub fn decoy_key(&self) -> Result<Option<IdentityKey>, StoreError> {
+        // The same map lookup as a claimed id (on "", which no id is), then the decoy.
+        if let Some(index) = self.index.get() {
+            let found = index
+                .keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get("")
+                .copied();
+            debug_assert!(found.is_none(), "no id is empty");
+        }
         self.sealer
             .open(&assoc(ad::DECOY, "", 0), &self.decoy)
             .map(|_decoy| None)

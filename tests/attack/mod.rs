@@ -158,7 +158,7 @@ pub fn hello(
             &cred.id,
             cred.key.clone(),
             &cred.server_key,
-            random,
+            &mut random.clone(),
             MAX_FRAME_LEN_CEILING,
             out,
         )
