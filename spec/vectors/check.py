@@ -295,8 +295,11 @@ def sealed_handshake(v: dict) -> dict:
     S, E, F = x25519(s, BASE), x25519(e, BASE), x25519(f, BASE)
     dh_es = x25519(e, S)
     key_id = hkdf(E + S, dh_es, b"tally/1 sealed hello id")
-    plain = bytes([len(ident)]) + ident + bytes(64 - len(ident))
-    head = struct.pack(">IBBI", 119, 0x13, 1, i["client_max_frame_len"]) + E
+    # 4.3, 5.6: u8 n ‖ id ‖ zeros to 64 bytes ‖ u32 max_frame_len, sealed after the
+    # 38-byte head (length, type, version, E): the limit is not in the clear.
+    plain = (bytes([len(ident)]) + ident + bytes(64 - len(ident))
+             + struct.pack(">I", i["client_max_frame_len"]))
+    head = struct.pack(">IBB", 119, 0x13, 1) + E
     hello = head + aead_seal(key_id, bytes(12), head, plain)
     auth_u = frame(0x14, F + struct.pack(">II", i["server_max_frame_len"], i["server_keepalive_ms"])
                    + bytes(32))[:-32]
@@ -336,12 +339,17 @@ def check_session_encrypted(k_enrolled: bytes, plain: dict) -> None:
     same(f"{name} dh_es (server side)", x25519(h["s"], h["E"]), d["dh_es"])
     same(f"{name} dh_ee (server side)",
          x25519(bytes.fromhex(i["server_ephemeral_secret"]), h["E"]), d["dh_ee"])
-    opened = aead_open(h["key_id"], bytes(12), h["frames"][0][:42], h["frames"][0][42:])
-    same(f"{name} sealed_id opens", opened, d["sealed_id_plaintext"])
+    same(f"{name} SEALED_HELLO head", h["frames"][0][:38],
+         (struct.pack(">IBB", 119, 0x13, 1) + h["E"]).hex())
+    opened = aead_open(h["key_id"], bytes(12), h["frames"][0][:38], h["frames"][0][38:])
+    same(f"{name} sealed part opens", opened, d.get("sealed_plaintext"))
+    same(f"{name} sealed plaintext length", len(h["plain"]), 69)
+    same(f"{name} sealed max_frame_len", struct.unpack(">I", h["plain"][65:])[0],
+         i["client_max_frame_len"])
     k2 = h["keys"]
     for key, val in [("server_static_public", h["S"]), ("client_ephemeral_public", h["E"]),
                      ("server_ephemeral_public", h["F"]), ("dh_es", h["dh_es"]),
-                     ("key_id", h["key_id"]), ("sealed_id_plaintext", h["plain"]),
+                     ("key_id", h["key_id"]), ("sealed_plaintext", h["plain"]),
                      ("dh_ee", h["dh_ee"]), ("th2", h["th2"]), ("key_c2s", k2["c2s"]),
                      ("key_s2c", k2["s2c"]), ("key_server_finish", k2["server finish"]),
                      ("key_client_finish", k2["client finish"]), ("th3", h["th3"]),
@@ -544,21 +552,25 @@ def server_await_hello(case: dict, data: bytes) -> None:
         return
     if len(data) != 4 + 119:                                          # row 5, SEALED_HELLO
         raise Refused("malformed")
-    (max_frame_len,) = struct.unpack(">I", data[6:10])
-    if not 256 <= max_frame_len <= 2**24:
-        raise Refused("malformed")
     i = load("session-encrypted.json")["inputs"]
     s_secret = bytes.fromhex(i["server_static_secret"])
-    E = data[10:42]
+    E = data[6:38]
     dh_es = x25519(s_secret, E)
     if dh_es == bytes(32):                                            # row 5a
         raise Refused("weak_key")
     key_id = hkdf(E + x25519(s_secret, BASE), dh_es, b"tally/1 sealed hello id")
-    plain = aead_open(key_id, bytes(12), data[:42], data[42:])
+    plain = aead_open(key_id, bytes(12), data[:38], data[38:])
     if plain is None:
         return  # 7.5: answered like an unknown id, with SEALED_AUTH (row 7)
-    n = plain[0]                                                      # row 5b (4.3)
-    if not 1 <= n <= 64 or any(c not in ID_BYTES for c in plain[1:1 + n]) or any(plain[1 + n:]):
+    # Row 5b (4.3), in this order: n and the id (bad_id, treated as malformed), the
+    # padding to 64 bytes, the limit's range.
+    n = plain[0]
+    if not 1 <= n <= 64 or any(c not in ID_BYTES for c in plain[1:1 + n]):
+        raise Refused("malformed")
+    if any(plain[1 + n:65]):
+        raise Refused("malformed")
+    (max_frame_len,) = struct.unpack(">I", plain[65:69])
+    if not 256 <= max_frame_len <= 2**24:
         raise Refused("malformed")
 
 
