@@ -1,6 +1,6 @@
 //! The C library's API (c/src/lib.rs, `tally-c`) called as a C program calls it, with
 //! the caller's bytes from the fuzzer: the token and id strings of `tally_enroll_new`
-//! and `tally_client_new`, the frame limit, the server's bytes through
+//! and `tally_client_new`, the mode and the frame limit, the server's bytes through
 //! `tally_enroll_receive` and `tally_client_receive` in any split, and a script of API
 //! calls (requests, messages, answers, timeouts, close) against a real server session
 //! (the core's server side, in memory), whose frames are sealed with valid tags.
@@ -17,6 +17,7 @@ use tally::proto::{decode_frame, Body, CloseCode, Id, SecretKey, Session, Status
 use tally_c::TallyEventKind::*;
 use tally_c::TallyResult::*;
 use tally_c::*;
+use x25519_dalek::{PublicKey, StaticSecret};
 
 /// A little reader of the fuzzer's bytes.
 struct Input<'a>(&'a [u8]);
@@ -240,10 +241,28 @@ fn client(mut inp: Input) {
         _ => 4096,
     };
     let key = [7u8; 32];
-    let c = unsafe { tally_client_new(id.as_ptr(), &key, &[1; 32], max_frame_len, 1_000) };
+    // The mode: encrypted, authenticated, or (rarely) a value that is neither.
+    let mode = match inp.byte() {
+        0xff => TallyMode(u32::from(inp.byte()) + 2),
+        b => TallyMode(u32::from(b & 1)),
+    };
+    let server_static = StaticSecret::from([2; 32]);
+    let server_key = PublicKey::from(&server_static).to_bytes();
+    let c = unsafe {
+        tally_client_new(
+            id.as_ptr(),
+            &key,
+            &server_key,
+            &[1; 32],
+            mode,
+            max_frame_len,
+            1_000,
+        )
+    };
     let valid = std::str::from_utf8(id_bytes).is_ok_and(|i| Id::new(i).is_ok())
-        && (256..=16_777_216).contains(&max_frame_len);
-    assert_eq!(!c.is_null(), valid, "{id:?} {max_frame_len}");
+        && (256..=16_777_216).contains(&max_frame_len)
+        && mode.0 <= 1;
+    assert_eq!(!c.is_null(), valid, "{id:?} {max_frame_len} {}", mode.0);
     if c.is_null() {
         return;
     }
@@ -262,7 +281,7 @@ fn client(mut inp: Input) {
     // The server's side of the handshake, or the fuzzer's bytes instead.
     let hello = take(c, 7);
     if inp.byte() & 1 == 0 {
-        if let Ok(h) = HelloReceived::parse(&hello) {
+        if let Ok(h) = HelloReceived::parse(&hello, &server_static) {
             let limits = ServerLimits {
                 max_frame_len: 256 + u32::from(inp.byte()) * 64,
                 keepalive: std::time::Duration::from_millis(100 + u64::from(inp.byte()) * 100),

@@ -60,6 +60,7 @@ fn write(c: &ServerConfig) -> String {
         TakeoverPolicy::Reject => "reject",
     };
     t += &format!("takeover = \"{takeover}\"\n");
+    t += &format!("encryption = \"{}\"\n", c.encryption.as_str());
     let backend = match &c.backend {
         BackendSpec::Echo => "echo".to_owned(),
         BackendSpec::Unix(p) => format!("unix:{}", p.to_str().expect("UTF-8")),
