@@ -253,6 +253,14 @@ static inline int read_credential(const char *path, struct credential *cred) {
         fprintf(stderr, "%s: not a Tally credential (spec 9.2: tally-credential = 1, id, key, server, server-key)\n", path);
         return -1;
     }
+    /* Spec 9.1, 9.2: S in canonical form, the top bit of its last byte clear. X25519
+     * ignores that bit but K_id's salt does not: with it set, every sealed id would fail
+     * to open at the server, silently. */
+    if (cred->server_key[31] & 0x80) {
+        wipe(cred, sizeof *cred);
+        fprintf(stderr, "%s: its server-key is not in canonical form (spec 9.1: the top bit of its last byte must be clear); copy it again from the enrollment token or the server\n", path);
+        return -1;
+    }
     return 0;
 }
 

@@ -5,7 +5,8 @@
 #include "common.h"
 
 #define KEY "0707070707070707070707070707070707070707070707070707070707070707"
-#define SKEY "abababababababababababababababababababababababababababababababab"
+/* A canonical S (spec 9.1: the last byte below 0x80). */
+#define SKEY "ababababababababababababababababababababababababababababababab2b"
 
 static int failures;
 
@@ -65,10 +66,15 @@ int main(void) {
     check("tally-credential = 1\nid = \"a b\"\nkey = \"" KEY "\"\nserver-key = \"" SKEY "\"\nserver = \"s:1\"\n", 0, 0, 0);
     /* Spec 9.2: server-key is required, read in upper case, 64 hex digits. */
     check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\n", 0, 0, 0);
-    check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB\"\n",
+    check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB2B\"\n",
           1, "a", "s:1");
     check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"abab\"\n", 0, 0, 0);
     check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"" SKEY "\"\nserver-key = \"" SKEY "\"\n", 0, 0, 0);
+    /* Spec 9.1, 9.2: a server-key whose top bit (of its last byte) is set is refused,
+     * in either case; 7f is the largest last byte that is read. */
+    check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"abababababababababababababababababababababababababababababababab\"\n", 0, 0, 0);
+    check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB80\"\n", 0, 0, 0);
+    check("tally-credential = 1\nid = \"a\"\nkey = \"" KEY "\"\nserver = \"s:1\"\nserver-key = \"ababababababababababababababababababababababababababababababab7f\"\n", 1, "a", "s:1");
     check("tally-credential = 10\nid = \"a\"\nkey = \"" KEY "\"\nserver-key = \"" SKEY "\"\nserver = \"s:1\"\n", 0, 0, 0);
     if (failures) return 1;
     return 0;
