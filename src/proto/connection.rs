@@ -725,6 +725,7 @@ impl Connection {
     }
 
     /// Moves both counters (see [`Session::set_counters_for_testing`]).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn set_counters_for_testing(&mut self, next_send: u64, last_recv: u64) {
         self.session.set_counters_for_testing(next_send, last_recv);

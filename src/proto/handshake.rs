@@ -145,6 +145,7 @@ impl ClientAwaitAuth {
     /// A SEALED_HELLO for `id` announcing `max_frame_len` as given, even out of range:
     /// what a client that breaks 4.3 sends (the conformance tool's check). `None` for a
     /// low-order `server`.
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn sealed_hello_for_testing(
         id: &Id,
@@ -392,6 +393,7 @@ impl HelloReceived {
     /// tag is computed: a server that answers SEALED_HELLO with a validly tagged
     /// SERVER_AUTH, what a client that does not check the answer's type accepts (the
     /// conformance tool's downgrade check).
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn respond_with_type_for_testing(
         self,

@@ -31,6 +31,10 @@ pub mod handshake;
 pub mod schedule;
 pub mod session;
 
+// Test and tooling helpers: they build frames outside the rules (nonces reused, any
+// sequence number), so a device's build does not have them (feature `testing`, which
+// the daemon's `server` feature turns on for the conformance tool).
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 

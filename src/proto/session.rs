@@ -7,7 +7,6 @@
 //! fields; the counter moves only after all of them passed. Any failure poisons the
 //! receiving side: the session accepts nothing more and must be closed.
 
-use alloc::vec::Vec;
 use bytes::{Bytes, BytesMut};
 
 use super::error::{CloseCode, FrameError, ProtocolError, TagKind};
@@ -316,13 +315,15 @@ impl Session {
     /// counter: lets fuzzers and attack tests build frames with valid tags around
     /// arbitrary fields. The holder of a session can seal anything anyway; this only
     /// skips the encoder and its rules.
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
-    pub fn forge_for_testing(&self, ty: u8, seq: u64, fields: &[u8]) -> Vec<u8> {
+    pub fn forge_for_testing(&self, ty: u8, seq: u64, fields: &[u8]) -> alloc::vec::Vec<u8> {
         self.forge_with_nonce_for_testing(ty, seq, self.role.direction(), fields)
     }
 
     /// [`Session::forge_for_testing`] with the encrypted mode's nonce naming `direction`
     /// (spec 8.2): a sender that reuses the other direction's nonces.
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn forge_with_nonce_for_testing(
         &self,
@@ -330,7 +331,7 @@ impl Session {
         seq: u64,
         direction: u32,
         fields: &[u8],
-    ) -> Vec<u8> {
+    ) -> alloc::vec::Vec<u8> {
         let len = 1 + 8 + fields.len() + self.mode.tag_len();
         let mut out = BytesMut::with_capacity(LEN_PREFIX + len);
         out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -344,6 +345,7 @@ impl Session {
     }
 
     /// Moves both counters, to test behaviour near 2^64-1 without sending 2^64 frames.
+    #[cfg(any(test, feature = "testing"))]
     #[doc(hidden)]
     pub fn set_counters_for_testing(&mut self, next_send: u64, last_recv: u64) {
         self.next_send = next_send;
