@@ -28,12 +28,16 @@ def main(out):
         fs = frames(load(name))
         seeds["frame_decoder"] += fs + [b"".join(fs)]
         seeds["enroll"] += [fs[0] + fs[2], fs[1] + fs[3]]
-    s = load("session.json")
-    hs = frames(s, "handshake")
-    seeds["frame_decoder"] += hs
-    seeds["handshake"] += [hs[0] + hs[2], hs[1]]
-    c2s = [bytes.fromhex(f["hex"]) for f in s["frames"] if f["direction"] == "c2s"]
-    seeds["session"] += [b"\x00" + b"".join(c2s), b"\xff" + b"".join(c2s)] + [b"\x01" + f for f in c2s]
+    # The session target's input: a mask byte (which frames get a valid seal), a mode
+    # byte (bit 0: the encrypted mode), then frames.
+    for name, mode in (("session.json", b"\x00"), ("session-encrypted.json", b"\x01")):
+        s = load(name)
+        hs = frames(s, "handshake")
+        seeds["frame_decoder"] += hs
+        seeds["handshake"] += [hs[0] + hs[2], hs[1]]
+        c2s = [bytes.fromhex(f["hex"]) for f in s["frames"] if f["direction"] == "c2s"]
+        seeds["session"] += [b"\x00" + mode + b"".join(c2s), b"\xff" + mode + b"".join(c2s)]
+        seeds["session"] += [b"\x01" + mode + f for f in c2s]
     for case in load("negative.json")["cases"]:
         seeds["frame_decoder"].append(bytes.fromhex(case["input"]))
     for target, items in seeds.items():

@@ -281,7 +281,7 @@ fn client(mut inp: Input) {
     // The server's side of the handshake, or the fuzzer's bytes instead.
     let hello = take(c, 7);
     if inp.byte() & 1 == 0 {
-        if let Ok(h) = HelloReceived::parse(&hello, &server_static) {
+        if let Ok(h) = HelloReceived::parse(&hello, &tally::proto::handshake::ServerKey::from(&server_static)) {
             let limits = ServerLimits {
                 max_frame_len: 256 + u32::from(inp.byte()) * 64,
                 keepalive: std::time::Duration::from_millis(100 + u64::from(inp.byte()) * 100),
@@ -292,7 +292,7 @@ fn client(mut inp: Input) {
             let wait = h.respond(
                 Some(key),
                 SecretKey::from_bytes([0; 32]),
-                [2; 32],
+                &mut [2; 32],
                 limits,
                 &mut auth,
             );
