@@ -6,7 +6,8 @@ import struct
 from tally import ProtocolError
 from tally._primitives import H, aead_open, mac, x25519, x25519_base
 from tally.codes import FrameType
-from tally.frames import parse_hello, parse_sealed_hello, parse_sealed_id_plaintext
+from tally.frames import (SEALED_HELLO_HEAD_LEN, parse_hello, parse_sealed_hello,
+                          parse_sealed_plaintext)
 from tally.proto import SessionKeys, sealed_id_key, sealed_session_keys, session_keys
 
 
@@ -16,17 +17,20 @@ def before_tag(ty, fields):
 
 
 def open_sealed_hello(f, s_secret):
-    """7.2 rows 5 to 5b and 7.7 step 2 on a SEALED_HELLO: returns ``(hello, id, dh_es)``;
-    ``id`` is None when ``sealed_id`` does not open (7.5: answered like an unknown id).
-    Raises ``ProtocolError`` (``malformed``, ``unsupported_version``, ``weak_key``)."""
+    """7.2 rows 5 to 5b and 7.7 step 2 on a SEALED_HELLO: returns
+    ``(hello, id, max_frame_len, dh_es)``; ``id`` and ``max_frame_len`` are None when the
+    sealed part does not open (7.5: answered like an unknown id). The plaintext is checked
+    in 4.3's order: ``n`` and the id, the padding, the limit. Raises ``ProtocolError``
+    (``malformed``, ``bad_id``, ``unsupported_version``, ``weak_key``)."""
     hello = parse_sealed_hello(f)
     dh_es = x25519(s_secret, hello.ephemeral)
     key_id = sealed_id_key(hello.ephemeral, x25519_base(s_secret), dh_es)
     try:
-        plain = aead_open(key_id, bytes(12), f[:42], hello.sealed_id)
+        plain = aead_open(key_id, bytes(12), f[:SEALED_HELLO_HEAD_LEN], hello.sealed)
     except ProtocolError:
-        return hello, None, dh_es
-    return hello, parse_sealed_id_plaintext(plain), dh_es
+        return hello, None, None, dh_es
+    opened = parse_sealed_plaintext(plain)
+    return hello, opened.id, opened.max_frame_len, dh_es
 
 
 def sealed_auth(hello_frame, ephemeral, k, dh_es, max_frame_len=65536, keepalive_ms=30000,

@@ -5,6 +5,7 @@ update (8.7). The scripted server is built from the package's own frame function
 SessionState, playing the server's role; it answers either mode (the client's default is
 the encrypted one, so most tests here run it)."""
 import os
+import queue
 import socket
 import struct
 import threading
@@ -57,14 +58,16 @@ class Conn:
         if expect_encrypted is not None:
             assert encrypted == expect_encrypted, hello_f[:5].hex()
         if encrypted:
-            hello, ident, dh_es = open_sealed_hello(hello_f, SERVER_SECRET)
+            hello, ident, client_limit, dh_es = open_sealed_hello(hello_f, SERVER_SECRET)
             self.ident = ident
+            self.client_max_frame_len = client_limit
             auth, keys = sealed_auth(hello_f, hello.ephemeral, key, dh_es, max_frame_len,
                                      keepalive_ms)
         else:
             from tally.frames import parse_hello
             hello = parse_hello(hello_f)
             self.ident = hello.id
+            self.client_max_frame_len = hello.max_frame_len
             auth, keys = server_auth(hello_f, key, max_frame_len, keepalive_ms)
         self.send(auth)
         self.keys = keys
@@ -72,7 +75,7 @@ class Conn:
             return
         fin = self.read_frame()
         assert finish_verifies(keys, hello_f, auth, fin)
-        self.st = SessionState(keys.s2c, keys.c2s, send_limit=hello.max_frame_len,
+        self.st = SessionState(keys.s2c, keys.c2s, send_limit=self.client_max_frame_len,
                                recv_limit=max_frame_len, client=False, encrypted=encrypted)
         self.dec.limit = max_frame_len
 
@@ -610,7 +613,7 @@ def test_mode_refused_in_place_of_the_first_session_frame(server):
 def test_a_low_order_server_ephemeral_is_weak_key(server):
     def script(conn, n):
         first = conn.read_frame()
-        hello, ident, dh_es = open_sealed_hello(first, SERVER_SECRET)
+        hello, ident, _, dh_es = open_sealed_hello(first, SERVER_SECRET)
         # F = 0 (a low-order point): X25519(e, F) is all zero.
         auth_u = before_tag(FrameType.SEALED_AUTH, bytes(32) + struct.pack(">II", 65536, 30000))
         conn.send(auth_u + os.urandom(32))
@@ -629,7 +632,7 @@ def test_a_sealed_auth_for_another_server_key_fails(server):
     def script(conn, n):
         first = conn.read_frame()
         other = os.urandom(32)
-        hello, ident, dh_es = open_sealed_hello(first, other)
+        hello, ident, _, dh_es = open_sealed_hello(first, other)
         assert ident is None  # sealed to another key: it does not open
         auth, _ = sealed_auth(first, hello.ephemeral, os.urandom(32), dh_es)
         conn.send(auth)
@@ -752,6 +755,76 @@ def test_the_client_updates_its_key_after_its_time_budget(server):
     srv.done.wait(5)
     M, K, C = FrameType.MESSAGE, FrameType.KEY_UPDATE, FrameType.CLOSE
     assert srv.results[1] == [M, M, K, M, M, C]
+
+
+def test_a_quiet_client_updates_its_key_on_the_timer(server):
+    """8.7: KEY_UPDATE 10 minutes (0.3 s here) after the sending key sealed its first
+    frame, at that moment and on its own: the client sends nothing else meanwhile. A key
+    that has sealed nothing does not age: no second KEY_UPDATE until a frame is sealed
+    with the new key."""
+    got = queue.Queue()
+
+    def script(conn, n):
+        conn.handshake(KEY)
+        while True:
+            fr = conn.recv()
+            if fr is None:
+                return None
+            got.put((time.monotonic(), fr.type))
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return conn.st.key_updates_received
+    srv = server(script)
+    s = tally.connect(cred(srv), keepalive=30.0)  # no PING in this test's time
+    s._state.key_update_seconds = 0.3             # 10 minutes in the field
+    assert s._state.key_update_deadline() is None  # nothing sealed yet: no timer
+    start = time.monotonic()
+    s.message(b"first")
+    M, K, C = FrameType.MESSAGE, FrameType.KEY_UPDATE, FrameType.CLOSE
+    assert got.get(timeout=5)[1] == M
+    at, ty = got.get(timeout=5)
+    assert ty == K and 0.25 <= at - start < 2.0, at - start
+    # The new key sealed nothing: no timer, nothing more while the client is quiet.
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.8)
+    assert s._state.key_update_deadline() is None
+    # A frame starts the new key's timer; it fires 0.3 s after that frame.
+    second = time.monotonic()
+    s.message(b"second")
+    assert got.get(timeout=5)[1] == M
+    at, ty = got.get(timeout=5)
+    assert ty == K and 0.25 <= at - second < 2.0, at - second
+    s.close()
+    assert got.get(timeout=5)[1] == C
+    srv.done.wait(5)
+    assert srv.results[1] == 2
+    assert s._state.key_updates_sent == 2
+
+
+def test_no_timed_key_update_in_the_authenticated_mode(server):
+    """8.7's timer is the encrypted mode's (a MAY in the authenticated mode)."""
+    got = queue.Queue()
+
+    def script(conn, n):
+        conn.handshake(KEY, expect_encrypted=False)
+        while True:
+            fr = conn.recv()
+            if fr is None:
+                return None
+            got.put(fr.type)
+            if fr.type == FrameType.CLOSE:
+                conn.send(conn.st.close(0, ""))
+                return conn.st.key_updates_received
+    srv = server(script)
+    s = tally.connect(cred(srv), keepalive=30.0, encryption=False)
+    s._state.key_update_seconds = 0.1
+    s.message(b"only")
+    assert got.get(timeout=5) == FrameType.MESSAGE
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.5)
+    s.close()
+    srv.done.wait(5)
+    assert srv.results[1] == 0
 
 
 def test_the_cli_flag_chooses_the_authenticated_mode(server, tmp_path):

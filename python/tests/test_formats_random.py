@@ -29,7 +29,8 @@ CREDENTIALS = [
 ]
 TOKENS = [
     "tally1-open-" + "00" * 32 + "-" + "11" * 32 + "\n",
-    " \ttally1-token-" + "AB" * 32 + "-" + "cd" * 32 + "\r\n",
+    # S in canonical form (9.1: its last byte below 0x80).
+    " \ttally1-token-" + "AB" * 32 + "-" + "cd" * 31 + "4D" + "\r\n",
 ]
 # Pieces that reach the readers' corners: escapes (valid, invalid, out of Unicode's
 # range, surrogates), quotes, comments, line ends TOML has and those it has not, long

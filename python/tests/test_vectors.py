@@ -319,7 +319,10 @@ def test_encrypted_handshake_vector():
     assert hs.ephemeral_public.hex() == d["client_ephemeral_public"]
     assert hs.dh_es.hex() == d["dh_es"]
     assert hs.key_id.hex() == d["key_id"]
-    assert hs.sealed_id_plaintext.hex() == d["sealed_id_plaintext"]
+    assert hs.sealed_plaintext.hex() == d["sealed_plaintext"]
+    # 4.3: only E is in the clear after the version; the limit is sealed with the id.
+    assert hs.hello[:38] == bytes.fromhex("0000007713" "01") + hs.ephemeral_public
+    assert hs.sealed_plaintext[65:] == i["client_max_frame_len"].to_bytes(4, "big")
     assert len(hs.hello) == 123
     assert hs.hello.hex() == hello_hex
     finish = hs.handle_server_auth(hx(auth_hex))
@@ -337,9 +340,9 @@ def test_encrypted_handshake_vector():
 
     # The server's side: the id opened with s, SEALED_AUTH rebuilt with f.
     s_secret = hx(i["server_static_secret"])
-    hello, ident, dh_es = open_sealed_hello(hx(hello_hex), s_secret)
+    hello, ident, limit, dh_es = open_sealed_hello(hx(hello_hex), s_secret)
     assert ident == i["id"].encode() and dh_es.hex() == d["dh_es"]
-    assert hello.max_frame_len == i["client_max_frame_len"]
+    assert limit == i["client_max_frame_len"]
     assert x25519_base(hx(i["server_ephemeral_secret"])).hex() == d["server_ephemeral_public"]
     auth, keys = sealed_auth(hx(hello_hex), hello.ephemeral, hx(i["identity_key"]), dh_es,
                              i["server_max_frame_len"], i["server_keepalive_ms"],
@@ -398,6 +401,136 @@ def test_encrypted_session_frames_built_from_layout():
         assert (header + aead_seal(keys[f["direction"]], nonce, header, fields)).hex() == f["hex"]
         if t == "KEY_UPDATE":
             keys[f["direction"]] = hkdf(b"", keys[f["direction"]], b"tally/1 key update")
+
+
+def _sealed_hello_with(plain: bytes):
+    """session-encrypted.json's SEALED_HELLO with its sealed part replaced by ``plain``,
+    sealed under the same K_id (it opens: the plaintext checks of 7.2 row 5b apply)."""
+    v = load("session-encrypted.json")
+    i, d = v["inputs"], v["derived"]
+    head = struct.pack(">IBB", 119, 0x13, 1) + hx(d["client_ephemeral_public"])
+    return head + aead_seal(hx(d["key_id"]), bytes(12), head, plain), hx(i["server_static_secret"])
+
+
+@needs_encrypted
+@pytest.mark.parametrize("plain, error, detail", [
+    # 4.3's order: n and the id (bad_id) before the padding, the padding before the limit.
+    (b"\x00" + bytes(64) + struct.pack(">I", 100), "bad_id", "length 0"),
+    (b"\x41" + bytes(64) + struct.pack(">I", 65536), "bad_id", "length 65"),
+    (b"\x02a " + bytes(62) + struct.pack(">I", 65536), "bad_id", "identity"),
+    (b"\x02a b" + bytes(61) + struct.pack(">I", 255), "bad_id", "identity"),
+    (b"\x01a" + bytes(62) + b"\x01" + struct.pack(">I", 255), "malformed", "padding"),
+    (b"\x01a" + bytes(63) + struct.pack(">I", 255), "malformed", "max_frame_len 255"),
+    (b"\x01a" + bytes(63) + struct.pack(">I", 2**24 + 1), "malformed", "max_frame_len 16777217"),
+])
+def test_the_sealed_plaintext_is_checked_in_the_spec_order(plain, error, detail):
+    f, s_secret = _sealed_hello_with(plain)
+    assert len(f) == 123
+    with pytest.raises(ProtocolError) as e:
+        open_sealed_hello(f, s_secret)
+    assert e.value.error == error and detail in e.value.detail, e.value
+
+
+@needs_encrypted
+@pytest.mark.parametrize("limit", [256, 65536, 2**24])
+def test_the_sealed_limit_is_read_from_the_plaintext(limit):
+    f, s_secret = _sealed_hello_with(b"\x40" + b"x" * 64 + struct.pack(">I", limit))
+    _, ident, got, _ = open_sealed_hello(f, s_secret)
+    assert ident == b"x" * 64 and got == limit
+
+
+def test_sealed_hello_shows_nothing_of_the_device():
+    """P11 (4.3): two SEALED_HELLOs of different ids and limits differ only in E and the
+    sealed bytes; the head is the same 6 bytes before E."""
+    a = ClientSealedHandshake("a", bytes(32), x25519_base(bytes(range(32))), 256)
+    b = ClientSealedHandshake("b" * 64, bytes(32), x25519_base(bytes(range(32))), 2**24)
+    assert len(a.hello) == len(b.hello) == 123
+    assert a.hello[:6] == b.hello[:6] == bytes.fromhex("000000771301")
+    assert a.hello[6:38] == a.ephemeral_public and b.hello[6:38] == b.ephemeral_public
+    assert struct.pack(">I", 2**24) not in b.hello[:38]
+    assert len(a.sealed_plaintext) == 69 and a.sealed_plaintext[-4:] == struct.pack(">I", 256)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@needs_encrypted
+def test_the_key_update_timer_of_the_encrypted_mode():
+    """8.7: the timer fires 600 s after the sending key sealed its first frame (not after a
+    key that sealed nothing), with a KEY_UPDATE of its own that the peer follows."""
+    v = load("session-encrypted.json")
+    client, server = _sealed_session_pair(v)
+    clock = _Clock()
+    client._clock = clock
+    assert client.key_update_seconds == 600.0
+    assert client.key_update_deadline() is None and client.timed_key_update() is None
+    m = client.message(b"one")
+    assert client.key_update_deadline() == 1600.0
+    _feed(server, m)
+    clock.t = 1599.9
+    assert client.timed_key_update() is None and not client.key_update_due()
+    clock.t = 1600.0  # "10 minutes ago": at that moment
+    ku = client.timed_key_update()
+    assert ku is not None and len(ku) == 4 + 25 and ku[4] == FrameType.KEY_UPDATE
+    (got,) = _feed(server, ku)
+    assert got.type == FrameType.KEY_UPDATE and server.key_updates_received == 1
+    # The new key has sealed nothing: it does not age.
+    assert client.key_update_deadline() is None
+    clock.t = 5000.0
+    assert client.timed_key_update() is None
+    m = client.message(b"two")
+    assert len(m) == 4 + 25 + 3  # no KEY_UPDATE before it: the new key was not due
+    assert client.key_update_deadline() == 5600.0
+    assert _feed(server, m)[0].payload == b"two"
+    # Before a frame, a key found due is updated too (the timer came late).
+    clock.t = 5600.0
+    both = client.message(b"three")
+    assert both[4] == FrameType.KEY_UPDATE and client.key_updates_sent == 2
+    assert [f.type for f in _feed(server, both)] == [FrameType.KEY_UPDATE, FrameType.MESSAGE]
+
+
+@needs_encrypted
+def test_no_key_update_at_the_last_two_sequence_numbers():
+    """8.7: a side whose next sequence number is 2^64 - 2 or more sends no KEY_UPDATE
+    (those are the frame's own and CLOSE's); 2^64 - 3 may still take one."""
+    from tally import SequenceExhausted
+    v = load("session-encrypted.json")
+    client, server = _sealed_session_pair(v)
+    clock = _Clock()
+    client._clock = clock
+    client.message(b"x")
+    client.next_seq = 2**64 - 3
+    clock.t += 600
+    assert client.key_update_deadline() is not None
+    ku = client.timed_key_update()
+    assert struct.unpack(">Q", ku[5:13])[0] == 2**64 - 3
+    client.message(b"y")  # the new key's first frame, at 2^64 - 2
+    clock.t += 600
+    assert client.next_seq == 2**64 - 1
+    assert client.key_update_deadline() is None and client.timed_key_update() is None
+    with pytest.raises(SequenceExhausted):
+        client.key_update()
+    client.next_seq = 2**64 - 2
+    assert client.key_update_deadline() is None and client.timed_key_update() is None
+    with pytest.raises(SequenceExhausted):
+        client.key_update()
+    # Due before a frame, but no number for a KEY_UPDATE: the frame goes alone.
+    f = client.message(b"z")
+    assert f[4] == FrameType.MESSAGE and struct.unpack(">Q", f[5:13])[0] == 2**64 - 2
+
+
+def test_no_key_update_timer_in_the_authenticated_mode():
+    client, _ = _session_pair(load("session.json"))
+    clock = _Clock()
+    client._clock = clock
+    client.message(b"x")
+    clock.t += 10_000
+    assert client.key_update_deadline() is None and client.timed_key_update() is None
 
 
 def test_key_update_in_the_authenticated_mode():
@@ -510,6 +643,41 @@ def test_credential_round_trip_and_reader_rules(tmp_path):
                 text + "[table]\n", text + 'id = "again"\n', "garbage"]:
         with pytest.raises(FormatError):
             Credential.parse(bad)
+
+
+def _with_last_byte(key: bytes, last: int) -> bytes:
+    return key[:31] + bytes([last])
+
+
+@pytest.mark.parametrize("last", [0x80, 0x81, 0xAB, 0xFF])
+def test_a_server_key_with_its_top_bit_set_is_refused(last):
+    """9.1, 9.2: S is canonical (the top bit of its last byte clear); a token or a credential
+    file whose S has it set is refused, in either case of hex digits."""
+    from tally import Credential, FormatError
+    tok = load("enroll-token.json")["derived"]["token"]
+    S = EnrollmentToken.parse(tok).server_key
+    assert S[31] < 0x80  # the vectors' S is canonical (X25519 outputs are)
+    bad_s = _with_last_byte(S, last)
+    for bad in [tok.replace(S.hex(), bad_s.hex()), tok.replace(S.hex(), bad_s.hex().upper())]:
+        with pytest.raises(FormatError, match="canonical"):
+            EnrollmentToken.parse(bad)
+    k = hx(load("enroll-open.json")["derived"]["identity_key"])
+    text = Credential("sensor-42", k, "127.0.0.1:7420", S).format()
+    for bad in [text.replace(S.hex(), bad_s.hex()), text.replace(S.hex(), bad_s.hex().upper())]:
+        with pytest.raises(FormatError, match="canonical"):
+            Credential.parse(bad)
+
+
+@pytest.mark.parametrize("last", [0x00, 0x7F])
+def test_a_server_key_with_its_top_bit_clear_is_read(last):
+    from tally import Credential
+    tok = load("enroll-token.json")["derived"]["token"]
+    S = EnrollmentToken.parse(tok).server_key
+    good_s = _with_last_byte(S, last)
+    assert EnrollmentToken.parse(tok.replace(S.hex(), good_s.hex())).server_key == good_s
+    k = hx(load("enroll-open.json")["derived"]["identity_key"])
+    cred = Credential("sensor-42", k, "127.0.0.1:7420", good_s)
+    assert Credential.parse(cred.format()) == cred
 
 
 # --- Negative vectors (12.2) ------------------------------------------------------------------

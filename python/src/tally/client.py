@@ -6,7 +6,8 @@ Threading model
 *reader*. The reader is the only code that reads the socket: it checks every frame
 (spec 8.3), hands RESPONSEs to the threads waiting in :meth:`Session.request`, answers
 the server's PINGs with PONGs, sends a PING whenever this side has sent nothing for the
-keepalive interval (spec 8.5), and queues the server's REQUESTs and MESSAGEs. It never
+keepalive interval (spec 8.5), sends KEY_UPDATE when the sending key's timer fires in the
+encrypted mode (spec 8.7), and queues the server's REQUESTs and MESSAGEs. It never
 runs application code. The application takes what the server sends with
 :meth:`Session.receive` or :meth:`Session.serve`, in a thread of its own choosing.
 
@@ -26,7 +27,7 @@ from .codes import CloseCode, ErrorCode, FrameType, Status
 from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, ProtocolError, Refused,
                      SequenceExhausted, StatusError, TallyError, Timeout, Truncated, Unreachable)
 from .formats import Credential, EnrollmentToken, format_server_address, parse_server_address
-from .frames import DEFAULT_FRAME_LIMIT, HANDSHAKE_LIMIT, FrameDecoder, check_length
+from .frames import DEFAULT_FRAME_LIMIT, HANDSHAKE_LIMIT, MAX_SEQ, FrameDecoder, check_length
 from .proto import ClientEnrollment, ClientHandshake, ClientSealedHandshake, SessionState
 
 __all__ = ["enroll", "connect", "Session", "Response", "IncomingRequest", "IncomingMessage",
@@ -349,8 +350,9 @@ class Session:
     bytes of a frame's ``length`` besides its fields, spec 4.5), ``max_frame_len`` (ours),
     ``server_max_frame_len`` and ``server_keepalive`` (seconds) as the server announced
     them, ``ping_interval``. In the encrypted mode the session updates its sending key
-    (KEY_UPDATE, spec 8.7) every 10 minutes or 2^20 frames; it follows the server's key
-    updates in either mode.
+    (KEY_UPDATE, spec 8.7) before the frame after 2^20 frames, and on its own 10 minutes
+    after the key sealed its first frame (the reader thread's timer, as the keepalive's);
+    it follows the server's key updates in either mode.
     """
 
     def __init__(self, sock: socket.socket, hs: ClientHandshake, credential: Credential,
@@ -435,8 +437,9 @@ class Session:
     def update_key(self) -> None:
         """Send KEY_UPDATE now and seal every later frame with the next key (spec 8.7).
         The encrypted mode does this by itself every 10 minutes or 2^20 frames; this is
-        for doing it more often (MAY), in either mode."""
-        self._send(lambda st: st.key_update())
+        for doing it more often (MAY), in either mode. Nothing is sent once the next
+        sequence number is 2^64 - 2 or more (8.7: no KEY_UPDATE there)."""
+        self._send(lambda st: st.key_update() if st.next_seq < MAX_SEQ - 1 else b"")
 
     def receive(self, timeout: Optional[float] = None):
         """The next thing the server sent: an :class:`IncomingRequest` (answer it with
@@ -547,10 +550,18 @@ class Session:
             with self._state_lock:
                 if self._error is not None:
                     raise self._error
+                timer_was = self._state.key_update_deadline()
                 try:
                     f = build(self._state)
                 except SequenceExhausted:
                     f = None
+                # A key that sealed its first frame starts its timer (8.7): the reader,
+                # asleep until its keepalive deadline, must learn the earlier one.
+                rearm = timer_was is None and self._state.key_update_deadline() is not None
+            if rearm:
+                self._wake()
+            if f == b"":
+                return  # nothing to send after all (a timer that another frame beat)
             if f is not None:
                 try:
                     self._send_raw(f, time.monotonic() + self.timeout)
@@ -670,7 +681,27 @@ class Session:
                     except TallyError:
                         return
                     continue
-                wait = min(ping_due, idle_deadline) - now
+                # Spec 8.7 (encrypted mode): KEY_UPDATE 10 minutes after the sending key
+                # sealed its first frame, at that moment, even with nothing else to send.
+                # The state checks again under its lock: a frame sent meanwhile may have
+                # updated the key already (then nothing is sent).
+                key_due = self._key_update_deadline()
+                if key_due is not None and now >= key_due:
+                    sent = []
+
+                    def timed(st: SessionState) -> bytes:
+                        f = st.timed_key_update()
+                        sent.append(f is not None)
+                        return f or b""
+                    try:
+                        self._send(timed)
+                    except TallyError:
+                        return
+                    if sent and sent[0]:
+                        continue
+                    key_due = None  # not due on the state's own clock yet
+                wait = min(ping_due, idle_deadline,
+                           key_due if key_due is not None else idle_deadline) - now
             try:
                 readable, _, _ = select.select([self._sock, self._wake_r], [], [], wait)
             except (OSError, ValueError):
@@ -707,6 +738,12 @@ class Session:
             except (Refused, AuthFailed, Truncated) as e:  # an ERROR frame: no CLOSE (8.3)
                 self._fail(e, None)
                 return
+
+    def _key_update_deadline(self) -> Optional[float]:
+        """When the sending key's timer fires (8.7), on ``time.monotonic`` (the state's
+        clock); None when none runs (authenticated mode, a key that sealed nothing)."""
+        with self._state_lock:
+            return self._state.key_update_deadline()
 
     def _handle(self, f: bytes) -> bool:
         """One whole frame; True when the session is over."""

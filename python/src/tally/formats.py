@@ -8,7 +8,8 @@ from typing import Dict, Optional, Union
 from .errors import FormatError, InsecureCredential, ProtocolError
 from .frames import check_id
 
-__all__ = ["EnrollmentToken", "Credential", "parse_server_address", "format_server_address"]
+__all__ = ["EnrollmentToken", "Credential", "parse_server_address", "format_server_address",
+           "server_key_is_canonical"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -16,6 +17,19 @@ _TOKEN = re.compile(r"tally1-(open|token)-([0-9a-fA-F]{64})-([0-9a-fA-F]{64})")
 _MODES = {"open": 0, "token": 1}
 #: What a token reader ignores around a token (spec 9.1): nothing else is whitespace.
 _WHITESPACE = " \t\r\n"
+
+
+def server_key_is_canonical(server_key: bytes) -> bool:
+    """Spec 9.1: ``S`` is in the canonical form of RFC 7748, the top bit of its last byte
+    clear. X25519 ignores that bit, but ``K_id``'s salt (5.6) does not: a copy with it set
+    would make every sealed id fail to open at the server, silently. Readers of tokens and
+    credential files refuse it."""
+    return len(server_key) == 32 and server_key[31] < 0x80
+
+
+_NOT_CANONICAL = ("is not in canonical form (spec 9.1: the top bit of its last byte must be "
+                  "clear, its last two hex digits below 80); with that bit set every encrypted "
+                  "session would fail: copy it again from the server")
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,8 @@ class EnrollmentToken:
     @classmethod
     def parse(cls, text: Union[str, bytes]) -> "EnrollmentToken":
         """Parse a token. Surrounding whitespace is ignored and upper-case hex accepted;
-        anything else is refused with :class:`FormatError` (spec 9.1)."""
+        anything else is refused with :class:`FormatError` (spec 9.1), and so is a server
+        key ``S`` that is not in canonical form (its top bit set)."""
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = bytes(text).decode("ascii")
@@ -55,7 +70,10 @@ class EnrollmentToken:
         if not m:
             raise FormatError("not an enrollment token: expected "
                               "tally1-open-<64 hex>-<64 hex> or tally1-token-<64 hex>-<64 hex>")
-        return cls(m.group(1), bytes.fromhex(m.group(2)), bytes.fromhex(m.group(3)))
+        server_key = bytes.fromhex(m.group(3))
+        if not server_key_is_canonical(server_key):
+            raise FormatError("the enrollment token's server key S " + _NOT_CANONICAL)
+        return cls(m.group(1), bytes.fromhex(m.group(2)), server_key)
 
     @classmethod
     def load(cls, path: PathLike) -> "EnrollmentToken":
@@ -239,9 +257,9 @@ class Credential:
     @classmethod
     def parse(cls, text: Union[str, bytes]) -> "Credential":
         """Parse a credential file's text. Refuses a version other than 1, an id that breaks
-        spec 4.1, a key or server key that is not 64 hex digits, and a missing id, key,
-        server or server-key (9.2: all five entries are required). Unknown keys are
-        ignored."""
+        spec 4.1, a key or server key that is not 64 hex digits, a server key not in
+        canonical form (9.1: its top bit set), and a missing id, key, server or server-key
+        (9.2: all five entries are required). Unknown keys are ignored."""
         if isinstance(text, (bytes, bytearray)):
             try:
                 text = bytes(text).decode("utf-8")
@@ -265,6 +283,8 @@ class Credential:
                               "server's static key S, from the enrollment token)")
         if not isinstance(server_key, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", server_key):
             raise FormatError("the credential's server-key is not 64 hex digits")
+        if not server_key_is_canonical(bytes.fromhex(server_key)):
+            raise FormatError("the credential's server-key " + _NOT_CANONICAL)
         return cls(ident, bytes.fromhex(key), server, bytes.fromhex(server_key))
 
     @classmethod

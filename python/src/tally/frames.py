@@ -12,9 +12,9 @@ from .errors import ProtocolError
 __all__ = [
     "PROTOCOL_VERSION", "HANDSHAKE_LIMIT", "MIN_FRAME_LIMIT", "MAX_FRAME_LIMIT",
     "DEFAULT_FRAME_LIMIT", "MIN_KEEPALIVE_MS", "MAX_KEEPALIVE_MS", "MAX_SEQ", "TAG_LEN",
-    "AEAD_TAG_LEN", "SEALED_HELLO_LEN", "SEALED_ID_PLAINTEXT_LEN", "sealed_hello_head",
-    "parse_sealed_hello", "SealedHello", "parse_sealed_auth", "sealed_id_plaintext",
-    "parse_sealed_id_plaintext", "session_header",
+    "AEAD_TAG_LEN", "SEALED_HELLO_LEN", "SEALED_HELLO_HEAD_LEN", "SEALED_PLAINTEXT_LEN",
+    "sealed_hello_head", "parse_sealed_hello", "SealedHello", "parse_sealed_auth",
+    "sealed_plaintext", "parse_sealed_plaintext", "SealedPlaintext", "session_header",
     "check_id", "check_length", "FrameDecoder", "frame", "error_frame", "parse_error",
     "ErrorFrame", "hello_frame", "parse_hello", "Hello", "parse_server_auth", "ServerAuth",
     "enroll_init_unsigned", "parse_enroll_init", "EnrollInit", "SessionFrame",
@@ -32,7 +32,8 @@ MAX_SEQ = 2**64 - 1
 TAG_LEN = 32                     # HMAC tags (handshake, authenticated-mode session frames)
 AEAD_TAG_LEN = 16                # the Poly1305 tag of encrypted-mode session frames (4.5)
 SEALED_HELLO_LEN = 119           # SEALED_HELLO's `length`, whatever the id (4.3)
-SEALED_ID_PLAINTEXT_LEN = 65     # u8 n || id || zeros to 64 bytes
+SEALED_HELLO_HEAD_LEN = 38      # length, type, version, E: the associated data of the sealed part
+SEALED_PLAINTEXT_LEN = 69        # u8 n || id || zeros to 64 bytes || u32 max_frame_len
 
 _ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-:@")
 
@@ -203,50 +204,59 @@ def parse_sealed_auth(f: bytes) -> ServerAuth:
 
 # --- The encrypted mode's first frame (4.3, 5.6) ------------------------------------------
 
-def sealed_hello_head(max_frame_len: int, ephemeral: bytes) -> bytes:
-    """SEALED_HELLO's first 42 bytes, the associated data of ``sealed_id``:
-    ``00000077 13 01 u32(max_frame_len) E``."""
+def sealed_hello_head(ephemeral: bytes) -> bytes:
+    """SEALED_HELLO's first 38 bytes, the associated data of its sealed part:
+    ``00000077 13 01 E``. Nothing else of the client is in the clear (4.3): the id, its
+    length and the frame limit are sealed (:func:`sealed_plaintext`)."""
     if len(ephemeral) != 32:
         raise ValueError("E is 32 bytes")
+    return struct.pack(">IBB", SEALED_HELLO_LEN, FrameType.SEALED_HELLO,
+                       PROTOCOL_VERSION) + ephemeral
+
+
+def sealed_plaintext(ident, max_frame_len: int) -> bytes:
+    """``u8 n || id || 0^(64-n) || u32 max_frame_len``: 69 bytes whatever the id and the
+    limit (4.3, 5.6)."""
+    ident = check_id(ident)
     if not MIN_FRAME_LIMIT <= max_frame_len <= MAX_FRAME_LIMIT:
         raise ValueError(f"max_frame_len must be {MIN_FRAME_LIMIT} to {MAX_FRAME_LIMIT}")
-    return struct.pack(">IBBI", SEALED_HELLO_LEN, FrameType.SEALED_HELLO, PROTOCOL_VERSION,
-                       max_frame_len) + ephemeral
+    return (bytes([len(ident)]) + ident + bytes(64 - len(ident))
+            + struct.pack(">I", max_frame_len))
 
 
-def sealed_id_plaintext(ident) -> bytes:
-    """``u8 n || id || 0^(64-n)``: 65 bytes whatever the id (4.3)."""
-    ident = check_id(ident)
-    return bytes([len(ident)]) + ident + bytes(64 - len(ident))
+class SealedPlaintext(NamedTuple):
+    id: bytes
+    max_frame_len: int
 
 
-def parse_sealed_id_plaintext(pt: bytes) -> bytes:
-    """The id of an opened ``sealed_id``: ``1 <= n <= 64``, an id that keeps 4.1, zeros
-    after it; else ``malformed`` (4.3 says ``malformed`` for all three)."""
-    if len(pt) != SEALED_ID_PLAINTEXT_LEN:
-        raise ProtocolError("malformed", "sealed_id plaintext is 65 bytes")
+def parse_sealed_plaintext(pt: bytes) -> SealedPlaintext:
+    """The id and the frame limit of an opened SEALED_HELLO, checked in the order of 4.3:
+    ``1 <= n <= 64`` and an id that keeps 4.1 (``bad_id``, treated as ``malformed``), only
+    zeros after the id (``malformed``), ``max_frame_len`` in its range (``malformed``)."""
+    if len(pt) != SEALED_PLAINTEXT_LEN:
+        raise ProtocolError("malformed", f"the sealed plaintext is {SEALED_PLAINTEXT_LEN} bytes")
     n = pt[0]
     if not 1 <= n <= 64:
-        raise ProtocolError("malformed", f"sealed id length {n}")
-    try:
-        ident = check_id(pt[1:1 + n])
-    except ProtocolError:
-        raise ProtocolError("malformed", "the sealed id breaks 4.1") from None
-    if any(pt[1 + n:]):
+        raise ProtocolError("bad_id", f"sealed id length {n}")
+    ident = check_id(pt[1:1 + n])
+    if any(pt[1 + n:65]):
         raise ProtocolError("malformed", "the sealed id's padding is not zero")
-    return ident
+    (limit,) = struct.unpack_from(">I", pt, 65)
+    if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
+        raise ProtocolError("malformed", f"SEALED_HELLO max_frame_len {limit} out of range")
+    return SealedPlaintext(ident, limit)
 
 
 class SealedHello(NamedTuple):
     version: int
-    max_frame_len: int
     ephemeral: bytes      # E
-    sealed_id: bytes      # 81 bytes: AEAD(K_id, 0^12, head, plaintext)
+    sealed: bytes         # 85 bytes: AEAD(K_id, 0^12, the first 38 bytes, sealed_plaintext)
 
 
 def parse_sealed_hello(f: bytes) -> SealedHello:
     """Parse SEALED_HELLO as a server would (7.2 rows 3 to 5): version first, then
-    ``length`` 119 and the announced limit. Opening ``sealed_id`` is the caller's."""
+    ``length`` 119. Opening the sealed part (and checking the id and the limit in it,
+    row 5b) is the caller's: :func:`parse_sealed_plaintext`."""
     if len(f) < 5 or f[4] != FrameType.SEALED_HELLO:
         raise ProtocolError("malformed", "expected SEALED_HELLO")
     if len(f) < 6:
@@ -255,10 +265,7 @@ def parse_sealed_hello(f: bytes) -> SealedHello:
         raise ProtocolError("unsupported_version", f"SEALED_HELLO version {f[5]}")
     if len(f) != 4 + SEALED_HELLO_LEN:
         raise ProtocolError("malformed", f"SEALED_HELLO length must be {SEALED_HELLO_LEN}")
-    (limit,) = struct.unpack_from(">I", f, 6)
-    if not MIN_FRAME_LIMIT <= limit <= MAX_FRAME_LIMIT:
-        raise ProtocolError("malformed", f"SEALED_HELLO max_frame_len {limit} out of range")
-    return SealedHello(f[5], limit, f[10:42], f[42:])
+    return SealedHello(f[5], f[6:SEALED_HELLO_HEAD_LEN], f[SEALED_HELLO_HEAD_LEN:])
 
 
 # --- Enrollment frames (4.2) --------------------------------------------------------------

@@ -17,15 +17,16 @@ from .formats import EnrollmentToken
 from .frames import (MAX_FRAME_LIMIT, MAX_SEQ, MIN_FRAME_LIMIT, TAG_LEN, SessionFrame, check_id,
                      check_length, enroll_init_unsigned, hello_frame, is_session_type,
                      parse_error, parse_sealed_auth, parse_server_auth, parse_session_fields,
-                     sealed_hello_head, sealed_id_plaintext, session_header)
+                     sealed_hello_head, sealed_plaintext, session_header)
 
 __all__ = ["LABELS", "EnrollKeys", "SessionKeys", "enroll_keys", "session_keys",
            "sealed_id_key", "sealed_session_keys", "next_key", "session_nonce",
            "enroll_init_tag", "ClientEnrollment", "ClientHandshake", "ClientSealedHandshake",
            "SessionState", "refusal_from_error", "KEY_UPDATE_FRAMES", "KEY_UPDATE_SECONDS"]
 
-#: Spec 8.7: a side in the encrypted mode updates its sending key once it sealed this many
-#: frames, or was first used more than KEY_UPDATE_SECONDS ago.
+#: Spec 8.7: a side in the encrypted mode MUST update its sending key right before its next
+#: frame once the key sealed this many frames, and on a timer KEY_UPDATE_SECONDS after the
+#: key sealed its first frame (on its own, with nothing else to send).
 KEY_UPDATE_FRAMES = 2**20
 KEY_UPDATE_SECONDS = 600.0
 
@@ -271,9 +272,10 @@ class ClientSealedHandshake:
         # 5.6: a low-order S (a bad credential) is weak_key before anything is sent.
         self.dh_es = x25519(self._e, self.server_key)
         self.key_id = sealed_id_key(self.ephemeral_public, self.server_key, self.dh_es)
-        head = sealed_hello_head(max_frame_len, self.ephemeral_public)
-        self.sealed_id_plaintext = sealed_id_plaintext(self.id)
-        self.hello = head + aead_seal(self.key_id, bytes(12), head, self.sealed_id_plaintext)
+        # 4.3: E in the clear; the id, its length and the frame limit sealed (P11).
+        head = sealed_hello_head(self.ephemeral_public)
+        self.sealed_plaintext = sealed_plaintext(self.id, max_frame_len)
+        self.hello = head + aead_seal(self.key_id, bytes(12), head, self.sealed_plaintext)
         self.session: Optional[SessionState] = None
         self.keys: Optional[SessionKeys] = None
         self.state = "await_auth"
@@ -325,8 +327,11 @@ class SessionState:
     Key update (8.7): :meth:`key_update` sends KEY_UPDATE in either mode; a received one
     moves the receiving key. In the encrypted mode, with ``auto_key_update`` (the
     default), any sending method whose frame finds the sending key due (it sealed
-    ``key_update_frames`` frames, or was first used more than ``key_update_seconds`` ago,
-    on ``clock``) returns KEY_UPDATE followed by its own frame, as one byte string.
+    ``key_update_frames`` frames, or sealed its first frame ``key_update_seconds`` ago or
+    more, on ``clock``) returns KEY_UPDATE followed by its own frame, as one byte string.
+    The timer must also fire when nothing else is sent: whoever drives the session asks
+    :meth:`key_update_deadline` when, and calls :meth:`timed_key_update` then (the client's
+    session does it in its reader thread, with the keepalive timer).
     """
 
     def __init__(self, send_key: bytes, recv_key: bytes, *, send_limit: int, recv_limit: int,
@@ -384,12 +389,31 @@ class SessionState:
         self.key_updates_sent += 1
 
     def key_update_due(self) -> bool:
-        """8.7: the sending key sealed ``key_update_frames`` frames, or was first used more
-        than ``key_update_seconds`` ago (on this side's own clock)."""
+        """8.7: the sending key sealed ``key_update_frames`` frames, or sealed its first frame
+        ``key_update_seconds`` ago or more (on this side's own clock)."""
         if self._sealed_with_key >= self.key_update_frames:
             return True
         return (self._key_first_used is not None
-                and self._clock() - self._key_first_used > self.key_update_seconds)
+                and self._clock() - self._key_first_used >= self.key_update_seconds)
+
+    def key_update_deadline(self) -> Optional[float]:
+        """8.7: when (on ``clock``) the timer of the sending key fires: ``key_update_seconds``
+        after it sealed its first frame. ``None`` when no timer runs: automatic key updates
+        off (the authenticated mode), a key that has sealed nothing (it does not age), CLOSE
+        sent, or a next sequence number of ``2^64 - 2`` or more (no KEY_UPDATE then)."""
+        if (not self.auto_key_update or self._key_first_used is None or self.close_sent
+                or self.next_seq >= MAX_SEQ - 1):
+            return None
+        return self._key_first_used + self.key_update_seconds
+
+    def timed_key_update(self) -> Optional[bytes]:
+        """The KEY_UPDATE the timer of 8.7 sends, on its own, once :meth:`key_update_deadline`
+        has come; ``None`` if it has not (or no timer runs: the key was updated meanwhile,
+        before another frame)."""
+        deadline = self.key_update_deadline()
+        if deadline is None or self._clock() < deadline:
+            return None
+        return self.key_update()
 
     def _seal(self, ty: int, fields: bytes) -> Tuple[int, bytes]:
         if self.close_sent:
@@ -417,9 +441,11 @@ class SessionState:
 
     def key_update(self) -> bytes:
         """A KEY_UPDATE (8.7), sealed with the current sending key; every later frame is
-        sealed with the next key (5.8). Valid in both modes."""
-        if self.next_seq >= MAX_SEQ:
-            raise SequenceExhausted("sequence numbers exhausted: only CLOSE may be sent")
+        sealed with the next key (5.8). Valid in both modes. Not at a next sequence number
+        of ``2^64 - 2`` or more (8.7: those are a last frame's and CLOSE's)."""
+        if self.next_seq >= MAX_SEQ - 1:
+            raise SequenceExhausted("sequence numbers nearly exhausted: no KEY_UPDATE at "
+                                    "2^64 - 2 or later (8.7)")
         return self._seal(FrameType.KEY_UPDATE, b"")[1]
 
     @property
