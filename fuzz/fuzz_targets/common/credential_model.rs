@@ -102,14 +102,19 @@ pub fn server_key_required() -> bool {
 
 /// What a reader must make of a file of the minimal form: the id, key and server of a
 /// valid credential, or `None` (it must be refused: version not 1, an id that breaks
-/// 4.1, a key that is not 64 hex digits, a missing or mistyped entry).
+/// 4.1, a key that is not 64 hex digits, a server key that is not 64 hex digits in
+/// canonical form (9.1), a missing or mistyped entry).
 pub fn expected(entries: &BTreeMap<String, Value>) -> Option<(String, [u8; 32], String)> {
     if entries.get("tally-credential") != Some(&Value::Int(1)) {
         return None;
     }
     if server_key_required() {
         match entries.get("server-key") {
-            Some(Value::Str(k)) if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+            // 64 hex digits, in canonical form (9.1: the last byte's top bit clear).
+            Some(Value::Str(k))
+                if k.len() == 64
+                    && k.bytes().all(|b| b.is_ascii_hexdigit())
+                    && u8::from_str_radix(&k[62..], 16).is_ok_and(|last| last < 0x80) => {}
             _ => return None,
         }
     }
@@ -134,7 +139,8 @@ pub fn expected(entries: &BTreeMap<String, Value>) -> Option<(String, [u8; 32], 
 }
 
 /// The spec 9.1 token, read by the model: whitespace (space, tab, LF, CR) around it,
-/// `tally1-`, the mode word, two times 64 hex digits of either case.
+/// `tally1-`, the mode word, two times 64 hex digits of either case, `S` (the second) in
+/// canonical form (its last byte below 0x80).
 pub fn token(s: &str) -> Option<(bool, [u8; 32], [u8; 32])> {
     let t = s.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
     let rest = t.strip_prefix("tally1-")?;
@@ -155,5 +161,10 @@ pub fn token(s: &str) -> Option<(bool, [u8; 32], [u8; 32])> {
         }
         Some(o)
     };
-    Some((open, hex(&b[..64])?, hex(&b[65..])?))
+    let server = hex(&b[65..])?;
+    // S in canonical form: the top bit of its last byte clear.
+    if server[31] & 0x80 != 0 {
+        return None;
+    }
+    Some((open, hex(&b[..64])?, server))
 }
