@@ -566,7 +566,7 @@ def server_await_hello(case: dict, data: bytes) -> None:
     # padding to 64 bytes, the limit's range.
     n = plain[0]
     if not 1 <= n <= 64 or any(c not in ID_BYTES for c in plain[1:1 + n]):
-        raise Refused("malformed")
+        raise Refused("bad_id")
     if any(plain[1 + n:65]):
         raise Refused("malformed")
     (max_frame_len,) = struct.unpack(">I", plain[65:69])
