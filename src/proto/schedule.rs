@@ -512,17 +512,24 @@ impl FrameKey {
     /// appends the HMAC tag, or encrypts the fields in place and appends the AEAD tag
     /// (spec 8.2).
     pub fn seal(&self, nonce: &AeadNonce, frame: &mut bytes::BytesMut) {
-        match &self.protect {
+        self.seal_from(nonce, frame, 0)
+    }
+
+    /// [`FrameKey::seal`] for the frame that starts at `start` in `out` and runs to its
+    /// end (what comes before is other frames, untouched).
+    pub fn seal_from(&self, nonce: &AeadNonce, out: &mut bytes::BytesMut, start: usize) {
+        let tag = match &self.protect {
             Protect::Mac(mac) => {
-                let tag = mac.tag(frame);
-                frame.extend_from_slice(&tag);
+                let tag = mac.tag(&out[start..]);
+                out.extend_from_slice(&tag);
+                return;
             }
             Protect::Aead(aead) => {
-                let (header, fields) = frame.split_at_mut(SESSION_HEADER_LEN);
-                let tag = aead.seal(nonce, header, fields);
-                frame.extend_from_slice(&tag);
+                let (header, fields) = out[start..].split_at_mut(SESSION_HEADER_LEN);
+                aead.seal(nonce, header, fields)
             }
-        }
+        };
+        out.extend_from_slice(&tag);
     }
 
     /// Checks a whole authenticated-mode frame's HMAC tag in constant time, without

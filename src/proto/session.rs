@@ -182,13 +182,11 @@ impl Session {
             }
         }
         let seq = self.next_send;
-        // Sealed in a buffer of its own at the end of `out`, so that the AEAD encrypts
-        // exactly this frame's fields in place.
-        let mut frame = out.split_off(out.len());
-        frame.reserve(wire_len);
-        body.encode_unsigned(seq, self.mode, &mut frame);
-        self.send_key.seal(&nonce(self.role, seq), &mut frame);
-        out.unsplit(frame);
+        // Written at the end of `out`, then tagged, or its fields encrypted where they are.
+        let start = out.len();
+        out.reserve(wire_len);
+        body.encode_unsigned(seq, self.mode, out);
+        self.send_key.seal_from(&nonce(self.role, seq), out, start);
         // Saturates at u64::MAX: only a CLOSE can have been sent with that value.
         self.next_send = self.next_send.saturating_add(1);
         self.sent_close = is_close;
