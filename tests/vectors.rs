@@ -1116,6 +1116,16 @@ fn encrypted_negative_cases(plain_hello: &[u8], plain_auth: &[u8]) -> Vec<Value>
     // SEALED_HELLO whose sealed id opens, with a non-zero byte after the id.
     let mut padded = v.id_plain.clone();
     padded[64] = 1;
+    // The same with a space in the id (4.1), and a non-zero padding byte too: the id is
+    // checked first (4.3), so the error is bad_id.
+    let mut spaced = v.id_plain.clone();
+    spaced[3] = b' ';
+    spaced[64] = 1;
+    let bad_id = [
+        &hello[..38],
+        &aead_seal(&v.key_id, &[0; 12], &hello[..38], &spaced)[..],
+    ]
+    .concat();
     // The same, with a limit of 255 sealed in it (the least is 256).
     let mut small = v.id_plain.clone();
     small[65..].copy_from_slice(&255u32.to_be_bytes());
@@ -1168,6 +1178,8 @@ fn encrypted_negative_cases(plain_hello: &[u8], plain_auth: &[u8]) -> Vec<Value>
              x(&zero_e), "weak_key", malformed.clone()),
         case("sealed_hello_bad_padding", "a SEALED_HELLO whose sealed part verifies but has a non-zero byte after the id (7.2 row 5b)", json!({"state": "server_await_hello"}),
              x(&bad_padding), "malformed", malformed.clone()),
+        case("sealed_hello_bad_id", "a SEALED_HELLO whose sealed part verifies but whose id has a space, and whose padding is not zero: the id is checked first (4.3)", json!({"state": "server_await_hello"}),
+             x(&bad_id), "bad_id", json!({"error_frame": "000000041f000201"})),
         case("sealed_hello_limit_too_small", "a SEALED_HELLO whose sealed part verifies but announces a frame limit of 255 (7.2 row 5b)", json!({"state": "server_await_hello"}),
              x(&small_limit), "malformed", malformed),
         case("downgraded_server_auth", "session.json SERVER_AUTH in answer to session-encrypted.json SEALED_HELLO: the other mode's answer (7.2 client row 4)", json!({"state": "client_await_sealed_auth"}),
