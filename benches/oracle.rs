@@ -5,7 +5,7 @@
 //! - `store_key/{known,unknown,revoked}`: `Store::key` from SQLite (admin commands), and
 //!   `store_key/indexed_{known,unknown,revoked}`: `Store::cached_key`, the in-memory
 //!   lookup a HELLO triggers in the daemon, on a store of 1,000 identities;
-//! - `hello`: the time from writing a HELLO to having read the whole SERVER_AUTH, over
+//! - `hello`: the time from writing a SEALED_HELLO to having read the whole SEALED_AUTH, over
 //!   loopback against an in-process daemon, the three cases alternating sample by sample
 //!   (10,000 samples each; `ORACLE_SAMPLES` to change), p10/p50/p90 printed. A fresh
 //!   connection per sample, opened outside the timed part and closed with RST so that
@@ -151,18 +151,27 @@ fn hello() {
                 let mut nc = [0u8; 32];
                 nc[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 nc[8] = n as u8;
-                let _wait = ClientAwaitAuth::start(id, key.clone(), nc, 65536, &mut out);
+                // The default mode: SEALED_HELLO (the id sealed to the server's key).
+                let _wait = ClientAwaitAuth::start_sealed(
+                    id,
+                    key.clone(),
+                    state.server_key.public(),
+                    &mut nc,
+                    65536,
+                    &mut out,
+                )
+                .unwrap();
                 let start = Instant::now();
                 tcp.write_all(&out).await.unwrap();
                 tcp.read_exact(&mut buf[..4]).await.unwrap();
                 let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
                 tcp.read_exact(&mut buf[4..4 + len]).await.unwrap();
                 times[n].push(start.elapsed());
-                // SERVER_AUTH, not ERROR, whatever the id (spec 7.5).
+                // SEALED_AUTH, not ERROR, whatever the id (spec 7.5).
                 assert_eq!(
-                    len,
-                    tally::proto::frame::ServerAuth::LEN,
-                    "{case}: not a SERVER_AUTH"
+                    (len, buf[4]),
+                    (tally::proto::frame::ServerAuth::LEN, 0x14),
+                    "{case}: not a SEALED_AUTH"
                 );
             }
         }
@@ -171,7 +180,7 @@ fn hello() {
         t.sort_unstable();
         t[(t.len() - 1) * p / 100].as_secs_f64() * 1e6
     };
-    println!("hello: HELLO written -> SERVER_AUTH read, loopback, {samples} samples per case, interleaved");
+    println!("hello: SEALED_HELLO written -> SEALED_AUTH read, loopback, {samples} samples per case, interleaved");
     println!(
         "{:<8} {:>9} {:>9} {:>9} {:>12}",
         "case", "p10 µs", "p50 µs", "p90 µs", "p50 - known"
