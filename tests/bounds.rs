@@ -177,6 +177,7 @@ fn tally_listen_runs_at_most_max_handlers_at_once() {
     );
     let _listen = KillOnDrop(child);
     expect_line(&err, "connected as dev");
+    await_session(&state, "dev");
     let sends: Vec<_> = (0..REQUESTS)
         .map(|i| {
             let state = state.clone();
@@ -258,6 +259,7 @@ fn tally_listen_answers_busy_beyond_the_handlers_and_the_waiting_room() {
     let err = lines(child.stderr.take().unwrap());
     let _listen = KillOnDrop(child);
     expect_line(&err, "connected as dev");
+    await_session(&state, "dev");
     let (done_tx, done) = std::sync::mpsc::channel();
     for i in 0..REQUESTS {
         let (state, done_tx) = (state.clone(), done_tx.clone());
@@ -385,4 +387,28 @@ fn idle_metrics_connections_are_capped_inside_the_open_file_limit() {
         let _ = s.read_to_string(&mut answer);
         answer.starts_with("HTTP/1.1 200 OK\r\n")
     });
+}
+
+/// `tally listen` says "connected" once its CLIENT_FINISH is on its way; the daemon
+/// registers the session when it has verified it. A `tallyd send` in between finds no
+/// session (seen on a loaded machine): wait until the daemon lists it.
+fn await_session(state: &std::path::Path, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = admin(state, &["sessions", "--json"]);
+        let sessions: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let listed = sessions
+            .as_array()
+            .is_some_and(|all| all.iter().any(|s| s["id"] == id));
+        if listed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session of {id}: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
