@@ -349,21 +349,7 @@ fn sealed_script(
     client: &mut Session,
     server: &mut Session,
 ) -> Vec<(&'static str, Body, u64, Vec<u8>)> {
-    script()
-        .into_iter()
-        .map(|(dir, body)| {
-            let (tx, rx) = if dir == "c2s" {
-                (&mut *client, &mut *server)
-            } else {
-                (&mut *server, &mut *client)
-            };
-            let mut out = BytesMut::new();
-            let seq = tx.seal(&body, &mut out).unwrap();
-            let got = rx.open(out.clone().freeze()).unwrap();
-            assert_eq!((got.seq, &got.body), (seq, &body));
-            (dir, body, seq, out.to_vec())
-        })
-        .collect()
+    run_script(script(), client, server)
 }
 
 fn session() -> Value {
@@ -928,6 +914,7 @@ fn encrypted_script() -> Vec<(&'static str, Body)> {
     s
 }
 
+/// Seals `script`'s frames with the two sessions, checking each is accepted.
 fn run_script(
     script: Vec<(&'static str, Body)>,
     client: &mut Session,
