@@ -548,16 +548,18 @@ async fn start_session(
         None => (0, 0, None),
         Some(fleet) => {
             let claimed_in = state.registry.claims_generation();
-            match fleet.claim(&id, stream.peer, state.takeover).await {
-                Ok((epoch, claiming)) => {
+            match fleet.claim(&id, stream.peer).await {
+                Ok((granted, claiming)) => {
                     #[cfg(debug_assertions)]
                     super::fleet::test_pause("TALLYD_TEST_PAUSE_AFTER_CLAIM_MS").await;
-                    (epoch, claimed_in, Some(claiming))
+                    (granted.epoch, claimed_in, Some(claiming))
                 }
                 Err(e) => {
                     let code = match e {
                         ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
-                        ClaimError::Unavailable(_) => ErrorCode::BUSY,
+                        ClaimError::Fenced | ClaimError::Unavailable(_) | ClaimError::Crowded => {
+                            ErrorCode::BUSY
+                        }
                     };
                     warn!("refused: {e}");
                     answer_refused(&mut stream, code).await;
@@ -593,16 +595,17 @@ async fn start_session(
                     RegisterError::TooLate | RegisterError::Fenced => ErrorCode::BUSY,
                 };
                 warn!("refused: {e}");
-                if let Some(fleet) = &state.fleet {
-                    fleet.unclaim(&id, epoch);
-                }
-                // The next handshake of the id need not wait for this one's farewell.
+                // The claim is released (or kept for an older session of the id live
+                // here), and the next handshake of the id need not wait for this one's
+                // farewell.
                 drop(_claiming);
                 answer_refused(&mut stream, code).await;
                 return None;
             }
         };
-    drop(_claiming);
+    if let Some(claiming) = _claiming {
+        claiming.registered();
+    }
     state.note_seen(&id);
     state.metrics.handshake();
     // Per-session lines are debug: at the default level a line per session would cost

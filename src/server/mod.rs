@@ -154,6 +154,7 @@ impl ServerState {
                 registry.clone(),
                 config.listen,
                 &config.state_dir,
+                config.takeover,
             )?;
             Some((fleet, tasks))
         } else {

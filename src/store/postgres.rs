@@ -202,6 +202,37 @@ const MIGRATIONS: &[&str] = &[r#"
         RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
             e, n, cur.node, cur.peer, cur.epoch;
     END $$;
+    -- A node's batch of claim work in one statement (group commit: every claim and
+    -- release of its handshakes of a round trip): deletes its claims of the sessions
+    -- that ended (`rel_ids` with `rel_epochs`), every claim it holds of `all_ids` (claims
+    -- whose answer was lost), then claims `ids` in order (tally_claim each, with its
+    -- peer and whether a session of it is live on the node), one row each, then
+    -- announces `notices` on tally_close (delivered when the statement commits).
+    CREATE FUNCTION tally_claims(p_node text, p_reject boolean, p_stale_ms bigint,
+                                 rel_ids text[], rel_epochs bigint[], all_ids text[],
+                                 ids text[], peers text[], self_live boolean[],
+                                 notices text[])
+    RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
+                   old_peer text, old_epoch bigint)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        i integer;
+    BEGIN
+        IF cardinality(rel_ids) > 0 THEN
+            DELETE FROM sessions s USING unnest(rel_ids, rel_epochs) AS r(rid, repoch)
+              WHERE s.id = r.rid AND s.node = p_node AND s.epoch = r.repoch;
+        END IF;
+        IF cardinality(all_ids) > 0 THEN
+            DELETE FROM sessions s WHERE s.node = p_node AND s.id = ANY (all_ids);
+        END IF;
+        FOR i IN 1 .. cardinality(ids) LOOP
+            RETURN QUERY SELECT * FROM tally_claim(ids[i], p_node, peers[i], p_reject,
+                                                   self_live[i], p_stale_ms);
+        END LOOP;
+        IF cardinality(notices) > 0 THEN
+            PERFORM pg_notify('tally_close', n) FROM unnest(notices) AS n;
+        END IF;
+    END $$;
 "#];
 
 /// Runs `body` in one transaction on a pooled connection, from any thread: `$tx` is the
@@ -250,23 +281,6 @@ impl Drop for Postgres {
             rt.shutdown_background();
         }
     }
-}
-
-/// What a claim found ([`Postgres::claim`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    /// `claimed` (free, or held by a dead node), `took_over` or `refused`.
-    pub outcome: String,
-    /// The claim's epoch (the holder's, when refused).
-    pub epoch: u64,
-    /// Takeovers in a row, each within 60 s of the one before.
-    pub in_a_row: u32,
-    /// The node that held it.
-    pub old_node: Option<String>,
-    /// Its peer address.
-    pub old_peer: Option<String>,
-    /// Its epoch.
-    pub old_epoch: Option<u64>,
 }
 
 /// What a heartbeat found.
@@ -782,80 +796,6 @@ impl Postgres {
         self.client()
             .await?
             .execute("DELETE FROM nodes WHERE node = $1", &[&node])
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// Claims `id` for `node`'s new session from `peer` (`tally_claim`): one statement.
-    pub async fn claim(
-        &self,
-        id: &str,
-        node: &str,
-        peer: &str,
-        reject: bool,
-        self_live: bool,
-        stale: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.count_queries(1);
-        let ms = stale.as_millis() as i64;
-        let e = |e| self.error(e);
-        // Prepared once per pooled connection: one round trip per claim.
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT * FROM tally_claim($1, $2, $3, $4, $5, $6)")
-            .await
-            .map_err(e)?;
-        let row = client
-            .query_one(&statement, &[&id, &node, &peer, &reject, &self_live, &ms])
-            .await
-            .map_err(e)?;
-        Ok(Claim {
-            outcome: row.get(0),
-            epoch: row.get::<_, i64>(1) as u64,
-            in_a_row: row.get::<_, i32>(2) as u32,
-            old_node: row.get(3),
-            old_peer: row.get(4),
-            old_epoch: row.get::<_, Option<i64>>(5).map(|e| e as u64),
-        })
-    }
-
-    /// Tells the other nodes of a takeover (`tally_close`): `payload` carries its tag.
-    pub async fn notify_takeover(&self, payload: &str) -> Result<(), StoreError> {
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute("SELECT pg_notify('tally_close', $1)", &[&payload])
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// Releases `node`'s claim of `id` with `epoch`, if it still holds it.
-    pub async fn release(&self, id: &str, node: &str, epoch: u64) -> Result<(), StoreError> {
-        self.count_queries(1);
-        let e = |e| self.error(e);
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("DELETE FROM sessions WHERE id = $1 AND node = $2 AND epoch = $3")
-            .await
-            .map_err(e)?;
-        client
-            .execute(&statement, &[&id, &node, &(epoch as i64)])
-            .await
-            .map_err(e)?;
-        Ok(())
-    }
-
-    /// Deletes every claim of `id` that `node` holds.
-    pub async fn release_all(&self, id: &str, node: &str) -> Result<(), StoreError> {
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM sessions WHERE id = $1 AND node = $2",
-                &[&id, &node],
-            )
             .await
             .map_err(|e| self.error(e))?;
         Ok(())

@@ -17,6 +17,12 @@
 //!   checks its claims when it is back (it may have missed notices).
 //! - A send to a device whose session is on another node goes through `sends` and
 //!   `tally_send`; the answer comes back through the same row and `tally_result`.
+//!
+//! The claims, releases, heartbeat and fence are the sans-IO state machine of
+//! [`node`], driven by one task here; [`db`] holds the statements it runs.
+
+pub mod db;
+pub mod node;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,15 +44,9 @@ use crate::store::fleet_key::{self, FleetKey, Statement};
 use crate::store::postgres::{channel, LogAck, PendingSend, Postgres, SendOutcome};
 use crate::store::{Store, StoreError};
 
-/// How often a node renews its heartbeat.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A node whose heartbeat has not been renewed for this long fences itself.
-pub const FENCE_AFTER: Duration = Duration::from_secs(3);
-/// A node whose heartbeat is older than this is dead: its claims are free.
-pub const STALE: Duration = Duration::from_secs(5);
-/// How long a handshake waits for its claim (the database's answer, and another
-/// handshake of the same identity on this node) before it is refused BUSY.
-pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+use node::{Action, Finish, Node, Ticket};
+pub use node::{ClaimError, Granted, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
+
 /// How far a send's stamp (its origin's clock) may be from the clock of the node that
 /// serves it: a send is served only within this window, and remembered for as long, so
 /// that none is served twice (the nodes' clocks must agree within it: NTP).
@@ -72,20 +72,6 @@ pub const REVOCATIONS_FILE: &str = "fleet-log";
 /// up with.
 pub const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Why a session could not claim its identity.
-#[derive(Debug, thiserror::Error)]
-pub enum ClaimError {
-    /// A live session on another node holds it and `takeover = "reject"`.
-    #[error("identity has a live session on node {node} and takeover = \"reject\"")]
-    Held {
-        /// That node's address.
-        node: String,
-    },
-    /// The database cannot be reached, or this node is fenced.
-    #[error("the fleet's database is unavailable: {0}")]
-    Unavailable(String),
-}
-
 /// This daemon's part in the fleet.
 pub struct Fleet {
     store: Arc<Store>,
@@ -97,14 +83,14 @@ pub struct Fleet {
     /// Sends of this node waiting for their answer, by call number (woken by each
     /// `tally_result` notice for them: a hint to read the answer).
     waiting: Mutex<HashMap<i64, Arc<tokio::sync::Notify>>>,
-    /// One lock per identity being claimed on this node: its handshakes claim and
-    /// register it one at a time.
-    claiming: Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
-    /// Releases still to do (one failed, or must wait): tried every [`HEARTBEAT`] by
-    /// their own task, so that no claim is left behind to refuse the device elsewhere.
-    releasing: Mutex<Vec<Release>>,
-    /// When this node joined (its first heartbeat was sent no earlier).
-    joined: Instant,
+    /// The claims, releases, heartbeat and fence ([`node`]), and the handshakes waiting
+    /// for their claims' answers.
+    machine: Mutex<Machine>,
+    /// Wakes the task that drives the machine.
+    wake: tokio::sync::Notify,
+    /// How `takeover` is set (`reject`: a claim is refused while a live session holds
+    /// it elsewhere).
+    reject: bool,
     /// Bumped each time the notification connection is lost: a catch-up that finishes
     /// lets the node register sessions again only if none was lost since it began.
     deafness: std::sync::atomic::AtomicU64,
@@ -120,9 +106,6 @@ pub struct Fleet {
     served: Mutex<HashMap<i64, Instant>>,
     /// Room for serving sends of other nodes ([`SERVING_SENDS`]).
     serving: Arc<tokio::sync::Semaphore>,
-    /// The newest claim epoch this node made for each identity it holds: a send bound to
-    /// a newer one (a writer's number) is not served.
-    claimed: Mutex<HashMap<Id, u64>>,
     /// Notices and rows that did not verify.
     rejected: Rejected,
     /// Set when identity notices overflowed their queue: every key is read again.
@@ -132,31 +115,10 @@ pub struct Fleet {
     hidden: std::sync::atomic::AtomicBool,
 }
 
-/// A release still to do.
-#[derive(Debug)]
-enum Release {
-    /// This node's claim of the id with this epoch.
-    Claim(String, u64),
-    /// Every claim of this node of the id, once no session of it is live here: a claim
-    /// whose epoch is not known (its statement's answer was lost), or one that must stay
-    /// while an older session of the id is live here (the claim's row, naming this node
-    /// with a newer epoch, still covers that session: a takeover elsewhere closes it).
-    Idle(String, Instant),
-}
-
-/// Takes the [`Release::Idle`] entries of the ids `which` picks out of `queue`: each
-/// id once, with the time of its oldest entry.
-fn take_idle(queue: &mut Vec<Release>, which: impl Fn(&str) -> bool) -> HashMap<String, Instant> {
-    let mut oldest: HashMap<String, Instant> = HashMap::new();
-    queue.retain(|r| match r {
-        Release::Idle(id, at) if which(id) => {
-            let e = oldest.entry(id.clone()).or_insert(*at);
-            *e = (*e).min(*at);
-            false
-        }
-        _ => true,
-    });
-    oldest
+/// The state machine, and who waits for its answers.
+struct Machine {
+    node: Node,
+    answers: HashMap<Ticket, oneshot::Sender<Result<Granted, ClaimError>>>,
 }
 
 /// A takeover across nodes, as `tally_close` carries it: `new_node`'s claim of `id`
@@ -328,25 +290,26 @@ impl Rejected {
     }
 }
 
-/// A handshake's hold on its identity's claim lock on this node, from its claim to its
-/// registration (dropped after either).
+/// A handshake's claim, from its answer to its registration: dropped without
+/// [`Claiming::registered`], the claim is released (or kept while an older session of
+/// the identity is live here, whose claim it now is).
 pub struct Claiming {
     fleet: Arc<Fleet>,
-    id: Id,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ticket: Ticket,
+    how: Finish,
+}
+
+impl Claiming {
+    /// The session is registered with the claim's epoch.
+    pub fn registered(mut self) {
+        self.how = Finish::Registered;
+    }
 }
 
 impl Drop for Claiming {
     fn drop(&mut self) {
-        let mut locks = lock(&self.fleet.claiming);
-        // The map's reference and this guard's: nobody else waits for it.
-        if locks
-            .get(&self.id)
-            .is_some_and(|m| Arc::strong_count(m) <= 2)
-        {
-            locks.remove(&self.id);
-        }
-        self.guard.take();
+        self.fleet
+            .with_node(|node, now| node.finish(self.ticket, self.how, now));
     }
 }
 
@@ -432,6 +395,7 @@ impl Fleet {
         registry: Arc<Registry>,
         addr: SocketAddr,
         state_dir: &std::path::Path,
+        takeover: TakeoverPolicy,
     ) -> Result<(Arc<Fleet>, FleetTasks), StoreError> {
         let node = hex::encode(&crate::secrets::random_bytes()[..6]);
         let joined = Instant::now();
@@ -446,12 +410,15 @@ impl Fleet {
         let fleet = Arc::new(Fleet {
             store,
             registry: registry.clone(),
-            node,
+            node: node.clone(),
             addr: Mutex::new(addr.to_string()),
             waiting: Mutex::default(),
-            claiming: Mutex::default(),
-            releasing: Mutex::default(),
-            joined,
+            machine: Mutex::new(Machine {
+                node: Node::new(node, joined),
+                answers: HashMap::new(),
+            }),
+            wake: tokio::sync::Notify::new(),
+            reject: takeover == TakeoverPolicy::Reject,
             deafness: Default::default(),
             identities,
             revocations_file: state_dir.join(REVOCATIONS_FILE),
@@ -459,7 +426,6 @@ impl Fleet {
             recording: Mutex::default(),
             served: Mutex::default(),
             serving: Arc::new(tokio::sync::Semaphore::new(SERVING_SENDS)),
-            claimed: Mutex::default(),
             rejected: Rejected::default(),
             resync: tokio::sync::Notify::new(),
             hidden: Default::default(),
@@ -513,20 +479,22 @@ impl Fleet {
         self.registry.is_fenced()
     }
 
-    /// Claims `id` for a new session from `peer`: its epoch, and the hold on the
-    /// identity's claim lock on this node to keep until the session is registered (or
-    /// refused), or why not. Waits at most [`CLAIM_TIMEOUT`].
+    /// Applies an event to the state machine at the current time, and wakes its task.
+    fn with_node<T>(&self, event: impl FnOnce(&mut Node, Instant) -> T) -> T {
+        let out = event(&mut lock(&self.machine).node, Instant::now());
+        self.wake.notify_one();
+        out
+    }
+
+    /// Claims `id` for a new session from `peer`: the claim, to hold until the session
+    /// is registered (or refused), or why not. Waits at most [`CLAIM_TIMEOUT`] (the state
+    /// machine answers by then). One handshake of an identity at a time on this node:
+    /// the next claims once this one's [`Claiming`] is dropped.
     pub async fn claim(
         self: &Arc<Self>,
         id: &Id,
         peer: SocketAddr,
-        policy: TakeoverPolicy,
-    ) -> Result<(u64, Claiming), ClaimError> {
-        if self.fenced() {
-            return Err(ClaimError::Unavailable(
-                "this node is fenced: it could not renew its heartbeat".into(),
-            ));
-        }
+    ) -> Result<(Granted, Claiming), ClaimError> {
         // A claim now could take the id from a live session elsewhere, for a session
         // this node would refuse anyway.
         if self.registry.is_deaf() {
@@ -534,132 +502,39 @@ impl Fleet {
                 "this node is catching up with the fleet's notices".into(),
             ));
         }
-        let mutex = self.claim_lock(id);
-        let (tx, mut rx) = oneshot::channel();
-        let (this, id2) = (self.clone(), id.clone());
-        // On the store's runtime, to the end even if this handshake stops waiting: a
-        // claim made too late is released, and the lock is held until then, so that the
-        // next handshake's claim comes after it.
-        self.pg().spawn(async move {
-            let claiming = Claiming {
-                fleet: this.clone(),
-                id: id2.clone(),
-                guard: Some(mutex.lock_owned().await),
-            };
-            if tx.is_closed() {
-                return;
+        let (tx, rx) = oneshot::channel();
+        let ticket = {
+            let mut m = lock(&self.machine);
+            let ticket = m.node.claim(id.clone(), peer.to_string(), Instant::now());
+            m.answers.insert(ticket, tx);
+            ticket
+        };
+        self.wake.notify_one();
+        // Dropped before the answer (the handshake's task ended), the claim is released
+        // when it comes.
+        let claiming = Claiming {
+            fleet: self.clone(),
+            ticket,
+            how: Finish::Dropped,
+        };
+        let answer = tokio::time::timeout(CLAIM_TIMEOUT + HEARTBEAT, rx).await;
+        let granted = match answer {
+            Ok(Ok(answer)) => answer?,
+            _ => {
+                return Err(ClaimError::Unavailable(
+                    "the fleet's task did not answer the claim".into(),
+                ))
             }
-            let outcome = this.claim_now(&id2, peer, policy).await;
-            if let Err(ClaimError::Unavailable(_)) = &outcome {
-                // The statement may have run and its answer been lost: this node may
-                // hold a claim it does not know the epoch of.
-                lock(&this.releasing).push(Release::Idle(id2.to_string(), Instant::now()));
-            }
-            if let Err(Ok((epoch, claiming))) = tx.send(outcome.map(|e| (e, claiming))) {
-                // Claimed after the handshake stopped waiting.
-                this.unclaim(&id2, epoch);
-                drop(claiming);
-            }
-        });
-        match tokio::time::timeout(CLAIM_TIMEOUT, &mut rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(ClaimError::Unavailable("the claim was dropped".into())),
-            Err(_) => {
-                // The claim may have been sent just now: it is not left behind.
-                rx.close();
-                if let Ok(Ok((epoch, claiming))) = rx.try_recv() {
-                    self.unclaim(id, epoch);
-                    drop(claiming);
-                }
-                Err(ClaimError::Unavailable(format!(
-                    "no claim within {CLAIM_TIMEOUT:?}"
-                )))
-            }
+        };
+        if granted.in_a_row as usize >= registry::PING_PONG_TAKEOVERS {
+            warn!(
+                id = %id, old_peer = granted.old_peer.as_deref().unwrap_or(""),
+                new_peer = %peer, takeovers = granted.in_a_row,
+                "identity taken over repeatedly, each within {}s of the last, across the fleet: two devices may share it; consider takeover = \"reject\"",
+                registry::PING_PONG_WINDOW.as_secs()
+            );
         }
-    }
-
-    /// The claim lock of `id` on this node.
-    fn claim_lock(&self, id: &Id) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = lock(&self.claiming);
-        if locks.len() >= 1024 {
-            // Locks left by handshakes that gave up waiting.
-            locks.retain(|_, m| Arc::strong_count(m) > 1);
-        }
-        locks.entry(id.clone()).or_default().clone()
-    }
-
-    /// [`Fleet::claim`]'s statement, with the identity's claim lock held.
-    async fn claim_now(
-        self: &Arc<Self>,
-        id: &Id,
-        peer: SocketAddr,
-        policy: TakeoverPolicy,
-    ) -> Result<u64, ClaimError> {
-        let claim = self
-            .pg()
-            .claim(
-                id.as_str(),
-                &self.node,
-                &peer.to_string(),
-                policy == TakeoverPolicy::Reject,
-                self.registry.is_live(id),
-                STALE,
-            )
-            .await
-            .map_err(|e| ClaimError::Unavailable(e.to_string()))?;
-        let old = claim.old_node.unwrap_or_default();
-        match claim.outcome.as_str() {
-            "refused" => Err(ClaimError::Held { node: old }),
-            outcome => {
-                if outcome == "took_over" && old != self.node {
-                    debug!(old_node = old, "took the identity over from another node");
-                    if let Some(old_epoch) = claim.old_epoch {
-                        self.announce(Takeover {
-                            id: id.clone(),
-                            old_node: old.clone(),
-                            old_epoch,
-                            new_node: self.node.clone(),
-                            new_epoch: claim.epoch,
-                        });
-                    }
-                }
-                if claim.in_a_row as usize >= registry::PING_PONG_TAKEOVERS {
-                    warn!(
-                        id = %id, old_peer = claim.old_peer.as_deref().unwrap_or(""),
-                        new_peer = %peer, takeovers = claim.in_a_row,
-                        "identity taken over repeatedly, each within {}s of the last, across the fleet: two devices may share it; consider takeover = \"reject\"",
-                        registry::PING_PONG_WINDOW.as_secs()
-                    );
-                }
-                let mut claimed = lock(&self.claimed);
-                let newest = claimed.entry(id.clone()).or_insert(claim.epoch);
-                *newest = (*newest).max(claim.epoch);
-                Ok(claim.epoch)
-            }
-        }
-    }
-
-    /// Tells the node whose session was taken over (`tally_close`, tagged), on its own
-    /// task: tried again every [`HEARTBEAT`] for [`STALE`] if the database fails.
-    fn announce(self: &Arc<Self>, takeover: Takeover) {
-        let this = self.clone();
-        self.pg().spawn(async move {
-            let payload = takeover.encode(this.store.fleet_key());
-            let started = Instant::now();
-            loop {
-                match this.pg().notify_takeover(&payload).await {
-                    Ok(()) => return,
-                    Err(e) if started.elapsed() < STALE => {
-                        debug!(error = %e, "fleet: could not announce a takeover; trying again");
-                        tokio::time::sleep(HEARTBEAT).await;
-                    }
-                    Err(e) => {
-                        warn!(id = %takeover.id, error = %e, "fleet: could not tell the node whose session was taken over; it closes that session when it next catches up, or when the device's connection ends");
-                        return;
-                    }
-                }
-            }
-        });
+        Ok((granted, claiming))
     }
 
     /// The count and last tag of the fleet's log this node recorded in its state
@@ -793,11 +668,14 @@ impl Fleet {
                     );
                 }
                 self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
+                self.with_node(|node, now| node.hold(true, now));
             }
-            None if self.hidden.swap(false, Ordering::SeqCst) => info!(
-                "fleet: this node reads every entry of the fleet's log the others verified again"
-            ),
-            None => {}
+            None => {
+                if self.hidden.swap(false, Ordering::SeqCst) {
+                    info!("fleet: this node reads every entry of the fleet's log the others verified again");
+                }
+                self.with_node(|node, now| node.hold(false, now));
+            }
         }
     }
 
@@ -869,89 +747,9 @@ impl Fleet {
         }
     }
 
-    /// A claim of `id` with `epoch` that was not registered (its session was refused,
-    /// or its handshake gave up), with the id's claim lock held: released, unless an
-    /// older session of `id` is live here. Its row now names this node with the newer
-    /// epoch, which still covers that session (a takeover elsewhere closes every session
-    /// of the id here up to that epoch); it is released once no session of the id is
-    /// live here ([`Release::Idle`]).
-    pub fn unclaim(self: &Arc<Self>, id: &Id, epoch: u64) {
-        if self.registry.is_live(id) {
-            lock(&self.releasing).push(Release::Idle(id.to_string(), Instant::now()));
-        } else {
-            self.release(id, epoch);
-        }
-    }
-
-    /// Releases a claim (a session refused after its claim, or ended), and a claim of
-    /// the id waiting for no session of it to be live here ([`Release::Idle`]).
-    pub fn release(self: &Arc<Self>, id: &Id, epoch: u64) {
-        {
-            let mut claimed = lock(&self.claimed);
-            if claimed.get(id) == Some(&epoch) {
-                claimed.remove(id);
-            }
-        }
-        let this = self.clone();
-        let id = id.to_string();
-        self.pg().spawn(async move {
-            this.release_now(&id, epoch).await;
-            let waiting = take_idle(&mut lock(&this.releasing), |i| i == id).remove(&id);
-            if let Some(since) = waiting {
-                this.release_idle(id, since).await;
-            }
-        });
-    }
-
-    /// Releases a claim now, or queues it to be tried again.
-    async fn release_now(&self, id: &str, epoch: u64) {
-        if let Err(e) = self.pg().release(id, &self.node, epoch).await {
-            info!(id, error = %e, "fleet: could not release a claim; trying again in a second");
-            lock(&self.releasing).push(Release::Claim(id.to_owned(), epoch));
-        }
-    }
-
-    /// [`Release::Idle`]: with the id's claim lock held (no claim of it is on its way
-    /// here), if no session of it is live here, deletes every claim of it this node
-    /// holds. Queued again otherwise, and for as long as a statement whose answer was
-    /// lost may still commit (the statement timeout and a second after it was queued).
-    async fn release_idle(self: &Arc<Self>, id: String, since: Instant) {
-        let Ok(key) = Id::new(&id) else { return };
-        let _claiming = Claiming {
-            fleet: self.clone(),
-            id: key.clone(),
-            guard: Some(self.claim_lock(&key).lock_owned().await),
-        };
-        if self.registry.is_live(&key) {
-            lock(&self.releasing).push(Release::Idle(id, since));
-            return;
-        }
-        let done = self.pg().release_all(&id, &self.node).await;
-        if done.is_ok() {
-            lock(&self.claimed).remove(&key);
-        }
-        if let Err(e) = &done {
-            debug!(id, error = %e, "fleet: could not release a claim; trying again in a second");
-        }
-        let settled =
-            since.elapsed() > crate::store::postgres::STATEMENT_TIMEOUT + Duration::from_secs(1);
-        if done.is_err() || !settled {
-            lock(&self.releasing).push(Release::Idle(id, since));
-        }
-    }
-
-    /// Does the releases queued, once (those that fail or must wait are queued again).
-    async fn releases(self: &Arc<Self>) {
-        let mut queued = std::mem::take(&mut *lock(&self.releasing));
-        let idle = take_idle(&mut queued, |_| true);
-        for release in queued {
-            if let Release::Claim(id, epoch) = release {
-                self.release_now(&id, epoch).await;
-            }
-        }
-        for (id, since) in idle {
-            self.release_idle(id, since).await;
-        }
+    /// A session of `id` with claim `epoch` ended: its claim is released.
+    pub fn release(&self, id: &Id, epoch: u64) {
+        self.with_node(|node, now| node.ended(id, epoch, now));
     }
 
     /// Whether `id` has a live session on any node.
@@ -1123,7 +921,7 @@ impl Fleet {
         }
         let newest = Id::new(&send.id)
             .ok()
-            .and_then(|id| lock(&self.claimed).get(&id).copied());
+            .and_then(|id| lock(&self.machine).node.claimed(&id));
         if newest.is_none_or(|newest| send.epoch > newest) {
             return Err("a send bound to a claim this node did not make");
         }
@@ -1426,112 +1224,166 @@ impl FleetTasks {
         } = self;
         let store = fleet.store.clone();
         let pg = pg(&store);
-        let beat = {
+        let drive = {
             let (fleet, stop) = (fleet.clone(), stop.clone());
-            pg.spawn(async move { heartbeat(fleet, stop).await })
+            pg.spawn(async move { drive(fleet, stop).await })
         };
         let identities = {
             let (fleet, stop) = (fleet.clone(), stop.clone());
             pg.spawn(async move { identities(fleet, identity_notices, stop).await })
         };
-        let releases = {
-            let (fleet, stop) = (fleet.clone(), stop.clone());
-            pg.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(HEARTBEAT) => {}
-                    }
-                    if !fleet.fenced() {
-                        fleet.releases().await;
-                    }
-                }
-            })
-        };
         pg.spawn(async move {
             notices(fleet, listening, stop).await;
-            let _ = beat.await;
+            let _ = drive.await;
             let _ = identities.await;
-            let _ = releases.await;
         })
     }
 }
 
-async fn heartbeat(fleet: Arc<Fleet>, stop: CancellationToken) {
-    // When the last heartbeat that was renewed was sent: the database's timestamp of
-    // it is later, so this node fences itself before the others can see it stale.
-    let mut last_ok = fleet.joined;
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Drives the state machine ([`node`]): answers the handshakes waiting for their claims,
+/// runs its statements (each on its own task, its answer fed back), and its timers.
+async fn drive(fleet: Arc<Fleet>, stop: CancellationToken) {
     loop {
-        let fence_at = tokio::time::Instant::from_std(last_ok + FENCE_AFTER);
-        let fenced = fleet.fenced();
+        let mut todo = Vec::new();
+        let next = {
+            let mut m = lock(&fleet.machine);
+            let now = Instant::now();
+            if m.node.poll_timeout().is_some_and(|t| t <= now) {
+                m.node.handle_timeout(now);
+            }
+            while let Some(action) = m.node.poll_action() {
+                match action {
+                    // A handshake that stopped waiting dropped its `Claiming`: the
+                    // machine knows.
+                    Action::Answer(ticket, answer) => {
+                        if let Some(tx) = m.answers.remove(&ticket) {
+                            let _ = tx.send(answer);
+                        }
+                    }
+                    other => todo.push(other),
+                }
+            }
+            m.node.poll_timeout()
+        };
+        for action in todo {
+            fleet.execute(action);
+        }
+        let next = next.map_or_else(
+            || tokio::time::Instant::now() + HEARTBEAT,
+            tokio::time::Instant::from_std,
+        );
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = tokio::time::sleep_until(fence_at), if !fenced => {
-                fence(&fleet, "no heartbeat renewed");
-                continue;
-            }
-        }
-        let pg = fleet.pg();
-        let sent = Instant::now();
-        let ack = fleet.log_ack();
-        let beat = tokio::select! {
-            beat = tokio::time::timeout(HEARTBEAT, pg.heartbeat(&fleet.node, STALE, &ack)) => beat,
-            _ = tokio::time::sleep_until(fence_at), if !fenced => {
-                fence(&fleet, "the heartbeat is not answered");
-                continue;
-            }
-        };
-        if let Ok(Ok(beat)) = &beat {
-            fleet.check_peers(&beat.peers).await;
-            for dead in &beat.dead {
-                warn!(
-                    node = dead.node,
-                    addr = dead.addr,
-                    claims_freed = dead.claims,
-                    "fleet: declared node {} ({}) dead: no heartbeat for {:.1} s; session claims it held, now free: {} (their devices are served by whichever node they reach)",
-                    dead.node,
-                    dead.addr,
-                    dead.silent.as_secs_f64(),
-                    dead.claims
-                );
-            }
-        }
-        match beat.map(|b| b.map(|b| b.alive)) {
-            Ok(Ok(true)) => {
-                last_ok = sent;
-                if !fleet.hidden.load(Ordering::SeqCst) && fleet.registry.unfence() {
-                    info!("fleet: the database is back: serving again");
-                }
-            }
-            Ok(Ok(false)) => {
-                // Declared dead by another node: its claims are gone, and others may
-                // serve its devices already.
-                warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
-                fleet.drop_sessions(false, "this node was declared dead by the fleet");
-                // Its claims went with its row; not a claim whose answer was lost (its
-                // statement may still commit, after the node joins again).
-                lock(&fleet.releasing).retain(|r| matches!(r, Release::Idle(..)));
-                let addr = fleet.addr();
-                let join = tokio::time::timeout(HEARTBEAT, pg.join(&fleet.node, &addr));
-                if let Ok(Ok(())) = join.await {
-                    last_ok = sent;
-                }
-            }
-            Ok(Err(e)) => debug!(error = %e, "fleet: heartbeat failed"),
-            Err(_) => debug!("fleet: heartbeat timed out"),
+            _ = fleet.wake.notified() => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 }
 
-fn fence(fleet: &Fleet, why: &str) {
-    if fleet.drop_sessions(true, "this node is cut off from the fleet's database") {
-        warn!(
-            error = why,
-            "fleet: no heartbeat for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
-        );
+impl Fleet {
+    /// Carries out one action of the state machine (not an answer: [`drive`] gives
+    /// those).
+    fn execute(self: &Arc<Self>, action: Action) {
+        match action {
+            Action::Answer(..) => {}
+            Action::Run(batch) => {
+                let this = self.clone();
+                self.pg().spawn(async move {
+                    let key = this.store.fleet_key();
+                    let notices: Vec<String> = batch
+                        .announce
+                        .iter()
+                        .map(|a| {
+                            Takeover {
+                                id: a.id.clone(),
+                                old_node: a.old_node.clone(),
+                                old_epoch: a.old_epoch,
+                                new_node: this.node.clone(),
+                                new_epoch: a.new_epoch,
+                            }
+                            .encode(key)
+                        })
+                        .collect();
+                    let ms = STALE.as_millis() as i64;
+                    let run = db::run_batch(this.pg(), &this.node, this.reject, ms, &batch, &notices);
+                    let answer = match tokio::time::timeout(node::BATCH_TIMEOUT, run).await {
+                        Ok(Ok(rows)) => Ok(rows),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no answer within {:?}", node::BATCH_TIMEOUT)),
+                    };
+                    if let Err(e) = &answer {
+                        let releases = batch.releases.len() + batch.release_all.len();
+                        if releases > 0 {
+                            info!(error = %e, releases, "fleet: could not release a claim; trying again in a second");
+                        }
+                        if !batch.claims.is_empty() {
+                            debug!(error = %e, claims = batch.claims.len(), "fleet: the claims' statement failed");
+                        }
+                    }
+                    this.with_node(|node, now| node.batch_done(batch.no, answer, now));
+                });
+            }
+            Action::Heartbeat(no) => {
+                let this = self.clone();
+                self.pg().spawn(async move {
+                    let ack = this.log_ack();
+                    let beat = this.pg().heartbeat(&this.node, STALE, &ack);
+                    let answer = match tokio::time::timeout(HEARTBEAT, beat).await {
+                        Ok(Ok(beat)) => {
+                            this.check_peers(&beat.peers).await;
+                            for dead in &beat.dead {
+                                warn!(
+                                    node = dead.node,
+                                    addr = dead.addr,
+                                    claims_freed = dead.claims,
+                                    "fleet: declared node {} ({}) dead: no heartbeat for {:.1} s; session claims it held, now free: {} (their devices are served by whichever node they reach)",
+                                    dead.node,
+                                    dead.addr,
+                                    dead.silent.as_secs_f64(),
+                                    dead.claims
+                                );
+                            }
+                            Ok(beat.alive)
+                        }
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "fleet: heartbeat failed");
+                            Err(e.to_string())
+                        }
+                        Err(_) => {
+                            debug!("fleet: heartbeat timed out");
+                            Err("timed out".into())
+                        }
+                    };
+                    this.with_node(|node, now| node.heartbeat_done(no, answer, now));
+                });
+            }
+            Action::Fence => {
+                if self.drop_sessions(true, "this node is cut off from the fleet's database") {
+                    warn!(
+                        "fleet: no heartbeat renewed for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
+                    );
+                }
+            }
+            Action::Unfence => {
+                if self.registry.unfence() {
+                    info!("fleet: the database is back: serving again");
+                }
+            }
+            Action::Rejoin => {
+                // Declared dead by another node: its claims are gone, and others may
+                // serve its devices already.
+                warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
+                self.drop_sessions(false, "this node was declared dead by the fleet");
+                let this = self.clone();
+                self.pg().spawn(async move {
+                    let sent = Instant::now();
+                    let addr = this.addr();
+                    let join = tokio::time::timeout(HEARTBEAT, this.pg().join(&this.node, &addr));
+                    let ok = matches!(join.await, Ok(Ok(())));
+                    this.with_node(|node, now| node.rejoined(ok, sent, now));
+                });
+            }
+        }
     }
 }
 
