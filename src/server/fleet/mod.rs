@@ -22,6 +22,8 @@
 //! [`node`], driven by one task here; [`db`] holds the statements it runs.
 
 pub mod db;
+#[cfg(test)]
+mod model;
 pub mod node;
 
 use std::collections::HashMap;

@@ -31,7 +31,7 @@
 //!   heartbeat is renewed. A node declared dead loses its claims (they went with its
 //!   row) and joins again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::proto::Id;
@@ -59,7 +59,7 @@ pub const BATCH_MAX: usize = 512;
 pub const CLAIMS_WAITING: usize = 65_536;
 
 /// What a claim found in the database (`tally_claim`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClaimKind {
     /// The identity was free, or held by a dead node (or by this node, with no live
     /// session here): claimed.
@@ -71,7 +71,7 @@ pub enum ClaimKind {
 }
 
 /// One claim's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClaimRow {
     /// What it found.
     pub kind: ClaimKind,
@@ -92,7 +92,7 @@ pub struct ClaimRow {
 pub struct Ticket(u64);
 
 /// Why a handshake gets no claim.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum ClaimError {
     /// A live session on another node holds it and `takeover = "reject"`.
     #[error("identity has a live session on node {node} and takeover = \"reject\"")]
@@ -112,7 +112,7 @@ pub enum ClaimError {
 }
 
 /// A claim granted: its epoch, and what the node whose claim it superseded holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Granted {
     /// The claim's epoch.
     pub epoch: u64,
@@ -123,7 +123,7 @@ pub struct Granted {
 }
 
 /// A takeover across nodes, to announce on `tally_close` (tagged by the driver).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Announce {
     /// The identity.
     pub id: Id,
@@ -136,7 +136,7 @@ pub struct Announce {
 }
 
 /// One claim of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClaimItem {
     /// The identity.
     pub id: Id,
@@ -148,7 +148,7 @@ pub struct ClaimItem {
 }
 
 /// One statement's work (`tally_claims`): releases first, then claims, then notices.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Batch {
     /// Its number: its answer names it.
     pub no: u64,
@@ -172,7 +172,7 @@ impl Batch {
 }
 
 /// What the driver does next.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Answers a handshake waiting for its claim.
     Answer(Ticket, Result<Granted, ClaimError>),
@@ -192,7 +192,7 @@ pub enum Action {
 }
 
 /// Where a ticket is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Stage {
     /// Behind another claim of its identity on this node.
     Waiting,
@@ -207,17 +207,19 @@ enum Stage {
     Abandoned(u64),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Pending {
     id: Id,
     peer: String,
     stage: Stage,
+    /// [`Node::generation`] when it was asked for.
+    generation: u64,
     /// When the handshake stops waiting.
     deadline: Instant,
 }
 
 /// How a handshake is done with its claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Finish {
     /// Its session is registered, with the claim's epoch.
     Registered,
@@ -226,7 +228,7 @@ pub enum Finish {
 }
 
 /// The batch in flight.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct InFlight {
     no: u64,
     deadline: Instant,
@@ -238,39 +240,39 @@ struct InFlight {
 }
 
 /// A release of every claim of an id by this node, until [`SETTLE`] after `since`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Idle {
     since: Instant,
     /// Not tried before this.
     retry: Instant,
 }
 
-/// The state machine.
-#[derive(Debug)]
+/// The state machine (`Clone`, `Hash`, `Eq`: the model checker explores its states).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Node {
     /// This node's name (claims of another node are announced).
     me: String,
     actions: VecDeque<Action>,
     next_ticket: u64,
-    pending: HashMap<Ticket, Pending>,
+    pending: BTreeMap<Ticket, Pending>,
     /// Per identity: its tickets in order (the first is the active one).
-    by_id: HashMap<Id, VecDeque<Ticket>>,
+    by_id: BTreeMap<Id, VecDeque<Ticket>>,
     /// Tickets for the next batch, in order.
     queued: VecDeque<Ticket>,
     releases: Vec<(Id, u64)>,
     /// Releases that failed: tried again once the time comes.
     releases_later: Vec<(Id, u64, Instant)>,
-    idle: HashMap<Id, Idle>,
+    idle: BTreeMap<Id, Idle>,
     announce: Vec<Announce>,
     /// Takeover notices that failed, and until when they are worth trying.
     announce_later: Vec<(Announce, Instant, Instant)>,
     in_flight: Option<InFlight>,
     next_batch: u64,
     /// The registered session of each identity: its claim's epoch.
-    live: HashMap<Id, u64>,
+    live: BTreeMap<Id, u64>,
     /// The newest epoch this node claimed for each identity it holds (a send bound to a
     /// newer one was not made by this node).
-    claimed: HashMap<Id, u64>,
+    claimed: BTreeMap<Id, u64>,
     /// When the last heartbeat that was renewed was sent (the database's timestamp is
     /// later: the node fences itself before the others can see it stale).
     last_ok: Instant,
@@ -280,6 +282,10 @@ pub struct Node {
     next_beat_no: u64,
     fenced: bool,
     rejoining: bool,
+    /// Bumped each time this node may have lost its claims (fenced, declared dead): a
+    /// claim asked for before is refused when its answer comes (its session could not
+    /// be told of a takeover meanwhile), and released.
+    generation: u64,
     /// A reason to stay fenced that the heartbeat does not clear (entries of the fleet's
     /// log hidden from this node).
     held: bool,
@@ -292,24 +298,25 @@ impl Node {
             me,
             actions: VecDeque::new(),
             next_ticket: 0,
-            pending: HashMap::new(),
-            by_id: HashMap::new(),
+            pending: BTreeMap::new(),
+            by_id: BTreeMap::new(),
             queued: VecDeque::new(),
             releases: Vec::new(),
             releases_later: Vec::new(),
-            idle: HashMap::new(),
+            idle: BTreeMap::new(),
             announce: Vec::new(),
             announce_later: Vec::new(),
             in_flight: None,
             next_batch: 0,
-            live: HashMap::new(),
-            claimed: HashMap::new(),
+            live: BTreeMap::new(),
+            claimed: BTreeMap::new(),
             last_ok: joined,
             next_beat: joined + HEARTBEAT,
             beat: None,
             next_beat_no: 0,
             fenced: false,
             rejoining: false,
+            generation: 0,
             held: false,
         }
     }
@@ -324,6 +331,13 @@ impl Node {
         self.fenced
     }
 
+    /// Until when this node's sessions may serve: [`FENCE_AFTER`] after the last
+    /// heartbeat renewed was sent (`None`: fenced). Past it, the others may take it for
+    /// dead soon: it must fence itself before it serves anything else.
+    pub fn serving_until(&self) -> Option<Instant> {
+        (!self.fenced && !self.rejoining).then_some(self.last_ok + FENCE_AFTER)
+    }
+
     /// The newest epoch this node claimed for `id`, while it may hold it.
     pub fn claimed(&self, id: &Id) -> Option<u64> {
         self.claimed.get(id).copied()
@@ -332,6 +346,17 @@ impl Node {
     /// The epochs of the sessions registered here.
     pub fn live(&self) -> impl Iterator<Item = (&Id, u64)> {
         self.live.iter().map(|(id, e)| (id, *e))
+    }
+
+    /// Whether nothing is waiting or in flight: no claim, release, notice or batch.
+    pub fn is_quiescent(&self) -> bool {
+        self.pending.is_empty()
+            && self.releases.is_empty()
+            && self.releases_later.is_empty()
+            && self.idle.is_empty()
+            && self.announce.is_empty()
+            && self.announce_later.is_empty()
+            && self.in_flight.is_none()
     }
 
     /// Claims waiting or in flight (for the tests and the metrics).
@@ -368,6 +393,7 @@ impl Node {
                 id,
                 peer,
                 stage,
+                generation: self.generation,
                 deadline: now + CLAIM_TIMEOUT,
             },
         );
@@ -471,6 +497,7 @@ impl Node {
                 self.releases_later.clear();
                 self.claimed.clear();
                 self.rejoining = true;
+                self.generation += 1;
                 self.actions.push_back(Action::Rejoin);
                 self.refuse_all(ClaimError::Unavailable(
                     "this node was declared dead by the fleet".into(),
@@ -577,6 +604,7 @@ impl Node {
 
     fn fence(&mut self) {
         self.fenced = true;
+        self.generation += 1;
         self.actions.push_back(Action::Fence);
         self.refuse_all(ClaimError::Fenced);
     }
@@ -657,6 +685,9 @@ impl Node {
             return;
         };
         let abandoned = matches!(p.stage, Stage::Abandoned(_));
+        // Asked for before this node was fenced or declared dead: not granted (and
+        // released, as one the handshake gave up on).
+        let stale = p.generation != self.generation;
         let id = p.id.clone();
         match row.kind {
             ClaimKind::Refused => {
@@ -685,7 +716,16 @@ impl Node {
                         });
                     }
                 }
-                if abandoned {
+                if abandoned || stale {
+                    if !abandoned {
+                        self.actions.push_back(Action::Answer(
+                            ticket,
+                            Err(ClaimError::Unavailable(
+                                "this node was fenced or declared dead while its claim was made"
+                                    .into(),
+                            )),
+                        ));
+                    }
                     self.remove_ticket(ticket, now);
                     self.unclaim(id, row.epoch, now);
                 } else {
@@ -1195,6 +1235,34 @@ mod tests {
         let acts = t.actions();
         assert!(acts.contains(&Action::Unfence));
         assert_eq!(runs(&acts)[0].releases, vec![(id("z"), 1)]);
+    }
+
+    /// Found by the model checker (model.rs): a claim in flight when the node fenced
+    /// itself was granted when its answer came after the fence was lifted, though a
+    /// takeover meanwhile could not be told to its session. (The registry's generation
+    /// check refused it in the daemon; the machine now refuses it itself.)
+    #[test]
+    fn a_claim_asked_for_before_a_fence_is_not_granted_after_it() {
+        let mut t = T::new();
+        t.heartbeats_answer = false;
+        t.advance(Duration::from_millis(2500));
+        t.actions();
+        t.claim("a");
+        let b = t.batch();
+        t.advance(Duration::from_millis(500));
+        assert!(t.node.is_fenced());
+        t.heartbeats_answer = true;
+        t.advance(HEARTBEAT);
+        assert!(!t.node.is_fenced());
+        t.actions();
+        // Answered within the handshake's deadline, after the fence was lifted.
+        t.done(&b, vec![row(ClaimKind::Claimed, 4)]);
+        let acts = t.actions();
+        assert!(matches!(
+            &answers(&acts)[..],
+            [(_, Err(ClaimError::Unavailable(_)))]
+        ));
+        assert_eq!(runs(&acts)[0].releases, vec![(id("a"), 4)]);
     }
 
     #[test]

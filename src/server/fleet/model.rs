@@ -1,0 +1,650 @@
+//! The fleet's claim, epoch, heartbeat and fence rules, model-checked (stateright):
+//! every interleaving of a small fleet, driving the real state machine of each node
+//! ([`super::node::Node`]) against a model of the database (`tally_claims`, the
+//! heartbeat's liveness and deletion of dead nodes, `tally_close` notices).
+//!
+//! Explored, in three scenarios (each small enough for `cargo test`): two nodes, an
+//! identity's handshakes on either at any time, sessions ending or refused after their
+//! claim, statements' answers delivered late (across the handshake's deadline and the
+//! batch's) or lost, notices delivered late or lost, a database outage, a node paused
+//! (SIGSTOP) and resumed, time advancing a second at a time. A statement runs when it
+//! is sent while the database is up, and hangs while it is down; heartbeats are answered
+//! at once while it is up (their late answers are unit-tested in `node`). Checked in
+//! every state reached (docs/CLUSTER.md, "What is model-checked"):
+//!
+//! - **one serving session per identity** (`takeover = "reject"`): never two nodes
+//!   whose sessions of one identity may still serve; a node's sessions serve until
+//!   [`Node::serving_until`], after which it fences itself before anything else;
+//! - **every serving session is covered by its node's claim**: the database's claim of
+//!   the identity is that node's, with that epoch or a newer one;
+//! - **no claim leaked**: a node that is quiescent (nothing in flight, nothing queued,
+//!   not fenced) holds a claim in the database only for a session live on it.
+//!
+//! And, so that the check is not vacuous, that each scenario reaches: a session
+//! registered, a node fenced, a node paused past its fence holding a session another
+//! node serves, a claim whose answer was lost released.
+//!
+//! Not modelled yet: `takeover = "replace"` (a takeover's notice closes the old session
+//! some time after the new one is registered: two sessions overlap by design), two
+//! identities (the rules are per identity; the batch shares statements), the fleet's
+//! log and revocations, the notification connection's loss and catch-up.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use stateright::{Checker, Model, Property};
+
+use super::node::{Action, Batch, ClaimKind, ClaimRow, Finish, Node, Ticket, STALE};
+use crate::proto::Id;
+
+/// Seconds since the model's start (the database's clock and every node's: they run
+/// at one rate; a node's *wall* clock plays no part in these rules).
+type Secs = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Claim {
+    node: usize,
+    epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Db {
+    up: bool,
+    /// Live rows of `nodes`: each one's last heartbeat.
+    nodes: BTreeMap<usize, Secs>,
+    claims: BTreeMap<Id, Claim>,
+    epochs: u64,
+}
+
+/// A statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Request {
+    Batch(Batch),
+    Heartbeat(u64),
+    Join(Secs),
+}
+
+/// A statement's answer, not yet delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Answer {
+    Batch(u64, Result<Vec<ClaimRow>, String>),
+    Heartbeat(u64, Result<bool, String>),
+    Join(Secs, bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NodeState {
+    machine: Node,
+    paused: bool,
+    /// The registry: the live session of each identity here, with its claim's epoch.
+    sessions: BTreeMap<Id, u64>,
+    /// The registry refuses registrations (fenced, or declared dead).
+    fenced: bool,
+    answers: Vec<Answer>,
+    /// Claims answered, waiting for their handshake to register.
+    granted: Vec<(Ticket, Id, u64)>,
+    /// Claims asked for, not answered yet.
+    asked: BTreeMap<Ticket, Id>,
+    /// `tally_close` notices on their way here: id, and the epoch taken over.
+    notices: Vec<(Id, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct State {
+    now: Secs,
+    db: Db,
+    nodes: Vec<NodeState>,
+    /// What the environment may still do.
+    handshakes: u8,
+    outages: u8,
+    pauses: u8,
+    losses: u8,
+    /// A witness for a `sometimes` property.
+    released_lost: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Step {
+    Tick,
+    Timer(usize),
+    Connect(usize, usize),
+    Register(usize, usize),
+    Refuse(usize, usize),
+    End(usize, Id),
+    Deliver(usize, usize),
+    LoseAnswer(usize, usize),
+    Notice(usize, usize),
+    LoseNotice(usize, usize),
+    Outage,
+    Pause(usize),
+    Resume(usize),
+}
+
+struct Fleet {
+    base: Instant,
+    ids: Vec<Id>,
+    nodes: usize,
+    horizon: Secs,
+    handshakes: u8,
+    /// Faults the environment may cause: database outages, nodes paused, answers or
+    /// notices lost.
+    outages: u8,
+    pauses: u8,
+    losses: u8,
+    reject: bool,
+}
+
+fn name(i: usize) -> String {
+    format!("n{i}")
+}
+
+impl Fleet {
+    fn at(&self, s: Secs) -> Instant {
+        self.base + Duration::from_secs(u64::from(s))
+    }
+
+    fn stale(s: Secs) -> Secs {
+        STALE.as_secs() as Secs + s
+    }
+
+    /// Whether node `i`'s timers are due.
+    fn due(&self, state: &State, i: usize) -> bool {
+        let n = &state.nodes[i];
+        !n.paused
+            && n.machine
+                .poll_timeout()
+                .is_some_and(|t| t <= self.at(state.now))
+    }
+
+    /// Carries out node `i`'s actions, as `super::drive` and `super::Fleet::execute`
+    /// do, with the registry's part.
+    fn pump(&self, state: &mut State, i: usize) {
+        let now = self.at(state.now);
+        let mut heartbeats = Vec::new();
+        let mut sent = Vec::new();
+        let n = &mut state.nodes[i];
+        while let Some(action) = n.machine.poll_action() {
+            match action {
+                Action::Answer(ticket, answer) => {
+                    if let Some(id) = n.asked.remove(&ticket) {
+                        if let Ok(g) = answer {
+                            n.granted.push((ticket, id, g.epoch));
+                        }
+                    }
+                }
+                // Statements run as they are sent while the database is up (their
+                // answers come later, or are lost); sent while it is down, they hang
+                // until the node gives up on them.
+                Action::Run(batch) => sent.push(Request::Batch(batch)),
+                // Heartbeats are answered at once while the database is up, and fail
+                // while it is down (the machine's unit tests cover late answers): the
+                // interleavings explored are the claims'.
+                Action::Heartbeat(no) => heartbeats.push(no),
+                Action::Fence | Action::Rejoin => {
+                    n.fenced |= action == Action::Fence;
+                    // Every session closed; claims made before are not registered.
+                    for (id, epoch) in std::mem::take(&mut n.sessions) {
+                        n.machine.ended(&id, epoch, now);
+                    }
+                    for (ticket, _, _) in std::mem::take(&mut n.granted) {
+                        n.machine.finish(ticket, Finish::Dropped, now);
+                    }
+                    if action == Action::Rejoin {
+                        sent.push(Request::Join(state.now));
+                    }
+                }
+                Action::Unfence => n.fenced = false,
+            }
+        }
+        for request in sent {
+            if state.db.up {
+                self.run(state, i, request);
+            }
+        }
+        for no in heartbeats {
+            if state.db.up {
+                self.run(state, i, Request::Heartbeat(no));
+                if let Some(answer) = state.nodes[i].answers.pop() {
+                    self.deliver(state, i, answer);
+                }
+            }
+            self.pump(state, i);
+        }
+    }
+
+    /// Runs a statement of node `i` in the database.
+    fn run(&self, state: &mut State, i: usize, request: Request) {
+        let now = state.now;
+        let db = &mut state.db;
+        let answer = match request {
+            Request::Join(sent) => {
+                db.nodes.insert(i, now);
+                Answer::Join(sent, true)
+            }
+            Request::Heartbeat(no) => {
+                let alive = db.nodes.contains_key(&i);
+                if alive {
+                    db.nodes.insert(i, now);
+                }
+                // Dead nodes go, and their claims with them (the cascade).
+                let dead: Vec<usize> = db
+                    .nodes
+                    .iter()
+                    .filter(|(_, hb)| Fleet::stale(**hb) <= now)
+                    .map(|(n, _)| *n)
+                    .collect();
+                for d in dead {
+                    db.nodes.remove(&d);
+                    db.claims.retain(|_, c| c.node != d);
+                }
+                Answer::Heartbeat(no, Ok(alive))
+            }
+            Request::Batch(batch) => {
+                // The claims' foreign key: a node declared dead claims nothing.
+                if !db.nodes.contains_key(&i) {
+                    let why = "violates foreign key constraint".to_string();
+                    state.nodes[i]
+                        .answers
+                        .push(Answer::Batch(batch.no, Err(why)));
+                    return;
+                }
+                for (id, epoch) in &batch.releases {
+                    if db.claims.get(id)
+                        == Some(&Claim {
+                            node: i,
+                            epoch: *epoch,
+                        })
+                    {
+                        db.claims.remove(id);
+                    }
+                }
+                for id in &batch.release_all {
+                    if db.claims.get(id).is_some_and(|c| c.node == i) {
+                        db.claims.remove(id);
+                    }
+                }
+                let mut rows = Vec::new();
+                let mut notices = Vec::new();
+                for c in &batch.claims {
+                    let row = match db.claims.get(&c.id).cloned() {
+                        None => {
+                            db.epochs += 1;
+                            db.claims.insert(
+                                c.id.clone(),
+                                Claim {
+                                    node: i,
+                                    epoch: db.epochs,
+                                },
+                            );
+                            row(ClaimKind::Claimed, db.epochs, None)
+                        }
+                        Some(cur) => {
+                            let live = if cur.node == i {
+                                c.self_live
+                            } else {
+                                db.nodes
+                                    .get(&cur.node)
+                                    .is_some_and(|hb| Fleet::stale(*hb) > now)
+                            };
+                            if live && self.reject {
+                                row(ClaimKind::Refused, cur.epoch, Some(&cur))
+                            } else {
+                                db.epochs += 1;
+                                db.claims.insert(
+                                    c.id.clone(),
+                                    Claim {
+                                        node: i,
+                                        epoch: db.epochs,
+                                    },
+                                );
+                                let kind = if live {
+                                    ClaimKind::TookOver
+                                } else {
+                                    ClaimKind::Claimed
+                                };
+                                row(kind, db.epochs, Some(&cur))
+                            }
+                        }
+                    };
+                    rows.push(row);
+                }
+                for a in &batch.announce {
+                    let old = a.old_node[1..].parse::<usize>().expect("n<i>");
+                    notices.push((old, a.id.clone(), a.old_epoch));
+                }
+                for (old, id, epoch) in notices {
+                    state.nodes[old].notices.push((id, epoch));
+                }
+                if !batch.release_all.is_empty() {
+                    state.released_lost = true;
+                }
+                Answer::Batch(batch.no, Ok(rows))
+            }
+        };
+        state.nodes[i].answers.push(answer);
+    }
+
+    fn deliver(&self, state: &mut State, i: usize, answer: Answer) {
+        let now = self.at(state.now);
+        let m = &mut state.nodes[i].machine;
+        match answer {
+            Answer::Batch(no, a) => m.batch_done(no, a, now),
+            Answer::Heartbeat(no, a) => m.heartbeat_done(no, a, now),
+            Answer::Join(sent, ok) => m.rejoined(ok, self.at(sent), now),
+        }
+    }
+}
+
+fn row(kind: ClaimKind, epoch: u64, old: Option<&Claim>) -> ClaimRow {
+    ClaimRow {
+        kind,
+        epoch,
+        in_a_row: 0,
+        old_node: old.map(|c| name(c.node)),
+        old_peer: None,
+        old_epoch: old.map(|c| c.epoch),
+    }
+}
+
+impl Model for Fleet {
+    type State = State;
+    type Action = Step;
+
+    fn init_states(&self) -> Vec<State> {
+        let nodes = (0..self.nodes)
+            .map(|i| NodeState {
+                machine: Node::new(name(i), self.base),
+                paused: false,
+                sessions: BTreeMap::new(),
+                fenced: false,
+                answers: Vec::new(),
+                granted: Vec::new(),
+                asked: BTreeMap::new(),
+                notices: Vec::new(),
+            })
+            .collect();
+        vec![State {
+            now: 0,
+            db: Db {
+                up: true,
+                nodes: (0..self.nodes).map(|i| (i, 0)).collect(),
+                claims: BTreeMap::new(),
+                epochs: 0,
+            },
+            nodes,
+            handshakes: self.handshakes,
+            outages: self.outages,
+            pauses: self.pauses,
+            losses: self.losses,
+            released_lost: false,
+        }]
+    }
+
+    fn actions(&self, state: &State, steps: &mut Vec<Step>) {
+        // A running node handles its due timers before time moves on.
+        let due = (0..self.nodes).any(|i| self.due(state, i));
+        if state.now < self.horizon && !due {
+            steps.push(Step::Tick);
+        }
+        if state.outages > 0 || !state.db.up {
+            steps.push(Step::Outage);
+        }
+        for (i, n) in state.nodes.iter().enumerate() {
+            if n.paused {
+                steps.push(Step::Resume(i));
+                continue;
+            }
+            if state.pauses > 0 {
+                steps.push(Step::Pause(i));
+            }
+            if self.due(state, i) {
+                steps.push(Step::Timer(i));
+            }
+            if state.handshakes > 0 {
+                steps.extend((0..self.ids.len()).map(|k| Step::Connect(i, k)));
+            }
+            for k in 0..n.granted.len() {
+                steps.push(Step::Register(i, k));
+                steps.push(Step::Refuse(i, k));
+            }
+            steps.extend(n.sessions.keys().map(|id| Step::End(i, id.clone())));
+            for k in 0..n.answers.len() {
+                steps.push(Step::Deliver(i, k));
+                if state.losses > 0 {
+                    steps.push(Step::LoseAnswer(i, k));
+                }
+            }
+            for k in 0..n.notices.len() {
+                steps.push(Step::Notice(i, k));
+                if state.losses > 0 {
+                    steps.push(Step::LoseNotice(i, k));
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, step: Step) -> Option<State> {
+        let mut s = last.clone();
+        let now = self.at(s.now);
+        match step {
+            // Time moves on, and the running nodes' timers fire (a paused node's fire
+            // when it resumes: `Timer`, racing whatever else it does then).
+            Step::Tick => {
+                s.now += 1;
+                let now = self.at(s.now);
+                for i in 0..self.nodes {
+                    if self.due(&s, i) {
+                        s.nodes[i].machine.handle_timeout(now);
+                        self.pump(&mut s, i);
+                    }
+                }
+            }
+            Step::Outage => {
+                if s.db.up {
+                    s.outages -= 1;
+                }
+                s.db.up = !s.db.up;
+            }
+            Step::Pause(i) => {
+                s.pauses -= 1;
+                s.nodes[i].paused = true;
+            }
+            Step::Resume(i) => s.nodes[i].paused = false,
+            Step::Timer(i) => {
+                s.nodes[i].machine.handle_timeout(now);
+                self.pump(&mut s, i);
+            }
+            Step::Connect(i, k) => {
+                s.handshakes -= 1;
+                let id = self.ids[k].clone();
+                let n = &mut s.nodes[i];
+                let ticket = n.machine.claim(id.clone(), "peer".into(), now);
+                n.asked.insert(ticket, id);
+                self.pump(&mut s, i);
+            }
+            Step::Register(i, k) => {
+                let n = &mut s.nodes[i];
+                let (ticket, id, epoch) = n.granted.remove(k);
+                if n.fenced {
+                    n.machine.finish(ticket, Finish::Dropped, now);
+                } else {
+                    // A newer session of the id replaces an older one here.
+                    n.sessions.insert(id, epoch);
+                    n.machine.finish(ticket, Finish::Registered, now);
+                }
+                self.pump(&mut s, i);
+            }
+            Step::Refuse(i, k) => {
+                let n = &mut s.nodes[i];
+                let (ticket, _, _) = n.granted.remove(k);
+                n.machine.finish(ticket, Finish::Dropped, now);
+                self.pump(&mut s, i);
+            }
+            Step::End(i, id) => {
+                let n = &mut s.nodes[i];
+                let epoch = n.sessions.remove(&id)?;
+                n.machine.ended(&id, epoch, now);
+                self.pump(&mut s, i);
+            }
+            Step::Deliver(i, k) => {
+                let answer = s.nodes[i].answers.remove(k);
+                self.deliver(&mut s, i, answer);
+                self.pump(&mut s, i);
+            }
+            Step::LoseAnswer(i, k) => {
+                s.losses -= 1;
+                s.nodes[i].answers.remove(k);
+            }
+            Step::Notice(i, k) => {
+                let (id, old_epoch) = s.nodes[i].notices.remove(k);
+                let n = &mut s.nodes[i];
+                if let Some(epoch) = n.sessions.get(&id).copied() {
+                    if epoch <= old_epoch {
+                        n.sessions.remove(&id);
+                        n.machine.ended(&id, epoch, now);
+                        self.pump(&mut s, i);
+                    }
+                }
+            }
+            Step::LoseNotice(i, k) => {
+                s.losses -= 1;
+                s.nodes[i].notices.remove(k);
+            }
+        }
+        Some(s)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always(
+                "one serving session per identity",
+                |m: &Fleet, s: &State| {
+                    if !m.reject {
+                        return true;
+                    }
+                    let now = m.at(s.now);
+                    m.ids.iter().all(|id| {
+                        s.nodes
+                            .iter()
+                            .filter(|n| {
+                                n.sessions.contains_key(id)
+                                    && n.machine.serving_until().is_some_and(|t| now < t)
+                            })
+                            .count()
+                            <= 1
+                    })
+                },
+            ),
+            Property::always("no claim leaked", |_: &Fleet, s: &State| {
+                s.db.claims.iter().all(|(id, c)| {
+                    let n = &s.nodes[c.node];
+                    let quiescent = s.db.nodes.contains_key(&c.node)
+                        && !n.paused
+                        && !n.fenced
+                        && n.answers.is_empty()
+                        && n.granted.is_empty()
+                        && n.asked.is_empty()
+                        && n.machine.is_quiescent();
+                    !quiescent || n.sessions.contains_key(id)
+                })
+            }),
+            Property::always(
+                "every serving session is covered by its node's claim",
+                |m: &Fleet, s: &State| {
+                    if !m.reject {
+                        return true;
+                    }
+                    let now = m.at(s.now);
+                    s.nodes.iter().enumerate().all(|(i, n)| {
+                        let serving = n.machine.serving_until().is_some_and(|t| now < t);
+                        !serving
+                            || n.sessions.iter().all(|(id, e)| {
+                                s.db.claims
+                                    .get(id)
+                                    .is_some_and(|c| c.node == i && c.epoch >= *e)
+                            })
+                    })
+                },
+            ),
+            Property::sometimes("a session is registered", |_: &Fleet, s: &State| {
+                s.nodes.iter().any(|n| !n.sessions.is_empty())
+            }),
+            Property::sometimes("a node fences itself", |_: &Fleet, s: &State| {
+                s.nodes.iter().any(|n| n.machine.is_fenced())
+            }),
+            Property::sometimes(
+                "a node paused past its fence holds a session another node serves",
+                |m: &Fleet, s: &State| {
+                    let now = m.at(s.now);
+                    m.pauses == 0
+                        || s.nodes.iter().any(|p| {
+                            p.paused
+                                && p.machine.serving_until().is_some_and(|t| t <= now)
+                                && p.sessions.keys().any(|id| {
+                                    s.nodes
+                                        .iter()
+                                        .any(|n| !n.paused && n.sessions.contains_key(id))
+                                })
+                        })
+                },
+            ),
+            Property::sometimes(
+                "a claim whose answer was lost is released",
+                |m: &Fleet, s: &State| m.losses == 0 || s.released_lost,
+            ),
+        ]
+    }
+}
+
+fn check(fleet: Fleet) -> impl Checker<Fleet> {
+    fleet.checker().spawn_bfs().join()
+}
+
+/// A fleet of two nodes serving `ids` for `horizon` seconds, with `handshakes`
+/// handshakes and the faults given.
+fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet {
+    let [outages, pauses, losses] = faults;
+    Fleet {
+        base: Instant::now(),
+        ids: ids.iter().map(|i| Id::new(i).unwrap()).collect(),
+        nodes: 2,
+        horizon,
+        handshakes,
+        outages,
+        pauses,
+        losses,
+        reject: true,
+    }
+}
+
+fn horizon(default: Secs) -> Secs {
+    std::env::var("TALLY_MODEL_HORIZON")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A node paused (SIGSTOP) past its fence and resumed, while the other takes its
+/// identity: they never both serve it.
+#[test]
+fn a_paused_node_and_a_takeover() {
+    let checker = check(fleet(&["a"], horizon(6), 2, [0, 1, 0]));
+    eprintln!("paused: {} states", checker.unique_state_count());
+    checker.assert_properties();
+}
+
+/// A node paused, and the database away for a while.
+#[test]
+fn a_paused_node_and_a_database_outage() {
+    let checker = check(fleet(&["a"], horizon(5), 2, [1, 1, 0]));
+    eprintln!("paused and outage: {} states", checker.unique_state_count());
+    checker.assert_properties();
+}
+
+/// The database away for a while, and an answer or a notice lost.
+#[test]
+fn a_database_outage_and_lost_answers() {
+    let checker = check(fleet(&["a"], horizon(6), 2, [1, 0, 1]));
+    eprintln!("outage: {} states", checker.unique_state_count());
+    checker.assert_properties();
+}
