@@ -15,7 +15,8 @@
 # `tallyd revoke` on node 0 of sessions held by node 1 (examples/fleet_revoke.rs).
 #
 # Usage: benches/fleet.sh          Environment: ROUNDS (5), DURATION (3 s), WORK
-# (/tmp/tally-fleet), N_ENROLL (2000), N_REVOKE (50), LOADS ("throughput reconnect"). Installs PostgreSQL with apt-get if
+# (/tmp/tally-fleet), N_ENROLL (2000), N_REVOKE (50), LOADS ("throughput reconnect"),
+# PG_STATS (set: where the database's time goes, pg_stat_statements). Installs PostgreSQL with apt-get if
 # missing (root). Not part of `cargo test`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,7 +47,7 @@ ulimit -n "$(ulimit -Hn)"
 as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust >/dev/null
 PGPORT=55439
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w \
-  -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
+  -o "-p $PGPORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c max_connections=200 ${PG_STATS:+-c shared_preload_libraries=pg_stat_statements -c track_functions=all}" start >/dev/null
 PGPID=$(head -1 "$WORK/pg/data/postmaster.pid")
 URL="postgres://postgres@127.0.0.1:$PGPORT/postgres"
 
@@ -103,6 +104,21 @@ for s in sqlite pg; do
     --mode idle -c "$N_ENROLL" --duration 1 --rounds 1 --json 2>&1 >/dev/null | grep enrolled | sed "s/^/  $s: /"
 done
 
+# PG_STATS=1: where the database's time goes, by statement and function, and its CPU by
+# process kind, over the pg rounds (pg_stat_statements; counters reset before the loads).
+psql_() { "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres postgres "$@"; }
+kinds() { # CPU ticks of the cluster's live processes by kind (backend, walwriter...)
+  for p in $(pgrep -P "$PGPID"); do
+    [ -r /proc/$p/stat ] || continue
+    k=$(tr '\0' ' ' < /proc/$p/cmdline | awk '{print ($2 == "postgres") ? "backend" : $2 "-" $3}')
+    echo "$k $(awk '{print $14 + $15}' /proc/$p/stat)"
+  done | awk '{t[$1] += $2} END {for (k in t) print k, t[k]}' | sort
+}
+if [ -n "${PG_STATS:-}" ]; then
+  psql_ -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" -c "SELECT pg_stat_reset()" >/dev/null
+  kinds > kinds-before.txt
+fi
+
 for mode in $LOADS; do
   case $mode in
     throughput) args=(-c 64 --payload 64 --depth 1 --duration "$DURATION") ;;
@@ -118,6 +134,14 @@ for mode in $LOADS; do
     [ "$mode" = reconnect ] && sleep 5
   done
 done
+
+if [ -n "${PG_STATS:-}" ]; then
+  echo; echo "database CPU ticks by process kind over the loads (before, after):"
+  kinds > kinds-after.txt; join -a2 kinds-before.txt kinds-after.txt | sed 's/^/  /'
+  echo; echo "statements by total time (pg_stat_statements):"
+  psql_ -c "SELECT calls, round(total_exec_time::numeric, 1) AS ms, round((total_exec_time / greatest(calls, 1) * 1000)::numeric, 1) AS us_per_call, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12"
+  psql_ -c "SELECT funcname, calls, round(total_time::numeric, 1) AS ms, round(self_time::numeric, 1) AS self_ms FROM pg_stat_user_functions ORDER BY total_time DESC"
+fi
 
 python3 - "$ROUNDS" "$HZ" <<'PY'
 import json, sys, statistics as st

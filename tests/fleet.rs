@@ -1780,3 +1780,42 @@ fn a_revoked_id_stays_taken_when_a_writer_deletes_its_row() {
     let out = enroll_open(&f, 1, "claimed-1");
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Found in review of the batched claims: a release of every claim of an id (sent for
+/// a claim whose answer never came) that reaches the database late, after the node
+/// gave up on it and made a newer claim of the id, must not delete that newer claim:
+/// it names the node's batch it was sent in, and deletes only claims of batches before.
+#[test]
+fn a_late_release_of_every_claim_of_an_id_spares_a_later_batch_s_claim() {
+    let Some(f) = Fleet::start("fleet: late release_all", 1, "replace") else {
+        return;
+    };
+    let claims = |batch: u64, all: &str, ids: &str| {
+        f.cluster.psql(&format!(
+            "SELECT count(*) FROM tally_claims('late-node', false, 5000, {batch}, '{{}}', '{{}}', \
+             '{{{all}}}', '{{{ids}}}', '{{{ids}}}', '{{{live}}}', '{{}}')",
+            live = if ids.is_empty() { "" } else { "false" }
+        ))
+    };
+    let held = || {
+        f.cluster
+            .psql("SELECT count(*) FROM sessions WHERE id = 'late-1' AND node = 'late-node'")
+            .trim()
+            .to_owned()
+    };
+    f.cluster
+        .psql("INSERT INTO nodes (node, addr) VALUES ('late-node', '127.0.0.1:1')");
+    // Batch 5 claims late-1; the release of every claim of it sent in batch 3 runs
+    // after (late): the claim stays.
+    assert_eq!(claims(5, "", "late-1").trim(), "1");
+    assert_eq!(held(), "1");
+    claims(3, "late-1", "");
+    assert_eq!(held(), "1", "a late release deleted a later batch's claim");
+    // Sent in batch 6, after it: released.
+    claims(6, "late-1", "");
+    assert_eq!(
+        held(),
+        "0",
+        "the release of a claim of an earlier batch did nothing"
+    );
+}

@@ -305,12 +305,12 @@ impl Metrics {
             }
         }
         drop(reported);
-        if let Some(pg) = state.store.engine().postgres() {
+        if let Some(fleet) = &state.fleet {
             let mut last = self
                 .reported_queries
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let n = pg.queries();
+            let n = fleet.queries();
             if n > *last {
                 self.store_queries.inc_by(n - *last);
                 *last = n;

@@ -137,20 +137,22 @@ impl ServerState {
         // through this daemon (admin commands go through its control socket).
         let lock = crate::secrets::lock_state_dir(&config.state_dir)?;
         let location = config.store_location()?;
-        let store = Arc::new(Store::open_at(
+        let (store, shared) = Store::open_shared(
             &location,
             secrets.store_key.clone(),
             config.store_passwords(credentials_dir),
-        )?);
+        )?;
+        let store = Arc::new(store);
         let registry = Arc::new(Registry::default());
         registry.set_handshake_deadline(config.limits.handshake_timeout);
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
         // A shared store: this daemon is a node of a fleet. It listens for the others'
         // changes before it loads the key index, so that it misses none.
-        let fleet = if location.is_shared() {
+        let fleet = if let Some(pg) = shared {
             let (fleet, tasks) = fleet::Fleet::join(
                 store.clone(),
+                fleet::db::FleetDb::new(pg),
                 registry.clone(),
                 config.listen,
                 &config.state_dir,

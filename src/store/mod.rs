@@ -491,10 +491,6 @@ pub trait Engine: Send + Sync {
     fn append_log(&self, entry: &FleetLogRow) -> Result<Logged<()>, StoreError> {
         Err(StoreError::NotFleet(entry.id.clone()))
     }
-
-    fn postgres(&self) -> Option<&postgres::Postgres> {
-        None
-    }
 }
 
 /// The identity store.
@@ -569,12 +565,24 @@ impl Store {
         store_key: SecretKey,
         passwords: pgconf::PasswordSources<'_>,
     ) -> Result<Store, StoreError> {
+        Store::open_shared(location, store_key, passwords).map(|(store, _)| store)
+    }
+
+    /// [`Store::open_at`], with a handle on the database if it is shared (PostgreSQL):
+    /// what a daemon of a fleet runs the fleet's own statements on
+    /// (`server::fleet::db`).
+    pub fn open_shared(
+        location: &Location,
+        store_key: SecretKey,
+        passwords: pgconf::PasswordSources<'_>,
+    ) -> Result<(Store, Option<postgres::Postgres>), StoreError> {
         match location {
-            Location::Sqlite(path) => Store::open(path, store_key),
-            Location::Postgres(url) => Store::with_engine(
-                Box::new(postgres::Postgres::connect(url, passwords)?),
-                store_key,
-            ),
+            Location::Sqlite(path) => Ok((Store::open(path, store_key)?, None)),
+            Location::Postgres(url) => {
+                let pg = postgres::Postgres::connect(url, passwords)?;
+                let store = Store::with_engine(Box::new(pg.clone()), store_key)?;
+                Ok((store, Some(pg)))
+            }
         }
     }
 

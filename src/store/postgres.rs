@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -125,7 +126,11 @@ const MIGRATIONS: &[&str] = &[r#"
         since         timestamptz NOT NULL,
         peer          text NOT NULL,
         takeovers     integer NOT NULL DEFAULT 0,
-        last_takeover timestamptz
+        last_takeover timestamptz,
+        -- The node's batch (server::fleet::node) that made the claim: a release of
+        -- every claim of an id by a later batch never deletes a claim made after it,
+        -- even when it runs late.
+        batch         bigint NOT NULL DEFAULT 0
     );
     CREATE INDEX sessions_node ON sessions (node);
     -- Server-initiated requests and messages on their way to another node, and back.
@@ -157,7 +162,7 @@ const MIGRATIONS: &[&str] = &[r#"
     -- Returns the outcome (claimed, took_over, refused), the new epoch, the takeovers in
     -- a row (each within 60 s of the last), and the old holder and its epoch.
     CREATE FUNCTION tally_claim(p_id text, p_node text, p_peer text, p_reject boolean,
-                                p_self_live boolean, p_stale_ms bigint)
+                                p_self_live boolean, p_stale_ms bigint, p_batch bigint)
     RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
                    old_peer text, old_epoch bigint)
     LANGUAGE plpgsql AS $$
@@ -171,8 +176,8 @@ const MIGRATIONS: &[&str] = &[r#"
         LOOP
             SELECT * INTO cur FROM sessions s WHERE s.id = p_id FOR UPDATE;
             EXIT WHEN FOUND;
-            INSERT INTO sessions (id, node, epoch, since, peer)
-                VALUES (p_id, p_node, nextval('tally_epochs'), now(), p_peer)
+            INSERT INTO sessions (id, node, epoch, since, peer, batch)
+                VALUES (p_id, p_node, nextval('tally_epochs'), now(), p_peer, p_batch)
                 ON CONFLICT (id) DO NOTHING RETURNING epoch INTO e;
             IF FOUND THEN
                 RETURN QUERY SELECT 'claimed'::text, e, 0, NULL::text, NULL::text, NULL::bigint;
@@ -196,7 +201,7 @@ const MIGRATIONS: &[&str] = &[r#"
                       THEN cur.takeovers + 1
                   ELSE 1 END;
         UPDATE sessions s SET node = p_node, epoch = nextval('tally_epochs'), since = now(),
-            peer = p_peer, takeovers = n,
+            peer = p_peer, takeovers = n, batch = p_batch,
             last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
           WHERE s.id = p_id RETURNING s.epoch INTO e;
         RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
@@ -204,12 +209,12 @@ const MIGRATIONS: &[&str] = &[r#"
     END $$;
     -- A node's batch of claim work in one statement (group commit: every claim and
     -- release of its handshakes of a round trip): deletes its claims of the sessions
-    -- that ended (`rel_ids` with `rel_epochs`), every claim it holds of `all_ids` (claims
-    -- whose answer was lost), then claims `ids` in order (tally_claim each, with its
+    -- that ended (`rel_ids` with `rel_epochs`), every claim it holds of `all_ids` made by
+    -- an earlier batch (claims whose answer was lost), then claims `ids` in order (tally_claim each, with its
     -- peer and whether a session of it is live on the node), one row each, then
     -- announces `notices` on tally_close (delivered when the statement commits).
     CREATE FUNCTION tally_claims(p_node text, p_reject boolean, p_stale_ms bigint,
-                                 rel_ids text[], rel_epochs bigint[], all_ids text[],
+                                 p_batch bigint, rel_ids text[], rel_epochs bigint[], all_ids text[],
                                  ids text[], peers text[], self_live boolean[],
                                  notices text[])
     RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
@@ -223,11 +228,12 @@ const MIGRATIONS: &[&str] = &[r#"
               WHERE s.id = r.rid AND s.node = p_node AND s.epoch = r.repoch;
         END IF;
         IF cardinality(all_ids) > 0 THEN
-            DELETE FROM sessions s WHERE s.node = p_node AND s.id = ANY (all_ids);
+            DELETE FROM sessions s
+              WHERE s.node = p_node AND s.id = ANY (all_ids) AND s.batch < p_batch;
         END IF;
         FOR i IN 1 .. cardinality(ids) LOOP
             RETURN QUERY SELECT * FROM tally_claim(ids[i], p_node, peers[i], p_reject,
-                                                   self_live[i], p_stale_ms);
+                                                   self_live[i], p_stale_ms, p_batch);
         END LOOP;
         IF cardinality(notices) > 0 THEN
             PERFORM pg_notify('tally_close', n) FROM unnest(notices) AS n;
@@ -254,8 +260,13 @@ macro_rules! transaction {
     }};
 }
 
-/// The PostgreSQL engine.
-pub struct Postgres {
+/// The PostgreSQL engine: a handle (clones share one pool, runtime and counter): the
+/// store's identity engine, and the fleet's statements (`server::fleet::db`), on one
+/// database.
+#[derive(Clone)]
+pub struct Postgres(Arc<Shared>);
+
+struct Shared {
     pool: Pool,
     config: tokio_postgres::Config,
     /// Its own runtime; shut down in the background when the store is dropped.
@@ -271,123 +282,14 @@ pub struct Postgres {
 
 impl std::fmt::Debug for Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Postgres({})", self.place)
+        write!(f, "Postgres({})", self.0.place)
     }
 }
 
-impl Drop for Postgres {
+impl Drop for Shared {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
-        }
-    }
-}
-
-/// What a heartbeat found.
-#[derive(Debug)]
-pub struct Heartbeat {
-    /// This node's row was there (else another node declared it dead).
-    pub alive: bool,
-    /// The nodes this heartbeat declared dead (their heartbeat was stale).
-    pub dead: Vec<DeadNode>,
-    /// The other live nodes' acknowledgements of the fleet's log (unverified).
-    pub peers: Vec<(String, LogAck)>,
-}
-
-/// A node's acknowledgement of the fleet's log, as its heartbeat writes it.
-#[derive(Debug, Clone)]
-pub struct LogAck {
-    /// Entries verified.
-    pub seen: i64,
-    /// The last one's tag.
-    pub head: Vec<u8>,
-    /// The fleet key's tag over the node's name, `seen` and `head`.
-    pub tag: Vec<u8>,
-}
-
-/// A node declared dead.
-#[derive(Debug)]
-pub struct DeadNode {
-    /// Its name.
-    pub node: String,
-    /// Its listening address.
-    pub addr: String,
-    /// How long since its last heartbeat.
-    pub silent: Duration,
-    /// The claims (sessions) it held, freed with it.
-    pub claims: u64,
-}
-
-/// A session of the fleet, as `tallyd sessions` lists it.
-#[derive(Debug, Clone)]
-pub struct FleetSession {
-    /// Identity.
-    pub id: String,
-    /// Node holding it.
-    pub node: String,
-    /// That node's listening address.
-    pub addr: String,
-    /// Device address as that node sees it.
-    pub peer: String,
-    /// Since (seconds since the Unix epoch).
-    pub since: i64,
-}
-
-/// A send waiting in `sends` for the node holding the session.
-#[derive(Debug)]
-pub struct PendingSend {
-    /// Its number: random, chosen by the origin.
-    pub call: i64,
-    /// The node it is for.
-    pub node: String,
-    /// The node that asked.
-    pub origin: String,
-    /// The device.
-    pub id: String,
-    /// The claim epoch of the session it is for.
-    pub epoch: u64,
-    /// REQUEST (else MESSAGE).
-    pub request: bool,
-    /// Payload.
-    pub payload: Vec<u8>,
-    /// How long the origin waits.
-    pub timeout: Duration,
-    /// When the origin sent it (its clock, milliseconds since the Unix epoch).
-    pub stamp: i64,
-    /// The origin's tag under the fleet key.
-    pub tag: Vec<u8>,
-}
-
-/// The outcome of a send, as the holding node writes it back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendOutcome {
-    /// The device answered (REQUEST) with this status and payload.
-    Answer(u16, Vec<u8>),
-    /// The MESSAGE was written.
-    Sent,
-    /// It failed: the kind (`offline`, `ended`, `timeout`, `refused`) and why.
-    Failed(String, String),
-}
-
-impl SendOutcome {
-    /// Its bytes, as its tag covers them: `0 ‖ u16 status ‖ payload`, `1`, or
-    /// `2 ‖ kind ‖ 0 ‖ why`.
-    pub fn encode(&self) -> Vec<u8> {
-        match self {
-            SendOutcome::Answer(status, payload) => {
-                let mut out = vec![0];
-                out.extend_from_slice(&status.to_be_bytes());
-                out.extend_from_slice(payload);
-                out
-            }
-            SendOutcome::Sent => vec![1],
-            SendOutcome::Failed(kind, why) => {
-                let mut out = vec![2];
-                out.extend_from_slice(kind.as_bytes());
-                out.push(0);
-                out.extend_from_slice(why.as_bytes());
-                out
-            }
         }
     }
 }
@@ -525,7 +427,7 @@ impl Postgres {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| fail(e.to_string()))?;
-        let pg = Postgres {
+        let pg = Postgres(Arc::new(Shared {
             pool,
             config,
             handle: runtime.handle().clone(),
@@ -534,41 +436,41 @@ impl Postgres {
             queries: AtomicU64::new(0),
             tls,
             tls_settings,
-        };
+        }));
         pg.block_on(pg.migrate())?;
         Ok(pg)
     }
 
     /// The database, without its password.
     pub fn place(&self) -> &str {
-        &self.place
+        &self.0.place
     }
 
     /// The connection settings (for the fleet's `LISTEN` connection).
     pub fn config(&self) -> &tokio_postgres::Config {
-        &self.config
+        &self.0.config
     }
 
     /// The TLS connector of every connection (for the fleet's `LISTEN` connection).
     pub fn tls(&self) -> MakeTlsConnector {
-        self.tls.clone()
+        self.0.tls.clone()
     }
 
     /// Statements sent so far.
     pub fn queries(&self) -> u64 {
-        self.queries.load(Ordering::Relaxed)
+        self.0.queries.load(Ordering::Relaxed)
     }
 
     /// Counts `n` statements.
     pub fn count_queries(&self, n: u64) {
-        self.queries.fetch_add(n, Ordering::Relaxed);
+        self.0.queries.fetch_add(n, Ordering::Relaxed);
     }
 
     /// An error of this database.
     pub fn error(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Postgres {
-            place: self.place.clone(),
-            message: self.tls_settings.explain(e.to_string()),
+            place: self.0.place.clone(),
+            message: self.0.tls_settings.explain(e.to_string()),
         }
     }
 
@@ -594,7 +496,7 @@ impl Postgres {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.handle.spawn(f)
+        self.0.handle.spawn(f)
     }
 
     /// Waits for `f`, from any thread: a runtime's worker thread gives itself up to the
@@ -602,14 +504,14 @@ impl Postgres {
     /// runtime), a blocking-pool thread or a plain thread just waits.
     pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
         match tokio::runtime::Handle::try_current() {
-            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(f)),
-            Err(_) => self.handle.block_on(f),
+            Ok(_) => tokio::task::block_in_place(|| self.0.handle.block_on(f)),
+            Err(_) => self.0.handle.block_on(f),
         }
     }
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| self.error_chain(&e))
+        self.0.pool.get().await.map_err(|e| self.error_chain(&e))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -649,7 +551,7 @@ impl Postgres {
         };
         if version as u32 > SCHEMA_VERSION {
             return Err(StoreError::TooNew {
-                place: self.place.clone(),
+                place: self.0.place.clone(),
                 found: version as u32,
             });
         }
@@ -661,334 +563,6 @@ impl Postgres {
         }
         tx.commit().await.map_err(e)?;
         Ok(())
-    }
-
-    /// Registers this daemon as `node`, listening on `addr`.
-    pub async fn join(&self, node: &str, addr: &str) -> Result<(), StoreError> {
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO nodes (node, addr) VALUES ($1, $2) ON CONFLICT (node) \
-                 DO UPDATE SET addr = excluded.addr, heartbeat = clock_timestamp()",
-                &[&node, &addr],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// Renews `node`'s heartbeat and deletes the nodes (and so their claims) whose
-    /// heartbeat is older than `stale`, and sends nobody picked up. Returns false if
-    /// `node` itself was gone (declared dead by another node: its claims are gone).
-    pub async fn heartbeat(
-        &self,
-        node: &str,
-        stale: Duration,
-        ack: &LogAck,
-    ) -> Result<Heartbeat, StoreError> {
-        let c = self.client().await?;
-        let e = |e| self.error(e);
-        self.count_queries(4);
-        let n = c
-            .execute(
-                "UPDATE nodes SET heartbeat = clock_timestamp(), log_seen = $2, log_head = $3, \
-                 log_tag = $4 WHERE node = $1",
-                &[&node, &ack.seen, &ack.head, &ack.tag],
-            )
-            .await
-            .map_err(e)?;
-        let ms = stale.as_millis() as i64;
-        let peers = c
-            .query(
-                "SELECT node, log_seen, log_head, log_tag FROM nodes WHERE node <> $1 \
-                 AND heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
-                &[&node, &ms],
-            )
-            .await
-            .map_err(e)?
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r.try_get::<_, String>(0).ok()?,
-                    LogAck {
-                        seen: r.try_get(1).ok()?,
-                        head: r.try_get::<_, Option<Vec<u8>>>(2).ok()??,
-                        tag: r.try_get::<_, Option<Vec<u8>>>(3).ok()??,
-                    },
-                ))
-            })
-            .collect();
-        // The claims are counted before they go with their node (the cascade runs at
-        // the end of the statement).
-        let dead = c
-            .query(
-                "DELETE FROM nodes n WHERE heartbeat < clock_timestamp() - $1::bigint * interval '1 millisecond' \
-                 RETURNING node, addr, \
-                   (extract(epoch FROM clock_timestamp() - heartbeat) * 1000)::bigint, \
-                   (SELECT count(*) FROM sessions s WHERE s.node = n.node)",
-                &[&ms],
-            )
-            .await
-            .map_err(e)?
-            .iter()
-            // Read without a panic whatever a writer made of the table's columns: the
-            // heartbeat's task holds the fence.
-            .map(|r| DeadNode {
-                node: r.try_get(0).unwrap_or_default(),
-                addr: r.try_get(1).unwrap_or_default(),
-                silent: Duration::from_millis(r.try_get::<_, i64>(2).unwrap_or(0).max(0) as u64),
-                claims: r.try_get::<_, i64>(3).unwrap_or(0).max(0) as u64,
-            })
-            .collect();
-        c.execute(
-            "DELETE FROM sends WHERE created < clock_timestamp() - interval '1 millisecond' * \
-             (timeout_ms + 60000)",
-            &[],
-        )
-        .await
-        .map_err(e)?;
-        Ok(Heartbeat {
-            alive: n == 1,
-            dead,
-            peers,
-        })
-    }
-
-    /// The other live nodes and their acknowledgements of the fleet's log (unverified;
-    /// `None`: the node wrote none yet).
-    pub async fn log_acks(
-        &self,
-        node: &str,
-        stale: Duration,
-    ) -> Result<Vec<(String, String, Option<LogAck>)>, StoreError> {
-        self.count_queries(1);
-        let ms = stale.as_millis() as i64;
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT node, addr, log_seen, log_head, log_tag FROM nodes WHERE node <> $1 \
-                 AND heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond' \
-                 ORDER BY node",
-                &[&node, &ms],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let ack = (|| {
-                    Some(LogAck {
-                        seen: r.try_get(2).ok()?,
-                        head: r.try_get::<_, Option<Vec<u8>>>(3).ok()??,
-                        tag: r.try_get::<_, Option<Vec<u8>>>(4).ok()??,
-                    })
-                })();
-                Some((r.try_get(0).ok()?, r.try_get(1).ok()?, ack))
-            })
-            .collect())
-    }
-
-    /// Deletes `node` and its claims (a daemon shutting down).
-    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute("DELETE FROM nodes WHERE node = $1", &[&node])
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// The claims `node` holds: id and epoch.
-    pub async fn claims_of(&self, node: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        self.count_queries(1);
-        let rows = self
-            .client()
-            .await?
-            .query("SELECT id, epoch FROM sessions WHERE node = $1", &[&node])
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-            .collect())
-    }
-
-    /// The live node holding `id`'s session, if any, and its claim's epoch.
-    pub async fn holder(
-        &self,
-        id: &str,
-        stale: Duration,
-    ) -> Result<Option<(String, u64)>, StoreError> {
-        self.count_queries(1);
-        let ms = stale.as_millis() as i64;
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT s.node, s.epoch FROM sessions s JOIN nodes n ON n.node = s.node WHERE s.id = $1 \
-                 AND n.heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
-                &[&id, &ms],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(row.map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
-    }
-
-    /// Every claim of a live node, ordered by id.
-    pub async fn fleet_sessions(&self, stale: Duration) -> Result<Vec<FleetSession>, StoreError> {
-        self.count_queries(1);
-        let ms = stale.as_millis() as i64;
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT s.id, s.node, n.addr, s.peer, extract(epoch FROM s.since)::bigint \
-                 FROM sessions s JOIN nodes n ON n.node = s.node \
-                 WHERE n.heartbeat > clock_timestamp() - $1::bigint * interval '1 millisecond' \
-                 ORDER BY s.id",
-                &[&ms],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| FleetSession {
-                id: r.get(0),
-                node: r.get(1),
-                addr: r.get(2),
-                peer: r.get(3),
-                since: r.get(4),
-            })
-            .collect())
-    }
-
-    /// Hands a send to its node (it is told on tally_send).
-    pub async fn put_send(&self, send: &PendingSend) -> Result<(), StoreError> {
-        self.count_queries(1);
-        let ms = send.timeout.as_millis().min(i64::MAX as u128) as i64;
-        let epoch = send.epoch as i64;
-        self.client()
-            .await?
-            .execute(
-                "WITH ins AS (INSERT INTO sends (call, node, origin, id, epoch, request, \
-                 payload, timeout_ms, stamp, tag) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING call) \
-                 SELECT pg_notify('tally_send', $2 || ' ' || call) FROM ins",
-                &[
-                    &send.call,
-                    &send.node,
-                    &send.origin,
-                    &send.id,
-                    &epoch,
-                    &send.request,
-                    &send.payload,
-                    &ms,
-                    &send.stamp,
-                    &send.tag,
-                ],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// The send `call`, for the node that holds its device's session (which verifies
-    /// it before anything else).
-    pub async fn take_send(&self, call: i64) -> Result<Option<PendingSend>, StoreError> {
-        self.count_queries(1);
-        let row = self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT call, node, origin, id, epoch, request, payload, timeout_ms, stamp, tag \
-                 FROM sends WHERE call = $1 AND NOT done",
-                &[&call],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(row.map(|r| PendingSend {
-            call: r.get(0),
-            node: r.get(1),
-            origin: r.get(2),
-            id: r.get(3),
-            epoch: r.get::<_, i64>(4) as u64,
-            request: r.get(5),
-            payload: r.get(6),
-            timeout: Duration::from_millis(r.get::<_, i64>(7).max(0) as u64),
-            stamp: r.get(8),
-            tag: r.get(9),
-        }))
-    }
-
-    /// Writes the outcome of `call`, with its tag, and tells `origin` (tally_result).
-    pub async fn answer_send(
-        &self,
-        call: i64,
-        origin: &str,
-        outcome: &SendOutcome,
-        tag: &[u8],
-    ) -> Result<(), StoreError> {
-        let (status, answer, error): (Option<i32>, Option<&[u8]>, Option<String>) = match outcome {
-            SendOutcome::Answer(s, p) => (Some(i32::from(*s)), Some(p), None),
-            SendOutcome::Sent => (None, None, None),
-            SendOutcome::Failed(kind, why) => (None, None, Some(format!("{kind} {why}"))),
-        };
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4, \
-                 answer_tag = $6 WHERE call = $1 RETURNING call) \
-                 SELECT pg_notify('tally_result', $5 || ' ' || call) FROM up",
-                &[&call, &status, &answer, &error, &origin, &tag],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    /// The outcome of `call` and its tag, if it was answered (`delete`: and the row is
-    /// deleted, answered or not).
-    pub async fn send_outcome(
-        &self,
-        call: i64,
-        delete: bool,
-    ) -> Result<Option<(SendOutcome, Vec<u8>)>, StoreError> {
-        self.count_queries(1);
-        let sql = if delete {
-            "DELETE FROM sends WHERE call = $1 RETURNING done, status, answer, error, answer_tag"
-        } else {
-            "SELECT done, status, answer, error, answer_tag FROM sends WHERE call = $1"
-        };
-        let row = self
-            .client()
-            .await?
-            .query_opt(sql, &[&call])
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(r) = row else { return Ok(None) };
-        if !r.get::<_, bool>(0) {
-            return Ok(None);
-        }
-        let status: Option<i32> = r.get(1);
-        let answer: Option<Vec<u8>> = r.get(2);
-        let error: Option<String> = r.get(3);
-        let tag: Option<Vec<u8>> = r.get(4);
-        let outcome = match (status, error) {
-            (_, Some(e)) => {
-                let (kind, why) = e.split_once(' ').unwrap_or((&e, ""));
-                SendOutcome::Failed(kind.to_owned(), why.to_owned())
-            }
-            (Some(s), None) => SendOutcome::Answer(
-                u16::try_from(s).unwrap_or(u16::MAX),
-                answer.unwrap_or_default(),
-            ),
-            (None, None) => SendOutcome::Sent,
-        };
-        Ok(Some((outcome, tag.unwrap_or_default())))
     }
 
     /// One query of the identity store, outside a transaction.
@@ -1280,7 +854,7 @@ impl Engine for Postgres {
         entry: &FleetLogRow,
     ) -> Result<Logged<Option<bool>>, StoreError> {
         self.count_queries(6);
-        let place = self.place.clone();
+        let place = self.0.place.clone();
         transaction!(self, |tx, e| {
             if let Logged::Moved = log_entry(&tx, entry, &place).await? {
                 return Ok(Logged::Moved);
@@ -1307,7 +881,7 @@ impl Engine for Postgres {
 
     fn remove_logged(&self, id: &str, entry: &FleetLogRow) -> Result<Logged<bool>, StoreError> {
         self.count_queries(5);
-        let place = self.place.clone();
+        let place = self.0.place.clone();
         transaction!(self, |tx, e| {
             if let Logged::Moved = log_entry(&tx, entry, &place).await? {
                 return Ok(Logged::Moved);
@@ -1322,7 +896,7 @@ impl Engine for Postgres {
 
     fn append_log(&self, entry: &FleetLogRow) -> Result<Logged<()>, StoreError> {
         self.count_queries(4);
-        let place = self.place.clone();
+        let place = self.0.place.clone();
         transaction!(self, |tx, _e| { log_entry(&tx, entry, &place).await })
     }
 
@@ -1371,9 +945,5 @@ impl Engine for Postgres {
     fn count(&self) -> Result<u64, StoreError> {
         let n: i64 = self.query("SELECT COUNT(*) FROM identities", &[])?[0].get(0);
         Ok(n as u64)
-    }
-
-    fn postgres(&self) -> Option<&Postgres> {
-        Some(self)
     }
 }

@@ -43,8 +43,9 @@ use crate::config::TakeoverPolicy;
 use crate::proto::{CloseCode, Id, Status};
 use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
 use crate::store::fleet_key::{self, FleetKey, Statement};
-use crate::store::postgres::{channel, LogAck, PendingSend, Postgres, SendOutcome};
+use crate::store::postgres::{channel, Postgres};
 use crate::store::{Store, StoreError};
+use db::{FleetDb, LogAck, PendingSend, SendOutcome};
 
 use node::{Action, Finish, Node, Ticket};
 pub use node::{ClaimError, Granted, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
@@ -77,6 +78,8 @@ pub const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// This daemon's part in the fleet.
 pub struct Fleet {
     store: Arc<Store>,
+    /// The fleet's statements, on the store's database.
+    db: FleetDb,
     registry: Arc<Registry>,
     /// This node's name in `nodes`: random, new at every start.
     node: String,
@@ -310,8 +313,13 @@ impl Claiming {
 
 impl Drop for Claiming {
     fn drop(&mut self) {
-        self.fleet
-            .with_node(|node, now| node.finish(self.ticket, self.how, now));
+        {
+            let mut m = lock(&self.fleet.machine);
+            // A ticket done before its answer gets none: nobody waits for it.
+            m.answers.remove(&self.ticket);
+            m.node.finish(self.ticket, self.how, Instant::now());
+        }
+        self.fleet.wake.notify_one();
     }
 }
 
@@ -333,13 +341,6 @@ impl std::fmt::Debug for Fleet {
 struct Listening {
     client: tokio_postgres::Client,
     notices: mpsc::Receiver<tokio_postgres::Notification>,
-}
-
-fn pg(store: &Store) -> &Postgres {
-    store
-        .engine()
-        .postgres()
-        .expect("a fleet runs on the PostgreSQL store")
 }
 
 /// Opens `node`'s notification connection and listens on every channel. Its
@@ -394,6 +395,7 @@ impl Fleet {
     /// change committed after the load goes unseen. Call [`Fleet::run`] next.
     pub fn join(
         store: Arc<Store>,
+        db: FleetDb,
         registry: Arc<Registry>,
         addr: SocketAddr,
         state_dir: &std::path::Path,
@@ -401,16 +403,17 @@ impl Fleet {
     ) -> Result<(Arc<Fleet>, FleetTasks), StoreError> {
         let node = hex::encode(&crate::secrets::random_bytes()[..6]);
         let joined = Instant::now();
-        let pg = pg(&store);
+        let pg = db.pg();
         let listening = pg.block_on(async {
             let listening = listen(pg, &node).await?;
-            pg.join(&node, &addr.to_string()).await?;
+            db.join(&node, &addr.to_string()).await?;
             Ok::<_, StoreError>(listening)
         })?;
         info!(node, store = pg.place(), "joined the fleet");
         let (identities, identity_notices) = mpsc::channel(IDENTITY_QUEUE);
         let fleet = Arc::new(Fleet {
             store,
+            db,
             registry: registry.clone(),
             node: node.clone(),
             addr: Mutex::new(addr.to_string()),
@@ -465,7 +468,7 @@ impl Fleet {
         let this = self.clone();
         let done = self
             .pg()
-            .spawn(async move { this.pg().join(&this.node, &this.addr()).await })
+            .spawn(async move { this.db.join(&this.node, &this.addr()).await })
             .await;
         if let Ok(Err(e)) = done {
             warn!(error = %e, "fleet: could not record this node's address");
@@ -473,7 +476,12 @@ impl Fleet {
     }
 
     fn pg(&self) -> &Postgres {
-        pg(&self.store)
+        self.db.pg()
+    }
+
+    /// Statements sent to the database by this daemon (identity store and fleet).
+    pub fn queries(&self) -> u64 {
+        self.pg().queries()
     }
 
     /// Whether this node is fenced (cut off from the database).
@@ -691,7 +699,7 @@ impl Fleet {
             let this = self.clone();
             let acks = self
                 .pg()
-                .spawn(async move { this.pg().log_acks(&this.node, STALE).await })
+                .spawn(async move { this.db.log_acks(&this.node, STALE).await })
                 .await;
             let Ok(Ok(acks)) = acks else {
                 return (1, vec!["(the fleet's nodes could not be read)".into()]);
@@ -762,7 +770,7 @@ impl Fleet {
         let this = self.clone();
         let id = id.to_string();
         self.pg()
-            .spawn(async move { this.pg().holder(&id, STALE).await })
+            .spawn(async move { this.db.holder(&id, STALE).await })
             .await
             .map_err(|e| self.pg().error(e))?
             .map(|h| h.is_some())
@@ -774,7 +782,7 @@ impl Fleet {
         let this = self.clone();
         let claims = self
             .pg()
-            .spawn(async move { this.pg().fleet_sessions(STALE).await })
+            .spawn(async move { this.db.fleet_sessions(STALE).await })
             .await
             .map_err(|e| self.pg().error(e))??;
         let mut here: HashMap<String, SessionInfo> = self
@@ -822,9 +830,9 @@ impl Fleet {
     ) -> Result<Option<Reply>, SendError> {
         let this = self.clone();
         let run = async move {
-            let pg = this.pg();
+            let db = &this.db;
             let failed = |e: StoreError| SendError::Elsewhere(e.to_string());
-            let holder = pg.holder(id.as_str(), STALE).await.map_err(failed)?;
+            let holder = db.holder(id.as_str(), STALE).await.map_err(failed)?;
             let Some((node, epoch)) = holder.filter(|(n, _)| *n != this.node) else {
                 return Err(SendError::Offline(id.to_string()));
             };
@@ -845,7 +853,7 @@ impl Fleet {
                 tag: Vec::new(),
             };
             send.tag = send_tag(this.store.fleet_key(), &send);
-            let asked = pg.put_send(&send).await;
+            let asked = db.put_send(&send).await;
             // The holder gives up at `timeout`, and says so: a little longer here. A
             // notice is a hint: the answer is read and verified at each, and waited
             // for again if there is none that verifies.
@@ -856,7 +864,7 @@ impl Fleet {
                     .await
                     .is_ok()
                 {
-                    if let Ok(Some((outcome, tag))) = pg.send_outcome(call, false).await {
+                    if let Ok(Some((outcome, tag))) = db.send_outcome(call, false).await {
                         if answer_verifies(this.store.fleet_key(), &send, &outcome, &tag) {
                             answer = Some(outcome);
                             break;
@@ -867,7 +875,7 @@ impl Fleet {
                 }
             }
             this.lock_waiting().remove(&call);
-            let last = pg.send_outcome(call, true).await;
+            let last = db.send_outcome(call, true).await;
             asked.map_err(failed)?;
             if answer.is_none() {
                 // Answered just as the wait ended.
@@ -945,8 +953,8 @@ impl Fleet {
 
     /// Serves a send another node handed to this one, if it verifies.
     async fn serve_send(self: Arc<Self>, call: i64) {
-        let pg = self.pg();
-        let send = match pg.take_send(call).await {
+        let db = &self.db;
+        let send = match db.take_send(call).await {
             Ok(Some(send)) => send,
             Ok(None) => return,
             Err(e) => {
@@ -992,7 +1000,7 @@ impl Fleet {
             },
         };
         let tag = answer_tag(self.store.fleet_key(), &send, &outcome);
-        if let Err(e) = pg.answer_send(call, &send.origin, &outcome, &tag).await {
+        if let Err(e) = db.answer_send(call, &send.origin, &outcome, &tag).await {
             warn!(call, error = %e, "fleet: could not write a send's answer");
         }
     }
@@ -1002,7 +1010,7 @@ impl Fleet {
         let this = self.clone();
         let left = self
             .pg()
-            .spawn(async move { this.pg().leave(&this.node).await })
+            .spawn(async move { this.db.leave(&this.node).await })
             .await;
         match left {
             Ok(Ok(())) => info!(node = self.node, "left the fleet"),
@@ -1077,7 +1085,7 @@ impl Fleet {
         // A session whose claim is gone, or another node's, was taken over unheard. (A
         // claim of this node with a newer epoch covers an older session: `unclaim`.)
         let claims: HashMap<String, u64> =
-            self.pg().claims_of(&self.node).await?.into_iter().collect();
+            self.db.claims_of(&self.node).await?.into_iter().collect();
         for (id, epoch) in epochs {
             if claims.get(id.as_str()).is_none_or(|e| *e < epoch) {
                 self.registry.close_epoch(
@@ -1224,8 +1232,7 @@ impl FleetTasks {
             listening,
             identity_notices,
         } = self;
-        let store = fleet.store.clone();
-        let pg = pg(&store);
+        let pg = fleet.pg().clone();
         let drive = {
             let (fleet, stop) = (fleet.clone(), stop.clone());
             pg.spawn(async move { drive(fleet, stop).await })
@@ -1307,7 +1314,7 @@ impl Fleet {
                         })
                         .collect();
                     let ms = STALE.as_millis() as i64;
-                    let run = db::run_batch(this.pg(), &this.node, this.reject, ms, &batch, &notices);
+                    let run = db::run_batch(&this.db, &this.node, this.reject, ms, &batch, &notices);
                     let answer = match tokio::time::timeout(node::BATCH_TIMEOUT, run).await {
                         Ok(Ok(rows)) => Ok(rows),
                         Ok(Err(e)) => Err(e.to_string()),
@@ -1329,9 +1336,12 @@ impl Fleet {
                 let this = self.clone();
                 self.pg().spawn(async move {
                     let ack = this.log_ack();
-                    let beat = this.pg().heartbeat(&this.node, STALE, &ack);
+                    let beat = this.db.heartbeat(&this.node, STALE, &ack);
                     let answer = match tokio::time::timeout(HEARTBEAT, beat).await {
                         Ok(Ok(beat)) => {
+                            // Renewed as of when it was sent: told to the machine at once
+                            // (after the next heartbeat went, a renewal counts for nothing).
+                            this.with_node(|node, now| node.heartbeat_done(no, Ok(beat.alive), now));
                             this.check_peers(&beat.peers).await;
                             for dead in &beat.dead {
                                 warn!(
@@ -1345,7 +1355,7 @@ impl Fleet {
                                     dead.claims
                                 );
                             }
-                            Ok(beat.alive)
+                            return;
                         }
                         Ok(Err(e)) => {
                             debug!(error = %e, "fleet: heartbeat failed");
@@ -1380,7 +1390,7 @@ impl Fleet {
                 self.pg().spawn(async move {
                     let sent = Instant::now();
                     let addr = this.addr();
-                    let join = tokio::time::timeout(HEARTBEAT, this.pg().join(&this.node, &addr));
+                    let join = tokio::time::timeout(HEARTBEAT, this.db.join(&this.node, &addr));
                     let ok = matches!(join.await, Ok(Ok(())));
                     this.with_node(|node, now| node.rejoined(ok, sent, now));
                 });

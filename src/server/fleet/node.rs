@@ -236,6 +236,10 @@ struct InFlight {
     tickets: Vec<Ticket>,
     /// Its releases, to retry if it fails.
     releases: Vec<(Id, u64)>,
+    /// Its releases of every claim of an id: an idle release ends only once one sent
+    /// [`SETTLE`] after it began succeeds.
+    release_all: Vec<Id>,
+    sent: Instant,
     announce: Vec<Announce>,
 }
 
@@ -422,7 +426,8 @@ impl Node {
                 // Answered when its batch is: then released.
                 p.stage = Stage::Abandoned(no);
             }
-            (Stage::Waiting | Stage::Queued, _) => {
+            (Stage::Waiting, _) => self.remove_ticket(ticket, now),
+            (Stage::Queued, _) => {
                 self.queued.retain(|t| *t != ticket);
                 self.remove_ticket(ticket, now);
             }
@@ -461,6 +466,17 @@ impl Node {
         };
         match answer {
             Ok(rows) if rows.len() == flight.tickets.len() => {
+                for id in &flight.release_all {
+                    // Done once a release sent SETTLE after the claim's statement (which
+                    // can no longer commit then) succeeded; else tried again.
+                    if self
+                        .idle
+                        .get(id)
+                        .is_some_and(|i| flight.sent >= i.since + SETTLE)
+                    {
+                        self.idle.remove(id);
+                    }
+                }
                 for (ticket, row) in flight.tickets.iter().zip(rows) {
                     self.claim_answered(*ticket, row, now);
                 }
@@ -535,7 +551,7 @@ impl Node {
             .map(|p| p.deadline);
         // Retries matter only when a batch can start (else what lets one start starts it),
         // an idle release only when nothing holds it back.
-        let can_batch = self.in_flight.is_none() && !self.fenced && !self.rejoining;
+        let can_batch = self.in_flight.is_none() && !self.rejoining;
         let idle = self
             .idle
             .iter()
@@ -585,6 +601,17 @@ impl Node {
             })
             .map(|(t, _)| *t)
             .collect();
+        if !late.is_empty() {
+            // One pass over the queue for all of them (a flood of handshakes that time
+            // out together costs linear time under the lock).
+            let gone: std::collections::BTreeSet<Ticket> = late.iter().copied().collect();
+            self.queued.retain(|t| !gone.contains(t));
+            for t in &late {
+                if let Some(p) = self.pending.get_mut(t).filter(|p| p.stage == Stage::Queued) {
+                    p.stage = Stage::Waiting;
+                }
+            }
+        }
         for ticket in late {
             self.actions.push_back(Action::Answer(
                 ticket,
@@ -782,8 +809,10 @@ impl Node {
             no: self.next_batch,
             ..Batch::default()
         };
-        // Releases wait while fenced (its claims may be gone; they are retried after).
-        if !self.fenced {
+        // Releases go even while fenced (each names its epoch, or the batches before
+        // it: none deletes a newer claim); a node declared dead drops them (its claims
+        // went with its row).
+        {
             let n = self.releases.len().min(BATCH_MAX);
             batch.releases.extend(self.releases.drain(..n));
             let mut later = Vec::new();
@@ -797,7 +826,6 @@ impl Node {
             self.releases_later = later;
             // An idle release goes when no claim of its id is on its way here and no
             // session of it is live here.
-            let mut settled = Vec::new();
             for (id, idle) in self.idle.iter_mut() {
                 if now < idle.retry
                     || self.by_id.contains_key(id)
@@ -808,12 +836,6 @@ impl Node {
                 }
                 batch.release_all.push(id.clone());
                 idle.retry = now + HEARTBEAT;
-                if now >= idle.since + SETTLE {
-                    settled.push(id.clone());
-                }
-            }
-            for id in settled {
-                self.idle.remove(&id);
             }
             for id in &batch.release_all {
                 self.claimed.remove(id);
@@ -839,13 +861,24 @@ impl Node {
                 continue;
             };
             p.stage = Stage::InFlight(batch.no);
-            batch.claims.push(ClaimItem {
-                id: p.id.clone(),
-                peer: p.peer.clone(),
-                self_live: self.live.contains_key(&p.id),
-            });
             tickets.push(ticket);
         }
+        // In the order of their ids, as the releases: two nodes' batches lock rows in
+        // one order (fewer deadlocks in the database, which it breaks by aborting one).
+        tickets.sort_by(|a, b| self.pending[a].id.cmp(&self.pending[b].id));
+        batch.claims = tickets
+            .iter()
+            .map(|t| {
+                let p = &self.pending[t];
+                ClaimItem {
+                    id: p.id.clone(),
+                    peer: p.peer.clone(),
+                    self_live: self.live.contains_key(&p.id),
+                }
+            })
+            .collect();
+        batch.releases.sort();
+        batch.release_all.sort();
         if batch.is_empty() {
             return;
         }
@@ -855,6 +888,8 @@ impl Node {
             deadline: now + BATCH_TIMEOUT,
             tickets,
             releases: batch.releases.clone(),
+            release_all: batch.release_all.clone(),
+            sent: now,
             announce: batch.announce.clone(),
         });
         self.actions.push_back(Action::Run(batch));
@@ -1222,19 +1257,24 @@ mod tests {
         assert!(t.node.is_fenced());
         assert!(t.actions().contains(&Action::Fence));
         assert!(FENCE_AFTER < STALE);
-        // Fenced: no claim is made, no release sent.
+        // Fenced: no claim is made; a release is still sent (it names its epoch: the
+        // entries of the log may be hidden from a node that reaches the database).
         let a = t.claim("a");
         t.node.ended(&id("z"), 1, t.now);
         let acts = t.actions();
         assert_eq!(answers(&acts), vec![(a, Err(ClaimError::Fenced))]);
-        assert!(runs(&acts).is_empty());
-        // The database answers again: unfenced, the release goes.
+        let r = runs(&acts);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].claims.is_empty());
+        assert_eq!(r[0].releases, vec![(id("z"), 1)]);
+        t.done(&r[0], vec![]);
+        // The database answers again: unfenced, claims are made again.
         t.heartbeats_answer = true;
         t.advance(HEARTBEAT);
         assert!(!t.node.is_fenced());
-        let acts = t.actions();
-        assert!(acts.contains(&Action::Unfence));
-        assert_eq!(runs(&acts)[0].releases, vec![(id("z"), 1)]);
+        assert!(t.actions().contains(&Action::Unfence));
+        t.claim("a");
+        assert_eq!(t.batch().claims.len(), 1);
     }
 
     /// Found by the model checker (model.rs): a claim in flight when the node fenced
@@ -1340,6 +1380,66 @@ mod tests {
         t.node.batch_done(next[0].no, Err("reset".into()), t.now);
         t.advance(HEARTBEAT);
         assert_eq!(runs(&t.actions())[0].announce.len(), 1);
+    }
+
+    /// Found in review: an idle release whose last attempt failed was forgotten, and
+    /// the claim it was for stayed in the database for the node's life.
+    #[test]
+    fn an_idle_release_ends_only_when_one_sent_after_settle_succeeds() {
+        let mut t = T::new();
+        t.claim("a");
+        let b = t.batch();
+        t.node.batch_done(b.no, Err("reset".into()), t.now);
+        let mut failures = 0;
+        let mut last = None;
+        for _ in 0..30 {
+            t.advance(HEARTBEAT);
+            for b in runs(&t.actions()) {
+                assert_eq!(b.release_all, vec![id("a")]);
+                // Every attempt fails until well past SETTLE.
+                if failures < 10 {
+                    failures += 1;
+                    t.node.batch_done(b.no, Err("reset".into()), t.now);
+                } else {
+                    t.done(&b, vec![]);
+                    last = Some(t.now);
+                }
+            }
+        }
+        assert_eq!(failures, 10);
+        assert!(last.is_some(), "tried until one succeeded");
+        assert!(t.node.is_quiescent(), "and then no more");
+    }
+
+    #[test]
+    fn a_batch_claims_and_releases_in_the_order_of_their_ids() {
+        let mut t = T::new();
+        t.claim("m");
+        let first = t.batch();
+        let (c, a, b) = (t.claim("c"), t.claim("a"), t.claim("b"));
+        t.node.ended(&id("z"), 2, t.now);
+        t.node.ended(&id("y"), 1, t.now);
+        t.done(&first, vec![row(ClaimKind::Claimed, 1)]);
+        let next = t.batch();
+        let ids: Vec<_> = next.claims.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(next.releases, vec![(id("y"), 1), (id("z"), 2)]);
+        // Each row answers the claim at its place.
+        t.done(
+            &next,
+            vec![
+                row(ClaimKind::Claimed, 10),
+                row(ClaimKind::Claimed, 11),
+                row(ClaimKind::Claimed, 12),
+            ],
+        );
+        let mut got = answers(&t.actions());
+        got.sort_by_key(|(t, _)| *t);
+        assert_eq!(got, {
+            let mut want = vec![(a, granted(10)), (b, granted(11)), (c, granted(12))];
+            want.sort_by_key(|(t, _)| *t);
+            want
+        });
     }
 
     #[test]
