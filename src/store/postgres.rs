@@ -154,89 +154,93 @@ const MIGRATIONS: &[&str] = &[r#"
         error      text,
         answer_tag bytea
     );
-    -- Claims `p_id` for `p_node`'s new session (spec 7.3 across the fleet). The holder,
-    -- if any, is live if its node's heartbeat is younger than `p_stale_ms` (or, for
-    -- `p_node` itself, if `p_self_live`). A live holder refuses with `p_reject`; else it
-    -- is taken over: the epoch grows (the taking node tells the old one on tally_close,
-    -- with a tag under the fleet key). A dead holder's claim is taken without a word.
-    -- Returns the outcome (claimed, took_over, refused), the new epoch, the takeovers in
-    -- a row (each within 60 s of the last), and the old holder and its epoch.
-    CREATE FUNCTION tally_claim(p_id text, p_node text, p_peer text, p_reject boolean,
-                                p_self_live boolean, p_stale_ms bigint, p_batch bigint)
+    -- A node's batch of claim work in one statement (group commit: every claim and
+    -- release of its handshakes of a round trip; server::fleet::node). First it deletes
+    -- its claims of the sessions that ended (`rel_ids` with `rel_epochs`: a release
+    -- names its epoch, and never deletes a newer claim), and every claim it holds of
+    -- `all_ids` made by an earlier batch than `p_batch` (claims whose answer never came).
+    -- Then it claims `ids` in order for sessions from `peers` (spec 7.3 across the
+    -- fleet), one row each: the holder of an id, if any, is live if its node's
+    -- heartbeat is younger than `p_stale_ms` (or, for `p_node` itself, if `self_live`
+    -- says a session of it is live there). A live holder refuses with `p_reject`; else
+    -- it is taken over: the epoch grows (the taking node tells the old one on
+    -- tally_close, with a tag under the fleet key, in its next batch). A dead holder's
+    -- claim is taken without a word. Each row: the outcome (claimed, took_over,
+    -- refused), the new epoch, the takeovers in a row (each within 60 s of the last),
+    -- and the old holder, its peer and its epoch. Last, it announces `notices` on
+    -- tally_close (delivered when the statement commits). Row by row, by the primary
+    -- key (the batches are small; a set-based DELETE was planned as a scan).
+    CREATE FUNCTION tally_claims(p_node text, p_reject boolean, p_stale_ms bigint,
+                                 p_batch bigint, rel_ids text[], rel_epochs bigint[],
+                                 all_ids text[], ids text[], peers text[],
+                                 self_live boolean[], notices text[])
     RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
                    old_peer text, old_epoch bigint)
     LANGUAGE plpgsql AS $$
     #variable_conflict use_column
     DECLARE
+        i integer;
         cur sessions%ROWTYPE;
+        inserted boolean;
         live boolean;
         n integer;
         e bigint;
     BEGIN
-        LOOP
-            SELECT * INTO cur FROM sessions s WHERE s.id = p_id FOR UPDATE;
-            EXIT WHEN FOUND;
-            INSERT INTO sessions (id, node, epoch, since, peer, batch)
-                VALUES (p_id, p_node, nextval('tally_epochs'), now(), p_peer, p_batch)
-                ON CONFLICT (id) DO NOTHING RETURNING epoch INTO e;
-            IF FOUND THEN
-                RETURN QUERY SELECT 'claimed'::text, e, 0, NULL::text, NULL::text, NULL::bigint;
-                RETURN;
-            END IF;
-        END LOOP;
-        IF cur.node = p_node THEN
-            live := p_self_live;
-        ELSE
-            SELECT x.heartbeat > clock_timestamp() - p_stale_ms * interval '1 millisecond'
-              INTO live FROM nodes x WHERE x.node = cur.node;
-            live := coalesce(live, false);
-        END IF;
-        IF live AND p_reject THEN
-            RETURN QUERY SELECT 'refused'::text, cur.epoch, cur.takeovers, cur.node, cur.peer,
-                cur.epoch;
-            RETURN;
-        END IF;
-        n := CASE WHEN NOT live THEN 0
-                  WHEN cur.last_takeover > clock_timestamp() - interval '60 seconds'
-                      THEN cur.takeovers + 1
-                  ELSE 1 END;
-        UPDATE sessions s SET node = p_node, epoch = nextval('tally_epochs'), since = now(),
-            peer = p_peer, takeovers = n, batch = p_batch,
-            last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
-          WHERE s.id = p_id RETURNING s.epoch INTO e;
-        RETURN QUERY SELECT CASE WHEN live THEN 'took_over' ELSE 'claimed' END,
-            e, n, cur.node, cur.peer, cur.epoch;
-    END $$;
-    -- A node's batch of claim work in one statement (group commit: every claim and
-    -- release of its handshakes of a round trip): deletes its claims of the sessions
-    -- that ended (`rel_ids` with `rel_epochs`), every claim it holds of `all_ids` made by
-    -- an earlier batch (claims whose answer was lost), then claims `ids` in order (tally_claim each, with its
-    -- peer and whether a session of it is live on the node), one row each, then
-    -- announces `notices` on tally_close (delivered when the statement commits).
-    CREATE FUNCTION tally_claims(p_node text, p_reject boolean, p_stale_ms bigint,
-                                 p_batch bigint, rel_ids text[], rel_epochs bigint[], all_ids text[],
-                                 ids text[], peers text[], self_live boolean[],
-                                 notices text[])
-    RETURNS TABLE (outcome text, new_epoch bigint, in_a_row integer, old_node text,
-                   old_peer text, old_epoch bigint)
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        i integer;
-    BEGIN
-        IF cardinality(rel_ids) > 0 THEN
-            DELETE FROM sessions s USING unnest(rel_ids, rel_epochs) AS r(rid, repoch)
-              WHERE s.id = r.rid AND s.node = p_node AND s.epoch = r.repoch;
-        END IF;
-        IF cardinality(all_ids) > 0 THEN
+        FOR i IN 1 .. cardinality(rel_ids) LOOP
             DELETE FROM sessions s
-              WHERE s.node = p_node AND s.id = ANY (all_ids) AND s.batch < p_batch;
-        END IF;
+              WHERE s.id = rel_ids[i] AND s.node = p_node AND s.epoch = rel_epochs[i];
+        END LOOP;
+        FOR i IN 1 .. cardinality(all_ids) LOOP
+            DELETE FROM sessions s
+              WHERE s.id = all_ids[i] AND s.node = p_node AND s.batch < p_batch;
+        END LOOP;
         FOR i IN 1 .. cardinality(ids) LOOP
-            RETURN QUERY SELECT * FROM tally_claim(ids[i], p_node, peers[i], p_reject,
-                                                   self_live[i], p_stale_ms, p_batch);
+            inserted := false;
+            LOOP
+                SELECT * INTO cur FROM sessions s WHERE s.id = ids[i] FOR UPDATE;
+                EXIT WHEN FOUND;
+                INSERT INTO sessions (id, node, epoch, since, peer, batch)
+                    VALUES (ids[i], p_node, nextval('tally_epochs'), now(), peers[i], p_batch)
+                    ON CONFLICT (id) DO NOTHING RETURNING epoch INTO e;
+                IF FOUND THEN
+                    inserted := true;
+                    EXIT;
+                END IF;
+            END LOOP;
+            IF inserted THEN
+                outcome := 'claimed'; new_epoch := e; in_a_row := 0;
+                old_node := NULL; old_peer := NULL; old_epoch := NULL;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+            IF cur.node = p_node THEN
+                live := self_live[i];
+            ELSE
+                SELECT x.heartbeat > clock_timestamp() - p_stale_ms * interval '1 millisecond'
+                  INTO live FROM nodes x WHERE x.node = cur.node;
+                live := coalesce(live, false);
+            END IF;
+            IF live AND p_reject THEN
+                outcome := 'refused'; new_epoch := cur.epoch; in_a_row := cur.takeovers;
+                old_node := cur.node; old_peer := cur.peer; old_epoch := cur.epoch;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+            n := CASE WHEN NOT live THEN 0
+                      WHEN cur.last_takeover > clock_timestamp() - interval '60 seconds'
+                          THEN cur.takeovers + 1
+                      ELSE 1 END;
+            UPDATE sessions s SET node = p_node, epoch = nextval('tally_epochs'),
+                since = now(), peer = peers[i], takeovers = n, batch = p_batch,
+                last_takeover = CASE WHEN live THEN clock_timestamp() ELSE cur.last_takeover END
+              WHERE s.id = ids[i] RETURNING s.epoch INTO e;
+            outcome := CASE WHEN live THEN 'took_over' ELSE 'claimed' END;
+            new_epoch := e; in_a_row := n;
+            old_node := cur.node; old_peer := cur.peer; old_epoch := cur.epoch;
+            RETURN NEXT;
         END LOOP;
         IF cardinality(notices) > 0 THEN
-            PERFORM pg_notify('tally_close', n) FROM unnest(notices) AS n;
+            PERFORM pg_notify('tally_close', x) FROM unnest(notices) AS x;
         END IF;
     END $$;
 "#];

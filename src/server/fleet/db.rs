@@ -551,7 +551,7 @@ fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
     })
 }
 
-/// One row of `tally_claim`.
+/// One row of `tally_claims`: one claim's answer.
 fn claim_row(pg: &Postgres, r: &Row) -> Result<ClaimRow, StoreError> {
     let bad = |what: &str| {
         pg.error(format!(

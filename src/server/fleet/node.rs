@@ -58,7 +58,7 @@ pub const BATCH_MAX: usize = 512;
 /// a flood of handshakes costs it bounded memory.
 pub const CLAIMS_WAITING: usize = 65_536;
 
-/// What a claim found in the database (`tally_claim`).
+/// What a claim found in the database (`tally_claims`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClaimKind {
     /// The identity was free, or held by a dead node (or by this node, with no live
