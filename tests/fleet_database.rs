@@ -319,3 +319,29 @@ fn the_password_comes_from_a_file_a_credential_pgpassword_or_pgpass() {
         "{err}"
     );
 }
+
+/// The PostgreSQL store, called from inside an async runtime of either flavour, waits
+/// for its database without `block_in_place` (which panics on a current-thread
+/// runtime): issue 29. Fails on the build before (it panicked here).
+#[test]
+fn the_store_answers_from_a_current_thread_runtime() {
+    let Some(cluster) = Cluster::start("store from a current-thread runtime") else {
+        return;
+    };
+    let location = tally::store::Location::Postgres(cluster.url());
+    let key = tally::proto::SecretKey::from_bytes([7; 32]);
+    let store = tally::store::Store::open_at(
+        &location,
+        key,
+        tally::store::pgconf::PasswordSources::default(),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let count = runtime.block_on(async { store.count() }).unwrap();
+    assert_eq!(count, 0);
+    let multi = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(multi.block_on(async { store.count() }).unwrap(), 0);
+}

@@ -503,14 +503,22 @@ impl Postgres {
         self.0.handle.spawn(f)
     }
 
-    /// Waits for `f`, from any thread: a runtime's worker thread gives itself up to the
-    /// runtime's other workers meanwhile (`block_in_place`, the daemon's multi-threaded
-    /// runtime), a blocking-pool thread or a plain thread just waits.
-    pub fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => tokio::task::block_in_place(|| self.0.handle.block_on(f)),
-            Err(_) => self.0.handle.block_on(f),
+    /// Waits for `f`, run on the store's own runtime, from any thread. A plain thread
+    /// (a blocking-pool thread: where the daemon calls the store from) just waits; a
+    /// thread inside an async runtime (which may not block in place: a current-thread
+    /// runtime cannot) waits on a thread of its own, so that no runtime's worker ever
+    /// blocks on another runtime.
+    pub fn block_on<T: Send>(&self, f: impl Future<Output = T> + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.0.handle.block_on(f);
         }
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| self.0.handle.block_on(f));
+            match waiter.join() {
+                Ok(out) => out,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
     }
 
     /// A pooled connection.
@@ -545,7 +553,7 @@ impl Postgres {
             .await
             .map_err(e)?
         {
-            Some(row) => row.get(0),
+            Some(row) => row.try_get(0).map_err(e)?,
             None => {
                 tx.execute("INSERT INTO tally_schema (version) VALUES (0)", &[])
                     .await
@@ -567,6 +575,29 @@ impl Postgres {
         }
         tx.commit().await.map_err(e)?;
         Ok(())
+    }
+
+    /// Column `i` of a row: a column a database writer changed is an error that says
+    /// so, never a panic.
+    fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &self,
+        r: &'a tokio_postgres::Row,
+        i: usize,
+    ) -> Result<T, StoreError> {
+        r.try_get(i).map_err(|e| {
+            self.error(format!(
+                "a row this tallyd cannot read (column {i}: {e}): the schema was changed in the database?"
+            ))
+        })
+    }
+
+    /// The one row a query of one row answered.
+    fn one<'a>(
+        &self,
+        rows: &'a [tokio_postgres::Row],
+    ) -> Result<&'a tokio_postgres::Row, StoreError> {
+        rows.first()
+            .ok_or_else(|| self.error("a query of one row answered none"))
     }
 
     /// One query of the identity store, outside a transaction.
@@ -627,7 +658,10 @@ impl Engine for Postgres {
                 )
                 .await
                 .map_err(e)?;
-            Ok((d.get(0), (o.get(0), o.get(1))))
+            Ok((
+                d.try_get(0).map_err(e)?,
+                (o.try_get(0).map_err(e)?, o.try_get(1).map_err(e)?),
+            ))
         })
     }
 
@@ -636,7 +670,9 @@ impl Engine for Postgres {
             "SELECT value, updated FROM settings WHERE name = 'open_key'",
             &[],
         )?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+        rows.first()
+            .map(|r| Ok((self.col(r, 0)?, self.col(r, 1)?)))
+            .transpose()
     }
 
     fn put_open_key(&self, sealed: &[u8], updated: i64) -> Result<(), StoreError> {
@@ -692,15 +728,16 @@ impl Engine for Postgres {
     }
 
     fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
-        Ok(self
-            .query("SELECT id, issued, expires FROM tokens ORDER BY id", &[])?
+        self.query("SELECT id, issued, expires FROM tokens ORDER BY id", &[])?
             .iter()
-            .map(|r| TokenRow {
-                id: r.get(0),
-                issued: r.get(1),
-                expires: r.get(2),
+            .map(|r| {
+                Ok(TokenRow {
+                    id: self.col(r, 0)?,
+                    issued: self.col(r, 1)?,
+                    expires: self.col(r, 2)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn enroll_lookup(&self, id: &str) -> Result<(bool, Option<SealedRow>), StoreError> {
@@ -709,10 +746,10 @@ impl Engine for Postgres {
              (SELECT secret FROM tokens WHERE id = $1), (SELECT expires FROM tokens WHERE id = $1)",
             &[&id],
         )?;
-        let r = &rows[0];
-        let secret: Option<Vec<u8>> = r.get(1);
-        let expires: Option<i64> = r.get(2);
-        Ok((r.get(0), secret.zip(expires)))
+        let r = self.one(&rows)?;
+        let secret: Option<Vec<u8>> = self.col(r, 1)?;
+        let expires: Option<i64> = self.col(r, 2)?;
+        Ok((self.col(r, 0)?, secret.zip(expires)))
     }
 
     fn insert(
@@ -726,7 +763,8 @@ impl Engine for Postgres {
         // The generation first (a sequence value is never handed out twice, whatever
         // happens to this transaction), so that the key is sealed for it before the
         // transaction, which must not hold `seal` (not `Send`).
-        let generation: i64 = self.query("SELECT nextval('generations')", &[])?[0].get(0);
+        let rows = self.query("SELECT nextval('generations')", &[])?;
+        let generation: i64 = self.col(self.one(&rows)?, 0)?;
         let sealed = seal(generation);
         // The enrollment is sealed with the log's length as the node read it: no entry
         // may be appended meanwhile (a removal of this id written now would end it).
@@ -795,7 +833,9 @@ impl Engine for Postgres {
              WHERE id = $1 AND revoked IS NULL AND key IS NOT NULL",
             &[&id],
         )?;
-        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+        rows.first()
+            .map(|r| Ok((self.col(r, 0)?, self.col(r, 1)?)))
+            .transpose()
     }
 
     fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
@@ -815,10 +855,9 @@ impl Engine for Postgres {
             .await
             .map_err(e)
         })?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
+        rows.iter()
+            .map(|r| Ok((self.col(r, 0)?, self.col(r, 1)?, self.col(r, 2)?)))
+            .collect()
     }
 
     fn touch_many(&self, seen: &[(Id, i64)]) -> Result<(), StoreError> {
@@ -907,47 +946,50 @@ impl Engine for Postgres {
     fn fleet_log(&self, after: u64, limit: usize) -> Result<Vec<FleetLogRow>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        Ok(self
-            .query(
-                &format!(
-                    "SELECT seq, id, value, kind, at, tag FROM fleet_log WHERE seq > $1 \
-                     AND {LOG_ROW} ORDER BY seq LIMIT $2"
-                ),
-                &[&after, &limit],
-            )?
-            .iter()
-            .map(|r| FleetLogRow {
-                seq: r.get(0),
-                id: r.get(1),
-                value: r.get(2),
-                kind: r.get(3),
-                at: r.get(4),
-                tag: r.get(5),
+        self.query(
+            &format!(
+                "SELECT seq, id, value, kind, at, tag FROM fleet_log WHERE seq > $1 \
+                 AND {LOG_ROW} ORDER BY seq LIMIT $2"
+            ),
+            &[&after, &limit],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(FleetLogRow {
+                seq: self.col(r, 0)?,
+                id: self.col(r, 1)?,
+                value: self.col(r, 2)?,
+                kind: self.col(r, 3)?,
+                at: self.col(r, 4)?,
+                tag: self.col(r, 5)?,
             })
-            .collect())
+        })
+        .collect()
     }
 
     fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
-        Ok(self
-            .query(
-                "SELECT id, generation, created, last_seen, revoked, mode FROM identities \
-                 ORDER BY id",
-                &[],
-            )?
-            .iter()
-            .map(|r| IdentityRow {
-                id: r.get(0),
-                generation: r.get::<_, i64>(1) as u64,
-                created: r.get(2),
-                last_seen: r.get(3),
-                revoked: r.get(4),
-                mode: r.get(5),
+        self.query(
+            "SELECT id, generation, created, last_seen, revoked, mode FROM identities \
+             ORDER BY id",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(IdentityRow {
+                id: self.col(r, 0)?,
+                generation: self.col::<i64>(r, 1)? as u64,
+                created: self.col(r, 2)?,
+                last_seen: self.col(r, 3)?,
+                revoked: self.col(r, 4)?,
+                mode: self.col(r, 5)?,
             })
-            .collect())
+        })
+        .collect()
     }
 
     fn count(&self) -> Result<u64, StoreError> {
-        let n: i64 = self.query("SELECT COUNT(*) FROM identities", &[])?[0].get(0);
+        let rows = self.query("SELECT COUNT(*) FROM identities", &[])?;
+        let n: i64 = self.col(self.one(&rows)?, 0)?;
         Ok(n as u64)
     }
 }
