@@ -99,8 +99,45 @@ pub enum SendOutcome {
     Answer(u16, Vec<u8>),
     /// The MESSAGE was written.
     Sent,
-    /// It failed: the kind (`offline`, `ended`, `timeout`, `refused`) and why.
-    Failed(String, String),
+    /// It failed: how, and why (in words, for the sender).
+    Failed(SendFailure, String),
+}
+
+/// How a send handed to another node failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    /// The device had no session there (any more).
+    Offline,
+    /// Its session ended before it answered.
+    Ended,
+    /// It did not answer within the send's timeout.
+    Timeout,
+    /// The serving node refused it.
+    Refused,
+}
+
+impl SendFailure {
+    /// Its word in `sends.error` (and under the answer's tag).
+    pub fn word(self) -> &'static str {
+        match self {
+            SendFailure::Offline => "offline",
+            SendFailure::Ended => "ended",
+            SendFailure::Timeout => "timeout",
+            SendFailure::Refused => "refused",
+        }
+    }
+
+    /// The failure a word names (`None`: no node writes it).
+    pub fn parse(word: &str) -> Option<SendFailure> {
+        [
+            SendFailure::Offline,
+            SendFailure::Ended,
+            SendFailure::Timeout,
+            SendFailure::Refused,
+        ]
+        .into_iter()
+        .find(|f| f.word() == word)
+    }
 }
 
 impl SendOutcome {
@@ -117,7 +154,7 @@ impl SendOutcome {
             SendOutcome::Sent => vec![1],
             SendOutcome::Failed(kind, why) => {
                 let mut out = vec![2];
-                out.extend_from_slice(kind.as_bytes());
+                out.extend_from_slice(kind.word().as_bytes());
                 out.push(0);
                 out.extend_from_slice(why.as_bytes());
                 out
@@ -424,7 +461,7 @@ impl FleetDb {
         let (status, answer, error): (Option<i32>, Option<&[u8]>, Option<String>) = match outcome {
             SendOutcome::Answer(s, p) => (Some(i32::from(*s)), Some(p), None),
             SendOutcome::Sent => (None, None, None),
-            SendOutcome::Failed(kind, why) => (None, None, Some(format!("{kind} {why}"))),
+            SendOutcome::Failed(kind, why) => (None, None, Some(format!("{} {why}", kind.word()))),
         };
         self.count_queries(1);
         self.client()
@@ -470,7 +507,12 @@ impl FleetDb {
         let outcome = match (status, error) {
             (_, Some(e)) => {
                 let (kind, why) = e.split_once(' ').unwrap_or((&e, ""));
-                SendOutcome::Failed(kind.to_owned(), why.to_owned())
+                // A word no node writes: no answer this node can use (its tag, made over
+                // a node's word, could not verify either).
+                let Some(kind) = SendFailure::parse(kind) else {
+                    return Ok(None);
+                };
+                SendOutcome::Failed(kind, why.to_owned())
             }
             (Some(s), None) => SendOutcome::Answer(
                 u16::try_from(s).unwrap_or(u16::MAX),
@@ -579,4 +621,26 @@ fn claim_row(pg: &Postgres, r: &Row) -> Result<ClaimRow, StoreError> {
             .map_err(|_| bad("old epoch"))?
             .map(|e| e.max(0) as u64),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_failure_is_read_back_as_written_and_an_unknown_word_is_none() {
+        for f in [
+            SendFailure::Offline,
+            SendFailure::Ended,
+            SendFailure::Timeout,
+            SendFailure::Refused,
+        ] {
+            assert_eq!(SendFailure::parse(f.word()), Some(f));
+        }
+        assert_eq!(SendFailure::parse("exploded"), None);
+        assert_eq!(SendFailure::parse(""), None);
+        // The tag covers the word: the encoding is the word's bytes.
+        let out = SendOutcome::Failed(SendFailure::Ended, "why".into()).encode();
+        assert_eq!(out, b"\x02ended\x00why");
+    }
 }

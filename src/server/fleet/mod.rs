@@ -45,7 +45,7 @@ use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
 use crate::store::fleet_key::{self, FleetKey, Statement};
 use crate::store::postgres::{channel, Postgres};
 use crate::store::{Store, StoreError};
-use db::{FleetDb, LogAck, PendingSend, SendOutcome};
+use db::{FleetDb, LogAck, PendingSend, SendFailure, SendOutcome};
 
 use node::{Action, Finish, Node, Ticket};
 pub use node::{ClaimError, Granted, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
@@ -891,11 +891,11 @@ impl Fleet {
                     payload: body.into(),
                 })),
                 Some(SendOutcome::Sent) => Ok(None),
-                Some(SendOutcome::Failed(kind, why)) => Err(match kind.as_str() {
-                    "offline" => SendError::Offline(id.to_string()),
-                    "ended" => SendError::SessionEnded,
-                    "timeout" => SendError::Timeout(timeout),
-                    _ => SendError::Elsewhere(why),
+                Some(SendOutcome::Failed(kind, why)) => Err(match kind {
+                    SendFailure::Offline => SendError::Offline(id.to_string()),
+                    SendFailure::Ended => SendError::SessionEnded,
+                    SendFailure::Timeout => SendError::Timeout(timeout),
+                    SendFailure::Refused => SendError::Elsewhere(why),
                 }),
                 None => Err(SendError::Timeout(timeout)),
             }
@@ -974,7 +974,7 @@ impl Fleet {
             SendKind::Message
         };
         let outcome = match Id::new(&send.id) {
-            Err(e) => SendOutcome::Failed("refused".into(), e.to_string()),
+            Err(e) => SendOutcome::Failed(SendFailure::Refused, e.to_string()),
             Ok(id) => match self
                 .registry
                 .send_here_at(
@@ -990,12 +990,12 @@ impl Fleet {
                 Ok(None) => SendOutcome::Sent,
                 Err(e) => {
                     let kind = match e {
-                        SendError::Offline(_) => "offline",
-                        SendError::SessionEnded => "ended",
-                        SendError::Timeout(_) => "timeout",
-                        _ => "refused",
+                        SendError::Offline(_) => SendFailure::Offline,
+                        SendError::SessionEnded => SendFailure::Ended,
+                        SendError::Timeout(_) => SendFailure::Timeout,
+                        _ => SendFailure::Refused,
                     };
-                    SendOutcome::Failed(kind.into(), e.to_string())
+                    SendOutcome::Failed(kind, e.to_string())
                 }
             },
         };
