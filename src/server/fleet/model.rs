@@ -3,8 +3,8 @@
 //! ([`super::node::Node`]) against a model of the database (`tally_claims`, the
 //! heartbeat's liveness and deletion of dead nodes, `tally_close` notices).
 //!
-//! Explored, in three scenarios (each small enough for `cargo test`): two nodes, an
-//! identity's handshakes on either at any time, sessions ending or refused after their
+//! Explored, in four scenarios (each small enough for `cargo test`): two nodes, one
+//! identity's handshakes (or two identities', sharing batches) on either at any time, sessions ending or refused after their
 //! claim, statements' answers delivered late (across the handshake's deadline and the
 //! batch's) or lost, notices delivered late or lost, a database outage, a node paused
 //! (SIGSTOP) and resumed, time advancing a second at a time. A statement runs when it
@@ -32,9 +32,8 @@
 //! batches before it, so that it never deletes a later claim).
 //!
 //! Not modelled yet: `takeover = "replace"` (a takeover's notice closes the old session
-//! some time after the new one is registered: two sessions overlap by design), two
-//! identities (the rules are per identity; the batch shares statements), the fleet's
-//! log and revocations, the notification connection's loss and catch-up.
+//! some time after the new one is registered: two sessions overlap by design), the
+//! fleet's log and revocations, the notification connection's loss and catch-up.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -660,5 +659,14 @@ fn a_paused_node_and_a_database_outage() {
 fn a_database_outage_and_lost_answers() {
     let checker = check(fleet(&["a"], horizon(6), 2, [1, 0, 1]));
     eprintln!("outage: {} states", checker.unique_state_count());
+    checker.assert_properties();
+}
+
+/// Two identities, a node paused: one identity's rules never disturb the other's
+/// (they share batches and statements).
+#[test]
+fn two_identities_and_a_paused_node() {
+    let checker = check(fleet(&["a", "b"], horizon(5), 2, [0, 1, 0]));
+    eprintln!("two identities: {} states", checker.unique_state_count());
     checker.assert_properties();
 }
