@@ -878,7 +878,8 @@ fn a_handshake_costs_the_database_one_claim_and_one_release() {
         N
     );
     // The key comes from the index (no statement); each session's claim and its
-    // release are one statement each. Besides them only the node's own rhythm: three
+    // release are one statement each, the handshakes coming one at a time (under load
+    // they share batches: server::fleet::node). Besides them only the node's own rhythm: three
     // statements per heartbeat and the notification connection's ping, each second,
     // and the last-seen times, written in batches (spec-free bookkeeping).
     let queries = bin::metric(&after, "tally_store_queries_total")
