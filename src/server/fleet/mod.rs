@@ -5,9 +5,10 @@
 //!   [`HEARTBEAT`]. A node whose heartbeat is older than [`STALE`] is dead: any node
 //!   deletes it, and its claims with it.
 //! - A session is established only once its node *claims* the identity
-//!   (`tally_claims`, one statement for a batch of them): free, held by a dead node, or taken over from a
-//!   live one (whose node is told on `tally_close`, with the claim's epoch: a late
-//!   notice never closes a newer session), or refused under `takeover = "reject"`.
+//!   (`tally_claims`, one statement for a batch of claims): free, held by a dead node,
+//!   or taken over from a live one (whose node is told on `tally_close`, with the
+//!   claim's epoch: a late notice never closes a newer session), or refused under
+//!   `takeover = "reject"`.
 //! - A node that cannot renew its heartbeat for [`FENCE_AFTER`] *fences* itself: it
 //!   closes every session and refuses handshakes with BUSY until it can, so that when
 //!   the others declare it dead and serve its devices, it no longer does.

@@ -609,14 +609,23 @@ impl Model for Fleet {
     }
 }
 
-fn check(fleet: Fleet) -> impl Checker<Fleet> {
-    fleet.checker().spawn_bfs().join()
+/// Explores every state of `fleet` and asserts its properties (every `always` holds,
+/// every `sometimes` is reached); says how many states it saw.
+fn check(name: &str, fleet: Fleet) {
+    let checker = fleet.checker().spawn_bfs().join();
+    eprintln!("{name}: {} states", checker.unique_state_count());
+    checker.assert_properties();
 }
 
-/// A fleet of two nodes serving `ids` for `horizon` seconds, with `handshakes`
-/// handshakes and the faults given.
+/// A fleet of two nodes serving `ids` for `horizon` seconds (`TALLY_MODEL_HORIZON`
+/// overrides it), with `handshakes` handshakes and the faults given: database outages,
+/// nodes paused, answers or notices lost.
 fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet {
     let [outages, pauses, losses] = faults;
+    let horizon = std::env::var("TALLY_MODEL_HORIZON")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(horizon);
     Fleet {
         base: Instant::now(),
         ids: ids.iter().map(|i| Id::new(i).unwrap()).collect(),
@@ -630,43 +639,28 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet 
     }
 }
 
-fn horizon(default: Secs) -> Secs {
-    std::env::var("TALLY_MODEL_HORIZON")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// A node paused (SIGSTOP) past its fence and resumed, while the other takes its
 /// identity: they never both serve it.
 #[test]
 fn a_paused_node_and_a_takeover() {
-    let checker = check(fleet(&["a"], horizon(6), 2, [0, 1, 0]));
-    eprintln!("paused: {} states", checker.unique_state_count());
-    checker.assert_properties();
+    check("paused", fleet(&["a"], 6, 2, [0, 1, 0]));
 }
 
 /// A node paused, and the database away for a while.
 #[test]
 fn a_paused_node_and_a_database_outage() {
-    let checker = check(fleet(&["a"], horizon(5), 2, [1, 1, 0]));
-    eprintln!("paused and outage: {} states", checker.unique_state_count());
-    checker.assert_properties();
+    check("paused and outage", fleet(&["a"], 5, 2, [1, 1, 0]));
 }
 
 /// The database away for a while, and an answer or a notice lost.
 #[test]
 fn a_database_outage_and_lost_answers() {
-    let checker = check(fleet(&["a"], horizon(6), 2, [1, 0, 1]));
-    eprintln!("outage: {} states", checker.unique_state_count());
-    checker.assert_properties();
+    check("outage", fleet(&["a"], 6, 2, [1, 0, 1]));
 }
 
 /// Two identities, a node paused: one identity's rules never disturb the other's
 /// (they share batches and statements).
 #[test]
 fn two_identities_and_a_paused_node() {
-    let checker = check(fleet(&["a", "b"], horizon(5), 2, [0, 1, 0]));
-    eprintln!("two identities: {} states", checker.unique_state_count());
-    checker.assert_properties();
+    check("two identities", fleet(&["a", "b"], 5, 2, [0, 1, 0]));
 }
