@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::node::{Batch, ClaimKind, ClaimRow};
@@ -186,19 +187,50 @@ impl FleetDb {
         self.0.count_queries(n)
     }
 
-    /// Registers this daemon as `node`, listening on `addr`.
-    pub async fn join(&self, node: &str, addr: &str) -> Result<(), StoreError> {
+    /// One statement on a pooled connection, counted: its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
         self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO nodes (node, addr) VALUES ($1, $2) ON CONFLICT (node) \
-                 DO UPDATE SET addr = excluded.addr, heartbeat = clock_timestamp()",
-                &[&node, &addr],
-            )
+        let client = self.client().await?;
+        client.query(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    /// [`FleetDb::query`] of at most one row.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        self.count_queries(1);
+        let client = self.client().await?;
+        client
+            .query_opt(sql, params)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// [`FleetDb::query`] without rows.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+        self.count_queries(1);
+        let client = self.client().await?;
+        client
+            .execute(sql, params)
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
+    }
+
+    /// Registers this daemon as `node`, listening on `addr`.
+    pub async fn join(&self, node: &str, addr: &str) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO nodes (node, addr) VALUES ($1, $2) ON CONFLICT (node) \
+                 DO UPDATE SET addr = excluded.addr, heartbeat = clock_timestamp()",
+            &[&node, &addr],
+        )
+        .await
     }
 
     /// Renews `node`'s heartbeat and deletes the nodes (and so their claims) whose
@@ -285,19 +317,15 @@ impl FleetDb {
         node: &str,
         stale: Duration,
     ) -> Result<Vec<(String, String, Option<LogAck>)>, StoreError> {
-        self.count_queries(1);
         let ms = stale.as_millis() as i64;
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT node, addr, log_seen, log_head, log_tag FROM nodes WHERE node <> $1 \
                  AND heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond' \
                  ORDER BY node",
                 &[&node, &ms],
             )
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -315,24 +343,15 @@ impl FleetDb {
 
     /// Deletes `node` and its claims (a daemon shutting down).
     pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute("DELETE FROM nodes WHERE node = $1", &[&node])
+        self.execute("DELETE FROM nodes WHERE node = $1", &[&node])
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
     }
 
     /// The claims `node` holds: id and epoch.
     pub async fn claims_of(&self, node: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        self.count_queries(1);
         let rows = self
-            .client()
-            .await?
             .query("SELECT id, epoch FROM sessions WHERE node = $1", &[&node])
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         rows.iter()
             .map(|r| Ok((col(self, r, 0)?, col::<i64>(self, r, 1)? as u64)))
             .collect()
@@ -344,29 +363,20 @@ impl FleetDb {
         id: &str,
         stale: Duration,
     ) -> Result<Option<(String, u64)>, StoreError> {
-        self.count_queries(1);
         let ms = stale.as_millis() as i64;
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT s.node, s.epoch FROM sessions s JOIN nodes n ON n.node = s.node WHERE s.id = $1 \
                  AND n.heartbeat > clock_timestamp() - $2::bigint * interval '1 millisecond'",
                 &[&id, &ms],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
+            ).await?;
         row.map(|r| Ok((col(self, &r, 0)?, col::<i64>(self, &r, 1)? as u64)))
             .transpose()
     }
 
     /// Every claim of a live node, ordered by id.
     pub async fn fleet_sessions(&self, stale: Duration) -> Result<Vec<FleetSession>, StoreError> {
-        self.count_queries(1);
         let ms = stale.as_millis() as i64;
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT s.id, s.node, n.addr, s.peer, extract(epoch FROM s.since)::bigint \
                  FROM sessions s JOIN nodes n ON n.node = s.node \
@@ -374,8 +384,7 @@ impl FleetDb {
                  ORDER BY s.id",
                 &[&ms],
             )
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(FleetSession {
@@ -391,48 +400,39 @@ impl FleetDb {
 
     /// Hands a send to its node (it is told on tally_send).
     pub async fn put_send(&self, send: &PendingSend) -> Result<(), StoreError> {
-        self.count_queries(1);
         let ms = send.timeout.as_millis().min(i64::MAX as u128) as i64;
         let epoch = send.epoch as i64;
-        self.client()
-            .await?
-            .execute(
-                "WITH ins AS (INSERT INTO sends (call, node, origin, id, epoch, request, \
+        self.execute(
+            "WITH ins AS (INSERT INTO sends (call, node, origin, id, epoch, request, \
                  payload, timeout_ms, stamp, tag) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING call) \
                  SELECT pg_notify('tally_send', $2 || ' ' || call) FROM ins",
-                &[
-                    &send.call,
-                    &send.node,
-                    &send.origin,
-                    &send.id,
-                    &epoch,
-                    &send.request,
-                    &send.payload,
-                    &ms,
-                    &send.stamp,
-                    &send.tag,
-                ],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
+            &[
+                &send.call,
+                &send.node,
+                &send.origin,
+                &send.id,
+                &epoch,
+                &send.request,
+                &send.payload,
+                &ms,
+                &send.stamp,
+                &send.tag,
+            ],
+        )
+        .await
     }
 
     /// The send `call`, for the node that holds its device's session (which verifies
     /// it before anything else).
     pub async fn take_send(&self, call: i64) -> Result<Option<PendingSend>, StoreError> {
-        self.count_queries(1);
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT call, node, origin, id, epoch, request, payload, timeout_ms, stamp, tag \
                  FROM sends WHERE call = $1 AND NOT done",
                 &[&call],
             )
-            .await
-            .map_err(|e| self.error(e))?;
+            .await?;
         row.map(|r| {
             Ok(PendingSend {
                 call: col(self, &r, 0)?,
@@ -463,18 +463,13 @@ impl FleetDb {
             SendOutcome::Sent => (None, None, None),
             SendOutcome::Failed(kind, why) => (None, None, Some(format!("{} {why}", kind.word()))),
         };
-        self.count_queries(1);
-        self.client()
-            .await?
-            .execute(
-                "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4, \
+        self.execute(
+            "WITH up AS (UPDATE sends SET done = true, status = $2, answer = $3, error = $4, \
                  answer_tag = $6 WHERE call = $1 RETURNING call) \
                  SELECT pg_notify('tally_result', $5 || ' ' || call) FROM up",
-                &[&call, &status, &answer, &error, &origin, &tag],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
+            &[&call, &status, &answer, &error, &origin, &tag],
+        )
+        .await
     }
 
     /// The outcome of `call` and its tag, if it was answered (`delete`: and the row is
@@ -484,19 +479,14 @@ impl FleetDb {
         call: i64,
         delete: bool,
     ) -> Result<Option<(SendOutcome, Vec<u8>)>, StoreError> {
-        self.count_queries(1);
         let sql = if delete {
             "DELETE FROM sends WHERE call = $1 RETURNING done, status, answer, error, answer_tag"
         } else {
             "SELECT done, status, answer, error, answer_tag FROM sends WHERE call = $1"
         };
-        let row = self
-            .client()
-            .await?
-            .query_opt(sql, &[&call])
-            .await
-            .map_err(|e| self.error(e))?;
-        let Some(r) = row else { return Ok(None) };
+        let Some(r) = self.query_opt(sql, &[&call]).await? else {
+            return Ok(None);
+        };
         if !col::<bool>(self, &r, 0)? {
             return Ok(None);
         }

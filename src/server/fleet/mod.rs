@@ -49,7 +49,7 @@ use crate::store::{Store, StoreError};
 use db::{FleetDb, LogAck, PendingSend, SendFailure, SendOutcome};
 
 use node::{Action, Finish, Node, Ticket};
-pub use node::{ClaimError, Granted, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
+pub use node::{ClaimError, Granted, Takeover, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
 
 /// How far a send's stamp (its origin's clock) may be from the clock of the node that
 /// serves it: a send is served only within this window, and remembered for as long, so
@@ -116,33 +116,12 @@ pub struct Fleet {
     rejected: Rejected,
     /// Set when identity notices overflowed their queue: every key is read again.
     resync: tokio::sync::Notify,
-    /// Another node has verified entries of the fleet's log this node cannot read: it
-    /// stays fenced (its view of revocations is incomplete) until it can.
-    hidden: std::sync::atomic::AtomicBool,
 }
 
 /// The state machine, and who waits for its answers.
 struct Machine {
     node: Node,
     answers: HashMap<Ticket, oneshot::Sender<Result<Granted, ClaimError>>>,
-}
-
-/// A takeover across nodes, as `tally_close` carries it: `new_node`'s claim of `id`
-/// with `new_epoch` superseded `old_node`'s with `old_epoch`. Tagged under the fleet key
-/// by the node that took over; the old node acts on nothing else. (A replayed notice
-/// closes nothing: claim epochs only grow, so the epoch it names was superseded already.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Takeover {
-    /// The identity.
-    pub id: Id,
-    /// The node whose session was taken over, and its claim's epoch.
-    pub old_node: String,
-    /// See `old_node`.
-    pub old_epoch: u64,
-    /// The node that took it over, and its claim's epoch.
-    pub new_node: String,
-    /// See `new_node`.
-    pub new_epoch: u64,
 }
 
 impl Takeover {
@@ -434,7 +413,6 @@ impl Fleet {
             serving: Arc::new(tokio::sync::Semaphore::new(SERVING_SENDS)),
             rejected: Rejected::default(),
             resync: tokio::sync::Notify::new(),
-            hidden: Default::default(),
         });
         // What this node verified of the fleet's log before: the log must still hold it
         // (checked once the index, and the log with it, is loaded: `check_revocations`).
@@ -670,7 +648,10 @@ impl Fleet {
         }
         match ahead(seen) {
             Some((node, a)) => {
-                if !self.hidden.swap(true, Ordering::SeqCst) {
+                // Its sessions closed with this reason first (the machine's fence then
+                // finds them closed).
+                self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
+                if !self.with_node(|n, now| n.hold(true, now)) {
                     tracing::error!(
                         peer = node,
                         peer_entries = a.seen,
@@ -678,14 +659,11 @@ impl Fleet {
                         "fleet: another node has verified entries of the fleet's log that this node cannot read (hidden from it by the database, or damaged): fencing this node (sessions closed, handshakes refused BUSY) until it can; docs/CLUSTER.md"
                     );
                 }
-                self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
-                self.with_node(|node, now| node.hold(true, now));
             }
             None => {
-                if self.hidden.swap(false, Ordering::SeqCst) {
+                if self.with_node(|n, now| n.hold(false, now)) {
                     info!("fleet: this node reads every entry of the fleet's log the others verified again");
                 }
-                self.with_node(|node, now| node.hold(false, now));
             }
         }
     }
@@ -1300,20 +1278,8 @@ impl Fleet {
                 let this = self.clone();
                 self.pg().spawn(async move {
                     let key = this.store.fleet_key();
-                    let notices: Vec<String> = batch
-                        .announce
-                        .iter()
-                        .map(|a| {
-                            Takeover {
-                                id: a.id.clone(),
-                                old_node: a.old_node.clone(),
-                                old_epoch: a.old_epoch,
-                                new_node: this.node.clone(),
-                                new_epoch: a.new_epoch,
-                            }
-                            .encode(key)
-                        })
-                        .collect();
+                    let notices: Vec<String> =
+                        batch.announce.iter().map(|t| t.encode(key)).collect();
                     let ms = STALE.as_millis() as i64;
                     let run = db::run_batch(&this.db, &this.node, this.reject, ms, &batch, &notices);
                     let answer = match tokio::time::timeout(node::BATCH_TIMEOUT, run).await {

@@ -275,58 +275,39 @@ impl Fleet {
                     }
                 }
                 let mut rows = Vec::new();
-                let mut notices = Vec::new();
                 for c in &batch.claims {
-                    let row = match db.claims.get(&c.id).cloned() {
-                        None => {
-                            db.epochs += 1;
-                            db.claims.insert(
-                                c.id.clone(),
-                                Claim {
-                                    node: i,
-                                    epoch: db.epochs,
-                                    batch: batch.no,
-                                },
-                            );
-                            row(ClaimKind::Claimed, db.epochs, None)
+                    let cur = db.claims.get(&c.id).cloned();
+                    let live = cur.as_ref().is_some_and(|cur| {
+                        if cur.node == i {
+                            c.self_live
+                        } else {
+                            db.nodes
+                                .get(&cur.node)
+                                .is_some_and(|hb| Fleet::stale(*hb) > now)
                         }
-                        Some(cur) => {
-                            let live = if cur.node == i {
-                                c.self_live
-                            } else {
-                                db.nodes
-                                    .get(&cur.node)
-                                    .is_some_and(|hb| Fleet::stale(*hb) > now)
-                            };
-                            if live && self.reject {
-                                row(ClaimKind::Refused, cur.epoch, Some(&cur))
-                            } else {
-                                db.epochs += 1;
-                                db.claims.insert(
-                                    c.id.clone(),
-                                    Claim {
-                                        node: i,
-                                        epoch: db.epochs,
-                                        batch: batch.no,
-                                    },
-                                );
-                                let kind = if live {
-                                    ClaimKind::TookOver
-                                } else {
-                                    ClaimKind::Claimed
-                                };
-                                row(kind, db.epochs, Some(&cur))
-                            }
-                        }
+                    });
+                    if let (Some(cur), true) = (&cur, live && self.reject) {
+                        rows.push(row(ClaimKind::Refused, cur.epoch, Some(cur)));
+                        continue;
+                    }
+                    // Free, held by a dead node, or taken over: a new epoch.
+                    db.epochs += 1;
+                    let claim = Claim {
+                        node: i,
+                        epoch: db.epochs,
+                        batch: batch.no,
                     };
-                    rows.push(row);
+                    db.claims.insert(c.id.clone(), claim);
+                    let kind = if live {
+                        ClaimKind::TookOver
+                    } else {
+                        ClaimKind::Claimed
+                    };
+                    rows.push(row(kind, db.epochs, cur.as_ref()));
                 }
-                for a in &batch.announce {
-                    let old = a.old_node[1..].parse::<usize>().expect("n<i>");
-                    notices.push((old, a.id.clone(), a.old_epoch));
-                }
-                for (old, id, epoch) in notices {
-                    state.nodes[old].notices.push((id, epoch));
+                for t in &batch.announce {
+                    let old = t.old_node[1..].parse::<usize>().expect("n<i>");
+                    state.nodes[old].notices.push((t.id.clone(), t.old_epoch));
                 }
                 if !batch.release_all.is_empty() {
                     state.released_lost = true;

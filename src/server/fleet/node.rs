@@ -122,16 +122,22 @@ pub struct Granted {
     pub old_peer: Option<String>,
 }
 
-/// A takeover across nodes, to announce on `tally_close` (tagged by the driver).
+/// A takeover across nodes, as `tally_close` carries it: `new_node`'s claim of `id`
+/// with `new_epoch` superseded `old_node`'s with `old_epoch`. Tagged under the fleet key
+/// by the node that took over (`super::Takeover::encode`); the old node acts on nothing
+/// else. (A replayed notice closes nothing: claim epochs only grow, so the epoch it
+/// names was superseded already.)
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Announce {
+pub struct Takeover {
     /// The identity.
     pub id: Id,
-    /// The node whose claim was superseded, and its epoch.
+    /// The node whose session was taken over, and its claim's epoch.
     pub old_node: String,
     /// See `old_node`.
     pub old_epoch: u64,
-    /// This node's new claim.
+    /// The node that took it over, and its claim's epoch.
+    pub new_node: String,
+    /// See `new_node`.
     pub new_epoch: u64,
 }
 
@@ -159,7 +165,7 @@ pub struct Batch {
     /// Claims to make, in order; the answer has one row for each.
     pub claims: Vec<ClaimItem>,
     /// Takeovers to announce.
-    pub announce: Vec<Announce>,
+    pub announce: Vec<Takeover>,
 }
 
 impl Batch {
@@ -230,17 +236,13 @@ pub enum Finish {
 /// The batch in flight.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct InFlight {
-    no: u64,
-    deadline: Instant,
+    /// What it runs: its releases are tried again if it fails, and an idle release
+    /// (`release_all`) ends only once one sent [`SETTLE`] after it began succeeds.
+    batch: Batch,
     /// Its claims' tickets, in the order of its claims.
     tickets: Vec<Ticket>,
-    /// Its releases, to retry if it fails.
-    releases: Vec<(Id, u64)>,
-    /// Its releases of every claim of an id: an idle release ends only once one sent
-    /// [`SETTLE`] after it began succeeds.
-    release_all: Vec<Id>,
     sent: Instant,
-    announce: Vec<Announce>,
+    deadline: Instant,
 }
 
 /// A release of every claim of an id by this node, until [`SETTLE`] after `since`.
@@ -267,9 +269,9 @@ pub struct Node {
     /// Releases that failed: tried again once the time comes.
     releases_later: Vec<(Id, u64, Instant)>,
     idle: BTreeMap<Id, Idle>,
-    announce: Vec<Announce>,
+    announce: Vec<Takeover>,
     /// Takeover notices that failed, and until when they are worth trying.
-    announce_later: Vec<(Announce, Instant, Instant)>,
+    announce_later: Vec<(Takeover, Instant, Instant)>,
     in_flight: Option<InFlight>,
     next_batch: u64,
     /// The registered session of each identity: its claim's epoch.
@@ -325,11 +327,6 @@ impl Node {
         }
     }
 
-    /// This node's name.
-    pub fn name(&self) -> &str {
-        &self.me
-    }
-
     /// Whether this node is fenced.
     pub fn is_fenced(&self) -> bool {
         self.fenced
@@ -348,7 +345,8 @@ impl Node {
     }
 
     /// The epochs of the sessions registered here.
-    pub fn live(&self) -> impl Iterator<Item = (&Id, u64)> {
+    #[cfg(test)]
+    fn live(&self) -> impl Iterator<Item = (&Id, u64)> {
         self.live.iter().map(|(id, e)| (id, *e))
     }
 
@@ -363,8 +361,9 @@ impl Node {
             && self.in_flight.is_none()
     }
 
-    /// Claims waiting or in flight (for the tests and the metrics).
-    pub fn claims_pending(&self) -> usize {
+    /// Claims waiting or in flight.
+    #[cfg(test)]
+    fn claims_pending(&self) -> usize {
         self.pending.len()
     }
 
@@ -415,21 +414,21 @@ impl Node {
             (Stage::Granted(epoch), Finish::Registered) => {
                 let id = p.id.clone();
                 self.live.insert(id, epoch);
-                self.remove_ticket(ticket, now);
+                self.remove_ticket(ticket);
             }
             (Stage::Granted(epoch), Finish::Dropped) => {
                 let id = p.id.clone();
-                self.remove_ticket(ticket, now);
+                self.remove_ticket(ticket);
                 self.unclaim(id, epoch, now);
             }
             (Stage::InFlight(no), _) => {
                 // Answered when its batch is: then released.
                 p.stage = Stage::Abandoned(no);
             }
-            (Stage::Waiting, _) => self.remove_ticket(ticket, now),
+            (Stage::Waiting, _) => self.remove_ticket(ticket),
             (Stage::Queued, _) => {
                 self.queued.retain(|t| *t != ticket);
-                self.remove_ticket(ticket, now);
+                self.remove_ticket(ticket);
             }
             (Stage::Abandoned(_), _) => {}
         }
@@ -449,24 +448,25 @@ impl Node {
     }
 
     /// Entries of the fleet's log are hidden from this node (`true`): it stays fenced
-    /// until they are not (`false`).
-    pub fn hold(&mut self, held: bool, now: Instant) {
-        self.held = held;
+    /// until they are not (`false`). Returns whether they were before.
+    pub fn hold(&mut self, held: bool, now: Instant) -> bool {
+        let was = std::mem::replace(&mut self.held, held);
         if held && !self.fenced {
             self.fence();
         }
         self.maybe_unfence(now);
+        was
     }
 
     /// Batch `no` answered: one row per claim, in order (`Ok`), or failed.
     pub fn batch_done(&mut self, no: u64, answer: Result<Vec<ClaimRow>, String>, now: Instant) {
-        let Some(flight) = self.in_flight.take_if(|f| f.no == no) else {
+        let Some(flight) = self.in_flight.take_if(|f| f.batch.no == no) else {
             // Timed out already, and treated as failed.
             return;
         };
         match answer {
             Ok(rows) if rows.len() == flight.tickets.len() => {
-                for id in &flight.release_all {
+                for id in &flight.batch.release_all {
                     // Done once a release sent SETTLE after the claim's statement (which
                     // can no longer commit then) succeeded; else tried again.
                     if self
@@ -668,7 +668,7 @@ impl Node {
     }
 
     /// Takes `ticket` out, and lets the next claim of its identity go.
-    fn remove_ticket(&mut self, ticket: Ticket, now: Instant) {
+    fn remove_ticket(&mut self, ticket: Ticket) {
         let Some(p) = self.pending.remove(&ticket) else {
             return;
         };
@@ -688,7 +688,6 @@ impl Node {
                 }
             }
         }
-        let _ = now;
     }
 
     /// A claim of `id` with `epoch` not registered: released, unless an older session
@@ -726,7 +725,7 @@ impl Node {
                         }),
                     ));
                 }
-                self.remove_ticket(ticket, now);
+                self.remove_ticket(ticket);
             }
             ClaimKind::Claimed | ClaimKind::TookOver => {
                 let newest = self.claimed.entry(id.clone()).or_insert(row.epoch);
@@ -735,10 +734,11 @@ impl Node {
                     (row.kind, &row.old_node, row.old_epoch)
                 {
                     if *old_node != self.me {
-                        self.announce.push(Announce {
+                        self.announce.push(Takeover {
                             id: id.clone(),
                             old_node: old_node.clone(),
                             old_epoch,
+                            new_node: self.me.clone(),
                             new_epoch: row.epoch,
                         });
                     }
@@ -753,7 +753,7 @@ impl Node {
                             )),
                         ));
                     }
-                    self.remove_ticket(ticket, now);
+                    self.remove_ticket(ticket);
                     self.unclaim(id, row.epoch, now);
                 } else {
                     p.stage = Stage::Granted(row.epoch);
@@ -784,16 +784,21 @@ impl Node {
             // The statement may have run and its answer been lost: this node may hold a
             // claim it does not know the epoch of.
             let id = p.id.clone();
-            self.remove_ticket(ticket, now);
+            self.remove_ticket(ticket);
             self.idle.entry(id).or_insert(Idle {
                 since: now,
                 retry: now,
             });
         }
         let retry = now + HEARTBEAT;
-        self.releases_later
-            .extend(flight.releases.into_iter().map(|(id, e)| (id, e, retry)));
-        for a in flight.announce {
+        self.releases_later.extend(
+            flight
+                .batch
+                .releases
+                .into_iter()
+                .map(|(id, e)| (id, e, retry)),
+        );
+        for a in flight.batch.announce {
             // Worth telling for as long as the old node may hold the session without a
             // claim it would check.
             self.announce_later.push((a, retry, now + STALE));
@@ -812,46 +817,44 @@ impl Node {
         // Releases go even while fenced (each names its epoch, or the batches before
         // it: none deletes a newer claim); a node declared dead drops them (its claims
         // went with its row).
-        {
-            let n = self.releases.len().min(BATCH_MAX);
-            batch.releases.extend(self.releases.drain(..n));
-            let mut later = Vec::new();
-            for (id, e, at) in std::mem::take(&mut self.releases_later) {
-                if now >= at && batch.releases.len() < BATCH_MAX {
-                    batch.releases.push((id, e));
-                } else {
-                    later.push((id, e, at));
-                }
+        let n = self.releases.len().min(BATCH_MAX);
+        batch.releases.extend(self.releases.drain(..n));
+        let mut later = Vec::new();
+        for (id, e, at) in std::mem::take(&mut self.releases_later) {
+            if now >= at && batch.releases.len() < BATCH_MAX {
+                batch.releases.push((id, e));
+            } else {
+                later.push((id, e, at));
             }
-            self.releases_later = later;
-            // An idle release goes when no claim of its id is on its way here and no
-            // session of it is live here.
-            for (id, idle) in self.idle.iter_mut() {
-                if now < idle.retry
-                    || self.by_id.contains_key(id)
-                    || self.live.contains_key(id)
-                    || batch.release_all.len() >= BATCH_MAX
-                {
-                    continue;
-                }
-                batch.release_all.push(id.clone());
-                idle.retry = now + HEARTBEAT;
-            }
-            for id in &batch.release_all {
-                self.claimed.remove(id);
-            }
-            batch.announce.append(&mut self.announce);
-            self.announce_later.retain(|(_, _, until)| now < *until);
-            let mut later = Vec::new();
-            for (a, at, until) in std::mem::take(&mut self.announce_later) {
-                if now >= at {
-                    batch.announce.push(a);
-                } else {
-                    later.push((a, at, until));
-                }
-            }
-            self.announce_later = later;
         }
+        self.releases_later = later;
+        // An idle release goes when no claim of its id is on its way here and no
+        // session of it is live here.
+        for (id, idle) in self.idle.iter_mut() {
+            if now < idle.retry
+                || self.by_id.contains_key(id)
+                || self.live.contains_key(id)
+                || batch.release_all.len() >= BATCH_MAX
+            {
+                continue;
+            }
+            batch.release_all.push(id.clone());
+            idle.retry = now + HEARTBEAT;
+        }
+        for id in &batch.release_all {
+            self.claimed.remove(id);
+        }
+        batch.announce.append(&mut self.announce);
+        self.announce_later.retain(|(_, _, until)| now < *until);
+        let mut later = Vec::new();
+        for (a, at, until) in std::mem::take(&mut self.announce_later) {
+            if now >= at {
+                batch.announce.push(a);
+            } else {
+                later.push((a, at, until));
+            }
+        }
+        self.announce_later = later;
         let mut tickets = Vec::new();
         while tickets.len() < BATCH_MAX {
             let Some(ticket) = self.queued.pop_front() else {
@@ -883,16 +886,13 @@ impl Node {
             return;
         }
         self.next_batch += 1;
+        self.actions.push_back(Action::Run(batch.clone()));
         self.in_flight = Some(InFlight {
-            no: batch.no,
-            deadline: now + BATCH_TIMEOUT,
+            batch,
             tickets,
-            releases: batch.releases.clone(),
-            release_all: batch.release_all.clone(),
             sent: now,
-            announce: batch.announce.clone(),
+            deadline: now + BATCH_TIMEOUT,
         });
-        self.actions.push_back(Action::Run(batch));
     }
 }
 
@@ -1369,10 +1369,11 @@ mod tests {
         let next = runs(&acts);
         assert_eq!(
             next[0].announce,
-            vec![Announce {
+            vec![Takeover {
                 id: id("a"),
                 old_node: "other".into(),
                 old_epoch: 11,
+                new_node: "me".into(),
                 new_epoch: 12
             }]
         );
