@@ -345,3 +345,55 @@ fn the_store_answers_from_a_current_thread_runtime() {
     let multi = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(multi.block_on(async { store.count() }).unwrap(), 0);
 }
+
+/// A node told that an identity changed (revoked on another node), whose read of it
+/// fails (the database answers nothing sensible for a moment): the key it held leaves
+/// its index, so that no handshake is served with a key that may be revoked; it comes
+/// back only once a read succeeds. (Was reached in tests/fleet.rs by a sleep compiled
+/// into debug builds before the node's read.)
+#[test]
+fn a_key_that_cannot_be_read_again_leaves_the_index() {
+    let Some(cluster) = Cluster::start("refresh fails closed") else {
+        return;
+    };
+    let location = tally::store::Location::Postgres(cluster.url());
+    let open = || {
+        let key = tally::proto::SecretKey::from_bytes([7; 32]);
+        tally::store::Store::open_at(
+            &location,
+            key,
+            tally::store::pgconf::PasswordSources::default(),
+        )
+        .unwrap()
+    };
+    // Two nodes' stores on one database.
+    let (here, there) = (open(), open());
+    let id = tally::proto::Id::new("stale-1").unwrap();
+    let device_key = tally::proto::SecretKey::from_bytes([9; 32]);
+    there
+        .insert(
+            &id,
+            &device_key,
+            tally::proto::frame::EnrollMode::Open,
+            None,
+        )
+        .unwrap();
+    here.load_key_index().unwrap();
+    let known = |store: &tally::store::Store| {
+        store
+            .cached_key(&id)
+            .expect("index loaded")
+            .unwrap()
+            .is_some()
+    };
+    assert!(known(&here));
+    // Revoked on the other node; this node's read of it fails.
+    assert!(there.revoke("stale-1").unwrap());
+    cluster.psql("ALTER TABLE identities RENAME TO identities_away; ALTER TABLE fleet_log RENAME TO fleet_log_away");
+    assert!(here.refresh("stale-1").is_err());
+    assert!(!known(&here), "a key that may be revoked stayed usable");
+    // Read again once the database answers: revoked, it stays out.
+    cluster.psql("ALTER TABLE identities_away RENAME TO identities; ALTER TABLE fleet_log_away RENAME TO fleet_log");
+    assert!(here.refresh("stale-1").is_ok());
+    assert!(!known(&here));
+}

@@ -5,7 +5,7 @@ use core::time::Duration;
 use bytes::BytesMut;
 
 use super::frame::{Id, Mode};
-use super::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
+use super::handshake::{ClientAwaitAuth, Established, HelloReceived, ServerLimits};
 use super::{SecretKey, Session};
 
 /// A client and a server session that completed a real handshake in memory, with a
@@ -17,6 +17,14 @@ pub fn session_pair(max_frame_len: u32) -> (Session, Session) {
 
 /// [`session_pair`] in `mode`.
 pub fn session_pair_in(mode: Mode, max_frame_len: u32) -> (Session, Session) {
+    let (client, server) = established_in(mode, max_frame_len);
+    (client, server.session)
+}
+
+/// A client session and what the server has once the client's CLIENT_FINISH verified
+/// (the proof a registry asks for), after a real handshake in memory as
+/// [`session_pair_in`].
+pub fn established_in(mode: Mode, max_frame_len: u32) -> (Session, Established) {
     let id = Id::new("test").expect("valid id");
     let server_static = x25519_dalek::StaticSecret::from([3; 32]);
     let server_public = x25519_dalek::PublicKey::from(&server_static).to_bytes();
@@ -55,6 +63,6 @@ pub fn session_pair_in(mode: Mode, max_frame_len: u32) -> (Session, Session) {
     let (client, _) = client
         .handle_server_auth(&auth, &mut finish)
         .expect("same key");
-    let server = server.handle_finish(&finish).expect("same key").session;
+    let server = server.handle_finish(&finish).expect("same key");
     (client, server)
 }

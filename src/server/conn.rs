@@ -543,30 +543,22 @@ async fn start_session(
     // In a fleet, the identity is claimed across the nodes first (spec 7.3 fleet-wide),
     // one handshake of an identity at a time on this node, so that this node's claims
     // and registrations of it come in one order.
-    let (epoch, claimed_in, _claiming) = match &state.fleet {
-        // Without a fleet, nothing of this is read by the registry, nor takes its lock.
-        None => (0, 0, None),
-        Some(fleet) => {
-            let claimed_in = state.registry.claims_generation();
-            match fleet.claim(&id, stream.peer).await {
-                Ok((granted, claiming)) => {
-                    #[cfg(debug_assertions)]
-                    super::fleet::test_pause("TALLYD_TEST_PAUSE_AFTER_CLAIM_MS").await;
-                    (granted.epoch, claimed_in, Some(claiming))
-                }
-                Err(e) => {
-                    let code = match e {
-                        ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
-                        ClaimError::Fenced | ClaimError::Unavailable(_) | ClaimError::Crowded => {
-                            ErrorCode::BUSY
-                        }
-                    };
-                    warn!("refused: {e}");
-                    answer_refused(&mut stream, code).await;
-                    return None;
-                }
+    let (epoch, claiming) = match &state.fleet {
+        None => (0, None),
+        Some(fleet) => match fleet.claim(&id, stream.peer).await {
+            Ok((granted, claiming)) => (granted.epoch, Some(claiming)),
+            Err(e) => {
+                let code = match e {
+                    ClaimError::Held { .. } => ErrorCode::TAKEOVER_REFUSED,
+                    ClaimError::Fenced | ClaimError::Unavailable(_) | ClaimError::Crowded => {
+                        ErrorCode::BUSY
+                    }
+                };
+                warn!("refused: {e}");
+                answer_refused(&mut stream, code).await;
+                return None;
             }
-        }
+        },
     };
     let conn = state.registry.next_conn();
     let mailbox = Arc::new(Mailbox::default());
@@ -574,38 +566,39 @@ async fn start_session(
         conn,
         epoch,
         log_pos,
-        claimed_in,
         peer: stream.peer,
         since: SystemTime::now(),
         mailbox: mailbox.clone(),
     };
-    let registration =
-        match state
+    // In a fleet, the state machine admits the claim and the registry registers the
+    // session under one lock; else the claim is released (or kept for an older session
+    // of the id live here), and the next handshake of the id need not wait for this
+    // one's farewell.
+    let register = || {
+        state
             .registry
             .register(&verified, &id, entry, state.takeover, key_lookup)
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let code = match e {
-                    RegisterError::TakeoverRefused | RegisterError::Superseded => {
-                        ErrorCode::TAKEOVER_REFUSED
-                    }
-                    // The same answer as for a revoked identity (spec 7.5).
-                    RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
-                    RegisterError::TooLate | RegisterError::Fenced => ErrorCode::BUSY,
-                };
-                warn!("refused: {e}");
-                // The claim is released (or kept for an older session of the id live
-                // here), and the next handshake of the id need not wait for this one's
-                // farewell.
-                drop(_claiming);
-                answer_refused(&mut stream, code).await;
-                return None;
-            }
-        };
-    if let Some(claiming) = _claiming {
-        claiming.registered();
-    }
+    };
+    let registered = match claiming {
+        Some(claiming) => claiming.register(register),
+        None => register(),
+    };
+    let registration = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            let code = match e {
+                RegisterError::TakeoverRefused | RegisterError::Superseded => {
+                    ErrorCode::TAKEOVER_REFUSED
+                }
+                // The same answer as for a revoked identity (spec 7.5).
+                RegisterError::Invalidated => ErrorCode::AUTH_FAILED,
+                RegisterError::TooLate | RegisterError::Fenced => ErrorCode::BUSY,
+            };
+            warn!("refused: {e}");
+            answer_refused(&mut stream, code).await;
+            return None;
+        }
+    };
     state.note_seen(&id);
     state.metrics.handshake();
     // Per-session lines are debug: at the default level a line per session would cost

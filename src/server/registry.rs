@@ -221,9 +221,6 @@ pub struct Entry {
     /// (the entries of the fleet's log before it): a revocation ends the enrollments
     /// before it. 0 without a fleet.
     pub log_pos: u64,
-    /// The registry's [`Registry::claims_generation`] when the claim was made: if this
-    /// node may have lost its claims since, the session is refused.
-    pub claimed_in: u64,
     /// The device's address.
     pub peer: SocketAddr,
     /// When the session was established.
@@ -284,11 +281,13 @@ pub enum RegisterError {
     #[error("handshake took longer than its deadline to be registered")]
     TooLate,
     /// In a fleet: a newer claim of the identity (on another node, or a later handshake
-    /// here) took over this one before it was registered.
+    /// here) took over this one before it was registered (the fleet's state machine
+    /// says so: `fleet::node::Node::admits`).
     #[error("a newer session of this identity took over before this one was registered")]
     Superseded,
     /// In a fleet: this node is fenced, may have lost its claims since this one was
-    /// made (it was declared dead by the fleet), or is not hearing the fleet's notices.
+    /// made (it was declared dead by the fleet), or is not hearing the fleet's notices
+    /// (the fleet's state machine says so).
     #[error("this node is cut off from the fleet's database")]
     Fenced,
 }
@@ -301,21 +300,7 @@ struct Live {
     /// Kept for `tombstone_ttl`: no handshake outlives its deadline.
     tombstones: HashMap<Id, Instant>,
     tombstone_ttl: Duration,
-    /// In a fleet: the highest claim epoch of each identity known to be superseded
-    /// (taken over on another node), and since when. A handshake whose claim has an
-    /// epoch up to it is refused: the notice may come before the session is registered.
-    /// Kept for `tombstone_ttl` too (a registration later than that is refused anyway).
-    superseded: HashMap<Id, (u64, Instant)>,
-    /// Bumped each time this node may have lost its claims (fenced, declared dead):
-    /// claims made before are no longer trusted.
-    claims_generation: u64,
-    /// Fenced: no session is registered.
-    fenced: bool,
-    /// Not listening for the fleet's notices, or catching up with the ones missed (the
-    /// number of that loss of the notification connection): no session is registered
-    /// (a takeover or a revocation elsewhere would go unheard).
-    deaf: Option<u64>,
-    /// When `tombstones` and `superseded` were last pruned.
+    /// When `tombstones` were last pruned.
     pruned: Option<Instant>,
 }
 
@@ -458,14 +443,13 @@ impl Registry {
         // One clock read for every age below.
         let now = Instant::now();
         let age = |at: Instant| now.saturating_duration_since(at);
-        // Pruned at most once a second (a pass over both maps per handshake would cost a
-        // storm of revocations or takeovers dear); an entry older than `ttl` is ignored.
+        // Pruned at most once a second (a pass over the map per handshake would cost a
+        // storm of revocations dear); an entry older than `ttl` is ignored.
         if live
             .pruned
             .is_none_or(|at| age(at) >= Duration::from_secs(1))
         {
             live.tombstones.retain(|_, at| age(*at) < ttl);
-            live.superseded.retain(|_, (_, at)| age(*at) < ttl);
             live.pruned = Some(now);
         }
         if live
@@ -479,19 +463,6 @@ impl Registry {
         // before that cannot be told apart from one that did not.
         if !ttl.is_zero() && age(key_lookup) >= ttl {
             return Err(RegisterError::TooLate);
-        }
-        if self.in_fleet() {
-            if live.fenced || live.deaf.is_some() || entry.claimed_in != live.claims_generation {
-                return Err(RegisterError::Fenced);
-            }
-            let newer_here = live.sessions.get(id).is_some_and(|e| e.epoch > epoch);
-            let superseded = live
-                .superseded
-                .get(id)
-                .is_some_and(|(e, at)| epoch <= *e && age(*at) < ttl);
-            if newer_here || superseded {
-                return Err(RegisterError::Superseded);
-            }
         }
         if let Some(old) = live.sessions.get(id) {
             if policy == TakeoverPolicy::Reject {
@@ -548,17 +519,10 @@ impl Registry {
     /// In a fleet: `id`'s claims up to `epoch` were superseded (another node took the
     /// identity over from that claim; claim epochs only grow, fleet-wide). Asks the
     /// live session to close if its claim is one of them (a newer session here is left
-    /// alone), and refuses the registration of any of them still on its way
-    /// ([`RegisterError::Superseded`]). Returns whether a session was asked to close.
+    /// alone). Returns whether a session was asked to close. (A registration still on
+    /// its way is refused by the fleet's state machine, told first.)
     pub fn close_epoch(&self, id: &Id, epoch: u64, code: CloseCode, reason: &'static str) -> bool {
-        let mut live = self.lock();
-        let mark = live
-            .superseded
-            .entry(id.clone())
-            .or_insert((epoch, Instant::now()));
-        if mark.0 <= epoch {
-            *mark = (epoch, Instant::now());
-        }
+        let live = self.lock();
         match live.sessions.get(id) {
             Some(e) if e.epoch <= epoch => {
                 e.mailbox.ask_close(code, reason);
@@ -568,70 +532,14 @@ impl Registry {
         }
     }
 
-    /// The current [`Entry::claimed_in`]: read before a claim is made.
-    pub fn claims_generation(&self) -> u64 {
-        self.lock().claims_generation
-    }
-
-    /// In a fleet: this node may have lost every claim (`fenced`: it is cut off from
-    /// the database and registers nothing until [`Registry::unfence`]; else it was
-    /// declared dead). Every live session is asked to close, and claims made before
-    /// now are refused at registration. Returns how many sessions there were, or `None`
-    /// if fencing a node already fenced (nothing done).
-    pub fn lose_claims(
-        &self,
-        fenced: bool,
-        code: CloseCode,
-        reason: &'static str,
-    ) -> Option<usize> {
-        let mut live = self.lock();
-        if fenced && live.fenced {
-            return None;
-        }
-        live.claims_generation += 1;
-        live.fenced |= fenced;
+    /// In a fleet: this node lost its claims, or may have (fenced, declared dead): every
+    /// live session is asked to close. Returns how many there were.
+    pub fn close_all(&self, code: CloseCode, reason: &'static str) -> usize {
+        let live = self.lock();
         for e in live.sessions.values() {
             e.mailbox.ask_close(code, reason);
         }
-        Some(live.sessions.len())
-    }
-
-    /// The fleet's database answers again: sessions can be registered. Returns whether
-    /// the node was fenced.
-    pub fn unfence(&self) -> bool {
-        std::mem::take(&mut self.lock().fenced)
-    }
-
-    /// Whether this node is fenced ([`Registry::lose_claims`]).
-    pub fn is_fenced(&self) -> bool {
-        self.lock().fenced
-    }
-
-    /// In a fleet: this node may be missing notices since loss number `loss` of its
-    /// notification connection. Until [`Registry::hear_again`] for the same loss, no
-    /// session is registered ([`RegisterError::Fenced`]), nor any claimed before now;
-    /// those already live are judged when the node has caught up.
-    pub fn deafen(&self, loss: u64) {
-        let mut live = self.lock();
-        live.deaf = Some(loss);
-        live.claims_generation += 1;
-    }
-
-    /// The node caught up with what it missed since loss `loss`: sessions can be
-    /// registered again, unless the connection was lost again since.
-    pub fn hear_again(&self, loss: u64) -> bool {
-        let mut live = self.lock();
-        if live.deaf == Some(loss) {
-            live.deaf = None;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether this node is missing notices ([`Registry::deafen`]).
-    pub fn is_deaf(&self) -> bool {
-        self.lock().deaf.is_some()
+        live.sessions.len()
     }
 
     /// Every live session's identity and claim epoch.
@@ -824,7 +732,63 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::testing::established_in;
+    use crate::proto::Mode;
     use std::task::Waker;
+
+    /// Registers connection `conn` of `id` (after a real handshake) whose key was
+    /// looked up at `looked_up`, in a registry whose handshakes have 1 s.
+    fn register(
+        registry: &Arc<Registry>,
+        id: &Id,
+        conn: u64,
+        looked_up: Instant,
+    ) -> Result<Registration, RegisterError> {
+        registry.set_handshake_deadline(Duration::from_secs(1));
+        let (_, est) = established_in(Mode::Authenticated, 1024);
+        let entry = Entry {
+            conn,
+            epoch: 0,
+            log_pos: 0,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            since: SystemTime::now(),
+            mailbox: Arc::new(Mailbox::default()),
+        };
+        registry.register(&est.verified, id, entry, TakeoverPolicy::Replace, looked_up)
+    }
+
+    /// A revocation that lands while a handshake holds the key it looked up (its claim
+    /// in a fleet can take a while): the session is refused however late it registers,
+    /// and one whose key was looked up after the revocation is not.
+    #[test]
+    fn a_revocation_after_the_key_was_looked_up_refuses_the_registration() {
+        let registry = Arc::new(Registry::default());
+        let id = Id::new("race-4").unwrap();
+        let looked_up = Instant::now();
+        assert!(!registry.invalidate(&id, CloseCode::REVOKED, "revoked"));
+        let refused = register(&registry, &id, 1, looked_up);
+        assert_eq!(refused.err(), Some(RegisterError::Invalidated));
+        assert!(!registry.is_live(&id));
+        // Enrolled again and looked up after the revocation: served.
+        let after = Instant::now() + Duration::from_millis(1);
+        let registered = register(&registry, &id, 2, after);
+        assert!(registered.is_ok());
+        assert!(registry.is_live(&id));
+    }
+
+    /// A handshake older than revocations are remembered (its deadline and a second)
+    /// cannot be told apart from one that looked its key up before a revocation now
+    /// forgotten: refused.
+    #[test]
+    fn a_handshake_older_than_revocations_are_remembered_is_refused() {
+        let registry = Arc::new(Registry::default());
+        let id = Id::new("slow").unwrap();
+        let Some(looked_up) = Instant::now().checked_sub(Duration::from_millis(2001)) else {
+            return;
+        };
+        let refused = register(&registry, &id, 1, looked_up);
+        assert_eq!(refused.err(), Some(RegisterError::TooLate));
+    }
 
     fn message() -> (Box<Command>, oneshot::Receiver<Result<(), SendError>>) {
         let (sent, rx) = oneshot::channel();

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bin;
+pub mod netns;
 pub mod postgres;
 pub mod proxy;
 

@@ -19,8 +19,9 @@
 //! - A send to a device whose session is on another node goes through `sends` and
 //!   `tally_send`; the answer comes back through the same row and `tally_result`.
 //!
-//! The claims, releases, heartbeat and fence are the sans-IO state machine of
-//! [`node`], driven by one task here; [`db`] holds the statements it runs.
+//! The claims, releases, heartbeat, fence, deafness and admission of sessions are the
+//! sans-IO state machine of [`node`], driven by one task here; [`db`] holds the
+//! statements it runs. The registry holds sessions only.
 
 pub mod db;
 #[cfg(test)]
@@ -42,13 +43,13 @@ use tracing::{debug, info, warn};
 use crate::backend::{BoxFuture, Reply, SendError, SendKind};
 use crate::config::TakeoverPolicy;
 use crate::proto::{CloseCode, Id, Status};
-use crate::server::registry::{self, Fleetwide, Registry, SessionInfo};
+use crate::server::registry::{self, Fleetwide, RegisterError, Registry, SessionInfo};
 use crate::store::fleet_key::{self, FleetKey, Statement};
 use crate::store::postgres::{channel, Postgres};
 use crate::store::{Store, StoreError};
 use db::{FleetDb, LogAck, PendingSend, SendFailure, SendOutcome};
 
-use node::{Action, Finish, Node, Ticket};
+use node::{Action, Finish, Node, NotAdmitted, Ticket};
 pub use node::{ClaimError, Granted, Takeover, CLAIM_TIMEOUT, FENCE_AFTER, HEARTBEAT, STALE};
 
 /// How far a send's stamp (its origin's clock) may be from the clock of the node that
@@ -97,9 +98,6 @@ pub struct Fleet {
     /// How `takeover` is set (`reject`: a claim is refused while a live session holds
     /// it elsewhere).
     reject: bool,
-    /// Bumped each time the notification connection is lost: a catch-up that finishes
-    /// lets the node register sessions again only if none was lost since it began.
-    deafness: std::sync::atomic::AtomicU64,
     /// Identity notices, for the task that applies them in order.
     identities: mpsc::Sender<(String, String)>,
     /// Where this node keeps how much of the revocation log it has verified, and that
@@ -275,29 +273,55 @@ impl Rejected {
     }
 }
 
-/// A handshake's claim, from its answer to its registration: dropped without
-/// [`Claiming::registered`], the claim is released (or kept while an older session of
-/// the identity is live here, whose claim it now is).
+/// A handshake's claim, from its answer to its registration ([`Claiming::register`]):
+/// dropped before, the claim is released (or kept while an older session of the
+/// identity is live here, whose claim it now is).
 pub struct Claiming {
     fleet: Arc<Fleet>,
     ticket: Ticket,
-    how: Finish,
+    done: bool,
 }
 
 impl Claiming {
-    /// The session is registered with the claim's epoch.
-    pub fn registered(mut self) {
-        self.how = Finish::Registered;
+    /// Registers the session with `register` if the state machine admits the claim
+    /// ([`Node::admits`]), under the machine's lock: a fence, a loss of notices or a
+    /// takeover notice either comes before (and the session is refused) or after (and
+    /// closes it). The claim is then the session's, or released.
+    pub fn register<R>(
+        mut self,
+        register: impl FnOnce() -> Result<R, RegisterError>,
+    ) -> Result<R, RegisterError> {
+        let fleet = self.fleet.clone();
+        let registered = {
+            let mut m = lock(&fleet.machine);
+            let registered = match m.node.admits(self.ticket) {
+                Ok(_) => register(),
+                Err(NotAdmitted::CutOff) => Err(RegisterError::Fenced),
+                Err(NotAdmitted::Superseded) => Err(RegisterError::Superseded),
+            };
+            let how = match registered {
+                Ok(_) => Finish::Registered,
+                Err(_) => Finish::Dropped,
+            };
+            m.node.finish(self.ticket, how, Instant::now());
+            registered
+        };
+        self.done = true;
+        fleet.wake.notify_one();
+        registered
     }
 }
 
 impl Drop for Claiming {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         {
             let mut m = lock(&self.fleet.machine);
             // A ticket done before its answer gets none: nobody waits for it.
             m.answers.remove(&self.ticket);
-            m.node.finish(self.ticket, self.how, Instant::now());
+            m.node.finish(self.ticket, Finish::Dropped, Instant::now());
         }
         self.fleet.wake.notify_one();
     }
@@ -404,7 +428,6 @@ impl Fleet {
             }),
             wake: tokio::sync::Notify::new(),
             reject: takeover == TakeoverPolicy::Reject,
-            deafness: Default::default(),
             identities,
             revocations_file: state_dir.join(REVOCATIONS_FILE),
             revocations_written: Default::default(),
@@ -465,7 +488,7 @@ impl Fleet {
 
     /// Whether this node is fenced (cut off from the database).
     pub fn fenced(&self) -> bool {
-        self.registry.is_fenced()
+        lock(&self.machine).node.is_fenced()
     }
 
     /// Applies an event to the state machine at the current time, and wakes its task.
@@ -484,13 +507,6 @@ impl Fleet {
         id: &Id,
         peer: SocketAddr,
     ) -> Result<(Granted, Claiming), ClaimError> {
-        // A claim now could take the id from a live session elsewhere, for a session
-        // this node would refuse anyway.
-        if self.registry.is_deaf() {
-            return Err(ClaimError::Unavailable(
-                "this node is catching up with the fleet's notices".into(),
-            ));
-        }
         let (tx, rx) = oneshot::channel();
         let ticket = {
             let mut m = lock(&self.machine);
@@ -504,7 +520,7 @@ impl Fleet {
         let claiming = Claiming {
             fleet: self.clone(),
             ticket,
-            how: Finish::Dropped,
+            done: false,
         };
         let answer = tokio::time::timeout(CLAIM_TIMEOUT + HEARTBEAT, rx).await;
         let granted = match answer {
@@ -648,10 +664,10 @@ impl Fleet {
         }
         match ahead(seen) {
             Some((node, a)) => {
-                // Its sessions closed with this reason first (the machine's fence then
-                // finds them closed).
-                self.drop_sessions(true, "entries of the fleet's log are hidden from this node");
+                // Fenced first (nothing registered from now on), then its sessions
+                // closed with this reason (the machine's fence finds them closed).
                 if !self.with_node(|n, now| n.hold(true, now)) {
+                    self.drop_sessions("entries of the fleet's log are hidden from this node");
                     tracing::error!(
                         peer = node,
                         peer_entries = a.seen,
@@ -1002,47 +1018,22 @@ impl Fleet {
         }
     }
 
-    /// Closes every session: this node lost its claims, or may have (`fenced`: and
-    /// registers none until it is unfenced). Returns false if it was fenced already.
-    fn drop_sessions(&self, fenced: bool, why: &'static str) -> bool {
-        let Some(n) = self.registry.lose_claims(fenced, CloseCode::SHUTDOWN, why) else {
-            return false;
-        };
+    /// Closes every session: this node lost its claims, or may have (the machine
+    /// registers none until it may again).
+    fn drop_sessions(&self, why: &'static str) {
+        let n = self.registry.close_all(CloseCode::SHUTDOWN, why);
         if n > 0 {
             warn!(
                 sessions = n,
                 "fleet: {why}: closing every session of this node"
             );
         }
-        true
     }
 
-    /// After the notification connection was down (registrations are refused until
-    /// this is done): reloads the key index, closes the sessions of identities revoked,
-    /// removed or enrolled again meanwhile, and those whose claims are no longer this
-    /// node's. Tried again every [`HEARTBEAT`] until it succeeds, unless the connection
-    /// is lost again meanwhile (`deafness` moved on: that loss's catch-up takes over).
-    async fn catch_up(self: Arc<Self>, deafness: u64, stop: CancellationToken) {
-        loop {
-            match self.try_catch_up().await {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "fleet: could not catch up with the notices missed (no session is registered meanwhile); trying again")
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(HEARTBEAT) => {}
-            }
-            if self.deafness.load(Ordering::SeqCst) != deafness {
-                return;
-            }
-        }
-        if self.registry.hear_again(deafness) {
-            info!("fleet: caught up with the notices missed: serving again");
-        }
-    }
-
+    /// After the notification connection was down ([`Action::CatchUp`]; the machine
+    /// admits no session until this is done): reloads the key index, closes the sessions
+    /// of identities revoked, removed or enrolled again meanwhile, and those whose claims
+    /// are no longer this node's.
     async fn try_catch_up(self: &Arc<Self>) -> Result<(), StoreError> {
         // Every session registered (none is, until this is done): their claims were
         // written before the query below.
@@ -1083,8 +1074,6 @@ impl Fleet {
     /// revoked or removed. In this order: a handshake that read the old key from the
     /// index did so before the session is invalidated, and is refused.
     async fn identity_changed(self: &Arc<Self>, op: &str, name: &str) -> Result<(), StoreError> {
-        #[cfg(debug_assertions)]
-        test_pause("TALLYD_TEST_PAUSE_BEFORE_REFRESH_MS").await;
         let store = self.store.clone();
         let owned = name.to_owned();
         // A setting: the log. An identity: the log, then its row, under one lock
@@ -1149,6 +1138,9 @@ impl Fleet {
             channel::CLOSE => match Takeover::verified(payload, self.store.fleet_key()) {
                 Some(t) => {
                     if t.old_node == self.node {
+                        // First the machine (a claim of it on its way is not admitted),
+                        // then the registry (a session registered before is closed).
+                        self.with_node(|node, _| node.superseded(&t.id, t.old_epoch));
                         self.registry.close_epoch(
                             &t.id,
                             t.old_epoch,
@@ -1337,22 +1329,39 @@ impl Fleet {
                 });
             }
             Action::Fence => {
-                if self.drop_sessions(true, "this node is cut off from the fleet's database") {
-                    warn!(
-                        "fleet: no heartbeat renewed for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
-                    );
-                }
+                warn!(
+                    "fleet: no heartbeat renewed for {FENCE_AFTER:?}: fencing this node (sessions closed, handshakes refused BUSY) until the database answers"
+                );
+                self.drop_sessions("this node is cut off from the fleet's database");
             }
-            Action::Unfence => {
-                if self.registry.unfence() {
-                    info!("fleet: the database is back: serving again");
-                }
+            Action::Unfence => info!("fleet: the database is back: serving again"),
+            Action::CatchUp(loss) => {
+                let this = self.clone();
+                self.pg().spawn(async move {
+                    // On its own task, so that a panic in it is a failure like any other.
+                    let inner = this.clone();
+                    let done = tokio::spawn(async move { inner.try_catch_up().await }).await;
+                    let ok = match done {
+                        Ok(Ok(())) => true,
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "fleet: could not catch up with the notices missed (no session is registered meanwhile); trying again");
+                            false
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "fleet: the catch-up with missed notices failed; trying again");
+                            false
+                        }
+                    };
+                    if this.with_node(|node, now| node.caught_up(loss, ok, now)) {
+                        info!("fleet: caught up with the notices missed: serving again");
+                    }
+                });
             }
             Action::Rejoin => {
                 // Declared dead by another node: its claims are gone, and others may
                 // serve its devices already.
                 warn!("fleet: this node was declared dead (its heartbeat was late); joining again");
-                self.drop_sessions(false, "this node was declared dead by the fleet");
+                self.drop_sessions("this node was declared dead by the fleet");
                 let this = self.clone();
                 self.pg().spawn(async move {
                     let sent = Instant::now();
@@ -1413,26 +1422,9 @@ async fn identities(
 async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: CancellationToken) {
     let mut ping = tokio::time::interval(HEARTBEAT);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The catch-up under way, if any (the loss it is for, and its task).
-    let mut catching_up: Option<(u64, tokio::task::JoinHandle<()>)> = None;
     loop {
         let alive = tokio::select! {
             _ = stop.cancelled() => return,
-            // A catch-up that ended: done (or superseded), or it panicked, and is
-            // started again (else the node would stay deaf).
-            ended = async { (&mut catching_up.as_mut().expect("checked").1).await },
-                if catching_up.is_some() =>
-            {
-                let (loss, _) = catching_up.take().expect("checked");
-                if ended.is_err() {
-                    warn!("fleet: the catch-up with missed notices failed; starting it again");
-                    catching_up = Some((
-                        loss,
-                        tokio::spawn(fleet.clone().catch_up(loss, stop.clone())),
-                    ));
-                }
-                true
-            }
             n = listening.notices.recv() => match n {
                 Some(n) => {
                     fleet.notice(n.channel(), n.payload());
@@ -1454,13 +1446,10 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
         if alive {
             continue;
         }
-        // The connection dropped: notices may have been missed meanwhile, and until the
-        // node has caught up with them it registers no session.
-        let deafness = fleet.deafness.fetch_add(1, Ordering::SeqCst) + 1;
-        fleet.registry.deafen(deafness);
+        // The connection dropped: notices may have been missed meanwhile. The machine
+        // admits no session until the node has caught up with them.
+        fleet.with_node(|node, now| node.notices_lost(now));
         warn!("fleet: the notification connection is lost (no session is registered until it is back); opening it again");
-        #[cfg(debug_assertions)]
-        test_pause("TALLYD_TEST_PAUSE_BEFORE_RELISTEN_MS").await;
         listening = loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -1472,22 +1461,9 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
             }
         };
         info!("fleet: listening for notices again");
-        // On its own task: the notices that come meanwhile are acted on.
-        catching_up = Some((
-            deafness,
-            tokio::spawn(fleet.clone().catch_up(deafness, stop.clone())),
-        ));
-    }
-}
-
-/// Test builds only: waits the milliseconds in the environment variable `var`, to let
-/// tests/fleet.rs hold a handshake between two of its steps and race another node
-/// against it.
-#[cfg(debug_assertions)]
-pub async fn test_pause(var: &str) {
-    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
-        warn!("{var}: pausing {ms} ms (a test hook of debug builds)");
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        // The catch-up runs on its own task (the machine's action): the notices that
+        // come meanwhile are acted on.
+        fleet.with_node(|node, now| node.listening(now));
     }
 }
 

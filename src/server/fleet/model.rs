@@ -86,8 +86,6 @@ struct NodeState {
     paused: bool,
     /// The registry: the live session of each identity here, with its claim's epoch.
     sessions: BTreeMap<Id, u64>,
-    /// The registry refuses registrations (fenced, or declared dead).
-    fenced: bool,
     answers: Vec<Answer>,
     /// Claims answered, waiting for their handshake to register.
     granted: Vec<(Ticket, Id, u64)>,
@@ -189,19 +187,19 @@ impl Fleet {
                 // interleavings explored are the claims'.
                 Action::Heartbeat(no) => heartbeats.push(no),
                 Action::Fence | Action::Rejoin => {
-                    n.fenced |= action == Action::Fence;
-                    // Every session closed; claims made before are not registered.
+                    // Every session closed (the registry's `close_all`); claims granted
+                    // before are not admitted (the machine's `admits`, at `Register`).
                     for (id, epoch) in std::mem::take(&mut n.sessions) {
                         n.machine.ended(&id, epoch, now);
-                    }
-                    for (ticket, _, _) in std::mem::take(&mut n.granted) {
-                        n.machine.finish(ticket, Finish::Dropped, now);
                     }
                     if action == Action::Rejoin {
                         sent.push(Request::Join(state.now));
                     }
                 }
-                Action::Unfence => n.fenced = false,
+                Action::Unfence => {}
+                // The model does not lose the notification connection (the machine's
+                // unit tests cover deafness and its catch-up).
+                Action::CatchUp(_) => unreachable!("no notices_lost in the model"),
             }
         }
         for request in sent {
@@ -350,7 +348,6 @@ impl Model for Fleet {
                 machine: Node::new(name(i), self.base),
                 paused: false,
                 sessions: BTreeMap::new(),
-                fenced: false,
                 answers: Vec::new(),
                 granted: Vec::new(),
                 asked: BTreeMap::new(),
@@ -459,12 +456,13 @@ impl Model for Fleet {
             Step::Register(i, k) => {
                 let n = &mut s.nodes[i];
                 let (ticket, id, epoch) = n.granted.remove(k);
-                if n.fenced {
-                    n.machine.finish(ticket, Finish::Dropped, now);
-                } else {
+                // As `super::Claiming::register`: only a claim the machine admits.
+                if n.machine.admits(ticket) == Ok(epoch) {
                     // A newer session of the id replaces an older one here.
                     n.sessions.insert(id, epoch);
                     n.machine.finish(ticket, Finish::Registered, now);
+                } else {
+                    n.machine.finish(ticket, Finish::Dropped, now);
                 }
                 self.pump(&mut s, i);
             }
@@ -492,6 +490,8 @@ impl Model for Fleet {
             Step::Notice(i, k) => {
                 let (id, old_epoch) = s.nodes[i].notices.remove(k);
                 let n = &mut s.nodes[i];
+                // As `super::Fleet::notice`: the machine first, then the registry.
+                n.machine.superseded(&id, old_epoch);
                 if let Some(epoch) = n.sessions.get(&id).copied() {
                     if epoch <= old_epoch {
                         n.sessions.remove(&id);
@@ -534,7 +534,7 @@ impl Model for Fleet {
                     let n = &s.nodes[c.node];
                     let quiescent = s.db.nodes.contains_key(&c.node)
                         && !n.paused
-                        && !n.fenced
+                        && !n.machine.is_fenced()
                         && n.answers.is_empty()
                         && n.granted.is_empty()
                         && n.asked.is_empty()

@@ -30,6 +30,13 @@
 //!   (before the others can take it for dead, [`STALE`]); it claims nothing until a
 //!   heartbeat is renewed. A node declared dead loses its claims (they went with its
 //!   row) and joins again.
+//! - A node that may have missed notices (its notification connection was lost) is
+//!   *deaf*: it claims and registers nothing until it listens again and has caught up
+//!   with what it missed ([`Action::CatchUp`], tried again every [`HEARTBEAT`]).
+//! - A session is registered only if the machine admits its claim at that moment
+//!   ([`Node::admits`], under the lock the registration holds): not fenced, declared
+//!   dead or deaf since the claim was asked for, and not superseded by a takeover
+//!   notice ([`Node::superseded`]) nor by a newer session of the identity here.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -190,6 +197,10 @@ pub enum Action {
     /// This node has not renewed its heartbeat for [`FENCE_AFTER`]: close every session,
     /// refuse handshakes BUSY.
     Fence,
+    /// Catch up with the notices missed since loss number `n` of the notification
+    /// connection (reload the key index, apply the fleet's log, close the sessions whose
+    /// claims are no longer this node's); report with [`Node::caught_up`].
+    CatchUp(u64),
     /// A heartbeat was renewed after the fence: serve again.
     Unfence,
     /// Another node declared this one dead: its claims are gone. Close every session and
@@ -231,6 +242,30 @@ pub enum Finish {
     Registered,
     /// Its session was refused after the claim (or the handshake stopped).
     Dropped,
+}
+
+/// Why the machine does not admit a granted claim's session ([`Node::admits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum NotAdmitted {
+    /// Fenced, declared dead or deaf, now or since the claim was asked for: a takeover
+    /// meanwhile may have gone unheard.
+    #[error("this node is cut off from the fleet's database or its notices")]
+    CutOff,
+    /// A takeover notice named the claim's epoch, or a newer session of the identity is
+    /// live here.
+    #[error("a newer session of this identity took over before this one was registered")]
+    Superseded,
+}
+
+/// Where a deaf node is in getting its notices back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Deaf {
+    /// Waiting for the notification connection ([`Node::listening`]).
+    Relistening,
+    /// [`Action::CatchUp`] in flight.
+    CatchingUp,
+    /// The catch-up failed: tried again then.
+    RetryAt(Instant),
 }
 
 /// The batch in flight.
@@ -295,7 +330,19 @@ pub struct Node {
     /// A reason to stay fenced that the heartbeat does not clear (entries of the fleet's
     /// log hidden from this node).
     held: bool,
+    /// Losses of the notification connection so far.
+    losses: u64,
+    /// Missing notices since loss `.0`, and where the node is in catching up.
+    deaf: Option<(u64, Deaf)>,
+    /// Per identity with claims waiting, in flight or granted here: the newest epoch of
+    /// it a takeover notice said was superseded (a claim up to it is not admitted). Kept
+    /// only while the identity has such claims: one asked for after the notice came
+    /// gets a newer epoch.
+    superseded: BTreeMap<Id, u64>,
 }
+
+/// Why claims are refused while a node is deaf.
+const DEAF: &str = "this node is catching up with the fleet's notices";
 
 impl Node {
     /// A node named `me` whose first heartbeat was sent at `joined`.
@@ -324,6 +371,82 @@ impl Node {
             rejoining: false,
             generation: 0,
             held: false,
+            losses: 0,
+            deaf: None,
+            superseded: BTreeMap::new(),
+        }
+    }
+
+    /// Whether this node may be missing notices.
+    pub fn is_deaf(&self) -> bool {
+        self.deaf.is_some()
+    }
+
+    /// Whether the session of granted claim `ticket` may be registered now: its epoch,
+    /// or why not. The registration must happen under the same lock as this call (a
+    /// fence or a notice after it closes the session; one before it refuses it).
+    pub fn admits(&self, ticket: Ticket) -> Result<u64, NotAdmitted> {
+        let Some(p) = self.pending.get(&ticket) else {
+            return Err(NotAdmitted::CutOff);
+        };
+        let Stage::Granted(epoch) = p.stage else {
+            return Err(NotAdmitted::CutOff);
+        };
+        if self.fenced || self.rejoining || self.deaf.is_some() || p.generation != self.generation {
+            return Err(NotAdmitted::CutOff);
+        }
+        let newer_notice = self.superseded.get(&p.id).is_some_and(|e| epoch <= *e);
+        let newer_here = self.live.get(&p.id).is_some_and(|e| *e > epoch);
+        if newer_notice || newer_here {
+            return Err(NotAdmitted::Superseded);
+        }
+        Ok(epoch)
+    }
+
+    /// A verified takeover notice: this node's claim of `id` with `epoch` (and every
+    /// older one) was superseded on another node. A claim of it on its way here is not
+    /// admitted; the caller closes the live session if its epoch is one of them.
+    pub fn superseded(&mut self, id: &Id, epoch: u64) {
+        if self.by_id.contains_key(id) {
+            let mark = self.superseded.entry(id.clone()).or_insert(epoch);
+            *mark = (*mark).max(epoch);
+        }
+    }
+
+    /// The notification connection was lost: notices may be missed from now until the
+    /// node has caught up ([`Node::listening`], then [`Action::CatchUp`]). Claims are
+    /// refused meanwhile, and a claim asked for before is not admitted.
+    pub fn notices_lost(&mut self, now: Instant) {
+        self.losses += 1;
+        self.deaf = Some((self.losses, Deaf::Relistening));
+        self.generation += 1;
+        self.refuse_all(ClaimError::Unavailable(DEAF.into()));
+        self.start_batch(now);
+    }
+
+    /// The notification connection is open again: the node catches up with what it
+    /// missed ([`Action::CatchUp`]).
+    pub fn listening(&mut self, _now: Instant) {
+        if let Some((loss, stage @ Deaf::Relistening)) = &mut self.deaf {
+            *stage = Deaf::CatchingUp;
+            self.actions.push_back(Action::CatchUp(*loss));
+        }
+    }
+
+    /// The catch-up for loss `loss` succeeded (`ok`) or failed. Returns whether the node
+    /// hears the fleet again (a catch-up for an older loss counts for nothing; a failed
+    /// one is tried again in a [`HEARTBEAT`]).
+    pub fn caught_up(&mut self, loss: u64, ok: bool, now: Instant) -> bool {
+        match &mut self.deaf {
+            Some((l, stage @ Deaf::CatchingUp)) if *l == loss => {
+                if ok {
+                    self.deaf = None;
+                    return true;
+                }
+                *stage = Deaf::RetryAt(now + HEARTBEAT);
+                false
+            }
+            _ => false,
         }
     }
 
@@ -375,6 +498,15 @@ impl Node {
         if self.fenced || self.rejoining {
             self.actions
                 .push_back(Action::Answer(ticket, Err(ClaimError::Fenced)));
+            return ticket;
+        }
+        // A claim now could take the id from a live session elsewhere, for a session
+        // this node would not admit anyway.
+        if self.deaf.is_some() {
+            self.actions.push_back(Action::Answer(
+                ticket,
+                Err(ClaimError::Unavailable(DEAF.into())),
+            ));
             return ticket;
         }
         if self.pending.len() >= CLAIMS_WAITING {
@@ -565,10 +697,15 @@ impl Node {
             .chain(self.announce_later.iter().map(|a| a.1))
             .filter(|_| can_batch);
         let flight = self.in_flight.as_ref().map(|f| f.deadline);
+        let catch_up = match self.deaf {
+            Some((_, Deaf::RetryAt(at))) => Some(at),
+            _ => None,
+        };
         Some(
             deadlines
                 .chain(retries)
                 .chain(flight)
+                .chain(catch_up)
                 .fold(next, Instant::min),
         )
     }
@@ -588,6 +725,12 @@ impl Node {
                 self.next_beat_no += 1;
             }
             self.next_beat = now + HEARTBEAT;
+        }
+        if let Some((loss, stage)) = &mut self.deaf {
+            if matches!(stage, Deaf::RetryAt(at) if now >= *at) {
+                *stage = Deaf::CatchingUp;
+                self.actions.push_back(Action::CatchUp(*loss));
+            }
         }
         if let Some(flight) = self.in_flight.take_if(|f| now >= f.deadline) {
             self.batch_failed(flight, format!("no answer within {BATCH_TIMEOUT:?}"), now);
@@ -661,6 +804,7 @@ impl Node {
                     line.retain(|t| *t != ticket);
                     if line.is_empty() {
                         self.by_id.remove(&p.id);
+                        self.superseded.remove(&p.id);
                     }
                 }
             }
@@ -679,6 +823,7 @@ impl Node {
         line.retain(|t| *t != ticket);
         if line.is_empty() {
             self.by_id.remove(&p.id);
+            self.superseded.remove(&p.id);
         } else if was_first {
             let next = line[0];
             if let Some(n) = self.pending.get_mut(&next) {
@@ -1459,5 +1604,195 @@ mod tests {
             .collect();
         t.done(&big, rows);
         assert_eq!(t.batch().claims.len(), 3);
+    }
+
+    /// Grants a claim of `name` with `epoch` (a lone claim's batch answered at once).
+    fn granted_claim(t: &mut T, name: &str, epoch: u64) -> Ticket {
+        let ticket = t.claim(name);
+        let b = t.batch();
+        t.done(&b, vec![row(ClaimKind::Claimed, epoch)]);
+        assert_eq!(answers(&t.actions()), vec![(ticket, granted(epoch))]);
+        ticket
+    }
+
+    // The races below were reached from outside, in tests/fleet.rs, by a sleep compiled
+    // into debug builds between a handshake's claim and its registration
+    // (TALLYD_TEST_PAUSE_AFTER_CLAIM_MS). Each let two nodes serve one identity before
+    // it was fixed; the machine now decides each one, under the lock the registration
+    // holds (`super::Claiming::register`).
+
+    /// Node 0 granted a claim; before its session is registered, the device reconnects
+    /// to node 1, which takes the identity over from that claim and says so on
+    /// `tally_close`. The notice must refuse the registration still on its way.
+    #[test]
+    fn a_takeover_notice_before_the_session_is_registered_refuses_it() {
+        let mut t = T::new();
+        let a = granted_claim(&mut t, "a", 7);
+        assert_eq!(t.node.admits(a), Ok(7));
+        t.node.superseded(&id("a"), 7);
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::Superseded));
+        t.node.finish(a, Finish::Dropped, t.now);
+        // Its claim is released (the release names epoch 7: it deletes nothing newer).
+        let release = t.batch();
+        assert_eq!(release.releases, vec![(id("a"), 7)]);
+        t.done(&release, vec![]);
+        // The mark is gone with the claim: a claim asked for now gets a newer epoch, and
+        // a notice naming an older one does not refuse it.
+        let b = t.claim("a");
+        let batch = t.batch();
+        t.done(&batch, vec![row(ClaimKind::TookOver, 9)]);
+        t.actions();
+        t.node.superseded(&id("a"), 7);
+        assert_eq!(t.node.admits(b), Ok(9));
+    }
+
+    /// The notice may even come before the claim's own answer (the notification
+    /// connection and the statement's are two connections).
+    #[test]
+    fn a_takeover_notice_before_the_claim_is_answered_refuses_its_session() {
+        let mut t = T::new();
+        let a = t.claim("a");
+        let b = t.batch();
+        t.node.superseded(&id("a"), 7);
+        t.done(&b, vec![row(ClaimKind::Claimed, 7)]);
+        t.actions();
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::Superseded));
+    }
+
+    /// A notice for an identity with no claim on its way here is not kept (the
+    /// registry closes the live session it names).
+    #[test]
+    fn a_takeover_notice_with_no_claim_on_its_way_is_not_kept() {
+        let mut t = T::new();
+        t.node.superseded(&id("a"), 7);
+        let a = t.claim("a");
+        let b = t.batch();
+        t.done(&b, vec![row(ClaimKind::Claimed, 8)]);
+        t.actions();
+        assert_eq!(t.node.admits(a), Ok(8));
+    }
+
+    /// Two handshakes of one identity on one node (`reject`): the second waits for the
+    /// first's registration, then its claim (a takeover of this node's own session) is
+    /// refused by the registry. Its refusal must not release the claim the first
+    /// session holds, while that session lives.
+    #[test]
+    fn a_second_handshake_refused_on_the_same_node_keeps_the_first_ones_claim() {
+        let mut t = T::new();
+        let first = t.claim("a");
+        let b = t.batch();
+        let second = t.claim("a");
+        assert!(t.actions().is_empty(), "the second waits for the first");
+        t.done(&b, vec![row(ClaimKind::Claimed, 1)]);
+        assert_eq!(answers(&t.actions()), vec![(first, granted(1))]);
+        assert_eq!(t.node.admits(first), Ok(1));
+        t.node.finish(first, Finish::Registered, t.now);
+        // The second goes now, saying a session of the id is live here.
+        let b = t.batch();
+        assert!(b.claims[0].self_live);
+        t.done(&b, vec![row(ClaimKind::TookOver, 2)]);
+        assert_eq!(answers(&t.actions()), vec![(second, granted(2))]);
+        // The registry refuses it (`reject`): nothing is released while the first
+        // session lives, however long.
+        t.node.finish(second, Finish::Dropped, t.now);
+        t.advance(SETTLE * 2);
+        for b in runs(&t.actions()) {
+            assert!(b.releases.is_empty() && b.release_all.is_empty(), "{b:?}");
+        }
+        // The first session ends: its claim and the second's are released.
+        t.node.ended(&id("a"), 1, t.now);
+        let b = t.batch();
+        assert_eq!(b.releases, vec![(id("a"), 1)]);
+        assert_eq!(b.release_all, vec![id("a")]);
+        t.done(&b, vec![]);
+        assert!(t.node.is_quiescent());
+    }
+
+    /// A claim granted; the database goes away while its handshake has not registered
+    /// yet: the node fences itself, and the session is not admitted, neither then nor
+    /// after the fence is lifted (others may have served the device meanwhile).
+    #[test]
+    fn a_claim_granted_before_a_fence_is_not_admitted_after_it() {
+        let mut t = T::new();
+        let a = granted_claim(&mut t, "a", 3);
+        t.heartbeats_answer = false;
+        t.advance(FENCE_AFTER);
+        assert!(t.node.is_fenced());
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::CutOff));
+        t.heartbeats_answer = true;
+        t.advance(HEARTBEAT);
+        assert!(!t.node.is_fenced());
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::CutOff));
+        t.node.finish(a, Finish::Dropped, t.now);
+        assert!(runs(&t.actions())
+            .iter()
+            .any(|b| b.releases == vec![(id("a"), 3)]));
+    }
+
+    /// The notification connection is lost (notices may be missed): no claim is made
+    /// and none granted before is admitted until the node listens again and has caught
+    /// up; a failed catch-up is tried again every heartbeat; a catch-up for an earlier
+    /// loss counts for nothing.
+    #[test]
+    fn a_node_that_may_have_missed_notices_admits_nothing_until_it_caught_up() {
+        let mut t = T::new();
+        let a = granted_claim(&mut t, "a", 5);
+        t.node.notices_lost(t.now);
+        assert!(t.node.is_deaf());
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::CutOff));
+        let b = t.claim("b");
+        assert!(matches!(
+            &answers(&t.actions())[..],
+            [(x, Err(ClaimError::Unavailable(_)))] if *x == b
+        ));
+        // Not listening yet: no catch-up, however long.
+        t.advance(HEARTBEAT * 3);
+        assert!(!t.actions().iter().any(|a| matches!(a, Action::CatchUp(_))));
+        t.node.listening(t.now);
+        assert_eq!(
+            t.actions()
+                .into_iter()
+                .filter(|a| matches!(a, Action::CatchUp(_)))
+                .collect::<Vec<_>>(),
+            vec![Action::CatchUp(1)]
+        );
+        // It fails: tried again a heartbeat later.
+        assert!(!t.node.caught_up(1, false, t.now));
+        t.advance(HEARTBEAT - Duration::from_millis(1));
+        assert!(!t.actions().contains(&Action::CatchUp(1)));
+        t.advance(Duration::from_millis(1));
+        assert!(t.actions().contains(&Action::CatchUp(1)));
+        // Lost again while that catch-up runs: its success counts for nothing.
+        t.node.notices_lost(t.now);
+        assert!(!t.node.caught_up(1, true, t.now));
+        assert!(t.node.is_deaf());
+        t.node.listening(t.now);
+        assert!(t.actions().contains(&Action::CatchUp(2)));
+        assert!(t.node.caught_up(2, true, t.now));
+        assert!(!t.node.is_deaf());
+        // The claim granted before the loss is still not admitted; a new one is.
+        assert_eq!(t.node.admits(a), Err(NotAdmitted::CutOff));
+        t.node.finish(a, Finish::Dropped, t.now);
+        let release = t.batch();
+        t.done(&release, vec![]);
+        let c = granted_claim(&mut t, "c", 6);
+        assert_eq!(t.node.admits(c), Ok(6));
+    }
+
+    /// A claim in flight when the notification connection is lost is not granted when
+    /// its answer comes, and is released.
+    #[test]
+    fn a_claim_in_flight_when_notices_are_lost_is_released() {
+        let mut t = T::new();
+        let a = t.claim("a");
+        let b = t.batch();
+        t.node.notices_lost(t.now);
+        t.done(&b, vec![row(ClaimKind::Claimed, 4)]);
+        let acts = t.actions();
+        assert!(matches!(
+            &answers(&acts)[..],
+            [(x, Err(ClaimError::Unavailable(_)))] if *x == a
+        ));
+        assert_eq!(runs(&acts)[0].releases, vec![(id("a"), 4)]);
     }
 }
