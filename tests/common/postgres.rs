@@ -256,6 +256,23 @@ impl Cluster {
         );
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint; at the next
+    /// start it recovers, and its UNLOGGED tables come back empty).
+    pub fn crash(&self) {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts the stopped server again, on the same port.
     pub fn restart(&self) {
         let out = self.pg_ctl_start(&self.opts);

@@ -907,28 +907,36 @@ impl Fleet {
 
     /// Whether a send may be served: addressed to this node, tagged by a node of the
     /// fleet, stamped within [`SEND_SKEW`] of this node's clock, and not served before.
-    /// Remembers it as served.
-    fn admit_send(&self, call: i64, send: &PendingSend) -> Result<(), &'static str> {
+    /// Remembers it as served. Refused as `Err((why, tell))`: `tell`, the origin is
+    /// answered why (a send it tagged for this node, refused by this node's clock).
+    fn admit_send(&self, call: i64, send: &PendingSend) -> Result<(), (&'static str, bool)> {
         if send.call != call || send.node != self.node {
-            return Err("a send row that is not the one its notice names, or not for this node");
+            return Err((
+                "a send row that is not the one its notice names, or not for this node",
+                false,
+            ));
         }
         if !send_verifies(self.store.fleet_key(), send) {
-            return Err("a send whose tag does not verify");
+            return Err(("a send whose tag does not verify", false));
         }
         let now = unix_ms();
         let skew = SEND_SKEW.as_millis() as i64;
         let timeout = send.timeout.as_millis().min(i64::MAX as u128) as i64;
         if (now - send.stamp).abs() > skew {
-            return Err("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute)");
+            return Err(("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute: NTP)", true));
         }
         if now > send.stamp.saturating_add(timeout).saturating_add(2000) {
-            return Err("a send older than its timeout (held back: its origin has given up)");
+            return Err((
+                "a send older than its timeout (held back: its origin has given up)",
+                true,
+            ));
         }
+        let silent = |why| Err((why, false));
         let newest = Id::new(&send.id)
             .ok()
             .and_then(|id| lock(&self.machine).node.claimed(&id));
         if newest.is_none_or(|newest| send.epoch > newest) {
-            return Err("a send bound to a claim this node did not make");
+            return silent("a send bound to a claim this node did not make");
         }
         let mut served = lock(&self.served);
         // Remembered by this node's monotonic clock: a step of the wall clock does not
@@ -937,10 +945,10 @@ impl Fleet {
             served.retain(|_, at| at.elapsed() <= 2 * SEND_SKEW);
         }
         if served.contains_key(&call) {
-            return Err("a send served before (replayed)");
+            return silent("a send served before (replayed)");
         }
         if served.len() >= SERVED_SENDS {
-            return Err("a send beyond the number this node remembers within a minute");
+            return silent("a send beyond the number this node remembers within a minute");
         }
         served.insert(call, Instant::now());
         Ok(())
@@ -957,10 +965,18 @@ impl Fleet {
                 return;
             }
         };
-        if let Err(what) = self.admit_send(call, &send) {
-            // Nothing is delivered, and nothing is answered: the origin of a real send
-            // that fails here times out.
+        if let Err((what, tell)) = self.admit_send(call, &send) {
+            // Nothing is delivered. A send its origin tagged for this node, refused by
+            // this node's clock, is answered why (the operator learns the clocks
+            // differ, not just that the device timed out); any other is not answered.
             self.rejected.note(what);
+            if tell {
+                let outcome = SendOutcome::Failed(SendFailure::Refused, what.to_owned());
+                let tag = answer_tag(self.store.fleet_key(), &send, &outcome);
+                if let Err(e) = db.answer_send(call, &send.origin, &outcome, &tag).await {
+                    warn!(call, error = %e, "fleet: could not write a send's answer");
+                }
+            }
             return;
         }
         let kind = if send.request {
