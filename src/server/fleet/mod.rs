@@ -292,24 +292,50 @@ impl Claiming {
         register: impl FnOnce() -> Result<R, RegisterError>,
     ) -> Result<R, RegisterError> {
         let fleet = self.fleet.clone();
-        let registered = {
-            let mut m = lock(&fleet.machine);
-            let registered = match m.node.admits(self.ticket) {
-                Ok(_) => register(),
-                Err(NotAdmitted::CutOff) => Err(RegisterError::Fenced),
-                Err(NotAdmitted::Superseded) => Err(RegisterError::Superseded),
-            };
-            let how = match registered {
-                Ok(_) => Finish::Registered,
-                Err(_) => Finish::Dropped,
-            };
-            m.node.finish(self.ticket, how, Instant::now());
-            registered
-        };
+        let registered = admit_and_register(&fleet.machine, self.ticket, register);
         self.done = true;
         fleet.wake.notify_one();
         registered
     }
+}
+
+/// [`Claiming::register`]'s rule: `register` runs only if the machine admits `ticket`,
+/// under the machine's lock, and the machine is told how it went under the same lock.
+fn admit_and_register<R>(
+    machine: &Mutex<Machine>,
+    ticket: Ticket,
+    register: impl FnOnce() -> Result<R, RegisterError>,
+) -> Result<R, RegisterError> {
+    // Declared before the guard, so dropped after it if anything below unwinds: a
+    // registration dropped tells the fleet (`Handle::released`), which takes this lock.
+    let registered;
+    let mut m = lock(machine);
+    registered = match m.node.admits(ticket) {
+        Ok(_) => register(),
+        Err(NotAdmitted::CutOff) => Err(RegisterError::Fenced),
+        Err(NotAdmitted::Superseded) => Err(RegisterError::Superseded),
+    };
+    let how = match registered {
+        Ok(_) => Finish::Registered,
+        Err(_) => Finish::Dropped,
+    };
+    m.node.finish(ticket, how, Instant::now());
+    drop(m);
+    registered
+}
+
+/// A verified takeover of this node's claim of `t.id` up to `t.old_epoch`: the machine
+/// first (a registration still on its way is not admitted), then the registry (a
+/// session registered before is closed). In this order, under each one's lock in turn,
+/// no session of a superseded claim stays live.
+fn taken_over(machine: &Mutex<Machine>, registry: &Registry, t: &Takeover) {
+    lock(machine).node.superseded(&t.id, t.old_epoch);
+    registry.close_epoch(
+        &t.id,
+        t.old_epoch,
+        CloseCode::TAKEN_OVER,
+        "a newer session of this identity took over on another node",
+    );
 }
 
 impl Drop for Claiming {
@@ -1154,15 +1180,7 @@ impl Fleet {
             channel::CLOSE => match Takeover::verified(payload, self.store.fleet_key()) {
                 Some(t) => {
                     if t.old_node == self.node {
-                        // First the machine (a claim of it on its way is not admitted),
-                        // then the registry (a session registered before is closed).
-                        self.with_node(|node, _| node.superseded(&t.id, t.old_epoch));
-                        self.registry.close_epoch(
-                            &t.id,
-                            t.old_epoch,
-                            CloseCode::TAKEN_OVER,
-                            "a newer session of this identity took over on another node",
-                        );
+                        taken_over(&self.machine, &self.registry, &t);
                     }
                 }
                 None => self
@@ -1507,5 +1525,134 @@ impl Fleetwide for Handle {
                 None => Err(SendError::Offline(id.to_string())),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drivers' order of locks and events, with the real machine and registry: what
+    //! the sleeps of debug builds reached from outside before (issue 29).
+    use super::*;
+    use crate::proto::testing::established_in;
+    use crate::proto::Mode;
+    use crate::server::registry::{Entry, Mailbox, Registration};
+    use node::{ClaimKind, ClaimRow};
+
+    fn machine() -> Mutex<Machine> {
+        Mutex::new(Machine {
+            node: Node::new("me".into(), Instant::now()),
+            answers: HashMap::new(),
+        })
+    }
+
+    /// A claim of `id` granted with `epoch` by the machine.
+    fn granted(machine: &Mutex<Machine>, id: &Id, epoch: u64) -> Ticket {
+        let mut m = lock(machine);
+        let now = Instant::now();
+        let ticket = m.node.claim(id.clone(), "peer".into(), now);
+        let no = loop {
+            match m.node.poll_action() {
+                Some(Action::Run(batch)) => break batch.no,
+                Some(_) => {}
+                None => panic!("no batch"),
+            }
+        };
+        let row = ClaimRow {
+            kind: ClaimKind::Claimed,
+            epoch,
+            in_a_row: 0,
+            old_node: None,
+            old_peer: None,
+            old_epoch: None,
+        };
+        m.node.batch_done(no, Ok(vec![row]), now);
+        ticket
+    }
+
+    /// Registers `id`'s session with claim `epoch` in `registry`, through the machine.
+    fn register(
+        machine: &Mutex<Machine>,
+        registry: &Arc<Registry>,
+        id: &Id,
+        ticket: Ticket,
+        epoch: u64,
+    ) -> Result<Registration, RegisterError> {
+        let (_, est) = established_in(Mode::Authenticated, 1024);
+        let entry = Entry {
+            conn: registry.next_conn(),
+            epoch,
+            log_pos: 0,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            since: std::time::SystemTime::now(),
+            mailbox: Arc::new(Mailbox::default()),
+        };
+        admit_and_register(machine, ticket, || {
+            registry.register(
+                &est.verified,
+                id,
+                entry,
+                TakeoverPolicy::Replace,
+                Instant::now(),
+            )
+        })
+    }
+
+    fn takeover(id: &Id, old_epoch: u64) -> Takeover {
+        Takeover {
+            id: id.clone(),
+            old_node: "me".into(),
+            old_epoch,
+            new_node: "other".into(),
+            new_epoch: old_epoch + 1,
+        }
+    }
+
+    /// A takeover heard between the claim and the registration: the session is never
+    /// live here.
+    #[test]
+    fn a_takeover_heard_before_the_registration_refuses_it() {
+        let (machine, registry) = (machine(), Arc::new(Registry::default()));
+        let id = Id::new("race-1").unwrap();
+        let ticket = granted(&machine, &id, 7);
+        taken_over(&machine, &registry, &takeover(&id, 7));
+        let refused = register(&machine, &registry, &id, ticket, 7);
+        assert_eq!(refused.err(), Some(RegisterError::Superseded));
+        assert!(!registry.is_live(&id));
+    }
+
+    /// A takeover heard just after the registration: the session is asked to close.
+    #[test]
+    fn a_takeover_heard_after_the_registration_closes_the_session() {
+        let (machine, registry) = (machine(), Arc::new(Registry::default()));
+        let id = Id::new("race-1").unwrap();
+        let ticket = granted(&machine, &id, 7);
+        let registration = register(&machine, &registry, &id, ticket, 7).unwrap();
+        let mailbox = registry.mailbox(&id).unwrap();
+        taken_over(&machine, &registry, &takeover(&id, 7));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(matches!(
+            mailbox.poll_mail(&mut cx),
+            std::task::Poll::Ready(registry::Mail::Close(CloseCode::TAKEN_OVER, _))
+        ));
+        drop(registration);
+        assert!(!registry.is_live(&id));
+    }
+
+    /// The node fenced between the claim and the registration: refused, and the claim
+    /// is released.
+    #[test]
+    fn a_fence_between_the_claim_and_the_registration_refuses_it() {
+        let (machine, registry) = (machine(), Arc::new(Registry::default()));
+        let id = Id::new("race-3").unwrap();
+        let ticket = granted(&machine, &id, 3);
+        lock(&machine).node.hold(true, Instant::now());
+        let refused = register(&machine, &registry, &id, ticket, 3);
+        assert_eq!(refused.err(), Some(RegisterError::Fenced));
+        assert!(!registry.is_live(&id));
+        let mut m = lock(&machine);
+        let released = std::iter::from_fn(|| m.node.poll_action())
+            .any(|a| matches!(a, Action::Run(b) if b.releases == vec![(id.clone(), 3)]));
+        assert!(released, "the claim of a refused session is released");
     }
 }

@@ -1665,11 +1665,17 @@ mod tests {
     fn a_takeover_notice_with_no_claim_on_its_way_is_not_kept() {
         let mut t = T::new();
         t.node.superseded(&id("a"), 7);
+        assert!(t.node.superseded.is_empty());
         let a = t.claim("a");
         let b = t.batch();
         t.done(&b, vec![row(ClaimKind::Claimed, 8)]);
         t.actions();
         assert_eq!(t.node.admits(a), Ok(8));
+        // Kept while a claim is on its way, and no longer once it is done.
+        t.node.superseded(&id("a"), 7);
+        assert_eq!(t.node.superseded.get(&id("a")), Some(&7));
+        t.node.finish(a, Finish::Registered, t.now);
+        assert!(t.node.superseded.is_empty());
     }
 
     /// Two handshakes of one identity on one node (`reject`): the second waits for the
@@ -1768,6 +1774,9 @@ mod tests {
         assert!(t.node.is_deaf());
         t.node.listening(t.now);
         assert!(t.actions().contains(&Action::CatchUp(2)));
+        // The first catch-up's answer, late, while the second runs: nothing.
+        assert!(!t.node.caught_up(1, true, t.now));
+        assert!(t.node.is_deaf());
         assert!(t.node.caught_up(2, true, t.now));
         assert!(!t.node.is_deaf());
         // The claim granted before the loss is still not admitted; a new one is.
