@@ -1926,3 +1926,43 @@ fn a_wall_clock_step_on_one_node_breaks_no_rule() {
 /// Longer than a node takes to be declared dead (`STALE`, 5 s), with a heartbeat to
 /// spare.
 const STALE_AND_A_BIT: Duration = Duration::from_secs(7);
+
+/// A takeover that is never announced (here: a database writer deletes the claim of a
+/// live session, and the device's second connection claims the free identity on the
+/// other node without a word to the first): the first node's audit of its claims finds
+/// its session uncovered and closes it, within `AUDIT_EVERY` (30 s).
+#[test]
+fn a_session_whose_claim_is_gone_unannounced_is_closed_by_the_audit() {
+    let Some(f) = Fleet::start("fleet: audit", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "audit-1");
+    let (a, a_lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&a_lines, "connected as audit-1");
+    f.await_sessions(1, &[("audit-1", 0)], 10);
+    f.cluster.psql("DELETE FROM sessions WHERE id = 'audit-1'");
+    let (_b, b_lines) = bin::listen(&["--echo"], &f.at(&cred, 1));
+    expect_line(&b_lines, "connected as audit-1");
+    let since = Instant::now();
+    // Node 1 holds the only claim; node 0 still serves the device's first session,
+    // unaware: its audit must close it.
+    let deadline = Duration::from_secs(40);
+    let closed = loop {
+        match a_lines.recv_timeout(deadline.saturating_sub(since.elapsed())) {
+            Ok(line) if line.contains("session lost") => break line,
+            Ok(_) => {}
+            Err(_) => panic!("node 0 kept a session whose claim was gone for {deadline:?}"),
+        }
+    };
+    eprintln!("closed {:?} after the takeover: {closed}", since.elapsed());
+    assert!(
+        closed.contains("TAKEN_OVER") || closed.contains("taken over"),
+        "{closed}"
+    );
+    // The first connection stops there (it would take the identity back on node 0).
+    drop(a);
+    f.nodes[0]
+        .daemon
+        .expect_log(&["a session whose claim is gone or another node's"]);
+    f.await_sessions(0, &[("audit-1", 1)], 10);
+}

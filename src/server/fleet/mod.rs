@@ -1369,6 +1369,34 @@ impl Fleet {
                 self.drop_sessions("this node is cut off from the fleet's database");
             }
             Action::Unfence => info!("fleet: the database is back: serving again"),
+            Action::Audit(no) => {
+                let this = self.clone();
+                self.pg().spawn(async move {
+                    let read = tokio::time::timeout(node::BATCH_TIMEOUT, this.db.claims_of(&this.node));
+                    let answer = match read.await {
+                        Ok(Ok(rows)) => Ok(rows
+                            .into_iter()
+                            .filter_map(|(id, epoch)| Id::new(&id).ok().map(|id| (id, epoch)))
+                            .collect()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".into()),
+                    };
+                    if let Err(e) = &answer {
+                        debug!(error = %e, "fleet: could not read this node's claims back (tried again at the next audit)");
+                    }
+                    this.with_node(|node, now| node.audited(no, answer, now));
+                });
+            }
+            Action::Close(id, epoch) => {
+                if self.registry.close_epoch(
+                    &id,
+                    epoch,
+                    CloseCode::TAKEN_OVER,
+                    "its claim was taken over on another node, unannounced",
+                ) {
+                    warn!(id = %id, epoch, "fleet: a session whose claim is gone or another node's (a takeover whose notice never came): closed");
+                }
+            }
             Action::CatchUp(loss) => {
                 let this = self.clone();
                 self.pg().spawn(async move {

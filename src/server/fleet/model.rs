@@ -1,39 +1,48 @@
-//! The fleet's claim, epoch, heartbeat and fence rules, model-checked (stateright):
-//! every interleaving of a small fleet, driving the real state machine of each node
-//! ([`super::node::Node`]) against a model of the database (`tally_claims`, the
-//! heartbeat's liveness and deletion of dead nodes, `tally_close` notices).
+//! The fleet's claim, epoch, heartbeat, fence, deafness and audit rules, model-checked
+//! (stateright): every interleaving of a small fleet, driving the real state machine of
+//! each node ([`super::node::Node`]) against a model of the database (`tally_claims`, the
+//! heartbeat's liveness and deletion of dead nodes, `tally_close` notices, the reads of a
+//! node's claims by its catch-up and its audit).
 //!
-//! Explored, in four scenarios (each small enough for `cargo test`): two nodes, one
-//! identity's handshakes (or two identities', sharing batches) on either at any time, sessions ending or refused after their
-//! claim, statements' answers delivered late (across the handshake's deadline and the
-//! batch's) or lost, notices delivered late or lost, a database outage, a node paused
-//! (SIGSTOP) and resumed, time advancing a second at a time. A statement runs when it
-//! is sent while the database is up, and hangs while it is down; heartbeats are answered
-//! at once while it is up (their late answers are unit-tested in `node`). Checked in
-//! every state reached (docs/CLUSTER.md, "What is model-checked"):
+//! Explored, in six scenarios (each small enough for `cargo test`): two nodes, one
+//! identity's handshakes (or two identities', sharing batches) on either at any time,
+//! sessions ending or refused after their claim, statements' answers delivered late
+//! (across the handshake's deadline and the batch's) or lost, notices delivered late or
+//! (under "reject") lost, a notification connection broken (its notices lost, the node
+//! deaf until it listens again and has caught up), a database outage, a node paused
+//! (SIGSTOP) and resumed, time advancing a second at a time; `takeover = "reject"` and
+//! `"replace"`. A statement runs when it is sent while the database is up, and hangs
+//! while it is down; heartbeats are answered at once while it is up (their late answers
+//! are unit-tested in `node`). Checked in every state reached (docs/CLUSTER.md, "What is
+//! model-checked"):
 //!
 //! - **one serving session per identity** (`takeover = "reject"`): never two nodes
 //!   whose sessions of one identity may still serve; a node's sessions serve until
 //!   [`Node::serving_until`], after which it fences itself before anything else;
 //! - **every serving session is covered by its node's claim**: the database's claim of
-//!   the identity is that node's, with that epoch or a newer one;
+//!   the identity is that node's, with that epoch or a newer one; under "replace", unless
+//!   the news of its takeover is on its way (the taking node's answer or notice, or the
+//!   node is deaf and will catch up), or its node's audit finds it within its bound
+//!   (an audit every second here, one more per answer that may be lost);
 //! - **no claim leaked**: a node that is quiescent (nothing in flight, nothing queued,
 //!   not fenced) holds a claim in the database only for a session live on it.
 //!
-//! And, so that the check is not vacuous, that each scenario reaches: a session
-//! registered, a node fenced, a node paused past its fence holding a session another
-//! node serves, a claim whose answer never came released.
+//! And, so that the check is not vacuous, that each scenario reaches what its faults
+//! allow: a session registered, a node fenced, a node paused past its fence holding a
+//! session another node serves, a claim whose answer never came released, a session
+//! taken over unheard closed by the catch-up, one taken over unannounced closed by an
+//! audit.
 //!
 //! Bounded: "no claim leaked" is checked in the states a node settles in within the
-//! horizon (5-6 s); a claim whose answer never came is released for `SETTLE` (6 s)
+//! horizon (3-6 s); a claim whose answer never came is released for `SETTLE` (6 s)
 //! after, beyond it (the unit tests of `node` follow those releases to their end).
 //! Statements run when they are sent: a statement that commits late, after the node
 //! gave up on it, is not explored here (the release of every claim of an id names the
-//! batches before it, so that it never deletes a later claim).
+//! batches before it, so that it never deletes a later claim). An outage breaks the
+//! notification connections only in the scenarios that explore their loss.
 //!
-//! Not modelled yet: `takeover = "replace"` (a takeover's notice closes the old session
-//! some time after the new one is registered: two sessions overlap by design), the
-//! fleet's log and revocations, the notification connection's loss and catch-up.
+//! Not modelled: the fleet's log and revocations (their rules are the store's, tested
+//! in tests/fleet.rs and tests/fleet_database.rs), sends.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -70,6 +79,10 @@ enum Request {
     Batch(Batch),
     Heartbeat(u64),
     Join(Secs),
+    /// The catch-up after loss `.0` of the notification connection: this node's claims.
+    CatchUp(u64),
+    /// An audit: this node's claims.
+    Audit(u64),
 }
 
 /// A statement's answer, not yet delivered.
@@ -78,6 +91,21 @@ enum Answer {
     Batch(u64, Result<Vec<ClaimRow>, String>),
     Heartbeat(u64, Result<bool, String>),
     Join(Secs, bool),
+    /// This node's claims (id, epoch), or the catch-up failed.
+    CatchUp(u64, Option<BTreeMap<Id, u64>>),
+    Audit(u64, BTreeMap<Id, u64>),
+}
+
+/// A node's notification connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Conn {
+    /// Notices reach the node.
+    Up,
+    /// Dead (the database went away, or the connection broke): notices are lost, and
+    /// the node has not found out yet (its ping does, `Step::Deafen`).
+    Dead,
+    /// The node knows, and opens it again when the database answers.
+    Down,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -93,6 +121,7 @@ struct NodeState {
     asked: BTreeMap<Ticket, Id>,
     /// `tally_close` notices on their way here: id, and the epoch taken over.
     notices: Vec<(Id, u64)>,
+    conn: Conn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -105,8 +134,13 @@ struct State {
     outages: u8,
     pauses: u8,
     losses: u8,
-    /// A witness for a `sometimes` property.
+    cuts: u8,
+    /// Sessions of a node whose claim is not theirs (node, id), since when.
+    uncovered: BTreeMap<(usize, Id), Secs>,
+    /// Witnesses for `sometimes` properties.
     released_lost: bool,
+    closed_by_audit: bool,
+    closed_by_catch_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -124,6 +158,12 @@ enum Step {
     Outage,
     Pause(usize),
     Resume(usize),
+    /// Node `i`'s notification connection breaks (its notices on their way are lost).
+    Cut(usize),
+    /// Node `i` finds its notification connection dead.
+    Deafen(usize),
+    /// Node `i` listens again.
+    Relisten(usize),
 }
 
 struct Fleet {
@@ -133,11 +173,15 @@ struct Fleet {
     horizon: Secs,
     handshakes: u8,
     /// Faults the environment may cause: database outages, nodes paused, answers or
-    /// notices lost.
+    /// notices lost, notification connections broken.
     outages: u8,
     pauses: u8,
     losses: u8,
+    cuts: u8,
     reject: bool,
+    /// How often each node audits its claims (`None`: `AUDIT_EVERY`, beyond the
+    /// horizon).
+    audit_every: Option<Secs>,
 }
 
 fn name(i: usize) -> String {
@@ -197,14 +241,26 @@ impl Fleet {
                     }
                 }
                 Action::Unfence => {}
-                // The model does not lose the notification connection (the machine's
-                // unit tests cover deafness and its catch-up).
-                Action::CatchUp(_) => unreachable!("no notices_lost in the model"),
+                Action::CatchUp(loss) => sent.push(Request::CatchUp(loss)),
+                Action::Audit(no) => sent.push(Request::Audit(no)),
+                Action::Close(id, epoch) => {
+                    if n.sessions.get(&id).is_some_and(|e| *e <= epoch) {
+                        n.sessions.remove(&id);
+                        n.machine.ended(&id, epoch, now);
+                        state.closed_by_audit = true;
+                    }
+                }
             }
         }
         for request in sent {
-            if state.db.up {
-                self.run(state, i, request);
+            match (state.db.up, request) {
+                (true, request) => self.run(state, i, request),
+                // The catch-up's reads fail at once (or at their statement timeout):
+                // it never hangs.
+                (false, Request::CatchUp(loss)) => {
+                    state.nodes[i].answers.push(Answer::CatchUp(loss, None));
+                }
+                (false, _) => {}
             }
         }
         for no in heartbeats {
@@ -227,6 +283,8 @@ impl Fleet {
                 db.nodes.insert(i, now);
                 Answer::Join(sent, true)
             }
+            Request::CatchUp(loss) => Answer::CatchUp(loss, Some(db.claims_of(i))),
+            Request::Audit(no) => Answer::Audit(no, db.claims_of(i)),
             Request::Heartbeat(no) => {
                 let alive = db.nodes.contains_key(&i);
                 if alive {
@@ -305,7 +363,10 @@ impl Fleet {
                 }
                 for t in &batch.announce {
                     let old = t.old_node[1..].parse::<usize>().expect("n<i>");
-                    state.nodes[old].notices.push((t.id.clone(), t.old_epoch));
+                    // Delivered to a node listening; lost for one that is not.
+                    if state.nodes[old].conn == Conn::Up {
+                        state.nodes[old].notices.push((t.id.clone(), t.old_epoch));
+                    }
                 }
                 if !batch.release_all.is_empty() {
                     state.released_lost = true;
@@ -318,12 +379,108 @@ impl Fleet {
 
     fn deliver(&self, state: &mut State, i: usize, answer: Answer) {
         let now = self.at(state.now);
-        let m = &mut state.nodes[i].machine;
+        let n = &mut state.nodes[i];
+        let m = &mut n.machine;
         match answer {
             Answer::Batch(no, a) => m.batch_done(no, a, now),
             Answer::Heartbeat(no, a) => m.heartbeat_done(no, a, now),
             Answer::Join(sent, ok) => m.rejoined(ok, self.at(sent), now),
+            // As `super::Fleet::try_catch_up`: a session whose claim is gone, or another
+            // node's, or older than the session, was taken over unheard.
+            Answer::CatchUp(loss, Some(claims)) => {
+                let gone: Vec<(Id, u64)> = n
+                    .sessions
+                    .iter()
+                    .filter(|(id, e)| claims.get(*id).is_none_or(|c| c < *e))
+                    .map(|(id, e)| (id.clone(), *e))
+                    .collect();
+                for (id, epoch) in gone {
+                    n.sessions.remove(&id);
+                    n.machine.ended(&id, epoch, now);
+                    state.closed_by_catch_up = true;
+                }
+                n.machine.caught_up(loss, true, now);
+            }
+            Answer::CatchUp(loss, None) => {
+                m.caught_up(loss, false, now);
+            }
+            Answer::Audit(no, claims) => m.audited(no, Ok(claims), now),
         }
+    }
+}
+
+impl Fleet {
+    /// Whether node `i`'s session of `id` has been without its claim for less than an
+    /// audit takes to find it: an audit every `audit_every`, one more for each answer
+    /// that may be lost, and the second the clock moves at a time.
+    fn audit_will_find(&self, s: &State, i: usize, id: &Id) -> bool {
+        let Some(every) = self.audit_every else {
+            return false;
+        };
+        let bound = every * (1 + Secs::from(self.losses)) + 1;
+        s.uncovered
+            .get(&(i, id.clone()))
+            .is_some_and(|since| s.now - since <= bound)
+    }
+
+    /// Notes since when each session has been without its node's claim.
+    fn track_uncovered(&self, s: &mut State) {
+        let mut now_uncovered = BTreeMap::new();
+        for (i, n) in s.nodes.iter().enumerate() {
+            for (id, e) in &n.sessions {
+                let covered =
+                    s.db.claims
+                        .get(id)
+                        .is_some_and(|c| c.node == i && c.epoch >= *e);
+                if !covered {
+                    let since = s.uncovered.get(&(i, id.clone())).copied().unwrap_or(s.now);
+                    now_uncovered.insert((i, id.clone()), since);
+                }
+            }
+        }
+        s.uncovered = now_uncovered;
+    }
+
+    /// Whether node `i`, whose session of `id` with claim `epoch` was taken over, is
+    /// being told: the taking node's answer (its row names the claim superseded) or its
+    /// notice is on its way, or node `i` may have missed notices and will catch up.
+    fn being_told(&self, s: &State, i: usize, id: &Id, epoch: u64) -> bool {
+        let n = &s.nodes[i];
+        let names = |old_node: &str, old_epoch: u64| old_node == name(i) && old_epoch >= epoch;
+        let audit_closes = n.answers.iter().any(|a| match a {
+            Answer::Audit(_, claims) => claims.get(id).is_none_or(|c| *c < epoch),
+            _ => false,
+        });
+        n.conn != Conn::Up
+            || n.machine.is_deaf()
+            || audit_closes
+            || n.notices.iter().any(|(nid, e)| nid == id && *e >= epoch)
+            || s.nodes.iter().any(|m| {
+                m.machine
+                    .announcing()
+                    .any(|t| t.id == *id && names(&t.old_node, t.old_epoch))
+                    || m.answers.iter().any(|a| match a {
+                        Answer::Batch(_, Ok(rows)) => rows.iter().any(|r| {
+                            r.kind == ClaimKind::TookOver
+                                && r.old_node
+                                    .as_deref()
+                                    .zip(r.old_epoch)
+                                    .is_some_and(|(node, e)| names(node, e))
+                        }),
+                        _ => false,
+                    })
+            })
+    }
+}
+
+impl Db {
+    /// Node `i`'s claims: id and epoch.
+    fn claims_of(&self, i: usize) -> BTreeMap<Id, u64> {
+        self.claims
+            .iter()
+            .filter(|(_, c)| c.node == i)
+            .map(|(id, c)| (id.clone(), c.epoch))
+            .collect()
     }
 }
 
@@ -345,13 +502,18 @@ impl Model for Fleet {
     fn init_states(&self) -> Vec<State> {
         let nodes = (0..self.nodes)
             .map(|i| NodeState {
-                machine: Node::new(name(i), self.base),
+                machine: match self.audit_every {
+                    None => Node::new(name(i), self.base),
+                    Some(every) => Node::new(name(i), self.base)
+                        .with_audit_every(Duration::from_secs(every.into()), self.base),
+                },
                 paused: false,
                 sessions: BTreeMap::new(),
                 answers: Vec::new(),
                 granted: Vec::new(),
                 asked: BTreeMap::new(),
                 notices: Vec::new(),
+                conn: Conn::Up,
             })
             .collect();
         vec![State {
@@ -367,7 +529,11 @@ impl Model for Fleet {
             outages: self.outages,
             pauses: self.pauses,
             losses: self.losses,
+            cuts: self.cuts,
+            uncovered: BTreeMap::new(),
             released_lost: false,
+            closed_by_audit: false,
+            closed_by_catch_up: false,
         }]
     }
 
@@ -391,6 +557,13 @@ impl Model for Fleet {
             if self.due(state, i) {
                 steps.push(Step::Timer(i));
             }
+            match n.conn {
+                Conn::Up if state.cuts > 0 => steps.push(Step::Cut(i)),
+                Conn::Up => {}
+                Conn::Dead => steps.push(Step::Deafen(i)),
+                Conn::Down if state.db.up => steps.push(Step::Relisten(i)),
+                Conn::Down => {}
+            }
             if state.handshakes > 0 {
                 steps.extend((0..self.ids.len()).map(|k| Step::Connect(i, k)));
             }
@@ -399,15 +572,18 @@ impl Model for Fleet {
                 steps.push(Step::Refuse(i, k));
             }
             steps.extend(n.sessions.keys().map(|id| Step::End(i, id.clone())));
-            for k in 0..n.answers.len() {
+            for (k, answer) in n.answers.iter().enumerate() {
                 steps.push(Step::Deliver(i, k));
-                if state.losses > 0 {
+                // A catch-up's answer always comes (it is the node's own task).
+                if state.losses > 0 && !matches!(answer, Answer::CatchUp(..)) {
                     steps.push(Step::LoseAnswer(i, k));
                 }
             }
             for k in 0..n.notices.len() {
                 steps.push(Step::Notice(i, k));
-                if state.losses > 0 {
+                // PostgreSQL loses no notice on a live connection (a broken one loses
+                // them all: `Cut`); the scenarios under "reject" lose single ones too.
+                if state.losses > 0 && self.reject {
                     steps.push(Step::LoseNotice(i, k));
                 }
             }
@@ -433,8 +609,35 @@ impl Model for Fleet {
             Step::Outage => {
                 if s.db.up {
                     s.outages -= 1;
+                    // Every connection breaks, the notification connections too (in the
+                    // scenarios that explore their loss: in the others it would multiply
+                    // the states tenfold).
+                    for n in s.nodes.iter_mut().filter(|_| self.cuts > 0) {
+                        if n.conn == Conn::Up {
+                            n.conn = Conn::Dead;
+                            n.notices.clear();
+                        }
+                    }
                 }
                 s.db.up = !s.db.up;
+            }
+            Step::Cut(i) => {
+                s.cuts -= 1;
+                let n = &mut s.nodes[i];
+                n.conn = Conn::Dead;
+                n.notices.clear();
+            }
+            Step::Deafen(i) => {
+                let n = &mut s.nodes[i];
+                n.conn = Conn::Down;
+                n.machine.notices_lost(now);
+                self.pump(&mut s, i);
+            }
+            Step::Relisten(i) => {
+                let n = &mut s.nodes[i];
+                n.conn = Conn::Up;
+                n.machine.listening(now);
+                self.pump(&mut s, i);
             }
             Step::Pause(i) => {
                 s.pauses -= 1;
@@ -505,6 +708,9 @@ impl Model for Fleet {
                 s.nodes[i].notices.remove(k);
             }
         }
+        if !self.reject {
+            self.track_uncovered(&mut s);
+        }
         Some(s)
     }
 
@@ -545,17 +751,22 @@ impl Model for Fleet {
             Property::always(
                 "every serving session is covered by its node's claim",
                 |m: &Fleet, s: &State| {
-                    if !m.reject {
-                        return true;
-                    }
                     let now = m.at(s.now);
                     s.nodes.iter().enumerate().all(|(i, n)| {
                         let serving = n.machine.serving_until().is_some_and(|t| now < t);
                         !serving
                             || n.sessions.iter().all(|(id, e)| {
-                                s.db.claims
-                                    .get(id)
-                                    .is_some_and(|c| c.node == i && c.epoch >= *e)
+                                let covered =
+                                    s.db.claims
+                                        .get(id)
+                                        .is_some_and(|c| c.node == i && c.epoch >= *e);
+                                // Under "replace" a takeover elsewhere supersedes it; the
+                                // node must be hearing of it (`being_told`), or its audit
+                                // will find it within its bound.
+                                covered
+                                    || (!m.reject
+                                        && (m.being_told(s, i, id, *e)
+                                            || m.audit_will_find(s, i, id)))
                             })
                     })
                 },
@@ -563,9 +774,13 @@ impl Model for Fleet {
             Property::sometimes("a session is registered", |_: &Fleet, s: &State| {
                 s.nodes.iter().any(|n| !n.sessions.is_empty())
             }),
-            Property::sometimes("a node fences itself", |_: &Fleet, s: &State| {
-                s.nodes.iter().any(|n| n.machine.is_fenced())
+            Property::sometimes("a node fences itself", |m: &Fleet, s: &State| {
+                (m.outages == 0 && m.pauses == 0) || s.nodes.iter().any(|n| n.machine.is_fenced())
             }),
+            Property::sometimes(
+                "a session taken over unheard is closed by the catch-up",
+                |m: &Fleet, s: &State| m.reject || m.cuts == 0 || s.closed_by_catch_up,
+            ),
             Property::sometimes(
                 "a node paused past its fence holds a session another node serves",
                 |m: &Fleet, s: &State| {
@@ -583,6 +798,10 @@ impl Model for Fleet {
                 },
             ),
             Property::sometimes(
+                "a session taken over unannounced is closed by an audit",
+                |m: &Fleet, s: &State| m.reject || m.losses == 0 || s.closed_by_audit,
+            ),
+            Property::sometimes(
                 "a claim whose answer never came is released",
                 |m: &Fleet, s: &State| m.losses == 0 || s.released_lost,
             ),
@@ -593,16 +812,22 @@ impl Model for Fleet {
 /// Explores every state of `fleet` and asserts its properties (every `always` holds,
 /// every `sometimes` is reached); says how many states it saw.
 fn check(name: &str, fleet: Fleet) {
+    let started = std::time::Instant::now();
     let checker = fleet.checker().spawn_bfs().join();
-    eprintln!("{name}: {} states", checker.unique_state_count());
+    eprintln!(
+        "{name}: {} states in {:.1} s",
+        checker.unique_state_count(),
+        started.elapsed().as_secs_f64()
+    );
     checker.assert_properties();
 }
 
 /// A fleet of two nodes serving `ids` for `horizon` seconds (`TALLY_MODEL_HORIZON`
 /// overrides it), with `handshakes` handshakes and the faults given: database outages,
-/// nodes paused, answers or notices lost.
-fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet {
-    let [outages, pauses, losses] = faults;
+/// nodes paused, answers or notices lost, notification connections broken. Under
+/// `takeover = "reject"` unless `replace`.
+fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 4]) -> Fleet {
+    let [outages, pauses, losses, cuts] = faults;
     let horizon = std::env::var("TALLY_MODEL_HORIZON")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -616,7 +841,17 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet 
         outages,
         pauses,
         losses,
+        cuts,
         reject: true,
+        audit_every: None,
+    }
+}
+
+/// [`fleet`] under `takeover = "replace"`.
+fn replacing(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 4]) -> Fleet {
+    Fleet {
+        reject: false,
+        ..fleet(ids, horizon, handshakes, faults)
     }
 }
 
@@ -624,24 +859,46 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 3]) -> Fleet 
 /// identity: they never both serve it.
 #[test]
 fn a_paused_node_and_a_takeover() {
-    check("paused", fleet(&["a"], 6, 2, [0, 1, 0]));
+    check("paused", fleet(&["a"], 6, 2, [0, 1, 0, 0]));
 }
 
 /// A node paused, and the database away for a while.
 #[test]
 fn a_paused_node_and_a_database_outage() {
-    check("paused and outage", fleet(&["a"], 5, 2, [1, 1, 0]));
+    check("paused and outage", fleet(&["a"], 5, 2, [1, 1, 0, 0]));
 }
 
 /// The database away for a while, and an answer or a notice lost.
 #[test]
 fn a_database_outage_and_lost_answers() {
-    check("outage", fleet(&["a"], 6, 2, [1, 0, 1]));
+    check("outage", fleet(&["a"], 6, 2, [1, 0, 1, 0]));
 }
 
 /// Two identities, a node paused: one identity's rules never disturb the other's
 /// (they share batches and statements).
 #[test]
 fn two_identities_and_a_paused_node() {
-    check("two identities", fleet(&["a", "b"], 5, 2, [0, 1, 0]));
+    check("two identities", fleet(&["a", "b"], 5, 2, [0, 1, 0, 0]));
+}
+
+/// `takeover = "replace"`, a takeover's answer lost (the taking node never learns what
+/// it took over, and never announces it): the session taken over is found by its
+/// node's audit of its claims, and closed within the audit's bound.
+#[test]
+fn replace_with_a_lost_answer() {
+    let fleet = Fleet {
+        audit_every: Some(1),
+        ..replacing(&["a"], 3, 2, [0, 0, 1, 0])
+    };
+    check("replace, lost answer", fleet);
+}
+
+/// `takeover = "replace"`, a notification connection broken: a session taken over
+/// while its node was not listening is closed when the node catches up.
+#[test]
+fn replace_with_a_broken_notification_connection() {
+    check(
+        "replace, notices lost",
+        replacing(&["a"], 5, 2, [0, 0, 0, 1]),
+    );
 }

@@ -33,6 +33,10 @@
 //! - A node that may have missed notices (its notification connection was lost) is
 //!   *deaf*: it claims and registers nothing until it listens again and has caught up
 //!   with what it missed ([`Action::CatchUp`], tried again every [`HEARTBEAT`]).
+//! - Every [`AUDIT_EVERY`] the node reads its claims back ([`Action::Audit`]) and
+//!   closes each session whose claim is gone or another node's ([`Action::Close`]): a
+//!   takeover whose announcement never came (the taking node lost its statement's
+//!   answer, so it never knew what it took over) ends within that bound.
 //! - A session is registered only if the machine admits its claim at that moment
 //!   ([`Node::admits`], under the lock the registration holds): not fenced, declared
 //!   dead or deaf since the claim was asked for, and not superseded by a takeover
@@ -64,6 +68,9 @@ pub const BATCH_MAX: usize = 512;
 /// Claims waiting on this node (all identities). Beyond, a claim is refused at once:
 /// a flood of handshakes costs it bounded memory.
 pub const CLAIMS_WAITING: usize = 65_536;
+/// How often a node reads its claims back to find sessions taken over unannounced
+/// (one statement per node, returning its claims).
+pub const AUDIT_EVERY: Duration = Duration::from_secs(30);
 
 /// What a claim found in the database (`tally_claims`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,6 +208,12 @@ pub enum Action {
     /// connection (reload the key index, apply the fleet's log, close the sessions whose
     /// claims are no longer this node's); report with [`Node::caught_up`].
     CatchUp(u64),
+    /// Read this node's claims (id and epoch); report with [`Node::audited`] and this
+    /// number.
+    Audit(u64),
+    /// Close the session of `.0` if its claim's epoch is `.1` or older: its claim is
+    /// gone, or another node's (taken over unannounced).
+    Close(Id, u64),
     /// A heartbeat was renewed after the fence: serve again.
     Unfence,
     /// Another node declared this one dead: its claims are gone. Close every session and
@@ -339,6 +352,12 @@ pub struct Node {
     /// only while the identity has such claims: one asked for after the notice came
     /// gets a newer epoch.
     superseded: BTreeMap<Id, u64>,
+    audit_every: Duration,
+    next_audit: Instant,
+    next_audit_no: u64,
+    /// The audit in flight: its number, and the sessions live when it was sent (those
+    /// it judges).
+    audit: Option<(u64, BTreeMap<Id, u64>)>,
 }
 
 /// Why claims are refused while a node is deaf.
@@ -374,6 +393,36 @@ impl Node {
             losses: 0,
             deaf: None,
             superseded: BTreeMap::new(),
+            audit_every: AUDIT_EVERY,
+            next_audit: joined + AUDIT_EVERY,
+            next_audit_no: 0,
+            audit: None,
+        }
+    }
+
+    /// This node, auditing its claims every `every` instead of [`AUDIT_EVERY`] (the
+    /// model checker's small fleets live a few seconds).
+    pub fn with_audit_every(mut self, every: Duration, joined: Instant) -> Node {
+        self.audit_every = every;
+        self.next_audit = joined + every;
+        self
+    }
+
+    /// Audit `no` answered: this node's claims in the database, id and epoch (`Ok`),
+    /// or failed (tried at the next audit). Every session live when it was sent, and
+    /// still live, whose claim is not there with its epoch or a newer one is closed.
+    pub fn audited(&mut self, no: u64, answer: Result<BTreeMap<Id, u64>, String>, _now: Instant) {
+        let Some((_, judged)) = self.audit.take_if(|(n, _)| *n == no) else {
+            return;
+        };
+        let Ok(claims) = answer else {
+            return;
+        };
+        for (id, epoch) in judged {
+            let still_live = self.live.get(&id) == Some(&epoch);
+            if still_live && claims.get(&id).is_none_or(|c| *c < epoch) {
+                self.actions.push_back(Action::Close(id, epoch));
+            }
         }
     }
 
@@ -471,6 +520,17 @@ impl Node {
     #[cfg(test)]
     fn live(&self) -> impl Iterator<Item = (&Id, u64)> {
         self.live.iter().map(|(id, e)| (id, *e))
+    }
+
+    /// The takeovers this node has yet to announce (the model checks that an old node
+    /// is being told).
+    #[cfg(test)]
+    pub fn announcing(&self) -> impl Iterator<Item = &Takeover> {
+        let flight = self.in_flight.iter().flat_map(|f| &f.batch.announce);
+        self.announce
+            .iter()
+            .chain(self.announce_later.iter().map(|(t, _, _)| t))
+            .chain(flight)
     }
 
     /// Whether nothing is waiting or in flight: no claim, release, notice or batch.
@@ -706,7 +766,7 @@ impl Node {
                 .chain(retries)
                 .chain(flight)
                 .chain(catch_up)
-                .fold(next, Instant::min),
+                .fold(next.min(self.next_audit), Instant::min),
         )
     }
 
@@ -725,6 +785,19 @@ impl Node {
                 self.next_beat_no += 1;
             }
             self.next_beat = now + HEARTBEAT;
+        }
+        if now >= self.next_audit {
+            self.next_audit = now + self.audit_every;
+            // Not while the node holds no trustworthy claims (fenced, declared dead: its
+            // sessions are closed) or may be missing notices (its catch-up reads them).
+            // One at a time: an audit not answered by the next counts for nothing.
+            self.audit = None;
+            if !self.fenced && !self.rejoining && self.deaf.is_none() && !self.live.is_empty() {
+                let no = self.next_audit_no;
+                self.next_audit_no += 1;
+                self.audit = Some((no, self.live.clone()));
+                self.actions.push_back(Action::Audit(no));
+            }
         }
         if let Some((loss, stage)) = &mut self.deaf {
             if matches!(stage, Deaf::RetryAt(at) if now >= *at) {
@@ -1803,5 +1876,87 @@ mod tests {
             [(x, Err(ClaimError::Unavailable(_)))] if *x == a
         ));
         assert_eq!(runs(&acts)[0].releases, vec![(id("a"), 4)]);
+    }
+
+    fn audits(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Audit(no) => Some(*no),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A session whose claim another node took over without a word (its statement's
+    /// answer was lost, so it never knew what it took over): the node's audit of its
+    /// claims finds it within AUDIT_EVERY and closes it. (Found by the model checker,
+    /// `replace_with_a_lost_answer`.)
+    #[test]
+    fn a_session_whose_claim_was_taken_over_unannounced_is_closed_by_the_audit() {
+        let mut t = T::new();
+        let a = granted_claim(&mut t, "a", 1);
+        t.node.finish(a, Finish::Registered, t.now);
+        let b = granted_claim(&mut t, "b", 2);
+        t.node.finish(b, Finish::Registered, t.now);
+        t.advance(AUDIT_EVERY - Duration::from_millis(1));
+        assert!(audits(&t.actions()).is_empty());
+        t.advance(Duration::from_millis(1));
+        let no = audits(&t.actions());
+        assert_eq!(no.len(), 1);
+        // "a" is another node's now; "b" is still this node's, with a newer epoch.
+        let claims = BTreeMap::from([(id("b"), 5)]);
+        t.node.audited(no[0], Ok(claims), t.now);
+        assert_eq!(t.actions(), vec![Action::Close(id("a"), 1)]);
+        // A second answer to the same audit changes nothing.
+        t.node.audited(no[0], Ok(BTreeMap::new()), t.now);
+        assert!(t.actions().is_empty());
+    }
+
+    /// An audit judges only the sessions live when it was sent, and still live: one
+    /// registered after its query may not be in its answer, one ended is gone.
+    #[test]
+    fn an_audit_judges_only_the_sessions_live_when_it_was_sent() {
+        let mut t = T::new();
+        let a = granted_claim(&mut t, "a", 1);
+        t.node.finish(a, Finish::Registered, t.now);
+        t.advance(AUDIT_EVERY);
+        let no = audits(&t.actions())[0];
+        let b = granted_claim(&mut t, "b", 2);
+        t.node.finish(b, Finish::Registered, t.now);
+        t.node.ended(&id("a"), 1, t.now);
+        t.actions();
+        t.node.audited(no, Ok(BTreeMap::new()), t.now);
+        assert!(t.actions().is_empty(), "nothing of this audit's to close");
+        // A failed audit closes nothing; the next one is sent AUDIT_EVERY later.
+        t.advance(AUDIT_EVERY);
+        let no = audits(&t.actions())[0];
+        t.node.audited(no, Err("timed out".into()), t.now);
+        assert!(t.actions().is_empty());
+        t.advance(AUDIT_EVERY);
+        assert_eq!(audits(&t.actions()).len(), 1);
+    }
+
+    /// No audit while the node has no session, is fenced (its sessions are closed) or
+    /// may be missing notices (its catch-up reads its claims).
+    #[test]
+    fn no_audit_without_sessions_nor_while_fenced_or_deaf() {
+        let mut t = T::new();
+        t.advance(AUDIT_EVERY * 2);
+        assert!(audits(&t.actions()).is_empty());
+        let a = granted_claim(&mut t, "a", 1);
+        t.node.finish(a, Finish::Registered, t.now);
+        t.node.notices_lost(t.now);
+        t.advance(AUDIT_EVERY);
+        assert!(audits(&t.actions()).is_empty());
+        t.node.listening(t.now);
+        t.actions();
+        assert!(t.node.caught_up(1, true, t.now));
+        t.node.hold(true, t.now);
+        t.advance(AUDIT_EVERY);
+        assert!(audits(&t.actions()).is_empty());
+        t.node.hold(false, t.now);
+        t.advance(AUDIT_EVERY);
+        assert_eq!(audits(&t.actions()).len(), 1);
     }
 }
