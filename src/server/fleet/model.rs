@@ -4,12 +4,13 @@
 //! heartbeat's liveness and deletion of dead nodes, `tally_close` notices, the reads of a
 //! node's claims by its catch-up and its audit).
 //!
-//! Explored, in six scenarios (each small enough for `cargo test`): two nodes, one
+//! Explored, in seven scenarios (each small enough for `cargo test`): two nodes, one
 //! identity's handshakes (or two identities', sharing batches) on either at any time,
 //! sessions ending or refused after their claim, statements' answers delivered late
 //! (across the handshake's deadline and the batch's) or lost, notices delivered late or
 //! (under "reject") lost, a notification connection broken (its notices lost, the node
-//! deaf until it listens again and has caught up), a database outage, a node paused
+//! deaf until it listens again and has caught up), a revocation committed while
+//! handshakes are on their way, a database outage, a node paused
 //! (SIGSTOP) and resumed, time advancing a second at a time; `takeover = "reject"` and
 //! `"replace"`. A statement runs when it is sent while the database is up, and hangs
 //! while it is down; heartbeats are answered at once while it is up (their late answers
@@ -25,7 +26,12 @@
 //!   node is deaf and will catch up), or its node's audit finds it within its bound
 //!   (an audit every second here, one more per answer that may be lost);
 //! - **no claim leaked**: a node that is quiescent (nothing in flight, nothing queued,
-//!   not fenced) holds a claim in the database only for a session live on it.
+//!   not fenced) holds a claim in the database only for a session live on it;
+//! - **no session of a revoked identity on a node that applied the revocation**, and a
+//!   revoked identity's live session is being closed (its notice on its way, or its node
+//!   deaf and catching up). The rule is the registry's and the key index's (a handshake
+//!   that looked its key up before the revocation was applied is refused at
+//!   registration), copied here; the registry's unit tests keep the two in step.
 //!
 //! And, so that the check is not vacuous, that each scenario reaches what its faults
 //! allow: a session registered, a node fenced, a node paused past its fence holding a
@@ -41,8 +47,8 @@
 //! batches before it, so that it never deletes a later claim). An outage breaks the
 //! notification connections only in the scenarios that explore their loss.
 //!
-//! Not modelled: the fleet's log and revocations (their rules are the store's, tested
-//! in tests/fleet.rs and tests/fleet_database.rs), sends.
+//! Not modelled: the fleet's log and its tags (the store's, tested in tests/fleet.rs and
+//! tests/fleet_database.rs), sends.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -71,6 +77,8 @@ struct Db {
     nodes: BTreeMap<usize, Secs>,
     claims: BTreeMap<Id, Claim>,
     epochs: u64,
+    /// Identities whose revocation committed (the fleet's log).
+    revoked: std::collections::BTreeSet<Id>,
 }
 
 /// A statement.
@@ -91,8 +99,12 @@ enum Answer {
     Batch(u64, Result<Vec<ClaimRow>, String>),
     Heartbeat(u64, Result<bool, String>),
     Join(Secs, bool),
-    /// This node's claims (id, epoch), or the catch-up failed.
-    CatchUp(u64, Option<BTreeMap<Id, u64>>),
+    /// This node's claims (id, epoch) and the revocations committed, or the catch-up
+    /// failed.
+    CatchUp(
+        u64,
+        Option<(BTreeMap<Id, u64>, std::collections::BTreeSet<Id>)>,
+    ),
     Audit(u64, BTreeMap<Id, u64>),
 }
 
@@ -119,6 +131,14 @@ struct NodeState {
     granted: Vec<(Ticket, Id, u64)>,
     /// Claims asked for, not answered yet.
     asked: BTreeMap<Ticket, Id>,
+    /// When each handshake on its way looked its key up (the count of revocations this
+    /// node had applied then): as the registry's `key_lookup`.
+    lookups: BTreeMap<Ticket, u8>,
+    /// Revocations applied: the key index (a revoked id's handshakes fail) and the
+    /// registry's tombstones (when each was applied, by the same count).
+    applied: BTreeMap<Id, u8>,
+    /// `tally_identity` notices of revocations on their way here.
+    revocations: Vec<Id>,
     /// `tally_close` notices on their way here: id, and the epoch taken over.
     notices: Vec<(Id, u64)>,
     conn: Conn,
@@ -135,12 +155,14 @@ struct State {
     pauses: u8,
     losses: u8,
     cuts: u8,
+    revokes: u8,
     /// Sessions of a node whose claim is not theirs (node, id), since when.
     uncovered: BTreeMap<(usize, Id), Secs>,
     /// Witnesses for `sometimes` properties.
     released_lost: bool,
     closed_by_audit: bool,
     closed_by_catch_up: bool,
+    closed_revoked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -158,6 +180,11 @@ enum Step {
     Outage,
     Pause(usize),
     Resume(usize),
+    /// Identity `k` is revoked (the revocation commits, its notice goes to every node
+    /// listening).
+    Revoke(usize),
+    /// Node `i` applies the `k`th revocation notice on its way.
+    Revocation(usize, usize),
     /// Node `i`'s notification connection breaks (its notices on their way are lost).
     Cut(usize),
     /// Node `i` finds its notification connection dead.
@@ -178,6 +205,7 @@ struct Fleet {
     pauses: u8,
     losses: u8,
     cuts: u8,
+    revokes: u8,
     reject: bool,
     /// How often each node audits its claims (`None`: `AUDIT_EVERY`, beyond the
     /// horizon).
@@ -217,8 +245,11 @@ impl Fleet {
             match action {
                 Action::Answer(ticket, answer) => {
                     if let Some(id) = n.asked.remove(&ticket) {
-                        if let Ok(g) = answer {
-                            n.granted.push((ticket, id, g.epoch));
+                        match answer {
+                            Ok(g) => n.granted.push((ticket, id, g.epoch)),
+                            Err(_) => {
+                                n.lookups.remove(&ticket);
+                            }
                         }
                     }
                 }
@@ -283,7 +314,9 @@ impl Fleet {
                 db.nodes.insert(i, now);
                 Answer::Join(sent, true)
             }
-            Request::CatchUp(loss) => Answer::CatchUp(loss, Some(db.claims_of(i))),
+            Request::CatchUp(loss) => {
+                Answer::CatchUp(loss, Some((db.claims_of(i), db.revoked.clone())))
+            }
             Request::Audit(no) => Answer::Audit(no, db.claims_of(i)),
             Request::Heartbeat(no) => {
                 let alive = db.nodes.contains_key(&i);
@@ -387,7 +420,11 @@ impl Fleet {
             Answer::Join(sent, ok) => m.rejoined(ok, self.at(sent), now),
             // As `super::Fleet::try_catch_up`: a session whose claim is gone, or another
             // node's, or older than the session, was taken over unheard.
-            Answer::CatchUp(loss, Some(claims)) => {
+            Answer::CatchUp(loss, Some((claims, revoked))) => {
+                // The key index reloaded: the revocations missed are applied.
+                for id in revoked {
+                    state.closed_revoked |= NodeState::apply_revocation(n, id, now);
+                }
                 let gone: Vec<(Id, u64)> = n
                     .sessions
                     .iter()
@@ -473,6 +510,24 @@ impl Fleet {
     }
 }
 
+impl NodeState {
+    /// A revocation of `id` applied (as `Registry::invalidate` and the key index): its
+    /// live session closed, its handshakes that looked the key up before refused.
+    /// Returns whether it closed a session.
+    fn apply_revocation(n: &mut NodeState, id: Id, now: Instant) -> bool {
+        if n.applied.contains_key(&id) {
+            return false;
+        }
+        let count = n.applied.len() as u8 + 1;
+        n.applied.insert(id.clone(), count);
+        let Some(epoch) = n.sessions.remove(&id) else {
+            return false;
+        };
+        n.machine.ended(&id, epoch, now);
+        true
+    }
+}
+
 impl Db {
     /// Node `i`'s claims: id and epoch.
     fn claims_of(&self, i: usize) -> BTreeMap<Id, u64> {
@@ -512,6 +567,9 @@ impl Model for Fleet {
                 answers: Vec::new(),
                 granted: Vec::new(),
                 asked: BTreeMap::new(),
+                lookups: BTreeMap::new(),
+                applied: BTreeMap::new(),
+                revocations: Vec::new(),
                 notices: Vec::new(),
                 conn: Conn::Up,
             })
@@ -523,6 +581,7 @@ impl Model for Fleet {
                 nodes: (0..self.nodes).map(|i| (i, 0)).collect(),
                 claims: BTreeMap::new(),
                 epochs: 0,
+                revoked: Default::default(),
             },
             nodes,
             handshakes: self.handshakes,
@@ -530,10 +589,12 @@ impl Model for Fleet {
             pauses: self.pauses,
             losses: self.losses,
             cuts: self.cuts,
+            revokes: self.revokes,
             uncovered: BTreeMap::new(),
             released_lost: false,
             closed_by_audit: false,
             closed_by_catch_up: false,
+            closed_revoked: false,
         }]
     }
 
@@ -545,6 +606,13 @@ impl Model for Fleet {
         }
         if state.outages > 0 || !state.db.up {
             steps.push(Step::Outage);
+        }
+        if state.revokes > 0 && state.db.up {
+            steps.extend(
+                (0..self.ids.len())
+                    .filter(|k| !state.db.revoked.contains(&self.ids[*k]))
+                    .map(Step::Revoke),
+            );
         }
         for (i, n) in state.nodes.iter().enumerate() {
             if n.paused {
@@ -579,6 +647,7 @@ impl Model for Fleet {
                     steps.push(Step::LoseAnswer(i, k));
                 }
             }
+            steps.extend((0..n.revocations.len()).map(|k| Step::Revocation(i, k)));
             for k in 0..n.notices.len() {
                 steps.push(Step::Notice(i, k));
                 // PostgreSQL loses no notice on a live connection (a broken one loses
@@ -616,6 +685,7 @@ impl Model for Fleet {
                         if n.conn == Conn::Up {
                             n.conn = Conn::Dead;
                             n.notices.clear();
+                            n.revocations.clear();
                         }
                     }
                 }
@@ -626,6 +696,7 @@ impl Model for Fleet {
                 let n = &mut s.nodes[i];
                 n.conn = Conn::Dead;
                 n.notices.clear();
+                n.revocations.clear();
             }
             Step::Deafen(i) => {
                 let n = &mut s.nodes[i];
@@ -652,15 +723,38 @@ impl Model for Fleet {
                 s.handshakes -= 1;
                 let id = self.ids[k].clone();
                 let n = &mut s.nodes[i];
-                let ticket = n.machine.claim(id.clone(), "peer".into(), now);
-                n.asked.insert(ticket, id);
+                // A revoked key is out of the index: the handshake fails before its
+                // claim.
+                if !n.applied.contains_key(&id) {
+                    let ticket = n.machine.claim(id.clone(), "peer".into(), now);
+                    n.asked.insert(ticket, id);
+                    n.lookups.insert(ticket, n.applied.len() as u8);
+                    self.pump(&mut s, i);
+                }
+            }
+            Step::Revoke(k) => {
+                s.revokes -= 1;
+                let id = self.ids[k].clone();
+                s.db.revoked.insert(id.clone());
+                for n in s.nodes.iter_mut().filter(|n| n.conn == Conn::Up) {
+                    n.revocations.push(id.clone());
+                }
+            }
+            Step::Revocation(i, k) => {
+                let n = &mut s.nodes[i];
+                let id = n.revocations.remove(k);
+                s.closed_revoked |= NodeState::apply_revocation(n, id, now);
                 self.pump(&mut s, i);
             }
             Step::Register(i, k) => {
                 let n = &mut s.nodes[i];
                 let (ticket, id, epoch) = n.granted.remove(k);
+                let looked_up = n.lookups.remove(&ticket).unwrap_or(0);
+                // As the registry: refused if a revocation was applied since its key was
+                // looked up (`Registry::register`'s tombstones).
+                let invalidated = n.applied.get(&id).is_some_and(|at| *at > looked_up);
                 // As `super::Claiming::register`: only a claim the machine admits.
-                if n.machine.admits(ticket) == Ok(epoch) {
+                if !invalidated && n.machine.admits(ticket) == Ok(epoch) {
                     // A newer session of the id replaces an older one here.
                     n.sessions.insert(id, epoch);
                     n.machine.finish(ticket, Finish::Registered, now);
@@ -672,6 +766,7 @@ impl Model for Fleet {
             Step::Refuse(i, k) => {
                 let n = &mut s.nodes[i];
                 let (ticket, _, _) = n.granted.remove(k);
+                n.lookups.remove(&ticket);
                 n.machine.finish(ticket, Finish::Dropped, now);
                 self.pump(&mut s, i);
             }
@@ -771,6 +866,33 @@ impl Model for Fleet {
                     })
                 },
             ),
+            Property::always(
+                "no session of an identity whose revocation its node applied",
+                |_: &Fleet, s: &State| {
+                    s.nodes
+                        .iter()
+                        .all(|n| n.sessions.keys().all(|id| !n.applied.contains_key(id)))
+                },
+            ),
+            Property::always(
+                "a revoked identity's session is being closed",
+                |_: &Fleet, s: &State| {
+                    s.nodes.iter().all(|n| {
+                        n.sessions
+                            .keys()
+                            .filter(|id| s.db.revoked.contains(*id))
+                            .all(|id| {
+                                n.revocations.contains(id)
+                                    || n.conn != Conn::Up
+                                    || n.machine.is_deaf()
+                            })
+                    })
+                },
+            ),
+            Property::sometimes(
+                "a revoked identity's session is closed",
+                |m: &Fleet, s: &State| m.revokes == 0 || s.closed_revoked,
+            ),
             Property::sometimes("a session is registered", |_: &Fleet, s: &State| {
                 s.nodes.iter().any(|n| !n.sessions.is_empty())
             }),
@@ -842,6 +964,7 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 4]) -> Fleet 
         pauses,
         losses,
         cuts,
+        revokes: 0,
         reject: true,
         audit_every: None,
     }
@@ -901,4 +1024,18 @@ fn replace_with_a_broken_notification_connection() {
         "replace, notices lost",
         replacing(&["a"], 5, 2, [0, 0, 0, 1]),
     );
+}
+
+/// A revocation, a handshake in flight on either node, a notification connection
+/// broken: no node that applied the revocation keeps or registers a session of it (a
+/// handshake that looked its key up before is refused at registration), and a node
+/// that has not applied it yet is being told (its notice on its way, or it is deaf and
+/// will catch up).
+#[test]
+fn a_revocation_a_handshake_in_flight_and_a_broken_notification_connection() {
+    let fleet = Fleet {
+        revokes: 1,
+        ..fleet(&["a"], 3, 2, [0, 0, 0, 1])
+    };
+    check("revocation", fleet);
 }
