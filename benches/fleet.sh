@@ -16,7 +16,8 @@
 #
 # Usage: benches/fleet.sh          Environment: ROUNDS (5), DURATION (3 s), WORK
 # (/tmp/tally-fleet), N_ENROLL (2000), N_REVOKE (50), LOADS ("throughput reconnect"),
-# PG_STATS (set: where the database's time goes, pg_stat_statements). Installs PostgreSQL with apt-get if
+# PG_STATS (set: where the database's time goes over the loads, pg_stat_statements;
+# PG_STATS=enroll: over the pg enrollments instead). Installs PostgreSQL with apt-get if
 # missing (root). Not part of `cargo test`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -97,13 +98,6 @@ bench() { # NAME TARGET_ADDR TOKEN PID OUT ARGS...
     --daemon-pid "$pid" --rounds 1 --json "$@" > "$out" 2>>bench.err
 }
 
-echo "enrollment: $N_ENROLL identities, 32 at a time, each store"
-for s in sqlite pg; do
-  case $s in sqlite) a=127.0.0.1:7450 t=$TOKEN_SQLITE p=$SQLITE ;; pg) a=127.0.0.1:7451 t=$TOKEN_PG p=$NODE0 ;; esac
-  "$BIN/tally" bench --server "$a" --token "$t" --cred-dir "creds-$s" --daemon-pid "$p" \
-    --mode idle -c "$N_ENROLL" --duration 1 --rounds 1 --json 2>&1 >/dev/null | grep enrolled | sed "s/^/  $s: /"
-done
-
 # PG_STATS=1: where the database's time goes, by statement and function, and its CPU by
 # process kind, over the pg rounds (pg_stat_statements; counters reset before the loads).
 psql_() { "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres postgres "$@"; }
@@ -114,10 +108,28 @@ kinds() { # CPU ticks of the cluster's live processes by kind (backend, walwrite
     echo "$k $(awk '{print $14 + $15}' /proc/$p/stat)"
   done | awk '{t[$1] += $2} END {for (k in t) print k, t[k]}' | sort
 }
-if [ -n "${PG_STATS:-}" ]; then
+pg_stats_reset() {
   psql_ -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" -c "SELECT pg_stat_reset()" >/dev/null
   kinds > kinds-before.txt
-fi
+}
+pg_stats_print() {
+  echo; echo "database CPU ticks by process kind over $1 (before, after):"
+  kinds > kinds-after.txt; join -a2 kinds-before.txt kinds-after.txt | sed 's/^/  /'
+  echo; echo "statements by total time (pg_stat_statements):"
+  psql_ -c "SELECT calls, round(total_exec_time::numeric, 1) AS ms, round((total_exec_time / greatest(calls, 1) * 1000)::numeric, 1) AS us_per_call, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12"
+  psql_ -c "SELECT funcname, calls, round(total_time::numeric, 1) AS ms, round(self_time::numeric, 1) AS self_ms FROM pg_stat_user_functions ORDER BY total_time DESC"
+}
+
+echo "enrollment: $N_ENROLL identities, 32 at a time, each store"
+for s in sqlite pg; do
+  case $s in sqlite) a=127.0.0.1:7450 t=$TOKEN_SQLITE p=$SQLITE ;; pg) a=127.0.0.1:7451 t=$TOKEN_PG p=$NODE0 ;; esac
+  [ "$s" = pg ] && [ "${PG_STATS:-}" = enroll ] && pg_stats_reset
+  "$BIN/tally" bench --server "$a" --token "$t" --cred-dir "creds-$s" --daemon-pid "$p" \
+    --mode idle -c "$N_ENROLL" --duration 1 --rounds 1 --json 2>&1 >/dev/null | grep enrolled | sed "s/^/  $s: /"
+done
+if [ "${PG_STATS:-}" = enroll ]; then pg_stats_print "the pg enrollments"; fi
+
+if [ -n "${PG_STATS:-}" ] && [ "${PG_STATS}" != enroll ]; then pg_stats_reset; fi
 
 for mode in $LOADS; do
   case $mode in
@@ -135,13 +147,7 @@ for mode in $LOADS; do
   done
 done
 
-if [ -n "${PG_STATS:-}" ]; then
-  echo; echo "database CPU ticks by process kind over the loads (before, after):"
-  kinds > kinds-after.txt; join -a2 kinds-before.txt kinds-after.txt | sed 's/^/  /'
-  echo; echo "statements by total time (pg_stat_statements):"
-  psql_ -c "SELECT calls, round(total_exec_time::numeric, 1) AS ms, round((total_exec_time / greatest(calls, 1) * 1000)::numeric, 1) AS us_per_call, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12"
-  psql_ -c "SELECT funcname, calls, round(total_time::numeric, 1) AS ms, round(self_time::numeric, 1) AS self_ms FROM pg_stat_user_functions ORDER BY total_time DESC"
-fi
+if [ -n "${PG_STATS:-}" ] && [ "${PG_STATS}" != enroll ]; then pg_stats_print "the loads"; fi
 
 python3 - "$ROUNDS" "$HZ" <<'PY'
 import json, sys, statistics as st
