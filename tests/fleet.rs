@@ -1966,3 +1966,65 @@ fn a_session_whose_claim_is_gone_unannounced_is_closed_by_the_audit() {
         .expect_log(&["a session whose claim is gone or another node's"]);
     f.await_sessions(0, &[("audit-1", 1)], 10);
 }
+
+/// A send that was served, replayed by the database once its stamp is too old for the
+/// serving node's clock: never answered "refused" (its origin may still wait for the
+/// device's answer; a verified "not delivered" would invite it to send a request that
+/// ran already again). Fails on e567edb, which checked the stamp before the replay and
+/// answered such a send "refused".
+#[test]
+fn a_replayed_send_is_not_answered_refused_by_a_node_whose_clock_moved_on() {
+    let test = "fleet: replayed send past its stamp";
+    let Some(lib) = faketime_lib(test) else {
+        return;
+    };
+    let Some(mut f) = Fleet::start(test, 2, "replace") else {
+        return;
+    };
+    // Node 0 serves the device; its wall clock is the test's (the attacker's patience:
+    // stepping it stands in for waiting a minute).
+    let clock = f.root.path().join("node0-clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let _ = f.nodes[0].daemon.child.kill();
+    let _ = f.nodes[0].daemon.child.wait();
+    let env: [(&str, &std::ffi::OsStr); 4] = [
+        ("LD_PRELOAD", lib.as_os_str()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        ("FAKETIME_NO_CACHE", "1".as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ];
+    f.nodes[0] = f.start_node_env(0, &env);
+    let cred = f.enroll(1, "replay-1");
+    let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
+    expect_line(&lines, "connected as replay-1");
+    f.await_sessions(1, &[("replay-1", 0)], 10);
+    // The database keeps every send row as it is written, answer and all.
+    f.cluster.psql(
+        "CREATE TABLE captured (LIKE sends); \
+         CREATE FUNCTION capture() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO captured SELECT NEW.*; RETURN NEW; END $$; \
+         CREATE TRIGGER capture AFTER INSERT ON sends FOR EACH ROW EXECUTE FUNCTION capture()",
+    );
+    let out = f.nodes[1].admin(&["send", "replay-1", "--request", "once"]);
+    assert_eq!(text(&out.stdout), "once", "{}", text(&out.stderr));
+    // Node 0's clock moves on past the send's stamp window; the row is replayed.
+    std::fs::write(&clock, "+120s\n").unwrap();
+    f.cluster.psql(
+        "DELETE FROM sends WHERE call IN (SELECT call FROM captured); \
+         INSERT INTO sends SELECT * FROM captured; \
+         SELECT pg_notify('tally_send', node || ' ' || call) FROM captured",
+    );
+    f.nodes[0].daemon.expect_log(&[
+        "ignored (forged or replayed",
+        "a send served before (replayed)",
+    ]);
+    // Nothing answered: the row is as the replay left it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        f.cluster
+            .psql("SELECT done FROM sends WHERE call IN (SELECT call FROM captured)"),
+        "f",
+        "the replayed send was answered"
+    );
+    still_connected(&lines);
+}

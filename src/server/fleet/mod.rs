@@ -932,9 +932,11 @@ impl Fleet {
     }
 
     /// Whether a send may be served: addressed to this node, tagged by a node of the
-    /// fleet, stamped within [`SEND_SKEW`] of this node's clock, and not served before.
-    /// Remembers it as served. Refused as `Err((why, tell))`: `tell`, the origin is
-    /// answered why (a send it tagged for this node, refused by this node's clock).
+    /// fleet, not served (nor answered) before, stamped within [`SEND_SKEW`] of this
+    /// node's clock. Remembers it as served. Refused as `Err((why, tell))`: `tell`, the
+    /// origin is answered why (a send it tagged for this node, never seen here, refused
+    /// by this node's clock, with a timeout short enough that this node remembers the
+    /// call for as long as its origin waits: each call gets at most one answer).
     fn admit_send(&self, call: i64, send: &PendingSend) -> Result<(), (&'static str, bool)> {
         if send.call != call || send.node != self.node {
             return Err((
@@ -945,36 +947,52 @@ impl Fleet {
         if !send_verifies(self.store.fleet_key(), send) {
             return Err(("a send whose tag does not verify", false));
         }
-        let now = unix_ms();
-        let skew = SEND_SKEW.as_millis() as i64;
-        let timeout = send.timeout.as_millis().min(i64::MAX as u128) as i64;
-        if (now - send.stamp).abs() > skew {
-            return Err(("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute: NTP)", true));
-        }
-        if now > send.stamp.saturating_add(timeout).saturating_add(2000) {
-            return Err((
-                "a send older than its timeout (held back: its origin has given up)",
-                true,
-            ));
-        }
-        let silent = |why| Err((why, false));
-        let newest = Id::new(&send.id)
-            .ok()
-            .and_then(|id| lock(&self.machine).node.claimed(&id));
-        if newest.is_none_or(|newest| send.epoch > newest) {
-            return silent("a send bound to a claim this node did not make");
-        }
         let mut served = lock(&self.served);
         // Remembered by this node's monotonic clock: a step of the wall clock does not
         // forget a send that may still pass the stamp check.
         if served.len() >= SERVED_SENDS / 2 {
             served.retain(|_, at| at.elapsed() <= 2 * SEND_SKEW);
         }
+        // Before the clock's checks: a replayed send that was served must not be
+        // answered "refused" (its origin may still wait for the device's answer).
         if served.contains_key(&call) {
-            return silent("a send served before (replayed)");
+            return Err(("a send served before (replayed)", false));
         }
         if served.len() >= SERVED_SENDS {
-            return silent("a send beyond the number this node remembers within a minute");
+            return Err((
+                "a send beyond the number this node remembers within a minute",
+                false,
+            ));
+        }
+        let now = unix_ms();
+        let skew = SEND_SKEW.as_millis() as i64;
+        let timeout = send.timeout.as_millis().min(i64::MAX as u128) as i64;
+        let clock = if (now - send.stamp).abs() > skew {
+            Some("a send stamped too far from this node's clock (replayed, or the nodes' clocks differ by more than a minute: NTP)")
+        } else if now > send.stamp.saturating_add(timeout).saturating_add(2000) {
+            Some("a send older than its timeout (held back: its origin has given up)")
+        } else {
+            None
+        };
+        if let Some(why) = clock {
+            // Answered once: remembered as served from now on.
+            let tell = send.timeout < SEND_SKEW;
+            if tell {
+                served.insert(call, Instant::now());
+            }
+            return Err((why, tell));
+        }
+        drop(served);
+        let newest = Id::new(&send.id)
+            .ok()
+            .and_then(|id| lock(&self.machine).node.claimed(&id));
+        if newest.is_none_or(|newest| send.epoch > newest) {
+            return Err(("a send bound to a claim this node did not make", false));
+        }
+        let mut served = lock(&self.served);
+        // Checked again: the lock was let go for the machine's (never both at once).
+        if served.contains_key(&call) {
+            return Err(("a send served before (replayed)", false));
         }
         served.insert(call, Instant::now());
         Ok(())
@@ -1382,7 +1400,7 @@ impl Fleet {
                         Err(_) => Err("timed out".into()),
                     };
                     if let Err(e) = &answer {
-                        debug!(error = %e, "fleet: could not read this node's claims back (tried again at the next audit)");
+                        warn!(error = %e, "fleet: could not read this node's claims back to find sessions taken over unannounced (tried again at the next audit)");
                     }
                     this.with_node(|node, now| node.audited(no, answer, now));
                 });
