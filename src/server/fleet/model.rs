@@ -150,12 +150,7 @@ struct State {
     db: Db,
     nodes: Vec<NodeState>,
     /// What the environment may still do.
-    handshakes: u8,
-    outages: u8,
-    pauses: u8,
-    losses: u8,
-    cuts: u8,
-    revokes: u8,
+    left: Budget,
     /// Sessions of a node whose claim is not theirs (node, id), since when.
     uncovered: BTreeMap<(usize, Id), Secs>,
     /// Witnesses for `sometimes` properties.
@@ -193,19 +188,26 @@ enum Step {
     Relisten(usize),
 }
 
-struct Fleet {
-    base: Instant,
-    ids: Vec<Id>,
-    nodes: usize,
-    horizon: Secs,
+/// Handshakes the environment may make, and faults it may cause: database outages,
+/// nodes paused, answers or notices lost, notification connections broken,
+/// revocations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Budget {
     handshakes: u8,
-    /// Faults the environment may cause: database outages, nodes paused, answers or
-    /// notices lost, notification connections broken.
     outages: u8,
     pauses: u8,
     losses: u8,
     cuts: u8,
     revokes: u8,
+}
+
+struct Fleet {
+    base: Instant,
+    ids: Vec<Id>,
+    nodes: usize,
+    horizon: Secs,
+    /// What the environment may do in all.
+    budget: Budget,
     reject: bool,
     /// How often each node audits its claims (`None`: `AUDIT_EVERY`, beyond the
     /// horizon).
@@ -454,7 +456,7 @@ impl Fleet {
         let Some(every) = self.audit_every else {
             return false;
         };
-        let bound = every * (1 + Secs::from(self.losses)) + 1;
+        let bound = every * (1 + Secs::from(self.budget.losses)) + 1;
         s.uncovered
             .get(&(i, id.clone()))
             .is_some_and(|since| s.now - since <= bound)
@@ -584,12 +586,7 @@ impl Model for Fleet {
                 revoked: Default::default(),
             },
             nodes,
-            handshakes: self.handshakes,
-            outages: self.outages,
-            pauses: self.pauses,
-            losses: self.losses,
-            cuts: self.cuts,
-            revokes: self.revokes,
+            left: self.budget,
             uncovered: BTreeMap::new(),
             released_lost: false,
             closed_by_audit: false,
@@ -604,10 +601,10 @@ impl Model for Fleet {
         if state.now < self.horizon && !due {
             steps.push(Step::Tick);
         }
-        if state.outages > 0 || !state.db.up {
+        if state.left.outages > 0 || !state.db.up {
             steps.push(Step::Outage);
         }
-        if state.revokes > 0 && state.db.up {
+        if state.left.revokes > 0 && state.db.up {
             steps.extend(
                 (0..self.ids.len())
                     .filter(|k| !state.db.revoked.contains(&self.ids[*k]))
@@ -619,20 +616,20 @@ impl Model for Fleet {
                 steps.push(Step::Resume(i));
                 continue;
             }
-            if state.pauses > 0 {
+            if state.left.pauses > 0 {
                 steps.push(Step::Pause(i));
             }
             if self.due(state, i) {
                 steps.push(Step::Timer(i));
             }
             match n.conn {
-                Conn::Up if state.cuts > 0 => steps.push(Step::Cut(i)),
+                Conn::Up if state.left.cuts > 0 => steps.push(Step::Cut(i)),
                 Conn::Up => {}
                 Conn::Dead => steps.push(Step::Deafen(i)),
                 Conn::Down if state.db.up => steps.push(Step::Relisten(i)),
                 Conn::Down => {}
             }
-            if state.handshakes > 0 {
+            if state.left.handshakes > 0 {
                 steps.extend((0..self.ids.len()).map(|k| Step::Connect(i, k)));
             }
             for k in 0..n.granted.len() {
@@ -643,7 +640,7 @@ impl Model for Fleet {
             for (k, answer) in n.answers.iter().enumerate() {
                 steps.push(Step::Deliver(i, k));
                 // A catch-up's answer always comes (it is the node's own task).
-                if state.losses > 0 && !matches!(answer, Answer::CatchUp(..)) {
+                if state.left.losses > 0 && !matches!(answer, Answer::CatchUp(..)) {
                     steps.push(Step::LoseAnswer(i, k));
                 }
             }
@@ -652,7 +649,7 @@ impl Model for Fleet {
                 steps.push(Step::Notice(i, k));
                 // PostgreSQL loses no notice on a live connection (a broken one loses
                 // them all: `Cut`); the scenarios under "reject" lose single ones too.
-                if state.losses > 0 && self.reject {
+                if state.left.losses > 0 && self.reject {
                     steps.push(Step::LoseNotice(i, k));
                 }
             }
@@ -677,11 +674,11 @@ impl Model for Fleet {
             }
             Step::Outage => {
                 if s.db.up {
-                    s.outages -= 1;
+                    s.left.outages -= 1;
                     // Every connection breaks, the notification connections too (in the
                     // scenarios that explore their loss: in the others it would multiply
                     // the states tenfold).
-                    for n in s.nodes.iter_mut().filter(|_| self.cuts > 0) {
+                    for n in s.nodes.iter_mut().filter(|_| self.budget.cuts > 0) {
                         if n.conn == Conn::Up {
                             n.conn = Conn::Dead;
                             n.notices.clear();
@@ -692,7 +689,7 @@ impl Model for Fleet {
                 s.db.up = !s.db.up;
             }
             Step::Cut(i) => {
-                s.cuts -= 1;
+                s.left.cuts -= 1;
                 let n = &mut s.nodes[i];
                 n.conn = Conn::Dead;
                 n.notices.clear();
@@ -711,7 +708,7 @@ impl Model for Fleet {
                 self.pump(&mut s, i);
             }
             Step::Pause(i) => {
-                s.pauses -= 1;
+                s.left.pauses -= 1;
                 s.nodes[i].paused = true;
             }
             Step::Resume(i) => s.nodes[i].paused = false,
@@ -720,7 +717,7 @@ impl Model for Fleet {
                 self.pump(&mut s, i);
             }
             Step::Connect(i, k) => {
-                s.handshakes -= 1;
+                s.left.handshakes -= 1;
                 let id = self.ids[k].clone();
                 let n = &mut s.nodes[i];
                 // A revoked key is out of the index: the handshake fails before its
@@ -733,7 +730,7 @@ impl Model for Fleet {
                 }
             }
             Step::Revoke(k) => {
-                s.revokes -= 1;
+                s.left.revokes -= 1;
                 let id = self.ids[k].clone();
                 s.db.revoked.insert(id.clone());
                 for n in s.nodes.iter_mut().filter(|n| n.conn == Conn::Up) {
@@ -782,7 +779,7 @@ impl Model for Fleet {
                 self.pump(&mut s, i);
             }
             Step::LoseAnswer(i, k) => {
-                s.losses -= 1;
+                s.left.losses -= 1;
                 s.nodes[i].answers.remove(k);
             }
             Step::Notice(i, k) => {
@@ -799,7 +796,7 @@ impl Model for Fleet {
                 }
             }
             Step::LoseNotice(i, k) => {
-                s.losses -= 1;
+                s.left.losses -= 1;
                 s.nodes[i].notices.remove(k);
             }
         }
@@ -891,23 +888,24 @@ impl Model for Fleet {
             ),
             Property::sometimes(
                 "a revoked identity's session is closed",
-                |m: &Fleet, s: &State| m.revokes == 0 || s.closed_revoked,
+                |m: &Fleet, s: &State| m.budget.revokes == 0 || s.closed_revoked,
             ),
             Property::sometimes("a session is registered", |_: &Fleet, s: &State| {
                 s.nodes.iter().any(|n| !n.sessions.is_empty())
             }),
             Property::sometimes("a node fences itself", |m: &Fleet, s: &State| {
-                (m.outages == 0 && m.pauses == 0) || s.nodes.iter().any(|n| n.machine.is_fenced())
+                (m.budget.outages == 0 && m.budget.pauses == 0)
+                    || s.nodes.iter().any(|n| n.machine.is_fenced())
             }),
             Property::sometimes(
                 "a session taken over unheard is closed by the catch-up",
-                |m: &Fleet, s: &State| m.reject || m.cuts == 0 || s.closed_by_catch_up,
+                |m: &Fleet, s: &State| m.reject || m.budget.cuts == 0 || s.closed_by_catch_up,
             ),
             Property::sometimes(
                 "a node paused past its fence holds a session another node serves",
                 |m: &Fleet, s: &State| {
                     let now = m.at(s.now);
-                    m.pauses == 0
+                    m.budget.pauses == 0
                         || s.nodes.iter().any(|p| {
                             p.paused
                                 && p.machine.serving_until().is_some_and(|t| t <= now)
@@ -921,11 +919,11 @@ impl Model for Fleet {
             ),
             Property::sometimes(
                 "a session taken over unannounced is closed by an audit",
-                |m: &Fleet, s: &State| m.reject || m.losses == 0 || s.closed_by_audit,
+                |m: &Fleet, s: &State| m.reject || m.budget.losses == 0 || s.closed_by_audit,
             ),
             Property::sometimes(
                 "a claim whose answer never came is released",
-                |m: &Fleet, s: &State| m.losses == 0 || s.released_lost,
+                |m: &Fleet, s: &State| m.budget.losses == 0 || s.released_lost,
             ),
         ]
     }
@@ -959,12 +957,14 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 4]) -> Fleet 
         ids: ids.iter().map(|i| Id::new(i).unwrap()).collect(),
         nodes: 2,
         horizon,
-        handshakes,
-        outages,
-        pauses,
-        losses,
-        cuts,
-        revokes: 0,
+        budget: Budget {
+            handshakes,
+            outages,
+            pauses,
+            losses,
+            cuts,
+            revokes: 0,
+        },
         reject: true,
         audit_every: None,
     }
@@ -1033,9 +1033,7 @@ fn replace_with_a_broken_notification_connection() {
 /// will catch up).
 #[test]
 fn a_revocation_a_handshake_in_flight_and_a_broken_notification_connection() {
-    let fleet = Fleet {
-        revokes: 1,
-        ..fleet(&["a"], 3, 2, [0, 0, 0, 1])
-    };
+    let mut fleet = fleet(&["a"], 3, 2, [0, 0, 0, 1]);
+    fleet.budget.revokes = 1;
     check("revocation", fleet);
 }
