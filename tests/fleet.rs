@@ -1860,6 +1860,24 @@ fn faketime_lib(test: &str) -> Option<PathBuf> {
     found
 }
 
+/// Starts node `n` again under libfaketime (`lib`): its wall clock is offset by what
+/// the returned file says (`+0` to start with; `+600s` ten minutes ahead), read at
+/// every call; its monotonic clock is left alone.
+fn with_a_clock_of_its_own(f: &mut Fleet, n: usize, lib: &Path) -> PathBuf {
+    let clock = f.root.path().join(format!("node{n}-clock"));
+    std::fs::write(&clock, "+0\n").unwrap();
+    let _ = f.nodes[n].daemon.child.kill();
+    let _ = f.nodes[n].daemon.child.wait();
+    let env: [(&str, &std::ffi::OsStr); 4] = [
+        ("LD_PRELOAD", lib.as_os_str()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        ("FAKETIME_NO_CACHE", "1".as_ref()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ];
+    f.nodes[n] = f.start_node_env(n, &env);
+    clock
+}
+
 #[test]
 fn a_wall_clock_step_on_one_node_breaks_no_rule() {
     let test = "fleet faults: clock step";
@@ -1871,17 +1889,7 @@ fn a_wall_clock_step_on_one_node_breaks_no_rule() {
     };
     // Node 1 again, its wall clock under the test's hand (its monotonic clock is
     // untouched, as when an operator or a bad NTP server steps a machine's clock).
-    let clock = f.root.path().join("node1-clock");
-    std::fs::write(&clock, "+0\n").unwrap();
-    let _ = f.nodes[1].daemon.child.kill();
-    let _ = f.nodes[1].daemon.child.wait();
-    let env: [(&str, &std::ffi::OsStr); 4] = [
-        ("LD_PRELOAD", lib.as_os_str()),
-        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
-        ("FAKETIME_NO_CACHE", "1".as_ref()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-    ];
-    f.nodes[1] = f.start_node_env(1, &env);
+    let clock = with_a_clock_of_its_own(&mut f, 1, &lib);
     let cred = f.enroll(0, "clock-1");
     let (dev, lines) = bin::listen(&["--echo"], &f.at(&cred, 1));
     expect_line(&lines, "connected as clock-1");
@@ -1983,17 +1991,7 @@ fn a_replayed_send_is_not_answered_refused_by_a_node_whose_clock_moved_on() {
     };
     // Node 0 serves the device; its wall clock is the test's (the attacker's patience:
     // stepping it stands in for waiting a minute).
-    let clock = f.root.path().join("node0-clock");
-    std::fs::write(&clock, "+0\n").unwrap();
-    let _ = f.nodes[0].daemon.child.kill();
-    let _ = f.nodes[0].daemon.child.wait();
-    let env: [(&str, &std::ffi::OsStr); 4] = [
-        ("LD_PRELOAD", lib.as_os_str()),
-        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
-        ("FAKETIME_NO_CACHE", "1".as_ref()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
-    ];
-    f.nodes[0] = f.start_node_env(0, &env);
+    let clock = with_a_clock_of_its_own(&mut f, 0, &lib);
     let cred = f.enroll(1, "replay-1");
     let (_device, lines) = bin::listen(&["--echo"], &f.at(&cred, 0));
     expect_line(&lines, "connected as replay-1");

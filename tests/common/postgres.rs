@@ -242,45 +242,27 @@ impl Cluster {
 
     /// Stops the server (its clients' connections are cut), keeping its data.
     pub fn stop(&self) {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "fast", "-w", "stop"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(self.pg_ctl_stop("fast").unwrap());
     }
 
     /// Stops the server as a crash would (`-m immediate`: no checkpoint; at the next
     /// start it recovers, and its UNLOGGED tables come back empty).
     pub fn crash(&self) {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "immediate", "-w", "stop"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(self.pg_ctl_stop("immediate").unwrap());
     }
 
     /// Starts the stopped server again, on the same port.
     pub fn restart(&self) {
-        let out = self.pg_ctl_start(&self.opts);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(self.pg_ctl_start(&self.opts));
+    }
+
+    /// `pg_ctl stop -m MODE`, waiting until the server is gone.
+    fn pg_ctl_stop(&self, mode: &str) -> std::io::Result<std::process::Output> {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", mode, "-w", "stop"])
+            .output()
     }
 
     /// `pg_ctl start` with the server options `opts`, waiting until it accepts
@@ -355,13 +337,17 @@ impl Cluster {
     }
 }
 
+/// Asserts a `pg_ctl` run succeeded, saying why not.
+fn succeeded(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "immediate", "-w", "stop"])
-            .output();
+        let _ = self.pg_ctl_stop("immediate");
     }
 }
