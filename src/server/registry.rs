@@ -542,15 +542,6 @@ impl Registry {
         live.sessions.len()
     }
 
-    /// Every live session's identity and claim epoch.
-    pub fn epochs(&self) -> Vec<(Id, u64)> {
-        let live = self.lock();
-        live.sessions
-            .iter()
-            .map(|(id, e)| (id.clone(), e.epoch))
-            .collect()
-    }
-
     /// Whether `id` has a live session here.
     pub fn is_live(&self, id: &Id) -> bool {
         self.lock().sessions.contains_key(id)

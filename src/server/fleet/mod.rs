@@ -28,7 +28,7 @@ pub mod db;
 mod model;
 pub mod node;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -1092,12 +1092,10 @@ impl Fleet {
 
     /// After the notification connection was down ([`Action::CatchUp`]; the machine
     /// admits no session until this is done): reloads the key index, closes the sessions
-    /// of identities revoked, removed or enrolled again meanwhile, and those whose claims
-    /// are no longer this node's.
-    async fn try_catch_up(self: &Arc<Self>) -> Result<(), StoreError> {
-        // Every session registered (none is, until this is done): their claims were
-        // written before the query below.
-        let epochs = self.registry.epochs();
+    /// of identities revoked, removed or enrolled again meanwhile, and reads this node's
+    /// claims, for the machine to close the sessions whose claims are no longer this
+    /// node's ([`Node::caught_up`]).
+    async fn try_catch_up(self: &Arc<Self>) -> Result<BTreeMap<Id, u64>, StoreError> {
         let store = self.store.clone();
         let (keys, gone) = tokio::task::spawn_blocking(move || store.reload_key_index())
             .await
@@ -1112,21 +1110,16 @@ impl Fleet {
                 warn!(id, "fleet: the key of this identity is no longer in the database, and no revocation in the fleet's log says why: its live session is kept, its new handshakes fail (a database writer?)");
             }
         }
-        // A session whose claim is gone, or another node's, was taken over unheard. (A
-        // claim of this node with a newer epoch covers an older session: `unclaim`.)
-        let claims: HashMap<String, u64> =
-            self.db.claims_of(&self.node).await?.into_iter().collect();
-        for (id, epoch) in epochs {
-            if claims.get(id.as_str()).is_none_or(|e| *e < epoch) {
-                self.registry.close_epoch(
-                    &id,
-                    epoch,
-                    CloseCode::TAKEN_OVER,
-                    "a newer session of this identity took over on another node",
-                );
-            }
-        }
-        Ok(())
+        self.claims().await
+    }
+
+    /// This node's claims in the database: id and epoch.
+    async fn claims(&self) -> Result<BTreeMap<Id, u64>, StoreError> {
+        let rows = self.db.claims_of(&self.node).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, epoch)| Id::new(&id).ok().map(|id| (id, epoch)))
+            .collect())
     }
 
     /// Applies one identity notice: refreshes the identity's key in the index (it
@@ -1390,12 +1383,9 @@ impl Fleet {
             Action::Audit(no) => {
                 let this = self.clone();
                 self.pg().spawn(async move {
-                    let read = tokio::time::timeout(node::BATCH_TIMEOUT, this.db.claims_of(&this.node));
+                    let read = tokio::time::timeout(node::BATCH_TIMEOUT, this.claims());
                     let answer = match read.await {
-                        Ok(Ok(rows)) => Ok(rows
-                            .into_iter()
-                            .filter_map(|(id, epoch)| Id::new(&id).ok().map(|id| (id, epoch)))
-                            .collect()),
+                        Ok(Ok(claims)) => Ok(claims),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("timed out".into()),
                     };
@@ -1421,18 +1411,18 @@ impl Fleet {
                     // On its own task, so that a panic in it is a failure like any other.
                     let inner = this.clone();
                     let done = tokio::spawn(async move { inner.try_catch_up().await }).await;
-                    let ok = match done {
-                        Ok(Ok(())) => true,
+                    let claims = match done {
+                        Ok(Ok(claims)) => Ok(claims),
                         Ok(Err(e)) => {
                             warn!(error = %e, "fleet: could not catch up with the notices missed (no session is registered meanwhile); trying again");
-                            false
+                            Err(e.to_string())
                         }
                         Err(e) => {
                             warn!(error = %e, "fleet: the catch-up with missed notices failed; trying again");
-                            false
+                            Err(e.to_string())
                         }
                     };
-                    if this.with_node(|node, now| node.caught_up(loss, ok, now)) {
+                    if this.with_node(|node, now| node.caught_up(loss, claims, now)) {
                         info!("fleet: caught up with the notices missed: serving again");
                     }
                 });

@@ -415,9 +415,16 @@ impl Node {
         let Some((_, judged)) = self.audit.take_if(|(n, _)| *n == no) else {
             return;
         };
-        let Ok(claims) = answer else {
-            return;
-        };
+        if let Ok(claims) = answer {
+            self.close_uncovered(judged, &claims);
+        }
+    }
+
+    /// Closes each of the sessions `judged` that is still live and whose claim is not
+    /// among `claims` (this node's, read from the database) with its epoch or a newer
+    /// one: gone, or another node's, it was taken over unheard. (A claim of this node
+    /// with a newer epoch covers an older session: `unclaim`.)
+    fn close_uncovered(&mut self, judged: BTreeMap<Id, u64>, claims: &BTreeMap<Id, u64>) {
         for (id, epoch) in judged {
             let still_live = self.live.get(&id) == Some(&epoch);
             if still_live && claims.get(&id).is_none_or(|c| *c < epoch) {
@@ -482,19 +489,30 @@ impl Node {
         }
     }
 
-    /// The catch-up for loss `loss` succeeded (`ok`) or failed. Returns whether the node
-    /// hears the fleet again (a catch-up for an older loss counts for nothing; a failed
-    /// one is tried again in a [`HEARTBEAT`]).
-    pub fn caught_up(&mut self, loss: u64, ok: bool, now: Instant) -> bool {
+    /// The catch-up for loss `loss` succeeded, with this node's claims as it read them
+    /// (`Ok`), or failed. Returns whether the node hears the fleet again (a catch-up for
+    /// an older loss counts for nothing; a failed one is tried again in a
+    /// [`HEARTBEAT`]). Every session live here whose claim is not among them is closed,
+    /// as an audit does ([`Action::Close`]): none was registered since the read (the
+    /// node was deaf).
+    pub fn caught_up(
+        &mut self,
+        loss: u64,
+        claims: Result<BTreeMap<Id, u64>, String>,
+        now: Instant,
+    ) -> bool {
         match &mut self.deaf {
-            Some((l, stage @ Deaf::CatchingUp)) if *l == loss => {
-                if ok {
+            Some((l, stage @ Deaf::CatchingUp)) if *l == loss => match claims {
+                Ok(claims) => {
                     self.deaf = None;
-                    return true;
+                    self.close_uncovered(self.live.clone(), &claims);
+                    true
                 }
-                *stage = Deaf::RetryAt(now + HEARTBEAT);
-                false
-            }
+                Err(_) => {
+                    *stage = Deaf::RetryAt(now + HEARTBEAT);
+                    false
+                }
+            },
             _ => false,
         }
     }
@@ -1836,21 +1854,21 @@ mod tests {
             vec![Action::CatchUp(1)]
         );
         // It fails: tried again a heartbeat later.
-        assert!(!t.node.caught_up(1, false, t.now));
+        assert!(!t.node.caught_up(1, Err("down".into()), t.now));
         t.advance(HEARTBEAT - Duration::from_millis(1));
         assert!(!t.actions().contains(&Action::CatchUp(1)));
         t.advance(Duration::from_millis(1));
         assert!(t.actions().contains(&Action::CatchUp(1)));
         // Lost again while that catch-up runs: its success counts for nothing.
         t.node.notices_lost(t.now);
-        assert!(!t.node.caught_up(1, true, t.now));
+        assert!(!t.node.caught_up(1, Ok(BTreeMap::new()), t.now));
         assert!(t.node.is_deaf());
         t.node.listening(t.now);
         assert!(t.actions().contains(&Action::CatchUp(2)));
         // The first catch-up's answer, late, while the second runs: nothing.
-        assert!(!t.node.caught_up(1, true, t.now));
+        assert!(!t.node.caught_up(1, Ok(BTreeMap::new()), t.now));
         assert!(t.node.is_deaf());
-        assert!(t.node.caught_up(2, true, t.now));
+        assert!(t.node.caught_up(2, Ok(BTreeMap::new()), t.now));
         assert!(!t.node.is_deaf());
         // The claim granted before the loss is still not admitted; a new one is.
         assert_eq!(t.node.admits(a), Err(NotAdmitted::CutOff));
@@ -1951,12 +1969,29 @@ mod tests {
         assert!(audits(&t.actions()).is_empty());
         t.node.listening(t.now);
         t.actions();
-        assert!(t.node.caught_up(1, true, t.now));
+        assert!(t.node.caught_up(1, Ok(BTreeMap::new()), t.now));
         t.node.hold(true, t.now);
         t.advance(AUDIT_EVERY);
         assert!(audits(&t.actions()).is_empty());
         t.node.hold(false, t.now);
         t.advance(AUDIT_EVERY);
         assert_eq!(audits(&t.actions()).len(), 1);
+    }
+
+    /// A catch-up closes, as an audit does, each session whose claim is not among
+    /// those it read: taken over while the node was not listening.
+    #[test]
+    fn a_catch_up_closes_the_sessions_taken_over_while_the_node_was_deaf() {
+        let mut t = T::new();
+        for (name, epoch) in [("a", 1), ("b", 2)] {
+            let ticket = granted_claim(&mut t, name, epoch);
+            t.node.finish(ticket, Finish::Registered, t.now);
+        }
+        t.node.notices_lost(t.now);
+        t.node.listening(t.now);
+        assert!(t.actions().contains(&Action::CatchUp(1)));
+        let claims = BTreeMap::from([(id("b"), 2)]);
+        assert!(t.node.caught_up(1, Ok(claims), t.now));
+        assert_eq!(t.actions(), vec![Action::Close(id("a"), 1)]);
     }
 }
