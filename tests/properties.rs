@@ -4,7 +4,8 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tally::proto::enroll::{ClientAwaitReply, ClientParams, ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::{
-    EnrollInit, EnrollMode, ErrorFrame, FrameType, Hello, Id, ServerAuth, TagOnly, ValueAndTag,
+    DeliveryKind, EnrollInit, EnrollMode, ErrorFrame, FrameType, Hello, Id, ServerAuth, TagOnly,
+    ValueAndTag,
 };
 use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{decode_frame, Body, CloseCode, ErrorCode, Mode, SecretKey, Session, Status};
@@ -31,6 +32,24 @@ fn body() -> impl Strategy<Value = Body> {
         Just(Body::Ping),
         Just(Body::KeyUpdate),
         Just(Body::Pong { ping_seq: 1 }),
+        // Spec 8.8: DELIVER goes to the client, ACK to the server (the test sends each
+        // the way it travels).
+        (1..=u64::MAX, any::<bool>(), bytes(2048)).prop_map(|(msg_id, req, payload)| {
+            Body::Deliver {
+                msg_id,
+                kind: if req {
+                    DeliveryKind::Request
+                } else {
+                    DeliveryKind::Message
+                },
+                payload,
+            }
+        }),
+        (any::<u64>(), any::<u16>(), bytes(2048)).prop_map(|(msg_id, s, payload)| Body::Ack {
+            msg_id,
+            status: Status(s),
+            payload
+        }),
         (any::<u16>(), "\\PC{0,60}").prop_filter_map("reason fits", |(c, r)| {
             (r.len() <= 255).then(|| Body::Close {
                 code: CloseCode(c),
@@ -70,7 +89,12 @@ proptest! {
         server.seal(&Body::Ping, &mut out).unwrap();
         client.open(out.freeze()).unwrap();
         for (i, body) in bodies.iter().enumerate() {
-            let (tx, rx) = if i % 2 == 0 { (&mut client, &mut server) } else { (&mut server, &mut client) };
+            let to_server = match body {
+                Body::Deliver { .. } => false,
+                Body::Ack { .. } => true,
+                _ => i % 2 == 0,
+            };
+            let (tx, rx) = if to_server { (&mut client, &mut server) } else { (&mut server, &mut client) };
             let mut out = BytesMut::new();
             let seq = tx.seal(body, &mut out).unwrap();
             prop_assert_eq!(out.len(), body.wire_len(mode));
@@ -78,7 +102,8 @@ proptest! {
             let overhead = match mode { Mode::Authenticated => 45, Mode::Encrypted => 29 };
             let fields = match body {
                 Body::Request { payload } | Body::Message { payload } => payload.len(),
-                Body::Response { payload, .. } => 10 + payload.len(),
+                Body::Response { payload, .. } | Body::Ack { payload, .. } => 10 + payload.len(),
+                Body::Deliver { payload, .. } => 9 + payload.len(),
                 Body::Pong { .. } => 8,
                 Body::Close { reason, .. } => 2 + reason.len(),
                 _ => 0,

@@ -16,8 +16,10 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::time::Duration;
+use tally::proto::connection::{Config, Connection, End, Event};
 use tally::proto::enroll::{ClientAwaitReply, ServerAwaitConfirm, ServerParams};
-use tally::proto::frame::{EnrollMode, Id};
+use tally::proto::frame::{DeliveryKind, EnrollMode, Id};
 use tally::proto::handshake::{ClientAwaitAuth, HelloReceived, ServerLimits};
 use tally::proto::{
     credential::EnrollmentToken, decode_frame, Body, CloseCode, Mode, ProtocolError, SecretKey,
@@ -301,6 +303,39 @@ fn script() -> Vec<(&'static str, Body)> {
         ("s2c", Body::Pong { ping_seq: 4 }),
         ("s2c", Body::Ping),
         ("c2s", Body::Pong { ping_seq: 5 }),
+        // Spec 8.8: a queued request and a queued message, acknowledged out of order.
+        (
+            "s2c",
+            Body::Deliver {
+                msg_id: 41,
+                kind: DeliveryKind::Request,
+                payload: b(b"firmware?"),
+            },
+        ),
+        (
+            "s2c",
+            Body::Deliver {
+                msg_id: 42,
+                kind: DeliveryKind::Message,
+                payload: b(b"reboot at 02:00"),
+            },
+        ),
+        (
+            "c2s",
+            Body::Ack {
+                msg_id: 42,
+                status: Status::OK,
+                payload: b(b""),
+            },
+        ),
+        (
+            "c2s",
+            Body::Ack {
+                msg_id: 41,
+                status: Status::OK,
+                payload: b(b"1.4.2"),
+            },
+        ),
         (
             "c2s",
             Body::Close {
@@ -327,6 +362,8 @@ fn type_name(body: &Body) -> &'static str {
         Body::Pong { .. } => "PONG",
         Body::Close { .. } => "CLOSE",
         Body::KeyUpdate => "KEY_UPDATE",
+        Body::Deliver { .. } => "DELIVER",
+        Body::Ack { .. } => "ACK",
     }
 }
 
@@ -341,6 +378,16 @@ fn body_fields(body: &Body) -> Value {
         Body::Ping | Body::KeyUpdate => json!({}),
         Body::Pong { ping_seq } => json!({"ping_seq": ping_seq}),
         Body::Close { code, reason } => json!({"code": code.0, "reason": reason}),
+        Body::Deliver {
+            msg_id,
+            kind,
+            payload,
+        } => json!({"msg_id": msg_id, "kind": *kind as u8, "payload": x(payload)}),
+        Body::Ack {
+            msg_id,
+            status,
+            payload,
+        } => json!({"msg_id": msg_id, "status": status.0, "payload": x(payload)}),
     }
 }
 
@@ -497,6 +544,20 @@ fn negative() -> Value {
         |who: &str, after: usize| json!({"state": format!("{who}_session"), "after_frames": after});
     let close = json!({"close_code": CloseCode::PROTOCOL_ERROR.0});
     let encrypted = encrypted_negative_cases(&hello, &auth);
+    // Session frames made by hand (spec 8.2, authenticated mode): length, type, seq,
+    // fields, tag under the direction's key.
+    let tagged = |key: &[u8; 32], ty: u8, seq: u64, fields: &[u8]| {
+        let mut f = ((1 + 8 + fields.len() + 32) as u32).to_be_bytes().to_vec();
+        f.push(ty);
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(fields);
+        let tag = mac(key, &[&f]);
+        f.extend_from_slice(&tag);
+        x(&f)
+    };
+    let deliver = |msg_id: u64, kind: u8| [&msg_id.to_be_bytes()[..], &[kind], b"x"].concat();
+    let ack = |msg_id: u64| [&msg_id.to_be_bytes()[..], &[0, 0]].concat();
+    let delivery = delivery_frames();
     let mut all = json!({
         "description": "Inputs every receiver must refuse, with the error (spec 12.2) and what it sends back (spec 10).",
         "protocol_version": 1,
@@ -519,6 +580,20 @@ fn negative() -> Value {
                  x(&wrong_dir), "bad_tag", close.clone()),
             case("unsolicited_response", "session.json frame 2 (RESPONSE to seq 1) before the client sent anything", session_rx("client", 0),
                  x(&frames[1].3), "unsolicited_answer", close.clone()),
+            case("ack_never_delivered", format!("session.json frame {} (ACK of message 42, c2s seq 6) before the server delivered anything", delivery.first_ack + 1).as_str(), session_rx("server", delivery.first_deliver),
+                 x(&frames[delivery.first_ack].3), "unsolicited_answer", close.clone()),
+            case("ack_twice", "a second ACK of message 42 (c2s seq 7, tagged with key_c2s) after the server accepted the first", session_rx("server", delivery.first_ack + 1),
+                 tagged(&c2s, 0x28, 7, &ack(42)), "unsolicited_answer", close.clone()),
+            case("delivery_out_of_order", "a DELIVER of message 40 (s2c seq 7, tagged with key_s2c) after the client accepted message 41 in the same session", session_rx("client", delivery.first_deliver + 1),
+                 tagged(&s2c, 0x27, 7, &deliver(40, 2)), "delivery_order", close.clone()),
+            case("deliver_to_server", "a DELIVER sent by the client (c2s seq 1, tagged with key_c2s): DELIVER goes only to a client", session_rx("server", 0),
+                 tagged(&c2s, 0x27, 1, &deliver(1, 2)), "malformed", close.clone()),
+            case("ack_to_client", "an ACK sent by the server (s2c seq 1, tagged with key_s2c): ACK goes only to a server", session_rx("client", 0),
+                 tagged(&s2c, 0x28, 1, &ack(1)), "malformed", close.clone()),
+            case("deliver_id_zero", "a DELIVER of message id 0 (s2c seq 1): ids start at 1", session_rx("client", 0),
+                 tagged(&s2c, 0x27, 1, &deliver(0, 2)), "malformed", close.clone()),
+            case("deliver_bad_kind", "a DELIVER of kind 3 (s2c seq 1): kinds are 1 and 2", session_rx("client", 0),
+                 tagged(&s2c, 0x27, 1, &deliver(1, 3)), "malformed", close.clone()),
             case("lying_length", "frame 1 with length prefix 0xffffffff: refused from the 4 prefix bytes alone", session_rx("server", 0),
                  x(&lying), "frame_too_large", json!({"close_code": CloseCode::FRAME_TOO_LARGE.0})),
             case("zero_length", "a length prefix of 0", session_rx("server", 0),
@@ -586,16 +661,7 @@ fn run_negative(case: &Value) -> ProtocolError {
                 script()
             };
             let after = case["receiver"]["after_frames"].as_u64().unwrap() as usize;
-            for (dir, body) in script.into_iter().take(after) {
-                let (tx, rx) = if dir == "c2s" {
-                    (&mut client, &mut server)
-                } else {
-                    (&mut server, &mut client)
-                };
-                let mut out = BytesMut::new();
-                tx.seal(&body, &mut out).unwrap();
-                rx.open(out.freeze()).unwrap();
-            }
+            replay(&script[..after], &mut client, &mut server);
             let rx = if state.starts_with("server") {
                 &mut server
             } else {
@@ -614,7 +680,12 @@ fn run_negative(case: &Value) -> ProtocolError {
             };
             let mut buf = BytesMut::from(&input[..]);
             match decode_frame(&mut buf, limit) {
-                Ok(Some(frame)) => rx.open(frame).unwrap_err(),
+                Ok(Some(frame)) => match rx.open(frame) {
+                    Err(e) => e,
+                    // Accepted by the session's checks: refused by the rules of
+                    // requests and deliveries (8.4, 8.8), which the connection keeps.
+                    Ok(_) => refused_by_connection(case, &input),
+                },
                 Ok(None) => panic!("{}: input is not a whole frame", case["name"]),
                 Err(e) => e.into(),
             }
@@ -692,6 +763,75 @@ fn run_negative(case: &Value) -> ProtocolError {
             c.handle_reply(&input, &mut BytesMut::new()).err().unwrap()
         }
         other => panic!("unknown receiver state {other}"),
+    }
+}
+
+/// Sends `script`'s frames between the two sessions, each accepted.
+fn replay(script: &[(&str, Body)], client: &mut Session, server: &mut Session) {
+    for (dir, body) in script {
+        let (tx, rx) = if *dir == "c2s" {
+            (&mut *client, &mut *server)
+        } else {
+            (&mut *server, &mut *client)
+        };
+        let mut out = BytesMut::new();
+        tx.seal(body, &mut out).unwrap();
+        rx.open(out.freeze()).unwrap();
+    }
+}
+
+/// Where the deliveries of `session.json` are among its frames.
+struct DeliveryFrames {
+    /// Index of the first DELIVER.
+    first_deliver: usize,
+    /// Index of the first ACK.
+    first_ack: usize,
+}
+
+fn delivery_frames() -> DeliveryFrames {
+    let s = script();
+    let at = |f: fn(&Body) -> bool| s.iter().position(|(_, b)| f(b)).unwrap();
+    DeliveryFrames {
+        first_deliver: at(|b| matches!(b, Body::Deliver { .. })),
+        first_ack: at(|b| matches!(b, Body::Ack { .. })),
+    }
+}
+
+/// A session case whose input the bare session accepts: replays the case's first frames,
+/// hands the receiver's session to a [`Connection`] that knows the deliveries so far
+/// (spec 8.8), and returns the error the input makes it close with.
+fn refused_by_connection(case: &Value, input: &[u8]) -> ProtocolError {
+    let state = case["receiver"]["state"].as_str().unwrap();
+    assert!(!state.ends_with("_encrypted"), "{}", case["name"]);
+    let server_side = state.starts_with("server");
+    let (_, mut client, mut server) = handshake();
+    let after = case["receiver"]["after_frames"].as_u64().unwrap() as usize;
+    let script = &script()[..after];
+    replay(script, &mut client, &mut server);
+    let (mut last, mut outstanding) = (0, Vec::new());
+    for (_, body) in script {
+        match body {
+            Body::Deliver { msg_id, .. } => {
+                last = *msg_id;
+                outstanding.push(*msg_id);
+            }
+            Body::Ack { msg_id, .. } => outstanding.retain(|m| m != msg_id),
+            _ => {}
+        }
+    }
+    let (session, config) = if server_side {
+        (server, Config::server())
+    } else {
+        (client, Config::client())
+    };
+    let mut conn = Connection::new(session, config, Duration::ZERO);
+    conn.set_deliveries_for_testing(last, &outstanding);
+    conn.handle_input(input, Duration::ZERO);
+    conn.handle_timeout(Duration::from_secs(3600));
+    let events: Vec<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
+    match events.last() {
+        Some(Event::Closed(End::Failed(e))) => e.clone(),
+        other => panic!("{}: accepted ({other:?})", case["name"]),
     }
 }
 
@@ -775,6 +915,16 @@ fn body_from_json(f: &Value) -> Body {
             code: CloseCode(num("code") as u16),
             reason: f["reason"].as_str().unwrap().into(),
         },
+        "DELIVER" => Body::Deliver {
+            msg_id: num("msg_id"),
+            kind: DeliveryKind::from_u8(num("kind") as u8).unwrap(),
+            payload: payload(),
+        },
+        "ACK" => Body::Ack {
+            msg_id: num("msg_id"),
+            status: Status(num("status") as u16),
+            payload: payload(),
+        },
         other => panic!("unknown type {other}"),
     }
 }
@@ -856,6 +1006,16 @@ fn fields_bytes(body: &Body) -> Vec<u8> {
         } => [&req_seq.to_be_bytes()[..], &status.0.to_be_bytes(), payload].concat(),
         Body::Pong { ping_seq } => ping_seq.to_be_bytes().to_vec(),
         Body::Close { code, reason } => [&code.0.to_be_bytes()[..], reason.as_bytes()].concat(),
+        Body::Deliver {
+            msg_id,
+            kind,
+            payload,
+        } => [&msg_id.to_be_bytes()[..], &[*kind as u8], payload].concat(),
+        Body::Ack {
+            msg_id,
+            status,
+            payload,
+        } => [&msg_id.to_be_bytes()[..], &status.0.to_be_bytes(), payload].concat(),
         _ => Vec::new(),
     }
 }

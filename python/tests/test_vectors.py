@@ -224,6 +224,10 @@ def _send(side, f):
         out = side.close(f["code"], f["reason"])
     elif t == "KEY_UPDATE":
         out = side.key_update()
+    elif t == "DELIVER":
+        out = side.deliver(f["msg_id"], f["kind"], hx(f["payload"]))
+    elif t == "ACK":
+        out = side.ack(f["msg_id"], f["status"], hx(f["payload"]))
     else:
         raise AssertionError(t)
     return out
@@ -239,7 +243,7 @@ def test_session_frames_vector():
     v = load("session.json")
     client, server = _session_pair(v)
     assert {f["type"] for f in v["frames"]} == {"REQUEST", "RESPONSE", "MESSAGE", "PING", "PONG",
-                                               "CLOSE"}
+                                               "CLOSE", "DELIVER", "ACK"}
     for n, f in enumerate(v["frames"], 1):
         sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
         out = _send(sender, f)
@@ -249,13 +253,14 @@ def test_session_frames_vector():
         assert got.type == FrameType[f["type"]]
         if "payload" in f:
             assert got.payload.hex() == f["payload"]
-        for field in ("req_seq", "status", "ping_seq", "code", "reason"):
+        for field in ("req_seq", "status", "ping_seq", "code", "reason", "msg_id", "kind"):
             if field in f:
                 assert getattr(got, field) == f[field], (n, field)
     assert client.close_sent and client.close_received
     assert server.close_sent and server.close_received
     assert not client.pending_requests and not server.pending_requests
     assert not client.pending_pings and not server.pending_pings
+    assert not client.deliveries and not server.deliveries
 
 
 def test_session_frames_vector_built_from_layout():
@@ -270,6 +275,8 @@ def test_session_frames_vector_built_from_layout():
             "RESPONSE": lambda: struct.pack(">QH", f["req_seq"], f["status"]) + hx(f["payload"]),
             "PING": lambda: b"", "PONG": lambda: struct.pack(">Q", f["ping_seq"]),
             "CLOSE": lambda: struct.pack(">H", f["code"]) + f["reason"].encode(),
+            "DELIVER": lambda: struct.pack(">QB", f["msg_id"], f["kind"]) + hx(f["payload"]),
+            "ACK": lambda: struct.pack(">QH", f["msg_id"], f["status"]) + hx(f["payload"]),
         }[t]()
         unsigned = session_frame_unsigned(FrameType[t], f["seq"], fields)
         assert (unsigned + mac(keys[f["direction"]], unsigned)).hex() == f["hex"]
@@ -357,7 +364,8 @@ def test_encrypted_session_frames_vector():
     v = load("session-encrypted.json")
     client, server = _sealed_session_pair(v)
     types = {f["type"] for f in v["frames"]}
-    assert types == {"REQUEST", "RESPONSE", "MESSAGE", "PING", "PONG", "CLOSE", "KEY_UPDATE"}
+    assert types == {"REQUEST", "RESPONSE", "MESSAGE", "PING", "PONG", "CLOSE", "KEY_UPDATE",
+                     "DELIVER", "ACK"}
     updates = {"c2s": 0, "s2c": 0}
     for n, f in enumerate(v["frames"], 1):
         sender, receiver = (client, server) if f["direction"] == "c2s" else (server, client)
@@ -368,7 +376,7 @@ def test_encrypted_session_frames_vector():
         assert got.seq == f["seq"] and got.type == FrameType[f["type"]]
         if "payload" in f:
             assert got.payload.hex() == f["payload"]
-        for field in ("req_seq", "status", "ping_seq", "code", "reason"):
+        for field in ("req_seq", "status", "ping_seq", "code", "reason", "msg_id", "kind"):
             if field in f:
                 assert getattr(got, field) == f[field], (n, field)
         if f["type"] == "KEY_UPDATE":
@@ -394,6 +402,8 @@ def test_encrypted_session_frames_built_from_layout():
             "PING": lambda: b"", "KEY_UPDATE": lambda: b"",
             "PONG": lambda: struct.pack(">Q", f["ping_seq"]),
             "CLOSE": lambda: struct.pack(">H", f["code"]) + f["reason"].encode(),
+            "DELIVER": lambda: struct.pack(">QB", f["msg_id"], f["kind"]) + hx(f["payload"]),
+            "ACK": lambda: struct.pack(">QH", f["msg_id"], f["status"]) + hx(f["payload"]),
         }[t]()
         nonce = struct.pack(">IQ", 0 if f["direction"] == "c2s" else 1, f["seq"])
         assert nonce.hex() == f["nonce"]
@@ -812,7 +822,7 @@ def test_every_error_name_has_a_case():
     names = {c["error"] for c in NEGATIVE}
     want = {"empty_frame", "frame_too_large", "malformed", "bad_id",
             "unsupported_version", "bad_tag", "bad_sequence", "unsolicited_answer",
-            "sequence_exhausted", "weak_key", "open_mode_disabled", "refused", "truncated"}
+            "delivery_order", "sequence_exhausted", "weak_key", "open_mode_disabled", "refused", "truncated"}
     if HAVE_ENCRYPTED:
         want.add("mode_refused")
     assert names == want

@@ -157,7 +157,7 @@ def session_frame(key: bytes, ty: int, seq: int, fields: bytes) -> bytes:
 
 
 TYPES = {"REQUEST": 0x20, "RESPONSE": 0x21, "MESSAGE": 0x22, "PING": 0x23, "PONG": 0x24, "CLOSE": 0x25,
-         "KEY_UPDATE": 0x26}
+         "KEY_UPDATE": 0x26, "DELIVER": 0x27, "ACK": 0x28}
 
 
 def sealed_frame(key: bytes, direction: int, ty: int, seq: int, fields: bytes) -> bytes:
@@ -183,6 +183,10 @@ def fields_of(f: dict) -> bytes:
         return struct.pack(">Q", f["ping_seq"])
     if t == "CLOSE":
         return struct.pack(">H", f["code"]) + f["reason"].encode()
+    if t == "DELIVER":
+        return struct.pack(">QB", f["msg_id"], f["kind"]) + bytes.fromhex(f["payload"])
+    if t == "ACK":
+        return struct.pack(">QH", f["msg_id"], f["status"]) + bytes.fromhex(f["payload"])
     raise ValueError(t)
 
 
@@ -402,13 +406,18 @@ class Receiver:
     def __init__(self, key: bytes, client: bool, encrypted: bool = False):
         self.key, self.last, self.client, self.encrypted = key, 0, client, encrypted
         self.pending = {0x20: set(), 0x23: set()}   # this side's REQUESTs and PINGs unanswered
+        self.outstanding = set()   # a server's DELIVERs not acknowledged (8.8)
+        self.last_delivery = 0     # a client's last accepted DELIVER's msg_id (8.8)
 
     def sent(self, f: dict) -> None:
-        """A frame this side sent (from the vector): REQUEST and PING become pending."""
+        """A frame this side sent (from the vector): REQUEST and PING become pending,
+        a DELIVER outstanding."""
         if f["type"] == "REQUEST":
             self.pending[0x20].add(f["seq"])
         elif f["type"] == "PING":
             self.pending[0x23].add(f["seq"])
+        elif f["type"] == "DELIVER":
+            self.outstanding.add(f["msg_id"])
 
     def receive(self, data: bytes, limit: int = 65536) -> None:
         if len(data) < 4:
@@ -429,6 +438,9 @@ class Receiver:
         tag_len = 16 if self.encrypted else 32
         if ty not in TYPES.values() or len(f) < 13 + tag_len:
             raise Refused("malformed")
+        # DELIVER travels only to a client, ACK only to a server (4.1, 8.3 step 2.2).
+        if ty == 0x27 and not self.client or ty == 0x28 and self.client:
+            raise Refused("malformed")
         (seq,) = struct.unpack(">Q", f[5:13])
         if seq != self.last + 1:
             raise Refused("bad_sequence")
@@ -447,8 +459,22 @@ class Receiver:
         # Step 5: the fields parse exactly (4.5), answers name a pending REQUEST or PING.
         if ty in (0x23, 0x26) and fields:
             raise Refused("malformed")
-        if ty == 0x24 and len(fields) != 8 or ty == 0x21 and len(fields) < 10:
+        if ty == 0x24 and len(fields) != 8 or ty in (0x21, 0x28) and len(fields) < 10:
             raise Refused("malformed")
+        if ty == 0x27:
+            if len(fields) < 9:
+                raise Refused("malformed")
+            msg_id, kind = struct.unpack(">QB", fields[:9])
+            if msg_id == 0 or kind not in (1, 2):
+                raise Refused("malformed")
+            if msg_id <= self.last_delivery:
+                raise Refused("delivery_order")
+            self.last_delivery = msg_id
+        if ty == 0x28:
+            (msg_id,) = struct.unpack(">Q", fields[:8])
+            if msg_id not in self.outstanding:
+                raise Refused("unsolicited_answer")
+            self.outstanding.discard(msg_id)
         if ty == 0x25:
             if len(fields) < 2 or len(fields) - 2 > 255:
                 raise Refused("malformed")

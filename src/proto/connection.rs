@@ -22,7 +22,7 @@ use core::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::error::{CloseCode, ProtocolError};
-use super::frame::{Body, SessionFrame, Status};
+use super::frame::{Body, DeliveryKind, SessionFrame, Status};
 use super::session::{Role, Session};
 
 /// The timers and limits of one end of a session.
@@ -148,6 +148,28 @@ pub enum Event {
         /// Its payload.
         payload: Bytes,
     },
+    /// A queued message or request from the server (client only, spec 8.8): handle it,
+    /// then acknowledge it with [`Connection::ack`] and `msg_id`. A `msg_id` at or
+    /// below one this device already handled (before a reboot, or in an earlier
+    /// session) is a redelivery: acknowledge it again without handling it twice.
+    Delivery {
+        /// The message id (per identity, increasing in the order they were queued).
+        msg_id: u64,
+        /// A request (the ACK carries the answer) or a message.
+        kind: DeliveryKind,
+        /// Its payload.
+        payload: Bytes,
+    },
+    /// The device's acknowledgement of DELIVER `msg_id` (server only, spec 8.8): the
+    /// message may now be deleted.
+    Ack {
+        /// The message acknowledged.
+        msg_id: u64,
+        /// The device's status.
+        status: Status,
+        /// The device's answer (a queued request's).
+        payload: Bytes,
+    },
     /// The answer to this side's PING `ping_seq`.
     Pong {
         /// The PING it answers.
@@ -189,6 +211,11 @@ pub struct Connection {
     pings: BTreeSet<u64>,
     /// The peer's REQUESTs this side has not answered yet.
     unanswered: BTreeSet<u64>,
+    /// Spec 8.8: the server's DELIVERs not acknowledged yet; the client's received
+    /// DELIVERs it has not acknowledged yet.
+    deliveries: BTreeSet<u64>,
+    /// The last message id delivered in this session (sent or received), 0 before.
+    last_delivery: u64,
     last_received: Duration,
     last_sent: Duration,
     /// When this side last sent a PING (spec 8.5: one PING per interval while nothing
@@ -214,6 +241,8 @@ impl Connection {
             requests: BTreeSet::new(),
             pings: BTreeSet::new(),
             unanswered: BTreeSet::new(),
+            deliveries: BTreeSet::new(),
+            last_delivery: 0,
             last_received: now,
             last_sent: now,
             last_ping: now,
@@ -247,6 +276,12 @@ impl Connection {
     /// The peer's REQUESTs not answered yet.
     pub fn unanswered_requests(&self) -> usize {
         self.unanswered.len()
+    }
+
+    /// Server: the DELIVERs not acknowledged yet (after [`Event::Closed`]: those that
+    /// stay queued for the next session). Client: those received and not acknowledged.
+    pub fn outstanding_deliveries(&self) -> impl Iterator<Item = u64> + '_ {
+        self.deliveries.iter().copied()
     }
 
     /// Bytes sealed and not yet taken by [`Connection::poll_transmit`].
@@ -489,6 +524,77 @@ impl Connection {
         self.send_body(&Body::Message { payload }, now).map(drop)
     }
 
+    /// Server: delivers queued message `msg_id` (spec 8.8). Ids must increase within
+    /// the session; the device answers with an [`Event::Ack`].
+    pub fn deliver(
+        &mut self,
+        msg_id: u64,
+        kind: DeliveryKind,
+        payload: Bytes,
+        now: Duration,
+    ) -> Result<(), ProtocolError> {
+        if self.role() != Role::Server {
+            return Err(ProtocolError::WrongSide("DELIVER"));
+        }
+        if msg_id <= self.last_delivery {
+            return Err(ProtocolError::DeliveryOrder {
+                msg_id,
+                last: self.last_delivery,
+            });
+        }
+        let body = Body::Deliver {
+            msg_id,
+            kind,
+            payload,
+        };
+        self.send_body(&body, now)?;
+        self.last_delivery = msg_id;
+        self.deliveries.insert(msg_id);
+        Ok(())
+    }
+
+    /// Client: acknowledges delivery `msg_id` (once: spec 8.8), with the answer to a
+    /// queued request (for a message: [`Status::OK`] and an empty payload). An answer
+    /// too large for one frame is replaced by status BACKEND_ERROR, as a RESPONSE's is
+    /// (8.4), and the error returned.
+    pub fn ack(
+        &mut self,
+        msg_id: u64,
+        status: Status,
+        payload: Bytes,
+        now: Duration,
+    ) -> Result<(), ProtocolError> {
+        if self.role() != Role::Client {
+            return Err(ProtocolError::WrongSide("ACK"));
+        }
+        if !self.deliveries.contains(&msg_id) {
+            return Err(ProtocolError::NotDelivered(msg_id));
+        }
+        let sent = self.send_body(
+            &Body::Ack {
+                msg_id,
+                status,
+                payload,
+            },
+            now,
+        );
+        if let Err(too_large @ ProtocolError::PayloadTooLarge { .. }) = sent {
+            self.send_body(
+                &Body::Ack {
+                    msg_id,
+                    status: Status::BACKEND_ERROR,
+                    payload: Bytes::from_static(b"answer too large for one frame"),
+                },
+                now,
+            )?;
+            self.deliveries.remove(&msg_id);
+            return Err(too_large);
+        }
+        sent?;
+        self.deliveries.remove(&msg_id);
+        Ok(())
+    }
+
     /// Sends a PING; returns its sequence number, which its [`Event::Pong`] names.
     pub fn ping(&mut self, now: Duration) -> Result<u64, ProtocolError> {
         let seq = self.send_body(&Body::Ping, now)?;
@@ -621,6 +727,20 @@ impl Connection {
                     self.events.push_back(Event::Pong { ping_seq });
                 }
             }
+            // An acknowledgement is an answer too: the message it names is done.
+            Body::Ack {
+                msg_id,
+                status,
+                payload,
+            } if closing => {
+                if self.deliveries.remove(&msg_id) {
+                    self.events.push_back(Event::Ack {
+                        msg_id,
+                        status,
+                        payload,
+                    });
+                }
+            }
             _ if closing => {}
             Body::Request { payload } => {
                 self.unanswered.insert(frame.seq);
@@ -648,6 +768,39 @@ impl Connection {
                 });
             }
             Body::Message { payload } => self.events.push_back(Event::Message { payload }),
+            Body::Deliver {
+                msg_id,
+                kind,
+                payload,
+            } => {
+                if msg_id <= self.last_delivery {
+                    return Err(ProtocolError::DeliveryOrder {
+                        msg_id,
+                        last: self.last_delivery,
+                    });
+                }
+                self.last_delivery = msg_id;
+                self.deliveries.insert(msg_id);
+                self.events.push_back(Event::Delivery {
+                    msg_id,
+                    kind,
+                    payload,
+                });
+            }
+            Body::Ack {
+                msg_id,
+                status,
+                payload,
+            } => {
+                if !self.deliveries.remove(&msg_id) {
+                    return Err(ProtocolError::UnsolicitedAck(msg_id));
+                }
+                self.events.push_back(Event::Ack {
+                    msg_id,
+                    status,
+                    payload,
+                });
+            }
             // The session already moved to the peer's next key (spec 8.7).
             Body::KeyUpdate => {}
             Body::Ping => {
@@ -722,6 +875,16 @@ impl Connection {
     /// The session underneath (counters), for tests and diagnostics.
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Sets what spec 8.8 keeps of the deliveries so far: the last message id
+    /// delivered in this session and those not acknowledged yet (the test vectors'
+    /// receivers, whose earlier frames were replayed on the bare [`Session`]).
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn set_deliveries_for_testing(&mut self, last: u64, outstanding: &[u64]) {
+        self.last_delivery = last;
+        self.deliveries = outstanding.iter().copied().collect();
     }
 
     /// Moves both counters (see [`Session::set_counters_for_testing`]).
@@ -1157,6 +1320,211 @@ mod tests {
         p.client.poll_transmit();
         p.client.handle_eof(now);
         assert!(matches!(closed(&mut p.client), End::Closed { .. }));
+    }
+
+    #[test]
+    fn deliveries_are_acknowledged_once_each_in_any_order() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.server
+            .deliver(3, DeliveryKind::Message, b("reboot at 2"), now)
+            .unwrap();
+        p.server
+            .deliver(7, DeliveryKind::Request, b("config?"), now)
+            .unwrap();
+        // Within a session, ids only increase (8.8).
+        assert_eq!(
+            p.server.deliver(7, DeliveryKind::Message, b("x"), now),
+            Err(ProtocolError::DeliveryOrder { msg_id: 7, last: 7 })
+        );
+        // Only the server delivers, only the client acknowledges.
+        assert_eq!(
+            p.client.deliver(9, DeliveryKind::Message, b("x"), now),
+            Err(ProtocolError::WrongSide("DELIVER"))
+        );
+        assert_eq!(
+            p.server.ack(3, Status::OK, Bytes::new(), now),
+            Err(ProtocolError::WrongSide("ACK"))
+        );
+        p.drive();
+        assert_eq!(
+            events(&mut p.client),
+            vec![
+                Event::Delivery {
+                    msg_id: 3,
+                    kind: DeliveryKind::Message,
+                    payload: b("reboot at 2")
+                },
+                Event::Delivery {
+                    msg_id: 7,
+                    kind: DeliveryKind::Request,
+                    payload: b("config?")
+                },
+            ]
+        );
+        assert_eq!(
+            p.client.outstanding_deliveries().collect::<Vec<_>>(),
+            [3, 7]
+        );
+        p.client.ack(7, Status(300), b("v2"), now).unwrap();
+        p.client.ack(3, Status::OK, Bytes::new(), now).unwrap();
+        assert_eq!(
+            p.client.ack(3, Status::OK, Bytes::new(), now),
+            Err(ProtocolError::NotDelivered(3))
+        );
+        assert_eq!(
+            p.client.ack(4, Status::OK, Bytes::new(), now),
+            Err(ProtocolError::NotDelivered(4))
+        );
+        p.drive();
+        assert_eq!(
+            events(&mut p.server),
+            vec![
+                Event::Ack {
+                    msg_id: 7,
+                    status: Status(300),
+                    payload: b("v2")
+                },
+                Event::Ack {
+                    msg_id: 3,
+                    status: Status::OK,
+                    payload: Bytes::new()
+                },
+            ]
+        );
+        assert_eq!(p.server.outstanding_deliveries().count(), 0);
+        assert!(p.server.is_open() && p.client.is_open());
+    }
+
+    #[test]
+    fn an_ack_for_no_outstanding_delivery_ends_the_session() {
+        // An ACK for an id never delivered, and a second ACK of one id.
+        for (case, msg_id) in [("never delivered", 5), ("acknowledged twice", 1)] {
+            let mut p = Pair::new();
+            let now = p.now;
+            p.server
+                .deliver(1, DeliveryKind::Message, b("m"), now)
+                .unwrap();
+            p.drive();
+            events(&mut p.client);
+            p.client.ack(1, Status::OK, Bytes::new(), now).unwrap();
+            let forged = Body::Ack {
+                msg_id,
+                status: Status::OK,
+                payload: Bytes::new(),
+            };
+            p.client.session.seal(&forged, &mut p.client.send).unwrap();
+            p.drive();
+            let end = closed(&mut p.server);
+            assert_eq!(
+                end,
+                End::Failed(ProtocolError::UnsolicitedAck(msg_id)),
+                "{case}"
+            );
+            assert_eq!(end_kind(&end), "unsolicited_answer");
+        }
+    }
+
+    #[test]
+    fn a_delivery_out_of_order_or_the_wrong_way_ends_the_session() {
+        // The client refuses a DELIVER whose id does not increase.
+        let mut p = Pair::new();
+        let now = p.now;
+        p.server
+            .deliver(4, DeliveryKind::Message, b("a"), now)
+            .unwrap();
+        let again = Body::Deliver {
+            msg_id: 4,
+            kind: DeliveryKind::Message,
+            payload: b("a"),
+        };
+        p.server.session.seal(&again, &mut p.server.send).unwrap();
+        p.drive();
+        let end = closed(&mut p.client);
+        assert_eq!(
+            end,
+            End::Failed(ProtocolError::DeliveryOrder { msg_id: 4, last: 4 })
+        );
+        assert!(matches!(
+            closed(&mut p.server),
+            End::PeerClosed {
+                code: CloseCode::PROTOCOL_ERROR,
+                ..
+            }
+        ));
+        // A DELIVER sent to the server, and an ACK to the client: malformed (4.1).
+        for to_server in [true, false] {
+            let mut p = Pair::new();
+            let body = if to_server {
+                Body::Deliver {
+                    msg_id: 1,
+                    kind: DeliveryKind::Request,
+                    payload: b("x"),
+                }
+            } else {
+                Body::Ack {
+                    msg_id: 1,
+                    status: Status::OK,
+                    payload: Bytes::new(),
+                }
+            };
+            let from = if to_server {
+                &mut p.client
+            } else {
+                &mut p.server
+            };
+            from.session.seal(&body, &mut from.send).unwrap();
+            p.drive();
+            let end = closed(if to_server {
+                &mut p.server
+            } else {
+                &mut p.client
+            });
+            assert_eq!(end_kind(&end), "malformed", "{end:?}");
+        }
+    }
+
+    #[test]
+    fn acks_that_cross_our_close_still_count_and_deliveries_after_it_do_not() {
+        let mut p = Pair::new();
+        let now = p.now;
+        p.server
+            .deliver(1, DeliveryKind::Request, b("q"), now)
+            .unwrap();
+        p.drive();
+        events(&mut p.client);
+        // The device answers while the server closes: the answer still arrives.
+        p.client.ack(1, Status::OK, b("a"), now).unwrap();
+        p.server.close(CloseCode::NORMAL, "bye", now);
+        p.drive();
+        let got = events(&mut p.server);
+        assert_eq!(
+            got[0],
+            Event::Ack {
+                msg_id: 1,
+                status: Status::OK,
+                payload: b("a")
+            }
+        );
+        // A delivery after the client's CLOSE is dropped, not handed up.
+        let mut p = Pair::new();
+        p.client.close(CloseCode::NORMAL, "bye", now);
+        p.server
+            .deliver(2, DeliveryKind::Message, b("late"), now)
+            .unwrap();
+        p.drive();
+        assert!(!events(&mut p.client)
+            .iter()
+            .any(|e| matches!(e, Event::Delivery { .. })));
+        // The server keeps what was not acknowledged: it stays queued.
+        assert_eq!(p.server.outstanding_deliveries().collect::<Vec<_>>(), [2]);
+    }
+
+    fn end_kind(end: &End) -> &'static str {
+        match end {
+            End::Failed(e) => e.kind(),
+            _ => "not a failure",
+        }
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub enum FrameError {
     /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
     #[error("invalid close reason")]
     BadReason,
+    /// A DELIVER whose message id is 0 or whose kind is neither 1 nor 2 (spec 4.5).
+    #[error("DELIVER with message id {msg_id} and kind {kind}: ids start at 1, kinds are 1 and 2")]
+    BadDelivery {
+        /// The message id.
+        msg_id: u64,
+        /// The kind byte.
+        kind: u8,
+    },
     /// A limit announced in HELLO or SERVER_AUTH is outside its range (spec 4.3).
     #[error("announced {what} of {value} is outside {min}..={max}")]
     BadLimit {
@@ -141,6 +149,27 @@ pub enum ProtocolError {
     /// answer (never received, or answered already: spec 8.4 allows exactly one).
     #[error("no request {0} of the peer awaits an answer")]
     NotPending(u64),
+    /// An ACK names a message id that no DELIVER of this session awaits (never
+    /// delivered in it, or acknowledged already: spec 8.8 allows exactly one ACK).
+    #[error("ACK names message {0}, which no delivery of this session awaits")]
+    UnsolicitedAck(u64),
+    /// A DELIVER whose message id is not above the last one delivered in this session
+    /// (spec 8.8: in one session, ids only increase).
+    #[error("DELIVER of message {msg_id} after message {last} in the same session")]
+    DeliveryOrder {
+        /// The id delivered now.
+        msg_id: u64,
+        /// The last one delivered before it.
+        last: u64,
+    },
+    /// An ACK for a message id this side received no DELIVER for, or acknowledged
+    /// already (a caller's mistake: nothing was sent).
+    #[error("no delivery {0} awaits an acknowledgement")]
+    NotDelivered(u64),
+    /// A delivery or an acknowledgement asked of the side that does not send it
+    /// (DELIVER is the server's, ACK the client's: spec 8.8).
+    #[error("a {0} is not sent by this side")]
+    WrongSide(&'static str),
     /// The payload does not fit in one frame under the negotiated limit.
     #[error("payload of {len} bytes exceeds the maximum of {max} bytes")]
     PayloadTooLarge {
@@ -217,7 +246,10 @@ impl ProtocolError {
             ProtocolError::ModeRefused(_) => "mode_refused",
             ProtocolError::Poisoned => "poisoned",
             ProtocolError::PayloadTooLarge { .. } => "payload_too_large",
-            ProtocolError::NotPending(_) => "not_pending",
+            ProtocolError::NotPending(_) | ProtocolError::NotDelivered(_) => "not_pending",
+            ProtocolError::UnsolicitedAck(_) => "unsolicited_answer",
+            ProtocolError::DeliveryOrder { .. } => "delivery_order",
+            ProtocolError::WrongSide(_) => "wrong_side",
         }
     }
 

@@ -37,6 +37,8 @@ pub enum FrameType {
     Pong = 0x24,
     Close = 0x25,
     KeyUpdate = 0x26,
+    Deliver = 0x27,
+    Ack = 0x28,
 }
 
 impl FrameType {
@@ -61,6 +63,8 @@ impl FrameType {
             0x24 => Pong,
             0x25 => Close,
             0x26 => KeyUpdate,
+            0x27 => Deliver,
+            0x28 => Ack,
             other => return Err(FrameError::UnknownType(other)),
         })
     }
@@ -680,6 +684,54 @@ pub enum Body {
     },
     /// The sender's next frames use its next key (spec 8.7).
     KeyUpdate,
+    /// A queued message or request, server to client (spec 8.8).
+    Deliver {
+        /// The message id: per identity, increasing in the order they were queued.
+        msg_id: u64,
+        /// Whether the ACK carries an answer.
+        kind: DeliveryKind,
+        /// Opaque application bytes.
+        payload: Bytes,
+    },
+    /// Acknowledges (and for a request answers) DELIVER `msg_id`, client to server
+    /// (spec 8.8).
+    Ack {
+        /// The DELIVER this acknowledges.
+        msg_id: u64,
+        /// Outcome (for a message, OK unless the device refused it).
+        status: Status,
+        /// The answer to a queued request; empty for a message.
+        payload: Bytes,
+    },
+}
+
+/// What a DELIVER carries (spec 4.5, 8.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DeliveryKind {
+    /// A queued REQUEST: its ACK carries the answer.
+    Request = 1,
+    /// A queued MESSAGE: its ACK only says it was handled.
+    Message = 2,
+}
+
+impl DeliveryKind {
+    /// The kind byte's meaning, or `None` for a byte that is neither.
+    pub fn from_u8(b: u8) -> Option<DeliveryKind> {
+        match b {
+            1 => Some(DeliveryKind::Request),
+            2 => Some(DeliveryKind::Message),
+            _ => None,
+        }
+    }
+
+    /// `"request"` or `"message"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryKind::Request => "request",
+            DeliveryKind::Message => "message",
+        }
+    }
 }
 
 /// Bytes of a session frame before its variable part: length, type, sequence number.
@@ -696,6 +748,8 @@ impl Body {
             Body::Pong { .. } => FrameType::Pong,
             Body::Close { .. } => FrameType::Close,
             Body::KeyUpdate => FrameType::KeyUpdate,
+            Body::Deliver { .. } => FrameType::Deliver,
+            Body::Ack { .. } => FrameType::Ack,
         }
     }
 
@@ -707,6 +761,8 @@ impl Body {
             Body::Ping | Body::KeyUpdate => 0,
             Body::Pong { .. } => 8,
             Body::Close { reason, .. } => 2 + reason.len(),
+            Body::Deliver { payload, .. } => 8 + 1 + payload.len(),
+            Body::Ack { payload, .. } => 8 + 2 + payload.len(),
         }
     }
 
@@ -719,7 +775,8 @@ impl Body {
     /// fits in a frame whose length field is at most `limit` is `limit - overhead`.
     pub fn overhead(ty: FrameType, mode: Mode) -> usize {
         let fixed = match ty {
-            FrameType::Response => 10,
+            FrameType::Response | FrameType::Ack => 10,
+            FrameType::Deliver => 9,
             FrameType::Close => 2,
             _ => 0,
         };
@@ -752,6 +809,24 @@ impl Body {
                 out.put_u16(code.0);
                 out.put_slice(reason.as_bytes());
             }
+            Body::Deliver {
+                msg_id,
+                kind,
+                payload,
+            } => {
+                out.put_u64(*msg_id);
+                out.put_u8(*kind as u8);
+                out.put_slice(payload);
+            }
+            Body::Ack {
+                msg_id,
+                status,
+                payload,
+            } => {
+                out.put_u64(*msg_id);
+                out.put_u16(status.0);
+                out.put_slice(payload);
+            }
         }
     }
 
@@ -769,6 +844,8 @@ impl Body {
             Request(Range<usize>),
             Message(Range<usize>),
             Response(u64, Status, Range<usize>),
+            Deliver(u64, DeliveryKind, Range<usize>),
+            Ack(u64, Status, Range<usize>),
             Other(Body),
         }
         let mut r = Reader::new(&frame)?;
@@ -786,6 +863,20 @@ impl Body {
                 let req_seq = r.u64()?;
                 let status = Status(r.u16()?);
                 Fields::Response(req_seq, status, rest(&mut r)?)
+            }
+            FrameType::Deliver => {
+                let msg_id = r.u64()?;
+                let kind = r.u8()?;
+                // Message ids start at 1 (spec 8.8); the kind is one of two.
+                let kind = DeliveryKind::from_u8(kind)
+                    .filter(|_| msg_id != 0)
+                    .ok_or(FrameError::BadDelivery { msg_id, kind })?;
+                Fields::Deliver(msg_id, kind, rest(&mut r)?)
+            }
+            FrameType::Ack => {
+                let msg_id = r.u64()?;
+                let status = Status(r.u16()?);
+                Fields::Ack(msg_id, status, rest(&mut r)?)
             }
             FrameType::Ping => Fields::Other(Body::Ping),
             FrameType::KeyUpdate => Fields::Other(Body::KeyUpdate),
@@ -827,6 +918,16 @@ impl Body {
             },
             Fields::Response(req_seq, status, range) => Body::Response {
                 req_seq,
+                status,
+                payload: payload(range),
+            },
+            Fields::Deliver(msg_id, kind, range) => Body::Deliver {
+                msg_id,
+                kind,
+                payload: payload(range),
+            },
+            Fields::Ack(msg_id, status, range) => Body::Ack {
+                msg_id,
                 status,
                 payload: payload(range),
             },

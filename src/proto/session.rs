@@ -250,6 +250,20 @@ impl Session {
         }
         // Spec 8.3 step 1: type and sequence number, the cheap checks.
         let (ty, seq) = frame::session_header(&frame, self.mode)?;
+        // DELIVER goes only to a client, ACK only to a server (4.1, 8.8): the wrong
+        // direction is malformed like an unknown type.
+        let to = match ty {
+            FrameType::Deliver => Some(Role::Client),
+            FrameType::Ack => Some(Role::Server),
+            _ => None,
+        };
+        if to.is_some_and(|to| to != self.role) {
+            return Err(FrameError::UnexpectedType {
+                got: ty as u8,
+                what: "a session frame of the other direction",
+            }
+            .into());
+        }
         let expected = self.last_recv + 1;
         if seq != expected {
             return Err(ProtocolError::Sequence { expected, got: seq });

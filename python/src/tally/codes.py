@@ -25,9 +25,15 @@ class FrameType(enum.IntEnum):
     PONG = 0x24
     CLOSE = 0x25
     KEY_UPDATE = 0x26
+    DELIVER = 0x27
+    ACK = 0x28
 
 
-SESSION_TYPES = frozenset(range(0x20, 0x27))
+SESSION_TYPES = frozenset(range(0x20, 0x29))
+
+# DELIVER's kind byte (spec 4.5, 8.8).
+DELIVER_REQUEST = 1
+DELIVER_MESSAGE = 2
 
 
 class ErrorCode(enum.IntEnum):

@@ -50,8 +50,8 @@ class ProtocolError(TallyError):
 
     ``error`` is the spec 12.2 name: ``empty_frame``, ``frame_too_large``, ``malformed``,
     ``bad_id``, ``unsupported_version``, ``bad_tag``, ``bad_sequence``,
-    ``unsolicited_answer``, ``sequence_exhausted``, ``weak_key``. In a session the client
-    answers it with CLOSE :attr:`close_code` and disconnects.
+    ``unsolicited_answer``, ``delivery_order``, ``sequence_exhausted``, ``weak_key``. In a
+    session the client answers it with CLOSE :attr:`close_code` and disconnects.
     """
 
     def __init__(self, error: str, detail: str = ""):

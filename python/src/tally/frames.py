@@ -315,8 +315,10 @@ def parse_enroll_init(f: bytes) -> EnrollInit:
 class SessionFrame(NamedTuple):
     """A session frame that passed every check of spec 8.3 (KEY_UPDATE included).
 
-    ``payload`` for REQUEST, RESPONSE and MESSAGE; ``req_seq`` and ``status`` for
-    RESPONSE; ``ping_seq`` for PONG; ``code`` and ``reason`` for CLOSE.
+    ``payload`` for REQUEST, RESPONSE, MESSAGE, DELIVER and ACK; ``req_seq`` and
+    ``status`` for RESPONSE; ``ping_seq`` for PONG; ``code`` and ``reason`` for CLOSE;
+    ``msg_id`` for DELIVER and ACK, ``kind`` for DELIVER (1 request, 2 message), ``status``
+    for ACK (8.8).
     """
 
     type: int
@@ -327,6 +329,8 @@ class SessionFrame(NamedTuple):
     ping_seq: Optional[int] = None
     code: Optional[int] = None
     reason: Optional[str] = None
+    msg_id: Optional[int] = None
+    kind: Optional[int] = None
 
 
 def session_header(ty: int, seq: int, fields_len: int, tag_len: int = TAG_LEN) -> bytes:
@@ -369,6 +373,18 @@ def parse_session_fields(ty: int, seq: int, fields: bytes) -> SessionFrame:
         except UnicodeDecodeError:
             raise ProtocolError("malformed", "CLOSE reason is not UTF-8") from None
         return SessionFrame(ty, seq, code=code, reason=reason)
+    if ty == FrameType.DELIVER:
+        if len(fields) < 9:
+            raise ProtocolError("malformed", "DELIVER shorter than msg_id and kind")
+        msg_id, kind = struct.unpack_from(">QB", fields)
+        if msg_id == 0 or kind not in (1, 2):
+            raise ProtocolError("malformed", f"DELIVER of message {msg_id}, kind {kind}")
+        return SessionFrame(ty, seq, payload=fields[9:], msg_id=msg_id, kind=kind)
+    if ty == FrameType.ACK:
+        if len(fields) < 10:
+            raise ProtocolError("malformed", "ACK shorter than msg_id and status")
+        msg_id, status = struct.unpack_from(">QH", fields)
+        return SessionFrame(ty, seq, payload=fields[10:], msg_id=msg_id, status=status)
     raise ProtocolError("malformed", f"type {ty:#04x} is not a session frame")
 
 

@@ -360,6 +360,10 @@ class SessionState:
         self.pending_requests: Set[int] = set()   # our REQUESTs not answered yet
         self.pending_pings: Set[int] = set()      # our PINGs not answered yet
         self.unanswered: Set[int] = set()         # peer REQUESTs we accepted and owe a RESPONSE
+        # Spec 8.8: a client's accepted DELIVERs it owes an ACK; a server's DELIVERs not
+        # acknowledged yet; and the last msg_id delivered in this session.
+        self.deliveries: Set[int] = set()
+        self.last_delivery = 0
         self.close_sent = False
         self.close_received = False
 
@@ -479,6 +483,35 @@ class SessionState:
         self.unanswered.discard(req_seq)
         return f
 
+    def ack(self, msg_id: int, status: int = 0, payload: bytes = b"") -> bytes:
+        """The one ACK of DELIVER ``msg_id`` (8.8): for a queued request, the answer; for a
+        queued message, status 0 and no payload. An answer that does not fit the server's
+        limit is replaced by status BACKEND_ERROR and a short payload."""
+        if not self.client:
+            raise ValueError("only a client sends ACK")
+        if msg_id not in self.deliveries:
+            raise ValueError(f"delivery {msg_id} is not waiting for an acknowledgement "
+                             "(acknowledged already, or never received)")
+        if not 0 <= status <= 0xFFFF:
+            raise ValueError("a status is a u16")
+        payload = bytes(payload)
+        if self.overhead + 10 + len(payload) > self.send_limit:
+            status, payload = Status.BACKEND_ERROR, b"answer too large for one frame"
+        _, f = self._seal(FrameType.ACK, struct.pack(">QH", msg_id, status) + payload)
+        self.deliveries.discard(msg_id)
+        return f
+
+    def deliver(self, msg_id: int, kind: int, payload: bytes) -> bytes:
+        """A DELIVER of queued message ``msg_id`` (server side, 8.8; ids increase)."""
+        if self.client:
+            raise ValueError("only a server sends DELIVER")
+        if msg_id <= self.last_delivery or kind not in (1, 2):
+            raise ValueError(f"DELIVER {msg_id} (kind {kind}) after {self.last_delivery}")
+        _, f = self._seal(FrameType.DELIVER, struct.pack(">QB", msg_id, kind) + bytes(payload))
+        self.last_delivery = msg_id
+        self.deliveries.add(msg_id)
+        return f
+
     def message(self, payload: bytes) -> bytes:
         """A one-way MESSAGE."""
         return self._seal(FrameType.MESSAGE, bytes(payload))[1]
@@ -538,6 +571,8 @@ class SessionState:
                             "and can only have been injected; the connection is treated as cut")
         if not is_session_type(ty) or length < self.overhead:
             raise ProtocolError("malformed", f"type {ty:#04x}, length {length}: not a session frame")
+        if ty == FrameType.DELIVER and not self.client or ty == FrameType.ACK and self.client:
+            raise ProtocolError("malformed", f"{FrameType(ty).name} in the wrong direction")
         (seq,) = struct.unpack_from(">Q", f, 5)
         if seq != self.last_received + 1:                             # step 3
             raise ProtocolError("bad_sequence", f"seq {seq}, expected {self.last_received + 1}")
@@ -564,6 +599,18 @@ class SessionState:
                 raise ProtocolError("unsolicited_answer",
                                     f"PONG to {parsed.ping_seq}, which is not a pending PING")
             self.pending_pings.discard(parsed.ping_seq)
+        elif ty == FrameType.ACK:
+            if parsed.msg_id not in self.deliveries:
+                raise ProtocolError("unsolicited_answer",
+                                    f"ACK of message {parsed.msg_id}, which is not outstanding")
+            self.deliveries.discard(parsed.msg_id)
+        elif ty == FrameType.DELIVER:
+            if parsed.msg_id <= self.last_delivery:
+                raise ProtocolError("delivery_order", f"DELIVER of message {parsed.msg_id} "
+                                    f"after {self.last_delivery}")
+            self.last_delivery = parsed.msg_id
+            if not self.close_sent:
+                self.deliveries.add(parsed.msg_id)
         elif ty == FrameType.REQUEST and not self.close_sent:
             self.unanswered.add(seq)
         elif ty == FrameType.CLOSE:
