@@ -920,7 +920,16 @@ fn the_readme_fleet_configuration_runs_as_written() {
     let (daemon, _) = bin::start_cmd(cmd, false);
     let cred = f.enroll(0, "readme-1");
     let cred = f.cred_for(&cred, &daemon.addr, "readme-1-at-readme.cred");
-    let out = request(&cred, "as written");
+    // The new node learns of the enrollment from its notification (tally_identity):
+    // under load that can take longer than starting `tally request` does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = request(&cred, "as written");
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(f.cluster.psql("SELECT count(*) FROM nodes"), "2");
 }
