@@ -406,6 +406,7 @@ pub fn identities(
                     revoked: r.revoked,
                     online: online.as_ref().map(|_| peer.is_some()),
                     peer: peer.map(String::as_str),
+                    queued: r.queued,
                 }
             })
             .collect();
@@ -414,8 +415,8 @@ pub fn identities(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<24} {:<6} {:<20} {:<20} {:<20} ONLINE",
-        "ID", "MODE", "CREATED", "LAST SEEN", "REVOKED"
+        "{:<24} {:<6} {:<20} {:<20} {:<20} {:<7} ONLINE",
+        "ID", "MODE", "CREATED", "LAST SEEN", "REVOKED", "QUEUED"
     );
     for r in &rows {
         let on = match &online {
@@ -426,12 +427,13 @@ pub fn identities(
         };
         let _ = writeln!(
             out,
-            "{:<24} {:<6} {:<20} {:<20} {:<20} {on}",
+            "{:<24} {:<6} {:<20} {:<20} {:<20} {:<7} {on}",
             r.id,
             r.mode,
             time(Some(r.created)),
             time(r.last_seen),
-            time(r.revoked)
+            time(r.revoked),
+            r.queued
         );
     }
     if online.is_none() {
@@ -453,6 +455,8 @@ struct IdentityJson<'a> {
     online: Option<bool>,
     /// The live session's address, if online.
     peer: Option<&'a str>,
+    /// Messages queued for it.
+    queued: u64,
 }
 
 /// The live sessions: id, peer, since, frames in and out.
@@ -697,6 +701,112 @@ pub fn send(
             Ok(Some((crate::proto::Status(status), payload)))
         }
         ControlResponse::Sent => Ok(None),
+        other => Err(unexpected(state_dir, other)),
+    }
+}
+
+/// A queued message's fate, as `tallyd send --queue` reports it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueuedSend {
+    /// Stored; no outcome yet (none asked for, or none within the wait).
+    Queued(u64),
+    /// The device acknowledged it: its status and answer.
+    Acknowledged(u64, crate::proto::Status, Vec<u8>),
+    /// It ended without the device: `expired`, `purged` or `undeliverable`, and why.
+    Failed(u64, String, Option<String>),
+}
+
+/// Queues a REQUEST or MESSAGE for a device through the running daemon (spec 8.8);
+/// with `wait`, waits that long for its outcome.
+pub fn enqueue(
+    state_dir: &Path,
+    id: &str,
+    request: bool,
+    payload: &[u8],
+    ttl: Option<std::time::Duration>,
+    wait: Option<std::time::Duration>,
+) -> Result<QueuedSend, AdminError> {
+    let id = Id::new(id)?;
+    let req = ControlRequest::Enqueue {
+        id: id.to_string(),
+        request,
+        payload_hex: hex::encode(payload),
+        ttl_secs: ttl.map(|t| t.as_secs_f64()),
+        wait_secs: wait.map(|w| w.as_secs_f64()),
+    };
+    match control::call(state_dir, &req)? {
+        ControlResponse::Queued { msg_id } => Ok(QueuedSend::Queued(msg_id)),
+        ControlResponse::Delivered {
+            msg_id,
+            outcome,
+            status,
+            payload_hex,
+            reason,
+        } => match (outcome.as_str(), status) {
+            ("acknowledged", Some(status)) => {
+                let payload = hex::decode(payload_hex.unwrap_or_default()).map_err(|e| {
+                    unexpected(
+                        state_dir,
+                        ControlResponse::Error {
+                            message: e.to_string(),
+                        },
+                    )
+                })?;
+                Ok(QueuedSend::Acknowledged(
+                    msg_id,
+                    crate::proto::Status(status),
+                    payload,
+                ))
+            }
+            _ => Ok(QueuedSend::Failed(msg_id, outcome, reason)),
+        },
+        other => Err(unexpected(state_dir, other)),
+    }
+}
+
+/// The messages queued for `id` (`tallyd queue ID`), as a table or JSON.
+pub fn queue(state_dir: &Path, id: &str, format: Format) -> Result<String, AdminError> {
+    let id = Id::new(id)?;
+    let messages = match control::call(state_dir, &ControlRequest::Queue { id: id.to_string() })? {
+        ControlResponse::QueueList { messages } => messages,
+        other => return Err(unexpected(state_dir, other)),
+    };
+    if format == Format::Json {
+        return Ok(to_json(&messages));
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {:<8} {:<9} {:<20} {:<20} FROM",
+        "MSG", "KIND", "BYTES", "QUEUED", "EXPIRES"
+    );
+    for m in &messages {
+        let from = match m.origin {
+            crate::store::queue::Origin::Control => "control",
+            crate::store::queue::Origin::Backend => "backend",
+        };
+        let _ = writeln!(
+            out,
+            "{:<10} {:<8} {:<9} {:<20} {:<20} {from}",
+            m.msg_id,
+            m.kind,
+            m.bytes,
+            time(Some(m.queued)),
+            time(Some(m.expires))
+        );
+    }
+    Ok(out)
+}
+
+/// Withdraws message `msg_id` queued for `id`, or all of them; how many went.
+pub fn purge(state_dir: &Path, id: &str, msg_id: Option<u64>) -> Result<usize, AdminError> {
+    let id = Id::new(id)?;
+    let req = ControlRequest::Purge {
+        id: id.to_string(),
+        msg_id,
+    };
+    match control::call(state_dir, &req)? {
+        ControlResponse::Purged { count } => Ok(count),
         other => Err(unexpected(state_dir, other)),
     }
 }

@@ -185,6 +185,19 @@ pub struct Limits {
     /// Time a backend has to answer a request.
     #[serde(with = "secs")]
     pub backend_timeout: Duration,
+    /// Queued messages (`tallyd send --queue`, spec 8.8) one identity may have, at most.
+    pub queue_max_messages: u32,
+    /// Payload bytes one identity may have queued, at most.
+    pub queue_max_bytes: u64,
+    /// How long a queued message waits for its device when the sender gives no TTL.
+    #[serde(with = "secs")]
+    pub queue_ttl: Duration,
+    /// The longest TTL a queued message gets (a longer one asked for, or a longer
+    /// `queue_ttl`, is cut to it).
+    #[serde(with = "secs")]
+    pub queue_max_ttl: Duration,
+    /// Queued messages delivered to one session and not acknowledged yet, at most.
+    pub deliveries_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -206,6 +219,11 @@ impl Default for Limits {
             server_requests_in_flight: 32,
             drain_timeout: Duration::from_secs(10),
             backend_timeout: Duration::from_secs(30),
+            queue_max_messages: 1000,
+            queue_max_bytes: 1 << 20,
+            queue_ttl: Duration::from_secs(24 * 3600),
+            queue_max_ttl: Duration::from_secs(30 * 24 * 3600),
+            deliveries_in_flight: 16,
         }
     }
 }
@@ -258,6 +276,16 @@ impl Limits {
                 self.enrollments_per_second as usize,
                 1_000_000,
             ),
+            (
+                "limits.queue_max_messages",
+                self.queue_max_messages as usize,
+                1_000_000,
+            ),
+            (
+                "limits.deliveries_in_flight",
+                self.deliveries_in_flight,
+                1024,
+            ),
         ] {
             if !(1..=max).contains(&value) {
                 return invalid(field, &format!("must be between 1 and {max}"));
@@ -272,6 +300,12 @@ impl Limits {
         // Answers come up to 1.5x this late; clients wait 10 s for them (spec 13.10).
         if self.refusal_delay > Duration::from_secs(5) {
             return invalid("limits.refusal_delay", "must be between 0 and 5 seconds");
+        }
+        if !(1..=1 << 34).contains(&self.queue_max_bytes) {
+            return invalid(
+                "limits.queue_max_bytes",
+                "must be between 1 and 17179869184",
+            );
         }
         if !(1024..=MAX_FRAME_LEN_CEILING).contains(&self.max_frame_len) {
             return invalid("limits.max_frame_len", "must be between 1024 and 16777216");
@@ -288,6 +322,13 @@ impl Limits {
             ("limits.keepalive", self.keepalive, 100, 24 * HOUR),
             ("limits.drain_timeout", self.drain_timeout, 1, HOUR),
             ("limits.backend_timeout", self.backend_timeout, 1, HOUR),
+            ("limits.queue_ttl", self.queue_ttl, 1000, 365 * 24 * HOUR),
+            (
+                "limits.queue_max_ttl",
+                self.queue_max_ttl,
+                1000,
+                365 * 24 * HOUR,
+            ),
         ] {
             if d < Duration::from_millis(min_ms) || d > Duration::from_secs(max_secs) {
                 return invalid(

@@ -20,9 +20,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::proto::{CloseCode, Id};
+use crate::proto::{CloseCode, DeliveryKind, Id};
+use crate::server::delivery::{Deliveries, Outcome};
 use crate::server::registry::{SendKind, SessionInfo};
 use crate::server::ServerState;
+use crate::store::queue::Origin;
 
 /// File name of the control socket in the state directory.
 pub const SOCKET: &str = "tallyd.sock";
@@ -92,6 +94,38 @@ pub enum ControlRequest {
         /// How long to wait for the device, in seconds.
         timeout_secs: f64,
     },
+    /// Queue a REQUEST or MESSAGE for a device, durably (spec 8.8): delivered whenever
+    /// it holds a session, until it acknowledges or the message expires.
+    Enqueue {
+        /// The identity.
+        id: String,
+        /// `true`: a queued request (the device's answer is the outcome); `false`: a
+        /// queued message.
+        request: bool,
+        /// The payload, hex-encoded.
+        payload_hex: String,
+        /// How long it may wait for the device, in seconds (default
+        /// `limits.queue_ttl`, at most `limits.queue_max_ttl`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_secs: Option<f64>,
+        /// Wait this long for the outcome before answering (default: answer once it
+        /// is stored).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<f64>,
+    },
+    /// The messages queued for a device.
+    Queue {
+        /// The identity.
+        id: String,
+    },
+    /// Withdraw a queued message, or all of a device's.
+    Purge {
+        /// The identity.
+        id: String,
+        /// One message; all if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        msg_id: Option<u64>,
+    },
 }
 
 /// The daemon's answer.
@@ -137,6 +171,37 @@ pub enum ControlResponse {
     },
     /// A MESSAGE was written to the device's session.
     Sent,
+    /// A message was queued (on disk); with a wait, it had no outcome within it.
+    Queued {
+        /// Its message id.
+        msg_id: u64,
+    },
+    /// A queued message's outcome.
+    Delivered {
+        /// Its message id.
+        msg_id: u64,
+        /// `acknowledged`, `expired`, `purged` or `undeliverable`.
+        outcome: String,
+        /// The device's ACK status (acknowledged).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        /// The device's answer, hex-encoded (acknowledged).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload_hex: Option<String>,
+        /// Why (undeliverable).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A device's queued messages, oldest first.
+    QueueList {
+        /// The messages.
+        messages: Vec<crate::store::queue::Listed>,
+    },
+    /// Queued messages withdrawn.
+    Purged {
+        /// How many.
+        count: usize,
+    },
     /// An enrollment token (a secret: the socket is only the daemon's user's and root's).
     Token {
         /// The token text.
@@ -350,6 +415,32 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
                 },
             }
         }
+        ControlRequest::Enqueue {
+            id,
+            request,
+            payload_hex,
+            ttl_secs,
+            wait_secs,
+        } => enqueue(state, &id, request, &payload_hex, ttl_secs, wait_secs).await,
+        ControlRequest::Queue { id } => match (queued(state), Id::new(&id)) {
+            (Ok(d), Ok(id)) => match d.queue().list(&id).await {
+                Ok(messages) => ControlResponse::QueueList { messages },
+                Err(e) => error(e),
+            },
+            (Err(e), _) => e,
+            (_, Err(e)) => error(e),
+        },
+        ControlRequest::Purge { id, msg_id } => match (queued(state), Id::new(&id)) {
+            (Ok(d), Ok(id)) => match d.purge(&id, msg_id).await {
+                Ok(count) => {
+                    info!(id = %id, count, "queued messages purged on the control socket");
+                    ControlResponse::Purged { count }
+                }
+                Err(e) => error(e),
+            },
+            (Err(e), _) => e,
+            (_, Err(e)) => error(e),
+        },
         ControlRequest::OpenToken { .. }
         | ControlRequest::IssueToken { .. }
         | ControlRequest::RevokeToken { .. }
@@ -529,6 +620,91 @@ fn store_request(
     })
 }
 
+fn error(e: impl std::fmt::Display) -> ControlResponse {
+    ControlResponse::Error {
+        message: e.to_string(),
+    }
+}
+
+/// Durable delivery, or why there is none.
+fn queued(state: &ServerState) -> Result<&Arc<Deliveries>, ControlResponse> {
+    state.deliveries.as_ref().ok_or_else(|| ControlResponse::Error {
+        message: "queued delivery needs the SQLite store: it is not available in a fleet on PostgreSQL yet".into(),
+    })
+}
+
+/// `Enqueue`: stores the message, then answers its id, or (with a wait) its outcome.
+async fn enqueue(
+    state: &ServerState,
+    id: &str,
+    request: bool,
+    payload_hex: &str,
+    ttl_secs: Option<f64>,
+    wait_secs: Option<f64>,
+) -> ControlResponse {
+    let d = match queued(state) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    let secs = |s: Option<f64>| s.map(Duration::try_from_secs_f64).transpose();
+    let (Ok(id), Ok(payload), Ok(ttl), Ok(wait)) = (
+        Id::new(id),
+        hex::decode(payload_hex),
+        secs(ttl_secs),
+        secs(wait_secs),
+    ) else {
+        return error("invalid id, payload, TTL or wait");
+    };
+    let kind = if request {
+        DeliveryKind::Request
+    } else {
+        DeliveryKind::Message
+    };
+    let limits = state.limits();
+    let queued = match d
+        .enqueue(
+            &state.registry,
+            &limits,
+            id.clone(),
+            kind,
+            payload.into(),
+            ttl,
+            Origin::Control,
+        )
+        .await
+    {
+        Ok(q) => q,
+        Err(e) => return error(e),
+    };
+    let msg_id = queued.msg_id;
+    let Some(wait) = wait else {
+        return ControlResponse::Queued { msg_id };
+    };
+    match tokio::time::timeout(wait, queued.outcome).await {
+        Ok(Ok(outcome)) => delivered(msg_id, outcome),
+        // No outcome yet: it stays queued.
+        _ => ControlResponse::Queued { msg_id },
+    }
+}
+
+fn delivered(msg_id: u64, outcome: Outcome) -> ControlResponse {
+    let word = outcome.as_str().to_owned();
+    let (status, payload_hex, reason) = match outcome {
+        Outcome::Acknowledged { status, payload } => {
+            (Some(status.0), Some(hex::encode(&payload)), None)
+        }
+        Outcome::Undeliverable(why) => (None, None, Some(why)),
+        Outcome::Expired | Outcome::Purged => (None, None, None),
+    };
+    ControlResponse::Delivered {
+        msg_id,
+        outcome: word,
+        status,
+        payload_hex,
+        reason,
+    }
+}
+
 /// Revokes (`revoke`) or removes an identity: the store first, then the registry, so
 /// that a handshake whose key lookup raced with the store change is refused at
 /// registration (spec 7.3), and the live session gets CLOSE `REVOKED` or `REMOVED`.
@@ -547,6 +723,13 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
         Some(fleet) => fleet.is_live(&id).await.unwrap_or(false),
         None => false,
     };
+    // Its queued messages are withdrawn (their senders told so); the store's change
+    // deletes any queued meanwhile.
+    if let Some(d) = &state.deliveries {
+        if let Err(e) = d.purge(&id, None).await {
+            warn!(id = %id, "purging the queue of a revoked or removed identity: {e}");
+        }
+    }
     let store = state.store.clone();
     let name = id.to_string();
     let done = tokio::task::spawn_blocking(move || {
@@ -648,6 +831,10 @@ pub fn call(state_dir: &Path, req: &ControlRequest) -> Result<ControlResponse, C
             timeout_secs,
             ..
         } => Duration::try_from_secs_f64(*timeout_secs).unwrap_or(Duration::ZERO),
+        ControlRequest::Enqueue {
+            wait_secs: Some(wait),
+            ..
+        } => Duration::try_from_secs_f64(*wait).unwrap_or(Duration::ZERO),
         _ => Duration::ZERO,
     };
     stream

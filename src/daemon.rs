@@ -233,9 +233,10 @@ fn changed_limits(old: &crate::config::Limits, new: &crate::config::Limits) -> S
     compare!(
         count: max_connections, max_unauthenticated, max_unauthenticated_per_source,
             new_connections_per_source, max_enrollments_in_progress, enrollments_per_second,
-            max_delayed_refusals, max_frame_len, max_in_flight, server_requests_in_flight;
+            max_delayed_refusals, max_frame_len, max_in_flight, server_requests_in_flight,
+            queue_max_messages, queue_max_bytes, deliveries_in_flight;
         seconds: first_frame_timeout, handshake_timeout, refusal_delay, keepalive,
-            drain_timeout, backend_timeout
+            drain_timeout, backend_timeout, queue_ttl, queue_max_ttl
     );
     out.join(", ")
 }

@@ -161,6 +161,7 @@ fn readme_walkthrough_with_the_real_binaries() {
             "mode",
             "online",
             "peer",
+            "queued",
             "revoked"
         ],
         "{json}"

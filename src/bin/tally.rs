@@ -726,6 +726,43 @@ impl Handlers {
             let _ = req.respond(status, body).await;
         });
     }
+
+    /// Takes a queued message or request (spec 8.8; printed as it arrives) and
+    /// acknowledges it once handled: a message at once, a request with `answer`'s reply
+    /// once a handler is free (a delivery waits for one: the server sends no more than
+    /// its window). Unacknowledged (the session lost first), it comes again.
+    fn take_delivery<F>(&self, d: client::IncomingDelivery, answer: impl FnOnce(Bytes) -> F)
+    where
+        F: std::future::Future<Output = (Status, Bytes)> + Send + 'static,
+    {
+        println!(
+            "queued {} {}: {}",
+            d.kind.as_str(),
+            d.msg_id,
+            printable(&d.payload)
+        );
+        if d.kind == tally::proto::DeliveryKind::Message {
+            tokio::spawn(async move {
+                let msg_id = d.msg_id;
+                if d.ack(Status::OK, Bytes::new()).await.is_ok() {
+                    println!("acknowledged: {msg_id}");
+                }
+            });
+            return;
+        }
+        let running = self.running.clone();
+        let handler = answer(d.payload.clone());
+        tokio::spawn(async move {
+            let Ok(_slot) = running.acquire_owned().await else {
+                return;
+            };
+            let (status, body) = handler.await;
+            let msg_id = d.msg_id;
+            if d.ack(status, body).await.is_ok() {
+                println!("acknowledged: {msg_id} ({status})");
+            }
+        });
+    }
 }
 
 /// Runs `cmd` with `payload` on stdin; its stdout (exit 0) or stderr (otherwise) answers.
@@ -975,6 +1012,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         item = incoming.recv() => match item {
                             Some(Incoming::Message(p)) => println!("message: {}", printable(&p)),
                             Some(Incoming::Request(req)) => handlers.take(req, answer(client.id().clone())),
+                            Some(Incoming::Delivery(d)) => handlers.take_delivery(d, answer(client.id().clone())),
                             Some(other) => println!("unhandled: {other:?}"),
                             None => return Err(client.closed().await.into()),
                         },
@@ -1018,6 +1056,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(LinkEvent::Incoming(Incoming::Message(p))) => println!("message: {}", printable(&p)),
                         Some(LinkEvent::Incoming(Incoming::Request(req))) => {
                             handlers.take(req, answer(id.clone()));
+                        }
+                        Some(LinkEvent::Incoming(Incoming::Delivery(d))) => {
+                            handlers.take_delivery(d, answer(id.clone()));
                         }
                         Some(LinkEvent::Stopped(error)) => {
                             return Err(anyhow::Error::new(error).context(what))

@@ -64,9 +64,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List identities: id, mode, created, last seen, revoked, online.
+    /// List identities: id, mode, created, last seen, revoked, queued messages, online.
     Identities {
-        /// Print a JSON array (keys: id, mode, created, last_seen, revoked, online, peer).
+        /// Print a JSON array (keys: id, mode, created, last_seen, revoked, online, peer, queued).
         #[arg(long)]
         json: bool,
     },
@@ -96,7 +96,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send a MESSAGE (or with --request a REQUEST, printing the device's answer) to a connected device.
+    /// Send a MESSAGE (or with --request a REQUEST, printing the device's answer) to a connected device;
+    /// with --queue, queue it durably for a device that may be offline (printing its message id).
     Send {
         /// The identity.
         id: String,
@@ -106,8 +107,34 @@ enum Command {
         /// Seconds to wait for the device's answer.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        /// Queue it: stored before this returns, delivered whenever the device holds a
+        /// session, until it acknowledges or the TTL passes. Prints the message id.
+        #[arg(long)]
+        queue: bool,
+        /// With --queue: how long it may wait for the device (e.g. 90s, 12h, 7d)
+        /// [default: limits.queue_ttl].
+        #[arg(long, requires = "queue", value_parser = duration)]
+        ttl: Option<std::time::Duration>,
+        /// With --queue: wait this long for the outcome (e.g. 30s): the device's answer,
+        /// or why it was not delivered.
+        #[arg(long, requires = "queue", value_parser = duration)]
+        wait: Option<std::time::Duration>,
         /// The payload; read from stdin when absent.
         data: Option<String>,
+    },
+    /// List the messages queued for a device (--purge: withdraw them, or one with --msg).
+    Queue {
+        /// The identity.
+        id: String,
+        /// Withdraw its queued messages (their senders are told: purged).
+        #[arg(long)]
+        purge: bool,
+        /// With --purge: only this message id.
+        #[arg(long, requires = "purge")]
+        msg: Option<u64>,
+        /// Print a JSON array (keys: msg_id, kind, bytes, queued, expires, origin).
+        #[arg(long)]
+        json: bool,
     },
     /// Print whether open enrollment is on; with on or off, turn it on or off for a whole
     /// fleet (one decision for every node, kept in the fleet's log). A single daemon's is
@@ -183,9 +210,58 @@ impl Command {
             Command::Sessions { .. } => "sessions",
             Command::Status { .. } => "status",
             Command::Send { .. } => "send",
+            Command::Queue { .. } => "queue",
             Command::OpenEnrollment { .. } => "open-enrollment",
         }
     }
+}
+
+/// A duration as `tallyd token --lifetime` takes it: 90s, 15m, 12h, 7d.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    admin::parse_duration(text)
+}
+
+/// `tallyd send --queue`: prints the message id (stdout), then with --wait the outcome.
+fn send_queued(
+    dir: &std::path::Path,
+    id: &str,
+    request: bool,
+    payload: &[u8],
+    ttl: Option<std::time::Duration>,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    use admin::QueuedSend;
+    match admin::enqueue(dir, id, request, payload, ttl, wait)? {
+        QueuedSend::Queued(msg_id) => {
+            println!("{msg_id}");
+            match wait {
+                None => eprintln!("queued for {id} as message {msg_id}"),
+                Some(w) => anyhow::bail!(
+                    "message {msg_id} is still queued for {id} after {}s (it stays queued; `tallyd queue {id}` lists it)",
+                    w.as_secs_f64()
+                ),
+            }
+        }
+        QueuedSend::Acknowledged(msg_id, status, body) => {
+            eprintln!("{id} acknowledged message {msg_id}");
+            if status != tally::proto::Status::OK {
+                anyhow::bail!(
+                    "{id} answered message {msg_id} with status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            if request {
+                tally::output::payload_to_stdout(&body)?;
+            } else {
+                println!("{msg_id}");
+            }
+        }
+        QueuedSend::Failed(msg_id, outcome, reason) => anyhow::bail!(
+            "message {msg_id} for {id}: {outcome}{}",
+            reason.map(|r| format!(": {r}")).unwrap_or_default()
+        ),
+    }
+    Ok(())
 }
 
 /// Says which nodes of a fleet confirmed a revocation or removal.
@@ -309,6 +385,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             | Command::Sessions { .. }
             | Command::Status { .. }
             | Command::Send { .. }
+            | Command::Queue { .. }
             | Command::OpenEnrollment { .. }
     );
     if store.is_shared() && offline && !tally::secrets::state_dir_in_use(dir) {
@@ -423,10 +500,26 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Status { json } => print!("{}", admin::status(dir, format(json))?),
+        Command::Queue {
+            id,
+            purge,
+            msg,
+            json,
+        } => {
+            if purge {
+                let n = admin::purge(dir, &id, msg)?;
+                println!("{id}: {n} queued message(s) withdrawn");
+            } else {
+                print!("{}", admin::queue(dir, &id, format(json))?);
+            }
+        }
         Command::Send {
             id,
             request,
             timeout,
+            queue,
+            ttl,
+            wait,
             data,
         } => {
             let payload = match data {
@@ -437,6 +530,9 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
                     buf
                 }
             };
+            if queue {
+                return send_queued(dir, &id, request, &payload, ttl, wait);
+            }
             let timeout = std::time::Duration::try_from_secs_f64(timeout)?;
             match admin::send(dir, &id, request, &payload, timeout)? {
                 None => eprintln!("sent to {id}"),

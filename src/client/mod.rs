@@ -503,6 +503,10 @@ pub enum Incoming {
     Request(IncomingRequest),
     /// A one-way MESSAGE.
     Message(Bytes),
+    /// A queued message or request (spec 8.8): handle it, then
+    /// [`IncomingDelivery::ack`] it. Dropping it unacknowledged leaves it queued: the
+    /// server delivers it again in the next session.
+    Delivery(IncomingDelivery),
 }
 
 /// Serves what the server sends until the session ends: each REQUEST is answered with
@@ -538,7 +542,55 @@ pub async fn serve_incoming<H, F, M>(
                 });
             }
             Incoming::Message(payload) => on_message(payload),
+            // Handled like a live request or message, then acknowledged with the
+            // handler's answer (a message: OK).
+            Incoming::Delivery(d) => match d.kind {
+                crate::proto::DeliveryKind::Request => {
+                    let answer = handler(d.payload.clone());
+                    tokio::spawn(async move {
+                        let (status, payload) = answer.await;
+                        let _ = d.ack(status, payload).await;
+                    });
+                }
+                crate::proto::DeliveryKind::Message => {
+                    on_message(d.payload.clone());
+                    let _ = d.ack(Status::OK, Bytes::new()).await;
+                }
+            },
         }
+    }
+}
+
+/// A queued message or request from the server (spec 8.8), delivered at least once.
+///
+/// Acknowledge it once it is handled ([`IncomingDelivery::ack`]); the server deletes it
+/// then. A device that must not handle a message twice records the highest
+/// [`IncomingDelivery::msg_id`] it handled (durably) and acknowledges, without handling
+/// again, a delivery at or below it: a redelivery after a reboot or a cut connection.
+#[derive(Debug)]
+pub struct IncomingDelivery {
+    /// The message id: per identity, increasing in the order the messages were queued.
+    pub msg_id: u64,
+    /// A queued request (the acknowledgement carries the answer) or message.
+    pub kind: crate::proto::DeliveryKind,
+    /// The payload.
+    pub payload: Bytes,
+    tx: Option<mpsc::Sender<Cmd>>,
+}
+
+impl IncomingDelivery {
+    /// Acknowledges the delivery: for a queued request, with the answer (`status`,
+    /// `payload`); for a message, [`Status::OK`] and an empty payload. Fails with
+    /// [`ClientError::SessionClosed`] if the session is gone (then it stays queued).
+    pub async fn ack(mut self, status: Status, payload: Bytes) -> Result<(), ClientError> {
+        let tx = self.tx.take().ok_or(ClientError::SessionClosed)?;
+        tx.send(Cmd::Ack {
+            msg_id: self.msg_id,
+            status,
+            payload,
+        })
+        .await
+        .map_err(|_| ClientError::SessionClosed)
     }
 }
 
@@ -591,6 +643,11 @@ enum Cmd {
     },
     Respond {
         req_seq: u64,
+        status: Status,
+        payload: Bytes,
+    },
+    Ack {
+        msg_id: u64,
         status: Status,
         payload: Bytes,
     },
@@ -779,6 +836,13 @@ impl crate::driver::Role for ClientRole {
             }) => {
                 let _ = conn.respond(req_seq, status, payload, now);
             }
+            Some(Cmd::Ack {
+                msg_id,
+                status,
+                payload,
+            }) => {
+                let _ = conn.ack(msg_id, status, payload, now);
+            }
             Some(Cmd::Close { done }) => {
                 self.closing = Some(done);
                 conn.close(CloseCode::NORMAL, "", now);
@@ -813,6 +877,21 @@ impl crate::driver::Role for ClientRole {
             }
             Event::Message { payload } => {
                 let _ = self.incoming.try_send(Incoming::Message(payload));
+            }
+            // Nobody listening, or a full queue: not acknowledged, so it stays queued
+            // and comes again in the next session.
+            Event::Delivery {
+                msg_id,
+                kind,
+                payload,
+            } => {
+                let delivery = IncomingDelivery {
+                    msg_id,
+                    kind,
+                    payload,
+                    tx: self.tx.upgrade(),
+                };
+                let _ = self.incoming.try_send(Incoming::Delivery(delivery));
             }
             Event::Closed(end) => {
                 let end = ended(end);

@@ -385,6 +385,18 @@ impl Device {
         self.open()?.respond(req_seq, status, payload, now)
     }
 
+    /// Acknowledges the server's DELIVER `msg_id` (once: spec 8.8), with the answer to
+    /// a queued request (a message: OK and no payload).
+    pub fn ack(
+        &mut self,
+        msg_id: u64,
+        status: Status,
+        payload: Bytes,
+        now: Duration,
+    ) -> Result<(), ProtocolError> {
+        self.open()?.ack(msg_id, status, payload, now)
+    }
+
     /// Sends a PING; returns its sequence number.
     pub fn ping(&mut self, now: Duration) -> Result<u64, ProtocolError> {
         self.open()?.ping(now)

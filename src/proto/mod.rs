@@ -40,7 +40,7 @@ pub mod testing;
 
 pub use codec::decode_frame;
 pub use error::{CloseCode, ErrorCode, FrameError, ProtocolError};
-pub use frame::{Body, FrameType, Id, Mode, SessionFrame, Status};
+pub use frame::{Body, DeliveryKind, FrameType, Id, Mode, SessionFrame, Status};
 pub use schedule::{SecretKey, Tag};
 pub use session::{Role, Session};
 

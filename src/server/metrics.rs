@@ -77,7 +77,17 @@ pub struct Metrics {
     store_queries: Counter,
     /// What `store_queries` was last moved to.
     reported_queries: std::sync::Mutex<u64>,
+    /// Queued messages (spec 8.8), by what happened to them: enqueued, refused,
+    /// delivered, acknowledged, expired, purged, undeliverable.
+    queue: [Counter; QUEUE_COUNTS],
+    /// What those were last moved to.
+    reported_queue: std::sync::Mutex<[u64; QUEUE_COUNTS]>,
+    /// Messages and bytes queued, and the age of the oldest (seconds).
+    queue_depth: [Gauge; 3],
 }
+
+/// How many counters `tally_queue_messages_total` has.
+const QUEUE_COUNTS: usize = 7;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +159,42 @@ impl Default for Metrics {
             "Statements sent to the PostgreSQL store of a fleet (none with SQLite)",
             store_queries.clone(),
         );
+        let queued = Family::<Outcome, Counter>::default();
+        registry.register(
+            "queue_messages",
+            "Queued messages (tallyd send --queue), by what happened: enqueued, refused (full, not enrolled, too large), delivered (DELIVER sent; a redelivery counts again), acknowledged, expired, purged, undeliverable",
+            queued.clone(),
+        );
+        let queue = [
+            "enqueued",
+            "refused",
+            "delivered",
+            "acknowledged",
+            "expired",
+            "purged",
+            "undeliverable",
+        ]
+        .map(|o| counter_of(&queued, o));
+        let queue_depth = [Gauge::default(), Gauge::default(), Gauge::default()];
+        for (name, help, g) in [
+            (
+                "queue_depth",
+                "Messages queued for devices, not yet acknowledged",
+                &queue_depth[0],
+            ),
+            (
+                "queue_bytes",
+                "Payload bytes queued for devices",
+                &queue_depth[1],
+            ),
+            (
+                "queue_oldest_age_seconds",
+                "Age of the oldest queued message (0 when none)",
+                &queue_depth[2],
+            ),
+        ] {
+            registry.register(name, help, g.clone());
+        }
         let outcome = |o| counter_of(&backend_requests, o);
         let backend = [
             outcome("ok"),
@@ -182,6 +228,9 @@ impl Default for Metrics {
             reported: Default::default(),
             store_queries,
             reported_queries: Default::default(),
+            queue,
+            reported_queue: Default::default(),
+            queue_depth,
         }
     }
 }
@@ -305,6 +354,36 @@ impl Metrics {
             }
         }
         drop(reported);
+        if let Some(d) = &state.deliveries {
+            let c = &d.counts;
+            let now = [
+                &c.enqueued,
+                &c.refused,
+                &c.delivered,
+                &c.acknowledged,
+                &c.expired,
+                &c.purged,
+                &c.undeliverable,
+            ]
+            .map(|n| n.load(Ordering::Relaxed));
+            let mut last = self
+                .reported_queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for ((counter, last), n) in self.queue.iter().zip(last.iter_mut()).zip(now) {
+                if n > *last {
+                    counter.inc_by(n - *last);
+                    *last = n;
+                }
+            }
+            let t = d.totals();
+            self.queue_depth[0].set(t.messages as i64);
+            self.queue_depth[1].set(t.bytes as i64);
+            let age = t
+                .oldest_ms
+                .map_or(0, |o| (crate::store::queue::now_ms() - o).max(0) / 1000);
+            self.queue_depth[2].set(age);
+        }
         if let Some(fleet) = &state.fleet {
             let mut last = self
                 .reported_queries

@@ -8,6 +8,7 @@
 
 pub(crate) mod admission;
 mod conn;
+pub mod delivery;
 pub mod fleet;
 #[doc(hidden)]
 pub mod metrics;
@@ -50,6 +51,9 @@ pub enum ServerError {
     /// Binding or accepting failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The durable queue could not be opened.
+    #[error("the message queue: {0}")]
+    Queue(String),
 }
 
 /// Everything the connection tasks share.
@@ -63,6 +67,9 @@ pub struct ServerState {
     pub registry: Arc<Registry>,
     /// The fleet this daemon is a node of, with a shared PostgreSQL store.
     pub fleet: Option<Arc<fleet::Fleet>>,
+    /// Durable delivery to devices (spec 8.8): with the SQLite store (not yet in a
+    /// fleet).
+    pub deliveries: Option<Arc<delivery::Deliveries>>,
     /// Who answers requests.
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
@@ -180,8 +187,16 @@ impl ServerState {
             tasks: tasks.clone(),
             stop: stop.clone(),
         });
+        let deliveries = match &location {
+            crate::store::Location::Sqlite(path) => Some(Arc::new(delivery::Deliveries::new(
+                crate::store::queue::Queue::open(path)
+                    .map_err(|e| ServerError::Queue(e.to_string()))?,
+            ))),
+            crate::store::Location::Postgres(_) => None,
+        };
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
+            deliveries,
             server_key: crate::proto::handshake::ServerKey::from(&secrets.static_secret),
             params: secrets.enroll_params(config.open_enrollment),
             store,
@@ -381,6 +396,13 @@ pub async fn run(
         let (state, token) = (state.clone(), token.clone());
         tokio::spawn(async move { state.tarpit.run(token).await })
     };
+    if let Some(d) = &state.deliveries {
+        state.tasks.spawn(delivery::sweep(
+            d.clone(),
+            state.registry.clone(),
+            state.stop.clone(),
+        ));
+    }
     let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {

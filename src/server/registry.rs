@@ -105,6 +105,8 @@ struct Inbox {
     close: Option<(CloseCode, &'static str)>,
     /// The session ended: nothing more is taken.
     ended: bool,
+    /// A message was queued for the identity since the session last looked (spec 8.8).
+    queued: bool,
 }
 
 /// What a session finds in its [`Mailbox`].
@@ -114,6 +116,8 @@ pub enum Mail {
     Close(CloseCode, &'static str),
     /// A command.
     Command(Box<Command>),
+    /// A message was queued for this identity: deliver it.
+    Queued,
 }
 
 impl Default for Mailbox {
@@ -173,6 +177,12 @@ impl Mailbox {
         self.waker.wake();
     }
 
+    /// Tells the session that a message was queued for its identity (spec 8.8).
+    pub fn notify_queued(&self) {
+        self.lock().queued = true;
+        self.waker.wake();
+    }
+
     /// For the session: a close asked for first, else the next command; registers the
     /// task's waker when there is neither.
     pub fn poll_mail(&self, cx: &mut Context<'_>) -> Poll<Mail> {
@@ -185,6 +195,10 @@ impl Mailbox {
         if let Some((code, reason)) = inbox.close.take() {
             coop.made_progress();
             return Poll::Ready(Mail::Close(code, reason));
+        }
+        if std::mem::take(&mut inbox.queued) {
+            coop.made_progress();
+            return Poll::Ready(Mail::Queued);
         }
         match inbox.commands.pop_front() {
             Some(cmd) => {
@@ -694,6 +708,11 @@ impl Registry {
     /// Whether there are no live sessions.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The identities with a live session.
+    pub fn ids(&self) -> Vec<Id> {
+        self.lock().sessions.keys().cloned().collect()
     }
 
     /// Every live session, sorted by identity.

@@ -31,13 +31,15 @@ use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
+use super::delivery::{Cursor, Outcome as Delivered};
 use super::metrics::BackendOutcome;
 use super::registry::{Command, Mail, Mailbox, Registration};
 use super::ServerState;
 use crate::backend::{BoxFuture, Reply, Request, SendError};
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
-use crate::proto::{CloseCode, Id, Session, Status};
+use crate::proto::{CloseCode, Id, ProtocolError, Session, Status};
+use crate::store::queue::{self, Gone, QueueError, Queued};
 
 /// How a session ended, for the log.
 #[derive(Debug)]
@@ -94,7 +96,13 @@ pub(crate) enum Work {
     CloseAsked(CloseCode, &'static str),
     Shutdown,
     DrainDeadline,
+    /// A message was queued for this identity (spec 8.8).
+    Queued,
+    /// The next queued messages, for a fetch of at most `.1`.
+    Fetched(Fetched, usize),
 }
+
+type Fetched = Result<(Vec<Queued>, Vec<Gone>), QueueError>;
 
 /// The limits a session reads on every request: a copy of these, not of all of
 /// [`crate::config::Limits`] (every idle session holds it).
@@ -105,6 +113,17 @@ struct SessionLimits {
     backend_timeout: Duration,
     drain_timeout: Duration,
     idle_timeout: Duration,
+}
+
+/// A session's durable delivery (spec 8.8), on the heap: an idle session's future
+/// holds one pointer for it.
+struct Delivery {
+    /// Its place in its identity's queue.
+    cursor: Cursor,
+    /// The fetch of the next queued messages, while one is on its way.
+    fetch: Option<BoxFuture<(Fetched, usize)>>,
+    /// Queued messages delivered and not acknowledged, at most.
+    in_flight: usize,
 }
 
 /// Backend work that was not done when first polled: requests yield `Some((seq,
@@ -139,6 +158,8 @@ struct ServerRole {
     /// saw the end and reconnects at once is never refused as a duplicate (`takeover =
     /// "reject"`).
     registration: Option<Registration>,
+    /// Durable delivery, when the daemon has it.
+    delivery: Option<Box<Delivery>>,
 }
 
 /// Runs an authenticated connection's session to its end, then unregisters it
@@ -155,7 +176,7 @@ pub(super) async fn run(
 ) {
     let started = Instant::now();
     // In a block: the whole `Limits` is not kept in this future across the session.
-    let (config, write_stall, limits) = {
+    let (config, write_stall, limits, in_flight) = {
         let limits = state.limits();
         let mut config = Config::server();
         config.idle_timeout = Some(limits.idle_timeout());
@@ -170,7 +191,7 @@ pub(super) async fn run(
             drain_timeout: limits.drain_timeout,
             idle_timeout: limits.idle_timeout(),
         };
-        (config, write_stall, mine)
+        (config, write_stall, mine, limits.deliveries_in_flight)
     };
     let mut role = ServerRole {
         state,
@@ -185,7 +206,16 @@ pub(super) async fn run(
         limits,
         paused_logged: std::cell::Cell::new(false),
         registration: Some(registration),
+        delivery: None,
     };
+    if role.state.deliveries.is_some() {
+        role.delivery = Some(Box::new(Delivery {
+            cursor: Cursor::new(),
+            fetch: None,
+            in_flight,
+        }));
+        role.start_fetch();
+    }
     let outcome =
         crate::driver::run(session, config, (rd, wr), leftover, &mut role, write_stall).await;
     role.abandon();
@@ -351,6 +381,94 @@ impl ServerRole {
         m.bytes_out.store(conn.bytes_sent(), Ordering::Relaxed);
     }
 
+    /// Fetches the next queued messages if the cursor says so (spec 8.8).
+    fn start_fetch(&mut self) {
+        let (Some(d), Some(delivery)) = (&self.state.deliveries, &mut self.delivery) else {
+            return;
+        };
+        let Some(limit) = delivery.cursor.poll_fetch(delivery.in_flight) else {
+            return;
+        };
+        let (d, id, after) = (d.clone(), self.id.clone(), delivery.cursor.after());
+        delivery.fetch = Some(Box::pin(async move {
+            let got = d.queue().next(&id, after, limit, queue::now_ms()).await;
+            if let Err(e) = &got {
+                // Tried again after a pause, not in a loop.
+                warn!("fetching queued messages failed (tried again in a second): {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            (got, limit)
+        }));
+    }
+
+    /// Delivers fetched messages, in order, while the session is open.
+    fn deliver(&mut self, fetched: Fetched, limit: usize, conn: &mut Connection, now: Duration) {
+        let (Some(d), Some(delivery)) = (self.state.deliveries.clone(), self.delivery.as_mut())
+        else {
+            return;
+        };
+        let cursor = &mut delivery.cursor;
+        let (messages, expired) = match fetched {
+            Ok(got) => got,
+            Err(_) => return cursor.failed(),
+        };
+        d.report_gone(expired, &Delivered::Expired);
+        let mut delivered = Vec::with_capacity(messages.len());
+        let mut settled = 0;
+        for m in messages {
+            let msg_id = m.msg_id;
+            match conn.deliver(msg_id, m.kind, m.payload, now) {
+                Ok(()) => {
+                    d.counts.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                // Larger than the device takes: it can never be delivered. Withdrawn,
+                // and its sender told why.
+                Err(e @ ProtocolError::PayloadTooLarge { .. }) => {
+                    settled += 1;
+                    let (d, id, reason) = (d.clone(), self.id.clone(), e.to_string());
+                    tokio::spawn(async move {
+                        if let Ok(gone) = d.queue().purge(&id, Some(msg_id)).await {
+                            let why = Delivered::Undeliverable(format!(
+                                "too large for the frame limit the device announced: {reason}"
+                            ));
+                            d.report_gone(gone, &why);
+                        }
+                    });
+                }
+                // The session is closing: the rest stays queued for the next one.
+                Err(_) => break,
+            }
+            delivered.push(msg_id);
+        }
+        cursor.fetched(limit, &delivered);
+        for _ in 0..settled {
+            cursor.settled();
+        }
+    }
+
+    /// The device acknowledged queued message `msg_id`: deleted, then its sender told.
+    fn acknowledged(&mut self, msg_id: u64, status: Status, payload: bytes::Bytes) {
+        let (Some(d), Some(delivery)) = (self.state.deliveries.clone(), self.delivery.as_mut())
+        else {
+            return;
+        };
+        delivery.cursor.settled();
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            match d.queue().ack(&id, msg_id).await {
+                Ok(Some(origin)) => {
+                    d.report(&id, msg_id, origin, Delivered::Acknowledged { status, payload })
+                }
+                // Expired or purged meanwhile: its sender was told so then.
+                Ok(None) => {}
+                Err(e) => warn!(
+                    msg_id,
+                    "recording an acknowledgement failed: the message stays queued and is delivered again: {e}"
+                ),
+            }
+        });
+    }
+
     /// Shutting down and nothing in flight: close.
     fn drained(&self, conn: &mut Connection, now: Duration) {
         if self.stopping && self.inflight_len() == 0 && self.queued.is_empty() {
@@ -398,7 +516,16 @@ impl Role for ServerRole {
             return Poll::Ready(match mail {
                 Mail::Close(code, reason) => Work::CloseAsked(code, reason),
                 Mail::Command(cmd) => Work::Command(cmd),
+                Mail::Queued => Work::Queued,
             });
+        }
+        if let Some(delivery) = self.delivery.as_mut() {
+            if let Some(fetch) = delivery.fetch.as_mut() {
+                if let Poll::Ready((got, limit)) = fetch.as_mut().poll(cx) {
+                    delivery.fetch = None;
+                    return Poll::Ready(Work::Fetched(got, limit));
+                }
+            }
         }
         if let Some(inflight) = self.inflight.as_mut().filter(|f| !f.is_empty()) {
             if let Poll::Ready(Some(done)) = inflight.poll_next_unpin(cx) {
@@ -453,6 +580,12 @@ impl Role for ServerRole {
                 self.drained(conn, now);
             }
             Work::CloseAsked(code, reason) => conn.close(code, reason, now),
+            Work::Queued => {
+                if let Some(delivery) = &mut self.delivery {
+                    delivery.cursor.noticed();
+                }
+            }
+            Work::Fetched(got, limit) => self.deliver(got, limit, conn, now),
             Work::Shutdown => {
                 self.stopping = true;
                 self.drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));
@@ -463,6 +596,9 @@ impl Role for ServerRole {
                 warn!(abandoned = self.inflight_len(), "drain deadline passed (limits.drain_timeout); closing with requests unanswered");
                 conn.close(CloseCode::SHUTDOWN, "server shutting down", now);
             }
+        }
+        if conn.is_open() {
+            self.start_fetch();
         }
         self.stop_if_closing(conn);
     }
@@ -477,6 +613,16 @@ impl Role for ServerRole {
             } => {
                 if let Some(answer) = self.pending.remove(&req_seq) {
                     let _ = answer.send(Ok(Reply { status, payload }));
+                }
+            }
+            Event::Ack {
+                msg_id,
+                status,
+                payload,
+            } => {
+                self.acknowledged(msg_id, status, payload);
+                if conn.is_open() {
+                    self.start_fetch();
                 }
             }
             Event::Closed(SessionEnd::Failed(e)) => {

@@ -25,6 +25,7 @@ pub mod fleet_key;
 pub mod fleet_log;
 pub mod pgconf;
 pub mod postgres;
+pub mod queue;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ pub const DB_FILE: &str = "identities.db";
 
 /// The schema version this build writes (SQLite's `user_version`, PostgreSQL's
 /// `tally_schema` table).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Length of a sealed 32-byte secret: 24-byte nonce, 32-byte ciphertext, 16-byte tag.
 pub const SEALED_LEN: usize = 24 + 32 + 16;
@@ -238,6 +239,9 @@ pub struct IdentityRow {
     pub revoked: Option<i64>,
     /// `open` or `token`.
     pub mode: String,
+    /// Messages queued for it (spec 8.8).
+    #[serde(default)]
+    pub queued: u64,
 }
 
 /// An outstanding per-identity enrollment token, as listed for the operator (no secret).
@@ -1638,7 +1642,10 @@ mod tests {
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let e = Store::open(&dir.path().join(DB_FILE), SecretKey::from_bytes([9; 32])).unwrap_err();
-        assert!(matches!(e, StoreError::TooNew { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1),
+            "{e}"
+        );
         // The layout before versioning.
         let old = tempfile::tempdir().unwrap();
         raw(old.path())

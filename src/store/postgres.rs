@@ -61,7 +61,8 @@ pub mod channel {
 }
 
 /// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE identities (
         generation bigint PRIMARY KEY,
         id         text NOT NULL UNIQUE,
@@ -243,7 +244,23 @@ const MIGRATIONS: &[&str] = &[r#"
             PERFORM pg_notify('tally_close', x) FROM unnest(notices) AS x;
         END IF;
     END $$;
-"#];
+"#,
+    r#"
+    -- The durable queue (store::queue, spec 8.8): each enrollment numbers its messages.
+    ALTER TABLE identities ADD COLUMN next_msg_id bigint NOT NULL DEFAULT 1;
+    CREATE TABLE queue (
+        generation bigint NOT NULL,
+        msg_id     bigint NOT NULL,
+        kind       smallint NOT NULL,
+        payload    bytea NOT NULL,
+        queued     bigint NOT NULL,
+        expires    bigint NOT NULL,
+        origin     smallint NOT NULL,
+        PRIMARY KEY (generation, msg_id)
+    );
+    CREATE INDEX queue_expires ON queue (expires);
+"#,
+];
 
 /// Runs `body` in one transaction on a pooled connection, from any thread: `$tx` is the
 /// transaction, `$e` maps a driver error to a [`StoreError`]. An early `return` in
@@ -969,8 +986,9 @@ impl Engine for Postgres {
 
     fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
         self.query(
-            "SELECT id, generation, created, last_seen, revoked, mode FROM identities \
-             ORDER BY id",
+            "SELECT id, generation, created, last_seen, revoked, mode, \
+             (SELECT COUNT(*) FROM queue q WHERE q.generation = identities.generation) \
+             FROM identities ORDER BY id",
             &[],
         )?
         .iter()
@@ -982,6 +1000,7 @@ impl Engine for Postgres {
                 last_seen: self.col(r, 3)?,
                 revoked: self.col(r, 4)?,
                 mode: self.col(r, 5)?,
+                queued: self.col::<i64>(r, 6)? as u64,
             })
         })
         .collect()

@@ -17,7 +17,8 @@ use crate::proto::frame::{EnrollMode, Id};
 
 /// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
 /// Version 0 is an empty database.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE identities (
         generation INTEGER PRIMARY KEY AUTOINCREMENT,
         id         TEXT NOT NULL UNIQUE,
@@ -44,7 +45,23 @@ const MIGRATIONS: &[&str] = &["
         generation INTEGER PRIMARY KEY,
         key        BLOB NOT NULL
     ) STRICT;
-"];
+",
+    "
+    -- The durable queue (store::queue, spec 8.8): each enrollment numbers its messages.
+    ALTER TABLE identities ADD COLUMN next_msg_id INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE queue (
+        generation INTEGER NOT NULL,   -- the enrollment it is for
+        msg_id     INTEGER NOT NULL,
+        kind       INTEGER NOT NULL,   -- 1 request, 2 message (spec 4.5)
+        payload    BLOB NOT NULL,
+        queued     INTEGER NOT NULL,   -- Unix milliseconds
+        expires    INTEGER NOT NULL,   -- Unix milliseconds
+        origin     INTEGER NOT NULL,   -- 0 control socket, 1 backend
+        PRIMARY KEY (generation, msg_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX queue_expires ON queue (expires);
+",
+];
 
 /// The SQLite engine.
 pub struct Sqlite {
@@ -340,22 +357,35 @@ impl Engine for Sqlite {
             params![id, at],
         )?;
         if n == 1 {
+            // A revoked identity is never delivered to again: its queue goes.
+            conn.execute(
+                "DELETE FROM queue WHERE generation IN (SELECT generation FROM identities WHERE id = ?1)",
+                [id],
+            )?;
             return Ok(Some(true));
         }
         Ok(is_enrolled(&conn, id)?.then_some(false))
     }
 
     fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Its queued messages go with it (a new enrollment starts a new queue).
+        tx.execute(
+            "DELETE FROM queue WHERE generation IN (SELECT generation FROM identities WHERE id = ?1)",
+            [id],
+        )?;
+        let n = tx.execute("DELETE FROM identities WHERE id = ?1", [id])?;
+        tx.commit()?;
         Ok(n == 1)
     }
 
     fn list(&self) -> Result<Vec<IdentityRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, generation, created, last_seen, revoked, mode FROM identities ORDER BY id",
+            "SELECT id, generation, created, last_seen, revoked, mode,
+                    (SELECT COUNT(*) FROM queue q WHERE q.generation = identities.generation)
+             FROM identities ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(IdentityRow {
@@ -365,6 +395,7 @@ impl Engine for Sqlite {
                 last_seen: r.get(3)?,
                 revoked: r.get(4)?,
                 mode: r.get(5)?,
+                queued: r.get::<_, i64>(6)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

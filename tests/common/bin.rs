@@ -17,6 +17,7 @@ pub const TALLYD_SUBCOMMANDS: &[&str] = &[
     "status",
     "sessions",
     "send",
+    "queue",
     "open-enrollment",
 ];
 

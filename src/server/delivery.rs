@@ -1,0 +1,462 @@
+//! Durable delivery in the daemon (spec 8.8; README "Queued delivery"): messages queued
+//! for a device wait in the store ([`crate::store::queue`]) until it holds a session,
+//! are delivered in message-id order, and are deleted only once its ACK is accepted.
+//!
+//! Three parts:
+//! - [`Cursor`], sans-IO: one session's place in its identity's queue (what was fetched,
+//!   how many deliveries are unacknowledged, whether there may be more), the rule of when
+//!   to fetch next, unit-tested without a clock or a database;
+//! - [`Deliveries`]: the queue, the outcomes (acknowledged with the device's answer,
+//!   expired, purged, undeliverable) for whoever waits for them, the counters;
+//! - [`sweep`]: the task that expires what waits too long for a device that is offline.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::registry::Registry;
+use crate::proto::{DeliveryKind, Id, Status};
+use crate::store::queue::{self, Bounds, Gone, NewMessage, Origin, Queue, QueueError, Refusal};
+
+/// How a queued message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The device acknowledged it: its status and (for a queued request) its answer.
+    Acknowledged {
+        /// The ACK's status.
+        status: Status,
+        /// The ACK's payload.
+        payload: Bytes,
+    },
+    /// Its TTL passed before the device took it.
+    Expired,
+    /// An operator withdrew it (`tallyd queue --purge`), or the identity was revoked or
+    /// removed.
+    Purged,
+    /// It cannot be delivered: larger than the frame limit the device announced.
+    Undeliverable(String),
+}
+
+impl Outcome {
+    /// The word `tallyd send --queue --wait` and the control socket use.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Acknowledged { .. } => "acknowledged",
+            Outcome::Expired => "expired",
+            Outcome::Purged => "purged",
+            Outcome::Undeliverable(_) => "undeliverable",
+        }
+    }
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// Refused: nothing was stored.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The queue failed: nothing was stored.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Larger than any frame could carry.
+    #[error("payload of {len} bytes is larger than a queued message may be ({max} bytes: limits.max_frame_len less the DELIVER frame's own bytes)")]
+    TooLarge {
+        /// The payload's length.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+}
+
+/// Outcomes nobody waited for yet, kept for a late waiter (one that registers after the
+/// device was already quick to acknowledge).
+const RECENT: usize = 4096;
+
+/// The daemon's durable delivery: the queue and what waits on it.
+#[derive(Debug)]
+pub struct Deliveries {
+    queue: Queue,
+    waiters: Mutex<Waiters>,
+    /// What the queue held at the last sweep (metrics, `tallyd status`).
+    totals: Mutex<queue::Totals>,
+    /// Messages queued (stored), refused, delivered (DELIVER sent), acknowledged,
+    /// expired, purged or undeliverable.
+    pub counts: Counts,
+}
+
+/// The counters of [`Deliveries`] (metrics).
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Stored.
+    pub enqueued: AtomicU64,
+    /// Refused at the bound, or for an identity that is not enrolled.
+    pub refused: AtomicU64,
+    /// DELIVER frames sent (a redelivery counts again).
+    pub delivered: AtomicU64,
+    /// Acknowledged and deleted.
+    pub acknowledged: AtomicU64,
+    /// Expired.
+    pub expired: AtomicU64,
+    /// Purged.
+    pub purged: AtomicU64,
+    /// Too large for the device.
+    pub undeliverable: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    waiting: HashMap<(Id, u64), Vec<oneshot::Sender<Outcome>>>,
+    recent: HashMap<(Id, u64), Outcome>,
+    order: VecDeque<(Id, u64)>,
+}
+
+/// A queued message's id, and where its outcome will arrive (if the sender waits).
+#[derive(Debug)]
+pub struct Enqueued {
+    /// Its message id (spec 8.8).
+    pub msg_id: u64,
+    /// Its outcome, once it has one.
+    pub outcome: oneshot::Receiver<Outcome>,
+}
+
+impl Deliveries {
+    /// Durable delivery over `queue`.
+    pub fn new(queue: Queue) -> Deliveries {
+        Deliveries {
+            queue,
+            waiters: Mutex::default(),
+            totals: Mutex::default(),
+            counts: Counts::default(),
+        }
+    }
+
+    /// The queue underneath.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// What the queue held at the last sweep (at most [`SWEEP_EVERY`] ago).
+    pub fn totals(&self) -> queue::Totals {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a message for `id` (on disk before this returns), then tells its live
+    /// session, if any, to deliver it. `ttl` is cut to `limits.queue_max_ttl`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue(
+        &self,
+        registry: &Registry,
+        limits: &crate::config::Limits,
+        id: Id,
+        kind: DeliveryKind,
+        payload: Bytes,
+        ttl: Option<Duration>,
+        origin: Origin,
+    ) -> Result<Enqueued, EnqueueError> {
+        let max = max_payload(limits.max_frame_len);
+        if payload.len() > max {
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(EnqueueError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let ttl = ttl.unwrap_or(limits.queue_ttl).min(limits.queue_max_ttl);
+        let bounds = Bounds {
+            max_messages: limits.queue_max_messages,
+            max_bytes: limits.queue_max_bytes,
+        };
+        let msg = NewMessage {
+            id: id.clone(),
+            kind,
+            payload,
+            expires_ms: queue::now_ms().saturating_add(ttl.as_millis() as i64),
+            origin,
+        };
+        let msg_id = match self.queue.enqueue(msg, bounds).await? {
+            Ok(msg_id) => msg_id,
+            Err(refusal) => {
+                self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(refusal.into());
+            }
+        };
+        self.counts.enqueued.fetch_add(1, Ordering::Relaxed);
+        // Before the session hears of it: its outcome cannot come first.
+        let outcome = self.wait(&id, msg_id);
+        if let Some(mailbox) = registry.mailbox(&id) {
+            mailbox.notify_queued();
+        }
+        Ok(Enqueued { msg_id, outcome })
+    }
+
+    /// Where the outcome of message `msg_id` of `id` arrives.
+    pub fn wait(&self, id: &Id, msg_id: u64) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        let key = (id.clone(), msg_id);
+        let mut w = self.waiters();
+        match w.recent.remove(&key) {
+            Some(outcome) => {
+                let _ = tx.send(outcome);
+            }
+            None => w.waiting.entry(key).or_default().push(tx),
+        }
+        rx
+    }
+
+    /// Message `msg_id` of `id` ended: counted, logged, told to its waiters (or kept for
+    /// a late one) and to its origin.
+    pub fn report(&self, id: &Id, msg_id: u64, origin: Origin, outcome: Outcome) {
+        let counter = match &outcome {
+            Outcome::Acknowledged { .. } => &self.counts.acknowledged,
+            Outcome::Expired => &self.counts.expired,
+            Outcome::Purged => &self.counts.purged,
+            Outcome::Undeliverable(_) => &self.counts.undeliverable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        debug!(%id, msg_id, ?origin, outcome = outcome.as_str(), "queued message done");
+        let key = (id.clone(), msg_id);
+        let mut w = self.waiters();
+        match w.waiting.remove(&key) {
+            Some(waiting) => {
+                for tx in waiting {
+                    let _ = tx.send(outcome.clone());
+                }
+            }
+            None => {
+                if w.order.len() >= RECENT {
+                    if let Some(old) = w.order.pop_front() {
+                        w.recent.remove(&old);
+                    }
+                }
+                w.order.push_back(key.clone());
+                w.recent.insert(key, outcome);
+            }
+        }
+    }
+
+    /// Reports messages that left the queue without an ACK.
+    pub fn report_gone(&self, gone: Vec<Gone>, outcome: &Outcome) {
+        for g in gone {
+            self.report(&g.id, g.msg_id, g.origin, outcome.clone());
+        }
+    }
+
+    /// Purges `id`'s queue (or one message), telling the senders.
+    pub async fn purge(&self, id: &Id, msg_id: Option<u64>) -> Result<usize, QueueError> {
+        let gone = self.queue.purge(id, msg_id).await?;
+        let n = gone.len();
+        self.report_gone(gone, &Outcome::Purged);
+        Ok(n)
+    }
+}
+
+/// The largest payload a queued message may have: one that fits in a DELIVER under the
+/// server's own frame limit, in either mode (the authenticated mode's tag is longer).
+pub fn max_payload(max_frame_len: u32) -> usize {
+    (max_frame_len as usize).saturating_sub(crate::proto::Body::overhead(
+        crate::proto::FrameType::Deliver,
+        crate::proto::Mode::Authenticated,
+    ))
+}
+
+/// One session's place in its identity's queue (sans-IO).
+///
+/// The session fetches the next messages after the last one it fetched, at most as many
+/// as its window has room for, delivers them, and fetches again when acknowledgements
+/// make room, or when a new message was queued. A notice that arrives while a fetch is
+/// on its way is not lost: the fetch that answers did not see that message, so another
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last message id fetched (and delivered) in this session.
+    after: u64,
+    /// Delivered and not acknowledged.
+    outstanding: usize,
+    /// A fetch is on its way.
+    fetching: bool,
+    /// There may be messages after `after` (at the start, after a notice, or when the
+    /// last fetch filled its window).
+    more: bool,
+    /// Notices of new messages, and how many the fetch on its way has seen.
+    notices: u64,
+    seen: u64,
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor::new()
+    }
+}
+
+impl Cursor {
+    /// A new session: its queue may hold anything.
+    pub fn new() -> Cursor {
+        Cursor {
+            after: 0,
+            outstanding: 0,
+            fetching: false,
+            more: true,
+            notices: 0,
+            seen: 0,
+        }
+    }
+
+    /// The last message id fetched.
+    pub fn after(&self) -> u64 {
+        self.after
+    }
+
+    /// Deliveries not acknowledged yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Whether to fetch now, and how many at most: only one fetch at a time, only while
+    /// there may be more, and only as many as the window (`in_flight`) has room for.
+    pub fn poll_fetch(&mut self, in_flight: usize) -> Option<usize> {
+        let room = in_flight.saturating_sub(self.outstanding);
+        if self.fetching || !self.more || room == 0 {
+            return None;
+        }
+        self.fetching = true;
+        self.seen = self.notices;
+        Some(room)
+    }
+
+    /// A fetch of at most `limit` answered with `ids` (in order), all delivered now.
+    pub fn fetched(&mut self, limit: usize, ids: &[u64]) {
+        self.fetching = false;
+        if let Some(&last) = ids.last() {
+            self.after = self.after.max(last);
+        }
+        self.outstanding += ids.len();
+        // A full answer may have left some behind; a notice since the fetch left may
+        // name one it did not see.
+        self.more = ids.len() >= limit || self.notices != self.seen;
+    }
+
+    /// A fetch failed: it is tried again (`more` stays).
+    pub fn failed(&mut self) {
+        self.fetching = false;
+        self.more = true;
+    }
+
+    /// A message was queued for this identity.
+    pub fn noticed(&mut self) {
+        self.notices += 1;
+        self.more = true;
+    }
+
+    /// A delivery was acknowledged (or will never be: not delivered after all).
+    pub fn settled(&mut self) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+    }
+}
+
+/// How often [`sweep`] looks for expired messages.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Expires, every [`SWEEP_EVERY`], what waited too long for a device that has no
+/// session (a live session's deliveries are not expired under it: it expires what it
+/// has not delivered yet when it fetches), and drops the queues of identities revoked or
+/// removed behind the daemon's back. Ends when `stop` is cancelled.
+pub async fn sweep(
+    deliveries: Arc<Deliveries>,
+    registry: Arc<Registry>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let live: HashSet<Id> = registry.ids().into_iter().collect();
+        match deliveries.queue.expire(queue::now_ms(), live).await {
+            Ok(gone) => deliveries.report_gone(gone, &Outcome::Expired),
+            Err(e) => warn!("queue expiry failed (tried again in a second): {e}"),
+        }
+        if let Ok(t) = deliveries.queue.totals().await {
+            *deliveries.totals.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_fetches_what_its_window_holds_then_waits_for_acks() {
+        let mut c = Cursor::new();
+        assert_eq!(c.poll_fetch(4), Some(4));
+        // One fetch at a time.
+        assert_eq!(c.poll_fetch(4), None);
+        c.fetched(4, &[3, 5, 8, 9]);
+        assert_eq!((c.after(), c.outstanding()), (9, 4));
+        // Full window: nothing until an ACK.
+        assert_eq!(c.poll_fetch(4), None);
+        c.settled();
+        c.settled();
+        assert_eq!(c.poll_fetch(4), Some(2));
+        c.fetched(2, &[10]);
+        // Fewer than asked: the queue is empty, until a notice.
+        assert_eq!(c.poll_fetch(4), None);
+        c.noticed();
+        assert_eq!(c.poll_fetch(4), Some(1));
+    }
+
+    #[test]
+    fn a_notice_during_a_fetch_is_not_lost() {
+        let mut c = Cursor::new();
+        assert_eq!(c.poll_fetch(16), Some(16));
+        // Queued after the fetch read the queue: its answer does not hold it.
+        c.noticed();
+        c.fetched(16, &[]);
+        assert_eq!(
+            c.poll_fetch(16),
+            Some(16),
+            "the notice asks for another fetch"
+        );
+        c.fetched(16, &[]);
+        assert_eq!(c.poll_fetch(16), None);
+    }
+
+    #[test]
+    fn a_failed_fetch_is_tried_again() {
+        let mut c = Cursor::new();
+        assert!(c.poll_fetch(1).is_some());
+        c.failed();
+        assert_eq!(c.poll_fetch(1), Some(1));
+    }
+
+    #[test]
+    fn outcomes_reach_early_and_late_waiters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::store::DB_FILE);
+        drop(
+            crate::store::Store::open(&path, crate::proto::SecretKey::from_bytes([1; 32])).unwrap(),
+        );
+        let d = Deliveries::new(Queue::open(&path).unwrap());
+        let id = Id::new("a").unwrap();
+        let mut early = d.wait(&id, 1);
+        d.report(&id, 1, Origin::Control, Outcome::Expired);
+        assert_eq!(early.try_recv().unwrap(), Outcome::Expired);
+        // Reported before anyone waited: kept for the first who asks.
+        d.report(&id, 2, Origin::Control, Outcome::Purged);
+        let mut late = d.wait(&id, 2);
+        assert_eq!(late.try_recv().unwrap(), Outcome::Purged);
+        assert_eq!(d.counts.expired.load(Ordering::Relaxed), 1);
+        assert_eq!(d.counts.purged.load(Ordering::Relaxed), 1);
+    }
+}

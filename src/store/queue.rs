@@ -1,0 +1,633 @@
+//! The durable queue of messages for devices (spec 8.8; README "Queued delivery"), in
+//! the SQLite store.
+//!
+//! One writer thread owns a connection of its own to the identity database and applies
+//! every change: it takes whatever operations are waiting, runs them in one transaction,
+//! commits (`synchronous = FULL`: on disk before the commit returns) and only then
+//! answers each caller. Many enqueues thus share one fsync (group commit), and nobody is
+//! ever told "queued" before the message is on disk.
+//!
+//! Messages belong to one enrollment (the identity's `generation`): a removal and a new
+//! enrollment of the same id start a new queue and new message ids, as spec 8.8 says.
+//! The ids come from the identity's row (`next_msg_id`), in the same transaction as the
+//! insert, so they increase in commit order.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::proto::{DeliveryKind, Id};
+
+/// Operations waiting for the writer, at most; beyond, callers are told to retry.
+const BACKLOG: usize = 65_536;
+/// Operations applied in one transaction, at most.
+const BATCH: usize = 1024;
+
+/// Who queued a message: where its outcome is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The control socket (`tallyd send --queue`): reported to a waiting caller.
+    Control = 0,
+    /// The backend application: reported to it (spec/BACKEND.md REPORT).
+    Backend = 1,
+}
+
+impl Origin {
+    fn from_i64(n: i64) -> Origin {
+        if n == 1 {
+            Origin::Backend
+        } else {
+            Origin::Control
+        }
+    }
+}
+
+/// The per-identity bounds (config `[queue]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Messages queued for one identity, at most.
+    pub max_messages: u32,
+    /// Payload bytes queued for one identity, at most.
+    pub max_bytes: u64,
+}
+
+/// A message to queue.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// For whom.
+    pub id: Id,
+    /// A request (the device's answer comes back) or a message.
+    pub kind: DeliveryKind,
+    /// The payload.
+    pub payload: Bytes,
+    /// When it expires, in milliseconds since the Unix epoch.
+    pub expires_ms: i64,
+    /// Who queued it.
+    pub origin: Origin,
+}
+
+/// Why a message was not queued. Nothing was stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No such identity.
+    #[error("identity {0} is not enrolled")]
+    NotEnrolled(String),
+    /// The identity was revoked.
+    #[error("identity {0} is revoked")]
+    Revoked(String),
+    /// The identity's queue is at its bound.
+    #[error("the queue of {id} is full ({messages} messages, {bytes} bytes queued; bounds: queue.max_messages, queue.max_bytes): try again once the device has taken some")]
+    Full {
+        /// The identity.
+        id: String,
+        /// Messages queued.
+        messages: u64,
+        /// Bytes queued.
+        bytes: u64,
+    },
+}
+
+/// A queue operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The database failed; the operation did not happen (nothing was committed).
+    #[error("queue database: {0}")]
+    Db(String),
+    /// More operations wait for the writer than it holds: try again.
+    #[error("the queue is busy ({BACKLOG} operations waiting): try again")]
+    Busy,
+    /// The writer stopped (the daemon is shutting down).
+    #[error("the queue is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueueError::Db(e.to_string())
+    }
+}
+
+/// A message in the queue, as delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// Its id (spec 8.8).
+    pub msg_id: u64,
+    /// Request or message.
+    pub kind: DeliveryKind,
+    /// The payload.
+    pub payload: Bytes,
+    /// Who queued it.
+    pub origin: Origin,
+}
+
+/// A message that left the queue without an acknowledgement (expired or purged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    /// Whose it was.
+    pub id: Id,
+    /// Its id.
+    pub msg_id: u64,
+    /// Who queued it.
+    pub origin: Origin,
+}
+
+/// One queued message, as `tallyd queue` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listed {
+    /// Its id.
+    pub msg_id: u64,
+    /// `"request"` or `"message"`.
+    pub kind: String,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// When it was queued (Unix seconds).
+    pub queued: i64,
+    /// When it expires (Unix seconds).
+    pub expires: i64,
+    /// Who queued it.
+    pub origin: Origin,
+}
+
+/// What the whole queue holds (metrics, `tallyd status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages queued.
+    pub messages: u64,
+    /// Payload bytes queued.
+    pub bytes: u64,
+    /// When the oldest was queued (Unix milliseconds), if any.
+    pub oldest_ms: Option<i64>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+enum Op {
+    Enqueue(NewMessage, Bounds, Reply<Result<u64, Refusal>>),
+    /// The next messages after `after` (and those past their time after it, expired).
+    Next {
+        id: Id,
+        after: u64,
+        limit: usize,
+        now_ms: i64,
+        reply: Reply<(Vec<Queued>, Vec<Gone>)>,
+    },
+    /// Deletes an acknowledged message; its origin, if it was still there.
+    Ack {
+        id: Id,
+        msg_id: u64,
+        reply: Reply<Option<Origin>>,
+    },
+    /// Deletes expired messages, except those of `live` identities (their sessions
+    /// expire them as they go: a delivery on its way is not expired under it).
+    Expire {
+        now_ms: i64,
+        live: HashSet<Id>,
+        reply: Reply<Vec<Gone>>,
+    },
+    /// Deletes one message, or all of an identity's.
+    Purge {
+        id: Id,
+        msg_id: Option<u64>,
+        reply: Reply<Vec<Gone>>,
+    },
+    List {
+        id: Id,
+        reply: Reply<Vec<Listed>>,
+    },
+    /// Queue depth per identity.
+    Depths {
+        reply: Reply<Vec<(String, u64)>>,
+    },
+    Totals {
+        reply: Reply<Totals>,
+    },
+}
+
+/// The handle to the queue's writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    ops: mpsc::SyncSender<Op>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Opens the queue in the SQLite database at `path` (the identity store's, already
+    /// migrated) and starts its writer thread, which ends when every handle is dropped.
+    pub fn open(path: &Path) -> Result<Queue, QueueError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (ops, rx) = mpsc::sync_channel(BACKLOG);
+        thread::Builder::new()
+            .name("tally-queue".into())
+            .spawn(move || Writer { conn }.run(rx))
+            .map_err(|e| QueueError::Db(format!("cannot start the queue's writer: {e}")))?;
+        Ok(Queue { ops })
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.try_send(op(tx)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => QueueError::Busy,
+            mpsc::TrySendError::Disconnected(_) => QueueError::Closed,
+        })?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Stores `msg` and returns its message id once it is on disk; or why it was refused
+    /// (nothing stored), e.g. at `bounds`.
+    pub async fn enqueue(
+        &self,
+        msg: NewMessage,
+        bounds: Bounds,
+    ) -> Result<Result<u64, Refusal>, QueueError> {
+        self.ask(|reply| Op::Enqueue(msg, bounds, reply)).await
+    }
+
+    /// The next (at most `limit`) messages of `id` after message `after`, in id order,
+    /// not expired at `now_ms`; the expired ones among them are deleted and returned.
+    pub async fn next(
+        &self,
+        id: &Id,
+        after: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+        let id = id.clone();
+        self.ask(|reply| Op::Next {
+            id,
+            after,
+            limit,
+            now_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes acknowledged message `msg_id` of `id`: its origin if it was queued.
+    pub async fn ack(&self, id: &Id, msg_id: u64) -> Result<Option<Origin>, QueueError> {
+        let id = id.clone();
+        self.ask(|reply| Op::Ack { id, msg_id, reply }).await
+    }
+
+    /// Deletes the messages past their time at `now_ms`, except those of `live`
+    /// identities.
+    pub async fn expire(&self, now_ms: i64, live: HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
+        self.ask(|reply| Op::Expire {
+            now_ms,
+            live,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes message `msg_id` of `id`, or all of its messages.
+    pub async fn purge(&self, id: &Id, msg_id: Option<u64>) -> Result<Vec<Gone>, QueueError> {
+        let id = id.clone();
+        self.ask(|reply| Op::Purge { id, msg_id, reply }).await
+    }
+
+    /// The messages queued for `id`, oldest first.
+    pub async fn list(&self, id: &Id) -> Result<Vec<Listed>, QueueError> {
+        let id = id.clone();
+        self.ask(|reply| Op::List { id, reply }).await
+    }
+
+    /// How many messages each identity with any has queued.
+    pub async fn depths(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        self.ask(|reply| Op::Depths { reply }).await
+    }
+
+    /// What the whole queue holds.
+    pub async fn totals(&self) -> Result<Totals, QueueError> {
+        self.ask(|reply| Op::Totals { reply }).await
+    }
+}
+
+/// An answer computed inside the transaction, sent once it committed.
+type Answer = Box<dyn FnOnce(Result<(), &QueueError>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, value: Result<T, QueueError>) -> Answer {
+    Box::new(move |committed| {
+        let _ = reply.send(match committed {
+            Ok(()) => value,
+            Err(e) => Err(QueueError::Db(e.to_string())),
+        });
+    })
+}
+
+struct Writer {
+    conn: Connection,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut ops = vec![first];
+            while ops.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.batch(ops);
+        }
+    }
+
+    /// Applies `ops` in one transaction; answers each after the commit (or with the
+    /// error that stopped it: then nothing of the batch happened).
+    fn batch(&mut self, ops: Vec<Op>) {
+        let tx = match self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = QueueError::from(e);
+                for op in ops {
+                    fail(op, &e);
+                }
+                return;
+            }
+        };
+        let answers: Vec<Answer> = ops.into_iter().map(|op| apply(&tx, op)).collect();
+        let committed = tx.commit().map_err(QueueError::from);
+        for a in answers {
+            a(committed.as_ref().map(|_| ()));
+        }
+    }
+}
+
+fn fail(op: Op, e: &QueueError) {
+    let e = || QueueError::Db(e.to_string());
+    match op {
+        Op::Enqueue(_, _, r) => drop(r.send(Err(e()))),
+        Op::Next { reply, .. } => drop(reply.send(Err(e()))),
+        Op::Ack { reply, .. } => drop(reply.send(Err(e()))),
+        Op::Expire { reply, .. } | Op::Purge { reply, .. } => drop(reply.send(Err(e()))),
+        Op::List { reply, .. } => drop(reply.send(Err(e()))),
+        Op::Depths { reply } => drop(reply.send(Err(e()))),
+        Op::Totals { reply } => drop(reply.send(Err(e()))),
+    }
+}
+
+fn apply(conn: &Connection, op: Op) -> Answer {
+    match op {
+        Op::Enqueue(msg, bounds, reply) => answer(reply, enqueue(conn, bounds, &msg)),
+        Op::Next {
+            id,
+            after,
+            limit,
+            now_ms,
+            reply,
+        } => answer(reply, next(conn, &id, after, limit, now_ms)),
+        Op::Ack { id, msg_id, reply } => answer(reply, ack(conn, &id, msg_id)),
+        Op::Expire {
+            now_ms,
+            live,
+            reply,
+        } => answer(reply, expire(conn, now_ms, &live)),
+        Op::Purge { id, msg_id, reply } => answer(reply, purge(conn, &id, msg_id)),
+        Op::List { id, reply } => answer(reply, list(conn, &id)),
+        Op::Depths { reply } => answer(reply, depths(conn)),
+        Op::Totals { reply } => answer(reply, totals(conn)),
+    }
+}
+
+fn kind_of(n: i64) -> DeliveryKind {
+    if n == DeliveryKind::Request as i64 {
+        DeliveryKind::Request
+    } else {
+        DeliveryKind::Message
+    }
+}
+
+/// The enrollment an id names now: its generation, and whether it is revoked.
+fn generation(conn: &Connection, id: &str) -> Result<Option<(i64, bool)>, QueueError> {
+    Ok(conn
+        .prepare_cached("SELECT generation, key IS NULL FROM identities WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+fn enqueue(
+    conn: &Connection,
+    bounds: Bounds,
+    msg: &NewMessage,
+) -> Result<Result<u64, Refusal>, QueueError> {
+    let id = msg.id.as_str();
+    let generation = match generation(conn, id)? {
+        None => return Ok(Err(Refusal::NotEnrolled(id.into()))),
+        Some((_, true)) => return Ok(Err(Refusal::Revoked(id.into()))),
+        Some((g, false)) => g,
+    };
+    let (messages, bytes): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE generation = ?1",
+        )?
+        .query_row([generation], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (messages, bytes) = (messages as u64, bytes as u64);
+    if messages >= u64::from(bounds.max_messages)
+        || bytes + msg.payload.len() as u64 > bounds.max_bytes
+    {
+        return Ok(Err(Refusal::Full {
+            id: id.into(),
+            messages,
+            bytes,
+        }));
+    }
+    let msg_id: i64 = conn
+        .prepare_cached(
+            "UPDATE identities SET next_msg_id = next_msg_id + 1 WHERE generation = ?1
+             RETURNING next_msg_id - 1",
+        )?
+        .query_row([generation], |r| r.get(0))?;
+    conn.prepare_cached(
+        "INSERT INTO queue (generation, msg_id, kind, payload, queued, expires, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        generation,
+        msg_id,
+        msg.kind as i64,
+        &msg.payload[..],
+        now_ms(),
+        msg.expires_ms,
+        msg.origin as i64
+    ])?;
+    Ok(Ok(msg_id as u64))
+}
+
+fn next(
+    conn: &Connection,
+    id: &Id,
+    after: u64,
+    limit: usize,
+    now_ms: i64,
+) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+    let Some((generation, _)) = generation(conn, id.as_str())? else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let expired = conn
+        .prepare_cached(
+            "DELETE FROM queue WHERE generation = ?1 AND msg_id > ?2 AND expires <= ?3
+             RETURNING msg_id, origin",
+        )?
+        .query_map(params![generation, after as i64, now_ms], |r| {
+            gone_of(id, r)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let queued = conn
+        .prepare_cached(
+            "SELECT msg_id, kind, payload, origin FROM queue
+             WHERE generation = ?1 AND msg_id > ?2 ORDER BY msg_id LIMIT ?3",
+        )?
+        .query_map(params![generation, after as i64, limit as i64], |r| {
+            Ok(Queued {
+                msg_id: r.get::<_, i64>(0)? as u64,
+                kind: kind_of(r.get(1)?),
+                payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                origin: Origin::from_i64(r.get(3)?),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((queued, expired))
+}
+
+/// A deleted row of `id` as [`Gone`]: `(msg_id, origin)` columns.
+fn gone_of(id: &Id, r: &rusqlite::Row<'_>) -> rusqlite::Result<Gone> {
+    Ok(Gone {
+        id: id.clone(),
+        msg_id: r.get::<_, i64>(0)? as u64,
+        origin: Origin::from_i64(r.get(1)?),
+    })
+}
+
+fn ack(conn: &Connection, id: &Id, msg_id: u64) -> Result<Option<Origin>, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM queue WHERE msg_id = ?2
+               AND generation = (SELECT generation FROM identities WHERE id = ?1)
+             RETURNING origin",
+        )?
+        .query_row(params![id.as_str(), msg_id as i64], |r| r.get(0))
+        .optional()?
+        .map(Origin::from_i64))
+}
+
+/// Deleted rows as [`Gone`]: `(id, msg_id, origin)` columns.
+fn gone(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Gone>> {
+    let id: String = row.get(0)?;
+    let (msg_id, origin) = (row.get::<_, i64>(1)? as u64, Origin::from_i64(row.get(2)?));
+    Ok(Id::new(&id).ok().map(|id| Gone { id, msg_id, origin }))
+}
+
+fn expire(conn: &Connection, now_ms: i64, live: &HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
+    // Messages of enrollments that are gone (removed while the daemon was down, or by a
+    // crash between a removal and its purge) go too.
+    let candidates = conn
+        .prepare_cached(
+            "SELECT COALESCE(i.id, ''), q.msg_id, q.origin, q.generation FROM queue q
+               LEFT JOIN identities i ON i.generation = q.generation
+             WHERE q.expires <= ?1 OR i.id IS NULL OR i.key IS NULL
+             ORDER BY q.expires LIMIT 10000",
+        )?
+        .query_map([now_ms], |r| Ok((gone(r)?, r.get::<_, i64>(3)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    let mut delete =
+        conn.prepare_cached("DELETE FROM queue WHERE generation = ?1 AND msg_id = ?2")?;
+    for (g, generation) in candidates {
+        match g {
+            Some(g) if live.contains(&g.id) => continue,
+            Some(g) => {
+                delete.execute(params![generation, g.msg_id as i64])?;
+                out.push(g);
+            }
+            None => {
+                conn.prepare_cached("DELETE FROM queue WHERE generation = ?1")?
+                    .execute([generation])?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn purge(conn: &Connection, id: &Id, msg_id: Option<u64>) -> Result<Vec<Gone>, QueueError> {
+    let rows = conn
+        .prepare_cached(
+            "DELETE FROM queue
+             WHERE generation = (SELECT generation FROM identities WHERE id = ?1)
+               AND (?2 IS NULL OR msg_id = ?2)
+             RETURNING msg_id, origin",
+        )?
+        .query_map(params![id.as_str(), msg_id.map(|m| m as i64)], |r| {
+            gone_of(id, r)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn list(conn: &Connection, id: &Id) -> Result<Vec<Listed>, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT q.msg_id, q.kind, LENGTH(q.payload), q.queued, q.expires, q.origin
+               FROM queue q JOIN identities i ON i.generation = q.generation
+             WHERE i.id = ?1 ORDER BY q.msg_id",
+        )?
+        .query_map([id.as_str()], |r| {
+            Ok(Listed {
+                msg_id: r.get::<_, i64>(0)? as u64,
+                kind: kind_of(r.get(1)?).as_str().into(),
+                bytes: r.get::<_, i64>(2)? as u64,
+                queued: r.get::<_, i64>(3)? / 1000,
+                expires: r.get::<_, i64>(4)? / 1000,
+                origin: Origin::from_i64(r.get(5)?),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+fn depths(conn: &Connection) -> Result<Vec<(String, u64)>, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT i.id, COUNT(*) FROM queue q JOIN identities i ON i.generation = q.generation
+             GROUP BY i.id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+fn totals(conn: &Connection) -> Result<Totals, QueueError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(queued) FROM queue",
+        )?
+        .query_row([], |r| {
+            Ok(Totals {
+                messages: r.get::<_, i64>(0)? as u64,
+                bytes: r.get::<_, i64>(1)? as u64,
+                oldest_ms: r.get(2)?,
+            })
+        })?)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
