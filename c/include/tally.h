@@ -72,6 +72,16 @@ typedef enum TallyEventKind {
    * `tally_client_transmit` still gives, then close the socket.
    */
   TALLY_EVENT_CLOSED = 5,
+  /**
+   * A queued message or request the server kept for this device (spec 8.8): `seq` is
+   * its message id, `status` its kind (1: a queued request, 2: a queued message).
+   * Handle it, then acknowledge it with `tally_client_ack(seq, ...)` (a request's
+   * answer goes in the acknowledgement). Until then it stays queued: if the session
+   * ends first it comes again in the next one, with the same id. Record the highest
+   * id handled (in flash, if it must survive a reboot) and acknowledge, without
+   * handling again, one at or below it: a redelivery.
+   */
+  TALLY_EVENT_DELIVERY = 6,
 } TallyEventKind;
 
 /**
@@ -187,11 +197,13 @@ typedef struct TallyEvent {
    */
   enum TallyEventKind kind;
   /**
-   * RESPONSE: the request it answers; REQUEST: the sequence number to answer with.
+   * RESPONSE: the request it answers; REQUEST: the sequence number to answer with;
+   * DELIVERY: the message id, to acknowledge with.
    */
   uint64_t seq;
   /**
-   * RESPONSE: the status (spec 10.3).
+   * RESPONSE: the status (spec 10.3); DELIVERY: 1 for a queued request, 2 for a
+   * queued message.
    */
   uint16_t status;
   /**
@@ -345,6 +357,21 @@ enum TallyResult tally_client_respond(struct TallyClient *client,
                                       const uint8_t *payload,
                                       uintptr_t len,
                                       uint64_t now_ms);
+
+/**
+ * Acknowledges the server's queued message or request `msg_id` (from its
+ * `TALLY_EVENT_DELIVERY`) once it was handled, exactly once (spec 8.8): the server
+ * deletes it then. For a queued request, `status` and the payload are the answer; for
+ * a queued message, 0 and no payload. `TALLY_ERR_NOT_PENDING`: no delivery `msg_id`
+ * awaits an acknowledgement. `TALLY_ERR_TOO_LARGE`: the answer does not fit in one
+ * frame under the server's limit; it was acknowledged with status 2 (BACKEND_ERROR).
+ */
+enum TallyResult tally_client_ack(struct TallyClient *client,
+                                  uint64_t msg_id,
+                                  uint16_t status,
+                                  const uint8_t *payload,
+                                  uintptr_t len,
+                                  uint64_t now_ms);
 
 /**
  * Ends the session with CLOSE `code` (0: NORMAL). Keep receiving until

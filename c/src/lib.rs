@@ -139,6 +139,14 @@ pub enum TallyEventKind {
     /// reason given. Every request still pending has failed. Send what
     /// `tally_client_transmit` still gives, then close the socket.
     TALLY_EVENT_CLOSED = 5,
+    /// A queued message or request the server kept for this device (spec 8.8): `seq` is
+    /// its message id, `status` its kind (1: a queued request, 2: a queued message).
+    /// Handle it, then acknowledge it with `tally_client_ack(seq, ...)` (a request's
+    /// answer goes in the acknowledgement). Until then it stays queued: if the session
+    /// ends first it comes again in the next one, with the same id. Record the highest
+    /// id handled (in flash, if it must survive a reboot) and acknowledge, without
+    /// handling again, one at or below it: a redelivery.
+    TALLY_EVENT_DELIVERY = 6,
 }
 
 /// One event. `payload` points into the client and stays valid until the next call on
@@ -148,9 +156,11 @@ pub enum TallyEventKind {
 pub struct TallyEvent {
     /// What happened.
     pub kind: TallyEventKind,
-    /// RESPONSE: the request it answers; REQUEST: the sequence number to answer with.
+    /// RESPONSE: the request it answers; REQUEST: the sequence number to answer with;
+    /// DELIVERY: the message id, to acknowledge with.
     pub seq: u64,
-    /// RESPONSE: the status (spec 10.3).
+    /// RESPONSE: the status (spec 10.3); DELIVERY: 1 for a queued request, 2 for a
+    /// queued message.
     pub status: u16,
     /// CLOSED: the CLOSE code (spec 10.2) or, for `TALLY_ERR_REFUSED`, the ERROR code
     /// (spec 10.1).
@@ -381,11 +391,24 @@ impl TallyClient {
                             .respond(seq, Status::UNAVAILABLE, Bytes::from_static(why), now);
                     continue;
                 }
-                Event::Message { .. } if full => {
+                // A delivery cannot be refused either (it is only ever acknowledged):
+                // it stays queued on the server, and comes again in the next session.
+                Event::Message { .. } | Event::Delivery { .. } if full => {
                     self.overloaded = true;
                     self.device.close(CloseCode::NORMAL, OVERLOADED, now);
                     continue;
                 }
+                Event::Delivery { .. } if self.overloaded => continue,
+                Event::Delivery {
+                    msg_id,
+                    kind,
+                    payload,
+                } => PendingEvent {
+                    seq: msg_id,
+                    status: kind as u16,
+                    payload,
+                    ..PendingEvent::new(TallyEventKind::TALLY_EVENT_DELIVERY)
+                },
                 Event::Request { seq, payload } => {
                     unanswered += 1;
                     PendingEvent {
@@ -671,7 +694,7 @@ fn sent(r: Result<(), ProtocolError>) -> TallyResult {
     match r {
         Ok(()) => TALLY_OK,
         Err(ProtocolError::Closed) => TALLY_ERR_NOT_OPEN,
-        Err(ProtocolError::NotPending(_)) => TALLY_ERR_NOT_PENDING,
+        Err(ProtocolError::NotPending(_) | ProtocolError::NotDelivered(_)) => TALLY_ERR_NOT_PENDING,
         Err(ProtocolError::PayloadTooLarge { .. } | ProtocolError::Frame(_)) => TALLY_ERR_TOO_LARGE,
         Err(_) => TALLY_ERR_NOT_OPEN,
     }
@@ -748,6 +771,20 @@ pub unsafe extern "C" fn tally_client_respond(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
+    answer(client, payload, len, now_ms, |device, payload, now| {
+        device.respond(seq, Status(status), payload, now)
+    })
+}
+
+/// An answer to the server (a RESPONSE, an ACK): `send` with the payload, then the
+/// events it made.
+unsafe fn answer(
+    client: *mut TallyClient,
+    payload: *const u8,
+    len: usize,
+    now_ms: u64,
+    send: impl FnOnce(&mut Device, Bytes, Duration) -> Result<(), ProtocolError>,
+) -> TallyResult {
     let c = match open_client(client) {
         Ok(c) => c,
         Err(e) => return e,
@@ -755,9 +792,29 @@ pub unsafe extern "C" fn tally_client_respond(
     let Some(payload) = bytes_from(payload, len) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
-    let r = c.device.respond(seq, Status(status), payload, ms(now_ms));
+    let r = send(&mut c.device, payload, ms(now_ms));
     c.drain(ms(now_ms));
     sent(r)
+}
+
+/// Acknowledges the server's queued message or request `msg_id` (from its
+/// `TALLY_EVENT_DELIVERY`) once it was handled, exactly once (spec 8.8): the server
+/// deletes it then. For a queued request, `status` and the payload are the answer; for
+/// a queued message, 0 and no payload. `TALLY_ERR_NOT_PENDING`: no delivery `msg_id`
+/// awaits an acknowledgement. `TALLY_ERR_TOO_LARGE`: the answer does not fit in one
+/// frame under the server's limit; it was acknowledged with status 2 (BACKEND_ERROR).
+#[no_mangle]
+pub unsafe extern "C" fn tally_client_ack(
+    client: *mut TallyClient,
+    msg_id: u64,
+    status: u16,
+    payload: *const u8,
+    len: usize,
+    now_ms: u64,
+) -> TallyResult {
+    answer(client, payload, len, now_ms, |device, payload, now| {
+        device.ack(msg_id, Status(status), payload, now)
+    })
 }
 
 /// Ends the session with CLOSE `code` (0: NORMAL). Keep receiving until

@@ -8,6 +8,7 @@ use tally::proto::connection::{Config, Connection};
 use tally::proto::enroll::{ServerAwaitConfirm, ServerParams};
 use tally::proto::frame::EnrollMode;
 use tally::proto::handshake::{HelloReceived, ServerLimits};
+use tally::proto::DeliveryKind;
 
 /// Counts the bytes live on the heap, to measure what a session costs.
 struct Counting;
@@ -1015,4 +1016,63 @@ fn a_refused_mode_is_reported_and_never_retried_in_the_other() {
     let text =
         unsafe { core::ffi::CStr::from_ptr(tally_result_string(TALLY_ERR_MODE_REFUSED as i32)) };
     assert!(text.to_str().unwrap().contains("do not fall back"));
+}
+
+#[test]
+fn queued_deliveries_are_events_and_acknowledged_once() {
+    let _serial = serial();
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    events(c);
+    let at = Duration::from_millis(1_100);
+    server
+        .deliver(7, DeliveryKind::Request, Bytes::from_static(b"fw?"), at)
+        .unwrap();
+    server
+        .deliver(9, DeliveryKind::Message, Bytes::from_static(b"reboot"), at)
+        .unwrap();
+    feed(c, &server_out(&mut server), 1_101);
+    let ev = events(c);
+    assert_eq!(
+        ev.iter()
+            .map(|e| (e.0, e.1, e.2, &e.5[..]))
+            .collect::<Vec<_>>(),
+        [
+            (TallyEventKind::TALLY_EVENT_DELIVERY, 7, 1, &b"fw?"[..]),
+            (TallyEventKind::TALLY_EVENT_DELIVERY, 9, 2, &b"reboot"[..]),
+        ]
+    );
+    // Out of order, each once; an id not delivered is refused.
+    assert_eq!(
+        unsafe { tally_client_ack(c, 9, 0, core::ptr::null(), 0, 1_102) },
+        TALLY_OK
+    );
+    assert_eq!(
+        unsafe { tally_client_ack(c, 7, 0, b"1.4.2".as_ptr(), 5, 1_102) },
+        TALLY_OK
+    );
+    for msg_id in [7, 8] {
+        assert_eq!(
+            unsafe { tally_client_ack(c, msg_id, 0, core::ptr::null(), 0, 1_102) },
+            TALLY_ERR_NOT_PENDING
+        );
+    }
+    server.handle_input(&take(c), Duration::from_millis(1_103));
+    let acks: Vec<Event> = core::iter::from_fn(|| server.poll_event()).collect();
+    assert_eq!(
+        acks,
+        [
+            Event::Ack {
+                msg_id: 9,
+                status: Status::OK,
+                payload: Bytes::new()
+            },
+            Event::Ack {
+                msg_id: 7,
+                status: Status::OK,
+                payload: Bytes::from_static(b"1.4.2")
+            },
+        ]
+    );
+    unsafe { tally_client_free(c) };
 }

@@ -1,4 +1,5 @@
 """The Python client against a real tallyd (see conftest.py for the daemon fixture)."""
+import json
 import os
 import shlex
 import subprocess
@@ -221,6 +222,35 @@ def test_receive_loop(daemon, enrolled):
         with pytest.raises(ValueError):
             item.respond(b"twice")
         sender.join(10)
+
+
+def test_queued_while_offline_delivered_in_order_and_acknowledged(daemon, enrolled):
+    # Spec 8.8: queued while the device is away, delivered in id order when it connects,
+    # deleted only once acknowledged; an unacknowledged one comes again, same id.
+    cred = enrolled()
+    ids = [int(daemon.admin("send", "--queue", cred.id, f"m{n}").strip()) for n in range(3)]
+    ids.append(int(daemon.admin("send", "--queue", "--request", cred.id, "q").strip()))
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    with daemon.connect(cred) as s:
+        got = [s.receive(timeout=10) for _ in range(4)]
+        assert all(isinstance(d, tally.IncomingDelivery) for d in got)
+        assert [d.msg_id for d in got] == ids
+        assert [d.payload for d in got] == [b"m0", b"m1", b"m2", b"q"]
+        assert [d.is_request for d in got] == [False, False, False, True]
+        got[0].ack()
+        with pytest.raises(ValueError):
+            got[0].ack()
+        got[3].ack(b"answer")
+        wait_until(lambda: len(json.loads(daemon.admin("queue", cred.id, "--json"))) == 2,
+                   what="two acknowledged messages deleted")
+    # m1 and m2 were never acknowledged: delivered again, with their ids; serve() acks.
+    messages = []
+    with daemon.connect(cred) as s:
+        t = threading.Thread(target=s.serve, args=(None, messages.append), daemon=True)
+        t.start()
+        wait_until(lambda: messages == [b"m1", b"m2"], what="the redeliveries")
+        wait_until(lambda: json.loads(daemon.admin("queue", cred.id, "--json")) == [],
+                   what="the queue to empty")
 
 
 def test_revocation_closes_the_session_and_refuses_reconnection(daemon, enrolled):

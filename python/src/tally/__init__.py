@@ -16,7 +16,8 @@ Modules: :mod:`tally.client` (TCP: :func:`enroll`, :func:`connect`, :class:`Sess
 frame layouts), :mod:`tally.formats` (token and credential), :mod:`tally.errors`,
 :mod:`tally.codes`.
 """
-from .client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT, IncomingMessage, IncomingRequest,
+from .client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT, IncomingDelivery, IncomingMessage,
+                     IncomingRequest,
                      Response, Session, connect, enroll)
 from .codes import CloseCode, ErrorCode, FrameType, Status
 from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, InsecureCredential,
@@ -29,6 +30,7 @@ PROTOCOL_VERSION = 1
 
 __all__ = [
     "enroll", "connect", "Session", "Response", "IncomingRequest", "IncomingMessage",
+    "IncomingDelivery",
     "Credential", "EnrollmentToken", "CloseCode", "ErrorCode", "FrameType", "Status",
     "TallyError", "ProtocolError", "AuthFailed", "Refused", "Closed", "Truncated", "Timeout",
     "StatusError", "PayloadTooLarge", "EnrollUncertain", "Unreachable", "FormatError",

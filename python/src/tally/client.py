@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable, NamedTuple, Optional, Union
 
-from .codes import CloseCode, ErrorCode, FrameType, Status
+from .codes import DELIVER_REQUEST, CloseCode, ErrorCode, FrameType, Status
 from .errors import (AuthFailed, Closed, EnrollUncertain, FormatError, ProtocolError, Refused,
                      SequenceExhausted, StatusError, TallyError, Timeout, Truncated, Unreachable)
 from .formats import Credential, EnrollmentToken, format_server_address, parse_server_address
@@ -259,6 +259,35 @@ class IncomingMessage:
         return f"IncomingMessage(seq={self.seq}, payload={self.payload!r})"
 
 
+class IncomingDelivery:
+    """A message or request the server queued for this device while it was away (spec
+    8.8). Handle it, then :meth:`ack` it once; until then it stays queued, and comes again
+    (same ``msg_id``) in the next session if this one ends first. ``is_request``: the
+    acknowledgement carries the answer. To handle each message once, record the highest
+    ``msg_id`` handled (durably) and ack, without handling again, one at or below it."""
+
+    __slots__ = ("_session", "msg_id", "kind", "payload")
+
+    def __init__(self, session: "Session", msg_id: int, kind: int, payload: bytes):
+        self._session = session
+        self.msg_id = msg_id
+        self.kind = kind
+        self.payload = payload
+
+    @property
+    def is_request(self) -> bool:
+        return self.kind == DELIVER_REQUEST
+
+    def ack(self, payload: Payload = b"", status: int = Status.OK) -> None:
+        """Send the one ACK of this delivery (for a queued request, with the answer).
+        Raises ``ValueError`` if already acknowledged, or the session's end error."""
+        self._session._ack(self.msg_id, status, _as_bytes(payload))
+
+    def __repr__(self) -> str:
+        kind = "request" if self.is_request else "message"
+        return f"IncomingDelivery(msg_id={self.msg_id}, {kind}, payload={self.payload!r})"
+
+
 class _Waiter:
     __slots__ = ("event", "response", "error")
 
@@ -443,7 +472,8 @@ class Session:
 
     def receive(self, timeout: Optional[float] = None):
         """The next thing the server sent: an :class:`IncomingRequest` (answer it with
-        ``respond``) or an :class:`IncomingMessage`. Raises :class:`Timeout` if nothing came
+        ``respond``), an :class:`IncomingMessage`, or an :class:`IncomingDelivery` (a
+        queued one: ``ack`` it once handled). Raises :class:`Timeout` if nothing came
         within ``timeout`` seconds, and the session's end error once it ended and
         everything received before was taken."""
         try:
@@ -471,23 +501,31 @@ class Session:
         while True:
             try:
                 item = self.receive()
+                if isinstance(item, IncomingDelivery):
+                    self._serve_delivery(item, handler, on_message)
+                    continue
                 if isinstance(item, IncomingMessage):
                     if on_message is not None:
                         on_message(item.payload)
                     continue
-                if handler is None:
-                    item.respond(b"this device serves no requests", Status.UNAVAILABLE)
-                    continue
-                try:
-                    status, answer = _answer_of(handler(item.payload))
-                except Exception as e:  # the handler failed: answer, and go on (8.4)
-                    log.exception("tally: request handler failed")
-                    status, answer = Status.BACKEND_ERROR, f"handler failed: {type(e).__name__}".encode()
+                status, answer = _handled(handler, item.payload)
                 item.respond(answer, status)
             except Closed as e:
                 if not e.by_peer:
                     return
                 raise
+
+    @staticmethod
+    def _serve_delivery(item: "IncomingDelivery", handler, on_message) -> None:
+        """A queued message goes to ``on_message``, a queued request to ``handler``, like
+        live ones; then it is acknowledged (a request with the handler's answer)."""
+        if not item.is_request:
+            if on_message is not None:
+                on_message(item.payload)
+            item.ack()
+            return
+        status, answer = _handled(handler, item.payload)
+        item.ack(answer, status)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """End the session: send CLOSE, wait briefly (2 s) for the server's CLOSE, close the
@@ -595,6 +633,9 @@ class Session:
 
     def _respond(self, seq: int, status: int, payload: bytes) -> None:
         self._send(lambda st: st.response(seq, status, payload))
+
+    def _ack(self, msg_id: int, status: int, payload: bytes) -> None:
+        self._send(lambda st: st.ack(msg_id, status, payload))
 
     # --- Ending -----------------------------------------------------------------------
 
@@ -766,12 +807,26 @@ class Session:
             self._incoming.put(IncomingRequest(self, fr.seq, fr.payload))
         elif ty == FrameType.MESSAGE:
             self._incoming.put(IncomingMessage(fr.seq, fr.payload))
+        elif ty == FrameType.DELIVER:
+            self._incoming.put(IncomingDelivery(self, fr.msg_id, fr.kind, fr.payload))
         elif ty == FrameType.PING:
             try:
                 self._send(lambda st: st.pong(fr.seq))
             except TallyError:
                 return True
         return False
+
+
+def _handled(handler, payload: bytes):
+    """``(status, answer)`` of a server request (live or queued) by ``handler``: none
+    answers UNAVAILABLE; one that raises answers BACKEND_ERROR, and serving goes on."""
+    if handler is None:
+        return Status.UNAVAILABLE, b"this device serves no requests"
+    try:
+        return _answer_of(handler(payload))
+    except Exception as e:  # the handler failed: answer, and go on (8.4)
+        log.exception("tally: request handler failed")
+        return Status.BACKEND_ERROR, f"handler failed: {type(e).__name__}".encode()
 
 
 def _answer_of(result):
