@@ -535,3 +535,80 @@ async fn kill_9_mid_delivery_and_after_acks_redelivers_what_was_not_recorded() {
     }
     panic!("the queue did not empty");
 }
+
+/// One length-prefixed message of the backend protocol (spec/BACKEND.md).
+async fn app_read(s: &mut tokio::net::UnixStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.unwrap();
+    body
+}
+
+/// The backend application queues for an offline device (QUEUE), is told the message
+/// id (RESULT outcome 5), and later the device's answer (REPORT); a refused one gets
+/// outcome 6 with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_application_queues_and_gets_delivery_reports() {
+    let dir = Arc::new(tempfile::TempDir::new().unwrap());
+    let sock = dir.path().join("app.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let spec: tally::config::BackendSpec = format!("unix:{}", sock.display()).parse().unwrap();
+    let s = TestServer::start_with(
+        dir.clone(),
+        tally::backend::from_spec(&spec).unwrap(),
+        |_| {},
+    )
+    .await;
+    let cred = s.enroll("pump").await;
+    let (mut app, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let queue = |call: u64, kind: u8, id: &str, payload: &[u8]| {
+        let mut body = vec![0x83];
+        body.extend_from_slice(&call.to_be_bytes());
+        body.push(kind);
+        body.extend_from_slice(&3600u32.to_be_bytes());
+        body.push(id.len() as u8);
+        body.extend_from_slice(id.as_bytes());
+        body.extend_from_slice(payload);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    };
+    app.write_all(&queue(7, 1, "pump", b"speed?"))
+        .await
+        .unwrap();
+    let result = app_read(&mut app).await;
+    // RESULT, call 7, outcome 5 (queued), status 0, the message id.
+    assert_eq!(result[..12], [0x03, 0, 0, 0, 0, 0, 0, 0, 7, 5, 0, 0]);
+    let msg_id = u64::from_be_bytes(result[12..20].try_into().unwrap());
+    assert_eq!(msg_id, 1);
+    app.write_all(&queue(8, 2, "nobody", b"x")).await.unwrap();
+    let result = app_read(&mut app).await;
+    assert_eq!(result[..10], [0x03, 0, 0, 0, 0, 0, 0, 0, 8, 6]);
+    assert!(
+        text(&result[12..]).contains("not enrolled"),
+        "{}",
+        text(&result[12..])
+    );
+    // The device comes online, answers; the application gets the REPORT.
+    let (_c, mut incoming) = s.connect(&cred).await;
+    let d = next_delivery(&mut incoming).await;
+    assert_eq!((d.msg_id, &d.payload[..]), (1, &b"speed?"[..]));
+    d.ack(Status(300), Bytes::from_static(b"1200 rpm"))
+        .await
+        .unwrap();
+    let report = app_read(&mut app).await;
+    let mut want = vec![0x04];
+    want.extend_from_slice(&1u64.to_be_bytes());
+    want.extend_from_slice(&[4, b'p', b'u', b'm', b'p', 0]);
+    want.extend_from_slice(&300u16.to_be_bytes());
+    want.extend_from_slice(b"1200 rpm");
+    assert_eq!(
+        report, want,
+        "REPORT: msg_id, id, outcome 0, status, answer"
+    );
+}

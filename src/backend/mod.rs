@@ -80,6 +80,27 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (id, payload);
         Box::pin(async {})
     }
+
+    /// The outcome of a message this backend queued ([`Devices::enqueue`]). The default
+    /// drops it.
+    fn report(&self, report: DeliveryReport) {
+        let _ = report;
+    }
+}
+
+/// How a message a backend queued for a device ended (spec/BACKEND.md REPORT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// For whom it was.
+    pub id: Id,
+    /// Its message id.
+    pub msg_id: u64,
+    /// 0 acknowledged, 1 expired, 2 purged, 3 undeliverable.
+    pub outcome: u8,
+    /// The device's ACK status (acknowledged), else 0.
+    pub status: Status,
+    /// The device's answer (acknowledged), or why (undeliverable), else empty.
+    pub payload: Bytes,
 }
 
 /// What to send to a device.
@@ -134,6 +155,20 @@ pub trait Devices: Send + Sync + 'static {
         payload: Bytes,
         timeout: Duration,
     ) -> BoxFuture<Result<Option<Reply>, SendError>>;
+
+    /// Queues a request or message for `id` durably (spec 8.8): resolves to its message
+    /// id once it is stored, or why it was not (nothing stored). Its outcome comes later
+    /// as a [`Backend::report`]. `ttl`: `limits.queue_ttl` if `None`.
+    fn enqueue(
+        &self,
+        id: Id,
+        kind: crate::proto::DeliveryKind,
+        payload: Bytes,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<Result<u64, String>> {
+        let _ = (id, kind, payload, ttl);
+        Box::pin(async { Err("this daemon has no queued delivery".to_owned()) })
+    }
 }
 
 /// What a backend gets of the daemon when it starts ([`Backend::attach`]).

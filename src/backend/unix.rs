@@ -13,9 +13,9 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Attachment, Backend, BoxFuture, Reply, Request, SendError, SendKind};
+use super::{Attachment, Backend, BoxFuture, DeliveryReport, Reply, Request, SendError, SendKind};
 use crate::proto::codec::Reader;
-use crate::proto::{FrameError, Id, Status};
+use crate::proto::{DeliveryKind, FrameError, Id, Status};
 use crate::wire::read_frame;
 
 /// Largest message on the backend socket (length field).
@@ -26,8 +26,15 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST: u8 = 0x01;
 const MESSAGE: u8 = 0x02;
 const RESULT: u8 = 0x03;
+const REPORT: u8 = 0x04;
 const RESPONSE: u8 = 0x81;
 const SEND: u8 = 0x82;
+const QUEUE: u8 = 0x83;
+
+/// RESULT outcome of a QUEUE that was stored (its payload: the message id).
+const QUEUED: u8 = 5;
+/// RESULT outcome of a QUEUE that was refused (its payload: why).
+const NOT_QUEUED: u8 = 6;
 
 /// Forwards to an application listening on a Unix socket.
 pub struct UnixBackend {
@@ -176,11 +183,7 @@ impl Inner {
             SEND => {
                 let call = r.u64()?;
                 let kind = r.u8()?;
-                let n = r.u8()? as usize;
-                let id = std::str::from_utf8(r.take(n)?)
-                    .ok()
-                    .and_then(|s| Id::new(s).ok());
-                let payload = frame.slice(frame.len() - r.remaining()..);
+                let (id, payload) = id_and_rest(&mut r, frame)?;
                 let tx = tx.clone();
                 let Some(daemon) = self.daemon.get() else {
                     let _ = tx.try_send(result_frame(call, Err((2, "daemon not ready".into()))));
@@ -197,10 +200,72 @@ impl Inner {
                     }
                 });
             }
+            QUEUE => {
+                let call = r.u64()?;
+                let kind = r.u8()?;
+                let ttl_secs = r.u32()?;
+                let (id, payload) = id_and_rest(&mut r, frame)?;
+                let tx = tx.clone();
+                let Some(daemon) = self.daemon.get() else {
+                    let why = "daemon not ready".into();
+                    let _ = tx.try_send(queued_frame(call, Err((NOT_QUEUED, why))));
+                    return Ok(());
+                };
+                let devices = daemon.devices.clone();
+                daemon.tasks.spawn(async move {
+                    let result = enqueue(&*devices, id, kind, ttl_secs, payload).await;
+                    let _ = tx.send(queued_frame(call, result)).await;
+                });
+            }
             other => return Err(FrameError::UnknownType(other)),
         }
         Ok(())
     }
+}
+
+/// The `id` and the payload (the rest) of an application's SEND or QUEUE; an id that
+/// is not one is `None` (answered as invalid, outcome 4).
+fn id_and_rest(r: &mut Reader<'_>, frame: &Bytes) -> Result<(Option<Id>, Bytes), FrameError> {
+    let n = r.u8()? as usize;
+    let id = std::str::from_utf8(r.take(n)?)
+        .ok()
+        .and_then(|s| Id::new(s).ok());
+    Ok((id, frame.slice(frame.len() - r.remaining()..)))
+}
+
+/// A QUEUE: stored (its message id) or why not.
+async fn enqueue(
+    devices: &dyn super::Devices,
+    id: Option<Id>,
+    kind: u8,
+    ttl_secs: u32,
+    payload: Bytes,
+) -> Result<u64, (u8, String)> {
+    let kind = DeliveryKind::from_u8(kind).ok_or((4, format!("unknown kind {kind}")))?;
+    let id = id.ok_or((4, "invalid identity".to_owned()))?;
+    let ttl = (ttl_secs > 0).then(|| Duration::from_secs(u64::from(ttl_secs)));
+    devices
+        .enqueue(id, kind, payload, ttl)
+        .await
+        .map_err(|why| (NOT_QUEUED, why))
+}
+
+fn queued_frame(call: u64, result: Result<u64, (u8, String)>) -> Bytes {
+    put_frame(RESULT, |out| {
+        out.put_u64(call);
+        match result {
+            Ok(msg_id) => {
+                out.put_u8(QUEUED);
+                out.put_u16(0);
+                out.put_u64(msg_id);
+            }
+            Err((outcome, why)) => {
+                out.put_u8(outcome);
+                out.put_u16(0);
+                out.put_slice(why.as_bytes());
+            }
+        }
+    })
 }
 
 async fn send(
@@ -309,6 +374,23 @@ impl Backend for UnixBackend {
                 .await
                 .unwrap_or_else(|_| Reply::error(Status::UNAVAILABLE, "backend connection lost"))
         })
+    }
+
+    fn report(&self, report: DeliveryReport) {
+        let frame = put_frame(REPORT, |out| {
+            out.put_u64(report.msg_id);
+            put_id(out, &report.id);
+            out.put_u8(report.outcome);
+            out.put_u16(report.status.0);
+            out.put_slice(&report.payload);
+        });
+        // Never waits (it is called under no lock, but from the session's task): a
+        // report that finds no connection, or a full one, is logged; the application can
+        // list what is still queued (control op `queue`).
+        let sent = self.inner.sender().map(|tx| tx.try_send(frame));
+        if !matches!(sent, Some(Ok(()))) {
+            warn!(id = %report.id, msg_id = report.msg_id, outcome = report.outcome, "delivery report not sent: the backend application is not connected (or not reading)");
+        }
     }
 
     fn message(&self, id: Id, payload: Bytes) -> BoxFuture<()> {

@@ -78,15 +78,25 @@ pub enum EnqueueError {
 const RECENT: usize = 4096;
 
 /// The daemon's durable delivery: the queue and what waits on it.
-#[derive(Debug)]
 pub struct Deliveries {
     queue: Queue,
+    /// Told the outcome of what it queued.
+    backend: Arc<dyn crate::backend::Backend>,
     waiters: Mutex<Waiters>,
     /// What the queue held at the last sweep (metrics, `tallyd status`).
     totals: Mutex<queue::Totals>,
     /// Messages queued (stored), refused, delivered (DELIVER sent), acknowledged,
     /// expired, purged or undeliverable.
     pub counts: Counts,
+}
+
+impl std::fmt::Debug for Deliveries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deliveries")
+            .field("queue", &self.queue)
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The counters of [`Deliveries`] (metrics).
@@ -125,10 +135,11 @@ pub struct Enqueued {
 }
 
 impl Deliveries {
-    /// Durable delivery over `queue`.
-    pub fn new(queue: Queue) -> Deliveries {
+    /// Durable delivery over `queue`; outcomes of what `backend` queued go to it.
+    pub fn new(queue: Queue, backend: Arc<dyn crate::backend::Backend>) -> Deliveries {
         Deliveries {
             queue,
+            backend,
             waiters: Mutex::default(),
             totals: Mutex::default(),
             counts: Counts::default(),
@@ -223,6 +234,21 @@ impl Deliveries {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         debug!(%id, msg_id, ?origin, outcome = outcome.as_str(), "queued message done");
+        if origin == Origin::Backend {
+            let (code, status, payload) = match &outcome {
+                Outcome::Acknowledged { status, payload } => (0, *status, payload.clone()),
+                Outcome::Expired => (1, Status::OK, Bytes::new()),
+                Outcome::Purged => (2, Status::OK, Bytes::new()),
+                Outcome::Undeliverable(why) => (3, Status::OK, Bytes::from(why.clone())),
+            };
+            self.backend.report(crate::backend::DeliveryReport {
+                id: id.clone(),
+                msg_id,
+                outcome: code,
+                status,
+                payload,
+            });
+        }
         let key = (id.clone(), msg_id);
         let mut w = self.waiters();
         match w.waiting.remove(&key) {
@@ -447,7 +473,7 @@ mod tests {
         drop(
             crate::store::Store::open(&path, crate::proto::SecretKey::from_bytes([1; 32])).unwrap(),
         );
-        let d = Deliveries::new(Queue::open(&path).unwrap());
+        let d = Deliveries::new(Queue::open(&path).unwrap(), Arc::new(crate::backend::Echo));
         let id = Id::new("a").unwrap();
         let mut early = d.wait(&id, 1);
         d.report(&id, 1, Origin::Control, Outcome::Expired);

@@ -182,8 +182,9 @@ impl ServerState {
             fleet
         });
         // The backend may send to devices (server-initiated traffic) through the registry.
+        let daemon = Arc::new(std::sync::OnceLock::new());
         backend.attach(crate::backend::Attachment {
-            devices: Arc::new(registry::Sessions(registry.clone())),
+            devices: Arc::new(registry::Sessions(registry.clone(), daemon.clone())),
             tasks: tasks.clone(),
             stop: stop.clone(),
         });
@@ -191,6 +192,7 @@ impl ServerState {
             crate::store::Location::Sqlite(path) => Some(Arc::new(delivery::Deliveries::new(
                 crate::store::queue::Queue::open(path)
                     .map_err(|e| ServerError::Queue(e.to_string()))?,
+                backend.clone(),
             ))),
             crate::store::Location::Postgres(_) => None,
         };
@@ -226,7 +228,9 @@ impl ServerState {
             info: status::Info::new(config, &location),
             _lock: lock,
         };
-        Ok((Arc::new(state), secrets))
+        let state = Arc::new(state);
+        let _ = daemon.set(Arc::downgrade(&state));
+        Ok((state, secrets))
     }
 
     /// Counts the refusal of an unauthenticated connection from `peer`; true if it is to

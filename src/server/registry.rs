@@ -47,7 +47,11 @@ pub enum Command {
 pub use crate::backend::{SendError, SendKind};
 
 /// The registry as backends see it ([`crate::backend::Devices`]): sending only.
-pub(crate) struct Sessions(pub(crate) Arc<Registry>);
+pub(crate) struct Sessions(
+    pub(crate) Arc<Registry>,
+    /// The daemon, once it is made (after the backend was attached): for queueing.
+    pub(crate) Arc<std::sync::OnceLock<std::sync::Weak<super::ServerState>>>,
+);
 
 impl crate::backend::Devices for Sessions {
     fn send(
@@ -59,6 +63,29 @@ impl crate::backend::Devices for Sessions {
     ) -> crate::backend::BoxFuture<Result<Option<Reply>, SendError>> {
         let registry = self.0.clone();
         Box::pin(async move { registry.send(&id, kind, payload, timeout).await })
+    }
+
+    fn enqueue(
+        &self,
+        id: Id,
+        kind: crate::proto::DeliveryKind,
+        payload: Bytes,
+        ttl: Option<Duration>,
+    ) -> crate::backend::BoxFuture<Result<u64, String>> {
+        let state = self.1.get().and_then(std::sync::Weak::upgrade);
+        Box::pin(async move {
+            let state = state.ok_or("the daemon is not ready")?;
+            let d = state
+                .deliveries
+                .as_ref()
+                .ok_or("queued delivery needs the SQLite store: not available in a fleet on PostgreSQL yet")?;
+            let limits = state.limits();
+            let origin = crate::store::queue::Origin::Backend;
+            d.enqueue(&state.registry, &limits, id, kind, payload, ttl, origin)
+                .await
+                .map(|q| q.msg_id)
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
