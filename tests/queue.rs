@@ -612,3 +612,183 @@ async fn the_backend_application_queues_and_gets_delivery_reports() {
         "REPORT: msg_id, id, outcome 0, status, answer"
     );
 }
+
+/// What the property test does next.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Queue a request (true) or a message.
+    Enqueue(bool),
+    /// Connect, if not connected.
+    Connect,
+    /// End the session: orderly (true) or cut.
+    Disconnect(bool),
+    /// Acknowledge the i-th held delivery (modulo how many are held).
+    Ack(usize),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => any::<bool>().prop_map(Op::Enqueue),
+        2 => Just(Op::Connect),
+        1 => any::<bool>().prop_map(Op::Disconnect),
+        3 => (0..8usize).prop_map(Op::Ack),
+    ]
+}
+
+/// A live session in the property test: its deliveries held (not acknowledged).
+struct Live {
+    _client: Client,
+    incoming: mpsc::Receiver<Incoming>,
+    held: Vec<IncomingDelivery>,
+    last: u64,
+}
+
+/// Takes what the session delivers until it holds what the model says it must: the
+/// oldest `WINDOW` messages not acknowledged, in order, each with its payload.
+async fn settle(live: &mut Live, model: &BTreeMap<u64, String>, window: usize) {
+    let want: Vec<u64> = model.keys().copied().take(window).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut held: Vec<u64> = live.held.iter().map(|d| d.msg_id).collect();
+        held.sort_unstable();
+        if held == want {
+            // And nothing beyond the window, nothing more.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Ok(Incoming::Delivery(d)) = live.incoming.try_recv() {
+                panic!(
+                    "message {} delivered beyond the window: held {held:?}",
+                    d.msg_id
+                );
+            }
+            return;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, live.incoming.recv()).await {
+            Ok(Some(Incoming::Delivery(d))) => {
+                assert!(
+                    d.msg_id > live.last,
+                    "in order: {} after {}",
+                    d.msg_id,
+                    live.last
+                );
+                live.last = d.msg_id;
+                let payload = model.get(&d.msg_id).unwrap_or_else(|| {
+                    panic!("message {} delivered after its ACK was recorded", d.msg_id)
+                });
+                assert_eq!(d.payload, payload.as_bytes());
+                live.held.push(d);
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("holding {held:?}, the model says {want:?}"),
+        }
+    }
+}
+
+/// Random interleavings of queueing, connecting, disconnecting (orderly or cut) and
+/// acknowledging (in any order), against a model of the queue: each session holds
+/// exactly the oldest unacknowledged messages its window allows, in id order, with their
+/// payloads; nothing acknowledged (and recorded) comes again; at the end everything is
+/// delivered and the queue is empty.
+#[test]
+fn random_interleavings_match_the_model() {
+    use proptest::test_runner::{Config, TestRunner};
+    const WINDOW: usize = 3;
+    let mut runner = TestRunner::new(Config {
+        cases: 12,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let ops = proptest::collection::vec(op(), 1..30);
+    runner
+        .run(&ops, |ops| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let s = TestServer::start(|c| c.limits.deliveries_in_flight = WINDOW).await;
+                let cred = s.enroll("prop").await;
+                let mut model = BTreeMap::new();
+                let mut last_id = 0;
+                let mut live: Option<Live> = None;
+                let connect = || async {
+                    let (client, incoming) = s.connect(&cred).await;
+                    Live {
+                        _client: client,
+                        incoming,
+                        held: Vec::new(),
+                        last: 0,
+                    }
+                };
+                for op in ops.into_iter().chain([Op::Connect]) {
+                    match op {
+                        Op::Enqueue(request) => {
+                            let kind = if request {
+                                DeliveryKind::Request
+                            } else {
+                                DeliveryKind::Message
+                            };
+                            let payload = format!("p{}", last_id + 1);
+                            let q = enqueue(&s, "prop", kind, &payload, None).await.unwrap();
+                            assert!(q.msg_id > last_id, "ids increase");
+                            last_id = q.msg_id;
+                            model.insert(q.msg_id, payload);
+                        }
+                        Op::Connect if live.is_none() => live = Some(connect().await),
+                        Op::Connect => {}
+                        Op::Disconnect(orderly) => {
+                            if let Some(l) = live.take() {
+                                if orderly {
+                                    let _ = l._client.close().await;
+                                }
+                            }
+                            // The daemon notices before the next connection (else it
+                            // would be taken over, which is the same for the queue).
+                            until_sessions(&s, 0).await;
+                        }
+                        Op::Ack(i) => {
+                            let Some(l) = live.as_mut() else { continue };
+                            settle(l, &model, WINDOW).await;
+                            if l.held.is_empty() {
+                                continue;
+                            }
+                            let d = l.held.remove(i % l.held.len());
+                            let msg_id = d.msg_id;
+                            d.ack(Status::OK, Bytes::new()).await.unwrap();
+                            model.remove(&msg_id);
+                            let left: Vec<u64> = model.keys().copied().collect();
+                            until_queued(&s, "prop", &left).await;
+                        }
+                    }
+                    if let Some(l) = live.as_mut() {
+                        settle(l, &model, WINDOW).await;
+                    }
+                }
+                // The end: everything is delivered, acknowledged, gone.
+                let l = live.as_mut().unwrap();
+                while !model.is_empty() {
+                    settle(l, &model, WINDOW).await;
+                    for d in std::mem::take(&mut l.held) {
+                        model.remove(&d.msg_id);
+                        d.ack(Status::OK, Bytes::new()).await.unwrap();
+                    }
+                }
+                until_queued(&s, "prop", &[]).await;
+            });
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Waits (up to 10 s) until the daemon holds `n` sessions.
+async fn until_sessions(s: &TestServer, n: usize) {
+    for _ in 0..1000 {
+        if s.state.registry.len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} sessions, not {n}", s.state.registry.len());
+}
