@@ -646,6 +646,8 @@ async fn enqueue(
         Ok(d) => d,
         Err(e) => return e,
     };
+    // A TTL of 0 is the default, as in the backend's QUEUE.
+    let ttl_secs = ttl_secs.filter(|t| *t > 0.0);
     let secs = |s: Option<f64>| s.map(Duration::try_from_secs_f64).transpose();
     let (Ok(id), Ok(payload), Ok(ttl), Ok(wait)) = (
         Id::new(id),
@@ -694,7 +696,7 @@ fn delivered(msg_id: u64, outcome: Outcome) -> ControlResponse {
             (Some(status.0), Some(hex::encode(&payload)), None)
         }
         Outcome::Undeliverable(why) => (None, None, Some(why)),
-        Outcome::Expired | Outcome::Purged => (None, None, None),
+        Outcome::Expired | Outcome::Unconfirmed | Outcome::Purged => (None, None, None),
     };
     ControlResponse::Delivered {
         msg_id,
@@ -723,13 +725,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
         Some(fleet) => fleet.is_live(&id).await.unwrap_or(false),
         None => false,
     };
-    // Its queued messages are withdrawn (their senders told so); the store's change
-    // deletes any queued meanwhile.
-    if let Some(d) = &state.deliveries {
-        if let Err(e) = d.purge(&id, None).await {
-            warn!(id = %id, "purging the queue of a revoked or removed identity: {e}");
-        }
-    }
+    // The enrollment whose queue is withdrawn once the store changed (a message queued
+    // until then is its too; after, none is accepted).
+    let generation = match &state.deliveries {
+        Some(d) => d.queue().generation(&id).await.unwrap_or(None),
+        None => None,
+    };
     let store = state.store.clone();
     let name = id.to_string();
     let done = tokio::task::spawn_blocking(move || {
@@ -770,6 +771,13 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
         CloseCode::REMOVED
     };
     let was_live = state.registry.invalidate(&id, code, reason) || live_elsewhere;
+    // Its queued messages are withdrawn, their senders told (a crash before this leaves
+    // them to the sweep, which does the same).
+    if let (Some(d), Some(generation)) = (&state.deliveries, generation) {
+        if let Err(e) = d.purge_generation(&id, generation, None).await {
+            warn!(id = %id, "withdrawing the queue of a revoked or removed identity (the sweep will): {e}");
+        }
+    }
     info!(id = %id, was_live, "{reason} on the control socket");
     // In a fleet, every node must have read the entry: they say so in their heartbeats
     // (within a second or two). One that cannot read it fences itself.

@@ -792,3 +792,71 @@ async fn until_sessions(s: &TestServer, n: usize) {
     }
     panic!("{} sessions, not {n}", s.state.registry.len());
 }
+
+/// Security (found in review): the ACK of a removed enrollment's session, arriving while
+/// that session closes, named a message by identity and id only, so it deleted (and
+/// reported acknowledged, with the old device's answer) the message of the same id
+/// queued for a new enrollment of the same identity, never delivered. An ACK now names
+/// the enrollment its session's key belongs to: it touches nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_enrollments_late_ack_cannot_touch_a_new_enrollments_queue() {
+    let s = TestServer::start(|_| {}).await;
+    let old = s.enroll("meter-9").await;
+    enqueue(
+        &s,
+        "meter-9",
+        DeliveryKind::Message,
+        "for the old device",
+        None,
+    )
+    .await
+    .unwrap();
+    let mut raw = RawSession::open(s.addr, &old).await;
+    let first = raw.recv().await.expect("a DELIVER");
+    assert!(
+        matches!(first.body, Body::Deliver { msg_id: 1, .. }),
+        "{first:?}"
+    );
+    // Removed: its session is closing (CLOSE REMOVED), still reading answers for 2 s.
+    let dir = s.config.state_dir.clone();
+    let out = tokio::task::spawn_blocking(move || admin(&dir, &["remove", "meter-9"]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Enrolled again at once, with a message of its own: id 1 of the new enrollment.
+    let new = s.enroll("meter-9").await;
+    let q = enqueue(
+        &s,
+        "meter-9",
+        DeliveryKind::Request,
+        "for the new device",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(q.msg_id, 1);
+    // The old session's late ACK of "its" message 1.
+    let ack = raw.seal(&Body::Ack {
+        msg_id: 1,
+        status: Status::OK,
+        payload: Bytes::from_static(b"forged answer"),
+    });
+    raw.tcp.write_all(&ack).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        queued_ids(&s, "meter-9").await,
+        [1],
+        "the new message is still queued"
+    );
+    // The new device gets it, and its answer is the one reported.
+    let (_c, mut incoming) = s.connect(&new).await;
+    let d = next_delivery(&mut incoming).await;
+    assert_eq!(d.payload, "for the new device");
+    d.ack(Status::OK, Bytes::from_static(b"real answer"))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), q.outcome).await {
+        Ok(Ok(Outcome::Acknowledged { payload, .. })) => assert_eq!(payload, "real answer"),
+        other => panic!("{other:?}"),
+    }
+}

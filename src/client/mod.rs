@@ -510,7 +510,9 @@ pub enum Incoming {
 }
 
 /// Serves what the server sends until the session ends: each REQUEST is answered with
-/// `handler(payload)`, run concurrently on its own task; each MESSAGE goes to `on_message`.
+/// `handler(payload)`, run concurrently on its own task; each MESSAGE goes to `on_message`;
+/// queued ones (spec 8.8) are handled the same way, one at a time in the order they
+/// come, then acknowledged (a queued request with the handler's answer).
 ///
 /// ```no_run
 /// # async fn demo(incoming: tokio::sync::mpsc::Receiver<tally::client::Incoming>) {
@@ -544,13 +546,13 @@ pub async fn serve_incoming<H, F, M>(
             Incoming::Message(payload) => on_message(payload),
             // Handled like a live request or message, then acknowledged with the
             // handler's answer (a message: OK).
+            // In the order they come (spec 8.8: a device that drops redeliveries by the
+            // highest id it handled must handle them in order): this waits for the
+            // handler.
             Incoming::Delivery(d) => match d.kind {
                 crate::proto::DeliveryKind::Request => {
-                    let answer = handler(d.payload.clone());
-                    tokio::spawn(async move {
-                        let (status, payload) = answer.await;
-                        let _ = d.ack(status, payload).await;
-                    });
+                    let (status, payload) = handler(d.payload.clone()).await;
+                    let _ = d.ack(status, payload).await;
                 }
                 crate::proto::DeliveryKind::Message => {
                     on_message(d.payload.clone());
@@ -576,6 +578,19 @@ pub struct IncomingDelivery {
     /// The payload.
     pub payload: Bytes,
     tx: Option<mpsc::Sender<Cmd>>,
+}
+
+impl Drop for IncomingDelivery {
+    /// Dropped unacknowledged: its place in the server's window would stay taken for
+    /// the whole session, so the session is ended (spec 8.8 has no other way to decline
+    /// a delivery); the message comes again in the next one.
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Cmd::Unacknowledged {
+                msg_id: self.msg_id,
+            });
+        }
+    }
 }
 
 impl IncomingDelivery {
@@ -650,6 +665,10 @@ enum Cmd {
         msg_id: u64,
         status: Status,
         payload: Bytes,
+    },
+    /// A delivery was dropped unacknowledged.
+    Unacknowledged {
+        msg_id: u64,
     },
     Close {
         done: oneshot::Sender<()>,
@@ -843,6 +862,12 @@ impl crate::driver::Role for ClientRole {
             }) => {
                 let _ = conn.ack(msg_id, status, payload, now);
             }
+            Some(Cmd::Unacknowledged { msg_id }) => {
+                let reason = format!(
+                    "queued message {msg_id} dropped unacknowledged: it comes again in the next session"
+                );
+                conn.close(CloseCode::NORMAL, &reason, now);
+            }
             Some(Cmd::Close { done }) => {
                 self.closing = Some(done);
                 conn.close(CloseCode::NORMAL, "", now);
@@ -855,7 +880,7 @@ impl crate::driver::Role for ClientRole {
         }
     }
 
-    fn event(&mut self, event: Event, conn: &mut Connection, _now: Duration) {
+    fn event(&mut self, event: Event, conn: &mut Connection, now: Duration) {
         match event {
             Event::Response {
                 req_seq,
@@ -878,8 +903,9 @@ impl crate::driver::Role for ClientRole {
             Event::Message { payload } => {
                 let _ = self.incoming.try_send(Incoming::Message(payload));
             }
-            // Nobody listening, or a full queue: not acknowledged, so it stays queued
-            // and comes again in the next session.
+            // Nobody listening, or a full queue: it cannot be acknowledged, and the
+            // session ends (as the delivery's Drop has it); it stays queued and comes
+            // again in the next session.
             Event::Delivery {
                 msg_id,
                 kind,
@@ -891,7 +917,23 @@ impl crate::driver::Role for ClientRole {
                     payload,
                     tx: self.tx.upgrade(),
                 };
-                let _ = self.incoming.try_send(Incoming::Delivery(delivery));
+                if let Err(e) = self.incoming.try_send(Incoming::Delivery(delivery)) {
+                    let (reason, item) = match e {
+                        mpsc::error::TrySendError::Full(i) => ("incoming queue full", i),
+                        mpsc::error::TrySendError::Closed(i) => {
+                            ("nobody takes what the server sends", i)
+                        }
+                    };
+                    // Closed here, not by its Drop.
+                    if let Incoming::Delivery(mut d) = item {
+                        d.tx = None;
+                    }
+                    conn.close(
+                        CloseCode::NORMAL,
+                        &format!("queued message {msg_id} not taken: {reason}"),
+                        now,
+                    );
+                }
             }
             Event::Closed(end) => {
                 let end = ended(end);

@@ -129,7 +129,7 @@ impl Refusal {
 enum Opened {
     /// A session, with the instant its key lookup started and the position of the
     /// key it was made with.
-    Session(Established, Instant, u64),
+    Session(Established, Instant, KeyRef),
     /// An enrollment whose ENROLL_CONFIRM verified: to be stored, then answered.
     Confirmed(Box<Commit>),
 }
@@ -251,8 +251,8 @@ pub(super) async fn serve(
                 }
             }
         }
-        Ok(Opened::Session(est, key_lookup, log_pos)) => {
-            return start_session(state, stream, est, (key_lookup, log_pos), shutdown).await;
+        Ok(Opened::Session(est, key_lookup, key)) => {
+            return start_session(state, stream, est, (key_lookup, key), shutdown).await;
         }
         Err(refusal) => {
             if let Some(code) = refuse(&state, &stream, refusal) {
@@ -298,7 +298,7 @@ async fn open(
                 .map(|c| Opened::Confirmed(Box::new(c))),
             Ok(FrameType::Hello | FrameType::SealedHello) => handshake(state, stream, &first)
                 .await
-                .map(|(est, at, log_pos)| Opened::Session(est, at, log_pos)),
+                .map(|(est, at, key)| Opened::Session(est, at, key)),
             Ok(other) => Err(Refusal::FirstFrame(format!("{other:?}"))),
             Err(e) => Err(Refusal::Protocol(e.into())),
         }
@@ -460,7 +460,7 @@ async fn handshake(
     state: &ServerState,
     stream: &mut Stream,
     hello: &[u8],
-) -> Result<(Established, Instant, u64), Refusal> {
+) -> Result<(Established, Instant, KeyRef), Refusal> {
     // Spec 7.2 row 4a: the policy decides on the first frame's type alone, before the
     // X25519 work of a SEALED_HELLO.
     let policy = state.encryption;
@@ -491,7 +491,10 @@ async fn handshake(
     };
     let id = Claimed(id);
     let known = key.is_some();
-    let log_pos = key.as_ref().map_or(0, |k| k.log_pos);
+    let key_ref = KeyRef {
+        log_pos: key.as_ref().map_or(0, |k| k.log_pos),
+        generation: key.as_ref().map_or(0, |k| k.generation),
+    };
     let mut out = BytesMut::new();
     // Spec 7.5: an unknown or revoked identity gets the same reply, from a random key.
     let limits = state.limits();
@@ -516,7 +519,7 @@ async fn handshake(
         Err(e) => return Err(e.into()),
     };
     match wait.handle_finish(&finish) {
-        Ok(est) => Ok((est, key_lookup, log_pos)),
+        Ok(est) => Ok((est, key_lookup, key_ref)),
         Err(ProtocolError::BadTag(_)) if !known => Err(Refusal::UnknownIdentity(id)),
         Err(ProtocolError::BadTag(_)) => Err(Refusal::BadFinish(id)),
         Err(e) => Err(e.into()),
@@ -529,7 +532,13 @@ async fn start_session(
     state: Arc<ServerState>,
     stream: Stream,
     est: Established,
-    (key_lookup, log_pos): (Instant, u64),
+    (
+        key_lookup,
+        KeyRef {
+            log_pos,
+            generation,
+        },
+    ): (Instant, KeyRef),
     shutdown: CancellationToken,
 ) -> Option<LiveSession> {
     let Established {
@@ -561,7 +570,7 @@ async fn start_session(
         },
     };
     let conn = state.registry.next_conn();
-    let mailbox = Arc::new(Mailbox::default());
+    let mailbox = Arc::new(Mailbox::of_enrollment(generation));
     let entry = Entry {
         conn,
         epoch,
@@ -614,6 +623,13 @@ async fn start_session(
         registration,
         shutdown,
     )))
+}
+
+/// Which key a handshake used: its place in a fleet's log, and its enrollment.
+#[derive(Debug, Clone, Copy)]
+struct KeyRef {
+    log_pos: u64,
+    generation: u64,
 }
 
 /// Answers an authenticated connection that gets no session with ERROR `code`.

@@ -33,8 +33,12 @@ pub enum Outcome {
         /// The ACK's payload.
         payload: Bytes,
     },
-    /// Its TTL passed before the device took it.
+    /// Its TTL passed before it was delivered.
     Expired,
+    /// Its TTL passed after it was delivered, without an acknowledgement: the device
+    /// may or may not have handled it (it lost the session before acknowledging, and
+    /// did not come back in time).
+    Unconfirmed,
     /// An operator withdrew it (`tallyd queue --purge`), or the identity was revoked or
     /// removed.
     Purged,
@@ -48,6 +52,7 @@ impl Outcome {
         match self {
             Outcome::Acknowledged { .. } => "acknowledged",
             Outcome::Expired => "expired",
+            Outcome::Unconfirmed => "unconfirmed",
             Outcome::Purged => "purged",
             Outcome::Undeliverable(_) => "undeliverable",
         }
@@ -74,8 +79,10 @@ pub enum EnqueueError {
 }
 
 /// Outcomes nobody waited for yet, kept for a late waiter (one that registers after the
-/// device was already quick to acknowledge).
+/// device was already quick to acknowledge): at most this many...
 const RECENT: usize = 4096;
+/// ...and this many payload bytes (a device chooses its answers' sizes).
+const RECENT_BYTES: usize = 1 << 20;
 
 /// The daemon's durable delivery: the queue and what waits on it.
 pub struct Deliveries {
@@ -110,24 +117,42 @@ pub struct Counts {
     pub delivered: AtomicU64,
     /// Acknowledged and deleted.
     pub acknowledged: AtomicU64,
-    /// Expired.
+    /// Expired before delivery.
     pub expired: AtomicU64,
+    /// Expired after delivery, unacknowledged.
+    pub unconfirmed: AtomicU64,
     /// Purged.
     pub purged: AtomicU64,
     /// Too large for the device.
     pub undeliverable: AtomicU64,
 }
 
+/// A message everywhere: its enrollment and its id (an id is reused by a new enrollment
+/// of the same identity, never within one).
+type Key = (u64, u64);
+
 #[derive(Debug, Default)]
 struct Waiters {
-    waiting: HashMap<(Id, u64), Vec<oneshot::Sender<Outcome>>>,
-    recent: HashMap<(Id, u64), Outcome>,
-    order: VecDeque<(Id, u64)>,
+    waiting: HashMap<Key, Vec<oneshot::Sender<Outcome>>>,
+    recent: HashMap<Key, Outcome>,
+    order: VecDeque<Key>,
+    /// Payload bytes held in `recent`.
+    recent_bytes: usize,
+}
+
+fn payload_len(o: &Outcome) -> usize {
+    match o {
+        Outcome::Acknowledged { payload, .. } => payload.len(),
+        Outcome::Undeliverable(why) => why.len(),
+        _ => 0,
+    }
 }
 
 /// A queued message's id, and where its outcome will arrive (if the sender waits).
 #[derive(Debug)]
 pub struct Enqueued {
+    /// The enrollment it is for.
+    pub generation: u64,
     /// Its message id (spec 8.8).
     pub msg_id: u64,
     /// Its outcome, once it has one.
@@ -193,8 +218,8 @@ impl Deliveries {
             expires_ms: queue::now_ms().saturating_add(ttl.as_millis() as i64),
             origin,
         };
-        let msg_id = match self.queue.enqueue(msg, bounds).await? {
-            Ok(msg_id) => msg_id,
+        let (generation, msg_id) = match self.queue.enqueue(msg, bounds).await? {
+            Ok(ids) => ids,
             Err(refusal) => {
                 self.counts.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(refusal.into());
@@ -202,20 +227,25 @@ impl Deliveries {
         };
         self.counts.enqueued.fetch_add(1, Ordering::Relaxed);
         // Before the session hears of it: its outcome cannot come first.
-        let outcome = self.wait(&id, msg_id);
+        let outcome = self.wait(generation, msg_id);
         if let Some(mailbox) = registry.mailbox(&id) {
             mailbox.notify_queued();
         }
-        Ok(Enqueued { msg_id, outcome })
+        Ok(Enqueued {
+            generation,
+            msg_id,
+            outcome,
+        })
     }
 
-    /// Where the outcome of message `msg_id` of `id` arrives.
-    pub fn wait(&self, id: &Id, msg_id: u64) -> oneshot::Receiver<Outcome> {
+    /// Where the outcome of message `msg_id` of enrollment `generation` arrives.
+    pub fn wait(&self, generation: u64, msg_id: u64) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        let key = (id.clone(), msg_id);
+        let key = (generation, msg_id);
         let mut w = self.waiters();
         match w.recent.remove(&key) {
             Some(outcome) => {
+                w.recent_bytes -= payload_len(&outcome);
                 let _ = tx.send(outcome);
             }
             None => w.waiting.entry(key).or_default().push(tx),
@@ -223,12 +253,13 @@ impl Deliveries {
         rx
     }
 
-    /// Message `msg_id` of `id` ended: counted, logged, told to its waiters (or kept for
-    /// a late one) and to its origin.
-    pub fn report(&self, id: &Id, msg_id: u64, origin: Origin, outcome: Outcome) {
+    /// Message `msg_id` of `id`'s enrollment `generation` ended: counted, logged, told
+    /// to its waiters (or kept a while for a late one) and to its origin.
+    pub fn report(&self, id: &Id, generation: u64, msg_id: u64, origin: Origin, outcome: Outcome) {
         let counter = match &outcome {
             Outcome::Acknowledged { .. } => &self.counts.acknowledged,
             Outcome::Expired => &self.counts.expired,
+            Outcome::Unconfirmed => &self.counts.unconfirmed,
             Outcome::Purged => &self.counts.purged,
             Outcome::Undeliverable(_) => &self.counts.undeliverable,
         };
@@ -240,6 +271,7 @@ impl Deliveries {
                 Outcome::Expired => (1, Status::OK, Bytes::new()),
                 Outcome::Purged => (2, Status::OK, Bytes::new()),
                 Outcome::Undeliverable(why) => (3, Status::OK, Bytes::from(why.clone())),
+                Outcome::Unconfirmed => (4, Status::OK, Bytes::new()),
             };
             self.backend.report(crate::backend::DeliveryReport {
                 id: id.clone(),
@@ -249,7 +281,7 @@ impl Deliveries {
                 payload,
             });
         }
-        let key = (id.clone(), msg_id);
+        let key = (generation, msg_id);
         let mut w = self.waiters();
         match w.waiting.remove(&key) {
             Some(waiting) => {
@@ -258,30 +290,56 @@ impl Deliveries {
                 }
             }
             None => {
-                if w.order.len() >= RECENT {
-                    if let Some(old) = w.order.pop_front() {
-                        w.recent.remove(&old);
+                w.recent_bytes += payload_len(&outcome);
+                if let Some(old) = w.recent.insert(key, outcome) {
+                    w.recent_bytes -= payload_len(&old);
+                } else {
+                    w.order.push_back(key);
+                }
+                while w.order.len() > RECENT || w.recent_bytes > RECENT_BYTES {
+                    let Some(old) = w.order.pop_front() else {
+                        break;
+                    };
+                    if let Some(o) = w.recent.remove(&old) {
+                        w.recent_bytes -= payload_len(&o);
                     }
                 }
-                w.order.push_back(key.clone());
-                w.recent.insert(key, outcome);
             }
         }
     }
 
-    /// Reports messages that left the queue without an ACK.
+    /// Reports messages that left the queue without an ACK: `expired` ones delivered
+    /// before are `unconfirmed`.
     pub fn report_gone(&self, gone: Vec<Gone>, outcome: &Outcome) {
         for g in gone {
-            self.report(&g.id, g.msg_id, g.origin, outcome.clone());
+            let outcome = match outcome {
+                Outcome::Expired if g.delivered => Outcome::Unconfirmed,
+                o => o.clone(),
+            };
+            self.report(&g.id, g.generation, g.msg_id, g.origin, outcome);
         }
+    }
+
+    /// Purges the queue of `id`'s enrollment `generation` (or one message of it),
+    /// telling the senders.
+    pub async fn purge_generation(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: Option<u64>,
+    ) -> Result<usize, QueueError> {
+        let gone = self.queue.purge(id, generation, msg_id).await?;
+        let n = gone.len();
+        self.report_gone(gone, &Outcome::Purged);
+        Ok(n)
     }
 
     /// Purges `id`'s queue (or one message), telling the senders.
     pub async fn purge(&self, id: &Id, msg_id: Option<u64>) -> Result<usize, QueueError> {
-        let gone = self.queue.purge(id, msg_id).await?;
-        let n = gone.len();
-        self.report_gone(gone, &Outcome::Purged);
-        Ok(n)
+        match self.queue.generation(id).await? {
+            Some(generation) => self.purge_generation(id, generation, msg_id).await,
+            None => Ok(0),
+        }
     }
 }
 
@@ -402,7 +460,7 @@ pub async fn sweep(
 ) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
@@ -412,8 +470,19 @@ pub async fn sweep(
             Ok(gone) => deliveries.report_gone(gone, &Outcome::Expired),
             Err(e) => warn!("queue expiry failed (tried again in a second): {e}"),
         }
-        if let Ok(t) = deliveries.queue.totals().await {
-            *deliveries.totals.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        // Less often, the scans of the whole queue: what it holds (metrics), and the
+        // queues of enrollments removed or revoked behind the daemon's back (or in a
+        // crash between a removal and its purge).
+        if n % 10 == 0 {
+            if let Ok(t) = deliveries.queue.totals().await {
+                *deliveries.totals.lock().unwrap_or_else(|e| e.into_inner()) = t;
+            }
+        }
+        if n % 60 == 0 {
+            match deliveries.queue.orphans().await {
+                Ok(gone) => deliveries.report_gone(gone, &Outcome::Purged),
+                Err(e) => warn!("dropping the queues of removed identities failed: {e}"),
+            }
         }
     }
 }
@@ -475,14 +544,37 @@ mod tests {
         );
         let d = Deliveries::new(Queue::open(&path).unwrap(), Arc::new(crate::backend::Echo));
         let id = Id::new("a").unwrap();
-        let mut early = d.wait(&id, 1);
-        d.report(&id, 1, Origin::Control, Outcome::Expired);
+        let mut early = d.wait(7, 1);
+        d.report(&id, 7, 1, Origin::Control, Outcome::Expired);
         assert_eq!(early.try_recv().unwrap(), Outcome::Expired);
-        // Reported before anyone waited: kept for the first who asks.
-        d.report(&id, 2, Origin::Control, Outcome::Purged);
-        let mut late = d.wait(&id, 2);
+        // Reported before anyone waited: kept for the first who asks, of that
+        // enrollment only.
+        d.report(&id, 7, 2, Origin::Control, Outcome::Purged);
+        let mut other = d.wait(8, 2);
+        assert!(other.try_recv().is_err(), "another enrollment's message 2");
+        let mut late = d.wait(7, 2);
         assert_eq!(late.try_recv().unwrap(), Outcome::Purged);
         assert_eq!(d.counts.expired.load(Ordering::Relaxed), 1);
         assert_eq!(d.counts.purged.load(Ordering::Relaxed), 1);
+        // Kept within their bytes: large answers nobody waits for push out the oldest.
+        for m in 10..20 {
+            let payload = Bytes::from(vec![0u8; RECENT_BYTES / 4]);
+            d.report(
+                &id,
+                7,
+                m,
+                Origin::Control,
+                Outcome::Acknowledged {
+                    status: Status::OK,
+                    payload,
+                },
+            );
+        }
+        let w = d.waiters();
+        assert!(
+            w.recent_bytes <= RECENT_BYTES && w.recent.len() <= 4,
+            "{}",
+            w.recent_bytes
+        );
     }
 }

@@ -87,7 +87,7 @@ pub struct Metrics {
 }
 
 /// How many counters `tally_queue_messages_total` has.
-const QUEUE_COUNTS: usize = 7;
+const QUEUE_COUNTS: usize = 8;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,7 +162,7 @@ impl Default for Metrics {
         let queued = Family::<Outcome, Counter>::default();
         registry.register(
             "queue_messages",
-            "Queued messages (tallyd send --queue), by what happened: enqueued, refused (full, not enrolled, too large), delivered (DELIVER sent; a redelivery counts again), acknowledged, expired, purged, undeliverable",
+            "Queued messages (tallyd send --queue), by what happened: enqueued, refused (full, not enrolled, too large), delivered (DELIVER sent; a redelivery counts again), acknowledged, expired (before delivery), unconfirmed (expired after delivery, unacknowledged), purged, undeliverable",
             queued.clone(),
         );
         let queue = [
@@ -171,6 +171,7 @@ impl Default for Metrics {
             "delivered",
             "acknowledged",
             "expired",
+            "unconfirmed",
             "purged",
             "undeliverable",
         ]
@@ -362,6 +363,7 @@ impl Metrics {
                 &c.delivered,
                 &c.acknowledged,
                 &c.expired,
+                &c.unconfirmed,
                 &c.purged,
                 &c.undeliverable,
             ]

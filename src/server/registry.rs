@@ -123,6 +123,9 @@ pub struct Mailbox {
     pub answered_ok: AtomicU64,
     /// See `answered_ok`.
     pub answered_error: AtomicU64,
+    /// The enrollment the session's key belongs to (its queue, spec 8.8): here rather
+    /// than in the session's future, which every idle session holds.
+    pub generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -159,6 +162,17 @@ impl Default for Mailbox {
             bytes_out: AtomicU64::new(0),
             answered_ok: AtomicU64::new(0),
             answered_error: AtomicU64::new(0),
+            generation: 0,
+        }
+    }
+}
+
+impl Mailbox {
+    /// The mailbox of a session of enrollment `generation`.
+    pub fn of_enrollment(generation: u64) -> Mailbox {
+        Mailbox {
+            generation,
+            ..Mailbox::default()
         }
     }
 }

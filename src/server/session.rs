@@ -118,6 +118,10 @@ struct SessionLimits {
 /// A session's durable delivery (spec 8.8), on the heap: an idle session's future
 /// holds one pointer for it.
 struct Delivery {
+    /// The enrollment the session's key belongs to: its queue, and only its, is
+    /// delivered and acknowledged (an old enrollment's late ACK touches nothing of a new
+    /// enrollment of the same id).
+    generation: u64,
     /// Its place in its identity's queue.
     cursor: Cursor,
     /// The fetch of the next queued messages, while one is on its way.
@@ -210,6 +214,7 @@ pub(super) async fn run(
     };
     if role.state.deliveries.is_some() {
         role.delivery = Some(Box::new(Delivery {
+            generation: role.mailbox.generation,
             cursor: Cursor::new(),
             fetch: None,
             in_flight,
@@ -390,8 +395,12 @@ impl ServerRole {
             return;
         };
         let (d, id, after) = (d.clone(), self.id.clone(), delivery.cursor.after());
+        let generation = delivery.generation;
         delivery.fetch = Some(Box::pin(async move {
-            let got = d.queue().next(&id, after, limit, queue::now_ms()).await;
+            let got = d
+                .queue()
+                .next(&id, generation, after, limit, queue::now_ms())
+                .await;
             if let Err(e) = &got {
                 // Tried again after a pause, not in a loop.
                 warn!("fetching queued messages failed (tried again in a second): {e}");
@@ -407,6 +416,7 @@ impl ServerRole {
         else {
             return;
         };
+        let generation = delivery.generation;
         let cursor = &mut delivery.cursor;
         let (messages, expired) = match fetched {
             Ok(got) => got,
@@ -426,8 +436,8 @@ impl ServerRole {
                 Err(e @ ProtocolError::PayloadTooLarge { .. }) => {
                     settled += 1;
                     let (d, id, reason) = (d.clone(), self.id.clone(), e.to_string());
-                    tokio::spawn(async move {
-                        if let Ok(gone) = d.queue().purge(&id, Some(msg_id)).await {
+                    self.state.tasks.spawn(async move {
+                        if let Ok(gone) = d.queue().purge(&id, generation, Some(msg_id)).await {
                             let why = Delivered::Undeliverable(format!(
                                 "too large for the frame limit the device announced: {reason}"
                             ));
@@ -453,12 +463,17 @@ impl ServerRole {
             return;
         };
         delivery.cursor.settled();
-        let id = self.id.clone();
-        tokio::spawn(async move {
-            match d.queue().ack(&id, msg_id).await {
-                Ok(Some(origin)) => {
-                    d.report(&id, msg_id, origin, Delivered::Acknowledged { status, payload })
-                }
+        let (id, generation) = (self.id.clone(), delivery.generation);
+        // On the daemon's tasks: a shutdown waits for it to be recorded.
+        self.state.tasks.spawn(async move {
+            match d.queue().ack(generation, msg_id).await {
+                Ok(Some(origin)) => d.report(
+                    &id,
+                    generation,
+                    msg_id,
+                    origin,
+                    Delivered::Acknowledged { status, payload },
+                ),
                 // Expired or purged meanwhile: its sender was told so then.
                 Ok(None) => {}
                 Err(e) => warn!(

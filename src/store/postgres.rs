@@ -256,6 +256,7 @@ const MIGRATIONS: &[&str] = &[
         queued     bigint NOT NULL,
         expires    bigint NOT NULL,
         origin     smallint NOT NULL,
+        delivered  integer NOT NULL DEFAULT 0,
         PRIMARY KEY (generation, msg_id)
     );
     CREATE INDEX queue_expires ON queue (expires);

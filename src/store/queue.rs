@@ -133,10 +133,15 @@ pub struct Queued {
 pub struct Gone {
     /// Whose it was.
     pub id: Id,
+    /// The enrollment it was for.
+    pub generation: u64,
     /// Its id.
     pub msg_id: u64,
     /// Who queued it.
     pub origin: Origin,
+    /// Whether it was delivered (and not acknowledged) before it went: the device may
+    /// have handled it.
+    pub delivered: bool,
 }
 
 /// One queued message, as `tallyd queue` lists it.
@@ -170,10 +175,17 @@ pub struct Totals {
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 enum Op {
-    Enqueue(NewMessage, Bounds, Reply<Result<u64, Refusal>>),
-    /// The next messages after `after` (and those past their time after it, expired).
+    Enqueue(NewMessage, Bounds, Reply<Result<(u64, u64), Refusal>>),
+    /// The enrollment an id names now.
+    Generation {
+        id: Id,
+        reply: Reply<Option<u64>>,
+    },
+    /// The next messages of enrollment `generation` after `after` (those past their
+    /// time among them are deleted and returned instead).
     Next {
         id: Id,
+        generation: u64,
         after: u64,
         limit: usize,
         now_ms: i64,
@@ -181,7 +193,7 @@ enum Op {
     },
     /// Deletes an acknowledged message; its origin, if it was still there.
     Ack {
-        id: Id,
+        generation: u64,
         msg_id: u64,
         reply: Reply<Option<Origin>>,
     },
@@ -192,9 +204,14 @@ enum Op {
         live: HashSet<Id>,
         reply: Reply<Vec<Gone>>,
     },
-    /// Deletes one message, or all of an identity's.
+    /// Deletes messages of enrollments that are gone (removed or revoked).
+    Orphans {
+        reply: Reply<Vec<Gone>>,
+    },
+    /// Deletes one message of an enrollment, or all of them.
     Purge {
         id: Id,
+        generation: u64,
         msg_id: Option<u64>,
         reply: Reply<Vec<Gone>>,
     },
@@ -247,21 +264,29 @@ impl Queue {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
-    /// Stores `msg` and returns its message id once it is on disk; or why it was refused
-    /// (nothing stored), e.g. at `bounds`.
+    /// Stores `msg` and returns its enrollment and message id once it is on disk; or why
+    /// it was refused (nothing stored), e.g. at `bounds`.
     pub async fn enqueue(
         &self,
         msg: NewMessage,
         bounds: Bounds,
-    ) -> Result<Result<u64, Refusal>, QueueError> {
+    ) -> Result<Result<(u64, u64), Refusal>, QueueError> {
         self.ask(|reply| Op::Enqueue(msg, bounds, reply)).await
     }
 
-    /// The next (at most `limit`) messages of `id` after message `after`, in id order,
-    /// not expired at `now_ms`; the expired ones among them are deleted and returned.
+    /// The enrollment `id` names now (revoked or not), if any.
+    pub async fn generation(&self, id: &Id) -> Result<Option<u64>, QueueError> {
+        let id = id.clone();
+        self.ask(|reply| Op::Generation { id, reply }).await
+    }
+
+    /// The next (at most `limit`) messages of enrollment `generation` (of `id`) after
+    /// message `after`, in id order, not expired at `now_ms`, each counted as delivered;
+    /// the expired ones among them are deleted and returned.
     pub async fn next(
         &self,
         id: &Id,
+        generation: u64,
         after: u64,
         limit: usize,
         now_ms: i64,
@@ -269,6 +294,7 @@ impl Queue {
         let id = id.clone();
         self.ask(|reply| Op::Next {
             id,
+            generation,
             after,
             limit,
             now_ms,
@@ -277,10 +303,20 @@ impl Queue {
         .await
     }
 
-    /// Deletes acknowledged message `msg_id` of `id`: its origin if it was queued.
-    pub async fn ack(&self, id: &Id, msg_id: u64) -> Result<Option<Origin>, QueueError> {
-        let id = id.clone();
-        self.ask(|reply| Op::Ack { id, msg_id, reply }).await
+    /// Deletes acknowledged message `msg_id` of enrollment `generation`: its origin if
+    /// it was queued.
+    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Origin>, QueueError> {
+        self.ask(|reply| Op::Ack {
+            generation,
+            msg_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes the messages of enrollments that were removed or revoked.
+    pub async fn orphans(&self) -> Result<Vec<Gone>, QueueError> {
+        self.ask(|reply| Op::Orphans { reply }).await
     }
 
     /// Deletes the messages past their time at `now_ms`, except those of `live`
@@ -294,10 +330,21 @@ impl Queue {
         .await
     }
 
-    /// Deletes message `msg_id` of `id`, or all of its messages.
-    pub async fn purge(&self, id: &Id, msg_id: Option<u64>) -> Result<Vec<Gone>, QueueError> {
+    /// Deletes message `msg_id` of enrollment `generation` (of `id`), or all of them.
+    pub async fn purge(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: Option<u64>,
+    ) -> Result<Vec<Gone>, QueueError> {
         let id = id.clone();
-        self.ask(|reply| Op::Purge { id, msg_id, reply }).await
+        self.ask(|reply| Op::Purge {
+            id,
+            generation,
+            msg_id,
+            reply,
+        })
+        .await
     }
 
     /// The messages queued for `id`, oldest first.
@@ -363,8 +410,43 @@ impl Writer {
                 return;
             }
         };
-        let answers: Vec<Answer> = ops.into_iter().map(|op| apply(&tx, op)).collect();
-        let committed = tx.commit().map_err(QueueError::from);
+        // Each operation in a savepoint of its own: one that fails leaves nothing
+        // behind, and the others commit. If SQLite rolled the whole transaction back (a
+        // full disk, an I/O error), the rest are not run (they would commit one by one
+        // outside it) and every one fails.
+        let mut answers: Vec<Answer> = Vec::with_capacity(ops.len());
+        let mut broken: Option<QueueError> = None;
+        for op in ops {
+            if let Some(e) = &broken {
+                fail(op, e);
+                continue;
+            }
+            if let Err(e) = tx.execute_batch("SAVEPOINT op") {
+                let e = QueueError::from(e);
+                fail(op, &e);
+                broken = Some(e);
+                continue;
+            }
+            let (answer, ok) = apply(&tx, op);
+            let end = if ok {
+                tx.execute_batch("RELEASE op")
+            } else {
+                tx.execute_batch("ROLLBACK TO op; RELEASE op")
+            };
+            answers.push(answer);
+            if let Err(e) = end {
+                broken = Some(e.into());
+            } else if tx.is_autocommit() {
+                broken = Some(QueueError::Db("the transaction was rolled back".into()));
+            }
+        }
+        let committed = match broken {
+            Some(e) => {
+                drop(tx);
+                Err(e)
+            }
+            None => tx.commit().map_err(QueueError::from),
+        };
         for a in answers {
             a(committed.as_ref().map(|_| ()));
         }
@@ -375,35 +457,59 @@ fn fail(op: Op, e: &QueueError) {
     let e = || QueueError::Db(e.to_string());
     match op {
         Op::Enqueue(_, _, r) => drop(r.send(Err(e()))),
+        Op::Generation { reply, .. } => drop(reply.send(Err(e()))),
         Op::Next { reply, .. } => drop(reply.send(Err(e()))),
         Op::Ack { reply, .. } => drop(reply.send(Err(e()))),
-        Op::Expire { reply, .. } | Op::Purge { reply, .. } => drop(reply.send(Err(e()))),
+        Op::Expire { reply, .. } | Op::Purge { reply, .. } | Op::Orphans { reply } => {
+            drop(reply.send(Err(e())))
+        }
         Op::List { reply, .. } => drop(reply.send(Err(e()))),
         Op::Depths { reply } => drop(reply.send(Err(e()))),
         Op::Totals { reply } => drop(reply.send(Err(e()))),
     }
 }
 
-fn apply(conn: &Connection, op: Op) -> Answer {
+/// Runs `op`: its answer (sent after the commit), and whether it succeeded (else its
+/// savepoint is rolled back).
+fn apply(conn: &Connection, op: Op) -> (Answer, bool) {
+    fn done<T: Send + 'static>(reply: Reply<T>, value: Result<T, QueueError>) -> (Answer, bool) {
+        let ok = value.is_ok();
+        (answer(reply, value), ok)
+    }
     match op {
-        Op::Enqueue(msg, bounds, reply) => answer(reply, enqueue(conn, bounds, &msg)),
+        Op::Enqueue(msg, bounds, reply) => done(reply, enqueue(conn, bounds, &msg)),
+        Op::Generation { id, reply } => done(
+            reply,
+            generation(conn, id.as_str()).map(|g| g.map(|(g, _)| g as u64)),
+        ),
         Op::Next {
             id,
+            generation,
             after,
             limit,
             now_ms,
             reply,
-        } => answer(reply, next(conn, &id, after, limit, now_ms)),
-        Op::Ack { id, msg_id, reply } => answer(reply, ack(conn, &id, msg_id)),
+        } => done(reply, next(conn, &id, generation, after, limit, now_ms)),
+        Op::Ack {
+            generation,
+            msg_id,
+            reply,
+        } => done(reply, ack(conn, generation, msg_id)),
         Op::Expire {
             now_ms,
             live,
             reply,
-        } => answer(reply, expire(conn, now_ms, &live)),
-        Op::Purge { id, msg_id, reply } => answer(reply, purge(conn, &id, msg_id)),
-        Op::List { id, reply } => answer(reply, list(conn, &id)),
-        Op::Depths { reply } => answer(reply, depths(conn)),
-        Op::Totals { reply } => answer(reply, totals(conn)),
+        } => done(reply, expire(conn, now_ms, &live)),
+        Op::Orphans { reply } => done(reply, orphans(conn)),
+        Op::Purge {
+            id,
+            generation,
+            msg_id,
+            reply,
+        } => done(reply, purge(conn, &id, generation, msg_id)),
+        Op::List { id, reply } => done(reply, list(conn, &id)),
+        Op::Depths { reply } => done(reply, depths(conn)),
+        Op::Totals { reply } => done(reply, totals(conn)),
     }
 }
 
@@ -427,7 +533,7 @@ fn enqueue(
     conn: &Connection,
     bounds: Bounds,
     msg: &NewMessage,
-) -> Result<Result<u64, Refusal>, QueueError> {
+) -> Result<Result<(u64, u64), Refusal>, QueueError> {
     let id = msg.id.as_str();
     let generation = match generation(conn, id)? {
         None => return Ok(Err(Refusal::NotEnrolled(id.into()))),
@@ -468,23 +574,22 @@ fn enqueue(
         msg.expires_ms,
         msg.origin as i64
     ])?;
-    Ok(Ok(msg_id as u64))
+    Ok(Ok((generation as u64, msg_id as u64)))
 }
 
 fn next(
     conn: &Connection,
     id: &Id,
+    generation: u64,
     after: u64,
     limit: usize,
     now_ms: i64,
 ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
-    let Some((generation, _)) = generation(conn, id.as_str())? else {
-        return Ok((Vec::new(), Vec::new()));
-    };
+    let generation = generation as i64;
     let expired = conn
         .prepare_cached(
             "DELETE FROM queue WHERE generation = ?1 AND msg_id > ?2 AND expires <= ?3
-             RETURNING msg_id, origin",
+             RETURNING generation, msg_id, origin, delivered",
         )?
         .query_map(params![generation, after as i64, now_ms], |r| {
             gone_of(id, r)
@@ -492,8 +597,11 @@ fn next(
         .collect::<Result<Vec<_>, _>>()?;
     let queued = conn
         .prepare_cached(
-            "SELECT msg_id, kind, payload, origin FROM queue
-             WHERE generation = ?1 AND msg_id > ?2 ORDER BY msg_id LIMIT ?3",
+            "UPDATE queue SET delivered = delivered + 1
+             WHERE generation = ?1 AND msg_id IN (
+                 SELECT msg_id FROM queue WHERE generation = ?1 AND msg_id > ?2
+                 ORDER BY msg_id LIMIT ?3)
+             RETURNING msg_id, kind, payload, origin",
         )?
         .query_map(params![generation, after as i64, limit as i64], |r| {
             Ok(Queued {
@@ -504,77 +612,111 @@ fn next(
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order: the session delivers in id order.
+    let mut queued = queued;
+    queued.sort_unstable_by_key(|q| q.msg_id);
     Ok((queued, expired))
 }
 
-/// A deleted row of `id` as [`Gone`]: `(msg_id, origin)` columns.
+/// A deleted row of `id` as [`Gone`]: `(generation, msg_id, origin, delivered)` columns.
 fn gone_of(id: &Id, r: &rusqlite::Row<'_>) -> rusqlite::Result<Gone> {
     Ok(Gone {
         id: id.clone(),
-        msg_id: r.get::<_, i64>(0)? as u64,
-        origin: Origin::from_i64(r.get(1)?),
+        generation: r.get::<_, i64>(0)? as u64,
+        msg_id: r.get::<_, i64>(1)? as u64,
+        origin: Origin::from_i64(r.get(2)?),
+        delivered: r.get::<_, i64>(3)? > 0,
     })
 }
 
-fn ack(conn: &Connection, id: &Id, msg_id: u64) -> Result<Option<Origin>, QueueError> {
+fn ack(conn: &Connection, generation: u64, msg_id: u64) -> Result<Option<Origin>, QueueError> {
     Ok(conn
-        .prepare_cached(
-            "DELETE FROM queue WHERE msg_id = ?2
-               AND generation = (SELECT generation FROM identities WHERE id = ?1)
-             RETURNING origin",
-        )?
-        .query_row(params![id.as_str(), msg_id as i64], |r| r.get(0))
+        .prepare_cached("DELETE FROM queue WHERE generation = ?1 AND msg_id = ?2 RETURNING origin")?
+        .query_row(params![generation as i64, msg_id as i64], |r| r.get(0))
         .optional()?
         .map(Origin::from_i64))
 }
 
-/// Deleted rows as [`Gone`]: `(id, msg_id, origin)` columns.
-fn gone(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Gone>> {
-    let id: String = row.get(0)?;
-    let (msg_id, origin) = (row.get::<_, i64>(1)? as u64, Origin::from_i64(row.get(2)?));
-    Ok(Id::new(&id).ok().map(|id| Gone { id, msg_id, origin }))
-}
+/// Expired messages, the oldest first, at most this many per sweep.
+const EXPIRE_BATCH: i64 = 1000;
 
 fn expire(conn: &Connection, now_ms: i64, live: &HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
-    // Messages of enrollments that are gone (removed while the daemon was down, or by a
-    // crash between a removal and its purge) go too.
-    let candidates = conn
-        .prepare_cached(
-            "SELECT COALESCE(i.id, ''), q.msg_id, q.origin, q.generation FROM queue q
-               LEFT JOIN identities i ON i.generation = q.generation
-             WHERE q.expires <= ?1 OR i.id IS NULL OR i.key IS NULL
-             ORDER BY q.expires LIMIT 10000",
-        )?
-        .query_map([now_ms], |r| Ok((gone(r)?, r.get::<_, i64>(3)?)))?
+    // The live identities' messages are left to their sessions, in SQL: however many
+    // they are, they never crowd out the others (the index on expires is used, and the
+    // live ones are skipped there, not after the LIMIT).
+    let live: Vec<&str> = live.iter().map(Id::as_str).collect();
+    let live = serde_json::to_string(&live).map_err(|e| QueueError::Db(e.to_string()))?;
+    take(
+        conn,
+        "SELECT i.id, q.generation, q.msg_id, q.origin, q.delivered
+           FROM queue q JOIN identities i ON i.generation = q.generation
+         WHERE q.expires <= ?1 AND i.id NOT IN (SELECT value FROM json_each(?2))
+         ORDER BY q.expires LIMIT ?3",
+        params![now_ms, live, EXPIRE_BATCH],
+    )
+}
+
+fn orphans(conn: &Connection) -> Result<Vec<Gone>, QueueError> {
+    // A revoked identity keeps its row (its id is known); a removed one has none: its
+    // messages are reported as the placeholder id `removed` (their waiters are found
+    // by enrollment).
+    take(
+        conn,
+        "SELECT COALESCE(i.id, 'removed'), q.generation, q.msg_id, q.origin, q.delivered
+           FROM queue q LEFT JOIN identities i ON i.generation = q.generation
+         WHERE i.generation IS NULL OR i.key IS NULL LIMIT ?1",
+        params![EXPIRE_BATCH],
+    )
+}
+
+/// Deletes the rows `select` names (`id, generation, msg_id, origin, delivered`).
+fn take(
+    conn: &Connection,
+    select: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Gone>, QueueError> {
+    let rows = conn
+        .prepare_cached(select)?
+        .query_map(params, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::new();
     let mut delete =
         conn.prepare_cached("DELETE FROM queue WHERE generation = ?1 AND msg_id = ?2")?;
-    for (g, generation) in candidates {
-        match g {
-            Some(g) if live.contains(&g.id) => continue,
-            Some(g) => {
-                delete.execute(params![generation, g.msg_id as i64])?;
-                out.push(g);
-            }
-            None => {
-                conn.prepare_cached("DELETE FROM queue WHERE generation = ?1")?
-                    .execute([generation])?;
-            }
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, generation, msg_id, origin, delivered) in rows {
+        delete.execute(params![generation, msg_id])?;
+        if let Ok(id) = Id::new(&id) {
+            out.push(Gone {
+                id,
+                generation: generation as u64,
+                msg_id: msg_id as u64,
+                origin: Origin::from_i64(origin),
+                delivered: delivered > 0,
+            });
         }
     }
     Ok(out)
 }
 
-fn purge(conn: &Connection, id: &Id, msg_id: Option<u64>) -> Result<Vec<Gone>, QueueError> {
+fn purge(
+    conn: &Connection,
+    id: &Id,
+    generation: u64,
+    msg_id: Option<u64>,
+) -> Result<Vec<Gone>, QueueError> {
     let rows = conn
         .prepare_cached(
-            "DELETE FROM queue
-             WHERE generation = (SELECT generation FROM identities WHERE id = ?1)
-               AND (?2 IS NULL OR msg_id = ?2)
-             RETURNING msg_id, origin",
+            "DELETE FROM queue WHERE generation = ?1 AND (?2 IS NULL OR msg_id = ?2)
+             RETURNING generation, msg_id, origin, delivered",
         )?
-        .query_map(params![id.as_str(), msg_id.map(|m| m as i64)], |r| {
+        .query_map(params![generation as i64, msg_id.map(|m| m as i64)], |r| {
             gone_of(id, r)
         })?
         .collect::<Result<Vec<_>, _>>()?;

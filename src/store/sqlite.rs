@@ -57,6 +57,7 @@ const MIGRATIONS: &[&str] = &[
         queued     INTEGER NOT NULL,   -- Unix milliseconds
         expires    INTEGER NOT NULL,   -- Unix milliseconds
         origin     INTEGER NOT NULL,   -- 0 control socket, 1 backend
+        delivered  INTEGER NOT NULL DEFAULT 0,   -- times sent in a DELIVER
         PRIMARY KEY (generation, msg_id)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX queue_expires ON queue (expires);
@@ -357,26 +358,17 @@ impl Engine for Sqlite {
             params![id, at],
         )?;
         if n == 1 {
-            // A revoked identity is never delivered to again: its queue goes.
-            conn.execute(
-                "DELETE FROM queue WHERE generation IN (SELECT generation FROM identities WHERE id = ?1)",
-                [id],
-            )?;
             return Ok(Some(true));
         }
         Ok(is_enrolled(&conn, id)?.then_some(false))
     }
 
     fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Its queued messages go with it (a new enrollment starts a new queue).
-        tx.execute(
-            "DELETE FROM queue WHERE generation IN (SELECT generation FROM identities WHERE id = ?1)",
-            [id],
-        )?;
-        let n = tx.execute("DELETE FROM identities WHERE id = ?1", [id])?;
-        tx.commit()?;
+        // Its queued messages stay until the daemon withdraws them and tells their
+        // senders (store::queue: a removed enrollment's queue is never delivered).
+        let n = self
+            .conn()
+            .execute("DELETE FROM identities WHERE id = ?1", [id])?;
         Ok(n == 1)
     }
 
