@@ -248,6 +248,8 @@ const MIGRATIONS: &[&str] = &[
     r#"
     -- The durable queue (store::queue, spec 8.8): each enrollment numbers its messages.
     ALTER TABLE identities ADD COLUMN next_msg_id bigint NOT NULL DEFAULT 1;
+    ALTER TABLE identities ADD COLUMN queued_messages bigint NOT NULL DEFAULT 0;
+    ALTER TABLE identities ADD COLUMN queued_bytes bigint NOT NULL DEFAULT 0;
     CREATE TABLE queue (
         generation bigint NOT NULL,
         msg_id     bigint NOT NULL,

@@ -542,7 +542,7 @@ fn enqueue(
     };
     let (messages, bytes): (i64, i64) = conn
         .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE generation = ?1",
+            "SELECT queued_messages, queued_bytes FROM identities WHERE generation = ?1",
         )?
         .query_row([generation], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let (messages, bytes) = (messages as u64, bytes as u64);
@@ -756,7 +756,9 @@ fn depths(conn: &Connection) -> Result<Vec<(String, u64)>, QueueError> {
 fn totals(conn: &Connection) -> Result<Totals, QueueError> {
     Ok(conn
         .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(queued) FROM queue",
+            "SELECT COALESCE(SUM(queued_messages), 0), COALESCE(SUM(queued_bytes), 0),
+                    (SELECT MIN(queued) FROM queue)
+             FROM identities",
         )?
         .query_row([], |r| {
             Ok(Totals {

@@ -49,6 +49,10 @@ const MIGRATIONS: &[&str] = &[
     "
     -- The durable queue (store::queue, spec 8.8): each enrollment numbers its messages.
     ALTER TABLE identities ADD COLUMN next_msg_id INTEGER NOT NULL DEFAULT 1;
+    -- What each enrollment has queued, kept by the triggers below: the bounds are
+    -- checked in O(1), not by reading every payload.
+    ALTER TABLE identities ADD COLUMN queued_messages INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE identities ADD COLUMN queued_bytes INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE queue (
         generation INTEGER NOT NULL,   -- the enrollment it is for
         msg_id     INTEGER NOT NULL,
@@ -61,6 +65,16 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (generation, msg_id)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX queue_expires ON queue (expires);
+    CREATE TRIGGER queue_added AFTER INSERT ON queue BEGIN
+        UPDATE identities SET queued_messages = queued_messages + 1,
+                              queued_bytes = queued_bytes + length(NEW.payload)
+        WHERE generation = NEW.generation;
+    END;
+    CREATE TRIGGER queue_removed AFTER DELETE ON queue BEGIN
+        UPDATE identities SET queued_messages = queued_messages - 1,
+                              queued_bytes = queued_bytes - length(OLD.payload)
+        WHERE generation = OLD.generation;
+    END;
 ",
 ];
 
@@ -376,7 +390,7 @@ impl Engine for Sqlite {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, generation, created, last_seen, revoked, mode,
-                    (SELECT COUNT(*) FROM queue q WHERE q.generation = identities.generation)
+                    queued_messages
              FROM identities ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
