@@ -860,3 +860,38 @@ async fn an_old_enrollments_late_ack_cannot_touch_a_new_enrollments_queue() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A connected device that never acknowledges keeps its expired messages (the sweep
+/// leaves a live session's queue to it): more of them than the sweep takes at once
+/// must not stop another, offline device's messages from expiring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_never_acknowledging_devices_expired_backlog_does_not_stop_expiry_for_others() {
+    let s = TestServer::start(|c| {
+        c.limits.queue_max_messages = 5000;
+        c.limits.deliveries_in_flight = 1;
+    })
+    .await;
+    let stuck = s.enroll("stuck").await;
+    s.enroll("asleep").await;
+    let (_c, mut incoming) = s.connect(&stuck).await;
+    // Its window full, never acknowledged: the rest waits, and expires unseen.
+    let mut held = Vec::new();
+    enqueue(&s, "stuck", DeliveryKind::Message, "0", None)
+        .await
+        .unwrap();
+    held.push(next_delivery(&mut incoming).await);
+    let ttl = Some(Duration::from_secs(1));
+    for n in 0..1200 {
+        enqueue(&s, "stuck", DeliveryKind::Message, &n.to_string(), ttl)
+            .await
+            .unwrap();
+    }
+    let asleep = enqueue(&s, "asleep", DeliveryKind::Message, "x", ttl)
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), asleep.outcome).await {
+        Ok(Ok(Outcome::Expired)) => {}
+        other => panic!("the offline device's message did not expire: {other:?}"),
+    }
+    drop(held);
+}
