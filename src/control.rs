@@ -628,9 +628,12 @@ fn error(e: impl std::fmt::Display) -> ControlResponse {
 
 /// Durable delivery, or why there is none.
 fn queued(state: &ServerState) -> Result<&Arc<Deliveries>, ControlResponse> {
-    state.deliveries.as_ref().ok_or_else(|| ControlResponse::Error {
-        message: "queued delivery needs the SQLite store: it is not available in a fleet on PostgreSQL yet".into(),
-    })
+    state
+        .deliveries
+        .as_ref()
+        .ok_or_else(|| ControlResponse::Error {
+            message: crate::server::delivery::UNAVAILABLE.into(),
+        })
 }
 
 /// `Enqueue`: stores the message, then answers its id, or (with a wait) its outcome.

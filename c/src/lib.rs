@@ -721,20 +721,13 @@ pub unsafe extern "C" fn tally_client_request(
     now_ms: u64,
     seq: *mut u64,
 ) -> TallyResult {
-    let c = match open_client(client) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
-    let Some(payload) = bytes_from(payload, len) else {
-        return TALLY_ERR_INVALID_ARGUMENT;
-    };
-    let r = c.device.request(payload, ms(now_ms)).map(|s| {
-        if let Some(out) = seq.as_mut() {
-            *out = s;
-        }
-    });
-    c.drain(ms(now_ms));
-    sent(r)
+    send_payload(client, payload, len, now_ms, |device, payload, now| {
+        device.request(payload, now).map(|s| {
+            if let Some(out) = seq.as_mut() {
+                *out = s;
+            }
+        })
+    })
 }
 
 /// Sends a one-way MESSAGE.
@@ -745,16 +738,9 @@ pub unsafe extern "C" fn tally_client_message(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    let c = match open_client(client) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
-    let Some(payload) = bytes_from(payload, len) else {
-        return TALLY_ERR_INVALID_ARGUMENT;
-    };
-    let r = c.device.message(payload, ms(now_ms));
-    c.drain(ms(now_ms));
-    sent(r)
+    send_payload(client, payload, len, now_ms, |device, payload, now| {
+        device.message(payload, now)
+    })
 }
 
 /// Answers the server's REQUEST `seq` (from its `TALLY_EVENT_REQUEST`) with `status`
@@ -771,14 +757,14 @@ pub unsafe extern "C" fn tally_client_respond(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    answer(client, payload, len, now_ms, |device, payload, now| {
+    send_payload(client, payload, len, now_ms, |device, payload, now| {
         device.respond(seq, Status(status), payload, now)
     })
 }
 
-/// An answer to the server (a RESPONSE, an ACK): `send` with the payload, then the
-/// events it made.
-unsafe fn answer(
+/// What every sending call does: the session must be established, the payload is
+/// checked and copied, `send` sends it, then the events it made are drained.
+unsafe fn send_payload(
     client: *mut TallyClient,
     payload: *const u8,
     len: usize,
@@ -812,7 +798,7 @@ pub unsafe extern "C" fn tally_client_ack(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    answer(client, payload, len, now_ms, |device, payload, now| {
+    send_payload(client, payload, len, now_ms, |device, payload, now| {
         device.ack(msg_id, Status(status), payload, now)
     })
 }

@@ -492,31 +492,21 @@ impl Connection {
         if !self.unanswered.contains(&req_seq) {
             return Err(ProtocolError::NotPending(req_seq));
         }
-        let sent = self.send_body(
-            &Body::Response {
-                req_seq,
-                status,
-                payload,
-            },
+        let answer = |status, payload| Body::Response {
+            req_seq,
+            status,
+            payload,
+        };
+        let sent = self.send_answer(
+            answer,
+            (status, payload),
+            b"response too large for one frame",
             now,
         );
-        // Spec 8.4: an answer too large for one frame is replaced by status
-        // BACKEND_ERROR, so that the request is still answered exactly once.
-        if let Err(too_large @ ProtocolError::PayloadTooLarge { .. }) = sent {
-            self.send_body(
-                &Body::Response {
-                    req_seq,
-                    status: Status::BACKEND_ERROR,
-                    payload: Bytes::from_static(b"response too large for one frame"),
-                },
-                now,
-            )?;
+        if matches!(sent, Ok(()) | Err(ProtocolError::PayloadTooLarge { .. })) {
             self.unanswered.remove(&req_seq);
-            return Err(too_large);
         }
-        sent?;
-        self.unanswered.remove(&req_seq);
-        Ok(())
+        sent
     }
 
     /// Sends a MESSAGE.
@@ -570,29 +560,41 @@ impl Connection {
         if !self.deliveries.contains(&msg_id) {
             return Err(ProtocolError::NotDelivered(msg_id));
         }
-        let sent = self.send_body(
-            &Body::Ack {
-                msg_id,
-                status,
-                payload,
-            },
+        let answer = |status, payload| Body::Ack {
+            msg_id,
+            status,
+            payload,
+        };
+        let sent = self.send_answer(
+            answer,
+            (status, payload),
+            b"answer too large for one frame",
             now,
         );
-        if let Err(too_large @ ProtocolError::PayloadTooLarge { .. }) = sent {
-            self.send_body(
-                &Body::Ack {
-                    msg_id,
-                    status: Status::BACKEND_ERROR,
-                    payload: Bytes::from_static(b"answer too large for one frame"),
-                },
-                now,
-            )?;
+        if matches!(sent, Ok(()) | Err(ProtocolError::PayloadTooLarge { .. })) {
             self.deliveries.remove(&msg_id);
-            return Err(too_large);
         }
-        sent?;
-        self.deliveries.remove(&msg_id);
-        Ok(())
+        sent
+    }
+
+    /// Sends an answer, a RESPONSE (8.4) or an ACK (8.8), that `answer` makes of a status
+    /// and a payload. One too large for a frame is replaced by status BACKEND_ERROR and
+    /// `too_large`, so that it is still answered exactly once, and the error returned:
+    /// `Ok` or [`ProtocolError::PayloadTooLarge`] mean an answer went out.
+    fn send_answer(
+        &mut self,
+        answer: impl Fn(Status, Bytes) -> Body,
+        (status, payload): (Status, Bytes),
+        too_large: &'static [u8],
+        now: Duration,
+    ) -> Result<(), ProtocolError> {
+        let sent = self.send_body(&answer(status, payload), now);
+        if let Err(e @ ProtocolError::PayloadTooLarge { .. }) = sent {
+            let replaced = answer(Status::BACKEND_ERROR, Bytes::from_static(too_large));
+            self.send_body(&replaced, now)?;
+            return Err(e);
+        }
+        sent.map(drop)
     }
 
     /// Sends a PING; returns its sequence number, which its [`Event::Pong`] names.

@@ -23,6 +23,10 @@ use super::registry::Registry;
 use crate::proto::{DeliveryKind, Id, Status};
 use crate::store::queue::{self, Bounds, Gone, NewMessage, Origin, Queue, QueueError, Refusal};
 
+/// Why a daemon has no queue (a sender's answer).
+pub const UNAVAILABLE: &str =
+    "queued delivery needs the SQLite store: it is not available in a fleet on PostgreSQL yet";
+
 /// How a queued message ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

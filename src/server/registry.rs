@@ -78,7 +78,7 @@ impl crate::backend::Devices for Sessions {
             let d = state
                 .deliveries
                 .as_ref()
-                .ok_or("queued delivery needs the SQLite store: not available in a fleet on PostgreSQL yet")?;
+                .ok_or(super::delivery::UNAVAILABLE)?;
             let limits = state.limits();
             let origin = crate::store::queue::Origin::Backend;
             d.enqueue(&state.registry, &limits, id, kind, payload, ttl, origin)

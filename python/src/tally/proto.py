@@ -474,14 +474,20 @@ class SessionState:
         if req_seq not in self.unanswered:
             raise ValueError(f"request {req_seq} is not waiting for an answer (answered already, "
                              "or never received)")
+        f = self._answer(FrameType.RESPONSE, req_seq, status, payload,
+                         b"response too large for the peer's frame limit")
+        self.unanswered.discard(req_seq)
+        return f
+
+    def _answer(self, ty: int, ref: int, status: int, payload: bytes, too_large: bytes) -> bytes:
+        """A RESPONSE or an ACK (``ref || status || payload``, 4.5): one that does not fit the
+        peer's limit is replaced by status BACKEND_ERROR and ``too_large`` (8.4, 8.8)."""
         if not 0 <= status <= 0xFFFF:
             raise ValueError("a status is a u16")
         payload = bytes(payload)
         if self.overhead + 10 + len(payload) > self.send_limit:
-            status, payload = Status.BACKEND_ERROR, b"response too large for the peer's frame limit"
-        _, f = self._seal(FrameType.RESPONSE, struct.pack(">QH", req_seq, status) + payload)
-        self.unanswered.discard(req_seq)
-        return f
+            status, payload = Status.BACKEND_ERROR, too_large
+        return self._seal(ty, struct.pack(">QH", ref, status) + payload)[1]
 
     def ack(self, msg_id: int, status: int = 0, payload: bytes = b"") -> bytes:
         """The one ACK of DELIVER ``msg_id`` (8.8): for a queued request, the answer; for a
@@ -492,12 +498,7 @@ class SessionState:
         if msg_id not in self.deliveries:
             raise ValueError(f"delivery {msg_id} is not waiting for an acknowledgement "
                              "(acknowledged already, or never received)")
-        if not 0 <= status <= 0xFFFF:
-            raise ValueError("a status is a u16")
-        payload = bytes(payload)
-        if self.overhead + 10 + len(payload) > self.send_limit:
-            status, payload = Status.BACKEND_ERROR, b"answer too large for one frame"
-        _, f = self._seal(FrameType.ACK, struct.pack(">QH", msg_id, status) + payload)
+        f = self._answer(FrameType.ACK, msg_id, status, payload, b"answer too large for one frame")
         self.deliveries.discard(msg_id)
         return f
 
