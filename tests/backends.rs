@@ -436,6 +436,7 @@ async fn cli_listen_exec_answers_tallyd_send() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
     assert!(line.contains("connected as cli-dev"), "{line}");
+    common::bin::await_session(&state, "cli-dev");
     let tallyd = |args: &[&str]| common::bin::admin(&state, args);
     let sent = tallyd(&["send", "cli-dev", "--request", "hello device"]);
     assert!(

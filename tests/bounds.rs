@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::bin::{admin, enroll, expect_line, lines, text, KillOnDrop};
+use common::bin::{admin, await_session, enroll, expect_line, lines, text, KillOnDrop};
 use common::{eventually, TestServer};
 use tally::backend::SendKind;
 use tally::client::Incoming;
@@ -387,28 +387,4 @@ fn idle_metrics_connections_are_capped_inside_the_open_file_limit() {
         let _ = s.read_to_string(&mut answer);
         answer.starts_with("HTTP/1.1 200 OK\r\n")
     });
-}
-
-/// `tally listen` says "connected" once its CLIENT_FINISH is on its way; the daemon
-/// registers the session when it has verified it. A `tallyd send` in between finds no
-/// session (seen on a loaded machine): wait until the daemon lists it.
-fn await_session(state: &std::path::Path, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = admin(state, &["sessions", "--json"]);
-        let sessions: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-        let listed = sessions
-            .as_array()
-            .is_some_and(|all| all.iter().any(|s| s["id"] == id));
-        if listed {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session of {id}: {}",
-            text(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -831,6 +831,7 @@ fn tally_listen_prints_payloads_as_their_text() {
     let err = common::bin::lines(child.stderr.take().unwrap());
     let _listener = common::bin::KillOnDrop(child);
     common::bin::expect_line(&err, "connected as printer-1");
+    common::bin::await_session(&state, "printer-1");
     for payload in [r#"{"interval":60}"#, "two\nlines"] {
         let sent = common::bin::admin(&state, &["send", "printer-1", payload]);
         assert!(sent.status.success(), "{}", common::bin::text(&sent.stderr));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::bin::{admin, enroll, expect_line, listen, text};
+use common::bin::{admin, await_session, enroll, expect_line, listen, text};
 use common::TestServer;
 use tally::client::{ClientError, ClientOptions, Link, LinkEvent, Reconnect};
 use tally::proto::CloseCode;
@@ -196,6 +196,7 @@ fn tally_listen_survives_a_daemon_restart() {
     let (mut listen, lines) = listen(&["--echo"], &cred);
     let expect = |part: &str| expect_line(&lines, part);
     expect("connected as dev");
+    await_session(&state, "dev");
     let (ok, answer, err) = tallyd(&["send", "dev", "--request", "first"]);
     assert!(ok && answer == "first", "{answer:?} {err}");
 
@@ -217,6 +218,7 @@ fn tally_listen_survives_a_daemon_restart() {
     cmd.args(["--listen", &addr, "--state-dir"]).arg(&state);
     let (_daemon, _) = common::bin::start_cmd(cmd, false);
     expect("reconnected as dev");
+    await_session(&state, "dev");
     let (ok, answer, err) = tallyd(&["send", "dev", "--request", "second"]);
     assert!(ok && answer == "second", "{answer:?} {err}");
     assert!(
@@ -280,6 +282,7 @@ fn tally_listen_answers_requests_concurrently() {
     );
     let (_listen, lines) = listen(&["--exec", &handler], &cred);
     expect_line(&lines, "connected as dev");
+    await_session(&state, "dev");
     let state2 = state.clone();
     let slow = std::thread::spawn(move || {
         admin(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc::Receiver;
 
-use common::bin::{self, admin, enroll, expect_line, text};
+use common::bin::{self, admin, await_session, enroll, expect_line, text};
 
 /// A fresh `XDG_RUNTIME_DIR` (0700) in `dir`.
 fn runtime(dir: &Path) -> PathBuf {
@@ -33,8 +33,10 @@ fn tally(args: &[&str], run: &Path) -> Output {
 }
 
 /// `id`'s live session as `tallyd sessions --json` shows it: (peer, since). A takeover
-/// makes a new session, from another port, since another time.
+/// makes a new session, from another port, since another time. Waits until the daemon
+/// lists one: a listener says "connected" once its CLIENT_FINISH is on its way.
 fn session(state: &Path, id: &str) -> (String, String) {
+    await_session(state, id);
     let out = admin(state, &["sessions", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

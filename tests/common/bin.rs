@@ -277,3 +277,28 @@ pub fn metric(text: &str, metric: &str) -> f64 {
         .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
 }
+
+/// `tally listen` says "connected" once its CLIENT_FINISH is on its way; the daemon
+/// registers the session when it has verified it. A `tallyd send` in between finds no
+/// session (seen on a loaded machine): wait until the daemon lists it.
+#[allow(dead_code)]
+pub fn await_session(state: &std::path::Path, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = admin(state, &["sessions", "--json"]);
+        let sessions: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let listed = sessions
+            .as_array()
+            .is_some_and(|all| all.iter().any(|s| s["id"] == id));
+        if listed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session of {id}: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
