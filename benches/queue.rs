@@ -19,6 +19,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tally::proto::frame::EnrollMode;
 use tally::proto::{DeliveryKind, Id, SecretKey};
+use tally::store::queue::sqlite::SqliteQueue;
 use tally::store::queue::{now_ms, Bounds, NewMessage, Origin, Queue};
 use tally::store::{Store, DB_FILE};
 
@@ -37,7 +38,7 @@ fn setup(dir: &std::path::Path) -> (Queue, Vec<Id>) {
             .insert(id, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
             .unwrap();
     }
-    (Queue::open(&path).unwrap(), ids)
+    (Queue::Sqlite(SqliteQueue::open(&path).unwrap()), ids)
 }
 
 fn message(id: &Id, n: u64) -> NewMessage {

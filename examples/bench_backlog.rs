@@ -77,7 +77,7 @@ async fn main() {
         }
         creds.extend(enrolling.join_all().await);
     }
-    let d = state.deliveries.clone().unwrap();
+    let d = state.deliveries.clone();
     let limits = state.limits();
     let start = Instant::now();
     let mut queueing = tokio::task::JoinSet::new();

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::proto::{CloseCode, DeliveryKind, Id};
-use crate::server::delivery::{Deliveries, Outcome};
+use crate::server::delivery::Outcome;
 use crate::server::registry::{SendKind, SessionInfo};
 use crate::server::ServerState;
 use crate::store::queue::Origin;
@@ -422,24 +422,22 @@ async fn answer(req: ControlRequest, state: &ServerState) -> ControlResponse {
             ttl_secs,
             wait_secs,
         } => enqueue(state, &id, request, &payload_hex, ttl_secs, wait_secs).await,
-        ControlRequest::Queue { id } => match (queued(state), Id::new(&id)) {
-            (Ok(d), Ok(id)) => match d.queue().list(&id).await {
+        ControlRequest::Queue { id } => match Id::new(&id) {
+            Ok(id) => match state.deliveries.queue().list(&id).await {
                 Ok(messages) => ControlResponse::QueueList { messages },
                 Err(e) => error(e),
             },
-            (Err(e), _) => e,
-            (_, Err(e)) => error(e),
+            Err(e) => error(e),
         },
-        ControlRequest::Purge { id, msg_id } => match (queued(state), Id::new(&id)) {
-            (Ok(d), Ok(id)) => match d.purge(&id, msg_id).await {
+        ControlRequest::Purge { id, msg_id } => match Id::new(&id) {
+            Ok(id) => match state.deliveries.purge(&id, msg_id).await {
                 Ok(count) => {
                     info!(id = %id, count, "queued messages purged on the control socket");
                     ControlResponse::Purged { count }
                 }
                 Err(e) => error(e),
             },
-            (Err(e), _) => e,
-            (_, Err(e)) => error(e),
+            Err(e) => error(e),
         },
         ControlRequest::OpenToken { .. }
         | ControlRequest::IssueToken { .. }
@@ -626,16 +624,6 @@ fn error(e: impl std::fmt::Display) -> ControlResponse {
     }
 }
 
-/// Durable delivery, or why there is none.
-fn queued(state: &ServerState) -> Result<&Arc<Deliveries>, ControlResponse> {
-    state
-        .deliveries
-        .as_ref()
-        .ok_or_else(|| ControlResponse::Error {
-            message: crate::server::delivery::UNAVAILABLE.into(),
-        })
-}
-
 /// `Enqueue`: stores the message, then answers its id, or (with a wait) its outcome.
 async fn enqueue(
     state: &ServerState,
@@ -645,10 +633,7 @@ async fn enqueue(
     ttl_secs: Option<f64>,
     wait_secs: Option<f64>,
 ) -> ControlResponse {
-    let d = match queued(state) {
-        Ok(d) => d,
-        Err(e) => return e,
-    };
+    let d = &state.deliveries;
     // A TTL of 0 is the default, as in the backend's QUEUE.
     let ttl_secs = ttl_secs.filter(|t| *t > 0.0);
     let secs = |s: Option<f64>| s.map(Duration::try_from_secs_f64).transpose();
@@ -730,10 +715,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
     };
     // The enrollment whose queue is withdrawn once the store changed (a message queued
     // until then is its too; after, none is accepted).
-    let generation = match &state.deliveries {
-        Some(d) => d.queue().generation(&id).await.unwrap_or(None),
-        None => None,
-    };
+    let generation = state
+        .deliveries
+        .queue()
+        .generation(&id)
+        .await
+        .unwrap_or(None);
     let store = state.store.clone();
     let name = id.to_string();
     let done = tokio::task::spawn_blocking(move || {
@@ -776,8 +763,12 @@ async fn invalidate(state: &ServerState, id: &str, revoke: bool) -> ControlRespo
     let was_live = state.registry.invalidate(&id, code, reason) || live_elsewhere;
     // Its queued messages are withdrawn, their senders told (a crash before this leaves
     // them to the sweep, which does the same).
-    if let (Some(d), Some(generation)) = (&state.deliveries, generation) {
-        if let Err(e) = d.purge_generation(&id, generation, None).await {
+    if let Some(generation) = generation {
+        if let Err(e) = state
+            .deliveries
+            .purge_generation(&id, generation, None)
+            .await
+        {
             warn!(id = %id, "withdrawing the queue of a revoked or removed identity (the sweep will): {e}");
         }
     }

@@ -2035,3 +2035,279 @@ fn a_replayed_send_is_not_answered_refused_by_a_node_whose_clock_moved_on() {
     );
     still_connected(&lines);
 }
+
+// Queued delivery in a fleet (spec 8.8, docs/CLUSTER.md "Queued delivery"): the queue is
+// the shared store's; a message queued on any node is delivered by the node holding the
+// device's session, and its outcome reaches the node it was queued on.
+
+/// A `tally listen --exec` handler that appends each payload to `log` and answers
+/// `done PAYLOAD`; with `gate`, it first touches `gate.0` and waits for `gate.1`.
+fn logging_handler(log: &Path, gate: Option<(&Path, &Path)>) -> String {
+    let wait = match gate {
+        Some((started, go)) => format!(
+            "touch {}; while [ ! -f {} ]; do sleep 0.05; done; ",
+            started.display(),
+            go.display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        "p=$(cat); echo \"$p\" >> {}; {wait}printf 'done %s' \"$p\"",
+        log.display()
+    )
+}
+
+/// The payloads `logging_handler` handled, in order.
+fn handled(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (up to 20 s) until `tallyd queue ID --json` on node `n` lists `want` ids.
+fn await_queue(f: &Fleet, n: usize, id: &str, want: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let json = f.nodes[n].ok(&["queue", id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let ids: Vec<u64> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["msg_id"].as_u64().unwrap())
+            .collect();
+        if ids == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue of {id} is {ids:?}, not {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_message_queued_on_one_node_reaches_the_device_on_another_and_its_answer_comes_back() {
+    let Some(f) = Fleet::start("fleet: queued delivery", 2, "replace") else {
+        return;
+    };
+    // Enrolled on node 1 and queued there at once, while the device is offline: stored
+    // in the fleet's store, which every node lists. (Node 0 may hear of the message
+    // before it has indexed the new identity: its first session looks anyway.)
+    let cred = f.enroll(1, "meter-7");
+    let id = f.nodes[1].ok(&["send", "meter-7", "--queue", "--request", "offline?"]);
+    assert_eq!(id.trim(), "1");
+    await_queue(&f, 0, "meter-7", &[1]);
+    let table = f.nodes[0].ok(&["identities"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("meter-7") && l.contains(" 1 ")),
+        "QUEUED column: {table}"
+    );
+    // The device connects to node 0: the message is delivered there and acknowledged,
+    // and leaves the queue.
+    let log = f.root.path().join("meter-7.log");
+    let (_dev, lines) = bin::listen(&["--exec", &logging_handler(&log, None)], &f.at(&cred, 0));
+    expect_line(&lines, "connected as meter-7");
+    await_queue(&f, 1, "meter-7", &[]);
+    assert_eq!(handled(&log), ["offline?"]);
+    // Queued on node 1 for the device online on node 0, waiting: node 0 hears of it
+    // (tally_queued), delivers it, and the device's answer comes back to node 1.
+    let sent = Instant::now();
+    let out = f.nodes[1].admin(&[
+        "send",
+        "meter-7",
+        "--queue",
+        "--request",
+        "--wait",
+        "20s",
+        "online?",
+    ]);
+    let took = sent.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "done online?");
+    assert!(
+        text(&out.stderr).contains("meter-7 acknowledged message 2"),
+        "{}",
+        text(&out.stderr)
+    );
+    eprintln!("queued on node 1, delivered on node 0, answered back on node 1 in {took:?}");
+    // A one-way message queued on node 0, where the session is: told there.
+    let out = f.nodes[0].admin(&["send", "meter-7", "--queue", "--wait", "20s", "note"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "3");
+    // (`tally listen` acknowledges a message as it prints it: no handler runs.)
+    assert_eq!(handled(&log), ["offline?", "online?"]);
+    // Removing the identity (on node 1) withdraws what is still queued for it.
+    drop(_dev);
+    f.await_sessions(1, &[], 10);
+    // Offline, a message that may wait a second: the sweep (of whichever node) expires
+    // it, and its sender on node 1 is told.
+    let out = f.nodes[1].admin(&[
+        "send", "meter-7", "--queue", "--ttl", "1s", "--wait", "20s", "stale",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("message 4 for meter-7: expired"),
+        "{}",
+        text(&out.stderr)
+    );
+    f.nodes[0].ok(&["send", "meter-7", "--queue", "later"]);
+    f.nodes[1].ok(&["remove", "meter-7"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.cluster.psql("SELECT count(*) FROM queue") != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the removed identity's queue stays"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_node_killed_mid_delivery_loses_nothing_and_the_next_session_redelivers() {
+    let Some(mut f) = Fleet::start("fleet: kill -9 mid-delivery", 2, "replace") else {
+        return;
+    };
+    let a = f.nodes[0].daemon.addr.clone();
+    let b = f.nodes[1].daemon.addr.clone();
+    let lb = Proxy::start(&[&a, &b]);
+    let cred = f.enroll(0, "valve-2");
+    let cred = f.cred_for(&cred, &lb.addr.to_string(), "valve-2-lb.cred");
+    let root = f.root.path().to_owned();
+    let (log, started, go) = (root.join("log"), root.join("started"), root.join("go"));
+    let handler = logging_handler(&log, Some((&started, &go)));
+    let (_dev, lines) = bin::listen(&["--exec", &handler], &cred);
+    expect_line(&lines, "connected as valve-2");
+    f.await_sessions(1, &[("valve-2", 0)], 10);
+    // Queued on node 1, whose sender waits; delivered by node 0, which holds the
+    // session.
+    let dir = f.nodes[1].dir.clone();
+    let sender = std::thread::spawn(move || {
+        bin::admin(
+            &dir,
+            &[
+                "send",
+                "valve-2",
+                "--queue",
+                "--request",
+                "--wait",
+                "90s",
+                "open",
+            ],
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the message was never delivered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // kill -9 of node 0 while the device handles it: its ACK reaches nobody.
+    f.nodes[0].daemon.child.kill().unwrap();
+    f.nodes[0].daemon.child.wait().unwrap();
+    expect_line(&lines, "session lost");
+    std::fs::write(&go, "").unwrap();
+    // The device reconnects through the balancer to node 1 (takeover = "replace"),
+    // which delivers the message again: handled twice (at least once, spec 8.8), and
+    // the sender is told the device's answer.
+    expect_line(&lines, "reconnected as valve-2");
+    let out = sender.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "done open");
+    assert_eq!(handled(&log), ["open", "open"]);
+    await_queue(&f, 1, "valve-2", &[]);
+}
+
+/// A database writer (anyone with the database's password) inserts a queued message of
+/// its own and an outcome of its own, and tells the nodes: neither verifies under the
+/// fleet key, so the device receives nothing and no sender is told anything.
+#[test]
+fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reported() {
+    let Some(f) = Fleet::start("fleet: forged queue rows", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "lock-3");
+    let log = f.root.path().join("lock-3.log");
+    let (dev, lines) = bin::listen(&["--exec", &logging_handler(&log, None)], &f.at(&cred, 0));
+    expect_line(&lines, "connected as lock-3");
+    f.await_sessions(1, &[("lock-3", 0)], 10);
+    let generation = f
+        .cluster
+        .psql("SELECT generation FROM identities WHERE id = 'lock-3'");
+    let node = |n: usize| {
+        let name = f.cluster.psql(&format!(
+            "SELECT node FROM nodes WHERE addr = '{}'",
+            f.nodes[n].daemon.addr
+        ));
+        assert!(!name.is_empty(), "node {n} has no row");
+        name
+    };
+    let zeros = "decode(repeat('00', 32), 'hex')";
+    f.cluster.psql(&format!(
+        "INSERT INTO queue (generation, msg_id, kind, payload, queued, expires, origin, node, tag)
+         VALUES ({generation}, 1, 1, 'unlock'::bytea, 0, 99999999999999, 0, '{}', {zeros});
+         NOTIFY tally_queued, 'lock-3';",
+        node(1)
+    ));
+    // Node 0 reads it, finds its tag wrong, and deletes it: nothing is delivered.
+    f.nodes[0]
+        .daemon
+        .expect_log(&["tag does not verify", "deleted, not delivered"]);
+    assert_eq!(f.cluster.psql("SELECT count(*) FROM queue"), "0");
+    // A genuine message after it is delivered, and answered.
+    let out = f.nodes[1].admin(&[
+        "send",
+        "lock-3",
+        "--queue",
+        "--request",
+        "--wait",
+        "20s",
+        "status?",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "done status?");
+    assert_eq!(handled(&log), ["status?"]);
+    // The device goes offline; a message queued on node 1 waits for it, and so does its
+    // sender. The writer forges the device's acknowledgement, addressed to node 1.
+    drop(dev);
+    f.await_sessions(1, &[], 10);
+    let dir = f.nodes[1].dir.clone();
+    let sender = std::thread::spawn(move || {
+        bin::admin(
+            &dir,
+            &[
+                "send",
+                "lock-3",
+                "--queue",
+                "--request",
+                "--wait",
+                "4s",
+                "later?",
+            ],
+        )
+    });
+    await_queue(&f, 1, "lock-3", &[2]);
+    f.cluster.psql(&format!(
+        "INSERT INTO queue_outcomes (node, generation, msg_id, id, origin, code, status, payload, tag)
+         VALUES ('{n1}', {generation}, 2, 'lock-3', 0, 0, 0, 'forged answer'::bytea, {zeros});
+         NOTIFY tally_outcome, '{n1}';",
+        n1 = node(1)
+    ));
+    f.nodes[1].daemon.expect_log(&[
+        "outcomes of queued messages whose tag does not verify",
+        "dropped",
+    ]);
+    let out = sender.join().unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("forged"));
+    assert!(
+        text(&out.stderr).contains("message 2 is still queued for lock-3"),
+        "{}",
+        text(&out.stderr)
+    );
+    await_queue(&f, 0, "lock-3", &[2]);
+}

@@ -29,11 +29,7 @@ async fn enqueue(
     payload: &str,
     ttl: Option<Duration>,
 ) -> Result<Enqueued, EnqueueError> {
-    let d = s
-        .state
-        .deliveries
-        .as_ref()
-        .expect("SQLite: durable delivery");
+    let d = &s.state.deliveries;
     d.enqueue(
         &s.state.registry,
         &s.state.limits(),
@@ -47,7 +43,7 @@ async fn enqueue(
 }
 
 async fn queued_ids(s: &TestServer, id: &str) -> Vec<u64> {
-    let d = s.state.deliveries.as_ref().unwrap();
+    let d = &s.state.deliveries;
     let list = d.queue().list(&Id::new(id).unwrap()).await.unwrap();
     list.into_iter().map(|m| m.msg_id).collect()
 }

@@ -23,10 +23,6 @@ use super::registry::Registry;
 use crate::proto::{DeliveryKind, Id, Status};
 use crate::store::queue::{self, Bounds, Gone, NewMessage, Origin, Queue, QueueError, Refusal};
 
-/// Why a daemon has no queue (a sender's answer).
-pub const UNAVAILABLE: &str =
-    "queued delivery needs the SQLite store: it is not available in a fleet on PostgreSQL yet";
-
 /// How a queued message ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -51,6 +47,30 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Its code, status and payload, as the backend's REPORT and a fleet's forwarded
+    /// outcomes carry them (spec/BACKEND.md).
+    pub fn wire(&self) -> (u8, Status, Bytes) {
+        match self {
+            Outcome::Acknowledged { status, payload } => (0, *status, payload.clone()),
+            Outcome::Expired => (1, Status::OK, Bytes::new()),
+            Outcome::Purged => (2, Status::OK, Bytes::new()),
+            Outcome::Undeliverable(why) => (3, Status::OK, Bytes::from(why.clone())),
+            Outcome::Unconfirmed => (4, Status::OK, Bytes::new()),
+        }
+    }
+
+    /// The outcome of [`Outcome::wire`]'s code (`None`: no tallyd sends that code).
+    pub fn from_wire(code: u8, status: Status, payload: Bytes) -> Option<Outcome> {
+        Some(match code {
+            0 => Outcome::Acknowledged { status, payload },
+            1 => Outcome::Expired,
+            2 => Outcome::Purged,
+            3 => Outcome::Undeliverable(String::from_utf8_lossy(&payload).into_owned()),
+            4 => Outcome::Unconfirmed,
+            _ => return None,
+        })
+    }
+
     /// The word `tallyd send --queue --wait` and the control socket use.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -232,9 +252,7 @@ impl Deliveries {
         self.counts.enqueued.fetch_add(1, Ordering::Relaxed);
         // Before the session hears of it: its outcome cannot come first.
         let outcome = self.wait(generation, msg_id);
-        if let Some(mailbox) = registry.mailbox(&id) {
-            mailbox.notify_queued();
-        }
+        registry.queued(&id);
         Ok(Enqueued {
             generation,
             msg_id,
@@ -257,9 +275,19 @@ impl Deliveries {
         rx
     }
 
-    /// Message `msg_id` of `id`'s enrollment `generation` ended: counted, logged, told
-    /// to its waiters (or kept a while for a late one) and to its origin.
-    pub fn report(&self, id: &Id, generation: u64, msg_id: u64, origin: Origin, outcome: Outcome) {
+    /// Message `msg_id` of `id`'s enrollment `generation` ended: counted, logged, and
+    /// told to its waiters (or kept a while for a late one) and to its origin, here or,
+    /// in a fleet, on the `node` it was queued on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn report(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: u64,
+        origin: Origin,
+        node: Option<String>,
+        outcome: Outcome,
+    ) {
         let counter = match &outcome {
             Outcome::Acknowledged { .. } => &self.counts.acknowledged,
             Outcome::Expired => &self.counts.expired,
@@ -269,14 +297,54 @@ impl Deliveries {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         debug!(%id, msg_id, ?origin, outcome = outcome.as_str(), "queued message done");
+        let Some(node) = node else {
+            return self.dispatch(id, generation, msg_id, origin, outcome);
+        };
+        let (code, status, payload) = outcome.wire();
+        let report = queue::Report {
+            id: id.clone(),
+            generation,
+            msg_id,
+            origin,
+            code,
+            status,
+            payload,
+        };
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            if let Err(e) = queue.forward(&node, &report).await {
+                warn!(id = %report.id, msg_id, node, "the outcome of a queued message could not be handed to the node it was queued on; its sender is not told: {e}");
+            }
+        });
+    }
+
+    /// Marks every identity with queued messages in `registry` (at the start: a session
+    /// fetches from the queue only for a marked identity). Returns how many.
+    pub async fn mark_queued(&self, registry: &Registry) -> Result<usize, QueueError> {
+        let ids = self.queue.ids_queued().await?;
+        for id in &ids {
+            registry.queued(id);
+        }
+        Ok(ids.len())
+    }
+
+    /// In a fleet: tells this node's waiters and backend the outcomes other nodes saw
+    /// of messages queued here (each verified). Returns how many.
+    pub async fn collect(&self) -> Result<usize, QueueError> {
+        let reports = self.queue.collect().await?;
+        let n = reports.len();
+        for r in reports {
+            if let Some(outcome) = Outcome::from_wire(r.code, r.status, r.payload) {
+                self.dispatch(&r.id, r.generation, r.msg_id, r.origin, outcome);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Tells an outcome to the backend (if it queued the message) and the waiters.
+    fn dispatch(&self, id: &Id, generation: u64, msg_id: u64, origin: Origin, outcome: Outcome) {
         if origin == Origin::Backend {
-            let (code, status, payload) = match &outcome {
-                Outcome::Acknowledged { status, payload } => (0, *status, payload.clone()),
-                Outcome::Expired => (1, Status::OK, Bytes::new()),
-                Outcome::Purged => (2, Status::OK, Bytes::new()),
-                Outcome::Undeliverable(why) => (3, Status::OK, Bytes::from(why.clone())),
-                Outcome::Unconfirmed => (4, Status::OK, Bytes::new()),
-            };
+            let (code, status, payload) = outcome.wire();
             self.backend.report(crate::backend::DeliveryReport {
                 id: id.clone(),
                 msg_id,
@@ -320,7 +388,7 @@ impl Deliveries {
                 Outcome::Expired if g.delivered => Outcome::Unconfirmed,
                 o => o.clone(),
             };
-            self.report(&g.id, g.generation, g.msg_id, g.origin, outcome);
+            self.report(&g.id, g.generation, g.msg_id, g.origin, g.node, outcome);
         }
     }
 
@@ -386,6 +454,15 @@ impl Default for Cursor {
 }
 
 impl Cursor {
+    /// A session of an identity that has nothing queued (as far as this daemon knows):
+    /// it fetches once told of a message.
+    pub fn nothing_queued() -> Cursor {
+        Cursor {
+            more: false,
+            ..Cursor::new()
+        }
+    }
+
     /// A new session: its queue may hold anything.
     pub fn new() -> Cursor {
         Cursor {
@@ -491,6 +568,30 @@ pub async fn sweep(
     }
 }
 
+/// How often a node of a fleet reads the outcomes forwarded to it even when no notice
+/// said so (one may have been lost with the notification connection).
+pub const COLLECT_EVERY: Duration = Duration::from_secs(10);
+
+/// In a fleet: hands the outcomes other nodes forwarded to this one to its waiters and
+/// its backend, when `woken` (a `tally_outcome` notice) and every [`COLLECT_EVERY`].
+/// Ends when `stop` is cancelled.
+pub async fn collect(
+    deliveries: Arc<Deliveries>,
+    woken: Arc<tokio::sync::Notify>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        if let Err(e) = deliveries.collect().await {
+            warn!("reading the outcomes of queued messages failed (tried again): {e}");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = woken.notified() => {}
+            _ = tokio::time::sleep(COLLECT_EVERY) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,14 +647,15 @@ mod tests {
         drop(
             crate::store::Store::open(&path, crate::proto::SecretKey::from_bytes([1; 32])).unwrap(),
         );
-        let d = Deliveries::new(Queue::open(&path).unwrap(), Arc::new(crate::backend::Echo));
+        let queue = Queue::Sqlite(queue::sqlite::SqliteQueue::open(&path).unwrap());
+        let d = Deliveries::new(queue, Arc::new(crate::backend::Echo));
         let id = Id::new("a").unwrap();
         let mut early = d.wait(7, 1);
-        d.report(&id, 7, 1, Origin::Control, Outcome::Expired);
+        d.report(&id, 7, 1, Origin::Control, None, Outcome::Expired);
         assert_eq!(early.try_recv().unwrap(), Outcome::Expired);
         // Reported before anyone waited: kept for the first who asks, of that
         // enrollment only.
-        d.report(&id, 7, 2, Origin::Control, Outcome::Purged);
+        d.report(&id, 7, 2, Origin::Control, None, Outcome::Purged);
         let mut other = d.wait(8, 2);
         assert!(other.try_recv().is_err(), "another enrollment's message 2");
         let mut late = d.wait(7, 2);
@@ -568,6 +670,7 @@ mod tests {
                 7,
                 m,
                 Origin::Control,
+                None,
                 Outcome::Acknowledged {
                     status: Status::OK,
                     payload,

@@ -355,7 +355,8 @@ impl Metrics {
             }
         }
         drop(reported);
-        if let Some(d) = &state.deliveries {
+        {
+            let d = &state.deliveries;
             let c = &d.counts;
             let now = [
                 &c.enqueued,

@@ -67,9 +67,9 @@ pub struct ServerState {
     pub registry: Arc<Registry>,
     /// The fleet this daemon is a node of, with a shared PostgreSQL store.
     pub fleet: Option<Arc<fleet::Fleet>>,
-    /// Durable delivery to devices (spec 8.8): with the SQLite store (not yet in a
-    /// fleet).
-    pub deliveries: Option<Arc<delivery::Deliveries>>,
+    /// Durable delivery to devices (spec 8.8): in the SQLite store, or in a fleet's
+    /// PostgreSQL store.
+    pub deliveries: Arc<delivery::Deliveries>,
     /// Who answers requests.
     pub backend: Arc<dyn Backend>,
     /// Takeover policy.
@@ -188,14 +188,19 @@ impl ServerState {
             tasks: tasks.clone(),
             stop: stop.clone(),
         });
-        let deliveries = match &location {
-            crate::store::Location::Sqlite(path) => Some(Arc::new(delivery::Deliveries::new(
-                crate::store::queue::Queue::open(path)
+        let queue = match (&location, &fleet) {
+            (_, Some(fleet)) => crate::store::queue::Queue::Postgres(fleet.queue()),
+            (crate::store::Location::Sqlite(path), None) => crate::store::queue::Queue::Sqlite(
+                crate::store::queue::sqlite::SqliteQueue::open(path)
                     .map_err(|e| ServerError::Queue(e.to_string()))?,
-                backend.clone(),
-            ))),
-            crate::store::Location::Postgres(_) => None,
+            ),
+            (crate::store::Location::Postgres(_), None) => {
+                return Err(ServerError::Queue(
+                    "a PostgreSQL store without a fleet".into(),
+                ))
+            }
         };
+        let deliveries = Arc::new(delivery::Deliveries::new(queue, backend.clone()));
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
             deliveries,
@@ -369,6 +374,14 @@ pub async fn run(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     let addr = listener.local_addr()?;
+    // Before the first session: the identities with queued messages (a session of any
+    // other fetches nothing from the queue until a message is queued for it).
+    let marked = state
+        .deliveries
+        .mark_queued(&state.registry)
+        .await
+        .map_err(|e| ServerError::Queue(e.to_string()))?;
+    tracing::debug!(marked, "identities with queued messages");
     let _ = state.info.listen.set(addr);
     info!(addr = %addr, backend = state.backend.name(), "listening");
     tokio::pin!(shutdown);
@@ -400,10 +413,15 @@ pub async fn run(
         let (state, token) = (state.clone(), token.clone());
         tokio::spawn(async move { state.tarpit.run(token).await })
     };
-    if let Some(d) = &state.deliveries {
-        state.tasks.spawn(delivery::sweep(
-            d.clone(),
-            state.registry.clone(),
+    state.tasks.spawn(delivery::sweep(
+        state.deliveries.clone(),
+        state.registry.clone(),
+        state.stop.clone(),
+    ));
+    if let Some(fleet) = &state.fleet {
+        state.tasks.spawn(delivery::collect(
+            state.deliveries.clone(),
+            fleet.outcomes(),
             state.stop.clone(),
         ));
     }

@@ -75,10 +75,7 @@ impl crate::backend::Devices for Sessions {
         let state = self.1.get().and_then(std::sync::Weak::upgrade);
         Box::pin(async move {
             let state = state.ok_or("the daemon is not ready")?;
-            let d = state
-                .deliveries
-                .as_ref()
-                .ok_or(super::delivery::UNAVAILABLE)?;
+            let d = &state.deliveries;
             let limits = state.limits();
             let origin = crate::store::queue::Origin::Backend;
             d.enqueue(&state.registry, &limits, id, kind, payload, ttl, origin)
@@ -137,6 +134,9 @@ struct Inbox {
     ended: bool,
     /// A message was queued for the identity since the session last looked (spec 8.8).
     queued: bool,
+    /// The identity's mark in the registry's record of queues when the session was
+    /// registered (`Registry::queued`), until the session takes it.
+    mark: Option<u64>,
 }
 
 /// What a session finds in its [`Mailbox`].
@@ -216,6 +216,12 @@ impl Mailbox {
     pub fn ask_close(&self, code: CloseCode, reason: &'static str) {
         self.lock().close = Some((code, reason));
         self.waker.wake();
+    }
+
+    /// For the session, at its start: the identity's mark in the registry's record of
+    /// queues when it was registered, if it was marked (it may have queued messages).
+    pub fn take_mark(&self) -> Option<u64> {
+        self.lock().mark.take()
     }
 
     /// Tells the session that a message was queued for its identity (spec 8.8).
@@ -357,6 +363,12 @@ struct Live {
     tombstone_ttl: Duration,
     /// When `tombstones` were last pruned.
     pruned: Option<Instant>,
+    /// Identities that may have queued messages (spec 8.8), each with the number of
+    /// times it was marked: a session fetches from the queue at its start only if its
+    /// identity is here, and takes it out when that fetch finds nothing (unless it was
+    /// marked again meanwhile). A superset of the identities with messages: one with
+    /// none costs a session an empty fetch, never a message.
+    queued: HashMap<Id, u64>,
 }
 
 impl Live {
@@ -531,6 +543,9 @@ impl Registry {
                 self.note_takeover(id, old.peer, entry.peer);
             }
         }
+        // Whether the identity may have queued messages, for the session's start (a
+        // message queued after this reaches it through its mailbox).
+        entry.mailbox.lock().mark = live.queued.get(id).copied();
         live.sessions.insert(id.clone(), entry);
         Ok(Registration {
             registry: self.clone(),
@@ -584,6 +599,34 @@ impl Registry {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// A message was queued for `id` (spec 8.8): marks it as one that may have some, and
+    /// tells its live session, if any. Marking and registering are one lock apart: a
+    /// session registered before is told, one registered after sees the mark.
+    pub fn queued(&self, id: &Id) {
+        let mut live = self.lock();
+        *live.queued.entry(id.clone()).or_default() += 1;
+        if let Some(e) = live.sessions.get(id) {
+            e.mailbox.notify_queued();
+        }
+    }
+
+    /// A session of `id` found its queue empty: unmarked, if nothing marked it since
+    /// `mark` (the mark it was registered with).
+    pub fn queue_empty(&self, id: &Id, mark: u64) {
+        let mut live = self.lock();
+        if live.queued.get(id) == Some(&mark) {
+            live.queued.remove(id);
+        }
+    }
+
+    /// Tells every live session that messages may have been queued for it (in a fleet,
+    /// after notices of them may have been lost).
+    pub fn notify_queued_all(&self) {
+        for e in self.lock().sessions.values() {
+            e.mailbox.notify_queued();
         }
     }
 
@@ -839,6 +882,39 @@ mod tests {
         };
         let refused = register(&registry, &id, 1, looked_up);
         assert_eq!(refused.err(), Some(RegisterError::TooLate));
+    }
+
+    /// A session fetches from the queue at its start only for a marked identity: a
+    /// message queued before the registration marks it, one queued after is told to the
+    /// session; an empty fetch unmarks it, unless a message was queued since.
+    #[test]
+    fn a_queued_message_is_never_missed_by_a_session_that_skips_its_first_fetch() {
+        let registry = Arc::new(Registry::default());
+        let id = Id::new("sleepy").unwrap();
+        let now = Instant::now();
+        let mark = |registry: &Arc<Registry>| registry.mailbox(&id).unwrap().take_mark();
+        // Nothing queued: no mark, no fetch.
+        let first = register(&registry, &id, 1, now).unwrap();
+        assert_eq!(mark(&registry), None);
+        // Queued while the session lives: its mailbox is told.
+        let mailbox = registry.mailbox(&id).unwrap();
+        registry.queued(&id);
+        assert!(matches!(poll(&mailbox), Poll::Ready(Mail::Queued)));
+        drop(first);
+        // The next session sees the mark...
+        let second = register(&registry, &id, 2, now).unwrap();
+        let seen = mark(&registry).expect("marked");
+        // ...and a message queued after its empty fetch read the queue keeps the mark.
+        registry.queued(&id);
+        registry.queue_empty(&id, seen);
+        drop(second);
+        let third = register(&registry, &id, 3, now).unwrap();
+        let seen = mark(&registry).expect("still marked");
+        // An empty fetch with nothing queued since: unmarked.
+        registry.queue_empty(&id, seen);
+        drop(third);
+        let _fourth = register(&registry, &id, 4, now).unwrap();
+        assert_eq!(mark(&registry), None);
     }
 
     fn message() -> (Box<Command>, oneshot::Receiver<Result<(), SendError>>) {

@@ -39,7 +39,7 @@ use crate::backend::{BoxFuture, Reply, Request, SendError};
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
 use crate::proto::{CloseCode, Id, ProtocolError, Session, Status};
-use crate::store::queue::{self, Gone, QueueError, Queued};
+use crate::store::queue::{self, QueueError, Queued};
 
 /// How a session ended, for the log.
 #[derive(Debug)]
@@ -102,7 +102,7 @@ pub(crate) enum Work {
     Fetched(Fetched, usize),
 }
 
-type Fetched = Result<(Vec<Queued>, Vec<Gone>), QueueError>;
+type Fetched = Result<Vec<Queued>, QueueError>;
 
 /// The limits a session reads on every request: a copy of these, not of all of
 /// [`crate::config::Limits`] (every idle session holds it).
@@ -113,6 +113,24 @@ struct SessionLimits {
     backend_timeout: Duration,
     drain_timeout: Duration,
     idle_timeout: Duration,
+}
+
+impl Delivery {
+    /// A session's, at its start: it fetches from the queue only if its identity was
+    /// marked as one that may have messages when it was registered.
+    fn start(mailbox: &Mailbox, in_flight: usize) -> Box<Delivery> {
+        let mark = mailbox.take_mark();
+        Box::new(Delivery {
+            generation: mailbox.generation,
+            cursor: match mark {
+                Some(_) => Cursor::new(),
+                None => Cursor::nothing_queued(),
+            },
+            fetch: None,
+            in_flight,
+            mark,
+        })
+    }
 }
 
 /// A session's durable delivery (spec 8.8), on the heap: an idle session's future
@@ -128,6 +146,9 @@ struct Delivery {
     fetch: Option<BoxFuture<(Fetched, usize)>>,
     /// Queued messages delivered and not acknowledged, at most.
     in_flight: usize,
+    /// The identity's mark in the registry's record of queues (`Registry::queued`):
+    /// given back when the session finds its queue empty.
+    mark: Option<u64>,
 }
 
 /// Backend work that was not done when first polled: requests yield `Some((seq,
@@ -162,8 +183,8 @@ struct ServerRole {
     /// saw the end and reconnects at once is never refused as a duplicate (`takeover =
     /// "reject"`).
     registration: Option<Registration>,
-    /// Durable delivery, when the daemon has it.
-    delivery: Option<Box<Delivery>>,
+    /// Durable delivery (spec 8.8): boxed, as the idle session's future is kept small.
+    delivery: Box<Delivery>,
 }
 
 /// Runs an authenticated connection's session to its end, then unregisters it
@@ -197,30 +218,18 @@ pub(super) async fn run(
         };
         (config, write_stall, mine, limits.deliveries_in_flight)
     };
-    let mut role = ServerRole {
+    // Made in a plain function: a borrow of a local here would keep it in this
+    // future for the session's life.
+    let mut role = ServerRole::new(
         state,
         id,
         mailbox,
-        shutdown: Box::pin(shutdown.cancelled_owned()),
-        drain: None,
-        stopping: false,
-        inflight: None,
-        queued: std::collections::VecDeque::new(),
-        pending: HashMap::new(),
+        shutdown,
         limits,
-        paused_logged: std::cell::Cell::new(false),
-        registration: Some(registration),
-        delivery: None,
-    };
-    if role.state.deliveries.is_some() {
-        role.delivery = Some(Box::new(Delivery {
-            generation: role.mailbox.generation,
-            cursor: Cursor::new(),
-            fetch: None,
-            in_flight,
-        }));
-        role.start_fetch();
-    }
+        registration,
+        in_flight,
+    );
+    role.start_fetch();
     let outcome =
         crate::driver::run(session, config, (rd, wr), leftover, &mut role, write_stall).await;
     role.abandon();
@@ -239,6 +248,36 @@ pub(super) async fn run(
         debug!(duration_ms, frames_in, frames_out, end = %end, "session ended");
     } else {
         info!(duration_ms, frames_in, frames_out, end = %end, "session ended");
+    }
+}
+
+impl ServerRole {
+    /// A session's role at its start.
+    fn new(
+        state: Arc<ServerState>,
+        id: Id,
+        mailbox: Arc<Mailbox>,
+        shutdown: CancellationToken,
+        limits: SessionLimits,
+        registration: Registration,
+        in_flight: usize,
+    ) -> ServerRole {
+        ServerRole {
+            // First: the mailbox moves below.
+            delivery: Delivery::start(&mailbox, in_flight),
+            state,
+            id,
+            mailbox,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            drain: None,
+            stopping: false,
+            inflight: None,
+            queued: std::collections::VecDeque::new(),
+            pending: HashMap::new(),
+            limits,
+            paused_logged: std::cell::Cell::new(false),
+            registration: Some(registration),
+        }
     }
 }
 
@@ -388,41 +427,60 @@ impl ServerRole {
 
     /// Fetches the next queued messages if the cursor says so (spec 8.8).
     fn start_fetch(&mut self) {
-        let (Some(d), Some(delivery)) = (&self.state.deliveries, &mut self.delivery) else {
-            return;
-        };
+        let (d, delivery) = (&self.state.deliveries, &mut self.delivery);
         let Some(limit) = delivery.cursor.poll_fetch(delivery.in_flight) else {
             return;
         };
         let (d, id, after) = (d.clone(), self.id.clone(), delivery.cursor.after());
         let generation = delivery.generation;
-        delivery.fetch = Some(Box::pin(async move {
+        // The first fetch of an identity marked as one that may have messages unmarks it
+        // if there are none (`Registry::queue_empty`).
+        let unmark = match after {
+            0 => delivery.mark.take(),
+            _ => None,
+        };
+        let registry = self.state.registry.clone();
+        // On a task of its own: what it finds expired (deleted) is reported, and an
+        // empty queue unmarked, even if the session ends first (a device that sends one
+        // request and leaves).
+        let fetch = self.state.tasks.spawn(async move {
             let got = d
                 .queue()
                 .next(&id, generation, after, limit, queue::now_ms())
                 .await;
-            if let Err(e) = &got {
-                // Tried again after a pause, not in a loop.
-                warn!("fetching queued messages failed (tried again in a second): {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            match got {
+                Ok((messages, expired)) => {
+                    d.report_gone(expired, &Delivered::Expired);
+                    if let (true, Some(mark)) = (messages.is_empty(), unmark) {
+                        registry.queue_empty(&id, mark);
+                    }
+                    Ok(messages)
+                }
+                Err(e) => {
+                    // Tried again after a pause, not in a loop.
+                    warn!("fetching queued messages failed (tried again in a second): {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Err(e)
+                }
             }
+        });
+        delivery.fetch = Some(Box::pin(async move {
+            let got = fetch
+                .await
+                .unwrap_or_else(|_| Err(QueueError::Db("the fetch's task failed".into())));
             (got, limit)
         }));
     }
 
     /// Delivers fetched messages, in order, while the session is open.
     fn deliver(&mut self, fetched: Fetched, limit: usize, conn: &mut Connection, now: Duration) {
-        let (Some(d), Some(delivery)) = (self.state.deliveries.clone(), self.delivery.as_mut())
-        else {
-            return;
-        };
+        let (d, delivery) = (self.state.deliveries.clone(), &mut self.delivery);
         let generation = delivery.generation;
         let cursor = &mut delivery.cursor;
-        let (messages, expired) = match fetched {
-            Ok(got) => got,
+        let messages = match fetched {
+            Ok(messages) => messages,
             Err(_) => return cursor.failed(),
         };
-        d.report_gone(expired, &Delivered::Expired);
         let mut delivered = Vec::with_capacity(messages.len());
         let mut settled = 0;
         for m in messages {
@@ -458,20 +516,18 @@ impl ServerRole {
 
     /// The device acknowledged queued message `msg_id`: deleted, then its sender told.
     fn acknowledged(&mut self, msg_id: u64, status: Status, payload: bytes::Bytes) {
-        let (Some(d), Some(delivery)) = (self.state.deliveries.clone(), self.delivery.as_mut())
-        else {
-            return;
-        };
+        let (d, delivery) = (self.state.deliveries.clone(), &mut self.delivery);
         delivery.cursor.settled();
         let (id, generation) = (self.id.clone(), delivery.generation);
         // On the daemon's tasks: a shutdown waits for it to be recorded.
         self.state.tasks.spawn(async move {
-            match d.queue().ack(generation, msg_id).await {
-                Ok(Some(origin)) => d.report(
+            match d.queue().ack(&id, generation, msg_id).await {
+                Ok(Some(removed)) => d.report(
                     &id,
                     generation,
                     msg_id,
-                    origin,
+                    removed.origin,
+                    removed.node,
                     Delivered::Acknowledged { status, payload },
                 ),
                 // Expired or purged meanwhile: its sender was told so then.
@@ -534,12 +590,11 @@ impl Role for ServerRole {
                 Mail::Queued => Work::Queued,
             });
         }
-        if let Some(delivery) = self.delivery.as_mut() {
-            if let Some(fetch) = delivery.fetch.as_mut() {
-                if let Poll::Ready((got, limit)) = fetch.as_mut().poll(cx) {
-                    delivery.fetch = None;
-                    return Poll::Ready(Work::Fetched(got, limit));
-                }
+        let delivery = &mut self.delivery;
+        if let Some(fetch) = delivery.fetch.as_mut() {
+            if let Poll::Ready((got, limit)) = fetch.as_mut().poll(cx) {
+                delivery.fetch = None;
+                return Poll::Ready(Work::Fetched(got, limit));
             }
         }
         if let Some(inflight) = self.inflight.as_mut().filter(|f| !f.is_empty()) {
@@ -595,11 +650,7 @@ impl Role for ServerRole {
                 self.drained(conn, now);
             }
             Work::CloseAsked(code, reason) => conn.close(code, reason, now),
-            Work::Queued => {
-                if let Some(delivery) = &mut self.delivery {
-                    delivery.cursor.noticed();
-                }
-            }
+            Work::Queued => self.delivery.cursor.noticed(),
             Work::Fetched(got, limit) => self.deliver(got, limit, conn, now),
             Work::Shutdown => {
                 self.stopping = true;

@@ -33,6 +33,12 @@ pub enum Statement {
     Answer,
     /// A node's acknowledgement of the fleet's log: `node, entries verified, last tag`.
     LogAck,
+    /// A message in the durable queue (spec 8.8): `generation, msg_id, id, kind,
+    /// payload, expires, origin, node`.
+    Queued,
+    /// The outcome of a queued message, for the node that queued it: `node, id,
+    /// generation, msg_id, origin, code, status, payload`.
+    Outcome,
 }
 
 impl Statement {
@@ -43,6 +49,8 @@ impl Statement {
             Statement::Send => b"tally fleet v1 send",
             Statement::Answer => b"tally fleet v1 answer",
             Statement::LogAck => b"tally fleet v1 log acknowledgement",
+            Statement::Queued => b"tally fleet v1 queued message",
+            Statement::Outcome => b"tally fleet v1 queued outcome",
         }
     }
 }

@@ -1001,6 +1001,17 @@ impl Store {
         }
     }
 
+    /// Whether `id` has a key in the in-memory index (`false` before it is loaded).
+    pub fn is_indexed(&self, id: &Id) -> bool {
+        self.index.get().is_some_and(|index| {
+            index
+                .keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(id.as_str())
+        })
+    }
+
     /// [`Store::key`] from memory, without blocking: `None` if the index is not loaded.
     /// The same work for a known and an unknown id: one map lookup, one unseal.
     pub fn cached_key(&self, id: &Id) -> Option<Result<Option<IdentityKey>, StoreError>> {

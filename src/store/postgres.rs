@@ -58,6 +58,11 @@ pub mod channel {
     pub const SEND: &str = "tally_send";
     /// `<node> <call>`: the answer to the node's send is in `sends`.
     pub const RESULT: &str = "tally_result";
+    /// `<id>`: a message was queued for the identity (a hint: the node holding its
+    /// session reads the queue, whose rows are tagged).
+    pub const QUEUED: &str = "tally_queued";
+    /// `<node>`: outcomes of messages the node queued wait in `queue_outcomes`.
+    pub const OUTCOME: &str = "tally_outcome";
 }
 
 /// The migrations: `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
@@ -259,9 +264,44 @@ const MIGRATIONS: &[&str] = &[
         expires    bigint NOT NULL,
         origin     smallint NOT NULL,
         delivered  integer NOT NULL DEFAULT 0,
+        -- The node it was queued on (where its outcome is reported), and the fleet
+        -- key's tag over the row (store::queue::postgres): a row no node wrote is never
+        -- delivered.
+        node       text NOT NULL,
+        tag        bytea NOT NULL,
         PRIMARY KEY (generation, msg_id)
     );
     CREATE INDEX queue_expires ON queue (expires);
+    -- Each enrollment's count and bytes, kept in its row: the bound check reads one row.
+    CREATE FUNCTION tally_queue_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            UPDATE identities SET queued_messages = queued_messages + 1,
+                                  queued_bytes = queued_bytes + octet_length(NEW.payload)
+             WHERE generation = NEW.generation;
+            RETURN NEW;
+        END IF;
+        UPDATE identities SET queued_messages = queued_messages - 1,
+                              queued_bytes = queued_bytes - octet_length(OLD.payload)
+         WHERE generation = OLD.generation;
+        RETURN OLD;
+    END $$;
+    CREATE TRIGGER queue_count AFTER INSERT OR DELETE ON queue
+        FOR EACH ROW EXECUTE FUNCTION tally_queue_count();
+    -- Outcomes of queued messages on their way to the node that queued them, each
+    -- tagged under the fleet key by the node that saw it.
+    CREATE TABLE queue_outcomes (
+        node       text NOT NULL,
+        generation bigint NOT NULL,
+        msg_id     bigint NOT NULL,
+        id         text NOT NULL,
+        origin     smallint NOT NULL,
+        code       smallint NOT NULL,
+        status     integer NOT NULL,
+        payload    bytea NOT NULL,
+        tag        bytea NOT NULL,
+        PRIMARY KEY (node, generation, msg_id)
+    );
 "#,
 ];
 

@@ -114,6 +114,9 @@ pub struct Fleet {
     rejected: Rejected,
     /// Set when identity notices overflowed their queue: every key is read again.
     resync: tokio::sync::Notify,
+    /// Woken when outcomes of messages queued on this node wait in the store
+    /// (`tally_outcome`, or notices were lost).
+    outcomes: Arc<tokio::sync::Notify>,
 }
 
 /// The state machine, and who waits for its answers.
@@ -411,6 +414,8 @@ async fn listen(pg: &Postgres, node: &str) -> Result<Listening, StoreError> {
         channel::CLOSE,
         channel::SEND,
         channel::RESULT,
+        channel::QUEUED,
+        channel::OUTCOME,
     ]
     .iter()
     .map(|c| format!("LISTEN {c};"))
@@ -462,6 +467,7 @@ impl Fleet {
             serving: Arc::new(tokio::sync::Semaphore::new(SERVING_SENDS)),
             rejected: Rejected::default(),
             resync: tokio::sync::Notify::new(),
+            outcomes: Arc::default(),
         });
         // What this node verified of the fleet's log before: the log must still hold it
         // (checked once the index, and the log with it, is loaded: `check_revocations`).
@@ -482,6 +488,30 @@ impl Fleet {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Marks the identities with queued messages in the registry (their next sessions
+    /// fetch from the queue).
+    async fn deliveries_marked(&self) -> Result<(), crate::store::queue::QueueError> {
+        for id in self.queue().ids_queued().await? {
+            self.registry.queued(&id);
+        }
+        Ok(())
+    }
+
+    /// The fleet's durable queue, as this node uses it (spec 8.8).
+    pub fn queue(&self) -> crate::store::queue::postgres::PgQueue {
+        crate::store::queue::postgres::PgQueue::new(
+            self.db.pg().clone(),
+            self.store.fleet_key().clone(),
+            self.node.clone(),
+        )
+    }
+
+    /// Woken when outcomes of messages queued on this node may wait in the store
+    /// (`crate::server::delivery::Deliveries::collect` reads them).
+    pub fn outcomes(&self) -> Arc<tokio::sync::Notify> {
+        self.outcomes.clone()
     }
 
     /// This node's listening address.
@@ -1154,6 +1184,13 @@ impl Fleet {
             }
             return refreshed.map(|_| ());
         }
+        // A message may have been queued for a new enrollment before this node indexed
+        // it (its `tally_queued` notice then marked nothing): its first session looks.
+        if refreshed.is_ok() && op == "enrolled" {
+            if let Ok(id) = Id::new(name) {
+                self.registry.queued(&id);
+            }
+        }
         if refreshed.is_ok() && matches!(op, "revoked" | "removed") && !self.store.was_revoked(name)
         {
             self.rejected.note(
@@ -1216,6 +1253,17 @@ impl Fleet {
                     }
                 }
             }
+            // A hint: the session reads the queue, whose rows are verified. Only an
+            // enrolled identity is marked (a flood of made-up ids costs no memory;
+            // what was queued before the index was loaded is read at the start).
+            channel::QUEUED => match Id::new(payload) {
+                Ok(id) if self.store.is_indexed(&id) => self.registry.queued(&id),
+                _ => self
+                    .rejected
+                    .note("a tally_queued notice of no enrolled identity"),
+            },
+            // A hint too: the outcomes are read and verified.
+            channel::OUTCOME if payload == self.node => self.outcomes.notify_one(),
             channel::RESULT => {
                 if let (Some(node), Some(Ok(call))) =
                     (words.next(), words.next().map(str::parse::<i64>))
@@ -1462,6 +1510,10 @@ async fn identities(
                 match tokio::task::spawn_blocking(move || store.reload_key_index()).await {
                     Ok(Ok((keys, _))) => {
                         fleet.apply_revocations().await;
+                        // Queued notices of identities indexed only now marked nothing.
+                        if let Err(e) = fleet.deliveries_marked().await {
+                            warn!("fleet: cannot read which identities have queued messages: {e}");
+                        }
                         info!(keys, "fleet: every key read again after a flood of identity notices");
                     }
                     _ => {
@@ -1531,6 +1583,26 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
             }
         };
         info!("fleet: listening for notices again");
+        // Messages may have been queued, and outcomes forwarded, unheard: the live
+        // sessions read their queues, the identities with messages are marked again
+        // (for their next sessions), the outcomes are read.
+        fleet.registry.notify_queued_all();
+        fleet.outcomes.notify_one();
+        let (again, stopped) = (fleet.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                match again.deliveries_marked().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        debug!(error = %e, "fleet: cannot read which identities have queued messages yet")
+                    }
+                }
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                }
+            }
+        });
         // The catch-up runs on its own task (the machine's action): the notices that
         // come meanwhile are acted on.
         fleet.with_node(|node, now| node.listening(now));

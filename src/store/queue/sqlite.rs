@@ -1,16 +1,10 @@
-//! The durable queue of messages for devices (spec 8.8; README "Queued delivery"), in
-//! the SQLite store.
+//! The durable queue in the SQLite store.
 //!
 //! One writer thread owns a connection of its own to the identity database and applies
 //! every change: it takes whatever operations are waiting, runs them in one transaction,
 //! commits (`synchronous = FULL`: on disk before the commit returns) and only then
 //! answers each caller. Many enqueues thus share one fsync (group commit), and nobody is
 //! ever told "queued" before the message is on disk.
-//!
-//! Messages belong to one enrollment (the identity's `generation`): a removal and a new
-//! enrollment of the same id start a new queue and new message ids, as spec 8.8 says.
-//! The ids come from the identity's row (`next_msg_id`), in the same transaction as the
-//! insert, so they increase in commit order.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -22,154 +16,20 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use super::{
+    now_ms, Bounds, Gone, Listed, NewMessage, Origin, QueueError, Queued, Refusal, Removed, Totals,
+};
 use crate::proto::{DeliveryKind, Id};
 
 /// Operations waiting for the writer, at most; beyond, callers are told to retry.
-const BACKLOG: usize = 65_536;
+pub(crate) const BACKLOG: usize = 65_536;
 /// Operations applied in one transaction, at most.
 const BATCH: usize = 1024;
-
-/// Who queued a message: where its outcome is reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// The control socket (`tallyd send --queue`): reported to a waiting caller.
-    Control = 0,
-    /// The backend application: reported to it (spec/BACKEND.md REPORT).
-    Backend = 1,
-}
-
-impl Origin {
-    fn from_i64(n: i64) -> Origin {
-        if n == 1 {
-            Origin::Backend
-        } else {
-            Origin::Control
-        }
-    }
-}
-
-/// The per-identity bounds (config `[queue]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
-    /// Messages queued for one identity, at most.
-    pub max_messages: u32,
-    /// Payload bytes queued for one identity, at most.
-    pub max_bytes: u64,
-}
-
-/// A message to queue.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    /// For whom.
-    pub id: Id,
-    /// A request (the device's answer comes back) or a message.
-    pub kind: DeliveryKind,
-    /// The payload.
-    pub payload: Bytes,
-    /// When it expires, in milliseconds since the Unix epoch.
-    pub expires_ms: i64,
-    /// Who queued it.
-    pub origin: Origin,
-}
-
-/// Why a message was not queued. Nothing was stored.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// No such identity.
-    #[error("identity {0} is not enrolled")]
-    NotEnrolled(String),
-    /// The identity was revoked.
-    #[error("identity {0} is revoked")]
-    Revoked(String),
-    /// The identity's queue is at its bound.
-    #[error("the queue of {id} is full ({messages} messages, {bytes} bytes queued; bounds: queue.max_messages, queue.max_bytes): try again once the device has taken some")]
-    Full {
-        /// The identity.
-        id: String,
-        /// Messages queued.
-        messages: u64,
-        /// Bytes queued.
-        bytes: u64,
-    },
-}
-
-/// A queue operation that failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum QueueError {
-    /// The database failed; the operation did not happen (nothing was committed).
-    #[error("queue database: {0}")]
-    Db(String),
-    /// More operations wait for the writer than it holds: try again.
-    #[error("the queue is busy ({BACKLOG} operations waiting): try again")]
-    Busy,
-    /// The writer stopped (the daemon is shutting down).
-    #[error("the queue is closed")]
-    Closed,
-}
 
 impl From<rusqlite::Error> for QueueError {
     fn from(e: rusqlite::Error) -> Self {
         QueueError::Db(e.to_string())
     }
-}
-
-/// A message in the queue, as delivered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Queued {
-    /// Its id (spec 8.8).
-    pub msg_id: u64,
-    /// Request or message.
-    pub kind: DeliveryKind,
-    /// The payload.
-    pub payload: Bytes,
-    /// Who queued it.
-    pub origin: Origin,
-}
-
-/// A message that left the queue without an acknowledgement (expired or purged).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gone {
-    /// Whose it was.
-    pub id: Id,
-    /// The enrollment it was for.
-    pub generation: u64,
-    /// Its id.
-    pub msg_id: u64,
-    /// Who queued it.
-    pub origin: Origin,
-    /// Whether it was delivered (and not acknowledged) before it went: the device may
-    /// have handled it.
-    pub delivered: bool,
-}
-
-/// One queued message, as `tallyd queue` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Listed {
-    /// Its id.
-    pub msg_id: u64,
-    /// `"request"` or `"message"`.
-    pub kind: String,
-    /// Payload bytes.
-    pub bytes: u64,
-    /// When it was queued (Unix seconds).
-    pub queued: i64,
-    /// When it expires (Unix seconds).
-    pub expires: i64,
-    /// Who queued it.
-    pub origin: Origin,
-}
-
-/// What the whole queue holds (metrics, `tallyd status`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Totals {
-    /// Messages queued.
-    pub messages: u64,
-    /// Payload bytes queued.
-    pub bytes: u64,
-    /// When the oldest was queued (Unix milliseconds), if any.
-    pub oldest_ms: Option<i64>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
@@ -226,24 +86,27 @@ enum Op {
     Totals {
         reply: Reply<Totals>,
     },
+    IdsQueued {
+        reply: Reply<Vec<Id>>,
+    },
 }
 
 /// The handle to the queue's writer thread. Cheap to clone.
 #[derive(Clone)]
-pub struct Queue {
+pub struct SqliteQueue {
     ops: mpsc::SyncSender<Op>,
 }
 
-impl std::fmt::Debug for Queue {
+impl std::fmt::Debug for SqliteQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").finish_non_exhaustive()
+        f.debug_struct("SqliteQueue").finish_non_exhaustive()
     }
 }
 
-impl Queue {
+impl SqliteQueue {
     /// Opens the queue in the SQLite database at `path` (the identity store's, already
     /// migrated) and starts its writer thread, which ends when every handle is dropped.
-    pub fn open(path: &Path) -> Result<Queue, QueueError> {
+    pub fn open(path: &Path) -> Result<SqliteQueue, QueueError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -252,7 +115,7 @@ impl Queue {
             .name("tally-queue".into())
             .spawn(move || Writer { conn }.run(rx))
             .map_err(|e| QueueError::Db(format!("cannot start the queue's writer: {e}")))?;
-        Ok(Queue { ops })
+        Ok(SqliteQueue { ops })
     }
 
     async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
@@ -305,13 +168,20 @@ impl Queue {
 
     /// Deletes acknowledged message `msg_id` of enrollment `generation`: its origin if
     /// it was queued.
-    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Origin>, QueueError> {
-        self.ask(|reply| Op::Ack {
-            generation,
-            msg_id,
-            reply,
-        })
-        .await
+    pub async fn ack(
+        &self,
+        _id: &Id,
+        generation: u64,
+        msg_id: u64,
+    ) -> Result<Option<Removed>, QueueError> {
+        let origin = self
+            .ask(|reply| Op::Ack {
+                generation,
+                msg_id,
+                reply,
+            })
+            .await?;
+        Ok(origin.map(|origin| Removed { origin, node: None }))
     }
 
     /// Deletes the messages of enrollments that were removed or revoked.
@@ -356,6 +226,11 @@ impl Queue {
     /// How many messages each identity with any has queued.
     pub async fn depths(&self) -> Result<Vec<(String, u64)>, QueueError> {
         self.ask(|reply| Op::Depths { reply }).await
+    }
+
+    /// See [`super::Queue::ids_queued`].
+    pub async fn ids_queued(&self) -> Result<Vec<Id>, QueueError> {
+        self.ask(|reply| Op::IdsQueued { reply }).await
     }
 
     /// What the whole queue holds.
@@ -466,6 +341,7 @@ fn fail(op: Op, e: &QueueError) {
         Op::List { reply, .. } => drop(reply.send(Err(e()))),
         Op::Depths { reply } => drop(reply.send(Err(e()))),
         Op::Totals { reply } => drop(reply.send(Err(e()))),
+        Op::IdsQueued { reply } => drop(reply.send(Err(e()))),
     }
 }
 
@@ -510,6 +386,7 @@ fn apply(conn: &Connection, op: Op) -> (Answer, bool) {
         Op::List { id, reply } => done(reply, list(conn, &id)),
         Op::Depths { reply } => done(reply, depths(conn)),
         Op::Totals { reply } => done(reply, totals(conn)),
+        Op::IdsQueued { reply } => done(reply, ids_queued(conn)),
     }
 }
 
@@ -626,6 +503,7 @@ fn gone_of(id: &Id, r: &rusqlite::Row<'_>) -> rusqlite::Result<Gone> {
         msg_id: r.get::<_, i64>(1)? as u64,
         origin: Origin::from_i64(r.get(2)?),
         delivered: r.get::<_, i64>(3)? > 0,
+        node: None,
     })
 }
 
@@ -699,6 +577,7 @@ fn take(
                 msg_id: msg_id as u64,
                 origin: Origin::from_i64(origin),
                 delivered: delivered > 0,
+                node: None,
             });
         }
     }
@@ -753,6 +632,14 @@ fn depths(conn: &Connection) -> Result<Vec<(String, u64)>, QueueError> {
         .collect::<Result<Vec<_>, _>>()?)
 }
 
+fn ids_queued(conn: &Connection) -> Result<Vec<Id>, QueueError> {
+    let names = conn
+        .prepare_cached("SELECT id FROM identities WHERE queued_messages > 0")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(names.iter().filter_map(|n| Id::new(n).ok()).collect())
+}
+
 fn totals(conn: &Connection) -> Result<Totals, QueueError> {
     Ok(conn
         .prepare_cached(
@@ -767,11 +654,4 @@ fn totals(conn: &Connection) -> Result<Totals, QueueError> {
                 oldest_ms: r.get(2)?,
             })
         })?)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

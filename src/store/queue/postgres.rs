@@ -1,0 +1,736 @@
+//! The durable queue in a fleet's PostgreSQL store (docs/CLUSTER.md, "Queued delivery").
+//!
+//! Every node reads and writes the one queue: a message is queued on any node, delivered
+//! by the node that holds the identity's session (the claim says which: a node delivers
+//! only in a session it registered), and its outcome goes back to the node it was queued
+//! on. The database is storage, never an authority: each row is tagged under the fleet
+//! key by the node that queued it, over everything a device would receive and where the
+//! outcome goes (`generation, msg_id, id, kind, payload, expires, origin, node`), and a
+//! node delivers only a row whose tag verifies; a row that does not (no node of the
+//! fleet wrote it) is deleted and logged. Outcomes travel tagged too. What a database
+//! writer can do is what it can do to any row: delete a message (its sender is then
+//! never told), or put an old, genuine one back (the device drops it by its id, spec
+//! 8.8).
+//!
+//! The statements run on the store's runtime ([`Postgres::spawn`]), whichever runtime
+//! asks. A commit in PostgreSQL is durable before it returns (the server's own WAL
+//! flush, group-committed across connections).
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use tokio_postgres::types::ToSql;
+use tracing::warn;
+
+use super::{
+    now_ms, Bounds, Gone, Listed, NewMessage, Origin, QueueError, Queued, Refusal, Removed, Report,
+    Totals,
+};
+use crate::proto::{DeliveryKind, Id, Status};
+use crate::store::fleet_key::{FleetKey, Statement};
+use crate::store::postgres::{channel, Postgres};
+
+/// Messages expired, or dropped with their enrollment, per sweep at most.
+const SWEEP_BATCH: i64 = 1000;
+
+/// The queue of a fleet, as one node uses it. Cheap to clone.
+#[derive(Clone)]
+pub struct PgQueue {
+    pg: Postgres,
+    key: FleetKey,
+    /// This node's name in the fleet (`nodes.node`).
+    node: String,
+}
+
+impl std::fmt::Debug for PgQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgQueue")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fields a queued row's tag covers, in order.
+struct RowFields<'a> {
+    generation: i64,
+    msg_id: i64,
+    id: &'a str,
+    kind: i16,
+    payload: &'a [u8],
+    expires: i64,
+    origin: i16,
+    node: &'a str,
+}
+
+impl RowFields<'_> {
+    fn tag(&self, key: &FleetKey) -> [u8; 32] {
+        self.with(|f| key.tag(Statement::Queued, f))
+    }
+
+    fn verify(&self, key: &FleetKey, tag: &[u8]) -> bool {
+        self.with(|f| key.verify(Statement::Queued, f, tag))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&[&[u8]]) -> T) -> T {
+        f(&[
+            &self.generation.to_be_bytes(),
+            &self.msg_id.to_be_bytes(),
+            self.id.as_bytes(),
+            &self.kind.to_be_bytes(),
+            self.payload,
+            &self.expires.to_be_bytes(),
+            &self.origin.to_be_bytes(),
+            self.node.as_bytes(),
+        ])
+    }
+}
+
+/// The fields of a forwarded outcome's tag, in order.
+fn outcome_fields(node: &str, r: &Report, with: impl FnOnce(&[&[u8]]) -> bool) -> bool {
+    with(&[
+        node.as_bytes(),
+        r.id.as_str().as_bytes(),
+        &r.generation.to_be_bytes(),
+        &r.msg_id.to_be_bytes(),
+        &[r.origin as u8],
+        &[r.code],
+        &r.status.0.to_be_bytes(),
+        &r.payload,
+    ])
+}
+
+fn kind_of(n: i16) -> DeliveryKind {
+    if n == DeliveryKind::Request as i16 {
+        DeliveryKind::Request
+    } else {
+        DeliveryKind::Message
+    }
+}
+
+/// A column of a row, or an error that says the row is not what this tallyd wrote.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    r: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, QueueError> {
+    r.try_get(i).map_err(|e| {
+        QueueError::Db(format!(
+            "a queue row this tallyd cannot read (column {i}: {e}): the schema was changed in the database?"
+        ))
+    })
+}
+
+fn db(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Db(e.to_string())
+}
+
+impl PgQueue {
+    /// The queue in `pg`, for node `node` of the fleet whose key is `key`.
+    pub fn new(pg: Postgres, key: FleetKey, node: String) -> PgQueue {
+        PgQueue { pg, key, node }
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime.
+    async fn run<T, F>(
+        &self,
+        f: impl FnOnce(PgQueue) -> F + Send + 'static,
+    ) -> Result<T, QueueError>
+    where
+        F: std::future::Future<Output = Result<T, QueueError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let this = self.clone();
+        self.pg
+            .spawn(f(this))
+            .await
+            .map_err(|_| QueueError::Closed)?
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, QueueError> {
+        self.pg.client().await.map_err(db)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, QueueError> {
+        self.pg.count_queries(1);
+        let c = self.client().await?;
+        let stmt = c.prepare_cached(sql).await.map_err(db)?;
+        c.query(&stmt, params).await.map_err(db)
+    }
+
+    /// See [`super::Queue::enqueue`]. One transaction: the identity's row takes the next
+    /// message id (if it is enrolled, not revoked, and below its bounds), the tagged row
+    /// is inserted, and the nodes are told (`tally_queued`, sent on commit).
+    pub async fn enqueue(
+        &self,
+        msg: NewMessage,
+        bounds: Bounds,
+    ) -> Result<Result<(u64, u64), Refusal>, QueueError> {
+        self.run(move |q| async move {
+            q.pg.count_queries(3);
+            let mut c = q.client().await?;
+            let tx = c.transaction().await.map_err(db)?;
+            let id = msg.id.as_str();
+            let len = msg.payload.len() as i64;
+            let (max_messages, max_bytes) = (
+                i64::from(bounds.max_messages),
+                i64::try_from(bounds.max_bytes).unwrap_or(i64::MAX),
+            );
+            let took = tx
+                .query_opt(
+                    "UPDATE identities SET next_msg_id = next_msg_id + 1
+                     WHERE id = $1 AND key IS NOT NULL
+                       AND queued_messages < $2 AND queued_bytes + $3 <= $4
+                     RETURNING generation, next_msg_id - 1",
+                    &[&id, &max_messages, &len, &max_bytes],
+                )
+                .await
+                .map_err(db)?;
+            let Some(row) = took else {
+                // Why not: nothing was changed.
+                let why = tx
+                    .query_opt(
+                        "SELECT key IS NULL, queued_messages, queued_bytes
+                           FROM identities WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)?;
+                return Ok(Err(match why {
+                    None => Refusal::NotEnrolled(id.into()),
+                    Some(r) if col::<bool>(&r, 0)? => Refusal::Revoked(id.into()),
+                    Some(r) => Refusal::Full {
+                        id: id.into(),
+                        messages: col::<i64>(&r, 1)?.max(0) as u64,
+                        bytes: col::<i64>(&r, 2)?.max(0) as u64,
+                    },
+                }));
+            };
+            let (generation, msg_id): (i64, i64) = (col(&row, 0)?, col(&row, 1)?);
+            let fields = RowFields {
+                generation,
+                msg_id,
+                id,
+                kind: msg.kind as i16,
+                payload: &msg.payload,
+                expires: msg.expires_ms,
+                origin: msg.origin as i16,
+                node: &q.node,
+            };
+            let tag = fields.tag(&q.key);
+            tx.execute(
+                "WITH ins AS (
+                     INSERT INTO queue (generation, msg_id, kind, payload, queued, expires,
+                                        origin, node, tag)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING 1)
+                 SELECT pg_notify($10, $11) FROM ins",
+                &[
+                    &generation,
+                    &msg_id,
+                    &fields.kind,
+                    &&msg.payload[..],
+                    &now_ms(),
+                    &msg.expires_ms,
+                    &fields.origin,
+                    &q.node,
+                    &&tag[..],
+                    &channel::QUEUED,
+                    &id,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(Ok((generation as u64, msg_id as u64)))
+        })
+        .await
+    }
+
+    /// See [`super::Queue::generation`].
+    async fn generation_here(&self, id: &Id) -> Result<Option<u64>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT generation FROM identities WHERE id = $1",
+                &[&id.as_str()],
+            )
+            .await?;
+        rows.first()
+            .map(|r| col::<i64>(r, 0).map(|g| g as u64))
+            .transpose()
+    }
+
+    /// The node a row's outcome goes to: `None` when it is this one.
+    fn elsewhere(&self, node: String) -> Option<String> {
+        (node != self.node).then_some(node)
+    }
+
+    /// See [`super::Queue::next`]. Rows whose tag does not verify are deleted, not
+    /// delivered.
+    pub async fn next(
+        &self,
+        id: &Id,
+        generation: u64,
+        after: u64,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+        let id = id.clone();
+        self.run(move |q| async move {
+            q.pg.count_queries(2);
+            let mut c = q.client().await?;
+            let tx = c.transaction().await.map_err(db)?;
+            let (g, after) = (generation as i64, after as i64);
+            let expired = tx
+                .query(
+                    "DELETE FROM queue WHERE generation = $1 AND msg_id > $2 AND expires <= $3
+                     RETURNING msg_id, origin, delivered, node",
+                    &[&g, &after, &now_ms],
+                )
+                .await
+                .map_err(db)?;
+            let mut gone = Vec::with_capacity(expired.len());
+            for r in &expired {
+                gone.push(Gone {
+                    id: id.clone(),
+                    generation,
+                    msg_id: col::<i64>(r, 0)? as u64,
+                    origin: Origin::from_i64(col::<i16>(r, 1)?.into()),
+                    delivered: col::<i32>(r, 2)? > 0,
+                    node: q.elsewhere(col(r, 3)?),
+                });
+            }
+            let rows = tx
+                .query(
+                    "UPDATE queue SET delivered = delivered + 1
+                     WHERE generation = $1 AND msg_id IN (
+                         SELECT msg_id FROM queue WHERE generation = $1 AND msg_id > $2
+                         ORDER BY msg_id LIMIT $3)
+                     RETURNING msg_id, kind, payload, origin, expires, node, tag",
+                    &[&g, &after, &(limit as i64)],
+                )
+                .await
+                .map_err(db)?;
+            let mut queued = Vec::with_capacity(rows.len());
+            let mut forged: Vec<i64> = Vec::new();
+            for r in &rows {
+                let payload: &[u8] = col(r, 2)?;
+                let fields = RowFields {
+                    generation: g,
+                    msg_id: col(r, 0)?,
+                    id: id.as_str(),
+                    kind: col(r, 1)?,
+                    payload,
+                    expires: col(r, 4)?,
+                    origin: col(r, 3)?,
+                    node: col(r, 5)?,
+                };
+                if !fields.verify(&q.key, col(r, 6)?) {
+                    forged.push(fields.msg_id);
+                    continue;
+                }
+                queued.push(Queued {
+                    msg_id: fields.msg_id as u64,
+                    kind: kind_of(fields.kind),
+                    payload: Bytes::copy_from_slice(payload),
+                    origin: Origin::from_i64(fields.origin.into()),
+                });
+            }
+            if !forged.is_empty() {
+                warn!(
+                    %id,
+                    msg_ids = ?forged,
+                    "queued messages whose tag does not verify (no node of this fleet queued them: written into the database by someone else?) deleted, not delivered"
+                );
+                tx.execute(
+                    "DELETE FROM queue WHERE generation = $1 AND msg_id = ANY($2)",
+                    &[&g, &forged],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+            queued.sort_unstable_by_key(|m| m.msg_id);
+            Ok((queued, gone))
+        })
+        .await
+    }
+
+    /// See [`super::Queue::ack`]. Where the outcome goes is read from the deleted row
+    /// and verified: a row whose tag does not verify has no outcome to report.
+    async fn ack_here(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: u64,
+    ) -> Result<Option<Removed>, QueueError> {
+        let rows = self
+            .query(
+                "DELETE FROM queue WHERE generation = $1 AND msg_id = $2
+                 RETURNING kind, payload, expires, origin, node, tag",
+                &[&(generation as i64), &(msg_id as i64)],
+            )
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let fields = RowFields {
+            generation: generation as i64,
+            msg_id: msg_id as i64,
+            id: id.as_str(),
+            kind: col(r, 0)?,
+            payload: col(r, 1)?,
+            expires: col(r, 2)?,
+            origin: col(r, 3)?,
+            node: col(r, 4)?,
+        };
+        if !fields.verify(&self.key, col(r, 5)?) {
+            warn!(%id, msg_id, "an acknowledged message whose row's tag does not verify: no outcome reported");
+            return Ok(None);
+        }
+        Ok(Some(Removed {
+            origin: Origin::from_i64(fields.origin.into()),
+            node: self.elsewhere(fields.node.to_owned()),
+        }))
+    }
+
+    /// Rows `(id, generation, msg_id, origin, delivered, node)` as [`Gone`].
+    fn gone(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<Gone>, QueueError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            // A removed identity has no row: the placeholder `removed` (its waiters are
+            // found by enrollment).
+            let id = Id::new(col::<&str>(r, 0)?)
+                .unwrap_or_else(|_| Id::new("removed").expect("a valid id"));
+            out.push(Gone {
+                id,
+                generation: col::<i64>(r, 1)? as u64,
+                msg_id: col::<i64>(r, 2)? as u64,
+                origin: Origin::from_i64(col::<i16>(r, 3)?.into()),
+                delivered: col::<i32>(r, 4)? > 0,
+                node: self.elsewhere(col(r, 5)?),
+            });
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Queue::orphans`]. Nodes sweeping at once each take other rows.
+    async fn orphans_here(&self) -> Result<Vec<Gone>, QueueError> {
+        let rows = self
+            .query(
+                "WITH doomed AS (
+                     SELECT q.generation, q.msg_id FROM queue q
+                       LEFT JOIN identities i ON i.generation = q.generation
+                      WHERE i.generation IS NULL OR i.key IS NULL
+                      LIMIT $1 FOR UPDATE OF q SKIP LOCKED),
+                 d AS (
+                     DELETE FROM queue q USING doomed
+                      WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
+                     RETURNING q.generation, q.msg_id, q.origin, q.delivered, q.node)
+                 SELECT COALESCE(i.id, 'removed'), d.generation, d.msg_id, d.origin,
+                        d.delivered, d.node
+                   FROM d LEFT JOIN identities i ON i.generation = d.generation",
+                &[&SWEEP_BATCH],
+            )
+            .await?;
+        self.gone(&rows)
+    }
+
+    /// See [`super::Queue::expire`]: an identity with a session on any node of the
+    /// fleet keeps its messages (that node's session expires them as it fetches).
+    async fn expire_here(&self, now_ms: i64, live: HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
+        let live: Vec<&str> = live.iter().map(Id::as_str).collect();
+        let rows = self
+            .query(
+                "WITH doomed AS (
+                     SELECT q.generation, q.msg_id FROM queue q
+                       JOIN identities i ON i.generation = q.generation
+                      WHERE q.expires <= $1 AND NOT (i.id = ANY($2))
+                        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = i.id)
+                      ORDER BY q.expires LIMIT $3 FOR UPDATE OF q SKIP LOCKED),
+                 d AS (
+                     DELETE FROM queue q USING doomed
+                      WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
+                     RETURNING q.generation, q.msg_id, q.origin, q.delivered, q.node)
+                 SELECT i.id, d.generation, d.msg_id, d.origin, d.delivered, d.node
+                   FROM d JOIN identities i ON i.generation = d.generation",
+                &[&now_ms, &live, &SWEEP_BATCH],
+            )
+            .await?;
+        self.gone(&rows)
+    }
+
+    /// See [`super::Queue::purge`].
+    async fn purge_here(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: Option<u64>,
+    ) -> Result<Vec<Gone>, QueueError> {
+        let rows = self
+            .query(
+                "WITH d AS (
+                     DELETE FROM queue WHERE generation = $1 AND ($2::bigint IS NULL OR msg_id = $2)
+                     RETURNING generation, msg_id, origin, delivered, node)
+                 SELECT $3::text, generation, msg_id, origin, delivered, node FROM d",
+                &[
+                    &(generation as i64),
+                    &msg_id.map(|m| m as i64),
+                    &id.as_str(),
+                ],
+            )
+            .await?;
+        self.gone(&rows)
+    }
+
+    /// See [`super::Queue::list`].
+    async fn list_here(&self, id: &Id) -> Result<Vec<Listed>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT q.msg_id, q.kind, octet_length(q.payload)::bigint, q.queued, q.expires,
+                        q.origin
+                   FROM queue q JOIN identities i ON i.generation = q.generation
+                  WHERE i.id = $1 ORDER BY q.msg_id",
+                &[&id.as_str()],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Listed {
+                    msg_id: col::<i64>(r, 0)? as u64,
+                    kind: kind_of(col(r, 1)?).as_str().into(),
+                    bytes: col::<i64>(r, 2)? as u64,
+                    queued: col::<i64>(r, 3)? / 1000,
+                    expires: col::<i64>(r, 4)? / 1000,
+                    origin: Origin::from_i64(col::<i16>(r, 5)?.into()),
+                })
+            })
+            .collect()
+    }
+
+    /// See [`super::Queue::depths`].
+    async fn depths_here(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        let rows = self
+            .query(
+                "SELECT id, queued_messages FROM identities WHERE queued_messages > 0",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((col(r, 0)?, col::<i64>(r, 1)?.max(0) as u64)))
+            .collect()
+    }
+
+    /// See [`super::Queue::ids_queued`].
+    async fn ids_queued_here(&self) -> Result<Vec<Id>, QueueError> {
+        let rows = self
+            .query("SELECT id FROM identities WHERE queued_messages > 0", &[])
+            .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Ok(id) = Id::new(col::<&str>(r, 0)?) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// See [`super::Queue::totals`].
+    async fn totals_here(&self) -> Result<Totals, QueueError> {
+        let rows = self
+            .query(
+                "SELECT COALESCE(SUM(queued_messages), 0)::bigint,
+                        COALESCE(SUM(queued_bytes), 0)::bigint,
+                        (SELECT MIN(queued) FROM queue)
+                   FROM identities",
+                &[],
+            )
+            .await?;
+        let r = rows
+            .first()
+            .ok_or_else(|| QueueError::Db("a query of one row answered none".into()))?;
+        Ok(Totals {
+            messages: col::<i64>(r, 0)?.max(0) as u64,
+            bytes: col::<i64>(r, 1)?.max(0) as u64,
+            oldest_ms: col(r, 2)?,
+        })
+    }
+
+    /// See [`super::Queue::forward`]: the outcome, tagged, for `node`, which is told
+    /// (`tally_outcome`, sent on commit).
+    async fn forward_here(&self, node: &str, report: &Report) -> Result<(), QueueError> {
+        let tag = {
+            let mut tag = [0u8; 32];
+            outcome_fields(node, report, |f| {
+                tag = self.key.tag(Statement::Outcome, f);
+                true
+            });
+            tag
+        };
+        self.query(
+            "WITH ins AS (
+                 INSERT INTO queue_outcomes (node, generation, msg_id, id, origin, code,
+                                             status, payload, tag)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT DO NOTHING RETURNING node)
+             SELECT pg_notify($10, node) FROM ins",
+            &[
+                &node,
+                &(report.generation as i64),
+                &(report.msg_id as i64),
+                &report.id.as_str(),
+                &(report.origin as i16),
+                &i16::from(report.code),
+                &i32::from(report.status.0),
+                &&report.payload[..],
+                &&tag[..],
+                &channel::OUTCOME,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// See [`super::Queue::collect`]. Outcomes forwarded to nodes that are gone from
+    /// the fleet are dropped on the way (nobody waits for them any more).
+    async fn collect_here(&self) -> Result<Vec<Report>, QueueError> {
+        let rows = self
+            .query(
+                "DELETE FROM queue_outcomes o
+                  WHERE o.node = $1
+                     OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = o.node)
+                 RETURNING node, id, generation, msg_id, origin, code, status, payload, tag",
+                &[&self.node],
+            )
+            .await?;
+        let mut out = Vec::new();
+        let mut forged = 0usize;
+        for r in &rows {
+            let node: &str = col(r, 0)?;
+            if node != self.node {
+                continue;
+            }
+            let Ok(id) = Id::new(col::<&str>(r, 1)?) else {
+                forged += 1;
+                continue;
+            };
+            let (Ok(code), Ok(status)) = (
+                u8::try_from(col::<i16>(r, 5)?),
+                u16::try_from(col::<i32>(r, 6)?),
+            ) else {
+                forged += 1;
+                continue;
+            };
+            let report = Report {
+                id,
+                generation: col::<i64>(r, 2)? as u64,
+                msg_id: col::<i64>(r, 3)? as u64,
+                origin: Origin::from_i64(col::<i16>(r, 4)?.into()),
+                code,
+                status: Status(status),
+                payload: Bytes::copy_from_slice(col::<&[u8]>(r, 7)?),
+            };
+            let tag: &[u8] = col(r, 8)?;
+            if outcome_fields(&self.node, &report, |f| {
+                self.key.verify(Statement::Outcome, f, tag)
+            }) {
+                out.push(report);
+            } else {
+                forged += 1;
+            }
+        }
+        if forged > 0 {
+            warn!(
+                forged,
+                "outcomes of queued messages whose tag does not verify (written into the database by someone else?) dropped"
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// The calls from any runtime: each runs on the store's (whose pool's connections it
+/// drives).
+impl PgQueue {
+    /// See [`super::Queue::generation`].
+    pub async fn generation(&self, id: &Id) -> Result<Option<u64>, QueueError> {
+        let id = id.clone();
+        self.run(move |q| async move { q.generation_here(&id).await })
+            .await
+    }
+
+    /// See [`super::Queue::ack`].
+    pub async fn ack(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: u64,
+    ) -> Result<Option<Removed>, QueueError> {
+        let id = id.clone();
+        self.run(move |q| async move { q.ack_here(&id, generation, msg_id).await })
+            .await
+    }
+
+    /// See [`super::Queue::orphans`].
+    pub async fn orphans(&self) -> Result<Vec<Gone>, QueueError> {
+        self.run(move |q| async move { q.orphans_here().await })
+            .await
+    }
+
+    /// See [`super::Queue::expire`].
+    pub async fn expire(&self, now_ms: i64, live: HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
+        self.run(move |q| async move { q.expire_here(now_ms, live).await })
+            .await
+    }
+
+    /// See [`super::Queue::purge`].
+    pub async fn purge(
+        &self,
+        id: &Id,
+        generation: u64,
+        msg_id: Option<u64>,
+    ) -> Result<Vec<Gone>, QueueError> {
+        let id = id.clone();
+        self.run(move |q| async move { q.purge_here(&id, generation, msg_id).await })
+            .await
+    }
+
+    /// See [`super::Queue::list`].
+    pub async fn list(&self, id: &Id) -> Result<Vec<Listed>, QueueError> {
+        let id = id.clone();
+        self.run(move |q| async move { q.list_here(&id).await })
+            .await
+    }
+
+    /// See [`super::Queue::depths`].
+    pub async fn depths(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        self.run(move |q| async move { q.depths_here().await })
+            .await
+    }
+
+    /// See [`super::Queue::ids_queued`].
+    pub async fn ids_queued(&self) -> Result<Vec<Id>, QueueError> {
+        self.run(move |q| async move { q.ids_queued_here().await })
+            .await
+    }
+
+    /// See [`super::Queue::totals`].
+    pub async fn totals(&self) -> Result<Totals, QueueError> {
+        self.run(move |q| async move { q.totals_here().await })
+            .await
+    }
+
+    /// See [`super::Queue::forward`].
+    pub async fn forward(&self, node: &str, report: &Report) -> Result<(), QueueError> {
+        let (node, report) = (node.to_owned(), report.clone());
+        self.run(move |q| async move { q.forward_here(&node, &report).await })
+            .await
+    }
+
+    /// See [`super::Queue::collect`].
+    pub async fn collect(&self) -> Result<Vec<Report>, QueueError> {
+        self.run(move |q| async move { q.collect_here().await })
+            .await
+    }
+}
