@@ -363,12 +363,9 @@ struct Live {
     tombstone_ttl: Duration,
     /// When `tombstones` were last pruned.
     pruned: Option<Instant>,
-    /// Identities that may have queued messages (spec 8.8), each with the number of
-    /// times it was marked: a session fetches from the queue at its start only if its
-    /// identity is here, and takes it out when that fetch finds nothing (unless it was
-    /// marked again meanwhile). A superset of the identities with messages: one with
-    /// none costs a session an empty fetch, never a message.
-    queued: HashMap<Id, u64>,
+    /// Identities that may have queued messages (spec 8.8): a session fetches from the
+    /// queue at its start only if its identity is marked.
+    queued: super::delivery::Marks,
 }
 
 impl Live {
@@ -545,7 +542,7 @@ impl Registry {
         }
         // Whether the identity may have queued messages, for the session's start (a
         // message queued after this reaches it through its mailbox).
-        entry.mailbox.lock().mark = live.queued.get(id).copied();
+        entry.mailbox.lock().mark = live.queued.get(id);
         live.sessions.insert(id.clone(), entry);
         Ok(Registration {
             registry: self.clone(),
@@ -607,7 +604,7 @@ impl Registry {
     /// session registered before is told, one registered after sees the mark.
     pub fn queued(&self, id: &Id) {
         let mut live = self.lock();
-        *live.queued.entry(id.clone()).or_default() += 1;
+        live.queued.queued(id);
         if let Some(e) = live.sessions.get(id) {
             e.mailbox.notify_queued();
         }
@@ -616,10 +613,7 @@ impl Registry {
     /// A session of `id` found its queue empty: unmarked, if nothing marked it since
     /// `mark` (the mark it was registered with).
     pub fn queue_empty(&self, id: &Id, mark: u64) {
-        let mut live = self.lock();
-        if live.queued.get(id) == Some(&mark) {
-            live.queued.remove(id);
-        }
+        self.lock().queued.empty(id, mark);
     }
 
     /// Tells every live session that messages may have been queued for it (in a fleet,
