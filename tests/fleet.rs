@@ -2223,8 +2223,9 @@ fn a_node_killed_mid_delivery_loses_nothing_and_the_next_session_redelivers() {
 }
 
 /// A database writer (anyone with the database's password) inserts a queued message of
-/// its own and an outcome of its own, and tells the nodes: neither verifies under the
-/// fleet key, so the device receives nothing and no sender is told anything.
+/// its own and an outcome of its own, and tells the nodes, and moves a genuine message's
+/// expiry: none verifies under the fleet key, so the device receives nothing and no
+/// sender is told anything.
 #[test]
 fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reported() {
     let Some(f) = Fleet::start("fleet: forged queue rows", 2, "replace") else {
@@ -2248,8 +2249,10 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
     };
     let zeros = "decode(repeat('00', 32), 'hex')";
     f.cluster.psql(&format!(
-        "INSERT INTO queue (generation, msg_id, kind, payload, queued, expires, origin, node, tag)
-         VALUES ({generation}, 1, 1, 'unlock'::bytea, 0, 99999999999999, 0, '{}', {zeros});
+        "INSERT INTO queue (generation, msg_id, id, kind, payload, digest, queued, expires,
+                            origin, node, tag)
+         VALUES ({generation}, 1, 'lock-3', 1, 'unlock'::bytea, sha256('unlock'::bytea), 0,
+                 99999999999999, 0, '{}', {zeros});
          NOTIFY tally_queued, 'lock-3';",
         node(1)
     ));
@@ -2285,7 +2288,7 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
                 "--queue",
                 "--request",
                 "--wait",
-                "4s",
+                "8s",
                 "later?",
             ],
         )
@@ -2301,6 +2304,15 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
         "outcomes of queued messages whose tag does not verify",
         "dropped",
     ]);
+    // The writer moves the genuine message's expiry into the past: the sweep deletes
+    // it, but its tag no longer verifies, so nobody is told "expired" on the row's word.
+    f.cluster
+        .psql("UPDATE queue SET expires = 0 WHERE msg_id = 2; SELECT 1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.cluster.psql("SELECT count(*) FROM queue") != "0" {
+        assert!(Instant::now() < deadline, "the tampered row was not swept");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = sender.join().unwrap();
     assert!(!out.status.success(), "{}", text(&out.stdout));
     assert!(!text(&out.stdout).contains("forged"));
@@ -2309,5 +2321,4 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
         "{}",
         text(&out.stderr)
     );
-    await_queue(&f, 0, "lock-3", &[2]);
 }

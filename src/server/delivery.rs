@@ -113,6 +113,9 @@ pub struct Deliveries {
     queue: Queue,
     /// Told the outcome of what it queued.
     backend: Arc<dyn crate::backend::Backend>,
+    /// The daemon's tasks: an outcome on its way to another node is waited for at
+    /// shutdown.
+    tasks: tokio_util::task::TaskTracker,
     waiters: Mutex<Waiters>,
     /// What the queue held at the last sweep (metrics, `tallyd status`).
     totals: Mutex<queue::Totals>,
@@ -184,11 +187,17 @@ pub struct Enqueued {
 }
 
 impl Deliveries {
-    /// Durable delivery over `queue`; outcomes of what `backend` queued go to it.
-    pub fn new(queue: Queue, backend: Arc<dyn crate::backend::Backend>) -> Deliveries {
+    /// Durable delivery over `queue`; outcomes of what `backend` queued go to it; work
+    /// that outlives a call runs on `tasks`.
+    pub fn new(
+        queue: Queue,
+        backend: Arc<dyn crate::backend::Backend>,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Deliveries {
         Deliveries {
             queue,
             backend,
+            tasks,
             waiters: Mutex::default(),
             totals: Mutex::default(),
             counts: Counts::default(),
@@ -311,7 +320,7 @@ impl Deliveries {
             payload,
         };
         let queue = self.queue.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = queue.forward(&node, &report).await {
                 warn!(id = %report.id, msg_id, node, "the outcome of a queued message could not be handed to the node it was queued on; its sender is not told: {e}");
             }
@@ -331,14 +340,20 @@ impl Deliveries {
     /// In a fleet: tells this node's waiters and backend the outcomes other nodes saw
     /// of messages queued here (each verified). Returns how many.
     pub async fn collect(&self) -> Result<usize, QueueError> {
-        let reports = self.queue.collect().await?;
-        let n = reports.len();
-        for r in reports {
-            if let Some(outcome) = Outcome::from_wire(r.code, r.status, r.payload) {
-                self.dispatch(&r.id, r.generation, r.msg_id, r.origin, outcome);
+        let mut n = 0;
+        loop {
+            let reports = self.queue.collect().await?;
+            let got = reports.len();
+            n += got;
+            for r in reports {
+                if let Some(outcome) = Outcome::from_wire(r.code, r.status, r.payload) {
+                    self.dispatch(&r.id, r.generation, r.msg_id, r.origin, outcome);
+                }
+            }
+            if (got as i64) < queue::postgres::COLLECT_BATCH {
+                return Ok(n);
             }
         }
-        Ok(n)
     }
 
     /// Tells an outcome to the backend (if it queued the message) and the waiters.
@@ -464,6 +479,19 @@ impl Marks {
             self.marked.remove(id);
         }
     }
+
+    /// The number of the last mark set (before a read of the identities with messages,
+    /// for [`Marks::prune`]).
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Unmarks the identities that are not in `queued` (the identities with messages, as
+    /// read after mark `before` was the last), except those marked since.
+    pub fn prune(&mut self, queued: &std::collections::HashSet<Id>, before: u64) {
+        self.marked
+            .retain(|id, mark| *mark > before || queued.contains(id));
+    }
 }
 
 /// One session's place in its identity's queue (sans-IO).
@@ -539,16 +567,16 @@ impl Cursor {
         Some(room)
     }
 
-    /// A fetch of at most `limit` answered with `ids` (in order), all delivered now.
-    pub fn fetched(&mut self, limit: usize, ids: &[u64]) {
+    /// A fetch answered with `ids` (in order), all delivered now; `more`: the store
+    /// says more may follow them (its answer was full, or rows remain after the last).
+    pub fn fetched(&mut self, ids: &[u64], more: bool) {
         self.fetching = false;
         if let Some(&last) = ids.last() {
             self.after = self.after.max(last);
         }
         self.outstanding += ids.len();
-        // A full answer may have left some behind; a notice since the fetch left may
-        // name one it did not see.
-        self.more = ids.len() >= limit || self.notices != self.seen;
+        // A notice since the fetch left may name a message it did not see.
+        self.more = more || self.notices != self.seen;
     }
 
     /// A fetch failed: it is tried again (`more` stays).
@@ -606,6 +634,12 @@ pub async fn sweep(
                 Ok(gone) => deliveries.report_gone(gone, &Outcome::Purged),
                 Err(e) => warn!("dropping the queues of removed identities failed: {e}"),
             }
+            // The marks of identities whose queues emptied without a session seeing it
+            // (expired, purged, removed) go: the record stays as small as the queue.
+            let before = registry.marks_last();
+            if let Ok(ids) = deliveries.queue.ids_queued().await {
+                registry.prune_marks(&ids.into_iter().collect(), before);
+            }
         }
     }
 }
@@ -647,14 +681,14 @@ mod tests {
         assert_eq!(c.poll_fetch(4), Some(4));
         // One fetch at a time.
         assert_eq!(c.poll_fetch(4), None);
-        c.fetched(4, &[3, 5, 8, 9]);
+        c.fetched(&[3, 5, 8, 9], true);
         assert_eq!((c.after(), c.outstanding()), (9, 4));
         // Full window: nothing until an ACK.
         assert_eq!(c.poll_fetch(4), None);
         c.settled();
         c.settled();
         assert_eq!(c.poll_fetch(4), Some(2));
-        c.fetched(2, &[10]);
+        c.fetched(&[10], false);
         // Fewer than asked: the queue is empty, until a notice.
         assert_eq!(c.poll_fetch(4), None);
         c.noticed();
@@ -667,13 +701,13 @@ mod tests {
         assert_eq!(c.poll_fetch(16), Some(16));
         // Queued after the fetch read the queue: its answer does not hold it.
         c.noticed();
-        c.fetched(16, &[]);
+        c.fetched(&[], false);
         assert_eq!(
             c.poll_fetch(16),
             Some(16),
             "the notice asks for another fetch"
         );
-        c.fetched(16, &[]);
+        c.fetched(&[], false);
         assert_eq!(c.poll_fetch(16), None);
     }
 
@@ -693,7 +727,11 @@ mod tests {
             crate::store::Store::open(&path, crate::proto::SecretKey::from_bytes([1; 32])).unwrap(),
         );
         let queue = Queue::Sqlite(queue::sqlite::SqliteQueue::open(&path).unwrap());
-        let d = Deliveries::new(queue, Arc::new(crate::backend::Echo));
+        let d = Deliveries::new(
+            queue,
+            Arc::new(crate::backend::Echo),
+            tokio_util::task::TaskTracker::new(),
+        );
         let id = Id::new("a").unwrap();
         let mut early = d.wait(7, 1);
         d.report(&id, 7, 1, Origin::Control, None, Outcome::Expired);

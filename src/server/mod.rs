@@ -200,7 +200,11 @@ impl ServerState {
                 ))
             }
         };
-        let deliveries = Arc::new(delivery::Deliveries::new(queue, backend.clone()));
+        let deliveries = Arc::new(delivery::Deliveries::new(
+            queue,
+            backend.clone(),
+            tasks.clone(),
+        ));
         let state = ServerState {
             limits: RwLock::new(config.limits.clone()),
             deliveries,

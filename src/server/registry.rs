@@ -610,6 +610,16 @@ impl Registry {
         }
     }
 
+    /// The number of the last mark set (`Marks::last`).
+    pub fn marks_last(&self) -> u64 {
+        self.lock().queued.last()
+    }
+
+    /// Unmarks the identities without messages (`Marks::prune`).
+    pub fn prune_marks(&self, queued: &std::collections::HashSet<Id>, before: u64) {
+        self.lock().queued.prune(queued, before);
+    }
+
     /// A session of `id` found its queue empty: unmarked, if nothing marked it since
     /// `mark` (the mark it was registered with).
     pub fn queue_empty(&self, id: &Id, mark: u64) {

@@ -98,11 +98,11 @@ pub(crate) enum Work {
     DrainDeadline,
     /// A message was queued for this identity (spec 8.8).
     Queued,
-    /// The next queued messages, for a fetch of at most `.1`.
-    Fetched(Fetched, usize),
+    /// The next queued messages, and whether more may follow.
+    Fetched(Fetched),
 }
 
-type Fetched = Result<Vec<Queued>, QueueError>;
+type Fetched = Result<(Vec<Queued>, bool), QueueError>;
 
 /// The limits a session reads on every request: a copy of these, not of all of
 /// [`crate::config::Limits`] (every idle session holds it).
@@ -143,7 +143,7 @@ struct Delivery {
     /// Its place in its identity's queue.
     cursor: Cursor,
     /// The fetch of the next queued messages, while one is on its way.
-    fetch: Option<BoxFuture<(Fetched, usize)>>,
+    fetch: Option<BoxFuture<Fetched>>,
     /// Queued messages delivered and not acknowledged, at most.
     in_flight: usize,
     /// The identity's mark in the registry's record of queues (`Registry::queued`):
@@ -449,12 +449,12 @@ impl ServerRole {
                 .next(&id, generation, after, limit, queue::now_ms())
                 .await;
             match got {
-                Ok((messages, expired)) => {
-                    d.report_gone(expired, &Delivered::Expired);
-                    if let (true, Some(mark)) = (messages.is_empty(), unmark) {
+                Ok(next) => {
+                    d.report_gone(next.expired, &Delivered::Expired);
+                    if let (true, Some(mark)) = (next.messages.is_empty() && !next.more, unmark) {
                         registry.queue_empty(&id, mark);
                     }
-                    Ok(messages)
+                    Ok((next.messages, next.more))
                 }
                 Err(e) => {
                     // Tried again after a pause, not in a loop.
@@ -465,20 +465,19 @@ impl ServerRole {
             }
         });
         delivery.fetch = Some(Box::pin(async move {
-            let got = fetch
+            fetch
                 .await
-                .unwrap_or_else(|_| Err(QueueError::Db("the fetch's task failed".into())));
-            (got, limit)
+                .unwrap_or_else(|_| Err(QueueError::Db("the fetch's task failed".into())))
         }));
     }
 
     /// Delivers fetched messages, in order, while the session is open.
-    fn deliver(&mut self, fetched: Fetched, limit: usize, conn: &mut Connection, now: Duration) {
+    fn deliver(&mut self, fetched: Fetched, conn: &mut Connection, now: Duration) {
         let (d, delivery) = (self.state.deliveries.clone(), &mut self.delivery);
         let generation = delivery.generation;
         let cursor = &mut delivery.cursor;
-        let messages = match fetched {
-            Ok(messages) => messages,
+        let (messages, more) = match fetched {
+            Ok(got) => got,
             Err(_) => return cursor.failed(),
         };
         let mut delivered = Vec::with_capacity(messages.len());
@@ -508,7 +507,7 @@ impl ServerRole {
             }
             delivered.push(msg_id);
         }
-        cursor.fetched(limit, &delivered);
+        cursor.fetched(&delivered, more);
         for _ in 0..settled {
             cursor.settled();
         }
@@ -592,9 +591,9 @@ impl Role for ServerRole {
         }
         let delivery = &mut self.delivery;
         if let Some(fetch) = delivery.fetch.as_mut() {
-            if let Poll::Ready((got, limit)) = fetch.as_mut().poll(cx) {
+            if let Poll::Ready(got) = fetch.as_mut().poll(cx) {
                 delivery.fetch = None;
-                return Poll::Ready(Work::Fetched(got, limit));
+                return Poll::Ready(Work::Fetched(got));
             }
         }
         if let Some(inflight) = self.inflight.as_mut().filter(|f| !f.is_empty()) {
@@ -651,7 +650,7 @@ impl Role for ServerRole {
             }
             Work::CloseAsked(code, reason) => conn.close(code, reason, now),
             Work::Queued => self.delivery.cursor.noticed(),
-            Work::Fetched(got, limit) => self.deliver(got, limit, conn, now),
+            Work::Fetched(got) => self.deliver(got, conn, now),
             Work::Shutdown => {
                 self.stopping = true;
                 self.drain = Some(Box::pin(tokio::time::sleep(self.limits.drain_timeout)));

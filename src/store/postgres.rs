@@ -258,8 +258,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE queue (
         generation bigint NOT NULL,
         msg_id     bigint NOT NULL,
+        id         text NOT NULL,
         kind       smallint NOT NULL,
         payload    bytea NOT NULL,
+        digest     bytea NOT NULL,     -- SHA-256 of the payload, under the tag
         queued     bigint NOT NULL,
         expires    bigint NOT NULL,
         origin     smallint NOT NULL,
@@ -300,6 +302,7 @@ const MIGRATIONS: &[&str] = &[
         status     integer NOT NULL,
         payload    bytea NOT NULL,
         tag        bytea NOT NULL,
+        created    timestamptz NOT NULL DEFAULT clock_timestamp(),
         PRIMARY KEY (node, generation, msg_id)
     );
 "#,

@@ -15,6 +15,9 @@
 //! - **no message forgotten for the next session**: with no session and nothing on its
 //!   way, an identity with messages is marked, so that its next session fetches.
 //!
+//! The sweep's pruning of marks (every minute: those of identities without messages,
+//! read from the store, unless marked since) is explored too.
+//!
 //! And, so that the check is not vacuous, that the scenarios reach: a session that
 //! started unmarked (no fetch) delivers a message queued later, an empty first fetch
 //! unmarks, a message delivered in one session is delivered again in the next (its
@@ -41,7 +44,8 @@ fn id() -> Id {
 struct Fetch {
     after: u64,
     limit: usize,
-    read: Option<Vec<u64>>,
+    /// The ids read, and whether rows remained after them.
+    read: Option<(Vec<u64>, bool)>,
     unmark: Option<u64>,
 }
 
@@ -72,6 +76,9 @@ struct State {
     deaf: bool,
     /// Listening again: the marks are being read again from the store.
     reload: bool,
+    /// The sweep's pruning of marks, between its read of the store (the last mark
+    /// then, and whether the identity had messages) and its change of the marks.
+    prune: Option<(u64, bool)>,
     marks: Marks,
     session: Option<Session>,
     /// First fetches of sessions that ended, still running.
@@ -89,6 +96,7 @@ struct Budget {
     sessions: u8,
     losses: u8,
     restarts: u8,
+    prunes: u8,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -129,6 +137,10 @@ enum Step {
     Reload,
     /// The node restarts: sessions, notices and marks gone; marked from the store.
     Restart,
+    /// The sweep notes the last mark and reads which identities have messages.
+    PruneRead,
+    /// ...and unmarks the others, except those marked since.
+    PruneApply,
 }
 
 struct Delivery {
@@ -153,7 +165,10 @@ fn start_fetch(s: &mut Session) {
 }
 
 fn read(queue: &BTreeSet<u64>, f: &mut Fetch) {
-    f.read = Some(queue.range(f.after + 1..).take(f.limit).copied().collect());
+    let ids: Vec<u64> = queue.range(f.after + 1..).take(f.limit).copied().collect();
+    let last = ids.last().copied().unwrap_or(f.after);
+    let more = queue.range(last + 1..).next().is_some();
+    f.read = Some((ids, more));
 }
 
 impl Model for Delivery {
@@ -167,6 +182,7 @@ impl Model for Delivery {
             notices: 0,
             deaf: false,
             reload: false,
+            prune: None,
             marks: Marks::default(),
             session: None,
             orphans: Vec::new(),
@@ -215,6 +231,11 @@ impl Model for Delivery {
         }
         if s.budget.restarts > 0 {
             steps.push(Step::Restart);
+        }
+        match s.prune {
+            None if s.budget.prunes > 0 => steps.push(Step::PruneRead),
+            None => {}
+            Some(_) => steps.push(Step::PruneApply),
         }
     }
 
@@ -268,12 +289,12 @@ impl Model for Delivery {
             Step::Done => {
                 let sess = s.session.as_mut()?;
                 let f = sess.fetch.take()?;
-                let got = f.read?;
-                if let (true, Some(mark)) = (got.is_empty(), f.unmark) {
+                let (got, more) = f.read?;
+                if let (true, Some(mark)) = (got.is_empty() && !more, f.unmark) {
                     s.marks.empty(&id, mark);
                     s.seen.unmarked = true;
                 }
-                sess.cursor.fetched(f.limit, &got);
+                sess.cursor.fetched(&got, more);
                 for m in &got {
                     if s.delivered_before.contains(m) {
                         s.seen.redelivered = true;
@@ -293,8 +314,8 @@ impl Model for Delivery {
                     read(&queue, f);
                 } else {
                     let f = s.orphans.remove(i);
-                    if let (Some(got), Some(mark)) = (f.read, f.unmark) {
-                        if got.is_empty() {
+                    if let (Some((got, more)), Some(mark)) = (f.read, f.unmark) {
+                        if got.is_empty() && !more {
                             s.marks.empty(&id, mark);
                             s.seen.orphan_unmarked = true;
                         }
@@ -338,8 +359,22 @@ impl Model for Delivery {
                     }
                 }
             }
+            Step::PruneRead => {
+                s.budget.prunes -= 1;
+                s.prune = Some((s.marks.last(), !s.queue.is_empty()));
+            }
+            Step::PruneApply => {
+                let (before, has) = s.prune.take()?;
+                let queued = if has {
+                    [id.clone()].into()
+                } else {
+                    Default::default()
+                };
+                s.marks.prune(&queued, before);
+            }
             Step::Restart => {
                 s.budget.restarts -= 1;
+                s.prune = None;
                 if let Some(sess) = s.session.take() {
                     s.delivered_before.extend(sess.delivered);
                 }
@@ -419,6 +454,7 @@ fn sessions_coming_and_going_see_every_message() {
             sessions: 3,
             losses: 0,
             restarts: 0,
+            prunes: 0,
         },
     );
 }
@@ -432,6 +468,21 @@ fn a_lost_notification_connection_or_a_restart_forgets_no_message() {
             sessions: 2,
             losses: 1,
             restarts: 1,
+            prunes: 0,
+        },
+    );
+}
+
+#[test]
+fn the_sweep_pruning_marks_forgets_no_message() {
+    check(
+        "pruned marks",
+        Budget {
+            enqueues: 2,
+            sessions: 2,
+            losses: 0,
+            restarts: 0,
+            prunes: 2,
         },
     );
 }

@@ -1184,9 +1184,12 @@ impl Fleet {
             }
             return refreshed.map(|_| ());
         }
-        // A message may have been queued for a new enrollment before this node indexed
-        // it (its `tally_queued` notice then marked nothing): its first session looks.
-        if refreshed.is_ok() && op == "enrolled" {
+        // A message may have been queued while this node did not have the identity in
+        // its index (a new enrollment, or a read that failed and is tried again): its
+        // `tally_queued` notice marked nothing. Whenever a key comes (back) into the
+        // index, its session and its next one look. (Only then: a notice of an id that
+        // is not enrolled marks nothing, and costs no memory.)
+        if matches!(refreshed, Ok(true)) {
             if let Ok(id) = Id::new(name) {
                 self.registry.queued(&id);
             }

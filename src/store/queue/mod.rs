@@ -160,6 +160,18 @@ pub struct Totals {
     pub oldest_ms: Option<i64>,
 }
 
+/// What a fetch of the next messages found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Next {
+    /// The messages to deliver, in id order.
+    pub messages: Vec<Queued>,
+    /// Those it found past their time, deleted.
+    pub expired: Vec<Gone>,
+    /// Whether more may follow the last message (the answer was full, or rows after it
+    /// are still there).
+    pub more: bool,
+}
+
 /// A message acknowledged and deleted: where its outcome goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
@@ -234,7 +246,7 @@ impl Queue {
         after: u64,
         limit: usize,
         now_ms: i64,
-    ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+    ) -> Result<Next, QueueError> {
         either!(self, next(id, generation, after, limit, now_ms))
     }
 

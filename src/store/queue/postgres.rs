@@ -23,8 +23,8 @@ use tokio_postgres::types::ToSql;
 use tracing::warn;
 
 use super::{
-    now_ms, Bounds, Gone, Listed, NewMessage, Origin, QueueError, Queued, Refusal, Removed, Report,
-    Totals,
+    now_ms, Bounds, Gone, Listed, NewMessage, Next, Origin, QueueError, Queued, Refusal, Removed,
+    Report, Totals,
 };
 use crate::proto::{DeliveryKind, Id, Status};
 use crate::store::fleet_key::{FleetKey, Statement};
@@ -32,6 +32,8 @@ use crate::store::postgres::{channel, Postgres};
 
 /// Messages expired, or dropped with their enrollment, per sweep at most.
 const SWEEP_BATCH: i64 = 1000;
+/// Forwarded outcomes read at once, at most (more are read right after).
+pub const COLLECT_BATCH: i64 = 1000;
 
 /// The queue of a fleet, as one node uses it. Cheap to clone.
 #[derive(Clone)]
@@ -50,13 +52,14 @@ impl std::fmt::Debug for PgQueue {
     }
 }
 
-/// The fields a queued row's tag covers, in order.
+/// The fields a queued row's tag covers, in order: the payload by its SHA-256 (the
+/// `digest` column), so that a row is verified without reading its payload back.
 struct RowFields<'a> {
     generation: i64,
     msg_id: i64,
     id: &'a str,
     kind: i16,
-    payload: &'a [u8],
+    digest: [u8; 32],
     expires: i64,
     origin: i16,
     node: &'a str,
@@ -77,12 +80,23 @@ impl RowFields<'_> {
             &self.msg_id.to_be_bytes(),
             self.id.as_bytes(),
             &self.kind.to_be_bytes(),
-            self.payload,
+            &self.digest,
             &self.expires.to_be_bytes(),
             &self.origin.to_be_bytes(),
             self.node.as_bytes(),
         ])
     }
+}
+
+/// A payload's SHA-256.
+fn digest(payload: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(payload).into()
+}
+
+/// A stored digest as 32 bytes (another length never verifies).
+fn digest_col(r: &tokio_postgres::Row, i: usize) -> Result<[u8; 32], QueueError> {
+    Ok(<[u8; 32]>::try_from(col::<&[u8]>(r, i)?).unwrap_or([0; 32]))
 }
 
 /// The fields of a forwarded outcome's tag, in order.
@@ -214,7 +228,7 @@ impl PgQueue {
                 msg_id,
                 id,
                 kind: msg.kind as i16,
-                payload: &msg.payload,
+                digest: digest(&msg.payload),
                 expires: msg.expires_ms,
                 origin: msg.origin as i16,
                 node: &q.node,
@@ -222,22 +236,23 @@ impl PgQueue {
             let tag = fields.tag(&q.key);
             tx.execute(
                 "WITH ins AS (
-                     INSERT INTO queue (generation, msg_id, kind, payload, queued, expires,
-                                        origin, node, tag)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING 1)
-                 SELECT pg_notify($10, $11) FROM ins",
+                     INSERT INTO queue (generation, msg_id, id, kind, payload, digest, queued,
+                                        expires, origin, node, tag)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING 1)
+                 SELECT pg_notify($12, $3) FROM ins",
                 &[
                     &generation,
                     &msg_id,
+                    &id,
                     &fields.kind,
                     &&msg.payload[..],
+                    &&fields.digest[..],
                     &now_ms(),
                     &msg.expires_ms,
                     &fields.origin,
                     &q.node,
                     &&tag[..],
                     &channel::QUEUED,
-                    &id,
                 ],
             )
             .await
@@ -267,7 +282,7 @@ impl PgQueue {
     }
 
     /// See [`super::Queue::next`]. Rows whose tag does not verify are deleted, not
-    /// delivered.
+    /// delivered, and those found expired are reported only if theirs does.
     pub async fn next(
         &self,
         id: &Id,
@@ -275,7 +290,7 @@ impl PgQueue {
         after: u64,
         limit: usize,
         now_ms: i64,
-    ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+    ) -> Result<Next, QueueError> {
         let id = id.clone();
         self.run(move |q| async move {
             q.pg.count_queries(2);
@@ -285,22 +300,13 @@ impl PgQueue {
             let expired = tx
                 .query(
                     "DELETE FROM queue WHERE generation = $1 AND msg_id > $2 AND expires <= $3
-                     RETURNING msg_id, origin, delivered, node",
+                     RETURNING id, generation, msg_id, origin, delivered, node, kind, digest,
+                               expires, tag",
                     &[&g, &after, &now_ms],
                 )
                 .await
                 .map_err(db)?;
-            let mut gone = Vec::with_capacity(expired.len());
-            for r in &expired {
-                gone.push(Gone {
-                    id: id.clone(),
-                    generation,
-                    msg_id: col::<i64>(r, 0)? as u64,
-                    origin: Origin::from_i64(col::<i16>(r, 1)?.into()),
-                    delivered: col::<i32>(r, 2)? > 0,
-                    node: q.elsewhere(col(r, 3)?),
-                });
-            }
+            let expired = q.gone(&expired)?;
             let rows = tx
                 .query(
                     "UPDATE queue SET delivered = delivered + 1
@@ -312,8 +318,9 @@ impl PgQueue {
                 )
                 .await
                 .map_err(db)?;
-            let mut queued = Vec::with_capacity(rows.len());
+            let mut messages = Vec::with_capacity(rows.len());
             let mut forged: Vec<i64> = Vec::new();
+            let mut last = after;
             for r in &rows {
                 let payload: &[u8] = col(r, 2)?;
                 let fields = RowFields {
@@ -321,16 +328,17 @@ impl PgQueue {
                     msg_id: col(r, 0)?,
                     id: id.as_str(),
                     kind: col(r, 1)?,
-                    payload,
+                    digest: digest(payload),
                     expires: col(r, 4)?,
                     origin: col(r, 3)?,
                     node: col(r, 5)?,
                 };
+                last = last.max(fields.msg_id);
                 if !fields.verify(&q.key, col(r, 6)?) {
                     forged.push(fields.msg_id);
                     continue;
                 }
-                queued.push(Queued {
+                messages.push(Queued {
                     msg_id: fields.msg_id as u64,
                     kind: kind_of(fields.kind),
                     payload: Bytes::copy_from_slice(payload),
@@ -350,9 +358,26 @@ impl PgQueue {
                 .await
                 .map_err(db)?;
             }
+            // A short answer is not the end of the queue when rows it chose were deleted
+            // under it (an ACK of the session taken over, a purge, a sweep): whether any
+            // are left after the last one is asked.
+            let more = rows.len() >= limit || {
+                q.pg.count_queries(1);
+                tx.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM queue WHERE generation = $1 AND msg_id > $2)",
+                    &[&g, &last],
+                )
+                .await
+                .map_err(db)
+                .and_then(|r| col::<bool>(&r, 0))?
+            };
             tx.commit().await.map_err(db)?;
-            queued.sort_unstable_by_key(|m| m.msg_id);
-            Ok((queued, gone))
+            messages.sort_unstable_by_key(|m| m.msg_id);
+            Ok(Next {
+                messages,
+                expired,
+                more,
+            })
         })
         .await
     }
@@ -368,7 +393,7 @@ impl PgQueue {
         let rows = self
             .query(
                 "DELETE FROM queue WHERE generation = $1 AND msg_id = $2
-                 RETURNING kind, payload, expires, origin, node, tag",
+                 RETURNING kind, digest, expires, origin, node, tag",
                 &[&(generation as i64), &(msg_id as i64)],
             )
             .await?;
@@ -380,7 +405,7 @@ impl PgQueue {
             msg_id: msg_id as i64,
             id: id.as_str(),
             kind: col(r, 0)?,
-            payload: col(r, 1)?,
+            digest: digest_col(r, 1)?,
             expires: col(r, 2)?,
             origin: col(r, 3)?,
             node: col(r, 4)?,
@@ -395,90 +420,124 @@ impl PgQueue {
         }))
     }
 
-    /// Rows `(id, generation, msg_id, origin, delivered, node)` as [`Gone`].
+    /// Deleted rows `(id, generation, msg_id, origin, delivered, node, kind, digest,
+    /// expires, tag)` as [`Gone`]: only those whose tag verifies (where an outcome goes
+    /// is the row's word only when a node wrote it; the others are logged).
     fn gone(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<Gone>, QueueError> {
         let mut out = Vec::with_capacity(rows.len());
+        let mut forged = 0usize;
         for r in rows {
-            // A removed identity has no row: the placeholder `removed` (its waiters are
-            // found by enrollment).
-            let id = Id::new(col::<&str>(r, 0)?)
-                .unwrap_or_else(|_| Id::new("removed").expect("a valid id"));
+            let fields = RowFields {
+                generation: col(r, 1)?,
+                msg_id: col(r, 2)?,
+                id: col(r, 0)?,
+                kind: col(r, 6)?,
+                digest: digest_col(r, 7)?,
+                expires: col(r, 8)?,
+                origin: col(r, 3)?,
+                node: col(r, 5)?,
+            };
+            let (true, Ok(id)) = (fields.verify(&self.key, col(r, 9)?), Id::new(fields.id)) else {
+                forged += 1;
+                continue;
+            };
             out.push(Gone {
                 id,
-                generation: col::<i64>(r, 1)? as u64,
-                msg_id: col::<i64>(r, 2)? as u64,
-                origin: Origin::from_i64(col::<i16>(r, 3)?.into()),
+                generation: fields.generation as u64,
+                msg_id: fields.msg_id as u64,
+                origin: Origin::from_i64(fields.origin.into()),
                 delivered: col::<i32>(r, 4)? > 0,
-                node: self.elsewhere(col(r, 5)?),
+                node: self.elsewhere(fields.node.to_owned()),
             });
+        }
+        if forged > 0 {
+            warn!(
+                forged,
+                "queued messages whose tag does not verify deleted, without an outcome to report"
+            );
         }
         Ok(out)
     }
 
-    /// See [`super::Queue::orphans`]. Nodes sweeping at once each take other rows.
-    async fn orphans_here(&self) -> Result<Vec<Gone>, QueueError> {
-        let rows = self
-            .query(
-                "WITH doomed AS (
-                     SELECT q.generation, q.msg_id FROM queue q
-                       LEFT JOIN identities i ON i.generation = q.generation
-                      WHERE i.generation IS NULL OR i.key IS NULL
-                      LIMIT $1 FOR UPDATE OF q SKIP LOCKED),
-                 d AS (
-                     DELETE FROM queue q USING doomed
-                      WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
-                     RETURNING q.generation, q.msg_id, q.origin, q.delivered, q.node)
-                 SELECT COALESCE(i.id, 'removed'), d.generation, d.msg_id, d.origin,
-                        d.delivered, d.node
-                   FROM d LEFT JOIN identities i ON i.generation = d.generation",
-                &[&SWEEP_BATCH],
-            )
-            .await?;
+    /// Runs a sweep's `sql` if no other node sweeps now (their deletions would take the
+    /// identities' rows, in the trigger, in different orders, and deadlock): the rows it
+    /// deleted, as [`Gone`].
+    async fn sweep(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Gone>, QueueError> {
+        self.pg.count_queries(2);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let mine = tx
+            .query_one("SELECT pg_try_advisory_xact_lock(7421)", &[])
+            .await
+            .map_err(db)
+            .and_then(|r| col::<bool>(&r, 0))?;
+        if !mine {
+            return Ok(Vec::new());
+        }
+        let rows = tx.query(sql, params).await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
         self.gone(&rows)
+    }
+
+    /// See [`super::Queue::orphans`]. Also drops the outcomes forwarded to nodes gone
+    /// from the fleet for ten minutes (nobody waits for them any more).
+    async fn orphans_here(&self) -> Result<Vec<Gone>, QueueError> {
+        self.query(
+            "DELETE FROM queue_outcomes o
+              WHERE o.created < clock_timestamp() - interval '10 minutes'
+                AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = o.node)",
+            &[],
+        )
+        .await?;
+        self.sweep(
+            "DELETE FROM queue q USING (
+                 SELECT q2.generation, q2.msg_id FROM queue q2
+                   LEFT JOIN identities i ON i.generation = q2.generation
+                  WHERE i.generation IS NULL OR i.key IS NULL
+                  LIMIT $1) doomed
+              WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
+             RETURNING q.id, q.generation, q.msg_id, q.origin, q.delivered, q.node, q.kind,
+                       q.digest, q.expires, q.tag",
+            &[&SWEEP_BATCH],
+        )
+        .await
     }
 
     /// See [`super::Queue::expire`]: an identity with a session on any node of the
     /// fleet keeps its messages (that node's session expires them as it fetches).
     async fn expire_here(&self, now_ms: i64, live: HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
         let live: Vec<&str> = live.iter().map(Id::as_str).collect();
-        let rows = self
-            .query(
-                "WITH doomed AS (
-                     SELECT q.generation, q.msg_id FROM queue q
-                       JOIN identities i ON i.generation = q.generation
-                      WHERE q.expires <= $1 AND NOT (i.id = ANY($2))
-                        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = i.id)
-                      ORDER BY q.expires LIMIT $3 FOR UPDATE OF q SKIP LOCKED),
-                 d AS (
-                     DELETE FROM queue q USING doomed
-                      WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
-                     RETURNING q.generation, q.msg_id, q.origin, q.delivered, q.node)
-                 SELECT i.id, d.generation, d.msg_id, d.origin, d.delivered, d.node
-                   FROM d JOIN identities i ON i.generation = d.generation",
-                &[&now_ms, &live, &SWEEP_BATCH],
-            )
-            .await?;
-        self.gone(&rows)
+        self.sweep(
+            "DELETE FROM queue q USING (
+                 SELECT q2.generation, q2.msg_id FROM queue q2
+                  WHERE q2.expires <= $1 AND NOT (q2.id = ANY($2))
+                    AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = q2.id)
+                  ORDER BY q2.expires LIMIT $3) doomed
+              WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
+             RETURNING q.id, q.generation, q.msg_id, q.origin, q.delivered, q.node, q.kind,
+                       q.digest, q.expires, q.tag",
+            &[&now_ms, &live, &SWEEP_BATCH],
+        )
+        .await
     }
 
     /// See [`super::Queue::purge`].
     async fn purge_here(
         &self,
-        id: &Id,
+        _id: &Id,
         generation: u64,
         msg_id: Option<u64>,
     ) -> Result<Vec<Gone>, QueueError> {
         let rows = self
             .query(
-                "WITH d AS (
-                     DELETE FROM queue WHERE generation = $1 AND ($2::bigint IS NULL OR msg_id = $2)
-                     RETURNING generation, msg_id, origin, delivered, node)
-                 SELECT $3::text, generation, msg_id, origin, delivered, node FROM d",
-                &[
-                    &(generation as i64),
-                    &msg_id.map(|m| m as i64),
-                    &id.as_str(),
-                ],
+                "DELETE FROM queue WHERE generation = $1 AND ($2::bigint IS NULL OR msg_id = $2)
+                 RETURNING id, generation, msg_id, origin, delivered, node, kind, digest,
+                           expires, tag",
+                &[&(generation as i64), &msg_id.map(|m| m as i64)],
             )
             .await?;
         self.gone(&rows)
@@ -597,11 +656,10 @@ impl PgQueue {
     async fn collect_here(&self) -> Result<Vec<Report>, QueueError> {
         let rows = self
             .query(
-                "DELETE FROM queue_outcomes o
-                  WHERE o.node = $1
-                     OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node = o.node)
+                "DELETE FROM queue_outcomes WHERE ctid IN (
+                     SELECT ctid FROM queue_outcomes WHERE node = $1 LIMIT $2)
                  RETURNING node, id, generation, msg_id, origin, code, status, payload, tag",
-                &[&self.node],
+                &[&self.node, &COLLECT_BATCH],
             )
             .await?;
         let mut out = Vec::new();

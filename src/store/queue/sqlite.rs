@@ -17,7 +17,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::{
-    now_ms, Bounds, Gone, Listed, NewMessage, Origin, QueueError, Queued, Refusal, Removed, Totals,
+    now_ms, Bounds, Gone, Listed, NewMessage, Next, Origin, QueueError, Queued, Refusal, Removed,
+    Totals,
 };
 use crate::proto::{DeliveryKind, Id};
 
@@ -49,7 +50,7 @@ enum Op {
         after: u64,
         limit: usize,
         now_ms: i64,
-        reply: Reply<(Vec<Queued>, Vec<Gone>)>,
+        reply: Reply<Next>,
     },
     /// Deletes an acknowledged message; its origin, if it was still there.
     Ack {
@@ -153,7 +154,7 @@ impl SqliteQueue {
         after: u64,
         limit: usize,
         now_ms: i64,
-    ) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+    ) -> Result<Next, QueueError> {
         let id = id.clone();
         self.ask(|reply| Op::Next {
             id,
@@ -461,7 +462,7 @@ fn next(
     after: u64,
     limit: usize,
     now_ms: i64,
-) -> Result<(Vec<Queued>, Vec<Gone>), QueueError> {
+) -> Result<Next, QueueError> {
     let generation = generation as i64;
     let expired = conn
         .prepare_cached(
@@ -492,7 +493,13 @@ fn next(
     // RETURNING gives no order: the session delivers in id order.
     let mut queued = queued;
     queued.sort_unstable_by_key(|q| q.msg_id);
-    Ok((queued, expired))
+    // One writer: a short answer is the end of the queue.
+    let more = queued.len() >= limit;
+    Ok(Next {
+        messages: queued,
+        expired,
+        more,
+    })
 }
 
 /// A deleted row of `id` as [`Gone`]: `(generation, msg_id, origin, delivered)` columns.
