@@ -9,6 +9,11 @@
 //!   `tallyd send --queue`), for 4,000 messages in all: the writer takes whatever waits
 //!   and commits it with one fsync (group commit).
 //!
+//! With `TALLY_BENCH_PG` set to a PostgreSQL URL (a throwaway database: the bench
+//! creates its tables and identities there), the same two enqueue benches run on a
+//! fleet's queue in it too (`queue-pg/...`: each enqueue one transaction, PostgreSQL
+//! group-committing across connections).
+//!
 //! Each is a throughput in messages (or fsyncs) per second. Figures and the command:
 //! benches/README.md.
 
@@ -21,15 +26,13 @@ use tally::proto::frame::EnrollMode;
 use tally::proto::{DeliveryKind, Id, SecretKey};
 use tally::store::queue::sqlite::SqliteQueue;
 use tally::store::queue::{now_ms, Bounds, NewMessage, Origin, Queue};
-use tally::store::{Store, DB_FILE};
+use tally::store::{Location, Store, DB_FILE};
 
 const MESSAGES: u64 = 4000;
 const IDENTITIES: usize = 100;
 
-/// A store with `IDENTITIES` enrolled ids, and its queue.
-fn setup(dir: &std::path::Path) -> (Queue, Vec<Id>) {
-    let path = dir.join(DB_FILE);
-    let store = Store::open(&path, SecretKey::from_bytes([3; 32])).unwrap();
+/// `IDENTITIES` ids enrolled in `store`.
+fn enroll(store: &Store) -> Vec<Id> {
     let ids: Vec<Id> = (0..IDENTITIES)
         .map(|i| Id::new(&format!("bench-{i}")).unwrap())
         .collect();
@@ -38,7 +41,31 @@ fn setup(dir: &std::path::Path) -> (Queue, Vec<Id>) {
             .insert(id, &SecretKey::from_bytes([4; 32]), EnrollMode::Open, None)
             .unwrap();
     }
+    ids
+}
+
+/// A store with `IDENTITIES` enrolled ids, and its queue.
+fn setup(dir: &std::path::Path) -> (Queue, Vec<Id>) {
+    let path = dir.join(DB_FILE);
+    let store = Store::open(&path, SecretKey::from_bytes([3; 32])).unwrap();
+    let ids = enroll(&store);
     (Queue::Sqlite(SqliteQueue::open(&path).unwrap()), ids)
+}
+
+/// The same in the PostgreSQL database at `url`: a fleet's queue, as node `bench`.
+fn setup_pg(url: &str) -> (Queue, Vec<Id>) {
+    let key = SecretKey::from_bytes([3; 32]);
+    let (store, pg) = Store::open_shared(
+        &Location::Postgres(url.to_owned()),
+        key.clone(),
+        Default::default(),
+    )
+    .unwrap();
+    let ids = enroll(&store);
+    let fleet_key = tally::store::fleet_key::FleetKey::derive(&key);
+    let pg = pg.expect("a PostgreSQL store");
+    let q = tally::store::queue::postgres::PgQueue::new(pg, fleet_key, "bench".into());
+    (Queue::Postgres(q), ids)
 }
 
 fn message(id: &Id, n: u64) -> NewMessage {
@@ -80,7 +107,27 @@ fn queue(c: &mut Criterion) {
     });
 
     let (q, ids) = setup(dir.path());
+    enqueues(&mut g, &rt, &q, &ids);
+    g.finish();
+    if let Ok(url) = std::env::var("TALLY_BENCH_PG") {
+        let mut g = c.benchmark_group("queue-pg");
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(5));
+        let (q, ids) = setup_pg(&url);
+        enqueues(&mut g, &rt, &q, &ids);
+        g.finish();
+    }
+}
+
+/// One message at a time, then 16 and 200 senders at once.
+fn enqueues(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    q: &Queue,
+    ids: &[Id],
+) {
     let mut n = 0u64;
+    g.throughput(Throughput::Elements(1));
     g.bench_function("enqueue-one-at-a-time", |b| {
         b.iter(|| {
             n += 1;
@@ -102,7 +149,7 @@ fn queue(c: &mut Criterion) {
                         rt.block_on(async {
                             let tasks: Vec<_> = (0..senders)
                                 .map(|s| {
-                                    let (q, ids) = (q.clone(), ids.clone());
+                                    let (q, ids) = (q.clone(), ids.to_vec());
                                     tokio::spawn(async move {
                                         let mine = MESSAGES / senders as u64;
                                         for k in 0..mine {
@@ -126,7 +173,6 @@ fn queue(c: &mut Criterion) {
             },
         );
     }
-    g.finish();
 }
 
 criterion_group!(benches, queue);

@@ -2288,7 +2288,7 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
                 "--queue",
                 "--request",
                 "--wait",
-                "8s",
+                "12s",
                 "later?",
             ],
         )
@@ -2321,4 +2321,23 @@ fn queue_rows_and_outcomes_forged_in_the_database_are_never_delivered_or_reporte
         "{}",
         text(&out.stderr)
     );
+}
+
+/// The node a message was queued on is killed (`kill -9`) as soon as it printed the
+/// message id: the message, committed, is delivered by the other node, and answered.
+#[test]
+fn a_message_queued_on_a_node_killed_at_once_is_delivered_by_another() {
+    let Some(mut f) = Fleet::start("fleet: kill -9 after enqueue", 2, "replace") else {
+        return;
+    };
+    let cred = f.enroll(0, "pump-4");
+    let id = f.nodes[1].ok(&["send", "pump-4", "--queue", "--request", "start"]);
+    assert_eq!(id.trim(), "1");
+    f.nodes[1].daemon.child.kill().unwrap();
+    f.nodes[1].daemon.child.wait().unwrap();
+    let log = f.root.path().join("pump-4.log");
+    let (_dev, lines) = bin::listen(&["--exec", &logging_handler(&log, None)], &f.at(&cred, 0));
+    expect_line(&lines, "connected as pump-4");
+    await_queue(&f, 0, "pump-4", &[]);
+    assert_eq!(handled(&log), ["start"]);
 }

@@ -342,15 +342,14 @@ impl Deliveries {
     pub async fn collect(&self) -> Result<usize, QueueError> {
         let mut n = 0;
         loop {
-            let reports = self.queue.collect().await?;
-            let got = reports.len();
-            n += got;
+            let (reports, taken) = self.queue.collect().await?;
+            n += reports.len();
             for r in reports {
                 if let Some(outcome) = Outcome::from_wire(r.code, r.status, r.payload) {
                     self.dispatch(&r.id, r.generation, r.msg_id, r.origin, outcome);
                 }
             }
-            if (got as i64) < queue::postgres::COLLECT_BATCH {
+            if (taken as i64) < queue::postgres::COLLECT_BATCH {
                 return Ok(n);
             }
         }

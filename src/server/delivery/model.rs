@@ -16,7 +16,8 @@
 //!   way, an identity with messages is marked, so that its next session fetches.
 //!
 //! The sweep's pruning of marks (every minute: those of identities without messages,
-//! read from the store, unless marked since) is explored too.
+//! read from the store, unless marked since) is explored too, and fetches shortened by
+//! rows deleted under them (an older session's acknowledgement committing late).
 //!
 //! And, so that the check is not vacuous, that the scenarios reach: a session that
 //! started unmarked (no fetch) delivers a message queued later, an empty first fetch
@@ -44,8 +45,8 @@ fn id() -> Id {
 struct Fetch {
     after: u64,
     limit: usize,
-    /// The ids read, and whether rows remained after them.
-    read: Option<(Vec<u64>, bool)>,
+    /// The ids it chose (`ORDER BY msg_id LIMIT`), once it read the queue.
+    read: Option<Vec<u64>>,
     unmark: Option<u64>,
 }
 
@@ -76,9 +77,9 @@ struct State {
     deaf: bool,
     /// Listening again: the marks are being read again from the store.
     reload: bool,
-    /// The sweep's pruning of marks, between its read of the store (the last mark
-    /// then, and whether the identity had messages) and its change of the marks.
-    prune: Option<(u64, bool)>,
+    /// The sweep's pruning of marks: the last mark when it started, then whether the
+    /// identity had messages when it read the store.
+    prune: Option<(u64, Option<bool>)>,
     marks: Marks,
     session: Option<Session>,
     /// First fetches of sessions that ended, still running.
@@ -97,6 +98,8 @@ struct Budget {
     losses: u8,
     restarts: u8,
     prunes: u8,
+    /// Acknowledgements of a session's deliveries that commit after it ended.
+    late_acks: u8,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -105,6 +108,8 @@ struct Seen {
     unmarked: bool,
     redelivered: bool,
     orphan_unmarked: bool,
+    /// A fetch came back short while rows remained after it.
+    shortened: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -126,6 +131,8 @@ enum Step {
     Orphan(usize),
     /// The device acknowledges a delivery: its row deleted.
     Ack(u64),
+    /// The acknowledgement of a delivery of an ended session commits now.
+    LateAck(u64),
     /// The session ends (its fetch, if any, goes on).
     End,
     /// The notification connection is lost.
@@ -137,7 +144,9 @@ enum Step {
     Reload,
     /// The node restarts: sessions, notices and marks gone; marked from the store.
     Restart,
-    /// The sweep notes the last mark and reads which identities have messages.
+    /// The sweep notes the last mark...
+    PruneStart,
+    /// ...reads which identities have messages...
     PruneRead,
     /// ...and unmarks the others, except those marked since.
     PruneApply,
@@ -165,10 +174,23 @@ fn start_fetch(s: &mut Session) {
 }
 
 fn read(queue: &BTreeSet<u64>, f: &mut Fetch) {
-    let ids: Vec<u64> = queue.range(f.after + 1..).take(f.limit).copied().collect();
-    let last = ids.last().copied().unwrap_or(f.after);
-    let more = queue.range(last + 1..).next().is_some();
-    f.read = Some((ids, more));
+    f.read = Some(queue.range(f.after + 1..).take(f.limit).copied().collect());
+}
+
+/// What a fetch answers (`queue::postgres::PgQueue::next`): the rows it chose that are
+/// still there (one deleted meanwhile, by an acknowledgement of an older session, is
+/// not returned), and whether more may follow: a full answer, or rows after the last
+/// one it chose.
+fn answer(queue: &BTreeSet<u64>, f: &Fetch) -> Option<(Vec<u64>, bool)> {
+    let chosen = f.read.as_ref()?;
+    let rows: Vec<u64> = chosen
+        .iter()
+        .copied()
+        .filter(|m| queue.contains(m))
+        .collect();
+    let last = chosen.last().copied().unwrap_or(f.after);
+    let more = rows.len() >= f.limit || queue.range(last + 1..).next().is_some();
+    Some((rows, more))
 }
 
 impl Model for Delivery {
@@ -233,9 +255,15 @@ impl Model for Delivery {
             steps.push(Step::Restart);
         }
         match s.prune {
-            None if s.budget.prunes > 0 => steps.push(Step::PruneRead),
+            None if s.budget.prunes > 0 => steps.push(Step::PruneStart),
             None => {}
-            Some(_) => steps.push(Step::PruneApply),
+            Some((_, None)) => steps.push(Step::PruneRead),
+            Some((_, Some(_))) => steps.push(Step::PruneApply),
+        }
+        if s.budget.late_acks > 0 {
+            for m in s.delivered_before.intersection(&s.queue) {
+                steps.push(Step::LateAck(*m));
+            }
         }
     }
 
@@ -289,7 +317,10 @@ impl Model for Delivery {
             Step::Done => {
                 let sess = s.session.as_mut()?;
                 let f = sess.fetch.take()?;
-                let (got, more) = f.read?;
+                let (got, more) = answer(&s.queue, &f)?;
+                if got.len() < f.limit && more {
+                    s.seen.shortened = true;
+                }
                 if let (true, Some(mark)) = (got.is_empty() && !more, f.unmark) {
                     s.marks.empty(&id, mark);
                     s.seen.unmarked = true;
@@ -314,13 +345,17 @@ impl Model for Delivery {
                     read(&queue, f);
                 } else {
                     let f = s.orphans.remove(i);
-                    if let (Some((got, more)), Some(mark)) = (f.read, f.unmark) {
+                    if let (Some((got, more)), Some(mark)) = (answer(&s.queue, &f), f.unmark) {
                         if got.is_empty() && !more {
                             s.marks.empty(&id, mark);
                             s.seen.orphan_unmarked = true;
                         }
                     }
                 }
+            }
+            Step::LateAck(m) => {
+                s.budget.late_acks -= 1;
+                s.queue.remove(&m);
             }
             Step::Ack(m) => {
                 let sess = s.session.as_mut()?;
@@ -331,8 +366,8 @@ impl Model for Delivery {
             }
             Step::End => {
                 let sess = s.session.take()?;
-                // Only a first fetch runs on a task of its own; a later one ends with
-                // the session (it unmarks nothing).
+                // Every fetch runs on a task of its own, but only a first one has a
+                // mark to give back: only those are followed after the session.
                 if let Some(f) = sess.fetch.filter(|f| f.unmark.is_some()) {
                     s.orphans.push(f);
                 }
@@ -359,12 +394,17 @@ impl Model for Delivery {
                     }
                 }
             }
-            Step::PruneRead => {
+            Step::PruneStart => {
                 s.budget.prunes -= 1;
-                s.prune = Some((s.marks.last(), !s.queue.is_empty()));
+                s.prune = Some((s.marks.last(), None));
+            }
+            Step::PruneRead => {
+                let (before, _) = s.prune?;
+                s.prune = Some((before, Some(!s.queue.is_empty())));
             }
             Step::PruneApply => {
                 let (before, has) = s.prune.take()?;
+                let has = has?;
                 let queued = if has {
                     [id.clone()].into()
                 } else {
@@ -419,6 +459,10 @@ impl Model for Delivery {
                 "a session started unmarked delivers a message queued later",
                 |_: &Delivery, s: &State| s.seen.unmarked_start_delivered,
             ),
+            Property::sometimes(
+                "a fetch shortened under it is followed by another (with late acknowledgements)",
+                |m: &Delivery, s: &State| m.budget.late_acks == 0 || s.seen.shortened,
+            ),
             Property::sometimes("an empty first fetch unmarks", |_: &Delivery, s: &State| {
                 s.seen.unmarked
             }),
@@ -455,6 +499,7 @@ fn sessions_coming_and_going_see_every_message() {
             losses: 0,
             restarts: 0,
             prunes: 0,
+            late_acks: 0,
         },
     );
 }
@@ -469,6 +514,7 @@ fn a_lost_notification_connection_or_a_restart_forgets_no_message() {
             losses: 1,
             restarts: 1,
             prunes: 0,
+            late_acks: 0,
         },
     );
 }
@@ -483,6 +529,24 @@ fn the_sweep_pruning_marks_forgets_no_message() {
             losses: 0,
             restarts: 0,
             prunes: 2,
+            late_acks: 0,
+        },
+    );
+}
+
+/// A fetch whose chosen rows are deleted under it (an older session's acknowledgement
+/// committing late) comes back short: it is not taken for the end of the queue.
+#[test]
+fn a_fetch_shortened_by_a_late_acknowledgement_stops_nothing() {
+    check(
+        "late acknowledgements",
+        Budget {
+            enqueues: 3,
+            sessions: 2,
+            losses: 0,
+            restarts: 0,
+            prunes: 0,
+            late_acks: 1,
         },
     );
 }

@@ -1131,6 +1131,11 @@ impl Fleet {
             .await
             .map_err(|e| self.pg().error(e))??;
         info!(keys, changed = gone.len(), "fleet: key index reloaded");
+        // After the reload: a `tally_queued` notice of an identity that was not in the
+        // index yet marked nothing (a failure here fails the catch-up, tried again).
+        self.deliveries_marked()
+            .await
+            .map_err(|e| self.pg().error(e))?;
         // Sessions made with a key that a verified revocation ended are closed; a key
         // that is just gone from the database (no revocation says why) leaves its
         // session alone: the database cannot end a session on its own word.
@@ -1186,9 +1191,10 @@ impl Fleet {
         }
         // A message may have been queued while this node did not have the identity in
         // its index (a new enrollment, or a read that failed and is tried again): its
-        // `tally_queued` notice marked nothing. Whenever a key comes (back) into the
-        // index, its session and its next one look. (Only then: a notice of an id that
-        // is not enrolled marks nothing, and costs no memory.)
+        // `tally_queued` notice marked nothing. So an identity whose key is in the
+        // index after a notice of it is marked (an extra mark costs a session one
+        // empty read; a notice of an id that is not enrolled marks nothing, and costs
+        // no memory). The catch-up's reload of every key marks from the store.
         if matches!(refreshed, Ok(true)) {
             if let Ok(id) = Id::new(name) {
                 self.registry.queued(&id);
@@ -1587,25 +1593,11 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
         };
         info!("fleet: listening for notices again");
         // Messages may have been queued, and outcomes forwarded, unheard: the live
-        // sessions read their queues, the identities with messages are marked again
-        // (for their next sessions), the outcomes are read.
+        // sessions read their queues, the outcomes are read, and the catch-up marks the
+        // identities with messages again once it reloaded the key index (for their
+        // next sessions).
         fleet.registry.notify_queued_all();
         fleet.outcomes.notify_one();
-        let (again, stopped) = (fleet.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                match again.deliveries_marked().await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        debug!(error = %e, "fleet: cannot read which identities have queued messages yet")
-                    }
-                }
-                tokio::select! {
-                    _ = stopped.cancelled() => return,
-                    _ = tokio::time::sleep(HEARTBEAT) => {}
-                }
-            }
-        });
         // The catch-up runs on its own task (the machine's action): the notices that
         // come meanwhile are acted on.
         fleet.with_node(|node, now| node.listening(now));

@@ -313,10 +313,11 @@ impl Queue {
     }
 
     /// In a fleet: the outcomes other nodes forwarded to this one (only those whose tag
-    /// verifies), taken out of the store.
-    pub async fn collect(&self) -> Result<Vec<Report>, QueueError> {
+    /// verifies), taken out of the store at most [`postgres::COLLECT_BATCH`] at a time,
+    /// and how many rows were taken (those that did not verify too).
+    pub async fn collect(&self) -> Result<(Vec<Report>, usize), QueueError> {
         match self {
-            Queue::Sqlite(_) => Ok(Vec::new()),
+            Queue::Sqlite(_) => Ok((Vec::new(), 0)),
             Queue::Postgres(q) => q.collect().await,
         }
     }

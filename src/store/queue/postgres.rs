@@ -653,7 +653,7 @@ impl PgQueue {
 
     /// See [`super::Queue::collect`]. Outcomes forwarded to nodes that are gone from
     /// the fleet are dropped on the way (nobody waits for them any more).
-    async fn collect_here(&self) -> Result<Vec<Report>, QueueError> {
+    async fn collect_here(&self) -> Result<(Vec<Report>, usize), QueueError> {
         let rows = self
             .query(
                 "DELETE FROM queue_outcomes WHERE ctid IN (
@@ -704,7 +704,7 @@ impl PgQueue {
                 "outcomes of queued messages whose tag does not verify (written into the database by someone else?) dropped"
             );
         }
-        Ok(out)
+        Ok((out, rows.len()))
     }
 }
 
@@ -787,7 +787,7 @@ impl PgQueue {
     }
 
     /// See [`super::Queue::collect`].
-    pub async fn collect(&self) -> Result<Vec<Report>, QueueError> {
+    pub async fn collect(&self) -> Result<(Vec<Report>, usize), QueueError> {
         self.run(move |q| async move { q.collect_here().await })
             .await
     }
