@@ -15,7 +15,8 @@
 # Environment: ROUNDS (5), DURATION (3 s), WORK (/tmp/tally-peers), PEERS=0 to skip
 # spiped and stunnel, IDLE_COUNTS ("1000 19000"), SESSION (both | encrypted |
 # authenticated: which tally targets), BEFORE=path/to/an/older/tallyd to measure it too
-# (as `before`, authenticated sessions, on a copy of the state directory).
+# (as `before`, authenticated sessions, on a copy of the state directory; BEFORE_SCHEMA
+# sets the copy's schema version back for a build that knows fewer).
 # Installs spiped and stunnel4 with apt-get when missing (root). Not part of `cargo test`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -87,10 +88,21 @@ if [ -n "$BEFORE" ]; then
     --mode idle -c 64 --rounds 1 --duration 1 >/dev/null
   sleep 1
   rm -rf state-before; cp -a state state-before; rm -f state-before/tallyd.lock state-before/tallyd.sock
-  grep -v '^encryption' tallyd.toml > tallyd-before.toml   # a build without the key refuses it
-  "$BEFORE" --config tallyd-before.toml --state-dir state-before --listen 127.0.0.1:7425 >before.log 2>&1 &
-  pids+=($!); OLD=$!
+  # An older build may know fewer schema versions (BEFORE_SCHEMA: 1 for one before the
+  # durable queue): its copy says the one it knows; the newer tables and columns stay,
+  # unused by it.
+  [ -z "${BEFORE_SCHEMA:-}" ] || sqlite3 state-before/identities.db "PRAGMA user_version = $BEFORE_SCHEMA"
+  "$BEFORE" --config tallyd.toml --state-dir state-before --listen 127.0.0.1:7425 >before.log 2>&1 &
+  OLD=$!
   sleep 1
+  if ! kill -0 "$OLD" 2>/dev/null; then
+    # A build from before `encryption` refuses the key: without it.
+    grep -v '^encryption' tallyd.toml > tallyd-before.toml
+    "$BEFORE" --config tallyd-before.toml --state-dir state-before --listen 127.0.0.1:7425 >before.log 2>&1 &
+    OLD=$!
+    sleep 1
+  fi
+  pids+=("$OLD")
   peer_args+=(--peer "before=tally-auth:127.0.0.1:7425@$OLD")
 fi
 T=("$BIN/tally" bench --server 127.0.0.1:7420 --token "$TOKEN" --cred-dir creds
