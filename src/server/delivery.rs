@@ -327,16 +327,6 @@ impl Deliveries {
         });
     }
 
-    /// Marks every identity with queued messages in `registry` (at the start: a session
-    /// fetches from the queue only for a marked identity). Returns how many.
-    pub async fn mark_queued(&self, registry: &Registry) -> Result<usize, QueueError> {
-        let ids = self.queue.ids_queued().await?;
-        for id in &ids {
-            registry.queued(id);
-        }
-        Ok(ids.len())
-    }
-
     /// In a fleet: tells this node's waiters and backend the outcomes other nodes saw
     /// of messages queued here (each verified). Returns how many.
     pub async fn collect(&self) -> Result<usize, QueueError> {
@@ -427,6 +417,17 @@ impl Deliveries {
             None => Ok(0),
         }
     }
+}
+
+/// Marks every identity with messages in `queue` in `registry` (at the start, and in a
+/// fleet after notices may have been lost: a session fetches from the queue only for a
+/// marked identity). Returns how many.
+pub async fn mark_queued(queue: &Queue, registry: &Registry) -> Result<usize, QueueError> {
+    let ids = queue.ids_queued().await?;
+    for id in &ids {
+        registry.queued(id);
+    }
+    Ok(ids.len())
 }
 
 /// The largest payload a queued message may have: one that fits in a DELIVER under the

@@ -380,9 +380,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     // Before the first session: the identities with queued messages (a session of any
     // other fetches nothing from the queue until a message is queued for it).
-    let marked = state
-        .deliveries
-        .mark_queued(&state.registry)
+    let marked = delivery::mark_queued(state.deliveries.queue(), &state.registry)
         .await
         .map_err(|e| ServerError::Queue(e.to_string()))?;
     tracing::debug!(marked, "identities with queued messages");

@@ -626,14 +626,6 @@ impl Registry {
         self.lock().queued.empty(id, mark);
     }
 
-    /// Tells every live session that messages may have been queued for it (in a fleet,
-    /// after notices of them may have been lost).
-    pub fn notify_queued_all(&self) {
-        for e in self.lock().sessions.values() {
-            e.mailbox.notify_queued();
-        }
-    }
-
     /// In a fleet: this node lost its claims, or may have (fenced, declared dead): every
     /// live session is asked to close. Returns how many there were.
     pub fn close_all(&self, code: CloseCode, reason: &'static str) -> usize {

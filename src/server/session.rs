@@ -520,7 +520,7 @@ impl ServerRole {
         let (id, generation) = (self.id.clone(), delivery.generation);
         // On the daemon's tasks: a shutdown waits for it to be recorded.
         self.state.tasks.spawn(async move {
-            match d.queue().ack(&id, generation, msg_id).await {
+            match d.queue().ack(generation, msg_id).await {
                 Ok(Some(removed)) => d.report(
                     &id,
                     generation,

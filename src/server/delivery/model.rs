@@ -27,7 +27,7 @@
 
 use std::collections::BTreeSet;
 
-use stateright::{Checker, Model, Property};
+use stateright::{Model, Property};
 
 use super::{Cursor, Marks};
 use crate::proto::Id;
@@ -137,10 +137,10 @@ enum Step {
     End,
     /// The notification connection is lost.
     Lose,
-    /// Listening again: every live session told (`notify_queued_all`), the marks to be
-    /// read again.
+    /// Listening again: the marks to be read again (the catch-up).
     Relisten,
-    /// The identities with messages read again and marked.
+    /// The identities with messages read again and marked (`mark_queued`: their live
+    /// sessions told).
     Reload,
     /// The node restarts: sessions, notices and marks gone; marked from the store.
     Restart,
@@ -381,9 +381,6 @@ impl Model for Delivery {
             Step::Relisten => {
                 s.deaf = false;
                 s.reload = true;
-                if let Some(sess) = &mut s.session {
-                    sess.notified = true;
-                }
             }
             Step::Reload => {
                 s.reload = false;
@@ -479,14 +476,7 @@ impl Model for Delivery {
 }
 
 fn check(name: &str, budget: Budget) {
-    let started = std::time::Instant::now();
-    let checker = Delivery { budget }.checker().spawn_bfs().join();
-    eprintln!(
-        "{name}: {} states in {:.1} s",
-        checker.unique_state_count(),
-        started.elapsed().as_secs_f64()
-    );
-    checker.assert_properties();
+    crate::server::fleet::model::check(name, Delivery { budget });
 }
 
 #[test]

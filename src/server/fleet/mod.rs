@@ -25,7 +25,7 @@
 
 pub mod db;
 #[cfg(test)]
-mod model;
+pub(crate) mod model;
 pub mod node;
 
 use std::collections::{BTreeMap, HashMap};
@@ -492,11 +492,9 @@ impl Fleet {
 
     /// Marks the identities with queued messages in the registry (their next sessions
     /// fetch from the queue).
-    async fn deliveries_marked(&self) -> Result<(), crate::store::queue::QueueError> {
-        for id in self.queue().ids_queued().await? {
-            self.registry.queued(&id);
-        }
-        Ok(())
+    async fn deliveries_marked(&self) -> Result<usize, crate::store::queue::QueueError> {
+        let queue = crate::store::queue::Queue::Postgres(self.queue());
+        crate::server::delivery::mark_queued(&queue, &self.registry).await
     }
 
     /// The fleet's durable queue, as this node uses it (spec 8.8).
@@ -1592,11 +1590,10 @@ async fn notices(fleet: Arc<Fleet>, mut listening: Listening, stop: Cancellation
             }
         };
         info!("fleet: listening for notices again");
-        // Messages may have been queued, and outcomes forwarded, unheard: the live
-        // sessions read their queues, the outcomes are read, and the catch-up marks the
-        // identities with messages again once it reloaded the key index (for their
-        // next sessions).
-        fleet.registry.notify_queued_all();
+        // Messages may have been queued, and outcomes forwarded, unheard: the outcomes
+        // are read, and the catch-up marks the identities with messages again once it
+        // reloaded the key index, which tells their live sessions (only theirs: not
+        // every session reads its queue).
         fleet.outcomes.notify_one();
         // The catch-up runs on its own task (the machine's action): the notices that
         // come meanwhile are acted on.

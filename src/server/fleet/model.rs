@@ -919,11 +919,17 @@ impl Model for Fleet {
     }
 }
 
-/// Explores every state of `fleet` and asserts its properties (every `always` holds,
-/// every `sometimes` is reached); says how many states it saw.
-fn check(name: &str, fleet: Fleet) {
+/// Explores every state of `model` and asserts its properties (every `always` holds,
+/// every `sometimes` is reached); says how many states it saw. (The delivery model's
+/// too.)
+pub(crate) fn check<M>(name: &str, model: M)
+where
+    M: Model + Send + Sync + 'static,
+    M::State: std::fmt::Debug + std::hash::Hash + Send + Sync + Clone + PartialEq + 'static,
+    M::Action: std::fmt::Debug + Clone + PartialEq,
+{
     let started = std::time::Instant::now();
-    let checker = fleet.checker().spawn_bfs().join();
+    let checker = model.checker().spawn_bfs().join();
     eprintln!(
         "{name}: {} states in {:.1} s",
         checker.unique_state_count(),

@@ -250,15 +250,10 @@ impl Queue {
         either!(self, next(id, generation, after, limit, now_ms))
     }
 
-    /// Deletes acknowledged message `msg_id` of `id`'s enrollment `generation`: where
-    /// its outcome goes, if it was queued.
-    pub async fn ack(
-        &self,
-        id: &Id,
-        generation: u64,
-        msg_id: u64,
-    ) -> Result<Option<Removed>, QueueError> {
-        either!(self, ack(id, generation, msg_id))
+    /// Deletes acknowledged message `msg_id` of enrollment `generation`: where its
+    /// outcome goes, if it was queued.
+    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
+        either!(self, ack(generation, msg_id))
     }
 
     /// Deletes the messages of enrollments that were removed or revoked.

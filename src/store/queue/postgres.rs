@@ -133,6 +133,14 @@ fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
     })
 }
 
+/// The columns of a deleted row that [`PgQueue::gone`] reads, in its order: every
+/// statement that deletes rows returns these.
+macro_rules! gone_columns {
+    () => {
+        "id, generation, msg_id, origin, delivered, node, kind, digest, expires, tag"
+    };
+}
+
 fn db(e: impl std::fmt::Display) -> QueueError {
     QueueError::Db(e.to_string())
 }
@@ -299,9 +307,11 @@ impl PgQueue {
             let (g, after) = (generation as i64, after as i64);
             let expired = tx
                 .query(
-                    "DELETE FROM queue WHERE generation = $1 AND msg_id > $2 AND expires <= $3
-                     RETURNING id, generation, msg_id, origin, delivered, node, kind, digest,
-                               expires, tag",
+                    concat!(
+                        "DELETE FROM queue WHERE generation = $1 AND msg_id > $2 AND expires <= $3
+                         RETURNING ",
+                        gone_columns!()
+                    ),
                     &[&g, &after, &now_ms],
                 )
                 .await
@@ -384,45 +394,25 @@ impl PgQueue {
 
     /// See [`super::Queue::ack`]. Where the outcome goes is read from the deleted row
     /// and verified: a row whose tag does not verify has no outcome to report.
-    async fn ack_here(
-        &self,
-        id: &Id,
-        generation: u64,
-        msg_id: u64,
-    ) -> Result<Option<Removed>, QueueError> {
+    async fn ack_here(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
         let rows = self
             .query(
-                "DELETE FROM queue WHERE generation = $1 AND msg_id = $2
-                 RETURNING kind, digest, expires, origin, node, tag",
+                concat!(
+                    "DELETE FROM queue WHERE generation = $1 AND msg_id = $2 RETURNING ",
+                    gone_columns!()
+                ),
                 &[&(generation as i64), &(msg_id as i64)],
             )
             .await?;
-        let Some(r) = rows.first() else {
-            return Ok(None);
-        };
-        let fields = RowFields {
-            generation: generation as i64,
-            msg_id: msg_id as i64,
-            id: id.as_str(),
-            kind: col(r, 0)?,
-            digest: digest_col(r, 1)?,
-            expires: col(r, 2)?,
-            origin: col(r, 3)?,
-            node: col(r, 4)?,
-        };
-        if !fields.verify(&self.key, col(r, 5)?) {
-            warn!(%id, msg_id, "an acknowledged message whose row's tag does not verify: no outcome reported");
-            return Ok(None);
-        }
-        Ok(Some(Removed {
-            origin: Origin::from_i64(fields.origin.into()),
-            node: self.elsewhere(fields.node.to_owned()),
+        Ok(self.gone(&rows)?.pop().map(|g| Removed {
+            origin: g.origin,
+            node: g.node,
         }))
     }
 
-    /// Deleted rows `(id, generation, msg_id, origin, delivered, node, kind, digest,
-    /// expires, tag)` as [`Gone`]: only those whose tag verifies (where an outcome goes
-    /// is the row's word only when a node wrote it; the others are logged).
+    /// Deleted rows ([`gone_columns`]) as [`Gone`]: only those whose tag verifies (where
+    /// an outcome goes is the row's word only when a node wrote it; the others are
+    /// logged).
     fn gone(&self, rows: &[tokio_postgres::Row]) -> Result<Vec<Gone>, QueueError> {
         let mut out = Vec::with_capacity(rows.len());
         let mut forged = 0usize;
@@ -494,14 +484,16 @@ impl PgQueue {
         )
         .await?;
         self.sweep(
-            "DELETE FROM queue q USING (
-                 SELECT q2.generation, q2.msg_id FROM queue q2
-                   LEFT JOIN identities i ON i.generation = q2.generation
-                  WHERE i.generation IS NULL OR i.key IS NULL
-                  LIMIT $1) doomed
-              WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
-             RETURNING q.id, q.generation, q.msg_id, q.origin, q.delivered, q.node, q.kind,
-                       q.digest, q.expires, q.tag",
+            concat!(
+                "DELETE FROM queue q USING (
+                     SELECT q2.generation AS g, q2.msg_id AS m FROM queue q2
+                       LEFT JOIN identities i ON i.generation = q2.generation
+                      WHERE i.generation IS NULL OR i.key IS NULL
+                      LIMIT $1) doomed
+                  WHERE q.generation = doomed.g AND q.msg_id = doomed.m
+                 RETURNING ",
+                gone_columns!()
+            ),
             &[&SWEEP_BATCH],
         )
         .await
@@ -512,14 +504,16 @@ impl PgQueue {
     async fn expire_here(&self, now_ms: i64, live: HashSet<Id>) -> Result<Vec<Gone>, QueueError> {
         let live: Vec<&str> = live.iter().map(Id::as_str).collect();
         self.sweep(
-            "DELETE FROM queue q USING (
-                 SELECT q2.generation, q2.msg_id FROM queue q2
-                  WHERE q2.expires <= $1 AND NOT (q2.id = ANY($2))
-                    AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = q2.id)
-                  ORDER BY q2.expires LIMIT $3) doomed
-              WHERE q.generation = doomed.generation AND q.msg_id = doomed.msg_id
-             RETURNING q.id, q.generation, q.msg_id, q.origin, q.delivered, q.node, q.kind,
-                       q.digest, q.expires, q.tag",
+            concat!(
+                "DELETE FROM queue q USING (
+                     SELECT q2.generation AS g, q2.msg_id AS m FROM queue q2
+                      WHERE q2.expires <= $1 AND NOT (q2.id = ANY($2))
+                        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = q2.id)
+                      ORDER BY q2.expires LIMIT $3) doomed
+                  WHERE q.generation = doomed.g AND q.msg_id = doomed.m
+                 RETURNING ",
+                gone_columns!()
+            ),
             &[&now_ms, &live, &SWEEP_BATCH],
         )
         .await
@@ -534,9 +528,11 @@ impl PgQueue {
     ) -> Result<Vec<Gone>, QueueError> {
         let rows = self
             .query(
-                "DELETE FROM queue WHERE generation = $1 AND ($2::bigint IS NULL OR msg_id = $2)
-                 RETURNING id, generation, msg_id, origin, delivered, node, kind, digest,
-                           expires, tag",
+                concat!(
+                    "DELETE FROM queue WHERE generation = $1 AND ($2::bigint IS NULL OR msg_id = $2)
+                     RETURNING ",
+                    gone_columns!()
+                ),
                 &[&(generation as i64), &msg_id.map(|m| m as i64)],
             )
             .await?;
@@ -719,14 +715,8 @@ impl PgQueue {
     }
 
     /// See [`super::Queue::ack`].
-    pub async fn ack(
-        &self,
-        id: &Id,
-        generation: u64,
-        msg_id: u64,
-    ) -> Result<Option<Removed>, QueueError> {
-        let id = id.clone();
-        self.run(move |q| async move { q.ack_here(&id, generation, msg_id).await })
+    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
+        self.run(move |q| async move { q.ack_here(generation, msg_id).await })
             .await
     }
 

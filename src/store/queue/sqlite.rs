@@ -169,12 +169,7 @@ impl SqliteQueue {
 
     /// Deletes acknowledged message `msg_id` of enrollment `generation`: its origin if
     /// it was queued.
-    pub async fn ack(
-        &self,
-        _id: &Id,
-        generation: u64,
-        msg_id: u64,
-    ) -> Result<Option<Removed>, QueueError> {
+    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
         let origin = self
             .ask(|reply| Op::Ack {
                 generation,
