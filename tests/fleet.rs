@@ -2168,58 +2168,142 @@ fn a_message_queued_on_one_node_reaches_the_device_on_another_and_its_answer_com
     }
 }
 
+/// A device (`id`) behind a balancer over both nodes, its session on node 0, its
+/// handler held at `go` (the `logging_handler` gate); a request `open` queued for it on
+/// node 1, whose sender waits up to `wait`. Returned once the device handles it.
+struct HeldDelivery {
+    _lb: Proxy,
+    _dev: bin::KillOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: PathBuf,
+    go: PathBuf,
+    sender: std::thread::JoinHandle<std::process::Output>,
+}
+
+impl HeldDelivery {
+    fn start(f: &Fleet, id: &str, wait: &str) -> HeldDelivery {
+        let a = f.nodes[0].daemon.addr.clone();
+        let b = f.nodes[1].daemon.addr.clone();
+        let lb = Proxy::start(&[&a, &b]);
+        let cred = f.enroll(0, id);
+        let cred = f.cred_for(&cred, &lb.addr.to_string(), &format!("{id}-lb.cred"));
+        let root = f.root.path().to_owned();
+        let (log, started, go) = (root.join("log"), root.join("started"), root.join("go"));
+        let handler = logging_handler(&log, Some((&started, &go)));
+        let (dev, lines) = bin::listen(&["--exec", &handler], &cred);
+        expect_line(&lines, &format!("connected as {id}"));
+        f.await_sessions(1, &[(id, 0)], 10);
+        // Queued on node 1, whose sender waits; delivered by node 0, which holds the
+        // session.
+        let (dir, id2, wait) = (f.nodes[1].dir.clone(), id.to_owned(), wait.to_owned());
+        let sender = std::thread::spawn(move || {
+            bin::admin(
+                &dir,
+                &[
+                    "send",
+                    &id2,
+                    "--queue",
+                    "--request",
+                    "--wait",
+                    &wait,
+                    "open",
+                ],
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !started.exists() {
+            assert!(Instant::now() < deadline, "the message was never delivered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        HeldDelivery {
+            _lb: lb,
+            _dev: dev,
+            lines,
+            log,
+            go,
+            sender,
+        }
+    }
+
+    /// Node 0 was killed: the device loses its session, its handler goes on, it
+    /// reconnects through the balancer to node 1 (takeover = "replace"), which delivers
+    /// the message again: handled twice (at least once, spec 8.8), and the sender is
+    /// told the device's answer.
+    fn redelivered(self, f: &Fleet, id: &str) {
+        expect_line(&self.lines, &format!("reconnected as {id}"));
+        let out = self.sender.join().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "done open");
+        assert_eq!(handled(&self.log), ["open", "open"]);
+        await_queue(f, 1, id, &[]);
+    }
+}
+
 #[test]
 fn a_node_killed_mid_delivery_loses_nothing_and_the_next_session_redelivers() {
     let Some(mut f) = Fleet::start("fleet: kill -9 mid-delivery", 2, "replace") else {
         return;
     };
-    let a = f.nodes[0].daemon.addr.clone();
-    let b = f.nodes[1].daemon.addr.clone();
-    let lb = Proxy::start(&[&a, &b]);
-    let cred = f.enroll(0, "valve-2");
-    let cred = f.cred_for(&cred, &lb.addr.to_string(), "valve-2-lb.cred");
-    let root = f.root.path().to_owned();
-    let (log, started, go) = (root.join("log"), root.join("started"), root.join("go"));
-    let handler = logging_handler(&log, Some((&started, &go)));
-    let (_dev, lines) = bin::listen(&["--exec", &handler], &cred);
-    expect_line(&lines, "connected as valve-2");
-    f.await_sessions(1, &[("valve-2", 0)], 10);
-    // Queued on node 1, whose sender waits; delivered by node 0, which holds the
-    // session.
-    let dir = f.nodes[1].dir.clone();
-    let sender = std::thread::spawn(move || {
-        bin::admin(
-            &dir,
-            &[
-                "send",
-                "valve-2",
-                "--queue",
-                "--request",
-                "--wait",
-                "90s",
-                "open",
-            ],
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the message was never delivered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let held = HeldDelivery::start(&f, "valve-2", "90s");
     // kill -9 of node 0 while the device handles it: its ACK reaches nobody.
     f.nodes[0].daemon.child.kill().unwrap();
     f.nodes[0].daemon.child.wait().unwrap();
-    expect_line(&lines, "session lost");
-    std::fs::write(&go, "").unwrap();
-    // The device reconnects through the balancer to node 1 (takeover = "replace"),
-    // which delivers the message again: handled twice (at least once, spec 8.8), and
-    // the sender is told the device's answer.
-    expect_line(&lines, "reconnected as valve-2");
-    let out = sender.join().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "done open");
-    assert_eq!(handled(&log), ["open", "open"]);
-    await_queue(&f, 1, "valve-2", &[]);
+    expect_line(&held.lines, "session lost");
+    std::fs::write(&held.go, "").unwrap();
+    held.redelivered(&f, "valve-2");
+}
+
+/// The delivering node is killed (`kill -9`) after the device's ACK reached it but
+/// before the deletion committed: another transaction holds the message's row, so the
+/// node's DELETE waits on it when the node dies. Nothing is lost: the row stays, the
+/// next session (on the other node) delivers the message again, and its sender, on that
+/// node, learns the device's answer. (The deletion and the hand-over of the outcome to
+/// the node the message was queued on are one transaction; when they were two, the
+/// deletion committed as the lock went, and the outcome died with the node.)
+#[test]
+fn a_node_killed_between_the_devices_ack_and_the_delete_loses_nothing() {
+    let Some(mut f) = Fleet::start("fleet: kill -9 after the ack", 2, "replace") else {
+        return;
+    };
+    let held = HeldDelivery::start(&f, "valve-5", "60s");
+    // The device handles it; meanwhile a transaction takes the row's lock.
+    let mut holder = f.cluster.psql_session();
+    let mut to_psql = holder.stdin.take().unwrap();
+    let mut from_psql = std::io::BufReader::new(holder.stdout.take().unwrap());
+    use std::io::{BufRead, Write};
+    writeln!(
+        to_psql,
+        "BEGIN; SELECT msg_id FROM queue WHERE id = 'valve-5' FOR UPDATE;"
+    )
+    .unwrap();
+    let mut line = String::new();
+    while line.trim().is_empty() || line.trim() == "BEGIN" {
+        line.clear();
+        assert!(from_psql.read_line(&mut line).unwrap() > 0, "psql ended");
+    }
+    assert_eq!(line.trim(), "1", "the row locked");
+    // The device answers; node 0's deletion waits on the lock.
+    std::fs::write(&held.go, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.cluster.psql(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM queue WHERE generation%'",
+    ) != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never tried to delete the message"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.nodes[0].daemon.child.kill().unwrap();
+    f.nodes[0].daemon.child.wait().unwrap();
+    expect_line(&held.lines, "session lost");
+    // The lock goes: the dead node's transaction is rolled back, not committed.
+    writeln!(to_psql, "ROLLBACK;").unwrap();
+    drop(to_psql);
+    holder.wait().unwrap();
+    held.redelivered(&f, "valve-5");
 }
 
 /// A database writer (anyone with the database's password) inserts a queued message of

@@ -297,15 +297,7 @@ impl Deliveries {
         node: Option<String>,
         outcome: Outcome,
     ) {
-        let counter = match &outcome {
-            Outcome::Acknowledged { .. } => &self.counts.acknowledged,
-            Outcome::Expired => &self.counts.expired,
-            Outcome::Unconfirmed => &self.counts.unconfirmed,
-            Outcome::Purged => &self.counts.purged,
-            Outcome::Undeliverable(_) => &self.counts.undeliverable,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        debug!(%id, msg_id, ?origin, outcome = outcome.as_str(), "queued message done");
+        self.counted(id, msg_id, origin, &outcome);
         let Some(node) = node else {
             return self.dispatch(id, generation, msg_id, origin, outcome);
         };
@@ -325,6 +317,20 @@ impl Deliveries {
                 warn!(id = %report.id, msg_id, node, "the outcome of a queued message could not be handed to the node it was queued on; its sender is not told: {e}");
             }
         });
+    }
+
+    /// Message `msg_id` of `id` ended with `outcome`: counted and logged (here, where
+    /// it left the queue), not told.
+    pub fn counted(&self, id: &Id, msg_id: u64, origin: Origin, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Acknowledged { .. } => &self.counts.acknowledged,
+            Outcome::Expired => &self.counts.expired,
+            Outcome::Unconfirmed => &self.counts.unconfirmed,
+            Outcome::Purged => &self.counts.purged,
+            Outcome::Undeliverable(_) => &self.counts.undeliverable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        debug!(%id, msg_id, ?origin, outcome = outcome.as_str(), "queued message done");
     }
 
     /// In a fleet: tells this node's waiters and backend the outcomes other nodes saw

@@ -520,15 +520,18 @@ impl ServerRole {
         let (id, generation) = (self.id.clone(), delivery.generation);
         // On the daemon's tasks: a shutdown waits for it to be recorded.
         self.state.tasks.spawn(async move {
-            match d.queue().ack(generation, msg_id).await {
-                Ok(Some(removed)) => d.report(
-                    &id,
-                    generation,
-                    msg_id,
-                    removed.origin,
-                    removed.node,
-                    Delivered::Acknowledged { status, payload },
-                ),
+            let outcome = Delivered::Acknowledged {
+                status,
+                payload: payload.clone(),
+            };
+            match d.queue().ack(generation, msg_id, status, payload).await {
+                // Handed to the node it was queued on with the deletion.
+                Ok(Some(removed)) if removed.node.is_some() => {
+                    d.counted(&id, msg_id, removed.origin, &outcome)
+                }
+                Ok(Some(removed)) => {
+                    d.report(&id, generation, msg_id, removed.origin, None, outcome)
+                }
                 // Expired or purged meanwhile: its sender was told so then.
                 Ok(None) => {}
                 Err(e) => warn!(

@@ -299,8 +299,8 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Runs `sql` with `psql`, returning its output (unaligned, tuples only).
-    pub fn psql(&self, sql: &str) -> String {
+    /// `psql` on the `postgres` database, unaligned, tuples only, stopping at an error.
+    fn psql_command(&self) -> Command {
         // Debian keeps psql in /usr/bin (postgresql-client), not beside initdb.
         let psql = Some(self.bin.join("psql"))
             .filter(|p| p.is_file())
@@ -309,20 +309,24 @@ impl Cluster {
         if let Some(pw) = &self.password {
             cmd.env("PGPASSWORD", pw);
         }
-        let out = cmd
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                &self.url(),
-                "-c",
-                sql,
-            ])
-            .output()
-            .unwrap();
+        cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url()]);
+        cmd
+    }
+
+    /// A `psql` that reads statements from its standard input and prints their results
+    /// to its standard output (both piped): a session that holds a transaction open
+    /// while the test goes on.
+    pub fn psql_session(&self) -> std::process::Child {
+        self.psql_command()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs `sql` with `psql`, returning its output (unaligned, tuples only).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = self.psql_command().args(["-c", sql]).output().unwrap();
         assert!(
             out.status.success(),
             "psql {sql:?}: {}",

@@ -177,7 +177,8 @@ pub struct Next {
 pub struct Removed {
     /// Who queued it.
     pub origin: Origin,
-    /// In a fleet, the node it was queued on when that is another one.
+    /// In a fleet, the node it was queued on when that is another one: the outcome was
+    /// handed to it (committed with the deletion).
     pub node: Option<String>,
 }
 
@@ -199,6 +200,11 @@ pub struct Report {
     pub status: Status,
     /// The ACK's payload (acknowledged), or why it is undeliverable.
     pub payload: Bytes,
+}
+
+impl Report {
+    /// The code of an acknowledged message.
+    pub const ACKNOWLEDGED: u8 = 0;
 }
 
 /// The durable queue: the SQLite store's, or a fleet's in PostgreSQL. Cheap to clone.
@@ -250,10 +256,18 @@ impl Queue {
         either!(self, next(id, generation, after, limit, now_ms))
     }
 
-    /// Deletes acknowledged message `msg_id` of enrollment `generation`: where its
-    /// outcome goes, if it was queued.
-    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
-        either!(self, ack(generation, msg_id))
+    /// Deletes acknowledged message `msg_id` of enrollment `generation`, which the
+    /// device answered with `status` and `answer`: where its outcome goes, if it was
+    /// queued. In a fleet, the outcome of a message queued on another node is handed to
+    /// that node in the same transaction ([`Removed::node`]).
+    pub async fn ack(
+        &self,
+        generation: u64,
+        msg_id: u64,
+        status: Status,
+        answer: Bytes,
+    ) -> Result<Option<Removed>, QueueError> {
+        either!(self, ack(generation, msg_id, status, answer))
     }
 
     /// Deletes the messages of enrollments that were removed or revoked.

@@ -323,7 +323,7 @@ impl PgQueue {
                      WHERE generation = $1 AND msg_id IN (
                          SELECT msg_id FROM queue WHERE generation = $1 AND msg_id > $2
                          ORDER BY msg_id LIMIT $3)
-                     RETURNING msg_id, kind, payload, origin, expires, node, tag",
+                     RETURNING msg_id, kind, payload, origin, expires, node, tag, digest",
                     &[&g, &after, &(limit as i64)],
                 )
                 .await
@@ -344,7 +344,10 @@ impl PgQueue {
                     node: col(r, 5)?,
                 };
                 last = last.max(fields.msg_id);
-                if !fields.verify(&q.key, col(r, 6)?) {
+                // The payload's own digest is what the tag covers; the stored one must
+                // be it too, or the ACK's and the sweeps' checks (which read the
+                // column, not the payload) would fail for a message delivered.
+                if digest_col(r, 7)? != fields.digest || !fields.verify(&q.key, col(r, 6)?) {
                     forged.push(fields.msg_id);
                     continue;
                 }
@@ -393,20 +396,52 @@ impl PgQueue {
     }
 
     /// See [`super::Queue::ack`]. Where the outcome goes is read from the deleted row
-    /// and verified: a row whose tag does not verify has no outcome to report.
-    async fn ack_here(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
-        let rows = self
-            .query(
-                concat!(
-                    "DELETE FROM queue WHERE generation = $1 AND msg_id = $2 RETURNING ",
-                    gone_columns!()
-                ),
-                &[&(generation as i64), &(msg_id as i64)],
-            )
-            .await?;
-        Ok(self.gone(&rows)?.pop().map(|g| Removed {
-            origin: g.origin,
-            node: g.node,
+    /// and verified: a row whose tag does not verify has no outcome to report. An
+    /// outcome for another node is handed to it in the transaction that deletes the row:
+    /// a node that dies before the commit leaves the message queued (delivered again),
+    /// never deleted with its outcome lost.
+    async fn ack_here(
+        &self,
+        generation: u64,
+        msg_id: u64,
+        status: Status,
+        answer: Bytes,
+    ) -> Result<Option<Removed>, QueueError> {
+        self.pg.count_queries(3);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let stmt = tx
+            .prepare_cached(concat!(
+                "DELETE FROM queue WHERE generation = $1 AND msg_id = $2 RETURNING ",
+                gone_columns!()
+            ))
+            .await
+            .map_err(db)?;
+        let rows = tx
+            .query(&stmt, &[&(generation as i64), &(msg_id as i64)])
+            .await
+            .map_err(db)?;
+        let Some(gone) = self.gone(&rows)?.pop() else {
+            tx.commit().await.map_err(db)?;
+            return Ok(None);
+        };
+        if let Some(node) = &gone.node {
+            let report = Report {
+                id: gone.id,
+                generation,
+                msg_id,
+                origin: gone.origin,
+                code: Report::ACKNOWLEDGED,
+                status,
+                payload: answer,
+            };
+            self.pg.count_queries(1);
+            self.insert_outcome(&tx, node, &report).await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Removed {
+            origin: gone.origin,
+            node: gone.node,
         }))
     }
 
@@ -615,6 +650,19 @@ impl PgQueue {
     /// See [`super::Queue::forward`]: the outcome, tagged, for `node`, which is told
     /// (`tally_outcome`, sent on commit).
     async fn forward_here(&self, node: &str, report: &Report) -> Result<(), QueueError> {
+        self.pg.count_queries(1);
+        let c = self.client().await?;
+        self.insert_outcome(&c, node, report).await
+    }
+
+    /// Writes `report`, tagged, for `node` to collect, and tells it (`tally_outcome`, on
+    /// commit), on `c` (a pooled connection or a transaction).
+    async fn insert_outcome(
+        &self,
+        c: &impl deadpool_postgres::GenericClient,
+        node: &str,
+        report: &Report,
+    ) -> Result<(), QueueError> {
         let tag = {
             let mut tag = [0u8; 32];
             outcome_fields(node, report, |f| {
@@ -623,13 +671,19 @@ impl PgQueue {
             });
             tag
         };
-        self.query(
-            "WITH ins AS (
+        let stmt = c
+            .prepare_cached(
+                "WITH ins AS (
                  INSERT INTO queue_outcomes (node, generation, msg_id, id, origin, code,
                                              status, payload, tag)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT DO NOTHING RETURNING node)
              SELECT pg_notify($10, node) FROM ins",
+            )
+            .await
+            .map_err(db)?;
+        c.query(
+            &stmt,
             &[
                 &node,
                 &(report.generation as i64),
@@ -643,7 +697,8 @@ impl PgQueue {
                 &channel::OUTCOME,
             ],
         )
-        .await?;
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
@@ -715,8 +770,14 @@ impl PgQueue {
     }
 
     /// See [`super::Queue::ack`].
-    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
-        self.run(move |q| async move { q.ack_here(generation, msg_id).await })
+    pub async fn ack(
+        &self,
+        generation: u64,
+        msg_id: u64,
+        status: Status,
+        answer: Bytes,
+    ) -> Result<Option<Removed>, QueueError> {
+        self.run(move |q| async move { q.ack_here(generation, msg_id, status, answer).await })
             .await
     }
 

@@ -20,7 +20,7 @@ use super::{
     now_ms, Bounds, Gone, Listed, NewMessage, Next, Origin, QueueError, Queued, Refusal, Removed,
     Totals,
 };
-use crate::proto::{DeliveryKind, Id};
+use crate::proto::{DeliveryKind, Id, Status};
 
 /// Operations waiting for the writer, at most; beyond, callers are told to retry.
 pub(crate) const BACKLOG: usize = 65_536;
@@ -169,7 +169,13 @@ impl SqliteQueue {
 
     /// Deletes acknowledged message `msg_id` of enrollment `generation`: its origin if
     /// it was queued.
-    pub async fn ack(&self, generation: u64, msg_id: u64) -> Result<Option<Removed>, QueueError> {
+    pub async fn ack(
+        &self,
+        generation: u64,
+        msg_id: u64,
+        _status: Status,
+        _answer: Bytes,
+    ) -> Result<Option<Removed>, QueueError> {
         let origin = self
             .ask(|reply| Op::Ack {
                 generation,
