@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use criterion::{criterion_group, Criterion};
 use tally::backend::Echo;
+use tally::client;
 use tally::config::ServerConfig;
 use tally::proto::credential::EnrollmentToken;
 use tally::proto::frame::EnrollMode;
@@ -28,7 +29,6 @@ use tally::proto::handshake::ClientAwaitAuth;
 use tally::proto::{Id, SecretKey};
 use tally::server::{self, ServerState};
 use tally::store::Store;
-use tally::{admin, client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CASES: [(&str, &str); 3] = [
@@ -104,7 +104,7 @@ fn hello() {
     });
     // On the store: this in-process daemon holds the state directory but serves no
     // control socket for `admin::open_token` to ask.
-    let open = admin::open_token_in(&state.store, state.params.static_public(), false);
+    let open = tally::tokens::open_token_in(&state.store, state.params.static_public(), false);
     let token = EnrollmentToken::parse(&open.unwrap()).unwrap();
     let enroll = |id: &str| {
         rt.block_on(client::enroll(

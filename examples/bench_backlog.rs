@@ -60,7 +60,7 @@ async fn main() {
         let _ = stopped.await;
     }));
     let token = tally::proto::credential::EnrollmentToken::parse(
-        &tally::admin::open_token_in(&state.store, state.params.static_public(), false).unwrap(),
+        &tally::tokens::open_token_in(&state.store, state.params.static_public(), false).unwrap(),
     )
     .unwrap();
     let mut creds = Vec::with_capacity(devices);

@@ -10,11 +10,10 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use crate::control::{self, ControlError, ControlRequest, ControlResponse};
-use crate::proto::credential::EnrollmentToken;
-use crate::proto::frame::EnrollMode;
 use crate::proto::Id;
 use crate::secrets::ServerSecrets;
 use crate::store::{Store, DB_FILE};
+use crate::tokens::{check_lifetime, issue_token_in, open_token_in, IssuedToken, TokenError};
 
 /// An admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +34,9 @@ pub enum AdminError {
     /// An argument is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// A token could not be made.
+    #[error(transparent)]
+    Token(#[from] TokenError),
     /// `init` beside a running daemon.
     #[error("a tallyd runs with state directory {0} and has its keys already: `tallyd init` would make other keys beside them, whose tokens it would refuse. Admin commands (`tallyd token`, `identities`, ...) work through the running daemon without key files")]
     Running(PathBuf),
@@ -118,41 +120,6 @@ pub struct OpenToken {
     pub open: Option<bool>,
 }
 
-/// [`open_token`] on an open store, with the server's public key (what the daemon does
-/// when asked on its control socket; in-process tests use it too).
-pub fn open_token_in(
-    store: &Store,
-    server_static: [u8; 32],
-    rotate: bool,
-) -> Result<Zeroizing<String>, AdminError> {
-    let credential = if rotate {
-        store.rotate_open_key()?
-    } else {
-        store.open_key()?
-    };
-    Ok(EnrollmentToken {
-        mode: EnrollMode::Open,
-        credential,
-        server_static,
-    }
-    .encode())
-}
-
-/// Default lifetime of a per-identity token.
-pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3 * 86_400);
-/// Longest lifetime of a per-identity token.
-pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
-
-/// A per-identity token just issued.
-pub struct IssuedToken {
-    /// The token text (a secret).
-    pub token: Zeroizing<String>,
-    /// When it expires (seconds since the Unix epoch).
-    pub expires: i64,
-    /// It replaced a token issued for the id before (which no longer works).
-    pub replaced: bool,
-}
-
 /// Issues a single-use token that can enroll only `id`, valid for `lifetime`; a token
 /// issued for `id` before stops working. Through the running daemon if there is one.
 pub fn issue_token(
@@ -180,50 +147,9 @@ pub fn issue_token(
         Some(other) => Err(unexpected(state_dir, other)),
         None => {
             let (s, store) = open_store(state_dir, creds)?;
-            issue_token_in(&store, server_static(&s), id, lifetime)
+            Ok(issue_token_in(&store, server_static(&s), id, lifetime)?)
         }
     }
-}
-
-fn check_lifetime(lifetime: Duration) -> Result<(), AdminError> {
-    if lifetime.as_secs() == 0 || lifetime > MAX_TOKEN_LIFETIME {
-        return Err(AdminError::Invalid(format!(
-            "a token's lifetime must be at least 1 s and at most {} days",
-            MAX_TOKEN_LIFETIME.as_secs() / 86_400
-        )));
-    }
-    Ok(())
-}
-
-/// [`issue_token`] on an open store, with the server's public key.
-pub fn issue_token_in(
-    store: &Store,
-    server_static: [u8; 32],
-    id: &str,
-    lifetime: Duration,
-) -> Result<IssuedToken, AdminError> {
-    let id = Id::new(id)?;
-    check_lifetime(lifetime)?;
-    let expires = crate::store::now() + lifetime.as_secs() as i64;
-    let replaced = store.tokens()?.iter().any(|t| t.id == id.as_str());
-    let credential = match store.issue_token(&id, expires) {
-        Err(crate::store::StoreError::Taken(_)) => {
-            return Err(AdminError::Invalid(format!(
-                "{id} is enrolled; a token can only enroll a free id (`tallyd remove {id}` first, to replace the device)"
-            )))
-        }
-        r => r?,
-    };
-    Ok(IssuedToken {
-        token: EnrollmentToken {
-            mode: EnrollMode::Token,
-            credential,
-            server_static,
-        }
-        .encode(),
-        expires,
-        replaced,
-    })
 }
 
 /// Revokes the outstanding token of `id`. Returns whether there was one. Through the
@@ -903,6 +829,8 @@ pub fn revoke(state_dir: &Path, creds: Option<&Path>, id: &str) -> Result<Revoke
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::credential::EnrollmentToken;
+    use crate::proto::frame::EnrollMode;
 
     #[test]
     fn dates_format_as_utc() {

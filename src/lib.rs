@@ -81,3 +81,6 @@ pub mod store;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod systemd;
+#[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod tokens;

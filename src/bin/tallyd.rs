@@ -414,7 +414,7 @@ fn admin_command(global: &Global, command: Command) -> anyhow::Result<()> {
             expires,
             ..
         } => {
-            let lifetime = expires.unwrap_or(admin::DEFAULT_TOKEN_LIFETIME);
+            let lifetime = expires.unwrap_or(tally::tokens::DEFAULT_TOKEN_LIFETIME);
             let issued = admin::issue_token(dir, creds.as_deref(), &id, lifetime)?;
             println!("{}", *issued.token);
             let replaced = if issued.replaced {

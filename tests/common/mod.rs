@@ -13,10 +13,10 @@ use std::time::Duration;
 use tally::backend::{Backend, Echo};
 use tally::client::{self, Client, ClientOptions, Incoming};
 use tally::config::ServerConfig;
+use tally::control;
 use tally::proto::credential::{Credential, EnrollmentToken};
 use tally::proto::Id;
 use tally::server::{self, ServerState};
-use tally::{admin, control};
 use tempfile::TempDir;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -86,14 +86,14 @@ impl TestServer {
     /// for the control server that thread runs).
     pub fn open_token(&self) -> EnrollmentToken {
         let (store, key) = (&self.state.store, self.state.params.static_public());
-        EnrollmentToken::parse(&admin::open_token_in(store, key, false).unwrap()).unwrap()
+        EnrollmentToken::parse(&tally::tokens::open_token_in(store, key, false).unwrap()).unwrap()
     }
 
     /// Issues a per-identity token (valid for a day), as `tallyd token --id` does.
     pub fn id_token(&self, id: &str) -> EnrollmentToken {
         let (store, key) = (&self.state.store, self.state.params.static_public());
         let day = Duration::from_secs(86_400);
-        let issued = admin::issue_token_in(store, key, id, day).unwrap();
+        let issued = tally::tokens::issue_token_in(store, key, id, day).unwrap();
         EnrollmentToken::parse(&issued.token).unwrap()
     }
 
