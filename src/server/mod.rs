@@ -10,6 +10,7 @@ pub(crate) mod admission;
 mod conn;
 pub mod delivery;
 pub mod fleet;
+mod marks;
 #[doc(hidden)]
 pub mod metrics;
 pub mod registry;

@@ -365,7 +365,7 @@ struct Live {
     pruned: Option<Instant>,
     /// Identities that may have queued messages (spec 8.8): a session fetches from the
     /// queue at its start only if its identity is marked.
-    queued: super::delivery::Marks,
+    queued: super::marks::Marks,
 }
 
 impl Live {

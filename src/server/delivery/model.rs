@@ -29,8 +29,9 @@ use std::collections::BTreeSet;
 
 use stateright::{Model, Property};
 
-use super::{Cursor, Marks};
+use super::Cursor;
 use crate::proto::Id;
+use crate::server::marks::Marks;
 
 /// Deliveries a session has unacknowledged, at most (`limits.deliveries_in_flight`).
 const WINDOW: usize = 1;
