@@ -603,7 +603,9 @@ async fn both_ends_respect_the_limit_the_other_announced() {
         matches!(
             err,
             // 2048 less the 25 bytes around a REQUEST's payload in the encrypted mode.
-            ClientError::Protocol(tally::proto::ProtocolError::PayloadTooLarge { max: 2023, .. })
+            ClientError::Protocol(tally::proto::ProtocolError::Misuse(
+                tally::proto::Misuse::PayloadTooLarge { max: 2023, .. }
+            ))
         ),
         "{err:?}"
     );

@@ -38,7 +38,8 @@ use tally::proto::device::{
 use tally::proto::enroll::{ClientAwaitDone, ClientAwaitReply};
 use tally::proto::error::TagKind;
 use tally::proto::{
-    decode_frame, CloseCode, Id, Mode, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
+    decode_frame, CloseCode, Id, Misuse, Mode, ProtocolError, SecretKey, Status,
+    HANDSHAKE_MAX_FRAME_LEN,
 };
 
 /// Results and failure reasons. 0 is success; every failure is negative.
@@ -693,9 +694,14 @@ pub unsafe extern "C" fn tally_client_handle_timeout(client: *mut TallyClient, n
 fn sent(r: Result<(), ProtocolError>) -> TallyResult {
     match r {
         Ok(()) => TALLY_OK,
-        Err(ProtocolError::Closed) => TALLY_ERR_NOT_OPEN,
-        Err(ProtocolError::NotPending(_) | ProtocolError::NotDelivered(_)) => TALLY_ERR_NOT_PENDING,
-        Err(ProtocolError::PayloadTooLarge { .. } | ProtocolError::Frame(_)) => TALLY_ERR_TOO_LARGE,
+        Err(ProtocolError::Misuse(Misuse::Closed)) => TALLY_ERR_NOT_OPEN,
+        Err(
+            ProtocolError::Misuse(Misuse::NotPending(_))
+            | ProtocolError::Misuse(Misuse::NotDelivered(_)),
+        ) => TALLY_ERR_NOT_PENDING,
+        Err(ProtocolError::Misuse(Misuse::PayloadTooLarge { .. }) | ProtocolError::Frame(_)) => {
+            TALLY_ERR_TOO_LARGE
+        }
         Err(_) => TALLY_ERR_NOT_OPEN,
     }
 }

@@ -67,7 +67,7 @@ use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
 use crate::proto::handshake::ServerLimits;
 use crate::proto::{
-    CloseCode, ErrorCode, Id, Mode, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN,
+    CloseCode, ErrorCode, Id, Misuse, Mode, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN,
     HANDSHAKE_MAX_FRAME_LEN,
 };
 use crate::random::random_bytes;
@@ -953,7 +953,7 @@ impl crate::driver::Role for ClientRole {
 /// fit.
 fn not_sent(e: ProtocolError) -> ClientError {
     match e {
-        ProtocolError::Closed => ClientError::SessionClosed,
+        ProtocolError::Misuse(Misuse::Closed) => ClientError::SessionClosed,
         e => ClientError::from(e),
     }
 }

@@ -21,7 +21,7 @@ use core::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use super::error::{CloseCode, ProtocolError};
+use super::error::{CloseCode, Misuse, ProtocolError};
 use super::frame::{Body, DeliveryKind, SessionFrame, Status};
 use super::session::{Role, Session};
 
@@ -490,7 +490,7 @@ impl Connection {
         now: Duration,
     ) -> Result<(), ProtocolError> {
         if !self.unanswered.contains(&req_seq) {
-            return Err(ProtocolError::NotPending(req_seq));
+            return Err(ProtocolError::Misuse(Misuse::NotPending(req_seq)));
         }
         let answer = |status, payload| Body::Response {
             req_seq,
@@ -503,7 +503,10 @@ impl Connection {
             b"response too large for one frame",
             now,
         );
-        if matches!(sent, Ok(()) | Err(ProtocolError::PayloadTooLarge { .. })) {
+        if matches!(
+            sent,
+            Ok(()) | Err(ProtocolError::Misuse(Misuse::PayloadTooLarge { .. }))
+        ) {
             self.unanswered.remove(&req_seq);
         }
         sent
@@ -524,7 +527,7 @@ impl Connection {
         now: Duration,
     ) -> Result<(), ProtocolError> {
         if self.role() != Role::Server {
-            return Err(ProtocolError::WrongSide("DELIVER"));
+            return Err(ProtocolError::Misuse(Misuse::WrongSide("DELIVER")));
         }
         if msg_id <= self.last_delivery {
             return Err(ProtocolError::DeliveryOrder {
@@ -555,10 +558,10 @@ impl Connection {
         now: Duration,
     ) -> Result<(), ProtocolError> {
         if self.role() != Role::Client {
-            return Err(ProtocolError::WrongSide("ACK"));
+            return Err(ProtocolError::Misuse(Misuse::WrongSide("ACK")));
         }
         if !self.deliveries.contains(&msg_id) {
-            return Err(ProtocolError::NotDelivered(msg_id));
+            return Err(ProtocolError::Misuse(Misuse::NotDelivered(msg_id)));
         }
         let answer = |status, payload| Body::Ack {
             msg_id,
@@ -571,7 +574,10 @@ impl Connection {
             b"answer too large for one frame",
             now,
         );
-        if matches!(sent, Ok(()) | Err(ProtocolError::PayloadTooLarge { .. })) {
+        if matches!(
+            sent,
+            Ok(()) | Err(ProtocolError::Misuse(Misuse::PayloadTooLarge { .. }))
+        ) {
             self.deliveries.remove(&msg_id);
         }
         sent
@@ -580,7 +586,7 @@ impl Connection {
     /// Sends an answer, a RESPONSE (8.4) or an ACK (8.8), that `answer` makes of a status
     /// and a payload. One too large for a frame is replaced by status BACKEND_ERROR and
     /// `too_large`, so that it is still answered exactly once, and the error returned:
-    /// `Ok` or [`ProtocolError::PayloadTooLarge`] mean an answer went out.
+    /// `Ok` or [`Misuse::PayloadTooLarge`] mean an answer went out.
     fn send_answer(
         &mut self,
         answer: impl Fn(Status, Bytes) -> Body,
@@ -589,7 +595,7 @@ impl Connection {
         now: Duration,
     ) -> Result<(), ProtocolError> {
         let sent = self.send_body(&answer(status, payload), now);
-        if let Err(e @ ProtocolError::PayloadTooLarge { .. }) = sent {
+        if let Err(e @ ProtocolError::Misuse(Misuse::PayloadTooLarge { .. })) = sent {
             let replaced = answer(Status::BACKEND_ERROR, Bytes::from_static(too_large));
             self.send_body(&replaced, now)?;
             return Err(e);
@@ -627,7 +633,7 @@ impl Connection {
     /// `SEQUENCE_EXHAUSTED` instead, and the session ends).
     fn send_body(&mut self, body: &Body, now: Duration) -> Result<u64, ProtocolError> {
         if self.state != State::Open {
-            return Err(ProtocolError::Closed);
+            return Err(ProtocolError::Misuse(Misuse::Closed));
         }
         if self.key_update_due(now) {
             self.update_key_now(now);
@@ -638,13 +644,13 @@ impl Connection {
                 self.key_since.get_or_insert(now);
                 Ok(seq)
             }
-            Err(ProtocolError::SequenceExhausted) => {
+            Err(ProtocolError::Misuse(Misuse::Exhausted)) => {
                 self.close(
                     CloseCode::SEQUENCE_EXHAUSTED,
                     "sequence numbers exhausted",
                     now,
                 );
-                Err(ProtocolError::SequenceExhausted)
+                Err(ProtocolError::Misuse(Misuse::Exhausted))
             }
             Err(e) => Err(e),
         }
@@ -1054,11 +1060,11 @@ mod tests {
         // Exactly one answer per request (8.4), and only to a request received.
         assert_eq!(
             p.client.respond(s1, Status::OK, b("again"), now),
-            Err(ProtocolError::NotPending(s1))
+            Err(ProtocolError::Misuse(Misuse::NotPending(s1)))
         );
         assert_eq!(
             p.server.respond(99, Status::OK, b("?"), now),
-            Err(ProtocolError::NotPending(99))
+            Err(ProtocolError::Misuse(Misuse::NotPending(99)))
         );
         p.drive();
         assert_eq!(
@@ -1082,7 +1088,7 @@ mod tests {
         let big = Bytes::from(vec![7u8; 2000]);
         assert!(matches!(
             p.server.respond(r, Status::OK, big, now),
-            Err(ProtocolError::PayloadTooLarge { .. })
+            Err(ProtocolError::Misuse(Misuse::PayloadTooLarge { .. }))
         ));
         assert_eq!(p.server.unanswered_requests(), 0, "answered once");
         p.drive();
@@ -1223,7 +1229,10 @@ mod tests {
                 answer: CloseAnswer::Close,
             }
         );
-        assert_eq!(p.client.request(b("x"), now), Err(ProtocolError::Closed));
+        assert_eq!(
+            p.client.request(b("x"), now),
+            Err(ProtocolError::Misuse(Misuse::Closed))
+        );
     }
 
     #[test]
@@ -1342,11 +1351,11 @@ mod tests {
         // Only the server delivers, only the client acknowledges.
         assert_eq!(
             p.client.deliver(9, DeliveryKind::Message, b("x"), now),
-            Err(ProtocolError::WrongSide("DELIVER"))
+            Err(ProtocolError::Misuse(Misuse::WrongSide("DELIVER")))
         );
         assert_eq!(
             p.server.ack(3, Status::OK, Bytes::new(), now),
-            Err(ProtocolError::WrongSide("ACK"))
+            Err(ProtocolError::Misuse(Misuse::WrongSide("ACK")))
         );
         p.drive();
         assert_eq!(
@@ -1372,11 +1381,11 @@ mod tests {
         p.client.ack(3, Status::OK, Bytes::new(), now).unwrap();
         assert_eq!(
             p.client.ack(3, Status::OK, Bytes::new(), now),
-            Err(ProtocolError::NotDelivered(3))
+            Err(ProtocolError::Misuse(Misuse::NotDelivered(3)))
         );
         assert_eq!(
             p.client.ack(4, Status::OK, Bytes::new(), now),
-            Err(ProtocolError::NotDelivered(4))
+            Err(ProtocolError::Misuse(Misuse::NotDelivered(4)))
         );
         p.drive();
         assert_eq!(
@@ -1579,7 +1588,7 @@ mod tests {
         // server sent CLOSE PROTOCOL_ERROR, so the client fails its request).
         assert_eq!(
             p.server.respond(1, Status::OK, b("x"), now),
-            Err(ProtocolError::Closed)
+            Err(ProtocolError::Misuse(Misuse::Closed))
         );
         p.drive();
         assert!(matches!(closed(&mut p.server), End::Failed(_)));
@@ -1602,7 +1611,7 @@ mod tests {
         assert_eq!(p.client.request(b("last"), now), Ok(u64::MAX - 1));
         assert_eq!(
             p.client.request(b("one more"), now),
-            Err(ProtocolError::SequenceExhausted)
+            Err(ProtocolError::Misuse(Misuse::Exhausted))
         );
         p.drive();
         let got = events(&mut p.server);
@@ -1722,7 +1731,7 @@ mod tests {
         // refused for CLOSE SEQUENCE_EXHAUSTED (spec 8.1).
         assert_eq!(
             p.client.message(b("c"), p.now),
-            Err(ProtocolError::SequenceExhausted)
+            Err(ProtocolError::Misuse(Misuse::Exhausted))
         );
         p.drive();
         assert_eq!(p.server.session().last_received(), u64::MAX);

@@ -31,7 +31,7 @@ use super::connection::{self, Connection};
 use super::frame::Mode;
 use super::handshake::{ClientAwaitAuth, ServerLimits};
 use super::{
-    decode_frame, CloseCode, Id, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
+    decode_frame, CloseCode, Id, Misuse, ProtocolError, SecretKey, Status, HANDSHAKE_MAX_FRAME_LEN,
     KEY_LEN, NONCE_LEN,
 };
 
@@ -364,7 +364,7 @@ impl Device {
     }
 
     /// Sends a REQUEST; returns its sequence number, which its response event names.
-    /// [`ProtocolError::Closed`] before the session is established or after it ended.
+    /// [`ProtocolError::Misuse(Misuse::Closed)`] before the session is established or after it ended.
     pub fn request(&mut self, payload: Bytes, now: Duration) -> Result<u64, ProtocolError> {
         self.open()?.request(payload, now)
     }
@@ -438,7 +438,7 @@ impl Device {
     fn open(&mut self) -> Result<&mut Connection, ProtocolError> {
         match &mut self.state {
             State::Open(conn) => Ok(conn),
-            _ => Err(ProtocolError::Closed),
+            _ => Err(ProtocolError::Misuse(Misuse::Closed)),
         }
     }
 
@@ -636,10 +636,19 @@ mod tests {
         let (mut d, _, _) = start(Config::default(), 7, LIMITS);
         assert!(!d.is_established() && !d.is_over());
         let b = Bytes::from_static(b"early");
-        assert_eq!(d.request(b.clone(), S), Err(ProtocolError::Closed));
-        assert_eq!(d.message(b.clone(), S), Err(ProtocolError::Closed));
-        assert_eq!(d.respond(1, Status::OK, b, S), Err(ProtocolError::Closed));
-        assert_eq!(d.ping(S), Err(ProtocolError::Closed));
+        assert_eq!(
+            d.request(b.clone(), S),
+            Err(ProtocolError::Misuse(Misuse::Closed))
+        );
+        assert_eq!(
+            d.message(b.clone(), S),
+            Err(ProtocolError::Misuse(Misuse::Closed))
+        );
+        assert_eq!(
+            d.respond(1, Status::OK, b, S),
+            Err(ProtocolError::Misuse(Misuse::Closed))
+        );
+        assert_eq!(d.ping(S), Err(ProtocolError::Misuse(Misuse::Closed)));
         assert!(d.poll_transmit().is_none(), "nothing after HELLO");
     }
 

@@ -1,9 +1,12 @@
 //! Errors of the protocol core, and the codes that go on the wire (spec section 10).
 //!
-//! Two enums: [`FrameError`] says a frame's bytes are malformed; [`ProtocolError`]
-//! says a well-formed frame broke a rule of a state machine. Both map to the terse
-//! code sent to the peer ([`ErrorCode`] before a session exists, [`CloseCode`] after);
-//! the precise text of the error is for the local log only.
+//! Three enums: [`FrameError`] says a frame's bytes are malformed; [`ProtocolError`]
+//! says a well-formed frame broke a rule of a state machine; [`Misuse`] (inside
+//! `ProtocolError::Misuse`) says the caller asked for what the protocol does not allow
+//! now: nothing was sent, nothing was received, and the peer did nothing wrong. The
+//! peer's errors map to the terse code sent to it ([`ErrorCode`] before a session
+//! exists, [`CloseCode`] after); the precise text of the error is for the local log
+//! only.
 
 use core::fmt;
 
@@ -84,10 +87,14 @@ pub enum FrameError {
     },
 }
 
-/// A rule of a state machine was broken, by the peer or (for `Misuse`) by the caller.
+/// A rule of a state machine was broken: by the peer, or (`Misuse`) by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
+    /// The caller asked for what the protocol does not allow now; nothing was sent and
+    /// the session goes on (unless it had ended already).
+    #[error(transparent)]
+    Misuse(#[from] Misuse),
     /// The frame itself was malformed.
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -115,8 +122,9 @@ pub enum ProtocolError {
         /// Our last sent sequence number.
         last_sent: u64,
     },
-    /// The sending counter reached 2^64-1; only CLOSE may use that last value.
-    #[error("sequence numbers are exhausted; the session must end")]
+    /// The peer's frame numbered 2^64-1 is not CLOSE: only CLOSE may use that last
+    /// value (spec 8.1).
+    #[error("the peer's sequence numbers are exhausted and its last frame is not CLOSE")]
     SequenceExhausted,
     /// The peer sent an ERROR frame (unauthenticated) and the exchange is over.
     #[error("peer refused: {0}")]
@@ -129,9 +137,6 @@ pub enum ProtocolError {
     /// The peer sent CLOSE: nothing more will be received in this session.
     #[error("session already closed by peer ({0})")]
     PeerClosed(CloseCode),
-    /// This side already sent CLOSE: nothing more may be sent.
-    #[error("session already closed by this side")]
-    Closed,
     /// An X25519 result was all zeros (peer sent a low-order point, spec 6).
     #[error("peer's public key is of low order")]
     WeakKey,
@@ -145,10 +150,6 @@ pub enum ProtocolError {
     /// An earlier frame failed; the session accepts nothing more (spec 8.3).
     #[error("session failed earlier and accepts no more frames")]
     Poisoned,
-    /// A RESPONSE for a sequence number that is not a REQUEST of the peer awaiting an
-    /// answer (never received, or answered already: spec 8.4 allows exactly one).
-    #[error("no request {0} of the peer awaits an answer")]
-    NotPending(u64),
     /// An ACK names a message id that no DELIVER of this session awaits (never
     /// delivered in it, or acknowledged already: spec 8.8 allows exactly one ACK).
     #[error("ACK names message {0}, which no delivery of this session awaits")]
@@ -162,14 +163,21 @@ pub enum ProtocolError {
         /// The last one delivered before it.
         last: u64,
     },
-    /// An ACK for a message id this side received no DELIVER for, or acknowledged
-    /// already (a caller's mistake: nothing was sent).
-    #[error("no delivery {0} awaits an acknowledgement")]
-    NotDelivered(u64),
-    /// A delivery or an acknowledgement asked of the side that does not send it
-    /// (DELIVER is the server's, ACK the client's: spec 8.8).
-    #[error("a {0} is not sent by this side")]
-    WrongSide(&'static str),
+}
+
+/// A call that the protocol does not allow at this point: the caller's mistake, or a
+/// session that ended under it. Nothing was sent; the peer is not at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Misuse {
+    /// The session is not open: this side sent CLOSE (or the session is not
+    /// established yet, or it ended): nothing more may be sent.
+    #[error("session already closed by this side")]
+    Closed,
+    /// This side's sending counter reached 2^64-1: only CLOSE may use that last value,
+    /// and the session must end (spec 8.1).
+    #[error("sequence numbers are exhausted; the session must end")]
+    Exhausted,
     /// The payload does not fit in one frame under the negotiated limit.
     #[error("payload of {len} bytes exceeds the maximum of {max} bytes")]
     PayloadTooLarge {
@@ -178,6 +186,31 @@ pub enum ProtocolError {
         /// Largest payload that fits.
         max: usize,
     },
+    /// A RESPONSE for a sequence number that is not a REQUEST of the peer awaiting an
+    /// answer (never received, or answered already: spec 8.4 allows exactly one).
+    #[error("no request {0} of the peer awaits an answer")]
+    NotPending(u64),
+    /// An ACK for a message id this side received no DELIVER for, or acknowledged
+    /// already.
+    #[error("no delivery {0} awaits an acknowledgement")]
+    NotDelivered(u64),
+    /// A delivery or an acknowledgement asked of the side that does not send it
+    /// (DELIVER is the server's, ACK the client's: spec 8.8).
+    #[error("a {0} is not sent by this side")]
+    WrongSide(&'static str),
+}
+
+impl Misuse {
+    /// The short name of this error ([`ProtocolError::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Misuse::Closed => "closed",
+            Misuse::Exhausted => "sequence_exhausted",
+            Misuse::PayloadTooLarge { .. } => "payload_too_large",
+            Misuse::NotPending(_) | Misuse::NotDelivered(_) => "not_pending",
+            Misuse::WrongSide(_) => "wrong_side",
+        }
+    }
 }
 
 /// Which tag failed to verify: each is computed under its own key or label.
@@ -212,15 +245,29 @@ impl ProtocolError {
     /// (spec 10.1). Only a server sends ERROR.
     pub fn error_code(&self) -> ErrorCode {
         match self {
-            ProtocolError::Frame(FrameError::UnsupportedVersion(_)) => {
-                ErrorCode::UNSUPPORTED_VERSION
-            }
+            ProtocolError::Frame(e) => e.error_code(),
             ProtocolError::BadTag(TagKind::EnrollInit | TagKind::EnrollConfirm)
             | ProtocolError::OpenModeDisabled
             | ProtocolError::WeakKey => ErrorCode::ENROLL_REFUSED,
+            ProtocolError::BadTag(
+                TagKind::EnrollReply
+                | TagKind::EnrollDone
+                | TagKind::ServerAuth
+                | TagKind::ClientFinish
+                | TagKind::SessionFrame,
+            ) => ErrorCode::AUTH_FAILED,
             ProtocolError::ModeRefused(_) => ErrorCode::MODE_REFUSED,
-            ProtocolError::BadTag(_) => ErrorCode::AUTH_FAILED,
-            _ => ErrorCode::MALFORMED,
+            ProtocolError::WeakHelloKey
+            | ProtocolError::Sequence { .. }
+            | ProtocolError::UnsolicitedAnswer { .. }
+            | ProtocolError::SequenceExhausted
+            | ProtocolError::Refused(_)
+            | ProtocolError::InjectedError(_)
+            | ProtocolError::PeerClosed(_)
+            | ProtocolError::Poisoned
+            | ProtocolError::UnsolicitedAck(_)
+            | ProtocolError::DeliveryOrder { .. }
+            | ProtocolError::Misuse(_) => ErrorCode::MALFORMED,
         }
     }
 
@@ -241,15 +288,12 @@ impl ProtocolError {
             ProtocolError::SequenceExhausted => "sequence_exhausted",
             ProtocolError::Refused(_) => "refused",
             ProtocolError::PeerClosed(_) => "peer_closed",
-            ProtocolError::Closed => "closed",
             ProtocolError::WeakKey | ProtocolError::WeakHelloKey => "weak_key",
             ProtocolError::ModeRefused(_) => "mode_refused",
             ProtocolError::Poisoned => "poisoned",
-            ProtocolError::PayloadTooLarge { .. } => "payload_too_large",
-            ProtocolError::NotPending(_) | ProtocolError::NotDelivered(_) => "not_pending",
             ProtocolError::UnsolicitedAck(_) => "unsolicited_answer",
             ProtocolError::DeliveryOrder { .. } => "delivery_order",
-            ProtocolError::WrongSide(_) => "wrong_side",
+            ProtocolError::Misuse(m) => m.kind(),
         }
     }
 
@@ -258,8 +302,62 @@ impl ProtocolError {
         // A peer's frame numbered 2^64 - 1 that is not CLOSE is a protocol error (8.3);
         // this side's own exhaustion sends SEQUENCE_EXHAUSTED (proto::connection).
         match self {
-            ProtocolError::Frame(FrameError::TooLarge { .. }) => CloseCode::FRAME_TOO_LARGE,
-            _ => CloseCode::PROTOCOL_ERROR,
+            ProtocolError::Frame(e) => e.close_code(),
+            ProtocolError::BadTag(_)
+            | ProtocolError::OpenModeDisabled
+            | ProtocolError::Sequence { .. }
+            | ProtocolError::UnsolicitedAnswer { .. }
+            | ProtocolError::SequenceExhausted
+            | ProtocolError::Refused(_)
+            | ProtocolError::InjectedError(_)
+            | ProtocolError::PeerClosed(_)
+            | ProtocolError::WeakKey
+            | ProtocolError::WeakHelloKey
+            | ProtocolError::ModeRefused(_)
+            | ProtocolError::Poisoned
+            | ProtocolError::UnsolicitedAck(_)
+            | ProtocolError::DeliveryOrder { .. }
+            | ProtocolError::Misuse(_) => CloseCode::PROTOCOL_ERROR,
+        }
+    }
+}
+
+impl FrameError {
+    /// The code of an ERROR frame that refuses a handshake for this frame (spec 10.1).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            FrameError::UnsupportedVersion(_) => ErrorCode::UNSUPPORTED_VERSION,
+            FrameError::Empty
+            | FrameError::TooLarge { .. }
+            | FrameError::Truncated { .. }
+            | FrameError::Trailing { .. }
+            | FrameError::UnknownType(_)
+            | FrameError::UnexpectedType { .. }
+            | FrameError::BadId(_)
+            | FrameError::BadMode(_)
+            | FrameError::BadPadding
+            | FrameError::BadReason
+            | FrameError::BadDelivery { .. }
+            | FrameError::BadLimit { .. } => ErrorCode::MALFORMED,
+        }
+    }
+
+    /// The code of a CLOSE frame that ends a session for this frame (spec 10.2).
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            FrameError::TooLarge { .. } => CloseCode::FRAME_TOO_LARGE,
+            FrameError::Empty
+            | FrameError::Truncated { .. }
+            | FrameError::Trailing { .. }
+            | FrameError::UnknownType(_)
+            | FrameError::UnexpectedType { .. }
+            | FrameError::UnsupportedVersion(_)
+            | FrameError::BadId(_)
+            | FrameError::BadMode(_)
+            | FrameError::BadPadding
+            | FrameError::BadReason
+            | FrameError::BadDelivery { .. }
+            | FrameError::BadLimit { .. } => CloseCode::PROTOCOL_ERROR,
         }
     }
 }

@@ -39,7 +39,7 @@ pub mod session;
 pub mod testing;
 
 pub use codec::decode_frame;
-pub use error::{CloseCode, ErrorCode, FrameError, ProtocolError};
+pub use error::{CloseCode, ErrorCode, FrameError, Misuse, ProtocolError};
 pub use frame::{Body, DeliveryKind, FrameType, Id, Mode, SessionFrame, Status};
 pub use schedule::{SecretKey, Tag};
 pub use session::{Role, Session};

@@ -9,7 +9,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::error::{CloseCode, FrameError, ProtocolError, TagKind};
+use super::error::{CloseCode, FrameError, Misuse, ProtocolError, TagKind};
 use super::frame::{self, Body, ErrorFrame, FrameType, Mode, SessionFrame};
 use super::schedule::{AeadNonce, FrameKey, SessionKeys};
 use super::{LEN_PREFIX, MAX_FRAME_LEN_CEILING};
@@ -158,23 +158,23 @@ impl Session {
     /// sequence number.
     ///
     /// Spec 8.1: the value 2^64-1 is reserved for CLOSE; once it is reached every
-    /// other frame is refused with [`ProtocolError::SequenceExhausted`], and the
+    /// other frame is refused with [`Misuse::Exhausted`], and the
     /// caller should send `Body::Close` with [`CloseCode::SEQUENCE_EXHAUSTED`].
     pub fn seal(&mut self, body: &Body, out: &mut BytesMut) -> Result<u64, ProtocolError> {
         if self.sent_close {
-            return Err(ProtocolError::Closed);
+            return Err(ProtocolError::Misuse(Misuse::Closed));
         }
         let is_close = matches!(body, Body::Close { .. });
         if self.next_send == u64::MAX && !is_close {
-            return Err(ProtocolError::SequenceExhausted);
+            return Err(ProtocolError::Misuse(Misuse::Exhausted));
         }
         let wire_len = body.wire_len(self.mode);
         if wire_len - LEN_PREFIX > self.max_frame_len as usize {
             let ty = body.frame_type();
-            return Err(ProtocolError::PayloadTooLarge {
+            return Err(ProtocolError::Misuse(Misuse::PayloadTooLarge {
                 len: wire_len - LEN_PREFIX - Body::overhead(ty, self.mode),
                 max: self.max_payload(ty),
-            });
+            }));
         }
         if let Body::Close { reason, .. } = body {
             if reason.len() > frame::MAX_REASON_LEN {
@@ -586,7 +586,7 @@ pub(crate) mod tests {
         let f = seal(&mut c, close.clone());
         assert_eq!(
             c.seal(&req(b"late"), &mut BytesMut::new()),
-            Err(ProtocolError::Closed)
+            Err(ProtocolError::Misuse(Misuse::Closed))
         );
         assert_eq!(s.open(f).unwrap().body, close);
         let mut out = BytesMut::new();
@@ -606,7 +606,7 @@ pub(crate) mod tests {
         assert_eq!(s.open(f).unwrap().seq, u64::MAX - 1);
         assert_eq!(
             c.seal(&req(b"one more"), &mut BytesMut::new()),
-            Err(ProtocolError::SequenceExhausted)
+            Err(ProtocolError::Misuse(Misuse::Exhausted))
         );
         let close = Body::Close {
             code: CloseCode::SEQUENCE_EXHAUSTED,
@@ -622,7 +622,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             c.seal(&Body::Ping, &mut BytesMut::new()),
-            Err(ProtocolError::Closed)
+            Err(ProtocolError::Misuse(Misuse::Closed))
         );
     }
 
@@ -651,7 +651,10 @@ pub(crate) mod tests {
         };
         assert_eq!(
             c.seal(&big, &mut BytesMut::new()),
-            Err(ProtocolError::PayloadTooLarge { len: max + 1, max })
+            Err(ProtocolError::Misuse(Misuse::PayloadTooLarge {
+                len: max + 1,
+                max
+            }))
         );
         assert_eq!(c.last_sent(), 1);
     }

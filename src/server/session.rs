@@ -38,7 +38,7 @@ use super::ServerState;
 use crate::backend::{BoxFuture, Reply, Request, SendError};
 use crate::driver::{Outcome, Role};
 use crate::proto::connection::{Config, Connection, End as SessionEnd, Event};
-use crate::proto::{CloseCode, Id, ProtocolError, Session, Status};
+use crate::proto::{CloseCode, Id, Misuse, ProtocolError, Session, Status};
 use crate::store::queue::{self, QueueError, Queued};
 
 /// How a session ended, for the log.
@@ -490,7 +490,7 @@ impl ServerRole {
                 }
                 // Larger than the device takes: it can never be delivered. Withdrawn,
                 // and its sender told why.
-                Err(e @ ProtocolError::PayloadTooLarge { .. }) => {
+                Err(e @ ProtocolError::Misuse(Misuse::PayloadTooLarge { .. })) => {
                     settled += 1;
                     let (d, id, reason) = (d.clone(), self.id.clone(), e.to_string());
                     self.state.tasks.spawn(async move {
