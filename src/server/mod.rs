@@ -3,8 +3,11 @@
 //!
 //! `run(listener, state, shutdown)` takes the shutdown signal as a future so tests can
 //! pass their own. On shutdown it stops accepting, lets every session finish its
-//! in-flight requests (up to `drain_timeout`), sends each an authenticated CLOSE
-//! SHUTDOWN, and returns once every connection task has ended.
+//! in-flight requests (up to `drain_timeout`) and sends each an authenticated CLOSE
+//! SHUTDOWN; it waits for the connection tasks at most `drain_timeout` + 3 s (those
+//! still open then are dropped), writes the last handshakes' `last_seen`, leaves the
+//! fleet, stops the backend and the daemon's other tasks (at most 3 s more), and
+//! returns.
 
 pub(crate) mod admission;
 mod conn;
