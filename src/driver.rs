@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -120,6 +121,7 @@ pub(crate) fn run_connection<R: Role>(
 }
 
 pin_project_lite::pin_project! {
+    #[project = DriverProj]
     /// The future [`run`] returns: the session loop, written out as a state machine of
     /// its own (struct and `poll`) rather than nested `select!`s, so that an idle
     /// session costs exactly these fields (one timer, no futures kept for branches that
@@ -161,169 +163,266 @@ pin_project_lite::pin_project! {
 impl<R: Role> Future for Driver<'_, R> {
     type Output = Outcome;
 
+    /// Passes over the sources until none has anything, the session is over, or
+    /// `MAX_PASSES` were made (then it yields, waking itself).
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut me = self.project();
-        // The clock is read once per wake-up, not per use.
-        let mut t = Instant::now();
         if me.sink.is_some() {
-            return poll_linger(me.rd, me.sink, me.ended, me.timer, cx);
+            return me.linger(cx);
         }
-        let mut passes = 0;
-        loop {
-            // Busy for this many passes: yield (woken again at once), so that one session
-            // that always has something to do cannot hold its worker thread.
-            passes += 1;
-            if passes > MAX_PASSES {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
+        // The clock is read once per wake-up (and after the timer fired), not per use.
+        let mut t = Instant::now();
+        for _ in 0..MAX_PASSES {
+            if let ControlFlow::Break(done) = me.pass(cx, &mut t) {
+                return done;
             }
-            let now = t - *me.origin;
-            while let Some(event) = me.conn.poll_event() {
-                if let Event::Closed(end) = &event {
-                    *me.ended = Some(end.clone());
-                }
-                me.role.event(event, me.conn, now);
-            }
-            if me.out.is_empty() {
-                if me.conn.transmit_into(me.out) {
-                    *me.backlog_since = t;
-                } else if me.ended.is_some() {
-                    // FIN, then read (and drop) until the peer closes or 2 s pass, so
-                    // that unread bytes do not turn the close into a reset that
-                    // destroys the last CLOSE.
-                    let _ = Pin::new(&mut *me.wr).poll_shutdown(cx);
-                    if !*me.read_open {
-                        return Poll::Ready(Outcome::Ended(me.ended.take().expect("ended")));
-                    }
-                    // On the heap, and only now: an array in the struct would sit in
-                    // every session for its whole life.
-                    *me.sink = Some(vec![0u8; 1024]);
-                    me.timer.as_mut().reset(t + Duration::from_secs(2));
-                    return poll_linger(me.rd, me.sink, me.ended, me.timer, cx);
-                }
-            }
-            // Write at once what the socket takes (the common case: the answer fits in
-            // its buffer); once all is written, back to the top: more may be due, or the
-            // session over.
-            if !me.out.is_empty() {
-                match Pin::new(&mut *me.wr).poll_write(cx, me.out) {
-                    Poll::Ready(Ok(0)) => {
-                        let e = io::Error::from(io::ErrorKind::WriteZero);
-                        return Poll::Ready(io_end(e, me.ended));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        me.out.advance(n);
-                        if me.out.is_empty() {
-                            // What was sealed on the way (answers ready at once) is
-                            // counted.
-                            me.role.after(me.conn);
-                        }
-                        continue;
-                    }
-                    Poll::Ready(Err(e)) if crate::wire::is_cut(&e) => {
-                        me.out.clear();
-                        me.conn.handle_eof(now);
-                        continue;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(io_end(e, me.ended)),
-                    Poll::Pending => {}
-                }
-            }
-            let writing = !me.out.is_empty();
-            if !writing {
-                *me.stall_at = None;
-            }
-            let held = !me.role.may_read(me.conn);
-            let reading = *me.read_open
-                && !me.conn.is_closed()
-                && !held
-                && (!R::HOLD_WHEN_BACKLOGGED
-                    || me.out.len() + me.conn.pending_transmit() < *me.backlog_cap);
-            // Each source once per pass, in turn; another pass if any had something.
-            let mut progress = false;
-            if reading {
-                // Straight into the session's buffer, given room only once the socket is
-                // readable: an idle session holds no read buffer.
-                if let Poll::Ready(r) = poll_read_some(me.rd, me.conn.input_buffer(), cx) {
-                    progress = true;
-                    match r {
-                        Ok(n) if n > 0 => me.conn.handle_read(n, now),
-                        Err(e) if !crate::wire::is_cut(&e) => {
-                            return Poll::Ready(io_end(e, me.ended))
-                        }
-                        // EOF, or cut by the peer.
-                        _ => {
-                            *me.read_open = false;
-                            me.conn.handle_eof(now);
-                        }
-                    }
-                }
-            }
-            if !me.conn.is_closed() {
-                if let Poll::Ready(work) = me.role.poll_work(cx) {
-                    me.role.apply(work, me.conn, now);
-                    progress = true;
-                }
-            }
-            if let Some(at) = me.conn.poll_timeout().map(|d| *me.origin + d) {
-                if me.timer_at.is_none_or(|armed| at < armed) {
-                    *me.timer_at = Some(at);
-                }
-            }
-            if writing && me.stall_at.is_none() {
-                *me.stall_at = Some(*me.backlog_since + *me.write_stall);
-            }
-            let due = match (*me.timer_at, *me.stall_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if let Some(due) = due {
-                if me.armed.is_none_or(|armed| due < armed) {
-                    me.timer.as_mut().reset(due);
-                    *me.armed = Some(due);
-                }
-            }
-            if me.armed.is_some() && me.timer.as_mut().poll(cx).is_ready() {
-                *me.armed = None;
-                // Armed again on the next pass, for whatever is still ahead.
-                progress = true;
-                t = Instant::now();
-                let now = t - *me.origin;
-                if me.timer_at.is_some_and(|at| at <= t) {
-                    *me.timer_at = None;
-                    // Time this side held the peer back is not the peer's silence.
-                    if held {
-                        me.conn.hold_idle(now);
-                    }
-                    me.conn.handle_timeout(now);
-                    // Quiet for a keepalive interval or more: give the buffers back (a
-                    // session that goes idle costs what a new one does).
-                    if me.out.is_empty() {
-                        *me.out = BytesMut::new();
-                        me.conn.release_buffers();
-                    }
-                }
-                if me.stall_at.is_some_and(|at| at <= t) {
-                    *me.stall_at = None;
-                    if !me.out.is_empty() && t - *me.backlog_since >= *me.write_stall {
-                        let e = io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!(
-                                "the peer did not take what was sent within {:?}",
-                                me.write_stall
-                            ),
-                        );
-                        return Poll::Ready(io_end(e, me.ended));
-                    }
-                }
-            }
-            if !progress {
-                return Poll::Pending;
-            }
-            me.role.after(me.conn);
         }
+        // Busy for this many passes: yield (woken again at once), so that one session
+        // that always has something to do cannot hold its worker thread.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
+
+impl<R: Role> DriverProj<'_, '_, R> {
+    /// One pass: the session's events, its output, then each source once (the socket's
+    /// input, the role's work, the timer); `Continue` for another pass when one had
+    /// something, `Break` with what `poll` returns.
+    fn pass(&mut self, cx: &mut Context<'_>, t: &mut Instant) -> ControlFlow<Poll<Outcome>> {
+        let now = *t - *self.origin;
+        self.handle_events(now);
+        if self.out.is_empty() {
+            if self.conn.transmit_into(self.out) {
+                *self.backlog_since = *t;
+            } else if self.ended.is_some() {
+                return ControlFlow::Break(self.finish(cx, *t));
+            }
+        }
+        // Write at once what the socket takes (the common case: the answer fits in its
+        // buffer); once something was written, back to the top: more may be due, or the
+        // session over.
+        match self.drive_write(cx, now) {
+            Ok(true) => return ControlFlow::Continue(()),
+            Ok(false) => {}
+            Err(end) => return ControlFlow::Break(Poll::Ready(end)),
+        }
+        let writing = !self.out.is_empty();
+        if !writing {
+            *self.stall_at = None;
+        }
+        let held = !self.role.may_read(self.conn);
+        let read = match self.drive_read(cx, now, held) {
+            Ok(read) => read,
+            Err(end) => return ControlFlow::Break(Poll::Ready(end)),
+        };
+        let worked = self.drive_work(cx, now);
+        self.arm_timer(writing);
+        let fired = match self.drive_timer(cx, held, t) {
+            Ok(fired) => fired,
+            Err(end) => return ControlFlow::Break(Poll::Ready(end)),
+        };
+        if !(read || worked || fired) {
+            return ControlFlow::Break(Poll::Pending);
+        }
+        self.role.after(self.conn);
+        ControlFlow::Continue(())
+    }
+
+    /// What the session reports, to the role (its end kept until the last bytes are
+    /// written).
+    fn handle_events(&mut self, now: Duration) {
+        while let Some(event) = self.conn.poll_event() {
+            if let Event::Closed(end) = &event {
+                *self.ended = Some(end.clone());
+            }
+            self.role.event(event, self.conn, now);
+        }
+    }
+
+    /// Writes the backlog: `Ok(true)` when something was written (or the peer cut the
+    /// connection, which the session was told), `Ok(false)` when there is nothing to
+    /// write or the socket takes nothing now; `Err` ends the session.
+    fn drive_write(&mut self, cx: &mut Context<'_>, now: Duration) -> Result<bool, Outcome> {
+        if self.out.is_empty() {
+            return Ok(false);
+        }
+        match Pin::new(&mut *self.wr).poll_write(cx, self.out) {
+            Poll::Ready(Ok(0)) => {
+                let e = io::Error::from(io::ErrorKind::WriteZero);
+                Err(io_end(e, self.ended))
+            }
+            Poll::Ready(Ok(n)) => {
+                self.out.advance(n);
+                if self.out.is_empty() {
+                    // What was sealed on the way (answers ready at once) is counted.
+                    self.role.after(self.conn);
+                }
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) if crate::wire::is_cut(&e) => {
+                self.out.clear();
+                self.conn.handle_eof(now);
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(io_end(e, self.ended)),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Reads what arrived into the session, unless the role holds the peer back
+    /// (`held`) or the send backlog is over its cap (`Role::HOLD_WHEN_BACKLOGGED`):
+    /// whether anything happened (bytes, or the end of the input).
+    fn drive_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Duration,
+        held: bool,
+    ) -> Result<bool, Outcome> {
+        let reading = *self.read_open
+            && !self.conn.is_closed()
+            && !held
+            && (!R::HOLD_WHEN_BACKLOGGED
+                || self.out.len() + self.conn.pending_transmit() < *self.backlog_cap);
+        if !reading {
+            return Ok(false);
+        }
+        // Straight into the session's buffer, given room only once the socket is
+        // readable: an idle session holds no read buffer.
+        let Poll::Ready(r) = poll_read_some(self.rd, self.conn.input_buffer(), cx) else {
+            return Ok(false);
+        };
+        match r {
+            Ok(n) if n > 0 => self.conn.handle_read(n, now),
+            Err(e) if !crate::wire::is_cut(&e) => return Err(io_end(e, self.ended)),
+            // EOF, or cut by the peer.
+            _ => {
+                *self.read_open = false;
+                self.conn.handle_eof(now);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One piece of the role's work, applied to the session: whether there was one.
+    fn drive_work(&mut self, cx: &mut Context<'_>, now: Duration) -> bool {
+        if self.conn.is_closed() {
+            return false;
+        }
+        match self.role.poll_work(cx) {
+            Poll::Ready(work) => {
+                self.role.apply(work, self.conn, now);
+                true
+            }
+            Poll::Pending => false,
+        }
+    }
+
+    /// Arms the one timer for the earliest of the session's deadline and the write
+    /// stall (`writing`: a backlog waits), moving it only when it must fire sooner.
+    fn arm_timer(&mut self, writing: bool) {
+        if let Some(at) = self.conn.poll_timeout().map(|d| *self.origin + d) {
+            if self.timer_at.is_none_or(|armed| at < armed) {
+                *self.timer_at = Some(at);
+            }
+        }
+        if writing && self.stall_at.is_none() {
+            *self.stall_at = Some(*self.backlog_since + *self.write_stall);
+        }
+        let due = match (*self.timer_at, *self.stall_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(due) = due {
+            if self.armed.is_none_or(|armed| due < armed) {
+                self.timer.as_mut().reset(due);
+                *self.armed = Some(due);
+            }
+        }
+    }
+
+    /// The timer: whether it fired (the session's deadline handled, `t` read again);
+    /// `Err` when the backlog stalled for `write_stall`.
+    fn drive_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+        held: bool,
+        t: &mut Instant,
+    ) -> Result<bool, Outcome> {
+        if self.armed.is_none() || self.timer.as_mut().poll(cx).is_pending() {
+            return Ok(false);
+        }
+        // Armed again on the next pass, for whatever is still ahead.
+        *self.armed = None;
+        *t = Instant::now();
+        let now = *t - *self.origin;
+        if self.timer_at.is_some_and(|at| at <= *t) {
+            *self.timer_at = None;
+            // Time this side held the peer back is not the peer's silence.
+            if held {
+                self.conn.hold_idle(now);
+            }
+            self.conn.handle_timeout(now);
+            // Quiet for a keepalive interval or more: give the buffers back (a session
+            // that goes idle costs what a new one does).
+            if self.out.is_empty() {
+                *self.out = BytesMut::new();
+                self.conn.release_buffers();
+            }
+        }
+        if self.stall_at.is_some_and(|at| at <= *t) {
+            *self.stall_at = None;
+            if !self.out.is_empty() && *t - *self.backlog_since >= *self.write_stall {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer did not take what was sent within {:?}",
+                        self.write_stall
+                    ),
+                );
+                return Err(io_end(e, self.ended));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The session is over and all it had to send is written: FIN, then read (and
+    /// drop) until the peer closes or 2 s pass, so that unread bytes do not turn the
+    /// close into a reset that destroys the last CLOSE.
+    fn finish(&mut self, cx: &mut Context<'_>, t: Instant) -> Poll<Outcome> {
+        let _ = Pin::new(&mut *self.wr).poll_shutdown(cx);
+        if !*self.read_open {
+            return Poll::Ready(Outcome::Ended(self.ended.take().expect("ended")));
+        }
+        // On the heap, and only now: an array in the struct would sit in every session
+        // for its whole life.
+        *self.sink = Some(vec![0u8; 1024]);
+        self.timer.as_mut().reset(t + Duration::from_secs(2));
+        self.linger(cx)
+    }
+
+    /// After the session's end: reads and drops until the peer closes, the socket fails
+    /// or the timer (2 s) fires; then the session's end.
+    fn linger(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let buf = self.sink.as_mut().expect("lingering");
+        // The deadline first, while this poll still has tokio's budget: reads that use
+        // it all up (a peer that keeps sending) must not keep the timer from ever being
+        // seen. Polled here, it is registered for a wake-up too, whatever the reads
+        // below find.
+        let mut done = self.timer.as_mut().poll(cx).is_ready();
+        while !done {
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut *self.rd).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
+                // EOF or an error: the peer is done.
+                Poll::Ready(_) => done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        *self.sink = None;
+        Poll::Ready(Outcome::Ended(self.ended.take().expect("ended")))
+    }
+}
+
 /// Passes of the session loop in one `poll` before the driver yields to other tasks. Each
 /// pass handles a read, a write, a piece of work and the timer; tokio's budget usually
 /// makes the socket yield sooner, this bounds what does not take that budget.
@@ -346,33 +445,6 @@ fn poll_read_some(
     }
     let read = rd.read_buf(buf);
     std::pin::pin!(read).poll(cx)
-}
-
-/// After the session's end: reads and drops until the peer closes, the socket fails or
-/// the timer (2 s) fires; then the session's end.
-fn poll_linger(
-    rd: &mut OwnedReadHalf,
-    sink: &mut Option<Vec<u8>>,
-    ended: &mut Option<End>,
-    mut timer: Pin<&mut Sleep>,
-    cx: &mut Context<'_>,
-) -> Poll<Outcome> {
-    let buf = sink.as_mut().expect("lingering");
-    // The deadline first, while this poll still has tokio's budget: reads that use it all
-    // up (a peer that keeps sending) must not keep the timer from ever being seen. Polled
-    // here, it is registered for a wake-up too, whatever the reads below find.
-    let mut done = timer.as_mut().poll(cx).is_ready();
-    while !done {
-        let mut rb = ReadBuf::new(buf);
-        match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {}
-            // EOF or an error: the peer is done.
-            Poll::Ready(_) => done = true,
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-    *sink = None;
-    Poll::Ready(Outcome::Ended(ended.take().expect("ended")))
 }
 
 /// The socket failed: the session's own end if it had one already (the failure was
@@ -430,10 +502,11 @@ mod tests {
         (a, b)
     }
 
-    /// Review of issue 12: the driver reads while it writes; a peer that sends PINGs and
-    /// reads nothing made it answer into a send buffer that grew without bound. Now it
-    /// stops reading once the backlog passes two frames' worth, so the peer's writes
-    /// block after a bounded amount (before the fix: all 4 MB went through).
+    /// `drive_read` (the backlog cap). Review of issue 12: the driver reads while it
+    /// writes; a peer that sends PINGs and reads nothing made it answer into a send
+    /// buffer that grew without bound. Now it stops reading once the backlog passes two
+    /// frames' worth, so the peer's writes block after a bounded amount (before the fix:
+    /// all 4 MB went through).
     #[tokio::test]
     async fn a_peer_that_never_reads_cannot_grow_the_send_backlog() {
         let (mut client, server) = sessions();
@@ -467,12 +540,13 @@ mod tests {
         driver.abort();
     }
 
-    /// Review of 444780b: after the session's end the driver lingers (reads and drops)
-    /// for 2 s at most. Its timer was polled only when a read found nothing, and reads
-    /// that use up tokio's budget make the timer's poll return Pending too: a peer that
-    /// kept the socket readable kept the session (its task, socket and permit) for as long
-    /// as it liked. Here 1 MiB waits to be drained when the deadline passes: the driver
-    /// must end at its next poll, not after draining it all (before the fix: 8 more polls).
+    /// `linger`. Review of 444780b: after the session's end the driver lingers (reads and
+    /// drops) for 2 s at most. Its timer was polled only when a read found nothing, and
+    /// reads that use up tokio's budget make the timer's poll return Pending too: a peer
+    /// that kept the socket readable kept the session (its task, socket and permit) for
+    /// as long as it liked. Here 1 MiB waits to be drained when the deadline passes: the
+    /// driver must end at its next poll, not after draining it all (before the fix: 8
+    /// more polls).
     #[tokio::test(start_paused = true)]
     async fn the_linger_after_close_ends_at_its_deadline_while_the_peer_keeps_sending() {
         let (mut client, server) = sessions();
@@ -507,11 +581,11 @@ mod tests {
         ));
     }
 
-    /// Review of 444780b: the driver loops while any source makes progress, and work
-    /// from the role does not always take tokio's budget: a role that always has work
-    /// kept `poll` from ever returning (its worker thread held, its writes and timer
-    /// never polled with budget). Now a `poll` makes at most `MAX_PASSES` passes, then
-    /// yields, waking itself.
+    /// `poll` (its `MAX_PASSES`). Review of 444780b: the driver loops while any source
+    /// makes progress, and work from the role does not always take tokio's budget: a role
+    /// that always has work kept `poll` from ever returning (its worker thread held, its
+    /// writes and timer never polled with budget). Now a `poll` makes at most
+    /// `MAX_PASSES` passes, then yields, waking itself.
     #[tokio::test]
     async fn a_session_with_endless_work_still_yields() {
         struct Endless(usize);
