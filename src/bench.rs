@@ -38,6 +38,7 @@ use crate::secrets::random_bytes;
 use crate::wire::read_frame;
 
 pub mod flood;
+pub mod report;
 #[cfg(feature = "bench-tls")]
 pub mod tls;
 

@@ -56,6 +56,9 @@ pub mod admin;
 pub mod bench;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
+pub mod cli;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub mod conformance;
 #[cfg(feature = "server")]
 #[doc(hidden)]

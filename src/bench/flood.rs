@@ -90,6 +90,8 @@ pub struct FloodReport {
     pub attack: Attack,
     /// Attacker connections held at once.
     pub attackers: usize,
+    /// Loopback addresses the attackers came from.
+    pub sources: u8,
     /// Attacker connections opened per second (attack-only phase).
     pub attack_conns_per_sec: f64,
     /// The daemon's CPU time per attacker connection, microseconds (attack-only phase).
@@ -438,6 +440,7 @@ pub async fn run(target: &Target, workers: usize, flood: &Flood) -> anyhow::Resu
     Ok(FloodReport {
         attack: flood.attack,
         attackers: flood.attackers,
+        sources: flood.sources,
         attack_conns_per_sec: conns as f64 / secs,
         server_cpu_us_per_attack_conn: cpu,
         p99_ratio: under.p99_us as f64 / calm.p99_us.max(1) as f64,
