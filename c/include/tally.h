@@ -1,4 +1,6 @@
-/* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md). */
+/* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md).
+ *
+ * Versions: check at start that tally_abi_version() == TALLY_ABI_VERSION. */
 
 #ifndef TALLY_H
 #define TALLY_H
@@ -13,6 +15,25 @@
  * `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
  */
 #define TALLY_ERROR_MODE_REFUSED 10
+
+/**
+ * The version of the binary interface this header describes: what a program compiled
+ * against it relies on from the library it is linked with (each function's arguments
+ * and results, the size and layout of `TallyEvent`, the values of the constants and
+ * enums, and what they mean). `tally_abi_version()` returns the library's: check at
+ * start that it is this one, and stop if not (the examples do); with another number
+ * nothing in this header can be relied on.
+ *
+ * It changes when a program built against the previous header could misread what the
+ * library writes or expects: a layout or a signature changed, a value or its meaning
+ * changed, a function removed. It does not change for what such a program never sees
+ * or may ignore: a new function or constant, a new event kind or failure result (ignore
+ * a kind you do not know; every negative result is a failure), a meaning given to bytes
+ * of `TallyEvent`'s `reserved` (a zero keeps meaning what it meant before).
+ *
+ * 1: the first numbered version (`TallyEvent` with `reserved`).
+ */
+#define TALLY_ABI_VERSION 1
 
 /**
  * Server REQUESTs a client holds unanswered at most: handed out by
@@ -40,7 +61,8 @@
 #define TALLY_MAX_EVENTS 64
 
 /**
- * What [`tally_client_poll_event`] returns.
+ * What [`tally_client_poll_event`] returns. A later version may add kinds without
+ * changing `TALLY_ABI_VERSION`: ignore a kind you do not know.
  */
 typedef enum TallyEventKind {
   /**
@@ -189,7 +211,7 @@ typedef uint32_t TallyMode;
 
 /**
  * One event. `payload` points into the client and stays valid until the next call on
- * it (or `tally_client_free`): copy what you keep.
+ * it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit targets.
  */
 typedef struct TallyEvent {
   /**
@@ -224,6 +246,13 @@ typedef struct TallyEvent {
    * Its length in bytes.
    */
   uintptr_t payload_len;
+  /**
+   * Room for fields a later version may add without changing the size or the layout
+   * of this struct (nor `TALLY_ABI_VERSION`): zeroed by the library. Do not read
+   * meaning into it; a later version that gives these bytes one keeps zero meaning
+   * what it meant before.
+   */
+  uint64_t reserved[4];
 } TallyEvent;
 
 /**
@@ -462,6 +491,12 @@ enum TallyResult tally_enroll_server_key(struct TallyEnrollment *enrollment,
  * What a result means, in English (a static string).
  */
 const char *tally_result_string(int32_t result);
+
+/**
+ * The [`TALLY_ABI_VERSION`] of the library linked in: a program checks at start that it
+ * equals the `TALLY_ABI_VERSION` of the header it was compiled with, and stops if not.
+ */
+uint32_t tally_abi_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -118,7 +118,25 @@ pub const TALLY_MODE_AUTHENTICATED: TallyMode = TallyMode(1);
 /// `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
 pub const TALLY_ERROR_MODE_REFUSED: u16 = 0x000a;
 
-/// What [`tally_client_poll_event`] returns.
+/// The version of the binary interface this header describes: what a program compiled
+/// against it relies on from the library it is linked with (each function's arguments
+/// and results, the size and layout of `TallyEvent`, the values of the constants and
+/// enums, and what they mean). `tally_abi_version()` returns the library's: check at
+/// start that it is this one, and stop if not (the examples do); with another number
+/// nothing in this header can be relied on.
+///
+/// It changes when a program built against the previous header could misread what the
+/// library writes or expects: a layout or a signature changed, a value or its meaning
+/// changed, a function removed. It does not change for what such a program never sees
+/// or may ignore: a new function or constant, a new event kind or failure result (ignore
+/// a kind you do not know; every negative result is a failure), a meaning given to bytes
+/// of `TallyEvent`'s `reserved` (a zero keeps meaning what it meant before).
+///
+/// 1: the first numbered version (`TallyEvent` with `reserved`).
+pub const TALLY_ABI_VERSION: u32 = 1;
+
+/// What [`tally_client_poll_event`] returns. A later version may add kinds without
+/// changing `TALLY_ABI_VERSION`: ignore a kind you do not know.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TallyEventKind {
@@ -150,7 +168,7 @@ pub enum TallyEventKind {
 }
 
 /// One event. `payload` points into the client and stays valid until the next call on
-/// it (or `tally_client_free`): copy what you keep.
+/// it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit targets.
 #[repr(C)]
 #[derive(Debug)]
 pub struct TallyEvent {
@@ -172,6 +190,11 @@ pub struct TallyEvent {
     pub payload: *const u8,
     /// Its length in bytes.
     pub payload_len: usize,
+    /// Room for fields a later version may add without changing the size or the layout
+    /// of this struct (nor `TALLY_ABI_VERSION`): zeroed by the library. Do not read
+    /// meaning into it; a later version that gives these bytes one keeps zero meaning
+    /// what it meant before.
+    pub reserved: [u64; 4],
 }
 
 impl TallyEvent {
@@ -185,6 +208,7 @@ impl TallyEvent {
             result: TALLY_OK,
             payload: core::ptr::null(),
             payload_len: 0,
+            reserved: [0; 4],
         }
     }
 }
@@ -666,6 +690,7 @@ pub unsafe extern "C" fn tally_client_poll_event(
             c.current.as_ptr()
         },
         payload_len: c.current.len(),
+        reserved: [0; 4],
     };
     1
 }
@@ -1077,6 +1102,13 @@ pub extern "C" fn tally_result_string(result: i32) -> *const c_char {
         _ => b"unknown result\0",
     };
     s.as_ptr().cast()
+}
+
+/// The [`TALLY_ABI_VERSION`] of the library linked in: a program checks at start that it
+/// equals the `TALLY_ABI_VERSION` of the header it was compiled with, and stops if not.
+#[no_mangle]
+pub extern "C" fn tally_abi_version() -> u32 {
+    TALLY_ABI_VERSION
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The C API driven as a C caller would, against the core's server side in memory.
 
 use super::*;
+use core::mem::{offset_of, size_of};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -1075,4 +1076,30 @@ fn queued_deliveries_are_events_and_acknowledged_once() {
         ]
     );
     unsafe { tally_client_free(c) };
+}
+
+/// `TALLY_ABI_VERSION` and the layout it stands for: a failure here is a change of the
+/// binary interface, which must come with a new `TALLY_ABI_VERSION` (and this test).
+#[test]
+fn the_abi_version_and_the_event_layout() {
+    let _serial = serial();
+    assert_eq!(tally_abi_version(), TALLY_ABI_VERSION);
+    assert_eq!(TALLY_ABI_VERSION, 1);
+    #[cfg(target_pointer_width = "64")]
+    {
+        assert_eq!(size_of::<TallyEvent>(), 72);
+        assert_eq!(
+            [
+                offset_of!(TallyEvent, kind),
+                offset_of!(TallyEvent, seq),
+                offset_of!(TallyEvent, status),
+                offset_of!(TallyEvent, code),
+                offset_of!(TallyEvent, result),
+                offset_of!(TallyEvent, payload),
+                offset_of!(TallyEvent, payload_len),
+                offset_of!(TallyEvent, reserved),
+            ],
+            [0, 8, 16, 18, 20, 24, 32, 40]
+        );
+    }
 }
