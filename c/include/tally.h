@@ -1,5 +1,10 @@
 /* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md).
  *
+ * Threads: an object (TallyClient, TallyEnrollment) is used by one thread at a time.
+ * Calls on one object must not overlap: where threads share it, lock around each call
+ * (and the use of an event's payload). It may pass from one thread to another between
+ * calls, and different objects may be used on different threads at once.
+ *
  * Versions: check at start that tally_abi_version() == TALLY_ABI_VERSION. */
 
 #ifndef TALLY_H
@@ -193,12 +198,21 @@ typedef enum TallyResult {
 /**
  * A device's session with a server: the handshake (spec 7) and then the session (spec
  * 8), driven by the caller.
+ *
+ * Used by one thread at a time: calls on one client must not overlap. Where several
+ * threads share one, hold a lock around each call, and around the use of an event's
+ * payload (which lives until the next call). A client may pass from one thread to
+ * another between calls, and different clients (and enrollments) may be used on
+ * different threads at once: the library keeps no state of its own outside them.
  */
 typedef struct TallyClient TallyClient;
 
 /**
  * An enrollment (spec 6): the device's X25519 exchange with the server, authorised by
  * an enrollment token, ending with the identity's key.
+ *
+ * Used by one thread at a time, as a `TallyClient`: calls on one enrollment must not
+ * overlap; it may pass from one thread to another between calls.
  */
 typedef struct TallyEnrollment TallyEnrollment;
 

@@ -247,6 +247,12 @@ const OVERLOADED: &str = "device overloaded: 64 events waiting (TALLY_MAX_EVENTS
 // the C events and their bounds.
 /// A device's session with a server: the handshake (spec 7) and then the session (spec
 /// 8), driven by the caller.
+///
+/// Used by one thread at a time: calls on one client must not overlap. Where several
+/// threads share one, hold a lock around each call, and around the use of an event's
+/// payload (which lives until the next call). A client may pass from one thread to
+/// another between calls, and different clients (and enrollments) may be used on
+/// different threads at once: the library keeps no state of its own outside them.
 pub struct TallyClient {
     device: Device,
     /// Bytes to send, not yet taken.
@@ -856,6 +862,9 @@ enum EnrollPhase {
 
 /// An enrollment (spec 6): the device's X25519 exchange with the server, authorised by
 /// an enrollment token, ending with the identity's key.
+///
+/// Used by one thread at a time, as a `TallyClient`: calls on one enrollment must not
+/// overlap; it may pass from one thread to another between calls.
 pub struct TallyEnrollment {
     phase: EnrollPhase,
     /// The server's static public key `S`, pinned by the token.

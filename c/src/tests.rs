@@ -1102,4 +1102,8 @@ fn the_abi_version_and_the_event_layout() {
             [0, 8, 16, 18, 20, 24, 32, 40]
         );
     }
+    // Objects may pass from one thread to another between calls (tally.h).
+    fn movable<T: Send>() {}
+    movable::<TallyClient>();
+    movable::<TallyEnrollment>();
 }
