@@ -1,5 +1,12 @@
 /* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md).
  *
+ * Pointers: NULL is never dereferenced (a call refuses it, or ignores it; `seq` and
+ * `code` are optional). Any other pointer must be valid, for the call, for what its
+ * documentation says: an object from tally_client_new or tally_enroll_new not yet
+ * freed, a NUL-terminated string, `len` readable bytes, 32 bytes. Out-parameters
+ * (`event`, `seq`, `code`, `key`, `server_key`, the `buf` of the transmit functions)
+ * may point to uninitialised memory: they are written, never read.
+ *
  * Threads: an object (TallyClient, TallyEnrollment) is used by one thread at a time.
  * Calls on one object must not overlap: where threads share it, lock around each call
  * (and the use of an event's payload). It may pass from one thread to another between
@@ -224,8 +231,10 @@ typedef struct TallyEnrollment TallyEnrollment;
 typedef uint32_t TallyMode;
 
 /**
- * One event. `payload` points into the client and stays valid until the next call on
- * it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit targets.
+ * One event, written whole by `tally_client_poll_event` (the memory it is written to
+ * may be uninitialised before). `payload` points into the client and stays valid until
+ * the next call on it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit
+ * targets.
  */
 typedef struct TallyEvent {
   /**
@@ -336,9 +345,10 @@ enum TallyResult tally_client_receive(struct TallyClient *client,
 void tally_client_receive_eof(struct TallyClient *client, uint64_t now_ms);
 
 /**
- * Copies up to `cap` bytes that must be sent to the server into `buf`; returns how
- * many (0: nothing to send). Send all of them, in order; what did not fit comes with
- * the next call.
+ * Copies up to `cap` bytes that must be sent to the server into `buf` (which may be
+ * uninitialised; the bytes after those copied are untouched); returns how many (0:
+ * nothing to send). Send all of them, in order; what did not fit comes with the next
+ * call.
  */
 uintptr_t tally_client_transmit(struct TallyClient *client, uint8_t *buf, uintptr_t cap);
 
@@ -348,9 +358,10 @@ uintptr_t tally_client_transmit(struct TallyClient *client, uint8_t *buf, uintpt
 uintptr_t tally_client_pending_transmit(struct TallyClient *client);
 
 /**
- * The next event, written to `*event`; returns 1, or 0 when there is none (then
- * `event->kind` is `TALLY_EVENT_NONE`). The payload stays valid until the next call on
- * this client.
+ * The next event, written whole to `*event` (which may be uninitialised: it is not
+ * read); returns 1, or 0 when there is none (then `event->kind` is `TALLY_EVENT_NONE`,
+ * and every other field zero). The payload stays valid until the next call on this
+ * client. A NULL `client` or `event`: 0, nothing written.
  */
 int32_t tally_client_poll_event(struct TallyClient *client, struct TallyEvent *event);
 
@@ -368,10 +379,11 @@ int64_t tally_client_next_timeout(struct TallyClient *client);
 void tally_client_handle_timeout(struct TallyClient *client, uint64_t now_ms);
 
 /**
- * Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it).
- * `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after the end;
- * `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing sent; the
- * session goes on).
+ * Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it):
+ * written on `TALLY_OK` (when `seq` is not NULL; it may be uninitialised before),
+ * untouched otherwise. `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after
+ * the end; `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing
+ * sent; the session goes on).
  */
 enum TallyResult tally_client_request(struct TallyClient *client,
                                       const uint8_t *payload,
@@ -473,22 +485,25 @@ void tally_enroll_timeout(struct TallyEnrollment *enrollment);
 int32_t tally_enroll_confirmed(struct TallyEnrollment *enrollment);
 
 /**
- * Copies up to `cap` bytes to send into `buf`; returns how many.
+ * Copies up to `cap` bytes to send into `buf` (which may be uninitialised; the bytes
+ * after those copied are untouched); returns how many.
  */
 uintptr_t tally_enroll_transmit(struct TallyEnrollment *enrollment, uint8_t *buf, uintptr_t cap);
 
 /**
  * Where the enrollment is: 1 still running (keep sending and receiving), `TALLY_OK`
  * (0) done (`tally_enroll_key` gives the key; the server has stored the identity), or
- * the failure (`*code`, if not NULL, gets the server's ERROR code for
- * `TALLY_ERR_REFUSED`). After `TALLY_ERR_UNCONFIRMED` do not enroll again on your
- * own: the server may have stored the identity (spec 13.10).
+ * the failure. Once the result is final, `*code` (if `code` is not NULL; it may be
+ * uninitialised before) gets the server's ERROR code for `TALLY_ERR_REFUSED`, 0
+ * otherwise; while it is 1, `*code` is untouched. After `TALLY_ERR_UNCONFIRMED` do not
+ * enroll again on your own: the server may have stored the identity (spec 13.10).
  */
 int32_t tally_enroll_result(struct TallyEnrollment *enrollment, uint16_t *code);
 
 /**
- * Copies the enrolled identity's 32-byte key to `key` once the enrollment is done.
- * Keep it secret: it is the device's identity.
+ * Copies the enrolled identity's 32-byte key to `key` (which may be uninitialised
+ * before) once the enrollment is done; otherwise `TALLY_ERR_NOT_OPEN`, and `key` is
+ * untouched. Keep it secret: it is the device's identity.
  */
 enum TallyResult tally_enroll_key(struct TallyEnrollment *enrollment, uint8_t (*key)[32]);
 
@@ -496,7 +511,8 @@ enum TallyResult tally_enroll_key(struct TallyEnrollment *enrollment, uint8_t (*
  * Copies the server's 32-byte static public key (`S`, which the token pinned and the
  * server proved it holds) to `server_key` once the enrollment is done: store it with
  * the key (the credential's `server-key`, spec 9.2); `tally_client_new` needs it. It
- * is public, not a secret.
+ * is public, not a secret. `server_key` may be uninitialised before; before the end,
+ * `TALLY_ERR_NOT_OPEN`, and it is untouched.
  */
 enum TallyResult tally_enroll_server_key(struct TallyEnrollment *enrollment,
                                          uint8_t (*server_key)[32]);
