@@ -21,6 +21,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *server = argv[1], *id = argv[2], *out = argv[3];
+    /* The library linked in must be the one tally.h describes. */
+    if (tally_abi_version() != TALLY_ABI_VERSION) {
+        fprintf(stderr, "libtally_c has ABI version %u, tally.h %u: rebuild against the library's header\n",
+                (unsigned)tally_abi_version(), (unsigned)TALLY_ABI_VERSION);
+        return 1;
+    }
     if (access(out, F_OK) == 0) {
         fprintf(stderr, "%s exists: remove it first (its identity would be lost)\n", out);
         return 1;

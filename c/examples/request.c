@@ -25,6 +25,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s [--authenticate-only] CREDENTIAL-FILE PAYLOAD\n", argv[0]);
         return 2;
     }
+    /* The library linked in must be the one tally.h describes. */
+    if (tally_abi_version() != TALLY_ABI_VERSION) {
+        fprintf(stderr, "libtally_c has ABI version %u, tally.h %u: rebuild against the library's header\n",
+                (unsigned)tally_abi_version(), (unsigned)TALLY_ABI_VERSION);
+        return 1;
+    }
     struct credential cred;
     if (read_credential(argv[1], &cred) != 0) return 1;
     /* 32 random bytes, new for this connection: the ephemeral X25519 secret (the client

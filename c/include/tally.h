@@ -1,4 +1,18 @@
-/* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md). */
+/* Tally for C: the sans-IO protocol engine (spec/PROTOCOL.md).
+ *
+ * Pointers: NULL is never dereferenced (a call refuses it, or ignores it; `seq` and
+ * `code` are optional). Any other pointer must be valid, for the call, for what its
+ * documentation says: an object from tally_client_new or tally_enroll_new not yet
+ * freed, a NUL-terminated string, `len` readable bytes, 32 bytes. Out-parameters
+ * (`event`, `seq`, `code`, `key`, `server_key`, the `buf` of the transmit functions)
+ * may point to uninitialised memory: they are written, never read.
+ *
+ * Threads: an object (TallyClient, TallyEnrollment) is used by one thread at a time.
+ * Calls on one object must not overlap: where threads share it, lock around each call
+ * (and the use of an event's payload). It may pass from one thread to another between
+ * calls, and different objects may be used on different threads at once.
+ *
+ * Versions: check at start that tally_abi_version() == TALLY_ABI_VERSION. */
 
 #ifndef TALLY_H
 #define TALLY_H
@@ -13,6 +27,25 @@
  * `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
  */
 #define TALLY_ERROR_MODE_REFUSED 10
+
+/**
+ * The version of the binary interface this header describes: what a program compiled
+ * against it relies on from the library it is linked with (each function's arguments
+ * and results, the size and layout of `TallyEvent`, the values of the constants and
+ * enums, and what they mean). `tally_abi_version()` returns the library's: check at
+ * start that it is this one, and stop if not (the examples do); with another number
+ * nothing in this header can be relied on.
+ *
+ * It changes when a program built against the previous header could misread what the
+ * library writes or expects: a layout or a signature changed, a value or its meaning
+ * changed, a function removed. It does not change for what such a program never sees
+ * or may ignore: a new function or constant, a new event kind or failure result (ignore
+ * a kind you do not know; every negative result is a failure), a meaning given to bytes
+ * of `TallyEvent`'s `reserved` (a zero keeps meaning what it meant before).
+ *
+ * 1: the first numbered version (`TallyEvent` with `reserved`).
+ */
+#define TALLY_ABI_VERSION 1
 
 /**
  * Server REQUESTs a client holds unanswered at most: handed out by
@@ -40,7 +73,8 @@
 #define TALLY_MAX_EVENTS 64
 
 /**
- * What [`tally_client_poll_event`] returns.
+ * What [`tally_client_poll_event`] returns. A later version may add kinds without
+ * changing `TALLY_ABI_VERSION`: ignore a kind you do not know.
  */
 typedef enum TallyEventKind {
   /**
@@ -171,12 +205,21 @@ typedef enum TallyResult {
 /**
  * A device's session with a server: the handshake (spec 7) and then the session (spec
  * 8), driven by the caller.
+ *
+ * Used by one thread at a time: calls on one client must not overlap. Where several
+ * threads share one, hold a lock around each call, and around the use of an event's
+ * payload (which lives until the next call). A client may pass from one thread to
+ * another between calls, and different clients (and enrollments) may be used on
+ * different threads at once: the library keeps no state of its own outside them.
  */
 typedef struct TallyClient TallyClient;
 
 /**
  * An enrollment (spec 6): the device's X25519 exchange with the server, authorised by
  * an enrollment token, ending with the identity's key.
+ *
+ * Used by one thread at a time, as a `TallyClient`: calls on one enrollment must not
+ * overlap; it may pass from one thread to another between calls.
  */
 typedef struct TallyEnrollment TallyEnrollment;
 
@@ -188,8 +231,10 @@ typedef struct TallyEnrollment TallyEnrollment;
 typedef uint32_t TallyMode;
 
 /**
- * One event. `payload` points into the client and stays valid until the next call on
- * it (or `tally_client_free`): copy what you keep.
+ * One event, written whole by `tally_client_poll_event` (the memory it is written to
+ * may be uninitialised before). `payload` points into the client and stays valid until
+ * the next call on it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit
+ * targets.
  */
 typedef struct TallyEvent {
   /**
@@ -224,6 +269,13 @@ typedef struct TallyEvent {
    * Its length in bytes.
    */
   uintptr_t payload_len;
+  /**
+   * Room for fields a later version may add without changing the size or the layout
+   * of this struct (nor `TALLY_ABI_VERSION`): zeroed by the library. Do not read
+   * meaning into it; a later version that gives these bytes one keeps zero meaning
+   * what it meant before.
+   */
+  uint64_t reserved[4];
 } TallyEvent;
 
 /**
@@ -293,9 +345,10 @@ enum TallyResult tally_client_receive(struct TallyClient *client,
 void tally_client_receive_eof(struct TallyClient *client, uint64_t now_ms);
 
 /**
- * Copies up to `cap` bytes that must be sent to the server into `buf`; returns how
- * many (0: nothing to send). Send all of them, in order; what did not fit comes with
- * the next call.
+ * Copies up to `cap` bytes that must be sent to the server into `buf` (which may be
+ * uninitialised; the bytes after those copied are untouched); returns how many (0:
+ * nothing to send). Send all of them, in order; what did not fit comes with the next
+ * call.
  */
 uintptr_t tally_client_transmit(struct TallyClient *client, uint8_t *buf, uintptr_t cap);
 
@@ -305,9 +358,10 @@ uintptr_t tally_client_transmit(struct TallyClient *client, uint8_t *buf, uintpt
 uintptr_t tally_client_pending_transmit(struct TallyClient *client);
 
 /**
- * The next event, written to `*event`; returns 1, or 0 when there is none (then
- * `event->kind` is `TALLY_EVENT_NONE`). The payload stays valid until the next call on
- * this client.
+ * The next event, written whole to `*event` (which may be uninitialised: it is not
+ * read); returns 1, or 0 when there is none (then `event->kind` is `TALLY_EVENT_NONE`,
+ * and every other field zero). The payload stays valid until the next call on this
+ * client. A NULL `client` or `event`: 0, nothing written.
  */
 int32_t tally_client_poll_event(struct TallyClient *client, struct TallyEvent *event);
 
@@ -325,10 +379,11 @@ int64_t tally_client_next_timeout(struct TallyClient *client);
 void tally_client_handle_timeout(struct TallyClient *client, uint64_t now_ms);
 
 /**
- * Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it).
- * `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after the end;
- * `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing sent; the
- * session goes on).
+ * Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it):
+ * written on `TALLY_OK` (when `seq` is not NULL; it may be uninitialised before),
+ * untouched otherwise. `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after
+ * the end; `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing
+ * sent; the session goes on).
  */
 enum TallyResult tally_client_request(struct TallyClient *client,
                                       const uint8_t *payload,
@@ -430,22 +485,25 @@ void tally_enroll_timeout(struct TallyEnrollment *enrollment);
 int32_t tally_enroll_confirmed(struct TallyEnrollment *enrollment);
 
 /**
- * Copies up to `cap` bytes to send into `buf`; returns how many.
+ * Copies up to `cap` bytes to send into `buf` (which may be uninitialised; the bytes
+ * after those copied are untouched); returns how many.
  */
 uintptr_t tally_enroll_transmit(struct TallyEnrollment *enrollment, uint8_t *buf, uintptr_t cap);
 
 /**
  * Where the enrollment is: 1 still running (keep sending and receiving), `TALLY_OK`
  * (0) done (`tally_enroll_key` gives the key; the server has stored the identity), or
- * the failure (`*code`, if not NULL, gets the server's ERROR code for
- * `TALLY_ERR_REFUSED`). After `TALLY_ERR_UNCONFIRMED` do not enroll again on your
- * own: the server may have stored the identity (spec 13.10).
+ * the failure. Once the result is final, `*code` (if `code` is not NULL; it may be
+ * uninitialised before) gets the server's ERROR code for `TALLY_ERR_REFUSED`, 0
+ * otherwise; while it is 1, `*code` is untouched. After `TALLY_ERR_UNCONFIRMED` do not
+ * enroll again on your own: the server may have stored the identity (spec 13.10).
  */
 int32_t tally_enroll_result(struct TallyEnrollment *enrollment, uint16_t *code);
 
 /**
- * Copies the enrolled identity's 32-byte key to `key` once the enrollment is done.
- * Keep it secret: it is the device's identity.
+ * Copies the enrolled identity's 32-byte key to `key` (which may be uninitialised
+ * before) once the enrollment is done; otherwise `TALLY_ERR_NOT_OPEN`, and `key` is
+ * untouched. Keep it secret: it is the device's identity.
  */
 enum TallyResult tally_enroll_key(struct TallyEnrollment *enrollment, uint8_t (*key)[32]);
 
@@ -453,7 +511,8 @@ enum TallyResult tally_enroll_key(struct TallyEnrollment *enrollment, uint8_t (*
  * Copies the server's 32-byte static public key (`S`, which the token pinned and the
  * server proved it holds) to `server_key` once the enrollment is done: store it with
  * the key (the credential's `server-key`, spec 9.2); `tally_client_new` needs it. It
- * is public, not a secret.
+ * is public, not a secret. `server_key` may be uninitialised before; before the end,
+ * `TALLY_ERR_NOT_OPEN`, and it is untouched.
  */
 enum TallyResult tally_enroll_server_key(struct TallyEnrollment *enrollment,
                                          uint8_t (*server_key)[32]);
@@ -462,6 +521,12 @@ enum TallyResult tally_enroll_server_key(struct TallyEnrollment *enrollment,
  * What a result means, in English (a static string).
  */
 const char *tally_result_string(int32_t result);
+
+/**
+ * The [`TALLY_ABI_VERSION`] of the library linked in: a program checks at start that it
+ * equals the `TALLY_ABI_VERSION` of the header it was compiled with, and stops if not.
+ */
+uint32_t tally_abi_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -15,12 +15,28 @@
 //! `tests::heap_use_of_one_session`. Nothing is allocated between calls. What a server
 //! can make a client hold is bounded: [`TALLY_MAX_UNANSWERED_REQUESTS`] requests,
 //! [`TALLY_MAX_EVENTS`] events (`c/README.md`, "Bounds").
+//!
+//! The contract with the caller (stated at the top of `tally.h`, from `cbindgen.toml`):
+//! every pointer is NULL, never dereferenced (refused, or for the optional `seq` and
+//! `code` not written), or valid for what its documentation says; an out-parameter
+//! (`event`, `seq`, `code`, `key`, `server_key`, the `buf` of the `transmit` functions)
+//! may point to uninitialised memory: it is only ever written, with `ptr::write` or
+//! `ptr::copy_nonoverlapping`, never read nor made into a reference; an object
+//! (`TallyClient`, `TallyEnrollment`) is used by one thread at a time.
+//! [`TALLY_ABI_VERSION`] numbers the binary interface.
 
-// The C boundary: raw pointers from the caller, checked for null, never kept.
+// The C boundary: raw pointers from the caller, checked for null, never kept. Each
+// unsafe operation is in an `unsafe` block of its own (in `unsafe fn`s too) under the
+// reason it is sound (`// SAFETY:`).
 #![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(
+    clippy::undocumented_unsafe_blocks,
+    clippy::multiple_unsafe_ops_per_block
+)]
 #![warn(missing_docs)]
 // `unsafe extern "C"` functions check their pointers; their safety contract is the
-// header's documentation.
+// header's documentation (its preamble, and each function's).
 #![allow(clippy::missing_safety_doc)]
 // C names for the C enums: `TALLY_OK`, `TALLY_EVENT_CLOSED`.
 #![allow(non_camel_case_types)]
@@ -119,7 +135,25 @@ pub const TALLY_MODE_AUTHENTICATED: TallyMode = TallyMode(1);
 /// `TALLY_EVENT_CLOSED` whose result is [`TALLY_ERR_MODE_REFUSED`].
 pub const TALLY_ERROR_MODE_REFUSED: u16 = 0x000a;
 
-/// What [`tally_client_poll_event`] returns.
+/// The version of the binary interface this header describes: what a program compiled
+/// against it relies on from the library it is linked with (each function's arguments
+/// and results, the size and layout of `TallyEvent`, the values of the constants and
+/// enums, and what they mean). `tally_abi_version()` returns the library's: check at
+/// start that it is this one, and stop if not (the examples do); with another number
+/// nothing in this header can be relied on.
+///
+/// It changes when a program built against the previous header could misread what the
+/// library writes or expects: a layout or a signature changed, a value or its meaning
+/// changed, a function removed. It does not change for what such a program never sees
+/// or may ignore: a new function or constant, a new event kind or failure result (ignore
+/// a kind you do not know; every negative result is a failure), a meaning given to bytes
+/// of `TallyEvent`'s `reserved` (a zero keeps meaning what it meant before).
+///
+/// 1: the first numbered version (`TallyEvent` with `reserved`).
+pub const TALLY_ABI_VERSION: u32 = 1;
+
+/// What [`tally_client_poll_event`] returns. A later version may add kinds without
+/// changing `TALLY_ABI_VERSION`: ignore a kind you do not know.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TallyEventKind {
@@ -150,8 +184,10 @@ pub enum TallyEventKind {
     TALLY_EVENT_DELIVERY = 6,
 }
 
-/// One event. `payload` points into the client and stays valid until the next call on
-/// it (or `tally_client_free`): copy what you keep.
+/// One event, written whole by `tally_client_poll_event` (the memory it is written to
+/// may be uninitialised before). `payload` points into the client and stays valid until
+/// the next call on it (or `tally_client_free`): copy what you keep. 72 bytes on 64-bit
+/// targets.
 #[repr(C)]
 #[derive(Debug)]
 pub struct TallyEvent {
@@ -173,6 +209,11 @@ pub struct TallyEvent {
     pub payload: *const u8,
     /// Its length in bytes.
     pub payload_len: usize,
+    /// Room for fields a later version may add without changing the size or the layout
+    /// of this struct (nor `TALLY_ABI_VERSION`): zeroed by the library. Do not read
+    /// meaning into it; a later version that gives these bytes one keeps zero meaning
+    /// what it meant before.
+    pub reserved: [u64; 4],
 }
 
 impl TallyEvent {
@@ -186,6 +227,7 @@ impl TallyEvent {
             result: TALLY_OK,
             payload: core::ptr::null(),
             payload_len: 0,
+            reserved: [0; 4],
         }
     }
 }
@@ -224,6 +266,12 @@ const OVERLOADED: &str = "device overloaded: 64 events waiting (TALLY_MAX_EVENTS
 // the C events and their bounds.
 /// A device's session with a server: the handshake (spec 7) and then the session (spec
 /// 8), driven by the caller.
+///
+/// Used by one thread at a time: calls on one client must not overlap. Where several
+/// threads share one, hold a lock around each call, and around the use of an event's
+/// payload (which lives until the next call). A client may pass from one thread to
+/// another between calls, and different clients (and enrollments) may be used on
+/// different threads at once: the library keeps no state of its own outside them.
 pub struct TallyClient {
     device: Device,
     /// Bytes to send, not yet taken.
@@ -453,12 +501,18 @@ impl TallyClient {
     }
 }
 
-/// Borrows a C string as an id (spec 4.1).
+/// Reads a C string as an id (spec 4.1); `None` for NULL or an invalid id.
+///
+/// # Safety
+///
+/// `id` is NULL or a NUL-terminated string, unchanged during the call.
 unsafe fn id_from(id: *const c_char) -> Option<Id> {
     if id.is_null() {
         return None;
     }
-    let s = core::ffi::CStr::from_ptr(id).to_str().ok()?;
+    // SAFETY: not NULL, so by this function's contract a NUL-terminated string that
+    // nothing changes while it is borrowed; `Id::new` copies it before we return.
+    let s = unsafe { core::ffi::CStr::from_ptr(id) }.to_str().ok()?;
     Id::new(s).ok()
 }
 
@@ -476,16 +530,31 @@ fn key_from(key: &[u8; 32]) -> SecretKey {
 
 /// The caller's `len` bytes at `data` (NULL allowed when `len` is 0); `None` for NULL
 /// with a length.
+///
+/// # Safety
+///
+/// `data` is NULL or points to `len` initialised bytes that nothing changes while the
+/// slice lives; the slice is not kept beyond the C call that passed them.
 unsafe fn slice_from<'a>(data: *const u8, len: usize) -> Option<&'a [u8]> {
     match (len, data.is_null()) {
         (0, _) => Some(&[]),
         (_, true) => None,
-        _ => Some(core::slice::from_raw_parts(data, len)),
+        // SAFETY: not NULL, so by this function's contract `len` readable, initialised
+        // bytes (a byte has no alignment to keep; a buffer the caller holds is at most
+        // isize::MAX bytes), unchanged while the slice lives.
+        _ => Some(unsafe { core::slice::from_raw_parts(data, len) }),
     }
 }
 
+/// A copy of the caller's `len` bytes at `data`, as [`slice_from`].
+///
+/// # Safety
+///
+/// As [`slice_from`].
 unsafe fn bytes_from(data: *const u8, len: usize) -> Option<Bytes> {
-    slice_from(data, len).map(|d| {
+    // SAFETY: this function's contract is `slice_from`'s, and the slice is copied before
+    // we return.
+    unsafe { slice_from(data, len) }.map(|d| {
         if d.is_empty() {
             Bytes::new()
         } else {
@@ -496,17 +565,50 @@ unsafe fn bytes_from(data: *const u8, len: usize) -> Option<Bytes> {
 
 /// Copies up to `cap` bytes of `output` to `buf` and drops them from `output` (whose
 /// buffer is given back once drained); returns how many. NULL `buf`: 0.
+///
+/// # Safety
+///
+/// `buf` is NULL or valid for writes of `cap` bytes, which may be uninitialised, and
+/// does not overlap `output`.
 unsafe fn hand_out(output: &mut BytesMut, buf: *mut u8, cap: usize) -> usize {
     if buf.is_null() {
         return 0;
     }
     let n = output.len().min(cap);
-    core::ptr::copy_nonoverlapping(output.as_ptr(), buf, n);
+    // SAFETY: `buf` is not NULL, so by this function's contract valid for writes of
+    // `cap` >= `n` bytes, and apart from `output`, which holds `n` bytes or more. A raw
+    // copy: what was at `buf` is never read, and may be uninitialised.
+    unsafe { core::ptr::copy_nonoverlapping(output.as_ptr(), buf, n) };
     let _ = output.split_to(n);
     if output.is_empty() {
         *output = BytesMut::new();
     }
     n
+}
+
+/// The client behind the caller's pointer; `None` for NULL.
+///
+/// # Safety
+///
+/// `client` is NULL or a client from `tally_client_new`, not freed, that no other call
+/// uses meanwhile (tally.h: one thread at a time); the reference is not kept beyond the
+/// C call.
+unsafe fn client_from<'a>(client: *mut TallyClient) -> Option<&'a mut TallyClient> {
+    // SAFETY: by this function's contract NULL (which `as_mut` turns into `None`) or our
+    // own live, aligned, initialised `TallyClient` (a `Box`'s) that nothing else refers
+    // to during the call: this reference is the only one.
+    unsafe { client.as_mut() }
+}
+
+/// The enrollment behind the caller's pointer; `None` for NULL.
+///
+/// # Safety
+///
+/// As [`client_from`], for an enrollment from `tally_enroll_new`.
+unsafe fn enrollment_from<'a>(enrollment: *mut TallyEnrollment) -> Option<&'a mut TallyEnrollment> {
+    // SAFETY: as in `client_from`: NULL or our own live `TallyEnrollment`, referred to
+    // by nothing else during the call.
+    unsafe { enrollment.as_mut() }
 }
 
 /// Starts a session for identity `id` (a NUL-terminated string, spec 4.1) with its
@@ -536,12 +638,11 @@ pub unsafe extern "C" fn tally_client_new(
     max_frame_len: u32,
     now_ms: u64,
 ) -> *mut TallyClient {
-    let (Some(id), false, false, false) = (
-        id_from(id),
-        key.is_null(),
-        server_key.is_null(),
-        nonce.is_null(),
-    ) else {
+    // SAFETY: `id` is NULL or a NUL-terminated string (tally.h), as `id_from` requires.
+    let id = unsafe { id_from(id) };
+    let (Some(id), false, false, false) =
+        (id, key.is_null(), server_key.is_null(), nonce.is_null())
+    else {
         return core::ptr::null_mut();
     };
     if !(256..=16_777_216).contains(&max_frame_len) {
@@ -555,13 +656,19 @@ pub unsafe extern "C" fn tally_client_new(
     let mut config = DeviceConfig::default();
     config.max_frame_len = max_frame_len;
     config.mode = mode;
+    // SAFETY: not NULL (checked above), so 32 readable bytes of the caller's (tally.h),
+    // borrowed for this call only.
+    let key = unsafe { &*key };
+    // SAFETY: as `key`.
+    let server_key = unsafe { &*server_key };
     // The ephemeral secret passes by value: scrub the stack it crossed.
     let mut device = tally::proto::schedule::scrubbed(|| {
         Device::new(
             &id,
-            key_from(&*key),
-            &*server_key,
-            &mut { *nonce },
+            key_from(key),
+            server_key,
+            // SAFETY: as `key`; copied, inside `scrubbed`.
+            &mut { unsafe { *nonce } },
             config,
             ms(now_ms),
         )
@@ -586,7 +693,9 @@ pub unsafe extern "C" fn tally_client_new(
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_free(client: *mut TallyClient) {
     if !client.is_null() {
-        drop(Box::from_raw(client));
+        // SAFETY: not NULL, so from `Box::into_raw` in `tally_client_new` and not freed
+        // yet, nor in use by another call (tally.h: freed once, one thread at a time).
+        drop(unsafe { Box::from_raw(client) });
     }
 }
 
@@ -601,7 +710,11 @@ pub unsafe extern "C" fn tally_client_receive(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    let (Some(c), Some(data)) = (client.as_mut(), slice_from(data, len)) else {
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let c = unsafe { client_from(client) };
+    // SAFETY: NULL or `len` bytes received (tally.h), only read during this call.
+    let data = unsafe { slice_from(data, len) };
+    let (Some(c), Some(data)) = (c, data) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
     c.device.handle_input(data, ms(now_ms));
@@ -612,63 +725,87 @@ pub unsafe extern "C" fn tally_client_receive(
 /// The server closed the connection (recv returned 0) or it was reset.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_receive_eof(client: *mut TallyClient, now_ms: u64) {
-    let Some(c) = client.as_mut() else { return };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return;
+    };
     c.device.handle_eof(ms(now_ms));
     c.drain(ms(now_ms));
 }
 
-/// Copies up to `cap` bytes that must be sent to the server into `buf`; returns how
-/// many (0: nothing to send). Send all of them, in order; what did not fit comes with
-/// the next call.
+/// Copies up to `cap` bytes that must be sent to the server into `buf` (which may be
+/// uninitialised; the bytes after those copied are untouched); returns how many (0:
+/// nothing to send). Send all of them, in order; what did not fit comes with the next
+/// call.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_transmit(
     client: *mut TallyClient,
     buf: *mut u8,
     cap: usize,
 ) -> usize {
-    let Some(c) = client.as_mut() else { return 0 };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return 0;
+    };
     pull(&mut c.device, &mut c.output);
-    hand_out(&mut c.output, buf, cap)
+    // SAFETY: `buf` is NULL or the caller's buffer of `cap` bytes, valid for writes and
+    // apart from the client (tally.h), as `hand_out` requires.
+    unsafe { hand_out(&mut c.output, buf, cap) }
 }
 
 /// How many bytes are waiting to be sent.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_pending_transmit(client: *mut TallyClient) -> usize {
-    let Some(c) = client.as_mut() else { return 0 };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return 0;
+    };
     pull(&mut c.device, &mut c.output);
     c.output.len()
 }
 
-/// The next event, written to `*event`; returns 1, or 0 when there is none (then
-/// `event->kind` is `TALLY_EVENT_NONE`). The payload stays valid until the next call on
-/// this client.
+/// The next event, written whole to `*event` (which may be uninitialised: it is not
+/// read); returns 1, or 0 when there is none (then `event->kind` is `TALLY_EVENT_NONE`,
+/// and every other field zero). The payload stays valid until the next call on this
+/// client. A NULL `client` or `event`: 0, nothing written.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_poll_event(
     client: *mut TallyClient,
     event: *mut TallyEvent,
 ) -> i32 {
-    let (Some(c), Some(out)) = (client.as_mut(), event.as_mut()) else {
+    if event.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
         return 0;
     };
-    let Some(e) = c.events.pop_front() else {
-        *out = TallyEvent::none();
-        return 0;
+    let (next, polled) = match c.events.pop_front() {
+        None => (TallyEvent::none(), 0),
+        Some(e) => {
+            c.current = e.payload;
+            let next = TallyEvent {
+                kind: e.kind,
+                seq: e.seq,
+                status: e.status,
+                code: e.code,
+                result: e.result,
+                payload: if c.current.is_empty() {
+                    core::ptr::null()
+                } else {
+                    c.current.as_ptr()
+                },
+                payload_len: c.current.len(),
+                reserved: [0; 4],
+            };
+            (next, 1)
+        }
     };
-    c.current = e.payload;
-    *out = TallyEvent {
-        kind: e.kind,
-        seq: e.seq,
-        status: e.status,
-        code: e.code,
-        result: e.result,
-        payload: if c.current.is_empty() {
-            core::ptr::null()
-        } else {
-            c.current.as_ptr()
-        },
-        payload_len: c.current.len(),
-    };
-    1
+    // SAFETY: `event` is not NULL, so the caller's `TallyEvent`, aligned and valid for
+    // writes (tally.h); `write` neither reads nor drops what was there, which may be
+    // uninitialised, and forms no reference to it.
+    unsafe { event.write(next) };
+    polled
 }
 
 /// When the client next needs `tally_client_handle_timeout`, in the caller's
@@ -676,7 +813,10 @@ pub unsafe extern "C" fn tally_client_poll_event(
 /// arrives: keepalive PINGs, the peer's silence and the handshake deadline run on it.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_next_timeout(client: *mut TallyClient) -> i64 {
-    let Some(c) = client.as_mut() else { return -1 };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return -1;
+    };
     c.device
         .poll_timeout()
         .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -686,7 +826,10 @@ pub unsafe extern "C" fn tally_client_next_timeout(client: *mut TallyClient) -> 
 /// handshake that took too long.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_handle_timeout(client: *mut TallyClient, now_ms: u64) {
-    let Some(c) = client.as_mut() else { return };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return;
+    };
     c.device.handle_timeout(ms(now_ms));
     c.drain(ms(now_ms));
 }
@@ -706,8 +849,14 @@ fn sent(r: Result<(), ProtocolError>) -> TallyResult {
     }
 }
 
+/// The client behind the caller's pointer if its session is established.
+///
+/// # Safety
+///
+/// As [`client_from`].
 unsafe fn open_client<'a>(client: *mut TallyClient) -> Result<&'a mut TallyClient, TallyResult> {
-    let c = client.as_mut().ok_or(TALLY_ERR_INVALID_ARGUMENT)?;
+    // SAFETY: this function's contract is `client_from`'s.
+    let c = unsafe { client_from(client) }.ok_or(TALLY_ERR_INVALID_ARGUMENT)?;
     if c.device.is_established() {
         Ok(c)
     } else {
@@ -715,10 +864,11 @@ unsafe fn open_client<'a>(client: *mut TallyClient) -> Result<&'a mut TallyClien
     }
 }
 
-/// Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it).
-/// `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after the end;
-/// `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing sent; the
-/// session goes on).
+/// Sends a REQUEST; its sequence number goes to `*seq` (the RESPONSE event names it):
+/// written on `TALLY_OK` (when `seq` is not NULL; it may be uninitialised before),
+/// untouched otherwise. `TALLY_ERR_NOT_OPEN` before `TALLY_EVENT_ESTABLISHED` or after
+/// the end; `TALLY_ERR_TOO_LARGE` for a payload over the server's frame limit (nothing
+/// sent; the session goes on).
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_request(
     client: *mut TallyClient,
@@ -727,13 +877,19 @@ pub unsafe extern "C" fn tally_client_request(
     now_ms: u64,
     seq: *mut u64,
 ) -> TallyResult {
-    send_payload(client, payload, len, now_ms, |device, payload, now| {
+    let send = |device: &mut Device, payload, now| {
         device.request(payload, now).map(|s| {
-            if let Some(out) = seq.as_mut() {
-                *out = s;
+            if !seq.is_null() {
+                // SAFETY: not NULL, so the caller's `uint64_t`, aligned and valid for
+                // writes (tally.h); `write` does not read what was there, which may be
+                // uninitialised, and forms no reference to it.
+                unsafe { seq.write(s) };
             }
         })
-    })
+    };
+    // SAFETY: `client` and `payload` are the caller's, under tally.h's contract, which
+    // is `send_payload`'s.
+    unsafe { send_payload(client, payload, len, now_ms, send) }
 }
 
 /// Sends a one-way MESSAGE.
@@ -744,9 +900,13 @@ pub unsafe extern "C" fn tally_client_message(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    send_payload(client, payload, len, now_ms, |device, payload, now| {
-        device.message(payload, now)
-    })
+    // SAFETY: `client` and `payload` are the caller's, under tally.h's contract, which
+    // is `send_payload`'s.
+    unsafe {
+        send_payload(client, payload, len, now_ms, |device, payload, now| {
+            device.message(payload, now)
+        })
+    }
 }
 
 /// Answers the server's REQUEST `seq` (from its `TALLY_EVENT_REQUEST`) with `status`
@@ -763,13 +923,21 @@ pub unsafe extern "C" fn tally_client_respond(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    send_payload(client, payload, len, now_ms, |device, payload, now| {
-        device.respond(seq, Status(status), payload, now)
-    })
+    // SAFETY: `client` and `payload` are the caller's, under tally.h's contract, which
+    // is `send_payload`'s.
+    unsafe {
+        send_payload(client, payload, len, now_ms, |device, payload, now| {
+            device.respond(seq, Status(status), payload, now)
+        })
+    }
 }
 
 /// What every sending call does: the session must be established, the payload is
 /// checked and copied, `send` sends it, then the events it made are drained.
+///
+/// # Safety
+///
+/// `client` as for [`client_from`]; `payload` and `len` as for [`slice_from`].
 unsafe fn send_payload(
     client: *mut TallyClient,
     payload: *const u8,
@@ -777,11 +945,13 @@ unsafe fn send_payload(
     now_ms: u64,
     send: impl FnOnce(&mut Device, Bytes, Duration) -> Result<(), ProtocolError>,
 ) -> TallyResult {
-    let c = match open_client(client) {
+    // SAFETY: this function's contract on `client` is `open_client`'s.
+    let c = match unsafe { open_client(client) } {
         Ok(c) => c,
         Err(e) => return e,
     };
-    let Some(payload) = bytes_from(payload, len) else {
+    // SAFETY: this function's contract on `payload` is `bytes_from`'s.
+    let Some(payload) = (unsafe { bytes_from(payload, len) }) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
     let r = send(&mut c.device, payload, ms(now_ms));
@@ -804,9 +974,13 @@ pub unsafe extern "C" fn tally_client_ack(
     len: usize,
     now_ms: u64,
 ) -> TallyResult {
-    send_payload(client, payload, len, now_ms, |device, payload, now| {
-        device.ack(msg_id, Status(status), payload, now)
-    })
+    // SAFETY: `client` and `payload` are the caller's, under tally.h's contract, which
+    // is `send_payload`'s.
+    unsafe {
+        send_payload(client, payload, len, now_ms, |device, payload, now| {
+            device.ack(msg_id, Status(status), payload, now)
+        })
+    }
 }
 
 /// Ends the session with CLOSE `code` (0: NORMAL). Keep receiving until
@@ -815,7 +989,10 @@ pub unsafe extern "C" fn tally_client_ack(
 /// established, it just ends the handshake.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_close(client: *mut TallyClient, code: u16, now_ms: u64) {
-    let Some(c) = client.as_mut() else { return };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return;
+    };
     c.device.close(CloseCode(code), "", ms(now_ms));
     c.drain(ms(now_ms));
 }
@@ -824,7 +1001,10 @@ pub unsafe extern "C" fn tally_client_close(client: *mut TallyClient, code: u16,
 /// socket.
 #[no_mangle]
 pub unsafe extern "C" fn tally_client_is_finished(client: *mut TallyClient) -> i32 {
-    let Some(c) = client.as_mut() else { return 1 };
+    // SAFETY: the caller's client: NULL or live, one call at a time (tally.h).
+    let Some(c) = (unsafe { client_from(client) }) else {
+        return 1;
+    };
     i32::from(c.device.is_over() && c.output.is_empty() && c.device.pending_transmit() == 0)
 }
 
@@ -837,6 +1017,9 @@ enum EnrollPhase {
 
 /// An enrollment (spec 6): the device's X25519 exchange with the server, authorised by
 /// an enrollment token, ending with the identity's key.
+///
+/// Used by one thread at a time, as a `TallyClient`: calls on one enrollment must not
+/// overlap; it may pass from one thread to another between calls.
 pub struct TallyEnrollment {
     phase: EnrollPhase,
     /// The server's static public key `S`, pinned by the token.
@@ -858,10 +1041,13 @@ pub unsafe extern "C" fn tally_enroll_new(
     if token.is_null() || ephemeral.is_null() {
         return core::ptr::null_mut();
     }
-    let Some(id) = id_from(id) else {
+    // SAFETY: `id` is NULL or a NUL-terminated string (tally.h), as `id_from` requires.
+    let Some(id) = (unsafe { id_from(id) }) else {
         return core::ptr::null_mut();
     };
-    let Ok(text) = core::ffi::CStr::from_ptr(token).to_str() else {
+    // SAFETY: not NULL (checked above), so a NUL-terminated string (tally.h) that
+    // nothing changes during the call; parsed into an owned token before we return.
+    let Ok(text) = unsafe { core::ffi::CStr::from_ptr(token) }.to_str() else {
         return core::ptr::null_mut();
     };
     let Ok(token) = EnrollmentToken::parse(text) else {
@@ -871,7 +1057,10 @@ pub unsafe extern "C" fn tally_enroll_new(
     let server_key = token.server_static;
     // The X25519 secret passes by value: scrub the stack it crossed.
     let wait = tally::proto::schedule::scrubbed(|| {
-        ClientAwaitReply::start(token.client_params(id), *ephemeral, &mut output)
+        // SAFETY: not NULL (checked above), so 32 readable bytes of the caller's
+        // (tally.h); copied, inside `scrubbed`.
+        let ephemeral = unsafe { *ephemeral };
+        ClientAwaitReply::start(token.client_params(id), ephemeral, &mut output)
     });
     Box::into_raw(Box::new(TallyEnrollment {
         phase: EnrollPhase::AwaitReply(wait),
@@ -885,7 +1074,9 @@ pub unsafe extern "C" fn tally_enroll_new(
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_free(enrollment: *mut TallyEnrollment) {
     if !enrollment.is_null() {
-        drop(Box::from_raw(enrollment));
+        // SAFETY: not NULL, so from `Box::into_raw` in `tally_enroll_new` and not freed
+        // yet, nor in use by another call (tally.h: freed once, one thread at a time).
+        drop(unsafe { Box::from_raw(enrollment) });
     }
 }
 
@@ -897,7 +1088,11 @@ pub unsafe extern "C" fn tally_enroll_receive(
     data: *const u8,
     len: usize,
 ) -> TallyResult {
-    let (Some(e), Some(data)) = (enrollment.as_mut(), slice_from(data, len)) else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let e = unsafe { enrollment_from(enrollment) };
+    // SAFETY: NULL or `len` bytes received (tally.h), only read during this call.
+    let data = unsafe { slice_from(data, len) };
+    let (Some(e), Some(data)) = (e, data) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
     if matches!(e.phase, EnrollPhase::Done(_) | EnrollPhase::Failed(..)) {
@@ -946,7 +1141,10 @@ pub unsafe extern "C" fn tally_enroll_receive(
 /// The server closed the connection before the enrollment ended.
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_receive_eof(enrollment: *mut TallyEnrollment) {
-    let Some(e) = enrollment.as_mut() else { return };
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let Some(e) = (unsafe { enrollment_from(enrollment) }) else {
+        return;
+    };
     e.phase = match core::mem::replace(&mut e.phase, EnrollPhase::Failed(TALLY_ERR_TRUNCATED, 0)) {
         EnrollPhase::AwaitReply(_) => EnrollPhase::Failed(TALLY_ERR_TRUNCATED, 0),
         EnrollPhase::AwaitDone(_) => EnrollPhase::Failed(TALLY_ERR_UNCONFIRMED, 0),
@@ -960,7 +1158,10 @@ pub unsafe extern "C" fn tally_enroll_receive_eof(enrollment: *mut TallyEnrollme
 /// may have stored the identity).
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_timeout(enrollment: *mut TallyEnrollment) {
-    let Some(e) = enrollment.as_mut() else { return };
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let Some(e) = (unsafe { enrollment_from(enrollment) }) else {
+        return;
+    };
     e.phase = match core::mem::replace(&mut e.phase, EnrollPhase::Failed(TALLY_ERR_TIMEOUT, 0)) {
         EnrollPhase::AwaitReply(_) => EnrollPhase::Failed(TALLY_ERR_TIMEOUT, 0),
         EnrollPhase::AwaitDone(_) => EnrollPhase::Failed(TALLY_ERR_UNCONFIRMED, 0),
@@ -972,7 +1173,8 @@ pub unsafe extern "C" fn tally_enroll_timeout(enrollment: *mut TallyEnrollment) 
 /// 1 or 0.
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_confirmed(enrollment: *mut TallyEnrollment) -> i32 {
-    let Some(e) = enrollment.as_mut() else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let Some(e) = (unsafe { enrollment_from(enrollment) }) else {
         return 0;
     };
     i32::from(matches!(
@@ -983,30 +1185,36 @@ pub unsafe extern "C" fn tally_enroll_confirmed(enrollment: *mut TallyEnrollment
     ))
 }
 
-/// Copies up to `cap` bytes to send into `buf`; returns how many.
+/// Copies up to `cap` bytes to send into `buf` (which may be uninitialised; the bytes
+/// after those copied are untouched); returns how many.
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_transmit(
     enrollment: *mut TallyEnrollment,
     buf: *mut u8,
     cap: usize,
 ) -> usize {
-    let Some(e) = enrollment.as_mut() else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let Some(e) = (unsafe { enrollment_from(enrollment) }) else {
         return 0;
     };
-    hand_out(&mut e.output, buf, cap)
+    // SAFETY: `buf` is NULL or the caller's buffer of `cap` bytes, valid for writes and
+    // apart from the enrollment (tally.h), as `hand_out` requires.
+    unsafe { hand_out(&mut e.output, buf, cap) }
 }
 
 /// Where the enrollment is: 1 still running (keep sending and receiving), `TALLY_OK`
 /// (0) done (`tally_enroll_key` gives the key; the server has stored the identity), or
-/// the failure (`*code`, if not NULL, gets the server's ERROR code for
-/// `TALLY_ERR_REFUSED`). After `TALLY_ERR_UNCONFIRMED` do not enroll again on your
-/// own: the server may have stored the identity (spec 13.10).
+/// the failure. Once the result is final, `*code` (if `code` is not NULL; it may be
+/// uninitialised before) gets the server's ERROR code for `TALLY_ERR_REFUSED`, 0
+/// otherwise; while it is 1, `*code` is untouched. After `TALLY_ERR_UNCONFIRMED` do not
+/// enroll again on your own: the server may have stored the identity (spec 13.10).
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_result(
     enrollment: *mut TallyEnrollment,
     code: *mut u16,
 ) -> i32 {
-    let Some(e) = enrollment.as_mut() else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let Some(e) = (unsafe { enrollment_from(enrollment) }) else {
         return TALLY_ERR_INVALID_ARGUMENT as i32;
     };
     let (r, c) = match &e.phase {
@@ -1014,25 +1222,34 @@ pub unsafe extern "C" fn tally_enroll_result(
         EnrollPhase::Done(_) => (TALLY_OK, 0),
         EnrollPhase::Failed(r, c) => (*r, *c),
     };
-    if let Some(out) = code.as_mut() {
-        *out = c;
+    if !code.is_null() {
+        // SAFETY: not NULL, so the caller's `uint16_t`, aligned and valid for writes
+        // (tally.h); `write` does not read what was there, which may be uninitialised.
+        unsafe { code.write(c) };
     }
     r as i32
 }
 
-/// Copies the enrolled identity's 32-byte key to `key` once the enrollment is done.
-/// Keep it secret: it is the device's identity.
+/// Copies the enrolled identity's 32-byte key to `key` (which may be uninitialised
+/// before) once the enrollment is done; otherwise `TALLY_ERR_NOT_OPEN`, and `key` is
+/// untouched. Keep it secret: it is the device's identity.
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_key(
     enrollment: *mut TallyEnrollment,
     key: *mut [u8; 32],
 ) -> TallyResult {
-    let (Some(e), Some(out)) = (enrollment.as_mut(), key.as_mut()) else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let e = unsafe { enrollment_from(enrollment) };
+    let (Some(e), false) = (e, key.is_null()) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
     match &e.phase {
         EnrollPhase::Done(k) => {
-            out.copy_from_slice(k.expose());
+            // SAFETY: `key` is not NULL, so the caller's 32 bytes, valid for writes
+            // (tally.h), apart from the key's own heap home; a raw copy from there (no
+            // copy of the secret left on the stack) that does not read what was at
+            // `key`, which may be uninitialised.
+            unsafe { core::ptr::copy_nonoverlapping(k.expose(), key, 1) };
             TALLY_OK
         }
         _ => TALLY_ERR_NOT_OPEN,
@@ -1042,18 +1259,23 @@ pub unsafe extern "C" fn tally_enroll_key(
 /// Copies the server's 32-byte static public key (`S`, which the token pinned and the
 /// server proved it holds) to `server_key` once the enrollment is done: store it with
 /// the key (the credential's `server-key`, spec 9.2); `tally_client_new` needs it. It
-/// is public, not a secret.
+/// is public, not a secret. `server_key` may be uninitialised before; before the end,
+/// `TALLY_ERR_NOT_OPEN`, and it is untouched.
 #[no_mangle]
 pub unsafe extern "C" fn tally_enroll_server_key(
     enrollment: *mut TallyEnrollment,
     server_key: *mut [u8; 32],
 ) -> TallyResult {
-    let (Some(e), Some(out)) = (enrollment.as_mut(), server_key.as_mut()) else {
+    // SAFETY: the caller's enrollment: NULL or live, one call at a time (tally.h).
+    let e = unsafe { enrollment_from(enrollment) };
+    let (Some(e), false) = (e, server_key.is_null()) else {
         return TALLY_ERR_INVALID_ARGUMENT;
     };
     match &e.phase {
         EnrollPhase::Done(_) => {
-            *out = e.server_key;
+            // SAFETY: not NULL, so the caller's 32 bytes, valid for writes (tally.h);
+            // `write` does not read what was there, which may be uninitialised.
+            unsafe { server_key.write(e.server_key) };
             TALLY_OK
         }
         _ => TALLY_ERR_NOT_OPEN,
@@ -1083,6 +1305,13 @@ pub extern "C" fn tally_result_string(result: i32) -> *const c_char {
         _ => b"unknown result\0",
     };
     s.as_ptr().cast()
+}
+
+/// The [`TALLY_ABI_VERSION`] of the library linked in: a program checks at start that it
+/// equals the `TALLY_ABI_VERSION` of the header it was compiled with, and stops if not.
+#[no_mangle]
+pub extern "C" fn tally_abi_version() -> u32 {
+    TALLY_ABI_VERSION
 }
 
 #[cfg(test)]

@@ -1,6 +1,15 @@
 //! The C API driven as a C caller would, against the core's server side in memory.
 
+// The tests call the C API as a C program does, with pointers they own and keep alive
+// for each call: the reasons are tally.h's contract, not repeated at each of the many
+// calls. The unsafe operations of the library itself (lib.rs) each carry theirs.
+#![allow(
+    clippy::undocumented_unsafe_blocks,
+    clippy::multiple_unsafe_ops_per_block
+)]
+
 use super::*;
+use core::mem::{offset_of, size_of, MaybeUninit};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -22,14 +31,18 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+// SAFETY: every call goes to `System`, which keeps `GlobalAlloc`'s rules; the count
+// beside it allocates nothing.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        System.alloc(layout)
+        // SAFETY: the caller keeps `alloc`'s contract, which is `System.alloc`'s.
+        unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        System.dealloc(ptr, layout)
+        // SAFETY: `ptr` came from `alloc` above with `layout`, so from `System.alloc`.
+        unsafe { System.dealloc(ptr, layout) }
     }
 }
 
@@ -38,35 +51,206 @@ static ALLOC: Counting = Counting;
 
 const KEY: [u8; 32] = [7; 32];
 
-/// Everything the client has to send.
-fn take(c: *mut TallyClient) -> Vec<u8> {
+/// What fills the memory handed to the library as an out-parameter: memory the caller
+/// never initialised, made recognisable. Whatever the library leaves unwritten still
+/// reads as this afterwards.
+const POISON: u8 = 0xA5;
+
+/// A `T` that is not one: every byte [`POISON`].
+fn poisoned<T>() -> MaybeUninit<T> {
+    let mut m = MaybeUninit::<T>::uninit();
+    // SAFETY: `m` is a `T`'s worth of writable bytes; bytes are all it gets.
+    unsafe { m.as_mut_ptr().write_bytes(POISON, 1) };
+    m
+}
+
+/// A poisoned buffer after the library wrote (or did not write) into it.
+fn bytes_of<const N: usize>(m: &MaybeUninit<[u8; N]>) -> &[u8; N] {
+    // SAFETY: every byte was written by `poisoned`, and then maybe copied over.
+    unsafe { m.assume_init_ref() }
+}
+
+/// Everything a `transmit` function has to give, taken into poisoned buffers of 100
+/// bytes (small on purpose: it hands out what fits); what follows the bytes it says it
+/// wrote must be untouched.
+fn take_with(transmit: impl Fn(*mut u8, usize) -> usize) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut buf = [0u8; 100]; // small on purpose: transmit hands out what fits
     loop {
-        let n = unsafe { tally_client_transmit(c, buf.as_mut_ptr(), buf.len()) };
+        let mut buf = poisoned::<[u8; 100]>();
+        let n = transmit(buf.as_mut_ptr().cast(), 100);
+        assert!(n <= 100);
+        // The buffer was all poison: what the library wrote over it, and no more.
+        let bytes = bytes_of(&buf);
+        assert!(
+            bytes[n..].iter().all(|&b| b == POISON),
+            "written beyond {n}"
+        );
         if n == 0 {
             return out;
         }
-        out.extend_from_slice(&buf[..n]);
+        out.extend_from_slice(&bytes[..n]);
     }
 }
 
+/// Everything the client has to send.
+fn take(c: *mut TallyClient) -> Vec<u8> {
+    take_with(|buf, cap| unsafe { tally_client_transmit(c, buf, cap) })
+}
+
+/// Everything the enrollment has to send.
+fn take_enrollment(e: *mut TallyEnrollment) -> Vec<u8> {
+    take_with(|buf, cap| unsafe { tally_enroll_transmit(e, buf, cap) })
+}
+
+/// A `TallyEvent`'s fields, the enums as plain numbers, read from memory that was
+/// poisoned before `tally_client_poll_event` wrote there. Read as a `TallyEvent`, a
+/// field it forgot (an enum holding 0xa5a5a5a5) would be undefined behaviour; read so,
+/// it is a number that compares unequal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawEvent {
+    kind: u32,
+    seq: u64,
+    status: u16,
+    code: u16,
+    result: i32,
+    payload: *const u8,
+    payload_len: usize,
+    reserved: [u64; 4],
+}
+
+impl RawEvent {
+    fn read(e: &MaybeUninit<TallyEvent>) -> RawEvent {
+        /// The field of type `F` at `offset` (an `offset_of!`).
+        fn field<F: Copy>(e: &MaybeUninit<TallyEvent>, offset: usize) -> F {
+            // SAFETY: `offset` is that of a field of `F`'s size and alignment (or of an
+            // element of one), inside the event; its bytes are initialised: poison, or
+            // the library's. (Padding, which a typed write may leave uninitialised, is
+            // never read.)
+            unsafe { e.as_ptr().byte_add(offset).cast::<F>().read() }
+        }
+        assert_eq!(size_of::<TallyEventKind>(), 4);
+        assert_eq!(size_of::<TallyResult>(), 4);
+        let reserved = offset_of!(TallyEvent, reserved);
+        RawEvent {
+            kind: field(e, offset_of!(TallyEvent, kind)),
+            seq: field(e, offset_of!(TallyEvent, seq)),
+            status: field(e, offset_of!(TallyEvent, status)),
+            code: field(e, offset_of!(TallyEvent, code)),
+            result: field(e, offset_of!(TallyEvent, result)),
+            payload: field(e, offset_of!(TallyEvent, payload)),
+            payload_len: field(e, offset_of!(TallyEvent, payload_len)),
+            reserved: core::array::from_fn(|i| field(e, reserved + 8 * i)),
+        }
+    }
+
+    /// The payload it points to (NULL exactly when it is empty).
+    fn payload(&self) -> Vec<u8> {
+        // Not poison (then it would point nowhere), nor over any frame limit.
+        assert_ne!(self.payload, POISONED.payload, "{self:x?}");
+        assert!(self.payload_len <= 16 << 20, "{self:x?}");
+        assert_eq!(self.payload.is_null(), self.payload_len == 0, "{self:x?}");
+        if self.payload_len == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the library's pointer and length, valid until the next call on the
+        // client; copied now.
+        unsafe { core::slice::from_raw_parts(self.payload, self.payload_len) }.to_vec()
+    }
+}
+
+/// The next event, polled into poisoned memory: what `tally_client_poll_event` returned
+/// and what it wrote.
+fn poll_raw(c: *mut TallyClient) -> (i32, RawEvent) {
+    let mut e = poisoned::<TallyEvent>();
+    let polled = unsafe { tally_client_poll_event(c, e.as_mut_ptr()) };
+    (polled, RawEvent::read(&e))
+}
+
+const KINDS: [TallyEventKind; 7] = [
+    TallyEventKind::TALLY_EVENT_NONE,
+    TallyEventKind::TALLY_EVENT_ESTABLISHED,
+    TallyEventKind::TALLY_EVENT_RESPONSE,
+    TallyEventKind::TALLY_EVENT_REQUEST,
+    TallyEventKind::TALLY_EVENT_MESSAGE,
+    TallyEventKind::TALLY_EVENT_CLOSED,
+    TallyEventKind::TALLY_EVENT_DELIVERY,
+];
+
+const RESULTS: [TallyResult; 15] = [
+    TALLY_OK,
+    TALLY_ERR_INVALID_ARGUMENT,
+    TALLY_ERR_NOT_OPEN,
+    TALLY_ERR_TOO_LARGE,
+    TALLY_ERR_AUTH_FAILED,
+    TALLY_ERR_REFUSED,
+    TALLY_ERR_PROTOCOL,
+    TALLY_ERR_TRUNCATED,
+    TALLY_ERR_TIMEOUT,
+    TALLY_ERR_CLOSED_BY_SERVER,
+    TALLY_ERR_SERVER_NOT_AUTHENTIC,
+    TALLY_ERR_UNCONFIRMED,
+    TALLY_ERR_NOT_PENDING,
+    TALLY_ERR_OVERLOADED,
+    TALLY_ERR_MODE_REFUSED,
+];
+
+/// Every event waiting, each polled into poisoned memory and checked to be whole: a
+/// kind and a result that exist, the reserved room zeroed, NONE all zeros.
 fn events(c: *mut TallyClient) -> Vec<(TallyEventKind, u64, u16, u16, TallyResult, Vec<u8>)> {
     let mut all = Vec::new();
     loop {
-        let mut e = TallyEvent::none();
-        if unsafe { tally_client_poll_event(c, &mut e) } == 0 {
-            assert_eq!(e.kind, TallyEventKind::TALLY_EVENT_NONE);
+        let (polled, e) = poll_raw(c);
+        let kind = *KINDS
+            .iter()
+            .find(|k| **k as u32 == e.kind)
+            .unwrap_or_else(|| panic!("no such kind: {e:x?}"));
+        let result = *RESULTS
+            .iter()
+            .find(|r| **r as i32 == e.result)
+            .unwrap_or_else(|| panic!("no such result: {e:x?}"));
+        assert_eq!(e.reserved, [0; 4], "{e:x?}");
+        if polled == 0 {
+            assert_eq!(e, NONE, "no event: all zeros");
             return all;
         }
-        let payload = if e.payload_len == 0 {
-            Vec::new()
-        } else {
-            unsafe { core::slice::from_raw_parts(e.payload, e.payload_len) }.to_vec()
-        };
-        all.push((e.kind, e.seq, e.status, e.code, e.result, payload));
+        assert_eq!(polled, 1);
+        assert_ne!(kind, TallyEventKind::TALLY_EVENT_NONE);
+        all.push((kind, e.seq, e.status, e.code, result, e.payload()));
     }
 }
+
+/// A `TallyEvent` nothing wrote to.
+const POISONED: RawEvent = RawEvent {
+    kind: u32::from_ne_bytes([POISON; 4]),
+    seq: u64::from_ne_bytes([POISON; 8]),
+    status: u16::from_ne_bytes([POISON; 2]),
+    code: u16::from_ne_bytes([POISON; 2]),
+    result: i32::from_ne_bytes([POISON; 4]),
+    payload: usize::from_ne_bytes([POISON; size_of::<usize>()]) as *const u8,
+    payload_len: usize::from_ne_bytes([POISON; size_of::<usize>()]),
+    reserved: [u64::from_ne_bytes([POISON; 8]); 4],
+};
+
+/// Whether the library left a poisoned integer or byte array alone (a type without
+/// padding).
+fn untouched<T: Copy>(m: &MaybeUninit<T>) -> bool {
+    // SAFETY: `poisoned` wrote every byte, and a `T` without padding keeps them all
+    // initialised whatever the library wrote over it.
+    let bytes = unsafe { core::slice::from_raw_parts(m.as_ptr().cast::<u8>(), size_of::<T>()) };
+    bytes.iter().all(|&b| b == POISON)
+}
+
+/// What `tally_client_poll_event` writes when there is no event.
+const NONE: RawEvent = RawEvent {
+    kind: 0,
+    seq: 0,
+    status: 0,
+    code: 0,
+    result: 0,
+    payload: core::ptr::null(),
+    payload_len: 0,
+    reserved: [0; 4],
+};
 
 fn feed(c: *mut TallyClient, bytes: &[u8], now: u64) {
     // Byte by byte: a socket may hand over any split.
@@ -376,10 +560,8 @@ fn enrollment_through_the_c_api() {
     let _serial = serial();
     let server = Enroller::new();
     let (e, wait) = server.reply_to(&server.token());
-    let mut buf = [0u8; 256];
     assert_eq!(unsafe { tally_enroll_result(e, core::ptr::null_mut()) }, 1);
-    let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
-    let pending = wait.handle_confirm(&buf[..n]).unwrap();
+    let pending = wait.handle_confirm(&take_enrollment(e)).unwrap();
     let expected = pending.identity_key().clone();
     let mut done = BytesMut::new();
     pending.committed(&mut done);
@@ -424,11 +606,7 @@ fn enrollment_through_the_c_api() {
         unsafe { tally_enroll_result(e, core::ptr::null_mut()) },
         TALLY_ERR_SERVER_NOT_AUTHENTIC as i32
     );
-    assert_eq!(
-        unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) },
-        0,
-        "no CONFIRM"
-    );
+    assert!(take_enrollment(e).is_empty(), "no CONFIRM");
     unsafe { tally_enroll_free(e) };
 }
 
@@ -464,18 +642,12 @@ impl Enroller {
         let text = std::ffi::CString::new(token.encode().as_str()).unwrap();
         let e = unsafe { tally_enroll_new(text.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
         assert!(!e.is_null());
-        let mut buf = [0u8; 256];
-        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
+        let init = take_enrollment(e);
         let mut reply = BytesMut::new();
         let ek = self.ek.clone();
-        let wait = ServerAwaitConfirm::handle_init(
-            &self.params,
-            &buf[..n],
-            |_, _| ek,
-            [6; 32],
-            &mut reply,
-        )
-        .unwrap();
+        let wait =
+            ServerAwaitConfirm::handle_init(&self.params, &init, |_, _| ek, [6; 32], &mut reply)
+                .unwrap();
         assert_eq!(
             unsafe { tally_enroll_receive(e, reply.as_ptr(), reply.len()) },
             TALLY_OK
@@ -596,9 +768,7 @@ fn nothing_after_the_end_of_an_enrollment_changes_its_result() {
     let server = Enroller::new();
     let start = || {
         let (e, wait) = server.reply_to(&server.token());
-        let mut buf = [0u8; 256];
-        let n = unsafe { tally_enroll_transmit(e, buf.as_mut_ptr(), buf.len()) };
-        (e, wait.handle_confirm(&buf[..n]).unwrap())
+        (e, wait.handle_confirm(&take_enrollment(e)).unwrap())
     };
     let (e, pending) = start();
     assert_eq!(unsafe { tally_enroll_confirmed(e) }, 1);
@@ -1075,4 +1245,230 @@ fn queued_deliveries_are_events_and_acknowledged_once() {
         ]
     );
     unsafe { tally_client_free(c) };
+}
+
+/// `TALLY_ABI_VERSION` and the layout it stands for: a failure here is a change of the
+/// binary interface, which must come with a new `TALLY_ABI_VERSION` (and this test).
+#[test]
+fn the_abi_version_and_the_event_layout() {
+    let _serial = serial();
+    assert_eq!(tally_abi_version(), TALLY_ABI_VERSION);
+    assert_eq!(TALLY_ABI_VERSION, 1);
+    #[cfg(target_pointer_width = "64")]
+    {
+        assert_eq!(size_of::<TallyEvent>(), 72);
+        assert_eq!(
+            [
+                offset_of!(TallyEvent, kind),
+                offset_of!(TallyEvent, seq),
+                offset_of!(TallyEvent, status),
+                offset_of!(TallyEvent, code),
+                offset_of!(TallyEvent, result),
+                offset_of!(TallyEvent, payload),
+                offset_of!(TallyEvent, payload_len),
+                offset_of!(TallyEvent, reserved),
+            ],
+            [0, 8, 16, 18, 20, 24, 32, 40]
+        );
+    }
+    // Objects may pass from one thread to another between calls (tally.h).
+    fn movable<T: Send>() {}
+    movable::<TallyClient>();
+    movable::<TallyEnrollment>();
+}
+
+/// Issue 31: every out-parameter may point to uninitialised memory. Each is handed over
+/// poisoned (every byte 0xA5) and must come back with everything the function promises
+/// written, with the right values (the reserved room zeroed), and untouched where it
+/// promises to write nothing. (The `transmit` buffers are poisoned in every test:
+/// `take`, `take_enrollment`.)
+#[test]
+fn every_out_parameter_may_be_uninitialised() {
+    let _serial = serial();
+    let (c, server) = established(KEY);
+    let mut server = server.unwrap();
+    let event = |kind: TallyEventKind, seq, status, code, result: TallyResult, payload: &[u8]| {
+        let (polled, e) = poll_raw(c);
+        assert_eq!((polled, e.payload()), (1, payload.to_vec()), "{e:x?}");
+        let expected = RawEvent {
+            kind: kind as u32,
+            seq,
+            status,
+            code,
+            result: result as i32,
+            payload: e.payload,
+            payload_len: payload.len(),
+            reserved: [0; 4],
+        };
+        assert_eq!(e, expected);
+    };
+    event(
+        TallyEventKind::TALLY_EVENT_ESTABLISHED,
+        0,
+        0,
+        0,
+        TALLY_OK,
+        b"",
+    );
+    // Nothing waiting: NONE, every field zero.
+    assert_eq!(poll_raw(c), (0, NONE));
+    // A NULL client or event: nothing written, nothing taken.
+    let mut e = poisoned::<TallyEvent>();
+    assert_eq!(
+        unsafe { tally_client_poll_event(core::ptr::null_mut(), e.as_mut_ptr()) },
+        0
+    );
+    assert_eq!(RawEvent::read(&e), POISONED);
+
+    // `seq`, written on success.
+    let mut seq = poisoned::<u64>();
+    assert_eq!(
+        unsafe { tally_client_request(c, b"temp?".as_ptr(), 5, 1_010, seq.as_mut_ptr()) },
+        TALLY_OK
+    );
+    // SAFETY: a u64's bytes, all initialised (poison, or the library's).
+    assert_eq!(unsafe { seq.assume_init() }, 1);
+
+    // One event of each kind, each field different from its NONE value where it can be.
+    server.handle_input(&take(c), Duration::from_millis(1_011));
+    let Some(Event::Request { seq: got, .. }) = server.poll_event() else {
+        panic!("the server got no request")
+    };
+    let at = Duration::from_millis(1_012);
+    server
+        .respond(got, Status(300), Bytes::from_static(b"21.5"), at)
+        .unwrap();
+    let sseq = server.request(Bytes::from_static(b"reboot?"), at).unwrap();
+    server.message(Bytes::from_static(b"hi"), at).unwrap();
+    server
+        .deliver(7, DeliveryKind::Request, Bytes::from_static(b"fw?"), at)
+        .unwrap();
+    server.close(CloseCode::TAKEN_OVER, "moved", at);
+    feed(c, &server_out(&mut server), 1_013);
+    event(
+        TallyEventKind::TALLY_EVENT_RESPONSE,
+        1,
+        300,
+        0,
+        TALLY_OK,
+        b"21.5",
+    );
+    event(
+        TallyEventKind::TALLY_EVENT_REQUEST,
+        sseq,
+        0,
+        0,
+        TALLY_OK,
+        b"reboot?",
+    );
+    event(
+        TallyEventKind::TALLY_EVENT_MESSAGE,
+        0,
+        0,
+        0,
+        TALLY_OK,
+        b"hi",
+    );
+    event(
+        TallyEventKind::TALLY_EVENT_DELIVERY,
+        7,
+        1,
+        0,
+        TALLY_OK,
+        b"fw?",
+    );
+    event(
+        TallyEventKind::TALLY_EVENT_CLOSED,
+        0,
+        0,
+        CloseCode::TAKEN_OVER.0,
+        TALLY_ERR_CLOSED_BY_SERVER,
+        b"moved",
+    );
+    assert_eq!(poll_raw(c), (0, NONE));
+    // `seq` is left alone when nothing was sent.
+    let mut seq = poisoned::<u64>();
+    assert_eq!(
+        unsafe { tally_client_request(c, b"x".as_ptr(), 1, 1_014, seq.as_mut_ptr()) },
+        TALLY_ERR_NOT_OPEN
+    );
+    assert!(untouched(&seq));
+    unsafe { tally_client_free(c) };
+
+    // The enrollment's `code`, `key` and `server_key`.
+    let enroller = Enroller::new();
+    let (e, wait) = enroller.reply_to(&enroller.token());
+    let mut code = poisoned::<u16>();
+    let mut key = poisoned::<[u8; 32]>();
+    let mut server_key = poisoned::<[u8; 32]>();
+    // Running: `code` untouched; no key yet, and both buffers untouched.
+    assert_eq!(unsafe { tally_enroll_result(e, code.as_mut_ptr()) }, 1);
+    assert_eq!(
+        unsafe { tally_enroll_key(e, key.as_mut_ptr()) },
+        TALLY_ERR_NOT_OPEN
+    );
+    assert_eq!(
+        unsafe { tally_enroll_server_key(e, server_key.as_mut_ptr()) },
+        TALLY_ERR_NOT_OPEN
+    );
+    assert!(untouched(&code) && untouched(&key) && untouched(&server_key));
+    let pending = wait.handle_confirm(&take_enrollment(e)).unwrap();
+    let expected = pending.identity_key().clone();
+    let mut done = BytesMut::new();
+    pending.committed(&mut done);
+    assert_eq!(
+        unsafe { tally_enroll_receive(e, done.as_ptr(), done.len()) },
+        TALLY_OK
+    );
+    assert_eq!(unsafe { tally_enroll_result(e, code.as_mut_ptr()) }, 0);
+    assert_eq!(unsafe { tally_enroll_key(e, key.as_mut_ptr()) }, TALLY_OK);
+    assert_eq!(
+        unsafe { tally_enroll_server_key(e, server_key.as_mut_ptr()) },
+        TALLY_OK
+    );
+    // SAFETY: integers and bytes, all initialised (poison, or the library's).
+    let (code, key, server_key) = unsafe {
+        (
+            code.assume_init(),
+            key.assume_init(),
+            server_key.assume_init(),
+        )
+    };
+    assert_eq!(code, 0);
+    assert_eq!(&key, expected.expose());
+    assert_eq!(server_key, enroller.params.static_public());
+    unsafe { tally_enroll_free(e) };
+
+    // A final result: `code` is the server's ERROR code for a refusal, 0 for another
+    // failure.
+    let token = std::ffi::CString::new(enroller.token().encode().as_str()).unwrap();
+    for (refusal, result, expected) in [
+        (
+            Some(tally::proto::ErrorCode::ID_TAKEN),
+            TALLY_ERR_REFUSED,
+            tally::proto::ErrorCode::ID_TAKEN.0,
+        ),
+        (None, TALLY_ERR_TRUNCATED, 0),
+    ] {
+        let e = unsafe { tally_enroll_new(token.as_ptr(), c"dev-9".as_ptr(), &[5; 32]) };
+        assert!(!take_enrollment(e).is_empty(), "ENROLL_INIT");
+        match refusal {
+            Some(refusal) => {
+                let error = tally::proto::frame::ErrorFrame::new(refusal).encoded();
+                assert_eq!(
+                    unsafe { tally_enroll_receive(e, error.as_ptr(), error.len()) },
+                    TALLY_OK
+                );
+            }
+            None => unsafe { tally_enroll_receive_eof(e) },
+        }
+        let mut code = poisoned::<u16>();
+        assert_eq!(
+            unsafe { tally_enroll_result(e, code.as_mut_ptr()) },
+            result as i32
+        );
+        // SAFETY: a u16's bytes, all initialised (poison, or the library's).
+        assert_eq!(unsafe { code.assume_init() }, expected);
+        unsafe { tally_enroll_free(e) };
+    }
 }

@@ -160,6 +160,7 @@ impl Run {
                 result: TALLY_OK,
                 payload: std::ptr::null(),
                 payload_len: 0,
+                reserved: [0; 4],
             };
             if unsafe { tally_client_poll_event(self.c, &mut e) } == 0 {
                 assert_eq!(e.kind, TALLY_EVENT_NONE);
