@@ -634,7 +634,8 @@ fn the_operators_page_is_installed_and_its_commands_exist() {
     assert!(!page.contains("cargo run"), "an operator has no cargo");
     // The message root gets from a daemon run as nobody is the code's.
     let control =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/control/wire.rs")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/control/wire.rs"))
+            .unwrap();
     let rule = "not as root, a system user or you: refusing to send it an admin command";
     assert!(control.contains(rule) && page.contains(&format!("runs as uid 65534, {rule}")));
 
