@@ -48,7 +48,7 @@ impl<'a> Input<'a> {
     }
 }
 
-const RESULTS: std::ops::RangeInclusive<i32> = -13..=0;
+const RESULTS: std::ops::RangeInclusive<i32> = -14..=0;
 
 fn enroll(mut inp: Input) {
     let (token, token_bytes) = inp.cstr();
@@ -192,9 +192,11 @@ impl Run {
                     assert!(self.server_requests.len() <= TALLY_MAX_UNANSWERED_REQUESTS);
                 }
                 TALLY_EVENT_CLOSED => {
-                    assert!((-13..=0).contains(&(e.result as i32)));
+                    assert!(RESULTS.contains(&(e.result as i32)));
                     self.closed = true;
                 }
+                // A queued delivery (spec 8.8): its message id is never 0.
+                TALLY_EVENT_DELIVERY => assert!(e.seq > 0, "DELIVERY with message id 0"),
                 TALLY_EVENT_ESTABLISHED | TALLY_EVENT_MESSAGE => {}
                 TALLY_EVENT_NONE => panic!("NONE returned as an event"),
             }
@@ -282,7 +284,10 @@ fn client(mut inp: Input) {
     // The server's side of the handshake, or the fuzzer's bytes instead.
     let hello = take(c, 7);
     if inp.byte() & 1 == 0 {
-        if let Ok(h) = HelloReceived::parse(&hello, &tally::proto::handshake::ServerKey::from(&server_static)) {
+        if let Ok(h) = HelloReceived::parse(
+            &hello,
+            &tally::proto::handshake::ServerKey::from(&server_static),
+        ) {
             let limits = ServerLimits {
                 max_frame_len: 256 + u32::from(inp.byte()) * 64,
                 keepalive: std::time::Duration::from_millis(100 + u64::from(inp.byte()) * 100),
