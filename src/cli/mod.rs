@@ -1,9 +1,11 @@
-//! The `tally` command's subcommands, each a function of its arguments: `src/bin/tally.rs`
-//! parses the command line and calls one of them.
+//! The command lines' subcommands, each a function of its arguments: `tally`'s here and
+//! in the submodules, `tallyd`'s admin commands in [`tallyd`]. `src/bin/` parses the
+//! command line and calls one of them.
 
 pub mod bench;
 pub mod conformance;
 pub mod listen;
+pub mod tallyd;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
