@@ -111,7 +111,7 @@ fn hello() {
             &addr.to_string(),
             &token,
             Id::new(id).unwrap(),
-            Duration::from_secs(5),
+            &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
         ))
         .unwrap()
     };

@@ -70,9 +70,14 @@ async fn main() {
             let (addr, token) = (addr.clone(), token.clone());
             enrolling.spawn(async move {
                 let id = Id::new(&format!("backlog-{i}")).unwrap();
-                client::enroll(&addr, &token, id, Duration::from_secs(30))
-                    .await
-                    .unwrap()
+                client::enroll(
+                    &addr,
+                    &token,
+                    id,
+                    &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(30)),
+                )
+                .await
+                .unwrap()
             });
         }
         creds.extend(enrolling.join_all().await);

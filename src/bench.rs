@@ -658,7 +658,14 @@ pub async fn credentials(
                 token.context("credentials missing in --cred-dir; give --token to enroll them")?;
             let _p = gate.acquire().await;
             let id = Id::new(&format!("bench-{i}"))?;
-            let cred = crate::client::enroll(&server, &token, id, Duration::from_secs(30)).await?;
+            let cred = crate::client::enroll(
+                &server,
+                &token,
+                id,
+                &crate::client::ClientOptions::default()
+                    .with_connect_timeout(Duration::from_secs(30)),
+            )
+            .await?;
             crate::secrets::write_secret_file(&path, cred.to_file().as_bytes())?;
             enrolled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok::<_, anyhow::Error>(cred)

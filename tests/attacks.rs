@@ -543,7 +543,7 @@ async fn enroll_with(
         &addr.to_string(),
         token,
         Id::new(id).unwrap(),
-        Duration::from_secs(5),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
     )
     .await
 }

@@ -62,10 +62,21 @@ async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
     let srv = TestServer::start(|c| c.open_enrollment = false).await;
     let addr = srv.addr.to_string();
     let t = srv.id_token("dev-a");
-    let cred = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let other = client::enroll(&addr, &t, Id::new("dev-b").unwrap(), Duration::from_secs(5)).await;
+    let cred = client::enroll(
+        &addr,
+        &t,
+        Id::new("dev-a").unwrap(),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let other = client::enroll(
+        &addr,
+        &t,
+        Id::new("dev-b").unwrap(),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
+    )
+    .await;
     assert!(
         matches!(other, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{other:?}"
@@ -74,7 +85,7 @@ async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
         &addr,
         &srv.open_token(),
         Id::new("dev-c").unwrap(),
-        Duration::from_secs(5),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
     )
     .await;
     assert!(
@@ -82,7 +93,13 @@ async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
         "{open:?}"
     );
     // The token was consumed by its enrollment.
-    let again = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), Duration::from_secs(5)).await;
+    let again = client::enroll(
+        &addr,
+        &t,
+        Id::new("dev-a").unwrap(),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
+    )
+    .await;
     assert!(
         matches!(again, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{again:?}"
@@ -975,16 +992,11 @@ fn the_open_file_limit_is_raised_at_start_and_max_connections_fits_it() {
 async fn enrollments_beyond_the_rate_get_busy_and_the_client_retries() {
     let srv = TestServer::start(|c| c.limits.enrollments_per_second = 1).await;
     let token = srv.open_token();
-    let (addr, never) = (srv.addr.to_string(), client::Retry::never());
-    let once = |id: &str| {
-        client::enroll_with(
-            &addr,
-            &token,
-            Id::new(id).unwrap(),
-            Duration::from_secs(5),
-            &never,
-        )
-    };
+    let addr = srv.addr.to_string();
+    let never = client::ClientOptions::default()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_retry(client::Retry::never());
+    let once = |id: &str| client::enroll(&addr, &token, Id::new(id).unwrap(), &never);
     // The bucket holds two.
     once("e1").await.unwrap();
     once("e2").await.unwrap();
@@ -1025,16 +1037,11 @@ async fn a_spent_enrollment_budget_answers_busy_before_checking_the_credential()
         credential: tally::proto::SecretKey::from_bytes([7; 32]),
         ..token.clone()
     };
-    let (addr, never) = (srv.addr.to_string(), client::Retry::never());
-    let attempt = || {
-        client::enroll_with(
-            &addr,
-            &wrong,
-            Id::new("w").unwrap(),
-            Duration::from_secs(5),
-            &never,
-        )
-    };
+    let addr = srv.addr.to_string();
+    let never = client::ClientOptions::default()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_retry(client::Retry::never());
+    let attempt = || client::enroll(&addr, &wrong, Id::new("w").unwrap(), &never);
     assert!(matches!(
         attempt().await,
         Err(ClientError::Refused(ErrorCode::BUSY))

@@ -377,9 +377,14 @@ fn open_token(state: &std::path::Path) -> EnrollmentToken {
 
 async fn enroll_at(addr: &str, state: &std::path::Path, id: &str) -> Credential {
     let token = open_token(state);
-    client::enroll(addr, &token, Id::new(id).unwrap(), Duration::from_secs(10))
-        .await
-        .unwrap()
+    client::enroll(
+        addr,
+        &token,
+        Id::new(id).unwrap(),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap()
 }
 
 fn at(cred: &Credential, addr: &str) -> Credential {

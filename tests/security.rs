@@ -42,7 +42,7 @@ async fn enroll(
         &srv.addr.to_string(),
         token,
         Id::new(id).unwrap(),
-        Duration::from_secs(5),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
     )
     .await
 }
@@ -743,7 +743,7 @@ async fn memory_scan(mode: Mode) {
         &daemon.addr,
         &token,
         Id::new("meter-7").unwrap(),
-        Duration::from_secs(5),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
     )
     .await
     .unwrap();

@@ -107,7 +107,7 @@ async fn socket_activation_notify_credentials_reload_and_stop() {
         &addr.to_string(),
         &token,
         Id::new("unit-dev").unwrap(),
-        Duration::from_secs(5),
+        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
     )
     .await
     .unwrap();

@@ -208,7 +208,8 @@ impl Arsenal {
                     &server.to_string(),
                     token,
                     id.clone(),
-                    Duration::from_secs(10),
+                    &crate::client::ClientOptions::default()
+                        .with_connect_timeout(Duration::from_secs(10)),
                 )
                 .await;
                 let mut out = BytesMut::new();
@@ -232,9 +233,11 @@ impl Arsenal {
             // The client library connects (from the default address) and enrolls.
             let token = self.token.as_ref().context("token")?;
             let id = Id::new(&format!("flood-{}", hex::encode(&random_bytes()[..8])))?;
-            let (server, once) = (self.server.to_string(), crate::client::Retry::never());
-            let enroll =
-                crate::client::enroll_with(&server, token, id, Duration::from_secs(10), &once);
+            let server = self.server.to_string();
+            let once = crate::client::ClientOptions::default()
+                .with_connect_timeout(Duration::from_secs(10))
+                .with_retry(crate::client::Retry::never());
+            let enroll = crate::client::enroll(&server, token, id, &once);
             tokio::select! {
                 _ = stop.cancelled() => {}
                 r = enroll => { r?; }

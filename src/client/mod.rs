@@ -9,13 +9,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::time::Duration;
-//! use tally::client;
-//! use tally::proto::credential::EnrollmentToken;
-//! use tally::proto::Id;
+//! use tally::client::{self, EnrollmentToken, Id};
 //! let token = EnrollmentToken::parse(&std::fs::read_to_string("enroll.token")?)?;
 //! let id = Id::new("sensor-42")?;
-//! let cred = client::enroll("server.example:7420", &token, id, Duration::from_secs(10)).await?;
+//! let cred = client::enroll("server.example:7420", &token, id, &Default::default()).await?;
 //! std::fs::write("sensor-42.cred", cred.to_file().as_bytes())?; // then chmod 600
 //! # Ok(()) }
 //! ```
@@ -25,9 +22,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use tally::client::{Client, ClientOptions};
-//! use tally::proto::credential::Credential;
-//! use tally::proto::Status;
+//! use tally::client::{Client, ClientOptions, Credential, Status};
 //! let cred = Credential::from_file(&std::fs::read_to_string("sensor-42.cred")?)?;
 //! let (client, incoming) = Client::connect(&cred, ClientOptions::default()).await?;
 //! let answer = client.request("temperature?").await?;
@@ -61,21 +56,24 @@ use tokio::time::Instant;
 
 use crate::proto::connection::{CloseAnswer, Connection, End, Event};
 
-use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
 use crate::proto::device::{self, Device, HandshakeFailure};
 use crate::proto::enroll::ClientAwaitReply;
 use crate::proto::error::TagKind;
 use crate::proto::handshake::ServerLimits;
-use crate::proto::{
-    CloseCode, ErrorCode, Id, Misuse, Mode, ProtocolError, Status, DEFAULT_MAX_FRAME_LEN,
-    HANDSHAKE_MAX_FRAME_LEN,
-};
+use crate::proto::{Misuse, ProtocolError, DEFAULT_MAX_FRAME_LEN, HANDSHAKE_MAX_FRAME_LEN};
 use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
 
 mod link;
 pub use link::{Link, LinkEvent, Reconnect};
+// `tally listen`'s local socket for `tally request` and `tally message`: the CLI's
+// machinery, not the device's API.
+#[doc(hidden)]
 pub mod share;
+
+// What a device program needs from the protocol core, here with the client.
+pub use crate::proto::credential::{Credential, CredentialError, EnrollmentToken};
+pub use crate::proto::{CloseCode, DeliveryKind, ErrorCode, Id, Mode, Status};
 
 /// What went wrong, for a caller to match on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -425,27 +423,19 @@ async fn dial(addr: &str) -> Result<TcpStream, ClientError> {
 }
 
 /// Enrolls `id` at `server` with an enrollment token (spec 6). Returns the credential
-/// once the server confirmed it stored the identity.
+/// once the server confirmed it stored the identity. Of `options`, the connect timeout
+/// (each answer of the server is awaited that long) and the retries apply (only failures
+/// before ENROLL_CONFIRM was sent are retried: nothing was stored).
 pub async fn enroll(
     server: &str,
     token: &EnrollmentToken,
     id: Id,
-    timeout: Duration,
-) -> Result<Credential, ClientError> {
-    enroll_with(server, token, id, timeout, &Retry::default()).await
-}
-
-/// [`enroll`], retrying as `retry` says while nothing was stored: only failures before
-/// ENROLL_CONFIRM was sent are retried.
-pub async fn enroll_with(
-    server: &str,
-    token: &EnrollmentToken,
-    id: Id,
-    timeout: Duration,
-    retry: &Retry,
+    options: &ClientOptions,
 ) -> Result<Credential, ClientError> {
     let what = format!("enrollment of {id} at {server}");
-    retry
+    let timeout = options.connect_timeout;
+    options
+        .retry
         .run(&what, || enroll_once(server, token, id.clone(), timeout))
         .await
 }
@@ -1135,15 +1125,12 @@ mod tests {
             tcp.write_all(&done).await.unwrap();
         });
         let id = Id::new("slow-answers").unwrap();
-        let cred = enroll_with(
-            &addr,
-            &token,
-            id.clone(),
-            Duration::from_secs(1),
-            &Retry::never(),
-        )
-        .await
-        .expect("each answer came within 1 s");
+        let options = ClientOptions::default()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_retry(Retry::never());
+        let cred = enroll(&addr, &token, id.clone(), &options)
+            .await
+            .expect("each answer came within 1 s");
         assert_eq!(cred.id, id);
         server.await.unwrap();
     }
@@ -1218,15 +1205,10 @@ mod tests {
                 held.push(tcp);
             }
         });
-        let err = enroll_with(
-            &addr,
-            &token,
-            Id::new("dev").unwrap(),
-            Duration::from_millis(500),
-            &Retry::default(),
-        )
-        .await
-        .unwrap_err();
+        let options = ClientOptions::default().with_connect_timeout(Duration::from_millis(500));
+        let err = enroll(&addr, &token, Id::new("dev").unwrap(), &options)
+            .await
+            .unwrap_err();
         (err, accepted.load(std::sync::atomic::Ordering::SeqCst))
     }
 

@@ -364,7 +364,7 @@ impl Device {
     }
 
     /// Sends a REQUEST; returns its sequence number, which its response event names.
-    /// [`ProtocolError::Misuse(Misuse::Closed)`] before the session is established or after it ended.
+    /// `ProtocolError::Misuse(Misuse::Closed)` before the session is established or after it ended.
     pub fn request(&mut self, payload: Bytes, now: Duration) -> Result<u64, ProtocolError> {
         self.open()?.request(payload, now)
     }

@@ -15,6 +15,7 @@ use super::error::{CloseCode, ErrorCode, FrameError};
 use super::{KEY_LEN, LEN_PREFIX, NONCE_LEN, TAG_LEN};
 use crate::proto::schedule::Tag;
 
+#[doc(hidden)]
 /// The frame type byte (spec 4, table 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -128,6 +129,7 @@ impl fmt::Display for Mode {
     }
 }
 
+#[doc(hidden)]
 /// Length of the ChaCha20-Poly1305 tag of an encrypted session frame (spec 3.1).
 pub const AEAD_TAG_LEN: usize = 16;
 
@@ -221,6 +223,7 @@ impl EnrollMode {
     }
 }
 
+#[doc(hidden)]
 /// The bytes of a tagged frame that its tag covers: everything but the last 32.
 pub fn signed_part(frame: &[u8]) -> &[u8] {
     &frame[..frame.len().saturating_sub(TAG_LEN)]
@@ -243,6 +246,7 @@ fn read_version(r: &mut Reader<'_>) -> Result<u8, FrameError> {
     }
 }
 
+#[doc(hidden)]
 /// ENROLL_INIT, client to server (spec 4.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnrollInit {
@@ -286,6 +290,7 @@ impl EnrollInit {
     }
 }
 
+#[doc(hidden)]
 /// A frame whose only field is a 32-byte key followed by a tag: ENROLL_REPLY (`Y`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueAndTag {
@@ -316,6 +321,7 @@ impl ValueAndTag {
     }
 }
 
+#[doc(hidden)]
 /// A frame that is only a tag: ENROLL_CONFIRM, ENROLL_DONE, CLIENT_FINISH (spec 4.2, 4.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagOnly(pub Tag);
@@ -337,6 +343,7 @@ impl TagOnly {
     }
 }
 
+#[doc(hidden)]
 /// HELLO, client to server, opening a session handshake (spec 4.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -377,6 +384,7 @@ impl Hello {
     }
 }
 
+#[doc(hidden)]
 /// SEALED_HELLO, client to server: the encrypted mode's first frame (spec 4.3, 7.7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedHello {
@@ -477,6 +485,7 @@ fn in_range(what: &'static str, value: u32, min: u32, max: u32) -> Result<u32, F
     }
 }
 
+#[doc(hidden)]
 /// SERVER_AUTH, server to client: the server's nonce, the limits the client must
 /// respect, and the tag proving the server holds the identity's key (spec 4.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -552,6 +561,7 @@ impl ServerAuth {
     }
 }
 
+#[doc(hidden)]
 /// ERROR: the unauthenticated refusal that ends a handshake (spec 4.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -646,6 +656,7 @@ impl fmt::Display for Status {
 /// Longest CLOSE reason in bytes (spec 4.5).
 pub const MAX_REASON_LEN: usize = 255;
 
+#[doc(hidden)]
 /// The content of an authenticated session frame (spec 4.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
@@ -734,6 +745,7 @@ impl DeliveryKind {
     }
 }
 
+#[doc(hidden)]
 /// Bytes of a session frame before its variable part: length, type, sequence number.
 pub const SESSION_HEADER_LEN: usize = LEN_PREFIX + 1 + 8;
 
@@ -936,6 +948,7 @@ impl Body {
     }
 }
 
+#[doc(hidden)]
 /// A session frame as received: its sequence number and content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionFrame {

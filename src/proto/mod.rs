@@ -5,21 +5,29 @@
 //! written into a caller's buffer. That makes every exchange deterministic, which is
 //! how `spec/vectors/` are produced and checked.
 //!
-//! One file per section of the spec:
+//! One file per section of the spec (`src/proto/`):
 //!
 //! | spec section | file |
 //! |---|---|
-//! | 3 Framing | [`codec`] |
-//! | 4 Frames | [`frame`] |
-//! | 5 Key schedule | [`schedule`] |
+//! | 3 Framing | `codec.rs` (internal) |
+//! | 4 Frames | [`frame`] (the raw frames: internal) |
+//! | 5 Key schedule | `schedule.rs` (internal) |
 //! | 6 Enrollment | [`enroll`] |
 //! | 7 Session handshake | [`handshake`] |
-//! | 8 Session: frames | [`session`] |
+//! | 8 Session: frames | `session.rs` (internal) |
 //! | 8 Session: requests, keepalive, closing | [`connection`] |
 //! | 7 and 8, a device's side: HELLO through the session | [`device`] |
 //! | 9 Token and credential formats | [`credential`] |
 //! | 10 Error and close codes | [`error`] |
+//!
+//! What these pages document is what a driver needs: a device's [`device::Device`] (or a
+//! server's [`handshake`] and [`enroll`] states, then a [`connection::Connection`]),
+//! the credential types, ids, statuses and codes, and the errors. The framing, the key
+//! schedule, the raw frames and the bare session are public for the test vectors, the
+//! fuzz targets and the conformance tool, and hidden here: their rules are the spec's,
+//! and the types above apply them.
 
+#[doc(hidden)]
 pub mod codec;
 pub mod connection;
 pub mod credential;
@@ -28,7 +36,9 @@ pub mod enroll;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+#[doc(hidden)]
 pub mod schedule;
+#[doc(hidden)]
 pub mod session;
 
 // Test and tooling helpers: they build frames outside the rules (nonces reused, any
@@ -38,21 +48,31 @@ pub mod session;
 #[doc(hidden)]
 pub mod testing;
 
+#[doc(hidden)]
 pub use codec::decode_frame;
 pub use error::{CloseCode, ErrorCode, FrameError, Misuse, ProtocolError};
-pub use frame::{Body, DeliveryKind, FrameType, Id, Mode, SessionFrame, Status};
-pub use schedule::{SecretKey, Tag};
+#[doc(hidden)]
+pub use frame::{Body, FrameType, SessionFrame};
+pub use frame::{DeliveryKind, Id, Mode, Status};
+pub use schedule::SecretKey;
+#[doc(hidden)]
+pub use schedule::Tag;
+#[doc(hidden)]
 pub use session::{Role, Session};
 
 /// The protocol version this implementation speaks (spec section 2).
 pub const VERSION: u8 = 1;
 /// Length of every tag: full HMAC-SHA256 output, never truncated (spec section 5).
+#[doc(hidden)]
 pub const TAG_LEN: usize = 32;
 /// Length of the handshake nonces `nc` and `ns` (spec section 7).
+#[doc(hidden)]
 pub const NONCE_LEN: usize = 32;
 /// Length of every secret key and of X25519 public keys.
+#[doc(hidden)]
 pub const KEY_LEN: usize = 32;
 /// Size of the length prefix in front of every frame (spec section 3).
+#[doc(hidden)]
 pub const LEN_PREFIX: usize = 4;
 /// Largest length field any v1 peer may accept (16 MiB). Receivers pick a lower limit.
 pub const MAX_FRAME_LEN_CEILING: u32 = 1 << 24;

@@ -102,7 +102,7 @@ impl TestServer {
             &self.addr.to_string(),
             &self.open_token(),
             Id::new(id).unwrap(),
-            Duration::from_secs(5),
+            &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
         )
         .await
         .unwrap()
