@@ -35,6 +35,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How the daemon logs (`log_format`).
+pub use crate::logging::LogFormat;
+
 use serde::Deserialize;
 
 use crate::proto::MAX_FRAME_LEN_CEILING;
@@ -407,7 +410,7 @@ pub struct ServerConfig {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing filter).
     pub log_level: String,
     /// `text` (journald style under systemd) or `json`.
-    pub log_format: crate::logging::LogFormat,
+    pub log_format: LogFormat,
     /// Where to serve `GET /metrics` (Prometheus / OpenMetrics text); off if unset.
     pub metrics_listen: Option<SocketAddr>,
     /// Where the identities are kept: unset for SQLite in the state directory (one
@@ -457,7 +460,7 @@ impl Default for ServerConfig {
             encryption: EncryptionPolicy::Required,
             backend: BackendSpec::Echo,
             log_level: "info".into(),
-            log_format: crate::logging::LogFormat::Text,
+            log_format: LogFormat::Text,
             metrics_listen: None,
             store: None,
             store_password_file: None,

@@ -418,7 +418,7 @@ pub struct Snapshot {
     /// Session bytes in, out.
     pub bytes: [u64; 2],
     /// Requests handed to the backend: answered OK, with another status, not in time,
-    /// panicked ([`BackendOutcome`]'s order).
+    /// panicked (`BackendOutcome`'s order).
     pub requests: [u64; 4],
     /// Statements sent to a PostgreSQL store.
     pub store_queries: u64,

@@ -9,15 +9,21 @@
 //! fleet, stops the backend and the daemon's other tasks (at most 3 s more), and
 //! returns.
 
+// The daemon's machinery: public for the daemon's other parts (control socket, admin
+// commands) and the tests, not for an embedder.
 pub(crate) mod admission;
 mod conn;
+#[doc(hidden)]
 pub mod delivery;
+#[doc(hidden)]
 pub mod fleet;
 mod marks;
 #[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod registry;
 mod session;
+#[doc(hidden)]
 pub mod status;
 mod tarpit;
 
@@ -37,6 +43,7 @@ use crate::config::{Limits, ServerConfig, TakeoverPolicy};
 use crate::proto::enroll::ServerParams;
 use crate::secrets::{SecretsError, ServerSecrets};
 use crate::store::{Store, StoreError};
+#[doc(hidden)]
 pub use registry::Registry;
 
 /// The daemon could not start.
@@ -65,12 +72,16 @@ pub struct ServerState {
     limits: RwLock<Limits>,
     /// Enrollment keys and policy.
     pub params: ServerParams,
+    #[doc(hidden)]
     /// The identity store.
     pub store: Arc<Store>,
+    #[doc(hidden)]
     /// Live sessions.
     pub registry: Arc<Registry>,
+    #[doc(hidden)]
     /// The fleet this daemon is a node of, with a shared PostgreSQL store.
     pub fleet: Option<Arc<fleet::Fleet>>,
+    #[doc(hidden)]
     /// Durable delivery to devices (spec 8.8): in the SQLite store, or in a fleet's
     /// PostgreSQL store.
     pub deliveries: Arc<delivery::Deliveries>,
@@ -82,6 +93,7 @@ pub struct ServerState {
     pub encryption: crate::config::EncryptionPolicy,
     /// The static key pair, for SEALED_HELLO (its public half computed once).
     pub server_key: crate::proto::handshake::ServerKey,
+    #[doc(hidden)]
     /// What `metrics_listen` serves and `tallyd status` prints.
     pub metrics: metrics::Metrics,
     connections: Arc<Semaphore>,
@@ -103,6 +115,7 @@ pub struct ServerState {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when those tasks must end.
     pub(crate) stop: CancellationToken,
+    #[doc(hidden)]
     /// What the daemon is (version, start, addresses, store, backend): `tallyd status`.
     pub info: status::Info,
     /// Held while the daemon runs.
@@ -118,6 +131,7 @@ impl std::fmt::Debug for ServerState {
 }
 
 /// The fleet-wide setting of open enrollment, in the fleet's log.
+#[doc(hidden)]
 pub const OPEN_ENROLLMENT: &str = "open_enrollment";
 
 impl ServerState {
@@ -247,7 +261,7 @@ impl ServerState {
     }
 
     /// Counts the refusal of an unauthenticated connection from `peer`; true if it is to
-    /// be logged in full (the rest are summarised every [`admission::RefusalLog::INTERVAL`]).
+    /// be logged in full (the rest are summarised every `admission::RefusalLog::INTERVAL`).
     pub fn note_refusal(&self, kind: &'static str, peer: &std::net::SocketAddr) -> bool {
         self.metrics.refusal(kind);
         self.refusals.note(kind, admission::Source::of(peer))
@@ -371,6 +385,7 @@ fn resize(sem: &Semaphore, old: usize, new: usize) {
 }
 
 /// How often handshakes are written to the store's `last_seen`.
+#[doc(hidden)]
 pub const SEEN_FLUSH: Duration = Duration::from_secs(1);
 
 /// Serves `listener` until `shutdown` completes, then drains and returns.

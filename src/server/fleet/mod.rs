@@ -427,7 +427,7 @@ async fn listen(pg: &Postgres, node: &str) -> Result<Listening, StoreError> {
 impl Fleet {
     /// Joins the fleet as a new node listening on `addr`, and starts listening for
     /// notices: before the key index is loaded (`Store::load_key_index`), so that no
-    /// change committed after the load goes unseen. Call [`Fleet::run`] next.
+    /// change committed after the load goes unseen. Call `Fleet::run` next.
     pub fn join(
         store: Arc<Store>,
         db: FleetDb,
