@@ -8,7 +8,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::error::FrameError;
+use super::codes::{CloseCode, ErrorCode};
 use super::LEN_PREFIX;
 
 /// The most [`decode_frame`] reserves ahead of the bytes received.
@@ -145,6 +145,123 @@ impl<'a> Reader<'a> {
         match self.buf.len() {
             0 => Ok(()),
             extra => Err(FrameError::Trailing { ty: self.ty, extra }),
+        }
+    }
+}
+
+/// A frame that cannot be parsed. Any of these ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix announced an empty frame (spec 3: length >= 1).
+    #[error("frame length is zero")]
+    Empty,
+    /// The length prefix is above the receiver's limit; nothing was buffered.
+    #[error("frame length {len} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: u32,
+        /// The receiver's limit.
+        limit: u32,
+    },
+    /// The frame ended before all its fields were read.
+    #[error("frame of type {ty:#04x} is truncated")]
+    Truncated {
+        /// Frame type byte.
+        ty: u8,
+    },
+    /// Bytes were left after the last field of a fixed-size frame.
+    #[error("frame of type {ty:#04x} has {extra} trailing bytes")]
+    Trailing {
+        /// Frame type byte.
+        ty: u8,
+        /// Number of unexpected bytes.
+        extra: usize,
+    },
+    /// The type byte is not one spec section 4 defines.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// A known frame type that is not allowed at this point of the exchange.
+    #[error("unexpected frame type {got:#04x} ({what})")]
+    UnexpectedType {
+        /// The type received.
+        got: u8,
+        /// What was expected instead.
+        what: &'static str,
+    },
+    /// HELLO or ENROLL_INIT carried a version this implementation does not speak.
+    #[error("unsupported protocol version {0} (this peer speaks version {v})", v = crate::proto::VERSION)]
+    UnsupportedVersion(u8),
+    /// The identity is empty, too long or has a byte outside the alphabet (spec 4.1).
+    #[error("invalid identity: {0}")]
+    BadId(&'static str),
+    /// The enrollment mode byte is neither 0 (open) nor 1 (token).
+    #[error("unknown enrollment mode {0}")]
+    BadMode(u8),
+    /// SEALED_HELLO's opened id has non-zero bytes after the id (spec 4.3).
+    #[error("the sealed id's padding is not zero")]
+    BadPadding,
+    /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
+    #[error("invalid close reason")]
+    BadReason,
+    /// A DELIVER whose message id is 0 or whose kind is neither 1 nor 2 (spec 4.5).
+    #[error("DELIVER with message id {msg_id} and kind {kind}: ids start at 1, kinds are 1 and 2")]
+    BadDelivery {
+        /// The message id.
+        msg_id: u64,
+        /// The kind byte.
+        kind: u8,
+    },
+    /// A limit announced in HELLO or SERVER_AUTH is outside its range (spec 4.3).
+    #[error("announced {what} of {value} is outside {min}..={max}")]
+    BadLimit {
+        /// Which limit.
+        what: &'static str,
+        /// The announced value.
+        value: u32,
+        /// The smallest value allowed.
+        min: u32,
+        /// The largest value allowed.
+        max: u32,
+    },
+}
+
+impl FrameError {
+    /// The code of an ERROR frame that refuses a handshake for this frame (spec 10.1).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            FrameError::UnsupportedVersion(_) => ErrorCode::UNSUPPORTED_VERSION,
+            FrameError::Empty
+            | FrameError::TooLarge { .. }
+            | FrameError::Truncated { .. }
+            | FrameError::Trailing { .. }
+            | FrameError::UnknownType(_)
+            | FrameError::UnexpectedType { .. }
+            | FrameError::BadId(_)
+            | FrameError::BadMode(_)
+            | FrameError::BadPadding
+            | FrameError::BadReason
+            | FrameError::BadDelivery { .. }
+            | FrameError::BadLimit { .. } => ErrorCode::MALFORMED,
+        }
+    }
+
+    /// The code of a CLOSE frame that ends a session for this frame (spec 10.2).
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            FrameError::TooLarge { .. } => CloseCode::FRAME_TOO_LARGE,
+            FrameError::Empty
+            | FrameError::Truncated { .. }
+            | FrameError::Trailing { .. }
+            | FrameError::UnknownType(_)
+            | FrameError::UnexpectedType { .. }
+            | FrameError::UnsupportedVersion(_)
+            | FrameError::BadId(_)
+            | FrameError::BadMode(_)
+            | FrameError::BadPadding
+            | FrameError::BadReason
+            | FrameError::BadDelivery { .. }
+            | FrameError::BadLimit { .. } => CloseCode::PROTOCOL_ERROR,
         }
     }
 }

@@ -10,82 +10,9 @@
 
 use core::fmt;
 
-/// A frame that cannot be parsed. Any of these ends the connection.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrameError {
-    /// The length prefix announced an empty frame (spec 3: length >= 1).
-    #[error("frame length is zero")]
-    Empty,
-    /// The length prefix is above the receiver's limit; nothing was buffered.
-    #[error("frame length {len} exceeds the limit of {limit} bytes")]
-    TooLarge {
-        /// The announced length.
-        len: u32,
-        /// The receiver's limit.
-        limit: u32,
-    },
-    /// The frame ended before all its fields were read.
-    #[error("frame of type {ty:#04x} is truncated")]
-    Truncated {
-        /// Frame type byte.
-        ty: u8,
-    },
-    /// Bytes were left after the last field of a fixed-size frame.
-    #[error("frame of type {ty:#04x} has {extra} trailing bytes")]
-    Trailing {
-        /// Frame type byte.
-        ty: u8,
-        /// Number of unexpected bytes.
-        extra: usize,
-    },
-    /// The type byte is not one spec section 4 defines.
-    #[error("unknown frame type {0:#04x}")]
-    UnknownType(u8),
-    /// A known frame type that is not allowed at this point of the exchange.
-    #[error("unexpected frame type {got:#04x} ({what})")]
-    UnexpectedType {
-        /// The type received.
-        got: u8,
-        /// What was expected instead.
-        what: &'static str,
-    },
-    /// HELLO or ENROLL_INIT carried a version this implementation does not speak.
-    #[error("unsupported protocol version {0} (this peer speaks version {v})", v = crate::proto::VERSION)]
-    UnsupportedVersion(u8),
-    /// The identity is empty, too long or has a byte outside the alphabet (spec 4.1).
-    #[error("invalid identity: {0}")]
-    BadId(&'static str),
-    /// The enrollment mode byte is neither 0 (open) nor 1 (token).
-    #[error("unknown enrollment mode {0}")]
-    BadMode(u8),
-    /// SEALED_HELLO's opened id has non-zero bytes after the id (spec 4.3).
-    #[error("the sealed id's padding is not zero")]
-    BadPadding,
-    /// A CLOSE reason that is not UTF-8 or longer than 255 bytes.
-    #[error("invalid close reason")]
-    BadReason,
-    /// A DELIVER whose message id is 0 or whose kind is neither 1 nor 2 (spec 4.5).
-    #[error("DELIVER with message id {msg_id} and kind {kind}: ids start at 1, kinds are 1 and 2")]
-    BadDelivery {
-        /// The message id.
-        msg_id: u64,
-        /// The kind byte.
-        kind: u8,
-    },
-    /// A limit announced in HELLO or SERVER_AUTH is outside its range (spec 4.3).
-    #[error("announced {what} of {value} is outside {min}..={max}")]
-    BadLimit {
-        /// Which limit.
-        what: &'static str,
-        /// The announced value.
-        value: u32,
-        /// The smallest value allowed.
-        min: u32,
-        /// The largest value allowed.
-        max: u32,
-    },
-}
+pub use super::codec::FrameError;
+pub use super::codes::{CloseCode, ErrorCode};
+use super::mode::Mode;
 
 /// A rule of a state machine was broken: by the peer, or (`Misuse`) by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -146,7 +73,7 @@ pub enum ProtocolError {
     WeakHelloKey,
     /// The server's policy does not accept the mode the first frame starts (spec 7.8).
     #[error("the {0} mode is refused by this server's policy")]
-    ModeRefused(super::frame::Mode),
+    ModeRefused(Mode),
     /// An earlier frame failed; the session accepts nothing more (spec 8.3).
     #[error("session failed earlier and accepts no more frames")]
     Poisoned,
@@ -319,124 +246,5 @@ impl ProtocolError {
             | ProtocolError::DeliveryOrder { .. }
             | ProtocolError::Misuse(_) => CloseCode::PROTOCOL_ERROR,
         }
-    }
-}
-
-impl FrameError {
-    /// The code of an ERROR frame that refuses a handshake for this frame (spec 10.1).
-    pub fn error_code(&self) -> ErrorCode {
-        match self {
-            FrameError::UnsupportedVersion(_) => ErrorCode::UNSUPPORTED_VERSION,
-            FrameError::Empty
-            | FrameError::TooLarge { .. }
-            | FrameError::Truncated { .. }
-            | FrameError::Trailing { .. }
-            | FrameError::UnknownType(_)
-            | FrameError::UnexpectedType { .. }
-            | FrameError::BadId(_)
-            | FrameError::BadMode(_)
-            | FrameError::BadPadding
-            | FrameError::BadReason
-            | FrameError::BadDelivery { .. }
-            | FrameError::BadLimit { .. } => ErrorCode::MALFORMED,
-        }
-    }
-
-    /// The code of a CLOSE frame that ends a session for this frame (spec 10.2).
-    pub fn close_code(&self) -> CloseCode {
-        match self {
-            FrameError::TooLarge { .. } => CloseCode::FRAME_TOO_LARGE,
-            FrameError::Empty
-            | FrameError::Truncated { .. }
-            | FrameError::Trailing { .. }
-            | FrameError::UnknownType(_)
-            | FrameError::UnexpectedType { .. }
-            | FrameError::UnsupportedVersion(_)
-            | FrameError::BadId(_)
-            | FrameError::BadMode(_)
-            | FrameError::BadPadding
-            | FrameError::BadReason
-            | FrameError::BadDelivery { .. }
-            | FrameError::BadLimit { .. } => CloseCode::PROTOCOL_ERROR,
-        }
-    }
-}
-
-macro_rules! wire_codes {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $konst:ident = $val:expr, $text:expr;)* }) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-        pub struct $name(pub u16);
-        impl $name {
-            $($(#[$vmeta])* pub const $konst: $name = $name($val);)*
-            /// The name the spec gives this code, if it defines one.
-            pub fn name(self) -> Option<&'static str> {
-                match self.0 { $($val => Some($text),)* _ => None }
-            }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                match self.name() {
-                    Some(n) => write!(f, "{n} ({:#06x})", self.0),
-                    None => write!(f, "code {:#06x}", self.0),
-                }
-            }
-        }
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { fmt::Display::fmt(self, f) }
-        }
-    };
-}
-
-wire_codes! {
-    /// Code of an ERROR frame: why a handshake or enrollment was refused (spec 10.1).
-    ErrorCode {
-        /// The HELLO or ENROLL_INIT version is not spoken here.
-        UNSUPPORTED_VERSION = 0x0001, "unsupported version";
-        /// A frame was malformed or not allowed at this point.
-        MALFORMED = 0x0002, "malformed";
-        /// Session handshake failed: unknown identity, revoked identity or wrong key,
-        /// deliberately indistinguishable.
-        AUTH_FAILED = 0x0003, "authentication failed";
-        /// Enrollment refused: the credential tag did not verify.
-        ENROLL_REFUSED = 0x0004, "enrollment refused";
-        /// Enrollment refused: the identity is already enrolled.
-        ID_TAKEN = 0x0005, "identity taken";
-        /// The server is at a connection limit; try again later.
-        BUSY = 0x0006, "busy";
-        /// The identity has a live session and the server keeps the first one.
-        TAKEOVER_REFUSED = 0x0007, "session takeover refused";
-        /// The handshake did not complete within the server's deadline.
-        TIMEOUT = 0x0008, "handshake timeout";
-        /// The server failed internally (for example, its store); try again later.
-        INTERNAL = 0x0009, "internal error";
-        /// The server's policy does not accept this mode (HELLO where encryption is
-        /// required, SEALED_HELLO where it is off): the client must not fall back.
-        MODE_REFUSED = 0x000a, "mode refused";
-    }
-}
-
-wire_codes! {
-    /// Code of a CLOSE frame: why a session ended (spec 10.2).
-    CloseCode {
-        /// Orderly end requested by the application.
-        NORMAL = 0x0000, "normal";
-        /// The server is shutting down.
-        SHUTDOWN = 0x0001, "server shutdown";
-        /// A newer session for the same identity replaced this one.
-        TAKEN_OVER = 0x0002, "taken over";
-        /// The identity was revoked.
-        REVOKED = 0x0003, "revoked";
-        /// Nothing was received within the idle deadline.
-        IDLE_TIMEOUT = 0x0004, "idle timeout";
-        /// The sending counter reached 2^64-1.
-        SEQUENCE_EXHAUSTED = 0x0005, "sequence exhausted";
-        /// The peer sent a frame that broke a rule (bad tag, sequence, format).
-        PROTOCOL_ERROR = 0x0006, "protocol error";
-        /// The peer announced a frame above the receiver's limit.
-        FRAME_TOO_LARGE = 0x0007, "frame too large";
-        /// The identity was removed from the server (it may be enrolled again, with a
-        /// new token).
-        REMOVED = 0x0008, "removed";
     }
 }

@@ -10,10 +10,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use core::fmt;
 use core::ops::Range;
 
-use super::codec::{put_header, Reader};
-use super::error::{CloseCode, ErrorCode, FrameError};
-use super::{KEY_LEN, LEN_PREFIX, NONCE_LEN, TAG_LEN};
-use crate::proto::schedule::Tag;
+use super::codec::{put_header, FrameError, Reader};
+use super::codes::{CloseCode, ErrorCode};
+pub use super::mode::Mode;
+use super::{Tag, AEAD_TAG_LEN, KEY_LEN, LEN_PREFIX, NONCE_LEN, SESSION_HEADER_LEN, TAG_LEN};
 
 #[doc(hidden)]
 /// The frame type byte (spec 4, table 1).
@@ -76,25 +76,7 @@ impl FrameType {
     }
 }
 
-/// How a session's frames are protected, fixed by the client's first frame (spec 7.7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// HELLO, SERVER_AUTH: fields in the clear, each frame with an HMAC-SHA256 tag.
-    Authenticated,
-    /// SEALED_HELLO, SEALED_AUTH: an ephemeral X25519 exchange, the id sealed to the
-    /// server's key, fields sealed with ChaCha20-Poly1305.
-    Encrypted,
-}
-
 impl Mode {
-    /// Length of a session frame's tag in this mode (spec 4.5).
-    pub const fn tag_len(self) -> usize {
-        match self {
-            Mode::Authenticated => TAG_LEN,
-            Mode::Encrypted => AEAD_TAG_LEN,
-        }
-    }
-
     /// The mode a connection's first frame starts, after its type and version were
     /// checked (spec 7.2 rows 2 to 4): what a server's policy decides on (row 4a),
     /// before any other work.
@@ -113,25 +95,7 @@ impl Mode {
         read_version(&mut r)?;
         Ok(mode)
     }
-
-    /// The name operators and configuration files use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Authenticated => "authenticated",
-            Mode::Encrypted => "encrypted",
-        }
-    }
 }
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[doc(hidden)]
-/// Length of the ChaCha20-Poly1305 tag of an encrypted session frame (spec 3.1).
-pub const AEAD_TAG_LEN: usize = 16;
 
 /// Largest identity length in bytes (spec 4.1).
 pub const ID_MAX_LEN: usize = 64;
@@ -744,10 +708,6 @@ impl DeliveryKind {
         }
     }
 }
-
-#[doc(hidden)]
-/// Bytes of a session frame before its variable part: length, type, sequence number.
-pub const SESSION_HEADER_LEN: usize = LEN_PREFIX + 1 + 8;
 
 impl Body {
     /// The frame type of this body.

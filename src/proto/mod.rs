@@ -18,7 +18,8 @@
 //! | 8 Session: requests, keepalive, closing | [`connection`] |
 //! | 7 and 8, a device's side: HELLO through the session | [`device`] |
 //! | 9 Token and credential formats | [`credential`] |
-//! | 10 Error and close codes | [`error`] |
+//! | 10 Error and close codes | [`codes`]; the errors: [`error`] (a malformed frame: `FrameError`, beside the codec) |
+//! | 2.3, 7.7 The two modes | [`mode`] |
 //!
 //! What these pages document is what a driver needs: a device's [`device::Device`] (or a
 //! server's [`handshake`] and [`enroll`] states, then a [`connection::Connection`]),
@@ -29,6 +30,7 @@
 
 #[doc(hidden)]
 pub mod codec;
+pub mod codes;
 pub mod connection;
 pub mod credential;
 pub mod device;
@@ -36,6 +38,7 @@ pub mod enroll;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod mode;
 #[doc(hidden)]
 pub mod schedule;
 #[doc(hidden)]
@@ -50,16 +53,26 @@ pub mod testing;
 
 #[doc(hidden)]
 pub use codec::decode_frame;
-pub use error::{CloseCode, ErrorCode, FrameError, Misuse, ProtocolError};
+pub use codec::FrameError;
+pub use codes::{CloseCode, ErrorCode};
+pub use error::{Misuse, ProtocolError};
 #[doc(hidden)]
 pub use frame::{Body, FrameType, SessionFrame};
-pub use frame::{DeliveryKind, Id, Mode, Status};
+pub use frame::{DeliveryKind, Id, Status};
+pub use mode::Mode;
 pub use schedule::SecretKey;
-#[doc(hidden)]
-pub use schedule::Tag;
 #[doc(hidden)]
 pub use session::{Role, Session};
 
+#[doc(hidden)]
+/// Length of the ChaCha20-Poly1305 tag of an encrypted session frame (spec 3.1).
+pub const AEAD_TAG_LEN: usize = 16;
+#[doc(hidden)]
+/// Bytes of a session frame before its variable part: length, type, sequence number.
+pub const SESSION_HEADER_LEN: usize = LEN_PREFIX + 1 + 8;
+/// A tag: a full HMAC-SHA256 output.
+#[doc(hidden)]
+pub type Tag = [u8; TAG_LEN];
 /// The protocol version this implementation speaks (spec section 2).
 pub const VERSION: u8 = 1;
 /// Length of every tag: full HMAC-SHA256 output, never truncated (spec section 5).

@@ -12,13 +12,13 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use super::frame::{Mode, SESSION_HEADER_LEN};
+use super::mode::Mode;
+use super::SESSION_HEADER_LEN;
 use super::{KEY_LEN, TAG_LEN};
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::ChaCha20Poly1305;
 
-/// A 32-byte tag: HMAC-SHA256, never truncated.
-pub type Tag = [u8; 32];
+pub use super::Tag;
 
 type HmacSha256 = Hmac<Sha256>;
 
