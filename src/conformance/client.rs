@@ -46,7 +46,7 @@ pub struct Target {
 }
 
 /// What the tool does with one connection, as the server.
-type Behaviour<'a> = &'a dyn Fn(&mut Conn, &Ctx) -> Result<(), String>;
+type Behaviour = fn(&mut Conn, &Ctx) -> Result<(), String>;
 
 /// What a behaviour knows.
 struct Ctx {
@@ -74,6 +74,131 @@ struct Recorded {
     server_auth: Option<Vec<u8>>,
     response: Option<Vec<u8>>,
 }
+
+/// A rule a client must keep that a server can observe (its spec section, the rule as a
+/// sentence), and how this tool behaves to see whether the client under test keeps it.
+struct Scenario {
+    section: &'static str,
+    rule: &'static str,
+    /// Whether the client must accept (print the answer): the two controls, where the
+    /// server is honest; every other scenario must be refused.
+    accept: bool,
+    behaviour: Behaviour,
+}
+
+/// The scenarios, in the order they run; the first is the control (the others are
+/// judged only if the client passed it). A spec reader finds a rule's check by its
+/// section here, then the function named.
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        section: "7.1",
+        rule: "an honest server: the client gets its answer (control)",
+        accept: true,
+        behaviour: honest,
+    },
+    Scenario {
+        section: "7.2",
+        rule: "SERVER_AUTH with a bad tag is refused",
+        accept: false,
+        behaviour: bad_server_auth_tag,
+    },
+    Scenario {
+        section: "7.6",
+        rule: "a SERVER_AUTH replayed from an earlier connection is refused",
+        accept: false,
+        behaviour: replayed_server_auth,
+    },
+    Scenario {
+        section: "7.2",
+        rule: "an ERROR in place of SERVER_AUTH is a refusal, not a session",
+        accept: false,
+        behaviour: error_for_server_auth,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "a RESPONSE with a bad tag is refused",
+        accept: false,
+        behaviour: bad_response_tag,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "a duplicated sequence number is refused",
+        accept: false,
+        behaviour: duplicated_sequence,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "a gap in sequence numbers is refused",
+        accept: false,
+        behaviour: sequence_gap,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "a RESPONSE to a request never sent (unsolicited) is refused",
+        accept: false,
+        behaviour: unsolicited_response,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "a RESPONSE replayed from an earlier session is refused",
+        accept: false,
+        behaviour: replayed_response,
+    },
+    Scenario {
+        section: "8.3",
+        rule: "an ERROR injected after a session frame ends the session (truncated)",
+        accept: false,
+        behaviour: injected_error,
+    },
+    Scenario {
+        section: "8.6",
+        rule: "EOF before the answer is a truncation, not an answer",
+        accept: false,
+        behaviour: eof_before_answer,
+    },
+    Scenario {
+        section: "3.2",
+        rule: "a frame above the limit the client announced is refused",
+        accept: false,
+        behaviour: frame_over_client_limit,
+    },
+    Scenario {
+        section: "7.8",
+        rule: "SEALED_HELLO answered with a validly tagged SERVER_AUTH (the other mode's type) is refused",
+        accept: false,
+        behaviour: other_modes_server_auth,
+    },
+    Scenario {
+        section: "7.8",
+        rule: "after ERROR MODE_REFUSED the client does not come back with HELLO (no fallback)",
+        accept: false,
+        behaviour: no_fallback_after_mode_refused,
+    },
+    Scenario {
+        section: "8.2",
+        rule: "a RESPONSE sealed under the client's nonce direction (0) is refused",
+        accept: false,
+        behaviour: wrong_direction_nonce,
+    },
+    Scenario {
+        section: "8.7",
+        rule: "a RESPONSE sealed with the key before the server's KEY_UPDATE is refused",
+        accept: false,
+        behaviour: stale_key_response,
+    },
+    Scenario {
+        section: "8.5",
+        rule: "a server that announced a 1 s keepalive and then says nothing gets a PING within 2 s",
+        accept: false,
+        behaviour: keepalive_ping,
+    },
+    Scenario {
+        section: "8.7",
+        rule: "an honest server that sends KEY_UPDATE before its answer: the client gets it (control)",
+        accept: true,
+        behaviour: honest_key_update,
+    },
+];
 
 /// Runs every scenario, in order.
 pub fn run(t: &Target) -> Vec<Check> {
@@ -117,326 +242,8 @@ pub fn run(t: &Target) -> Vec<Check> {
         timeout: t.timeout,
         recorded: Default::default(),
     };
-    let scenarios: [(&'static str, &'static str, bool, Behaviour); 18] = [
-        (
-            "7.1",
-            "an honest server: the client gets its answer (control)",
-            true,
-            &honest,
-        ),
-        (
-            "7.2",
-            "SERVER_AUTH with a bad tag is refused",
-            false,
-            &|c, x| {
-                let (mut auth, _) = server_auth(c, x)?;
-                let last = auth.len() - 1;
-                auth[last] ^= 1;
-                c.send(&auth)?;
-                // An impostor has no session keys, but a client that goes on without the
-                // server's proof takes whatever comes: a RESPONSE with any tag.
-                let went_on = matches!(c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD), Ok(Read2::Frame(_)));
-                if went_on && matches!(c.read(65536, HOLD), Ok(Read2::Frame(_))) {
-                    let payload = x.forged();
-                    let mut f = ((1 + 8 + 10 + payload.len() + 32) as u32)
-                        .to_be_bytes()
-                        .to_vec();
-                    f.push(FrameType::Response as u8);
-                    f.extend_from_slice(&1u64.to_be_bytes());
-                    f.extend_from_slice(&response_fields(1, 0, payload.as_bytes()));
-                    f.extend_from_slice(&[0; 32]);
-                    let _ = c.send(&f);
-                }
-                hold(c, x)
-            },
-        ),
-        (
-            "7.6",
-            "a SERVER_AUTH replayed from an earlier connection is refused",
-            false,
-            &|c, x| {
-                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
-                let old = x
-                    .recorded
-                    .borrow()
-                    .server_auth
-                    .clone()
-                    .ok_or("no recorded SERVER_AUTH")?;
-                c.send(&old)?;
-                hold(c, x)
-            },
-        ),
-        (
-            "7.2",
-            "an ERROR in place of SERVER_AUTH is a refusal, not a session",
-            false,
-            &|c, x| {
-                c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                c.send(&ErrorFrame::new(ErrorCode::BUSY).encoded())?;
-                Ok(())
-            },
-        ),
-        (
-            "8.3",
-            "a RESPONSE with a bad tag is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, mut s, req| {
-                    let mut f = seal(&mut s, &forged_response(req, x));
-                    let last = f.len() - 1;
-                    f[last] ^= 1;
-                    c.send(&f)?;
-                    // The honest answer where a client that dropped the bad frame expects it.
-                    s.set_counters_for_testing(1, 1);
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.3",
-            "a duplicated sequence number is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, mut s, req| {
-                    c.send(&seal(&mut s, &Body::Ping))?;
-                    let fields = response_fields(req, 0, x.forged().as_bytes());
-                    c.send(&forge(&s, FrameType::Response as u8, 1, &fields))?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.3",
-            "a gap in sequence numbers is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, s, req| {
-                    let fields = response_fields(req, 0, x.forged().as_bytes());
-                    c.send(&forge(&s, FrameType::Response as u8, 2, &fields))?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.3",
-            "a RESPONSE to a request never sent (unsolicited) is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, mut s, req| {
-                    c.send(&seal(&mut s, &forged_response(req + 6, x)))?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.3",
-            "a RESPONSE replayed from an earlier session is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, s, _| {
-                    let old = x.recorded.borrow().response.clone();
-                    c.send(&old.ok_or("no recorded RESPONSE")?)?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.3",
-            "an ERROR injected after a session frame ends the session (truncated)",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, mut s, _| {
-                    // A frame the client accepts first: then an ERROR is a cut, not a refusal.
-                    c.send(&seal(&mut s, &Body::Ping))?;
-                    c.send(&ErrorFrame::new(ErrorCode::INTERNAL).encoded())?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.6",
-            "EOF before the answer is a truncation, not an answer",
-            false,
-            &|c, x| {
-                let (_s, _req) = established(c, x)?;
-                let _ = c.tcp.shutdown(std::net::Shutdown::Both);
-                Ok(())
-            },
-        ),
-        (
-            "3.2",
-            "a frame above the limit the client announced is refused",
-            false,
-            &|c, x| {
-                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                let received =
-                    HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
-                let (limit, mode) = (received.client_max_frame_len(), received.mode());
-                let (s, req) = finish_handshake(c, x, hello)?;
-                // A whole, validly tagged RESPONSE one byte over the limit: a client that
-                // does not check the length reads and accepts it.
-                let overhead = crate::proto::Body::overhead(crate::proto::FrameType::Response, mode) as u32;
-                let mut payload = x.forged().into_bytes();
-                payload.resize((limit + 1 - overhead) as usize, b'.');
-                let fields = response_fields(req, 0, &payload);
-                let _ = c.send(&forge(&s, FrameType::Response as u8, 1, &fields));
-                hold(c, x)
-            },
-        ),
-        (
-            "7.8",
-            "SEALED_HELLO answered with a validly tagged SERVER_AUTH (the other mode's type) is refused",
-            false,
-            &|c, x| {
-                let hello = sealed_hello(c, x)?;
-                let wait = HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
-                let mut auth = BytesMut::new();
-                let wait = wait.respond_with_type_for_testing(
-                    Some(x.cred.key.clone()),
-                    SecretKey::from_bytes(random32()),
-                    &mut random32(),
-                    limits(),
-                    FrameType::ServerAuth,
-                    &mut auth,
-                );
-                c.send(&auth)?;
-                // A client that took it goes on: its finish verifies, and its request gets
-                // the honest answer.
-                let Ok(Read2::Frame(finish)) = c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD) else {
-                    return hold(c, x);
-                };
-                let Ok(est) = wait.handle_finish(&finish) else {
-                    return hold(c, x);
-                };
-                let mut s = est.session;
-                if let Ok(Read2::Frame(f)) = c.read(65536, HOLD) {
-                    if open(&mut s, f).is_ok() {
-                        let req = s.last_received();
-                        answer(c, &mut s, req, x);
-                    }
-                }
-                hold(c, x)
-            },
-        ),
-        (
-            "7.8",
-            "after ERROR MODE_REFUSED the client does not come back with HELLO (no fallback)",
-            false,
-            &|c, x| {
-                sealed_hello(c, x)?;
-                c.send(&ErrorFrame::new(ErrorCode::MODE_REFUSED).encoded())?;
-                let _ = c.tcp.shutdown(std::net::Shutdown::Both);
-                // Any connection the client opens next, within the hold: its first frame.
-                let until = Instant::now() + HOLD;
-                x.listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-                let seen = loop {
-                    match x.listener.accept() {
-                        Ok((tcp, _)) => {
-                            tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
-                            let mut again = Conn::new(tcp);
-                            break again.frame(HANDSHAKE_MAX_FRAME_LEN, HOLD, "a first frame").ok();
-                        }
-                        Err(_) if Instant::now() < until => {
-                            std::thread::sleep(Duration::from_millis(20))
-                        }
-                        Err(_) => break None,
-                    }
-                };
-                x.listener.set_nonblocking(false).map_err(|e| e.to_string())?;
-                match seen {
-                    Some(f) if FrameType::of(&f) == Ok(FrameType::Hello) => Err(
-                        "violation: after MODE_REFUSED the client came back with HELLO: a forged ERROR switches its encryption off".into(),
-                    ),
-                    _ => Ok(()),
-                }
-            },
-        ),
-        (
-            "8.2",
-            "a RESPONSE sealed under the client's nonce direction (0) is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, s, req| {
-                    if s.mode() != Mode::Encrypted {
-                        return Err("the client runs the authenticated mode: no nonce".into());
-                    }
-                    let fields = response_fields(req, 0, x.forged().as_bytes());
-                    let next = s.last_sent() + 1;
-                    c.send(&s.forge_with_nonce_for_testing(FrameType::Response as u8, next, 0, &fields))?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.7",
-            "a RESPONSE sealed with the key before the server's KEY_UPDATE is refused",
-            false,
-            &|c, x| {
-                in_session(c, x, |c, mut s, req| {
-                    let fields = response_fields(req, 0, x.forged().as_bytes());
-                    // Sealed with the current key, numbered as the frame after the update.
-                    let stale = s.forge_for_testing(FrameType::Response as u8, s.last_sent() + 2, &fields);
-                    c.send(&seal(&mut s, &Body::KeyUpdate))?;
-                    c.send(&stale)?;
-                    Ok(s)
-                })
-            },
-        ),
-        (
-            "8.5",
-            "a server that announced a 1 s keepalive and then says nothing gets a PING within 2 s",
-            false,
-            &|c, x| {
-                let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
-                let wait = HelloReceived::parse(&hello, &crate::proto::handshake::ServerKey::from(&x.server_static)).map_err(|e| e.to_string())?;
-                let mut auth = BytesMut::new();
-                let quick = ServerLimits {
-                    keepalive: Duration::from_secs(1),
-                    ..limits()
-                };
-                let wait = wait.respond(
-                    Some(x.cred.key.clone()),
-                    SecretKey::from_bytes(random32()),
-                    &mut random32(),
-                    quick,
-                    &mut auth,
-                );
-                c.send(&auth)?;
-                let finish = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "CLIENT_FINISH")?;
-                let mut s = wait.handle_finish(&finish).map_err(|e| e.to_string())?.session;
-                // The REQUEST (and anything else) is read and never answered.
-                let until = Instant::now() + Duration::from_secs(2) + Duration::from_millis(300);
-                loop {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err("violation: no PING within 2 s of silence from a server whose keepalive is 1 s (8.5: the client pings when it has sent or received nothing for its interval, at most the server's)".into());
-                    }
-                    match c.read(65536, left)? {
-                        Read2::Frame(f) => match open(&mut s, f)?.body {
-                            Body::Ping => return Ok(()),
-                            _ => continue,
-                        },
-                        Read2::Eof => return Err("violation: the client hung up instead of pinging".into()),
-                        Read2::Timeout => continue,
-                    }
-                }
-            },
-        ),
-        (
-            "8.7",
-            "an honest server that sends KEY_UPDATE before its answer: the client gets it (control)",
-            true,
-            &|c, x| {
-                let (mut s, req) = established(c, x)?;
-                c.send(&seal(&mut s, &Body::KeyUpdate))?;
-                answer(c, &mut s, req, x);
-                hold(c, x)
-            },
-        ),
-    ];
     let mut control_ok = true;
-    for (i, (section, rule, accept, behaviour)) in scenarios.into_iter().enumerate() {
+    for (i, sc) in SCENARIOS.iter().enumerate() {
         let start = Instant::now();
         let o = if i > 0 && !control_ok {
             // A client that cannot talk to an honest server refuses everything.
@@ -445,15 +252,15 @@ pub fn run(t: &Target) -> Vec<Check> {
                     .into(),
             ))
         } else {
-            scenario(t, &ctx, &path, accept, behaviour)
+            scenario(t, &ctx, &path, sc.accept, sc.behaviour)
         };
         // The first scenario is the control: the others are judged only if it passed.
         if i == 0 {
             control_ok = matches!(o, Ok(Outcome::Pass));
         }
         checks.push(Check {
-            section,
-            rule,
+            section: sc.section,
+            rule: sc.rule,
             outcome: outcome(o),
             took: start.elapsed(),
         });
@@ -562,6 +369,287 @@ fn scenario(
         ));
     }
     Ok(Outcome::Pass)
+}
+
+/// 7.2: SERVER_AUTH with a bad tag is refused.
+fn bad_server_auth_tag(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let (mut auth, _) = server_auth(c, x)?;
+    let last = auth.len() - 1;
+    auth[last] ^= 1;
+    c.send(&auth)?;
+    // An impostor has no session keys, but a client that goes on without the
+    // server's proof takes whatever comes: a RESPONSE with any tag.
+    let went_on = matches!(c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD), Ok(Read2::Frame(_)));
+    if went_on && matches!(c.read(65536, HOLD), Ok(Read2::Frame(_))) {
+        let payload = x.forged();
+        let mut f = ((1 + 8 + 10 + payload.len() + 32) as u32)
+            .to_be_bytes()
+            .to_vec();
+        f.push(FrameType::Response as u8);
+        f.extend_from_slice(&1u64.to_be_bytes());
+        f.extend_from_slice(&response_fields(1, 0, payload.as_bytes()));
+        f.extend_from_slice(&[0; 32]);
+        let _ = c.send(&f);
+    }
+    hold(c, x)
+}
+
+/// 7.6: a SERVER_AUTH replayed from an earlier connection is refused.
+fn replayed_server_auth(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
+    let old = x
+        .recorded
+        .borrow()
+        .server_auth
+        .clone()
+        .ok_or("no recorded SERVER_AUTH")?;
+    c.send(&old)?;
+    hold(c, x)
+}
+
+/// 7.2: an ERROR in place of SERVER_AUTH is a refusal, not a session.
+fn error_for_server_auth(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    c.send(&ErrorFrame::new(ErrorCode::BUSY).encoded())?;
+    Ok(())
+}
+
+/// 8.3: a RESPONSE with a bad tag is refused.
+fn bad_response_tag(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, mut s, req| {
+        let mut f = seal(&mut s, &forged_response(req, x));
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        c.send(&f)?;
+        // The honest answer where a client that dropped the bad frame expects it.
+        s.set_counters_for_testing(1, 1);
+        Ok(s)
+    })
+}
+
+/// 8.3: a duplicated sequence number is refused.
+fn duplicated_sequence(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, mut s, req| {
+        c.send(&seal(&mut s, &Body::Ping))?;
+        let fields = response_fields(req, 0, x.forged().as_bytes());
+        c.send(&forge(&s, FrameType::Response as u8, 1, &fields))?;
+        Ok(s)
+    })
+}
+
+/// 8.3: a gap in sequence numbers is refused.
+fn sequence_gap(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, s, req| {
+        let fields = response_fields(req, 0, x.forged().as_bytes());
+        c.send(&forge(&s, FrameType::Response as u8, 2, &fields))?;
+        Ok(s)
+    })
+}
+
+/// 8.3: a RESPONSE to a request never sent (unsolicited) is refused.
+fn unsolicited_response(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, mut s, req| {
+        c.send(&seal(&mut s, &forged_response(req + 6, x)))?;
+        Ok(s)
+    })
+}
+
+/// 8.3: a RESPONSE replayed from an earlier session is refused.
+fn replayed_response(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, s, _| {
+        let old = x.recorded.borrow().response.clone();
+        c.send(&old.ok_or("no recorded RESPONSE")?)?;
+        Ok(s)
+    })
+}
+
+/// 8.3: an ERROR injected after a session frame ends the session (truncated).
+fn injected_error(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, mut s, _| {
+        // A frame the client accepts first: then an ERROR is a cut, not a refusal.
+        c.send(&seal(&mut s, &Body::Ping))?;
+        c.send(&ErrorFrame::new(ErrorCode::INTERNAL).encoded())?;
+        Ok(s)
+    })
+}
+
+/// 8.6: EOF before the answer is a truncation, not an answer.
+fn eof_before_answer(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let (_s, _req) = established(c, x)?;
+    let _ = c.tcp.shutdown(std::net::Shutdown::Both);
+    Ok(())
+}
+
+/// 3.2: a frame above the limit the client announced is refused.
+fn frame_over_client_limit(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    let received = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
+    let (limit, mode) = (received.client_max_frame_len(), received.mode());
+    let (s, req) = finish_handshake(c, x, hello)?;
+    // A whole, validly tagged RESPONSE one byte over the limit: a client that
+    // does not check the length reads and accepts it.
+    let overhead = crate::proto::Body::overhead(crate::proto::FrameType::Response, mode) as u32;
+    let mut payload = x.forged().into_bytes();
+    payload.resize((limit + 1 - overhead) as usize, b'.');
+    let fields = response_fields(req, 0, &payload);
+    let _ = c.send(&forge(&s, FrameType::Response as u8, 1, &fields));
+    hold(c, x)
+}
+
+/// 7.8: SEALED_HELLO answered with a validly tagged SERVER_AUTH (the other mode's type) is refused.
+fn other_modes_server_auth(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let hello = sealed_hello(c, x)?;
+    let wait = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut auth = BytesMut::new();
+    let wait = wait.respond_with_type_for_testing(
+        Some(x.cred.key.clone()),
+        SecretKey::from_bytes(random32()),
+        &mut random32(),
+        limits(),
+        FrameType::ServerAuth,
+        &mut auth,
+    );
+    c.send(&auth)?;
+    // A client that took it goes on: its finish verifies, and its request gets
+    // the honest answer.
+    let Ok(Read2::Frame(finish)) = c.read(HANDSHAKE_MAX_FRAME_LEN, HOLD) else {
+        return hold(c, x);
+    };
+    let Ok(est) = wait.handle_finish(&finish) else {
+        return hold(c, x);
+    };
+    let mut s = est.session;
+    if let Ok(Read2::Frame(f)) = c.read(65536, HOLD) {
+        if open(&mut s, f).is_ok() {
+            let req = s.last_received();
+            answer(c, &mut s, req, x);
+        }
+    }
+    hold(c, x)
+}
+
+/// 7.8: after ERROR MODE_REFUSED the client does not come back with HELLO (no fallback).
+fn no_fallback_after_mode_refused(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    sealed_hello(c, x)?;
+    c.send(&ErrorFrame::new(ErrorCode::MODE_REFUSED).encoded())?;
+    let _ = c.tcp.shutdown(std::net::Shutdown::Both);
+    // Any connection the client opens next, within the hold: its first frame.
+    let until = Instant::now() + HOLD;
+    x.listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let seen = loop {
+        match x.listener.accept() {
+            Ok((tcp, _)) => {
+                tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
+                let mut again = Conn::new(tcp);
+                break again
+                    .frame(HANDSHAKE_MAX_FRAME_LEN, HOLD, "a first frame")
+                    .ok();
+            }
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => break None,
+        }
+    };
+    x.listener
+        .set_nonblocking(false)
+        .map_err(|e| e.to_string())?;
+    match seen {
+        Some(f) if FrameType::of(&f) == Ok(FrameType::Hello) => Err(
+            "violation: after MODE_REFUSED the client came back with HELLO: a forged ERROR switches its encryption off".into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// 8.2: a RESPONSE sealed under the client's nonce direction (0) is refused.
+fn wrong_direction_nonce(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, s, req| {
+        if s.mode() != Mode::Encrypted {
+            return Err("the client runs the authenticated mode: no nonce".into());
+        }
+        let fields = response_fields(req, 0, x.forged().as_bytes());
+        let next = s.last_sent() + 1;
+        c.send(&s.forge_with_nonce_for_testing(FrameType::Response as u8, next, 0, &fields))?;
+        Ok(s)
+    })
+}
+
+/// 8.7: a RESPONSE sealed with the key before the server's KEY_UPDATE is refused.
+fn stale_key_response(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    in_session(c, x, |c, mut s, req| {
+        let fields = response_fields(req, 0, x.forged().as_bytes());
+        // Sealed with the current key, numbered as the frame after the update.
+        let stale = s.forge_for_testing(FrameType::Response as u8, s.last_sent() + 2, &fields);
+        c.send(&seal(&mut s, &Body::KeyUpdate))?;
+        c.send(&stale)?;
+        Ok(s)
+    })
+}
+
+/// 8.5: a server that announced a 1 s keepalive and then says nothing gets a PING within 2 s.
+fn keepalive_ping(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let hello = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "HELLO")?;
+    let wait = HelloReceived::parse(
+        &hello,
+        &crate::proto::handshake::ServerKey::from(&x.server_static),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut auth = BytesMut::new();
+    let quick = ServerLimits {
+        keepalive: Duration::from_secs(1),
+        ..limits()
+    };
+    let wait = wait.respond(
+        Some(x.cred.key.clone()),
+        SecretKey::from_bytes(random32()),
+        &mut random32(),
+        quick,
+        &mut auth,
+    );
+    c.send(&auth)?;
+    let finish = c.frame(HANDSHAKE_MAX_FRAME_LEN, x.timeout, "CLIENT_FINISH")?;
+    let mut s = wait
+        .handle_finish(&finish)
+        .map_err(|e| e.to_string())?
+        .session;
+    // The REQUEST (and anything else) is read and never answered.
+    let until = Instant::now() + Duration::from_secs(2) + Duration::from_millis(300);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("violation: no PING within 2 s of silence from a server whose keepalive is 1 s (8.5: the client pings when it has sent or received nothing for its interval, at most the server's)".into());
+        }
+        match c.read(65536, left)? {
+            Read2::Frame(f) => match open(&mut s, f)?.body {
+                Body::Ping => return Ok(()),
+                _ => continue,
+            },
+            Read2::Eof => return Err("violation: the client hung up instead of pinging".into()),
+            Read2::Timeout => continue,
+        }
+    }
+}
+
+/// 8.7: an honest server that sends KEY_UPDATE before its answer: the client gets it (control).
+fn honest_key_update(c: &mut Conn, x: &Ctx) -> Result<(), String> {
+    let (mut s, req) = established(c, x)?;
+    c.send(&seal(&mut s, &Body::KeyUpdate))?;
+    answer(c, &mut s, req, x);
+    hold(c, x)
 }
 
 /// The honest server: answers the request with its payload, records frames to replay.
