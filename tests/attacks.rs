@@ -1207,7 +1207,7 @@ async fn a_sealed_hello_rewritten_to_hello_is_refused_by_the_device() {
         }),
     )
     .await;
-    let once = fast().with_retry(client::Retry::never());
+    let once = fast().with_retry(client::Backoff::never());
     let e = Client::connect(&via(&cred, p), once).await.unwrap_err();
     assert!(
         matches!(e, ClientError::Protocol(ProtocolError::Frame(_))),
@@ -1283,7 +1283,7 @@ async fn a_forged_mode_refused_never_makes_the_device_fall_back() {
 async fn the_default_policy_refuses_the_authenticated_mode() {
     let a = Arena::new().await;
     let cred = a.device("plain-device").await;
-    let mut opts = fast().with_retry(client::Retry::never());
+    let mut opts = fast().with_retry(client::Backoff::never());
     opts.mode = Mode::Authenticated;
     let e = Client::connect(&cred, opts).await.unwrap_err();
     assert!(
@@ -1299,7 +1299,7 @@ async fn the_default_policy_refuses_the_authenticated_mode() {
     // And a policy "off" refuses the encrypted mode the same way.
     let b = Arena::with(|c| c.encryption = tally::config::EncryptionPolicy::Off).await;
     let cred = b.device("sealed-device").await;
-    let e = Client::connect(&cred, fast().with_retry(client::Retry::never()))
+    let e = Client::connect(&cred, fast().with_retry(client::Backoff::never()))
         .await
         .unwrap_err();
     assert!(

@@ -428,7 +428,7 @@ async fn a_source_over_its_connection_rate_is_closed_until_its_bucket_refills() 
     if let Ok(mut over) = TcpStream::connect(srv.addr).await {
         assert!(closed_within(&mut over, 2000).await);
     }
-    let once = ClientOptions::default().with_retry(client::Retry::never());
+    let once = ClientOptions::default().with_retry(client::Backoff::never());
     let refused = Client::connect(&cred, once).await.err().unwrap();
     assert!(refused.is_transient(), "{refused:?}");
     // Issue 11 item 6: the client library retries with backoff (200, 400, 800 ms...);
@@ -871,7 +871,7 @@ async fn client_reports_truncation_when_the_connection_is_cut() {
         server: addr.to_string(),
         server_key: [9; 32],
     };
-    let once = ClientOptions::default().with_retry(client::Retry::never());
+    let once = ClientOptions::default().with_retry(client::Backoff::never());
     let err = Client::connect(&cred, once).await.unwrap_err();
     assert!(matches!(err, ClientError::Truncated), "{err:?}");
 }
@@ -995,7 +995,7 @@ async fn enrollments_beyond_the_rate_get_busy_and_the_client_retries() {
     let addr = srv.addr.to_string();
     let never = client::ClientOptions::default()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_retry(client::Retry::never());
+        .with_retry(client::Backoff::never());
     let once = |id: &str| client::enroll(&addr, &token, Id::new(id).unwrap(), &never);
     // The bucket holds two.
     once("e1").await.unwrap();
@@ -1040,7 +1040,7 @@ async fn a_spent_enrollment_budget_answers_busy_before_checking_the_credential()
     let addr = srv.addr.to_string();
     let never = client::ClientOptions::default()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_retry(client::Retry::never());
+        .with_retry(client::Backoff::never());
     let attempt = || client::enroll(&addr, &wrong, Id::new("w").unwrap(), &never);
     assert!(matches!(
         attempt().await,

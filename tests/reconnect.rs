@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::bin::{admin, await_session, enroll, expect_line, listen, text};
 use common::TestServer;
-use tally::client::{ClientError, ClientOptions, Link, LinkEvent, Reconnect};
+use tally::client::{Backoff, ClientError, ClientOptions, Link, LinkEvent};
 use tally::proto::CloseCode;
 use tokio::sync::mpsc::Receiver;
 
@@ -36,7 +36,7 @@ fn is_closed(e: &ClientError, want: CloseCode) -> bool {
 async fn a_link_comes_back_after_the_daemon_restarts() {
     let srv = TestServer::start(|_| {}).await;
     let cred = srv.enroll("persistent").await;
-    let reconnect = Reconnect::default()
+    let reconnect = Backoff::link()
         .with_delays(Duration::from_millis(40), Duration::from_millis(160))
         .with_stable_after(Duration::from_secs(3600));
     let (link, mut events) = Link::start(cred, ClientOptions::default(), reconnect);
@@ -116,7 +116,7 @@ async fn a_taken_over_link_backs_off_and_longer_the_second_time() {
     let srv = TestServer::start(|_| {}).await;
     let cred = srv.enroll("shared").await;
     let base = Duration::from_millis(300);
-    let reconnect = Reconnect::default()
+    let reconnect = Backoff::link()
         .with_refused_delays(base, Duration::from_secs(20))
         .with_stable_after(Duration::from_secs(3600));
     let (link, mut events) = Link::start(cred.clone(), ClientOptions::default(), reconnect);
@@ -158,7 +158,7 @@ async fn a_revocation_stops_the_link_for_good() {
     let srv = TestServer::start(|_| {}).await;
     let cred = srv.enroll("doomed").await;
     let reconnect =
-        Reconnect::default().with_delays(Duration::from_millis(10), Duration::from_millis(20));
+        Backoff::link().with_delays(Duration::from_millis(10), Duration::from_millis(20));
     let (link, mut events) = Link::start(cred, ClientOptions::default(), reconnect);
     assert!(matches!(next(&mut events).await, LinkEvent::Up(_)));
     let dir = srv.dir.path().to_owned();

@@ -236,7 +236,7 @@ impl Arsenal {
             let server = self.server.to_string();
             let once = crate::client::ClientOptions::default()
                 .with_connect_timeout(Duration::from_secs(10))
-                .with_retry(crate::client::Retry::never());
+                .with_retry(crate::client::Backoff::never());
             let enroll = crate::client::enroll(&server, token, id, &once);
             tokio::select! {
                 _ = stop.cancelled() => {}

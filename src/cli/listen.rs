@@ -103,7 +103,7 @@ pub async fn run(a: ListenArgs) -> anyhow::Result<()> {
     }
     let what = format!("session with {} as {}", cred.server, cred.id);
     let id = cred.id.clone();
-    let (link, mut events) = client::Link::start(cred, opts, client::Reconnect::default());
+    let (link, mut events) = client::Link::start(cred, opts, client::Backoff::link());
     let _sharing = share.map(|s| s.serve_link(&link));
     let mut ever_up = false;
     loop {

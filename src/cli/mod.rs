@@ -100,10 +100,10 @@ impl ConnArgs {
     pub fn credential_and_options(&self) -> anyhow::Result<(Credential, ClientOptions)> {
         let text = read_credential(&self.cred)?;
         let cred = Credential::from_file(&text).with_context(|| self.cred.display().to_string())?;
-        let default = client::Retry::default();
+        let default = client::Backoff::default();
         let mut opts = ClientOptions::default()
             .with_max_frame_len(self.max_frame_len)
-            .with_retry(client::Retry::new(
+            .with_retry(client::Backoff::new(
                 self.retries,
                 default.initial_delay,
                 default.max_delay,

@@ -9,79 +9,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{jitter, Client, ClientError, ClientOptions, Incoming};
+use super::{jitter, Backoff, Client, ClientError, ClientOptions, Incoming};
 use crate::proto::credential::Credential;
 use crate::proto::{CloseCode, ErrorCode};
-
-/// When a [`Link`] reconnects. Every delay is drawn at random (see each field), so that
-/// devices that lost their sessions together, when the server restarted, do not all come
-/// back at once.
-///
-/// ```
-/// use std::time::Duration;
-/// use tally::client::Reconnect;
-/// let r = Reconnect::default().with_delays(Duration::from_millis(500), Duration::from_secs(30));
-/// assert_eq!(r.max_delay, Duration::from_secs(30));
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct Reconnect {
-    /// The delay after the first failure that may pass by itself (the server shut down or
-    /// restarted, the connection was cut or refused, ERROR `BUSY`, a timeout). It doubles
-    /// with each failure in a row, up to `max_delay`; each delay is drawn between half of
-    /// it and all of it.
-    pub initial_delay: Duration,
-    /// The longest delay after such failures.
-    pub max_delay: Duration,
-    /// The delay after the session was taken over by a newer one of the same identity
-    /// (CLOSE `TAKEN_OVER`, spec 7.3: another device may be using this identity), the
-    /// server refused the takeover (ERROR `TAKEOVER_REFUSED`), or an attempt failed in a
-    /// way that will not pass soon (the server did not authenticate: unknown or revoked
-    /// identity, wrong key; an unsupported version; not a Tally server). Those
-    /// unauthenticated failures could be forged by someone on the path, so they slow the
-    /// link down rather than stop it. It doubles each time in a row, up to
-    /// `max_refused_delay`; each delay is drawn between all of it and one and a half
-    /// times it (never shorter).
-    pub refused_delay: Duration,
-    /// The longest delay after such refusals.
-    pub max_refused_delay: Duration,
-    /// A session that stayed up this long starts the delays over from the first.
-    pub stable_after: Duration,
-}
-
-impl Default for Reconnect {
-    fn default() -> Self {
-        Reconnect {
-            initial_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(60),
-            refused_delay: Duration::from_secs(10),
-            max_refused_delay: Duration::from_secs(600),
-            stable_after: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Reconnect {
-    /// Delays after failures that may pass: from `initial` doubling up to `max`.
-    pub fn with_delays(mut self, initial: Duration, max: Duration) -> Self {
-        self.initial_delay = initial;
-        self.max_delay = max;
-        self
-    }
-
-    /// Delays after takeovers and refusals: from `initial` doubling up to `max`.
-    pub fn with_refused_delays(mut self, initial: Duration, max: Duration) -> Self {
-        self.refused_delay = initial;
-        self.max_refused_delay = max;
-        self
-    }
-
-    /// A session up for `stable_after` starts the delays over.
-    pub fn with_stable_after(mut self, stable_after: Duration) -> Self {
-        self.stable_after = stable_after;
-        self
-    }
-}
 
 /// What a session's end (or a failed attempt) means for the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,17 +56,17 @@ fn kind(error: &ClientError) -> Kind {
 /// The link's backoff: failures in a row of each kind. No clock and no randomness of
 /// its own (the caller gives how long the session lasted, and the jitter).
 #[derive(Debug, Default)]
-struct Backoff {
+struct Failures {
     failures: u32,
     refusals: u32,
 }
 
-impl Backoff {
+impl Failures {
     /// How long to wait after `error`, or `None` to stop. `lasted` is how long the
     /// session was up (`None`: it never came up); `jitter` is uniform in [0, 1).
     fn after(
         &mut self,
-        r: &Reconnect,
+        r: &Backoff,
         error: &ClientError,
         lasted: Option<Duration>,
         jitter: f64,
@@ -208,15 +138,15 @@ pub(super) enum State {
 
 /// A session with the server that reconnects: whenever it ends for a reason that may
 /// pass (the server restarted, the network, a takeover), a new one is made after a
-/// jittered, growing delay ([`Reconnect`]). What happens arrives as [`LinkEvent`]s,
+/// jittered, growing delay ([`Backoff::link`]). What happens arrives as [`LinkEvent`]s,
 /// server requests and messages among them. This is what a device on a persistent
 /// connection runs.
 ///
 /// ```no_run
 /// # async fn demo(cred: tally::proto::credential::Credential) {
-/// use tally::client::{ClientOptions, Incoming, Link, LinkEvent, Reconnect};
+/// use tally::client::{Backoff, ClientOptions, Incoming, Link, LinkEvent};
 /// use tally::proto::Status;
-/// let (link, mut events) = Link::start(cred, ClientOptions::default(), Reconnect::default());
+/// let (link, mut events) = Link::start(cred, ClientOptions::default(), Backoff::link());
 /// while let Some(event) = events.recv().await {
 ///     match event {
 ///         LinkEvent::Up(_) => println!("online"),
@@ -235,8 +165,8 @@ pub(super) enum State {
 ///
 /// Dropping the `Link` closes the session and stops reconnecting, as [`Link::close`]
 /// does without waiting; so does closing the [`Client`] of an [`LinkEvent::Up`]
-/// (`Client::close`). The link runs its own backoff: `ClientOptions::retry` is not
-/// used. Events wait in a queue of `ClientOptions::incoming_capacity`; while it is full,
+/// (`Client::close`). The link backs off as its `backoff` says (not as
+/// `ClientOptions::retry`: one connection's retries). Events wait in a queue of `ClientOptions::incoming_capacity`; while it is full,
 /// server requests are answered `UNAVAILABLE`.
 #[derive(Debug)]
 pub struct Link {
@@ -250,12 +180,12 @@ impl Link {
     pub fn start(
         cred: Credential,
         opts: ClientOptions,
-        reconnect: Reconnect,
+        backoff: Backoff,
     ) -> (Link, mpsc::Receiver<LinkEvent>) {
         let (events_tx, events) = mpsc::channel(opts.incoming_capacity.max(1));
         let (state_tx, state) = watch::channel(State::Connecting);
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(cred, opts, reconnect, events_tx, state_tx, stop_rx));
+        let task = tokio::spawn(run(cred, opts, backoff, events_tx, state_tx, stop_rx));
         let link = Link {
             state,
             stop: Some(stop),
@@ -339,12 +269,12 @@ async fn deliver(
 async fn run(
     cred: Credential,
     opts: ClientOptions,
-    reconnect: Reconnect,
+    backoff: Backoff,
     events: mpsc::Sender<LinkEvent>,
     state: watch::Sender<State>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut backoff = Backoff::default();
+    let mut failures = Failures::default();
     let end = loop {
         let attempt = tokio::select! {
             r = Client::connect_once(&cred, opts.clone()) => r,
@@ -381,7 +311,7 @@ async fn run(
             Err(e) => (e, None),
         };
         state.send_replace(State::Connecting);
-        let Some(retry_in) = backoff.after(&reconnect, &error, lasted, jitter()) else {
+        let Some(retry_in) = failures.after(&backoff, &error, lasted, jitter()) else {
             break error;
         };
         // Reported to the application in the Down event (spec 7.3: "report it"); the
@@ -420,8 +350,8 @@ mod tests {
         }
     }
 
-    fn reconnect() -> Reconnect {
-        Reconnect::default()
+    fn reconnect() -> Backoff {
+        Backoff::link()
             .with_delays(Duration::from_millis(100), Duration::from_millis(800))
             .with_refused_delays(Duration::from_secs(10), Duration::from_secs(60))
             .with_stable_after(Duration::from_secs(30))
@@ -430,7 +360,7 @@ mod tests {
     #[test]
     fn transient_failures_back_off_doubling_with_equal_jitter() {
         let r = reconnect();
-        let mut b = Backoff::default();
+        let mut b = Failures::default();
         let busy = ClientError::Refused(ErrorCode::BUSY);
         assert_eq!(
             b.after(&r, &busy, None, 0.0),
@@ -465,7 +395,7 @@ mod tests {
     #[test]
     fn takeovers_back_off_never_below_the_delay_and_growing() {
         let r = reconnect();
-        let mut b = Backoff::default();
+        let mut b = Failures::default();
         let taken = closed(CloseCode::TAKEN_OVER);
         let first = b
             .after(&r, &taken, Some(Duration::from_secs(1)), 0.0)
@@ -497,7 +427,7 @@ mod tests {
     #[test]
     fn a_long_session_that_is_taken_over_does_not_reset_the_takeover_delays() {
         let r = reconnect();
-        let mut b = Backoff::default();
+        let mut b = Failures::default();
         let taken = closed(CloseCode::TAKEN_OVER);
         let long = Some(Duration::from_secs(300));
         let delays: Vec<_> = (0..3)
@@ -518,7 +448,7 @@ mod tests {
     #[test]
     fn only_an_authenticated_revocation_or_removal_stops_the_link() {
         let r = reconnect();
-        let mut b = Backoff::default();
+        let mut b = Failures::default();
         for e in [closed(CloseCode::REVOKED), closed(CloseCode::REMOVED)] {
             assert_eq!(b.after(&r, &e, Some(Duration::ZERO), 0.5), None, "{e}");
         }

@@ -65,7 +65,7 @@ use crate::random::random_bytes;
 use crate::wire::{read_frame, ReadError};
 
 mod link;
-pub use link::{Link, LinkEvent, Reconnect};
+pub use link::{Link, LinkEvent};
 // `tally listen`'s local socket for `tally request` and `tally message`: the CLI's
 // machinery, not the device's API.
 #[doc(hidden)]
@@ -245,11 +245,11 @@ impl From<ProtocolError> for ClientError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tally::client::{ClientOptions, Retry};
+/// use tally::client::{Backoff, ClientOptions};
 /// let opts = ClientOptions::default()
 ///     .with_max_frame_len(4096) // a small device: the server sends nothing larger
 ///     .with_connect_timeout(Duration::from_secs(5))
-///     .with_retry(Retry::never());
+///     .with_retry(Backoff::never());
 /// assert_eq!(opts.keepalive, None); // the server's, announced in the handshake
 /// ```
 #[derive(Debug, Clone)]
@@ -271,57 +271,124 @@ pub struct ClientOptions {
     /// Capacity of the queue of server requests and messages not yet taken.
     pub incoming_capacity: usize,
     /// Retries of a connection attempt that failed for a reason that may pass.
-    pub retry: Retry,
+    pub retry: Backoff,
     /// The session mode (spec 7.7): [`Mode::Encrypted`] by default; the authenticated
     /// mode only where something on the path must read the payloads. A refusal of the
     /// mode (`MODE_REFUSED`) is never answered by trying the other one (spec 7.8).
     pub mode: Mode,
 }
 
-/// Retries, with jittered exponential backoff, of an attempt that failed for a reason
-/// that may pass ([`ClientError::is_transient`]: ERROR BUSY, a connection refused,
-/// reset or closed before the server answered, a timeout). Each retry is logged
-/// (`tracing`, level WARN) with its reason and delay.
+/// How long to wait before trying again, with jittered exponential backoff: one type for
+/// the retries of one connection or enrollment ([`ClientOptions::retry`]:
+/// [`Backoff::default`]) and for a [`Link`] that keeps a session up
+/// ([`Link::start`]: [`Backoff::link`]).
+///
+/// An attempt retried (`Client::connect`, [`enroll`]) failed for a reason that may pass
+/// ([`ClientError::is_transient`]: ERROR BUSY, a connection refused, reset or closed
+/// before the server answered, a timeout); it is retried `retries` times, each retry
+/// logged (`tracing`, level WARN) with its reason and delay. A `Link` tries until it is
+/// stopped and does not count `retries`; after a takeover or a refusal that will not
+/// pass by itself it waits on the slower `refused_delay` scale.
+///
+/// ```
+/// use std::time::Duration;
+/// use tally::client::Backoff;
+/// let r = Backoff::link().with_delays(Duration::from_millis(500), Duration::from_secs(30));
+/// assert_eq!(r.max_delay, Duration::from_secs(30));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct Retry {
-    /// Attempts after the first; 0 never retries.
+pub struct Backoff {
+    /// Attempts after the first, for one connection or enrollment; 0 never retries.
+    /// (A `Link` does not count them.)
     pub retries: u32,
-    /// The first delay; it doubles with each retry, up to `max_delay`. Each delay is
-    /// drawn uniformly between half of it and all of it, so that devices refused
-    /// together do not come back together.
+    /// The delay after the first failure that may pass by itself (the server shut down,
+    /// restarted or is busy, the connection was cut or refused, a timeout). It doubles
+    /// with each failure in a row, up to `max_delay`; each delay is drawn uniformly
+    /// between half of it and all of it, so that devices refused together do not come
+    /// back together.
     pub initial_delay: Duration,
-    /// The longest delay.
+    /// The longest such delay.
     pub max_delay: Duration,
+    /// A `Link`'s delay after its session was taken over by a newer one of the same
+    /// identity (CLOSE `TAKEN_OVER`, spec 7.3: another device may be using this
+    /// identity), the server refused the takeover (ERROR `TAKEOVER_REFUSED`), or an
+    /// attempt failed in a way that will not pass soon (the server did not authenticate:
+    /// unknown or revoked identity, wrong key; an unsupported version; not a Tally
+    /// server). Those unauthenticated failures could be forged by someone on the path, so
+    /// they slow the link down rather than stop it. It doubles each time in a row, up to
+    /// `max_refused_delay`; each delay is drawn between all of it and one and a half times
+    /// it (never shorter).
+    pub refused_delay: Duration,
+    /// The longest delay after such refusals.
+    pub max_refused_delay: Duration,
+    /// A `Link`'s session that stayed up this long starts the delays over from the first.
+    pub stable_after: Duration,
 }
 
-impl Default for Retry {
+impl Default for Backoff {
+    /// The retries of one connection or enrollment: 4, from 0.2 s doubling up to 5 s.
     fn default() -> Self {
-        Retry {
+        Backoff {
             retries: 4,
             initial_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(5),
+            ..Backoff::link()
         }
     }
 }
 
-impl Retry {
+impl Backoff {
+    /// A [`Link`]'s: from 1 s doubling up to 60 s after failures that may pass; from 10 s
+    /// up to 10 min after takeovers and refusals; over again after a session of 60 s.
+    pub fn link() -> Self {
+        Backoff {
+            retries: 0,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            refused_delay: Duration::from_secs(10),
+            max_refused_delay: Duration::from_secs(600),
+            stable_after: Duration::from_secs(60),
+        }
+    }
+
     /// `retries` attempts after the first, the delay starting at `initial_delay` and
     /// doubling up to `max_delay`.
     pub fn new(retries: u32, initial_delay: Duration, max_delay: Duration) -> Self {
-        Retry {
+        Backoff {
             retries,
             initial_delay,
             max_delay,
+            ..Backoff::default()
         }
     }
 
     /// No retries.
     pub fn never() -> Self {
-        Retry {
+        Backoff {
             retries: 0,
-            ..Retry::default()
+            ..Backoff::default()
         }
+    }
+
+    /// Delays after failures that may pass: from `initial` doubling up to `max`.
+    pub fn with_delays(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_delay = initial;
+        self.max_delay = max;
+        self
+    }
+
+    /// A `Link`'s delays after takeovers and refusals: from `initial` doubling up to `max`.
+    pub fn with_refused_delays(mut self, initial: Duration, max: Duration) -> Self {
+        self.refused_delay = initial;
+        self.max_refused_delay = max;
+        self
+    }
+
+    /// A `Link`'s session up for `stable_after` starts the delays over.
+    pub fn with_stable_after(mut self, stable_after: Duration) -> Self {
+        self.stable_after = stable_after;
+        self
     }
 
     /// The delay before retry number `n` (from 0), with `jitter` in [0, 1).
@@ -372,7 +439,7 @@ impl Default for ClientOptions {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
             incoming_capacity: 64,
-            retry: Retry::default(),
+            retry: Backoff::default(),
             mode: Mode::Encrypted,
         }
     }
@@ -405,7 +472,7 @@ impl ClientOptions {
     }
 
     /// Retries failed connection attempts as `retry` says.
-    pub fn with_retry(mut self, retry: Retry) -> Self {
+    pub fn with_retry(mut self, retry: Backoff) -> Self {
         self.retry = retry;
         self
     }
@@ -1127,7 +1194,7 @@ mod tests {
         let id = Id::new("slow-answers").unwrap();
         let options = ClientOptions::default()
             .with_connect_timeout(Duration::from_secs(1))
-            .with_retry(Retry::never());
+            .with_retry(Backoff::never());
         let cred = enroll(&addr, &token, id.clone(), &options)
             .await
             .expect("each answer came within 1 s");
@@ -1233,7 +1300,7 @@ mod tests {
 
     #[test]
     fn retry_delays_double_up_to_the_maximum_with_equal_jitter() {
-        let r = Retry::default();
+        let r = Backoff::default();
         assert_eq!(r.delay(0, 0.0), Duration::from_millis(100));
         assert_eq!(r.delay(0, 1.0), Duration::from_millis(200));
         assert_eq!(r.delay(2, 1.0), Duration::from_millis(800));
@@ -1243,11 +1310,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_and_others_are_not() {
-        let r = Retry {
-            retries: 3,
-            initial_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(40),
-        };
+        let r = Backoff::new(3, Duration::from_millis(10), Duration::from_millis(40));
         let mut calls = 0;
         let busy = r
             .run("test", || {
