@@ -2282,27 +2282,38 @@ fn a_node_killed_between_the_devices_ack_and_the_delete_loses_nothing() {
         assert!(from_psql.read_line(&mut line).unwrap() > 0, "psql ended");
     }
     assert_eq!(line.trim(), "1", "the row locked");
-    // The device answers; node 0's deletion waits on the lock.
+    // The device answers; node 0's deletion (the ACK's statement, and no other) waits
+    // on the lock.
     std::fs::write(&held.go, "").unwrap();
+    let waiting = "SELECT pid FROM pg_stat_activity
+          WHERE wait_event_type = 'Lock'
+            AND query LIKE 'DELETE FROM queue WHERE generation = $1 AND msg_id = $2 RETURNING%'";
     let deadline = Instant::now() + Duration::from_secs(20);
-    while f.cluster.psql(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM queue WHERE generation%'",
-    ) != "1"
-    {
+    let pid = loop {
+        let pid = f.cluster.psql(waiting);
+        if !pid.is_empty() {
+            break pid;
+        }
         assert!(
             Instant::now() < deadline,
             "node 0 never tried to delete the message"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     f.nodes[0].daemon.child.kill().unwrap();
     f.nodes[0].daemon.child.wait().unwrap();
-    expect_line(&held.lines, "session lost");
-    // The lock goes: the dead node's transaction is rolled back, not committed.
+    // Still waiting when the lock goes (the node's statement_timeout did not end it
+    // first: then the test would prove nothing). The dead node's transaction is then
+    // rolled back, not committed.
+    assert_eq!(
+        f.cluster.psql(waiting),
+        pid,
+        "node 0's deletion stopped waiting before the lock went"
+    );
     writeln!(to_psql, "ROLLBACK;").unwrap();
     drop(to_psql);
     holder.wait().unwrap();
+    expect_line(&held.lines, "session lost");
     held.redelivered(&f, "valve-5");
 }
 

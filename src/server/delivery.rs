@@ -626,6 +626,25 @@ mod model;
 mod tests {
     use super::*;
 
+    /// The store writes an acknowledgement's outcome for another node itself (in the
+    /// transaction that deletes the row): its code is the one `Outcome::wire` gives.
+    #[test]
+    fn the_stores_acknowledged_code_is_the_outcomes() {
+        let acked = Outcome::Acknowledged {
+            status: Status::OK,
+            payload: Bytes::from_static(b"done"),
+        };
+        assert_eq!(acked.wire().0, queue::Report::ACKNOWLEDGED);
+        assert_eq!(
+            Outcome::from_wire(
+                queue::Report::ACKNOWLEDGED,
+                Status::OK,
+                Bytes::from_static(b"done")
+            ),
+            Some(acked)
+        );
+    }
+
     #[test]
     fn a_session_fetches_what_its_window_holds_then_waits_for_acks() {
         let mut c = Cursor::new();

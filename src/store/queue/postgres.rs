@@ -19,6 +19,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tracing::warn;
 
@@ -143,6 +144,25 @@ macro_rules! gone_columns {
 
 fn db(e: impl std::fmt::Display) -> QueueError {
     QueueError::Db(e.to_string())
+}
+
+/// Why an acknowledgement's transaction failed: the database (a deadlock is tried
+/// again), or the queue's own check of what it returned.
+enum AckFailed {
+    Db(tokio_postgres::Error),
+    Queue(QueueError),
+}
+
+impl From<tokio_postgres::Error> for AckFailed {
+    fn from(e: tokio_postgres::Error) -> Self {
+        AckFailed::Db(e)
+    }
+}
+
+impl From<QueueError> for AckFailed {
+    fn from(e: QueueError) -> Self {
+        AckFailed::Queue(e)
+    }
 }
 
 impl PgQueue {
@@ -362,7 +382,7 @@ impl PgQueue {
                 warn!(
                     %id,
                     msg_ids = ?forged,
-                    "queued messages whose tag does not verify (no node of this fleet queued them: written into the database by someone else?) deleted, not delivered"
+                    "queued messages whose tag does not verify or whose digest column is not their payload's (no node of this fleet queued them so: written into the database by someone else?) deleted, not delivered"
                 );
                 tx.execute(
                     "DELETE FROM queue WHERE generation = $1 AND msg_id = ANY($2)",
@@ -407,22 +427,53 @@ impl PgQueue {
         status: Status,
         answer: Bytes,
     ) -> Result<Option<Removed>, QueueError> {
+        // A deadlock with a sweep or a first fetch of the same identity (they take its
+        // row and the messages' in other orders) aborts one of them: tried again, since
+        // an ACK not recorded leaves the message for the device's next session only.
+        let mut tries = 0;
+        loop {
+            match self
+                .ack_once(generation, msg_id, status, answer.clone())
+                .await
+            {
+                Err(AckFailed::Db(e))
+                    if tries < 2 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    tries += 1;
+                    warn!(
+                        msg_id,
+                        "recording an acknowledgement deadlocked; trying again"
+                    );
+                }
+                Err(AckFailed::Db(e)) => return Err(db(e)),
+                Err(AckFailed::Queue(e)) => return Err(e),
+                Ok(removed) => return Ok(removed),
+            }
+        }
+    }
+
+    /// One try of [`PgQueue::ack_here`], in one transaction.
+    async fn ack_once(
+        &self,
+        generation: u64,
+        msg_id: u64,
+        status: Status,
+        answer: Bytes,
+    ) -> Result<Option<Removed>, AckFailed> {
         self.pg.count_queries(3);
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(db)?;
+        let tx = c.transaction().await?;
         let stmt = tx
             .prepare_cached(concat!(
                 "DELETE FROM queue WHERE generation = $1 AND msg_id = $2 RETURNING ",
                 gone_columns!()
             ))
-            .await
-            .map_err(db)?;
+            .await?;
         let rows = tx
             .query(&stmt, &[&(generation as i64), &(msg_id as i64)])
-            .await
-            .map_err(db)?;
+            .await?;
         let Some(gone) = self.gone(&rows)?.pop() else {
-            tx.commit().await.map_err(db)?;
+            tx.commit().await?;
             return Ok(None);
         };
         if let Some(node) = &gone.node {
@@ -438,7 +489,7 @@ impl PgQueue {
             self.pg.count_queries(1);
             self.insert_outcome(&tx, node, &report).await?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await?;
         Ok(Some(Removed {
             origin: gone.origin,
             node: gone.node,
