@@ -30,13 +30,8 @@ async fn kill_9_during_enrollments_loses_no_confirmed_identity() {
         let (token, addr, confirmed) = (token.clone(), addr.clone(), confirmed.clone());
         tasks.push(tokio::spawn(async move {
             let id = Id::new(&format!("crash-{i}")).unwrap();
-            if let Ok(cred) = client::enroll(
-                &addr,
-                &token,
-                id,
-                &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(10)),
-            )
-            .await
+            if let Ok(cred) =
+                client::enroll(&addr, &token, id, &client::ClientOptions::default()).await
             {
                 confirmed.lock().await.push(cred);
             }

@@ -62,44 +62,22 @@ async fn per_identity_token_enrolls_only_its_id_and_open_mode_can_be_off() {
     let srv = TestServer::start(|c| c.open_enrollment = false).await;
     let addr = srv.addr.to_string();
     let t = srv.id_token("dev-a");
-    let cred = client::enroll(
-        &addr,
-        &t,
-        Id::new("dev-a").unwrap(),
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
-    )
-    .await
-    .unwrap();
-    let other = client::enroll(
-        &addr,
-        &t,
-        Id::new("dev-b").unwrap(),
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
-    )
-    .await;
+    let opts = client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5));
+    let cred = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), &opts)
+        .await
+        .unwrap();
+    let other = client::enroll(&addr, &t, Id::new("dev-b").unwrap(), &opts).await;
     assert!(
         matches!(other, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{other:?}"
     );
-    let open = client::enroll(
-        &addr,
-        &srv.open_token(),
-        Id::new("dev-c").unwrap(),
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
-    )
-    .await;
+    let open = client::enroll(&addr, &srv.open_token(), Id::new("dev-c").unwrap(), &opts).await;
     assert!(
         matches!(open, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{open:?}"
     );
     // The token was consumed by its enrollment.
-    let again = client::enroll(
-        &addr,
-        &t,
-        Id::new("dev-a").unwrap(),
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(5)),
-    )
-    .await;
+    let again = client::enroll(&addr, &t, Id::new("dev-a").unwrap(), &opts).await;
     assert!(
         matches!(again, Err(ClientError::Refused(ErrorCode::ENROLL_REFUSED))),
         "{again:?}"

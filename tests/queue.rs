@@ -381,7 +381,7 @@ async fn enroll_at(addr: &str, state: &std::path::Path, id: &str) -> Credential 
         addr,
         &token,
         Id::new(id).unwrap(),
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(10)),
+        &client::ClientOptions::default(),
     )
     .await
     .unwrap()

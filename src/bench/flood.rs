@@ -208,8 +208,7 @@ impl Arsenal {
                     &server.to_string(),
                     token,
                     id.clone(),
-                    &crate::client::ClientOptions::default()
-                        .with_connect_timeout(Duration::from_secs(10)),
+                    &crate::client::ClientOptions::default(),
                 )
                 .await;
                 let mut out = BytesMut::new();
@@ -234,9 +233,8 @@ impl Arsenal {
             let token = self.token.as_ref().context("token")?;
             let id = Id::new(&format!("flood-{}", hex::encode(&random_bytes()[..8])))?;
             let server = self.server.to_string();
-            let once = crate::client::ClientOptions::default()
-                .with_connect_timeout(Duration::from_secs(10))
-                .with_retry(crate::client::Backoff::never());
+            let once =
+                crate::client::ClientOptions::default().with_retry(crate::client::Backoff::never());
             let enroll = crate::client::enroll(&server, token, id, &once);
             tokio::select! {
                 _ = stop.cancelled() => {}

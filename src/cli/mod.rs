@@ -139,14 +139,7 @@ pub async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     }
     let what = format!("enrollment of {id} at {server}");
     let mode = token.mode;
-    let cred = match client::enroll(
-        &server,
-        &token,
-        id,
-        &client::ClientOptions::default().with_connect_timeout(Duration::from_secs(10)),
-    )
-    .await
-    {
+    let cred = match client::enroll(&server, &token, id, &client::ClientOptions::default()).await {
         Ok(cred) => cred,
         // The server says no more than "refused" (spec 7.5); what kind of token
         // this was narrows down why.

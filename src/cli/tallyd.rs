@@ -40,7 +40,7 @@ pub enum AdminCommand {
         #[arg(long, conflicts_with_all = ["revoke", "rotate_open"])]
         id: Option<String>,
         /// How long the token is valid: 90s, 30m, 12h, 3d [default: 3d].
-        #[arg(long, requires = "id", value_parser = parse_duration)]
+        #[arg(long, requires = "id", value_parser = admin::parse_duration)]
         expires: Option<std::time::Duration>,
         /// Withdraw the outstanding token of this identity.
         #[arg(long, value_name = "ID", conflicts_with = "rotate_open")]
@@ -104,11 +104,11 @@ pub enum AdminCommand {
         queue: bool,
         /// With --queue: how long it may wait for the device (e.g. 90s, 12h, 7d)
         /// [default: limits.queue_ttl].
-        #[arg(long, requires = "queue", value_parser = duration)]
+        #[arg(long, requires = "queue", value_parser = admin::parse_duration)]
         ttl: Option<std::time::Duration>,
         /// With --queue: wait this long for the outcome (e.g. 30s): the device's answer,
         /// or why it was not delivered.
-        #[arg(long, requires = "queue", value_parser = duration)]
+        #[arg(long, requires = "queue", value_parser = admin::parse_duration)]
         wait: Option<std::time::Duration>,
         /// The payload; read from stdin when absent.
         data: Option<String>,
@@ -206,11 +206,6 @@ impl AdminCommand {
     }
 }
 
-/// A duration as `tallyd token --lifetime` takes it: 90s, 15m, 12h, 7d.
-fn duration(text: &str) -> Result<std::time::Duration, String> {
-    admin::parse_duration(text)
-}
-
 /// `tallyd send --queue`: prints the message id (stdout), then with --wait the outcome.
 fn send_queued(
     dir: &std::path::Path,
@@ -275,10 +270,6 @@ fn format(json: bool) -> admin::Format {
     } else {
         admin::Format::Table
     }
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    admin::parse_duration(s)
 }
 
 /// The configuration file, then the flags over it.
