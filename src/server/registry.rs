@@ -317,6 +317,9 @@ pub struct SessionInfo {
 pub trait Fleetwide: Send + Sync {
     /// `id`'s session with claim `epoch` ended.
     fn released(&self, id: &Id, epoch: u64);
+    /// Whether `id`'s session with claim `epoch` may deliver queued messages now (its
+    /// node serves, and the claim is not known superseded).
+    fn may_deliver(&self, id: &Id, epoch: u64) -> bool;
     /// Sends to `id`, whose session is not on this node.
     fn send_elsewhere(
         &self,
@@ -456,6 +459,17 @@ impl Drop for Registration {
                 fleet.released(&self.id, self.epoch);
             }
         }
+    }
+}
+
+impl Registration {
+    /// Whether this session may deliver queued messages now: always on a daemon of its
+    /// own; in a fleet, as its node's state machine says (`fleet::node::Node::may_deliver`).
+    pub fn may_deliver(&self) -> bool {
+        self.registry
+            .fleet
+            .get()
+            .is_none_or(|f| f.may_deliver(&self.id, self.epoch))
     }
 }
 

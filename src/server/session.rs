@@ -104,6 +104,9 @@ pub(crate) enum Work {
 
 type Fetched = Result<(Vec<Queued>, bool), QueueError>;
 
+/// How long a session whose deliveries are held back waits before it asks again.
+const HOLD: Duration = Duration::from_secs(1);
+
 /// The limits a session reads on every request: a copy of these, not of all of
 /// [`crate::config::Limits`] (every idle session holds it).
 struct SessionLimits {
@@ -427,10 +430,14 @@ impl ServerRole {
 
     /// Fetches the next queued messages if the cursor says so (spec 8.8).
     fn start_fetch(&mut self) {
-        let (d, delivery) = (&self.state.deliveries, &mut self.delivery);
+        let delivery = &mut self.delivery;
         let Some(limit) = delivery.cursor.poll_fetch(delivery.in_flight) else {
             return;
         };
+        if !self.may_deliver() {
+            return self.hold();
+        }
+        let (d, delivery) = (&self.state.deliveries, &mut self.delivery);
         let (d, id, after) = (d.clone(), self.id.clone(), delivery.cursor.after());
         let generation = delivery.generation;
         // The first fetch of an identity marked as one that may have messages unmarks it
@@ -471,8 +478,33 @@ impl ServerRole {
         }));
     }
 
-    /// Delivers fetched messages, in order, while the session is open.
+    /// Whether this session may deliver queued messages now: in a fleet, only while its
+    /// node serves under its claim (`fleet::node::Node::may_deliver`); a session being
+    /// closed never.
+    fn may_deliver(&self) -> bool {
+        self.registration
+            .as_ref()
+            .is_some_and(Registration::may_deliver)
+    }
+
+    /// Holds deliveries back ([`ServerRole::may_deliver`] said no: the node may be taken
+    /// for dead, or the claim was superseded, and the session is about to be closed):
+    /// nothing is fetched, and the session asks again in a second. What is queued stays
+    /// queued, for this session or the next, on any node.
+    fn hold(&mut self) {
+        self.delivery.fetch = Some(Box::pin(async {
+            tokio::time::sleep(HOLD).await;
+            Ok((Vec::new(), true))
+        }));
+    }
+
+    /// Delivers fetched messages, in order, while the session is open (and may deliver:
+    /// its node may have stopped serving while the fetch was on its way).
     fn deliver(&mut self, fetched: Fetched, conn: &mut Connection, now: Duration) {
+        if !self.may_deliver() {
+            // Not delivered: fetched again once it may.
+            return self.delivery.cursor.fetched(&[], true);
+        }
         let (d, delivery) = (self.state.deliveries.clone(), &mut self.delivery);
         let generation = delivery.generation;
         let cursor = &mut delivery.cursor;

@@ -811,6 +811,14 @@ impl Fleet {
         self.with_node(|node, now| node.ended(id, epoch, now));
     }
 
+    /// Whether this node's session of `id` with claim `epoch` may deliver queued
+    /// messages now ([`Node::may_deliver`]).
+    pub fn may_deliver(&self, id: &Id, epoch: u64) -> bool {
+        lock(&self.machine)
+            .node
+            .may_deliver(id, epoch, Instant::now())
+    }
+
     /// Whether `id` has a live session on any node.
     pub async fn is_live(self: &Arc<Self>, id: &Id) -> Result<bool, StoreError> {
         if self.registry.is_live(id) {
@@ -1609,6 +1617,10 @@ impl Fleetwide for Handle {
         if let Some(fleet) = self.0.upgrade() {
             fleet.release(id, epoch);
         }
+    }
+
+    fn may_deliver(&self, id: &Id, epoch: u64) -> bool {
+        self.0.upgrade().is_some_and(|f| f.may_deliver(id, epoch))
     }
 
     fn send_elsewhere(

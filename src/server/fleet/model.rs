@@ -4,7 +4,7 @@
 //! heartbeat's liveness and deletion of dead nodes, `tally_close` notices, the reads of a
 //! node's claims by its catch-up and its audit).
 //!
-//! Explored, in seven scenarios (each small enough for `cargo test`): two nodes, one
+//! Explored, in nine scenarios (each small enough for `cargo test`): two nodes, one
 //! identity's handshakes (or two identities', sharing batches) on either at any time,
 //! sessions ending or refused after their claim, statements' answers delivered late
 //! (across the handshake's deadline and the batch's) or lost, notices delivered late or
@@ -33,11 +33,25 @@
 //!   that looked its key up before the revocation was applied is refused at
 //!   registration), copied here; the registry's unit tests keep the two in step.
 //!
+//! - **queued delivery** (spec 8.8; the issue's "delivered by exactly one node, never
+//!   lost while unacknowledged"): messages are queued at any time, each live session
+//!   delivers the next queued after its last only when its node's machine says it may
+//!   ([`Node::may_deliver`], asked by the session before it fetches and again before
+//!   it hands what it fetched to the device), the device acknowledges in order and the
+//!   ACK deletes the row. Checked: *one node at a time delivers an identity's queue*
+//!   (`reject`: no delivery while another node's session of the identity may deliver);
+//!   *a queued message is never lost while unacknowledged* (every message queued is in
+//!   the queue or was received and acknowledged by the device, never both); *a device
+//!   never receives a message before an earlier one still queued*. Without the
+//!   machine's say (`gate: false`) the checker finds a node resumed from a pause
+//!   delivering beside the other in 24 steps; without its `serving_until` bound, 27.
+//!
 //! And, so that the check is not vacuous, that each scenario reaches what its faults
 //! allow: a session registered, a node fenced, a node paused past its fence holding a
 //! session another node serves, a claim whose answer never came released, a session
 //! taken over unheard closed by the catch-up, one taken over unannounced closed by an
-//! audit.
+//! audit, a queued message acknowledged, and one that a paused node delivered
+//! unacknowledged delivered again by the other node.
 //!
 //! Bounded: "no claim leaked" is checked in the states a node settles in within the
 //! horizon (3-6 s); a claim whose answer never came is released for `SETTLE` (6 s)
@@ -48,9 +62,11 @@
 //! notification connections only in the scenarios that explore their loss.
 //!
 //! Not modelled: the fleet's log and its tags (the store's, tested in tests/fleet.rs and
-//! tests/fleet_database.rs), sends.
+//! tests/fleet_database.rs), live sends, and which sessions read the queue at their
+//! start (the registry's marks: `crate::server::delivery`'s own model); a session here
+//! delivers one message per step, without a window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use stateright::{Checker, Model, Property};
@@ -79,6 +95,10 @@ struct Db {
     epochs: u64,
     /// Identities whose revocation committed (the fleet's log).
     revoked: std::collections::BTreeSet<Id>,
+    /// The queue (spec 8.8): each identity's messages not yet acknowledged, by id.
+    queue: BTreeMap<Id, BTreeSet<u8>>,
+    /// The last message id given (ids only grow).
+    last_msg: u8,
 }
 
 /// A statement.
@@ -142,6 +162,19 @@ struct NodeState {
     /// `tally_close` notices on their way here: id, and the epoch taken over.
     notices: Vec<(Id, u64)>,
     conn: Conn,
+    /// Each live session's deliveries (as its `delivery::Cursor`).
+    deliveries: BTreeMap<Id, Delivering>,
+}
+
+/// A session's place in its identity's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Delivering {
+    /// The session's claim.
+    epoch: u64,
+    /// The last message delivered.
+    after: u8,
+    /// Delivered, not acknowledged yet, in order.
+    unacked: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -157,6 +190,18 @@ struct State {
     released_lost: bool,
     closed_by_claims_read: bool,
     closed_revoked: bool,
+    /// The device of each identity: every message it received.
+    received: BTreeMap<Id, BTreeSet<u8>>,
+    /// Messages queued, and those the device acknowledged and the database deleted.
+    queued: BTreeMap<Id, BTreeSet<u8>>,
+    acknowledged: BTreeMap<Id, BTreeSet<u8>>,
+    /// Broken rules, noted when the step that breaks them is taken: a message delivered
+    /// while another node's session of the identity may deliver, or while an earlier
+    /// message is queued that the device never received.
+    delivered_beside: bool,
+    out_of_order: bool,
+    /// Witnesses: a message delivered again by another node than the first.
+    redelivered_elsewhere: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -185,6 +230,13 @@ enum Step {
     Deafen(usize),
     /// Node `i` listens again.
     Relisten(usize),
+    /// A message is queued for identity `k` (the transaction commits).
+    Enqueue(usize),
+    /// Node `i`'s session of `id` delivers its next queued message.
+    Fetch(usize, Id),
+    /// The device acknowledges the oldest message node `i`'s session of `id` delivered
+    /// (the row is deleted).
+    Ack(usize, Id),
 }
 
 /// Handshakes the environment may make, and faults it may cause: database outages,
@@ -198,6 +250,8 @@ struct Budget {
     losses: u8,
     cuts: u8,
     revokes: u8,
+    /// Messages queued.
+    sends: u8,
 }
 
 struct Fleet {
@@ -211,6 +265,10 @@ struct Fleet {
     /// How often each node audits its claims (`None`: `AUDIT_EVERY`, beyond the
     /// horizon).
     audit_every: Option<Secs>,
+    /// Sessions deliver only when their node's machine says they may
+    /// ([`Node::may_deliver`], as the session does); `false` only to show the rule is
+    /// needed.
+    gate: bool,
 }
 
 fn name(i: usize) -> String {
@@ -437,6 +495,22 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// The message node `i`'s session of `id` (claim `epoch`) would deliver next: the
+    /// first queued after the last it delivered, if its node's machine lets it
+    /// deliver (as `ServerRole::start_fetch` and `ServerRole::deliver` ask).
+    fn next_delivery(&self, s: &State, i: usize, id: &Id, epoch: u64) -> Option<u8> {
+        let n = &s.nodes[i];
+        if n.paused || (self.gate && !n.machine.may_deliver(id, epoch, self.at(s.now))) {
+            return None;
+        }
+        let after = n
+            .deliveries
+            .get(id)
+            .filter(|d| d.epoch == epoch)
+            .map_or(0, |d| d.after);
+        s.db.queue.get(id)?.range(after + 1..).next().copied()
+    }
+
     /// Whether node `i`'s session of `id` has been without its claim for less than an
     /// audit takes to find it: an audit every `audit_every`, one more for each answer
     /// that may be lost, and the second the clock moves at a time.
@@ -562,6 +636,7 @@ impl Model for Fleet {
                 revocations: Vec::new(),
                 notices: Vec::new(),
                 conn: Conn::Up,
+                deliveries: BTreeMap::new(),
             })
             .collect();
         vec![State {
@@ -572,6 +647,8 @@ impl Model for Fleet {
                 claims: BTreeMap::new(),
                 epochs: 0,
                 revoked: Default::default(),
+                queue: BTreeMap::new(),
+                last_msg: 0,
             },
             nodes,
             left: self.budget,
@@ -579,6 +656,12 @@ impl Model for Fleet {
             released_lost: false,
             closed_by_claims_read: false,
             closed_revoked: false,
+            received: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            acknowledged: BTreeMap::new(),
+            delivered_beside: false,
+            out_of_order: false,
+            redelivered_elsewhere: false,
         }]
     }
 
@@ -590,6 +673,9 @@ impl Model for Fleet {
         }
         if state.left.outages > 0 || !state.db.up {
             steps.push(Step::Outage);
+        }
+        if state.left.sends > 0 && state.db.up {
+            steps.extend((0..self.ids.len()).map(Step::Enqueue));
         }
         if state.left.revokes > 0 && state.db.up {
             steps.extend(
@@ -624,6 +710,16 @@ impl Model for Fleet {
                 steps.push(Step::Refuse(i, k));
             }
             steps.extend(n.sessions.keys().map(|id| Step::End(i, id.clone())));
+            if state.db.up {
+                for (id, epoch) in &n.sessions {
+                    if self.next_delivery(state, i, id, *epoch).is_some() {
+                        steps.push(Step::Fetch(i, id.clone()));
+                    }
+                    if n.deliveries.get(id).is_some_and(|d| !d.unacked.is_empty()) {
+                        steps.push(Step::Ack(i, id.clone()));
+                    }
+                }
+            }
             for (k, answer) in n.answers.iter().enumerate() {
                 steps.push(Step::Deliver(i, k));
                 // A catch-up's answer always comes (it is the node's own task).
@@ -786,6 +882,57 @@ impl Model for Fleet {
                 s.left.losses -= 1;
                 s.nodes[i].notices.remove(k);
             }
+            Step::Enqueue(k) => {
+                s.left.sends -= 1;
+                let id = self.ids[k].clone();
+                s.db.last_msg += 1;
+                let m = s.db.last_msg;
+                s.db.queue.entry(id.clone()).or_default().insert(m);
+                s.queued.entry(id).or_default().insert(m);
+            }
+            Step::Fetch(i, id) => {
+                let epoch = *s.nodes[i].sessions.get(&id)?;
+                let m = self.next_delivery(&s, i, &id, epoch)?;
+                // Another node's session of the identity that may deliver too.
+                s.delivered_beside |= s.nodes.iter().enumerate().any(|(j, o)| {
+                    j != i
+                        && o.sessions
+                            .get(&id)
+                            .is_some_and(|e| o.machine.may_deliver(&id, *e, now))
+                });
+                let queued = s.db.queue.get(&id).cloned().unwrap_or_default();
+                let received = s.received.entry(id.clone()).or_default();
+                s.out_of_order |= queued.range(..m).any(|earlier| !received.contains(earlier));
+                s.redelivered_elsewhere |= received.contains(&m)
+                    && s.nodes.iter().enumerate().any(|(j, o)| {
+                        j != i
+                            && o.deliveries
+                                .get(&id)
+                                .is_some_and(|d| d.unacked.contains(&m))
+                    });
+                received.insert(m);
+                let d = s.nodes[i].deliveries.entry(id).or_insert(Delivering {
+                    epoch,
+                    after: 0,
+                    unacked: Vec::new(),
+                });
+                d.after = m;
+                d.unacked.push(m);
+            }
+            // The ACK deletes the row whichever node's session carries it (the device
+            // acknowledged it: no claim needed); one already deleted is not there.
+            Step::Ack(i, id) => {
+                let d = s.nodes[i].deliveries.get_mut(&id)?;
+                let m = d.unacked.remove(0);
+                if s.db.queue.get_mut(&id).is_some_and(|q| q.remove(&m)) {
+                    s.acknowledged.entry(id).or_default().insert(m);
+                }
+            }
+        }
+        // A session's deliveries end with it.
+        for n in &mut s.nodes {
+            let live = &n.sessions;
+            n.deliveries.retain(|id, d| live.get(id) == Some(&d.epoch));
         }
         if !self.reject {
             self.track_uncovered(&mut s);
@@ -871,6 +1018,40 @@ impl Model for Fleet {
                                     || n.machine.is_deaf()
                             })
                     })
+                },
+            ),
+            Property::always(
+                "one node at a time delivers an identity's queue",
+                |m: &Fleet, s: &State| !m.reject || !s.delivered_beside,
+            ),
+            Property::always(
+                "a queued message is never lost while unacknowledged",
+                |_: &Fleet, s: &State| {
+                    s.queued.iter().all(|(id, sent)| {
+                        let queue = s.db.queue.get(id);
+                        let acked = s.acknowledged.get(id);
+                        let received = s.received.get(id);
+                        sent.iter().all(|m| {
+                            let in_queue = queue.is_some_and(|q| q.contains(m));
+                            let acked = acked.is_some_and(|a| a.contains(m));
+                            // Gone only once the device received and acknowledged it.
+                            in_queue != acked && (!acked || received.is_some_and(|r| r.contains(m)))
+                        })
+                    })
+                },
+            ),
+            Property::always(
+                "a device never receives a message before an earlier one still queued",
+                |_: &Fleet, s: &State| !s.out_of_order,
+            ),
+            Property::sometimes(
+                "a queued message is acknowledged",
+                |m: &Fleet, s: &State| m.budget.sends == 0 || !s.acknowledged.is_empty(),
+            ),
+            Property::sometimes(
+                "a message unacknowledged on a paused node is delivered by the other",
+                |m: &Fleet, s: &State| {
+                    m.budget.sends == 0 || m.budget.pauses == 0 || s.redelivered_elsewhere
                 },
             ),
             Property::sometimes(
@@ -960,9 +1141,11 @@ fn fleet(ids: &[&str], horizon: Secs, handshakes: u8, faults: [u8; 4]) -> Fleet 
             losses,
             cuts,
             revokes: 0,
+            sends: 0,
         },
         reject: true,
         audit_every: None,
+        gate: true,
     }
 }
 
@@ -1032,4 +1215,40 @@ fn a_revocation_a_handshake_in_flight_and_a_broken_notification_connection() {
     let mut fleet = fleet(&["a"], 3, 2, [0, 0, 0, 1]);
     fleet.budget.revokes = 1;
     check("revocation", fleet);
+}
+
+/// Queued delivery (spec 8.8) in a fleet: messages queued at any time, delivered by the
+/// sessions as their node's machine allows, acknowledged by the device; a node paused
+/// past its fence while the other takes the identity over. One node at a time delivers,
+/// nothing unacknowledged is lost, nothing is delivered before an earlier message still
+/// queued; a message the paused node delivered unacknowledged is delivered again by the
+/// other.
+#[test]
+fn queued_delivery_with_a_paused_node() {
+    let mut fleet = fleet(&["a"], 6, 2, [0, 1, 0, 0]);
+    fleet.budget.sends = 2;
+    check("delivery, paused", fleet);
+}
+
+/// Queued delivery across a database outage and a lost answer or notice.
+#[test]
+fn queued_delivery_with_an_outage_and_lost_answers() {
+    let mut fleet = fleet(&["a"], 6, 2, [1, 0, 1, 0]);
+    fleet.budget.sends = 1;
+    check("delivery, outage", fleet);
+}
+
+/// Without the machine's say ([`Node::may_deliver`]) a node resumed from a pause
+/// delivers before its timer fences it, while the other node's session of the
+/// identity delivers too: the checker finds it.
+#[test]
+fn without_the_machines_say_a_resumed_node_delivers_beside_the_other() {
+    let mut fleet = fleet(&["a"], 6, 2, [0, 1, 0, 0]);
+    fleet.budget.sends = 1;
+    fleet.gate = false;
+    let checker = fleet.checker().spawn_bfs().join();
+    let path = checker
+        .discovery("one node at a time delivers an identity's queue")
+        .expect("a counterexample");
+    eprintln!("without the gate: {} steps", path.into_actions().len());
 }

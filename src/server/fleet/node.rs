@@ -352,6 +352,9 @@ pub struct Node {
     /// only while the identity has such claims: one asked for after the notice came
     /// gets a newer epoch.
     superseded: BTreeMap<Id, u64>,
+    /// Live sessions whose claim a takeover notice superseded, until they end (their
+    /// close is on its way): they deliver nothing more.
+    withdrawn: BTreeMap<Id, u64>,
     audit_every: Duration,
     next_audit: Instant,
     next_audit_no: u64,
@@ -393,6 +396,7 @@ impl Node {
             losses: 0,
             deaf: None,
             superseded: BTreeMap::new(),
+            withdrawn: BTreeMap::new(),
             audit_every: AUDIT_EVERY,
             next_audit: joined + AUDIT_EVERY,
             next_audit_no: 0,
@@ -467,6 +471,9 @@ impl Node {
             let mark = self.superseded.entry(id.clone()).or_insert(epoch);
             *mark = (*mark).max(epoch);
         }
+        if let Some(live) = self.live.get(id).filter(|e| **e <= epoch) {
+            self.withdrawn.insert(id.clone(), *live);
+        }
     }
 
     /// The notification connection was lost: notices may be missed from now until the
@@ -527,6 +534,21 @@ impl Node {
     /// dead soon: it must fence itself before it serves anything else.
     pub fn serving_until(&self) -> Option<Instant> {
         (!self.fenced && !self.rejoining).then_some(self.last_ok + FENCE_AFTER)
+    }
+
+    /// Whether this node's session of `id` registered with claim `epoch` may deliver
+    /// queued messages now (spec 8.8; docs/CLUSTER.md, "Queued delivery"): it is the
+    /// identity's live session here, no takeover notice superseded its claim, and the
+    /// node serves (not fenced or rejoining, and `now` before [`Node::serving_until`]).
+    /// A delivery is what a device acts on: a node that the others may already take for
+    /// dead (resumed from a pause before its timer fenced it) holds its deliveries back.
+    /// They stay queued, for this session once it may deliver again or for the next
+    /// one, on any node. With it, under `takeover = "reject"`, one node at a time
+    /// delivers an identity's queue (model-checked).
+    pub fn may_deliver(&self, id: &Id, epoch: u64, now: Instant) -> bool {
+        self.serving_until().is_some_and(|t| now < t)
+            && self.live.get(id) == Some(&epoch)
+            && self.withdrawn.get(id) != Some(&epoch)
     }
 
     /// The newest epoch this node claimed for `id`, while it may hold it.
@@ -649,6 +671,9 @@ impl Node {
     pub fn ended(&mut self, id: &Id, epoch: u64, now: Instant) {
         if self.live.get(id) == Some(&epoch) {
             self.live.remove(id);
+        }
+        if self.withdrawn.get(id) == Some(&epoch) {
+            self.withdrawn.remove(id);
         }
         if self.claimed.get(id) == Some(&epoch) {
             self.claimed.remove(id);
@@ -1347,6 +1372,50 @@ mod tests {
         assert!(r.claims.is_empty());
         assert_eq!(t.node.claimed(&id("a")), None);
         assert_eq!(t.node.live().count(), 0);
+    }
+
+    #[test]
+    fn only_a_live_session_of_a_serving_node_may_deliver() {
+        let mut t = T::new();
+        let a = t.claim("a");
+        let b = t.batch();
+        t.done(&b, vec![row(ClaimKind::Claimed, 5)]);
+        t.actions();
+        // Granted, not registered yet: nothing to deliver to.
+        assert!(!t.node.may_deliver(&id("a"), 5, t.now));
+        t.node.finish(a, Finish::Registered, t.now);
+        assert!(t.node.may_deliver(&id("a"), 5, t.now));
+        // Another epoch (an older session's) is not the live one.
+        assert!(!t.node.may_deliver(&id("a"), 4, t.now));
+        assert!(!t.node.may_deliver(&id("b"), 5, t.now));
+        // Past the time it serves until (a pause, its timer not run yet): held back.
+        let until = t.node.serving_until().unwrap();
+        assert!(!t.node.may_deliver(&id("a"), 5, until));
+        assert!(t
+            .node
+            .may_deliver(&id("a"), 5, until - Duration::from_millis(1)));
+        // A takeover notice of its claim: held back until the session is closed.
+        t.node.superseded(&id("a"), 5);
+        assert!(!t.node.may_deliver(&id("a"), 5, t.now));
+        // Ended: gone.
+        t.node.ended(&id("a"), 5, t.now);
+        assert!(!t.node.may_deliver(&id("a"), 5, t.now));
+    }
+
+    #[test]
+    fn a_fenced_node_delivers_nothing() {
+        let mut t = T::new();
+        t.heartbeats_answer = false;
+        let a = t.claim("a");
+        let b = t.batch();
+        t.done(&b, vec![row(ClaimKind::Claimed, 1)]);
+        t.actions();
+        t.node.finish(a, Finish::Registered, t.now);
+        assert!(t.node.may_deliver(&id("a"), 1, t.now));
+        t.advance(FENCE_AFTER + Duration::from_secs(1));
+        assert!(t.node.is_fenced());
+        // The fence closes the sessions; until the registry has, none delivers.
+        assert!(!t.node.may_deliver(&id("a"), 1, t.now));
     }
 
     #[test]
