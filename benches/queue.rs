@@ -11,8 +11,8 @@
 //!
 //! With `TALLY_BENCH_PG` set to a PostgreSQL URL (a throwaway database: the bench
 //! creates its tables and identities there), the same two enqueue benches run on a
-//! fleet's queue in it too (`queue-pg/...`: each enqueue one transaction, PostgreSQL
-//! group-committing across connections).
+//! fleet's queue in it too (`queue-pg/...`: the node's enqueue writer takes whatever
+//! waits and commits it as one transaction, as the SQLite writer does).
 //!
 //! Each is a throughput in messages (or fsyncs) per second. Figures and the command:
 //! benches/README.md.

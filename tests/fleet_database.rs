@@ -397,3 +397,110 @@ fn a_key_that_cannot_be_read_again_leaves_the_index() {
     assert!(here.refresh("stale-1").is_ok());
     assert!(!known(&here));
 }
+
+/// A fleet's enqueue writer (group commit on PostgreSQL): enqueues waiting at once go
+/// as one transaction, and each still gets its own answer. An identity's messages take
+/// their ids in the order they were sent; an identity whose messages do not all fit
+/// under its bound gets the ones that fit, in order, and a refusal for each of the
+/// others; an id not enrolled is refused; every row is tagged so that its delivery
+/// verifies it. Fewer statements than messages: they were batched.
+#[test]
+fn enqueues_waiting_at_once_commit_together_each_with_its_own_answer() {
+    use tally::store::queue::{now_ms, Bounds, NewMessage, Origin, Refusal};
+    let Some(cluster) = Cluster::start("queue group commit") else {
+        return;
+    };
+    let location = tally::store::Location::Postgres(cluster.url());
+    let key = tally::proto::SecretKey::from_bytes([7; 32]);
+    let (store, pg) =
+        tally::store::Store::open_shared(&location, key.clone(), Default::default()).unwrap();
+    let pg = pg.expect("a PostgreSQL store");
+    let id = |s: &str| tally::proto::Id::new(s).unwrap();
+    for name in ["meter-1", "meter-2"] {
+        store
+            .insert(
+                &id(name),
+                &tally::proto::SecretKey::from_bytes([4; 32]),
+                tally::proto::frame::EnrollMode::Open,
+                None,
+            )
+            .unwrap();
+    }
+    let fleet_key = tally::store::fleet_key::FleetKey::derive(&key);
+    let q = tally::store::queue::postgres::PgQueue::new(pg.clone(), fleet_key, "n1".into());
+    let message = |to: &str, n: usize, max_messages: u32| {
+        let msg = NewMessage {
+            id: id(to),
+            kind: tally::proto::DeliveryKind::Message,
+            payload: bytes::Bytes::from(format!("set {n}")),
+            expires_ms: now_ms() + 3_600_000,
+            origin: Origin::Control,
+        };
+        let bounds = Bounds {
+            max_messages,
+            max_bytes: 1 << 20,
+        };
+        (msg, bounds)
+    };
+    // meter-1 without a bound to speak of, meter-2 bounded at 3 messages, ghost not
+    // enrolled: interleaved, all sent before any is answered.
+    let mut sends = Vec::new();
+    for n in 0..60 {
+        sends.push(match n % 6 {
+            1 => message("meter-2", n, 3),
+            5 => message("ghost", n, 100),
+            _ => message("meter-1", n, 1000),
+        });
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let before = pg.queries();
+    let answers = runtime.block_on(futures_util::future::join_all(
+        sends
+            .iter()
+            .map(|(msg, bounds)| q.enqueue(msg.clone(), *bounds)),
+    ));
+    let statements = pg.queries() - before;
+    let mut meter1 = Vec::new();
+    let mut meter2 = Vec::new();
+    for ((msg, _), answer) in sends.iter().zip(answers) {
+        let answer = answer.expect("the transaction committed");
+        match msg.id.as_str() {
+            "meter-1" => meter1.push(answer.expect("meter-1 queued").1),
+            "meter-2" => meter2.push(answer),
+            _ => assert_eq!(answer, Err(Refusal::NotEnrolled("ghost".into()))),
+        }
+    }
+    assert_eq!(meter1, (1..=40).collect::<Vec<u64>>(), "in the order sent");
+    assert_eq!(meter2.len(), 10);
+    for (k, answer) in meter2.iter().enumerate() {
+        match (k, answer) {
+            (0..3, Ok((_, msg_id))) => assert_eq!(*msg_id, k as u64 + 1),
+            (3.., Err(Refusal::Full { messages: 3, .. })) => {}
+            other => panic!("meter-2's {k}th answer: {other:?}"),
+        }
+    }
+    assert!(
+        statements < 60,
+        "{statements} statements for 60 messages: not batched"
+    );
+    // Delivered as sent, every tag verified (a row that does not verify is not).
+    let generation = runtime
+        .block_on(q.generation(&id("meter-1")))
+        .unwrap()
+        .unwrap();
+    let next = runtime
+        .block_on(q.next(&id("meter-1"), generation, 0, 100, now_ms()))
+        .unwrap();
+    let payloads: Vec<String> = next
+        .messages
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = sends
+        .iter()
+        .enumerate()
+        .filter(|(_, (m, _))| m.id.as_str() == "meter-1")
+        .map(|(n, _)| format!("set {n}"))
+        .collect();
+    assert_eq!(payloads, expected);
+}

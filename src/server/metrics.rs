@@ -156,7 +156,7 @@ impl Default for Metrics {
         let store_queries = Counter::default();
         registry.register(
             "store_queries",
-            "Statements sent to the PostgreSQL store of a fleet (none with SQLite)",
+            "Statements sent to the PostgreSQL store of a fleet (BEGIN and COMMIT not counted; none with SQLite)",
             store_queries.clone(),
         );
         let queued = Family::<Outcome, Counter>::default();

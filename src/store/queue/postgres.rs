@@ -16,6 +16,8 @@
 //! asks. A commit in PostgreSQL is durable before it returns (the server's own WAL
 //! flush, group-committed across connections).
 
+mod enqueue;
+
 use std::collections::HashSet;
 
 use bytes::Bytes;
@@ -24,8 +26,8 @@ use tokio_postgres::types::ToSql;
 use tracing::warn;
 
 use super::{
-    now_ms, Bounds, Gone, Listed, NewMessage, Next, Origin, QueueError, Queued, Refusal, Removed,
-    Report, Totals,
+    Bounds, Gone, Listed, NewMessage, Next, Origin, QueueError, Queued, Refusal, Removed, Report,
+    Totals,
 };
 use crate::proto::{DeliveryKind, Id, Status};
 use crate::store::fleet_key::{FleetKey, Statement};
@@ -43,6 +45,9 @@ pub struct PgQueue {
     key: FleetKey,
     /// This node's name in the fleet (`nodes.node`).
     node: String,
+    /// The node's enqueue writer ([`enqueue`]): ends when every clone that holds this
+    /// is gone (the writer's own copy holds none).
+    enqueues: Option<tokio::sync::mpsc::Sender<enqueue::Job>>,
 }
 
 impl std::fmt::Debug for PgQueue {
@@ -146,29 +151,40 @@ fn db(e: impl std::fmt::Display) -> QueueError {
     QueueError::Db(e.to_string())
 }
 
-/// Why an acknowledgement's transaction failed: the database (a deadlock is tried
-/// again), or the queue's own check of what it returned.
-enum AckFailed {
+/// Why a transaction failed (an acknowledgement's, or a batch of enqueues'): the
+/// database (a deadlock is tried again), or the queue's own check of what it returned.
+enum TxFailed {
     Db(tokio_postgres::Error),
     Queue(QueueError),
 }
 
-impl From<tokio_postgres::Error> for AckFailed {
+impl From<tokio_postgres::Error> for TxFailed {
     fn from(e: tokio_postgres::Error) -> Self {
-        AckFailed::Db(e)
+        TxFailed::Db(e)
     }
 }
 
-impl From<QueueError> for AckFailed {
+impl From<QueueError> for TxFailed {
     fn from(e: QueueError) -> Self {
-        AckFailed::Queue(e)
+        TxFailed::Queue(e)
     }
 }
 
 impl PgQueue {
     /// The queue in `pg`, for node `node` of the fleet whose key is `key`.
     pub fn new(pg: Postgres, key: FleetKey, node: String) -> PgQueue {
-        PgQueue { pg, key, node }
+        let q = PgQueue {
+            pg,
+            key,
+            node,
+            enqueues: None,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(super::sqlite::BACKLOG);
+        q.pg.spawn(enqueue::writer(q.clone(), rx));
+        PgQueue {
+            enqueues: Some(tx),
+            ..q
+        }
     }
 
     /// Runs `f` with a pooled connection on the store's runtime.
@@ -202,93 +218,25 @@ impl PgQueue {
         c.query(&stmt, params).await.map_err(db)
     }
 
-    /// See [`super::Queue::enqueue`]. One transaction: the identity's row takes the next
+    /// See [`super::Queue::enqueue`]. Handed to the node's writer ([`enqueue`]), which
+    /// runs every enqueue waiting as one transaction: the identity's row takes the next
     /// message id (if it is enrolled, not revoked, and below its bounds), the tagged row
-    /// is inserted, and the nodes are told (`tally_queued`, sent on commit).
+    /// is inserted, and the nodes are told (`tally_queued`, sent on commit). Answered
+    /// once committed. More than [`super::sqlite::BACKLOG`] waiting: [`QueueError::Busy`].
     pub async fn enqueue(
         &self,
         msg: NewMessage,
         bounds: Bounds,
     ) -> Result<Result<(u64, u64), Refusal>, QueueError> {
-        self.run(move |q| async move {
-            q.pg.count_queries(3);
-            let mut c = q.client().await?;
-            let tx = c.transaction().await.map_err(db)?;
-            let id = msg.id.as_str();
-            let len = msg.payload.len() as i64;
-            let (max_messages, max_bytes) = (
-                i64::from(bounds.max_messages),
-                i64::try_from(bounds.max_bytes).unwrap_or(i64::MAX),
-            );
-            let took = tx
-                .query_opt(
-                    "UPDATE identities SET next_msg_id = next_msg_id + 1
-                     WHERE id = $1 AND key IS NOT NULL
-                       AND queued_messages < $2 AND queued_bytes + $3 <= $4
-                     RETURNING generation, next_msg_id - 1",
-                    &[&id, &max_messages, &len, &max_bytes],
-                )
-                .await
-                .map_err(db)?;
-            let Some(row) = took else {
-                // Why not: nothing was changed.
-                let why = tx
-                    .query_opt(
-                        "SELECT key IS NULL, queued_messages, queued_bytes
-                           FROM identities WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .map_err(db)?;
-                return Ok(Err(match why {
-                    None => Refusal::NotEnrolled(id.into()),
-                    Some(r) if col::<bool>(&r, 0)? => Refusal::Revoked(id.into()),
-                    Some(r) => Refusal::Full {
-                        id: id.into(),
-                        messages: col::<i64>(&r, 1)?.max(0) as u64,
-                        bytes: col::<i64>(&r, 2)?.max(0) as u64,
-                    },
-                }));
-            };
-            let (generation, msg_id): (i64, i64) = (col(&row, 0)?, col(&row, 1)?);
-            let fields = RowFields {
-                generation,
-                msg_id,
-                id,
-                kind: msg.kind as i16,
-                digest: digest(&msg.payload),
-                expires: msg.expires_ms,
-                origin: msg.origin as i16,
-                node: &q.node,
-            };
-            let tag = fields.tag(&q.key);
-            tx.execute(
-                "WITH ins AS (
-                     INSERT INTO queue (generation, msg_id, id, kind, payload, digest, queued,
-                                        expires, origin, node, tag)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING 1)
-                 SELECT pg_notify($12, $3) FROM ins",
-                &[
-                    &generation,
-                    &msg_id,
-                    &id,
-                    &fields.kind,
-                    &&msg.payload[..],
-                    &&fields.digest[..],
-                    &now_ms(),
-                    &msg.expires_ms,
-                    &fields.origin,
-                    &q.node,
-                    &&tag[..],
-                    &channel::QUEUED,
-                ],
-            )
-            .await
-            .map_err(db)?;
-            tx.commit().await.map_err(db)?;
-            Ok(Ok((generation as u64, msg_id as u64)))
-        })
-        .await
+        let writer = self.enqueues.as_ref().ok_or(QueueError::Closed)?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        writer
+            .try_send(enqueue::Job { msg, bounds, done })
+            .map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => QueueError::Busy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+            })?;
+        answer.await.map_err(|_| QueueError::Closed)?
     }
 
     /// See [`super::Queue::generation`].
@@ -384,6 +332,7 @@ impl PgQueue {
                     msg_ids = ?forged,
                     "queued messages whose tag does not verify or whose digest column is not their payload's (no node of this fleet queued them so: written into the database by someone else?) deleted, not delivered"
                 );
+                q.pg.count_queries(1);
                 tx.execute(
                     "DELETE FROM queue WHERE generation = $1 AND msg_id = ANY($2)",
                     &[&g, &forged],
@@ -419,7 +368,9 @@ impl PgQueue {
     /// and verified: a row whose tag does not verify has no outcome to report. An
     /// outcome for another node is handed to it in the transaction that deletes the row:
     /// a node that dies before the commit leaves the message queued (delivered again),
-    /// never deleted with its outcome lost.
+    /// never deleted with its outcome lost. (One for this node is told by the caller
+    /// after the deletion committed: a node that dies between the two takes the sender
+    /// waiting on it along.)
     async fn ack_here(
         &self,
         generation: u64,
@@ -436,7 +387,7 @@ impl PgQueue {
                 .ack_once(generation, msg_id, status, answer.clone())
                 .await
             {
-                Err(AckFailed::Db(e))
+                Err(TxFailed::Db(e))
                     if tries < 2 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
                 {
                     tries += 1;
@@ -445,23 +396,43 @@ impl PgQueue {
                         "recording an acknowledgement deadlocked; trying again"
                     );
                 }
-                Err(AckFailed::Db(e)) => return Err(db(e)),
-                Err(AckFailed::Queue(e)) => return Err(e),
+                Err(TxFailed::Db(e)) => return Err(db(e)),
+                Err(TxFailed::Queue(e)) => return Err(e),
                 Ok(removed) => return Ok(removed),
             }
         }
     }
 
-    /// One try of [`PgQueue::ack_here`], in one transaction.
+    /// One try of [`PgQueue::ack_here`]. A message queued on this node (every message of
+    /// a node alone, and most in a fleet behind a balancer that keeps a device on one
+    /// node) has its outcome told here: the deletion alone, one autocommitted statement
+    /// (one round trip). One queued on another node: the deletion and the outcome
+    /// handed to that node in one transaction.
     async fn ack_once(
         &self,
         generation: u64,
         msg_id: u64,
         status: Status,
         answer: Bytes,
-    ) -> Result<Option<Removed>, AckFailed> {
-        self.pg.count_queries(3);
+    ) -> Result<Option<Removed>, TxFailed> {
+        let (g, m) = (generation as i64, msg_id as i64);
+        self.pg.count_queries(1);
         let mut c = self.client().await?;
+        let here = c
+            .prepare_cached(concat!(
+                "DELETE FROM queue WHERE generation = $1 AND msg_id = $2 AND node = $3 RETURNING ",
+                gone_columns!()
+            ))
+            .await?;
+        let rows = c.query(&here, &[&g, &m, &self.node]).await?;
+        if !rows.is_empty() {
+            // Its tag verified, or it was a forgery with no outcome to tell (logged).
+            return Ok(self.gone(&rows)?.pop().map(|gone| Removed {
+                origin: gone.origin,
+                node: gone.node,
+            }));
+        }
+        self.pg.count_queries(1);
         let tx = c.transaction().await?;
         let stmt = tx
             .prepare_cached(concat!(
@@ -469,9 +440,7 @@ impl PgQueue {
                 gone_columns!()
             ))
             .await?;
-        let rows = tx
-            .query(&stmt, &[&(generation as i64), &(msg_id as i64)])
-            .await?;
+        let rows = tx.query(&stmt, &[&g, &m]).await?;
         let Some(gone) = self.gone(&rows)?.pop() else {
             tx.commit().await?;
             return Ok(None);
