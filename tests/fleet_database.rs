@@ -406,50 +406,21 @@ fn a_key_that_cannot_be_read_again_leaves_the_index() {
 /// verifies it. Fewer statements than messages: they were batched.
 #[test]
 fn enqueues_waiting_at_once_commit_together_each_with_its_own_answer() {
-    use tally::store::queue::{now_ms, Bounds, NewMessage, Origin, Refusal};
+    use tally::store::queue::{now_ms, Refusal};
     let Some(cluster) = Cluster::start("queue group commit") else {
         return;
     };
-    let location = tally::store::Location::Postgres(cluster.url());
-    let key = tally::proto::SecretKey::from_bytes([7; 32]);
-    let (store, pg) =
-        tally::store::Store::open_shared(&location, key.clone(), Default::default()).unwrap();
-    let pg = pg.expect("a PostgreSQL store");
+    let (pg, queues) = fleet_queues(&cluster, &["meter-1", "meter-2"], 1);
+    let q = &queues[0];
     let id = |s: &str| tally::proto::Id::new(s).unwrap();
-    for name in ["meter-1", "meter-2"] {
-        store
-            .insert(
-                &id(name),
-                &tally::proto::SecretKey::from_bytes([4; 32]),
-                tally::proto::frame::EnrollMode::Open,
-                None,
-            )
-            .unwrap();
-    }
-    let fleet_key = tally::store::fleet_key::FleetKey::derive(&key);
-    let q = tally::store::queue::postgres::PgQueue::new(pg.clone(), fleet_key, "n1".into());
-    let message = |to: &str, n: usize, max_messages: u32| {
-        let msg = NewMessage {
-            id: id(to),
-            kind: tally::proto::DeliveryKind::Message,
-            payload: bytes::Bytes::from(format!("set {n}")),
-            expires_ms: now_ms() + 3_600_000,
-            origin: Origin::Control,
-        };
-        let bounds = Bounds {
-            max_messages,
-            max_bytes: 1 << 20,
-        };
-        (msg, bounds)
-    };
     // meter-1 without a bound to speak of, meter-2 bounded at 3 messages, ghost not
     // enrolled: interleaved, all sent before any is answered.
     let mut sends = Vec::new();
     for n in 0..60 {
         sends.push(match n % 6 {
-            1 => message("meter-2", n, 3),
-            5 => message("ghost", n, 100),
-            _ => message("meter-1", n, 1000),
+            1 => queued_message("meter-2", n, 3),
+            5 => queued_message("ghost", n, 100),
+            _ => queued_message("meter-1", n, 1000),
         });
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -503,4 +474,119 @@ fn enqueues_waiting_at_once_commit_together_each_with_its_own_answer() {
         .map(|(n, _)| format!("set {n}"))
         .collect();
     assert_eq!(payloads, expected);
+}
+
+/// `ids` enrolled in a fleet's store in `cluster`, and the queues of `nodes` nodes on it.
+fn fleet_queues(
+    cluster: &Cluster,
+    ids: &[&str],
+    nodes: usize,
+) -> (
+    tally::store::postgres::Postgres,
+    Vec<tally::store::queue::postgres::PgQueue>,
+) {
+    let location = tally::store::Location::Postgres(cluster.url());
+    let key = tally::proto::SecretKey::from_bytes([7; 32]);
+    let (store, pg) =
+        tally::store::Store::open_shared(&location, key.clone(), Default::default()).unwrap();
+    let pg = pg.expect("a PostgreSQL store");
+    for name in ids {
+        store
+            .insert(
+                &tally::proto::Id::new(name).unwrap(),
+                &tally::proto::SecretKey::from_bytes([4; 32]),
+                tally::proto::frame::EnrollMode::Open,
+                None,
+            )
+            .unwrap();
+    }
+    let fleet_key = tally::store::fleet_key::FleetKey::derive(&key);
+    let queues = (0..nodes)
+        .map(|n| {
+            tally::store::queue::postgres::PgQueue::new(
+                pg.clone(),
+                fleet_key.clone(),
+                format!("n{n}"),
+            )
+        })
+        .collect();
+    (pg, queues)
+}
+
+/// A message `n` for `to`, under a bound of `max_messages`.
+fn queued_message(
+    to: &str,
+    n: usize,
+    max_messages: u32,
+) -> (tally::store::queue::NewMessage, tally::store::queue::Bounds) {
+    let msg = tally::store::queue::NewMessage {
+        id: tally::proto::Id::new(to).unwrap(),
+        kind: tally::proto::DeliveryKind::Message,
+        payload: bytes::Bytes::from(format!("set {n}")),
+        expires_ms: tally::store::queue::now_ms() + 3_600_000,
+        origin: tally::store::queue::Origin::Control,
+    };
+    let bounds = tally::store::queue::Bounds {
+        max_messages,
+        max_bytes: 1 << 20,
+    };
+    (msg, bounds)
+}
+
+/// Two nodes' enqueue writers at once, over the same identities taken in opposite
+/// orders, each identity bounded: every batch commits (their rows are locked in one
+/// order on every node, so neither deadlocks the other), every identity ends with
+/// exactly its bound queued, ids 1 to the bound with none given twice, and every other
+/// message refused as full.
+#[test]
+fn two_nodes_queueing_for_the_same_identities_at_once_neither_deadlock_nor_overfill() {
+    use tally::store::queue::Refusal;
+    let Some(cluster) = Cluster::start("queue writers of two nodes") else {
+        return;
+    };
+    let names: Vec<String> = (0..20).map(|k| format!("valve-{k:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (_pg, queues) = fleet_queues(&cluster, &refs, 2);
+    const BOUND: u32 = 15;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answers = runtime.block_on(async {
+        let mut all = Vec::new();
+        for (node, q) in queues.iter().enumerate() {
+            for round in 0..10 {
+                for k in 0..names.len() {
+                    // Node 0 goes up the ids, node 1 down.
+                    let k = if node == 0 { k } else { names.len() - 1 - k };
+                    let (msg, bounds) = queued_message(&names[k], round, BOUND);
+                    let q = q.clone();
+                    all.push(tokio::spawn(
+                        async move { (k, q.enqueue(msg, bounds).await) },
+                    ));
+                }
+            }
+        }
+        futures_util::future::join_all(all).await
+    });
+    let mut queued: Vec<Vec<u64>> = vec![Vec::new(); names.len()];
+    let mut full = 0;
+    for answer in answers {
+        let (k, answer) = answer.unwrap();
+        match answer.expect("every batch committed") {
+            Ok((_, msg_id)) => queued[k].push(msg_id),
+            Err(Refusal::Full { messages, .. }) => {
+                assert_eq!(messages, u64::from(BOUND));
+                full += 1;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    for (k, mut ids) in queued.into_iter().enumerate() {
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            (1..=u64::from(BOUND)).collect::<Vec<u64>>(),
+            "{}",
+            names[k]
+        );
+    }
+    assert_eq!(full, 2 * 10 * names.len() - names.len() * BOUND as usize);
 }

@@ -502,7 +502,10 @@ impl ServerRole {
     /// its node may have stopped serving while the fetch was on its way).
     fn deliver(&mut self, fetched: Fetched, conn: &mut Connection, now: Duration) {
         if !self.may_deliver() {
-            // Not delivered: fetched again once it may.
+            // Not delivered: fetched again once it may. (The fetch counted them
+            // delivered: one that expires before it is delivered again is reported
+            // "unconfirmed", not "expired". Rare: the node stopped serving during the
+            // fetch.)
             return self.delivery.cursor.fetched(&[], true);
         }
         let (d, delivery) = (self.state.deliveries.clone(), &mut self.delivery);

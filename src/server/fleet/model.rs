@@ -39,12 +39,16 @@
 //!   ([`Node::may_deliver`], asked by the session before it fetches and again before
 //!   it hands what it fetched to the device), the device acknowledges in order and the
 //!   ACK deletes the row. Checked: *one node at a time delivers an identity's queue*
-//!   (`reject`: no delivery while another node's session of the identity may deliver);
-//!   *a queued message is never lost while unacknowledged* (every message queued is in
-//!   the queue or was received and acknowledged by the device, never both); *a device
-//!   never receives a message before an earlier one still queued*. Without the
-//!   machine's say (`gate: false`) the checker finds a node resumed from a pause
-//!   delivering beside the other in 24 steps; without its `serving_until` bound, 27.
+//!   (`reject`: no delivery while another node's session of the identity may
+//!   deliver). Without the machine's say (`gate: false`) the checker finds a node
+//!   resumed from a pause delivering beside the other in 24 steps; without its
+//!   `serving_until` bound, 27. Also checked, though they hold by the model's own
+//!   rules (the row deleted by the device's ACK alone, a session delivering after the
+//!   last it delivered), so that a change to those rules here cannot pass unseen: *a
+//!   queued message is never lost while unacknowledged*, *a device never receives a
+//!   message before an earlier one still queued*. The code's side of those two is
+//!   tested elsewhere: the crash tests (tests/fleet.rs, tests/queue.rs), the session's
+//!   `Cursor` (unit tests) and which sessions fetch (`delivery::model`).
 //!
 //! And, so that the check is not vacuous, that each scenario reaches what its faults
 //! allow: a session registered, a node fenced, a node paused past its fence holding a

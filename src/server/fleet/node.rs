@@ -352,8 +352,9 @@ pub struct Node {
     /// only while the identity has such claims: one asked for after the notice came
     /// gets a newer epoch.
     superseded: BTreeMap<Id, u64>,
-    /// Live sessions whose claim a takeover notice superseded, until they end (their
-    /// close is on its way): they deliver nothing more.
+    /// Live sessions whose claim a takeover notice superseded, or that an audit or a
+    /// catch-up found without their claim, until they end (their close is on its way):
+    /// they deliver nothing more.
     withdrawn: BTreeMap<Id, u64>,
     audit_every: Duration,
     next_audit: Instant,
@@ -432,6 +433,8 @@ impl Node {
         for (id, epoch) in judged {
             let still_live = self.live.get(&id) == Some(&epoch);
             if still_live && claims.get(&id).is_none_or(|c| *c < epoch) {
+                // It delivers nothing more while its close is on its way.
+                self.withdrawn.insert(id.clone(), epoch);
                 self.actions.push_back(Action::Close(id, epoch));
             }
         }
@@ -645,6 +648,10 @@ impl Node {
         match (p.stage.clone(), how) {
             (Stage::Granted(epoch), Finish::Registered) => {
                 let id = p.id.clone();
+                // The session it replaces here (if any) ends without `ended` of its own.
+                if self.withdrawn.get(&id).is_some_and(|w| *w < epoch) {
+                    self.withdrawn.remove(&id);
+                }
                 self.live.insert(id, epoch);
                 self.remove_ticket(ticket);
             }
@@ -672,7 +679,7 @@ impl Node {
         if self.live.get(id) == Some(&epoch) {
             self.live.remove(id);
         }
-        if self.withdrawn.get(id) == Some(&epoch) {
+        if self.withdrawn.get(id).is_some_and(|w| *w <= epoch) {
             self.withdrawn.remove(id);
         }
         if self.claimed.get(id) == Some(&epoch) {
@@ -1397,9 +1404,10 @@ mod tests {
         // A takeover notice of its claim: held back until the session is closed.
         t.node.superseded(&id("a"), 5);
         assert!(!t.node.may_deliver(&id("a"), 5, t.now));
-        // Ended: gone.
+        // Ended: gone, and so is the record that held it back.
         t.node.ended(&id("a"), 5, t.now);
         assert!(!t.node.may_deliver(&id("a"), 5, t.now));
+        assert!(t.node.withdrawn.is_empty());
     }
 
     #[test]
@@ -1995,6 +2003,9 @@ mod tests {
         let claims = BTreeMap::from([(id("b"), 5)]);
         t.node.audited(no[0], Ok(claims), t.now);
         assert_eq!(t.actions(), vec![Action::Close(id("a"), 1)]);
+        // It delivers nothing more while its close is on its way; "b" still does.
+        assert!(!t.node.may_deliver(&id("a"), 1, t.now));
+        assert!(t.node.may_deliver(&id("b"), 2, t.now));
         // A second answer to the same audit changes nothing.
         t.node.audited(no[0], Ok(BTreeMap::new()), t.now);
         assert!(t.actions().is_empty());

@@ -100,6 +100,18 @@ pub enum QueueError {
     Closed,
 }
 
+impl QueueError {
+    /// The same error, for another caller of the operation that failed (a batch's
+    /// senders each get one).
+    pub(crate) fn again(&self) -> QueueError {
+        match self {
+            QueueError::Db(e) => QueueError::Db(e.clone()),
+            QueueError::Busy => QueueError::Busy,
+            QueueError::Closed => QueueError::Closed,
+        }
+    }
+}
+
 /// A message in the queue, as delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {

@@ -426,11 +426,19 @@ impl PgQueue {
             .await?;
         let rows = c.query(&here, &[&g, &m, &self.node]).await?;
         if !rows.is_empty() {
-            // Its tag verified, or it was a forgery with no outcome to tell (logged).
-            return Ok(self.gone(&rows)?.pop().map(|gone| Removed {
-                origin: gone.origin,
-                node: gone.node,
-            }));
+            // Deleted (committed): its tag verified, or it was a forgery with no outcome
+            // to tell (logged), or it cannot be read (no outcome either: the deletion
+            // stands, and is not reported as failed).
+            return Ok(match self.gone(&rows) {
+                Ok(mut gone) => gone.pop().map(|gone| Removed {
+                    origin: gone.origin,
+                    node: gone.node,
+                }),
+                Err(e) => {
+                    warn!(msg_id, "an acknowledged message was deleted, but its row could not be read: its sender is not told ({e})");
+                    None
+                }
+            });
         }
         self.pg.count_queries(1);
         let tx = c.transaction().await?;

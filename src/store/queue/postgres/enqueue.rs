@@ -1,23 +1,22 @@
 //! The enqueue writer of a fleet's queue: group commit on PostgreSQL.
 //!
 //! Each node runs one writer task. It takes every enqueue waiting (up to [`BATCH`]) and
-//! runs them as one transaction: one UPDATE per identity takes as many message ids as
-//! the batch has messages for it (under its bounds), all those UPDATEs sent at once
-//! (pipelined on the connection), then one INSERT of every tagged row, with the
-//! `tally_queued` notice of each identity, then the commit. A batch costs a few round
-//! trips and one commit however many messages it holds; one message alone costs what
-//! it did before (BEGIN, UPDATE, INSERT, COMMIT). Nobody hears "queued" before the
-//! commit; if the transaction fails, every message of it is refused with the error and
-//! nothing of it was stored.
+//! runs them as one transaction of three statements however many messages it holds:
+//! the identities' rows locked and read (in the order of their ids), each message
+//! decided in the order it came (not enrolled, revoked, over its bounds, or the next
+//! id), then, sent together (pipelined on the connection), one UPDATE moving each
+//! identity's next id past those taken and one INSERT of every tagged row with the
+//! `tally_queued` notice of each identity; then the commit. One message alone costs the
+//! round trips it did before (BEGIN, the read, the UPDATE with the INSERT, COMMIT).
+//! Nobody hears "queued" before the commit; if the transaction fails, every message of
+//! it is refused with the error and nothing of it was stored.
 //!
-//! Identities' rows are taken in the order of their ids, on every node: two nodes'
-//! writers wait for each other's rows but never deadlock on them. (An acknowledgement
-//! or a sweep may still deadlock with a batch: the batch is tried again.) An identity
-//! whose messages do not all fit under its bounds, or that is not enrolled or revoked,
-//! has its messages taken one at a time in the same transaction: those that fit are
-//! queued, in order, and each of the others is refused with the reason.
+//! Identities' rows are locked in the order of their ids, all at once, on every node:
+//! two nodes' writers wait for each other's rows but never deadlock on them. (An
+//! acknowledgement or a sweep, whose count trigger takes rows in another order, may
+//! still deadlock with a batch: the batch is tried again, twice.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
@@ -49,7 +48,7 @@ pub(super) async fn writer(q: PgQueue, mut jobs: mpsc::Receiver<Job>) {
         for (k, job) in batch.drain(..).enumerate() {
             let answer = match &answers {
                 Ok(each) => Ok(each[k].clone()),
-                Err(e) => Err(QueueError::Db(e.clone())),
+                Err(e) => Err(e.again()),
             };
             let _ = job.done.send(answer);
         }
@@ -60,7 +59,7 @@ pub(super) async fn writer(q: PgQueue, mut jobs: mpsc::Receiver<Job>) {
 async fn commit_retrying(
     q: &PgQueue,
     jobs: &[Job],
-) -> Result<Vec<Result<(u64, u64), Refusal>>, String> {
+) -> Result<Vec<Result<(u64, u64), Refusal>>, QueueError> {
     let mut tries = 0;
     loop {
         match commit(q, jobs).await {
@@ -71,132 +70,112 @@ async fn commit_retrying(
                 tries += 1;
                 warn!(messages = jobs.len(), "queueing deadlocked; trying again");
             }
-            Err(TxFailed::Db(e)) => return Err(e.to_string()),
-            Err(TxFailed::Queue(e)) => return Err(e.to_string()),
+            Err(TxFailed::Db(e)) => return Err(super::db(e)),
+            Err(TxFailed::Queue(e)) => return Err(e),
         }
     }
 }
 
-/// The statement that takes `$2` message ids of identity `$1` if `$3` messages and `$5`
-/// bytes more fit under its bounds (`$4`, `$6`): its generation and the first id
-/// taken. (The count trigger moves the identity's counts only when the rows are
-/// inserted, at the end of the transaction: what this batch took before is in `$3` and
-/// `$5`.)
-const TAKE: &str = "UPDATE identities SET next_msg_id = next_msg_id + $2
-     WHERE id = $1 AND key IS NOT NULL
-       AND queued_messages + $3 <= $4 AND queued_bytes + $5 <= $6
-     RETURNING generation, next_msg_id - $2";
+/// Locks the batch's identities' rows, in the order of their ids (every node's writer
+/// takes them in that order: two never deadlock on them), and reads what decides each
+/// message: its enrollment, its next id, whether it is revoked, what it has queued.
+const LOCK: &str = "SELECT id, generation, next_msg_id, key IS NULL, queued_messages, queued_bytes
+       FROM identities WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
 
-/// One transaction for `jobs`: each one's answer, in order.
+/// Moves each identity's next message id past those the batch took.
+const TAKE: &str = "UPDATE identities SET next_msg_id = next_msg_id + u.n
+       FROM UNNEST($1::text[], $2::bigint[]) AS u (id, n) WHERE identities.id = u.id";
+
+/// An identity's row, as the batch moves it.
+struct Identity {
+    generation: i64,
+    next_msg_id: i64,
+    revoked: bool,
+    messages: i64,
+    bytes: i64,
+    /// Ids this batch took.
+    taken: i64,
+}
+
+/// One transaction for `jobs`: each one's answer, in order. Three statements however
+/// many messages: the rows locked and read, then (sent together) the ids moved on and
+/// every message inserted.
 async fn commit(q: &PgQueue, jobs: &[Job]) -> Result<Vec<Result<(u64, u64), Refusal>>, TxFailed> {
-    // Each identity's messages, in the order they came; identities in the order of
-    // their ids (every node takes their rows in that order).
-    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (k, job) in jobs.iter().enumerate() {
-        groups.entry(job.msg.id.as_str()).or_default().push(k);
-    }
+    let names: Vec<&str> = {
+        let set: BTreeSet<&str> = jobs.iter().map(|j| j.msg.id.as_str()).collect();
+        set.into_iter().collect()
+    };
     let mut c = q.client().await?;
     let tx = c.transaction().await?;
-    let take = tx.prepare_cached(TAKE).await?;
-    // What each group asks: its count and bytes against the tightest bounds among its
-    // messages (the configuration may have been reloaded between them).
-    let asks: Vec<(&str, [i64; 4])> = groups
+    q.pg.count_queries(1);
+    let lock = tx.prepare_cached(LOCK).await?;
+    let mut rows = HashMap::with_capacity(names.len());
+    for r in tx.query(&lock, &[&names]).await? {
+        let identity = Identity {
+            generation: col(&r, 1)?,
+            next_msg_id: col(&r, 2)?,
+            revoked: col(&r, 3)?,
+            messages: col(&r, 4)?,
+            bytes: col(&r, 5)?,
+            taken: 0,
+        };
+        rows.insert(col::<String>(&r, 0)?, identity);
+    }
+    // Each message in the order it came, against its identity's row as the messages
+    // before it in the batch left it (the count trigger moves the stored counts only
+    // at the INSERT).
+    let answers: Vec<Result<(i64, i64), Refusal>> = jobs
         .iter()
-        .map(|(id, ks)| {
-            let max_messages = ks.iter().map(|k| jobs[*k].bounds.max_messages).min();
-            let max_bytes = ks.iter().map(|k| jobs[*k].bounds.max_bytes).min();
-            let bytes: usize = ks.iter().map(|k| jobs[*k].msg.payload.len()).sum();
-            (
-                *id,
-                [
-                    ks.len() as i64,
-                    i64::from(max_messages.unwrap_or(0)),
-                    bytes as i64,
-                    max_bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
-                ],
-            )
+        .map(|job| {
+            let id = job.msg.id.as_str();
+            let Some(row) = rows.get_mut(id) else {
+                return Err(Refusal::NotEnrolled(id.into()));
+            };
+            if row.revoked {
+                return Err(Refusal::Revoked(id.into()));
+            }
+            let len = job.msg.payload.len() as i64;
+            let max_bytes = i64::try_from(job.bounds.max_bytes).unwrap_or(i64::MAX);
+            if row.messages >= i64::from(job.bounds.max_messages)
+                || row.bytes.saturating_add(len) > max_bytes
+            {
+                return Err(Refusal::Full {
+                    id: id.into(),
+                    messages: row.messages.max(0) as u64,
+                    bytes: row.bytes.max(0) as u64,
+                });
+            }
+            let msg_id = row.next_msg_id + row.taken;
+            row.taken += 1;
+            row.messages += 1;
+            row.bytes += len;
+            Ok((row.generation, msg_id))
         })
         .collect();
-    q.pg.count_queries(asks.len() as u64);
-    // Sent at once: the connection pipelines them.
-    let (txr, take) = (&tx, &take);
-    let took =
-        futures_util::future::try_join_all(asks.iter().map(|(id, [n, mm, b, mb])| async move {
-            txr.query_opt(take, &[id, n, n, mm, b, mb]).await
-        }))
+    let (ids, counts): (Vec<&str>, Vec<i64>) = rows
+        .iter()
+        .filter(|(_, r)| r.taken > 0)
+        .map(|(id, r)| (id.as_str(), r.taken))
+        .unzip();
+    if !ids.is_empty() {
+        q.pg.count_queries(1);
+        let take = tx.prepare_cached(TAKE).await?;
+        // Sent together: the connection pipelines them.
+        futures_util::future::try_join(
+            async {
+                tx.execute(&take, &[&ids, &counts])
+                    .await
+                    .map_err(TxFailed::Db)
+            },
+            insert(q, &tx, jobs, &answers),
+        )
         .await?;
-    let mut answers: Vec<Option<Result<(i64, i64), Refusal>>> = vec![None; jobs.len()];
-    for ((_, ks), row) in groups.iter().zip(&took) {
-        if let Some(row) = row {
-            let (generation, first): (i64, i64) = (col(row, 0)?, col(row, 1)?);
-            for (n, k) in ks.iter().enumerate() {
-                answers[*k] = Some(Ok((generation, first + n as i64)));
-            }
-            continue;
-        }
-        // Not all of them fit, or none can: one at a time, in order.
-        let mut before = (0, 0);
-        for k in ks {
-            let answer = take_one(q, &tx, take, &jobs[*k], before).await?;
-            if answer.is_ok() {
-                before = (before.0 + 1, before.1 + jobs[*k].msg.payload.len() as i64);
-            }
-            answers[*k] = Some(answer);
-        }
     }
-    let answers: Vec<Result<(i64, i64), Refusal>> = answers
-        .into_iter()
-        .map(|a| a.expect("every job answered"))
-        .collect();
-    insert(q, &tx, jobs, &answers).await?;
     tx.commit().await?;
     Ok(answers
         .into_iter()
         .map(|a| a.map(|(g, m)| (g as u64, m as u64)))
         .collect())
-}
-
-/// Takes one message id for `job`'s identity, which this batch took `before` (messages,
-/// bytes) of already, or says why not (nothing changed).
-async fn take_one(
-    q: &PgQueue,
-    tx: &Transaction<'_>,
-    take: &tokio_postgres::Statement,
-    job: &Job,
-    before: (i64, i64),
-) -> Result<Result<(i64, i64), Refusal>, TxFailed> {
-    let id = job.msg.id.as_str();
-    let (max_messages, max_bytes) = (
-        i64::from(job.bounds.max_messages),
-        i64::try_from(job.bounds.max_bytes).unwrap_or(i64::MAX),
-    );
-    q.pg.count_queries(1);
-    let (count, bytes) = (before.0 + 1, before.1 + job.msg.payload.len() as i64);
-    if let Some(row) = tx
-        .query_opt(
-            take,
-            &[&id, &1i64, &count, &max_messages, &bytes, &max_bytes],
-        )
-        .await?
-    {
-        return Ok(Ok((col(&row, 0)?, col(&row, 1)?)));
-    }
-    q.pg.count_queries(1);
-    let why = tx
-        .query_opt(
-            "SELECT key IS NULL, queued_messages, queued_bytes FROM identities WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    Ok(Err(match why {
-        None => Refusal::NotEnrolled(id.into()),
-        Some(r) if col::<bool>(&r, 0)? => Refusal::Revoked(id.into()),
-        Some(r) => Refusal::Full {
-            id: id.into(),
-            messages: (col::<i64>(&r, 1)? + before.0).max(0) as u64,
-            bytes: (col::<i64>(&r, 2)? + before.1).max(0) as u64,
-        },
-    }))
 }
 
 /// One INSERT of every message that took an id, each row tagged under the fleet key,
