@@ -16,7 +16,11 @@
 # spiped and stunnel, IDLE_COUNTS ("1000 19000"), SESSION (both | encrypted |
 # authenticated: which tally targets), BEFORE=path/to/an/older/tallyd to measure it too
 # (as `before`, authenticated sessions, on a copy of the state directory; BEFORE_SCHEMA
-# sets the copy's schema version back for a build that knows fewer).
+# sets the copy's schema version back for a build that knows fewer). SPEC_LOAD=1 runs
+# the same loads (64, 1k, depth8, reconnect) from a second, independent client too:
+# benches/spec-load (written from spec/ alone), against tallyd and the plain echo, in
+# rounds of its own, each a JSON line with the server's CPU per operation. BIN= a
+# directory of prebuilt binaries (e.g. target/profiling) skips the build.
 # Installs spiped and stunnel4 with apt-get when missing (root). Not part of `cargo test`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,8 +37,15 @@ LOADS=("$@")
 if [ "$PEERS" = 1 ] && ! { command -v spiped && command -v stunnel4; } >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq spiped stunnel4
 fi
-(cd "$ROOT" && cargo build --quiet --release --features bench-tls --bins --examples)
-BIN="$ROOT/target/release"
+if [ -z "${BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --quiet --release --features bench-tls --bins --examples)
+  BIN="$ROOT/target/release"
+fi
+SL=
+if [ "${SPEC_LOAD:-0}" = 1 ]; then
+  (cd "$ROOT/benches/spec-load" && cargo build --quiet --release)
+  SL="$ROOT/benches/spec-load/target/release/spec-load"
+fi
 
 mkdir -p "$WORK"
 cd "$WORK"
@@ -111,15 +122,36 @@ R=(--rounds "$ROUNDS" --duration "$DURATION")
 ALL=(--plain 127.0.0.1:7421 --tls-psk 127.0.0.1:7422 "${peer_args[@]}")
 
 run() { echo; echo "\$ tally bench $*"; "${T[@]}" "$@"; }
+# The second client, ROUNDS rounds, each: plain, then tallyd in each SESSION mode.
+spec_load() {
+  [ -n "$SL" ] || return 0
+  local kind=$1; shift
+  local modes=(encrypted authenticated)
+  [ "$SESSION" = both ] || modes=("$SESSION")
+  for _ in $(seq "$ROUNDS"); do
+    if [ "$kind" = run ]; then
+      echo "\$ spec-load plain $* --server-pid $PLAIN"
+      "$SL" plain --server 127.0.0.1:7421 --server-pid "$PLAIN" "$@"
+    fi
+    for mode in "${modes[@]}"; do
+      echo "\$ spec-load $kind --mode $mode $* --server-pid $TALLYD"
+      "$SL" "$kind" --server 127.0.0.1:7420 --credential creds --mode "$mode" --server-pid "$TALLYD" "$@"
+    done
+  done
+}
 for load in "${LOADS[@]}"; do
   case $load in
-    64) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 1 ;;
-    1k) run "${ALL[@]}" "${R[@]}" -c 64 --payload 1024 --depth 1 ;;
+    64) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 1
+        spec_load run --conns 64 --depth 1 --size 64 --seconds "$DURATION" ;;
+    1k) run "${ALL[@]}" "${R[@]}" -c 64 --payload 1024 --depth 1
+        spec_load run --conns 64 --depth 1 --size 1024 --seconds "$DURATION" ;;
     16k) run "${ALL[@]}" "${R[@]}" -c 64 --payload 16384 --depth 1 ;;
-    depth8) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 8 ;;
+    depth8) run "${ALL[@]}" "${R[@]}" -c 64 --payload 64 --depth 8
+        spec_load run --conns 64 --depth 8 --size 64 --seconds "$DURATION" ;;
     # Each reconnect leaves a TIME_WAIT socket: 2-second rounds stay within the
     # ephemeral ports of one address.
-    reconnect) sleep 5; run "${ALL[@]}" --rounds "$ROUNDS" --duration 2 --mode reconnect -c 16 --payload 64 ;;
+    reconnect) sleep 5; run "${ALL[@]}" --rounds "$ROUNDS" --duration 2 --mode reconnect -c 16 --payload 64
+        spec_load reconnect --workers 16 --seconds 2 ;;
     idle) for n in $IDLE_COUNTS; do
             run --mode idle -c "$n" --rounds 1 --duration 3
           done ;;

@@ -46,7 +46,7 @@ enum Refusal {
     UnknownAbandoned(Claimed),
     #[error("CLIENT_FINISH for identity {0} did not verify: wrong key, or a replayed handshake")]
     BadFinish(Claimed),
-    #[error("device {0} abandoned the handshake after SERVER_AUTH: its key does not match (re-enrolled elsewhere, or a stale credential?)")]
+    #[error("device {0} abandoned the handshake after SERVER_AUTH (no CLIENT_FINISH): its key may not match (re-enrolled elsewhere, or a stale credential?), or it stopped or lost its connection")]
     Abandoned(Claimed),
     #[error("enrollment of {id} ({mode} mode) refused: {why}")]
     EnrollRefused {
