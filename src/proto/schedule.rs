@@ -86,12 +86,14 @@ const SCRUB_LEN: usize = if cfg!(debug_assertions) {
 };
 
 /// The same for one frame's HMAC (about 800 bytes in release builds, 5 KiB without
-/// optimisation): it runs twice per request, where every KiB costs some 12 ns, so the
-/// margin is half the depth rather than twice.
+/// optimisation) or AEAD (the short-frame path's 256-byte keystream above the cipher's
+/// own frame, which holds its state, key words included: about 1.2 KiB): it runs twice
+/// per request, where every KiB costs some 12 ns, so the margin is half the depth
+/// rather than twice.
 const FRAME_SCRUB_LEN: usize = if cfg!(debug_assertions) {
     8 << 10
 } else {
-    1280
+    2048
 };
 
 /// Runs `f`, which computes on key material, then overwrites the stack it used.
@@ -417,28 +419,98 @@ pub fn next_key(current: &SecretKey) -> SecretKey {
     key
 }
 
-/// The AEAD of the encrypted mode (spec 3.1): ChaCha20-Poly1305, on the heap in one
-/// place (its key schedule is the key itself), wiped on drop.
-#[derive(Clone)]
-pub struct Aead(Box<ChaCha20Poly1305>);
+/// The AEAD of the encrypted mode (spec 3.1): ChaCha20-Poly1305 (RFC 8439), its key on
+/// the heap in one place, wiped on drop.
+///
+/// A frame whose payload is at most [`SHORT_FRAME`] bytes is sealed and opened with the
+/// keystream of the Poly1305 key and of the payload made in one call of four ChaCha20
+/// blocks: the cipher's SIMD backends make four blocks whatever they are asked for, and
+/// the AEAD crate asks twice (the key's block, then the payload's), so a 64-byte frame
+/// paid for eight (benches/README.md section 13). Longer frames go through the AEAD
+/// crate. Both are RFC 8439 exactly: the unit tests hold them to each other at every
+/// length, and the vectors (spec 12) to the spec.
+pub struct Aead(Box<SecretKey>);
+
+impl Clone for Aead {
+    /// The key passes the stack on its way: scrubbed after.
+    fn clone(&self) -> Self {
+        scrubbed(|| Aead(self.0.clone()))
+    }
+}
 
 /// ChaCha20-Poly1305's nonce: `u32 direction ‖ u64 seq` for session frames (spec 8.2),
 /// zero for the sealed id (spec 5.6).
 pub type AeadNonce = [u8; 12];
 
+/// The longest payload sealed with one four-block keystream call: the first block keys
+/// Poly1305, the other three cover the payload.
+pub const SHORT_FRAME: usize = 3 * 64;
+
+/// Writes into `ks` the keystream of (`key`, `nonce`) from block 0 on, for a payload of
+/// `len` bytes (at most [`SHORT_FRAME`]): block 0 keys Poly1305, the next ones encrypt the
+/// payload. On x86 all four blocks, which the SIMD backends make in one go whatever is
+/// asked; elsewhere (a device's portable backend makes one block at a time) only those
+/// needed.
+fn keystream(key: &[u8; 32], nonce: &AeadNonce, len: usize, ks: &mut [u8; 256]) {
+    use chacha20::cipher::{KeyIvInit, StreamCipher};
+    let n = keystream_len(len, cfg!(any(target_arch = "x86", target_arch = "x86_64")));
+    chacha20::ChaCha20::new(key.into(), nonce.into()).apply_keystream(&mut ks[..n]);
+}
+
+/// How much keystream a payload of `len` bytes takes: the Poly1305 key's block and the
+/// payload's, or all four blocks where the cipher makes four at once anyway.
+fn keystream_len(len: usize, four_at_once: bool) -> usize {
+    if four_at_once {
+        256
+    } else {
+        64 * (1 + len.div_ceil(64))
+    }
+}
+
+/// Poly1305 over `ad` and `ct` as RFC 8439 section 2.8 lays them out, keyed with the
+/// first 32 bytes of `ks`.
+fn poly1305(ks: &[u8; 256], ad: &[u8], ct: &[u8]) -> poly1305::Poly1305 {
+    use poly1305::universal_hash::{KeyInit, UniversalHash};
+    let key: &[u8; 32] = ks[..32].try_into().expect("32 bytes");
+    let mut mac = poly1305::Poly1305::new(key.into());
+    mac.update_padded(ad);
+    mac.update_padded(ct);
+    let mut lengths = poly1305::Block::default();
+    lengths[..8].copy_from_slice(&(ad.len() as u64).to_le_bytes());
+    lengths[8..].copy_from_slice(&(ct.len() as u64).to_le_bytes());
+    mac.update(&[lengths]);
+    mac
+}
+
 impl Aead {
     /// Prepares `key`.
     pub fn new(key: &SecretKey) -> Self {
-        scrubbed(|| Aead(Box::new(ChaCha20Poly1305::new(key.expose().into()))))
+        scrubbed(|| Aead(Box::new(key.clone())))
+    }
+
+    fn full(&self) -> ChaCha20Poly1305 {
+        ChaCha20Poly1305::new(self.0.expose().into())
     }
 
     /// Encrypts `buf` in place and returns the 16-byte tag.
     pub fn seal(&self, nonce: &AeadNonce, ad: &[u8], buf: &mut [u8]) -> [u8; 16] {
+        use poly1305::universal_hash::UniversalHash;
         scrubbed_by::<FRAME_SCRUB_LEN, _>(|| {
-            self.0
-                .encrypt_inout_detached(nonce.into(), ad, buf.into())
-                .expect("a session frame is within ChaCha20-Poly1305's limits")
-                .into()
+            if buf.len() > SHORT_FRAME {
+                return self
+                    .full()
+                    .encrypt_inout_detached(nonce.into(), ad, buf.into())
+                    .expect("a session frame is within ChaCha20-Poly1305's limits")
+                    .into();
+            }
+            let mut ks = [0u8; 256];
+            keystream(self.0.expose(), nonce, buf.len(), &mut ks);
+            for (b, k) in buf.iter_mut().zip(&ks[64..]) {
+                *b ^= k;
+            }
+            let tag = poly1305(&ks, ad, buf).finalize().into();
+            ks.zeroize();
+            tag
         })
     }
 
@@ -446,13 +518,28 @@ impl Aead {
     /// tag `buf` is left as it was and `false` is returned.
     #[must_use]
     pub fn open(&self, nonce: &AeadNonce, ad: &[u8], buf: &mut [u8], tag: &[u8]) -> bool {
+        use poly1305::universal_hash::UniversalHash;
         let Ok(tag) = chacha20poly1305::Tag::try_from(tag) else {
             return false;
         };
         scrubbed_by::<FRAME_SCRUB_LEN, _>(|| {
-            self.0
-                .decrypt_inout_detached(nonce.into(), ad, buf.into(), &tag)
-                .is_ok()
+            if buf.len() > SHORT_FRAME {
+                return self
+                    .full()
+                    .decrypt_inout_detached(nonce.into(), ad, buf.into(), &tag)
+                    .is_ok();
+            }
+            let mut ks = [0u8; 256];
+            keystream(self.0.expose(), nonce, buf.len(), &mut ks);
+            // `verify` compares in constant time.
+            let ok = poly1305(&ks, ad, buf).verify(&tag).is_ok();
+            if ok {
+                for (b, k) in buf.iter_mut().zip(&ks[64..]) {
+                    *b ^= k;
+                }
+            }
+            ks.zeroize();
+            ok
         })
     }
 }
@@ -571,6 +658,92 @@ impl fmt::Debug for FrameKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The short-frame path and the AEAD crate are one function: the same ciphertext
+    /// and tag at every payload length across the boundary, with associated data of
+    /// several lengths; each opens the other's output; a flipped bit anywhere is
+    /// refused and leaves the buffer as it was.
+    /// The keystream covers the key's block and the whole payload, within the buffer,
+    /// on every target.
+    #[test]
+    fn the_keystream_covers_every_short_payload() {
+        for len in 0..=SHORT_FRAME {
+            for four in [false, true] {
+                let n = keystream_len(len, four);
+                assert!(
+                    n >= 64 + len && n <= 256 && n.is_multiple_of(64),
+                    "{len} {four}: {n}"
+                );
+            }
+        }
+    }
+
+    /// RFC 8439 section 2.8.2's AEAD example (a 114-byte payload: the short path).
+    #[test]
+    fn the_short_frame_aead_gives_rfc_8439s_example() {
+        let key = SecretKey::from_bytes(core::array::from_fn(|i| 0x80 + i as u8));
+        let nonce: AeadNonce = [7, 0, 0, 0, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47];
+        let ad = [
+            0x50, 0x51, 0x52, 0x53, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7,
+        ];
+        let mut buf = *b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
+        assert!(buf.len() <= SHORT_FRAME);
+        let tag = Aead::new(&key).seal(&nonce, &ad, &mut buf);
+        assert_eq!(
+            tag,
+            [
+                0x1a, 0xe1, 0x0b, 0x59, 0x4f, 0x09, 0xe2, 0x6a, 0x7e, 0x90, 0x2e, 0xcb, 0xd0, 0x60,
+                0x06, 0x91
+            ]
+        );
+        assert_eq!(buf[..8], [0xd3, 0x1a, 0x8d, 0x34, 0x64, 0x8e, 0x60, 0xdb]);
+    }
+
+    #[test]
+    fn the_short_frame_aead_is_chacha20_poly1305_at_every_length() {
+        let key = SecretKey::from_bytes(core::array::from_fn(|i| i as u8 * 7 + 1));
+        let aead = Aead::new(&key);
+        let reference = ChaCha20Poly1305::new(key.expose().into());
+        for len in 0..=SHORT_FRAME + 70 {
+            for ad_len in [0, 1, 16, 17, 32, 33, 38, SESSION_HEADER_LEN] {
+                let nonce: AeadNonce = core::array::from_fn(|i| (i * 31 + len) as u8);
+                let ad: alloc::vec::Vec<u8> = (0..ad_len).map(|i| (i * 3 + len) as u8).collect();
+                let plain: alloc::vec::Vec<u8> =
+                    (0..len).map(|i| (i * 13 + ad_len) as u8).collect();
+                let mut ours = plain.clone();
+                let tag = aead.seal(&nonce, &ad, &mut ours);
+                let mut theirs = plain.clone();
+                let their_tag: [u8; 16] = reference
+                    .encrypt_inout_detached((&nonce).into(), &ad, theirs.as_mut_slice().into())
+                    .unwrap()
+                    .into();
+                assert_eq!((&ours, tag), (&theirs, their_tag), "len {len}, ad {ad_len}");
+                let mut opened = ours.clone();
+                assert!(aead.open(&nonce, &ad, &mut opened, &tag));
+                assert_eq!(opened, plain);
+                // Tampered: the tag, the ciphertext, the associated data.
+                let mut bad_tag = tag;
+                bad_tag[len % 16] ^= 1;
+                let mut buf = ours.clone();
+                assert!(!aead.open(&nonce, &ad, &mut buf, &bad_tag));
+                assert_eq!(buf, ours, "left as it was");
+                if len > 0 {
+                    let mut buf = ours.clone();
+                    buf[len / 2] ^= 0x80;
+                    let before = buf.clone();
+                    assert!(!aead.open(&nonce, &ad, &mut buf, &tag));
+                    assert_eq!(buf, before);
+                }
+                if ad_len > 0 {
+                    let mut bad_ad = ad.clone();
+                    bad_ad[0] ^= 1;
+                    let mut buf = ours.clone();
+                    assert!(!aead.open(&nonce, &bad_ad, &mut buf, &tag));
+                    assert_eq!(buf, ours);
+                }
+            }
+        }
+    }
 
     #[test]
     fn labels_are_distinct_and_prefix_free() {
