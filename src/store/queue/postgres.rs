@@ -158,6 +158,30 @@ enum TxFailed {
     Queue(QueueError),
 }
 
+/// Runs the transaction `attempt` makes, again (twice at most, each time after
+/// `retrying`) if PostgreSQL aborted it to break a deadlock: nothing of an aborted one
+/// was committed.
+async fn retry_deadlocks<T, F, Fut>(mut attempt: F, retrying: impl Fn()) -> Result<T, QueueError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TxFailed>>,
+{
+    let mut tries = 0;
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(TxFailed::Db(e))
+                if tries < 2 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                tries += 1;
+                retrying();
+            }
+            Err(TxFailed::Db(e)) => return Err(db(e)),
+            Err(TxFailed::Queue(e)) => return Err(e),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for TxFailed {
     fn from(e: tokio_postgres::Error) -> Self {
         TxFailed::Db(e)
@@ -381,26 +405,16 @@ impl PgQueue {
         // A deadlock with a sweep or a first fetch of the same identity (they take its
         // row and the messages' in other orders) aborts one of them: tried again, since
         // an ACK not recorded leaves the message for the device's next session only.
-        let mut tries = 0;
-        loop {
-            match self
-                .ack_once(generation, msg_id, status, answer.clone())
-                .await
-            {
-                Err(TxFailed::Db(e))
-                    if tries < 2 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-                {
-                    tries += 1;
-                    warn!(
-                        msg_id,
-                        "recording an acknowledgement deadlocked; trying again"
-                    );
-                }
-                Err(TxFailed::Db(e)) => return Err(db(e)),
-                Err(TxFailed::Queue(e)) => return Err(e),
-                Ok(removed) => return Ok(removed),
-            }
-        }
+        retry_deadlocks(
+            || self.ack_once(generation, msg_id, status, answer.clone()),
+            || {
+                warn!(
+                    msg_id,
+                    "recording an acknowledgement deadlocked; trying again"
+                )
+            },
+        )
+        .await
     }
 
     /// One try of [`PgQueue::ack_here`]. A message queued on this node (every message of

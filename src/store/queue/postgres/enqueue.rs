@@ -19,7 +19,6 @@
 use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 use tracing::warn;
 
@@ -60,20 +59,11 @@ async fn commit_retrying(
     q: &PgQueue,
     jobs: &[Job],
 ) -> Result<Vec<Result<(u64, u64), Refusal>>, QueueError> {
-    let mut tries = 0;
-    loop {
-        match commit(q, jobs).await {
-            Ok(answers) => return Ok(answers),
-            Err(TxFailed::Db(e))
-                if tries < 2 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
-                tries += 1;
-                warn!(messages = jobs.len(), "queueing deadlocked; trying again");
-            }
-            Err(TxFailed::Db(e)) => return Err(super::db(e)),
-            Err(TxFailed::Queue(e)) => return Err(e),
-        }
-    }
+    super::retry_deadlocks(
+        || commit(q, jobs),
+        || warn!(messages = jobs.len(), "queueing deadlocked; trying again"),
+    )
+    .await
 }
 
 /// Locks the batch's identities' rows, in the order of their ids (every node's writer
