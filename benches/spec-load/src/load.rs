@@ -324,20 +324,31 @@ fn r1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// `n` threads named `name-i` with small stacks, thread `i` running what `make(i)` gives.
+fn spawn_each<T, F>(n: usize, name: &str, mut make: impl FnMut(usize) -> F) -> Vec<std::thread::JoinHandle<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    (0..n)
+        .map(|i| {
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(make(i))
+                .unwrap_or_else(|e| fatal("spawn", e))
+        })
+        .collect()
+}
+
 pub fn run(o: Opts) {
     check_identities(&o, o.conns, "connections");
     let o = Arc::new(o);
     let sh = Arc::new(Shared { ready: AtomicUsize::new(0), go: AtomicBool::new(false), start: OnceLock::new() });
-    let handles: Vec<_> = (0..o.conns)
-        .map(|i| {
-            let (o, sh) = (o.clone(), sh.clone());
-            std::thread::Builder::new()
-                .name(format!("conn-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || run_conn(i, o, sh))
-                .unwrap_or_else(|e| fatal("spawn", e))
-        })
-        .collect();
+    let handles = spawn_each(o.conns, "conn", |i| {
+        let (o, sh) = (o.clone(), sh.clone());
+        move || run_conn(i, o, sh)
+    });
     let t0 = Instant::now();
     while sh.ready.load(Ordering::SeqCst) < o.conns {
         std::thread::sleep(Duration::from_millis(1));
@@ -436,16 +447,10 @@ pub fn reconnect(o: Opts) {
     let o = Arc::new(o);
     let cpu = ServerCpu::start(&o.server_pids);
     let start = Instant::now();
-    let handles: Vec<_> = (0..o.conns)
-        .map(|i| {
-            let o = o.clone();
-            std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || reconnect_worker(i, o, start))
-                .unwrap_or_else(|e| fatal("spawn", e))
-        })
-        .collect();
+    let handles = spawn_each(o.conns, "worker", |i| {
+        let o = o.clone();
+        move || reconnect_worker(i, o, start)
+    });
     std::thread::sleep(Duration::from_secs_f64(o.seconds));
     let cpu = cpu.map(ServerCpu::end);
     let mut hist = Hist::new();
@@ -590,16 +595,10 @@ fn plain_conn(i: usize, o: Arc<Opts>, sh: Arc<Shared>) -> (u64, Hist) {
 pub fn plain(o: Opts) {
     let o = Arc::new(o);
     let sh = Arc::new(Shared { ready: AtomicUsize::new(0), go: AtomicBool::new(false), start: OnceLock::new() });
-    let handles: Vec<_> = (0..o.conns)
-        .map(|i| {
-            let (o, sh) = (o.clone(), sh.clone());
-            std::thread::Builder::new()
-                .name(format!("plain-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || plain_conn(i, o, sh))
-                .unwrap_or_else(|e| fatal("spawn", e))
-        })
-        .collect();
+    let handles = spawn_each(o.conns, "plain", |i| {
+        let (o, sh) = (o.clone(), sh.clone());
+        move || plain_conn(i, o, sh)
+    });
     while sh.ready.load(Ordering::SeqCst) < o.conns {
         std::thread::sleep(Duration::from_millis(1));
     }
